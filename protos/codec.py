@@ -1,0 +1,181 @@
+"""The envelope and its msgpack codec: the only way messages are turned into bytes and back.
+
+An envelope is a msgpack map `{v, type, id, ts, source, correlation_id, causation_id, body}`.
+`decode` checks the framing and `parse_body` validates the body against its registered model;
+both raise `DecodeError` with a reason a human can act on, never anything else.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+from pydantic import ValidationError
+
+from protos.base import Message, lookup
+
+CONTENT_TYPE = "application/msgpack"
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class DecodeError(ValueError):
+    """Bytes that are not a valid Flotilla message; `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A decoded envelope. `body` is still the raw map: `parse_body` turns it into a model."""
+
+    type: str
+    body: dict[str, Any]
+    v: str = "1.0"
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    ts: float = field(default_factory=time.time)
+    source: str = ""
+    correlation_id: str | None = None
+    causation_id: str | None = None
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "v": self.v,
+            "type": self.type,
+            "id": self.id,
+            "ts": self.ts,
+            "source": self.source,
+            "correlation_id": self.correlation_id,
+            "causation_id": self.causation_id,
+            "body": self.body,
+        }
+
+
+def envelope_for(
+    message: Message,
+    *,
+    source: str,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+    message_id: str | None = None,
+) -> Envelope:
+    """Wrap `message` in a fresh envelope (new id and timestamp unless `message_id` is given)."""
+    if not message.TYPE:
+        raise TypeError(f"{type(message).__name__} has no TYPE: it cannot go on the wire")
+    return Envelope(
+        type=message.TYPE,
+        body=message.model_dump(mode="json"),
+        v=message.VERSION,
+        id=message_id or str(uuid.uuid4()),
+        source=source,
+        correlation_id=correlation_id,
+        causation_id=causation_id,
+    )
+
+
+class EncodeError(ValueError):
+    """A message holds a value msgpack cannot carry (e.g. an integer beyond 64 bits)."""
+
+
+def pack(envelope: Envelope) -> bytes:
+    try:
+        data: bytes = msgpack.packb(envelope.to_map(), use_bin_type=True)
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise EncodeError(f"cannot encode {envelope.type}: {exc}") from None
+    return data
+
+
+def encode(
+    message: Message,
+    *,
+    source: str,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+    message_id: str | None = None,
+) -> tuple[bytes, Envelope]:
+    """Return the msgpack bytes of `message` in an envelope, and that envelope."""
+    envelope = envelope_for(
+        message,
+        source=source,
+        correlation_id=correlation_id,
+        causation_id=causation_id,
+        message_id=message_id,
+    )
+    return pack(envelope), envelope
+
+
+_STR_FIELDS = ("v", "type", "id", "source")
+_OPTIONAL_STR_FIELDS = ("correlation_id", "causation_id")
+
+
+def decode(data: bytes, content_type: str | None = CONTENT_TYPE) -> Envelope:
+    """Decode an envelope; raise `DecodeError` for anything that is not one.
+
+    `content_type` is the AMQP property as received: anything but `application/msgpack`
+    (or None, for a sender that set no properties) is refused.
+    """
+    if content_type is not None and content_type != CONTENT_TYPE:
+        raise DecodeError(f"content_type {content_type!r} is not {CONTENT_TYPE!r}")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise DecodeError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise DecodeError(f"not msgpack: {type(exc).__name__}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise DecodeError(f"envelope is a {type(raw).__name__}, not a map")
+    for name in _STR_FIELDS:
+        if not isinstance(raw.get(name), str) or not raw[name]:
+            raise DecodeError(f"envelope field {name!r} missing or not a non-empty string")
+    for name in _OPTIONAL_STR_FIELDS:
+        if raw.get(name) is not None and not isinstance(raw[name], str):
+            raise DecodeError(f"envelope field {name!r} is not a string")
+    ts = raw.get("ts")
+    if not isinstance(ts, int | float) or isinstance(ts, bool):
+        raise DecodeError("envelope field 'ts' missing or not a number")
+    body = raw.get("body")
+    if not isinstance(body, dict):
+        raise DecodeError("envelope field 'body' missing or not a map")
+    return Envelope(
+        type=raw["type"],
+        body=body,
+        v=raw["v"],
+        id=raw["id"],
+        ts=float(ts),
+        source=raw["source"],
+        correlation_id=raw.get("correlation_id"),
+        causation_id=raw.get("causation_id"),
+    )
+
+
+def parse_body(envelope: Envelope) -> Message:
+    """Validate the envelope's body against the model registered for its type."""
+    model = lookup(envelope.type)
+    if model is None:
+        raise DecodeError(f"unknown message type {envelope.type!r}")
+    try:
+        major = int(envelope.v.split(".", 1)[0])
+    except ValueError:
+        raise DecodeError(f"bad version {envelope.v!r}") from None
+    if major != model.major():
+        raise DecodeError(
+            f"{envelope.type} version {envelope.v} is not readable here (reader speaks "
+            f"{model.VERSION})"
+        )
+    try:
+        return model.model_validate(envelope.body)
+    except ValidationError as exc:
+        raise DecodeError(f"invalid {envelope.type}: {_describe(exc)}") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False)[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "<body>"
+        parts.append(f"{loc}: {err['msg']}")
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")

@@ -1,0 +1,117 @@
+"""Domain lifecycle commands sent to a compute node's queue (`compute.<host>`).
+
+Each command names the reply it produces (`RESULT`); the bus returns that model from an RPC
+call or raises `RemoteError` for an `error` reply. Together they form the closed command set a
+compute node dispatches on.
+"""
+
+from __future__ import annotations
+
+import uuid
+from enum import StrEnum
+from typing import ClassVar
+
+from pydantic import Field
+
+from protos.base import Message
+from protos.domain import DomainSpec, PowerState
+from protos.replies import ConsoleOutput, Done, DomainInfo, DomainList
+
+
+class Command(Message):
+    """A request to a service. `RESULT` is the model of its `ok` reply."""
+
+    RESULT: ClassVar[type[Message]] = Done
+
+
+class DomainCommand(Command):
+    domain_id: uuid.UUID
+    RESULT: ClassVar[type[Message]] = DomainInfo
+
+
+class DefineDomain(Command):
+    """Create or update a persistent domain definition without starting it."""
+
+    TYPE = "cmd.domain.define"
+    RESULT = DomainInfo
+    spec: DomainSpec
+
+
+class UndefineDomain(DomainCommand):
+    """Remove an inactive domain's definition."""
+
+    TYPE = "cmd.domain.undefine"
+    RESULT = Done
+
+
+class StartDomain(DomainCommand):
+    TYPE = "cmd.domain.start"
+    paused: bool = False
+
+
+class ShutdownMode(StrEnum):
+    ACPI = "acpi"  # ACPI power button / sleep request
+    CTRL_ALT_DEL = "ctrl-alt-del"
+
+
+class ShutdownDomain(DomainCommand):
+    """Ask the guest to power off; after `timeout_s` without it the domain is destroyed if
+    `force`, else left running and the reply says so."""
+
+    TYPE = "cmd.domain.shutdown"
+    mode: ShutdownMode = ShutdownMode.CTRL_ALT_DEL
+    timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    force: bool = False
+    wait: bool = True
+
+
+class DestroyDomain(DomainCommand):
+    """Stop the domain at once (pull the plug)."""
+
+    TYPE = "cmd.domain.destroy"
+
+
+class RebootDomain(DomainCommand):
+    TYPE = "cmd.domain.reboot"
+    mode: ShutdownMode = ShutdownMode.CTRL_ALT_DEL
+
+
+class PauseDomain(DomainCommand):
+    TYPE = "cmd.domain.pause"
+
+
+class ResumeDomain(DomainCommand):
+    TYPE = "cmd.domain.resume"
+
+
+class GetDomainInfo(DomainCommand):
+    TYPE = "cmd.domain.get_info"
+
+
+class ListDomains(Command):
+    TYPE = "cmd.domain.list"
+    RESULT = DomainList
+    states: list[PowerState] | None = None
+
+
+class GetConsole(DomainCommand):
+    """The tail of the domain's console output (at most `max_bytes`)."""
+
+    TYPE = "cmd.domain.console"
+    RESULT = ConsoleOutput
+    max_bytes: int = Field(default=65536, ge=1, le=4 * 1024 * 1024)
+
+
+DOMAIN_COMMANDS: tuple[type[Command], ...] = (
+    DefineDomain,
+    UndefineDomain,
+    StartDomain,
+    ShutdownDomain,
+    DestroyDomain,
+    RebootDomain,
+    PauseDomain,
+    ResumeDomain,
+    GetDomainInfo,
+    ListDomains,
+    GetConsole,
+)

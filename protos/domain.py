@@ -1,0 +1,176 @@
+"""The domain (guest) model: its spec, power and task states, lifecycle policies.
+
+Names follow libvirt: a *domain* is a guest; `on_poweroff`/`on_reboot`/`on_crash` say what the
+compute node does when the guest powers off, reboots or crashes.
+"""
+
+from __future__ import annotations
+
+import re
+from uuid import UUID, uuid4
+from enum import StrEnum
+from typing import Annotated, Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+MAC_PATTERN = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+MAX_VCPUS = 64
+MAX_MEMORY_MIB = 1024 * 1024
+MAX_CMDLINE = 2048
+
+
+class PowerState(StrEnum):
+    """What the compute node sees (libvirt's virDomainState)."""
+
+    NOSTATE = "nostate"
+    RUNNING = "running"
+    BLOCKED = "blocked"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"  # being shut down
+    SHUTOFF = "shutoff"
+    CRASHED = "crashed"
+    PMSUSPENDED = "pmsuspended"
+
+
+ACTIVE_STATES = frozenset(
+    {
+        PowerState.RUNNING,
+        PowerState.BLOCKED,
+        PowerState.PAUSED,
+        PowerState.SHUTDOWN,
+        PowerState.CRASHED,
+        PowerState.PMSUSPENDED,
+    }
+)
+
+
+class TaskState(StrEnum):
+    """What the control plane is doing to the domain; `none` when idle."""
+
+    NONE = "none"
+    SCHEDULING = "scheduling"
+    BUILDING = "building"
+    MIGRATING = "migrating"
+    DELETING = "deleting"
+    ERROR = "error"
+
+
+class LifecycleAction(StrEnum):
+    """libvirt's on_poweroff / on_reboot / on_crash values that Flotilla supports."""
+
+    DESTROY = "destroy"
+    RESTART = "restart"
+    PRESERVE = "preserve"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BootSpec(_Spec):
+    """Direct kernel boot (`kernel`, optional `initrd`, `cmdline`) or an image reference."""
+
+    kernel: str | None = Field(default=None, min_length=1, max_length=4096)
+    initrd: str | None = Field(default=None, min_length=1, max_length=4096)
+    cmdline: str = Field(default="", max_length=MAX_CMDLINE)
+    image: str | None = Field(default=None, min_length=1, max_length=255)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if (self.kernel is None) == (self.image is None):
+            raise ValueError("give exactly one of 'kernel' or 'image'")
+        if self.initrd is not None and self.kernel is None:
+            raise ValueError("'initrd' needs 'kernel'")
+        return self
+
+
+class DiskSpec(_Spec):
+    """A virtio-blk disk backed by a host path or a storage volume."""
+
+    target: str = Field(pattern=r"^vd[a-z]$")
+    path: str | None = Field(default=None, min_length=1, max_length=4096)
+    volume_id: UUID | None = None
+    readonly: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if (self.path is None) == (self.volume_id is None):
+            raise ValueError("give exactly one of 'path' or 'volume_id'")
+        return self
+
+
+class NicSpec(_Spec):
+    """A virtio-net interface on a Flotilla network."""
+
+    network: str = Field(pattern=NAME_PATTERN)
+    mac: str | None = None
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.lower()
+        if not MAC_PATTERN.match(value):
+            raise ValueError("mac must look like 52:54:00:12:34:56")
+        if int(value[:2], 16) & 1:
+            raise ValueError("mac must be unicast (first octet even)")
+        return value
+
+
+class SerialSpec(_Spec):
+    """The serial console: kept in a ring buffer of `ring_kib` and, if `log`, a log file."""
+
+    log: bool = True
+    ring_kib: int = Field(default=64, ge=4, le=4096)
+
+
+class PlacementPolicy(StrEnum):
+    AFFINITY = "affinity"
+    ANTI_AFFINITY = "anti-affinity"
+
+
+class PlacementHints(_Spec):
+    """Hints for the scheduler: a server group with a policy, or a forced host."""
+
+    group: str | None = Field(default=None, pattern=NAME_PATTERN)
+    policy: PlacementPolicy = PlacementPolicy.ANTI_AFFINITY
+    host: str | None = Field(default=None, pattern=NAME_PATTERN)
+
+
+class DomainSpec(_Spec):
+    """Everything needed to define a domain (libvirt's domain XML, reduced to what we run)."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    uuid: UUID = Field(default_factory=uuid4)
+    vcpus: int = Field(default=1, ge=1, le=MAX_VCPUS)
+    memory_mib: int = Field(default=64, ge=4, le=MAX_MEMORY_MIB)
+    boot: BootSpec
+    disks: Annotated[list[DiskSpec], Field(max_length=16)] = []
+    nics: Annotated[list[NicSpec], Field(max_length=8)] = []
+    serial: SerialSpec = SerialSpec()
+    on_poweroff: LifecycleAction = LifecycleAction.DESTROY
+    on_reboot: LifecycleAction = LifecycleAction.RESTART
+    on_crash: LifecycleAction = LifecycleAction.DESTROY
+    autostart: bool = False
+    metadata: Annotated[dict[str, str], Field(max_length=64)] = {}
+    placement: PlacementHints = PlacementHints()
+
+    @model_validator(mode="after")
+    def _unique_devices(self) -> Self:
+        targets = [d.target for d in self.disks]
+        if len(targets) != len(set(targets)):
+            raise ValueError("disk targets must be unique")
+        macs = [n.mac for n in self.nics if n.mac is not None]
+        if len(macs) != len(set(macs)):
+            raise ValueError("nic MAC addresses must be unique")
+        return self
+
+
+class Fault(_Spec):
+    """Why a domain is in `error`: a machine-readable code and a sentence for a human."""
+
+    code: str
+    message: str
+    host: str | None = None

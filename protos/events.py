@@ -1,0 +1,149 @@
+"""Domain lifecycle events, with libvirt's event types and details.
+
+Every domain event carries `seq`, a per-domain counter that only grows and travels with the
+domain, so a subscriber can order a domain's events and notice a gap. Routing key:
+`domain.<event>.<domain uuid>` (see protos.routing).
+"""
+
+from __future__ import annotations
+
+import uuid
+from enum import StrEnum
+from typing import ClassVar
+
+from pydantic import Field
+
+from protos.base import Message
+from protos.domain import PowerState
+from protos.routing import event_key
+
+
+class DefinedDetail(StrEnum):
+    ADDED = "added"
+    UPDATED = "updated"
+
+
+class UndefinedDetail(StrEnum):
+    REMOVED = "removed"
+
+
+class StartedDetail(StrEnum):
+    BOOTED = "booted"
+    MIGRATED = "migrated"
+    RESTORED = "restored"
+
+
+class SuspendedDetail(StrEnum):
+    PAUSED = "paused"
+    MIGRATED = "migrated"
+    IOERROR = "ioerror"
+
+
+class ResumedDetail(StrEnum):
+    UNPAUSED = "unpaused"
+    MIGRATED = "migrated"
+
+
+class StoppedDetail(StrEnum):
+    SHUTDOWN = "shutdown"
+    DESTROYED = "destroyed"
+    CRASHED = "crashed"
+    MIGRATED = "migrated"
+    SAVED = "saved"
+    FAILED = "failed"
+
+
+class ShutdownDetail(StrEnum):
+    FINISHED = "finished"
+    GUEST = "guest"
+    HOST = "host"
+
+
+class CrashedDetail(StrEnum):
+    PANICKED = "panicked"
+
+
+class DomainEvent(Message):
+    """Fields common to every domain lifecycle event. `state` is the power state after it."""
+
+    EVENT: ClassVar[str] = ""
+    domain_id: uuid.UUID
+    name: str
+    host: str
+    seq: int = Field(ge=1)
+    state: PowerState
+    reason: str = ""
+
+    def routing_key(self) -> str:
+        return event_key("domain", self.EVENT, str(self.domain_id))
+
+
+class DomainDefined(DomainEvent):
+    TYPE = "domain.defined"
+    EVENT = "defined"
+    detail: DefinedDetail
+
+
+class DomainUndefined(DomainEvent):
+    TYPE = "domain.undefined"
+    EVENT = "undefined"
+    detail: UndefinedDetail
+
+
+class DomainStarted(DomainEvent):
+    TYPE = "domain.started"
+    EVENT = "started"
+    detail: StartedDetail
+
+
+class DomainSuspended(DomainEvent):
+    TYPE = "domain.suspended"
+    EVENT = "suspended"
+    detail: SuspendedDetail
+
+
+class DomainResumed(DomainEvent):
+    TYPE = "domain.resumed"
+    EVENT = "resumed"
+    detail: ResumedDetail
+
+
+class DomainStopped(DomainEvent):
+    TYPE = "domain.stopped"
+    EVENT = "stopped"
+    detail: StoppedDetail
+
+
+class DomainShutdown(DomainEvent):
+    TYPE = "domain.shutdown"
+    EVENT = "shutdown"
+    detail: ShutdownDetail
+
+
+class DomainCrashed(DomainEvent):
+    TYPE = "domain.crashed"
+    EVENT = "crashed"
+    detail: CrashedDetail
+
+
+class DomainMigrationProgress(DomainEvent):
+    """Live-migration progress: bytes of memory sent so far and still dirty."""
+
+    TYPE = "domain.migration_progress"
+    EVENT = "migration_progress"
+    iteration: int = Field(ge=0)
+    transferred_bytes: int = Field(ge=0)
+    remaining_bytes: int = Field(ge=0)
+
+
+DOMAIN_EVENTS: tuple[type[DomainEvent], ...] = (
+    DomainDefined,
+    DomainUndefined,
+    DomainStarted,
+    DomainSuspended,
+    DomainResumed,
+    DomainStopped,
+    DomainShutdown,
+    DomainCrashed,
+    DomainMigrationProgress,
+)

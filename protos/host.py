@@ -1,0 +1,52 @@
+"""Host inventory and the heartbeat each compute node publishes every few seconds."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from protos.base import Message
+from protos.domain import PowerState
+from protos.routing import event_key
+
+
+class KvmKind(StrEnum):
+    HARDWARE = "hardware"  # vmx/svm: guests run at full speed in every ring
+    PVM = "pvm"  # pagetable-based KVM: guest ring 0 is emulated, ring 3 native
+    NONE = "none"  # no usable /dev/kvm: only the fake driver runs here
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    vcpus: int = Field(ge=0)
+    memory_mib: int = Field(ge=0)
+    disk_gib: int = Field(default=0, ge=0)
+
+
+class HostInventory(BaseModel):
+    """What a host offers: physical capacity and the overcommit ratios it applies."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    capacity: Resources
+    cpu_allocation_ratio: float = Field(default=4.0, gt=0)
+    ram_allocation_ratio: float = Field(default=1.0, gt=0)
+    disk_allocation_ratio: float = Field(default=1.0, gt=0)
+    kvm: KvmKind
+    max_vcpus_per_domain: int = Field(default=1, ge=1)
+
+
+class HostHeartbeat(Message):
+    """Published on `host.heartbeat.<host>`; a host silent for several intervals is down."""
+
+    TYPE = "host.heartbeat"
+    host: str
+    version: str
+    interval_s: float = Field(gt=0)
+    enabled: bool = True
+    inventory: HostInventory
+    usage: Resources
+    domains_by_state: dict[PowerState, int] = {}
+
+    def routing_key(self) -> str:
+        return event_key("host", "heartbeat", self.host)

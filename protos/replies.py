@@ -1,0 +1,61 @@
+"""Replies to commands: `ok` results and the one error type every service answers with."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from pydantic import Field
+
+from protos.base import Message
+from protos.domain import Fault, PowerState, TaskState
+
+
+class Done(Message):
+    """An `ok` with nothing more to say."""
+
+    TYPE = "reply.done"
+
+
+class ErrorReply(Message):
+    """The single error reply. `code` is stable and machine-readable (`not_found`,
+    `conflict`, `invalid`, `no_capacity`, `unavailable`, `internal`); `details` carries what a
+    caller needs to act (e.g. the current state for `conflict`)."""
+
+    TYPE = "reply.error"
+    code: str
+    message: str
+    details: dict[str, Any] = {}
+
+
+class DomainInfo(Message):
+    """A domain as its compute node sees it (virsh dominfo)."""
+
+    TYPE = "reply.domain_info"
+    domain_id: uuid.UUID
+    name: str
+    host: str
+    state: PowerState
+    task: TaskState = TaskState.NONE
+    vcpus: int
+    memory_mib: int
+    seq: int = Field(ge=0)
+    autostart: bool = False
+    persistent: bool = True
+    pid: int | None = None
+    cpu_time_ns: int | None = None
+    fault: Fault | None = None
+
+
+class DomainList(Message):
+    TYPE = "reply.domain_list"
+    domains: list[DomainInfo]
+
+
+class ConsoleOutput(Message):
+    """Console bytes decoded as UTF-8 with replacement; the raw log stays on the host."""
+
+    TYPE = "reply.console_output"
+    domain_id: uuid.UUID
+    data: str
+    truncated: bool = False
