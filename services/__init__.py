@@ -1,0 +1,1 @@
+"""Flotilla's services: the AMQP bus, API, scheduler, network, storage and the CLI."""

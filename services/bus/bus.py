@@ -1,0 +1,343 @@
+"""The bus a Flotilla process talks through: commands, RPC, events and subscriptions.
+
+    bus = Bus(url, source="scheduler")
+    bus.start()
+    info = bus.call(compute_queue("node-1"), GetDomainInfo(domain_id=...), timeout=5)
+    bus.publish_event(DomainStarted(...))
+
+Commands and events are persistent and confirmed; commands are `mandatory`, so a command to a
+queue that does not exist raises `NoRouteError` instead of vanishing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Protocol, TypeVar
+
+import pika
+import pika.spec
+
+from protos import routing
+from protos.base import Message
+from protos.codec import CONTENT_TYPE, DecodeError, Envelope, decode, envelope_for, pack, parse_body
+from protos.commands import Command
+from protos.replies import ErrorReply
+from services.bus.errors import ConnectionLost, RemoteError, RpcTimeout
+from services.bus.link import DIRECT_REPLY_TO, Consumer, Delivery, Link
+from services.bus.topology import QueueDecl, declare, delete_queue
+
+R = TypeVar("R", bound=Message)
+PERSISTENT = pika.DeliveryMode.Persistent
+
+
+class RoutedEvent(Protocol):
+    """An event message: it knows its own routing key."""
+
+    TYPE: str
+
+    def routing_key(self) -> str: ...
+
+
+def properties_for(
+    envelope: Envelope,
+    *,
+    persistent: bool = True,
+    reply_to: str | None = None,
+    headers: dict[str, Any] | None = None,
+) -> pika.BasicProperties:
+    """AMQP properties mirroring the envelope."""
+    return pika.BasicProperties(
+        content_type=CONTENT_TYPE,
+        message_id=envelope.id,
+        correlation_id=envelope.correlation_id,
+        type=envelope.type,
+        timestamp=int(envelope.ts),
+        delivery_mode=PERSISTENT if persistent else pika.DeliveryMode.Transient,
+        reply_to=reply_to,
+        headers=headers,
+    )
+
+
+class Bus:
+    """A connection to the broker for one process. Thread-safe."""
+
+    def __init__(self, url: str, *, source: str) -> None:
+        self.source = source
+        self.url = url
+        self._queues: dict[str, QueueDecl] = {}
+        self._calls: dict[str, Future[Envelope]] = {}
+        self._calls_lock = threading.Lock()
+        self.link = Link(
+            url,
+            name=source,
+            declarations=lambda: list(self._queues.values()),
+            on_reply=self._on_reply,
+        )
+        self.link.disconnect_listeners.append(self._fail_calls)
+
+    def start(self, timeout: float = 30.0) -> Bus:
+        self.link.start(timeout)
+        return self
+
+    def close(self) -> None:
+        self.link.close()
+
+    def __enter__(self) -> Bus:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def declare(self, decl: QueueDecl) -> None:
+        """Make `decl` part of this process's topology, declared now and on every reconnect."""
+        self._queues[decl.name] = decl
+        declare(self.link.params, [decl])
+
+    # ---- publishing ------------------------------------------------------------------------
+
+    def publish_envelope(
+        self,
+        exchange: str,
+        routing_key: str,
+        envelope: Envelope,
+        *,
+        mandatory: bool,
+        reply_to: str | None = None,
+        headers: dict[str, Any] | None = None,
+        persistent: bool = True,
+    ) -> Future[None]:
+        props = properties_for(envelope, persistent=persistent, reply_to=reply_to, headers=headers)
+        return self.link.publish(exchange, routing_key, pack(envelope), props, mandatory=mandatory)
+
+    def send(
+        self,
+        queue: str,
+        command: Command,
+        *,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        message_id: str | None = None,
+        timeout: float = 30.0,
+    ) -> str:
+        """Cast `command` to `queue` (no reply) and wait for the broker's confirm.
+
+        Returns the message id. Raises NoRouteError for an unknown queue and ConnectionLost if
+        no confirm came within `timeout`.
+        """
+        envelope = envelope_for(
+            command,
+            source=self.source,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+            message_id=message_id,
+        )
+        future = self.publish_envelope(
+            routing.COMMANDS_EXCHANGE, queue, envelope, mandatory=True
+        )
+        _wait(future, timeout)
+        return envelope.id
+
+    def publish_event(
+        self, event: Message, *, causation_id: str | None = None, timeout: float = 30.0
+    ) -> str:
+        """Publish an event (persistent, confirmed) on its routing key; return its id."""
+        future, message_id = self.publish_event_async(event, causation_id=causation_id)
+        _wait(future, timeout)
+        return message_id
+
+    def publish_event_async(
+        self, event: Message, *, causation_id: str | None = None, message_id: str | None = None
+    ) -> tuple[Future[None], str]:
+        """Publish an event without waiting; return the confirm Future and the message id."""
+        routing_key = _routing_key(event)
+        envelope = envelope_for(
+            event, source=self.source, causation_id=causation_id, message_id=message_id
+        )
+        future = self.publish_envelope(
+            routing.EVENTS_EXCHANGE, routing_key, envelope, mandatory=False
+        )
+        return future, envelope.id
+
+    # ---- RPC ---------------------------------------------------------------------------------
+
+    def call(
+        self,
+        queue: str,
+        command: Command,
+        *,
+        timeout: float = 30.0,
+        message_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Message:
+        """Send `command` to `queue` and return its reply (a `command.RESULT`).
+
+        Raises RemoteError for an error reply, RpcTimeout when none came in time,
+        NoRouteError for an unknown queue and ConnectionLost if the connection went away
+        while waiting (the command may or may not have run; it is safe to call again with the
+        same `message_id`).
+        """
+        correlation_id = str(uuid.uuid4())
+        envelope = envelope_for(
+            command,
+            source=self.source,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+            message_id=message_id,
+        )
+        reply: Future[Envelope] = Future()
+        with self._calls_lock:
+            self._calls[correlation_id] = reply
+        deadline = time.monotonic() + timeout
+        try:
+            published = self.publish_envelope(
+                routing.COMMANDS_EXCHANGE,
+                queue,
+                envelope,
+                mandatory=True,
+                reply_to=DIRECT_REPLY_TO,
+            )
+            _wait(published, timeout)
+            try:
+                answer = reply.result(max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                raise RpcTimeout(
+                    f"{command.TYPE} to {queue!r}: no reply within {timeout:g} s"
+                ) from None
+        finally:
+            with self._calls_lock:
+                self._calls.pop(correlation_id, None)
+        return _result(command, answer)
+
+    def _on_reply(self, props: pika.spec.BasicProperties, body: bytes) -> None:
+        with self._calls_lock:
+            future = self._calls.get(props.correlation_id or "")
+        if future is None or future.done():
+            return  # a reply to a call that already timed out
+        try:
+            future.set_result(decode(body, props.content_type))
+        except DecodeError as exc:
+            future.set_exception(exc)
+
+    def _fail_calls(self) -> None:
+        with self._calls_lock:
+            calls = list(self._calls.values())
+        for future in calls:
+            if not future.done():
+                future.set_exception(
+                    ConnectionLost("broker connection lost while waiting for the reply")
+                )
+
+    # ---- subscriptions ---------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        patterns: Iterable[str],
+        handler: Callable[[Envelope, Message], None],
+        *,
+        queue: str | None = None,
+        prefetch: int = 100,
+    ) -> Subscription:
+        """Call `handler(envelope, event)` for each event matching any of `patterns`, in order,
+        on a thread of the subscription's own.
+
+        Without `queue`, a private queue is made that outlives short disconnections (it expires
+        a minute after its last consumer left), so no event is lost across a reconnect.
+        Undecodable events are skipped with a log line.
+        """
+        decl = QueueDecl(
+            queue or f"subscriber.{self.source}.{uuid.uuid4().hex[:12]}",
+            kind="subscriber" if queue is None else "events",
+            patterns=tuple(patterns),
+        )
+        self.declare(decl)
+        sub = Subscription(self, decl, handler, prefetch)
+        sub.start()
+        return sub
+
+
+class Subscription:
+    """A running event subscription; `close()` stops it and deletes a private queue."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        decl: QueueDecl,
+        handler: Callable[[Envelope, Message], None],
+        prefetch: int,
+    ) -> None:
+        import queue as queue_mod
+
+        self.bus = bus
+        self.decl = decl
+        self._handler = handler
+        self._inbox: queue_mod.SimpleQueue[Delivery | None] = queue_mod.SimpleQueue()
+        self._consumer = Consumer(decl.name, self._inbox.put, prefetch=prefetch)
+        self._thread = threading.Thread(
+            target=self._loop, name=f"sub-{decl.name}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+        self.bus.link.add_consumer(self._consumer)
+
+    def _loop(self) -> None:
+        import structlog
+
+        log = structlog.get_logger("flotilla.bus")
+        while (delivery := self._inbox.get()) is not None:
+            try:
+                envelope = decode(delivery.body, delivery.properties.content_type)
+                self._handler(envelope, parse_body(envelope))
+            except DecodeError as exc:
+                log.warning("undecodable event skipped", reason=exc.reason)
+            except Exception:
+                log.exception("event handler failed", queue=self.decl.name)
+            self.bus.link.ack(delivery)
+
+    def close(self, timeout: float = 5.0) -> None:
+        try:
+            self.bus.link.remove_consumer(self._consumer).result(timeout)
+        except (FutureTimeout, ConnectionLost):
+            pass
+        self._inbox.put(None)
+        self._thread.join(timeout)
+        if self.decl.kind == "subscriber":
+            try:
+                delete_queue(self.bus.link.params, self.decl.name)
+            except Exception:  # the queue expires by itself a minute later
+                pass
+
+
+def _wait(future: Future[None], timeout: float) -> None:
+    try:
+        future.result(timeout)
+    except FutureTimeout:
+        future.cancel()
+        raise ConnectionLost(
+            f"broker did not confirm within {timeout:g} s (connection down?)"
+        ) from None
+
+
+def _routing_key(event: Message) -> str:
+    key = getattr(event, "routing_key", None)
+    if not callable(key):
+        raise TypeError(f"{type(event).__name__} is not an event: it has no routing_key()")
+    result = key()
+    assert isinstance(result, str)
+    return result
+
+
+def _result(command: Command, answer: Envelope) -> Message:
+    body = parse_body(answer)
+    if isinstance(body, ErrorReply):
+        raise RemoteError(body.code, body.message, body.details)
+    if not isinstance(body, command.RESULT):
+        raise DecodeError(
+            f"{command.TYPE} expects a {command.RESULT.TYPE} reply, got {answer.type}"
+        )
+    return body

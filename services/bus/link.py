@@ -1,0 +1,414 @@
+"""One AMQP connection driven by pika's SelectConnection on a dedicated I/O thread.
+
+Everything pika is touched only from that thread; other threads hand it operations through a
+queue and one coalesced wake-up (`add_callback_threadsafe`). Publishing is pipelined with
+publisher confirms: `publish` returns a Future settled by the broker's ack (or nack, or the
+basic.return of an unroutable mandatory message). Consumers get their own channel and prefetch.
+
+When the connection goes away the thread fails every unconfirmed publish with
+`ConnectionLost`, tells its listeners (the RPC client fails in-flight calls at once), and
+reconnects with capped exponential backoff, redeclaring the topology and restarting every
+consumer. Deliveries received on an older connection can no longer be acked: the broker
+redelivers them, and idempotent handlers make that harmless.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+import pika.channel
+import pika.exceptions
+import pika.frame
+import pika.spec
+import structlog
+
+from services.bus.errors import ConnectionLost, NoRouteError, PublishNacked
+from services.bus.topology import QueueDecl, declare
+
+log = structlog.get_logger("flotilla.bus")
+
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+MAX_BACKOFF_S = 5.0
+DEFAULT_HEARTBEAT_S = 10
+
+
+@dataclass(eq=False)
+class Consumer:
+    """A queue consumer. `on_delivery` runs on the I/O thread and must only hand off."""
+
+    queue: str
+    on_delivery: Callable[[Delivery], None]
+    prefetch: int = 32
+    channel: pika.channel.Channel | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    generation: int
+    tag: int
+    body: bytes
+    properties: pika.spec.BasicProperties
+    exchange: str
+    routing_key: str
+    redelivered: bool
+    consumer: Consumer
+
+
+class Link:
+    """The connection, its channels and the I/O thread; see the module docstring."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str,
+        declarations: Callable[[], list[QueueDecl]],
+        on_reply: Callable[[pika.spec.BasicProperties, bytes], None],
+    ) -> None:
+        self._params = pika.URLParameters(url)
+        if "heartbeat" not in url:
+            self._params.heartbeat = DEFAULT_HEARTBEAT_S
+        self._params.connection_attempts = 1
+        self._params.client_properties = {"connection_name": name}
+        self._declarations = declarations
+        self._on_reply = on_reply
+        self.name = name
+
+        self._lock = threading.Lock()
+        self._ops: collections.deque[Callable[[], None]] = collections.deque()
+        self._wake_pending = False
+        self._ready = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.disconnect_listeners: list[Callable[[], None]] = []
+
+        # Owned by the I/O thread.
+        self._conn: pika.SelectConnection | None = None
+        self._pub: pika.channel.Channel | None = None
+        self._generation = 0
+        self._next_tag = 1
+        self._unconfirmed: dict[int, tuple[Future[None], str, str, str | None]] = {}
+        self._returned: set[str] = set()
+        self._consumers: list[Consumer] = []
+        self._starting_consumers = 0
+        self.connections_made = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the I/O thread and wait until connected; raise ConnectionLost on timeout."""
+        self._thread = threading.Thread(target=self._run, name=f"amqp-{self.name}", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            self.close()
+            raise ConnectionLost(f"could not connect to the broker within {timeout:.0f} s")
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Close the connection and stop the thread; pending publishes fail."""
+        self._stopping.set()
+        self._submit(self._close_connection)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    @property
+    def params(self) -> pika.URLParameters:
+        return self._params
+
+    @property
+    def connected(self) -> bool:
+        return self._ready.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._ready.wait(timeout)
+
+    # ---- operations from any thread ----------------------------------------------------------
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: pika.spec.BasicProperties,
+        *,
+        mandatory: bool = False,
+    ) -> Future[None]:
+        """Publish on the confirm channel; the Future settles on the broker's confirm.
+
+        The Future raises NoRouteError (mandatory and unroutable), PublishNacked or
+        ConnectionLost. While disconnected, the publish waits for the next connection; a
+        caller that stops waiting should `cancel()` the Future so it is not sent later.
+        """
+        future: Future[None] = Future()
+
+        def op() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            if self._pub is None or not self._pub.is_open:
+                future.set_exception(ConnectionLost("publish channel is not open"))
+                return
+            tag = self._next_tag
+            self._next_tag += 1
+            message_id = properties.message_id or ""
+            self._unconfirmed[tag] = (future, exchange, routing_key, message_id)
+            self._pub.basic_publish(exchange, routing_key, body, properties, mandatory)
+
+        self._submit(op)
+        return future
+
+    def add_consumer(self, consumer: Consumer) -> None:
+        """Start consuming (now if connected, and again after every reconnection)."""
+
+        def op() -> None:
+            self._consumers.append(consumer)
+            if self._conn is not None and self._conn.is_open:
+                self._open_consumer(consumer)
+
+        self._submit(op)
+
+    def remove_consumer(self, consumer: Consumer) -> Future[None]:
+        """Cancel the consumer; the Future settles once its channel is closed."""
+        done: Future[None] = Future()
+
+        def op() -> None:
+            if consumer in self._consumers:
+                self._consumers.remove(consumer)
+            ch, consumer.channel = consumer.channel, None
+            if ch is not None and ch.is_open:
+                ch.add_on_close_callback(lambda *_: done.set_result(None))
+                ch.close()
+            else:
+                done.set_result(None)
+
+        self._submit(op)
+        return done
+
+    def ack(self, delivery: Delivery) -> None:
+        self._settle(delivery, ack=True, requeue=False)
+
+    def nack(self, delivery: Delivery, *, requeue: bool) -> None:
+        self._settle(delivery, ack=False, requeue=requeue)
+
+    def _settle(self, delivery: Delivery, *, ack: bool, requeue: bool) -> None:
+        def op() -> None:
+            ch = delivery.consumer.channel
+            # A delivery from an older connection or channel cannot be settled; the broker
+            # already requeued it when that channel went away.
+            if delivery.generation != self._generation or ch is None or not ch.is_open:
+                return
+            if ack:
+                ch.basic_ack(delivery.tag)
+            else:
+                ch.basic_nack(delivery.tag, requeue=requeue)
+
+        self._submit(op)
+
+    def _submit(self, op: Callable[[], None]) -> None:
+        with self._lock:
+            self._ops.append(op)
+            if self._wake_pending or not self._ready.is_set() or self._conn is None:
+                return
+            self._wake_pending = True
+            conn = self._conn
+        try:
+            conn.ioloop.add_callback_threadsafe(self._drain)
+        except Exception:  # the loop is closing: the ops run after the next connection
+            with self._lock:
+                self._wake_pending = False
+
+    def _drain(self) -> None:
+        with self._lock:
+            self._wake_pending = False
+            ops, self._ops = self._ops, collections.deque()
+        for op in ops:
+            try:
+                op()
+            except Exception:
+                log.exception("bus operation failed")
+
+    # ---- the I/O thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stopping.is_set():
+            try:
+                declare(self._params, self._declarations())
+            except Exception as exc:  # broker down, refused, or a declaration conflict
+                log.warning("broker unreachable", error=str(exc), retry_in_s=round(backoff, 2))
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                continue
+            conn = pika.SelectConnection(
+                self._params,
+                on_open_callback=self._on_open,
+                on_open_error_callback=self._on_open_error,
+                on_close_callback=self._on_close,
+            )
+            with self._lock:
+                self._conn = conn
+            conn.ioloop.start()
+            was_ready = self._ready.is_set()
+            with self._lock:
+                self._ready.clear()
+                self._conn = None
+                self._wake_pending = False
+            self._fail_unconfirmed()
+            if was_ready:
+                backoff = 0.1
+                for listener in self.disconnect_listeners:
+                    listener()
+            if not self._stopping.is_set():
+                delay = backoff * (0.5 + random.random())
+                self._stopping.wait(delay)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+        # Whatever is still queued will never run: fail publishes instead of leaving them hang.
+        with self._lock:
+            ops, self._ops = self._ops, collections.deque()
+        self._pub = None
+        for op in ops:
+            try:
+                op()
+            except Exception:
+                log.debug("dropped operation after close")
+
+    def _on_open(self, conn: pika.SelectConnection) -> None:
+        if self._stopping.is_set():
+            conn.close()
+            return
+        conn.channel(on_open_callback=self._on_pub_channel)
+
+    def _on_open_error(self, conn: pika.SelectConnection, error: BaseException | str) -> None:
+        log.warning("broker connection failed", error=str(error))
+        conn.ioloop.stop()
+
+    def _on_close(self, conn: pika.SelectConnection, reason: BaseException) -> None:
+        if not self._stopping.is_set():
+            log.warning("broker connection lost", reason=str(reason))
+        conn.ioloop.stop()
+
+    def _on_pub_channel(self, ch: pika.channel.Channel) -> None:
+        self._pub = ch
+        self._next_tag = 1
+        ch.add_on_close_callback(self._on_channel_closed)
+        ch.add_on_return_callback(self._on_return)
+        ch.confirm_delivery(self._on_confirm, callback=lambda _f: self._on_confirm_mode(ch))
+
+    def _on_confirm_mode(self, ch: pika.channel.Channel) -> None:
+        ch.basic_consume(
+            DIRECT_REPLY_TO,
+            lambda _c, _m, props, body: self._on_reply(props, body),
+            auto_ack=True,
+            callback=lambda _f: self._start_consumers(),
+        )
+
+    def _start_consumers(self) -> None:
+        self._generation += 1
+        self.connections_made += 1
+        self._starting_consumers = len(self._consumers)
+        if not self._consumers:
+            self._became_ready()
+        for consumer in self._consumers:
+            self._open_consumer(consumer)
+
+    def _open_consumer(self, consumer: Consumer) -> None:
+        assert self._conn is not None
+
+        def on_open(ch: pika.channel.Channel) -> None:
+            consumer.channel = ch
+            ch.add_on_close_callback(self._on_channel_closed)
+            ch.basic_qos(prefetch_count=consumer.prefetch, callback=lambda _f: consume(ch))
+
+        def consume(ch: pika.channel.Channel) -> None:
+            generation = self._generation
+
+            def on_message(
+                _ch: pika.channel.Channel,
+                method: pika.spec.Basic.Deliver,
+                props: pika.spec.BasicProperties,
+                body: bytes,
+            ) -> None:
+                consumer.on_delivery(
+                    Delivery(
+                        generation=generation,
+                        tag=method.delivery_tag,
+                        body=body,
+                        properties=props,
+                        exchange=method.exchange,
+                        routing_key=method.routing_key,
+                        redelivered=method.redelivered,
+                        consumer=consumer,
+                    )
+                )
+
+            ch.basic_consume(consumer.queue, on_message, callback=lambda _f: consumed())
+
+        def consumed() -> None:
+            if not self._ready.is_set():
+                self._starting_consumers -= 1
+                if self._starting_consumers <= 0:
+                    self._became_ready()
+
+        self._conn.channel(on_open_callback=on_open)
+
+    def _became_ready(self) -> None:
+        with self._lock:
+            self._ready.set()
+        self._drain()
+
+    def _on_channel_closed(self, ch: pika.channel.Channel, reason: BaseException) -> None:
+        if self._stopping.is_set() or not isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            return
+        # A broker-closed channel (deleted queue, precondition failure) leaves state we cannot
+        # trust; start over on a fresh connection.
+        log.warning("channel closed by broker", channel=ch.channel_number, reason=str(reason))
+        if self._conn is not None and self._conn.is_open:
+            self._conn.close()
+
+    def _on_return(
+        self,
+        _ch: pika.channel.Channel,
+        _method: pika.spec.Basic.Return,
+        props: pika.spec.BasicProperties,
+        _body: bytes,
+    ) -> None:
+        if props.message_id:
+            self._returned.add(props.message_id)
+
+    def _on_confirm(self, frame: pika.frame.Method[Any]) -> None:
+        method = frame.method
+        tag: int = method.delivery_tag
+        nacked = isinstance(method, pika.spec.Basic.Nack)
+        tags = [t for t in self._unconfirmed if t <= tag] if method.multiple else [tag]
+        for t in tags:
+            entry = self._unconfirmed.pop(t, None)
+            if entry is None:
+                continue
+            future, exchange, routing_key, message_id = entry
+            if nacked:
+                future.set_exception(PublishNacked(f"broker nacked message {message_id}"))
+            elif message_id and message_id in self._returned:
+                self._returned.discard(message_id)
+                future.set_exception(NoRouteError(exchange, routing_key))
+            else:
+                future.set_result(None)
+
+    def _fail_unconfirmed(self) -> None:
+        pending, self._unconfirmed = self._unconfirmed, {}
+        self._returned.clear()
+        self._pub = None
+        for consumer in self._consumers:
+            consumer.channel = None
+        for future, *_ in pending.values():
+            future.set_exception(ConnectionLost("connection lost before the broker confirmed"))
+
+    def _close_connection(self) -> None:
+        if self._conn is not None and self._conn.is_open:
+            self._conn.close()
+        elif self._conn is not None:
+            self._conn.ioloop.stop()

@@ -1,0 +1,70 @@
+"""Exchanges, queues and bindings, declared idempotently over a short blocking connection.
+
+Declaring is synchronous and rare (once per (re)connection), so it uses pika's
+BlockingConnection instead of threading callbacks through the I/O loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+
+from protos import routing
+
+QUORUM_ARGS: dict[str, Any] = {
+    "x-queue-type": "quorum",
+    "x-dead-letter-exchange": routing.DEAD_EXCHANGE,
+    "x-delivery-limit": routing.DELIVERY_LIMIT,
+}
+SUBSCRIBER_EXPIRES_MS = 60_000
+
+
+@dataclass(frozen=True)
+class QueueDecl:
+    """A queue and what it is bound to. `kind` is `command` (quorum, bound to the commands
+    exchange by its own name), `events` (quorum, bound to the events exchange by `patterns`)
+    or `subscriber` (classic, expires a minute after its last consumer left)."""
+
+    name: str
+    kind: str = "command"
+    patterns: tuple[str, ...] = field(default=())
+
+    def arguments(self) -> dict[str, Any]:
+        if self.kind == "subscriber":
+            return {"x-expires": SUBSCRIBER_EXPIRES_MS}
+        return dict(QUORUM_ARGS)
+
+
+BASE_QUEUES = tuple(QueueDecl(name) for name in routing.SERVICE_QUEUES)
+
+
+def declare(params: pika.URLParameters, queues: list[QueueDecl]) -> None:
+    """Declare the exchanges, the dead-letter queue, the service queues and `queues`."""
+    connection = pika.BlockingConnection(params)
+    try:
+        ch = connection.channel()
+        ch.exchange_declare(routing.COMMANDS_EXCHANGE, "direct", durable=True)
+        ch.exchange_declare(routing.EVENTS_EXCHANGE, "topic", durable=True)
+        ch.exchange_declare(routing.DEAD_EXCHANGE, "fanout", durable=True)
+        ch.queue_declare(routing.DEAD_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+        ch.queue_bind(routing.DEAD_QUEUE, routing.DEAD_EXCHANGE, routing_key="")
+        for decl in (*BASE_QUEUES, *queues):
+            ch.queue_declare(decl.name, durable=True, arguments=decl.arguments())
+            if decl.kind == "command":
+                ch.queue_bind(decl.name, routing.COMMANDS_EXCHANGE, routing_key=decl.name)
+            for pattern in decl.patterns:
+                ch.queue_bind(decl.name, routing.EVENTS_EXCHANGE, routing_key=pattern)
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def delete_queue(params: pika.URLParameters, name: str) -> None:
+    connection = pika.BlockingConnection(params)
+    try:
+        connection.channel().queue_delete(name)
+    finally:
+        if connection.is_open:
+            connection.close()

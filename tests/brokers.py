@@ -1,0 +1,88 @@
+"""Ways to get a RabbitMQ for tests, each a context manager yielding a `BrokerHandle`."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.broker import BrokerError, PrivateBroker
+
+
+@dataclass
+class BrokerHandle:
+    url: str
+    kind: str
+    close_all_connections: Callable[[], None]
+
+
+def external_broker(url: str) -> BrokerHandle:
+    """A broker named by URL; connections are force-closed through its management API
+    (FLOTILLA_AMQP_MGMT_URL, default http://<host>:15672)."""
+    parsed = urllib.parse.urlparse(url)
+    mgmt = os.environ.get("FLOTILLA_AMQP_MGMT_URL", f"http://{parsed.hostname}:15672")
+    user, password = parsed.username or "guest", parsed.password or "guest"
+
+    def close_all() -> None:
+        auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+        headers = {"Authorization": f"Basic {auth}"}
+        req = urllib.request.Request(f"{mgmt}/api/connections", headers=headers)
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            connections = json.load(resp)
+        for conn in connections:
+            name = urllib.parse.quote(conn["name"], safe="")
+            delete = urllib.request.Request(
+                f"{mgmt}/api/connections/{name}", headers=headers, method="DELETE"
+            )
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(delete, timeout=10).close()
+
+    return BrokerHandle(url, "external", close_all)
+
+
+@contextlib.contextmanager
+def testcontainers_broker() -> Iterator[BrokerHandle]:
+    """A RabbitMQ container; RuntimeError if no Docker engine answers."""
+    try:
+        from docker.errors import DockerException
+        from testcontainers.community.rabbitmq import RabbitMqContainer
+    except ImportError as exc:
+        raise RuntimeError(f"testcontainers unavailable: {exc}") from None
+    # The container reads RABBITMQ_* from the environment: keep a private node's out of it.
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("RABBITMQ_")}
+    try:
+        container = RabbitMqContainer("rabbitmq:3.13-management")
+    except DockerException as exc:
+        raise RuntimeError(f"no Docker engine: {exc}") from None
+    finally:
+        os.environ.update(saved)
+    with container:
+        host = container.get_container_host_ip()
+        port = container.get_exposed_port(5672)
+        url = f"amqp://guest:guest@{host}:{port}/%2F"
+
+        def close_all() -> None:
+            container.exec(["rabbitmqctl", "close_all_connections", "test"])
+
+        yield BrokerHandle(url, "testcontainers", close_all)
+
+
+@contextlib.contextmanager
+def private_broker(base: Path) -> Iterator[BrokerHandle]:
+    """A private rabbitmq-server node under `base`; RuntimeError if it cannot start."""
+    node = PrivateBroker(base, name="flotilla-test")
+    try:
+        node.start()
+    except (BrokerError, OSError) as exc:
+        node.stop()
+        raise RuntimeError(f"private rabbitmq-server node failed: {exc}") from None
+    try:
+        yield BrokerHandle(node.url, "private", node.close_all_connections)
+    finally:
+        node.stop()

@@ -1,0 +1,318 @@
+"""services.bus against a real RabbitMQ: RPC, routing, dead letters, idempotency, reconnects,
+fan-out."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pika
+import pytest
+
+from protos import routing
+from protos.base import Message
+from protos.codec import Envelope, decode
+from protos.commands import DestroyDomain, GetDomainInfo
+from protos.domain import PowerState
+from protos.events import DomainStarted, DomainStopped, StartedDetail, StoppedDetail
+from protos.replies import DomainInfo
+from services.bus import (
+    Bus,
+    ConnectionLost,
+    Context,
+    NoRouteError,
+    RemoteError,
+    RpcTimeout,
+    Service,
+    ServiceError,
+    ServiceRunner,
+    handles,
+)
+from tests.brokers import BrokerHandle
+
+pytestmark = pytest.mark.integration
+
+MISSING = uuid.UUID(int=404)
+SLOW = uuid.UUID(int=555)
+CRASH = uuid.UUID(int=500)
+
+
+class InfoService(Service):
+    """Answers GetDomainInfo; counts executions per message id."""
+
+    name = "info-test"
+
+    def __init__(self) -> None:
+        self.executed: list[str] = []
+        self.lock = threading.Lock()
+        self.release = threading.Event()
+
+    @handles(GetDomainInfo)
+    def info(self, cmd: GetDomainInfo, ctx: Context) -> DomainInfo:
+        with self.lock:
+            self.executed.append(ctx.envelope.id)
+        if cmd.domain_id == MISSING:
+            raise ServiceError("not_found", "no such domain", {"domain_id": str(cmd.domain_id)})
+        if cmd.domain_id == SLOW:
+            self.release.wait(10)
+        if cmd.domain_id == CRASH:
+            raise RuntimeError("boom")
+        return _info(cmd.domain_id, seq=len(self.executed))
+
+    @handles(DestroyDomain)
+    def destroy(self, cmd: DestroyDomain, ctx: Context) -> DomainInfo:
+        with self.lock:
+            self.executed.append(ctx.envelope.id)
+        return _info(cmd.domain_id, seq=0)
+
+
+def _info(domain_id: uuid.UUID, seq: int) -> DomainInfo:
+    return DomainInfo(
+        domain_id=domain_id,
+        name="d",
+        host="h",
+        state=PowerState.RUNNING,
+        vcpus=1,
+        memory_mib=64,
+        seq=seq,
+    )
+
+
+@pytest.fixture
+def served(make_bus: type[Bus]) -> Iterator[tuple[Bus, InfoService, str]]:
+    queue = routing.compute_queue(f"test-{uuid.uuid4().hex[:8]}")
+    server_bus = make_bus("server")
+    service = InfoService()
+    runner = ServiceRunner(server_bus, service, queue=queue).start()
+    yield make_bus("client"), service, queue
+    service.release.set()
+    runner.stop()
+
+
+def test_rpc_ok(served: tuple[Bus, InfoService, str]) -> None:
+    client, _, queue = served
+    domain_id = uuid.uuid4()
+    reply = client.call(queue, GetDomainInfo(domain_id=domain_id), timeout=10)
+    assert isinstance(reply, DomainInfo)
+    assert reply.domain_id == domain_id
+
+
+def test_rpc_remote_error_carries_code_and_details(served: tuple[Bus, InfoService, str]) -> None:
+    client, _, queue = served
+    with pytest.raises(RemoteError) as err:
+        client.call(queue, GetDomainInfo(domain_id=MISSING), timeout=10)
+    assert err.value.code == "not_found"
+    assert err.value.details == {"domain_id": str(MISSING)}
+
+
+def test_rpc_timeout(served: tuple[Bus, InfoService, str]) -> None:
+    client, _, queue = served
+    started = time.monotonic()
+    with pytest.raises(RpcTimeout, match="no reply"):
+        client.call(queue, GetDomainInfo(domain_id=SLOW), timeout=0.5)
+    assert time.monotonic() - started < 3
+
+
+def test_command_to_unknown_host_is_no_route(make_bus: type[Bus]) -> None:
+    client = make_bus()
+    queue = routing.compute_queue("no-such-host")
+    with pytest.raises(NoRouteError, match="no-such-host"):
+        client.call(queue, GetDomainInfo(domain_id=uuid.uuid4()), timeout=5)
+    with pytest.raises(NoRouteError):
+        client.send(queue, GetDomainInfo(domain_id=uuid.uuid4()))
+
+
+def test_handler_crash_answers_internal_and_dead_letters(
+    served: tuple[Bus, InfoService, str], amqp_url: str
+) -> None:
+    client, _, queue = served
+    with pytest.raises(RemoteError) as err:
+        client.call(queue, GetDomainInfo(domain_id=CRASH), timeout=10)
+    assert err.value.code == "internal"
+    assert "boom" in err.value.message
+    dead = _find_dead_letter(amqp_url, lambda props, _b: props.headers.get("x-flotilla-queue") == queue)
+    assert "RuntimeError: boom" in dead[0].headers["x-flotilla-reason"]
+
+
+def test_poison_message_is_dead_lettered_and_next_is_served(
+    served: tuple[Bus, InfoService, str], amqp_url: str
+) -> None:
+    client, _, queue = served
+    marker = f"poison-{uuid.uuid4()}".encode()
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        conn.channel().basic_publish(
+            routing.COMMANDS_EXCHANGE,
+            queue,
+            b"\xc1" + marker,
+            pika.BasicProperties(content_type="application/msgpack"),
+        )
+    finally:
+        conn.close()
+    reply = client.call(queue, GetDomainInfo(domain_id=uuid.uuid4()), timeout=10)
+    assert isinstance(reply, DomainInfo)
+    props, body = _find_dead_letter(amqp_url, lambda _p, b: b.endswith(marker))
+    assert "not msgpack" in props.headers["x-flotilla-reason"]
+    assert props.headers["x-flotilla-queue"] == queue
+    assert body == b"\xc1" + marker
+
+
+def test_invalid_command_body_is_dead_lettered_with_the_field(
+    served: tuple[Bus, InfoService, str], amqp_url: str
+) -> None:
+    client, _, queue = served
+    from protos.codec import pack
+
+    bad = Envelope(type="cmd.domain.get_info", source="t", body={"domain_id": "not-a-uuid"})
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        conn.channel().basic_publish(
+            routing.COMMANDS_EXCHANGE,
+            queue,
+            pack(bad),
+            pika.BasicProperties(content_type="application/msgpack", message_id=bad.id),
+        )
+    finally:
+        conn.close()
+    props, _ = _find_dead_letter(amqp_url, lambda p, _b: p.message_id == bad.id)
+    assert "domain_id" in props.headers["x-flotilla-reason"]
+    assert isinstance(client.call(queue, GetDomainInfo(domain_id=uuid.uuid4())), DomainInfo)
+
+
+def test_same_command_twice_executes_once_with_the_same_reply(
+    served: tuple[Bus, InfoService, str],
+) -> None:
+    client, service, queue = served
+    message_id = str(uuid.uuid4())
+    command = GetDomainInfo(domain_id=uuid.uuid4())
+    first = client.call(queue, command, message_id=message_id, timeout=10)
+    second = client.call(queue, command, message_id=message_id, timeout=10)
+    assert first == second
+    assert service.executed.count(message_id) == 1
+
+
+def test_in_flight_rpc_fails_fast_when_the_connection_drops(
+    served: tuple[Bus, InfoService, str], broker: BrokerHandle
+) -> None:
+    client, _, queue = served
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            client.call(queue, GetDomainInfo(domain_id=SLOW), timeout=30)
+        except BaseException as exc:
+            errors.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    broker.close_all_connections()
+    caller.join(10)
+    assert errors and isinstance(errors[0], ConnectionLost)
+    assert time.monotonic() - started < 5
+
+
+def test_consumer_survives_forced_close_and_no_confirmed_command_is_lost(
+    served: tuple[Bus, InfoService, str], broker: BrokerHandle
+) -> None:
+    client, service, queue = served
+    confirmed: list[str] = []
+
+    def send_all() -> None:
+        for _ in range(60):
+            message_id = str(uuid.uuid4())
+            deadline = time.monotonic() + 30
+            while True:  # retry with the same id until the broker confirms it
+                try:
+                    client.send(queue, DestroyDomain(domain_id=uuid.uuid4()),
+                                message_id=message_id, timeout=5)
+                    confirmed.append(message_id)
+                    break
+                except ConnectionLost:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.1)
+            time.sleep(0.02)
+
+    sender = threading.Thread(target=send_all)
+    sender.start()
+    time.sleep(0.4)
+    broker.close_all_connections()
+    sender.join(60)
+    assert len(confirmed) == 60
+    deadline = time.monotonic() + 30
+    while not set(confirmed) <= set(service.executed) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert set(confirmed) <= set(service.executed)
+    # After reconnecting, the consumer still serves RPCs.
+    assert isinstance(client.call(queue, GetDomainInfo(domain_id=uuid.uuid4()), timeout=10), DomainInfo)
+    assert client.link.connections_made >= 2
+
+
+def test_one_event_fans_out_to_subscribers_with_different_patterns(make_bus: type[Bus]) -> None:
+    publisher, subscriber = make_bus("compute:n1"), make_bus("watcher")
+    domain_id = uuid.uuid4()
+    got_all: list[str] = []
+    got_one: list[str] = []
+    done = threading.Event()
+
+    def collect(into: list[str]) -> Any:
+        def handler(env: Envelope, event: Message) -> None:
+            assert isinstance(event, DomainStarted | DomainStopped)
+            if event.domain_id == domain_id:
+                into.append(env.type)
+            if len(got_all) == 1 and len(got_one) == 2:
+                done.set()
+
+        return handler
+
+    subs = [
+        subscriber.subscribe(["domain.started.*"], collect(got_all)),
+        subscriber.subscribe([f"domain.*.{domain_id}"], collect(got_one)),
+    ]
+    common = {"domain_id": domain_id, "name": "d", "host": "n1"}
+    publisher.publish_event(
+        DomainStarted(**common, seq=1, state=PowerState.RUNNING, detail=StartedDetail.BOOTED)
+    )
+    publisher.publish_event(
+        DomainStopped(**common, seq=2, state=PowerState.SHUTOFF, detail=StoppedDetail.DESTROYED)
+    )
+    assert done.wait(10), (got_all, got_one)
+    assert got_all == ["domain.started"]
+    assert got_one == ["domain.started", "domain.stopped"]
+    for sub in subs:
+        sub.close()
+
+
+def _find_dead_letter(
+    amqp_url: str, match: Any, timeout: float = 10
+) -> tuple[pika.BasicProperties, bytes]:
+    """Take the dead letter that `match(props, body)` picks from the dead-letter queue;
+    others are put back."""
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        ch = conn.channel()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            seen = []
+            found = None
+            while True:
+                method, props, body = ch.basic_get(routing.DEAD_QUEUE)
+                if method is None:
+                    break
+                seen.append(method.delivery_tag)
+                if found is None and props.headers and match(props, body):
+                    found = (props, body)
+                    ch.basic_ack(method.delivery_tag)
+                    seen.pop()
+            for tag in seen:
+                ch.basic_nack(tag, requeue=True)
+            if found is not None:
+                return found
+            time.sleep(0.2)
+    finally:
+        conn.close()
+    raise AssertionError("dead letter not found")
