@@ -1,0 +1,140 @@
+/*
+ * What a device sees: a bus to sit on, an interrupt line, a sink for machine events and guest
+ * memory. Nothing of KVM, so devices can be tested and snapshotted on their own.
+ */
+#ifndef FL_DEVICES_H
+#define FL_DEVICES_H
+
+#include <pthread.h>
+#include <stdint.h>
+
+#include "include/flotilla.h"
+
+/* Interrupt line: level 1 asserts, 0 deasserts (ISA IRQs are edges on the PIC; KVM makes
+ * the edge from our level changes). */
+struct fl_irq {
+	void (*set_level)(void *ctx, uint32_t gsi, int level);
+	void *ctx;
+	uint32_t gsi;
+};
+
+/* Machine events raised by devices (power off, reset, panic). */
+struct fl_sink {
+	void (*raise)(void *ctx, uint32_t kind, int64_t code, uint64_t detail, const char *reason);
+	void *ctx;
+};
+
+/* A port-I/O or MMIO handler. offset is relative to the range base; size is 1..8 and data
+ * holds size bytes (little-endian). Reads fill data; the handler must not fail. */
+typedef void (*fl_io_fn)(void *dev, uint64_t offset, uint8_t *data, uint32_t size, int is_write);
+
+struct fl_bus_range {
+	uint64_t base;
+	uint64_t len;
+	void *dev;
+	fl_io_fn fn;
+	struct fl_device_counters *ctr;
+};
+
+struct fl_bus {
+	struct fl_bus_range ranges[FL_MAX_DEVICES];
+	uint32_t n;
+	struct fl_counters *counters; /* where per-device counters live */
+};
+
+int fl_bus_add(struct fl_bus *bus, uint64_t base, uint64_t len, const char *name, void *dev,
+	       fl_io_fn fn);
+/* 0 when a device handled the access, -ENOENT when nothing claims addr..addr+size. */
+int fl_bus_dispatch(struct fl_bus *bus, uint64_t addr, uint8_t *data, uint32_t size,
+		    int is_write);
+
+static inline uint64_t fl_le_get(const uint8_t *d, uint32_t size)
+{
+	uint64_t v = 0;
+	for (uint32_t i = 0; i < size && i < 8; i++)
+		v |= (uint64_t)d[i] << (8 * i);
+	return v;
+}
+
+static inline void fl_le_put(uint8_t *d, uint32_t size, uint64_t v)
+{
+	for (uint32_t i = 0; i < size && i < 8; i++)
+		d[i] = (uint8_t)(v >> (8 * i));
+}
+
+/* ---- 8250 UART (COM1) ---- */
+#define FL_SERIAL_FIFO 64
+
+struct fl_serial_state {
+	uint8_t ier, lcr, mcr, lsr, msr, scr, dll, dlm, fcr;
+	uint8_t thr_ipending; /* THRE interrupt latched until IIR is read or THR written */
+	uint8_t rx[FL_SERIAL_FIFO];
+	uint32_t rx_head, rx_count;
+};
+
+struct fl_serial {
+	pthread_mutex_t lock;
+	struct fl_serial_state s;
+	struct fl_irq irq;
+	int out_fd;
+	int wake_fd; /* written when the guest frees FIFO space (the input thread waits) */
+	struct fl_counters *counters;
+};
+
+int fl_serial_init(struct fl_serial *uart, struct fl_irq irq, int out_fd, int wake_fd,
+		   struct fl_counters *counters);
+void fl_serial_fini(struct fl_serial *uart);
+void fl_serial_io(void *dev, uint64_t offset, uint8_t *data, uint32_t size, int is_write);
+/* Queue host input; returns the number of bytes accepted (FIFO room). */
+uint32_t fl_serial_input(struct fl_serial *uart, const uint8_t *buf, uint32_t len);
+uint32_t fl_serial_room(struct fl_serial *uart);
+void fl_serial_save(struct fl_serial *uart, struct fl_serial_state *out);
+int fl_serial_restore(struct fl_serial *uart, const struct fl_serial_state *in);
+
+/* ---- i8042 keyboard controller (reset line and Ctrl-Alt-Del) ---- */
+#define FL_I8042_QUEUE 16
+
+struct fl_i8042_state {
+	uint8_t ctr;	    /* controller configuration byte */
+	uint8_t pending;    /* controller command awaiting a data byte, 0 if none */
+	uint8_t outq[FL_I8042_QUEUE];
+	uint32_t out_head, out_count;
+	uint8_t irq_level;
+};
+
+struct fl_i8042 {
+	pthread_mutex_t lock;
+	struct fl_i8042_state s;
+	struct fl_irq irq;
+	struct fl_sink sink;
+};
+
+int fl_i8042_init(struct fl_i8042 *kbd, struct fl_irq irq, struct fl_sink sink);
+void fl_i8042_fini(struct fl_i8042 *kbd);
+void fl_i8042_io(void *dev, uint64_t offset, uint8_t *data, uint32_t size, int is_write);
+int fl_i8042_inject(struct fl_i8042 *kbd, const uint8_t *codes, uint32_t n);
+void fl_i8042_save(struct fl_i8042 *kbd, struct fl_i8042_state *out);
+int fl_i8042_restore(struct fl_i8042 *kbd, const struct fl_i8042_state *in);
+
+/* ---- ACPI hardware-reduced sleep registers (ports 0x600 control, 0x601 status) ---- */
+struct fl_pm_state {
+	uint8_t sleep_status;
+};
+
+struct fl_pm {
+	struct fl_pm_state s;
+	struct fl_sink sink;
+};
+
+void fl_pm_init(struct fl_pm *pm, struct fl_sink sink);
+void fl_pm_io(void *dev, uint64_t offset, uint8_t *data, uint32_t size, int is_write);
+
+/* ---- pvpanic (port 0x505) and isa-debug-exit (port 0xf4): stateless ---- */
+struct fl_signal_dev {
+	struct fl_sink sink;
+};
+
+void fl_pvpanic_io(void *dev, uint64_t offset, uint8_t *data, uint32_t size, int is_write);
+void fl_debugexit_io(void *dev, uint64_t offset, uint8_t *data, uint32_t size, int is_write);
+
+#endif

@@ -1,0 +1,140 @@
+/*
+ * Flotilla native VMM: the public C interface.
+ *
+ * One opaque handle per virtual machine. Every function that can fail returns 0 (or a
+ * count) on success and -errno on failure; the reason is kept in the handle's error string
+ * (fl_vm_error). The library never exits, aborts or prints.
+ *
+ * The region between the cdef markers is read verbatim by cffi (native/_build.py): keep it
+ * to plain declarations and integer #defines.
+ */
+#ifndef FLOTILLA_H
+#define FLOTILLA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* cdef-begin */
+#define FL_MAX_VCPUS 64
+#define FL_MAX_MEMORY_MIB 65536
+#define FL_MAX_CMDLINE 4096
+#define FL_MAX_DEVICES 16
+
+/* fl_config.flags */
+#define FL_CONFIG_MEMFD 1 /* back guest RAM with a memfd (shareable, snapshot-friendly) */
+
+enum fl_vm_state {
+	FL_STATE_NEW = 0,	 /* handle allocated, not configured */
+	FL_STATE_CONFIGURED = 1, /* kernel loaded, vCPUs created, not started */
+	FL_STATE_RUNNING = 2,
+	FL_STATE_PAUSED = 3,	 /* every vCPU parked outside KVM_RUN; state may be saved */
+	FL_STATE_STOPPED = 4	 /* vCPU threads ended (terminal event or hard stop) */
+};
+
+enum fl_event_kind {
+	FL_EVENT_NONE = 0,
+	FL_EVENT_POWEROFF = 1,	     /* ACPI S5 or debug exit (code = exit status) */
+	FL_EVENT_REBOOT = 2,	     /* i8042 reset, triple fault, KVM reset event */
+	FL_EVENT_CRASHED = 3,	     /* pvpanic; the guest keeps running */
+	FL_EVENT_INTERNAL_ERROR = 4  /* KVM could not run the guest (detail: exit reason...) */
+};
+
+enum fl_shutdown_method {
+	FL_SHUTDOWN_CTRL_ALT_DEL = 1, /* scancodes through the i8042 */
+	FL_SHUTDOWN_ACPI = 2	      /* reserved: ACPI power button (not wired yet) */
+};
+
+enum fl_image_kind {
+	FL_IMAGE_PVH = 1,     /* ELF with XEN_ELFNOTE_PHYS32_ENTRY */
+	FL_IMAGE_BZIMAGE = 2, /* Linux boot protocol, 64-bit entry */
+	FL_IMAGE_VMLINUX = 3  /* ELF64 without a PVH note, entered in long mode */
+};
+
+struct fl_config {
+	const char *kernel_path;
+	const char *initrd_path; /* NULL: none */
+	const char *cmdline;	 /* NULL: empty */
+	uint64_t memory_mib;
+	uint32_t vcpus;
+	int console_out_fd; /* COM1 output; -1 discards */
+	int console_in_fd;  /* COM1 input; -1 none */
+	uint32_t flags;
+};
+
+struct fl_event {
+	uint32_t kind;	   /* enum fl_event_kind */
+	uint32_t vcpu;	   /* vCPU that raised it */
+	int64_t code;	   /* POWEROFF: exit status; INTERNAL_ERROR: KVM exit reason */
+	uint64_t detail[4];/* INTERNAL_ERROR: suberror, errno, data...; others: raw value */
+	char reason[32];   /* "acpi_s5", "debug_exit", "i8042_reset", "triple_fault", ... */
+};
+
+struct fl_device_counters {
+	char name[16];
+	uint64_t reads;
+	uint64_t writes;
+	uint64_t bytes_in;  /* bytes the guest read from the device */
+	uint64_t bytes_out; /* bytes the guest wrote to the device */
+};
+
+struct fl_counters {
+	uint64_t exits_total;
+	uint64_t exits_io;
+	uint64_t exits_mmio;
+	uint64_t exits_intr; /* KVM_RUN interrupted by a kick */
+	uint64_t exits_hlt;
+	uint64_t exits_shutdown;
+	uint64_t exits_system_event;
+	uint64_t exits_internal_error;
+	uint64_t exits_other;
+	uint64_t unhandled_io;	 /* accesses to ports no device claims */
+	uint64_t unhandled_mmio; /* accesses to unbacked, unclaimed addresses */
+	uint64_t console_in_bytes;
+	uint64_t console_out_bytes;
+	uint64_t console_dropped; /* output bytes the console fd refused */
+	uint32_t ndevices;
+	struct fl_device_counters devices[16];
+};
+
+struct fl_image_info {
+	uint32_t kind;		 /* enum fl_image_kind */
+	uint32_t setup_version;	 /* bzImage: boot protocol version */
+	uint64_t entry;		 /* guest-physical entry point */
+	uint64_t load_start;	 /* lowest guest-physical byte loaded */
+	uint64_t load_end;	 /* one past the highest (memsz included) */
+	uint64_t init_size;	 /* bzImage: memory the kernel needs from load_start */
+	uint64_t initrd_addr_max;
+	uint32_t cmdline_size;	 /* bzImage: largest command line accepted */
+	uint32_t nsegments;	 /* ELF: PT_LOAD count */
+};
+
+struct fl_vm;
+
+/* Lifecycle */
+struct fl_vm *fl_vm_new(void); /* NULL only when out of memory */
+const char *fl_vm_error(const struct fl_vm *vm);
+int fl_vm_configure(struct fl_vm *vm, const struct fl_config *cfg);
+int fl_vm_start(struct fl_vm *vm);
+int fl_vm_pause(struct fl_vm *vm);
+int fl_vm_resume(struct fl_vm *vm);
+int fl_vm_shutdown(struct fl_vm *vm, int method);
+int fl_vm_stop(struct fl_vm *vm);
+void fl_vm_destroy(struct fl_vm *vm);
+int fl_vm_state(const struct fl_vm *vm);
+
+/* Events: the fd becomes readable when events are queued; read them with fl_event_read
+ * (1: one event copied, 0: queue empty). */
+int fl_event_fd(const struct fl_vm *vm);
+int fl_event_read(struct fl_vm *vm, struct fl_event *ev);
+
+/* Introspection */
+int fl_memory_read(struct fl_vm *vm, uint64_t gpa, void *buf, uint64_t len);
+int fl_counters_read(struct fl_vm *vm, struct fl_counters *out);
+int fl_kvm_probe(char *err, size_t errlen);
+
+/* Kernel image parsing without KVM (used by the loader and by unit tests). */
+int fl_image_parse(const uint8_t *buf, size_t len, struct fl_image_info *info, char *err,
+		   size_t errlen);
+/* cdef-end */
+
+#endif

@@ -1,0 +1,151 @@
+/* Internals of the VM handle, shared by the runtime's C files (not by devices). */
+#ifndef FL_VMM_H
+#define FL_VMM_H
+
+#include <linux/kvm.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "devices.h"
+#include "include/flotilla.h"
+
+/* Ports of the machine model (docs/machine.md). */
+#define FL_PORT_DEBUG_EXIT 0xf4
+#define FL_PORT_I8042_DATA 0x60
+#define FL_PORT_I8042_CMD 0x64
+#define FL_PORT_COM1 0x3f8
+#define FL_IRQ_COM1 4
+#define FL_IRQ_I8042 1
+#define FL_PORT_PVPANIC 0x505
+#define FL_PORT_SLEEP_CONTROL 0x600
+#define FL_PORT_SLEEP_STATUS 0x601
+
+/* ---- guest memory ---- */
+#define FL_GIB (1ULL << 30)
+#define FL_MIB (1ULL << 20)
+#define FL_LOW_RAM_MAX (3ULL * FL_GIB) /* RAM above this goes to 4 GiB+ (PCI/APIC hole) */
+#define FL_HIGH_RAM_BASE (4ULL * FL_GIB)
+
+struct fl_mem {
+	uint8_t *host;
+	uint64_t size;	   /* total RAM */
+	uint64_t low_size; /* RAM at [0, low_size) */
+	int memfd;	   /* -1 when anonymous */
+};
+
+int fl_mem_init(struct fl_mem *mem, uint64_t size, int use_memfd, char *err, size_t errlen);
+void fl_mem_fini(struct fl_mem *mem);
+int fl_mem_register(struct fl_mem *mem, int vm_fd, char *err, size_t errlen);
+/* Host pointer for [gpa, gpa+len) if it lies wholly inside one RAM region, else NULL. */
+void *fl_mem_ptr(const struct fl_mem *mem, uint64_t gpa, uint64_t len);
+
+/* ---- vCPUs ---- */
+enum fl_vcpu_request { FL_REQ_RUN = 0, FL_REQ_PAUSE = 1, FL_REQ_STOP = 2 };
+enum fl_vcpu_state { FL_VCPU_IDLE = 0, FL_VCPU_RUNNING = 1, FL_VCPU_PAUSED = 2, FL_VCPU_DONE = 3 };
+
+struct fl_vcpu {
+	struct fl_vm *vm;
+	uint32_t id;
+	int fd;
+	struct kvm_run *run;
+	size_t run_size;
+	pthread_t thread;
+	int thread_started;
+	int state;   /* enum fl_vcpu_state, under vm->lock */
+	int request; /* enum fl_vcpu_request, under vm->lock */
+};
+
+/* ---- the VM ---- */
+#define FL_EVENT_QUEUE 32
+
+struct fl_vm {
+	char err[256];
+	int state; /* enum fl_vm_state, under lock */
+	int kvm_fd;
+	int vm_fd;
+	struct fl_mem mem;
+	uint32_t nvcpus;
+	struct fl_vcpu *vcpus;
+	struct kvm_cpuid2 *cpuid; /* supported CPUID, filtered once */
+
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	pthread_mutex_t api_lock; /* serializes the public control calls */
+	int lock_ready;
+
+	struct fl_bus pio;
+	struct fl_bus mmio;
+	struct fl_counters counters;
+
+	struct fl_serial serial;
+	struct fl_i8042 i8042;
+	struct fl_pm pm;
+	struct fl_signal_dev pvpanic;
+	struct fl_signal_dev debugexit;
+	int devices_ready;
+
+	/* events */
+	pthread_mutex_t ev_lock;
+	struct fl_event events[FL_EVENT_QUEUE];
+	uint32_t ev_head, ev_count, ev_lost;
+	int event_fd;
+	int terminated; /* a terminal event stopped the machine */
+
+	/* console input thread */
+	int console_in_fd;
+	int io_wake_fd;
+	int io_stop;
+	pthread_t io_thread;
+	int io_started;
+};
+
+/* Error string helpers: return -err so callers can `return fl_fail(...)`. */
+int fl_fail(struct fl_vm *vm, int err, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+int fl_errf(char *buf, size_t len, int err, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+
+/* kvm.c */
+int fl_kvm_create(struct fl_vm *vm);
+void fl_kvm_destroy(struct fl_vm *vm);
+
+/* events.c */
+int fl_events_init(struct fl_vm *vm);
+void fl_events_fini(struct fl_vm *vm);
+void fl_event_raise(struct fl_vm *vm, uint32_t vcpu, uint32_t kind, int64_t code,
+		    const uint64_t *detail, uint32_t ndetail, const char *reason);
+/* The vCPU id of the calling thread, or UINT32_MAX outside vCPU threads. */
+uint32_t fl_vcpu_current(void);
+
+/* vcpu.c */
+int fl_vcpus_create(struct fl_vm *vm);
+int fl_vcpus_start(struct fl_vm *vm);
+int fl_vcpus_request(struct fl_vm *vm, int request, int wait);
+void fl_vcpus_join(struct fl_vm *vm);
+void fl_vcpus_destroy(struct fl_vm *vm);
+/* Called from a vCPU thread: stop the whole machine after a terminal event. */
+void fl_vm_terminate(struct fl_vm *vm);
+
+/* devices wiring (machine.c) */
+int fl_devices_init(struct fl_vm *vm, int out_fd);
+void fl_devices_fini(struct fl_vm *vm);
+int fl_console_start(struct fl_vm *vm);
+void fl_console_stop(struct fl_vm *vm);
+void fl_console_wake(struct fl_vm *vm);
+
+/* x86 */
+int fl_cpuid_init(struct fl_vm *vm);
+int fl_cpuid_apply(struct fl_vm *vm, struct fl_vcpu *vcpu);
+int fl_acpi_build(struct fl_vm *vm, uint64_t *rsdp_gpa);
+struct fl_boot {
+	uint32_t kind;	  /* enum fl_image_kind */
+	uint64_t entry;
+	uint64_t boot_info; /* hvm_start_info (PVH) or zero page (Linux) */
+};
+int fl_boot_load(struct fl_vm *vm, const struct fl_config *cfg, uint64_t rsdp_gpa,
+		 struct fl_boot *boot);
+int fl_boot_setup_bsp(struct fl_vm *vm, struct fl_vcpu *vcpu, const struct fl_boot *boot);
+int fl_lapic_init(struct fl_vm *vm, struct fl_vcpu *vcpu);
+
+#endif

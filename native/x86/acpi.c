@@ -1,0 +1,171 @@
+/*
+ * Hardware-reduced ACPI tables at 0xE0000: RSDP -> XSDT -> FADT (sleep registers at
+ * 0x600/0x601) -> DSDT (\_S5), and a MADT with one LAPIC per vCPU and the IOAPIC.
+ */
+#include <errno.h>
+#include <string.h>
+
+#include "../vmm.h"
+#include "layout.h"
+
+#define FADT_SIZE 276
+#define FADT_REVISION 6
+#define FADT_HW_REDUCED (1u << 20)
+#define FADT_PWR_BUTTON (1u << 4) /* no fixed-feature power button */
+#define FADT_SLP_BUTTON (1u << 5)
+#define BOOT_ARCH_8042 (1u << 1)
+#define BOOT_ARCH_NO_VGA (1u << 2)
+#define BOOT_ARCH_NO_CMOS_RTC (1u << 5)
+
+struct table_writer {
+	uint8_t *base; /* host view of FL_ACPI_GPA */
+	uint64_t size;
+	uint64_t next; /* offset of the next free byte */
+};
+
+static void put16(uint8_t *p, uint16_t v)
+{
+	p[0] = (uint8_t)v;
+	p[1] = (uint8_t)(v >> 8);
+}
+
+static void put32(uint8_t *p, uint32_t v)
+{
+	for (int i = 0; i < 4; i++)
+		p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static void put64(uint8_t *p, uint64_t v)
+{
+	for (int i = 0; i < 8; i++)
+		p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static uint8_t checksum(const uint8_t *p, uint64_t n)
+{
+	uint8_t s = 0;
+
+	for (uint64_t i = 0; i < n; i++)
+		s = (uint8_t)(s + p[i]);
+	return (uint8_t)(0 - s);
+}
+
+/* Reserves len bytes at 16-byte alignment; returns its offset or 0 when out of room. */
+static uint64_t reserve(struct table_writer *w, uint64_t len)
+{
+	uint64_t off = (w->next + 15) & ~15ULL;
+
+	if (off > w->size || len > w->size - off)
+		return 0;
+	w->next = off + len;
+	return off;
+}
+
+static void header(uint8_t *t, const char *sig, uint32_t len, uint8_t rev)
+{
+	memcpy(t, sig, 4);
+	put32(t + 4, len);
+	t[8] = rev;
+	memcpy(t + 10, "FLOTIL", 6);
+	memcpy(t + 16, "FLOTILLA", 8);
+	put32(t + 24, 1);
+	memcpy(t + 28, "FLTL", 4);
+	put32(t + 32, 1);
+}
+
+static void finish(uint8_t *t, uint32_t len)
+{
+	t[9] = 0;
+	t[9] = checksum(t, len);
+}
+
+/* Generic Address Structure for a byte-wide I/O port. */
+static void gas_io(uint8_t *p, uint16_t port)
+{
+	p[0] = 1; /* SystemIO */
+	p[1] = 8; /* bit width */
+	p[2] = 0;
+	p[3] = 1; /* byte access */
+	put64(p + 4, port);
+}
+
+/* Name (_S5, Package () { 5, 5, 0, 0 }): SLP_TYP 5 for S5. */
+static const uint8_t dsdt_aml[] = {
+	0x08, '_', 'S', '5', '_', 0x12, 0x08, 0x04, 0x0a, 0x05, 0x0a, 0x05, 0x00, 0x00,
+};
+
+int fl_acpi_build(struct fl_vm *vm, uint64_t *rsdp_gpa)
+{
+	struct table_writer w = {.size = FL_ACPI_END - FL_ACPI_GPA, .next = 0};
+	uint32_t madt_len = 44 + 8 * vm->nvcpus + 12;
+	uint32_t dsdt_len = 36 + sizeof(dsdt_aml);
+	uint64_t rsdp, xsdt, fadt, dsdt, madt;
+
+	w.base = fl_mem_ptr(&vm->mem, FL_ACPI_GPA, w.size);
+	if (!w.base)
+		return fl_fail(vm, EINVAL, "no RAM behind the ACPI table area");
+	memset(w.base, 0, w.size);
+	/* Offset 0 is the RSDP; reserve() returns 0 only on failure after it. */
+	w.next = 36;
+	rsdp = 0;
+	xsdt = reserve(&w, 36 + 2 * 8);
+	fadt = reserve(&w, FADT_SIZE);
+	dsdt = reserve(&w, dsdt_len);
+	madt = reserve(&w, madt_len);
+	if (!xsdt || !fadt || !dsdt || !madt)
+		return fl_fail(vm, ENOSPC, "ACPI tables do not fit below 1 MiB");
+
+	uint8_t *t = w.base + dsdt;
+	header(t, "DSDT", dsdt_len, 2);
+	memcpy(t + 36, dsdt_aml, sizeof(dsdt_aml));
+	finish(t, dsdt_len);
+
+	t = w.base + fadt;
+	header(t, "FACP", FADT_SIZE, FADT_REVISION);
+	put32(t + 40, (uint32_t)(FL_ACPI_GPA + dsdt));
+	put16(t + 109, BOOT_ARCH_8042 | BOOT_ARCH_NO_VGA | BOOT_ARCH_NO_CMOS_RTC);
+	put32(t + 112, FADT_HW_REDUCED | FADT_PWR_BUTTON | FADT_SLP_BUTTON);
+	t[131] = 0; /* FADT minor version: ACPI 6.0 */
+	put64(t + 140, FL_ACPI_GPA + dsdt);
+	gas_io(t + 244, FL_PORT_SLEEP_CONTROL);
+	gas_io(t + 256, FL_PORT_SLEEP_STATUS);
+	memcpy(t + 268, "FLOTILLA", 8);
+	finish(t, FADT_SIZE);
+
+	t = w.base + madt;
+	header(t, "APIC", madt_len, 5);
+	put32(t + 36, (uint32_t)FL_LAPIC_GPA);
+	put32(t + 40, 1); /* PCAT_COMPAT: there are 8259s */
+	uint8_t *e = t + 44;
+	for (uint32_t i = 0; i < vm->nvcpus; i++, e += 8) {
+		e[0] = 0; /* processor local APIC */
+		e[1] = 8;
+		e[2] = (uint8_t)i; /* ACPI processor UID */
+		e[3] = (uint8_t)i; /* APIC id */
+		put32(e + 4, 1);   /* enabled */
+	}
+	e[0] = 1; /* IOAPIC */
+	e[1] = 12;
+	e[2] = (uint8_t)vm->nvcpus; /* its id, after the LAPICs' */
+	put32(e + 4, (uint32_t)FL_IOAPIC_GPA);
+	put32(e + 8, 0); /* GSI base */
+	finish(t, madt_len);
+
+	t = w.base + xsdt;
+	header(t, "XSDT", 36 + 2 * 8, 1);
+	put64(t + 36, FL_ACPI_GPA + fadt);
+	put64(t + 44, FL_ACPI_GPA + madt);
+	finish(t, 36 + 2 * 8);
+
+	t = w.base + rsdp;
+	memcpy(t, "RSD PTR ", 8);
+	memcpy(t + 9, "FLOTIL", 6);
+	t[15] = 2; /* ACPI 2.0+: use the XSDT */
+	put32(t + 20, 36);
+	put64(t + 24, FL_ACPI_GPA + xsdt);
+	t[8] = checksum(t, 20);
+	t[32] = checksum(t, 36);
+
+	*rsdp_gpa = FL_ACPI_GPA + rsdp;
+	return 0;
+}

@@ -1,0 +1,104 @@
+/*
+ * CPUID: what KVM supports, minus what the host cannot give the guest (LA57; the
+ * IA32_ARCH_CAPABILITIES MSR, which PVM refuses), plus per-vCPU APIC ids and topology.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+
+#include "../vmm.h"
+
+#define CPUID_MAX_ENTRIES 1024
+
+static uint32_t ceil_log2(uint32_t n)
+{
+	uint32_t s = 0;
+
+	while ((1u << s) < n)
+		s++;
+	return s;
+}
+
+int fl_cpuid_init(struct fl_vm *vm)
+{
+	struct kvm_cpuid2 *c = NULL;
+
+	for (uint32_t n = 128; n <= CPUID_MAX_ENTRIES; n *= 2) {
+		free(c);
+		c = calloc(1, sizeof(*c) + n * sizeof(struct kvm_cpuid_entry2));
+		if (!c)
+			return fl_fail(vm, ENOMEM, "allocating CPUID entries");
+		c->nent = n;
+		if (ioctl(vm->kvm_fd, KVM_GET_SUPPORTED_CPUID, c) == 0)
+			break;
+		if (errno != E2BIG || n == CPUID_MAX_ENTRIES) {
+			int e = errno;
+			free(c);
+			return fl_fail(vm, e, "KVM_GET_SUPPORTED_CPUID: %s", strerror(e));
+		}
+	}
+	for (uint32_t i = 0; i < c->nent; i++) {
+		struct kvm_cpuid_entry2 *e = &c->entries[i];
+		if (e->function == 1)
+			e->ecx |= 1u << 31; /* running under a hypervisor */
+		if (e->function == 7 && e->index == 0) {
+			e->ecx &= ~(1u << 16); /* LA57 */
+			e->edx &= ~(1u << 29); /* ARCH_CAPABILITIES (MSR 0x10a) */
+		}
+	}
+	vm->cpuid = c;
+	return 0;
+}
+
+int fl_cpuid_apply(struct fl_vm *vm, struct fl_vcpu *vcpu)
+{
+	const struct kvm_cpuid2 *src = vm->cpuid;
+	size_t bytes = sizeof(*src) + src->nent * sizeof(struct kvm_cpuid_entry2);
+	struct kvm_cpuid2 *c = malloc(bytes);
+	uint32_t apic_id = vcpu->id, n = vm->nvcpus, shift = ceil_log2(vm->nvcpus);
+	int rc = 0;
+
+	if (!c)
+		return fl_fail(vm, ENOMEM, "allocating CPUID entries");
+	memcpy(c, src, bytes);
+	/* One package, one core per vCPU, no SMT. */
+	for (uint32_t i = 0; i < c->nent; i++) {
+		struct kvm_cpuid_entry2 *e = &c->entries[i];
+		switch (e->function) {
+		case 1:
+			e->ebx = (e->ebx & 0x0000ffffu) | (apic_id << 24) | ((n & 0xff) << 16);
+			if (n > 1)
+				e->edx |= 1u << 28; /* HTT: the count field is valid */
+			break;
+		case 4:
+			if ((e->eax & 0x1f) == 0) /* no more cache levels */
+				break;
+			e->eax = (e->eax & 0x3fff) | (((n - 1) & 0x3f) << 26);
+			break;
+		case 0xb:
+		case 0x1f:
+			if (e->index == 0) { /* SMT level: one thread */
+				e->eax = 0;
+				e->ebx = 1;
+				e->ecx = (1u << 8) | 0;
+			} else if (e->index == 1) { /* core level: the package */
+				e->eax = shift;
+				e->ebx = n;
+				e->ecx = (2u << 8) | 1;
+			} else {
+				e->eax = 0;
+				e->ebx = 0;
+				e->ecx = e->index;
+			}
+			e->edx = apic_id;
+			break;
+		default:
+			break;
+		}
+	}
+	if (ioctl(vcpu->fd, KVM_SET_CPUID2, c) < 0)
+		rc = fl_fail(vm, errno, "KVM_SET_CPUID2 on vCPU %u: %s", vcpu->id, strerror(errno));
+	free(c);
+	return rc;
+}
