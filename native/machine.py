@@ -1,0 +1,390 @@
+"""A typed wrapper over the native VMM (`native._vmm`): one `Machine` per guest.
+
+Imports only the standard library and the cffi module, so a per-guest VMM process starts
+fast. Every C failure (-errno plus the handle's error string) becomes a `VmmError`.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import importlib
+import os
+import select
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+MAX_VCPUS = 64
+MAX_MEMORY_MIB = 65536
+MIN_MEMORY_MIB = 4
+
+
+class VmmError(Exception):
+    """A native VMM call failed. `errno` is the C error number, `message` the reason."""
+
+    def __init__(self, message: str, err: int = errno.EIO) -> None:
+        super().__init__(message)
+        self.message = message
+        self.errno = err
+
+
+class ConfigError(VmmError, ValueError):
+    """The machine's configuration (kernel, initrd, memory, vCPUs, cmdline) is unusable."""
+
+
+class KvmUnavailableError(VmmError):
+    """/dev/kvm is missing, inaccessible or lacks a capability the VMM needs."""
+
+
+class MachineStateError(VmmError):
+    """The call is not allowed in the machine's current state (e.g. pause when stopped)."""
+
+
+class GuestMemoryError(VmmError, ValueError):
+    """A guest-physical range is not backed by RAM."""
+
+
+class EventKind(enum.IntEnum):
+    POWEROFF = 1
+    REBOOT = 2
+    CRASHED = 3
+    INTERNAL_ERROR = 4
+
+
+class MachineState(enum.IntEnum):
+    NEW = 0
+    CONFIGURED = 1
+    RUNNING = 2
+    PAUSED = 3
+    STOPPED = 4
+
+
+class ShutdownMethod(enum.IntEnum):
+    CTRL_ALT_DEL = 1
+    ACPI = 2
+
+
+class ImageKind(enum.IntEnum):
+    PVH = 1
+    BZIMAGE = 2
+    VMLINUX = 3
+
+
+@dataclass(frozen=True)
+class Event:
+    """A machine event. POWEROFF/REBOOT/INTERNAL_ERROR end the machine; CRASHED does not.
+
+    `code`: the exit status for POWEROFF (debug exit: `(v << 1) | 1`, ACPI: 0), the KVM exit
+    reason for INTERNAL_ERROR. `reason`: e.g. "acpi_s5", "debug_exit", "i8042_reset",
+    "triple_fault", "pvpanic", "emulation_failure". `detail`: raw values (INTERNAL_ERROR:
+    suberror, then KVM's data words).
+    """
+
+    kind: EventKind
+    reason: str
+    code: int
+    vcpu: int
+    detail: tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class DeviceCounters:
+    reads: int
+    writes: int
+    bytes_in: int
+    bytes_out: int
+
+
+@dataclass(frozen=True)
+class Counters:
+    exits: dict[str, int]
+    unhandled_io: int
+    unhandled_mmio: int
+    console_in_bytes: int
+    console_out_bytes: int
+    console_dropped: int
+    devices: dict[str, DeviceCounters]
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    kind: ImageKind
+    entry: int
+    load_start: int
+    load_end: int
+    setup_version: int
+    init_size: int
+    initrd_addr_max: int
+    cmdline_size: int
+    nsegments: int
+
+
+_EXIT_FIELDS = (
+    "total", "io", "mmio", "intr", "hlt", "shutdown", "system_event", "internal_error", "other",
+)
+_KVM_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENODEV, errno.ENOTSUP}
+_CONFIG_ERRNOS = {errno.EINVAL, errno.ENOENT, errno.ENOEXEC, errno.EFBIG, errno.EISDIR,
+                  errno.ENOMEM, errno.ENOSPC}
+
+
+def _vmm() -> Any:
+    # Imported on first use so `import native` works before the extension is built.
+    return importlib.import_module("native._vmm")
+
+
+def _text(ffi: Any, cstr: Any) -> str:
+    return str(ffi.string(cstr).decode("utf-8", "replace"))
+
+
+def parse_image(data: bytes) -> ImageInfo:
+    """Parses a kernel image (PVH ELF, bzImage, vmlinux) as the loader would, without KVM.
+
+    Raises ConfigError with the loader's reason when the image is malformed.
+    """
+    mod = _vmm()
+    info = mod.ffi.new("struct fl_image_info *")
+    err = mod.ffi.new("char[256]")
+    rc = mod.lib.fl_image_parse(data, len(data), info, err, 256)
+    if rc < 0:
+        raise ConfigError(_text(mod.ffi, err), -rc)
+    return ImageInfo(
+        kind=ImageKind(info.kind), entry=info.entry, load_start=info.load_start,
+        load_end=info.load_end, setup_version=info.setup_version, init_size=info.init_size,
+        initrd_addr_max=info.initrd_addr_max, cmdline_size=info.cmdline_size,
+        nsegments=info.nsegments,
+    )
+
+
+def kvm_unavailable_reason() -> str | None:
+    """None when a VM can be created here, else why not (KVM_CREATE_VM's error)."""
+    mod = _vmm()
+    err = mod.ffi.new("char[256]")
+    if mod.lib.fl_kvm_probe(err, 256) < 0:
+        return _text(mod.ffi, err)
+    return None
+
+
+class Machine:
+    """One virtual machine on /dev/kvm, configured (kernel loaded) by the constructor.
+
+    Lifecycle: `start()` → running ⇄ `pause()`/`resume()` → stopped (a terminal event, or
+    `stop()`); `close()` releases everything and is idempotent; also a context manager.
+    Events arrive on `event_fd` (poll it) and are read with `read_event()`/`wait_event()`.
+    The console fds are borrowed, never closed.
+    """
+
+    def __init__(
+        self,
+        kernel: str | os.PathLike[str],
+        *,
+        initrd: str | os.PathLike[str] | None = None,
+        cmdline: str = "",
+        memory_mib: int = 128,
+        vcpus: int = 1,
+        console_out: int | None = None,
+        console_in: int | None = None,
+        memfd: bool = False,
+    ) -> None:
+        self._check_args(kernel, initrd, cmdline, memory_mib, vcpus)
+        mod = _vmm()
+        self._ffi = mod.ffi
+        self._lib = mod.lib
+        vm = self._lib.fl_vm_new()
+        if vm == self._ffi.NULL:
+            raise VmmError("out of memory allocating a machine", errno.ENOMEM)
+        self._vm: Any = vm
+        # The C side reads these during configure only; keep them alive until then.
+        kernel_c = self._ffi.new("char[]", os.fsencode(kernel))
+        initrd_c = self._ffi.new("char[]", os.fsencode(initrd)) if initrd else self._ffi.NULL
+        cmdline_c = self._ffi.new("char[]", cmdline.encode())
+        cfg = self._ffi.new(
+            "struct fl_config *",
+            {
+                "kernel_path": kernel_c,
+                "initrd_path": initrd_c,
+                "cmdline": cmdline_c,
+                "memory_mib": memory_mib,
+                "vcpus": vcpus,
+                "console_out_fd": -1 if console_out is None else console_out,
+                "console_in_fd": -1 if console_in is None else console_in,
+                "flags": 1 if memfd else 0,
+            },
+        )
+        rc = self._lib.fl_vm_configure(vm, cfg)
+        if rc < 0:
+            message = self._error()
+            self._lib.fl_vm_destroy(vm)
+            self._vm = None
+            err = -rc
+            if err in _KVM_ERRNOS and ("/dev/kvm" in message or "KVM" in message):
+                raise KvmUnavailableError(message, err)
+            if err in _CONFIG_ERRNOS:
+                raise ConfigError(message, err)
+            raise VmmError(message, err)
+        self.memory_mib = memory_mib
+        self.vcpus = vcpus
+
+    @staticmethod
+    def _check_args(
+        kernel: str | os.PathLike[str],
+        initrd: str | os.PathLike[str] | None,
+        cmdline: str,
+        memory_mib: int,
+        vcpus: int,
+    ) -> None:
+        if not Path(kernel).is_file():
+            raise ConfigError(f"kernel {os.fspath(kernel)!s} is not a file", errno.ENOENT)
+        if initrd is not None and not Path(initrd).is_file():
+            raise ConfigError(f"initrd {os.fspath(initrd)!s} is not a file", errno.ENOENT)
+        if not MIN_MEMORY_MIB <= memory_mib <= MAX_MEMORY_MIB:
+            raise ConfigError(
+                f"memory must be {MIN_MEMORY_MIB}..{MAX_MEMORY_MIB} MiB, not {memory_mib}",
+                errno.EINVAL,
+            )
+        if not 1 <= vcpus <= MAX_VCPUS:
+            raise ConfigError(f"vCPU count must be 1..{MAX_VCPUS}, not {vcpus}", errno.EINVAL)
+        if "\0" in cmdline:
+            raise ConfigError("command line contains a NUL byte", errno.EINVAL)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _handle(self) -> Any:
+        if self._vm is None:
+            raise MachineStateError("machine is closed", errno.EBADF)
+        return self._vm
+
+    def _error(self) -> str:
+        return _text(self._ffi, self._lib.fl_vm_error(self._vm))
+
+    def _call(self, rc: int) -> None:
+        if rc >= 0:
+            return
+        err = -rc
+        message = self._error()
+        if err in (errno.EINVAL, errno.ESRCH, errno.EBUSY):
+            raise MachineStateError(message, err)
+        if err == errno.EFAULT:
+            raise GuestMemoryError(message, err)
+        raise VmmError(message, err)
+
+    # -- control ----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> MachineState:
+        if self._vm is None:
+            return MachineState.STOPPED
+        return MachineState(self._lib.fl_vm_state(self._vm))
+
+    def start(self) -> None:
+        """Starts every vCPU thread (APs wait for INIT/SIPI). Raises MachineStateError."""
+        self._call(self._lib.fl_vm_start(self._handle()))
+
+    def pause(self) -> None:
+        """Returns once every vCPU is parked outside the guest."""
+        self._call(self._lib.fl_vm_pause(self._handle()))
+
+    def resume(self) -> None:
+        self._call(self._lib.fl_vm_resume(self._handle()))
+
+    def shutdown(self, method: ShutdownMethod = ShutdownMethod.CTRL_ALT_DEL) -> None:
+        """Asks the guest to shut down; it ends with a POWEROFF event if it cooperates."""
+        self._call(self._lib.fl_vm_shutdown(self._handle(), int(method)))
+
+    def stop(self) -> None:
+        """Hard stop: vCPU threads end and are joined. Idempotent."""
+        if self._vm is not None:
+            self._call(self._lib.fl_vm_stop(self._vm))
+
+    def close(self) -> None:
+        """Stops the machine and frees it. Idempotent."""
+        if self._vm is not None:
+            self._lib.fl_vm_destroy(self._vm)
+            self._vm = None
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_vm", None) is not None:
+            self.close()
+
+    # -- events -----------------------------------------------------------------------------
+
+    @property
+    def event_fd(self) -> int:
+        """Readable while events are queued. Valid until close()."""
+        return int(self._lib.fl_event_fd(self._handle()))
+
+    def read_event(self) -> Event | None:
+        """The oldest queued event, or None."""
+        ev = self._ffi.new("struct fl_event *")
+        rc = self._lib.fl_event_read(self._handle(), ev)
+        self._call(rc)
+        if rc == 0:
+            return None
+        return Event(
+            kind=EventKind(ev.kind),
+            reason=_text(self._ffi, ev.reason),
+            code=int(ev.code),
+            vcpu=int(ev.vcpu),
+            detail=(int(ev.detail[0]), int(ev.detail[1]), int(ev.detail[2]),
+                    int(ev.detail[3])),
+        )
+
+    def wait_event(self, timeout: float | None = None) -> Event | None:
+        """Waits up to `timeout` seconds (None: forever) for an event; None on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(self.event_fd, select.POLLIN)
+        while True:
+            event = self.read_event()
+            if event is not None:
+                return event
+            if deadline is None:
+                poller.poll()
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            poller.poll(max(1, int(left * 1000)))
+
+    # -- introspection ----------------------------------------------------------------------
+
+    def read_memory(self, gpa: int, size: int) -> bytes:
+        """Copies guest-physical [gpa, gpa+size). Raises GuestMemoryError outside RAM."""
+        if gpa < 0 or size < 0:
+            raise GuestMemoryError("negative guest address or size", errno.EINVAL)
+        buf = self._ffi.new("char[]", max(size, 1))
+        self._call(self._lib.fl_memory_read(self._handle(), gpa, buf, size))
+        return bytes(self._ffi.buffer(buf, size))
+
+    def counters(self) -> Counters:
+        c = self._ffi.new("struct fl_counters *")
+        self._call(self._lib.fl_counters_read(self._handle(), c))
+        devices: dict[str, DeviceCounters] = {}
+        for i in range(min(int(c.ndevices), 16)):
+            d = c.devices[i]
+            devices[_text(self._ffi, d.name)] = DeviceCounters(
+                reads=int(d.reads), writes=int(d.writes),
+                bytes_in=int(d.bytes_in), bytes_out=int(d.bytes_out),
+            )
+        return Counters(
+            exits={name: int(getattr(c, f"exits_{name}")) for name in _EXIT_FIELDS},
+            unhandled_io=int(c.unhandled_io),
+            unhandled_mmio=int(c.unhandled_mmio),
+            console_in_bytes=int(c.console_in_bytes),
+            console_out_bytes=int(c.console_out_bytes),
+            console_dropped=int(c.console_dropped),
+            devices=devices,
+        )
