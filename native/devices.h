@@ -111,7 +111,8 @@ struct fl_i8042 {
 
 int fl_i8042_init(struct fl_i8042 *kbd, struct fl_irq irq, struct fl_sink sink);
 void fl_i8042_fini(struct fl_i8042 *kbd);
-void fl_i8042_io(void *dev, uint64_t offset, uint8_t *data, uint32_t size, int is_write);
+void fl_i8042_data_io(void *dev, uint64_t offset, uint8_t *data, uint32_t size, int is_write);
+void fl_i8042_cmd_io(void *dev, uint64_t offset, uint8_t *data, uint32_t size, int is_write);
 int fl_i8042_inject(struct fl_i8042 *kbd, const uint8_t *codes, uint32_t n);
 void fl_i8042_save(struct fl_i8042 *kbd, struct fl_i8042_state *out);
 int fl_i8042_restore(struct fl_i8042 *kbd, const struct fl_i8042_state *in);

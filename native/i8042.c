@@ -123,16 +123,16 @@ static void data_write(struct fl_i8042 *kbd, uint8_t b)
 	}
 }
 
-void fl_i8042_io(void *dev, uint64_t offset, uint8_t *data, uint32_t size, int is_write)
+static void port_io(struct fl_i8042 *kbd, int cmd_port, uint8_t *data, uint32_t size,
+		    int is_write)
 {
-	struct fl_i8042 *kbd = dev;
 	struct fl_i8042_state *s = &kbd->s;
 
-	/* The device sits on two single-byte ranges; wider accesses use the low byte. */
+	/* Two single-byte ports; wider accesses use the low byte. */
 	pthread_mutex_lock(&kbd->lock);
 	if (!is_write)
 		memset(data, 0xff, size);
-	if (offset == 0) { /* data port 0x60 */
+	if (!cmd_port) { /* data port 0x60 */
 		if (is_write) {
 			data_write(kbd, data[0]);
 		} else if (s->out_count) {
@@ -150,6 +150,18 @@ void fl_i8042_io(void *dev, uint64_t offset, uint8_t *data, uint32_t size, int i
 	}
 	update_irq(kbd);
 	pthread_mutex_unlock(&kbd->lock);
+}
+
+void fl_i8042_data_io(void *dev, uint64_t offset, uint8_t *data, uint32_t size, int is_write)
+{
+	(void)offset;
+	port_io(dev, 0, data, size, is_write);
+}
+
+void fl_i8042_cmd_io(void *dev, uint64_t offset, uint8_t *data, uint32_t size, int is_write)
+{
+	(void)offset;
+	port_io(dev, 1, data, size, is_write);
 }
 
 int fl_i8042_inject(struct fl_i8042 *kbd, const uint8_t *codes, uint32_t n)

@@ -55,9 +55,10 @@ int fl_devices_init(struct fl_vm *vm, int out_fd)
 	vm->debugexit.sink = sink;
 
 	if ((rc = fl_bus_add(&vm->pio, FL_PORT_COM1, 8, "serial", &vm->serial, fl_serial_io)) ||
-	    (rc = fl_bus_add(&vm->pio, FL_PORT_I8042_DATA, 1, "i8042", &vm->i8042, fl_i8042_io)) ||
+	    (rc = fl_bus_add(&vm->pio, FL_PORT_I8042_DATA, 1, "i8042", &vm->i8042,
+			     fl_i8042_data_io)) ||
 	    (rc = fl_bus_add(&vm->pio, FL_PORT_I8042_CMD, 1, "i8042_cmd", &vm->i8042,
-			     fl_i8042_io)) ||
+			     fl_i8042_cmd_io)) ||
 	    (rc = fl_bus_add(&vm->pio, FL_PORT_SLEEP_CONTROL, 2, "acpi_sleep", &vm->pm,
 			     fl_pm_io)) ||
 	    (rc = fl_bus_add(&vm->pio, FL_PORT_PVPANIC, 1, "pvpanic", &vm->pvpanic,

@@ -1,0 +1,132 @@
+"""The VMM booting the test guest (native/guest/): each action of docs/machine.md."""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import Booted
+
+from native import EventKind, MachineState
+
+Boot = Callable[..., Booted]
+PREFIX = "flotilla-guest: "
+
+
+def wait_end(guest: Booted, kind: EventKind, timeout: float = 10.0) -> str:
+    event = guest.machine.wait_event(timeout)
+    assert event is not None, f"no event within {timeout}s; console:\n{guest.console.text}"
+    assert event.kind is kind, f"{event}; console:\n{guest.console.text}"
+    return event.reason
+
+
+@pytest.mark.parametrize(("vcpus", "memory_mib"), [(1, 64), (2, 200)])
+def test_ready_reports_vcpus_and_memory(
+    test_guest: Path, boot: Boot, vcpus: int, memory_mib: int
+) -> None:
+    guest = boot(test_guest, "ready poweroff", vcpus=vcpus, memory_mib=memory_mib)
+    guest.console.wait_for(rf"^{PREFIX}READY vcpus={vcpus} memory_mib={memory_mib}$")
+    assert wait_end(guest, EventKind.POWEROFF) == "acpi_s5"
+
+
+def test_poweroff_through_acpi(test_guest: Path, boot: Boot) -> None:
+    guest = boot(test_guest, "poweroff")
+    assert wait_end(guest, EventKind.POWEROFF) == "acpi_s5"
+    guest.console.wait_for(f"^{PREFIX}POWEROFF")
+    assert guest.machine.state is MachineState.STOPPED
+
+
+def test_reboot_through_the_i8042(test_guest: Path, boot: Boot) -> None:
+    guest = boot(test_guest, "reboot")
+    assert wait_end(guest, EventKind.REBOOT) == "i8042_reset"
+    guest.console.wait_for(f"^{PREFIX}REBOOT")
+
+
+def test_panic_is_reported_and_the_machine_lives_on(test_guest: Path, boot: Boot) -> None:
+    guest = boot(test_guest, "panic")
+    assert wait_end(guest, EventKind.CRASHED) == "pvpanic"
+    guest.console.wait_for(f"^{PREFIX}PANIC")
+    assert guest.machine.state is MachineState.RUNNING
+    guest.machine.stop()
+    assert guest.machine.state is MachineState.STOPPED
+
+
+def test_triple_fault_is_a_reboot(test_guest: Path, boot: Boot) -> None:
+    guest = boot(test_guest, "triplefault")
+    assert wait_end(guest, EventKind.REBOOT) == "triple_fault"
+
+
+def test_debug_exit_status(test_guest: Path, boot: Boot) -> None:
+    guest = boot(test_guest, "debugexit=5")
+    event = guest.machine.wait_event(10)
+    assert event is not None
+    assert (event.kind, event.reason, event.code) == (EventKind.POWEROFF, "debug_exit", 11)
+
+
+def counter_values(text: str) -> list[int]:
+    return [int(line.split()[-1]) for line in text.splitlines() if "COUNTER " in line]
+
+
+def test_pause_stops_the_counter_and_resume_continues_it(test_guest: Path, boot: Boot) -> None:
+    guest = boot(test_guest, "counter")
+    guest.console.wait_for(r"COUNTER 3$")
+    guest.machine.pause()
+    assert guest.machine.state is MachineState.PAUSED
+    time.sleep(0.05)  # let the console pipe drain what was written before the pause
+    frozen = counter_values(guest.console.text)
+    time.sleep(0.3)
+    assert counter_values(guest.console.text) == frozen
+    guest.machine.resume()
+    guest.console.wait_for(rf"COUNTER {frozen[-1] + 3}$")
+    assert counter_values(guest.console.text)[: len(frozen)] == frozen
+
+
+def test_graceful_shutdown_through_ctrl_alt_del(test_guest: Path, boot: Boot) -> None:
+    guest = boot(test_guest, "ready")
+    guest.console.wait_for(f"{PREFIX}READY")
+    guest.machine.shutdown()
+    assert wait_end(guest, EventKind.POWEROFF) == "acpi_s5"
+    guest.console.wait_for(f"{PREFIX}CTRL-ALT-DEL")
+
+
+def test_memtest_checksum_matches_guest_memory(test_guest: Path, boot: Boot) -> None:
+    guest = boot(test_guest, "memtest=16 poweroff", memory_mib=64)
+    m = guest.console.wait_for(
+        r"MEMTEST mib=(\d+) base=0x([0-9a-f]+) checksum=0x([0-9a-f]{16})"
+    )
+    wait_end(guest, EventKind.POWEROFF)
+    mib, base, checksum = int(m[1]), int(m[2], 16), int(m[3], 16)
+    assert mib == 16
+    data = guest.machine.read_memory(base, mib << 20)
+    words = struct.unpack(f"<{len(data) // 8}Q", data)
+    assert sum(words) % 2**64 == checksum
+
+
+def test_console_input_is_echoed(test_guest: Path, boot: Boot) -> None:
+    guest = boot(test_guest, "ready echo")
+    guest.console.wait_for(f"{PREFIX}READY")
+    # More than the 64-byte UART FIFO, so the input path must wait for the guest.
+    line = b"the quick brown fox jumps over the lazy dog " * 4
+    guest.console.send(line + b"\n")
+    guest.console.wait_for(line.decode().strip())
+    assert guest.machine.counters().console_in_bytes == len(line) + 1
+
+
+def test_smp_brings_up_every_vcpu(test_guest: Path, boot: Boot) -> None:
+    guest = boot(test_guest, "smp poweroff", vcpus=4)
+    guest.console.wait_for(f"{PREFIX}SMP 4 ok")
+    for cpu in range(4):
+        assert f"{PREFIX}CPU {cpu} online" in guest.console.text
+    wait_end(guest, EventKind.POWEROFF)
+
+
+def test_vmm_survives_a_hostile_guest(test_guest: Path, boot: Boot) -> None:
+    guest = boot(test_guest, "hostile ready poweroff", vcpus=2)
+    guest.console.wait_for(f"{PREFIX}HOSTILE done")
+    guest.console.wait_for(f"{PREFIX}READY vcpus=2")
+    assert wait_end(guest, EventKind.POWEROFF) == "acpi_s5"
+    counters = guest.machine.counters()
+    assert counters.unhandled_io + counters.unhandled_mmio > 0
