@@ -272,8 +272,8 @@ class Machine:
 
     # -- control ----------------------------------------------------------------------------
 
-    @property
     def state(self) -> MachineState:
+        """The current state; it changes on its own when the guest ends (STOPPED)."""
         if self._vm is None:
             return MachineState.STOPPED
         return MachineState(self._lib.fl_vm_state(self._vm))

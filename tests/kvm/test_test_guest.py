@@ -8,9 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Booted
 
 from native import EventKind, MachineState
+from tests.kvm.harness import Booted
 
 Boot = Callable[..., Booted]
 PREFIX = "flotilla-guest: "
@@ -20,7 +20,7 @@ def wait_end(guest: Booted, kind: EventKind, timeout: float = 10.0) -> str:
     event = guest.machine.wait_event(timeout)
     assert event is not None, f"no event within {timeout}s; console:\n{guest.console.text}"
     assert event.kind is kind, f"{event}; console:\n{guest.console.text}"
-    return event.reason
+    return str(event.reason)
 
 
 @pytest.mark.parametrize(("vcpus", "memory_mib"), [(1, 64), (2, 200)])
@@ -36,7 +36,7 @@ def test_poweroff_through_acpi(test_guest: Path, boot: Boot) -> None:
     guest = boot(test_guest, "poweroff")
     assert wait_end(guest, EventKind.POWEROFF) == "acpi_s5"
     guest.console.wait_for(f"^{PREFIX}POWEROFF")
-    assert guest.machine.state is MachineState.STOPPED
+    assert guest.machine.state() == MachineState.STOPPED
 
 
 def test_reboot_through_the_i8042(test_guest: Path, boot: Boot) -> None:
@@ -49,9 +49,9 @@ def test_panic_is_reported_and_the_machine_lives_on(test_guest: Path, boot: Boot
     guest = boot(test_guest, "panic")
     assert wait_end(guest, EventKind.CRASHED) == "pvpanic"
     guest.console.wait_for(f"^{PREFIX}PANIC")
-    assert guest.machine.state is MachineState.RUNNING
+    assert guest.machine.state() == MachineState.RUNNING
     guest.machine.stop()
-    assert guest.machine.state is MachineState.STOPPED
+    assert guest.machine.state() == MachineState.STOPPED
 
 
 def test_triple_fault_is_a_reboot(test_guest: Path, boot: Boot) -> None:
@@ -74,7 +74,7 @@ def test_pause_stops_the_counter_and_resume_continues_it(test_guest: Path, boot:
     guest = boot(test_guest, "counter")
     guest.console.wait_for(r"COUNTER 3$")
     guest.machine.pause()
-    assert guest.machine.state is MachineState.PAUSED
+    assert guest.machine.state() == MachineState.PAUSED
     time.sleep(0.05)  # let the console pipe drain what was written before the pause
     frozen = counter_values(guest.console.text)
     time.sleep(0.3)

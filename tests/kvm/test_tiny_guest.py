@@ -8,11 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Booted
-from tinyguest import build_pvh_elf, code_print_and_exit, write_tiny_guest
 
 import native
 from native import EventKind, MachineState
+from tests.kvm.harness import Booted
+from tests.kvm.tinyguest import build_pvh_elf, code_print_and_exit, write_tiny_guest
 
 SPIN = b"\x66\xba\xf8\x03\xb0\x2e\xee\xeb\xfe"  # print "." then jmp $
 
@@ -27,7 +27,7 @@ def test_tiny_guest_prints_and_exits_through_debug_exit(
     assert event.reason == "debug_exit"
     assert event.code == (0x21 << 1) | 1
     guest.console.wait_for("hello")
-    assert guest.machine.state is MachineState.STOPPED
+    assert guest.machine.state() == MachineState.STOPPED
     counters = guest.machine.counters()
     assert counters.devices["serial"].bytes_out == 6
     assert counters.devices["debug_exit"].writes == 1
@@ -42,15 +42,15 @@ def test_pause_resume_stop_of_a_spinning_guest(
     guest = boot(kernel)
     guest.console.wait_for(r"\.")
     m = guest.machine
-    assert m.state is MachineState.RUNNING
+    assert m.state() == MachineState.RUNNING
     m.pause()
-    assert m.state is MachineState.PAUSED
+    assert m.state() == MachineState.PAUSED
     with pytest.raises(native.MachineStateError):
         m.pause()
     m.resume()
-    assert m.state is MachineState.RUNNING
+    assert m.state() == MachineState.RUNNING
     m.stop()
-    assert m.state is MachineState.STOPPED
+    assert m.state() == MachineState.STOPPED
     with pytest.raises(native.MachineStateError):
         m.resume()
     m.stop()  # idempotent
@@ -60,7 +60,7 @@ def test_pause_resume_stop_of_a_spinning_guest(
 def test_lifecycle_errors_and_close(tmp_path: Path, boot: Callable[..., Booted]) -> None:
     guest = boot(write_tiny_guest(tmp_path / "g.elf"), start=False)
     m = guest.machine
-    assert m.state is MachineState.CONFIGURED
+    assert m.state() == MachineState.CONFIGURED
     with pytest.raises(native.MachineStateError, match="not started"):
         m.pause()
     m.start()

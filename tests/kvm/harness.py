@@ -1,0 +1,71 @@
+"""Console capture and booted-machine handles for the KVM tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+
+import pytest
+
+import native
+
+
+class Console:
+    """Collects a guest's COM1 output from a pipe on a thread; lets tests wait for lines."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        in_r, in_w = os.pipe()
+        self.input_fd, self._input_w = in_r, in_w
+        self._buf = bytearray()
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.read_fd, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            with self._cond:
+                self._buf += chunk
+                self._cond.notify_all()
+
+    @property
+    def text(self) -> str:
+        with self._cond:
+            return self._buf.decode(errors="replace")
+
+    def send(self, data: bytes) -> None:
+        os.write(self._input_w, data)
+
+    def wait_for(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        """Waits for a regex to match the output; fails the test with the output if not."""
+        rx = re.compile(pattern, re.MULTILINE)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                m = rx.search(self._buf.decode(errors="replace"))
+                if m:
+                    return m
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    pytest.fail(f"no {pattern!r} within {timeout}s; console:\n{self.text}")
+                self._cond.wait(left)
+
+    def close(self) -> None:
+        for fd in (self.write_fd, self.input_fd, self._input_w):
+            os.close(fd)
+        self._thread.join(timeout=5)
+        os.close(self.read_fd)
+
+
+class Booted:
+    def __init__(self, machine: native.Machine, console: Console) -> None:
+        self.machine = machine
+        self.console = console
