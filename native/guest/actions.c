@@ -1,0 +1,167 @@
+/* The command-line actions (docs/machine.md, "The test guest"). A new action
+ * is one handler and one row in the table below. */
+#include "acpi.h"
+#include "bootinfo.h"
+#include "cmdline.h"
+#include "cpu.h"
+#include "guest.h"
+#include "hostile.h"
+#include "i8042.h"
+#include "io.h"
+#include "lib.h"
+#include "mem.h"
+#include "print.h"
+#include "smp.h"
+#include "time.h"
+
+#define PVPANIC_PORT 0x505
+#define PVPANIC_PANICKED 0x01
+#define DEBUG_EXIT_PORT 0xf4
+#define COUNTER_PERIOD_US 10000
+#define POLL_PERIOD_US 1000
+/* How long a terminal request may take before we call it failed. */
+#define STOP_GRACE_US 200000
+
+enum value_kind { NO_VALUE, NEEDS_VALUE, OPTIONAL_VALUE };
+
+struct action {
+	const char *name;
+	enum value_kind value;
+	/* value is 0 when absent; returns normally for non-terminal actions. */
+	void (*run)(u64 value);
+};
+
+static void act_ready(u64 v)
+{
+	(void)v;
+	say("READY vcpus=%u memory_mib=%lu", acpi.nr_cpus ? acpi.nr_cpus : 1,
+	    (boot.ram_bytes + MIB - 1) / MIB);
+}
+
+static void act_echo(u64 v)
+{
+	(void)v;
+	echo_enabled = true;
+}
+
+void action_poweroff(void)
+{
+	say("POWEROFF");
+	acpi_poweroff();
+	delay_us(STOP_GRACE_US);
+	guest_stuck("POWEROFF");
+}
+
+static void act_poweroff(u64 v)
+{
+	(void)v;
+	action_poweroff();
+}
+
+static void act_reboot(u64 v)
+{
+	(void)v;
+	say("REBOOT");
+	i8042_reset();
+	delay_us(STOP_GRACE_US);
+	say("REBOOT through the i8042 did not reset the machine; triple-faulting");
+	svc_triplefault();
+}
+
+static void act_panic(u64 v)
+{
+	(void)v;
+	say("PANIC");
+	outb(PVPANIC_PORT, PVPANIC_PANICKED);
+	/* Like a crashed kernel: stay down, whatever the VMM does about it. */
+	svc_halt();
+}
+
+static void act_triplefault(u64 v)
+{
+	(void)v;
+	say("TRIPLEFAULT");
+	svc_triplefault();
+}
+
+static void act_smp(u64 v)
+{
+	(void)v;
+	smp_start();
+}
+
+static void act_memtest(u64 mib) { mem_test(mib); }
+
+static void act_counter(u64 v)
+{
+	(void)v;
+	u64 n = 0, next = time_now_us();
+	for (;;) {
+		u64 now = time_now_us();
+		if (now >= next) {
+			say("COUNTER %lu", n++);
+			next += COUNTER_PERIOD_US;
+			if (next < now) /* we were held up: don't burst to catch up */
+				next = now + COUNTER_PERIOD_US;
+		}
+		guest_poll();
+		delay_us(POLL_PERIOD_US);
+	}
+}
+
+static void act_hostile(u64 v)
+{
+	(void)v;
+	hostile_run();
+}
+
+static void act_debugexit(u64 v)
+{
+	outl(DEBUG_EXIT_PORT, (u32)v);
+	delay_us(STOP_GRACE_US);
+	guest_stuck("debugexit");
+}
+
+static const struct action actions[] = {
+	{"ready", NO_VALUE, act_ready},
+	{"echo", NO_VALUE, act_echo},
+	{"poweroff", NO_VALUE, act_poweroff},
+	{"reboot", NO_VALUE, act_reboot},
+	{"panic", NO_VALUE, act_panic},
+	{"triplefault", NO_VALUE, act_triplefault},
+	{"smp", NO_VALUE, act_smp},
+	{"memtest", NEEDS_VALUE, act_memtest},
+	{"counter", NO_VALUE, act_counter},
+	{"hostile", NO_VALUE, act_hostile},
+	{"debugexit", OPTIONAL_VALUE, act_debugexit},
+};
+
+static const struct action *lookup(const struct word *w, u64 *value)
+{
+	*value = 0;
+	for (unsigned i = 0; i < ARRAY_SIZE(actions); i++) {
+		const struct action *a = &actions[i];
+		if (strcmp(a->name, w->name))
+			continue;
+		if (w->value ? a->value == NO_VALUE : a->value == NEEDS_VALUE)
+			return NULL;
+		if (w->value && !parse_u64(w->value, value))
+			return NULL;
+		return a;
+	}
+	return NULL;
+}
+
+void actions_run(const char *cmdline)
+{
+	const char *cursor = cmdline;
+	struct word w;
+	while (cmdline_next(&cursor, &w)) {
+		u64 value;
+		const struct action *a = lookup(&w, &value);
+		if (a)
+			a->run(value);
+		else
+			say("unknown action %s", w.text);
+	}
+}

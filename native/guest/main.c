@@ -1,0 +1,68 @@
+/* Ring-3 entry of the boot CPU: set up, run the command line, idle. */
+#include "acpi.h"
+#include "bootinfo.h"
+#include "cpu.h"
+#include "guest.h"
+#include "i8042.h"
+#include "lib.h"
+#include "mem.h"
+#include "print.h"
+#include "time.h"
+#include "uart.h"
+
+#define IDLE_POLL_US 1000
+
+extern u8 __bss_start[], __bss_end[];
+
+bool echo_enabled;
+
+void guest_poll(void)
+{
+	if (echo_enabled) {
+		int c;
+		for (int i = 0; i < 64 && (c = uart_poll_rx()) >= 0; i++)
+			echo_byte((u8)c);
+	}
+	if (i8042_poll_ctrl_alt_del()) {
+		say("CTRL-ALT-DEL");
+		action_poweroff();
+	}
+}
+
+void guest_idle(void)
+{
+	/* Port reads exit to the VMM; spinning natively in between keeps
+	 * the exit rate around one per millisecond. */
+	for (;;) {
+		guest_poll();
+		delay_us(IDLE_POLL_US);
+	}
+}
+
+void guest_stuck(const char *what)
+{
+	say("%s did not stop the machine; halting", what);
+	svc_halt();
+}
+
+void guest_main(u64 start_info) __attribute__((noreturn, used));
+void guest_main(u64 start_info)
+{
+	/* Loaders zero .bss, but a VMM reset may re-enter without reloading. */
+	memset(__bss_start, 0, (usize)(__bss_end - __bss_start));
+	uart_init();
+	cpu_init_idt();
+	bool have_info = bootinfo_parse(start_info);
+	mem_init();
+	if (!have_info)
+		say("no valid hvm_start_info at 0x%lx", start_info);
+	if (!cpu_map_high_ram())
+		say("RAM above 4 GiB is not fully mapped (no 1 GiB pages)");
+	acpi_init();
+	i8042_init();
+	const char *clock = time_init();
+	if (!strcmp(clock, "assumed"))
+		say("TSC frequency unknown, assuming %lu MHz", time_tsc_hz() / 1000000);
+	actions_run(boot.cmdline);
+	guest_idle();
+}

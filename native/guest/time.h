@@ -1,0 +1,15 @@
+/* Time from the TSC, which ring 3 reads natively. */
+#ifndef GUEST_TIME_H
+#define GUEST_TIME_H
+
+#include "types.h"
+
+/* Find the TSC frequency: the hypervisor's timing leaf, kvmclock, CPUID
+ * 0x15/0x16, else an assumed 2 GHz. Returns a short name of the source. */
+const char *time_init(void);
+u64 time_tsc_hz(void);
+u64 time_now_us(void);
+/* Spin natively (no exits) for about `us` microseconds. */
+void delay_us(u64 us);
+
+#endif

@@ -1,0 +1,14 @@
+/* COM1 (8250/16550) driven by polling from ring 3. */
+#ifndef GUEST_UART_H
+#define GUEST_UART_H
+
+#include "types.h"
+
+#define COM1 0x3f8
+
+void uart_init(void);
+void uart_write(const char *s, usize n);
+/* Next received byte, or -1 when none is waiting. */
+int uart_poll_rx(void);
+
+#endif
