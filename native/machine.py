@@ -359,6 +359,22 @@ class Machine:
                 return None
             poller.poll(max(1, int(left * 1000)))
 
+    # -- state (while paused) ---------------------------------------------------------------
+
+    def save_vcpu(self, index: int) -> bytes:
+        """vCPU `index`'s registers, MSRs, LAPIC and events as an opaque versioned blob.
+
+        Only while paused (MachineStateError otherwise).
+        """
+        size = int(self._lib.fl_vcpu_state_size())
+        buf = self._ffi.new("char[]", size)
+        self._call(self._lib.fl_vcpu_save(self._handle(), index, buf, size))
+        return bytes(self._ffi.buffer(buf, size))
+
+    def restore_vcpu(self, index: int, blob: bytes) -> None:
+        """Loads a blob from save_vcpu into vCPU `index`; only while paused."""
+        self._call(self._lib.fl_vcpu_restore(self._handle(), index, blob, len(blob)))
+
     # -- introspection ----------------------------------------------------------------------
 
     def read_memory(self, gpa: int, size: int) -> bytes:

@@ -127,6 +127,12 @@ int fl_vm_state(const struct fl_vm *vm);
 int fl_event_fd(const struct fl_vm *vm);
 int fl_event_read(struct fl_vm *vm, struct fl_event *ev);
 
+/* vCPU state as an opaque, versioned blob of fl_vcpu_state_size() bytes; only while
+ * paused. Save returns the blob size; restore validates it (it is untrusted input). */
+int fl_vcpu_state_size(void);
+int fl_vcpu_save(struct fl_vm *vm, uint32_t index, void *buf, size_t len);
+int fl_vcpu_restore(struct fl_vm *vm, uint32_t index, const void *buf, size_t len);
+
 /* Introspection */
 int fl_memory_read(struct fl_vm *vm, uint64_t gpa, void *buf, uint64_t len);
 int fl_counters_read(struct fl_vm *vm, struct fl_counters *out);

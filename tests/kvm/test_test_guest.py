@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import native
 from native import EventKind, MachineState
 from tests.kvm.harness import Booted
 
@@ -94,9 +95,7 @@ def test_graceful_shutdown_through_ctrl_alt_del(test_guest: Path, boot: Boot) ->
 
 def test_memtest_checksum_matches_guest_memory(test_guest: Path, boot: Boot) -> None:
     guest = boot(test_guest, "memtest=16 poweroff", memory_mib=64)
-    m = guest.console.wait_for(
-        r"MEMTEST mib=(\d+) base=0x([0-9a-f]+) checksum=0x([0-9a-f]{16})"
-    )
+    m = guest.console.wait_for(r"MEMTEST mib=(\d+) base=0x([0-9a-f]+) checksum=0x([0-9a-f]{16})")
     wait_end(guest, EventKind.POWEROFF)
     mib, base, checksum = int(m[1]), int(m[2], 16), int(m[3], 16)
     assert mib == 16
@@ -130,3 +129,23 @@ def test_vmm_survives_a_hostile_guest(test_guest: Path, boot: Boot) -> None:
     assert wait_end(guest, EventKind.POWEROFF) == "acpi_s5"
     counters = guest.machine.counters()
     assert counters.unhandled_io + counters.unhandled_mmio > 0
+
+
+def test_vcpu_state_round_trips_while_paused(test_guest: Path, boot: Boot) -> None:
+    guest = boot(test_guest, "smp counter", vcpus=2)
+    guest.console.wait_for(r"COUNTER 2$")
+    m = guest.machine
+    with pytest.raises(native.MachineStateError, match="paused"):
+        m.save_vcpu(0)
+    m.pause()
+    blobs = [m.save_vcpu(i) for i in range(2)]
+    assert blobs[0] != blobs[1]
+    for i, blob in enumerate(blobs):
+        m.restore_vcpu(i, blob)
+    with pytest.raises(native.MachineStateError, match="not a vCPU state"):
+        m.restore_vcpu(0, bytes(len(blobs[0])))
+    with pytest.raises(native.MachineStateError, match="no vCPU"):
+        m.save_vcpu(2)
+    m.resume()
+    frozen = counter_values(guest.console.text)[-1]
+    guest.console.wait_for(rf"COUNTER {frozen + 3}$")
