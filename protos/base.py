@@ -39,10 +39,11 @@ class Message(BaseModel):
 
 def message_types() -> dict[str, type[Message]]:
     """Every registered message type by its `TYPE`, after importing all protos modules."""
-    import protos.commands
-    import protos.events
-    import protos.host
-    import protos.replies  # noqa: F401  (imported for their registrations)
+    # Imported here, not at the top: those modules import this one.
+    import protos.commands  # noqa: PLC0415
+    import protos.events  # noqa: PLC0415
+    import protos.host  # noqa: PLC0415
+    import protos.replies  # noqa: F401, PLC0415  (imported for their registrations)
 
     return dict(sorted(_REGISTRY.items()))
 

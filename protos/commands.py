@@ -15,7 +15,7 @@ from pydantic import Field
 
 from protos.base import Message
 from protos.domain import DomainSpec, PowerState
-from protos.replies import ConsoleOutput, Done, DomainInfo, DomainList
+from protos.replies import ConsoleOutput, DomainInfo, DomainList, Done
 
 
 class Command(Message):

@@ -7,9 +7,9 @@ compute node does when the guest powers off, reboots or crashes.
 from __future__ import annotations
 
 import re
-from uuid import UUID, uuid4
 from enum import StrEnum
 from typing import Annotated, Self
+from uuid import UUID, uuid4
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 

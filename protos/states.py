@@ -79,8 +79,14 @@ _DURING_TASK: dict[TaskState, frozenset[Action]] = {
     TaskState.MIGRATING: frozenset({Action.GET_INFO, Action.CONSOLE, Action.DESTROY}),
     TaskState.DELETING: frozenset({Action.GET_INFO}),
     TaskState.ERROR: frozenset(
-        {Action.GET_INFO, Action.CONSOLE, Action.DESTROY, Action.UNDEFINE, Action.START,
-         Action.DEFINE}
+        {
+            Action.GET_INFO,
+            Action.CONSOLE,
+            Action.DESTROY,
+            Action.UNDEFINE,
+            Action.START,
+            Action.DEFINE,
+        }
     ),
 }
 

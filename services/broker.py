@@ -83,8 +83,8 @@ class PrivateBroker:
         # Loopback-only guest login; a small quorum-friendly config.
         (self.base / "rabbitmq.conf").write_text(
             "loopback_users = none\n"
-            "listeners.tcp.default = 127.0.0.1:%d\n"
-            "log.console = false\n" % self.port
+            f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
+            "log.console = false\n"
         )
         cookie = self.base / ".erlang.cookie"
         if not cookie.exists():

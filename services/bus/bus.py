@@ -11,27 +11,30 @@ queue that does not exist raises `NoRouteError` instead of vanishing.
 
 from __future__ import annotations
 
+import contextlib
+import queue as queue_mod
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Protocol, TypeVar
 
 import pika
 import pika.spec
+import structlog
 
 from protos import routing
 from protos.base import Message
 from protos.codec import CONTENT_TYPE, DecodeError, Envelope, decode, envelope_for, pack, parse_body
 from protos.commands import Command
 from protos.replies import ErrorReply
-from services.bus.errors import ConnectionLost, RemoteError, RpcTimeout
+from services.bus.errors import ConnectionLost, NoRouteError, RemoteError, RpcTimeout
 from services.bus.link import DIRECT_REPLY_TO, Consumer, Delivery, Link
 from services.bus.topology import QueueDecl, declare, delete_queue
 
 R = TypeVar("R", bound=Message)
+log = structlog.get_logger("flotilla.bus")
 PERSISTENT = pika.DeliveryMode.Persistent
 
 
@@ -77,6 +80,7 @@ class Bus:
             name=source,
             declarations=lambda: list(self._queues.values()),
             on_reply=self._on_reply,
+            on_request_returned=self._on_request_returned,
         )
         self.link.disconnect_listeners.append(self._fail_calls)
 
@@ -136,9 +140,7 @@ class Bus:
             causation_id=causation_id,
             message_id=message_id,
         )
-        future = self.publish_envelope(
-            routing.COMMANDS_EXCHANGE, queue, envelope, mandatory=True
-        )
+        future = self.publish_envelope(routing.COMMANDS_EXCHANGE, queue, envelope, mandatory=True)
         _wait(future, timeout)
         return envelope.id
 
@@ -192,19 +194,17 @@ class Bus:
         reply: Future[Envelope] = Future()
         with self._calls_lock:
             self._calls[correlation_id] = reply
-        deadline = time.monotonic() + timeout
         try:
-            published = self.publish_envelope(
-                routing.COMMANDS_EXCHANGE,
-                queue,
-                envelope,
-                mandatory=True,
-                reply_to=DIRECT_REPLY_TO,
+            props = properties_for(envelope, reply_to=DIRECT_REPLY_TO)
+            published = self.link.publish_request(
+                routing.COMMANDS_EXCHANGE, queue, pack(envelope), props
             )
-            _wait(published, timeout)
+            # Settled by the reply, a basic.return (NoRouteError) or a lost connection.
+            published.add_done_callback(lambda f: _fail_from(f, reply))
             try:
-                answer = reply.result(max(0.0, deadline - time.monotonic()))
+                answer = reply.result(timeout)
             except FutureTimeout:
+                published.cancel()
                 raise RpcTimeout(
                     f"{command.TYPE} to {queue!r}: no reply within {timeout:g} s"
                 ) from None
@@ -222,6 +222,15 @@ class Bus:
             future.set_result(decode(body, props.content_type))
         except DecodeError as exc:
             future.set_exception(exc)
+
+    def _on_request_returned(
+        self, props: pika.spec.BasicProperties, exchange: str, routing_key: str
+    ) -> None:
+        with self._calls_lock:
+            future = self._calls.get(props.correlation_id or "")
+        if future is not None and not future.done():
+            with contextlib.suppress(InvalidStateError):
+                future.set_exception(NoRouteError(exchange, routing_key))
 
     def _fail_calls(self) -> None:
         with self._calls_lock:
@@ -270,25 +279,18 @@ class Subscription:
         handler: Callable[[Envelope, Message], None],
         prefetch: int,
     ) -> None:
-        import queue as queue_mod
-
         self.bus = bus
         self.decl = decl
         self._handler = handler
         self._inbox: queue_mod.SimpleQueue[Delivery | None] = queue_mod.SimpleQueue()
         self._consumer = Consumer(decl.name, self._inbox.put, prefetch=prefetch)
-        self._thread = threading.Thread(
-            target=self._loop, name=f"sub-{decl.name}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._loop, name=f"sub-{decl.name}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
         self.bus.link.add_consumer(self._consumer)
 
     def _loop(self) -> None:
-        import structlog
-
-        log = structlog.get_logger("flotilla.bus")
         while (delivery := self._inbox.get()) is not None:
             try:
                 envelope = decode(delivery.body, delivery.properties.content_type)
@@ -321,6 +323,17 @@ def _wait(future: Future[None], timeout: float) -> None:
         raise ConnectionLost(
             f"broker did not confirm within {timeout:g} s (connection down?)"
         ) from None
+
+
+def _fail_from(published: Future[None], reply: Future[Envelope]) -> None:
+    if published.cancelled() or reply.done():
+        return
+    exc = published.exception()
+    if exc is not None:
+        try:
+            reply.set_exception(exc)
+        except InvalidStateError:  # the reply won the race
+            pass
 
 
 def _routing_key(event: Message) -> str:

@@ -66,8 +66,11 @@ def on_event(*patterns: str) -> Callable[[F], F]:
     return register
 
 
-class Retry(Exception):  # noqa: N818  (it is a request, not an error)
+class Retry(Exception):
     """Raised by a handler for a transient failure: the message is requeued, not answered."""
+
+
+Handler = Callable[[Any, "Context"], Message | None]
 
 
 @dataclass(frozen=True)
@@ -84,8 +87,8 @@ class Service:
 
     name: ClassVar[str] = ""
 
-    def command_handlers(self) -> dict[type[Command], Callable[[Any, Context], Message | None]]:
-        found: dict[type[Command], Callable[[Any, Context], Message | None]] = {}
+    def command_handlers(self) -> dict[type[Command], Handler]:
+        found: dict[type[Command], Handler] = {}
         for attr in dir(type(self)):
             fn = getattr(type(self), attr, None)
             command = getattr(fn, _HANDLES, None)
@@ -96,18 +99,24 @@ class Service:
         return found
 
     def event_handlers(self) -> list[tuple[str, Callable[[Any, Context], None]]]:
-        found = []
+        found: list[tuple[str, Callable[[Any, Context], None]]] = []
         for attr in dir(type(self)):
             fn = getattr(type(self), attr, None)
-            for pattern in getattr(fn, _EVENTS, ()):
-                found.append((pattern, getattr(self, attr)))
+            found.extend((pattern, getattr(self, attr)) for pattern in getattr(fn, _EVENTS, ()))
         return found
 
 
-def dispatch(service: Service, command: Message, ctx: Context) -> Message:
+def dispatch(
+    service: Service,
+    command: Message,
+    ctx: Context,
+    handlers: dict[type[Command], Handler] | None = None,
+) -> Message:
     """Run the handler for `command` and return the reply: its result, `Done` or an
-    `ErrorReply`. ServiceError becomes an error reply; other exceptions propagate."""
-    handler = service.command_handlers().get(type(command))  # type: ignore[arg-type]
+    `ErrorReply`. ServiceError becomes an error reply; other exceptions propagate.
+    `handlers` is `service.command_handlers()`, passed in by callers that cached it."""
+    table = service.command_handlers() if handlers is None else handlers
+    handler = table.get(type(command))  # type: ignore[arg-type]
     if handler is None:
         return ErrorReply(code="invalid", message=f"no handler for {command.TYPE}")
     try:
@@ -237,18 +246,20 @@ class ServiceRunner:
             return
         try:
             command = parse_body(envelope)
-            if type(command) not in self._commands:
-                raise DecodeError(f"{envelope.type} is not a command this service handles")
         except DecodeError as exc:
-            self._answer(delivery, envelope, ErrorReply(code="invalid", message=exc.reason))
-            self._dead_letter(delivery, exc.reason)
+            self._reject(delivery, envelope, exc.reason)
+            return
+        if type(command) not in self._commands:
+            self._reject(
+                delivery, envelope, f"{envelope.type} is not a command this service handles"
+            )
             return
         domain_id = getattr(command, "domain_id", None)
         if domain_id is not None:
             structlog.contextvars.bind_contextvars(domain_id=str(domain_id))
         ctx = Context(envelope, redelivered=delivery.redelivered, routing_key=delivery.routing_key)
         try:
-            reply = dispatch(self.service, command, ctx)
+            reply = dispatch(self.service, command, ctx, self._commands)
         except Retry as exc:
             log.warning("command requeued", reason=str(exc))
             self.bus.link.nack(delivery, requeue=True)
@@ -260,6 +271,10 @@ class ServiceRunner:
             self._dead_letter(delivery, reason)
             return
         self._answer(delivery, envelope, reply, ack=True)
+
+    def _reject(self, delivery: Delivery, envelope: Envelope, reason: str) -> None:
+        self._answer(delivery, envelope, ErrorReply(code="invalid", message=reason))
+        self._dead_letter(delivery, reason)
 
     def _answer(
         self, delivery: Delivery, request: Envelope, reply: Message, *, ack: bool = False

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -10,17 +10,19 @@ from services.bus import Bus
 pytestmark = pytest.mark.integration
 
 
+MakeBus = Callable[..., Bus]
+
+
 @pytest.fixture
-def make_bus(amqp_url: str) -> Iterator[type[Bus]]:
-    """Start buses on the test broker; all are closed after the test."""
+def make_bus(amqp_url: str) -> Iterator[MakeBus]:
+    """`make_bus(source=None)` starts a bus on the test broker; all are closed after the test."""
     made: list[Bus] = []
 
-    class _Bus(Bus):
-        def __init__(self, source: str | None = None) -> None:
-            super().__init__(amqp_url, source=source or f"test-{uuid.uuid4().hex[:6]}")
-            made.append(self)
-            self.start(timeout=30)
+    def make(source: str | None = None) -> Bus:
+        bus = Bus(amqp_url, source=source or f"test-{uuid.uuid4().hex[:6]}")
+        made.append(bus)
+        return bus.start(timeout=30)
 
-    yield _Bus
+    yield make
     for bus in made:
         bus.close()

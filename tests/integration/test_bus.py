@@ -14,7 +14,7 @@ import pytest
 
 from protos import routing
 from protos.base import Message
-from protos.codec import Envelope, decode
+from protos.codec import Envelope
 from protos.commands import DestroyDomain, GetDomainInfo
 from protos.domain import PowerState
 from protos.events import DomainStarted, DomainStopped, StartedDetail, StoppedDetail
@@ -32,6 +32,7 @@ from services.bus import (
     handles,
 )
 from tests.brokers import BrokerHandle
+from tests.integration.conftest import MakeBus
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +83,7 @@ def _info(domain_id: uuid.UUID, seq: int) -> DomainInfo:
 
 
 @pytest.fixture
-def served(make_bus: type[Bus]) -> Iterator[tuple[Bus, InfoService, str]]:
+def served(make_bus: MakeBus) -> Iterator[tuple[Bus, InfoService, str]]:
     queue = routing.compute_queue(f"test-{uuid.uuid4().hex[:8]}")
     server_bus = make_bus("server")
     service = InfoService()
@@ -116,7 +117,7 @@ def test_rpc_timeout(served: tuple[Bus, InfoService, str]) -> None:
     assert time.monotonic() - started < 3
 
 
-def test_command_to_unknown_host_is_no_route(make_bus: type[Bus]) -> None:
+def test_command_to_unknown_host_is_no_route(make_bus: MakeBus) -> None:
     client = make_bus()
     queue = routing.compute_queue("no-such-host")
     with pytest.raises(NoRouteError, match="no-such-host"):
@@ -133,7 +134,9 @@ def test_handler_crash_answers_internal_and_dead_letters(
         client.call(queue, GetDomainInfo(domain_id=CRASH), timeout=10)
     assert err.value.code == "internal"
     assert "boom" in err.value.message
-    dead = _find_dead_letter(amqp_url, lambda props, _b: props.headers.get("x-flotilla-queue") == queue)
+    dead = _find_dead_letter(
+        amqp_url, lambda props, _b: props.headers.get("x-flotilla-queue") == queue
+    )
     assert "RuntimeError: boom" in dead[0].headers["x-flotilla-reason"]
 
 
@@ -203,7 +206,7 @@ def test_in_flight_rpc_fails_fast_when_the_connection_drops(
     def call() -> None:
         try:
             client.call(queue, GetDomainInfo(domain_id=SLOW), timeout=30)
-        except BaseException as exc:
+        except Exception as exc:
             errors.append(exc)
 
     caller = threading.Thread(target=call)
@@ -212,7 +215,8 @@ def test_in_flight_rpc_fails_fast_when_the_connection_drops(
     started = time.monotonic()
     broker.close_all_connections()
     caller.join(10)
-    assert errors and isinstance(errors[0], ConnectionLost)
+    assert errors
+    assert isinstance(errors[0], ConnectionLost)
     assert time.monotonic() - started < 5
 
 
@@ -228,8 +232,12 @@ def test_consumer_survives_forced_close_and_no_confirmed_command_is_lost(
             deadline = time.monotonic() + 30
             while True:  # retry with the same id until the broker confirms it
                 try:
-                    client.send(queue, DestroyDomain(domain_id=uuid.uuid4()),
-                                message_id=message_id, timeout=5)
+                    client.send(
+                        queue,
+                        DestroyDomain(domain_id=uuid.uuid4()),
+                        message_id=message_id,
+                        timeout=5,
+                    )
                     confirmed.append(message_id)
                     break
                 except ConnectionLost:
@@ -248,11 +256,13 @@ def test_consumer_survives_forced_close_and_no_confirmed_command_is_lost(
         time.sleep(0.1)
     assert set(confirmed) <= set(service.executed)
     # After reconnecting, the consumer still serves RPCs.
-    assert isinstance(client.call(queue, GetDomainInfo(domain_id=uuid.uuid4()), timeout=10), DomainInfo)
+    assert isinstance(
+        client.call(queue, GetDomainInfo(domain_id=uuid.uuid4()), timeout=10), DomainInfo
+    )
     assert client.link.connections_made >= 2
 
 
-def test_one_event_fans_out_to_subscribers_with_different_patterns(make_bus: type[Bus]) -> None:
+def test_one_event_fans_out_to_subscribers_with_different_patterns(make_bus: MakeBus) -> None:
     publisher, subscriber = make_bus("compute:n1"), make_bus("watcher")
     domain_id = uuid.uuid4()
     got_all: list[str] = []
@@ -273,12 +283,25 @@ def test_one_event_fans_out_to_subscribers_with_different_patterns(make_bus: typ
         subscriber.subscribe(["domain.started.*"], collect(got_all)),
         subscriber.subscribe([f"domain.*.{domain_id}"], collect(got_one)),
     ]
-    common = {"domain_id": domain_id, "name": "d", "host": "n1"}
     publisher.publish_event(
-        DomainStarted(**common, seq=1, state=PowerState.RUNNING, detail=StartedDetail.BOOTED)
+        DomainStarted(
+            domain_id=domain_id,
+            name="d",
+            host="n1",
+            seq=1,
+            state=PowerState.RUNNING,
+            detail=StartedDetail.BOOTED,
+        )
     )
     publisher.publish_event(
-        DomainStopped(**common, seq=2, state=PowerState.SHUTOFF, detail=StoppedDetail.DESTROYED)
+        DomainStopped(
+            domain_id=domain_id,
+            name="d",
+            host="n1",
+            seq=2,
+            state=PowerState.SHUTOFF,
+            detail=StoppedDetail.DESTROYED,
+        )
     )
     assert done.wait(10), (got_all, got_one)
     assert got_all == ["domain.started"]
@@ -316,3 +339,40 @@ def _find_dead_letter(
     finally:
         conn.close()
     raise AssertionError("dead letter not found")
+
+
+def test_sigterm_finishes_the_command_under_way_then_exits(
+    make_bus: MakeBus, amqp_url: str
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    queue = routing.compute_queue(f"slow-{uuid.uuid4().hex[:8]}")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.integration.service_proc", amqp_url, queue],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        client = make_bus()
+        replies: list[Message] = []
+        caller = threading.Thread(
+            target=lambda: replies.append(
+                client.call(queue, GetDomainInfo(domain_id=uuid.uuid4()), timeout=15)
+            )
+        )
+        caller.start()
+        assert proc.stdout.readline().strip() == "handling"
+        proc.send_signal(signal.SIGTERM)
+        caller.join(15)
+        assert len(replies) == 1
+        assert isinstance(replies[0], DomainInfo)
+        assert proc.wait(15) == 0
+        assert proc.stdout.read().strip() == "stopped"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=20)
+_text = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=20)
 
 
 def _constraints(info: FieldInfo) -> dict[str, Any]:
@@ -32,7 +32,7 @@ def for_annotation(tp: Any, info: FieldInfo | None = None) -> st.SearchStrategy[
     c = _constraints(info) if info is not None else {}
     origin = typing.get_origin(tp)
     if origin is typing.Annotated:
-        base, *extra = typing.get_args(tp)
+        base = typing.get_args(tp)[0]
         merged = FieldInfo.from_annotation(tp)
         return for_annotation(base, merged)
     if origin in (typing.Union, types.UnionType):
@@ -57,7 +57,7 @@ def for_annotation(tp: Any, info: FieldInfo | None = None) -> st.SearchStrategy[
         if "pattern" in c:
             return st.from_regex(c["pattern"], fullmatch=True)
         return st.text(
-            st.characters(codec="utf-8", exclude_categories=("Cs",)),
+            st.characters(codec="utf-8", exclude_categories=["Cs"]),
             min_size=c.get("min_length", 0),
             max_size=min(c.get("max_length", 20), 20),
         )
