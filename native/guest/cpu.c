@@ -3,6 +3,7 @@
 #include "io.h"
 #include "layout.h"
 #include "lib.h"
+#include "mem.h"
 #include "print.h"
 
 extern u8 exc_stub_base[], spurious_entry[];
@@ -61,17 +62,26 @@ bool cpu_map_high_ram(void)
 		return true;
 	u32 a, b, c, d;
 	cpuid(0x80000001, 0, &a, &b, &c, &d);
-	if (!(d & (1u << 26))) /* no 1 GiB pages */
-		return false;
-	/* New present entries where there were none need no TLB flush. */
+	bool huge = (d & (1u << 26)) != 0; /* 1 GiB pages */
 	u64 top = ALIGN_UP(boot.ram_top, GIB);
 	bool all = true;
-	if (top > 512 * GIB) {
+	if (top > 512 * GIB) { /* one PDPT */
 		top = 512 * GIB;
 		all = false;
 	}
-	for (u64 gb = 4; gb < top / GIB; gb++)
-		pdpt[gb] = (gb * GIB) | 0x87; /* P | RW | US | PS */
+	/* New present entries where there were none need no TLB flush. */
+	for (u64 gb = 4; gb < top / GIB; gb++) {
+		if (huge) {
+			pdpt[gb] = (gb * GIB) | 0x87; /* P | RW | US | PS */
+			continue;
+		}
+		u64 *pd = (u64 *)mem_alloc(4096, 4096);
+		if (!pd)
+			return false;
+		for (u64 i = 0; i < 512; i++)
+			pd[i] = (gb * GIB + i * 2 * MIB) | 0x87;
+		pdpt[gb] = (u64)pd | 0x07; /* P | RW | US */
+	}
 	return all;
 }
 

@@ -14,7 +14,8 @@ void cpu_init_idt(void);
  * descriptor; returns the selector to load with ltr. */
 u16 cpu_setup_tss(unsigned cpu, u64 kstack_top);
 u64 cpu_kstack_top(unsigned cpu);
-/* Map RAM above 4 GiB with 1 GiB pages; false if some RAM stays unmapped. */
+/* Map RAM above 4 GiB (1 GiB pages, else 2 MiB pages in page directories from
+ * mem_alloc); false if some RAM stays unmapped. Call after mem_init(). */
 bool cpu_map_high_ram(void);
 /* Local APIC id of the calling CPU (xAPIC MMIO). */
 unsigned cpu_apic_id(void);

@@ -57,7 +57,7 @@ void guest_main(u64 start_info)
 	if (!have_info)
 		say("no valid hvm_start_info at 0x%lx", start_info);
 	if (!cpu_map_high_ram())
-		say("RAM above 4 GiB is not fully mapped (no 1 GiB pages)");
+		say("RAM above 4 GiB is not fully mapped");
 	acpi_init();
 	i8042_init();
 	const char *clock = time_init();

@@ -35,7 +35,7 @@ void mem_test(u64 mib)
 	while (size && base + size <= boot.ram_top && !bootinfo_is_free_ram(base, size))
 		base += MIB;
 	if (!size || base + size > boot.ram_top) {
-		say("MEMTEST mib=%lu error=no-room ram_mib=%lu", mib, boot.ram_bytes / MIB);
+		say("MEMTEST mib=%lu error=no-room ram_mib=%lu", mib, (boot.ram_bytes + MIB - 1) / MIB);
 		return;
 	}
 	volatile u64 *w = (volatile u64 *)base;
