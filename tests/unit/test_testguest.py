@@ -41,12 +41,15 @@ def segments(elf: bytes) -> list[Segment]:
     assert elf[5] == 1, "little endian"
     (machine,) = struct.unpack_from("<H", elf, 18)
     assert machine == 62, "x86-64"
-    phoff, phentsize, phnum = (struct.unpack_from("<Q", elf, 32)[0],
-                               *struct.unpack_from("<HH", elf, 54))
+    phoff, phentsize, phnum = (
+        struct.unpack_from("<Q", elf, 32)[0],
+        *struct.unpack_from("<HH", elf, 54),
+    )
     out = []
     for i in range(phnum):
         p_type, flags, offset, _vaddr, paddr, filesz, memsz, align = struct.unpack_from(
-            "<IIQQQQQQ", elf, phoff + i * phentsize)
+            "<IIQQQQQQ", elf, phoff + i * phentsize
+        )
         out.append(Segment(p_type, flags, offset, paddr, filesz, memsz, align))
     return out
 
@@ -61,7 +64,7 @@ def pvh_entries(elf: bytes) -> list[int]:
         pos, end = seg.offset, seg.offset + seg.filesz
         while pos + 12 <= end:
             namesz, descsz, ntype = struct.unpack_from("<III", elf, pos)
-            name = elf[pos + 12:pos + 12 + namesz]
+            name = elf[pos + 12 : pos + 12 + namesz]
             desc_at = pos + 12 + (namesz + seg.align - 1) // seg.align * seg.align
             if ntype == XEN_ELFNOTE_PHYS32_ENTRY and name == b"Xen\0":
                 assert descsz >= 4
@@ -129,9 +132,7 @@ def test_concurrent_builds_leave_one_complete_file(
     assert [p.name for p in out.parent.iterdir()] == ["guest.elf"], "no temp dirs left"
 
 
-def test_missing_tools_raise_a_clear_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_missing_tools_raise_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(testguest, "OUTPUT", tmp_path / "guest.elf")
     monkeypatch.setattr(shutil, "which", lambda tool: None)
     with pytest.raises(testguest.GuestBuildError, match="gcc"):
