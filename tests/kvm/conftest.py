@@ -52,13 +52,19 @@ def boot(kvm: None) -> Iterator[Callable[..., Booted]]:
     """Factory: boot(kernel, cmdline, vcpus=1, memory_mib=64) -> a started machine."""
     started: list[Booted] = []
 
-    def _boot(kernel: Path, cmdline: str = "", *, vcpus: int = 1, memory_mib: int = 64,
-              start: bool = True) -> Booted:
+    def _boot(
+        kernel: Path, cmdline: str = "", *, vcpus: int = 1, memory_mib: int = 64, start: bool = True
+    ) -> Booted:
         console = Console()
         try:
-            machine = native.Machine(kernel, cmdline=cmdline, vcpus=vcpus,
-                                     memory_mib=memory_mib, console_out=console.write_fd,
-                                     console_in=console.input_fd)
+            machine = native.Machine(
+                kernel,
+                cmdline=cmdline,
+                vcpus=vcpus,
+                memory_mib=memory_mib,
+                console_out=console.write_fd,
+                console_in=console.input_fd,
+            )
         except BaseException:
             console.close()
             raise

@@ -34,9 +34,7 @@ def test_tiny_guest_prints_and_exits_through_debug_exit(
     assert counters.exits["io"] >= 7
 
 
-def test_pause_resume_stop_of_a_spinning_guest(
-    tmp_path: Path, boot: Callable[..., Booted]
-) -> None:
+def test_pause_resume_stop_of_a_spinning_guest(tmp_path: Path, boot: Callable[..., Booted]) -> None:
     kernel = tmp_path / "spin.elf"
     kernel.write_bytes(build_pvh_elf(SPIN))
     guest = boot(kernel)
@@ -140,3 +138,42 @@ def test_missing_and_garbage_kernels_raise_config_errors(tmp_path: Path, kvm: No
     big.write_bytes(build_pvh_elf(b"\x90" * (5 << 20)))
     with pytest.raises(native.ConfigError, match="needs RAM"):
         native.Machine(big, memory_mib=4)
+
+
+def test_fault_without_an_idt_is_a_triple_fault(
+    tmp_path: Path, boot: Callable[..., Booted]
+) -> None:
+    kernel = tmp_path / "ud2.elf"
+    kernel.write_bytes(build_pvh_elf(b"\x0f\x0b"))  # ud2 with IDT limit 0
+    event = boot(kernel).machine.wait_event(10)
+    assert event is not None
+    assert (event.kind, event.reason) == (EventKind.REBOOT, "triple_fault")
+
+
+def test_unrunnable_guest_code_is_an_internal_error(
+    tmp_path: Path, boot: Callable[..., Booted]
+) -> None:
+    # Ring-0 fwait: PVM's instruction emulator cannot run it; hardware virtualization can.
+    kernel = tmp_path / "fwait.elf"
+    kernel.write_bytes(build_pvh_elf(b"\x9b" + code_print_and_exit(b"", 1)))
+    guest = boot(kernel)
+    event = guest.machine.wait_event(10)
+    assert event is not None
+    if event.kind is EventKind.INTERNAL_ERROR:
+        assert event.reason == "emulation_failure"
+        assert event.code == 17  # KVM_EXIT_INTERNAL_ERROR
+        assert guest.machine.state() == MachineState.STOPPED
+    else:
+        assert (event.kind, event.reason) == (EventKind.POWEROFF, "debug_exit")
+
+
+def test_memfd_backed_guest_memory(tmp_path: Path, kvm: None) -> None:
+    code = code_print_and_exit(b"m", 0)
+    kernel = tmp_path / "g.elf"
+    kernel.write_bytes(build_pvh_elf(code))
+    with native.Machine(kernel, memory_mib=8, memfd=True) as m:
+        assert m.read_memory(0x100000, len(code)) == code
+        m.start()
+        event = m.wait_event(10)
+        assert event is not None
+        assert event.kind is EventKind.POWEROFF

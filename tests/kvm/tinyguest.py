@@ -34,11 +34,21 @@ def build_pvh_elf(code: bytes, *, with_note: bool = True, entry_offset: int = 0)
     ident = b"\x7fELF" + bytes([1, 1, 1]) + bytes(9)
     ehdr = ident + struct.pack(
         "<HHIIIIIHHHHHH",
-        2, 3, 1, LOAD_ADDR + entry_offset, ehdr_size, 0, 0, ehdr_size, phdr_size, nphdr,
-        40, 0, 0,
+        2,
+        3,
+        1,
+        LOAD_ADDR + entry_offset,
+        ehdr_size,
+        0,
+        0,
+        ehdr_size,
+        phdr_size,
+        nphdr,
+        40,
+        0,
+        0,
     )
-    load = struct.pack("<IIIIIIII", 1, code_off, LOAD_ADDR, LOAD_ADDR, len(code), len(code),
-                       7, 16)
+    load = struct.pack("<IIIIIIII", 1, code_off, LOAD_ADDR, LOAD_ADDR, len(code), len(code), 7, 16)
     phdrs = load
     if with_note:
         phdrs += struct.pack("<IIIIIIII", 4, note_off, 0, 0, len(note), len(note), 4, 4)

@@ -1,0 +1,42 @@
+"""`python -m native.run`: a guest on the terminal, its end as the exit status."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run(kernel: Path, cmdline: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "native.run", "--kernel", str(kernel), "--cmdline", cmdline,
+         "--memory", "32"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "status", "said"),
+    [
+        ("ready poweroff", 0, "POWEROFF (acpi_s5)"),
+        ("debugexit=3", 7, "POWEROFF (debug_exit, code 7)"),
+        ("reboot", 2, "REBOOT (i8042_reset)"),
+        ("panic", 4, "CRASHED (pvpanic)"),
+    ],
+)
+def test_exit_status_maps_the_event(
+    kvm: None, test_guest: Path, cmdline: str, status: int, said: str
+) -> None:
+    proc = run(test_guest, cmdline)
+    assert proc.returncode == status, proc.stderr
+    assert said in proc.stderr
+    if cmdline.startswith("ready"):
+        assert "flotilla-guest: READY vcpus=1 memory_mib=32" in proc.stdout
+
+
+def test_bad_kernel_is_a_usage_error(tmp_path: Path) -> None:
+    proc = run(tmp_path / "missing.elf", "")
+    assert proc.returncode == 64
+    assert "is not a file" in proc.stderr
