@@ -123,11 +123,26 @@ class ImageInfo:
 
 
 _EXIT_FIELDS = (
-    "total", "io", "mmio", "intr", "hlt", "shutdown", "system_event", "internal_error", "other",
+    "total",
+    "io",
+    "mmio",
+    "intr",
+    "hlt",
+    "shutdown",
+    "system_event",
+    "internal_error",
+    "other",
 )
 _KVM_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENODEV, errno.ENOTSUP}
-_CONFIG_ERRNOS = {errno.EINVAL, errno.ENOENT, errno.ENOEXEC, errno.EFBIG, errno.EISDIR,
-                  errno.ENOMEM, errno.ENOSPC}
+_CONFIG_ERRNOS = {
+    errno.EINVAL,
+    errno.ENOENT,
+    errno.ENOEXEC,
+    errno.EFBIG,
+    errno.EISDIR,
+    errno.ENOMEM,
+    errno.ENOSPC,
+}
 
 
 def _vmm() -> Any:
@@ -151,9 +166,14 @@ def parse_image(data: bytes) -> ImageInfo:
     if rc < 0:
         raise ConfigError(_text(mod.ffi, err), -rc)
     return ImageInfo(
-        kind=ImageKind(info.kind), entry=info.entry, load_start=info.load_start,
-        load_end=info.load_end, setup_version=info.setup_version, init_size=info.init_size,
-        initrd_addr_max=info.initrd_addr_max, cmdline_size=info.cmdline_size,
+        kind=ImageKind(info.kind),
+        entry=info.entry,
+        load_start=info.load_start,
+        load_end=info.load_end,
+        setup_version=info.setup_version,
+        init_size=info.init_size,
+        initrd_addr_max=info.initrd_addr_max,
+        cmdline_size=info.cmdline_size,
         nsegments=info.nsegments,
     )
 
@@ -338,8 +358,7 @@ class Machine:
             reason=_text(self._ffi, ev.reason),
             code=int(ev.code),
             vcpu=int(ev.vcpu),
-            detail=(int(ev.detail[0]), int(ev.detail[1]), int(ev.detail[2]),
-                    int(ev.detail[3])),
+            detail=(int(ev.detail[0]), int(ev.detail[1]), int(ev.detail[2]), int(ev.detail[3])),
         )
 
     def wait_event(self, timeout: float | None = None) -> Event | None:
@@ -392,8 +411,10 @@ class Machine:
         for i in range(min(int(c.ndevices), 16)):
             d = c.devices[i]
             devices[_text(self._ffi, d.name)] = DeviceCounters(
-                reads=int(d.reads), writes=int(d.writes),
-                bytes_in=int(d.bytes_in), bytes_out=int(d.bytes_out),
+                reads=int(d.reads),
+                writes=int(d.writes),
+                bytes_in=int(d.bytes_in),
+                bytes_out=int(d.bytes_out),
             )
         return Counters(
             exits={name: int(getattr(c, f"exits_{name}")) for name in _EXIT_FIELDS},

@@ -72,8 +72,11 @@ class InputRelay:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m native.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m native.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--kernel", required=True, help="PVH ELF, bzImage or vmlinux")
     p.add_argument("--initrd")
     p.add_argument("--cmdline", default="")
@@ -96,8 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         machine = Machine(
-            args.kernel, initrd=args.initrd, cmdline=args.cmdline, memory_mib=args.memory,
-            vcpus=args.vcpus, console_out=1, console_in=relay.read_fd if relay else 0,
+            args.kernel,
+            initrd=args.initrd,
+            cmdline=args.cmdline,
+            memory_mib=args.memory,
+            vcpus=args.vcpus,
+            console_out=1,
+            console_in=relay.read_fd if relay else 0,
             memfd=args.memfd,
         )
     except VmmError as exc:

@@ -11,9 +11,22 @@ import pytest
 
 def run(kernel: Path, cmdline: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "native.run", "--kernel", str(kernel), "--cmdline", cmdline,
-         "--memory", "32"],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, check=False,
+        [
+            sys.executable,
+            "-m",
+            "native.run",
+            "--kernel",
+            str(kernel),
+            "--cmdline",
+            cmdline,
+            "--memory",
+            "32",
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
 
 

@@ -24,8 +24,13 @@ def elf64(entry: int = 0x1000000, paddr: int = 0x1000000, size: int = 0x200) -> 
     return ehdr + phdr + bytes(size)
 
 
-def bzimage(version: int = 0x20F, xloadflags: int = 1, loadflags: int = 1,
-            payload: int = 0x3000, init_size: int = 0x800000) -> bytes:
+def bzimage(
+    version: int = 0x20F,
+    xloadflags: int = 1,
+    loadflags: int = 1,
+    payload: int = 0x3000,
+    init_size: int = 0x800000,
+) -> bytes:
     setup_sects = 4
     img = bytearray((setup_sects + 1) * 512 + payload)
     img[0x1F1] = setup_sects
