@@ -109,6 +109,8 @@ static void parse_madt(const u8 *m)
 			id = rd32(m + off + 4);
 			flags = rd32(m + off + 8);
 			cpu = true;
+		} else if (type == 1 && len >= 12 && rd32(m + off + 8) == 0) { /* IOAPIC, GSI 0 */
+			acpi.ioapic_base = rd32(m + off + 4);
 		} else if (type == 5 && len >= 12) { /* LAPIC address override */
 			acpi.lapic_base = rd64(m + off + 4);
 		}
@@ -121,6 +123,7 @@ static void parse_madt(const u8 *m)
 void acpi_init(void)
 {
 	acpi.lapic_base = 0xfee00000UL;
+	acpi.ioapic_base = 0xfec00000UL;
 	u64 rsdp = find_rsdp();
 	if (!rsdp)
 		return;

@@ -26,6 +26,7 @@ struct acpi_info {
 	u8 slp_typ_s5;
 	bool have_s5;
 	u64 lapic_base;
+	u64 ioapic_base; /* the IOAPIC with GSI base 0 */
 	unsigned nr_cpus; /* enabled or online-capable local APICs */
 	u32 apic_ids[MAX_CPUS];
 };

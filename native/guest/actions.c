@@ -7,18 +7,19 @@
 #include "guest.h"
 #include "hostile.h"
 #include "i8042.h"
+#include "intr.h"
 #include "io.h"
 #include "lib.h"
 #include "mem.h"
 #include "print.h"
 #include "smp.h"
 #include "time.h"
+#include "uart.h"
 
 #define PVPANIC_PORT 0x505
 #define PVPANIC_PANICKED 0x01
 #define DEBUG_EXIT_PORT 0xf4
 #define COUNTER_PERIOD_US 10000
-#define POLL_PERIOD_US 1000
 /* How long a terminal request may take before we call it failed. */
 #define STOP_GRACE_US 200000
 
@@ -42,13 +43,14 @@ static void act_echo(u64 v)
 {
 	(void)v;
 	echo_enabled = true;
+	uart_set_rx_irq(true);
 }
 
 void action_poweroff(void)
 {
 	say("POWEROFF");
 	acpi_poweroff();
-	delay_us(STOP_GRACE_US);
+	sleep_us(STOP_GRACE_US);
 	guest_stuck("POWEROFF");
 }
 
@@ -63,7 +65,7 @@ static void act_reboot(u64 v)
 	(void)v;
 	say("REBOOT");
 	i8042_reset();
-	delay_us(STOP_GRACE_US);
+	sleep_us(STOP_GRACE_US);
 	say("REBOOT through the i8042 did not reset the machine; triple-faulting");
 	svc_triplefault();
 }
@@ -95,17 +97,17 @@ static void act_memtest(u64 mib) { mem_test(mib); }
 static void act_counter(u64 v)
 {
 	(void)v;
-	u64 n = 0, next = time_now_us();
+	u64 period = time_us_to_tsc(COUNTER_PERIOD_US);
+	u64 n = 0, next = rdtsc();
 	for (;;) {
-		u64 now = time_now_us();
+		u64 now = rdtsc();
 		if (now >= next) {
 			say("COUNTER %lu", n++);
-			next += COUNTER_PERIOD_US;
+			next += period;
 			if (next < now) /* we were held up: don't burst to catch up */
-				next = now + COUNTER_PERIOD_US;
+				next = now + period;
 		}
-		guest_poll();
-		delay_us(POLL_PERIOD_US);
+		guest_wait(next);
 	}
 }
 
@@ -118,7 +120,7 @@ static void act_hostile(u64 v)
 static void act_debugexit(u64 v)
 {
 	outl(DEBUG_EXIT_PORT, (u32)v);
-	delay_us(STOP_GRACE_US);
+	sleep_us(STOP_GRACE_US);
 	guest_stuck("debugexit");
 }
 

@@ -6,7 +6,7 @@
 #include "mem.h"
 #include "print.h"
 
-extern u8 exc_stub_base[], spurious_entry[];
+extern u8 exc_stub_base[], irq_entry[];
 extern u8 idt[], gdt[], tss_area[], io_bitmap[], kstacks[];
 extern u64 pdpt[];
 extern u64 fault_info[8];
@@ -28,7 +28,8 @@ void cpu_init_idt(void)
 {
 	for (unsigned v = 0; v < 32; v++)
 		set_gate(v, exc_stub_base + 16 * v, GATE_INTR);
-	set_gate(VEC_SPURIOUS, spurious_entry, GATE_INTR);
+	for (unsigned v = 32; v < 256; v++)
+		set_gate(v, irq_entry, GATE_INTR);
 }
 
 u64 cpu_kstack_top(unsigned cpu)

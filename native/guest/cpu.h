@@ -8,7 +8,7 @@
 
 #define LAPIC_BASE 0xfee00000UL
 
-/* Exception gates, the ring-0 service gate and the spurious vector. */
+/* Exception gates, and one interrupt gate for every vector from 0x20 up. */
 void cpu_init_idt(void);
 /* Prepare TSS `cpu` (RSP0 = kstack_top, shared I/O bitmap) and its GDT
  * descriptor; returns the selector to load with ltr. */
@@ -24,5 +24,8 @@ unsigned cpu_apic_id(void);
 __attribute__((noreturn)) void svc_halt(void);
 __attribute__((noreturn)) void svc_triplefault(void);
 void svc_wrmsr(u32 msr, u64 value);
+/* Sleep in ring 0 (sti; hlt) until one interrupt arrives, then EOI it at
+ * lapic_eoi. Use through intr.h. */
+void svc_wait(u64 lapic_eoi);
 
 #endif

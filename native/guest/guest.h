@@ -7,10 +7,13 @@
 /* Set by the `echo` action: polling loops echo COM1 input from then on. */
 extern bool echo_enabled;
 
-/* One pass over the inputs (COM1 when echoing, i8042 for Ctrl-Alt-Del);
- * a few port reads, i.e. VM exits. Does not return on Ctrl-Alt-Del. */
-void guest_poll(void);
-/* Idle: guest_poll() about every millisecond, forever. */
+/* Take in what waits on the inputs (COM1 when echoing, i8042 for
+ * Ctrl-Alt-Del), then sleep until `deadline` (TSC; WAIT_FOREVER) or the next
+ * input. Sleeps only once the inputs are drained: their IOAPIC pins are
+ * edge-triggered, and a line left high would never interrupt again. May
+ * return early. Does not return on Ctrl-Alt-Del. */
+void guest_wait(u64 deadline);
+/* Idle: guest_wait() forever. */
 __attribute__((noreturn)) void guest_idle(void);
 /* Say that a terminal action left the machine running, then halt. */
 __attribute__((noreturn)) void guest_stuck(const char *what);

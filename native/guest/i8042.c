@@ -12,7 +12,7 @@
 
 static bool ctrl_down, alt_down;
 
-bool i8042_poll_ctrl_alt_del(void)
+bool i8042_poll_ctrl_alt_del(unsigned *read)
 {
 	for (int i = 0; i < 16; i++) {
 		u8 st = inb(I8042_STATUS);
@@ -20,6 +20,7 @@ bool i8042_poll_ctrl_alt_del(void)
 		if (st == 0xff || !(st & STATUS_OBF))
 			return false;
 		u8 sc = inb(I8042_DATA);
+		(*read)++;
 		if (sc == SC_EXTENDED)
 			continue;
 		bool up = (sc & SC_BREAK) != 0;

@@ -11,7 +11,8 @@
 #define SEL_TSS0 0x30  /* 16-byte TSS descriptors follow, one per CPU */
 #define GDT_ENTRIES (6 + 2 * MAX_CPUS)
 
-/* RFLAGS for ring 3: IOPL 3, reserved bit 1, interrupts off (we poll). */
+/* RFLAGS for ring 3: IOPL 3, reserved bit 1, interrupts off. Interrupts are
+ * only taken inside the ring-0 wait service (traps.S), never in ring 3. */
 #define USER_RFLAGS 0x3002
 
 /* TSSs are packed at TSS_STRIDE and share one I/O permission bitmap placed
@@ -29,6 +30,11 @@
 #define SVC_TRIPLEFAULT 1 /* load an empty IDT and fault */
 #define SVC_WRMSR 2       /* wrmsr(RDI, RSI) */
 
+/* Device vectors share one priority class (0x3x), so at most one is ever in
+ * service and the wait service's single EOI always retires it. */
+#define VEC_TIMER 0x30 /* LAPIC timer, one-shot */
+#define VEC_I8042 0x31 /* IOAPIC pin 1 */
+#define VEC_COM1 0x34  /* IOAPIC pin 4 */
 #define VEC_SPURIOUS 0xff
 
 #endif

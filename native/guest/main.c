@@ -4,39 +4,47 @@
 #include "cpu.h"
 #include "guest.h"
 #include "i8042.h"
+#include "intr.h"
+#include "io.h"
 #include "lib.h"
 #include "mem.h"
 #include "print.h"
 #include "time.h"
 #include "uart.h"
 
-#define IDLE_POLL_US 1000
-
 extern u8 __bss_start[], __bss_end[];
 
 bool echo_enabled;
 
-void guest_poll(void)
+/* One pass over the inputs; returns how many bytes it took in. */
+static unsigned poll_inputs(void)
 {
+	unsigned n = 0;
 	if (echo_enabled) {
 		int c;
-		for (int i = 0; i < 64 && (c = uart_poll_rx()) >= 0; i++)
+		for (; n < 64 && (c = uart_poll_rx()) >= 0; n++)
 			echo_byte((u8)c);
 	}
-	if (i8042_poll_ctrl_alt_del()) {
+	if (i8042_poll_ctrl_alt_del(&n)) {
 		say("CTRL-ALT-DEL");
 		action_poweroff();
 	}
+	return n;
+}
+
+void guest_wait(u64 deadline)
+{
+	/* Each port read is an exit; an idle pass costs one or two. */
+	while (poll_inputs())
+		if (rdtsc() >= deadline)
+			return;
+	wait_until(deadline);
 }
 
 void guest_idle(void)
 {
-	/* Port reads exit to the VMM; spinning natively in between keeps
-	 * the exit rate around one per millisecond. */
-	for (;;) {
-		guest_poll();
-		delay_us(IDLE_POLL_US);
-	}
+	for (;;)
+		guest_wait(WAIT_FOREVER);
 }
 
 void guest_stuck(const char *what)

@@ -99,6 +99,8 @@ u64 time_tsc_hz(void) { return tsc_hz; }
 
 u64 time_now_us(void) { return rdtsc() / tsc_per_us; }
 
+u64 time_us_to_tsc(u64 us) { return us * tsc_per_us; }
+
 void delay_us(u64 us)
 {
 	u64 end = rdtsc() + us * tsc_per_us;

@@ -9,6 +9,7 @@
 const char *time_init(void);
 u64 time_tsc_hz(void);
 u64 time_now_us(void);
+u64 time_us_to_tsc(u64 us);
 /* Spin natively (no exits) for about `us` microseconds. */
 void delay_us(u64 us);
 

@@ -53,8 +53,11 @@ exc_common:
 	push	%rax
 	iretq
 
-	/* #UD: a service request when it comes from svc_ud2. */
+	/* #UD: a service request when it comes from svc_wait_ud2 or svc_ud2.
+	 * The wait is checked first: it is the only frequent one. */
 ud_entry:
+	cmpq	$svc_wait_ud2, (%rsp)
+	je	wait_entry
 	cmpq	$svc_ud2, (%rsp)
 	jne	1f
 	addq	$2, (%rsp)		/* resume after the ud2 */
@@ -84,6 +87,33 @@ svc_entry:
 	wrmsr
 	iretq
 
+	/* Wait for one interrupt, RAX = the LAPIC EOI register. STI's shadow
+	 * covers HLT, so an interrupt already pending (ring 3 runs with IF
+	 * clear) wakes it at once and none is lost. irq_entry returns here with
+	 * IF clear, so exactly one interrupt is taken and retired per wait. */
+wait_entry:
+	addq	$2, (%rsp)		/* resume after the ud2 */
+	sti
+	hlt
+	movl	$0, (%rax)
+	iretq
+
+	/* Every vector from 0x20 up, spurious included: only ever taken at the
+	 * HLT above. Return there with interrupts off. */
+	.globl irq_entry
+irq_entry:
+	andq	$~0x200, 16(%rsp)
+	iretq
+
+	/* Ring 3: void svc_wait(u64 lapic_eoi_address). */
+	.globl svc_wait
+svc_wait:
+	mov	%rdi, %rax
+	.globl svc_wait_ud2
+svc_wait_ud2:
+	ud2
+	ret
+
 	/* Ring 3: u64 svc_call(u64 nr, u64 a1, u64 a2). */
 	.globl svc_call
 svc_call:
@@ -94,10 +124,6 @@ svc_call:
 svc_ud2:
 	ud2
 	ret
-
-	.globl spurious_entry
-spurious_entry:
-	iretq
 
 	.section .bss
 	.balign 8

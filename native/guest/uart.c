@@ -7,12 +7,15 @@
 #define UART_LCR 3
 #define UART_MCR 4
 #define UART_LSR 5
+#define IER_RDI 0x01
 #define LSR_DR 0x01
 #define LSR_THRE 0x20
 
 /* Bytes we may write after seeing THRE: 16 with a working FIFO, else 1.
  * Every port access is a VM exit (~16 us under PVM), so bursts matter. */
 static unsigned tx_burst = 1;
+/* IER as the guest wants it; uart_init (also run after `hostile`) restores it. */
+static u8 ier;
 
 void uart_init(void)
 {
@@ -22,8 +25,15 @@ void uart_init(void)
 	outb(COM1 + UART_IER, 0x00);
 	outb(COM1 + UART_LCR, 0x03); /* 8N1 */
 	outb(COM1 + UART_IIR, 0x07); /* enable and clear the FIFOs */
-	outb(COM1 + UART_MCR, 0x03); /* DTR | RTS, no loopback, no OUT2 */
+	outb(COM1 + UART_MCR, 0x0b); /* DTR | RTS | OUT2 (gates the IRQ on a PC) */
 	tx_burst = (inb(COM1 + UART_IIR) & 0xc0) == 0xc0 ? 16 : 1;
+	outb(COM1 + UART_IER, ier);
+}
+
+void uart_set_rx_irq(bool on)
+{
+	ier = on ? IER_RDI : 0;
+	outb(COM1 + UART_IER, ier);
 }
 
 void uart_write(const char *s, usize n)

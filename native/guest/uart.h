@@ -10,5 +10,7 @@ void uart_init(void);
 void uart_write(const char *s, usize n);
 /* Next received byte, or -1 when none is waiting. */
 int uart_poll_rx(void);
+/* Raise IRQ 4 while received bytes wait (IER bit 0); off at boot. */
+void uart_set_rx_irq(bool on);
 
 #endif
