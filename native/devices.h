@@ -79,6 +79,7 @@ struct fl_serial {
 	int out_fd;
 	int wake_fd; /* written when the guest frees FIFO space (the input thread waits) */
 	struct fl_counters *counters;
+	int irq_level; /* last level sent, -1 unknown: an unchanged line costs no ioctl */
 };
 
 int fl_serial_init(struct fl_serial *uart, struct fl_irq irq, int out_fd, int wake_fd,

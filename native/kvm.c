@@ -104,7 +104,6 @@ int fl_kvm_probe(char *err, size_t errlen)
 /* Opens KVM and creates the VM; on failure leaves vm->kvm_fd/vm_fd at -1. */
 int fl_kvm_create(struct fl_vm *vm)
 {
-	struct kvm_pit_config pit = {.flags = KVM_PIT_SPEAKER_DUMMY};
 	uint64_t ident = FL_KVM_IDENTITY_MAP;
 	int max, rc;
 
@@ -132,14 +131,6 @@ int fl_kvm_create(struct fl_vm *vm)
 		rc = fl_fail(vm, errno, "KVM_SET_TSS_ADDR: %s", strerror(errno));
 		goto close_vm;
 	}
-	if (ioctl(vm->vm_fd, KVM_CREATE_IRQCHIP, 0) < 0) {
-		rc = fl_fail(vm, errno, "KVM_CREATE_IRQCHIP: %s", strerror(errno));
-		goto close_vm;
-	}
-	if (ioctl(vm->vm_fd, KVM_CREATE_PIT2, &pit) < 0) {
-		rc = fl_fail(vm, errno, "KVM_CREATE_PIT2: %s", strerror(errno));
-		goto close_vm;
-	}
 	return 0;
 
 close_vm:
@@ -150,6 +141,22 @@ close_kvm:
 fail:
 	vm->kvm_fd = -1;
 	return rc;
+}
+
+/*
+ * The in-kernel irqchip and PIT. Called after guest RAM is registered: a memory slot added
+ * after the irqchip waits out an SRCU grace period (~7 ms on a nested host), one added before
+ * does not. Must precede the first vCPU.
+ */
+int fl_kvm_create_irqchip(struct fl_vm *vm)
+{
+	struct kvm_pit_config pit = {.flags = KVM_PIT_SPEAKER_DUMMY};
+
+	if (ioctl(vm->vm_fd, KVM_CREATE_IRQCHIP, 0) < 0)
+		return fl_fail(vm, errno, "KVM_CREATE_IRQCHIP: %s", strerror(errno));
+	if (ioctl(vm->vm_fd, KVM_CREATE_PIT2, &pit) < 0)
+		return fl_fail(vm, errno, "KVM_CREATE_PIT2: %s", strerror(errno));
+	return 0;
 }
 
 void fl_kvm_destroy(struct fl_vm *vm)

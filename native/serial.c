@@ -48,8 +48,11 @@ static void update_irq(struct fl_serial *uart)
 {
 	int level = (iir_of(&uart->s) & IIR_NONE) == 0;
 
-	if (uart->irq.set_level)
+	/* Every port access lands here; KVM_IRQ_LINE only when the line moves. */
+	if (level != uart->irq_level && uart->irq.set_level) {
 		uart->irq.set_level(uart->irq.ctx, uart->irq.gsi, level);
+		uart->irq_level = level;
+	}
 }
 
 static void rx_push(struct fl_serial_state *s, uint8_t b)
@@ -223,6 +226,7 @@ int fl_serial_init(struct fl_serial *uart, struct fl_irq irq, int out_fd, int wa
 	uart->out_fd = out_fd;
 	uart->wake_fd = wake_fd;
 	uart->counters = counters;
+	uart->irq_level = -1;
 	uart->s.mcr = 0x08; /* OUT2, as firmware leaves it */
 	return 0;
 }
@@ -246,6 +250,7 @@ int fl_serial_restore(struct fl_serial *uart, const struct fl_serial_state *in)
 		return -EINVAL;
 	pthread_mutex_lock(&uart->lock);
 	uart->s = *in;
+	uart->irq_level = -1;
 	update_irq(uart);
 	pthread_mutex_unlock(&uart->lock);
 	return 0;

@@ -100,6 +100,9 @@ int fl_vm_configure(struct fl_vm *vm, const struct fl_config *cfg)
 	rc = fl_mem_register(&vm->mem, vm->vm_fd, vm->err, sizeof(vm->err));
 	if (rc < 0)
 		goto mem;
+	rc = fl_kvm_create_irqchip(vm);
+	if (rc < 0)
+		goto mem;
 	rc = fl_events_init(vm);
 	if (rc < 0)
 		goto mem;

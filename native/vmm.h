@@ -108,6 +108,7 @@ int fl_errf(char *buf, size_t len, int err, const char *fmt, ...)
 
 /* kvm.c */
 int fl_kvm_create(struct fl_vm *vm);
+int fl_kvm_create_irqchip(struct fl_vm *vm);
 void fl_kvm_destroy(struct fl_vm *vm);
 
 /* events.c */
