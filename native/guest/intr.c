@@ -97,8 +97,12 @@ static void intr_init(void)
 
 void wait_until(u64 deadline)
 {
-	if (state == INTR_NONE)
+	if (state == INTR_NONE) {
+		/* A line that rose while its pin was still masked sent its only edge
+		 * into the void: return so the caller polls once more before sleeping. */
 		intr_init();
+		return;
+	}
 	u64 now = rdtsc();
 	if (deadline <= now)
 		return;
