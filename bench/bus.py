@@ -2,9 +2,10 @@
 
     python bench/bus.py            # private rabbitmq-server node, or FLOTILLA_AMQP_URL
 
-RPC round trip (2000 calls, p50/p99): raw pika BlockingConnection + direct reply-to against a
-raw echo server, with the same AMQP work ours does (persistent, mandatory, to a durable quorum
-queue), versus `Bus.call` to a `ServiceRunner`. Confirmed publishing (20,000 messages
+RPC round trip (2000 calls, p50/p99), the server in a process of its own as in a deployment:
+raw pika BlockingConnection + direct reply-to against a raw echo server, doing the same AMQP
+work ours does (persistent, mandatory, to a durable quorum queue), versus `Bus.call` to a
+`ServiceRunner`. Confirmed publishing (20,000 messages
 of ~256 bytes, 1000 in flight, to a quorum queue): raw pika SelectConnection with async
 confirms versus `Bus.publish_event_async`. Each figure is the median of 3 rounds. Ends with one
 JSON line per figure.
@@ -13,6 +14,7 @@ JSON line per figure.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -20,6 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
+from multiprocessing.synchronize import Event
 from pathlib import Path
 
 import pika
@@ -52,43 +55,39 @@ def percentile(samples: list[float], q: float) -> float:
 # ---- RPC ------------------------------------------------------------------------------------
 
 
-def raw_rpc(url: str) -> list[float]:
-    queue = f"bench.raw-rpc.{uuid.uuid4().hex[:6]}"
-    ready = threading.Event()
-    stop = threading.Event()
-
-    def server() -> None:
-        conn = pika.BlockingConnection(pika.URLParameters(url))
-        ch = conn.channel()
-        # The same kind of queue our command queues are: durable, quorum.
-        ch.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
-
-        def on_request(
-            c: pika.adapters.blocking_connection.BlockingChannel,
-            method: pika.spec.Basic.Deliver,
-            props: pika.BasicProperties,
-            body: bytes,
-        ) -> None:
-            c.basic_publish(
-                "",
-                props.reply_to,
-                body,
-                pika.BasicProperties(correlation_id=props.correlation_id),
-            )
-            c.basic_ack(method.delivery_tag)
-
-        ch.basic_qos(prefetch_count=32)
-        ch.basic_consume(queue, on_request)
-        ready.set()
-        while not stop.is_set():
-            conn.process_data_events(time_limit=0.1)
-        conn.close()
-
-    thread = threading.Thread(target=server, daemon=True)
-    thread.start()
-    ready.wait(10)
+def _raw_echo_server(url: str, queue: str, ready: Event, stop: Event) -> None:
     conn = pika.BlockingConnection(pika.URLParameters(url))
     ch = conn.channel()
+
+    def on_request(
+        c: pika.adapters.blocking_connection.BlockingChannel,
+        method: pika.spec.Basic.Deliver,
+        props: pika.BasicProperties,
+        body: bytes,
+    ) -> None:
+        c.basic_publish(
+            "", props.reply_to, body, pika.BasicProperties(correlation_id=props.correlation_id)
+        )
+        c.basic_ack(method.delivery_tag)
+
+    ch.basic_qos(prefetch_count=32)
+    ch.basic_consume(queue, on_request)
+    ready.set()
+    while not stop.is_set():
+        conn.process_data_events(time_limit=0.1)
+    conn.close()
+
+
+def raw_rpc(url: str) -> list[float]:
+    queue = f"bench.raw-rpc.{uuid.uuid4().hex[:6]}"
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    ch = conn.channel()
+    # The same kind of queue our command queues are: durable, quorum.
+    ch.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+    ready, stop = multiprocessing.Event(), multiprocessing.Event()
+    server = multiprocessing.Process(target=_raw_echo_server, args=(url, queue, ready, stop))
+    server.start()
+    ready.wait(30)
     replies: dict[str, bytes] = {}
 
     def on_reply(_c: object, _m: object, props: pika.BasicProperties, body: bytes) -> None:
@@ -112,10 +111,10 @@ def raw_rpc(url: str) -> list[float]:
             conn.process_data_events(time_limit=None)
         samples.append(time.perf_counter() - start)
         del replies[cid]
-    conn.close()
     stop.set()
-    thread.join(5)
-    _delete_queue(url, queue)
+    server.join(10)
+    ch.queue_delete(queue)
+    conn.close()
     return samples[100:]
 
 
@@ -135,10 +134,20 @@ class _Info(Service):
         )
 
 
+def _our_server(url: str, queue: str, ready: Event, stop: Event) -> None:
+    with Bus(url, source="bench-server") as server:
+        runner = ServiceRunner(server, _Info(), queue=queue).start()
+        ready.set()
+        stop.wait()
+        runner.stop()
+
+
 def our_rpc(url: str) -> list[float]:
     queue = f"bench-rpc-{uuid.uuid4().hex[:6]}"
-    server = Bus(url, source="bench-server").start()
-    runner = ServiceRunner(server, _Info(), queue=queue).start()
+    ready, stop = multiprocessing.Event(), multiprocessing.Event()
+    server = multiprocessing.Process(target=_our_server, args=(url, queue, ready, stop))
+    server.start()
+    ready.wait(30)
     client = Bus(url, source="bench-client").start()
     command = GetDomainInfo(domain_id=uuid.uuid4())
     samples = []
@@ -148,9 +157,9 @@ def our_rpc(url: str) -> list[float]:
             client.call(queue, command, timeout=10)
             samples.append(time.perf_counter() - start)
     finally:
-        runner.stop()
         client.close()
-        server.close()
+        stop.set()
+        server.join(10)
     _delete_queue(url, queue)
     return samples[100:]
 

@@ -11,12 +11,11 @@ queue that does not exist raises `NoRouteError` instead of vanishing.
 
 from __future__ import annotations
 
-import contextlib
 import queue as queue_mod
 import threading
 import uuid
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Protocol, TypeVar
 
@@ -29,8 +28,9 @@ from protos.base import Message
 from protos.codec import CONTENT_TYPE, DecodeError, Envelope, decode, envelope_for, pack, parse_body
 from protos.commands import Command
 from protos.replies import ErrorReply
-from services.bus.errors import ConnectionLost, NoRouteError, RemoteError, RpcTimeout
-from services.bus.link import DIRECT_REPLY_TO, Consumer, Delivery, Link
+from services.bus.errors import ConnectionLost, RemoteError, RpcTimeout
+from services.bus.link import Consumer, Delivery, Link
+from services.bus.rpc import RpcClient
 from services.bus.topology import QueueDecl, declare, delete_queue
 
 R = TypeVar("R", bound=Message)
@@ -73,22 +73,15 @@ class Bus:
         self.source = source
         self.url = url
         self._queues: dict[str, QueueDecl] = {}
-        self._calls: dict[str, Future[Envelope]] = {}
-        self._calls_lock = threading.Lock()
-        self.link = Link(
-            url,
-            name=source,
-            declarations=lambda: list(self._queues.values()),
-            on_reply=self._on_reply,
-            on_request_returned=self._on_request_returned,
-        )
-        self.link.disconnect_listeners.append(self._fail_calls)
+        self.link = Link(url, name=source, declarations=lambda: list(self._queues.values()))
+        self._rpc = RpcClient(url, source)
 
     def start(self, timeout: float = 30.0) -> Bus:
         self.link.start(timeout)
         return self
 
     def close(self) -> None:
+        self._rpc.close()
         self.link.close()
 
     def __enter__(self) -> Bus:
@@ -178,68 +171,32 @@ class Bus:
     ) -> Message:
         """Send `command` to `queue` and return its reply (a `command.RESULT`).
 
+        Runs in the caller's thread on that thread's own connection (services.bus.rpc).
         Raises RemoteError for an error reply, RpcTimeout when none came in time,
         NoRouteError for an unknown queue and ConnectionLost if the connection went away
         while waiting (the command may or may not have run; it is safe to call again with the
         same `message_id`).
         """
-        correlation_id = str(uuid.uuid4())
         envelope = envelope_for(
             command,
             source=self.source,
-            correlation_id=correlation_id,
+            correlation_id=str(uuid.uuid4()),
             causation_id=causation_id,
             message_id=message_id,
         )
-        reply: Future[Envelope] = Future()
-        with self._calls_lock:
-            self._calls[correlation_id] = reply
         try:
-            props = properties_for(envelope, reply_to=DIRECT_REPLY_TO)
-            published = self.link.publish_request(
-                routing.COMMANDS_EXCHANGE, queue, pack(envelope), props
+            props, body = self._rpc.call(
+                routing.COMMANDS_EXCHANGE,
+                queue,
+                pack(envelope),
+                properties_for(envelope),
+                timeout,
             )
-            # Settled by the reply, a basic.return (NoRouteError) or a lost connection.
-            published.add_done_callback(lambda f: _fail_from(f, reply))
-            try:
-                answer = reply.result(timeout)
-            except FutureTimeout:
-                published.cancel()
-                raise RpcTimeout(
-                    f"{command.TYPE} to {queue!r}: no reply within {timeout:g} s"
-                ) from None
-        finally:
-            with self._calls_lock:
-                self._calls.pop(correlation_id, None)
-        return _result(command, answer)
-
-    def _on_reply(self, props: pika.spec.BasicProperties, body: bytes) -> None:
-        with self._calls_lock:
-            future = self._calls.get(props.correlation_id or "")
-        if future is None or future.done():
-            return  # a reply to a call that already timed out
-        try:
-            future.set_result(decode(body, props.content_type))
-        except DecodeError as exc:
-            future.set_exception(exc)
-
-    def _on_request_returned(
-        self, props: pika.spec.BasicProperties, exchange: str, routing_key: str
-    ) -> None:
-        with self._calls_lock:
-            future = self._calls.get(props.correlation_id or "")
-        if future is not None and not future.done():
-            with contextlib.suppress(InvalidStateError):
-                future.set_exception(NoRouteError(exchange, routing_key))
-
-    def _fail_calls(self) -> None:
-        with self._calls_lock:
-            calls = list(self._calls.values())
-        for future in calls:
-            if not future.done():
-                future.set_exception(
-                    ConnectionLost("broker connection lost while waiting for the reply")
-                )
+        except RpcTimeout:
+            raise RpcTimeout(
+                f"{command.TYPE} to {queue!r}: no reply within {timeout:g} s"
+            ) from None
+        return _result(command, decode(body, props.content_type))
 
     # ---- subscriptions ---------------------------------------------------------------------
 
@@ -323,17 +280,6 @@ def _wait(future: Future[None], timeout: float) -> None:
         raise ConnectionLost(
             f"broker did not confirm within {timeout:g} s (connection down?)"
         ) from None
-
-
-def _fail_from(published: Future[None], reply: Future[Envelope]) -> None:
-    if published.cancelled() or reply.done():
-        return
-    exc = published.exception()
-    if exc is not None:
-        try:
-            reply.set_exception(exc)
-        except InvalidStateError:  # the reply won the race
-            pass
 
 
 def _routing_key(event: Message) -> str:

@@ -34,7 +34,6 @@ from services.bus.topology import QueueDecl, declare
 
 log = structlog.get_logger("flotilla.bus")
 
-DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 MAX_BACKOFF_S = 5.0
 DEFAULT_HEARTBEAT_S = 10
 
@@ -70,8 +69,6 @@ class Link:
         *,
         name: str,
         declarations: Callable[[], list[QueueDecl]],
-        on_reply: Callable[[pika.spec.BasicProperties, bytes], None],
-        on_request_returned: Callable[[pika.spec.BasicProperties, str, str], None],
     ) -> None:
         self._params = pika.URLParameters(url)
         if "heartbeat" not in url:
@@ -79,8 +76,6 @@ class Link:
         self._params.connection_attempts = 1
         self._params.client_properties = {"connection_name": name}
         self._declarations = declarations
-        self._on_reply = on_reply
-        self._on_request_returned = on_request_returned
         self.name = name
 
         self._lock = threading.Lock()
@@ -94,7 +89,7 @@ class Link:
         # Owned by the I/O thread.
         self._conn: pika.SelectConnection | None = None
         self._pub: pika.channel.Channel | None = None
-        self._rpc: pika.channel.Channel | None = None
+        self._plain: pika.channel.Channel | None = None
         self._generation = 0
         self._next_tag = 1
         self._unconfirmed: dict[int, tuple[Future[None], str, str, str | None]] = {}
@@ -165,30 +160,25 @@ class Link:
         self._submit(op)
         return future
 
-    def publish_request(
+    def publish_unconfirmed(
         self,
         exchange: str,
         routing_key: str,
         body: bytes,
         properties: pika.spec.BasicProperties,
     ) -> Future[None]:
-        """Publish an RPC request (mandatory, no publisher confirm) on the channel that
-        consumes direct reply-to. The Future settles once it is written (or with
-        ConnectionLost); an unroutable request comes back through `on_request_returned`.
-
-        Requests skip confirms because the reply is the stronger acknowledgement, and because
-        a quorum queue holds back delivery of a message published in confirm mode until its
-        confirm, which would add the broker's fsync batching to every call.
-        """
+        """Publish on a channel without publisher confirms (RPC replies: a direct reply-to
+        pseudo-queue, which confirms cannot make any safer, and which a confirm channel
+        would delay). The Future settles once the frame is handed to the socket."""
         future: Future[None] = Future()
 
         def op() -> None:
             if not future.set_running_or_notify_cancel():
                 return
-            if self._rpc is None or not self._rpc.is_open:
-                future.set_exception(ConnectionLost("request channel is not open"))
+            if self._plain is None or not self._plain.is_open:
+                future.set_exception(ConnectionLost("channel is not open"))
                 return
-            self._rpc.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+            self._plain.basic_publish(exchange, routing_key, body, properties)
             future.set_result(None)
 
         self._submit(op)
@@ -303,7 +293,7 @@ class Link:
         with self._lock:
             ops, self._ops = self._ops, collections.deque()
         self._pub = None
-        self._rpc = None
+        self._plain = None
         for op in ops:
             try:
                 op()
@@ -334,22 +324,12 @@ class Link:
 
     def _on_confirm_mode(self, _ch: pika.channel.Channel) -> None:
         assert self._conn is not None
-        self._conn.channel(on_open_callback=self._on_rpc_channel)
+        self._conn.channel(on_open_callback=self._on_plain_channel)
 
-    def _on_rpc_channel(self, ch: pika.channel.Channel) -> None:
-        self._rpc = ch
+    def _on_plain_channel(self, ch: pika.channel.Channel) -> None:
+        self._plain = ch
         ch.add_on_close_callback(self._on_channel_closed)
-        ch.add_on_return_callback(
-            lambda _c, method, props, _b: self._on_request_returned(
-                props, method.exchange, method.routing_key
-            )
-        )
-        ch.basic_consume(
-            DIRECT_REPLY_TO,
-            lambda _c, _m, props, body: self._on_reply(props, body),
-            auto_ack=True,
-            callback=lambda _f: self._start_consumers(),
-        )
+        self._start_consumers()
 
     def _start_consumers(self) -> None:
         self._generation += 1
@@ -446,7 +426,7 @@ class Link:
         pending, self._unconfirmed = self._unconfirmed, {}
         self._returned.clear()
         self._pub = None
-        self._rpc = None
+        self._plain = None
         for consumer in self._consumers:
             consumer.channel = None
         for future, *_ in pending.values():

@@ -33,7 +33,7 @@ from protos.base import Message
 from protos.codec import DecodeError, Envelope, decode, envelope_for, pack, parse_body
 from protos.commands import Command
 from protos.replies import Done, ErrorReply
-from services.bus.bus import Bus
+from services.bus.bus import Bus, properties_for
 from services.bus.errors import BusError, ServiceError
 from services.bus.idempotency import IdempotencyStore, MemoryIdempotencyStore
 from services.bus.link import Consumer, Delivery
@@ -295,7 +295,8 @@ class ServiceRunner:
             return
         # A recorded reply is re-addressed to this request's correlation id.
         reply = dataclasses.replace(reply, correlation_id=request.correlation_id)
-        self.bus.publish_envelope("", reply_to, reply, mandatory=False, persistent=False)
+        props = properties_for(reply, persistent=False)
+        self.bus.link.publish_unconfirmed("", reply_to, pack(reply), props)
 
     def _dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Move the delivery to the dead-letter exchange with `reason`, then ack it."""
