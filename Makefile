@@ -1,5 +1,5 @@
 # The two commands README promises on a fresh Debian machine.
-.PHONY: test lint install
+.PHONY: demo test lint install
 
 install:
 	bash .ci/install
@@ -11,3 +11,9 @@ lint: install
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
+
+# Boots the test guest on the native runtime with its console here; grows into the all-in-one
+# control-plane demo as the compute node and API land.
+demo: install
+	.venv/bin/python -m native.run --kernel "$$(.venv/bin/python -m native.testguest)" \
+		--vcpus 2 --memory 128 --cmdline "ready smp memtest=8 poweroff"
