@@ -10,7 +10,7 @@ from structlog.testing import capture_logs
 from protos.codec import Envelope
 from protos.commands import DestroyDomain, GetDomainInfo, PauseDomain
 from protos.domain import PowerState
-from protos.replies import Done, DomainInfo, ErrorReply
+from protos.replies import DomainInfo, Done, ErrorReply
 from services.bus import Context, Service, ServiceError, handles, on_event
 from services.bus.service import dispatch
 
