@@ -1,6 +1,7 @@
 """A service process for the graceful-stop test.
 
-`python -m tests.integration.service_proc URL QUEUE`. Its GetDomainInfo handler sleeps 1.5 s, so a SIGTERM arrives while it works."""
+`python -m tests.integration.service_proc URL QUEUE`. Its GetDomainInfo handler sleeps 1.5 s,
+so a SIGTERM arrives while it works."""
 
 from __future__ import annotations
 
