@@ -139,4 +139,57 @@ struct fl_signal_dev {
 void fl_pvpanic_io(void *dev, uint64_t offset, uint8_t *data, uint32_t size, int is_write);
 void fl_debugexit_io(void *dev, uint64_t offset, uint8_t *data, uint32_t size, int is_write);
 
+/* ---- IOAPIC (x86/ioapic.c): 24 pins, delivered to the local APICs as MSIs ---- */
+#define FL_IOAPIC_PINS 24
+
+/* An MSI as the local APICs take it: address 0xFEE0_0000 | dest << 12 | logical << 2,
+ * data vector | delivery mode << 8 | level << 15. */
+struct fl_msi {
+	uint32_t address;
+	uint32_t data;
+};
+
+/* Where the IOAPIC's interrupts go. deliver() sends one MSI now (any thread). routes()
+ * hands over, whenever it changes, the MSI each pin would send for a line raised outside the
+ * IOAPIC (pins marked with fl_ioapic_want_route) or for a level-triggered pin whose end of
+ * interrupt must come back (present[p] = 0: no route for pin p). */
+struct fl_msi_sink {
+	void (*deliver)(void *ctx, const struct fl_msi *msi);
+	void (*routes)(void *ctx, const struct fl_msi *msi, const uint8_t *present, uint32_t n);
+	void *ctx;
+};
+
+struct fl_ioapic_state {
+	uint32_t id;	   /* ID register (bits 24..31) */
+	uint32_t regsel;   /* IOREGSEL as last written */
+	uint64_t redir[FL_IOAPIC_PINS];
+	uint32_t lines;	   /* input levels, bit per pin */
+};
+
+struct fl_ioapic {
+	pthread_mutex_t lock;
+	struct fl_ioapic_state s;
+	struct fl_msi_sink sink;
+	uint32_t want_route; /* pins raised outside the IOAPIC too (an irqfd) */
+	struct fl_msi routed[FL_IOAPIC_PINS]; /* as last handed to sink.routes */
+	uint8_t routed_present[FL_IOAPIC_PINS];
+	int routes_sent;
+	uint64_t dropped; /* interrupts not delivered: reserved delivery mode or vector < 16 */
+};
+
+int fl_ioapic_init(struct fl_ioapic *io, uint8_t id, struct fl_msi_sink sink);
+void fl_ioapic_fini(struct fl_ioapic *io);
+void fl_ioapic_mmio(void *dev, uint64_t offset, uint8_t *data, uint32_t size, int is_write);
+/* A device's line moved (level 1 = asserted). Pins out of range are ignored. */
+void fl_ioapic_set_level(struct fl_ioapic *io, uint32_t pin, int level);
+/* The local APICs retired a level-triggered vector (KVM_EXIT_IOAPIC_EOI). */
+void fl_ioapic_eoi(struct fl_ioapic *io, uint8_t vector);
+/* Keep an MSI route for pin while it is unmasked: something other than set_level raises it. */
+int fl_ioapic_want_route(struct fl_ioapic *io, uint32_t pin, int on);
+void fl_ioapic_save(struct fl_ioapic *io, struct fl_ioapic_state *out);
+int fl_ioapic_restore(struct fl_ioapic *io, const struct fl_ioapic_state *in);
+
+/* ---- two 8259 PICs that are not there: ports answer as fully masked, idle PICs ---- */
+void fl_pic_io(void *dev, uint64_t offset, uint8_t *data, uint32_t size, int is_write);
+
 #endif

@@ -9,15 +9,14 @@
 #include <unistd.h>
 
 #include "vmm.h"
+#include "x86/layout.h"
 
+/* A device's interrupt line: GSI n is IOAPIC pin n. */
 static void irq_set_level(void *ctx, uint32_t gsi, int level)
 {
 	struct fl_vm *vm = ctx;
-	struct kvm_irq_level line = {.irq = gsi, .level = (uint32_t)level};
 
-	if (ioctl(vm->vm_fd, KVM_IRQ_LINE, &line) < 0) {
-		/* cannot fail for a valid ISA line on the in-kernel irqchip */
-	}
+	fl_ioapic_set_level(&vm->ioapic, gsi, level);
 }
 
 static void sink_raise(void *ctx, uint32_t kind, int64_t code, uint64_t detail,
@@ -38,12 +37,19 @@ int fl_devices_init(struct fl_vm *vm, int out_fd)
 	vm->io_wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	if (vm->io_wake_fd < 0)
 		return fl_fail(vm, errno, "eventfd: %s", strerror(errno));
+	/* The IOAPIC's id follows the local APICs' (0..N-1), as the MADT says. */
+	rc = fl_ioapic_init(&vm->ioapic, (uint8_t)vm->nvcpus,
+			    (struct fl_msi_sink){fl_kvm_signal_msi, fl_kvm_set_routes, vm});
+	if (rc < 0) {
+		fl_fail(vm, -rc, "IOAPIC init");
+		goto close_wake;
+	}
 
 	rc = fl_serial_init(&vm->serial, (struct fl_irq){irq_set_level, vm, FL_IRQ_COM1}, out_fd,
 			    vm->io_wake_fd, &vm->counters);
 	if (rc < 0) {
 		fl_fail(vm, -rc, "serial init");
-		goto close_wake;
+		goto ioapic;
 	}
 	rc = fl_i8042_init(&vm->i8042, (struct fl_irq){irq_set_level, vm, FL_IRQ_I8042}, sink);
 	if (rc < 0) {
@@ -64,8 +70,15 @@ int fl_devices_init(struct fl_vm *vm, int out_fd)
 	    (rc = fl_bus_add(&vm->pio, FL_PORT_PVPANIC, 1, "pvpanic", &vm->pvpanic,
 			     fl_pvpanic_io)) ||
 	    (rc = fl_bus_add(&vm->pio, FL_PORT_DEBUG_EXIT, 4, "debug_exit", &vm->debugexit,
-			     fl_debugexit_io))) {
+			     fl_debugexit_io)) ||
+	    (rc = fl_bus_add(&vm->pio, FL_PORT_PIC1, 2, "pic1", NULL, fl_pic_io)) ||
+	    (rc = fl_bus_add(&vm->pio, FL_PORT_PIC2, 2, "pic2", NULL, fl_pic_io))) {
 		fl_fail(vm, -rc, "placing devices on the I/O bus");
+		goto i8042;
+	}
+	rc = fl_bus_add(&vm->mmio, FL_IOAPIC_GPA, 0x1000, "ioapic", &vm->ioapic, fl_ioapic_mmio);
+	if (rc < 0) {
+		fl_fail(vm, -rc, "placing the IOAPIC on the MMIO bus");
 		goto i8042;
 	}
 	vm->devices_ready = 1;
@@ -75,6 +88,8 @@ i8042:
 	fl_i8042_fini(&vm->i8042);
 serial:
 	fl_serial_fini(&vm->serial);
+ioapic:
+	fl_ioapic_fini(&vm->ioapic);
 close_wake:
 	close(vm->io_wake_fd);
 	vm->io_wake_fd = -1;
@@ -87,6 +102,7 @@ void fl_devices_fini(struct fl_vm *vm)
 		return;
 	fl_i8042_fini(&vm->i8042);
 	fl_serial_fini(&vm->serial);
+	fl_ioapic_fini(&vm->ioapic);
 	close(vm->io_wake_fd);
 	vm->io_wake_fd = -1;
 	vm->devices_ready = 0;

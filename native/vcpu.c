@@ -142,6 +142,10 @@ static void handle_exit(struct fl_vcpu *v)
 		/* The in-kernel LAPIC handles HLT; seeing one means a halted, dead vCPU. */
 		count(&vm->counters.exits_hlt);
 		break;
+	case KVM_EXIT_IOAPIC_EOI:
+		/* A level-triggered vector retired: the IOAPIC may clear Remote IRR. */
+		fl_ioapic_eoi(&vm->ioapic, run->eoi.vector);
+		break;
 	case KVM_EXIT_IRQ_WINDOW_OPEN:
 	case KVM_EXIT_INTR:
 		count(&vm->counters.exits_intr);

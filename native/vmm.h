@@ -15,6 +15,8 @@
 #define FL_PORT_DEBUG_EXIT 0xf4
 #define FL_PORT_I8042_DATA 0x60
 #define FL_PORT_I8042_CMD 0x64
+#define FL_PORT_PIC1 0x20
+#define FL_PORT_PIC2 0xa0
 #define FL_PORT_COM1 0x3f8
 #define FL_IRQ_COM1 4
 #define FL_IRQ_I8042 1
@@ -79,6 +81,8 @@ struct fl_vm {
 	struct fl_bus mmio;
 	struct fl_counters counters;
 
+	struct fl_ioapic ioapic;
+	uint64_t irq_errors; /* KVM refused an MSI or a routing table (never expected) */
 	struct fl_serial serial;
 	struct fl_i8042 i8042;
 	struct fl_pm pm;
@@ -109,6 +113,9 @@ int fl_errf(char *buf, size_t len, int err, const char *fmt, ...)
 /* kvm.c */
 int fl_kvm_create(struct fl_vm *vm);
 int fl_kvm_create_irqchip(struct fl_vm *vm);
+void fl_kvm_signal_msi(void *ctx, const struct fl_msi *msi);
+void fl_kvm_set_routes(void *ctx, const struct fl_msi *msi, const uint8_t *present, uint32_t n);
+int fl_kvm_irqfd_bind(struct fl_vm *vm, uint32_t gsi, int fd);
 void fl_kvm_destroy(struct fl_vm *vm);
 
 /* events.c */

@@ -135,7 +135,7 @@ int fl_acpi_build(struct fl_vm *vm, uint64_t *rsdp_gpa)
 	t = w.base + madt;
 	header(t, "APIC", madt_len, 5);
 	put32(t + 36, (uint32_t)FL_LAPIC_GPA);
-	put32(t + 40, 1); /* PCAT_COMPAT: there are 8259s */
+	put32(t + 40, 0); /* no PCAT_COMPAT: there are no 8259s, only the IOAPIC */
 	uint8_t *e = t + 44;
 	for (uint32_t i = 0; i < vm->nvcpus; i++, e += 8) {
 		e[0] = 0; /* processor local APIC */

@@ -137,7 +137,7 @@ static void lvt_set_mode(struct kvm_lapic_state *l, int reg, uint32_t mode)
 	memcpy(&l->regs[reg], &v, 4);
 }
 
-/* Virtual-wire mode, as firmware leaves it: LINT0 takes the 8259, LINT1 is NMI. */
+/* As firmware leaves it: LINT0 ExtINT (no 8259 drives it here), LINT1 NMI. */
 int fl_lapic_init(struct fl_vm *vm, struct fl_vcpu *vcpu)
 {
 	struct kvm_lapic_state l;
