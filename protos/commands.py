@@ -71,9 +71,18 @@ class DestroyDomain(DomainCommand):
     TYPE = "cmd.domain.destroy"
 
 
+class RebootMode(StrEnum):
+    RESET = "reset"  # the host resets the machine (virsh reset)
+    CTRL_ALT_DEL = "ctrl-alt-del"  # the guest decides (a Linux guest reboots)
+
+
 class RebootDomain(DomainCommand):
+    """Reboot: `reset` restarts the machine from the host at once; `ctrl-alt-del` asks the
+    guest, whose own reset then arrives as a `domain.rebooted` event."""
+
     TYPE = "cmd.domain.reboot"
-    mode: ShutdownMode = ShutdownMode.CTRL_ALT_DEL
+    VERSION = "1.1"
+    mode: RebootMode = RebootMode.RESET
 
 
 class PauseDomain(DomainCommand):

@@ -126,6 +126,14 @@ class DomainCrashed(DomainEvent):
     detail: CrashedDetail
 
 
+class DomainRebooted(DomainEvent):
+    """The guest was reset (by itself or the host) and restarted in place (libvirt's REBOOT
+    event); `reason` says how: `i8042_reset`, `triple_fault`, `host`."""
+
+    TYPE = "domain.rebooted"
+    EVENT = "rebooted"
+
+
 class DomainMigrationProgress(DomainEvent):
     """Live-migration progress: bytes of memory sent so far and still dirty."""
 
@@ -145,5 +153,6 @@ DOMAIN_EVENTS: tuple[type[DomainEvent], ...] = (
     DomainStopped,
     DomainShutdown,
     DomainCrashed,
+    DomainRebooted,
     DomainMigrationProgress,
 )

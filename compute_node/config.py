@@ -1,0 +1,58 @@
+"""Compute node configuration: a TOML file, then FLOTILLA_* environment variables, then flags.
+
+| setting | env | default |
+|---|---|---|
+| host | FLOTILLA_HOST | the machine's short host name |
+| state_dir | FLOTILLA_STATE_DIR | /var/lib/flotilla/compute |
+| amqp_url | FLOTILLA_AMQP_URL | amqp://guest:guest@127.0.0.1:5672/%2F |
+| driver | FLOTILLA_DRIVER | kvm (or fake) |
+| cpu_allocation_ratio | FLOTILLA_CPU_ALLOCATION_RATIO | 4.0 |
+| ram_allocation_ratio | FLOTILLA_RAM_ALLOCATION_RATIO | 1.0 |
+| reserved_host_memory_mib | FLOTILLA_RESERVED_HOST_MEMORY_MIB | 512 |
+| heartbeat_interval_s | FLOTILLA_HEARTBEAT_INTERVAL_S | 2.0 |
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from protos.domain import NAME_PATTERN
+
+
+class ComputeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field(
+        default_factory=lambda: socket.gethostname().split(".")[0], pattern=NAME_PATTERN
+    )
+    state_dir: Path = Path("/var/lib/flotilla/compute")
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    driver: str = Field(default="kvm", pattern=r"^(kvm|fake)$")
+    cpu_allocation_ratio: float = Field(default=4.0, gt=0)
+    ram_allocation_ratio: float = Field(default=1.0, gt=0)
+    reserved_host_memory_mib: int = Field(default=512, ge=0)
+    heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    # The fake driver's pretend host (ignored by the KVM driver, which measures the real one).
+    fake_vcpus: int = Field(default=16, ge=1)
+    fake_memory_mib: int = Field(default=65536, ge=64)
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: Any) -> ComputeConfig:
+        """File (if given), then environment, then `overrides` (None values are ignored)."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+            values.update(data.get("compute", data))
+        for name in cls.model_fields:
+            env = os.environ.get(f"FLOTILLA_{name.upper()}")
+            if env is not None:
+                values[name] = env
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(values)

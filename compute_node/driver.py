@@ -1,0 +1,144 @@
+"""The hypervisor driver contract: one abstract class, typed arguments, contracts in docstrings.
+
+A driver runs guests and reports what happens to them; it decides nothing about events, seq or
+policies' bookkeeping (the worker does). Drivers report every lifecycle change of a guest as a
+`GuestEvent` to the sink the worker sets, each with a per-domain, strictly rising `n` that
+survives restarts of the worker (the KVM driver takes it from the VMM's journal), so the worker
+can resume after the last one it stored and never report a change twice.
+"""
+
+from __future__ import annotations
+
+import abc
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict
+
+from protos.commands import RebootMode, ShutdownMode
+from protos.domain import DomainSpec, PowerState
+from protos.host import KvmKind, Resources
+
+
+class DriverError(Exception):
+    """A driver operation failed. `code` maps to an ErrorReply code."""
+
+    def __init__(self, message: str, code: str = "internal") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class DomainNotRunning(DriverError):
+    def __init__(self, domain_id: uuid.UUID) -> None:
+        super().__init__(f"domain {domain_id} has no running machine", "conflict")
+
+
+class GuestEventKind(StrEnum):
+    STARTED = "started"  # detail: "booted" | "restarted"
+    PAUSED = "paused"
+    RESUMED = "resumed"
+    REBOOTED = "rebooted"  # reset and restarted in place; reason: i8042_reset | triple_fault | host
+    CRASHED = "crashed"  # the guest panicked; the policy's action follows as further events
+    SHUTDOWN = "shutdown"  # the guest powered off; detail: "guest" | "host" (after a request)
+    STOPPED = "stopped"  # reason: shutdown | destroyed | crashed | failed; the machine is gone
+    FAILED = "failed"  # the machine could not be started at all
+
+
+@dataclass(frozen=True, slots=True)
+class GuestEvent:
+    domain_id: uuid.UUID
+    n: int
+    kind: GuestEventKind
+    reason: str = ""
+    detail: str = ""
+
+
+EventSink = Callable[[GuestEvent], None]
+
+
+class RuntimeInfo(BaseModel):
+    """What the driver knows of a domain's machine right now."""
+
+    model_config = ConfigDict(frozen=True)
+    state: PowerState
+    pid: int | None = None
+    cpu_time_ns: int | None = None
+
+
+class Capabilities(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    kvm: KvmKind
+    max_vcpus: int
+    console_attach: bool = False
+    save_restore: bool = False
+    live_migration: bool = False
+
+
+class Driver(abc.ABC):
+    """Runs guests on one host. Methods are thread-safe; those naming a domain raise
+    DomainNotRunning when it has no machine, DriverError for anything else."""
+
+    @abc.abstractmethod
+    def capabilities(self) -> Capabilities: ...
+
+    @abc.abstractmethod
+    def host_resources(self) -> Resources:
+        """Physical capacity of the host (before overcommit and reservations)."""
+
+    @abc.abstractmethod
+    def set_event_sink(self, sink: EventSink) -> None:
+        """Where GuestEvents go. Called once, before anything else; the sink may block briefly
+        (it persists the event) and is called from driver threads, one event at a time per
+        domain, in `n` order."""
+
+    @abc.abstractmethod
+    def spawn(self, spec: DomainSpec, *, paused: bool = False) -> RuntimeInfo:
+        """Start a machine for `spec`; return once it runs (or is paused, if asked). Its
+        `started` event has reached the sink by then. Raises DriverError (code
+        `spawn_failed`) with the reason if it could not start; no events then."""
+
+    @abc.abstractmethod
+    def adopt(self, domain_id: uuid.UUID, after_n: int) -> RuntimeInfo | None:
+        """Find a machine left running by an earlier worker and watch it again, first
+        reporting every event after `after_n` that happened meanwhile (a machine that died
+        unreported is reported as `stopped`/`failed`). None if there is no trace of one."""
+
+    @abc.abstractmethod
+    def destroy(self, domain_id: uuid.UUID) -> None:
+        """Stop the machine at once; its `stopped` (destroyed) event reaches the sink first."""
+
+    @abc.abstractmethod
+    def shutdown(self, domain_id: uuid.UUID, mode: ShutdownMode) -> None:
+        """Ask the guest to power off and return at once (DriverError `unsupported` for a mode
+        the machine lacks). The guest's poweroff arrives later as events."""
+
+    @abc.abstractmethod
+    def reboot(self, domain_id: uuid.UUID, mode: RebootMode) -> None:
+        """`reset`: restart the machine now (a `rebooted` event before returning);
+        `ctrl-alt-del`: ask the guest and return."""
+
+    @abc.abstractmethod
+    def pause(self, domain_id: uuid.UUID) -> None:
+        """Stop every vCPU; `paused` event before returning."""
+
+    @abc.abstractmethod
+    def resume(self, domain_id: uuid.UUID) -> None:
+        """Run again; `resumed` event before returning."""
+
+    @abc.abstractmethod
+    def get_info(self, domain_id: uuid.UUID) -> RuntimeInfo:
+        """State of the machine; `shutoff` when there is none."""
+
+    @abc.abstractmethod
+    def console(self, domain_id: uuid.UUID, max_bytes: int) -> tuple[bytes, bool]:
+        """The tail of the console output and whether older output was dropped."""
+
+    @abc.abstractmethod
+    def remove(self, domain_id: uuid.UUID) -> None:
+        """Forget what is kept for a domain that has no machine (its directory, logs)."""
+
+    def close(self) -> None:  # noqa: B027  (an optional hook: most drivers hold nothing)
+        """Stop watching machines (they keep running)."""

@@ -1,0 +1,188 @@
+"""An in-memory driver for hosts without KVM, unit tests and scale simulations.
+
+Machines are records; "guest" actions (`guest_poweroff`, `guest_reboot`, `guest_panic`,
+`machine_dies`) let tests play the guest's part. Policies (on_poweroff/on_reboot/on_crash) are
+applied here as the KVM driver's VMM process applies them. Never a stand-in for KVM tests.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass
+
+from compute_node.driver import (
+    Capabilities,
+    DomainNotRunning,
+    Driver,
+    DriverError,
+    EventSink,
+    GuestEvent,
+    GuestEventKind,
+    RuntimeInfo,
+)
+from protos.commands import RebootMode, ShutdownMode
+from protos.domain import DomainSpec, LifecycleAction, PowerState
+from protos.host import KvmKind, Resources
+
+K = GuestEventKind
+
+
+@dataclass
+class _Machine:
+    spec: DomainSpec
+    state: PowerState
+    pid: int
+
+
+class FakeDriver(Driver):
+    def __init__(self, vcpus: int = 16, memory_mib: int = 65536) -> None:
+        self._resources = Resources(vcpus=vcpus, memory_mib=memory_mib)
+        self._machines: dict[uuid.UUID, _Machine] = {}
+        self._n: dict[uuid.UUID, int] = {}
+        self._console: dict[uuid.UUID, bytearray] = {}
+        self._sink: EventSink | None = None
+        self._lock = threading.RLock()
+        self._next_pid = 10_000
+        self.fail_next_spawn: str | None = None
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(kvm=KvmKind.NONE, max_vcpus=64)
+
+    def host_resources(self) -> Resources:
+        return self._resources
+
+    def set_event_sink(self, sink: EventSink) -> None:
+        self._sink = sink
+
+    def _emit(
+        self, domain_id: uuid.UUID, kind: GuestEventKind, reason: str = "", detail: str = ""
+    ) -> None:
+        self._n[domain_id] = n = self._n.get(domain_id, 0) + 1
+        assert self._sink is not None, "set_event_sink first"
+        self._sink(GuestEvent(domain_id, n, kind, reason, detail))
+
+    def _machine(self, domain_id: uuid.UUID) -> _Machine:
+        machine = self._machines.get(domain_id)
+        if machine is None or machine.state is PowerState.SHUTOFF:
+            raise DomainNotRunning(domain_id)
+        return machine
+
+    def spawn(self, spec: DomainSpec, *, paused: bool = False) -> RuntimeInfo:
+        with self._lock:
+            if self.fail_next_spawn:
+                reason, self.fail_next_spawn = self.fail_next_spawn, None
+                self._emit(spec.uuid, K.FAILED, reason)
+                raise DriverError(reason, "spawn_failed")
+            self._next_pid += 1
+            machine = _Machine(spec, PowerState.RUNNING, self._next_pid)
+            self._machines[spec.uuid] = machine
+            self._console[spec.uuid] = bytearray(b"flotilla-guest: READY\n")
+            self._emit(spec.uuid, K.STARTED, detail="booted")
+            if paused:
+                machine.state = PowerState.PAUSED
+                self._emit(spec.uuid, K.PAUSED)
+            return self._info(machine)
+
+    def adopt(self, domain_id: uuid.UUID, after_n: int) -> RuntimeInfo | None:
+        del after_n  # events are delivered synchronously: none can have been missed
+        with self._lock:
+            machine = self._machines.get(domain_id)
+            return None if machine is None else self._info(machine)
+
+    def destroy(self, domain_id: uuid.UUID) -> None:
+        with self._lock:
+            machine = self._machine(domain_id)
+            machine.state = PowerState.SHUTOFF
+            self._emit(domain_id, K.STOPPED, "destroyed")
+
+    def shutdown(self, domain_id: uuid.UUID, mode: ShutdownMode) -> None:
+        del mode  # the fake guest obeys any request at once
+        with self._lock:
+            self._machine(domain_id)
+            # The fake guest obeys at once.
+            self._poweroff(domain_id, "host")
+
+    def reboot(self, domain_id: uuid.UUID, mode: RebootMode) -> None:
+        del mode  # the fake guest obeys any request at once
+        with self._lock:
+            self._machine(domain_id)
+            self.guest_reboot(domain_id, "host")
+
+    def pause(self, domain_id: uuid.UUID) -> None:
+        with self._lock:
+            self._machine(domain_id).state = PowerState.PAUSED
+            self._emit(domain_id, K.PAUSED)
+
+    def resume(self, domain_id: uuid.UUID) -> None:
+        with self._lock:
+            self._machine(domain_id).state = PowerState.RUNNING
+            self._emit(domain_id, K.RESUMED)
+
+    def get_info(self, domain_id: uuid.UUID) -> RuntimeInfo:
+        with self._lock:
+            machine = self._machines.get(domain_id)
+            if machine is None:
+                return RuntimeInfo(state=PowerState.SHUTOFF)
+            return self._info(machine)
+
+    def console(self, domain_id: uuid.UUID, max_bytes: int) -> tuple[bytes, bool]:
+        data = bytes(self._console.get(domain_id, b""))
+        return data[-max_bytes:], len(data) > max_bytes
+
+    def remove(self, domain_id: uuid.UUID) -> None:
+        with self._lock:
+            self._machines.pop(domain_id, None)
+            self._console.pop(domain_id, None)
+
+    @staticmethod
+    def _info(machine: _Machine) -> RuntimeInfo:
+        pid = None if machine.state is PowerState.SHUTOFF else machine.pid
+        return RuntimeInfo(state=machine.state, pid=pid, cpu_time_ns=0)
+
+    # ---- the guest's part ---------------------------------------------------------------
+
+    def guest_poweroff(self, domain_id: uuid.UUID) -> None:
+        with self._lock:
+            self._machine(domain_id)
+            self._poweroff(domain_id, "guest")
+
+    def _poweroff(self, domain_id: uuid.UUID, by: str) -> None:
+        machine = self._machines[domain_id]
+        self._emit(domain_id, K.SHUTDOWN, "acpi_s5", by)
+        self._apply(machine, machine.spec.on_poweroff, stopped_reason="shutdown")
+
+    def guest_reboot(self, domain_id: uuid.UUID, reason: str = "i8042_reset") -> None:
+        with self._lock:
+            machine = self._machine(domain_id)
+            if machine.spec.on_reboot is LifecycleAction.RESTART:
+                machine.state = PowerState.RUNNING
+                self._emit(domain_id, K.REBOOTED, reason)
+            else:
+                machine.state = PowerState.SHUTOFF
+                self._emit(domain_id, K.STOPPED, "shutdown", "reboot")
+
+    def guest_panic(self, domain_id: uuid.UUID) -> None:
+        with self._lock:
+            machine = self._machine(domain_id)
+            self._emit(domain_id, K.CRASHED, "pvpanic")
+            if machine.spec.on_crash is LifecycleAction.PRESERVE:
+                machine.state = PowerState.CRASHED
+                return
+            self._apply(machine, machine.spec.on_crash, stopped_reason="crashed")
+
+    def machine_dies(self, domain_id: uuid.UUID) -> None:
+        """The machine's process vanished (kill -9)."""
+        with self._lock:
+            machine = self._machine(domain_id)
+            machine.state = PowerState.SHUTOFF
+            self._emit(domain_id, K.STOPPED, "failed", "machine process died")
+
+    def _apply(self, machine: _Machine, action: LifecycleAction, stopped_reason: str) -> None:
+        domain_id = machine.spec.uuid
+        if action is LifecycleAction.RESTART:
+            machine.state = PowerState.RUNNING
+            self._emit(domain_id, K.STARTED, detail="restarted")
+        else:
+            machine.state = PowerState.SHUTOFF
+            self._emit(domain_id, K.STOPPED, stopped_reason)

@@ -1,0 +1,69 @@
+"""`host.heartbeat.<host>` every few seconds: inventory, usage, domains by state, KVM kind."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+import structlog
+
+from compute_node.resources import Claims
+from compute_node.store import Store
+from protos.domain import PowerState
+from protos.host import HostHeartbeat, HostInventory
+from services.bus import Bus
+from services.cli.main import package_version
+
+log = structlog.get_logger("flotilla.compute.heartbeat")
+
+
+class Heartbeat:
+    def __init__(
+        self,
+        *,
+        bus: Bus,
+        host: str,
+        inventory: HostInventory,
+        claims: Claims,
+        store: Store,
+        interval_s: float,
+    ) -> None:
+        self._bus = bus
+        self._host = host
+        self._inventory = inventory
+        self._claims = claims
+        self._store = store
+        self._interval = interval_s
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self.enabled = True
+
+    def beat(self) -> HostHeartbeat:
+        by_state: Counter[PowerState] = Counter(r.state for r in self._store.all())
+        return HostHeartbeat(
+            host=self._host,
+            version=package_version(),
+            interval_s=self._interval,
+            enabled=self.enabled,
+            inventory=self._inventory,
+            usage=self._claims.usage(),
+            domains_by_state=dict(by_state),
+        )
+
+    def start(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                if self._bus.link.connected:
+                    # Not waited for: a heartbeat lost in a reconnect is replaced by the next.
+                    self._bus.publish_event_async(self.beat())
+            except Exception:
+                log.exception("heartbeat failed")
+            self._stopping.wait(self._interval)

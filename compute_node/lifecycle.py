@@ -1,0 +1,261 @@
+"""The compute node's command handlers: the domain lifecycle on this host.
+
+Every command checks the one transition table (protos.states) before acting; a refusal is an
+`ErrorReply` with code `conflict` carrying the current state. Changes of state come only from
+the driver's GuestEvents (`on_guest_event`), which is where events are emitted, so nothing is
+announced that did not happen.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+
+import structlog
+
+from compute_node.driver import (
+    DomainNotRunning,
+    Driver,
+    DriverError,
+    GuestEvent,
+    GuestEventKind,
+)
+from compute_node.resources import Claims
+from compute_node.store import DomainRecord, EventDraft, NameTaken, Store
+from compute_node.translate import translate
+from protos.commands import (
+    DefineDomain,
+    DestroyDomain,
+    GetConsole,
+    GetDomainInfo,
+    ListDomains,
+    PauseDomain,
+    RebootDomain,
+    ResumeDomain,
+    ShutdownDomain,
+    StartDomain,
+    UndefineDomain,
+)
+from protos.domain import PowerState, TaskState
+from protos.events import DefinedDetail, DomainDefined, DomainUndefined, UndefinedDetail
+from protos.replies import ConsoleOutput, DomainInfo, DomainList
+from protos.states import Action, Verdict, decide
+from services.bus import Context, Service, ServiceError, handles
+
+log = structlog.get_logger("flotilla.compute")
+
+
+class Lifecycle(Service):
+    name = "compute"
+
+    def __init__(self, host: str, store: Store, driver: Driver, claims: Claims) -> None:
+        self.host = host
+        self.store = store
+        self.driver = driver
+        self.claims = claims
+        self._locks: defaultdict[uuid.UUID, threading.Lock] = defaultdict(threading.Lock)
+        self._locks_guard = threading.Lock()
+        driver.set_event_sink(self.on_guest_event)
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _lock(self, domain_id: uuid.UUID) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks[domain_id]
+
+    def _record(self, domain_id: uuid.UUID) -> DomainRecord:
+        record = self.store.get(domain_id)
+        if record is None:
+            raise ServiceError("not_found", f"no domain {domain_id} on host {self.host}")
+        return record
+
+    def _check(self, record: DomainRecord, action: Action) -> bool:
+        """True to go ahead, False for a no-op; raise ServiceError(conflict) for a refusal."""
+        decision = decide(record.state, TaskState.NONE, action)
+        if decision.verdict is Verdict.REFUSE:
+            raise ServiceError(
+                "conflict", decision.reason, {"state": record.state.value, "action": action.value}
+            )
+        return decision.verdict is Verdict.ALLOW
+
+    def info(self, domain_id: uuid.UUID) -> DomainInfo:
+        record = self._record(domain_id)
+        pid = cpu = None
+        if record.state is not PowerState.SHUTOFF:
+            try:
+                runtime = self.driver.get_info(domain_id)
+                pid, cpu = runtime.pid, runtime.cpu_time_ns
+            except DriverError:
+                pass
+        spec = record.spec
+        return DomainInfo(
+            domain_id=spec.uuid,
+            name=spec.name,
+            host=self.host,
+            state=record.state,
+            vcpus=spec.vcpus,
+            memory_mib=spec.memory_mib,
+            seq=record.seq,
+            autostart=spec.autostart,
+            pid=pid,
+            cpu_time_ns=cpu,
+        )
+
+    # ---- driver events ---------------------------------------------------------------------
+
+    def on_guest_event(self, event: GuestEvent) -> None:
+        """Persist what happened to a guest and the events it means, once per driver event."""
+        record = self.store.get(event.domain_id)
+        if record is None:
+            log.warning("event for an unknown domain", domain_id=str(event.domain_id))
+            return
+        if event.n <= record.driver_n:
+            return  # already consumed before a restart
+        drafts, after = translate(event, record.state)
+        self.store.transition(event.domain_id, drafts, state=after, driver_n=event.n)
+        if after is PowerState.SHUTOFF:
+            self.claims.release(event.domain_id)
+        log.info(
+            "guest event",
+            domain_id=str(event.domain_id),
+            kind=event.kind.value,
+            reason=event.reason,
+            state=after.value,
+        )
+
+    # ---- commands ----------------------------------------------------------------------------
+
+    @handles(DefineDomain)
+    def define(self, cmd: DefineDomain, _ctx: Context) -> DomainInfo:
+        spec = cmd.spec
+        with self._lock(spec.uuid):
+            existing = self.store.get(spec.uuid)
+            if existing is not None:
+                self._check(existing, Action.DEFINE)
+                if existing.spec == spec:
+                    return self.info(spec.uuid)  # nothing changed: no event
+                detail = DefinedDetail.UPDATED
+            else:
+                detail = DefinedDetail.ADDED
+            state = existing.state if existing else PowerState.SHUTOFF
+            try:
+                self.store.define(spec, [EventDraft(DomainDefined, state, detail)])
+            except NameTaken as exc:
+                raise ServiceError("conflict", str(exc), {"name": spec.name}) from None
+            return self.info(spec.uuid)
+
+    @handles(UndefineDomain)
+    def undefine(self, cmd: UndefineDomain, _ctx: Context) -> None:
+        with self._lock(cmd.domain_id):
+            record = self._record(cmd.domain_id)
+            self._check(record, Action.UNDEFINE)
+            self.store.undefine(
+                cmd.domain_id,
+                [EventDraft(DomainUndefined, record.state, UndefinedDetail.REMOVED)],
+            )
+            self.driver.remove(cmd.domain_id)
+
+    @handles(StartDomain)
+    def start(self, cmd: StartDomain, _ctx: Context) -> DomainInfo:
+        with self._lock(cmd.domain_id):
+            record = self._record(cmd.domain_id)
+            if not self._check(record, Action.START):
+                return self.info(cmd.domain_id)
+            self.claims.claim(record.spec)
+            try:
+                self.driver.spawn(record.spec, paused=cmd.paused)
+            except DriverError as exc:
+                self.claims.release(cmd.domain_id)
+                raise ServiceError(exc.code, exc.message, {"host": self.host}) from None
+            return self.info(cmd.domain_id)
+
+    @handles(DestroyDomain)
+    def destroy(self, cmd: DestroyDomain, _ctx: Context) -> DomainInfo:
+        with self._lock(cmd.domain_id):
+            record = self._record(cmd.domain_id)
+            if self._check(record, Action.DESTROY):
+                self._destroy(record)
+            return self.info(cmd.domain_id)
+
+    def _destroy(self, record: DomainRecord) -> None:
+        try:
+            self.driver.destroy(record.id)
+        except DomainNotRunning:
+            # A preserved or vanished machine: nothing left to stop but the record.
+            self.on_guest_event(
+                GuestEvent(record.id, record.driver_n + 1, GuestEventKind.STOPPED, "destroyed")
+            )
+
+    @handles(ShutdownDomain)
+    def shutdown(self, cmd: ShutdownDomain, _ctx: Context) -> DomainInfo:
+        with self._lock(cmd.domain_id):
+            record = self._record(cmd.domain_id)
+            if not self._check(record, Action.SHUTDOWN):
+                return self.info(cmd.domain_id)
+            self._driver_call(lambda: self.driver.shutdown(cmd.domain_id, cmd.mode))
+        if not cmd.wait:
+            return self.info(cmd.domain_id)
+        # Wait without the domain's lock, so a destroy can still cut a hung shutdown short.
+        done = self.store.wait_for(cmd.domain_id, {PowerState.SHUTOFF}, cmd.timeout_s)
+        if done is None and cmd.force:
+            with self._lock(cmd.domain_id):
+                record = self._record(cmd.domain_id)
+                if record.state is not PowerState.SHUTOFF:
+                    self._destroy(record)
+        return self.info(cmd.domain_id)
+
+    @handles(RebootDomain)
+    def reboot(self, cmd: RebootDomain, _ctx: Context) -> DomainInfo:
+        with self._lock(cmd.domain_id):
+            record = self._record(cmd.domain_id)
+            if self._check(record, Action.REBOOT):
+                self._driver_call(lambda: self.driver.reboot(cmd.domain_id, cmd.mode))
+            return self.info(cmd.domain_id)
+
+    @handles(PauseDomain)
+    def pause(self, cmd: PauseDomain, _ctx: Context) -> DomainInfo:
+        with self._lock(cmd.domain_id):
+            record = self._record(cmd.domain_id)
+            if self._check(record, Action.PAUSE):
+                self._driver_call(lambda: self.driver.pause(cmd.domain_id))
+            return self.info(cmd.domain_id)
+
+    @handles(ResumeDomain)
+    def resume(self, cmd: ResumeDomain, _ctx: Context) -> DomainInfo:
+        with self._lock(cmd.domain_id):
+            record = self._record(cmd.domain_id)
+            if self._check(record, Action.RESUME):
+                self._driver_call(lambda: self.driver.resume(cmd.domain_id))
+            return self.info(cmd.domain_id)
+
+    @handles(GetDomainInfo)
+    def get_info(self, cmd: GetDomainInfo, _ctx: Context) -> DomainInfo:
+        return self.info(cmd.domain_id)
+
+    @handles(ListDomains)
+    def list(self, cmd: ListDomains, _ctx: Context) -> DomainList:
+        wanted = set(cmd.states) if cmd.states else None
+        return DomainList(
+            domains=[
+                self.info(r.id) for r in self.store.all() if wanted is None or r.state in wanted
+            ]
+        )
+
+    @handles(GetConsole)
+    def console(self, cmd: GetConsole, _ctx: Context) -> ConsoleOutput:
+        self._record(cmd.domain_id)
+        data, truncated = self.driver.console(cmd.domain_id, cmd.max_bytes)
+        return ConsoleOutput(
+            domain_id=cmd.domain_id,
+            data=data.decode("utf-8", "replace"),
+            truncated=truncated,
+        )
+
+    @staticmethod
+    def _driver_call(call: Callable[[], None]) -> None:
+        try:
+            call()
+        except DriverError as exc:
+            raise ServiceError(exc.code, exc.message) from None

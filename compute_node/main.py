@@ -1,0 +1,57 @@
+"""`flotilla-compute`: the compute node of one host."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from compute_node.config import ComputeConfig
+from compute_node.node import ComputeNode
+from services import log
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flotilla-compute",
+        description=(
+            "Run the compute node: consume compute.<host>, run guests, publish domain events. "
+            "Settings come from --config (TOML, [compute] table), then FLOTILLA_* environment "
+            "variables (FLOTILLA_HOST, FLOTILLA_STATE_DIR, FLOTILLA_AMQP_URL, FLOTILLA_DRIVER, "
+            "FLOTILLA_CPU_ALLOCATION_RATIO, FLOTILLA_RAM_ALLOCATION_RATIO, "
+            "FLOTILLA_RESERVED_HOST_MEMORY_MIB, FLOTILLA_HEARTBEAT_INTERVAL_S), then flags."
+        ),
+    )
+    parser.add_argument("--config", type=Path, help="TOML file")
+    parser.add_argument("--host", help="host name (queue compute.<host>)")
+    parser.add_argument("--state-dir", type=Path, help="where definitions and guests live")
+    parser.add_argument("--amqp-url", help="broker URL")
+    parser.add_argument("--driver", choices=["kvm", "fake"], help="hypervisor driver")
+    parser.add_argument("--cpu-allocation-ratio", type=float)
+    parser.add_argument("--ram-allocation-ratio", type=float)
+    parser.add_argument("--log-level", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    log.configure(args.log_level)
+    config = ComputeConfig.load(
+        args.config,
+        host=args.host,
+        state_dir=args.state_dir,
+        amqp_url=args.amqp_url,
+        driver=args.driver,
+        cpu_allocation_ratio=args.cpu_allocation_ratio,
+        ram_allocation_ratio=args.ram_allocation_ratio,
+    )
+    node = ComputeNode(config).start()
+    try:
+        node.runner.run_forever()
+    finally:
+        node.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""The compute node assembled: store, driver, lifecycle service, outbox, heartbeat, adoption.
+
+node = ComputeNode(config).start()   # consumes compute.<host>
+...
+node.stop()                          # guests keep running; a new node re-adopts them
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from compute_node.config import ComputeConfig
+from compute_node.driver import Driver, GuestEvent, GuestEventKind
+from compute_node.heartbeat import Heartbeat
+from compute_node.lifecycle import Lifecycle
+from compute_node.outbox import OutboxPublisher
+from compute_node.resources import Claims
+from compute_node.store import Store
+from protos import routing
+from protos.domain import PowerState
+from protos.host import HostInventory
+from services.bus import Bus, ServiceRunner
+from services.bus.idempotency import SqliteIdempotencyStore
+
+log = structlog.get_logger("flotilla.compute")
+
+
+def make_driver(config: ComputeConfig) -> Driver:
+    if config.driver == "fake":
+        from compute_node.fake import FakeDriver  # noqa: PLC0415
+
+        return FakeDriver(config.fake_vcpus, config.fake_memory_mib)
+    from compute_node.kvm import KvmDriver  # noqa: PLC0415
+
+    return KvmDriver(config.state_dir / "domains")
+
+
+class ComputeNode:
+    def __init__(self, config: ComputeConfig, driver: Driver | None = None) -> None:
+        self.config = config
+        self.driver = driver or make_driver(config)
+        source = f"compute:{config.host}"
+        self.store = Store(config.state_dir / "compute.db", host=config.host, source=source)
+        caps = self.driver.capabilities()
+        self.inventory = HostInventory(
+            capacity=self.driver.host_resources(),
+            cpu_allocation_ratio=config.cpu_allocation_ratio,
+            ram_allocation_ratio=config.ram_allocation_ratio,
+            kvm=caps.kvm,
+            max_vcpus_per_domain=caps.max_vcpus,
+        )
+        self.claims = Claims(self.inventory, config.reserved_host_memory_mib)
+        self.lifecycle = Lifecycle(config.host, self.store, self.driver, self.claims)
+        self.bus = Bus(config.amqp_url, source=source)
+        self.queue = routing.compute_queue(config.host)
+        self.runner = ServiceRunner(
+            self.bus,
+            self.lifecycle,
+            queue=self.queue,
+            idempotency=SqliteIdempotencyStore(config.state_dir / "idempotency.db"),
+            concurrency=8,
+        )
+        self.outbox = OutboxPublisher(self.store, self.bus)
+        self.heartbeat = Heartbeat(
+            bus=self.bus,
+            host=config.host,
+            inventory=self.inventory,
+            claims=self.claims,
+            store=self.store,
+            interval_s=config.heartbeat_interval_s,
+        )
+
+    def start(self, timeout: float = 30.0) -> ComputeNode:
+        """Adopt what runs, publish what is pending, then serve commands. Returns once the
+        command queue is consumed; the broker may be down (everything waits for it)."""
+        self.adopt()
+        self.outbox.start()
+        self.bus.start(timeout)
+        self.runner.start()
+        self.heartbeat.start()
+        self.autostart()
+        log.info("compute node serving", host=self.config.host, queue=self.queue)
+        return self
+
+    def adopt(self) -> None:
+        """Re-attach machines left running and account for what changed while we were away."""
+        for record in self.store.all():
+            runtime = self.driver.adopt(record.id, record.driver_n)
+            current = self.store.get(record.id)
+            assert current is not None
+            if runtime is None or runtime.state is PowerState.SHUTOFF:
+                if current.state not in (PowerState.SHUTOFF, PowerState.NOSTATE):
+                    self.lifecycle.on_guest_event(
+                        GuestEvent(
+                            record.id,
+                            current.driver_n + 1,
+                            GuestEventKind.STOPPED,
+                            "failed",
+                            "machine vanished while the compute node was down",
+                        )
+                    )
+                continue
+            self.claims.hold(current.spec)
+            log.info("adopted", domain_id=str(record.id), state=runtime.state.value)
+
+    def autostart(self) -> None:
+        for record in self.store.all():
+            if record.spec.autostart and record.state is PowerState.SHUTOFF:
+                try:
+                    self.lifecycle.driver.spawn(record.spec)
+                    self.claims.hold(record.spec)
+                except Exception as exc:
+                    log.warning("autostart failed", domain_id=str(record.id), error=str(exc))
+
+    def stop(self) -> None:
+        self.heartbeat.stop()
+        self.runner.stop()
+        self.outbox.stop()
+        self.bus.close()
+        self.driver.close()
+        self.store.close()

@@ -1,0 +1,74 @@
+"""Publishes the store's outbox: every event, in order, confirmed by the broker before its row
+is deleted. While the broker is unreachable rows wait; they go out when it returns."""
+
+from __future__ import annotations
+
+import threading
+
+import structlog
+
+from compute_node.store import Store
+from protos import routing
+from protos.codec import decode
+from services.bus import Bus
+from services.bus.bus import properties_for
+
+log = structlog.get_logger("flotilla.compute.outbox")
+CONFIRM_TIMEOUT_S = 30.0
+
+
+class OutboxPublisher:
+    def __init__(self, store: Store, bus: Bus) -> None:
+        self._store = store
+        self._bus = bus
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
+        self.published = 0
+
+    def start(self) -> OutboxPublisher:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        with self._store.changed:
+            self._store.changed.notify_all()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stopping.is_set():
+            items = self._store.outbox()
+            if not items:
+                with self._store.changed:
+                    if not self._store.outbox_size() and not self._stopping.is_set():
+                        self._store.changed.wait(1.0)
+                continue
+            if not self._bus.link.wait_connected(1.0):
+                continue
+            futures = []
+            for item in items:
+                props = properties_for(decode(item.body))
+                futures.append(
+                    self._bus.link.publish(
+                        routing.EVENTS_EXCHANGE, item.routing_key, item.body, props
+                    )
+                )
+            done_row = None
+            for item, future in zip(items, futures, strict=True):
+                try:
+                    future.result(CONFIRM_TIMEOUT_S)
+                except Exception as exc:
+                    log.warning("event not confirmed; will resend", error=str(exc))
+                    break
+                done_row = item.row
+                self.published += 1
+            if done_row is not None:
+                self._store.outbox_done(done_row)
+            if done_row != items[-1].row:
+                for future in futures:
+                    future.cancel()
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+            else:
+                backoff = 0.1

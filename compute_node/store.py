@@ -1,0 +1,254 @@
+"""The compute node's state on disk: domain definitions, their power state and `seq`, the last
+driver event consumed, and the event outbox — one SQLite file, so an event, the state it
+produces and the seq it uses are written in one transaction.
+
+The outbox holds packed envelopes (with their message ids) until the broker confirms them; the
+publisher (compute_node.outbox) sends them in insertion order, so events produced while the
+broker is unreachable go out, in order, when it returns.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from protos.codec import envelope_for, pack
+from protos.domain import DomainSpec, PowerState
+from protos.events import DomainEvent
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS domains (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    seq INTEGER NOT NULL DEFAULT 0,
+    driver_n INTEGER NOT NULL DEFAULT 0,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL,
+    routing_key TEXT NOT NULL,
+    body BLOB NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class DomainRecord:
+    spec: DomainSpec
+    state: PowerState
+    seq: int
+    driver_n: int
+
+    @property
+    def id(self) -> uuid.UUID:
+        return self.spec.uuid
+
+
+@dataclass(frozen=True)
+class EventDraft:
+    """An event to emit: its class and fields other than the common ones."""
+
+    cls: type[DomainEvent]
+    state: PowerState
+    detail: str | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    row: int
+    message_id: str
+    routing_key: str
+    body: bytes
+
+
+class NameTaken(ValueError):
+    pass
+
+
+class Store:
+    """Thread-safe access to the compute node's SQLite file."""
+
+    def __init__(self, path: Path, *, host: str, source: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.RLock()
+        self.host = host
+        self.source = source
+        # Notified on every state change and outbox insert.
+        self.changed = threading.Condition(self._lock)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            self.changed.notify_all()
+
+    # ---- domains ----------------------------------------------------------------------------
+
+    def get(self, domain_id: uuid.UUID) -> DomainRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT spec, state, seq, driver_n FROM domains WHERE id = ?", (str(domain_id),)
+            ).fetchone()
+        return None if row is None else _record(row)
+
+    def all(self) -> list[DomainRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT spec, state, seq, driver_n FROM domains ORDER BY name"
+            ).fetchall()
+        return [_record(r) for r in rows]
+
+    def define(self, spec: DomainSpec, drafts: list[EventDraft]) -> DomainRecord:
+        """Insert or replace the definition of `spec.uuid` and emit `drafts`."""
+        with self._tx() as db:
+            clash = db.execute(
+                "SELECT id FROM domains WHERE name = ? AND id != ?", (spec.name, str(spec.uuid))
+            ).fetchone()
+            if clash is not None:
+                raise NameTaken(f"name {spec.name!r} is taken by domain {clash[0]}")
+            row = db.execute("SELECT state FROM domains WHERE id = ?", (str(spec.uuid),)).fetchone()
+            state = PowerState.SHUTOFF if row is None else PowerState(row[0])
+            db.execute(
+                "INSERT INTO domains (id, name, spec, state, updated) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET name = excluded.name, spec = excluded.spec, "
+                "updated = excluded.updated",
+                (str(spec.uuid), spec.name, spec.model_dump_json(), state.value, time.time()),
+            )
+            self._emit(db, spec, drafts)
+        record = self.get(spec.uuid)
+        assert record is not None
+        return record
+
+    def undefine(self, domain_id: uuid.UUID, drafts: list[EventDraft]) -> None:
+        """Emit `drafts` (seq continues) and remove the definition."""
+        record = self.get(domain_id)
+        if record is None:
+            return
+        with self._tx() as db:
+            self._emit(db, record.spec, drafts)
+            db.execute("DELETE FROM domains WHERE id = ?", (str(domain_id),))
+
+    def transition(
+        self,
+        domain_id: uuid.UUID,
+        drafts: list[EventDraft],
+        *,
+        state: PowerState | None = None,
+        driver_n: int | None = None,
+    ) -> list[DomainEvent]:
+        """Emit `drafts` and move to the last draft's state (or `state`), recording the
+        driver event consumed, all in one transaction. Returns the events."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT spec, state, seq, driver_n FROM domains WHERE id = ?", (str(domain_id),)
+            ).fetchone()
+            if row is None:
+                return []
+            record = _record(row)
+            events = self._emit(db, record.spec, drafts)
+            new_state = state or (drafts[-1].state if drafts else record.state)
+            db.execute(
+                "UPDATE domains SET state = ?, driver_n = max(driver_n, ?), updated = ? "
+                "WHERE id = ?",
+                (new_state.value, driver_n or 0, time.time(), str(domain_id)),
+            )
+        return events
+
+    def _emit(
+        self, db: sqlite3.Connection, spec: DomainSpec, drafts: list[EventDraft]
+    ) -> list[DomainEvent]:
+        if not drafts:
+            return []
+        (seq,) = db.execute(
+            "SELECT seq FROM domains WHERE id = ?", (str(spec.uuid),)
+        ).fetchone() or (0,)
+        events = []
+        for draft in drafts:
+            seq += 1
+            fields: dict[str, object] = {
+                "domain_id": spec.uuid,
+                "name": spec.name,
+                "host": self.host,
+                "seq": seq,
+                "state": draft.state,
+                "reason": draft.reason,
+            }
+            if draft.detail is not None:
+                fields["detail"] = draft.detail
+            event = draft.cls.model_validate(fields)
+            envelope = envelope_for(event, source=self.source)
+            db.execute(
+                "INSERT INTO outbox (message_id, routing_key, body) VALUES (?, ?, ?)",
+                (envelope.id, event.routing_key(), pack(envelope)),
+            )
+            events.append(event)
+        db.execute("UPDATE domains SET seq = ? WHERE id = ?", (seq, str(spec.uuid)))
+        return events
+
+    def wait_for(
+        self, domain_id: uuid.UUID, states: set[PowerState], timeout: float
+    ) -> DomainRecord | None:
+        """Wait until the domain is in one of `states`; return it, or None on timeout."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                record = self.get(domain_id)
+                if record is not None and record.state in states:
+                    return record
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self.changed.wait(remaining)
+
+    # ---- outbox -------------------------------------------------------------------------------
+
+    def outbox(self, limit: int = 200) -> list[OutboxItem]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, message_id, routing_key, body FROM outbox ORDER BY id LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [OutboxItem(r[0], r[1], r[2], bytes(r[3])) for r in rows]
+
+    def outbox_done(self, up_to_row: int) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM outbox WHERE id <= ?", (up_to_row,))
+
+    def outbox_size(self) -> int:
+        with self._lock:
+            (n,) = self._db.execute("SELECT count(*) FROM outbox").fetchone()
+        return int(n)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _record(row: tuple[str, str, int, int]) -> DomainRecord:
+    return DomainRecord(
+        spec=DomainSpec.model_validate(json.loads(row[0])),
+        state=PowerState(row[1]),
+        seq=int(row[2]),
+        driver_n=int(row[3]),
+    )

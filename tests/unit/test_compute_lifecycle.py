@@ -1,0 +1,295 @@
+"""The compute node's dispatcher, transition checks, events and policies, on the FakeDriver
+(no broker: handlers are called the way the consumer runtime calls them)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from compute_node.driver import GuestEvent, GuestEventKind
+from compute_node.fake import FakeDriver
+from compute_node.lifecycle import Lifecycle
+from compute_node.resources import Claims
+from compute_node.store import Store
+from protos.base import Message
+from protos.codec import Envelope, decode, parse_body
+from protos.commands import (
+    DefineDomain,
+    DestroyDomain,
+    GetConsole,
+    ListDomains,
+    PauseDomain,
+    RebootDomain,
+    ResumeDomain,
+    ShutdownDomain,
+    StartDomain,
+    UndefineDomain,
+)
+from protos.domain import BootSpec, DomainSpec, LifecycleAction, PowerState
+from protos.events import DomainEvent
+from protos.host import HostInventory, KvmKind, Resources
+from protos.replies import DomainInfo
+from services.bus import Context, ServiceError
+from services.bus.service import dispatch
+
+CTX = Context(Envelope(type="t", body={}, source="test"))
+
+
+class Node:
+    """A Lifecycle on a FakeDriver with a store in a temp dir; `events()` drains the outbox."""
+
+    def __init__(self, path: Path, vcpus: int = 8, memory_mib: int = 8192) -> None:
+        self.path = path
+        self.driver = FakeDriver(vcpus, memory_mib)
+        self.store = Store(path / "compute.db", host="node-1", source="compute:node-1")
+        inventory = HostInventory(
+            capacity=self.driver.host_resources(),
+            cpu_allocation_ratio=1.0,
+            ram_allocation_ratio=1.0,
+            kvm=KvmKind.NONE,
+        )
+        self.claims = Claims(inventory, reserved_memory_mib=0)
+        self.service = Lifecycle("node-1", self.store, self.driver, self.claims)
+
+    def do(self, command: Message) -> Message:
+        return dispatch(self.service, command, CTX)
+
+    def ok(self, command: Message) -> DomainInfo:
+        reply = self.do(command)
+        assert isinstance(reply, DomainInfo), reply
+        return reply
+
+    def events(self) -> list[tuple[str, str, int]]:
+        """(type, detail, seq) of every event published since the last call."""
+        items = self.store.outbox()
+        if items:
+            self.store.outbox_done(items[-1].row)
+        out = []
+        for item in items:
+            event = parse_body(decode(item.body))
+            assert isinstance(event, DomainEvent)
+            assert item.routing_key == f"domain.{event.EVENT}.{event.domain_id}"
+            out.append((event.TYPE, str(getattr(event, "detail", "")), event.seq))
+        return out
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    n = Node(tmp_path)
+    yield n
+    n.store.close()
+
+
+def spec(name: str = "web-1", **kw: object) -> DomainSpec:
+    return DomainSpec.model_validate(
+        {"name": name, "boot": BootSpec(kernel="/guest.elf"), "memory_mib": 256, **kw}
+    )
+
+
+def types(events: list[tuple[str, str, int]]) -> list[tuple[str, str]]:
+    return [(t, d) for t, d, _ in events]
+
+
+def test_full_lifecycle_emits_libvirt_events_with_rising_seq(node: Node) -> None:
+    s = spec()
+    d = s.uuid
+    assert node.ok(DefineDomain(spec=s)).state is PowerState.SHUTOFF
+    assert node.ok(StartDomain(domain_id=d)).state is PowerState.RUNNING
+    assert node.ok(PauseDomain(domain_id=d)).state is PowerState.PAUSED
+    assert node.ok(ResumeDomain(domain_id=d)).state is PowerState.RUNNING
+    assert node.ok(RebootDomain(domain_id=d)).state is PowerState.RUNNING
+    assert node.ok(ShutdownDomain(domain_id=d)).state is PowerState.SHUTOFF
+    assert node.ok(StartDomain(domain_id=d)).state is PowerState.RUNNING
+    assert node.ok(DestroyDomain(domain_id=d)).state is PowerState.SHUTOFF
+    assert node.do(UndefineDomain(domain_id=d)) is not None
+    events = node.events()
+    assert types(events) == [
+        ("domain.defined", "added"),
+        ("domain.started", "booted"),
+        ("domain.suspended", "paused"),
+        ("domain.resumed", "unpaused"),
+        ("domain.rebooted", ""),
+        ("domain.shutdown", "host"),
+        ("domain.stopped", "shutdown"),
+        ("domain.started", "booted"),
+        ("domain.stopped", "destroyed"),
+        ("domain.undefined", "removed"),
+    ]
+    assert [seq for *_, seq in events] == list(range(1, 11))
+
+
+def test_refused_actions_answer_conflict_with_the_state(node: Node) -> None:
+    s = spec()
+    node.ok(DefineDomain(spec=s))
+    reply = node.do(DestroyDomain(domain_id=s.uuid))
+    assert reply.model_dump()["code"] == "conflict"
+    assert reply.model_dump()["details"]["state"] == "shutoff"
+    node.ok(StartDomain(domain_id=s.uuid))
+    reply = node.do(UndefineDomain(domain_id=s.uuid))
+    assert reply.model_dump()["code"] == "conflict"
+    assert "destroy it first" in reply.model_dump()["message"]
+
+
+def test_no_op_actions_emit_nothing(node: Node) -> None:
+    s = spec()
+    node.ok(DefineDomain(spec=s))
+    node.ok(DefineDomain(spec=s))  # the same definition again
+    node.ok(StartDomain(domain_id=s.uuid))
+    node.ok(PauseDomain(domain_id=s.uuid))
+    node.events()
+    node.ok(PauseDomain(domain_id=s.uuid))
+    node.ok(DefineDomain(spec=s.model_copy(update={"vcpus": 2})))
+    assert types(node.events()) == [("domain.defined", "updated")]
+
+
+def test_unknown_domain_is_not_found(node: Node) -> None:
+    reply = node.do(StartDomain(domain_id=uuid.uuid4()))
+    assert reply.model_dump()["code"] == "not_found"
+
+
+def test_name_clash_is_a_conflict(node: Node) -> None:
+    node.ok(DefineDomain(spec=spec("same")))
+    reply = node.do(DefineDomain(spec=spec("same")))
+    assert reply.model_dump()["code"] == "conflict"
+
+
+def test_capacity_refusal_says_what_is_short(tmp_path: Path) -> None:
+    node = Node(tmp_path, vcpus=2, memory_mib=1024)
+    a, b = spec("a", memory_mib=768), spec("b", memory_mib=768)
+    for s in (a, b):
+        node.ok(DefineDomain(spec=s))
+    node.ok(StartDomain(domain_id=a.uuid))
+    reply = node.do(StartDomain(domain_id=b.uuid)).model_dump()
+    assert reply["code"] == "no_capacity"
+    assert "memory: 768 MiB wanted, 256 free" in reply["message"]
+    assert reply["details"]["free"] == {"vcpus": 1, "memory_mib": 256}
+    # Stopping the first frees its claim.
+    node.ok(DestroyDomain(domain_id=a.uuid))
+    assert node.ok(StartDomain(domain_id=b.uuid)).state is PowerState.RUNNING
+
+
+def test_spawn_failure_is_reported_and_releases_the_claim(node: Node) -> None:
+    s = spec()
+    node.ok(DefineDomain(spec=s))
+    node.events()
+    node.driver.fail_next_spawn = "kernel /guest.elf is not a file"
+    reply = node.do(StartDomain(domain_id=s.uuid)).model_dump()
+    assert reply["code"] == "spawn_failed"
+    assert "not a file" in reply["message"]
+    assert node.events() == []
+    assert not node.claims.holds(s.uuid)
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected", "state"),
+    [
+        (
+            LifecycleAction.RESTART,
+            [
+                ("domain.crashed", "panicked"),
+                ("domain.stopped", "crashed"),
+                ("domain.started", "booted"),
+            ],
+            PowerState.RUNNING,
+        ),
+        (
+            LifecycleAction.DESTROY,
+            [("domain.crashed", "panicked"), ("domain.stopped", "crashed")],
+            PowerState.SHUTOFF,
+        ),
+        (LifecycleAction.PRESERVE, [("domain.crashed", "panicked")], PowerState.CRASHED),
+    ],
+)
+def test_on_crash_policies(
+    node: Node, policy: LifecycleAction, expected: list[tuple[str, str]], state: PowerState
+) -> None:
+    s = spec(on_crash=policy)
+    node.ok(DefineDomain(spec=s))
+    node.ok(StartDomain(domain_id=s.uuid))
+    node.events()
+    node.driver.guest_panic(s.uuid)
+    assert types(node.events()) == expected
+    record = node.store.get(s.uuid)
+    assert record is not None
+    assert record.state is state
+
+
+def test_on_poweroff_restart_and_on_reboot_destroy(node: Node) -> None:
+    a = spec("a", on_poweroff=LifecycleAction.RESTART)
+    b = spec("b", on_reboot=LifecycleAction.DESTROY)
+    for s in (a, b):
+        node.ok(DefineDomain(spec=s))
+        node.ok(StartDomain(domain_id=s.uuid))
+    node.events()
+    node.driver.guest_poweroff(a.uuid)
+    assert types(node.events()) == [
+        ("domain.shutdown", "guest"),
+        ("domain.stopped", "shutdown"),
+        ("domain.started", "booted"),
+    ]
+    node.driver.guest_reboot(b.uuid)
+    assert types(node.events()) == [("domain.stopped", "shutdown")]
+
+
+def test_machine_death_is_stopped_failed(node: Node) -> None:
+    s = spec()
+    node.ok(DefineDomain(spec=s))
+    node.ok(StartDomain(domain_id=s.uuid))
+    node.events()
+    node.driver.machine_dies(s.uuid)
+    assert types(node.events()) == [("domain.stopped", "failed")]
+
+
+def test_a_driver_event_already_consumed_is_ignored(node: Node) -> None:
+    s = spec()
+    node.ok(DefineDomain(spec=s))
+    node.ok(StartDomain(domain_id=s.uuid))
+    node.ok(PauseDomain(domain_id=s.uuid))
+    node.events()
+    record = node.store.get(s.uuid)
+    assert record is not None
+    node.service.on_guest_event(GuestEvent(s.uuid, record.driver_n, GuestEventKind.RESUMED))
+    assert node.events() == []
+
+
+def test_seq_and_definitions_survive_a_restart(tmp_path: Path) -> None:
+    first = Node(tmp_path)
+    s = spec()
+    first.ok(DefineDomain(spec=s))
+    first.ok(StartDomain(domain_id=s.uuid))
+    assert [seq for *_, seq in first.events()] == [1, 2]
+    first.store.close()
+    second = Node(tmp_path)
+    second.driver = first.driver  # the machines outlived the worker
+    second.service = Lifecycle("node-1", second.store, first.driver, second.claims)
+    listed = second.do(ListDomains()).model_dump()
+    assert [d["name"] for d in listed["domains"]] == ["web-1"]
+    assert second.ok(PauseDomain(domain_id=s.uuid)).seq == 3
+    assert [seq for *_, seq in second.events()] == [3]
+
+
+def test_console_and_list(node: Node) -> None:
+    s = spec()
+    node.ok(DefineDomain(spec=s))
+    node.ok(StartDomain(domain_id=s.uuid))
+    console = node.do(GetConsole(domain_id=s.uuid)).model_dump()
+    assert "READY" in console["data"]
+    running = node.do(ListDomains(states=[PowerState.RUNNING])).model_dump()
+    assert [d["name"] for d in running["domains"]] == ["web-1"]
+    assert node.do(ListDomains(states=[PowerState.PAUSED])).model_dump()["domains"] == []
+
+
+def test_claims_limits_apply_overcommit_and_reserve() -> None:
+    inventory = HostInventory(
+        capacity=Resources(vcpus=4, memory_mib=4096),
+        cpu_allocation_ratio=4.0,
+        ram_allocation_ratio=1.5,
+        kvm=KvmKind.PVM,
+    )
+    claims = Claims(inventory, reserved_memory_mib=1024)
+    assert claims.limits() == Resources(vcpus=16, memory_mib=4608)
+    with pytest.raises(ServiceError, match="vCPUs: 17 wanted, 16 free"):
+        claims.claim(spec(vcpus=17))
