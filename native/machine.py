@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 MAX_VCPUS = 64
 MAX_MEMORY_MIB = 65536
 MIN_MEMORY_MIB = 4
+IOAPIC_PINS = 24
 
 
 class VmmError(Exception):
@@ -373,6 +374,20 @@ class Machine:
             if left <= 0:
                 return None
             poller.poll(max(1, int(left * 1000)))
+
+    # -- interrupts -------------------------------------------------------------------------
+
+    def bind_irq_eventfd(self, gsi: int, fd: int) -> None:
+        """Makes each 8-byte write to eventfd `fd` an edge on IOAPIC pin `gsi` (0..23).
+
+        KVM delivers it without a VMM thread while the guest has the pin unmasked; while the
+        pin is masked the edge is dropped. The caller keeps `fd` open or closes it; the
+        binding lasts as long as the machine. Raises ValueError for a pin out of range and
+        MachineStateError once the machine has stopped.
+        """
+        if not 0 <= gsi < IOAPIC_PINS:
+            raise ValueError(f"GSI must be 0..{IOAPIC_PINS - 1}, not {gsi}")
+        self._call(self._lib.fl_vm_irqfd(self._handle(), gsi, fd))
 
     # -- state (while paused) ---------------------------------------------------------------
 

@@ -282,6 +282,23 @@ void fl_vm_destroy(struct fl_vm *vm)
 	free(vm);
 }
 
+int fl_vm_irqfd(struct fl_vm *vm, uint32_t gsi, int fd)
+{
+	int rc;
+
+	if (!vm)
+		return -EINVAL;
+	pthread_mutex_lock(&vm->api_lock);
+	if (vm->state == FL_STATE_NEW)
+		rc = fl_fail(vm, EINVAL, "machine is not configured");
+	else if (fl_vm_state(vm) == FL_STATE_STOPPED)
+		rc = fl_fail(vm, ESRCH, "machine has stopped");
+	else
+		rc = fl_kvm_irqfd_bind(vm, gsi, fd);
+	pthread_mutex_unlock(&vm->api_lock);
+	return rc;
+}
+
 int fl_memory_read(struct fl_vm *vm, uint64_t gpa, void *buf, uint64_t len)
 {
 	const void *p;

@@ -8,6 +8,7 @@
 #include "hostile.h"
 #include "i8042.h"
 #include "intr.h"
+#include "ioapic.h"
 #include "io.h"
 #include "lib.h"
 #include "mem.h"
@@ -131,6 +132,14 @@ static void act_hostile(u64 v)
 	hostile_run();
 }
 
+static void act_ioapic(u64 v)
+{
+	(void)v;
+	ioapic_selftest();
+}
+
+static void act_irqwait(u64 pin) { ioapic_irqwait(pin); }
+
 static void act_debugexit(u64 v)
 {
 	outl(DEBUG_EXIT_PORT, (u32)v);
@@ -150,6 +159,8 @@ static const struct action actions[] = {
 	{"counter", NO_VALUE, act_counter},
 	{"hostile", NO_VALUE, act_hostile},
 	{"serialflood", NEEDS_VALUE, act_serialflood},
+	{"ioapic", NO_VALUE, act_ioapic},
+	{"irqwait", NEEDS_VALUE, act_irqwait},
 	{"debugexit", OPTIONAL_VALUE, act_debugexit},
 };
 

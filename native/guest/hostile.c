@@ -3,6 +3,7 @@
 #include "bootinfo.h"
 #include "i8042.h"
 #include "io.h"
+#include "ioapic.h"
 #include "print.h"
 #include "uart.h"
 
@@ -97,6 +98,22 @@ static void acpi_garbage(void)
 	}
 }
 
+/* The 8259 ports: masks, EOIs and read selects, never an ICW1 (bit 4 on a
+ * command port), which would start a re-initialisation; ends masked. */
+static void pic_garbage(void)
+{
+	static const u16 ports[] = {0x20, 0x21, 0xa0, 0xa1};
+	for (int i = 0; i < 32; i++) {
+		u64 r = rand64();
+		u16 port = ports[r & 3];
+		u8 v = (u8)(r >> 8);
+		outb(port, (port & 1) ? v : (u8)(v & ~0x10));
+		(void)inb(port);
+	}
+	outb(0x21, 0xff);
+	outb(0xa1, 0xff);
+}
+
 /* Ports no machine we boot on decodes (COM2, COM3, and free ranges). */
 static const u16 unbacked_ports[] = {0x2f8, 0x2fa, 0x2fd, 0x3e8, 0x3ee, 0x1000, 0x1004, 0x2000,
 				     0x3000, 0x5555, 0x7777, 0x9000, 0xe000, 0xfff0};
@@ -121,6 +138,8 @@ void hostile_run(void)
 	uart_garbage();
 	i8042_garbage();
 	acpi_garbage();
+	pic_garbage();
+	ioapic_garbage();
 	for (unsigned i = 0; i < ARRAY_SIZE(unbacked_ports); i++)
 		for (int j = 0; j < 4; j++)
 			port_garbage((u16)(unbacked_ports[i] + (rand64() & 3)));

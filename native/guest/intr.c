@@ -89,10 +89,29 @@ static void intr_init(void)
 	lapic_write(LAPIC_SVR, SVR_ENABLE | VEC_SPURIOUS);
 	calibrate();
 	lapic_write(LAPIC_LVT_TIMER, VEC_TIMER); /* one-shot */
+	intr_route_inputs();
+	state = INTR_READY;
+}
+
+bool intr_setup(void)
+{
+	if (state == INTR_NONE)
+		intr_init();
+	return state == INTR_READY;
+}
+
+void intr_disarm(void)
+{
+	if (state == INTR_READY && armed)
+		lapic_write(LAPIC_TMICT, 0);
+	armed = 0;
+}
+
+void intr_route_inputs(void)
+{
 	u32 id = cpu_apic_id();
 	ioapic_route(1, VEC_I8042, id);
 	ioapic_route(4, VEC_COM1, id);
-	state = INTR_READY;
 }
 
 void wait_until(u64 deadline)

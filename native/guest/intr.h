@@ -13,6 +13,13 @@
  * interrupt arrives, whichever is first; may return early, so callers loop.
  * Sets the interrupt controllers up on first use. Boot CPU only. */
 void wait_until(u64 deadline_tsc);
+/* Set the interrupt controllers up now if not yet; true when interrupts work
+ * (a local APIC answers). */
+bool intr_setup(void);
+/* Stop the LAPIC timer (the next wait_until re-arms it). */
+void intr_disarm(void);
+/* (Re)route IOAPIC pins 1 and 4 to their vectors, edge, to this CPU. */
+void intr_route_inputs(void);
 /* Sleep at least `us` microseconds. */
 void sleep_us(u64 us);
 

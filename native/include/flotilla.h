@@ -133,6 +133,11 @@ int fl_vcpu_state_size(void);
 int fl_vcpu_save(struct fl_vm *vm, uint32_t index, void *buf, size_t len);
 int fl_vcpu_restore(struct fl_vm *vm, uint32_t index, const void *buf, size_t len);
 
+/* Interrupts from outside a vCPU: each 8-byte write to eventfd fd is an edge on IOAPIC
+ * pin gsi (0..23), delivered by KVM while the guest has the pin unmasked and dropped while it
+ * is masked. The caller keeps fd; the binding lasts as long as the machine. After configure. */
+int fl_vm_irqfd(struct fl_vm *vm, uint32_t gsi, int fd);
+
 /* Introspection */
 int fl_memory_read(struct fl_vm *vm, uint64_t gpa, void *buf, uint64_t len);
 int fl_counters_read(struct fl_vm *vm, struct fl_counters *out);
