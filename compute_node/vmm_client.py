@@ -1,0 +1,413 @@
+"""The worker's side of a per-guest VMM process (`python -m compute_node.vmm`, docs/vmm.md).
+
+`spawn()` starts one for a prepared domain dir, `VmmClient` talks to it over
+`<domain-dir>/control.sock`, `read_journal()` reads its journal with or without it running.
+Standard library and msgpack only.
+
+Errors: `VmmGone` (no VMM answers: socket absent, refused, or closed before a reply),
+`VmmRequestError` (the VMM refused the request: `code`, `message`), `VmmSpawnError` (it did
+not come up: `reason`), `VmmProtocolError` (it sent something unreadable); all are
+`VmmClientError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from types import TracebackType
+from typing import Any, NamedTuple, TypedDict, cast
+
+from compute_node.vmm_proto import (
+    CONTROL_SOCKET,
+    JOURNAL,
+    MAX_REPLY,
+    PROCESS_LOG,
+    FrameError,
+    FrameReader,
+    JournalRecord,
+    pack_frame,
+    read_journal,
+)
+
+__all__ = [
+    "ConsoleSnapshot",
+    "JournalRecord",
+    "VmmClient",
+    "VmmClientError",
+    "VmmGone",
+    "VmmProtocolError",
+    "VmmRequestError",
+    "VmmSpawnError",
+    "VmmStatus",
+    "VmmSubscription",
+    "read_journal",
+    "reap",
+    "spawn",
+    "wait_exit",
+]
+
+SPAWN_TIMEOUT = 10.0
+# The package's parent directory: `-m compute_node.vmm` run from there finds it under -S.
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # noqa: PTH100, PTH120
+
+
+_children: dict[int, subprocess.Popen[bytes]] = {}
+_exited: dict[int, int] = {}
+
+
+class VmmClientError(Exception):
+    """Base of every error this module raises."""
+
+
+class VmmGone(VmmClientError):
+    """No VMM process answers on the domain's control socket."""
+
+
+class VmmProtocolError(VmmClientError):
+    """The VMM sent a frame that cannot be read."""
+
+
+class VmmRequestError(VmmClientError):
+    """The VMM refused a request. `code`: state, busy, unsupported, bad_request, ..."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class VmmSpawnError(VmmClientError):
+    """The VMM process did not come up; `reason` says why (its `failed` record, exit, log)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class VmmStatus(TypedDict):
+    ok: bool
+    state: str  # running | paused | shutoff | crashed
+    pid: int
+    cpu_time_ns: int
+    journal_n: int
+    started_at: float
+    cgroup: str | None
+    cgroup_error: str | None
+
+
+class ConsoleSnapshot(NamedTuple):
+    data: bytes
+    truncated: bool  # older output than `data` existed and is gone from the ring
+
+
+def _connect(domain_dir: str, timeout: float) -> socket.socket:
+    path = os.path.join(domain_dir, CONTROL_SOCKET)  # noqa: PTH118
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    dir_fd = -1
+    try:
+        if len(os.fsencode(path)) > 107:
+            # AF_UNIX paths are limited to 108 bytes; reach it through the directory's fd.
+            dir_fd = os.open(domain_dir, os.O_PATH | os.O_CLOEXEC)
+            path = f"/proc/self/fd/{dir_fd}/{CONTROL_SOCKET}"
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
+        sock.close()
+        raise VmmGone(f"no VMM at {domain_dir}: {exc.strerror}") from exc
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        if dir_fd >= 0:
+            os.close(dir_fd)
+    return sock
+
+
+def _recv_frame(sock: socket.socket, reader: FrameReader) -> dict[str, Any] | None:
+    """The next frame, or None at EOF (a partial frame at EOF is EOF too)."""
+    while True:
+        try:
+            frame = reader.next_frame()
+        except FrameError as exc:
+            raise VmmProtocolError(str(exc)) from exc
+        if frame is not None:
+            return frame
+        data = sock.recv(256 * 1024)
+        if not data:
+            return None
+        reader.feed(data)
+
+
+def _check(reply: dict[str, Any]) -> dict[str, Any]:
+    if reply.get("ok") is True:
+        return reply
+    raise VmmRequestError(str(reply.get("code", "error")), str(reply.get("error", reply)))
+
+
+class VmmSubscription:
+    """Journal records of one VMM as they happen, from a subscribe connection.
+
+    `fileno()` is readable when a record (or EOF) is there; `next_record()` returns the next
+    record, None on timeout, and raises VmmGone at EOF (the VMM exited or was killed).
+    """
+
+    def __init__(self, sock: socket.socket, reader: FrameReader) -> None:
+        self._sock = sock
+        self._reader = reader
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def pending(self) -> bool:
+        """True when a whole record is buffered (select() on fileno() would not see it)."""
+        try:
+            return self._reader.has_frame()
+        except FrameError as exc:
+            raise VmmProtocolError(str(exc)) from exc
+
+    def next_record(self, timeout: float | None = None) -> JournalRecord | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                frame = self._reader.next_frame()
+            except FrameError as exc:
+                raise VmmProtocolError(str(exc)) from exc
+            if frame is not None:
+                record = frame.get("record")
+                if not isinstance(record, dict):
+                    raise VmmProtocolError(f"not a record frame: {frame!r}")
+                return cast(JournalRecord, record)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            ready, _, _ = select.select([self._sock], [], [], left)
+            if not ready:
+                return None
+            try:
+                data = self._sock.recv(65536)
+            except OSError as exc:
+                raise VmmGone(f"subscription lost: {exc}") from exc
+            if not data:
+                raise VmmGone("the VMM closed the subscription (it exited)")
+            self._reader.feed(data)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> VmmSubscription:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class VmmClient:
+    """Requests to the VMM of one domain dir; each call is one short connection.
+
+    Every method raises VmmGone when no VMM answers and VmmRequestError when it refuses.
+    """
+
+    def __init__(self, domain_dir: str | os.PathLike[str], timeout: float = 10.0) -> None:
+        self.domain_dir = os.fspath(domain_dir)
+        self.timeout = timeout
+
+    def request(self, op: str, **args: Any) -> dict[str, Any]:
+        """Sends {"op": op, **args}; returns the ok reply."""
+        sock = _connect(self.domain_dir, self.timeout)
+        with sock:
+            return self._turn(sock, FrameReader(MAX_REPLY), {"op": op, **args})
+
+    def _turn(
+        self, sock: socket.socket, reader: FrameReader, request: dict[str, Any]
+    ) -> dict[str, Any]:
+        try:
+            sock.sendall(pack_frame(request))
+            reply = _recv_frame(sock, reader)
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise VmmGone(f"the VMM went away during {request['op']}: {exc}") from exc
+        except TimeoutError as exc:
+            raise VmmClientError(f"{request['op']}: no reply within {self.timeout} s") from exc
+        if reply is None:
+            raise VmmGone(f"the VMM closed the connection before answering {request['op']}")
+        return _check(reply)
+
+    def status(self) -> VmmStatus:
+        return cast(VmmStatus, self.request("status"))
+
+    def pause(self) -> None:
+        self.request("pause")
+
+    def resume(self) -> None:
+        self.request("resume")
+
+    def shutdown(self, mode: str = "ctrl-alt-del") -> None:
+        """Asks the guest to power off; its `shutdown`/`stopped` records follow."""
+        self.request("shutdown", mode=mode)
+
+    def destroy(self) -> None:
+        """Hard stop; the VMM journals `stopped` (destroyed), replies, then exits 0."""
+        self.request("destroy")
+
+    def reboot(self, mode: str = "reset") -> None:
+        self.request("reboot", mode=mode)
+
+    def stats(self) -> dict[str, Any]:
+        reply = self.request("stats")
+        reply.pop("ok", None)
+        return reply
+
+    def console(self, max_bytes: int = 65536) -> ConsoleSnapshot:
+        reply = self.request("console", max_bytes=max_bytes)
+        return ConsoleSnapshot(bytes(reply["data"]), bool(reply["truncated"]))
+
+    def subscribe(self, from_n: int = 0) -> VmmSubscription:
+        """Every record with n > from_n: those on disk first, then live ones."""
+        sock = _connect(self.domain_dir, self.timeout)
+        reader = FrameReader(MAX_REPLY)
+        try:
+            self._turn(sock, reader, {"op": "subscribe", "from_n": from_n})
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(None)
+        return VmmSubscription(sock, reader)
+
+    def attach(self) -> socket.socket:
+        """A raw byte stream to the guest console (input in, output out); close to detach.
+
+        Raises VmmRequestError("busy") while another client is attached.
+        """
+        sock = _connect(self.domain_dir, self.timeout)
+        reader = FrameReader(MAX_REPLY)
+        try:
+            self._turn(sock, reader, {"op": "attach"})
+        except BaseException:
+            sock.close()
+            raise
+        # The VMM sends nothing between its reply and console output; nothing is buffered.
+        sock.settimeout(None)
+        return sock
+
+
+def _journal_tail(domain_dir: str) -> int:
+    records = read_journal(os.path.join(domain_dir, JOURNAL))  # noqa: PTH118
+    return records[-1]["n"] if records else 0
+
+
+def _log_tail(domain_dir: str, limit: int = 2000) -> str:
+    try:
+        with open(os.path.join(domain_dir, PROCESS_LOG), "rb") as f:  # noqa: PTH118, PTH123
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def spawn(
+    domain_dir: str | os.PathLike[str],
+    python: str = sys.executable,
+    timeout: float = SPAWN_TIMEOUT,
+) -> int:
+    """Starts the VMM for a domain dir that holds vmm.json and waits until it answers.
+
+    The process runs in its own session (it outlives the caller), with stdin on /dev/null
+    and stdout/stderr appended to <domain-dir>/vmm.log, under `python -S -E` (lean start).
+    It is the caller's child: reap it with `reap()`/`wait_exit()`.
+    Returns its pid once `status` answers from that pid. Raises VmmSpawnError with the reason
+    (its `failed` record, its exit status and log, or the timeout; then it is killed).
+    """
+    domain_dir = os.path.abspath(os.fspath(domain_dir))  # noqa: PTH100
+    before = _journal_tail(domain_dir)
+    log = os.path.join(domain_dir, PROCESS_LOG)  # noqa: PTH118
+    with open(log, "ab") as log_file:  # noqa: PTH123
+        proc = subprocess.Popen(
+            [python, "-S", "-E", "-m", "compute_node.vmm", domain_dir],
+            # -m looks in the current directory under -S: run from the package's parent.
+            cwd=_PACKAGE_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    pid = proc.pid
+    # Kept so the Popen object never reaps it behind reap()'s back.
+    _children[pid] = proc
+    client = VmmClient(domain_dir, timeout=1.0)
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while True:
+        records = read_journal(os.path.join(domain_dir, JOURNAL), before)  # noqa: PTH118
+        failed = [r for r in records if r["kind"] == "failed"]
+        if failed:
+            wait_exit(pid, 2.0)
+            raise VmmSpawnError(failed[-1]["reason"])
+        status = reap(pid)
+        if status is not None:
+            if records:
+                # It came up and its guest already ended (e.g. powered off at once): the
+                # journal says how; the exit status stays available to reap().
+                _exited[pid] = status
+                return pid
+            raise VmmSpawnError(
+                f"the VMM exited with status {status} before it was ready: "
+                f"{_log_tail(domain_dir) or 'no log'}"
+            )
+        with contextlib.suppress(VmmClientError):
+            if client.status()["pid"] == pid:
+                return pid
+        if time.monotonic() > deadline:
+            _kill(pid)
+            raise VmmSpawnError(f"the VMM did not answer within {timeout} s")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.005)
+
+
+def reap(pid: int) -> int | None:
+    """The exit status of our child `pid` once it has ended (reaping it), else None.
+
+    Negative: killed by that signal. Raises ChildProcessError if it is not our child.
+    """
+    if pid in _exited:
+        return _exited.pop(pid)
+    proc = _children.get(pid)
+    if proc is not None:
+        status = proc.poll()
+        if status is not None:
+            del _children[pid]
+        return status
+    done, wait_status = os.waitpid(pid, os.WNOHANG)
+    if done == 0:
+        return None
+    return os.waitstatus_to_exitcode(wait_status)
+
+
+def wait_exit(pid: int, timeout: float) -> int | None:
+    """Waits up to `timeout` s for our child `pid` to end; its exit status or None."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status = reap(pid)
+        except ChildProcessError:
+            return None
+        if status is not None:
+            return status
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.005)
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, 9)
+    wait_exit(pid, 2.0)
