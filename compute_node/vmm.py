@@ -65,6 +65,7 @@ SUBSCRIBER_BACKLOG_MAX = 16 * 1024 * 1024
 # Console output queued for a slow attached client beyond this is dropped, never buffered.
 ATTACH_BACKLOG_MAX = 1024 * 1024
 EXIT_FLUSH_SECONDS = 2.0
+MAX_CONNECTIONS = 64
 CGROUP_ROOT = "/sys/fs/cgroup"
 
 EXIT_OK = 0
@@ -458,7 +459,14 @@ class Vmm:
     def _on_accept(self, _mask: int) -> None:
         try:
             sock, _ = self.listener.accept()
+        except BlockingIOError:
+            return
         except OSError:
+            # Out of fds: the listener stays readable; don't spin on it.
+            time.sleep(0.01)
+            return
+        if len(self.conns) >= MAX_CONNECTIONS:
+            sock.close()
             return
         sock.setblocking(False)
         conn = Conn(sock)
@@ -510,7 +518,10 @@ class Vmm:
             return
         conn.closed = True
         if conn.events:
-            self.sel.unregister(conn.sock)
+            try:
+                self.sel.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
         conn.sock.close()
         self.conns.discard(conn)
         self.subscribers.discard(conn)
@@ -520,6 +531,16 @@ class Vmm:
             self._pump_input()
 
     def _on_conn(self, conn: Conn, mask: int) -> None:
+        try:
+            self._conn_io(conn, mask)
+        except Fatal:
+            raise
+        except Exception as exc:
+            # A connection's trouble ends that connection, never the guest.
+            print(f"compute_node.vmm: dropping a connection: {exc!r}", file=sys.stderr)
+            self._close(conn)
+
+    def _conn_io(self, conn: Conn, mask: int) -> None:
         if conn.closed:
             return
         if mask & selectors.EVENT_WRITE and conn.out:

@@ -119,6 +119,9 @@ def _connect(domain_dir: str, timeout: float) -> socket.socket:
     except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
         sock.close()
         raise VmmGone(f"no VMM at {domain_dir}: {exc.strerror}") from exc
+    except OSError as exc:
+        sock.close()
+        raise VmmClientError(f"cannot reach the VMM at {domain_dir}: {exc}") from exc
     except BaseException:
         sock.close()
         raise
@@ -237,6 +240,8 @@ class VmmClient:
             raise VmmGone(f"the VMM went away during {request['op']}: {exc}") from exc
         except TimeoutError as exc:
             raise VmmClientError(f"{request['op']}: no reply within {self.timeout} s") from exc
+        except OSError as exc:
+            raise VmmClientError(f"{request['op']}: {exc}") from exc
         if reply is None:
             raise VmmGone(f"the VMM closed the connection before answering {request['op']}")
         return _check(reply)

@@ -194,6 +194,35 @@ def test_host_shutdown_with_preserve_keeps_the_vmm(start_vmm: Callable[..., Doma
     assert d.kinds()[-1][0] == "stopped"  # nothing after the machine was gone
 
 
+def test_start_paused_runs_nothing_until_resumed(start_vmm: Callable[..., Domain]) -> None:
+    d = start_vmm(start_paused=True)
+    assert d.client.status()["state"] == "paused"
+    time.sleep(0.1)
+    assert d.console_text() == ""
+    d.client.resume()
+    d.wait_console(READY)
+    assert [k for k, _, _ in d.kinds()] == ["started", "paused", "resumed"]
+
+
+def test_sigterm_destroys(start_vmm: Callable[..., Domain]) -> None:
+    d = start_vmm()
+    os.kill(d.pid, signal.SIGTERM)
+    assert d.wait_exit() == 0
+    assert d.kinds()[-1] == ("stopped", "destroyed", "signal SIGTERM")
+
+
+def test_ctrl_alt_del_reboot_of_a_guest_that_powers_off(
+    start_vmm: Callable[..., Domain],
+) -> None:
+    # The test guest powers off on Ctrl-Alt-Del; a host reboot request still reboots it.
+    d = start_vmm()
+    d.wait_console(READY)
+    d.client.reboot("ctrl-alt-del")
+    d.wait_console(READY, count=2)
+    assert d.kinds()[1] == ("rebooted", "host", "guest powered off (acpi_s5)")
+    assert d.client.status()["state"] == "running"
+
+
 def test_guest_reboot_restarts_in_process(start_vmm: Callable[..., Domain]) -> None:
     d = start_vmm("ready reboot", on_reboot="restart")
     d.wait_console(READY, count=2)
@@ -269,6 +298,17 @@ def test_journal_n_continues_across_restarts(start_vmm: Callable[..., Domain]) -
         record = sub.next_record(5.0)
         assert record is not None
         assert record["n"] == 4
+
+
+def test_a_torn_journal_tail_is_dropped(start_vmm: Callable[..., Domain], tmp_path: Path) -> None:
+    path = tmp_path / "torn"
+    path.mkdir()
+    good = msgpack.packb({"n": 5, "ts": 1.0, "kind": "stopped", "reason": "x", "detail": ""})
+    # A record cut short by a crash mid-append follows the last whole one.
+    (path / "journal").write_bytes(struct.pack(">I", len(good)) + good + b"\x00\x00\x00\x40ab")
+    assert [r["n"] for r in read_journal(path / "journal")] == [5]
+    d = start_vmm(name="torn")
+    assert [(r["n"], r["kind"]) for r in d.journal()] == [(5, "stopped"), (6, "started")]
 
 
 def _raw(d: Domain) -> socket.socket:
