@@ -32,6 +32,12 @@ if sys.flags.no_site:
         _dir = os.path.join(_root, "lib", _ver, "site-packages")  # noqa: PTH118
         if os.path.isdir(_dir) and _dir not in sys.path:  # noqa: PTH112
             sys.path.append(_dir)
+    try:
+        import msgpack  # noqa: F401
+    except ImportError:  # an interpreter laid out otherwise: pay for the full site set-up
+        import site
+
+        site.main()
 
 from compute_node.vmm_proto import (
     CONFIG_FILE,
