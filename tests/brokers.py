@@ -6,12 +6,17 @@ import base64
 import contextlib
 import json
 import os
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import pika
+
+from protos import routing
 from services.broker import BrokerError, PrivateBroker
 
 
@@ -86,3 +91,34 @@ def private_broker(base: Path) -> Iterator[BrokerHandle]:
         yield BrokerHandle(node.url, "private", node.close_all_connections)
     finally:
         node.stop()
+
+
+def find_dead_letter(
+    amqp_url: str, match: Any, timeout: float = 10
+) -> tuple[pika.BasicProperties, bytes]:
+    """Take the dead letter that `match(props, body)` picks from the dead-letter queue;
+    others are put back."""
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        ch = conn.channel()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            seen = []
+            found = None
+            while True:
+                method, props, body = ch.basic_get(routing.DEAD_QUEUE)
+                if method is None:
+                    break
+                seen.append(method.delivery_tag)
+                if found is None and props.headers and match(props, body):
+                    found = (props, body)
+                    ch.basic_ack(method.delivery_tag)
+                    seen.pop()
+            for tag in seen:
+                ch.basic_nack(tag, requeue=True)
+            if found is not None:
+                return found
+            time.sleep(0.2)
+    finally:
+        conn.close()
+    raise AssertionError("dead letter not found")

@@ -31,7 +31,7 @@ from services.bus import (
     ServiceRunner,
     handles,
 )
-from tests.brokers import BrokerHandle
+from tests.brokers import BrokerHandle, find_dead_letter
 from tests.integration.conftest import MakeBus
 
 pytestmark = pytest.mark.integration
@@ -134,7 +134,7 @@ def test_handler_crash_answers_internal_and_dead_letters(
         client.call(queue, GetDomainInfo(domain_id=CRASH), timeout=10)
     assert err.value.code == "internal"
     assert "boom" in err.value.message
-    dead = _find_dead_letter(
+    dead = find_dead_letter(
         amqp_url, lambda props, _b: props.headers.get("x-flotilla-queue") == queue
     )
     assert "RuntimeError: boom" in dead[0].headers["x-flotilla-reason"]
@@ -157,7 +157,7 @@ def test_poison_message_is_dead_lettered_and_next_is_served(
         conn.close()
     reply = client.call(queue, GetDomainInfo(domain_id=uuid.uuid4()), timeout=10)
     assert isinstance(reply, DomainInfo)
-    props, body = _find_dead_letter(amqp_url, lambda _p, b: b.endswith(marker))
+    props, body = find_dead_letter(amqp_url, lambda _p, b: b.endswith(marker))
     assert "not msgpack" in props.headers["x-flotilla-reason"]
     assert props.headers["x-flotilla-queue"] == queue
     assert body == b"\xc1" + marker
@@ -180,7 +180,7 @@ def test_invalid_command_body_is_dead_lettered_with_the_field(
         )
     finally:
         conn.close()
-    props, _ = _find_dead_letter(amqp_url, lambda p, _b: p.message_id == bad.id)
+    props, _ = find_dead_letter(amqp_url, lambda p, _b: p.message_id == bad.id)
     assert "domain_id" in props.headers["x-flotilla-reason"]
     assert isinstance(client.call(queue, GetDomainInfo(domain_id=uuid.uuid4())), DomainInfo)
 
@@ -308,37 +308,6 @@ def test_one_event_fans_out_to_subscribers_with_different_patterns(make_bus: Mak
     assert got_one == ["domain.started", "domain.stopped"]
     for sub in subs:
         sub.close()
-
-
-def _find_dead_letter(
-    amqp_url: str, match: Any, timeout: float = 10
-) -> tuple[pika.BasicProperties, bytes]:
-    """Take the dead letter that `match(props, body)` picks from the dead-letter queue;
-    others are put back."""
-    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    try:
-        ch = conn.channel()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            seen = []
-            found = None
-            while True:
-                method, props, body = ch.basic_get(routing.DEAD_QUEUE)
-                if method is None:
-                    break
-                seen.append(method.delivery_tag)
-                if found is None and props.headers and match(props, body):
-                    found = (props, body)
-                    ch.basic_ack(method.delivery_tag)
-                    seen.pop()
-            for tag in seen:
-                ch.basic_nack(tag, requeue=True)
-            if found is not None:
-                return found
-            time.sleep(0.2)
-    finally:
-        conn.close()
-    raise AssertionError("dead letter not found")
 
 
 def test_sigterm_finishes_the_command_under_way_then_exits(

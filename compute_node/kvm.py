@@ -1,0 +1,330 @@
+"""The KVM driver: one VMM process per guest (compute_node.vmm), watched through its journal.
+
+Each domain has a directory `<state>/domains/<uuid>/` with `vmm.json` (the launch config), the
+VMM's control socket, its journal and console log. The VMM applies the lifecycle policies
+itself and journals every change; a watcher thread per machine follows the journal through a
+subscription and hands each record to the worker's sink. A VMM that dies without a final
+`stopped` record is noticed at once (the subscription hits EOF) and journaled here as
+`stopped`/`failed`, so the numbering stays continuous for the next machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import structlog
+
+from compute_node import vmm_client
+from compute_node.driver import (
+    Capabilities,
+    DomainNotRunning,
+    Driver,
+    DriverError,
+    EventSink,
+    GuestEvent,
+    GuestEventKind,
+    RuntimeInfo,
+)
+from compute_node.hostinfo import kvm_kind, physical_resources
+from compute_node.vmm_proto import CONFIG_FILE, CONSOLE_LOG, JOURNAL, Journal, JournalRecord
+from protos.commands import RebootMode, ShutdownMode
+from protos.domain import DomainSpec, PowerState
+from protos.host import Resources
+
+log = structlog.get_logger("flotilla.compute.kvm")
+
+RECORD_TIMEOUT_S = 10.0
+_STATES = {
+    "running": PowerState.RUNNING,
+    "paused": PowerState.PAUSED,
+    "shutoff": PowerState.SHUTOFF,
+    "crashed": PowerState.CRASHED,
+}
+
+
+class _Watch:
+    """Follows one VMM's journal on a thread of its own."""
+
+    def __init__(
+        self, driver: KvmDriver, domain_id: uuid.UUID, directory: Path, pid: int | None
+    ) -> None:
+        self.driver = driver
+        self.domain_id = domain_id
+        self.directory = directory
+        self.pid = pid
+        self.delivered = 0
+        self.finished = False
+        self.closing = False
+        self.cond = threading.Condition()
+        self._sub: vmm_client.VmmSubscription | None = None
+        self._thread = threading.Thread(target=self._run, name=f"watch-{domain_id}", daemon=True)
+
+    def start(self, after_n: int) -> None:
+        self.delivered = after_n
+        self._sub = vmm_client.VmmClient(self.directory).subscribe(after_n)
+        self._thread.start()
+
+    def _run(self) -> None:
+        assert self._sub is not None
+        try:
+            while True:
+                record = self._sub.next_record(None)
+                if record is not None:
+                    self._deliver(record)
+        except vmm_client.VmmClientError:
+            pass  # EOF: the VMM exited or died
+        except OSError:
+            pass  # closed by stop(): the worker is going away, the VMM stays
+        finally:
+            self._sub.close()
+        if not self.closing:
+            self._ended()
+
+    def _deliver(self, record: JournalRecord) -> None:
+        if record["n"] <= self.delivered:
+            return
+        self.driver.deliver(self.domain_id, record)
+        with self.cond:
+            self.delivered = record["n"]
+            self.cond.notify_all()
+
+    def _ended(self) -> None:
+        if self.pid is not None:
+            try:
+                vmm_client.wait_exit(self.pid, 2.0)
+            except ChildProcessError:
+                pass  # adopted: not our child
+        # Records written just before the end that the subscription did not carry.
+        for record in vmm_client.read_journal(self.directory / JOURNAL, self.delivered):
+            self._deliver(record)
+        if not self.driver.ended_cleanly(self.directory):
+            journal = Journal(str(self.directory / JOURNAL))
+            try:
+                record = journal.append("stopped", "failed", "the VMM process died")
+            finally:
+                journal.close()
+            self._deliver(record)
+        with self.cond:
+            self.finished = True
+            self.cond.notify_all()
+        self.driver.forget_watch(self.domain_id, self)
+
+    def wait_for(self, n: int, timeout: float = RECORD_TIMEOUT_S) -> bool:
+        """Wait until records up to `n` were delivered (or the machine ended)."""
+        with self.cond:
+            return self.cond.wait_for(lambda: self.delivered >= n or self.finished, timeout)
+
+    def stop(self) -> None:
+        self.closing = True
+        if self._sub is not None:
+            # shutdown() wakes the thread blocked reading it; close() alone would not.
+            sock = socket.socket(fileno=os.dup(self._sub.fileno()))
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            finally:
+                sock.close()
+
+
+class KvmDriver(Driver):
+    def __init__(self, domains_dir: Path) -> None:
+        self.domains_dir = domains_dir
+        domains_dir.mkdir(parents=True, exist_ok=True)
+        self._sink: EventSink | None = None
+        self._watches: dict[uuid.UUID, _Watch] = {}
+        self._lock = threading.Lock()
+        self._kind = kvm_kind()
+
+    # ---- plumbing ------------------------------------------------------------------------
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(kvm=self._kind, max_vcpus=64, console_attach=True)
+
+    def host_resources(self) -> Resources:
+        return physical_resources()
+
+    def set_event_sink(self, sink: EventSink) -> None:
+        self._sink = sink
+
+    def directory(self, domain_id: uuid.UUID) -> Path:
+        return self.domains_dir / str(domain_id)
+
+    def deliver(self, domain_id: uuid.UUID, record: JournalRecord) -> None:
+        assert self._sink is not None, "set_event_sink first"
+        try:
+            kind = GuestEventKind(record["kind"])
+        except ValueError:
+            log.warning("unknown journal record", record=record)
+            return
+        self._sink(GuestEvent(domain_id, record["n"], kind, record["reason"], record["detail"]))
+
+    @staticmethod
+    def ended_cleanly(directory: Path) -> bool:
+        records = vmm_client.read_journal(directory / JOURNAL)
+        return bool(records) and records[-1]["kind"] in ("stopped", "failed")
+
+    def forget_watch(self, domain_id: uuid.UUID, watch: _Watch) -> None:
+        with self._lock:
+            if self._watches.get(domain_id) is watch:
+                del self._watches[domain_id]
+
+    def _client(self, domain_id: uuid.UUID) -> vmm_client.VmmClient:
+        return vmm_client.VmmClient(self.directory(domain_id))
+
+    def _watch(self, domain_id: uuid.UUID) -> _Watch:
+        with self._lock:
+            watch = self._watches.get(domain_id)
+        if watch is None:
+            raise DomainNotRunning(domain_id)
+        return watch
+
+    def _request(self, domain_id: uuid.UUID, op: str, **args: object) -> int:
+        """Send `op`; return the journal position after it, to wait for its records (the
+        largest int when the VMM is gone by then: wait for its end)."""
+        client = self._client(domain_id)
+        try:
+            client.request(op, **args)
+        except vmm_client.VmmGone:
+            raise DomainNotRunning(domain_id) from None
+        except vmm_client.VmmRequestError as exc:
+            raise DriverError(exc.message, exc.code) from None
+        except vmm_client.VmmClientError as exc:
+            raise DriverError(str(exc)) from None
+        try:
+            return int(client.status()["journal_n"])
+        except vmm_client.VmmClientError:
+            return sys.maxsize  # the machine ended right after the request
+
+    # ---- the contract ---------------------------------------------------------------------
+
+    def spawn(self, spec: DomainSpec, *, paused: bool = False) -> RuntimeInfo:
+        if spec.boot.kernel is None:
+            raise DriverError("booting from an image needs the storage service", "invalid")
+        if spec.disks or spec.nics:
+            raise DriverError("disks and NICs need virtio devices (not yet built)", "invalid")
+        directory = self.directory(spec.uuid)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {
+            "domain_id": str(spec.uuid),
+            "name": spec.name,
+            "kernel": spec.boot.kernel,
+            "initrd": spec.boot.initrd,
+            "cmdline": spec.boot.cmdline,
+            "memory_mib": spec.memory_mib,
+            "vcpus": spec.vcpus,
+            "on_poweroff": spec.on_poweroff.value,
+            "on_reboot": spec.on_reboot.value,
+            "on_crash": spec.on_crash.value,
+            "console_ring_bytes": spec.serial.ring_kib * 1024,
+            "console_log": spec.serial.log,
+            "start_paused": paused,
+        }
+        tmp = directory / f"{CONFIG_FILE}.tmp"
+        tmp.write_text(json.dumps(config))
+        tmp.replace(directory / CONFIG_FILE)
+        before = _last_n(directory)
+        try:
+            pid = vmm_client.spawn(directory)
+        except vmm_client.VmmSpawnError as exc:
+            raise DriverError(exc.reason, "spawn_failed") from None
+        watch = _Watch(self, spec.uuid, directory, pid)
+        with self._lock:
+            self._watches[spec.uuid] = watch
+        watch.start(before)
+        status = self._client(spec.uuid).status()
+        if not watch.wait_for(int(status["journal_n"])):
+            raise DriverError("the VMM started but reported nothing in time", "spawn_failed")
+        return self.get_info(spec.uuid)
+
+    def adopt(self, domain_id: uuid.UUID, after_n: int) -> RuntimeInfo | None:
+        directory = self.directory(domain_id)
+        if not directory.is_dir():
+            return None
+        client = self._client(domain_id)
+        try:
+            status = client.status()
+        except vmm_client.VmmClientError:
+            status = None
+        if status is None:
+            # Gone while we were away: account for what it journaled, and for its death.
+            watch = _Watch(self, domain_id, directory, None)
+            watch.delivered = after_n
+            watch._ended()
+            return RuntimeInfo(state=PowerState.SHUTOFF)
+        watch = _Watch(self, domain_id, directory, None)
+        with self._lock:
+            self._watches[domain_id] = watch
+        watch.start(after_n)
+        watch.wait_for(int(status["journal_n"]))
+        return self.get_info(domain_id)
+
+    def destroy(self, domain_id: uuid.UUID) -> None:
+        watch = self._watch(domain_id)
+        self._request(domain_id, "destroy")
+        with watch.cond:
+            watch.cond.wait_for(lambda: watch.finished, RECORD_TIMEOUT_S)
+
+    def shutdown(self, domain_id: uuid.UUID, mode: ShutdownMode) -> None:
+        self._watch(domain_id)
+        self._request(domain_id, "shutdown", mode=mode.value)
+
+    def reboot(self, domain_id: uuid.UUID, mode: RebootMode) -> None:
+        watch = self._watch(domain_id)
+        watch.wait_for(self._request(domain_id, "reboot", mode=mode.value))
+
+    def pause(self, domain_id: uuid.UUID) -> None:
+        watch = self._watch(domain_id)
+        watch.wait_for(self._request(domain_id, "pause"))
+
+    def resume(self, domain_id: uuid.UUID) -> None:
+        watch = self._watch(domain_id)
+        watch.wait_for(self._request(domain_id, "resume"))
+
+    def get_info(self, domain_id: uuid.UUID) -> RuntimeInfo:
+        try:
+            status = self._client(domain_id).status()
+        except vmm_client.VmmClientError:
+            return RuntimeInfo(state=PowerState.SHUTOFF)
+        return RuntimeInfo(
+            state=_STATES.get(status["state"], PowerState.NOSTATE),
+            pid=status["pid"],
+            cpu_time_ns=status["cpu_time_ns"],
+        )
+
+    def console(self, domain_id: uuid.UUID, max_bytes: int) -> tuple[bytes, bool]:
+        try:
+            snapshot = self._client(domain_id).console(max_bytes)
+            return snapshot.data, snapshot.truncated
+        except vmm_client.VmmClientError:
+            pass
+        path = self.directory(domain_id) / CONSOLE_LOG
+        try:
+            with path.open("rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(0, size - max_bytes))
+                return f.read(), size > max_bytes
+        except OSError:
+            return b"", False
+
+    def remove(self, domain_id: uuid.UUID) -> None:
+        shutil.rmtree(self.directory(domain_id), ignore_errors=True)
+
+    def close(self) -> None:
+        with self._lock:
+            watches = list(self._watches.values())
+            self._watches.clear()
+        for watch in watches:
+            watch.stop()
+
+
+def _last_n(directory: Path) -> int:
+    records = vmm_client.read_journal(directory / JOURNAL)
+    return records[-1]["n"] if records else 0
