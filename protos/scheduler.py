@@ -1,0 +1,55 @@
+"""Placement: the scheduler's command and reply, and host administration commands.
+
+The API sends `ScheduleDomain` (RPC) to the `scheduler` queue. The scheduler filters and weighs
+hosts, then asks the chosen compute node to define (and start) the domain; a compute node that
+refuses (`no_capacity`, `spawn_failed`, …) is recorded as an attempt and the next host is tried,
+up to `max_attempts`. The reply is a `Placement`, or an `ErrorReply` with code `no_valid_host`
+whose details carry `attempts` (host, code, message) and `filtered` (filter name → hosts it
+removed) so the caller can say why.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from protos.base import Message
+from protos.commands import Command
+from protos.domain import NAME_PATTERN, DomainSpec
+from protos.replies import DomainInfo, Done
+
+
+class Attempt(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    host: str
+    code: str
+    message: str
+
+
+class Placement(Message):
+    """Where a domain went, what the compute node answered, and the hosts that refused first."""
+
+    TYPE = "reply.placement"
+    host: str
+    info: DomainInfo
+    attempts: list[Attempt] = []
+
+
+class ScheduleDomain(Command):
+    """Place `spec` on a host, define it there and start it unless `start` is false."""
+
+    TYPE = "cmd.scheduler.schedule"
+    RESULT = Placement
+    spec: DomainSpec
+    project: str = Field(pattern=NAME_PATTERN)
+    start: bool = True
+    max_attempts: int = Field(default=3, ge=1, le=20)
+
+
+class SetHostEnabled(Command):
+    """Sent to `compute.<host>`: a disabled host keeps its guests but gets no new ones (its
+    heartbeat says `enabled: false`, and the scheduler's filter skips it)."""
+
+    TYPE = "cmd.host.set_enabled"
+    RESULT = Done
+    enabled: bool
+    reason: str = Field(default="", max_length=255)
