@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Callable
 
 import structlog
 
@@ -36,7 +37,7 @@ class Heartbeat:
         self._interval = interval_s
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
-        self.enabled = True
+        self.enabled: Callable[[], bool] = lambda: True
 
     def beat(self) -> HostHeartbeat:
         by_state: Counter[PowerState] = Counter(r.state for r in self._store.all())
@@ -44,7 +45,7 @@ class Heartbeat:
             host=self._host,
             version=package_version(),
             interval_s=self._interval,
-            enabled=self.enabled,
+            enabled=self.enabled(),
             inventory=self._inventory,
             usage=self._claims.usage(),
             domains_by_state=dict(by_state),

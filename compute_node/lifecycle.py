@@ -41,6 +41,7 @@ from protos.commands import (
 from protos.domain import PowerState, TaskState
 from protos.events import DefinedDetail, DomainDefined, DomainUndefined, UndefinedDetail
 from protos.replies import ConsoleOutput, DomainInfo, DomainList
+from protos.scheduler import SetHostEnabled
 from protos.states import Action, Verdict, decide
 from services.bus import Context, Service, ServiceError, handles
 
@@ -52,6 +53,9 @@ class Lifecycle(Service):
 
     def __init__(self, host: str, store: Store, driver: Driver, claims: Claims) -> None:
         self.host = host
+        # Whether the scheduler may place new guests here (heartbeat `enabled`).
+        self.enabled = True
+        self.disabled_reason = ""
         self.store = store
         self.driver = driver
         self.claims = claims
@@ -252,6 +256,12 @@ class Lifecycle(Service):
             data=data.decode("utf-8", "replace"),
             truncated=truncated,
         )
+
+    @handles(SetHostEnabled)
+    def set_enabled(self, cmd: SetHostEnabled, _ctx: Context) -> None:
+        self.enabled = cmd.enabled
+        self.disabled_reason = "" if cmd.enabled else cmd.reason
+        log.info("host enabled" if cmd.enabled else "host disabled", reason=cmd.reason)
 
     @staticmethod
     def _driver_call(call: Callable[[], None]) -> None:

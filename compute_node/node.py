@@ -69,6 +69,7 @@ class ComputeNode:
             store=self.store,
             interval_s=config.heartbeat_interval_s,
         )
+        self.heartbeat.enabled = lambda: self.lifecycle.enabled
 
     def start(self, timeout: float = 30.0) -> ComputeNode:
         """Adopt what runs, publish what is pending, then serve commands. Returns once the

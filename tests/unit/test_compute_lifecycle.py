@@ -293,3 +293,14 @@ def test_claims_limits_apply_overcommit_and_reserve() -> None:
     assert claims.limits() == Resources(vcpus=16, memory_mib=4608)
     with pytest.raises(ServiceError, match="vCPUs: 17 wanted, 16 free"):
         claims.claim(spec(vcpus=17))
+
+
+def test_a_disabled_host_says_so(node: Node) -> None:
+    from protos.replies import Done
+    from protos.scheduler import SetHostEnabled
+
+    assert node.do(SetHostEnabled(enabled=False, reason="maintenance")) == Done()
+    assert node.service.enabled is False
+    assert node.service.disabled_reason == "maintenance"
+    node.do(SetHostEnabled(enabled=True))
+    assert node.service.enabled is True
