@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
 
 from protos import routing
 
@@ -19,13 +21,15 @@ QUORUM_ARGS: dict[str, Any] = {
     "x-delivery-limit": routing.DELIVERY_LIMIT,
 }
 SUBSCRIBER_EXPIRES_MS = 60_000
+ACCESS_REFUSED = 403
 
 
 @dataclass(frozen=True)
 class QueueDecl:
     """A queue and what it is bound to. `kind` is `command` (quorum, bound to the commands
-    exchange by its own name), `events` (quorum, bound to the events exchange by `patterns`)
-    or `subscriber` (classic, expires a minute after its last consumer left)."""
+    exchange by its own name), `events` (quorum, bound to the events exchange by `patterns`),
+    `subscriber` (classic, expires a minute after its last consumer left) or `dead` (the
+    dead-letter queue)."""
 
     name: str
     kind: str = "command"
@@ -41,24 +45,46 @@ BASE_QUEUES = tuple(QueueDecl(name) for name in routing.SERVICE_QUEUES)
 
 
 def declare(params: pika.URLParameters, queues: list[QueueDecl]) -> None:
-    """Declare the exchanges, the dead-letter queue, the service queues and `queues`."""
+    """Declare the exchanges, the shared queues (dead letters, service queues) and `queues`.
+
+    The shared queues are asserted best-effort: where the broker's definitions manage them and
+    this service's user has no rights on them (deploy/rabbitmq/definitions.json), the refusal
+    is skipped. The exchanges and this process's own `queues` must succeed.
+    """
     connection = pika.BlockingConnection(params)
     try:
         ch = connection.channel()
         ch.exchange_declare(routing.COMMANDS_EXCHANGE, "direct", durable=True)
         ch.exchange_declare(routing.EVENTS_EXCHANGE, "topic", durable=True)
         ch.exchange_declare(routing.DEAD_EXCHANGE, "fanout", durable=True)
-        ch.queue_declare(routing.DEAD_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
-        ch.queue_bind(routing.DEAD_QUEUE, routing.DEAD_EXCHANGE, routing_key="")
-        for decl in (*BASE_QUEUES, *queues):
-            ch.queue_declare(decl.name, durable=True, arguments=decl.arguments())
-            if decl.kind == "command":
-                ch.queue_bind(decl.name, routing.COMMANDS_EXCHANGE, routing_key=decl.name)
-            for pattern in decl.patterns:
-                ch.queue_bind(decl.name, routing.EVENTS_EXCHANGE, routing_key=pattern)
+        shared = [
+            QueueDecl(routing.DEAD_QUEUE, kind="dead"),
+            *(decl for decl in BASE_QUEUES if decl.name not in {q.name for q in queues}),
+        ]
+        for decl in shared:
+            try:
+                _declare_queue(ch, decl)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != ACCESS_REFUSED:
+                    raise
+                ch = connection.channel()  # the refusal closed the channel
+        for decl in queues:
+            _declare_queue(ch, decl)
     finally:
         if connection.is_open:
             connection.close()
+
+
+def _declare_queue(ch: BlockingChannel, decl: QueueDecl) -> None:
+    if decl.kind == "dead":
+        ch.queue_declare(decl.name, durable=True, arguments={"x-queue-type": "quorum"})
+        ch.queue_bind(decl.name, routing.DEAD_EXCHANGE, routing_key="")
+        return
+    ch.queue_declare(decl.name, durable=True, arguments=decl.arguments())
+    if decl.kind == "command":
+        ch.queue_bind(decl.name, routing.COMMANDS_EXCHANGE, routing_key=decl.name)
+    for pattern in decl.patterns:
+        ch.queue_bind(decl.name, routing.EVENTS_EXCHANGE, routing_key=pattern)
 
 
 def delete_queue(params: pika.URLParameters, name: str) -> None:

@@ -1,0 +1,89 @@
+"""deploy/rabbitmq/definitions.json loads into a real broker and its users are least-privilege:
+a compute node runs as `flotilla-compute` in vhost `flotilla`, and that user cannot consume the
+scheduler's queue."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pika
+import pika.exceptions
+import pytest
+
+from compute_node.config import ComputeConfig
+from compute_node.fake import FakeDriver
+from compute_node.node import ComputeNode
+from protos.commands import DefineDomain
+from protos.domain import BootSpec, DomainSpec
+from protos.replies import DomainInfo
+from services.broker import PrivateBroker
+from services.bus import Bus
+
+DEFINITIONS = Path(__file__).resolve().parents[2] / "deploy" / "rabbitmq" / "definitions.json"
+
+
+@pytest.fixture(scope="module")
+def node_with_definitions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateBroker]:
+    # A node of its own: the definitions add a vhost and users, which the shared one need not see.
+    node = PrivateBroker(tmp_path_factory.mktemp("rmq-deploy"), name="flotilla-deploy")
+    try:
+        node.start()
+    except Exception as exc:  # same failure mode as the shared broker fixture
+        node.stop()
+        pytest.fail(f"private rabbitmq-server node failed: {exc}")
+    node.ctl("import_definitions", str(DEFINITIONS))
+    for user in ("flotilla-compute", "flotilla-scheduler", "flotilla-api"):
+        node.ctl("change_password", user, f"pw-{user}")
+    yield node
+    node.stop()
+
+
+def url(node: PrivateBroker, user: str) -> str:
+    return f"amqp://{user}:pw-{user}@127.0.0.1:{node.port}/flotilla"
+
+
+def test_definitions_are_valid_json_with_every_service_user() -> None:
+    data = json.loads(DEFINITIONS.read_text())
+    users = {u["name"] for u in data["users"]}
+    assert {"flotilla-api", "flotilla-scheduler", "flotilla-compute"} <= users
+    assert {q["name"] for q in data["queues"]} >= {"flotilla.dead", "scheduler"}
+
+
+def test_compute_node_runs_as_its_own_user(
+    node_with_definitions: PrivateBroker, tmp_path: Path
+) -> None:
+    node = node_with_definitions
+    host = f"deploy-{uuid.uuid4().hex[:6]}"
+    config = ComputeConfig(
+        host=host,
+        state_dir=tmp_path,
+        amqp_url=url(node, "flotilla-compute"),
+        driver="fake",
+    )
+    compute = ComputeNode(config, FakeDriver()).start()
+    try:
+        # The scheduler's user may send commands to it.
+        with Bus(url(node, "flotilla-scheduler"), source="scheduler") as bus:
+            spec = DomainSpec(name="d1", boot=BootSpec(kernel="/k"))
+            reply = bus.call(compute.queue, DefineDomain(spec=spec), timeout=10)
+            assert isinstance(reply, DomainInfo)
+    finally:
+        compute.stop()
+
+
+def test_compute_user_cannot_read_the_scheduler_queue(
+    node_with_definitions: PrivateBroker,
+) -> None:
+    conn = pika.BlockingConnection(
+        pika.URLParameters(url(node_with_definitions, "flotilla-compute"))
+    )
+    try:
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as err:
+            conn.channel().basic_get("scheduler")
+        assert err.value.reply_code == 403
+    finally:
+        if conn.is_open:
+            conn.close()
