@@ -408,7 +408,15 @@ class Link:
         method = frame.method
         tag: int = method.delivery_tag
         nacked = isinstance(method, pika.spec.Basic.Nack)
-        tags = [t for t in self._unconfirmed if t <= tag] if method.multiple else [tag]
+        if method.multiple:
+            # Tags rise and the dict keeps insertion order: settle from the front.
+            tags = []
+            for t in self._unconfirmed:
+                if t > tag:
+                    break
+                tags.append(t)
+        else:
+            tags = [tag]
         for t in tags:
             entry = self._unconfirmed.pop(t, None)
             if entry is None:

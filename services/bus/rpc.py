@@ -65,14 +65,23 @@ class _Channel:
             pass
 
 
+def blocking_params(url: str, name: str) -> pika.URLParameters:
+    """Parameters for a connection owned by one thread: no AMQP heartbeats (a thread busy in
+    a long handler or idle between calls would miss them and lose its connection), one
+    connection attempt (callers retry with their own backoff)."""
+    params = pika.URLParameters(url)
+    params.heartbeat = 0
+    params.connection_attempts = 1
+    params.tcp_options = {"TCP_KEEPIDLE": 30, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 3}
+    params.client_properties = {"connection_name": name}
+    return params
+
+
 class RpcClient:
     """Blocking request/reply over per-thread connections. Thread-safe."""
 
     def __init__(self, url: str, name: str) -> None:
-        self._params = pika.URLParameters(url)
-        self._params.heartbeat = 0
-        self._params.connection_attempts = 1
-        self._params.client_properties = {"connection_name": f"{name}-rpc"}
+        self._params = blocking_params(url, f"{name}-rpc")
         self._local = threading.local()
         self._all: list[_Channel] = []
         self._lock = threading.Lock()

@@ -24,9 +24,13 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
+import pika
+import pika.exceptions
+import pika.spec
 import structlog
+from pika.adapters.blocking_connection import BlockingChannel
 
 from protos import routing
 from protos.base import Message
@@ -36,7 +40,8 @@ from protos.replies import Done, ErrorReply
 from services.bus.bus import Bus, properties_for
 from services.bus.errors import BusError, ServiceError
 from services.bus.idempotency import IdempotencyStore, MemoryIdempotencyStore
-from services.bus.link import Consumer, Delivery
+from services.bus.link import Consumer, Delivery, Link
+from services.bus.rpc import blocking_params
 from services.bus.topology import QueueDecl
 
 log = structlog.get_logger("flotilla.service")
@@ -126,11 +131,111 @@ def dispatch(
     return Done() if result is None else result
 
 
+class Inbound(Protocol):
+    """A message being handled, and how to settle it on the channel it came from."""
+
+    @property
+    def body(self) -> bytes: ...
+
+    @property
+    def properties(self) -> pika.spec.BasicProperties: ...
+
+    @property
+    def redelivered(self) -> bool: ...
+
+    @property
+    def routing_key(self) -> str: ...
+
+    @property
+    def queue(self) -> str: ...
+
+    def ack(self) -> None: ...
+
+    def nack(self, *, requeue: bool) -> None: ...
+
+    def reply(self, routing_key: str, body: bytes, props: pika.spec.BasicProperties) -> None: ...
+
+    def dead_letter(self, body: bytes, props: pika.spec.BasicProperties) -> None:
+        """Publish to the dead-letter exchange and return once the broker confirmed it."""
+
+
+@dataclass
+class _LinkInbound:
+    """A delivery from the shared I/O thread (event queues)."""
+
+    delivery: Delivery
+    link: Link
+
+    @property
+    def body(self) -> bytes:
+        return self.delivery.body
+
+    @property
+    def properties(self) -> pika.spec.BasicProperties:
+        return self.delivery.properties
+
+    @property
+    def redelivered(self) -> bool:
+        return self.delivery.redelivered
+
+    @property
+    def routing_key(self) -> str:
+        return self.delivery.routing_key
+
+    @property
+    def queue(self) -> str:
+        return self.delivery.consumer.queue
+
+    def ack(self) -> None:
+        self.link.ack(self.delivery)
+
+    def nack(self, *, requeue: bool) -> None:
+        self.link.nack(self.delivery, requeue=requeue)
+
+    def reply(self, routing_key: str, body: bytes, props: pika.spec.BasicProperties) -> None:
+        self.link.publish_unconfirmed("", routing_key, body, props)
+
+    def dead_letter(self, body: bytes, props: pika.spec.BasicProperties) -> None:
+        self.link.publish(routing.DEAD_EXCHANGE, self.queue, body, props).result(30.0)
+
+
+@dataclass
+class _ChannelInbound:
+    """A delivery taken by a worker thread on its own connection (command queues)."""
+
+    channel: BlockingChannel
+    confirm_channel: BlockingChannel
+    tag: int
+    body: bytes
+    properties: pika.spec.BasicProperties
+    redelivered: bool
+    routing_key: str
+    queue: str
+
+    def ack(self) -> None:
+        self.channel.basic_ack(self.tag)
+
+    def nack(self, *, requeue: bool) -> None:
+        self.channel.basic_nack(self.tag, requeue=requeue)
+
+    def reply(self, routing_key: str, body: bytes, props: pika.spec.BasicProperties) -> None:
+        self.channel.basic_publish("", routing_key, body, props)
+
+    def dead_letter(self, body: bytes, props: pika.spec.BasicProperties) -> None:
+        # A confirm-mode BlockingChannel returns only once the broker confirmed.
+        self.confirm_channel.basic_publish(routing.DEAD_EXCHANGE, self.queue, body, props)
+
+
 class ServiceRunner:
     """Consumes a service's command queue and event queue on worker threads.
 
-    `concurrency` worker threads per queue (1 keeps messages in order). Graceful `stop()`:
-    cancel the consumers, finish the handlers under way, leave prefetched messages to the broker.
+    Commands are taken by `concurrency` worker threads, each on a connection of its own with
+    prefetch 1, and handled, answered and acked in that thread the way a hand-written pika
+    consumer does it (no hand-off through the I/O thread on the hot path). Those connections
+    run without AMQP heartbeats, so a handler may take as long as it needs; TCP keepalive and
+    the broker's own closes end dead ones. Events are consumed through the bus's I/O thread
+    and handled on `concurrency` threads (1 keeps them in order). Graceful `stop()`: finish
+    the handlers under way, then cancel and close; unacked messages go back to the broker.
     """
 
     def __init__(
@@ -160,40 +265,110 @@ class ServiceRunner:
             if not self.queue:
                 raise ValueError(f"{type(self.service).__name__} handles commands: give a queue")
             self.bus.declare(QueueDecl(self.queue))
-            self._consume(self.queue, self._handle_command)
+            connected = threading.Barrier(self._concurrency + 1)
+            for i in range(self._concurrency):
+                worker = threading.Thread(
+                    target=self._command_worker,
+                    args=(self.queue, connected),
+                    name=f"{self.queue}-{i}",
+                    daemon=True,
+                )
+                worker.start()
+                self._workers.append(worker)
+            try:
+                connected.wait(30.0)  # consuming before start() returns
+            except threading.BrokenBarrierError:
+                log.warning("command workers not all connected yet", queue=self.queue)
         if self._events:
             name = routing.service_event_queue(self.service.name or type(self.service).__name__)
             patterns = tuple(sorted({p for p, _ in self._events}))
             self.bus.declare(QueueDecl(name, kind="events", patterns=patterns))
-            self._consume(name, self._handle_event)
+            self._consume_events(name)
         return self
 
-    def _consume(self, queue: str, handle: Callable[[Delivery], None]) -> None:
+    def _command_worker(self, queue: str, connected: threading.Barrier) -> None:
+        params = blocking_params(self.bus.url, f"{self.bus.source}-{queue}")
+        backoff = 0.1
+        while not self._stopped.is_set():
+            try:
+                connection = pika.BlockingConnection(params)
+            except pika.exceptions.AMQPError as exc:
+                log.warning("command consumer cannot connect", error=str(exc))
+                self._stopped.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            try:
+                channel = connection.channel()
+                confirm_channel = connection.channel()
+                confirm_channel.confirm_delivery()
+                channel.basic_qos(prefetch_count=1)
+
+                def on_message(
+                    ch: BlockingChannel,
+                    method: pika.spec.Basic.Deliver,
+                    props: pika.spec.BasicProperties,
+                    body: bytes,
+                    confirm: BlockingChannel = confirm_channel,
+                ) -> None:
+                    inbound = _ChannelInbound(
+                        ch,
+                        confirm,
+                        method.delivery_tag,
+                        body,
+                        props,
+                        method.redelivered,
+                        method.routing_key,
+                        queue,
+                    )
+                    self._handle(inbound, self._handle_command)
+
+                channel.basic_consume(queue, on_message)
+                if not connected.broken:
+                    try:
+                        connected.wait(0)
+                    except threading.BrokenBarrierError:
+                        pass
+                while not self._stopped.is_set():
+                    connection.process_data_events(time_limit=0.5)
+            except pika.exceptions.AMQPError as exc:
+                log.warning("command consumer lost its connection", error=str(exc))
+                self._stopped.wait(backoff)
+            finally:
+                try:
+                    if connection.is_open:
+                        connection.close()
+                except pika.exceptions.AMQPError:
+                    pass
+
+    def _consume_events(self, queue: str) -> None:
         inbox: queue_mod.SimpleQueue[Delivery | None] = queue_mod.SimpleQueue()
         consumer = Consumer(queue, inbox.put, prefetch=self._prefetch)
         self._consumers.append((consumer, inbox))
         for i in range(self._concurrency):
             worker = threading.Thread(
-                target=self._work, args=(inbox, handle), name=f"{queue}-{i}", daemon=True
+                target=self._event_worker, args=(inbox,), name=f"{queue}-{i}", daemon=True
             )
             worker.start()
             self._workers.append(worker)
         self.bus.link.add_consumer(consumer)
 
-    def _work(
-        self, inbox: queue_mod.SimpleQueue[Delivery | None], handle: Callable[[Delivery], None]
-    ) -> None:
+    def _event_worker(self, inbox: queue_mod.SimpleQueue[Delivery | None]) -> None:
         while (delivery := inbox.get()) is not None:
+            self._handle(_LinkInbound(delivery, self.bus.link), self._handle_event)
+
+    @staticmethod
+    def _handle(inbound: Inbound, handle: Callable[[Inbound], None]) -> None:
+        structlog.contextvars.clear_contextvars()
+        try:
+            handle(inbound)
+        except (BusError, pika.exceptions.AMQPError) as exc:
+            # Could not reply or dead-letter: leave the message unacked for redelivery.
+            log.warning("delivery left for redelivery", error=str(exc))
+        except Exception:
+            log.exception("delivery handling failed")
+        finally:
             structlog.contextvars.clear_contextvars()
-            try:
-                handle(delivery)
-            except BusError as exc:
-                # Could not reply or dead-letter: leave the message unacked for redelivery.
-                log.warning("delivery left for redelivery", error=str(exc))
-            except Exception:
-                log.exception("delivery handling failed")
-            finally:
-                structlog.contextvars.clear_contextvars()
 
     def stop(self, timeout: float = 30.0) -> None:
         if self._stopped.is_set():
@@ -228,7 +403,7 @@ class ServiceRunner:
 
     # ---- commands ----------------------------------------------------------------------------
 
-    def _handle_command(self, delivery: Delivery) -> None:
+    def _handle_command(self, delivery: Inbound) -> None:
         props = delivery.properties
         try:
             envelope = decode(delivery.body, props.content_type)
@@ -241,8 +416,8 @@ class ServiceRunner:
         cached = self.idempotency.get(envelope.id)
         if cached is not None:
             log.info("duplicate command answered from its record")
-            self._reply(props.reply_to, decode(cached), envelope)
-            self.bus.link.ack(delivery)
+            self._reply(delivery, decode(cached), envelope)
+            delivery.ack()
             return
         try:
             command = parse_body(envelope)
@@ -262,7 +437,7 @@ class ServiceRunner:
             reply = dispatch(self.service, command, ctx, self._commands)
         except Retry as exc:
             log.warning("command requeued", reason=str(exc))
-            self.bus.link.nack(delivery, requeue=True)
+            delivery.nack(requeue=True)
             return
         except Exception as exc:
             log.exception("command handler failed")
@@ -272,12 +447,12 @@ class ServiceRunner:
             return
         self._answer(delivery, envelope, reply, ack=True)
 
-    def _reject(self, delivery: Delivery, envelope: Envelope, reason: str) -> None:
+    def _reject(self, delivery: Inbound, envelope: Envelope, reason: str) -> None:
         self._answer(delivery, envelope, ErrorReply(code="invalid", message=reason))
         self._dead_letter(delivery, reason)
 
     def _answer(
-        self, delivery: Delivery, request: Envelope, reply: Message, *, ack: bool = False
+        self, delivery: Inbound, request: Envelope, reply: Message, *, ack: bool = False
     ) -> None:
         reply_env = envelope_for(
             reply,
@@ -286,35 +461,35 @@ class ServiceRunner:
             causation_id=request.id,
         )
         self.idempotency.put(request.id, pack(reply_env))
-        self._reply(delivery.properties.reply_to, reply_env, request)
+        self._reply(delivery, reply_env, request)
         if ack:
-            self.bus.link.ack(delivery)
+            delivery.ack()
 
-    def _reply(self, reply_to: str | None, reply: Envelope, request: Envelope) -> None:
+    @staticmethod
+    def _reply(delivery: Inbound, reply: Envelope, request: Envelope) -> None:
+        reply_to = delivery.properties.reply_to
         if not reply_to:
             return
         # A recorded reply is re-addressed to this request's correlation id.
         reply = dataclasses.replace(reply, correlation_id=request.correlation_id)
-        props = properties_for(reply, persistent=False)
-        self.bus.link.publish_unconfirmed("", reply_to, pack(reply), props)
+        delivery.reply(reply_to, pack(reply), properties_for(reply, persistent=False))
 
-    def _dead_letter(self, delivery: Delivery, reason: str) -> None:
+    @staticmethod
+    def _dead_letter(delivery: Inbound, reason: str) -> None:
         """Move the delivery to the dead-letter exchange with `reason`, then ack it."""
-        log.warning("message dead-lettered", reason=reason, queue=delivery.consumer.queue)
+        log.warning("message dead-lettered", reason=reason, queue=delivery.queue)
         props = delivery.properties
         headers = dict(props.headers or {})
         headers[routing.REASON_HEADER] = reason[:1000]
-        headers[routing.QUEUE_HEADER] = delivery.consumer.queue
+        headers[routing.QUEUE_HEADER] = delivery.queue
         props.headers = headers
-        future = self.bus.link.publish(
-            routing.DEAD_EXCHANGE, delivery.consumer.queue, delivery.body, props
-        )
-        future.result(30.0)  # nothing is lost: ack only once the dead letter is confirmed
-        self.bus.link.ack(delivery)
+        # Nothing is lost: ack only once the dead letter is confirmed.
+        delivery.dead_letter(delivery.body, props)
+        delivery.ack()
 
     # ---- events ------------------------------------------------------------------------------
 
-    def _handle_event(self, delivery: Delivery) -> None:
+    def _handle_event(self, delivery: Inbound) -> None:
         try:
             envelope = decode(delivery.body, delivery.properties.content_type)
             event = parse_body(envelope)
@@ -329,10 +504,10 @@ class ServiceRunner:
             try:
                 handler(event, ctx)
             except Retry:
-                self.bus.link.nack(delivery, requeue=True)
+                delivery.nack(requeue=True)
                 return
             except Exception as exc:
                 log.exception("event handler failed")
                 self._dead_letter(delivery, f"handler raised {type(exc).__name__}: {exc}")
                 return
-        self.bus.link.ack(delivery)
+        delivery.ack()
