@@ -1,0 +1,417 @@
+"""All of Flotilla on one host, as child processes: what `flotilla up`, tests/e2e and
+bench/control_plane.py run.
+
+stack = Stack(StackConfig(state_dir=...)).start()   # broker, API, scheduler, compute node(s)
+stack.api_url, stack.admin_token
+stack.stop()                                         # deletes guests first unless keep_guests
+
+Layout of the state dir: `rabbitmq/` (the private broker, recreated at each start), `api/`
+(its config and the SQLite registry), `compute/<host>/` (each compute node's store and domain
+dirs), `logs/<service>.log`, and `cli.json` (API URL and admin token, mode 0600, read by the
+CLI). Every child runs in a session of its own, so a Ctrl-C on the terminal reaches only the
+parent, which stops them in order (compute nodes, scheduler, API, broker) by pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pika
+
+from protos import routing
+from services.broker import PrivateBroker
+
+
+class StackError(RuntimeError):
+    """A part of the stack did not start or died; the message says which and where its log is."""
+
+
+@dataclass(frozen=True)
+class ComputeSpec:
+    """One compute node: its host name and the [compute] settings written to its TOML."""
+
+    host: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    token: str
+    project: str
+    role: str = "member"
+
+
+@dataclass
+class StackConfig:
+    state_dir: Path
+    amqp_url: str | None = None  # None: a private broker under state_dir/rabbitmq
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8780  # 0: a free port
+    computes: list[ComputeSpec] = field(default_factory=list)  # empty: one, this host's name
+    driver: str = "kvm"
+    heartbeat_interval_s: float = 1.0
+    tokens: list[TokenSpec] = field(default_factory=list)  # besides the admin token
+    quotas: dict[str, dict[str, int]] = field(default_factory=dict)
+    api_settings: dict[str, Any] = field(default_factory=dict)
+    scheduler_settings: dict[str, str] = field(default_factory=dict)  # FLOTILLA_* variables
+    admin_token: str | None = None  # None: a new random one
+    keep_guests: bool = False  # stop() leaves guests for the next start to re-adopt
+
+
+def default_state_dir() -> Path:
+    """/var/lib/flotilla for root, else $XDG_STATE_HOME/flotilla (~/.local/state/flotilla)."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/flotilla")
+    xdg = os.environ.get("XDG_STATE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "flotilla"
+
+
+def read_cli_state(state_dir: Path) -> dict[str, Any]:
+    """What `flotilla up` wrote for the CLI (`api_url`, `token`), or {} if nothing is there."""
+    try:
+        data = json.loads((state_dir / "cli.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def _toml_table(name: str, values: dict[str, Any]) -> str:
+    lines = [f"[{name}]"]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+class Child:
+    """A service process with its log file, ended by its pid."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        with log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def died(self) -> StackError:
+        return StackError(
+            f"{self.name} exited with status {self.proc.returncode}; its log "
+            f"({self.log_path}) ends:\n{self.log_tail()}"
+        )
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout`."""
+        if not self.alive():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+
+class Stack:
+    """The all-in-one deployment. `start()` returns once the API answers, the scheduler
+    consumes its queue and every compute node is `up` in the API's host list."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.state_dir = config.state_dir.resolve()
+        self.admin_token = config.admin_token or "adm-" + secrets.token_urlsafe(24)
+        self.broker: PrivateBroker | None = None
+        self.amqp_url = config.amqp_url or ""
+        port = config.listen_port or free_port()
+        self.api_url = f"http://{config.listen_host}:{port}"
+        self._port = port
+        self.api: Child | None = None
+        self.scheduler: Child | None = None
+        self.computes: dict[str, Child] = {}
+        self.computes_spec = config.computes or [ComputeSpec(socket.gethostname().split(".")[0])]
+
+    # Start
+    def start(
+        self, timeout: float = 90.0, progress: Callable[[str], None] = lambda _: None
+    ) -> Stack:
+        deadline = time.monotonic() + timeout
+        try:
+            for d in ("logs", "api", "compute"):
+                (self.state_dir / d).mkdir(parents=True, exist_ok=True)
+            if not self.amqp_url:
+                progress("starting a private RabbitMQ node")
+                self._start_broker(timeout)
+            progress("starting the API")
+            self._start_api()
+            self._wait(deadline, "the API answering /healthz", self._api_ready, self.api)
+            progress("starting the scheduler")
+            self._start_scheduler()
+            self._wait(
+                deadline,
+                "the scheduler consuming its queue",
+                lambda: self._consumers(routing.SCHEDULER_QUEUE) > 0,
+                self.scheduler,
+            )
+            for spec in self.computes_spec:
+                progress(f"starting compute node {spec.host}")
+                self.start_compute(spec)
+            for spec in self.computes_spec:
+                self.wait_host_up(spec.host, deadline)
+            self._write_cli_state()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_broker(self, timeout: float) -> None:
+        base = self.state_dir / "rabbitmq"
+        # The demo broker holds nothing worth keeping (compute nodes keep unsent events in
+        # their outbox); a fresh node avoids stale queues and a growing mnesia dir.
+        shutil.rmtree(base / "mnesia", ignore_errors=True)
+        self.broker = PrivateBroker(base, name="flotilla-up")
+        self.broker.start(timeout)
+        self.amqp_url = self.broker.url
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["FLOTILLA_AMQP_URL"] = self.amqp_url
+        env.setdefault("FLOTILLA_LOG_LEVEL", "info")
+        # Compute nodes read FLOTILLA_STATE_DIR/FLOTILLA_HOST; each gets its own via its TOML.
+        for name in ("FLOTILLA_STATE_DIR", "FLOTILLA_HOST", "FLOTILLA_DRIVER"):
+            env.pop(name, None)
+        return env
+
+    def _start_api(self) -> None:
+        api_dir = self.state_dir / "api"
+        settings: dict[str, Any] = {
+            "listen_host": self.config.listen_host,
+            "listen_port": self._port,
+            "database_url": f"sqlite:///{api_dir / 'registry.db'}",
+            "amqp_url": self.amqp_url,
+        }
+        settings.update(self.config.api_settings)
+        text = _toml_table("api", settings)
+        tokens = [TokenSpec(self.admin_token, "admin", "admin"), *self.config.tokens]
+        for t in tokens:
+            text += "\n" + _toml_table(
+                "[api.tokens]", {"token": t.token, "project": t.project, "role": t.role}
+            )
+        for project, quota in self.config.quotas.items():
+            text += "\n" + _toml_table(f"api.quotas.{project}", quota)
+        path = api_dir / "api.toml"
+        path.touch(mode=0o600)
+        path.write_text(text)
+        self.api = Child(
+            "api",
+            [sys.executable, "-m", "services.api.main", "--config", str(path)],
+            self._env(),
+            self.state_dir / "logs" / "api.log",
+        )
+
+    def _start_scheduler(self) -> None:
+        env = self._env()
+        env.update(self.config.scheduler_settings)
+        self.scheduler = Child(
+            "scheduler",
+            [sys.executable, "-m", "services.scheduler.main"],
+            env,
+            self.state_dir / "logs" / "scheduler.log",
+        )
+
+    def start_compute(self, spec: ComputeSpec) -> Child:
+        """Start one compute node (also after start(), e.g. a second host in a test)."""
+        state = self.state_dir / "compute" / spec.host
+        state.mkdir(parents=True, exist_ok=True)
+        settings: dict[str, Any] = {
+            "host": spec.host,
+            "state_dir": str(state),
+            "amqp_url": self.amqp_url,
+            "driver": self.config.driver,
+            "heartbeat_interval_s": self.config.heartbeat_interval_s,
+        }
+        settings.update(spec.settings)
+        path = state / "compute.toml"
+        path.write_text(_toml_table("compute", settings))
+        child = Child(
+            f"compute {spec.host}",
+            [sys.executable, "-m", "compute_node.main", "--config", str(path)],
+            self._env(),
+            self.state_dir / "logs" / f"compute-{spec.host}.log",
+        )
+        self.computes[spec.host] = child
+        return child
+
+    def wait_host_up(self, host: str, deadline: float) -> None:
+        child = self.computes[host]
+        self._wait(
+            deadline,
+            f"compute node {host} up in the API's host list",
+            lambda: self.host_state(host) == "up",
+            child,
+        )
+
+    def host_state(self, host: str) -> str | None:
+        try:
+            r = httpx.get(
+                f"{self.api_url}/v1/hosts",
+                headers={"Authorization": f"Bearer {self.admin_token}"},
+                timeout=5,
+            )
+        except httpx.HTTPError:
+            return None
+        if r.status_code != 200:
+            return None
+        body = r.json()
+        items = body.get("hosts", []) if isinstance(body, dict) else body
+        for item in items or []:
+            if item.get("host", item.get("name")) == host:
+                state = item.get("state")
+                return str(state) if state is not None else None
+        return None
+
+    def _api_ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.api_url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _consumers(self, queue: str) -> int:
+        try:
+            conn = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        except Exception:
+            return 0
+        try:
+            ch = conn.channel()
+            ok = ch.queue_declare(queue, passive=True)
+            return int(ok.method.consumer_count)
+        except Exception:
+            return 0
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _wait(
+        self, deadline: float, what: str, ready: Callable[[], bool], child: Child | None
+    ) -> None:
+        while not ready():
+            if child is not None and not child.alive():
+                raise child.died()
+            if time.monotonic() > deadline:
+                where = f"; see {child.log_path}" if child is not None else ""
+                raise StackError(f"timed out waiting for {what}{where}")
+            time.sleep(0.1)
+
+    def _write_cli_state(self) -> None:
+        path = self.state_dir / "cli.json"
+        path.touch(mode=0o600)
+        path.chmod(0o600)
+        path.write_text(
+            json.dumps(
+                {"api_url": self.api_url, "token": self.admin_token, "pid": os.getpid()},
+                indent=1,
+            )
+            + "\n"
+        )
+
+    # Health and stop
+    def children(self) -> list[Child]:
+        found = [*self.computes.values(), self.scheduler, self.api]
+        return [c for c in found if c is not None]
+
+    def dead_child(self) -> Child | None:
+        for child in self.children():
+            if not child.alive():
+                return child
+        return None
+
+    def delete_all_domains(self, timeout: float = 30.0) -> None:
+        """Delete every domain through the API (destroying running ones) and wait until the
+        registry has none left; best effort."""
+        headers = {"Authorization": f"Bearer {self.admin_token}"}
+        try:
+            with httpx.Client(base_url=self.api_url, headers=headers, timeout=10) as http:
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline:
+                    r = http.get("/v1/domains")
+                    if r.status_code != 200:
+                        return
+                    body = r.json()
+                    items = body.get("domains", []) if isinstance(body, dict) else body
+                    if not items:
+                        return
+                    for item in items:
+                        if item.get("task") != "deleting":
+                            http.delete(f"/v1/domains/{item['id']}")
+                    time.sleep(0.2)
+        except httpx.HTTPError:
+            pass
+
+    def stop(self) -> None:
+        """Delete guests (unless keep_guests), then end every child by pid, then the broker."""
+        if (
+            not self.config.keep_guests
+            and self.api is not None
+            and self.api.alive()
+            and any(c.alive() for c in self.computes.values())
+        ):
+            self.delete_all_domains()
+        for child in self.computes.values():
+            child.stop()
+        if self.scheduler is not None:
+            self.scheduler.stop()
+        if self.api is not None:
+            self.api.stop()
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
+        with contextlib.suppress(OSError):
+            state = read_cli_state(self.state_dir)
+            if state.get("pid") == os.getpid():
+                (self.state_dir / "cli.json").unlink()
