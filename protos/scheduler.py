@@ -10,12 +10,16 @@ removed) so the caller can say why.
 
 from __future__ import annotations
 
+import uuid
+from enum import StrEnum
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from protos.base import Message
 from protos.commands import Command
 from protos.domain import NAME_PATTERN, DomainSpec
 from protos.replies import DomainInfo, Done
+from protos.routing import event_key
 
 
 class Attempt(BaseModel):
@@ -53,3 +57,28 @@ class SetHostEnabled(Command):
     RESULT = Done
     enabled: bool
     reason: str = Field(default="", max_length=255)
+
+
+class ClaimPhase(StrEnum):
+    CLAIMED = "claimed"  # a replica chose the host and is about to ask it
+    PLACED = "placed"  # the host took the domain: its heartbeats will count it from now on
+    RELEASED = "released"  # the host refused or did not answer: the resources are free again
+
+
+class PlacementClaim(Message):
+    """A scheduler replica's claim, published on `placement.<phase>.<domain_id>` so the other
+    replicas count claims in flight and learn group membership (domain events carry the host,
+    not the group). The compute node stays the final arbiter; this only narrows the window in
+    which two replicas can pick the same room."""
+
+    TYPE = "placement.claim"
+    phase: ClaimPhase
+    replica: str
+    domain_id: uuid.UUID
+    host: str
+    vcpus: int = Field(ge=0)
+    memory_mib: int = Field(ge=0)
+    group: str | None = None
+
+    def routing_key(self) -> str:
+        return event_key("placement", self.phase.value, str(self.domain_id))

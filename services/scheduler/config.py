@@ -1,0 +1,75 @@
+"""Scheduler configuration: a TOML file (`[scheduler]` table), then environment, then flags.
+
+| setting | env | default |
+|---|---|---|
+| amqp_url | FLOTILLA_AMQP_URL | amqp://guest:guest@127.0.0.1:5672/%2F |
+| replica | FLOTILLA_SCHEDULER_REPLICA | `<host name>-<pid>` |
+| weigher | FLOTILLA_SCHEDULER_WEIGHER | spread (or pack) |
+| ram_weight_multiplier | FLOTILLA_SCHEDULER_RAM_WEIGHT_MULTIPLIER | 1.0 |
+| cpu_weight_multiplier | FLOTILLA_SCHEDULER_CPU_WEIGHT_MULTIPLIER | 0.0 |
+| top_n | FLOTILLA_SCHEDULER_TOP_N | 2 |
+| max_attempts | FLOTILLA_SCHEDULER_MAX_ATTEMPTS | 5 |
+| down_after_intervals | FLOTILLA_SCHEDULER_DOWN_AFTER_INTERVALS | 3.0 |
+| compute_timeout_s | FLOTILLA_SCHEDULER_COMPUTE_TIMEOUT_S | 20.0 |
+| peer_claim_timeout_s | FLOTILLA_SCHEDULER_PEER_CLAIM_TIMEOUT_S | 120.0 |
+| workers | FLOTILLA_SCHEDULER_WORKERS | 8 |
+| filters | FLOTILLA_SCHEDULER_FILTERS | every registered filter (comma-separated names) |
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def _default_replica() -> str:
+    return f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
+
+
+class SchedulerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    replica: str = Field(default_factory=_default_replica, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    # spread: prefer the host with the most free RAM; pack: the one with the least.
+    weigher: Literal["spread", "pack"] = "spread"
+    ram_weight_multiplier: float = Field(default=1.0, ge=0)
+    cpu_weight_multiplier: float = Field(default=0.0, ge=0)
+    # Pick at random among the best `top_n` hosts, so replicas deciding at once rarely collide.
+    top_n: int = Field(default=2, ge=1, le=100)
+    # A ceiling on ScheduleDomain.max_attempts (the command's own value applies below it).
+    max_attempts: int = Field(default=5, ge=1, le=20)
+    down_after_intervals: float = Field(default=3.0, gt=0)
+    compute_timeout_s: float = Field(default=20.0, gt=0)
+    # A peer replica's claim not followed by `placed`/`released` (the peer died) lapses.
+    peer_claim_timeout_s: float = Field(default=120.0, gt=0)
+    workers: int = Field(default=8, ge=1, le=256)
+    filters: tuple[str, ...] | None = None
+
+    @field_validator("filters", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(name.strip() for name in value.split(",") if name.strip())
+        return value
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: Any) -> SchedulerConfig:
+        """File (if given), then environment, then `overrides` (None values are ignored)."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+            values.update(data.get("scheduler", data))
+        for name in cls.model_fields:
+            env_name = "FLOTILLA_AMQP_URL" if name == "amqp_url" else f"FLOTILLA_SCHEDULER_{name}"
+            env = os.environ.get(env_name.upper())
+            if env is not None:
+                values[name] = env
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(values)

@@ -1,0 +1,225 @@
+"""What one scheduler replica knows about the cluster: hosts (from heartbeats), claims in
+flight (its own and its peers'), and where each domain lives and which group it is in.
+
+Everything is guarded by `ClusterState.lock`; the placer holds it across filter → weigh →
+pick → claim so two decisions of one replica never see the same free room.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from protos.domain import DomainSpec, PlacementPolicy
+from protos.host import HostHeartbeat, HostInventory, Resources
+
+
+@dataclass(slots=True)
+class HostState:
+    """A host as its last heartbeat described it, plus the claims not yet in its usage."""
+
+    name: str
+    inventory: HostInventory
+    usage: Resources
+    enabled: bool
+    interval_s: float
+    seen_at: float  # monotonic time the last heartbeat arrived
+    vcpu_limit: float  # capacity x allocation ratio
+    memory_limit_mib: float
+    claimed_vcpus: int = 0
+    claimed_memory_mib: int = 0
+    # limit - usage - claims, kept up to date by `refresh()` (plain fields: filters and weighers
+    # read them for every host of every decision).
+    free_vcpus: float = 0.0
+    free_memory_mib: float = 0.0
+    claims: dict[uuid.UUID, Claim] = field(default_factory=dict)
+
+    def refresh(self) -> None:
+        self.free_vcpus = self.vcpu_limit - self.usage.vcpus - self.claimed_vcpus
+        self.free_memory_mib = (
+            self.memory_limit_mib - self.usage.memory_mib - self.claimed_memory_mib
+        )
+
+
+@dataclass(slots=True)
+class Claim:
+    """Resources held on `host` for a domain whose usage the host's heartbeat does not show yet.
+
+    In flight while the compute node is being asked; once it took the domain, the claim
+    `settles_at` a wall-clock time: the first heartbeat sent at or after it counts the domain,
+    and the claim is dropped. `lapses_at` (monotonic) drops it regardless (a silent host, a dead
+    peer replica)."""
+
+    domain_id: uuid.UUID
+    host: str
+    vcpus: int
+    memory_mib: int
+    group: str | None
+    replica: str
+    settles_at: float | None = None
+    lapses_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementRequest:
+    """One domain to place, with what the filters need precomputed once per decision."""
+
+    domain_id: uuid.UUID
+    vcpus: int
+    memory_mib: int
+    group: str | None = None
+    policy: PlacementPolicy = PlacementPolicy.ANTI_AFFINITY
+    forced_host: str | None = None
+    group_hosts: frozenset[str] = frozenset()  # hosts holding members of `group`
+    now: float = 0.0  # monotonic time of the decision
+
+    @classmethod
+    def from_spec(cls, spec: DomainSpec) -> PlacementRequest:
+        return cls(
+            domain_id=spec.uuid,
+            vcpus=spec.vcpus,
+            memory_mib=spec.memory_mib,
+            group=spec.placement.group,
+            policy=spec.placement.policy,
+            forced_host=spec.placement.host,
+        )
+
+
+class ClusterState:
+    def __init__(self, down_after_intervals: float = 3.0) -> None:
+        self.lock = threading.RLock()
+        self.down_after_intervals = down_after_intervals
+        self.hosts: dict[str, HostState] = {}
+        self.claims: dict[uuid.UUID, Claim] = {}
+        self.domain_host: dict[uuid.UUID, str] = {}
+        self.domain_group: dict[uuid.UUID, str] = {}
+        self.group_members: defaultdict[str, set[uuid.UUID]] = defaultdict(set)
+
+    # ---- hosts -------------------------------------------------------------------------------
+
+    def on_heartbeat(self, beat: HostHeartbeat, *, sent_at: float, now: float) -> HostState:
+        """Take `beat` (sent at wall-clock `sent_at`, arrived at monotonic `now`); drop the
+        claims it now accounts for and the ones that lapsed."""
+        inv = beat.inventory
+        with self.lock:
+            host = self.hosts.get(beat.host)
+            if host is None:
+                host = HostState(
+                    name=beat.host,
+                    inventory=inv,
+                    usage=beat.usage,
+                    enabled=beat.enabled,
+                    interval_s=beat.interval_s,
+                    seen_at=now,
+                    vcpu_limit=0.0,
+                    memory_limit_mib=0.0,
+                )
+                self.hosts[beat.host] = host
+            host.inventory = inv
+            host.usage = beat.usage
+            host.enabled = beat.enabled
+            host.interval_s = beat.interval_s
+            host.seen_at = now
+            host.vcpu_limit = inv.capacity.vcpus * inv.cpu_allocation_ratio
+            host.memory_limit_mib = inv.capacity.memory_mib * inv.ram_allocation_ratio
+            done = [
+                c.domain_id
+                for c in host.claims.values()
+                if (c.settles_at is not None and c.settles_at <= sent_at)
+                or (c.lapses_at is not None and c.lapses_at <= now)
+            ]
+            for domain_id in done:
+                self._drop_claim(domain_id)
+            host.refresh()
+            return host
+
+    def is_alive(self, host: HostState, now: float) -> bool:
+        return now - host.seen_at <= self.down_after_intervals * host.interval_s
+
+    # ---- claims ------------------------------------------------------------------------------
+
+    def add_claim(self, claim: Claim) -> None:
+        """Hold `claim` on its host and count the domain as living there (and in its group)."""
+        with self.lock:
+            self._drop_claim(claim.domain_id)
+            host = self.hosts.get(claim.host)
+            if host is not None:
+                host.claims[claim.domain_id] = claim
+                host.claimed_vcpus += claim.vcpus
+                host.claimed_memory_mib += claim.memory_mib
+                host.refresh()
+            self.claims[claim.domain_id] = claim
+            self._place(claim.domain_id, claim.host, claim.group)
+
+    def release(self, domain_id: uuid.UUID) -> Claim | None:
+        """The host did not take the domain: free the room and forget it lives there."""
+        with self.lock:
+            claim = self._drop_claim(domain_id)
+            if claim is not None and self.domain_host.get(domain_id) == claim.host:
+                self._forget(domain_id)
+            return claim
+
+    def settle(self, domain_id: uuid.UUID, *, settles_at: float, now: float) -> None:
+        """The host took the domain: keep the claim until a heartbeat sent after `settles_at`
+        shows it (or the host has been silent long enough to be down)."""
+        with self.lock:
+            claim = self.claims.get(domain_id)
+            if claim is None:
+                return
+            claim.settles_at = settles_at
+            host = self.hosts.get(claim.host)
+            interval = host.interval_s if host is not None else 0.0
+            claim.lapses_at = now + self.down_after_intervals * interval
+
+    def _drop_claim(self, domain_id: uuid.UUID) -> Claim | None:
+        claim = self.claims.pop(domain_id, None)
+        if claim is None:
+            return None
+        host = self.hosts.get(claim.host)
+        if host is not None and host.claims.pop(domain_id, None) is not None:
+            host.claimed_vcpus -= claim.vcpus
+            host.claimed_memory_mib -= claim.memory_mib
+            host.refresh()
+        return claim
+
+    # ---- domains and groups ------------------------------------------------------------------
+
+    def on_domain_started(self, domain_id: uuid.UUID, host: str) -> None:
+        with self.lock:
+            self._place(domain_id, host, self.domain_group.get(domain_id))
+
+    def on_domain_undefined(self, domain_id: uuid.UUID, host: str) -> None:
+        """Forget the domain, unless it lives elsewhere now (a refusing host's clean-up)."""
+        with self.lock:
+            if self.domain_host.get(domain_id) == host:
+                self._forget(domain_id)
+
+    def learn(self, domain_id: uuid.UUID, host: str, group: str | None) -> None:
+        """A peer replica placed the domain on `host`."""
+        with self.lock:
+            self._place(domain_id, host, group)
+
+    def group_hosts(self, group: str | None) -> frozenset[str]:
+        if group is None:
+            return frozenset()
+        with self.lock:
+            members = self.group_members.get(group, ())
+            return frozenset(self.domain_host[d] for d in members if d in self.domain_host)
+
+    def _place(self, domain_id: uuid.UUID, host: str, group: str | None) -> None:
+        self.domain_host[domain_id] = host
+        if group is not None:
+            self.domain_group[domain_id] = group
+            self.group_members[group].add(domain_id)
+
+    def _forget(self, domain_id: uuid.UUID) -> None:
+        self.domain_host.pop(domain_id, None)
+        group = self.domain_group.pop(domain_id, None)
+        if group is not None:
+            members = self.group_members.get(group)
+            if members is not None:
+                members.discard(domain_id)
+                if not members:
+                    del self.group_members[group]

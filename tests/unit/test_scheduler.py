@@ -1,0 +1,461 @@
+"""The scheduler's loop and service without a broker: choice, claims, retries, concurrency."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from protos.base import Message
+from protos.codec import envelope_for
+from protos.commands import Command, DefineDomain, DestroyDomain, StartDomain, UndefineDomain
+from protos.domain import BootSpec, DomainSpec, PlacementHints, PowerState
+from protos.events import DomainStarted, DomainUndefined, StartedDetail, UndefinedDetail
+from protos.host import HostHeartbeat
+from protos.replies import DomainInfo
+from protos.scheduler import ClaimPhase, Placement, PlacementClaim, ScheduleDomain
+from services.bus import Context, RemoteError, RpcTimeout, ServiceError
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.filters import build_filters
+from services.scheduler.placer import Decision, NoValidHost, Placer
+from services.scheduler.service import SchedulerService
+from services.scheduler.state import Claim, ClusterState
+from services.scheduler.weights import build_weighers
+from tests.unit.test_scheduler_filters import beat, request
+
+
+def spec(vcpus: int = 1, memory_mib: int = 512, **placement: object) -> DomainSpec:
+    return DomainSpec(
+        name=f"d-{uuid.uuid4().hex[:8]}",
+        vcpus=vcpus,
+        memory_mib=memory_mib,
+        boot=BootSpec(kernel="/k"),
+        placement=PlacementHints(**placement),  # type: ignore[arg-type]
+    )
+
+
+def ctx(command: Message) -> Context:
+    return Context(envelope_for(command, source="test"))
+
+
+def info(spec_: DomainSpec, host: str, state: PowerState = PowerState.RUNNING) -> DomainInfo:
+    return DomainInfo(
+        domain_id=spec_.uuid,
+        name=spec_.name,
+        host=host,
+        state=state,
+        vcpus=spec_.vcpus,
+        memory_mib=spec_.memory_mib,
+        seq=1,
+    )
+
+
+class FakeComputes:
+    """Compute nodes behind `SchedulerService.call`: each holds claims atomically against its
+    limits, as the real one does, and can be told to refuse or to stay silent."""
+
+    def __init__(self, limits: dict[str, tuple[int, int]]) -> None:
+        self.limits = limits
+        self.used: dict[str, Counter[str]] = {h: Counter() for h in limits}
+        self.defined: dict[str, dict[uuid.UUID, DomainSpec]] = {h: {} for h in limits}
+        self.running: dict[str, set[uuid.UUID]] = {h: set() for h in limits}
+        self.calls: list[tuple[str, str]] = []
+        self.refuse: dict[str, str] = {}  # host → error code for StartDomain
+        self.silent: set[str] = set()
+        self.refusals = 0
+        self.lock = threading.Lock()
+        self.delay = 0.0
+
+    def __call__(
+        self, queue: str, command: Command, *, timeout: float, message_id: str | None
+    ) -> Message:
+        host = queue.removeprefix("compute.")
+        with self.lock:
+            self.calls.append((host, command.TYPE))
+        if host in self.silent:
+            raise RpcTimeout(f"{command.TYPE} to {queue!r}: no reply")
+        if isinstance(command, DefineDomain):
+            with self.lock:
+                self.defined[host][command.spec.uuid] = command.spec
+            return info(command.spec, host, PowerState.SHUTOFF)
+        if isinstance(command, StartDomain):
+            time.sleep(self.delay)
+            code = self.refuse.get(host)
+            if code:
+                raise RemoteError(code, f"{host} says {code}")
+            with self.lock:
+                s = self.defined[host][command.domain_id]
+                vcpus, mib = self.limits[host]
+                used = self.used[host]
+                if used["vcpus"] + s.vcpus > vcpus or used["mib"] + s.memory_mib > mib:
+                    self.refusals += 1
+                    raise RemoteError("no_capacity", f"{host} is full")
+                used["vcpus"] += s.vcpus
+                used["mib"] += s.memory_mib
+                self.running[host].add(s.uuid)
+            return info(s, host)
+        if isinstance(command, UndefineDomain):
+            with self.lock:
+                self.defined[host].pop(command.domain_id, None)
+            return info(spec(), host)
+        if isinstance(command, DestroyDomain):
+            return info(spec(), host)
+        raise AssertionError(command)
+
+    def heartbeats(self, interval_s: float = 60.0) -> list[HostHeartbeat]:
+        with self.lock:
+            return [
+                beat(
+                    h,
+                    vcpus=v,
+                    memory_mib=m,
+                    used_vcpus=self.used[h]["vcpus"],
+                    used_mib=self.used[h]["mib"],
+                    interval_s=interval_s,
+                )
+                for h, (v, m) in self.limits.items()
+            ]
+
+
+def service(computes: FakeComputes, **config: object) -> SchedulerService:
+    config.setdefault("replica", "r1")
+    svc = SchedulerService(SchedulerConfig(**config))  # type: ignore[arg-type]
+    svc.call = computes  # type: ignore[method-assign]
+    feed(svc, computes)
+    return svc
+
+
+def feed(svc: SchedulerService, computes: FakeComputes) -> None:
+    sent_at = time.time()  # before usage is read: a beat sent at t shows all taken before t
+    for hb in computes.heartbeats():
+        svc.state.on_heartbeat(hb, sent_at=sent_at, now=time.monotonic())
+
+
+def schedule(svc: SchedulerService, cmd: ScheduleDomain) -> Placement:
+    return svc.schedule(cmd, ctx(cmd))
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+
+def make_placer(names: dict[str, int], top_n: int, seed: int = 0) -> Placer:
+    config = SchedulerConfig(replica="t", top_n=top_n)
+    state = ClusterState()
+    for name, mib in names.items():
+        state.on_heartbeat(beat(name, memory_mib=mib), sent_at=time.time(), now=time.monotonic())
+    return Placer(
+        state, build_filters(config), build_weighers(config), top_n=top_n, rng=random.Random(seed)
+    )
+
+
+def test_the_loop_picks_only_among_the_top_n() -> None:
+    chosen: Counter[str] = Counter()
+    for seed in range(60):
+        placer = make_placer({"a": 1024, "b": 2048, "c": 4096, "d": 8192}, top_n=2, seed=seed)
+        decision = placer.decide(request(), replica="t")
+        assert isinstance(decision, Decision)
+        chosen[decision.host] += 1
+    assert set(chosen) == {"c", "d"}
+
+
+def test_a_claim_is_seen_by_the_next_decision_and_released() -> None:
+    placer = make_placer({"a": 1024, "b": 1024}, top_n=1)
+    first = placer.decide(request(memory_mib=1000), replica="t")
+    second = placer.decide(request(memory_mib=1000), replica="t")
+    assert isinstance(first, Decision)
+    assert isinstance(second, Decision)
+    assert first.host != second.host
+    third = placer.decide(request(memory_mib=1000), replica="t")
+    assert isinstance(third, NoValidHost)
+    assert sorted(third.filtered["memory"]) == ["a", "b"]
+    placer.state.release(first.claim.domain_id)
+    again = placer.decide(request(memory_mib=1000), replica="t")
+    assert isinstance(again, Decision)
+    assert again.host == first.host
+
+
+def test_a_settled_claim_lasts_until_a_heartbeat_sent_after_it() -> None:
+    state = ClusterState()
+    state.on_heartbeat(beat("a", memory_mib=1024), sent_at=time.time(), now=time.monotonic())
+    placer = Placer(state, build_filters(SchedulerConfig(replica="t")), [], top_n=1)
+    decision = placer.decide(request(memory_mib=1000), replica="t")
+    assert isinstance(decision, Decision)
+    placed_at = time.time()
+    state.settle(decision.claim.domain_id, settles_at=placed_at, now=time.monotonic())
+    # A heartbeat sent before the compute answered does not show the domain yet.
+    state.on_heartbeat(beat("a", memory_mib=1024), sent_at=placed_at - 0.5, now=time.monotonic())
+    assert state.hosts["a"].free_memory_mib == 24
+    state.on_heartbeat(
+        beat("a", memory_mib=1024, used_mib=1000), sent_at=placed_at + 0.01, now=time.monotonic()
+    )
+    assert state.hosts["a"].free_memory_mib == 24
+    assert state.claims == {}
+
+
+def test_domain_events_move_group_membership() -> None:
+    state = ClusterState()
+    d = uuid.uuid4()
+    state.learn(d, "a", "g")
+    assert state.group_hosts("g") == {"a"}
+    state.on_domain_undefined(d, "b")  # a clean-up elsewhere: still on a
+    assert state.group_hosts("g") == {"a"}
+    state.on_domain_started(d, "c")
+    assert state.group_hosts("g") == {"c"}
+    state.on_domain_undefined(d, "c")
+    assert state.group_hosts("g") == frozenset()
+
+
+# ---- the service ------------------------------------------------------------------------------
+
+
+def test_schedule_defines_and_starts_on_the_chosen_host() -> None:
+    computes = FakeComputes({"a": (4, 4096), "b": (4, 2048)})
+    svc = service(computes, top_n=1)
+    s = spec()
+    placement = schedule(svc, ScheduleDomain(spec=s, project="p"))
+    assert placement.host == "a"
+    assert placement.attempts == []
+    assert placement.info.state is PowerState.RUNNING
+    assert computes.calls == [("a", DefineDomain.TYPE), ("a", StartDomain.TYPE)]
+    assert svc.state.domain_host[s.uuid] == "a"
+
+
+def test_start_false_only_defines() -> None:
+    computes = FakeComputes({"a": (4, 4096)})
+    placement = schedule(service(computes), ScheduleDomain(spec=spec(), project="p", start=False))
+    assert placement.info.state is PowerState.SHUTOFF
+    assert computes.calls == [("a", DefineDomain.TYPE)]
+
+
+def test_a_refusing_host_is_cleaned_up_and_the_next_host_tried() -> None:
+    computes = FakeComputes({"a": (4, 8192), "b": (4, 4096), "c": (4, 2048)})
+    computes.refuse = {"a": "spawn_failed", "b": "no_capacity"}
+    svc = service(computes, top_n=1)
+    s = spec()
+    placement = schedule(svc, ScheduleDomain(spec=s, project="p"))
+    assert placement.host == "c"
+    assert [(a.host, a.code) for a in placement.attempts] == [
+        ("a", "spawn_failed"),
+        ("b", "no_capacity"),
+    ]
+    assert ("a", UndefineDomain.TYPE) in computes.calls
+    assert ("b", UndefineDomain.TYPE) in computes.calls
+    assert s.uuid not in computes.defined["a"]
+    assert svc.state.claims[s.uuid].host == "c"  # only the winning claim remains
+    assert svc.state.hosts["a"].claimed_memory_mib == 0
+
+
+def test_after_max_attempts_the_answer_is_no_valid_host_with_attempts_and_filters() -> None:
+    computes = FakeComputes({"a": (4, 8192), "b": (4, 4096), "c": (4, 2048), "tiny": (1, 256)})
+    computes.refuse = dict.fromkeys(computes.limits, "no_capacity")
+    svc = service(computes, top_n=1)
+    with pytest.raises(ServiceError) as raised:
+        schedule(svc, ScheduleDomain(spec=spec(memory_mib=1024), project="p", max_attempts=2))
+    err = raised.value
+    assert err.code == "no_valid_host"
+    assert [a["host"] for a in err.details["attempts"]] == ["a", "b"]
+    assert err.details["filtered"] == {"memory": ["tiny"]}
+    assert "2 host(s) refused" in err.message
+    assert svc.state.claims == {}
+
+
+def test_no_host_fits_answers_at_once_with_the_filters() -> None:
+    computes = FakeComputes({"a": (2, 1024), "b": (2, 1024)})
+    svc = service(computes)
+    with pytest.raises(ServiceError) as raised:
+        schedule(svc, ScheduleDomain(spec=spec(vcpus=4), project="p"))
+    assert raised.value.details == {"attempts": [], "filtered": {"vcpus": ["a", "b"]}}
+    assert computes.calls == []
+
+
+def test_a_silent_host_is_an_unavailable_attempt_and_destroyed_best_effort() -> None:
+    computes = FakeComputes({"a": (4, 8192), "b": (4, 2048)})
+    computes.silent = {"a"}
+    svc = service(computes, top_n=1)
+    placement = schedule(svc, ScheduleDomain(spec=spec(), project="p"))
+    assert placement.host == "b"
+    assert placement.attempts[0].code == "unavailable"
+
+
+def test_a_conflict_is_not_retried() -> None:
+    computes = FakeComputes({"a": (4, 8192), "b": (4, 2048)})
+    computes.refuse = {"a": "conflict"}
+    svc = service(computes, top_n=1)
+    with pytest.raises(ServiceError) as raised:
+        schedule(svc, ScheduleDomain(spec=spec(), project="p"))
+    assert raised.value.code == "conflict"
+    assert svc.state.claims == {}
+
+
+def test_anti_affinity_and_affinity_through_the_service() -> None:
+    computes = FakeComputes(dict.fromkeys("abc", (8, 8192)))
+    svc = service(computes)
+    anti = {
+        schedule(svc, ScheduleDomain(spec=spec(group="web"), project="p")).host for _ in range(3)
+    }
+    assert anti == {"a", "b", "c"}
+    with pytest.raises(ServiceError) as raised:
+        schedule(svc, ScheduleDomain(spec=spec(group="web"), project="p"))
+    assert sorted(raised.value.details["filtered"]["group_policy"]) == ["a", "b", "c"]
+    aff = {
+        schedule(svc, ScheduleDomain(spec=spec(group="db", policy="affinity"), project="p")).host
+        for _ in range(3)
+    }
+    assert len(aff) == 1
+
+
+def test_forced_host_through_the_service() -> None:
+    computes = FakeComputes(dict.fromkeys("abc", (8, 8192)))
+    svc = service(computes)
+    assert schedule(svc, ScheduleDomain(spec=spec(host="b"), project="p")).host == "b"
+
+
+def test_peer_claims_count_and_teach_group_membership() -> None:
+    computes = FakeComputes({"a": (4, 1024), "b": (4, 1024)})
+    svc = service(computes, top_n=1)
+    peer_domain = uuid.uuid4()
+
+    def peer(phase: ClaimPhase) -> None:
+        event = PlacementClaim(
+            phase=phase,
+            replica="r2",
+            domain_id=peer_domain,
+            host="a",
+            vcpus=1,
+            memory_mib=1000,
+            group="g",
+        )
+        svc.on_event(envelope_for(event, source="r2"), event)
+
+    peer(ClaimPhase.CLAIMED)
+    assert svc.state.hosts["a"].free_memory_mib == 24
+    assert svc.state.group_hosts("g") == {"a"}
+    placement = schedule(svc, ScheduleDomain(spec=spec(memory_mib=1000), project="p"))
+    assert placement.host == "b"
+    peer(ClaimPhase.RELEASED)
+    assert svc.state.hosts["a"].free_memory_mib == 1024
+    assert svc.state.group_hosts("g") == frozenset()
+
+
+def test_domain_events_from_the_bus_update_membership() -> None:
+    svc = SchedulerService(SchedulerConfig(replica="r1"))
+    d = uuid.uuid4()
+    started = DomainStarted(
+        domain_id=d,
+        name="x",
+        host="h1",
+        seq=2,
+        state=PowerState.RUNNING,
+        detail=StartedDetail.BOOTED,
+    )
+    svc.on_event(envelope_for(started, source="c"), started)
+    assert svc.state.domain_host[d] == "h1"
+    gone = DomainUndefined(
+        domain_id=d,
+        name="x",
+        host="h1",
+        seq=4,
+        state=PowerState.SHUTOFF,
+        detail=UndefinedDetail.REMOVED,
+    )
+    svc.on_event(envelope_for(gone, source="c"), gone)
+    assert d not in svc.state.domain_host
+
+
+def test_concurrent_requests_never_over_commit_a_host() -> None:
+    """Many threads place at once while heartbeats report usage; the fake compute nodes
+    refuse anything beyond their limits, so any refusal is a lapse in the scheduler's claims."""
+    limits = {f"h{i}": (4, 4096) for i in range(4)}  # room for 16 x (1 vCPU, 1 GiB)
+    computes = FakeComputes(limits)
+    computes.delay = 0.002
+    svc = service(computes, top_n=3)
+    stop = threading.Event()
+
+    def heartbeats() -> None:
+        while not stop.wait(0.005):
+            feed(svc, computes)
+
+    beater = threading.Thread(target=heartbeats)
+    beater.start()
+    outcomes: Counter[str] = Counter()
+
+    def place(_: int) -> None:
+        try:
+            schedule(svc, ScheduleDomain(spec=spec(memory_mib=1024), project="p"))
+            outcomes["placed"] += 1
+        except ServiceError as exc:
+            outcomes[exc.code] += 1
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(place, range(24)))
+    finally:
+        stop.set()
+        beater.join()
+    assert outcomes == {"placed": 16, "no_valid_host": 8}
+    assert computes.refusals == 0
+    for host, (vcpus, mib) in limits.items():
+        assert computes.used[host]["vcpus"] <= vcpus
+        assert computes.used[host]["mib"] <= mib
+
+
+def announcer(
+    svc: SchedulerService, publish: Callable[[PlacementClaim], None]
+) -> Callable[[ClaimPhase, Claim], None]:
+    def announce(phase: ClaimPhase, claim: Claim) -> None:
+        publish(
+            PlacementClaim(
+                phase=phase,
+                replica=svc.replica,
+                domain_id=claim.domain_id,
+                host=claim.host,
+                vcpus=claim.vcpus,
+                memory_mib=claim.memory_mib,
+                group=claim.group,
+            )
+        )
+
+    return announce
+
+
+def test_two_replicas_sharing_claims_do_not_collide() -> None:
+    """Two services with one set of compute nodes, each hearing the other's claim events: a
+    collision can only happen between a decision and its announcement, and the compute node's
+    refusal then sends the loser elsewhere; every domain is placed, no host over-committed."""
+    computes = FakeComputes({f"h{i}": (4, 4096) for i in range(5)})
+    computes.delay = 0.002
+    replicas = [service(computes, replica=f"r{i}", top_n=2) for i in range(2)]
+
+    def relay(source: SchedulerService) -> Callable[[PlacementClaim], None]:
+        def publish(event: PlacementClaim) -> None:
+            for other in replicas:
+                if other is not source:
+                    other.on_event(envelope_for(event, source=source.replica), event)
+
+        return publish
+
+    for svc in replicas:
+        svc._announce = announcer(svc, relay(svc))  # type: ignore[method-assign,assignment]
+
+    placed: Counter[str] = Counter()
+
+    def place(i: int) -> None:
+        try:
+            schedule(replicas[i % 2], ScheduleDomain(spec=spec(memory_mib=1024), project="p"))
+            placed["ok"] += 1
+        except ServiceError:
+            placed["none"] += 1
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(place, range(16)))
+    assert placed["ok"] == 16
+    for host, (vcpus, mib) in computes.limits.items():
+        assert computes.used[host]["vcpus"] <= vcpus
+        assert computes.used[host]["mib"] <= mib
+    assert computes.refusals <= 4  # collisions are rare, not impossible
