@@ -44,3 +44,15 @@ def broker() -> Iterator[BrokerHandle]:
 @pytest.fixture(scope="session")
 def amqp_url(broker: BrokerHandle) -> str:
     return broker.url
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """A PostgreSQL server URL: FLOTILLA_TEST_PG_URL or a private cluster (tests/pg.py)."""
+    from tests.pg import server_url
+
+    try:
+        with server_url() as url:
+            yield url
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)

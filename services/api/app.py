@@ -1,0 +1,139 @@
+"""The FastAPI application: `create_app(config)`.
+
+    app = create_app(ApiConfig(database_url="sqlite:////tmp/reg.db", tokens=[...]))
+    uvicorn.run(app)
+
+The app opens the registry and (unless a `bus` is given) connects to the broker when it
+starts (lifespan), and consumes events unless `config.consume_events` is false. Tests pass a
+fake `bus` and a `registry` of their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import structlog
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
+
+from services.api.config import ApiConfig
+from services.api.context import ApiContext, CommandBus
+from services.api.models import Health
+from services.api.problems import install as install_problems
+from services.api.projection import Projection
+from services.api.registry import Registry
+from services.api.routes import admin, domains, events, hosts
+from services.bus import Bus, BusError
+from services.cli.main import package_version
+
+log = structlog.get_logger("flotilla.api")
+
+
+def create_app(
+    config: ApiConfig,
+    *,
+    registry: Registry | None = None,
+    bus: CommandBus | None = None,
+) -> FastAPI:
+    """The API app. Without `registry`, it opens `config.database_url`; without `bus`, it
+    connects to `config.amqp_url` at start-up (a broker that is down then is retried in the
+    background; RPCs answer 503 until it is back)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ctx: ApiContext = app.state.ctx
+        own_registry = registry is None
+        own_bus: Bus | None = None
+        projection: Projection | None = None
+        if own_registry:
+            ctx.registry = await run_in_threadpool(Registry.open, config.database_url)
+            ctx.auth.registry = ctx.registry
+        if bus is None:
+            own_bus = Bus(config.amqp_url, source="api")
+            ctx.bus = own_bus
+            ctx.broker_connected = lambda: own_bus.link.connected
+            try:
+                await run_in_threadpool(own_bus.start, 10.0)
+            except BusError as exc:
+                log.warning("broker unreachable at start-up", error=str(exc))
+            if config.consume_events and own_bus.link.connected:
+                projection = await run_in_threadpool(
+                    Projection(own_bus, ctx.registry, ctx.metrics, ctx.wakeup.notify).start
+                )
+        try:
+            yield
+        finally:
+            if projection is not None:
+                await run_in_threadpool(projection.stop)
+            if own_bus is not None:
+                await run_in_threadpool(own_bus.close)
+            if own_registry:
+                ctx.registry.close()
+
+    app = FastAPI(
+        title="Flotilla API",
+        version=package_version(),
+        summary="Domains, hosts and events of a Flotilla private cloud.",
+        lifespan=lifespan,
+    )
+    # Until the lifespan opens the configured registry, a placeholder keeps types simple.
+    app.state.ctx = ApiContext(config=config, registry=registry or _Unopened(), bus=bus)
+    install_problems(app)
+    for module in (domains, hosts, events, admin):
+        app.include_router(module.router)
+    _install_metrics(app)
+
+    @app.get("/healthz", response_model=Health, tags=["health"])
+    def healthz() -> JSONResponse:
+        """200 when the registry answers and the broker is connected, else 503."""
+        ctx: ApiContext = app.state.ctx
+        details: dict[str, str] = {}
+        try:
+            ctx.registry.last_event_id()
+            database = True
+        except Exception as exc:
+            database, details["database"] = False, str(exc)
+        broker = ctx.broker_connected() if ctx.broker_connected is not None else ctx.bus is not None
+        ok = database and broker
+        body = Health(
+            status="ok" if ok else "degraded", database=database, broker=broker, details=details
+        )
+        return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    def metrics() -> Response:
+        """Prometheus text format."""
+        ctx: ApiContext = app.state.ctx
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class _Unopened(Registry):
+    def __init__(self) -> None:  # no database until the app starts
+        pass
+
+
+def _install_metrics(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def observe(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            template = getattr(route, "path_format", None) or "unmatched"
+            ctx: ApiContext = request.app.state.ctx
+            ctx.metrics.requests.labels(request.method, template, str(status)).inc()
+            ctx.metrics.latency.labels(request.method, template).observe(
+                time.perf_counter() - started
+            )

@@ -1,0 +1,121 @@
+"""API configuration: a TOML or YAML file, then FLOTILLA_API_* environment variables, then flags.
+
+```toml
+[api]
+listen_host = "127.0.0.1"
+listen_port = 8780
+database_url = "sqlite:////var/lib/flotilla/api/registry.db"   # or postgresql://…
+amqp_url = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+[[api.tokens]]
+token = "s3cret-admin"
+project = "admin"
+role = "admin"
+
+[[api.tokens]]
+token = "s3cret-alice"
+project = "alice"          # role defaults to member
+
+[api.default_quota]
+domains = 10
+vcpus = 20
+memory_mib = 16384
+
+[api.quotas.alice]
+domains = 2
+```
+
+Scalar settings can be overridden by environment: FLOTILLA_API_LISTEN_HOST,
+FLOTILLA_API_LISTEN_PORT, FLOTILLA_API_DATABASE_URL, FLOTILLA_AMQP_URL (shared with the other
+services), FLOTILLA_API_RPC_TIMEOUT_S, FLOTILLA_API_SCHEDULE_TIMEOUT_S.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from protos.domain import NAME_PATTERN
+
+
+class Role(StrEnum):
+    ADMIN = "admin"  # every project's domains, hosts, tokens, quotas
+    MEMBER = "member"  # its own project's domains only
+
+
+class TokenEntry(BaseModel):
+    """A bearer token and whom it stands for."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    token: str = Field(min_length=8, max_length=256)
+    project: str = Field(pattern=NAME_PATTERN)
+    role: Role = Role.MEMBER
+
+
+class Quota(BaseModel):
+    """Limits per project; None means unlimited."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    domains: int | None = Field(default=None, ge=0)
+    vcpus: int | None = Field(default=None, ge=0)
+    memory_mib: int | None = Field(default=None, ge=0)
+
+
+class ApiConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(default=8780, ge=0, le=65535)
+    database_url: str = "sqlite:////var/lib/flotilla/api/registry.db"
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    tokens: list[TokenEntry] = []
+    default_quota: Quota = Quota()
+    quotas: dict[str, Quota] = {}
+    # Compute-node commands (actions, console, delete) and the scheduler's placement.
+    rpc_timeout_s: float = Field(default=30.0, gt=0)
+    schedule_timeout_s: float = Field(default=60.0, gt=0)
+    schedule_max_attempts: int = Field(default=3, ge=1, le=20)
+    # A host whose heartbeat is older than this many of its intervals is `down`.
+    host_down_after_intervals: float = Field(default=3.0, gt=0)
+    # Consume domain events (api.events) and heartbeats; off for an API that only reads.
+    consume_events: bool = True
+    # SSE: how often a stream looks at the shared event log when nothing woke it.
+    sse_poll_s: float = Field(default=0.5, gt=0)
+    sse_keepalive_s: float = Field(default=15.0, gt=0)
+
+    def quota_for(self, project: str) -> Quota:
+        return self.quotas.get(project, self.default_quota)
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: Any) -> ApiConfig:
+        """File (TOML, or YAML by its .yaml/.yml suffix; an `[api]` table or the top level),
+        then environment, then `overrides` (None values are ignored)."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            if path.suffix in (".yaml", ".yml"):
+                data = yaml.safe_load(path.read_text()) or {}
+            else:
+                with path.open("rb") as f:
+                    data = tomllib.load(f)
+            if not isinstance(data, dict):
+                raise ValueError(f"{path}: expected a table at the top level")
+            values.update(data.get("api", data))
+        env = {
+            "listen_host": "FLOTILLA_API_LISTEN_HOST",
+            "listen_port": "FLOTILLA_API_LISTEN_PORT",
+            "database_url": "FLOTILLA_API_DATABASE_URL",
+            "amqp_url": "FLOTILLA_AMQP_URL",
+            "rpc_timeout_s": "FLOTILLA_API_RPC_TIMEOUT_S",
+            "schedule_timeout_s": "FLOTILLA_API_SCHEDULE_TIMEOUT_S",
+        }
+        for name, var in env.items():
+            if (value := os.environ.get(var)) is not None:
+                values[name] = value
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(values)

@@ -1,0 +1,132 @@
+"""What every endpoint works with: config, registry, the bus, metrics, auth, SSE wake-ups."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fastapi import Request
+
+from protos.base import Message
+from protos.commands import Command
+from protos.routing import compute_queue
+from services.api.auth import Authenticator, Principal
+from services.api.config import ApiConfig
+from services.api.metrics import ApiMetrics
+from services.api.problems import Problem, not_found
+from services.api.registry import DomainRecord, Registry
+from services.bus import BusError, NoRouteError, RemoteError, RpcTimeout
+
+# RemoteError codes from the scheduler or a compute node → HTTP status.
+_REMOTE_STATUS = {
+    "conflict": 409,
+    "not_found": 409,  # the registry knows it, the host does not: a conflict of views
+    "invalid": 422,
+    "no_capacity": 503,
+    "no_valid_host": 503,
+    "unavailable": 503,
+}
+
+
+class CommandBus(Protocol):
+    """The part of services.bus.Bus the API uses; unit tests pass a fake."""
+
+    def call(
+        self,
+        queue: str,
+        command: Command,
+        *,
+        timeout: float = 30.0,
+        message_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Message: ...
+
+
+class Wakeup:
+    """Wakes SSE streams (on their event loops) when this process logged an event; streams
+    also poll, for events another replica logged."""
+
+    def __init__(self) -> None:
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self._lock = threading.Lock()
+
+    def notify(self) -> None:
+        with self._lock:
+            waiters = list(self._waiters)
+        for loop, event in waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that loop is closed; its stream is gone
+                pass
+
+    async def wait(self, timeout: float) -> None:
+        event = asyncio.Event()
+        key = (asyncio.get_running_loop(), event)
+        with self._lock:
+            self._waiters.add(key)
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                self._waiters.discard(key)
+
+
+@dataclass
+class ApiContext:
+    config: ApiConfig
+    registry: Registry
+    bus: CommandBus | None
+    metrics: ApiMetrics = field(default_factory=ApiMetrics)
+    wakeup: Wakeup = field(default_factory=Wakeup)
+    broker_connected: Any = None  # () -> bool, when a real bus is in use
+
+    def __post_init__(self) -> None:
+        self.auth = Authenticator(self.config, self.registry)
+
+    def principal(self, request: Request) -> Principal:
+        return self.auth.principal(request.headers.get("authorization"))
+
+    def visible_domain(self, principal: Principal, domain_id: uuid.UUID) -> DomainRecord:
+        """The domain if the caller may see it; 404 otherwise (whether or not it exists)."""
+        record = self.registry.get_domain(domain_id)
+        if record is None or not principal.sees(record.project):
+            raise not_found(f"domain {domain_id}")
+        return record
+
+    def call(self, queue: str, command: Command, timeout: float | None = None) -> Message:
+        """RPC through the bus; failures become Problems (and are counted)."""
+        if self.bus is None:
+            raise Problem(503, "broker_unavailable", "the API has no broker connection")
+        try:
+            return self.bus.call(queue, command, timeout=timeout or self.config.rpc_timeout_s)
+        except RemoteError as exc:
+            self._count(command, exc.code)
+            raise Problem(
+                _REMOTE_STATUS.get(exc.code, 502),
+                exc.code,
+                exc.message,
+                **{k: v for k, v in exc.details.items() if k not in ("type", "status", "title")},
+            ) from None
+        except NoRouteError:
+            self._count(command, "no_route")
+            target = queue.removeprefix("compute.")
+            raise Problem(
+                503, "host_unreachable", f"no queue for {target!r}: is its service running?"
+            ) from None
+        except RpcTimeout as exc:
+            self._count(command, "timeout")
+            raise Problem(504, "timeout", str(exc)) from None
+        except BusError as exc:
+            self._count(command, "broker_unavailable")
+            raise Problem(503, "broker_unavailable", f"broker unreachable: {exc}") from None
+
+    def call_host(self, host: str, command: Command, timeout: float | None = None) -> Message:
+        return self.call(compute_queue(host), command, timeout)
+
+    def _count(self, command: Command, code: str) -> None:
+        self.metrics.rpc_errors.labels(command.TYPE, code).inc()

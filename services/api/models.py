@@ -1,0 +1,164 @@
+"""The HTTP API's request and response bodies (the wire models stay in protos/)."""
+
+from __future__ import annotations
+
+import uuid
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from protos.commands import RebootMode, ShutdownMode
+from protos.domain import NAME_PATTERN, DomainSpec, Fault, PowerState, TaskState
+from protos.host import KvmKind, Resources
+from protos.scheduler import Attempt
+from services.api.config import Quota, Role
+from services.api.registry import DomainRecord
+
+
+class DomainCreate(DomainSpec):
+    """A domain spec (protos.domain.DomainSpec) plus whether to start it once defined."""
+
+    start: bool = True
+
+
+class DomainView(BaseModel):
+    id: uuid.UUID
+    name: str
+    project: str
+    host: str | None
+    state: PowerState
+    task: TaskState
+    seq: int
+    fault: Fault | None
+    vcpus: int
+    memory_mib: int
+    spec: DomainSpec
+    created_at: float
+    updated_at: float
+    attempts: list[Attempt] = []
+
+    @classmethod
+    def of(cls, record: DomainRecord, attempts: list[Attempt] | None = None) -> DomainView:
+        return cls(
+            id=record.id,
+            name=record.name,
+            project=record.project,
+            host=record.host,
+            state=record.power,
+            task=record.task,
+            seq=record.seq,
+            fault=record.fault,
+            vcpus=record.spec.vcpus,
+            memory_mib=record.spec.memory_mib,
+            spec=record.spec,
+            created_at=record.created_at,
+            updated_at=record.updated_at,
+            attempts=attempts or [],
+        )
+
+
+class DomainList(BaseModel):
+    domains: list[DomainView]
+
+
+class ActionName(StrEnum):
+    START = "start"
+    SHUTDOWN = "shutdown"
+    DESTROY = "destroy"
+    REBOOT = "reboot"
+    PAUSE = "pause"
+    RESUME = "resume"
+
+
+class ActionRequest(BaseModel):
+    """`action` and its options: `paused` (start), `mode` (shutdown: ctrl-alt-del|acpi;
+    reboot: reset|ctrl-alt-del), `force` and `timeout_s` (shutdown: destroy after the timeout),
+    `wait` (shutdown: answer only once the guest is off)."""
+
+    model_config = ConfigDict(extra="forbid")
+    action: ActionName
+    paused: bool = False
+    mode: str | None = Field(default=None, pattern=r"^(acpi|ctrl-alt-del|reset)$")
+    force: bool = False
+    timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    wait: bool = False
+
+    def shutdown_mode(self) -> ShutdownMode:
+        return (
+            ShutdownMode(self.mode)
+            if self.mode in ("acpi", "ctrl-alt-del")
+            else (ShutdownMode.CTRL_ALT_DEL)
+        )
+
+    def reboot_mode(self) -> RebootMode:
+        return (
+            RebootMode(self.mode) if self.mode in ("reset", "ctrl-alt-del") else (RebootMode.RESET)
+        )
+
+
+class ConsoleLog(BaseModel):
+    domain_id: uuid.UUID
+    data: str
+    truncated: bool
+
+
+class HostView(BaseModel):
+    name: str
+    state: Literal["up", "down"]
+    enabled: bool
+    kvm: KvmKind
+    version: str
+    capacity: Resources
+    usage: Resources
+    cpu_allocation_ratio: float
+    ram_allocation_ratio: float
+    max_vcpus_per_domain: int
+    domains_by_state: dict[str, int]
+    last_seen: float
+    seconds_since_heartbeat: float
+
+
+class HostList(BaseModel):
+    hosts: list[HostView]
+
+
+class HostEnable(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(default="", max_length=255)
+
+
+class TokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    project: str = Field(pattern=NAME_PATTERN)
+    role: Role = Role.MEMBER
+    description: str = Field(default="", max_length=255)
+
+
+class TokenView(BaseModel):
+    id: str
+    project: str
+    role: Role
+    description: str
+    created_at: float
+
+
+class TokenCreated(TokenView):
+    token: str = Field(description="the secret: shown once, only its digest is stored")
+
+
+class TokenList(BaseModel):
+    tokens: list[TokenView]
+
+
+class ProjectView(BaseModel):
+    project: str
+    quota: Quota
+    usage: dict[str, int]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    database: bool
+    broker: bool
+    details: dict[str, Any] = {}

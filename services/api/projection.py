@@ -1,0 +1,80 @@
+"""Events into the registry: domain events from the shared durable queue `api.events` (several
+API replicas compete for it; seq makes the order they apply them in irrelevant), heartbeats
+from a private subscription per replica (every replica writes the same newest-wins row)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+
+import psycopg
+import structlog
+
+from protos.base import Message
+from protos.codec import Envelope
+from protos.events import DomainEvent
+from protos.host import HostHeartbeat
+from services.api.metrics import ApiMetrics
+from services.api.registry import Outcome, Registry
+from services.bus import Bus, Context, Service, ServiceRunner, Subscription, on_event
+from services.bus.service import Retry
+
+log = structlog.get_logger("flotilla.api.projection")
+_DB_DOWN = (sqlite3.OperationalError, psycopg.OperationalError)
+
+
+class EventProjector(Service):
+    """Consumes `api.events`; a handler that returns has made the event durable."""
+
+    name = "api"
+
+    def __init__(self, registry: Registry, metrics: ApiMetrics, notify: Callable[[], None]) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self.notify = notify
+
+    @on_event("domain.#")
+    def domain_event(self, event: Message, ctx: Context) -> Outcome | None:
+        if not isinstance(event, DomainEvent):
+            return None
+        try:
+            outcome = self.registry.apply_event(
+                ctx.envelope.id, ctx.routing_key or event.routing_key(), event, ctx.envelope.ts
+            )
+        except _DB_DOWN as exc:
+            time.sleep(0.5)  # the database is away: let the broker hand it back later
+            raise Retry(f"registry unavailable: {exc}") from None
+        self.metrics.events.labels(event.TYPE, outcome.value).inc()
+        if outcome is not Outcome.DUPLICATE:
+            self.notify()
+        return outcome
+
+
+class Projection:
+    """The running consumers of one API process."""
+
+    def __init__(
+        self, bus: Bus, registry: Registry, metrics: ApiMetrics, notify: Callable[[], None]
+    ) -> None:
+        self.bus = bus
+        self.registry = registry
+        self.runner = ServiceRunner(bus, EventProjector(registry, metrics, notify), prefetch=64)
+        self.heartbeats: Subscription | None = None
+
+    def start(self) -> Projection:
+        self.runner.start()
+        self.heartbeats = self.bus.subscribe(["host.heartbeat.*"], self._heartbeat)
+        return self
+
+    def _heartbeat(self, _envelope: Envelope, beat: Message) -> None:
+        if isinstance(beat, HostHeartbeat):
+            try:
+                self.registry.record_heartbeat(beat)
+            except _DB_DOWN as exc:  # the next heartbeat will do
+                log.warning("heartbeat not recorded", host=beat.host, error=str(exc))
+
+    def stop(self) -> None:
+        if self.heartbeats is not None:
+            self.heartbeats.close()
+        self.runner.stop(timeout=10)

@@ -1,0 +1,78 @@
+"""/v1/tokens and /v1/projects: tokens and quotas (admin), a project's usage."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from services.api.auth import digest, new_token
+from services.api.config import Quota
+from services.api.models import ProjectView, TokenCreate, TokenCreated, TokenList, TokenView
+from services.api.problems import not_found, responses
+from services.api.routes.deps import Admin, Caller, Ctx
+
+router = APIRouter(tags=["admin"])
+
+
+@router.post(
+    "/v1/tokens", status_code=201, response_model=TokenCreated, responses=responses(401, 403, 422)
+)
+def create_token(body: TokenCreate, ctx: Ctx, _admin: Admin) -> TokenCreated:
+    """A new bearer token for `project` with `role`; the secret is in this answer only."""
+    secret = new_token()
+    record = ctx.registry.add_token(digest(secret), body.project, body.role, body.description)
+    return TokenCreated(
+        id=record.id,
+        project=record.project,
+        role=record.role,
+        description=record.description,
+        created_at=record.created_at,
+        token=secret,
+    )
+
+
+@router.get("/v1/tokens", response_model=TokenList, responses=responses(401, 403))
+def list_tokens(ctx: Ctx, _admin: Admin) -> TokenList:
+    """Tokens created through the API (those in the config file are not listed)."""
+    return TokenList(
+        tokens=[
+            TokenView(
+                id=t.id,
+                project=t.project,
+                role=t.role,
+                description=t.description,
+                created_at=t.created_at,
+            )
+            for t in ctx.registry.list_tokens()
+        ]
+    )
+
+
+@router.delete("/v1/tokens/{token_id}", status_code=204, responses=responses(401, 403, 404))
+def delete_token(token_id: str, ctx: Ctx, _admin: Admin) -> Response:
+    if not ctx.registry.delete_token(token_id):
+        raise not_found(f"token {token_id}")
+    return Response(status_code=204)
+
+
+def _project_view(ctx: Ctx, project: str) -> ProjectView:
+    quota = ctx.registry.get_quota(project) or ctx.config.quota_for(project)
+    return ProjectView(project=project, quota=quota, usage=ctx.registry.usage(project))
+
+
+@router.get("/v1/projects/{project}", response_model=ProjectView, responses=responses(401, 404))
+def get_project(project: str, ctx: Ctx, caller: Caller) -> ProjectView:
+    """A project's quota and what its domains hold (members: their own project only)."""
+    if not caller.sees(project):
+        raise not_found(f"project {project}")
+    return _project_view(ctx, project)
+
+
+@router.put(
+    "/v1/projects/{project}/quota",
+    response_model=ProjectView,
+    responses=responses(401, 403, 422),
+)
+def set_quota(project: str, body: Quota, ctx: Ctx, _admin: Admin) -> ProjectView:
+    """Set the project's quota (overrides the config file's)."""
+    ctx.registry.set_quota(project, body)
+    return _project_view(ctx, project)

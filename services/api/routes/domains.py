@@ -1,0 +1,276 @@
+"""/v1/domains: create (schedule), list, get, delete, actions, console."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+import structlog
+from fastapi import APIRouter, Query, Response
+
+from protos import routing
+from protos.commands import (
+    Command,
+    DestroyDomain,
+    GetConsole,
+    PauseDomain,
+    RebootDomain,
+    ResumeDomain,
+    ShutdownDomain,
+    StartDomain,
+    UndefineDomain,
+)
+from protos.domain import ACTIVE_STATES, DomainSpec, Fault, PowerState, TaskState
+from protos.replies import ConsoleOutput, DomainInfo
+from protos.scheduler import Attempt, Placement, ScheduleDomain
+from protos.states import Action, Verdict, decide
+from services.api.context import ApiContext
+from services.api.models import (
+    ActionName,
+    ActionRequest,
+    ConsoleLog,
+    DomainCreate,
+    DomainList,
+    DomainView,
+)
+from services.api.problems import Problem, responses
+from services.api.registry import DomainRecord, NameInUse, QuotaExceeded
+from services.api.routes.deps import Caller, Ctx
+
+log = structlog.get_logger("flotilla.api")
+router = APIRouter(prefix="/v1/domains", tags=["domains"])
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=DomainView,
+    responses=responses(401, 403, 409, 422, 503, 504),
+)
+def create_domain(body: DomainCreate, ctx: Ctx, caller: Caller, response: Response) -> DomainView:
+    """Define a domain on a host the scheduler picks, and start it unless `start` is false.
+
+    403 over quota, 409 if the project has a domain of that name, 503 `no_valid_host` (with
+    `fault`, `attempts`, `filtered`) when no host fits, 503 when the broker is unreachable."""
+    spec = DomainSpec.model_validate(body.model_dump(exclude={"start"}))
+    quota = ctx.registry.get_quota(caller.project) or ctx.config.quota_for(caller.project)
+    try:
+        record = ctx.registry.create_domain(spec, caller.project, quota)
+    except QuotaExceeded as exc:
+        raise Problem(
+            403,
+            "over_quota",
+            str(exc),
+            resource=exc.resource,
+            limit=exc.limit,
+            used=exc.used,
+            requested=exc.requested,
+        ) from None
+    except NameInUse as exc:
+        raise Problem(409, "name_in_use", str(exc), name=spec.name) from None
+    command = ScheduleDomain(
+        spec=spec,
+        project=caller.project,
+        start=body.start,
+        max_attempts=ctx.config.schedule_max_attempts,
+    )
+    try:
+        placement = ctx.call(routing.SCHEDULER_QUEUE, command, ctx.config.schedule_timeout_s)
+    except Problem as problem:
+        _schedule_failed(ctx, record, problem)
+        raise
+    assert isinstance(placement, Placement)
+    placed = ctx.registry.set_placement(record.id, placement.host, placement.info)
+    if placed is None:
+        # Deleted while the scheduler worked: do not leave the guest behind on its host.
+        _remove_from_host(ctx, placement.host, record.id)
+        raise Problem(409, "deleted", f"domain {record.id} was deleted while being scheduled")
+    response.headers["Location"] = f"/v1/domains/{record.id}"
+    return DomainView.of(placed, placement.attempts)
+
+
+def _schedule_failed(ctx: ApiContext, record: DomainRecord, problem: Problem) -> None:
+    """Record why scheduling failed as the domain's fault, and say which domain in the reply."""
+    code = "schedule_timeout" if problem.code == "timeout" else problem.code
+    fault = Fault(code=code, message=problem.detail)
+    ctx.registry.set_task(record.id, TaskState.ERROR, fault)
+    problem.extras.setdefault("domain_id", str(record.id))
+    problem.extras["fault"] = fault.model_dump(mode="json")
+    attempts = problem.extras.get("attempts")
+    if attempts is not None:
+        problem.extras["attempts"] = [Attempt.model_validate(a).model_dump() for a in attempts]
+
+
+def _remove_from_host(ctx: ApiContext, host: str, domain_id: uuid.UUID) -> None:
+    for command in (DestroyDomain(domain_id=domain_id), UndefineDomain(domain_id=domain_id)):
+        try:
+            ctx.call_host(host, command)
+        except Problem as problem:
+            log.warning("cleanup on host failed", host=host, error=problem.detail)
+
+
+@router.get("", response_model=DomainList, responses=responses(401, 422))
+def list_domains(
+    *,
+    ctx: Ctx,
+    caller: Caller,
+    state: Annotated[PowerState | None, Query(description="power state")] = None,
+    task: TaskState | None = None,
+    host: str | None = None,
+    name: str | None = None,
+    project: Annotated[str | None, Query(description="admin only; members see theirs")] = None,
+) -> DomainList:
+    """The caller's domains (an admin's: every project's, or `project`'s)."""
+    if not caller.is_admin:
+        project = caller.project
+    records = ctx.registry.list_domains(
+        project=project, power=state, task=task, host=host, name=name
+    )
+    return DomainList(domains=[DomainView.of(r) for r in records])
+
+
+@router.get("/{domain_id}", response_model=DomainView, responses=responses(401, 404, 422))
+def get_domain(domain_id: uuid.UUID, ctx: Ctx, caller: Caller) -> DomainView:
+    return DomainView.of(ctx.visible_domain(caller, domain_id))
+
+
+def _refuse(record: DomainRecord, action: str, reason: str) -> Problem:
+    return Problem(
+        409,
+        "conflict",
+        reason,
+        state=record.power.value,
+        task=record.task.value,
+        action=action,
+    )
+
+
+def _check(record: DomainRecord, action: Action) -> Verdict:
+    decision = decide(record.power, record.task, action)
+    if decision.verdict is Verdict.REFUSE:
+        raise _refuse(record, action.value, decision.reason)
+    return decision.verdict
+
+
+@router.delete(
+    "/{domain_id}",
+    status_code=202,
+    response_model=DomainView,
+    responses={204: {"description": "removed at once"}, **responses(401, 404, 409, 503, 504)},
+)
+def delete_domain(domain_id: uuid.UUID, ctx: Ctx, caller: Caller) -> Response | DomainView:
+    """Destroy the domain if active and undefine it on its host: 202 with task `deleting`;
+    the record goes when the host's `domain.undefined` arrives. 204 when there was nothing
+    on a host (never placed). Calling it again while `deleting` retries."""
+    record = ctx.visible_domain(caller, domain_id)
+    if record.host is None:
+        ctx.registry.remove_domain(domain_id)
+        return Response(status_code=204)
+    if record.task is not TaskState.DELETING:
+        if record.power in ACTIVE_STATES:
+            _check(record, Action.DESTROY)
+        _check_gate(record, Action.UNDEFINE)
+    ctx.registry.set_task(domain_id, TaskState.DELETING)
+    try:
+        _destroy_and_undefine(ctx, record.host, domain_id, record.power in ACTIVE_STATES)
+    except Problem as problem:
+        if problem.code != "not_found":
+            raise  # the record stays `deleting`: DELETE again to retry
+        ctx.registry.remove_domain(domain_id)  # already gone from the host
+        return Response(status_code=204)
+    current = ctx.registry.get_domain(domain_id)
+    if current is None:
+        return Response(status_code=204)  # the undefined event beat us here
+    return DomainView.of(current)
+
+
+def _check_gate(record: DomainRecord, action: Action) -> None:
+    """Refuse `action` if the task under way forbids it (whatever the power state)."""
+    decision = decide(PowerState.SHUTOFF, record.task, action)
+    if decision.verdict is Verdict.REFUSE:
+        raise _refuse(record, action.value, decision.reason)
+
+
+def _destroy_and_undefine(ctx: ApiContext, host: str, domain_id: uuid.UUID, active: bool) -> None:
+    """The registry's view may lag the host's: a `conflict` from either step means the host
+    saw the other state, so the other order is tried once."""
+    if active:
+        try:
+            ctx.call_host(host, DestroyDomain(domain_id=domain_id))
+        except Problem as problem:
+            if problem.code != "conflict":
+                raise
+    try:
+        ctx.call_host(host, UndefineDomain(domain_id=domain_id))
+    except Problem as problem:
+        if problem.code != "conflict":
+            raise
+        ctx.call_host(host, DestroyDomain(domain_id=domain_id))
+        ctx.call_host(host, UndefineDomain(domain_id=domain_id))
+
+
+def _command(domain_id: uuid.UUID, request: ActionRequest) -> Command:
+    match request.action:
+        case ActionName.START:
+            return StartDomain(domain_id=domain_id, paused=request.paused)
+        case ActionName.SHUTDOWN:
+            return ShutdownDomain(
+                domain_id=domain_id,
+                mode=request.shutdown_mode(),
+                timeout_s=request.timeout_s,
+                force=request.force,
+                wait=request.wait,
+            )
+        case ActionName.DESTROY:
+            return DestroyDomain(domain_id=domain_id)
+        case ActionName.REBOOT:
+            return RebootDomain(domain_id=domain_id, mode=request.reboot_mode())
+        case ActionName.PAUSE:
+            return PauseDomain(domain_id=domain_id)
+        case ActionName.RESUME:
+            return ResumeDomain(domain_id=domain_id)
+
+
+@router.post(
+    "/{domain_id}/actions",
+    response_model=DomainView,
+    responses=responses(401, 404, 409, 422, 503, 504),
+)
+def domain_action(
+    domain_id: uuid.UUID, body: ActionRequest, ctx: Ctx, caller: Caller
+) -> DomainView:
+    """Run a lifecycle action on the domain's host. 409 (with `state` and `task`) when the
+    state forbids it; an action that is already done (pause a paused domain) succeeds."""
+    record = ctx.visible_domain(caller, domain_id)
+    verdict = _check(record, Action(body.action.value))
+    if record.host is None:
+        raise _refuse(record, body.action.value, "domain has no host yet")
+    if verdict is Verdict.NOOP:
+        return DomainView.of(record)
+    timeout = ctx.config.rpc_timeout_s
+    if body.action is ActionName.SHUTDOWN and body.wait:
+        timeout += body.timeout_s
+    info = ctx.call_host(record.host, _command(domain_id, body), timeout)
+    assert isinstance(info, DomainInfo)
+    updated = ctx.registry.observe_info(info)
+    return DomainView.of(updated or record)
+
+
+@router.get(
+    "/{domain_id}/console",
+    response_model=ConsoleLog,
+    responses=responses(401, 404, 409, 503, 504),
+)
+def domain_console(
+    domain_id: uuid.UUID,
+    ctx: Ctx,
+    caller: Caller,
+    max_bytes: Annotated[int, Query(ge=1, le=4 * 1024 * 1024)] = 65536,
+) -> ConsoleLog:
+    """The newest console output (decoded as UTF-8 with replacement)."""
+    record = ctx.visible_domain(caller, domain_id)
+    if record.host is None:
+        raise _refuse(record, "console", "domain has no host yet")
+    output = ctx.call_host(record.host, GetConsole(domain_id=domain_id, max_bytes=max_bytes))
+    assert isinstance(output, ConsoleOutput)
+    return ConsoleLog(domain_id=domain_id, data=output.data, truncated=output.truncated)

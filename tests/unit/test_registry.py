@@ -1,0 +1,301 @@
+"""The registry on SQLite and on a real PostgreSQL: quotas, projection rules, the event log,
+hosts, tokens."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from protos.domain import BootSpec, DomainSpec, Fault, PowerState, TaskState
+from protos.events import (
+    DefinedDetail,
+    DomainDefined,
+    DomainStarted,
+    DomainStopped,
+    DomainUndefined,
+    StartedDetail,
+    StoppedDetail,
+    UndefinedDetail,
+)
+from protos.host import HostHeartbeat, HostInventory, KvmKind, Resources
+from protos.replies import DomainInfo
+from services.api.config import Quota, Role
+from services.api.registry import NameInUse, Outcome, QuotaExceeded, Registry
+from tests.pg import fresh_database
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registry]:
+    if request.param == "sqlite":
+        reg = Registry.open(f"sqlite:///{tmp_path}/registry.db")
+        yield reg
+        reg.close()
+        return
+    server = request.getfixturevalue("pg_server")
+    with fresh_database(server) as url:
+        reg = Registry.open(url)
+        yield reg
+        reg.close()
+
+
+def spec(name: str = "", vcpus: int = 1, memory_mib: int = 64) -> DomainSpec:
+    return DomainSpec(
+        name=name or f"g-{uuid.uuid4().hex[:8]}",
+        vcpus=vcpus,
+        memory_mib=memory_mib,
+        boot=BootSpec(kernel="/k"),
+    )
+
+
+def info(s: DomainSpec, host: str, state: PowerState, seq: int) -> DomainInfo:
+    return DomainInfo(
+        domain_id=s.uuid,
+        name=s.name,
+        host=host,
+        state=state,
+        vcpus=s.vcpus,
+        memory_mib=s.memory_mib,
+        seq=seq,
+    )
+
+
+def started(s: DomainSpec, host: str, seq: int) -> DomainStarted:
+    return DomainStarted(
+        domain_id=s.uuid,
+        name=s.name,
+        host=host,
+        seq=seq,
+        state=PowerState.RUNNING,
+        detail=StartedDetail.BOOTED,
+    )
+
+
+def stopped(s: DomainSpec, host: str, seq: int) -> DomainStopped:
+    return DomainStopped(
+        domain_id=s.uuid,
+        name=s.name,
+        host=host,
+        seq=seq,
+        state=PowerState.SHUTOFF,
+        detail=StoppedDetail.DESTROYED,
+    )
+
+
+def apply(
+    reg: Registry, event: DomainStarted | DomainStopped | DomainUndefined | DomainDefined
+) -> Outcome:
+    return reg.apply_event(uuid.uuid4().hex, event.routing_key(), event)
+
+
+def test_create_counts_against_the_quota(registry: Registry) -> None:
+    quota = Quota(domains=2, vcpus=3)
+    a = registry.create_domain(spec(vcpus=2), "p", quota)
+    assert a.task is TaskState.SCHEDULING
+    assert a.power is PowerState.NOSTATE
+    with pytest.raises(QuotaExceeded) as exc:
+        registry.create_domain(spec(vcpus=2), "p", quota)
+    assert (exc.value.resource, exc.value.limit, exc.value.used) == ("vcpus", 3, 2)
+    registry.create_domain(spec(vcpus=1), "p", quota)
+    with pytest.raises(QuotaExceeded) as exc:
+        registry.create_domain(spec(vcpus=1), "p", quota)
+    assert exc.value.resource == "domains"
+    # Another project has its own count.
+    registry.create_domain(spec(vcpus=3), "q", quota)
+    assert registry.usage("p") == {"domains": 2, "vcpus": 3, "memory_mib": 128}
+
+
+def test_names_are_unique(registry: Registry) -> None:
+    registry.create_domain(spec("web"), "p", Quota())
+    for project in ("p", "q"):  # hosts key domains by name, whatever the project
+        with pytest.raises(NameInUse):
+            registry.create_domain(spec("web"), project, Quota())
+
+
+def test_concurrent_creates_never_exceed_the_quota(registry: Registry) -> None:
+    quota = Quota(domains=3)
+    results: list[str] = []
+
+    def create() -> None:
+        try:
+            registry.create_domain(spec(), "p", quota)
+            results.append("ok")
+        except QuotaExceeded:
+            results.append("over")
+
+    threads = [threading.Thread(target=create) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count("ok") == 3
+    assert registry.usage("p")["domains"] == 3
+
+
+def test_projection_ignores_duplicates_stale_and_other_hosts(registry: Registry) -> None:
+    s = spec()
+    registry.create_domain(s, "p", Quota())
+    placed = registry.set_placement(s.uuid, "h1", info(s, "h1", PowerState.RUNNING, 2))
+    assert placed is not None
+    assert (placed.host, placed.power, placed.seq, placed.task) == (
+        "h1",
+        PowerState.RUNNING,
+        2,
+        TaskState.NONE,
+    )
+    event = stopped(s, "h1", 3)
+    assert registry.apply_event("m-3", event.routing_key(), event) is Outcome.APPLIED
+    assert registry.apply_event("m-3", event.routing_key(), event) is Outcome.DUPLICATE
+    assert apply(registry, started(s, "h1", 2)) is Outcome.STALE  # late and out of order
+    assert apply(registry, started(s, "h2", 9)) is Outcome.LOGGED  # another host's
+    record = registry.get_domain(s.uuid)
+    assert record is not None
+    assert (record.power, record.seq) == (PowerState.SHUTOFF, 3)
+    # Every non-duplicate event is in the log, in arrival order.
+    rows = registry.events_after(0, domain_id=s.uuid)
+    assert [(r.host, r.seq) for r in rows] == [("h1", 3), ("h1", 2), ("h2", 9)]
+
+
+def test_events_before_placement_are_caught_up(registry: Registry) -> None:
+    s = spec()
+    registry.create_domain(s, "p", Quota())
+    # The host's events overtake the scheduler's reply.
+    assert apply(registry, started(s, "h1", 2)) is Outcome.LOGGED
+    assert apply(registry, stopped(s, "h1", 3)) is Outcome.LOGGED
+    placed = registry.set_placement(s.uuid, "h1", info(s, "h1", PowerState.RUNNING, 2))
+    assert placed is not None
+    assert (placed.power, placed.seq) == (PowerState.SHUTOFF, 3)
+
+
+def test_undefined_removes_the_record_only_while_deleting(registry: Registry) -> None:
+    s = spec()
+    registry.create_domain(s, "p", Quota())
+    registry.set_placement(s.uuid, "h1", info(s, "h1", PowerState.SHUTOFF, 1))
+    gone = DomainUndefined(
+        domain_id=s.uuid,
+        name=s.name,
+        host="h1",
+        seq=2,
+        state=PowerState.SHUTOFF,
+        detail=UndefinedDetail.REMOVED,
+    )
+    assert apply(registry, gone) is Outcome.APPLIED
+    record = registry.get_domain(s.uuid)
+    assert record is not None
+    assert record.task is TaskState.ERROR
+    assert record.fault is not None
+    assert record.fault.code == "undefined_on_host"
+
+    t = spec()
+    registry.create_domain(t, "p", Quota())
+    registry.set_placement(t.uuid, "h1", info(t, "h1", PowerState.SHUTOFF, 1))
+    registry.set_task(t.uuid, TaskState.DELETING)
+    gone = gone.model_copy(update={"domain_id": t.uuid, "name": t.name})
+    assert apply(registry, gone) is Outcome.REMOVED
+    assert registry.get_domain(t.uuid) is None
+
+
+def test_a_start_seen_after_a_scheduler_timeout_places_the_domain(registry: Registry) -> None:
+    s = spec()
+    registry.create_domain(s, "p", Quota())
+    registry.set_task(s.uuid, TaskState.ERROR, Fault(code="schedule_timeout", message="late"))
+    defined = DomainDefined(
+        domain_id=s.uuid,
+        name=s.name,
+        host="h1",
+        seq=1,
+        state=PowerState.SHUTOFF,
+        detail=DefinedDetail.ADDED,
+    )
+    assert apply(registry, defined) is Outcome.LOGGED
+    assert apply(registry, started(s, "h1", 2)) is Outcome.APPLIED
+    record = registry.get_domain(s.uuid)
+    assert record is not None
+    assert (record.host, record.power, record.task, record.fault) == (
+        "h1",
+        PowerState.RUNNING,
+        TaskState.NONE,
+        None,
+    )
+
+
+def test_observe_info_follows_the_seq_rule(registry: Registry) -> None:
+    s = spec()
+    registry.create_domain(s, "p", Quota())
+    registry.set_placement(s.uuid, "h1", info(s, "h1", PowerState.RUNNING, 2))
+    registry.observe_info(info(s, "h1", PowerState.PAUSED, 3))
+    registry.observe_info(info(s, "h1", PowerState.RUNNING, 2))
+    registry.observe_info(info(s, "h2", PowerState.SHUTOFF, 7))
+    record = registry.get_domain(s.uuid)
+    assert record is not None
+    assert (record.power, record.seq) == (PowerState.PAUSED, 3)
+
+
+def test_event_log_is_scoped_by_project_and_resumable(registry: Registry) -> None:
+    mine, theirs = spec(), spec()
+    registry.create_domain(mine, "p", Quota())
+    registry.create_domain(theirs, "q", Quota())
+    for n in (1, 2, 3):
+        apply(registry, started(mine, "h1", n))
+        apply(registry, started(theirs, "h1", n))
+    unknown = spec()
+    apply(registry, started(unknown, "h1", 1))  # a domain the registry does not know
+    everything = registry.events_after(0)
+    assert len(everything) == 7
+    assert [r.id for r in everything] == sorted(r.id for r in everything)
+    only_p = registry.events_after(0, project="p")
+    assert [r.seq for r in only_p] == [1, 2, 3]
+    assert {r.project for r in only_p} == {"p"}
+    resumed = registry.events_after(only_p[0].id, project="p")
+    assert [r.seq for r in resumed] == [2, 3]
+    by_seq = registry.events_after(0, domain_id=mine.uuid, since_seq=2)
+    assert [r.seq for r in by_seq] == [3]
+    assert registry.last_event_id() == everything[-1].id
+
+
+def heartbeat(host: str, enabled: bool = True, used_vcpus: int = 0) -> HostHeartbeat:
+    return HostHeartbeat(
+        host=host,
+        version="0.1.0",
+        interval_s=2.0,
+        enabled=enabled,
+        inventory=HostInventory(capacity=Resources(vcpus=8, memory_mib=4096), kvm=KvmKind.NONE),
+        usage=Resources(vcpus=used_vcpus, memory_mib=0),
+        domains_by_state={PowerState.RUNNING: used_vcpus},
+    )
+
+
+def test_heartbeats_keep_the_newest(registry: Registry) -> None:
+    registry.record_heartbeat(heartbeat("h1", used_vcpus=2), seen_at=100.0)
+    registry.record_heartbeat(heartbeat("h1", used_vcpus=1), seen_at=90.0)  # late delivery
+    registry.record_heartbeat(heartbeat("h2", enabled=False), seen_at=100.0)
+    hosts = {h.name: h for h in registry.hosts()}
+    assert hosts["h1"].usage.vcpus == 2
+    assert hosts["h1"].last_seen == 100.0
+    assert hosts["h1"].domains_by_state == {"running": 2}
+    assert hosts["h2"].enabled is False
+    registry.record_heartbeat(heartbeat("h1", used_vcpus=3), seen_at=110.0)
+    assert registry.hosts("h1")[0].usage.vcpus == 3
+
+
+def test_tokens_and_quotas(registry: Registry) -> None:
+    token = registry.add_token("d" * 64, "p", Role.MEMBER, "ci")
+    found = registry.find_token("d" * 64)
+    assert found is not None
+    assert (found.project, found.role, found.description) == ("p", Role.MEMBER, "ci")
+    assert [t.id for t in registry.list_tokens()] == [token.id]
+    assert registry.delete_token(token.id)
+    assert registry.find_token("d" * 64) is None
+    assert registry.get_quota("p") is None
+    registry.set_quota("p", Quota(domains=1))
+    registry.set_quota("p", Quota(domains=2, memory_mib=512))
+    assert registry.get_quota("p") == Quota(domains=2, memory_mib=512)
+
+
+def test_migrate_is_idempotent(registry: Registry) -> None:
+    registry.migrate()
+    registry.migrate()
+    assert registry.list_domains() == []
