@@ -1,4 +1,5 @@
-"""cffi build script: compiles the native runtime (native/*.c, native/x86/*.c) into
+"""cffi build script: compiles the native runtime (native/*.c, native/x86/*.c,
+native/virtio/*.c) into
 `native._vmm`. The cdef is the marked region of native/include/flotilla.h."""
 
 from pathlib import Path
@@ -19,6 +20,7 @@ def _sources() -> list[str]:
     # Paths relative to the project root, where setuptools runs the build.
     root = HERE.parent
     files = sorted(HERE.glob("*.c")) + sorted((HERE / "x86").glob("*.c"))
+    files += sorted((HERE / "virtio").glob("*.c"))
     return [str(p.relative_to(root)) for p in files if p.name != "_vmm.c"]
 
 

@@ -19,6 +19,7 @@ from types import TracebackType
 
 TYPE_CHECKING = False  # mypy takes the first branch; at run time typing is never imported
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from typing import Any, NamedTuple
 else:
     import collections
@@ -28,7 +29,9 @@ else:
         annotated fields (annotations stay strings, so their types are never evaluated)."""
 
         def __new__(mcs, name, _bases, ns):
-            record = collections.namedtuple(name, list(ns.get("__annotations__", {})))
+            fields = list(ns.get("__annotations__", {}))
+            defaults = [ns[f] for f in fields if f in ns]  # trailing fields with values
+            record = collections.namedtuple(name, fields, defaults=defaults)
             record.__module__ = ns.get("__module__", record.__module__)
             record.__doc__ = ns.get("__doc__") or record.__doc__
             return record
@@ -39,6 +42,11 @@ MAX_VCPUS = 64
 MAX_MEMORY_MIB = 65536
 MIN_MEMORY_MIB = 4
 IOAPIC_PINS = 24
+MAX_DISKS = 4
+MAX_NICS = 4
+_TUNSETIFF = 0x400454CA
+_IFF_TAP = 0x0002
+_IFF_NO_PI = 0x1000
 
 
 class VmmError(Exception):
@@ -90,6 +98,74 @@ class ImageKind(enum.IntEnum):
     PVH = 1
     BZIMAGE = 2
     VMLINUX = 3
+
+
+class Disk(NamedTuple):
+    """A virtio-blk disk on a raw image file or block device (docs/machine.md).
+
+    `read_only`: writes fail in the guest with VIRTIO_BLK_S_IOERR and the file is opened
+    O_RDONLY. `id`: the answer to VIRTIO_BLK_T_GET_ID (at most 20 bytes).
+    """
+
+    path: str
+    read_only: bool = False
+    id: str = ""
+
+
+class Nic(NamedTuple):
+    """A virtio-net NIC on a tap fd the caller opened (see `open_tap`) and keeps open.
+
+    `mac`: "aa:bb:cc:dd:ee:ff"; empty picks a random locally administered address.
+    """
+
+    tap_fd: int
+    mac: str = ""
+
+
+class VirtioDevice(NamedTuple):
+    """A virtio-mmio slot as the host sees it. `broken`: the device saw a malformed request
+    and shows NEEDS_RESET until the driver resets it. `ops`: disks (reads, writes, errors,
+    0), NICs (frames received, sent, dropped on receive, dropped on send)."""
+
+    slot: int
+    kind: str
+    base: int
+    gsi: int
+    status: int
+    broken: bool
+    malformed: int
+    interrupts: int
+    ops: tuple[int, int, int, int]
+
+
+def open_tap(name: str, *, vnet_hdr: bool = False) -> int:
+    """Opens (or creates, as root) the tap interface `name` and returns its fd (the caller
+    closes it). Configuring the interface (addresses, bridges, up) is the caller's business.
+    Raises OSError."""
+    import fcntl  # noqa: PLC0415 - only callers with NICs pay for these imports
+    import struct  # noqa: PLC0415
+
+    flags = _IFF_TAP | _IFF_NO_PI | (0x4000 if vnet_hdr else 0)
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", name.encode(), flags))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _parse_mac(mac: str) -> bytes:
+    if not mac:
+        return bytes([0x52, 0x54, 0x00]) + os.urandom(3)
+    parts = mac.split(":")
+    try:
+        value = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        value = b""
+    if len(parts) != 6 or len(value) != 6 or any(len(p) != 2 for p in parts):
+        raise ConfigError(f"MAC address {mac!r} is not aa:bb:cc:dd:ee:ff", errno.EINVAL)
+    return value
 
 
 class Event(NamedTuple):
@@ -222,8 +298,13 @@ class Machine:
         console_out: int | None = None,
         console_in: int | None = None,
         memfd: bool = False,
+        disks: Sequence[Disk] = (),
+        nics: Sequence[Nic] = (),
     ) -> None:
         self._check_args(kernel, initrd, cmdline, memory_mib, vcpus)
+        if len(disks) > MAX_DISKS or len(nics) > MAX_NICS:
+            raise ConfigError(f"at most {MAX_DISKS} disks and {MAX_NICS} NICs", errno.EINVAL)
+        macs = [_parse_mac(n.mac) for n in nics]
         mod = _vmm()
         self._ffi = mod.ffi
         self._lib = mod.lib
@@ -235,6 +316,17 @@ class Machine:
         kernel_c = self._ffi.new("char[]", os.fsencode(kernel))
         initrd_c = self._ffi.new("char[]", os.fsencode(initrd)) if initrd else self._ffi.NULL
         cmdline_c = self._ffi.new("char[]", cmdline.encode())
+        keep = []
+        disks_c = self._ffi.new("struct fl_disk_config[]", max(len(disks), 1))
+        for i, disk in enumerate(disks):
+            keep += [self._ffi.new("char[]", os.fsencode(disk.path))]
+            keep += [self._ffi.new("char[]", disk.id.encode()[:20])]
+            disks_c[i].path, disks_c[i].id = keep[-2], keep[-1]
+            disks_c[i].flags = 1 if disk.read_only else 0
+        nics_c = self._ffi.new("struct fl_nic_config[]", max(len(nics), 1))
+        for i, nic in enumerate(nics):
+            nics_c[i].tap_fd = nic.tap_fd
+            nics_c[i].mac = list(macs[i])
         cfg = self._ffi.new(
             "struct fl_config *",
             {
@@ -246,6 +338,10 @@ class Machine:
                 "console_out_fd": -1 if console_out is None else console_out,
                 "console_in_fd": -1 if console_in is None else console_in,
                 "flags": 1 if memfd else 0,
+                "ndisks": len(disks),
+                "disks": disks_c,
+                "nnics": len(nics),
+                "nics": nics_c,
             },
         )
         rc = self._lib.fl_vm_configure(vm, cfg)
@@ -261,6 +357,7 @@ class Machine:
             raise VmmError(message, err)
         self.memory_mib = memory_mib
         self.vcpus = vcpus
+        self.macs = [m.hex(":") for m in macs]
 
     @staticmethod
     def _check_args(
@@ -407,6 +504,44 @@ class Machine:
             raise ValueError(f"GSI must be 0..{IOAPIC_PINS - 1}, not {gsi}")
         self._call(self._lib.fl_vm_irqfd(self._handle(), gsi, fd))
 
+    # -- virtio devices ---------------------------------------------------------------------
+
+    def virtio_devices(self) -> list[VirtioDevice]:
+        """The virtio-mmio slots, disks first, then NICs, in the order given."""
+        vm = self._handle()
+        info = self._ffi.new("struct fl_virtio_info *")
+        out: list[VirtioDevice] = []
+        for slot in range(int(self._lib.fl_virtio_count(vm))):
+            self._call(self._lib.fl_virtio_info(vm, slot, info))
+            out.append(
+                VirtioDevice(
+                    slot=slot,
+                    kind="net" if info.device_id == 1 else "blk",
+                    base=int(info.base),
+                    gsi=int(info.gsi),
+                    status=int(info.status),
+                    broken=bool(info.broken),
+                    malformed=int(info.malformed),
+                    interrupts=int(info.interrupts),
+                    ops=(int(info.ops[0]), int(info.ops[1]), int(info.ops[2]), int(info.ops[3])),
+                )
+            )
+        return out
+
+    def save_device(self, slot: int) -> bytes:
+        """Virtio slot `slot`'s transport and queue state as an opaque blob (magic, version,
+        checksum). Only while paused (MachineStateError otherwise)."""
+        size = int(self._lib.fl_device_state_size())
+        buf = self._ffi.new("char[]", size)
+        self._call(self._lib.fl_device_save(self._handle(), slot, buf, size))
+        return bytes(self._ffi.buffer(buf, size))
+
+    def restore_device(self, slot: int, blob: bytes) -> None:
+        """Loads a blob from save_device into slot `slot`; only while paused. A blob that is
+        corrupt, of another version or device type, or whose rings lie outside this
+        machine's RAM raises MachineStateError (EINVAL)."""
+        self._call(self._lib.fl_device_restore(self._handle(), slot, blob, len(blob)))
+
     # -- state (while paused) ---------------------------------------------------------------
 
     def save_vcpu(self, index: int) -> bytes:
@@ -437,7 +572,7 @@ class Machine:
         c = self._ffi.new("struct fl_counters *")
         self._call(self._lib.fl_counters_read(self._handle(), c))
         devices: dict[str, DeviceCounters] = {}
-        for i in range(min(int(c.ndevices), 16)):
+        for i in range(min(int(c.ndevices), 32)):
             d = c.devices[i]
             devices[_text(self._ffi, d.name)] = DeviceCounters(
                 reads=int(d.reads),

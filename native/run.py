@@ -8,7 +8,9 @@ INTERNAL_ERROR 6, stopped from the host (Ctrl-] on a terminal, SIGINT, SIGTERM) 
 command line or configuration 64.
 
 Options: --kernel PATH (PVH ELF, bzImage or vmlinux; required), --initrd PATH, --cmdline TEXT,
---memory MiB (default 128), --vcpus N (default 1), --memfd (back guest RAM with a memfd).
+--memory MiB (default 128), --vcpus N (default 1), --memfd (back guest RAM with a memfd),
+--disk PATH[,ro] (a virtio-blk disk on a raw image; repeatable), --tap NAME (a virtio-net NIC
+on tap interface NAME, opened or created here but configured by the caller; repeatable).
 """
 
 from __future__ import annotations
@@ -24,7 +26,16 @@ if sys.flags.no_site:
     _version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
     sys.path.append(os.path.join(sys.prefix, "lib", _version, "site-packages"))  # noqa: PTH118
 
-from native.machine import TYPE_CHECKING, Event, EventKind, Machine, VmmError
+from native.machine import (
+    TYPE_CHECKING,
+    Disk,
+    Event,
+    EventKind,
+    Machine,
+    Nic,
+    VmmError,
+    open_tap,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -76,6 +87,8 @@ class Args:
         self.memory = 128
         self.vcpus = 1
         self.memfd = False
+        self.disks: list[Disk] = []
+        self.taps: list[str] = []
         rest = list(argv)
         while rest:
             arg = rest.pop(0)
@@ -83,21 +96,41 @@ class Args:
             if name == "--memfd" and not eq:
                 self.memfd = True
                 continue
-            if name not in ("--kernel", "--initrd", "--cmdline", "--memory", "--vcpus"):
+            if name not in (
+                "--kernel",
+                "--initrd",
+                "--cmdline",
+                "--memory",
+                "--vcpus",
+                "--disk",
+                "--tap",
+            ):
                 raise UsageError(f"unknown argument {arg!r}")
             if not eq:
                 if not rest:
                     raise UsageError(f"{name} needs a value")
                 value = rest.pop(0)
-            if name in ("--memory", "--vcpus"):
-                try:
-                    setattr(self, name[2:], int(value))
-                except ValueError:
-                    raise UsageError(f"{name} takes an integer, not {value!r}") from None
-            else:
-                setattr(self, name[2:], value)
+            self._take(name, value)
         if not self.kernel:
             raise UsageError("--kernel is required")
+
+    def _take(self, name: str, value: str) -> None:
+        if name == "--disk":
+            path, _, mode = value.partition(",")
+            if not path or mode not in ("", "ro"):
+                raise UsageError(f"--disk takes PATH or PATH,ro, not {value!r}")
+            self.disks.append(Disk(path, read_only=mode == "ro"))
+        elif name == "--tap":
+            if not value:
+                raise UsageError("--tap needs an interface name")
+            self.taps.append(value)
+        elif name in ("--memory", "--vcpus"):
+            try:
+                setattr(self, name[2:], int(value))
+            except ValueError:
+                raise UsageError(f"{name} takes an integer, not {value!r}") from None
+        else:
+            setattr(self, name[2:], value)
 
 
 @contextlib.contextmanager
@@ -158,7 +191,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    tap_fds: list[int] = []
     try:
+        for name in args.taps:
+            fd = open_tap(name)
+            tap_fds.append(fd)
         machine = Machine(
             args.kernel,
             initrd=args.initrd,
@@ -168,9 +205,13 @@ def main(argv: list[str] | None = None) -> int:
             console_out=1,
             console_in=relay.read_fd if relay else 0,
             memfd=args.memfd,
+            disks=args.disks,
+            nics=[Nic(fd) for fd in tap_fds],
         )
-    except VmmError as exc:
+    except (VmmError, OSError) as exc:
         print(f"native.run: {exc}", file=sys.stderr)
+        for fd in tap_fds:
+            os.close(fd)
         return EXIT_USAGE
     status = EXIT_STOPPED
     with machine, raw_terminal(0) if interactive else contextlib.nullcontext():

@@ -76,6 +76,8 @@ static int check_config(struct fl_vm *vm, const struct fl_config *cfg)
 int fl_vm_configure(struct fl_vm *vm, const struct fl_config *cfg)
 {
 	struct fl_boot boot;
+	struct fl_config with_devices;
+	char *cmdline = NULL;
 	uint64_t rsdp = 0;
 	int rc;
 
@@ -109,13 +111,25 @@ int fl_vm_configure(struct fl_vm *vm, const struct fl_config *cfg)
 	rc = fl_devices_init(vm, cfg->console_out_fd);
 	if (rc < 0)
 		goto events;
+	rc = fl_virtio_slots_init(vm, cfg);
+	if (rc < 0)
+		goto slots;
+	with_devices = *cfg;
+	if (vm->nvirtio) {
+		cmdline = fl_virtio_cmdline(vm, cfg->cmdline);
+		if (!cmdline) {
+			rc = -EINVAL;
+			goto slots;
+		}
+		with_devices.cmdline = cmdline;
+	}
 	rc = fl_cpuid_init(vm);
 	if (rc < 0)
-		goto devices;
+		goto slots;
 	rc = fl_acpi_build(vm, &rsdp);
 	if (rc < 0)
 		goto cpuid;
-	rc = fl_boot_load(vm, cfg, rsdp, &boot);
+	rc = fl_boot_load(vm, &with_devices, rsdp, &boot);
 	if (rc < 0)
 		goto cpuid;
 	rc = fl_vcpus_create(vm);
@@ -134,7 +148,8 @@ vcpus:
 cpuid:
 	free(vm->cpuid);
 	vm->cpuid = NULL;
-devices:
+slots:
+	fl_virtio_slots_fini(vm);
 	fl_devices_fini(vm);
 events:
 	fl_events_fini(vm);
@@ -143,6 +158,7 @@ mem:
 kvm:
 	fl_kvm_destroy(vm);
 out:
+	free(cmdline);
 	pthread_mutex_unlock(&vm->api_lock);
 	return rc;
 }
@@ -161,8 +177,14 @@ int fl_vm_start(struct fl_vm *vm)
 	rc = fl_console_start(vm);
 	if (rc < 0)
 		goto fail;
+	rc = fl_virtio_slots_start(vm);
+	if (rc < 0) {
+		fl_console_stop(vm);
+		goto fail;
+	}
 	rc = fl_vcpus_start(vm);
 	if (rc < 0) {
+		fl_virtio_slots_stop(vm);
 		fl_console_stop(vm);
 		goto fail;
 	}
@@ -197,6 +219,8 @@ int fl_vm_pause(struct fl_vm *vm)
 	if (rc == 0) {
 		set_state(vm, FL_STATE_PAUSED);
 		fl_vcpus_request(vm, FL_REQ_PAUSE, 1);
+		/* After the vCPUs: no new notifications come, and guest memory stays still. */
+		fl_virtio_slots_pause(vm, 1);
 		if (fl_vm_state(vm) == FL_STATE_STOPPED)
 			rc = fl_fail(vm, ESRCH, "machine stopped while pausing");
 	}
@@ -211,6 +235,7 @@ int fl_vm_resume(struct fl_vm *vm)
 	pthread_mutex_lock(&vm->api_lock);
 	rc = require_live(vm, FL_STATE_PAUSED, "resume");
 	if (rc == 0) {
+		fl_virtio_slots_pause(vm, 0);
 		fl_vcpus_request(vm, FL_REQ_RUN, 1);
 		set_state(vm, FL_STATE_RUNNING);
 	}
@@ -250,6 +275,7 @@ static void stop_locked(struct fl_vm *vm)
 		fl_vcpus_request(vm, FL_REQ_STOP, 1);
 		fl_vcpus_join(vm);
 	}
+	fl_virtio_slots_stop(vm);
 	fl_console_stop(vm);
 	if (vm->state != FL_STATE_NEW)
 		set_state(vm, FL_STATE_STOPPED);
@@ -271,6 +297,7 @@ void fl_vm_destroy(struct fl_vm *vm)
 	stop_locked(vm);
 	fl_vcpus_destroy(vm);
 	free(vm->cpuid);
+	fl_virtio_slots_fini(vm);
 	fl_devices_fini(vm);
 	fl_events_fini(vm);
 	fl_mem_fini(&vm->mem);

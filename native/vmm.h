@@ -10,6 +10,7 @@
 
 #include "devices.h"
 #include "include/flotilla.h"
+#include "virtio/virtio.h"
 
 /* Ports of the machine model (docs/machine.md). */
 #define FL_PORT_DEBUG_EXIT 0xf4
@@ -90,6 +91,16 @@ struct fl_vm {
 	struct fl_signal_dev debugexit;
 	int devices_ready;
 
+	/* virtio-mmio slots (virtio_slots.c) */
+	struct fl_guest_mem gmem;
+	struct fl_virtio_slot {
+		struct fl_virtio_dev *dev; /* a struct fl_blk or fl_net, allocated */
+		uint64_t base;
+		uint32_t gsi;
+		int irq_fd; /* eventfd bound to gsi with KVM_IRQFD */
+	} virtio[FL_VIRTIO_SLOTS];
+	uint32_t nvirtio;
+
 	/* events */
 	pthread_mutex_t ev_lock;
 	struct fl_event events[FL_EVENT_QUEUE];
@@ -141,6 +152,17 @@ void fl_devices_fini(struct fl_vm *vm);
 int fl_console_start(struct fl_vm *vm);
 void fl_console_stop(struct fl_vm *vm);
 void fl_console_wake(struct fl_vm *vm);
+
+/* virtio_slots.c */
+int fl_virtio_slots_init(struct fl_vm *vm, const struct fl_config *cfg);
+void fl_virtio_slots_fini(struct fl_vm *vm);
+int fl_virtio_slots_start(struct fl_vm *vm);
+void fl_virtio_slots_pause(struct fl_vm *vm, int paused);
+void fl_virtio_slots_stop(struct fl_vm *vm);
+/* cmdline plus one `virtio_mmio.device=` word per slot (malloc'd; NULL when out of memory
+ * or too long, with the error set). */
+char *fl_virtio_cmdline(struct fl_vm *vm, const char *cmdline);
+int fl_kvm_ioeventfd(struct fl_vm *vm, uint64_t addr, uint32_t datamatch, int fd);
 
 /* x86 */
 int fl_cpuid_init(struct fl_vm *vm);

@@ -1,6 +1,7 @@
 /* The command-line actions (docs/machine.md, "The test guest"). A new action
  * is one handler and one row in the table below. */
 #include "acpi.h"
+#include "blk.h"
 #include "bootinfo.h"
 #include "cmdline.h"
 #include "cpu.h"
@@ -12,10 +13,12 @@
 #include "io.h"
 #include "lib.h"
 #include "mem.h"
+#include "net.h"
 #include "print.h"
 #include "smp.h"
 #include "time.h"
 #include "uart.h"
+#include "virtio.h"
 
 #define PVPANIC_PORT 0x505
 #define PVPANIC_PANICKED 0x01
@@ -24,13 +27,15 @@
 /* How long a terminal request may take before we call it failed. */
 #define STOP_GRACE_US 200000
 
-enum value_kind { NO_VALUE, NEEDS_VALUE, OPTIONAL_VALUE };
+enum value_kind { NO_VALUE, NEEDS_VALUE, OPTIONAL_VALUE, TEXT_VALUE };
 
 struct action {
 	const char *name;
 	enum value_kind value;
 	/* value is 0 when absent; returns normally for non-terminal actions. */
 	void (*run)(u64 value);
+	/* TEXT_VALUE: gets the text after '=' instead. */
+	void (*run_text)(const char *value);
 };
 
 static void act_ready(u64 v)
@@ -147,21 +152,53 @@ static void act_debugexit(u64 v)
 	guest_stuck("debugexit");
 }
 
+static void act_blkinfo(u64 v)
+{
+	(void)v;
+	blk_info();
+}
+
+static void act_blkflush(u64 v)
+{
+	(void)v;
+	blk_flush();
+}
+
+static void act_virtiohostile(u64 v)
+{
+	(void)v;
+	virtio_hostile();
+}
+
+/* The VMM's device list: read by virtio_scan() before any action runs. */
+static void act_virtio_device(const char *v) { (void)v; }
+
 static const struct action actions[] = {
-	{"ready", NO_VALUE, act_ready},
-	{"echo", NO_VALUE, act_echo},
-	{"poweroff", NO_VALUE, act_poweroff},
-	{"reboot", NO_VALUE, act_reboot},
-	{"panic", NO_VALUE, act_panic},
-	{"triplefault", NO_VALUE, act_triplefault},
-	{"smp", NO_VALUE, act_smp},
-	{"memtest", NEEDS_VALUE, act_memtest},
-	{"counter", NO_VALUE, act_counter},
-	{"hostile", NO_VALUE, act_hostile},
-	{"serialflood", NEEDS_VALUE, act_serialflood},
-	{"ioapic", NO_VALUE, act_ioapic},
-	{"irqwait", NEEDS_VALUE, act_irqwait},
-	{"debugexit", OPTIONAL_VALUE, act_debugexit},
+	{"ready", NO_VALUE, act_ready, NULL},
+	{"echo", NO_VALUE, act_echo, NULL},
+	{"poweroff", NO_VALUE, act_poweroff, NULL},
+	{"reboot", NO_VALUE, act_reboot, NULL},
+	{"panic", NO_VALUE, act_panic, NULL},
+	{"triplefault", NO_VALUE, act_triplefault, NULL},
+	{"smp", NO_VALUE, act_smp, NULL},
+	{"memtest", NEEDS_VALUE, act_memtest, NULL},
+	{"counter", NO_VALUE, act_counter, NULL},
+	{"hostile", NO_VALUE, act_hostile, NULL},
+	{"serialflood", NEEDS_VALUE, act_serialflood, NULL},
+	{"ioapic", NO_VALUE, act_ioapic, NULL},
+	{"irqwait", NEEDS_VALUE, act_irqwait, NULL},
+	{"debugexit", OPTIONAL_VALUE, act_debugexit, NULL},
+	{"blkinfo", NO_VALUE, act_blkinfo, NULL},
+	{"blkflush", NO_VALUE, act_blkflush, NULL},
+	{"blkwrite", TEXT_VALUE, NULL, blk_write},
+	{"blkread", TEXT_VALUE, NULL, blk_read},
+	{"blkverify", TEXT_VALUE, NULL, blk_verify},
+	{"blkbench", TEXT_VALUE, NULL, blk_bench},
+	{"net", TEXT_VALUE, NULL, net_start},
+	{"udp", TEXT_VALUE, NULL, net_udp},
+	{"netbench", TEXT_VALUE, NULL, net_bench},
+	{"virtiohostile", NO_VALUE, act_virtiohostile, NULL},
+	{"virtio_mmio.device", TEXT_VALUE, NULL, act_virtio_device},
 };
 
 static const struct action *lookup(const struct word *w, u64 *value)
@@ -171,8 +208,10 @@ static const struct action *lookup(const struct word *w, u64 *value)
 		const struct action *a = &actions[i];
 		if (strcmp(a->name, w->name))
 			continue;
-		if (w->value ? a->value == NO_VALUE : a->value == NEEDS_VALUE)
+		if (w->value ? a->value == NO_VALUE : (a->value == NEEDS_VALUE || a->value == TEXT_VALUE))
 			return NULL;
+		if (a->value == TEXT_VALUE)
+			return a;
 		if (w->value && !parse_u64(w->value, value))
 			return NULL;
 		return a;
@@ -187,7 +226,9 @@ void actions_run(const char *cmdline)
 	while (cmdline_next(&cursor, &w)) {
 		u64 value;
 		const struct action *a = lookup(&w, &value);
-		if (a)
+		if (a && a->value == TEXT_VALUE)
+			a->run_text(w.value);
+		else if (a)
 			a->run(value);
 		else
 			say("unknown action %s", w.text);

@@ -107,6 +107,11 @@ void intr_disarm(void)
 	armed = 0;
 }
 
+void intr_route_pin(unsigned pin, u8 vector)
+{
+	ioapic_route(pin, vector, cpu_apic_id());
+}
+
 void intr_route_inputs(void)
 {
 	u32 id = cpu_apic_id();

@@ -20,6 +20,8 @@ bool intr_setup(void);
 void intr_disarm(void);
 /* (Re)route IOAPIC pins 1 and 4 to their vectors, edge, to this CPU. */
 void intr_route_inputs(void);
+/* Route IOAPIC pin `pin` to `vector`, edge, to this CPU (after intr_setup). */
+void intr_route_pin(unsigned pin, u8 vector);
 /* Sleep at least `us` microseconds. */
 void sleep_us(u64 us);
 

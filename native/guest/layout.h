@@ -35,6 +35,7 @@
 #define VEC_TIMER 0x30 /* LAPIC timer, one-shot */
 #define VEC_I8042 0x31 /* IOAPIC pin 1 */
 #define VEC_COM1 0x34  /* IOAPIC pin 4 */
+#define VEC_VIRTIO 0x35 /* every virtio-mmio device's pin */
 #define VEC_TEST 0x25  /* IOAPIC tests; below the others' priority class */
 #define VEC_SPURIOUS 0xff
 

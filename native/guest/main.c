@@ -8,9 +8,11 @@
 #include "io.h"
 #include "lib.h"
 #include "mem.h"
+#include "net.h"
 #include "print.h"
 #include "time.h"
 #include "uart.h"
+#include "virtio.h"
 
 extern u8 __bss_start[], __bss_end[];
 
@@ -25,6 +27,7 @@ static unsigned poll_inputs(void)
 		for (; n < 64 && (c = uart_poll_rx()) >= 0; n++)
 			echo_byte((u8)c);
 	}
+	n += net_poll();
 	if (i8042_poll_ctrl_alt_del(&n)) {
 		say("CTRL-ALT-DEL");
 		action_poweroff();
@@ -71,6 +74,7 @@ void guest_main(u64 start_info)
 	const char *clock = time_init();
 	if (!strcmp(clock, "assumed"))
 		say("TSC frequency unknown, assuming %lu MHz", time_tsc_hz() / 1000000);
+	virtio_scan(boot.cmdline);
 	actions_run(boot.cmdline);
 	guest_idle();
 }

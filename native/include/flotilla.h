@@ -18,7 +18,10 @@
 #define FL_MAX_VCPUS 64
 #define FL_MAX_MEMORY_MIB 65536
 #define FL_MAX_CMDLINE 4096
-#define FL_MAX_DEVICES 16
+#define FL_MAX_DEVICES 32
+#define FL_MAX_DISKS 4
+#define FL_MAX_NICS 4
+#define FL_DISK_READONLY 1
 
 /* fl_config.flags */
 #define FL_CONFIG_MEMFD 1 /* back guest RAM with a memfd (shareable, snapshot-friendly) */
@@ -50,6 +53,17 @@ enum fl_image_kind {
 	FL_IMAGE_VMLINUX = 3  /* ELF64 without a PVH note, entered in long mode */
 };
 
+struct fl_disk_config {
+	const char *path; /* raw image file or block device */
+	const char *id;	  /* VIRTIO_BLK_T_GET_ID answer (up to 20 bytes); NULL: empty */
+	uint32_t flags;	  /* FL_DISK_READONLY */
+};
+
+struct fl_nic_config {
+	int tap_fd;	/* the caller's tap (kept open by the caller; made non-blocking) */
+	uint8_t mac[6];
+};
+
 struct fl_config {
 	const char *kernel_path;
 	const char *initrd_path; /* NULL: none */
@@ -59,6 +73,11 @@ struct fl_config {
 	int console_out_fd; /* COM1 output; -1 discards */
 	int console_in_fd;  /* COM1 input; -1 none */
 	uint32_t flags;
+	/* virtio-mmio devices, placed disks first, then NICs (docs/machine.md) */
+	uint32_t ndisks;
+	const struct fl_disk_config *disks;
+	uint32_t nnics;
+	const struct fl_nic_config *nics;
 };
 
 struct fl_event {
@@ -93,7 +112,7 @@ struct fl_counters {
 	uint64_t console_out_bytes;
 	uint64_t console_dropped; /* output bytes the console fd refused */
 	uint32_t ndevices;
-	struct fl_device_counters devices[16];
+	struct fl_device_counters devices[32];
 };
 
 struct fl_image_info {
@@ -137,6 +156,28 @@ int fl_vcpu_restore(struct fl_vm *vm, uint32_t index, const void *buf, size_t le
  * pin gsi (0..23), delivered by KVM while the guest has the pin unmasked and dropped while it
  * is masked. The caller keeps fd; the binding lasts as long as the machine. After configure. */
 int fl_vm_irqfd(struct fl_vm *vm, uint32_t gsi, int fd);
+
+/* virtio-mmio devices, by slot (0..n-1, disks first). ops: blk reads, writes, errors, 0;
+ * net frames received, sent, dropped on receive, dropped on send. */
+struct fl_virtio_info {
+	char name[16];
+	uint32_t device_id; /* 1 net, 2 block */
+	uint32_t gsi;
+	uint64_t base;	    /* MMIO window */
+	uint32_t status;    /* the driver-visible status register */
+	uint32_t broken;    /* NEEDS_RESET: a malformed request was seen since the last reset */
+	uint64_t malformed; /* malformed requests, ever */
+	uint64_t interrupts;
+	uint64_t ops[4];
+};
+
+int fl_virtio_count(struct fl_vm *vm);
+int fl_virtio_info(struct fl_vm *vm, uint32_t slot, struct fl_virtio_info *out);
+/* A device's state (transport and queues) as an opaque blob with magic, version and
+ * checksum; only while paused. Restore validates it (untrusted input). */
+int fl_device_state_size(void);
+int fl_device_save(struct fl_vm *vm, uint32_t slot, void *buf, size_t len);
+int fl_device_restore(struct fl_vm *vm, uint32_t slot, const void *buf, size_t len);
 
 /* Introspection */
 int fl_memory_read(struct fl_vm *vm, uint64_t gpa, void *buf, uint64_t len);

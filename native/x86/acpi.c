@@ -94,11 +94,89 @@ static const uint8_t dsdt_aml[] = {
 	0x08, '_', 'S', '5', '_', 0x12, 0x08, 0x04, 0x0a, 0x05, 0x0a, 0x05, 0x00, 0x00,
 };
 
+/* AML PkgLength for a package whose contents (after the length) are len bytes. */
+static uint32_t pkg_length(uint8_t *p, uint32_t len)
+{
+	if (len + 1 < 64) {
+		p[0] = (uint8_t)(len + 1);
+		return 1;
+	}
+	len += 2; /* up to 4095: two bytes */
+	p[0] = (uint8_t)(0x40 | (len & 0xf));
+	p[1] = (uint8_t)(len >> 4);
+	return 2;
+}
+
+/*
+ * Scope (\_SB) { Device (VRn) { Name (_HID, "LNRO0005") Name (_UID, n)
+ *   Name (_CRS, ResourceTemplate () { Memory32Fixed (ReadWrite, base, size)
+ *     Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { gsi } }) } ... }
+ * for each virtio-mmio slot: how Linux finds them (its virtio_mmio binds LNRO0005). Edge:
+ * the interrupt comes from an irqfd, which has no resample path. Returns the bytes written.
+ */
+static uint32_t virtio_aml(const struct fl_vm *vm, uint8_t *out)
+{
+	uint8_t devs[FL_VIRTIO_SLOTS * 64];
+	uint32_t n = 0, len;
+
+	for (uint32_t i = 0; i < vm->nvirtio; i++) {
+		uint8_t body[64], *b = body;
+		const struct fl_virtio_slot *slot = &vm->virtio[i];
+
+		memcpy(b, "\x08_HID\x0dLNRO0005", 15); /* NameOp, name, StringPrefix, text+NUL */
+		b += 15;
+		memcpy(b, "\x08_UID\x0a", 6);
+		b[6] = (uint8_t)i;
+		b += 7;
+		memcpy(b, "\x08_CRS\x11", 6);
+		b += 6;
+		b += pkg_length(b, 2 + 23);
+		*b++ = 0x0a; /* BufferSize: ByteConst 23 */
+		*b++ = 23;
+		*b++ = 0x86; /* Memory32Fixed, length 9 */
+		put16(b, 9);
+		b[2] = 1; /* read-write */
+		put32(b + 3, (uint32_t)slot->base);
+		put32(b + 7, (uint32_t)FL_VIRTIO_MMIO_SIZE);
+		b += 11;
+		*b++ = 0x89; /* Extended Interrupt, length 6 */
+		put16(b, 6);
+		b[2] = 0x03; /* consumer, edge, active high, exclusive */
+		b[3] = 1;
+		put32(b + 4, slot->gsi);
+		b += 8;
+		*b++ = 0x79; /* End Tag, checksum 0 */
+		*b++ = 0;
+		len = (uint32_t)(b - body);
+
+		devs[n++] = 0x5b; /* DeviceOp */
+		devs[n++] = 0x82;
+		n += pkg_length(devs + n, 4 + len);
+		devs[n++] = 'V';
+		devs[n++] = 'R';
+		devs[n++] = '0';
+		devs[n++] = (uint8_t)("0123456789ABCDEF"[i & 15]);
+		memcpy(devs + n, body, len);
+		n += len;
+	}
+	if (!n)
+		return 0;
+	uint32_t k = 0;
+	out[k++] = 0x10; /* ScopeOp */
+	k += pkg_length(out + k, 5 + n);
+	memcpy(out + k, "\\_SB_", 5);
+	k += 5;
+	memcpy(out + k, devs, n);
+	return k + n;
+}
+
 int fl_acpi_build(struct fl_vm *vm, uint64_t *rsdp_gpa)
 {
 	struct table_writer w = {.size = FL_ACPI_END - FL_ACPI_GPA, .next = 0};
 	uint32_t madt_len = 44 + 8 * vm->nvcpus + 12;
-	uint32_t dsdt_len = 36 + sizeof(dsdt_aml);
+	uint8_t devices_aml[8 + FL_VIRTIO_SLOTS * 64];
+	uint32_t devices_len = virtio_aml(vm, devices_aml);
+	uint32_t dsdt_len = 36 + sizeof(dsdt_aml) + devices_len;
 	uint64_t rsdp, xsdt, fadt, dsdt, madt;
 
 	w.base = fl_mem_ptr(&vm->mem, FL_ACPI_GPA, w.size);
@@ -118,6 +196,7 @@ int fl_acpi_build(struct fl_vm *vm, uint64_t *rsdp_gpa)
 	uint8_t *t = w.base + dsdt;
 	header(t, "DSDT", dsdt_len, 2);
 	memcpy(t + 36, dsdt_aml, sizeof(dsdt_aml));
+	memcpy(t + 36 + sizeof(dsdt_aml), devices_aml, devices_len);
 	finish(t, dsdt_len);
 
 	t = w.base + fadt;

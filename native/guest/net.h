@@ -1,0 +1,15 @@
+/* The `net*` and `udp` actions on the first virtio-net device: ARP, ICMP
+ * echo and a UDP echo service on port 7 for the address given, answered
+ * from the waiting loops (docs/machine.md). */
+#ifndef GUEST_NET_H
+#define GUEST_NET_H
+
+#include "types.h"
+
+void net_start(const char *ip);    /* net=<a.b.c.d> */
+void net_udp(const char *dest);    /* udp=<a.b.c.d>:<port> */
+void net_bench(const char *args);  /* netbench=<a.b.c.d>:<port>,<count> */
+/* Serve what came in; returns the frames taken (0 when the NIC is down). */
+unsigned net_poll(void);
+
+#endif
