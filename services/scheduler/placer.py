@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
+from itertools import compress, repeat
 
 from services.scheduler.filters import Filter
 from services.scheduler.state import Claim, ClusterState, HostState, PlacementRequest
@@ -93,14 +94,14 @@ class Placer:
         hosts = [h for h in self.state.hosts.values() if h.name not in exclude]
         filtered: Filtered = {}
         for flt in self.filters:
-            passes = flt.host_passes
-            kept = [h for h in hosts if passes(h, request)]
-            if len(kept) != len(hosts):
-                kept_ids = {id(h) for h in kept}
-                filtered[flt.name] = [h.name for h in hosts if id(h) not in kept_ids]
-            hosts = kept
-            if not hosts:
-                break
+            # map/compress: this runs for every host of every decision.
+            verdicts = list(map(flt.host_passes, hosts, repeat(request)))
+            if not all(verdicts):
+                removed = compress(hosts, [not ok for ok in verdicts])
+                filtered[flt.name] = [h.name for h in removed]
+                hosts = list(compress(hosts, verdicts))
+                if not hosts:
+                    break
         return hosts, filtered
 
     def weigh(
@@ -110,8 +111,7 @@ class Placer:
         summed per host."""
         totals = [0.0] * len(hosts)
         for weigher in self.weighers:
-            weigh = weigher.weigh
-            raw = [weigh(h, request) for h in hosts]
+            raw = list(map(weigher.weigh, hosts, repeat(request)))
             low, high = min(raw), max(raw)
             if high == low:
                 continue  # no preference among these hosts
@@ -120,8 +120,7 @@ class Placer:
         return list(zip(totals, hosts, strict=True))
 
     def pick(self, weighed: list[tuple[float, HostState]]) -> HostState:
-        """At random among the best `top_n`; equal weights are ordered at random too, so
-        replicas facing identical hosts do not all start with the same one."""
-        rand = self.rng.random
-        best = heapq.nlargest(self.top_n, weighed, key=lambda wh: (wh[0], rand()))
-        return self.rng.choice(best)[1]
+        """At random among the best `top_n`, and among every host tied with the last of
+        them, so replicas facing identical hosts do not all start with the same one."""
+        threshold = heapq.nlargest(self.top_n, [w for w, _ in weighed])[-1]
+        return self.rng.choice([h for w, h in weighed if w >= threshold])
