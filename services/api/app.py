@@ -11,6 +11,7 @@ fake `bus` and a `registry` of their own.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -47,30 +48,19 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ctx: ApiContext = app.state.ctx
         own_registry = registry is None
-        own_bus: Bus | None = None
-        projection: Projection | None = None
         if own_registry:
             ctx.registry = await run_in_threadpool(Registry.open, config.database_url)
             ctx.auth.registry = ctx.registry
+        connector: _BrokerConnector | None = None
         if bus is None:
-            own_bus = Bus(config.amqp_url, source="api")
-            ctx.bus = own_bus
-            ctx.broker_connected = lambda: own_bus.link.connected
-            try:
-                await run_in_threadpool(own_bus.start, 10.0)
-            except BusError as exc:
-                log.warning("broker unreachable at start-up", error=str(exc))
-            if config.consume_events and own_bus.link.connected:
-                projection = await run_in_threadpool(
-                    Projection(own_bus, ctx.registry, ctx.metrics, ctx.wakeup.notify).start
-                )
+            connector = _BrokerConnector(config, ctx)
+            await run_in_threadpool(connector.first_attempt)
+            connector.start()
         try:
             yield
         finally:
-            if projection is not None:
-                await run_in_threadpool(projection.stop)
-            if own_bus is not None:
-                await run_in_threadpool(own_bus.close)
+            if connector is not None:
+                await run_in_threadpool(connector.stop)
             if own_registry:
                 ctx.registry.close()
 
@@ -111,6 +101,54 @@ def create_app(
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+class _BrokerConnector:
+    """Connects the app to the broker, retrying in the background while it is unreachable;
+    once connected, RPCs go through it and (unless disabled) events are consumed."""
+
+    def __init__(self, config: ApiConfig, ctx: ApiContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.bus: Bus | None = None
+        self.projection: Projection | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="api-broker", daemon=True)
+
+    def first_attempt(self) -> None:
+        self._connect(self.config.broker_connect_timeout_s)
+
+    def start(self) -> None:
+        if self.bus is None:
+            self._thread.start()
+
+    def _run(self) -> None:
+        while self.bus is None and not self._stopping.wait(2.0):
+            self._connect(self.config.broker_connect_timeout_s)
+
+    def _connect(self, timeout: float) -> None:
+        bus = Bus(self.config.amqp_url, source="api")
+        try:
+            bus.start(timeout)
+        except BusError as exc:
+            log.warning("broker unreachable; retrying", error=str(exc))
+            return
+        if self.config.consume_events:
+            self.projection = Projection(
+                bus, self.ctx.registry, self.ctx.metrics, self.ctx.wakeup.notify
+            ).start()
+        self.bus = bus
+        self.ctx.bus = bus
+        self.ctx.broker_connected = lambda: bus.link.connected
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(15)
+        if self.projection is not None:
+            self.projection.stop()
+        if self.bus is not None:
+            self.bus.close()
 
 
 class _Unopened(Registry):

@@ -83,6 +83,8 @@ class ApiConfig(BaseModel):
     schedule_max_attempts: int = Field(default=3, ge=1, le=20)
     # A host whose heartbeat is older than this many of its intervals is `down`.
     host_down_after_intervals: float = Field(default=3.0, gt=0)
+    # How long start-up waits for the broker before serving without it (retried meanwhile).
+    broker_connect_timeout_s: float = Field(default=5.0, gt=0)
     # Consume domain events (api.events) and heartbeats; off for an API that only reads.
     consume_events: bool = True
     # SSE: how often a stream looks at the shared event log when nothing woke it.

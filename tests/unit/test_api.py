@@ -480,3 +480,21 @@ def test_unknown_routes_are_problems(client: TestClient) -> None:
     assert problem(client.put("/v1/domains", headers=auth(ALICE)), 405)["code"] == (
         "method_not_allowed"
     )
+
+
+def test_serves_without_a_broker(tmp_path: Path) -> None:
+    config = CONFIG.model_copy(
+        update={
+            "amqp_url": "amqp://guest:guest@127.0.0.1:1/%2F",
+            "database_url": f"sqlite:///{tmp_path}/registry.db",
+            "broker_connect_timeout_s": 0.3,
+        }
+    )
+    with TestClient(create_app(config)) as c:
+        health = c.get("/healthz")
+        assert health.status_code == 503
+        assert health.json()["status"] == "degraded"
+        assert health.json()["database"] is True
+        p = problem(c.post("/v1/domains", json=body(), headers=auth(ALICE)), 503)
+        assert p["code"] == "broker_unavailable"
+        assert c.get("/v1/domains", headers=auth(ALICE)).json()["domains"][0]["task"] == "error"
