@@ -15,7 +15,7 @@ from pydantic import Field
 
 from protos.base import Message
 from protos.domain import DomainSpec, PowerState
-from protos.replies import ConsoleOutput, DomainInfo, DomainList, Done
+from protos.replies import ConsoleOutput, ConsoleTicket, DomainInfo, DomainList, Done
 
 
 class Command(Message):
@@ -111,6 +111,15 @@ class GetConsole(DomainCommand):
     max_bytes: int = Field(default=65536, ge=1, le=4 * 1024 * 1024)
 
 
+class OpenConsole(DomainCommand):
+    """Ask the domain's compute node for a one-time ticket to its console relay: connect to
+    `address:port` over TCP, send the ticket and a newline, then the connection is the guest's
+    console (bytes in and out) until either side closes."""
+
+    TYPE = "cmd.domain.open_console"
+    RESULT = ConsoleTicket
+
+
 DOMAIN_COMMANDS: tuple[type[Command], ...] = (
     DefineDomain,
     UndefineDomain,
@@ -123,4 +132,5 @@ DOMAIN_COMMANDS: tuple[type[Command], ...] = (
     GetDomainInfo,
     ListDomains,
     GetConsole,
+    OpenConsole,
 )

@@ -59,3 +59,15 @@ class ConsoleOutput(Message):
     domain_id: uuid.UUID
     data: str
     truncated: bool = False
+
+
+class ConsoleTicket(Message):
+    """Where and how to attach to a domain's console (see OpenConsole); valid once, for
+    `expires_s` seconds."""
+
+    TYPE = "reply.console_ticket"
+    domain_id: uuid.UUID
+    address: str
+    port: int = Field(ge=1, le=65535)
+    ticket: str = Field(min_length=16, max_length=128)
+    expires_s: float = Field(gt=0)

@@ -27,7 +27,7 @@ from services.api.models import Health
 from services.api.problems import install as install_problems
 from services.api.projection import Projection
 from services.api.registry import Registry
-from services.api.routes import admin, domains, events, hosts
+from services.api.routes import admin, console, domains, events, hosts
 from services.bus import Bus, BusError
 from services.cli.main import package_version
 
@@ -73,7 +73,7 @@ def create_app(
     # Until the lifespan opens the configured registry, a placeholder keeps types simple.
     app.state.ctx = ApiContext(config=config, registry=registry or _Unopened(), bus=bus)
     install_problems(app)
-    for module in (domains, hosts, events, admin):
+    for module in (domains, console, hosts, events, admin):
         app.include_router(module.router)
     _install_metrics(app)
 

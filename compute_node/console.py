@@ -1,0 +1,148 @@
+"""Interactive consoles from anywhere: a TCP relay in front of the VMMs' `attach` sockets.
+
+The VMM's console socket exists only on the compute host, so a caller elsewhere (the API's
+WebSocket) asks the compute node for a ticket (`OpenConsole`), connects to the relay's TCP
+port, sends the ticket and a newline, and from then on the connection carries the guest's
+console both ways. A ticket is random (32 bytes), names one domain, is valid once and for
+`TICKET_TTL_S` seconds; anything else on the port is closed at once.
+"""
+
+from __future__ import annotations
+
+import secrets
+import selectors
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import structlog
+
+from compute_node import vmm_client
+from protos.commands import OpenConsole
+from protos.domain import PowerState
+from protos.replies import ConsoleTicket
+from services.bus import Context, ServiceError, handles
+
+log = structlog.get_logger("flotilla.compute.console")
+
+TICKET_TTL_S = 30.0
+MAX_TICKET_LINE = 128
+CHUNK = 65536
+
+
+class ConsoleRelay:
+    """The listening socket, its tickets and one pump thread per attached session."""
+
+    def __init__(self, domains_dir: Path, listen_host: str = "127.0.0.1", port: int = 0) -> None:
+        self.domains_dir = domains_dir
+        self._listener = socket.create_server((listen_host, port))
+        self.address, self.port = self._listener.getsockname()[:2]
+        self._tickets: dict[str, tuple[uuid.UUID, float]] = {}
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._accept, name="console-relay", daemon=True)
+
+    def start(self) -> ConsoleRelay:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping = True
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+
+    def issue(self, domain_id: uuid.UUID) -> str:
+        ticket = secrets.token_hex(32)
+        now = time.monotonic()
+        with self._lock:
+            for old, (_, expires) in list(self._tickets.items()):
+                if expires < now:
+                    del self._tickets[old]
+            self._tickets[ticket] = (domain_id, now + TICKET_TTL_S)
+        return ticket
+
+    def _redeem(self, ticket: str) -> uuid.UUID | None:
+        with self._lock:
+            entry = self._tickets.pop(ticket, None)
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[0]
+
+    def _accept(self) -> None:
+        while not self._stopping:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _session(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5.0)
+            line = b""
+            try:
+                while not line.endswith(b"\n") and len(line) <= MAX_TICKET_LINE:
+                    chunk = conn.recv(MAX_TICKET_LINE + 1 - len(line))
+                    if not chunk:
+                        return
+                    line += chunk
+            except OSError:
+                return
+            domain_id = self._redeem(line.strip().decode("ascii", "replace"))
+            if domain_id is None:
+                log.warning("console relay: bad or expired ticket")
+                return
+            try:
+                vmm = vmm_client.VmmClient(self.domains_dir / str(domain_id)).attach()
+            except vmm_client.VmmClientError as exc:
+                log.warning(
+                    "console relay: attach failed", domain_id=str(domain_id), error=str(exc)
+                )
+                return
+            conn.settimeout(None)
+            with vmm:
+                _pump(conn, vmm)
+
+
+def _pump(a: socket.socket, b: socket.socket) -> None:
+    """Copy bytes both ways until either side closes."""
+    peers = {a: b, b: a}
+    with selectors.DefaultSelector() as sel:
+        for s in peers:
+            sel.register(s, selectors.EVENT_READ)
+        while True:
+            for key, _ in sel.select():
+                src: socket.socket = key.fileobj  # type: ignore[assignment]
+                try:
+                    data = src.recv(CHUNK)
+                    if not data:
+                        return
+                    peers[src].sendall(data)
+                except OSError:
+                    return
+
+
+class ConsoleHandlers:
+    """The compute node's `OpenConsole` handler (mixed into its lifecycle service)."""
+
+    relay: ConsoleRelay | None = None
+
+    @handles(OpenConsole)
+    def open_console(self, cmd: OpenConsole, _ctx: Context) -> ConsoleTicket:
+        info = self.info(cmd.domain_id)  # type: ignore[attr-defined]
+        if self.relay is None:
+            raise ServiceError("unsupported", "this compute node has no console relay")
+        if info.state in (PowerState.SHUTOFF, PowerState.NOSTATE):
+            raise ServiceError("conflict", "domain is not running", {"state": info.state.value})
+        return ConsoleTicket(
+            domain_id=cmd.domain_id,
+            address=self.relay.address,
+            port=self.relay.port,
+            ticket=self.relay.issue(cmd.domain_id),
+            expires_s=TICKET_TTL_S,
+        )
