@@ -178,7 +178,7 @@ class SchedulerService(Service):
         return self.bus.call(queue, command, timeout=timeout, message_id=message_id)
 
     def _placed(self, claim: Claim) -> None:
-        self.state.settle(claim.domain_id, settles_at=time.time(), now=time.monotonic())
+        self.state.settle(claim.domain_id, settles_at=time.time())
         self._announce(ClaimPhase.PLACED, claim)
 
     def _release(self, claim: Claim) -> None:
@@ -233,7 +233,7 @@ class SchedulerService(Service):
             self.state.add_claim(claim)
         elif event.phase is ClaimPhase.PLACED:
             self.state.learn(event.domain_id, event.host, event.group)
-            self.state.settle(event.domain_id, settles_at=sent_at, now=now)
+            self.state.settle(event.domain_id, settles_at=sent_at)
         else:
             self.state.release(event.domain_id)
 

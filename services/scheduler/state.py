@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from protos.domain import DomainSpec, PlacementPolicy
 from protos.host import HostHeartbeat, HostInventory, Resources
 
+SETTLE_BEATS = 3
+
 
 @dataclass(slots=True)
 class HostState:
@@ -49,8 +51,10 @@ class Claim:
 
     In flight while the compute node is being asked; once it took the domain, the claim
     `settles_at` a wall-clock time: the first heartbeat sent at or after it counts the domain,
-    and the claim is dropped. `lapses_at` (monotonic) drops it regardless (a silent host, a dead
-    peer replica)."""
+    and the claim is dropped. Whatever the timestamps say (clocks differ between machines), it
+    is dropped at the latest when `SETTLE_BEATS` heartbeats have arrived since (a heartbeat is
+    sent every interval, so the last of them was sent after the answer). `lapses_at`
+    (monotonic) drops a claim still in flight (a peer replica that died mid-request)."""
 
     domain_id: uuid.UUID
     host: str
@@ -59,6 +63,7 @@ class Claim:
     group: str | None
     replica: str
     settles_at: float | None = None
+    beats_left: int = 0
     lapses_at: float | None = None
 
 
@@ -124,12 +129,14 @@ class ClusterState:
             host.seen_at = now
             host.vcpu_limit = inv.capacity.vcpus * inv.cpu_allocation_ratio
             host.memory_limit_mib = inv.capacity.memory_mib * inv.ram_allocation_ratio
-            done = [
-                c.domain_id
-                for c in host.claims.values()
-                if (c.settles_at is not None and c.settles_at <= sent_at)
-                or (c.lapses_at is not None and c.lapses_at <= now)
-            ]
+            done = []
+            for c in host.claims.values():
+                if c.settles_at is not None:
+                    c.beats_left -= 1
+                    if c.settles_at <= sent_at or c.beats_left <= 0:
+                        done.append(c.domain_id)
+                elif c.lapses_at is not None and c.lapses_at <= now:
+                    done.append(c.domain_id)
             for domain_id in done:
                 self._drop_claim(domain_id)
             host.refresh()
@@ -161,17 +168,16 @@ class ClusterState:
                 self._forget(domain_id)
             return claim
 
-    def settle(self, domain_id: uuid.UUID, *, settles_at: float, now: float) -> None:
+    def settle(self, domain_id: uuid.UUID, *, settles_at: float) -> None:
         """The host took the domain: keep the claim until a heartbeat sent after `settles_at`
-        shows it (or the host has been silent long enough to be down)."""
+        shows it (see `Claim`)."""
         with self.lock:
             claim = self.claims.get(domain_id)
             if claim is None:
                 return
             claim.settles_at = settles_at
-            host = self.hosts.get(claim.host)
-            interval = host.interval_s if host is not None else 0.0
-            claim.lapses_at = now + self.down_after_intervals * interval
+            claim.beats_left = SETTLE_BEATS
+            claim.lapses_at = None
 
     def _drop_claim(self, domain_id: uuid.UUID) -> Claim | None:
         claim = self.claims.pop(domain_id, None)

@@ -187,7 +187,7 @@ def test_a_settled_claim_lasts_until_a_heartbeat_sent_after_it() -> None:
     decision = placer.decide(request(memory_mib=1000), replica="t")
     assert isinstance(decision, Decision)
     placed_at = time.time()
-    state.settle(decision.claim.domain_id, settles_at=placed_at, now=time.monotonic())
+    state.settle(decision.claim.domain_id, settles_at=placed_at)
     # A heartbeat sent before the compute answered does not show the domain yet.
     state.on_heartbeat(beat("a", memory_mib=1024), sent_at=placed_at - 0.5, now=time.monotonic())
     assert state.hosts["a"].free_memory_mib == 24
@@ -196,6 +196,21 @@ def test_a_settled_claim_lasts_until_a_heartbeat_sent_after_it() -> None:
     )
     assert state.hosts["a"].free_memory_mib == 24
     assert state.claims == {}
+
+
+def test_a_settled_claim_ends_after_three_heartbeats_whatever_the_clocks() -> None:
+    state = ClusterState()
+    state.on_heartbeat(beat("a", memory_mib=1024), sent_at=0.0, now=time.monotonic())
+    placer = Placer(state, build_filters(SchedulerConfig(replica="t")), [], top_n=1)
+    decision = placer.decide(request(memory_mib=1000), replica="t")
+    assert isinstance(decision, Decision)
+    state.settle(decision.claim.domain_id, settles_at=time.time())
+    for _ in range(2):  # a host whose clock is far behind ours
+        state.on_heartbeat(beat("a", memory_mib=1024, used_mib=1000), sent_at=0.0, now=0.0)
+        assert state.hosts["a"].claimed_memory_mib == 1000
+    state.on_heartbeat(beat("a", memory_mib=1024, used_mib=1000), sent_at=0.0, now=0.0)
+    assert state.claims == {}
+    assert state.hosts["a"].free_memory_mib == 24
 
 
 def test_domain_events_move_group_membership() -> None:
