@@ -41,6 +41,11 @@ from protos.host import Resources
 log = structlog.get_logger("flotilla.compute.kvm")
 
 RECORD_TIMEOUT_S = 10.0
+# cgroup v2 limits per VMM: at most its vCPU count of host CPU time, and its guest RAM plus
+# room for the VMM process itself (Python, cffi, the console ring: ~14 MiB measured).
+CPU_PERIOD_US = 100_000
+VMM_OVERHEAD_MIB = 64
+CGROUP_PARENT = Path("/sys/fs/cgroup/flotilla")
 _STATES = {
     "running": PowerState.RUNNING,
     "paused": PowerState.PAUSED,
@@ -85,7 +90,7 @@ class _Watch:
         finally:
             self._sub.close()
         if not self.closing:
-            self._ended()
+            self.ended()
 
     def _deliver(self, record: JournalRecord) -> None:
         if record["n"] <= self.delivered:
@@ -95,7 +100,9 @@ class _Watch:
             self.delivered = record["n"]
             self.cond.notify_all()
 
-    def _ended(self) -> None:
+    def ended(self) -> None:
+        """The VMM is gone: reap it if it is ours, deliver what it journaled that was not
+        delivered, journal its death if it left no final record, then stop watching."""
         if self.pid is not None:
             try:
                 vmm_client.wait_exit(self.pid, 2.0)
@@ -111,6 +118,11 @@ class _Watch:
             finally:
                 journal.close()
             self._deliver(record)
+        try:
+            # The VMM cannot leave its own cgroup; an empty one is removed here (best effort).
+            (CGROUP_PARENT / str(self.domain_id)).rmdir()
+        except OSError:
+            pass  # none (no cgroup v2 here), or a process still in it
         with self.cond:
             self.finished = True
             self.cond.notify_all()
@@ -226,6 +238,12 @@ class KvmDriver(Driver):
             "console_ring_bytes": spec.serial.ring_kib * 1024,
             "console_log": spec.serial.log,
             "start_paused": paused,
+            # Applied where the host has cgroup v2; elsewhere the VMM runs without limits and
+            # says why in its status (cgroup_error).
+            "cgroup": {
+                "cpu_max": f"{spec.vcpus * CPU_PERIOD_US} {CPU_PERIOD_US}",
+                "memory_max": (spec.memory_mib + VMM_OVERHEAD_MIB) * 1024 * 1024,
+            },
         }
         tmp = directory / f"{CONFIG_FILE}.tmp"
         tmp.write_text(json.dumps(config))
@@ -238,9 +256,17 @@ class KvmDriver(Driver):
         watch = _Watch(self, spec.uuid, directory, pid)
         with self._lock:
             self._watches[spec.uuid] = watch
-        watch.start(before)
-        status = self._client(spec.uuid).status()
-        if not watch.wait_for(int(status["journal_n"])):
+        try:
+            watch.start(before)
+        except vmm_client.VmmClientError:
+            # Gone already (a guest that powered off at once): its journal says how.
+            watch.ended()
+            return self.get_info(spec.uuid)
+        try:
+            until = int(self._client(spec.uuid).status()["journal_n"])
+        except vmm_client.VmmClientError:
+            until = sys.maxsize  # ended meanwhile: wait for the watch to see its end
+        if not watch.wait_for(until):
             raise DriverError("the VMM started but reported nothing in time", "spawn_failed")
         return self.get_info(spec.uuid)
 
@@ -257,7 +283,7 @@ class KvmDriver(Driver):
             # Gone while we were away: account for what it journaled, and for its death.
             watch = _Watch(self, domain_id, directory, None)
             watch.delivered = after_n
-            watch._ended()
+            watch.ended()
             return RuntimeInfo(state=PowerState.SHUTOFF)
         watch = _Watch(self, domain_id, directory, None)
         with self._lock:

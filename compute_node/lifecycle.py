@@ -163,17 +163,23 @@ class Lifecycle(Service):
 
     @handles(StartDomain)
     def start(self, cmd: StartDomain, _ctx: Context) -> DomainInfo:
-        with self._lock(cmd.domain_id):
-            record = self._record(cmd.domain_id)
+        self.start_domain(cmd.domain_id, paused=cmd.paused)
+        return self.info(cmd.domain_id)
+
+    def start_domain(self, domain_id: uuid.UUID, *, paused: bool = False) -> None:
+        """Start the domain's machine unless it runs already (the transition table decides),
+        claiming its resources first. Used by `start` and by autostart at node start-up.
+        Raises ServiceError: not_found, conflict, no_capacity, or the driver's code."""
+        with self._lock(domain_id):
+            record = self._record(domain_id)
             if not self._check(record, Action.START):
-                return self.info(cmd.domain_id)
+                return
             self.claims.claim(record.spec)
             try:
-                self.driver.spawn(record.spec, paused=cmd.paused)
+                self.driver.spawn(record.spec, paused=paused)
             except DriverError as exc:
-                self.claims.release(cmd.domain_id)
+                self.claims.release(domain_id)
                 raise ServiceError(exc.code, exc.message, {"host": self.host}) from None
-            return self.info(cmd.domain_id)
 
     @handles(DestroyDomain)
     def destroy(self, cmd: DestroyDomain, _ctx: Context) -> DomainInfo:

@@ -27,9 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--state-dir", type=Path, help="where definitions and guests live")
     parser.add_argument("--amqp-url", help="broker URL")
     parser.add_argument("--driver", choices=["kvm", "fake"], help="hypervisor driver")
-    parser.add_argument("--cpu-allocation-ratio", type=float)
-    parser.add_argument("--ram-allocation-ratio", type=float)
-    parser.add_argument("--log-level", default=None)
+    parser.add_argument("--cpu-allocation-ratio", type=float, help="vCPU overcommit (4.0)")
+    parser.add_argument("--ram-allocation-ratio", type=float, help="RAM overcommit (1.0)")
+    parser.add_argument("--reserved-host-memory-mib", type=int, help="RAM kept for the host (512)")
+    parser.add_argument("--heartbeat-interval-s", type=float, help="heartbeat period (2.0)")
+    parser.add_argument("--log-level", default=None, help="debug, info, warning (info)")
     return parser
 
 
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         driver=args.driver,
         cpu_allocation_ratio=args.cpu_allocation_ratio,
         ram_allocation_ratio=args.ram_allocation_ratio,
+        reserved_host_memory_mib=args.reserved_host_memory_mib,
+        heartbeat_interval_s=args.heartbeat_interval_s,
     )
     node = ComputeNode(config).start()
     try:

@@ -105,11 +105,13 @@ class ComputeNode:
             log.info("adopted", domain_id=str(record.id), state=runtime.state.value)
 
     def autostart(self) -> None:
+        """Start the shut-off domains marked autostart, as a `start` command would (same
+        lock, transition check and capacity claim); one that cannot start is logged."""
         for record in self.store.all():
             if record.spec.autostart and record.state is PowerState.SHUTOFF:
                 try:
-                    self.lifecycle.driver.spawn(record.spec)
-                    self.claims.hold(record.spec)
+                    self.lifecycle.start_domain(record.id)
+                    log.info("autostarted", domain_id=str(record.id), name=record.spec.name)
                 except Exception as exc:
                     log.warning("autostart failed", domain_id=str(record.id), error=str(exc))
 

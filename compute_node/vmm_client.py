@@ -18,6 +18,7 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 from types import TracebackType
 from typing import Any, NamedTuple, TypedDict, cast
@@ -58,6 +59,7 @@ _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # n
 
 _children: dict[int, subprocess.Popen[bytes]] = {}
 _exited: dict[int, int] = {}
+_reap_lock = threading.Lock()  # _children and _exited change together
 
 
 class VmmClientError(Exception):
@@ -333,6 +335,7 @@ def spawn(
     (its `failed` record, its exit status and log, or the timeout; then it is killed).
     """
     domain_dir = os.path.abspath(os.fspath(domain_dir))  # noqa: PTH100
+    _collect_ended()
     before = _journal_tail(domain_dir)
     log = os.path.join(domain_dir, PROCESS_LOG)  # noqa: PTH118
     with open(log, "ab") as log_file:  # noqa: PTH123
@@ -362,7 +365,8 @@ def spawn(
             if records:
                 # It came up and its guest already ended (e.g. powered off at once): the
                 # journal says how; the exit status stays available to reap().
-                _exited[pid] = status
+                with _reap_lock:
+                    _exited[pid] = status
                 return pid
             raise VmmSpawnError(
                 f"the VMM exited with status {status} before it was ready: "
@@ -378,19 +382,31 @@ def spawn(
         delay = min(delay * 2, 0.005)
 
 
+def _collect_ended() -> None:
+    """Reap children that ended without anyone waiting long enough for them (a watcher's
+    `wait_exit` that timed out), keeping their status for `reap()`: no zombies pile up."""
+    with _reap_lock:
+        for pid, proc in list(_children.items()):
+            status = proc.poll()
+            if status is not None:
+                del _children[pid]
+                _exited[pid] = status
+
+
 def reap(pid: int) -> int | None:
     """The exit status of our child `pid` once it has ended (reaping it), else None.
 
     Negative: killed by that signal. Raises ChildProcessError if it is not our child.
     """
-    if pid in _exited:
-        return _exited.pop(pid)
-    proc = _children.get(pid)
-    if proc is not None:
-        status = proc.poll()
-        if status is not None:
-            del _children[pid]
-        return status
+    with _reap_lock:
+        if pid in _exited:
+            return _exited.pop(pid)
+        proc = _children.get(pid)
+        if proc is not None:
+            status = proc.poll()
+            if status is not None:
+                del _children[pid]
+            return status
     done, wait_status = os.waitpid(pid, os.WNOHANG)
     if done == 0:
         return None
@@ -400,16 +416,37 @@ def reap(pid: int) -> int | None:
 def wait_exit(pid: int, timeout: float) -> int | None:
     """Waits up to `timeout` s for our child `pid` to end; its exit status or None."""
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            status = reap(pid)
-        except ChildProcessError:
-            return None
-        if status is not None:
-            return status
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(0.005)
+    pidfd: int | None = None
+    try:
+        while True:
+            try:
+                status = reap(pid)
+            except ChildProcessError:
+                return None
+            if status is not None:
+                return status
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            if pidfd is None:
+                pidfd = _pidfd(pid)
+            if pidfd is None:
+                time.sleep(min(0.005, remaining))
+            else:
+                # Readable once the process has ended: no polling delay after a destroy.
+                select.select([pidfd], [], [], remaining)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _pidfd(pid: int) -> int | None:
+    """A pidfd for our unreaped child `pid` (it cannot be recycled while unreaped), or None
+    where the kernel has none (before 5.3): then wait_exit polls."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 def _kill(pid: int) -> None:
