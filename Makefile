@@ -1,4 +1,4 @@
-# The two commands README promises on a fresh Debian machine.
+# The two commands README promises on a fresh Debian machine (make demo, make test).
 .PHONY: demo test lint install
 
 install:
@@ -12,8 +12,26 @@ lint: install
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
 
-# Boots the test guest on the native runtime with its console here; grows into the all-in-one
-# control-plane demo as the compute node and API land.
+# The all-in-one demo: `flotilla up` in the background (private broker, API, scheduler, one
+# compute node, in a temp state dir on a free port), then, through the API with `flotilla`: the
+# host, a live SSE event stream, the test guest created and booted, its console, a few actions,
+# delete; then `flotilla up` is stopped by its pid and everything it started ends with it.
 demo: install
-	.venv/bin/python -m native.run --kernel "$$(.venv/bin/python -m native.testguest)" \
-		--vcpus 2 --memory 128 --cmdline "ready smp memtest=8 poweroff"
+	@set -e; PATH="$(CURDIR)/.venv/bin:$$PATH"; \
+	state=$$(mktemp -d /tmp/flotilla-demo.XXXXXX); F="flotilla --state-dir $$state"; \
+	flotilla up --state-dir "$$state" --listen 127.0.0.1:0 >"$$state/up.log" 2>&1 & up=$$!; \
+	trap 'kill -TERM $$up 2>/dev/null; wait $$up; tail -n 2 "$$state/up.log"; rm -rf "$$state"' EXIT; \
+	while [ ! -s "$$state/cli.json" ]; do \
+		kill -0 $$up 2>/dev/null || { cat "$$state/up.log"; exit 1; }; sleep 0.2; done; \
+	echo "== flotilla up"; sed -n '/^Flotilla is up/,$$p' "$$state/up.log"; \
+	echo "== flotilla hosts"; $$F hosts; \
+	echo "== flotilla events --follow (in the background: the API's SSE stream)"; \
+	$$F events --follow & ev=$$!; sleep 0.5; \
+	echo "== flotilla create demo (the test guest, 2 vCPUs, 128 MiB)"; \
+	$$F create --name demo --vcpus 2 --memory 128 \
+		--kernel "$$(python -m native.testguest)" --cmdline "ready smp memtest=8"; \
+	echo "== flotilla console demo"; $$F console demo; \
+	echo "== flotilla suspend / resume / reboot / shutdown / delete"; \
+	$$F suspend demo; $$F resume demo; $$F reboot demo; $$F shutdown demo; $$F delete demo; \
+	sleep 1; kill $$ev; wait $$ev 2>/dev/null || true; \
+	echo "== stopping flotilla up"

@@ -26,7 +26,7 @@ def event_line(ev: SseEvent) -> str:
         when,
         kind.ljust(18),
         str(body.get("name") or body.get("domain_id") or "-"),
-        str(body.get("state") or data.get("state") or "-"),
+        str(body.get("state") or data.get("state") or "-").ljust(8),
         f"seq={body.get('seq', data.get('seq', '-'))}",
         f"host={body.get('host', data.get('host', '-'))}",
     ]
