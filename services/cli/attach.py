@@ -1,7 +1,9 @@
 """`flotilla console --follow`: the guest's serial console over the API's WebSocket.
 
-Interactive on a terminal (raw mode, keys go to the guest, Ctrl-] detaches, as in virsh);
-otherwise read-only, printing output until the guest's console closes or Ctrl-C.
+Interactive on a terminal (raw mode, keys go to the guest, Ctrl-] detaches, as in virsh).
+Off a terminal, standard input is sent as it comes (`printf 'ls\r' | flotilla console web
+--follow`) and output is printed until the console closes or Ctrl-C; `--read-only` sends
+nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ DETACH = b"\x1d"  # Ctrl-]
 def ws_url(base_url: str, domain_id: str) -> str:
     scheme, _, rest = base_url.partition("://")
     ws_scheme = "wss" if scheme == "https" else "ws"
-    return f"{ws_scheme}://{rest}/v1/domains/{domain_id}/console/ws"
+    return f"{ws_scheme}://{rest}/v1/domains/{domain_id}/console/attach"
 
 
 def _pump_output(ws: ClientConnection, stop: threading.Event) -> None:
@@ -43,7 +45,8 @@ def _pump_output(ws: ClientConnection, stop: threading.Event) -> None:
         stop.set()
 
 
-def attach(s: Session, d: dict[str, Any], *, interactive: bool) -> int:
+def attach(s: Session, d: dict[str, Any], *, read_only: bool) -> int:
+    interactive = sys.stdin.isatty() and not read_only
     headers = {}
     auth = s.api.http.headers.get("Authorization")
     if auth:
@@ -52,10 +55,15 @@ def attach(s: Session, d: dict[str, Any], *, interactive: bool) -> int:
     try:
         ws = connect(url, additional_headers=headers, open_timeout=10, max_size=None)
     except InvalidStatus as exc:
+        # The API closes a refused console socket before accepting it, which reaches us as a
+        # bare 403 whatever the reason; the domain was visible to this token a moment ago, so
+        # the usual cause is the host (no console relay, or unreachable): the API log says.
         status = exc.response.status_code
-        code = {401: Exit.DENIED, 403: Exit.DENIED, 404: Exit.NOT_FOUND, 409: Exit.CONFLICT}
+        code = {401: Exit.DENIED, 404: Exit.NOT_FOUND, 409: Exit.CONFLICT}
         raise CliError(
-            f"console of {d.get('name')}: HTTP {status}", code.get(status, Exit.ERROR)
+            f"the API refused to attach the console of {d.get('name')} (HTTP {status}; "
+            "its log says why)",
+            code.get(status, Exit.UNAVAILABLE),
         ) from None
     except OSError as exc:
         raise CliError(f"cannot reach {url}: {exc}", Exit.UNAVAILABLE) from None
@@ -68,6 +76,9 @@ def attach(s: Session, d: dict[str, Any], *, interactive: bool) -> int:
         try:
             if interactive:
                 _keys_to_guest(ws, stop)
+            elif not read_only:
+                _stdin_to_guest(ws, stop)
+                stop.wait()
             else:
                 stop.wait()
         except KeyboardInterrupt:
@@ -96,3 +107,15 @@ def _keys_to_guest(ws: ClientConnection, stop: threading.Event) -> None:
                 ws.send(data)
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _stdin_to_guest(ws: ClientConnection, stop: threading.Event) -> None:
+    fd = sys.stdin.fileno()
+    while not stop.is_set():
+        data = os.read(fd, 4096)
+        if not data:
+            return
+        try:
+            ws.send(data)
+        except ConnectionClosed:
+            return

@@ -294,7 +294,7 @@ def cmd_console(s: Session, args: argparse.Namespace) -> int:
     if args.follow:
         from services.cli.attach import attach  # noqa: PLC0415  (websockets only here)
 
-        return attach(s, d, interactive=sys.stdin.isatty() and not args.read_only)
+        return attach(s, d, read_only=args.read_only)
     answer = s.api.console(d["id"], max_bytes=args.bytes)
     if s.json:
         emit_json(answer)
