@@ -10,6 +10,7 @@
 | ram_allocation_ratio | FLOTILLA_RAM_ALLOCATION_RATIO | 1.0 |
 | reserved_host_memory_mib | FLOTILLA_RESERVED_HOST_MEMORY_MIB | 512 |
 | heartbeat_interval_s | FLOTILLA_HEARTBEAT_INTERVAL_S | 2.0 |
+| console_listen | FLOTILLA_CONSOLE_LISTEN | 127.0.0.1 (the console relay's address) |
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class ComputeConfig(BaseModel):
     ram_allocation_ratio: float = Field(default=1.0, gt=0)
     reserved_host_memory_mib: int = Field(default=512, ge=0)
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    # Where the console relay listens (the API connects here for interactive consoles).
+    console_listen: str = "127.0.0.1"
     # The fake driver's pretend host (ignored by the KVM driver, which measures the real one).
     fake_vcpus: int = Field(default=16, ge=1)
     fake_memory_mib: int = Field(default=65536, ge=64)

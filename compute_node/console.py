@@ -86,14 +86,15 @@ class ConsoleRelay:
             conn.settimeout(5.0)
             line = b""
             try:
-                while not line.endswith(b"\n") and len(line) <= MAX_TICKET_LINE:
-                    chunk = conn.recv(MAX_TICKET_LINE + 1 - len(line))
+                while b"\n" not in line and len(line) <= MAX_TICKET_LINE:
+                    chunk = conn.recv(CHUNK)
                     if not chunk:
                         return
                     line += chunk
             except OSError:
                 return
-            domain_id = self._redeem(line.strip().decode("ascii", "replace"))
+            ticket, newline, early = line.partition(b"\n")
+            domain_id = self._redeem(ticket.strip().decode("ascii", "replace")) if newline else None
             if domain_id is None:
                 log.warning("console relay: bad or expired ticket")
                 return
@@ -104,6 +105,8 @@ class ConsoleRelay:
                     "console relay: attach failed", domain_id=str(domain_id), error=str(exc)
                 )
                 return
+            if early:  # keystrokes sent right behind the ticket
+                vmm.sendall(early)
             conn.settimeout(None)
             with vmm:
                 _pump(conn, vmm)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import structlog
 
+from compute_node.console import ConsoleHandlers
 from compute_node.driver import (
     DomainNotRunning,
     Driver,
@@ -48,7 +49,7 @@ from services.bus import Context, Service, ServiceError, handles
 log = structlog.get_logger("flotilla.compute")
 
 
-class Lifecycle(Service):
+class Lifecycle(ConsoleHandlers, Service):
     name = "compute"
 
     def __init__(self, host: str, store: Store, driver: Driver, claims: Claims) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import structlog
 
 from compute_node.config import ComputeConfig
+from compute_node.console import ConsoleRelay
 from compute_node.driver import Driver, GuestEvent, GuestEventKind
 from compute_node.heartbeat import Heartbeat
 from compute_node.lifecycle import Lifecycle
@@ -70,6 +71,11 @@ class ComputeNode:
             interval_s=config.heartbeat_interval_s,
         )
         self.heartbeat.enabled = lambda: self.lifecycle.enabled
+        # Interactive consoles need a VMM's attach socket: only the KVM driver has them.
+        self.relay: ConsoleRelay | None = None
+        if config.driver == "kvm" and driver is None:
+            self.relay = ConsoleRelay(config.state_dir / "domains", config.console_listen)
+            self.lifecycle.relay = self.relay
 
     def start(self, timeout: float = 30.0) -> ComputeNode:
         """Adopt what runs, publish what is pending, then serve commands. Returns once the
@@ -79,6 +85,8 @@ class ComputeNode:
         self.bus.start(timeout)
         self.runner.start()
         self.heartbeat.start()
+        if self.relay is not None:
+            self.relay.start()
         self.autostart()
         log.info("compute node serving", host=self.config.host, queue=self.queue)
         return self
@@ -116,6 +124,8 @@ class ComputeNode:
                     log.warning("autostart failed", domain_id=str(record.id), error=str(exc))
 
     def stop(self) -> None:
+        if self.relay is not None:
+            self.relay.stop()
         self.heartbeat.stop()
         self.runner.stop()
         self.outbox.stop()

@@ -452,3 +452,37 @@ def test_adopted_vmms_are_watched_without_being_the_workers_children(
     ]
     assert_rising(events.of(a.uuid))
     # Exact (above): a redelivery after the kill -9 has its same message id and is dropped.
+
+
+def test_console_relay_attaches_with_a_one_time_ticket(
+    node: tuple[ComputeProcess, Bus, EventLog], guest: Path
+) -> None:
+    import socket
+
+    from protos.commands import OpenConsole
+    from protos.replies import ConsoleTicket
+
+    compute, bus, _ = node
+    s = spec(guest, "ready echo")
+    call(bus, compute.queue, DefineDomain(spec=s))
+    call(bus, compute.queue, StartDomain(domain_id=s.uuid))
+    wait_console(bus, compute.queue, s.uuid, "READY")
+    ticket = bus.call(compute.queue, OpenConsole(domain_id=s.uuid), timeout=10)
+    assert isinstance(ticket, ConsoleTicket)
+    with socket.create_connection((ticket.address, ticket.port), timeout=10) as conn:
+        conn.sendall(ticket.ticket.encode() + b"\n")
+        conn.sendall(b"hello relay\r")
+        seen = b""
+        deadline = time.monotonic() + 10
+        while b"hello relay" not in seen and time.monotonic() < deadline:
+            seen += conn.recv(4096)
+        assert b"hello relay" in seen
+    # A ticket is good once; a wrong one gets the door shut.
+    for bad in (ticket.ticket, "0" * 64):
+        with socket.create_connection((ticket.address, ticket.port), timeout=10) as conn:
+            conn.sendall(bad.encode() + b"\n")
+            assert conn.recv(100) == b""
+    call(bus, compute.queue, DestroyDomain(domain_id=s.uuid))
+    with pytest.raises(RemoteError) as err:
+        bus.call(compute.queue, OpenConsole(domain_id=s.uuid), timeout=10)
+    assert err.value.code == "conflict"
