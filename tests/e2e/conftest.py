@@ -40,7 +40,9 @@ def kill_guests(state_dir: Path) -> None:
             pass
 
 
-@pytest.fixture(scope="session")
+# Package scope: the stack's scheduler and API consume shared queues (`scheduler`,
+# `api.events`) on the session's broker, so it must be gone before tests/integration runs.
+@pytest.fixture(scope="package")
 def e2e(broker: BrokerHandle) -> Iterator[E2E]:
     reason = native.kvm_unavailable_reason()
     if reason is not None:

@@ -1,0 +1,70 @@
+"""`flotilla up` as a user runs it: ready, its token and URL written for the CLI, and on
+SIGTERM every guest deleted and every child process gone."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+
+from services.broker import _alive
+from services.broker import available as broker_available
+from tests.e2e.harness import E2E, ok, wait_console
+
+
+def test_flotilla_up_serves_then_stops_cleanly_deleting_guests(e2e: E2E, tmp_path: Path) -> None:
+    # Its own private broker node, as on a fresh machine: on the session's broker its
+    # scheduler and API would compete with the other stack's for the same queues.
+    assert broker_available(), "flotilla up needs rabbitmq-server: apt-get install rabbitmq-server"
+    host = f"up-{uuid.uuid4().hex[:6]}"
+    env = {k: v for k, v in os.environ.items() if k != "FLOTILLA_AMQP_URL"}
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "services.cli.main", "up", "--json",
+            "--state-dir", str(tmp_path), "--listen", "127.0.0.1:0", "--host", host,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        up = json.loads(line)
+        assert up["hosts"] == [host]
+        saved = json.loads((tmp_path / "cli.json").read_text())
+        assert saved["api_url"] == up["api_url"]
+        assert saved["token"] == up["token"]
+        assert (tmp_path / "cli.json").stat().st_mode & 0o077 == 0
+        with httpx.Client(
+            base_url=up["api_url"], headers={"Authorization": f"Bearer {up['token']}"}
+        ) as c:
+            assert c.get("/healthz").status_code == 200
+            d = ok(c.post("/v1/domains", json=e2e.spec()), 201)
+            assert d["host"] == host
+            wait_console(c, d["id"], "READY")
+        vmm_pids = [int(p.read_text()) for p in tmp_path.glob(f"compute/{host}/domains/*/vmm.pid")]
+        assert vmm_pids
+        # The CLI finds the stack through the state dir alone.
+        listed = subprocess.run(
+            [sys.executable, "-m", "services.cli.main", "--state-dir", str(tmp_path), "list"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={k: v for k, v in os.environ.items() if not k.startswith("FLOTILLA_")},
+        )
+        assert d["name"] in listed.stdout
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(60) == 0
+    for pid in [*up["pids"].values(), *vmm_pids]:
+        assert not _alive(pid), pid
+    assert not (tmp_path / "cli.json").exists()
