@@ -15,7 +15,6 @@ import queue as queue_mod
 import threading
 import uuid
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Protocol, TypeVar
 
@@ -28,6 +27,7 @@ from protos.base import Message
 from protos.codec import CONTENT_TYPE, DecodeError, Envelope, decode, envelope_for, pack, parse_body
 from protos.commands import Command
 from protos.replies import ErrorReply
+from services.bus.confirm import Confirmation
 from services.bus.errors import ConnectionLost, RemoteError, RpcTimeout
 from services.bus.link import Consumer, Delivery, Link
 from services.bus.rpc import RpcClient
@@ -107,7 +107,7 @@ class Bus:
         reply_to: str | None = None,
         headers: dict[str, Any] | None = None,
         persistent: bool = True,
-    ) -> Future[None]:
+    ) -> Confirmation:
         props = properties_for(envelope, persistent=persistent, reply_to=reply_to, headers=headers)
         return self.link.publish(exchange, routing_key, pack(envelope), props, mandatory=mandatory)
 
@@ -147,7 +147,7 @@ class Bus:
 
     def publish_event_async(
         self, event: Message, *, causation_id: str | None = None, message_id: str | None = None
-    ) -> tuple[Future[None], str]:
+    ) -> tuple[Confirmation, str]:
         """Publish an event without waiting; return the confirm Future and the message id."""
         routing_key = _routing_key(event)
         envelope = envelope_for(
@@ -272,7 +272,7 @@ class Subscription:
                 pass
 
 
-def _wait(future: Future[None], timeout: float) -> None:
+def _wait(future: Confirmation, timeout: float) -> None:
     try:
         future.result(timeout)
     except FutureTimeout:

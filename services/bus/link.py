@@ -29,6 +29,7 @@ import pika.frame
 import pika.spec
 import structlog
 
+from services.bus.confirm import Confirmation
 from services.bus.errors import ConnectionLost, NoRouteError, PublishNacked
 from services.bus.topology import QueueDecl, declare
 
@@ -92,7 +93,7 @@ class Link:
         self._plain: pika.channel.Channel | None = None
         self._generation = 0
         self._next_tag = 1
-        self._unconfirmed: dict[int, tuple[Future[None], str, str, str | None]] = {}
+        self._unconfirmed: dict[int, tuple[Confirmation, str, str, str | None]] = {}
         self._returned: set[str] = set()
         self._consumers: list[Consumer] = []
         self._starting_consumers = 0
@@ -136,14 +137,14 @@ class Link:
         properties: pika.spec.BasicProperties,
         *,
         mandatory: bool = False,
-    ) -> Future[None]:
+    ) -> Confirmation:
         """Publish on the confirm channel; the Future settles on the broker's confirm.
 
         The Future raises NoRouteError (mandatory and unroutable), PublishNacked or
         ConnectionLost. While disconnected, the publish waits for the next connection; a
         caller that stops waiting should `cancel()` the Future so it is not sent later.
         """
-        future: Future[None] = Future()
+        future = Confirmation()
 
         def op() -> None:
             if not future.set_running_or_notify_cancel():
@@ -166,11 +167,11 @@ class Link:
         routing_key: str,
         body: bytes,
         properties: pika.spec.BasicProperties,
-    ) -> Future[None]:
+    ) -> Confirmation:
         """Publish on a channel without publisher confirms (RPC replies: a direct reply-to
         pseudo-queue, which confirms cannot make any safer, and which a confirm channel
         would delay). The Future settles once the frame is handed to the socket."""
-        future: Future[None] = Future()
+        future = Confirmation()
 
         def op() -> None:
             if not future.set_running_or_notify_cancel():
