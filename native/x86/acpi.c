@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <string.h>
 
+#include "../le.h"
 #include "../vmm.h"
 #include "layout.h"
 
@@ -22,24 +23,6 @@ struct table_writer {
 	uint64_t size;
 	uint64_t next; /* offset of the next free byte */
 };
-
-static void put16(uint8_t *p, uint16_t v)
-{
-	p[0] = (uint8_t)v;
-	p[1] = (uint8_t)(v >> 8);
-}
-
-static void put32(uint8_t *p, uint32_t v)
-{
-	for (int i = 0; i < 4; i++)
-		p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static void put64(uint8_t *p, uint64_t v)
-{
-	for (int i = 0; i < 8; i++)
-		p[i] = (uint8_t)(v >> (8 * i));
-}
 
 static uint8_t checksum(const uint8_t *p, uint64_t n)
 {
