@@ -197,8 +197,13 @@ class ClusterState:
             self._place(domain_id, host, self.domain_group.get(domain_id))
 
     def on_domain_undefined(self, domain_id: uuid.UUID, host: str) -> None:
-        """Forget the domain, unless it lives elsewhere now (a refusing host's clean-up)."""
+        """Forget the domain, unless it lives elsewhere now (a refusing host's clean-up).
+        Its claim on that host goes too: the host no longer holds anything for it, and
+        waiting for a heartbeat to say so would refuse the next requests meanwhile."""
         with self.lock:
+            claim = self.claims.get(domain_id)
+            if claim is not None and claim.host == host and claim.settles_at is not None:
+                self._drop_claim(domain_id)
             if self.domain_host.get(domain_id) == host:
                 self._forget(domain_id)
 

@@ -198,6 +198,19 @@ def test_a_settled_claim_lasts_until_a_heartbeat_sent_after_it() -> None:
     assert state.claims == {}
 
 
+def test_a_deleted_domain_frees_its_claim_before_the_next_heartbeat() -> None:
+    state = ClusterState()
+    state.on_heartbeat(beat("a", memory_mib=1024), sent_at=time.time(), now=time.monotonic())
+    placer = Placer(state, build_filters(SchedulerConfig(replica="t")), [], top_n=1)
+    decision = placer.decide(request(memory_mib=1000), replica="t")
+    assert isinstance(decision, Decision)
+    state.settle(decision.claim.domain_id, settles_at=time.time())
+    assert isinstance(placer.decide(request(memory_mib=1000), replica="t"), NoValidHost)
+    state.on_domain_undefined(decision.claim.domain_id, "a")
+    assert state.claims == {}
+    assert isinstance(placer.decide(request(memory_mib=1000), replica="t"), Decision)
+
+
 def test_a_settled_claim_ends_after_three_heartbeats_whatever_the_clocks() -> None:
     state = ClusterState()
     state.on_heartbeat(beat("a", memory_mib=1024), sent_at=0.0, now=time.monotonic())
