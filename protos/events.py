@@ -15,7 +15,6 @@ from pydantic import Field
 
 from protos.base import Message
 from protos.domain import PowerState
-from protos.routing import event_key
 
 
 class DefinedDetail(StrEnum):
@@ -75,7 +74,8 @@ class DomainEvent(Message):
     reason: str = ""
 
     def routing_key(self) -> str:
-        return event_key("domain", self.EVENT, str(self.domain_id))
+        # A UUID and a class constant need no re-validation on this hot path.
+        return f"domain.{self.EVENT}.{self.domain_id}"
 
 
 class DomainDefined(DomainEvent):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from functools import partial
 
 import pika
 import pika.adapters.blocking_connection
@@ -130,14 +131,22 @@ class RpcClient:
             ch.calls += 1
             try:
                 ch.channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
-                while cid not in ch.replies:
-                    if cid in ch.returned:
-                        ch.returned.discard(cid)
-                        raise NoRouteError(exchange, routing_key)
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise RpcTimeout(f"no reply from {routing_key!r} within {timeout:g} s")
-                    ch.connection.process_data_events(time_limit=min(remaining, 1.0))
+                # One timer for the whole wait: process_data_events with a time limit sets up
+                # and tears down a timer on every turn, which costs more than the round trip's
+                # own processing. The timer firing is an event, so the wait below returns.
+                expired: list[bool] = []
+                remaining = max(deadline - time.monotonic(), 0.0)
+                timer = ch.connection.call_later(remaining, partial(expired.append, True))
+                try:
+                    while cid not in ch.replies:
+                        if cid in ch.returned:
+                            ch.returned.discard(cid)
+                            raise NoRouteError(exchange, routing_key)
+                        if expired:
+                            raise RpcTimeout(f"no reply from {routing_key!r} within {timeout:g} s")
+                        ch.connection.process_data_events(time_limit=None)
+                finally:
+                    ch.connection.remove_timeout(timer)
                 return ch.replies.pop(cid)
             except _LOST as exc:
                 self._forget(ch)

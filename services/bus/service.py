@@ -259,6 +259,9 @@ class ServiceRunner:
         self._consumers: list[tuple[Consumer, queue_mod.SimpleQueue[Delivery | None]]] = []
         self._workers: list[threading.Thread] = []
         self._stopped = threading.Event()
+        # Command workers' connections and channels, for stop() to end their consuming.
+        self._consuming: list[tuple[pika.BlockingConnection, BlockingChannel]] = []
+        self._consuming_lock = threading.Lock()
 
     def start(self) -> ServiceRunner:
         if self._commands:
@@ -329,12 +332,18 @@ class ServiceRunner:
                         connected.wait(0)
                     except threading.BrokenBarrierError:
                         pass
-                while not self._stopped.is_set():
-                    connection.process_data_events(time_limit=0.5)
+                with self._consuming_lock:
+                    self._consuming.append((connection, channel))
+                if not self._stopped.is_set():
+                    # Blocks in the I/O wait with no per-message timer; stop() ends it from
+                    # another thread through add_callback_threadsafe.
+                    channel.start_consuming()
             except pika.exceptions.AMQPError as exc:
                 log.warning("command consumer lost its connection", error=str(exc))
                 self._stopped.wait(backoff)
             finally:
+                with self._consuming_lock:
+                    self._consuming = [c for c in self._consuming if c[0] is not connection]
                 try:
                     if connection.is_open:
                         connection.close()
@@ -374,6 +383,13 @@ class ServiceRunner:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        with self._consuming_lock:
+            consuming = list(self._consuming)
+        for connection, channel in consuming:
+            try:
+                connection.add_callback_threadsafe(channel.stop_consuming)
+            except Exception:  # that connection is already gone
+                log.debug("command consumer already stopped")
         for consumer, _ in self._consumers:
             try:
                 self.bus.link.remove_consumer(consumer).result(timeout)
