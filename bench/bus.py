@@ -2,13 +2,13 @@
 
     python bench/bus.py            # private rabbitmq-server node, or FLOTILLA_AMQP_URL
 
-RPC round trip (2000 calls, p50/p99), the server in a process of its own as in a deployment:
-raw pika BlockingConnection + direct reply-to against a raw echo server, doing the same AMQP
-work ours does (persistent, mandatory, to a durable quorum queue), versus `Bus.call` to a
-`ServiceRunner`. Confirmed publishing (20,000 messages of ~256 bytes, 1000 in flight, to a
-quorum queue): raw pika SelectConnection with async confirms and the same AMQP properties ours
-set, versus `Bus.publish_event_async`. Each figure is the median of 3 rounds. Ends with one
-JSON line per figure.
+RPC round trip (1,000 calls a round, p50/p99), the server in a process of its own as in a
+deployment: raw pika BlockingConnection + direct reply-to against a raw echo server, doing the
+same AMQP work ours does (persistent, mandatory, to a durable quorum queue), versus `Bus.call`
+to a `ServiceRunner`. Confirmed publishing (20,000 messages of ~256 bytes, 1000 in flight, to
+a quorum queue): raw pika SelectConnection with async confirms and the same AMQP properties
+ours set, versus `Bus.publish_event_async`. Each figure is the median of 5 interleaved rounds.
+Ends with one JSON line per figure.
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ from services.broker import PrivateBroker
 from services.bus import Bus, Context, Service, ServiceRunner, handles
 from services.bus.topology import QueueDecl
 
-RPC_CALLS = 2000
+RPC_CALLS = 1000
 PUBLISH_COUNT = 20_000
 IN_FLIGHT = 1000
-ROUNDS = 3
+ROUNDS = 5
 PAYLOAD = b"x" * 256
 
 
