@@ -10,7 +10,8 @@
 | ram_allocation_ratio | FLOTILLA_RAM_ALLOCATION_RATIO | 1.0 |
 | reserved_host_memory_mib | FLOTILLA_RESERVED_HOST_MEMORY_MIB | 512 |
 | heartbeat_interval_s | FLOTILLA_HEARTBEAT_INTERVAL_S | 2.0 |
-| console_listen | FLOTILLA_CONSOLE_LISTEN | 127.0.0.1 (the console relay's address) |
+| console_listen | FLOTILLA_CONSOLE_LISTEN | 127.0.0.1 (where the console relay listens) |
+| console_advertise | FLOTILLA_CONSOLE_ADVERTISE | the bound address (FQDN for 0.0.0.0) |
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ class ComputeConfig(BaseModel):
     ram_allocation_ratio: float = Field(default=1.0, gt=0)
     reserved_host_memory_mib: int = Field(default=512, ge=0)
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
-    # Where the console relay listens (the API connects here for interactive consoles).
+    # Where the console relay listens (the API connects here for interactive consoles), and
+    # the address tickets name (default: the bound address, or the FQDN for a wildcard).
     console_listen: str = "127.0.0.1"
+    console_advertise: str = ""
     # The fake driver's pretend host (ignored by the KVM driver, which measures the real one).
     fake_vcpus: int = Field(default=16, ge=1)
     fake_memory_mib: int = Field(default=65536, ge=64)

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -22,12 +23,14 @@ import structlog
 from compute_node import vmm_client
 from protos.commands import OpenConsole
 from protos.domain import PowerState
-from protos.replies import ConsoleTicket
+from protos.replies import ConsoleTicket, DomainInfo
 from services.bus import Context, ServiceError, handles
 
 log = structlog.get_logger("flotilla.compute.console")
 
 TICKET_TTL_S = 30.0
+TICKET_READ_S = 5.0  # the whole ticket line, not each recv
+MAX_SESSIONS = 64
 MAX_TICKET_LINE = 128
 CHUNK = 65536
 
@@ -35,13 +38,23 @@ CHUNK = 65536
 class ConsoleRelay:
     """The listening socket, its tickets and one pump thread per attached session."""
 
-    def __init__(self, domains_dir: Path, listen_host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        domains_dir: Path,
+        listen_host: str = "127.0.0.1",
+        port: int = 0,
+        advertise: str | None = None,
+    ) -> None:
         self.domains_dir = domains_dir
         self._listener = socket.create_server((listen_host, port))
-        self.address, self.port = self._listener.getsockname()[:2]
+        bound, self.port = self._listener.getsockname()[:2]
+        # What callers on other hosts connect to: a wildcard bind is no address to give out.
+        self.address = advertise or (socket.getfqdn() if bound in ("0.0.0.0", "::") else bound)
         self._tickets: dict[str, tuple[uuid.UUID, float]] = {}
         self._lock = threading.Lock()
         self._stopping = False
+        self._slots = threading.BoundedSemaphore(MAX_SESSIONS)
+        self._sessions: set[socket.socket] = set()
         self._thread = threading.Thread(target=self._accept, name="console-relay", daemon=True)
 
     def start(self) -> ConsoleRelay:
@@ -50,11 +63,16 @@ class ConsoleRelay:
 
     def stop(self) -> None:
         self._stopping = True
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        for sock in [self._listener, *self._live()]:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self._listener.close()
+
+    def _live(self) -> list[socket.socket]:
+        with self._lock:
+            return list(self._sessions)
 
     def issue(self, domain_id: uuid.UUID) -> str:
         ticket = secrets.token_hex(32)
@@ -79,14 +97,27 @@ class ConsoleRelay:
                 conn, _ = self._listener.accept()
             except OSError:
                 return
+            if not self._slots.acquire(blocking=False):
+                conn.close()  # full: a flood of idle connections must not pile up threads
+                continue
             threading.Thread(target=self._session, args=(conn,), daemon=True).start()
 
     def _session(self, conn: socket.socket) -> None:
+        try:
+            self._serve(conn)
+        finally:
+            self._slots.release()
+
+    def _serve(self, conn: socket.socket) -> None:
         with conn:
-            conn.settimeout(5.0)
             line = b""
+            deadline = time.monotonic() + TICKET_READ_S
             try:
                 while b"\n" not in line and len(line) <= MAX_TICKET_LINE:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    conn.settimeout(left)
                     chunk = conn.recv(CHUNK)
                     if not chunk:
                         return
@@ -105,11 +136,19 @@ class ConsoleRelay:
                     "console relay: attach failed", domain_id=str(domain_id), error=str(exc)
                 )
                 return
-            if early:  # keystrokes sent right behind the ticket
-                vmm.sendall(early)
-            conn.settimeout(None)
             with vmm:
-                _pump(conn, vmm)
+                conn.settimeout(None)
+                with self._lock:
+                    self._sessions.update((conn, vmm))
+                try:
+                    if early:  # keystrokes sent right behind the ticket
+                        vmm.sendall(early)
+                    _pump(conn, vmm)
+                except OSError:
+                    pass
+                finally:
+                    with self._lock:
+                        self._sessions.difference_update((conn, vmm))
 
 
 def _pump(a: socket.socket, b: socket.socket) -> None:
@@ -131,13 +170,15 @@ def _pump(a: socket.socket, b: socket.socket) -> None:
 
 
 class ConsoleHandlers:
-    """The compute node's `OpenConsole` handler (mixed into its lifecycle service)."""
+    """The compute node's `OpenConsole` handler (mixed into its lifecycle service, which
+    provides `info`)."""
 
     relay: ConsoleRelay | None = None
+    info: Callable[[uuid.UUID], DomainInfo]  # the lifecycle service's
 
     @handles(OpenConsole)
     def open_console(self, cmd: OpenConsole, _ctx: Context) -> ConsoleTicket:
-        info = self.info(cmd.domain_id)  # type: ignore[attr-defined]
+        info = self.info(cmd.domain_id)
         if self.relay is None:
             raise ServiceError("unsupported", "this compute node has no console relay")
         if info.state in (PowerState.SHUTOFF, PowerState.NOSTATE):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -77,20 +78,33 @@ class _Watch:
         self._thread.start()
 
     def _run(self) -> None:
-        assert self._sub is not None
+        while True:
+            assert self._sub is not None
+            try:
+                while True:
+                    record = self._sub.next_record(None)
+                    if record is not None:
+                        self._deliver(record)
+            except vmm_client.VmmClientError:
+                pass  # EOF: the VMM exited or died, or cut off a subscriber that fell behind
+            except OSError:
+                pass  # closed by stop(): the worker is going away, the VMM stays
+            finally:
+                self._sub.close()
+            if self.closing:
+                return
+            if not self._resubscribe():
+                break
+        self.ended()
+
+    def _resubscribe(self) -> bool:
+        """After an EOF: if the VMM still answers, follow it again from the last record."""
         try:
-            while True:
-                record = self._sub.next_record(None)
-                if record is not None:
-                    self._deliver(record)
+            vmm_client.VmmClient(self.directory).status()
+            self._sub = vmm_client.VmmClient(self.directory).subscribe(self.delivered)
         except vmm_client.VmmClientError:
-            pass  # EOF: the VMM exited or died
-        except OSError:
-            pass  # closed by stop(): the worker is going away, the VMM stays
-        finally:
-            self._sub.close()
-        if not self.closing:
-            self.ended()
+            return False
+        return True
 
     def _deliver(self, record: JournalRecord) -> None:
         if record["n"] <= self.delivered:
@@ -267,8 +281,21 @@ class KvmDriver(Driver):
         except vmm_client.VmmClientError:
             until = sys.maxsize  # ended meanwhile: wait for the watch to see its end
         if not watch.wait_for(until):
+            # Not left running behind a failure the caller will act on (retry elsewhere).
+            self._kill(spec.uuid, pid, watch)
             raise DriverError("the VMM started but reported nothing in time", "spawn_failed")
         return self.get_info(spec.uuid)
+
+    def _kill(self, domain_id: uuid.UUID, pid: int, watch: _Watch) -> None:
+        try:
+            self._client(domain_id).destroy()
+        except vmm_client.VmmClientError:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        with watch.cond:
+            watch.cond.wait_for(lambda: watch.finished, RECORD_TIMEOUT_S)
 
     def adopt(self, domain_id: uuid.UUID, after_n: int) -> RuntimeInfo | None:
         directory = self.directory(domain_id)

@@ -181,6 +181,9 @@ class Lifecycle(ConsoleHandlers, Service):
             except DriverError as exc:
                 self.claims.release(domain_id)
                 raise ServiceError(exc.code, exc.message, {"host": self.host}) from None
+            except BaseException:
+                self.claims.release(domain_id)
+                raise
 
     @handles(DestroyDomain)
     def destroy(self, cmd: DestroyDomain, _ctx: Context) -> DomainInfo:

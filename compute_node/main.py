@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Settings come from --config (TOML, [compute] table), then FLOTILLA_* environment "
             "variables (FLOTILLA_HOST, FLOTILLA_STATE_DIR, FLOTILLA_AMQP_URL, FLOTILLA_DRIVER, "
             "FLOTILLA_CPU_ALLOCATION_RATIO, FLOTILLA_RAM_ALLOCATION_RATIO, "
-            "FLOTILLA_RESERVED_HOST_MEMORY_MIB, FLOTILLA_HEARTBEAT_INTERVAL_S), then flags."
+            "FLOTILLA_RESERVED_HOST_MEMORY_MIB, FLOTILLA_HEARTBEAT_INTERVAL_S, "
+            "FLOTILLA_CONSOLE_LISTEN, FLOTILLA_CONSOLE_ADVERTISE), then flags."
         ),
     )
     parser.add_argument("--config", type=Path, help="TOML file")
@@ -31,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ram-allocation-ratio", type=float, help="RAM overcommit (1.0)")
     parser.add_argument("--reserved-host-memory-mib", type=int, help="RAM kept for the host (512)")
     parser.add_argument("--heartbeat-interval-s", type=float, help="heartbeat period (2.0)")
+    parser.add_argument(
+        "--console-listen", help="console relay address; firewall its port (127.0.0.1)"
+    )
+    parser.add_argument("--console-advertise", help="address console tickets name")
     parser.add_argument("--log-level", default=None, help="debug, info, warning (info)")
     return parser
 
@@ -48,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         ram_allocation_ratio=args.ram_allocation_ratio,
         reserved_host_memory_mib=args.reserved_host_memory_mib,
         heartbeat_interval_s=args.heartbeat_interval_s,
+        console_listen=args.console_listen,
+        console_advertise=args.console_advertise,
     )
     node = ComputeNode(config).start()
     try:

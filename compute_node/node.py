@@ -74,7 +74,11 @@ class ComputeNode:
         # Interactive consoles need a VMM's attach socket: only the KVM driver has them.
         self.relay: ConsoleRelay | None = None
         if config.driver == "kvm" and driver is None:
-            self.relay = ConsoleRelay(config.state_dir / "domains", config.console_listen)
+            self.relay = ConsoleRelay(
+                config.state_dir / "domains",
+                config.console_listen,
+                advertise=config.console_advertise or None,
+            )
             self.lifecycle.relay = self.relay
 
     def start(self, timeout: float = 30.0) -> ComputeNode:

@@ -51,7 +51,7 @@ class SqliteIdempotencyStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # the record must outlive a power loss
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS replies (id TEXT PRIMARY KEY, reply BLOB, ts REAL)"
         )

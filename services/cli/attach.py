@@ -55,14 +55,12 @@ def attach(s: Session, d: dict[str, Any], *, read_only: bool) -> int:
     try:
         ws = connect(url, additional_headers=headers, open_timeout=10, max_size=None)
     except InvalidStatus as exc:
-        # The API closes a refused console socket before accepting it, which reaches us as a
-        # bare 403 whatever the reason; the domain was visible to this token a moment ago, so
-        # the usual cause is the host (no console relay, or unreachable): the API log says.
+        # The API answers a refused handshake with the HTTP status of its problem.
         status = exc.response.status_code
         code = {401: Exit.DENIED, 404: Exit.NOT_FOUND, 409: Exit.CONFLICT}
         raise CliError(
-            f"the API refused to attach the console of {d.get('name')} (HTTP {status}; "
-            "its log says why)",
+            f"the API refused to attach the console of {d.get('name')} (HTTP {status}): "
+            f"{exc.response.body.decode(errors='replace')[:200] if exc.response.body else ''}",
             code.get(status, Exit.UNAVAILABLE),
         ) from None
     except OSError as exc:

@@ -53,10 +53,14 @@ def test_keystrokes_reach_the_guest_and_its_echo_comes_back(
 def test_another_projects_token_cannot_attach(e2e: E2E, echo_guest: dict[str, Any]) -> None:
     headers = {"Authorization": f"Bearer {e2e.tokens['bob']}"}
     with (
-        pytest.raises(InvalidStatus),
+        pytest.raises(InvalidStatus) as refused,
         connect(ws_url(e2e, echo_guest["id"]), additional_headers=headers),
     ):
         pass
+    assert refused.value.response.status_code == 404
+    with pytest.raises(InvalidStatus) as anonymous, connect(ws_url(e2e, echo_guest["id"])):
+        pass
+    assert anonymous.value.response.status_code == 401
 
 
 def test_cli_console_follow_sends_stdin_and_prints_the_echo(

@@ -474,9 +474,9 @@ def test_console_relay_attaches_with_a_one_time_ticket(
         conn.sendall(b"hello relay\r")
         seen = b""
         deadline = time.monotonic() + 10
-        while b"hello relay" not in seen and time.monotonic() < deadline:
+        while b"flotilla-guest: hello relay" not in seen and time.monotonic() < deadline:
             seen += conn.recv(4096)
-        assert b"hello relay" in seen
+        assert b"flotilla-guest: hello relay" in seen
     # A ticket is good once; a wrong one gets the door shut.
     for bad in (ticket.ticket, "0" * 64):
         with socket.create_connection((ticket.address, ticket.port), timeout=10) as conn:

@@ -3,9 +3,10 @@
 The API asks the domain's compute node for a one-time ticket (`OpenConsole`), connects to that
 node's console relay over TCP and copies bytes both ways: binary (or text) frames from the
 client are keystrokes, console output comes back as binary frames. Authentication is the
-usual bearer token, in the `Authorization` header or, for browsers that cannot set headers,
-the `token` query parameter. A refusal closes the socket with code 4000 + the HTTP status
-(4401, 4404, 4409, 4503) and the problem's detail as the reason.
+usual bearer token in the `Authorization` header (never in the URL, which servers log). A
+refusal answers the handshake with the HTTP status and a problem+json body (401, 404 for a
+domain the caller may not see, 409 when it is not running, 503 when its host or relay cannot
+be reached).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import uuid
 
 import structlog
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from protos.commands import OpenConsole
@@ -26,6 +28,7 @@ from services.api.problems import Problem
 log = structlog.get_logger("flotilla.api.console")
 router = APIRouter(tags=["domains"])
 CHUNK = 65536
+RELAY_CONNECT_S = 5.0
 
 
 def _open(
@@ -41,20 +44,33 @@ def _open(
     return record.host, ticket
 
 
-@router.websocket("/v1/domains/{domain_id}/console/attach")
-async def console_attach(
-    websocket: WebSocket, domain_id: uuid.UUID, token: str | None = None
-) -> None:
-    ctx: ApiContext = websocket.app.state.ctx
-    authorization = websocket.headers.get("authorization") or (f"Bearer {token}" if token else None)
+async def _refuse(websocket: WebSocket, problem: Problem) -> None:
+    """Answer the handshake with the problem's HTTP status and body where the server supports
+    denial responses; else close before accepting (clients then see a bare 403)."""
+    response = JSONResponse(
+        problem.body(), status_code=problem.status, media_type="application/problem+json"
+    )
     try:
-        host, ticket = await run_in_threadpool(_open, ctx, authorization, domain_id)
-        reader, writer = await asyncio.open_connection(ticket.address, ticket.port)
-    except Problem as problem:
+        await websocket.send_denial_response(response)
+    except RuntimeError:
         await websocket.close(code=4000 + problem.status, reason=problem.detail[:120])
+
+
+@router.websocket("/v1/domains/{domain_id}/console/attach")
+async def console_attach(websocket: WebSocket, domain_id: uuid.UUID) -> None:
+    ctx: ApiContext = websocket.app.state.ctx
+    try:
+        host, ticket = await run_in_threadpool(
+            _open, ctx, websocket.headers.get("authorization"), domain_id
+        )
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(ticket.address, ticket.port), RELAY_CONNECT_S
+        )
+    except Problem as problem:
+        await _refuse(websocket, problem)
         return
-    except OSError as exc:
-        await websocket.close(code=4503, reason=f"console relay unreachable: {exc}"[:120])
+    except (OSError, TimeoutError) as exc:
+        await _refuse(websocket, Problem(503, "unavailable", f"console relay unreachable: {exc}"))
         return
     await websocket.accept()
     writer.write(ticket.ticket.encode() + b"\n")
@@ -82,6 +98,8 @@ async def console_attach(
     finally:
         for task in tasks:
             task.cancel()
+        # Read every outcome: a side that failed (the client gone mid-send) is not an error.
+        await asyncio.gather(*tasks, return_exceptions=True)
         writer.close()
         with contextlib.suppress(Exception):
             await websocket.close()
