@@ -137,7 +137,8 @@ def test_cli_exit_codes(e2e: E2E, cli: Cli) -> None:
     # 5: nothing can fit it.
     r = cli.run("create", "--name", "huge", "--kernel", str(e2e.guest), "--memory", "1048576")
     assert r.returncode == 5, r.stderr
-    assert "no host can take this domain: filters: memory removed" in r.stderr
+    assert "no host can take this domain: filters:" in r.stderr
+    assert "memory removed" in r.stderr  # whatever other filters say about other hosts
     cli.run("delete", "huge")
     # 7: denied (member asking for hosts; a bad token).
     assert cli.run("hosts").returncode == 7
