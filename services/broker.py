@@ -142,6 +142,11 @@ class PrivateBroker:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         self._pid = None
+        # The pid file names one process; make sure no other process of this node (found by
+        # its private home dir on its command line) outlives it.
+        for other in self._node_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(other, signal.SIGKILL)
         epmd = shutil.which("epmd") or "/usr/lib/erlang/bin/epmd"
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             subprocess.run(
@@ -151,6 +156,20 @@ class PrivateBroker:
                 timeout=5,
                 check=False,
             )
+
+    def _node_pids(self) -> list[int]:
+        marker = f"-home\0{self.base}\0".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if marker in cmdline and _alive(int(entry.name)):
+                found.append(int(entry.name))
+        return found
 
 
 def _alive(pid: int) -> bool:
