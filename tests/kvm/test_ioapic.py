@@ -17,10 +17,7 @@ PREFIX = "flotilla-guest: "
 
 
 def poweroff_reason(guest: Booted) -> str:
-    event = guest.machine.wait_event(10)
-    assert event is not None, f"no event; console:\n{guest.console.text}"
-    assert event.kind is EventKind.POWEROFF, f"{event}; console:\n{guest.console.text}"
-    return str(event.reason)
+    return str(guest.wait_end(EventKind.POWEROFF).reason)
 
 
 def test_guest_reprograms_masks_and_retires_level_interrupts(test_guest: Path, boot: Boot) -> None:

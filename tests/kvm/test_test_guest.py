@@ -18,10 +18,7 @@ PREFIX = "flotilla-guest: "
 
 
 def wait_end(guest: Booted, kind: EventKind, timeout: float = 10.0) -> str:
-    event = guest.machine.wait_event(timeout)
-    assert event is not None, f"no event within {timeout}s; console:\n{guest.console.text}"
-    assert event.kind is kind, f"{event}; console:\n{guest.console.text}"
-    return str(event.reason)
+    return str(guest.wait_end(kind, timeout).reason)
 
 
 @pytest.mark.parametrize(("vcpus", "memory_mib"), [(1, 64), (2, 200)])

@@ -67,11 +67,7 @@ def disk_boot(kvm: None, test_guest: Path) -> Iterator[Callable[..., Booted]]:
 
 
 def run_to_poweroff(guest: Booted) -> str:
-    event = guest.machine.wait_event(30)
-    assert event is not None, f"no event; console:\n{guest.console.text}"
-    assert event.kind is EventKind.POWEROFF, f"{event}; console:\n{guest.console.text}"
-    # The event can overtake the console reader: the guest's last line says it is done.
-    guest.console.wait_for(rf"{PREFIX}POWEROFF\n", 10)
+    guest.wait_end(EventKind.POWEROFF, 30)
     return guest.console.text
 
 
