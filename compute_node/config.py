@@ -16,15 +16,14 @@
 
 from __future__ import annotations
 
-import os
 import socket
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from protos.domain import NAME_PATTERN
+from services.settings import load_layered
 
 
 class ComputeConfig(BaseModel):
@@ -50,15 +49,7 @@ class ComputeConfig(BaseModel):
 
     @classmethod
     def load(cls, path: Path | None = None, **overrides: Any) -> ComputeConfig:
-        """File (if given), then environment, then `overrides` (None values are ignored)."""
-        values: dict[str, Any] = {}
-        if path is not None:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-            values.update(data.get("compute", data))
-        for name in cls.model_fields:
-            env = os.environ.get(f"FLOTILLA_{name.upper()}")
-            if env is not None:
-                values[name] = env
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(values)
+        """File (if given), then FLOTILLA_<FIELD> variables, then `overrides` (None values are
+        ignored)."""
+        env = {name: f"FLOTILLA_{name.upper()}" for name in cls.model_fields}
+        return load_layered(cls, path, table="compute", env=env, overrides=overrides)

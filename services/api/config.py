@@ -32,16 +32,14 @@ services), FLOTILLA_API_RPC_TIMEOUT_S, FLOTILLA_API_SCHEDULE_TIMEOUT_S.
 
 from __future__ import annotations
 
-import os
-import tomllib
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from protos.domain import NAME_PATTERN
+from services.settings import load_layered
 
 
 class Role(StrEnum):
@@ -98,16 +96,6 @@ class ApiConfig(BaseModel):
     def load(cls, path: Path | None = None, **overrides: Any) -> ApiConfig:
         """File (TOML, or YAML by its .yaml/.yml suffix; an `[api]` table or the top level),
         then environment, then `overrides` (None values are ignored)."""
-        values: dict[str, Any] = {}
-        if path is not None:
-            if path.suffix in (".yaml", ".yml"):
-                data = yaml.safe_load(path.read_text()) or {}
-            else:
-                with path.open("rb") as f:
-                    data = tomllib.load(f)
-            if not isinstance(data, dict):
-                raise ValueError(f"{path}: expected a table at the top level")
-            values.update(data.get("api", data))
         env = {
             "listen_host": "FLOTILLA_API_LISTEN_HOST",
             "listen_port": "FLOTILLA_API_LISTEN_PORT",
@@ -116,8 +104,4 @@ class ApiConfig(BaseModel):
             "rpc_timeout_s": "FLOTILLA_API_RPC_TIMEOUT_S",
             "schedule_timeout_s": "FLOTILLA_API_SCHEDULE_TIMEOUT_S",
         }
-        for name, var in env.items():
-            if (value := os.environ.get(var)) is not None:
-                values[name] = value
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(values)
+        return load_layered(cls, path, table="api", env=env, overrides=overrides)

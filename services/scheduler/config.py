@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import os
 import socket
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from services.settings import load_layered
 
 
 def _default_replica() -> str:
@@ -61,15 +62,10 @@ class SchedulerConfig(BaseModel):
     @classmethod
     def load(cls, path: Path | None = None, **overrides: Any) -> SchedulerConfig:
         """File (if given), then environment, then `overrides` (None values are ignored)."""
-        values: dict[str, Any] = {}
-        if path is not None:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-            values.update(data.get("scheduler", data))
-        for name in cls.model_fields:
-            env_name = "FLOTILLA_AMQP_URL" if name == "amqp_url" else f"FLOTILLA_SCHEDULER_{name}"
-            env = os.environ.get(env_name.upper())
-            if env is not None:
-                values[name] = env
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(values)
+        env = {
+            name: "FLOTILLA_AMQP_URL"
+            if name == "amqp_url"
+            else f"FLOTILLA_SCHEDULER_{name.upper()}"
+            for name in cls.model_fields
+        }
+        return load_layered(cls, path, table="scheduler", env=env, overrides=overrides)

@@ -1,0 +1,37 @@
+"""Layered settings: file, then environment, then flags; TOML or YAML; clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from compute_node.config import ComputeConfig
+from services.scheduler.config import SchedulerConfig
+
+
+def test_flags_beat_environment_beat_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "compute.toml"
+    path.write_text('[compute]\nhost = "from-file"\ncpu_allocation_ratio = 2.0\n')
+    assert ComputeConfig.load(path).host == "from-file"
+    monkeypatch.setenv("FLOTILLA_HOST", "from-env")
+    config = ComputeConfig.load(path, host=None)
+    assert (config.host, config.cpu_allocation_ratio) == ("from-env", 2.0)
+    assert ComputeConfig.load(path, host="from-flag").host == "from-flag"
+
+
+def test_yaml_files_and_the_shared_broker_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "scheduler.yaml"
+    path.write_text("scheduler:\n  top_n: 4\n")
+    monkeypatch.setenv("FLOTILLA_AMQP_URL", "amqp://x@h/v")
+    config = SchedulerConfig.load(path)
+    assert (config.top_n, config.amqp_url) == (4, "amqp://x@h/v")
+
+
+def test_a_file_that_is_not_a_table_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("- a list\n")
+    with pytest.raises(ValueError, match="expected a table"):
+        ComputeConfig.load(path)
