@@ -19,7 +19,6 @@ Needs /dev/kvm, gcc and qemu-system-x86_64; installs nothing, exits 2 when one i
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import statistics
@@ -32,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.figures import emit, figure  # noqa: E402
 from native import kvm_unavailable_reason, testguest  # noqa: E402
 
 ROUNDS = 15
@@ -128,20 +128,6 @@ def flood_ns_per_byte(text: str) -> float:
     return int(m.group(2)) / int(m.group(1))
 
 
-def result(
-    metric: str, value: float, unit: str, *, anchor: str, anchor_value: float, target: str
-) -> dict[str, object]:
-    return {
-        "metric": metric,
-        "value": round(value, 3),
-        "unit": unit,
-        "anchor": anchor,
-        "anchor_value": round(anchor_value, 3),
-        "ratio": round(value / anchor_value, 3),
-        "target": target,
-    }
-
-
 def say(text: str) -> None:
     print(text, file=sys.stderr)
 
@@ -196,7 +182,7 @@ def main() -> int:
         say(f"  {name:14s} {v:7.0f} ns per port write ({1e9 / v:8.0f} bytes/s)")
 
     figures = [
-        result(
+        figure(
             "boot.start_to_exit",
             ms["ours"],
             "ms",
@@ -204,7 +190,7 @@ def main() -> int:
             anchor_value=ms["qemu-microvm"],
             target="ratio <= 0.5",
         ),
-        result(
+        figure(
             "boot.peak_rss",
             rss["ours"],
             "MiB",
@@ -212,7 +198,7 @@ def main() -> int:
             anchor_value=rss["qemu-microvm"],
             target="ratio <= 0.4",
         ),
-        result(
+        figure(
             "boot.exit_cost",
             flood_med["ours"],
             "ns",
@@ -222,8 +208,7 @@ def main() -> int:
         ),
     ]
     say(f"  floor start_to_exit {ms['floor']:.1f} ms (the least any VMM process can take here)")
-    for f in figures:
-        print(json.dumps(f))
+    emit(figures)
     return 0
 
 

@@ -13,7 +13,6 @@ Ends with one JSON line per figure.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import statistics
@@ -31,6 +30,7 @@ import pika.frame
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.figures import emit, figure
 from protos import routing
 from protos.commands import GetDomainInfo
 from protos.domain import PowerState
@@ -296,36 +296,32 @@ def main() -> int:
             node.stop()
     med = statistics.median
     figures = [
-        {
-            "metric": "bus.rpc_p50",
-            "value": round(med(rpc_our_p50) * 1e6, 1),
-            "unit": "us",
-            "anchor": "raw-pika",
-            "anchor_value": round(med(rpc_raw_p50) * 1e6, 1),
-            "ratio": round(med(rpc_our_p50) / med(rpc_raw_p50), 3),
-            "target": "ratio <= 1.5",
-        },
-        {
-            "metric": "bus.rpc_p99",
-            "value": round(med(rpc_our_p99) * 1e6, 1),
-            "unit": "us",
-            "anchor": "raw-pika",
-            "anchor_value": round(med(rpc_raw_p99) * 1e6, 1),
-            "ratio": round(med(rpc_our_p99) / med(rpc_raw_p99), 3),
-            "target": "report",
-        },
-        {
-            "metric": "bus.publish_confirmed",
-            "value": round(med(pub_our)),
-            "unit": "msg/s",
-            "anchor": "raw-pika-async-confirms",
-            "anchor_value": round(med(pub_raw)),
-            "ratio": round(med(pub_our) / med(pub_raw), 3),
-            "target": "ratio >= 0.7",
-        },
+        figure(
+            "bus.rpc_p50",
+            med(rpc_our_p50) * 1e6,
+            "us",
+            anchor="raw-pika",
+            anchor_value=med(rpc_raw_p50) * 1e6,
+            target="ratio <= 1.5",
+        ),
+        figure(
+            "bus.rpc_p99",
+            med(rpc_our_p99) * 1e6,
+            "us",
+            anchor="raw-pika",
+            anchor_value=med(rpc_raw_p99) * 1e6,
+            target="report",
+        ),
+        figure(
+            "bus.publish_confirmed",
+            med(pub_our),
+            "msg/s",
+            anchor="raw-pika-async-confirms",
+            anchor_value=med(pub_raw),
+            target="ratio >= 0.7",
+        ),
     ]
-    for figure in figures:
-        print(json.dumps(figure))
+    emit(figures)
     return 0
 
 

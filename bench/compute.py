@@ -47,6 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.figures import emit, figure
 from compute_node import vmm_client
 from native import kvm_unavailable_reason, testguest
 from protos import routing
@@ -87,20 +88,6 @@ def say(text: str) -> None:
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def result(
-    metric: str, value: float, unit: str, *, anchor: str, anchor_value: float, target: str
-) -> dict[str, object]:
-    return {
-        "metric": metric,
-        "value": round(value, 3),
-        "unit": unit,
-        "anchor": anchor,
-        "anchor_value": round(anchor_value, 3),
-        "ratio": round(value / anchor_value, 3),
-        "target": target,
-    }
 
 
 class Arrivals:
@@ -373,7 +360,7 @@ def main() -> int:
         f"{ANCHOR_CYCLES:g}/s (a constant, not measured here)"
     )
     figures = [
-        result(
+        figure(
             "compute.start_to_started_p50",
             percentile(started, 0.5),
             "ms",
@@ -381,7 +368,7 @@ def main() -> int:
             anchor_value=statistics.median(direct),
             target="none (reported)",
         ),
-        result(
+        figure(
             "compute.start_to_ready_p50",
             percentile(ready, 0.5),
             "ms",
@@ -389,7 +376,7 @@ def main() -> int:
             anchor_value=FIRECRACKER_START_TO_INIT_MS,
             target="none (reported)",
         ),
-        result(
+        figure(
             "compute.cycles_per_s",
             best,
             f"cycles/s ({how})",
@@ -397,7 +384,7 @@ def main() -> int:
             anchor_value=ANCHOR_CYCLES,
             target=">= 20 cycles/s",
         ),
-        result(
+        figure(
             "compute.vmm_rss_mib",
             statistics.median(rss),
             "MiB",
@@ -406,8 +393,7 @@ def main() -> int:
             target="none (reported)",
         ),
     ]
-    for f in figures:
-        print(json.dumps(f))
+    emit(figures)
     return 0
 
 

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
 
+from bench.figures import emit, figure
 from native import kvm_unavailable_reason
 from native.testguest import build
 from services.broker import PrivateBroker
@@ -66,20 +67,6 @@ def say(text: str) -> None:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def figure(
-    metric: str, value: float, unit: str, *, anchor: str, anchor_value: float, target: str
-) -> dict[str, Any]:
-    return {
-        "metric": metric,
-        "value": round(value, 3),
-        "unit": unit,
-        "anchor": anchor,
-        "anchor_value": round(anchor_value, 3),
-        "ratio": round(value / anchor_value, 4),
-        "target": target,
-    }
 
 
 class StartedWatcher:
@@ -291,8 +278,7 @@ def main() -> int:
             target="ratio >= 1",
         ),
     ]
-    for f in figures:
-        print(json.dumps(f))
+    emit(figures)
     return 0
 
 

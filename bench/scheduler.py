@@ -21,7 +21,6 @@ Ends with one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.figures import emit, figure
 from protos.domain import PlacementPolicy
 from protos.host import HostHeartbeat, HostInventory, KvmKind, Resources
 from services.scheduler.config import SchedulerConfig
@@ -140,18 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     value, wall = _measure(args.hosts, args.seconds, seed=7)
     print(f"wall-clock: {wall:.1f} decisions/s", file=sys.stderr)
-    print(
-        json.dumps(
-            {
-                "metric": "sched.decisions_per_s",
-                "value": round(value, 1),
-                "unit": "decisions/s",
-                "anchor": "target",
-                "anchor_value": TARGET,
-                "ratio": round(value / TARGET, 3),
-                "target": "ratio >= 1",
-            }
-        )
+    emit(
+        [
+            figure(
+                "sched.decisions_per_s",
+                value,
+                "decisions/s",
+                anchor="target",
+                anchor_value=TARGET,
+                target="ratio >= 1",
+            )
+        ]
     )
     return 0
 

@@ -18,7 +18,6 @@ JSON object per figure. Needs /dev/kvm and gcc.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import statistics
@@ -33,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import native  # noqa: E402
+from bench.figures import emit, figure  # noqa: E402
 from native.testguest import build  # noqa: E402
 
 ROUNDS = 3
@@ -49,16 +49,9 @@ def say(text: str) -> None:
 def result(
     metric: str, value: float, unit: str, floor: float, extra: dict[str, object]
 ) -> dict[str, object]:
-    return {
-        "metric": metric,
-        "value": round(value, 1),
-        "unit": unit,
-        "anchor": "host-floor",
-        "anchor_value": round(floor, 1),
-        "ratio": round(value / floor, 3),
-        "target": "none yet",
-        **extra,
-    }
+    return figure(
+        metric, value, unit, anchor="host-floor", anchor_value=floor, target="none yet", **extra
+    )
 
 
 def run_guest(guest: Path, cmdline: str, **devices: object) -> tuple[str, native.Machine]:
@@ -230,8 +223,7 @@ def main() -> int:
             figures += bench_net(guest, floor_bin)
         else:
             say("net: skipped (needs root for a private network namespace)")
-    for f in figures:
-        print(json.dumps(f))
+    emit(figures)
     return 0
 
 
