@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import selectors
 import signal
@@ -22,7 +21,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 if sys.flags.no_site:
     # spawn() runs us under `python -S -E` (~20 ms sooner): add only the site-packages that
@@ -39,6 +38,8 @@ if sys.flags.no_site:
 
         site.main()
 
+from compute_node.vmm_config import ConfigInvalid, VmmConfig, join_cgroup, load_config
+from compute_node.vmm_console import ConsoleBuffer
 from compute_node.vmm_proto import (
     CONFIG_FILE,
     CONSOLE_LOG,
@@ -62,25 +63,16 @@ from native.machine import (
     VmmError,
 )
 
-POLICIES = ("destroy", "restart", "preserve")
-RING_MIN = 4 * 1024
-RING_MAX = 64 * 1024 * 1024
-CONSOLE_LOG_MAX = 8 * 1024 * 1024
 # A subscriber this far behind is cut off (it sees EOF, checks status and resubscribes).
 SUBSCRIBER_BACKLOG_MAX = 16 * 1024 * 1024
 # Console output queued for a slow attached client beyond this is dropped, never buffered.
 ATTACH_BACKLOG_MAX = 1024 * 1024
 EXIT_FLUSH_SECONDS = 2.0
 MAX_CONNECTIONS = 64
-CGROUP_ROOT = "/sys/fs/cgroup"
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 64
-
-
-class ConfigInvalid(Exception):
-    """vmm.json is missing, unreadable or names an unusable machine."""
 
 
 class RequestError(Exception):
@@ -92,171 +84,6 @@ class RequestError(Exception):
 
 class Fatal(Exception):
     """The VMM cannot go on (e.g. a policy restart failed): journal `stopped`/failed, exit 1."""
-
-
-class VmmConfig(NamedTuple):
-    domain_id: str
-    name: str
-    kernel: str
-    initrd: str | None
-    cmdline: str
-    memory_mib: int
-    vcpus: int
-    on_poweroff: str
-    on_reboot: str
-    on_crash: str
-    console_ring_bytes: int
-    console_log: bool
-    start_paused: bool
-    cgroup: dict[str, Any] | None
-
-
-def load_config(path: str) -> VmmConfig:
-    """Parses and checks vmm.json; raises ConfigInvalid with the reason."""
-    try:
-        with open(path, "rb") as f:  # noqa: PTH123
-            raw = json.loads(f.read())
-    except (OSError, ValueError) as exc:
-        raise ConfigInvalid(f"cannot read {CONFIG_FILE}: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigInvalid(f"{CONFIG_FILE} must hold a JSON object")
-
-    def field(key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
-        if key not in raw:
-            if default is ...:
-                raise ConfigInvalid(f"{CONFIG_FILE}: missing {key!r}")
-            return default
-        value = raw[key]
-        # bool is an int: refuse it where a number is meant.
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConfigInvalid(f"{CONFIG_FILE}: {key!r} has the wrong type")
-        return value
-
-    domain_id = field("domain_id", str)
-    if not domain_id or "/" in domain_id or domain_id in (".", "..") or len(domain_id) > 200:
-        raise ConfigInvalid(f"{CONFIG_FILE}: bad domain_id {domain_id!r}")
-    policies = {}
-    for key, default in (
-        ("on_poweroff", "destroy"),
-        ("on_reboot", "restart"),
-        ("on_crash", "destroy"),
-    ):
-        value = field(key, str, default)
-        if value not in POLICIES:
-            raise ConfigInvalid(f"{CONFIG_FILE}: {key} must be one of {', '.join(POLICIES)}")
-        policies[key] = value
-    cgroup = field("cgroup", (dict, type(None)), None)
-    return VmmConfig(
-        domain_id=domain_id,
-        name=field("name", str),
-        kernel=field("kernel", str),
-        initrd=field("initrd", (str, type(None)), None),
-        cmdline=field("cmdline", str, ""),
-        memory_mib=field("memory_mib", int),
-        vcpus=field("vcpus", int, 1),
-        on_poweroff=policies["on_poweroff"],
-        on_reboot=policies["on_reboot"],
-        on_crash=policies["on_crash"],
-        console_ring_bytes=min(max(field("console_ring_bytes", int, 65536), RING_MIN), RING_MAX),
-        console_log=field("console_log", bool, True),
-        start_paused=field("start_paused", bool, False),
-        cgroup=cgroup,
-    )
-
-
-def join_cgroup(domain_id: str, limits: dict[str, Any]) -> tuple[str | None, str | None]:
-    """Moves this process into <root>/flotilla/<domain_id> with the given limits.
-
-    Returns (cgroup path, None) or (None, why not); never raises: limits are best effort.
-    """
-    if not os.path.exists(os.path.join(CGROUP_ROOT, "cgroup.controllers")):  # noqa: PTH110, PTH118
-        return None, f"cgroup v2 is not mounted at {CGROUP_ROOT}"
-    parent = os.path.join(CGROUP_ROOT, "flotilla")  # noqa: PTH118
-    path = os.path.join(parent, domain_id)  # noqa: PTH118
-    try:
-        os.makedirs(path, exist_ok=True)  # noqa: PTH103
-        # Controllers must be enabled top-down; a parent that already has them is fine.
-        for where in (CGROUP_ROOT, parent):
-            _write(os.path.join(where, "cgroup.subtree_control"), "+cpu +memory")  # noqa: PTH118
-        if limits.get("cpu_max") is not None:
-            _write(os.path.join(path, "cpu.max"), str(limits["cpu_max"]))  # noqa: PTH118
-        if limits.get("memory_max") is not None:
-            _write(os.path.join(path, "memory.max"), str(limits["memory_max"]))  # noqa: PTH118
-        _write(os.path.join(path, "cgroup.procs"), str(os.getpid()))  # noqa: PTH118
-    except OSError as exc:
-        return None, f"cgroup {path}: {exc.strerror or exc}"
-    return path, None
-
-
-def _write(path: str, text: str) -> None:
-    with open(path, "w") as f:  # noqa: PTH123
-        f.write(text)
-
-
-class ConsoleBuffer:
-    """Guest console output: the pipe the UART writes to, an in-memory ring and the log file."""
-
-    def __init__(self, ring_bytes: int, log_path: str | None) -> None:
-        # Non-blocking write end: the UART drops (and counts) rather than stall a vCPU.
-        self.out_r, self.out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self.in_r, self.in_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        try:
-            fcntl.fcntl(self.out_w, fcntl.F_SETPIPE_SZ, 1024 * 1024)
-        except OSError:
-            pass  # the default 64 KiB still works; we drain it promptly
-        self.ring = bytearray()
-        self.ring_bytes = ring_bytes
-        self.ring_lost = False
-        self.log_path = log_path
-        self.log_fd = -1
-        self.log_size = 0
-        if log_path is not None:
-            self._open_log()
-
-    def _open_log(self) -> None:
-        assert self.log_path is not None
-        self.log_fd = os.open(
-            self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640
-        )
-        self.log_size = os.fstat(self.log_fd).st_size
-
-    def read(self) -> bytes:
-        chunks = []
-        for _ in range(16):
-            try:
-                chunk = os.read(self.out_r, 65536)
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        data = b"".join(chunks)
-        if data:
-            self._keep(data)
-        return data
-
-    def _keep(self, data: bytes) -> None:
-        self.ring += data
-        excess = len(self.ring) - self.ring_bytes
-        if excess > 0:
-            del self.ring[:excess]
-            self.ring_lost = True
-        if self.log_fd < 0:
-            return
-        try:
-            if self.log_size + len(data) > CONSOLE_LOG_MAX:
-                os.close(self.log_fd)
-                assert self.log_path is not None
-                os.replace(self.log_path, self.log_path + ".1")  # noqa: PTH105
-                self._open_log()
-            os.write(self.log_fd, data)
-            self.log_size += len(data)
-        except OSError:
-            pass  # a full disk costs log lines, never the guest
-
-    def snapshot(self, max_bytes: int) -> tuple[bytes, bool]:
-        data = bytes(self.ring[-max_bytes:]) if max_bytes > 0 else b""
-        return data, self.ring_lost or len(data) < len(self.ring)
 
 
 class Conn:

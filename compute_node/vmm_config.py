@@ -1,0 +1,120 @@
+"""The VMM process's launch config (`vmm.json`) and its optional cgroup v2 limits.
+
+Standard library only: imported by `compute_node.vmm` at every guest start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, NamedTuple
+
+from compute_node.vmm_proto import CONFIG_FILE
+
+POLICIES = ("destroy", "restart", "preserve")
+RING_MIN = 4 * 1024
+RING_MAX = 64 * 1024 * 1024
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+class ConfigInvalid(Exception):
+    """vmm.json is missing, unreadable or names an unusable machine."""
+
+
+class VmmConfig(NamedTuple):
+    domain_id: str
+    name: str
+    kernel: str
+    initrd: str | None
+    cmdline: str
+    memory_mib: int
+    vcpus: int
+    on_poweroff: str
+    on_reboot: str
+    on_crash: str
+    console_ring_bytes: int
+    console_log: bool
+    start_paused: bool
+    cgroup: dict[str, Any] | None
+
+
+def load_config(path: str) -> VmmConfig:
+    """Parses and checks vmm.json; raises ConfigInvalid with the reason."""
+    try:
+        with open(path, "rb") as f:  # noqa: PTH123
+            raw = json.loads(f.read())
+    except (OSError, ValueError) as exc:
+        raise ConfigInvalid(f"cannot read {CONFIG_FILE}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigInvalid(f"{CONFIG_FILE} must hold a JSON object")
+
+    def field(key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        if key not in raw:
+            if default is ...:
+                raise ConfigInvalid(f"{CONFIG_FILE}: missing {key!r}")
+            return default
+        value = raw[key]
+        # bool is an int: refuse it where a number is meant.
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigInvalid(f"{CONFIG_FILE}: {key!r} has the wrong type")
+        return value
+
+    domain_id = field("domain_id", str)
+    if not domain_id or "/" in domain_id or domain_id in (".", "..") or len(domain_id) > 200:
+        raise ConfigInvalid(f"{CONFIG_FILE}: bad domain_id {domain_id!r}")
+    policies = {}
+    for key, default in (
+        ("on_poweroff", "destroy"),
+        ("on_reboot", "restart"),
+        ("on_crash", "destroy"),
+    ):
+        value = field(key, str, default)
+        if value not in POLICIES:
+            raise ConfigInvalid(f"{CONFIG_FILE}: {key} must be one of {', '.join(POLICIES)}")
+        policies[key] = value
+    cgroup = field("cgroup", (dict, type(None)), None)
+    return VmmConfig(
+        domain_id=domain_id,
+        name=field("name", str),
+        kernel=field("kernel", str),
+        initrd=field("initrd", (str, type(None)), None),
+        cmdline=field("cmdline", str, ""),
+        memory_mib=field("memory_mib", int),
+        vcpus=field("vcpus", int, 1),
+        on_poweroff=policies["on_poweroff"],
+        on_reboot=policies["on_reboot"],
+        on_crash=policies["on_crash"],
+        console_ring_bytes=min(max(field("console_ring_bytes", int, 65536), RING_MIN), RING_MAX),
+        console_log=field("console_log", bool, True),
+        start_paused=field("start_paused", bool, False),
+        cgroup=cgroup,
+    )
+
+
+def join_cgroup(domain_id: str, limits: dict[str, Any]) -> tuple[str | None, str | None]:
+    """Moves this process into <root>/flotilla/<domain_id> with the given limits.
+
+    Returns (cgroup path, None) or (None, why not); never raises: limits are best effort.
+    """
+    if not os.path.exists(os.path.join(CGROUP_ROOT, "cgroup.controllers")):  # noqa: PTH110, PTH118
+        return None, f"cgroup v2 is not mounted at {CGROUP_ROOT}"
+    parent = os.path.join(CGROUP_ROOT, "flotilla")  # noqa: PTH118
+    path = os.path.join(parent, domain_id)  # noqa: PTH118
+    try:
+        os.makedirs(path, exist_ok=True)  # noqa: PTH103
+        # Controllers must be enabled top-down; a parent that already has them is fine.
+        for where in (CGROUP_ROOT, parent):
+            _write(os.path.join(where, "cgroup.subtree_control"), "+cpu +memory")  # noqa: PTH118
+        if limits.get("cpu_max") is not None:
+            _write(os.path.join(path, "cpu.max"), str(limits["cpu_max"]))  # noqa: PTH118
+        if limits.get("memory_max") is not None:
+            _write(os.path.join(path, "memory.max"), str(limits["memory_max"]))  # noqa: PTH118
+        _write(os.path.join(path, "cgroup.procs"), str(os.getpid()))  # noqa: PTH118
+    except OSError as exc:
+        return None, f"cgroup {path}: {exc.strerror or exc}"
+    return path, None
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:  # noqa: PTH123
+        f.write(text)
