@@ -24,7 +24,7 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import pika
 import pika.exceptions
@@ -40,7 +40,8 @@ from protos.replies import Done, ErrorReply
 from services.bus.bus import Bus, properties_for
 from services.bus.errors import BusError, ServiceError
 from services.bus.idempotency import IdempotencyStore, MemoryIdempotencyStore
-from services.bus.link import Consumer, Delivery, Link
+from services.bus.inbound import ChannelInbound, Inbound, LinkInbound
+from services.bus.link import Consumer, Delivery
 from services.bus.rpc import blocking_params
 from services.bus.topology import QueueDecl
 
@@ -131,101 +132,6 @@ def dispatch(
     return Done() if result is None else result
 
 
-class Inbound(Protocol):
-    """A message being handled, and how to settle it on the channel it came from."""
-
-    @property
-    def body(self) -> bytes: ...
-
-    @property
-    def properties(self) -> pika.spec.BasicProperties: ...
-
-    @property
-    def redelivered(self) -> bool: ...
-
-    @property
-    def routing_key(self) -> str: ...
-
-    @property
-    def queue(self) -> str: ...
-
-    def ack(self) -> None: ...
-
-    def nack(self, *, requeue: bool) -> None: ...
-
-    def reply(self, routing_key: str, body: bytes, props: pika.spec.BasicProperties) -> None: ...
-
-    def dead_letter(self, body: bytes, props: pika.spec.BasicProperties) -> None:
-        """Publish to the dead-letter exchange and return once the broker confirmed it."""
-
-
-@dataclass
-class _LinkInbound:
-    """A delivery from the shared I/O thread (event queues)."""
-
-    delivery: Delivery
-    link: Link
-
-    @property
-    def body(self) -> bytes:
-        return self.delivery.body
-
-    @property
-    def properties(self) -> pika.spec.BasicProperties:
-        return self.delivery.properties
-
-    @property
-    def redelivered(self) -> bool:
-        return self.delivery.redelivered
-
-    @property
-    def routing_key(self) -> str:
-        return self.delivery.routing_key
-
-    @property
-    def queue(self) -> str:
-        return self.delivery.consumer.queue
-
-    def ack(self) -> None:
-        self.link.ack(self.delivery)
-
-    def nack(self, *, requeue: bool) -> None:
-        self.link.nack(self.delivery, requeue=requeue)
-
-    def reply(self, routing_key: str, body: bytes, props: pika.spec.BasicProperties) -> None:
-        self.link.publish_unconfirmed("", routing_key, body, props)
-
-    def dead_letter(self, body: bytes, props: pika.spec.BasicProperties) -> None:
-        self.link.publish(routing.DEAD_EXCHANGE, self.queue, body, props).result(30.0)
-
-
-@dataclass
-class _ChannelInbound:
-    """A delivery taken by a worker thread on its own connection (command queues)."""
-
-    channel: BlockingChannel
-    confirm_channel: BlockingChannel
-    tag: int
-    body: bytes
-    properties: pika.spec.BasicProperties
-    redelivered: bool
-    routing_key: str
-    queue: str
-
-    def ack(self) -> None:
-        self.channel.basic_ack(self.tag)
-
-    def nack(self, *, requeue: bool) -> None:
-        self.channel.basic_nack(self.tag, requeue=requeue)
-
-    def reply(self, routing_key: str, body: bytes, props: pika.spec.BasicProperties) -> None:
-        self.channel.basic_publish("", routing_key, body, props)
-
-    def dead_letter(self, body: bytes, props: pika.spec.BasicProperties) -> None:
-        # A confirm-mode BlockingChannel returns only once the broker confirmed.
-        self.confirm_channel.basic_publish(routing.DEAD_EXCHANGE, self.queue, body, props)
-
-
 class ServiceRunner:
     """Consumes a service's command queue and event queue on worker threads.
 
@@ -314,7 +220,7 @@ class ServiceRunner:
                     body: bytes,
                     confirm: BlockingChannel = confirm_channel,
                 ) -> None:
-                    inbound = _ChannelInbound(
+                    inbound = ChannelInbound(
                         ch,
                         confirm,
                         method.delivery_tag,
@@ -364,7 +270,7 @@ class ServiceRunner:
 
     def _event_worker(self, inbox: queue_mod.SimpleQueue[Delivery | None]) -> None:
         while (delivery := inbox.get()) is not None:
-            self._handle(_LinkInbound(delivery, self.bus.link), self._handle_event)
+            self._handle(LinkInbound(delivery, self.bus.link), self._handle_event)
 
     @staticmethod
     def _handle(inbound: Inbound, handle: Callable[[Inbound], None]) -> None:
