@@ -3,18 +3,25 @@
 Used by `flotilla up` and by the test fixture when no broker URL is given. Everything the node
 writes (mnesia, logs, Erlang cookie, pid file) stays under `base`; it listens on loopback only,
 on free ports, and its epmd is private too, so it never meets another node on the machine.
+
+The node has no `guest` user: its one user (`flotilla` by default) is created at first boot
+with a generated password kept in `base/amqp-password` (mode 0600, like the Erlang cookie and
+the API's admin token), so another local user of the machine cannot log in to it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+from services.files import write_private
 
 SBIN = Path("/usr/lib/rabbitmq/bin")
 
@@ -38,8 +45,13 @@ def available() -> bool:
 class PrivateBroker:
     """One RabbitMQ node: `start()`, `url`, `close_all_connections()`, `stop()`."""
 
-    def __init__(self, base: Path, *, port: int | None = None, name: str = "flotilla") -> None:
+    def __init__(
+        self, base: Path, *, port: int | None = None, name: str = "flotilla", user: str = "flotilla"
+    ) -> None:
         self.base = base.resolve()
+        self.user = user
+        self.password_file = self.base / "amqp-password"
+        self._password: str | None = None
         self.port = port or free_port()
         self.dist_port = free_port()
         self.epmd_port = free_port()
@@ -48,8 +60,22 @@ class PrivateBroker:
         self._pid: int | None = None
 
     @property
+    def password(self) -> str:
+        """The node user's password: read from `password_file`, generated there (0600) once."""
+        if self._password is None:
+            try:
+                self._password = self.password_file.read_text().strip() or None
+            except FileNotFoundError:
+                pass
+            if self._password is None:
+                self.base.mkdir(parents=True, exist_ok=True)
+                self._password = secrets.token_urlsafe(24)
+                write_private(self.password_file, self._password + "\n")
+        return self._password
+
+    @property
     def url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+        return f"amqp://{self.user}:{self.password}@127.0.0.1:{self.port}/%2F"
 
     def env(self) -> dict[str, str]:
         keep = ("PATH", "LANG", "LC_ALL", "TMPDIR")
@@ -80,11 +106,16 @@ class PrivateBroker:
         self.base.mkdir(parents=True, exist_ok=True)
         (self.base / "rabbitmq-env.conf").write_text("")
         (self.base / "enabled_plugins").write_text("[].\n")
-        # Loopback-only guest login; a small quorum-friendly config.
-        (self.base / "rabbitmq.conf").write_text(
+        # The node's first boot creates `user` (administrator, all permissions on /) instead of
+        # `guest`; the file holds the password, so it is private like the password file.
+        write_private(
+            self.base / "rabbitmq.conf",
+            f"default_user = {self.user}\n"
+            f"default_pass = {self.password}\n"
+            "default_user_tags.administrator = true\n"
             "loopback_users = none\n"
             f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
-            "log.console = false\n"
+            "log.console = false\n",
         )
         cookie = self.base / ".erlang.cookie"
         if not cookie.exists():

@@ -34,6 +34,7 @@ import pika
 
 from protos import routing
 from services.broker import PrivateBroker
+from services.files import write_private
 
 
 class StackError(RuntimeError):
@@ -246,8 +247,7 @@ class Stack:
         for project, quota in self.config.quotas.items():
             text += "\n" + _toml_table(f"api.quotas.{project}", quota)
         path = api_dir / "api.toml"
-        path.touch(mode=0o600)
-        path.write_text(text)
+        write_private(path, text)  # tokens and the broker's credentials
         self.api = Child(
             "api",
             [sys.executable, "-m", "services.api.main", "--config", str(path)],
@@ -278,7 +278,7 @@ class Stack:
         }
         settings.update(spec.settings)
         path = state / "compute.toml"
-        path.write_text(_toml_table("compute", settings))
+        write_private(path, _toml_table("compute", settings))  # the broker's credentials
         child = Child(
             f"compute {spec.host}",
             [sys.executable, "-m", "compute_node.main", "--config", str(path)],
@@ -350,14 +350,13 @@ class Stack:
 
     def _write_cli_state(self) -> None:
         path = self.state_dir / "cli.json"
-        path.touch(mode=0o600)
-        path.chmod(0o600)
-        path.write_text(
+        write_private(
+            path,
             json.dumps(
                 {"api_url": self.api_url, "token": self.admin_token, "pid": os.getpid()},
                 indent=1,
             )
-            + "\n"
+            + "\n",
         )
 
     # Health and stop

@@ -8,10 +8,14 @@ import os
 import signal
 import subprocess
 import sys
+import tomllib
 import uuid
 from pathlib import Path
 
 import httpx
+import pika
+import pika.exceptions
+import pytest
 
 from services.broker import _alive
 from services.broker import available as broker_available
@@ -62,9 +66,33 @@ def test_flotilla_up_serves_then_stops_cleanly_deleting_guests(e2e: E2E, tmp_pat
             env={k: v for k, v in os.environ.items() if not k.startswith("FLOTILLA_")},
         )
         assert d["name"] in listed.stdout
+        # The private broker has no guest user: another local user cannot log in with the
+        # well-known guest:guest; the node's own user's password is readable by root only.
+        amqp = pika.URLParameters(_amqp_url(tmp_path / "compute" / host / "compute.toml"))
+        assert amqp.credentials.username == "flotilla"
+        assert amqp.credentials.password != "guest"
+        guest = pika.ConnectionParameters(
+            "127.0.0.1", amqp.port, credentials=pika.PlainCredentials("guest", "guest")
+        )
+        with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+            pika.BlockingConnection(guest)
+        pika.BlockingConnection(amqp).close()
+        for secret in (
+            tmp_path / "rabbitmq" / "amqp-password",
+            tmp_path / "rabbitmq" / "rabbitmq.conf",
+            tmp_path / "api" / "api.toml",
+            tmp_path / "compute" / host / "compute.toml",
+        ):
+            assert secret.stat().st_mode & 0o077 == 0, secret
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(60) == 0
     for pid in [*up["pids"].values(), *vmm_pids]:
         assert not _alive(pid), pid
     assert not (tmp_path / "cli.json").exists()
+
+
+def _amqp_url(compute_toml: Path) -> str:
+    settings = tomllib.loads(compute_toml.read_text())
+    url: str = settings["compute"]["amqp_url"]
+    return url
