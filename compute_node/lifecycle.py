@@ -8,6 +8,7 @@ announced that did not happen.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import uuid
 from collections import defaultdict
@@ -15,6 +16,7 @@ from collections.abc import Callable
 
 import structlog
 
+from compute_node.causes import PendingCauses
 from compute_node.console import ConsoleHandlers
 from compute_node.driver import (
     DomainNotRunning,
@@ -44,9 +46,10 @@ from protos.events import DefinedDetail, DomainDefined, DomainUndefined, Undefin
 from protos.replies import ConsoleOutput, DomainInfo, DomainList
 from protos.scheduler import SetHostEnabled
 from protos.states import Action, Verdict, decide
-from services.bus import Context, Service, ServiceError, handles
+from services.bus import Cause, Context, Service, ServiceError, handles
 
 log = structlog.get_logger("flotilla.compute")
+K = GuestEventKind
 
 
 class Lifecycle(ConsoleHandlers, Service):
@@ -62,6 +65,7 @@ class Lifecycle(ConsoleHandlers, Service):
         self.claims = claims
         self._locks: defaultdict[uuid.UUID, threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
+        self.causes = PendingCauses()
         driver.set_event_sink(self.on_guest_event)
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -119,6 +123,9 @@ class Lifecycle(ConsoleHandlers, Service):
         if event.n <= record.driver_n:
             return  # already consumed before a restart
         drafts, after = translate(event, record.state)
+        cause = self.causes.take(event.domain_id, event.kind)
+        if cause is not None:
+            drafts = [dataclasses.replace(d, cause=cause) for d in drafts]
         self.store.transition(event.domain_id, drafts, state=after, driver_n=event.n)
         if after is PowerState.SHUTOFF:
             self.claims.release(event.domain_id)
@@ -133,7 +140,7 @@ class Lifecycle(ConsoleHandlers, Service):
     # ---- commands ----------------------------------------------------------------------------
 
     @handles(DefineDomain)
-    def define(self, cmd: DefineDomain, _ctx: Context) -> DomainInfo:
+    def define(self, cmd: DefineDomain, ctx: Context) -> DomainInfo:
         spec = cmd.spec
         with self._lock(spec.uuid):
             existing = self.store.get(spec.uuid)
@@ -146,28 +153,35 @@ class Lifecycle(ConsoleHandlers, Service):
                 detail = DefinedDetail.ADDED
             state = existing.state if existing else PowerState.SHUTOFF
             try:
-                self.store.define(spec, [EventDraft(DomainDefined, state, detail)])
+                self.store.define(spec, [EventDraft(DomainDefined, state, detail, cause=ctx.cause)])
             except NameTaken as exc:
                 raise ServiceError("conflict", str(exc), {"name": spec.name}) from None
             return self.info(spec.uuid)
 
     @handles(UndefineDomain)
-    def undefine(self, cmd: UndefineDomain, _ctx: Context) -> None:
+    def undefine(self, cmd: UndefineDomain, ctx: Context) -> None:
         with self._lock(cmd.domain_id):
             record = self._record(cmd.domain_id)
             self._check(record, Action.UNDEFINE)
             self.store.undefine(
                 cmd.domain_id,
-                [EventDraft(DomainUndefined, record.state, UndefinedDetail.REMOVED)],
+                [
+                    EventDraft(
+                        DomainUndefined, record.state, UndefinedDetail.REMOVED, cause=ctx.cause
+                    )
+                ],
             )
+            self.causes.forget(cmd.domain_id)
             self.driver.remove(cmd.domain_id)
 
     @handles(StartDomain)
-    def start(self, cmd: StartDomain, _ctx: Context) -> DomainInfo:
-        self.start_domain(cmd.domain_id, paused=cmd.paused)
+    def start(self, cmd: StartDomain, ctx: Context) -> DomainInfo:
+        self.start_domain(cmd.domain_id, paused=cmd.paused, cause=ctx.cause)
         return self.info(cmd.domain_id)
 
-    def start_domain(self, domain_id: uuid.UUID, *, paused: bool = False) -> None:
+    def start_domain(
+        self, domain_id: uuid.UUID, *, paused: bool = False, cause: Cause | None = None
+    ) -> None:
         """Start the domain's machine unless it runs already (the transition table decides),
         claiming its resources first. Used by `start` and by autostart at node start-up.
         Raises ServiceError: not_found, conflict, no_capacity, or the driver's code."""
@@ -175,6 +189,8 @@ class Lifecycle(ConsoleHandlers, Service):
             record = self._record(domain_id)
             if not self._check(record, Action.START):
                 return
+            steps = [{K.STARTED, K.FAILED}, *([{K.PAUSED}] if paused else [])]
+            self.causes.expect(domain_id, cause, *steps)
             self.claims.claim(record.spec)
             try:
                 self.driver.spawn(record.spec, paused=paused)
@@ -186,10 +202,11 @@ class Lifecycle(ConsoleHandlers, Service):
                 raise
 
     @handles(DestroyDomain)
-    def destroy(self, cmd: DestroyDomain, _ctx: Context) -> DomainInfo:
+    def destroy(self, cmd: DestroyDomain, ctx: Context) -> DomainInfo:
         with self._lock(cmd.domain_id):
             record = self._record(cmd.domain_id)
             if self._check(record, Action.DESTROY):
+                self.causes.expect(cmd.domain_id, ctx.cause, {K.STOPPED})
                 self._destroy(record)
             return self.info(cmd.domain_id)
 
@@ -203,11 +220,19 @@ class Lifecycle(ConsoleHandlers, Service):
             )
 
     @handles(ShutdownDomain)
-    def shutdown(self, cmd: ShutdownDomain, _ctx: Context) -> DomainInfo:
+    def shutdown(self, cmd: ShutdownDomain, ctx: Context) -> DomainInfo:
         with self._lock(cmd.domain_id):
             record = self._record(cmd.domain_id)
             if not self._check(record, Action.SHUTDOWN):
                 return self.info(cmd.domain_id)
+            # The guest takes its time: the cause holds for the command's own time and more.
+            self.causes.expect(
+                cmd.domain_id,
+                ctx.cause,
+                {K.SHUTDOWN},
+                {K.STOPPED, K.STARTED},  # STARTED: on_poweroff=restart
+                within_s=cmd.timeout_s + 300.0,
+            )
             self._driver_call(lambda: self.driver.shutdown(cmd.domain_id, cmd.mode))
         if not cmd.wait:
             return self.info(cmd.domain_id)
@@ -221,26 +246,29 @@ class Lifecycle(ConsoleHandlers, Service):
         return self.info(cmd.domain_id)
 
     @handles(RebootDomain)
-    def reboot(self, cmd: RebootDomain, _ctx: Context) -> DomainInfo:
+    def reboot(self, cmd: RebootDomain, ctx: Context) -> DomainInfo:
         with self._lock(cmd.domain_id):
             record = self._record(cmd.domain_id)
             if self._check(record, Action.REBOOT):
+                self.causes.expect(cmd.domain_id, ctx.cause, {K.REBOOTED})
                 self._driver_call(lambda: self.driver.reboot(cmd.domain_id, cmd.mode))
             return self.info(cmd.domain_id)
 
     @handles(PauseDomain)
-    def pause(self, cmd: PauseDomain, _ctx: Context) -> DomainInfo:
+    def pause(self, cmd: PauseDomain, ctx: Context) -> DomainInfo:
         with self._lock(cmd.domain_id):
             record = self._record(cmd.domain_id)
             if self._check(record, Action.PAUSE):
+                self.causes.expect(cmd.domain_id, ctx.cause, {K.PAUSED})
                 self._driver_call(lambda: self.driver.pause(cmd.domain_id))
             return self.info(cmd.domain_id)
 
     @handles(ResumeDomain)
-    def resume(self, cmd: ResumeDomain, _ctx: Context) -> DomainInfo:
+    def resume(self, cmd: ResumeDomain, ctx: Context) -> DomainInfo:
         with self._lock(cmd.domain_id):
             record = self._record(cmd.domain_id)
             if self._check(record, Action.RESUME):
+                self.causes.expect(cmd.domain_id, ctx.cause, {K.RESUMED})
                 self._driver_call(lambda: self.driver.resume(cmd.domain_id))
             return self.info(cmd.domain_id)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from protos.codec import envelope_for, pack
 from protos.domain import DomainSpec, PowerState
 from protos.events import DomainEvent
+from services.bus import Cause
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS domains (
@@ -62,6 +63,7 @@ class EventDraft:
     state: PowerState
     detail: str | None = None
     reason: str = ""
+    cause: Cause | None = None  # the command that made it happen, if one did
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,13 @@ class Store:
             if draft.detail is not None:
                 fields["detail"] = draft.detail
             event = draft.cls.model_validate(fields)
-            envelope = envelope_for(event, source=self.source)
+            cause = draft.cause or Cause()
+            envelope = envelope_for(
+                event,
+                source=self.source,
+                correlation_id=cause.correlation_id,
+                causation_id=cause.causation_id,
+            )
             db.execute(
                 "INSERT INTO outbox (message_id, routing_key, body) VALUES (?, ?, ?)",
                 (envelope.id, event.routing_key(), pack(envelope)),

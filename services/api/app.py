@@ -27,6 +27,7 @@ from services.api.models import Health
 from services.api.problems import install as install_problems
 from services.api.projection import Projection
 from services.api.registry import Registry
+from services.api.request_id import RequestIdMiddleware
 from services.api.routes import admin, console, domains, events, hosts
 from services.bus import Bus, BusError
 from services.cli.main import package_version
@@ -76,6 +77,7 @@ def create_app(
     for module in (domains, console, hosts, events, admin):
         app.include_router(module.router)
     _install_metrics(app)
+    app.add_middleware(RequestIdMiddleware)  # outermost: its id is in every answer
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     def healthz() -> JSONResponse:

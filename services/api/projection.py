@@ -40,7 +40,12 @@ class EventProjector(Service):
             return None
         try:
             outcome = self.registry.apply_event(
-                ctx.envelope.id, ctx.routing_key or event.routing_key(), event, ctx.envelope.ts
+                ctx.envelope.id,
+                ctx.routing_key or event.routing_key(),
+                event,
+                ctx.envelope.ts,
+                correlation_id=ctx.envelope.correlation_id,
+                causation_id=ctx.envelope.causation_id,
             )
         except _DB_DOWN as exc:
             time.sleep(0.5)  # the database is away: let the broker hand it back later

@@ -64,7 +64,9 @@ _SCHEMA = [
         routing_key TEXT NOT NULL,
         state TEXT NOT NULL,
         ts DOUBLE PRECISION NOT NULL,
-        body TEXT NOT NULL
+        body TEXT NOT NULL,
+        correlation_id TEXT,
+        causation_id TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS events_domain ON events (domain_id, host, seq)",
     "CREATE INDEX IF NOT EXISTS events_project ON events (project, id)",
@@ -94,6 +96,7 @@ _SCHEMA = [
         memory_mib INTEGER
     )""",
 ]
+_ADDED_COLUMNS = [("events", "correlation_id", "TEXT"), ("events", "causation_id", "TEXT")]
 _AUTOID = {
     "sqlite": "INTEGER PRIMARY KEY AUTOINCREMENT",
     "postgresql": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
@@ -152,6 +155,8 @@ class EventRecord:
     state: PowerState
     ts: float
     body: dict[str, Any]
+    correlation_id: str | None = None  # the request (or first command) behind it
+    causation_id: str | None = None  # the command that caused it
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +182,10 @@ class TokenRecord:
 
 
 _DOMAIN_COLUMNS = "id, project, name, spec, host, power, task, seq, fault, created_at, updated_at"
-_EVENT_COLUMNS = "id, message_id, project, domain_id, host, seq, type, routing_key, state, ts, body"
+_EVENT_COLUMNS = (
+    "id, message_id, project, domain_id, host, seq, type, routing_key, state, ts, body, "
+    "correlation_id, causation_id"
+)
 
 
 def _domain(row: Row) -> DomainRecord:
@@ -209,6 +217,8 @@ def _event(row: Row) -> EventRecord:
         state=PowerState(row[8]),
         ts=float(row[9]),
         body=json.loads(row[10]),
+        correlation_id=row[11],
+        causation_id=row[12],
     )
 
 
@@ -232,6 +242,12 @@ class Registry:
                 cur.execute("SELECT pg_advisory_xact_lock(?)", (_EVENT_LOG_LOCK + 1,))
             for statement in _SCHEMA:
                 cur.execute(statement.replace("{autoid}", _AUTOID[cur.dialect]))
+            # Columns added since a table was first created.
+            for table, column, kind in _ADDED_COLUMNS:
+                if cur.dialect == "postgresql":
+                    cur.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
+                elif not any(r[1] == column for r in cur.all(f"PRAGMA table_info({table})")):
+                    cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     # ---- domains ---------------------------------------------------------------------------
 
@@ -383,7 +399,14 @@ class Registry:
     # ---- events ----------------------------------------------------------------------------
 
     def apply_event(  # noqa: PLR0911  (one return per outcome reads best)
-        self, message_id: str, routing_key: str, event: DomainEvent, ts: float | None = None
+        self,
+        message_id: str,
+        routing_key: str,
+        event: DomainEvent,
+        ts: float | None = None,
+        *,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
     ) -> Outcome:
         """Append `event` to the log and project it onto its domain (see the module's rules)."""
         domain_id = str(event.domain_id)
@@ -396,7 +419,8 @@ class Registry:
             )
             inserted = cur.execute(
                 "INSERT INTO events (message_id, project, domain_id, host, seq, type, "
-                "routing_key, state, ts, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "routing_key, state, ts, body, correlation_id, causation_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (message_id) DO NOTHING",
                 (
                     message_id,
@@ -409,6 +433,8 @@ class Registry:
                     event.state.value,
                     ts if ts is not None else now,
                     event.model_dump_json(),
+                    correlation_id,
+                    causation_id,
                 ),
             )
             if not inserted:

@@ -1,6 +1,7 @@
 """AMQP transport on pika: confirmed publishing, RPC, events and the consumer runtime."""
 
 from services.bus.bus import Bus, Subscription
+from services.bus.cause import Cause, caused_by, current_cause
 from services.bus.errors import (
     BusError,
     ConnectionLost,
@@ -15,6 +16,7 @@ from services.bus.service import Context, Service, ServiceRunner, handles, on_ev
 __all__ = [
     "Bus",
     "BusError",
+    "Cause",
     "ConnectionLost",
     "Context",
     "NoRouteError",
@@ -25,6 +27,8 @@ __all__ = [
     "ServiceError",
     "ServiceRunner",
     "Subscription",
+    "caused_by",
+    "current_cause",
     "handles",
     "on_event",
 ]

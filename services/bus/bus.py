@@ -27,6 +27,7 @@ from protos.base import Message
 from protos.codec import CONTENT_TYPE, DecodeError, Envelope, decode, envelope_for, pack, parse_body
 from protos.commands import Command
 from protos.replies import ErrorReply
+from services.bus.cause import Cause, current_cause
 from services.bus.confirm import Confirmation
 from services.bus.errors import ConnectionLost, RemoteError, RpcTimeout
 from services.bus.link import Consumer, Delivery, Link
@@ -126,11 +127,12 @@ class Bus:
         Returns the message id. Raises NoRouteError for an unknown queue and ConnectionLost if
         no confirm came within `timeout`.
         """
+        cause = current_cause() or Cause()
         envelope = envelope_for(
             command,
             source=self.source,
-            correlation_id=correlation_id,
-            causation_id=causation_id,
+            correlation_id=correlation_id or cause.correlation_id or str(uuid.uuid4()),
+            causation_id=causation_id or cause.causation_id,
             message_id=message_id,
         )
         future = self.publish_envelope(routing.COMMANDS_EXCHANGE, queue, envelope, mandatory=True)
@@ -140,7 +142,8 @@ class Bus:
     def publish_event(
         self, event: Message, *, causation_id: str | None = None, timeout: float = 30.0
     ) -> str:
-        """Publish an event (persistent, confirmed) on its routing key; return its id."""
+        """Publish an event (persistent, confirmed) on its routing key; return its id.
+        It carries the current cause (services.bus.cause) unless `causation_id` is given."""
         future, message_id = self.publish_event_async(event, causation_id=causation_id)
         _wait(future, timeout)
         return message_id
@@ -150,8 +153,13 @@ class Bus:
     ) -> tuple[Confirmation, str]:
         """Publish an event without waiting; return the confirm Future and the message id."""
         routing_key = _routing_key(event)
+        cause = current_cause() or Cause()
         envelope = envelope_for(
-            event, source=self.source, causation_id=causation_id, message_id=message_id
+            event,
+            source=self.source,
+            correlation_id=cause.correlation_id,
+            causation_id=causation_id or cause.causation_id,
+            message_id=message_id,
         )
         future = self.publish_envelope(
             routing.EVENTS_EXCHANGE, routing_key, envelope, mandatory=False
@@ -167,9 +175,14 @@ class Bus:
         *,
         timeout: float = 30.0,
         message_id: str | None = None,
+        correlation_id: str | None = None,
         causation_id: str | None = None,
     ) -> Message:
         """Send `command` to `queue` and return its reply (a `command.RESULT`).
+
+        The command carries `correlation_id` and `causation_id`, by default the current cause's
+        (services.bus.cause); a call outside any cause starts a new chain with a fresh
+        correlation id, which also matches the reply to the call.
 
         Runs in the caller's thread on that thread's own connection (services.bus.rpc).
         Raises RemoteError for an error reply, RpcTimeout when none came in time,
@@ -177,11 +190,12 @@ class Bus:
         while waiting (the command may or may not have run; it is safe to call again with the
         same `message_id`).
         """
+        cause = current_cause() or Cause()
         envelope = envelope_for(
             command,
             source=self.source,
-            correlation_id=str(uuid.uuid4()),
-            causation_id=causation_id,
+            correlation_id=correlation_id or cause.correlation_id or str(uuid.uuid4()),
+            causation_id=causation_id or cause.causation_id,
             message_id=message_id,
         )
         try:

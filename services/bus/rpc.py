@@ -120,13 +120,18 @@ class RpcClient:
         properties: pika.spec.BasicProperties,
         timeout: float,
     ) -> tuple[pika.spec.BasicProperties, bytes]:
-        """Publish the request and wait for its reply (matched by correlation id)."""
+        """Publish the request and wait for its reply (matched by correlation id, which one
+        chain of calls shares: the calls of one thread are sequential, and a late reply to an
+        earlier call of the chain that gave up waiting is dropped here, not taken as this
+        call's)."""
         cid = properties.correlation_id
         assert cid, "an RPC request needs a correlation id"
         properties.reply_to = DIRECT_REPLY_TO
         deadline = time.monotonic() + timeout
         for attempt in (1, 2):
             ch = self._channel()
+            ch.replies.pop(cid, None)
+            ch.returned.discard(cid)
             fresh = ch.calls == 0
             ch.calls += 1
             try:

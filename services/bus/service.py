@@ -38,6 +38,7 @@ from protos.codec import DecodeError, Envelope, decode, envelope_for, pack, pars
 from protos.commands import Command
 from protos.replies import Done, ErrorReply
 from services.bus.bus import Bus, properties_for
+from services.bus.cause import Cause, caused_by
 from services.bus.errors import BusError, ServiceError
 from services.bus.idempotency import IdempotencyStore, MemoryIdempotencyStore
 from services.bus.inbound import ChannelInbound, Inbound, LinkInbound
@@ -86,6 +87,11 @@ class Context:
     envelope: Envelope
     redelivered: bool = False
     routing_key: str = ""
+
+    @property
+    def cause(self) -> Cause:
+        """What this message causes: its correlation id, and itself as the causation."""
+        return Cause.of(self.envelope)
 
 
 class Service:
@@ -356,7 +362,8 @@ class ServiceRunner:
             structlog.contextvars.bind_contextvars(domain_id=str(domain_id))
         ctx = Context(envelope, redelivered=delivery.redelivered, routing_key=delivery.routing_key)
         try:
-            reply = dispatch(self.service, command, ctx, self._commands)
+            with caused_by(ctx.cause):
+                reply = dispatch(self.service, command, ctx, self._commands)
         except Retry as exc:
             log.warning("command requeued", reason=str(exc))
             delivery.nack(requeue=True)
@@ -424,7 +431,8 @@ class ServiceRunner:
             if not routing.topic_matches(pattern, delivery.routing_key):
                 continue
             try:
-                handler(event, ctx)
+                with caused_by(ctx.cause):
+                    handler(event, ctx)
             except Retry:
                 delivery.nack(requeue=True)
                 return

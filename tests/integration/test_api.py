@@ -257,3 +257,35 @@ def test_quota_scope_and_hosts(cloud: Cloud) -> None:
     # Events usually overtake the scheduler's reply: logged first, caught up at placement.
     projected = [line for line in metrics.splitlines() if "events_projected_total{" in line]
     assert any('type="domain.started"' in line for line in projected), projected
+
+
+def test_events_carry_the_request_that_caused_them(cloud: Cloud) -> None:
+    """`X-Request-Id` of a create or an action is the correlation id of the events it causes
+    (through the scheduler and the compute node); each names its command as causation."""
+    r = cloud.create(vcpus=1, memory_mib=256)
+    assert r.status_code == 201, r.text
+    created, d = r.headers["X-Request-Id"], r.json()
+    paused = cloud.act(d["id"], "pause")
+    assert paused.status_code == 200, paused.text
+    pause_request = paused.headers["X-Request-Id"]
+    assert pause_request != created
+    url = str(cloud.http.base_url).rstrip("/")
+    events = sse_events(
+        url,
+        ALICE,
+        {"domain": d["id"], "since_seq": 0},
+        lambda evs: any(e["type"] == "domain.suspended" for e in evs),
+    )
+    by_type = {e["type"]: e for e in events}
+    assert [e["type"] for e in events] == ["domain.defined", "domain.started", "domain.suspended"]
+    assert by_type["domain.defined"]["correlation_id"] == created
+    assert by_type["domain.started"]["correlation_id"] == created
+    assert by_type["domain.suspended"]["correlation_id"] == pause_request
+    # Causation: the command each came from (define, then start, from the scheduler).
+    causes = [e["causation_id"] for e in events]
+    assert all(causes), causes
+    assert len(set(causes)) == 3, causes
+    # A request that fails says its id too.
+    missing = cloud.get(str(uuid.uuid4()))
+    assert missing.status_code == 404
+    assert missing.headers["X-Request-Id"].startswith("req-")

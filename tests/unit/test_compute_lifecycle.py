@@ -31,7 +31,7 @@ from protos.commands import (
 from protos.domain import BootSpec, DomainSpec, LifecycleAction, PowerState
 from protos.events import DomainEvent
 from protos.host import HostInventory, KvmKind, Resources
-from protos.replies import DomainInfo
+from protos.replies import DomainInfo, ErrorReply
 from services.bus import Context, ServiceError
 from services.bus.service import dispatch
 
@@ -304,3 +304,49 @@ def test_a_disabled_host_says_so(node: Node) -> None:
     assert node.service.disabled_reason == "maintenance"
     node.do(SetHostEnabled(enabled=True))
     assert node.service.enabled is True
+
+
+def test_events_carry_the_cause_of_the_command_that_made_them(node: Node) -> None:
+    s = spec("caused", on_poweroff=LifecycleAction.RESTART)
+    d = s.uuid
+
+    def do(command: Message, correlation: str) -> Envelope:
+        envelope = Envelope(type=command.TYPE, body={}, source="api", correlation_id=correlation)
+        reply = dispatch(node.service, command, Context(envelope))
+        assert not isinstance(reply, ErrorReply), reply
+        return envelope
+
+    def causes() -> list[tuple[str, str | None, str | None]]:
+        items = node.store.outbox()
+        node.store.outbox_done(items[-1].row)
+        return [(e.type, e.correlation_id, e.causation_id) for e in (decode(i.body) for i in items)]
+
+    define = do(DefineDomain(spec=s), "req-1")
+    start = do(StartDomain(domain_id=d), "req-2")
+    pause = do(PauseDomain(domain_id=d), "req-3")
+    resume = do(ResumeDomain(domain_id=d), "req-4")
+    assert causes() == [
+        ("domain.defined", "req-1", define.id),
+        ("domain.started", "req-2", start.id),
+        ("domain.suspended", "req-3", pause.id),
+        ("domain.resumed", "req-4", resume.id),
+    ]
+    # What the guest does by itself has no cause, even right after a command.
+    node.driver.guest_poweroff(d)
+    assert causes() == [
+        ("domain.shutdown", None, None),
+        ("domain.stopped", None, None),
+        ("domain.started", None, None),
+    ]
+    shutdown = do(ShutdownDomain(domain_id=d), "req-5")
+    assert causes() == [
+        ("domain.shutdown", "req-5", shutdown.id),
+        ("domain.stopped", "req-5", shutdown.id),
+        ("domain.started", "req-5", shutdown.id),  # on_poweroff=restart, after the command
+    ]
+    destroy = do(DestroyDomain(domain_id=d), "req-7")
+    undefine = do(UndefineDomain(domain_id=d), "req-8")
+    assert causes() == [
+        ("domain.stopped", "req-7", destroy.id),
+        ("domain.undefined", "req-8", undefine.id),
+    ]

@@ -37,6 +37,8 @@ def frame(record: EventRecord) -> str:
         "state": record.state.value,
         "ts": record.ts,
         "project": record.project,
+        "correlation_id": record.correlation_id,
+        "causation_id": record.causation_id,
         "event": record.body,
     }
     return f"id: {record.id}\nevent: {record.type}\ndata: {json.dumps(data)}\n\n"
