@@ -30,6 +30,7 @@ from protos.replies import ErrorReply
 from services.bus.cause import Cause, current_cause
 from services.bus.confirm import Confirmation
 from services.bus.errors import ConnectionLost, RemoteError, RpcTimeout
+from services.bus.inbound import LinkInbound, dead_letter
 from services.bus.link import Consumer, Delivery, Link
 from services.bus.rpc import RpcClient
 from services.bus.topology import QueueDecl, declare, delete_queue
@@ -227,7 +228,8 @@ class Bus:
 
         Without `queue`, a private queue is made that outlives short disconnections (it expires
         a minute after its last consumer left), so no event is lost across a reconnect.
-        Undecodable events are skipped with a log line.
+        Events that cannot be decoded, or whose handler raises, go to the dead-letter queue
+        with the reason (services.bus.inbound.dead_letter); the subscription goes on.
         """
         decl = QueueDecl(
             queue or f"subscriber.{self.source}.{uuid.uuid4().hex[:12]}",
@@ -263,14 +265,28 @@ class Subscription:
 
     def _loop(self) -> None:
         while (delivery := self._inbox.get()) is not None:
+            inbound = LinkInbound(delivery, self.bus.link)
             try:
                 envelope = decode(delivery.body, delivery.properties.content_type)
-                self._handler(envelope, parse_body(envelope))
+                event = parse_body(envelope)
             except DecodeError as exc:
-                log.warning("undecodable event skipped", reason=exc.reason)
-            except Exception:
+                self._settle_failed(inbound, exc.reason)
+                continue
+            try:
+                self._handler(envelope, event)
+            except Exception as exc:
                 log.exception("event handler failed", queue=self.decl.name)
-            self.bus.link.ack(delivery)
+                self._settle_failed(inbound, f"handler raised {type(exc).__name__}: {exc}")
+                continue
+            inbound.ack()
+
+    @staticmethod
+    def _settle_failed(inbound: LinkInbound, reason: str) -> None:
+        try:
+            dead_letter(inbound, reason)
+        except Exception as exc:  # no confirm: leave it to the broker to deliver again
+            log.warning("dead letter not confirmed; event requeued", error=str(exc))
+            inbound.nack(requeue=True)
 
     def close(self, timeout: float = 5.0) -> None:
         try:

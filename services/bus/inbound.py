@@ -8,10 +8,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import pika.spec
+import structlog
 from pika.adapters.blocking_connection import BlockingChannel
 
 from protos import routing
 from services.bus.link import Delivery, Link
+
+log = structlog.get_logger("flotilla.bus")
 
 
 class Inbound(Protocol):
@@ -107,3 +110,16 @@ class ChannelInbound:
     def dead_letter(self, body: bytes, props: pika.spec.BasicProperties) -> None:
         # A confirm-mode BlockingChannel returns only once the broker confirmed.
         self.confirm_channel.basic_publish(routing.DEAD_EXCHANGE, self.queue, body, props)
+
+
+def dead_letter(inbound: Inbound, reason: str) -> None:
+    """Move the message to the dead-letter exchange with `reason` in its headers (and the
+    queue it came from), then ack it: nothing is lost, and the consumer goes on."""
+    log.warning("message dead-lettered", reason=reason, queue=inbound.queue)
+    props = inbound.properties
+    headers = dict(props.headers or {})
+    headers[routing.REASON_HEADER] = reason[:1000]
+    headers[routing.QUEUE_HEADER] = inbound.queue
+    props.headers = headers
+    inbound.dead_letter(inbound.body, props)  # returns once the broker confirmed it
+    inbound.ack()

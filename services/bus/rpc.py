@@ -23,6 +23,16 @@ import pika.spec
 from services.bus.errors import ConnectionLost, NoRouteError, RpcTimeout
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+# Queues a reply may be sent to: direct reply-to (the broker names the caller's channel
+# `amq.rabbitmq.reply-to.<token>`) and exclusive server-named queues (`amq.gen-…`), both private
+# to the caller's connection.
+_REPLY_PREFIXES = (DIRECT_REPLY_TO, "amq.gen-")
+
+
+def is_reply_queue(name: str) -> bool:
+    return name.startswith(_REPLY_PREFIXES)
+
+
 _LOST = (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError)
 
 

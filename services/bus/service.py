@@ -41,9 +41,9 @@ from services.bus.bus import Bus, properties_for
 from services.bus.cause import Cause, caused_by
 from services.bus.errors import BusError, ServiceError
 from services.bus.idempotency import IdempotencyStore, MemoryIdempotencyStore
-from services.bus.inbound import ChannelInbound, Inbound, LinkInbound
+from services.bus.inbound import ChannelInbound, Inbound, LinkInbound, dead_letter
 from services.bus.link import Consumer, Delivery
-from services.bus.rpc import blocking_params
+from services.bus.rpc import blocking_params, is_reply_queue
 from services.bus.topology import QueueDecl
 
 log = structlog.get_logger("flotilla.service")
@@ -331,7 +331,7 @@ class ServiceRunner:
 
     # ---- commands ----------------------------------------------------------------------------
 
-    def _handle_command(self, delivery: Inbound) -> None:
+    def _handle_command(self, delivery: Inbound) -> None:  # noqa: PLR0911  (a return per outcome)
         props = delivery.properties
         try:
             envelope = decode(delivery.body, props.content_type)
@@ -341,6 +341,11 @@ class ServiceRunner:
         structlog.contextvars.bind_contextvars(
             message_id=envelope.id, correlation_id=envelope.correlation_id, type=envelope.type
         )
+        if props.reply_to and not is_reply_queue(props.reply_to):
+            # A reply goes through the default exchange to the queue named: only a caller's
+            # own reply queue may be named, never a service's queue.
+            self._dead_letter(delivery, f"reply_to {props.reply_to!r} is not a reply queue")
+            return
         cached = self.idempotency.get(envelope.id)
         if cached is not None:
             log.info("duplicate command answered from its record")
@@ -405,16 +410,7 @@ class ServiceRunner:
 
     @staticmethod
     def _dead_letter(delivery: Inbound, reason: str) -> None:
-        """Move the delivery to the dead-letter exchange with `reason`, then ack it."""
-        log.warning("message dead-lettered", reason=reason, queue=delivery.queue)
-        props = delivery.properties
-        headers = dict(props.headers or {})
-        headers[routing.REASON_HEADER] = reason[:1000]
-        headers[routing.QUEUE_HEADER] = delivery.queue
-        props.headers = headers
-        # Nothing is lost: ack only once the dead letter is confirmed.
-        delivery.dead_letter(delivery.body, props)
-        delivery.ack()
+        dead_letter(delivery, reason)
 
     # ---- events ------------------------------------------------------------------------------
 

@@ -225,9 +225,10 @@ def test_consumer_survives_forced_close_and_no_confirmed_command_is_lost(
 ) -> None:
     client, service, queue = served
     confirmed: list[str] = []
+    stop = threading.Event()
 
     def send_all() -> None:
-        for _ in range(60):
+        while not stop.is_set():
             message_id = str(uuid.uuid4())
             deadline = time.monotonic() + 30
             while True:  # retry with the same id until the broker confirms it
@@ -248,9 +249,19 @@ def test_consumer_survives_forced_close_and_no_confirmed_command_is_lost(
     sender = threading.Thread(target=send_all)
     sender.start()
     time.sleep(0.4)
+    # rabbitmqctl takes a second or more to start: keep sending until the cut has happened
+    # and the client is back, then some more.
     broker.close_all_connections()
+    deadline = time.monotonic() + 30
+    while client.link.connections_made < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sent_after = len(confirmed) + 20
+    while len(confirmed) < sent_after and time.monotonic() < deadline and sender.is_alive():
+        time.sleep(0.05)
+    stop.set()
     sender.join(60)
-    assert len(confirmed) == 60
+    assert client.link.connections_made >= 2
+    assert len(confirmed) >= sent_after
     deadline = time.monotonic() + 30
     while not set(confirmed) <= set(service.executed) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -345,3 +356,83 @@ def test_sigterm_finishes_the_command_under_way_then_exits(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_subscription_dead_letters_undecodable_events_and_goes_on(
+    make_bus: MakeBus, amqp_url: str
+) -> None:
+    publisher, subscriber = make_bus("compute:n1"), make_bus("watcher")
+    domain_id = uuid.uuid4()
+    got: list[int] = []
+    done = threading.Event()
+
+    def handler(_env: Envelope, event: Message) -> None:
+        assert isinstance(event, DomainStarted)
+        got.append(event.seq)
+        done.set()
+
+    sub = subscriber.subscribe([f"domain.*.{domain_id}"], handler)
+    try:
+        marker = f"garbage-{uuid.uuid4()}".encode()
+        conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        try:
+            conn.channel().basic_publish(
+                routing.EVENTS_EXCHANGE,
+                f"domain.started.{domain_id}",
+                b"\xc1" + marker,
+                pika.BasicProperties(content_type="application/msgpack"),
+            )
+        finally:
+            conn.close()
+        publisher.publish_event(
+            DomainStarted(
+                domain_id=domain_id,
+                name="d",
+                host="n1",
+                seq=1,
+                state=PowerState.RUNNING,
+                detail=StartedDetail.BOOTED,
+            )
+        )
+        assert done.wait(10)
+        assert got == [1]
+        props, body = find_dead_letter(amqp_url, lambda _p, b: b.endswith(marker))
+        assert "not msgpack" in props.headers["x-flotilla-reason"]
+        assert props.headers["x-flotilla-queue"] == sub.decl.name
+        assert body == b"\xc1" + marker
+    finally:
+        sub.close()
+
+
+def test_reply_to_a_queue_that_is_not_a_reply_queue_is_refused(
+    served: tuple[Bus, InfoService, str], amqp_url: str
+) -> None:
+    """A command whose reply_to names another service's queue is not executed and nothing
+    is sent there: it goes to the dead-letter queue with the reason."""
+    client, service, queue = served
+    victim = f"victim-{uuid.uuid4().hex[:8]}"
+    from protos.codec import pack
+
+    command = Envelope(
+        type="cmd.domain.get_info", source="t", body={"domain_id": str(uuid.uuid4())}
+    )
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        ch = conn.channel()
+        ch.queue_declare(victim, exclusive=True)  # ends with this connection
+        ch.basic_publish(
+            routing.COMMANDS_EXCHANGE,
+            queue,
+            pack(command),
+            pika.BasicProperties(
+                content_type="application/msgpack", message_id=command.id, reply_to=victim
+            ),
+        )
+        props, _ = find_dead_letter(amqp_url, lambda p, _b: p.message_id == command.id)
+        assert "is not a reply queue" in props.headers["x-flotilla-reason"]
+        assert command.id not in service.executed
+        method, _, _ = ch.basic_get(victim)
+        assert method is None, "a reply was sent to another service's queue"
+    finally:
+        conn.close()
+    assert isinstance(client.call(queue, GetDomainInfo(domain_id=uuid.uuid4())), DomainInfo)
