@@ -1,8 +1,9 @@
 """`python -m protos.schema [DIR]`: write the JSON Schema of every message to protos/schema/.
 
-Each file is `<type>.json` and records the model's version as `x-flotilla-version`. The files
-are checked in; tests/unit/test_schema_pins.py fails when a model's schema changes while its
-version does not (bump VERSION), or when the files are stale (rerun this).
+Each file is `<type>.json` and records the model's version as `x-flotilla-version`; beside
+them `envelope.json` describes the envelope every message travels in (docs/events.md). The
+files are checked in; tests/unit/test_schema_pins.py fails when a model's schema changes while
+its version does not (bump VERSION), or when the files are stale (rerun this).
 """
 
 from __future__ import annotations
@@ -13,8 +14,72 @@ from pathlib import Path
 from typing import Any
 
 from protos.base import Message, message_types
+from protos.codec import CONTENT_TYPE, MAX_MESSAGE_BYTES
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schema"
+ENVELOPE_FILE = "envelope.json"
+# The envelope's own format; a change to ENVELOPE_SCHEMA needs a bump here (the pin test).
+ENVELOPE_VERSION = "1.0"
+
+
+def envelope_schema() -> dict[str, Any]:
+    """The envelope as `protos.codec.decode` reads it: a msgpack map (shown as JSON)."""
+    nullable_id = {"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}]}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "Envelope",
+        "description": (
+            f"Every Flotilla message: a msgpack map (content type {CONTENT_TYPE}, at most "
+            f"{MAX_MESSAGE_BYTES} bytes) with these keys. The body is validated against the "
+            "schema of its `type` (protos/schema/<type>.json) whose major version matches "
+            "`v`. Readers ignore keys they do not know, so newer writers may add some."
+        ),
+        "type": "object",
+        "required": ["v", "type", "id", "ts", "source", "body"],
+        "properties": {
+            "v": {
+                "type": "string",
+                "pattern": r"^[0-9]+\.[0-9]+$",
+                "description": "the body's model version, major.minor (a string)",
+            },
+            "type": {
+                "type": "string",
+                "minLength": 1,
+                "description": "the message type, e.g. domain.started or cmd.domain.start",
+            },
+            "id": {
+                "type": "string",
+                "format": "uuid",
+                "description": (
+                    "the message id: a UUID string, also the AMQP message_id; commands are "
+                    "executed once per id"
+                ),
+            },
+            "ts": {
+                "type": "number",
+                "description": "when it was made: seconds since the Unix epoch, a float",
+            },
+            "source": {
+                "type": "string",
+                "minLength": 1,
+                "description": "who made it: api, scheduler:<replica>, compute:<host>",
+            },
+            "correlation_id": {
+                **nullable_id,
+                "description": (
+                    "the chain it belongs to: the API request id (X-Request-Id) or the first "
+                    "command's; null on events nothing asked for"
+                ),
+            },
+            "causation_id": {
+                **nullable_id,
+                "description": "the id of the message that caused it, or null",
+            },
+            "body": {"type": "object", "description": "the message, per its type's schema"},
+        },
+        "x-flotilla-type": "envelope",
+        "x-flotilla-version": ENVELOPE_VERSION,
+    }
 
 
 def schema_of(model: type[Message]) -> dict[str, Any]:
@@ -37,6 +102,10 @@ def write_all(directory: Path = SCHEMA_DIR) -> list[Path]:
         expected.add(path.name)
         path.write_text(render(schema_of(model)))
         written.append(path)
+    envelope = directory / ENVELOPE_FILE
+    expected.add(envelope.name)
+    envelope.write_text(render(envelope_schema()))
+    written.append(envelope)
     for stale in directory.glob("*.json"):
         if stale.name not in expected:
             stale.unlink()
