@@ -235,7 +235,11 @@ class KvmDriver(Driver):
         if spec.boot.kernel is None:
             raise DriverError("booting from an image needs the storage service", "invalid")
         if spec.disks or spec.nics:
-            raise DriverError("disks and NICs need virtio devices (not yet built)", "invalid")
+            # The runtime has virtio-blk and virtio-net; what feeds them (volumes from the
+            # storage service, ports from the network service) does not exist yet.
+            raise DriverError(
+                "disks and NICs need the storage and network services (not yet built)", "invalid"
+            )
         directory = self.directory(spec.uuid)
         directory.mkdir(parents=True, exist_ok=True)
         config = {

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+import uuid
 from typing import Any
 
 from services.cli.client import SseEvent
@@ -37,8 +38,17 @@ def event_line(ev: SseEvent) -> str:
     return "  ".join(parts)
 
 
+def _domain_id(s: Session, ref: str) -> str:
+    """A uuid as given (a deleted domain's history is still served, scoped to the caller's
+    project), a name through the domain list."""
+    try:
+        return str(uuid.UUID(ref))
+    except ValueError:
+        return str(resolve(s, ref)["id"])
+
+
 def cmd_events(s: Session, args: argparse.Namespace) -> int:
-    domain = resolve(s, args.domain)["id"] if args.domain else None
+    domain = _domain_id(s, args.domain) if args.domain else None
     # Without --follow: what is logged so far, from the start unless --since says otherwise.
     since = args.since if args.since is not None or args.follow else "0"
     count = 0

@@ -87,6 +87,9 @@ def test_cli_lifecycle_with_waits_tables_and_events(e2e: E2E, cli: Cli) -> None:
     r = cli.run("dominfo", name)
     assert r.returncode == 3, r.stderr
     assert "not found" in r.stderr
+    # A deleted domain's history stays readable by uuid (and ends with its undefine).
+    history = cli.ok("events", "--domain", info["id"]).splitlines()
+    assert [line.split()[1] for line in history] == [*kinds, "domain.undefined"]
 
 
 def test_cli_create_from_a_yaml_spec_with_anti_affinity(e2e: E2E, cli: Cli, tmp_path: Any) -> None:

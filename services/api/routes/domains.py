@@ -50,8 +50,9 @@ router = APIRouter(prefix="/v1/domains", tags=["domains"])
 def create_domain(body: DomainCreate, ctx: Ctx, caller: Caller, response: Response) -> DomainView:
     """Define a domain on a host the scheduler picks, and start it unless `start` is false.
 
-    403 over quota, 409 if the project has a domain of that name, 503 `no_valid_host` (with
-    `fault`, `attempts`, `filtered`) when no host fits, 503 when the broker is unreachable."""
+    403 over quota, 409 if a domain of that name exists (names are unique across projects),
+    503 `no_valid_host` (with `fault`, `attempts`, `filtered`) when no host fits, 503 when the
+    broker is unreachable."""
     spec = DomainSpec.model_validate(body.model_dump(exclude={"start"}))
     quota = ctx.registry.get_quota(caller.project) or ctx.config.quota_for(caller.project)
     try:
