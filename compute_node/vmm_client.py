@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, NamedTuple, TypedDict, cast
 
@@ -325,12 +326,14 @@ def spawn(
     domain_dir: str | os.PathLike[str],
     python: str = sys.executable,
     timeout: float = SPAWN_TIMEOUT,
+    pass_fds: Sequence[int] = (),
 ) -> int:
     """Starts the VMM for a domain dir that holds vmm.json and waits until it answers.
 
     The process runs in its own session (it outlives the caller), with stdin on /dev/null
     and stdout/stderr appended to <domain-dir>/vmm.log, under `python -S -E` (lean start).
-    It is the caller's child: reap it with `reap()`/`wait_exit()`.
+    It is the caller's child: reap it with `reap()`/`wait_exit()`. `pass_fds` are inherited
+    under the same numbers (the boot files vmm.json names as /proc/self/fd/N).
     Returns its pid once `status` answers from that pid. Raises VmmSpawnError with the reason
     (its `failed` record, its exit status and log, or the timeout; then it is killed).
     """
@@ -347,6 +350,7 @@ def spawn(
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            pass_fds=tuple(pass_fds),
         )
     pid = proc.pid
     # Kept so the Popen object never reaps it behind reap()'s back.

@@ -266,3 +266,27 @@ def test_an_action_the_state_forbids_is_409_with_the_state(e2e: E2E) -> None:
     finally:
         ok(c.delete(f"/v1/domains/{i}"), (202, 204))
         wait_gone(c, i)
+
+
+def test_host_files_a_member_may_not_boot_and_what_admins_may(e2e: E2E, tmp_path: Path) -> None:
+    """Against `flotilla up`: a member's /etc/shadow as initrd is refused with the rule
+    (nothing stored), a relative path is 422 at the API; an admin boots a kernel outside the
+    allowed directories."""
+    member, admin = e2e.client(), e2e.client("admin")
+    api_config = e2e.stack.config.state_dir / "api" / "api.toml"  # holds the admin token
+    assert api_config.exists()
+    for initrd in ("/etc/shadow", str(api_config), "/nope"):
+        boot = {"kernel": str(e2e.guest), "initrd": initrd}
+        p = ok(member.post("/v1/domains", json=e2e.spec(boot=boot)), 403)
+        assert (p["code"], p["field"]) == ("forbidden", "boot.initrd")
+        assert "allowed_boot_dirs" in p["detail"]
+        ok(member.delete(f"/v1/domains/{p['domain_id']}"), 204)  # never placed
+    p = ok(member.post("/v1/domains", json=e2e.spec(boot={"kernel": "guest.elf"})), 422)
+    assert p["field"] == "boot.kernel"
+    ok(member.delete(f"/v1/domains/{p['domain_id']}"), 204)
+    kernel = tmp_path / "guest.elf"
+    kernel.write_bytes(e2e.guest.read_bytes())
+    d = ok(admin.post("/v1/domains", json=e2e.spec(boot={"kernel": str(kernel)})), 201)
+    assert d["state"] == "running"
+    ok(admin.delete(f"/v1/domains/{d['id']}"), (202, 204))
+    wait_gone(admin, d["id"])

@@ -22,6 +22,7 @@ from compute_node.node import ComputeNode
 from services.api import ApiConfig, Quota, TokenEntry, create_app
 from services.api.config import Role
 from services.scheduler import Scheduler, SchedulerConfig
+from tests.bootfiles import BOOT_DIR, KERNEL
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +63,7 @@ class Cloud:
         self.nodes = nodes
 
     def create(self, token: str = ALICE, **kw: Any) -> httpx.Response:
-        body = {"name": f"g-{uuid.uuid4().hex[:8]}", "boot": {"kernel": "/k"}, **kw}
+        body = {"name": f"g-{uuid.uuid4().hex[:8]}", "boot": {"kernel": KERNEL}, **kw}
         return self.http.post("/v1/domains", json=body, headers=auth(token))
 
     def act(self, domain_id: str, action: str, **kw: Any) -> httpx.Response:
@@ -97,6 +98,7 @@ def cloud(amqp_url: str, tmp_path: Path) -> Iterator[Cloud]:
                 state_dir=tmp_path / host,
                 amqp_url=amqp_url,
                 driver="fake",
+                allowed_boot_dirs=[BOOT_DIR],
                 cpu_allocation_ratio=1.0,
                 reserved_host_memory_mib=0,
                 heartbeat_interval_s=0.3,

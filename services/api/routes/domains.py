@@ -50,7 +50,8 @@ router = APIRouter(prefix="/v1/domains", tags=["domains"])
 def create_domain(body: DomainCreate, ctx: Ctx, caller: Caller, response: Response) -> DomainView:
     """Define a domain on a host the scheduler picks, and start it unless `start` is false.
 
-    403 over quota, 409 if the project has a domain of that name, 503 `no_valid_host` (with
+    403 `forbidden` for a host path a member may not use (422 `invalid` for a bad one), 403
+    over quota, 409 if the project has a domain of that name, 503 `no_valid_host` (with
     `fault`, `attempts`, `filtered`) when no host fits, 503 when the broker is unreachable."""
     spec = DomainSpec.model_validate(body.model_dump(exclude={"start"}))
     quota = ctx.registry.get_quota(caller.project) or ctx.config.quota_for(caller.project)
@@ -71,6 +72,9 @@ def create_domain(body: DomainCreate, ctx: Ctx, caller: Caller, response: Respon
     command = ScheduleDomain(
         spec=spec,
         project=caller.project,
+        # From the token, never from the body: admins' host paths are not held to the
+        # compute nodes' allowed_boot_dirs.
+        privileged=caller.is_admin,
         start=body.start,
         max_attempts=ctx.config.schedule_max_attempts,
     )
