@@ -101,7 +101,8 @@ class Driver(abc.ABC):
         `started` event has reached the sink by then. `files` are the spec's kernel and
         initrd, opened and checked by the worker (boot_sources.py): a driver reads those
         descriptors, never the paths again, and does not close them. Raises DriverError (code
-        `spawn_failed`) with the reason if it could not start; no events then."""
+        `spawn_failed`, or `invalid` for files that are no bootable image) with the reason if
+        it could not start; no events then."""
 
     @abc.abstractmethod
     def adopt(self, domain_id: uuid.UUID, after_n: int) -> RuntimeInfo | None:

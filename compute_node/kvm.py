@@ -271,7 +271,7 @@ class KvmDriver(Driver):
         try:
             pid = vmm_client.spawn(directory, pass_fds=files.fds())
         except vmm_client.VmmSpawnError as exc:
-            raise DriverError(_named(exc.reason, files), "spawn_failed") from None
+            raise DriverError(_named(exc.reason, files), exc.code) from None
         watch = _Watch(self, spec.uuid, directory, pid)
         with self._lock:
             self._watches[spec.uuid] = watch

@@ -85,11 +85,14 @@ class VmmRequestError(VmmClientError):
 
 
 class VmmSpawnError(VmmClientError):
-    """The VMM process did not come up; `reason` says why (its `failed` record, exit, log)."""
+    """The VMM process did not come up; `reason` says why (its `failed` record, exit, log);
+    `code` is `invalid` when the machine's config was unusable (no kernel image), else
+    `spawn_failed`."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, code: str = "spawn_failed") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.code = code
 
 
 class VmmStatus(TypedDict):
@@ -363,7 +366,8 @@ def spawn(
         failed = [r for r in records if r["kind"] == "failed"]
         if failed:
             wait_exit(pid, 2.0)
-            raise VmmSpawnError(failed[-1]["reason"])
+            code = "invalid" if failed[-1]["detail"] == "invalid" else "spawn_failed"
+            raise VmmSpawnError(failed[-1]["reason"], code)
         status = reap(pid)
         if status is not None:
             if records:

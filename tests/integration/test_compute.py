@@ -195,7 +195,7 @@ def test_the_vmm_boots_the_files_checked_even_if_the_path_changes_later(
     call(bus, compute.queue, DestroyDomain(domain_id=s.uuid))
 
 
-def test_a_member_cannot_boot_host_files(
+def test_a_member_cannot_boot_host_files_and_a_non_kernel_is_invalid(
     node: tuple[ComputeProcess, Bus, EventLog], guest: Path, tmp_path: Path
 ) -> None:
     compute, bus, _ = node
@@ -205,6 +205,16 @@ def test_a_member_cannot_boot_host_files(
     assert (err.value.code, err.value.details["field"]) == ("forbidden", "boot.initrd")
     assert "allowed_boot_dirs" in err.value.message
     assert not (compute.state_dir / "domains" / str(s.uuid)).exists()
+    # What only the VMM finds (no kernel image) is the spec's fault too, with the path given.
+    junk = tmp_path / "junk"
+    junk.write_bytes(bytes(4096))
+    j = spec(junk)
+    call(bus, compute.queue, DefineDomain(spec=j, privileged=True))
+    with pytest.raises(RemoteError) as err:
+        bus.call(compute.queue, StartDomain(domain_id=j.uuid), timeout=20)
+    assert err.value.code == "invalid"
+    assert f"kernel {junk}: not a kernel image" in err.value.message, err.value.message
+    assert "/proc/self/fd" not in err.value.message
 
 
 def test_a_spawn_beyond_capacity_is_refused(

@@ -345,10 +345,10 @@ def test_no_valid_host_is_503_with_the_fault(client: TestClient, cloud: FakeClou
     assert p["code"] == "no_valid_host"
     assert p["fault"]["code"] == "no_valid_host"
     assert p["attempts"] == [{"host": "h1", "code": "no_capacity", "message": "full"}]
-    d = client.get(f"/v1/domains/{p['domain_id']}", headers=auth(ALICE)).json()
-    assert (d["task"], d["fault"]["code"]) == ("error", "no_valid_host")
-    # A domain in error is deleted at once: it is on no host.
-    assert client.delete(f"/v1/domains/{d['id']}", headers=auth(ALICE)).status_code == 204
+    # Placed nowhere, so nothing is left: no record, nothing counting against the quota.
+    assert client.get(f"/v1/domains/{p['domain_id']}", headers=auth(ALICE)).status_code == 404
+    usage = client.get("/v1/projects/alice", headers=auth(ADMIN)).json()["usage"]
+    assert usage["domains"] == 0
 
 
 def test_broker_unreachable_is_503(client: TestClient, cloud: FakeCloud) -> None:
