@@ -12,6 +12,7 @@
 | heartbeat_interval_s | FLOTILLA_HEARTBEAT_INTERVAL_S | 2.0 |
 | console_listen | FLOTILLA_CONSOLE_LISTEN | 127.0.0.1 (where the console relay listens) |
 | console_advertise | FLOTILLA_CONSOLE_ADVERTISE | the bound address (FQDN for 0.0.0.0) |
+| allowed_boot_dirs | FLOTILLA_ALLOWED_BOOT_DIRS (a:b:c) | test guest and image cache dirs |
 """
 
 from __future__ import annotations
@@ -20,10 +21,19 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from protos.domain import NAME_PATTERN
 from services.settings import load_layered
+
+
+def default_boot_dirs() -> list[Path]:
+    """Where members may boot from unless the operator says otherwise: the packaged test
+    guest's build directory and the Linux image cache (native.images)."""
+    from native.images import cache_root  # noqa: PLC0415  (only when no list is configured)
+    from native.testguest import OUTPUT  # noqa: PLC0415
+
+    return [OUTPUT.parent, cache_root()]
 
 
 class ComputeConfig(BaseModel):
@@ -43,9 +53,26 @@ class ComputeConfig(BaseModel):
     # the address tickets name (default: the bound address, or the FQDN for a wildcard).
     console_listen: str = "127.0.0.1"
     console_advertise: str = ""
+    # Members may name host files as boot sources only under these (boot_sources.py);
+    # admins may name any absolute path.
+    allowed_boot_dirs: list[Path] = Field(default_factory=default_boot_dirs)
     # The fake driver's pretend host (ignored by the KVM driver, which measures the real one).
     fake_vcpus: int = Field(default=16, ge=1)
     fake_memory_mib: int = Field(default=65536, ge=64)
+
+    @field_validator("allowed_boot_dirs", mode="before")
+    @classmethod
+    def _dir_list(cls, value: object) -> object:
+        # From the environment: colon-separated, like PATH.
+        return [p for p in value.split(":") if p] if isinstance(value, str) else value
+
+    @field_validator("allowed_boot_dirs")
+    @classmethod
+    def _absolute(cls, value: list[Path]) -> list[Path]:
+        for path in value:
+            if not path.is_absolute():
+                raise ValueError(f"allowed_boot_dirs: {path} is not an absolute path")
+        return value
 
     @classmethod
     def load(cls, path: Path | None = None, **overrides: Any) -> ComputeConfig:

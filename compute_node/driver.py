@@ -17,6 +17,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict
 
+from compute_node.boot_sources import BootFiles
 from protos.commands import RebootMode, ShutdownMode
 from protos.domain import DomainSpec, PowerState
 from protos.host import KvmKind, Resources
@@ -95,10 +96,13 @@ class Driver(abc.ABC):
         domain, in `n` order."""
 
     @abc.abstractmethod
-    def spawn(self, spec: DomainSpec, *, paused: bool = False) -> RuntimeInfo:
+    def spawn(self, spec: DomainSpec, files: BootFiles, *, paused: bool = False) -> RuntimeInfo:
         """Start a machine for `spec`; return once it runs (or is paused, if asked). Its
-        `started` event has reached the sink by then. Raises DriverError (code
-        `spawn_failed`) with the reason if it could not start; no events then."""
+        `started` event has reached the sink by then. `files` are the spec's kernel and
+        initrd, opened and checked by the worker (boot_sources.py): a driver reads those
+        descriptors, never the paths again, and does not close them. Raises DriverError (code
+        `spawn_failed`, or `invalid` for files that are no bootable image) with the reason if
+        it could not start; no events then."""
 
     @abc.abstractmethod
     def adopt(self, domain_id: uuid.UUID, after_n: int) -> RuntimeInfo | None:

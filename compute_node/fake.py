@@ -11,6 +11,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 
+from compute_node.boot_sources import BootFiles
 from compute_node.driver import (
     Capabilities,
     DomainNotRunning,
@@ -68,7 +69,7 @@ class FakeDriver(Driver):
             raise DomainNotRunning(domain_id)
         return machine
 
-    def spawn(self, spec: DomainSpec, *, paused: bool = False) -> RuntimeInfo:
+    def spawn(self, spec: DomainSpec, _files: BootFiles, *, paused: bool = False) -> RuntimeInfo:
         with self._lock:
             if self.fail_next_spawn:
                 reason, self.fail_next_spawn = self.fail_next_spawn, None

@@ -23,6 +23,7 @@ from pathlib import Path
 import structlog
 
 from compute_node import vmm_client
+from compute_node.boot_sources import BootFiles
 from compute_node.driver import (
     Capabilities,
     DomainNotRunning,
@@ -231,9 +232,11 @@ class KvmDriver(Driver):
 
     # ---- the contract ---------------------------------------------------------------------
 
-    def spawn(self, spec: DomainSpec, *, paused: bool = False) -> RuntimeInfo:
-        if spec.boot.kernel is None:
-            raise DriverError("booting from an image needs the storage service", "invalid")
+    def spawn(self, spec: DomainSpec, files: BootFiles, *, paused: bool = False) -> RuntimeInfo:
+        if spec.boot.kernel is None or files.kernel is None:
+            raise DriverError(
+                "boot.image: booting from an image needs the storage service", "invalid"
+            )
         if spec.disks or spec.nics:
             # The runtime has virtio-blk and virtio-net; what feeds them (volumes from the
             # storage service, ports from the network service) does not exist yet.
@@ -245,8 +248,10 @@ class KvmDriver(Driver):
         config = {
             "domain_id": str(spec.uuid),
             "name": spec.name,
-            "kernel": spec.boot.kernel,
-            "initrd": spec.boot.initrd,
+            # The VMM inherits the descriptors the worker opened and checked, and reads the
+            # files through them (also when a policy restarts the machine).
+            "kernel": files.kernel.fd_path,
+            "initrd": files.initrd.fd_path if files.initrd else None,
             "cmdline": spec.boot.cmdline,
             "memory_mib": spec.memory_mib,
             "vcpus": spec.vcpus,
@@ -268,9 +273,9 @@ class KvmDriver(Driver):
         tmp.replace(directory / CONFIG_FILE)
         before = _last_n(directory)
         try:
-            pid = vmm_client.spawn(directory)
+            pid = vmm_client.spawn(directory, pass_fds=files.fds())
         except vmm_client.VmmSpawnError as exc:
-            raise DriverError(exc.reason, "spawn_failed") from None
+            raise DriverError(_named(exc.reason, files), exc.code) from None
         watch = _Watch(self, spec.uuid, directory, pid)
         with self._lock:
             self._watches[spec.uuid] = watch
@@ -380,6 +385,14 @@ class KvmDriver(Driver):
             self._watches.clear()
         for watch in watches:
             watch.stop()
+
+
+def _named(reason: str, files: BootFiles) -> str:
+    """The VMM's reason with the spec's paths in place of the descriptors it read."""
+    for opened in (files.kernel, files.initrd):
+        if opened is not None:
+            reason = reason.replace(opened.fd_path, opened.given)
+    return reason
 
 
 def _last_n(directory: Path) -> int:

@@ -12,10 +12,12 @@ import dataclasses
 import threading
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import structlog
 
+from compute_node.boot_sources import BootSources, SourceRefused
 from compute_node.causes import PendingCauses
 from compute_node.console import ConsoleHandlers
 from compute_node.driver import (
@@ -55,8 +57,11 @@ K = GuestEventKind
 class Lifecycle(ConsoleHandlers, Service):
     name = "compute"
 
-    def __init__(self, host: str, store: Store, driver: Driver, claims: Claims) -> None:
+    def __init__(
+        self, host: str, store: Store, driver: Driver, claims: Claims, sources: BootSources
+    ) -> None:
         self.host = host
+        self.sources = sources
         # Whether the scheduler may place new guests here (heartbeat `enabled`).
         self.enabled = True
         self.disabled_reason = ""
@@ -142,18 +147,24 @@ class Lifecycle(ConsoleHandlers, Service):
     @handles(DefineDomain)
     def define(self, cmd: DefineDomain, ctx: Context) -> DomainInfo:
         spec = cmd.spec
+        with _refused():
+            self.sources.check(spec, privileged=cmd.privileged)
         with self._lock(spec.uuid):
             existing = self.store.get(spec.uuid)
             if existing is not None:
                 self._check(existing, Action.DEFINE)
-                if existing.spec == spec:
+                if existing.spec == spec and existing.privileged == cmd.privileged:
                     return self.info(spec.uuid)  # nothing changed: no event
                 detail = DefinedDetail.UPDATED
             else:
                 detail = DefinedDetail.ADDED
             state = existing.state if existing else PowerState.SHUTOFF
             try:
-                self.store.define(spec, [EventDraft(DomainDefined, state, detail, cause=ctx.cause)])
+                self.store.define(
+                    spec,
+                    [EventDraft(DomainDefined, state, detail, cause=ctx.cause)],
+                    privileged=cmd.privileged,
+                )
             except NameTaken as exc:
                 raise ServiceError("conflict", str(exc), {"name": spec.name}) from None
             return self.info(spec.uuid)
@@ -183,23 +194,28 @@ class Lifecycle(ConsoleHandlers, Service):
         self, domain_id: uuid.UUID, *, paused: bool = False, cause: Cause | None = None
     ) -> None:
         """Start the domain's machine unless it runs already (the transition table decides),
-        claiming its resources first. Used by `start` and by autostart at node start-up.
-        Raises ServiceError: not_found, conflict, no_capacity, or the driver's code."""
+        claiming its resources first and opening its boot files under the node's rule (the
+        definer's role is kept with the definition). Used by `start` and by autostart at node
+        start-up. Raises ServiceError: not_found, conflict, forbidden, invalid, no_capacity,
+        or the driver's code."""
         with self._lock(domain_id):
             record = self._record(domain_id)
             if not self._check(record, Action.START):
                 return
             steps = [{K.STARTED, K.FAILED}, *([{K.PAUSED}] if paused else [])]
             self.causes.expect(domain_id, cause, *steps)
-            self.claims.claim(record.spec)
-            try:
-                self.driver.spawn(record.spec, paused=paused)
-            except DriverError as exc:
-                self.claims.release(domain_id)
-                raise ServiceError(exc.code, exc.message, {"host": self.host}) from None
-            except BaseException:
-                self.claims.release(domain_id)
-                raise
+            with _refused():
+                files = self.sources.open(record.spec, privileged=record.privileged)
+            with files:
+                self.claims.claim(record.spec)
+                try:
+                    self.driver.spawn(record.spec, files, paused=paused)
+                except DriverError as exc:
+                    self.claims.release(domain_id)
+                    raise ServiceError(exc.code, exc.message, {"host": self.host}) from None
+                except BaseException:
+                    self.claims.release(domain_id)
+                    raise
 
     @handles(DestroyDomain)
     def destroy(self, cmd: DestroyDomain, ctx: Context) -> DomainInfo:
@@ -307,3 +323,12 @@ class Lifecycle(ConsoleHandlers, Service):
             call()
         except DriverError as exc:
             raise ServiceError(exc.code, exc.message) from None
+
+
+@contextmanager
+def _refused() -> Iterator[None]:
+    """A spec path the rule refuses as the ServiceError the caller gets, naming the field."""
+    try:
+        yield
+    except SourceRefused as exc:
+        raise ServiceError(exc.code, exc.message, {"field": exc.field}) from None

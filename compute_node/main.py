@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
             "variables (FLOTILLA_HOST, FLOTILLA_STATE_DIR, FLOTILLA_AMQP_URL, FLOTILLA_DRIVER, "
             "FLOTILLA_CPU_ALLOCATION_RATIO, FLOTILLA_RAM_ALLOCATION_RATIO, "
             "FLOTILLA_RESERVED_HOST_MEMORY_MIB, FLOTILLA_HEARTBEAT_INTERVAL_S, "
-            "FLOTILLA_CONSOLE_LISTEN, FLOTILLA_CONSOLE_ADVERTISE), then flags."
+            "FLOTILLA_CONSOLE_LISTEN, FLOTILLA_CONSOLE_ADVERTISE, FLOTILLA_ALLOWED_BOOT_DIRS), "
+            "then flags."
         ),
     )
     parser.add_argument("--config", type=Path, help="TOML file")
@@ -36,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--console-listen", help="console relay address; firewall its port (127.0.0.1)"
     )
     parser.add_argument("--console-advertise", help="address console tickets name")
+    parser.add_argument(
+        "--allowed-boot-dir",
+        action="append",
+        type=Path,
+        help="where members may boot from (repeat; default: the test guest, the image cache)",
+    )
     parser.add_argument("--log-level", default=None, help="debug, info, warning (info)")
     return parser
 
@@ -55,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat_interval_s=args.heartbeat_interval_s,
         console_listen=args.console_listen,
         console_advertise=args.console_advertise,
+        allowed_boot_dirs=args.allowed_boot_dir,
     )
     node = ComputeNode(config).start()
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import structlog
 
+from compute_node.boot_sources import BootSources
 from compute_node.config import ComputeConfig
 from compute_node.console import ConsoleRelay
 from compute_node.driver import Driver, GuestEvent, GuestEventKind
@@ -51,7 +52,13 @@ class ComputeNode:
             max_vcpus_per_domain=caps.max_vcpus,
         )
         self.claims = Claims(self.inventory, config.reserved_host_memory_mib)
-        self.lifecycle = Lifecycle(config.host, self.store, self.driver, self.claims)
+        self.lifecycle = Lifecycle(
+            config.host,
+            self.store,
+            self.driver,
+            self.claims,
+            BootSources(config.allowed_boot_dirs),
+        )
         self.bus = Bus(config.amqp_url, source=source)
         self.queue = routing.compute_queue(config.host)
         self.runner = ServiceRunner(

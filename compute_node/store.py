@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS domains (
     state TEXT NOT NULL,
     seq INTEGER NOT NULL DEFAULT 0,
     driver_n INTEGER NOT NULL DEFAULT 0,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    privileged INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -49,6 +50,8 @@ class DomainRecord:
     state: PowerState
     seq: int
     driver_n: int
+    # Defined by an admin: its host paths are not held to allowed_boot_dirs (boot_sources.py).
+    privileged: bool = False
 
     @property
     def id(self) -> uuid.UUID:
@@ -87,6 +90,9 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(domains)")}
+        if "privileged" not in columns:  # a state dir from before the column: members' rule
+            self._db.execute("ALTER TABLE domains ADD COLUMN privileged INTEGER NOT NULL DEFAULT 0")
         self._lock = threading.RLock()
         self.host = host
         self.source = source
@@ -110,19 +116,23 @@ class Store:
     def get(self, domain_id: uuid.UUID) -> DomainRecord | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT spec, state, seq, driver_n FROM domains WHERE id = ?", (str(domain_id),)
+                "SELECT spec, state, seq, driver_n, privileged FROM domains WHERE id = ?",
+                (str(domain_id),),
             ).fetchone()
         return None if row is None else _record(row)
 
     def all(self) -> list[DomainRecord]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT spec, state, seq, driver_n FROM domains ORDER BY name"
+                "SELECT spec, state, seq, driver_n, privileged FROM domains ORDER BY name"
             ).fetchall()
         return [_record(r) for r in rows]
 
-    def define(self, spec: DomainSpec, drafts: list[EventDraft]) -> DomainRecord:
-        """Insert or replace the definition of `spec.uuid` and emit `drafts`."""
+    def define(
+        self, spec: DomainSpec, drafts: list[EventDraft], *, privileged: bool = False
+    ) -> DomainRecord:
+        """Insert or replace the definition of `spec.uuid` (and whether an admin made it) and
+        emit `drafts`."""
         with self._tx() as db:
             clash = db.execute(
                 "SELECT id FROM domains WHERE name = ? AND id != ?", (spec.name, str(spec.uuid))
@@ -132,10 +142,18 @@ class Store:
             row = db.execute("SELECT state FROM domains WHERE id = ?", (str(spec.uuid),)).fetchone()
             state = PowerState.SHUTOFF if row is None else PowerState(row[0])
             db.execute(
-                "INSERT INTO domains (id, name, spec, state, updated) VALUES (?, ?, ?, ?, ?) "
+                "INSERT INTO domains (id, name, spec, state, updated, privileged) "
+                "VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(id) DO UPDATE SET name = excluded.name, spec = excluded.spec, "
-                "updated = excluded.updated",
-                (str(spec.uuid), spec.name, spec.model_dump_json(), state.value, time.time()),
+                "updated = excluded.updated, privileged = excluded.privileged",
+                (
+                    str(spec.uuid),
+                    spec.name,
+                    spec.model_dump_json(),
+                    state.value,
+                    time.time(),
+                    int(privileged),
+                ),
             )
             self._emit(db, spec, drafts)
         record = self.get(spec.uuid)
@@ -163,7 +181,8 @@ class Store:
         driver event consumed, all in one transaction. Returns the events."""
         with self._tx() as db:
             row = db.execute(
-                "SELECT spec, state, seq, driver_n FROM domains WHERE id = ?", (str(domain_id),)
+                "SELECT spec, state, seq, driver_n, privileged FROM domains WHERE id = ?",
+                (str(domain_id),),
             ).fetchone()
             if row is None:
                 return []
@@ -253,10 +272,11 @@ class Store:
             self._db.close()
 
 
-def _record(row: tuple[str, str, int, int]) -> DomainRecord:
+def _record(row: tuple[str, str, int, int, int]) -> DomainRecord:
     return DomainRecord(
         spec=DomainSpec.model_validate(json.loads(row[0])),
         state=PowerState(row[1]),
         seq=int(row[2]),
         driver_n=int(row[3]),
+        privileged=bool(row[4]),
     )

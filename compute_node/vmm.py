@@ -55,6 +55,7 @@ from compute_node.vmm_proto import (
     read_journal,
 )
 from native.machine import (
+    ConfigError,
     Event,
     EventKind,
     Machine,
@@ -705,7 +706,9 @@ def main(argv: list[str]) -> int:
     except VmmError as exc:
         _unlink(CONTROL_SOCKET)
         vmm._end_machine()
-        journal.append("failed", exc.message)
+        # A kernel or initrd that is no bootable image is the spec's fault, the same on any
+        # host: `invalid` tells the worker not to try elsewhere.
+        journal.append("failed", exc.message, "invalid" if isinstance(exc, ConfigError) else "")
         _unlink(PID_FILE)
         return EXIT_FAILED
     return vmm.run()

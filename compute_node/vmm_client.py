@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, NamedTuple, TypedDict, cast
 
@@ -84,11 +85,14 @@ class VmmRequestError(VmmClientError):
 
 
 class VmmSpawnError(VmmClientError):
-    """The VMM process did not come up; `reason` says why (its `failed` record, exit, log)."""
+    """The VMM process did not come up; `reason` says why (its `failed` record, exit, log);
+    `code` is `invalid` when the machine's config was unusable (no kernel image), else
+    `spawn_failed`."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, code: str = "spawn_failed") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.code = code
 
 
 class VmmStatus(TypedDict):
@@ -325,12 +329,14 @@ def spawn(
     domain_dir: str | os.PathLike[str],
     python: str = sys.executable,
     timeout: float = SPAWN_TIMEOUT,
+    pass_fds: Sequence[int] = (),
 ) -> int:
     """Starts the VMM for a domain dir that holds vmm.json and waits until it answers.
 
     The process runs in its own session (it outlives the caller), with stdin on /dev/null
     and stdout/stderr appended to <domain-dir>/vmm.log, under `python -S -E` (lean start).
-    It is the caller's child: reap it with `reap()`/`wait_exit()`.
+    It is the caller's child: reap it with `reap()`/`wait_exit()`. `pass_fds` are inherited
+    under the same numbers (the boot files vmm.json names as /proc/self/fd/N).
     Returns its pid once `status` answers from that pid. Raises VmmSpawnError with the reason
     (its `failed` record, its exit status and log, or the timeout; then it is killed).
     """
@@ -347,6 +353,7 @@ def spawn(
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            pass_fds=tuple(pass_fds),
         )
     pid = proc.pid
     # Kept so the Popen object never reaps it behind reap()'s back.
@@ -359,7 +366,8 @@ def spawn(
         failed = [r for r in records if r["kind"] == "failed"]
         if failed:
             wait_exit(pid, 2.0)
-            raise VmmSpawnError(failed[-1]["reason"])
+            code = "invalid" if failed[-1]["detail"] == "invalid" else "spawn_failed"
+            raise VmmSpawnError(failed[-1]["reason"], code)
         status = reap(pid)
         if status is not None:
             if records:

@@ -30,11 +30,17 @@ class DomainCommand(Command):
 
 
 class DefineDomain(Command):
-    """Create or update a persistent domain definition without starting it."""
+    """Create or update a persistent domain definition without starting it.
+
+    `privileged` says the requester is an admin (set by the API from the token, never from a
+    request body): only then may the spec name host files outside the node's
+    `allowed_boot_dirs`. The node keeps it with the definition for every later start."""
 
     TYPE = "cmd.domain.define"
+    VERSION = "1.1"
     RESULT = DomainInfo
     spec: DomainSpec
+    privileged: bool = False
 
 
 class UndefineDomain(DomainCommand):

@@ -7,6 +7,7 @@ compute node does when the guest powers off, reboots or crashes.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from enum import StrEnum
 from typing import Annotated, Self
 from uuid import UUID, uuid4
@@ -174,3 +175,28 @@ class Fault(_Spec):
     code: str
     message: str
     host: str | None = None
+
+
+def host_paths(spec: DomainSpec) -> Iterator[tuple[str, str]]:
+    """Every host path `spec` names, with its dotted field name (`boot.kernel`,
+    `disks.0.path`)."""
+    if spec.boot.kernel is not None:
+        yield "boot.kernel", spec.boot.kernel
+    if spec.boot.initrd is not None:
+        yield "boot.initrd", spec.boot.initrd
+    for i, disk in enumerate(spec.disks):
+        if disk.path is not None:
+            yield f"disks.{i}.path", disk.path
+
+
+def spec_problems(spec: DomainSpec) -> list[tuple[str, str]]:
+    """What is wrong with `spec` whatever the host: (field, reason) pairs. The API answers
+    them with 422 before storing anything; compute nodes check them again."""
+    problems = [
+        (name, "must be an absolute path")
+        for name, path in host_paths(spec)
+        if not path.startswith("/")
+    ]
+    texts = [*host_paths(spec), ("boot.cmdline", spec.boot.cmdline)]
+    problems += [(name, "must not contain a NUL byte") for name, text in texts if "\0" in text]
+    return sorted(problems)

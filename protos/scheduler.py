@@ -3,9 +3,10 @@
 The API sends `ScheduleDomain` (RPC) to the `scheduler` queue. The scheduler filters and weighs
 hosts, then asks the chosen compute node to define (and start) the domain; a compute node that
 refuses (`no_capacity`, `spawn_failed`, …) is recorded as an attempt and the next host is tried,
-up to `max_attempts`. The reply is a `Placement`, or an `ErrorReply` with code `no_valid_host`
-whose details carry `attempts` (host, code, message) and `filtered` (filter name → hosts it
-removed) so the caller can say why.
+up to `max_attempts`; a refusal of the spec itself (`invalid`, `forbidden`) is the same on every
+host and is the answer at once (with `field` in its details). The reply is a `Placement`, or
+an `ErrorReply` with code `no_valid_host` whose details carry `attempts` (host, code, message)
+and `filtered` (filter name → hosts it removed) so the caller can say why.
 """
 
 from __future__ import annotations
@@ -39,12 +40,15 @@ class Placement(Message):
 
 
 class ScheduleDomain(Command):
-    """Place `spec` on a host, define it there and start it unless `start` is false."""
+    """Place `spec` on a host, define it there and start it unless `start` is false.
+    `privileged` (the requester is an admin) travels on to the compute node's DefineDomain."""
 
     TYPE = "cmd.scheduler.schedule"
+    VERSION = "1.1"
     RESULT = Placement
     spec: DomainSpec
     project: str = Field(pattern=NAME_PATTERN)
+    privileged: bool = False
     start: bool = True
     max_attempts: int = Field(default=3, ge=1, le=20)
 

@@ -22,6 +22,7 @@ from services.bus import BusError, NoRouteError, RemoteError, RpcTimeout
 
 # RemoteError codes from the scheduler or a compute node → HTTP status.
 _REMOTE_STATUS = {
+    "forbidden": 403,  # a host path the requester may not use
     "conflict": 409,
     "not_found": 409,  # the registry knows it, the host does not: a conflict of views
     "invalid": 422,

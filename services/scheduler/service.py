@@ -49,8 +49,11 @@ from services.scheduler.weights import build_weighers
 
 log = structlog.get_logger("flotilla.scheduler")
 
-# Compute node answers after which another host may do better.
-RETRYABLE = frozenset({"no_capacity", "spawn_failed", "invalid", "unavailable"})
+# Compute node answers after which another host may do better. A refusal of the spec itself
+# (`invalid`, `forbidden`: a bad path, a file that is no kernel) would be the same on every
+# host, so it ends the placement at once and reaches the caller as it is.
+RETRYABLE = frozenset({"no_capacity", "spawn_failed", "unavailable"})
+SPEC_REFUSALS = frozenset({"invalid", "forbidden"})
 SUBSCRIBED = (
     "host.heartbeat.*",
     "domain.started.*",
@@ -123,7 +126,8 @@ class SchedulerService(Service):
         self._announce(ClaimPhase.CLAIMED, claim)
         defined = False
         try:
-            info = self._call(host, DefineDomain(spec=cmd.spec), f"{request_id}:{host}:define")
+            define = DefineDomain(spec=cmd.spec, privileged=cmd.privileged)
+            info = self._call(host, define, f"{request_id}:{host}:define")
             defined = True
             if cmd.start:
                 info = self._call(
@@ -135,6 +139,8 @@ class SchedulerService(Service):
                 self._clean_up(host, cmd.spec.uuid, destroy=False)
             if exc.code in RETRYABLE:
                 raise HostRefused(exc.code, exc.message) from None
+            if exc.code in SPEC_REFUSALS:
+                raise ServiceError(exc.code, exc.message, {**exc.details, "host": host}) from None
             raise ServiceError(
                 exc.code, f"host {host}: {exc.message}", {**exc.details, "host": host}
             ) from None

@@ -176,6 +176,47 @@ def test_on_crash_restart_after_a_guest_panic(
     assert_rising(events.of(s.uuid))
 
 
+def test_the_vmm_boots_the_files_checked_even_if_the_path_changes_later(
+    node: tuple[ComputeProcess, Bus, EventLog], guest: Path, tmp_path: Path
+) -> None:
+    """An admin's kernel outside the allowed dirs boots; replacing the file on disk afterwards
+    changes nothing for the machine (a reset reloads from the descriptor the node checked)."""
+    compute, bus, _ = node
+    kernel = tmp_path / "guest.elf"
+    kernel.write_bytes(guest.read_bytes())
+    s = spec(kernel)
+    call(bus, compute.queue, DefineDomain(spec=s, privileged=True))
+    call(bus, compute.queue, StartDomain(domain_id=s.uuid))
+    wait_console(bus, compute.queue, s.uuid, "READY")
+    kernel.unlink()
+    kernel.write_bytes(b"\x7fELF but not a kernel")
+    assert call(bus, compute.queue, RebootDomain(domain_id=s.uuid)).state is PowerState.RUNNING
+    wait_console(bus, compute.queue, s.uuid, "READY", count=2)
+    call(bus, compute.queue, DestroyDomain(domain_id=s.uuid))
+
+
+def test_a_member_cannot_boot_host_files_and_a_non_kernel_is_invalid(
+    node: tuple[ComputeProcess, Bus, EventLog], guest: Path, tmp_path: Path
+) -> None:
+    compute, bus, _ = node
+    s = spec(guest, boot=BootSpec(kernel=str(guest), initrd="/etc/shadow"))
+    with pytest.raises(RemoteError) as err:
+        bus.call(compute.queue, DefineDomain(spec=s), timeout=10)
+    assert (err.value.code, err.value.details["field"]) == ("forbidden", "boot.initrd")
+    assert "allowed_boot_dirs" in err.value.message
+    assert not (compute.state_dir / "domains" / str(s.uuid)).exists()
+    # What only the VMM finds (no kernel image) is the spec's fault too, with the path given.
+    junk = tmp_path / "junk"
+    junk.write_bytes(bytes(4096))
+    j = spec(junk)
+    call(bus, compute.queue, DefineDomain(spec=j, privileged=True))
+    with pytest.raises(RemoteError) as err:
+        bus.call(compute.queue, StartDomain(domain_id=j.uuid), timeout=20)
+    assert err.value.code == "invalid"
+    assert f"kernel {junk}: not a kernel image" in err.value.message, err.value.message
+    assert "/proc/self/fd" not in err.value.message
+
+
 def test_a_spawn_beyond_capacity_is_refused(
     node: tuple[ComputeProcess, Bus, EventLog], guest: Path
 ) -> None:
@@ -357,6 +398,8 @@ def test_flotilla_compute_help_names_its_settings() -> None:
         "--ram-allocation-ratio",
         "--reserved-host-memory-mib",
         "--heartbeat-interval-s",
+        "--allowed-boot-dir",
+        "FLOTILLA_ALLOWED_BOOT_DIRS",
         "FLOTILLA_HOST",
         "FLOTILLA_STATE_DIR",
         "FLOTILLA_AMQP_URL",

@@ -21,6 +21,7 @@ from protos.domain import BootSpec, DomainSpec
 from protos.replies import DomainInfo
 from services.broker import PrivateBroker
 from services.bus import Bus
+from tests.bootfiles import BOOT_DIR, KERNEL
 
 DEFINITIONS = Path(__file__).resolve().parents[2] / "deploy" / "rabbitmq" / "definitions.json"
 
@@ -62,12 +63,13 @@ def test_compute_node_runs_as_its_own_user(
         state_dir=tmp_path,
         amqp_url=url(node, "flotilla-compute"),
         driver="fake",
+        allowed_boot_dirs=[BOOT_DIR],
     )
     compute = ComputeNode(config, FakeDriver()).start()
     try:
         # The scheduler's user may send commands to it.
         with Bus(url(node, "flotilla-scheduler"), source="scheduler") as bus:
-            spec = DomainSpec(name="d1", boot=BootSpec(kernel="/k"))
+            spec = DomainSpec(name="d1", boot=BootSpec(kernel=KERNEL))
             reply = bus.call(compute.queue, DefineDomain(spec=spec), timeout=10)
             assert isinstance(reply, DomainInfo)
     finally:

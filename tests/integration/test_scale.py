@@ -36,6 +36,7 @@ from protos.scheduler import Placement, ScheduleDomain
 from services.bus import Bus, RemoteError
 from services.bus.topology import delete_queue
 from services.scheduler import Scheduler, SchedulerConfig
+from tests.bootfiles import BOOT_DIR, KERNEL
 
 HOSTS = 200
 PER_PROCESS = 50
@@ -84,6 +85,7 @@ def serve_nodes(argv: list[str]) -> int:
                 state_dir=args.state_dir / host,
                 amqp_url=args.amqp_url,
                 driver="fake",
+                allowed_boot_dirs=[BOOT_DIR],
                 cpu_allocation_ratio=1.0,
                 reserved_host_memory_mib=0,
                 heartbeat_interval_s=HEARTBEAT_S,
@@ -163,7 +165,7 @@ def test_200_hosts_2000_domains_all_running_none_over_committed(
                 name=f"vm-{i:04d}",
                 vcpus=1,
                 memory_mib=128 if i % 2 else 192,
-                boot=BootSpec(kernel="/k"),
+                boot=BootSpec(kernel=KERNEL),
             )
             command = ScheduleDomain(spec=spec, project="scale", max_attempts=5)
             try:

@@ -21,6 +21,7 @@ from protos.replies import DomainInfo
 from protos.scheduler import Placement, ScheduleDomain
 from services.bus import Bus, RemoteError
 from services.scheduler import Scheduler, SchedulerConfig
+from tests.bootfiles import BOOT_DIR, KERNEL
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +34,7 @@ def spec(vcpus: int = 1, memory_mib: int = 256, **placement: object) -> DomainSp
         name=f"d-{uuid.uuid4().hex[:8]}",
         vcpus=vcpus,
         memory_mib=memory_mib,
-        boot=BootSpec(kernel="/k"),
+        boot=BootSpec(kernel=KERNEL),
         placement=PlacementHints(**placement),  # type: ignore[arg-type]
     )
 
@@ -53,6 +54,7 @@ def start_nodes(amqp_url: str, tmp_path: Path) -> Iterator[StartNodes]:
                 state_dir=tmp_path / host,
                 amqp_url=amqp_url,
                 driver="fake",
+                allowed_boot_dirs=[BOOT_DIR],
                 cpu_allocation_ratio=1.0,
                 reserved_host_memory_mib=0,
                 heartbeat_interval_s=0.3,

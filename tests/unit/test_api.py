@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from compute_node.boot_sources import BootSources
 from compute_node.fake import FakeDriver
 from compute_node.lifecycle import Lifecycle
 from compute_node.resources import Claims
@@ -33,6 +34,7 @@ from services.api.projection import EventProjector
 from services.api.registry import Registry
 from services.bus import ConnectionLost, Context, RemoteError
 from services.bus.service import dispatch
+from tests.bootfiles import BOOT_DIR, KERNEL
 
 ADMIN, ALICE, BOB = "admin-token-1", "alice-token-1", "bob-token-12"
 
@@ -57,7 +59,9 @@ class FakeCloud:
             inventory = HostInventory(
                 capacity=driver.host_resources(), kvm=driver.capabilities().kvm
             )
-            self.nodes[host] = Lifecycle(host, store, driver, Claims(inventory, 0))
+            self.nodes[host] = Lifecycle(
+                host, store, driver, Claims(inventory, 0), BootSources([BOOT_DIR])
+            )
 
     def call(self, queue: str, command: Command, *, timeout: float = 30.0, **_: Any) -> Message:
         self.calls.append((queue, command))
@@ -77,7 +81,7 @@ class FakeCloud:
                 {"attempts": [{"host": "h1", "code": "no_capacity", "message": "full"}]},
             )
         host = next(iter(self.nodes))
-        info = self._compute(host, DefineDomain(spec=command.spec))
+        info = self._compute(host, DefineDomain(spec=command.spec, privileged=command.privileged))
         if command.start:
             info = self._compute(host, StartDomain(domain_id=command.spec.uuid))
         assert isinstance(info, DomainInfo)
@@ -143,7 +147,7 @@ def client(registry: Registry, cloud: FakeCloud) -> Iterator[TestClient]:
 
 
 def body(name: str = "", **kw: Any) -> dict[str, Any]:
-    return {"name": name or f"g-{uuid.uuid4().hex[:6]}", "boot": {"kernel": "/k"}, **kw}
+    return {"name": name or f"g-{uuid.uuid4().hex[:6]}", "boot": {"kernel": KERNEL}, **kw}
 
 
 def create(client: TestClient, token: str = ALICE, **kw: Any) -> dict[str, Any]:
@@ -341,10 +345,10 @@ def test_no_valid_host_is_503_with_the_fault(client: TestClient, cloud: FakeClou
     assert p["code"] == "no_valid_host"
     assert p["fault"]["code"] == "no_valid_host"
     assert p["attempts"] == [{"host": "h1", "code": "no_capacity", "message": "full"}]
-    d = client.get(f"/v1/domains/{p['domain_id']}", headers=auth(ALICE)).json()
-    assert (d["task"], d["fault"]["code"]) == ("error", "no_valid_host")
-    # A domain in error is deleted at once: it is on no host.
-    assert client.delete(f"/v1/domains/{d['id']}", headers=auth(ALICE)).status_code == 204
+    # Placed nowhere, so nothing is left: no record, nothing counting against the quota.
+    assert client.get(f"/v1/domains/{p['domain_id']}", headers=auth(ALICE)).status_code == 404
+    usage = client.get("/v1/projects/alice", headers=auth(ADMIN)).json()["usage"]
+    assert usage["domains"] == 0
 
 
 def test_broker_unreachable_is_503(client: TestClient, cloud: FakeCloud) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from compute_node.boot_sources import BootSources
 from compute_node.driver import GuestEvent, GuestEventKind
 from compute_node.fake import FakeDriver
 from compute_node.lifecycle import Lifecycle
@@ -34,6 +35,7 @@ from protos.host import HostInventory, KvmKind, Resources
 from protos.replies import DomainInfo, ErrorReply
 from services.bus import Context, ServiceError
 from services.bus.service import dispatch
+from tests.bootfiles import BOOT_DIR, KERNEL
 
 CTX = Context(Envelope(type="t", body={}, source="test"))
 
@@ -52,7 +54,9 @@ class Node:
             kvm=KvmKind.NONE,
         )
         self.claims = Claims(inventory, reserved_memory_mib=0)
-        self.service = Lifecycle("node-1", self.store, self.driver, self.claims)
+        self.service = Lifecycle(
+            "node-1", self.store, self.driver, self.claims, BootSources([BOOT_DIR])
+        )
 
     def do(self, command: Message) -> Message:
         return dispatch(self.service, command, CTX)
@@ -85,7 +89,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
 
 def spec(name: str = "web-1", **kw: object) -> DomainSpec:
     return DomainSpec.model_validate(
-        {"name": name, "boot": BootSpec(kernel="/guest.elf"), "memory_mib": 256, **kw}
+        {"name": name, "boot": BootSpec(kernel=KERNEL), "memory_mib": 256, **kw}
     )
 
 
@@ -264,7 +268,9 @@ def test_seq_and_definitions_survive_a_restart(tmp_path: Path) -> None:
     first.store.close()
     second = Node(tmp_path)
     second.driver = first.driver  # the machines outlived the worker
-    second.service = Lifecycle("node-1", second.store, first.driver, second.claims)
+    second.service = Lifecycle(
+        "node-1", second.store, first.driver, second.claims, BootSources([BOOT_DIR])
+    )
     listed = second.do(ListDomains()).model_dump()
     assert [d["name"] for d in listed["domains"]] == ["web-1"]
     assert second.ok(PauseDomain(domain_id=s.uuid)).seq == 3
@@ -350,3 +356,70 @@ def test_events_carry_the_cause_of_the_command_that_made_them(node: Node) -> Non
         ("domain.stopped", "req-7", destroy.id),
         ("domain.undefined", "req-8", undefine.id),
     ]
+
+
+def test_a_members_host_path_outside_the_allowed_dirs_is_refused_at_define(node: Node) -> None:
+    s = spec(boot=BootSpec(kernel=KERNEL, initrd="/etc/shadow"))
+    reply = node.do(DefineDomain(spec=s)).model_dump()
+    assert (reply["code"], reply["details"]) == ("forbidden", {"field": "boot.initrd"})
+    assert "allowed_boot_dirs" in reply["message"]
+    assert node.store.get(s.uuid) is None
+    assert node.events() == []
+
+
+def test_an_admins_definition_keeps_its_privilege_across_a_restart(tmp_path: Path) -> None:
+    outside = tmp_path / "vmlinuz"
+    outside.write_bytes(b"k")
+    s = spec(boot=BootSpec(kernel=str(outside)))
+    first = Node(tmp_path)
+    first.ok(DefineDomain(spec=s, privileged=True))
+    first.store.close()
+    second = Node(tmp_path)
+    assert second.ok(StartDomain(domain_id=s.uuid)).state is PowerState.RUNNING
+    # A member's identical definition of another domain is refused at define and at start.
+    m = spec("member-1", boot=BootSpec(kernel=str(outside)))
+    assert second.do(DefineDomain(spec=m)).model_dump()["code"] == "forbidden"
+    second.store.define(m, [])  # as if defined before the rule
+    reply = second.do(StartDomain(domain_id=m.uuid)).model_dump()
+    assert (reply["code"], reply["details"]) == ("forbidden", {"field": "boot.kernel"})
+    assert not second.claims.holds(m.uuid)
+    second.store.close()
+
+
+def test_a_boot_file_gone_before_start_is_refused_without_a_claim(tmp_path: Path) -> None:
+    allowed = tmp_path / "images"
+    allowed.mkdir()
+    (allowed / "k").write_bytes(b"k")
+    n = Node(tmp_path)
+    n.service.sources = BootSources([allowed])
+    s = spec(boot=BootSpec(kernel=str(allowed / "k")))
+    n.ok(DefineDomain(spec=s))
+    (allowed / "k").unlink()
+    reply = n.do(StartDomain(domain_id=s.uuid)).model_dump()
+    assert reply["code"] == "forbidden"  # a member is not told whether it exists
+    assert not n.claims.holds(s.uuid)
+    n.store.close()
+
+
+def test_a_store_from_before_the_privilege_column_opens(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "compute.db")
+    db.execute(
+        "CREATE TABLE domains (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, spec TEXT NOT "
+        "NULL, state TEXT NOT NULL, seq INTEGER NOT NULL DEFAULT 0, driver_n INTEGER NOT NULL "
+        "DEFAULT 0, updated REAL NOT NULL)"
+    )
+    s = spec()
+    db.execute(
+        "INSERT INTO domains (id, name, spec, state, updated) VALUES (?, ?, ?, 'shutoff', 0)",
+        (str(s.uuid), s.name, s.model_dump_json()),
+    )
+    db.commit()
+    db.close()
+    n = Node(tmp_path)
+    record = n.store.get(s.uuid)
+    assert record is not None
+    assert record.privileged is False
+    assert n.ok(StartDomain(domain_id=s.uuid)).state is PowerState.RUNNING
+    n.store.close()

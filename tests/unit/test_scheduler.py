@@ -321,6 +321,39 @@ def test_a_conflict_is_not_retried() -> None:
     assert svc.state.claims == {}
 
 
+@pytest.mark.parametrize("code", ["invalid", "forbidden"])
+def test_a_refusal_of_the_spec_itself_is_the_answer_at_once(code: str) -> None:
+    """A bad path or a file that is no kernel is the same on every host: no second host is
+    asked, the half-made definition is removed, the code and the field reach the caller."""
+    computes = FakeComputes({"a": (4, 8192), "b": (4, 2048)})
+    computes.refuse = {"a": code, "b": code}
+    svc = service(computes, top_n=1)
+    s = spec()
+    with pytest.raises(ServiceError) as raised:
+        schedule(svc, ScheduleDomain(spec=s, project="p"))
+    assert (raised.value.code, raised.value.message) == (code, f"a says {code}")
+    assert raised.value.details["host"] == "a"
+    assert [h for h, _ in computes.calls] == ["a", "a", "a"]  # define, start, undefine
+    assert s.uuid not in computes.defined["a"]
+    assert svc.state.claims == {}
+
+
+def test_the_requesters_role_travels_to_the_compute_node() -> None:
+    computes = FakeComputes({"a": (4, 8192)})
+    sent: list[DefineDomain] = []
+    svc = service(computes)
+
+    def call(queue: str, command: Command, *, timeout: float, message_id: str | None) -> Message:
+        if isinstance(command, DefineDomain):
+            sent.append(command)
+        return computes(queue, command, timeout=timeout, message_id=message_id)
+
+    svc.call = call  # type: ignore[method-assign]
+    schedule(svc, ScheduleDomain(spec=spec(), project="p", privileged=True))
+    schedule(svc, ScheduleDomain(spec=spec(), project="p"))
+    assert [c.privileged for c in sent] == [True, False]
+
+
 def test_anti_affinity_and_affinity_through_the_service() -> None:
     computes = FakeComputes(dict.fromkeys("abc", (8, 8192)))
     svc = service(computes)

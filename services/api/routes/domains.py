@@ -20,7 +20,14 @@ from protos.commands import (
     StartDomain,
     UndefineDomain,
 )
-from protos.domain import ACTIVE_STATES, DomainSpec, Fault, PowerState, TaskState
+from protos.domain import (
+    ACTIVE_STATES,
+    DomainSpec,
+    Fault,
+    PowerState,
+    TaskState,
+    spec_problems,
+)
 from protos.replies import ConsoleOutput, DomainInfo
 from protos.scheduler import Attempt, Placement, ScheduleDomain
 from protos.states import Action, Verdict, decide
@@ -50,10 +57,14 @@ router = APIRouter(prefix="/v1/domains", tags=["domains"])
 def create_domain(body: DomainCreate, ctx: Ctx, caller: Caller, response: Response) -> DomainView:
     """Define a domain on a host the scheduler picks, and start it unless `start` is false.
 
-    403 over quota, 409 if a domain of that name exists (names are unique across projects),
-    503 `no_valid_host` (with `fault`, `attempts`, `filtered`) when no host fits, 503 when the
-    broker is unreachable."""
+    422 for a spec no host could run (relative path, NUL byte, `boot.image`) and for what
+    only the host finds (a file that is no kernel image), 403 `forbidden` for a host path a
+    member may not use, 403 over quota, 409 if a domain of that name exists (names are unique
+    across projects), 503 `no_valid_host` (with `fault`, `attempts`, `filtered`) when no host
+    fits, 503 when the broker is unreachable. Only a create whose outcome is unknown (504
+    timeout, broker lost) leaves a record (task `error`); every other refusal leaves nothing."""
     spec = DomainSpec.model_validate(body.model_dump(exclude={"start"}))
+    _check_spec(spec)
     quota = ctx.registry.get_quota(caller.project) or ctx.config.quota_for(caller.project)
     try:
         record = ctx.registry.create_domain(spec, caller.project, quota)
@@ -72,6 +83,9 @@ def create_domain(body: DomainCreate, ctx: Ctx, caller: Caller, response: Respon
     command = ScheduleDomain(
         spec=spec,
         project=caller.project,
+        # From the token, never from the body: admins' host paths are not held to the
+        # compute nodes' allowed_boot_dirs.
+        privileged=caller.is_admin,
         start=body.start,
         max_attempts=ctx.config.schedule_max_attempts,
     )
@@ -90,11 +104,37 @@ def create_domain(body: DomainCreate, ctx: Ctx, caller: Caller, response: Respon
     return DomainView.of(placed, placement.attempts)
 
 
+def _check_spec(spec: DomainSpec) -> None:
+    """422 for what no host could run, before anything is stored."""
+    problems = spec_problems(spec)
+    if spec.boot.image is not None:
+        problems.insert(0, ("boot.image", "booting from an image needs the storage service"))
+    if problems:
+        field, reason = problems[0]
+        raise Problem(
+            422,
+            "invalid",
+            f"{field}: {reason}",
+            title="Invalid request",
+            field=field,
+            errors=[{"field": f, "in": "body", "message": m} for f, m in problems],
+        )
+
+
+# Failures after which the scheduler may still have placed the domain: its record stays.
+_OUTCOME_UNKNOWN = frozenset({"timeout", "broker_unavailable"})
+
+
 def _schedule_failed(ctx: ApiContext, record: DomainRecord, problem: Problem) -> None:
-    """Record why scheduling failed as the domain's fault, and say which domain in the reply."""
+    """Say in the reply which domain failed and why (`fault`). A definite refusal removes
+    the record (nothing was placed, nothing counts against the quota); when the outcome is
+    unknown the record stays in task `error` with the fault, for a later event to place."""
     code = "schedule_timeout" if problem.code == "timeout" else problem.code
     fault = Fault(code=code, message=problem.detail)
-    ctx.registry.set_task(record.id, TaskState.ERROR, fault)
+    if problem.code in _OUTCOME_UNKNOWN:
+        ctx.registry.set_task(record.id, TaskState.ERROR, fault)
+    else:
+        ctx.registry.remove_domain(record.id)
     problem.extras.setdefault("domain_id", str(record.id))
     problem.extras["fault"] = fault.model_dump(mode="json")
     attempts = problem.extras.get("attempts")

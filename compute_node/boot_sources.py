@@ -1,0 +1,178 @@
+"""Which host files a domain may boot from, and opening them once for the VMM.
+
+The compute node runs as root, so a path in a spec is a request to read a host file into a
+guest. The rule (checked at `define` and again at every `start`):
+
+- every path (`boot.kernel`, `boot.initrd`, `disks.N.path`) is absolute and has no NUL byte;
+- a member's path must lie under one of the operator's `allowed_boot_dirs`, both as written
+  (with `.` and `..` collapsed) and after resolving symlinks; anything else is refused with
+  the rule (`forbidden`), never with what exists on the host;
+- an admin (`privileged`) may name any absolute path and gets the detailed reason.
+
+`open()` opens each boot file once (no symlink at the last step, regular files only) and
+checks again where the opened file really is; the VMM then reads the very same files through
+inherited descriptors (`/proc/self/fd/N`), so swapping a file after the check changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from protos.domain import DomainSpec, host_paths, spec_problems
+
+MEMBER_RULE = (
+    "members may only boot images or files under the directories the operator allows "
+    "(allowed_boot_dirs)"
+)
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+
+
+class SourceRefused(Exception):
+    """A path in the spec may not be used. `code` is `forbidden` (the member rule) or
+    `invalid` (a bad path, or for an admin: what is wrong with the file); `field` is the
+    spec's dotted path (`boot.kernel`)."""
+
+    def __init__(self, code: str, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.code = code
+        self.field = field
+        self.message = f"{field}: {reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class HostFile:
+    """One opened boot file: the spec's field, the path as given, and the descriptor."""
+
+    field: str
+    given: str
+    fd: int
+
+    @property
+    def fd_path(self) -> str:
+        """The name a process that inherited `fd` opens the same file by."""
+        return f"/proc/self/fd/{self.fd}"
+
+
+@dataclass
+class BootFiles:
+    """The opened boot files of one start (kernel, initrd); closes them on exit."""
+
+    files: list[HostFile] = field(default_factory=list)
+
+    def _get(self, name: str) -> HostFile | None:
+        return next((f for f in self.files if f.field == name), None)
+
+    @property
+    def kernel(self) -> HostFile | None:
+        return self._get("boot.kernel")
+
+    @property
+    def initrd(self) -> HostFile | None:
+        return self._get("boot.initrd")
+
+    def fds(self) -> list[int]:
+        return [f.fd for f in self.files]
+
+    def close(self) -> None:
+        files, self.files = self.files, []
+        for f in files:
+            os.close(f.fd)
+
+    def __enter__(self) -> BootFiles:
+        return self
+
+    def __exit__(
+        self,
+        _type: type[BaseException] | None,
+        _value: BaseException | None,
+        _tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class BootSources:
+    """The node's rule for host paths in specs (see the module docstring)."""
+
+    def __init__(self, allowed_dirs: Sequence[Path]) -> None:
+        self.allowed_dirs = [Path(os.path.normpath(os.path.abspath(d))) for d in allowed_dirs]  # noqa: PTH100
+
+    def check(self, spec: DomainSpec, *, privileged: bool) -> None:
+        """Raise SourceRefused for the first path in `spec` the requester may not use.
+        Looks at the file system only to resolve symlinks (what a member learns does not
+        depend on it)."""
+        problems = spec_problems(spec)
+        if problems:
+            raise SourceRefused("invalid", *problems[0])
+        for name, path in host_paths(spec):
+            self._admit(name, path, privileged=privileged)
+
+    def open(self, spec: DomainSpec, *, privileged: bool) -> BootFiles:
+        """Check `spec` and open its kernel and initrd; the caller closes the result (a
+        context manager). Raises SourceRefused."""
+        self.check(spec, privileged=privileged)
+        files = BootFiles()
+        try:
+            for name, path in host_paths(spec):
+                if not name.startswith("boot."):
+                    continue  # disks are opened by their device's code
+                files.files.append(
+                    HostFile(name, path, self._open(name, path, privileged=privileged))
+                )
+        except BaseException:
+            files.close()
+            raise
+        return files
+
+    # ---- the rule ------------------------------------------------------------------------
+
+    def _admit(self, name: str, path: str, *, privileged: bool) -> str:
+        """The resolved path, if the (absolute, NUL-free) `path` may be used."""
+        resolved = os.path.realpath(path)
+        # As written first: a member's `..` never leads the resolver outside the allowed
+        # trees, so what it finds there (a symlink or not) cannot change the answer.
+        if not privileged and not (
+            self._inside(Path(os.path.normpath(path))) and self._inside(Path(resolved))
+        ):
+            raise SourceRefused("forbidden", name, MEMBER_RULE)
+        return resolved
+
+    def _inside(self, path: Path) -> bool:
+        """Under an allowed dir, as configured or resolved."""
+        for allowed in self.allowed_dirs:
+            if path.is_relative_to(allowed) or path.is_relative_to(os.path.realpath(allowed)):
+                return True
+        return False
+
+    def _open(self, name: str, path: str, *, privileged: bool) -> int:
+        resolved = self._admit(name, path, privileged=privileged)
+        try:
+            fd = os.open(resolved, _OPEN_FLAGS)
+        except OSError as exc:
+            raise self._refusal(name, f"{path}: {exc.strerror}", privileged) from None
+        try:
+            self._verify(fd, name, path, privileged=privileged)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _verify(self, fd: int, name: str, path: str, *, privileged: bool) -> None:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise self._refusal(name, f"{path}: not a regular file", privileged)
+        # Where the opened file really is (a path component may have been swapped for a
+        # symlink after the check): a member's must still be inside.
+        where = Path(f"/proc/self/fd/{fd}").readlink()
+        if not privileged and not self._inside(where):
+            raise SourceRefused("forbidden", name, MEMBER_RULE)
+
+    @staticmethod
+    def _refusal(name: str, detail: str, privileged: bool) -> SourceRefused:
+        # Only an admin learns what the host has; a member gets the rule, found or not.
+        if privileged:
+            return SourceRefused("invalid", name, detail)
+        return SourceRefused("forbidden", name, MEMBER_RULE)
