@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -236,6 +237,7 @@ class KvmDriver(Driver):
             raise DriverError("booting from an image needs the storage service", "invalid")
         if spec.disks or spec.nics:
             raise DriverError("disks and NICs need virtio devices (not yet built)", "invalid")
+        self._end_kept(spec.uuid)  # its flock on the dir would refuse the new VMM
         directory = self.directory(spec.uuid)
         directory.mkdir(parents=True, exist_ok=True)
         config = {
@@ -319,6 +321,45 @@ class KvmDriver(Driver):
         watch.wait_for(int(status["journal_n"]))
         return self.get_info(domain_id)
 
+    def process_stays(self, event: GuestEvent) -> bool:
+        # The VMM keeps running after `stopped` (shutdown, poweroff|reboot) when the policy
+        # it was started with (its vmm.json, not a later redefinition) is preserve.
+        if event.kind is not GuestEventKind.STOPPED or event.reason != "shutdown":
+            return False
+        try:
+            config = json.loads((self.directory(event.domain_id) / CONFIG_FILE).read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(config, dict) and config.get(f"on_{event.detail}") == "preserve"
+
+    def _end_kept(self, domain_id: uuid.UUID) -> None:
+        """End a VMM that stays without a machine (a preserve policy) and wait until it is
+        gone; nothing if no VMM answers. DriverError `conflict` if it still has a machine."""
+        client = self._client(domain_id)
+        try:
+            status = client.status()
+        except vmm_client.VmmGone:
+            return
+        except vmm_client.VmmClientError as exc:
+            raise DriverError(str(exc)) from None
+        if status["state"] != "shutoff":
+            raise DriverError(
+                f"domain {domain_id} still has a {status['state']} machine", "conflict"
+            )
+        with self._lock:
+            watch = self._watches.get(domain_id)
+        try:
+            client.destroy()
+        except vmm_client.VmmGone:
+            pass
+        except vmm_client.VmmClientError as exc:
+            raise DriverError(str(exc)) from None
+        if watch is not None:
+            with watch.cond:
+                watch.cond.wait_for(lambda: watch.finished, RECORD_TIMEOUT_S)
+        if not _wait_gone(status["pid"], RECORD_TIMEOUT_S):
+            raise DriverError(f"the kept VMM of {domain_id} (pid {status['pid']}) did not exit")
+
     def destroy(self, domain_id: uuid.UUID) -> None:
         watch = self._watch(domain_id)
         self._request(domain_id, "destroy")
@@ -368,6 +409,7 @@ class KvmDriver(Driver):
             return b"", False
 
     def remove(self, domain_id: uuid.UUID) -> None:
+        self._end_kept(domain_id)
         shutil.rmtree(self.directory(domain_id), ignore_errors=True)
 
     def close(self) -> None:
@@ -376,6 +418,21 @@ class KvmDriver(Driver):
             self._watches.clear()
         for watch in watches:
             watch.stop()
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """Until process `pid` has exited (reaped if it was our child); False on timeout."""
+    if vmm_client.wait_exit(pid, timeout) is not None:
+        return True  # our child, reaped now
+    # Not our child (adopted, or reaped by its watch already): wait until it is gone.
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def _last_n(directory: Path) -> int:

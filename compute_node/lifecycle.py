@@ -120,7 +120,9 @@ class Lifecycle(ConsoleHandlers, Service):
             return  # already consumed before a restart
         drafts, after = translate(event, record.state)
         self.store.transition(event.domain_id, drafts, state=after, driver_n=event.n)
-        if after is PowerState.SHUTOFF:
+        if after is PowerState.SHUTOFF and not self.driver.process_stays(event):
+            # A process kept by a preserve policy holds its claim until start, destroy or
+            # undefine ends it (host usage counts it while it lives).
             self.claims.release(event.domain_id)
         log.info(
             "guest event",
@@ -156,11 +158,13 @@ class Lifecycle(ConsoleHandlers, Service):
         with self._lock(cmd.domain_id):
             record = self._record(cmd.domain_id)
             self._check(record, Action.UNDEFINE)
+            # First, so a process kept by a preserve policy ends before its record goes.
+            self._driver_call(lambda: self.driver.remove(cmd.domain_id))
+            self.claims.release(cmd.domain_id)
             self.store.undefine(
                 cmd.domain_id,
                 [EventDraft(DomainUndefined, record.state, UndefinedDetail.REMOVED)],
             )
-            self.driver.remove(cmd.domain_id)
 
     @handles(StartDomain)
     def start(self, cmd: StartDomain, _ctx: Context) -> DomainInfo:
@@ -189,9 +193,28 @@ class Lifecycle(ConsoleHandlers, Service):
     def destroy(self, cmd: DestroyDomain, _ctx: Context) -> DomainInfo:
         with self._lock(cmd.domain_id):
             record = self._record(cmd.domain_id)
-            if self._check(record, Action.DESTROY):
+            if not self._check(record, Action.DESTROY):
+                return self.info(cmd.domain_id)
+            if record.state in (PowerState.SHUTOFF, PowerState.NOSTATE):
+                self._end_kept(record)
+            else:
                 self._destroy(record)
             return self.info(cmd.domain_id)
+
+    def _end_kept(self, record: DomainRecord) -> None:
+        """Destroy of a shut-off domain: end the process a preserve policy kept (no event:
+        the machine was stopped already); `conflict` when there is none, as libvirt's."""
+        try:
+            self.driver.destroy(record.id)
+        except DomainNotRunning:
+            raise ServiceError(
+                "conflict",
+                f"domain is not running (state {record.state.value})",
+                {"state": record.state.value, "action": Action.DESTROY.value},
+            ) from None
+        except DriverError as exc:
+            raise ServiceError(exc.code, exc.message) from None
+        self.claims.release(record.id)
 
     def _destroy(self, record: DomainRecord) -> None:
         try:

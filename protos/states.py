@@ -58,7 +58,9 @@ _TABLE: dict[Action, tuple[frozenset[PowerState], frozenset[PowerState], str]] =
     Action.UNDEFINE: (_INACTIVE, frozenset(), "domain is active: destroy it first"),
     Action.START: (_INACTIVE, frozenset(), "domain is already active"),
     Action.SHUTDOWN: (_RUNNING, frozenset({P.SHUTDOWN}), "domain is not running"),
-    Action.DESTROY: (_ACTIVE, frozenset(), "domain is not running"),
+    # Any state: the host ends a VMM that a preserve policy kept after a shut-off domain's
+    # machine stopped, and refuses (`conflict`, "domain is not running") if none is left.
+    Action.DESTROY: (_ALL, frozenset(), ""),
     Action.REBOOT: (_RUNNING, frozenset(), "domain is not running"),
     Action.PAUSE: (_RUNNING, frozenset({P.PAUSED}), "domain is not running"),
     Action.RESUME: (frozenset({P.PAUSED}), _RUNNING, "domain is not paused"),

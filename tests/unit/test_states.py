@@ -30,7 +30,7 @@ def test_every_combination_has_a_defined_answer() -> None:
         (P.PAUSED, A.RESUME, Verdict.ALLOW),
         (P.RUNNING, A.RESUME, Verdict.NOOP),
         (P.SHUTOFF, A.RESUME, Verdict.REFUSE),
-        (P.SHUTOFF, A.DESTROY, Verdict.REFUSE),
+        (P.SHUTOFF, A.DESTROY, Verdict.ALLOW),  # the host refuses when nothing is left
         (P.PAUSED, A.DESTROY, Verdict.ALLOW),
         (P.CRASHED, A.DESTROY, Verdict.ALLOW),
         (P.RUNNING, A.UNDEFINE, Verdict.REFUSE),
