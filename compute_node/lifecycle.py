@@ -34,6 +34,7 @@ from protos.commands import (
     ListDomains,
     PauseDomain,
     RebootDomain,
+    RebootMode,
     ResumeDomain,
     ShutdownDomain,
     StartDomain,
@@ -247,7 +248,8 @@ class Lifecycle(ConsoleHandlers, Service):
     def reboot(self, cmd: RebootDomain, _ctx: Context) -> DomainInfo:
         with self._lock(cmd.domain_id):
             record = self._record(cmd.domain_id)
-            if self._check(record, Action.REBOOT):
+            action = Action.RESET if cmd.mode is RebootMode.RESET else Action.REBOOT
+            if self._check(record, action):
                 self._driver_call(lambda: self.driver.reboot(cmd.domain_id, cmd.mode))
             return self.info(cmd.domain_id)
 

@@ -21,7 +21,8 @@ class Action(StrEnum):
     START = "start"
     SHUTDOWN = "shutdown"
     DESTROY = "destroy"
-    REBOOT = "reboot"
+    REBOOT = "reboot"  # ask the guest (Ctrl-Alt-Del): it must be running to answer
+    RESET = "reset"  # reboot mode reset: a fresh machine now, as `virsh reset`
     PAUSE = "pause"
     RESUME = "resume"
     MIGRATE = "migrate"
@@ -62,6 +63,9 @@ _TABLE: dict[Action, tuple[frozenset[PowerState], frozenset[PowerState], str]] =
     # machine stopped, and refuses (`conflict`, "domain is not running") if none is left.
     Action.DESTROY: (_ALL, frozenset(), ""),
     Action.REBOOT: (_RUNNING, frozenset(), "domain is not running"),
+    # libvirt resets a crashed domain (on_crash=preserve) too: the way back without a
+    # destroy. Nothing of the crashed guest can answer a Ctrl-Alt-Del.
+    Action.RESET: (_RUNNING | {P.CRASHED}, frozenset(), "domain is not running"),
     Action.PAUSE: (_RUNNING, frozenset({P.PAUSED}), "domain is not running"),
     Action.RESUME: (frozenset({P.PAUSED}), _RUNNING, "domain is not paused"),
     Action.MIGRATE: (

@@ -28,6 +28,7 @@ from protos.commands import (
     GetDomainInfo,
     PauseDomain,
     RebootDomain,
+    RebootMode,
     ResumeDomain,
     ShutdownDomain,
     StartDomain,
@@ -574,3 +575,30 @@ def test_a_vmm_kept_by_on_poweroff_preserve_is_counted_and_ended_by_start_destro
         ]
     finally:
         sub.close()
+
+
+def test_a_crashed_domain_accepts_reset_and_refuses_ctrl_alt_del(
+    node: tuple[ComputeProcess, Bus, EventLog], guest: Path
+) -> None:
+    compute, bus, events = node
+    q = compute.queue
+    s = spec(guest, "ready panic", on_crash=LifecycleAction.PRESERVE)
+    call(bus, q, DefineDomain(spec=s))
+    call(bus, q, StartDomain(domain_id=s.uuid))
+    events.wait_type(s.uuid, "domain.crashed")
+    with pytest.raises(RemoteError) as err:
+        bus.call(q, RebootDomain(domain_id=s.uuid, mode=RebootMode.CTRL_ALT_DEL), timeout=10)
+    assert err.value.code == "conflict"
+    assert err.value.details["state"] == "crashed"
+    # A reset is a fresh machine: this guest boots and panics again.
+    call(bus, q, RebootDomain(domain_id=s.uuid, mode=RebootMode.RESET))
+    events.wait_type(s.uuid, "domain.crashed", count=2)
+    assert events.kinds(s.uuid) == [
+        ("domain.defined", "added"),
+        ("domain.started", "booted"),
+        ("domain.crashed", "panicked"),
+        ("domain.rebooted", ""),
+        ("domain.crashed", "panicked"),
+    ]
+    assert wait_console(bus, q, s.uuid, "PANIC", count=2)
+    call(bus, q, DestroyDomain(domain_id=s.uuid))

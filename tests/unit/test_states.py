@@ -36,6 +36,10 @@ def test_every_combination_has_a_defined_answer() -> None:
         (P.RUNNING, A.UNDEFINE, Verdict.REFUSE),
         (P.SHUTOFF, A.UNDEFINE, Verdict.ALLOW),
         (P.PAUSED, A.REBOOT, Verdict.REFUSE),
+        (P.CRASHED, A.REBOOT, Verdict.REFUSE),  # nothing can answer a Ctrl-Alt-Del
+        (P.CRASHED, A.RESET, Verdict.ALLOW),  # virsh reset of a crashed domain
+        (P.RUNNING, A.RESET, Verdict.ALLOW),
+        (P.SHUTOFF, A.RESET, Verdict.REFUSE),
         (P.RUNNING, A.SHUTDOWN, Verdict.ALLOW),
         (P.SHUTDOWN, A.SHUTDOWN, Verdict.NOOP),
         (P.SHUTOFF, A.GET_INFO, Verdict.ALLOW),
