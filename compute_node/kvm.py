@@ -115,9 +115,10 @@ class _Watch:
             self.delivered = record["n"]
             self.cond.notify_all()
 
-    def ended(self) -> None:
+    def ended(self, death: str = "the VMM process died") -> None:
         """The VMM is gone: reap it if it is ours, deliver what it journaled that was not
-        delivered, journal its death if it left no final record, then stop watching."""
+        delivered, journal its death (`stopped`/failed, reason `death`) if it left no final
+        record, then stop watching."""
         if self.pid is not None:
             try:
                 vmm_client.wait_exit(self.pid, 2.0)
@@ -129,7 +130,7 @@ class _Watch:
         if not self.driver.ended_cleanly(self.directory):
             journal = Journal(str(self.directory / JOURNAL))
             try:
-                record = journal.append("stopped", "failed", "the VMM process died")
+                record = journal.append("stopped", "failed", death)
             finally:
                 journal.close()
             self._deliver(record)
@@ -312,7 +313,7 @@ class KvmDriver(Driver):
             # Gone while we were away: account for what it journaled, and for its death.
             watch = _Watch(self, domain_id, directory, None)
             watch.delivered = after_n
-            watch.ended()
+            watch.ended("the VMM process died while the compute node was down")
             return RuntimeInfo(state=PowerState.SHUTOFF)
         watch = _Watch(self, domain_id, directory, None)
         with self._lock:

@@ -602,3 +602,22 @@ def test_a_crashed_domain_accepts_reset_and_refuses_ctrl_alt_del(
     ]
     assert wait_console(bus, q, s.uuid, "PANIC", count=2)
     call(bus, q, DestroyDomain(domain_id=s.uuid))
+
+
+def test_a_vmm_that_died_while_the_worker_was_down_is_reported_so(
+    node: tuple[ComputeProcess, Bus, EventLog], guest: Path
+) -> None:
+    compute, bus, events = node
+    s = spec(guest)
+    call(bus, compute.queue, DefineDomain(spec=s))
+    info = call(bus, compute.queue, StartDomain(domain_id=s.uuid))
+    assert info.pid is not None
+    compute.kill()
+    os.kill(info.pid, signal.SIGKILL)
+    compute.start(bus)
+    stopped = events.wait_type(s.uuid, "domain.stopped").model_dump()
+    assert (stopped["detail"], stopped["reason"]) == (
+        "failed",
+        "the VMM process died while the compute node was down",
+    )
+    assert call(bus, compute.queue, GetDomainInfo(domain_id=s.uuid)).state is PowerState.SHUTOFF
