@@ -5,6 +5,11 @@ WebSocket) asks the compute node for a ticket (`OpenConsole`), connects to the r
 port, sends the ticket and a newline, and from then on the connection carries the guest's
 console both ways. A ticket is random (32 bytes), names one domain, is valid once and for
 `TICKET_TTL_S` seconds; anything else on the port is closed at once.
+
+Issuing a ticket attaches to the VMM's console then and there, and the ticket holds that
+attachment until it is redeemed or expires: a console that another client holds is refused
+when the ticket is asked for (`conflict`, so the API answers 409 before any upgrade), never
+after the caller has connected.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import structlog
 
@@ -50,7 +56,7 @@ class ConsoleRelay:
         bound, self.port = self._listener.getsockname()[:2]
         # What callers on other hosts connect to: a wildcard bind is no address to give out.
         self.address = advertise or (socket.getfqdn() if bound in ("0.0.0.0", "::") else bound)
-        self._tickets: dict[str, tuple[uuid.UUID, float]] = {}
+        self._tickets: dict[str, _Ticket] = {}
         self._lock = threading.Lock()
         self._stopping = False
         self._slots = threading.BoundedSemaphore(MAX_SESSIONS)
@@ -69,27 +75,57 @@ class ConsoleRelay:
             except OSError:
                 pass
         self._listener.close()
+        with self._lock:
+            held, self._tickets = list(self._tickets.values()), {}
+        for entry in held:
+            entry.vmm.close()
 
     def _live(self) -> list[socket.socket]:
         with self._lock:
             return list(self._sessions)
 
     def issue(self, domain_id: uuid.UUID) -> str:
+        """Attach to the domain's console and return a ticket holding that attachment.
+
+        Raises ServiceError `conflict` when another client is attached (reason `busy`) or no
+        VMM answers (the domain is not running), `unavailable` for any other VMM trouble.
+        """
+        try:
+            vmm = vmm_client.VmmClient(self.domains_dir / str(domain_id)).attach()
+        except vmm_client.VmmRequestError as exc:
+            if exc.code == "busy":
+                raise ServiceError(
+                    "conflict",
+                    "the console is busy: another client is attached",
+                    {"reason": "busy"},
+                ) from None
+            raise ServiceError("unavailable", f"console attach failed: {exc}") from None
+        except vmm_client.VmmGone:
+            raise ServiceError("conflict", "domain is not running") from None
+        except vmm_client.VmmClientError as exc:
+            raise ServiceError("unavailable", f"console attach failed: {exc}") from None
         ticket = secrets.token_hex(32)
-        now = time.monotonic()
+        timer = threading.Timer(TICKET_TTL_S, self._expire, args=(ticket,))
+        timer.daemon = True
         with self._lock:
-            for old, (_, expires) in list(self._tickets.items()):
-                if expires < now:
-                    del self._tickets[old]
-            self._tickets[ticket] = (domain_id, now + TICKET_TTL_S)
+            self._tickets[ticket] = _Ticket(domain_id, time.monotonic() + TICKET_TTL_S, vmm)
+        timer.start()
         return ticket
 
-    def _redeem(self, ticket: str) -> uuid.UUID | None:
+    def _expire(self, ticket: str) -> None:
+        """An unredeemed ticket lets go of the console it holds."""
         with self._lock:
             entry = self._tickets.pop(ticket, None)
-        if entry is None or entry[1] < time.monotonic():
+        if entry is not None:
+            entry.vmm.close()
+
+    def _redeem(self, ticket: str) -> _Ticket | None:
+        with self._lock:
+            entry = self._tickets.pop(ticket, None)
+        if entry is not None and entry.expires < time.monotonic():
+            entry.vmm.close()
             return None
-        return entry[0]
+        return entry
 
     def _accept(self) -> None:
         while not self._stopping:
@@ -125,18 +161,11 @@ class ConsoleRelay:
             except OSError:
                 return
             ticket, newline, early = line.partition(b"\n")
-            domain_id = self._redeem(ticket.strip().decode("ascii", "replace")) if newline else None
-            if domain_id is None:
+            entry = self._redeem(ticket.strip().decode("ascii", "replace")) if newline else None
+            if entry is None:
                 log.warning("console relay: bad or expired ticket")
                 return
-            try:
-                vmm = vmm_client.VmmClient(self.domains_dir / str(domain_id)).attach()
-            except vmm_client.VmmClientError as exc:
-                log.warning(
-                    "console relay: attach failed", domain_id=str(domain_id), error=str(exc)
-                )
-                return
-            with vmm:
+            with entry.vmm as vmm:
                 conn.settimeout(None)
                 with self._lock:
                     self._sessions.update((conn, vmm))
@@ -149,6 +178,12 @@ class ConsoleRelay:
                 finally:
                     with self._lock:
                         self._sessions.difference_update((conn, vmm))
+
+
+class _Ticket(NamedTuple):
+    domain_id: uuid.UUID
+    expires: float  # time.monotonic()
+    vmm: socket.socket  # the console attachment it holds
 
 
 def _pump(a: socket.socket, b: socket.socket) -> None:

@@ -100,7 +100,8 @@ class Driver(abc.ABC):
         """Start a machine for `spec`; return once it runs (or is paused, if asked). Its
         `started` event has reached the sink by then. `files` are the spec's kernel and
         initrd, opened and checked by the worker (boot_sources.py): a driver reads those
-        descriptors, never the paths again, and does not close them. Raises DriverError (code
+        descriptors, never the paths again, and does not close them. A process the domain
+        kept without a machine (`process_stays`) is ended first. Raises DriverError (code
         `spawn_failed`, or `invalid` for files that are no bootable image) with the reason if
         it could not start; no events then."""
 
@@ -112,7 +113,8 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     def destroy(self, domain_id: uuid.UUID) -> None:
-        """Stop the machine at once; its `stopped` (destroyed) event reaches the sink first."""
+        """Stop the machine at once; its `stopped` (destroyed) event reaches the sink first.
+        A process kept without a machine (`process_stays`) is ended, with no event."""
 
     @abc.abstractmethod
     def shutdown(self, domain_id: uuid.UUID, mode: ShutdownMode) -> None:
@@ -142,7 +144,15 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     def remove(self, domain_id: uuid.UUID) -> None:
-        """Forget what is kept for a domain that has no machine (its directory, logs)."""
+        """Forget what is kept for a domain that has no machine (its directory, logs), ending
+        first a process kept by a preserve policy (DriverError `conflict` if that process
+        still has a machine)."""
+
+    def process_stays(self, event: GuestEvent) -> bool:  # noqa: ARG002 (a default)
+        """Whether the machine's process lives on after `event`: a `stopped` under a preserve
+        policy leaves it (inspectable, holding host resources) until `spawn`, `destroy` or
+        `remove` ends it. Drivers without such processes keep this default."""
+        return False
 
     def close(self) -> None:  # noqa: B027  (an optional hook: most drivers hold nothing)
         """Stop watching machines (they keep running)."""

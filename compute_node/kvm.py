@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -115,9 +116,10 @@ class _Watch:
             self.delivered = record["n"]
             self.cond.notify_all()
 
-    def ended(self) -> None:
+    def ended(self, death: str = "the VMM process died") -> None:
         """The VMM is gone: reap it if it is ours, deliver what it journaled that was not
-        delivered, journal its death if it left no final record, then stop watching."""
+        delivered, journal its death (`stopped`/failed, reason `death`) if it left no final
+        record, then stop watching."""
         if self.pid is not None:
             try:
                 vmm_client.wait_exit(self.pid, 2.0)
@@ -129,7 +131,7 @@ class _Watch:
         if not self.driver.ended_cleanly(self.directory):
             journal = Journal(str(self.directory / JOURNAL))
             try:
-                record = journal.append("stopped", "failed", "the VMM process died")
+                record = journal.append("stopped", "failed", death)
             finally:
                 journal.close()
             self._deliver(record)
@@ -243,6 +245,7 @@ class KvmDriver(Driver):
             raise DriverError(
                 "disks and NICs need the storage and network services (not yet built)", "invalid"
             )
+        self._end_kept(spec.uuid)  # its flock on the dir would refuse the new VMM
         directory = self.directory(spec.uuid)
         directory.mkdir(parents=True, exist_ok=True)
         config = {
@@ -319,7 +322,7 @@ class KvmDriver(Driver):
             # Gone while we were away: account for what it journaled, and for its death.
             watch = _Watch(self, domain_id, directory, None)
             watch.delivered = after_n
-            watch.ended()
+            watch.ended("the VMM process died while the compute node was down")
             return RuntimeInfo(state=PowerState.SHUTOFF)
         watch = _Watch(self, domain_id, directory, None)
         with self._lock:
@@ -327,6 +330,45 @@ class KvmDriver(Driver):
         watch.start(after_n)
         watch.wait_for(int(status["journal_n"]))
         return self.get_info(domain_id)
+
+    def process_stays(self, event: GuestEvent) -> bool:
+        # The VMM keeps running after `stopped` (shutdown, poweroff|reboot) when the policy
+        # it was started with (its vmm.json, not a later redefinition) is preserve.
+        if event.kind is not GuestEventKind.STOPPED or event.reason != "shutdown":
+            return False
+        try:
+            config = json.loads((self.directory(event.domain_id) / CONFIG_FILE).read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(config, dict) and config.get(f"on_{event.detail}") == "preserve"
+
+    def _end_kept(self, domain_id: uuid.UUID) -> None:
+        """End a VMM that stays without a machine (a preserve policy) and wait until it is
+        gone; nothing if no VMM answers. DriverError `conflict` if it still has a machine."""
+        client = self._client(domain_id)
+        try:
+            status = client.status()
+        except vmm_client.VmmGone:
+            return
+        except vmm_client.VmmClientError as exc:
+            raise DriverError(str(exc)) from None
+        if status["state"] != "shutoff":
+            raise DriverError(
+                f"domain {domain_id} still has a {status['state']} machine", "conflict"
+            )
+        with self._lock:
+            watch = self._watches.get(domain_id)
+        try:
+            client.destroy()
+        except vmm_client.VmmGone:
+            pass
+        except vmm_client.VmmClientError as exc:
+            raise DriverError(str(exc)) from None
+        if watch is not None:
+            with watch.cond:
+                watch.cond.wait_for(lambda: watch.finished, RECORD_TIMEOUT_S)
+        if not _wait_gone(status["pid"], RECORD_TIMEOUT_S):
+            raise DriverError(f"the kept VMM of {domain_id} (pid {status['pid']}) did not exit")
 
     def destroy(self, domain_id: uuid.UUID) -> None:
         watch = self._watch(domain_id)
@@ -377,6 +419,7 @@ class KvmDriver(Driver):
             return b"", False
 
     def remove(self, domain_id: uuid.UUID) -> None:
+        self._end_kept(domain_id)
         shutil.rmtree(self.directory(domain_id), ignore_errors=True)
 
     def close(self) -> None:
@@ -393,6 +436,21 @@ def _named(reason: str, files: BootFiles) -> str:
         if opened is not None:
             reason = reason.replace(opened.fd_path, opened.given)
     return reason
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """Until process `pid` has exited (reaped if it was our child); False on timeout."""
+    if vmm_client.wait_exit(pid, timeout) is not None:
+        return True  # our child, reaped now
+    # Not our child (adopted, or reaped by its watch already): wait until it is gone.
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def _last_n(directory: Path) -> int:

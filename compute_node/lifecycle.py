@@ -38,6 +38,7 @@ from protos.commands import (
     ListDomains,
     PauseDomain,
     RebootDomain,
+    RebootMode,
     ResumeDomain,
     ShutdownDomain,
     StartDomain,
@@ -132,7 +133,9 @@ class Lifecycle(ConsoleHandlers, Service):
         if cause is not None:
             drafts = [dataclasses.replace(d, cause=cause) for d in drafts]
         self.store.transition(event.domain_id, drafts, state=after, driver_n=event.n)
-        if after is PowerState.SHUTOFF:
+        if after is PowerState.SHUTOFF and not self.driver.process_stays(event):
+            # A process kept by a preserve policy holds its claim until start, destroy or
+            # undefine ends it (host usage counts it while it lives).
             self.claims.release(event.domain_id)
         log.info(
             "guest event",
@@ -174,6 +177,9 @@ class Lifecycle(ConsoleHandlers, Service):
         with self._lock(cmd.domain_id):
             record = self._record(cmd.domain_id)
             self._check(record, Action.UNDEFINE)
+            # First, so a process kept by a preserve policy ends before its record goes.
+            self._driver_call(lambda: self.driver.remove(cmd.domain_id))
+            self.claims.release(cmd.domain_id)
             self.store.undefine(
                 cmd.domain_id,
                 [
@@ -183,7 +189,6 @@ class Lifecycle(ConsoleHandlers, Service):
                 ],
             )
             self.causes.forget(cmd.domain_id)
-            self.driver.remove(cmd.domain_id)
 
     @handles(StartDomain)
     def start(self, cmd: StartDomain, ctx: Context) -> DomainInfo:
@@ -221,10 +226,29 @@ class Lifecycle(ConsoleHandlers, Service):
     def destroy(self, cmd: DestroyDomain, ctx: Context) -> DomainInfo:
         with self._lock(cmd.domain_id):
             record = self._record(cmd.domain_id)
-            if self._check(record, Action.DESTROY):
+            if not self._check(record, Action.DESTROY):
+                return self.info(cmd.domain_id)
+            if record.state in (PowerState.SHUTOFF, PowerState.NOSTATE):
+                self._end_kept(record)
+            else:
                 self.causes.expect(cmd.domain_id, ctx.cause, {K.STOPPED})
                 self._destroy(record)
             return self.info(cmd.domain_id)
+
+    def _end_kept(self, record: DomainRecord) -> None:
+        """Destroy of a shut-off domain: end the process a preserve policy kept (no event:
+        the machine was stopped already); `conflict` when there is none, as libvirt's."""
+        try:
+            self.driver.destroy(record.id)
+        except DomainNotRunning:
+            raise ServiceError(
+                "conflict",
+                f"domain is not running (state {record.state.value})",
+                {"state": record.state.value, "action": Action.DESTROY.value},
+            ) from None
+        except DriverError as exc:
+            raise ServiceError(exc.code, exc.message) from None
+        self.claims.release(record.id)
 
     def _destroy(self, record: DomainRecord) -> None:
         try:
@@ -265,8 +289,10 @@ class Lifecycle(ConsoleHandlers, Service):
     def reboot(self, cmd: RebootDomain, ctx: Context) -> DomainInfo:
         with self._lock(cmd.domain_id):
             record = self._record(cmd.domain_id)
-            if self._check(record, Action.REBOOT):
-                self.causes.expect(cmd.domain_id, ctx.cause, {K.REBOOTED})
+            action = Action.RESET if cmd.mode is RebootMode.RESET else Action.REBOOT
+            if self._check(record, action):
+                # A reset of a crashed domain starts it again: STARTED rather than REBOOTED.
+                self.causes.expect(cmd.domain_id, ctx.cause, {K.REBOOTED, K.STARTED})
                 self._driver_call(lambda: self.driver.reboot(cmd.domain_id, cmd.mode))
             return self.info(cmd.domain_id)
 

@@ -108,6 +108,9 @@ class ComputeNode:
             runtime = self.driver.adopt(record.id, record.driver_n)
             current = self.store.get(record.id)
             assert current is not None
+            if runtime is not None and runtime.pid is not None:
+                # A machine, or a process a preserve policy kept: it holds its resources.
+                self.claims.hold(current.spec)
             if runtime is None or runtime.state is PowerState.SHUTOFF:
                 if current.state not in (PowerState.SHUTOFF, PowerState.NOSTATE):
                     self.lifecycle.on_guest_event(
@@ -120,7 +123,6 @@ class ComputeNode:
                         )
                     )
                 continue
-            self.claims.hold(current.spec)
             log.info("adopted", domain_id=str(record.id), state=runtime.state.value)
 
     def autostart(self) -> None:

@@ -13,8 +13,10 @@ not come up: `reason`), `VmmProtocolError` (it sent something unreadable); all a
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +30,7 @@ from compute_node.vmm_proto import (
     CONTROL_SOCKET,
     JOURNAL,
     MAX_REPLY,
+    PID_FILE,
     PROCESS_LOG,
     FrameError,
     FrameReader,
@@ -47,6 +50,7 @@ __all__ = [
     "VmmSpawnError",
     "VmmStatus",
     "VmmSubscription",
+    "end",
     "read_journal",
     "reap",
     "spawn",
@@ -455,6 +459,56 @@ def _pidfd(pid: int) -> int | None:
         return os.pidfd_open(pid)
     except (AttributeError, OSError):
         return None
+
+
+def end(domain_dir: str | os.PathLike[str], timeout: float = 5.0) -> int | None:
+    """End the VMM running in `domain_dir` by its pid, whoever's child it is: SIGTERM (it
+    destroys its machine and journals that), SIGKILL after `timeout`; returns once it has
+    exited. Its pid is taken from `vmm.pid` only while a VMM holds that file's lock, and the
+    process is checked to run in that dir (a VMM's cwd), so a recycled pid is never
+    signalled. Returns the pid ended, or None when no VMM runs there."""
+    directory = os.path.realpath(os.fspath(domain_dir))
+    pid = _locked_pid(directory)
+    if pid is None:
+        return None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None  # exited meanwhile
+    try:
+        try:
+            if os.readlink(f"/proc/{pid}/cwd") != directory:  # noqa: PTH115
+                return None
+        except OSError:
+            return None
+        for signum, wait_s in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signum)
+            if select.select([pidfd], [], [], wait_s)[0]:
+                break
+        return pid
+    finally:
+        os.close(pidfd)
+
+
+def _locked_pid(directory: str) -> int | None:
+    """The pid in `<directory>/vmm.pid` while a VMM holds its lock, else None."""
+    try:
+        fd = os.open(os.path.join(directory, PID_FILE), os.O_RDONLY | os.O_CLOEXEC)  # noqa: PTH118
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None  # no VMM holds it
+        except BlockingIOError:
+            pass
+        try:
+            return int(os.pread(fd, 32, 0).strip())
+        except ValueError:
+            return None  # a VMM being born: it writes its pid right after taking the lock
+    finally:
+        os.close(fd)
 
 
 def _kill(pid: int) -> None:

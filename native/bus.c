@@ -38,14 +38,20 @@ int fl_bus_dispatch(struct fl_bus *bus, uint64_t addr, uint8_t *data, uint32_t s
 		/* An access straddling the end of a range is refused as a whole. */
 		if (size > r->len - (addr - r->base))
 			return -ENOENT;
-		r->fn(r->dev, addr - r->base, data, size, is_write);
+		/*
+		 * Counted before the device acts: a handler may raise a machine event (debug exit,
+		 * ACPI S5, i8042 reset), and whoever reads that event must find the access counted.
+		 * Release ordering, and fl_event_raise publishes the event under ev_lock after
+		 * this, so a reader that got the event (under the same lock) sees these counts.
+		 */
 		if (is_write) {
-			__atomic_add_fetch(&r->ctr->writes, 1, __ATOMIC_RELAXED);
-			__atomic_add_fetch(&r->ctr->bytes_out, size, __ATOMIC_RELAXED);
+			__atomic_add_fetch(&r->ctr->writes, 1, __ATOMIC_RELEASE);
+			__atomic_add_fetch(&r->ctr->bytes_out, size, __ATOMIC_RELEASE);
 		} else {
-			__atomic_add_fetch(&r->ctr->reads, 1, __ATOMIC_RELAXED);
-			__atomic_add_fetch(&r->ctr->bytes_in, size, __ATOMIC_RELAXED);
+			__atomic_add_fetch(&r->ctr->reads, 1, __ATOMIC_RELEASE);
+			__atomic_add_fetch(&r->ctr->bytes_in, size, __ATOMIC_RELEASE);
 		}
+		r->fn(r->dev, addr - r->base, data, size, is_write);
 		return 0;
 	}
 	return -ENOENT;

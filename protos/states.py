@@ -21,7 +21,8 @@ class Action(StrEnum):
     START = "start"
     SHUTDOWN = "shutdown"
     DESTROY = "destroy"
-    REBOOT = "reboot"
+    REBOOT = "reboot"  # ask the guest (Ctrl-Alt-Del): it must be running to answer
+    RESET = "reset"  # reboot mode reset: a fresh machine now, as `virsh reset`
     PAUSE = "pause"
     RESUME = "resume"
     MIGRATE = "migrate"
@@ -58,8 +59,13 @@ _TABLE: dict[Action, tuple[frozenset[PowerState], frozenset[PowerState], str]] =
     Action.UNDEFINE: (_INACTIVE, frozenset(), "domain is active: destroy it first"),
     Action.START: (_INACTIVE, frozenset(), "domain is already active"),
     Action.SHUTDOWN: (_RUNNING, frozenset({P.SHUTDOWN}), "domain is not running"),
-    Action.DESTROY: (_ACTIVE, frozenset(), "domain is not running"),
+    # Any state: the host ends a VMM that a preserve policy kept after a shut-off domain's
+    # machine stopped, and refuses (`conflict`, "domain is not running") if none is left.
+    Action.DESTROY: (_ALL, frozenset(), ""),
     Action.REBOOT: (_RUNNING, frozenset(), "domain is not running"),
+    # libvirt resets a crashed domain (on_crash=preserve) too: the way back without a
+    # destroy. Nothing of the crashed guest can answer a Ctrl-Alt-Del.
+    Action.RESET: (_RUNNING | {P.CRASHED}, frozenset(), "domain is not running"),
     Action.PAUSE: (_RUNNING, frozenset({P.PAUSED}), "domain is not running"),
     Action.RESUME: (frozenset({P.PAUSED}), _RUNNING, "domain is not paused"),
     Action.MIGRATE: (

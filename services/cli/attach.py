@@ -20,7 +20,7 @@ from typing import Any
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from services.cli.client import Exit
+from services.cli.client import Exit, problem_text
 from services.cli.domains import CliError, Session
 
 DETACH = b"\x1d"  # Ctrl-]
@@ -59,8 +59,8 @@ def attach(s: Session, d: dict[str, Any], *, read_only: bool) -> int:
         status = exc.response.status_code
         code = {401: Exit.DENIED, 404: Exit.NOT_FOUND, 409: Exit.CONFLICT}
         raise CliError(
-            f"the API refused to attach the console of {d.get('name')} (HTTP {status}): "
-            f"{exc.response.body.decode(errors='replace')[:200] if exc.response.body else ''}",
+            f"cannot attach the console of {d.get('name')}: "
+            f"{problem_text(status, bytes(exc.response.body or b''))}",
             code.get(status, Exit.UNAVAILABLE),
         ) from None
     except OSError as exc:

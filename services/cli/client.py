@@ -91,6 +91,12 @@ def _problem_message(response: httpx.Response) -> tuple[str, dict[str, Any]]:
     return "; ".join(parts), body
 
 
+def problem_text(status: int, body: bytes) -> str:
+    """The one-line reason of a problem+json answer that did not come through httpx (the
+    console WebSocket's refused handshake)."""
+    return _problem_message(httpx.Response(status, content=body))[0]
+
+
 class Api:
     """Blocking client for /v1. Raises ApiError for any non-2xx answer or transport failure."""
 

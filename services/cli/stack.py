@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 import pika
 
+from compute_node import vmm_client
 from protos import routing
 from services.broker import PrivateBroker
 from services.files import write_private
@@ -393,7 +394,9 @@ class Stack:
             pass
 
     def stop(self) -> None:
-        """Delete guests (unless keep_guests), then end every child by pid, then the broker."""
+        """Delete guests (unless keep_guests), then end every child by pid, then every VMM
+        still running under the state dir by its pid (unless keep_guests), then the
+        broker."""
         if (
             not self.config.keep_guests
             and self.api is not None
@@ -403,6 +406,11 @@ class Stack:
             self.delete_all_domains()
         for child in self.computes.values():
             child.stop()
+        if not self.config.keep_guests:
+            # Whatever died first (a compute node killed, a delete that failed): no guest
+            # outlives the stack. Each VMM is ended by the pid it recorded.
+            for domain_dir in self.state_dir.glob("compute/*/domains/*"):
+                vmm_client.end(domain_dir)
         if self.scheduler is not None:
             self.scheduler.stop()
         if self.api is not None:

@@ -98,3 +98,45 @@ def test_cli_console_follow_sends_stdin_and_prints_the_echo(
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(5)
+
+
+def test_a_busy_console_is_refused_before_the_upgrade(e2e: E2E, echo_guest: dict[str, Any]) -> None:
+    headers = {"Authorization": f"Bearer {e2e.tokens['alice']}"}
+    env = {**os.environ, "FLOTILLA_API_URL": e2e.api_url, "FLOTILLA_TOKEN": e2e.tokens["alice"]}
+    with connect(ws_url(e2e, echo_guest["id"]), additional_headers=headers) as first:
+        with (
+            pytest.raises(InvalidStatus) as refused,
+            connect(ws_url(e2e, echo_guest["id"]), additional_headers=headers),
+        ):
+            pass
+        response = refused.value.response
+        assert response.status_code == 409
+        assert response.headers["Content-Type"] == "application/problem+json"
+        assert b"another client is attached" in response.body
+        cli = subprocess.run(
+            [sys.executable, "-m", "services.cli.main", "console", echo_guest["name"], "--follow"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            env=env,
+            timeout=30,
+            check=False,
+        )
+        assert cli.returncode == 4, (cli.stdout, cli.stderr)  # Exit.CONFLICT
+        assert b"console is busy: another client is attached" in cli.stderr
+        # The first client still has the console.
+        first.send(b"still mine\r")
+        seen = b""
+        deadline = time.monotonic() + 10
+        while b"flotilla-guest: still mine" not in seen:
+            assert time.monotonic() < deadline, seen[-300:]
+            frame = first.recv(timeout=max(0.1, deadline - time.monotonic()))
+            seen += frame if isinstance(frame, bytes) else frame.encode()
+    # Detached: the console is free again.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with connect(ws_url(e2e, echo_guest["id"]), additional_headers=headers):
+                break
+        except InvalidStatus:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)

@@ -28,6 +28,7 @@ from protos.commands import (
     GetDomainInfo,
     PauseDomain,
     RebootDomain,
+    RebootMode,
     ResumeDomain,
     ShutdownDomain,
     StartDomain,
@@ -529,3 +530,137 @@ def test_console_relay_attaches_with_a_one_time_ticket(
     with pytest.raises(RemoteError) as err:
         bus.call(compute.queue, OpenConsole(domain_id=s.uuid), timeout=10)
     assert err.value.code == "conflict"
+
+
+def _kept_vmm(compute: ComputeProcess, domain_id: uuid.UUID) -> int:
+    """The pid of the VMM a preserve policy kept for a shut-off domain."""
+    status = VmmClient(compute.state_dir / "domains" / str(domain_id)).status()
+    assert status["state"] == "shutoff"
+    return status["pid"]
+
+
+def _gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_vmm_kept_by_on_poweroff_preserve_is_counted_and_ended_by_start_destroy_undefine(
+    node: tuple[ComputeProcess, Bus, EventLog], guest: Path, make_bus: MakeBus
+) -> None:
+    compute, bus, events = node
+    q = compute.queue
+    beats: queue.SimpleQueue[HostHeartbeat] = queue.SimpleQueue()
+
+    def on_beat(_envelope: Envelope, message: Message) -> None:
+        if isinstance(message, HostHeartbeat):
+            beats.put(message)
+
+    def usage_when_shut_off() -> Resources:
+        """The usage in a beat taken after now that sees the domain shut off."""
+        while not beats.empty():
+            beats.get()
+        beats.get(timeout=5)  # one may have been on its way already
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            beat = beats.get(timeout=max(0.1, deadline - time.monotonic()))
+            if beat.domains_by_state == {PowerState.SHUTOFF: 1}:
+                return beat.usage
+        raise AssertionError("no heartbeat with the domain shut off within 10 s")
+
+    sub = make_bus("test-heartbeat").subscribe(
+        [routing.event_key("host", "heartbeat", compute.host)], on_beat
+    )
+    try:
+        # The guest powers itself off at once; its VMM stays.
+        s = spec(guest, "ready poweroff", on_poweroff=LifecycleAction.PRESERVE)
+        call(bus, q, DefineDomain(spec=s))
+        call(bus, q, StartDomain(domain_id=s.uuid))
+        events.wait_type(s.uuid, "domain.stopped")
+        first = _kept_vmm(compute, s.uuid)
+        assert usage_when_shut_off() == Resources(vcpus=1, memory_mib=32)
+        # start ends the kept VMM before the new one.
+        call(bus, q, StartDomain(domain_id=s.uuid))
+        assert _gone(first)
+        events.wait_type(s.uuid, "domain.stopped", count=2)
+        second = _kept_vmm(compute, s.uuid)
+        assert second != first
+        # destroy ends it (no event: the machine had stopped); usage drops.
+        info = call(bus, q, DestroyDomain(domain_id=s.uuid))
+        assert info.state is PowerState.SHUTOFF
+        assert _gone(second)
+        with pytest.raises(RemoteError) as err:  # nothing left to destroy
+            bus.call(q, DestroyDomain(domain_id=s.uuid), timeout=10)
+        assert err.value.code == "conflict"
+        assert "not running" in err.value.message
+        assert usage_when_shut_off() == Resources(vcpus=0, memory_mib=0)
+        # undefine ends it too, before the domain dir goes.
+        call(bus, q, StartDomain(domain_id=s.uuid))
+        events.wait_type(s.uuid, "domain.stopped", count=3)
+        third = _kept_vmm(compute, s.uuid)
+        bus.call(q, UndefineDomain(domain_id=s.uuid), timeout=20)
+        assert _gone(third)
+        assert not (compute.state_dir / "domains" / str(s.uuid)).exists()
+        assert [k for k in events.kinds(s.uuid) if k[0] != "domain.shutdown"] == [
+            ("domain.defined", "added"),
+            ("domain.started", "booted"),
+            ("domain.stopped", "shutdown"),
+            ("domain.started", "booted"),
+            ("domain.stopped", "shutdown"),
+            ("domain.started", "booted"),
+            ("domain.stopped", "shutdown"),
+            ("domain.undefined", "removed"),
+        ]
+    finally:
+        sub.close()
+
+
+def test_a_crashed_domain_accepts_reset_and_refuses_ctrl_alt_del(
+    node: tuple[ComputeProcess, Bus, EventLog], guest: Path
+) -> None:
+    compute, bus, events = node
+    q = compute.queue
+    s = spec(guest, "ready panic", on_crash=LifecycleAction.PRESERVE)
+    call(bus, q, DefineDomain(spec=s))
+    call(bus, q, StartDomain(domain_id=s.uuid))
+    events.wait_type(s.uuid, "domain.crashed")
+    with pytest.raises(RemoteError) as err:
+        bus.call(q, RebootDomain(domain_id=s.uuid, mode=RebootMode.CTRL_ALT_DEL), timeout=10)
+    assert err.value.code == "conflict"
+    assert err.value.details["state"] == "crashed"
+    # A reset is a fresh machine: this guest boots and panics again.
+    call(bus, q, RebootDomain(domain_id=s.uuid, mode=RebootMode.RESET))
+    events.wait_type(s.uuid, "domain.crashed", count=2)
+    assert events.kinds(s.uuid) == [
+        ("domain.defined", "added"),
+        ("domain.started", "booted"),
+        ("domain.crashed", "panicked"),
+        ("domain.rebooted", ""),
+        ("domain.crashed", "panicked"),
+    ]
+    assert wait_console(bus, q, s.uuid, "PANIC", count=2)
+    call(bus, q, DestroyDomain(domain_id=s.uuid))
+
+
+def test_a_vmm_that_died_while_the_worker_was_down_is_reported_so(
+    node: tuple[ComputeProcess, Bus, EventLog], guest: Path
+) -> None:
+    compute, bus, events = node
+    s = spec(guest)
+    call(bus, compute.queue, DefineDomain(spec=s))
+    info = call(bus, compute.queue, StartDomain(domain_id=s.uuid))
+    assert info.pid is not None
+    compute.kill()
+    os.kill(info.pid, signal.SIGKILL)
+    compute.start(bus)
+    stopped = events.wait_type(s.uuid, "domain.stopped").model_dump()
+    assert (stopped["detail"], stopped["reason"]) == (
+        "failed",
+        "the VMM process died while the compute node was down",
+    )
+    assert call(bus, compute.queue, GetDomainInfo(domain_id=s.uuid)).state is PowerState.SHUTOFF

@@ -24,6 +24,7 @@ from protos.commands import (
     ListDomains,
     PauseDomain,
     RebootDomain,
+    RebootMode,
     ResumeDomain,
     ShutdownDomain,
     StartDomain,
@@ -219,6 +220,21 @@ def test_on_crash_policies(
     record = node.store.get(s.uuid)
     assert record is not None
     assert record.state is state
+
+
+def test_a_crashed_domain_is_reset_but_not_rebooted(node: Node) -> None:
+    s = spec(on_crash=LifecycleAction.PRESERVE)
+    node.ok(DefineDomain(spec=s))
+    node.ok(StartDomain(domain_id=s.uuid))
+    node.driver.guest_panic(s.uuid)
+    node.events()
+    with pytest.raises(ServiceError) as err:
+        node.service.reboot(RebootDomain(domain_id=s.uuid, mode=RebootMode.CTRL_ALT_DEL), CTX)
+    assert err.value.code == "conflict"
+    assert "crashed" in err.value.message
+    info = node.ok(RebootDomain(domain_id=s.uuid, mode=RebootMode.RESET))
+    assert info.state is PowerState.RUNNING
+    assert types(node.events()) == [("domain.rebooted", "")]
 
 
 def test_on_poweroff_restart_and_on_reboot_destroy(node: Node) -> None:

@@ -30,12 +30,16 @@ def test_every_combination_has_a_defined_answer() -> None:
         (P.PAUSED, A.RESUME, Verdict.ALLOW),
         (P.RUNNING, A.RESUME, Verdict.NOOP),
         (P.SHUTOFF, A.RESUME, Verdict.REFUSE),
-        (P.SHUTOFF, A.DESTROY, Verdict.REFUSE),
+        (P.SHUTOFF, A.DESTROY, Verdict.ALLOW),  # the host refuses when nothing is left
         (P.PAUSED, A.DESTROY, Verdict.ALLOW),
         (P.CRASHED, A.DESTROY, Verdict.ALLOW),
         (P.RUNNING, A.UNDEFINE, Verdict.REFUSE),
         (P.SHUTOFF, A.UNDEFINE, Verdict.ALLOW),
         (P.PAUSED, A.REBOOT, Verdict.REFUSE),
+        (P.CRASHED, A.REBOOT, Verdict.REFUSE),  # nothing can answer a Ctrl-Alt-Del
+        (P.CRASHED, A.RESET, Verdict.ALLOW),  # virsh reset of a crashed domain
+        (P.RUNNING, A.RESET, Verdict.ALLOW),
+        (P.SHUTOFF, A.RESET, Verdict.REFUSE),
         (P.RUNNING, A.SHUTDOWN, Verdict.ALLOW),
         (P.SHUTDOWN, A.SHUTDOWN, Verdict.NOOP),
         (P.SHUTOFF, A.GET_INFO, Verdict.ALLOW),

@@ -15,6 +15,7 @@ from protos.commands import (
     GetConsole,
     PauseDomain,
     RebootDomain,
+    RebootMode,
     ResumeDomain,
     ShutdownDomain,
     StartDomain,
@@ -250,6 +251,13 @@ def _destroy_and_undefine(ctx: ApiContext, host: str, domain_id: uuid.UUID, acti
         ctx.call_host(host, UndefineDomain(domain_id=domain_id))
 
 
+def _action(request: ActionRequest) -> Action:
+    """The transition table's action: a reboot in mode reset is a reset."""
+    if request.action is ActionName.REBOOT and request.reboot_mode() is RebootMode.RESET:
+        return Action.RESET
+    return Action(request.action.value)
+
+
 def _command(domain_id: uuid.UUID, request: ActionRequest) -> Command:
     match request.action:
         case ActionName.START:
@@ -283,7 +291,7 @@ def domain_action(
     """Run a lifecycle action on the domain's host. 409 (with `state` and `task`) when the
     state forbids it; an action that is already done (pause a paused domain) succeeds."""
     record = ctx.visible_domain(caller, domain_id)
-    verdict = _check(record, Action(body.action.value))
+    verdict = _check(record, _action(body))
     if record.host is None:
         raise _refuse(record, body.action.value, "domain has no host yet")
     if verdict is Verdict.NOOP:
