@@ -96,7 +96,12 @@ class ApiConfig(BaseModel):
     def load(cls, path: Path | None = None, **overrides: Any) -> ApiConfig:
         """File (TOML, or YAML by its .yaml/.yml suffix; an `[api]` table or the top level),
         then environment, then `overrides` (None values are ignored)."""
-        env = {
+        return load_layered(cls, path, table="api", env=cls.environment(), overrides=overrides)
+
+    @classmethod
+    def environment(cls) -> dict[str, str]:
+        """Field → the environment variable that sets it (scalar settings only)."""
+        return {
             "listen_host": "FLOTILLA_API_LISTEN_HOST",
             "listen_port": "FLOTILLA_API_LISTEN_PORT",
             "database_url": "FLOTILLA_API_DATABASE_URL",
@@ -104,4 +109,3 @@ class ApiConfig(BaseModel):
             "rpc_timeout_s": "FLOTILLA_API_RPC_TIMEOUT_S",
             "schedule_timeout_s": "FLOTILLA_API_SCHEDULE_TIMEOUT_S",
         }
-        return load_layered(cls, path, table="api", env=env, overrides=overrides)
