@@ -82,7 +82,7 @@ def image_seeds() -> Iterable[tuple[str, bytes]]:
     yield "pvh32", image_input(elf32_pvh(KERNEL))
 
 
-# ---- virtio (virtqueue, virtio_blk) ----
+# ---- virtio (virtqueue, virtio_blk, virtio_mmio) ----
 
 
 class Ring:
@@ -153,6 +153,50 @@ def virtio_blk_seeds() -> Iterable[tuple[str, bytes]]:
         yield name, bytes([flags, 0xFF]) + ring.shape() + bytes(ram)
 
 
+def mmio_write(offset: int, value: int, width: int = 4) -> bytes:
+    return bytes([1]) + struct.pack("<HBQ", offset, WIDTH[width], value)
+
+
+def mmio_read(offset: int, width: int = 4) -> bytes:
+    return bytes([0]) + struct.pack("<HB", offset, WIDTH[width])
+
+
+def ram_poke(gpa: int, data: bytes) -> bytes:
+    out = b""
+    for i in range(0, len(data), 255):
+        chunk = data[i : i + 255]
+        out += bytes([2]) + struct.pack("<HB", gpa + i, len(chunk)) + chunk
+    return out
+
+
+def virtio_mmio_seeds() -> Iterable[tuple[str, bytes]]:
+    for name, net in (("blk", 0), ("net", 1)):
+        ram = bytearray(0x400)
+        ring = Ring(ram, 4, 0x000, 0x100, 0x200)
+        if net:
+            ring.post([(0x300, 12, True), (0x30C, 0x40, True)])
+        else:
+            ring.post(
+                [(blk_request(ram, 0x300, 0, 0), 16, False), (0x310, 512, True), (0x3FF, 1, True)]
+            )
+        ops = bytes([net]) + b"".join(mmio_read(r) for r in (0x0, 0x4, 0x8, 0xC))
+        ops += mmio_write(0x70, 0) + mmio_write(0x70, 3)
+        ops += mmio_write(0x14, 1) + mmio_read(0x10) + mmio_write(0x24, 1) + mmio_write(0x20, 1)
+        ops += mmio_write(0x70, 11) + mmio_read(0x70)
+        ops += ram_poke(0, bytes(ram))
+        for q in range(1 + net):
+            ops += mmio_write(0x30, q) + mmio_read(0x34) + mmio_write(0x38, 4)
+            ops += mmio_write(0x80, 0x800 * q) + mmio_write(0x90, 0x100 + 0x800 * q)
+            ops += mmio_write(0xA0, 0x200 + 0x800 * q) + mmio_write(0x44, 1)
+        ops += mmio_write(0x70, 15) + mmio_write(0x50, 0) + bytes([3])
+        if net:
+            ops += bytes([5, 60]) + bytes(60) + bytes([3])
+        ops += mmio_read(0x60) + mmio_write(0x64, 1) + bytes([4])
+        ops += mmio_read(0x100, 1) + mmio_read(0x104, 8) + mmio_read(0xFC)
+        ops += mmio_write(0x70, 0) + mmio_read(0x70)
+        yield name, ops
+
+
 # ---- port devices (serial, ports) and the IOAPIC ----
 
 
@@ -215,6 +259,7 @@ TARGETS: dict[str, Callable[[], Iterable[tuple[str, bytes]]]] = {
     "virtqueue": virtqueue_seeds,
     "image": image_seeds,
     "virtio_blk": virtio_blk_seeds,
+    "virtio_mmio": virtio_mmio_seeds,
     "serial": serial_seeds,
     "ports": ports_seeds,
     "ioapic": ioapic_seeds,
