@@ -82,7 +82,7 @@ def image_seeds() -> Iterable[tuple[str, bytes]]:
     yield "pvh32", image_input(elf32_pvh(KERNEL))
 
 
-# ---- virtio (virtqueue, virtio_blk, virtio_mmio) ----
+# ---- virtio (virtio_blk, virtio_net, virtio_mmio) ----
 
 
 class Ring:
@@ -151,6 +151,21 @@ def virtio_blk_seeds() -> Iterable[tuple[str, bytes]]:
             ]
         )
         yield name, bytes([flags, 0xFF]) + ring.shape() + bytes(ram)
+
+
+def virtio_net_seeds() -> Iterable[tuple[str, bytes]]:
+    ram = bytearray(0x8000)
+    rx = Ring(ram, 8, 0x0000, 0x1000, 0x1100)
+    tx = Ring(ram, 8, 0x2000, 0x3000, 0x3100)
+    for i in range(3):
+        rx.post([(0x4000 + 0x800 * i, 12, True), (0x400C + 0x800 * i, 0x700, True)])
+    frame = bytes(range(6)) * 2 + b"\x08\x00" + bytes(46)
+    ram[0x6000 + 12 : 0x6000 + 12 + len(frame)] = frame
+    tx.post([(0x6000, 12, False), (0x600C, len(frame), False)])
+    tx.post([(0x6000, 12 + len(frame), False)])
+    frames = [frame, frame + bytes(100)]
+    host = bytes([len(frames)]) + b"".join(struct.pack("<H", len(f)) + f for f in frames)
+    yield "rx-tx", bytes([0xFF]) + rx.shape() + tx.shape() + host + bytes(ram)
 
 
 def mmio_write(offset: int, value: int, width: int = 4) -> bytes:
@@ -259,6 +274,7 @@ TARGETS: dict[str, Callable[[], Iterable[tuple[str, bytes]]]] = {
     "virtqueue": virtqueue_seeds,
     "image": image_seeds,
     "virtio_blk": virtio_blk_seeds,
+    "virtio_net": virtio_net_seeds,
     "virtio_mmio": virtio_mmio_seeds,
     "serial": serial_seeds,
     "ports": ports_seeds,

@@ -22,6 +22,7 @@ MIN_SEED_EDGES = {
     "virtqueue": 40,
     "image": 110,
     "virtio_blk": 170,
+    "virtio_net": 160,
     "virtio_mmio": 200,
     "serial": 60,
     "ports": 90,
