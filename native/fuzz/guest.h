@@ -30,7 +30,9 @@ void fz_mmio_write(struct fl_virtio_dev *d, uint64_t off, uint32_t v);
 
 /* What a driver does to bring the device up: reset, ACKNOWLEDGE|DRIVER, accept VERSION_1
  * plus the offered low feature bits in features_lo, FEATURES_OK, program each queue from
- * the input (size as log2 in 4 bits, then desc, avail and used addresses) and DRIVER_OK. */
+ * the input and DRIVER_OK. Per queue: a shape byte (bits 0-3: log2 of the size, taken
+ * modulo 9; bits 4, 5, 6: desc, avail, used in the high region), then the desc, avail and
+ * used addresses (2 bytes each). */
 void fz_driver_up(struct fl_virtio_dev *d, uint32_t features_lo, struct fz_input *in);
 /* The device thread's loop body: serve every notified queue that is live, then the extra
  * fd when the device asked for it. */
