@@ -68,10 +68,12 @@ class ClaimPhase(StrEnum):
 class PlacementClaim(Message):
     """A scheduler replica's claim, published on `placement.<phase>.<domain_id>` so the other
     replicas count claims in flight and learn group membership (domain events carry the host,
-    not the group). The compute node stays the final arbiter; this only narrows the window in
-    which two replicas can pick the same room."""
+    not the group). A group is `group` within `project` (1.1; a 1.0 claim names no project).
+    The compute node stays the final arbiter; this only narrows the window in which two
+    replicas can pick the same room."""
 
     TYPE = "placement.claim"
+    VERSION = "1.1"
     phase: ClaimPhase
     replica: str
     domain_id: uuid.UUID
@@ -79,6 +81,7 @@ class PlacementClaim(Message):
     vcpus: int = Field(ge=0)
     memory_mib: int = Field(ge=0)
     group: str | None = None
+    project: str | None = None
 
     def routing_key(self) -> str:
         return event_key("placement", self.phase.value, str(self.domain_id))

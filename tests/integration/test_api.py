@@ -228,6 +228,18 @@ def test_anti_affinity_spreads_and_no_fit_is_503(cloud: Cloud) -> None:
     assert huge.json()["code"] == "no_valid_host"
 
 
+def test_placement_groups_belong_to_their_project(cloud: Cloud) -> None:
+    """Another project's anti-affinity group of the same name filling every host does not
+    refuse this project's first member."""
+    placement = {"group": f"web-{uuid.uuid4().hex[:6]}", "policy": "anti-affinity"}
+    for _ in range(len(cloud.nodes)):
+        theirs = cloud.create(token=ADMIN, placement=placement)  # project "ops"
+        assert theirs.status_code == 201, theirs.text
+    assert cloud.create(token=ADMIN, placement=placement).status_code == 503
+    mine = cloud.create(token=ALICE, placement=placement)
+    assert mine.status_code == 201, mine.text
+
+
 def test_quota_scope_and_hosts(cloud: Cloud) -> None:
     mine = cloud.create(token=BOB)
     assert mine.status_code == 201, mine.text
