@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM_JSON = "application/problem+json"
@@ -65,9 +66,15 @@ class Problem(Exception):
             **self.extras,
         }
 
-    def response(self) -> JSONResponse:
+    def response(self, request: Request | None = None) -> JSONResponse:
+        """The problem document; for a `request` whose caller is a member, with host names
+        masked (services.api.visibility)."""
+        body = self.body()
+        mask = getattr(request.state, "host_mask", None) if request is not None else None
+        if mask is not None:
+            body = mask.body(body)
         return JSONResponse(
-            self.body(), status_code=self.status, media_type=PROBLEM_JSON, headers=self.headers
+            body, status_code=self.status, media_type=PROBLEM_JSON, headers=self.headers
         )
 
 
@@ -88,9 +95,10 @@ def _field(loc: tuple[int | str, ...]) -> str:
 def install(app: FastAPI) -> None:
     """Make every error a problem document, FastAPI's own 422 and 404 included."""
 
-    async def on_problem(_request: Request, exc: Exception) -> JSONResponse:
+    async def on_problem(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, Problem)
-        return exc.response()
+        # Masking may read the registry's host names: not on the event loop.
+        return await run_in_threadpool(exc.response, request)
 
     async def on_validation(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)

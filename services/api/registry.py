@@ -528,6 +528,11 @@ class Registry:
         with self.db.transaction() as cur:
             cur.execute("UPDATE hosts SET enabled = ? WHERE name = ?", (1 if enabled else 0, name))
 
+    def host_names(self) -> list[str]:
+        """The names of every host that has sent a heartbeat."""
+        with self.db.transaction() as cur:
+            return [str(r[0]) for r in cur.all("SELECT name FROM hosts", [])]
+
     def hosts(self, name: str | None = None) -> list[HostRecord]:
         sql = (
             "SELECT name, enabled, kvm, version, interval_s, last_seen, inventory, usage, "

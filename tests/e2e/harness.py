@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from services.api.visibility import host_alias
 from services.cli.stack import Stack
 
 
@@ -36,6 +37,10 @@ class E2E:
                 timeout=60,
             )
         return self._clients[project]
+
+    def aliases(self, project: str = "alice") -> set[str]:
+        """What a member of `project` sees for the hosts (host names are admin-only)."""
+        return {host_alias(project, h) for h in self.hosts}
 
     def close(self) -> None:
         for c in self._clients.values():

@@ -21,6 +21,7 @@ from compute_node.fake import FakeDriver
 from compute_node.node import ComputeNode
 from services.api import ApiConfig, Quota, TokenEntry, create_app
 from services.api.config import Role
+from services.api.visibility import host_alias
 from services.scheduler import Scheduler, SchedulerConfig
 
 pytestmark = pytest.mark.integration
@@ -60,6 +61,13 @@ class Cloud:
     def __init__(self, url: str, nodes: dict[str, ComputeNode]) -> None:
         self.http = httpx.Client(base_url=url, timeout=30)
         self.nodes = nodes
+
+    def aliases(self, project: str = "alice") -> set[str]:
+        """What a member of `project` sees for the hosts."""
+        return {host_alias(project, h) for h in self.nodes}
+
+    def leaks_host_names(self, text: str) -> bool:
+        return any(h in text for h in self.nodes)
 
     def create(self, token: str = ALICE, **kw: Any) -> httpx.Response:
         body = {"name": f"g-{uuid.uuid4().hex[:8]}", "boot": {"kernel": "/k"}, **kw}
@@ -152,7 +160,7 @@ def test_create_runs_and_events_flow(cloud: Cloud) -> None:
     r = cloud.create(vcpus=1, memory_mib=256)
     assert r.status_code == 201, r.text
     d = r.json()
-    assert d["host"] in cloud.nodes
+    assert d["host"] in cloud.aliases()  # host names are admin-only
     assert (d["state"], d["task"]) == ("running", "none")
     url = str(cloud.http.base_url).rstrip("/")
     events = sse_events(
@@ -163,6 +171,10 @@ def test_create_runs_and_events_flow(cloud: Cloud) -> None:
     )
     assert [e["type"] for e in events] == ["domain.defined", "domain.started"]
     assert [e["seq"] for e in events] == [1, 2]
+    assert {(e["host"], e["event"]["host"]) for e in events} == {(d["host"], d["host"])}
+    assert not cloud.leaks_host_names(json.dumps(events))
+    admin = sse_events(url, ADMIN, {"domain": d["id"], "since_seq": 0}, lambda evs: len(evs) > 1)
+    assert {e["host"] for e in admin} <= set(cloud.nodes)
     # Another project's stream never shows it.
     other = cloud.http.get(
         "/v1/events", params={"since": 0, "follow": "false"}, headers=auth(BOB)
@@ -190,8 +202,8 @@ def test_create_runs_and_events_flow(cloud: Cloud) -> None:
 
 
 def test_lifecycle_and_delete(cloud: Cloud) -> None:
-    d = cloud.create().json()
-    domain_id = d["id"]
+    domain_id = cloud.create().json()["id"]
+    d = cloud.get(domain_id, token=ADMIN).json()  # the host's name
     assert cloud.act(domain_id, "pause").json()["state"] == "paused"
     conflict = cloud.act(domain_id, "shutdown")
     assert conflict.status_code == 409
@@ -215,10 +227,13 @@ def test_anti_affinity_spreads_and_no_fit_is_503(cloud: Cloud) -> None:
     placement = {"group": f"grp-{uuid.uuid4().hex[:6]}", "policy": "anti-affinity"}
     a = cloud.create(placement=placement).json()
     b = cloud.create(placement=placement).json()
-    assert {a["host"], b["host"]} == set(cloud.nodes)
+    assert {a["host"], b["host"]} == cloud.aliases()
     c = cloud.create(placement=placement)
     assert c.status_code == 503, c.text
     p = c.json()
+    # Which hosts the group uses, and why each was filtered, without their names.
+    assert sorted(p["filtered"]["group_policy"]) == sorted(cloud.aliases())
+    assert not cloud.leaks_host_names(c.text)
     assert c.headers["content-type"].startswith("application/problem+json")
     assert (p["code"], p["fault"]["code"]) == ("no_valid_host", "no_valid_host")
     failed = cloud.get(p["domain_id"]).json()
@@ -238,6 +253,9 @@ def test_placement_groups_belong_to_their_project(cloud: Cloud) -> None:
     assert cloud.create(token=ADMIN, placement=placement).status_code == 503
     mine = cloud.create(token=ALICE, placement=placement)
     assert mine.status_code == 201, mine.text
+    # Choosing a host by name is for admins only (a member could probe names with it).
+    forced = cloud.create(token=ALICE, placement={"host": next(iter(cloud.nodes))})
+    assert (forced.status_code, forced.json()["code"]) == (403, "forbidden")
 
 
 def test_quota_scope_and_hosts(cloud: Cloud) -> None:
@@ -261,7 +279,7 @@ def test_quota_scope_and_hosts(cloud: Cloud) -> None:
     time.sleep(1.0)  # the scheduler learns it from the next heartbeat
     for _ in range(2):
         placed = cloud.create()
-        assert placed.json()["host"] == second, placed.text
+        assert placed.json()["host"] == host_alias("alice", second), placed.text
     assert cloud.http.post(f"/v1/hosts/{first}/enable", headers=auth(ADMIN)).json()["enabled"]
     health = cloud.http.get("/healthz").json()
     assert health == {"status": "ok", "database": True, "broker": True, "details": {}}
