@@ -33,6 +33,7 @@ class DefineDomain(Command):
     """Create or update a persistent domain definition without starting it."""
 
     TYPE = "cmd.domain.define"
+    VERSION = "1.1"  # 1.1: DomainSpec's metadata and MAC are bounded
     RESULT = DomainInfo
     spec: DomainSpec
 

@@ -11,13 +11,28 @@ from enum import StrEnum
 from typing import Annotated, Self
 from uuid import UUID, uuid4
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 MAC_PATTERN = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 MAX_VCPUS = 64
 MAX_MEMORY_MIB = 1024 * 1024
 MAX_CMDLINE = 2048
+# Metadata: at most 64 pairs, keys of 1..255 and values of up to 4096 characters, and at most
+# 64 KiB (UTF-8) of keys and values together.
+MAX_METADATA_ITEMS = 64
+MAX_METADATA_KEY = 255
+MAX_METADATA_VALUE = 4096
+MAX_METADATA_BYTES = 64 * 1024
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_METADATA_KEY)]
+MetadataValue = Annotated[str, StringConstraints(max_length=MAX_METADATA_VALUE)]
 
 
 class PowerState(StrEnum):
@@ -104,7 +119,7 @@ class NicSpec(_Spec):
     """A virtio-net interface on a Flotilla network."""
 
     network: str = Field(pattern=NAME_PATTERN)
-    mac: str | None = None
+    mac: str | None = Field(default=None, max_length=17)
 
     @field_validator("mac")
     @classmethod
@@ -154,7 +169,7 @@ class DomainSpec(_Spec):
     on_reboot: LifecycleAction = LifecycleAction.RESTART
     on_crash: LifecycleAction = LifecycleAction.DESTROY
     autostart: bool = False
-    metadata: Annotated[dict[str, str], Field(max_length=64)] = {}
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_ITEMS)] = {}
     placement: PlacementHints = PlacementHints()
 
     @model_validator(mode="after")
@@ -166,6 +181,14 @@ class DomainSpec(_Spec):
         if len(macs) != len(set(macs)):
             raise ValueError("nic MAC addresses must be unique")
         return self
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_size(cls, value: dict[str, str]) -> dict[str, str]:
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in value.items())
+        if size > MAX_METADATA_BYTES:
+            raise ValueError(f"{size} bytes of keys and values; the limit is {MAX_METADATA_BYTES}")
+        return value
 
 
 class Fault(_Spec):

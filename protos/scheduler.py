@@ -42,6 +42,7 @@ class ScheduleDomain(Command):
     """Place `spec` on a host, define it there and start it unless `start` is false."""
 
     TYPE = "cmd.scheduler.schedule"
+    VERSION = "1.1"  # 1.1: DomainSpec's metadata and MAC are bounded
     RESULT = Placement
     spec: DomainSpec
     project: str = Field(pattern=NAME_PATTERN)

@@ -38,6 +38,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from protos.codec import MAX_MESSAGE_BYTES
 from protos.domain import NAME_PATTERN
 from services.settings import load_layered
 
@@ -88,6 +89,9 @@ class ApiConfig(BaseModel):
     # SSE: how often a stream looks at the shared event log when nothing woke it.
     sse_poll_s: float = Field(default=0.5, gt=0)
     sse_keepalive_s: float = Field(default=15.0, gt=0)
+    # Request bodies beyond this are refused (413), well before a bus message's limit; the
+    # models bound what a request becomes on the bus (tests/unit/test_limits.py).
+    max_body_bytes: int = Field(default=1024 * 1024, ge=4096, le=MAX_MESSAGE_BYTES // 4)
 
     def quota_for(self, project: str) -> Quota:
         return self.quotas.get(project, self.default_quota)

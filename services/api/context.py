@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from fastapi import Request
 
 from protos.base import Message
+from protos.codec import EncodeError
 from protos.commands import Command
 from protos.routing import compute_queue
 from services.api.auth import Authenticator, Principal
@@ -121,6 +122,9 @@ class ApiContext:
         except RpcTimeout as exc:
             self._count(command, "timeout")
             raise Problem(504, "timeout", str(exc)) from None
+        except EncodeError as exc:  # unreachable through the models' bounds; never a 500
+            self._count(command, "too_large")
+            raise Problem(413, "too_large", str(exc)) from None
         except BusError as exc:
             self._count(command, "broker_unavailable")
             raise Problem(503, "broker_unavailable", f"broker unreachable: {exc}") from None

@@ -258,6 +258,21 @@ def test_placement_groups_belong_to_their_project(cloud: Cloud) -> None:
     assert (forced.status_code, forced.json()["code"]) == (403, "forbidden")
 
 
+def test_a_huge_body_is_refused_at_once_and_leaves_nothing(cloud: Cloud) -> None:
+    """A 20 MB create is 413 before anything is stored or sent (it used to be stored, refused
+    by the scheduler's bus limit, answered 504 after the schedule timeout and left in error)."""
+    before = cloud.http.get("/v1/projects/alice", headers=auth(ALICE)).json()["usage"]
+    started = time.monotonic()
+    r = cloud.create(metadata={"blob": "x" * (20 * 1024 * 1024)})
+    assert time.monotonic() - started < 5
+    assert (r.status_code, r.json()["code"]) == (413, "too_large")
+    assert r.headers["content-type"].startswith("application/problem+json")
+    after = cloud.http.get("/v1/projects/alice", headers=auth(ALICE)).json()["usage"]
+    assert after == before
+    listed = cloud.http.get("/v1/domains", headers=auth(ALICE))
+    assert len(listed.content) < 64 * 1024
+
+
 def test_quota_scope_and_hosts(cloud: Cloud) -> None:
     mine = cloud.create(token=BOB)
     assert mine.status_code == 201, mine.text

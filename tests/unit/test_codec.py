@@ -21,7 +21,9 @@ ALL_TYPES = sorted(message_types().items())
 
 @pytest.mark.parametrize(("type_name", "model"), ALL_TYPES, ids=[t for t, _ in ALL_TYPES])
 def test_every_message_type_round_trips(type_name: str, model: type[Message]) -> None:
-    @settings(max_examples=40, suppress_health_check=[HealthCheck.filter_too_much])
+    @settings(
+        max_examples=40, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow]
+    )
     @given(messages(model))
     def round_trip(message: Message) -> None:
         data, sent = encode(message, source="test", correlation_id="c-1")
