@@ -15,6 +15,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
+    StrictInt,
     StringConstraints,
     field_validator,
     model_validator,
@@ -106,7 +108,7 @@ class DiskSpec(_Spec):
     target: str = Field(pattern=r"^vd[a-z]$")
     path: str | None = Field(default=None, min_length=1, max_length=4096)
     volume_id: UUID | None = None
-    readonly: bool = False
+    readonly: StrictBool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> Self:
@@ -137,8 +139,8 @@ class NicSpec(_Spec):
 class SerialSpec(_Spec):
     """The serial console: kept in a ring buffer of `ring_kib` and, if `log`, a log file."""
 
-    log: bool = True
-    ring_kib: int = Field(default=64, ge=4, le=4096)
+    log: StrictBool = True
+    ring_kib: StrictInt = Field(default=64, ge=4, le=4096)
 
 
 class PlacementPolicy(StrEnum):
@@ -159,8 +161,9 @@ class DomainSpec(_Spec):
 
     name: str = Field(pattern=NAME_PATTERN)
     uuid: UUID = Field(default_factory=uuid4)
-    vcpus: int = Field(default=1, ge=1, le=MAX_VCPUS)
-    memory_mib: int = Field(default=64, ge=4, le=MAX_MEMORY_MIB)
+    # Strict: JSON `false` or `"2"` is a client's mistake, not 0 or 2.
+    vcpus: StrictInt = Field(default=1, ge=1, le=MAX_VCPUS)
+    memory_mib: StrictInt = Field(default=64, ge=4, le=MAX_MEMORY_MIB)
     boot: BootSpec
     disks: Annotated[list[DiskSpec], Field(max_length=16)] = []
     nics: Annotated[list[NicSpec], Field(max_length=8)] = []
@@ -168,7 +171,7 @@ class DomainSpec(_Spec):
     on_poweroff: LifecycleAction = LifecycleAction.DESTROY
     on_reboot: LifecycleAction = LifecycleAction.RESTART
     on_crash: LifecycleAction = LifecycleAction.DESTROY
-    autostart: bool = False
+    autostart: StrictBool = False
     metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_ITEMS)] = {}
     placement: PlacementHints = PlacementHints()
 

@@ -36,7 +36,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from protos.codec import MAX_MESSAGE_BYTES
 from protos.domain import NAME_PATTERN
@@ -57,13 +57,17 @@ class TokenEntry(BaseModel):
     role: Role = Role.MEMBER
 
 
+# A quota beyond this is "unlimited" in all but name; it keeps limits within a 32-bit column.
+MAX_QUOTA = 2**31 - 1
+
+
 class Quota(BaseModel):
     """Limits per project; None means unlimited."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    domains: int | None = Field(default=None, ge=0)
-    vcpus: int | None = Field(default=None, ge=0)
-    memory_mib: int | None = Field(default=None, ge=0)
+    domains: StrictInt | None = Field(default=None, ge=0, le=MAX_QUOTA)
+    vcpus: StrictInt | None = Field(default=None, ge=0, le=MAX_QUOTA)
+    memory_mib: StrictInt | None = Field(default=None, ge=0, le=MAX_QUOTA)
 
 
 class ApiConfig(BaseModel):

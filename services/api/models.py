@@ -6,7 +6,7 @@ import uuid
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat
 
 from protos.commands import RebootMode, ShutdownMode
 from protos.domain import NAME_PATTERN, DomainSpec, Fault, PowerState, TaskState
@@ -20,7 +20,7 @@ from services.api.visibility import HostMask
 class DomainCreate(DomainSpec):
     """A domain spec (protos.domain.DomainSpec) plus whether to start it once defined."""
 
-    start: bool = True
+    start: StrictBool = True
 
 
 class DomainView(BaseModel):
@@ -96,11 +96,11 @@ class ActionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     action: ActionName
-    paused: bool = False
+    paused: StrictBool = False
     mode: str | None = Field(default=None, pattern=r"^(acpi|ctrl-alt-del|reset)$")
-    force: bool = False
-    timeout_s: float = Field(default=60.0, gt=0, le=3600)
-    wait: bool = False
+    force: StrictBool = False
+    timeout_s: StrictFloat = Field(default=60.0, gt=0, le=3600)
+    wait: StrictBool = False
 
     def shutdown_mode(self) -> ShutdownMode:
         return (

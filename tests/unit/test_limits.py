@@ -1,5 +1,5 @@
-"""Size limits: request bodies (413), metadata, and that nothing the API accepts can outgrow a
-bus message."""
+"""Size limits: request bodies (413), metadata, strict types, and that nothing the API accepts
+can outgrow a bus message."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from protos.scheduler import ScheduleDomain
 from services.api import ApiConfig, TokenEntry, create_app
 from services.api.limits import DEFAULT_MAX_BODY_BYTES
 from services.api.registry import Registry
-from tests.unit.test_api import ALICE, CONFIG, FakeCloud, auth, body, problem
+from tests.unit.test_api import ADMIN, ALICE, CONFIG, FakeCloud, auth, body, problem
 
 # The regex parser's width of a pattern (typeshed has no stubs for re._parser).
 sre_parse: Any = importlib.import_module("re._parser")
@@ -124,6 +124,38 @@ def test_metadata_at_the_limits_is_accepted(client: TestClient) -> None:
     assert r.status_code == 201, r.text
 
 
+# ---- strict types --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"memory_mib": False}, "memory_mib"),
+        ({"vcpus": "2"}, "vcpus"),
+        ({"vcpus": 2.0}, "vcpus"),
+        ({"autostart": "yes"}, "autostart"),
+        ({"autostart": 1}, "autostart"),
+        ({"start": 0}, "start"),
+        ({"serial": {"ring_kib": "64"}}, "serial.ring_kib"),
+        ({"disks": [{"target": "vda", "path": "/d", "readonly": "true"}]}, "disks.0.readonly"),
+    ],
+)
+def test_numbers_and_booleans_are_strict(
+    client: TestClient, patch: dict[str, Any], field: str
+) -> None:
+    r = client.post("/v1/domains", json=body(**patch), headers=auth(ALICE))
+    assert problem(r, 422)["field"] == field
+    assert domains(client) == []
+
+
+def test_action_options_are_strict(client: TestClient) -> None:
+    d = client.post("/v1/domains", json=body(), headers=auth(ALICE)).json()
+    url = f"/v1/domains/{d['id']}/actions"
+    for bad in ({"force": "true"}, {"timeout_s": "5"}, {"timeout_s": True}, {"wait": 1}):
+        r = client.post(url, json={"action": "shutdown", **bad}, headers=auth(ALICE))
+        assert problem(r, 422)["field"] == next(iter(bad))
+
+
 # ---- nothing the API accepts outgrows the bus ------------------------------------------------
 
 
@@ -201,3 +233,11 @@ def test_the_codec_refuses_to_send_what_no_reader_accepts() -> None:
     )
     with pytest.raises(EncodeError, match="exceeds the bus limit"):
         encode(DefineDomain.model_construct(spec=spec), source="test")
+
+
+def test_quotas_are_strict_and_bounded(client: TestClient) -> None:
+    url = "/v1/projects/alice/quota"
+    for bad in ({"domains": 2**63}, {"vcpus": "4"}, {"memory_mib": True}):
+        r = client.put(url, json=bad, headers=auth(ADMIN))
+        assert problem(r, 422)["field"] == next(iter(bad))
+    assert client.put(url, json={"domains": 2**31 - 1}, headers=auth(ADMIN)).status_code == 200
