@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Annotated, Self
+from typing import Annotated, Any, Self
 from uuid import UUID, uuid4
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
-    StrictInt,
     StringConstraints,
     field_validator,
     model_validator,
@@ -33,6 +33,17 @@ MAX_METADATA_ITEMS = 64
 MAX_METADATA_KEY = 255
 MAX_METADATA_VALUE = 4096
 MAX_METADATA_BYTES = 64 * 1024
+
+
+def _not_bool_or_text(value: Any) -> Any:
+    if isinstance(value, bool | str | bytes):
+        raise ValueError(f"must be an integer, not {type(value).__name__}")  # noqa: TRY004
+    return value
+
+
+# An integer as JSON Schema means it: 2 or 2.0, never "2" or false (pydantic's lax mode takes
+# those, its strict mode refuses the 2.0 the schema allows). Booleans are StrictBool.
+Integer = Annotated[int, BeforeValidator(_not_bool_or_text)]
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_METADATA_KEY)]
 MetadataValue = Annotated[str, StringConstraints(max_length=MAX_METADATA_VALUE)]
 
@@ -85,8 +96,23 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _one_of(*variants: dict[str, Any]) -> ConfigDict:
+    """A spec whose validator takes exactly one of several sources says so in its JSON Schema
+    too, so a client (or a fuzzer) generating from the schema makes only what is accepted."""
+    return ConfigDict(extra="forbid", frozen=True, json_schema_extra={"oneOf": list(variants)})
+
+
+def _source(given: str, *absent: str) -> dict[str, Any]:
+    return {
+        "required": [given],
+        "properties": {given: {"type": "string"}, **{a: {"type": "null"} for a in absent}},
+    }
+
+
 class BootSpec(_Spec):
     """Direct kernel boot (`kernel`, optional `initrd`, `cmdline`) or an image reference."""
+
+    model_config = _one_of(_source("kernel", "image"), _source("image", "kernel", "initrd"))
 
     kernel: str | None = Field(default=None, min_length=1, max_length=4096)
     initrd: str | None = Field(default=None, min_length=1, max_length=4096)
@@ -105,6 +131,8 @@ class BootSpec(_Spec):
 class DiskSpec(_Spec):
     """A virtio-blk disk backed by a host path or a storage volume."""
 
+    model_config = _one_of(_source("path", "volume_id"), _source("volume_id", "path"))
+
     target: str = Field(pattern=r"^vd[a-z]$")
     path: str | None = Field(default=None, min_length=1, max_length=4096)
     volume_id: UUID | None = None
@@ -121,13 +149,17 @@ class NicSpec(_Spec):
     """A virtio-net interface on a Flotilla network."""
 
     network: str = Field(pattern=NAME_PATTERN)
-    mac: str | None = Field(default=None, max_length=17)
+    # Unicast (first octet even), any case; the validator below normalises it to lower case.
+    mac: str | None = Field(
+        default=None, max_length=17, pattern=r"^[0-9A-Fa-f][02468AaCcEe](:[0-9A-Fa-f]{2}){5}$"
+    )
 
-    @field_validator("mac")
+    @field_validator("mac", mode="before")
     @classmethod
-    def _mac(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
+    def _mac(cls, value: Any) -> Any:
+        # Before the pattern, to say what is wrong in words.
+        if not isinstance(value, str):
+            return value
         value = value.lower()
         if not MAC_PATTERN.match(value):
             raise ValueError("mac must look like 52:54:00:12:34:56")
@@ -140,7 +172,7 @@ class SerialSpec(_Spec):
     """The serial console: kept in a ring buffer of `ring_kib` and, if `log`, a log file."""
 
     log: StrictBool = True
-    ring_kib: StrictInt = Field(default=64, ge=4, le=4096)
+    ring_kib: Integer = Field(default=64, ge=4, le=4096)
 
 
 class PlacementPolicy(StrEnum):
@@ -161,9 +193,9 @@ class DomainSpec(_Spec):
 
     name: str = Field(pattern=NAME_PATTERN)
     uuid: UUID = Field(default_factory=uuid4)
-    # Strict: JSON `false` or `"2"` is a client's mistake, not 0 or 2.
-    vcpus: StrictInt = Field(default=1, ge=1, le=MAX_VCPUS)
-    memory_mib: StrictInt = Field(default=64, ge=4, le=MAX_MEMORY_MIB)
+    # Integer: JSON `false` or `"2"` is a client's mistake, not 0 or 2.
+    vcpus: Integer = Field(default=1, ge=1, le=MAX_VCPUS)
+    memory_mib: Integer = Field(default=64, ge=4, le=MAX_MEMORY_MIB)
     boot: BootSpec
     disks: Annotated[list[DiskSpec], Field(max_length=16)] = []
     nics: Annotated[list[NicSpec], Field(max_length=8)] = []

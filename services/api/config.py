@@ -36,10 +36,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field
 
 from protos.codec import MAX_MESSAGE_BYTES
-from protos.domain import NAME_PATTERN
+from protos.domain import NAME_PATTERN, Integer
 from services.settings import load_layered
 
 
@@ -65,9 +65,9 @@ class Quota(BaseModel):
     """Limits per project; None means unlimited."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    domains: StrictInt | None = Field(default=None, ge=0, le=MAX_QUOTA)
-    vcpus: StrictInt | None = Field(default=None, ge=0, le=MAX_QUOTA)
-    memory_mib: StrictInt | None = Field(default=None, ge=0, le=MAX_QUOTA)
+    domains: Integer | None = Field(default=None, ge=0, le=MAX_QUOTA)
+    vcpus: Integer | None = Field(default=None, ge=0, le=MAX_QUOTA)
+    memory_mib: Integer | None = Field(default=None, ge=0, le=MAX_QUOTA)
 
 
 class ApiConfig(BaseModel):
