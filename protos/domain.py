@@ -43,7 +43,8 @@ def _not_bool_or_text(value: Any) -> Any:
 
 # An integer as JSON Schema means it: 2 or 2.0, never "2" or false (pydantic's lax mode takes
 # those, its strict mode refuses the 2.0 the schema allows). Booleans are StrictBool.
-Integer = Annotated[int, BeforeValidator(_not_bool_or_text)]
+NOT_BOOL_OR_TEXT = BeforeValidator(_not_bool_or_text)
+Integer = Annotated[int, NOT_BOOL_OR_TEXT]
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_METADATA_KEY)]
 MetadataValue = Annotated[str, StringConstraints(max_length=MAX_METADATA_VALUE)]
 

@@ -34,12 +34,12 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from protos.codec import MAX_MESSAGE_BYTES
-from protos.domain import NAME_PATTERN, Integer
+from protos.domain import NAME_PATTERN, NOT_BOOL_OR_TEXT
 from services.settings import load_layered
 
 
@@ -61,13 +61,18 @@ class TokenEntry(BaseModel):
 MAX_QUOTA = 2**31 - 1
 
 
+# The bounds before the validator, so the schema says minimum/maximum (after it, within a
+# union, pydantic writes them as unknown `ge`/`le` keywords).
+Limit = Annotated[int, Field(ge=0, le=MAX_QUOTA), NOT_BOOL_OR_TEXT]
+
+
 class Quota(BaseModel):
     """Limits per project; None means unlimited."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    domains: Integer | None = Field(default=None, ge=0, le=MAX_QUOTA)
-    vcpus: Integer | None = Field(default=None, ge=0, le=MAX_QUOTA)
-    memory_mib: Integer | None = Field(default=None, ge=0, le=MAX_QUOTA)
+    domains: Limit | None = None
+    vcpus: Limit | None = None
+    memory_mib: Limit | None = None
 
 
 class ApiConfig(BaseModel):
