@@ -19,6 +19,7 @@ from services.api.config import ApiConfig
 from services.api.metrics import ApiMetrics
 from services.api.problems import Problem, not_found
 from services.api.registry import DomainRecord, Registry
+from services.api.visibility import HOST_ALIAS_KEY_NAME, HostMask
 from services.bus import BusError, NoRouteError, RemoteError, RpcTimeout
 
 # RemoteError codes from the scheduler or a compute node → HTTP status.
@@ -88,6 +89,16 @@ class ApiContext:
 
     def __post_init__(self) -> None:
         self.auth = Authenticator(self.config, self.registry)
+        self._host_alias_key: str | None = None
+
+    def host_alias_key(self) -> str:
+        """The key of members' host aliases (services.api.visibility), read once."""
+        if self._host_alias_key is None:
+            self._host_alias_key = self.registry.secret(HOST_ALIAS_KEY_NAME)
+        return self._host_alias_key
+
+    def host_mask(self, caller: Principal) -> HostMask:
+        return HostMask.for_caller(caller, self.registry.host_names, self.host_alias_key)
 
     def principal(self, request: Request) -> Principal:
         return self.auth.principal(request.headers.get("authorization"))

@@ -1,11 +1,12 @@
 """Host names are for admins: what a member receives names hosts only by an alias.
 
 A member's alias for a host is stable within its project (so it can tell whether two of its
-domains share a host, which anti-affinity is about) and says nothing across projects. Every
-body the API sends a member passes through one `HostMask`: domain views, problem documents
-and the SSE stream.
+domains share a host, which anti-affinity is about) and says nothing across projects. It is
+an HMAC under a key the registry keeps (`Registry.secret`), so guessing host names and
+hashing them does not reverse it. Every body the API sends a member passes through one
+`HostMask`: domain views, problem documents and the SSE stream.
 
-    mask = HostMask.for_caller(caller, registry.host_names)
+    mask = HostMask.for_caller(caller, registry.host_names, key)
     body = mask.body(problem.body())
 
 `body` rewrites, anywhere in a JSON-like value: a string under a key that names a host
@@ -17,6 +18,7 @@ because a scheduler or compute node may name a host in a sentence.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -27,11 +29,14 @@ ALIAS_PREFIX = "host-"
 _TEXT_KEYS = frozenset({"detail", "message", "reason"})
 
 
-def host_alias(project: str, host: str) -> str:
+HOST_ALIAS_KEY_NAME = "host_alias"  # the name of the key in the registry
+
+
+def host_alias(key: str, project: str, host: str) -> str:
     """A member's name for `host`: the same for every domain of `project`, different for
-    every other project."""
-    digest = hashlib.sha256(f"{project}\0{host}".encode()).hexdigest()
-    return ALIAS_PREFIX + digest[:16]
+    every other project, and not computable without `key`."""
+    digest = hmac.new(key.encode(), f"{project}\0{host}".encode(), hashlib.sha256)
+    return ALIAS_PREFIX + digest.hexdigest()[:16]
 
 
 def _is_host_key(key: object) -> bool:
@@ -42,16 +47,24 @@ class HostMask:
     """Rewrites host names for one caller; for an admin (`project` None) it changes nothing.
     `known_hosts` is asked (once, lazily) for the host names free text may contain."""
 
-    def __init__(self, project: str | None, known_hosts: Callable[[], Iterable[str]]) -> None:
+    def __init__(
+        self, project: str | None, known_hosts: Callable[[], Iterable[str]], key: str = ""
+    ) -> None:
         self.project = project
+        self.key = key
         self._known_hosts = known_hosts
         self._seen: set[str] = set()
         self._known: set[str] | None = None
         self._pattern: re.Pattern[str] | None = None
 
     @classmethod
-    def for_caller(cls, caller: Principal, known_hosts: Callable[[], Iterable[str]]) -> HostMask:
-        return cls(None if caller.is_admin else caller.project, known_hosts)
+    def for_caller(
+        cls, caller: Principal, known_hosts: Callable[[], Iterable[str]], key: Callable[[], str]
+    ) -> HostMask:
+        """The mask for `caller`; `key` (the alias key) is asked only for a member."""
+        if caller.is_admin:
+            return cls(None, known_hosts)
+        return cls(caller.project, known_hosts, key())
 
     @property
     def active(self) -> bool:
@@ -64,7 +77,7 @@ class HostMask:
         if host not in self._seen:
             self._seen.add(host)
             self._pattern = None
-        return host_alias(self.project, host)
+        return host_alias(self.key, self.project, host)
 
     def matches(self, host: str | None, wanted: str) -> bool:
         """Whether `wanted` (a name an admin gives, an alias a member gives) is `host`."""

@@ -9,7 +9,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.api.visibility import host_alias
 from services.cli.stack import ComputeSpec
 from tests.e2e.harness import (
     E2E,
@@ -159,7 +158,7 @@ def test_a_refusing_compute_node_is_retried_elsewhere(e2e: E2E) -> None:
         e2e.stack.wait_host_up(host, time.monotonic() + 30)
         d = ok(c.post("/v1/domains", json=e2e.spec()), 201)
         assert d["host"] in e2e.aliases()
-        refused = (host_alias("alice", host), "no_capacity")
+        refused = (e2e.alias("alice", host), "no_capacity")
         assert [(a["host"], a["code"]) for a in d["attempts"]] == [refused]
         wait_domain(c, d["id"], "running")
         ok(c.delete(f"/v1/domains/{d['id']}"), (202, 204))

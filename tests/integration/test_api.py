@@ -23,7 +23,8 @@ from compute_node.fake import FakeDriver
 from compute_node.node import ComputeNode
 from services.api import ApiConfig, Quota, TokenEntry, create_app
 from services.api.config import Role
-from services.api.visibility import host_alias
+from services.api.registry import Registry
+from services.api.visibility import HOST_ALIAS_KEY_NAME, host_alias
 from services.scheduler import Scheduler, SchedulerConfig
 
 pytestmark = pytest.mark.integration
@@ -60,13 +61,22 @@ class ApiServer:
 
 
 class Cloud:
-    def __init__(self, url: str, nodes: dict[str, ComputeNode]) -> None:
+    def __init__(self, url: str, nodes: dict[str, ComputeNode], database_url: str) -> None:
         self.http = httpx.Client(base_url=url, timeout=30)
         self.nodes = nodes
+        self.database_url = database_url
+
+    def alias(self, project: str, host: str) -> str:
+        """A member's alias of `host`, with the key the API keeps in its registry."""
+        registry = Registry.open(self.database_url)
+        try:
+            return host_alias(registry.secret(HOST_ALIAS_KEY_NAME), project, host)
+        finally:
+            registry.close()
 
     def aliases(self, project: str = "alice") -> set[str]:
         """What a member of `project` sees for the hosts."""
-        return {host_alias(project, h) for h in self.nodes}
+        return {self.alias(project, h) for h in self.nodes}
 
     def leaks_host_names(self, text: str) -> bool:
         return any(h in text for h in self.nodes)
@@ -129,7 +139,7 @@ def cloud(amqp_url: str, tmp_path: Path) -> Iterator[Cloud]:
                 sse_poll_s=0.2,
             )
         )
-        cloud = Cloud(server.start(), nodes)
+        cloud = Cloud(server.start(), nodes, f"sqlite:///{tmp_path}/registry.db")
         yield cloud
         cloud.http.close()
     finally:
@@ -296,7 +306,7 @@ def test_quota_scope_and_hosts(cloud: Cloud) -> None:
     time.sleep(1.0)  # the scheduler learns it from the next heartbeat
     for _ in range(2):
         placed = cloud.create()
-        assert placed.json()["host"] == host_alias("alice", second), placed.text
+        assert placed.json()["host"] == cloud.alias("alice", second), placed.text
     assert cloud.http.post(f"/v1/hosts/{first}/enable", headers=auth(ADMIN)).json()["enabled"]
     health = cloud.http.get("/healthz").json()
     assert health == {"status": "ok", "database": True, "broker": True, "details": {}}

@@ -31,7 +31,7 @@ from services.api.config import Role
 from services.api.metrics import ApiMetrics
 from services.api.projection import EventProjector
 from services.api.registry import Registry
-from services.api.visibility import host_alias
+from services.api.visibility import HOST_ALIAS_KEY_NAME, host_alias
 from services.bus import ConnectionLost, Context, RemoteError
 from services.bus.service import dispatch
 
@@ -166,7 +166,11 @@ def problem(r: Any, status: int) -> dict[str, Any]:
     return data
 
 
-def test_create_places_and_starts(client: TestClient) -> None:
+def alias(registry: Registry, project: str, host: str) -> str:
+    return host_alias(registry.secret(HOST_ALIAS_KEY_NAME), project, host)
+
+
+def test_create_places_and_starts(client: TestClient, registry: Registry) -> None:
     r = client.post("/v1/domains", json=body("web", vcpus=2), headers=auth(ALICE))
     assert r.status_code == 201, r.text
     d = r.json()
@@ -175,12 +179,12 @@ def test_create_places_and_starts(client: TestClient) -> None:
     assert (d["name"], d["project"], d["host"], d["state"], d["task"]) == (
         "web",
         "alice",
-        host_alias("alice", "h1"),
+        alias(registry, "alice", "h1"),
         "running",
         "none",
     )
     assert d["seq"] >= 2  # defined, started
-    assert d["attempts"] == [{"host": host_alias("alice", "h0"), "code": "x", "message": "y"}]
+    assert d["attempts"] == [{"host": alias(registry, "alice", "h0"), "code": "x", "message": "y"}]
     got = client.get(f"/v1/domains/{d['id']}", headers=auth(ALICE)).json()
     assert got["state"] == "running"
     assert got["spec"]["vcpus"] == 2
@@ -350,7 +354,7 @@ def test_no_valid_host_is_503_with_the_fault(
     p = problem(client.post("/v1/domains", json=body("big"), headers=auth(ALICE)), 503)
     assert p["code"] == "no_valid_host"
     assert p["fault"]["code"] == "no_valid_host"
-    h1, h2 = host_alias("alice", "h1"), host_alias("alice", "h2")
+    h1, h2 = alias(registry, "alice", "h1"), alias(registry, "alice", "h2")
     assert p["attempts"] == [{"host": h1, "code": "no_capacity", "message": f"{h1} is full"}]
     assert p["filtered"] == {"memory": [h2]}
     assert p["detail"] == f"no host fits 1 vCPU, 64 MiB: {h1} (no_capacity)"

@@ -35,7 +35,7 @@ RELAY_CONNECT_S = 5.0
 def _open(ctx: ApiContext, websocket: WebSocket, domain_id: uuid.UUID) -> tuple[str, ConsoleTicket]:
     """Check the caller and the domain, and get a relay ticket from its host (or a Problem)."""
     caller = ctx.auth.principal(websocket.headers.get("authorization"))
-    websocket.state.host_mask = HostMask.for_caller(caller, ctx.registry.host_names)
+    websocket.state.host_mask = ctx.host_mask(caller)
     record = ctx.visible_domain(caller, domain_id)
     if record.host is None:
         raise Problem(409, "conflict", "domain has no host yet", state=record.power.value)

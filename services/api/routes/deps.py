@@ -28,7 +28,7 @@ def principal(
     request answers with, problem documents included."""
     ctx = context(request)
     caller = ctx.principal(request)
-    request.state.host_mask = HostMask.for_caller(caller, ctx.registry.host_names)
+    request.state.host_mask = ctx.host_mask(caller)
     return caller
 
 
