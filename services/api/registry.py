@@ -19,6 +19,7 @@ commits later with a smaller id.
 from __future__ import annotations
 
 import json
+import secrets
 import time
 import uuid
 from dataclasses import dataclass
@@ -94,6 +95,11 @@ _SCHEMA = [
         domains INTEGER,
         vcpus INTEGER,
         memory_mib INTEGER
+    )""",
+    # Keys the API derives things from (the host alias key), made once, shared by replicas.
+    """CREATE TABLE IF NOT EXISTS secrets (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL
     )""",
 ]
 _ADDED_COLUMNS = [("events", "correlation_id", "TEXT"), ("events", "causation_id", "TEXT")]
@@ -554,6 +560,11 @@ class Registry:
         with self.db.transaction() as cur:
             cur.execute("UPDATE hosts SET enabled = ? WHERE name = ?", (1 if enabled else 0, name))
 
+    def host_names(self) -> list[str]:
+        """The names of every host that has sent a heartbeat."""
+        with self.db.transaction() as cur:
+            return [str(r[0]) for r in cur.all("SELECT name FROM hosts", [])]
+
     def hosts(self, name: str | None = None) -> list[HostRecord]:
         sql = (
             "SELECT name, enabled, kvm, version, interval_s, last_seen, inventory, usage, "
@@ -622,6 +633,18 @@ class Registry:
                 "vcpus = excluded.vcpus, memory_mib = excluded.memory_mib",
                 (project, quota.domains, quota.vcpus, quota.memory_mib),
             )
+
+    def secret(self, name: str) -> str:
+        """A random 256-bit key by `name`: made on first use, the same for every replica and
+        across restarts."""
+        with self.db.transaction() as cur:
+            cur.execute(
+                "INSERT INTO secrets (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                (name, secrets.token_hex(32)),
+            )
+            row = cur.one("SELECT value FROM secrets WHERE name = ?", (name,))
+        assert row is not None
+        return str(row[0])
 
     def get_quota(self, project: str) -> Quota | None:
         """The quota an admin set through the API, if any (it overrides the config file)."""
