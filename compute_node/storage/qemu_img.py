@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from compute_node.storage.errors import BadImage, StorageError
+from compute_node.storage.errors import BadImage, NoSpace, StorageError
 
 QEMU_IMG = "qemu-img"
 INFO_AS_BYTES = 1 << 30
@@ -47,6 +47,8 @@ def _run(argv: list[str], timeout: float, *, limited: bool) -> str:
     except subprocess.TimeoutExpired:
         raise BadImage(f"{' '.join(argv[-4:])} took longer than {timeout:.0f} s") from None
     if result.returncode != 0:
+        if "No space left" in result.stderr:
+            raise NoSpace(f"qemu-img: the pool ran out of space: {result.stderr.strip()[-300:]}")
         raise BadImage(f"qemu-img failed on the image: {result.stderr.strip()[-500:]}")
     return result.stdout
 

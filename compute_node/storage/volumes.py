@@ -162,15 +162,19 @@ class VolumeStore:
         dest = self._new(name)
         return self._clone_file(src, dest, f"volume {source}", name, progress=progress)
 
-    def create_from_image(self, name: str, image: Path, size: int | None = None) -> Cloned:
-        """A new volume holding `image` (a path in the pool's image store), grown to `size`
-        bytes if given (which must not be below the image's size rounded up to a sector)."""
+    def create_from_image(self, name: str, image: str, size: int | None = None) -> Cloned:
+        """A new volume holding the pool's image `image` (its sha256), grown to `size` bytes
+        if given; a clone, independent of the image afterwards. Raises NotFound, InvalidName,
+        ShrinkRefused (`size` below the image's size rounded up to a sector), NoSpace."""
+        path = self.pool.image_path(image)
+        if not path.is_file():
+            raise NotFound(f"image {image} does not exist in {self.pool.images_dir}")
         dest = self._new(name)
-        image_size = image.lstat().st_size
+        image_size = path.lstat().st_size
         rounded = -(-image_size // SECTOR) * SECTOR
         if size is not None and check_size(size) < rounded:
             raise ShrinkRefused(f"image is {rounded} bytes; volume size {size} is smaller")
-        return self._clone_file(image, dest, f"image {image.name}", name, size=size or rounded)
+        return self._clone_file(path, dest, f"image {image}", name, size=size or rounded)
 
     def upload(
         self,

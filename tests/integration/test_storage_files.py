@@ -356,12 +356,16 @@ def test_images_raw_and_qcow2_are_stored_by_content_once(pool: Pool, tmp_path: P
     assert leftovers(pool) == []
 
     store = VolumeStore(pool)
-    made = store.create_from_image("root", images.path(first.sha256), size=8 * MiB)
+    made = store.create_from_image("root", first.sha256, size=8 * MiB)
     assert made.volume.size == 8 * MiB
     write_at(store, "root", 0, b"changed")
     assert read_all(store, "root")[: len(raw)] == b"changed" + raw[7:]
     with pytest.raises(ShrinkRefused):
-        store.create_from_image("small", images.path(second.sha256), size=MiB)
+        store.create_from_image("small", second.sha256, size=MiB)
+    with pytest.raises(NotFound):
+        store.create_from_image("other", "0" * 64)
+    with pytest.raises(InvalidName):
+        store.create_from_image("other", "../../etc/passwd")
     images.delete(first.sha256)  # the volume is a clone: unaffected
     assert read_all(store, "root")[MiB * 4 : MiB * 4 + 3] == b"end"
     assert [v.name for v in store.list()] == ["root"]
