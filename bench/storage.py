@@ -10,7 +10,9 @@ Makes an XFS file system with reflink (`mkfs.xfs -m reflink=1`) on a loop device
   (`cp --reflink=never` then `sync` of the copy) in the same rounds;
 - storage.upload_mbps: `VolumeStore.upload` of a 1 GiB file read in 1 MiB chunks (sha256 of
   every byte, zero chunks skipped, fdatasync, link), against `cp --reflink=never` of the same
-  file then `sync` of the copy (equally durable).
+  file then `sync` of the copy (equally durable; cp copies inside the kernel with
+  copy_file_range), and beside it `dd bs=1M conv=fdatasync` (a user-space read/write loop
+  like ours, without the hash).
 
 Rounds are interleaved (ours, anchor, copy, ...) so load from elsewhere hits all alike, and
 the file system is synced (`sync -f`) before each timed operation; medians are reported.
@@ -123,7 +125,7 @@ def bench_clone(store: VolumeStore, scratch: Path) -> dict[str, list[float]]:
 def bench_upload(store: VolumeStore, scratch: Path) -> dict[str, list[float]]:
     source = scratch / "upload.raw"
     fill(source, GiB)
-    mbps: dict[str, list[float]] = {"ours": [], "cp": []}
+    mbps: dict[str, list[float]] = {"ours": [], "cp": [], "dd": []}
     for i in range(UPLOAD_ROUNDS):
         settle(scratch)
         ours = timed(upload, store, source, f"up-{i}")
@@ -132,8 +134,12 @@ def bench_upload(store: VolumeStore, scratch: Path) -> dict[str, list[float]]:
         settle(scratch)
         cp = timed(full_copy, source, copy)
         copy.unlink()
+        settle(scratch)
+        dd = timed(run, "dd", f"if={source}", f"of={copy}", "bs=1M", "conv=fdatasync")
+        copy.unlink()
         mbps["ours"].append(GiB / MiB / ours)
         mbps["cp"].append(GiB / MiB / cp)
+        mbps["dd"].append(GiB / MiB / dd)
     source.unlink()
     return mbps
 
@@ -187,6 +193,7 @@ def main() -> int:
                 anchor="cp --reflink=never + sync",
                 anchor_value=up["cp"],
                 target="report",
+                dd_mibps=round(up["dd"], 1),
             ),
         ]
     )
