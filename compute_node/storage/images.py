@@ -1,7 +1,8 @@
 """The image store: raw images in a pool's `images/`, named by the sha256 of their content.
 
-An import streams the upload into a temp file, probes its format with qemu-img, converts
-qcow2 to raw, hashes the raw result and names it by that hash; importing the same content
+An import streams the upload into a temp file, reads its format from its header
+(formats.py; qemu-img never guesses), checks a qcow2 with `qemu-img info -f qcow2`, converts
+it to raw, hashes the raw result and names it by that hash; importing the same content
 again (raw or as qcow2) returns the image already there. Images are read-only (0444) and
 volumes made from them are clones, independent of the image afterwards, so an image can be
 deleted whatever volumes were made from it.
@@ -15,10 +16,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from compute_node.storage import extents, qemu_img
+from compute_node.storage import extents, formats, qemu_img
 from compute_node.storage.errors import AlreadyExists, BadImage, NotFound
 from compute_node.storage.pool import Pool, TempFile, fsync_dir, no_space_is_clear
-from compute_node.storage.volumes import Source, write_stream
+from compute_node.storage.volumes import MAX_VOLUME_BYTES, Source, write_stream
 
 ImportFormat = Literal["raw", "qcow2"]
 
@@ -70,10 +71,11 @@ class ImageStore:
     ) -> Image:
         """Store the image read from `source`; returns it with the sha256 of its raw content.
 
-        `format`, if given, must match what qemu-img detects; `size`, if given, is the exact
-        length of the stream. Raises BadImage (not raw or qcow2; qcow2 with a backing file,
-        an external data file or encryption — never followed, for safety; a declared format
-        that differs), Truncated, NoSpace. Nothing stays behind on failure.
+        `format`, if given, must match what the image's header says (formats.py); `size`, if
+        given, is the exact length of the stream. Raises BadImage (not raw or qcow2; qcow2
+        with a backing file, an external data file or encryption — never followed, for
+        safety; a declared format that differs; a virtual size past the largest volume),
+        Truncated, NoSpace. Nothing stays behind on failure.
         """
         if size is not None:
             self.pool.check_space(size, "image import")
@@ -81,11 +83,14 @@ class ImageStore:
             digest = write_stream(upload.fd, source, size, progress, "image upload")
             if digest.size == 0:
                 raise BadImage("the image is empty")
-            os.fdatasync(upload.fd)
-            probed = qemu_img.info(upload.path)
-            detected = _check(probed, format)
+            detected = _check_format(formats.sniff(upload.fd), format)
             if detected == "raw":
                 return self._store(upload, digest.sha256, digest.size, detected)
+            probed = _check_qcow2(qemu_img.info(upload.path, "qcow2"))
+            if probed.virtual_size > MAX_VOLUME_BYTES:
+                raise BadImage(
+                    f"qcow2 virtual size {probed.virtual_size} is past the largest volume"
+                )
             self.pool.check_space(probed.virtual_size, "converting the qcow2 image")
             with self.pool.begin() as raw:
                 os.ftruncate(raw.fd, probed.virtual_size)
@@ -104,16 +109,22 @@ class ImageStore:
         return Image(sha256=sha256, size=size, source_format=fmt)
 
 
-def _check(probed: qemu_img.ImageFormat, declared: ImportFormat | None) -> ImportFormat:
-    if probed.format not in ("raw", "qcow2"):
-        raise BadImage(f"image format {probed.format!r} is not supported (raw or qcow2)")
+def _check_format(sniffed: str, declared: ImportFormat | None) -> ImportFormat:
+    if sniffed not in ("raw", "qcow2"):
+        raise BadImage(f"image format {sniffed!r} is not supported (raw or qcow2)")
+    fmt: ImportFormat = "raw" if sniffed == "raw" else "qcow2"
+    if declared is not None and declared != fmt:
+        raise BadImage(f"image declared {declared} but its content is {fmt}")
+    return fmt
+
+
+def _check_qcow2(probed: qemu_img.ImageFormat) -> qemu_img.ImageFormat:
+    if probed.format != "qcow2":
+        raise BadImage(f"qemu-img reads the image as {probed.format!r}, not qcow2")
     if probed.backing_file:
         raise BadImage(f"qcow2 image has a backing file ({probed.backing_file!r}): refused")
     if probed.data_file:
         raise BadImage(f"qcow2 image has an external data file ({probed.data_file!r}): refused")
     if probed.encrypted:
         raise BadImage("encrypted images are not supported")
-    fmt: ImportFormat = "raw" if probed.format == "raw" else "qcow2"
-    if declared is not None and declared != fmt:
-        raise BadImage(f"image declared {declared} but its content is {fmt}")
-    return fmt
+    return probed

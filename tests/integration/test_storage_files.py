@@ -397,6 +397,7 @@ def test_unsafe_or_unknown_images_are_refused(pool: Pool, tmp_path: Path) -> Non
     cases: list[tuple[bytes, str | None, str]] = [
         (backed.read_bytes(), None, "backing file"),
         (vmdk.read_bytes(), None, "not supported"),
+        (b'# Disk DescriptorFile\nRW 8 FLAT "/etc/shadow" 0\n', None, "'vmdk' is not supported"),
         (make_qcow2(tmp_path, os.urandom(MiB)).read_bytes(), "raw", "declared raw"),
         (b"", None, "empty"),
     ]

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from compute_node.storage import InvalidName, InvalidSize, Truncated, check_size
+from compute_node.storage.formats import sniff
 from compute_node.storage.names import check_name, check_sha256, contained
 from compute_node.storage.volumes import MAX_VOLUME_BYTES, write_stream
 
@@ -117,3 +118,28 @@ def test_write_stream_refuses_a_stream_of_another_length(
 ) -> None:
     with pytest.raises(Truncated):
         _write(tmp_path, io.BytesIO(data), size)
+
+
+@pytest.mark.parametrize(
+    ("head", "fmt"),
+    [
+        (b"QFI\xfb\x00\x00\x00\x03" + bytes(100), "qcow2"),
+        (b"QFI\xfb\x00\x00\x00\x01" + bytes(100), "qcow"),
+        (b"KDMV" + bytes(100), "vmdk"),
+        (b'# Disk DescriptorFile\nRW 8 FLAT "/etc/shadow" 0\n', "vmdk"),
+        (b"vhdxfile" + bytes(100), "vhdx"),
+        (b"LUKS\xba\xbe" + bytes(100), "luks"),
+        (bytes(64) + b"\x7f\x10\xda\xbe" + bytes(100), "vdi"),
+        (b"\xeb\x63\x90" + bytes(509) + b"\x55\xaa", "raw"),  # an MBR boot sector
+        (b"QF", "raw"),
+        (b"", "raw"),
+    ],
+)
+def test_the_format_comes_from_the_header(tmp_path: Path, head: bytes, fmt: str) -> None:
+    path = tmp_path / "image"
+    path.write_bytes(head)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert sniff(fd) == fmt
+    finally:
+        os.close(fd)
