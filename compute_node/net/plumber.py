@@ -16,10 +16,11 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import structlog
+from pyroute2.netlink.exceptions import NetlinkError
 
 from compute_node.net import names, netns, rules, tap
 from compute_node.net.dnsmasq import Dnsmasq
-from compute_node.net.libnft import Nftables
+from compute_node.net.libnft import Nftables, NftError
 from compute_node.net.links import ZERO_MAC, Fdb, Link, Links
 from compute_node.net.models import (
     HostPlumbing,
@@ -75,6 +76,11 @@ class Plumber:
         self._ports: dict[str, PortPlumbing] = {}
         self._remotes: set[RemoteVtep] = set()
         self._chains: dict[str, list[str]] = {"inet": [], "bridge": []}
+        # ifindex of each network's bridge as last seen, so plug needs no lookup
+        self._bridge_index: dict[str, int] = {}
+        # Whether the kernel's bridge table was last written whole from this state, so a
+        # port can be added or removed with a small batch instead of a rewrite.
+        self._bridge_synced = False
 
     def close(self) -> None:
         self._links.close()
@@ -119,6 +125,7 @@ class Plumber:
             del self._ports[port.port_id]
         self._remotes = {r for r in self._remotes if r.network_id != network_id}
         self._dnsmasq.stop(network.short_id)
+        self._bridge_index.pop(network.bridge, None)
         if network.vxlan is not None:
             self._delete_link(network.vxlan)
         if network.owns_bridge:
@@ -136,9 +143,28 @@ class Plumber:
             check_port_address(network, port)
         except ValueError as exc:
             raise PlumbingError(str(exc)) from exc
+        previous = self._ports.get(port.port_id)
         self._ports[port.port_id] = port
-        self._port_link(port, network, self._links.get(port.tap))
-        self._write_table("bridge")
+        # The hot path: the tap ioctls (idempotent), then one netlink request.
+        try:
+            index = tap.create(port.tap, uid=self._uid, gid=self._gid, netns_name=self._netns)
+        except OSError:  # the name is taken by a link that is not a tap
+            self._delete_link(port.tap)
+            index = tap.create(port.tap, uid=self._uid, gid=self._gid, netns_name=self._netns)
+        bridge = self._bridge_index.get(network.bridge)
+        if bridge is not None:
+            try:
+                self._links.set(index, master=bridge, mtu=network.mtu, state="up")
+            except NetlinkError:  # a stale bridge index: look it up again
+                bridge = None
+        if bridge is None:
+            bridge = self._must(network.bridge).index
+            self._bridge_index[network.bridge] = bridge
+            self._links.set(index, master=bridge, mtu=network.mtu, state="up")
+        if previous is None and self._bridge_synced:
+            self._nft_step(rules.port_added(port))
+        elif previous != port:
+            self._write_table("bridge")
         if network.dhcp:
             self._dhcp(network)
         return port.tap
@@ -149,7 +175,10 @@ class Plumber:
         if port is None:
             return
         self._delete_tap(port.tap)
-        self._write_table("bridge")
+        if self._bridge_synced:
+            self._nft_step(rules.port_removed(port))
+        else:
+            self._write_table("bridge")
         network = self._networks.get(port.network_id)
         if network is not None and network.dhcp:
             self._dhcp(network)
@@ -268,6 +297,7 @@ class Plumber:
                 changes.append(f"added {network.gateway} to {network.bridge}")
         elif bridge is None:
             raise PlumbingError(f"host bridge {network.bridge} does not exist")
+        self._bridge_index[network.bridge] = bridge.index
         if old is not None and old.vxlan is not None and old.vni != network.vni:
             self._delete_link(old.vxlan)
         if network.vxlan is not None and network.vni is not None:
@@ -385,7 +415,20 @@ class Plumber:
         table = self._table(family)
         self._nft.batch(rules.replace(table, self._chains[family]))
         self._chains[family] = table.chains()
+        if family == "bridge":
+            self._bridge_synced = True
         return True
+
+    def _nft_step(self, batch: list[rules.Command]) -> None:
+        """An incremental change to a bridge table known to match the state; if the kernel
+        refuses it (the table drifted), the whole table is rewritten instead."""
+        try:
+            self._nft.batch(batch)
+        except NftError as exc:
+            log.warning("net.nft_resync", reason=str(exc))
+            self._write_table("bridge")
+        else:
+            self._chains["bridge"] = self._table("bridge").chains()
 
     def _forwarding(self) -> list[str]:
         """NAT needs the host to route IPv4 (net.ipv4.ip_forward, per namespace)."""

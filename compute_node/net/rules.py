@@ -6,9 +6,10 @@ Two tables, both Flotilla's alone:
   networks nothing at all) while traffic bridged within it passes, and the host accepts
   from guests only DHCP, DNS, ping and replies.
 - `bridge flotilla`: anti-spoofing per tap, in a chain of its own reached from the
-  bridge's prerouting hook: the port's MAC as source, ARP only for its address, IPv4 only
-  from its address (0.0.0.0 only for a DHCP request), no DHCP or DHCPv6 server replies, no
-  router advertisements or redirects, no VLAN tags, no ethertype but IPv4, ARP and IPv6.
+  bridge's prerouting hook through the verdict map `ports` (tap name -> jump to its
+  chain): the port's MAC as source, ARP only for its address, IPv4 only from its address
+  (0.0.0.0 only for a DHCP request), no DHCP or DHCPv6 server replies, no router
+  advertisements or redirects, no VLAN tags, no ethertype but IPv4, ARP and IPv6.
 
 Expressions are written in the canonical form libnftables lists them in, so the rules read
 back from the kernel compare equal to these when nothing differs (`Plumber.reconcile`).
@@ -41,11 +42,13 @@ class BaseChain:
 
 @dataclass(frozen=True)
 class Table:
-    """A whole table: its base chains, regular chains, and each chain's rules in order."""
+    """A whole table: its base chains, regular chains, each chain's rules in order, and its
+    verdict maps (name -> {key: chain jumped to})."""
 
     family: str
     base: tuple[BaseChain, ...]
     rules: dict[str, list[Expr]] = field(default_factory=dict)
+    vmaps: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def chains(self) -> list[str]:
         return list(self.rules)
@@ -106,17 +109,48 @@ def anti_spoofing(port: PortPlumbing) -> list[Expr]:
     ]
 
 
+PORTS_MAP = "ports"
+PREROUTING_DISPATCH: Expr = [{"vmap": {"key": _meta("iifname"), "data": "@" + PORTS_MAP}}]
+
+
 def bridge_table(ports: Iterable[PortPlumbing]) -> Table:
     """The `bridge flotilla` table for these ports."""
     ordered = sorted(ports, key=lambda p: p.tap)
-    rules: dict[str, list[Expr]] = {
-        "prerouting": [
-            [_match(_meta("iifname"), p.tap), {"jump": {"target": port_chain(p)}}] for p in ordered
-        ]
-    }
+    rules: dict[str, list[Expr]] = {"prerouting": [PREROUTING_DISPATCH]}
     for port in ordered:
         rules[port_chain(port)] = anti_spoofing(port)
-    return Table("bridge", BRIDGE_BASE, rules)
+    return Table("bridge", BRIDGE_BASE, rules, {PORTS_MAP: {p.tap: port_chain(p) for p in ordered}})
+
+
+def _element(tap: str, chain: str | None) -> dict[str, Any]:
+    elem: list[Any] = [[tap, {"jump": {"target": chain}}]] if chain is not None else [tap]
+    return {"family": "bridge", "table": TABLE, "name": PORTS_MAP, "elem": elem}
+
+
+def port_added(port: PortPlumbing) -> list[Command]:
+    """One batch adding a port to an up-to-date bridge table: its chain and rules, then the
+    map entry that sends its frames there (so no frame meets a half-built chain)."""
+    chain = port_chain(port)
+    ref = {"family": "bridge", "table": TABLE, "name": chain}
+    return [
+        {"add": {"chain": ref}},
+        {"flush": {"chain": ref}},
+        *(
+            {"add": {"rule": {"family": "bridge", "table": TABLE, "chain": chain, "expr": e}}}
+            for e in anti_spoofing(port)
+        ),
+        {"add": {"element": _element(port.tap, chain)}},
+    ]
+
+
+def port_removed(port: PortPlumbing) -> list[Command]:
+    """One batch removing a port from an up-to-date bridge table."""
+    ref = {"family": "bridge", "table": TABLE, "name": port_chain(port)}
+    return [
+        {"delete": {"element": _element(port.tap, None)}},
+        {"flush": {"chain": ref}},
+        {"delete": {"chain": ref}},
+    ]
 
 
 def inet_table(networks: Iterable[NetworkPlumbing]) -> Table:
@@ -204,7 +238,22 @@ def replace(table: Table, existing_chains: Sequence[str]) -> list[Command]:
         }
         for b in table.base
     ]
+    cmds += [
+        {
+            "add": {
+                "map": {
+                    "family": fam,
+                    "table": TABLE,
+                    "name": m,
+                    "type": "ifname",
+                    "map": "verdict",
+                }
+            }
+        }
+        for m in table.vmaps
+    ]
     cmds.append({"flush": {"table": {"family": fam, "name": TABLE}}})
+    cmds += [{"flush": {"map": {"family": fam, "table": TABLE, "name": m}}} for m in table.vmaps]
     wanted = set(table.rules)
     cmds += [
         {"delete": {"chain": {"family": fam, "table": TABLE, "name": name}}}
@@ -221,6 +270,20 @@ def replace(table: Table, existing_chains: Sequence[str]) -> list[Command]:
         for name, exprs in table.rules.items()
         for expr in exprs
     ]
+    cmds += [
+        {
+            "add": {
+                "element": {
+                    "family": fam,
+                    "table": TABLE,
+                    "name": m,
+                    "elem": [[key, {"jump": {"target": chain}}] for key, chain in elements.items()],
+                }
+            }
+        }
+        for m, elements in table.vmaps.items()
+        if elements
+    ]
     return cmds
 
 
@@ -229,6 +292,7 @@ def read_table(ruleset: Iterable[dict[str, Any]], family: str) -> Table | None:
     found = False
     base: list[BaseChain] = []
     rules: dict[str, list[Expr]] = {}
+    vmaps: dict[str, dict[str, str]] = {}
     for obj in ruleset:
         kind, body = next(iter(obj.items()))
         if body.get("family") != family:
@@ -247,16 +311,25 @@ def read_table(ruleset: Iterable[dict[str, Any]], family: str) -> Table | None:
                 )
         elif kind == "rule":
             rules.setdefault(body["chain"], []).append(body["expr"])
+        elif kind == "map" and body.get("map") == "verdict":
+            vmaps[body["name"]] = {
+                key: verdict.get("jump", {}).get("target", "")
+                for key, verdict in body.get("elem", [])
+            }
     if not found:
         return None
-    return Table(family, tuple(base), rules)
+    return Table(family, tuple(base), rules, vmaps)
 
 
 def same(actual: Table | None, desired: Table) -> bool:
     """Whether the kernel's table already is the desired one (base chains, chains, rules)."""
     if actual is None:
         return False
-    return set(actual.base) == set(desired.base) and actual.rules == desired.rules
+    return (
+        set(actual.base) == set(desired.base)
+        and actual.rules == desired.rules
+        and actual.vmaps == desired.vmaps
+    )
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import struct
 
 from compute_node.net import netns
@@ -21,14 +22,19 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 
 
-def create(name: str, *, uid: int, gid: int, netns_name: str | None = None) -> None:
-    """Create persistent tap `name` owned by uid:gid. OSError (EBUSY) if it exists."""
+def create(name: str, *, uid: int, gid: int, netns_name: str | None = None) -> int:
+    """Make `name` a persistent tap owned by uid:gid and return its ifindex.
+
+    An existing tap of that name is kept (and given that owner): the call is idempotent.
+    OSError when the name belongs to a link that is not a tap (EINVAL/EBUSY)."""
     with netns.inside(netns_name):
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-    try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI))
-        fcntl.ioctl(fd, TUNSETOWNER, uid)
-        fcntl.ioctl(fd, TUNSETGROUP, gid)
-        fcntl.ioctl(fd, TUNSETPERSIST, 1)
-    finally:
-        os.close(fd)
+        try:
+            ifr = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI)
+            fcntl.ioctl(fd, TUNSETIFF, ifr)
+            fcntl.ioctl(fd, TUNSETOWNER, uid)
+            fcntl.ioctl(fd, TUNSETGROUP, gid)
+            fcntl.ioctl(fd, TUNSETPERSIST, 1)
+            return socket.if_nametoindex(name)
+        finally:
+            os.close(fd)

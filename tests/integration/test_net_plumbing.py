@@ -430,3 +430,27 @@ def test_reconcile_keeps_matching_links_and_traffic_and_fixes_what_differs(
         ]
     )
     assert {name: link.index for name, link in second._links.all().items()} == before
+
+
+def test_ports_added_and_removed_one_by_one_leave_the_table_a_rewrite_would_make(
+    net_lab: NetLab,
+) -> None:
+    made, plumbers, state = net_lab
+    net = ISOLATED.model_copy(update={"dhcp": False})
+    host, plumber = _one_host(made, plumbers, state, net)
+    ports = [
+        GUEST.model_copy(update={"port_id": f"p{i}", "ipv4": IPv4Address(f"10.61.0.{10 + i}")})
+        for i in range(4)
+    ]
+    for port in ports:  # the first rewrites the table, the others are small batches
+        plumber.plug(port)
+    plumber.unplug("p1")
+    plumber.unplug("p3")
+    desired = plumber.desired
+    assert [p.port_id for p in desired.ports] == ["p0", "p2"]
+    fresh = Plumber(state / "h", netns=host)
+    plumbers.append(fresh)
+    assert fresh.reconcile(desired).changes == []
+    listing = run_in(host, "nft", "list", "map", "bridge", "flotilla", "ports").stdout
+    assert ports[0].tap in listing
+    assert ports[1].tap not in listing

@@ -106,11 +106,9 @@ def test_anti_spoofing_chain_pins_mac_ip_and_blocks_servers() -> None:
     table = rules.bridge_table([PORT])
     chain = rules.port_chain(PORT)
     assert table.rules["prerouting"] == [
-        [
-            {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": PORT.tap}},
-            {"jump": {"target": chain}},
-        ]
+        [{"vmap": {"key": {"meta": {"key": "iifname"}}, "data": "@ports"}}]
     ]
+    assert table.vmaps == {"ports": {PORT.tap: chain}}
     text = str(table.rules[chain])
     assert "'52:54:00:aa:00:01'" in text
     assert "{'set': ['0.0.0.0', '10.0.0.5']}" in text  # ARP: its address, or a probe
@@ -135,7 +133,10 @@ def test_replace_is_one_batch_that_keeps_base_chains_and_deletes_stale_ones() ->
     table = rules.bridge_table([PORT])
     cmds = rules.replace(table, ["prerouting", "port-deadbeef", rules.port_chain(PORT)])
     kinds = [next(iter(c)) for c in cmds]
-    assert kinds[:3] == ["add", "add", "flush"]
+    assert kinds[:5] == ["add", "add", "add", "flush", "flush"]  # table, chain, map; flush both
+    assert cmds[-1]["add"]["element"]["elem"] == [
+        [PORT.tap, {"jump": {"target": rules.port_chain(PORT)}}]
+    ]
     deleted = [c["delete"]["chain"]["name"] for c in cmds if "delete" in c]
     assert deleted == ["port-deadbeef"]  # never a base chain (hook unregistration is slow)
 
@@ -149,6 +150,9 @@ def test_read_table_and_same_compare_what_the_kernel_lists() -> None:
         {"chain": {"family": "bridge", "table": "flotilla", "name": rules.port_chain(PORT),
                    "handle": 2}},
         {"table": {"family": "bridge", "name": "other", "handle": 2}},
+        {"map": {"family": "bridge", "name": "ports", "table": "flotilla", "type": "ifname",
+                 "handle": 3, "map": "verdict",
+                 "elem": [[PORT.tap, {"jump": {"target": rules.port_chain(PORT)}}]]}},
     ]  # fmt: skip
     for chain, exprs in desired.rules.items():
         listing += [
@@ -168,6 +172,17 @@ def test_read_table_and_same_compare_what_the_kernel_lists() -> None:
     assert rules.read_table(listing, "inet") is None
     listing.pop()  # one rule missing
     assert not rules.same(rules.read_table(listing, "bridge"), desired)
+    assert not rules.same(rules.read_table(listing[:4], "bridge"), desired)  # no map entry
+
+
+def test_incremental_port_batches_build_the_chain_before_the_map_entry() -> None:
+    added = rules.port_added(PORT)
+    assert next(iter(added[0])) == "add"
+    assert "chain" in added[0]["add"]
+    assert "element" in added[-1]["add"]
+    removed = rules.port_removed(PORT)
+    assert [next(iter(c)) for c in removed] == ["delete", "flush", "delete"]
+    assert removed[0]["delete"]["element"]["elem"] == [PORT.tap]
 
 
 def test_foreign_forward_drop_policies_are_found() -> None:
