@@ -230,6 +230,8 @@ class Plumber:
             if not rules.same(current, self._table(family)):
                 self._write_table(family)
                 report.changes.append(f"nft {family} flotilla")
+            elif family == "bridge":
+                self._bridge_synced = True
         for network in desired.networks:
             report.changes += self._dhcp(network)
         if self._nat_networks():

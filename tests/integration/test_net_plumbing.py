@@ -454,3 +454,35 @@ def test_ports_added_and_removed_one_by_one_leave_the_table_a_rewrite_would_make
     listing = run_in(host, "nft", "list", "map", "bridge", "flotilla", "ports").stdout
     assert ports[0].tap in listing
     assert ports[1].tap not in listing
+
+
+def test_bridge_mode_uses_the_host_bridge_and_remove_leaves_nothing_of_ours(
+    net_lab: NetLab,
+) -> None:
+    made, plumbers, state = net_lab
+    host = made.ns("h")
+    ip("link", "add", "br-lan", "type", "bridge", ns=host)
+    lan = NetworkPlumbing(
+        network_id="net-lan", mode=NetworkMode.BRIDGE, host_bridge="br-lan", dhcp=False
+    )
+    plumber = Plumber(state / "h", netns=host, tap_uid=65534, tap_gid=65534)
+    plumbers.append(plumber)
+    plumber.apply(lan)
+    plumber.apply(ISOLATED)
+    lan_port = GUEST.model_copy(update={"port_id": "lan", "network_id": "net-lan"})
+    tap = plumber.plug(lan_port)
+    plumber.plug(GUEST)
+    details = ip("-d", "link", "show", tap, ns=host)
+    assert "master br-lan" in details
+    assert "persist on user nobody group nogroup" in details  # uid/gid 65534: the VMM user
+    assert Dnsmasq(state / "h").pid(ISOLATED.short_id) is not None
+
+    plumber.remove("net-lan")
+    plumber.remove("net-iso")
+    links = ip("-o", "link", "show", ns=host)
+    assert "br-lan" in links  # the host's bridge stays
+    assert "fl" not in "".join(line.split(":")[1] for line in links.splitlines())
+    assert Dnsmasq(state / "h").running() == set()
+    ruleset = run_in(host, "nft", "list", "ruleset").stdout
+    assert "port-" not in ruleset
+    assert "flb-" not in ruleset
