@@ -23,6 +23,7 @@ from compute_node.net.dnsmasq import Dnsmasq
 from compute_node.net.libnft import Nftables, NftError
 from compute_node.net.links import ZERO_MAC, Fdb, Link, Links
 from compute_node.net.models import (
+    VXLAN_OVERHEAD,
     HostPlumbing,
     NetworkMode,
     NetworkPlumbing,
@@ -56,6 +57,9 @@ class Report:
 
 
 class Plumber:
+    """One host's plumbing. Not thread-safe: the compute node calls it from one thread (or
+    serialises calls), as every call reads and rewrites shared kernel state."""
+
     def __init__(
         self,
         state_dir: Path,
@@ -314,6 +318,12 @@ class Plumber:
         underlay = self._links.get(self._underlay.device)
         if underlay is None:
             raise PlumbingError(f"underlay link {self._underlay.device} does not exist")
+        if network.mtu > underlay.mtu - VXLAN_OVERHEAD:
+            raise PlumbingError(
+                f"network {network.network_id}: MTU {network.mtu} does not fit VXLAN over "
+                f"{self._underlay.device} (MTU {underlay.mtu}): at most "
+                f"{underlay.mtu - VXLAN_OVERHEAD} (models.overlay_mtu)"
+            )
         changes = []
         if vx is not None and (
             vx.kind != "vxlan"
@@ -446,7 +456,8 @@ class Plumber:
 
     def _dhcp(self, network: NetworkPlumbing) -> list[str]:
         if not network.dhcp:
-            return []
+            stopped = self._dnsmasq.stop(network.short_id)
+            return [f"dnsmasq stopped for {network.bridge}"] if stopped else []
         ports = [p for p in self._ports.values() if p.network_id == network.network_id]
         change = self._dnsmasq.ensure(network, ports)
         return [] if change is None else [f"{change} for {network.bridge}"]

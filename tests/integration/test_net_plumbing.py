@@ -23,6 +23,7 @@ from compute_node.net import (
     NetworkMode,
     NetworkPlumbing,
     Plumber,
+    PlumbingError,
     PortPlumbing,
     RemoteVtep,
     Underlay,
@@ -99,6 +100,8 @@ def test_vxlan_joins_two_hosts_after_fdb_entries_are_pushed(net_lab: NetLab) -> 
     pa = Plumber(state / "a", netns=host_a, underlay=Underlay(IPv4Address("10.77.0.1"), "under0"))
     pb = Plumber(state / "b", netns=host_b, underlay=Underlay(IPv4Address("10.77.0.2"), "under0"))
     plumbers += [pa, pb]
+    with pytest.raises(PlumbingError, match="does not fit VXLAN"):
+        pa.apply(net.model_copy(update={"mtu": 1500}))
     pa.apply(net)
     pb.apply(net)
     guest_a = made.guest("ga", host_a, pa.plug(port_a), MAC_A, mtu=mtu, addr="10.50.0.10/24")
@@ -255,6 +258,12 @@ def test_dhcp_gives_the_port_its_address_and_mtu(net_lab: NetLab, tmp_path: Path
     plumber.unplug("p2")
     out = run_in(other, "busybox", "udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", "2", "-T", "1")
     assert "obtained" not in out.stdout
+
+    # DHCP turned off: its dnsmasq ends.
+    assert Dnsmasq(state / "h").pid(ISOLATED.short_id) is not None
+    changes = plumber.apply(ISOLATED.model_copy(update={"dhcp": False}))
+    assert f"dnsmasq stopped for {ISOLATED.bridge}" in changes
+    assert Dnsmasq(state / "h").running() == set()
 
 
 def _tcp_server(ns: str, port: int) -> tuple[socket.socket, list[str]]:
