@@ -288,10 +288,12 @@ def _tcp_server(ns: str, port: int) -> tuple[socket.socket, list[str]]:
     return server, peers
 
 
-def _connect(ns: str, address: str, port: int) -> bytes | None:
+def _connect(ns: str, address: str, port: int, timeout: float = 1.5) -> bytes | None:
+    """The server's greeting, or None when the connection fails or times out (a dropped SYN:
+    callers expecting a drop pass a short timeout)."""
     with nsmod.inside(ns):
         client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    client.settimeout(1.5)
+    client.settimeout(timeout)
     try:
         client.connect((address, port))
         return client.recv(16)
@@ -335,15 +337,23 @@ def test_nat_guest_reaches_upstream_and_isolated_guest_cannot(net_lab: NetLab) -
         "gi", host, plumber.plug(GUEST), MAC_A, mtu=1400, addr="10.61.0.10/24", gateway="10.61.0.1"
     )
     server, peers = _tcp_server(upstream, 8080)
+    host_server, host_peers = _tcp_server(host, 8081)  # a service of the host itself
     try:
         assert _connect(g_nat, "10.88.0.2", 8080) == b"hello"
         assert peers == ["10.88.0.1"]  # masqueraded to the uplink's address
-        assert _connect(g_iso, "10.88.0.2", 8080) is None
+        assert _connect(g_iso, "10.88.0.2", 8080, timeout=0.5) is None
         # Neither network routes into the other.
-        assert _connect(g_iso, "10.60.0.10", 8080) is None
+        assert _connect(g_iso, "10.60.0.10", 8080, timeout=0.5) is None
         assert peers == ["10.88.0.1"]
+        # Guests reach the host for DHCP, DNS and ping only, not its other services.
+        for guest, gateway in ((g_nat, "10.60.0.1"), (g_iso, "10.61.0.1")):
+            assert _connect(guest, gateway, 8081, timeout=0.5) is None
+            assert _connect(guest, "10.88.0.1", 8081, timeout=0.5) is None
+        assert host_peers == []
+        assert ping(g_nat, "10.60.0.1", count=1)
     finally:
         server.close()
+        host_server.close()
     assert plumber.forward_conflicts() == []
 
 
