@@ -55,6 +55,10 @@ class GuestEvent:
     kind: GuestEventKind
     reason: str = ""
     detail: str = ""
+    # The stamp of the durable (fsynced) journal record this event was read from, when it was:
+    # (n, ts) then names the record for good, so the events it produces get stable message
+    # ids and the store need not fsync them again (compute_node.store, "Durability").
+    ts: float | None = None
 
 
 EventSink = Callable[[GuestEvent], None]

@@ -193,7 +193,11 @@ class KvmDriver(Driver):
         except ValueError:
             log.warning("unknown journal record", record=record)
             return
-        self._sink(GuestEvent(domain_id, record["n"], kind, record["reason"], record["detail"]))
+        self._sink(
+            GuestEvent(
+                domain_id, record["n"], kind, record["reason"], record["detail"], record["ts"]
+            )
+        )
 
     @staticmethod
     def ended_cleanly(directory: Path) -> bool:

@@ -132,7 +132,13 @@ class Lifecycle(ConsoleHandlers, Service):
         cause = self.causes.take(event.domain_id, event.kind)
         if cause is not None:
             drafts = [dataclasses.replace(d, cause=cause) for d in drafts]
-        self.store.transition(event.domain_id, drafts, state=after, driver_n=event.n)
+        self.store.transition(
+            event.domain_id,
+            drafts,
+            state=after,
+            driver_n=event.n,
+            journaled=None if event.ts is None else f"{event.n}/{event.ts!r}",
+        )
         if after is PowerState.SHUTOFF and not self.driver.process_stays(event):
             # A process kept by a preserve policy holds its claim until start, destroy or
             # undefine ends it (host usage counts it while it lives).

@@ -18,15 +18,24 @@ CONFIRM_TIMEOUT_S = 30.0
 
 
 class OutboxPublisher:
+    """Two threads: the sender publishes rows as soon as they are committed (woken by the
+    store's condition) and waits for their confirms; the reaper makes confirmed rows durable
+    (`Store.sync`, an fsync) and deletes them, so that fsync never delays the next event."""
+
     def __init__(self, store: Store, bus: Bus) -> None:
         self._store = store
         self._bus = bus
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
+        self._reaper = threading.Thread(target=self._reap, name="outbox-reaper", daemon=True)
+        self._confirmed = 0  # the last row the broker confirmed, all before it too
+        self._reaped = 0
+        self._reap_cond = threading.Condition()
         self.published = 0
 
     def start(self) -> OutboxPublisher:
         self._thread.start()
+        self._reaper.start()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -34,14 +43,18 @@ class OutboxPublisher:
         with self._store.changed:
             self._store.changed.notify_all()
         self._thread.join(timeout)
+        with self._reap_cond:
+            self._reap_cond.notify_all()
+        self._reaper.join(timeout)
 
     def _run(self) -> None:
         backoff = 0.1
+        sent = 0  # rows up to here are confirmed: never sent again by this publisher
         while not self._stopping.is_set():
-            items = self._store.outbox()
+            items = self._store.outbox(after=sent)
             if not items:
                 with self._store.changed:
-                    if not self._store.outbox_size() and not self._stopping.is_set():
+                    if not self._store.outbox_size(after=sent) and not self._stopping.is_set():
                         self._store.changed.wait(1.0)
                 continue
             if not self._bus.link.wait_connected(1.0):
@@ -64,7 +77,10 @@ class OutboxPublisher:
                 done_row = item.row
                 self.published += 1
             if done_row is not None:
-                self._store.outbox_done(done_row)
+                sent = done_row
+                with self._reap_cond:
+                    self._confirmed = done_row
+                    self._reap_cond.notify_all()
             if done_row != items[-1].row:
                 for future in futures:
                     future.cancel()
@@ -72,3 +88,15 @@ class OutboxPublisher:
                 backoff = min(backoff * 2, 5.0)
             else:
                 backoff = 0.1
+
+    def _reap(self) -> None:
+        while True:
+            with self._reap_cond:
+                while self._confirmed <= self._reaped and not self._stopping.is_set():
+                    self._reap_cond.wait(1.0)
+                target = self._confirmed
+            if target > self._reaped:
+                self._store.outbox_done(target)  # syncs first
+                self._reaped = target
+            elif self._stopping.is_set():
+                return

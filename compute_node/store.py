@@ -5,11 +5,23 @@ produces and the seq it uses are written in one transaction.
 The outbox holds packed envelopes (with their message ids) until the broker confirms them; the
 publisher (compute_node.outbox) sends them in insertion order, so events produced while the
 broker is unreachable go out, in order, when it returns.
+
+Durability. The file is in WAL mode with `synchronous=NORMAL`: a commit is in the kernel (it
+survives any crash of this process) but not yet on disk. Two kinds of transaction:
+- durable ones (definitions, and events from no journal) fsync the WAL before they return and
+  before the publisher is woken, as `synchronous=FULL` would;
+- a guest event read from a VMM journal record that is itself fsynced (`journaled`) commits
+  without an fsync and wakes the publisher at once. Should the host lose power before the WAL
+  reaches the disk, the transaction is lost with it, `driver_n` is back before the record, and
+  the record is replayed from the journal into the same events, same `seq`, same message ids
+  (derived from the record: `event_id`), so a subscriber that saw them sees only duplicates
+  by id. `sync()` fsyncs the WAL; the outbox deletes a row only after it (`outbox_done`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -88,19 +100,23 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(domains)")}
         if "privileged" not in columns:  # a state dir from before the column: members' rule
             self._db.execute("ALTER TABLE domains ADD COLUMN privileged INTEGER NOT NULL DEFAULT 0")
         self._lock = threading.RLock()
+        self._wal = f"{path}-wal"
+        self._sync_lock = threading.Lock()
+        self._commits = 0  # transactions committed by this Store
+        self._synced = 0  # of which known to be on disk
         self.host = host
         self.source = source
         # Notified on every state change and outbox insert.
         self.changed = threading.Condition(self._lock)
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -109,7 +125,33 @@ class Store:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+            self._commits += 1
+            if durable:
+                self.sync()
             self.changed.notify_all()
+
+    def sync(self) -> None:
+        """Put every transaction committed so far on disk (fsync of the WAL file; checkpoints
+        fsync it before copying it into the database)."""
+        with self._sync_lock:
+            target = self._commits
+            if self._synced >= target:
+                return
+            try:
+                fd = os.open(self._wal, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fd = -1  # no WAL: everything is in the database file, synced by its checkpoint
+            if fd >= 0:
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            self._synced = max(self._synced, target)
+
+    @property
+    def unsynced(self) -> int:
+        """Transactions committed but not yet known to be on disk."""
+        return self._commits - self._synced
 
     # ---- domains ----------------------------------------------------------------------------
 
@@ -176,10 +218,15 @@ class Store:
         *,
         state: PowerState | None = None,
         driver_n: int | None = None,
+        journaled: str | None = None,
     ) -> list[DomainEvent]:
         """Emit `drafts` and move to the last draft's state (or `state`), recording the
-        driver event consumed, all in one transaction. Returns the events."""
-        with self._tx() as db:
+        driver event consumed, all in one transaction. Returns the events.
+
+        `journaled` names the fsynced journal record the drafts come from (`"<n>/<ts>"`): the
+        transaction then commits without an fsync (the record can be replayed) and the
+        events' message ids derive from it (`event_id`). Without it the commit is fsynced."""
+        with self._tx(durable=journaled is None) as db:
             row = db.execute(
                 "SELECT spec, state, seq, driver_n, privileged FROM domains WHERE id = ?",
                 (str(domain_id),),
@@ -187,7 +234,7 @@ class Store:
             if row is None:
                 return []
             record = _record(row)
-            events = self._emit(db, record.spec, drafts)
+            events = self._emit(db, record.spec, drafts, journaled)
             new_state = state or (drafts[-1].state if drafts else record.state)
             db.execute(
                 "UPDATE domains SET state = ?, driver_n = max(driver_n, ?), updated = ? "
@@ -197,7 +244,11 @@ class Store:
         return events
 
     def _emit(
-        self, db: sqlite3.Connection, spec: DomainSpec, drafts: list[EventDraft]
+        self,
+        db: sqlite3.Connection,
+        spec: DomainSpec,
+        drafts: list[EventDraft],
+        journaled: str | None = None,
     ) -> list[DomainEvent]:
         if not drafts:
             return []
@@ -205,7 +256,7 @@ class Store:
             "SELECT seq FROM domains WHERE id = ?", (str(spec.uuid),)
         ).fetchone() or (0,)
         events = []
-        for draft in drafts:
+        for i, draft in enumerate(drafts):
             seq += 1
             fields: dict[str, object] = {
                 "domain_id": spec.uuid,
@@ -224,6 +275,7 @@ class Store:
                 source=self.source,
                 correlation_id=cause.correlation_id,
                 causation_id=cause.causation_id,
+                message_id=None if journaled is None else event_id(spec.uuid, journaled, i),
             )
             db.execute(
                 "INSERT INTO outbox (message_id, routing_key, body) VALUES (?, ?, ?)",
@@ -250,26 +302,39 @@ class Store:
 
     # ---- outbox -------------------------------------------------------------------------------
 
-    def outbox(self, limit: int = 200) -> list[OutboxItem]:
+    def outbox(self, limit: int = 200, *, after: int = 0) -> list[OutboxItem]:
+        """The oldest `limit` rows past row `after`, in order."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, message_id, routing_key, body FROM outbox ORDER BY id LIMIT ?",
-                (limit,),
+                "SELECT id, message_id, routing_key, body FROM outbox WHERE id > ? "
+                "ORDER BY id LIMIT ?",
+                (after, limit),
             ).fetchall()
         return [OutboxItem(r[0], r[1], r[2], bytes(r[3])) for r in rows]
 
     def outbox_done(self, up_to_row: int) -> None:
+        """Forget the rows up to `up_to_row` (the broker confirmed them), once they are on
+        disk: a row is never forgotten before it is durable."""
+        self.sync()
         with self._lock:
             self._db.execute("DELETE FROM outbox WHERE id <= ?", (up_to_row,))
 
-    def outbox_size(self) -> int:
+    def outbox_size(self, *, after: int = 0) -> int:
         with self._lock:
-            (n,) = self._db.execute("SELECT count(*) FROM outbox").fetchone()
+            (n,) = self._db.execute("SELECT count(*) FROM outbox WHERE id > ?", (after,)).fetchone()
         return int(n)
 
     def close(self) -> None:
         with self._lock:
+            self.sync()
             self._db.close()
+
+
+def event_id(domain_id: uuid.UUID, journaled: str, index: int) -> str:
+    """The message id of the `index`-th event made from journal record `journaled` ("<n>/<ts>"):
+    the same on every replay of that record, distinct for every other record of any life of
+    the domain (a redefined domain's journal starts again at 1, but not at the same stamp)."""
+    return str(uuid.uuid5(domain_id, f"journal/{journaled}/{index}"))
 
 
 def _record(row: tuple[str, str, int, int, int]) -> DomainRecord:

@@ -438,7 +438,8 @@ class Vmm:
     # -- journal ----------------------------------------------------------------------------
 
     def _record(self, kind: str, reason: str = "", detail: str = "") -> None:
-        """Journals (fsync'ed) first, then tells subscribers."""
+        """Journals (fsync'ed) first, then tells subscribers: sent at once, not on the loop's
+        next turn, which may come only after a policy's action (ending a machine takes ms)."""
         record = self.journal.append(kind, reason, detail)
         frame = pack_frame({"record": dict(record)})
         for conn in list(self.subscribers):
@@ -446,7 +447,7 @@ class Vmm:
                 self._close(conn)
                 continue
             conn.out += frame
-            self._update(conn)
+            self._conn_io(conn, selectors.EVENT_WRITE)
 
     def _send_backlog(self, conn: Conn, request: dict[str, Any]) -> None:
         from_n = request.get("from_n", 0)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pika
 import pytest
 
-from compute_node.vmm_client import VmmClient
+from compute_node.vmm_client import VmmClient, read_journal
 from protos import routing
 from protos.base import Message
 from protos.codec import Envelope
@@ -257,6 +257,40 @@ def test_worker_kill_9_and_restart_adopts_running_guests(
     # No event was emitted twice: the sequences above are exact. A kill -9 between the
     # broker's confirm and the outbox row's delete may publish one again under its same
     # message id (at-least-once); the log drops those by id, as any consumer should.
+
+
+def test_worker_kill_9_right_after_a_guest_event_loses_nothing(
+    node: tuple[ComputeProcess, Bus, EventLog], guest: Path
+) -> None:
+    # The worker commits a journaled event without an fsync and publishes it at once: a kill
+    # -9 anywhere on that way (before the commit, before the publish, before the confirm or
+    # the row's delete) must still deliver every event, in order, duplicates only by id.
+    compute, bus, events = node
+    specs = [spec(guest, "ready echo") for _ in range(3)]
+    for s in specs:
+        call(bus, compute.queue, DefineDomain(spec=s))
+        call(bus, compute.queue, StartDomain(domain_id=s.uuid))
+    for s in specs:
+        journal = compute.state_dir / "domains" / str(s.uuid) / "journal"
+        bus.call(compute.queue, ShutdownDomain(domain_id=s.uuid, wait=False), timeout=10)
+        deadline = time.monotonic() + 10
+        while not any(r["kind"] == "shutdown" for r in read_journal(journal)):
+            assert time.monotonic() < deadline, "the guest did not power off"
+            time.sleep(0.0002)
+        compute.kill()
+        compute.start(bus)
+    for s in specs:
+        evs = events.wait(s.uuid, lambda evs: len(evs) >= 4)
+        time.sleep(0.2)  # anything more (a second copy under another id) would show here
+        assert [(e.TYPE, e.seq) for e in events.of(s.uuid)] == [
+            ("domain.defined", 1),
+            ("domain.started", 2),
+            ("domain.shutdown", 3),
+            ("domain.stopped", 4),
+        ], evs
+        assert call(bus, compute.queue, GetDomainInfo(domain_id=s.uuid)).state is (
+            PowerState.SHUTOFF
+        )
 
 
 def test_vmm_kill_9_is_stopped_failed_within_a_second(

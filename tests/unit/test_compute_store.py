@@ -1,0 +1,109 @@
+"""The compute store's durability rules (compute_node.store, "Durability"), on a real SQLite file
+and, for a crash, a real process killed with SIGKILL."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+from compute_node.store import EventDraft, Store, event_id
+from protos.codec import decode
+from protos.domain import BootSpec, DomainSpec, PowerState
+from protos.events import DomainShutdown, DomainStopped, ShutdownDetail, StoppedDetail
+from tests.bootfiles import KERNEL
+
+DRAFTS = [
+    EventDraft(DomainShutdown, PowerState.SHUTOFF, ShutdownDetail.GUEST),
+    EventDraft(DomainStopped, PowerState.SHUTOFF, StoppedDetail.SHUTDOWN),
+]
+
+
+def spec() -> DomainSpec:
+    return DomainSpec(name=f"s-{uuid.uuid4().hex[:8]}", boot=BootSpec(kernel=str(KERNEL)))
+
+
+def store_at(path: Path) -> Store:
+    return Store(path / "compute.db", host="node-1", source="compute:node-1")
+
+
+def ids(store: Store) -> list[str]:
+    return [item.message_id for item in store.outbox()]
+
+
+def test_a_replayed_journal_record_makes_the_same_events_with_the_same_ids(tmp_path: Path) -> None:
+    # A power loss after a journaled transaction committed unsynced: the store is back at its
+    # last durable state and the worker replays the record. The copy of the file before the
+    # transaction plays that state.
+    s = spec()
+    first = store_at(tmp_path / "a")
+    first.define(s, [])
+    first.close()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    a, b = store_at(tmp_path / "a"), store_at(tmp_path / "b")
+    for store in (a, b):
+        store.transition(s.uuid, DRAFTS, driver_n=3, journaled="3/1764480000.25")
+    assert ids(a) == ids(b) == [event_id(s.uuid, "3/1764480000.25", i) for i in (0, 1)]
+    assert [decode(i.body).body["seq"] for i in a.outbox()] == [1, 2]
+    # Another record (a later one, or record 3 of a later life of the domain) gets other ids.
+    b.transition(s.uuid, DRAFTS, driver_n=4, journaled="3/1764480099.5")
+    assert len(set(ids(b))) == 4
+
+
+def test_events_from_no_journal_get_fresh_ids_and_an_fsynced_commit(tmp_path: Path) -> None:
+    s = spec()
+    store = store_at(tmp_path)
+    store.define(s, [])
+    store.transition(s.uuid, DRAFTS, driver_n=1)
+    assert store.unsynced == 0
+    store.transition(s.uuid, DRAFTS, driver_n=1)
+    assert len(set(ids(store))) == 4
+
+
+def test_a_journaled_commit_is_not_fsynced_and_its_rows_go_only_once_synced(
+    tmp_path: Path,
+) -> None:
+    s = spec()
+    store = store_at(tmp_path)
+    store.define(s, [])
+    store.transition(s.uuid, DRAFTS, driver_n=1, journaled="1/5.0")
+    assert store.unsynced == 1  # no fsync on the event's way out
+    items = store.outbox()
+    store.outbox_done(items[-1].row)
+    assert store.unsynced <= 1  # the delete itself need not be on disk...
+    assert store.outbox() == []
+    # ...but the rows it deleted were: the sync came first. A fresh transaction shows it.
+    store.transition(s.uuid, DRAFTS, driver_n=2, journaled="2/6.0")
+    before = store.unsynced
+    store.sync()
+    assert before >= 1
+    assert store.unsynced == 0
+
+
+def test_an_unsynced_commit_survives_a_kill_9_of_the_worker(tmp_path: Path) -> None:
+    s = spec()
+    store = store_at(tmp_path)
+    store.define(s, [])
+    store.close()
+    child = textwrap.dedent(
+        f"""
+        import os, signal, uuid
+        from pathlib import Path
+        from compute_node.store import Store
+        from tests.unit.test_compute_store import DRAFTS
+        store = Store(Path({str(tmp_path / "compute.db")!r}), host="node-1", source="c")
+        store.transition(uuid.UUID({str(s.uuid)!r}), DRAFTS, driver_n=7, journaled="7/9.5")
+        assert store.unsynced == 1
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", child], cwd=Path.cwd(), check=False)
+    assert done.returncode == -9
+    after = store_at(tmp_path)
+    record = after.get(s.uuid)
+    assert record is not None
+    assert (record.state, record.seq, record.driver_n) == (PowerState.SHUTOFF, 2, 7)
+    assert ids(after) == [event_id(s.uuid, "7/9.5", i) for i in (0, 1)]
