@@ -46,10 +46,14 @@ _LOST = (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError)
 class _Channel:
     """One thread's connection, channel and reply bookkeeping."""
 
-    def __init__(self, connection: pika.BlockingConnection, params: pika.URLParameters) -> None:
+    def __init__(
+        self, connection: pika.BlockingConnection, params: pika.URLParameters, *, confirm: bool
+    ) -> None:
         self.connection = connection
         self.params = params  # the node it is connected to
         self.channel = self.connection.channel()
+        if confirm:
+            self.channel.confirm_delivery()
         self.replies: dict[str, tuple[pika.spec.BasicProperties, bytes]] = {}
         self.returned: set[str] = set()
         self.channel.add_on_return_callback(self._on_return)
@@ -104,7 +108,12 @@ class RpcClient:
         try:
             # The first node that answers (services.bus.nodes): a dead node is skipped.
             connection, params = self._nodes.connect()
-            ch = _Channel(connection, params)
+            # On a cluster, an unconfirmed publish to a quorum queue whose leader just died
+            # can vanish without a trace (measured: the caller then waits its whole timeout);
+            # a confirmed one is handed to the new leader. The confirm comes with the commit
+            # that delivery to the consumer waits for anyway, so it costs little. A lone node
+            # has no leader to change: a request reaches its queue or the connection dies.
+            ch = _Channel(connection, params, confirm=len(self._nodes) > 1)
         except _LOST as exc:
             raise ConnectionLost(f"cannot reach the broker: {exc!r}") from None
         self._local.channel = ch
@@ -141,7 +150,24 @@ class RpcClient:
             ch.replies.pop(cid, None)
             ch.returned.discard(cid)
             try:
-                ch.channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+                try:
+                    ch.channel.basic_publish(
+                        exchange, routing_key, body, properties, mandatory=True
+                    )
+                except pika.exceptions.UnroutableError:  # in confirm mode
+                    raise NoRouteError(exchange, routing_key) from None
+                except pika.exceptions.NackError:
+                    # In confirm mode: the queue had no leader to take it. A channel opened
+                    # while the leader was being elected keeps refusing (measured: for as
+                    # long as it lives), so send again on a new channel, until the timeout.
+                    self._forget(ch)
+                    if deadline - time.monotonic() <= backoff:
+                        raise ConnectionLost(
+                            "the broker refused the request (nack): queue unavailable"
+                        ) from None
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 1.0)
+                    continue
                 # One timer for the whole wait: process_data_events with a time limit sets up
                 # and tears down a timer on every turn, which costs more than the round trip's
                 # own processing. The timer firing is an event, so the wait below returns.
