@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from protos.domain import NAME_PATTERN
+from services.bus import BrokerUrls
 from services.settings import load_layered
 
 
@@ -43,7 +44,8 @@ class ComputeConfig(BaseModel):
         default_factory=lambda: socket.gethostname().split(".")[0], pattern=NAME_PATTERN
     )
     state_dir: Path = Path("/var/lib/flotilla/compute")
-    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    # One broker URL, or one per node of a cluster, comma-separated (tried in order).
+    amqp_url: BrokerUrls = "amqp://guest:guest@127.0.0.1:5672/%2F"
     driver: str = Field(default="kvm", pattern=r"^(kvm|fake)$")
     cpu_allocation_ratio: float = Field(default=4.0, gt=0)
     ram_allocation_ratio: float = Field(default=1.0, gt=0)

@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="TOML file")
     parser.add_argument("--host", help="host name (queue compute.<host>)")
     parser.add_argument("--state-dir", type=Path, help="where definitions and guests live")
-    parser.add_argument("--amqp-url", help="broker URL")
+    parser.add_argument("--amqp-url", help="broker URL, or one per cluster node, comma-separated")
     parser.add_argument("--driver", choices=["kvm", "fake"], help="hypervisor driver")
     parser.add_argument("--cpu-allocation-ratio", type=float, help="vCPU overcommit (4.0)")
     parser.add_argument("--ram-allocation-ratio", type=float, help="RAM overcommit (1.0)")

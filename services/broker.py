@@ -12,6 +12,7 @@ the API's admin token), so another local user of the machine cannot log in to it
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -19,6 +20,7 @@ import signal
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from services.files import write_private
@@ -46,17 +48,28 @@ class PrivateBroker:
     """One RabbitMQ node: `start()`, `url`, `close_all_connections()`, `stop()`."""
 
     def __init__(
-        self, base: Path, *, port: int | None = None, name: str = "flotilla", user: str = "flotilla"
+        self,
+        base: Path,
+        *,
+        port: int | None = None,
+        name: str = "flotilla",
+        user: str = "flotilla",
+        epmd_port: int | None = None,
+        password_file: Path | None = None,
+        cookie: str | None = None,
     ) -> None:
+        """`epmd_port`, `password_file` and `cookie` are shared by the nodes of a
+        PrivateCluster; a lone node gets its own."""
         self.base = base.resolve()
         self.user = user
-        self.password_file = self.base / "amqp-password"
+        self.password_file = password_file or self.base / "amqp-password"
         self._password: str | None = None
         self.port = port or free_port()
         self.dist_port = free_port()
-        self.epmd_port = free_port()
+        self.epmd_port = epmd_port or free_port()
         self.nodename = f"{name}-{self.port}@localhost"
         self.pid_file = self.base / "rabbit.pid"
+        self._cookie = cookie
         self._pid: int | None = None
 
     @property
@@ -68,7 +81,7 @@ class PrivateBroker:
             except FileNotFoundError:
                 pass
             if self._password is None:
-                self.base.mkdir(parents=True, exist_ok=True)
+                self.password_file.parent.mkdir(parents=True, exist_ok=True)
                 self._password = secrets.token_urlsafe(24)
                 write_private(self.password_file, self._password + "\n")
         return self._password
@@ -118,9 +131,13 @@ class PrivateBroker:
             "log.console = false\n",
         )
         cookie = self.base / ".erlang.cookie"
-        if not cookie.exists():
-            cookie.write_text(os.urandom(16).hex())
+        if not cookie.exists() or (self._cookie and cookie.read_text() != self._cookie):
+            with contextlib.suppress(FileNotFoundError):
+                cookie.unlink()
+            cookie.write_text(self._cookie or os.urandom(16).hex())
             cookie.chmod(0o400)
+        # A node killed by SIGKILL leaves its pid file: the wait below must see a new one.
+        self.pid_file.unlink(missing_ok=True)
         result = subprocess.run(
             [str(SBIN / "rabbitmq-server"), "-detached"],
             env=self.env(),
@@ -160,8 +177,20 @@ class PrivateBroker:
     def close_all_connections(self, reason: str = "test") -> None:
         self.ctl("close_all_connections", reason)
 
-    def stop(self) -> None:
-        """Stop the node (SIGTERM, then SIGKILL), its private epmd, and remove nothing."""
+    def kill(self) -> None:
+        """SIGKILL every process of the node, by pid: a crash, nothing gets to clean up."""
+        pids = {*self._node_pids(), *([self._pid] if self._pid is not None else [])}
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._pid = None
+
+    def stop(self, *, epmd: bool = True) -> None:
+        """Stop the node (SIGTERM, then SIGKILL) and, unless `epmd` is False (a cluster's
+        epmd outlives its nodes), its private epmd; remove nothing."""
         pid = self._pid
         if pid is not None and _alive(pid):
             with contextlib.suppress(ProcessLookupError):
@@ -178,6 +207,11 @@ class PrivateBroker:
         for other in self._node_pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(other, signal.SIGKILL)
+        if epmd:
+            self.kill_epmd()
+
+    def kill_epmd(self) -> None:
+        """End the private epmd (by `epmd -kill` on its port: only ours listens there)."""
         epmd = shutil.which("epmd") or "/usr/lib/erlang/bin/epmd"
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             subprocess.run(
@@ -187,6 +221,10 @@ class PrivateBroker:
                 timeout=5,
                 check=False,
             )
+        # epmd refuses -kill while a node is registered; end whatever still serves our port.
+        for pid in _epmd_pids(self.epmd_port):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def _node_pids(self) -> list[int]:
         marker = f"-home\0{self.base}\0".encode()
@@ -201,6 +239,128 @@ class PrivateBroker:
             if marker in cmdline and _alive(int(entry.name)):
                 found.append(int(entry.name))
         return found
+
+
+class PrivateCluster:
+    """N private nodes clustered on loopback: one Erlang cookie, one private epmd, one user.
+
+    Node 1 starts as a lone node (creating the user); nodes 2..N start, `stop_app`,
+    `join_cluster` node 1 and `start_app`. Quorum queues declared once the cluster stands get
+    a member on every node: RabbitMQ 3.10's default initial group size is all cluster nodes
+    (services.bus.topology relies on it). `kill(i)` crashes node i, `restart(i)` brings it
+    back into the cluster, `stop()` ends every node and the epmd by pid. Nodes are numbered
+    from 0.
+    """
+
+    def __init__(self, base: Path, size: int = 3, *, name: str = "flotilla") -> None:
+        if size < 1:
+            raise ValueError("a cluster needs at least one node")
+        self.base = base.resolve()
+        self.base.mkdir(parents=True, exist_ok=True)
+        epmd_port = free_port()
+        cookie_file = self.base / "erlang-cookie"
+        if not cookie_file.exists():
+            write_private(cookie_file, os.urandom(16).hex())
+        cookie = cookie_file.read_text().strip()
+        self.nodes = [
+            PrivateBroker(
+                self.base / f"node{i}",
+                name=f"{name}{i}",
+                epmd_port=epmd_port,
+                password_file=self.base / "amqp-password",
+                cookie=cookie,
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def urls(self) -> list[str]:
+        """One URL per node, node 0 first."""
+        return [node.url for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """The URL list as `amqp_url` settings take it (comma-separated)."""
+        return ",".join(self.urls)
+
+    def start(self, timeout: float = 60.0) -> PrivateCluster:
+        first = self.nodes[0]
+        # Booting is most of the time: boot every node at once, then join them one by one.
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            for done in [pool.submit(node.start, timeout) for node in self.nodes]:
+                done.result()
+        for node in self.nodes[1:]:
+            node.ctl("stop_app", timeout=timeout)
+            node.ctl("join_cluster", first.nodename, timeout=timeout)
+            node.ctl("start_app", timeout=timeout)
+        running = self.running_nodes()
+        if len(running) != len(self.nodes):
+            raise BrokerError(f"cluster has {running} running, expected {len(self.nodes)}")
+        return self
+
+    def running_nodes(self, via: int | None = None) -> list[str]:
+        """The names of the running nodes, as a live node (`via`, or the first that answers)
+        sees them."""
+        candidates = [self.nodes[via]] if via is not None else self.nodes
+        error: BrokerError | None = None
+        for node in candidates:
+            try:
+                out = node.ctl("cluster_status", "--formatter", "json")
+            except BrokerError as exc:
+                error = exc
+                continue
+            running: list[str] = json.loads(out).get("running_nodes", [])
+            return sorted(running)
+        raise error or BrokerError("no node answers")
+
+    def kill(self, i: int) -> None:
+        """SIGKILL node i's processes by pid (the others notice at once: loopback)."""
+        self.nodes[i].kill()
+
+    def restart(self, i: int, timeout: float = 60.0) -> None:
+        """Start node i again; it rejoins the cluster (it kept its membership) and its quorum
+        queue members catch up from the leaders."""
+        self.nodes[i].start(timeout)
+        deadline = time.monotonic() + timeout
+        while self.nodes[i].nodename not in self.running_nodes(via=i):
+            if time.monotonic() > deadline:
+                raise BrokerError(f"node {i} did not rejoin within {timeout:.0f} s")
+            time.sleep(0.2)
+
+    def quorum_members(self, via: int = 0) -> dict[str, tuple[int, int]]:
+        """Each quorum queue's (members, members online), as node `via` sees them."""
+        out = self.nodes[via].ctl(
+            "list_queues", "name", "type", "members", "online", "--formatter", "json"
+        )
+        return {
+            q["name"]: (len(q.get("members") or []), len(q.get("online") or []))
+            for q in json.loads(out)
+            if q.get("type") == "quorum"
+        }
+
+    def stop(self) -> None:
+        """End every node, then the shared epmd, by pid."""
+        for node in self.nodes:
+            node.stop(epmd=False)
+        self.nodes[0].kill_epmd()
+
+
+def _epmd_pids(port: int) -> list[int]:
+    """Processes named epmd started with ERL_EPMD_PORT=`port` in their environment."""
+    marker = f"ERL_EPMD_PORT={port}\0".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "epmd":
+                continue
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker in environ:
+            found.append(int(entry.name))
+    return found
 
 
 def _alive(pid: int) -> bool:

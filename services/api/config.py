@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from protos.codec import MAX_MESSAGE_BYTES
 from protos.domain import NAME_PATTERN, NOT_BOOL_OR_TEXT
+from services.bus import BrokerUrls
 from services.settings import load_layered
 
 
@@ -81,7 +82,8 @@ class ApiConfig(BaseModel):
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(default=8780, ge=0, le=65535)
     database_url: str = "sqlite:////var/lib/flotilla/api/registry.db"
-    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    # One broker URL, or one per node of a cluster, comma-separated (tried in order).
+    amqp_url: BrokerUrls = "amqp://guest:guest@127.0.0.1:5672/%2F"
     tokens: list[TokenEntry] = []
     default_quota: Quota = Quota()
     quotas: dict[str, Quota] = {}

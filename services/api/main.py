@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--database-url", help="sqlite:////path/registry.db or postgresql://user@host/db"
     )
-    parser.add_argument("--amqp-url", help="broker URL")
+    parser.add_argument("--amqp-url", help="broker URL, or one per cluster node, comma-separated")
     parser.add_argument("--log-level", default=None)
     return parser
 

@@ -11,9 +11,11 @@ from services.bus.errors import (
     RpcTimeout,
     ServiceError,
 )
+from services.bus.nodes import BrokerUrls
 from services.bus.service import Context, Service, ServiceRunner, handles, on_event
 
 __all__ = [
+    "BrokerUrls",
     "Bus",
     "BusError",
     "Cause",

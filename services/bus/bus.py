@@ -95,7 +95,7 @@ class Bus:
     def declare(self, decl: QueueDecl) -> None:
         """Make `decl` part of this process's topology, declared now and on every reconnect."""
         self._queues[decl.name] = decl
-        declare(self.link.params, [decl])
+        declare(self.link.nodes.in_order(), [decl])
 
     # ---- publishing ------------------------------------------------------------------------
 
@@ -298,7 +298,7 @@ class Subscription:
         self._thread.join(timeout)
         if self.decl.kind == "subscriber":
             try:
-                delete_queue(self.bus.link.params, self.decl.name)
+                delete_queue(self.bus.link.nodes.in_order(), self.decl.name)
             except Exception:  # the queue expires by itself a minute later
                 pass
 

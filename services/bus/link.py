@@ -8,8 +8,10 @@ basic.return of an unroutable mandatory message). Consumers get their own channe
 When the connection goes away the thread fails every unconfirmed publish with
 `ConnectionLost`, tells its listeners (the RPC client fails in-flight calls at once), and
 reconnects with capped exponential backoff, redeclaring the topology and restarting every
-consumer. Deliveries received on an older connection can no longer be acked: the broker
-redelivers them, and idempotent handlers make that harmless.
+consumer. With several broker nodes (services.bus.nodes) it reconnects to the next node in the
+list at once and backs off only after a whole round of nodes failed. Deliveries received on an
+older connection can no longer be acked: the broker redelivers them, and idempotent handlers
+make that harmless.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import structlog
 
 from services.bus.confirm import Confirmation
 from services.bus.errors import ConnectionLost, NoRouteError, PublishNacked
+from services.bus.nodes import NodeList
 from services.bus.topology import QueueDecl, declare
 
 log = structlog.get_logger("flotilla.bus")
@@ -71,11 +74,13 @@ class Link:
         name: str,
         declarations: Callable[[], list[QueueDecl]],
     ) -> None:
-        self._params = pika.URLParameters(url)
-        if "heartbeat" not in url:
-            self._params.heartbeat = DEFAULT_HEARTBEAT_S
-        self._params.connection_attempts = 1
-        self._params.client_properties = {"connection_name": name}
+        def configure(params: pika.URLParameters) -> None:
+            if "heartbeat" not in url:
+                params.heartbeat = DEFAULT_HEARTBEAT_S
+            params.connection_attempts = 1
+            params.client_properties = {"connection_name": name}
+
+        self.nodes = NodeList(url, configure)
         self._declarations = declarations
         self.name = name
 
@@ -118,7 +123,8 @@ class Link:
 
     @property
     def params(self) -> pika.URLParameters:
-        return self._params
+        """The node connected to now (or tried next)."""
+        return self.nodes.first
 
     @property
     def connected(self) -> bool:
@@ -259,16 +265,24 @@ class Link:
 
     def _run(self) -> None:
         backoff = 0.1
+        failures = 0  # in a row; a full round of nodes failing backs off
         while not self._stopping.is_set():
+            params = self.nodes.first
             try:
-                declare(self._params, self._declarations())
-            except Exception as exc:  # broker down, refused, or a declaration conflict
-                log.warning("broker unreachable", error=str(exc), retry_in_s=round(backoff, 2))
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                # On the node the connection goes to, so a classic queue is made there.
+                declare(params, self._declarations())
+            except Exception as exc:  # node down, refused, or a declaration conflict
+                self.nodes.failed(params)
+                failures += 1
+                if failures % len(self.nodes) == 0:
+                    log.warning("broker unreachable", error=str(exc), retry_in_s=round(backoff, 2))
+                    self._stopping.wait(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF_S)
+                else:
+                    log.warning("broker node unreachable, trying the next", error=str(exc))
                 continue
             conn = pika.SelectConnection(
-                self._params,
+                params,
                 on_open_callback=self._on_open,
                 on_open_error_callback=self._on_open_error,
                 on_close_callback=self._on_close,
@@ -282,11 +296,16 @@ class Link:
                 self._conn = None
                 self._wake_pending = False
             self._fail_unconfirmed()
+            # The next attempt goes to the next node: this one may well be gone.
+            self.nodes.failed(params)
             if was_ready:
                 backoff = 0.1
+                failures = 0
                 for listener in self.disconnect_listeners:
                     listener()
-            if not self._stopping.is_set():
+            else:
+                failures += 1
+            if not self._stopping.is_set() and (failures % len(self.nodes) == 0 or was_ready):
                 delay = backoff * (0.5 + random.random())
                 self._stopping.wait(delay)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)

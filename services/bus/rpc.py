@@ -10,7 +10,9 @@ A connection lost while a call waits is replaced and the request resent on the n
 the same message id, until the call's timeout: safe, because a message id executes once (a
 copy that arrives while the first still runs waits for its answer, see
 services.bus.idempotency), and the caller gets the one answer instead of an error for a broker
-blip. A broker that cannot be reached at all fails the call at once (ConnectionLost).
+blip. With several broker nodes (services.bus.nodes), the new connection goes to the first
+node that answers, starting after the one lost. A broker none of whose nodes can be reached
+fails the call at once (ConnectionLost).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import pika.exceptions
 import pika.spec
 
 from services.bus.errors import ConnectionLost, NoRouteError, RpcTimeout
+from services.bus.nodes import blocking_nodes
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 # Queues a reply may be sent to: direct reply-to (the broker names the caller's channel
@@ -43,9 +46,14 @@ _LOST = (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError)
 class _Channel:
     """One thread's connection, channel and reply bookkeeping."""
 
-    def __init__(self, params: pika.URLParameters) -> None:
-        self.connection = pika.BlockingConnection(params)
+    def __init__(
+        self, connection: pika.BlockingConnection, params: pika.URLParameters, *, confirm: bool
+    ) -> None:
+        self.connection = connection
+        self.params = params  # the node it is connected to
         self.channel = self.connection.channel()
+        if confirm:
+            self.channel.confirm_delivery()
         self.replies: dict[str, tuple[pika.spec.BasicProperties, bytes]] = {}
         self.returned: set[str] = set()
         self.channel.add_on_return_callback(self._on_return)
@@ -79,23 +87,11 @@ class _Channel:
             pass
 
 
-def blocking_params(url: str, name: str) -> pika.URLParameters:
-    """Parameters for a connection owned by one thread: no AMQP heartbeats (a thread busy in
-    a long handler or idle between calls would miss them and lose its connection), one
-    connection attempt (callers retry with their own backoff)."""
-    params = pika.URLParameters(url)
-    params.heartbeat = 0
-    params.connection_attempts = 1
-    params.tcp_options = {"TCP_KEEPIDLE": 30, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 3}
-    params.client_properties = {"connection_name": name}
-    return params
-
-
 class RpcClient:
     """Blocking request/reply over per-thread connections. Thread-safe."""
 
     def __init__(self, url: str, name: str) -> None:
-        self._params = blocking_params(url, f"{name}-rpc")
+        self._nodes = blocking_nodes(url, f"{name}-rpc")
         self._local = threading.local()
         self._all: list[_Channel] = []
         self._lock = threading.Lock()
@@ -110,7 +106,14 @@ class RpcClient:
         if ch is not None:
             self._forget(ch)
         try:
-            ch = _Channel(self._params)
+            # The first node that answers (services.bus.nodes): a dead node is skipped.
+            connection, params = self._nodes.connect()
+            # On a cluster, an unconfirmed publish to a quorum queue whose leader just died
+            # can vanish without a trace (measured: the caller then waits its whole timeout);
+            # a confirmed one is handed to the new leader. The confirm comes with the commit
+            # that delivery to the consumer waits for anyway, so it costs little. A lone node
+            # has no leader to change: a request reaches its queue or the connection dies.
+            ch = _Channel(connection, params, confirm=len(self._nodes) > 1)
         except _LOST as exc:
             raise ConnectionLost(f"cannot reach the broker: {exc!r}") from None
         self._local.channel = ch
@@ -147,7 +150,24 @@ class RpcClient:
             ch.replies.pop(cid, None)
             ch.returned.discard(cid)
             try:
-                ch.channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+                try:
+                    ch.channel.basic_publish(
+                        exchange, routing_key, body, properties, mandatory=True
+                    )
+                except pika.exceptions.UnroutableError:  # in confirm mode
+                    raise NoRouteError(exchange, routing_key) from None
+                except pika.exceptions.NackError:
+                    # In confirm mode: the queue had no leader to take it. A channel opened
+                    # while the leader was being elected keeps refusing (measured: for as
+                    # long as it lives), so send again on a new channel, until the timeout.
+                    self._forget(ch)
+                    if deadline - time.monotonic() <= backoff:
+                        raise ConnectionLost(
+                            "the broker refused the request (nack): queue unavailable"
+                        ) from None
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 1.0)
+                    continue
                 # One timer for the whole wait: process_data_events with a time limit sets up
                 # and tears down a timer on every turn, which costs more than the round trip's
                 # own processing. The timer firing is an event, so the wait below returns.
@@ -167,6 +187,7 @@ class RpcClient:
                 return ch.replies.pop(cid)
             except _LOST as exc:
                 self._forget(ch)
+                self._nodes.failed(ch.params)
                 # Resend with the same message id on a new connection (it executes once).
                 if deadline - time.monotonic() <= backoff:
                     raise ConnectionLost(

@@ -43,7 +43,8 @@ from services.bus.errors import BusError, ServiceError
 from services.bus.idempotency import IdempotencyStore, InFlight, MemoryIdempotencyStore
 from services.bus.inbound import ChannelInbound, Inbound, LinkInbound, dead_letter
 from services.bus.link import Consumer, Delivery
-from services.bus.rpc import blocking_params, is_reply_queue
+from services.bus.nodes import blocking_nodes
+from services.bus.rpc import is_reply_queue
 from services.bus.topology import QueueDecl
 
 log = structlog.get_logger("flotilla.service")
@@ -203,11 +204,12 @@ class ServiceRunner:
         return self
 
     def _command_worker(self, queue: str, connected: threading.Barrier) -> None:
-        params = blocking_params(self.bus.url, f"{self.bus.source}-{queue}")
+        nodes = blocking_nodes(self.bus.url, f"{self.bus.source}-{queue}")
         backoff = 0.1
         while not self._stopped.is_set():
             try:
-                connection = pika.BlockingConnection(params)
+                # The first node that answers, starting after the one whose connection was lost.
+                connection, params = nodes.connect()
             except pika.exceptions.AMQPError as exc:
                 log.warning("command consumer cannot connect", error=str(exc))
                 self._stopped.wait(backoff)
@@ -253,6 +255,7 @@ class ServiceRunner:
                     channel.start_consuming()
             except pika.exceptions.AMQPError as exc:
                 log.warning("command consumer lost its connection", error=str(exc))
+                nodes.failed(params)
                 self._stopped.wait(backoff)
             finally:
                 with self._consuming_lock:
@@ -362,8 +365,8 @@ class ServiceRunner:
         if cached is None:
             return False
         log.info("duplicate command answered from its record")
+        delivery.ack()  # before the reply: see _answer
         self._reply(delivery, decode(cached), envelope)
-        delivery.ack()
         return True
 
     def _execute(self, delivery: Inbound, envelope: Envelope) -> None:
@@ -410,9 +413,13 @@ class ServiceRunner:
             causation_id=request.id,
         )
         self.idempotency.put(request.id, pack(reply_env))
-        self._reply(delivery, reply_env, request)
+        # Recorded, the command is done: ack it before replying. A reply to a caller whose
+        # broker node died (a direct reply-to address there) makes RabbitMQ close this
+        # connection; acked first, the copy is not redelivered to fail the same way forever,
+        # and the caller, resending on a live node, gets the recorded answer.
         if ack:
             delivery.ack()
+        self._reply(delivery, reply_env, request)
 
     @staticmethod
     def _reply(delivery: Inbound, reply: Envelope, request: Envelope) -> None:

@@ -7,7 +7,7 @@ BlockingConnection instead of threading callbacks through the I/O loop.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import pika
 import pika.exceptions
@@ -28,8 +28,12 @@ ACCESS_REFUSED = 403
 class QueueDecl:
     """A queue and what it is bound to. `kind` is `command` (quorum, bound to the commands
     exchange by its own name), `events` (quorum, bound to the events exchange by `patterns`),
-    `subscriber` (classic, expires a minute after its last consumer left) or `dead` (the
-    dead-letter queue)."""
+    `subscriber` (classic and transient, expires a minute after its last consumer left) or
+    `dead` (the dead-letter queue).
+
+    Quorum queues get a member on every node of the cluster as it stands when they are first
+    declared: that is RabbitMQ's default initial group size (all nodes, up to 3.12), so the
+    cluster must be formed before the services first start."""
 
     name: str
     kind: str = "command"
@@ -44,8 +48,12 @@ class QueueDecl:
 BASE_QUEUES = tuple(QueueDecl(name) for name in routing.SERVICE_QUEUES)
 
 
-def declare(params: pika.URLParameters, queues: list[QueueDecl]) -> None:
-    """Declare the exchanges, the shared queues (dead letters, service queues) and `queues`.
+Nodes: TypeAlias = pika.URLParameters | list[pika.URLParameters]
+
+
+def declare(params: Nodes, queues: list[QueueDecl]) -> None:
+    """Declare the exchanges, the shared queues (dead letters, service queues) and `queues`
+    (on the first of `params`' nodes that answers).
 
     The shared queues are asserted best-effort: where the broker's definitions manage them and
     this service's user has no rights on them (deploy/rabbitmq/definitions.json), the refusal
@@ -80,14 +88,18 @@ def _declare_queue(ch: BlockingChannel, decl: QueueDecl) -> None:
         ch.queue_declare(decl.name, durable=True, arguments={"x-queue-type": "quorum"})
         ch.queue_bind(decl.name, routing.DEAD_EXCHANGE, routing_key="")
         return
-    ch.queue_declare(decl.name, durable=True, arguments=decl.arguments())
+    # A subscriber's classic queue is transient: when its node dies the cluster forgets it and
+    # the subscriber's next declaration makes it again on a live node (a durable one would
+    # stay bound to the dead node, refusing every declaration with 404 until it is back).
+    durable = decl.kind != "subscriber"
+    ch.queue_declare(decl.name, durable=durable, arguments=decl.arguments())
     if decl.kind == "command":
         ch.queue_bind(decl.name, routing.COMMANDS_EXCHANGE, routing_key=decl.name)
     for pattern in decl.patterns:
         ch.queue_bind(decl.name, routing.EVENTS_EXCHANGE, routing_key=pattern)
 
 
-def delete_queue(params: pika.URLParameters, name: str) -> None:
+def delete_queue(params: Nodes, name: str) -> None:
     connection = pika.BlockingConnection(params)
     try:
         connection.channel().queue_delete(name)

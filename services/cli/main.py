@@ -228,11 +228,28 @@ def _other_verbs(verb: Verb) -> None:
         help="on exit leave guests running for the next `flotilla up` to re-adopt",
     )
     p.add_argument(
+        "--broker-nodes",
+        type=_broker_nodes,
+        default=1,
+        metavar="N",
+        help="private RabbitMQ nodes to cluster on loopback (default 1; 3 to try failover)",
+    )
+    p.add_argument(
         "--timeout",
         type=positive_seconds,
         default=argparse.SUPPRESS,
         help="seconds to wait for readiness (default 120)",
     )
+
+
+def _broker_nodes(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 7:
+        raise argparse.ArgumentTypeError(f"expected a number of nodes from 1 to 7, got {value!r}")
+    return n
 
 
 def _session(args: argparse.Namespace) -> Session:

@@ -5,7 +5,8 @@ stack = Stack(StackConfig(state_dir=...)).start()   # broker, API, scheduler, co
 stack.api_url, stack.admin_token
 stack.stop()                                         # deletes guests first unless keep_guests
 
-Layout of the state dir: `rabbitmq/` (the private broker, recreated at each start), `api/`
+Layout of the state dir: `rabbitmq/` (the private broker, recreated at each start; with
+`broker_nodes` > 1 one `rabbitmq/node<i>/` per node of a private cluster), `api/`
 (its config and the SQLite registry), `compute/<host>/` (each compute node's store and domain
 dirs), `logs/<service>.log`, and `cli.json` (API URL and admin token, mode 0600, read by the
 CLI). Every child runs in a session of its own, so a Ctrl-C on the terminal reaches only the
@@ -30,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pika
 
 from compute_node import vmm_client
 from protos import routing
-from services.broker import PrivateBroker
+from services.broker import PrivateBroker, PrivateCluster
+from services.bus.nodes import blocking_nodes
 from services.files import write_private
 
 
@@ -72,6 +73,7 @@ class StackConfig:
     scheduler_settings: dict[str, str] = field(default_factory=dict)  # FLOTILLA_* variables
     admin_token: str | None = None  # None: a new random one
     keep_guests: bool = False  # stop() leaves guests for the next start to re-adopt
+    broker_nodes: int = 1  # > 1: a private cluster of that many nodes, every URL to each child
 
 
 def default_state_dir() -> Path:
@@ -169,7 +171,7 @@ class Stack:
         self.config = config
         self.state_dir = config.state_dir.resolve()
         self.admin_token = config.admin_token or "adm-" + secrets.token_urlsafe(24)
-        self.broker: PrivateBroker | None = None
+        self.broker: PrivateBroker | PrivateCluster | None = None
         self.amqp_url = config.amqp_url or ""
         port = config.listen_port or free_port()
         self.api_url = f"http://{config.listen_host}:{port}"
@@ -188,7 +190,12 @@ class Stack:
             for d in ("logs", "api", "compute"):
                 (self.state_dir / d).mkdir(parents=True, exist_ok=True)
             if not self.amqp_url:
-                progress("starting a private RabbitMQ node")
+                n = self.config.broker_nodes
+                progress(
+                    "starting a private RabbitMQ node"
+                    if n == 1
+                    else f"starting a private RabbitMQ cluster of {n} nodes"
+                )
                 self._start_broker(timeout)
             progress("starting the API")
             self._start_api()
@@ -217,9 +224,14 @@ class Stack:
         # The demo broker holds nothing worth keeping (compute nodes keep unsent events in
         # their outbox); a fresh node avoids stale queues and a growing mnesia dir.
         shutil.rmtree(base / "mnesia", ignore_errors=True)
-        self.broker = PrivateBroker(base, name="flotilla-up")
+        for node_dir in base.glob("node*"):
+            shutil.rmtree(node_dir / "mnesia", ignore_errors=True)
+        if self.config.broker_nodes > 1:
+            self.broker = PrivateCluster(base, self.config.broker_nodes, name="flotilla-up")
+        else:
+            self.broker = PrivateBroker(base, name="flotilla-up")
         self.broker.start(timeout)
-        self.amqp_url = self.broker.url
+        self.amqp_url = self.broker.url  # a cluster's: every node's URL, comma-separated
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -325,7 +337,7 @@ class Stack:
 
     def _consumers(self, queue: str) -> int:
         try:
-            conn = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+            conn, _params = blocking_nodes(self.amqp_url, "flotilla-up").connect()
         except Exception:
             return 0
         try:

@@ -1,7 +1,8 @@
 """`flotilla up`: the whole of Flotilla on this host until Ctrl-C (or SIGTERM).
 
-A private RabbitMQ node (unless FLOTILLA_AMQP_URL names a broker), the API, the scheduler and
-one compute node, as child processes logging to <state dir>/logs/. Once all are ready it writes
+A private RabbitMQ node (unless FLOTILLA_AMQP_URL names a broker; --broker-nodes N clusters N
+of them on loopback and gives every child the URL list), the API, the scheduler and one compute
+node, as child processes logging to <state dir>/logs/. Once all are ready it writes
 the API URL and an admin token to <state dir>/cli.json (where the other verbs look for them)
 and prints both. On Ctrl-C it deletes every guest through the API — this is the all-in-one
 demo, so nothing outlives it — unless --keep-guests, in which case guests keep running and the
@@ -93,6 +94,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         computes=[ComputeSpec(args.host or socket.gethostname().split(".")[0])],
         driver=args.driver,
         keep_guests=args.keep_guests,
+        broker_nodes=args.broker_nodes,
     )
     stop = threading.Event()
 

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from services.bus import BrokerUrls
 from services.settings import load_layered
 
 
@@ -35,7 +36,8 @@ def _default_replica() -> str:
 class SchedulerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    # One broker URL, or one per node of a cluster, comma-separated (tried in order).
+    amqp_url: BrokerUrls = "amqp://guest:guest@127.0.0.1:5672/%2F"
     replica: str = Field(default_factory=_default_replica, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     # spread: prefer the host with the most free RAM; pack: the one with the least.
     weigher: Literal["spread", "pack"] = "spread"

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--config", type=Path, help="TOML file")
-    parser.add_argument("--amqp-url", help="broker URL")
+    parser.add_argument("--amqp-url", help="broker URL, or one per cluster node, comma-separated")
     parser.add_argument("--replica", help="this replica's name (default <host>-<pid>)")
     parser.add_argument("--weigher", choices=["spread", "pack"], help="RAM spread or pack")
     parser.add_argument("--top-n", type=int, help="pick at random among the best N hosts")
