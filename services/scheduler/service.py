@@ -404,11 +404,20 @@ class Scheduler:
 
     def start(self, timeout: float = 30.0) -> Scheduler:
         """Subscribe first (so host state is filling in), then serve `scheduler`."""
+        return self.listen(timeout).serve()
+
+    def listen(self, timeout: float = 30.0) -> Scheduler:
+        """Connect and subscribe: from now on the state follows the cluster (and the peers'
+        claims), but no `ScheduleDomain` is taken until `serve()`."""
         if self._own_bus:
             self.bus.start(timeout)
         self.subscription = self.bus.subscribe(SUBSCRIBED, self.service.on_event, prefetch=1000)
         if self.service.sync is not None:
             self.service.sync.attach(self.subscription.decl.name)
+        return self
+
+    def serve(self) -> Scheduler:
+        """Take `ScheduleDomain` from the shared `scheduler` queue."""
         self.runner.start()
         log.info("scheduler serving", replica=self.config.replica)
         return self
