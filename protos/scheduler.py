@@ -89,3 +89,15 @@ class PlacementClaim(Message):
 
     def routing_key(self) -> str:
         return event_key("placement", self.phase.value, str(self.domain_id))
+
+
+class PlacementSync(Message):
+    """A marker a scheduler replica sends to its own subscription queue (through the default
+    exchange, never the events exchange) and waits to read back: every event the broker had
+    queued for the replica before it, such as a peer's confirmed `claimed`, has then been
+    applied to the replica's state. A redelivered `ScheduleDomain` waits for it before looking
+    for an earlier claim on its domain."""
+
+    TYPE = "placement.sync"
+    replica: str
+    token: str = Field(max_length=64)

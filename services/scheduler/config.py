@@ -12,6 +12,7 @@
 | down_after_intervals | FLOTILLA_SCHEDULER_DOWN_AFTER_INTERVALS | 3.0 |
 | compute_timeout_s | FLOTILLA_SCHEDULER_COMPUTE_TIMEOUT_S | 20.0 |
 | peer_claim_timeout_s | FLOTILLA_SCHEDULER_PEER_CLAIM_TIMEOUT_S | 120.0 |
+| claim_sync_timeout_s | FLOTILLA_SCHEDULER_CLAIM_SYNC_TIMEOUT_S | 5.0 |
 | workers | FLOTILLA_SCHEDULER_WORKERS | 8 |
 | filters | FLOTILLA_SCHEDULER_FILTERS | every registered filter (comma-separated names) |
 """
@@ -51,6 +52,9 @@ class SchedulerConfig(BaseModel):
     compute_timeout_s: float = Field(default=20.0, gt=0)
     # A peer replica's claim not followed by `placed`/`released` (the peer died) lapses.
     peer_claim_timeout_s: float = Field(default=120.0, gt=0)
+    # How long a claim's confirm, and a redelivered request's wait for the claim stream to
+    # catch up, may take before the replica stops trusting its own view.
+    claim_sync_timeout_s: float = Field(default=5.0, gt=0)
     workers: int = Field(default=8, ge=1, le=256)
     filters: tuple[str, ...] | None = None
 

@@ -19,8 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
             "state from heartbeats, place domains on compute nodes. Settings come from --config "
             "(TOML, [scheduler] table), then environment (FLOTILLA_AMQP_URL, "
             "FLOTILLA_SCHEDULER_WEIGHER, _TOP_N, _MAX_ATTEMPTS, _RAM_WEIGHT_MULTIPLIER, "
-            "_CPU_WEIGHT_MULTIPLIER, _DOWN_AFTER_INTERVALS, _COMPUTE_TIMEOUT_S, _WORKERS, "
-            "_FILTERS, _REPLICA), then flags."
+            "_CPU_WEIGHT_MULTIPLIER, _DOWN_AFTER_INTERVALS, _COMPUTE_TIMEOUT_S, "
+            "_CLAIM_SYNC_TIMEOUT_S, _WORKERS, _FILTERS, _REPLICA), then flags."
         ),
     )
     parser.add_argument("--config", type=Path, help="TOML file")

@@ -10,6 +10,10 @@ shared `scheduler` queue. A decision is filter → weigh → pick → claim unde
 then the chosen compute node is asked to define and start the domain. Its own claim is atomic
 (it is the final arbiter of its capacity): a refusal there is an `Attempt`, the claim is
 released, the half-made definition is removed, and the next best host is tried.
+
+A redelivered `ScheduleDomain` (its first replica died or lost its connection before acking)
+takes over the claim an earlier copy made instead of deciding afresh, so the domain is defined
+on one host whichever replica gets the copy (`SchedulerService._earlier_claim`).
 """
 
 from __future__ import annotations
@@ -23,11 +27,25 @@ import structlog
 from protos import routing
 from protos.base import Message
 from protos.codec import Envelope
-from protos.commands import Command, DefineDomain, DestroyDomain, StartDomain, UndefineDomain
+from protos.commands import (
+    Command,
+    DefineDomain,
+    DestroyDomain,
+    GetDomainInfo,
+    StartDomain,
+    UndefineDomain,
+)
 from protos.events import DomainStarted, DomainStopped, DomainUndefined
 from protos.host import HostHeartbeat
 from protos.replies import DomainInfo
-from protos.scheduler import Attempt, ClaimPhase, Placement, PlacementClaim, ScheduleDomain
+from protos.scheduler import (
+    Attempt,
+    ClaimPhase,
+    Placement,
+    PlacementClaim,
+    PlacementSync,
+    ScheduleDomain,
+)
 from services.bus import (
     Bus,
     BusError,
@@ -41,6 +59,7 @@ from services.bus import (
     Subscription,
     handles,
 )
+from services.scheduler.catch_up import CatchUp
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.filters import build_filters
 from services.scheduler.placer import Decision, Filtered, Placer
@@ -87,6 +106,7 @@ class SchedulerService(Service):
         self.placer = Placer(
             self.state, build_filters(config), build_weighers(config), top_n=config.top_n
         )
+        self.sync = CatchUp(bus, config.replica) if bus is not None else None
 
     # ---- placement ---------------------------------------------------------------------------
 
@@ -99,25 +119,94 @@ class SchedulerService(Service):
         refused: set[str] = set()
         filtered: Filtered = {}
         for _ in range(min(cmd.max_attempts, self.config.max_attempts)):
-            decision = self.placer.decide(request, replica=self.replica, exclude=refused)
-            filtered = decision.filtered
-            if not isinstance(decision, Decision):
-                break
+            claim = (
+                self._earlier_claim(request, refused, ctx.envelope.ts) if ctx.redelivered else None
+            )
+            if claim is None:
+                decision = self.placer.decide(request, replica=self.replica, exclude=refused)
+                filtered = decision.filtered
+                if not isinstance(decision, Decision):
+                    break
+                claim = decision.claim
             try:
-                info = self._spawn(decision.claim, cmd, ctx.envelope.id)
+                info = self._spawn(claim, cmd, ctx.envelope.id)
             except HostRefused as exc:
-                self._release(decision.claim)
-                attempts.append(Attempt(host=decision.host, code=exc.code, message=exc.message))
-                refused.add(decision.host)
-                log.info("host refused", host=decision.host, code=exc.code, reason=exc.message)
+                self._release(claim)
+                attempts.append(Attempt(host=claim.host, code=exc.code, message=exc.message))
+                refused.add(claim.host)
+                log.info("host refused", host=claim.host, code=exc.code, reason=exc.message)
                 continue
             except BaseException:
-                self._release(decision.claim)
+                self._release(claim)
                 raise
-            self._placed(decision.claim)
-            log.info("placed", host=decision.host, attempts=len(attempts))
-            return Placement(host=decision.host, info=info, attempts=attempts)
+            self._placed(claim)
+            log.info("placed", host=claim.host, attempts=len(attempts))
+            return Placement(host=claim.host, info=info, attempts=attempts)
         raise ServiceError("no_valid_host", _why(attempts, filtered), _details(attempts, filtered))
+
+    def _earlier_claim(
+        self, request: PlacementRequest, refused: set[str], sent_at: float
+    ) -> Claim | None:
+        """For a redelivered command: the claim an earlier copy of it (a peer replica that died
+        or lost its connection, or this one) holds on a host not yet refused, now taken over by
+        this replica; None if there is none. Asking that host again replays the same message
+        ids, which the compute node answers from its idempotency record, so the domain is not
+        defined on a second host.
+
+        The earlier copy's `claimed` was confirmed by the broker before it called the host, so
+        once the claim stream has caught up the state holds it. When that cannot be shown (the
+        barrier timed out, or this replica subscribed after the command was sent and never saw
+        the claim), the alive hosts are asked whether they hold the domain."""
+        covered = self.catch_up(sent_at, self.config.claim_sync_timeout_s)
+        with self.state.lock:
+            host = self.state.domain_host.get(request.domain_id)
+        if host is None and not covered:
+            log.warning("claim stream not caught up: asking the hosts")
+            host = self._holder(request.domain_id, refused)
+        if host is None or host in refused:
+            return None
+        claim = Claim(
+            domain_id=request.domain_id,
+            host=host,
+            vcpus=request.vcpus,
+            memory_mib=request.memory_mib,
+            group=request.group,
+            replica=self.replica,
+        )
+        self.state.add_claim(claim)
+        log.info("redelivered: taking over the earlier claim", host=host)
+        return claim
+
+    def _holder(self, domain_id: uuid.UUID, refused: set[str]) -> str | None:
+        """The first alive host (not refused) that says it holds `domain_id`, if any."""
+        now = time.monotonic()
+        with self.state.lock:
+            hosts = [
+                h.name
+                for h in self.state.hosts.values()
+                if h.name not in refused and self.state.is_alive(h, now)
+            ]
+        for host in sorted(hosts):
+            try:
+                self.call(
+                    routing.compute_queue(host),
+                    GetDomainInfo(domain_id=domain_id),
+                    timeout=min(5.0, self.config.compute_timeout_s),
+                    message_id=None,
+                )
+            except (RemoteError, BusError):
+                continue  # not there, or no answer: nothing to reuse
+            return host
+        return None
+
+    def catch_up(self, sent_at: float, timeout: float) -> bool:
+        """Block until this replica's state holds every event the broker queued for it before
+        the call, and say whether that covers a command sent at wall-clock `sent_at` (False
+        when this replica subscribed after it, or the barrier did not come back within
+        `timeout`). The seam unit tests replace."""
+        if self.sync is None:
+            return False
+        return self.sync.wait(timeout, since=sent_at)
 
     def _spawn(self, claim: Claim, cmd: ScheduleDomain, request_id: str) -> DomainInfo:
         """Define (and start) the domain on the claim's host; raise HostRefused if it will not,
@@ -192,14 +281,30 @@ class SchedulerService(Service):
         self._announce(ClaimPhase.RELEASED, claim)
 
     def _announce(self, phase: ClaimPhase, claim: Claim) -> None:
-        if self.bus is None:
-            return
         event = claim_event(phase, self.replica, claim)
+        if phase is ClaimPhase.CLAIMED:
+            # Confirmed before the host is asked: a replica that gets this command redelivered
+            # finds the claim once its stream has caught up (`_earlier_claim`).
+            try:
+                self.announce(event, confirm=True)
+            except Exception as exc:
+                raise HostRefused("unavailable", f"claim not confirmed: {exc}") from None
+            return
         try:
             # Not waited for: peers only narrow their window with it; the compute decides.
-            self.bus.publish_event_async(event)
+            self.announce(event, confirm=False)
         except Exception as exc:
             log.warning("claim not announced", error=str(exc))
+
+    def announce(self, event: PlacementClaim, *, confirm: bool) -> None:
+        """Publish a claim event to the peers (the seam unit tests replace); with `confirm`,
+        return only once the broker has confirmed it (raises BusError otherwise)."""
+        if self.bus is None:
+            return
+        if confirm:
+            self.bus.publish_event(event, timeout=self.config.claim_sync_timeout_s)
+        else:
+            self.bus.publish_event_async(event)
 
     # ---- what the replica hears --------------------------------------------------------------
 
@@ -216,6 +321,8 @@ class SchedulerService(Service):
             pass  # still defined there: its group membership and host stand
         elif isinstance(event, PlacementClaim) and event.replica != self.replica:
             self.on_peer_claim(event, sent_at=envelope.ts, now=now)
+        elif isinstance(event, PlacementSync) and self.sync is not None:
+            self.sync.heard(event)
 
     def on_peer_claim(self, event: PlacementClaim, *, sent_at: float, now: float) -> None:
         if event.phase is ClaimPhase.CLAIMED:
@@ -297,9 +404,20 @@ class Scheduler:
 
     def start(self, timeout: float = 30.0) -> Scheduler:
         """Subscribe first (so host state is filling in), then serve `scheduler`."""
+        return self.listen(timeout).serve()
+
+    def listen(self, timeout: float = 30.0) -> Scheduler:
+        """Connect and subscribe: from now on the state follows the cluster (and the peers'
+        claims), but no `ScheduleDomain` is taken until `serve()`."""
         if self._own_bus:
             self.bus.start(timeout)
         self.subscription = self.bus.subscribe(SUBSCRIBED, self.service.on_event, prefetch=1000)
+        if self.service.sync is not None:
+            self.service.sync.attach(self.subscription.decl.name)
+        return self
+
+    def serve(self) -> Scheduler:
+        """Take `ScheduleDomain` from the shared `scheduler` queue."""
         self.runner.start()
         log.info("scheduler serving", replica=self.config.replica)
         return self

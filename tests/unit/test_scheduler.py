@@ -24,8 +24,8 @@ from services.bus import Context, RemoteError, RpcTimeout, ServiceError
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.filters import build_filters
 from services.scheduler.placer import Decision, NoValidHost, Placer
-from services.scheduler.service import SchedulerService, claim_event
-from services.scheduler.state import Claim, ClusterState, GroupKey
+from services.scheduler.service import SchedulerService
+from services.scheduler.state import ClusterState, GroupKey
 from services.scheduler.weights import build_weighers
 from tests.unit.test_scheduler_filters import beat, request
 
@@ -486,11 +486,9 @@ def test_concurrent_requests_never_over_commit_a_host() -> None:
         assert computes.used[host]["mib"] <= mib
 
 
-def announcer(
-    svc: SchedulerService, publish: Callable[[PlacementClaim], None]
-) -> Callable[[ClaimPhase, Claim], None]:
-    def announce(phase: ClaimPhase, claim: Claim) -> None:
-        publish(claim_event(phase, svc.replica, claim))
+def announcer(publish: Callable[[PlacementClaim], None]) -> Callable[..., None]:
+    def announce(event: PlacementClaim, *, confirm: bool) -> None:
+        publish(event)
 
     return announce
 
@@ -512,7 +510,7 @@ def test_two_replicas_sharing_claims_do_not_collide() -> None:
         return publish
 
     for svc in replicas:
-        svc._announce = announcer(svc, relay(svc))  # type: ignore[method-assign,assignment]
+        svc.announce = announcer(relay(svc))  # type: ignore[method-assign]
 
     placed: Counter[str] = Counter()
 
