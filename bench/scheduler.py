@@ -37,7 +37,7 @@ from protos.host import HostHeartbeat, HostInventory, KvmKind, Resources
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.filters import build_filters
 from services.scheduler.placer import Decision, Placer
-from services.scheduler.state import ClusterState, PlacementRequest
+from services.scheduler.state import ClusterState, GroupKey, PlacementRequest
 from services.scheduler.weights import build_weighers
 
 TARGET = 500.0
@@ -79,7 +79,7 @@ def requests(rng: random.Random) -> list[PlacementRequest]:
                 domain_id=uuid.uuid4(),
                 vcpus=rng.choice((1, 1, 2, 2, 4, 8)),
                 memory_mib=rng.choice((512, 1024, 2048, 4096, 8192, 16384)),
-                group=f"group-{rng.randrange(50)}" if grouped else None,
+                group=GroupKey("bench", f"group-{rng.randrange(50)}") if grouped else None,
                 policy=PlacementPolicy.ANTI_AFFINITY,
             )
         )

@@ -78,5 +78,9 @@ class ComputeConfig(BaseModel):
     def load(cls, path: Path | None = None, **overrides: Any) -> ComputeConfig:
         """File (if given), then FLOTILLA_<FIELD> variables, then `overrides` (None values are
         ignored)."""
-        env = {name: f"FLOTILLA_{name.upper()}" for name in cls.model_fields}
-        return load_layered(cls, path, table="compute", env=env, overrides=overrides)
+        return load_layered(cls, path, table="compute", env=cls.environment(), overrides=overrides)
+
+    @classmethod
+    def environment(cls) -> dict[str, str]:
+        """Field → the environment variable that sets it."""
+        return {name: f"FLOTILLA_{name.upper()}" for name in cls.model_fields}

@@ -233,6 +233,7 @@ _CONFIG_ERRNOS = {
     errno.EISDIR,
     errno.ENOMEM,
     errno.ENOSPC,
+    errno.EBUSY,  # a disk another VMM (or the storage agent) holds locked
 }
 
 

@@ -78,14 +78,21 @@ def envelope_for(
 
 
 class EncodeError(ValueError):
-    """A message holds a value msgpack cannot carry (e.g. an integer beyond 64 bits)."""
+    """A message holds a value msgpack cannot carry (e.g. an integer beyond 64 bits), or is
+    larger than any reader accepts (`MAX_MESSAGE_BYTES`)."""
 
 
 def pack(envelope: Envelope) -> bytes:
+    """The envelope's bytes; EncodeError for what `decode` would refuse to read back, so a
+    sender learns at once rather than by a reader's dead letter or a caller's timeout."""
     try:
         data: bytes = msgpack.packb(envelope.to_map(), use_bin_type=True)
     except (OverflowError, TypeError, ValueError) as exc:
         raise EncodeError(f"cannot encode {envelope.type}: {exc}") from None
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise EncodeError(
+            f"{envelope.type} of {len(data)} bytes exceeds the bus limit of {MAX_MESSAGE_BYTES}"
+        )
     return data
 
 

@@ -37,7 +37,7 @@ class DefineDomain(Command):
     `allowed_boot_dirs`. The node keeps it with the definition for every later start."""
 
     TYPE = "cmd.domain.define"
-    VERSION = "1.1"
+    VERSION = "1.1"  # 1.1: `privileged`; DomainSpec's metadata and MAC are bounded
     RESULT = DomainInfo
     spec: DomainSpec
     privileged: bool = False

@@ -9,16 +9,45 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from enum import StrEnum
-from typing import Annotated, Self
+from typing import Annotated, Any, Self
 from uuid import UUID, uuid4
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 MAC_PATTERN = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 MAX_VCPUS = 64
 MAX_MEMORY_MIB = 1024 * 1024
 MAX_CMDLINE = 2048
+# Metadata: at most 64 pairs, keys of 1..255 and values of up to 4096 characters, and at most
+# 64 KiB (UTF-8) of keys and values together.
+MAX_METADATA_ITEMS = 64
+MAX_METADATA_KEY = 255
+MAX_METADATA_VALUE = 4096
+MAX_METADATA_BYTES = 64 * 1024
+
+
+def _not_bool_or_text(value: Any) -> Any:
+    if isinstance(value, bool | str | bytes):
+        raise ValueError(f"must be an integer, not {type(value).__name__}")  # noqa: TRY004
+    return value
+
+
+# An integer as JSON Schema means it: 2 or 2.0, never "2" or false (pydantic's lax mode takes
+# those, its strict mode refuses the 2.0 the schema allows). Booleans are StrictBool.
+NOT_BOOL_OR_TEXT = BeforeValidator(_not_bool_or_text)
+Integer = Annotated[int, NOT_BOOL_OR_TEXT]
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_METADATA_KEY)]
+MetadataValue = Annotated[str, StringConstraints(max_length=MAX_METADATA_VALUE)]
 
 
 class PowerState(StrEnum):
@@ -69,8 +98,23 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _one_of(*variants: dict[str, Any]) -> ConfigDict:
+    """A spec whose validator takes exactly one of several sources says so in its JSON Schema
+    too, so a client (or a fuzzer) generating from the schema makes only what is accepted."""
+    return ConfigDict(extra="forbid", frozen=True, json_schema_extra={"oneOf": list(variants)})
+
+
+def _source(given: str, *absent: str) -> dict[str, Any]:
+    return {
+        "required": [given],
+        "properties": {given: {"type": "string"}, **{a: {"type": "null"} for a in absent}},
+    }
+
+
 class BootSpec(_Spec):
     """Direct kernel boot (`kernel`, optional `initrd`, `cmdline`) or an image reference."""
+
+    model_config = _one_of(_source("kernel", "image"), _source("image", "kernel", "initrd"))
 
     kernel: str | None = Field(default=None, min_length=1, max_length=4096)
     initrd: str | None = Field(default=None, min_length=1, max_length=4096)
@@ -89,10 +133,12 @@ class BootSpec(_Spec):
 class DiskSpec(_Spec):
     """A virtio-blk disk backed by a host path or a storage volume."""
 
+    model_config = _one_of(_source("path", "volume_id"), _source("volume_id", "path"))
+
     target: str = Field(pattern=r"^vd[a-z]$")
     path: str | None = Field(default=None, min_length=1, max_length=4096)
     volume_id: UUID | None = None
-    readonly: bool = False
+    readonly: StrictBool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> Self:
@@ -105,13 +151,17 @@ class NicSpec(_Spec):
     """A virtio-net interface on a Flotilla network."""
 
     network: str = Field(pattern=NAME_PATTERN)
-    mac: str | None = None
+    # Unicast (first octet even), any case; the validator below normalises it to lower case.
+    mac: str | None = Field(
+        default=None, max_length=17, pattern=r"^[0-9A-Fa-f][02468AaCcEe](:[0-9A-Fa-f]{2}){5}$"
+    )
 
-    @field_validator("mac")
+    @field_validator("mac", mode="before")
     @classmethod
-    def _mac(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
+    def _mac(cls, value: Any) -> Any:
+        # Before the pattern, to say what is wrong in words.
+        if not isinstance(value, str):
+            return value
         value = value.lower()
         if not MAC_PATTERN.match(value):
             raise ValueError("mac must look like 52:54:00:12:34:56")
@@ -123,8 +173,8 @@ class NicSpec(_Spec):
 class SerialSpec(_Spec):
     """The serial console: kept in a ring buffer of `ring_kib` and, if `log`, a log file."""
 
-    log: bool = True
-    ring_kib: int = Field(default=64, ge=4, le=4096)
+    log: StrictBool = True
+    ring_kib: Integer = Field(default=64, ge=4, le=4096)
 
 
 class PlacementPolicy(StrEnum):
@@ -145,8 +195,9 @@ class DomainSpec(_Spec):
 
     name: str = Field(pattern=NAME_PATTERN)
     uuid: UUID = Field(default_factory=uuid4)
-    vcpus: int = Field(default=1, ge=1, le=MAX_VCPUS)
-    memory_mib: int = Field(default=64, ge=4, le=MAX_MEMORY_MIB)
+    # Integer: JSON `false` or `"2"` is a client's mistake, not 0 or 2.
+    vcpus: Integer = Field(default=1, ge=1, le=MAX_VCPUS)
+    memory_mib: Integer = Field(default=64, ge=4, le=MAX_MEMORY_MIB)
     boot: BootSpec
     disks: Annotated[list[DiskSpec], Field(max_length=16)] = []
     nics: Annotated[list[NicSpec], Field(max_length=8)] = []
@@ -154,8 +205,8 @@ class DomainSpec(_Spec):
     on_poweroff: LifecycleAction = LifecycleAction.DESTROY
     on_reboot: LifecycleAction = LifecycleAction.RESTART
     on_crash: LifecycleAction = LifecycleAction.DESTROY
-    autostart: bool = False
-    metadata: Annotated[dict[str, str], Field(max_length=64)] = {}
+    autostart: StrictBool = False
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_ITEMS)] = {}
     placement: PlacementHints = PlacementHints()
 
     @model_validator(mode="after")
@@ -167,6 +218,14 @@ class DomainSpec(_Spec):
         if len(macs) != len(set(macs)):
             raise ValueError("nic MAC addresses must be unique")
         return self
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_size(cls, value: dict[str, str]) -> dict[str, str]:
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in value.items())
+        if size > MAX_METADATA_BYTES:
+            raise ValueError(f"{size} bytes of keys and values; the limit is {MAX_METADATA_BYTES}")
+        return value
 
 
 class Fault(_Spec):

@@ -44,7 +44,7 @@ class ScheduleDomain(Command):
     `privileged` (the requester is an admin) travels on to the compute node's DefineDomain."""
 
     TYPE = "cmd.scheduler.schedule"
-    VERSION = "1.1"
+    VERSION = "1.1"  # 1.1: `privileged`; DomainSpec's metadata and MAC are bounded
     RESULT = Placement
     spec: DomainSpec
     project: str = Field(pattern=NAME_PATTERN)
@@ -72,10 +72,12 @@ class ClaimPhase(StrEnum):
 class PlacementClaim(Message):
     """A scheduler replica's claim, published on `placement.<phase>.<domain_id>` so the other
     replicas count claims in flight and learn group membership (domain events carry the host,
-    not the group). The compute node stays the final arbiter; this only narrows the window in
-    which two replicas can pick the same room."""
+    not the group). A group is `group` within `project` (1.1; a 1.0 claim names no project).
+    The compute node stays the final arbiter; this only narrows the window in which two
+    replicas can pick the same room."""
 
     TYPE = "placement.claim"
+    VERSION = "1.1"
     phase: ClaimPhase
     replica: str
     domain_id: uuid.UUID
@@ -83,6 +85,7 @@ class PlacementClaim(Message):
     vcpus: int = Field(ge=0)
     memory_mib: int = Field(ge=0)
     group: str | None = None
+    project: str | None = None
 
     def routing_key(self) -> str:
         return event_key("placement", self.phase.value, str(self.domain_id))

@@ -3,7 +3,8 @@
  * disks fail writes with VIRTIO_BLK_S_IOERR. Data moves straight between the file and the
  * guest's buffers (preadv/pwritev on the chain's segments), and a request is completed only
  * after the kernel took or returned all of its data. The capacity is the file size in whole
- * 512-byte sectors; a trailing partial sector is not reachable.
+ * 512-byte sectors; a trailing partial sector is not reachable. The open holds an OFD lock:
+ * exclusive for a writable disk, shared for a read-only one.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -188,6 +189,20 @@ int fl_blk_init(struct fl_blk *b, const char *path, int read_only, const char *i
 		size = (uint64_t)st.st_size;
 	} else {
 		rc = fail(err, errlen, EINVAL, path, "neither a file nor a block device");
+		goto close_fd;
+	}
+	/*
+	 * One writer per disk, readers may share (docs/storage.md): an OFD lock on the whole
+	 * file, held by this open file description until the device closes it. Whoever else
+	 * holds a conflicting lock (another VMM, the storage agent wiping or deleting it) makes
+	 * this open fail instead of two writers corrupting one volume.
+	 */
+	struct flock lk = {.l_type = read_only ? F_RDLCK : F_WRLCK, .l_whence = SEEK_SET};
+	if (fcntl(b->fd, F_OFD_SETLK, &lk) < 0) {
+		int e = errno;
+		rc = fail(err, errlen, e == EAGAIN || e == EACCES ? EBUSY : e, path,
+			  e == EAGAIN || e == EACCES ? "in use: another process holds its lock"
+						     : NULL);
 		goto close_fd;
 	}
 	b->capacity = size / SECTOR;

@@ -346,8 +346,11 @@ int fl_virtio_restore(struct fl_virtio_dev *d, const struct fl_virtio_state *in)
 	struct fl_vq vq[FL_VIRTIO_MAX_QUEUES];
 	int rc = 0;
 
+	/* Before FEATURES_OK the driver may have written any feature bits (the device judges
+	 * them only then): the saved state is valid with them, and must restore. */
 	if ((in->status & ~(uint32_t)STATUS_BITS) || (in->interrupt_status & ~3u) ||
-	    (in->driver_features & ~d->features) || in->broken > 1)
+	    ((in->status & VIRTIO_STATUS_FEATURES_OK) && (in->driver_features & ~d->features)) ||
+	    in->broken > 1)
 		return -EINVAL;
 	memset(vq, 0, sizeof(vq));
 	for (uint32_t i = 0; i < FL_VIRTIO_MAX_QUEUES; i++) {

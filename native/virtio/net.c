@@ -23,7 +23,7 @@
 #define VIRTIO_NET_F_STATUS (1ULL << 16)
 #define VIRTIO_NET_S_LINK_UP 1
 #define MAX_HOST_HDR 32
-#define MIN_FRAME 14 /* an Ethernet header: a smaller receive buffer is useless */
+#define MIN_FRAME 14 /* an Ethernet header: a shorter frame or receive buffer is useless */
 
 static struct fl_net *net_of(struct fl_virtio_dev *d)
 {
@@ -46,15 +46,18 @@ static void tx_process(struct fl_net *n)
 			fl_virtio_set_broken(d);
 			return;
 		}
-		uint32_t k = 0;
+		uint32_t k = 0, len = n->tx.out_len - FL_NET_HDR;
 		if (n->host_hdr)
 			out[k++] = (struct iovec){(void *)zero_hdr, n->host_hdr};
-		k += fl_iov_slice(n->tx.iov, n->tx.nout, FL_NET_HDR, n->tx.out_len - FL_NET_HDR,
-				  out + k, FL_VQ_MAX_SEGS);
-		ssize_t w;
-		do
-			w = writev(n->tap_fd, out, (int)k);
-		while (w < 0 && errno == EINTR);
+		k += fl_iov_slice(n->tx.iov, n->tx.nout, FL_NET_HDR, len, out + k, FL_VQ_MAX_SEGS);
+		ssize_t w = -1;
+		/* Shorter than an Ethernet header is no frame: a tap refuses it, and an empty
+		 * writev returns 0 without sending anything. Dropped, and counted as such. */
+		if (len >= MIN_FRAME) {
+			do
+				w = writev(n->tap_fd, out, (int)k);
+			while (w < 0 && errno == EINTR);
+		}
 		/* A full or refusing tap drops the frame, as a congested link would. */
 		if (w < 0)
 			n->tx_dropped++;

@@ -107,12 +107,16 @@ static int find_pvh_note(const uint8_t *buf, const struct phdr *ph, uint64_t *en
 static int parse_elf(const uint8_t *buf, size_t len, struct fl_image_info *info, char *err,
 		     size_t errlen)
 {
-	int is64 = buf[EI_CLASS] == ELFCLASS64;
+	int is64;
 	uint64_t phoff, entry;
 	uint32_t phnum, phentsize, machine, type;
 	uint64_t pvh_entry = 0;
 	int has_pvh = 0;
 
+	/* The magic matched, but a short file has no class or data byte to read yet. */
+	if (len < EI_NIDENT)
+		return fl_errf(err, errlen, ENOEXEC, "ELF header truncated (%zu bytes)", len);
+	is64 = buf[EI_CLASS] == ELFCLASS64;
 	if (buf[EI_CLASS] != ELFCLASS32 && buf[EI_CLASS] != ELFCLASS64)
 		return fl_errf(err, errlen, ENOEXEC, "ELF class %u is neither 32- nor 64-bit",
 			       buf[EI_CLASS]);

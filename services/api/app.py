@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from services.api.config import ApiConfig
 from services.api.context import ApiContext, CommandBus
+from services.api.limits import BodyLimit
 from services.api.models import Health
 from services.api.problems import Problem
 from services.api.problems import install as install_problems
@@ -77,6 +78,7 @@ def create_app(
     app.state.ctx = ApiContext(config=config, registry=registry or _Unopened(), bus=bus)
     install_problems(app)
     app.add_exception_handler(DatabaseUnavailable, _database_unavailable)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     for module in (domains, console, hosts, events, admin):
         app.include_router(module.router)
     _install_metrics(app)

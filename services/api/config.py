@@ -34,11 +34,12 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from protos.domain import NAME_PATTERN
+from protos.codec import MAX_MESSAGE_BYTES
+from protos.domain import NAME_PATTERN, NOT_BOOL_OR_TEXT
 from services.settings import load_layered
 
 
@@ -56,13 +57,22 @@ class TokenEntry(BaseModel):
     role: Role = Role.MEMBER
 
 
+# A quota beyond this is "unlimited" in all but name; it keeps limits within a 32-bit column.
+MAX_QUOTA = 2**31 - 1
+
+
+# The bounds before the validator, so the schema says minimum/maximum (after it, within a
+# union, pydantic writes them as unknown `ge`/`le` keywords).
+Limit = Annotated[int, Field(ge=0, le=MAX_QUOTA), NOT_BOOL_OR_TEXT]
+
+
 class Quota(BaseModel):
     """Limits per project; None means unlimited."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    domains: int | None = Field(default=None, ge=0)
-    vcpus: int | None = Field(default=None, ge=0)
-    memory_mib: int | None = Field(default=None, ge=0)
+    domains: Limit | None = None
+    vcpus: Limit | None = None
+    memory_mib: Limit | None = None
 
 
 class ApiConfig(BaseModel):
@@ -88,6 +98,9 @@ class ApiConfig(BaseModel):
     # SSE: how often a stream looks at the shared event log when nothing woke it.
     sse_poll_s: float = Field(default=0.5, gt=0)
     sse_keepalive_s: float = Field(default=15.0, gt=0)
+    # Request bodies beyond this are refused (413), well before a bus message's limit; the
+    # models bound what a request becomes on the bus (tests/unit/test_limits.py).
+    max_body_bytes: int = Field(default=1024 * 1024, ge=4096, le=MAX_MESSAGE_BYTES // 4)
 
     def quota_for(self, project: str) -> Quota:
         return self.quotas.get(project, self.default_quota)
@@ -96,7 +109,12 @@ class ApiConfig(BaseModel):
     def load(cls, path: Path | None = None, **overrides: Any) -> ApiConfig:
         """File (TOML, or YAML by its .yaml/.yml suffix; an `[api]` table or the top level),
         then environment, then `overrides` (None values are ignored)."""
-        env = {
+        return load_layered(cls, path, table="api", env=cls.environment(), overrides=overrides)
+
+    @classmethod
+    def environment(cls) -> dict[str, str]:
+        """Field → the environment variable that sets it (scalar settings only)."""
+        return {
             "listen_host": "FLOTILLA_API_LISTEN_HOST",
             "listen_port": "FLOTILLA_API_LISTEN_PORT",
             "database_url": "FLOTILLA_API_DATABASE_URL",
@@ -104,4 +122,3 @@ class ApiConfig(BaseModel):
             "rpc_timeout_s": "FLOTILLA_API_RPC_TIMEOUT_S",
             "schedule_timeout_s": "FLOTILLA_API_SCHEDULE_TIMEOUT_S",
         }
-        return load_layered(cls, path, table="api", env=env, overrides=overrides)

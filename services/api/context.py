@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from fastapi import Request
 
 from protos.base import Message
+from protos.codec import EncodeError
 from protos.commands import Command
 from protos.routing import compute_queue
 from services.api.auth import Authenticator, Principal
@@ -18,6 +19,7 @@ from services.api.config import ApiConfig
 from services.api.metrics import ApiMetrics
 from services.api.problems import Problem, not_found
 from services.api.registry import DomainRecord, Registry
+from services.api.visibility import HOST_ALIAS_KEY_NAME, HostMask
 from services.bus import BusError, NoRouteError, RemoteError, RpcTimeout
 
 # RemoteError codes from the scheduler or a compute node → HTTP status.
@@ -88,6 +90,16 @@ class ApiContext:
 
     def __post_init__(self) -> None:
         self.auth = Authenticator(self.config, self.registry)
+        self._host_alias_key: str | None = None
+
+    def host_alias_key(self) -> str:
+        """The key of members' host aliases (services.api.visibility), read once."""
+        if self._host_alias_key is None:
+            self._host_alias_key = self.registry.secret(HOST_ALIAS_KEY_NAME)
+        return self._host_alias_key
+
+    def host_mask(self, caller: Principal) -> HostMask:
+        return HostMask.for_caller(caller, self.registry.host_names, self.host_alias_key)
 
     def principal(self, request: Request) -> Principal:
         return self.auth.principal(request.headers.get("authorization"))
@@ -122,6 +134,9 @@ class ApiContext:
         except RpcTimeout as exc:
             self._count(command, "timeout")
             raise Problem(504, "timeout", str(exc)) from None
+        except EncodeError as exc:  # unreachable through the models' bounds; never a 500
+            self._count(command, "too_large")
+            raise Problem(413, "too_large", str(exc)) from None
         except BusError as exc:
             self._count(command, "broker_unavailable")
             raise Problem(503, "broker_unavailable", f"broker unreachable: {exc}") from None

@@ -6,7 +6,7 @@ import uuid
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat
 
 from protos.commands import RebootMode, ShutdownMode
 from protos.domain import NAME_PATTERN, DomainSpec, Fault, PowerState, TaskState
@@ -14,15 +14,19 @@ from protos.host import KvmKind, Resources
 from protos.scheduler import Attempt
 from services.api.config import Quota, Role
 from services.api.registry import DomainRecord
+from services.api.visibility import HostMask
 
 
 class DomainCreate(DomainSpec):
     """A domain spec (protos.domain.DomainSpec) plus whether to start it once defined."""
 
-    start: bool = True
+    start: StrictBool = True
 
 
 class DomainView(BaseModel):
+    """A domain as the caller may see it: `host` (also in `fault` and `attempts`) is the host's
+    name for an admin, and for a member an alias (`host-…`) stable within its project."""
+
     id: uuid.UUID
     name: str
     project: str
@@ -39,16 +43,30 @@ class DomainView(BaseModel):
     attempts: list[Attempt] = []
 
     @classmethod
-    def of(cls, record: DomainRecord, attempts: list[Attempt] | None = None) -> DomainView:
+    def of(
+        cls, record: DomainRecord, mask: HostMask, attempts: list[Attempt] | None = None
+    ) -> DomainView:
+        """The view of `record` for the caller `mask` stands for (members see host aliases)."""
+        host = mask.name(record.host)  # first: the free text below may name the same host
+        fault = record.fault
+        if fault is not None and mask.active:
+            fault = Fault(
+                code=fault.code, message=mask.text(fault.message), host=mask.name(fault.host)
+            )
+        if attempts and mask.active:
+            attempts = [
+                Attempt(host=mask.name(a.host) or "", code=a.code, message=mask.text(a.message))
+                for a in attempts
+            ]
         return cls(
             id=record.id,
             name=record.name,
             project=record.project,
-            host=record.host,
+            host=host,
             state=record.power,
             task=record.task,
             seq=record.seq,
-            fault=record.fault,
+            fault=fault,
             vcpus=record.spec.vcpus,
             memory_mib=record.spec.memory_mib,
             spec=record.spec,
@@ -78,11 +96,11 @@ class ActionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     action: ActionName
-    paused: bool = False
+    paused: StrictBool = False
     mode: str | None = Field(default=None, pattern=r"^(acpi|ctrl-alt-del|reset)$")
-    force: bool = False
-    timeout_s: float = Field(default=60.0, gt=0, le=3600)
-    wait: bool = False
+    force: StrictBool = False
+    timeout_s: StrictFloat = Field(default=60.0, gt=0, le=3600)
+    wait: StrictBool = False
 
     def shutdown_mode(self) -> ShutdownMode:
         return (

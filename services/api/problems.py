@@ -7,6 +7,7 @@ Every error the API returns has `type` (`urn:flotilla:problem:<code>`), `title`,
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -14,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM_JSON = "application/problem+json"
@@ -65,9 +67,15 @@ class Problem(Exception):
             **self.extras,
         }
 
-    def response(self) -> JSONResponse:
+    def response(self, request: Request | None = None) -> JSONResponse:
+        """The problem document; for a `request` whose caller is a member, with host names
+        masked (services.api.visibility)."""
+        body = self.body()
+        mask = getattr(request.state, "host_mask", None) if request is not None else None
+        if mask is not None:
+            body = mask.body(body)
         return JSONResponse(
-            self.body(), status_code=self.status, media_type=PROBLEM_JSON, headers=self.headers
+            body, status_code=self.status, media_type=PROBLEM_JSON, headers=self.headers
         )
 
 
@@ -85,15 +93,43 @@ def _field(loc: tuple[int | str, ...]) -> str:
     return ".".join(parts) or str(loc[0] if loc else "body")
 
 
-def install(app: FastAPI) -> None:
-    """Make every error a problem document, FastAPI's own 422 and 404 included."""
+def _malformed(detail: str) -> Problem:
+    return Problem(400, "malformed_body", detail, title="Malformed request body", field="body")
 
-    async def on_problem(_request: Request, exc: Exception) -> JSONResponse:
+
+def _allowed_methods(request: Request) -> str:
+    """Every method the path takes, from the OpenAPI document (Starlette names only the
+    methods of the first route whose path matched)."""
+    index: list[tuple[re.Pattern[str], set[str]]] | None = getattr(
+        request.app.state, "methods_by_path", None
+    )
+    if index is None:
+        index = []
+        for template, operations in request.app.openapi().get("paths", {}).items():
+            pattern = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
+            index.append((re.compile(pattern), {m.upper() for m in operations}))
+        request.app.state.methods_by_path = index
+    path = request.scope.get("path", "")
+    allowed = set().union(*(m for rx, m in index if rx.fullmatch(path)))
+    return ", ".join(sorted(allowed))
+
+
+def install(app: FastAPI) -> None:
+    """Make every error a problem document, FastAPI's own 400, 404, 405 and 422 included, and
+    say so in the OpenAPI document."""
+
+    async def on_problem(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, Problem)
-        return exc.response()
+        # Masking may read the registry's host names: not on the event loop.
+        return await run_in_threadpool(exc.response, request)
 
     async def on_validation(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
+        for err in exc.errors():
+            if err.get("type") == "json_invalid":  # loc is ("body", offset): not a field
+                offset = err["loc"][-1]
+                reason = err.get("ctx", {}).get("error", "JSON decode error")
+                return _malformed(f"the body is not JSON: {reason} at byte {offset}").response()
         errors = [
             {
                 "field": _field(tuple(err.get("loc", ()))),
@@ -112,17 +148,62 @@ def install(app: FastAPI) -> None:
             errors=errors,
         ).response()
 
-    async def on_http(_request: Request, exc: Exception) -> JSONResponse:
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(
-            exc.status_code, "http_error"
-        )
+        headers = dict(exc.headers or {})
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI's "There was an error parsing the body" hides the reason: name it.
+            cause = exc.__cause__
+            return _malformed(
+                f"the body cannot be read: {type(cause).__name__}: {cause}"
+            ).response()
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(request)
+        code = {
+            401: "unauthorized",
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "too_large",
+        }.get(exc.status_code, "http_error")
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-        return Problem(exc.status_code, code, detail, headers=dict(exc.headers or {})).response()
+        return Problem(exc.status_code, code, detail, headers=headers).response()
 
     app.add_exception_handler(Problem, on_problem)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_problems(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def document_problems(schema: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI document as the API answers: every 4xx/5xx is `application/problem+json`
+    with a ProblemDetail (FastAPI declares its own 422 as `application/json` with its
+    validation model), and an operation that reads a body also answers 400 (malformed) and
+    413 (too large)."""
+    ref = {"$ref": "#/components/schemas/ProblemDetail"}
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            answers = operation.setdefault("responses", {})
+            statuses = ["422"] if operation.get("parameters") else []
+            if "requestBody" in operation:
+                statuses += ["400", "413", "422"]
+            for status in statuses:
+                answers.setdefault(status, {"description": HTTPStatus(int(status)).phrase})
+            for status, answer in answers.items():
+                if int(status) >= 400:
+                    answer["content"] = {PROBLEM_JSON: {"schema": ref}}
+                    if status == "422":
+                        answer["description"] = "Invalid request"
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
+    components.setdefault("ProblemDetail", ProblemDetail.model_json_schema())
+    return schema
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -19,6 +19,7 @@ commits later with a smaller id.
 from __future__ import annotations
 
 import json
+import secrets
 import time
 import uuid
 from collections.abc import Sequence
@@ -34,7 +35,16 @@ from protos.events import DomainEvent, DomainStarted, DomainUndefined
 from protos.host import HostHeartbeat, HostInventory, Resources
 from protos.replies import DomainInfo
 from services.api.config import Quota, Role
-from services.api.tables import EVENT_LOG_LOCK, REGISTRY, domains, events, hosts, quotas, tokens
+from services.api.tables import (
+    EVENT_LOG_LOCK,
+    REGISTRY,
+    domains,
+    events,
+    hosts,
+    quotas,
+    secrets_table,
+    tokens,
+)
 from services.db import Database, advisory_xact_lock, upgrade, upsert
 
 Row = Sequence[Any]  # a result row: the selected columns in order
@@ -519,6 +529,11 @@ class Registry:
                 hosts.update().where(hosts.c.name == name).values(enabled=1 if enabled else 0)
             )
 
+    def host_names(self) -> list[str]:
+        """The names of every host that has sent a heartbeat."""
+        with self.db.transaction() as cur:
+            return [str(name) for name in cur.execute(sa.select(hosts.c.name)).scalars()]
+
     def hosts(self, name: str | None = None) -> list[HostRecord]:
         query = sa.select(
             hosts.c.name,
@@ -603,6 +618,20 @@ class Registry:
                     },
                 )
             )
+
+    def secret(self, name: str) -> str:
+        """A random 256-bit key by `name`: made on first use, the same for every replica and
+        across restarts."""
+        with self.db.transaction() as cur:
+            cur.execute(
+                upsert(cur, secrets_table)
+                .values(name=name, value=secrets.token_hex(32))
+                .on_conflict_do_nothing(index_elements=[secrets_table.c.name])
+            )
+            value = cur.execute(
+                sa.select(secrets_table.c.value).where(secrets_table.c.name == name)
+            ).scalar_one()
+        return str(value)
 
     def get_quota(self, project: str) -> Quota | None:
         """The quota an admin set through the API, if any (it overrides the config file)."""

@@ -95,6 +95,14 @@ quotas = sa.Table(
     sa.Column("memory_mib", sa.Integer),
 )
 
+# Keys the API derives things from (the host alias key), made once, shared by replicas.
+secrets_table = sa.Table(
+    "secrets",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
 # Any constant will do: it names the lock that orders event-log appends on PostgreSQL.
 EVENT_LOG_LOCK = 0x466C6F74
 

@@ -187,9 +187,10 @@ class Bus:
 
         Runs in the caller's thread on that thread's own connection (services.bus.rpc).
         Raises RemoteError for an error reply, RpcTimeout when none came in time,
-        NoRouteError for an unknown queue and ConnectionLost if the connection went away
-        while waiting (the command may or may not have run; it is safe to call again with the
-        same `message_id`).
+        NoRouteError for an unknown queue and ConnectionLost if the broker cannot be reached
+        (a connection lost while waiting is replaced and the command resent with the same id
+        until `timeout`; the command may or may not have run when ConnectionLost or
+        RpcTimeout is raised, and it is safe to call again with the same `message_id`).
         """
         cause = current_cause() or Cause()
         envelope = envelope_for(

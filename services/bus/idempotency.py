@@ -2,7 +2,12 @@
 
 A redelivered (or retried) command with an id already recorded is answered from here instead
 of being executed again. The record is written before the delivery is acked, so a crash between
-the two still finds it.
+the two still finds it. A record, once written, is never replaced (until it expires): the
+first answer is the answer.
+
+Two copies of one command can also arrive together (a caller that lost its connection resends
+while the first copy still runs): `InFlight` makes the second wait for the first and then take
+its recorded answer, so a message id executes once.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -38,7 +45,7 @@ class MemoryIdempotencyStore:
 
     def put(self, message_id: str, reply: bytes) -> None:
         with self._lock:
-            self._items[message_id] = reply
+            self._items.setdefault(message_id, reply)  # the first answer stays
             self._items.move_to_end(message_id)
             while len(self._items) > self._capacity:
                 self._items.popitem(last=False)
@@ -69,9 +76,13 @@ class SqliteIdempotencyStore:
 
     def put(self, message_id: str, reply: bytes) -> None:
         with self._lock:
+            now = time.time()
+            # The first answer stays; only an expired record is replaced.
             self._db.execute(
-                "INSERT OR REPLACE INTO replies (id, reply, ts) VALUES (?, ?, ?)",
-                (message_id, reply, time.time()),
+                "INSERT INTO replies (id, reply, ts) VALUES (?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET reply = excluded.reply, ts = excluded.ts "
+                "WHERE replies.ts <= ?",
+                (message_id, reply, now, now - self._ttl),
             )
             self._writes += 1
             if self._writes % 1000 == 0:
@@ -80,3 +91,32 @@ class SqliteIdempotencyStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+class InFlight:
+    """The message ids being handled in this process. `claim(id)` returns at once for the
+    first copy of a command; a second copy waits there until the first is done and is told it
+    waited, so it can answer from the first one's record."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[str, threading.Event] = {}
+
+    @contextmanager
+    def claim(self, message_id: str) -> Iterator[bool]:
+        """Hold `message_id` for the block; yields True if another copy ran first."""
+        waited = False
+        while True:
+            with self._lock:
+                running = self._running.get(message_id)
+                if running is None:
+                    done = self._running[message_id] = threading.Event()
+                    break
+            waited = True
+            running.wait()
+        try:
+            yield waited
+        finally:
+            with self._lock:
+                del self._running[message_id]
+            done.set()

@@ -4,9 +4,13 @@ A call is one publish and a wait on the same connection, in the caller's own thr
 hand-written pika client does it: no hand-off to the I/O thread and back, which would add two
 thread wake-ups to every round trip. Requests are mandatory and unconfirmed (the reply is the
 acknowledgement), replies come through direct reply-to. The connection has heartbeats off, so
-an idle thread's connection is not closed under it; a connection found dead when a call starts
-is replaced and the call retried once with the same message id, which is safe because commands
-are idempotent by id. A connection lost while waiting fails the call at once (ConnectionLost).
+an idle thread's connection is not closed under it.
+
+A connection lost while a call waits is replaced and the request resent on the new one with
+the same message id, until the call's timeout: safe, because a message id executes once (a
+copy that arrives while the first still runs waits for its answer, see
+services.bus.idempotency), and the caller gets the one answer instead of an error for a broker
+blip. A broker that cannot be reached at all fails the call at once (ConnectionLost).
 """
 
 from __future__ import annotations
@@ -46,7 +50,6 @@ class _Channel:
         self.returned: set[str] = set()
         self.channel.add_on_return_callback(self._on_return)
         self.channel.basic_consume(DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
-        self.calls = 0
 
     def _on_reply(
         self,
@@ -138,12 +141,11 @@ class RpcClient:
         assert cid, "an RPC request needs a correlation id"
         properties.reply_to = DIRECT_REPLY_TO
         deadline = time.monotonic() + timeout
-        for attempt in (1, 2):
-            ch = self._channel()
+        backoff = 0.1
+        while True:
+            ch = self._channel()  # ConnectionLost at once when the broker cannot be reached
             ch.replies.pop(cid, None)
             ch.returned.discard(cid)
-            fresh = ch.calls == 0
-            ch.calls += 1
             try:
                 ch.channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
                 # One timer for the whole wait: process_data_events with a time limit sets up
@@ -165,13 +167,13 @@ class RpcClient:
                 return ch.replies.pop(cid)
             except _LOST as exc:
                 self._forget(ch)
-                # A connection that died while idle fails at once: retry it once on a new one.
-                if attempt == 1 and not fresh and time.monotonic() < deadline:
-                    continue
-                raise ConnectionLost(
-                    f"broker connection lost while waiting for the reply: {exc!r}"
-                ) from None
-        raise AssertionError("unreachable")
+                # Resend with the same message id on a new connection (it executes once).
+                if deadline - time.monotonic() <= backoff:
+                    raise ConnectionLost(
+                        f"broker connection lost while waiting for the reply: {exc!r}"
+                    ) from None
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
 
     def close(self) -> None:
         self._closed = True

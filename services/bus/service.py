@@ -40,7 +40,7 @@ from protos.replies import Done, ErrorReply
 from services.bus.bus import Bus, properties_for
 from services.bus.cause import Cause, caused_by
 from services.bus.errors import BusError, ServiceError
-from services.bus.idempotency import IdempotencyStore, MemoryIdempotencyStore
+from services.bus.idempotency import IdempotencyStore, InFlight, MemoryIdempotencyStore
 from services.bus.inbound import ChannelInbound, Inbound, LinkInbound, dead_letter
 from services.bus.link import Consumer, Delivery
 from services.bus.rpc import blocking_params, is_reply_queue
@@ -164,6 +164,7 @@ class ServiceRunner:
         self.service = service
         self.queue = queue
         self.idempotency = idempotency or MemoryIdempotencyStore()
+        self._in_flight = InFlight()
         self._commands = service.command_handlers()
         self._events = service.event_handlers()
         self._prefetch = prefetch
@@ -331,7 +332,7 @@ class ServiceRunner:
 
     # ---- commands ----------------------------------------------------------------------------
 
-    def _handle_command(self, delivery: Inbound) -> None:  # noqa: PLR0911  (a return per outcome)
+    def _handle_command(self, delivery: Inbound) -> None:
         props = delivery.properties
         try:
             envelope = decode(delivery.body, props.content_type)
@@ -346,12 +347,26 @@ class ServiceRunner:
             # own reply queue may be named, never a service's queue.
             self._dead_letter(delivery, f"reply_to {props.reply_to!r} is not a reply queue")
             return
-        cached = self.idempotency.get(envelope.id)
-        if cached is not None:
-            log.info("duplicate command answered from its record")
-            self._reply(delivery, decode(cached), envelope)
-            delivery.ack()
+        if self._answered(delivery, envelope):
             return
+        # A copy of this command may be running on another worker: wait for it, then answer
+        # from its record; a message id executes once.
+        with self._in_flight.claim(envelope.id) as waited:
+            if waited and self._answered(delivery, envelope):
+                return
+            self._execute(delivery, envelope)
+
+    def _answered(self, delivery: Inbound, envelope: Envelope) -> bool:
+        """Answer a command already executed from its record; False if there is none."""
+        cached = self.idempotency.get(envelope.id)
+        if cached is None:
+            return False
+        log.info("duplicate command answered from its record")
+        self._reply(delivery, decode(cached), envelope)
+        delivery.ack()
+        return True
+
+    def _execute(self, delivery: Inbound, envelope: Envelope) -> None:
         try:
             command = parse_body(envelope)
         except DecodeError as exc:

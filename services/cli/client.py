@@ -34,6 +34,7 @@ _EXIT_FOR_STATUS = {
     403: Exit.DENIED,
     404: Exit.NOT_FOUND,
     409: Exit.CONFLICT,
+    413: Exit.USAGE,
     422: Exit.USAGE,
     502: Exit.UNAVAILABLE,
     503: Exit.UNAVAILABLE,

@@ -172,11 +172,28 @@ def cmd_list(s: Session, args: argparse.Namespace) -> int:
     return 0
 
 
+# A spec is small (the API refuses bodies over 1 MiB by default, 4 MiB at most).
+MAX_SPEC_FILE_BYTES = 4 * 1024 * 1024
+
+
 def load_spec_file(path: str) -> dict[str, Any]:
+    """The mapping in a YAML or JSON file (`-`: stdin); CliError (exit 2) for anything else."""
     try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        if path == "-":
+            raw = sys.stdin.buffer.read(MAX_SPEC_FILE_BYTES + 1)
+        else:
+            with Path(path).open("rb") as f:
+                raw = f.read(MAX_SPEC_FILE_BYTES + 1)
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc}", Exit.USAGE) from None
+    if len(raw) > MAX_SPEC_FILE_BYTES:
+        raise CliError(f"{path}: larger than {MAX_SPEC_FILE_BYTES} bytes", Exit.USAGE)
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        raise CliError(
+            f"{path}: not UTF-8 text (byte {exc.start}): is it a spec?", Exit.USAGE
+        ) from None
     try:
         data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:

@@ -35,6 +35,28 @@ def cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number above zero (argparse says which option and exits 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a number of seconds above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return value
+
+
 def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
     """Options every verb takes, before or after the verb (a later one wins)."""
     default = None if top else argparse.SUPPRESS
@@ -66,9 +88,10 @@ def _wait_options(parser: argparse.ArgumentParser, default_timeout: float = 120.
     group.add_argument("--no-wait", dest="wait", action="store_false", help="return at once")
     parser.add_argument(
         "--timeout",
-        type=float,
-        default=default_timeout,
-        help="seconds to wait (default %(default)s)",
+        type=positive_seconds,
+        # Unset here, so a --timeout given before the verb stands; Session's default applies.
+        default=argparse.SUPPRESS,
+        help=f"seconds to wait (default {default_timeout:g})",
     )
 
 
@@ -80,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         "4 conflict (state), 5 no capacity or API unavailable, 6 timeout, 7 denied or quota",
     )
     _common(parser, top=True)
+    parser.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=argparse.SUPPRESS,
+        help="seconds to wait, for the verbs that wait (may also follow the verb)",
+    )
     common = argparse.ArgumentParser(add_help=False)
     _common(common, top=False)
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -118,8 +147,8 @@ def _domain_verbs(verb: Verb) -> None:
     p = verb("create", "define a domain and start it (unless --no-start)", cmd_create)
     p.add_argument("-f", "--file", help="a spec in YAML or JSON (`-` for stdin); flags override")
     p.add_argument("--name")
-    p.add_argument("--vcpus", type=int)
-    p.add_argument("--memory", type=int, metavar="MIB")
+    p.add_argument("--vcpus", type=positive_int)
+    p.add_argument("--memory", type=positive_int, metavar="MIB")
     p.add_argument("--kernel", help="kernel path on the compute host (PVH ELF or bzImage)")
     p.add_argument("--initrd")
     p.add_argument("--cmdline")
@@ -156,7 +185,7 @@ def _domain_verbs(verb: Verb) -> None:
 
     p = verb("console", "the guest's recent console output, or attach with --follow", cmd_console)
     p.add_argument("domain", help="name or uuid")
-    p.add_argument("--bytes", type=int, help="at most this many of the last bytes")
+    p.add_argument("--bytes", type=positive_int, help="at most this many of the last bytes")
     p.add_argument(
         "--follow",
         action="store_true",
@@ -175,7 +204,7 @@ def _other_verbs(verb: Verb) -> None:
     p.add_argument("--follow", action="store_true", help="keep streaming new events")
     p.add_argument("--since", help="resume after this event id")
     p.add_argument("--domain", help="only this domain's events (name or uuid)")
-    p.add_argument("--count", type=int, help="stop after this many events")
+    p.add_argument("--count", type=positive_int, help="stop after this many events")
 
     p = verb("hosts", "list compute hosts, or enable/disable one (admin)", cmd_hosts)
     p.add_argument("action", nargs="?", choices=["list", "enable", "disable"], default="list")
@@ -198,7 +227,12 @@ def _other_verbs(verb: Verb) -> None:
         action="store_true",
         help="on exit leave guests running for the next `flotilla up` to re-adopt",
     )
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    p.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=argparse.SUPPRESS,
+        help="seconds to wait for readiness (default 120)",
+    )
 
 
 def _session(args: argparse.Namespace) -> Session:

@@ -106,7 +106,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     stack = Stack(config)
     try:
-        stack.start(timeout=args.timeout, progress=lambda m: say(f"flotilla up: {m}"))
+        timeout = getattr(args, "timeout", 120.0)  # before or after `up`, or the default
+        stack.start(timeout=timeout, progress=lambda m: say(f"flotilla up: {m}"))
     except StackError as exc:
         print(f"flotilla up: {exc}", file=sys.stderr)
         return Exit.UNAVAILABLE

@@ -62,10 +62,16 @@ class SchedulerConfig(BaseModel):
     @classmethod
     def load(cls, path: Path | None = None, **overrides: Any) -> SchedulerConfig:
         """File (if given), then environment, then `overrides` (None values are ignored)."""
-        env = {
+        return load_layered(
+            cls, path, table="scheduler", env=cls.environment(), overrides=overrides
+        )
+
+    @classmethod
+    def environment(cls) -> dict[str, str]:
+        """Field → the environment variable that sets it."""
+        return {
             name: "FLOTILLA_AMQP_URL"
             if name == "amqp_url"
             else f"FLOTILLA_SCHEDULER_{name.upper()}"
             for name in cls.model_fields
         }
-        return load_layered(cls, path, table="scheduler", env=env, overrides=overrides)

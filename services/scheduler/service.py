@@ -44,7 +44,7 @@ from services.bus import (
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.filters import build_filters
 from services.scheduler.placer import Decision, Filtered, Placer
-from services.scheduler.state import Claim, ClusterState, PlacementRequest
+from services.scheduler.state import Claim, ClusterState, GroupKey, PlacementRequest
 from services.scheduler.weights import build_weighers
 
 log = structlog.get_logger("flotilla.scheduler")
@@ -94,7 +94,7 @@ class SchedulerService(Service):
     def schedule(self, cmd: ScheduleDomain, ctx: Context) -> Placement:
         spec = cmd.spec
         structlog.contextvars.bind_contextvars(domain_id=str(spec.uuid))
-        request = PlacementRequest.from_spec(spec)
+        request = PlacementRequest.from_spec(spec, cmd.project)
         attempts: list[Attempt] = []
         refused: set[str] = set()
         filtered: Filtered = {}
@@ -194,15 +194,7 @@ class SchedulerService(Service):
     def _announce(self, phase: ClaimPhase, claim: Claim) -> None:
         if self.bus is None:
             return
-        event = PlacementClaim(
-            phase=phase,
-            replica=self.replica,
-            domain_id=claim.domain_id,
-            host=claim.host,
-            vcpus=claim.vcpus,
-            memory_mib=claim.memory_mib,
-            group=claim.group,
-        )
+        event = claim_event(phase, self.replica, claim)
         try:
             # Not waited for: peers only narrow their window with it; the compute decides.
             self.bus.publish_event_async(event)
@@ -232,16 +224,37 @@ class SchedulerService(Service):
                 host=event.host,
                 vcpus=event.vcpus,
                 memory_mib=event.memory_mib,
-                group=event.group,
+                group=_group_of(event),
                 replica=event.replica,
                 lapses_at=now + self.config.peer_claim_timeout_s,
             )
             self.state.add_claim(claim)
         elif event.phase is ClaimPhase.PLACED:
-            self.state.learn(event.domain_id, event.host, event.group)
+            self.state.learn(event.domain_id, event.host, _group_of(event))
             self.state.settle(event.domain_id, settles_at=sent_at)
         else:
             self.state.release(event.domain_id)
+
+
+def claim_event(phase: ClaimPhase, replica: str, claim: Claim) -> PlacementClaim:
+    """What a replica publishes about `claim` so its peers count it (and learn its group)."""
+    return PlacementClaim(
+        phase=phase,
+        replica=replica,
+        domain_id=claim.domain_id,
+        host=claim.host,
+        vcpus=claim.vcpus,
+        memory_mib=claim.memory_mib,
+        group=claim.group.name if claim.group is not None else None,
+        project=claim.group.project if claim.group is not None else None,
+    )
+
+
+def _group_of(event: PlacementClaim) -> GroupKey | None:
+    # A 1.0 claim names no project: its group is kept apart from every project's.
+    if event.group is None:
+        return None
+    return GroupKey(event.project or "", event.group)
 
 
 def _why(attempts: list[Attempt], filtered: Filtered) -> str:

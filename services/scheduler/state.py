@@ -1,5 +1,7 @@
 """What one scheduler replica knows about the cluster: hosts (from heartbeats), claims in
 flight (its own and its peers'), and where each domain lives and which group it is in.
+A server group belongs to a project: groups are keyed by (project, name), so one project's
+`web` never constrains (or reveals) another's.
 
 Everything is guarded by `ClusterState.lock`; the placer holds it across filter → weigh →
 pick → claim so two decisions of one replica never see the same free room.
@@ -45,6 +47,14 @@ class HostState:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class GroupKey:
+    """A server group: its name within the project that owns it."""
+
+    project: str
+    name: str
+
+
 @dataclass(slots=True)
 class Claim:
     """Resources held on `host` for a domain whose usage the host's heartbeat does not show yet.
@@ -60,7 +70,7 @@ class Claim:
     host: str
     vcpus: int
     memory_mib: int
-    group: str | None
+    group: GroupKey | None
     replica: str
     settles_at: float | None = None
     beats_left: int = 0
@@ -74,19 +84,21 @@ class PlacementRequest:
     domain_id: uuid.UUID
     vcpus: int
     memory_mib: int
-    group: str | None = None
+    group: GroupKey | None = None
     policy: PlacementPolicy = PlacementPolicy.ANTI_AFFINITY
     forced_host: str | None = None
     group_hosts: frozenset[str] = frozenset()  # hosts holding members of `group`
     now: float = 0.0  # monotonic time of the decision
 
     @classmethod
-    def from_spec(cls, spec: DomainSpec) -> PlacementRequest:
+    def from_spec(cls, spec: DomainSpec, project: str) -> PlacementRequest:
+        """The request for `spec` of `project` (whose group, if any, it is)."""
+        name = spec.placement.group
         return cls(
             domain_id=spec.uuid,
             vcpus=spec.vcpus,
             memory_mib=spec.memory_mib,
-            group=spec.placement.group,
+            group=GroupKey(project, name) if name is not None else None,
             policy=spec.placement.policy,
             forced_host=spec.placement.host,
         )
@@ -99,8 +111,8 @@ class ClusterState:
         self.hosts: dict[str, HostState] = {}
         self.claims: dict[uuid.UUID, Claim] = {}
         self.domain_host: dict[uuid.UUID, str] = {}
-        self.domain_group: dict[uuid.UUID, str] = {}
-        self.group_members: defaultdict[str, set[uuid.UUID]] = defaultdict(set)
+        self.domain_group: dict[uuid.UUID, GroupKey] = {}
+        self.group_members: defaultdict[GroupKey, set[uuid.UUID]] = defaultdict(set)
 
     # ---- hosts -------------------------------------------------------------------------------
 
@@ -207,19 +219,19 @@ class ClusterState:
             if self.domain_host.get(domain_id) == host:
                 self._forget(domain_id)
 
-    def learn(self, domain_id: uuid.UUID, host: str, group: str | None) -> None:
+    def learn(self, domain_id: uuid.UUID, host: str, group: GroupKey | None) -> None:
         """A peer replica placed the domain on `host`."""
         with self.lock:
             self._place(domain_id, host, group)
 
-    def group_hosts(self, group: str | None) -> frozenset[str]:
+    def group_hosts(self, group: GroupKey | None) -> frozenset[str]:
         if group is None:
             return frozenset()
         with self.lock:
             members = self.group_members.get(group, ())
             return frozenset(self.domain_host[d] for d in members if d in self.domain_host)
 
-    def _place(self, domain_id: uuid.UUID, host: str, group: str | None) -> None:
+    def _place(self, domain_id: uuid.UUID, host: str, group: GroupKey | None) -> None:
         self.domain_host[domain_id] = host
         if group is not None:
             self.domain_group[domain_id] = group

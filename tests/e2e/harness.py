@@ -11,6 +11,8 @@ from typing import Any
 
 import httpx
 
+from services.api.registry import Registry
+from services.api.visibility import HOST_ALIAS_KEY_NAME, host_alias
 from services.cli.stack import Stack
 
 
@@ -36,6 +38,18 @@ class E2E:
                 timeout=60,
             )
         return self._clients[project]
+
+    def alias(self, project: str, host: str) -> str:
+        """What a member of `project` sees for `host` (host names are admin-only), with the
+        key the stack's API keeps in its registry."""
+        registry = Registry.open(f"sqlite:///{self.stack.state_dir / 'api' / 'registry.db'}")
+        try:
+            return host_alias(registry.secret(HOST_ALIAS_KEY_NAME), project, host)
+        finally:
+            registry.close()
+
+    def aliases(self, project: str = "alice") -> set[str]:
+        return {self.alias(project, h) for h in self.hosts}
 
     def close(self) -> None:
         for c in self._clients.values():

@@ -550,32 +550,39 @@ def _gone(pid: int, timeout: float = 5.0) -> bool:
     return False
 
 
+class Beats:
+    """The node's heartbeats, from a subscription of their own."""
+
+    def __init__(self, make_bus: MakeBus, host: str) -> None:
+        self.queue: queue.SimpleQueue[HostHeartbeat] = queue.SimpleQueue()
+        self.sub = make_bus("test-heartbeat").subscribe(
+            [routing.event_key("host", "heartbeat", host)], self._on_beat
+        )
+
+    def _on_beat(self, _envelope: Envelope, message: Message) -> None:
+        if isinstance(message, HostHeartbeat):
+            self.queue.put(message)
+
+    def usage_when_shut_off(self) -> Resources:
+        """The usage in a beat taken after now that sees the one domain shut off."""
+        while not self.queue.empty():
+            self.queue.get()
+        self.queue.get(timeout=5)  # one may have been on its way already
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            beat = self.queue.get(timeout=max(0.1, deadline - time.monotonic()))
+            if beat.domains_by_state == {PowerState.SHUTOFF: 1}:
+                return beat.usage
+        raise AssertionError("no heartbeat with the domain shut off within 10 s")
+
+
 def test_a_vmm_kept_by_on_poweroff_preserve_is_counted_and_ended_by_start_destroy_undefine(
     node: tuple[ComputeProcess, Bus, EventLog], guest: Path, make_bus: MakeBus
 ) -> None:
     compute, bus, events = node
     q = compute.queue
-    beats: queue.SimpleQueue[HostHeartbeat] = queue.SimpleQueue()
-
-    def on_beat(_envelope: Envelope, message: Message) -> None:
-        if isinstance(message, HostHeartbeat):
-            beats.put(message)
-
-    def usage_when_shut_off() -> Resources:
-        """The usage in a beat taken after now that sees the domain shut off."""
-        while not beats.empty():
-            beats.get()
-        beats.get(timeout=5)  # one may have been on its way already
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            beat = beats.get(timeout=max(0.1, deadline - time.monotonic()))
-            if beat.domains_by_state == {PowerState.SHUTOFF: 1}:
-                return beat.usage
-        raise AssertionError("no heartbeat with the domain shut off within 10 s")
-
-    sub = make_bus("test-heartbeat").subscribe(
-        [routing.event_key("host", "heartbeat", compute.host)], on_beat
-    )
+    beats = Beats(make_bus, compute.host)
+    usage_when_shut_off = beats.usage_when_shut_off
     try:
         # The guest powers itself off at once; its VMM stays.
         s = spec(guest, "ready poweroff", on_poweroff=LifecycleAction.PRESERVE)
@@ -606,6 +613,7 @@ def test_a_vmm_kept_by_on_poweroff_preserve_is_counted_and_ended_by_start_destro
         bus.call(q, UndefineDomain(domain_id=s.uuid), timeout=20)
         assert _gone(third)
         assert not (compute.state_dir / "domains" / str(s.uuid)).exists()
+        events.wait_type(s.uuid, "domain.undefined")
         assert [k for k in events.kinds(s.uuid) if k[0] != "domain.shutdown"] == [
             ("domain.defined", "added"),
             ("domain.started", "booted"),
@@ -617,7 +625,29 @@ def test_a_vmm_kept_by_on_poweroff_preserve_is_counted_and_ended_by_start_destro
             ("domain.undefined", "removed"),
         ]
     finally:
-        sub.close()
+        beats.sub.close()
+
+
+def test_a_restarted_node_still_counts_a_kept_vmm(
+    node: tuple[ComputeProcess, Bus, EventLog], guest: Path, make_bus: MakeBus
+) -> None:
+    compute, bus, events = node
+    q = compute.queue
+    s = spec(guest, "ready poweroff", on_poweroff=LifecycleAction.PRESERVE)
+    call(bus, q, DefineDomain(spec=s))
+    call(bus, q, StartDomain(domain_id=s.uuid))
+    events.wait_type(s.uuid, "domain.stopped")
+    kept = _kept_vmm(compute, s.uuid)
+    compute.kill()
+    compute.start(bus)
+    beats = Beats(make_bus, compute.host)
+    try:
+        assert beats.usage_when_shut_off() == Resources(vcpus=1, memory_mib=32)
+        call(bus, q, DestroyDomain(domain_id=s.uuid))  # adopted: ended through its socket
+        assert _gone(kept)
+        assert beats.usage_when_shut_off() == Resources(vcpus=0, memory_mib=0)
+    finally:
+        beats.sub.close()
 
 
 def test_a_crashed_domain_accepts_reset_and_refuses_ctrl_alt_del(

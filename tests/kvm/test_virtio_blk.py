@@ -3,6 +3,7 @@ chains from `virtiohostile` (docs/machine.md)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -199,3 +200,41 @@ def test_device_state_survives_save_and_restore_while_paused(
 def test_missing_disk_is_a_config_error(kvm: None, test_guest: Path, tmp_path: Path) -> None:
     with pytest.raises(native.ConfigError, match="disk"):
         native.Machine(test_guest, disks=[native.Disk(str(tmp_path / "none.img"))])
+
+
+def test_a_disk_has_one_writer_and_shared_readers(
+    kvm: None, test_guest: Path, tmp_path: Path
+) -> None:
+    """The VMM's open takes an OFD lock (docs/storage.md): a second writer, or a reader beside
+    a writer, is refused with EBUSY; readers share; the storage agent sees the VMM's lock."""
+    from compute_node.storage import Busy, Pool, VolumeStore
+
+    store = VolumeStore(Pool(tmp_path))
+    store.create("vol-1", 1 << 20)
+    disk = str(store.pool.volume_path("vol-1"))
+
+    def machine(*disks: native.Disk) -> native.Machine:
+        return native.Machine(test_guest, cmdline="", memory_mib=16, disks=list(disks))
+
+    first = machine(native.Disk(disk))
+    try:
+        for second in (native.Disk(disk), native.Disk(disk, read_only=True)):
+            with pytest.raises(native.ConfigError, match="in use") as refused:
+                machine(second)
+            assert refused.value.errno == errno.EBUSY
+        with pytest.raises(Busy):
+            store.wipe("vol-1")
+        with pytest.raises(Busy):
+            store.delete("vol-1")
+    finally:
+        first.close()
+    readers = [machine(native.Disk(disk, read_only=True)) for _ in range(2)]
+    try:
+        with pytest.raises(native.ConfigError, match="in use"):
+            machine(native.Disk(disk))
+        store.clone("vol-1", "vol-2")  # a reader beside readers
+    finally:
+        for m in readers:
+            m.close()
+    machine(native.Disk(disk)).close()  # the lock went with the closed machines
+    store.delete("vol-1")

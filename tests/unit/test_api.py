@@ -32,6 +32,7 @@ from services.api.config import Role
 from services.api.metrics import ApiMetrics
 from services.api.projection import EventProjector
 from services.api.registry import Registry
+from services.api.visibility import HOST_ALIAS_KEY_NAME, host_alias
 from services.bus import ConnectionLost, Context, RemoteError
 from services.bus.service import dispatch
 from tests.bootfiles import BOOT_DIR, KERNEL
@@ -77,8 +78,11 @@ class FakeCloud:
         if self.no_valid_host:
             raise RemoteError(
                 "no_valid_host",
-                "no host fits 1 vCPU, 64 MiB",
-                {"attempts": [{"host": "h1", "code": "no_capacity", "message": "full"}]},
+                "no host fits 1 vCPU, 64 MiB: h1 (no_capacity)",
+                {
+                    "attempts": [{"host": "h1", "code": "no_capacity", "message": "h1 is full"}],
+                    "filtered": {"memory": ["h2"]},
+                },
             )
         host = next(iter(self.nodes))
         info = self._compute(host, DefineDomain(spec=command.spec, privileged=command.privileged))
@@ -166,23 +170,30 @@ def problem(r: Any, status: int) -> dict[str, Any]:
     return data
 
 
-def test_create_places_and_starts(client: TestClient) -> None:
+def alias(registry: Registry, project: str, host: str) -> str:
+    return host_alias(registry.secret(HOST_ALIAS_KEY_NAME), project, host)
+
+
+def test_create_places_and_starts(client: TestClient, registry: Registry) -> None:
     r = client.post("/v1/domains", json=body("web", vcpus=2), headers=auth(ALICE))
     assert r.status_code == 201, r.text
     d = r.json()
     assert r.headers["location"] == f"/v1/domains/{d['id']}"
+    # A member sees its project's alias of the host, never the host's name.
     assert (d["name"], d["project"], d["host"], d["state"], d["task"]) == (
         "web",
         "alice",
-        "h1",
+        alias(registry, "alice", "h1"),
         "running",
         "none",
     )
     assert d["seq"] >= 2  # defined, started
-    assert d["attempts"] == [{"host": "h0", "code": "x", "message": "y"}]
+    assert d["attempts"] == [{"host": alias(registry, "alice", "h0"), "code": "x", "message": "y"}]
     got = client.get(f"/v1/domains/{d['id']}", headers=auth(ALICE)).json()
     assert got["state"] == "running"
     assert got["spec"]["vcpus"] == 2
+    assert got["host"] == d["host"]
+    assert client.get(f"/v1/domains/{d['id']}", headers=auth(ADMIN)).json()["host"] == "h1"
 
 
 def test_create_with_start_false_only_defines(client: TestClient, cloud: FakeCloud) -> None:
@@ -339,12 +350,20 @@ def test_delete_when_the_registry_lags_the_host(client: TestClient, cloud: FakeC
     assert client.get(f"/v1/domains/{d['id']}", headers=auth(ALICE)).status_code == 404
 
 
-def test_no_valid_host_is_503_with_the_fault(client: TestClient, cloud: FakeCloud) -> None:
+def test_no_valid_host_is_503_with_the_fault(
+    client: TestClient, cloud: FakeCloud, registry: Registry
+) -> None:
+    registry.record_heartbeat(beat(cloud, "h1"))  # the API knows the host by its heartbeats
     cloud.no_valid_host = True
     p = problem(client.post("/v1/domains", json=body("big"), headers=auth(ALICE)), 503)
     assert p["code"] == "no_valid_host"
     assert p["fault"]["code"] == "no_valid_host"
-    assert p["attempts"] == [{"host": "h1", "code": "no_capacity", "message": "full"}]
+    h1, h2 = alias(registry, "alice", "h1"), alias(registry, "alice", "h2")
+    assert p["attempts"] == [{"host": h1, "code": "no_capacity", "message": f"{h1} is full"}]
+    assert p["filtered"] == {"memory": [h2]}
+    assert p["detail"] == f"no host fits 1 vCPU, 64 MiB: {h1} (no_capacity)"
+    assert p["fault"]["message"] == p["detail"]
+    assert "h1" not in json.dumps(p)
     # Placed nowhere, so nothing is left: no record, nothing counting against the quota.
     assert client.get(f"/v1/domains/{p['domain_id']}", headers=auth(ALICE)).status_code == 404
     usage = client.get("/v1/projects/alice", headers=auth(ADMIN)).json()["usage"]

@@ -25,7 +25,7 @@ from tests.pg import fresh_database
 
 # The schema as the releases before Alembic created it (services/api/registry.py's `_SCHEMA`
 # and `_ADDED_COLUMNS`, run by its `migrate()`), kept verbatim as the fixture of the tests
-# below.
+# below. Releases before the last ones had no `secrets` table.
 LEGACY_SCHEMA = [
     """CREATE TABLE IF NOT EXISTS domains (
         id TEXT PRIMARY KEY,
@@ -86,6 +86,11 @@ LEGACY_SCHEMA = [
         vcpus INTEGER,
         memory_mib INTEGER
     )""",
+    # Keys the API derives things from (the host alias key), made once, shared by replicas.
+    """CREATE TABLE IF NOT EXISTS secrets (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    )""",
 ]
 LEGACY_AUTOID = {
     "sqlite": "INTEGER PRIMARY KEY AUTOINCREMENT",
@@ -113,13 +118,14 @@ def other_url(url: str, tmp_path: Path, request: pytest.FixtureRequest) -> Itera
         yield found
 
 
-def make_legacy(url: str, *, without: tuple[str, ...] = ()) -> None:
-    """Create the pre-Alembic schema (minus events' columns in `without`) with one domain and
-    one logged event in it, the way an old release left them."""
+def make_legacy(url: str, *, without: tuple[str, ...] = (), secrets: bool = True) -> None:
+    """Create the pre-Alembic schema (minus events' columns in `without`, with or without the
+    `secrets` table) with one domain and one logged event in it, the way an old release left
+    them."""
     db = Database(url)
     try:
         with db.transaction() as conn:
-            for statement in LEGACY_SCHEMA:
+            for statement in LEGACY_SCHEMA if secrets else LEGACY_SCHEMA[:-1]:
                 sql = statement.replace("{autoid}", LEGACY_AUTOID[db.dialect])
                 for column in without:
                     sql = sql.replace(f",\n        {column} TEXT", "")
@@ -206,8 +212,9 @@ def test_the_first_revision_is_the_legacy_schema(url: str, other_url: str) -> No
     assert describe(other_url) == describe(url)
 
 
-def test_a_legacy_database_is_stamped_and_keeps_working(url: str) -> None:
-    make_legacy(url)
+@pytest.mark.parametrize("secrets", [True, False], ids=["last", "older"])
+def test_a_legacy_database_is_stamped_and_keeps_working(url: str, secrets: bool) -> None:
+    make_legacy(url, secrets=secrets)
     registry = Registry.open(url)
     try:
         with registry.db.transaction() as conn:
@@ -244,6 +251,9 @@ def test_a_legacy_database_is_stamped_and_keeps_working(url: str) -> None:
         )
         assert placed is not None
         assert registry.usage("p") == {"domains": 2, "vcpus": 2, "memory_mib": 128}
+        key = registry.secret("host-alias")
+        assert len(key) == 64
+        assert registry.secret("host-alias") == key
     finally:
         registry.close()
 

@@ -77,6 +77,8 @@ def test_bzimage_header_fields() -> None:
         (b"", "not a kernel image"),
         (b"MZ" + bytes(1000), "not a kernel image"),
         (build_pvh_elf(CODE, with_note=False), "PVH entry note"),
+        (b"\x7fELF", "truncated"),
+        (b"\x7fELF\x02\x01", "truncated"),
         (build_pvh_elf(CODE)[:40], "truncated"),
         (build_pvh_elf(CODE)[:70], "past the end"),
         (build_pvh_elf(CODE, entry_offset=0x10000), "outside the loaded segments"),

@@ -299,3 +299,10 @@ def test_migrate_is_idempotent(registry: Registry) -> None:
     registry.migrate()
     registry.migrate()
     assert registry.list_domains() == []
+
+
+def test_a_secret_is_made_once_and_kept(registry: Registry) -> None:
+    key = registry.secret("host_alias")
+    assert len(key) == 64
+    assert registry.secret("host_alias") == key
+    assert registry.secret("other") != key

@@ -24,8 +24,8 @@ from services.bus import Context, RemoteError, RpcTimeout, ServiceError
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.filters import build_filters
 from services.scheduler.placer import Decision, NoValidHost, Placer
-from services.scheduler.service import SchedulerService
-from services.scheduler.state import Claim, ClusterState
+from services.scheduler.service import SchedulerService, claim_event
+from services.scheduler.state import Claim, ClusterState, GroupKey
 from services.scheduler.weights import build_weighers
 from tests.unit.test_scheduler_filters import beat, request
 
@@ -228,15 +228,16 @@ def test_a_settled_claim_ends_after_three_heartbeats_whatever_the_clocks() -> No
 
 def test_domain_events_move_group_membership() -> None:
     state = ClusterState()
-    d = uuid.uuid4()
-    state.learn(d, "a", "g")
-    assert state.group_hosts("g") == {"a"}
+    d, g = uuid.uuid4(), GroupKey("p", "g")
+    state.learn(d, "a", g)
+    assert state.group_hosts(g) == {"a"}
+    assert state.group_hosts(GroupKey("q", "g")) == frozenset()  # another project's `g`
     state.on_domain_undefined(d, "b")  # a clean-up elsewhere: still on a
-    assert state.group_hosts("g") == {"a"}
+    assert state.group_hosts(g) == {"a"}
     state.on_domain_started(d, "c")
-    assert state.group_hosts("g") == {"c"}
+    assert state.group_hosts(g) == {"c"}
     state.on_domain_undefined(d, "c")
-    assert state.group_hosts("g") == frozenset()
+    assert state.group_hosts(g) == frozenset()
 
 
 # ---- the service ------------------------------------------------------------------------------
@@ -371,6 +372,23 @@ def test_anti_affinity_and_affinity_through_the_service() -> None:
     assert len(aff) == 1
 
 
+def test_groups_belong_to_their_project() -> None:
+    """Project q's anti-affinity `web` filling every host does not block p's `web`, and the
+    affinity group `db` of p does not pull q's `db` along."""
+    computes = FakeComputes(dict.fromkeys("ab", (8, 8192)))
+    svc = service(computes)
+    for _ in range(2):
+        schedule(svc, ScheduleDomain(spec=spec(group="web"), project="q"))
+    placed = schedule(svc, ScheduleDomain(spec=spec(group="web"), project="p"))
+    assert placed.host in {"a", "b"}
+    with pytest.raises(ServiceError):  # q's own group is still full
+        schedule(svc, ScheduleDomain(spec=spec(group="web"), project="q"))
+    db = spec(group="db", policy="affinity")
+    first = schedule(svc, ScheduleDomain(spec=db, project="p")).host
+    assert svc.state.group_hosts(GroupKey("p", "db")) == {first}
+    assert svc.state.group_hosts(GroupKey("q", "db")) == frozenset()
+
+
 def test_forced_host_through_the_service() -> None:
     computes = FakeComputes(dict.fromkeys("abc", (8, 8192)))
     svc = service(computes)
@@ -391,17 +409,19 @@ def test_peer_claims_count_and_teach_group_membership() -> None:
             vcpus=1,
             memory_mib=1000,
             group="g",
+            project="p",
         )
         svc.on_event(envelope_for(event, source="r2"), event)
 
     peer(ClaimPhase.CLAIMED)
     assert svc.state.hosts["a"].free_memory_mib == 24
-    assert svc.state.group_hosts("g") == {"a"}
+    assert svc.state.group_hosts(GroupKey("p", "g")) == {"a"}
+    assert svc.state.group_hosts(GroupKey("q", "g")) == frozenset()
     placement = schedule(svc, ScheduleDomain(spec=spec(memory_mib=1000), project="p"))
     assert placement.host == "b"
     peer(ClaimPhase.RELEASED)
     assert svc.state.hosts["a"].free_memory_mib == 1024
-    assert svc.state.group_hosts("g") == frozenset()
+    assert svc.state.group_hosts(GroupKey("p", "g")) == frozenset()
 
 
 def test_domain_events_from_the_bus_update_membership() -> None:
@@ -470,17 +490,7 @@ def announcer(
     svc: SchedulerService, publish: Callable[[PlacementClaim], None]
 ) -> Callable[[ClaimPhase, Claim], None]:
     def announce(phase: ClaimPhase, claim: Claim) -> None:
-        publish(
-            PlacementClaim(
-                phase=phase,
-                replica=svc.replica,
-                domain_id=claim.domain_id,
-                host=claim.host,
-                vcpus=claim.vcpus,
-                memory_mib=claim.memory_mib,
-                group=claim.group,
-            )
-        )
+        publish(claim_event(phase, svc.replica, claim))
 
     return announce
 

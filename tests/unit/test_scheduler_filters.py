@@ -21,7 +21,7 @@ from services.scheduler.filters import (
     build_filters,
 )
 from services.scheduler.placer import Placer
-from services.scheduler.state import Claim, ClusterState, HostState, PlacementRequest
+from services.scheduler.state import Claim, ClusterState, GroupKey, HostState, PlacementRequest
 from services.scheduler.weights import CpuWeigher, RamWeigher, build_weighers
 
 CONFIG = SchedulerConfig(replica="test")
@@ -111,13 +111,14 @@ def test_ram_filter_applies_the_allocation_ratio_usage_and_claims() -> None:
 def test_group_policy_filter() -> None:
     flt = GroupPolicyFilter(CONFIG)
     a, b = host(name="a"), host(name="b")
-    anti = request(group="g", policy=PlacementPolicy.ANTI_AFFINITY, group_hosts=frozenset({"a"}))
+    g = GroupKey("p", "g")
+    anti = request(group=g, policy=PlacementPolicy.ANTI_AFFINITY, group_hosts=frozenset({"a"}))
     assert not flt.host_passes(a, anti)
     assert flt.host_passes(b, anti)
-    aff = request(group="g", policy=PlacementPolicy.AFFINITY, group_hosts=frozenset({"a"}))
+    aff = request(group=g, policy=PlacementPolicy.AFFINITY, group_hosts=frozenset({"a"}))
     assert flt.host_passes(a, aff)
     assert not flt.host_passes(b, aff)
-    first = request(group="g", policy=PlacementPolicy.AFFINITY)
+    first = request(group=g, policy=PlacementPolicy.AFFINITY)
     assert flt.host_passes(a, first)
     assert flt.host_passes(b, first)
     assert flt.host_passes(a, request(group_hosts=frozenset({"a"})))  # no group: no policy

@@ -23,7 +23,8 @@ from starlette.concurrency import run_in_threadpool
 from protos.commands import OpenConsole
 from protos.replies import ConsoleTicket
 from services.api.context import ApiContext
-from services.api.problems import Problem
+from services.api.problems import PROBLEM_JSON, Problem
+from services.api.visibility import HostMask
 
 log = structlog.get_logger("flotilla.api.console")
 router = APIRouter(tags=["domains"])
@@ -31,11 +32,10 @@ CHUNK = 65536
 RELAY_CONNECT_S = 5.0
 
 
-def _open(
-    ctx: ApiContext, authorization: str | None, domain_id: uuid.UUID
-) -> tuple[str, ConsoleTicket]:
+def _open(ctx: ApiContext, websocket: WebSocket, domain_id: uuid.UUID) -> tuple[str, ConsoleTicket]:
     """Check the caller and the domain, and get a relay ticket from its host (or a Problem)."""
-    caller = ctx.auth.principal(authorization)
+    caller = ctx.auth.principal(websocket.headers.get("authorization"))
+    websocket.state.host_mask = ctx.host_mask(caller)
     record = ctx.visible_domain(caller, domain_id)
     if record.host is None:
         raise Problem(409, "conflict", "domain has no host yet", state=record.power.value)
@@ -47,22 +47,20 @@ def _open(
 async def _refuse(websocket: WebSocket, problem: Problem) -> None:
     """Answer the handshake with the problem's HTTP status and body where the server supports
     denial responses; else close before accepting (clients then see a bare 403)."""
-    response = JSONResponse(
-        problem.body(), status_code=problem.status, media_type="application/problem+json"
-    )
+    mask: HostMask | None = getattr(websocket.state, "host_mask", None)
+    body = await run_in_threadpool(mask.body, problem.body()) if mask else problem.body()
+    response = JSONResponse(body, status_code=problem.status, media_type=PROBLEM_JSON)
     try:
         await websocket.send_denial_response(response)
     except RuntimeError:
-        await websocket.close(code=4000 + problem.status, reason=problem.detail[:120])
+        await websocket.close(code=4000 + problem.status, reason=str(body["detail"])[:120])
 
 
 @router.websocket("/v1/domains/{domain_id}/console/attach")
 async def console_attach(websocket: WebSocket, domain_id: uuid.UUID) -> None:
     ctx: ApiContext = websocket.app.state.ctx
     try:
-        host, ticket = await run_in_threadpool(
-            _open, ctx, websocket.headers.get("authorization"), domain_id
-        )
+        host, ticket = await run_in_threadpool(_open, ctx, websocket, domain_id)
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(ticket.address, ticket.port), RELAY_CONNECT_S
         )
@@ -70,7 +68,9 @@ async def console_attach(websocket: WebSocket, domain_id: uuid.UUID) -> None:
         await _refuse(websocket, problem)
         return
     except (OSError, TimeoutError) as exc:
-        await _refuse(websocket, Problem(503, "unavailable", f"console relay unreachable: {exc}"))
+        # Where the relay listens is the operator's business: logged, not told.
+        log.warning("console relay unreachable", domain_id=str(domain_id), error=str(exc))
+        await _refuse(websocket, Problem(503, "unavailable", "the console relay is unreachable"))
         return
     await websocket.accept()
     writer.write(ticket.ticket.encode() + b"\n")

@@ -43,7 +43,7 @@ from services.api.models import (
 )
 from services.api.problems import Problem, responses
 from services.api.registry import DomainRecord, NameInUse, QuotaExceeded
-from services.api.routes.deps import Caller, Ctx
+from services.api.routes.deps import Caller, Ctx, Mask
 
 log = structlog.get_logger("flotilla.api")
 router = APIRouter(prefix="/v1/domains", tags=["domains"])
@@ -55,15 +55,20 @@ router = APIRouter(prefix="/v1/domains", tags=["domains"])
     response_model=DomainView,
     responses=responses(401, 403, 409, 422, 503, 504),
 )
-def create_domain(body: DomainCreate, ctx: Ctx, caller: Caller, response: Response) -> DomainView:
+def create_domain(
+    body: DomainCreate, ctx: Ctx, caller: Caller, mask: Mask, response: Response
+) -> DomainView:
     """Define a domain on a host the scheduler picks, and start it unless `start` is false.
 
     422 for a spec no host could run (relative path, NUL byte, `boot.image`) and for what
     only the host finds (a file that is no kernel image), 403 `forbidden` for a host path a
-    member may not use, 403 over quota, 409 if a domain of that name exists (names are unique
-    across projects), 503 `no_valid_host` (with `fault`, `attempts`, `filtered`) when no host
-    fits, 503 when the broker is unreachable. Only a create whose outcome is unknown (504
-    timeout, broker lost) leaves a record (task `error`); every other refusal leaves nothing."""
+    member may not use or for `placement.host` from a member (host names are admin-only), 403
+    over quota, 409 if a domain of that name exists (names are unique across projects), 503
+    `no_valid_host` (with `fault`, `attempts`, `filtered`) when no host fits, 503 when the
+    broker is unreachable. Only a create whose outcome is unknown (504 timeout, broker lost)
+    leaves a record (task `error`); every other refusal leaves nothing."""
+    if body.placement.host is not None and not caller.is_admin:
+        raise Problem(403, "forbidden", "placement.host: only an admin may choose the host")
     spec = DomainSpec.model_validate(body.model_dump(exclude={"start"}))
     _check_spec(spec)
     quota = ctx.registry.get_quota(caller.project) or ctx.config.quota_for(caller.project)
@@ -102,7 +107,7 @@ def create_domain(body: DomainCreate, ctx: Ctx, caller: Caller, response: Respon
         _remove_from_host(ctx, placement.host, record.id)
         raise Problem(409, "deleted", f"domain {record.id} was deleted while being scheduled")
     response.headers["Location"] = f"/v1/domains/{record.id}"
-    return DomainView.of(placed, placement.attempts)
+    return DomainView.of(placed, mask, placement.attempts)
 
 
 def _check_spec(spec: DomainSpec) -> None:
@@ -156,9 +161,12 @@ def list_domains(
     *,
     ctx: Ctx,
     caller: Caller,
+    mask: Mask,
     state: Annotated[PowerState | None, Query(description="power state")] = None,
     task: TaskState | None = None,
-    host: str | None = None,
+    host: Annotated[
+        str | None, Query(description="a host name (admin) or a domain's `host` alias (member)")
+    ] = None,
     name: str | None = None,
     project: Annotated[str | None, Query(description="admin only; members see theirs")] = None,
 ) -> DomainList:
@@ -166,14 +174,16 @@ def list_domains(
     if not caller.is_admin:
         project = caller.project
     records = ctx.registry.list_domains(
-        project=project, power=state, task=task, host=host, name=name
+        project=project, power=state, task=task, host=host if caller.is_admin else None, name=name
     )
-    return DomainList(domains=[DomainView.of(r) for r in records])
+    if host is not None and not caller.is_admin:
+        records = [r for r in records if mask.matches(r.host, host)]
+    return DomainList(domains=[DomainView.of(r, mask) for r in records])
 
 
 @router.get("/{domain_id}", response_model=DomainView, responses=responses(401, 404, 422))
-def get_domain(domain_id: uuid.UUID, ctx: Ctx, caller: Caller) -> DomainView:
-    return DomainView.of(ctx.visible_domain(caller, domain_id))
+def get_domain(domain_id: uuid.UUID, ctx: Ctx, caller: Caller, mask: Mask) -> DomainView:
+    return DomainView.of(ctx.visible_domain(caller, domain_id), mask)
 
 
 def _refuse(record: DomainRecord, action: str, reason: str) -> Problem:
@@ -200,7 +210,9 @@ def _check(record: DomainRecord, action: Action) -> Verdict:
     response_model=DomainView,
     responses={204: {"description": "removed at once"}, **responses(401, 404, 409, 503, 504)},
 )
-def delete_domain(domain_id: uuid.UUID, ctx: Ctx, caller: Caller) -> Response | DomainView:
+def delete_domain(
+    domain_id: uuid.UUID, ctx: Ctx, caller: Caller, mask: Mask
+) -> Response | DomainView:
     """Destroy the domain if active and undefine it on its host: 202 with task `deleting`;
     the record goes when the host's `domain.undefined` arrives. 204 when there was nothing
     on a host (never placed). Calling it again while `deleting` retries."""
@@ -223,7 +235,7 @@ def delete_domain(domain_id: uuid.UUID, ctx: Ctx, caller: Caller) -> Response | 
     current = ctx.registry.get_domain(domain_id)
     if current is None:
         return Response(status_code=204)  # the undefined event beat us here
-    return DomainView.of(current)
+    return DomainView.of(current, mask)
 
 
 def _check_gate(record: DomainRecord, action: Action) -> None:
@@ -286,7 +298,7 @@ def _command(domain_id: uuid.UUID, request: ActionRequest) -> Command:
     responses=responses(401, 404, 409, 422, 503, 504),
 )
 def domain_action(
-    domain_id: uuid.UUID, body: ActionRequest, ctx: Ctx, caller: Caller
+    domain_id: uuid.UUID, body: ActionRequest, ctx: Ctx, caller: Caller, mask: Mask
 ) -> DomainView:
     """Run a lifecycle action on the domain's host. 409 (with `state` and `task`) when the
     state forbids it; an action that is already done (pause a paused domain) succeeds."""
@@ -295,14 +307,14 @@ def domain_action(
     if record.host is None:
         raise _refuse(record, body.action.value, "domain has no host yet")
     if verdict is Verdict.NOOP:
-        return DomainView.of(record)
+        return DomainView.of(record, mask)
     timeout = ctx.config.rpc_timeout_s
     if body.action is ActionName.SHUTDOWN and body.wait:
         timeout += body.timeout_s
     info = ctx.call_host(record.host, _command(domain_id, body), timeout)
     assert isinstance(info, DomainInfo)
     updated = ctx.registry.observe_info(info)
-    return DomainView.of(updated or record)
+    return DomainView.of(updated or record, mask)
 
 
 @router.get(

@@ -7,7 +7,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
@@ -18,16 +18,18 @@ from services.api.auth import Principal
 from services.api.context import ApiContext
 from services.api.problems import Problem, responses
 from services.api.registry import EventRecord
-from services.api.routes.deps import Caller, Ctx
+from services.api.routes.deps import Caller, Ctx, Mask
+from services.api.visibility import HostMask
 
 router = APIRouter(tags=["events"])
 _PATTERN = re.compile(r"^[A-Za-z0-9_*#:-]+(\.[A-Za-z0-9_*#:-]+)*$")
 _BATCH = 500
 
 
-def frame(record: EventRecord) -> str:
-    """One SSE message: `id` is the log row id (what Last-Event-ID resumes from)."""
-    data = {
+def frame(record: EventRecord, mask: HostMask) -> str:
+    """One SSE message: `id` is the log row id (what Last-Event-ID resumes from); host names
+    as `mask` lets the caller see them."""
+    data: dict[str, Any] = {
         "id": record.id,
         "type": record.type,
         "routing_key": record.routing_key,
@@ -41,6 +43,7 @@ def frame(record: EventRecord) -> str:
         "causation_id": record.causation_id,
         "event": record.body,
     }
+    data = mask.body(data)
     return f"id: {record.id}\nevent: {record.type}\ndata: {json.dumps(data)}\n\n"
 
 
@@ -57,6 +60,7 @@ async def stream_events(
     request: Request,
     ctx: Ctx,
     caller: Caller,
+    mask: Mask,
     pattern: Annotated[
         list[str], Query(description="routing-key patterns (`*` one word, `#` any)")
     ] = ["domain.#"],  # noqa: B006  (FastAPI copies query defaults)
@@ -87,6 +91,7 @@ async def stream_events(
         request=request,
         ctx=ctx,
         caller=caller,
+        mask=mask,
         patterns=pattern,
         cursor=since,
         domain=domain,
@@ -105,6 +110,7 @@ async def _events(
     request: Request,
     ctx: ApiContext,
     caller: Principal,
+    mask: HostMask,
     patterns: list[str],
     cursor: int,
     domain: uuid.UUID | None,
@@ -112,6 +118,7 @@ async def _events(
     follow: bool,
 ) -> AsyncIterator[str]:
     project = None if caller.is_admin else caller.project
+    await run_in_threadpool(mask.load)  # the host names, read once, not on the event loop
     yield "retry: 1000\n\n"
     quiet_since = time.monotonic()
     while True:
@@ -126,7 +133,7 @@ async def _events(
         for row in rows:
             cursor = row.id
             if any(topic_matches(p, row.routing_key) for p in patterns):
-                yield frame(row)
+                yield frame(row, mask)
                 quiet_since = time.monotonic()
         if len(rows) == _BATCH:
             continue

@@ -1,5 +1,6 @@
 """The registry as the releases before Alembic created it: domains, events, hosts, tokens,
-quotas (with events.correlation_id and causation_id, which those releases added later).
+quotas (with events.correlation_id and causation_id, which those releases added later); the
+secrets table that the last of them added is 0002.
 
 Revision ID: 0001
 Revises:

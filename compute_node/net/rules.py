@@ -1,0 +1,361 @@
+"""nftables rules for the plumbing, as libnftables JSON: pure functions of the desired state.
+
+Two tables, both Flotilla's alone:
+- `inet flotilla`: per nat network, masquerade from its subnet to the uplink and forward
+  accept for that traffic; every network's bridge otherwise routes nothing (isolated
+  networks nothing at all) while traffic bridged within it passes, and the host accepts
+  from guests only DHCP, DNS, ping and replies.
+- `bridge flotilla`: anti-spoofing per tap, in a chain of its own reached from the
+  bridge's prerouting hook through the verdict map `ports` (tap name -> jump to its
+  chain): the port's MAC as source, ARP only for its address, IPv4 only from its address
+  (0.0.0.0 only for a DHCP request), no DHCP or DHCPv6 server replies, no router
+  advertisements or redirects, no VLAN tags, no ethertype but IPv4, ARP and IPv6.
+
+Expressions are written in the canonical form libnftables lists them in, so the rules read
+back from the kernel compare equal to these when nothing differs (`Plumber.reconcile`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from compute_node.net.models import NetworkMode, NetworkPlumbing, PortPlumbing
+
+TABLE = "flotilla"
+Expr = list[dict[str, Any]]
+Command = dict[str, Any]
+
+DROP: dict[str, Any] = {"drop": None}
+ACCEPT: dict[str, Any] = {"accept": None}
+
+
+@dataclass(frozen=True)
+class BaseChain:
+    name: str
+    type: str
+    hook: str
+    prio: int
+    policy: str = "accept"
+
+
+@dataclass(frozen=True)
+class Table:
+    """A whole table: its base chains, regular chains, each chain's rules in order, and its
+    verdict maps (name -> {key: chain jumped to})."""
+
+    family: str
+    base: tuple[BaseChain, ...]
+    rules: dict[str, list[Expr]] = field(default_factory=dict)
+    vmaps: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def chains(self) -> list[str]:
+        return list(self.rules)
+
+
+BRIDGE_BASE = (BaseChain("prerouting", "filter", "prerouting", -200),)
+INET_BASE = (
+    BaseChain("postrouting", "nat", "postrouting", 100),
+    BaseChain("forward", "filter", "forward", 0),
+    BaseChain("input", "filter", "input", 0),
+)
+
+
+def _match(left: dict[str, Any], right: Any, op: str = "==") -> dict[str, Any]:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _payload(protocol: str, name: str) -> dict[str, Any]:
+    return {"payload": {"protocol": protocol, "field": name}}
+
+
+def _meta(key: str) -> dict[str, Any]:
+    return {"meta": {"key": key}}
+
+
+def _prefix(network: NetworkPlumbing) -> dict[str, Any]:
+    subnet = network.subnet
+    assert subnet is not None  # nat networks have a gateway (models.NetworkPlumbing)
+    return {"prefix": {"addr": str(subnet.network_address), "len": subnet.prefixlen}}
+
+
+def port_chain(port: PortPlumbing) -> str:
+    """The anti-spoofing chain of one port."""
+    return "port-" + port.tap.removeprefix("flt-")
+
+
+def anti_spoofing(port: PortPlumbing) -> list[Expr]:
+    """What a frame from the port's tap must pass, in order; a frame that passes returns to
+    prerouting and is bridged as usual."""
+    mac, ip = port.mac, str(port.ipv4)
+    dhcp_client_ips = sorted(["0.0.0.0", ip], key=lambda a: tuple(int(x) for x in a.split(".")))
+    return [
+        [_match(_payload("ether", "saddr"), mac, "!="), DROP],
+        [_match(_payload("ether", "type"), "8021q"), DROP],
+        [_match(_payload("arp", "saddr ether"), mac, "!="), DROP],
+        [_match(_payload("arp", "saddr ip"), {"set": dhcp_client_ips}, "!="), DROP],
+        [_match(_payload("udp", "sport"), 67), DROP],
+        [_match(_payload("udp", "sport"), 547), DROP],
+        [
+            _match(_payload("ip", "saddr"), "0.0.0.0"),
+            _match(_payload("udp", "sport"), 68),
+            _match(_payload("udp", "dport"), 67),
+            ACCEPT,
+        ],
+        [_match(_payload("ip", "saddr"), ip, "!="), DROP],
+        [_match(_payload("icmpv6", "type"), {"set": ["nd-router-advert", "nd-redirect"]}), DROP],
+        [_match(_payload("ether", "type"), {"set": ["ip", "arp", "ip6"]}, "!="), DROP],
+    ]
+
+
+PORTS_MAP = "ports"
+PREROUTING_DISPATCH: Expr = [{"vmap": {"key": _meta("iifname"), "data": "@" + PORTS_MAP}}]
+
+
+def bridge_table(ports: Iterable[PortPlumbing]) -> Table:
+    """The `bridge flotilla` table for these ports."""
+    ordered = sorted(ports, key=lambda p: p.tap)
+    rules: dict[str, list[Expr]] = {"prerouting": [PREROUTING_DISPATCH]}
+    for port in ordered:
+        rules[port_chain(port)] = anti_spoofing(port)
+    return Table("bridge", BRIDGE_BASE, rules, {PORTS_MAP: {p.tap: port_chain(p) for p in ordered}})
+
+
+def _element(tap: str, chain: str | None) -> dict[str, Any]:
+    elem: list[Any] = [[tap, {"jump": {"target": chain}}]] if chain is not None else [tap]
+    return {"family": "bridge", "table": TABLE, "name": PORTS_MAP, "elem": elem}
+
+
+def port_added(port: PortPlumbing) -> list[Command]:
+    """One batch adding a port to an up-to-date bridge table: its chain and rules, then the
+    map entry that sends its frames there (so no frame meets a half-built chain)."""
+    chain = port_chain(port)
+    ref = {"family": "bridge", "table": TABLE, "name": chain}
+    return [
+        {"add": {"chain": ref}},
+        {"flush": {"chain": ref}},
+        *(
+            {"add": {"rule": {"family": "bridge", "table": TABLE, "chain": chain, "expr": e}}}
+            for e in anti_spoofing(port)
+        ),
+        {"add": {"element": _element(port.tap, chain)}},
+    ]
+
+
+def port_removed(port: PortPlumbing) -> list[Command]:
+    """One batch removing a port from an up-to-date bridge table."""
+    ref = {"family": "bridge", "table": TABLE, "name": port_chain(port)}
+    return [
+        {"delete": {"element": _element(port.tap, None)}},
+        {"flush": {"chain": ref}},
+        {"delete": {"chain": ref}},
+    ]
+
+
+def inet_table(networks: Iterable[NetworkPlumbing]) -> Table:
+    """The `inet flotilla` table for these networks (bridge-mode ones have no rules here:
+    their bridge and its routing are the host's)."""
+    own = sorted((n for n in networks if n.owns_bridge), key=lambda n: n.bridge)
+    post: list[Expr] = []
+    forward: list[Expr] = []
+    inp: list[Expr] = []
+    established = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
+    for net in own:
+        br = _match(_meta("iifname"), net.bridge)
+        # With br_netfilter (bridge-nf-call-iptables), frames bridged between two ports of
+        # one bridge pass this hook too, as iif = oif = the bridge: they are not routed.
+        forward.append([br, _match(_meta("oifname"), net.bridge), ACCEPT])
+        if net.mode is NetworkMode.NAT:
+            assert net.uplink is not None
+            subnet = _prefix(net)
+            post.append(
+                [
+                    _match(_payload("ip", "saddr"), subnet),
+                    _match(_payload("ip", "daddr"), subnet, "!="),
+                    _match(_meta("oifname"), net.uplink),
+                    {"masquerade": None},
+                ]
+            )
+            forward.append(
+                [
+                    br,
+                    _match(_meta("oifname"), net.uplink),
+                    _match(_payload("ip", "saddr"), subnet),
+                    ACCEPT,
+                ]
+            )
+            forward.append(
+                [
+                    _match(_meta("iifname"), net.uplink),
+                    _match(_meta("oifname"), net.bridge),
+                    established,
+                    ACCEPT,
+                ]
+            )
+        forward.append([br, DROP])
+        forward.append([_match(_meta("oifname"), net.bridge), DROP])
+        inp.extend(
+            [
+                [br, _match(_payload("udp", "dport"), 67), ACCEPT],
+                [
+                    br,
+                    _match(_meta("l4proto"), {"set": ["tcp", "udp"]}),
+                    _match(_payload("th", "dport"), 53),
+                    ACCEPT,
+                ],
+                [br, _match(_payload("icmp", "type"), "echo-request"), ACCEPT],
+                [br, established, ACCEPT],
+                [br, DROP],
+            ]
+        )
+    return Table("inet", INET_BASE, {"postrouting": post, "forward": forward, "input": inp})
+
+
+def replace(table: Table, existing_chains: Sequence[str]) -> list[Command]:
+    """One atomic batch that makes the kernel's table exactly `table`.
+
+    Base chains are never deleted (unregistering a hook waits for an RCU grace period,
+    milliseconds): the batch adds what is missing, flushes every rule of the table, deletes
+    the regular chains no longer wanted and adds the rules. The kernel applies it as one
+    transaction, so packets see either the old rule set or the new one, never a mix."""
+    fam = table.family
+    base_names = {b.name for b in table.base}
+    cmds: list[Command] = [{"add": {"table": {"family": fam, "name": TABLE}}}]
+    cmds += [
+        {
+            "add": {
+                "chain": {
+                    "family": fam,
+                    "table": TABLE,
+                    "name": b.name,
+                    "type": b.type,
+                    "hook": b.hook,
+                    "prio": b.prio,
+                    "policy": b.policy,
+                }
+            }
+        }
+        for b in table.base
+    ]
+    cmds += [
+        {
+            "add": {
+                "map": {
+                    "family": fam,
+                    "table": TABLE,
+                    "name": m,
+                    "type": "ifname",
+                    "map": "verdict",
+                }
+            }
+        }
+        for m in table.vmaps
+    ]
+    cmds.append({"flush": {"table": {"family": fam, "name": TABLE}}})
+    cmds += [{"flush": {"map": {"family": fam, "table": TABLE, "name": m}}} for m in table.vmaps]
+    wanted = set(table.rules)
+    cmds += [
+        {"delete": {"chain": {"family": fam, "table": TABLE, "name": name}}}
+        for name in existing_chains
+        if name not in wanted and name not in base_names
+    ]
+    cmds += [
+        {"add": {"chain": {"family": fam, "table": TABLE, "name": name}}}
+        for name in table.rules
+        if name not in base_names
+    ]
+    cmds += [
+        {"add": {"rule": {"family": fam, "table": TABLE, "chain": name, "expr": expr}}}
+        for name, exprs in table.rules.items()
+        for expr in exprs
+    ]
+    cmds += [
+        {
+            "add": {
+                "element": {
+                    "family": fam,
+                    "table": TABLE,
+                    "name": m,
+                    "elem": [[key, {"jump": {"target": chain}}] for key, chain in elements.items()],
+                }
+            }
+        }
+        for m, elements in table.vmaps.items()
+        if elements
+    ]
+    return cmds
+
+
+def read_table(ruleset: Iterable[dict[str, Any]], family: str) -> Table | None:
+    """Our table as the kernel holds it, from `list ruleset` JSON (None: there is none)."""
+    found = False
+    base: list[BaseChain] = []
+    rules: dict[str, list[Expr]] = {}
+    vmaps: dict[str, dict[str, str]] = {}
+    for obj in ruleset:
+        kind, body = next(iter(obj.items()))
+        if body.get("family") != family:
+            continue
+        if kind == "table" and body.get("name") == TABLE:
+            found = True
+        elif body.get("table") != TABLE:
+            continue
+        elif kind == "chain":
+            rules.setdefault(body["name"], [])
+            if "hook" in body:
+                base.append(
+                    BaseChain(
+                        body["name"], body["type"], body["hook"], body["prio"], body["policy"]
+                    )
+                )
+        elif kind == "rule":
+            rules.setdefault(body["chain"], []).append(body["expr"])
+        elif kind == "map" and body.get("map") == "verdict":
+            vmaps[body["name"]] = {
+                key: verdict.get("jump", {}).get("target", "")
+                for key, verdict in body.get("elem", [])
+            }
+    if not found:
+        return None
+    return Table(family, tuple(base), rules, vmaps)
+
+
+def same(actual: Table | None, desired: Table) -> bool:
+    """Whether the kernel's table already is the desired one (base chains, chains, rules)."""
+    if actual is None:
+        return False
+    return (
+        set(actual.base) == set(desired.base)
+        and actual.rules == desired.rules
+        and actual.vmaps == desired.vmaps
+    )
+
+
+@dataclass(frozen=True)
+class ForwardConflict:
+    """A base chain of another firewall manager that drops forwarded packets by policy:
+    packets our table accepts are still dropped there (e.g. Docker's `ip filter FORWARD`)."""
+
+    family: str
+    table: str
+    chain: str
+
+    def __str__(self) -> str:
+        return f"{self.family} {self.table} {self.chain}: forward hook with policy drop"
+
+
+def forward_conflicts(ruleset: Iterable[dict[str, Any]]) -> list[ForwardConflict]:
+    """Foreign forward-hook chains with policy drop for IPv4 (ip or inet family)."""
+    found = []
+    for obj in ruleset:
+        chain = obj.get("chain")
+        if chain is None or (chain.get("table") == TABLE and chain.get("family") == "inet"):
+            continue
+        if (
+            chain.get("hook") == "forward"
+            and chain.get("policy") == "drop"
+            and chain.get("family") in {"ip", "inet"}
+        ):
+            found.append(ForwardConflict(chain["family"], chain["table"], chain["name"]))
+    return found

@@ -1,0 +1,507 @@
+"""Per-host network plumbing against the real kernel, in namespaces the tests make.
+
+Hosts and guests are network namespaces (tests/integration/netlab.py): hosts joined by a
+veth underlay, guests relayed to their port's tap the way a VMM uses it. Traffic stays in
+those namespaces: a few pings, UDP frames, DHCP exchanges and TCP connects."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
+
+import pytest
+
+from compute_node.net import (
+    HostPlumbing,
+    NetworkMode,
+    NetworkPlumbing,
+    Plumber,
+    PlumbingError,
+    PortPlumbing,
+    RemoteVtep,
+    Underlay,
+    overlay_mtu,
+)
+from compute_node.net import netns as nsmod
+from compute_node.net.dnsmasq import Dnsmasq
+from compute_node.net.libnft import Nftables
+from tests.integration.netlab import Lab, ip, lab, run_in
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+MAC_A = "52:54:00:0a:00:0a"
+MAC_B = "52:54:00:0b:00:0b"
+NetLab = tuple[Lab, list[Plumber], Path]
+
+
+def _root_owned() -> tuple[set[str], set[str]]:
+    """Flotilla's links and tables in the root namespace (tests must leave them alone)."""
+    links = {
+        p.name for p in Path("/sys/class/net").iterdir() if p.name[:4] in {"flb-", "flt-", "flv-"}
+    }
+    with Nftables() as nft:
+        tables = {t for t in nft.run("list tables").splitlines() if "flotilla" in t}
+    return links, tables
+
+
+@pytest.fixture
+def net_lab() -> Iterator[NetLab]:
+    """A lab, the plumbers a test makes (closed and their dnsmasqs ended after), a state dir
+    (under /tmp, which dnsmasq running as nobody can search, unlike pytest's tmp_path)."""
+    before = _root_owned()
+    plumbers: list[Plumber] = []
+    with tempfile.TemporaryDirectory(prefix="flotilla-net-") as tmp, lab() as made:
+        tmp_path = Path(tmp)
+        tmp_path.chmod(0o755)
+        try:
+            yield made, plumbers, tmp_path
+        finally:
+            for p in plumbers:
+                p.close()
+            for host_dir in [tmp_path, *tmp_path.iterdir()]:
+                if host_dir.is_dir():
+                    dns = Dnsmasq(host_dir)
+                    for short in dns.running():
+                        dns.stop(short)
+    assert _root_owned() == before, "the plumbing touched the root namespace"
+
+
+def ping(ns: str, target: str, count: int = 3) -> bool:
+    out = run_in(ns, "busybox", "ping", "-c", str(count), "-i", "0.2", "-W", "1", target)
+    return out.returncode == 0
+
+
+def test_vxlan_joins_two_hosts_after_fdb_entries_are_pushed(net_lab: NetLab) -> None:
+    made, plumbers, state = net_lab
+    host_a, host_b = made.ns("a"), made.ns("b")
+    made.veth((host_a, "under0", "10.77.0.1/24"), (host_b, "under0", "10.77.0.2/24"))
+    mtu = overlay_mtu(1500, vxlan=True)
+    net = NetworkPlumbing(
+        network_id="net-vx",
+        mode=NetworkMode.ISOLATED,
+        gateway=IPv4Interface("10.50.0.1/24"),
+        vni=4242,
+        mtu=mtu,
+        dhcp=False,
+    )
+    port_a = PortPlumbing(
+        port_id="pa", network_id="net-vx", mac=MAC_A, ipv4=IPv4Address("10.50.0.10")
+    )
+    port_b = PortPlumbing(
+        port_id="pb", network_id="net-vx", mac=MAC_B, ipv4=IPv4Address("10.50.0.11")
+    )
+    pa = Plumber(state / "a", netns=host_a, underlay=Underlay(IPv4Address("10.77.0.1"), "under0"))
+    pb = Plumber(state / "b", netns=host_b, underlay=Underlay(IPv4Address("10.77.0.2"), "under0"))
+    plumbers += [pa, pb]
+    with pytest.raises(PlumbingError, match="does not fit VXLAN"):
+        pa.apply(net.model_copy(update={"mtu": 1500}))
+    pa.apply(net)
+    pb.apply(net)
+    guest_a = made.guest("ga", host_a, pa.plug(port_a), MAC_A, mtu=mtu, addr="10.50.0.10/24")
+    made.guest("gb", host_b, pb.plug(port_b), MAC_B, mtu=mtu, addr="10.50.0.11/24")
+
+    # Learning is off and nothing is pushed yet: nothing crosses.
+    assert not ping(guest_a, "10.50.0.11", count=1)
+    vxlan = ip("-d", "link", "show", net.vxlan or "", ns=host_a)
+    assert "nolearning" in vxlan
+    assert "id 4242" in vxlan
+
+    pa.fdb_add(
+        RemoteVtep(
+            network_id="net-vx", mac=MAC_B, ipv4=port_b.ipv4, remote=IPv4Address("10.77.0.2")
+        )
+    )
+    pb.fdb_add(
+        RemoteVtep(
+            network_id="net-vx", mac=MAC_A, ipv4=port_a.ipv4, remote=IPv4Address("10.77.0.1")
+        )
+    )
+    assert ping(guest_a, "10.50.0.11")
+    fdb = ip("neigh", "show", "dev", net.vxlan or "", ns=host_a)
+    assert f"10.50.0.11 lladdr {MAC_B} PERMANENT" in fdb
+
+    pa.fdb_del(
+        RemoteVtep(
+            network_id="net-vx", mac=MAC_B, ipv4=port_b.ipv4, remote=IPv4Address("10.77.0.2")
+        )
+    )
+    assert (
+        "10.77.0.2"
+        not in subprocess.run(
+            ["ip", "netns", "exec", host_a, "bridge", "fdb", "show", "dev", net.vxlan or ""],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+
+
+def _one_host(
+    made: Lab, plumbers: list[Plumber], state: Path, net: NetworkPlumbing
+) -> tuple[str, Plumber]:
+    host = made.ns("h")
+    plumber = Plumber(state / "h", netns=host)
+    plumbers.append(plumber)
+    plumber.apply(net)
+    return host, plumber
+
+
+ISOLATED = NetworkPlumbing(
+    network_id="net-iso",
+    mode=NetworkMode.ISOLATED,
+    gateway=IPv4Interface("10.61.0.1/24"),
+    mtu=1400,
+)
+GUEST = PortPlumbing(port_id="p1", network_id="net-iso", mac=MAC_A, ipv4=IPv4Address("10.61.0.10"))
+
+
+def test_spoofed_frames_are_dropped_and_legitimate_ones_pass(net_lab: NetLab) -> None:
+    from scapy.layers.dhcp import BOOTP, DHCP
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.inet6 import ICMPv6ND_RA, IPv6
+    from scapy.layers.l2 import ARP, Dot1Q, Ether
+
+    made, plumbers, state = net_lab
+    host, plumber = _one_host(made, plumbers, state, ISOLATED.model_copy(update={"dhcp": False}))
+    guest = made.guest("g", host, plumber.plug(GUEST), MAC_A, mtu=1400)
+    bcast = "ff:ff:ff:ff:ff:ff"
+    other_mac, other_ip = "52:54:00:99:99:99", "10.61.0.99"
+
+    def udp(mac: str, src: str, marker: str, sport: int = 4000) -> bytes:
+        frame = Ether(src=mac, dst=bcast) / IP(src=src, dst="10.61.255.255")
+        return bytes(frame / UDP(sport=sport, dport=9) / marker.encode())
+
+    frames = {
+        "legit": udp(MAC_A, "10.61.0.10", "legit"),
+        "legit-dhcp-discover": udp(MAC_A, "0.0.0.0", "legit-dhcp-discover", sport=68).replace(
+            b"\x00\x09", b"\x00\x43", 1
+        ),  # dport 67
+        "spoof-mac": udp(other_mac, "10.61.0.10", "spoof-mac"),
+        "spoof-ip": udp(MAC_A, other_ip, "spoof-ip"),
+        "spoof-zero-ip": udp(MAC_A, "0.0.0.0", "spoof-zero-ip"),
+        "dhcp-server": bytes(
+            Ether(src=MAC_A, dst=bcast)
+            / IP(src="10.61.0.10", dst="255.255.255.255")
+            / UDP(sport=67, dport=68)
+            / BOOTP(op=2, yiaddr="10.61.0.50")
+            / DHCP(options=[("message-type", "offer"), "end"])
+            / b"dhcp-server"
+        ),
+        "vlan": bytes(Ether(src=MAC_A, dst=bcast) / Dot1Q(vlan=5) / IP(src="10.61.0.10") / b"vlan"),
+        "arp-spoof": bytes(
+            Ether(src=MAC_A, dst=bcast) / ARP(op=2, hwsrc=MAC_A, psrc=other_ip, pdst="10.61.0.1")
+        ),
+        "arp-legit": bytes(
+            Ether(src=MAC_A, dst=bcast)
+            / ARP(op=1, hwsrc=MAC_A, psrc="10.61.0.10", pdst="10.61.0.1")
+        ),
+        "ra": bytes(
+            Ether(src=MAC_A, dst="33:33:00:00:00:01")
+            / IPv6(src="fe80::5054:ff:fe0a:a", dst="ff02::1")
+            / ICMPv6ND_RA()
+        ),
+    }
+    bridge = ISOLATED.bridge
+    with nsmod.inside(host):
+        sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    with nsmod.inside(guest):
+        send = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    try:
+        sniff.bind((bridge, 0))
+        sniff.settimeout(0.2)
+        send.bind(("eth0", 0))
+        for frame in frames.values():
+            send.send(frame)
+        seen: list[bytes] = []
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            try:
+                seen.append(sniff.recv(65536))
+            except TimeoutError:
+                continue
+    finally:
+        sniff.close()
+        send.close()
+    arrived = {name for name, frame in frames.items() if frame in seen}
+    assert arrived == {"legit", "legit-dhcp-discover", "arp-legit"}
+
+
+def test_dhcp_gives_the_port_its_address_and_mtu(net_lab: NetLab, tmp_path: Path) -> None:
+    made, plumbers, state = net_lab
+    host, plumber = _one_host(made, plumbers, state, ISOLATED)
+    guest = made.guest("g", host, plumber.plug(GUEST), MAC_A, mtu=1400)
+    script = tmp_path / "udhcpc.sh"
+    script.write_text('#!/bin/sh\necho "$1 ip=$ip mask=$mask mtu=$mtu router=$router"\n')
+    script.chmod(0o755)
+    out = run_in(
+        guest, "busybox", "udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", "5", "-T", "1",
+        "-O", "mtu", "-s", str(script),
+    )  # fmt: skip
+    assert "bound ip=10.61.0.10 mask=24 mtu=1400" in out.stdout, out.stdout + out.stderr
+    assert "router=10" not in out.stdout  # isolated: no default route offered
+
+    # A port the hosts file does not name gets nothing: static entries only.
+    other = made.guest(
+        "o",
+        host,
+        plumber.plug(GUEST.model_copy(update={"port_id": "p2", "ipv4": IPv4Address("10.61.0.11")})),
+        "52:54:00:0c:00:0c",
+        mtu=1400,
+    )
+    plumber.unplug("p2")
+    out = run_in(other, "busybox", "udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", "2", "-T", "1")
+    assert "obtained" not in out.stdout
+
+    # DHCP turned off: its dnsmasq ends.
+    assert Dnsmasq(state / "h").pid(ISOLATED.short_id) is not None
+    changes = plumber.apply(ISOLATED.model_copy(update={"dhcp": False}))
+    assert f"dnsmasq stopped for {ISOLATED.bridge}" in changes
+    assert Dnsmasq(state / "h").running() == set()
+
+
+def _tcp_server(ns: str, port: int) -> tuple[socket.socket, list[str]]:
+    with nsmod.inside(ns):
+        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("0.0.0.0", port))
+    server.listen()
+    peers: list[str] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, addr = server.accept()
+            except OSError:
+                return
+            peers.append(addr[0])
+            conn.sendall(b"hello")
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, peers
+
+
+def _connect(ns: str, address: str, port: int, timeout: float = 1.5) -> bytes | None:
+    """The server's greeting, or None when the connection fails or times out (a dropped SYN:
+    callers expecting a drop pass a short timeout)."""
+    with nsmod.inside(ns):
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client.settimeout(timeout)
+    try:
+        client.connect((address, port))
+        return client.recv(16)
+    except OSError:
+        return None
+    finally:
+        client.close()
+
+
+def test_nat_guest_reaches_upstream_and_isolated_guest_cannot(net_lab: NetLab) -> None:
+    made, plumbers, state = net_lab
+    host = made.ns("h")
+    upstream = made.ns("up")
+    made.veth((host, "uplink0", "10.88.0.1/24"), (upstream, "wan0", "10.88.0.2/24"))
+    nat = NetworkPlumbing(
+        network_id="net-nat",
+        mode=NetworkMode.NAT,
+        gateway=IPv4Interface("10.60.0.1/24"),
+        uplink="uplink0",
+        dhcp=False,
+    )
+    iso = ISOLATED.model_copy(update={"dhcp": False})
+    plumber = Plumber(state / "h", netns=host)
+    plumbers.append(plumber)
+    changes = plumber.apply(nat)
+    assert "net.ipv4.ip_forward=1" in changes
+    plumber.apply(iso)
+    nat_port = PortPlumbing(
+        port_id="pn", network_id="net-nat", mac=MAC_B, ipv4=IPv4Address("10.60.0.10")
+    )
+    g_nat = made.guest(
+        "gn",
+        host,
+        plumber.plug(nat_port),
+        MAC_B,
+        mtu=1500,
+        addr="10.60.0.10/24",
+        gateway="10.60.0.1",
+    )
+    g_iso = made.guest(
+        "gi", host, plumber.plug(GUEST), MAC_A, mtu=1400, addr="10.61.0.10/24", gateway="10.61.0.1"
+    )
+    server, peers = _tcp_server(upstream, 8080)
+    host_server, host_peers = _tcp_server(host, 8081)  # a service of the host itself
+    try:
+        assert _connect(g_nat, "10.88.0.2", 8080) == b"hello"
+        assert peers == ["10.88.0.1"]  # masqueraded to the uplink's address
+        assert _connect(g_iso, "10.88.0.2", 8080, timeout=0.5) is None
+        # Neither network routes into the other.
+        assert _connect(g_iso, "10.60.0.10", 8080, timeout=0.5) is None
+        assert peers == ["10.88.0.1"]
+        # Guests reach the host for DHCP, DNS and ping only, not its other services.
+        for guest, gateway in ((g_nat, "10.60.0.1"), (g_iso, "10.61.0.1")):
+            assert _connect(guest, gateway, 8081, timeout=0.5) is None
+            assert _connect(guest, "10.88.0.1", 8081, timeout=0.5) is None
+        assert host_peers == []
+        assert ping(g_nat, "10.60.0.1", count=1)
+    finally:
+        server.close()
+        host_server.close()
+    assert plumber.forward_conflicts() == []
+
+
+def test_foreign_forward_drop_policy_is_reported(net_lab: NetLab) -> None:
+    made, plumbers, state = net_lab
+    host = made.ns("h")
+    made.veth((host, "uplink0", "10.88.0.1/24"), (made.ns("up"), "wan0", "10.88.0.2/24"))
+    # What Docker leaves behind through iptables-nft.
+    run_in(host, "nft", "add table ip filter")
+    run_in(
+        host,
+        "nft",
+        "add chain ip filter FORWARD { type filter hook forward priority 0; policy drop; }",
+    )
+    plumber = Plumber(state / "h", netns=host)
+    plumbers.append(plumber)
+    nat = NetworkPlumbing(
+        network_id="net-nat", mode=NetworkMode.NAT, gateway=IPv4Interface("10.60.0.1/24"),
+        uplink="uplink0", dhcp=False,
+    )  # fmt: skip
+    plumber.apply(nat)
+    assert [str(c) for c in plumber.forward_conflicts()] == [
+        "ip filter FORWARD: forward hook with policy drop"
+    ]
+    report = Plumber(state / "h", netns=host)
+    plumbers.append(report)
+    assert [c.table for c in report.reconcile(HostPlumbing(networks=(nat,))).conflicts] == [
+        "filter"
+    ]
+
+
+def test_reconcile_keeps_matching_links_and_traffic_and_fixes_what_differs(
+    net_lab: NetLab,
+) -> None:
+    made, plumbers, state = net_lab
+    host = made.ns("h")
+    peer = made.ns("peer")
+    made.veth((host, "under0", "10.77.0.1/24"), (peer, "under0", "10.77.0.2/24"))
+    net = ISOLATED.model_copy(update={"vni": 77, "mtu": 1450})
+    remote = RemoteVtep(
+        network_id="net-iso",
+        mac=MAC_B,
+        ipv4=IPv4Address("10.61.0.20"),
+        remote=IPv4Address("10.77.0.2"),
+    )
+    underlay = Underlay(IPv4Address("10.77.0.1"), "under0")
+    first = Plumber(state / "h", netns=host, underlay=underlay)
+    plumbers.append(first)
+    first.apply(net)
+    guest = made.guest("g", host, first.plug(GUEST), MAC_A, mtu=1450, addr="10.61.0.10/24")
+    first.fdb_add(remote)
+    desired = first.desired
+    before = {name: link.index for name, link in first._links.all().items()}
+    dnsmasq_pid = Dnsmasq(state / "h").pid(net.short_id)
+    assert dnsmasq_pid is not None
+
+    # A restarted node: a new plumber, the same desired state, a guest pinging throughout.
+    pinger = subprocess.Popen(
+        ["ip", "netns", "exec", guest, "busybox", "ping", "-c", "30", "-i", "0.05", "-W", "1",
+         "10.61.0.1"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(0.3)
+        second = Plumber(state / "h", netns=host, underlay=underlay)
+        plumbers.append(second)
+        report = second.reconcile(desired)
+        out, _ = pinger.communicate(timeout=30)
+    finally:
+        if pinger.poll() is None:
+            pinger.kill()
+            pinger.wait()
+    assert report.changes == []
+    assert "30 packets received, 0% packet loss" in out, out
+    after = {name: link.index for name, link in second._links.all().items()}
+    assert after == before
+    assert Dnsmasq(state / "h").pid(net.short_id) == dnsmasq_pid
+
+    # Drift: a wrong MTU, a lost forwarding entry, a flushed anti-spoofing chain, a stray link.
+    tap = GUEST.tap
+    ip("link", "set", tap, "mtu", "1300", ns=host)
+    run_in(host, "bridge", "fdb", "del", MAC_B, "dev", net.vxlan or "", "dst", "10.77.0.2")
+    run_in(host, "nft", "flush", "chain", "bridge", "flotilla", "port-" + tap[4:])
+    ip("link", "add", "flb-deadbeef", "type", "bridge", ns=host)
+    report = Plumber(state / "h", netns=host, underlay=underlay).reconcile(desired)
+    assert sorted(report.changes) == sorted(
+        [
+            f"set {tap} mtu",
+            f"set {net.bridge} mtu",  # the kernel lowered the bridge's to its smallest port's
+            f"fdb add {MAC_B} 10.77.0.2",
+            "nft bridge flotilla",
+            "deleted flb-deadbeef",
+        ]
+    )
+    assert {name: link.index for name, link in second._links.all().items()} == before
+
+
+def test_ports_added_and_removed_one_by_one_leave_the_table_a_rewrite_would_make(
+    net_lab: NetLab,
+) -> None:
+    made, plumbers, state = net_lab
+    net = ISOLATED.model_copy(update={"dhcp": False})
+    host, plumber = _one_host(made, plumbers, state, net)
+    ports = [
+        GUEST.model_copy(update={"port_id": f"p{i}", "ipv4": IPv4Address(f"10.61.0.{10 + i}")})
+        for i in range(4)
+    ]
+    for port in ports:  # the first rewrites the table, the others are small batches
+        plumber.plug(port)
+    plumber.unplug("p1")
+    plumber.unplug("p3")
+    desired = plumber.desired
+    assert [p.port_id for p in desired.ports] == ["p0", "p2"]
+    fresh = Plumber(state / "h", netns=host)
+    plumbers.append(fresh)
+    assert fresh.reconcile(desired).changes == []
+    listing = run_in(host, "nft", "list", "map", "bridge", "flotilla", "ports").stdout
+    assert ports[0].tap in listing
+    assert ports[1].tap not in listing
+
+
+def test_bridge_mode_uses_the_host_bridge_and_remove_leaves_nothing_of_ours(
+    net_lab: NetLab,
+) -> None:
+    made, plumbers, state = net_lab
+    host = made.ns("h")
+    ip("link", "add", "br-lan", "type", "bridge", ns=host)
+    lan = NetworkPlumbing(
+        network_id="net-lan", mode=NetworkMode.BRIDGE, host_bridge="br-lan", dhcp=False
+    )
+    plumber = Plumber(state / "h", netns=host, tap_uid=65534, tap_gid=65534)
+    plumbers.append(plumber)
+    plumber.apply(lan)
+    plumber.apply(ISOLATED)
+    lan_port = GUEST.model_copy(update={"port_id": "lan", "network_id": "net-lan"})
+    tap = plumber.plug(lan_port)
+    plumber.plug(GUEST)
+    details = ip("-d", "link", "show", tap, ns=host)
+    assert "master br-lan" in details
+    assert "persist on user nobody group nogroup" in details  # uid/gid 65534: the VMM user
+    assert Dnsmasq(state / "h").pid(ISOLATED.short_id) is not None
+
+    plumber.remove("net-lan")
+    plumber.remove("net-iso")
+    links = ip("-o", "link", "show", ns=host)
+    assert "br-lan" in links  # the host's bridge stays
+    assert "fl" not in "".join(line.split(":")[1] for line in links.splitlines())
+    assert Dnsmasq(state / "h").running() == set()
+    ruleset = run_in(host, "nft", "list", "ruleset").stdout
+    assert "port-" not in ruleset
+    assert "flb-" not in ruleset
