@@ -25,6 +25,7 @@ from services.api.config import ApiConfig
 from services.api.context import ApiContext, CommandBus
 from services.api.limits import BodyLimit
 from services.api.models import Health
+from services.api.problems import Problem
 from services.api.problems import install as install_problems
 from services.api.projection import Projection
 from services.api.registry import Registry
@@ -32,6 +33,7 @@ from services.api.request_id import RequestIdMiddleware
 from services.api.routes import admin, console, domains, events, hosts
 from services.bus import Bus, BusError
 from services.cli.main import package_version
+from services.db import DatabaseUnavailable
 
 log = structlog.get_logger("flotilla.api")
 
@@ -75,6 +77,7 @@ def create_app(
     # Until the lifespan opens the configured registry, a placeholder keeps types simple.
     app.state.ctx = ApiContext(config=config, registry=registry or _Unopened(), bus=bus)
     install_problems(app)
+    app.add_exception_handler(DatabaseUnavailable, _database_unavailable)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     for module in (domains, console, hosts, events, admin):
         app.include_router(module.router)
@@ -105,6 +108,17 @@ def create_app(
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _database_unavailable(_request: Request, exc: Exception) -> Response:
+    # The driver's message names servers and ports: it goes to the log, not to tenants.
+    log.warning("registry unavailable", error=str(exc))
+    return Problem(
+        503,
+        "database_unavailable",
+        "the registry's database is unavailable; retry later",
+        headers={"Retry-After": "5"},
+    ).response()
 
 
 class _BrokerConnector:

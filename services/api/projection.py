@@ -4,11 +4,9 @@ from a private subscription per replica (every replica writes the same newest-wi
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable
 
-import psycopg
 import structlog
 
 from protos.base import Message
@@ -19,9 +17,9 @@ from services.api.metrics import ApiMetrics
 from services.api.registry import Outcome, Registry
 from services.bus import Bus, Context, Service, ServiceRunner, Subscription, on_event
 from services.bus.service import Retry
+from services.db import DatabaseUnavailable
 
 log = structlog.get_logger("flotilla.api.projection")
-_DB_DOWN = (sqlite3.OperationalError, psycopg.OperationalError)
 
 
 class EventProjector(Service):
@@ -47,7 +45,7 @@ class EventProjector(Service):
                 correlation_id=ctx.envelope.correlation_id,
                 causation_id=ctx.envelope.causation_id,
             )
-        except _DB_DOWN as exc:
+        except DatabaseUnavailable as exc:
             time.sleep(0.5)  # the database is away: let the broker hand it back later
             raise Retry(f"registry unavailable: {exc}") from None
         self.metrics.events.labels(event.TYPE, outcome.value).inc()
@@ -76,7 +74,7 @@ class Projection:
         if isinstance(beat, HostHeartbeat):
             try:
                 self.registry.record_heartbeat(beat)
-            except _DB_DOWN as exc:  # the next heartbeat will do
+            except DatabaseUnavailable as exc:  # the next heartbeat will do
                 log.warning("heartbeat not recorded", host=beat.host, error=str(exc))
 
     def stop(self) -> None:

@@ -22,91 +22,32 @@ import json
 import secrets
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from protos.domain import DomainSpec, Fault, PowerState, TaskState
 from protos.events import DomainEvent, DomainStarted, DomainUndefined
 from protos.host import HostHeartbeat, HostInventory, Resources
 from protos.replies import DomainInfo
 from services.api.config import Quota, Role
-from services.api.db import Cursor, Database, Row
+from services.api.tables import (
+    EVENT_LOG_LOCK,
+    REGISTRY,
+    domains,
+    events,
+    hosts,
+    quotas,
+    secrets_table,
+    tokens,
+)
+from services.db import Database, advisory_xact_lock, upgrade, upsert
 
-# Any constant will do: it names the lock that orders event-log appends on PostgreSQL.
-_EVENT_LOG_LOCK = 0x466C6F74
-
-_SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS domains (
-        id TEXT PRIMARY KEY,
-        project TEXT NOT NULL,
-        name TEXT NOT NULL,
-        spec TEXT NOT NULL,
-        vcpus INTEGER NOT NULL,
-        memory_mib INTEGER NOT NULL,
-        host TEXT,
-        power TEXT NOT NULL,
-        task TEXT NOT NULL,
-        seq BIGINT NOT NULL DEFAULT 0,
-        fault TEXT,
-        created_at DOUBLE PRECISION NOT NULL,
-        updated_at DOUBLE PRECISION NOT NULL,
-        UNIQUE (name)
-    )""",
-    "CREATE INDEX IF NOT EXISTS domains_host ON domains (host)",
-    """CREATE TABLE IF NOT EXISTS events (
-        id {autoid},
-        message_id TEXT NOT NULL UNIQUE,
-        project TEXT,
-        domain_id TEXT NOT NULL,
-        host TEXT NOT NULL,
-        seq BIGINT NOT NULL,
-        type TEXT NOT NULL,
-        routing_key TEXT NOT NULL,
-        state TEXT NOT NULL,
-        ts DOUBLE PRECISION NOT NULL,
-        body TEXT NOT NULL,
-        correlation_id TEXT,
-        causation_id TEXT
-    )""",
-    "CREATE INDEX IF NOT EXISTS events_domain ON events (domain_id, host, seq)",
-    "CREATE INDEX IF NOT EXISTS events_project ON events (project, id)",
-    """CREATE TABLE IF NOT EXISTS hosts (
-        name TEXT PRIMARY KEY,
-        enabled INTEGER NOT NULL,
-        kvm TEXT NOT NULL,
-        version TEXT NOT NULL,
-        interval_s DOUBLE PRECISION NOT NULL,
-        last_seen DOUBLE PRECISION NOT NULL,
-        inventory TEXT NOT NULL,
-        usage TEXT NOT NULL,
-        domains_by_state TEXT NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS tokens (
-        id TEXT PRIMARY KEY,
-        token_sha256 TEXT NOT NULL UNIQUE,
-        project TEXT NOT NULL,
-        role TEXT NOT NULL,
-        description TEXT NOT NULL,
-        created_at DOUBLE PRECISION NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS quotas (
-        project TEXT PRIMARY KEY,
-        domains INTEGER,
-        vcpus INTEGER,
-        memory_mib INTEGER
-    )""",
-    # Keys the API derives things from (the host alias key), made once, shared by replicas.
-    """CREATE TABLE IF NOT EXISTS secrets (
-        name TEXT PRIMARY KEY,
-        value TEXT NOT NULL
-    )""",
-]
-_ADDED_COLUMNS = [("events", "correlation_id", "TEXT"), ("events", "causation_id", "TEXT")]
-_AUTOID = {
-    "sqlite": "INTEGER PRIMARY KEY AUTOINCREMENT",
-    "postgresql": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
-}
+Row = Sequence[Any]  # a result row: the selected columns in order
 
 
 class Outcome(StrEnum):
@@ -187,10 +128,57 @@ class TokenRecord:
     created_at: float
 
 
-_DOMAIN_COLUMNS = "id, project, name, spec, host, power, task, seq, fault, created_at, updated_at"
+_DOMAIN_COLUMNS = (
+    domains.c.id,
+    domains.c.project,
+    domains.c.name,
+    domains.c.spec,
+    domains.c.host,
+    domains.c.power,
+    domains.c.task,
+    domains.c.seq,
+    domains.c.fault,
+    domains.c.created_at,
+    domains.c.updated_at,
+)
 _EVENT_COLUMNS = (
-    "id, message_id, project, domain_id, host, seq, type, routing_key, state, ts, body, "
-    "correlation_id, causation_id"
+    events.c.id,
+    events.c.message_id,
+    events.c.project,
+    events.c.domain_id,
+    events.c.host,
+    events.c.seq,
+    events.c.type,
+    events.c.routing_key,
+    events.c.state,
+    events.c.ts,
+    events.c.body,
+    events.c.correlation_id,
+    events.c.causation_id,
+)
+
+# Built once: the hot paths (event projection, reads by id) only bind their parameters.
+_DOMAIN_BY_ID = sa.select(*_DOMAIN_COLUMNS).where(domains.c.id == sa.bindparam("b_id"))
+_PROJECTION_OF = sa.select(
+    domains.c.project, domains.c.host, domains.c.task, domains.c.seq, domains.c.fault
+).where(domains.c.id == sa.bindparam("b_id"))
+_TAKEN = sa.select(sa.literal(1)).where(
+    (domains.c.id == sa.bindparam("b_id")) | (domains.c.name == sa.bindparam("b_name"))
+)
+_USAGE = sa.select(
+    sa.func.count(),
+    sa.func.coalesce(sa.func.sum(domains.c.vcpus), 0),
+    sa.func.coalesce(sa.func.sum(domains.c.memory_mib), 0),
+).where(domains.c.project == sa.bindparam("b_project"))
+_UPDATE_DOMAIN = domains.update().where(domains.c.id == sa.bindparam("b_id"))
+_DELETE_DOMAIN = domains.delete().where(domains.c.id == sa.bindparam("b_id"))
+
+_TOKEN_COLUMNS = (
+    tokens.c.id,
+    tokens.c.project,
+    tokens.c.role,
+    tokens.c.description,
+    tokens.c.created_at,
 )
 
 
@@ -242,18 +230,9 @@ class Registry:
         self.db.close()
 
     def migrate(self) -> None:
-        """Create the tables that are missing (idempotent; safe from several replicas)."""
-        with self.db.transaction() as cur:
-            if cur.dialect == "postgresql":
-                cur.execute("SELECT pg_advisory_xact_lock(?)", (_EVENT_LOG_LOCK + 1,))
-            for statement in _SCHEMA:
-                cur.execute(statement.replace("{autoid}", _AUTOID[cur.dialect]))
-            # Columns added since a table was first created.
-            for table, column, kind in _ADDED_COLUMNS:
-                if cur.dialect == "postgresql":
-                    cur.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
-                elif not any(r[1] == column for r in cur.all(f"PRAGMA table_info({table})")):
-                    cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        """Bring the schema to the newest revision (idempotent; safe from several replicas;
+        a database made before migrations existed is adopted, see services.db)."""
+        upgrade(self.db, REGISTRY)
 
     # ---- domains ---------------------------------------------------------------------------
 
@@ -263,48 +242,42 @@ class Registry:
         Raises QuotaExceeded (nothing stored) or NameInUse."""
         now = time.time()
         with self.db.transaction() as cur:
-            if cur.dialect == "postgresql":
-                # Serialise creates per project so two of them cannot both pass the check.
-                cur.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (project,))
+            # Serialise creates per project so two of them cannot both pass the check.
+            advisory_xact_lock(cur, project)
             used = self._usage(cur, project)
             wanted = {"domains": 1, "vcpus": spec.vcpus, "memory_mib": spec.memory_mib}
             for resource, requested in wanted.items():
                 limit = getattr(quota, resource)
                 if limit is not None and used[resource] + requested > limit:
                     raise QuotaExceeded(resource, limit, used[resource], requested)
-            taken = cur.one(
-                "SELECT 1 FROM domains WHERE id = ? OR name = ?", (str(spec.uuid), spec.name)
-            )
+            taken = cur.execute(_TAKEN, {"b_id": str(spec.uuid), "b_name": spec.name}).first()
             if taken:
                 raise NameInUse(f"a domain named {spec.name!r} exists (or its uuid is taken)")
             cur.execute(
-                f"INSERT INTO domains ({_DOMAIN_COLUMNS}, vcpus, memory_mib) "  # noqa: S608
-                "VALUES (?, ?, ?, ?, NULL, ?, ?, 0, NULL, ?, ?, ?, ?)",
-                (
-                    str(spec.uuid),
-                    project,
-                    spec.name,
-                    spec.model_dump_json(),
-                    PowerState.NOSTATE.value,
-                    TaskState.SCHEDULING.value,
-                    now,
-                    now,
-                    spec.vcpus,
-                    spec.memory_mib,
-                ),
+                domains.insert(),
+                {
+                    "id": str(spec.uuid),
+                    "project": project,
+                    "name": spec.name,
+                    "spec": spec.model_dump_json(),
+                    "host": None,
+                    "power": PowerState.NOSTATE.value,
+                    "task": TaskState.SCHEDULING.value,
+                    "seq": 0,
+                    "fault": None,
+                    "created_at": now,
+                    "updated_at": now,
+                    "vcpus": spec.vcpus,
+                    "memory_mib": spec.memory_mib,
+                },
             )
         record = self.get_domain(spec.uuid)
         assert record is not None
         return record
 
     @staticmethod
-    def _usage(cur: Cursor, project: str) -> dict[str, int]:
-        row = cur.one(
-            "SELECT COUNT(*), COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0) "
-            "FROM domains WHERE project = ?",
-            (project,),
-        )
-        assert row is not None
+    def _usage(cur: Connection, project: str) -> dict[str, int]:
+        row = cur.execute(_USAGE, {"b_project": project}).one()
         return {"domains": int(row[0]), "vcpus": int(row[1]), "memory_mib": int(row[2])}
 
     def usage(self, project: str) -> dict[str, int]:
@@ -314,10 +287,7 @@ class Registry:
 
     def get_domain(self, domain_id: uuid.UUID) -> DomainRecord | None:
         with self.db.transaction() as cur:
-            row = cur.one(
-                f"SELECT {_DOMAIN_COLUMNS} FROM domains WHERE id = ?",  # noqa: S608
-                (str(domain_id),),
-            )
+            row = cur.execute(_DOMAIN_BY_ID, {"b_id": str(domain_id)}).first()
         return _domain(row) if row else None
 
     def list_domains(
@@ -330,23 +300,18 @@ class Registry:
         name: str | None = None,
     ) -> list[DomainRecord]:
         """Domains matching every filter given, by project and name."""
-        where, params = [], []
+        query = sa.select(*_DOMAIN_COLUMNS).order_by(domains.c.project, domains.c.name)
         for column, value in (
-            ("project", project),
-            ("power", power.value if power else None),
-            ("task", task.value if task else None),
-            ("host", host),
-            ("name", name),
+            (domains.c.project, project),
+            (domains.c.power, power.value if power else None),
+            (domains.c.task, task.value if task else None),
+            (domains.c.host, host),
+            (domains.c.name, name),
         ):
             if value is not None:
-                where.append(f"{column} = ?")
-                params.append(value)
-        # Only constant column names are spliced in; values are always parameters.
-        sql = f"SELECT {_DOMAIN_COLUMNS} FROM domains"  # noqa: S608
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+                query = query.where(column == value)
         with self.db.transaction() as cur:
-            rows = cur.all(sql + " ORDER BY project, name", params)
+            rows = cur.execute(query).all()
         return [_domain(r) for r in rows]
 
     def set_task(
@@ -355,13 +320,13 @@ class Registry:
         """Set the task (and the fault, which only `error` keeps)."""
         with self.db.transaction() as cur:
             cur.execute(
-                "UPDATE domains SET task = ?, fault = ?, updated_at = ? WHERE id = ?",
-                (
-                    task.value,
-                    fault.model_dump_json() if fault and task is TaskState.ERROR else None,
-                    time.time(),
-                    str(domain_id),
-                ),
+                domains.update()
+                .where(domains.c.id == str(domain_id))
+                .values(
+                    task=task.value,
+                    fault=fault.model_dump_json() if fault and task is TaskState.ERROR else None,
+                    updated_at=time.time(),
+                )
             )
         return self.get_domain(domain_id)
 
@@ -373,18 +338,26 @@ class Registry:
         and are newer than `info` win."""
         with self.db.transaction() as cur:
             power, seq = info.state.value, info.seq
-            newest = cur.one(
-                "SELECT seq, state FROM events WHERE domain_id = ? AND host = ? "
-                "ORDER BY seq DESC LIMIT 1",
-                (str(domain_id), host),
-            )
+            newest = cur.execute(
+                sa.select(events.c.seq, events.c.state)
+                .where(events.c.domain_id == str(domain_id), events.c.host == host)
+                .order_by(events.c.seq.desc())
+                .limit(1)
+            ).first()
             if newest and int(newest[0]) > seq:
                 seq, power = int(newest[0]), newest[1]
             changed = cur.execute(
-                "UPDATE domains SET host = ?, power = ?, seq = ?, task = ?, fault = NULL, "
-                "updated_at = ? WHERE id = ?",
-                (host, power, seq, TaskState.NONE.value, time.time(), str(domain_id)),
-            )
+                domains.update()
+                .where(domains.c.id == str(domain_id))
+                .values(
+                    host=host,
+                    power=power,
+                    seq=seq,
+                    task=TaskState.NONE.value,
+                    fault=None,
+                    updated_at=time.time(),
+                )
+            ).rowcount
         return self.get_domain(domain_id) if changed else None
 
     def observe_info(self, info: DomainInfo) -> DomainRecord | None:
@@ -392,15 +365,19 @@ class Registry:
         the domain's host and its seq is above the stored one."""
         with self.db.transaction() as cur:
             cur.execute(
-                "UPDATE domains SET power = ?, seq = ?, updated_at = ? "
-                "WHERE id = ? AND host = ? AND seq < ?",
-                (info.state.value, info.seq, time.time(), str(info.domain_id), info.host, info.seq),
+                domains.update()
+                .where(
+                    domains.c.id == str(info.domain_id),
+                    domains.c.host == info.host,
+                    domains.c.seq < info.seq,
+                )
+                .values(power=info.state.value, seq=info.seq, updated_at=time.time())
             )
         return self.get_domain(info.domain_id)
 
     def remove_domain(self, domain_id: uuid.UUID) -> bool:
         with self.db.transaction() as cur:
-            return cur.execute("DELETE FROM domains WHERE id = ?", (str(domain_id),)) > 0
+            return cur.execute(domains.delete().where(domains.c.id == str(domain_id))).rowcount > 0
 
     # ---- events ----------------------------------------------------------------------------
 
@@ -418,32 +395,28 @@ class Registry:
         domain_id = str(event.domain_id)
         now = time.time()
         with self.db.transaction() as cur:
-            if cur.dialect == "postgresql":
-                cur.execute("SELECT pg_advisory_xact_lock(?)", (_EVENT_LOG_LOCK,))
-            row = cur.one(
-                "SELECT project, host, task, seq, fault FROM domains WHERE id = ?", (domain_id,)
-            )
+            advisory_xact_lock(cur, EVENT_LOG_LOCK)
+            row = cur.execute(_PROJECTION_OF, {"b_id": domain_id}).first()
             inserted = cur.execute(
-                "INSERT INTO events (message_id, project, domain_id, host, seq, type, "
-                "routing_key, state, ts, body, correlation_id, causation_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (message_id) DO NOTHING",
-                (
-                    message_id,
-                    row[0] if row else None,
-                    domain_id,
-                    event.host,
-                    event.seq,
-                    event.TYPE,
-                    routing_key,
-                    event.state.value,
-                    ts if ts is not None else now,
-                    event.model_dump_json(),
-                    correlation_id,
-                    causation_id,
-                ),
-            )
-            if not inserted:
+                upsert(cur, events)
+                .on_conflict_do_nothing(index_elements=[events.c.message_id])
+                .returning(events.c.id),
+                {
+                    "message_id": message_id,
+                    "project": row[0] if row else None,
+                    "domain_id": domain_id,
+                    "host": event.host,
+                    "seq": event.seq,
+                    "type": event.TYPE,
+                    "routing_key": routing_key,
+                    "state": event.state.value,
+                    "ts": ts if ts is not None else now,
+                    "body": event.model_dump_json(),
+                    "correlation_id": correlation_id,
+                    "causation_id": causation_id,
+                },
+            ).first()
+            if inserted is None:
                 return Outcome.DUPLICATE
             if row is None:
                 return Outcome.LOGGED
@@ -463,36 +436,34 @@ class Registry:
                 return Outcome.STALE
             if isinstance(event, DomainUndefined):
                 if task is TaskState.DELETING:
-                    cur.execute("DELETE FROM domains WHERE id = ?", (domain_id,))
+                    cur.execute(_DELETE_DOMAIN, {"b_id": domain_id})
                     return Outcome.REMOVED
                 lost = Fault(
                     code="undefined_on_host", message=event.reason or "undefined", host=host
                 )
                 cur.execute(
-                    "UPDATE domains SET power = ?, seq = ?, task = ?, fault = ?, updated_at = ? "
-                    "WHERE id = ?",
-                    (
-                        PowerState.NOSTATE.value,
-                        event.seq,
-                        TaskState.ERROR.value,
-                        lost.model_dump_json(),
-                        now,
-                        domain_id,
-                    ),
+                    _UPDATE_DOMAIN,
+                    {
+                        "b_id": domain_id,
+                        "power": PowerState.NOSTATE.value,
+                        "seq": event.seq,
+                        "task": TaskState.ERROR.value,
+                        "fault": lost.model_dump_json(),
+                        "updated_at": now,
+                    },
                 )
                 return Outcome.APPLIED
             cur.execute(
-                "UPDATE domains SET host = ?, power = ?, seq = ?, task = ?, fault = ?, "
-                "updated_at = ? WHERE id = ?",
-                (
-                    host,
-                    event.state.value,
-                    event.seq,
-                    task.value,
-                    fault if task is TaskState.ERROR else None,
-                    now,
-                    domain_id,
-                ),
+                _UPDATE_DOMAIN,
+                {
+                    "b_id": domain_id,
+                    "host": host,
+                    "power": event.state.value,
+                    "seq": event.seq,
+                    "task": task.value,
+                    "fault": fault if task is TaskState.ERROR else None,
+                    "updated_at": now,
+                },
             )
             return Outcome.APPLIED
 
@@ -507,26 +478,21 @@ class Registry:
     ) -> list[EventRecord]:
         """Log rows with id above `after_id`, oldest first; `project` None means every
         project (and domains the registry does not know)."""
-        where: list[str] = ["id > ?"]
-        params: list[Any] = [after_id]
+        query = sa.select(*_EVENT_COLUMNS).where(events.c.id > after_id)
         if project is not None:
-            where.append("project = ?")
-            params.append(project)
+            query = query.where(events.c.project == project)
         if domain_id is not None:
-            where.append("domain_id = ?")
-            params.append(str(domain_id))
+            query = query.where(events.c.domain_id == str(domain_id))
             if since_seq is not None:
-                where.append("seq > ?")
-                params.append(since_seq)
-        sql = f"SELECT {_EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY id LIMIT ?"  # noqa: S608
+                query = query.where(events.c.seq > since_seq)
         with self.db.transaction() as cur:
-            rows = cur.all(sql, [*params, limit])
+            rows = cur.execute(query.order_by(events.c.id).limit(limit)).all()
         return [_event(r) for r in rows]
 
     def last_event_id(self) -> int:
         with self.db.transaction() as cur:
-            row = cur.one("SELECT COALESCE(MAX(id), 0) FROM events")
-        return int(row[0]) if row else 0
+            last = cur.execute(sa.select(sa.func.coalesce(sa.func.max(events.c.id), 0))).scalar()
+        return int(last or 0)
 
     # ---- hosts -----------------------------------------------------------------------------
 
@@ -534,48 +500,56 @@ class Registry:
         """Store the host's latest heartbeat (an older one never replaces a newer one)."""
         seen = time.time() if seen_at is None else seen_at
         with self.db.transaction() as cur:
+            insert = upsert(cur, hosts).values(
+                name=beat.host,
+                enabled=1 if beat.enabled else 0,
+                kvm=beat.inventory.kvm.value,
+                version=beat.version,
+                interval_s=beat.interval_s,
+                last_seen=seen,
+                inventory=beat.inventory.model_dump_json(),
+                usage=beat.usage.model_dump_json(),
+                domains_by_state=json.dumps({k.value: v for k, v in beat.domains_by_state.items()}),
+            )
             cur.execute(
-                "INSERT INTO hosts (name, enabled, kvm, version, interval_s, last_seen, "
-                "inventory, usage, domains_by_state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET enabled = excluded.enabled, "
-                "kvm = excluded.kvm, version = excluded.version, "
-                "interval_s = excluded.interval_s, last_seen = excluded.last_seen, "
-                "inventory = excluded.inventory, usage = excluded.usage, "
-                "domains_by_state = excluded.domains_by_state "
-                "WHERE hosts.last_seen <= excluded.last_seen",
-                (
-                    beat.host,
-                    1 if beat.enabled else 0,
-                    beat.inventory.kvm.value,
-                    beat.version,
-                    beat.interval_s,
-                    seen,
-                    beat.inventory.model_dump_json(),
-                    beat.usage.model_dump_json(),
-                    json.dumps({k.value: v for k, v in beat.domains_by_state.items()}),
-                ),
+                insert.on_conflict_do_update(
+                    index_elements=[hosts.c.name],
+                    set_={
+                        column.name: insert.excluded[column.name]
+                        for column in hosts.c
+                        if column is not hosts.c.name
+                    },
+                    where=hosts.c.last_seen <= insert.excluded.last_seen,
+                )
             )
 
     def set_host_enabled(self, name: str, enabled: bool) -> None:
         with self.db.transaction() as cur:
-            cur.execute("UPDATE hosts SET enabled = ? WHERE name = ?", (1 if enabled else 0, name))
+            cur.execute(
+                hosts.update().where(hosts.c.name == name).values(enabled=1 if enabled else 0)
+            )
 
     def host_names(self) -> list[str]:
         """The names of every host that has sent a heartbeat."""
         with self.db.transaction() as cur:
-            return [str(r[0]) for r in cur.all("SELECT name FROM hosts", [])]
+            return [str(name) for name in cur.execute(sa.select(hosts.c.name)).scalars()]
 
     def hosts(self, name: str | None = None) -> list[HostRecord]:
-        sql = (
-            "SELECT name, enabled, kvm, version, interval_s, last_seen, inventory, usage, "
-            "domains_by_state FROM hosts"
+        query = sa.select(
+            hosts.c.name,
+            hosts.c.enabled,
+            hosts.c.kvm,
+            hosts.c.version,
+            hosts.c.interval_s,
+            hosts.c.last_seen,
+            hosts.c.inventory,
+            hosts.c.usage,
+            hosts.c.domains_by_state,
         )
-        params: list[Any] = []
         if name is not None:
-            sql += " WHERE name = ?"
-            params.append(name)
+            query = query.where(hosts.c.name == name)
         with self.db.transaction() as cur:
-            rows = cur.all(sql + " ORDER BY name", params)
+            rows = cur.execute(query.order_by(hosts.c.name)).all()
         return [
             HostRecord(
                 name=r[0],
@@ -599,39 +573,50 @@ class Registry:
         record = TokenRecord(uuid.uuid4().hex, project, role, description, time.time())
         with self.db.transaction() as cur:
             cur.execute(
-                "INSERT INTO tokens (id, token_sha256, project, role, description, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (record.id, token_sha256, project, role.value, description, record.created_at),
+                tokens.insert().values(
+                    id=record.id,
+                    token_sha256=token_sha256,
+                    project=project,
+                    role=role.value,
+                    description=description,
+                    created_at=record.created_at,
+                )
             )
         return record
 
     def find_token(self, token_sha256: str) -> TokenRecord | None:
         with self.db.transaction() as cur:
-            row = cur.one(
-                "SELECT id, project, role, description, created_at FROM tokens "
-                "WHERE token_sha256 = ?",
-                (token_sha256,),
-            )
+            row = cur.execute(
+                sa.select(*_TOKEN_COLUMNS).where(tokens.c.token_sha256 == token_sha256)
+            ).first()
         return TokenRecord(row[0], row[1], Role(row[2]), row[3], float(row[4])) if row else None
 
     def list_tokens(self) -> list[TokenRecord]:
         with self.db.transaction() as cur:
-            rows = cur.all(
-                "SELECT id, project, role, description, created_at FROM tokens ORDER BY created_at"
-            )
+            rows = cur.execute(sa.select(*_TOKEN_COLUMNS).order_by(tokens.c.created_at)).all()
         return [TokenRecord(r[0], r[1], Role(r[2]), r[3], float(r[4])) for r in rows]
 
     def delete_token(self, token_id: str) -> bool:
         with self.db.transaction() as cur:
-            return cur.execute("DELETE FROM tokens WHERE id = ?", (token_id,)) > 0
+            return cur.execute(tokens.delete().where(tokens.c.id == token_id)).rowcount > 0
 
     def set_quota(self, project: str, quota: Quota) -> None:
         with self.db.transaction() as cur:
+            insert = upsert(cur, quotas).values(
+                project=project,
+                domains=quota.domains,
+                vcpus=quota.vcpus,
+                memory_mib=quota.memory_mib,
+            )
             cur.execute(
-                "INSERT INTO quotas (project, domains, vcpus, memory_mib) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (project) DO UPDATE SET domains = excluded.domains, "
-                "vcpus = excluded.vcpus, memory_mib = excluded.memory_mib",
-                (project, quota.domains, quota.vcpus, quota.memory_mib),
+                insert.on_conflict_do_update(
+                    index_elements=[quotas.c.project],
+                    set_={
+                        "domains": insert.excluded.domains,
+                        "vcpus": insert.excluded.vcpus,
+                        "memory_mib": insert.excluded.memory_mib,
+                    },
+                )
             )
 
     def secret(self, name: str) -> str:
@@ -639,17 +624,21 @@ class Registry:
         across restarts."""
         with self.db.transaction() as cur:
             cur.execute(
-                "INSERT INTO secrets (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
-                (name, secrets.token_hex(32)),
+                upsert(cur, secrets_table)
+                .values(name=name, value=secrets.token_hex(32))
+                .on_conflict_do_nothing(index_elements=[secrets_table.c.name])
             )
-            row = cur.one("SELECT value FROM secrets WHERE name = ?", (name,))
-        assert row is not None
-        return str(row[0])
+            value = cur.execute(
+                sa.select(secrets_table.c.value).where(secrets_table.c.name == name)
+            ).scalar_one()
+        return str(value)
 
     def get_quota(self, project: str) -> Quota | None:
         """The quota an admin set through the API, if any (it overrides the config file)."""
         with self.db.transaction() as cur:
-            row = cur.one(
-                "SELECT domains, vcpus, memory_mib FROM quotas WHERE project = ?", (project,)
-            )
+            row = cur.execute(
+                sa.select(quotas.c.domains, quotas.c.vcpus, quotas.c.memory_mib).where(
+                    quotas.c.project == project
+                )
+            ).first()
         return Quota(domains=row[0], vcpus=row[1], memory_mib=row[2]) if row else None

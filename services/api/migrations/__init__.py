@@ -1,0 +1,1 @@
+"""The registry's Alembic migrations (env.py, versions/); see docs/database.md."""

@@ -1,0 +1,1 @@
+"""The registry's revisions, oldest first: NNNN_what.py."""

@@ -1,0 +1,138 @@
+"""The registry's tables (SQLAlchemy Core) and its migration history (`REGISTRY`).
+
+These are the head schema the registry's queries use; services/api/migrations/versions/
+holds the revisions that build it. A change here needs a revision there (docs/database.md);
+tests/unit/test_db_migrations.py fails while the two disagree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from services.db import Component, Legacy
+
+metadata = sa.MetaData()
+
+domains = sa.Table(
+    "domains",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("project", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("spec", sa.Text, nullable=False),  # DomainSpec JSON
+    sa.Column("vcpus", sa.Integer, nullable=False),
+    sa.Column("memory_mib", sa.Integer, nullable=False),
+    sa.Column("host", sa.Text),
+    sa.Column("power", sa.Text, nullable=False),
+    sa.Column("task", sa.Text, nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False, server_default=sa.text("0")),
+    sa.Column("fault", sa.Text),  # Fault JSON
+    sa.Column("created_at", sa.DOUBLE_PRECISION, nullable=False),
+    sa.Column("updated_at", sa.DOUBLE_PRECISION, nullable=False),
+    sa.UniqueConstraint("name"),
+)
+sa.Index("domains_host", domains.c.host)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        sa.Identity(always=True),
+        primary_key=True,
+    ),
+    sa.Column("message_id", sa.Text, nullable=False, unique=True),
+    sa.Column("project", sa.Text),
+    sa.Column("domain_id", sa.Text, nullable=False),
+    sa.Column("host", sa.Text, nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("type", sa.Text, nullable=False),
+    sa.Column("routing_key", sa.Text, nullable=False),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("ts", sa.DOUBLE_PRECISION, nullable=False),
+    sa.Column("body", sa.Text, nullable=False),  # the event's JSON
+    sa.Column("correlation_id", sa.Text),
+    sa.Column("causation_id", sa.Text),
+    sqlite_autoincrement=True,  # ids never reused: SSE clients resume after an id
+)
+sa.Index("events_domain", events.c.domain_id, events.c.host, events.c.seq)
+sa.Index("events_project", events.c.project, events.c.id)
+
+hosts = sa.Table(
+    "hosts",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("enabled", sa.Integer, nullable=False),  # 0 or 1
+    sa.Column("kvm", sa.Text, nullable=False),
+    sa.Column("version", sa.Text, nullable=False),
+    sa.Column("interval_s", sa.DOUBLE_PRECISION, nullable=False),
+    sa.Column("last_seen", sa.DOUBLE_PRECISION, nullable=False),
+    sa.Column("inventory", sa.Text, nullable=False),  # HostInventory JSON
+    sa.Column("usage", sa.Text, nullable=False),  # Resources JSON
+    sa.Column("domains_by_state", sa.Text, nullable=False),  # {state: count} JSON
+)
+
+tokens = sa.Table(
+    "tokens",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("token_sha256", sa.Text, nullable=False, unique=True),
+    sa.Column("project", sa.Text, nullable=False),
+    sa.Column("role", sa.Text, nullable=False),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DOUBLE_PRECISION, nullable=False),
+)
+
+quotas = sa.Table(
+    "quotas",
+    metadata,
+    sa.Column("project", sa.Text, primary_key=True),
+    sa.Column("domains", sa.Integer),
+    sa.Column("vcpus", sa.Integer),
+    sa.Column("memory_mib", sa.Integer),
+)
+
+# Keys the API derives things from (the host alias key), made once, shared by replicas.
+secrets_table = sa.Table(
+    "secrets",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+# Any constant will do: it names the lock that orders event-log appends on PostgreSQL.
+EVENT_LOG_LOCK = 0x466C6F74
+
+REGISTRY = Component(
+    name="registry",
+    metadata=metadata,
+    script_location=Path(__file__).with_name("migrations"),
+    # The key the releases before Alembic took around their `migrate()`, so one of them
+    # starting beside a newer replica waits for it.
+    lock_key=EVENT_LOG_LOCK + 1,
+    legacy=Legacy(
+        revision="0001",
+        # Frozen history: what those releases made, whatever later revisions add.
+        tables={
+            "domains": frozenset(
+                {"id", "project", "name", "spec", "vcpus", "memory_mib", "host", "power"}
+                | {"task", "seq", "fault", "created_at", "updated_at"}
+            ),
+            "events": frozenset(
+                {"id", "message_id", "project", "domain_id", "host", "seq", "type"}
+                | {"routing_key", "state", "ts", "body", "correlation_id", "causation_id"}
+            ),
+            "hosts": frozenset(
+                {"name", "enabled", "kvm", "version", "interval_s", "last_seen", "inventory"}
+                | {"usage", "domains_by_state"}
+            ),
+            "tokens": frozenset(
+                {"id", "token_sha256", "project", "role", "description", "created_at"}
+            ),
+            "quotas": frozenset({"project", "domains", "vcpus", "memory_mib"}),
+        },
+    ),
+)
