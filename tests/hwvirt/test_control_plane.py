@@ -48,7 +48,7 @@ class Up:
     proc: subprocess.Popen[str]
     client: httpx.Client
 
-    def flotilla(self, *args: str, timeout: float = 120) -> str:
+    def flotilla(self, *args: str, timeout: float = 2 * BOOT_TIMEOUT) -> str:
         """Runs the `flotilla` CLI against this stack; returns its stdout, fails on error."""
         done = subprocess.run(
             [sys.executable, "-m", "services.cli.main", "--state-dir", str(self.state_dir), *args],
@@ -95,7 +95,8 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
         ],
         stdout=subprocess.PIPE,
         stderr=log,
-        env=cli_env(),
+        # A VMM's Python starts in seconds in the L1, not milliseconds.
+        env={**cli_env(), "FLOTILLA_VMM_SPAWN_TIMEOUT_S": str(BOOT_TIMEOUT)},
         text=True,
     )  # fmt: skip
     try:
@@ -129,7 +130,7 @@ def create_linux(up: Up, images: LinuxImages, cmdline: str, vcpus: int) -> dict[
     up.flotilla(
         "create", "--name", name, "--vcpus", str(vcpus), "--memory", "256",
         "--kernel", str(images.vmlinuz), "--initrd", str(images.initramfs),
-        "--cmdline", cmdline,
+        "--cmdline", cmdline, "--timeout", str(BOOT_TIMEOUT),
     )  # fmt: skip
     found = [d for d in ok(up.client.get("/v1/domains"), 200)["domains"] if d["name"] == name]
     assert len(found) == 1, found
