@@ -27,7 +27,7 @@ from native.images import ImageError, LinuxImages, fetch_images
 from services.broker import available as broker_available
 from tests.e2e.harness import domain_events, ok, wait_console, wait_domain, wait_gone
 
-UP_TIMEOUT = 400.0  # the API, scheduler and compute node, emulated in the L1
+UP_TIMEOUT = 600.0  # the API, scheduler and compute node, emulated in a busy L1
 BOOT_TIMEOUT = 180.0  # Linux to READY through the whole stack
 # integration: it needs a broker, which the harness forwards into the L1 from the host
 # (Erlang does not start in the L1 in useful time).
