@@ -14,6 +14,9 @@ import pytest
 
 from tests.brokers import BrokerHandle, external_broker, private_broker, testcontainers_broker
 
+# Tests marked `hwvirt` run in a nested L1 on hosts without vmx/svm (docs/testing.md).
+pytest_plugins = ("tests.hwvirt.plugin",)
+
 
 @pytest.fixture(scope="session")
 def broker() -> Iterator[BrokerHandle]:

@@ -1,0 +1,454 @@
+"""One command in a nested L1 with hardware-virt KVM, under QEMU TCG (docs/testing.md).
+
+PVM hosts (FACTS.md) cannot run a Linux guest; QEMU's TCG with `-cpu EPYC` emulates AMD SVM
+with nested paging, and Debian's cloud kernel booted there (the one deploy/images fetches) gets
+a `/dev/kvm` with hardware-virt semantics. The L1 mounts the host's root over virtiofs, so the
+checkout, its .venv and the image cache are all there; it runs one script from a run directory
+on the host chrooted into that root, with a tmpfs TMPDIR of its own, and powers off.
+
+`run_in_l1()` is bounded in time: on timeout it kills QEMU and virtiofsd by pid and reports the
+console tail; it never leaves a process running, whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from native.images import cache_root
+from services.broker import BrokerError, PrivateBroker
+
+# Set in the L1's environment: code that must not start another L1 (the pytest plugin, the
+# harness's own command line) runs directly when it sees it.
+INSIDE_ENV = "FLOTILLA_HWVIRT_L1"
+TIMEOUT_ENV = "FLOTILLA_HWVIRT_TIMEOUT"
+DEFAULT_TIMEOUT = 1200.0
+QEMU = "qemu-system-x86_64"
+VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")  # Debian 12's qemu-system-x86 ships it here
+BUILD_INITRAMFS = Path(__file__).resolve().parents[2] / "deploy" / "images" / "build-initramfs"
+# Host settings that mean nothing in an L1 without a network (a broker or database URL would
+# point at the host); everything else of the caller's FLOTILLA_* environment is passed on.
+NOT_PASSED = frozenset({"FLOTILLA_AMQP_URL", "FLOTILLA_AMQP_MGMT_URL", "FLOTILLA_TEST_PG_URL"})
+PASSED_PREFIXES = ("FLOTILLA_", "PYTEST_", "LC_")
+PASSED_NAMES = frozenset({"LANG", "TERM", "TZ", "HYPOTHESIS_PROFILE"})
+CONSOLE_TAIL_LINES = 40
+# The host as the L1 sees it through QEMU's user-mode network: only the ports forwarded to
+# the host's loopback answer there (tests/hwvirt/relay.py), nothing else leaves the L1.
+HOST_ALIAS = "10.0.2.100"
+RELAY = Path(__file__).resolve().parent / "relay.py"
+# Plugins the hwvirt tests do not use, left out of pytest in the L1: imports are emulated
+# there, and hypothesis's alone costs tens of seconds of start-up.
+LEAN_PLUGINS = ("-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-p", "no:anyio")
+
+
+class L1Error(Exception):
+    """The L1 could not be started (tools or images missing); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class L1Result:
+    """How one command in the L1 ended.
+
+    `status` is the command's exit status, None when it never finished (timeout, or the L1
+    died first: `console` then says why). `output` is its stdout and stderr together.
+    """
+
+    status: int | None
+    timed_out: bool
+    seconds: float
+    output: str
+    console: str
+
+    def console_tail(self, lines: int = CONSOLE_TAIL_LINES) -> str:
+        return "\n".join(self.console.replace("\r", "").splitlines()[-lines:])
+
+
+def inside_l1() -> bool:
+    return os.environ.get(INSIDE_ENV) == "1"
+
+
+def host_has_hardware_virtualization(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True where the CPU shows vmx or svm: Linux guests run on /dev/kvm directly."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags") and {"vmx", "svm"} & set(line.split(":", 1)[-1].split()):
+            return True
+    return False
+
+
+def runs_directly() -> bool:
+    """True inside the L1 and on hosts with vmx/svm: hwvirt tests need no L1 there."""
+    return inside_l1() or host_has_hardware_virtualization()
+
+
+def default_timeout() -> float:
+    raw = os.environ.get(TIMEOUT_ENV)
+    if not raw:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        raise L1Error(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise L1Error(f"{TIMEOUT_ENV} must be positive, not {raw!r}")
+    return value
+
+
+def ensure_tools() -> None:
+    """QEMU and virtiofsd, installed with apt-get (as root) when missing."""
+    if shutil.which(QEMU) and VIRTIOFSD.is_file():
+        return
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "qemu-system-x86"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            check=False,
+        )
+    if not (shutil.which(QEMU) and VIRTIOFSD.is_file()):
+        raise L1Error(
+            f"the hwvirt tier needs {QEMU} and {VIRTIOFSD}: apt-get install qemu-system-x86"
+        )
+
+
+def l1_images(timeout: float = 600) -> tuple[Path, Path]:
+    """(bzImage, L1 initramfs): fetched and built into the image cache, reused when done.
+
+    Also builds the guest initramfs, so tests in the L1 find the cache complete.
+    """
+    found: dict[str, str] = {}
+    for flags in ([], ["--hwvirt-l1"]):
+        try:
+            proc = subprocess.run(
+                [str(BUILD_INITRAMFS), *flags],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise L1Error(f"build-initramfs: {exc}") from exc
+        if proc.returncode != 0:
+            raise L1Error(f"build-initramfs {' '.join(flags)} failed:\n{proc.stderr.strip()}")
+        for line in proc.stdout.splitlines():
+            key, sep, value = line.partition("=")
+            if sep:
+                found[key] = value
+    return Path(found["vmlinuz"]), Path(found["initramfs"])
+
+
+def l1_environment(base: Mapping[str, str], run_dir: Path) -> dict[str, str]:
+    """The command's environment in the L1: the caller's locale, FLOTILLA_* and PYTEST_*
+    settings (no host URLs), PATH with this Python's bin first, a tmpfs TMPDIR and HOME,
+    the host's image cache, no bytecode written into the checkout."""
+    env = {
+        k: v
+        for k, v in base.items()
+        if (k in PASSED_NAMES or k.startswith(PASSED_PREFIXES)) and k not in NOT_PASSED
+    }
+    tmp = run_dir / "tmp"
+    path = base.get("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin")
+    env.update(
+        {
+            INSIDE_ENV: "1",
+            "PATH": f"{Path(sys.executable).parent}:{path}",
+            "TMPDIR": str(tmp),
+            "HOME": str(tmp / "home"),
+            "FLOTILLA_IMAGE_CACHE": str(cache_root().resolve()),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+def run_script(argv: Sequence[str], cwd: Path, env: Mapping[str, str], run_dir: Path) -> str:
+    """The shell script the L1's init runs chrooted into the host's root: the command with its
+    output in <run>/output and its exit status written last to <run>/status."""
+    exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items()))
+    out, status = run_dir / "output", run_dir / "status"
+    return (
+        "# Written by tests/hwvirt/l1.py; run by the L1's init, chrooted into the host's root.\n"
+        f"{exports}\n"
+        'mkdir -p "$HOME"\n'
+        f"cd {shlex.quote(str(cwd))} || exit 1\n"
+        f"{shlex.join(argv)} >{shlex.quote(str(out))} 2>&1 </dev/null\n"
+        f"echo $? >{shlex.quote(str(status))}.part\n"
+        f"mv {shlex.quote(str(status))}.part {shlex.quote(str(status))}\n"
+    )
+
+
+def user_network(forwards: Sequence[int]) -> list[str]:
+    """QEMU arguments for a NIC on which HOST_ALIAS:<port> reaches 127.0.0.1:<port> on the
+    host, for each port in `forwards`; `restrict=on`: nothing else is reachable."""
+    if not forwards:
+        return []
+    rules = ",".join(
+        f"guestfwd=tcp:{HOST_ALIAS}:{port}-cmd:{sys.executable} -S {RELAY} {port}"
+        for port in forwards
+    )
+    return [
+        "-netdev",
+        f"user,id=net0,restrict=on,{rules}",
+        "-device",
+        "virtio-net-pci,netdev=net0",
+    ]
+
+
+def qemu_argv(
+    kernel: Path,
+    initrd: Path,
+    run_dir: Path,
+    memory_mib: int,
+    cpus: int,
+    *,
+    forwards: Sequence[int] = (),
+) -> list[str]:
+    return [
+        QEMU,
+        "-accel",
+        "tcg,thread=multi",
+        "-cpu",
+        "EPYC",  # TCG's SVM with nested paging: the L1's KVM is hardware-virt KVM
+        "-smp",
+        str(cpus),
+        "-m",
+        f"{memory_mib}M",
+        # virtiofs (vhost-user) needs the guest's RAM in shared memory
+        "-object",
+        f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on",
+        "-numa",
+        "node,memdev=mem",
+        "-chardev",
+        f"socket,id=vfs,path={run_dir / 'vfs.sock'}",
+        "-device",
+        "vhost-user-fs-pci,chardev=vfs,tag=host",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        f"file:{run_dir / 'console.log'}",
+        "-no-reboot",
+        "-kernel",
+        str(kernel),
+        "-initrd",
+        str(initrd),
+        "-append",
+        f"console=ttyS0 panic=-1 quiet flotilla.run={run_dir}",
+        *user_network(forwards),
+    ]
+
+
+def _kill(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+class _Follower:
+    """Copies what a growing file gained since the last call to a stream (live output)."""
+
+    def __init__(self, path: Path, stream: TextIO | None) -> None:
+        self.path = path
+        self.stream = stream
+        self.offset = 0
+
+    def pump(self) -> None:
+        if self.stream is None:
+            return
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            return
+        if chunk:
+            self.offset += len(chunk)
+            self.stream.write(chunk.decode(errors="replace"))
+            self.stream.flush()
+
+
+def _wait_for_socket(path: Path, daemon: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 10
+    while not path.exists():
+        if daemon.poll() is not None:
+            raise L1Error(f"virtiofsd exited with {daemon.returncode}:\n{_read(log)}")
+        if time.monotonic() > deadline:
+            raise L1Error(f"virtiofsd made no socket within 10 s:\n{_read(log)}")
+        time.sleep(0.02)
+
+
+def run_in_l1(
+    argv: Sequence[str],
+    run_dir: Path,
+    *,
+    cwd: Path | None = None,
+    timeout: float | None = None,
+    echo: TextIO | None = None,
+    memory_mib: int = 4096,
+    cpus: int = 2,
+    broker: bool = False,
+) -> L1Result:
+    """Runs `argv` in a fresh L1 and returns how it ended.
+
+    `run_dir` is an empty directory on the host's root file system (the L1 sees it at the same
+    path): the command's output and status land there, and anything the caller asks the
+    command to write there (a JUnit file) is read back from it. `echo` gets the output live.
+    With `broker`, a private RabbitMQ node runs on the host for the run, and the command
+    finds it through FLOTILLA_AMQP_URL (a port forwarded to HOST_ALIAS).
+    Raises L1Error when the L1 cannot be started; a command that fails is a result, not an
+    error.
+    """
+    common: dict[str, Any] = {
+        "cwd": cwd,
+        "timeout": timeout,
+        "echo": echo,
+        "memory_mib": memory_mib,
+        "cpus": cpus,
+    }
+    if broker:
+        with (
+            tempfile.TemporaryDirectory(prefix="flotilla-hwvirt-rmq-") as rmq,
+            forwarded_broker(Path(rmq)) as (port, url),
+        ):
+            return _run(argv, run_dir, **common, forwards=(port,), amqp_url=url)
+    return _run(argv, run_dir, **common, forwards=(), amqp_url=None)
+
+
+def _run(
+    argv: Sequence[str],
+    run_dir: Path,
+    *,
+    cwd: Path | None,
+    timeout: float | None,
+    echo: TextIO | None,
+    memory_mib: int,
+    cpus: int,
+    forwards: Sequence[int],
+    amqp_url: str | None,
+) -> L1Result:
+    timeout = default_timeout() if timeout is None else timeout
+    ensure_tools()
+    kernel, initrd = l1_images()
+    cwd = Path.cwd() if cwd is None else cwd
+    (run_dir / "tmp").mkdir()
+    env = l1_environment(os.environ, run_dir)
+    if amqp_url is not None:
+        env["FLOTILLA_AMQP_URL"] = amqp_url
+    (run_dir / "run.sh").write_text(run_script(argv, cwd, env, run_dir))
+    follower = _Follower(run_dir / "output", echo)
+    console = run_dir / "console.log"
+    daemon: subprocess.Popen[bytes] | None = None
+    qemu: subprocess.Popen[bytes] | None = None
+    started = time.monotonic()
+    timed_out = False
+    try:
+        with (run_dir / "virtiofsd.log").open("wb") as log:
+            daemon = subprocess.Popen(
+                [
+                    str(VIRTIOFSD),
+                    f"--socket-path={run_dir / 'vfs.sock'}",
+                    "-o",
+                    "source=/",
+                    "-o",
+                    # The L1 may keep metadata for the run: nothing on the host changes
+                    # what it reads meanwhile, and Python's start-up stats are slow there.
+                    "cache=always",
+                    "-o",
+                    "sandbox=chroot",  # the namespace sandbox fails here (pivot_root: EBUSY)
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        _wait_for_socket(run_dir / "vfs.sock", daemon, run_dir / "virtiofsd.log")
+        with (run_dir / "qemu.log").open("wb") as log:
+            qemu = subprocess.Popen(
+                qemu_argv(kernel, initrd, run_dir, memory_mib, cpus, forwards=forwards),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        deadline = started + timeout
+        status_file = run_dir / "status"
+        finished_at: float | None = None
+        while qemu.poll() is None:
+            follower.pump()
+            now = time.monotonic()
+            if finished_at is None and status_file.exists():
+                finished_at = now
+            # A finished command whose L1 does not power off is not worth waiting long for.
+            if now > deadline or (finished_at is not None and now > finished_at + 30):
+                timed_out = finished_at is None
+                break
+            time.sleep(0.1)
+    finally:
+        _kill(qemu)
+        if daemon is not None:
+            try:
+                daemon.wait(timeout=5)  # it ends by itself once QEMU has gone
+            except subprocess.TimeoutExpired:
+                _kill(daemon)
+    follower.pump()
+    raw_status = _read(run_dir / "status").strip()
+    qemu_log = "\n".join(
+        line
+        for line in _read(run_dir / "qemu.log").splitlines()
+        if "TCG doesn't support requested feature" not in line  # -cpu EPYC's extras
+    ).strip()
+    console_text = _read(console)
+    if qemu_log:
+        console_text += f"\n[qemu] {qemu_log}"
+    return L1Result(
+        status=int(raw_status) if raw_status.lstrip("-").isdigit() else None,
+        timed_out=timed_out,
+        seconds=time.monotonic() - started,
+        output=_read(run_dir / "output"),
+        console=console_text,
+    )
+
+
+@contextlib.contextmanager
+def forwarded_broker(base: Path) -> Iterator[tuple[int, str]]:
+    """A private RabbitMQ node on the host for a run in the L1: (its port, the URL the L1
+    uses). Erlang's JIT under TCG does not start a node within ten minutes, so tests in the
+    L1 that need a broker get this one through a forwarded port (FLOTILLA_AMQP_URL)."""
+    node = PrivateBroker(base, name="flotilla-hwvirt")
+    try:
+        node.start()
+    except (BrokerError, OSError) as exc:
+        node.stop()
+        raise L1Error(f"the host broker for the L1 did not start: {exc}") from exc
+    try:
+        yield node.port, node.url.replace("127.0.0.1", HOST_ALIAS)
+    finally:
+        node.stop()

@@ -1,0 +1,225 @@
+"""The hwvirt harness's host-side pieces (tests/hwvirt/): no L1, no KVM."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.hwvirt.__main__ import parse
+from tests.hwvirt.l1 import (
+    HOST_ALIAS,
+    INSIDE_ENV,
+    RELAY,
+    L1Error,
+    default_timeout,
+    host_has_hardware_virtualization,
+    l1_environment,
+    qemu_argv,
+    run_script,
+)
+from tests.hwvirt.plugin import junit_key, parse_junit
+
+SAMPLE = """
+import pytest
+
+def test_passes():
+    pass
+
+def test_fails():
+    print("said before failing")
+    assert 1 == 2, "one is not two"
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_param(n):
+    assert n == 1
+
+class TestGroup:
+    def test_skips(self):
+        pytest.skip("not here")
+
+    @pytest.mark.xfail(reason="known")
+    def test_xfails(self):
+        assert False
+
+@pytest.fixture
+def broken():
+    raise RuntimeError("fixture broke")
+
+def test_errors(broken):
+    pass
+"""
+
+
+def test_junit_outcomes_map_back_to_node_ids(tmp_path: Path) -> None:
+    pkg = tmp_path / "sub"
+    pkg.mkdir()
+    (pkg / "test_sample.py").write_text(SAMPLE)
+    junit = tmp_path / "junit.xml"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "junit_logging=all",
+            f"--junitxml={junit}",
+            "--rootdir",
+            str(tmp_path),
+            "-c",
+            "/dev/null",
+            "sub/test_sample.py",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        check=False,
+    )
+    outcomes = parse_junit(junit.read_text())
+    f = "sub/test_sample.py::"
+    kinds = {
+        nodeid: outcomes[junit_key(f + nodeid)].kind
+        for nodeid in (
+            "test_passes",
+            "test_fails",
+            "test_param[1]",
+            "test_param[2]",
+            "TestGroup::test_skips",
+            "TestGroup::test_xfails",
+            "test_errors",
+        )
+    }
+    assert kinds == {
+        "test_passes": "passed",
+        "test_fails": "failed",
+        "test_param[1]": "passed",
+        "test_param[2]": "failed",
+        "TestGroup::test_skips": "skipped",
+        "TestGroup::test_xfails": "xfailed",
+        "test_errors": "failed",
+    }
+    failed = outcomes[junit_key(f + "test_fails")]
+    assert "one is not two" in failed.text
+    assert "said before failing" in failed.text
+    assert "fixture broke" in outcomes[junit_key(f + "test_errors")].text
+    assert outcomes[junit_key(f + "TestGroup::test_skips")].message.endswith("not here")
+
+
+def test_cpuinfo_flags_decide_hardware_virtualization(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu vme sse2 lm\n\nflags\t\t: fpu lm\n")
+    assert not host_has_hardware_virtualization(cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu svm lm\n")
+    assert host_has_hardware_virtualization(cpuinfo)
+    cpuinfo.write_text("flags\t\t: fpu vmx lm\nbugs\t\t: svm_lookalike\n")
+    assert host_has_hardware_virtualization(cpuinfo)
+    assert not host_has_hardware_virtualization(tmp_path / "absent")
+
+
+def test_l1_environment_keeps_settings_but_no_host_urls(tmp_path: Path) -> None:
+    env = l1_environment(
+        {
+            "PATH": "/usr/bin:/bin",
+            "FLOTILLA_TEST_GUEST": "/x/guest.elf",
+            "FLOTILLA_AMQP_URL": "amqp://host:5672/",
+            "FLOTILLA_TEST_PG_URL": "postgresql://host/db",
+            "SSH_AUTH_SOCK": "/run/ssh",
+            "TMPDIR": "/host/tmp",
+            "LANG": "C.UTF-8",
+        },
+        tmp_path,
+    )
+    assert env["FLOTILLA_TEST_GUEST"] == "/x/guest.elf"
+    assert env["LANG"] == "C.UTF-8"
+    assert "FLOTILLA_AMQP_URL" not in env
+    assert "FLOTILLA_TEST_PG_URL" not in env
+    assert "SSH_AUTH_SOCK" not in env
+    assert env["TMPDIR"] == str(tmp_path / "tmp")
+    assert env["HOME"].startswith(env["TMPDIR"])
+    assert env[INSIDE_ENV] == "1"
+    assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
+
+
+def test_run_script_records_output_and_status(tmp_path: Path) -> None:
+    """The script the L1's init runs, run here by sh: quoting survives, status is last."""
+    (tmp_path / "tmp").mkdir()
+    env = {"TMPDIR": str(tmp_path / "tmp"), "HOME": str(tmp_path / "tmp/home"), "X": "a 'b' $c"}
+    argv = ["sh", "-c", 'echo "$X"; echo to-stderr >&2; pwd; exit 3']
+    script = run_script(argv, tmp_path, env, tmp_path)
+    subprocess.run(["sh", "-c", script], check=True, env={"PATH": "/usr/bin:/bin"})
+    assert (tmp_path / "status").read_text().strip() == "3"
+    assert (tmp_path / "output").read_text().splitlines() == [
+        "a 'b' $c",
+        "to-stderr",
+        str(tmp_path),
+    ]
+    assert (tmp_path / "tmp" / "home").is_dir()
+
+
+def test_qemu_command_names_the_run_dir_and_bounds_nothing_else(tmp_path: Path) -> None:
+    argv = qemu_argv(Path("/k"), Path("/i"), tmp_path, 4096, 2)
+    assert argv[argv.index("-cpu") + 1] == "EPYC"
+    assert f"flotilla.run={tmp_path}" in argv[argv.index("-append") + 1]
+    assert "-no-reboot" in argv
+    assert "memory-backend-memfd,id=mem,size=4096M,share=on" in argv
+
+
+def test_timeout_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOTILLA_HWVIRT_TIMEOUT", "90")
+    assert default_timeout() == 90
+    for bad in ("soon", "0", "-5"):
+        monkeypatch.setenv("FLOTILLA_HWVIRT_TIMEOUT", bad)
+        with pytest.raises(L1Error, match="FLOTILLA_HWVIRT_TIMEOUT"):
+            default_timeout()
+
+
+def test_command_line_takes_pytest_args_after_double_dash() -> None:
+    ns = parse(["--timeout", "60", "--", "tests/kvm/test_linux.py", "-x"])
+    assert ns.args == ["tests/kvm/test_linux.py", "-x"]
+    assert ns.timeout == 60
+    assert not ns.exec
+    with pytest.raises(SystemExit):
+        parse(["--exec"])
+    with pytest.raises(SystemExit):
+        parse(["--timeout", "0", "--", "x"])
+
+
+def test_forwarded_ports_only_reach_the_hosts_loopback(tmp_path: Path) -> None:
+    argv = qemu_argv(Path("/k"), Path("/i"), tmp_path, 4096, 2, forwards=[5672])
+    netdev = argv[argv.index("-netdev") + 1]
+    assert netdev.startswith("user,id=net0,restrict=on,")
+    assert f"guestfwd=tcp:{HOST_ALIAS}:5672-cmd:" in netdev
+    assert netdev.endswith(f"{RELAY} 5672")
+    assert "-netdev" not in qemu_argv(Path("/k"), Path("/i"), tmp_path, 4096, 2)
+
+
+def test_relay_carries_one_connection_both_ways_to_a_loopback_port() -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def echo_upper() -> None:
+        conn, _ = server.accept()
+        with conn:
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+            conn.sendall(data.upper())
+
+    thread = threading.Thread(target=echo_upper, daemon=True)
+    thread.start()
+    payload = b"amqp frames " * 20000  # larger than one pipe buffer
+    done = subprocess.run(
+        [sys.executable, "-S", str(RELAY), str(port)],
+        input=payload,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    server.close()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == payload.upper()
