@@ -118,8 +118,15 @@ def test_volumes_through_the_bus_with_events_in_order(node: Node) -> None:
     assert pool.host == node.compute.host
 
     vid, clone_id = uuid.uuid4(), uuid.uuid4()
-    created = node.volume(CreateVolume(pool="p", volume_id=vid, size=8 * MiB))
+    create = CreateVolume(pool="p", volume_id=vid, size=8 * MiB)
+    message_id = str(uuid.uuid4())
+    created = node.bus.call(node.queue, create, timeout=30, message_id=message_id)
+    assert isinstance(created, VolumeInfo)
     assert (created.size, created.seq) == (8 * MiB, 1)
+    # The same message again (a caller's resend) is answered from its record: no second
+    # volume, no `exists`, no second event.
+    again = node.bus.call(node.queue, create, timeout=30, message_id=message_id)
+    assert again == created
     with node.path(vid).open("r+b") as f:
         f.write(b"source data")
     assert node.volume(GetVolumeInfo(pool="p", volume_id=vid)).size == 8 * MiB
