@@ -79,7 +79,8 @@ class ComputeNode:
             self.storage,
             queue=self.storage_queue,
             idempotency=SqliteIdempotencyStore(config.state_dir / "storage-idempotency.db"),
-            concurrency=4,
+            # Two: one long copy leaves a worker for quick commands, at two connections a host.
+            concurrency=2,
         )
         self.outbox = OutboxPublisher(self.store, self.bus)
         self.heartbeat = Heartbeat(
