@@ -14,13 +14,15 @@
 | console_listen | FLOTILLA_CONSOLE_LISTEN | 127.0.0.1 (where the console relay listens) |
 | console_advertise | FLOTILLA_CONSOLE_ADVERTISE | the bound address (FQDN for 0.0.0.0) |
 | allowed_boot_dirs | FLOTILLA_ALLOWED_BOOT_DIRS (a:b:c) | test guest and image cache dirs |
+| pools | FLOTILLA_POOLS (JSON list) | one `dir` pool `default` at <state_dir>/pools/default |
 """
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -36,6 +38,25 @@ def default_boot_dirs() -> list[Path]:
     from native.testguest import OUTPUT  # noqa: PLC0415
 
     return [OUTPUT.parent, cache_root()]
+
+
+class PoolConfig(BaseModel):
+    """A storage pool the node's storage agent serves: `dir` (a directory of this host) or
+    `shared` (a directory every host mounts, NFS in production; it must exist when the node
+    starts, while a missing `dir` pool's directory is made)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=NAME_PATTERN)
+    path: Path
+    kind: Literal["dir", "shared"] = "dir"
+
+    @field_validator("path")
+    @classmethod
+    def _absolute_path(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError(f"pool path {value} is not an absolute path")
+        return value
 
 
 class ComputeConfig(BaseModel):
@@ -65,6 +86,28 @@ class ComputeConfig(BaseModel):
     # The fake driver's pretend host (ignored by the KVM driver, which measures the real one).
     fake_vcpus: int = Field(default=16, ge=1)
     fake_memory_mib: int = Field(default=65536, ge=64)
+    # Storage pools (storage_agent.py); empty: one `dir` pool `default` under the state dir.
+    pools: list[PoolConfig] = Field(default_factory=list)
+
+    @field_validator("pools", mode="before")
+    @classmethod
+    def _pool_list(cls, value: object) -> object:
+        # From the environment: a JSON list of {name, path, kind}.
+        return json.loads(value) if isinstance(value, str) else value
+
+    @field_validator("pools")
+    @classmethod
+    def _unique_pools(cls, value: list[PoolConfig]) -> list[PoolConfig]:
+        names = [p.name for p in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pools: names must be unique, got {names}")
+        return value
+
+    def storage_pools(self) -> list[PoolConfig]:
+        """The configured pools, or the default one under the state dir."""
+        return self.pools or [
+            PoolConfig(name="default", path=self.state_dir.resolve() / "pools" / "default")
+        ]
 
     @field_validator("allowed_boot_dirs", mode="before")
     @classmethod

@@ -1,6 +1,7 @@
-"""The compute node assembled: store, driver, lifecycle service, outbox, heartbeat, adoption.
+"""The compute node assembled: store, driver, lifecycle service, storage agent, outbox,
+heartbeat, adoption.
 
-node = ComputeNode(config).start()   # consumes compute.<host>
+node = ComputeNode(config).start()   # consumes compute.<host> and storage.<host>
 ...
 node.stop()                          # guests keep running; a new node re-adopts them
 """
@@ -17,6 +18,7 @@ from compute_node.heartbeat import Heartbeat
 from compute_node.lifecycle import Lifecycle
 from compute_node.outbox import OutboxPublisher
 from compute_node.resources import Claims
+from compute_node.storage_agent import StorageAgent
 from compute_node.store import Store
 from protos import routing
 from protos.domain import PowerState
@@ -68,6 +70,18 @@ class ComputeNode:
             idempotency=SqliteIdempotencyStore(config.state_dir / "idempotency.db"),
             concurrency=8,
         )
+        # File work on the pools has a queue and workers of its own: a long clone or wipe
+        # never holds a lifecycle worker, and a lifecycle burst never delays storage.
+        self.storage = StorageAgent(config.host, self.store, config.storage_pools())
+        self.storage_queue = routing.storage_queue(config.host)
+        self.storage_runner = ServiceRunner(
+            self.bus,
+            self.storage,
+            queue=self.storage_queue,
+            idempotency=SqliteIdempotencyStore(config.state_dir / "storage-idempotency.db"),
+            # Two: one long copy leaves a worker for quick commands, at two connections a host.
+            concurrency=2,
+        )
         self.outbox = OutboxPublisher(self.store, self.bus)
         self.heartbeat = Heartbeat(
             bus=self.bus,
@@ -92,14 +106,22 @@ class ComputeNode:
         """Adopt what runs, publish what is pending, then serve commands. Returns once the
         command queue is consumed; the broker may be down (everything waits for it)."""
         self.adopt()
+        self.storage.reconcile()
         self.outbox.start()
         self.bus.start(timeout)
+        self.storage_runner.start()
         self.runner.start()
         self.heartbeat.start()
         if self.relay is not None:
             self.relay.start()
         self.autostart()
-        log.info("compute node serving", host=self.config.host, queue=self.queue)
+        log.info(
+            "compute node serving",
+            host=self.config.host,
+            queue=self.queue,
+            storage_queue=self.storage_queue,
+            pools=sorted(self.storage.pools),
+        )
         return self
 
     def adopt(self) -> None:
@@ -141,6 +163,7 @@ class ComputeNode:
             self.relay.stop()
         self.heartbeat.stop()
         self.runner.stop()
+        self.storage_runner.stop()
         self.outbox.stop()
         self.bus.close()
         self.driver.close()

@@ -2,6 +2,9 @@
 driver event consumed, and the event outbox — one SQLite file, so an event, the state it
 produces and the seq it uses are written in one transaction.
 
+Volume events (the storage agent's) go through the same outbox; `volume_seqs` keeps each
+volume's seq.
+
 The outbox holds packed envelopes (with their message ids) until the broker confirms them; the
 publisher (compute_node.outbox) sends them in insertion order, so events produced while the
 broker is unreachable go out, in order, when it returns.
@@ -26,7 +29,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +37,7 @@ from pathlib import Path
 from protos.codec import envelope_for, pack
 from protos.domain import DomainSpec, PowerState
 from protos.events import DomainEvent
+from protos.storage import VolumeEvent
 from services.bus import Cause
 
 SCHEMA = """
@@ -46,6 +50,12 @@ CREATE TABLE IF NOT EXISTS domains (
     driver_n INTEGER NOT NULL DEFAULT 0,
     updated REAL NOT NULL,
     privileged INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS volume_seqs (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    last_event TEXT NOT NULL DEFAULT '',
+    size INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -269,21 +279,73 @@ class Store:
             if draft.detail is not None:
                 fields["detail"] = draft.detail
             event = draft.cls.model_validate(fields)
-            cause = draft.cause or Cause()
-            envelope = envelope_for(
+            self._enqueue(
+                db,
                 event,
-                source=self.source,
-                correlation_id=cause.correlation_id,
-                causation_id=cause.causation_id,
+                draft.cause,
                 message_id=None if journaled is None else event_id(spec.uuid, journaled, i),
-            )
-            db.execute(
-                "INSERT INTO outbox (message_id, routing_key, body) VALUES (?, ?, ?)",
-                (envelope.id, event.routing_key(), pack(envelope)),
             )
             events.append(event)
         db.execute("UPDATE domains SET seq = ? WHERE id = ?", (seq, str(spec.uuid)))
         return events
+
+    def _enqueue(
+        self,
+        db: sqlite3.Connection,
+        event: DomainEvent | VolumeEvent,
+        cause: Cause | None,
+        *,
+        message_id: str | None = None,
+    ) -> None:
+        """Add the event to the outbox in `db`'s transaction; `message_id` keeps an event
+        replayed from a journal under the id it was first given."""
+        cause = cause or Cause()
+        envelope = envelope_for(
+            event,
+            source=self.source,
+            correlation_id=cause.correlation_id,
+            causation_id=cause.causation_id,
+            message_id=message_id,
+        )
+        db.execute(
+            "INSERT INTO outbox (message_id, routing_key, body) VALUES (?, ?, ?)",
+            (envelope.id, event.routing_key(), pack(envelope)),
+        )
+
+    # ---- volumes -----------------------------------------------------------------------------
+
+    def volume_seq(self, volume_id: uuid.UUID) -> int:
+        """The seq of the volume's last event (0 if it has none)."""
+        return self.volume_last(volume_id)[0]
+
+    def volume_last(self, volume_id: uuid.UUID) -> tuple[int, str, int]:
+        """The seq, type and size of the volume's last event ((0, "", 0) if it has none)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT seq, last_event, size FROM volume_seqs WHERE id = ?", (str(volume_id),)
+            ).fetchone()
+        return (0, "", 0) if row is None else (int(row[0]), str(row[1]), int(row[2]))
+
+    def emit_volume(
+        self, volume_id: uuid.UUID, make: Callable[[int], VolumeEvent], cause: Cause | None
+    ) -> VolumeEvent:
+        """Put the event `make(seq)` in the outbox with the volume's next seq, both in one
+        transaction. The seq survives the volume's deletion, so a re-created id goes on
+        counting up."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT seq FROM volume_seqs WHERE id = ?", (str(volume_id),)
+            ).fetchone()
+            seq = (0 if row is None else int(row[0])) + 1
+            event = make(seq)
+            self._enqueue(db, event, cause)
+            db.execute(
+                "INSERT INTO volume_seqs (id, seq, last_event, size) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, "
+                "last_event = excluded.last_event, size = excluded.size",
+                (str(volume_id), seq, event.TYPE, event.size),
+            )
+        return event
 
     def wait_for(
         self, domain_id: uuid.UUID, states: set[PowerState], timeout: float

@@ -31,6 +31,13 @@ def compute_queue(host: str) -> str:
     return f"compute.{host}"
 
 
+def storage_queue(host: str) -> str:
+    """The command queue of the storage agent on `host` (file work on its pools)."""
+    if not _KEY_PART.match(host) or "." in host:
+        raise ValueError(f"bad host name {host!r}")
+    return f"storage.{host}"
+
+
 def service_event_queue(service: str) -> str:
     """The durable queue a service's event handlers consume from."""
     return f"{service}.events"

@@ -19,7 +19,7 @@ _text = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_siz
 def _constraints(info: FieldInfo) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for meta in info.metadata:
-        for name in ("ge", "gt", "le", "lt", "min_length", "max_length", "pattern"):
+        for name in ("ge", "gt", "le", "lt", "multiple_of", "min_length", "max_length", "pattern"):
             value = getattr(meta, name, None)
             if value is not None:
                 found[name] = value
@@ -39,6 +39,8 @@ def for_annotation(tp: Any, info: FieldInfo | None = None) -> st.SearchStrategy[
         return st.one_of(*(for_annotation(a, info) for a in typing.get_args(tp)))
     if tp is type(None):
         return st.none()
+    if origin is typing.Literal:
+        return st.sampled_from(typing.get_args(tp))
     if isinstance(tp, type) and issubclass(tp, BaseModel):
         return model_dicts(tp)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
@@ -48,6 +50,9 @@ def for_annotation(tp: Any, info: FieldInfo | None = None) -> st.SearchStrategy[
     if tp is int:
         lo = c.get("ge", c["gt"] + 1 if "gt" in c else -(2**40))
         hi = c.get("le", c["lt"] - 1 if "lt" in c else 2**40)
+        if "multiple_of" in c:
+            step = c["multiple_of"]
+            return st.integers(-(-lo // step), hi // step).map(lambda n: n * step)
         return st.integers(lo, hi)
     if tp is float:
         lo = c.get("ge", c.get("gt", -1e9))
