@@ -111,8 +111,21 @@ static void com1_device(struct fl_aml *sb)
 	fl_aml_device(sb, "COM1", &dev);
 }
 
+/* The i8042's keyboard port, PNP0303 (no mouse: no PNP0F13, so Linux leaves AUX alone). */
+static void ps2_keyboard_device(struct fl_aml *sb)
+{
+	struct fl_aml dev = {.len = 0}, res = {.len = 0};
+
+	fl_aml_name_string(&dev, "_HID", "PNP0303");
+	fl_aml_res_io(&res, FL_PORT_I8042_DATA, 1);
+	fl_aml_res_io(&res, FL_PORT_I8042_CMD, 1);
+	fl_aml_res_irq(&res, FL_IRQ_I8042);
+	fl_aml_name_resources(&dev, "_CRS", &res);
+	fl_aml_device(sb, "PS2K", &dev);
+}
+
 /*
- * Scope (\_SB) { COM1, VR0n... }: how Linux finds the legacy devices' interrupts and the
+ * Scope (\_SB) { COM1, PS2K, VR0n... }: how Linux finds the legacy devices' interrupts and the
  * virtio-mmio slots (its virtio_mmio binds LNRO0005; edge, because the interrupt comes from
  * an irqfd, which has no resample path). Returns -1 when it does not fit.
  */
@@ -122,6 +135,7 @@ static int system_bus_aml(const struct fl_vm *vm, struct fl_aml *out)
 
 	memset(&sb, 0, sizeof(sb));
 	com1_device(&sb);
+	ps2_keyboard_device(&sb);
 	virtio_devices(vm, &sb);
 	fl_aml_scope(out, "\\_SB_", &sb);
 	return out->overflow ? -1 : 0;

@@ -93,3 +93,14 @@ def test_dsdt_names_com1_with_its_port_and_isa_irq(
         name_string(b"_HID", b"PNP0501") + name_byte(b"_UID", 1) + crs(io(0x3F8, 8), irq(4))
     )
 
+
+def test_dsdt_names_the_i8042_keyboard_with_its_ports_and_irq(
+    tmp_path: Path, boot: Callable[..., Booted]
+) -> None:
+    # Linux's i8042 requests IRQ 1 by number when no PNP0303 is found, which fails without
+    # 8259s ("probe of i8042 failed with error -22").
+    guest = boot(write_tiny_guest(tmp_path / "g.elf"), start=False)
+    devices = system_bus_devices(dsdt_of(guest.machine.read_memory))
+    assert devices["PS2K"] == (
+        name_string(b"_HID", b"PNP0303") + crs(io(0x60, 1), io(0x64, 1), irq(1))
+    )
