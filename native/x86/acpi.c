@@ -125,7 +125,38 @@ static void ps2_keyboard_device(struct fl_aml *sb)
 }
 
 /*
- * Scope (\_SB) { COM1, PS2K, VR0n... }: how Linux finds the legacy devices' interrupts and the
+ * The power button on hardware-reduced ACPI (no fixed-feature PM1 events): a Generic Event
+ * Device whose interrupt runs _EVT, which notifies PWRB (PNP0C0C) with 0x80, "pressed".
+ * Linux's button driver turns that into KEY_POWER for userspace (acpid, logind) to act on.
+ */
+static void power_button_devices(struct fl_aml *sb)
+{
+	struct fl_aml button = {.len = 0}, ged = {.len = 0}, res = {.len = 0}, evt = {.len = 0};
+
+	fl_aml_name_string(&button, "_HID", "PNP0C0C");
+	fl_aml_device(sb, "PWRB", &button);
+
+	fl_aml_name_string(&ged, "_HID", "ACPI0013");
+	fl_aml_res_interrupt(&res, FL_GSI_POWER_BUTTON);
+	fl_aml_name_resources(&ged, "_CRS", &res);
+	fl_aml_notify(&evt, "PWRB", 0x80); /* one interrupt, one event: Arg0 needs no test */
+	fl_aml_method(&ged, "_EVT", 1, &evt);
+	fl_aml_device(sb, "GED0", &ged);
+}
+
+/* pvpanic at its I/O port as QEMU describes it (QEMU0001): Linux's pvpanic-mmio binds it. */
+static void pvpanic_device(struct fl_aml *sb)
+{
+	struct fl_aml dev = {.len = 0}, res = {.len = 0};
+
+	fl_aml_name_string(&dev, "_HID", "QEMU0001");
+	fl_aml_res_io(&res, FL_PORT_PVPANIC, 1);
+	fl_aml_name_resources(&dev, "_CRS", &res);
+	fl_aml_device(sb, "PEVT", &dev);
+}
+
+/*
+ * Scope (\_SB) { COM1, PS2K, PWRB, GED0, PEVT, VR0n... }: how Linux finds the legacy devices' interrupts and the
  * virtio-mmio slots (its virtio_mmio binds LNRO0005; edge, because the interrupt comes from
  * an irqfd, which has no resample path). Returns -1 when it does not fit.
  */
@@ -136,6 +167,8 @@ static int system_bus_aml(const struct fl_vm *vm, struct fl_aml *out)
 	memset(&sb, 0, sizeof(sb));
 	com1_device(&sb);
 	ps2_keyboard_device(&sb);
+	power_button_devices(&sb);
+	pvpanic_device(&sb);
 	virtio_devices(vm, &sb);
 	fl_aml_scope(out, "\\_SB_", &sb);
 	return out->overflow ? -1 : 0;

@@ -104,3 +104,18 @@ def test_dsdt_names_the_i8042_keyboard_with_its_ports_and_irq(
     assert devices["PS2K"] == (
         name_string(b"_HID", b"PNP0303") + crs(io(0x60, 1), io(0x64, 1), irq(1))
     )
+
+
+def test_dsdt_has_a_ged_power_button_and_pvpanic(
+    tmp_path: Path, boot: Callable[..., Booted]
+) -> None:
+    # Hardware-reduced ACPI has no fixed-feature power button: a GED's interrupt (GSI 5) runs
+    # _EVT, which notifies PWRB with 0x80 ("pressed"); pvpanic is QEMU0001 at port 0x505.
+    guest = boot(write_tiny_guest(tmp_path / "g.elf"), start=False)
+    devices = system_bus_devices(dsdt_of(guest.machine.read_memory))
+    assert devices["PWRB"] == name_string(b"_HID", b"PNP0C0C")
+    interrupt = struct.pack("<BHBBI", 0x89, 6, 0x03, 1, 5)  # consumer, edge, high, exclusive
+    notify = b"\x86PWRB\x0a\x80"
+    evt = b"\x14" + bytes([1 + 4 + 1 + len(notify)]) + b"_EVT\x01" + notify
+    assert devices["GED0"] == name_string(b"_HID", b"ACPI0013") + crs(interrupt) + evt
+    assert devices["PEVT"] == name_string(b"_HID", b"QEMU0001") + crs(io(0x505, 1))
