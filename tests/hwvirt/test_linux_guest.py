@@ -70,7 +70,10 @@ class LinuxShell:
         n = self.commands
         # The shell echoes the typed line (wrapped, with escapes) with `$((n))` unexpanded:
         # only its answers have the digits in the markers.
-        self.console.send(f'echo "<$(({n}))<"; {command}; echo ">$(({n}))> rc=$?"\n'.encode())
+        # The end marker starts a line of its own even after output without a newline.
+        self.console.send(
+            f"echo \"<$(({n}))<\"; {command}; printf '\\n>%s> rc=%s\\n' $(({n})) $?\n".encode()
+        )
         end = self.console.wait_for(rf"^>{n}> rc=(\d+)\r?$", timeout)
         text = self.console.text
         begin = re.compile(rf"^<{n}<\r?$", re.MULTILINE).search(text)
