@@ -23,6 +23,7 @@ import pytest
 
 import native
 from compute_node.vmm_client import reap, spawn, wait_exit
+from compute_node.vmm_proto import CONSOLE_LOG
 from native.images import ImageError, LinuxImages, fetch_images
 from native.machine import Disk, Event, EventKind, Nic
 from tests.kvm.harness import Console
@@ -165,10 +166,13 @@ def test_console_smp_and_disks(boot_linux: Callable[..., LinuxShell], tmp_path: 
     serial = shell.check("grep ttyS0 /proc/interrupts").split()
     assert sum(int(n) for n in serial[1:3]) > 0, serial  # one count per vCPU
     # A clean boot: CPUID leaf 0xD agrees with XCR0, the i8042 probes, no warning at all.
-    dmesg = shell.check("dmesg")
-    for bad in ("XSAVE consistency problem", "i8042: probe of i8042 failed", "[ cut here ]"):
-        assert bad not in dmesg, dmesg
-    assert "serio: i8042 KBD port at 0x60,0x64 irq" in dmesg, dmesg
+    # Only the lines that matter: the whole dmesg is slow to print through the L1.
+    found = shell.check(
+        "dmesg | grep -e 'XSAVE consistency problem' -e 'i8042: probe of i8042 failed'"
+        " -e '\\[ cut here \\]' -e 'serio: i8042 KBD port'"
+    )
+    assert "serio: i8042 KBD port at 0x60,0x64 irq" in found, found
+    assert len(found.splitlines()) == 1, found
     # SMP: both vCPUs online.
     assert shell.check("cat /sys/devices/system/cpu/online") == "0-1"
     # virtio-blk: a pattern written with O_DIRECT and fsync is on the host file at once.
@@ -195,10 +199,10 @@ def test_console_smp_and_disks(boot_linux: Callable[..., LinuxShell], tmp_path: 
 def test_ext4_file_survives_a_restart_and_four_vcpus_come_up(
     boot_linux: Callable[..., LinuxShell], tmp_path: Path
 ) -> None:
-    image = disk_file(tmp_path / "ext4.img", 64)
+    image = disk_file(tmp_path / "ext4.img", 16)
     shell = boot_linux(vcpus=1, disks=(Disk(str(image), id="fs"),))
     dev = device_of(shell, "fs")
-    shell.check(f"mkfs.ext4 -q -F {dev}")
+    shell.check(f"mkfs.ext4 -q -F {dev}", timeout=3 * COMMAND_TIMEOUT)  # ~2 MiB of metadata
     shell.check(f"mount -t ext4 {dev} /mnt && echo kept-$((20 + 22)) > /mnt/file && umount /mnt")
     shell.console.send(b"exit\n")
     shell.end(EventKind.POWEROFF)
@@ -316,7 +320,7 @@ def test_acpi_shutdown_powers_linux_off(start_linux_vmm: Callable[..., Domain]) 
     d.wait_console(re.escape(PROMPT), timeout=BOOT_TIMEOUT)
     d.client.shutdown("acpi")
     assert d.wait_exit(COMMAND_TIMEOUT) == 0
-    assert "flotilla-linux: power button" in d.console_text()
+    assert "flotilla-linux: power button" in (d.path / CONSOLE_LOG).read_text(errors="replace")
     assert d.kinds()[1:] == [("shutdown", "acpi_s5", "host"), ("stopped", "shutdown", "poweroff")]
 
 
@@ -407,7 +411,7 @@ def test_virtio_net_ping_and_a_checksummed_tcp_transfer(
     shell_a, shell_b = guests
     shell_a.check(f"ping -c 3 -W 10 {SUBNET}.1", timeout=COMMAND_TIMEOUT)
     ping = subprocess.run(
-        ["ip", "netns", "exec", ns, "ping", "-c", "3", "-W", "10", f"{SUBNET}.3"],
+        ["ip", "netns", "exec", ns, "busybox", "ping", "-c", "3", "-W", "10", f"{SUBNET}.3"],
         check=False, capture_output=True, text=True,
     )  # fmt: skip
     assert ping.returncode == 0, ping.stdout + ping.stderr
