@@ -10,6 +10,7 @@
 | ram_allocation_ratio | FLOTILLA_RAM_ALLOCATION_RATIO | 1.0 |
 | reserved_host_memory_mib | FLOTILLA_RESERVED_HOST_MEMORY_MIB | 512 |
 | heartbeat_interval_s | FLOTILLA_HEARTBEAT_INTERVAL_S | 2.0 |
+| vmm_spawn_timeout_s | FLOTILLA_VMM_SPAWN_TIMEOUT_S | 10.0 (seconds a new VMM may take to answer) |
 | console_listen | FLOTILLA_CONSOLE_LISTEN | 127.0.0.1 (where the console relay listens) |
 | console_advertise | FLOTILLA_CONSOLE_ADVERTISE | the bound address (FQDN for 0.0.0.0) |
 """
@@ -39,6 +40,9 @@ class ComputeConfig(BaseModel):
     ram_allocation_ratio: float = Field(default=1.0, gt=0)
     reserved_host_memory_mib: int = Field(default=512, ge=0)
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    # A VMM process that has not answered its control socket by then is killed and the spawn
+    # refused; emulated hosts (the hwvirt tier's nested L1) need far longer than hardware.
+    vmm_spawn_timeout_s: float = Field(default=10.0, gt=0)
     # Where the console relay listens (the API connects here for interactive consoles), and
     # the address tickets name (default: the bound address, or the FQDN for a wildcard).
     console_listen: str = "127.0.0.1"

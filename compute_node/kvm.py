@@ -161,8 +161,9 @@ class _Watch:
 
 
 class KvmDriver(Driver):
-    def __init__(self, domains_dir: Path) -> None:
+    def __init__(self, domains_dir: Path, spawn_timeout: float = vmm_client.SPAWN_TIMEOUT) -> None:
         self.domains_dir = domains_dir
+        self.spawn_timeout = spawn_timeout
         domains_dir.mkdir(parents=True, exist_ok=True)
         self._sink: EventSink | None = None
         self._watches: dict[uuid.UUID, _Watch] = {}
@@ -264,7 +265,7 @@ class KvmDriver(Driver):
         tmp.replace(directory / CONFIG_FILE)
         before = _last_n(directory)
         try:
-            pid = vmm_client.spawn(directory)
+            pid = vmm_client.spawn(directory, timeout=self.spawn_timeout)
         except vmm_client.VmmSpawnError as exc:
             raise DriverError(exc.reason, "spawn_failed") from None
         watch = _Watch(self, spec.uuid, directory, pid)

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reserved-host-memory-mib", type=int, help="RAM kept for the host (512)")
     parser.add_argument("--heartbeat-interval-s", type=float, help="heartbeat period (2.0)")
     parser.add_argument(
+        "--vmm-spawn-timeout-s", type=float, help="seconds a new VMM may take to answer (10.0)"
+    )
+    parser.add_argument(
         "--console-listen", help="console relay address; firewall its port (127.0.0.1)"
     )
     parser.add_argument("--console-advertise", help="address console tickets name")
@@ -53,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         ram_allocation_ratio=args.ram_allocation_ratio,
         reserved_host_memory_mib=args.reserved_host_memory_mib,
         heartbeat_interval_s=args.heartbeat_interval_s,
+        vmm_spawn_timeout_s=args.vmm_spawn_timeout_s,
         console_listen=args.console_listen,
         console_advertise=args.console_advertise,
     )

@@ -45,6 +45,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="keep hypothesis, anyio and the cache provider (left out by default: slow in L1)",
     )
+    parser.add_argument(
+        "--broker",
+        action=argparse.BooleanOptionalAction,
+        help="run a RabbitMQ node on the host for the L1 (FLOTILLA_AMQP_URL there); "
+        "default: on for pytest, off with --exec",
+    )
     parser.add_argument("args", nargs=argparse.REMAINDER, help="pytest arguments (after --)")
     ns = parser.parse_args(argv)
     if ns.args[:1] == ["--"]:
@@ -75,7 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="flotilla-hwvirt-") as tmp:
             run_dir = Path(tmp)
             inner_junit = None if junit is None else run_dir / "junit.xml"
-            result = run_in_l1(command(ns, inner_junit), run_dir, timeout=timeout, echo=sys.stdout)
+            result = run_in_l1(
+                command(ns, inner_junit),
+                run_dir,
+                timeout=timeout,
+                echo=sys.stdout,
+                broker=not ns.exec if ns.broker is None else ns.broker,
+            )
             if junit is not None and inner_junit is not None and inner_junit.is_file():
                 shutil.copyfile(inner_junit, junit)
                 print(f"hwvirt: JUnit XML in {junit}")

@@ -12,25 +12,28 @@ console tail; it never leaves a process running, whatever happens.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from native.images import cache_root
+from services.broker import BrokerError, PrivateBroker
 
 # Set in the L1's environment: code that must not start another L1 (the pytest plugin, the
 # harness's own command line) runs directly when it sees it.
 INSIDE_ENV = "FLOTILLA_HWVIRT_L1"
 TIMEOUT_ENV = "FLOTILLA_HWVIRT_TIMEOUT"
-DEFAULT_TIMEOUT = 480.0
+DEFAULT_TIMEOUT = 1200.0
 QEMU = "qemu-system-x86_64"
 VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")  # Debian 12's qemu-system-x86 ships it here
 BUILD_INITRAMFS = Path(__file__).resolve().parents[2] / "deploy" / "images" / "build-initramfs"
@@ -40,6 +43,10 @@ NOT_PASSED = frozenset({"FLOTILLA_AMQP_URL", "FLOTILLA_AMQP_MGMT_URL", "FLOTILLA
 PASSED_PREFIXES = ("FLOTILLA_", "PYTEST_", "LC_")
 PASSED_NAMES = frozenset({"LANG", "TERM", "TZ", "HYPOTHESIS_PROFILE"})
 CONSOLE_TAIL_LINES = 40
+# The host as the L1 sees it through QEMU's user-mode network: only the ports forwarded to
+# the host's loopback answer there (tests/hwvirt/relay.py), nothing else leaves the L1.
+HOST_ALIAS = "10.0.2.100"
+RELAY = Path(__file__).resolve().parent / "relay.py"
 # Plugins the hwvirt tests do not use, left out of pytest in the L1: imports are emulated
 # there, and hypothesis's alone costs tens of seconds of start-up.
 LEAN_PLUGINS = ("-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-p", "no:anyio")
@@ -186,7 +193,32 @@ def run_script(argv: Sequence[str], cwd: Path, env: Mapping[str, str], run_dir: 
     )
 
 
-def qemu_argv(kernel: Path, initrd: Path, run_dir: Path, memory_mib: int, cpus: int) -> list[str]:
+def user_network(forwards: Sequence[int]) -> list[str]:
+    """QEMU arguments for a NIC on which HOST_ALIAS:<port> reaches 127.0.0.1:<port> on the
+    host, for each port in `forwards`; `restrict=on`: nothing else is reachable."""
+    if not forwards:
+        return []
+    rules = ",".join(
+        f"guestfwd=tcp:{HOST_ALIAS}:{port}-cmd:{sys.executable} -S {RELAY} {port}"
+        for port in forwards
+    )
+    return [
+        "-netdev",
+        f"user,id=net0,restrict=on,{rules}",
+        "-device",
+        "virtio-net-pci,netdev=net0",
+    ]
+
+
+def qemu_argv(
+    kernel: Path,
+    initrd: Path,
+    run_dir: Path,
+    memory_mib: int,
+    cpus: int,
+    *,
+    forwards: Sequence[int] = (),
+) -> list[str]:
     return [
         QEMU,
         "-accel",
@@ -219,6 +251,7 @@ def qemu_argv(kernel: Path, initrd: Path, run_dir: Path, memory_mib: int, cpus: 
         str(initrd),
         "-append",
         f"console=ttyS0 panic=-1 quiet flotilla.run={run_dir}",
+        *user_network(forwards),
     ]
 
 
@@ -281,21 +314,54 @@ def run_in_l1(
     echo: TextIO | None = None,
     memory_mib: int = 4096,
     cpus: int = 2,
+    broker: bool = False,
 ) -> L1Result:
     """Runs `argv` in a fresh L1 and returns how it ended.
 
     `run_dir` is an empty directory on the host's root file system (the L1 sees it at the same
     path): the command's output and status land there, and anything the caller asks the
     command to write there (a JUnit file) is read back from it. `echo` gets the output live.
+    With `broker`, a private RabbitMQ node runs on the host for the run, and the command
+    finds it through FLOTILLA_AMQP_URL (a port forwarded to HOST_ALIAS).
     Raises L1Error when the L1 cannot be started; a command that fails is a result, not an
     error.
     """
+    common: dict[str, Any] = {
+        "cwd": cwd,
+        "timeout": timeout,
+        "echo": echo,
+        "memory_mib": memory_mib,
+        "cpus": cpus,
+    }
+    if broker:
+        with (
+            tempfile.TemporaryDirectory(prefix="flotilla-hwvirt-rmq-") as rmq,
+            forwarded_broker(Path(rmq)) as (port, url),
+        ):
+            return _run(argv, run_dir, **common, forwards=(port,), amqp_url=url)
+    return _run(argv, run_dir, **common, forwards=(), amqp_url=None)
+
+
+def _run(
+    argv: Sequence[str],
+    run_dir: Path,
+    *,
+    cwd: Path | None,
+    timeout: float | None,
+    echo: TextIO | None,
+    memory_mib: int,
+    cpus: int,
+    forwards: Sequence[int],
+    amqp_url: str | None,
+) -> L1Result:
     timeout = default_timeout() if timeout is None else timeout
     ensure_tools()
     kernel, initrd = l1_images()
     cwd = Path.cwd() if cwd is None else cwd
     (run_dir / "tmp").mkdir()
     env = l1_environment(os.environ, run_dir)
+    if amqp_url is not None:
+        env["FLOTILLA_AMQP_URL"] = amqp_url
     (run_dir / "run.sh").write_text(run_script(argv, cwd, env, run_dir))
     follower = _Follower(run_dir / "output", echo)
     console = run_dir / "console.log"
@@ -326,7 +392,7 @@ def run_in_l1(
         _wait_for_socket(run_dir / "vfs.sock", daemon, run_dir / "virtiofsd.log")
         with (run_dir / "qemu.log").open("wb") as log:
             qemu = subprocess.Popen(
-                qemu_argv(kernel, initrd, run_dir, memory_mib, cpus),
+                qemu_argv(kernel, initrd, run_dir, memory_mib, cpus, forwards=forwards),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -369,3 +435,20 @@ def run_in_l1(
         output=_read(run_dir / "output"),
         console=console_text,
     )
+
+
+@contextlib.contextmanager
+def forwarded_broker(base: Path) -> Iterator[tuple[int, str]]:
+    """A private RabbitMQ node on the host for a run in the L1: (its port, the URL the L1
+    uses). Erlang's JIT under TCG does not start a node within ten minutes, so tests in the
+    L1 that need a broker get this one through a forwarded port (FLOTILLA_AMQP_URL)."""
+    node = PrivateBroker(base, name="flotilla-hwvirt")
+    try:
+        node.start()
+    except (BrokerError, OSError) as exc:
+        node.stop()
+        raise L1Error(f"the host broker for the L1 did not start: {exc}") from exc
+    try:
+        yield node.port, node.url.replace("127.0.0.1", HOST_ALIAS)
+    finally:
+        node.stop()

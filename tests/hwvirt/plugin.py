@@ -76,9 +76,10 @@ def parse_junit(xml_text: str) -> dict[tuple[str, str], Outcome]:
 class L1Session:
     """The one L1 run for all of a session's hwvirt items, started on first use."""
 
-    def __init__(self, config: pytest.Config, nodeids: list[str]) -> None:
+    def __init__(self, config: pytest.Config, nodeids: list[str], *, broker: bool) -> None:
         self.config = config
         self.nodeids = nodeids
+        self.broker = broker  # a host broker forwarded into the L1 (FLOTILLA_AMQP_URL)
         self.result: L1Result | None = None
         self.error: str | None = None
         self.outcomes: dict[tuple[str, str], Outcome] = {}
@@ -114,7 +115,7 @@ class L1Session:
                     *self.nodeids,
                 ]
                 cwd = Path(str(self.config.rootpath))
-                self.result = run_in_l1(argv, run_dir, cwd=cwd, timeout=timeout)
+                self.result = run_in_l1(argv, run_dir, cwd=cwd, timeout=timeout, broker=self.broker)
                 if junit.is_file():
                     self.outcomes = parse_junit(junit.read_text())
         except (L1Error, ET.ParseError) as exc:
@@ -190,7 +191,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     hwvirt = [item for item in items if item.get_closest_marker(MARKER) is not None]
     if not hwvirt:
         return
-    l1 = L1Session(config, [item.nodeid for item in hwvirt])
+    # Tests that need a broker (marked integration) get one on the host, forwarded.
+    broker = any(item.get_closest_marker("integration") is not None for item in hwvirt)
+    l1 = L1Session(config, [item.nodeid for item in hwvirt], broker=broker)
     for i, item in enumerate(items):
         if item.get_closest_marker(MARKER) is not None and item.parent is not None:
             items[i] = L1Item.from_parent(item.parent, name=item.name, original=item, l1=l1)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from tests.hwvirt.__main__ import parse
 from tests.hwvirt.l1 import (
+    HOST_ALIAS,
     INSIDE_ENV,
+    RELAY,
     L1Error,
     default_timeout,
     host_has_hardware_virtualization,
@@ -183,3 +187,39 @@ def test_command_line_takes_pytest_args_after_double_dash() -> None:
         parse(["--exec"])
     with pytest.raises(SystemExit):
         parse(["--timeout", "0", "--", "x"])
+
+
+def test_forwarded_ports_only_reach_the_hosts_loopback(tmp_path: Path) -> None:
+    argv = qemu_argv(Path("/k"), Path("/i"), tmp_path, 4096, 2, forwards=[5672])
+    netdev = argv[argv.index("-netdev") + 1]
+    assert netdev.startswith("user,id=net0,restrict=on,")
+    assert f"guestfwd=tcp:{HOST_ALIAS}:5672-cmd:" in netdev
+    assert netdev.endswith(f"{RELAY} 5672")
+    assert "-netdev" not in qemu_argv(Path("/k"), Path("/i"), tmp_path, 4096, 2)
+
+
+def test_relay_carries_one_connection_both_ways_to_a_loopback_port() -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def echo_upper() -> None:
+        conn, _ = server.accept()
+        with conn:
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+            conn.sendall(data.upper())
+
+    thread = threading.Thread(target=echo_upper, daemon=True)
+    thread.start()
+    payload = b"amqp frames " * 20000  # larger than one pipe buffer
+    done = subprocess.run(
+        [sys.executable, "-S", str(RELAY), str(port)],
+        input=payload,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    server.close()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == payload.upper()

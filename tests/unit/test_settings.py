@@ -35,3 +35,20 @@ def test_a_file_that_is_not_a_table_is_refused(tmp_path: Path) -> None:
     path.write_text("- a list\n")
     with pytest.raises(ValueError, match="expected a table"):
         ComputeConfig.load(path)
+
+
+def test_vmm_spawn_timeout_reaches_the_kvm_driver(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from compute_node.kvm import KvmDriver
+    from compute_node.node import make_driver
+
+    monkeypatch.setenv("FLOTILLA_VMM_SPAWN_TIMEOUT_S", "240")
+    config = ComputeConfig.load(None, state_dir=tmp_path)
+    assert config.vmm_spawn_timeout_s == 240
+    driver = make_driver(config)
+    assert isinstance(driver, KvmDriver)
+    assert driver.spawn_timeout == 240
+    monkeypatch.setenv("FLOTILLA_VMM_SPAWN_TIMEOUT_S", "0")
+    with pytest.raises(ValueError, match="vmm_spawn_timeout_s"):
+        ComputeConfig.load(None, state_dir=tmp_path)
