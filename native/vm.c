@@ -258,7 +258,9 @@ int fl_vm_shutdown(struct fl_vm *vm, int method)
 			rc = fl_fail(vm, -rc, "i8042 output queue is full");
 		break;
 	case FL_SHUTDOWN_ACPI:
-		rc = fl_fail(vm, ENOTSUP, "ACPI power button is not implemented");
+		/* A press of the power button: an edge on the GED's pin (the DSDT's \_SB.GED0). */
+		fl_ioapic_set_level(&vm->ioapic, FL_GSI_POWER_BUTTON, 1);
+		fl_ioapic_set_level(&vm->ioapic, FL_GSI_POWER_BUTTON, 0);
 		break;
 	default:
 		rc = fl_fail(vm, EINVAL, "unknown shutdown method %d", method);

@@ -21,6 +21,7 @@
 #define FL_PORT_COM1 0x3f8
 #define FL_IRQ_COM1 4
 #define FL_IRQ_I8042 1
+#define FL_GSI_POWER_BUTTON 5 /* the ACPI GED's interrupt (edge, active high) */
 #define FL_PORT_PVPANIC 0x505
 #define FL_PORT_SLEEP_CONTROL 0x600
 #define FL_PORT_SLEEP_STATUS 0x601

@@ -44,7 +44,7 @@ enum fl_event_kind {
 
 enum fl_shutdown_method {
 	FL_SHUTDOWN_CTRL_ALT_DEL = 1, /* scancodes through the i8042 */
-	FL_SHUTDOWN_ACPI = 2	      /* reserved: ACPI power button (not wired yet) */
+	FL_SHUTDOWN_ACPI = 2	      /* ACPI power button (GED interrupt, Notify 0x80) */
 };
 
 enum fl_image_kind {

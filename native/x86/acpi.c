@@ -7,6 +7,7 @@
 
 #include "../le.h"
 #include "../vmm.h"
+#include "aml.h"
 #include "layout.h"
 
 #define FADT_SIZE 276
@@ -77,90 +78,114 @@ static const uint8_t dsdt_aml[] = {
 	0x08, '_', 'S', '5', '_', 0x12, 0x08, 0x04, 0x0a, 0x05, 0x0a, 0x05, 0x00, 0x00,
 };
 
-/* AML PkgLength for a package whose contents (after the length) are len bytes. */
-static uint32_t pkg_length(uint8_t *p, uint32_t len)
+static void virtio_devices(const struct fl_vm *vm, struct fl_aml *sb)
 {
-	if (len + 1 < 64) {
-		p[0] = (uint8_t)(len + 1);
-		return 1;
+	for (uint32_t i = 0; i < vm->nvirtio; i++) {
+		const struct fl_virtio_slot *slot = &vm->virtio[i];
+		struct fl_aml dev = {.len = 0}, res = {.len = 0};
+		char name[5] = {'V', 'R', '0', "0123456789ABCDEF"[i & 15], 0};
+
+		fl_aml_name_string(&dev, "_HID", "LNRO0005");
+		fl_aml_name_int(&dev, "_UID", i);
+		fl_aml_res_mem32(&res, (uint32_t)slot->base, (uint32_t)FL_VIRTIO_MMIO_SIZE);
+		fl_aml_res_interrupt(&res, slot->gsi);
+		fl_aml_name_resources(&dev, "_CRS", &res);
+		fl_aml_device(sb, name, &dev);
 	}
-	len += 2; /* up to 4095: two bytes */
-	p[0] = (uint8_t)(0x40 | (len & 0xf));
-	p[1] = (uint8_t)(len >> 4);
-	return 2;
 }
 
 /*
- * Scope (\_SB) { Device (VRn) { Name (_HID, "LNRO0005") Name (_UID, n)
- *   Name (_CRS, ResourceTemplate () { Memory32Fixed (ReadWrite, base, size)
- *     Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { gsi } }) } ... }
- * for each virtio-mmio slot: how Linux finds them (its virtio_mmio binds LNRO0005). Edge:
- * the interrupt comes from an irqfd, which has no resample path. Returns the bytes written.
+ * COM1 as a PNP0501 device. Without 8259s Linux has no identity mapping for ISA IRQs, so a
+ * legacy device's interrupt works only if ACPI names its GSI: the 8250's PNP driver then
+ * takes over the port with that interrupt (tty output is interrupt-driven).
  */
-static uint32_t virtio_aml(const struct fl_vm *vm, uint8_t *out)
+static void com1_device(struct fl_aml *sb)
 {
-	uint8_t devs[FL_VIRTIO_SLOTS * 64];
-	uint32_t n = 0, len;
+	struct fl_aml dev = {.len = 0}, res = {.len = 0};
 
-	for (uint32_t i = 0; i < vm->nvirtio; i++) {
-		uint8_t body[64], *b = body;
-		const struct fl_virtio_slot *slot = &vm->virtio[i];
+	fl_aml_name_string(&dev, "_HID", "PNP0501");
+	fl_aml_name_int(&dev, "_UID", 1);
+	fl_aml_res_io(&res, FL_PORT_COM1, 8);
+	fl_aml_res_irq(&res, FL_IRQ_COM1);
+	fl_aml_name_resources(&dev, "_CRS", &res);
+	fl_aml_device(sb, "COM1", &dev);
+}
 
-		memcpy(b, "\x08_HID\x0dLNRO0005", 15); /* NameOp, name, StringPrefix, text+NUL */
-		b += 15;
-		memcpy(b, "\x08_UID\x0a", 6);
-		b[6] = (uint8_t)i;
-		b += 7;
-		memcpy(b, "\x08_CRS\x11", 6);
-		b += 6;
-		b += pkg_length(b, 2 + 23);
-		*b++ = 0x0a; /* BufferSize: ByteConst 23 */
-		*b++ = 23;
-		*b++ = 0x86; /* Memory32Fixed, length 9 */
-		put16(b, 9);
-		b[2] = 1; /* read-write */
-		put32(b + 3, (uint32_t)slot->base);
-		put32(b + 7, (uint32_t)FL_VIRTIO_MMIO_SIZE);
-		b += 11;
-		*b++ = 0x89; /* Extended Interrupt, length 6 */
-		put16(b, 6);
-		b[2] = 0x03; /* consumer, edge, active high, exclusive */
-		b[3] = 1;
-		put32(b + 4, slot->gsi);
-		b += 8;
-		*b++ = 0x79; /* End Tag, checksum 0 */
-		*b++ = 0;
-		len = (uint32_t)(b - body);
+/* The i8042's keyboard port, PNP0303 (no mouse: no PNP0F13, so Linux leaves AUX alone). */
+static void ps2_keyboard_device(struct fl_aml *sb)
+{
+	struct fl_aml dev = {.len = 0}, res = {.len = 0};
 
-		devs[n++] = 0x5b; /* DeviceOp */
-		devs[n++] = 0x82;
-		n += pkg_length(devs + n, 4 + len);
-		devs[n++] = 'V';
-		devs[n++] = 'R';
-		devs[n++] = '0';
-		devs[n++] = (uint8_t)("0123456789ABCDEF"[i & 15]);
-		memcpy(devs + n, body, len);
-		n += len;
-	}
-	if (!n)
-		return 0;
-	uint32_t k = 0;
-	out[k++] = 0x10; /* ScopeOp */
-	k += pkg_length(out + k, 5 + n);
-	memcpy(out + k, "\\_SB_", 5);
-	k += 5;
-	memcpy(out + k, devs, n);
-	return k + n;
+	fl_aml_name_string(&dev, "_HID", "PNP0303");
+	fl_aml_res_io(&res, FL_PORT_I8042_DATA, 1);
+	fl_aml_res_io(&res, FL_PORT_I8042_CMD, 1);
+	fl_aml_res_irq(&res, FL_IRQ_I8042);
+	fl_aml_name_resources(&dev, "_CRS", &res);
+	fl_aml_device(sb, "PS2K", &dev);
+}
+
+/*
+ * The power button on hardware-reduced ACPI (no fixed-feature PM1 events): a Generic Event
+ * Device whose interrupt runs _EVT, which notifies PWRB (PNP0C0C) with 0x80, "pressed".
+ * Linux's button driver turns that into KEY_POWER for userspace (acpid, logind) to act on.
+ */
+static void power_button_devices(struct fl_aml *sb)
+{
+	struct fl_aml button = {.len = 0}, ged = {.len = 0}, res = {.len = 0}, evt = {.len = 0};
+
+	fl_aml_name_string(&button, "_HID", "PNP0C0C");
+	fl_aml_device(sb, "PWRB", &button);
+
+	fl_aml_name_string(&ged, "_HID", "ACPI0013");
+	fl_aml_res_interrupt(&res, FL_GSI_POWER_BUTTON);
+	fl_aml_name_resources(&ged, "_CRS", &res);
+	fl_aml_notify(&evt, "PWRB", 0x80); /* one interrupt, one event: Arg0 needs no test */
+	fl_aml_method(&ged, "_EVT", 1, &evt);
+	fl_aml_device(sb, "GED0", &ged);
+}
+
+/* pvpanic at its I/O port as QEMU describes it (QEMU0001): Linux's pvpanic-mmio binds it. */
+static void pvpanic_device(struct fl_aml *sb)
+{
+	struct fl_aml dev = {.len = 0}, res = {.len = 0};
+
+	fl_aml_name_string(&dev, "_HID", "QEMU0001");
+	fl_aml_res_io(&res, FL_PORT_PVPANIC, 1);
+	fl_aml_name_resources(&dev, "_CRS", &res);
+	fl_aml_device(sb, "PEVT", &dev);
+}
+
+/*
+ * Scope (\_SB) { COM1, PS2K, PWRB, GED0, PEVT, VR0n... }: how Linux finds the legacy devices' interrupts and the
+ * virtio-mmio slots (its virtio_mmio binds LNRO0005; edge, because the interrupt comes from
+ * an irqfd, which has no resample path). Returns -1 when it does not fit.
+ */
+static int system_bus_aml(const struct fl_vm *vm, struct fl_aml *out)
+{
+	struct fl_aml sb;
+
+	memset(&sb, 0, sizeof(sb));
+	com1_device(&sb);
+	ps2_keyboard_device(&sb);
+	power_button_devices(&sb);
+	pvpanic_device(&sb);
+	virtio_devices(vm, &sb);
+	fl_aml_scope(out, "\\_SB_", &sb);
+	return out->overflow ? -1 : 0;
 }
 
 int fl_acpi_build(struct fl_vm *vm, uint64_t *rsdp_gpa)
 {
 	struct table_writer w = {.size = FL_ACPI_END - FL_ACPI_GPA, .next = 0};
 	uint32_t madt_len = 44 + 8 * vm->nvcpus + 12;
-	uint8_t devices_aml[8 + FL_VIRTIO_SLOTS * 64];
-	uint32_t devices_len = virtio_aml(vm, devices_aml);
-	uint32_t dsdt_len = 36 + sizeof(dsdt_aml) + devices_len;
+	struct fl_aml devices;
+	uint32_t dsdt_len;
 	uint64_t rsdp, xsdt, fadt, dsdt, madt;
+
+	memset(&devices, 0, sizeof(devices));
+	if (system_bus_aml(vm, &devices) < 0)
+		return fl_fail(vm, ENOSPC, "the DSDT does not fit in %u bytes", FL_AML_MAX);
+	dsdt_len = 36 + sizeof(dsdt_aml) + devices.len;
 
 	w.base = fl_mem_ptr(&vm->mem, FL_ACPI_GPA, w.size);
 	if (!w.base)
@@ -179,7 +204,7 @@ int fl_acpi_build(struct fl_vm *vm, uint64_t *rsdp_gpa)
 	uint8_t *t = w.base + dsdt;
 	header(t, "DSDT", dsdt_len, 2);
 	memcpy(t + 36, dsdt_aml, sizeof(dsdt_aml));
-	memcpy(t + 36 + sizeof(dsdt_aml), devices_aml, devices_len);
+	memcpy(t + 36 + sizeof(dsdt_aml), devices.buf, devices.len);
 	finish(t, dsdt_len);
 
 	t = w.base + fadt;

@@ -1,6 +1,7 @@
 /*
  * CPUID: what KVM supports, minus what the host cannot give the guest (LA57; the
- * IA32_ARCH_CAPABILITIES MSR, which PVM refuses), plus per-vCPU APIC ids and topology.
+ * IA32_ARCH_CAPABILITIES MSR, which PVM refuses), plus per-vCPU APIC ids and topology; and
+ * the XCR0 that goes with its leaf 0xD.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -48,6 +49,36 @@ int fl_cpuid_init(struct fl_vm *vm)
 		}
 	}
 	vm->cpuid = c;
+	return 0;
+}
+
+/*
+ * XCR0 starts as the user state components leaf 0xD offers (what Linux enables), not x87
+ * alone. KVM computes leaf 0xD's EBX (the XSAVE area size for XCR0) from the XCR0 it knows
+ * about; where XSETBV does not exit to it (nested under QEMU's TCG, which ignores the SVM
+ * intercept) the guest's XCR0 and KVM's would disagree and so would the sizes Linux checks
+ * ("XSAVE consistency problem"). Where XSETBV does exit, the guest's value replaces this.
+ */
+static int xcr0_init(struct fl_vm *vm, struct fl_vcpu *vcpu, const struct kvm_cpuid2 *c)
+{
+	struct kvm_xcrs xcrs = {.nr_xcrs = 1};
+	int xsave = 0;
+	uint64_t mask = 0;
+
+	for (uint32_t i = 0; i < c->nent; i++) {
+		const struct kvm_cpuid_entry2 *e = &c->entries[i];
+		if (e->function == 1)
+			xsave = (e->ecx >> 26) & 1;
+		if (e->function == 0xd && e->index == 0)
+			mask = ((uint64_t)e->edx << 32) | e->eax;
+	}
+	if (!xsave || !(mask & 1))
+		return 0;
+	xcrs.xcrs[0].xcr = 0;
+	xcrs.xcrs[0].value = mask;
+	if (ioctl(vcpu->fd, KVM_SET_XCRS, &xcrs) < 0)
+		return fl_fail(vm, errno, "KVM_SET_XCRS (XCR0 0x%llx) on vCPU %u: %s",
+			       (unsigned long long)mask, vcpu->id, strerror(errno));
 	return 0;
 }
 
@@ -99,6 +130,8 @@ int fl_cpuid_apply(struct fl_vm *vm, struct fl_vcpu *vcpu)
 	}
 	if (ioctl(vcpu->fd, KVM_SET_CPUID2, c) < 0)
 		rc = fl_fail(vm, errno, "KVM_SET_CPUID2 on vCPU %u: %s", vcpu->id, strerror(errno));
+	else
+		rc = xcr0_init(vm, vcpu, c);
 	free(c);
 	return rc;
 }

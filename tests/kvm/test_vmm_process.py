@@ -179,9 +179,10 @@ def test_guest_poweroff_with_destroy_policy_ends_the_vmm(
 def test_host_shutdown_with_preserve_keeps_the_vmm(start_vmm: Callable[..., Domain]) -> None:
     d = start_vmm(on_poweroff="preserve")
     d.wait_console(READY)
-    with pytest.raises(VmmRequestError) as info:
-        d.client.shutdown("acpi")
-    assert info.value.code == "unsupported"
+    # The power button is pressed, but the test guest has no ACPI interpreter to notice it.
+    d.client.shutdown("acpi")
+    time.sleep(0.2)
+    assert d.client.status()["state"] == "running"
     d.client.shutdown("ctrl-alt-del")
     d.wait_record("stopped")
     assert d.kinds()[1:] == [("shutdown", "acpi_s5", "host"), ("stopped", "shutdown", "poweroff")]
