@@ -360,7 +360,7 @@ def test_events_carry_the_cause_of_the_command_that_made_them(node: Node) -> Non
         ("domain.stopped", None, None),
         ("domain.started", None, None),
     ]
-    shutdown = do(ShutdownDomain(domain_id=d), "req-5")
+    shutdown = do(ShutdownDomain(domain_id=d, wait=False), "req-5")
     assert causes() == [
         ("domain.shutdown", "req-5", shutdown.id),
         ("domain.stopped", "req-5", shutdown.id),
