@@ -86,13 +86,10 @@ class StorageAgent(Service):
 
     def reconcile(self) -> dict[str, list[str]]:
         """Remove what operations killed mid-way left in each pool; the names removed, per
-        pool (logged). Run before serving."""
+        pool (Pool.reconcile logs them). Run before serving."""
         removed: dict[str, list[str]] = {}
         for name, pool in self.pools.items():
-            gone = pool.reconcile()
-            if gone:
-                log.info("pool reconciled", pool=name, removed=gone)
-            removed[name] = gone
+            removed[name] = pool.reconcile()  # which logs what it removed
         return removed
 
     # ---- helpers ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from compute_node.storage import extents, formats, qemu_img
-from compute_node.storage.errors import AlreadyExists, BadImage, NotFound
+from compute_node.storage.errors import AlreadyExists, BadImage
 from compute_node.storage.pool import Pool, TempFile, fsync_dir, no_space_is_clear
 from compute_node.storage.volumes import MAX_VOLUME_BYTES, Source, write_stream
 
@@ -41,10 +41,7 @@ class ImageStore:
 
     def path(self, sha256: str) -> Path:
         """The image's file. Raises InvalidName, NotFound."""
-        path = self.pool.image_path(sha256)
-        if not path.is_file() or path.is_symlink():
-            raise NotFound(f"image {sha256} does not exist in {self.pool.images_dir}")
-        return path
+        return self.pool.image_file(sha256)
 
     def list(self) -> list[Image]:
         with os.scandir(self.pool.images_dir) as it:

@@ -27,7 +27,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict
 
 from compute_node.storage import extents
-from compute_node.storage.errors import AlreadyExists, NoSpace, StorageError
+from compute_node.storage.errors import AlreadyExists, NoSpace, NotFound, StorageError
 from compute_node.storage.locks import lock_op
 from compute_node.storage.names import check_name, check_sha256, contained
 
@@ -153,6 +153,13 @@ class Pool:
     def image_path(self, sha256: str) -> Path:
         return contained(self.images_dir, check_sha256(sha256))
 
+    def image_file(self, sha256: str) -> Path:
+        """The stored image's file (never a symlink). Raises InvalidName, NotFound."""
+        path = self.image_path(sha256)
+        if not path.is_file() or path.is_symlink():
+            raise NotFound(f"image {sha256} does not exist in {self.images_dir}")
+        return path
+
     def begin(self) -> TempFile:
         """A new locked temp file in `.tmp/` for one operation."""
         for _ in range(8):
@@ -164,6 +171,11 @@ class Pool:
                 return TempFile(path, fd)
             os.close(fd)
         raise StorageError(f"could not claim a temp file in {self.tmp_dir}")
+
+    def available(self) -> int:
+        """Free bytes for unprivileged writers (statvfs, no scan of the pool)."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
 
     def usage(self) -> PoolUsage:
         st = os.statvfs(self.root)
@@ -181,7 +193,7 @@ class Pool:
 
     def check_space(self, nbytes: int, what: str) -> None:
         """Raise NoSpace when `nbytes` more would not fit in the pool's free space."""
-        available = self.usage().available
+        available = self.available()
         if nbytes > available:
             raise NoSpace(f"{what} needs {nbytes} bytes, the pool has {available} free")
 

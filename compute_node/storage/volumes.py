@@ -166,9 +166,7 @@ class VolumeStore:
         """A new volume holding the pool's image `image` (its sha256), grown to `size` bytes
         if given; a clone, independent of the image afterwards. Raises NotFound, InvalidName,
         ShrinkRefused (`size` below the image's size rounded up to a sector), NoSpace."""
-        path = self.pool.image_path(image)
-        if not path.is_file():
-            raise NotFound(f"image {image} does not exist in {self.pool.images_dir}")
+        path = self.pool.image_file(image)
         dest = self._new(name)
         image_size = path.lstat().st_size
         rounded = -(-image_size // SECTOR) * SECTOR
