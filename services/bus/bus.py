@@ -68,6 +68,15 @@ def properties_for(
     )
 
 
+def _rpc_properties(envelope: Envelope) -> pika.BasicProperties:
+    """An RPC request's properties: as `properties_for`, but the AMQP correlation_id (what the
+    reply is matched by) is the request's own message id, unique per call; the chain's
+    correlation id travels in the envelope."""
+    props = properties_for(envelope)
+    props.correlation_id = envelope.id
+    return props
+
+
 class Bus:
     """A connection to the broker for one process. Thread-safe."""
 
@@ -183,7 +192,9 @@ class Bus:
 
         The command carries `correlation_id` and `causation_id`, by default the current cause's
         (services.bus.cause); a call outside any cause starts a new chain with a fresh
-        correlation id, which also matches the reply to the call.
+        correlation id. The reply is matched by the command's message id (the AMQP
+        correlation_id of an RPC request; see `_rpc_properties`), never by the chain's id, so
+        a late reply to an earlier call of the same chain is never taken for this one's.
 
         Runs in the caller's thread on that thread's own connection (services.bus.rpc).
         Raises RemoteError for an error reply, RpcTimeout when none came in time,
@@ -205,7 +216,7 @@ class Bus:
                 routing.COMMANDS_EXCHANGE,
                 queue,
                 pack(envelope),
-                properties_for(envelope),
+                _rpc_properties(envelope),
                 timeout,
             )
         except RpcTimeout:

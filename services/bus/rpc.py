@@ -136,10 +136,8 @@ class RpcClient:
         properties: pika.spec.BasicProperties,
         timeout: float,
     ) -> tuple[pika.spec.BasicProperties, bytes]:
-        """Publish the request and wait for its reply (matched by correlation id, which one
-        chain of calls shares: the calls of one thread are sequential, and a late reply to an
-        earlier call of the chain that gave up waiting is dropped here, not taken as this
-        call's)."""
+        """Publish the request and wait for its reply, matched by the request's AMQP
+        correlation_id (unique per call: Bus.call sets it to the message id)."""
         cid = properties.correlation_id
         assert cid, "an RPC request needs a correlation id"
         properties.reply_to = DIRECT_REPLY_TO

@@ -426,9 +426,12 @@ class ServiceRunner:
         reply_to = delivery.properties.reply_to
         if not reply_to:
             return
-        # A recorded reply is re-addressed to this request's correlation id.
+        # A recorded reply is re-addressed to this request: its chain in the envelope, and as
+        # AMQP correlation_id what the caller matches replies by (its request's property).
         reply = dataclasses.replace(reply, correlation_id=request.correlation_id)
-        delivery.reply(reply_to, pack(reply), properties_for(reply, persistent=False))
+        props = properties_for(reply, persistent=False)
+        props.correlation_id = delivery.properties.correlation_id or reply.correlation_id
+        delivery.reply(reply_to, pack(reply), props)
 
     @staticmethod
     def _dead_letter(delivery: Inbound, reason: str) -> None:

@@ -21,6 +21,7 @@ from protos.events import DomainStarted, DomainStopped, StartedDetail, StoppedDe
 from protos.replies import DomainInfo
 from services.bus import (
     Bus,
+    Cause,
     ConnectionLost,
     Context,
     NoRouteError,
@@ -29,6 +30,7 @@ from services.bus import (
     Service,
     ServiceError,
     ServiceRunner,
+    caused_by,
     handles,
 )
 from tests.brokers import BrokerHandle, find_dead_letter
@@ -475,3 +477,19 @@ def test_call_cut_off_while_waiting_is_resent_and_executes_once(
     assert len(result) == 1
     assert isinstance(result[0], DomainInfo), result
     assert service.executed.count(message_id) == 1
+
+
+def test_a_late_reply_to_an_earlier_call_of_the_chain_is_not_taken(
+    served: tuple[Bus, InfoService, str],
+) -> None:
+    """Calls of one chain share its correlation id; each still gets its own reply."""
+    client, service, queue = served
+    with caused_by(Cause(correlation_id="req-chain")):
+        with pytest.raises(RpcTimeout):
+            client.call(queue, GetDomainInfo(domain_id=SLOW), timeout=0.5)
+        # The slow call's reply arrives while the next call (queued behind it) waits.
+        threading.Timer(0.3, service.release.set).start()
+        wanted = uuid.uuid4()
+        reply = client.call(queue, GetDomainInfo(domain_id=wanted), timeout=10)
+    assert isinstance(reply, DomainInfo)
+    assert reply.domain_id == wanted
