@@ -11,9 +11,11 @@ expectations left unmet (a shutdown the guest ignored) lapse after their time.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from compute_node.driver import GuestEventKind
@@ -52,6 +54,24 @@ class PendingCauses:
             self._pending[domain_id] = _Pending(
                 cause, [frozenset(s) for s in steps], time.monotonic() + within_s
             )
+
+    @contextlib.contextmanager
+    def expecting(
+        self,
+        domain_id: uuid.UUID,
+        cause: Cause | None,
+        *steps: set[GuestEventKind],
+        within_s: float = 120.0,
+    ) -> Iterator[None]:
+        """`expect` for the block that asks the driver for it: a block that raises made
+        nothing happen, so its expectation goes (no later event takes a failed command's
+        cause)."""
+        self.expect(domain_id, cause, *steps, within_s=within_s)
+        try:
+            yield
+        except BaseException:
+            self.forget(domain_id)
+            raise
 
     def take(self, domain_id: uuid.UUID, kind: GuestEventKind) -> Cause | None:
         """The cause of a driver event of `kind`, if a command expected it; consumes the step

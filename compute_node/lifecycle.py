@@ -214,19 +214,19 @@ class Lifecycle(ConsoleHandlers, Service):
             if not self._check(record, Action.START):
                 return
             steps = [{K.STARTED, K.FAILED}, *([{K.PAUSED}] if paused else [])]
-            self.causes.expect(domain_id, cause, *steps)
-            with _refused():
-                files = self.sources.open(record.spec, privileged=record.privileged)
-            with files:
-                self.claims.claim(record.spec)
-                try:
-                    self.driver.spawn(record.spec, files, paused=paused)
-                except DriverError as exc:
-                    self.claims.release(domain_id)
-                    raise ServiceError(exc.code, exc.message, {"host": self.host}) from None
-                except BaseException:
-                    self.claims.release(domain_id)
-                    raise
+            with self.causes.expecting(domain_id, cause, *steps):
+                with _refused():
+                    files = self.sources.open(record.spec, privileged=record.privileged)
+                with files:
+                    self.claims.claim(record.spec)
+                    try:
+                        self.driver.spawn(record.spec, files, paused=paused)
+                    except DriverError as exc:
+                        self.claims.release(domain_id)
+                        raise ServiceError(exc.code, exc.message, {"host": self.host}) from None
+                    except BaseException:
+                        self.claims.release(domain_id)
+                        raise
 
     @handles(DestroyDomain)
     def destroy(self, cmd: DestroyDomain, ctx: Context) -> DomainInfo:
@@ -237,8 +237,8 @@ class Lifecycle(ConsoleHandlers, Service):
             if record.state in (PowerState.SHUTOFF, PowerState.NOSTATE):
                 self._end_kept(record)
             else:
-                self.causes.expect(cmd.domain_id, ctx.cause, {K.STOPPED})
-                self._destroy(record)
+                with self.causes.expecting(cmd.domain_id, ctx.cause, {K.STOPPED}):
+                    self._destroy(record)
             return self.info(cmd.domain_id)
 
     def _end_kept(self, record: DomainRecord) -> None:
@@ -272,14 +272,14 @@ class Lifecycle(ConsoleHandlers, Service):
             if not self._check(record, Action.SHUTDOWN):
                 return self.info(cmd.domain_id)
             # The guest takes its time: the cause holds for the command's own time and more.
-            self.causes.expect(
+            with self.causes.expecting(
                 cmd.domain_id,
                 ctx.cause,
                 {K.SHUTDOWN},
                 {K.STOPPED, K.STARTED},  # STARTED: on_poweroff=restart
                 within_s=cmd.timeout_s + 300.0,
-            )
-            self._driver_call(lambda: self.driver.shutdown(cmd.domain_id, cmd.mode))
+            ):
+                self._driver_call(lambda: self.driver.shutdown(cmd.domain_id, cmd.mode))
         if not cmd.wait:
             return self.info(cmd.domain_id)
         # Wait without the domain's lock, so a destroy can still cut a hung shutdown short.
@@ -298,8 +298,8 @@ class Lifecycle(ConsoleHandlers, Service):
             action = Action.RESET if cmd.mode is RebootMode.RESET else Action.REBOOT
             if self._check(record, action):
                 # A reset of a crashed domain starts it again: STARTED rather than REBOOTED.
-                self.causes.expect(cmd.domain_id, ctx.cause, {K.REBOOTED, K.STARTED})
-                self._driver_call(lambda: self.driver.reboot(cmd.domain_id, cmd.mode))
+                with self.causes.expecting(cmd.domain_id, ctx.cause, {K.REBOOTED, K.STARTED}):
+                    self._driver_call(lambda: self.driver.reboot(cmd.domain_id, cmd.mode))
             return self.info(cmd.domain_id)
 
     @handles(PauseDomain)
@@ -307,8 +307,8 @@ class Lifecycle(ConsoleHandlers, Service):
         with self._lock(cmd.domain_id):
             record = self._record(cmd.domain_id)
             if self._check(record, Action.PAUSE):
-                self.causes.expect(cmd.domain_id, ctx.cause, {K.PAUSED})
-                self._driver_call(lambda: self.driver.pause(cmd.domain_id))
+                with self.causes.expecting(cmd.domain_id, ctx.cause, {K.PAUSED}):
+                    self._driver_call(lambda: self.driver.pause(cmd.domain_id))
             return self.info(cmd.domain_id)
 
     @handles(ResumeDomain)
@@ -316,8 +316,8 @@ class Lifecycle(ConsoleHandlers, Service):
         with self._lock(cmd.domain_id):
             record = self._record(cmd.domain_id)
             if self._check(record, Action.RESUME):
-                self.causes.expect(cmd.domain_id, ctx.cause, {K.RESUMED})
-                self._driver_call(lambda: self.driver.resume(cmd.domain_id))
+                with self.causes.expecting(cmd.domain_id, ctx.cause, {K.RESUMED}):
+                    self._driver_call(lambda: self.driver.resume(cmd.domain_id))
             return self.info(cmd.domain_id)
 
     @handles(GetDomainInfo)

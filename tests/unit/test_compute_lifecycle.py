@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from compute_node.boot_sources import BootSources
+from compute_node.causes import PendingCauses
 from compute_node.driver import GuestEvent, GuestEventKind
 from compute_node.fake import FakeDriver
 from compute_node.lifecycle import Lifecycle
@@ -34,7 +35,7 @@ from protos.domain import BootSpec, DomainSpec, LifecycleAction, PowerState
 from protos.events import DomainEvent
 from protos.host import HostInventory, KvmKind, Resources
 from protos.replies import DomainInfo, ErrorReply
-from services.bus import Context, ServiceError
+from services.bus import Cause, Context, ServiceError
 from services.bus.service import dispatch
 from tests.bootfiles import BOOT_DIR, KERNEL
 
@@ -439,3 +440,16 @@ def test_a_store_from_before_the_privilege_column_opens(tmp_path: Path) -> None:
     assert record.privileged is False
     assert n.ok(StartDomain(domain_id=s.uuid)).state is PowerState.RUNNING
     n.store.close()
+
+
+def test_a_command_that_failed_leaves_no_cause_for_later_events() -> None:
+    causes = PendingCauses()
+    domain = uuid.uuid4()
+    cause = Cause(correlation_id="req-1", causation_id="m-1")
+    with pytest.raises(RuntimeError), causes.expecting(domain, cause, {GuestEventKind.PAUSED}):
+        raise RuntimeError("the driver refused")
+    # The guest pausing itself later is no consequence of the failed command.
+    assert causes.take(domain, GuestEventKind.PAUSED) is None
+    with causes.expecting(domain, cause, {GuestEventKind.PAUSED}):
+        pass
+    assert causes.take(domain, GuestEventKind.PAUSED) == cause
