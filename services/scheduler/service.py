@@ -118,10 +118,13 @@ class SchedulerService(Service):
         attempts: list[Attempt] = []
         refused: set[str] = set()
         filtered: Filtered = {}
+        # A redelivered command looks for an earlier copy's claim once, before its first try:
+        # after a refusal that host is released, and there is nothing new to find.
+        earlier = (
+            self._earlier_claim(request, refused, ctx.envelope.ts) if ctx.redelivered else None
+        )
         for _ in range(min(cmd.max_attempts, self.config.max_attempts)):
-            claim = (
-                self._earlier_claim(request, refused, ctx.envelope.ts) if ctx.redelivered else None
-            )
+            claim, earlier = earlier, None
             if claim is None:
                 decision = self.placer.decide(request, replica=self.replica, exclude=refused)
                 filtered = decision.filtered
