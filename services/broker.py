@@ -272,6 +272,9 @@ class PrivateCluster:
             )
             for i in range(size)
         ]
+        # The shared password file is made here, once: nodes starting in parallel threads
+        # would each generate (and keep) a password of their own.
+        _ = self.nodes[0].password
 
     @property
     def urls(self) -> list[str]:
