@@ -25,7 +25,6 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = f"req-{uuid.uuid4()}"
-        scope.setdefault("state", {})["request_id"] = request_id
         header = (HEADER.lower().encode(), request_id.encode())
 
         async def send_with_id(message: Message) -> None:
