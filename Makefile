@@ -10,7 +10,7 @@ test: install
 	.venv/bin/pytest -m "not hwvirt"
 
 test-hwvirt: install
-	FLOTILLA_HWVIRT_TIMEOUT=$${FLOTILLA_HWVIRT_TIMEOUT:-3000} .venv/bin/pytest -m hwvirt
+	.venv/bin/pytest -m hwvirt
 
 lint: install
 	.venv/bin/ruff check .
