@@ -86,10 +86,13 @@ class StorageAgent(Service):
 
     def reconcile(self) -> dict[str, list[str]]:
         """Remove what operations killed mid-way left in each pool; the names removed, per
-        pool (Pool.reconcile logs them). Run before serving."""
+        pool (logged with the pool's name). Run before serving."""
         removed: dict[str, list[str]] = {}
         for name, pool in self.pools.items():
-            removed[name] = pool.reconcile()  # which logs what it removed
+            gone = pool.reconcile()
+            if gone:
+                log.info("pool reconciled", pool=name, removed=gone)
+            removed[name] = gone
         return removed
 
     # ---- helpers ---------------------------------------------------------------------------
