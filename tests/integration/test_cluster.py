@@ -34,7 +34,7 @@ from services.bus import Bus
 from services.scheduler import Scheduler, SchedulerConfig
 from tests.bootfiles import BOOT_DIR, KERNEL
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.cluster]
 
 DOMAINS = 3
 CYCLES = 12  # start + destroy, per domain
