@@ -14,6 +14,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from protos.base import Message
+from protos.bindings import DiskBinding, ImageRef, PortBinding
 from protos.domain import DomainSpec, PowerState
 from protos.replies import ConsoleOutput, ConsoleTicket, DomainInfo, DomainList, Done
 
@@ -37,10 +38,16 @@ class DefineDomain(Command):
     `allowed_boot_dirs`. The node keeps it with the definition for every later start."""
 
     TYPE = "cmd.domain.define"
-    VERSION = "1.1"  # 1.1: `privileged`; DomainSpec's metadata and MAC are bounded
+    VERSION = "1.2"  # 1.1: `privileged`, bounded metadata and MAC; 1.2: bindings
     RESULT = DomainInfo
     spec: DomainSpec
     privileged: bool = False
+    # What the services resolved (protos.bindings): the spec's volume disks, root disk and
+    # boot image, and its NICs' ports, in the spec's order.
+    disks: list[DiskBinding] = Field(default=[], max_length=16)
+    kernel_image: ImageRef | None = None
+    initrd_image: ImageRef | None = None
+    ports: list[PortBinding] = Field(default=[], max_length=8)
 
 
 class UndefineDomain(DomainCommand):

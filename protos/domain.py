@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from enum import StrEnum
+from ipaddress import IPv4Address
 from typing import Annotated, Any, Self
 from uuid import UUID, uuid4
 
@@ -155,6 +156,9 @@ class NicSpec(_Spec):
     mac: str | None = Field(
         default=None, max_length=17, pattern=r"^[0-9A-Fa-f][02468AaCcEe](:[0-9A-Fa-f]{2}){5}$"
     )
+
+    # A fixed address in the network's subnet; None: the network service allocates one.
+    ip: IPv4Address | None = None
 
     @field_validator("mac", mode="before")
     @classmethod

@@ -17,6 +17,7 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict, Field
 
 from protos.base import Message
+from protos.bindings import DiskBinding, ImageRef
 from protos.commands import Command
 from protos.domain import NAME_PATTERN, DomainSpec
 from protos.replies import DomainInfo, Done
@@ -44,11 +45,17 @@ class ScheduleDomain(Command):
     `privileged` (the requester is an admin) travels on to the compute node's DefineDomain."""
 
     TYPE = "cmd.scheduler.schedule"
-    VERSION = "1.1"  # 1.1: `privileged`; DomainSpec's metadata and MAC are bounded
+    VERSION = "1.2"  # 1.1: `privileged`, bounded metadata and MAC; 1.2: bindings
     RESULT = Placement
     spec: DomainSpec
     project: str = Field(pattern=NAME_PATTERN)
     privileged: bool = False
+    # Resolved by the API through the storage service (protos.bindings); passed on to the
+    # chosen host's DefineDomain. A disk on a host-local pool restricts placement to its host.
+    # Ports are not here: the scheduler allocates them from the network service.
+    disks: list[DiskBinding] = Field(default=[], max_length=16)
+    kernel_image: ImageRef | None = None
+    initrd_image: ImageRef | None = None
     start: bool = True
     max_attempts: int = Field(default=3, ge=1, le=20)
 

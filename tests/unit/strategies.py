@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import ipaddress
 import types
 import typing
 import uuid
@@ -68,6 +69,10 @@ def for_annotation(tp: Any, info: FieldInfo | None = None) -> st.SearchStrategy[
         )
     if tp is uuid.UUID:
         return st.uuids()
+    if tp is ipaddress.IPv4Address:
+        return st.ip_addresses(v=4).map(str)
+    if tp is ipaddress.IPv4Interface:
+        return st.tuples(st.ip_addresses(v=4), st.integers(0, 32)).map(lambda t: f"{t[0]}/{t[1]}")
     if origin is list:
         (item,) = typing.get_args(tp)
         return st.lists(for_annotation(item), max_size=min(c.get("max_length", 3), 3))

@@ -217,6 +217,8 @@ def _max_chars(node: dict[str, Any], path: str) -> int:
         return int(node["maxLength"])
     if node.get("format") == "uuid":
         return 36
+    if node.get("format") in ("ipv4", "ipv4interface"):
+        return 18  # 255.255.255.255/32
     if "pattern" in node:
         _low, high = sre_parse.parse(node["pattern"]).getwidth()
         assert high < sre_parse.MAXREPEAT, f"{path}: pattern {node['pattern']} is unbounded"
