@@ -39,12 +39,14 @@ class AllocatePorts(Command):
 
 
 class BindPorts(Command):
-    """The domain's ports now live on `host` (announced as `port.bound`)."""
+    """The domain's ports now live on `host`, whose underlay address for VXLAN is `vtep`
+    (from its heartbeat; announced as `port.bound`)."""
 
     TYPE = "cmd.network.ports_bind"
     RESULT = Done
     domain_id: uuid.UUID
     host: str = Field(pattern=NAME_PATTERN)
+    vtep: IPv4Address | None = None
 
 
 class ReleasePorts(Command):
