@@ -15,7 +15,7 @@ from pydantic import Field
 
 from protos.base import Message
 from protos.bindings import DiskBinding, ImageRef, PortBinding
-from protos.domain import DomainSpec, PowerState
+from protos.domain import MAX_DISKS, DomainSpec, PowerState
 from protos.replies import ConsoleOutput, ConsoleTicket, DomainInfo, DomainList, Done
 
 
@@ -38,13 +38,14 @@ class DefineDomain(Command):
     `allowed_boot_dirs`. The node keeps it with the definition for every later start."""
 
     TYPE = "cmd.domain.define"
-    VERSION = "1.2"  # 1.1: `privileged`, bounded metadata and MAC; 1.2: bindings
+    VERSION = "1.3"  # 1.1: `privileged`, bounded metadata and MAC; 1.2: bindings; 1.3: at most
+    # 4 disks (the runtime's virtio-blk slots: more were never runnable, so minor)
     RESULT = DomainInfo
     spec: DomainSpec
     privileged: bool = False
     # What the services resolved (protos.bindings): the spec's volume disks, root disk and
     # boot image, and its NICs' ports, in the spec's order.
-    disks: list[DiskBinding] = Field(default=[], max_length=16)
+    disks: list[DiskBinding] = Field(default=[], max_length=MAX_DISKS)
     kernel_image: ImageRef | None = None
     initrd_image: ImageRef | None = None
     ports: list[PortBinding] = Field(default=[], max_length=8)

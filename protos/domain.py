@@ -29,6 +29,9 @@ MAC_PATTERN = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 MAX_VCPUS = 64
 MAX_MEMORY_MIB = 1024 * 1024
 MAX_CMDLINE = 2048
+# The native runtime's virtio-blk slots (FL_MAX_DISKS in native/include/flotilla.h): a
+# machine has 8 virtio-mmio slots on IOAPIC pins 16-23, 4 for disks and 4 for NICs.
+MAX_DISKS = 4
 # Metadata: at most 64 pairs, keys of 1..255 and values of up to 4096 characters, and at most
 # 64 KiB (UTF-8) of keys and values together.
 MAX_METADATA_ITEMS = 64
@@ -203,7 +206,7 @@ class DomainSpec(_Spec):
     vcpus: Integer = Field(default=1, ge=1, le=MAX_VCPUS)
     memory_mib: Integer = Field(default=64, ge=4, le=MAX_MEMORY_MIB)
     boot: BootSpec
-    disks: Annotated[list[DiskSpec], Field(max_length=16)] = []
+    disks: Annotated[list[DiskSpec], Field(max_length=MAX_DISKS)] = []
     nics: Annotated[list[NicSpec], Field(max_length=8)] = []
     serial: SerialSpec = SerialSpec()
     on_poweroff: LifecycleAction = LifecycleAction.DESTROY

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from protos.base import Message
 from protos.bindings import DiskBinding, ImageRef
 from protos.commands import Command
-from protos.domain import NAME_PATTERN, DomainSpec
+from protos.domain import MAX_DISKS, NAME_PATTERN, DomainSpec
 from protos.replies import DomainInfo, Done
 from protos.routing import event_key
 
@@ -45,7 +45,8 @@ class ScheduleDomain(Command):
     `privileged` (the requester is an admin) travels on to the compute node's DefineDomain."""
 
     TYPE = "cmd.scheduler.schedule"
-    VERSION = "1.2"  # 1.1: `privileged`, bounded metadata and MAC; 1.2: bindings
+    VERSION = "1.3"  # 1.1: `privileged`, bounded metadata and MAC; 1.2: bindings; 1.3: at most
+    # 4 disks (the runtime's virtio-blk slots: more were never runnable, so minor)
     RESULT = Placement
     spec: DomainSpec
     project: str = Field(pattern=NAME_PATTERN)
@@ -53,7 +54,7 @@ class ScheduleDomain(Command):
     # Resolved by the API through the storage service (protos.bindings); passed on to the
     # chosen host's DefineDomain. A disk on a host-local pool restricts placement to its host.
     # Ports are not here: the scheduler allocates them from the network service.
-    disks: list[DiskBinding] = Field(default=[], max_length=16)
+    disks: list[DiskBinding] = Field(default=[], max_length=MAX_DISKS)
     kernel_image: ImageRef | None = None
     initrd_image: ImageRef | None = None
     start: bool = True

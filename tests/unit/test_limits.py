@@ -16,6 +16,7 @@ from protos.codec import MAX_MESSAGE_BYTES, EncodeError, encode
 from protos.commands import DefineDomain
 from protos.domain import (
     MAX_CMDLINE,
+    MAX_DISKS,
     MAX_METADATA_BYTES,
     BootSpec,
     DiskSpec,
@@ -238,7 +239,7 @@ def test_a_maximal_spec_encodes_well_under_the_bus_limit() -> None:
         name="n" * 63,
         vcpus=64,
         boot=BootSpec(kernel=WIDE * 4096, initrd=WIDE * 4096, cmdline=WIDE * MAX_CMDLINE),
-        disks=[DiskSpec(target=f"vd{chr(97 + i)}", path=WIDE * 4096) for i in range(16)],
+        disks=[DiskSpec(target=f"vd{chr(97 + i)}", path=WIDE * 4096) for i in range(MAX_DISKS)],
         nics=[NicSpec(network="n" * 63) for _ in range(8)],
         metadata={f"{i:02}" + "k" * 253: "v" * 3841 for i in range(16)},
     )
@@ -260,3 +261,12 @@ def test_quotas_are_strict_and_bounded(client: TestClient) -> None:
         r = client.put(url, json=bad, headers=auth(ADMIN))
         assert problem(r, 422)["field"] == next(iter(bad))
     assert client.put(url, json={"domains": 2**31 - 1}, headers=auth(ADMIN)).status_code == 200
+
+
+def test_the_models_disk_limit_is_the_runtimes_slot_count() -> None:
+    """A spec the API accepts never has more disks than the runtime has virtio-blk slots."""
+    vmm = importlib.import_module("native._vmm")
+    assert vmm.lib.FL_MAX_DISKS == MAX_DISKS
+    disks = [DiskSpec(target=f"vd{chr(97 + i)}", path="/d") for i in range(MAX_DISKS + 1)]
+    with pytest.raises(ValueError, match="at most 4"):
+        DomainSpec(name="d", boot=BootSpec(kernel="/k"), disks=disks)
