@@ -9,9 +9,11 @@ guest. The rule (checked at `define` and again at every `start`):
   the rule (`forbidden`), never with what exists on the host;
 - an admin (`privileged`) may name any absolute path and gets the detailed reason.
 
-`open()` opens each boot file once (no symlink at the last step, regular files only) and
-checks again where the opened file really is; the VMM then reads the very same files through
-inherited descriptors (`/proc/self/fd/N`), so swapping a file after the check changes nothing.
+`open()` opens each boot file and path disk once (no symlink at the last step, regular files
+only; a writable disk read-write) and checks again where the opened file really is; the VMM
+then opens the very same files through inherited descriptors (`/proc/self/fd/N`), so swapping
+a file after the check changes nothing. Volumes and images bound by the storage service are
+opened the same way by `compute_node.storage_sources`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ MEMBER_RULE = (
     "members may only boot images or files under the directories the operator allows "
     "(allowed_boot_dirs)"
 )
-_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+_OPEN_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
 
 
 class SourceRefused(Exception):
@@ -46,11 +48,16 @@ class SourceRefused(Exception):
 
 @dataclass(frozen=True, slots=True)
 class HostFile:
-    """One opened boot file: the spec's field, the path as given, and the descriptor."""
+    """One opened file: the spec's field, what the spec named (a path, or a volume or image
+    of a pool), and the descriptor; a disk also has its `target` (`vdb`), whether the guest
+    may write it, and its virtio-blk id (GET_ID, at most 20 bytes)."""
 
     field: str
     given: str
     fd: int
+    target: str | None = None
+    read_only: bool = True
+    disk_id: str = ""
 
     @property
     def fd_path(self) -> str:
@@ -74,6 +81,11 @@ class BootFiles:
     @property
     def initrd(self) -> HostFile | None:
         return self._get("boot.initrd")
+
+    @property
+    def disks(self) -> list[HostFile]:
+        """The disks, in the order of their targets (`vda` is the first virtio-blk slot)."""
+        return sorted((f for f in self.files if f.target is not None), key=lambda f: f.target or "")
 
     def fds(self) -> list[int]:
         return [f.fd for f in self.files]
@@ -112,16 +124,21 @@ class BootSources:
             self._admit(name, path, privileged=privileged)
 
     def open(self, spec: DomainSpec, *, privileged: bool) -> BootFiles:
-        """Check `spec` and open its kernel and initrd; the caller closes the result (a
-        context manager). Raises SourceRefused."""
+        """Check `spec` and open its kernel, initrd and path disks (read-write unless
+        `readonly`); the caller closes the result (a context manager). Raises SourceRefused."""
         self.check(spec, privileged=privileged)
         files = BootFiles()
         try:
             for name, path in host_paths(spec):
-                if not name.startswith("boot."):
-                    continue  # disks are opened by their device's code
+                if name.startswith("boot."):
+                    fd = self._open(name, path, privileged=privileged)
+                    files.files.append(HostFile(name, path, fd))
+                    continue
+                disk = spec.disks[int(name.split(".")[1])]
+                flags = os.O_RDONLY if disk.readonly else os.O_RDWR
+                fd = self._open(name, path, privileged=privileged, flags=flags)
                 files.files.append(
-                    HostFile(name, path, self._open(name, path, privileged=privileged))
+                    HostFile(name, path, fd, target=disk.target, read_only=disk.readonly)
                 )
         except BaseException:
             files.close()
@@ -148,10 +165,10 @@ class BootSources:
                 return True
         return False
 
-    def _open(self, name: str, path: str, *, privileged: bool) -> int:
+    def _open(self, name: str, path: str, *, privileged: bool, flags: int = os.O_RDONLY) -> int:
         resolved = self._admit(name, path, privileged=privileged)
         try:
-            fd = os.open(resolved, _OPEN_FLAGS)
+            fd = os.open(resolved, _OPEN_FLAGS | flags)
         except OSError as exc:
             raise self._refusal(name, f"{path}: {exc.strerror}", privileged) from None
         try:

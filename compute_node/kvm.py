@@ -240,16 +240,12 @@ class KvmDriver(Driver):
     # ---- the contract ---------------------------------------------------------------------
 
     def spawn(self, spec: DomainSpec, files: BootFiles, *, paused: bool = False) -> RuntimeInfo:
-        if spec.boot.kernel is None or files.kernel is None:
-            raise DriverError(
-                "boot.image: booting from an image needs the storage service", "invalid"
-            )
-        if spec.disks or spec.nics:
-            # The runtime has virtio-blk and virtio-net; what feeds them (volumes from the
-            # storage service, ports from the network service) does not exist yet.
-            raise DriverError(
-                "disks and NICs need the storage and network services (not yet built)", "invalid"
-            )
+        if files.kernel is None:
+            raise DriverError("no kernel was opened for the domain", "invalid")
+        if spec.nics:
+            # The runtime has virtio-net; what feeds it (ports from the network service) does
+            # not exist yet.
+            raise DriverError("NICs need the network service (not yet built)", "invalid")
         self._end_kept(spec.uuid)  # its flock on the dir would refuse the new VMM
         directory = self.directory(spec.uuid)
         directory.mkdir(parents=True, exist_ok=True)
@@ -261,6 +257,11 @@ class KvmDriver(Driver):
             "kernel": files.kernel.fd_path,
             "initrd": files.initrd.fd_path if files.initrd else None,
             "cmdline": spec.boot.cmdline,
+            # virtio-blk slots in target order; the VMM's device opens each through the
+            # worker's descriptor and takes the volume's OFD lock (one writer, readers shared).
+            "disks": [
+                {"path": d.fd_path, "read_only": d.read_only, "id": d.disk_id} for d in files.disks
+            ],
             "memory_mib": spec.memory_mib,
             "vcpus": spec.vcpus,
             "on_poweroff": spec.on_poweroff.value,
@@ -437,9 +438,8 @@ class KvmDriver(Driver):
 
 def _named(reason: str, files: BootFiles) -> str:
     """The VMM's reason with the spec's paths in place of the descriptors it read."""
-    for opened in (files.kernel, files.initrd):
-        if opened is not None:
-            reason = reason.replace(opened.fd_path, opened.given)
+    for opened in files.files:
+        reason = reason.replace(opened.fd_path, opened.given)
     return reason
 
 

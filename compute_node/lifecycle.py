@@ -28,6 +28,7 @@ from compute_node.driver import (
     GuestEventKind,
 )
 from compute_node.resources import Claims
+from compute_node.storage_sources import StorageBindings, StorageSources
 from compute_node.store import DomainRecord, EventDraft, NameTaken, Store
 from compute_node.translate import translate
 from protos.commands import (
@@ -59,10 +60,19 @@ class Lifecycle(ConsoleHandlers, Service):
     name = "compute"
 
     def __init__(
-        self, host: str, store: Store, driver: Driver, claims: Claims, sources: BootSources
+        self,
+        host: str,
+        store: Store,
+        driver: Driver,
+        claims: Claims,
+        sources: BootSources,
+        *,
+        storage: StorageSources | None = None,
     ) -> None:
         self.host = host
         self.sources = sources
+        # The node's pools, where the volumes and images of bindings are found.
+        self.storage = storage or StorageSources(host, {})
         # Whether the scheduler may place new guests here (heartbeat `enabled`).
         self.enabled = True
         self.disabled_reason = ""
@@ -156,13 +166,19 @@ class Lifecycle(ConsoleHandlers, Service):
     @handles(DefineDomain)
     def define(self, cmd: DefineDomain, ctx: Context) -> DomainInfo:
         spec = cmd.spec
+        bindings = StorageBindings.of(cmd)
         with _refused():
             self.sources.check(spec, privileged=cmd.privileged)
+            self.storage.exist(spec, bindings)
         with self._lock(spec.uuid):
             existing = self.store.get(spec.uuid)
             if existing is not None:
                 self._check(existing, Action.DEFINE)
-                if existing.spec == spec and existing.privileged == cmd.privileged:
+                if (
+                    existing.spec == spec
+                    and existing.privileged == cmd.privileged
+                    and existing.bindings == bindings
+                ):
                     return self.info(spec.uuid)  # nothing changed: no event
                 detail = DefinedDetail.UPDATED
             else:
@@ -173,6 +189,7 @@ class Lifecycle(ConsoleHandlers, Service):
                     spec,
                     [EventDraft(DomainDefined, state, detail, cause=ctx.cause)],
                     privileged=cmd.privileged,
+                    bindings=bindings,
                 )
             except NameTaken as exc:
                 raise ServiceError("conflict", str(exc), {"name": spec.name}) from None
@@ -206,7 +223,8 @@ class Lifecycle(ConsoleHandlers, Service):
     ) -> None:
         """Start the domain's machine unless it runs already (the transition table decides),
         claiming its resources first and opening its boot files under the node's rule (the
-        definer's role is kept with the definition). Used by `start` and by autostart at node
+        definer's role is kept with the definition) and its bound volumes and images in the
+        node's pools. Used by `start` and by autostart at node
         start-up. Raises ServiceError: not_found, conflict, forbidden, invalid, no_capacity,
         or the driver's code."""
         with self._lock(domain_id):
@@ -218,6 +236,8 @@ class Lifecycle(ConsoleHandlers, Service):
                 with _refused():
                     files = self.sources.open(record.spec, privileged=record.privileged)
                 with files:
+                    with _refused():
+                        self.storage.open(record.spec, record.bindings, files)
                     self.claims.claim(record.spec)
                     try:
                         self.driver.spawn(record.spec, files, paused=paused)

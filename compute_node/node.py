@@ -19,6 +19,7 @@ from compute_node.lifecycle import Lifecycle
 from compute_node.outbox import OutboxPublisher
 from compute_node.resources import Claims
 from compute_node.storage_agent import StorageAgent
+from compute_node.storage_sources import StorageSources
 from compute_node.store import Store
 from protos import routing
 from protos.domain import PowerState
@@ -54,12 +55,14 @@ class ComputeNode:
             max_vcpus_per_domain=caps.max_vcpus,
         )
         self.claims = Claims(self.inventory, config.reserved_host_memory_mib)
+        self.storage = StorageAgent(config.host, self.store, config.storage_pools())
         self.lifecycle = Lifecycle(
             config.host,
             self.store,
             self.driver,
             self.claims,
             BootSources(config.allowed_boot_dirs),
+            storage=StorageSources(config.host, self.storage.pools),
         )
         self.bus = Bus(config.amqp_url, source=source)
         self.queue = routing.compute_queue(config.host)
@@ -72,7 +75,6 @@ class ComputeNode:
         )
         # File work on the pools has a queue and workers of its own: a long clone or wipe
         # never holds a lifecycle worker, and a lifecycle burst never delays storage.
-        self.storage = StorageAgent(config.host, self.store, config.storage_pools())
         self.storage_queue = routing.storage_queue(config.host)
         self.storage_runner = ServiceRunner(
             self.bus,

@@ -56,6 +56,7 @@ from compute_node.vmm_proto import (
 )
 from native.machine import (
     ConfigError,
+    Disk,
     Event,
     EventKind,
     Machine,
@@ -193,6 +194,7 @@ class Vmm:
             vcpus=cfg.vcpus,
             console_out=self.console.out_w,
             console_in=self.console.in_r,
+            disks=[Disk(d.path, read_only=d.read_only, id=d.id) for d in cfg.disks],
         )
         self.machine = machine
         self.machine_started = False
@@ -709,10 +711,18 @@ def main(argv: list[str]) -> int:
         vmm._end_machine()
         # A kernel or initrd that is no bootable image is the spec's fault, the same on any
         # host: `invalid` tells the worker not to try elsewhere.
-        journal.append("failed", exc.message, "invalid" if isinstance(exc, ConfigError) else "")
+        # A disk another writer holds locked is `conflict`: the same volume is locked on any
+        # host too.
+        journal.append("failed", exc.message, _failure_code(exc))
         _unlink(PID_FILE)
         return EXIT_FAILED
     return vmm.run()
+
+
+def _failure_code(exc: VmmError) -> str:
+    if isinstance(exc, ConfigError):
+        return "conflict" if exc.errno == errno.EBUSY else "invalid"
+    return ""
 
 
 if __name__ == "__main__":

@@ -90,8 +90,8 @@ class VmmRequestError(VmmClientError):
 
 class VmmSpawnError(VmmClientError):
     """The VMM process did not come up; `reason` says why (its `failed` record, exit, log);
-    `code` is `invalid` when the machine's config was unusable (no kernel image), else
-    `spawn_failed`."""
+    `code` is `invalid` when the machine's config was unusable (no kernel image),
+    `conflict` when a disk is locked by another writer, else `spawn_failed`."""
 
     def __init__(self, reason: str, code: str = "spawn_failed") -> None:
         super().__init__(reason)
@@ -370,7 +370,8 @@ def spawn(
         failed = [r for r in records if r["kind"] == "failed"]
         if failed:
             wait_exit(pid, 2.0)
-            code = "invalid" if failed[-1]["detail"] == "invalid" else "spawn_failed"
+            detail = failed[-1]["detail"]
+            code = detail if detail in ("invalid", "conflict") else "spawn_failed"
             raise VmmSpawnError(failed[-1]["reason"], code)
         status = reap(pid)
         if status is not None:

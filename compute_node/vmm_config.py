@@ -21,12 +21,19 @@ class ConfigInvalid(Exception):
     """vmm.json is missing, unreadable or names an unusable machine."""
 
 
+class DiskConfig(NamedTuple):
+    path: str  # /proc/self/fd/N: the worker's descriptor, inherited
+    read_only: bool
+    id: str  # virtio-blk GET_ID, at most 20 bytes
+
+
 class VmmConfig(NamedTuple):
     domain_id: str
     name: str
     kernel: str
     initrd: str | None
     cmdline: str
+    disks: list[DiskConfig]
     memory_mib: int
     vcpus: int
     on_poweroff: str
@@ -73,12 +80,14 @@ def load_config(path: str) -> VmmConfig:
             raise ConfigInvalid(f"{CONFIG_FILE}: {key} must be one of {', '.join(POLICIES)}")
         policies[key] = value
     cgroup = field("cgroup", (dict, type(None)), None)
+    disks = [_disk(d) for d in field("disks", list, [])]
     return VmmConfig(
         domain_id=domain_id,
         name=field("name", str),
         kernel=field("kernel", str),
         initrd=field("initrd", (str, type(None)), None),
         cmdline=field("cmdline", str, ""),
+        disks=disks,
         memory_mib=field("memory_mib", int),
         vcpus=field("vcpus", int, 1),
         on_poweroff=policies["on_poweroff"],
@@ -89,6 +98,18 @@ def load_config(path: str) -> VmmConfig:
         start_paused=field("start_paused", bool, False),
         cgroup=cgroup,
     )
+
+
+def _disk(raw: Any) -> DiskConfig:
+    if (
+        not isinstance(raw, dict)
+        or not isinstance(raw.get("path"), str)
+        or not isinstance(raw.get("read_only", False), bool)
+        or not isinstance(raw.get("id", ""), str)
+        or len(raw.get("id", "").encode()) > 20
+    ):
+        raise ConfigInvalid(f"{CONFIG_FILE}: a disk is {{path, read_only, id (<= 20 bytes)}}")
+    return DiskConfig(raw["path"], raw.get("read_only", False), raw.get("id", ""))
 
 
 def join_cgroup(domain_id: str, limits: dict[str, Any]) -> tuple[str | None, str | None]:
