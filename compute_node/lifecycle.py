@@ -28,7 +28,7 @@ from compute_node.driver import (
     GuestEventKind,
 )
 from compute_node.resources import Claims
-from compute_node.storage_sources import StorageBindings, StorageSources
+from compute_node.storage_sources import StorageBindings, StorageSources, disk_layout
 from compute_node.store import DomainRecord, EventDraft, NameTaken, Store
 from compute_node.translate import translate
 from protos.commands import (
@@ -45,7 +45,7 @@ from protos.commands import (
     StartDomain,
     UndefineDomain,
 )
-from protos.domain import PowerState, TaskState
+from protos.domain import DomainSpec, PowerState, TaskState
 from protos.events import DefinedDetail, DomainDefined, DomainUndefined, UndefinedDetail
 from protos.replies import ConsoleOutput, DomainInfo, DomainList
 from protos.scheduler import SetHostEnabled
@@ -180,6 +180,7 @@ class Lifecycle(ConsoleHandlers, Service):
                     and existing.bindings == bindings
                 ):
                     return self.info(spec.uuid)  # nothing changed: no event
+                self._check_disk_change(existing, spec, bindings)
                 detail = DefinedDetail.UPDATED
             else:
                 detail = DefinedDetail.ADDED
@@ -194,6 +195,22 @@ class Lifecycle(ConsoleHandlers, Service):
             except NameTaken as exc:
                 raise ServiceError("conflict", str(exc), {"name": spec.name}) from None
             return self.info(spec.uuid)
+
+    @staticmethod
+    def _check_disk_change(
+        existing: DomainRecord, spec: DomainSpec, bindings: StorageBindings
+    ) -> None:
+        """Disks are attached and detached by redefining a shut-off domain; a running
+        machine keeps the disks it was started with, so a change is refused (`conflict`)."""
+        if existing.state is PowerState.SHUTOFF:
+            return
+        if disk_layout(existing.spec, existing.bindings) != disk_layout(spec, bindings):
+            raise ServiceError(
+                "conflict",
+                "disks can be attached or detached only while the domain is shut off "
+                f"(state {existing.state.value})",
+                {"state": existing.state.value, "action": Action.DEFINE.value, "field": "disks"},
+            )
 
     @handles(UndefineDomain)
     def undefine(self, cmd: UndefineDomain, ctx: Context) -> None:

@@ -244,3 +244,34 @@ def test_define_refuses_what_this_node_cannot_honour_and_stores_nothing(
     assert reply.code == "invalid"
     assert node.store.get(s.uuid) is None
     assert node.events() == []
+
+
+def test_disks_change_by_redefinition_while_shut_off_and_not_while_running(
+    node: Node, pools: dict[str, Pool]
+) -> None:
+    a, b = volume(pools["local"]), volume(pools["local"])
+    s = spec(DiskSpec(target="vda", volume_id=a))
+    node.ok(DefineDomain(spec=s, disks=[bound(a)]))
+    # Attach vdb while shut off: an update.
+    s2 = spec(DiskSpec(target="vda", volume_id=a), DiskSpec(target="vdb", volume_id=b))
+    s2 = s2.model_copy(update={"uuid": s.uuid})
+    node.ok(DefineDomain(spec=s2, disks=[bound(a), bound(b, "vdb")]))
+    node.ok(StartDomain(domain_id=s.uuid))
+    node.events()
+    # Detach while running: refused, the definition unchanged.
+    reply = node.do(DefineDomain(spec=s, disks=[bound(a)]))
+    assert isinstance(reply, ErrorReply)
+    assert reply.code == "conflict"
+    assert "only while the domain is shut off" in reply.message
+    record = node.store.get(s.uuid)
+    assert record is not None
+    assert [d.target for d in record.bindings.disks] == ["vda", "vdb"]
+    # Another change while running (metadata) still takes effect at the next boot.
+    s3 = s2.model_copy(update={"metadata": {"k": "v"}})
+    node.ok(DefineDomain(spec=s3, disks=[bound(a), bound(b, "vdb")]))
+    node.ok(DestroyDomain(domain_id=s.uuid))
+    node.ok(DefineDomain(spec=s.model_copy(update={"metadata": {"k": "v"}}), disks=[bound(a)]))
+    record = node.store.get(s.uuid)
+    assert record is not None
+    assert [d.target for d in record.bindings.disks] == ["vda"]
+    assert [e[:2] for e in node.events()][-1] == ("domain.defined", "updated")
