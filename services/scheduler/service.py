@@ -114,7 +114,7 @@ class SchedulerService(Service):
     def schedule(self, cmd: ScheduleDomain, ctx: Context) -> Placement:
         spec = cmd.spec
         structlog.contextvars.bind_contextvars(domain_id=str(spec.uuid))
-        request = PlacementRequest.from_spec(spec, cmd.project)
+        request = PlacementRequest.of(cmd)
         attempts: list[Attempt] = []
         refused: set[str] = set()
         filtered: Filtered = {}
@@ -218,7 +218,13 @@ class SchedulerService(Service):
         self._announce(ClaimPhase.CLAIMED, claim)
         defined = False
         try:
-            define = DefineDomain(spec=cmd.spec, privileged=cmd.privileged)
+            define = DefineDomain(
+                spec=cmd.spec,
+                privileged=cmd.privileged,
+                disks=cmd.disks,
+                kernel_image=cmd.kernel_image,
+                initrd_image=cmd.initrd_image,
+            )
             info = self._call(host, define, f"{request_id}:{host}:define")
             defined = True
             if cmd.start:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from protos.domain import DomainSpec, PlacementPolicy
 from protos.host import HostHeartbeat, HostInventory, Resources
+from protos.scheduler import ScheduleDomain
 
 SETTLE_BEATS = 3
 
@@ -89,10 +90,15 @@ class PlacementRequest:
     forced_host: str | None = None
     group_hosts: frozenset[str] = frozenset()  # hosts holding members of `group`
     now: float = 0.0  # monotonic time of the decision
+    # Hosts named by the disks' and images' bindings (host-local pools): it must run there.
+    volume_hosts: frozenset[str] = frozenset()
 
     @classmethod
-    def from_spec(cls, spec: DomainSpec, project: str) -> PlacementRequest:
-        """The request for `spec` of `project` (whose group, if any, it is)."""
+    def from_spec(
+        cls, spec: DomainSpec, project: str, volume_hosts: frozenset[str] = frozenset()
+    ) -> PlacementRequest:
+        """The request for `spec` of `project` (whose group, if any, it is), whose storage
+        bindings name `volume_hosts`."""
         name = spec.placement.group
         return cls(
             domain_id=spec.uuid,
@@ -101,7 +107,15 @@ class PlacementRequest:
             group=GroupKey(project, name) if name is not None else None,
             policy=spec.placement.policy,
             forced_host=spec.placement.host,
+            volume_hosts=volume_hosts,
         )
+
+    @classmethod
+    def of(cls, cmd: ScheduleDomain) -> PlacementRequest:
+        """The request `cmd` makes, its bindings' hosts included."""
+        refs = [*cmd.disks, cmd.kernel_image, cmd.initrd_image]
+        hosts = frozenset(r.host for r in refs if r is not None and r.host is not None)
+        return cls.from_spec(cmd.spec, cmd.project, hosts)
 
 
 class ClusterState:

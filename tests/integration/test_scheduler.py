@@ -15,10 +15,12 @@ from compute_node.config import ComputeConfig
 from compute_node.fake import FakeDriver
 from compute_node.node import ComputeNode
 from protos import routing
+from protos.bindings import DiskBinding
 from protos.commands import GetDomainInfo
-from protos.domain import BootSpec, DomainSpec, PlacementHints, PowerState
+from protos.domain import BootSpec, DiskSpec, DomainSpec, PlacementHints, PowerState
 from protos.replies import DomainInfo
 from protos.scheduler import Placement, ScheduleDomain
+from protos.storage import CreateVolume, VolumeInfo
 from services.bus import Bus, RemoteError
 from services.scheduler import Scheduler, SchedulerConfig
 from tests.bootfiles import BOOT_DIR, KERNEL
@@ -201,3 +203,44 @@ def test_two_replicas_and_many_concurrent_requests_never_over_commit(
         assert usage.memory_mib <= limits.memory_mib
         used += usage.vcpus
     assert used == outcomes["placed"]
+
+
+def test_a_domain_with_a_volume_on_one_host_lands_there(
+    make_bus: Callable[..., Bus], start_nodes: StartNodes, start_scheduler: StartScheduler
+) -> None:
+    nodes = start_nodes(2)
+    start_scheduler(2)
+    bus = make_bus()
+    for host in nodes:
+        # A volume in the host's own `default` pool, made by its storage agent.
+        volume_id = uuid.uuid4()
+        made = bus.call(
+            routing.storage_queue(host),
+            CreateVolume(pool="default", volume_id=volume_id, size=1 << 20),
+            timeout=20,
+        )
+        assert isinstance(made, VolumeInfo)
+        binding = DiskBinding(target="vda", volume_id=volume_id, pool="default", host=host)
+        domain = spec().model_copy(update={"disks": [DiskSpec(target="vda", volume_id=volume_id)]})
+        command = ScheduleDomain(spec=domain, project="p", disks=[binding])
+        placement = bus.call(routing.SCHEDULER_QUEUE, command, timeout=60)
+        assert isinstance(placement, Placement)
+        assert placement.host == host
+        assert placement.info.state is PowerState.RUNNING
+        record = nodes[host].store.get(domain.uuid)
+        assert record is not None
+        assert record.bindings.disks == (binding,)
+    # Volumes on both hosts: no host can take it, and the answer names the filter.
+    a, b = sorted(nodes)
+    disks = [
+        DiskBinding(target="vda", volume_id=uuid.uuid4(), pool="default", host=a),
+        DiskBinding(target="vdb", volume_id=uuid.uuid4(), pool="default", host=b),
+    ]
+    with pytest.raises(RemoteError) as raised:
+        bus.call(
+            routing.SCHEDULER_QUEUE,
+            ScheduleDomain(spec=spec(), project="p", disks=disks),
+            timeout=60,
+        )
+    assert raised.value.code == "no_valid_host"
+    assert sorted(raised.value.details["filtered"]["volume_locality"]) == [a, b]

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from protos.base import Message
+from protos.bindings import DiskBinding, ImageRef
 from protos.codec import envelope_for
 from protos.commands import Command, DefineDomain, DestroyDomain, StartDomain, UndefineDomain
 from protos.domain import BootSpec, DomainSpec, PlacementHints, PowerState
@@ -353,6 +354,56 @@ def test_the_requesters_role_travels_to_the_compute_node() -> None:
     schedule(svc, ScheduleDomain(spec=spec(), project="p", privileged=True))
     schedule(svc, ScheduleDomain(spec=spec(), project="p"))
     assert [c.privileged for c in sent] == [True, False]
+
+
+def disk_on(host: str | None, target: str = "vda") -> DiskBinding:
+    pool = "local" if host else "nfs"
+    return DiskBinding(target=target, volume_id=uuid.uuid4(), pool=pool, host=host)
+
+
+def test_a_volume_on_a_host_places_the_domain_there_and_its_bindings_travel() -> None:
+    computes = FakeComputes(dict.fromkeys("abc", (8, 8192)))
+    sent: list[DefineDomain] = []
+    svc = service(computes)
+
+    def call(queue: str, command: Command, *, timeout: float, message_id: str | None) -> Message:
+        if isinstance(command, DefineDomain):
+            sent.append(command)
+        return computes(queue, command, timeout=timeout, message_id=message_id)
+
+    svc.call = call  # type: ignore[method-assign]
+    kernel = ImageRef(sha256="a" * 64, pool="nfs", kind="kernel")
+    for _ in range(5):
+        disks = [disk_on("b"), disk_on(None, "vdb")]
+        cmd = ScheduleDomain(spec=spec(), project="p", disks=disks, kernel_image=kernel)
+        placement = schedule(svc, cmd)
+        assert placement.host == "b"
+        assert sent[-1].disks == disks
+        assert sent[-1].kernel_image == kernel
+    image_on_c = ImageRef(sha256="b" * 64, pool="local", host="c", kind="kernel")
+    assert (
+        schedule(svc, ScheduleDomain(spec=spec(), project="p", kernel_image=image_on_c)).host == "c"
+    )
+
+
+def test_volumes_on_two_hosts_are_no_valid_host_naming_the_filter() -> None:
+    computes = FakeComputes(dict.fromkeys("abc", (8, 8192)))
+    svc = service(computes)
+    cmd = ScheduleDomain(spec=spec(), project="p", disks=[disk_on("a"), disk_on("b", "vdb")])
+    with pytest.raises(ServiceError) as raised:
+        schedule(svc, cmd)
+    assert raised.value.code == "no_valid_host"
+    assert sorted(raised.value.details["filtered"]["volume_locality"]) == ["a", "b", "c"]
+    assert "volume_locality" in raised.value.message
+    assert computes.calls == []
+
+
+def test_a_volume_on_a_host_that_is_full_is_no_valid_host_not_another_host() -> None:
+    computes = FakeComputes({"a": (8, 8192), "b": (1, 256)})
+    svc = service(computes)
+    with pytest.raises(ServiceError) as raised:
+        schedule(svc, ScheduleDomain(spec=spec(memory_mib=1024), project="p", disks=[disk_on("b")]))
+    assert raised.value.details["filtered"] == {"volume_locality": ["a"], "memory": ["b"]}
 
 
 def test_anti_affinity_and_affinity_through_the_service() -> None:

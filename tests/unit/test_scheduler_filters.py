@@ -18,6 +18,7 @@ from services.scheduler.filters import (
     GroupPolicyFilter,
     MaxVcpusFilter,
     RamFilter,
+    VolumeLocalityFilter,
     build_filters,
 )
 from services.scheduler.placer import Placer
@@ -137,9 +138,27 @@ def test_max_vcpus_filter() -> None:
     assert not flt.host_passes(host(max_vcpus=4, vcpus=64), request(vcpus=5))
 
 
+def test_volume_locality_filter() -> None:
+    flt = VolumeLocalityFilter(CONFIG)
+    assert flt.host_passes(host(name="a"), request())  # shared pools only: anywhere
+    assert flt.host_passes(host(name="b"), request(volume_hosts=frozenset({"b"})))
+    assert not flt.host_passes(host(name="a"), request(volume_hosts=frozenset({"b"})))
+    # Volumes on two hosts: nowhere.
+    for name in "ab":
+        assert not flt.host_passes(host(name=name), request(volume_hosts=frozenset("ab")))
+
+
 def test_filters_are_registered_explicitly_and_selectable() -> None:
     names = [f.name for f in build_filters(CONFIG)]
-    assert names == ["forced_host", "alive", "max_vcpus", "vcpus", "memory", "group_policy"]
+    assert names == [
+        "forced_host",
+        "volume_locality",
+        "alive",
+        "max_vcpus",
+        "vcpus",
+        "memory",
+        "group_policy",
+    ]
     subset = build_filters(SchedulerConfig(replica="t", filters="alive, memory"))  # type: ignore[arg-type]
     assert [f.name for f in subset] == ["alive", "memory"]
     with pytest.raises(ValueError, match="unknown filters"):

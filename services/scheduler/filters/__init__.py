@@ -11,9 +11,11 @@ from services.scheduler.filters.cpu import CpuFilter
 from services.scheduler.filters.forced_host import ForcedHostFilter
 from services.scheduler.filters.max_vcpus import MaxVcpusFilter
 from services.scheduler.filters.ram import RamFilter
+from services.scheduler.filters.volume_locality import VolumeLocalityFilter
 
 REGISTERED: tuple[type[Filter], ...] = (
     ForcedHostFilter,
+    VolumeLocalityFilter,
     AliveFilter,
     MaxVcpusFilter,
     CpuFilter,
@@ -41,5 +43,6 @@ __all__ = [
     "GroupPolicyFilter",
     "MaxVcpusFilter",
     "RamFilter",
+    "VolumeLocalityFilter",
     "build_filters",
 ]
