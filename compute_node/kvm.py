@@ -154,7 +154,10 @@ class _Watch:
         self.closing = True
         if self._sub is not None:
             # shutdown() wakes the thread blocked reading it; close() alone would not.
-            sock = socket.socket(fileno=os.dup(self._sub.fileno()))
+            try:
+                sock = socket.socket(fileno=os.dup(self._sub.fileno()))
+            except OSError:
+                return  # the thread closed it already (the VMM ended): nothing to wake
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
