@@ -141,6 +141,21 @@ def test_a_pattern_written_to_a_volume_is_read_back_after_stop_and_start(
     assert data[100 * 512 : 164 * 512] != bytes(64 * 512)
 
 
+def test_a_machine_restarted_by_its_reboot_policy_opens_its_volume_again(
+    node: Node, test_guest: Path
+) -> None:
+    vid = node.volume()
+    # on_reboot=restart: the VMM makes a new machine from the same descriptors each time.
+    cmd = disk_domain("again", test_guest, "blkverify=0,8,4 blkwrite=0,8,4 blkflush reboot", vid)
+    node.ok(cmd)
+    node.ok(StartDomain(domain_id=cmd.spec.uuid))
+    text = node.wait_console(
+        cmd.spec.uuid, f"{PREFIX}BLK verify sector=0 count=8 ok(.|\\n)*BLK flush status=ok"
+    )
+    assert f"{PREFIX}BLK verify sector=0 count=8 mismatch" in text
+    node.ok(DestroyDomain(domain_id=cmd.spec.uuid))
+
+
 def test_a_second_writer_is_refused_and_readers_share(node: Node, test_guest: Path) -> None:
     vid = node.volume()
     writer = disk_domain("w1", test_guest, "blkwrite=0,8,3 blkflush ready", vid)

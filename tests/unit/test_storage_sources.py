@@ -275,3 +275,27 @@ def test_disks_change_by_redefinition_while_shut_off_and_not_while_running(
     assert record is not None
     assert [d.target for d in record.bindings.disks] == ["vda"]
     assert [e[:2] for e in node.events()][-1] == ("domain.defined", "updated")
+
+
+def test_a_restarted_node_starts_from_the_stored_bindings(
+    tmp_path: Path, pools: dict[str, Pool]
+) -> None:
+    """Autostart after a node restart goes through `start_domain` on what the store kept."""
+    first = Node(tmp_path / "node")
+    first.service.storage = StorageSources(HOST, pools)
+    vid = volume(pools["local"])
+    s = spec(DiskSpec(target="vda", volume_id=vid, readonly=True))
+    first.ok(DefineDomain(spec=s, disks=[bound(vid)]))
+    first.store.close()
+    second = Node(tmp_path / "node")
+    second.service.storage = StorageSources(HOST, pools)
+    opened: list[tuple[str | None, bool]] = []
+    spawn = second.driver.spawn
+
+    def watching(spec: DomainSpec, files: BootFiles, *, paused: bool = False) -> object:
+        opened.extend((d.target, d.read_only) for d in files.disks)
+        return spawn(spec, files, paused=paused)
+
+    second.driver.spawn = watching  # type: ignore[method-assign,assignment]
+    second.service.start_domain(s.uuid)
+    assert opened == [("vda", True)]
