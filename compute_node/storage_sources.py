@@ -52,15 +52,13 @@ class StorageBindings(BaseModel):
             disks=tuple(cmd.disks), kernel_image=cmd.kernel_image, initrd_image=cmd.initrd_image
         )
 
-    def disk_targets(self) -> dict[str, str]:
-        """target → volume id of each bound disk, to compare two definitions' disk lists."""
-        return {d.target: f"{d.pool}/{d.volume_id}/{d.readonly}" for d in self.disks}
-
 
 def disk_layout(spec: DomainSpec, bindings: StorageBindings) -> dict[str, str]:
     """target → what backs it (a path or a pool volume), the disk list a guest sees."""
     layout = {d.target: f"path:{d.path}:{d.readonly}" for d in spec.disks if d.path is not None}
-    layout.update({t: f"volume:{v}" for t, v in bindings.disk_targets().items()})
+    readonly = {d.target for d in spec.disks if d.readonly}
+    for d in bindings.disks:
+        layout[d.target] = f"volume:{d.pool}/{d.volume_id}:{d.readonly or d.target in readonly}"
     return layout
 
 

@@ -266,6 +266,13 @@ def test_disks_change_by_redefinition_while_shut_off_and_not_while_running(
     record = node.store.get(s.uuid)
     assert record is not None
     assert [d.target for d in record.bindings.disks] == ["vda", "vdb"]
+    # Making a disk read-only is a change of the disk list too.
+    ro = s2.model_copy(
+        update={"disks": [DiskSpec(target="vda", volume_id=a, readonly=True), s2.disks[1]]}
+    )
+    reply = node.do(DefineDomain(spec=ro, disks=[bound(a), bound(b, "vdb")]))
+    assert isinstance(reply, ErrorReply)
+    assert reply.code == "conflict"
     # Another change while running (metadata) still takes effect at the next boot.
     s3 = s2.model_copy(update={"metadata": {"k": "v"}})
     node.ok(DefineDomain(spec=s3, disks=[bound(a), bound(b, "vdb")]))
