@@ -7,7 +7,9 @@ guest. The rule (checked at `define` and again at every `start`):
 - a member's path must lie under one of the operator's `allowed_boot_dirs`, both as written
   (with `.` and `..` collapsed) and after resolving symlinks; anything else is refused with
   the rule (`forbidden`), never with what exists on the host;
-- an admin (`privileged`) may name any absolute path and gets the detailed reason.
+- an admin (`privileged`) may name any absolute path and gets the detailed reason;
+- a member's path disk must be `readonly`: the allowed dirs hold kernels and images that
+  other guests boot, and a guest must never write them (writable disks are volumes).
 
 `open()` opens each boot file and path disk once (no symlink at the last step, regular files
 only; a writable disk read-write) and checks again where the opened file really is; the VMM
@@ -31,6 +33,7 @@ MEMBER_RULE = (
     "members may only boot images or files under the directories the operator allows "
     "(allowed_boot_dirs)"
 )
+MEMBER_DISK_RULE = "members may attach host files only read-only (a writable disk is a volume)"
 _OPEN_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
 
 
@@ -122,6 +125,10 @@ class BootSources:
             raise SourceRefused("invalid", *problems[0])
         for name, path in host_paths(spec):
             self._admit(name, path, privileged=privileged)
+        if not privileged:
+            for i, disk in enumerate(spec.disks):
+                if disk.path is not None and not disk.readonly:
+                    raise SourceRefused("forbidden", f"disks.{i}.readonly", MEMBER_DISK_RULE)
 
     def open(self, spec: DomainSpec, *, privileged: bool) -> BootFiles:
         """Check `spec` and open its kernel, initrd and path disks (read-write unless

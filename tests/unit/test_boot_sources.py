@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from compute_node.boot_sources import MEMBER_RULE, BootSources, SourceRefused
+from compute_node.boot_sources import MEMBER_DISK_RULE, MEMBER_RULE, BootSources, SourceRefused
 from compute_node.config import ComputeConfig
 from protos.domain import BootSpec, DiskSpec, DomainSpec
 
@@ -106,6 +106,30 @@ def test_the_member_rule_holds_for_disk_paths(tree: Path) -> None:
         sources.check(s, privileged=False)
     assert (info.value.code, info.value.field) == ("forbidden", "disks.0.path")
     sources.check(s, privileged=True)
+
+
+def test_a_members_path_disk_is_read_only_and_opened_so(tree: Path) -> None:
+    """The allowed dirs hold kernels other guests boot: a member's guest never writes them."""
+    sources = BootSources([tree / "allowed"])
+    kernel = str(tree / "allowed" / "kernel")
+    writable = spec(kernel, disks=[DiskSpec(target="vda", path=str(tree / "allowed" / "initrd"))])
+    err = refused(sources, writable, privileged=False)
+    assert (err.code, err.field) == ("forbidden", "disks.0.readonly")
+    assert err.message == f"disks.0.readonly: {MEMBER_DISK_RULE}"
+    with sources.open(writable, privileged=True) as files:  # an admin's may be writable
+        (disk,) = files.disks
+        assert (disk.target, disk.read_only) == ("vda", False)
+        os.pwrite(disk.fd, b"I", 0)
+    ro = spec(
+        kernel,
+        disks=[DiskSpec(target="vda", path=str(tree / "allowed" / "initrd"), readonly=True)],
+    )
+    with sources.open(ro, privileged=False) as files:
+        (disk,) = files.disks
+        assert disk.read_only
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            os.pwrite(disk.fd, b"X", 0)
+        assert read(disk.fd_path) == b"INITRD"
 
 
 @pytest.mark.parametrize("privileged", [False, True])
