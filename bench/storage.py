@@ -160,15 +160,16 @@ def guest_randread() -> list[dict[str, object]]:
         f"a round, {storage_guest.VOLUME_MIB} MiB volume; {storage_guest.ROUNDS} rounds)"
     )
     iops = {k: statistics.median(v) for k, v in storage_guest.measure(say).items()}
-    say(f"  ours median {iops['ours']:,.0f} IOPS, qemu-microvm {iops['qemu-microvm']:,.0f}")
+    say("  medians: " + ", ".join(f"{k} {v:,.0f} IOPS" for k, v in iops.items()))
     return [
         figure(
             "storage.guest_randread_iops",
             iops["ours"],
             "IOPS",
-            anchor="qemu-microvm",
-            anchor_value=iops["qemu-microvm"],
+            anchor=storage_guest.QEMU_IOTHREAD,
+            anchor_value=iops[storage_guest.QEMU_IOTHREAD],
             target="ratio >= 1.0",
+            qemu_defaults_iops=round(iops[storage_guest.QEMU_DEFAULT]),
         )
     ]
 
