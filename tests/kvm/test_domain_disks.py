@@ -5,6 +5,7 @@ a kernel booted from an image store."""
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import uuid
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import storage_guest
 from compute_node.boot_sources import BootSources
 from compute_node.kvm import KvmDriver
 from compute_node.lifecycle import Lifecycle
@@ -209,3 +211,19 @@ def test_a_kernel_from_an_image_store_boots(node: Node, test_guest: Path) -> Non
     node.ok(StartDomain(domain_id=spec.uuid))
     node.wait_console(spec.uuid, f"{PREFIX}READY")
     node.wait_off(spec.uuid)
+
+
+def test_the_test_guest_drives_qemus_virtio_blk_device(test_guest: Path, tmp_path: Path) -> None:
+    """The anchor of bench/storage.py's guest_randread_iops works: the same guest ELF reads
+    QEMU microvm's virtio-mmio block device."""
+    if storage_guest.unavailable() is not None:
+        pytest.skip(str(storage_guest.unavailable()))
+    volume = tmp_path / "volume"
+    volume.write_bytes(os.urandom(4 * MIB))
+    for iothread in (False, True):
+        assert (
+            storage_guest.qemu(
+                test_guest, volume, "blkbench=randread,500 poweroff", iothread=iothread
+            )
+            > 0
+        )
