@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict
 
 from compute_node.boot_sources import BootFiles, HostFile, SourceRefused
 from compute_node.storage import Pool, StorageError
+from compute_node.storage.locks import volume_in_use
 from protos.bindings import DiskBinding, ImageRef
 from protos.commands import DefineDomain
 from protos.domain import MAX_DISKS, DomainSpec
@@ -152,12 +153,21 @@ class StorageSources:
         """`check`, then that every bound file exists (at define: a typo'd id fails there,
         not at the first start). Raises SourceRefused."""
         with BootFiles() as files:
-            self.open(spec, bindings, files)
+            # Not the locks: a redefinition of a running domain finds its own VMM's.
+            self.open(spec, bindings, files, check_locks=False)
 
-    def open(self, spec: DomainSpec, bindings: StorageBindings, files: BootFiles) -> None:
+    def open(
+        self,
+        spec: DomainSpec,
+        bindings: StorageBindings,
+        files: BootFiles,
+        *,
+        check_locks: bool = True,
+    ) -> None:
         """`check`, then open each bound volume and image into `files` (the caller closes
         them). Raises SourceRefused: `not_found` for a missing file, `invalid` for one that
-        is not a regular file or not a name in its pool."""
+        is not a regular file or not a name in its pool, `conflict` for a volume another
+        writer (or, for a writable disk, any user) holds locked."""
         self.check(spec, bindings)
         for name, ref in _images(bindings):
             if ref is None:
@@ -180,6 +190,13 @@ class StorageSources:
                 raise SourceRefused("invalid", field, f"{what}: {exc.message}") from None
             read_only = binding.readonly or binding.target in readonly
             fd = _open(field, what, path, os.O_RDONLY if read_only else os.O_RDWR)
+            if check_locks and volume_in_use(fd, read_only=read_only):
+                # Said here, before a claim or a VMM; the VMM's own lock decides a race.
+                os.close(fd)
+                holder = "a writer holds" if read_only else "another process holds"
+                raise SourceRefused(
+                    "conflict", field, f"{binding.target} ({what}) is in use: {holder} its lock"
+                )
             files.files.append(
                 HostFile(
                     field,

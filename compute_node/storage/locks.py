@@ -52,6 +52,16 @@ def lock_volume(fd: int, *, read_only: bool, what: str) -> None:
         raise Busy(f"{what} is in use: {holder} holds its lock (a running guest's disk?)")
 
 
+def volume_in_use(fd: int, *, read_only: bool) -> bool:
+    """Whether another open file description holds a lock that `lock_volume(fd, read_only=…)`
+    would conflict with (F_OFD_GETLK: takes nothing). An early, clear answer only: the lock
+    itself, taken later, is what keeps two writers apart."""
+    kind = fcntl.F_RDLCK if read_only else fcntl.F_WRLCK
+    arg = _FLOCK.pack(kind, os.SEEK_SET, 0, 0, 0)
+    got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, arg)
+    return bool(_FLOCK.unpack(got)[0] != fcntl.F_UNLCK)
+
+
 def open_volume(path: str | os.PathLike[str], *, read_only: bool, what: str) -> int:
     """Open a volume file the way a VMM must: O_RDONLY or O_RDWR, no symlinks, locked.
 

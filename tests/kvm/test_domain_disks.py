@@ -20,8 +20,10 @@ from compute_node.kvm import KvmDriver
 from compute_node.lifecycle import Lifecycle
 from compute_node.resources import Claims
 from compute_node.storage import ImageStore, Pool, VolumeStore
+from compute_node.storage.locks import open_volume
 from compute_node.storage_sources import StorageSources
 from compute_node.store import Store
+from compute_node.vmm_client import VmmSpawnError, spawn
 from protos.base import Message
 from protos.bindings import DiskBinding, ImageRef
 from protos.codec import Envelope
@@ -31,6 +33,7 @@ from protos.host import HostInventory
 from protos.replies import DomainInfo, ErrorReply
 from services.bus import Context
 from services.bus.service import dispatch
+from tests.kvm.test_vmm_process import write_config
 
 HOST = "node-1"
 PREFIX = "flotilla-guest: "
@@ -227,3 +230,24 @@ def test_the_test_guest_drives_qemus_virtio_blk_device(test_guest: Path, tmp_pat
             )
             > 0
         )
+
+
+def test_the_vmm_refuses_a_disk_another_writer_holds_as_conflict(
+    kvm: None, test_guest: Path, tmp_path: Path
+) -> None:
+    """The lock that decides a race (the node's early look at the lock aside): the VMM's
+    virtio-blk open of a volume another process holds is a `conflict` spawn failure."""
+    volume = tmp_path / "volume"
+    volume.write_bytes(bytes(MIB))
+    holder = open_volume(volume, read_only=False, what="volume")
+    directory = tmp_path / "vmm"
+    directory.mkdir()
+    disks = [{"path": str(volume), "read_only": False, "id": ""}]
+    write_config(directory, test_guest, "ready", disks=disks)
+    try:
+        with pytest.raises(VmmSpawnError) as raised:
+            spawn(directory)
+    finally:
+        os.close(holder)
+    assert raised.value.code == "conflict"
+    assert "in use" in raised.value.reason

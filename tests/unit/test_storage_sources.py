@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from compute_node.boot_sources import BootFiles, SourceRefused
-from compute_node.storage import ImageStore, Pool, VolumeStore
+from compute_node.storage import ImageStore, Pool, VolumeStore, open_volume
 from compute_node.storage_sources import StorageBindings, StorageSources
 from protos.bindings import DiskBinding, ImageRef
 from protos.commands import DefineDomain, DestroyDomain, StartDomain
@@ -91,6 +91,32 @@ def test_readonly_in_the_binding_or_the_spec_opens_read_only(
             assert disk.read_only
             with pytest.raises(OSError, match="Bad file descriptor"):
                 os.pwrite(disk.fd, b"x", 0)
+
+
+def test_a_volume_another_writer_holds_is_a_conflict_at_start_not_at_define(
+    sources: StorageSources, pools: dict[str, Pool]
+) -> None:
+    vid = volume(pools["local"])
+    path = pools["local"].volume_path(str(vid))
+    s = spec(DiskSpec(target="vda", volume_id=vid))
+    bindings = StorageBindings(disks=(bound(vid),))
+    ro = StorageBindings(disks=(bound(vid, readonly=True),))
+    writer = open_volume(path, read_only=False, what="v")
+    try:
+        for b in (bindings, ro):
+            err = refusal(sources, s, b)
+            assert (err.code, err.field) == ("conflict", "disks.0")
+            assert f"vda (volume {vid} in pool local) is in use" in err.message
+        sources.exist(s, bindings)  # a redefinition of the running domain is fine
+    finally:
+        os.close(writer)
+    reader = open_volume(path, read_only=True, what="v")
+    try:
+        with BootFiles() as files:  # readers share
+            sources.open(s, ro, files)
+        assert refusal(sources, s, bindings).code == "conflict"
+    finally:
+        os.close(reader)
 
 
 def test_a_root_disk_bound_without_a_spec_disk_is_attached(
