@@ -36,7 +36,7 @@ def node_with_definitions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         node.stop()
         pytest.fail(f"private rabbitmq-server node failed: {exc}")
     node.ctl("import_definitions", str(DEFINITIONS))
-    for user in ("flotilla-compute", "flotilla-scheduler", "flotilla-api"):
+    for user in ("flotilla-compute", "flotilla-scheduler", "flotilla-api", "flotilla-network"):
         node.ctl("change_password", user, f"pw-{user}")
     yield node
     node.stop()
@@ -49,7 +49,7 @@ def url(node: PrivateBroker, user: str) -> str:
 def test_definitions_are_valid_json_with_every_service_user() -> None:
     data = json.loads(DEFINITIONS.read_text())
     users = {u["name"] for u in data["users"]}
-    assert {"flotilla-api", "flotilla-scheduler", "flotilla-compute"} <= users
+    assert {"flotilla-api", "flotilla-scheduler", "flotilla-compute", "flotilla-network"} <= users
     assert {q["name"] for q in data["queues"]} >= {"flotilla.dead", "scheduler"}
 
 
