@@ -152,8 +152,10 @@ def _take_new(conn: Connection, pool: Pool, address: IPv4Address, port_id: str) 
         upsert(conn, addresses)
         .values(network_id=pool.network_id, address=str(address), port_id=port_id)
         .on_conflict_do_nothing(index_elements=[addresses.c.network_id, addresses.c.address])
+        .returning(addresses.c.address)
     )
-    return conn.execute(insert).rowcount == 1
+    # RETURNING, not rowcount: psycopg reports -1 for an INSERT … ON CONFLICT here.
+    return conn.execute(insert).first() is not None
 
 
 def _take_released(
@@ -168,5 +170,6 @@ def _take_released(
             addresses.c.released_at <= cutoff,
         )
         .values(port_id=port_id, released_at=None)
+        .returning(addresses.c.address)
     )
-    return conn.execute(update).rowcount == 1
+    return conn.execute(update).first() is not None

@@ -35,8 +35,9 @@ def claim(conn: Connection, message_id: str) -> None:
         upsert(conn, replies)
         .values(message_id=message_id, reply=_PENDING, ts=time.time())
         .on_conflict_do_nothing(index_elements=[replies.c.message_id])
-    ).rowcount
-    if inserted != 1:
+        .returning(replies.c.message_id)
+    ).first()
+    if inserted is None:
         reply = conn.execute(
             sa.select(replies.c.reply).where(replies.c.message_id == message_id)
         ).scalar()
