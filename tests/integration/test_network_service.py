@@ -18,10 +18,11 @@ import pytest
 
 from protos import routing
 from protos.codec import Envelope, envelope_for
-from protos.domain import NicSpec
+from protos.domain import BootSpec, DomainSpec, NicSpec
 from protos.network import AllocatePorts, BindPorts, CreateNetwork, PortBindings, ReleasePorts
 from services.api import ApiConfig, TokenEntry
-from services.api.config import Role
+from services.api.config import Quota, Role
+from services.api.registry import Registry
 from services.bus import Bus, Context, RemoteError
 from services.db import Database, upgrade
 from services.network.config import NetworkConfig, NetworkQuota
@@ -37,10 +38,13 @@ ADMIN, ALICE, BOB = "net-admin-token", "net-alice-token", "net-bob-token1"
 
 
 class Lab:
-    def __init__(self, url: str, bus: Bus, events: list[tuple[str, dict[str, Any]]]) -> None:
+    def __init__(
+        self, url: str, bus: Bus, events: list[tuple[str, dict[str, Any]]], registry: str
+    ) -> None:
         self.http = httpx.Client(base_url=url, timeout=30)
         self.bus = bus
         self.events = events
+        self.registry = registry
 
     def post(self, token: str = ALICE, **body: Any) -> httpx.Response:
         return self.http.post("/v1/networks", json=body, headers=auth(token))
@@ -89,7 +93,7 @@ def lab(amqp_url: str, tmp_path: Path, make_bus: MakeBus) -> Iterator[Lab]:
 
     subscription = bus.subscribe(["network.#", "port.#"], seen)
     try:
-        lab = Lab(server.start(), bus, events)
+        lab = Lab(server.start(), bus, events, f"sqlite:///{tmp_path}/registry.db")
         yield lab
         lab.http.close()
     finally:
@@ -171,6 +175,36 @@ def test_networks_and_ports_end_to_end(lab: Lab) -> None:
     first_port = [b for _, b in events if b.get("port_id") == str(bindings.ports[0].port_id)]
     assert [b["seq"] for b in first_port] == [1, 2, 3]
     assert first_port[1]["vtep"] == "192.0.2.1"
+
+
+def test_a_domain_shows_its_nics_from_its_ports(lab: Lab) -> None:
+    lab.post(name="web", subnet="10.21.0.0/24")
+    spec = DomainSpec(
+        name=f"d-{uuid.uuid4().hex[:6]}",
+        boot=BootSpec(kernel="/boot/k"),
+        nics=[NicSpec(network="web"), NicSpec(network="web", mac="52:54:00:00:00:07")],
+    )
+    registry = Registry.open(lab.registry)
+    try:
+        registry.create_domain(spec, "alice", Quota())
+    finally:
+        registry.close()
+    _, bindings = lab.allocate(*spec.nics, domain=spec.uuid)
+    view = lab.get(f"/v1/domains/{spec.uuid}").json()
+    assert view["interfaces"] == [
+        {
+            "nic": i,
+            "network": "web",
+            "network_id": str(p.network.network_id),
+            "port_id": str(p.port_id),
+            "mac": p.mac,
+            "ipv4": str(p.ipv4),
+        }
+        for i, p in enumerate(bindings.ports)
+    ]
+    assert view["interfaces"][1]["mac"] == "52:54:00:00:00:07"
+    listed = lab.get("/v1/domains").json()["domains"]
+    assert listed[0]["interfaces"] is None  # asked for one domain only
 
 
 @pytest.mark.parametrize(

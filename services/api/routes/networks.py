@@ -11,6 +11,7 @@ from http import HTTPStatus
 from ipaddress import IPv4Address, IPv4Network
 from typing import Annotated, Literal, TypeVar
 
+import structlog
 from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
@@ -35,10 +36,12 @@ from protos.network import (
 from protos.replies import Done
 from services.api.auth import Principal
 from services.api.context import ApiContext
+from services.api.models import DomainInterface
 from services.api.problems import Problem, responses
 from services.api.routes.deps import Caller, Ctx, Mask
 from services.api.visibility import HostMask
 
+log = structlog.get_logger("flotilla.api")
 networks_router = APIRouter(prefix="/v1/networks", tags=["networks"])
 ports_router = APIRouter(prefix="/v1/ports", tags=["ports"])
 M = TypeVar("M", bound=Message)
@@ -79,6 +82,27 @@ def _call(ctx: ApiContext, command: Command, result: type[M]) -> M:
         raise
     assert isinstance(answer, result)
     return answer
+
+
+def domain_interfaces(ctx: ApiContext, domain_id: uuid.UUID) -> list[DomainInterface] | None:
+    """The domain's NICs as its ports say, or None when the network service cannot say now
+    (a domain's view does not fail for that). The caller has checked the domain is visible."""
+    try:
+        found = _call(ctx, ListPorts(project=None, domain_id=domain_id), PortList)
+    except Problem as problem:
+        log.warning("ports of a domain unavailable", domain_id=str(domain_id), error=problem.detail)
+        return None
+    return [
+        DomainInterface(
+            nic=p.nic,
+            network=p.network,
+            network_id=p.network_id,
+            port_id=p.port_id,
+            mac=p.mac,
+            ipv4=None if p.ipv4 is None else str(p.ipv4),
+        )
+        for p in found.ports
+    ]
 
 
 def _masked(port: PortInfo, mask: HostMask) -> PortInfo:
