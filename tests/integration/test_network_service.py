@@ -24,6 +24,8 @@ from services.api import ApiConfig, TokenEntry
 from services.api.config import Quota, Role
 from services.api.registry import Registry
 from services.bus import Bus, Context, RemoteError
+from services.cli.client import Exit
+from services.cli.main import main as cli_main
 from services.db import Database, upgrade
 from services.network.config import NetworkConfig, NetworkQuota
 from services.network.service import NetworkServer, NetworkService
@@ -205,6 +207,47 @@ def test_a_domain_shows_its_nics_from_its_ports(lab: Lab) -> None:
     assert view["interfaces"][1]["mac"] == "52:54:00:00:00:07"
     listed = lab.get("/v1/domains").json()["domains"]
     assert listed[0]["interfaces"] is None  # asked for one domain only
+
+
+def test_the_cli_verbs(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--api", str(lab.http.base_url).rstrip("/"), "--token", ALICE]
+
+    def run(*argv: str, code: int = 0) -> str:
+        """stdout, or stderr when the verb failed."""
+        assert cli_main([*base, *argv]) == code, capsys.readouterr()
+        out, err = capsys.readouterr()
+        return out if code == 0 else err
+
+    assert "Network lan created" in run("net-create", "lan", "--subnet", "10.60.0.0/24")
+    refused = run("net-create", "lan2", "--subnet", "10.60.0.0/25", code=Exit.CONFLICT)
+    assert "overlaps 10.60.0.0/24" in refused
+    listed = run("net-list")
+    assert "lan" in listed
+    assert "10.60.0.0/24" in listed
+    info = run("net-info", "lan")
+    assert "Gateway:" in info
+    assert "10.60.0.1" in info
+    assert "1450" in info
+    spec = DomainSpec(name="web-1", boot=BootSpec(kernel="/boot/k"), nics=[NicSpec(network="lan")])
+    registry = Registry.open(lab.registry)
+    try:
+        registry.create_domain(spec, "alice", Quota())
+    finally:
+        registry.close()
+    _, bindings = lab.allocate(*spec.nics, domain=spec.uuid)
+    mac, ip = bindings.ports[0].mac, str(bindings.ports[0].ipv4)
+    leases = run("net-dhcp-leases", "lan")
+    assert mac in leases
+    assert ip in leases
+    assert mac in run("port-list", "--network", "lan")
+    iflist = run("domiflist", "web-1")
+    assert "nic0" in iflist
+    assert mac in iflist
+    assert f"{mac} {ip} (lan)" in run("dominfo", "web-1")
+    assert "has 1 port" in run("net-delete", "lan", code=Exit.CONFLICT)
+    lab.bus.call(routing.NETWORK_QUEUE, ReleasePorts(domain_id=spec.uuid), timeout=20)
+    assert "deleted" in run("net-delete", "lan")
+    run("net-info", "lan", code=Exit.NOT_FOUND)
 
 
 @pytest.mark.parametrize(
