@@ -227,6 +227,9 @@ def create(
             return existing, None
         raise ServiceError("conflict", f"network id {cmd.network_id} is taken")
     gateway, mtu = _shape(cmd, underlay_mtu)
+    # One network create at a time (PostgreSQL; SQLite's write lock does it already): the
+    # name, quota and overlap checks and the VNI choice see every network committed before.
+    advisory_xact_lock(conn, SUBNETS_LOCK)
     taken = conn.execute(
         sa.select(networks.c.id).where(
             networks.c.project == cmd.project, networks.c.name == cmd.name
@@ -248,8 +251,6 @@ def create(
             {"resource": "networks", "limit": quota.networks, "used": used, "requested": 1},
         )
     vni = None
-    # Overlap checks and VNI choice see every network committed before them.
-    advisory_xact_lock(conn, SUBNETS_LOCK)
     if cmd.subnet is not None:
         _check_overlap(conn, cmd.subnet, cmd.project)
     if cmd.mode != "bridge":

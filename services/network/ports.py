@@ -27,6 +27,7 @@ from protos.network import (
     PortInfo,
 )
 from services.bus import ServiceError
+from services.db import advisory_xact_lock
 from services.network import ipam
 from services.network import networks as nets
 from services.network.config import NetworkQuota
@@ -127,6 +128,9 @@ def allocate(
     existing = of_domain(conn, cmd.domain_id)
     if existing:
         return _same_ports(conn, cmd, existing), []
+    # The project's allocations one at a time (PostgreSQL), so two cannot pass the quota
+    # together; addresses and MACs need no lock (unique keys).
+    advisory_xact_lock(conn, f"network-ports:{cmd.project}")
     used = conn.execute(
         sa.select(sa.func.count()).select_from(ports).where(ports.c.project == cmd.project)
     ).scalar_one()

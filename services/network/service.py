@@ -241,6 +241,7 @@ class NetworkServer:
             concurrency=config.workers,
             prefetch=config.workers,
         )
+        self._stopped = False
 
     def start(self, timeout: float = 30.0) -> NetworkServer:
         """Migrate the catalog, make the default network, then serve `network`."""
@@ -255,6 +256,10 @@ class NetworkServer:
         return self
 
     def stop(self) -> None:
+        """Finish the commands under way and close (again: nothing)."""
+        if self._stopped:
+            return
+        self._stopped = True
         self.runner.stop()
         self.publisher.stop()
         if self._own_bus:

@@ -6,6 +6,7 @@ PostgreSQL allocating at once without handing out an address twice."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from protos import routing
 from protos.codec import Envelope, envelope_for
@@ -23,13 +25,13 @@ from protos.network import AllocatePorts, BindPorts, CreateNetwork, PortBindings
 from services.api import ApiConfig, TokenEntry
 from services.api.config import Quota, Role
 from services.api.registry import Registry
-from services.bus import Bus, Context, RemoteError
+from services.bus import Bus, Context, RemoteError, ServiceError
 from services.cli.client import Exit
 from services.cli.main import main as cli_main
 from services.db import Database, upgrade
 from services.network.config import NetworkConfig, NetworkQuota
 from services.network.service import NetworkServer, NetworkService
-from services.network.tables import CATALOG
+from services.network.tables import CATALOG, addresses, ports
 from tests.integration.conftest import MakeBus
 from tests.integration.test_api import ApiServer, auth
 from tests.pg import fresh_database
@@ -41,8 +43,14 @@ ADMIN, ALICE, BOB = "net-admin-token", "net-alice-token", "net-bob-token1"
 
 class Lab:
     def __init__(
-        self, url: str, bus: Bus, events: list[tuple[str, dict[str, Any]]], registry: str
+        self,
+        url: str,
+        bus: Bus,
+        events: list[tuple[str, dict[str, Any]]],
+        registry: str,
+        network: NetworkServer,
     ) -> None:
+        self.network = network
         self.http = httpx.Client(base_url=url, timeout=30)
         self.bus = bus
         self.events = events
@@ -95,7 +103,7 @@ def lab(amqp_url: str, tmp_path: Path, make_bus: MakeBus) -> Iterator[Lab]:
 
     subscription = bus.subscribe(["network.#", "port.#"], seen)
     try:
-        lab = Lab(server.start(), bus, events, f"sqlite:///{tmp_path}/registry.db")
+        lab = Lab(server.start(), bus, events, f"sqlite:///{tmp_path}/registry.db", network)
         yield lab
         lab.http.close()
     finally:
@@ -207,6 +215,13 @@ def test_a_domain_shows_its_nics_from_its_ports(lab: Lab) -> None:
     assert view["interfaces"][1]["mac"] == "52:54:00:00:00:07"
     listed = lab.get("/v1/domains").json()["domains"]
     assert listed[0]["interfaces"] is None  # asked for one domain only
+    # With the network service away, the domain's view still answers, soon, without them.
+    lab.network.stop()
+    started = time.monotonic()
+    r = lab.get(f"/v1/domains/{spec.uuid}")
+    assert r.status_code == 200
+    assert r.json()["interfaces"] is None
+    assert time.monotonic() - started < 10
 
 
 def test_the_cli_verbs(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
@@ -330,19 +345,26 @@ def pg_url(pg_server: str) -> Iterator[str]:
 
 
 def test_two_replicas_on_one_postgresql_never_share_an_address(pg_url: str) -> None:
-    config = NetworkConfig(database_url=pg_url, quotas={"p": NetworkQuota(ports=1000)})
+    config = NetworkConfig(database_url=pg_url, quotas={"capped": NetworkQuota(ports=5)})
     dbs = [Database(pg_url), Database(pg_url)]
     try:
         upgrade(dbs[0], CATALOG)
         replicas = [NetworkService(config, db, f"network:r{i}") for i, db in enumerate(dbs)]
         create = CreateNetwork(
-            network_id=uuid.uuid4(), project="p", name="n", subnet=IPv4Network("10.50.0.0/25")
+            network_id=uuid.uuid4(),
+            project="admin",
+            name="n",
+            subnet=IPv4Network("10.50.0.0/25"),
+            shared=True,
         )
         replicas[0].create_network(create, None)
 
-        def allocate(i: int) -> str:
+        def allocate(i: int, project: str | None = None) -> str:
+            # Eight projects: their allocations are not serialised by a project's quota lock.
             command = AllocatePorts(
-                domain_id=uuid.uuid4(), project="p", nics=[NicSpec(network="n")]
+                domain_id=uuid.uuid4(),
+                project=project or f"p{i % 8}",
+                nics=[NicSpec(network="n")],
             )
             # With a message context: each replica records the reply in its transaction.
             context = Context(envelope_for(command, source="scheduler"))
@@ -354,8 +376,25 @@ def test_two_replicas_on_one_postgresql_never_share_an_address(pg_url: str) -> N
         with ThreadPoolExecutor(8) as pool:
             got = list(pool.map(allocate, range(125)))  # every usable address of the /25
         assert len(set(got)) == 125
-        with pytest.raises(Exception, match="no free address"):
+        with pytest.raises(ServiceError, match="no free address"):
             allocate(0)
+
+        # A quota of 5 ports holds against 16 allocations at once on both replicas.
+        replicas[0].release_ports(ReleasePorts(domain_id=uuid.uuid4()), None)
+        with dbs[0].transaction() as conn:
+            conn.execute(sa.delete(addresses))  # room again: the quota is what limits now
+            conn.execute(sa.delete(ports))
+
+        def capped(i: int) -> bool:
+            try:
+                allocate(i, "capped")
+            except ServiceError as exc:
+                assert exc.code == "over_quota"
+                return False
+            return True
+
+        with ThreadPoolExecutor(8) as pool:
+            assert sum(pool.map(capped, range(16))) == 5
     finally:
         for db in dbs:
             db.close()

@@ -48,6 +48,8 @@ M = TypeVar("M", bound=Message)
 
 # The network service's refusals that mean something else over HTTP than a compute node's.
 _STATUS = {"not_found": 404, "over_quota": 403, "forbidden": 403, "no_capacity": 409}
+# A domain's view waits this long for its NICs' ports, then shows it without them.
+INTERFACES_TIMEOUT_S = 3.0
 
 
 class NetworkCreate(BaseModel):
@@ -72,9 +74,9 @@ def _scope(caller: Principal) -> str | None:
     return None if caller.is_admin else caller.project
 
 
-def _call(ctx: ApiContext, command: Command, result: type[M]) -> M:
+def _call(ctx: ApiContext, command: Command, result: type[M], timeout: float | None = None) -> M:
     try:
-        answer = ctx.call(routing.NETWORK_QUEUE, command)
+        answer = ctx.call(routing.NETWORK_QUEUE, command, timeout)
     except Problem as problem:
         if problem.code in _STATUS:
             problem.status = _STATUS[problem.code]
@@ -88,7 +90,9 @@ def domain_interfaces(ctx: ApiContext, domain_id: uuid.UUID) -> list[DomainInter
     """The domain's NICs as its ports say, or None when the network service cannot say now
     (a domain's view does not fail for that). The caller has checked the domain is visible."""
     try:
-        found = _call(ctx, ListPorts(project=None, domain_id=domain_id), PortList)
+        found = _call(
+            ctx, ListPorts(project=None, domain_id=domain_id), PortList, INTERFACES_TIMEOUT_S
+        )
     except Problem as problem:
         log.warning("ports of a domain unavailable", domain_id=str(domain_id), error=problem.detail)
         return None
