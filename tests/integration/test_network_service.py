@@ -277,6 +277,8 @@ def test_the_cli_verbs(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
         ({"name": "x", "subnet": "10.0.0.0/24", "shared": True}, 403, None),
         ({"name": "bad name", "subnet": "10.0.0.0/24"}, 422, "name"),
         ({"name": "x", "subnet": "10.0.0.0/24", "color": "red"}, 422, "color"),
+        ({"name": "x", "subnet": "10.0.0.0/24", "mtu": "1400"}, 422, "mtu"),
+        ({"name": "x", "subnet": "10.0.0.0/24", "mtu": 1400.5}, 422, "mtu"),
     ],
 )
 def test_bad_networks_get_a_clear_4xx_and_nothing_is_created(
@@ -286,6 +288,12 @@ def test_bad_networks_get_a_clear_4xx_and_nothing_is_created(
     if field is not None:
         assert p["field"] == field, p
     assert lab.get("/v1/networks", ADMIN).json()["networks"] == []
+
+
+def test_an_mtu_is_an_integer_as_json_schema_says(lab: Lab) -> None:
+    r = lab.post(name="jumbo", subnet="10.34.0.0/24", mtu=1400.0)
+    assert r.status_code == 201, r.text
+    assert r.json()["mtu"] == 1400
 
 
 def test_overlap_name_quota_and_other_projects(lab: Lab) -> None:

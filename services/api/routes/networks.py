@@ -13,12 +13,12 @@ from typing import Annotated, Literal, TypeVar
 
 import structlog
 from fastapi import APIRouter, Query, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from protos import routing
 from protos.base import Message
 from protos.commands import Command
-from protos.domain import NAME_PATTERN
+from protos.domain import NAME_PATTERN, NOT_BOOL_OR_TEXT
 from protos.network import (
     CreateNetwork,
     DeleteNetwork,
@@ -62,7 +62,8 @@ class NetworkCreate(BaseModel):
     mode: Literal["nat", "isolated", "bridge"] = "nat"
     subnet: IPv4Network | None = Field(default=None, examples=["10.0.0.0/24"])
     gateway: IPv4Address | None = Field(default=None, description="default: the first address")
-    mtu: Annotated[StrictInt, Field(ge=576, le=65535)] | None = Field(
+    # An integer as JSON Schema means it (1500 or 1500.0, never "1500"), as everywhere.
+    mtu: Annotated[int, Field(ge=576, le=65535), NOT_BOOL_OR_TEXT] | None = Field(
         default=None, description="default: the underlay's less VXLAN's 50"
     )
     dhcp: StrictBool = True
@@ -135,14 +136,14 @@ def create_network(
     return info
 
 
-@networks_router.get("", response_model=NetworkList, responses=responses(401))
+@networks_router.get("", response_model=NetworkList, responses=responses(401, 503, 504))
 def list_networks(ctx: Ctx, caller: Caller) -> NetworkList:
     """The caller's project's networks and the shared ones (an admin: every network)."""
     return _call(ctx, ListNetworks(project=_scope(caller)), NetworkList)
 
 
 @networks_router.get(
-    "/{network_id}", response_model=NetworkInfo, responses=responses(401, 404, 422)
+    "/{network_id}", response_model=NetworkInfo, responses=responses(401, 404, 422, 503, 504)
 )
 def get_network(network_id: uuid.UUID, ctx: Ctx, caller: Caller) -> NetworkInfo:
     return _call(ctx, GetNetwork(network_id=network_id, project=_scope(caller)), NetworkInfo)
@@ -152,7 +153,7 @@ def get_network(network_id: uuid.UUID, ctx: Ctx, caller: Caller) -> NetworkInfo:
     "/{network_id}",
     status_code=204,
     response_class=Response,
-    responses=responses(401, 403, 404, 409, 422),
+    responses=responses(401, 403, 404, 409, 422, 503, 504),
 )
 def delete_network(network_id: uuid.UUID, ctx: Ctx, caller: Caller) -> Response:
     """Delete a network: 409 (`reason` `has_ports`) while any port is on it; 403 for a
@@ -162,7 +163,9 @@ def delete_network(network_id: uuid.UUID, ctx: Ctx, caller: Caller) -> Response:
 
 
 @networks_router.get(
-    "/{network_id}/dhcp-leases", response_model=DhcpLeases, responses=responses(401, 404, 422)
+    "/{network_id}/dhcp-leases",
+    response_model=DhcpLeases,
+    responses=responses(401, 404, 422, 503, 504),
 )
 def dhcp_leases(network_id: uuid.UUID, ctx: Ctx, caller: Caller, mask: Mask) -> DhcpLeases:
     """The network's static DHCP entries (MAC → address), one per port (a member's own)."""
@@ -173,7 +176,7 @@ def dhcp_leases(network_id: uuid.UUID, ctx: Ctx, caller: Caller, mask: Mask) -> 
     return leases.model_copy(update={"leases": masked})
 
 
-@ports_router.get("", response_model=PortList, responses=responses(401, 404, 422))
+@ports_router.get("", response_model=PortList, responses=responses(401, 404, 422, 503, 504))
 def list_ports(
     *,
     ctx: Ctx,
@@ -191,6 +194,8 @@ def list_ports(
     return PortList(ports=[_masked(p, mask) for p in found.ports])
 
 
-@ports_router.get("/{port_id}", response_model=PortInfo, responses=responses(401, 404, 422))
+@ports_router.get(
+    "/{port_id}", response_model=PortInfo, responses=responses(401, 404, 422, 503, 504)
+)
 def get_port(port_id: uuid.UUID, ctx: Ctx, caller: Caller, mask: Mask) -> PortInfo:
     return _masked(_call(ctx, GetPort(port_id=port_id, project=_scope(caller)), PortInfo), mask)
