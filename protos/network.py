@@ -10,13 +10,13 @@ the host it is bound to. The network service's own API-facing commands live besi
 from __future__ import annotations
 
 import uuid
-from ipaddress import IPv4Address
-from typing import ClassVar
+from ipaddress import IPv4Address, IPv4Network
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from protos.base import Message
-from protos.bindings import MAC_WIRE_PATTERN, PortBinding
+from protos.bindings import MAC_WIRE_PATTERN, NetworkModeName, PortBinding
 from protos.commands import Command
 from protos.domain import NAME_PATTERN, NicSpec
 from protos.replies import Done
@@ -98,3 +98,195 @@ class PortDeleted(PortEvent):
 
 
 PORT_EVENTS: tuple[type[PortEvent], ...] = (PortCreated, PortBound, PortDeleted)
+
+
+# ---- the tenant-facing commands (from the API) --------------------------------------------
+#
+# `project` is the caller's project, or None for an admin (who sees every project's). A
+# network of another project is `not_found` to a member, as if it did not exist; a `shared`
+# network (the `default` one of `flotilla up`) is visible to every project and usable by
+# every project's NICs, but only an admin deletes it.
+
+ProjectScope = Annotated[str | None, Field(default=None, pattern=NAME_PATTERN)]
+
+
+class NetworkInfo(Message):
+    """A network: `subnet`/`gateway` None only in bridge mode, `vni` its VXLAN id (None in
+    bridge mode), `ports` how many ports it has."""
+
+    TYPE = "reply.network_info"
+    network_id: uuid.UUID
+    project: str
+    name: str
+    mode: NetworkModeName
+    subnet: IPv4Network | None = None
+    gateway: IPv4Address | None = None
+    mtu: int
+    vni: int | None = None
+    dhcp: bool
+    host_bridge: str | None = None
+    shared: bool = False
+    ports: int = Field(default=0, ge=0)
+    seq: int = Field(ge=0)
+    created_at: float
+
+
+class NetworkList(Message):
+    TYPE = "reply.network_list"
+    networks: list[NetworkInfo]
+
+
+PortStateName = Literal["created", "bound"]
+
+
+class PortInfo(Message):
+    """A port: NIC `nic` (its index in the domain's spec) of `domain_id` on `network_id`;
+    `host` once bound."""
+
+    TYPE = "reply.port_info"
+    port_id: uuid.UUID
+    project: str
+    network_id: uuid.UUID
+    network: str
+    domain_id: uuid.UUID | None = None
+    nic: int = Field(ge=0)
+    mac: str = Field(pattern=MAC_WIRE_PATTERN)
+    ipv4: IPv4Address | None = None
+    host: str | None = None
+    state: PortStateName
+    seq: int = Field(ge=0)
+    created_at: float
+
+
+class PortList(Message):
+    TYPE = "reply.port_list"
+    ports: list[PortInfo]
+
+
+class DhcpLease(BaseModel):
+    """A static DHCP entry: what dnsmasq hands `mac` on every host of the network."""
+
+    model_config = ConfigDict(frozen=True)
+    mac: str
+    ipv4: IPv4Address
+    port_id: uuid.UUID
+    domain_id: uuid.UUID | None = None
+    host: str | None = None
+
+
+class DhcpLeases(Message):
+    TYPE = "reply.dhcp_leases"
+    network_id: uuid.UUID
+    leases: list[DhcpLease]
+
+
+class CreateNetwork(Command):
+    """A new network `network_id` (chosen by the caller, so a retry finds it). `subnet` is
+    required for nat and isolated, refused for bridge (which names `host_bridge`);
+    `gateway` defaults to the subnet's first address, `mtu` to the underlay's less VXLAN's
+    overhead (a smaller one may be asked). Only an admin's network may be `shared`."""
+
+    TYPE = "cmd.network.create"
+    RESULT = NetworkInfo
+    network_id: uuid.UUID
+    project: str = Field(pattern=NAME_PATTERN)
+    name: str = Field(pattern=NAME_PATTERN)
+    mode: NetworkModeName = "nat"
+    subnet: IPv4Network | None = None
+    gateway: IPv4Address | None = None
+    mtu: int | None = Field(default=None, ge=576, le=65535)
+    dhcp: bool = True
+    host_bridge: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,15}$")
+    shared: bool = False
+
+
+class DeleteNetwork(Command):
+    """Delete a network; refused (`conflict`, reason `has_ports`) while it has ports."""
+
+    TYPE = "cmd.network.delete"
+    RESULT = Done
+    network_id: uuid.UUID
+    project: ProjectScope
+
+
+class GetNetwork(Command):
+    TYPE = "cmd.network.get"
+    RESULT = NetworkInfo
+    network_id: uuid.UUID
+    project: ProjectScope
+
+
+class ListNetworks(Command):
+    """The project's networks and the shared ones (an admin's: every network)."""
+
+    TYPE = "cmd.network.list"
+    RESULT = NetworkList
+    project: ProjectScope
+
+
+class ListPorts(Command):
+    TYPE = "cmd.network.port_list"
+    RESULT = PortList
+    project: ProjectScope
+    network_id: uuid.UUID | None = None
+    domain_id: uuid.UUID | None = None
+
+
+class GetPort(Command):
+    TYPE = "cmd.network.port_get"
+    RESULT = PortInfo
+    port_id: uuid.UUID
+    project: ProjectScope
+
+
+class ListDhcpLeases(Command):
+    """The static DHCP entries of a network (a member sees only its own project's ports on a
+    shared network)."""
+
+    TYPE = "cmd.network.dhcp_leases"
+    RESULT = DhcpLeases
+    network_id: uuid.UUID
+    project: ProjectScope
+
+
+TENANT_NETWORK_COMMANDS: tuple[type[Command], ...] = (
+    CreateNetwork,
+    DeleteNetwork,
+    GetNetwork,
+    ListNetworks,
+    ListPorts,
+    GetPort,
+    ListDhcpLeases,
+)
+
+
+# ---- network events ------------------------------------------------------------------------
+
+
+class NetworkEvent(Message):
+    """Fields common to network events; `seq` grows per network."""
+
+    EVENT: ClassVar[str] = ""
+    network_id: uuid.UUID
+    project: str
+    name: str
+    mode: NetworkModeName
+    subnet: IPv4Network | None = None
+    vni: int | None = None
+    seq: int = Field(ge=1)
+
+    def routing_key(self) -> str:
+        return f"network.{self.EVENT}.{self.network_id}"
+
+
+class NetworkCreated(NetworkEvent):
+    TYPE = "network.created"
+    EVENT = "created"
+
+
+class NetworkDeleted(NetworkEvent):
+    TYPE = "network.deleted"
+    EVENT = "deleted"
+
+
+NETWORK_EVENTS: tuple[type[NetworkEvent], ...] = (NetworkCreated, NetworkDeleted)

@@ -1,8 +1,8 @@
 """Desired state of one host's network plumbing: frozen models the compute node is given.
 
-The network service (to come) owns networks, addresses and ports; a compute node receives
-what its host must have -- the networks its guests use, their ports, and where the other
-hosts' ports live -- and `Plumber` makes the host match.
+The network service (services/network) owns networks, addresses and ports; a compute node
+receives what its host must have -- the networks its guests use, their ports, and where the
+other hosts' ports live -- and `Plumber` makes the host match.
 """
 
 from __future__ import annotations

@@ -23,6 +23,17 @@ class DomainCreate(DomainSpec):
     start: StrictBool = True
 
 
+class DomainInterface(BaseModel):
+    """A NIC of a domain as its port says (virsh domiflist): MAC, address, network."""
+
+    nic: int
+    network: str
+    network_id: uuid.UUID
+    port_id: uuid.UUID
+    mac: str
+    ipv4: str | None
+
+
 class DomainView(BaseModel):
     """A domain as the caller may see it: `host` (also in `fault` and `attempts`) is the host's
     name for an admin, and for a member an alias (`host-…`) stable within its project."""
@@ -41,6 +52,9 @@ class DomainView(BaseModel):
     created_at: float
     updated_at: float
     attempts: list[Attempt] = []
+    # GET /v1/domains/{id} of a domain with NICs: each NIC's port, from the network service
+    # (null when it did not answer, or not asked).
+    interfaces: list[DomainInterface] | None = None
 
     @classmethod
     def of(

@@ -139,6 +139,13 @@ def show_domain(s: Session, d: dict[str, Any]) -> None:
     ]
     if d.get("fault"):
         pairs.append(("Fault", fault_text(d)))
+    pairs.extend(
+        (
+            f"Interface nic{nic.get('nic')}",
+            f"{nic.get('mac')} {nic.get('ipv4') or '-'} ({nic.get('network')})",
+        )
+        for nic in d.get("interfaces") or []
+    )
     print(fields(pairs))
 
 
@@ -294,7 +301,10 @@ def cmd_delete(s: Session, args: argparse.Namespace) -> int:
 
 
 def cmd_dominfo(s: Session, args: argparse.Namespace) -> int:
-    show_domain(s, resolve(s, args.domain))
+    d = resolve(s, args.domain)
+    if d.get("interfaces") is None and (d.get("spec") or {}).get("nics"):
+        d = s.api.get_domain(d["id"])  # a list entry has no interfaces: the full view does
+    show_domain(s, d)
     return 0
 
 

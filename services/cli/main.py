@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(local=True)
     _domain_verbs(verb)
     _other_verbs(verb)
+    from services.cli.networks import add_verbs  # noqa: PLC0415
+
+    add_verbs(verb)
     return parser
 
 

@@ -1,16 +1,18 @@
 """All of Flotilla on one host, as child processes: what `flotilla up`, tests/e2e and
 bench/control_plane.py run.
 
-stack = Stack(StackConfig(state_dir=...)).start()   # broker, API, scheduler, compute node(s)
+stack = Stack(StackConfig(state_dir=...)).start()   # broker, API, network, scheduler, computes
 stack.api_url, stack.admin_token
 stack.stop()                                         # deletes guests first unless keep_guests
 
 Layout of the state dir: `rabbitmq/` (the private broker, recreated at each start; with
 `broker_nodes` > 1 one `rabbitmq/node<i>/` per node of a private cluster), `api/`
-(its config and the SQLite registry), `compute/<host>/` (each compute node's store and domain
-dirs), `logs/<service>.log`, and `cli.json` (API URL and admin token, mode 0600, read by the
-CLI). Every child runs in a session of its own, so a Ctrl-C on the terminal reaches only the
-parent, which stops them in order (compute nodes, scheduler, API, broker) by pid.
+(its config and the SQLite registry), `network/` (the network service's config and
+catalog), `compute/<host>/` (each compute node's store and domain dirs),
+`logs/<service>.log`, and `cli.json` (API URL and admin token, mode 0600, read by the CLI).
+Every child runs in a session of its own, so a Ctrl-C on the terminal reaches only the
+parent, which stops them in order (compute nodes, scheduler, network service, API, broker)
+by pid.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from compute_node import vmm_client
 from protos import routing
 from services.broker import PrivateBroker, PrivateCluster
 from services.bus.nodes import blocking_nodes
+from services.cli import default_network
 from services.files import write_private
 
 
@@ -178,6 +181,8 @@ class Stack:
         self._port = port
         self.api: Child | None = None
         self.scheduler: Child | None = None
+        self.network: Child | None = None
+        self.default_subnet: str | None = None
         self.computes: dict[str, Child] = {}
         self.computes_spec = config.computes or [ComputeSpec(socket.gethostname().split(".")[0])]
 
@@ -200,6 +205,15 @@ class Stack:
             progress("starting the API")
             self._start_api()
             self._wait(deadline, "the API answering /healthz", self._api_ready, self.api)
+            progress("starting the network service")
+            note = self._start_network()
+            self._wait(
+                deadline,
+                "the network service consuming its queue",
+                lambda: self._consumers(routing.NETWORK_QUEUE) > 0,
+                self.network,
+            )
+            progress(f"default network {self.default_subnet} (nat, shared){note}")
             progress("starting the scheduler")
             self._start_scheduler()
             self._wait(
@@ -267,6 +281,34 @@ class Stack:
             self._env(),
             self.state_dir / "logs" / "api.log",
         )
+
+    def _start_network(self) -> str:
+        """Start the network service with the shared `default` NAT network; returns why its
+        subnet is not libvirt's usual one ("" if it is)."""
+        network_dir = self.state_dir / "network"
+        network_dir.mkdir(parents=True, exist_ok=True)
+        subnet, why = default_network.pick(default_network.host_routes())
+        self.default_subnet = str(subnet)
+        text = _toml_table(
+            "network",
+            {
+                "database_url": f"sqlite:///{network_dir / 'catalog.db'}",
+                "amqp_url": self.amqp_url,
+                "replica": "up",
+            },
+        )
+        text += "\n" + _toml_table(
+            "network.default_network", {"name": "default", "subnet": subnet, "project": "admin"}
+        )
+        path = network_dir / "network.toml"
+        write_private(path, text)  # the broker's credentials
+        self.network = Child(
+            "network",
+            [sys.executable, "-m", "services.network.main", "--config", str(path)],
+            self._env(),
+            self.state_dir / "logs" / "network.log",
+        )
+        return f": {why}" if why else ""
 
     def _start_scheduler(self) -> None:
         env = self._env()
@@ -374,7 +416,7 @@ class Stack:
 
     # Health and stop
     def children(self) -> list[Child]:
-        found = [*self.computes.values(), self.scheduler, self.api]
+        found = [*self.computes.values(), self.scheduler, self.network, self.api]
         return [c for c in found if c is not None]
 
     def dead_child(self) -> Child | None:
@@ -425,6 +467,8 @@ class Stack:
                 vmm_client.end(domain_dir)
         if self.scheduler is not None:
             self.scheduler.stop()
+        if self.network is not None:
+            self.network.stop()
         if self.api is not None:
             self.api.stop()
         if self.broker is not None:

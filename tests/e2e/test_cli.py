@@ -181,3 +181,20 @@ def test_cli_hosts_for_an_admin(e2e: E2E) -> None:
         while not any(h["name"] == host and h["enabled"] for h in admin.json("hosts")):
             assert time.monotonic() < deadline
             time.sleep(0.2)
+
+
+def test_cli_the_default_network_and_a_project_network(e2e: E2E, cli: Cli) -> None:
+    admin = Cli(e2e, "admin")
+    (default,) = [n for n in admin.json("net-list") if n["name"] == "default"]
+    assert (default["mode"], default["shared"], default["project"]) == ("nat", True, "admin")
+    assert any(n["name"] == "default" for n in cli.json("net-list"))  # every project sees it
+    r = cli.run("net-delete", "default")
+    assert r.returncode == 7, r.stderr  # shared: only an admin deletes it
+    name = f"n-{uuid.uuid4().hex[:6]}"
+    cli.ok("net-create", name, "--subnet", "10.201.0.0/24")
+    try:
+        assert "10.201.0.1" in cli.ok("net-info", name)
+        r = Cli(e2e, "bob").run("net-info", name)
+        assert r.returncode == 3, r.stderr  # another project's: not found
+    finally:
+        cli.ok("net-delete", name)

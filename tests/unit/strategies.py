@@ -73,6 +73,10 @@ def for_annotation(tp: Any, info: FieldInfo | None = None) -> st.SearchStrategy[
         return st.ip_addresses(v=4).map(str)
     if tp is ipaddress.IPv4Interface:
         return st.tuples(st.ip_addresses(v=4), st.integers(0, 32)).map(lambda t: f"{t[0]}/{t[1]}")
+    if tp is ipaddress.IPv4Network:
+        return st.tuples(st.ip_addresses(v=4), st.integers(0, 32)).map(
+            lambda t: str(ipaddress.IPv4Network(f"{t[0]}/{t[1]}", strict=False))
+        )
     if origin is list:
         (item,) = typing.get_args(tp)
         return st.lists(for_annotation(item), max_size=min(c.get("max_length", 3), 3))

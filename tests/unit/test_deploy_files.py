@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from compute_node.config import ComputeConfig
 from services.api.config import ApiConfig
+from services.network.config import NetworkConfig
 from services.scheduler.config import SchedulerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,6 +31,7 @@ CONFIGS: dict[str, type[BaseModel]] = {
     "flotilla-api": ApiConfig,
     "flotilla-scheduler": SchedulerConfig,
     "flotilla-compute": ComputeConfig,
+    "flotilla-network": NetworkConfig,
 }
 SERVICES = sorted(s for s in SCRIPTS if s != "flotilla")
 

@@ -44,6 +44,7 @@ from services.api.models import (
 from services.api.problems import Problem, responses
 from services.api.registry import DomainRecord, NameInUse, QuotaExceeded
 from services.api.routes.deps import Caller, Ctx, Mask
+from services.api.routes.networks import domain_interfaces
 
 log = structlog.get_logger("flotilla.api")
 router = APIRouter(prefix="/v1/domains", tags=["domains"])
@@ -183,7 +184,12 @@ def list_domains(
 
 @router.get("/{domain_id}", response_model=DomainView, responses=responses(401, 404, 422))
 def get_domain(domain_id: uuid.UUID, ctx: Ctx, caller: Caller, mask: Mask) -> DomainView:
-    return DomainView.of(ctx.visible_domain(caller, domain_id), mask)
+    """The domain; with NICs, `interfaces` from their ports (MAC, address, network)."""
+    record = ctx.visible_domain(caller, domain_id)
+    view = DomainView.of(record, mask)
+    if record.spec.nics:
+        view.interfaces = domain_interfaces(ctx, domain_id)
+    return view
 
 
 def _refuse(record: DomainRecord, action: str, reason: str) -> Problem:

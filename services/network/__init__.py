@@ -1,0 +1,1 @@
+"""The network service: networks, IPAM, ports (docs/network.md)."""

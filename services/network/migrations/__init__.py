@@ -1,0 +1,1 @@
+"""The network catalog's Alembic migrations (env.py, versions/); see docs/database.md."""

@@ -1,0 +1,1 @@
+"""The network catalog's revisions, oldest first: NNNN_what.py."""
