@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from protos.bindings import PortBinding
 from protos.codec import envelope_for, pack
 from protos.domain import DomainSpec, PowerState
 from protos.events import DomainEvent
@@ -49,7 +50,8 @@ CREATE TABLE IF NOT EXISTS domains (
     seq INTEGER NOT NULL DEFAULT 0,
     driver_n INTEGER NOT NULL DEFAULT 0,
     updated REAL NOT NULL,
-    privileged INTEGER NOT NULL DEFAULT 0
+    privileged INTEGER NOT NULL DEFAULT 0,
+    ports TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS volume_seqs (
     id TEXT PRIMARY KEY,
@@ -74,6 +76,8 @@ class DomainRecord:
     driver_n: int
     # Defined by an admin: its host paths are not held to allowed_boot_dirs (boot_sources.py).
     privileged: bool = False
+    # The NICs' ports the scheduler allocated (protos.bindings), in the spec's order.
+    ports: tuple[PortBinding, ...] = ()
 
     @property
     def id(self) -> uuid.UUID:
@@ -115,6 +119,8 @@ class Store:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(domains)")}
         if "privileged" not in columns:  # a state dir from before the column: members' rule
             self._db.execute("ALTER TABLE domains ADD COLUMN privileged INTEGER NOT NULL DEFAULT 0")
+        if "ports" not in columns:  # a state dir from before NICs
+            self._db.execute("ALTER TABLE domains ADD COLUMN ports TEXT NOT NULL DEFAULT '[]'")
         self._lock = threading.RLock()
         self._wal = f"{path}-wal"
         self._sync_lock = threading.Lock()
@@ -168,7 +174,7 @@ class Store:
     def get(self, domain_id: uuid.UUID) -> DomainRecord | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT spec, state, seq, driver_n, privileged FROM domains WHERE id = ?",
+                "SELECT spec, state, seq, driver_n, privileged, ports FROM domains WHERE id = ?",
                 (str(domain_id),),
             ).fetchone()
         return None if row is None else _record(row)
@@ -176,15 +182,20 @@ class Store:
     def all(self) -> list[DomainRecord]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT spec, state, seq, driver_n, privileged FROM domains ORDER BY name"
+                "SELECT spec, state, seq, driver_n, privileged, ports FROM domains ORDER BY name"
             ).fetchall()
         return [_record(r) for r in rows]
 
     def define(
-        self, spec: DomainSpec, drafts: list[EventDraft], *, privileged: bool = False
+        self,
+        spec: DomainSpec,
+        drafts: list[EventDraft],
+        *,
+        privileged: bool = False,
+        ports: tuple[PortBinding, ...] = (),
     ) -> DomainRecord:
-        """Insert or replace the definition of `spec.uuid` (and whether an admin made it) and
-        emit `drafts`."""
+        """Insert or replace the definition of `spec.uuid` (whether an admin made it, its
+        NICs' ports) and emit `drafts`."""
         with self._tx() as db:
             clash = db.execute(
                 "SELECT id FROM domains WHERE name = ? AND id != ?", (spec.name, str(spec.uuid))
@@ -194,10 +205,11 @@ class Store:
             row = db.execute("SELECT state FROM domains WHERE id = ?", (str(spec.uuid),)).fetchone()
             state = PowerState.SHUTOFF if row is None else PowerState(row[0])
             db.execute(
-                "INSERT INTO domains (id, name, spec, state, updated, privileged) "
-                "VALUES (?, ?, ?, ?, ?, ?) "
+                "INSERT INTO domains (id, name, spec, state, updated, privileged, ports) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(id) DO UPDATE SET name = excluded.name, spec = excluded.spec, "
-                "updated = excluded.updated, privileged = excluded.privileged",
+                "updated = excluded.updated, privileged = excluded.privileged, "
+                "ports = excluded.ports",
                 (
                     str(spec.uuid),
                     spec.name,
@@ -205,6 +217,7 @@ class Store:
                     state.value,
                     time.time(),
                     int(privileged),
+                    json.dumps([p.model_dump(mode="json") for p in ports]),
                 ),
             )
             self._emit(db, spec, drafts)
@@ -238,7 +251,7 @@ class Store:
         events' message ids derive from it (`event_id`). Without it the commit is fsynced."""
         with self._tx(durable=journaled is None) as db:
             row = db.execute(
-                "SELECT spec, state, seq, driver_n, privileged FROM domains WHERE id = ?",
+                "SELECT spec, state, seq, driver_n, privileged, ports FROM domains WHERE id = ?",
                 (str(domain_id),),
             ).fetchone()
             if row is None:
@@ -399,11 +412,12 @@ def event_id(domain_id: uuid.UUID, journaled: str, index: int) -> str:
     return str(uuid.uuid5(domain_id, f"journal/{journaled}/{index}"))
 
 
-def _record(row: tuple[str, str, int, int, int]) -> DomainRecord:
+def _record(row: tuple[str, str, int, int, int, str]) -> DomainRecord:
     return DomainRecord(
         spec=DomainSpec.model_validate(json.loads(row[0])),
         state=PowerState(row[1]),
         seq=int(row[2]),
         driver_n=int(row[3]),
         privileged=bool(row[4]),
+        ports=tuple(PortBinding.model_validate(p) for p in json.loads(row[5])),
     )

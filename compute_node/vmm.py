@@ -60,6 +60,7 @@ from native.machine import (
     EventKind,
     Machine,
     MachineStateError,
+    Nic,
     ShutdownMethod,
     VmmError,
 )
@@ -193,6 +194,7 @@ class Vmm:
             vcpus=cfg.vcpus,
             console_out=self.console.out_w,
             console_in=self.console.in_r,
+            nics=[Nic(fd, mac) for fd, mac in cfg.nics],
         )
         self.machine = machine
         self.machine_started = False

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,10 @@ from compute_node.resources import Claims
 from compute_node.store import Store
 from protos import routing
 from protos.base import Message
+from protos.bindings import NetworkBinding, PortBinding
 from protos.codec import decode, envelope_for, parse_body
 from protos.commands import Command, DefineDomain, StartDomain
+from protos.domain import DomainSpec
 from protos.events import DomainEvent
 from protos.host import HostHeartbeat, HostInventory
 from protos.replies import DomainInfo, ErrorReply
@@ -42,6 +45,28 @@ ADMIN, ALICE, BOB = "admin-token-1", "alice-token-1", "bob-token-12"
 
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+def fake_ports(spec: DomainSpec) -> list[PortBinding]:
+    """Ports for the spec's NICs as a network service would allocate them (hand-made)."""
+    ports = []
+    for i, nic in enumerate(spec.nics):
+        network = NetworkBinding(
+            network_id=uuid.uuid5(spec.uuid, nic.network),
+            name=nic.network,
+            mode="isolated",
+            mtu=1450,
+            gateway=IPv4Interface("10.9.0.1/24"),
+        )
+        ports.append(
+            PortBinding(
+                port_id=uuid.uuid5(spec.uuid, f"port-{i}"),
+                network=network,
+                mac=nic.mac or f"52:54:00:00:00:{i + 2:02x}",
+                ipv4=nic.ip or IPv4Address(f"10.9.0.{i + 2}"),
+            )
+        )
+    return ports
 
 
 class FakeCloud:
@@ -85,7 +110,10 @@ class FakeCloud:
                 },
             )
         host = next(iter(self.nodes))
-        info = self._compute(host, DefineDomain(spec=command.spec, privileged=command.privileged))
+        define = DefineDomain(
+            spec=command.spec, privileged=command.privileged, ports=fake_ports(command.spec)
+        )
+        info = self._compute(host, define)
         if command.start:
             info = self._compute(host, StartDomain(domain_id=command.spec.uuid))
         assert isinstance(info, DomainInfo)
