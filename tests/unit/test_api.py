@@ -28,7 +28,8 @@ from protos.commands import Command, DefineDomain, StartDomain
 from protos.domain import DomainSpec
 from protos.events import DomainEvent
 from protos.host import HostHeartbeat, HostInventory
-from protos.replies import DomainInfo, ErrorReply
+from protos.network import ReleasePorts
+from protos.replies import DomainInfo, Done, ErrorReply
 from protos.scheduler import Attempt, Placement, ScheduleDomain
 from services.api import ApiConfig, Quota, TokenEntry, create_app
 from services.api.config import Role
@@ -96,6 +97,9 @@ class FakeCloud:
         if queue == routing.SCHEDULER_QUEUE:
             assert isinstance(command, ScheduleDomain)
             return self._schedule(command)
+        if queue == routing.NETWORK_QUEUE:
+            assert isinstance(command, ReleasePorts)
+            return Done()
         host = queue.removeprefix("compute.")
         return self._compute(host, command)
 
@@ -365,6 +369,22 @@ def test_delete_destroys_undefines_and_removes(client: TestClient, cloud: FakeCl
     sent = [type(c).__name__ for q, c in cloud.calls if q == "compute.h1"]
     assert sent[-2:] == ["DestroyDomain", "UndefineDomain"]
     assert cloud.nodes["h1"].store.get(uuid.UUID(d["id"])) is None
+
+
+def test_delete_releases_the_ports_of_a_domain_with_nics(
+    client: TestClient, cloud: FakeCloud
+) -> None:
+    plain = create(client)
+    client.delete(f"/v1/domains/{plain['id']}", headers=auth(ALICE))
+    assert [c for q, c in cloud.calls if q == routing.NETWORK_QUEUE] == []
+    d = create(client, nics=[{"network": "blue"}])
+    r = client.delete(f"/v1/domains/{d['id']}", headers=auth(ALICE))
+    assert r.status_code in (202, 204), r.text
+    released = [c for q, c in cloud.calls if q == routing.NETWORK_QUEUE]
+    assert released == [ReleasePorts(domain_id=uuid.UUID(d["id"]))]
+    # After the host undefined it, never before.
+    kinds = [type(c).__name__ for _, c in cloud.calls]
+    assert kinds.index("ReleasePorts") > kinds.index("UndefineDomain")
 
 
 def test_delete_when_the_registry_lags_the_host(client: TestClient, cloud: FakeCloud) -> None:
