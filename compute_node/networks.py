@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any, TypeVar
 
 import structlog
 
@@ -47,6 +48,7 @@ from protos.codec import Envelope
 from protos.network import PortBound, PortDeleted, PortEvent
 
 log = structlog.get_logger("flotilla.compute.networks")
+T = TypeVar("T")
 
 PORT_EVENT_PATTERNS = ("port.bound.*", "port.deleted.*")
 WARNINGS_TTL_S = 30.0
@@ -89,7 +91,10 @@ class HostNetworks:
         self.host = host
         self.settings = settings
         self._dir = state_dir / "net"
-        self._lock = threading.RLock()
+        # Every plumber call runs on this one thread: pyroute2's netlink socket belongs to
+        # the thread that first uses it (in the data-plane namespace), and the plumber's
+        # calls must not interleave. It also orders port events with plugs.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="plumbing")
         self._plumber: Plumber | None = None
         self._remotes: dict[str, _Remote] = self._load_remotes()
         self._warnings: tuple[float, list[str]] = (0.0, [])
@@ -144,35 +149,38 @@ class HostNetworks:
         NetworkRefused / PlumbingError when the host cannot."""
         if not ports:
             return []
+        return self._on_thread(self._attach, ports)
+
+    def _attach(self, ports: Sequence[PortBinding]) -> list[NicTap]:
         taps = []
-        with self._lock:
-            plumber = self._open()
-            (self._dir / PLUMBED).touch()
-            for binding in ports:
-                network, port = self.plumbing(binding)
-                desired = plumber.desired
-                if network not in desired.networks:
-                    plumber.apply(network)
-                    self._push_remotes(plumber, network)
-                if port not in desired.ports:
-                    plumber.plug(port)
-                taps.append(NicTap(port.tap, port.mac, self.settings.netns))
+        plumber = self._open()
+        (self._dir / PLUMBED).touch()
+        for binding in ports:
+            network, port = self.plumbing(binding)
+            desired = plumber.desired
+            if network not in desired.networks:
+                plumber.apply(network)
+                self._push_remotes(plumber, network)
+            if port not in desired.ports:
+                plumber.plug(port)
+            taps.append(NicTap(port.tap, port.mac, self.settings.netns))
         return taps
 
     def detach(self, ports: Sequence[PortBinding]) -> None:
         """Unplug the ports; a network left without ports on this host is removed."""
-        if not ports:
-            return
-        with self._lock:
-            plumber = self._open()
-            for binding in ports:
-                plumber.unplug(str(binding.port_id))
-            desired = plumber.desired
-            used = {p.network_id for p in desired.ports}
-            for network in desired.networks:
-                if network.network_id not in used:
-                    plumber.remove(network.network_id)
-                    log.info("network removed", network=network.network_id)
+        if ports:
+            self._on_thread(self._detach, ports)
+
+    def _detach(self, ports: Sequence[PortBinding]) -> None:
+        plumber = self._open()
+        for binding in ports:
+            plumber.unplug(str(binding.port_id))
+        desired = plumber.desired
+        used = {p.network_id for p in desired.ports}
+        for network in desired.networks:
+            if network.network_id not in used:
+                plumber.remove(network.network_id)
+                log.info("network removed", network=network.network_id)
 
     def reconcile(self, ports: Iterable[PortBinding]) -> list[str]:
         """Make the host match every stored port (and the remote ports of their networks),
@@ -191,18 +199,22 @@ class HostNetworks:
                 continue
             networks[network.network_id] = network
             plumbed.append(port)
-        with self._lock:
-            remotes = [
-                r.vtep
-                for r in self._remotes.values()
-                if r.vtep is not None
-                and r.vtep.network_id in networks
-                and networks[r.vtep.network_id].vni is not None
-            ]
-            desired = HostPlumbing(
-                networks=tuple(networks.values()), ports=tuple(plumbed), remotes=tuple(remotes)
-            )
-            report = self._open().reconcile(desired)
+        return self._on_thread(self._reconcile, networks, plumbed)
+
+    def _reconcile(
+        self, networks: dict[str, NetworkPlumbing], plumbed: list[PortPlumbing]
+    ) -> list[str]:
+        remotes = [
+            r.vtep
+            for r in self._remotes.values()
+            if r.vtep is not None
+            and r.vtep.network_id in networks
+            and networks[r.vtep.network_id].vni is not None
+        ]
+        desired = HostPlumbing(
+            networks=tuple(networks.values()), ports=tuple(plumbed), remotes=tuple(remotes)
+        )
+        report = self._open().reconcile(desired)
         return report.changes
 
     # ---- l2population ------------------------------------------------------------------------
@@ -210,26 +222,27 @@ class HostNetworks:
     def on_port_event(self, _envelope: Envelope, event: Message) -> None:
         """A port bound or deleted anywhere: keep it, and push or remove its forwarding
         entries if this host carries its network (ports of this host are skipped)."""
-        if not isinstance(event, PortBound | PortDeleted):
-            return
-        with self._lock:
-            key = str(event.port_id)
-            known = self._remotes.get(key)
-            if known is not None and known.seq >= event.seq:
-                return  # a replay or an older event
-            remote = self._remote_of(event)
-            self._remotes[key] = _Remote(event.seq, getattr(event, "host", None), remote)
-            self._save_remotes()
-            if self._plumber is None:
-                return  # nothing plumbed yet: the entry is pushed when its network is
-            carried = {n.network_id: n for n in self._plumber.desired.networks}
-            old = known.vtep if known is not None else None
-            if old is not None and old != remote and old.network_id in carried:
-                self._plumber.fdb_del(old)
-            network = carried.get(remote.network_id) if remote is not None else None
-            if remote is not None and network is not None and network.vni is not None:
-                self._plumber.fdb_add(remote)
-                log.info("remote port", mac=remote.mac, vtep=str(remote.remote))
+        if isinstance(event, PortBound | PortDeleted):
+            self._on_thread(self._port_event, event)
+
+    def _port_event(self, event: PortBound | PortDeleted) -> None:
+        key = str(event.port_id)
+        known = self._remotes.get(key)
+        if known is not None and known.seq >= event.seq:
+            return  # a replay or an older event
+        remote = self._remote_of(event)
+        self._remotes[key] = _Remote(event.seq, getattr(event, "host", None), remote)
+        self._save_remotes()
+        if self._plumber is None:
+            return  # nothing plumbed yet: the entry is pushed when its network is
+        carried = {n.network_id: n for n in self._plumber.desired.networks}
+        old = known.vtep if known is not None else None
+        if old is not None and old != remote and old.network_id in carried:
+            self._plumber.fdb_del(old)
+        network = carried.get(remote.network_id) if remote is not None else None
+        if remote is not None and network is not None and network.vni is not None:
+            self._plumber.fdb_add(remote)
+            log.info("remote port", mac=remote.mac, vtep=str(remote.remote))
 
     def _remote_of(self, event: PortEvent) -> RemoteVtep | None:
         if not isinstance(event, PortBound):
@@ -284,20 +297,22 @@ class HostNetworks:
     def warnings(self) -> list[str]:
         """What would break guest networking here (another firewall manager's forward drop
         policy in front of NAT), read at most every WARNINGS_TTL_S."""
+        return self._on_thread(self._read_warnings)
+
+    def _read_warnings(self) -> list[str]:
         now = time.monotonic()
-        with self._lock:
-            at, cached = self._warnings
-            if at and now - at < WARNINGS_TTL_S:
-                return cached
-            try:
-                found = [
-                    f"{c}: NAT'd guest traffic is dropped there"
-                    for c in self._open().forward_conflicts()
-                ]
-            except Exception as exc:  # no libnftables, no namespace: say so, do not fail
-                found = [f"network plumbing unavailable: {exc}"]
-            self._warnings = (now, found)
-            return found
+        at, cached = self._warnings
+        if at and now - at < WARNINGS_TTL_S:
+            return cached
+        try:
+            found = [
+                f"{c}: NAT'd guest traffic is dropped there"
+                for c in self._open().forward_conflicts()
+            ]
+        except Exception as exc:  # no libnftables, no namespace: say so, do not fail
+            found = [f"network plumbing unavailable: {exc}"]
+        self._warnings = (now, found)
+        return found
 
     # ---- internals ---------------------------------------------------------------------------
 
@@ -323,11 +338,17 @@ class HostNetworks:
             links.close()
         raise PlumbingError(f"no link holds the underlay address {self.settings.underlay}")
 
+    def _on_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return self._thread.submit(fn, *args).result()
+
     def close(self) -> None:
-        with self._lock:
+        def close() -> None:
             if self._plumber is not None:
                 self._plumber.close()
                 self._plumber = None
+
+        self._on_thread(close)
+        self._thread.shutdown()
 
 
 def interface_of(binding: PortBinding) -> dict[str, object]:

@@ -547,6 +547,22 @@ void net_start(const char *arg)
 	    net.mac[3], net.mac[4], net.mac[5], buf);
 }
 
+/* gw=<a.b.c.d>: send off-subnet traffic through this router (a /24 when no
+ * lease gave a prefix), whatever DHCP said. */
+void net_gateway(const char *arg)
+{
+	const char *end;
+	u32 v;
+	if (!parse_ip(arg, &v, &end) || *end) {
+		say("unknown action value %s", arg);
+		return;
+	}
+	net.router = v;
+	if (!net.mask)
+		net.mask = 0xffffff00u;
+	say("NET gateway %s", arg);
+}
+
 static void ping_send(u32 dst, const u8 *mac, u16 seq)
 {
 	u8 *f = tx_slot();
