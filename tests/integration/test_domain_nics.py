@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue as queues
 import re
 import signal
 import tempfile
@@ -40,6 +41,7 @@ from protos.commands import (
     UndefineDomain,
 )
 from protos.domain import BootSpec, DomainSpec, NicSpec
+from protos.host import HostHeartbeat
 from protos.network import PortBound
 from protos.replies import ConsoleOutput
 from services.bus import Bus
@@ -204,6 +206,19 @@ def bound(cloud: Cloud, role: str, p: PortBinding, seq: int = 1) -> None:
 def test_guests_on_two_hosts_ping_over_vxlan_and_a_compute_restart_loses_nothing(
     cloud: Cloud, guest: Path
 ) -> None:
+    # Each host's heartbeat names its VXLAN address (the scheduler binds ports with it).
+    beats: queues.Queue[HostHeartbeat] = queues.Queue()
+    host_b = cloud.hosts["b"].name
+    sub = cloud.bus.subscribe(
+        [f"host.heartbeat.{host_b}"],
+        lambda _e, m: beats.put(m) if isinstance(m, HostHeartbeat) else None,
+    )
+    try:
+        heard = beats.get(timeout=10)
+    finally:
+        sub.close()
+    assert heard.inventory.vtep == IPv4Address(UNDERLAY["b"])
+    assert heard.inventory.network_warnings == []
     net = network("isolated", 66, vni=6600)
     pa, pb = port(net, 10), port(net, 20)
     bound(cloud, "a", pa)

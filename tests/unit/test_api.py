@@ -484,6 +484,19 @@ def test_hosts_view_and_enable_disable(
     problem(client.get("/v1/hosts/nope", headers=auth(ADMIN)), 404)
 
 
+def test_a_hosts_vtep_and_network_warnings_are_shown(
+    client: TestClient, cloud: FakeCloud, registry: Registry
+) -> None:
+    heard = beat(cloud, "h1")
+    warning = "ip filter FORWARD: forward hook with policy drop: NAT'd guest traffic is dropped"
+    inventory = heard.inventory.model_copy(
+        update={"vtep": IPv4Address("192.0.2.7"), "network_warnings": [warning]}
+    )
+    registry.record_heartbeat(heard.model_copy(update={"inventory": inventory}))
+    h1 = client.get("/v1/hosts/h1", headers=auth(ADMIN)).json()
+    assert (h1["vtep"], h1["network_warnings"]) == ("192.0.2.7", [warning])
+
+
 def sse(text: str) -> list[dict[str, Any]]:
     """The data of each SSE message, with its id checked against the data's."""
     out = []
