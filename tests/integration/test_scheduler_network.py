@@ -29,6 +29,7 @@ from protos.network import PortBound, PortDeleted
 from protos.replies import DomainInfo
 from protos.scheduler import Placement, ScheduleDomain
 from services.bus import Bus, RemoteError
+from tests.integration import test_scheduler as scheduler_tests
 from tests.integration.conftest import MakeBus
 from tests.integration.test_scheduler import StartNodes, StartScheduler, spec
 
@@ -36,6 +37,10 @@ pytestmark = pytest.mark.integration
 
 if importlib.util.find_spec("services.network") is None:
     pytest.skip("services.network (the network service) is not here yet", allow_module_level=True)
+
+# The scheduler tests' fixtures: compute nodes on FakeDriver, a scheduler replica.
+start_nodes = scheduler_tests.start_nodes
+start_scheduler = scheduler_tests.start_scheduler
 
 
 @pytest.fixture
