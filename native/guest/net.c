@@ -285,12 +285,12 @@ static void dhcp_input(const u8 *p, usize n)
 			i++;
 			continue;
 		}
-		if (code == 255 || i + 1 >= n)
+		if (code == 255)
 			break;
+		if (i + 1 >= n || i + 2 + (usize)p[i + 1] > n)
+			return; /* an option running past the datagram: the whole reply is refused */
 		usize len = p[i + 1];
 		const u8 *v = p + i + 2;
-		if (i + 2 + len > n)
-			break; /* an option running past the datagram: ignore the rest */
 		if (code == 53 && len == 1)
 			type = v[0];
 		else if (code == 54 && len == 4)
