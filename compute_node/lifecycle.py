@@ -231,8 +231,12 @@ class Lifecycle(ConsoleHandlers, Service):
             # First, so a process kept by a preserve policy ends before its record goes.
             self._driver_call(lambda: self.driver.remove(cmd.domain_id))
             if self.networks is not None and record.ports:
-                networks = self.networks
-                self._network_call(lambda: networks.detach(record.ports))
+                # Best effort: a tap left behind is removed by the next reconcile (it is no
+                # stored port's), while a domain that cannot be undefined is stuck for good.
+                try:
+                    self.networks.detach(record.ports)
+                except Exception as exc:
+                    log.warning("ports not unplugged", domain_id=str(cmd.domain_id), error=str(exc))
             self.claims.release(cmd.domain_id)
             self.store.undefine(
                 cmd.domain_id,
