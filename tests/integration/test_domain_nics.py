@@ -47,7 +47,7 @@ from protos.replies import ConsoleOutput
 from services.bus import Bus
 from tests.integration.compute_harness import ComputeProcess, call
 from tests.integration.conftest import MakeBus
-from tests.integration.netlab import Lab, ip, lab
+from tests.integration.netlab import Lab, ip, lab, run_in
 
 pytestmark = [pytest.mark.integration, pytest.mark.kvm, pytest.mark.slow]
 
@@ -292,3 +292,38 @@ def test_a_nat_guest_reaches_upstream_and_an_isolated_guest_cannot(
     assert own.group(1).endswith("received=3 lost=0"), own.group(1)
     cut = console(cloud, "a", i, rf"{PREFIX}(PING to=10\.88\.0\.2 .*)\n", 30)
     assert cut.group(1).endswith("sent=5 received=0 lost=5"), cut.group(1)
+
+
+def test_a_foreign_forward_drop_policy_is_in_the_hosts_heartbeat(
+    amqp_url: str, make_bus: MakeBus, guest: Path
+) -> None:
+    """What Docker leaves behind through iptables-nft, in the data plane's namespace: the
+    compute node's heartbeat names it (`flotilla hosts` shows it)."""
+    bus = make_bus("test-client")
+    with tempfile.TemporaryDirectory(prefix="flotilla-nics-") as tmp, lab() as made:
+        ns = made.ns("fw")
+        run_in(ns, "nft", "add table ip filter")
+        run_in(
+            ns,
+            "nft",
+            "add chain ip filter FORWARD { type filter hook forward priority 0; policy drop; }",
+        )
+        state = Path(tmp)
+        state.chmod(0o755)
+        compute = ComputeProcess(
+            amqp_url, state, f"nicfw-{uuid.uuid4().hex[:6]}", {"FLOTILLA_NET_NETNS": ns}
+        )
+        beats: queues.Queue[HostHeartbeat] = queues.Queue()
+        sub = bus.subscribe(
+            [f"host.heartbeat.{compute.host}"],
+            lambda _e, m: beats.put(m) if isinstance(m, HostHeartbeat) else None,
+        )
+        try:
+            compute.start(bus)
+            heard = beats.get(timeout=15)
+        finally:
+            sub.close()
+            compute.stop()
+        (warning,) = heard.inventory.network_warnings
+        assert warning.startswith("ip filter FORWARD: forward hook with policy drop"), warning
+        assert heard.inventory.vtep is None  # no underlay configured
