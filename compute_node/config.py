@@ -15,12 +15,17 @@
 | console_advertise | FLOTILLA_CONSOLE_ADVERTISE | the bound address (FQDN for 0.0.0.0) |
 | allowed_boot_dirs | FLOTILLA_ALLOWED_BOOT_DIRS (a:b:c) | test guest and image cache dirs |
 | pools | FLOTILLA_POOLS (JSON list) | one `dir` pool `default` at <state_dir>/pools/default |
+| net_netns | FLOTILLA_NET_NETNS | none: guests' networks live in the host's own namespace |
+| net_uplink | FLOTILLA_NET_UPLINK | none (a `nat` network needs it: the link masqueraded to) |
+| net_underlay | FLOTILLA_NET_UNDERLAY | none: this host's VXLAN address (its `vtep`) |
+| net_underlay_device | FLOTILLA_NET_UNDERLAY_DEVICE | the link that holds net_underlay |
 """
 
 from __future__ import annotations
 
 import json
 import socket
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, Literal
 
@@ -88,6 +93,13 @@ class ComputeConfig(BaseModel):
     fake_memory_mib: int = Field(default=65536, ge=64)
     # Storage pools (storage_agent.py); empty: one `dir` pool `default` under the state dir.
     pools: list[PoolConfig] = Field(default_factory=list)
+    # Guest networking (compute_node/networks.py, docs/network.md): the namespace the data
+    # plane lives in (None: the host's own; tests give each "host" one), the uplink `nat`
+    # networks masquerade to, and the underlay VXLAN runs over (address and its link).
+    net_netns: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    net_uplink: str | None = Field(default=None, pattern=r"^[^/:\s]{1,15}$")
+    net_underlay: IPv4Address | None = None
+    net_underlay_device: str | None = Field(default=None, pattern=r"^[^/:\s]{1,15}$")
 
     @field_validator("pools", mode="before")
     @classmethod

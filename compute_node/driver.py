@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -64,6 +64,16 @@ class GuestEvent:
 EventSink = Callable[[GuestEvent], None]
 
 
+@dataclass(frozen=True, slots=True)
+class NicTap:
+    """One guest NIC as the host plugged it (compute_node.networks): the tap to open, in
+    network namespace `netns` (None: the driver's own), and the guest's MAC."""
+
+    tap: str
+    mac: str
+    netns: str | None = None
+
+
 class RuntimeInfo(BaseModel):
     """What the driver knows of a domain's machine right now."""
 
@@ -100,11 +110,20 @@ class Driver(abc.ABC):
         domain, in `n` order."""
 
     @abc.abstractmethod
-    def spawn(self, spec: DomainSpec, files: BootFiles, *, paused: bool = False) -> RuntimeInfo:
+    def spawn(
+        self,
+        spec: DomainSpec,
+        files: BootFiles,
+        *,
+        paused: bool = False,
+        nics: Sequence[NicTap] = (),
+    ) -> RuntimeInfo:
         """Start a machine for `spec`; return once it runs (or is paused, if asked). Its
         `started` event has reached the sink by then. `files` are the spec's kernel and
         initrd, opened and checked by the worker (boot_sources.py): a driver reads those
-        descriptors, never the paths again, and does not close them. A process the domain
+        descriptors, never the paths again, and does not close them. `nics` are the spec's
+        NICs in order, their taps plugged already (the machine gets a virtio-net per tap,
+        with its MAC). A process the domain
         kept without a machine (`process_stays`) is ended first. Raises DriverError (code
         `spawn_failed`, or `invalid` for files that are no bootable image) with the reason if
         it could not start; no events then."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from compute_node.boot_sources import BootFiles
@@ -20,6 +21,7 @@ from compute_node.driver import (
     EventSink,
     GuestEvent,
     GuestEventKind,
+    NicTap,
     RuntimeInfo,
 )
 from protos.commands import RebootMode, ShutdownMode
@@ -46,6 +48,8 @@ class FakeDriver(Driver):
         self._lock = threading.RLock()
         self._next_pid = 10_000
         self.fail_next_spawn: str | None = None
+        # The NICs each domain's last spawn was given (what a VMM would have opened).
+        self.nics: dict[uuid.UUID, list[NicTap]] = {}
 
     def capabilities(self) -> Capabilities:
         return Capabilities(kvm=KvmKind.NONE, max_vcpus=64)
@@ -69,8 +73,16 @@ class FakeDriver(Driver):
             raise DomainNotRunning(domain_id)
         return machine
 
-    def spawn(self, spec: DomainSpec, _files: BootFiles, *, paused: bool = False) -> RuntimeInfo:
+    def spawn(
+        self,
+        spec: DomainSpec,
+        _files: BootFiles,
+        *,
+        paused: bool = False,
+        nics: Sequence[NicTap] = (),
+    ) -> RuntimeInfo:
         with self._lock:
+            self.nics[spec.uuid] = list(nics)
             if self.fail_next_spawn:
                 reason, self.fail_next_spawn = self.fail_next_spawn, None
                 self._emit(spec.uuid, K.FAILED, reason)

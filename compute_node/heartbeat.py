@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
@@ -38,6 +39,8 @@ class Heartbeat:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
         self.enabled: Callable[[], bool] = lambda: True
+        # Inventory fields known only at run time (the VXLAN address, network warnings).
+        self.inventory_extra: Callable[[], dict[str, Any]] = dict
 
     def beat(self) -> HostHeartbeat:
         by_state: Counter[PowerState] = Counter(r.state for r in self._store.all())
@@ -46,7 +49,7 @@ class Heartbeat:
             version=package_version(),
             interval_s=self._interval,
             enabled=self.enabled(),
-            inventory=self._inventory,
+            inventory=self._inventory.model_copy(update=self.inventory_extra()),
             usage=self._claims.usage(),
             domains_by_state=dict(by_state),
         )

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
@@ -33,9 +34,11 @@ from compute_node.driver import (
     EventSink,
     GuestEvent,
     GuestEventKind,
+    NicTap,
     RuntimeInfo,
 )
 from compute_node.hostinfo import kvm_kind, physical_resources
+from compute_node.net import tap
 from compute_node.vmm_proto import CONFIG_FILE, CONSOLE_LOG, JOURNAL, Journal, JournalRecord
 from protos.commands import RebootMode, ShutdownMode
 from protos.domain import DomainSpec, PowerState
@@ -242,14 +245,50 @@ class KvmDriver(Driver):
 
     # ---- the contract ---------------------------------------------------------------------
 
-    def spawn(self, spec: DomainSpec, files: BootFiles, *, paused: bool = False) -> RuntimeInfo:
+    def spawn(
+        self,
+        spec: DomainSpec,
+        files: BootFiles,
+        *,
+        paused: bool = False,
+        nics: Sequence[NicTap] = (),
+    ) -> RuntimeInfo:
         if files.kernel is None:
             raise DriverError("no kernel was opened for the domain", "invalid")
-        if spec.nics:
-            # The runtime has virtio-net; what feeds it (ports from the network service) does
-            # not exist yet.
-            raise DriverError("NICs need the network service (not yet built)", "invalid")
+        if len(nics) != len(spec.nics):
+            raise DriverError(
+                f"{len(spec.nics)} NIC(s) in the spec but {len(nics)} plugged", "invalid"
+            )
         self._end_kept(spec.uuid)  # its flock on the dir would refuse the new VMM
+        # The VMM inherits one queue of each NIC's tap, opened here where the plumbing
+        # lives (a data-plane namespace, if any), and keeps it for the machine's life.
+        taps = self._open_taps(nics)
+        try:
+            return self._spawn(spec, files, paused, nics, taps)
+        finally:
+            for fd in taps:
+                os.close(fd)
+
+    @staticmethod
+    def _open_taps(nics: Sequence[NicTap]) -> list[int]:
+        fds: list[int] = []
+        try:
+            fds.extend(tap.open_queue(nic.tap, netns_name=nic.netns) for nic in nics)
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            raise DriverError(f"cannot open a NIC's tap: {exc}", "spawn_failed") from None
+        return fds
+
+    def _spawn(
+        self,
+        spec: DomainSpec,
+        files: BootFiles,
+        paused: bool,
+        nics: Sequence[NicTap],
+        taps: list[int],
+    ) -> RuntimeInfo:
+        assert files.kernel is not None  # checked by spawn
         directory = self.directory(spec.uuid)
         directory.mkdir(parents=True, exist_ok=True)
         config = {
@@ -273,6 +312,7 @@ class KvmDriver(Driver):
             "console_ring_bytes": spec.serial.ring_kib * 1024,
             "console_log": spec.serial.log,
             "start_paused": paused,
+            "nics": [{"fd": fd, "mac": nic.mac} for fd, nic in zip(taps, nics, strict=True)],
             # Applied where the host has cgroup v2; elsewhere the VMM runs without limits and
             # says why in its status (cgroup_error).
             "cgroup": {
@@ -285,7 +325,9 @@ class KvmDriver(Driver):
         tmp.replace(directory / CONFIG_FILE)
         before = _last_n(directory)
         try:
-            pid = vmm_client.spawn(directory, pass_fds=files.fds(), timeout=self.spawn_timeout)
+            pid = vmm_client.spawn(
+                directory, pass_fds=[*files.fds(), *taps], timeout=self.spawn_timeout
+            )
         except vmm_client.VmmSpawnError as exc:
             raise DriverError(_named(exc.reason, files), exc.code) from None
         watch = _Watch(self, spec.uuid, directory, pid)

@@ -26,7 +26,10 @@ from compute_node.driver import (
     DriverError,
     GuestEvent,
     GuestEventKind,
+    NicTap,
 )
+from compute_node.net import PlumbingError
+from compute_node.networks import HostNetworks, NetworkRefused, interface_of
 from compute_node.resources import Claims
 from compute_node.storage_sources import StorageBindings, StorageSources, disk_layout
 from compute_node.store import DomainRecord, EventDraft, NameTaken, Store
@@ -47,7 +50,7 @@ from protos.commands import (
 )
 from protos.domain import DomainSpec, PowerState, TaskState
 from protos.events import DefinedDetail, DomainDefined, DomainUndefined, UndefinedDetail
-from protos.replies import ConsoleOutput, DomainInfo, DomainList
+from protos.replies import ConsoleOutput, DomainInfo, DomainList, Interface
 from protos.scheduler import SetHostEnabled
 from protos.states import Action, Verdict, decide
 from services.bus import Cause, Context, Service, ServiceError, handles
@@ -82,6 +85,9 @@ class Lifecycle(ConsoleHandlers, Service):
         self._locks: defaultdict[uuid.UUID, threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
         self.causes = PendingCauses()
+        # Guest NICs' plumbing (None: a host without any, the fake driver's: ports are kept
+        # and handed to the driver, nothing is plumbed).
+        self.networks: HostNetworks | None = None
         driver.set_event_sink(self.on_guest_event)
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -126,6 +132,7 @@ class Lifecycle(ConsoleHandlers, Service):
             autostart=spec.autostart,
             pid=pid,
             cpu_time_ns=cpu,
+            interfaces=[Interface.model_validate(interface_of(p)) for p in record.ports],
         )
 
     # ---- driver events ---------------------------------------------------------------------
@@ -167,9 +174,11 @@ class Lifecycle(ConsoleHandlers, Service):
     def define(self, cmd: DefineDomain, ctx: Context) -> DomainInfo:
         spec = cmd.spec
         bindings = StorageBindings.of(cmd)
+        ports = tuple(cmd.ports)
         with _refused():
             self.sources.check(spec, privileged=cmd.privileged)
             self.storage.exist(spec, bindings)
+        self._check_ports(cmd)
         with self._lock(spec.uuid):
             existing = self.store.get(spec.uuid)
             if existing is not None:
@@ -178,6 +187,7 @@ class Lifecycle(ConsoleHandlers, Service):
                     existing.spec == spec
                     and existing.privileged == cmd.privileged
                     and existing.bindings == bindings
+                    and existing.ports == ports
                 ):
                     return self.info(spec.uuid)  # nothing changed: no event
                 self._check_disk_change(existing, spec, bindings)
@@ -191,9 +201,18 @@ class Lifecycle(ConsoleHandlers, Service):
                     [EventDraft(DomainDefined, state, detail, cause=ctx.cause)],
                     privileged=cmd.privileged,
                     bindings=bindings,
+                    ports=ports,
                 )
             except NameTaken as exc:
                 raise ServiceError("conflict", str(exc), {"name": spec.name}) from None
+            if existing is not None and self.networks is not None:
+                # Ports a redefinition dropped are unplugged now; new ones at start.
+                kept = {p.port_id for p in ports}
+                self._network_call(
+                    lambda: self.networks.detach(  # type: ignore[union-attr]
+                        [p for p in existing.ports if p.port_id not in kept]
+                    )
+                )
             return self.info(spec.uuid)
 
     @staticmethod
@@ -212,6 +231,29 @@ class Lifecycle(ConsoleHandlers, Service):
                 {"state": existing.state.value, "action": Action.DEFINE.value, "field": "disks"},
             )
 
+    def _check_ports(self, cmd: DefineDomain) -> None:
+        """`invalid` unless the ports match the spec's NICs one to one and this host can
+        plug them."""
+        nics, ports = cmd.spec.nics, cmd.ports
+        if len(ports) != len(nics):
+            raise ServiceError(
+                "invalid",
+                f"{len(nics)} NIC(s) but {len(ports)} port(s): NICs get their ports from the "
+                "network service (through the scheduler)",
+                {"field": "ports"},
+            )
+        for i, (nic, port) in enumerate(zip(nics, ports, strict=True)):
+            if port.network.name != nic.network or (nic.mac is not None and nic.mac != port.mac):
+                raise ServiceError(
+                    "invalid", f"port {i} is not for NIC {i} ({nic.network})", {"field": "ports"}
+                )
+        if not ports or self.networks is None:
+            return
+        try:
+            self.networks.check(ports)
+        except NetworkRefused as exc:
+            raise ServiceError("invalid", str(exc), {"field": "nics"}) from None
+
     @handles(UndefineDomain)
     def undefine(self, cmd: UndefineDomain, ctx: Context) -> None:
         with self._lock(cmd.domain_id):
@@ -219,6 +261,13 @@ class Lifecycle(ConsoleHandlers, Service):
             self._check(record, Action.UNDEFINE)
             # First, so a process kept by a preserve policy ends before its record goes.
             self._driver_call(lambda: self.driver.remove(cmd.domain_id))
+            if self.networks is not None and record.ports:
+                # Best effort: a tap left behind is removed by the next reconcile (it is no
+                # stored port's), while a domain that cannot be undefined is stuck for good.
+                try:
+                    self.networks.detach(record.ports)
+                except Exception as exc:
+                    log.warning("ports not unplugged", domain_id=str(cmd.domain_id), error=str(exc))
             self.claims.release(cmd.domain_id)
             self.store.undefine(
                 cmd.domain_id,
@@ -255,15 +304,42 @@ class Lifecycle(ConsoleHandlers, Service):
                 with files:
                     with _refused():
                         self.storage.open(record.spec, record.bindings, files)
+                    nics = self._plug(record)
                     self.claims.claim(record.spec)
                     try:
-                        self.driver.spawn(record.spec, files, paused=paused)
+                        self.driver.spawn(record.spec, files, paused=paused, nics=nics)
                     except DriverError as exc:
                         self.claims.release(domain_id)
                         raise ServiceError(exc.code, exc.message, {"host": self.host}) from None
                     except BaseException:
                         self.claims.release(domain_id)
                         raise
+
+    def _plug(self, record: DomainRecord) -> list[NicTap]:
+        """Plug the domain's ports (applying their networks) before its machine starts."""
+        if not record.ports:
+            return []
+        if self.networks is None:
+            # A host without plumbing (the fake driver's): the driver gets the taps' names.
+            return [NicTap(HostNetworks.tap_name(p), p.mac) for p in record.ports]
+        networks = self.networks
+        taps: list[NicTap] = []
+
+        def plug() -> None:
+            taps.extend(networks.attach(record.ports))
+
+        self._network_call(plug)
+        return taps
+
+    @staticmethod
+    def _network_call(call: Callable[[], None]) -> None:
+        try:
+            call()
+        except NetworkRefused as exc:
+            raise ServiceError("invalid", str(exc), {"field": "nics"}) from None
+        except (PlumbingError, OSError) as exc:
+            # A host that cannot plug may be fine elsewhere: the scheduler tries another.
+            raise ServiceError("spawn_failed", f"network plumbing: {exc}") from None
 
     @handles(DestroyDomain)
     def destroy(self, cmd: DestroyDomain, ctx: Context) -> DomainInfo:

@@ -16,6 +16,7 @@ from compute_node.console import ConsoleRelay
 from compute_node.driver import Driver, GuestEvent, GuestEventKind
 from compute_node.heartbeat import Heartbeat
 from compute_node.lifecycle import Lifecycle
+from compute_node.networks import PORT_EVENT_PATTERNS, HostNetworks, NetSettings, ports_queue
 from compute_node.outbox import OutboxPublisher
 from compute_node.resources import Claims
 from compute_node.storage_agent import StorageAgent
@@ -24,7 +25,7 @@ from compute_node.store import Store
 from protos import routing
 from protos.domain import PowerState
 from protos.host import HostInventory
-from services.bus import Bus, ServiceRunner
+from services.bus import Bus, ServiceRunner, Subscription
 from services.bus.idempotency import SqliteIdempotencyStore
 
 log = structlog.get_logger("flotilla.compute")
@@ -94,6 +95,26 @@ class ComputeNode:
             interval_s=config.heartbeat_interval_s,
         )
         self.heartbeat.enabled = lambda: self.lifecycle.enabled
+        # Guest NICs: KVM hosts plumb ports (compute_node/networks.py); fake hosts have none.
+        self.networks: HostNetworks | None = None
+        self.port_events: Subscription | None = None
+        if config.driver == "kvm":
+            self.networks = HostNetworks(
+                config.host,
+                config.state_dir,
+                NetSettings(
+                    netns=config.net_netns,
+                    uplink=config.net_uplink,
+                    underlay=config.net_underlay,
+                    underlay_device=config.net_underlay_device,
+                ),
+            )
+            self.lifecycle.networks = self.networks
+            networks = self.networks
+            self.heartbeat.inventory_extra = lambda: {
+                "vtep": config.net_underlay,
+                "network_warnings": networks.warnings(),
+            }
         # Interactive consoles need a VMM's attach socket: only the KVM driver has them.
         self.relay: ConsoleRelay | None = None
         if config.driver == "kvm" and driver is None:
@@ -107,10 +128,18 @@ class ComputeNode:
     def start(self, timeout: float = 30.0) -> ComputeNode:
         """Adopt what runs, publish what is pending, then serve commands. Returns once the
         command queue is consumed; the broker may be down (everything waits for it)."""
+        self.reconcile_networks()
         self.adopt()
         self.storage.reconcile()
         self.outbox.start()
         self.bus.start(timeout)
+        if self.networks is not None:
+            # Durable: port events published while this node was down wait for it.
+            self.port_events = self.bus.subscribe(
+                PORT_EVENT_PATTERNS,
+                self.networks.on_port_event,
+                queue=ports_queue(self.config.host),
+            )
         self.storage_runner.start()
         self.runner.start()
         self.heartbeat.start()
@@ -125,6 +154,20 @@ class ComputeNode:
             pools=sorted(self.storage.pools),
         )
         return self
+
+    def reconcile_networks(self) -> None:
+        """Make the host's plumbing match the stored ports before guests are adopted: what
+        already matches is left alone (their traffic goes on); a failure is logged, and
+        the affected guests' next start plugs again."""
+        if self.networks is None:
+            return
+        ports = [p for record in self.store.all() for p in record.ports]
+        try:
+            changes = self.networks.reconcile(ports)
+        except Exception as exc:
+            log.exception("network reconcile failed", error=str(exc))
+            return
+        log.info("networks reconciled", ports=len(ports), changes=len(changes))
 
     def adopt(self) -> None:
         """Re-attach machines left running and account for what changed while we were away."""
@@ -164,9 +207,13 @@ class ComputeNode:
         if self.relay is not None:
             self.relay.stop()
         self.heartbeat.stop()
+        if self.port_events is not None:
+            self.port_events.close()
         self.runner.stop()
         self.storage_runner.stop()
         self.outbox.stop()
         self.bus.close()
         self.driver.close()
+        if self.networks is not None:
+            self.networks.close()
         self.store.close()

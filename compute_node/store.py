@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compute_node.storage_sources import StorageBindings
+from protos.bindings import PortBinding
 from protos.codec import envelope_for, pack
 from protos.domain import DomainSpec, PowerState
 from protos.events import DomainEvent
@@ -51,7 +52,8 @@ CREATE TABLE IF NOT EXISTS domains (
     driver_n INTEGER NOT NULL DEFAULT 0,
     updated REAL NOT NULL,
     privileged INTEGER NOT NULL DEFAULT 0,
-    bindings TEXT NOT NULL DEFAULT '{}'
+    bindings TEXT NOT NULL DEFAULT '{}',
+    ports TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS volume_seqs (
     id TEXT PRIMARY KEY,
@@ -81,6 +83,8 @@ class DomainRecord:
     privileged: bool = False
     # The volumes and images the storage service bound it to (storage_sources.py).
     bindings: StorageBindings = NO_BINDINGS
+    # The NICs' ports the scheduler allocated (protos.bindings), in the spec's order.
+    ports: tuple[PortBinding, ...] = ()
 
     @property
     def id(self) -> uuid.UUID:
@@ -124,6 +128,8 @@ class Store:
             self._db.execute("ALTER TABLE domains ADD COLUMN privileged INTEGER NOT NULL DEFAULT 0")
         if "bindings" not in columns:  # from before storage bindings: none
             self._db.execute("ALTER TABLE domains ADD COLUMN bindings TEXT NOT NULL DEFAULT '{}'")
+        if "ports" not in columns:  # a state dir from before NICs
+            self._db.execute("ALTER TABLE domains ADD COLUMN ports TEXT NOT NULL DEFAULT '[]'")
         self._lock = threading.RLock()
         self._wal = f"{path}-wal"
         self._sync_lock = threading.Lock()
@@ -177,7 +183,8 @@ class Store:
     def get(self, domain_id: uuid.UUID) -> DomainRecord | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT spec, state, seq, driver_n, privileged, bindings FROM domains WHERE id = ?",
+                "SELECT spec, state, seq, driver_n, privileged, bindings, ports FROM domains "
+                "WHERE id = ?",
                 (str(domain_id),),
             ).fetchone()
         return None if row is None else _record(row)
@@ -185,7 +192,8 @@ class Store:
     def all(self) -> list[DomainRecord]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT spec, state, seq, driver_n, privileged, bindings FROM domains ORDER BY name"
+                "SELECT spec, state, seq, driver_n, privileged, bindings, ports FROM domains "
+                "ORDER BY name"
             ).fetchall()
         return [_record(r) for r in rows]
 
@@ -196,9 +204,10 @@ class Store:
         *,
         privileged: bool = False,
         bindings: StorageBindings | None = None,
+        ports: tuple[PortBinding, ...] = (),
     ) -> DomainRecord:
         """Insert or replace the definition of `spec.uuid` (whether an admin made it, what
-        storage it is bound to) and emit `drafts`."""
+        storage it is bound to, its NICs' ports) and emit `drafts`."""
         with self._tx() as db:
             clash = db.execute(
                 "SELECT id FROM domains WHERE name = ? AND id != ?", (spec.name, str(spec.uuid))
@@ -208,11 +217,11 @@ class Store:
             row = db.execute("SELECT state FROM domains WHERE id = ?", (str(spec.uuid),)).fetchone()
             state = PowerState.SHUTOFF if row is None else PowerState(row[0])
             db.execute(
-                "INSERT INTO domains (id, name, spec, state, updated, privileged, bindings) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "INSERT INTO domains (id, name, spec, state, updated, privileged, bindings, ports) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(id) DO UPDATE SET name = excluded.name, spec = excluded.spec, "
                 "updated = excluded.updated, privileged = excluded.privileged, "
-                "bindings = excluded.bindings",
+                "bindings = excluded.bindings, ports = excluded.ports",
                 (
                     str(spec.uuid),
                     spec.name,
@@ -221,6 +230,7 @@ class Store:
                     time.time(),
                     int(privileged),
                     (bindings or StorageBindings()).model_dump_json(),
+                    json.dumps([p.model_dump(mode="json") for p in ports]),
                 ),
             )
             self._emit(db, spec, drafts)
@@ -254,7 +264,8 @@ class Store:
         events' message ids derive from it (`event_id`). Without it the commit is fsynced."""
         with self._tx(durable=journaled is None) as db:
             row = db.execute(
-                "SELECT spec, state, seq, driver_n, privileged, bindings FROM domains WHERE id = ?",
+                "SELECT spec, state, seq, driver_n, privileged, bindings, ports FROM domains "
+                "WHERE id = ?",
                 (str(domain_id),),
             ).fetchone()
             if row is None:
@@ -415,7 +426,7 @@ def event_id(domain_id: uuid.UUID, journaled: str, index: int) -> str:
     return str(uuid.uuid5(domain_id, f"journal/{journaled}/{index}"))
 
 
-def _record(row: tuple[str, str, int, int, int, str]) -> DomainRecord:
+def _record(row: tuple[str, str, int, int, int, str, str]) -> DomainRecord:
     return DomainRecord(
         spec=DomainSpec.model_validate(json.loads(row[0])),
         state=PowerState(row[1]),
@@ -423,4 +434,5 @@ def _record(row: tuple[str, str, int, int, int, str]) -> DomainRecord:
         driver_n=int(row[3]),
         privileged=bool(row[4]),
         bindings=StorageBindings.model_validate_json(row[5]),
+        ports=tuple(PortBinding.model_validate(p) for p in json.loads(row[6])),
     )

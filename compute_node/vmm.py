@@ -61,6 +61,7 @@ from native.machine import (
     EventKind,
     Machine,
     MachineStateError,
+    Nic,
     ShutdownMethod,
     VmmError,
 )
@@ -195,6 +196,7 @@ class Vmm:
             console_out=self.console.out_w,
             console_in=self.console.in_r,
             disks=[Disk(d.path, read_only=d.read_only, id=d.id) for d in cfg.disks],
+            nics=[Nic(fd, mac) for fd, mac in cfg.nics],
         )
         self.machine = machine
         self.machine_started = False

@@ -43,6 +43,8 @@ class VmmConfig(NamedTuple):
     console_log: bool
     start_paused: bool
     cgroup: dict[str, Any] | None
+    # (inherited tap fd, guest MAC) per NIC, in order
+    nics: tuple[tuple[int, str], ...] = ()
 
 
 def load_config(path: str) -> VmmConfig:
@@ -81,6 +83,13 @@ def load_config(path: str) -> VmmConfig:
         policies[key] = value
     cgroup = field("cgroup", (dict, type(None)), None)
     disks = [_disk(d) for d in field("disks", list, [])]
+    nics = []
+    for nic in field("nics", list, []):
+        fd = nic.get("fd") if isinstance(nic, dict) else None
+        mac = nic.get("mac") if isinstance(nic, dict) else None
+        if not isinstance(fd, int) or isinstance(fd, bool) or fd < 3 or not isinstance(mac, str):
+            raise ConfigInvalid(f"{CONFIG_FILE}: each NIC needs an inherited fd and a mac")
+        nics.append((fd, mac))
     return VmmConfig(
         domain_id=domain_id,
         name=field("name", str),
@@ -97,6 +106,7 @@ def load_config(path: str) -> VmmConfig:
         console_log=field("console_log", bool, True),
         start_paused=field("start_paused", bool, False),
         cgroup=cgroup,
+        nics=tuple(nics),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from ipaddress import IPv4Address
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,12 +35,18 @@ class HostInventory(BaseModel):
     disk_allocation_ratio: float = Field(default=1.0, gt=0)
     kvm: KvmKind
     max_vcpus_per_domain: int = Field(default=1, ge=1)
+    # The host's VXLAN underlay address (the scheduler binds ports with it), if it has one.
+    vtep: IPv4Address | None = None
+    # What on this host would break guest networking, e.g. another firewall manager's
+    # forward chain with policy drop (Docker's) in front of NAT.
+    network_warnings: list[str] = Field(default=[], max_length=16)
 
 
 class HostHeartbeat(Message):
     """Published on `host.heartbeat.<host>`; a host silent for several intervals is down."""
 
     TYPE = "host.heartbeat"
+    VERSION = "1.1"  # 1.1: inventory.vtep, inventory.network_warnings
     host: str
     version: str
     interval_s: float = Field(gt=0)

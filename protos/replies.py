@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from ipaddress import IPv4Address
 from typing import Any
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from protos.base import Message
 from protos.domain import Fault, PowerState, TaskState
@@ -28,10 +29,23 @@ class ErrorReply(Message):
     details: dict[str, Any] = {}
 
 
+class Interface(BaseModel):
+    """A domain NIC as its host plugged it (virsh domiflist): port, network, MAC, address
+    and the host's tap for it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    port_id: uuid.UUID
+    network: str
+    mac: str
+    ipv4: IPv4Address | None = None
+    tap: str = ""
+
+
 class DomainInfo(Message):
     """A domain as its compute node sees it (virsh dominfo)."""
 
     TYPE = "reply.domain_info"
+    VERSION = "1.1"  # 1.1: interfaces
     domain_id: uuid.UUID
     name: str
     host: str
@@ -45,6 +59,7 @@ class DomainInfo(Message):
     pid: int | None = None
     cpu_time_ns: int | None = None
     fault: Fault | None = None
+    interfaces: list[Interface] = []
 
 
 class DomainList(Message):

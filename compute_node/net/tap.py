@@ -38,3 +38,29 @@ def create(name: str, *, uid: int, gid: int, netns_name: str | None = None) -> i
             return socket.if_nametoindex(name)
         finally:
             os.close(fd)
+
+
+def open_queue(name: str, *, netns_name: str | None = None) -> int:
+    """Open a queue of tap `name` (in namespace `netns_name`) for a VMM and return its fd,
+    close-on-exec (the caller passes it on explicitly). The tap must exist: a missing one
+    raises OSError rather than being made here, so a port is never served by a tap the
+    plumber does not know."""
+    if not _exists(name, netns_name):
+        raise FileNotFoundError(f"tap {name} does not exist")
+    with netns.inside(netns_name):
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _exists(name: str, netns_name: str | None) -> bool:
+    with netns.inside(netns_name):
+        try:
+            socket.if_nametoindex(name)
+        except OSError:
+            return False
+    return True

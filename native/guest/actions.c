@@ -196,6 +196,8 @@ static const struct action actions[] = {
 	{"blkbench", TEXT_VALUE, NULL, blk_bench},
 	{"net", TEXT_VALUE, NULL, net_start},
 	{"udp", TEXT_VALUE, NULL, net_udp},
+	{"ping", TEXT_VALUE, NULL, net_ping},
+	{"gw", TEXT_VALUE, NULL, net_gateway},
 	{"netbench", TEXT_VALUE, NULL, net_bench},
 	{"virtiohostile", NO_VALUE, act_virtiohostile, NULL},
 	{"virtio_mmio.device", TEXT_VALUE, NULL, act_virtio_device},

@@ -21,6 +21,12 @@
 #define ECHO_PORT 7
 #define CLIENT_PORT 40000
 #define ARP_SLOTS 8
+#define DHCP_CLIENT 68
+#define DHCP_SERVER 67
+#define DHCP_COOKIE 0x63825363u
+#define DHCP_FIXED 240 /* BOOTP header and the magic cookie */
+#define PING_ID 0x464c
+#define PING_MAX 65536
 
 static struct {
 	struct vdev *dev;
@@ -29,7 +35,18 @@ static struct {
 	u64 tx_issued, tx_done;
 	u8 mac[6];
 	u32 ip; /* host order */
+	u32 mask, router; /* from a DHCP lease; 0: everything is on the link */
+	u16 mtu;
 	bool up;
+	/* DHCP exchange in progress: the last OFFER/ACK/NAK seen for our xid */
+	u32 xid;
+	u8 dhcp_type; /* 0 none, 2 OFFER, 5 ACK, 6 NAK */
+	u32 dhcp_yiaddr, dhcp_server, dhcp_mask, dhcp_router;
+	u16 dhcp_mtu;
+	/* ICMP echo client: replies seen, by sequence number */
+	u64 ping_got;
+	u64 ping_first; /* 1 + sequence number of the first reply, 0 none */
+	u8 ping_seen[PING_MAX / 8];
 	struct { u32 ip; u8 mac[6]; } arp[ARP_SLOTS];
 	unsigned arp_next;
 	/* the last UDP datagram to CLIENT_PORT */
@@ -252,13 +269,72 @@ static void handle_arp(const u8 *f, usize len)
 		arp_send(2, a + 8, spa);
 }
 
+/* Read a DHCP reply (`p`, `n` bytes of UDP payload from the network: every
+ * offset is checked against `n`) into the exchange state if it answers our xid. */
+static void dhcp_input(const u8 *p, usize n)
+{
+	if (n < DHCP_FIXED || p[0] != 2 || p[1] != 1 || p[2] != 6 || get32(p + 4) != net.xid ||
+	    memcmp(p + 28, net.mac, 6) || get32(p + 236) != DHCP_COOKIE)
+		return;
+	u8 type = 0;
+	u32 server = 0, mask = 0, router = 0;
+	u16 mtu = 0;
+	for (usize i = DHCP_FIXED; i < n;) {
+		u8 code = p[i];
+		if (code == 0) { /* pad */
+			i++;
+			continue;
+		}
+		if (code == 255)
+			break;
+		if (i + 1 >= n || i + 2 + (usize)p[i + 1] > n)
+			return; /* an option running past the datagram: the whole reply is refused */
+		usize len = p[i + 1];
+		const u8 *v = p + i + 2;
+		if (code == 53 && len == 1)
+			type = v[0];
+		else if (code == 54 && len == 4)
+			server = get32(v);
+		else if (code == 1 && len == 4)
+			mask = get32(v);
+		else if (code == 3 && len >= 4)
+			router = get32(v);
+		else if (code == 26 && len == 2)
+			mtu = get16(v);
+		i += 2 + len;
+	}
+	if (type != 2 && type != 5 && type != 6)
+		return;
+	net.dhcp_type = type;
+	net.dhcp_yiaddr = get32(p + 16);
+	net.dhcp_server = server;
+	net.dhcp_mask = mask;
+	net.dhcp_router = router;
+	net.dhcp_mtu = mtu;
+}
+
+static void ping_input(u16 seq)
+{
+	if (net.ping_seen[seq / 8] & (1u << (seq % 8))) /* u16: always within PING_MAX */
+		return;
+	net.ping_seen[seq / 8] |= (u8)(1u << (seq % 8));
+	net.ping_got++;
+	if (!net.ping_first)
+		net.ping_first = (u64)seq + 1;
+}
+
 static void handle_ip(const u8 *f, usize len)
 {
 	if (len < 14 + 20)
 		return;
 	const u8 *h = f + 14;
 	usize ihl = (usize)(h[0] & 15) * 4, total = get16(h + 2);
-	if ((h[0] >> 4) != 4 || ihl < 20 || total < ihl || 14 + total > len || get32(h + 16) != net.ip)
+	if ((h[0] >> 4) != 4 || ihl < 20 || total < ihl || 14 + total > len)
+		return;
+	u32 dst = get32(h + 16);
+	/* Broadcasts and, while it has no address yet, frames for its MAC: a DHCP
+	 * server may send the offer to the address it offers. */
+	if (dst != net.ip && dst != 0xffffffffu && !(net.xid && memcmp(f, net.mac, 6) == 0))
 		return;
 	if (get16(h + 6) & 0x3fff)
 		return; /* fragments: not for this guest */
@@ -266,7 +342,13 @@ static void handle_ip(const u8 *f, usize len)
 	const u8 *p = h + ihl;
 	usize plen = total - ihl;
 	const u8 *src_mac = f + 6;
-	if (h[9] == IP_ICMP && plen >= 8 && p[0] == 8 && plen <= 1400) {
+	if (h[9] == IP_ICMP && plen >= 8 && p[0] == 0 && get16(p + 4) == PING_ID) {
+		ping_input(get16(p + 6));
+	} else if (dst != net.ip) {
+		if (h[9] == IP_UDP && plen >= 8 && get16(p + 2) == DHCP_CLIENT && get16(p + 4) >= 8 &&
+		    get16(p + 4) <= plen)
+			dhcp_input(p + 8, get16(p + 4) - 8u);
+	} else if (h[9] == IP_ICMP && plen >= 8 && p[0] == 8 && plen <= 1400) {
 		u8 *r = tx_slot();
 		if (!r)
 			return;
@@ -326,23 +408,6 @@ unsigned net_poll(void)
 	return n;
 }
 
-void net_start(const char *ip)
-{
-	const char *end;
-	u32 v;
-	if (!parse_ip(ip, &v, &end) || *end) {
-		say("unknown action value %s", ip);
-		return;
-	}
-	net.ip = v;
-	if (!net_up())
-		return;
-	char buf[16];
-	fmt_ip(buf, v);
-	say("NET up mac=%02x:%02x:%02x:%02x:%02x:%02x ip=%s", net.mac[0], net.mac[1], net.mac[2],
-	    net.mac[3], net.mac[4], net.mac[5], buf);
-}
-
 /* Serve until `done()` or the deadline; false on timeout. */
 static bool serve_until(bool (*done)(u32), u32 arg, u64 deadline)
 {
@@ -366,6 +431,209 @@ static const u8 *resolve(u32 ip)
 		serve_until(have_arp, ip, rdtsc() + time_us_to_tsc(200000));
 	}
 	return arp_lookup(ip);
+}
+
+/* The link-layer next hop for `ip`: itself on the subnet, else the router. */
+static u32 next_hop(u32 ip)
+{
+	if (net.mask && net.router && (ip & net.mask) != (net.ip & net.mask))
+		return net.router;
+	return ip;
+}
+
+static unsigned prefix_len(u32 mask)
+{
+	unsigned n = 0;
+	while (n < 32 && (mask & (0x80000000u >> n)))
+		n++;
+	return n;
+}
+
+static void dhcp_send(u8 type, u32 requested, u32 server)
+{
+	static const u8 bcast[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+	u8 m[DHCP_FIXED + 32];
+	memset(m, 0, sizeof(m));
+	m[0] = 1; /* BOOTREQUEST */
+	m[1] = 1; /* Ethernet */
+	m[2] = 6;
+	put32(m + 4, net.xid);
+	put16(m + 10, 0x8000); /* broadcast the reply: no address to receive it on yet */
+	memcpy(m + 28, net.mac, 6);
+	put32(m + 236, DHCP_COOKIE);
+	usize i = DHCP_FIXED;
+	m[i++] = 53, m[i++] = 1, m[i++] = type;
+	m[i++] = 55, m[i++] = 3, m[i++] = 1, m[i++] = 3, m[i++] = 26; /* mask, router, MTU */
+	if (requested) {
+		m[i++] = 50, m[i++] = 4;
+		put32(m + i, requested);
+		i += 4;
+	}
+	if (server) {
+		m[i++] = 54, m[i++] = 4;
+		put32(m + i, server);
+		i += 4;
+	}
+	m[i++] = 255;
+	u32 own = net.ip;
+	net.ip = 0; /* from 0.0.0.0, as RFC 2131 asks of a client without a lease */
+	udp_send(bcast, 0xffffffffu, DHCP_CLIENT, DHCP_SERVER, m, i, true);
+	net.ip = own;
+}
+
+static bool have_dhcp(u32 want) { return net.dhcp_type == want || net.dhcp_type == 6; }
+
+/* DISCOVER, OFFER, REQUEST, ACK, each step retried; false if no lease came. */
+static bool dhcp_lease(void)
+{
+	net.xid = (u32)rdtsc() ^ get32(net.mac + 2);
+	for (int round = 0; round < 4; round++) {
+		net.dhcp_type = 0;
+		bool offered = false;
+		for (int tries = 0; tries < 20 && !offered; tries++) {
+			dhcp_send(1, 0, 0); /* DISCOVER */
+			offered = serve_until(have_dhcp, 2, rdtsc() + time_us_to_tsc(tries < 5 ? 20000 : 250000)) &&
+			          net.dhcp_type == 2;
+		}
+		if (!offered)
+			return false;
+		u32 offer = net.dhcp_yiaddr, server = net.dhcp_server;
+		for (int tries = 0; tries < 10; tries++) {
+			net.dhcp_type = 0;
+			dhcp_send(3, offer, server); /* REQUEST */
+			if (!serve_until(have_dhcp, 5, rdtsc() + time_us_to_tsc(tries < 3 ? 50000 : 500000)))
+				continue;
+			if (net.dhcp_type == 5 && net.dhcp_yiaddr == offer)
+				return true;
+			break; /* a NAK: start over */
+		}
+	}
+	return false;
+}
+
+void net_start(const char *arg)
+{
+	const char *end;
+	u32 v = 0;
+	bool dhcp = strcmp(arg, "dhcp") == 0;
+	if (!dhcp && (!parse_ip(arg, &v, &end) || *end)) {
+		say("unknown action value %s", arg);
+		return;
+	}
+	net.ip = v;
+	if (!net_up())
+		return;
+	char buf[16];
+	if (dhcp) {
+		if (!dhcp_lease()) {
+			net.xid = 0;
+			say("DHCP FAILED no lease");
+			return;
+		}
+		net.xid = 0;
+		net.ip = net.dhcp_yiaddr;
+		net.mask = net.dhcp_mask;
+		net.router = net.dhcp_router;
+		net.mtu = net.dhcp_mtu;
+		char router[16], server[16];
+		fmt_ip(buf, net.ip);
+		fmt_ip(router, net.router);
+		fmt_ip(server, net.dhcp_server);
+		say("DHCP lease ip=%s/%u router=%s mtu=%u server=%s", buf, prefix_len(net.mask), router,
+		    (unsigned)net.mtu, server);
+	}
+	fmt_ip(buf, net.ip);
+	say("NET up mac=%02x:%02x:%02x:%02x:%02x:%02x ip=%s", net.mac[0], net.mac[1], net.mac[2],
+	    net.mac[3], net.mac[4], net.mac[5], buf);
+}
+
+/* gw=<a.b.c.d>: send off-subnet traffic through this router (a /24 when no
+ * lease gave a prefix), whatever DHCP said. */
+void net_gateway(const char *arg)
+{
+	const char *end;
+	u32 v;
+	if (!parse_ip(arg, &v, &end) || *end) {
+		say("unknown action value %s", arg);
+		return;
+	}
+	net.router = v;
+	if (!net.mask)
+		net.mask = 0xffffff00u;
+	say("NET gateway %s", arg);
+}
+
+static void ping_send(u32 dst, const u8 *mac, u16 seq)
+{
+	u8 *f = tx_slot();
+	if (!f)
+		return;
+	u8 *icmp = ip_header(f, mac, dst, IP_ICMP, 8 + 32);
+	icmp[0] = 8;
+	icmp[1] = 0;
+	put16(icmp + 2, 0);
+	put16(icmp + 4, PING_ID);
+	put16(icmp + 6, seq);
+	memset(icmp + 8, 'p', 32);
+	put16(icmp + 2, csum(icmp, 8 + 32));
+	tx_send(f, 14 + 20 + 8 + 32, true);
+}
+
+static bool no_more(u32 unused) { (void)unused; return false; }
+
+/* ping=<a.b.c.d>,<count>,<interval ms>: echo requests at that interval; says
+ * when the first reply came and, at the end, how many were lost. */
+void net_ping(const char *args)
+{
+	u32 ip;
+	u64 count, interval;
+	const char *p;
+	char num[24];
+	if (!parse_ip(args, &ip, &p) || *p++ != ',') {
+		say("unknown action value %s", args);
+		return;
+	}
+	usize n = 0;
+	while (p[n] >= '0' && p[n] <= '9' && n < 20)
+		n++;
+	memcpy(num, p, n);
+	num[n] = 0;
+	if (p[n] != ',' || !parse_u64(num, &count) || !count || count > PING_MAX ||
+	    !parse_u64(p + n + 1, &interval) || interval > 60000) {
+		say("unknown action value %s", args);
+		return;
+	}
+	if (!net_up())
+		return;
+	if (!net.ip) {
+		say("PING FAILED no address (give net=<ip> or net=dhcp first)");
+		return;
+	}
+	char to[16];
+	fmt_ip(to, ip);
+	memset(net.ping_seen, 0, sizeof(net.ping_seen));
+	net.ping_got = net.ping_first = 0;
+	bool first_said = false;
+	u64 step = time_us_to_tsc(interval * 1000), next = rdtsc();
+	for (u64 seq = 0; seq < count; seq++) {
+		/* Resolved every time: an ARP answer that was lost is asked again. */
+		const u8 *mac = arp_lookup(next_hop(ip));
+		if (!mac) {
+			arp_send(1, NULL, next_hop(ip));
+			serve_until(have_arp, next_hop(ip), rdtsc() + (step < time_us_to_tsc(1000) ? time_us_to_tsc(1000) : step));
+			mac = arp_lookup(next_hop(ip));
+		}
+		if (mac)
+			ping_send(ip, mac, (u16)seq);
+		next += step;
+		serve_until(no_more, 0, next);
+		if (net.ping_first && !first_said) {
+			say("PING first reply from=%s seq=%lu", to, net.ping_first - 1);
+			first_said = true;
+		}
+	}
+	serve_until(no_more, 0, rdtsc() + time_us_to_tsc(1000000));
+	say("PING to=%s sent=%lu received=%lu lost=%lu", to, count, net.ping_got, count - net.ping_got);
 }
 
 static bool parse_dest(const char *s, u32 *ip, u64 *port, const char **end)
@@ -399,7 +667,7 @@ void net_udp(const char *dest)
 		say("UDP FAILED no address (give net=<ip> first)");
 		return;
 	}
-	const u8 *mac = resolve(ip);
+	const u8 *mac = resolve(next_hop(ip));
 	if (!mac) {
 		say("UDP FAILED no ARP answer from %s", dest);
 		return;

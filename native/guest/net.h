@@ -6,7 +6,9 @@
 
 #include "types.h"
 
-void net_start(const char *ip);    /* net=<a.b.c.d> */
+void net_start(const char *ip);    /* net=<a.b.c.d> | net=dhcp */
+void net_ping(const char *args);
+void net_gateway(const char *ip);  /* gw=<a.b.c.d> */   /* ping=<a.b.c.d>,<count>,<interval ms> */
 void net_udp(const char *dest);    /* udp=<a.b.c.d>:<port> */
 void net_bench(const char *args);  /* netbench=<a.b.c.d>:<port>,<count> */
 /* Serve what came in; returns the frames taken (0 when the NIC is down). */

@@ -149,6 +149,10 @@ class HostView(BaseModel):
     domains_by_state: dict[str, int]
     last_seen: float
     seconds_since_heartbeat: float
+    # The host's VXLAN underlay address, and what there would break guest networking (e.g.
+    # another firewall manager's forward chain with policy drop in front of NAT).
+    vtep: str | None = None
+    network_warnings: list[str] = []
 
 
 class HostList(BaseModel):

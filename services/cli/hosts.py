@@ -40,4 +40,9 @@ def cmd_hosts(s: Session, args: argparse.Namespace) -> int:
             )
         )
     print(table(("Host", "State", "Enabled", "KVM", "vCPUs", "MiB", "Domains", "Last beat"), rows))
+    for h in sorted(hosts, key=lambda h: str(h.get("name"))):
+        if h.get("vtep"):
+            print(f"{h.get('name')}: VXLAN underlay (vtep) {h['vtep']}")
+        for warning in h.get("network_warnings") or []:
+            print(f"{h.get('name')}: warning: {warning}")
     return 0

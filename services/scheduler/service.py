@@ -26,6 +26,7 @@ import structlog
 
 from protos import routing
 from protos.base import Message
+from protos.bindings import PortBinding
 from protos.codec import Envelope
 from protos.commands import (
     Command,
@@ -37,6 +38,7 @@ from protos.commands import (
 )
 from protos.events import DomainStarted, DomainStopped, DomainUndefined
 from protos.host import HostHeartbeat
+from protos.network import AllocatePorts, BindPorts, PortBindings, ReleasePorts
 from protos.replies import DomainInfo
 from protos.scheduler import (
     Attempt,
@@ -115,14 +117,35 @@ class SchedulerService(Service):
         spec = cmd.spec
         structlog.contextvars.bind_contextvars(domain_id=str(spec.uuid))
         request = PlacementRequest.of(cmd)
+        # A redelivered command looks for an earlier copy's claim once, before its first try:
+        # after a refusal that host is released, and there is nothing new to find.
+        earlier = self._earlier_claim(request, set(), ctx.envelope.ts) if ctx.redelivered else None
+        # Before any host is asked: a retry elsewhere (or a redelivered command) gets the
+        # same ports, as AllocatePorts is idempotent by domain.
+        ports = self._allocate_ports(cmd, ctx.envelope.id) if spec.nics else []
+        try:
+            placement = self._place(cmd, ctx, request, earlier, ports)
+        except ServiceError:
+            # No host took it (or the spec was refused): the ports go back. Anything else
+            # (a lost connection) leaves them to the redelivered command, which gets the same.
+            if ports:
+                self._release_ports(spec.uuid)
+            raise
+        if ports:
+            self._bind_ports(spec.uuid, placement.host, ctx.envelope.id)
+        return placement
+
+    def _place(
+        self,
+        cmd: ScheduleDomain,
+        ctx: Context,
+        request: PlacementRequest,
+        earlier: Claim | None,
+        ports: list[PortBinding],
+    ) -> Placement:
         attempts: list[Attempt] = []
         refused: set[str] = set()
         filtered: Filtered = {}
-        # A redelivered command looks for an earlier copy's claim once, before its first try:
-        # after a refusal that host is released, and there is nothing new to find.
-        earlier = (
-            self._earlier_claim(request, refused, ctx.envelope.ts) if ctx.redelivered else None
-        )
         for _ in range(min(cmd.max_attempts, self.config.max_attempts)):
             claim, earlier = earlier, None
             if claim is None:
@@ -132,7 +155,7 @@ class SchedulerService(Service):
                     break
                 claim = decision.claim
             try:
-                info = self._spawn(claim, cmd, ctx.envelope.id)
+                info = self._spawn(claim, cmd, ctx.envelope.id, ports)
             except HostRefused as exc:
                 self._release(claim)
                 attempts.append(Attempt(host=claim.host, code=exc.code, message=exc.message))
@@ -211,7 +234,64 @@ class SchedulerService(Service):
             return False
         return self.sync.wait(timeout, since=sent_at)
 
-    def _spawn(self, claim: Claim, cmd: ScheduleDomain, request_id: str) -> DomainInfo:
+    # ---- ports (the network service) -----------------------------------------------------
+
+    def _allocate_ports(self, cmd: ScheduleDomain, request_id: str) -> list[PortBinding]:
+        """The domain's ports, one per NIC in order. A refusal (unknown network, address or
+        MAC taken, ...) is the caller's answer as it is; no network service is `unavailable`."""
+        command = AllocatePorts(domain_id=cmd.spec.uuid, project=cmd.project, nics=cmd.spec.nics)
+        reply = self._network(command, f"{request_id}:ports")
+        if not isinstance(reply, PortBindings) or len(reply.ports) != len(cmd.spec.nics):
+            raise ServiceError("internal", f"the network service answered {reply!r}")
+        log.info("ports allocated", ports=[str(p.port_id) for p in reply.ports])
+        return list(reply.ports)
+
+    def _bind_ports(self, domain_id: uuid.UUID, host: str, request_id: str) -> None:
+        """Tell the network service where the ports live (it announces `port.bound`, from
+        which the other hosts learn this host's VXLAN address for them). The domain runs
+        already: a failure is logged, not the caller's."""
+        with self.state.lock:
+            known = self.state.hosts.get(host)
+            vtep = known.inventory.vtep if known is not None else None
+        try:
+            self._network(
+                BindPorts(domain_id=domain_id, host=host, vtep=vtep), f"{request_id}:bind:{host}"
+            )
+        except ServiceError as exc:
+            log.warning("ports not bound", host=host, code=exc.code, error=exc.message)
+
+    def _release_ports(self, domain_id: uuid.UUID) -> None:
+        """Placement failed: the ports (and their addresses) go back; best effort."""
+        try:
+            self._network(ReleasePorts(domain_id=domain_id), None)
+            log.info("ports released")
+        except ServiceError as exc:
+            log.warning("ports not released", code=exc.code, error=exc.message)
+
+    def _network(self, command: Command, key: str | None) -> Message:
+        """RPC to the network service; its errors and absence as ServiceError."""
+        message_id = None if key is None else str(uuid.uuid5(_IDS, key))
+        try:
+            return self.call(
+                routing.NETWORK_QUEUE,
+                command,
+                timeout=self.config.compute_timeout_s,
+                message_id=message_id,
+            )
+        except RemoteError as exc:
+            raise ServiceError(exc.code, f"network service: {exc.message}", exc.details) from None
+        except NoRouteError:
+            raise ServiceError(
+                "unavailable", "NICs need the network service, and none is running"
+            ) from None
+        except (RpcTimeout, BusError) as exc:
+            raise ServiceError("unavailable", f"network service: {exc}") from None
+
+    # ---- the chosen host -------------------------------------------------------------------
+
+    def _spawn(
+        self, claim: Claim, cmd: ScheduleDomain, request_id: str, ports: list[PortBinding]
+    ) -> DomainInfo:
         """Define (and start) the domain on the claim's host; raise HostRefused if it will not,
         having removed what was left there; a non-retryable answer is raised as ServiceError."""
         host = claim.host
@@ -224,6 +304,7 @@ class SchedulerService(Service):
                 disks=cmd.disks,
                 kernel_image=cmd.kernel_image,
                 initrd_image=cmd.initrd_image,
+                ports=ports,
             )
             info = self._call(host, define, f"{request_id}:{host}:define")
             defined = True

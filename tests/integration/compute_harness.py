@@ -26,8 +26,11 @@ from services.bus import Bus, RemoteError
 class ComputeProcess:
     """`flotilla-compute` for one host name and state dir, started and ended by its pid."""
 
-    def __init__(self, amqp_url: str, state_dir: Path, host: str) -> None:
+    def __init__(
+        self, amqp_url: str, state_dir: Path, host: str, env: dict[str, str] | None = None
+    ) -> None:
         self.amqp_url = amqp_url
+        self.env = env or {}
         self.state_dir = state_dir
         self.host = host
         self.queue = routing.compute_queue(host)
@@ -51,7 +54,7 @@ class ComputeProcess:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "FLOTILLA_HEARTBEAT_INTERVAL_S": "1"},
+            env={**os.environ, "FLOTILLA_HEARTBEAT_INTERVAL_S": "1", **self.env},
         )
         log.close()
         deadline = time.monotonic() + timeout

@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import pytest
 
 from compute_node.boot_sources import BootFiles
 from compute_node.config import ComputeConfig
-from compute_node.driver import RuntimeInfo
+from compute_node.driver import NicTap, RuntimeInfo
 from compute_node.fake import FakeDriver
 from compute_node.node import ComputeNode
 from protos import routing
@@ -64,9 +64,16 @@ class CountingDriver(FakeDriver):
         self.spawns: Counter[uuid.UUID] = Counter()
         self.destroys: Counter[uuid.UUID] = Counter()
 
-    def spawn(self, spec: DomainSpec, files: BootFiles, *, paused: bool = False) -> RuntimeInfo:
+    def spawn(
+        self,
+        spec: DomainSpec,
+        files: BootFiles,
+        *,
+        paused: bool = False,
+        nics: Sequence[NicTap] = (),
+    ) -> RuntimeInfo:
         self.spawns[spec.uuid] += 1
-        return super().spawn(spec, files, paused=paused)
+        return super().spawn(spec, files, paused=paused, nics=nics)
 
     def destroy(self, domain_id: uuid.UUID) -> None:
         self.destroys[domain_id] += 1

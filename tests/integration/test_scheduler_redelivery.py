@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pika
@@ -18,7 +18,7 @@ import pytest
 
 from compute_node.boot_sources import BootFiles
 from compute_node.config import ComputeConfig
-from compute_node.driver import RuntimeInfo
+from compute_node.driver import NicTap, RuntimeInfo
 from compute_node.fake import FakeDriver
 from compute_node.node import ComputeNode
 from protos import routing
@@ -42,10 +42,17 @@ class HeldDriver(FakeDriver):
         self.entered = threading.Event()
         self.go = threading.Event()
 
-    def spawn(self, spec: DomainSpec, files: BootFiles, *, paused: bool = False) -> RuntimeInfo:
+    def spawn(
+        self,
+        spec: DomainSpec,
+        files: BootFiles,
+        *,
+        paused: bool = False,
+        nics: Sequence[NicTap] = (),
+    ) -> RuntimeInfo:
         self.entered.set()
         assert self.go.wait(30)
-        return super().spawn(spec, files, paused=paused)
+        return super().spawn(spec, files, paused=paused, nics=nics)
 
 
 @pytest.fixture

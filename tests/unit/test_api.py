@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,14 @@ from compute_node.resources import Claims
 from compute_node.store import Store
 from protos import routing
 from protos.base import Message
+from protos.bindings import NetworkBinding, PortBinding
 from protos.codec import decode, envelope_for, parse_body
 from protos.commands import Command, DefineDomain, StartDomain
+from protos.domain import DomainSpec
 from protos.events import DomainEvent
 from protos.host import HostHeartbeat, HostInventory
-from protos.replies import DomainInfo, ErrorReply
+from protos.network import ReleasePorts
+from protos.replies import DomainInfo, Done, ErrorReply
 from protos.scheduler import Attempt, Placement, ScheduleDomain
 from services.api import ApiConfig, Quota, TokenEntry, create_app
 from services.api.config import Role
@@ -42,6 +46,28 @@ ADMIN, ALICE, BOB = "admin-token-1", "alice-token-1", "bob-token-12"
 
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+def fake_ports(spec: DomainSpec) -> list[PortBinding]:
+    """Ports for the spec's NICs as a network service would allocate them (hand-made)."""
+    ports = []
+    for i, nic in enumerate(spec.nics):
+        network = NetworkBinding(
+            network_id=uuid.uuid5(spec.uuid, nic.network),
+            name=nic.network,
+            mode="isolated",
+            mtu=1450,
+            gateway=IPv4Interface("10.9.0.1/24"),
+        )
+        ports.append(
+            PortBinding(
+                port_id=uuid.uuid5(spec.uuid, f"port-{i}"),
+                network=network,
+                mac=nic.mac or f"52:54:00:00:00:{i + 2:02x}",
+                ipv4=nic.ip or IPv4Address(f"10.9.0.{i + 2}"),
+            )
+        )
+    return ports
 
 
 class FakeCloud:
@@ -71,6 +97,9 @@ class FakeCloud:
         if queue == routing.SCHEDULER_QUEUE:
             assert isinstance(command, ScheduleDomain)
             return self._schedule(command)
+        if queue == routing.NETWORK_QUEUE:
+            assert isinstance(command, ReleasePorts)
+            return Done()
         host = queue.removeprefix("compute.")
         return self._compute(host, command)
 
@@ -85,7 +114,10 @@ class FakeCloud:
                 },
             )
         host = next(iter(self.nodes))
-        info = self._compute(host, DefineDomain(spec=command.spec, privileged=command.privileged))
+        define = DefineDomain(
+            spec=command.spec, privileged=command.privileged, ports=fake_ports(command.spec)
+        )
+        info = self._compute(host, define)
         if command.start:
             info = self._compute(host, StartDomain(domain_id=command.spec.uuid))
         assert isinstance(info, DomainInfo)
@@ -339,6 +371,22 @@ def test_delete_destroys_undefines_and_removes(client: TestClient, cloud: FakeCl
     assert cloud.nodes["h1"].store.get(uuid.UUID(d["id"])) is None
 
 
+def test_delete_releases_the_ports_of_a_domain_with_nics(
+    client: TestClient, cloud: FakeCloud
+) -> None:
+    plain = create(client)
+    client.delete(f"/v1/domains/{plain['id']}", headers=auth(ALICE))
+    assert [c for q, c in cloud.calls if q == routing.NETWORK_QUEUE] == []
+    d = create(client, nics=[{"network": "blue"}])
+    r = client.delete(f"/v1/domains/{d['id']}", headers=auth(ALICE))
+    assert r.status_code in (202, 204), r.text
+    released = [c for q, c in cloud.calls if q == routing.NETWORK_QUEUE]
+    assert released == [ReleasePorts(domain_id=uuid.UUID(d["id"]))]
+    # After the host undefined it, never before.
+    kinds = [type(c).__name__ for _, c in cloud.calls]
+    assert kinds.index("ReleasePorts") > kinds.index("UndefineDomain")
+
+
 def test_delete_when_the_registry_lags_the_host(client: TestClient, cloud: FakeCloud) -> None:
     d = create(client)
     domain_id = uuid.UUID(d["id"])
@@ -434,6 +482,19 @@ def test_hosts_view_and_enable_disable(
     assert cloud.nodes["h1"].enabled is True
     problem(client.post("/v1/hosts/nope/enable", headers=auth(ADMIN)), 404)
     problem(client.get("/v1/hosts/nope", headers=auth(ADMIN)), 404)
+
+
+def test_a_hosts_vtep_and_network_warnings_are_shown(
+    client: TestClient, cloud: FakeCloud, registry: Registry
+) -> None:
+    heard = beat(cloud, "h1")
+    warning = "ip filter FORWARD: forward hook with policy drop: NAT'd guest traffic is dropped"
+    inventory = heard.inventory.model_copy(
+        update={"vtep": IPv4Address("192.0.2.7"), "network_warnings": [warning]}
+    )
+    registry.record_heartbeat(heard.model_copy(update={"inventory": inventory}))
+    h1 = client.get("/v1/hosts/h1", headers=auth(ADMIN)).json()
+    assert (h1["vtep"], h1["network_warnings"]) == ("192.0.2.7", [warning])
 
 
 def sse(text: str) -> list[dict[str, Any]]:

@@ -67,6 +67,7 @@ class FakeComputes:
         self.defined: dict[str, dict[uuid.UUID, DomainSpec]] = {h: {} for h in limits}
         self.running: dict[str, set[uuid.UUID]] = {h: set() for h in limits}
         self.calls: list[tuple[str, str]] = []
+        self.commands: list[Command] = []
         self.refuse: dict[str, str] = {}  # host → error code for StartDomain
         self.silent: set[str] = set()
         self.refusals = 0
@@ -79,6 +80,7 @@ class FakeComputes:
         host = queue.removeprefix("compute.")
         with self.lock:
             self.calls.append((host, command.TYPE))
+            self.commands.append(command)
         if host in self.silent:
             raise RpcTimeout(f"{command.TYPE} to {queue!r}: no reply")
         if isinstance(command, DefineDomain):

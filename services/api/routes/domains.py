@@ -29,6 +29,7 @@ from protos.domain import (
     TaskState,
     spec_problems,
 )
+from protos.network import ReleasePorts
 from protos.replies import ConsoleOutput, DomainInfo
 from protos.scheduler import Attempt, Placement, ScheduleDomain
 from protos.states import Action, Verdict, decide
@@ -224,6 +225,7 @@ def delete_domain(
     on a host (never placed). Calling it again while `deleting` retries."""
     record = ctx.visible_domain(caller, domain_id)
     if record.host is None:
+        _release_ports(ctx, record)
         ctx.registry.remove_domain(domain_id)
         return Response(status_code=204)
     if record.task is not TaskState.DELETING:
@@ -236,12 +238,25 @@ def delete_domain(
     except Problem as problem:
         if problem.code != "not_found":
             raise  # the record stays `deleting`: DELETE again to retry
+        _release_ports(ctx, record)
         ctx.registry.remove_domain(domain_id)  # already gone from the host
         return Response(status_code=204)
+    _release_ports(ctx, record)
     current = ctx.registry.get_domain(domain_id)
     if current is None:
         return Response(status_code=204)  # the undefined event beat us here
     return DomainView.of(current, mask)
+
+
+def _release_ports(ctx: ApiContext, record: DomainRecord) -> None:
+    """The domain is off its host: its NICs' ports (and addresses) go back to the network
+    service. Idempotent there; a failure is logged (DELETE again releases again)."""
+    if not record.spec.nics:
+        return
+    try:
+        ctx.call(routing.NETWORK_QUEUE, ReleasePorts(domain_id=record.id))
+    except Problem as problem:
+        log.warning("ports not released", domain_id=str(record.id), error=problem.detail)
 
 
 def _check_gate(record: DomainRecord, action: Action) -> None:

@@ -33,6 +33,8 @@ def _view(record: HostRecord, down_after: float, now: float) -> HostView:
         domains_by_state=record.domains_by_state,
         last_seen=record.last_seen,
         seconds_since_heartbeat=round(age, 3),
+        vtep=None if inv.vtep is None else str(inv.vtep),
+        network_warnings=inv.network_warnings,
     )
 
 

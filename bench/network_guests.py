@@ -1,0 +1,450 @@
+"""Guest networking end to end: two compute "hosts" whose data planes live in namespaces the
+bench makes, joined by a veth underlay (VXLAN between them), each a `flotilla-compute`
+process on a private broker running test guests on KVM. The bench plays the network
+service: it hand-makes the ports and publishes their `port.bound` / `port.deleted` events.
+
+- net.port_ready_p50: from the DefineDomain request for guest A on host a to the first ICMP
+  echo reply guest B on host b gets from it (B pings A's address every millisecond from
+  before A exists). Includes the define/start RPCs, network apply and port plug, the VMM
+  process start, A's DHCP exchange, the `port.bound` l2population on host b and ARP.
+  Anchor: Neutron with OVN's published 5.8 s port binds.
+- net.guest_udp_pps: guest A sends 64-byte UDP datagrams (`netbench=`) across VXLAN to a bare
+  namespace on host b's bridge; received packets are read from that namespace's interface
+  counters. The floor is iperf3 (UDP, 64-byte payloads, unlimited rate) between two bare
+  namespaces on the two bridges: the same bridge → VXLAN → veth → VXLAN → bridge path.
+- net.guest_tcp_gbps: the test guest has no TCP stack, so only the floor (iperf3 TCP between
+  the same two bare namespaces) is measured and reported; no ratio.
+- net.agent_restart_lost: B pings A every 10 ms while host a's compute node is killed
+  (SIGKILL) and started again; packets B never got an answer for. Target 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
+
+from bench.compute import broker
+from bench.figures import figure
+from compute_node.vmm_proto import CONSOLE_LOG
+from protos import routing
+from protos.bindings import NetworkBinding, PortBinding
+from protos.commands import (
+    DefineDomain,
+    DestroyDomain,
+    GetDomainInfo,
+    StartDomain,
+    UndefineDomain,
+)
+from protos.domain import BootSpec, DomainSpec, NicSpec
+from protos.network import PortBound, PortDeleted
+from services.bus import Bus, RemoteError
+
+UNDERLAY = {"a": "10.77.0.1", "b": "10.77.0.2"}
+READY_ROUNDS = 7
+NET = NetworkBinding(
+    network_id=uuid.UUID("5e1f0000-0000-4000-8000-000000000bec"),
+    name="benchnet",
+    mode="isolated",
+    mtu=1450,
+    gateway=IPv4Interface("10.66.0.1/24"),
+    vni=6600,
+)
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def ip(*args: str, ns: str | None = None) -> str:
+    argv = ["ip", *(["-n", ns] if ns else []), *args]
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+def in_ns(ns: str, *argv: str, timeout: float = 60) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, *argv],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    ).stdout
+
+
+@dataclass
+class Host:
+    role: str
+    name: str
+    ns: str
+    state: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def queue(self) -> str:
+        return routing.compute_queue(self.name)
+
+
+class Lab:
+    """The two hosts, the broker connection and what the bench made (all removed after)."""
+
+    def __init__(self, url: str, root: Path, guest: Path) -> None:
+        self.url = url
+        self.guest = guest
+        tag = uuid.uuid4().hex[:6]
+        self.namespaces: list[str] = []
+        self.hosts = {
+            role: Host(role, f"bn{role}-{tag}", self.ns(f"bn{tag}-{role}"), root / role)
+            for role in ("a", "b")
+        }
+        ip("link", "add", "under0", "netns", self.hosts["a"].ns, "type", "veth",
+           "peer", "under0", "netns", self.hosts["b"].ns)  # fmt: skip
+        for role, host in self.hosts.items():
+            ip("addr", "add", f"{UNDERLAY[role]}/24", "dev", "under0", ns=host.ns)
+            ip("link", "set", "under0", "up", ns=host.ns)
+            host.state.mkdir()
+        self.bus = Bus(url, source="bench-network").start(30)
+        self.seq: dict[uuid.UUID, int] = {}
+
+    def ns(self, name: str) -> str:
+        ip("netns", "add", name)
+        self.namespaces.append(name)
+        ip("link", "set", "lo", "up", ns=name)
+        return name
+
+    def start(self, host: Host) -> None:
+        log = (host.state / "compute.log").open("ab")
+        env = {
+            **os.environ,
+            "FLOTILLA_NET_NETNS": host.ns,
+            "FLOTILLA_NET_UNDERLAY": UNDERLAY[host.role],
+            "FLOTILLA_HEARTBEAT_INTERVAL_S": "1",
+        }
+        host.proc = subprocess.Popen(
+            [sys.executable, "-m", "compute_node.main", "--host", host.name, "--state-dir",
+             str(host.state), "--amqp-url", self.url, "--log-level", "warning"],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+        log.close()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.bus.call(host.queue, GetDomainInfo(domain_id=uuid.UUID(int=0)), timeout=2)
+            except RemoteError:
+                return
+            except Exception:
+                if host.proc.poll() is not None or time.monotonic() > deadline:
+                    tail = (host.state / "compute.log").read_text(errors="replace")[-2000:]
+                    raise SystemExit(f"bench/network: compute node not serving:\n{tail}") from None
+                time.sleep(0.05)
+
+    def kill(self, host: Host) -> None:
+        assert host.proc is not None
+        host.proc.send_signal(signal.SIGKILL)
+        host.proc.wait(10)
+
+    def close(self) -> None:
+        self.bus.close()
+        for host in self.hosts.values():
+            if host.proc is not None and host.proc.poll() is None:
+                host.proc.send_signal(signal.SIGTERM)
+                try:
+                    host.proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    host.proc.kill()
+            for pid_file in [
+                *(host.state / "domains").glob("*/vmm.pid"),
+                *(host.state / "net" / "dnsmasq").glob("*.pid"),
+            ]:
+                try:
+                    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                except (ValueError, OSError):
+                    pass
+        for name in reversed(self.namespaces):
+            subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+
+    # ---- the network service's part ---------------------------------------------------------
+
+    def port(self, n: int, mac: str | None = None) -> PortBinding:
+        return PortBinding(
+            port_id=uuid.uuid4(),
+            network=NET,
+            mac=mac or f"52:54:00:66:00:{n:02x}",
+            ipv4=IPv4Address(f"10.66.0.{n}"),
+        )
+
+    def bound(self, role: str, port: PortBinding) -> None:
+        self.seq[port.port_id] = self.seq.get(port.port_id, 0) + 1
+        self.bus.publish_event(
+            PortBound(
+                port_id=port.port_id, network_id=NET.network_id, project="bench", mac=port.mac,
+                ipv4=port.ipv4, vni=NET.vni, seq=self.seq[port.port_id],
+                host=self.hosts[role].name, vtep=IPv4Address(UNDERLAY[role]),
+            ),
+            timeout=10,
+        )  # fmt: skip
+
+    def deleted(self, port: PortBinding) -> None:
+        self.seq[port.port_id] = self.seq.get(port.port_id, 0) + 1
+        self.bus.publish_event(
+            PortDeleted(
+                port_id=port.port_id, network_id=NET.network_id, project="bench", mac=port.mac,
+                ipv4=port.ipv4, seq=self.seq[port.port_id],
+            ),
+            timeout=10,
+        )  # fmt: skip
+
+    # ---- guests ------------------------------------------------------------------------------
+
+    def define(self, role: str, port: PortBinding, cmdline: str) -> uuid.UUID:
+        spec = DomainSpec(
+            name=f"g-{uuid.uuid4().hex[:8]}",
+            memory_mib=64,
+            boot=BootSpec(kernel=str(self.guest), cmdline=cmdline),
+            nics=[NicSpec(network=NET.name, mac=port.mac)],
+        )
+        queue = self.hosts[role].queue
+        self.bus.call(queue, DefineDomain(spec=spec, ports=[port]), timeout=30)
+        self.bus.call(queue, StartDomain(domain_id=spec.uuid), timeout=30)
+        return spec.uuid
+
+    def remove(self, role: str, domain_id: uuid.UUID) -> None:
+        queue = self.hosts[role].queue
+        try:
+            self.bus.call(queue, DestroyDomain(domain_id=domain_id), timeout=30)
+        except RemoteError:
+            pass  # it powered off by itself
+        self.bus.call(queue, UndefineDomain(domain_id=domain_id), timeout=30)
+
+    def console(
+        self, role: str, domain_id: uuid.UUID, pattern: str, timeout: float
+    ) -> re.Match[str]:
+        """Wait for `pattern` in the guest's console log (polled every millisecond)."""
+        path = self.hosts[role].state / "domains" / str(domain_id) / CONSOLE_LOG
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        text = ""
+        while time.monotonic() < deadline:
+            try:
+                text = path.read_text(errors="replace")
+            except OSError:
+                text = ""
+            found = rx.search(text)
+            if found:
+                return found
+            time.sleep(0.001)
+        logs = "".join(
+            f"\n== {log}\n{log.read_text(errors='replace')[-1500:]}"
+            for host in self.hosts.values()
+            for log in (host.state / "net" / "dnsmasq").glob("*.log")
+        )
+        raise SystemExit(f"bench/network: no {pattern!r} in {timeout} s:\n{text[-2000:]}{logs}")
+
+    def bare(self, role: str, n: int) -> tuple[str, PortBinding]:
+        """A bare namespace on host `role`'s bridge (a veth, no port chain) at 10.66.0.n,
+        announced like a port so the other host can reach it."""
+        host = self.hosts[role]
+        ns = self.ns(f"{host.ns}-{n}")
+        bridge = next(
+            line.split(":")[1].strip()
+            for line in ip("-o", "link", "show", "type", "bridge", ns=host.ns).splitlines()
+        )
+        ip("link", "add", f"bare{n}", "netns", host.ns, "type", "veth",
+           "peer", "eth0", "netns", ns)  # fmt: skip
+        ip("link", "set", f"bare{n}", "master", bridge, "mtu", "1450", "up", ns=host.ns)
+        ip("link", "set", "eth0", "mtu", "1450", "up", ns=ns)
+        ip("addr", "add", f"10.66.0.{n}/24", "dev", "eth0", ns=ns)
+        mac = json.loads(ip("-j", "link", "show", "eth0", ns=ns))[0]["address"]
+        port = self.port(n, mac=mac)
+        self.bound(role, port)
+        return ns, port
+
+
+def rx_packets(ns: str) -> int:
+    return int(
+        json.loads(ip("-j", "-s", "link", "show", "eth0", ns=ns))[0]["stats64"]["rx"]["packets"]
+    )
+
+
+@contextmanager
+def lab(guest: Path) -> Iterator[Lab]:
+    with broker() as url, tempfile.TemporaryDirectory(prefix="flotilla-bench-nics-") as tmp:
+        Path(tmp).chmod(0o755)  # dnsmasq, running as nobody, re-reads its hosts file under it
+        made = Lab(url, Path(tmp), guest)
+        try:
+            for host in made.hosts.values():
+                made.start(host)
+            yield made
+        finally:
+            made.close()
+
+
+def port_ready(lab: Lab) -> list[float]:
+    """Per round: B (host b) pings A's address every ms; A is created on host a; the time
+    from the define request to B's first reply."""
+    times = []
+    for _ in range(READY_ROUNDS):
+        pa, pb = lab.port(10), lab.port(20)
+        lab.bound("b", pb)
+        b = lab.define("b", pb, "net=dhcp ping=10.66.0.10,60000,1")
+        lab.console("b", b, r"NET up ", 30)
+        start = time.perf_counter()
+        a = lab.define("a", pa, "net=dhcp")
+        # The scheduler binds once the host took the domain: the network service announces.
+        lab.bound("a", pa)
+        lab.console("b", b, r"PING first reply .*\n", 30)
+        times.append(time.perf_counter() - start)
+        lab.remove("b", b)
+        lab.remove("a", a)
+        lab.deleted(pa)
+        lab.deleted(pb)
+    return times
+
+
+def start_without_nic(lab: Lab) -> list[float]:
+    """The same define and start RPCs for a guest without a NIC, to its `ready` line: what
+    the host costs before any networking (this machine's load moves it a lot)."""
+    times = []
+    for _ in range(3):
+        spec = DomainSpec(
+            name=f"g-{uuid.uuid4().hex[:8]}",
+            memory_mib=64,
+            boot=BootSpec(kernel=str(lab.guest), cmdline="ready"),
+        )
+        queue = lab.hosts["a"].queue
+        start = time.perf_counter()
+        lab.bus.call(queue, DefineDomain(spec=spec), timeout=30)
+        lab.bus.call(queue, StartDomain(domain_id=spec.uuid), timeout=30)
+        lab.console("a", spec.uuid, r"READY .*\n", 30)
+        times.append(time.perf_counter() - start)
+        lab.remove("a", spec.uuid)
+    return times
+
+
+def restart_lost(lab: Lab) -> tuple[int, int]:
+    """(lost, sent) of 1000 pings 10 ms apart across a kill -9 and restart of host a's node."""
+    pa, pb = lab.port(11), lab.port(21)
+    lab.bound("a", pa)
+    lab.bound("b", pb)
+    a = lab.define("a", pa, "net=dhcp")
+    lab.console("a", a, r"NET up ", 30)
+    b = lab.define("b", pb, "net=dhcp ping=10.66.0.11,5,100 ping=10.66.0.11,1000,10")
+    lab.console("b", b, r"PING to=10\.66\.0\.11 sent=5 ", 30)
+    time.sleep(1.0)
+    lab.kill(lab.hosts["a"])
+    time.sleep(1.0)
+    lab.start(lab.hosts["a"])
+    done = lab.console("b", b, r"PING to=10\.66\.0\.11 sent=1000 received=(\d+) lost=(\d+)\n", 60)
+    lab.remove("b", b)
+    lab.remove("a", a)
+    return int(done.group(2)), 1000
+
+
+def throughput(lab: Lab) -> dict[str, float]:
+    """Guest UDP pps to a bare namespace on host b, and iperf3's floor between two bare
+    namespaces on the two bridges (UDP pps, TCP Gbit/s)."""
+    pa, pb = lab.port(12), lab.port(22)
+    lab.bound("a", pa)
+    lab.bound("b", pb)
+    a = lab.define("a", pa, "net=dhcp")
+    lab.console("a", a, r"NET up ", 30)
+    b = lab.define("b", pb, "net=dhcp")  # keeps host b's end of the network up
+    lab.console("b", b, r"NET up ", 30)
+    sink, _ = lab.bare("b", 99)
+    floor_a, _ = lab.bare("a", 98)
+    # The guest's sender: netbench from a fresh guest whose only job it is.
+    count = 200_000
+    before = rx_packets(sink)
+    g = lab.define("a", lab.port(13), f"net=dhcp netbench=10.66.0.99:9,{count}")
+    sent = lab.console("a", g, r"NETBENCH packets=(\d+) bytes=\d+ ns=(\d+)\n", 120)
+    time.sleep(0.5)
+    received = rx_packets(sink) - before
+    seconds = int(sent.group(2)) / 1e9
+    guest_pps = received / seconds
+    say(f"  guest: {received} of {count} datagrams in {seconds:.3f} s")
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", sink, "iperf3", "-s", "-1", "-B", "10.66.0.99"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(0.5)
+    udp = json.loads(in_ns(floor_a, "iperf3", "-c", "10.66.0.99", "-u", "-l", "64", "-b", "0",
+                           "-t", "3", "-J"))  # fmt: skip
+    server.wait(10)
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", sink, "iperf3", "-s", "-1", "-B", "10.66.0.99"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(0.5)
+    tcp = json.loads(in_ns(floor_a, "iperf3", "-c", "10.66.0.99", "-t", "3", "-J"))
+    server.wait(10)
+    end = udp["end"]["sum"]
+    floor_pps = (end["packets"] - end["lost_packets"]) / end["seconds"]
+    floor_gbps = tcp["end"]["sum_received"]["bits_per_second"] / 1e9
+    for domain_id in (g, a):
+        lab.remove("a", domain_id)
+    lab.remove("b", b)
+    return {"guest_pps": guest_pps, "floor_pps": floor_pps, "floor_gbps": floor_gbps}
+
+
+def measure(guest: Path) -> list[dict[str, object]]:
+    with lab(guest) as made:
+        bare_start = start_without_nic(made)
+        ready = port_ready(made)
+        lost, sent = restart_lost(made)
+        rates = throughput(made)
+    ready_ms = statistics.median(ready) * 1e3
+    no_nic_ms = statistics.median(bare_start) * 1e3
+    say(f"net.port_ready ({READY_ROUNDS} rounds): p50 {ready_ms:.1f} ms "
+        f"(min {min(ready) * 1e3:.1f}, max {max(ready) * 1e3:.1f}); a guest without a NIC "
+        f"from define to ready in the same run: p50 {no_nic_ms:.1f} ms")  # fmt: skip
+    say(f"net.agent_restart_lost: {lost} of {sent} pings 10 ms apart across kill -9 + restart")
+    say(f"net.guest_udp_pps: guest {rates['guest_pps']:.0f} pps, "
+        f"bare namespaces (iperf3) {rates['floor_pps']:.0f} pps")  # fmt: skip
+    say(f"net.guest_tcp_gbps: the test guest has no TCP; floor {rates['floor_gbps']:.2f} Gbit/s")
+    return [
+        figure(
+            "net.port_ready_p50",
+            ready_ms,
+            "ms",
+            anchor="Neutron+OVN published port bind",
+            anchor_value=5800.0,
+            target="<= 50 ms",
+            no_nic_define_to_ready_ms=round(no_nic_ms, 1),
+        ),
+        figure(
+            "net.guest_udp_pps",
+            rates["guest_pps"],
+            "pps",
+            anchor="iperf3 UDP between bare namespaces, same path",
+            anchor_value=rates["floor_pps"],
+            target="report the ratio",
+        ),
+        {
+            "metric": "net.guest_tcp_gbps",
+            "value": None,
+            "unit": "Gbit/s",
+            "anchor": "iperf3 TCP between bare namespaces, same path",
+            "anchor_value": round(rates["floor_gbps"], 3),
+            "ratio": None,
+            "note": "the test guest has no TCP stack",
+        },
+        figure(
+            "net.agent_restart_lost",
+            float(lost),
+            "packets",
+            anchor="packets sent",
+            anchor_value=float(sent),
+            target="0",
+        ),
+    ]

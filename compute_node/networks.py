@@ -1,0 +1,362 @@
+"""Guest NICs on this host: the ports of defined domains plugged through `Plumber`, and the
+other hosts' ports (l2population) pushed as VXLAN forwarding entries.
+
+A domain's `PortBinding`s (from the scheduler's DefineDomain) are kept with its definition
+in the node's store. From them and the node's own settings (uplink for `nat`, underlay for
+VXLAN, the data-plane namespace) follow the `NetworkPlumbing` and `PortPlumbing` the host
+must have: `attach` applies the networks and plugs the taps before the VMM starts, `detach`
+unplugs them on undefine and removes a network with its last port. A restarted node calls
+`reconcile` with every stored binding: `Plumber.reconcile` changes only what differs, so a
+guest's traffic does not stop for a node restart.
+
+l2population: the node consumes `port.bound.*` / `port.deleted.*` on a durable queue of its
+own (`compute.<host>.ports`), so events published while it was down wait for it (replay).
+Every remote port it hears of is kept in `<state>/net/remotes.json` whether or not this host
+carries its network yet, and pushed when a network is applied here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from compute_node.driver import NicTap
+from compute_node.net import (
+    HostPlumbing,
+    NetworkMode,
+    NetworkPlumbing,
+    Plumber,
+    PlumbingError,
+    PortPlumbing,
+    RemoteVtep,
+    Underlay,
+    names,
+)
+from compute_node.net.links import Links
+from protos.base import Message
+from protos.bindings import PortBinding
+from protos.codec import Envelope
+from protos.network import PortBound, PortDeleted, PortEvent
+
+log = structlog.get_logger("flotilla.compute.networks")
+T = TypeVar("T")
+
+PORT_EVENT_PATTERNS = ("port.bound.*", "port.deleted.*")
+WARNINGS_TTL_S = 30.0
+# Written at the first plug: from then on a restart reconciles even with no ports left (to
+# remove what the last ones left); a node that never plumbed leaves the host's links alone.
+PLUMBED = "plumbed"
+
+
+class NetworkRefused(Exception):
+    """A port this host cannot plug (unknown mode here, no uplink for nat, ...)."""
+
+
+def ports_queue(host: str) -> str:
+    """The durable queue this host's port events wait in."""
+    return f"compute.{host}.ports"
+
+
+@dataclass(frozen=True)
+class NetSettings:
+    """The node's own part of every network: where the data plane lives, what `nat`
+    masquerades to, and the VXLAN underlay (None: networks stay on this host)."""
+
+    netns: str | None = None
+    uplink: str | None = None
+    underlay: IPv4Address | None = None
+    underlay_device: str | None = None
+
+
+@dataclass(frozen=True)
+class _Remote:
+    seq: int
+    host: str | None
+    vtep: RemoteVtep | None  # None: deleted (kept so an older `bound` is not replayed)
+
+
+class HostNetworks:
+    """The plumbing of one host's guest NICs; thread-safe (one lock around the plumber)."""
+
+    def __init__(self, host: str, state_dir: Path, settings: NetSettings) -> None:
+        self.host = host
+        self.settings = settings
+        self._dir = state_dir / "net"
+        # Every plumber call runs on this one thread: pyroute2's netlink socket belongs to
+        # the thread that first uses it (in the data-plane namespace), and the plumber's
+        # calls must not interleave. It also orders port events with plugs.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="plumbing")
+        self._plumber: Plumber | None = None
+        self._remotes: dict[str, _Remote] = self._load_remotes()
+        self._warnings: tuple[float, list[str]] = (0.0, [])
+
+    # ---- translation -------------------------------------------------------------------------
+
+    def plumbing(self, binding: PortBinding) -> tuple[NetworkPlumbing, PortPlumbing]:
+        """The network and port as this host carries them; NetworkRefused if it cannot."""
+        net = binding.network
+        mode = NetworkMode(net.mode)
+        if binding.ipv4 is None:
+            raise NetworkRefused(f"port {binding.port_id} has no IPv4 address to allow")
+        if mode is NetworkMode.NAT and self.settings.uplink is None:
+            raise NetworkRefused(f"network {net.name} is nat but this host has no net_uplink")
+        # Without an underlay the network stays on this host (no VXLAN link).
+        vni = net.vni if self.settings.underlay is not None else None
+        try:
+            network = NetworkPlumbing(
+                network_id=str(net.network_id),
+                mode=mode,
+                mtu=net.mtu,
+                gateway=net.gateway,
+                dhcp=net.dhcp,
+                uplink=self.settings.uplink if mode is NetworkMode.NAT else None,
+                host_bridge=net.host_bridge,
+                vni=None if mode is NetworkMode.BRIDGE else vni,
+            )
+            port = PortPlumbing(
+                port_id=str(binding.port_id),
+                network_id=network.network_id,
+                mac=binding.mac,
+                ipv4=binding.ipv4,
+            )
+        except ValueError as exc:
+            raise NetworkRefused(f"port {binding.port_id}: {exc}") from None
+        return network, port
+
+    @staticmethod
+    def tap_name(binding: PortBinding) -> str:
+        return names.tap_name(str(binding.port_id))
+
+    def check(self, ports: Sequence[PortBinding]) -> None:
+        """NetworkRefused unless every port can be plugged here (nothing is changed)."""
+        for binding in ports:
+            self.plumbing(binding)
+
+    # ---- domains -----------------------------------------------------------------------------
+
+    def attach(self, ports: Sequence[PortBinding]) -> list[NicTap]:
+        """Apply the ports' networks (if not applied as they are), plug their taps, push the
+        remote ports known for those networks; returns what the VMM opens, in order.
+        NetworkRefused / PlumbingError when the host cannot."""
+        if not ports:
+            return []
+        return self._on_thread(self._attach, ports)
+
+    def _attach(self, ports: Sequence[PortBinding]) -> list[NicTap]:
+        taps = []
+        plumber = self._open()
+        (self._dir / PLUMBED).touch()
+        for binding in ports:
+            network, port = self.plumbing(binding)
+            desired = plumber.desired
+            if network not in desired.networks:
+                plumber.apply(network)
+                self._push_remotes(plumber, network)
+            if port not in desired.ports:
+                plumber.plug(port)
+            taps.append(NicTap(port.tap, port.mac, self.settings.netns))
+        return taps
+
+    def detach(self, ports: Sequence[PortBinding]) -> None:
+        """Unplug the ports; a network left without ports on this host is removed."""
+        if ports:
+            self._on_thread(self._detach, ports)
+
+    def _detach(self, ports: Sequence[PortBinding]) -> None:
+        plumber = self._open()
+        for binding in ports:
+            plumber.unplug(str(binding.port_id))
+        desired = plumber.desired
+        used = {p.network_id for p in desired.ports}
+        for network in desired.networks:
+            if network.network_id not in used:
+                plumber.remove(network.network_id)
+                log.info("network removed", network=network.network_id)
+
+    def reconcile(self, ports: Iterable[PortBinding]) -> list[str]:
+        """Make the host match every stored port (and the remote ports of their networks),
+        changing only what differs; returns the changes. A node that never plumbed anything
+        and has no ports touches nothing."""
+        bindings = list(ports)
+        if not bindings and not (self._dir / PLUMBED).exists():
+            return []
+        networks: dict[str, NetworkPlumbing] = {}
+        plumbed: list[PortPlumbing] = []
+        for binding in bindings:
+            try:
+                network, port = self.plumbing(binding)
+            except NetworkRefused as exc:
+                log.warning("port not reconciled", port=str(binding.port_id), error=str(exc))
+                continue
+            networks[network.network_id] = network
+            plumbed.append(port)
+        return self._on_thread(self._reconcile, networks, plumbed)
+
+    def _reconcile(
+        self, networks: dict[str, NetworkPlumbing], plumbed: list[PortPlumbing]
+    ) -> list[str]:
+        remotes = [
+            r.vtep
+            for r in self._remotes.values()
+            if r.vtep is not None
+            and r.vtep.network_id in networks
+            and networks[r.vtep.network_id].vni is not None
+        ]
+        desired = HostPlumbing(
+            networks=tuple(networks.values()), ports=tuple(plumbed), remotes=tuple(remotes)
+        )
+        report = self._open().reconcile(desired)
+        return report.changes
+
+    # ---- l2population ------------------------------------------------------------------------
+
+    def on_port_event(self, _envelope: Envelope, event: Message) -> None:
+        """A port bound or deleted anywhere: keep it, and push or remove its forwarding
+        entries if this host carries its network (ports of this host are skipped)."""
+        if isinstance(event, PortBound | PortDeleted):
+            self._on_thread(self._port_event, event)
+
+    def _port_event(self, event: PortBound | PortDeleted) -> None:
+        key = str(event.port_id)
+        known = self._remotes.get(key)
+        if known is not None and known.seq >= event.seq:
+            return  # a replay or an older event
+        remote = self._remote_of(event)
+        self._remotes[key] = _Remote(event.seq, getattr(event, "host", None), remote)
+        self._save_remotes()
+        if self._plumber is None:
+            return  # nothing plumbed yet: the entry is pushed when its network is
+        carried = {n.network_id: n for n in self._plumber.desired.networks}
+        old = known.vtep if known is not None else None
+        if old is not None and old != remote and old.network_id in carried:
+            self._plumber.fdb_del(old)
+        network = carried.get(remote.network_id) if remote is not None else None
+        if remote is not None and network is not None and network.vni is not None:
+            self._plumber.fdb_add(remote)
+            log.info("remote port", mac=remote.mac, vtep=str(remote.remote))
+
+    def _remote_of(self, event: PortEvent) -> RemoteVtep | None:
+        if not isinstance(event, PortBound):
+            return None
+        if event.host == self.host or event.vtep is None or event.ipv4 is None:
+            return None
+        return RemoteVtep(
+            network_id=str(event.network_id), mac=event.mac, ipv4=event.ipv4, remote=event.vtep
+        )
+
+    def _push_remotes(self, plumber: Plumber, network: NetworkPlumbing) -> None:
+        if network.vni is None:
+            return
+        for known in self._remotes.values():
+            if known.vtep is not None and known.vtep.network_id == network.network_id:
+                plumber.fdb_add(known.vtep)
+
+    def _load_remotes(self) -> dict[str, _Remote]:
+        try:
+            raw = json.loads((self._dir / "remotes.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        remotes = {}
+        for key, item in raw.items():
+            vtep = item.get("vtep")
+            remotes[key] = _Remote(
+                int(item["seq"]),
+                item.get("host"),
+                None if vtep is None else RemoteVtep.model_validate(vtep),
+            )
+        return remotes
+
+    def _save_remotes(self) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        data = {
+            key: {
+                "seq": r.seq,
+                "host": r.host,
+                "vtep": None if r.vtep is None else r.vtep.model_dump(mode="json"),
+            }
+            for key, r in self._remotes.items()
+        }
+        tmp = self._dir / "remotes.json.tmp"
+        with tmp.open("w") as f:
+            f.write(json.dumps(data))
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self._dir / "remotes.json")
+
+    # ---- host info ---------------------------------------------------------------------------
+
+    def warnings(self) -> list[str]:
+        """What would break guest networking here (another firewall manager's forward drop
+        policy in front of NAT), read at most every WARNINGS_TTL_S."""
+        return self._on_thread(self._read_warnings)
+
+    def _read_warnings(self) -> list[str]:
+        now = time.monotonic()
+        at, cached = self._warnings
+        if at and now - at < WARNINGS_TTL_S:
+            return cached
+        try:
+            found = [
+                f"{c}: NAT'd guest traffic is dropped there"
+                for c in self._open().forward_conflicts()
+            ]
+        except Exception as exc:  # no libnftables, no namespace: say so, do not fail
+            found = [f"network plumbing unavailable: {exc}"]
+        self._warnings = (now, found)
+        return found
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _open(self) -> Plumber:
+        if self._plumber is None:
+            underlay = None
+            if self.settings.underlay is not None:
+                device = self.settings.underlay_device or self._underlay_device()
+                underlay = Underlay(self.settings.underlay, device)
+            self._dir.mkdir(parents=True, exist_ok=True)
+            self._plumber = Plumber(self._dir, netns=self.settings.netns, underlay=underlay)
+        return self._plumber
+
+    def _underlay_device(self) -> str:
+        """The link that holds the underlay address."""
+        assert self.settings.underlay is not None
+        links = Links(self.settings.netns)
+        try:
+            for name, link in links.all().items():
+                if any(a.ip == self.settings.underlay for a in links.addresses(link.index)):
+                    return name
+        finally:
+            links.close()
+        raise PlumbingError(f"no link holds the underlay address {self.settings.underlay}")
+
+    def _on_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return self._thread.submit(fn, *args).result()
+
+    def close(self) -> None:
+        def close() -> None:
+            if self._plumber is not None:
+                self._plumber.close()
+                self._plumber = None
+
+        self._on_thread(close)
+        self._thread.shutdown()
+
+
+def interface_of(binding: PortBinding) -> dict[str, object]:
+    """The fields of `protos.replies.Interface` for a port."""
+    return {
+        "port_id": binding.port_id,
+        "network": binding.network.name,
+        "mac": binding.mac,
+        "ipv4": binding.ipv4,
+        "tap": HostNetworks.tap_name(binding),
+    }

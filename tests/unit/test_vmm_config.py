@@ -1,0 +1,44 @@
+"""vmm.json's NICs: each names an inherited descriptor and a MAC; anything else is refused
+with the reason before a machine is made."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from compute_node.vmm_config import ConfigInvalid, load_config
+
+BASE = {"domain_id": "d1", "name": "d1", "kernel": "/proc/self/fd/3", "memory_mib": 64}
+
+
+def write(tmp_path: Path, **extra: Any) -> str:
+    path = tmp_path / "vmm.json"
+    path.write_text(json.dumps({**BASE, **extra}))
+    return str(path)
+
+
+def test_nics_are_read_in_order(tmp_path: Path) -> None:
+    nics = [{"fd": 7, "mac": "52:54:00:00:00:01"}, {"fd": 8, "mac": "52:54:00:00:00:02"}]
+    config = load_config(write(tmp_path, nics=nics))
+    assert config.nics == ((7, "52:54:00:00:00:01"), (8, "52:54:00:00:00:02"))
+    assert load_config(write(tmp_path)).nics == ()
+
+
+@pytest.mark.parametrize(
+    "nics",
+    [
+        "eth0",
+        ["eth0"],
+        [{"mac": "52:54:00:00:00:01"}],
+        [{"fd": "7", "mac": "52:54:00:00:00:01"}],
+        [{"fd": True, "mac": "52:54:00:00:00:01"}],
+        [{"fd": 1, "mac": "52:54:00:00:00:01"}],  # stdout is no tap
+        [{"fd": 7}],
+    ],
+)
+def test_a_malformed_nic_is_refused_with_the_reason(tmp_path: Path, nics: Any) -> None:
+    with pytest.raises(ConfigInvalid, match=r"nics|NIC"):
+        load_config(write(tmp_path, nics=nics))
