@@ -325,9 +325,11 @@ def test_a_restarted_node_starts_from_the_stored_bindings(
     opened: list[tuple[str | None, bool]] = []
     spawn = second.driver.spawn
 
-    def watching(spec: DomainSpec, files: BootFiles, *, paused: bool = False) -> object:
+    def watching(
+        spec: DomainSpec, files: BootFiles, *, paused: bool = False, nics: object = ()
+    ) -> object:
         opened.extend((d.target, d.read_only) for d in files.disks)
-        return spawn(spec, files, paused=paused)
+        return spawn(spec, files, paused=paused, nics=nics)  # type: ignore[arg-type]
 
     second.driver.spawn = watching  # type: ignore[method-assign,assignment]
     second.service.start_domain(s.uuid)
