@@ -383,6 +383,9 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "409",
 
 
 @pytest.mark.slow
+# With the network endpoints the run takes 3-5+ minutes on a loaded 2-core host: past the
+# suite's 300 s default, within the run's own 600 s bound.
+@pytest.mark.timeout(660)
 @pytest.mark.parametrize("token", [ALICE, ADMIN], ids=["member", "admin"])
 def test_schemathesis_finds_nothing(cloud: Cloud, tmp_path: Path, token: str) -> None:
     """Schemathesis with every check against the served OpenAPI document, as a member and as
