@@ -4,6 +4,7 @@ services are back on a live node within 5 s; the node then rejoins and the queue
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import threading
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pika
 import pytest
 
 from compute_node.boot_sources import BootFiles
@@ -26,11 +28,12 @@ from protos.base import Message
 from protos.codec import Envelope
 from protos.commands import DestroyDomain, StartDomain
 from protos.domain import BootSpec, DomainSpec, PowerState
-from protos.events import DomainEvent
+from protos.events import DomainEvent, DomainStarted, StartedDetail
 from protos.replies import DomainInfo
 from protos.scheduler import Placement, ScheduleDomain
 from services.broker import PrivateCluster, available
-from services.bus import Bus
+from services.bus import Bus, PublishNacked
+from services.bus.topology import QueueDecl, declare
 from services.scheduler import Scheduler, SchedulerConfig
 from tests.bootfiles import BOOT_DIR, KERNEL
 
@@ -76,8 +79,8 @@ class CountingDriver(FakeDriver):
 class Watcher:
     """An independent subscriber on a quorum queue of its own: every domain event, by id."""
 
-    def __init__(self, bus: Bus) -> None:
-        self.queue = f"test-cluster-watch-{uuid.uuid4().hex[:8]}"
+    def __init__(self, bus: Bus, queue: str | None = None) -> None:
+        self.queue = queue or f"test-cluster-watch-{uuid.uuid4().hex[:8]}"
         self.seqs: defaultdict[uuid.UUID, list[int]] = defaultdict(list)
         self.ids: set[str] = set()
         self.duplicates = 0
@@ -117,7 +120,7 @@ def _restart_and_heal(cluster: PrivateCluster, queue: str) -> None:
     cluster.restart(0)
     rejoined = time.monotonic() - t1
     members: dict[str, tuple[int, int]] = {}
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120  # measured up to ~75 s at load 17 on 2 cores
     while time.monotonic() < deadline:
         members = cluster.quorum_members(via=0)
         if members and all(m == (3, 3) for m in members.values()):
@@ -180,6 +183,11 @@ def _cycle_and_kill(
         for future in futures:
             future.result(timeout=120)  # raises if a command was lost or refused
     return answered, took
+
+
+def _leader(cluster: PrivateCluster, queue: str, via: int) -> str:
+    out = cluster.nodes[via].ctl("list_queues", "name", "leader", "--formatter", "json")
+    return next(str(q["leader"]) for q in json.loads(out) if q["name"] == queue)
 
 
 def test_kill_9_of_the_connected_node_loses_nothing_and_the_node_rejoins(
@@ -249,3 +257,65 @@ def test_kill_9_of_the_connected_node_loses_nothing_and_the_node_rejoins(
         client.close()
         scheduler.stop()
         node.stop()
+
+
+def test_a_publisher_whose_channel_met_a_queue_without_leader_gets_through_after_the_election(
+    cluster: PrivateCluster,
+) -> None:
+    """RabbitMQ 3.10 pins a channel's first route to a quorum queue to the leader the queue's
+    record names at that moment; if that node is dead (the queue is electing a new leader),
+    every later publish on that channel to that queue is nacked, for as long as the channel
+    lives, while a new channel is accepted at once. A compute node reconnecting right after a
+    broker node died hit this about one run in four: its outbox was refused until the dead
+    node came back. The bus must replace a channel that keeps being refused.
+
+    Deterministic here: node 2 is stopped and node 0 (the queue's leader) killed, so the queue
+    cannot elect a leader while the publisher's channel first routes to it; then node 2
+    comes back, a leader is elected, and the publish must go through."""
+    queue = f"test-cluster-elect-{uuid.uuid4().hex[:8]}"
+    node1 = cluster.urls[1]
+    # The queue's leader on node 0 (declared there: RabbitMQ places the leader locally).
+    declare(pika.URLParameters(cluster.urls[0]), [QueueDecl(queue, "events", ("domain.#",))])
+    assert cluster.nodes[0].nodename in _leader(cluster, queue, via=0)
+    publisher = Bus(node1, source="ct-elect-pub").start()
+    watcher_bus = Bus(node1, source="ct-elect-watcher").start()
+    watcher = Watcher(watcher_bus, queue=queue)
+    domain = uuid.uuid4()
+    event = DomainStarted(
+        domain_id=domain,
+        name="elect",
+        host="h",
+        seq=1,
+        state=PowerState.RUNNING,
+        detail=StartedDetail.BOOTED,
+    )
+    try:
+        cluster.nodes[2].ctl("stop_app")
+        cluster.kill(0)
+        # No majority: the queue has no leader, the publish is refused.
+        with pytest.raises(PublishNacked):
+            publisher.publish_event(event, timeout=10)
+        cluster.nodes[2].ctl("start_app", timeout=60)
+        t0 = time.monotonic()
+        refusals = 0
+        confirmed_after = None
+        while time.monotonic() - t0 < 20:
+            try:
+                publisher.publish_event(event, timeout=10)
+            except PublishNacked:
+                refusals += 1
+                time.sleep(0.2)
+                continue
+            confirmed_after = time.monotonic() - t0
+            break
+        print(f"\nconfirmed {confirmed_after} s after node 2 was back; {refusals} refusals")
+        assert confirmed_after is not None, f"still refused after 20 s ({refusals} refusals)"
+        deadline = time.monotonic() + 10
+        while watcher.count(domain) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert watcher.seqs[domain][:1] == [1]
+    finally:
+        publisher.close()
+        watcher.subscription.close()
+        watcher_bus.close()
+        _restart_and_heal(cluster, queue)
