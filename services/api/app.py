@@ -25,6 +25,7 @@ from services.api.config import ApiConfig
 from services.api.context import ApiContext, CommandBus
 from services.api.limits import BodyLimit
 from services.api.models import Health
+from services.api.orphans import OrphanSweeper
 from services.api.problems import Problem
 from services.api.problems import install as install_problems
 from services.api.projection import Projection
@@ -60,9 +61,11 @@ def create_app(
             connector = _BrokerConnector(config, ctx)
             await run_in_threadpool(connector.first_attempt)
             connector.start()
+        sweeper = OrphanSweeper(ctx.registry, config.schedule_timeout_s).start()
         try:
             yield
         finally:
+            await run_in_threadpool(sweeper.stop)
             if connector is not None:
                 await run_in_threadpool(connector.stop)
             if own_registry:

@@ -49,6 +49,10 @@ from services.db import Database, advisory_xact_lock, upgrade, upsert
 
 Row = Sequence[Any]  # a result row: the selected columns in order
 
+# Faults of a create whose outcome the API does not know: the scheduler may have placed the
+# domain, so a `domain.started` from a host (or the log, for an orphan) still places it.
+OUTCOME_UNKNOWN_FAULTS = frozenset({"schedule_timeout", "schedule_interrupted"})
+
 
 class Outcome(StrEnum):
     """What `apply_event` did with an event."""
@@ -375,6 +379,84 @@ class Registry:
             )
         return self.get_domain(info.domain_id)
 
+    def resolve_orphans(self, older_than_s: float) -> list[DomainRecord]:
+        """Settle domains left in task `scheduling` by a create whose API replica stopped (was
+        killed, lost its host) before it recorded the scheduler's answer: those whose record
+        has not changed for `older_than_s` (longer than any live create waits).
+
+        Each is placed where the event log says it went (the host of its newest logged
+        event, unless that event is `domain.undefined`: a refused attempt), with that host's
+        newest seq and state; a domain with no such event goes to task `error` with fault
+        `schedule_interrupted`, and a later `domain.started` from a host still places it.
+        Returns the records as settled."""
+        cutoff = time.time() - older_than_s
+        with self.db.transaction() as cur:
+            candidates = cur.execute(
+                sa.select(domains.c.id).where(
+                    domains.c.task == TaskState.SCHEDULING.value,
+                    domains.c.host.is_(None),
+                    domains.c.updated_at < cutoff,
+                )
+            ).scalars()
+            ids = [str(i) for i in candidates]
+        settled = []
+        for domain_id in ids:
+            with self.db.transaction() as cur:
+                # The same lock as apply_event: no event of this domain is projected meanwhile.
+                advisory_xact_lock(cur, EVENT_LOG_LOCK)
+                if self._settle_orphan(cur, domain_id, cutoff):
+                    settled.append(domain_id)
+        return [r for r in (self.get_domain(uuid.UUID(i)) for i in settled) if r is not None]
+
+    @staticmethod
+    def _settle_orphan(cur: Connection, domain_id: str, cutoff: float) -> bool:
+        still = cur.execute(
+            sa.select(domains.c.id).where(
+                domains.c.id == domain_id,
+                domains.c.task == TaskState.SCHEDULING.value,
+                domains.c.host.is_(None),
+                domains.c.updated_at < cutoff,
+            )
+        ).first()
+        if still is None:  # settled by its request or by another replica meanwhile
+            return False
+        newest = cur.execute(
+            sa.select(events.c.host, events.c.type)
+            .where(events.c.domain_id == domain_id)
+            .order_by(events.c.id.desc())
+            .limit(1)
+        ).first()
+        now = time.time()
+        if newest is None or newest[1] == DomainUndefined.TYPE:
+            fault = Fault(
+                code="schedule_interrupted",
+                message="the API replica handling the create stopped before the scheduler "
+                "answered; nothing was placed as far as the event log shows",
+            )
+            values: dict[str, Any] = {
+                "task": TaskState.ERROR.value,
+                "fault": fault.model_dump_json(),
+                "updated_at": now,
+            }
+        else:
+            host = newest[0]
+            seq, state = cur.execute(
+                sa.select(events.c.seq, events.c.state)
+                .where(events.c.domain_id == domain_id, events.c.host == host)
+                .order_by(events.c.seq.desc())
+                .limit(1)
+            ).one()
+            values = {
+                "host": host,
+                "power": state,
+                "seq": int(seq),
+                "task": TaskState.NONE.value,
+                "fault": None,
+                "updated_at": now,
+            }
+        cur.execute(domains.update().where(domains.c.id == domain_id).values(**values))
+        return True
+
     def remove_domain(self, domain_id: uuid.UUID) -> bool:
         with self.db.transaction() as cur:
             return cur.execute(domains.delete().where(domains.c.id == str(domain_id))).rowcount > 0
@@ -424,10 +506,10 @@ class Registry:
             if host is None:
                 # The scheduler's answer is what places a domain; only when that answer was
                 # lost (timeout) does a start seen on some host tell us where it went.
-                timed_out = fault is not None and Fault.model_validate_json(fault).code == (
-                    "schedule_timeout"
+                unknown = fault is not None and (
+                    Fault.model_validate_json(fault).code in OUTCOME_UNKNOWN_FAULTS
                 )
-                if not (timed_out and isinstance(event, DomainStarted)):
+                if not (unknown and isinstance(event, DomainStarted)):
                     return Outcome.LOGGED
                 host, seq, task = event.host, 0, TaskState.NONE
             if event.host != host:

@@ -12,6 +12,14 @@ consumer. With several broker nodes (services.bus.nodes) it reconnects to the ne
 list at once and backs off only after a whole round of nodes failed. Deliveries received on an
 older connection can no longer be acked: the broker redelivers them, and idempotent handlers
 make that harmless.
+
+A publish channel the broker keeps refusing is replaced: RabbitMQ 3.10 ties a channel's first
+route to a quorum queue to the leader the queue's record names at that moment, and if that node
+is dead (the queue is electing a new leader right after a node died) it nacks every later
+publish on that channel to that queue, for as long as the channel lives; a new channel is
+accepted once the election is over. So after a nack the channel is closed and a new one opened
+(at most once per PUB_RENEW_INTERVAL_S); publishes still unconfirmed on the old one fail with
+ConnectionLost (the caller resends), and publishes made meanwhile wait for the new one.
 """
 
 from __future__ import annotations
@@ -19,9 +27,11 @@ from __future__ import annotations
 import collections
 import random
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import pika
@@ -40,6 +50,9 @@ log = structlog.get_logger("flotilla.bus")
 
 MAX_BACKOFF_S = 5.0
 DEFAULT_HEARTBEAT_S = 10
+# A nacked publish replaces the publish channel, at most this often (a queue that refuses for
+# another reason, e.g. full with reject-publish, must not make the link churn channels).
+PUB_RENEW_INTERVAL_S = 1.0
 
 
 @dataclass(eq=False)
@@ -62,6 +75,16 @@ class Delivery:
     routing_key: str
     redelivered: bool
     consumer: Consumer
+
+
+@dataclass(slots=True)
+class _Publish:
+    future: Confirmation
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: pika.spec.BasicProperties
+    mandatory: bool
 
 
 class Link:
@@ -100,6 +123,10 @@ class Link:
         self._next_tag = 1
         self._unconfirmed: dict[int, tuple[Confirmation, str, str, str | None]] = {}
         self._returned: set[str] = set()
+        self._pub_opened = 0.0  # monotonic time the publish channel was opened
+        self._renewing = False  # a replacement publish channel is being opened
+        self._renew_scheduled = False
+        self._held: list[_Publish] = []  # publishes waiting for the replacement channel
         self._consumers: list[Consumer] = []
         self._starting_consumers = 0
         self.connections_made = 0
@@ -151,21 +178,28 @@ class Link:
         caller that stops waiting should `cancel()` the Future so it is not sent later.
         """
         future = Confirmation()
+        publish = _Publish(future, exchange, routing_key, body, properties, mandatory)
 
         def op() -> None:
-            if not future.set_running_or_notify_cancel():
-                return
-            if self._pub is None or not self._pub.is_open:
-                future.set_exception(ConnectionLost("publish channel is not open"))
-                return
-            tag = self._next_tag
-            self._next_tag += 1
-            message_id = properties.message_id or ""
-            self._unconfirmed[tag] = (future, exchange, routing_key, message_id)
-            self._pub.basic_publish(exchange, routing_key, body, properties, mandatory)
+            if future.set_running_or_notify_cancel():
+                self._send(publish)
 
         self._submit(op)
         return future
+
+    def _send(self, publish: _Publish) -> None:
+        if self._renewing:
+            self._held.append(publish)
+            return
+        if self._pub is None or not self._pub.is_open:
+            publish.future.set_exception(ConnectionLost("publish channel is not open"))
+            return
+        tag = self._next_tag
+        self._next_tag += 1
+        message_id = publish.properties.message_id or ""
+        p = publish
+        self._unconfirmed[tag] = (p.future, p.exchange, p.routing_key, message_id)
+        self._pub.basic_publish(p.exchange, p.routing_key, p.body, p.properties, p.mandatory)
 
     def publish_unconfirmed(
         self,
@@ -336,15 +370,57 @@ class Link:
         conn.ioloop.stop()
 
     def _on_pub_channel(self, ch: pika.channel.Channel) -> None:
+        self._pub_channel_opened(ch, then=self._on_confirm_mode)
+
+    def _pub_channel_opened(
+        self, ch: pika.channel.Channel, *, then: Callable[[pika.channel.Channel], None]
+    ) -> None:
         self._pub = ch
         self._next_tag = 1
+        self._pub_opened = time.monotonic()
         ch.add_on_close_callback(self._on_channel_closed)
         ch.add_on_return_callback(self._on_return)
-        ch.confirm_delivery(self._on_confirm, callback=lambda _f: self._on_confirm_mode(ch))
+        ch.confirm_delivery(partial(self._on_confirm, ch), callback=lambda _f: then(ch))
 
     def _on_confirm_mode(self, _ch: pika.channel.Channel) -> None:
         assert self._conn is not None
         self._conn.channel(on_open_callback=self._on_plain_channel)
+
+    def _renew_pub_channel(self) -> None:
+        """Replace the publish channel after a nack (see the module docstring)."""
+        conn = self._conn
+        if self._renewing or self._renew_scheduled or conn is None or not conn.is_open:
+            return
+        wait = self._pub_opened + PUB_RENEW_INTERVAL_S - time.monotonic()
+        if wait > 0:
+            self._renew_scheduled = True
+
+            def later() -> None:
+                self._renew_scheduled = False
+                if self._conn is conn:
+                    self._renew_pub_channel()
+
+            conn.ioloop.call_later(wait, later)
+            return
+        log.warning("publish channel refused by the broker; replacing it")
+        old, self._pub = self._pub, None
+        self._renewing = True
+        pending, self._unconfirmed = self._unconfirmed, {}
+        if old is not None and old.is_open:
+            old.close()
+        for future, *_ in pending.values():
+            future.set_exception(
+                ConnectionLost("publish channel replaced before the broker confirmed")
+            )
+        conn.channel(
+            on_open_callback=partial(self._pub_channel_opened, then=self._on_pub_channel_renewed)
+        )
+
+    def _on_pub_channel_renewed(self, _ch: pika.channel.Channel) -> None:
+        self._renewing = False
+        held, self._held = self._held, []
+        for publish in held:
+            self._send(publish)
 
     def _on_plain_channel(self, ch: pika.channel.Channel) -> None:
         self._plain = ch
@@ -424,7 +500,9 @@ class Link:
         if props.message_id:
             self._returned.add(props.message_id)
 
-    def _on_confirm(self, frame: pika.frame.Method[Any]) -> None:
+    def _on_confirm(self, ch: pika.channel.Channel, frame: pika.frame.Method[Any]) -> None:
+        if ch is not self._pub:
+            return  # a replaced channel's late confirm: its publishes were failed already
         method = frame.method
         tag: int = method.delivery_tag
         nacked = isinstance(method, pika.spec.Basic.Nack)
@@ -449,9 +527,13 @@ class Link:
                 future.set_exception(NoRouteError(exchange, routing_key))
             else:
                 future.set_result(None)
+        if nacked:
+            self._renew_pub_channel()
 
     def _fail_unconfirmed(self) -> None:
         pending, self._unconfirmed = self._unconfirmed, {}
+        held, self._held = self._held, []
+        self._renewing = self._renew_scheduled = False
         self._returned.clear()
         self._pub = None
         self._plain = None
@@ -459,6 +541,8 @@ class Link:
             consumer.channel = None
         for future, *_ in pending.values():
             future.set_exception(ConnectionLost("connection lost before the broker confirmed"))
+        for publish in held:
+            publish.future.set_exception(ConnectionLost("connection lost before it was sent"))
 
     def _close_connection(self) -> None:
         if self._conn is not None and self._conn.is_open:

@@ -306,3 +306,60 @@ def test_a_secret_is_made_once_and_kept(registry: Registry) -> None:
     assert len(key) == 64
     assert registry.secret("host_alias") == key
     assert registry.secret("other") != key
+
+
+def undefined(s: DomainSpec, host: str, seq: int) -> DomainUndefined:
+    return DomainUndefined(
+        domain_id=s.uuid,
+        name=s.name,
+        host=host,
+        seq=seq,
+        state=PowerState.NOSTATE,
+        detail=UndefinedDetail.REMOVED,
+    )
+
+
+def test_an_orphaned_create_is_placed_where_its_events_say(registry: Registry) -> None:
+    """A create whose API replica died before recording the placement: the events from the
+    host that runs it (only logged while `scheduling`) place it once the record is old."""
+    s = spec()
+    registry.create_domain(s, "p", Quota())
+    # A refused attempt on h1, then h2 defines and starts it.
+    for event in (
+        DomainDefined(
+            domain_id=s.uuid, name=s.name, host="h1", seq=1, state=PowerState.SHUTOFF,
+            detail=DefinedDetail.ADDED,
+        ),
+        undefined(s, "h1", 2),
+        DomainDefined(
+            domain_id=s.uuid, name=s.name, host="h2", seq=1, state=PowerState.SHUTOFF,
+            detail=DefinedDetail.ADDED,
+        ),
+        started(s, "h2", 2),
+    ):  # fmt: skip
+        assert apply(registry, event) is Outcome.LOGGED
+    assert registry.resolve_orphans(older_than_s=60) == []  # a live create may still answer
+    [settled] = registry.resolve_orphans(older_than_s=0)
+    assert (settled.host, settled.power, settled.seq, settled.task) == (
+        "h2",
+        PowerState.RUNNING,
+        2,
+        TaskState.NONE,
+    )
+    assert registry.resolve_orphans(older_than_s=0) == []  # settled once
+    assert apply(registry, stopped(s, "h2", 3)) is Outcome.APPLIED
+
+
+def test_an_orphaned_create_without_events_is_an_error_a_later_start_still_places(
+    registry: Registry,
+) -> None:
+    s = spec()
+    registry.create_domain(s, "p", Quota())
+    [settled] = registry.resolve_orphans(older_than_s=0)
+    assert settled.task is TaskState.ERROR
+    assert settled.fault is not None
+    assert settled.fault.code == "schedule_interrupted"
+    assert apply(registry, started(s, "h3", 2)) is Outcome.APPLIED
+    record = registry.get_domain(s.uuid)
+    assert record is not None
+    assert (record.host, record.power, record.task) == ("h3", PowerState.RUNNING, TaskState.NONE)

@@ -1,0 +1,64 @@
+"""Settles creates whose API replica died mid-request (services.api.registry.resolve_orphans).
+
+A create stores its record (task `scheduling`), waits for the scheduler, then records the
+placement. If the replica handling it is killed in between, no other replica would ever touch
+that record, while the domain may well run on a host. Every replica runs this sweep: a record
+still in `scheduling` well after the longest a live create waits is settled from the event log.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import structlog
+
+from services.api.registry import Registry
+from services.db import DatabaseUnavailable
+
+log = structlog.get_logger("flotilla.api.orphans")
+
+SWEEP_INTERVAL_S = 5.0
+# Beyond the scheduler's timeout, what a live create may still spend (an RPC resent after a
+# lost broker connection, storing the placement) before its record counts as orphaned.
+GRACE_S = 10.0
+
+
+class OrphanSweeper:
+    """A daemon thread settling orphaned creates every `interval_s`."""
+
+    def __init__(
+        self, registry: Registry, schedule_timeout_s: float, interval_s: float = SWEEP_INTERVAL_S
+    ) -> None:
+        self.registry = registry
+        self.older_than_s = schedule_timeout_s + GRACE_S
+        self.interval_s = interval_s
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="api-orphans", daemon=True)
+
+    def start(self) -> OrphanSweeper:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def sweep(self) -> None:
+        for record in self.registry.resolve_orphans(self.older_than_s):
+            log.warning(
+                "create settled after its API replica stopped",
+                domain_id=str(record.id),
+                host=record.host,
+                task=record.task.value,
+                fault=record.fault.code if record.fault else None,
+            )
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.interval_s):
+            try:
+                self.sweep()
+            except DatabaseUnavailable as exc:  # the next sweep will do
+                log.warning("orphan sweep skipped", error=str(exc))
+            except Exception:
+                log.exception("orphan sweep failed")
