@@ -360,3 +360,27 @@ def test_kill_during_save_leaves_no_valid_looking_snapshot(
             b = restored(d)
             b.console.wait_for(r"COUNTER \d+")
             b.machine.close()
+
+
+def test_native_run_restores_a_snapshot(
+    boot: Callable[..., Booted], test_guest: Path, tmp_path: Path
+) -> None:
+    g = boot(test_guest, "ready sleep=400 poweroff", memory_mib=32)
+    g.console.wait_for("READY")
+    g.machine.pause()
+    g.machine.save(tmp_path / "snap")
+    g.machine.close()
+    proc = subprocess.run(
+        [sys.executable, "-m", "native.run", "--restore", str(tmp_path / "snap")],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    # The guest finishes its sleep and powers off; it never booted again.
+    assert proc.returncode == 0, proc.stderr
+    assert "SLEPT ms=400" in proc.stdout
+    assert "POWEROFF" in proc.stdout
+    assert "READY" not in proc.stdout
