@@ -297,8 +297,17 @@ def snap_state(nvcpus: int = 2, kind: int = 1) -> bytes:
         body += payload + bytes(-len(payload) % 8)
     size = 72 + len(body)
     head = struct.pack(
-        "<QIIIIQ16s16sII", 0x50414E534C544C46, 1, 72, kind, len(sections), size,
-        bytes(range(16)), bytes(16), 0, 0,
+        "<QIIIIQ16s16sII",
+        0x50414E534C544C46,
+        1,
+        72,
+        kind,
+        len(sections),
+        size,
+        bytes(range(16)),
+        bytes(16),
+        0,
+        0,
     )
     return head[:-4] + struct.pack("<I", crc32c(head)) + body
 
@@ -308,8 +317,16 @@ def snap_trailer(runs: list[tuple[int, int]]) -> bytes:
     raw = b"".join(struct.pack("<QQ", first, count) for first, count in runs)
     kind = 2 if runs else 1
     head = struct.pack(
-        "<QII16s16sQQII", 0x4D454D534C544C46, 1, kind, bytes(16), bytes(16), 64 << 20,
-        len(runs), 4096, 0,
+        "<QII16s16sQQII",
+        0x4D454D534C544C46,
+        1,
+        kind,
+        bytes(16),
+        bytes(16),
+        64 << 20,
+        len(runs),
+        4096,
+        0,
     )
     crc = crc32c(head + raw)
     size = -(-(len(raw) + 72) // 4096) * 4096
