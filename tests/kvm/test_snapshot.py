@@ -152,6 +152,27 @@ def test_restore_continues_the_guest(
     original.console.wait_for(rf"COUNTER {before + 3}\b")
 
 
+def test_a_restored_machine_saves_whole_again(
+    saved: tuple[Booted, Path, int, int], restored: Callable[..., Booted], tmp_path: Path
+) -> None:
+    """Its RAM maps the first snapshot's file: pages it never touched come from that file
+    (holes stay holes), pages it wrote from its own copies."""
+    _, snap, base, checksum = saved
+    first = restored(snap)
+    first.console.wait_for(r"COUNTER \d+")
+    first.console.send(b"x\r")
+    first.console.wait_for(r"flotilla-guest: x")
+    first.machine.pause()
+    stats = first.machine.save(tmp_path / "again")
+    digest = ram_digest(first.machine)
+    assert stats.memory_pages < 128 * 256 // 2, stats  # zero pages are still holes
+    second = restored(tmp_path / "again", start=False)
+    assert ram_digest(second.machine) == digest
+    assert memtest_checksum(second.machine, base, 16) == checksum
+    second.machine.start()
+    second.console.wait_for(r"COUNTER \d+")
+
+
 def test_every_corrupted_byte_of_a_section_is_refused(
     saved: tuple[Booted, Path, int, int], restored: Callable[..., Booted], tmp_path: Path
 ) -> None:
