@@ -13,8 +13,10 @@
 #ifndef FL_SNAPSHOT_H
 #define FL_SNAPSHOT_H
 
+#include <limits.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #define FL_SNAP_MAGIC 0x50414e534c544c46ULL	/* "FLTLSNAP" */
 #define FL_SNAP_MEM_MAGIC 0x4d454d534c544c46ULL /* "FLTLSMEM" */
@@ -146,5 +148,42 @@ int fl_snap_trailer_parse(const uint8_t *buf, size_t len, struct fl_snap_mem_tra
 			  const struct fl_snap_run **runs, char *err, size_t errlen);
 /* Fills the trailer's CRC over itself and the runs. */
 void fl_snap_trailer_seal(struct fl_snap_mem_trailer *t, const struct fl_snap_run *runs);
+
+/* ---- the files of a snapshot (snapshot_mem.c; these need the machine) ---- */
+struct fl_vm;
+
+/* A temporary file beside path (`<path>.tmp-<pid>`), renamed over it once complete. */
+struct fl_snap_tmpfile {
+	char path[PATH_MAX];
+	char final[PATH_MAX];
+	int fd;
+};
+
+/* The runs of pages written to a memory file. */
+struct fl_snap_runs {
+	struct fl_snap_run *r;
+	uint64_t n, cap;
+	uint64_t pages;
+};
+
+int fl_snap_write_all(int fd, const void *buf, size_t len, off_t off);
+int fl_snap_read_all(int fd, void *buf, size_t len, off_t off);
+int fl_snap_tmp_open(struct fl_snap_tmpfile *t, const char *path, char *err, size_t errlen);
+void fl_snap_tmp_discard(struct fl_snap_tmpfile *t);
+/* fsync both, rename the memory file, then the state file, fsync the directories. */
+int fl_snap_tmp_commit(struct fl_snap_tmpfile *mem, struct fl_snap_tmpfile *state, char *err,
+		       size_t errlen);
+/* Every page of RAM that holds data / every page in vm->snap.pending, at its own offset. */
+int fl_snap_write_full(struct fl_vm *vm, int fd, struct fl_snap_runs *rs, char *err,
+		       size_t errlen);
+int fl_snap_write_diff(struct fl_vm *vm, int fd, struct fl_snap_runs *rs, char *err,
+		       size_t errlen);
+/* Sizes the file to mem_size plus the trailer and writes the trailer (a diff's runs). */
+int fl_snap_write_trailer(int fd, uint64_t mem_size, uint32_t kind, const uint8_t *id,
+			  const uint8_t *parent, const struct fl_snap_runs *rs);
+/* Opens a memory file and checks its trailer: the fd, or -errno with the reason in err. A
+ * diff's runs are copied to *runs when runs is not NULL (the caller frees them). */
+int fl_snap_open_memory(const char *path, struct fl_snap_mem_trailer *t,
+			struct fl_snap_run **runs, char *err, size_t errlen);
 
 #endif
