@@ -4,8 +4,8 @@
  *
  * A snapshot is two files. The state file: a header (magic, format version, kind, this
  * snapshot's id and its parent's, section count, file size, a CRC-32C of the header), then
- * sections, each a 24-byte header (type, instance, payload length, CRC-32C of the payload)
- * and its payload padded to 8 bytes. The memory file: guest RAM as the VMM maps it (low RAM,
+ * sections, each a 24-byte header (type, instance, payload length, a CRC-32C of the header,
+ * payload and padding) and its payload padded to 8 bytes. The memory file: guest RAM as the VMM maps it (low RAM,
  * then RAM above 4 GiB), sparse, followed at offset mem_size by a trailer (magic, version,
  * kind, id, parent, mem_size, the runs of pages the file holds for a diff, a CRC-32C).
  * Everything here is read from files a caller hands us: every length is checked.
@@ -58,7 +58,7 @@ struct fl_snap_section_header {
 	uint32_t type;
 	uint32_t instance;
 	uint64_t length; /* payload bytes, before padding */
-	uint32_t crc;	 /* CRC-32C of the payload */
+	uint32_t crc;	 /* CRC-32C of this header (crc 0), the payload and its padding */
 	uint32_t reserved;
 };
 
@@ -118,6 +118,9 @@ struct fl_snap_run {
 };
 
 uint32_t fl_crc32c(uint32_t crc, const void *buf, size_t len);
+/* A section's CRC: its header with crc 0, then its payload padded to 8 bytes (padded must
+ * hold that many bytes). */
+uint32_t fl_snap_section_crc(const struct fl_snap_section_header *sh, const uint8_t *padded);
 
 /* Builds a state file in a growing buffer. */
 struct fl_snap_writer {

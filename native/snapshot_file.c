@@ -110,6 +110,14 @@ static int reserve(struct fl_snap_writer *w, uint64_t more)
 	return 0;
 }
 
+uint32_t fl_snap_section_crc(const struct fl_snap_section_header *sh, const uint8_t *padded)
+{
+	struct fl_snap_section_header h = *sh;
+
+	h.crc = 0;
+	return fl_crc32c(fl_crc32c(0, &h, sizeof(h)), padded, pad8(sh->length));
+}
+
 void fl_snap_add(struct fl_snap_writer *w, uint32_t type, uint32_t instance, const void *payload,
 		 uint64_t len)
 {
@@ -117,13 +125,16 @@ void fl_snap_add(struct fl_snap_writer *w, uint32_t type, uint32_t instance, con
 		.type = type,
 		.instance = instance,
 		.length = len,
-		.crc = fl_crc32c(0, payload, len),
 	};
+	uint8_t *at;
 
 	if (reserve(w, sizeof(sh) + pad8(len)) < 0)
 		return;
-	memcpy(w->buf + w->len, &sh, sizeof(sh));
-	memcpy(w->buf + w->len + sizeof(sh), payload, len);
+	at = w->buf + w->len;
+	memcpy(at + sizeof(sh), payload, len);
+	memset(at + sizeof(sh) + len, 0, pad8(len) - len);
+	sh.crc = fl_snap_section_crc(&sh, at + sizeof(sh));
+	memcpy(at, &sh, sizeof(sh));
 	w->len += sizeof(sh) + pad8(len);
 	w->nsections++;
 }
@@ -225,7 +236,8 @@ int fl_snap_parse(const uint8_t *buf, size_t len, struct fl_snap_parsed *out, ch
 				    section_name(sh.type), (unsigned long long)sh.length);
 		payload = buf + off;
 		off += pad8(sh.length);
-		if (fl_crc32c(0, payload, sh.length) != sh.crc)
+		/* The CRC covers the section's header and its padding too: no byte goes unchecked. */
+		if (fl_snap_section_crc(&sh, payload) != sh.crc)
 			return fail(err, errlen, "section %u (%s %u): checksum mismatch", s,
 				    section_name(sh.type), sh.instance);
 		if (sh.type == FL_SEC_VCPU) {

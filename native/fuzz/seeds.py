@@ -293,8 +293,9 @@ def snap_state(nvcpus: int = 2, kind: int = 1) -> bytes:
     sections += [(7, 0, struct.pack("<QII", 123456789, 0, 0)), (8, 0, bytes(120))]
     body = b""
     for kind_, instance, payload in sections:
-        body += struct.pack("<IIQII", kind_, instance, len(payload), crc32c(payload), 0)
-        body += payload + bytes(-len(payload) % 8)
+        padded = payload + bytes(-len(payload) % 8)
+        crc = crc32c(struct.pack("<IIQII", kind_, instance, len(payload), 0, 0) + padded)
+        body += struct.pack("<IIQII", kind_, instance, len(payload), crc, 0) + padded
     size = 72 + len(body)
     head = struct.pack(
         "<QIIIIQ16s16sII",

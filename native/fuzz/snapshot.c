@@ -29,12 +29,10 @@ static void fix_state(uint8_t *buf, size_t len)
 			break;
 		memcpy(&sh, buf + off, sizeof(sh));
 		off += sizeof(sh);
-		if (sh.length > len - off)
+		if (sh.length > len - off || ((sh.length + 7) & ~7ULL) > len - off)
 			break;
-		sh.crc = fl_crc32c(0, buf + off, sh.length);
+		sh.crc = fl_snap_section_crc(&sh, buf + off);
 		memcpy(buf + off - sizeof(sh), &sh, sizeof(sh));
-		if (((sh.length + 7) & ~7ULL) > len - off)
-			break;
 		off += (sh.length + 7) & ~7ULL;
 	}
 	h.crc = 0;
