@@ -109,7 +109,7 @@ struct fl_snap_mem_trailer {
 	uint64_t mem_size;
 	uint64_t nruns; /* diff: runs of pages present in the file (full: 0) */
 	uint32_t page_size;
-	uint32_t crc; /* CRC-32C of the trailer (this field zero) and the runs */
+	uint32_t crc; /* CRC-32C of every byte of the trailer before this field */
 };
 
 struct fl_snap_run {
@@ -149,8 +149,8 @@ uint64_t fl_snap_trailer_size(uint64_t nruns);
  * count; buf 8-byte aligned). 0, or -EINVAL with the reason. */
 int fl_snap_trailer_parse(const uint8_t *buf, size_t len, struct fl_snap_mem_trailer *out,
 			  const struct fl_snap_run **runs, char *err, size_t errlen);
-/* Fills the trailer's CRC over itself and the runs. */
-void fl_snap_trailer_seal(struct fl_snap_mem_trailer *t, const struct fl_snap_run *runs);
+/* Fills in the CRC (the last 4 bytes) of a trailer of len bytes: over all bytes before it. */
+void fl_snap_trailer_seal(uint8_t *buf, size_t len);
 
 /* ---- the files of a snapshot (snapshot_mem.c; these need the machine) ---- */
 struct fl_vm;

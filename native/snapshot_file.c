@@ -299,17 +299,17 @@ uint64_t fl_snap_trailer_size(uint64_t nruns)
 	return (n + FL_SNAP_PAGE - 1) / FL_SNAP_PAGE * FL_SNAP_PAGE;
 }
 
-static uint32_t trailer_crc(const struct fl_snap_mem_trailer *t, const struct fl_snap_run *runs)
+/* Every byte of the trailer up to the CRC, which is its last field and the file's last 4. */
+static uint32_t trailer_crc(const uint8_t *buf, size_t len)
 {
-	struct fl_snap_mem_trailer c = *t;
-
-	c.crc = 0;
-	return fl_crc32c(fl_crc32c(0, &c, sizeof(c)), runs, t->nruns * sizeof(*runs));
+	return fl_crc32c(0, buf, len - sizeof(uint32_t));
 }
 
-void fl_snap_trailer_seal(struct fl_snap_mem_trailer *t, const struct fl_snap_run *runs)
+void fl_snap_trailer_seal(uint8_t *buf, size_t len)
 {
-	t->crc = trailer_crc(t, runs);
+	uint32_t crc = trailer_crc(buf, len);
+
+	memcpy(buf + len - sizeof(crc), &crc, sizeof(crc));
 }
 
 int fl_snap_trailer_parse(const uint8_t *buf, size_t len, struct fl_snap_mem_trailer *out,
@@ -339,7 +339,7 @@ int fl_snap_trailer_parse(const uint8_t *buf, size_t len, struct fl_snap_mem_tra
 		return fail(err, errlen, "memory file has %zu bytes of trailer, expected %llu", len,
 			    (unsigned long long)fl_snap_trailer_size(t.nruns));
 	r = (const struct fl_snap_run *)(const void *)buf;
-	if (trailer_crc(&t, r) != t.crc)
+	if (trailer_crc(buf, len) != t.crc)
 		return fail(err, errlen, "memory file trailer checksum mismatch");
 	for (uint64_t i = 0; i < t.nruns; i++) {
 		if (r[i].count == 0 || r[i].first < next || r[i].first > pages ||

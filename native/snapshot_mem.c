@@ -286,8 +286,8 @@ int fl_snap_write_trailer(int fd, uint64_t mem_size, uint32_t kind, const uint8_
 	t.page_size = PAGE;
 	if (nruns)
 		memcpy(buf, rs->r, nruns * sizeof(*rs->r));
-	fl_snap_trailer_seal(&t, (const struct fl_snap_run *)(const void *)buf);
 	memcpy(buf + size - sizeof(t), &t, sizeof(t));
+	fl_snap_trailer_seal(buf, size);
 	/* Sized first: pages never written stay holes. */
 	rc = ftruncate(fd, (off_t)(mem_size + size)) < 0 ? -errno : 0;
 	if (rc == 0)

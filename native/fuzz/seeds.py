@@ -329,9 +329,9 @@ def snap_trailer(runs: list[tuple[int, int]]) -> bytes:
         4096,
         0,
     )
-    crc = crc32c(head + raw)
     size = -(-(len(raw) + 72) // 4096) * 4096
-    return raw + bytes(size - len(raw) - 72) + head[:-4] + struct.pack("<I", crc)
+    trailer = raw + bytes(size - len(raw) - 72) + head[:-4]
+    return trailer + struct.pack("<I", crc32c(trailer))
 
 
 def snapshot_seeds() -> Iterable[tuple[str, bytes]]:

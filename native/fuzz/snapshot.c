@@ -42,15 +42,8 @@ static void fix_state(uint8_t *buf, size_t len)
 
 static void fix_trailer(uint8_t *buf, size_t len)
 {
-	struct fl_snap_mem_trailer t;
-
-	if (len < sizeof(t))
-		return;
-	memcpy(&t, buf + len - sizeof(t), sizeof(t));
-	if (t.nruns > (len - sizeof(t)) / sizeof(struct fl_snap_run))
-		return;
-	fl_snap_trailer_seal(&t, (const struct fl_snap_run *)(const void *)buf);
-	memcpy(buf + len - sizeof(t), &t, sizeof(t));
+	if (len >= sizeof(struct fl_snap_mem_trailer))
+		fl_snap_trailer_seal(buf, len);
 }
 
 static void check_state(const uint8_t *buf, size_t len, const struct fl_snap_parsed *p)

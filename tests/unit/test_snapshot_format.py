@@ -51,7 +51,7 @@ def memory_file(
     head = struct.pack("<QII16s16sQQI", MEMORY_MAGIC, 1, kind, sid, parent, 64 * MIB, nruns, 4096)
     trailer_size = -(-(len(runs) + 72) // 4096) * 4096
     trailer = runs + bytes(trailer_size - len(runs) - 72) + head
-    trailer += struct.pack("<I", crc32c(head + bytes(4) + runs))
+    trailer += struct.pack("<I", crc32c(trailer))
     with path.open("wb") as f:
         f.truncate(64 * MIB + trailer_size)
         for index, data in pages.items():
@@ -122,3 +122,30 @@ def test_merge_applies_a_diff_onto_its_base_only(tmp_path: Path) -> None:
     with pytest.raises(native.SnapshotError, match="not a diff"):
         native.merge_snapshot(base, diff)
     assert (base / "memory").read_bytes()[5 * 4096 : 6 * 4096] == b"\2" * 4096
+
+
+def test_every_byte_of_a_memory_trailer_is_checked(tmp_path: Path) -> None:
+    base, diff = tmp_path / "base", tmp_path / "diff"
+    base.mkdir()
+    diff.mkdir()
+    memory_file(base / "memory", kind=1, sid=b"B" * 16, parent=bytes(16), pages={})
+    memory_file(diff / "memory", kind=2, sid=b"D" * 16, parent=b"B" * 16, pages={3: b"x" * 4096})
+    path = diff / "memory"
+    size = path.stat().st_size
+    # The run, the padding after it, every byte of the header: each flipped on its own.
+    offsets = [64 * MIB, 64 * MIB + 8, 64 * MIB + 100, 64 * MIB + 3000]
+    offsets += range(size - 72, size)
+    with path.open("r+b") as f:
+        for at in offsets:
+            f.seek(at)
+            (byte,) = f.read(1)
+            f.seek(at)
+            f.write(bytes([byte ^ 0x04]))
+            f.flush()
+            with pytest.raises(native.SnapshotError):
+                native.merge_snapshot(base, diff, tmp_path / "out")
+            f.seek(at)
+            f.write(bytes([byte]))
+            f.flush()
+    native.merge_snapshot(base, diff, tmp_path / "out")  # undamaged again: it merges
+    assert (tmp_path / "out").stat().st_size == size
