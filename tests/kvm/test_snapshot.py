@@ -335,12 +335,17 @@ def test_diff_snapshot_restores_what_the_guest_wrote(
 
 _SAVER = textwrap.dedent(
     """
-    import sys, time
+    import os, sys
     import native
     guest, out = sys.argv[1], sys.argv[2]
-    m = native.Machine(guest, cmdline="ready memtest=200 counter", memory_mib=256, vcpus=2)
+    r, w = os.pipe()
+    m = native.Machine(
+        guest, cmdline="ready memtest=200 counter", memory_mib=256, vcpus=2, console_out=w
+    )
     m.start()
-    time.sleep(1.5)
+    seen = b""
+    while b"COUNTER 1" not in seen:  # memtest done: 200 MiB to save each time
+        seen += os.read(r, 4096)
     m.pause()
     for i in range(1000):
         print(f"saving {i}", flush=True)
@@ -379,7 +384,7 @@ def test_kill_during_save_leaves_no_valid_looking_snapshot(
             # A snapshot under its final names is whole: it restores and runs.
             assert (d / "memory").exists()
             b = restored(d)
-            b.console.wait_for(r"COUNTER \d+")
+            b.console.wait_for(r"COUNTER \d+", timeout=30)
             b.machine.close()
 
 
