@@ -16,11 +16,16 @@ from native.machine import (
     MachineStateError,
     Nic,
     ShutdownMethod,
+    SnapshotError,
+    SnapshotInfo,
+    SnapshotStats,
     VirtioDevice,
     VmmError,
     kvm_unavailable_reason,
+    merge_snapshot,
     open_tap,
     parse_image,
+    snapshot_info,
 )
 
 __all__ = [
@@ -39,9 +44,14 @@ __all__ = [
     "MachineStateError",
     "Nic",
     "ShutdownMethod",
+    "SnapshotError",
+    "SnapshotInfo",
+    "SnapshotStats",
     "VirtioDevice",
     "VmmError",
     "kvm_unavailable_reason",
+    "merge_snapshot",
     "open_tap",
     "parse_image",
+    "snapshot_info",
 ]

@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <linux/kvm.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -16,6 +17,7 @@ int fl_mem_init(struct fl_mem *mem, uint64_t size, int use_memfd, char *err, siz
 
 	memset(mem, 0, sizeof(*mem));
 	mem->memfd = -1;
+	mem->file_fd = -1;
 	if (use_memfd) {
 		fd = memfd_create("flotilla-ram", MFD_CLOEXEC);
 		if (fd < 0)
@@ -44,20 +46,47 @@ int fl_mem_init(struct fl_mem *mem, uint64_t size, int use_memfd, char *err, siz
 	return 0;
 }
 
+int fl_mem_init_file(struct fl_mem *mem, uint64_t size, int fd, char *err, size_t errlen)
+{
+	void *p;
+
+	memset(mem, 0, sizeof(*mem));
+	mem->memfd = -1;
+	mem->file_fd = -1;
+	/* MAP_PRIVATE: the guest's writes stay in this process, the file is never changed. */
+	p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd, 0);
+	if (p == MAP_FAILED) {
+		int e = errno;
+		close(fd);
+		return fl_errf(err, errlen, e, "mapping %llu MiB of guest RAM from the memory file: %s",
+			       (unsigned long long)(size >> 20), strerror(e));
+	}
+	mem->host = p;
+	mem->size = size;
+	mem->low_size = size < FL_LOW_RAM_MAX ? size : FL_LOW_RAM_MAX;
+	mem->file_fd = fd;
+	return 0;
+}
+
 void fl_mem_fini(struct fl_mem *mem)
 {
 	if (mem->host)
 		munmap(mem->host, mem->size);
 	if (mem->memfd >= 0)
 		close(mem->memfd);
+	if (mem->file_fd >= 0)
+		close(mem->file_fd);
 	mem->host = NULL;
 	mem->memfd = -1;
+	mem->file_fd = -1;
 }
 
 int fl_mem_register(struct fl_mem *mem, int vm_fd, char *err, size_t errlen)
 {
+	uint32_t flags = mem->log_dirty ? KVM_MEM_LOG_DIRTY_PAGES : 0;
 	struct kvm_userspace_memory_region low = {
 		.slot = 0,
+		.flags = flags,
 		.guest_phys_addr = 0,
 		.memory_size = mem->low_size,
 		.userspace_addr = (uint64_t)(uintptr_t)mem->host,
@@ -68,6 +97,7 @@ int fl_mem_register(struct fl_mem *mem, int vm_fd, char *err, size_t errlen)
 	if (mem->size > mem->low_size) {
 		struct kvm_userspace_memory_region high = {
 			.slot = 1,
+			.flags = flags,
 			.guest_phys_addr = FL_HIGH_RAM_BASE,
 			.memory_size = mem->size - mem->low_size,
 			.userspace_addr = (uint64_t)(uintptr_t)(mem->host + mem->low_size),
@@ -91,4 +121,56 @@ void *fl_mem_ptr(const struct fl_mem *mem, uint64_t gpa, uint64_t len)
 	    len <= high - (gpa - FL_HIGH_RAM_BASE))
 		return mem->host + mem->low_size + (gpa - FL_HIGH_RAM_BASE);
 	return NULL;
+}
+
+int fl_mem_log_dirty(struct fl_mem *mem, int vm_fd, char *err, size_t errlen)
+{
+	int rc;
+
+	if (mem->log_dirty)
+		return 0;
+	mem->log_dirty = 1;
+	rc = fl_mem_register(mem, vm_fd, err, errlen);
+	if (rc < 0) {
+		mem->log_dirty = 0;
+		fl_mem_register(mem, vm_fd, NULL, 0);
+	}
+	return rc;
+}
+
+static int collect_slot(int vm_fd, uint32_t slot, uint64_t pages, uint64_t *bitmap,
+			uint64_t first, char *err, size_t errlen)
+{
+	uint64_t words = (pages + 63) / 64;
+	uint64_t *log = calloc(words, sizeof(uint64_t));
+	struct kvm_dirty_log d = {.slot = slot};
+
+	if (!log)
+		return fl_errf(err, errlen, ENOMEM, "dirty log buffer");
+	d.dirty_bitmap = log;
+	if (ioctl(vm_fd, KVM_GET_DIRTY_LOG, &d) < 0) {
+		int e = errno;
+		free(log);
+		return fl_errf(err, errlen, e, "KVM_GET_DIRTY_LOG (slot %u): %s", slot, strerror(e));
+	}
+	/* Slots start on a 64-page boundary (RAM sizes are whole MiB). */
+	for (uint64_t w = 0; w < words; w++)
+		bitmap[first / 64 + w] |= log[w];
+	free(log);
+	return 0;
+}
+
+int fl_mem_collect_dirty(struct fl_mem *mem, int vm_fd, uint64_t *bitmap, char *err,
+			 size_t errlen)
+{
+	uint64_t low_pages = mem->low_size / 4096;
+	int rc;
+
+	if (!mem->log_dirty)
+		return fl_errf(err, errlen, EINVAL, "dirty logging is off");
+	rc = collect_slot(vm_fd, 0, low_pages, bitmap, 0, err, errlen);
+	if (rc == 0 && mem->size > mem->low_size)
+		rc = collect_slot(vm_fd, 1, (mem->size - mem->low_size) / 4096, bitmap, low_pages,
+				  err, errlen);
+	return rc;
 }

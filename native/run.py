@@ -10,7 +10,10 @@ command line or configuration 64.
 Options: --kernel PATH (PVH ELF, bzImage or vmlinux; required), --initrd PATH, --cmdline TEXT,
 --memory MiB (default 128), --vcpus N (default 1), --memfd (back guest RAM with a memfd),
 --disk PATH[,ro] (a virtio-blk disk on a raw image; repeatable), --tap NAME (a virtio-net NIC
-on tap interface NAME, opened or created here but configured by the caller; repeatable).
+on tap interface NAME, opened or created here but configured by the caller; repeatable),
+--restore DIR (run on from a snapshot that `Machine.save` wrote to DIR instead of booting a
+kernel: --kernel, --initrd, --cmdline, --memory and --vcpus do not apply; give the same
+--disk/--tap devices as when it was saved).
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ class Args:
         self.memfd = False
         self.disks: list[Disk] = []
         self.taps: list[str] = []
+        self.restore = ""
         rest = list(argv)
         while rest:
             arg = rest.pop(0)
@@ -104,6 +108,7 @@ class Args:
                 "--vcpus",
                 "--disk",
                 "--tap",
+                "--restore",
             ):
                 raise UsageError(f"unknown argument {arg!r}")
             if not eq:
@@ -111,8 +116,10 @@ class Args:
                     raise UsageError(f"{name} needs a value")
                 value = rest.pop(0)
             self._take(name, value)
-        if not self.kernel:
-            raise UsageError("--kernel is required")
+        if self.restore and self.kernel:
+            raise UsageError("--restore and --kernel exclude each other")
+        if not self.kernel and not self.restore:
+            raise UsageError("--kernel (or --restore) is required")
 
     def _take(self, name: str, value: str) -> None:
         if name == "--disk":
@@ -196,18 +203,28 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.taps:
             fd = open_tap(name)
             tap_fds.append(fd)
-        machine = Machine(
-            args.kernel,
-            initrd=args.initrd,
-            cmdline=args.cmdline,
-            memory_mib=args.memory,
-            vcpus=args.vcpus,
-            console_out=1,
-            console_in=relay.read_fd if relay else 0,
-            memfd=args.memfd,
-            disks=args.disks,
-            nics=[Nic(fd) for fd in tap_fds],
-        )
+        console_in = relay.read_fd if relay else 0
+        if args.restore:
+            machine = Machine.restore(
+                args.restore,
+                console_out=1,
+                console_in=console_in,
+                disks=args.disks,
+                nics=[Nic(fd) for fd in tap_fds],
+            )
+        else:
+            machine = Machine(
+                args.kernel,
+                initrd=args.initrd,
+                cmdline=args.cmdline,
+                memory_mib=args.memory,
+                vcpus=args.vcpus,
+                console_out=1,
+                console_in=console_in,
+                memfd=args.memfd,
+                disks=args.disks,
+                nics=[Nic(fd) for fd in tap_fds],
+            )
     except (VmmError, OSError) as exc:
         print(f"native.run: {exc}", file=sys.stderr)
         for fd in tap_fds:

@@ -57,11 +57,13 @@ static void build_gmem(struct fl_vm *vm)
 	struct fl_guest_mem *g = &vm->gmem;
 
 	g->n = 0;
+	g->r[g->n].first_page = 0;
 	g->r[g->n].gpa = 0;
 	g->r[g->n].len = vm->mem.low_size;
 	g->r[g->n].host = vm->mem.host;
 	g->n++;
 	if (vm->mem.size > vm->mem.low_size) {
+		g->r[g->n].first_page = vm->mem.low_size / 4096;
 		g->r[g->n].gpa = FL_HIGH_RAM_BASE;
 		g->r[g->n].len = vm->mem.size - vm->mem.low_size;
 		g->r[g->n].host = vm->mem.host + vm->mem.low_size;
@@ -280,29 +282,69 @@ static int require_paused(struct fl_vm *vm)
 	return 0;
 }
 
+int fl_device_blob_get(struct fl_vm *vm, uint32_t slot, void *buf)
+{
+	struct fl_virtio_dev *d = vm->virtio[slot].dev;
+	struct state_blob b;
+
+	memset(&b, 0, sizeof(b));
+	b.magic = STATE_MAGIC;
+	b.version = STATE_VERSION;
+	b.device_id = d->device_id;
+	b.size = sizeof(b);
+	fl_virtio_save(d, &b.s);
+	b.checksum = fnv1a(&b, offsetof(struct state_blob, checksum));
+	memcpy(buf, &b, sizeof(b));
+	return (int)sizeof(b);
+}
+
+int fl_device_blob_check(const void *buf, size_t len, uint32_t device_id)
+{
+	struct state_blob b;
+
+	if (!buf || len != sizeof(b))
+		return -EINVAL;
+	memcpy(&b, buf, sizeof(b));
+	if (b.magic != STATE_MAGIC || b.version != STATE_VERSION || b.size != sizeof(b) ||
+	    b.checksum != fnv1a(&b, offsetof(struct state_blob, checksum)) ||
+	    b.device_id != device_id)
+		return -EINVAL;
+	return 0;
+}
+
+int fl_device_blob_put(struct fl_vm *vm, uint32_t slot, const void *buf)
+{
+	struct fl_virtio_dev *d = vm->virtio[slot].dev;
+	struct state_blob b;
+	int rc;
+
+	memcpy(&b, buf, sizeof(b));
+	if (b.magic != STATE_MAGIC || b.version != STATE_VERSION || b.size != sizeof(b) ||
+	    b.checksum != fnv1a(&b, offsetof(struct state_blob, checksum)))
+		return fl_fail(vm, EINVAL, "not a device state blob of version %d (or corrupt)",
+			       STATE_VERSION);
+	if (b.device_id != d->device_id)
+		return fl_fail(vm, EINVAL, "state of device type %u for a device of type %u",
+			       b.device_id, d->device_id);
+	rc = fl_virtio_restore(d, &b.s);
+	if (rc < 0)
+		rc = fl_fail(vm, -rc, "device state is inconsistent with this machine");
+	return rc;
+}
+
 int fl_device_save(struct fl_vm *vm, uint32_t slot, void *buf, size_t len)
 {
 	struct fl_virtio_dev *d = NULL;
-	struct state_blob b;
 	int rc = slot_of(vm, slot, &d);
 
 	if (rc < 0)
 		return rc;
 	pthread_mutex_lock(&vm->api_lock);
 	rc = require_paused(vm);
-	if (rc == 0 && (!buf || len < sizeof(b)))
-		rc = fl_fail(vm, ENOSPC, "device state needs %zu bytes", sizeof(b));
-	if (rc == 0) {
-		memset(&b, 0, sizeof(b));
-		b.magic = STATE_MAGIC;
-		b.version = STATE_VERSION;
-		b.device_id = d->device_id;
-		b.size = sizeof(b);
-		fl_virtio_save(d, &b.s);
-		b.checksum = fnv1a(&b, offsetof(struct state_blob, checksum));
-		memcpy(buf, &b, sizeof(b));
-		rc = (int)sizeof(b);
-	}
+	if (rc == 0 && (!buf || len < sizeof(struct state_blob)))
+		rc = fl_fail(vm, ENOSPC, "device state needs %zu bytes", sizeof(struct state_blob));
+	if (rc == 0)
+		rc = fl_device_blob_get(vm, slot, buf);
 	pthread_mutex_unlock(&vm->api_lock);
 	return rc;
 }
@@ -310,35 +352,17 @@ int fl_device_save(struct fl_vm *vm, uint32_t slot, void *buf, size_t len)
 int fl_device_restore(struct fl_vm *vm, uint32_t slot, const void *buf, size_t len)
 {
 	struct fl_virtio_dev *d = NULL;
-	struct state_blob b;
 	int rc = slot_of(vm, slot, &d);
 
 	if (rc < 0)
 		return rc;
 	pthread_mutex_lock(&vm->api_lock);
 	rc = require_paused(vm);
-	if (rc < 0)
-		goto out;
-	if (!buf || len != sizeof(b)) {
-		rc = fl_fail(vm, EINVAL, "device state must be %zu bytes, not %zu", sizeof(b), len);
-		goto out;
-	}
-	memcpy(&b, buf, sizeof(b));
-	if (b.magic != STATE_MAGIC || b.version != STATE_VERSION || b.size != sizeof(b) ||
-	    b.checksum != fnv1a(&b, offsetof(struct state_blob, checksum))) {
-		rc = fl_fail(vm, EINVAL, "not a device state blob of version %d (or corrupt)",
-			     STATE_VERSION);
-		goto out;
-	}
-	if (b.device_id != d->device_id) {
-		rc = fl_fail(vm, EINVAL, "state of device type %u for a device of type %u",
-			     b.device_id, d->device_id);
-		goto out;
-	}
-	rc = fl_virtio_restore(d, &b.s);
-	if (rc < 0)
-		rc = fl_fail(vm, -rc, "device state is inconsistent with this machine");
-out:
+	if (rc == 0 && (!buf || len != sizeof(struct state_blob)))
+		rc = fl_fail(vm, EINVAL, "device state must be %zu bytes, not %zu",
+			     sizeof(struct state_blob), len);
+	if (rc == 0)
+		rc = fl_device_blob_put(vm, slot, buf);
 	pthread_mutex_unlock(&vm->api_lock);
 	return rc;
 }

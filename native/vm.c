@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "vmm.h"
 
@@ -16,7 +17,7 @@ struct fl_vm *fl_vm_new(void)
 	if (!vm)
 		return NULL;
 	vm->kvm_fd = vm->vm_fd = vm->event_fd = vm->io_wake_fd = vm->console_in_fd = -1;
-	vm->mem.memfd = -1;
+	vm->mem.memfd = vm->mem.file_fd = -1;
 	if (pthread_mutex_init(&vm->lock, NULL) != 0)
 		goto free_vm;
 	if (pthread_cond_init(&vm->cond, NULL) != 0)
@@ -57,9 +58,9 @@ static void set_state(struct fl_vm *vm, int state)
 	fl_console_wake(vm);
 }
 
-static int check_config(struct fl_vm *vm, const struct fl_config *cfg)
+static int check_config(struct fl_vm *vm, const struct fl_config *cfg, int restoring)
 {
-	if (!cfg->kernel_path || !cfg->kernel_path[0])
+	if (!restoring && (!cfg->kernel_path || !cfg->kernel_path[0]))
 		return fl_fail(vm, EINVAL, "no kernel image given");
 	if (cfg->memory_mib < FL_MIN_MEMORY_MIB || cfg->memory_mib > FL_MAX_MEMORY_MIB)
 		return fl_fail(vm, EINVAL, "memory must be %d..%d MiB, not %llu",
@@ -75,28 +76,45 @@ static int check_config(struct fl_vm *vm, const struct fl_config *cfg)
 
 int fl_vm_configure(struct fl_vm *vm, const struct fl_config *cfg)
 {
-	struct fl_boot boot;
-	struct fl_config with_devices;
-	char *cmdline = NULL;
-	uint64_t rsdp = 0;
 	int rc;
 
 	if (!vm || !cfg)
 		return -EINVAL;
 	pthread_mutex_lock(&vm->api_lock);
-	if (vm->state != FL_STATE_NEW) {
+	if (vm->state != FL_STATE_NEW)
 		rc = fl_fail(vm, EBUSY, "machine is already configured");
-		goto out;
-	}
-	rc = check_config(vm, cfg);
+	else
+		rc = fl_vm_build(vm, cfg, -1);
+	pthread_mutex_unlock(&vm->api_lock);
+	return rc;
+}
+
+int fl_vm_build(struct fl_vm *vm, const struct fl_config *cfg, int memory_fd)
+{
+	struct fl_boot boot;
+	struct fl_config with_devices;
+	char *cmdline = NULL;
+	uint64_t rsdp = 0;
+	int restoring = memory_fd >= 0;
+	int rc;
+
+	rc = check_config(vm, cfg, restoring);
 	if (rc < 0)
 		goto out;
 	vm->nvcpus = cfg->vcpus;
 	rc = fl_kvm_create(vm);
 	if (rc < 0)
 		goto out;
-	rc = fl_mem_init(&vm->mem, cfg->memory_mib * FL_MIB, !!(cfg->flags & FL_CONFIG_MEMFD),
-			 vm->err, sizeof(vm->err));
+	if (restoring) {
+		rc = fl_mem_init_file(&vm->mem, cfg->memory_mib * FL_MIB, memory_fd, vm->err,
+				      sizeof(vm->err));
+		memory_fd = -1; /* the memory owns it now */
+		/* From the snapshot on, pages written are logged: the next one can be a diff. */
+		vm->mem.log_dirty = 1;
+	} else {
+		rc = fl_mem_init(&vm->mem, cfg->memory_mib * FL_MIB,
+				 !!(cfg->flags & FL_CONFIG_MEMFD), vm->err, sizeof(vm->err));
+	}
 	if (rc < 0)
 		goto kvm;
 	rc = fl_mem_register(&vm->mem, vm->vm_fd, vm->err, sizeof(vm->err));
@@ -115,7 +133,7 @@ int fl_vm_configure(struct fl_vm *vm, const struct fl_config *cfg)
 	if (rc < 0)
 		goto slots;
 	with_devices = *cfg;
-	if (vm->nvirtio) {
+	if (vm->nvirtio && !restoring) {
 		cmdline = fl_virtio_cmdline(vm, cfg->cmdline);
 		if (!cmdline) {
 			rc = -EINVAL;
@@ -126,18 +144,23 @@ int fl_vm_configure(struct fl_vm *vm, const struct fl_config *cfg)
 	rc = fl_cpuid_init(vm);
 	if (rc < 0)
 		goto slots;
-	rc = fl_acpi_build(vm, &rsdp);
-	if (rc < 0)
-		goto cpuid;
-	rc = fl_boot_load(vm, &with_devices, rsdp, &boot);
-	if (rc < 0)
-		goto cpuid;
+	if (!restoring) {
+		/* A restored guest has its tables, kernel and boot data in its memory already. */
+		rc = fl_acpi_build(vm, &rsdp);
+		if (rc < 0)
+			goto cpuid;
+		rc = fl_boot_load(vm, &with_devices, rsdp, &boot);
+		if (rc < 0)
+			goto cpuid;
+	}
 	rc = fl_vcpus_create(vm);
 	if (rc < 0)
 		goto cpuid;
-	rc = fl_boot_setup_bsp(vm, &vm->vcpus[0], &boot);
-	if (rc < 0)
-		goto vcpus;
+	if (!restoring) {
+		rc = fl_boot_setup_bsp(vm, &vm->vcpus[0], &boot);
+		if (rc < 0)
+			goto vcpus;
+	}
 	vm->console_in_fd = cfg->console_in_fd;
 	set_state(vm, FL_STATE_CONFIGURED);
 	rc = 0;
@@ -158,8 +181,9 @@ mem:
 kvm:
 	fl_kvm_destroy(vm);
 out:
+	if (memory_fd >= 0)
+		close(memory_fd);
 	free(cmdline);
-	pthread_mutex_unlock(&vm->api_lock);
 	return rc;
 }
 
@@ -291,19 +315,34 @@ int fl_vm_stop(struct fl_vm *vm)
 	return 0;
 }
 
-void fl_vm_destroy(struct fl_vm *vm)
+/* Releases what fl_vm_build made; the handle is NEW again. */
+void fl_vm_unbuild(struct fl_vm *vm)
 {
-	if (!vm)
-		return;
-	pthread_mutex_lock(&vm->api_lock);
 	stop_locked(vm);
 	fl_vcpus_destroy(vm);
 	free(vm->cpuid);
+	vm->cpuid = NULL;
 	fl_virtio_slots_fini(vm);
 	fl_devices_fini(vm);
 	fl_events_fini(vm);
 	fl_mem_fini(&vm->mem);
 	fl_kvm_destroy(vm);
+	free(vm->snap.pending);
+	free(vm->snap.devices);
+	memset(&vm->snap, 0, sizeof(vm->snap));
+	vm->gmem.dirty = NULL;
+	vm->nvcpus = 0;
+	vm->console_in_fd = -1;
+	__atomic_store_n(&vm->terminated, 0, __ATOMIC_SEQ_CST);
+	__atomic_store_n(&vm->state, FL_STATE_NEW, __ATOMIC_SEQ_CST);
+}
+
+void fl_vm_destroy(struct fl_vm *vm)
+{
+	if (!vm)
+		return;
+	pthread_mutex_lock(&vm->api_lock);
+	fl_vm_unbuild(vm);
 	pthread_mutex_unlock(&vm->api_lock);
 	pthread_mutex_destroy(&vm->api_lock);
 	pthread_cond_destroy(&vm->cond);

@@ -37,11 +37,22 @@ struct fl_mem {
 	uint64_t size;	   /* total RAM */
 	uint64_t low_size; /* RAM at [0, low_size) */
 	int memfd;	   /* -1 when anonymous */
+	int file_fd;	   /* a snapshot's memory file mapped copy-on-write, else -1 */
+	int log_dirty;	   /* slots registered with KVM_MEM_LOG_DIRTY_PAGES */
 };
 
 int fl_mem_init(struct fl_mem *mem, uint64_t size, int use_memfd, char *err, size_t errlen);
+/* Guest RAM as a private (copy-on-write) mapping of a snapshot's memory file: pages are read
+ * from the file only when first touched. Takes fd (closed by fl_mem_fini). */
+int fl_mem_init_file(struct fl_mem *mem, uint64_t size, int fd, char *err, size_t errlen);
 void fl_mem_fini(struct fl_mem *mem);
 int fl_mem_register(struct fl_mem *mem, int vm_fd, char *err, size_t errlen);
+/* Turns KVM dirty logging on for every RAM slot (re-registers them with the flag). */
+int fl_mem_log_dirty(struct fl_mem *mem, int vm_fd, char *err, size_t errlen);
+/* ORs the pages KVM saw written since the last call into bitmap (one bit per page of the
+ * host mapping, low RAM first) and clears KVM's log. */
+int fl_mem_collect_dirty(struct fl_mem *mem, int vm_fd, uint64_t *bitmap, char *err,
+			 size_t errlen);
 /* Host pointer for [gpa, gpa+len) if it lies wholly inside one RAM region, else NULL. */
 void *fl_mem_ptr(const struct fl_mem *mem, uint64_t gpa, uint64_t len);
 
@@ -109,6 +120,16 @@ struct fl_vm {
 	int event_fd;
 	int terminated; /* a terminal event stopped the machine */
 
+	/* snapshots (snapshot.c) */
+	struct fl_snap_track {
+		int tracking;	   /* dirty pages are logged since snapshot `base` */
+		uint8_t base[16];  /* id of the last snapshot taken or restored */
+		uint64_t *pending; /* pages dirtied since base, collected so far (a failed
+				      save keeps them for the next) */
+		uint64_t *devices; /* pages devices wrote (virtio), since the last collect */
+		uint64_t npages;
+	} snap;
+
 	/* console input thread */
 	int console_in_fd;
 	int io_wake_fd;
@@ -164,6 +185,22 @@ void fl_virtio_slots_stop(struct fl_vm *vm);
  * or too long, with the error set). */
 char *fl_virtio_cmdline(struct fl_vm *vm, const char *cmdline);
 int fl_kvm_ioeventfd(struct fl_vm *vm, uint64_t addr, uint32_t datamatch, int fd);
+
+/* vcpu_state.c: a vCPU's state blob without the paused check (the caller holds the
+ * machine still) and the check of a blob's framing (untrusted input). */
+int fl_vcpu_state_get(struct fl_vm *vm, uint32_t index, void *buf);
+int fl_vcpu_state_put(struct fl_vm *vm, uint32_t index, const void *buf);
+int fl_vcpu_blob_check(const void *buf, size_t len);
+
+/* virtio_slots.c: the same for a device blob. */
+int fl_device_blob_get(struct fl_vm *vm, uint32_t slot, void *buf);
+int fl_device_blob_check(const void *buf, size_t len, uint32_t device_id);
+int fl_device_blob_put(struct fl_vm *vm, uint32_t slot, const void *buf);
+
+/* vm.c: builds a configured machine; restoring (snapshot.c) passes RAM already mapped from
+ * a memory file and skips the loader (the guest is in that memory). */
+int fl_vm_build(struct fl_vm *vm, const struct fl_config *cfg, int memory_fd);
+void fl_vm_unbuild(struct fl_vm *vm);
 
 /* x86 */
 int fl_cpuid_init(struct fl_vm *vm);

@@ -4,9 +4,13 @@
 #include "guest.h"
 
 uint8_t fz_ram[FZ_RAM_SIZE];
+/* Devices mark what they may write, as for a diff snapshot: the marking is exercised too. */
+static uint64_t fz_dirty[(FZ_RAM_SIZE / 4096 + 63) / 64];
 struct fl_guest_mem fz_mem = {
-	.r = {{0, FZ_RAM_LOW, fz_ram}, {FZ_HIGH_GPA, FZ_RAM_HIGH, fz_ram + FZ_RAM_LOW}},
+	.r = {{0, FZ_RAM_LOW, fz_ram, 0},
+	      {FZ_HIGH_GPA, FZ_RAM_HIGH, fz_ram + FZ_RAM_LOW, FZ_RAM_LOW / 4096}},
 	.n = 2,
+	.dirty = fz_dirty,
 };
 
 void fz_ram_fill(struct fz_input *in)

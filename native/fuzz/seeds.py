@@ -270,6 +270,78 @@ def ioapic_seeds() -> Iterable[tuple[str, bytes]]:
     yield "program-raise-eoi", ops
 
 
+# ---- snapshot files (snapshot) ----
+
+
+def crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def snap_state(nvcpus: int = 2, kind: int = 1) -> bytes:
+    """A state file as native/snapshot_file.c writes it: header, sections with their CRCs."""
+    mib = 1 << 20
+    slots = struct.pack("<IIQ8s", 2, 0, 2048, b"") + bytes(24 * 7)
+    config = struct.pack("<IIQQII", nvcpus, 1, 64 * mib, 64 * mib, 4096, 0) + slots
+    sections = [(1, 0, config)]
+    sections += [(2, i, bytes(range(64))) for i in range(nvcpus)]
+    sections += [(3, 0, bytes(208)), (4, 0, bytes(84)), (5, 0, bytes(28)), (6, 0, b"\0")]
+    sections += [(7, 0, struct.pack("<QII", 123456789, 0, 0)), (8, 0, bytes(120))]
+    body = b""
+    for kind_, instance, payload in sections:
+        padded = payload + bytes(-len(payload) % 8)
+        crc = crc32c(struct.pack("<IIQII", kind_, instance, len(payload), 0, 0) + padded)
+        body += struct.pack("<IIQII", kind_, instance, len(payload), crc, 0) + padded
+    size = 72 + len(body)
+    head = struct.pack(
+        "<QIIIIQ16s16sII",
+        0x50414E534C544C46,
+        1,
+        72,
+        kind,
+        len(sections),
+        size,
+        bytes(range(16)),
+        bytes(16),
+        0,
+        0,
+    )
+    return head[:-4] + struct.pack("<I", crc32c(head)) + body
+
+
+def snap_trailer(runs: list[tuple[int, int]]) -> bytes:
+    """A memory file's trailer: the runs, padding, then its header in the last 72 bytes."""
+    raw = b"".join(struct.pack("<QQ", first, count) for first, count in runs)
+    kind = 2 if runs else 1
+    head = struct.pack(
+        "<QII16s16sQQII",
+        0x4D454D534C544C46,
+        1,
+        kind,
+        bytes(16),
+        bytes(16),
+        64 << 20,
+        len(runs),
+        4096,
+        0,
+    )
+    size = -(-(len(raw) + 72) // 4096) * 4096
+    trailer = raw + bytes(size - len(raw) - 72) + head[:-4]
+    return trailer + struct.pack("<I", crc32c(trailer))
+
+
+def snapshot_seeds() -> Iterable[tuple[str, bytes]]:
+    yield "state-full", b"\x00" + snap_state()
+    yield "state-diff-fixcrc", b"\x02" + snap_state(nvcpus=3, kind=2)
+    yield "trailer-full", b"\x01" + snap_trailer([])
+    yield "trailer-diff", b"\x01" + snap_trailer([(0, 3), (10, 1), (100, 50)])
+    yield "trailer-diff-fixcrc", b"\x03" + snap_trailer([(5, 5)])
+
+
 TARGETS: dict[str, Callable[[], Iterable[tuple[str, bytes]]]] = {
     "virtqueue": virtqueue_seeds,
     "image": image_seeds,
@@ -279,6 +351,7 @@ TARGETS: dict[str, Callable[[], Iterable[tuple[str, bytes]]]] = {
     "serial": serial_seeds,
     "ports": ports_seeds,
     "ioapic": ioapic_seeds,
+    "snapshot": snapshot_seeds,
 }
 
 

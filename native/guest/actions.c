@@ -100,6 +100,14 @@ static void act_smp(u64 v)
 
 static void act_memtest(u64 mib) { mem_test(mib); }
 
+/* Waits (as the idle loop, taking no CPU) before the next word: a window for the host, e.g.
+ * to take a snapshot before the words after it write memory. */
+static void act_sleep(u64 ms)
+{
+	sleep_us(ms * 1000);
+	say("SLEPT ms=%lu", ms);
+}
+
 static void act_counter(u64 v)
 {
 	(void)v;
@@ -182,6 +190,7 @@ static const struct action actions[] = {
 	{"triplefault", NO_VALUE, act_triplefault, NULL},
 	{"smp", NO_VALUE, act_smp, NULL},
 	{"memtest", NEEDS_VALUE, act_memtest, NULL},
+	{"sleep", NEEDS_VALUE, act_sleep, NULL},
 	{"counter", NO_VALUE, act_counter, NULL},
 	{"hostile", NO_VALUE, act_hostile, NULL},
 	{"serialflood", NEEDS_VALUE, act_serialflood, NULL},

@@ -179,6 +179,52 @@ int fl_device_state_size(void);
 int fl_device_save(struct fl_vm *vm, uint32_t slot, void *buf, size_t len);
 int fl_device_restore(struct fl_vm *vm, uint32_t slot, const void *buf, size_t len);
 
+/* Snapshots (docs/machine.md): a state file (every vCPU, the IOAPIC, serial, i8042, ACPI
+ * PM, kvmclock, each virtio device, the machine config; versioned sections with CRC-32C) and
+ * a sparse memory file. Save only while paused; each file is written under a temporary name,
+ * fsync'd and renamed, the memory file first, so a crash never leaves a pair that passes as
+ * valid. FL_SNAPSHOT_DIFF writes only the pages written since the last snapshot this machine
+ * took or was restored from (KVM dirty logging plus what its devices wrote); merge it onto
+ * that snapshot's memory file to restore it. Restore builds a NEW handle into a CONFIGURED
+ * machine (start it to run) with guest RAM mapped copy-on-write from the memory file; cfg
+ * gives the console, disks and NICs (the same kinds, order, sizes and MACs as when saved; a
+ * NIC MAC of zeros takes the saved one), vcpus/memory_mib 0 or equal to the snapshot's.
+ * Anything invalid refuses before KVM is touched and leaves the handle NEW. */
+#define FL_SNAPSHOT_DIFF 1
+
+struct fl_snapshot_info {
+	uint32_t version;
+	uint32_t kind; /* 1 full, 2 diff */
+	uint32_t vcpus;
+	uint32_t ndisks;
+	uint32_t nnics;
+	uint32_t reserved;
+	uint64_t memory_mib;
+	uint8_t id[16];
+	uint8_t parent[16]; /* a diff's base snapshot */
+	uint8_t macs[4][6]; /* the NICs' MACs */
+};
+
+struct fl_snapshot_stats {
+	uint64_t state_bytes;
+	uint64_t memory_pages; /* pages written to the memory file */
+	uint64_t memory_runs;  /* pwrite calls for them */
+	uint64_t ns_state;     /* collecting device and vCPU state */
+	uint64_t ns_memory;    /* finding and writing pages */
+	uint64_t ns_sync;      /* fsync and rename */
+};
+
+int fl_snapshot_save(struct fl_vm *vm, const char *state_path, const char *memory_path,
+		     uint32_t flags, struct fl_snapshot_stats *stats);
+int fl_snapshot_restore(struct fl_vm *vm, const struct fl_config *cfg, const char *state_path,
+			const char *memory_path);
+int fl_snapshot_info(const char *state_path, struct fl_snapshot_info *info, char *err,
+		     size_t errlen);
+/* Writes out_memory = base_memory with diff_memory's pages on top (the diff's parent must be
+ * the base); out may be base itself (replaced by rename). */
+int fl_snapshot_merge(const char *base_memory, const char *diff_memory, const char *out_memory,
+		      char *err, size_t errlen);
+
 /* Introspection */
 int fl_memory_read(struct fl_vm *vm, uint64_t gpa, void *buf, uint64_t len);
 int fl_counters_read(struct fl_vm *vm, struct fl_counters *out);

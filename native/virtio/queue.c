@@ -44,6 +44,7 @@ int fl_vq_enable(struct fl_vq *vq, const struct fl_guest_mem *mem)
 		fl_vq_disable(vq);
 		return -EINVAL;
 	}
+	vq->mem = mem;
 	vq->enabled = 1;
 	return 0;
 }
@@ -118,10 +119,13 @@ int fl_vq_pop(struct fl_vq *vq, const struct fl_guest_mem *mem, struct fl_vq_cha
 				return -EINVAL;
 			c->iov[k].iov_base = p;
 			c->iov[k].iov_len = d.len;
-			if (d.flags & VRING_DESC_F_WRITE)
+			if (d.flags & VRING_DESC_F_WRITE) {
+				/* The device may write any of it: a diff snapshot must carry it. */
+				fl_gmem_mark(mem, d.addr, d.len);
 				c->nin++;
-			else
+			} else {
 				c->nout++;
+			}
 		}
 		if (!(d.flags & VRING_DESC_F_NEXT))
 			break;
@@ -142,6 +146,8 @@ void fl_vq_push(struct fl_vq *vq, uint16_t head, uint32_t len)
 	e = vq->used + USED_RING + (size_t)USED_ELEM * (vq->used_idx & (vq->cfg.size - 1));
 	__atomic_store_n((uint32_t *)(void *)e, (uint32_t)head, __ATOMIC_RELAXED);
 	__atomic_store_n((uint32_t *)(void *)(e + 4), len, __ATOMIC_RELAXED);
+	if (vq->mem)
+		fl_gmem_mark(vq->mem, vq->cfg.used, USED_RING + (uint64_t)USED_ELEM * vq->cfg.size);
 	vq->used_idx++;
 	/* Release: the element is visible before the index that publishes it. */
 	__atomic_store_n((uint16_t *)(void *)(vq->used + 2), vq->used_idx, __ATOMIC_RELEASE);

@@ -21,9 +21,32 @@ struct fl_guest_mem {
 		uint64_t gpa;
 		uint64_t len;
 		uint8_t *host;
+		uint64_t first_page; /* the region's first page in `dirty` */
 	} r[FL_GMEM_REGIONS];
 	uint32_t n;
+	/* One bit per page of RAM (regions in order) that a device may have written, for diff
+	 * snapshots: KVM logs only what vCPUs write. NULL while no snapshot is tracked. */
+	uint64_t *dirty;
 };
+
+/* Marks [gpa, gpa+len) written by a device (a range already checked to lie in one region). */
+static inline void fl_gmem_mark(const struct fl_guest_mem *m, uint64_t gpa, uint64_t len)
+{
+	uint64_t *dirty = __atomic_load_n(&m->dirty, __ATOMIC_ACQUIRE);
+
+	if (!dirty || !len)
+		return;
+	for (uint32_t i = 0; i < m->n && i < FL_GMEM_REGIONS; i++) {
+		uint64_t off = gpa - m->r[i].gpa;
+		if (gpa < m->r[i].gpa || off >= m->r[i].len || len > m->r[i].len - off)
+			continue;
+		uint64_t first = m->r[i].first_page + off / 4096;
+		uint64_t last = m->r[i].first_page + (off + len - 1) / 4096;
+		for (uint64_t p = first; p <= last; p++)
+			__atomic_fetch_or(&dirty[p / 64], 1ULL << (p % 64), __ATOMIC_RELAXED);
+		return;
+	}
+}
 
 /* Host pointer for [gpa, gpa+len) when it lies wholly inside one region, else NULL. */
 static inline uint8_t *fl_gmem_ptr(const struct fl_guest_mem *m, uint64_t gpa, uint64_t len)
@@ -58,6 +81,7 @@ struct fl_vq_config {
 
 struct fl_vq {
 	struct fl_vq_config cfg;
+	const struct fl_guest_mem *mem; /* set by fl_vq_enable */
 	uint16_t last_avail; /* next avail entry to take */
 	uint16_t used_idx;   /* next used entry to fill (our copy of used->idx) */
 	/* Host views, valid while enabled; the guest may rewrite them at any time. */

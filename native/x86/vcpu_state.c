@@ -4,6 +4,7 @@
  * pending I/O completed). A blob handed back for restore is untrusted input.
  */
 #include <errno.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -108,13 +109,20 @@ static int check_paused(struct fl_vm *vm, uint32_t index, size_t len)
 
 int fl_vcpu_save(struct fl_vm *vm, uint32_t index, void *buf, size_t len)
 {
+	int rc;
+
+	if ((rc = check_paused(vm, index, len)) < 0)
+		return rc;
+	return fl_vcpu_state_get(vm, index, buf);
+}
+
+int fl_vcpu_state_get(struct fl_vm *vm, uint32_t index, void *buf)
+{
 	struct vcpu_state *st;
 	struct kvm_msrs *msrs = NULL;
 	uint32_t idx[MAX_SAVED_MSRS];
 	int rc, n, fd;
 
-	if ((rc = check_paused(vm, index, len)) < 0)
-		return rc;
 	fd = vm->vcpus[index].fd;
 	st = calloc(1, sizeof(*st));
 	if (!st)
@@ -168,24 +176,42 @@ out:
 		}                                                                           \
 	} while (0)
 
+int fl_vcpu_blob_check(const void *buf, size_t len)
+{
+	struct vcpu_state head;
+
+	if (len != sizeof(struct vcpu_state))
+		return -EINVAL;
+	/* The fields up to the MSR count frame the blob; KVM checks the rest when it is set. */
+	memcpy(&head, buf, offsetof(struct vcpu_state, mp));
+	if (head.magic != STATE_MAGIC || head.version != STATE_VERSION ||
+	    head.size != sizeof(struct vcpu_state) || head.nmsrs > MAX_SAVED_MSRS)
+		return -EINVAL;
+	return 0;
+}
+
 int fl_vcpu_restore(struct fl_vm *vm, uint32_t index, const void *buf, size_t len)
+{
+	int rc;
+
+	if ((rc = check_paused(vm, index, len)) < 0)
+		return rc;
+	return fl_vcpu_state_put(vm, index, buf);
+}
+
+int fl_vcpu_state_put(struct fl_vm *vm, uint32_t index, const void *buf)
 {
 	struct vcpu_state *st;
 	struct kvm_msrs *msrs = NULL;
 	int rc, fd;
 
-	if ((rc = check_paused(vm, index, len)) < 0)
-		return rc;
 	fd = vm->vcpus[index].fd;
+	if (fl_vcpu_blob_check(buf, sizeof(*st)) < 0)
+		return fl_fail(vm, EINVAL, "not a vCPU state blob of version %d", STATE_VERSION);
 	st = malloc(sizeof(*st));
 	if (!st)
 		return fl_fail(vm, ENOMEM, "vCPU state");
 	memcpy(st, buf, sizeof(*st));
-	if (st->magic != STATE_MAGIC || st->version != STATE_VERSION ||
-	    st->size != sizeof(*st) || st->nmsrs > MAX_SAVED_MSRS) {
-		rc = fl_fail(vm, EINVAL, "not a vCPU state blob of version %d", STATE_VERSION);
-		goto out;
-	}
 	/* Order as KVM needs it: sregs before regs (mode), LAPIC before events, MSRs late. */
 	SET(KVM_SET_MP_STATE, &st->mp, "KVM_SET_MP_STATE");
 	SET(KVM_SET_SREGS, &st->sregs, "KVM_SET_SREGS");

@@ -27,6 +27,7 @@ MIN_SEED_EDGES = {
     "serial": 60,
     "ports": 90,
     "ioapic": 100,
+    "snapshot": 60,
 }
 
 
