@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ import pytest
 
 from compute_node.boot_sources import BootFiles
 from compute_node.config import ComputeConfig
-from compute_node.driver import RuntimeInfo
+from compute_node.driver import NicTap, RuntimeInfo
 from compute_node.fake import FakeDriver
 from compute_node.node import ComputeNode
 from protos.domain import DomainSpec
@@ -51,11 +51,18 @@ class SlowSpawnDriver(FakeDriver):
         super().__init__(vcpus, memory_mib)
         self.spawning = threading.Event()
 
-    def spawn(self, spec: DomainSpec, files: BootFiles, *, paused: bool = False) -> RuntimeInfo:
+    def spawn(
+        self,
+        spec: DomainSpec,
+        files: BootFiles,
+        *,
+        paused: bool = False,
+        nics: Sequence[NicTap] = (),
+    ) -> RuntimeInfo:
         if spec.name.startswith("slow-"):
             self.spawning.set()
             time.sleep(3)
-        return super().spawn(spec, files, paused=paused)
+        return super().spawn(spec, files, paused=paused, nics=nics)
 
 
 def _config(amqp_url: str, database_url: str) -> ApiConfig:
