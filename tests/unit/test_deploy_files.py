@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from compute_node.config import ComputeConfig
 from services.api.config import ApiConfig
 from services.scheduler.config import SchedulerConfig
+from services.storage.config import StorageConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -30,6 +31,7 @@ CONFIGS: dict[str, type[BaseModel]] = {
     "flotilla-api": ApiConfig,
     "flotilla-scheduler": SchedulerConfig,
     "flotilla-compute": ComputeConfig,
+    "flotilla-storage": StorageConfig,
 }
 SERVICES = sorted(s for s in SCRIPTS if s != "flotilla")
 
