@@ -64,10 +64,11 @@ class Attachment(_Frozen):
 
 
 class VolumeQuota(_Frozen):
-    """A project's limits, enforced by the catalog in the create's transaction."""
+    """A project's limits (None: unlimited), enforced by the catalog in the create's
+    transaction: the number of volumes, and the sum of their sizes in GiB (rounded up)."""
 
-    volumes: int = Field(ge=0)
-    gib: int = Field(ge=0)
+    volumes: int | None = Field(default=None, ge=0)
+    gib: int | None = Field(default=None, ge=0)
 
 
 # ---- replies -----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from services.api.problems import install as install_problems
 from services.api.projection import Projection
 from services.api.registry import Registry
 from services.api.request_id import RequestIdMiddleware
-from services.api.routes import admin, console, domains, events, hosts
+from services.api.routes import admin, console, domains, events, hosts, volumes
 from services.bus import Bus, BusError
 from services.cli.main import package_version
 from services.db import DatabaseUnavailable
@@ -81,6 +81,8 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     for module in (domains, console, hosts, events, admin):
         app.include_router(module.router)
+    app.include_router(volumes.pools_router)
+    app.include_router(volumes.router)
     _install_metrics(app)
     app.add_middleware(RequestIdMiddleware)  # outermost: its id is in every answer
 

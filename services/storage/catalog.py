@@ -486,7 +486,7 @@ def _check_quota(
             volumes.c.project == project
         )
     ).one()
-    if count and used_count + count > quota.volumes:
+    if count and quota.volumes is not None and used_count + count > quota.volumes:
         raise ServiceError(
             "over_quota",
             f"project {project} has {used_count} of {quota.volumes} volumes",
@@ -494,7 +494,7 @@ def _check_quota(
         )
     used_gib = -(-int(used_bytes) // GiB)
     wanted_gib = -(-(int(used_bytes) + size) // GiB)
-    if size > 0 and wanted_gib > quota.gib:
+    if size > 0 and quota.gib is not None and wanted_gib > quota.gib:
         raise ServiceError(
             "over_quota",
             f"project {project} uses {used_gib} of {quota.gib} GiB of volumes",

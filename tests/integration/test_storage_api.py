@@ -1,0 +1,225 @@
+"""/v1/pools and /v1/volumes over HTTP, end to end: the API (uvicorn on loopback) → the
+storage service → the storage agent of a compute node, which makes real files in its pool;
+bad input answered 4xx with nothing half-created; projects kept apart."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from compute_node.config import ComputeConfig, PoolConfig
+from compute_node.fake import FakeDriver
+from compute_node.node import ComputeNode
+from services.api import ApiConfig, TokenEntry
+from services.api.config import Role, VolumeLimits
+from services.scheduler import Scheduler, SchedulerConfig
+from services.storage.config import StorageConfig
+from services.storage.server import StorageServer
+from tests.bootfiles import BOOT_DIR
+from tests.integration.test_api import ApiServer, auth
+
+pytestmark = pytest.mark.integration
+ADMIN, ALICE, BOB = "admin-token-1", "alice-token-1", "bob-token-12"
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclass
+class StorageCloud:
+    http: httpx.Client
+    node: ComputeNode
+    pool: Path
+
+    def files(self) -> set[str]:
+        return {p.name for p in (self.pool / "volumes").iterdir()}
+
+    def post(self, path: str, body: Any = None, token: str = ALICE) -> httpx.Response:
+        return self.http.post(path, json=body, headers=auth(token))
+
+    def get(self, path: str, token: str = ALICE, **params: Any) -> httpx.Response:
+        return self.http.get(path, headers=auth(token), params=params)
+
+    def delete(self, path: str, token: str = ALICE) -> httpx.Response:
+        return self.http.delete(path, headers=auth(token))
+
+    def create(self, name: str, size: int = MiB, token: str = ALICE) -> dict[str, Any]:
+        reply = self.post("/v1/volumes", {"name": name, "size": size}, token)
+        assert reply.status_code == 201, reply.text
+        body: dict[str, Any] = reply.json()
+        return body
+
+
+@pytest.fixture
+def storage_cloud(amqp_url: str, tmp_path: Path) -> Iterator[StorageCloud]:
+    host = f"sapi-{uuid.uuid4().hex[:6]}"
+    pool = tmp_path / "pool"
+    node = ComputeNode(
+        ComputeConfig(
+            host=host,
+            state_dir=tmp_path / host,
+            amqp_url=amqp_url,
+            driver="fake",
+            allowed_boot_dirs=[BOOT_DIR],
+            heartbeat_interval_s=0.3,
+            pools=[PoolConfig(name="local", path=pool)],
+        ),
+        FakeDriver(4, 2048),
+    ).start()
+    storage: StorageServer | None = None
+    scheduler: Scheduler | None = None
+    server: ApiServer | None = None
+    try:
+        storage = StorageServer(
+            StorageConfig(
+                amqp_url=amqp_url,
+                database_url=f"sqlite:///{tmp_path}/catalog.db",
+                replica="api-test",
+                agent_hosts=(host,),
+                default_pool="local",
+            )
+        ).start()
+        scheduler = Scheduler(SchedulerConfig(amqp_url=amqp_url, replica=f"sapi-{host}"))
+        scheduler.start().wait_for_hosts(1)
+        server = ApiServer(
+            ApiConfig(
+                amqp_url=amqp_url,
+                database_url=f"sqlite:///{tmp_path}/registry.db",
+                tokens=[
+                    TokenEntry(token=ADMIN, project="ops", role=Role.ADMIN),
+                    TokenEntry(token=ALICE, project="alice"),
+                    TokenEntry(token=BOB, project="bob"),
+                ],
+                volume_quotas={"bob": VolumeLimits(volumes=2, gib=1)},
+                rpc_timeout_s=20,
+                schedule_timeout_s=30,
+            )
+        )
+        http = httpx.Client(base_url=server.start(), timeout=30)
+        yield StorageCloud(http, node, pool)
+        http.close()
+    finally:
+        if server is not None:
+            server.stop()
+        if scheduler is not None:
+            scheduler.stop()
+        if storage is not None:
+            storage.stop()
+        node.stop()
+
+
+def test_volumes_through_the_api_to_the_agents_files(storage_cloud: StorageCloud) -> None:
+    c = storage_cloud
+    pools = c.get("/v1/pools").json()["pools"]
+    assert [(p["name"], p["kind"]) for p in pools] == [("local", "dir")]
+    assert pools[0]["host"] != c.node.config.host  # a member sees an alias
+    assert c.get("/v1/pools", ADMIN).json()["pools"][0]["host"] == c.node.config.host
+    assert c.get("/v1/pools/local").json()["capacity"] > 0
+    assert c.get("/v1/pools/nope").status_code == 404
+
+    data = c.create("data", 4 * MiB)
+    assert (data["state"], data["size"], data["project"]) == ("available", 4 * MiB, "alice")
+    assert c.files() == {data["id"]}
+    with (c.pool / "volumes" / data["id"]).open("r+b") as f:
+        f.write(b"hello")
+    clone = c.post(f"/v1/volumes/{data['id']}/clone", {"name": "copy", "size": 8 * MiB})
+    assert clone.status_code == 201, clone.text
+    copy = clone.json()
+    assert (copy["size"], copy["source_id"]) == (8 * MiB, data["id"])
+    assert (c.pool / "volumes" / copy["id"]).read_bytes()[:5] == b"hello"
+    grown = c.post(f"/v1/volumes/{data['id']}/resize", {"size": 16 * MiB})
+    assert grown.json()["size"] == 16 * MiB
+    shrink = c.post(f"/v1/volumes/{data['id']}/resize", {"size": MiB})
+    assert (shrink.status_code, shrink.json()["code"]) == (409, "conflict")
+    wiped = c.post(f"/v1/volumes/{data['id']}/wipe")
+    assert wiped.status_code == 200, wiped.text
+    assert (c.pool / "volumes" / data["id"]).read_bytes()[:5] == bytes(5)
+    listed = c.get("/v1/volumes").json()
+    assert [v["name"] for v in listed["volumes"]] == ["copy", "data"]
+    assert "next" not in listed
+    page = c.get("/v1/volumes", limit=1).json()
+    assert [v["name"] for v in page["volumes"]] == ["copy"]
+    rest = c.get("/v1/volumes", limit=1, after=page["next"]).json()
+    assert [v["name"] for v in rest["volumes"]] == ["data"]
+    assert c.get(f"/v1/volumes/{data['id']}").json()["name"] == "data"
+    assert c.delete(f"/v1/volumes/{copy['id']}").status_code == 204
+    assert c.files() == {data["id"]}
+    assert c.get(f"/v1/volumes/{copy['id']}").status_code == 404
+
+
+BAD_BODIES: list[tuple[dict[str, Any], str, int]] = [
+    ({"name": "a/b", "size": MiB}, "name", 422),
+    ({"name": "..", "size": MiB}, "name", 422),
+    ({"name": "a..b", "size": MiB}, "name", 422),
+    ({"name": "a\u0000b", "size": MiB}, "name", 422),
+    ({"name": "neg", "size": -512}, "size", 422),
+    ({"name": "zero", "size": 0}, "size", 422),
+    ({"name": "odd", "size": 1000}, "size", 422),
+    ({"name": "huge", "size": (64 << 40) + 512}, "size", 422),
+    ({"name": "huge", "size": 10**30}, "size", 422),
+    ({"name": "beyond", "size": 60 << 40}, "size", 422),  # past the pool's free space
+    ({"name": "nopool", "size": MiB, "pool": "nope"}, "pool", 404),
+    ({"name": "x", "size": MiB, "extra": 1}, "extra", 422),
+]
+
+
+def test_bad_input_is_refused_with_its_field_and_nothing_is_made(
+    storage_cloud: StorageCloud,
+) -> None:
+    c = storage_cloud
+    for body, field, status in BAD_BODIES:
+        reply = c.post("/v1/volumes", body)
+        assert reply.status_code == status, (body, reply.text)
+        assert reply.headers["content-type"] == "application/problem+json"
+        assert reply.json()["field"] == field, (body, reply.json())
+    data = c.create("data")
+    for path, body, field in (
+        (f"/v1/volumes/{data['id']}/resize", {"size": -512}, "size"),
+        (f"/v1/volumes/{data['id']}/resize", {"size": 60 << 40}, "size"),
+        (f"/v1/volumes/{data['id']}/clone", {"name": "../x"}, "name"),
+        (f"/v1/volumes/{data['id']}/clone", {"name": "c", "size": 512}, "size"),
+    ):
+        reply = c.post(path, body)
+        assert 400 <= reply.status_code < 500, (path, body, reply.text)
+        assert reply.json()["field"] == field, (path, body, reply.json())
+    assert c.files() == {data["id"]}
+    assert [v["name"] for v in c.get("/v1/volumes").json()["volumes"]] == ["data"]
+    assert c.get(f"/v1/volumes/{data['id']}").json()["size"] == MiB
+
+
+def test_no_cross_project_access_and_quotas(storage_cloud: StorageCloud) -> None:
+    c = storage_cloud
+    theirs = c.create("private", token=ALICE)
+    vid = theirs["id"]
+    for reply in (
+        c.get(f"/v1/volumes/{vid}", BOB),
+        c.delete(f"/v1/volumes/{vid}", BOB),
+        c.post(f"/v1/volumes/{vid}/resize", {"size": 2 * MiB}, BOB),
+        c.post(f"/v1/volumes/{vid}/wipe", None, BOB),
+        c.post(f"/v1/volumes/{vid}/clone", {"name": "stolen"}, BOB),
+    ):
+        assert reply.status_code == 404, reply.text
+        assert "private" not in reply.text
+    assert c.get("/v1/volumes", BOB).json()["volumes"] == []
+    assert c.files() == {vid}
+    # An admin sees every project's.
+    assert [v["project"] for v in c.get("/v1/volumes", ADMIN).json()["volumes"]] == ["alice"]
+    # The same name in another project is another volume; bob's quota is 2 volumes, 1 GiB.
+    c.create("private", token=BOB)
+    over = c.post("/v1/volumes", {"name": "big", "size": GiB}, BOB)
+    assert (over.status_code, over.json()["resource"]) == (403, "gib"), over.text
+    c.create("second", token=BOB)
+    over = c.post("/v1/volumes", {"name": "third", "size": MiB}, BOB)
+    assert (over.status_code, over.json()["code"], over.json()["resource"]) == (
+        403,
+        "over_quota",
+        "volumes",
+    )
+    assert len(c.files()) == 3
+    taken = c.post("/v1/volumes", {"name": "private", "size": MiB}, BOB)
+    assert (taken.status_code, taken.json()["field"]) == (409, "name")
