@@ -21,7 +21,7 @@ from services.api.config import Role, VolumeLimits
 from services.scheduler import Scheduler, SchedulerConfig
 from services.storage.config import StorageConfig
 from services.storage.server import StorageServer
-from tests.bootfiles import BOOT_DIR
+from tests.bootfiles import BOOT_DIR, KERNEL
 from tests.integration.test_api import ApiServer, auth
 
 pytestmark = pytest.mark.integration
@@ -223,3 +223,64 @@ def test_no_cross_project_access_and_quotas(storage_cloud: StorageCloud) -> None
     assert len(c.files()) == 3
     taken = c.post("/v1/volumes", {"name": "private", "size": MiB}, BOB)
     assert (taken.status_code, taken.json()["field"]) == (409, "name")
+
+
+def _domain(c: StorageCloud, disks: list[dict[str, Any]], token: str = ALICE) -> httpx.Response:
+    body = {
+        "name": f"g-{uuid.uuid4().hex[:8]}",
+        "boot": {"kernel": KERNEL},
+        "disks": disks,
+        "start": False,
+    }
+    return c.post("/v1/domains", body, token)
+
+
+def _state(c: StorageCloud, volume_id: str) -> tuple[str, Any]:
+    volume = c.get(f"/v1/volumes/{volume_id}").json()
+    return volume["state"], volume["attachment"]
+
+
+def test_volumes_as_domain_disks_attach_and_detach(storage_cloud: StorageCloud) -> None:
+    c = storage_cloud
+    data = c.create("data")
+    spare = c.create("spare")
+    bobs = c.create("bobs", token=BOB)
+    # Another project's volume, or one that does not exist: 422 naming the disk, no domain.
+    for volume_id in (bobs["id"], str(uuid.uuid4())):
+        refused = _domain(c, [{"target": "vdb", "volume_id": volume_id}])
+        assert (refused.status_code, refused.json()["field"]) == (422, "disks.0.volume_id")
+    assert c.get("/v1/domains").json()["domains"] == []
+    assert _state(c, data["id"])[0] == "available"
+
+    made = _domain(c, [{"target": "vdb", "volume_id": data["id"]}])
+    assert made.status_code == 201, made.text
+    domain = made.json()
+    state, attachment = _state(c, data["id"])
+    assert (state, attachment) == (
+        "attached",
+        {"domain_id": domain["id"], "target": "vdb", "readonly": False},
+    )
+    busy = c.delete(f"/v1/volumes/{data['id']}")
+    assert (busy.status_code, busy.json()["reason"]) == (409, "attached")
+    # A volume attached to one domain cannot be another's disk.
+    twice = _domain(c, [{"target": "vdb", "volume_id": data["id"]}])
+    assert (twice.status_code, twice.json()["field"]) == (409, "disks.0.volume_id")
+
+    # Attach and detach on the stopped domain.
+    added = c.post(f"/v1/domains/{domain['id']}/disks", {"target": "vdc", "volume_id": spare["id"]})
+    assert added.status_code == 200, added.text
+    assert [d["target"] for d in added.json()["spec"]["disks"]] == ["vdb", "vdc"]
+    assert _state(c, spare["id"])[0] == "attached"
+    taken = c.post(f"/v1/domains/{domain['id']}/disks", {"target": "vdc", "volume_id": spare["id"]})
+    assert taken.status_code == 409
+    removed = c.delete(f"/v1/domains/{domain['id']}/disks/vdc")
+    assert removed.status_code == 200, removed.text
+    assert [d["target"] for d in removed.json()["spec"]["disks"]] == ["vdb"]
+    assert _state(c, spare["id"])[0] == "available"
+    assert c.delete(f"/v1/domains/{domain['id']}/disks/vdz").status_code == 404
+
+    # Deleting the domain frees its volumes.
+    gone = c.delete(f"/v1/domains/{domain['id']}")
+    assert gone.status_code in (202, 204), gone.text
+    assert _state(c, data["id"]) == ("available", None)
+    assert c.delete(f"/v1/volumes/{data['id']}").status_code == 204
