@@ -4,6 +4,10 @@ bad input answered 4xx with nothing half-created; projects kept apart."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ class StorageCloud:
     http: httpx.Client
     node: ComputeNode
     pool: Path
+    url: str
 
     def files(self) -> set[str]:
         return {p.name for p in (self.pool / "volumes").iterdir()}
@@ -100,8 +105,9 @@ def storage_cloud(amqp_url: str, tmp_path: Path) -> Iterator[StorageCloud]:
                 schedule_timeout_s=30,
             )
         )
-        http = httpx.Client(base_url=server.start(), timeout=30)
-        yield StorageCloud(http, node, pool)
+        url = server.start()
+        http = httpx.Client(base_url=url, timeout=30)
+        yield StorageCloud(http, node, pool, url)
         http.close()
     finally:
         if server is not None:
@@ -284,3 +290,48 @@ def test_volumes_as_domain_disks_attach_and_detach(storage_cloud: StorageCloud) 
     assert gone.status_code in (202, 204), gone.text
     assert _state(c, data["id"]) == ("available", None)
     assert c.delete(f"/v1/volumes/{data['id']}").status_code == 204
+
+
+@pytest.mark.slow
+def test_the_cli_verbs(storage_cloud: StorageCloud) -> None:
+    c = storage_cloud
+    env = {**os.environ, "FLOTILLA_API_URL": c.url, "FLOTILLA_TOKEN": ALICE}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "services.cli.main", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    def ok(*args: str) -> str:
+        done = run(*args)
+        assert done.returncode == 0, (args, done.stdout, done.stderr)
+        return done.stdout
+
+    assert "local" in ok("pool-list")
+    assert "Capacity:" in ok("pool-info", "local")
+    assert "Capacity: 4.00 MiB" in ok("vol-create", "data", "4M")
+    created = json.loads(ok("--json", "vol-info", "data"))
+    assert created["size"] == 4 * MiB
+    assert "Capacity: 8.00 MiB" in ok("vol-resize", "data", "8M")
+    assert "copy" in ok("vol-clone", "data", "copy")
+    listed = ok("vol-list")
+    assert "data" in listed
+    assert "copy" in listed
+    ok("vol-wipe", "copy")
+    refused = run("vol-create", "data", "1M")  # the name is taken
+    assert refused.returncode == 4, refused.stderr
+    refused = run("vol-create", "a..b", "1M")
+    assert (refused.returncode, "name" in refused.stderr) == (2, True), refused.stderr
+    assert run("vol-info", "nope").returncode == 3
+    domain = _domain(c, []).json()
+    ok("attach-disk", domain["name"], "data", "vdb")
+    assert json.loads(ok("--json", "vol-info", "data"))["state"] == "attached"
+    assert run("vol-delete", "data").returncode == 4
+    ok("detach-disk", domain["name"], "vdb")
+    assert "deleted" in ok("vol-delete", "data")
+    assert [v["name"] for v in json.loads(ok("--json", "vol-list"))] == ["copy"]
