@@ -60,7 +60,7 @@ class Catalog:
         values = {
             "name": info.name,
             "kind": info.kind,
-            "host": host,
+            "host": host or "",
             "capacity": info.capacity,
             "allocation": info.allocation,
             "available": info.available,
@@ -72,28 +72,40 @@ class Catalog:
             stmt = upsert(conn, pools).values(**values)
             conn.execute(
                 stmt.on_conflict_do_update(
-                    index_elements=[pools.c.name],
-                    set_={k: stmt.excluded[k] for k in values if k != "name"},
+                    index_elements=[pools.c.name, pools.c.host],
+                    set_={k: stmt.excluded[k] for k in values if k not in ("name", "host")},
                 )
             )
 
     def pool(self, name: str) -> PoolRow:
+        """The pool `name`; of several hosts' pools of that name, the one with the most free
+        space (a `dir` pool's volumes live on its host: this is where a new one goes)."""
+        query = (
+            sa.select(pools)
+            .where(pools.c.name == name)
+            .order_by(pools.c.available.desc(), pools.c.host)
+            .limit(1)
+        )
         with self.db.transaction() as conn:
-            row = conn.execute(sa.select(pools).where(pools.c.name == name)).first()
+            row = conn.execute(query).first()
         if row is None:
             raise ServiceError("not_found", f"no pool {name!r}", {"field": "pool"})
-        return PoolRow(row.name, row.kind, row.host, row.available)
+        return PoolRow(row.name, row.kind, row.host or None, row.available)
 
     def pools(self) -> list[Pool]:
+        host = sa.func.coalesce(volumes.c.host, "")
         counts = (
-            sa.select(volumes.c.pool, sa.func.count().label("n"))
-            .group_by(volumes.c.pool)
+            sa.select(volumes.c.pool, host.label("host"), sa.func.count().label("n"))
+            .group_by(volumes.c.pool, host)
             .subquery()
+        )
+        joined = pools.outerjoin(
+            counts, sa.and_(counts.c.pool == pools.c.name, counts.c.host == pools.c.host)
         )
         query = (
             sa.select(pools, sa.func.coalesce(counts.c.n, 0).label("volumes"))
-            .select_from(pools.outerjoin(counts, counts.c.pool == pools.c.name))
-            .order_by(pools.c.name)
+            .select_from(joined)
+            .order_by(pools.c.name, pools.c.host)
         )
         with self.db.transaction() as conn:
             rows = conn.execute(query).all()
@@ -101,7 +113,7 @@ class Catalog:
             Pool(
                 name=r.name,
                 kind=r.kind,
-                host=r.host,
+                host=r.host or None,
                 capacity=r.capacity,
                 allocation=r.allocation,
                 available=r.available,

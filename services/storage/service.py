@@ -146,6 +146,8 @@ class StorageService(Service):
 
     @on_event("host.heartbeat.*")
     def heartbeat(self, event: HostHeartbeat, _ctx: Context) -> None:
+        """Learn (every POOL_REFRESH_S) the pools of a host whose heartbeat arrives; a host
+        whose agent did not answer is asked again at its next heartbeat."""
         now = time.monotonic()
         with self._refresh_lock:
             if now - self._refreshed.get(event.host, -POOL_REFRESH_S) < POOL_REFRESH_S:
@@ -154,6 +156,8 @@ class StorageService(Service):
         try:
             self.refresh_host_pools(event.host)
         except ServiceError as exc:
+            with self._refresh_lock:
+                self._refreshed.pop(event.host, None)
             log.warning("pools of host not refreshed", host=event.host, error=exc.message)
 
     @handles(ListPools)

@@ -19,9 +19,10 @@ _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 pools = sa.Table(
     "storage_pools",
     metadata,
+    # A pool is its name on its host: every host may have a `default` pool.
     sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("host", sa.Text, primary_key=True),  # "" for a shared pool served by the service
     sa.Column("kind", sa.Text, nullable=False),  # dir | shared
-    sa.Column("host", sa.Text),  # a dir pool's host; NULL for a shared pool
     sa.Column("capacity", sa.BigInteger, nullable=False),
     sa.Column("allocation", sa.BigInteger, nullable=False),
     sa.Column("available", sa.BigInteger, nullable=False),

@@ -387,3 +387,31 @@ def test_a_working_replica_keeps_its_lease(tmp_path: Path) -> None:
             assert storage.catalog.stuck() == []
     finally:
         storage.service.leases.stop()
+
+
+def test_every_host_may_have_a_pool_of_the_same_name(storage: Storage) -> None:
+    """Each compute node has its own `default` pool: the catalog keeps one per host, and a
+    new volume goes to the one with the most free space."""
+    from protos.storage import PoolCapabilities, PoolInfo
+
+    caps = PoolCapabilities(reflink=False, punch_hole=True)
+    for host, free in (("h1", 10 * GiB), ("h2", 20 * GiB)):
+        info = PoolInfo(
+            name="default",
+            kind="dir",
+            host=host,
+            capacity=40 * GiB,
+            allocation=0,
+            available=free,
+            capabilities=caps,
+        )
+        storage.catalog.put_pool(info, host)
+    pools = storage.do(ListPools())
+    assert isinstance(pools, Pools)
+    assert [(p.name, p.host) for p in pools.pools] == [
+        ("default", "h1"),
+        ("default", "h2"),
+        ("shared", None),
+    ]
+    assert storage.catalog.pool("default").host == "h2"
+    assert storage.catalog.pool("shared").host is None

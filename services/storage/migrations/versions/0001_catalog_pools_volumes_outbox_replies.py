@@ -34,15 +34,15 @@ def upgrade() -> None:
     op.create_table(
         "storage_pools",
         sa.Column("name", sa.Text(), nullable=False),
+        sa.Column("host", sa.Text(), nullable=False),
         sa.Column("kind", sa.Text(), nullable=False),
-        sa.Column("host", sa.Text(), nullable=True),
         sa.Column("capacity", sa.BigInteger(), nullable=False),
         sa.Column("allocation", sa.BigInteger(), nullable=False),
         sa.Column("available", sa.BigInteger(), nullable=False),
         sa.Column("reflink", sa.Boolean(), nullable=False),
         sa.Column("punch_hole", sa.Boolean(), nullable=False),
         sa.Column("updated_at", sa.DOUBLE_PRECISION(), nullable=False),
-        sa.PrimaryKeyConstraint("name"),
+        sa.PrimaryKeyConstraint("name", "host"),
     )
     op.create_table(
         "storage_replies",
