@@ -152,7 +152,11 @@ class Catalog:
         more = len(rows) > limit
         rows = rows[:limit]
         cursor = f"{rows[-1].project}/{rows[-1].name}" if more and rows else None
-        return VolumePage.model_construct(volumes=[_volume(r) for r in rows], next=cursor)
+        # One validation of the whole page (pydantic-core) costs a fraction of a
+        # model_construct per row.
+        return VolumePage.model_validate(
+            {"volumes": [_volume_data(r) for r in rows], "next": cursor}
+        )
 
     def stuck(self, now: float | None = None) -> list[Volume]:
         """Volumes in `creating` or `deleting` whose operation's lease has run out."""
@@ -529,6 +533,27 @@ def _row(
     if row is None or (project is not None and row.project != project):
         raise ServiceError("not_found", f"no volume {volume_id}")
     return row
+
+
+def _volume_data(row: Any) -> dict[str, Any]:
+    r = row._asdict()  # one call; a Row's attribute access costs more per field
+    return {
+        "volume_id": r["id"],
+        "project": r["project"],
+        "name": r["name"],
+        "pool": r["pool"],
+        "host": r["host"],
+        "size": r["size"],
+        "state": r["state"],
+        "attachment": None
+        if r["domain_id"] is None
+        else {"domain_id": r["domain_id"], "target": r["target"], "readonly": r["readonly"]},
+        "source_id": r["source_id"],
+        "image": r["image"],
+        "fault": r["fault"],
+        "seq": r["seq"],
+        "created_at": r["created_at"],
+    }
 
 
 def _volume(row: Any) -> Volume:
