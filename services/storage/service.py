@@ -245,9 +245,19 @@ class StorageService(Service):
             self.catalog.release(volume.volume_id)  # reconcile settles it
             raise
         except ServiceError as exc:
+            undone = True
             if made or exc.details.get("reason") == "exists":
-                self._undo_file(backend, volume)
-            self.catalog.forget(volume.volume_id)
+                undone = self._undo_file(backend, volume)
+            if undone:
+                self.catalog.forget(volume.volume_id)
+            else:
+                # A file may be left on the host: keep the volume, in `error`, to delete.
+                self.catalog.change(
+                    volume.volume_id,
+                    {"state": "error", "fault": exc.message, "lease_owner": None, "lease_until": 0},
+                    None,
+                    None,
+                )
             raise
         after = self.catalog.change(
             volume.volume_id,
@@ -259,12 +269,15 @@ class StorageService(Service):
         log.info("volume created", volume_id=str(volume.volume_id), pool=volume.pool)
         return after
 
-    def _undo_file(self, backend: PoolBackend, volume: Volume) -> None:
+    def _undo_file(self, backend: PoolBackend, volume: Volume) -> bool:
+        """Remove a file a failed create made; whether it is gone."""
         try:
             backend.delete(volume.pool, volume.volume_id, None)
         except ServiceError as exc:
             if exc.code != "not_found":
                 log.warning("undo left a file", volume_id=str(volume.volume_id), error=exc.message)
+                return False
+        return True
 
     @handles(DeleteVolume)
     def volume_delete(self, cmd: DeleteVolume, ctx: Context) -> Volume:

@@ -415,3 +415,35 @@ def test_every_host_may_have_a_pool_of_the_same_name(storage: Storage) -> None:
     ]
     assert storage.catalog.pool("default").host == "h2"
     assert storage.catalog.pool("shared").host is None
+
+
+def test_a_create_whose_undo_fails_is_kept_in_error_until_deleted(storage: Storage) -> None:
+    """A clone made but not grown (the host refused the grow), whose removal then found the
+    host away: the volume stays in the catalog in `error` (its file may be there), never
+    forgotten with an orphan file; deleting it later removes the file."""
+    from services.bus import ServiceError
+    from services.storage.backends import Unreachable
+
+    class Failing(LocalBackend):
+        def resize(self, pool: str, volume_id: uuid.UUID, size: int, _key: str | None) -> int:
+            raise ServiceError("no_space", "the pool filled up")
+
+        def delete(self, pool: str, volume_id: uuid.UUID, _key: str | None) -> None:
+            raise Unreachable("host away")
+
+    source = storage.create("src")
+    working = storage.service.local
+    storage.service.local = Failing({"shared": storage.pool_dir})
+    clone_id = uuid.uuid4()
+    err = storage.error(
+        CreateVolume(
+            volume_id=clone_id, project="p1", name="copy", source_id=source.volume_id, size=2 * MiB
+        )
+    )
+    assert err.code == "no_space"
+    kept = storage.ok(GetVolume(volume_id=clone_id, project="p1"))
+    assert (kept.state, kept.fault) == ("error", "the pool filled up")
+    assert str(clone_id) in storage.files()
+    storage.service.local = working
+    storage.ok(DeleteVolume(volume_id=clone_id, project="p1"))
+    assert storage.files() == {str(source.volume_id)}
