@@ -13,6 +13,9 @@ Makes an XFS file system with reflink (`mkfs.xfs -m reflink=1`) on a loop device
   fdatasync, link, directory fsyncs), against `qemu-img create -f qcow2 -b <src> -F raw`
   (an overlay: the way Nova makes a guest disk from a base image), and against a full copy
   (`cp --reflink=never` then `sync` of the copy) in the same rounds;
+- storage.list_10k (bench/storage_list.py, which runs it alone too): listing 10,000 volumes
+  through the API, against the same rows selected from the catalog; needs a broker
+  (FLOTILLA_AMQP_URL or rabbitmq-server), not root;
 - storage.upload_mbps: `VolumeStore.upload` of a 1 GiB file read in 1 MiB chunks (sha256 of
   every byte, zero chunks skipped, fdatasync, link), against `cp --reflink=never` of the same
   file then `sync` of the copy (equally durable; cp copies inside the kernel with
@@ -40,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import storage_guest  # noqa: E402
 from bench.figures import emit, figure  # noqa: E402
+from bench.storage_list import measure as measure_list  # noqa: E402
 from compute_node.storage import Pool, VolumeStore  # noqa: E402
 from tests.loopfs import loop_fs, missing_for  # noqa: E402
 
@@ -176,16 +180,18 @@ def guest_randread() -> list[dict[str, object]]:
 
 def main() -> int:
     guest = guest_randread()
+    listing = measure_list()
+    early = [*guest, *([listing] if listing is not None else [])]
     for kind in ("xfs",):
         reason = missing_for(kind)
         if reason is not None:
             say(f"bench/storage: {reason}. clone and upload were not measured.")
-            emit(guest)
-            return 0 if guest else 2
+            emit(early)
+            return 0 if early else 2
     if shutil.which("qemu-img") is None:
         say("bench/storage: qemu-img is missing (apt-get install -y qemu-utils)")
-        emit(guest)
-        return 0 if guest else 2
+        emit(early)
+        return 0 if early else 2
     with loop_fs("xfs", FS_BYTES) as mnt:
         (mnt / "pool").mkdir()
         scratch = mnt / "scratch"
@@ -229,6 +235,7 @@ def main() -> int:
                 target="report",
                 dd_mibps=round(up["dd"], 1),
             ),
+            *([listing] if listing is not None else []),
         ]
     )
     return 0

@@ -16,7 +16,7 @@ import os
 import threading
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import structlog
@@ -38,12 +38,13 @@ from protos.storage import (
     ResizeVolume,
     VolumeCreated,
     VolumeDeleted,
+    VolumeEvent,
     VolumeInfo,
     VolumeList,
     VolumeResized,
     WipeVolume,
 )
-from services.bus import Context, Service, ServiceError, handles
+from services.bus import Cause, Context, Service, ServiceError, handles
 
 log = structlog.get_logger("flotilla.compute.storage")
 
@@ -131,6 +132,7 @@ class StorageAgent(Service):
         ctx: Context,
         *,
         source_id: uuid.UUID | None = None,
+        announce: bool = True,
     ) -> VolumeInfo | None:
         """For a create or clone the broker delivers again (its first copy died before its
         ack) that finds its volume made: the volume, announced now if the first copy died
@@ -138,7 +140,7 @@ class StorageAgent(Service):
         if not ctx.redelivered or not os.path.lexists(volumes.pool.volume_path(str(volume_id))):
             return None
         _, last, _ = self.store.volume_last(volume_id)
-        if last in ("", VolumeDeleted.TYPE):
+        if announce and last in ("", VolumeDeleted.TYPE):
             log.info("finishing an interrupted create", volume_id=str(volume_id))
             size = volumes.info(str(volume_id)).size
             self.store.emit_volume(
@@ -154,6 +156,18 @@ class StorageAgent(Service):
                 ctx.cause,
             )
         return self._info(pool, volumes, volume_id)
+
+    def _emit(
+        self,
+        announce: bool,
+        volume_id: uuid.UUID,
+        make: Callable[[int], VolumeEvent],
+        cause: Cause | None,
+    ) -> None:
+        """Put the volume's event in the outbox, unless the caller (the storage service)
+        announces the change itself."""
+        if announce:
+            self.store.emit_volume(volume_id, make, cause)
 
     def _pool_info(self, name: str) -> PoolInfo:
         pool = self._pool(name)
@@ -185,11 +199,14 @@ class StorageAgent(Service):
     @handles(CreateVolume)
     def volume_create(self, cmd: CreateVolume, ctx: Context) -> VolumeInfo:
         with self._volume(cmd.pool, cmd.volume_id) as volumes:
-            finished = self._finish_create(cmd.pool, volumes, cmd.volume_id, ctx)
+            finished = self._finish_create(
+                cmd.pool, volumes, cmd.volume_id, ctx, announce=cmd.announce
+            )
             if finished is not None:
                 return finished
             created = volumes.create(str(cmd.volume_id), cmd.size)
-            self.store.emit_volume(
+            self._emit(
+                cmd.announce,
                 cmd.volume_id,
                 lambda seq: VolumeCreated(
                     volume_id=cmd.volume_id,
@@ -208,12 +225,18 @@ class StorageAgent(Service):
             raise ServiceError("invalid", "a volume cannot be cloned onto itself")
         with self._volume(cmd.pool, cmd.volume_id) as volumes:
             finished = self._finish_create(
-                cmd.pool, volumes, cmd.volume_id, ctx, source_id=cmd.source_id
+                cmd.pool,
+                volumes,
+                cmd.volume_id,
+                ctx,
+                source_id=cmd.source_id,
+                announce=cmd.announce,
             )
             if finished is not None:
                 return finished
             cloned = volumes.clone(str(cmd.source_id), str(cmd.volume_id))
-            self.store.emit_volume(
+            self._emit(
+                cmd.announce,
                 cmd.volume_id,
                 lambda seq: VolumeCreated(
                     volume_id=cmd.volume_id,
@@ -234,7 +257,8 @@ class StorageAgent(Service):
             before = volumes.info(str(cmd.volume_id)).size
             after = volumes.grow(str(cmd.volume_id), cmd.size)
             if after.size != before:  # the same size again: nothing happened, no event
-                self.store.emit_volume(
+                self._emit(
+                    cmd.announce,
                     cmd.volume_id,
                     lambda seq: VolumeResized(
                         volume_id=cmd.volume_id,
@@ -259,7 +283,8 @@ class StorageAgent(Service):
             else:
                 size = volumes.info(str(cmd.volume_id)).size
                 volumes.delete(str(cmd.volume_id))
-            self.store.emit_volume(
+            self._emit(
+                cmd.announce,
                 cmd.volume_id,
                 lambda seq: VolumeDeleted(
                     volume_id=cmd.volume_id, pool=cmd.pool, host=self.host, seq=seq, size=size

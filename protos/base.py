@@ -46,7 +46,8 @@ def message_types() -> dict[str, type[Message]]:
     import protos.network  # noqa: PLC0415
     import protos.replies  # noqa: PLC0415
     import protos.scheduler  # noqa: PLC0415
-    import protos.storage  # noqa: F401, PLC0415  (imported for their registrations)
+    import protos.storage  # noqa: PLC0415
+    import protos.volumes  # noqa: F401, PLC0415  (imported for their registrations)
 
     return dict(sorted(_REGISTRY.items()))
 

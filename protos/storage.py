@@ -100,32 +100,44 @@ class ListPools(Command):
     RESULT = PoolList
 
 
-class CreateVolume(VolumeCommand):
+class AnnouncedCommand(VolumeCommand):
+    """A command whose change is announced as a volume event, unless `announce` is false:
+    the storage service, which owns the catalog, sets it false and publishes the one event
+    stream itself (docs/storage.md, "whose events"), so no subscriber sees a change twice."""
+
+    announce: bool = True
+
+
+class CreateVolume(AnnouncedCommand):
     """A new sparse volume of `size` bytes (a multiple of 512) reading as zeros."""
 
     TYPE = "cmd.storage.volume_create"
+    VERSION = "1.1"  # 1.1: announce
     size: int = Size
 
 
-class DeleteVolume(VolumeCommand):
+class DeleteVolume(AnnouncedCommand):
     """Remove a volume; refused (`conflict`, reason `busy`) while a guest has it open."""
 
     TYPE = "cmd.storage.volume_delete"
+    VERSION = "1.1"  # 1.1: announce
     RESULT = Done
 
 
-class ResizeVolume(VolumeCommand):
+class ResizeVolume(AnnouncedCommand):
     """Grow a volume to `size` bytes; a smaller size is refused (`conflict`, `shrink`)."""
 
     TYPE = "cmd.storage.volume_resize"
+    VERSION = "1.1"  # 1.1: announce
     size: int = Size
 
 
-class CloneVolume(VolumeCommand):
+class CloneVolume(AnnouncedCommand):
     """A new volume `volume_id` with the content of `source_id` (same pool), independent of
     it afterwards: a reflink where the pool has them, else a sparse copy."""
 
     TYPE = "cmd.storage.volume_clone"
+    VERSION = "1.1"  # 1.1: announce
     source_id: uuid.UUID
 
 
@@ -161,14 +173,19 @@ STORAGE_COMMANDS: tuple[type[Command], ...] = (
 
 
 class VolumeEvent(Message):
-    """Fields common to every volume event; `size` is the volume's size after it."""
+    """Fields common to every volume event; `size` is the volume's size after it. `host` is
+    the pool's host ("" for a `shared` pool); `project` and `name` are the catalog's (set
+    when the storage service publishes; None from an agent used on its own)."""
 
     EVENT: ClassVar[str] = ""
+    VERSION = "1.1"  # 1.1: project, name
     volume_id: uuid.UUID
     pool: str
     host: str
     seq: int = Field(ge=1)
     size: int = Field(ge=0)
+    project: str | None = None
+    name: str | None = None
 
     def routing_key(self) -> str:
         return f"volume.{self.EVENT}.{self.volume_id}"
@@ -194,4 +211,27 @@ class VolumeResized(VolumeEvent):
     previous_size: int = Field(ge=0)
 
 
-VOLUME_EVENTS: tuple[type[VolumeEvent], ...] = (VolumeCreated, VolumeDeleted, VolumeResized)
+class VolumeAttached(VolumeEvent):
+    """The catalog marked the volume attached to `domain_id` as disk `target`."""
+
+    TYPE = "volume.attached"
+    EVENT = "attached"
+    domain_id: uuid.UUID
+    target: str
+    readonly: bool = False
+
+
+class VolumeDetached(VolumeEvent):
+    TYPE = "volume.detached"
+    EVENT = "detached"
+    domain_id: uuid.UUID
+    target: str
+
+
+VOLUME_EVENTS: tuple[type[VolumeEvent], ...] = (
+    VolumeCreated,
+    VolumeDeleted,
+    VolumeResized,
+    VolumeAttached,
+    VolumeDetached,
+)

@@ -31,7 +31,7 @@ from services.api.problems import install as install_problems
 from services.api.projection import Projection
 from services.api.registry import Registry
 from services.api.request_id import RequestIdMiddleware
-from services.api.routes import admin, console, domains, events, hosts, networks
+from services.api.routes import admin, console, disks, domains, events, hosts, networks, volumes
 from services.bus import Bus, BusError
 from services.cli.main import package_version
 from services.db import DatabaseUnavailable
@@ -86,6 +86,9 @@ def create_app(
         app.include_router(module.router)
     app.include_router(networks.networks_router)
     app.include_router(networks.ports_router)
+    app.include_router(volumes.pools_router)
+    app.include_router(volumes.router)
+    app.include_router(disks.router)
     _install_metrics(app)
     app.add_middleware(RequestIdMiddleware)  # outermost: its id is in every answer
 

@@ -23,6 +23,10 @@ memory_mib = 16384
 
 [api.quotas.alice]
 domains = 2
+
+[api.default_volume_quota]   # checked by the storage service
+volumes = 20
+gib = 500
 ```
 
 Scalar settings can be overridden by environment: FLOTILLA_API_LISTEN_HOST,
@@ -76,6 +80,15 @@ class Quota(BaseModel):
     memory_mib: Limit | None = None
 
 
+class VolumeLimits(BaseModel):
+    """A project's volume limits (None: unlimited), checked by the storage service: how many
+    volumes, and the sum of their sizes in GiB (rounded up)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    volumes: Limit | None = None
+    gib: Limit | None = None
+
+
 class ApiConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -87,6 +100,8 @@ class ApiConfig(BaseModel):
     tokens: list[TokenEntry] = []
     default_quota: Quota = Quota()
     quotas: dict[str, Quota] = {}
+    default_volume_quota: VolumeLimits = VolumeLimits()
+    volume_quotas: dict[str, VolumeLimits] = {}
     # Compute-node commands (actions, console, delete) and the scheduler's placement.
     rpc_timeout_s: float = Field(default=30.0, gt=0)
     schedule_timeout_s: float = Field(default=60.0, gt=0)
@@ -106,6 +121,9 @@ class ApiConfig(BaseModel):
 
     def quota_for(self, project: str) -> Quota:
         return self.quotas.get(project, self.default_quota)
+
+    def volume_quota_for(self, project: str) -> VolumeLimits:
+        return self.volume_quotas.get(project, self.default_volume_quota)
 
     @classmethod
     def load(cls, path: Path | None = None, **overrides: Any) -> ApiConfig:

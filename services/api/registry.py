@@ -334,6 +334,16 @@ class Registry:
             )
         return self.get_domain(domain_id)
 
+    def set_spec(self, domain_id: uuid.UUID, spec: DomainSpec) -> DomainRecord | None:
+        """Replace the domain's spec (a disk attached or detached while it is stopped)."""
+        with self.db.transaction() as cur:
+            cur.execute(
+                domains.update()
+                .where(domains.c.id == str(domain_id))
+                .values(spec=spec.model_dump_json(), updated_at=time.time())
+            )
+        return self.get_domain(domain_id)
+
     def set_placement(
         self, domain_id: uuid.UUID, host: str, info: DomainInfo
     ) -> DomainRecord | None:

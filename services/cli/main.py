@@ -1,9 +1,11 @@
 """`flotilla`: the command-line client of the Flotilla API, and `flotilla up`.
 
 Verbs follow virsh (list, create, start, shutdown, destroy, reboot, suspend, resume, delete,
-dominfo, console) plus events, hosts, up and version. The API and token come from --api/--token,
-else FLOTILLA_API_URL/FLOTILLA_TOKEN, else what `flotilla up` wrote to its state dir. Exit
-codes are listed in services.cli.client.Exit and docs/cli.md.
+dominfo, console; pool-list, pool-info, vol-create, vol-list, vol-info, vol-delete, vol-resize,
+vol-clone, vol-wipe, attach-disk, detach-disk) plus events, hosts, up and version. The API
+and token come from --api/--token, else FLOTILLA_API_URL/FLOTILLA_TOKEN, else what
+`flotilla up` wrote to its state dir. Exit codes are listed in services.cli.client.Exit and
+docs/cli.md.
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("version", "print the version", cmd_version)
     p.set_defaults(local=True)
     _domain_verbs(verb)
+    _storage_verbs(verb)
     _other_verbs(verb)
     from services.cli.networks import add_verbs  # noqa: PLC0415
 
@@ -195,6 +198,42 @@ def _domain_verbs(verb: Verb) -> None:
         help="attach over the API's WebSocket (interactive on a terminal; Ctrl-] detaches)",
     )
     p.add_argument("--read-only", action="store_true", help="with --follow: never send input")
+
+
+def _storage_verbs(verb: Verb) -> None:
+    from services.cli import volumes as v  # noqa: PLC0415
+
+    verb("pool-list", "list storage pools", v.cmd_pool_list)
+    p = verb("pool-info", "show one storage pool", v.cmd_pool_info)
+    p.add_argument("pool")
+    p = verb("vol-create", "create an empty volume", v.cmd_vol_create)
+    p.add_argument("name")
+    p.add_argument("size", type=v.parse_size, help="bytes, or with K/M/G/T: 10G")
+    p.add_argument("--pool", help="the pool (default: the storage service's default)")
+    p = verb("vol-list", "list volumes", v.cmd_vol_list)
+    p.add_argument("--pool", help="only this pool's")
+    for name, help_text, func in (
+        ("vol-info", "show one volume", v.cmd_vol_info),
+        ("vol-delete", "delete a volume and its data", v.cmd_vol_delete),
+        ("vol-wipe", "make every byte of a volume read as zero", v.cmd_vol_wipe),
+    ):
+        p = verb(name, help_text, func)
+        p.add_argument("volume", help="name or uuid")
+    p = verb("vol-resize", "grow a volume", v.cmd_vol_resize)
+    p.add_argument("volume", help="name or uuid")
+    p.add_argument("size", type=v.parse_size, help="the new size: 20G")
+    p = verb("vol-clone", "copy a volume (reflink where the pool has them)", v.cmd_vol_clone)
+    p.add_argument("volume", help="name or uuid")
+    p.add_argument("name", help="the new volume's name")
+    p.add_argument("--size", type=v.parse_size, help="grow the copy to this size")
+    p = verb("attach-disk", "attach a volume to a stopped domain", v.cmd_attach_disk)
+    p.add_argument("domain", help="name or uuid")
+    p.add_argument("volume", help="name or uuid")
+    p.add_argument("target", help="the disk's name in the guest: vdb")
+    p.add_argument("--readonly", action="store_true")
+    p = verb("detach-disk", "detach a disk from a stopped domain", v.cmd_detach_disk)
+    p.add_argument("domain", help="name or uuid")
+    p.add_argument("target", help="vdb")
 
 
 def _other_verbs(verb: Verb) -> None:

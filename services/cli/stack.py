@@ -1,18 +1,19 @@
 """All of Flotilla on one host, as child processes: what `flotilla up`, tests/e2e and
 bench/control_plane.py run.
 
-stack = Stack(StackConfig(state_dir=...)).start()   # broker, API, network, scheduler, computes
+stack = Stack(StackConfig(state_dir=...)).start()   # broker, API, services, computes
 stack.api_url, stack.admin_token
 stack.stop()                                         # deletes guests first unless keep_guests
 
 Layout of the state dir: `rabbitmq/` (the private broker, recreated at each start; with
 `broker_nodes` > 1 one `rabbitmq/node<i>/` per node of a private cluster), `api/`
 (its config and the SQLite registry), `network/` (the network service's config and
-catalog), `compute/<host>/` (each compute node's store and domain dirs),
+catalog), `storage/` (the storage service's SQLite catalog), `compute/<host>/` (each compute
+node's store, domain dirs and its `dir` pool `default` under `pools/default`),
 `logs/<service>.log`, and `cli.json` (API URL and admin token, mode 0600, read by the CLI).
 Every child runs in a session of its own, so a Ctrl-C on the terminal reaches only the
-parent, which stops them in order (compute nodes, scheduler, network service, API, broker)
-by pid.
+parent, which stops them in order (compute nodes, storage, scheduler, network service, API,
+broker) by pid.
 """
 
 from __future__ import annotations
@@ -183,6 +184,7 @@ class Stack:
         self.scheduler: Child | None = None
         self.network: Child | None = None
         self.default_subnet: str | None = None
+        self.storage: Child | None = None
         self.computes: dict[str, Child] = {}
         self.computes_spec = config.computes or [ComputeSpec(socket.gethostname().split(".")[0])]
 
@@ -192,7 +194,7 @@ class Stack:
     ) -> Stack:
         deadline = time.monotonic() + timeout
         try:
-            for d in ("logs", "api", "compute"):
+            for d in ("logs", "api", "compute", "storage"):
                 (self.state_dir / d).mkdir(parents=True, exist_ok=True)
             if not self.amqp_url:
                 n = self.config.broker_nodes
@@ -222,11 +224,25 @@ class Stack:
                 lambda: self._consumers(routing.SCHEDULER_QUEUE) > 0,
                 self.scheduler,
             )
+            progress("starting the storage service")
+            self._start_storage()
+            self._wait(
+                deadline,
+                "the storage service consuming its queue",
+                lambda: self._consumers(routing.STORAGE_QUEUE) > 0,
+                self.storage,
+            )
             for spec in self.computes_spec:
                 progress(f"starting compute node {spec.host}")
                 self.start_compute(spec)
             for spec in self.computes_spec:
                 self.wait_host_up(spec.host, deadline)
+            self._wait(
+                deadline,
+                "the storage service knowing the compute nodes' pools",
+                self._pools_known,
+                self.storage,
+            )
             self._write_cli_state()
         except BaseException:
             self.stop()
@@ -320,6 +336,35 @@ class Stack:
             self.state_dir / "logs" / "scheduler.log",
         )
 
+    def _start_storage(self) -> None:
+        env = self._env()
+        env["FLOTILLA_STORAGE_DATABASE_URL"] = (
+            f"sqlite:///{self.state_dir / 'storage' / 'catalog.db'}"
+        )
+        env["FLOTILLA_STORAGE_REPLICA"] = "up"
+        env["FLOTILLA_STORAGE_DEFAULT_POOL"] = "default"
+        env["FLOTILLA_STORAGE_AGENT_HOSTS"] = ",".join(s.host for s in self.computes_spec)
+        self.storage = Child(
+            "storage",
+            [sys.executable, "-m", "services.storage.main"],
+            env,
+            self.state_dir / "logs" / "storage.log",
+        )
+
+    def _pools_known(self) -> bool:
+        try:
+            r = httpx.get(
+                f"{self.api_url}/v1/pools",
+                headers={"Authorization": f"Bearer {self.admin_token}"},
+                timeout=5,
+            )
+        except httpx.HTTPError:
+            return False
+        hosts = (
+            {p.get("host") for p in r.json().get("pools", [])} if r.status_code == 200 else set()
+        )
+        return all(spec.host in hosts for spec in self.computes_spec)
+
     def start_compute(self, spec: ComputeSpec) -> Child:
         """Start one compute node (also after start(), e.g. a second host in a test)."""
         state = self.state_dir / "compute" / spec.host
@@ -399,7 +444,7 @@ class Stack:
             if child is not None and not child.alive():
                 raise child.died()
             if time.monotonic() > deadline:
-                where = f"; see {child.log_path}" if child is not None else ""
+                where = f"; see {child.log_path}:\n{child.log_tail()}" if child is not None else ""
                 raise StackError(f"timed out waiting for {what}{where}")
             time.sleep(0.1)
 
@@ -416,7 +461,7 @@ class Stack:
 
     # Health and stop
     def children(self) -> list[Child]:
-        found = [*self.computes.values(), self.scheduler, self.network, self.api]
+        found = [*self.computes.values(), self.storage, self.scheduler, self.network, self.api]
         return [c for c in found if c is not None]
 
     def dead_child(self) -> Child | None:
@@ -465,6 +510,8 @@ class Stack:
             # outlives the stack. Each VMM is ended by the pid it recorded.
             for domain_dir in self.state_dir.glob("compute/*/domains/*"):
                 vmm_client.end(domain_dir)
+        if self.storage is not None:
+            self.storage.stop()
         if self.scheduler is not None:
             self.scheduler.stop()
         if self.network is not None:

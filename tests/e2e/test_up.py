@@ -74,6 +74,13 @@ def test_flotilla_up_serves_then_stops_cleanly_deleting_guests(e2e: E2E, tmp_pat
                 201,
             )
             wait_domain(c, kept["id"], "shutoff")
+            # The storage service runs, with the node's `dir` pool under the state dir.
+            [pool] = ok(c.get("/v1/pools"), 200)["pools"]
+            assert (pool["name"], pool["kind"], pool["host"]) == ("default", "dir", host)
+            volume = ok(c.post("/v1/volumes", json={"name": "v", "size": 1 << 20}), 201)
+            pool_dir = tmp_path / "compute" / host / "pools" / "default"
+            assert (pool_dir / "volumes" / volume["id"]).stat().st_size == 1 << 20
+        assert "storage" in up["pids"]
         vmm_pids = _vmm_pids(tmp_path, host)
         assert len(vmm_pids) == 2
         assert all(_alive(pid) for pid in vmm_pids)

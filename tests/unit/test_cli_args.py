@@ -33,6 +33,9 @@ def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         (["console", "d", "--bytes", "0"], "argument --bytes: must be 1 or more, not 0"),
         (["create", "--name", "n", "--vcpus", "0"], "argument --vcpus: must be 1 or more"),
         (["up", "--timeout", "0"], "argument --timeout: must be more than 0 seconds"),
+        (["vol-create", "v", "ten"], "argument size: not a size: 'ten'"),
+        (["vol-create", "v", "0G"], "argument size: a size is more than 0"),
+        (["vol-resize", "v", "1X"], "argument size: not a size: '1X'"),
     ],
 )
 def test_bad_numbers_are_usage_errors(
@@ -67,3 +70,13 @@ def test_a_spec_file_that_is_not_a_spec_is_a_usage_error(
     err = capsys.readouterr().err
     assert message in err
     assert "Traceback" not in err
+
+
+def test_sizes_take_binary_units() -> None:
+    from services.cli.volumes import parse_size
+
+    assert parse_size("1048576") == 1 << 20
+    assert parse_size("512M") == 512 << 20
+    assert parse_size("10G") == 10 << 30
+    assert parse_size("2GiB") == 2 << 30
+    assert parse_size("1t") == 1 << 40

@@ -22,6 +22,7 @@ from compute_node.config import ComputeConfig
 from services.api.config import ApiConfig
 from services.network.config import NetworkConfig
 from services.scheduler.config import SchedulerConfig
+from services.storage.config import StorageConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -32,6 +33,7 @@ CONFIGS: dict[str, type[BaseModel]] = {
     "flotilla-scheduler": SchedulerConfig,
     "flotilla-compute": ComputeConfig,
     "flotilla-network": NetworkConfig,
+    "flotilla-storage": StorageConfig,
 }
 SERVICES = sorted(s for s in SCRIPTS if s != "flotilla")
 

@@ -291,3 +291,18 @@ def test_a_redelivered_delete_announces_what_its_killed_copy_removed(agent: Agen
     # Announced once: a further delivery finds nothing to finish.
     assert isinstance(dispatch(agent.service, command, REDELIVERED), ErrorReply)
     assert agent.events() == []
+
+
+def test_a_change_the_storage_service_announces_itself_is_not_announced_here(
+    tmp_path: Path,
+) -> None:
+    """`announce=False` (the storage service drives the agent and publishes the catalog's
+    events): the files change, the outbox stays empty, so subscribers see each change once."""
+    agent = Agent(tmp_path)
+    vid, copy = uuid.uuid4(), uuid.uuid4()
+    agent.ok(CreateVolume(pool="p", volume_id=vid, size=MiB, announce=False))
+    agent.ok(CloneVolume(pool="p", volume_id=copy, source_id=vid, announce=False))
+    agent.ok(ResizeVolume(pool="p", volume_id=copy, size=2 * MiB, announce=False))
+    assert isinstance(agent.do(DeleteVolume(pool="p", volume_id=vid, announce=False)), Done)
+    assert agent.events() == []
+    assert [p.name for p in (tmp_path / "pool" / "volumes").iterdir()] == [str(copy)]

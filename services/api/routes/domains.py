@@ -44,6 +44,7 @@ from services.api.models import (
 )
 from services.api.problems import Problem, responses
 from services.api.registry import DomainRecord, NameInUse, QuotaExceeded
+from services.api.routes import disks
 from services.api.routes.deps import Caller, Ctx, Mask
 from services.api.routes.networks import domain_interfaces
 
@@ -88,6 +89,12 @@ def create_domain(
         ) from None
     except NameInUse as exc:
         raise Problem(409, "name_in_use", str(exc), name=spec.name) from None
+    project = None if caller.is_admin else caller.project
+    try:
+        bindings = disks.attach_disks(ctx, project, record.id, spec)
+    except Problem:
+        ctx.registry.remove_domain(record.id)
+        raise
     command = ScheduleDomain(
         spec=spec,
         project=caller.project,
@@ -96,17 +103,21 @@ def create_domain(
         privileged=caller.is_admin,
         start=body.start,
         max_attempts=ctx.config.schedule_max_attempts,
+        disks=bindings,
     )
     try:
         placement = ctx.call(routing.SCHEDULER_QUEUE, command, ctx.config.schedule_timeout_s)
     except Problem as problem:
         _schedule_failed(ctx, record, problem)
+        if problem.code not in _OUTCOME_UNKNOWN:
+            disks.detach_disks(ctx, record.id, [b.volume_id for b in bindings])
         raise
     assert isinstance(placement, Placement)
     placed = ctx.registry.set_placement(record.id, placement.host, placement.info)
     if placed is None:
         # Deleted while the scheduler worked: do not leave the guest behind on its host.
         _remove_from_host(ctx, placement.host, record.id)
+        disks.detach_disks(ctx, record.id, [b.volume_id for b in bindings])
         raise Problem(409, "deleted", f"domain {record.id} was deleted while being scheduled")
     response.headers["Location"] = f"/v1/domains/{record.id}"
     return DomainView.of(placed, mask, placement.attempts)
@@ -224,9 +235,11 @@ def delete_domain(
     the record goes when the host's `domain.undefined` arrives. 204 when there was nothing
     on a host (never placed). Calling it again while `deleting` retries."""
     record = ctx.visible_domain(caller, domain_id)
+    attached = disks.volume_ids(record.spec)
     if record.host is None:
         _release_ports(ctx, record)
         ctx.registry.remove_domain(domain_id)
+        disks.detach_disks(ctx, domain_id, attached)
         return Response(status_code=204)
     if record.task is not TaskState.DELETING:
         if record.power in ACTIVE_STATES:
@@ -240,8 +253,11 @@ def delete_domain(
             raise  # the record stays `deleting`: DELETE again to retry
         _release_ports(ctx, record)
         ctx.registry.remove_domain(domain_id)  # already gone from the host
+        disks.detach_disks(ctx, domain_id, attached)
         return Response(status_code=204)
     _release_ports(ctx, record)
+    # Undefined on its host: its volumes are free.
+    disks.detach_disks(ctx, domain_id, attached)
     current = ctx.registry.get_domain(domain_id)
     if current is None:
         return Response(status_code=204)  # the undefined event beat us here

@@ -1,0 +1,225 @@
+"""The storage service's wire contract: the catalog of pools and volumes (queue `storage`).
+
+The API sends these to the `storage` queue, where any replica of the storage service takes
+them; the service keeps the catalog in SQL and has the file work done by the agent of the
+pool's host (`storage.<host>`, protos.storage) or, for a `shared` pool it serves, by itself.
+Command names are `cmd.catalog.*`, apart from the agent's `cmd.storage.*`.
+
+Every command names the caller's `project`; a volume of another project is `not_found`, as
+one that does not exist (None: an admin, who sees every project). Refusals are `ErrorReply`s:
+`invalid` (with `details.field`), `not_found`, `conflict` (`details.reason`: `name_in_use`,
+`attached`, `state`, `shrink`), `no_space`, `over_quota` (`details`: resource, limit, used,
+requested), `unavailable` (the pool's host does not answer).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from protos.base import Message
+from protos.commands import Command
+from protos.domain import NAME_PATTERN
+from protos.storage import MAX_VOLUME_BYTES, SECTOR, PoolCapabilities, PoolKindName
+
+VolumeStateName = Literal["creating", "available", "attached", "deleting", "error"]
+MAX_PAGE = 1000
+
+
+def check_volume_name(name: str) -> str:
+    """`name` if it is a volume name; a ValueError saying why otherwise (the message the API
+    shows). 1-63 letters, digits, `.`, `_`, `-`, starting with a letter or digit, no `..`."""
+    if "\0" in name:
+        raise ValueError("a name may not contain a NUL byte")
+    if "/" in name:
+        raise ValueError("a name may not contain '/'")
+    if ".." in name:
+        raise ValueError("a name may not contain '..'")
+    if not 1 <= len(name) <= 63:
+        raise ValueError(f"a name is 1-63 characters, got {len(name)}")
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise ValueError(
+            "a name holds only letters, digits, '.', '_' and '-' and starts with a letter or digit"
+        )
+    return name
+
+
+VolumeName = Annotated[str, AfterValidator(check_volume_name)]
+Size = Field(gt=0, le=MAX_VOLUME_BYTES, multiple_of=SECTOR)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Attachment(_Frozen):
+    """The domain a volume is attached to, as disk `target`."""
+
+    domain_id: uuid.UUID
+    target: str = Field(pattern=r"^vd[a-z]$")
+    readonly: bool = False
+
+
+class VolumeQuota(_Frozen):
+    """A project's limits (None: unlimited), enforced by the catalog in the create's
+    transaction: the number of volumes, and the sum of their sizes in GiB (rounded up)."""
+
+    volumes: int | None = Field(default=None, ge=0)
+    gib: int | None = Field(default=None, ge=0)
+
+
+# ---- replies -----------------------------------------------------------------------------
+
+
+class Pool(Message):
+    """A pool in the catalog: `host` is its host for a `dir` pool, None for a `shared` pool
+    (served by the storage service itself); bytes as its host last reported them."""
+
+    TYPE = "reply.catalog_pool"
+    name: str
+    kind: PoolKindName
+    host: str | None
+    capacity: int = Field(ge=0)
+    allocation: int = Field(ge=0)
+    available: int = Field(ge=0)
+    capabilities: PoolCapabilities
+    volumes: int = Field(ge=0)
+    updated_at: float
+
+
+class Pools(Message):
+    TYPE = "reply.catalog_pools"
+    pools: list[Pool]
+
+
+class Volume(Message):
+    """A volume in the catalog; `size` in bytes; `seq` its last event's number."""
+
+    TYPE = "reply.catalog_volume"
+    volume_id: uuid.UUID
+    project: str
+    name: str
+    pool: str
+    host: str | None
+    size: int = Field(ge=0)
+    state: VolumeStateName
+    attachment: Attachment | None = None
+    source_id: uuid.UUID | None = None
+    image: str | None = None
+    fault: str | None = None
+    seq: int = Field(ge=0)
+    created_at: float
+
+
+class VolumePage(Message):
+    """Volumes ordered by name (by project, then name, for an admin); `next` is the cursor of
+    the next page, None after the last."""
+
+    TYPE = "reply.catalog_volume_page"
+    volumes: list[Volume]
+    next: str | None = None
+
+
+# ---- commands ----------------------------------------------------------------------------
+
+
+class CatalogCommand(Command):
+    """`project`: the caller's (None: an admin, every project)."""
+
+    project: str | None = Field(default=None, pattern=NAME_PATTERN)
+
+
+class VolumeCommand(CatalogCommand):
+    volume_id: uuid.UUID
+    RESULT: ClassVar[type[Message]] = Volume
+
+
+class ListPools(CatalogCommand):
+    TYPE = "cmd.catalog.pool_list"
+    RESULT = Pools
+
+
+class GetPool(CatalogCommand):
+    TYPE = "cmd.catalog.pool_info"
+    RESULT = Pool
+    pool: str = Field(pattern=NAME_PATTERN)
+
+
+class CreateVolume(VolumeCommand):
+    """A new volume `volume_id` (chosen by the caller, so a retry finds its first attempt):
+    empty, or a clone of `source_id` (same pool; size at least the source's, grown to
+    `size`). `pool` None: the service's default pool (the source's for a clone)."""
+
+    TYPE = "cmd.catalog.volume_create"
+    project: str = Field(pattern=NAME_PATTERN)
+    name: VolumeName
+    pool: str | None = Field(default=None, pattern=NAME_PATTERN)
+    size: int | None = Field(default=None, gt=0, le=MAX_VOLUME_BYTES, multiple_of=SECTOR)
+    source_id: uuid.UUID | None = None
+    quota: VolumeQuota | None = None
+
+
+class DeleteVolume(VolumeCommand):
+    """Delete a volume (refused while attached); the reply is the volume as it was."""
+
+    TYPE = "cmd.catalog.volume_delete"
+
+
+class ResizeVolume(VolumeCommand):
+    """Grow to `size` bytes; shrinking is refused (`conflict`, `shrink`)."""
+
+    TYPE = "cmd.catalog.volume_resize"
+    size: int = Size
+    quota: VolumeQuota | None = None
+
+
+class WipeVolume(VolumeCommand):
+    """Every byte reads as zero afterwards (refused while attached)."""
+
+    TYPE = "cmd.catalog.volume_wipe"
+
+
+class GetVolume(VolumeCommand):
+    TYPE = "cmd.catalog.volume_info"
+
+
+class ListVolumes(CatalogCommand):
+    """A page of at most `limit` volumes after cursor `after`, optionally of one pool."""
+
+    TYPE = "cmd.catalog.volume_list"
+    RESULT = VolumePage
+    pool: str | None = Field(default=None, pattern=NAME_PATTERN)
+    limit: int = Field(default=100, ge=1, le=MAX_PAGE)
+    after: str | None = Field(default=None, max_length=200)
+
+
+class AttachVolume(VolumeCommand):
+    """Mark the volume attached to `attachment.domain_id` (refused when attached elsewhere;
+    the same attachment again is answered as it is)."""
+
+    TYPE = "cmd.catalog.volume_attach"
+    attachment: Attachment
+
+
+class DetachVolume(VolumeCommand):
+    """Mark the volume available again; `domain_id` must be the one it is attached to."""
+
+    TYPE = "cmd.catalog.volume_detach"
+    domain_id: uuid.UUID
+
+
+CATALOG_COMMANDS: tuple[type[Command], ...] = (
+    ListPools,
+    GetPool,
+    CreateVolume,
+    DeleteVolume,
+    ResizeVolume,
+    WipeVolume,
+    GetVolume,
+    ListVolumes,
+    AttachVolume,
+    DetachVolume,
+)

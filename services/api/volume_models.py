@@ -1,0 +1,124 @@
+"""Request and response bodies of /v1/pools and /v1/volumes."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from protos.domain import NAME_PATTERN
+from protos.storage import MAX_VOLUME_BYTES, SECTOR, PoolCapabilities, PoolKindName
+from protos.volumes import Attachment, Pool, Volume, VolumeName, VolumeStateName
+from services.api.visibility import HostMask
+
+_SIZE = Field(
+    gt=0,
+    le=MAX_VOLUME_BYTES,
+    multiple_of=SECTOR,
+    description="bytes: a positive multiple of 512, at most 64 TiB",
+)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VolumeCreate(_Body):
+    """A new empty volume. `name`: unique in the project, 1-63 letters, digits, `.`, `_`,
+    `-` (no `/`, `..` or NUL)."""
+
+    name: VolumeName
+    size: int = _SIZE
+    pool: str | None = Field(default=None, pattern=NAME_PATTERN)
+
+
+class VolumeClone(_Body):
+    name: VolumeName
+    size: int | None = Field(
+        default=None, gt=0, le=MAX_VOLUME_BYTES, multiple_of=SECTOR, description="grow to"
+    )
+
+
+class VolumeResize(_Body):
+    size: int = _SIZE
+
+
+class VolumeView(BaseModel):
+    """A volume as the caller may see it (`host`: an alias for a member, None for a volume
+    in a shared pool)."""
+
+    id: uuid.UUID
+    name: str
+    project: str
+    pool: str
+    host: str | None
+    size: int
+    state: VolumeStateName
+    attachment: Attachment | None
+    source_id: uuid.UUID | None
+    seq: int
+    created_at: float
+
+    @classmethod
+    def of(cls, volume: Volume, mask: HostMask) -> VolumeView:
+        return cls.model_validate(cls.json_of(volume, mask))
+
+    @staticmethod
+    def json_of(volume: Volume, mask: HostMask) -> dict[str, Any]:
+        """The view as JSON-ready data, without building the model (long lists)."""
+        attachment = volume.attachment
+        return {
+            "id": str(volume.volume_id),
+            "name": volume.name,
+            "project": volume.project,
+            "pool": volume.pool,
+            "host": mask.name(volume.host),
+            "size": volume.size,
+            "state": volume.state,
+            "attachment": None
+            if attachment is None
+            else {
+                "domain_id": str(attachment.domain_id),
+                "target": attachment.target,
+                "readonly": attachment.readonly,
+            },
+            "source_id": None if volume.source_id is None else str(volume.source_id),
+            "seq": volume.seq,
+            "created_at": volume.created_at,
+        }
+
+
+class VolumeList(BaseModel):
+    volumes: list[VolumeView]
+    next: str | None = Field(default=None, description="the cursor of the next page")
+
+
+class PoolView(BaseModel):
+    name: str
+    kind: PoolKindName
+    host: str | None
+    capacity: int
+    allocation: int
+    available: int
+    capabilities: PoolCapabilities
+    volumes: int
+    updated_at: float
+
+    @classmethod
+    def of(cls, pool: Pool, mask: HostMask) -> PoolView:
+        return cls(
+            name=pool.name,
+            kind=pool.kind,
+            host=mask.name(pool.host),
+            capacity=pool.capacity,
+            allocation=pool.allocation,
+            available=pool.available,
+            capabilities=pool.capabilities,
+            volumes=pool.volumes,
+            updated_at=pool.updated_at,
+        )
+
+
+class PoolList(BaseModel):
+    pools: list[PoolView]

@@ -1,0 +1,1 @@
+"""The storage catalog's Alembic migrations (env.py, versions/); see docs/database.md."""
