@@ -1,5 +1,5 @@
 # The two commands README promises on a fresh Debian machine (make demo, make test).
-.PHONY: demo test test-hwvirt test-cluster lint install
+.PHONY: demo test test-hwvirt test-cluster test-chaos lint install
 
 install:
 	bash .ci/install
@@ -13,6 +13,10 @@ test: install
 
 test-cluster: install
 	.venv/bin/pytest -m cluster
+
+# The chaos suite alone (docs/operations.md): FLOTILLA_CHAOS_SECONDS sets its length.
+test-chaos: install
+	.venv/bin/pytest -m chaos -s
 
 test-hwvirt: install
 	.venv/bin/pytest -m hwvirt
