@@ -1,5 +1,5 @@
 # The two commands README promises on a fresh Debian machine (make demo, make test).
-.PHONY: demo test test-hwvirt test-cluster lint install
+.PHONY: demo test test-hwvirt test-cluster test-chaos lint install
 
 install:
 	bash .ci/install
@@ -7,11 +7,15 @@ install:
 # Every tier but hwvirt (docs/testing.md): on hosts without vmx/svm that tier boots Linux in a
 # nested L1 under QEMU TCG, which takes 20-45 minutes here, so it is a target of its own.
 test: install
-	.venv/bin/pytest -m "not hwvirt"
+	.venv/bin/pytest -m "not hwvirt and not chaos"
 
 # Only the broker-cluster tests (also part of `make test`).
 test-cluster: install
 	.venv/bin/pytest -m cluster
+
+# The chaos suite alone (docs/operations.md): FLOTILLA_CHAOS_SECONDS sets its length.
+test-chaos: install
+	.venv/bin/pytest -m chaos -s
 
 test-hwvirt: install
 	.venv/bin/pytest -m hwvirt

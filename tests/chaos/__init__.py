@@ -1,0 +1,1 @@
+"""The chaos suite: guests cycle through the API while faults are injected (docs/operations.md)."""
