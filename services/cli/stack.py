@@ -197,11 +197,13 @@ class Stack:
                     else f"starting a private RabbitMQ cluster of {n} nodes"
                 )
                 self._start_broker(timeout)
-            progress("starting the API")
+            # The scheduler needs nothing of the API's: both start at once (their Python
+            # start-ups overlap). Compute nodes wait for the API, whose queue must be there
+            # to take the events of the guests a node adopts as it starts.
+            progress("starting the API and the scheduler")
             self._start_api()
-            self._wait(deadline, "the API answering /healthz", self._api_ready, self.api)
-            progress("starting the scheduler")
             self._start_scheduler()
+            self._wait(deadline, "the API answering /healthz", self._api_ready, self.api)
             self._wait(
                 deadline,
                 "the scheduler consuming its queue",
