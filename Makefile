@@ -5,7 +5,7 @@ install:
 	bash .ci/install
 
 # Every tier but hwvirt (docs/testing.md): on hosts without vmx/svm that tier boots Linux in a
-# nested L1 under QEMU TCG, which takes 20-45 minutes here, so it is a target of its own.
+# nested L1 under QEMU TCG, which takes 30-60 minutes here (docs/testing.md), so it is a target of its own.
 # The broker-cluster test is out too until its post-failover event delivery stops failing
 # about one run in four (docs/operations.md).
 test: install
