@@ -435,6 +435,10 @@ def test_ext4_file_survives_a_restart(fleet: Fleet, images: LinuxImages) -> None
     shell.check(f"mount -t ext4 {dev} /mnt && echo kept-$((20 + 22)) > /mnt/file && umount /mnt")
     shell.console.send(b"exit\n")
     shell.end(EventKind.POWEROFF)
+    # A powered-off machine keeps its disks' locks until it is closed (docs/machine.md).
+    assert shell.machine is not None
+    fleet.machines.remove(shell.machine)
+    shell.machine.close()
     # The host's own fsck finds a clean ext4 file system.
     fsck = subprocess.run(
         ["e2fsck", "-fn", str(fleet.ext4)], check=False, capture_output=True, text=True
