@@ -4,8 +4,9 @@
 install:
 	bash .ci/install
 
-# Every tier but hwvirt (docs/testing.md): on hosts without vmx/svm that tier boots Linux in a
-# nested L1 under QEMU TCG, which takes 20-45 minutes here, so it is a target of its own.
+# Every tier but hwvirt and chaos (docs/testing.md): on hosts without vmx/svm the hwvirt tier
+# boots Linux in a nested L1 under QEMU TCG, which takes 30-60 minutes here, and the chaos
+# suite forms a broker cluster and injects faults for minutes: targets of their own.
 test: install
 	.venv/bin/pytest -m "not hwvirt and not chaos"
 

@@ -41,7 +41,7 @@ class GuestEventKind(StrEnum):
     STARTED = "started"  # detail: "booted" | "restarted"
     PAUSED = "paused"
     RESUMED = "resumed"
-    REBOOTED = "rebooted"  # reset and restarted in place; reason: i8042_reset | triple_fault | host
+    REBOOTED = "rebooted"  # reset, restarted in place; reason: i8042_reset, reset_control, ...
     CRASHED = "crashed"  # the guest panicked; the policy's action follows as further events
     SHUTDOWN = "shutdown"  # the guest powered off; detail: "guest" | "host" (after a request)
     STOPPED = "stopped"  # reason: shutdown | destroyed | crashed | failed; the machine is gone

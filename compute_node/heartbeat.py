@@ -14,7 +14,7 @@ from compute_node.store import Store
 from protos.domain import PowerState
 from protos.host import HostHeartbeat, HostInventory
 from services.bus import Bus
-from services.cli.main import package_version
+from services.version import package_version
 
 log = structlog.get_logger("flotilla.compute.heartbeat")
 

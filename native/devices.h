@@ -131,13 +131,15 @@ struct fl_pm {
 void fl_pm_init(struct fl_pm *pm, struct fl_sink sink);
 void fl_pm_io(void *dev, uint64_t offset, uint8_t *data, uint32_t size, int is_write);
 
-/* ---- pvpanic (port 0x505) and isa-debug-exit (port 0xf4): stateless ---- */
+/* ---- pvpanic (0x505), isa-debug-exit (0xf4), reset control (0xCF9): stateless ---- */
 struct fl_signal_dev {
 	struct fl_sink sink;
 };
 
 void fl_pvpanic_io(void *dev, uint64_t offset, uint8_t *data, uint32_t size, int is_write);
 void fl_debugexit_io(void *dev, uint64_t offset, uint8_t *data, uint32_t size, int is_write);
+/* reset control register (port 0xCF9, the FADT's RESET_REG): RST_CPU -> REBOOT */
+void fl_resetctl_io(void *dev, uint64_t offset, uint8_t *data, uint32_t size, int is_write);
 
 /* ---- IOAPIC (x86/ioapic.c): 24 pins, delivered to the local APICs as MSIs ---- */
 #define FL_IOAPIC_PINS 24

@@ -59,6 +59,7 @@ int fl_devices_init(struct fl_vm *vm, int out_fd)
 	fl_pm_init(&vm->pm, sink);
 	vm->pvpanic.sink = sink;
 	vm->debugexit.sink = sink;
+	vm->resetctl.sink = sink;
 
 	if ((rc = fl_bus_add(&vm->pio, FL_PORT_COM1, 8, "serial", &vm->serial, fl_serial_io)) ||
 	    (rc = fl_bus_add(&vm->pio, FL_PORT_I8042_DATA, 1, "i8042", &vm->i8042,
@@ -71,6 +72,8 @@ int fl_devices_init(struct fl_vm *vm, int out_fd)
 			     fl_pvpanic_io)) ||
 	    (rc = fl_bus_add(&vm->pio, FL_PORT_DEBUG_EXIT, 4, "debug_exit", &vm->debugexit,
 			     fl_debugexit_io)) ||
+	    (rc = fl_bus_add(&vm->pio, FL_PORT_RESET_CONTROL, 1, "reset_control", &vm->resetctl,
+			     fl_resetctl_io)) ||
 	    (rc = fl_bus_add(&vm->pio, FL_PORT_PIC1, 2, "pic1", NULL, fl_pic_io)) ||
 	    (rc = fl_bus_add(&vm->pio, FL_PORT_PIC2, 2, "pic2", NULL, fl_pic_io))) {
 		fl_fail(vm, -rc, "placing devices on the I/O bus");

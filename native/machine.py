@@ -289,8 +289,8 @@ class Event(NamedTuple):
 
     `code`: the exit status for POWEROFF (debug exit: `(v << 1) | 1`, ACPI: 0), the KVM exit
     reason for INTERNAL_ERROR. `reason`: e.g. "acpi_s5", "debug_exit", "i8042_reset",
-    "triple_fault", "pvpanic", "emulation_failure". `detail`: raw values (INTERNAL_ERROR:
-    suberror, then KVM's data words).
+    "reset_control", "triple_fault", "pvpanic", "emulation_failure". `detail`: raw values
+    (INTERNAL_ERROR: suberror, then KVM's data words).
     """
 
     kind: EventKind

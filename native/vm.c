@@ -149,6 +149,9 @@ int fl_vm_build(struct fl_vm *vm, const struct fl_config *cfg, int memory_fd)
 		rc = fl_acpi_build(vm, &rsdp);
 		if (rc < 0)
 			goto cpuid;
+		rc = fl_reset_vector_write(vm);
+		if (rc < 0)
+			goto cpuid;
 		rc = fl_boot_load(vm, &with_devices, rsdp, &boot);
 		if (rc < 0)
 			goto cpuid;

@@ -25,6 +25,8 @@
 #define FL_PORT_PVPANIC 0x505
 #define FL_PORT_SLEEP_CONTROL 0x600
 #define FL_PORT_SLEEP_STATUS 0x601
+#define FL_PORT_RESET_CONTROL 0xcf9 /* the FADT's RESET_REG */
+#define FL_RESET_VALUE 0x06	    /* RST_CPU | SYS_RST, as QEMU's q35 FADT */
 
 /* ---- guest memory ---- */
 #define FL_GIB (1ULL << 30)
@@ -101,6 +103,7 @@ struct fl_vm {
 	struct fl_pm pm;
 	struct fl_signal_dev pvpanic;
 	struct fl_signal_dev debugexit;
+	struct fl_signal_dev resetctl;
 	int devices_ready;
 
 	/* virtio-mmio slots (virtio_slots.c) */
@@ -206,6 +209,8 @@ void fl_vm_unbuild(struct fl_vm *vm);
 int fl_cpuid_init(struct fl_vm *vm);
 int fl_cpuid_apply(struct fl_vm *vm, struct fl_vcpu *vcpu);
 int fl_acpi_build(struct fl_vm *vm, uint64_t *rsdp_gpa);
+/* The reset vector at 0xFFFF0: resets through the i8042 (x86/resetvec.c). */
+int fl_reset_vector_write(struct fl_vm *vm);
 struct fl_boot {
 	uint32_t kind;	  /* enum fl_image_kind */
 	uint64_t entry;

@@ -1,7 +1,7 @@
 /*
  * libFuzzer target for the small port devices on the port bus (native/bus.c), laid out as
  * the machine lays them out: the i8042 (native/i8042.c), the ACPI sleep registers
- * (native/x86/pm.c), pvpanic, isa-debug-exit and the absent PICs. Input is a guest's
+ * (native/x86/pm.c), pvpanic, isa-debug-exit, reset control and the absent PICs. Input is a guest's
  * sequence of port accesses (any width, some off by one around each range), mixed with
  * scancodes injected from the host and an i8042 save and restore. Machine events come only
  * from the writes that mean them, and the keyboard queue stays within bounds.
@@ -20,7 +20,7 @@
 
 static const uint16_t bases[] = {
 	FL_PORT_I8042_DATA, FL_PORT_I8042_CMD, FL_PORT_SLEEP_CONTROL, FL_PORT_PVPANIC,
-	FL_PORT_DEBUG_EXIT, FL_PORT_PIC1,	FL_PORT_PIC2,
+	FL_PORT_DEBUG_EXIT, FL_PORT_PIC1,	FL_PORT_PIC2, FL_PORT_RESET_CONTROL,
 };
 #define NBASES (sizeof(bases) / sizeof(bases[0]))
 
@@ -53,7 +53,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	static struct fl_bus bus;
 	static struct fl_i8042 kbd;
 	static struct fl_pm pm;
-	static struct fl_signal_dev pvpanic, debugexit;
+	static struct fl_signal_dev pvpanic, debugexit, resetctl;
 	struct fl_sink sink = {raise_event, NULL};
 	struct fz_input in = {data, size};
 	struct fl_i8042_state st;
@@ -62,7 +62,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	memset(&bus, 0, sizeof(bus));
 	bus.counters = &counters;
 	line = -1;
-	pvpanic.sink = debugexit.sink = sink;
+	pvpanic.sink = debugexit.sink = resetctl.sink = sink;
 	fl_pm_init(&pm, sink);
 	if (fl_i8042_init(&kbd, (struct fl_irq){set_level, NULL, FL_IRQ_I8042}, sink) < 0 ||
 	    fl_bus_add(&bus, FL_PORT_I8042_DATA, 1, "i8042", &kbd, fl_i8042_data_io) < 0 ||
@@ -70,6 +70,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	    fl_bus_add(&bus, FL_PORT_SLEEP_CONTROL, 2, "acpi_sleep", &pm, fl_pm_io) < 0 ||
 	    fl_bus_add(&bus, FL_PORT_PVPANIC, 1, "pvpanic", &pvpanic, fl_pvpanic_io) < 0 ||
 	    fl_bus_add(&bus, FL_PORT_DEBUG_EXIT, 4, "debug_exit", &debugexit, fl_debugexit_io) < 0 ||
+	    fl_bus_add(&bus, FL_PORT_RESET_CONTROL, 1, "reset_control", &resetctl,
+		       fl_resetctl_io) < 0 ||
 	    fl_bus_add(&bus, FL_PORT_PIC1, 2, "pic1", NULL, fl_pic_io) < 0 ||
 	    fl_bus_add(&bus, FL_PORT_PIC2, 2, "pic2", NULL, fl_pic_io) < 0)
 		abort();
@@ -100,6 +102,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 								     last_kind != FL_EVENT_REBOOT))
 				__builtin_trap();
 			if (events && port == FL_PORT_SLEEP_CONTROL && last_kind != FL_EVENT_POWEROFF)
+				__builtin_trap();
+			if (events && port == FL_PORT_RESET_CONTROL &&
+			    (!(buf[0] & 0x04) || last_kind != FL_EVENT_REBOOT))
 				__builtin_trap();
 			break;
 		case 2:

@@ -35,7 +35,13 @@
 
 #define SECTOR 512u
 #define HEADER 16u
-#define SEG_MAX (FL_VQ_MAX_SEGS - 2)
+/*
+ * Data segments in one request. No indirect descriptors are offered, so a request takes
+ * SEG_MAX + 2 ring entries (header, status): more than the ring holds and the driver can
+ * never add it (Linux then waits forever, as its zeroing fallback's 256 zero-page bio_vecs
+ * did). QEMU sizes it the same way.
+ */
+#define SEG_MAX (FL_VQ_MAX_SIZE - 2)
 
 static int fail(char *err, size_t errlen, int e, const char *path, const char *what)
 {

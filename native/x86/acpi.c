@@ -1,6 +1,7 @@
 /*
  * Hardware-reduced ACPI tables at 0xE0000: RSDP -> XSDT -> FADT (sleep registers at
- * 0x600/0x601) -> DSDT (\_S5), and a MADT with one LAPIC per vCPU and the IOAPIC.
+ * 0x600/0x601, reset register at 0xCF9) -> DSDT (\_S5), and a MADT with one LAPIC per vCPU
+ * and the IOAPIC.
  */
 #include <errno.h>
 #include <string.h>
@@ -15,6 +16,7 @@
 #define FADT_HW_REDUCED (1u << 20)
 #define FADT_PWR_BUTTON (1u << 4) /* no fixed-feature power button */
 #define FADT_SLP_BUTTON (1u << 5)
+#define FADT_RESET_REG_SUP (1u << 10)
 #define BOOT_ARCH_8042 (1u << 1)
 #define BOOT_ARCH_NO_VGA (1u << 2)
 #define BOOT_ARCH_NO_CMOS_RTC (1u << 5)
@@ -211,7 +213,9 @@ int fl_acpi_build(struct fl_vm *vm, uint64_t *rsdp_gpa)
 	header(t, "FACP", FADT_SIZE, FADT_REVISION);
 	put32(t + 40, (uint32_t)(FL_ACPI_GPA + dsdt));
 	put16(t + 109, BOOT_ARCH_8042 | BOOT_ARCH_NO_VGA | BOOT_ARCH_NO_CMOS_RTC);
-	put32(t + 112, FADT_HW_REDUCED | FADT_PWR_BUTTON | FADT_SLP_BUTTON);
+	put32(t + 112, FADT_HW_REDUCED | FADT_PWR_BUTTON | FADT_SLP_BUTTON | FADT_RESET_REG_SUP);
+	gas_io(t + 116, FL_PORT_RESET_CONTROL); /* RESET_REG, for reboot=acpi */
+	t[128] = FL_RESET_VALUE;
 	t[131] = 0; /* FADT minor version: ACPI 6.0 */
 	put64(t + 140, FL_ACPI_GPA + dsdt);
 	gas_io(t + 244, FL_PORT_SLEEP_CONTROL);

@@ -320,7 +320,7 @@ static uint32_t memory_map(const struct fl_mem *mem, struct e820 *map)
 
 	map[n++] = (struct e820){0, FL_EBDA_GPA, E820_RAM};
 	map[n++] = (struct e820){FL_EBDA_GPA, FL_LOW_RAM_END - FL_EBDA_GPA, E820_RESERVED};
-	map[n++] = (struct e820){FL_ACPI_GPA, FL_ACPI_END - FL_ACPI_GPA, E820_RESERVED};
+	map[n++] = (struct e820){FL_ACPI_GPA, FL_BIOS_END - FL_ACPI_GPA, E820_RESERVED};
 	map[n++] = (struct e820){FL_KERNEL_GPA, mem->low_size - FL_KERNEL_GPA, E820_RAM};
 	if (mem->size > mem->low_size)
 		map[n++] = (struct e820){FL_HIGH_RAM_BASE, mem->size - mem->low_size, E820_RAM};

@@ -14,7 +14,9 @@
 #define FL_EBDA_GPA 0x9fc00ULL
 #define FL_LOW_RAM_END 0xa0000ULL
 #define FL_ACPI_GPA 0xe0000ULL	     /* RSDP first, so the legacy scan finds it */
-#define FL_ACPI_END 0x100000ULL
+#define FL_ACPI_END 0xffff0ULL      /* the tables end below the reset vector */
+#define FL_RESET_VECTOR_GPA 0xffff0ULL /* F000:FFF0, where a "BIOS" reboot jumps */
+#define FL_BIOS_END 0x100000ULL
 #define FL_KERNEL_GPA 0x100000ULL    /* bzImage protected-mode code; ELF floor */
 #define FL_IOAPIC_GPA 0xfec00000ULL
 #define FL_LAPIC_GPA 0xfee00000ULL

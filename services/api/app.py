@@ -33,8 +33,8 @@ from services.api.registry import Registry
 from services.api.request_id import RequestIdMiddleware
 from services.api.routes import admin, console, disks, domains, events, hosts, networks, volumes
 from services.bus import Bus, BusError
-from services.cli.main import package_version
 from services.db import DatabaseUnavailable
+from services.version import package_version
 
 log = structlog.get_logger("flotilla.api")
 

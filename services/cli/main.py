@@ -15,18 +15,11 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from services.cli.client import Api, ApiError, Exit
 from services.cli.domains import ACTIONS, CliError, Session
-
-
-def package_version() -> str:
-    try:
-        return version("flotilla")
-    except PackageNotFoundError:  # running from a source tree without `pip install -e .`
-        return "0+unknown"
+from services.version import package_version
 
 
 def cmd_version(args: argparse.Namespace) -> int:

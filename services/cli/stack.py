@@ -204,11 +204,15 @@ class Stack:
                     else f"starting a private RabbitMQ cluster of {n} nodes"
                 )
                 self._start_broker(timeout)
-            progress("starting the API")
+            # The scheduler and the network service need nothing of the API's: all three
+            # start at once (their Python start-ups overlap). Compute nodes wait for the
+            # API, whose queue must be there to take the events of the guests a node adopts
+            # as it starts.
+            progress("starting the API, the network service and the scheduler")
             self._start_api()
-            self._wait(deadline, "the API answering /healthz", self._api_ready, self.api)
-            progress("starting the network service")
             note = self._start_network()
+            self._start_scheduler()
+            self._wait(deadline, "the API answering /healthz", self._api_ready, self.api)
             self._wait(
                 deadline,
                 "the network service consuming its queue",
@@ -216,8 +220,6 @@ class Stack:
                 self.network,
             )
             progress(f"default network {self.default_subnet} (nat, shared){note}")
-            progress("starting the scheduler")
-            self._start_scheduler()
             self._wait(
                 deadline,
                 "the scheduler consuming its queue",

@@ -73,16 +73,22 @@ def ok(response: httpx.Response, status: int | tuple[int, ...] = (200, 201, 202)
 
 
 def wait_domain(
-    client: httpx.Client, domain_id: str, state: str, timeout: float = 20.0
+    client: httpx.Client,
+    domain_id: str,
+    state: str,
+    timeout: float = 20.0,
+    *,
+    interval: float = 0.05,
 ) -> dict[str, Any]:
-    """Poll until the domain is in `state` with no task under way."""
+    """Poll until the domain is in `state` with no task under way (every `interval` s: a
+    slower poll leaves the CPU to the guest where Python is emulated, in the hwvirt L1)."""
     deadline = time.monotonic() + timeout
     d: dict[str, Any] = {}
     while time.monotonic() < deadline:
         d = ok(client.get(f"/v1/domains/{domain_id}"), 200)
         if d["state"] == state and d["task"] == "none":
             return d
-        time.sleep(0.05)
+        time.sleep(interval)
     raise AssertionError(f"domain {domain_id} not {state}: {d}")
 
 
@@ -96,7 +102,13 @@ def wait_gone(client: httpx.Client, domain_id: str, timeout: float = 20.0) -> No
 
 
 def wait_console(
-    client: httpx.Client, domain_id: str, text: str, count: int = 1, timeout: float = 15.0
+    client: httpx.Client,
+    domain_id: str,
+    text: str,
+    count: int = 1,
+    timeout: float = 15.0,
+    *,
+    interval: float = 0.05,
 ) -> str:
     deadline = time.monotonic() + timeout
     data = ""
@@ -104,7 +116,7 @@ def wait_console(
         data = ok(client.get(f"/v1/domains/{domain_id}/console"), 200)["data"]
         if data.count(text) >= count:
             return str(data)
-        time.sleep(0.05)
+        time.sleep(interval)
     raise AssertionError(f"{text!r} x{count} not on the console: {data[-500:]!r}")
 
 

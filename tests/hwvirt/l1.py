@@ -46,6 +46,11 @@ CONSOLE_TAIL_LINES = 40
 # The host as the L1 sees it through QEMU's user-mode network: only the ports forwarded to
 # the host's loopback answer there (tests/hwvirt/relay.py), nothing else leaves the L1.
 HOST_ALIAS = "10.0.2.100"
+# AMQP settings for the L1's clients: Python there runs 100x slower than on the host, and a
+# loaded L1 took longer than pika's defaults (15 s for the handshake, 60 s heartbeats) to
+# connect at all ("Timeout during AMQP handshake", then the broker closing on missed
+# heartbeats): a compute node never came up.
+L1_AMQP_QUERY = "heartbeat=600&socket_timeout=120&stack_timeout=300"
 RELAY = Path(__file__).resolve().parent / "relay.py"
 # Plugins the hwvirt tests do not use, left out of pytest in the L1: imports are emulated
 # there, and hypothesis's alone costs tens of seconds of start-up.
@@ -437,6 +442,12 @@ def _run(
     )
 
 
+def l1_amqp_url(host_url: str) -> str:
+    """The host broker's URL as the L1 reaches it: HOST_ALIAS, and L1_AMQP_QUERY's timeouts."""
+    url = host_url.replace("127.0.0.1", HOST_ALIAS)
+    return f"{url}{'&' if '?' in url else '?'}{L1_AMQP_QUERY}"
+
+
 @contextlib.contextmanager
 def forwarded_broker(base: Path) -> Iterator[tuple[int, str]]:
     """A private RabbitMQ node on the host for a run in the L1: (its port, the URL the L1
@@ -449,6 +460,6 @@ def forwarded_broker(base: Path) -> Iterator[tuple[int, str]]:
         node.stop()
         raise L1Error(f"the host broker for the L1 did not start: {exc}") from exc
     try:
-        yield node.port, node.url.replace("127.0.0.1", HOST_ALIAS)
+        yield node.port, l1_amqp_url(node.url)
     finally:
         node.stop()

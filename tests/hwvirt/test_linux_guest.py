@@ -1,9 +1,18 @@
 """Debian's cloud kernel with the project's initramfs on our VMM, where KVM has hardware
-virtualization (docs/images.md): console, SMP, virtio-blk, power button, reboot and panic.
+virtualization (docs/images.md): console, SMP, virtio-blk, ext4, virtio-net, reboot, power
+button, panic and kill -9.
 
-Each test boots Linux with `flotilla.shell`, so init runs a shell on COM1 and the test types
-commands into it (the UART's receive interrupt) and reads their output (its THRE interrupt).
-On a host without vmx/svm they run in the nested L1 (tests/hwvirt/, docs/testing.md).
+A Linux boot costs minutes in the nested L1 (tests/hwvirt/, docs/testing.md), so the module
+boots one fleet of four guests at once and every test checks its behaviour on them, in file
+order (the later tests end guests the earlier ones use):
+- `shell2`: `native.Machine`, 2 vCPUs, a raw disk, a read-only disk, an ext4 disk, a NIC;
+- `shell4`: `python -m native.run` (a VMM process of its own, for kill -9), 4 vCPUs, a disk,
+  a NIC;
+- `vmm_reboot`, `vmm_panic`: the per-guest VMM process the compute node runs
+  (`compute_node.vmm`), whose journal becomes domain.rebooted / .shutdown / .crashed.
+Each boots with `flotilla.shell`: init runs a shell on COM1, and the tests type commands into
+it (the UART's receive interrupt) and read their output (its THRE interrupt). The NICs are taps
+on a bridge with a veth into a namespace of the module's own (10.77.0.0/24).
 """
 
 from __future__ import annotations
@@ -15,32 +24,34 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import native
 from compute_node.vmm_client import reap, spawn, wait_exit
 from compute_node.vmm_proto import CONSOLE_LOG
-from native.images import ImageError, LinuxImages, fetch_images
+from native.images import QUICK_BOOT_ARGS, ImageError, LinuxImages, fetch_images
 from native.machine import Disk, Event, EventKind, Nic
 from tests.kvm.harness import Console
 from tests.kvm.test_vmm_process import Domain, write_config
 
-# Each test boots Linux once or twice: ~1-3 minutes each in the nested L1.
-pytestmark = [pytest.mark.hwvirt, pytest.mark.slow, pytest.mark.timeout(2400)]
+# One fleet boot and one more Linux boot: minutes each in the nested L1.
+pytestmark = [pytest.mark.hwvirt, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 MIB = 1 << 20
 MEMORY_MIB = 256
-BOOT_TIMEOUT = 900.0  # ~1 minute in the nested L1 on a quiet host, many on a busy one
+BOOT_TIMEOUT = 1200.0  # four guests booting at once in the L1, on a busy host
 COMMAND_TIMEOUT = 300.0
 SPAWN_TIMEOUT = 120.0  # Python starts slowly in the emulated L1
+POLL_S = 0.5  # console polling: every wake-up costs CPU the guests need in the L1
 PROMPT = "flotilla-linux# "
 # quiet: every console byte Linux prints is a port exit, and those are slow in the L1.
-BASE_CMDLINE = "console=ttyS0 quiet flotilla.shell"
+BASE_CMDLINE = f"console=ttyS0 quiet flotilla.shell {QUICK_BOOT_ARGS}"
 PATTERN = b"flotilla-pattern\n"
+SUBNET = "10.77.0"
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +65,9 @@ def images() -> LinuxImages:
 
 
 class LinuxShell:
-    """A Linux guest booted into the initramfs shell, driven through its console."""
+    """A Linux guest's initramfs shell, driven through its console."""
 
-    def __init__(self, machine: native.Machine, console: Console) -> None:
+    def __init__(self, console: Console, machine: native.Machine | None = None) -> None:
         self.machine = machine
         self.console = console
         self.commands = 0
@@ -88,51 +99,12 @@ class LinuxShell:
         return out
 
     def end(self, kind: EventKind, timeout: float = COMMAND_TIMEOUT) -> Event:
+        assert self.machine is not None
         event = self.machine.wait_event(timeout)
         text = self.console.drain()
         assert event is not None, f"no event within {timeout}s; console:\n{text}"
         assert event.kind is kind, f"{event}; console:\n{text}"
         return event
-
-
-@pytest.fixture
-def boot_linux(images: LinuxImages) -> Iterator[Callable[..., LinuxShell]]:
-    started: list[tuple[native.Machine, Console]] = []
-
-    def _boot(
-        *,
-        vcpus: int = 1,
-        disks: tuple[Disk, ...] = (),
-        nics: tuple[Nic, ...] = (),
-        cmdline: str = "",
-    ) -> LinuxShell:
-        console = Console()
-        try:
-            machine = native.Machine(
-                images.vmlinuz,
-                initrd=images.initramfs,
-                cmdline=f"{BASE_CMDLINE} {cmdline}".strip(),
-                memory_mib=MEMORY_MIB,
-                vcpus=vcpus,
-                console_out=console.write_fd,
-                console_in=console.input_fd,
-                disks=disks,
-                nics=nics,
-            )
-        except BaseException:
-            console.close()
-            raise
-        started.append((machine, console))
-        machine.start()
-        shell = LinuxShell(machine, console)
-        shell.wait_shell()
-        return shell
-
-    yield _boot
-    for machine, console in started:
-        machine.stop()
-        machine.close()
-        console.close()
 
 
 def disk_file(path: Path, mib: int) -> Path:
@@ -149,15 +121,200 @@ def device_of(shell: LinuxShell, serial: str) -> str:
     return f"/dev/{out}"
 
 
-def test_console_smp_and_disks(boot_linux: Callable[..., LinuxShell], tmp_path: Path) -> None:
-    raw = disk_file(tmp_path / "raw.img", 64)
-    ro = disk_file(tmp_path / "ro.img", 8)
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+def console_log(d: Domain) -> str:
+    return (d.path / CONSOLE_LOG).read_text(errors="replace")
+
+
+def wait_log(d: Domain, pattern: str, count: int = 1, timeout: float = BOOT_TIMEOUT) -> str:
+    """Waits for `count` matches in a VMM's console log file (read every POLL_S)."""
+    rx = re.compile(pattern, re.MULTILINE)
+    deadline = time.monotonic() + timeout
+    while True:
+        text = console_log(d)
+        if len(rx.findall(text)) >= count:
+            return text
+        if time.monotonic() > deadline or reap(d.pid) is not None:
+            pytest.fail(f"{pattern!r} x{count} not in the console; journal {d.kinds()}:\n{text}")
+        time.sleep(POLL_S)
+
+
+def type_line(d: Domain, line: str) -> None:
+    """Types a line on a VMM's console; returns once the shell echoed it."""
+    with d.client.attach() as stream:
+        stream.settimeout(COMMAND_TIMEOUT)
+        stream.sendall(line.encode() + b"\n")
+        got = b""
+        while line.encode() not in got:
+            chunk = stream.recv(4096)
+            assert chunk, f"attach stream closed; got {got!r}"
+            got += chunk
+
+
+@dataclass
+class Fleet:
+    """The module's guests and what they were given; see the module docstring."""
+
+    shell2: LinuxShell
+    shell4: LinuxShell
+    run4: subprocess.Popen[bytes]
+    vmm_reboot: Domain
+    vmm_panic: Domain
+    netns: str
+    raw: Path
+    ro: Path
+    ro_before: bytes
+    ext4: Path
+    flushed: Path
+    # Shared with the fixture, which stops and closes them all: a test may add a guest.
+    machines: list[native.Machine] = field(default_factory=list)
+    consoles: list[Console] = field(default_factory=list)
+    reboots: int = 0
+
+
+class Network:
+    """A bridge with a veth into a fresh namespace at SUBNET.1, and taps on the bridge."""
+
+    def __init__(self) -> None:
+        tag = f"{os.getpid() % 100000}"
+        self.bridge, self.netns, self.veth = f"flbr{tag}", f"flns{tag}", f"flv{tag}"
+        self.links: list[str] = []
+        self.fds: list[int] = []
+        ip("netns", "add", self.netns)
+        try:
+            ip("link", "add", self.bridge, "type", "bridge")
+            self.links.append(self.bridge)
+            ip("link", "set", self.bridge, "up")
+            ip("link", "add", f"{self.veth}h", "type", "veth", "peer", "name", f"{self.veth}n")
+            self.links.append(f"{self.veth}h")
+            ip("link", "set", f"{self.veth}h", "master", self.bridge, "up")
+            ip("link", "set", f"{self.veth}n", "netns", self.netns)
+            ip("-n", self.netns, "addr", "add", f"{SUBNET}.1/24", "dev", f"{self.veth}n")
+            ip("-n", self.netns, "link", "set", f"{self.veth}n", "up")
+            ip("-n", self.netns, "link", "set", "lo", "up")
+        except BaseException:
+            self.close()
+            raise
+
+    def tap_fd(self, name: str) -> int:
+        """A tap opened here (for a Machine in this process), on the bridge."""
+        fd = native.open_tap(name)
+        self.fds.append(fd)
+        self.links.append(name)
+        ip("link", "set", name, "master", self.bridge, "up")
+        return fd
+
+    def adopt_tap(self, name: str, timeout: float) -> None:
+        """A tap another process creates (native.run --tap), put on the bridge once it is."""
+        self.links.append(name)
+        deadline = time.monotonic() + timeout
+        while subprocess.run(
+            ["ip", "link", "show", name], check=False, capture_output=True
+        ).returncode:
+            assert time.monotonic() < deadline, f"no tap {name} within {timeout}s"
+            time.sleep(POLL_S)
+        ip("link", "set", name, "master", self.bridge, "up")
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        for name in self.links:
+            subprocess.run(["ip", "link", "del", name], check=False, capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.netns], check=False, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def fleet(images: LinuxImages, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """Four Linux guests booted at once, each at its shell prompt."""
+    tmp = tmp_path_factory.mktemp("linux")
+    assert images.initramfs is not None
+    raw, ro = disk_file(tmp / "raw.img", 64), tmp / "ro.img"
     ro.write_bytes(b"read-only" * 1000 + b"\0" * (8 * MIB - 9000))
-    ro_before = ro.read_bytes()
-    shell = boot_linux(
-        vcpus=2,
-        disks=(Disk(str(raw), id="raw"), Disk(str(ro), read_only=True, id="ro")),
-    )
+    ext4, flushed = disk_file(tmp / "ext4.img", 16), disk_file(tmp / "flushed.img", 16)
+    net = Network()
+    consoles: list[Console] = []
+    machines: list[native.Machine] = []
+    pids: list[int] = []
+    run4: subprocess.Popen[bytes] | None = None
+    try:
+        # The VMM processes first: their Python start-up overlaps the other boots.
+        domains = []
+        for name, policy in (("reboot", {"on_reboot": "restart"}), ("panic", {})):
+            path = tmp / name
+            path.mkdir()
+            write_config(
+                path, images.vmlinuz, BASE_CMDLINE, initrd=str(images.initramfs),
+                memory_mib=MEMORY_MIB, console_ring_bytes=1 << 20,
+                on_poweroff="destroy", on_crash="preserve", **policy,
+            )  # fmt: skip
+            pid = spawn(path, timeout=SPAWN_TIMEOUT)
+            pids.append(pid)
+            domains.append(Domain(path, pid))
+        console4 = Console()
+        consoles.append(console4)
+        run4 = subprocess.Popen(
+            [
+                sys.executable, "-m", "native.run",
+                "--kernel", str(images.vmlinuz), "--initrd", str(images.initramfs),
+                "--memory", str(MEMORY_MIB), "--vcpus", "4", "--disk", str(flushed),
+                "--tap", f"{net.bridge}t4", "--cmdline", BASE_CMDLINE,
+            ],
+            stdin=console4.input_fd, stdout=console4.write_fd, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        console2 = Console()
+        consoles.append(console2)
+        machine = native.Machine(
+            images.vmlinuz,
+            initrd=images.initramfs,
+            cmdline=BASE_CMDLINE,
+            memory_mib=MEMORY_MIB,
+            vcpus=2,
+            console_out=console2.write_fd,
+            console_in=console2.input_fd,
+            disks=(
+                Disk(str(raw), id="raw"),
+                Disk(str(ro), read_only=True, id="ro"),
+                Disk(str(ext4), id="fs"),
+            ),
+            nics=(Nic(tap_fd=net.tap_fd(f"{net.bridge}t2"), mac="52:54:00:77:00:02"),),
+        )
+        machines.append(machine)
+        machine.start()
+        net.adopt_tap(f"{net.bridge}t4", SPAWN_TIMEOUT)
+        shell2, shell4 = LinuxShell(console2, machine), LinuxShell(console4)
+        fleet = Fleet(
+            shell2, shell4, run4, domains[0], domains[1], net.netns, raw, ro, ro.read_bytes(),
+            ext4, flushed, machines, consoles,
+        )  # fmt: skip
+        shell2.wait_shell()
+        shell4.wait_shell()
+        for d in domains:
+            wait_log(d, re.escape(PROMPT))
+        yield fleet
+    finally:
+        for m in machines:
+            m.stop()
+            m.close()
+        if run4 is not None and run4.poll() is None:
+            os.kill(run4.pid, signal.SIGKILL)  # the VMM this fixture started
+            run4.wait(10)
+        for pid in pids:
+            try:
+                if reap(pid) is None:
+                    os.kill(pid, signal.SIGKILL)  # only the VMMs this fixture spawned
+                    wait_exit(pid, 5.0)
+            except (ChildProcessError, ProcessLookupError):
+                pass
+        for c in consoles:
+            c.close()
+        net.close()
+
+
+def test_console_and_a_clean_boot(fleet: Fleet) -> None:
+    shell = fleet.shell2
     text = shell.console.text
     # Console: init's own output (tty writes, THRE interrupts) and a typed command's output.
     assert "flotilla-linux: modules " in text
@@ -173,16 +330,23 @@ def test_console_smp_and_disks(boot_linux: Callable[..., LinuxShell], tmp_path: 
     )
     assert "serio: i8042 KBD port at 0x60,0x64 irq" in found, found
     assert len(found.splitlines()) == 1, found
-    # SMP: both vCPUs online.
-    assert shell.check("cat /sys/devices/system/cpu/online") == "0-1"
-    # virtio-blk: a pattern written with O_DIRECT and fsync is on the host file at once.
+
+
+def test_two_and_four_vcpus_all_online(fleet: Fleet) -> None:
+    assert fleet.shell2.check("cat /sys/devices/system/cpu/online") == "0-1"
+    assert fleet.shell4.check("cat /sys/devices/system/cpu/online") == "0-3"
+
+
+def test_virtio_blk_direct_writes_and_a_read_only_disk(fleet: Fleet) -> None:
+    shell = fleet.shell2
+    # A pattern written with O_DIRECT and fsync is on the host file at once.
     vda = device_of(shell, "raw")
     shell.check(
         "yes flotilla-pattern | head -c 1048576 > /tmp/p && "
         f"dd if=/tmp/p of={vda} bs=65536 seek=16 oflag=direct conv=fsync"
     )
     expected = (PATTERN * (MIB // len(PATTERN) + 1))[:MIB]
-    with raw.open("rb") as f:
+    with fleet.raw.open("rb") as f:
         f.seek(MIB)
         assert f.read(MIB) == expected
     # A read-only disk: Linux sees it read-only and a direct write fails; the file is intact.
@@ -191,234 +355,25 @@ def test_console_smp_and_disks(boot_linux: Callable[..., LinuxShell], tmp_path: 
     assert shell.check(f"dd if={vdb} bs=9 count=1 2>/dev/null") == "read-only"
     rc, out = shell.run(f"dd if=/dev/zero of={vdb} bs=4096 count=1 oflag=direct")
     assert rc != 0, out
-    shell.console.send(b"exit\n")
-    shell.end(EventKind.POWEROFF)
-    assert ro.read_bytes() == ro_before
+    assert fleet.ro.read_bytes() == fleet.ro_before
 
 
-def test_ext4_file_survives_a_restart_and_four_vcpus_come_up(
-    boot_linux: Callable[..., LinuxShell], tmp_path: Path
-) -> None:
-    image = disk_file(tmp_path / "ext4.img", 16)
-    shell = boot_linux(vcpus=1, disks=(Disk(str(image), id="fs"),))
-    dev = device_of(shell, "fs")
-    shell.check(f"mkfs.ext4 -q -F {dev}", timeout=3 * COMMAND_TIMEOUT)  # ~2 MiB of metadata
-    shell.check(f"mount -t ext4 {dev} /mnt && echo kept-$((20 + 22)) > /mnt/file && umount /mnt")
-    shell.console.send(b"exit\n")
-    shell.end(EventKind.POWEROFF)
-    # The host's own fsck finds a clean ext4 file system.
-    fsck = subprocess.run(
-        ["e2fsck", "-fn", str(image)], check=False, capture_output=True, text=True
-    )
-    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-
-    shell = boot_linux(vcpus=4, disks=(Disk(str(image), id="fs"),))
-    assert shell.check("cat /sys/devices/system/cpu/online") == "0-3"
-    dev = device_of(shell, "fs")
-    assert shell.check(f"mount -t ext4 {dev} /mnt && cat /mnt/file") == "kept-42"
-    shell.check("umount /mnt")
-    shell.console.send(b"exit\n")
-    shell.end(EventKind.POWEROFF)
-
-
-def test_a_flushed_write_survives_kill_9_of_the_vmm(images: LinuxImages, tmp_path: Path) -> None:
-    image = disk_file(tmp_path / "d.img", 16)
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "native.run",
-            "--kernel", str(images.vmlinuz), "--initrd", str(images.initramfs),
-            "--memory", str(MEMORY_MIB), "--disk", str(image),
-            "--cmdline", BASE_CMDLINE,
-        ],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-    out = b""
-    try:
-        out = read_until(proc, PROMPT.encode(), BOOT_TIMEOUT)
-        proc.stdin.write(
-            b"yes flotilla-pattern | head -c 262144 > /tmp/p && "
-            b"dd if=/tmp/p of=/dev/vda bs=4096 oflag=direct conv=fsync && echo FLUSHED-$((1+1))\n"
-        )
-        proc.stdin.flush()
-        out += read_until(proc, b"FLUSHED-2\r\n", COMMAND_TIMEOUT)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)  # the VMM this test started
-        proc.wait(10)
-    assert proc.returncode == -signal.SIGKILL
-    expected = (PATTERN * (262144 // len(PATTERN) + 1))[:262144]
-    assert image.read_bytes()[:262144] == expected, out.decode(errors="replace")
-
-
-def read_until(proc: subprocess.Popen[bytes], marker: bytes, timeout: float) -> bytes:
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    os.set_blocking(fd, False)
-    buf = b""
-    deadline = time.monotonic() + timeout
-    while marker not in buf:
-        if time.monotonic() > deadline or proc.poll() is not None:
-            pytest.fail(f"no {marker!r} within {timeout}s; output:\n{buf.decode(errors='replace')}")
-        try:
-            chunk = os.read(fd, 65536)
-        except BlockingIOError:
-            time.sleep(0.1)
-            continue
-        buf += chunk
-    return buf
-
-
-# The per-guest VMM process (compute_node.vmm), as the compute node runs it: its journal is
-# what becomes domain.shutdown / domain.rebooted / domain.crashed.
-
-
-@pytest.fixture
-def start_linux_vmm(images: LinuxImages, tmp_path: Path) -> Iterator[Callable[..., Domain]]:
-    pids: list[int] = []
-
-    def _start(name: str, cmdline: str = BASE_CMDLINE, **overrides: Any) -> Domain:
-        path = tmp_path / name
-        path.mkdir()
-        write_config(
-            path,
-            images.vmlinuz,
-            cmdline,
-            initrd=str(images.initramfs),
-            memory_mib=MEMORY_MIB,
-            console_ring_bytes=1 << 20,
-            **overrides,
-        )
-        pid = spawn(path, timeout=SPAWN_TIMEOUT)
-        pids.append(pid)
-        return Domain(path, pid)
-
-    yield _start
-    for pid in pids:
-        try:
-            if reap(pid) is None:
-                os.kill(pid, signal.SIGKILL)  # only the VMMs this test spawned
-                wait_exit(pid, 5.0)
-        except (ChildProcessError, ProcessLookupError):
-            pass
-
-
-def type_line(d: Domain, line: str) -> None:
-    """Types a line on the console; returns once the shell echoed it."""
-    with d.client.attach() as stream:
-        stream.settimeout(COMMAND_TIMEOUT)
-        stream.sendall(line.encode() + b"\n")
-        got = b""
-        while line.encode() not in got:
-            chunk = stream.recv(4096)
-            assert chunk, f"attach stream closed; got {got!r}"
-            got += chunk
-
-
-def test_acpi_shutdown_powers_linux_off(start_linux_vmm: Callable[..., Domain]) -> None:
-    d = start_linux_vmm("acpi", on_poweroff="destroy")
-    d.wait_console(re.escape(PROMPT), timeout=BOOT_TIMEOUT)
-    d.client.shutdown("acpi")
-    assert d.wait_exit(COMMAND_TIMEOUT) == 0
-    assert "flotilla-linux: power button" in (d.path / CONSOLE_LOG).read_text(errors="replace")
-    assert d.kinds()[1:] == [("shutdown", "acpi_s5", "host"), ("stopped", "shutdown", "poweroff")]
-
-
-def test_reboot_inside_linux_is_a_reboot(start_linux_vmm: Callable[..., Domain]) -> None:
-    d = start_linux_vmm("reboot", on_reboot="restart")
-    d.wait_console(re.escape(PROMPT), timeout=BOOT_TIMEOUT)
-    type_line(d, "reboot -f")
-    rebooted = d.wait_record("rebooted", COMMAND_TIMEOUT)
-    assert rebooted["detail"] == "guest"
-    d.wait_console("flotilla-linux: READY", count=2, timeout=BOOT_TIMEOUT)
-    d.client.destroy()
-    assert d.wait_exit() == 0
-
-
-def test_kernel_panic_is_a_crash(start_linux_vmm: Callable[..., Domain]) -> None:
-    d = start_linux_vmm("panic", on_crash="preserve")
-    d.wait_console(re.escape(PROMPT), timeout=BOOT_TIMEOUT)
-    type_line(d, "echo c > /proc/sysrq-trigger")
-    crashed = d.wait_record("crashed", COMMAND_TIMEOUT)
-    assert crashed["reason"] == "pvpanic"
-    assert d.client.status()["state"] == "crashed"
-    assert "Kernel panic" in d.console_text()
-    d.client.destroy()
-    assert d.wait_exit() == 0
-
-
-# virtio-net: two Linux guests and a namespace of the test's own on one bridge, over taps.
-SUBNET = "10.77.0"
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
-@pytest.fixture
-def bridge_with_namespace() -> Iterator[tuple[str, str]]:
-    """(bridge, netns): a bridge with a veth into a fresh netns at SUBNET.1; all removed."""
-    tag = f"{os.getpid() % 100000}"
-    br, ns, veth = f"flbr{tag}", f"flns{tag}", f"flv{tag}"
-    ip("netns", "add", ns)
-    try:
-        ip("link", "add", br, "type", "bridge")
-        ip("link", "set", br, "up")
-        ip("link", "add", f"{veth}h", "type", "veth", "peer", "name", f"{veth}n")
-        ip("link", "set", f"{veth}h", "master", br, "up")
-        ip("link", "set", f"{veth}n", "netns", ns)
-        ip("-n", ns, "addr", "add", f"{SUBNET}.1/24", "dev", f"{veth}n")
-        ip("-n", ns, "link", "set", f"{veth}n", "up")
-        ip("-n", ns, "link", "set", "lo", "up")
-        yield br, ns
-    finally:
-        for name in (f"{veth}h", br):
-            subprocess.run(["ip", "link", "del", name], check=False, capture_output=True)
-        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
-
-
-@pytest.fixture
-def taps(bridge_with_namespace: tuple[str, str]) -> Iterator[list[int]]:
-    """Two taps on the bridge, opened for the guests; deleted afterwards."""
-    br, _ = bridge_with_namespace
-    names = [f"{br}t{i}" for i in range(2)]
-    fds: list[int] = []
-    try:
-        for name in names:
-            fds.append(native.open_tap(name))
-            ip("link", "set", name, "master", br, "up")
-        yield fds
-    finally:
-        for fd in fds:
-            os.close(fd)
-        for name in names:
-            subprocess.run(["ip", "link", "del", name], check=False, capture_output=True)
-
-
-def test_virtio_net_ping_and_a_checksummed_tcp_transfer(
-    boot_linux: Callable[..., LinuxShell],
-    bridge_with_namespace: tuple[str, str],
-    taps: list[int],
-) -> None:
-    _, ns = bridge_with_namespace
-    guests = [
-        boot_linux(nics=(Nic(tap_fd=fd, mac=f"52:54:00:77:00:0{i + 2}"),))
-        for i, fd in enumerate(taps)
-    ]
-    for i, shell in enumerate(guests):
+def test_virtio_net_ping_and_a_checksummed_tcp_transfer(fleet: Fleet) -> None:
+    a, b = fleet.shell2, fleet.shell4
+    for i, shell in enumerate((a, b)):
         shell.check(f"ip addr add {SUBNET}.{i + 2}/24 dev eth0 && ip link set eth0 up")
     # Guest -> namespace, namespace -> guest, guest -> guest.
-    shell_a, shell_b = guests
-    shell_a.check(f"ping -c 3 -W 10 {SUBNET}.1", timeout=COMMAND_TIMEOUT)
+    a.check(f"ping -c 3 -W 10 {SUBNET}.1")
     ping = subprocess.run(
-        ["ip", "netns", "exec", ns, "busybox", "ping", "-c", "3", "-W", "10", f"{SUBNET}.3"],
+        ["ip", "netns", "exec", fleet.netns, "busybox", "ping", "-c", "3", "-W", "10",
+         f"{SUBNET}.3"],
         check=False, capture_output=True, text=True,
     )  # fmt: skip
     assert ping.returncode == 0, ping.stdout + ping.stderr
-    shell_b.check(f"ping -c 3 -W 10 {SUBNET}.2")
+    b.check(f"ping -c 3 -W 10 {SUBNET}.2")
     # 1 MiB from the namespace to guest A over TCP, checksummed on both ends.
     data = b"".join(hashlib.sha256(b"%d" % i).digest() for i in range(MIB // 32))
-    shell_a.check("nc -l -p 5000 > /tmp/rx & echo listening")
+    a.check("nc -l -p 5000 > /tmp/rx & echo listening")
     sender = (
         "import socket, sys, time\n"
         "data = sys.stdin.buffer.read()\n"
@@ -432,13 +387,92 @@ def test_virtio_net_ping_and_a_checksummed_tcp_transfer(
         "s.close()\n"
     )
     sent = subprocess.run(
-        ["ip", "netns", "exec", ns, sys.executable, "-c", sender],
+        ["ip", "netns", "exec", fleet.netns, sys.executable, "-c", sender],
         input=data, check=False, capture_output=True, timeout=COMMAND_TIMEOUT,
     )  # fmt: skip
     assert sent.returncode == 0, sent.stderr.decode(errors="replace")
-    shell_a.check("wait")
-    got = shell_a.check("sha256sum /tmp/rx")
+    a.check("wait")
+    got = a.check("sha256sum /tmp/rx")
     assert got.split()[0] == hashlib.sha256(data).hexdigest(), got
-    for shell in guests:
-        shell.console.send(b"exit\n")
-        shell.end(EventKind.POWEROFF)
+
+
+def test_a_flushed_write_survives_kill_9_of_the_vmm(fleet: Fleet) -> None:
+    fleet.shell4.check(
+        "yes flotilla-pattern | head -c 262144 > /tmp/p && "
+        "dd if=/tmp/p of=/dev/vda bs=4096 oflag=direct conv=fsync"
+    )
+    os.kill(fleet.run4.pid, signal.SIGKILL)  # the VMM the fixture started
+    assert fleet.run4.wait(10) == -signal.SIGKILL
+    expected = (PATTERN * (262144 // len(PATTERN) + 1))[:262144]
+    assert fleet.flushed.read_bytes()[:262144] == expected
+
+
+def test_kernel_panic_is_a_crash(fleet: Fleet) -> None:
+    d = fleet.vmm_panic
+    type_line(d, "echo c > /proc/sysrq-trigger")
+    crashed = d.wait_record("crashed", COMMAND_TIMEOUT)
+    assert crashed["reason"] == "pvpanic"
+    assert d.client.status()["state"] == "crashed"  # on_crash=preserve
+    assert "Kernel panic" in console_log(d)
+    d.client.destroy()
+    assert d.wait_exit() == 0
+
+
+def test_reboot_inside_linux_is_a_reboot(fleet: Fleet) -> None:
+    # Linux's default path ends at the reset vector (docs/machine.md). The second boot runs
+    # while the next test restarts another guest; the power-button test waits for it.
+    d = fleet.vmm_reboot
+    type_line(d, "reboot -f")
+    rebooted = d.wait_record("rebooted", COMMAND_TIMEOUT)
+    assert rebooted["detail"] == "guest"
+    fleet.reboots += 1
+
+
+def test_ext4_file_survives_a_restart(fleet: Fleet, images: LinuxImages) -> None:
+    shell = fleet.shell2
+    dev = device_of(shell, "fs")
+    shell.check(f"mkfs.ext4 -q -F {dev}", timeout=3 * COMMAND_TIMEOUT)
+    shell.check(f"mount -t ext4 {dev} /mnt && echo kept-$((20 + 22)) > /mnt/file && umount /mnt")
+    shell.console.send(b"exit\n")
+    shell.end(EventKind.POWEROFF)
+    # A powered-off machine keeps its disks' locks until it is closed (docs/machine.md).
+    assert shell.machine is not None
+    fleet.machines.remove(shell.machine)
+    shell.machine.close()
+    # The host's own fsck finds a clean ext4 file system.
+    fsck = subprocess.run(
+        ["e2fsck", "-fn", str(fleet.ext4)], check=False, capture_output=True, text=True
+    )
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    # The guest again, on the same disk.
+    console = Console()
+    fleet.consoles.append(console)
+    machine = native.Machine(
+        images.vmlinuz,
+        initrd=images.initramfs,
+        cmdline=BASE_CMDLINE,
+        memory_mib=MEMORY_MIB,
+        console_out=console.write_fd,
+        console_in=console.input_fd,
+        disks=(Disk(str(fleet.ext4), id="fs"),),
+    )
+    fleet.machines.append(machine)
+    machine.start()
+    shell = LinuxShell(console, machine)
+    shell.wait_shell()
+    dev = device_of(shell, "fs")
+    assert shell.check(f"mount -t ext4 {dev} /mnt && cat /mnt/file") == "kept-42"
+    shell.check("umount /mnt")
+    shell.console.send(b"exit\n")
+    shell.end(EventKind.POWEROFF)
+
+
+def test_acpi_power_button_powers_linux_off(fleet: Fleet) -> None:
+    d = fleet.vmm_reboot
+    # After the reboot test, this is Linux's second boot on the same VMM.
+    wait_log(d, r"^flotilla-linux: READY", count=1 + fleet.reboots)
+    wait_log(d, re.escape(PROMPT), count=1 + fleet.reboots, timeout=COMMAND_TIMEOUT)
+    d.client.shutdown("acpi")
+    assert d.wait_exit(COMMAND_TIMEOUT) == 0
+    assert "flotilla-linux: power button" in console_log(d)
+    assert d.kinds()[-2:] == [("shutdown", "acpi_s5", "host"), ("stopped", "shutdown", "poweroff")]

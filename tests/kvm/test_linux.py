@@ -25,7 +25,7 @@ from tests.kvm.harness import Console
 MIB = 1 << 20
 MEMORY_MIB = 256
 EARLY_TIMEOUT = 180.0  # ~23 s of wall time on an idle PVM host; leave room for a busy one
-FULL_BOOT_TIMEOUT = 120.0
+FULL_BOOT_TIMEOUT = 900.0  # minutes in the nested L1 on a busy host (docs/testing.md)
 
 
 def images(*, initramfs: bool) -> LinuxImages:
@@ -179,6 +179,7 @@ def test_vmlinux_prints_version_command_line_and_memory_map(
 # host lacks them this runs in the nested L1 (tests/hwvirt/).
 @pytest.mark.slow
 @pytest.mark.hwvirt
+@pytest.mark.timeout(2 * FULL_BOOT_TIMEOUT + 60)
 def test_bzimage_boots_initramfs_to_ready_and_powers_off(kvm: None) -> None:
     found = images(initramfs=True)
     assert found.initramfs is not None

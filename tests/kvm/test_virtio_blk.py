@@ -14,6 +14,7 @@ import pytest
 import native
 from native import EventKind
 from tests.kvm.harness import Booted, Console
+from tests.kvm.tinyguest import build_pvh_elf
 
 PREFIX = "flotilla-guest: "
 SECTOR = 512
@@ -238,3 +239,38 @@ def test_a_disk_has_one_writer_and_shared_readers(
             m.close()
     machine(native.Disk(disk)).close()  # the lock went with the closed machines
     store.delete("vol-1")
+
+
+def test_a_request_of_seg_max_segments_fits_in_the_ring(tmp_path: Path, kvm: None) -> None:
+    # Without indirect descriptors a request takes seg_max + 2 ring entries (header, status):
+    # Linux's zeroing fallback (256 bio_vecs of the zero page) built requests that never fit
+    # in a 256-entry ring and waited forever (mkfs.ext4 hung in fallocate). A hand-made guest
+    # reads QueueNumMax of queue 0 and the config's seg_max and exits with both.
+    code = (
+        b"\xc7\x05\x30\x00\x00\xe0\x00\x00\x00\x00"  # mov dword [0xe0000030], 0 (QueueSel)
+        b"\xa1\x34\x00\x00\xe0"  # mov eax, [0xe0000034] (QueueNumMax)
+        b"\x8b\x1d\x0c\x01\x00\xe0"  # mov ebx, [0xe000010c] (config: seg_max)
+        b"\xc1\xe0\x10\x09\xd8"  # shl eax, 16; or eax, ebx
+        b"\x66\xba\xf4\x00\xef\xf4"  # mov dx, 0xf4; out dx, eax; hlt
+    )
+    kernel = tmp_path / "segmax.elf"
+    kernel.write_bytes(build_pvh_elf(code))
+    console = Console()
+    machine = native.Machine(
+        kernel,
+        memory_mib=16,
+        console_out=console.write_fd,
+        disks=[native.Disk(str(make_image(tmp_path / "d.img", 1 << 20)))],
+    )
+    try:
+        machine.start()
+        event = machine.wait_event(10)
+    finally:
+        machine.close()
+        console.close()
+    assert event is not None
+    assert (event.kind, event.reason) == (EventKind.POWEROFF, "debug_exit")
+    value = event.code >> 1
+    queue_max, seg_max = value >> 16, value & 0xFFFF
+    assert queue_max == 256
+    assert 1 <= seg_max <= queue_max - 2

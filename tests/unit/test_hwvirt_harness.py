@@ -8,6 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pika
 import pytest
 
 from tests.hwvirt.__main__ import parse
@@ -18,6 +19,7 @@ from tests.hwvirt.l1 import (
     L1Error,
     default_timeout,
     host_has_hardware_virtualization,
+    l1_amqp_url,
     l1_environment,
     qemu_argv,
     run_script,
@@ -223,3 +225,10 @@ def test_relay_carries_one_connection_both_ways_to_a_loopback_port() -> None:
     server.close()
     assert done.returncode == 0, done.stderr
     assert done.stdout == payload.upper()
+
+
+def test_the_l1_reaches_the_host_broker_with_long_amqp_timeouts() -> None:
+    # Python in a loaded L1 needed more than pika's 15 s for a handshake.
+    params = pika.URLParameters(l1_amqp_url("amqp://u:p@127.0.0.1:5672/%2F"))
+    assert (params.host, params.port, params.virtual_host) == (HOST_ALIAS, 5672, "/")
+    assert (params.heartbeat, params.socket_timeout, params.stack_timeout) == (600, 120, 300)

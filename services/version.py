@@ -1,0 +1,16 @@
+"""The installed Flotilla version, for the API, the heartbeat and the CLI.
+
+Here rather than in services.cli: nothing below the CLI imports it (the CLI pulls in httpx,
+rich and click, seconds of start-up in an emulated L1).
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+
+def package_version() -> str:
+    try:
+        return version("flotilla")
+    except PackageNotFoundError:  # running from a source tree without `pip install -e .`
+        return "0+unknown"
