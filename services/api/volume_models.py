@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema
 
 from protos.domain import NAME_PATTERN
 from protos.storage import MAX_VOLUME_BYTES, SECTOR, PoolCapabilities, PoolKindName
@@ -24,17 +24,41 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# The validator's rule as the JSON Schema says it (NAME_PATTERN without two dots in a row),
+# so a client generating from the schema makes only names that are accepted; the validator
+# keeps its messages that say which rule a name breaks.
+ApiVolumeName = Annotated[
+    VolumeName,
+    WithJsonSchema(
+        {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 63,
+            "pattern": r"^[A-Za-z0-9](\.?[A-Za-z0-9_-])*\.?$",
+        }
+    ),
+]
+
+
+class DiskAttach(_Body):
+    """Volume `volume_id` as disk `target` (`vdb`…) of a stopped domain."""
+
+    target: str = Field(pattern=r"^vd[a-z]$")
+    volume_id: uuid.UUID
+    readonly: StrictBool = False
+
+
 class VolumeCreate(_Body):
     """A new empty volume. `name`: unique in the project, 1-63 letters, digits, `.`, `_`,
     `-` (no `/`, `..` or NUL)."""
 
-    name: VolumeName
+    name: ApiVolumeName
     size: int = _SIZE
     pool: str | None = Field(default=None, pattern=NAME_PATTERN)
 
 
 class VolumeClone(_Body):
-    name: VolumeName
+    name: ApiVolumeName
     size: int | None = Field(
         default=None, gt=0, le=MAX_VOLUME_BYTES, multiple_of=SECTOR, description="grow to"
     )

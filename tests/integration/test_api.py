@@ -28,6 +28,8 @@ from services.api.visibility import HOST_ALIAS_KEY_NAME, host_alias
 from services.network.config import NetworkConfig
 from services.network.service import NetworkServer
 from services.scheduler import Scheduler, SchedulerConfig
+from services.storage.config import StorageConfig
+from services.storage.server import StorageServer
 from tests.bootfiles import BOOT_DIR, KERNEL
 
 pytestmark = pytest.mark.integration
@@ -113,6 +115,7 @@ def cloud(amqp_url: str, tmp_path: Path) -> Iterator[Cloud]:
     scheduler: Scheduler | None = None
     server: ApiServer | None = None
     network: NetworkServer | None = None
+    storage: StorageServer | None = None
     try:
         network = NetworkServer(
             NetworkConfig(
@@ -134,6 +137,16 @@ def cloud(amqp_url: str, tmp_path: Path) -> Iterator[Cloud]:
                 heartbeat_interval_s=0.3,
             )
             nodes[host] = ComputeNode(config, FakeDriver(4, 2048)).start()
+        # The storage service, so the volume and pool endpoints answer (the first host's pools).
+        storage = StorageServer(
+            StorageConfig(
+                amqp_url=amqp_url,
+                database_url=f"sqlite:///{tmp_path}/storage.db",
+                replica=f"api-test-{tag}",
+                agent_hosts=(f"api-{tag}-0",),
+                default_pool="default",
+            )
+        ).start()
         scheduler = Scheduler(SchedulerConfig(amqp_url=amqp_url, replica=f"api-test-{tag}"))
         scheduler.start().wait_for_hosts(2)
         server = ApiServer(
@@ -161,6 +174,8 @@ def cloud(amqp_url: str, tmp_path: Path) -> Iterator[Cloud]:
             scheduler.stop()
         if network is not None:
             network.stop()
+        if storage is not None:
+            storage.stop()
         for node in nodes.values():
             node.stop()
 
@@ -379,6 +394,12 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "409",
 [[operations]]
 include-name = "POST /v1/networks"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "409", "422"]
+
+# A volume size the schema allows (up to 64 TiB) may be beyond the pool's free space: 422
+# `no_space` with field `size`; a pool the schema allows may not exist: 404 field `pool`.
+[[operations]]
+include-path-regex = "^/v1/volumes"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422"]
 """
 
 

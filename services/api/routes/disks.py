@@ -24,6 +24,7 @@ from services.api.problems import Problem, responses
 from services.api.registry import DomainRecord
 from services.api.routes.deps import Caller, Ctx, Mask
 from services.api.routes.volumes import call_storage
+from services.api.volume_models import DiskAttach
 
 log = structlog.get_logger("flotilla.api")
 router = APIRouter(prefix="/v1/domains", tags=["domains"])
@@ -132,13 +133,13 @@ def _redefine(
     responses=responses(401, 404, 409, 422, 503, 504),
 )
 def attach_disk(
-    domain_id: uuid.UUID, body: DiskSpec, ctx: Ctx, caller: Caller, mask: Mask
+    domain_id: uuid.UUID, attach: DiskAttach, ctx: Ctx, caller: Caller, mask: Mask
 ) -> DomainView:
     """Attach volume `volume_id` as disk `target` of a stopped domain (virsh attach-disk
     --config): 409 if the domain is not stopped or the target is taken, 422 for a volume
     that does not exist, is another project's or is attached elsewhere."""
-    if body.volume_id is None:
-        raise Problem(422, "invalid", "volume_id: attach a volume", field="volume_id")
+    body = DiskSpec(target=attach.target, volume_id=attach.volume_id, readonly=attach.readonly)
+    assert body.volume_id is not None
     record = _stopped(ctx, caller, domain_id)
     if any(d.target == body.target for d in record.spec.disks):
         raise Problem(

@@ -8,6 +8,7 @@ project's volume: that answers 404 exactly as a volume that does not exist.
 from __future__ import annotations
 
 import uuid
+from http import HTTPStatus
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
@@ -16,6 +17,7 @@ from fastapi.responses import JSONResponse
 from protos import routing
 from protos.base import Message
 from protos.commands import Command
+from protos.domain import NAME_PATTERN
 from protos.volumes import (
     MAX_PAGE,
     CreateVolume,
@@ -62,7 +64,7 @@ def call_storage(ctx: ApiContext, command: Command) -> Message:
         status = _STATUS.get(problem.code)
         if status is not None:
             problem.status = status
-            problem.title = "Invalid request" if status == 422 else problem.title
+            problem.title = "Invalid request" if status == 422 else HTTPStatus(status).phrase
         if problem.code == "no_space":  # from the catalog or the host: the size is the cause
             problem.extras.setdefault("field", "size")
         if problem.code == "not_found" and "field" not in problem.extras:
@@ -121,7 +123,10 @@ def get_pool(name: str, ctx: Ctx, caller: Caller, mask: Mask) -> PoolView:
 
 
 @router.post(
-    "", status_code=201, response_model=VolumeView, responses=responses(401, 403, 409, 422, 503)
+    "",
+    status_code=201,
+    response_model=VolumeView,
+    responses=responses(401, 403, 404, 409, 422, 503),
 )
 def create_volume(
     body: VolumeCreate, ctx: Ctx, caller: Caller, mask: Mask, response: Response
@@ -148,7 +153,7 @@ def list_volumes(
     ctx: Ctx,
     caller: Caller,
     mask: Mask,
-    pool: Annotated[str | None, Query(max_length=63)] = None,
+    pool: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     after: Annotated[str | None, Query(max_length=200, description="the `next` cursor")] = None,
 ) -> Response:
