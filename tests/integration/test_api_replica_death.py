@@ -89,8 +89,9 @@ def db_url(pg_server: str) -> Iterator[str]:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="services/api: a create whose API replica died while the scheduler placed it is "
-    "never placed in the registry (stays `scheduling`); nothing projects the placement",
+    reason="services/api: a create whose API replica died while the scheduler placed it stays "
+    "`scheduling` until the orphan sweep settles it after the schedule timeout; nothing "
+    "projects the placement as it happens",
 )
 def test_a_create_whose_api_replica_dies_mid_placement_ends_placed_on_the_other(
     amqp_url: str, db_url: str, tmp_path: Path
