@@ -46,6 +46,17 @@ class ImageRef(_Binding):
     kind: Literal["disk", "kernel", "initrd"]
 
 
+class StateRef(_Binding):
+    """A saved machine state (save, managed save, a domain snapshot): directory `state_id`
+    in the state area of pool `pool` -- a `shared` pool any host reaches, or a `dir` pool
+    on `host` -- or, with `pool` None, in the state dir of compute node `host` itself (where
+    managed saves live). The node derives the path; none travels (docs/snapshots.md)."""
+
+    state_id: uuid.UUID
+    pool: str | None = Field(default=None, pattern=NAME_PATTERN)
+    host: str | None = Field(default=None, pattern=NAME_PATTERN)
+
+
 NetworkModeName = Literal["nat", "isolated", "bridge"]
 
 

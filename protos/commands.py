@@ -14,9 +14,16 @@ from typing import ClassVar
 from pydantic import Field
 
 from protos.base import Message
-from protos.bindings import DiskBinding, ImageRef, PortBinding
+from protos.bindings import DiskBinding, ImageRef, PortBinding, StateRef
 from protos.domain import MAX_DISKS, DomainSpec, PowerState
-from protos.replies import ConsoleOutput, ConsoleTicket, DomainInfo, DomainList, Done
+from protos.replies import (
+    ConsoleOutput,
+    ConsoleTicket,
+    DomainInfo,
+    DomainList,
+    Done,
+    SavedState,
+)
 
 
 class Command(Message):
@@ -134,6 +141,74 @@ class OpenConsole(DomainCommand):
     RESULT = ConsoleTicket
 
 
+class SaveDomain(DomainCommand):
+    """Save a running or paused domain's whole machine (memory, vCPUs, devices) to `state`
+    and end its VMM: the domain is `shutoff` (event STOPPED/SAVED). `managed`: libvirt's
+    managedsave -- the node keeps `state` with the definition and the next StartDomain
+    restores from it (STARTED/RESTORED) and then deletes it; else the state stays until a
+    DeleteState. Nothing is left under the state's name if the save fails (disk full, VMM
+    killed): the domain keeps running, or is reported as the VMM's death says."""
+
+    TYPE = "cmd.domain.save"
+    RESULT = SavedState
+    state: StateRef
+    managed: bool = False
+
+
+class RestoreDomain(DomainCommand):
+    """Start a shut-off domain from a saved state (a save's or a managed save's, taken on
+    this host or, through a shared pool, on another host where the domain was defined):
+    STARTED/RESTORED, or SUSPENDED/RESTORED with `paused`; seq continues. The state is kept
+    (delete it with DeleteState). Refused with a clear error, the domain left shut off, when
+    the state is missing, corrupt, of a newer format or of another machine config."""
+
+    TYPE = "cmd.domain.restore"
+    state: StateRef
+    paused: bool = False
+
+
+class RemoveManagedSave(DomainCommand):
+    """Drop a shut-off domain's managed save (virsh managedsave-remove): the next start
+    boots afresh."""
+
+    TYPE = "cmd.domain.managedsave_remove"
+
+
+class CreateSnapshot(DomainCommand):
+    """A domain snapshot into `state`: for an active domain (with `memory`) the guest is
+    paused, its machine saved, each disk copied (reflink where the pool can) and the guest
+    resumed as it was; for a shut-off domain, or without `memory`, the disks only (an active
+    domain is still paused while its disks are copied, so they agree)."""
+
+    TYPE = "cmd.domain.snapshot_create"
+    RESULT = SavedState
+    state: StateRef
+    memory: bool = True
+
+
+class RevertSnapshot(DomainCommand):
+    """Return a shut-off domain to snapshot `state`: its disks' contents replaced by the
+    snapshot's copies, then, when the snapshot has memory, the machine restored running or
+    paused as it was taken (STARTED/FROM_SNAPSHOT or SUSPENDED/FROM_SNAPSHOT); `start`
+    overrides: False leaves it shut off, True starts a disk-only snapshot. The snapshot stays
+    as it was (a revert never changes it)."""
+
+    TYPE = "cmd.domain.snapshot_revert"
+    state: StateRef
+    start: bool | None = None
+
+
+class DeleteState(DomainCommand):
+    """Delete the files of a save or snapshot `state` of this domain. Snapshots are
+    independent copies (reflink clones share blocks, not files), so deleting one never takes
+    data another snapshot or the live domain needs. Deleting a state that is not there is a
+    no-op."""
+
+    TYPE = "cmd.domain.state_delete"
+    RESULT = Done
+    state: StateRef
+
+
 DOMAIN_COMMANDS: tuple[type[Command], ...] = (
     DefineDomain,
     UndefineDomain,
@@ -147,4 +222,10 @@ DOMAIN_COMMANDS: tuple[type[Command], ...] = (
     ListDomains,
     GetConsole,
     OpenConsole,
+    SaveDomain,
+    RestoreDomain,
+    RemoveManagedSave,
+    CreateSnapshot,
+    RevertSnapshot,
+    DeleteState,
 )

@@ -30,12 +30,15 @@ class StartedDetail(StrEnum):
     BOOTED = "booted"
     MIGRATED = "migrated"
     RESTORED = "restored"
+    FROM_SNAPSHOT = "from_snapshot"
 
 
 class SuspendedDetail(StrEnum):
     PAUSED = "paused"
     MIGRATED = "migrated"
     IOERROR = "ioerror"
+    RESTORED = "restored"  # restored from a save, paused
+    FROM_SNAPSHOT = "from_snapshot"  # reverted to a snapshot taken while paused
 
 
 class ResumedDetail(StrEnum):
@@ -50,6 +53,7 @@ class StoppedDetail(StrEnum):
     MIGRATED = "migrated"
     SAVED = "saved"
     FAILED = "failed"
+    FROM_SNAPSHOT = "from_snapshot"  # a revert stopped the running machine (never the API's)
 
 
 class ShutdownDetail(StrEnum):
@@ -92,12 +96,14 @@ class DomainUndefined(DomainEvent):
 
 class DomainStarted(DomainEvent):
     TYPE = "domain.started"
+    VERSION = "1.1"  # 1.1: detail from_snapshot
     EVENT = "started"
     detail: StartedDetail
 
 
 class DomainSuspended(DomainEvent):
     TYPE = "domain.suspended"
+    VERSION = "1.1"  # 1.1: detail from_snapshot, restored
     EVENT = "suspended"
     detail: SuspendedDetail
 
@@ -110,6 +116,7 @@ class DomainResumed(DomainEvent):
 
 class DomainStopped(DomainEvent):
     TYPE = "domain.stopped"
+    VERSION = "1.1"  # 1.1: detail from_snapshot
     EVENT = "stopped"
     detail: StoppedDetail
 

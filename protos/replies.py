@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from protos.base import Message
+from protos.bindings import StateRef
 from protos.domain import Fault, PowerState, TaskState
 
 
@@ -45,7 +46,7 @@ class DomainInfo(Message):
     """A domain as its compute node sees it (virsh dominfo)."""
 
     TYPE = "reply.domain_info"
-    VERSION = "1.1"  # 1.1: interfaces
+    VERSION = "1.2"  # 1.1: interfaces; 1.2: managed_save
     domain_id: uuid.UUID
     name: str
     host: str
@@ -60,10 +61,34 @@ class DomainInfo(Message):
     cpu_time_ns: int | None = None
     fault: Fault | None = None
     interfaces: list[Interface] = []
+    # A managed save is kept for this shut-off domain: the next start restores it.
+    managed_save: bool = False
+
+
+class SavedState(Message):
+    """What a save, managed save or snapshot wrote (SaveDomain, CreateSnapshot).
+
+    `memory`: guest memory and device state were saved (False: a shut-off domain's snapshot,
+    disks only); `disks`: the targets whose contents were copied (reflink where the pool can);
+    `power`: the domain's state when taken (a revert or restore returns to it); `bytes`: what
+    the state occupies on its pool (allocated, not apparent: quotas count it); `pause_ms`: how
+    long the guest was paused for it; `domain`: the domain after the operation."""
+
+    TYPE = "reply.saved_state"
+    domain_id: uuid.UUID
+    state: StateRef
+    memory: bool
+    disks: list[str] = []
+    power: PowerState
+    bytes: int = Field(ge=0)
+    taken_at: float  # seconds since the epoch
+    pause_ms: float = Field(default=0.0, ge=0)
+    domain: DomainInfo
 
 
 class DomainList(Message):
     TYPE = "reply.domain_list"
+    VERSION = "1.1"  # 1.1: DomainInfo 1.2 (managed_save)
     domains: list[DomainInfo]
 
 

@@ -35,6 +35,7 @@ class Placement(Message):
     """Where a domain went, what the compute node answered, and the hosts that refused first."""
 
     TYPE = "reply.placement"
+    VERSION = "1.1"  # 1.1: DomainInfo 1.2 (managed_save)
     host: str
     info: DomainInfo
     attempts: list[Attempt] = []

@@ -28,6 +28,12 @@ class Action(StrEnum):
     MIGRATE = "migrate"
     GET_INFO = "get_info"
     CONSOLE = "console"
+    SAVE = "save"  # save and managedsave
+    RESTORE = "restore"
+    MANAGEDSAVE_REMOVE = "managedsave_remove"
+    SNAPSHOT_CREATE = "snapshot_create"
+    SNAPSHOT_REVERT = "snapshot_revert"
+    SNAPSHOT_DELETE = "snapshot_delete"
 
 
 class Verdict(StrEnum):
@@ -75,6 +81,17 @@ _TABLE: dict[Action, tuple[frozenset[PowerState], frozenset[PowerState], str]] =
     ),
     Action.GET_INFO: (_ALL, frozenset(), ""),
     Action.CONSOLE: (_ALL, frozenset(), ""),
+    Action.SAVE: (_RUNNING | {P.PAUSED}, frozenset(), "domain is not running"),
+    Action.RESTORE: (_INACTIVE, frozenset(), "domain is already active"),
+    Action.MANAGEDSAVE_REMOVE: (_INACTIVE, frozenset(), "domain is active"),
+    # A shut-off domain's snapshot holds its disks only; a crashed one is not consistent.
+    Action.SNAPSHOT_CREATE: (
+        _RUNNING | _INACTIVE | {P.PAUSED},
+        frozenset(),
+        "domain cannot be snapshotted in this state",
+    ),
+    Action.SNAPSHOT_REVERT: (_INACTIVE, frozenset(), "domain is active: destroy it first"),
+    Action.SNAPSHOT_DELETE: (_ALL, frozenset(), ""),
 }
 
 # While the control plane works on a domain, only these actions get through.

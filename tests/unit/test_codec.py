@@ -53,7 +53,7 @@ def test_envelope_fields_travel() -> None:
         "m-1",
         "compute:node-1",
         "cause",
-        "1.0",
+        DomainStarted.VERSION,
     )
     assert got.ts == pytest.approx(env.ts)
 
