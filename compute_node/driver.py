@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
@@ -38,13 +39,13 @@ class DomainNotRunning(DriverError):
 
 
 class GuestEventKind(StrEnum):
-    STARTED = "started"  # detail: "booted" | "restarted"
-    PAUSED = "paused"
+    STARTED = "started"  # detail: "booted" | "restarted" | "restored" | "from_snapshot"
+    PAUSED = "paused"  # detail: "" | "restored" | "from_snapshot" (a restore left it paused)
     RESUMED = "resumed"
     REBOOTED = "rebooted"  # reset, restarted in place; reason: i8042_reset, reset_control, ...
     CRASHED = "crashed"  # the guest panicked; the policy's action follows as further events
     SHUTDOWN = "shutdown"  # the guest powered off; detail: "guest" | "host" (after a request)
-    STOPPED = "stopped"  # reason: shutdown | destroyed | crashed | failed; the machine is gone
+    STOPPED = "stopped"  # reason: shutdown | destroyed | crashed | failed | saved; machine gone
     FAILED = "failed"  # the machine could not be started at all
 
 
@@ -72,6 +73,17 @@ class NicTap:
     tap: str
     mac: str
     netns: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SavedMachine:
+    """What `save` or `snapshot` wrote: `memory` (the machine state: memory, vCPUs, devices;
+    False for a disk-only snapshot), the machine's `power` state when taken (running or
+    paused: a restore returns to it), and how long the guest was paused for it."""
+
+    memory: bool
+    power: PowerState
+    pause_ms: float
 
 
 class RuntimeInfo(BaseModel):
@@ -170,6 +182,54 @@ class Driver(abc.ABC):
         """Forget what is kept for a domain that has no machine (its directory, logs), ending
         first a process kept by a preserve policy (DriverError `conflict` if that process
         still has a machine)."""
+
+    # -- save, restore and snapshots (docs/snapshots.md) -------------------------------------
+    # Optional: a driver without them keeps these defaults (`Capabilities.save_restore` False).
+    # `directory` is an existing, empty directory the worker chose for the state (it derived
+    # it from a StateRef); the files in it are the driver's. Guest disks are the worker's:
+    # it copies them for a snapshot (inside `during`) and reverts them before a restore.
+
+    def save(self, domain_id: uuid.UUID, directory: Path) -> SavedMachine:
+        """Pause the machine, write its whole state into `directory` and end it: its
+        `stopped` event, reason `saved`, reaches the sink before this returns. Files are
+        written under temporary names, fsync'd and renamed, so a save cut short (disk full,
+        the VMM killed) leaves nothing that passes as a valid state. On failure the machine
+        goes on as it was (running or paused; or, if its process died, as that death is
+        reported) and DriverError says why (`no_space` for a full disk)."""
+        del domain_id, directory
+        raise DriverError("this driver cannot save machines", "unsupported")
+
+    def snapshot(
+        self, domain_id: uuid.UUID, directory: Path | None, during: Callable[[], None]
+    ) -> SavedMachine:
+        """Pause the machine (no `paused` event: the pause is the snapshot's), write its state
+        into `directory` (None: disks only), call `during` while it is paused (the worker
+        copies the disks there, so they agree with the memory), then let it go on as it was.
+        On any failure, of the save or of `during`, the machine goes on as it was, nothing
+        valid is left in `directory`, and the error propagates."""
+        del domain_id, directory, during
+        raise DriverError("this driver cannot snapshot machines", "unsupported")
+
+    def restore(
+        self,
+        spec: DomainSpec,
+        files: BootFiles,
+        directory: Path,
+        *,
+        paused: bool | None = None,
+        nics: Sequence[NicTap] = (),
+        detail: str = "restored",
+    ) -> RuntimeInfo:
+        """Like `spawn`, but the machine continues from the state in `directory` (written by
+        `save` or `snapshot` for this spec's machine config) instead of booting: its `started`
+        event with `detail` ("restored" or "from_snapshot") reaches the sink before this
+        returns, then a `paused` one with the same detail if it stays paused (`paused` None:
+        as it was taken). `files` and `nics` are opened and plugged afresh, as for `spawn`
+        (taps are not part of a saved state; the guest's MACs are). Raises DriverError
+        (`invalid`) with the reason and no events when the state is missing, corrupt, of a
+        newer format or of another machine config."""
+        del spec, files, directory, paused, nics, detail
+        raise DriverError("this driver cannot restore machines", "unsupported")
 
     def process_stays(self, event: GuestEvent) -> bool:  # noqa: ARG002 (a default)
         """Whether the machine's process lives on after `event`: a `stopped` under a preserve
