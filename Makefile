@@ -26,26 +26,40 @@ lint: install
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
 
-# The all-in-one demo: `flotilla up` in the background (private broker, API, scheduler, one
-# compute node, in a temp state dir on a free port), then, through the API with `flotilla`: the
-# host, a live SSE event stream, the test guest created and booted, its console, a few actions,
-# delete; then `flotilla up` is stopped by its pid and everything it started ends with it.
+# The all-in-one demo: `flotilla up` in the background (private broker, API, scheduler, network
+# and storage services, one compute node, in a temp state dir on a free port), then, through the
+# API with `flotilla`: the host, the storage pool and the default NAT network, a live SSE event
+# stream, a volume, the test guest defined with a NIC on the default network, the volume attached
+# as its disk, the guest booted (DHCP lease, pings to the gateway, a pattern written to the disk
+# and read back: on its console), a few actions, delete; then `flotilla up` is stopped by its
+# pid and everything it started ends with it. The state dir is o+x: dnsmasq (as nobody) reads
+# its host files there.
 demo: install
 	@set -e; PATH="$(CURDIR)/.venv/bin:$$PATH"; \
-	state=$$(mktemp -d /tmp/flotilla-demo.XXXXXX); F="flotilla --state-dir $$state"; \
+	state=$$(mktemp -d /tmp/flotilla-demo.XXXXXX); chmod 711 "$$state"; F="flotilla --state-dir $$state"; \
 	flotilla up --state-dir "$$state" --listen 127.0.0.1:0 >"$$state/up.log" 2>&1 & up=$$!; \
 	trap 'kill -TERM $$up 2>/dev/null; wait $$up; tail -n 2 "$$state/up.log"; rm -rf "$$state"' EXIT; \
 	while [ ! -s "$$state/cli.json" ]; do \
 		kill -0 $$up 2>/dev/null || { cat "$$state/up.log"; exit 1; }; sleep 0.2; done; \
 	echo "== flotilla up"; sed -n '/^Flotilla is up/,$$p' "$$state/up.log"; \
 	echo "== flotilla hosts"; $$F hosts; \
+	echo "== flotilla pool-list"; $$F pool-list; \
+	echo "== flotilla net-list"; $$F net-list; \
 	echo "== flotilla events --follow (in the background: the API's SSE stream)"; \
 	$$F events --follow & ev=$$!; sleep 0.5; \
-	echo "== flotilla create demo (the test guest, 2 vCPUs, 128 MiB)"; \
-	$$F create --name demo --vcpus 2 --memory 128 \
-		--kernel "$$(python -m native.testguest)" --cmdline "ready smp memtest=8"; \
+	echo "== flotilla vol-create demo-disk 64M"; $$F vol-create demo-disk 64M; \
+	echo "== flotilla create -f demo.yaml --no-start (the test guest, 2 vCPUs, 128 MiB, a NIC on default)"; \
+	printf 'name: demo\nvcpus: 2\nmemory_mib: 128\nboot:\n  kernel: %s\n  cmdline: "%s"\nnics:\n  - network: default\n' \
+		"$$(python -m native.testguest)" \
+		"ready smp net=dhcp ping=192.168.122.1,3,100 blkwrite=0,64,7 blkverify=0,64,7" \
+		>"$$state/demo.yaml"; \
+	cat "$$state/demo.yaml"; $$F create -f "$$state/demo.yaml" --no-start; \
+	echo "== flotilla attach-disk demo demo-disk vda"; $$F attach-disk demo demo-disk vda; \
+	echo "== flotilla start demo"; $$F start demo; sleep 2; \
 	echo "== flotilla console demo"; $$F console demo; \
+	echo "== flotilla domiflist demo"; $$F domiflist demo; \
 	echo "== flotilla suspend / resume / reboot / shutdown / delete"; \
 	$$F suspend demo; $$F resume demo; $$F reboot demo; $$F shutdown demo; $$F delete demo; \
+	$$F vol-delete demo-disk; \
 	sleep 1; kill $$ev; wait $$ev 2>/dev/null || true; \
 	echo "== stopping flotilla up"

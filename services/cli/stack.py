@@ -104,6 +104,28 @@ def free_port() -> int:
         return port
 
 
+def default_route_device(route_table: Path = Path("/proc/net/route")) -> str | None:
+    """The link of this host's IPv4 default route with the lowest metric (None without one):
+    the uplink `flotilla up` gives its compute node for the default NAT network, as libvirt's
+    `default` network masquerades to whatever the host routes through."""
+    best: tuple[int, str] | None = None
+    try:
+        lines = route_table.read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        # Iface Destination Gateway Flags RefCnt Use Metric Mask ...; RTF_UP is flag 0x1.
+        if len(fields) < 8 or fields[1] != "00000000" or fields[7] != "00000000":
+            continue
+        if not int(fields[3], 16) & 0x1:
+            continue
+        candidate = (int(fields[6]), fields[0])
+        if best is None or candidate < best:
+            best = candidate
+    return None if best is None else best[1]
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -378,6 +400,9 @@ class Stack:
             "driver": self.config.driver,
             "heartbeat_interval_s": self.config.heartbeat_interval_s,
         }
+        uplink = default_route_device()
+        if uplink is not None and self.config.driver == "kvm":
+            settings["net_uplink"] = uplink  # the default NAT network masquerades to it
         settings.update(spec.settings)
         path = state / "compute.toml"
         write_private(path, _toml_table("compute", settings))  # the broker's credentials

@@ -92,6 +92,26 @@ def test_a_redefinition_with_the_same_ports_is_a_no_op(tmp_path: Path) -> None:
     assert node.store.get(spec.uuid) is None
 
 
+def test_a_redefinition_without_ports_for_unchanged_nics_keeps_the_ports(tmp_path: Path) -> None:
+    # What the API's attach-disk / detach-disk send: the spec with a disk more, no ports.
+    node = Node(tmp_path)
+    spec = make_spec("web").model_copy(update={"nics": [NicSpec(network="blue")]})
+    node.ok(DefineDomain(spec=spec, ports=[port(1)]))
+    node.events()
+    redefined = spec.model_copy(update={"metadata": {"disk": "attached"}})
+    info = node.ok(DefineDomain(spec=redefined))
+    assert [i.port_id for i in info.interfaces] == [port(1).port_id]
+    record = node.store.get(spec.uuid)
+    assert record is not None
+    assert record.ports == (port(1),)
+    assert [e[1] for e in node.events()] == ["updated"]
+    # Changed NICs need their ports: none given is still refused.
+    two = spec.model_copy(update={"nics": [NicSpec(network="blue"), NicSpec(network="blue")]})
+    reply = node.do(DefineDomain(spec=two))
+    assert isinstance(reply, ErrorReply)
+    assert (reply.code, reply.details["field"]) == ("invalid", "ports")
+
+
 def test_a_binding_becomes_the_hosts_plumbing(tmp_path: Path) -> None:
     settings = NetSettings(uplink="eth0", underlay=IPv4Address("192.0.2.1"))
     network, plumbed = HostNetworks("h1", tmp_path, settings).plumbing(port(1))
