@@ -398,10 +398,12 @@ static int cap_wait(struct source *s, uint64_t bytes)
 		struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)ns};
 		nanosleep(&ts, NULL);
 		s->cap_wait_ns += now_ns() - now;
-		/* a changed cap applies from here on */
+		/* A changed cap applies from here on, not to what was sent before. */
 		uint64_t c = __atomic_load_n(&s->m->bandwidth, __ATOMIC_RELAXED);
-		if (c != cap)
+		if (c != cap) {
+			s->cap_t0 = 0;
 			return cap_wait(s, 0);
+		}
 	}
 }
 

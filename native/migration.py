@@ -307,10 +307,10 @@ class MigrationListener:
         timeout: float = 60.0,
         control: Migration | None = None,
     ) -> tuple[Machine, MigrationResult]:
-        """Waits up to `timeout` s for the source and receives the guest: returns the machine,
-        RUNNING, and what the target measured. `disks`/`nics` as for `Machine.restore`.
-        Raises MigrationError (nothing is left running) when the token was spent, when the
-        stream failed after the token, or on the timeout."""
+        """Waits up to `timeout` s for the source to come and the migration to finish, and
+        returns the machine, RUNNING, and what the target measured. `disks`/`nics` as for
+        `Machine.restore`. Raises MigrationError (nothing is left running) when the token
+        was spent, when the stream failed after the token, or on the timeout."""
         ctl = control if control is not None else Migration()
         deadline = time.monotonic() + timeout
         mod = _vmm()

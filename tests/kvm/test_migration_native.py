@@ -8,6 +8,7 @@ with exactly one running copy of the guest, with its memory intact.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -146,22 +147,28 @@ def targets() -> Iterator[Callable[[str], Target]]:
         t.end()
 
 
+def region_digest(machine: native.Machine, base: int) -> str:
+    return hashlib.sha256(machine.read_memory(base, 16 << 20)).hexdigest()
+
+
 def start_guest(
     boot: Callable[..., Booted], test_guest: Path, work: str
-) -> tuple[Booted, int, int]:
-    """A 2-vCPU, 128 MiB guest that ran memtest=16 and then `work`; (booted, base, checksum)."""
+) -> tuple[Booted, int, str]:
+    """A 2-vCPU, 128 MiB guest that ran memtest=16 and then `work`: (booted, the memtest
+    region's base, its digest). The guest never writes the region again."""
     g = boot(test_guest, f"ready memtest=16 {work}", vcpus=2, memory_mib=128)
     m = g.console.wait_for(MEMTEST)
     g.console.wait_for(r"COUNTER 3\b")
-    return g, int(m.group(1), 16), int(m.group(2), 16)
+    base = int(m.group(1), 16)
+    return g, base, region_digest(g.machine, base)
 
 
-def assert_runs_intact(g: Booted, base: int, checksum: int) -> None:
+def assert_runs_intact(g: Booted, base: int, digest: str) -> None:
     """The source runs on (its counter advances) and its memtest region is as written."""
     assert g.machine.state() is native.MachineState.RUNNING
-    before = last_counter(g.console.drain())
+    before = last_counter(g.console.text)  # (drain() waits for a quiet pipe: it never is)
     g.console.wait_for(rf"COUNTER {before + 3}\b")
-    assert memtest_checksum(g.machine, base, 16) == checksum
+    assert region_digest(g.machine, base) == digest
 
 
 @pytest.mark.parametrize("work", ["counter", "rewrite=8"])
@@ -171,7 +178,8 @@ def test_live_migration_moves_the_running_guest(
     targets: Callable[[str], Target],
     work: str,
 ) -> None:
-    g, base, checksum = start_guest(boot, test_guest, work)
+    g, base, digest = start_guest(boot, test_guest, work)
+    checksum = int(re.findall(MEMTEST, g.console.text)[0][1], 16)
     token = migration.new_token()
     target = targets(token)
     seen: list[migration.MigrationProgress] = []
@@ -191,6 +199,7 @@ def test_live_migration_moves_the_running_guest(
     assert resumed["ram_checksum"] == result.ram_checksum
     # The source keeps its (paused) copy; its memtest region is what the guest wrote.
     assert g.machine.state() is native.MachineState.PAUSED
+    assert region_digest(g.machine, base) == digest
     assert memtest_checksum(g.machine, base, 16) == checksum
     source_text = g.console.drain()
     # The target's guest counts on from there: no reboot, no restart, not a line lost (the
@@ -206,7 +215,8 @@ def test_live_migration_moves_the_running_guest(
     assert {p.phase for p in seen} <= {"setup", "precopy", "stopcopy", "commit", "done"}
     assert len(seen) < 1 + result.total_ms / 20 + 2
     assert 0 < result.downtime_ms <= result.paused_ms
-    assert result.paused_ms - result.downtime_ms < 5.0, result
+    # (the gap is the PAUSED marker's way to the target: microseconds, more on a loaded host)
+    assert result.paused_ms - result.downtime_ms < 25.0, result
     assert result.bytes_sent < 128 << 20  # zero pages are not sent
     # The token is spent: a replay is refused, and the replaying guest runs on.
     other = boot(test_guest, "ready counter", memory_mib=32)
@@ -221,14 +231,14 @@ def test_live_migration_moves_the_running_guest(
 def test_a_wrong_token_is_refused_and_the_target_waits_on(
     boot: Callable[..., Booted], test_guest: Path, targets: Callable[[str], Target]
 ) -> None:
-    g, base, checksum = start_guest(boot, test_guest, "counter")
+    g, base, digest = start_guest(boot, test_guest, "counter")
     token = migration.new_token()
     target = targets(token)
     with pytest.raises(migration.MigrationError, match="wrong migration token") as exc:
         migration.migrate(g.machine, target.address, migration.new_token())
     assert exc.value.refused
     assert not exc.value.committed
-    assert_runs_intact(g, base, checksum)
+    assert_runs_intact(g, base, digest)
     # The listener did not spend its token on the impostor.
     migration.migrate(g.machine, target.address, token)
     resumed = target.line()
@@ -237,10 +247,10 @@ def test_a_wrong_token_is_refused_and_the_target_waits_on(
 
 
 def _fails_cleanly(
-    g: Booted, base: int, checksum: int, target: Target, exc: migration.MigrationError
+    g: Booted, base: int, digest: str, target: Target, exc: migration.MigrationError
 ) -> None:
     assert not exc.committed, exc
-    assert_runs_intact(g, base, checksum)
+    assert_runs_intact(g, base, digest)
     # The target ran no copy: it gave up (or was killed) without starting the guest.
     deadline = time.monotonic() + 10
     while target.alive() and time.monotonic() < deadline:
@@ -252,7 +262,7 @@ def _fails_cleanly(
 def test_killing_the_target_during_precopy_resumes_nothing_and_loses_nothing(
     boot: Callable[..., Booted], test_guest: Path, targets: Callable[[str], Target]
 ) -> None:
-    g, base, checksum = start_guest(boot, test_guest, "rewrite=8")
+    g, base, digest = start_guest(boot, test_guest, "rewrite=8")
     token = migration.new_token()
     target = targets(token)
 
@@ -269,7 +279,7 @@ def test_killing_the_target_during_precopy_resumes_nothing_and_loses_nothing(
             progress=kill_midway,
             progress_interval=0.02,
         )
-    _fails_cleanly(g, base, checksum, target, exc.value)
+    _fails_cleanly(g, base, digest, target, exc.value)
 
 
 @pytest.mark.parametrize(
@@ -289,7 +299,7 @@ def test_faults_in_the_paused_phase_resume_the_source(  # noqa: PLR0917 - fixtur
     downstream: bool,
     kill: bool,
 ) -> None:
-    g, base, checksum = start_guest(boot, test_guest, "rewrite=8")
+    g, base, digest = start_guest(boot, test_guest, "rewrite=8")
     token = migration.new_token()
     target = targets(token)
     relay = Relay(target.address, cut_at=cut_at, downstream=downstream)
@@ -301,13 +311,13 @@ def test_faults_in_the_paused_phase_resume_the_source(  # noqa: PLR0917 - fixtur
     relay.join()
     assert relay.cut.is_set()
     assert relay.state_at_cut is native.MachineState.PAUSED  # the fault hit the paused phase
-    _fails_cleanly(g, base, checksum, target, exc.value)
+    _fails_cleanly(g, base, digest, target, exc.value)
 
 
-def test_cancel_and_timeout_resume_the_source(
+def test_cancel_resumes_the_source(
     boot: Callable[..., Booted], test_guest: Path, targets: Callable[[str], Target]
 ) -> None:
-    g, base, checksum = start_guest(boot, test_guest, "rewrite=8")
+    g, base, digest = start_guest(boot, test_guest, "rewrite=8")
     token = migration.new_token()
     target = targets(token)
     control = migration.Migration(bandwidth=8 << 20)
@@ -325,16 +335,21 @@ def test_cancel_and_timeout_resume_the_source(
             progress=cancel_midway,
             progress_interval=0.02,
         )
-    _fails_cleanly(g, base, checksum, target, exc.value)
+    _fails_cleanly(g, base, digest, target, exc.value)
     assert "cancel" in str(target.line().get("error", ""))
 
+
+def test_a_timeout_resumes_the_source(
+    boot: Callable[..., Booted], test_guest: Path, targets: Callable[[str], Target]
+) -> None:
+    g, base, digest = start_guest(boot, test_guest, "rewrite=8")
     token = migration.new_token()
     target = targets(token)
     t = time.monotonic()
     with pytest.raises(migration.MigrationError, match="timed out") as exc:
         migration.migrate(g.machine, target.address, token, bandwidth=8 << 20, timeout=1.0)
     assert time.monotonic() - t < 3.0
-    _fails_cleanly(g, base, checksum, target, exc.value)
+    _fails_cleanly(g, base, digest, target, exc.value)
 
 
 def test_budget_and_bandwidth_change_while_running(
