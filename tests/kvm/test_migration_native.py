@@ -382,3 +382,32 @@ def test_budget_and_bandwidth_change_while_running(
     assert any(p.budget_ms == 300 for p in seen)
     assert target.line()["event"] == "resumed"
     target.console.wait_for(r"COUNTER \d+")
+
+
+def test_a_target_with_other_devices_refuses_and_the_source_runs_on(
+    boot: Callable[..., Booted], test_guest: Path, tmp_path: Path
+) -> None:
+    """The machine config comes before any page: a target given a disk the source does not
+    have refuses it, and nothing moved."""
+    g, base, digest = start_guest(boot, test_guest, "counter")
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    token = migration.new_token()
+    failures: list[migration.MigrationError] = []
+    with migration.MigrationListener(token) as listener:
+
+        def serve() -> None:
+            try:
+                listener.accept(disks=[native.Disk(str(disk))], timeout=20)
+            except migration.MigrationError as exc:
+                failures.append(exc)
+
+        server = threading.Thread(target=serve)
+        server.start()
+        with pytest.raises(migration.MigrationError, match="virtio devices") as exc:
+            migration.migrate(g.machine, listener.address, token)
+        server.join(10)
+    assert exc.value.refused
+    assert len(failures) == 1
+    assert "virtio devices" in failures[0].message
+    assert_runs_intact(g, base, digest)
