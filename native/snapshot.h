@@ -192,7 +192,7 @@ int fl_snap_write_trailer(int fd, uint64_t mem_size, uint32_t kind, const uint8_
 int fl_snap_open_memory(const char *path, struct fl_snap_mem_trailer *t,
 			struct fl_snap_run **runs, char *err, size_t errlen);
 
-/* ---- shared with live migration (migrate.c), which sends the same state in memory ---- */
+/* ---- shared with live migration (migrate_*.c), which sends the same state in memory ---- */
 struct fl_nic_config;
 struct fl_config;
 int fl_snap_page_is_zero(const uint8_t *p);
