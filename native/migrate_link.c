@@ -242,12 +242,9 @@ void fl_mig_refuse_peer(struct fl_mig_link *l, const char *why)
 	if (fl_mig_send_record(&quick, FL_MIG_ERROR, why, n) < 0)
 		return;
 	shutdown(l->fd, SHUT_WR);
-	for (int i = 0; i < 64; i++) {
-		if (fl_mig_recv(&quick, sink, 1) < 0)
-			break;
+	while (fl_mig_recv(&quick, sink, 1) == 0) /* until EOF or 100 ms */
 		if (read(l->fd, sink, sizeof(sink)) == 0)
 			break;
-	}
 }
 
 int fl_migrate_refuse(int fd, const char *why)

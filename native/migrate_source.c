@@ -248,6 +248,23 @@ static int source_check(struct source *s)
 	return 0;
 }
 
+static int recv_reply(struct source *s, struct fl_mig_record_header *h, void *payload,
+		      size_t len);
+
+/* The target says nothing while pages flow unless it gives up: then it sends why (an ERROR
+ * record) and closes. Seen between batches, that ends the migration at once, with its
+ * reason. */
+static int target_spoke(struct source *s)
+{
+	struct pollfd p = {.fd = s->l.fd, .events = POLLIN};
+	struct fl_mig_record_header h;
+
+	if (poll(&p, 1, 0) <= 0)
+		return 0;
+	return recv_reply(s, &h, NULL, 0) < 0 ? -EREMOTEIO : fl_mig_fail(s->m, EPROTO,
+		"the target sent record type %u mid-stream", h.type);
+}
+
 /* Sends every page set in bm, clearing nothing (the caller owns bm). */
 static int send_bitmap(struct source *s, const uint64_t *bm, int first_pass, int capped,
 		       uint64_t t0)
@@ -266,6 +283,8 @@ static int send_bitmap(struct source *s, const uint64_t *bm, int first_pass, int
 		       page - start < 4096)
 			page++;
 		int rc = send_range(s, start, page - start, first_pass, capped);
+		if (rc == 0)
+			rc = target_spoke(s);
 		if (rc < 0)
 			return rc;
 		rc = source_check(s);
@@ -576,6 +595,16 @@ int fl_migrate_send(struct fl_vm *vm, struct fl_migration *m, int fd, const uint
 	goto out;
 
 failed:
+	if ((rc == -EPIPE || rc == -ECONNRESET) && !m->err[0]) {
+		/* The target may have closed after saying why: read it if it is there. */
+		struct fl_mig_record_header h;
+		s.l.cancellable = 0;
+		s.l.deadline = fl_mig_now() + 200000000ULL;
+		if (recv_reply(&s, &h, NULL, 0) == -EREMOTEIO)
+			rc = -EREMOTEIO;
+		else
+			m->err[0] = 0;
+	}
 	if (!m->err[0])
 		fl_mig_fail(m, -rc, "migration %s", fl_mig_why(rc));
 	{

@@ -15,6 +15,7 @@ import re
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -83,11 +84,23 @@ class Target:
 
 class Relay:
     """A TCP relay source → relay → target that can cut the connection (or kill the target)
-    the moment a given record header passes in a given direction."""
+    the moment a given record header passes in a given direction, or flip one bit of the
+    first page the source sends."""
 
-    def __init__(self, target: tuple[str, int], *, cut_at: bytes, downstream: bool) -> None:
+    def __init__(
+        self,
+        target: tuple[str, int],
+        *,
+        cut_at: bytes = b"\xff" * 64,
+        downstream: bool = True,
+        flip_first_page: bool = False,
+    ) -> None:
         self._target = target
         self._cut_at = cut_at
+        self._flip = flip_first_page
+        self._head = b""  # the stream's first bytes: hello, CONFIG, the first PAGES header
+        self._passed = 0
+        self.flipped = False
         self._downstream = downstream  # True: look in source → target bytes
         self.on_cut: Callable[[], None] = lambda: None
         self.cut = threading.Event()
@@ -123,11 +136,45 @@ class Relay:
                         self.on_cut()
                         self.cut.set()
                         return
-                    pairs[sock].sendall(data)
+                    if sock is client and self._flip and not self.flipped:
+                        data = self._flip_page(data)
+                    try:
+                        pairs[sock].sendall(data)
+                    except OSError:
+                        # The target closed (it refused): still pass on what it said.
+                        if sock is client:
+                            self._drain(upstream, client)
+                        return
                     tail[sock] = window[-32:]
         finally:
             for s in (client, upstream, self._server):
                 s.close()
+
+    @staticmethod
+    def _drain(src: socket.socket, dst: socket.socket) -> None:
+        src.settimeout(2)
+        try:
+            while chunk := src.recv(65536):
+                dst.sendall(chunk)
+        except OSError:
+            pass
+
+    def _flip_page(self, data: bytes) -> bytes:
+        """Flips a bit 100 bytes into the first page of the first PAGES record: it follows
+        the hello (48), CONFIG (16 + 224), its header (16), range (16) and checksums."""
+        first = 48 + 16 + 224
+        self._head += data[: max(0, first + 32 - len(self._head))]
+        out = bytearray(data)
+        if len(self._head) >= first + 32:
+            kind, _, _ = struct.unpack_from("<IIQ", self._head, first)
+            assert kind == 2, "the stream does not go on with pages"
+            (count,) = struct.unpack_from("<I", self._head, first + 24)
+            at = first + 32 + count * 8 + 100 - self._passed
+            if 0 <= at < len(out):
+                out[at] ^= 0x10
+                self.flipped = True
+        self._passed += len(data)
+        return bytes(out)
 
     def join(self) -> None:
         self._thread.join(10)
@@ -411,3 +458,20 @@ def test_a_target_with_other_devices_refuses_and_the_source_runs_on(
     assert len(failures) == 1
     assert "virtio devices" in failures[0].message
     assert_runs_intact(g, base, digest)
+
+
+def test_debug_mode_catches_a_damaged_page(
+    boot: Callable[..., Booted], test_guest: Path, targets: Callable[[str], Target]
+) -> None:
+    """One bit flipped on the wire in the first page: the target finds it by its checksum,
+    refuses, and the source runs on."""
+    g, base, digest = start_guest(boot, test_guest, "counter")
+    token = migration.new_token()
+    target = targets(token)
+    relay = Relay(target.address, flip_first_page=True)
+    with pytest.raises(migration.MigrationError, match=r"page \d+ arrived damaged") as exc:
+        migration.migrate(g.machine, relay.address, token, debug=True)
+    relay.join()
+    assert relay.flipped
+    assert exc.value.refused
+    _fails_cleanly(g, base, digest, target, exc.value)
