@@ -473,8 +473,7 @@ static int stopcopy(struct source *s, struct fl_migrate_result *res, uint64_t t0
 	return 0;
 }
 
-static int source_setup(struct source *s, const uint8_t *token, uint32_t flags,
-			struct plan *pl)
+static int source_setup(struct source *s, const uint8_t *token, struct plan *pl)
 {
 	struct fl_mig_hello hello = {.magic = FL_MIG_MAGIC, .version = FL_MIG_VERSION};
 	struct fl_snap_config cfg;
@@ -484,7 +483,6 @@ static int source_setup(struct source *s, const uint8_t *token, uint32_t flags,
 	int rc;
 
 	hello.flags = s->debug ? FL_MIG_HELLO_DEBUG : 0;
-	(void)flags;
 	memcpy(hello.token, token, FL_MIG_TOKEN_LEN);
 	rc = fl_snap_machine_config(s->vm, &cfg);
 	if (rc < 0)
@@ -549,7 +547,7 @@ int fl_migrate_send(struct fl_vm *vm, struct fl_migration *m, int fd, const uint
 		rc = fl_mig_fail(m, ENOMEM, "migration bitmaps");
 		goto out;
 	}
-	rc = source_setup(&s, token, flags, &pl);
+	rc = source_setup(&s, token, &pl);
 	if (rc < 0)
 		goto failed;
 	rc = fl_snap_log_start(vm);
