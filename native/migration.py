@@ -304,13 +304,17 @@ class MigrationListener:
         console_in: int | None = None,
         disks: Sequence[Disk] = (),
         nics: Sequence[Nic] = (),
+        memory_mib: int = 0,
+        vcpus: int = 0,
         timeout: float = 60.0,
         control: Migration | None = None,
     ) -> tuple[Machine, MigrationResult]:
         """Waits up to `timeout` s for the source to come and the migration to finish, and
         returns the machine, RUNNING, and what the target measured. `disks`/`nics` as for
-        `Machine.restore`. Raises MigrationError (nothing is left running) when the token
-        was spent, when the stream failed after the token, or on the timeout."""
+        `Machine.restore`; `memory_mib`/`vcpus`: what the guest must have (0: whatever the
+        source says), a source with another machine is refused. Raises MigrationError
+        (nothing is left running) when the token was spent, when the stream failed after
+        the token, or on the timeout."""
         ctl = control if control is not None else Migration()
         deadline = time.monotonic() + timeout
         mod = _vmm()
@@ -336,6 +340,8 @@ class MigrationListener:
                 cfg = devices.config(
                     console_out_fd=-1 if console_out is None else console_out,
                     console_in_fd=-1 if console_in is None else console_in,
+                    memory_mib=memory_mib,
+                    vcpus=vcpus,
                 )
                 machine = Machine.__new__(Machine)
                 machine._ffi = ffi
@@ -389,6 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     listen.add_argument("--token", default=os.environ.get("FLOTILLA_MIGRATION_TOKEN", ""))
     listen.add_argument("--timeout", type=float, default=60.0)
     listen.add_argument("--console-fd", type=int, default=2)
+    listen.add_argument("--memory-mib", type=int, default=0, help="refuse another size")
+    listen.add_argument("--vcpus", type=int, default=0, help="refuse another count")
     args = parser.parse_args(argv)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -400,7 +408,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with listener:
         _print({"event": "listening", "host": listener.address[0], "port": listener.address[1]})
         try:
-            machine, result = listener.accept(console_out=args.console_fd, timeout=args.timeout)
+            machine, result = listener.accept(
+                console_out=args.console_fd,
+                memory_mib=args.memory_mib,
+                vcpus=args.vcpus,
+                timeout=args.timeout,
+            )
         except MigrationError as exc:
             _print({"event": "failed", "error": exc.message, "refused": listener.refused})
             return 1

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -431,32 +432,48 @@ def test_budget_and_bandwidth_change_while_running(
     target.console.wait_for(r"COUNTER \d+")
 
 
-def test_a_target_with_other_devices_refuses_and_the_source_runs_on(
-    boot: Callable[..., Booted], test_guest: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("expect", "why"),
+    [
+        ({"disks": "disk"}, "virtio devices"),
+        ({"memory_mib": 64}, "128 MiB, not 64"),
+        ({"vcpus": 1}, "2 vCPUs, not 1"),
+    ],
+    ids=["disk", "memory", "vcpus"],
+)
+def test_a_target_expecting_another_machine_refuses_and_the_source_runs_on(
+    boot: Callable[..., Booted],
+    test_guest: Path,
+    tmp_path: Path,
+    expect: dict[str, object],
+    why: str,
 ) -> None:
     """The machine config comes before any page: a target given a disk the source does not
-    have refuses it, and nothing moved."""
+    have, or expecting another memory size or vCPU count, refuses it, and nothing moved."""
     g, base, digest = start_guest(boot, test_guest, "counter")
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(1 << 20))
+    kwargs: dict[str, Any] = dict(expect)
+    if "disks" in kwargs:
+        kwargs["disks"] = [native.Disk(str(disk))]
     token = migration.new_token()
     failures: list[migration.MigrationError] = []
     with migration.MigrationListener(token) as listener:
 
         def serve() -> None:
             try:
-                listener.accept(disks=[native.Disk(str(disk))], timeout=20)
+                listener.accept(timeout=20, **kwargs)
             except migration.MigrationError as exc:
                 failures.append(exc)
 
         server = threading.Thread(target=serve)
         server.start()
-        with pytest.raises(migration.MigrationError, match="virtio devices") as exc:
+        with pytest.raises(migration.MigrationError, match=why) as exc:
             migration.migrate(g.machine, listener.address, token)
         server.join(10)
     assert exc.value.refused
     assert len(failures) == 1
-    assert "virtio devices" in failures[0].message
+    assert why in failures[0].message
     assert_runs_intact(g, base, digest)
 
 
