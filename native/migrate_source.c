@@ -25,6 +25,7 @@
 #define SLICE_NS 10000000ULL		   /* auto-converge's time slice */
 #define COMMIT_GRACE_NS 10000000000ULL /* after the commit: how long to wait for RESUMED */
 #define FIXED_OTHER_NS 500000ULL	   /* vCPU state out and in, beyond what is measured */
+#define EXTRA_ROUNDS 3		   /* throttled rounds to bring a pause that fits down */
 #define MIN_SAMPLE (1ULL << 20)	   /* bytes an iteration sends to measure bandwidth */
 
 /* ---- auto-converge: the vCPUs sleep a share of each slice ---- */
@@ -349,6 +350,7 @@ static int precopy(struct source *s, struct throttle *t, struct plan *pl, uint64
 		   uint32_t *iterations)
 {
 	uint64_t prev = 0;
+	uint32_t extra = 0;
 	int rc;
 
 	/* The first pass: every page that may hold data (the target's RAM starts zero). */
@@ -394,7 +396,15 @@ static int precopy(struct source *s, struct throttle *t, struct plan *pl, uint64
 		progress_update(s, 0, t0);
 		shrinking = iter == 1 || n * 4 < prev * 3;
 		/* Fits: stop once more rounds stop paying (the dirty set no longer shrinks by a
-		 * quarter) or there is next to nothing left. */
+		 * quarter) or there is next to nothing left. A pause that fits but would take
+		 * over a quarter of the budget gets up to EXTRA_ROUNDS more rounds with the
+		 * vCPUs throttled first: the budget is a ceiling, not a goal. */
+		if (predicted <= budget && n > 64 && !shrinking && predicted > budget / 4 &&
+		    extra < EXTRA_ROUNDS) {
+			extra++;
+			shrinking = 0;
+			predicted = budget + 1; /* throttle as below */
+		}
 		if (predicted <= budget && (n <= 64 || !shrinking)) {
 			/* Drain what is still queued before the pause, so the last bytes (and
 			 * the PAUSED marker the target times the pause from) go straight through. */
