@@ -163,6 +163,62 @@ int fl_mig_recv(struct fl_mig_link *l, void *buf, size_t len)
 	return 0;
 }
 
+/* The kernel's receive time of an skb (SO_TIMESTAMPNS: CLOCK_REALTIME) on our monotonic
+ * clock, or now when the message carries none. */
+static uint64_t arrival(struct msghdr *msg)
+{
+	for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c; c = CMSG_NXTHDR(msg, c)) {
+		if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_TIMESTAMPNS) {
+			struct timespec at, real;
+			uint64_t mono = fl_mig_now(), at_ns, real_ns;
+
+			memcpy(&at, CMSG_DATA(c), sizeof(at));
+			clock_gettime(CLOCK_REALTIME, &real);
+			at_ns = (uint64_t)at.tv_sec * 1000000000ULL + (uint64_t)at.tv_nsec;
+			real_ns = (uint64_t)real.tv_sec * 1000000000ULL + (uint64_t)real.tv_nsec;
+			if (real_ns >= at_ns && real_ns - at_ns < mono)
+				return mono - (real_ns - at_ns);
+			return mono;
+		}
+	}
+	return fl_mig_now();
+}
+
+int fl_mig_recv_stamped(struct fl_mig_link *l, void *buf, size_t len, uint64_t *at)
+{
+	uint8_t *p = buf;
+	int first = 1;
+
+	while (len) {
+		union {
+			struct cmsghdr align;
+			char buf[CMSG_SPACE(sizeof(struct timespec))];
+		} control;
+		struct iovec iov = {p, len};
+		struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+				     .msg_controllen = sizeof(control.buf)};
+		ssize_t r = recvmsg(l->fd, &msg, 0);
+		if (r == 0)
+			return -ECONNRESET;
+		if (r < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno != EAGAIN)
+				return -errno;
+			int rc = fl_mig_wait(l, POLLIN);
+			if (rc < 0)
+				return rc;
+			continue;
+		}
+		if (first)
+			*at = arrival(&msg);
+		first = 0;
+		p += r;
+		len -= (size_t)r;
+	}
+	return 0;
+}
+
 int fl_mig_send_record(struct fl_mig_link *l, uint32_t type, const void *payload, uint64_t len)
 {
 	struct fl_mig_record_header h = {.type = type, .length = len};

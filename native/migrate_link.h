@@ -40,6 +40,10 @@ int fl_mig_nonblocking(int fd);
 int fl_mig_wait(struct fl_mig_link *l, short events);
 int fl_mig_sendv(struct fl_mig_link *l, struct iovec *iov, int n);
 int fl_mig_recv(struct fl_mig_link *l, void *buf, size_t len);
+/* fl_mig_recv that also says when the first of those bytes reached this host's kernel (with
+ * SO_TIMESTAMPNS on the socket; else when they were read), on CLOCK_MONOTONIC: a busy
+ * target's scheduling delay does not shorten the pause it measures. */
+int fl_mig_recv_stamped(struct fl_mig_link *l, void *buf, size_t len, uint64_t *at);
 int fl_mig_send_record(struct fl_mig_link *l, uint32_t type, const void *payload, uint64_t len);
 const char *fl_mig_why(int rc);
 /* Sends an ERROR with why, then lingers briefly so closing does not reset it unread. */

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "migrate_link.h"
@@ -168,10 +169,11 @@ static int target_stream(struct target *t, struct fl_migrate_result *res)
 {
 	struct fl_mig_record_header h;
 	char text[FL_MIG_MAX_ERROR + 1];
+	uint64_t arrived;
 	int rc;
 
 	for (;;) {
-		rc = fl_mig_recv(&t->l, &h, sizeof(h));
+		rc = fl_mig_recv_stamped(&t->l, &h, sizeof(h), &arrived);
 		if (rc < 0)
 			return rc;
 		rc = fl_mig_record_check(&h, t->npages, t->debug, t->m->err, sizeof(t->m->err));
@@ -187,7 +189,7 @@ static int target_stream(struct target *t, struct fl_migrate_result *res)
 			break;
 		case FL_MIG_PAUSED: {
 			struct fl_mig_paused p;
-			t->marker_ns = fl_mig_now();
+			t->marker_ns = arrived;
 			rc = fl_mig_recv(&t->l, &p, sizeof(p));
 			res->source_pause_ns = p.source_pause_ns;
 			break;
@@ -286,6 +288,8 @@ int fl_migrate_receive(struct fl_vm *vm, struct fl_migration *m, const struct fl
 		rc = fl_mig_fail(m, -rc, "the migration socket: %s", strerror(-rc));
 		goto out;
 	}
+	/* Kernel receive times, for the PAUSED marker (a failure only costs precision). */
+	setsockopt(fd, SOL_SOCKET, SO_TIMESTAMPNS, &(int){1}, sizeof(int));
 	/* The hello and its token before anything else the peer sends. */
 	rc = fl_mig_recv(&t->l, &hello, sizeof(hello));
 	if (rc < 0) {
