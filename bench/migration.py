@@ -50,7 +50,7 @@ CMDLINE = "ready rewrite=32"
 QEMU = "qemu-system-x86_64"
 TIMEOUT = 60.0
 QEMU_CONVERGE_TIMEOUT = 40.0
-WARM_LINES = 30  # COUNTER lines before migrating: the rewrite is in full swing
+WARM_LINES = 30  # COUNTER lines (and the region written whole) before migrating
 LINE = re.compile(rb"COUNTER (\d+)\n")
 
 
@@ -65,6 +65,7 @@ class Lines:
         self._fd = fd
         self._buf = b""
         self.times: list[float] = []
+        self.written = False  # the guest said it wrote its whole region once
         self._cond = threading.Condition()
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -79,15 +80,17 @@ class Lines:
             now = time.monotonic()
             with self._cond:
                 self._buf += chunk
+                self.written = self.written or b"REWRITE pass=1 done" in self._buf
                 for _ in LINE.finditer(self._buf):
                     self.times.append(now)
                 self._buf = self._buf[self._buf.rfind(b"\n") + 1 :]
                 self._cond.notify_all()
 
-    def wait_lines(self, n: int) -> None:
+    def wait_lines(self, n: int, *, written: bool = False) -> None:
+        """Waits for n COUNTER lines (and, with `written`, the whole region written once)."""
         deadline = time.monotonic() + TIMEOUT
         with self._cond:
-            while len(self.times) < n:
+            while len(self.times) < n or (written and not self.written):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise SystemExit("bench/migration: the guest stopped printing")
@@ -130,7 +133,7 @@ def ours_round(guest: Path, budget_ms: float) -> dict[str, float]:
     try:
         listening = json.loads(target.stdout.readline())
         m.start()
-        source_lines.wait_lines(WARM_LINES)
+        source_lines.wait_lines(WARM_LINES, written=True)
         t0 = time.monotonic()
         try:
             result = migration.migrate(
@@ -229,7 +232,7 @@ def qemu_round(guest: Path, work: Path, budget_ms: float, *, converge: bool) -> 
     dst, target_lines = qemu(guest, work / "dst.qmp", incoming=port)
     try:
         qs, qd = Qmp(work / "src.qmp"), Qmp(work / "dst.qmp")
-        source_lines.wait_lines(WARM_LINES)
+        source_lines.wait_lines(WARM_LINES, written=True)
         qs.cmd(
             "migrate-set-capabilities",
             capabilities=[{"capability": "auto-converge", "state": converge}],

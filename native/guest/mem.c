@@ -90,5 +90,7 @@ void mem_rewrite(u64 mib, u64 period_us)
 					next = now + period;
 			}
 		}
+		if (pass == 1)
+			say("REWRITE pass=1 done");
 	}
 }
