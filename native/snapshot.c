@@ -48,8 +48,7 @@ static int track_alloc(struct fl_vm *vm)
 	return 0;
 }
 
-/* Starts logging writes from now on: called while paused, right after a snapshot. */
-static int track_start(struct fl_vm *vm, const uint8_t *base)
+int fl_snap_log_start(struct fl_vm *vm)
 {
 	int rc = track_alloc(vm);
 
@@ -59,6 +58,16 @@ static int track_start(struct fl_vm *vm, const uint8_t *base)
 	if (rc < 0)
 		return rc;
 	__atomic_store_n(&vm->gmem.dirty, vm->snap.devices, __ATOMIC_RELEASE);
+	return 0;
+}
+
+/* Starts logging writes from now on: called while paused, right after a snapshot. */
+static int track_start(struct fl_vm *vm, const uint8_t *base)
+{
+	int rc = fl_snap_log_start(vm);
+
+	if (rc < 0)
+		return rc;
 	memcpy(vm->snap.base, base, FL_SNAP_ID_LEN);
 	vm->snap.tracking = 1;
 	return 0;
@@ -78,6 +87,22 @@ static int track_collect(struct fl_vm *vm)
 	return 0;
 }
 
+/* The same for a migration: what was logged goes to out too, and stays in pending, so a
+ * migration that fails leaves the next diff snapshot whole (a superset at worst). */
+int fl_snap_log_collect(struct fl_vm *vm, uint64_t *out)
+{
+	uint64_t words = (vm->snap.npages + 63) / 64;
+	int rc = fl_mem_collect_dirty(&vm->mem, vm->vm_fd, out, vm->err, sizeof(vm->err));
+
+	if (rc < 0)
+		return rc;
+	for (uint64_t w = 0; w < words; w++) {
+		out[w] |= __atomic_exchange_n(&vm->snap.devices[w], 0, __ATOMIC_RELAXED);
+		vm->snap.pending[w] |= out[w];
+	}
+	return 0;
+}
+
 /* ---- state ---- */
 
 /*
@@ -85,7 +110,7 @@ static int track_collect(struct fl_vm *vm)
  * of whichever host CPU ran the ioctl in a few fields; fl_cpuid_apply replaces those per
  * vCPU, so they are left out.
  */
-static int kvm_cpuid_crc(struct fl_vm *vm, uint32_t *crc)
+int fl_snap_cpuid_crc(struct fl_vm *vm, uint32_t *crc)
 {
 	uint32_t c = 0;
 
@@ -113,7 +138,7 @@ static int kvm_cpuid_crc(struct fl_vm *vm, uint32_t *crc)
 	return 0;
 }
 
-static int machine_config(struct fl_vm *vm, struct fl_snap_config *c)
+int fl_snap_machine_config(struct fl_vm *vm, struct fl_snap_config *c)
 {
 	memset(c, 0, sizeof(*c));
 	c->nvcpus = vm->nvcpus;
@@ -131,10 +156,10 @@ static int machine_config(struct fl_vm *vm, struct fl_snap_config *c)
 			memcpy(c->slots[i].mac, ((struct fl_net *)d)->mac, 6);
 		}
 	}
-	return kvm_cpuid_crc(vm, &c->cpuid_crc);
+	return fl_snap_cpuid_crc(vm, &c->cpuid_crc);
 }
 
-static int collect_state(struct fl_vm *vm, struct fl_snap_writer *w)
+int fl_snap_collect_state(struct fl_vm *vm, struct fl_snap_writer *w)
 {
 	struct fl_snap_config cfg;
 	struct fl_ioapic_state io;
@@ -149,7 +174,7 @@ static int collect_state(struct fl_vm *vm, struct fl_snap_writer *w)
 
 	if (!buf)
 		return fl_fail(vm, ENOMEM, "state buffer");
-	rc = machine_config(vm, &cfg);
+	rc = fl_snap_machine_config(vm, &cfg);
 	if (rc < 0)
 		goto out;
 	fl_snap_add(w, FL_SEC_CONFIG, 0, &cfg, sizeof(cfg));
@@ -225,7 +250,7 @@ int fl_snapshot_save(struct fl_vm *vm, const char *state_path, const char *memor
 		rc = fl_fail(vm, errno ? errno : EIO, "getrandom: %s", strerror(errno));
 		goto out;
 	}
-	rc = collect_state(vm, &w);
+	rc = fl_snap_collect_state(vm, &w);
 	if (rc < 0)
 		goto out;
 	if (fl_snap_finish(&w, kind, id, diff ? vm->snap.base : NULL) < 0) {
@@ -320,11 +345,9 @@ static int read_state_file(const char *path, uint8_t **buf, size_t *len, char *e
 }
 
 /* Everything that can be checked without KVM, so a refusal changes nothing. */
-static int check_snapshot(struct fl_vm *vm, const struct fl_snap_parsed *p,
+int fl_snap_check_machine(struct fl_vm *vm, const struct fl_snap_config *c,
 			  const struct fl_config *cfg, struct fl_nic_config *nics)
 {
-	const struct fl_snap_config *c = &p->config;
-
 	if (cfg->vcpus && cfg->vcpus != c->nvcpus)
 		return fl_fail(vm, EINVAL, "snapshot is of a machine with %u vCPUs, not %u",
 			       c->nvcpus, cfg->vcpus);
@@ -357,9 +380,21 @@ static int check_snapshot(struct fl_vm *vm, const struct fl_snap_parsed *p,
 				return fl_fail(vm, EINVAL, "NIC %u had another MAC when saved",
 					       i - cfg->ndisks);
 		}
-		if (fl_device_blob_check(p->virtio[i], p->virtio_len[i], sl->device_id) < 0)
-			return fl_fail(vm, EINVAL, "virtio slot %u state is corrupt", i);
 	}
+	return 0;
+}
+
+int fl_snap_check(struct fl_vm *vm, const struct fl_snap_parsed *p, const struct fl_config *cfg,
+		  struct fl_nic_config *nics)
+{
+	const struct fl_snap_config *c = &p->config;
+	int rc = fl_snap_check_machine(vm, c, cfg, nics);
+
+	if (rc < 0)
+		return rc;
+	for (uint32_t i = 0; i < c->nslots; i++)
+		if (fl_device_blob_check(p->virtio[i], p->virtio_len[i], c->slots[i].device_id) < 0)
+			return fl_fail(vm, EINVAL, "virtio slot %u state is corrupt", i);
 	for (uint32_t i = 0; i < c->nvcpus; i++)
 		if (fl_vcpu_blob_check(p->vcpu[i], p->vcpu_len[i]) < 0)
 			return fl_fail(vm, EINVAL, "vCPU %u state is not of this VMM's format", i);
@@ -371,7 +406,7 @@ static int check_snapshot(struct fl_vm *vm, const struct fl_snap_parsed *p,
 	return 0;
 }
 
-static int apply_state(struct fl_vm *vm, const struct fl_snap_parsed *p)
+int fl_snap_apply(struct fl_vm *vm, const struct fl_snap_parsed *p)
 {
 	struct fl_ioapic_state io;
 	struct fl_serial_state ser;
@@ -381,7 +416,7 @@ static int apply_state(struct fl_vm *vm, const struct fl_snap_parsed *p)
 	uint32_t crc = 0;
 	int rc;
 
-	rc = kvm_cpuid_crc(vm, &crc);
+	rc = fl_snap_cpuid_crc(vm, &crc);
 	if (rc < 0)
 		return rc;
 	if (crc != p->config.cpuid_crc)
@@ -457,7 +492,7 @@ int fl_snapshot_restore(struct fl_vm *vm, const struct fl_config *cfg, const cha
 		goto out;
 	}
 	memcpy(nics, cfg->nics, cfg->nnics * sizeof(*nics));
-	rc = check_snapshot(vm, p, cfg, nics);
+	rc = fl_snap_check(vm, p, cfg, nics);
 	if (rc < 0)
 		goto out;
 	memfd = fl_snap_open_memory(memory_path, &t, NULL, vm->err, sizeof(vm->err));
@@ -486,7 +521,7 @@ int fl_snapshot_restore(struct fl_vm *vm, const struct fl_config *cfg, const cha
 	memfd = -1;
 	if (rc < 0)
 		goto out;
-	rc = apply_state(vm, p);
+	rc = fl_snap_apply(vm, p);
 	if (rc == 0)
 		rc = track_start(vm, p->hdr.id);
 	if (rc < 0) {

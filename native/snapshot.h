@@ -143,6 +143,9 @@ int fl_snap_finish(struct fl_snap_writer *w, uint32_t kind, const uint8_t *id,
 int fl_snap_parse(const uint8_t *buf, size_t len, struct fl_snap_parsed *out, char *err,
 		  size_t errlen);
 
+/* A machine config from untrusted bytes: vCPUs, memory layout, device kinds in range. */
+int fl_snap_check_config(const struct fl_snap_config *c, char *err, size_t errlen);
+
 /* Size of the trailer with nruns runs, rounded up to a page. */
 uint64_t fl_snap_trailer_size(uint64_t nruns);
 /* Checks a memory file's trailer (buf: the file's bytes from mem_size to its end, len: their
@@ -188,5 +191,28 @@ int fl_snap_write_trailer(int fd, uint64_t mem_size, uint32_t kind, const uint8_
  * diff's runs are copied to *runs when runs is not NULL (the caller frees them). */
 int fl_snap_open_memory(const char *path, struct fl_snap_mem_trailer *t,
 			struct fl_snap_run **runs, char *err, size_t errlen);
+
+/* ---- shared with live migration (migrate_*.c), which sends the same state in memory ---- */
+struct fl_nic_config;
+struct fl_config;
+int fl_snap_page_is_zero(const uint8_t *p);
+/* The machine a state section describes (vCPUs, memory layout, devices, CPUID). */
+int fl_snap_machine_config(struct fl_vm *vm, struct fl_snap_config *c);
+int fl_snap_cpuid_crc(struct fl_vm *vm, uint32_t *crc);
+/* Every section of a paused machine's state into w (the caller finishes it). */
+int fl_snap_collect_state(struct fl_vm *vm, struct fl_snap_writer *w);
+/* Checks a parsed state against cfg (NIC MACs of zeros take the saved ones, in nics) without
+ * touching KVM; then applies it to a built, not started machine. */
+int fl_snap_check_machine(struct fl_vm *vm, const struct fl_snap_config *c,
+			  const struct fl_config *cfg, struct fl_nic_config *nics);
+int fl_snap_check(struct fl_vm *vm, const struct fl_snap_parsed *p, const struct fl_config *cfg,
+		  struct fl_nic_config *nics);
+int fl_snap_apply(struct fl_vm *vm, const struct fl_snap_parsed *p);
+/* KVM dirty logging and the devices' dirty bitmap, on without making a diff base; collect
+ * ORs what was logged since the last collect into out (and into the diff-snapshot log). */
+int fl_snap_log_start(struct fl_vm *vm);
+/* Sets the bit of every page of RAM that may hold data (the others are zero), reading none. */
+int fl_snap_data_map(struct fl_vm *vm, uint64_t *bitmap, char *err, size_t errlen);
+int fl_snap_log_collect(struct fl_vm *vm, uint64_t *out);
 
 #endif

@@ -171,7 +171,7 @@ static const char *section_name(uint32_t type)
 	return type <= FL_SEC_MAX ? names[type] : "unknown";
 }
 
-static int check_config(const struct fl_snap_config *c, char *err, size_t errlen)
+int fl_snap_check_config(const struct fl_snap_config *c, char *err, size_t errlen)
 {
 	uint64_t low = c->mem_size < 3ULL << 30 ? c->mem_size : 3ULL << 30;
 
@@ -271,7 +271,7 @@ int fl_snap_parse(const uint8_t *buf, size_t len, struct fl_snap_parsed *out, ch
 	    out->section_len[FL_SEC_CONFIG] != sizeof(struct fl_snap_config))
 		return fail(err, errlen, "snapshot has no machine config");
 	memcpy(&out->config, out->section[FL_SEC_CONFIG], sizeof(out->config));
-	if (check_config(&out->config, err, errlen) < 0)
+	if (fl_snap_check_config(&out->config, err, errlen) < 0)
 		return -EINVAL;
 	for (uint32_t t = FL_SEC_IOAPIC; t <= FL_SEC_CLOCK; t++)
 		if (!out->section[t])

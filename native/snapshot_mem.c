@@ -127,7 +127,7 @@ int fl_snap_tmp_commit(struct fl_snap_tmpfile *mem, struct fl_snap_tmpfile *stat
 
 /* ---- the memory file ---- */
 
-static int page_is_zero(const uint8_t *p)
+int fl_snap_page_is_zero(const uint8_t *p)
 {
 	const uint64_t *w = (const uint64_t *)(const void *)p;
 
@@ -215,7 +215,7 @@ int fl_snap_write_full(struct fl_vm *vm, int fd, struct fl_snap_runs *rs, char *
 				}
 				maybe = off >= data && off < hole;
 			}
-			if (maybe && !page_is_zero(vm->mem.host + page * PAGE)) {
+			if (maybe && !fl_snap_page_is_zero(vm->mem.host + page * PAGE)) {
 				if (!run_len)
 					run_start = page;
 				run_len++;
@@ -233,6 +233,59 @@ int fl_snap_write_full(struct fl_vm *vm, int fd, struct fl_snap_runs *rs, char *
 		rc = write_pages(vm, fd, rs, run_start, run_len);
 	if (rc < 0 && !err[0])
 		fl_errf(err, errlen, -rc, "writing guest memory: %s", strerror(-rc));
+	close(pmfd);
+	free(pm);
+	return rc;
+}
+
+/* Sets in bitmap the pages of RAM that may hold data, touching none of them (the pagemap
+ * test of fl_snap_write_full): a page neither present nor swapped nor backed by data in the
+ * file under RAM is zero. */
+int fl_snap_data_map(struct fl_vm *vm, uint64_t *bitmap, char *err, size_t errlen)
+{
+	uint64_t npages = vm->mem.size / PAGE;
+	uint64_t *pm = malloc(PAGEMAP_CHUNK * sizeof(uint64_t));
+	int file = vm->mem.file_fd >= 0 ? vm->mem.file_fd : vm->mem.memfd;
+	off_t data = -1, hole = -1;
+	int pmfd, rc = 0;
+
+	if (!pm)
+		return fl_errf(err, errlen, ENOMEM, "pagemap buffer");
+	pmfd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+	if (pmfd < 0) {
+		free(pm);
+		return fl_errf(err, errlen, errno, "/proc/self/pagemap: %s", strerror(errno));
+	}
+	for (uint64_t base = 0; base < npages; base += PAGEMAP_CHUNK) {
+		uint64_t n = npages - base < PAGEMAP_CHUNK ? npages - base : PAGEMAP_CHUNK;
+		uint64_t vpage = ((uintptr_t)vm->mem.host) / PAGE + base;
+
+		rc = fl_snap_read_all(pmfd, pm, n * sizeof(uint64_t), (off_t)(vpage * sizeof(uint64_t)));
+		if (rc < 0) {
+			fl_errf(err, errlen, -rc, "reading /proc/self/pagemap: %s", strerror(-rc));
+			break;
+		}
+		for (uint64_t i = 0; i < n; i++) {
+			uint64_t page = base + i;
+			off_t off = (off_t)(page * PAGE);
+			int maybe = !!(pm[i] & (PM_PRESENT | PM_SWAPPED));
+
+			if (!maybe && file >= 0) {
+				if (off >= hole) {
+					data = lseek(file, off, SEEK_DATA);
+					if (data < 0)
+						data = hole = (off_t)vm->mem.size;
+					else
+						hole = lseek(file, data, SEEK_HOLE);
+					if (hole < 0)
+						hole = (off_t)vm->mem.size;
+				}
+				maybe = off >= data && off < hole;
+			}
+			if (maybe)
+				bitmap[page / 64] |= 1ULL << (page % 64);
+		}
+	}
 	close(pmfd);
 	free(pm);
 	return rc;

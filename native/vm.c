@@ -237,12 +237,10 @@ static int require_live(struct fl_vm *vm, int want, const char *verb)
 						     : "not started");
 }
 
-int fl_vm_pause(struct fl_vm *vm)
+int fl_vm_pause_locked(struct fl_vm *vm)
 {
-	int rc;
+	int rc = require_live(vm, FL_STATE_RUNNING, "pause");
 
-	pthread_mutex_lock(&vm->api_lock);
-	rc = require_live(vm, FL_STATE_RUNNING, "pause");
 	if (rc == 0) {
 		set_state(vm, FL_STATE_PAUSED);
 		fl_vcpus_request(vm, FL_REQ_PAUSE, 1);
@@ -251,6 +249,27 @@ int fl_vm_pause(struct fl_vm *vm)
 		if (fl_vm_state(vm) == FL_STATE_STOPPED)
 			rc = fl_fail(vm, ESRCH, "machine stopped while pausing");
 	}
+	return rc;
+}
+
+int fl_vm_resume_locked(struct fl_vm *vm)
+{
+	int rc = require_live(vm, FL_STATE_PAUSED, "resume");
+
+	if (rc == 0) {
+		fl_virtio_slots_pause(vm, 0);
+		fl_vcpus_request(vm, FL_REQ_RUN, 1);
+		set_state(vm, FL_STATE_RUNNING);
+	}
+	return rc;
+}
+
+int fl_vm_pause(struct fl_vm *vm)
+{
+	int rc;
+
+	pthread_mutex_lock(&vm->api_lock);
+	rc = fl_vm_pause_locked(vm);
 	pthread_mutex_unlock(&vm->api_lock);
 	return rc;
 }
@@ -260,12 +279,7 @@ int fl_vm_resume(struct fl_vm *vm)
 	int rc;
 
 	pthread_mutex_lock(&vm->api_lock);
-	rc = require_live(vm, FL_STATE_PAUSED, "resume");
-	if (rc == 0) {
-		fl_virtio_slots_pause(vm, 0);
-		fl_vcpus_request(vm, FL_REQ_RUN, 1);
-		set_state(vm, FL_STATE_RUNNING);
-	}
+	rc = fl_vm_resume_locked(vm);
 	pthread_mutex_unlock(&vm->api_lock);
 	return rc;
 }

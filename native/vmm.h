@@ -204,6 +204,9 @@ int fl_device_blob_put(struct fl_vm *vm, uint32_t slot, const void *buf);
  * a memory file and skips the loader (the guest is in that memory). */
 int fl_vm_build(struct fl_vm *vm, const struct fl_config *cfg, int memory_fd);
 void fl_vm_unbuild(struct fl_vm *vm);
+/* fl_vm_pause/fl_vm_resume for a caller that holds api_lock (a migration). */
+int fl_vm_pause_locked(struct fl_vm *vm);
+int fl_vm_resume_locked(struct fl_vm *vm);
 
 /* x86 */
 int fl_cpuid_init(struct fl_vm *vm);

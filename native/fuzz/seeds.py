@@ -342,6 +342,47 @@ def snapshot_seeds() -> Iterable[tuple[str, bytes]]:
     yield "trailer-diff-fixcrc", b"\x03" + snap_trailer([(5, 5)])
 
 
+# ---- the live-migration stream (migrate) ----
+
+MIG_TOKEN = b"flotilla-fuzz-token-0123456789ab"
+
+
+def mig_record(kind: int, payload: bytes) -> bytes:
+    return struct.pack("<IIQ", kind, 0, len(payload)) + payload
+
+
+def mig_stream(*, debug: bool) -> bytes:
+    """A whole migration as the target reads it: hello, config, pages, the pause, state."""
+    mib = 1 << 20
+    hello = struct.pack("<QII", 0x5247494D4C544C46, 1, 1 if debug else 0) + MIG_TOKEN
+    config = struct.pack("<IIQQII", 1, 0, 64 * mib, 64 * mib, 4096, 0) + bytes(24 * 8)
+    page = bytes(range(256)) * 16
+    pages = struct.pack("<QII", 3, 2, 0) + (bytes(16) if debug else b"") + page * 2
+    return (
+        hello
+        + mig_record(1, config)
+        + mig_record(2, pages)
+        + mig_record(3, struct.pack("<QII", 10, 5, 0))
+        + mig_record(9, b"")
+        + mig_record(4, struct.pack("<Q", 12345))
+        + mig_record(5, snap_state(nvcpus=1))
+        + mig_record(6, struct.pack("<QQ", 2, 0))
+        + mig_record(7, b"")
+    )
+
+
+def migrate_seeds() -> Iterable[tuple[str, bytes]]:
+    yield "stream", b"\x00" + mig_stream(debug=False)
+    yield "stream-debug", b"\x00" + mig_stream(debug=True)
+    yield (
+        "stream-any-token",
+        b"\x01" + mig_stream(debug=False)[:16] + bytes(32) + mig_stream(debug=False)[48:],
+    )
+    replies = mig_record(16, struct.pack("<Q", 5)) + mig_record(20, b"")
+    replies += mig_record(17, struct.pack("<QQ", 0, 7)) + mig_record(18, bytes(16))
+    yield "replies", b"\x02" + replies + mig_record(19, b"wrong migration token")
+
+
 TARGETS: dict[str, Callable[[], Iterable[tuple[str, bytes]]]] = {
     "virtqueue": virtqueue_seeds,
     "image": image_seeds,
@@ -352,6 +393,7 @@ TARGETS: dict[str, Callable[[], Iterable[tuple[str, bytes]]]] = {
     "ports": ports_seeds,
     "ioapic": ioapic_seeds,
     "snapshot": snapshot_seeds,
+    "migrate": migrate_seeds,
 }
 
 

@@ -100,6 +100,8 @@ static void act_smp(u64 v)
 
 static void act_memtest(u64 mib) { mem_test(mib); }
 
+static void act_rewrite(u64 mib) { mem_rewrite(mib, COUNTER_PERIOD_US); }
+
 /* Waits (as the idle loop, taking no CPU) before the next word: a window for the host, e.g.
  * to take a snapshot before the words after it write memory. */
 static void act_sleep(u64 ms)
@@ -192,6 +194,7 @@ static const struct action actions[] = {
 	{"memtest", NEEDS_VALUE, act_memtest, NULL},
 	{"sleep", NEEDS_VALUE, act_sleep, NULL},
 	{"counter", NO_VALUE, act_counter, NULL},
+	{"rewrite", NEEDS_VALUE, act_rewrite, NULL},
 	{"hostile", NO_VALUE, act_hostile, NULL},
 	{"serialflood", NEEDS_VALUE, act_serialflood, NULL},
 	{"ioapic", NO_VALUE, act_ioapic, NULL},

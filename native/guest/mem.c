@@ -2,6 +2,8 @@
 #include "bootinfo.h"
 #include "lib.h"
 #include "print.h"
+#include "io.h"
+#include "time.h"
 
 /* Each 64-bit word holds its own address times this odd constant, so the
  * host can recompute the checksum and a misplaced page shows. */
@@ -55,4 +57,40 @@ void mem_test(u64 mib)
 	 * (after a snapshot and restore, say). */
 	next_free = base + size;
 	say("MEMTEST mib=%lu base=0x%lx checksum=0x%016lx", mib, base, sum);
+}
+
+/* A region of `mib` MiB rewritten forever, one whole pass after another (each word gets its
+ * address pattern xor the pass number, so every pass changes every page), with a COUNTER
+ * line every `period_us` between pages: a live-migration workload whose dirty rate is as
+ * high as a ring-3 loop can make it. */
+void mem_rewrite(u64 mib, u64 period_us)
+{
+	u64 size = mib * MIB;
+	u64 base = ALIGN_UP(next_free, MIB);
+	while (size && base + size <= boot.ram_top && !bootinfo_is_free_ram(base, size))
+		base += MIB;
+	if (!size || base + size > boot.ram_top) {
+		say("REWRITE mib=%lu error=no-room ram_mib=%lu", mib, (boot.ram_bytes + MIB - 1) / MIB);
+		return;
+	}
+	next_free = base + size;
+	say("REWRITE mib=%lu base=0x%lx", mib, base);
+	u64 period = time_us_to_tsc(period_us);
+	u64 n = 0, next = rdtsc();
+	for (u64 pass = 1;; pass++) {
+		for (u64 page = base; page < base + size; page += 4096) {
+			volatile u64 *w = (volatile u64 *)page;
+			for (u64 i = 0; i < 512; i++)
+				w[i] = ((page + i * 8) * MEMTEST_MUL) ^ pass;
+			u64 now = rdtsc();
+			if (now >= next) {
+				say("COUNTER %lu", n++);
+				next += period;
+				if (next < now)
+					next = now + period;
+			}
+		}
+		if (pass == 1)
+			say("REWRITE pass=1 done");
+	}
 }

@@ -13,5 +13,8 @@ u64 mem_free_base(void);
 /* Fill `mib` MiB from the first free MiB-aligned RAM with the address
  * pattern, verify it and print the MEMTEST line. */
 void mem_test(u64 mib);
+/* Rewrite `mib` MiB (after any memtest region) forever, printing COUNTER lines every
+ * period_us; never returns. */
+void mem_rewrite(u64 mib, u64 period_us);
 
 #endif

@@ -225,6 +225,86 @@ int fl_snapshot_info(const char *state_path, struct fl_snapshot_info *info, char
 int fl_snapshot_merge(const char *base_memory, const char *diff_memory, const char *out_memory,
 		      char *err, size_t errlen);
 
+/* Live migration (docs/migration.md): the source streams a running machine's RAM over a
+ * connected socket while it runs, re-sending what the guest dirties until the predicted
+ * pause fits the budget, then pauses, sends the last pages and the state, and commits once
+ * the target has loaded it all; the target then runs the guest and the source stays paused.
+ * Any failure before the commit resumes the source. A handle steers a migration from another
+ * thread (budget, bandwidth, cancel) and reports its progress. */
+#define FL_MIGRATE_DEBUG 1 /* a checksum of every page checked on arrival, and of all RAM */
+#define FL_MIGRATE_TOKEN_LEN 32
+
+enum fl_migrate_phase {
+	FL_MIGRATE_SETUP = 1,	 /* connecting, token and config */
+	FL_MIGRATE_PRECOPY = 2,	 /* guest running, memory streaming */
+	FL_MIGRATE_STOPCOPY = 3, /* guest paused, last pages and state */
+	FL_MIGRATE_COMMIT = 4,	 /* target loaded; commit sent */
+	FL_MIGRATE_DONE = 5,
+	FL_MIGRATE_FAILED = 6
+};
+
+struct fl_migrate_progress {
+	uint32_t phase;
+	uint32_t iteration;
+	uint32_t throttle_pct; /* share of each 10 ms slice the vCPUs sleep (auto-converge) */
+	uint32_t reserved;
+	uint64_t bytes_sent;
+	uint64_t pages_sent;
+	uint64_t zero_pages;	  /* pages sent as zero runs or skipped as zero */
+	uint64_t remaining_bytes; /* dirty at the last collection */
+	uint64_t dirty_rate;	  /* bytes/s the guest dirtied in the last iteration */
+	uint64_t bandwidth;	  /* bytes/s measured (without the cap's waits) */
+	uint64_t predicted_ns;	  /* predicted pause at the last check */
+	uint64_t budget_ns;
+	uint64_t elapsed_ns;
+};
+
+struct fl_migrate_result {
+	uint64_t total_ns;	   /* start to the target's RESUMED */
+	uint64_t downtime_ns;	   /* the target's measure: PAUSED marker to its vCPUs running */
+	uint64_t source_pause_ns;  /* CLOCK_MONOTONIC of the source's pause */
+	uint64_t target_resume_ns; /* the target's CLOCK_MONOTONIC once running */
+	uint64_t bytes_sent;
+	uint64_t pages_sent;
+	uint64_t zero_pages;
+	uint64_t final_pages; /* pages sent while paused */
+	uint64_t state_bytes;
+	uint64_t ram_sum;     /* debug: the RAM checksum both sides agreed on */
+	uint64_t load_ns;     /* target: loading the state */
+	uint32_t iterations;
+	uint32_t throttle_pct; /* the highest applied */
+	uint32_t committed;    /* commit sent: the source must never run again on its own */
+	uint32_t token_accepted; /* target: the peer presented the token (it is spent) */
+	uint32_t vcpus;		 /* target: the machine received */
+	uint64_t memory_mib;
+	uint8_t macs[4][6];
+};
+
+struct fl_migration;
+struct fl_migration *fl_migration_new(void); /* NULL only when out of memory */
+void fl_migration_free(struct fl_migration *m);
+const char *fl_migration_error(const struct fl_migration *m);
+void fl_migration_set_budget(struct fl_migration *m, uint64_t downtime_ns);
+void fl_migration_set_bandwidth(struct fl_migration *m, uint64_t bytes_per_s); /* 0: no cap */
+void fl_migration_cancel(struct fl_migration *m);
+void fl_migration_progress(struct fl_migration *m, struct fl_migrate_progress *out);
+
+/* Source: vm RUNNING, fd a connected stream socket (made non-blocking; the caller closes
+ * it). Returns 0 once the target runs the guest (vm stays PAUSED); -errno otherwise, with
+ * vm running again unless res->committed (then the outcome is unknown: vm stays paused). */
+int fl_migrate_send(struct fl_vm *vm, struct fl_migration *m, int fd, const uint8_t *token,
+		    uint32_t flags, uint64_t timeout_ns, struct fl_migrate_result *res);
+/* Target: vm NEW; cfg as for fl_snapshot_restore (console, disks, NICs; vcpus and
+ * memory_mib 0 or the source's). Reads the hello and checks the token before anything
+ * else. Returns 0 with vm RUNNING, or -errno with vm NEW again. */
+int fl_migrate_receive(struct fl_vm *vm, struct fl_migration *m, const struct fl_config *cfg,
+		       int fd, const uint8_t *token, uint64_t timeout_ns,
+		       struct fl_migrate_result *res);
+
+/* Target: answers a connection with an ERROR record saying why (a spent token), reading
+ * nothing from it. */
+int fl_migrate_refuse(int fd, const char *why);
+
 /* Introspection */
 int fl_memory_read(struct fl_vm *vm, uint64_t gpa, void *buf, uint64_t len);
 int fl_counters_read(struct fl_vm *vm, struct fl_counters *out);

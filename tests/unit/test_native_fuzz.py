@@ -28,6 +28,7 @@ MIN_SEED_EDGES = {
     "ports": 90,
     "ioapic": 100,
     "snapshot": 60,
+    "migrate": 70,
 }
 
 

@@ -1,0 +1,55 @@
+/*
+ * Between the live-migration engine's files: migrate_link.c (the control handle, the socket,
+ * the debug RAM checksum), migrate_source.c and migrate_target.c.
+ */
+#ifndef FL_MIGRATE_LINK_H
+#define FL_MIGRATE_LINK_H
+
+#include <pthread.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "include/flotilla.h"
+#include "migrate.h"
+
+struct fl_vm;
+
+struct fl_migration {
+	pthread_mutex_t lock;
+	struct fl_migrate_progress progress; /* under lock */
+	uint64_t budget_ns;		     /* atomic */
+	uint64_t bandwidth;		     /* atomic; 0: no cap */
+	int cancel;			     /* atomic */
+	char err[256];
+};
+
+/* A connected, non-blocking socket; every wait on it checks cancel and the deadline. */
+struct fl_mig_link {
+	int fd;
+	struct fl_migration *m;
+	uint64_t deadline; /* CLOCK_MONOTONIC ns */
+	int cancellable;
+};
+
+uint64_t fl_mig_now(void);
+/* Sets m's error string; returns -e. */
+int fl_mig_fail(struct fl_migration *m, int e, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+int fl_mig_nonblocking(int fd);
+/* 0, -ECANCELED, -ETIMEDOUT, -ECONNRESET (peer closed) or -errno. */
+int fl_mig_wait(struct fl_mig_link *l, short events);
+int fl_mig_sendv(struct fl_mig_link *l, struct iovec *iov, int n);
+int fl_mig_recv(struct fl_mig_link *l, void *buf, size_t len);
+/* fl_mig_recv that also says when the first of those bytes reached this host's kernel (with
+ * SO_TIMESTAMPNS on the socket; else when they were read), on CLOCK_MONOTONIC: a busy
+ * target's scheduling delay does not shorten the pause it measures. */
+int fl_mig_recv_stamped(struct fl_mig_link *l, void *buf, size_t len, uint64_t *at);
+int fl_mig_send_record(struct fl_mig_link *l, uint32_t type, const void *payload, uint64_t len);
+const char *fl_mig_why(int rc);
+/* Sends an ERROR with why, then lingers briefly so closing does not reset it unread. */
+void fl_mig_refuse_peer(struct fl_mig_link *l, const char *why);
+uint64_t fl_mig_popcount(const uint64_t *bm, uint64_t words);
+/* All RAM's checksum (debug mode), the same on both sides whatever backs their RAM. */
+int fl_mig_vm_ram_sum(struct fl_vm *vm, uint64_t *sum, char *err, size_t errlen);
+
+#endif

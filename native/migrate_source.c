@@ -1,0 +1,643 @@
+/*
+ * The source of a live migration (docs/migration.md): streams RAM while the guest runs,
+ * using the snapshot code's dirty log (KVM plus what the devices wrote), re-sends what was
+ * dirtied until the predicted pause fits the budget (throttling the vCPUs when it does not
+ * converge), then pauses, sends the last pages and the state in the snapshot format, and
+ * commits once the target has loaded everything.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "migrate_link.h"
+#include "vmm.h"
+
+#define PAGE FL_MIG_PAGE
+#define SLICE_NS 10000000ULL		   /* auto-converge's time slice */
+#define COMMIT_GRACE_NS 10000000000ULL /* after the commit: how long to wait for RESUMED */
+#define FIXED_OTHER_NS 500000ULL	   /* vCPU state out and in, beyond what is measured */
+#define EXTRA_ROUNDS 3		   /* throttled rounds to bring a pause that fits down */
+#define MIN_SAMPLE (1ULL << 20)	   /* bytes an iteration sends to measure bandwidth */
+
+/* ---- auto-converge: the vCPUs sleep a share of each slice ---- */
+
+struct throttle {
+	struct fl_vm *vm;
+	pthread_t thread;
+	int started;
+	int stop_fd; /* eventfd-like pipe: readable once stop is asked */
+	int wake[2];
+	uint32_t pct; /* atomic */
+	uint32_t max_pct;
+};
+
+static int nap(struct throttle *t, uint64_t ns)
+{
+	struct timespec ts = {.tv_sec = (time_t)(ns / 1000000000ULL),
+			      .tv_nsec = (long)(ns % 1000000000ULL)};
+	struct pollfd p = {.fd = t->wake[0], .events = POLLIN};
+
+	return ppoll(&p, 1, &ts, NULL) > 0; /* 1: asked to stop */
+}
+
+static void *throttle_thread(void *arg)
+{
+	struct throttle *t = arg;
+	sigset_t set;
+
+	sigfillset(&set);
+	pthread_sigmask(SIG_SETMASK, &set, NULL);
+	for (;;) {
+		uint32_t pct = __atomic_load_n(&t->pct, __ATOMIC_RELAXED);
+		if (nap(t, pct ? SLICE_NS * (100 - pct) / 100 : SLICE_NS))
+			break;
+		if (!pct)
+			continue;
+		fl_vcpus_request(t->vm, FL_REQ_PAUSE, 1);
+		int stop = nap(t, SLICE_NS * pct / 100);
+		fl_vcpus_request(t->vm, FL_REQ_RUN, 0);
+		if (stop)
+			break;
+	}
+	return NULL;
+}
+
+static int throttle_start(struct throttle *t, struct fl_vm *vm)
+{
+	memset(t, 0, sizeof(*t));
+	t->vm = vm;
+	if (pipe2(t->wake, O_CLOEXEC) < 0)
+		return -errno;
+	if (pthread_create(&t->thread, NULL, throttle_thread, t) != 0) {
+		close(t->wake[0]);
+		close(t->wake[1]);
+		return -EAGAIN;
+	}
+	t->started = 1;
+	return 0;
+}
+
+/* Ends the throttling with every vCPU asked to run again. */
+static void throttle_stop(struct throttle *t)
+{
+	if (!t->started)
+		return;
+	if (write(t->wake[1], "x", 1) < 0) {
+		/* a pipe with room: cannot fail */
+	}
+	pthread_join(t->thread, NULL);
+	close(t->wake[0]);
+	close(t->wake[1]);
+	t->started = 0;
+}
+
+static void throttle_set(struct throttle *t, uint32_t pct)
+{
+	__atomic_store_n(&t->pct, pct, __ATOMIC_RELAXED);
+	if (pct > t->max_pct)
+		t->max_pct = pct;
+}
+
+
+struct source {
+	struct fl_vm *vm;
+	struct fl_migration *m;
+	struct fl_mig_link l;
+	int debug;
+	uint64_t npages, words;
+	uint8_t *ram;
+	uint64_t *dirty; /* collected from the log, to send next */
+	uint64_t *work;	 /* being sent */
+	uint64_t bytes, pages, zero_pages;
+	uint64_t cap_t0, cap_bytes, cap_wait_ns;
+	uint8_t *bounce; /* debug: pages copied so their checksum matches what is sent */
+	uint64_t sums[FL_MIG_MAX_BATCH];
+	uint64_t last_progress;
+};
+
+static void progress_update(struct source *s, uint32_t phase, uint64_t t0)
+{
+	struct fl_migrate_progress *p = &s->m->progress;
+
+	pthread_mutex_lock(&s->m->lock);
+	if (phase)
+		p->phase = phase;
+	p->bytes_sent = s->bytes;
+	p->pages_sent = s->pages;
+	p->zero_pages = s->zero_pages;
+	p->elapsed_ns = fl_mig_now() - t0;
+	pthread_mutex_unlock(&s->m->lock);
+}
+
+/* Waits as long as the bandwidth cap asks before sending `bytes` more. */
+static int cap_wait(struct source *s, uint64_t bytes)
+{
+	uint64_t cap = __atomic_load_n(&s->m->bandwidth, __ATOMIC_RELAXED);
+
+	if (!cap) {
+		s->cap_t0 = 0;
+		return 0;
+	}
+	if (!s->cap_t0) {
+		s->cap_t0 = fl_mig_now();
+		s->cap_bytes = 0;
+	}
+	s->cap_bytes += bytes;
+	for (;;) {
+		uint64_t due = s->cap_t0 + (uint64_t)((double)s->cap_bytes * 1e9 / (double)cap);
+		uint64_t now = fl_mig_now();
+		if (now >= due)
+			return 0;
+		if (__atomic_load_n(&s->m->cancel, __ATOMIC_SEQ_CST))
+			return -ECANCELED;
+		if (now >= s->l.deadline)
+			return -ETIMEDOUT;
+		uint64_t ns = due - now < 20000000ULL ? due - now : 20000000ULL;
+		struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)ns};
+		nanosleep(&ts, NULL);
+		s->cap_wait_ns += fl_mig_now() - now;
+		/* A changed cap applies from here on, not to what was sent before. */
+		uint64_t c = __atomic_load_n(&s->m->bandwidth, __ATOMIC_RELAXED);
+		if (c != cap) {
+			s->cap_t0 = 0;
+			return cap_wait(s, 0);
+		}
+	}
+}
+
+static int send_zero(struct source *s, uint64_t first, uint64_t count)
+{
+	struct fl_mig_pages p = {.first = first, .count = (uint32_t)count};
+
+	s->zero_pages += count;
+	s->bytes += sizeof(struct fl_mig_record_header) + sizeof(p);
+	return fl_mig_send_record(&s->l, FL_MIG_ZERO, &p, sizeof(p));
+}
+
+static int send_pages(struct source *s, uint64_t first, uint64_t count, int capped)
+{
+	struct fl_mig_pages p = {.first = first, .count = (uint32_t)count};
+	uint64_t data = count * PAGE, sums = s->debug ? count * 8 : 0;
+	struct fl_mig_record_header h = {.type = FL_MIG_PAGES, .length = sizeof(p) + sums + data};
+	struct iovec iov[4] = {{&h, sizeof(h)}, {&p, sizeof(p)}};
+	int n = 2, rc;
+
+	if (capped) {
+		rc = cap_wait(s, sizeof(h) + h.length);
+		if (rc < 0)
+			return rc;
+	}
+	if (s->debug) {
+		/* The guest may write the page between summing and sending: send the copy. */
+		memcpy(s->bounce, s->ram + first * PAGE, data);
+		for (uint64_t i = 0; i < count; i++)
+			s->sums[i] = fl_mig_page_sum(s->bounce + i * PAGE);
+		iov[n++] = (struct iovec){s->sums, sums};
+		iov[n++] = (struct iovec){s->bounce, data};
+	} else {
+		iov[n++] = (struct iovec){s->ram + first * PAGE, data};
+	}
+	rc = fl_mig_sendv(&s->l, iov, n);
+	if (rc == 0) {
+		s->bytes += sizeof(h) + h.length;
+		s->pages += count;
+	}
+	return rc;
+}
+
+/* Sends pages [first, first+count): runs of data as PAGES records, runs of zero pages as
+ * ZERO records (or not at all on the first pass: the target's RAM starts zero). */
+static int send_range(struct source *s, uint64_t first, uint64_t count, int first_pass,
+		      int capped)
+{
+	uint64_t end = first + count, run = first;
+	int run_zero = -1, rc = 0;
+
+	for (uint64_t page = first; page <= end; page++) {
+		int zero = page < end ? fl_snap_page_is_zero(s->ram + page * PAGE) : -1;
+		uint64_t len = page - run;
+
+		if (run_zero >= 0 && (zero != run_zero || (!run_zero && len == FL_MIG_MAX_BATCH))) {
+			if (run_zero && first_pass)
+				s->zero_pages += len;
+			else if (run_zero)
+				rc = send_zero(s, run, len);
+			else
+				rc = send_pages(s, run, len, capped);
+			if (rc < 0)
+				return rc;
+			run = page;
+		}
+		run_zero = zero;
+	}
+	return 0;
+}
+
+static int source_check(struct source *s)
+{
+	if (fl_vm_state(s->vm) == FL_STATE_STOPPED)
+		return fl_mig_fail(s->m, ESRCH, "the guest stopped during the migration");
+	return 0;
+}
+
+static int recv_reply(struct source *s, struct fl_mig_record_header *h, void *payload,
+		      size_t len);
+
+/* The target says nothing while pages flow unless it gives up: then it sends why (an ERROR
+ * record) and closes. Seen between batches, that ends the migration at once, with its
+ * reason. */
+static int target_spoke(struct source *s)
+{
+	struct pollfd p = {.fd = s->l.fd, .events = POLLIN};
+	struct fl_mig_record_header h;
+
+	if (poll(&p, 1, 0) <= 0)
+		return 0;
+	return recv_reply(s, &h, NULL, 0) < 0 ? -EREMOTEIO : fl_mig_fail(s->m, EPROTO,
+		"the target sent record type %u mid-stream", h.type);
+}
+
+/* Sends every page set in bm, clearing nothing (the caller owns bm). */
+static int send_bitmap(struct source *s, const uint64_t *bm, int first_pass, int capped,
+		       uint64_t t0)
+{
+	uint64_t page = 0;
+
+	while (page < s->npages) {
+		uint64_t w = page / 64, bits = bm[w] & (~0ULL << (page % 64)), start;
+		while (!bits && ++w < s->words)
+			bits = bm[w];
+		if (!bits)
+			break;
+		start = w * 64 + (uint64_t)__builtin_ctzll(bits);
+		page = start;
+		while (page < s->npages && (bm[page / 64] >> (page % 64) & 1) &&
+		       page - start < 4096)
+			page++;
+		int rc = send_range(s, start, page - start, first_pass, capped);
+		if (rc == 0)
+			rc = target_spoke(s);
+		if (rc < 0)
+			return rc;
+		rc = source_check(s);
+		if (rc < 0)
+			return rc;
+		progress_update(s, 0, t0);
+	}
+	return 0;
+}
+
+
+static int recv_reply(struct source *s, struct fl_mig_record_header *h, void *payload,
+		      size_t len)
+{
+	char text[FL_MIG_MAX_ERROR + 1];
+	int rc = fl_mig_recv(&s->l, h, sizeof(*h));
+
+	if (rc < 0)
+		return rc;
+	rc = fl_mig_reply_check(h, s->m->err, sizeof(s->m->err));
+	if (rc < 0)
+		return rc;
+	if (h->type == FL_MIG_ERROR) {
+		memset(text, 0, sizeof(text));
+		rc = fl_mig_recv(&s->l, text, h->length);
+		if (rc < 0)
+			return rc;
+		for (size_t i = 0; i < h->length; i++)
+			if (text[i] < 0x20 || text[i] > 0x7e)
+				text[i] = '?';
+		return fl_mig_fail(s->m, EREMOTEIO, "the target refused: %s", text);
+	}
+	if (h->length != len)
+		return fl_mig_fail(s->m, EPROTO, "the target sent record type %u unexpectedly", h->type);
+	return fl_mig_recv(&s->l, payload, len);
+}
+
+static int expect_reply(struct source *s, uint32_t type, void *payload, size_t len)
+{
+	struct fl_mig_record_header h;
+	int rc = recv_reply(s, &h, payload, len);
+
+	if (rc == 0 && h.type != type)
+		rc = fl_mig_fail(s->m, EPROTO, "the target sent record type %u, not %u", h.type, type);
+	return rc;
+}
+
+struct plan {
+	uint64_t rtt_ns, collect_ns, bandwidth; /* bandwidth: bytes/s */
+};
+
+static uint64_t predict(const struct plan *pl, uint64_t bytes)
+{
+	uint64_t bw = pl->bandwidth ? pl->bandwidth : 100ULL << 20;
+
+	return (uint64_t)((double)bytes * 1e9 / (double)bw) + 2 * pl->rtt_ns + pl->collect_ns +
+	       FIXED_OTHER_NS;
+}
+
+/* Pre-copy until the predicted pause fits the budget; returns the pages left dirty. */
+static int precopy(struct source *s, struct throttle *t, struct plan *pl, uint64_t t0,
+		   uint32_t *iterations)
+{
+	uint64_t prev = 0;
+	uint32_t extra = 0;
+	int rc;
+
+	/* The first pass: every page that may hold data (the target's RAM starts zero). */
+	rc = fl_snap_data_map(s->vm, s->dirty, s->m->err, sizeof(s->m->err));
+	if (rc < 0)
+		return rc;
+	s->zero_pages = s->npages - fl_mig_popcount(s->dirty, s->words);
+	for (uint32_t iter = 1;; iter++) {
+		uint64_t *tmp = s->work, t1, t2, tc, sent, busy, n, predicted, budget, wait0;
+		int shrinking;
+
+		s->work = s->dirty;
+		s->dirty = tmp;
+		memset(s->dirty, 0, s->words * 8);
+		t1 = fl_mig_now();
+		sent = s->bytes;
+		wait0 = s->cap_wait_ns;
+		rc = send_bitmap(s, s->work, iter == 1, 1, t0);
+		if (rc < 0)
+			return rc;
+		tc = fl_mig_now();
+		rc = fl_snap_log_collect(s->vm, s->dirty);
+		if (rc < 0)
+			return fl_mig_fail(s->m, -rc, "dirty log: %s", s->vm->err);
+		t2 = fl_mig_now();
+		pl->collect_ns = t2 - tc;
+		sent = s->bytes - sent;
+		busy = (tc - t1) - (s->cap_wait_ns - wait0);
+		if (sent >= MIN_SAMPLE && busy)
+			pl->bandwidth = (uint64_t)((double)sent * 1e9 / (double)busy);
+		n = fl_mig_popcount(s->dirty, s->words);
+		predicted = predict(pl, n * PAGE);
+		budget = __atomic_load_n(&s->m->budget_ns, __ATOMIC_RELAXED);
+		*iterations = iter;
+		pthread_mutex_lock(&s->m->lock);
+		s->m->progress.iteration = iter;
+		s->m->progress.remaining_bytes = n * PAGE;
+		s->m->progress.dirty_rate = (uint64_t)((double)(n * PAGE) * 1e9 / (double)(t2 - t1));
+		s->m->progress.bandwidth = pl->bandwidth;
+		s->m->progress.predicted_ns = predicted;
+		s->m->progress.throttle_pct = __atomic_load_n(&t->pct, __ATOMIC_RELAXED);
+		pthread_mutex_unlock(&s->m->lock);
+		progress_update(s, 0, t0);
+		shrinking = iter == 1 || n * 4 < prev * 3;
+		/* Fits: stop once more rounds stop paying (the dirty set no longer shrinks by a
+		 * quarter) or there is next to nothing left. A pause that fits but would take
+		 * over a quarter of the budget gets up to EXTRA_ROUNDS more rounds with the
+		 * vCPUs throttled first: the budget is a ceiling, not a goal. */
+		if (predicted <= budget && n > 64 && !shrinking && predicted > budget / 4 &&
+		    extra < EXTRA_ROUNDS) {
+			extra++;
+			shrinking = 0;
+			predicted = budget + 1; /* throttle as below */
+		}
+		if (predicted <= budget && (n <= 64 || !shrinking)) {
+			/* Drain what is still queued before the pause, so the last bytes (and
+			 * the PAUSED marker the target times the pause from) go straight through. */
+			rc = fl_mig_send_record(&s->l, FL_MIG_SYNC, NULL, 0);
+			if (rc == 0)
+				rc = expect_reply(s, FL_MIG_SYNCED, NULL, 0);
+			return rc;
+		}
+		/* Does not fit and does not shrink: the guest dirties as fast as we send. */
+		if (predicted > budget && !shrinking) {
+			uint32_t pct = __atomic_load_n(&t->pct, __ATOMIC_RELAXED);
+			throttle_set(t, pct ? (pct + 10 > 99 ? 99 : pct + 10) : 20);
+		}
+		prev = n;
+	}
+}
+
+static int stopcopy(struct source *s, struct fl_migrate_result *res, uint64_t t0)
+{
+	struct fl_snap_writer w;
+	struct fl_mig_paused paused;
+	struct fl_mig_end end;
+	struct fl_mig_ready ready;
+	uint8_t id[FL_SNAP_ID_LEN];
+	uint64_t before;
+	int rc;
+
+	rc = fl_vm_pause_locked(s->vm);
+	if (rc < 0)
+		return fl_mig_fail(s->m, -rc, "pausing the source: %s", s->vm->err);
+	res->source_pause_ns = paused.source_pause_ns = fl_mig_now();
+	progress_update(s, FL_MIGRATE_STOPCOPY, t0);
+	rc = fl_mig_send_record(&s->l, FL_MIG_PAUSED, &paused, sizeof(paused));
+	if (rc < 0)
+		return rc;
+	rc = fl_snap_log_collect(s->vm, s->dirty);
+	if (rc < 0)
+		return fl_mig_fail(s->m, -rc, "dirty log: %s", s->vm->err);
+	before = s->pages + s->zero_pages;
+	rc = send_bitmap(s, s->dirty, 0, 0, t0);
+	if (rc < 0)
+		return rc;
+	res->final_pages = s->pages + s->zero_pages - before;
+	fl_snap_writer_init(&w);
+	if (getrandom(id, sizeof(id), 0) != (ssize_t)sizeof(id))
+		memset(id, 0, sizeof(id));
+	rc = fl_snap_collect_state(s->vm, &w);
+	if (rc == 0 && fl_snap_finish(&w, FL_SNAP_FULL, id, NULL) < 0)
+		rc = -ENOMEM;
+	if (rc < 0) {
+		fl_snap_writer_fini(&w);
+		return fl_mig_fail(s->m, -rc, "collecting the machine state: %s", s->vm->err);
+	}
+	res->state_bytes = w.len;
+	rc = fl_mig_send_record(&s->l, FL_MIG_STATE, w.buf, w.len);
+	s->bytes += sizeof(struct fl_mig_record_header) + w.len;
+	fl_snap_writer_fini(&w);
+	if (rc < 0)
+		return rc;
+	end.pages = s->pages;
+	end.ram_sum = 0;
+	if (s->debug && fl_mig_vm_ram_sum(s->vm, &end.ram_sum, s->m->err, sizeof(s->m->err)) < 0)
+		return -EIO;
+	rc = fl_mig_send_record(&s->l, FL_MIG_END, &end, sizeof(end));
+	if (rc < 0)
+		return rc;
+	rc = expect_reply(s, FL_MIG_READY, &ready, sizeof(ready));
+	if (rc < 0)
+		return rc;
+	res->load_ns = ready.load_ns;
+	if (s->debug && ready.ram_sum != end.ram_sum)
+		return fl_mig_fail(s->m, EIO, "the target's RAM differs from the source's (checksum "
+					"%016llx, source %016llx)",
+			     (unsigned long long)ready.ram_sum, (unsigned long long)end.ram_sum);
+	res->ram_sum = end.ram_sum;
+	return 0;
+}
+
+static int source_setup(struct source *s, const uint8_t *token, struct plan *pl)
+{
+	struct fl_mig_hello hello = {.magic = FL_MIG_MAGIC, .version = FL_MIG_VERSION};
+	struct fl_snap_config cfg;
+	struct fl_mig_ack ack;
+	struct iovec iov[1] = {{&hello, sizeof(hello)}};
+	uint64_t t = 0;
+	int rc;
+
+	hello.flags = s->debug ? FL_MIG_HELLO_DEBUG : 0;
+	memcpy(hello.token, token, FL_MIG_TOKEN_LEN);
+	rc = fl_snap_machine_config(s->vm, &cfg);
+	if (rc < 0)
+		return fl_mig_fail(s->m, -rc, "%s", s->vm->err);
+	rc = fl_mig_sendv(&s->l, iov, 1);
+	if (rc == 0) {
+		t = fl_mig_now();
+		rc = fl_mig_send_record(&s->l, FL_MIG_CONFIG, &cfg, sizeof(cfg));
+	}
+	/* A refusing target may close before taking it all: read its reason then. */
+	if (rc == 0 || rc == -EPIPE || rc == -ECONNRESET)
+		rc = expect_reply(s, FL_MIG_ACK, &ack, sizeof(ack));
+	if (rc < 0)
+		return rc;
+	t = fl_mig_now() - t;
+	pl->rtt_ns = t > ack.build_ns ? t - ack.build_ns : 0;
+	return 0;
+}
+
+int fl_migrate_send(struct fl_vm *vm, struct fl_migration *m, int fd, const uint8_t *token,
+		    uint32_t flags, uint64_t timeout_ns, struct fl_migrate_result *res)
+{
+	struct source s;
+	struct throttle t = {.started = 0};
+	struct plan pl = {0};
+	struct fl_mig_resumed resumed;
+	uint64_t t0 = fl_mig_now();
+	int paused = 0, rc;
+
+	if (!vm || !m || !token || !res || fd < 0)
+		return -EINVAL;
+	memset(res, 0, sizeof(*res));
+	memset(&s, 0, sizeof(s));
+	m->err[0] = 0;
+	pthread_mutex_lock(&m->lock);
+	memset(&m->progress, 0, sizeof(m->progress));
+	m->progress.phase = FL_MIGRATE_SETUP;
+	pthread_mutex_unlock(&m->lock);
+	if (flags & ~(uint32_t)FL_MIGRATE_DEBUG)
+		return fl_mig_fail(m, EINVAL, "unknown migration flags 0x%x", flags);
+	pthread_mutex_lock(&vm->api_lock);
+	s.vm = vm;
+	s.m = m;
+	s.debug = !!(flags & FL_MIGRATE_DEBUG);
+	s.l = (struct fl_mig_link){.fd = fd, .m = m, .deadline = t0 + timeout_ns, .cancellable = 1};
+	if (fl_vm_state(vm) != FL_STATE_RUNNING) {
+		rc = fl_mig_fail(m, EINVAL, "only a running machine migrates live");
+		goto out;
+	}
+	rc = fl_mig_nonblocking(fd);
+	if (rc < 0) {
+		rc = fl_mig_fail(m, -rc, "the migration socket: %s", strerror(-rc));
+		goto out;
+	}
+	s.ram = vm->mem.host;
+	s.npages = vm->mem.size / PAGE;
+	s.words = (s.npages + 63) / 64;
+	s.dirty = calloc(s.words, 8);
+	s.work = calloc(s.words, 8);
+	s.bounce = s.debug ? malloc((size_t)FL_MIG_MAX_BATCH * PAGE) : NULL;
+	if (!s.dirty || !s.work || (s.debug && !s.bounce)) {
+		rc = fl_mig_fail(m, ENOMEM, "migration bitmaps");
+		goto out;
+	}
+	rc = source_setup(&s, token, &pl);
+	if (rc < 0)
+		goto failed;
+	rc = fl_snap_log_start(vm);
+	if (rc < 0) {
+		rc = fl_mig_fail(m, -rc, "dirty logging: %s", vm->err);
+		goto failed;
+	}
+	rc = throttle_start(&t, vm);
+	if (rc < 0) {
+		rc = fl_mig_fail(m, -rc, "starting the throttle thread");
+		goto failed;
+	}
+	progress_update(&s, FL_MIGRATE_PRECOPY, t0);
+	rc = precopy(&s, &t, &pl, t0, &res->iterations);
+	throttle_stop(&t);
+	if (rc < 0)
+		goto failed;
+	paused = 1;
+	rc = stopcopy(&s, res, t0);
+	if (rc < 0)
+		goto failed;
+
+	/* The commit: from here the target owns the guest, whatever happens to this link. */
+	res->committed = 1;
+	progress_update(&s, FL_MIGRATE_COMMIT, t0);
+	s.l.cancellable = 0;
+	s.l.deadline = fl_mig_now() + COMMIT_GRACE_NS;
+	rc = fl_mig_send_record(&s.l, FL_MIG_COMMIT, NULL, 0);
+	if (rc == 0)
+		rc = expect_reply(&s, FL_MIG_RESUMED, &resumed, sizeof(resumed));
+	if (rc < 0) {
+		if (!m->err[0])
+			fl_mig_fail(m, -rc, "commit sent, but no word from the target (%s): the source "
+				      "stays paused; resume it only if the target is known dead",
+			      fl_mig_why(rc));
+		goto out;
+	}
+	res->target_resume_ns = resumed.resume_ns;
+	res->downtime_ns = resumed.downtime_ns;
+	res->total_ns = fl_mig_now() - t0;
+	progress_update(&s, FL_MIGRATE_DONE, t0);
+	rc = 0;
+	goto out;
+
+failed:
+	if ((rc == -EPIPE || rc == -ECONNRESET) && !m->err[0]) {
+		/* The target may have closed after saying why: read it if it is there. */
+		struct fl_mig_record_header h;
+		s.l.cancellable = 0;
+		s.l.deadline = fl_mig_now() + 200000000ULL;
+		if (recv_reply(&s, &h, NULL, 0) == -EREMOTEIO)
+			rc = -EREMOTEIO;
+		else
+			m->err[0] = 0;
+	}
+	if (!m->err[0])
+		fl_mig_fail(m, -rc, "migration %s", fl_mig_why(rc));
+	{
+		/* Tell the target why (best effort, without waiting on it). */
+		size_t n = strnlen(m->err, FL_MIG_MAX_ERROR);
+		struct fl_mig_link quick = {.fd = fd, .m = m, .deadline = fl_mig_now() + 50000000ULL};
+		fl_mig_send_record(&quick, FL_MIG_ABORT, m->err, n);
+	}
+	throttle_stop(&t);
+	if (paused && fl_vm_state(vm) == FL_STATE_PAUSED)
+		fl_vm_resume_locked(vm);
+	pthread_mutex_lock(&m->lock);
+	m->progress.phase = FL_MIGRATE_FAILED;
+	pthread_mutex_unlock(&m->lock);
+out:
+	throttle_stop(&t);
+	res->bytes_sent = s.bytes;
+	res->pages_sent = s.pages;
+	res->zero_pages = s.zero_pages;
+	res->throttle_pct = t.max_pct;
+	if (rc < 0 && !res->committed)
+		res->total_ns = fl_mig_now() - t0;
+	pthread_mutex_unlock(&vm->api_lock);
+	free(s.dirty);
+	free(s.work);
+	free(s.bounce);
+	return rc;
+}
