@@ -10,7 +10,6 @@ subscription and hands each record to the worker's sink. A VMM that dies without
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -24,7 +23,6 @@ from pathlib import Path
 
 import structlog
 
-from compute_node import vmm_client
 from compute_node.boot_sources import BootFiles
 from compute_node.driver import (
     Capabilities,
@@ -39,7 +37,16 @@ from compute_node.driver import (
 )
 from compute_node.hostinfo import kvm_kind, physical_resources
 from compute_node.net import tap
-from compute_node.vmm_proto import CONFIG_FILE, CONSOLE_LOG, JOURNAL, Journal, JournalRecord
+from compute_node.vmm import client as vmm_client
+from compute_node.vmm import protocol
+from compute_node.vmm.config import (
+    ConfigInvalid,
+    DiskConfig,
+    LaunchConfig,
+    RestoreConfig,
+    load_config,
+)
+from compute_node.vmm.frames import CONFIG_FILE, CONSOLE_LOG, JOURNAL, Journal, JournalRecord
 from protos.commands import RebootMode, ShutdownMode
 from protos.domain import DomainSpec, PowerState
 from protos.host import Resources
@@ -226,12 +233,12 @@ class KvmDriver(Driver):
             raise DomainNotRunning(domain_id)
         return watch
 
-    def _request(self, domain_id: uuid.UUID, op: str, **args: object) -> int:
-        """Send `op`; return the journal position after it, to wait for its records (the
-        largest int when the VMM is gone by then: wait for its end)."""
+    def _request(self, domain_id: uuid.UUID, request: protocol.Request) -> int:
+        """Send `request`; return the journal position after it, to wait for its records
+        (the largest int when the VMM is gone by then: wait for its end)."""
         client = self._client(domain_id)
         try:
-            client.request(op, **args)
+            client.request(request)
         except vmm_client.VmmGone:
             raise DomainNotRunning(domain_id) from None
         except vmm_client.VmmRequestError as exc:
@@ -239,7 +246,7 @@ class KvmDriver(Driver):
         except vmm_client.VmmClientError as exc:
             raise DriverError(str(exc)) from None
         try:
-            return int(client.status()["journal_n"])
+            return int(client.status().journal_n)
         except vmm_client.VmmClientError:
             return sys.maxsize  # the machine ended right after the request
 
@@ -253,6 +260,16 @@ class KvmDriver(Driver):
         paused: bool = False,
         nics: Sequence[NicTap] = (),
     ) -> RuntimeInfo:
+        return self._launch(spec, files, paused, nics, None)
+
+    def _launch(
+        self,
+        spec: DomainSpec,
+        files: BootFiles,
+        paused: bool,
+        nics: Sequence[NicTap],
+        restore: RestoreConfig | None,
+    ) -> RuntimeInfo:
         if files.kernel is None:
             raise DriverError("no kernel was opened for the domain", "invalid")
         if len(nics) != len(spec.nics):
@@ -264,7 +281,7 @@ class KvmDriver(Driver):
         # lives (a data-plane namespace, if any), and keeps it for the machine's life.
         taps = self._open_taps(nics)
         try:
-            return self._spawn(spec, files, paused, nics, taps)
+            return self._spawn(spec, files, paused=paused, nics=nics, taps=taps, restore=restore)
         finally:
             for fd in taps:
                 os.close(fd)
@@ -284,45 +301,44 @@ class KvmDriver(Driver):
         self,
         spec: DomainSpec,
         files: BootFiles,
+        *,
         paused: bool,
         nics: Sequence[NicTap],
         taps: list[int],
+        restore: RestoreConfig | None,
     ) -> RuntimeInfo:
-        assert files.kernel is not None  # checked by spawn
+        assert files.kernel is not None  # checked by _launch
         directory = self.directory(spec.uuid)
         directory.mkdir(parents=True, exist_ok=True)
-        config = {
-            "domain_id": str(spec.uuid),
-            "name": spec.name,
+        config = LaunchConfig(
+            domain_id=str(spec.uuid),
+            name=spec.name,
             # The VMM inherits the descriptors the worker opened and checked, and reads the
             # files through them (also when a policy restarts the machine).
-            "kernel": files.kernel.fd_path,
-            "initrd": files.initrd.fd_path if files.initrd else None,
-            "cmdline": spec.boot.cmdline,
+            kernel=files.kernel.fd_path,
+            initrd=files.initrd.fd_path if files.initrd else None,
+            cmdline=spec.boot.cmdline,
             # virtio-blk slots in target order; the VMM's device opens each through the
             # worker's descriptor and takes the volume's OFD lock (one writer, readers shared).
-            "disks": [
-                {"path": d.fd_path, "read_only": d.read_only, "id": d.disk_id} for d in files.disks
-            ],
-            "memory_mib": spec.memory_mib,
-            "vcpus": spec.vcpus,
-            "on_poweroff": spec.on_poweroff.value,
-            "on_reboot": spec.on_reboot.value,
-            "on_crash": spec.on_crash.value,
-            "console_ring_bytes": spec.serial.ring_kib * 1024,
-            "console_log": spec.serial.log,
-            "start_paused": paused,
-            "nics": [{"fd": fd, "mac": nic.mac} for fd, nic in zip(taps, nics, strict=True)],
+            disks=[DiskConfig(d.fd_path, d.read_only, d.disk_id) for d in files.disks],
+            memory_mib=spec.memory_mib,
+            vcpus=spec.vcpus,
+            on_poweroff=spec.on_poweroff.value,
+            on_reboot=spec.on_reboot.value,
+            on_crash=spec.on_crash.value,
+            console_ring_bytes=spec.serial.ring_kib * 1024,
+            console_log=spec.serial.log,
+            start_paused=paused,
             # Applied where the host has cgroup v2; elsewhere the VMM runs without limits and
             # says why in its status (cgroup_error).
-            "cgroup": {
+            cgroup={
                 "cpu_max": f"{spec.vcpus * CPU_PERIOD_US} {CPU_PERIOD_US}",
                 "memory_max": (spec.memory_mib + VMM_OVERHEAD_MIB) * 1024 * 1024,
             },
-        }
-        tmp = directory / f"{CONFIG_FILE}.tmp"
-        tmp.write_text(json.dumps(config))
-        tmp.replace(directory / CONFIG_FILE)
+            nics=tuple((fd, nic.mac) for fd, nic in zip(taps, nics, strict=True)),
+            restore=restore,
+        )
+        config.write(str(directory))
         before = _last_n(directory)
         try:
             pid = vmm_client.spawn(
@@ -340,7 +356,7 @@ class KvmDriver(Driver):
             watch.ended()
             return self.get_info(spec.uuid)
         try:
-            until = int(self._client(spec.uuid).status()["journal_n"])
+            until = int(self._client(spec.uuid).status().journal_n)
         except vmm_client.VmmClientError:
             until = sys.maxsize  # ended meanwhile: wait for the watch to see its end
         if not watch.wait_for(until):
@@ -379,7 +395,7 @@ class KvmDriver(Driver):
         with self._lock:
             self._watches[domain_id] = watch
         watch.start(after_n)
-        watch.wait_for(int(status["journal_n"]))
+        watch.wait_for(int(status.journal_n))
         return self.get_info(domain_id)
 
     def process_stays(self, event: GuestEvent) -> bool:
@@ -388,10 +404,11 @@ class KvmDriver(Driver):
         if event.kind is not GuestEventKind.STOPPED or event.reason != "shutdown":
             return False
         try:
-            config = json.loads((self.directory(event.domain_id) / CONFIG_FILE).read_text())
-        except (OSError, ValueError):
+            config = load_config(str(self.directory(event.domain_id) / CONFIG_FILE))
+        except ConfigInvalid:
             return False
-        return isinstance(config, dict) and config.get(f"on_{event.detail}") == "preserve"
+        policy = {"poweroff": config.on_poweroff, "reboot": config.on_reboot}
+        return policy.get(event.detail) == "preserve"
 
     def _end_kept(self, domain_id: uuid.UUID) -> None:
         """End a VMM that stays without a machine (a preserve policy) and wait until it is
@@ -403,10 +420,8 @@ class KvmDriver(Driver):
             return
         except vmm_client.VmmClientError as exc:
             raise DriverError(str(exc)) from None
-        if status["state"] != "shutoff":
-            raise DriverError(
-                f"domain {domain_id} still has a {status['state']} machine", "conflict"
-            )
+        if status.state != "shutoff":
+            raise DriverError(f"domain {domain_id} still has a {status.state} machine", "conflict")
         with self._lock:
             watch = self._watches.get(domain_id)
         try:
@@ -418,30 +433,30 @@ class KvmDriver(Driver):
         if watch is not None:
             with watch.cond:
                 watch.cond.wait_for(lambda: watch.finished, RECORD_TIMEOUT_S)
-        if not _wait_gone(status["pid"], RECORD_TIMEOUT_S):
-            raise DriverError(f"the kept VMM of {domain_id} (pid {status['pid']}) did not exit")
+        if not _wait_gone(status.pid, RECORD_TIMEOUT_S):
+            raise DriverError(f"the kept VMM of {domain_id} (pid {status.pid}) did not exit")
 
     def destroy(self, domain_id: uuid.UUID) -> None:
         watch = self._watch(domain_id)
-        self._request(domain_id, "destroy")
+        self._request(domain_id, protocol.Destroy())
         with watch.cond:
             watch.cond.wait_for(lambda: watch.finished, RECORD_TIMEOUT_S)
 
     def shutdown(self, domain_id: uuid.UUID, mode: ShutdownMode) -> None:
         self._watch(domain_id)
-        self._request(domain_id, "shutdown", mode=mode.value)
+        self._request(domain_id, protocol.Shutdown(mode.value))
 
     def reboot(self, domain_id: uuid.UUID, mode: RebootMode) -> None:
         watch = self._watch(domain_id)
-        watch.wait_for(self._request(domain_id, "reboot", mode=mode.value))
+        watch.wait_for(self._request(domain_id, protocol.Reboot(mode.value)))
 
     def pause(self, domain_id: uuid.UUID) -> None:
         watch = self._watch(domain_id)
-        watch.wait_for(self._request(domain_id, "pause"))
+        watch.wait_for(self._request(domain_id, protocol.Pause()))
 
     def resume(self, domain_id: uuid.UUID) -> None:
         watch = self._watch(domain_id)
-        watch.wait_for(self._request(domain_id, "resume"))
+        watch.wait_for(self._request(domain_id, protocol.Resume()))
 
     def get_info(self, domain_id: uuid.UUID) -> RuntimeInfo:
         try:
@@ -449,9 +464,9 @@ class KvmDriver(Driver):
         except vmm_client.VmmClientError:
             return RuntimeInfo(state=PowerState.SHUTOFF)
         return RuntimeInfo(
-            state=_STATES.get(status["state"], PowerState.NOSTATE),
-            pid=status["pid"],
-            cpu_time_ns=status["cpu_time_ns"],
+            state=_STATES.get(status.state, PowerState.NOSTATE),
+            pid=status.pid,
+            cpu_time_ns=status.cpu_time_ns,
         )
 
     def console(self, domain_id: uuid.UUID, max_bytes: int) -> tuple[bytes, bool]:
