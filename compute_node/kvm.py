@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import structlog
@@ -34,8 +34,10 @@ from compute_node.driver import (
     GuestEventKind,
     NicTap,
     RuntimeInfo,
+    SavedMachine,
 )
 from compute_node.hostinfo import kvm_kind, physical_resources
+from compute_node.kvm_state import check_state, discard_state, saved_power, write_saved
 from compute_node.net import tap
 from compute_node.vmm import client as vmm_client
 from compute_node.vmm import protocol
@@ -54,6 +56,10 @@ from protos.host import Resources
 log = structlog.get_logger("flotilla.compute.kvm")
 
 RECORD_TIMEOUT_S = 10.0
+# A save writes guest RAM (dirty pages only) at disk speed: minutes for a large guest on a
+# slow disk; a snapshot's disks are copied within this hold, else the VMM lets the guest go on.
+SAVE_TIMEOUT_S = 600.0
+SNAPSHOT_HOLD_S = 300.0
 # cgroup v2 limits per VMM: at most its vCPU count of host CPU time, and its guest RAM plus
 # room for the VMM process itself (Python, cffi, the console ring: ~14 MiB measured).
 CPU_PERIOD_US = 100_000
@@ -189,7 +195,7 @@ class KvmDriver(Driver):
     # ---- plumbing ------------------------------------------------------------------------
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(kvm=self._kind, max_vcpus=64, console_attach=True)
+        return Capabilities(kvm=self._kind, max_vcpus=64, console_attach=True, save_restore=True)
 
     def host_resources(self) -> Resources:
         return physical_resources()
@@ -261,6 +267,22 @@ class KvmDriver(Driver):
         nics: Sequence[NicTap] = (),
     ) -> RuntimeInfo:
         return self._launch(spec, files, paused, nics, None)
+
+    def restore(
+        self,
+        spec: DomainSpec,
+        files: BootFiles,
+        directory: Path,
+        *,
+        paused: bool | None = None,
+        nics: Sequence[NicTap] = (),
+        detail: str = "restored",
+    ) -> RuntimeInfo:
+        check_state(directory, spec)
+        if paused is None:
+            paused = saved_power(directory) is PowerState.PAUSED
+        restore = RestoreConfig(str(directory), paused, detail)
+        return self._launch(spec, files, paused, nics, restore)
 
     def _launch(
         self,
@@ -458,6 +480,50 @@ class KvmDriver(Driver):
         watch = self._watch(domain_id)
         watch.wait_for(self._request(domain_id, protocol.Resume()))
 
+    def save(self, domain_id: uuid.UUID, directory: Path) -> SavedMachine:
+        watch = self._watch(domain_id)
+        try:
+            saved = self._client(domain_id).save(directory, timeout=SAVE_TIMEOUT_S)
+        except vmm_client.VmmClientError as exc:
+            discard_state(directory)
+            if isinstance(exc, vmm_client.VmmGone):
+                # Killed mid-save: its watch reports the death (stopped/failed).
+                self._wait_finished(watch)
+            raise _save_error(exc, "save") from None
+        self._wait_finished(watch)  # stopped/saved delivered, the VMM gone
+        machine = SavedMachine(True, PowerState(saved.power), saved.pause_ms)
+        write_saved(directory, machine)
+        return machine
+
+    def snapshot(
+        self, domain_id: uuid.UUID, directory: Path | None, during: Callable[[], None]
+    ) -> SavedMachine:
+        self._watch(domain_id)
+        try:
+            held = self._client(domain_id).snapshot(directory, SNAPSHOT_HOLD_S)
+        except vmm_client.VmmClientError as exc:
+            discard_state(directory)
+            raise _save_error(exc, "snapshot") from None
+        try:
+            with held:
+                during()
+                saved = held.proceed()
+        except vmm_client.VmmClientError as exc:
+            discard_state(directory)
+            raise _save_error(exc, "snapshot") from None
+        except BaseException:
+            discard_state(directory)  # closing the connection let the machine go on
+            raise
+        machine = SavedMachine(directory is not None, PowerState(saved.power), saved.pause_ms)
+        if directory is not None:
+            write_saved(directory, machine)
+        return machine
+
+    @staticmethod
+    def _wait_finished(watch: _Watch) -> None:
+        with watch.cond:
+            watch.cond.wait_for(lambda: watch.finished, RECORD_TIMEOUT_S)
+
     def get_info(self, domain_id: uuid.UUID) -> RuntimeInfo:
         try:
             status = self._client(domain_id).status()
@@ -494,6 +560,14 @@ class KvmDriver(Driver):
             self._watches.clear()
         for watch in watches:
             watch.stop()
+
+
+def _save_error(exc: vmm_client.VmmClientError, what: str) -> DriverError:
+    if isinstance(exc, vmm_client.VmmRequestError):
+        return DriverError(f"{what}: {exc.message}", exc.code)
+    if isinstance(exc, vmm_client.VmmGone):
+        return DriverError(f"{what}: the VMM died before it finished; nothing was kept")
+    return DriverError(f"{what}: {exc}")
 
 
 def _named(reason: str, files: BootFiles) -> str:
