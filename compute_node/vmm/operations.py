@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from compute_node.vmm import protocol as p
 from compute_node.vmm.guest import Power
@@ -21,14 +21,19 @@ _SHUTDOWN = {"ctrl-alt-del": ShutdownMethod.CTRL_ALT_DEL, "acpi": ShutdownMethod
 HOLD_MAX_S = 600.0
 
 
-class Hold(NamedTuple):
+class Hold:
     """A snapshot's pause, waiting for its client's `Proceed` (or close, or the deadline)."""
 
-    conn: Conn
-    was: Power
-    paused_at: float
-    deadline: float
-    stats: SnapshotStats | None
+    __slots__ = ("conn", "deadline", "paused_at", "stats", "was")
+
+    def __init__(
+        self, conn: Conn, was: Power, paused_at: float, deadline: float, stats: SnapshotStats | None
+    ) -> None:
+        self.conn = conn
+        self.was = was
+        self.paused_at = paused_at
+        self.deadline = deadline
+        self.stats = stats
 
 
 class Operations:

@@ -108,3 +108,18 @@ def test_the_vmm_power_states_are_power_states() -> None:
 def test_replies_are_msgpack_maps_a_plain_client_can_read() -> None:
     body = msgpack.packb(p.encode_reply(p.Done()))
     assert msgpack.unpackb(body) == {"ok": True, "reply": "done"}
+
+
+def test_records_are_immutable_and_checked_when_made() -> None:
+    record = p.Snapshot("/srv/s")
+    assert (record.directory, record.hold_s) == ("/srv/s", 60.0)
+    with pytest.raises(AttributeError):
+        record.hold_s = 1.0  # type: ignore[misc]
+    for bad in ((), ("a", "b", "c")):
+        with pytest.raises(TypeError):
+            p.Save(*bad)
+    with pytest.raises(TypeError):
+        p.Save("a", directory="b")  # type: ignore[misc]
+    assert p.Snapshot("/srv/s") == record
+    assert hash(p.Snapshot("/srv/s")) == hash(record)
+    assert p.Save("/srv/s") != p.Snapshot("/srv/s")
