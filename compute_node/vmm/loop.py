@@ -128,6 +128,9 @@ class Loop:
 
     def _close_all(self) -> None:
         """Sends what is queued (the last reply and records) within a bound, then closes."""
+        # What the guest wrote last (before a save's pause, say) is still in the pipe: into
+        # the log with it, or a restored guest's output would follow a gap.
+        self.drain_console()
         _unlink(CONTROL_SOCKET)
         self.listener.close()
         deadline = time.monotonic() + EXIT_FLUSH_SECONDS
