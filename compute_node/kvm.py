@@ -281,7 +281,8 @@ class KvmDriver(Driver):
         check_state(directory, spec)
         if paused is None:
             paused = saved_power(directory) is PowerState.PAUSED
-        restore = RestoreConfig(str(directory), paused, detail)
+        # Absolute: the VMM resolves names from its domain dir.
+        restore = RestoreConfig(str(directory.absolute()), paused, detail)
         return self._launch(spec, files, paused, nics, restore)
 
     def _launch(

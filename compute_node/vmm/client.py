@@ -317,7 +317,9 @@ class VmmClient:
         as it was."""
         sock = _connect(self.domain_dir, timeout)
         with sock:
-            reply = self._turn(sock, FrameReader(MAX_REPLY), p.Save(os.fspath(directory)))
+            # The VMM runs in its domain dir: send the name as the caller means it.
+            where = os.path.abspath(directory)  # noqa: PTH100
+            reply = self._turn(sock, FrameReader(MAX_REPLY), p.Save(where))
         return _expect(reply, p.Saved)
 
     def snapshot(
@@ -327,7 +329,7 @@ class VmmClient:
         returns once it is written, the machine still paused, as a HeldSnapshot."""
         sock = _connect(self.domain_dir, max(self.timeout, 300.0))
         try:
-            where = None if directory is None else os.fspath(directory)
+            where = None if directory is None else os.path.abspath(directory)  # noqa: PTH100
             held = _expect(
                 self._turn(sock, FrameReader(MAX_REPLY), p.Snapshot(where, hold_s)), p.Held
             )

@@ -433,3 +433,17 @@ def test_a_paused_guest_is_saved_and_restored_paused(
     host.driver.resume(spec.uuid)
     assert host.kinds(spec.uuid)[-1] == ("resumed", "host", "")
     host.wait_console(spec.uuid, r"COUNTER \d+")
+
+
+def test_a_relative_state_directory_is_the_callers(
+    counting: tuple[Host, DomainSpec, int, int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The VMM runs in its domain dir: a relative name must still mean the caller's."""
+    host, spec, _, _ = counting
+    monkeypatch.chdir(tmp_path)
+    Path("rel").mkdir()
+    host.driver.save(spec.uuid, Path("rel"))
+    assert (tmp_path / "rel" / "state").is_file()
+    assert not (host.driver.directory(spec.uuid) / "rel").exists()
+    host.driver.restore(spec, host.boot_files(), Path("rel"))
+    host.wait_console(spec.uuid, r"COUNTER \d+")
