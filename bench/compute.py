@@ -48,7 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.figures import emit, figure
-from compute_node import vmm_client
+from compute_node.vmm import client as vmm_client
 from native import kvm_unavailable_reason, testguest
 from protos import routing
 from protos.base import Message

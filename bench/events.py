@@ -47,8 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.compute import Node, broker, call, make_spec, percentile, say
 from bench.figures import emit, figure
-from compute_node import vmm_client
-from compute_node.vmm_proto import JOURNAL
+from compute_node.vmm import client as vmm_client
+from compute_node.vmm.frames import JOURNAL
 from native import kvm_unavailable_reason, testguest
 from protos import routing
 from protos.codec import decode

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from bench.compute import broker
 from bench.figures import figure
-from compute_node.vmm_proto import CONSOLE_LOG
+from compute_node.vmm.frames import CONSOLE_LOG
 from protos import routing
 from protos.bindings import NetworkBinding, PortBinding
 from protos.commands import (

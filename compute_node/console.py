@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import structlog
 
-from compute_node import vmm_client
+from compute_node.vmm import client as vmm_client
 from protos.commands import OpenConsole
 from protos.domain import PowerState
 from protos.replies import ConsoleTicket, DomainInfo

@@ -10,7 +10,6 @@ subscription and hands each record to the worker's sink. A VMM that dies without
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -19,12 +18,11 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import structlog
 
-from compute_node import vmm_client
 from compute_node.boot_sources import BootFiles
 from compute_node.driver import (
     Capabilities,
@@ -36,10 +34,21 @@ from compute_node.driver import (
     GuestEventKind,
     NicTap,
     RuntimeInfo,
+    SavedMachine,
 )
 from compute_node.hostinfo import kvm_kind, physical_resources
+from compute_node.kvm_state import check_state, discard_state, saved_power, write_saved
 from compute_node.net import tap
-from compute_node.vmm_proto import CONFIG_FILE, CONSOLE_LOG, JOURNAL, Journal, JournalRecord
+from compute_node.vmm import client as vmm_client
+from compute_node.vmm import protocol
+from compute_node.vmm.config import (
+    ConfigInvalid,
+    DiskConfig,
+    LaunchConfig,
+    RestoreConfig,
+    load_config,
+)
+from compute_node.vmm.frames import CONFIG_FILE, CONSOLE_LOG, JOURNAL, Journal, JournalRecord
 from protos.commands import RebootMode, ShutdownMode
 from protos.domain import DomainSpec, PowerState
 from protos.host import Resources
@@ -47,6 +56,10 @@ from protos.host import Resources
 log = structlog.get_logger("flotilla.compute.kvm")
 
 RECORD_TIMEOUT_S = 10.0
+# A save writes guest RAM (dirty pages only) at disk speed: minutes for a large guest on a
+# slow disk; a snapshot's disks are copied within this hold, else the VMM lets the guest go on.
+SAVE_TIMEOUT_S = 600.0
+SNAPSHOT_HOLD_S = 300.0
 # cgroup v2 limits per VMM: at most its vCPU count of host CPU time, and its guest RAM plus
 # room for the VMM process itself (Python, cffi, the console ring: ~14 MiB measured).
 CPU_PERIOD_US = 100_000
@@ -182,7 +195,7 @@ class KvmDriver(Driver):
     # ---- plumbing ------------------------------------------------------------------------
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(kvm=self._kind, max_vcpus=64, console_attach=True)
+        return Capabilities(kvm=self._kind, max_vcpus=64, console_attach=True, save_restore=True)
 
     def host_resources(self) -> Resources:
         return physical_resources()
@@ -226,12 +239,12 @@ class KvmDriver(Driver):
             raise DomainNotRunning(domain_id)
         return watch
 
-    def _request(self, domain_id: uuid.UUID, op: str, **args: object) -> int:
-        """Send `op`; return the journal position after it, to wait for its records (the
-        largest int when the VMM is gone by then: wait for its end)."""
+    def _request(self, domain_id: uuid.UUID, request: protocol.Request) -> int:
+        """Send `request`; return the journal position after it, to wait for its records
+        (the largest int when the VMM is gone by then: wait for its end)."""
         client = self._client(domain_id)
         try:
-            client.request(op, **args)
+            client.request(request)
         except vmm_client.VmmGone:
             raise DomainNotRunning(domain_id) from None
         except vmm_client.VmmRequestError as exc:
@@ -239,7 +252,7 @@ class KvmDriver(Driver):
         except vmm_client.VmmClientError as exc:
             raise DriverError(str(exc)) from None
         try:
-            return int(client.status()["journal_n"])
+            return int(client.status().journal_n)
         except vmm_client.VmmClientError:
             return sys.maxsize  # the machine ended right after the request
 
@@ -253,6 +266,33 @@ class KvmDriver(Driver):
         paused: bool = False,
         nics: Sequence[NicTap] = (),
     ) -> RuntimeInfo:
+        return self._launch(spec, files, paused, nics, None)
+
+    def restore(
+        self,
+        spec: DomainSpec,
+        files: BootFiles,
+        directory: Path,
+        *,
+        paused: bool | None = None,
+        nics: Sequence[NicTap] = (),
+        detail: str = "restored",
+    ) -> RuntimeInfo:
+        check_state(directory, spec)
+        if paused is None:
+            paused = saved_power(directory) is PowerState.PAUSED
+        # Absolute: the VMM resolves names from its domain dir.
+        restore = RestoreConfig(str(directory.absolute()), paused, detail)
+        return self._launch(spec, files, paused, nics, restore)
+
+    def _launch(
+        self,
+        spec: DomainSpec,
+        files: BootFiles,
+        paused: bool,
+        nics: Sequence[NicTap],
+        restore: RestoreConfig | None,
+    ) -> RuntimeInfo:
         if files.kernel is None:
             raise DriverError("no kernel was opened for the domain", "invalid")
         if len(nics) != len(spec.nics):
@@ -264,7 +304,7 @@ class KvmDriver(Driver):
         # lives (a data-plane namespace, if any), and keeps it for the machine's life.
         taps = self._open_taps(nics)
         try:
-            return self._spawn(spec, files, paused, nics, taps)
+            return self._spawn(spec, files, paused=paused, nics=nics, taps=taps, restore=restore)
         finally:
             for fd in taps:
                 os.close(fd)
@@ -284,45 +324,44 @@ class KvmDriver(Driver):
         self,
         spec: DomainSpec,
         files: BootFiles,
+        *,
         paused: bool,
         nics: Sequence[NicTap],
         taps: list[int],
+        restore: RestoreConfig | None,
     ) -> RuntimeInfo:
-        assert files.kernel is not None  # checked by spawn
+        assert files.kernel is not None  # checked by _launch
         directory = self.directory(spec.uuid)
         directory.mkdir(parents=True, exist_ok=True)
-        config = {
-            "domain_id": str(spec.uuid),
-            "name": spec.name,
+        config = LaunchConfig(
+            domain_id=str(spec.uuid),
+            name=spec.name,
             # The VMM inherits the descriptors the worker opened and checked, and reads the
             # files through them (also when a policy restarts the machine).
-            "kernel": files.kernel.fd_path,
-            "initrd": files.initrd.fd_path if files.initrd else None,
-            "cmdline": spec.boot.cmdline,
+            kernel=files.kernel.fd_path,
+            initrd=files.initrd.fd_path if files.initrd else None,
+            cmdline=spec.boot.cmdline,
             # virtio-blk slots in target order; the VMM's device opens each through the
             # worker's descriptor and takes the volume's OFD lock (one writer, readers shared).
-            "disks": [
-                {"path": d.fd_path, "read_only": d.read_only, "id": d.disk_id} for d in files.disks
-            ],
-            "memory_mib": spec.memory_mib,
-            "vcpus": spec.vcpus,
-            "on_poweroff": spec.on_poweroff.value,
-            "on_reboot": spec.on_reboot.value,
-            "on_crash": spec.on_crash.value,
-            "console_ring_bytes": spec.serial.ring_kib * 1024,
-            "console_log": spec.serial.log,
-            "start_paused": paused,
-            "nics": [{"fd": fd, "mac": nic.mac} for fd, nic in zip(taps, nics, strict=True)],
+            disks=[DiskConfig(d.fd_path, d.read_only, d.disk_id) for d in files.disks],
+            memory_mib=spec.memory_mib,
+            vcpus=spec.vcpus,
+            on_poweroff=spec.on_poweroff.value,
+            on_reboot=spec.on_reboot.value,
+            on_crash=spec.on_crash.value,
+            console_ring_bytes=spec.serial.ring_kib * 1024,
+            console_log=spec.serial.log,
+            start_paused=paused,
             # Applied where the host has cgroup v2; elsewhere the VMM runs without limits and
             # says why in its status (cgroup_error).
-            "cgroup": {
+            cgroup={
                 "cpu_max": f"{spec.vcpus * CPU_PERIOD_US} {CPU_PERIOD_US}",
                 "memory_max": (spec.memory_mib + VMM_OVERHEAD_MIB) * 1024 * 1024,
             },
-        }
-        tmp = directory / f"{CONFIG_FILE}.tmp"
-        tmp.write_text(json.dumps(config))
-        tmp.replace(directory / CONFIG_FILE)
+            nics=tuple((fd, nic.mac) for fd, nic in zip(taps, nics, strict=True)),
+            restore=restore,
+        )
+        config.write(str(directory))
         before = _last_n(directory)
         try:
             pid = vmm_client.spawn(
@@ -340,7 +379,7 @@ class KvmDriver(Driver):
             watch.ended()
             return self.get_info(spec.uuid)
         try:
-            until = int(self._client(spec.uuid).status()["journal_n"])
+            until = int(self._client(spec.uuid).status().journal_n)
         except vmm_client.VmmClientError:
             until = sys.maxsize  # ended meanwhile: wait for the watch to see its end
         if not watch.wait_for(until):
@@ -379,7 +418,7 @@ class KvmDriver(Driver):
         with self._lock:
             self._watches[domain_id] = watch
         watch.start(after_n)
-        watch.wait_for(int(status["journal_n"]))
+        watch.wait_for(int(status.journal_n))
         return self.get_info(domain_id)
 
     def process_stays(self, event: GuestEvent) -> bool:
@@ -388,10 +427,11 @@ class KvmDriver(Driver):
         if event.kind is not GuestEventKind.STOPPED or event.reason != "shutdown":
             return False
         try:
-            config = json.loads((self.directory(event.domain_id) / CONFIG_FILE).read_text())
-        except (OSError, ValueError):
+            config = load_config(str(self.directory(event.domain_id) / CONFIG_FILE))
+        except ConfigInvalid:
             return False
-        return isinstance(config, dict) and config.get(f"on_{event.detail}") == "preserve"
+        policy = {"poweroff": config.on_poweroff, "reboot": config.on_reboot}
+        return policy.get(event.detail) == "preserve"
 
     def _end_kept(self, domain_id: uuid.UUID) -> None:
         """End a VMM that stays without a machine (a preserve policy) and wait until it is
@@ -403,10 +443,8 @@ class KvmDriver(Driver):
             return
         except vmm_client.VmmClientError as exc:
             raise DriverError(str(exc)) from None
-        if status["state"] != "shutoff":
-            raise DriverError(
-                f"domain {domain_id} still has a {status['state']} machine", "conflict"
-            )
+        if status.state != "shutoff":
+            raise DriverError(f"domain {domain_id} still has a {status.state} machine", "conflict")
         with self._lock:
             watch = self._watches.get(domain_id)
         try:
@@ -418,30 +456,74 @@ class KvmDriver(Driver):
         if watch is not None:
             with watch.cond:
                 watch.cond.wait_for(lambda: watch.finished, RECORD_TIMEOUT_S)
-        if not _wait_gone(status["pid"], RECORD_TIMEOUT_S):
-            raise DriverError(f"the kept VMM of {domain_id} (pid {status['pid']}) did not exit")
+        if not _wait_gone(status.pid, RECORD_TIMEOUT_S):
+            raise DriverError(f"the kept VMM of {domain_id} (pid {status.pid}) did not exit")
 
     def destroy(self, domain_id: uuid.UUID) -> None:
         watch = self._watch(domain_id)
-        self._request(domain_id, "destroy")
+        self._request(domain_id, protocol.Destroy())
         with watch.cond:
             watch.cond.wait_for(lambda: watch.finished, RECORD_TIMEOUT_S)
 
     def shutdown(self, domain_id: uuid.UUID, mode: ShutdownMode) -> None:
         self._watch(domain_id)
-        self._request(domain_id, "shutdown", mode=mode.value)
+        self._request(domain_id, protocol.Shutdown(mode.value))
 
     def reboot(self, domain_id: uuid.UUID, mode: RebootMode) -> None:
         watch = self._watch(domain_id)
-        watch.wait_for(self._request(domain_id, "reboot", mode=mode.value))
+        watch.wait_for(self._request(domain_id, protocol.Reboot(mode.value)))
 
     def pause(self, domain_id: uuid.UUID) -> None:
         watch = self._watch(domain_id)
-        watch.wait_for(self._request(domain_id, "pause"))
+        watch.wait_for(self._request(domain_id, protocol.Pause()))
 
     def resume(self, domain_id: uuid.UUID) -> None:
         watch = self._watch(domain_id)
-        watch.wait_for(self._request(domain_id, "resume"))
+        watch.wait_for(self._request(domain_id, protocol.Resume()))
+
+    def save(self, domain_id: uuid.UUID, directory: Path) -> SavedMachine:
+        watch = self._watch(domain_id)
+        try:
+            saved = self._client(domain_id).save(directory, timeout=SAVE_TIMEOUT_S)
+        except vmm_client.VmmClientError as exc:
+            discard_state(directory)
+            if isinstance(exc, vmm_client.VmmGone):
+                # Killed mid-save: its watch reports the death (stopped/failed).
+                self._wait_finished(watch)
+            raise _save_error(exc, "save") from None
+        self._wait_finished(watch)  # stopped/saved delivered, the VMM gone
+        machine = SavedMachine(True, PowerState(saved.power), saved.pause_ms)
+        write_saved(directory, machine)
+        return machine
+
+    def snapshot(
+        self, domain_id: uuid.UUID, directory: Path | None, during: Callable[[], None]
+    ) -> SavedMachine:
+        self._watch(domain_id)
+        try:
+            held = self._client(domain_id).snapshot(directory, SNAPSHOT_HOLD_S)
+        except vmm_client.VmmClientError as exc:
+            discard_state(directory)
+            raise _save_error(exc, "snapshot") from None
+        try:
+            with held:
+                during()
+                saved = held.proceed()
+        except vmm_client.VmmClientError as exc:
+            discard_state(directory)
+            raise _save_error(exc, "snapshot") from None
+        except BaseException:
+            discard_state(directory)  # closing the connection let the machine go on
+            raise
+        machine = SavedMachine(directory is not None, PowerState(saved.power), saved.pause_ms)
+        if directory is not None:
+            write_saved(directory, machine)
+        return machine
+
+    @staticmethod
+    def _wait_finished(watch: _Watch) -> None:
+        with watch.cond:
+            watch.cond.wait_for(lambda: watch.finished, RECORD_TIMEOUT_S)
 
     def get_info(self, domain_id: uuid.UUID) -> RuntimeInfo:
         try:
@@ -449,9 +531,9 @@ class KvmDriver(Driver):
         except vmm_client.VmmClientError:
             return RuntimeInfo(state=PowerState.SHUTOFF)
         return RuntimeInfo(
-            state=_STATES.get(status["state"], PowerState.NOSTATE),
-            pid=status["pid"],
-            cpu_time_ns=status["cpu_time_ns"],
+            state=_STATES.get(status.state, PowerState.NOSTATE),
+            pid=status.pid,
+            cpu_time_ns=status.cpu_time_ns,
         )
 
     def console(self, domain_id: uuid.UUID, max_bytes: int) -> tuple[bytes, bool]:
@@ -479,6 +561,14 @@ class KvmDriver(Driver):
             self._watches.clear()
         for watch in watches:
             watch.stop()
+
+
+def _save_error(exc: vmm_client.VmmClientError, what: str) -> DriverError:
+    if isinstance(exc, vmm_client.VmmRequestError):
+        return DriverError(f"{what}: {exc.message}", exc.code)
+    if isinstance(exc, vmm_client.VmmGone):
+        return DriverError(f"{what}: the VMM died before it finished; nothing was kept")
+    return DriverError(f"{what}: {exc}")
 
 
 def _named(reason: str, files: BootFiles) -> str:

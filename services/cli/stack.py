@@ -35,7 +35,7 @@ from typing import Any
 
 import httpx
 
-from compute_node import vmm_client
+from compute_node.vmm import client as vmm_client
 from protos import routing
 from services.broker import PrivateBroker, PrivateCluster
 from services.bus.nodes import blocking_nodes

@@ -206,7 +206,7 @@ class Rig:
     def stop(self) -> None:
         """End every service process by pid (computes first), then every VMM left under the
         KVM hosts' state dirs by the pid it recorded."""
-        from compute_node import vmm_client
+        from compute_node.vmm import client as vmm_client
 
         for compute in self.computes:
             compute.replica.stop()

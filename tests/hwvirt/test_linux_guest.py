@@ -31,8 +31,8 @@ from pathlib import Path
 import pytest
 
 import native
-from compute_node.vmm_client import reap, spawn, wait_exit
-from compute_node.vmm_proto import CONSOLE_LOG
+from compute_node.vmm.client import reap, spawn, wait_exit
+from compute_node.vmm.frames import CONSOLE_LOG
 from native.images import QUICK_BOOT_ARGS, ImageError, LinuxImages, fetch_images
 from native.machine import Disk, Event, EventKind, Nic
 from tests.kvm.harness import Console
@@ -412,7 +412,7 @@ def test_kernel_panic_is_a_crash(fleet: Fleet) -> None:
     type_line(d, "echo c > /proc/sysrq-trigger")
     crashed = d.wait_record("crashed", COMMAND_TIMEOUT)
     assert crashed["reason"] == "pvpanic"
-    assert d.client.status()["state"] == "crashed"  # on_crash=preserve
+    assert d.client.status().state == "crashed"  # on_crash=preserve
     assert "Kernel panic" in console_log(d)
     d.client.destroy()
     assert d.wait_exit() == 0

@@ -17,7 +17,7 @@ from pathlib import Path
 import pika
 import pytest
 
-from compute_node.vmm_client import VmmClient, read_journal
+from compute_node.vmm.client import VmmClient, read_journal
 from protos import routing
 from protos.base import Message
 from protos.codec import Envelope
@@ -569,8 +569,8 @@ def test_console_relay_attaches_with_a_one_time_ticket(
 def _kept_vmm(compute: ComputeProcess, domain_id: uuid.UUID) -> int:
     """The pid of the VMM a preserve policy kept for a shut-off domain."""
     status = VmmClient(compute.state_dir / "domains" / str(domain_id)).status()
-    assert status["state"] == "shutoff"
-    return status["pid"]
+    assert status.state == "shutoff"
+    return status.pid
 
 
 def _gone(pid: int, timeout: float = 5.0) -> bool:

@@ -23,7 +23,7 @@ from compute_node.storage import ImageStore, Pool, VolumeStore
 from compute_node.storage.locks import open_volume
 from compute_node.storage_sources import StorageSources
 from compute_node.store import Store
-from compute_node.vmm_client import VmmSpawnError, spawn
+from compute_node.vmm.client import VmmSpawnError, spawn
 from protos.base import Message
 from protos.bindings import DiskBinding, ImageRef
 from protos.codec import Envelope

@@ -22,7 +22,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from compute_node.vmm_client import (
+from compute_node.vmm.client import (
     JournalRecord,
     VmmClient,
     VmmGone,
@@ -33,6 +33,7 @@ from compute_node.vmm_client import (
     spawn,
     wait_exit,
 )
+from compute_node.vmm.protocol import StatusReply
 
 READY = "flotilla-guest: READY vcpus=1 memory_mib=32"
 
@@ -126,11 +127,11 @@ def start_vmm(kvm: None, test_guest: Path, tmp_path: Path) -> Iterator[Callable[
 def test_spawn_answers_status_and_boots(start_vmm: Callable[..., Domain]) -> None:
     d = start_vmm()
     status = d.client.status()
-    assert status["ok"] is True
-    assert status["state"] == "running"
-    assert status["pid"] == d.pid
-    assert status["journal_n"] == 1
-    assert status["started_at"] > 0
+    assert isinstance(status, StatusReply)
+    assert status.state == "running"
+    assert status.pid == d.pid
+    assert status.journal_n == 1
+    assert status.started_at > 0
     assert (d.path / "vmm.pid").read_text().strip() == str(d.pid)
     assert (d.path / "control.sock").stat().st_mode & 0o777 == 0o600
     d.wait_console(READY)
@@ -144,11 +145,11 @@ def test_spawn_answers_status_and_boots(start_vmm: Callable[..., Domain]) -> Non
 def test_pause_and_resume_are_journaled_once(start_vmm: Callable[..., Domain]) -> None:
     d = start_vmm()
     d.client.pause()
-    assert d.client.status()["state"] == "paused"
+    assert d.client.status().state == "paused"
     d.client.pause()  # a no-op: no second record
     d.client.resume()
     d.client.resume()
-    assert d.client.status()["state"] == "running"
+    assert d.client.status().state == "running"
     assert [k for k, _, _ in d.kinds()] == ["started", "paused", "resumed"]
 
 
@@ -182,11 +183,11 @@ def test_host_shutdown_with_preserve_keeps_the_vmm(start_vmm: Callable[..., Doma
     # The power button is pressed, but the test guest has no ACPI interpreter to notice it.
     d.client.shutdown("acpi")
     time.sleep(0.2)
-    assert d.client.status()["state"] == "running"
+    assert d.client.status().state == "running"
     d.client.shutdown("ctrl-alt-del")
     d.wait_record("stopped")
     assert d.kinds()[1:] == [("shutdown", "acpi_s5", "host"), ("stopped", "shutdown", "poweroff")]
-    assert d.client.status()["state"] == "shutoff"
+    assert d.client.status().state == "shutoff"
     with pytest.raises(VmmRequestError) as info:
         d.client.pause()
     assert info.value.code == "state"
@@ -197,7 +198,7 @@ def test_host_shutdown_with_preserve_keeps_the_vmm(start_vmm: Callable[..., Doma
 
 def test_start_paused_runs_nothing_until_resumed(start_vmm: Callable[..., Domain]) -> None:
     d = start_vmm(start_paused=True)
-    assert d.client.status()["state"] == "paused"
+    assert d.client.status().state == "paused"
     time.sleep(0.1)
     assert d.console_text() == ""
     d.client.resume()
@@ -221,7 +222,7 @@ def test_ctrl_alt_del_reboot_of_a_guest_that_powers_off(
     d.client.reboot("ctrl-alt-del")
     d.wait_console(READY, count=2)
     assert d.kinds()[1] == ("rebooted", "host", "guest powered off (acpi_s5)")
-    assert d.client.status()["state"] == "running"
+    assert d.client.status().state == "running"
 
 
 def test_guest_reboot_restarts_in_process(start_vmm: Callable[..., Domain]) -> None:
@@ -230,7 +231,7 @@ def test_guest_reboot_restarts_in_process(start_vmm: Callable[..., Domain]) -> N
     rebooted = d.wait_record("rebooted")
     assert rebooted["reason"] == "i8042_reset"
     assert rebooted["detail"] == "guest"
-    assert d.client.status()["pid"] == d.pid
+    assert d.client.status().pid == d.pid
     d.client.destroy()
     assert d.wait_exit() == 0
 
@@ -250,7 +251,7 @@ def test_panic_with_restart_policy(start_vmm: Callable[..., Domain]) -> None:
 def test_panic_with_preserve_policy_keeps_it_crashed(start_vmm: Callable[..., Domain]) -> None:
     d = start_vmm("ready panic", on_crash="preserve")
     d.wait_record("crashed")
-    assert d.client.status()["state"] == "crashed"
+    assert d.client.status().state == "crashed"
     with pytest.raises(VmmRequestError):
         d.client.resume()
     d.client.destroy()
@@ -294,7 +295,7 @@ def test_journal_n_continues_across_restarts(start_vmm: Callable[..., Domain]) -
         (3, "stopped"),
         (4, "started"),
     ]
-    assert again.client.status()["journal_n"] == 4
+    assert again.client.status().journal_n == 4
     with again.client.subscribe(3) as sub:
         record = sub.next_record(5.0)
         assert record is not None
@@ -366,7 +367,7 @@ def test_bad_frames_do_not_hurt_the_vmm(start_vmm: Callable[..., Domain]) -> Non
         assert reply["state"] == "running"
     with _raw(d) as s:  # half a frame, then gone
         s.sendall(struct.pack(">I", 100) + b"\x81")
-    assert d.client.status()["state"] == "running"
+    assert d.client.status().state == "running"
     assert reap(d.pid) is None
 
 

@@ -8,8 +8,8 @@ import uuid
 from pathlib import Path
 
 from compute_node.kvm import KvmDriver, _Watch
-from compute_node.vmm_client import VmmSubscription
-from compute_node.vmm_proto import FrameReader
+from compute_node.vmm.client import VmmSubscription
+from compute_node.vmm.frames import FrameReader
 
 
 def test_stopping_a_watch_whose_subscription_is_closed_is_quiet(tmp_path: Path) -> None:

@@ -9,7 +9,13 @@ from typing import Any
 
 import pytest
 
-from compute_node.vmm_config import ConfigInvalid, load_config
+from compute_node.vmm.config import (
+    ConfigInvalid,
+    DiskConfig,
+    LaunchConfig,
+    RestoreConfig,
+    load_config,
+)
 
 BASE = {"domain_id": "d1", "name": "d1", "kernel": "/proc/self/fd/3", "memory_mib": 64}
 
@@ -42,3 +48,42 @@ def test_nics_are_read_in_order(tmp_path: Path) -> None:
 def test_a_malformed_nic_is_refused_with_the_reason(tmp_path: Path, nics: Any) -> None:
     with pytest.raises(ConfigInvalid, match=r"nics|NIC"):
         load_config(write(tmp_path, nics=nics))
+
+
+def test_the_writer_and_the_vmm_share_one_launch_config(tmp_path: Path) -> None:
+    written = LaunchConfig(
+        domain_id="d1",
+        name="web",
+        kernel="/proc/self/fd/3",
+        initrd=None,
+        cmdline="ready",
+        disks=[DiskConfig("/proc/self/fd/4", True, "vol-1")],
+        memory_mib=64,
+        vcpus=2,
+        on_poweroff="destroy",
+        on_reboot="restart",
+        on_crash="preserve",
+        console_ring_bytes=65536,
+        console_log=True,
+        start_paused=True,
+        cgroup={"cpu_max": "200000 100000"},
+        nics=((7, "52:54:00:00:00:01"),),
+        restore=RestoreConfig("/srv/state/d1", True, "from_snapshot"),
+    )
+    written.write(str(tmp_path))
+    assert load_config(str(tmp_path / "vmm.json")) == written
+    assert not (tmp_path / "vmm.json.tmp").exists()
+
+
+@pytest.mark.parametrize(
+    "restore",
+    [
+        "/srv/state",
+        {"directory": "", "paused": False, "detail": "restored"},
+        {"directory": "/s", "paused": "no", "detail": "restored"},
+        {"directory": "/s", "paused": False, "detail": "booted"},
+    ],
+)
+def test_a_malformed_restore_is_refused(tmp_path: Path, restore: Any) -> None:
+    with pytest.raises(ConfigInvalid, match="restore"):
+        load_config(write(tmp_path, restore=restore))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from compute_node.vmm_client import end
+from compute_node.vmm.client import end
 
 
 @pytest.fixture

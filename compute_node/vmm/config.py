@@ -1,6 +1,8 @@
 """The VMM process's launch config (`vmm.json`) and its optional cgroup v2 limits.
 
-Standard library only: imported by `compute_node.vmm` at every guest start.
+`LaunchConfig` is the one type both sides use: the worker (compute_node/kvm.py) builds one and
+`write`s it, the VMM `load_config`s it back and checks it. Standard library only: imported by
+`compute_node.vmm` at every guest start.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import json
 import os
 from typing import Any, NamedTuple
 
-from compute_node.vmm_proto import CONFIG_FILE
+from compute_node.vmm.frames import CONFIG_FILE
 
 POLICIES = ("destroy", "restart", "preserve")
 RING_MIN = 4 * 1024
@@ -27,7 +29,15 @@ class DiskConfig(NamedTuple):
     id: str  # virtio-blk GET_ID, at most 20 bytes
 
 
-class VmmConfig(NamedTuple):
+class RestoreConfig(NamedTuple):
+    """Start from a saved state instead of booting (docs/vmm.md, "Save, snapshot, restore")."""
+
+    directory: str  # holds `state` and `memory` (native.Machine.save); stays while it runs
+    paused: bool  # stay paused after the restore (journal `paused`, reason start_paused)
+    detail: str  # the `started` record's detail: restored | from_snapshot
+
+
+class LaunchConfig(NamedTuple):
     domain_id: str
     name: str
     kernel: str
@@ -45,9 +55,21 @@ class VmmConfig(NamedTuple):
     cgroup: dict[str, Any] | None
     # (inherited tap fd, guest MAC) per NIC, in order
     nics: tuple[tuple[int, str], ...] = ()
+    restore: RestoreConfig | None = None
+
+    def write(self, directory: str) -> None:
+        """Writes `<directory>/vmm.json` atomically (a temporary file renamed over it)."""
+        doc = self._asdict()
+        doc["disks"] = [d._asdict() for d in self.disks]
+        doc["nics"] = [{"fd": fd, "mac": mac} for fd, mac in self.nics]
+        doc["restore"] = None if self.restore is None else self.restore._asdict()
+        path = os.path.join(directory, CONFIG_FILE)  # noqa: PTH118
+        with open(path + ".tmp", "w") as f:  # noqa: PTH123
+            f.write(json.dumps(doc))
+        os.replace(path + ".tmp", path)  # noqa: PTH105 (pathlib costs the VMM import time)
 
 
-def load_config(path: str) -> VmmConfig:
+def load_config(path: str) -> LaunchConfig:
     """Parses and checks vmm.json; raises ConfigInvalid with the reason."""
     try:
         with open(path, "rb") as f:  # noqa: PTH123
@@ -90,7 +112,7 @@ def load_config(path: str) -> VmmConfig:
         if not isinstance(fd, int) or isinstance(fd, bool) or fd < 3 or not isinstance(mac, str):
             raise ConfigInvalid(f"{CONFIG_FILE}: each NIC needs an inherited fd and a mac")
         nics.append((fd, mac))
-    return VmmConfig(
+    return LaunchConfig(
         domain_id=domain_id,
         name=field("name", str),
         kernel=field("kernel", str),
@@ -107,7 +129,24 @@ def load_config(path: str) -> VmmConfig:
         start_paused=field("start_paused", bool, False),
         cgroup=cgroup,
         nics=tuple(nics),
+        restore=_restore(field("restore", (dict, type(None)), None)),
     )
+
+
+def _restore(raw: dict[str, Any] | None) -> RestoreConfig | None:
+    if raw is None:
+        return None
+    directory, paused, detail = raw.get("directory"), raw.get("paused"), raw.get("detail")
+    if (
+        not isinstance(directory, str)
+        or not directory
+        or not isinstance(paused, bool)
+        or detail not in ("restored", "from_snapshot")
+    ):
+        raise ConfigInvalid(
+            f"{CONFIG_FILE}: restore is {{directory, paused, detail: restored|from_snapshot}}"
+        )
+    return RestoreConfig(directory, paused, detail)
 
 
 def _disk(raw: Any) -> DiskConfig:

@@ -2,7 +2,8 @@
 
 `spawn()` starts one for a prepared domain dir, `VmmClient` talks to it over
 `<domain-dir>/control.sock`, `read_journal()` reads its journal with or without it running.
-Standard library and msgpack only.
+Requests and replies are the typed records of `compute_node.vmm.protocol`. Standard library
+and msgpack only.
 
 Errors: `VmmGone` (no VMM answers: socket absent, refused, or closed before a reply),
 `VmmRequestError` (the VMM refused the request: `code`, `message`), `VmmSpawnError` (it did
@@ -24,9 +25,10 @@ import threading
 import time
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, NamedTuple, TypedDict, cast
+from typing import Any, TypeVar, cast
 
-from compute_node.vmm_proto import (
+from compute_node.vmm import protocol as p
+from compute_node.vmm.frames import (
     CONTROL_SOCKET,
     JOURNAL,
     MAX_REPLY,
@@ -38,9 +40,10 @@ from compute_node.vmm_proto import (
     pack_frame,
     read_journal,
 )
+from compute_node.vmm.protocol import ControlError
 
 __all__ = [
-    "ConsoleSnapshot",
+    "HeldSnapshot",
     "JournalRecord",
     "VmmClient",
     "VmmClientError",
@@ -48,7 +51,6 @@ __all__ = [
     "VmmProtocolError",
     "VmmRequestError",
     "VmmSpawnError",
-    "VmmStatus",
     "VmmSubscription",
     "end",
     "read_journal",
@@ -59,7 +61,9 @@ __all__ = [
 
 SPAWN_TIMEOUT = 10.0
 # The package's parent directory: `-m compute_node.vmm` run from there finds it under -S.
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # noqa: PTH100, PTH120
+_PACKAGE_ROOT = os.path.dirname(  # noqa: PTH120
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # noqa: PTH100, PTH120
+)
 
 
 _children: dict[int, subprocess.Popen[bytes]] = {}
@@ -79,40 +83,21 @@ class VmmProtocolError(VmmClientError):
     """The VMM sent a frame that cannot be read."""
 
 
-class VmmRequestError(VmmClientError):
-    """The VMM refused a request. `code`: state, busy, unsupported, bad_request, ..."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+class VmmRequestError(VmmClientError, ControlError):
+    """The VMM refused a request: the protocol's one error type (`code`: state, busy,
+    unsupported, bad_request, no_space, invalid, ...; `message`)."""
 
 
 class VmmSpawnError(VmmClientError):
     """The VMM process did not come up; `reason` says why (its `failed` record, exit, log);
-    `code` is `invalid` when the machine's config was unusable (no kernel image),
-    `conflict` when a disk is locked by another writer, else `spawn_failed`."""
+    `code` is `invalid` when the machine's config was unusable (no kernel image, a saved
+    state that is damaged or of another machine), `conflict` when a disk is locked by another
+    writer, else `spawn_failed`."""
 
     def __init__(self, reason: str, code: str = "spawn_failed") -> None:
         super().__init__(reason)
         self.reason = reason
         self.code = code
-
-
-class VmmStatus(TypedDict):
-    ok: bool
-    state: str  # running | paused | shutoff | crashed
-    pid: int
-    cpu_time_ns: int
-    journal_n: int
-    started_at: float
-    cgroup: str | None
-    cgroup_error: str | None
-
-
-class ConsoleSnapshot(NamedTuple):
-    data: bytes
-    truncated: bool  # older output than `data` existed and is gone from the ring
 
 
 def _connect(domain_dir: str, timeout: float) -> socket.socket:
@@ -156,10 +141,13 @@ def _recv_frame(sock: socket.socket, reader: FrameReader) -> dict[str, Any] | No
         reader.feed(data)
 
 
-def _check(reply: dict[str, Any]) -> dict[str, Any]:
-    if reply.get("ok") is True:
-        return reply
-    raise VmmRequestError(str(reply.get("code", "error")), str(reply.get("error", reply)))
+R = TypeVar("R", bound=p.Reply)
+
+
+def _expect(reply: p.Reply, kind: type[R]) -> R:
+    if not isinstance(reply, kind):
+        raise VmmProtocolError(f"expected a {kind.__name__} reply, got {reply!r:.200}")
+    return reply
 
 
 class VmmSubscription:
@@ -224,6 +212,39 @@ class VmmSubscription:
         self.close()
 
 
+class HeldSnapshot:
+    """A snapshot the VMM holds paused (`held`: what it wrote) until `proceed()` (the machine
+    goes on; returns the `Saved` record with the whole pause) or `close()` without it (the
+    machine goes on too, and the snapshot counts as failed). The VMM lets it go on by itself
+    when `hold_s` passes; `proceed()` then raises VmmRequestError(`state`)."""
+
+    def __init__(self, client: VmmClient, sock: socket.socket, held: p.Held) -> None:
+        self._client = client
+        self._sock = sock
+        self.held = held
+
+    def proceed(self) -> p.Saved:
+        try:
+            reply = self._client._turn(self._sock, FrameReader(MAX_REPLY), p.Proceed())
+        finally:
+            self._sock.close()
+        return _expect(reply, p.Saved)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> HeldSnapshot:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 class VmmClient:
     """Requests to the VMM of one domain dir; each call is one short connection.
 
@@ -234,63 +255,95 @@ class VmmClient:
         self.domain_dir = os.fspath(domain_dir)
         self.timeout = timeout
 
-    def request(self, op: str, **args: Any) -> dict[str, Any]:
-        """Sends {"op": op, **args}; returns the ok reply."""
+    def request(self, request: p.Request) -> p.Reply:
+        """Sends one request record; returns its reply record."""
         sock = _connect(self.domain_dir, self.timeout)
         with sock:
-            return self._turn(sock, FrameReader(MAX_REPLY), {"op": op, **args})
+            return self._turn(sock, FrameReader(MAX_REPLY), request)
 
-    def _turn(
-        self, sock: socket.socket, reader: FrameReader, request: dict[str, Any]
-    ) -> dict[str, Any]:
+    def _turn(self, sock: socket.socket, reader: FrameReader, request: p.Request) -> p.Reply:
+        name = type(request).__name__.lower()
         try:
-            sock.sendall(pack_frame(request))
-            reply = _recv_frame(sock, reader)
+            sock.sendall(pack_frame(p.encode_request(request)))
+            frame = _recv_frame(sock, reader)
         except (ConnectionResetError, BrokenPipeError) as exc:
-            raise VmmGone(f"the VMM went away during {request['op']}: {exc}") from exc
+            raise VmmGone(f"the VMM went away during {name}: {exc}") from exc
         except TimeoutError as exc:
-            raise VmmClientError(f"{request['op']}: no reply within {self.timeout} s") from exc
+            raise VmmClientError(f"{name}: no reply within {self.timeout} s") from exc
         except OSError as exc:
-            raise VmmClientError(f"{request['op']}: {exc}") from exc
-        if reply is None:
-            raise VmmGone(f"the VMM closed the connection before answering {request['op']}")
-        return _check(reply)
+            raise VmmClientError(f"{name}: {exc}") from exc
+        if frame is None:
+            raise VmmGone(f"the VMM closed the connection before answering {name}")
+        try:
+            return p.decode_reply(frame)
+        except ControlError as exc:
+            if exc.code == "bad_frame":
+                raise VmmProtocolError(exc.message) from None
+            raise VmmRequestError(exc.code, exc.message) from None
 
-    def status(self) -> VmmStatus:
-        return cast(VmmStatus, self.request("status"))
+    def _done(self, request: p.Request) -> None:
+        _expect(self.request(request), p.Done)
+
+    def status(self) -> p.StatusReply:
+        return _expect(self.request(p.Status()), p.StatusReply)
 
     def pause(self) -> None:
-        self.request("pause")
+        self._done(p.Pause())
 
     def resume(self) -> None:
-        self.request("resume")
+        self._done(p.Resume())
 
     def shutdown(self, mode: str = "ctrl-alt-del") -> None:
         """Asks the guest to power off; its `shutdown`/`stopped` records follow."""
-        self.request("shutdown", mode=mode)
+        self._done(p.Shutdown(mode))
 
     def destroy(self) -> None:
         """Hard stop; the VMM journals `stopped` (destroyed), replies, then exits 0."""
-        self.request("destroy")
+        self._done(p.Destroy())
 
     def reboot(self, mode: str = "reset") -> None:
-        self.request("reboot", mode=mode)
+        self._done(p.Reboot(mode))
 
     def stats(self) -> dict[str, Any]:
-        reply = self.request("stats")
-        reply.pop("ok", None)
-        return reply
+        return _expect(self.request(p.Stats()), p.StatsReply).counters
 
-    def console(self, max_bytes: int = 65536) -> ConsoleSnapshot:
-        reply = self.request("console", max_bytes=max_bytes)
-        return ConsoleSnapshot(bytes(reply["data"]), bool(reply["truncated"]))
+    def console(self, max_bytes: int = 65536) -> p.ConsoleReply:
+        reply = _expect(self.request(p.Console(max_bytes)), p.ConsoleReply)
+        return p.ConsoleReply(bytes(reply.data), bool(reply.truncated))
+
+    def save(self, directory: str | os.PathLike[str], timeout: float = 300.0) -> p.Saved:
+        """Pause, write the machine into `directory`, end it (`stopped`/saved journaled,
+        then the VMM exits 0). On a refusal (`no_space`, `state`, ...) the machine goes on
+        as it was."""
+        sock = _connect(self.domain_dir, timeout)
+        with sock:
+            # The VMM runs in its domain dir: send the name as the caller means it.
+            where = os.path.abspath(directory)  # noqa: PTH100
+            reply = self._turn(sock, FrameReader(MAX_REPLY), p.Save(where))
+        return _expect(reply, p.Saved)
+
+    def snapshot(
+        self, directory: str | os.PathLike[str] | None, hold_s: float = 60.0
+    ) -> HeldSnapshot:
+        """Pause and write the machine into `directory` (None: nothing, for disks only);
+        returns once it is written, the machine still paused, as a HeldSnapshot."""
+        sock = _connect(self.domain_dir, max(self.timeout, 300.0))
+        try:
+            where = None if directory is None else os.path.abspath(directory)  # noqa: PTH100
+            held = _expect(
+                self._turn(sock, FrameReader(MAX_REPLY), p.Snapshot(where, hold_s)), p.Held
+            )
+        except BaseException:
+            sock.close()
+            raise
+        return HeldSnapshot(self, sock, held)
 
     def subscribe(self, from_n: int = 0) -> VmmSubscription:
         """Every record with n > from_n: those on disk first, then live ones."""
         sock = _connect(self.domain_dir, self.timeout)
         reader = FrameReader(MAX_REPLY)
         try:
-            self._turn(sock, reader, {"op": "subscribe", "from_n": from_n})
+            self._turn(sock, reader, p.Subscribe(from_n))
         except BaseException:
             sock.close()
             raise
@@ -305,7 +358,7 @@ class VmmClient:
         sock = _connect(self.domain_dir, self.timeout)
         reader = FrameReader(MAX_REPLY)
         try:
-            self._turn(sock, reader, {"op": "attach"})
+            self._turn(sock, reader, p.Attach())
         except BaseException:
             sock.close()
             raise
@@ -386,7 +439,7 @@ def spawn(
                 f"{_log_tail(domain_dir) or 'no log'}"
             )
         with contextlib.suppress(VmmClientError):
-            if client.status()["pid"] == pid:
+            if client.status().pid == pid:
                 return pid
         if time.monotonic() > deadline:
             _kill(pid)
