@@ -41,6 +41,7 @@ import pika.frame
 import pika.spec
 import structlog
 
+from services.bus.batching import BatchingConnection
 from services.bus.confirm import Confirmation
 from services.bus.errors import ConnectionLost, NoRouteError, PublishNacked
 from services.bus.nodes import NodeList
@@ -116,7 +117,7 @@ class Link:
         self.disconnect_listeners: list[Callable[[], None]] = []
 
         # Owned by the I/O thread.
-        self._conn: pika.SelectConnection | None = None
+        self._conn: BatchingConnection | None = None
         self._pub: pika.channel.Channel | None = None
         self._plain: pika.channel.Channel | None = None
         self._generation = 0
@@ -289,11 +290,18 @@ class Link:
         with self._lock:
             self._wake_pending = False
             ops, self._ops = self._ops, collections.deque()
-        for op in ops:
-            try:
-                op()
-            except Exception:
-                log.exception("bus operation failed")
+        conn = self._conn
+        if conn is not None:
+            conn.begin_batch()  # the frames of all these operations go out in one write
+        try:
+            for op in ops:
+                try:
+                    op()
+                except Exception:
+                    log.exception("bus operation failed")
+        finally:
+            if conn is not None:
+                conn.flush_batch()
 
     # ---- the I/O thread ------------------------------------------------------------------------
 
@@ -315,7 +323,7 @@ class Link:
                 else:
                     log.warning("broker node unreachable, trying the next", error=str(exc))
                 continue
-            conn = pika.SelectConnection(
+            conn = BatchingConnection(
                 params,
                 on_open_callback=self._on_open,
                 on_open_error_callback=self._on_open_error,

@@ -300,6 +300,41 @@ def test_one_event_fans_out_to_subscribers_with_different_patterns(make_bus: Mak
         sub.close()
 
 
+def test_a_burst_of_async_publishes_arrives_whole_and_in_order(make_bus: MakeBus) -> None:
+    # The link writes the frames of many publishes as one buffer (services.bus.batching):
+    # every message must still arrive intact, in order, each with its own properties.
+    publisher, subscriber = make_bus("compute:burst"), make_bus("burst-watcher")
+    domain_id = uuid.uuid4()
+    count = 3000
+    got: list[tuple[int, str, str]] = []
+    done = threading.Event()
+
+    def handler(env: Envelope, event: Message) -> None:
+        assert isinstance(event, DomainStarted)
+        got.append((event.seq, event.name, env.id))
+        if len(got) == count:
+            done.set()
+
+    sub = subscriber.subscribe([f"domain.started.{domain_id}"], handler, prefetch=500)
+    sent = []
+    for seq in range(1, count + 1):
+        event = DomainStarted(
+            domain_id=domain_id,
+            name=f"d-{seq}-" + "x" * (seq % 300),
+            host="n1",
+            seq=seq,
+            state=PowerState.RUNNING,
+            detail=StartedDetail.BOOTED,
+        )
+        future, message_id = publisher.publish_event_async(event)
+        sent.append((future, (seq, event.name, message_id)))
+    for future, _ in sent:
+        future.result(30)
+    assert done.wait(30), len(got)
+    assert got == [expected for _, expected in sent]
+    sub.close()
+
+
 def test_sigterm_finishes_the_command_under_way_then_exits(
     make_bus: MakeBus, amqp_url: str
 ) -> None:
