@@ -33,6 +33,7 @@ from services.bus import (
     caused_by,
     handles,
 )
+from services.bus.topology import declare
 from tests.brokers import BrokerHandle, find_dead_letter
 from tests.integration.conftest import MakeBus
 
@@ -162,6 +163,36 @@ def test_poison_message_is_dead_lettered_and_next_is_served(
     props, body = find_dead_letter(amqp_url, lambda _p, b: b.endswith(marker))
     assert "not msgpack" in props.headers["x-flotilla-reason"]
     assert props.headers["x-flotilla-queue"] == queue
+    assert body == b"\xc1" + marker
+
+
+def test_a_dead_letter_channel_the_broker_closed_is_replaced_and_the_worker_goes_on(
+    served: tuple[Bus, InfoService, str], amqp_url: str
+) -> None:
+    client, _, queue = served
+    marker = f"poison-{uuid.uuid4()}".encode()
+    params = pika.URLParameters(amqp_url)
+    conn = pika.BlockingConnection(params)
+    try:
+        ch = conn.channel()
+        # Without its exchange, the broker closes the channel a dead letter is published on
+        # (404): the worker's dead-letter channel dies while dead-lettering this message.
+        ch.exchange_delete(routing.DEAD_EXCHANGE)
+        ch.basic_publish(
+            routing.COMMANDS_EXCHANGE,
+            queue,
+            b"\xc1" + marker,
+            pika.BasicProperties(content_type="application/msgpack"),
+        )
+        time.sleep(1.0)  # the worker tries (and fails) at least once
+    finally:
+        declare(params, [])  # the exchange and the dead-letter queue's binding, back
+        conn.close()
+    # The worker was not left holding the message (it takes one at a time) nor a dead channel.
+    reply = client.call(queue, GetDomainInfo(domain_id=uuid.uuid4()), timeout=15)
+    assert isinstance(reply, DomainInfo)
+    props, body = find_dead_letter(amqp_url, lambda _p, b: b.endswith(marker))
+    assert "not msgpack" in props.headers["x-flotilla-reason"]
     assert body == b"\xc1" + marker
 
 
