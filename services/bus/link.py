@@ -391,8 +391,17 @@ class Link:
         ch.confirm_delivery(partial(self._on_confirm, ch), callback=lambda _f: then(ch))
 
     def _on_confirm_mode(self, _ch: pika.channel.Channel) -> None:
-        assert self._conn is not None
-        self._conn.channel(on_open_callback=self._on_plain_channel)
+        self._open_channel(self._on_plain_channel)
+
+    def _open_channel(self, on_open: Callable[[pika.channel.Channel], None]) -> None:
+        """Open a channel for a step of the connection's set-up, unless the connection is
+        closing or gone: a cut mid-setup, after which `_run` reconnects and starts the
+        set-up over, so the step is simply dropped."""
+        conn = self._conn
+        if conn is None or not conn.is_open:
+            log.debug("set-up step dropped: the connection is closing")
+            return
+        conn.channel(on_open_callback=on_open)
 
     def _renew_pub_channel(self) -> None:
         """Replace the publish channel after a nack (see the module docstring)."""
@@ -445,7 +454,6 @@ class Link:
             self._open_consumer(consumer)
 
     def _open_consumer(self, consumer: Consumer) -> None:
-        assert self._conn is not None
 
         def on_open(ch: pika.channel.Channel) -> None:
             consumer.channel = ch
@@ -453,6 +461,8 @@ class Link:
             ch.basic_qos(prefetch_count=consumer.prefetch, callback=lambda _f: consume(ch))
 
         def consume(ch: pika.channel.Channel) -> None:
+            if not ch.is_open:  # closed (or its connection cut) since: set up again later
+                return
             generation = self._generation
 
             def on_message(
@@ -482,7 +492,7 @@ class Link:
                 if self._starting_consumers <= 0:
                     self._became_ready()
 
-        self._conn.channel(on_open_callback=on_open)
+        self._open_channel(on_open)
 
     def _became_ready(self) -> None:
         with self._lock:

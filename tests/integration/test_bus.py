@@ -366,6 +366,44 @@ def test_a_burst_of_async_publishes_arrives_whole_and_in_order(make_bus: MakeBus
     sub.close()
 
 
+def test_a_connection_cut_mid_setup_is_an_ordinary_cut(make_bus: MakeBus) -> None:
+    # The publish channel's confirm mode comes back while the connection is going: the next
+    # set-up step (opening the plain channel) must see a cut, not raise.
+    bus = make_bus("cut-mid-setup")
+    link = bus.link
+    made = link.connections_made
+    raised: list[BaseException] = []
+    done = threading.Event()
+
+    def cut_then_next_step() -> None:
+        conn, pub = link._conn, link._pub
+        assert conn is not None
+        assert pub is not None
+        conn.close()
+        try:
+            link._on_confirm_mode(pub)
+        except Exception as exc:
+            raised.append(exc)
+        done.set()
+
+    link._submit(cut_then_next_step)
+    assert done.wait(10)
+    assert raised == []
+    deadline = time.monotonic() + 20
+    while link.connections_made == made and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert link.connections_made > made, "the link did not reconnect"
+    event = DomainStarted(
+        domain_id=uuid.uuid4(),
+        name="d",
+        host="n1",
+        seq=1,
+        state=PowerState.RUNNING,
+        detail=StartedDetail.BOOTED,
+    )
+    bus.publish_event(event, timeout=20)
+
+
 def test_sigterm_finishes_the_command_under_way_then_exits(
     make_bus: MakeBus, amqp_url: str
 ) -> None:
