@@ -15,6 +15,10 @@ from services.bus.bus import properties_for
 
 log = structlog.get_logger("flotilla.compute.outbox")
 CONFIRM_TIMEOUT_S = 30.0
+# Both threads are woken by notifications (a commit, a confirm, stop()), checked under the
+# condition's lock so none is missed; the timed wake is only a safety net. At one a second it
+# was most of an idle host's CPU (bench/scale.py runs a thousand hosts on two cores).
+IDLE_RECHECK_S = 15.0
 
 
 class OutboxPublisher:
@@ -55,7 +59,7 @@ class OutboxPublisher:
             if not items:
                 with self._store.changed:
                     if not self._store.outbox_size(after=sent) and not self._stopping.is_set():
-                        self._store.changed.wait(1.0)
+                        self._store.changed.wait(IDLE_RECHECK_S)
                 continue
             if not self._bus.link.wait_connected(1.0):
                 continue
@@ -93,7 +97,7 @@ class OutboxPublisher:
         while True:
             with self._reap_cond:
                 while self._confirmed <= self._reaped and not self._stopping.is_set():
-                    self._reap_cond.wait(1.0)
+                    self._reap_cond.wait(IDLE_RECHECK_S)
                 target = self._confirmed
             if target > self._reaped:
                 self._store.outbox_done(target)  # syncs first

@@ -7,8 +7,8 @@ both raise `DecodeError` with a reason a human can act on, never anything else.
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,24 @@ from protos.base import Message, lookup
 
 CONTENT_TYPE = "application/msgpack"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+# The RFC 4122 variant nibble (10xx) for each value of a random hex digit.
+_VARIANT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
+
+
+def new_message_id() -> str:
+    """A random (version 4) UUID in its canonical string form, as `str(uuid.uuid4())` gives,
+    at less than half its cost: every message published gets one."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
+def body_of(message: Message) -> dict[str, Any]:
+    """`message.model_dump(mode="json")`, through the model's serializer directly (the
+    method's own argument handling is a good share of its cost for a small model)."""
+    body: dict[str, Any] = type(message).__pydantic_serializer__.to_python(message, mode="json")
+    return body
 
 
 class DecodeError(ValueError):
@@ -36,7 +54,7 @@ class Envelope:
     type: str
     body: dict[str, Any]
     v: str = "1.0"
-    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    id: str = field(default_factory=new_message_id)
     ts: float = field(default_factory=time.time)
     source: str = ""
     correlation_id: str | None = None
@@ -68,9 +86,9 @@ def envelope_for(
         raise TypeError(f"{type(message).__name__} has no TYPE: it cannot go on the wire")
     return Envelope(
         type=message.TYPE,
-        body=message.model_dump(mode="json"),
+        body=body_of(message),
         v=message.VERSION,
-        id=message_id or str(uuid.uuid4()),
+        id=message_id or new_message_id(),
         source=source,
         correlation_id=correlation_id,
         causation_id=causation_id,

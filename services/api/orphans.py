@@ -1,8 +1,9 @@
 """Settles creates whose API replica died mid-request (services.api.registry.resolve_orphans).
 
 A create stores its record (task `scheduling`), waits for the scheduler, then records the
-placement. If the replica handling it is killed in between, no other replica would ever touch
-that record, while the domain may well run on a host. Every replica runs this sweep: a record
+placement. If the replica handling it is killed in between, the domain's start on a host
+places it (services.api.registry.apply_event); one that never starts (`start: false`,
+nothing placed) no other replica would ever touch. Every replica runs this sweep: a record
 still in `scheduling` well after the longest a live create waits is settled from the event log.
 """
 

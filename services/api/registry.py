@@ -9,7 +9,9 @@ Projection rules (`apply_event`), each in one transaction with the event's appen
 - an event from a host other than the domain's host is logged, not projected (a refused
   placement attempt's leftovers);
 - an event whose `seq` is not above the stored seq is stale: logged, not projected;
-- `domain.undefined` while the task is `deleting` removes the record.
+- `domain.undefined` while the task is `deleting` removes the record;
+- a domain not yet placed (no host) is placed by a `domain.started` while it is `scheduling`
+  or its create's outcome is unknown: the create's own API replica may be gone.
 
 Event-log ids only grow in commit order (appends are serialised: SQLite's write lock, an
 advisory lock on PostgreSQL), so a reader resuming "after id N" never misses a row that
@@ -514,10 +516,14 @@ class Registry:
                 return Outcome.LOGGED
             _, host, task, seq, fault = row[0], row[1], TaskState(row[2]), int(row[3]), row[4]
             if host is None:
-                # The scheduler's answer is what places a domain; only when that answer was
-                # lost (timeout) does a start seen on some host tell us where it went.
-                unknown = fault is not None and (
-                    Fault.model_validate_json(fault).code in OUTCOME_UNKNOWN_FAULTS
+                # Not placed yet. A start on a host places it, as soon as it is seen: while
+                # the create waits for the scheduler (`scheduling`; the API replica waiting
+                # may have died, and a live one records the same host from the answer) or
+                # after that answer was lost (timeout). Other events (a refused attempt's
+                # defined/undefined) leave it to the scheduler's answer.
+                unknown = task is TaskState.SCHEDULING or (
+                    fault is not None
+                    and Fault.model_validate_json(fault).code in OUTCOME_UNKNOWN_FAULTS
                 )
                 if not (unknown and isinstance(event, DomainStarted)):
                     return Outcome.LOGGED

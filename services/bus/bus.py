@@ -38,6 +38,8 @@ from services.bus.topology import QueueDecl, declare, delete_queue
 R = TypeVar("R", bound=Message)
 log = structlog.get_logger("flotilla.bus")
 PERSISTENT = pika.DeliveryMode.Persistent
+_PERSISTENT = PERSISTENT.value
+_TRANSIENT = pika.DeliveryMode.Transient.value
 
 
 class RoutedEvent(Protocol):
@@ -55,17 +57,29 @@ def properties_for(
     reply_to: str | None = None,
     headers: dict[str, Any] | None = None,
 ) -> pika.BasicProperties:
-    """AMQP properties mirroring the envelope."""
-    return pika.BasicProperties(
-        content_type=CONTENT_TYPE,
-        message_id=envelope.id,
-        correlation_id=envelope.correlation_id,
-        type=envelope.type,
-        timestamp=int(envelope.ts),
-        delivery_mode=PERSISTENT if persistent else pika.DeliveryMode.Transient,
-        reply_to=reply_to,
-        headers=headers,
-    )
+    """AMQP properties mirroring the envelope.
+
+    The same object `pika.BasicProperties(content_type=..., ...)` makes, filled in directly:
+    its constructor's keyword handling is a measurable share of a publish's cost
+    (tests/unit/test_bus_properties.py checks the two agree, attribute for attribute)."""
+    props: pika.BasicProperties = object.__new__(pika.BasicProperties)
+    props.__dict__ = {
+        "content_type": CONTENT_TYPE,
+        "content_encoding": None,
+        "headers": headers,
+        "delivery_mode": _PERSISTENT if persistent else _TRANSIENT,
+        "priority": None,
+        "correlation_id": envelope.correlation_id,
+        "reply_to": reply_to,
+        "expiration": None,
+        "message_id": envelope.id,
+        "timestamp": int(envelope.ts),
+        "type": envelope.type,
+        "user_id": None,
+        "app_id": None,
+        "cluster_id": None,
+    }
+    return props
 
 
 def _rpc_properties(envelope: Envelope) -> pika.BasicProperties:

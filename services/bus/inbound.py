@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import pika
+import pika.exceptions
 import pika.spec
 import structlog
 from pika.adapters.blocking_connection import BlockingChannel
@@ -85,12 +87,69 @@ class LinkInbound:
         self.link.publish(routing.DEAD_EXCHANGE, self.queue, body, props).result(30.0)
 
 
+# What a publish on a channel the broker refused or closed raises; the connection is fine.
+_CHANNEL_REFUSED = (
+    pika.exceptions.NackError,
+    pika.exceptions.ChannelClosed,
+    pika.exceptions.ChannelWrongStateError,
+)
+
+
+class DeadLetterChannel:
+    """A command worker's confirm-mode channel for dead letters, on the worker's connection.
+
+    Like the Link's publish channel (services.bus.link), it is replaced when the broker
+    refuses it: a nack (RabbitMQ 3.10 keeps nacking a channel whose first route to a quorum
+    queue went to a dead leader) or a channel error (the broker closed it) would otherwise
+    fail every later dead letter of that worker. A failed publish is tried once more on a
+    fresh channel; if that fails too the error is raised (the caller requeues the message).
+    The channel is opened on the first dead letter. Used by its worker's thread only.
+    """
+
+    def __init__(self, connection: pika.BlockingConnection) -> None:
+        self._connection = connection
+        self._channel: BlockingChannel | None = None
+        self.opened = 0  # channels opened so far
+
+    def publish(self, routing_key: str, body: bytes, props: pika.spec.BasicProperties) -> None:
+        """Publish to the dead-letter exchange; return once the broker confirmed it."""
+        for attempt in (1, 2):
+            channel = self._open()
+            try:
+                # A confirm-mode BlockingChannel returns only once the broker confirmed.
+                channel.basic_publish(routing.DEAD_EXCHANGE, routing_key, body, props)
+                return
+            except _CHANNEL_REFUSED as exc:
+                self._discard(channel)
+                if attempt == 2:
+                    raise
+                log.warning(
+                    "dead-letter channel refused by the broker; replacing it", error=str(exc)
+                )
+
+    def _open(self) -> BlockingChannel:
+        if self._channel is None or not self._channel.is_open:
+            channel = self._connection.channel()
+            channel.confirm_delivery()
+            self._channel = channel
+            self.opened += 1
+        return self._channel
+
+    def _discard(self, channel: BlockingChannel) -> None:
+        self._channel = None
+        if channel.is_open:
+            try:
+                channel.close()
+            except pika.exceptions.AMQPError:
+                log.debug("refused dead-letter channel already closing")
+
+
 @dataclass
 class ChannelInbound:
     """A delivery taken by a worker thread on its own connection (command queues)."""
 
     channel: BlockingChannel
-    confirm_channel: BlockingChannel
+    dead_letters: DeadLetterChannel
     tag: int
     body: bytes
     properties: pika.spec.BasicProperties
@@ -108,8 +167,7 @@ class ChannelInbound:
         self.channel.basic_publish("", routing_key, body, props)
 
     def dead_letter(self, body: bytes, props: pika.spec.BasicProperties) -> None:
-        # A confirm-mode BlockingChannel returns only once the broker confirmed.
-        self.confirm_channel.basic_publish(routing.DEAD_EXCHANGE, self.queue, body, props)
+        self.dead_letters.publish(self.queue, body, props)
 
 
 def dead_letter(inbound: Inbound, reason: str) -> None:

@@ -41,6 +41,7 @@ import pika.frame
 import pika.spec
 import structlog
 
+from services.bus.batching import BatchingConnection
 from services.bus.confirm import Confirmation
 from services.bus.errors import ConnectionLost, NoRouteError, PublishNacked
 from services.bus.nodes import NodeList
@@ -116,7 +117,7 @@ class Link:
         self.disconnect_listeners: list[Callable[[], None]] = []
 
         # Owned by the I/O thread.
-        self._conn: pika.SelectConnection | None = None
+        self._conn: BatchingConnection | None = None
         self._pub: pika.channel.Channel | None = None
         self._plain: pika.channel.Channel | None = None
         self._generation = 0
@@ -289,11 +290,18 @@ class Link:
         with self._lock:
             self._wake_pending = False
             ops, self._ops = self._ops, collections.deque()
-        for op in ops:
-            try:
-                op()
-            except Exception:
-                log.exception("bus operation failed")
+        conn = self._conn
+        if conn is not None:
+            conn.begin_batch()  # the frames of all these operations go out in one write
+        try:
+            for op in ops:
+                try:
+                    op()
+                except Exception:
+                    log.exception("bus operation failed")
+        finally:
+            if conn is not None:
+                conn.flush_batch()
 
     # ---- the I/O thread ------------------------------------------------------------------------
 
@@ -315,7 +323,7 @@ class Link:
                 else:
                     log.warning("broker node unreachable, trying the next", error=str(exc))
                 continue
-            conn = pika.SelectConnection(
+            conn = BatchingConnection(
                 params,
                 on_open_callback=self._on_open,
                 on_open_error_callback=self._on_open_error,
@@ -383,8 +391,17 @@ class Link:
         ch.confirm_delivery(partial(self._on_confirm, ch), callback=lambda _f: then(ch))
 
     def _on_confirm_mode(self, _ch: pika.channel.Channel) -> None:
-        assert self._conn is not None
-        self._conn.channel(on_open_callback=self._on_plain_channel)
+        self._open_channel(self._on_plain_channel)
+
+    def _open_channel(self, on_open: Callable[[pika.channel.Channel], None]) -> None:
+        """Open a channel for a step of the connection's set-up, unless the connection is
+        closing or gone: a cut mid-setup, after which `_run` reconnects and starts the
+        set-up over, so the step is simply dropped."""
+        conn = self._conn
+        if conn is None or not conn.is_open:
+            log.debug("set-up step dropped: the connection is closing")
+            return
+        conn.channel(on_open_callback=on_open)
 
     def _renew_pub_channel(self) -> None:
         """Replace the publish channel after a nack (see the module docstring)."""
@@ -437,7 +454,6 @@ class Link:
             self._open_consumer(consumer)
 
     def _open_consumer(self, consumer: Consumer) -> None:
-        assert self._conn is not None
 
         def on_open(ch: pika.channel.Channel) -> None:
             consumer.channel = ch
@@ -445,6 +461,8 @@ class Link:
             ch.basic_qos(prefetch_count=consumer.prefetch, callback=lambda _f: consume(ch))
 
         def consume(ch: pika.channel.Channel) -> None:
+            if not ch.is_open:  # closed (or its connection cut) since: set up again later
+                return
             generation = self._generation
 
             def on_message(
@@ -474,7 +492,7 @@ class Link:
                 if self._starting_consumers <= 0:
                     self._became_ready()
 
-        self._conn.channel(on_open_callback=on_open)
+        self._open_channel(on_open)
 
     def _became_ready(self) -> None:
         with self._lock:

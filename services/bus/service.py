@@ -22,6 +22,7 @@ import dataclasses
 import queue as queue_mod
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -41,7 +42,13 @@ from services.bus.bus import Bus, properties_for
 from services.bus.cause import Cause, caused_by
 from services.bus.errors import BusError, ServiceError
 from services.bus.idempotency import IdempotencyStore, InFlight, MemoryIdempotencyStore
-from services.bus.inbound import ChannelInbound, Inbound, LinkInbound, dead_letter
+from services.bus.inbound import (
+    ChannelInbound,
+    DeadLetterChannel,
+    Inbound,
+    LinkInbound,
+    dead_letter,
+)
 from services.bus.link import Consumer, Delivery
 from services.bus.nodes import blocking_nodes
 from services.bus.rpc import is_reply_queue
@@ -50,6 +57,7 @@ from services.bus.topology import QueueDecl
 log = structlog.get_logger("flotilla.service")
 
 F = TypeVar("F", bound=Callable[..., Any])
+DEAD_LETTER_RETRY_S = 0.5  # before requeueing a message whose dead letter was refused
 _HANDLES = "__flotilla_handles__"
 _EVENTS = "__flotilla_events__"
 
@@ -218,20 +226,19 @@ class ServiceRunner:
             backoff = 0.1
             try:
                 channel = connection.channel()
-                confirm_channel = connection.channel()
-                confirm_channel.confirm_delivery()
                 channel.basic_qos(prefetch_count=1)
+                dead = DeadLetterChannel(connection)
 
                 def on_message(
                     ch: BlockingChannel,
                     method: pika.spec.Basic.Deliver,
                     props: pika.spec.BasicProperties,
                     body: bytes,
-                    confirm: BlockingChannel = confirm_channel,
+                    dead_letters: DeadLetterChannel = dead,
                 ) -> None:
                     inbound = ChannelInbound(
                         ch,
-                        confirm,
+                        dead_letters,
                         method.delivery_tag,
                         body,
                         props,
@@ -435,7 +442,15 @@ class ServiceRunner:
 
     @staticmethod
     def _dead_letter(delivery: Inbound, reason: str) -> None:
-        dead_letter(delivery, reason)
+        try:
+            dead_letter(delivery, reason)
+        except (BusError, pika.exceptions.AMQPError) as exc:
+            # Not confirmed: hand the message back rather than hold it unacked (a command
+            # worker takes one at a time, so an unacked one would stop it for good). The
+            # pause keeps a broker that refuses for a while from being asked in a tight loop.
+            log.warning("dead letter not confirmed; message requeued", error=str(exc))
+            time.sleep(DEAD_LETTER_RETRY_S)
+            delivery.nack(requeue=True)
 
     # ---- events ------------------------------------------------------------------------------
 

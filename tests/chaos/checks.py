@@ -99,11 +99,12 @@ class Watcher:
         self.subscription.close()
 
 
-# A product bug already pinned by an xfail test, told apart by the domains it leaves behind
-# (the violations name them) so that the suite still fails on anything else.
+# A product bug, told apart by the domains it leaves behind (the violations name them) so
+# that the suite still fails on anything else. The start on a host now places such a create
+# (tests/integration/test_api_replica_death.py); what is left is the window before it.
 KNOWN_API_REPLICA_DEATH = (
-    "known bug (tests/integration/test_api_replica_death.py, xfail): a create whose API "
-    "replica died while the scheduler placed it stays `scheduling`; DELETE then drops the "
+    "known bug: a create whose API replica died while the scheduler placed it stays "
+    "`scheduling` until its host reports the start; a DELETE in that window drops the "
     "record and leaves the guest on its host"
 )
 

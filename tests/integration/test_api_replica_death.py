@@ -1,8 +1,9 @@
 """An API replica killed (-9) while the scheduler places the domain it asked for: the other
 replica, on the same PostgreSQL registry, must end up with the domain placed (its host,
-running, no task), as the compute node and the events say. Found by the chaos suite
-(tests/chaos): the record stays in task `scheduling` for good, and a DELETE of it then
-drops the record at once (no host is known) while the guest keeps running on its host.
+running, no task), as the compute node and the events say, as soon as the domain starts,
+not only once the orphan sweep settles it after the schedule timeout. Found by the chaos
+suite (tests/chaos): the record stayed in task `scheduling`, and a DELETE of it then dropped
+the record at once (no host known) while the guest kept running on its host.
 """
 
 from __future__ import annotations
@@ -87,12 +88,6 @@ def db_url(pg_server: str) -> Iterator[str]:
         yield url
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="services/api: a create whose API replica died while the scheduler placed it stays "
-    "`scheduling` until the orphan sweep settles it after the schedule timeout; nothing "
-    "projects the placement as it happens",
-)
 def test_a_create_whose_api_replica_dies_mid_placement_ends_placed_on_the_other(
     amqp_url: str, db_url: str, tmp_path: Path
 ) -> None:

@@ -33,6 +33,7 @@ from services.bus import (
     caused_by,
     handles,
 )
+from services.bus.topology import declare
 from tests.brokers import BrokerHandle, find_dead_letter
 from tests.integration.conftest import MakeBus
 
@@ -162,6 +163,36 @@ def test_poison_message_is_dead_lettered_and_next_is_served(
     props, body = find_dead_letter(amqp_url, lambda _p, b: b.endswith(marker))
     assert "not msgpack" in props.headers["x-flotilla-reason"]
     assert props.headers["x-flotilla-queue"] == queue
+    assert body == b"\xc1" + marker
+
+
+def test_a_dead_letter_channel_the_broker_closed_is_replaced_and_the_worker_goes_on(
+    served: tuple[Bus, InfoService, str], amqp_url: str
+) -> None:
+    client, _, queue = served
+    marker = f"poison-{uuid.uuid4()}".encode()
+    params = pika.URLParameters(amqp_url)
+    conn = pika.BlockingConnection(params)
+    try:
+        ch = conn.channel()
+        # Without its exchange, the broker closes the channel a dead letter is published on
+        # (404): the worker's dead-letter channel dies while dead-lettering this message.
+        ch.exchange_delete(routing.DEAD_EXCHANGE)
+        ch.basic_publish(
+            routing.COMMANDS_EXCHANGE,
+            queue,
+            b"\xc1" + marker,
+            pika.BasicProperties(content_type="application/msgpack"),
+        )
+        time.sleep(1.0)  # the worker tries (and fails) at least once
+    finally:
+        declare(params, [])  # the exchange and the dead-letter queue's binding, back
+        conn.close()
+    # The worker was not left holding the message (it takes one at a time) nor a dead channel.
+    reply = client.call(queue, GetDomainInfo(domain_id=uuid.uuid4()), timeout=15)
+    assert isinstance(reply, DomainInfo)
+    props, body = find_dead_letter(amqp_url, lambda _p, b: b.endswith(marker))
+    assert "not msgpack" in props.headers["x-flotilla-reason"]
     assert body == b"\xc1" + marker
 
 
@@ -298,6 +329,79 @@ def test_one_event_fans_out_to_subscribers_with_different_patterns(make_bus: Mak
     assert got_one == ["domain.started", "domain.stopped"]
     for sub in subs:
         sub.close()
+
+
+def test_a_burst_of_async_publishes_arrives_whole_and_in_order(make_bus: MakeBus) -> None:
+    # The link writes the frames of many publishes as one buffer (services.bus.batching):
+    # every message must still arrive intact, in order, each with its own properties.
+    publisher, subscriber = make_bus("compute:burst"), make_bus("burst-watcher")
+    domain_id = uuid.uuid4()
+    count = 3000
+    got: list[tuple[int, str, str]] = []
+    done = threading.Event()
+
+    def handler(env: Envelope, event: Message) -> None:
+        assert isinstance(event, DomainStarted)
+        got.append((event.seq, event.name, env.id))
+        if len(got) == count:
+            done.set()
+
+    sub = subscriber.subscribe([f"domain.started.{domain_id}"], handler, prefetch=500)
+    sent = []
+    for seq in range(1, count + 1):
+        event = DomainStarted(
+            domain_id=domain_id,
+            name=f"d-{seq}-" + "x" * (seq % 300),
+            host="n1",
+            seq=seq,
+            state=PowerState.RUNNING,
+            detail=StartedDetail.BOOTED,
+        )
+        future, message_id = publisher.publish_event_async(event)
+        sent.append((future, (seq, event.name, message_id)))
+    for future, _ in sent:
+        future.result(30)
+    assert done.wait(30), len(got)
+    assert got == [expected for _, expected in sent]
+    sub.close()
+
+
+def test_a_connection_cut_mid_setup_is_an_ordinary_cut(make_bus: MakeBus) -> None:
+    # The publish channel's confirm mode comes back while the connection is going: the next
+    # set-up step (opening the plain channel) must see a cut, not raise.
+    bus = make_bus("cut-mid-setup")
+    link = bus.link
+    made = link.connections_made
+    raised: list[BaseException] = []
+    done = threading.Event()
+
+    def cut_then_next_step() -> None:
+        conn, pub = link._conn, link._pub
+        assert conn is not None
+        assert pub is not None
+        conn.close()
+        try:
+            link._on_confirm_mode(pub)
+        except Exception as exc:
+            raised.append(exc)
+        done.set()
+
+    link._submit(cut_then_next_step)
+    assert done.wait(10)
+    assert raised == []
+    deadline = time.monotonic() + 20
+    while link.connections_made == made and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert link.connections_made > made, "the link did not reconnect"
+    event = DomainStarted(
+        domain_id=uuid.uuid4(),
+        name="d",
+        host="n1",
+        seq=1,
+        state=PowerState.RUNNING,
+        detail=StartedDetail.BOOTED,
+    )
+    bus.publish_event(event, timeout=20)
 
 
 def test_sigterm_finishes_the_command_under_way_then_exits(

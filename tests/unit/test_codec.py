@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protos import DecodeError, Message, decode, encode, message_types, parse_body
-from protos.codec import EncodeError, Envelope, pack
+from protos.codec import EncodeError, Envelope, body_of, new_message_id, pack
 from protos.domain import BootSpec, DomainSpec, PowerState
 from protos.events import DomainStarted, StartedDetail
 from protos.replies import Done, ErrorReply
@@ -29,6 +29,8 @@ def test_every_message_type_round_trips(type_name: str, model: type[Message]) ->
     )
     @given(messages(model))
     def round_trip(message: Message) -> None:
+        # The fast body is exactly what model_dump gives: the wire format stays as pinned.
+        assert body_of(message) == message.model_dump(mode="json")
         data, sent = encode(message, source="test", correlation_id="c-1")
         received = decode(data)
         assert received == sent
@@ -126,3 +128,11 @@ def test_invalid_body_names_the_field() -> None:
 def test_unencodable_values_raise_encode_error() -> None:
     with pytest.raises(EncodeError, match=r"reply\.error"):
         encode(ErrorReply(code="x", message="y", details={"n": 2**70}), source="t")
+
+
+def test_message_ids_are_distinct_version_4_uuids() -> None:
+    ids = [new_message_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert (str(parsed), parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)

@@ -162,12 +162,37 @@ def test_projection_ignores_duplicates_stale_and_other_hosts(registry: Registry)
 def test_events_before_placement_are_caught_up(registry: Registry) -> None:
     s = spec()
     registry.create_domain(s, "p", Quota())
-    # The host's events overtake the scheduler's reply.
-    assert apply(registry, started(s, "h1", 2)) is Outcome.LOGGED
-    assert apply(registry, stopped(s, "h1", 3)) is Outcome.LOGGED
+    # The host's events overtake the scheduler's reply: the start places the domain at once
+    # (its API replica may be gone), and the reply, older than the stop, changes nothing.
+    assert apply(registry, started(s, "h1", 2)) is Outcome.APPLIED
+    assert apply(registry, stopped(s, "h1", 3)) is Outcome.APPLIED
     placed = registry.set_placement(s.uuid, "h1", info(s, "h1", PowerState.RUNNING, 2))
     assert placed is not None
-    assert (placed.power, placed.seq) == (PowerState.SHUTOFF, 3)
+    assert (placed.host, placed.power, placed.seq) == ("h1", PowerState.SHUTOFF, 3)
+    assert placed.task is TaskState.NONE
+
+
+def test_a_start_places_a_scheduling_domain_other_events_do_not(registry: Registry) -> None:
+    s = spec()
+    registry.create_domain(s, "p", Quota())
+    defined = DomainDefined(
+        domain_id=s.uuid,
+        name=s.name,
+        host="h1",
+        seq=1,
+        state=PowerState.SHUTOFF,
+        detail=DefinedDetail.ADDED,
+    )
+    # A definition may be an attempt the host then refuses: only logged.
+    assert apply(registry, defined) is Outcome.LOGGED
+    record = registry.get_domain(s.uuid)
+    assert record is not None
+    assert (record.host, record.task) == (None, TaskState.SCHEDULING)
+    assert apply(registry, started(s, "h2", 2)) is Outcome.APPLIED
+    record = registry.get_domain(s.uuid)
+    assert record is not None
+    assert (record.host, record.power, record.seq) == ("h2", PowerState.RUNNING, 2)
+    assert (record.task, record.fault) == (TaskState.NONE, None)
 
 
 def test_undefined_removes_the_record_only_while_deleting(registry: Registry) -> None:
@@ -320,11 +345,12 @@ def undefined(s: DomainSpec, host: str, seq: int) -> DomainUndefined:
 
 
 def test_an_orphaned_create_is_placed_where_its_events_say(registry: Registry) -> None:
-    """A create whose API replica died before recording the placement: the events from the
-    host that runs it (only logged while `scheduling`) place it once the record is old."""
+    """A create whose API replica died before recording the placement, of a domain defined
+    but not started (`start: false`; a start would have placed it at once): the events from
+    the host that holds it (only logged while `scheduling`) place it once the record is old."""
     s = spec()
     registry.create_domain(s, "p", Quota())
-    # A refused attempt on h1, then h2 defines and starts it.
+    # A refused attempt on h1, then h2 defines it.
     for event in (
         DomainDefined(
             domain_id=s.uuid, name=s.name, host="h1", seq=1, state=PowerState.SHUTOFF,
@@ -335,19 +361,18 @@ def test_an_orphaned_create_is_placed_where_its_events_say(registry: Registry) -
             domain_id=s.uuid, name=s.name, host="h2", seq=1, state=PowerState.SHUTOFF,
             detail=DefinedDetail.ADDED,
         ),
-        started(s, "h2", 2),
     ):  # fmt: skip
         assert apply(registry, event) is Outcome.LOGGED
     assert registry.resolve_orphans(older_than_s=60) == []  # a live create may still answer
     [settled] = registry.resolve_orphans(older_than_s=0)
     assert (settled.host, settled.power, settled.seq, settled.task) == (
         "h2",
-        PowerState.RUNNING,
-        2,
+        PowerState.SHUTOFF,
+        1,
         TaskState.NONE,
     )
     assert registry.resolve_orphans(older_than_s=0) == []  # settled once
-    assert apply(registry, stopped(s, "h2", 3)) is Outcome.APPLIED
+    assert apply(registry, started(s, "h2", 2)) is Outcome.APPLIED
 
 
 def test_an_orphaned_create_without_events_is_an_error_a_later_start_still_places(
