@@ -95,6 +95,7 @@ def private_broker(base: Path) -> Iterator[BrokerHandle]:
 
 
 STORAGE_EVENTS = routing.service_event_queue("storage")
+API_EVENTS = routing.service_event_queue("api")
 
 
 def purge_queues(amqp_url: str, *queues: str) -> None:
@@ -103,7 +104,8 @@ def purge_queues(amqp_url: str, *queues: str) -> None:
     Service event queues (`<service>.events`) are durable and shared by every replica, so on a
     shared broker they keep what earlier tests' hosts sent after those tests' services stopped.
     A storage service that starts on a backlog of heartbeats asks each gone host's agent for its
-    pools and waits out its RPC timeout (30 s) per host, in the test and again in its stop."""
+    pools and waits out its RPC timeout (30 s) per host, in the test and again in its stop; an
+    API logs every domain event it finds there (thousands after the scale test)."""
     conn = pika.BlockingConnection(pika.URLParameters(amqp_url.split(",", maxsplit=1)[0]))
     try:
         for queue in queues:

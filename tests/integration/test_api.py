@@ -31,7 +31,7 @@ from services.scheduler import Scheduler, SchedulerConfig
 from services.storage.config import StorageConfig
 from services.storage.server import StorageServer
 from tests.bootfiles import BOOT_DIR, KERNEL
-from tests.brokers import STORAGE_EVENTS, purge_queues
+from tests.brokers import API_EVENTS, STORAGE_EVENTS, purge_queues
 
 pytestmark = pytest.mark.integration
 
@@ -117,6 +117,7 @@ def cloud(amqp_url: str, tmp_path: Path) -> Iterator[Cloud]:
     server: ApiServer | None = None
     network: NetworkServer | None = None
     storage: StorageServer | None = None
+    purge_queues(amqp_url, API_EVENTS, STORAGE_EVENTS)  # earlier tests' hosts are not this cloud's
     try:
         network = NetworkServer(
             NetworkConfig(
@@ -139,7 +140,6 @@ def cloud(amqp_url: str, tmp_path: Path) -> Iterator[Cloud]:
             )
             nodes[host] = ComputeNode(config, FakeDriver(4, 2048)).start()
         # The storage service, so the volume and pool endpoints answer (the first host's pools).
-        purge_queues(amqp_url, STORAGE_EVENTS)  # earlier tests' hosts are not this cloud's
         storage = StorageServer(
             StorageConfig(
                 amqp_url=amqp_url,
