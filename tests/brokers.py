@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pika
+import pika.exceptions
 
 from protos import routing
 from services.broker import BrokerError, PrivateBroker
@@ -91,6 +92,33 @@ def private_broker(base: Path) -> Iterator[BrokerHandle]:
         yield BrokerHandle(node.url, "private", node.close_all_connections)
     finally:
         node.stop()
+
+
+STORAGE_EVENTS = routing.service_event_queue("storage")
+API_EVENTS = routing.service_event_queue("api")
+
+
+def purge_queues(amqp_url: str, *queues: str) -> None:
+    """Empty `queues` where they exist, for a test's fresh services on the session's broker.
+
+    Service event queues (`<service>.events`) are durable and shared by every replica, so on a
+    shared broker they keep what earlier tests' hosts sent after those tests' services stopped.
+    A storage service that starts on a backlog of heartbeats asks each gone host's agent for its
+    pools and waits out its RPC timeout (30 s) per host, in the test and again in its stop; an
+    API logs every domain event it finds there (thousands after the scale test)."""
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url.split(",", maxsplit=1)[0]))
+    try:
+        for queue in queues:
+            channel = conn.channel()
+            try:
+                channel.queue_purge(queue)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != 404:  # not declared yet: nothing to purge
+                    raise
+                continue
+            channel.close()
+    finally:
+        conn.close()
 
 
 def find_dead_letter(

@@ -226,14 +226,15 @@ class Stack:
                     else f"starting a private RabbitMQ cluster of {n} nodes"
                 )
                 self._start_broker(timeout)
-            # The scheduler and the network service need nothing of the API's: all three
-            # start at once (their Python start-ups overlap). Compute nodes wait for the
-            # API, whose queue must be there to take the events of the guests a node adopts
-            # as it starts.
-            progress("starting the API, the network service and the scheduler")
+            # The scheduler, the network and the storage service need nothing of the API's:
+            # all four start at once (their Python start-ups overlap). Compute nodes wait for
+            # the API, whose queue must be there to take the events of the guests a node
+            # adopts as it starts, and for the storage service, which learns their pools.
+            progress("starting the API, the network service, the scheduler and the storage service")
             self._start_api()
             note = self._start_network()
             self._start_scheduler()
+            self._start_storage()
             self._wait(deadline, "the API answering /healthz", self._api_ready, self.api)
             self._wait(
                 deadline,
@@ -248,8 +249,6 @@ class Stack:
                 lambda: self._consumers(routing.SCHEDULER_QUEUE) > 0,
                 self.scheduler,
             )
-            progress("starting the storage service")
-            self._start_storage()
             self._wait(
                 deadline,
                 "the storage service consuming its queue",

@@ -31,6 +31,7 @@ from services.scheduler import Scheduler, SchedulerConfig
 from services.storage.config import StorageConfig
 from services.storage.server import StorageServer
 from tests.bootfiles import BOOT_DIR, KERNEL
+from tests.brokers import API_EVENTS, STORAGE_EVENTS, purge_queues
 
 pytestmark = pytest.mark.integration
 
@@ -116,6 +117,7 @@ def cloud(amqp_url: str, tmp_path: Path) -> Iterator[Cloud]:
     server: ApiServer | None = None
     network: NetworkServer | None = None
     storage: StorageServer | None = None
+    purge_queues(amqp_url, API_EVENTS, STORAGE_EVENTS)  # earlier tests' hosts are not this cloud's
     try:
         network = NetworkServer(
             NetworkConfig(

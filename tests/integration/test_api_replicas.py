@@ -33,6 +33,7 @@ from services.api.config import Role
 from services.broker import free_port
 from services.scheduler import Scheduler, SchedulerConfig
 from tests.bootfiles import BOOT_DIR, KERNEL
+from tests.brokers import API_EVENTS, purge_queues
 from tests.integration.test_api import ApiServer, auth, sse_events
 from tests.pg import fresh_database
 
@@ -97,6 +98,7 @@ def replicas(amqp_url: str, pg_server: str, tmp_path: Path) -> Iterator[Replicas
     node: ComputeNode | None = None
     scheduler: Scheduler | None = None
     servers: list[ApiServer] = []
+    purge_queues(amqp_url, API_EVENTS)  # earlier tests' domain events are not this test's
     with fresh_database(pg_server) as database_url:
         try:
             config = ComputeConfig(

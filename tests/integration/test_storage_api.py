@@ -26,6 +26,7 @@ from services.scheduler import Scheduler, SchedulerConfig
 from services.storage.config import StorageConfig
 from services.storage.server import StorageServer
 from tests.bootfiles import BOOT_DIR, KERNEL
+from tests.brokers import API_EVENTS, STORAGE_EVENTS, purge_queues
 from tests.integration.test_api import ApiServer, auth
 
 pytestmark = pytest.mark.integration
@@ -80,6 +81,7 @@ def storage_cloud(amqp_url: str, tmp_path: Path) -> Iterator[StorageCloud]:
     scheduler: Scheduler | None = None
     server: ApiServer | None = None
     try:
+        purge_queues(amqp_url, API_EVENTS, STORAGE_EVENTS)  # earlier tests' are not this one's
         storage = StorageServer(
             StorageConfig(
                 amqp_url=amqp_url,

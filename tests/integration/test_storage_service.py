@@ -28,6 +28,7 @@ from protos.volumes import (
 )
 from protos.volumes import ListPools as ListCatalogPools
 from services.bus import Bus, RemoteError
+from tests.brokers import STORAGE_EVENTS, purge_queues
 from tests.integration.compute_harness import ComputeProcess
 from tests.integration.conftest import MakeBus
 from tests.integration.storage_harness import StorageProcess, VolumeWatcher, call
@@ -87,6 +88,7 @@ def stack(
         default_pool="local",
     )
     try:
+        purge_queues(amqp_url, STORAGE_EVENTS)  # earlier tests' hosts are not this test's
         storage.start(bus)
         yield Stack(compute, storage, bus, watcher)
     finally:

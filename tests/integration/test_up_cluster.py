@@ -22,7 +22,7 @@ from services.broker import _alive
 from services.broker import available as broker_available
 from tests.bootfiles import BOOT_DIR, KERNEL
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.cluster]
 
 
 def _up(state_dir: Path, host: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
