@@ -13,6 +13,7 @@ import pytest
 
 from compute_node.node import ComputeNode
 from services.api.registry import Registry
+from services.cli.main import main as cli_main
 from tests.integration.test_api import (  # the API test's cloud: two fake nodes, alice, bob
     ADMIN,
     ALICE,
@@ -145,3 +146,39 @@ def test_snapshot_space_quota(cloud: Cloud) -> None:
     states = cloud.nodes[host].config.state_dir / "states"
     assert list(states.iterdir()) == []
     assert cloud.get(domain_id).json()["state"] == "running"
+
+
+def test_the_cli_verbs(cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
+    """The virsh-like verbs against the API, in-process."""
+    name = cloud.create().json()["name"]
+    domain_id = cloud.http.get("/v1/domains", headers=auth(ALICE)).json()["domains"][0]["id"]
+    cloud.wait(domain_id, lambda r: r.json()["state"] == "running")
+    url = str(cloud.http.base_url).rstrip("/")
+
+    def flotilla(*argv: str) -> str:
+        code = cli_main(["--api", url, "--token", ALICE, *argv])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        return out
+
+    assert "saved" in flotilla("save", name)
+    assert "restored (running)" in flotilla("restore", name)
+    assert "state saved" in flotilla("managedsave", name)
+    assert "Removed managedsave image" in flotilla("managedsave-remove", name)
+    flotilla("start", name)
+    assert "Domain snapshot s1 created (with memory)" in flotilla("snapshot-create", name, "s1")
+    flotilla("snapshot-create", name, "s2", "--disk-only", "--description", "before upgrade")
+    flotilla("destroy", name)
+    assert "running" in flotilla("snapshot-revert", name, "s1")
+    flotilla("snapshot-create", name, "s3")
+    assert flotilla("snapshot-list", name, "--tree").splitlines() == ["s1", "+- s2", "`- s3"]
+    listing = flotilla("snapshot-list", name)
+    assert "s3 *" in listing
+    info = flotilla("snapshot-info", name, "s2")
+    assert "disks only" in info
+    assert "before upgrade" in info
+    assert "deleted" in flotilla("snapshot-delete", name, "s1")
+    assert flotilla("snapshot-list", name, "--tree").splitlines() == ["s2", "s3"]
+    code = cli_main(["--api", url, "--token", ALICE, "snapshot-revert", name, "s2"])
+    assert code == 4  # conflict: the domain is running
+    capsys.readouterr()
