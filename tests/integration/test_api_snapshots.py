@@ -52,6 +52,9 @@ def events(cloud: Cloud, domain_id: str, after_seq: int, count: int) -> list[tup
 def test_save_restore_and_managed_save_across_a_node_restart(cloud: Cloud) -> None:
     domain_id = cloud.create().json()["id"]
     seq = cloud.wait(domain_id, lambda r: r.json()["state"] == "running").json()["seq"]
+    r = post(cloud, f"/v1/domains/{domain_id}/save", pool="nope")
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == "pool"
     r = post(cloud, f"/v1/domains/{domain_id}/save")
     assert r.status_code == 200, r.text
     assert r.json()["domain"]["state"] == "shutoff"

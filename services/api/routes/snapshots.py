@@ -155,7 +155,7 @@ def _observed(ctx: ApiContext, info: object, record: DomainRecord, mask: Mask) -
 @router.post(
     "/{domain_id}/save",
     response_model=SavedView,
-    responses=responses(401, 403, 404, 409, 503, 504),
+    responses=responses(401, 403, 404, 409, 422, 503, 504),
 )
 def save_domain(
     domain_id: uuid.UUID,
@@ -166,13 +166,20 @@ def save_domain(
 ) -> SavedView:
     """Save the running or paused domain's whole machine and stop it (event
     `domain.stopped/saved`). A domain keeps one save: an older one is replaced. 409 while
-    it is not active or while the control plane works on it (e.g. `migrating`)."""
+    it is not active or while the control plane works on it (e.g. `migrating`); 422 for a
+    `pool` the domain's host does not have."""
     record = ctx.visible_domain(caller, domain_id)
     host = _placed(record, Action.SAVE)
     pool = body.pool if body is not None else None
     ref = StateRef(state_id=uuid.uuid4(), pool=pool, host=host)
     older = ctx.registry.states.of_domain(domain_id, "save")
-    taken = _take(ctx, record, host, SaveDomain(domain_id=domain_id, state=ref), kind="save")
+    try:
+        taken = _take(ctx, record, host, SaveDomain(domain_id=domain_id, state=ref), kind="save")
+    except Problem as problem:
+        if problem.extras.get("field") != "pool":
+            raise
+        # A pool the domain's host lacks is the request's fault, not a conflict of views.
+        raise Problem(422, "invalid", f"pool: {problem.detail}", field="pool") from None
     for old in older:
         _forget(ctx, old)
     return SavedView.of(taken, mask, _view(ctx, domain_id, mask))
