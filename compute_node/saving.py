@@ -99,7 +99,15 @@ class SaveHandlers:
             self._restore(
                 record, directory, manifest, True if cmd.paused else None, "restored", ctx.cause
             )
+            if record.managed_save is not None:
+                # The machine now runs from another state: the managed one is stale.
+                self._drop_managed_save(record.id, record.managed_save)
         return self.info(domain_id)
+
+    def _drop_managed_save(self, domain_id: uuid.UUID, ref: StateRef) -> None:
+        self.store.set_managed_save(domain_id, None)
+        with _state_errors():
+            self.states.delete(ref)
 
     def start_from_managed_save(
         self, record: DomainRecord, *, paused: bool, cause: Cause | None
@@ -139,9 +147,7 @@ class SaveHandlers:
             record = self._record(cmd.domain_id)
             self._check(record, Action.MANAGEDSAVE_REMOVE)
             if record.managed_save is not None:
-                self.store.set_managed_save(record.id, None)
-                with _state_errors():
-                    self.states.delete(record.managed_save)
+                self._drop_managed_save(record.id, record.managed_save)
         return self.info(cmd.domain_id)
 
     # ---- snapshots -----------------------------------------------------------------------------
@@ -185,8 +191,7 @@ class SaveHandlers:
                 )
             if record.managed_save is not None:
                 # Taken over disks that are no longer there: it can never be restored.
-                self.store.set_managed_save(domain_id, None)
-                self.states.delete(record.managed_save)
+                self._drop_managed_save(domain_id, record.managed_save)
                 record = self._record(domain_id)
             start = manifest.memory if cmd.start is None else cmd.start
             if start and manifest.memory:

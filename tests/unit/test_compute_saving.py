@@ -351,3 +351,17 @@ def test_partial_states_are_removed_at_reconcile(node: Node) -> None:
     (area / f"{uuid.uuid4()}{PARTIAL}").mkdir()
     assert len(node.service.states.reconcile()) == 1
     assert list(area.iterdir()) == []
+
+
+def test_a_restore_from_another_state_drops_the_stale_managed_save(node: Node) -> None:
+    s = spec()
+    node.ok(DefineDomain(spec=s))
+    node.ok(StartDomain(domain_id=s.uuid))
+    ref = local()
+    node.saved(SaveDomain(domain_id=s.uuid, state=ref))
+    node.ok(RestoreDomain(domain_id=s.uuid, state=ref))
+    managed = local()
+    node.saved(SaveDomain(domain_id=s.uuid, state=managed, managed=True))
+    info = node.ok(RestoreDomain(domain_id=s.uuid, state=ref))
+    assert not info.managed_save
+    assert not node.service.states.path(managed).exists()

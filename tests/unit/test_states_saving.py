@@ -34,7 +34,9 @@ OK, NO = Verdict.ALLOW, Verdict.REFUSE
         (P.SHUTOFF, T.DELETING, A.SNAPSHOT_DELETE, NO),
     ],
 )
-def test_save_and_snapshot_rows(power: P, task: T, action: A, verdict: Verdict) -> None:
+def test_save_and_snapshot_rows(
+    power: PowerState, task: TaskState, action: Action, verdict: Verdict
+) -> None:
     decision = decide(power, task, action)
     assert decision.verdict is verdict, decision
     if verdict is NO:
