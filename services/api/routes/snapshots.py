@@ -208,6 +208,8 @@ def restore_domain(
     save = saves[-1]
     paused = body.paused if body is not None else False
     info = ctx.call_host(host, RestoreDomain(domain_id=domain_id, state=save.ref, paused=paused))
+    assert isinstance(info, DomainInfo)
+    forget_consumed_managed_save(ctx, info)  # the host drops a managed save a restore made stale
     _forget(ctx, save)
     return _observed(ctx, info, record, mask)
 
