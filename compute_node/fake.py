@@ -7,10 +7,14 @@ applied here as the KVM driver's VMM process applies them. Never a stand-in for 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from compute_node.boot_sources import BootFiles
 from compute_node.driver import (
@@ -23,12 +27,15 @@ from compute_node.driver import (
     GuestEventKind,
     NicTap,
     RuntimeInfo,
+    SavedMachine,
 )
 from protos.commands import RebootMode, ShutdownMode
 from protos.domain import DomainSpec, LifecycleAction, PowerState
 from protos.host import KvmKind, Resources
 
 K = GuestEventKind
+STATE_FILE = "fake-machine.json"
+STATE_FORMAT = 1
 
 
 @dataclass
@@ -48,11 +55,13 @@ class FakeDriver(Driver):
         self._lock = threading.RLock()
         self._next_pid = 10_000
         self.fail_next_spawn: str | None = None
+        # The next save or snapshot fails with this DriverError code (`no_space`: disk full).
+        self.fail_next_save: str | None = None
         # The NICs each domain's last spawn was given (what a VMM would have opened).
         self.nics: dict[uuid.UUID, list[NicTap]] = {}
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(kvm=KvmKind.NONE, max_vcpus=64)
+        return Capabilities(kvm=KvmKind.NONE, max_vcpus=64, save_restore=True)
 
     def host_resources(self) -> Resources:
         return self._resources
@@ -148,6 +157,80 @@ class FakeDriver(Driver):
             self._machines.pop(domain_id, None)
             self._console.pop(domain_id, None)
 
+    # ---- save, snapshot, restore: the fake machine's state is a checksummed JSON file ------
+
+    def save(self, domain_id: uuid.UUID, directory: Path) -> SavedMachine:
+        with self._lock:
+            machine = self._machine(domain_id)
+            power = machine.state
+            self._write_state(machine, directory)
+            machine.state = PowerState.SHUTOFF
+            self._emit(domain_id, K.STOPPED, "saved")
+            return SavedMachine(memory=True, power=power, pause_ms=0.0)
+
+    def snapshot(
+        self, domain_id: uuid.UUID, directory: Path | None, during: Callable[[], None]
+    ) -> SavedMachine:
+        with self._lock:
+            machine = self._machine(domain_id)
+            if directory is not None:
+                self._write_state(machine, directory)
+            try:
+                during()
+            except BaseException:
+                if directory is not None:
+                    (directory / STATE_FILE).unlink(missing_ok=True)
+                raise
+            return SavedMachine(memory=directory is not None, power=machine.state, pause_ms=0.0)
+
+    def restore(
+        self,
+        spec: DomainSpec,
+        files: BootFiles,
+        directory: Path,
+        *,
+        paused: bool | None = None,
+        nics: Sequence[NicTap] = (),
+        detail: str = "restored",
+    ) -> RuntimeInfo:
+        del files
+        with self._lock:
+            saved = _read_state(directory, spec)
+            self.nics[spec.uuid] = list(nics)
+            self._next_pid += 1
+            machine = _Machine(spec, PowerState.RUNNING, self._next_pid)
+            self._machines[spec.uuid] = machine
+            self._console[spec.uuid] = bytearray(saved["console"].encode())
+            self._emit(spec.uuid, K.STARTED, detail=detail)
+            if paused or (paused is None and saved["state"] == PowerState.PAUSED.value):
+                machine.state = PowerState.PAUSED
+                self._emit(spec.uuid, K.PAUSED, detail=detail)
+            return self._info(machine)
+
+    def _write_state(self, machine: _Machine, directory: Path) -> None:
+        """Write the machine's state (under a temporary name, fsync'd, renamed), or fail
+        as asked by `fail_next_save` leaving nothing."""
+        if self.fail_next_save:
+            code, self.fail_next_save = self.fail_next_save, None
+            raise DriverError(f"fake save failed ({code})", code)
+        spec = machine.spec
+        body = {
+            "format": STATE_FORMAT,
+            "domain_id": str(spec.uuid),
+            "vcpus": spec.vcpus,
+            "memory_mib": spec.memory_mib,
+            "state": machine.state.value,
+            "console": bytes(self._console.get(spec.uuid, b"")).decode("utf-8", "replace"),
+        }
+        text = json.dumps(body, sort_keys=True)
+        data = json.dumps({"sha256": hashlib.sha256(text.encode()).hexdigest(), "body": text})
+        tmp = directory / (STATE_FILE + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.rename(directory / STATE_FILE)
+
     @staticmethod
     def _info(machine: _Machine) -> RuntimeInfo:
         pid = None if machine.state is PowerState.SHUTOFF else machine.pid
@@ -199,3 +282,31 @@ class FakeDriver(Driver):
         else:
             machine.state = PowerState.SHUTOFF
             self._emit(domain_id, K.STOPPED, stopped_reason)
+
+
+def _read_state(directory: Path, spec: DomainSpec) -> dict[str, str]:
+    """The fake machine state in `directory`, checked; DriverError(`invalid`) if it is
+    missing, corrupt, of a newer format or of another machine config."""
+
+    def refuse(why: str) -> DriverError:
+        return DriverError(f"saved state in {directory.name}: {why}", "invalid")
+
+    try:
+        outer = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
+        text, digest = outer["body"], outer["sha256"]
+    except FileNotFoundError:
+        raise refuse("no machine state") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise refuse("unreadable (corrupt)") from None
+    if not isinstance(text, str) or hashlib.sha256(text.encode()).hexdigest() != digest:
+        raise refuse("bad checksum (corrupt)")
+    body = json.loads(text)
+    if body["format"] > STATE_FORMAT:
+        raise refuse(f"format {body['format']} is newer than {STATE_FORMAT}")
+    if (body["domain_id"], body["vcpus"], body["memory_mib"]) != (
+        str(spec.uuid),
+        spec.vcpus,
+        spec.memory_mib,
+    ):
+        raise refuse("taken from another machine config")
+    return {"state": str(body["state"]), "console": str(body["console"])}

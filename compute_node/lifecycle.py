@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import structlog
 
-from compute_node.boot_sources import BootSources, SourceRefused
+from compute_node.boot_sources import BootFiles, BootSources, SourceRefused
 from compute_node.causes import PendingCauses
 from compute_node.console import ConsoleHandlers
 from compute_node.driver import (
@@ -31,6 +31,8 @@ from compute_node.driver import (
 from compute_node.net import PlumbingError
 from compute_node.networks import HostNetworks, NetworkRefused, interface_of
 from compute_node.resources import Claims
+from compute_node.saved_states import StateAreas
+from compute_node.saving import SaveHandlers
 from compute_node.storage_sources import StorageBindings, StorageSources, disk_layout
 from compute_node.store import DomainRecord, EventDraft, NameTaken, Store
 from compute_node.translate import translate
@@ -59,7 +61,7 @@ log = structlog.get_logger("flotilla.compute")
 K = GuestEventKind
 
 
-class Lifecycle(ConsoleHandlers, Service):
+class Lifecycle(ConsoleHandlers, SaveHandlers, Service):
     name = "compute"
 
     def __init__(
@@ -71,6 +73,7 @@ class Lifecycle(ConsoleHandlers, Service):
         sources: BootSources,
         *,
         storage: StorageSources | None = None,
+        states: StateAreas | None = None,
     ) -> None:
         self.host = host
         self.sources = sources
@@ -80,6 +83,8 @@ class Lifecycle(ConsoleHandlers, Service):
         self.enabled = True
         self.disabled_reason = ""
         self.store = store
+        # Where saves and snapshots go (compute_node.saved_states).
+        self.states = states or StateAreas(host, store.directory / "states", self.storage.pools)
         self.driver = driver
         self.claims = claims
         self._locks: defaultdict[uuid.UUID, threading.Lock] = defaultdict(threading.Lock)
@@ -133,6 +138,7 @@ class Lifecycle(ConsoleHandlers, Service):
             pid=pid,
             cpu_time_ns=cpu,
             interfaces=[Interface.model_validate(interface_of(p)) for p in record.ports],
+            managed_save=record.managed_save is not None,
         )
 
     # ---- driver events ---------------------------------------------------------------------
@@ -283,6 +289,8 @@ class Lifecycle(ConsoleHandlers, Service):
             self._check(record, Action.UNDEFINE)
             # First, so a process kept by a preserve policy ends before its record goes.
             self._driver_call(lambda: self.driver.remove(cmd.domain_id))
+            if record.managed_save is not None:
+                self.states.delete(record.managed_save)
             if self.networks is not None and record.ports:
                 # Best effort: a tap left behind is removed by the next reconcile (it is no
                 # stored port's), while a domain that cannot be undefined is stuck for good.
@@ -319,23 +327,44 @@ class Lifecycle(ConsoleHandlers, Service):
             record = self._record(domain_id)
             if not self._check(record, Action.START):
                 return
-            steps = [{K.STARTED, K.FAILED}, *([{K.PAUSED}] if paused else [])]
-            with self.causes.expecting(domain_id, cause, *steps):
+            if record.managed_save is not None:
+                self.start_from_managed_save(record, paused=paused, cause=cause)
+                return
+
+            def boot(files: BootFiles, nics: list[NicTap]) -> None:
+                self.driver.spawn(record.spec, files, paused=paused, nics=nics)
+
+            self._launch(record, boot, cause, paused=paused)
+
+    def _launch(
+        self,
+        record: DomainRecord,
+        launch: Callable[[BootFiles, list[NicTap]], None],
+        cause: Cause | None,
+        *,
+        paused: bool,
+    ) -> None:
+        """Open the domain's boot files and volumes, plug its ports, claim its resources and
+        call `launch` (the driver's spawn or restore) with them; the claim is released if it
+        fails. The caller holds the domain's lock and has checked the transition."""
+        domain_id = record.id
+        steps = [{K.STARTED, K.FAILED}, *([{K.PAUSED}] if paused else [])]
+        with self.causes.expecting(domain_id, cause, *steps):
+            with _refused():
+                files = self.sources.open(record.spec, privileged=record.privileged)
+            with files:
                 with _refused():
-                    files = self.sources.open(record.spec, privileged=record.privileged)
-                with files:
-                    with _refused():
-                        self.storage.open(record.spec, record.bindings, files)
-                    nics = self._plug(record)
-                    self.claims.claim(record.spec)
-                    try:
-                        self.driver.spawn(record.spec, files, paused=paused, nics=nics)
-                    except DriverError as exc:
-                        self.claims.release(domain_id)
-                        raise ServiceError(exc.code, exc.message, {"host": self.host}) from None
-                    except BaseException:
-                        self.claims.release(domain_id)
-                        raise
+                    self.storage.open(record.spec, record.bindings, files)
+                nics = self._plug(record)
+                self.claims.claim(record.spec)
+                try:
+                    launch(files, nics)
+                except DriverError as exc:
+                    self.claims.release(domain_id)
+                    raise ServiceError(exc.code, exc.message, {"host": self.host}) from None
+                except BaseException:
+                    self.claims.release(domain_id)
+                    raise
 
     def _plug(self, record: DomainRecord) -> list[NicTap]:
         """Plug the domain's ports (applying their networks) before its machine starts."""

@@ -131,6 +131,7 @@ class ComputeNode:
         self.reconcile_networks()
         self.adopt()
         self.storage.reconcile()
+        self.lifecycle.states.reconcile()
         self.outbox.start()
         self.bus.start(timeout)
         if self.networks is not None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compute_node.storage_sources import StorageBindings
-from protos.bindings import PortBinding
+from protos.bindings import PortBinding, StateRef
 from protos.codec import envelope_for, pack
 from protos.domain import DomainSpec, PowerState
 from protos.events import DomainEvent
@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS domains (
     updated REAL NOT NULL,
     privileged INTEGER NOT NULL DEFAULT 0,
     bindings TEXT NOT NULL DEFAULT '{}',
-    ports TEXT NOT NULL DEFAULT '[]'
+    ports TEXT NOT NULL DEFAULT '[]',
+    managed_save TEXT
 );
 CREATE TABLE IF NOT EXISTS volume_seqs (
     id TEXT PRIMARY KEY,
@@ -71,6 +72,9 @@ CREATE TABLE IF NOT EXISTS outbox (
 
 
 NO_BINDINGS = StorageBindings()
+_SELECT = (
+    "SELECT spec, state, seq, driver_n, privileged, bindings, ports, managed_save FROM domains"
+)
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,8 @@ class DomainRecord:
     bindings: StorageBindings = NO_BINDINGS
     # The NICs' ports the scheduler allocated (protos.bindings), in the spec's order.
     ports: tuple[PortBinding, ...] = ()
+    # The managed save the next start restores (compute_node.saving), if there is one.
+    managed_save: StateRef | None = None
 
     @property
     def id(self) -> uuid.UUID:
@@ -119,6 +125,7 @@ class Store:
 
     def __init__(self, path: Path, *, host: str, source: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.directory = path.parent
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -130,6 +137,8 @@ class Store:
             self._db.execute("ALTER TABLE domains ADD COLUMN bindings TEXT NOT NULL DEFAULT '{}'")
         if "ports" not in columns:  # a state dir from before NICs
             self._db.execute("ALTER TABLE domains ADD COLUMN ports TEXT NOT NULL DEFAULT '[]'")
+        if "managed_save" not in columns:  # a state dir from before managed saves
+            self._db.execute("ALTER TABLE domains ADD COLUMN managed_save TEXT")
         self._lock = threading.RLock()
         self._wal = f"{path}-wal"
         self._sync_lock = threading.Lock()
@@ -183,18 +192,14 @@ class Store:
     def get(self, domain_id: uuid.UUID) -> DomainRecord | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT spec, state, seq, driver_n, privileged, bindings, ports FROM domains "
-                "WHERE id = ?",
+                _SELECT + " WHERE id = ?",
                 (str(domain_id),),
             ).fetchone()
         return None if row is None else _record(row)
 
     def all(self) -> list[DomainRecord]:
         with self._lock:
-            rows = self._db.execute(
-                "SELECT spec, state, seq, driver_n, privileged, bindings, ports FROM domains "
-                "ORDER BY name"
-            ).fetchall()
+            rows = self._db.execute(_SELECT + " ORDER BY name").fetchall()
         return [_record(r) for r in rows]
 
     def define(
@@ -247,6 +252,14 @@ class Store:
             self._emit(db, record.spec, drafts)
             db.execute("DELETE FROM domains WHERE id = ?", (str(domain_id),))
 
+    def set_managed_save(self, domain_id: uuid.UUID, ref: StateRef | None) -> None:
+        """Keep `ref` as the domain's managed save (None: it has none)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE domains SET managed_save = ? WHERE id = ?",
+                (None if ref is None else ref.model_dump_json(), str(domain_id)),
+            )
+
     def transition(
         self,
         domain_id: uuid.UUID,
@@ -264,8 +277,7 @@ class Store:
         events' message ids derive from it (`event_id`). Without it the commit is fsynced."""
         with self._tx(durable=journaled is None) as db:
             row = db.execute(
-                "SELECT spec, state, seq, driver_n, privileged, bindings, ports FROM domains "
-                "WHERE id = ?",
+                _SELECT + " WHERE id = ?",
                 (str(domain_id),),
             ).fetchone()
             if row is None:
@@ -426,7 +438,7 @@ def event_id(domain_id: uuid.UUID, journaled: str, index: int) -> str:
     return str(uuid.uuid5(domain_id, f"journal/{journaled}/{index}"))
 
 
-def _record(row: tuple[str, str, int, int, int, str, str]) -> DomainRecord:
+def _record(row: tuple[str, str, int, int, int, str, str, str | None]) -> DomainRecord:
     return DomainRecord(
         spec=DomainSpec.model_validate(json.loads(row[0])),
         state=PowerState(row[1]),
@@ -435,4 +447,5 @@ def _record(row: tuple[str, str, int, int, int, str, str]) -> DomainRecord:
         privileged=bool(row[4]),
         bindings=StorageBindings.model_validate_json(row[5]),
         ports=tuple(PortBinding.model_validate(p) for p in json.loads(row[6])),
+        managed_save=None if row[7] is None else StateRef.model_validate_json(row[7]),
     )

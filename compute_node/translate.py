@@ -36,6 +36,16 @@ _STOPPED_DETAIL = {
     "destroyed": StoppedDetail.DESTROYED,
     "crashed": StoppedDetail.CRASHED,
     "failed": StoppedDetail.FAILED,
+    "saved": StoppedDetail.SAVED,
+}
+# A machine that continued from a saved state rather than booting (driver `detail`).
+_STARTED_DETAIL = {
+    "restored": StartedDetail.RESTORED,
+    "from_snapshot": StartedDetail.FROM_SNAPSHOT,
+}
+_SUSPENDED_DETAIL = {
+    "restored": SuspendedDetail.RESTORED,
+    "from_snapshot": SuspendedDetail.FROM_SNAPSHOT,
 }
 
 
@@ -50,14 +60,19 @@ def _started(event: GuestEvent, before: PowerState) -> Drafts:
         drafts.append(EventDraft(DomainStopped, P.SHUTOFF, StoppedDetail.CRASHED, "restart"))
     elif before is P.SHUTDOWN:  # restarted by on_poweroff=restart
         drafts.append(EventDraft(DomainStopped, P.SHUTOFF, StoppedDetail.SHUTDOWN, "restart"))
-    drafts.append(EventDraft(DomainStarted, P.RUNNING, StartedDetail.BOOTED, event.detail))
+    restored = _STARTED_DETAIL.get(event.detail)
+    if restored is not None:
+        drafts.append(EventDraft(DomainStarted, P.RUNNING, restored))
+    else:
+        drafts.append(EventDraft(DomainStarted, P.RUNNING, StartedDetail.BOOTED, event.detail))
     return drafts, P.RUNNING
 
 
-def _paused(_event: GuestEvent, before: PowerState) -> Drafts:
+def _paused(event: GuestEvent, before: PowerState) -> Drafts:
     if before is P.PAUSED:
         return [], before
-    return [EventDraft(DomainSuspended, P.PAUSED, SuspendedDetail.PAUSED)], P.PAUSED
+    detail = _SUSPENDED_DETAIL.get(event.detail, SuspendedDetail.PAUSED)
+    return [EventDraft(DomainSuspended, P.PAUSED, detail)], P.PAUSED
 
 
 def _resumed(_event: GuestEvent, before: PowerState) -> Drafts:

@@ -69,6 +69,9 @@ MAX_QUOTA = 2**31 - 1
 # The bounds before the validator, so the schema says minimum/maximum (after it, within a
 # union, pydantic writes them as unknown `ge`/`le` keywords).
 Limit = Annotated[int, Field(ge=0, le=MAX_QUOTA), NOT_BOOL_OR_TEXT]
+# Bytes need more than 32 bits (a 64-bit column); 2**53 - 1 (8 PiB) is where JSON numbers
+# read as doubles stop being exact, so the schema's bound means the same to every client.
+ByteLimit = Annotated[int, Field(ge=0, le=2**53 - 1), NOT_BOOL_OR_TEXT]
 
 
 class Quota(BaseModel):
@@ -78,6 +81,8 @@ class Quota(BaseModel):
     domains: Limit | None = None
     vcpus: Limit | None = None
     memory_mib: Limit | None = None
+    # What the project's saves, managed saves and snapshots may occupy (allocated bytes).
+    snapshot_bytes: ByteLimit | None = None
 
 
 class VolumeLimits(BaseModel):

@@ -37,6 +37,7 @@ from protos.events import DomainEvent, DomainStarted, DomainUndefined
 from protos.host import HostHeartbeat, HostInventory, Resources
 from protos.replies import DomainInfo
 from services.api.config import Quota, Role
+from services.api.saved_states import SavedStates
 from services.api.tables import (
     EVENT_LOG_LOCK,
     REGISTRY,
@@ -225,6 +226,8 @@ def _event(row: Row) -> EventRecord:
 class Registry:
     def __init__(self, db: Database) -> None:
         self.db = db
+        # Saves, managed saves and snapshot trees (services.api.saved_states).
+        self.states = SavedStates(db)
 
     @classmethod
     def open(cls, url: str) -> Registry:
@@ -705,6 +708,7 @@ class Registry:
                 domains=quota.domains,
                 vcpus=quota.vcpus,
                 memory_mib=quota.memory_mib,
+                snapshot_bytes=quota.snapshot_bytes,
             )
             cur.execute(
                 insert.on_conflict_do_update(
@@ -713,6 +717,7 @@ class Registry:
                         "domains": insert.excluded.domains,
                         "vcpus": insert.excluded.vcpus,
                         "memory_mib": insert.excluded.memory_mib,
+                        "snapshot_bytes": insert.excluded.snapshot_bytes,
                     },
                 )
             )
@@ -735,8 +740,10 @@ class Registry:
         """The quota an admin set through the API, if any (it overrides the config file)."""
         with self.db.transaction() as cur:
             row = cur.execute(
-                sa.select(quotas.c.domains, quotas.c.vcpus, quotas.c.memory_mib).where(
-                    quotas.c.project == project
-                )
+                sa.select(
+                    quotas.c.domains, quotas.c.vcpus, quotas.c.memory_mib, quotas.c.snapshot_bytes
+                ).where(quotas.c.project == project)
             ).first()
-        return Quota(domains=row[0], vcpus=row[1], memory_mib=row[2]) if row else None
+        if not row:
+            return None
+        return Quota(domains=row[0], vcpus=row[1], memory_mib=row[2], snapshot_bytes=row[3])

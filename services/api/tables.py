@@ -93,7 +93,32 @@ quotas = sa.Table(
     sa.Column("domains", sa.Integer),
     sa.Column("vcpus", sa.Integer),
     sa.Column("memory_mib", sa.Integer),
+    sa.Column("snapshot_bytes", sa.BigInteger),  # saves and snapshots, allocated bytes
 )
+
+# Saves, managed saves and domain snapshots (docs/snapshots.md). Snapshots of a domain form
+# a tree through `parent` (a state id); `current` marks the one the domain last came from.
+saved_states = sa.Table(
+    "saved_states",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),  # the StateRef's state_id
+    sa.Column("domain_id", sa.Text, nullable=False),
+    sa.Column("project", sa.Text, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),  # save | managed | snapshot
+    sa.Column("name", sa.Text),  # a snapshot's name, unique per domain
+    sa.Column("parent", sa.Text),
+    sa.Column("description", sa.Text, nullable=False, server_default=""),
+    sa.Column("current", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("host", sa.Text, nullable=False),
+    sa.Column("pool", sa.Text),
+    sa.Column("memory", sa.Integer, nullable=False),
+    sa.Column("power", sa.Text, nullable=False),
+    sa.Column("disks", sa.Text, nullable=False),  # JSON list of targets
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.DOUBLE_PRECISION, nullable=False),
+    sa.UniqueConstraint("domain_id", "name"),
+)
+sa.Index("saved_states_project", saved_states.c.project)
 
 # Keys the API derives things from (the host alias key), made once, shared by replicas.
 secrets_table = sa.Table(

@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     from services.cli.networks import add_verbs  # noqa: PLC0415
 
     add_verbs(verb)
+    from services.cli import snapshots  # noqa: PLC0415
+
+    snapshots.add_verbs(verb)
     return parser
 
 

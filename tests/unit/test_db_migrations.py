@@ -158,6 +158,8 @@ def describe(url: str) -> dict[str, Any]:
             inspector = sa.inspect(conn)
             tables: dict[str, Any] = {}
             for table in sorted(REGISTRY.metadata.tables):
+                if not inspector.has_table(table):
+                    continue  # a legacy database lacks what later revisions add
                 pk = inspector.get_pk_constraint(table)["constrained_columns"]
                 tables[table] = {
                     "columns": [
@@ -209,7 +211,18 @@ def test_a_fresh_database_migrates_to_head(url: str) -> None:
 def test_the_first_revision_is_the_legacy_schema(url: str, other_url: str) -> None:
     make_legacy(url)
     Registry.open(other_url).close()
-    assert describe(other_url) == describe(url)
+    assert legacy_part(describe(other_url)) == legacy_part(describe(url))
+
+
+def legacy_part(description: dict[str, Any]) -> dict[str, Any]:
+    """The tables and columns the releases before Alembic made (later revisions add more)."""
+    assert REGISTRY.legacy is not None
+    frozen = {**REGISTRY.legacy.tables, "secrets": frozenset({"name", "value"})}
+    return {
+        name: {**table, "columns": [c for c in table["columns"] if c[0] in frozen[name]]}
+        for name, table in description.items()
+        if name in frozen
+    }
 
 
 @pytest.mark.parametrize("secrets", [True, False], ids=["last", "older"])

@@ -56,7 +56,8 @@ def delete_token(token_id: str, ctx: Ctx, _admin: Admin) -> Response:
 
 def _project_view(ctx: Ctx, project: str) -> ProjectView:
     quota = ctx.registry.get_quota(project) or ctx.config.quota_for(project)
-    return ProjectView(project=project, quota=quota, usage=ctx.registry.usage(project))
+    usage = {**ctx.registry.usage(project), "snapshot_bytes": ctx.registry.states.usage(project)}
+    return ProjectView(project=project, quota=quota, usage=usage)
 
 
 @router.get("/v1/projects/{project}", response_model=ProjectView, responses=responses(401, 404))

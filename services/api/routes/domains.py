@@ -44,7 +44,7 @@ from services.api.models import (
 )
 from services.api.problems import Problem, responses
 from services.api.registry import DomainRecord, NameInUse, QuotaExceeded
-from services.api.routes import disks
+from services.api.routes import disks, snapshots
 from services.api.routes.deps import Caller, Ctx, Mask
 from services.api.routes.networks import domain_interfaces
 
@@ -246,6 +246,7 @@ def delete_domain(
             _check(record, Action.DESTROY)
         _check_gate(record, Action.UNDEFINE)
     ctx.registry.set_task(domain_id, TaskState.DELETING)
+    snapshots.drop_states(ctx, domain_id)
     try:
         _destroy_and_undefine(ctx, record.host, domain_id, record.power in ACTIVE_STATES)
     except Problem as problem:
@@ -350,6 +351,8 @@ def domain_action(
         timeout += body.timeout_s
     info = ctx.call_host(record.host, _command(domain_id, body), timeout)
     assert isinstance(info, DomainInfo)
+    if body.action is ActionName.START:
+        snapshots.forget_consumed_managed_save(ctx, info)
     updated = ctx.registry.observe_info(info)
     return DomainView.of(updated or record, mask)
 
