@@ -6,6 +6,7 @@ packets lost across a compute node restart).
                                         figures KVM, rabbitmq-server (or FLOTILLA_AMQP_URL),
                                         dnsmasq and iperf3)
     python bench/network.py --plug     (only net.port_plug_p50)
+    python bench/network.py --ready    (net.port_plug_p50 and net.port_ready_p50 only)
 
 net.port_plug_p50: the steps that give one guest NIC its host side -- a persistent tap owned
 by the VMM user, attached to the network's bridge with the MTU set and up, and its
@@ -127,7 +128,7 @@ def guest_figures() -> list[dict[str, object]]:
     if reason is not None or shutil.which("iperf3") is None:
         say(f"bench/network: guest figures skipped: {reason or 'iperf3 is not installed'}")
         return []
-    return network_guests.measure(testguest.build())
+    return network_guests.measure(testguest.build(), ready_only="--ready" in sys.argv[1:])
 
 
 def measure(state: Path) -> dict[str, object]:
