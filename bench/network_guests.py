@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -138,9 +139,13 @@ class Lab:
             "FLOTILLA_NET_UNDERLAY": UNDERLAY[host.role],
             "FLOTILLA_HEARTBEAT_INTERVAL_S": "1",
         }
+        # With FLOTILLA_BENCH_LOGS the nodes' logs are kept, at info: each start's
+        # "ports plumbed" line says how long the network's apply, the plug and the
+        # wait for the network service's answer took.
+        level = "info" if os.environ.get("FLOTILLA_BENCH_LOGS") else "warning"
         host.proc = subprocess.Popen(
             [sys.executable, "-m", "compute_node.main", "--host", host.name, "--state-dir",
-             str(host.state), "--amqp-url", self.url, "--log-level", "warning"],
+             str(host.state), "--amqp-url", self.url, "--log-level", level],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
         log.close()
@@ -162,6 +167,12 @@ class Lab:
         host.proc.wait(10)
 
     def close(self) -> None:
+        keep = os.environ.get("FLOTILLA_BENCH_LOGS")  # a directory for the nodes' logs
+        if keep:
+            for host in self.hosts.values():
+                log = host.state / "compute.log"
+                if log.exists():
+                    shutil.copy(log, Path(keep) / f"compute-{host.role}.log")
         self.watcher.shutdown()
         self.announcer.stop()
         self.announcer.bus.close()
@@ -247,11 +258,23 @@ class Lab:
                 return found
             time.sleep(0.001)
         logs = "".join(
-            f"\n== {log}\n{log.read_text(errors='replace')[-1500:]}"
+            f"\n== {log}\n{log.read_text(errors='replace')[-8000:]}"
             for host in self.hosts.values()
-            for log in (host.state / "net" / "dnsmasq").glob("*.log")
+            for log in [
+                *(host.state / "net" / "dnsmasq").glob("*.log"),
+                *(host.state / "domains").glob(f"*/{CONSOLE_LOG}"),
+                host.state / "compute.log",
+            ]
+            if log.exists()
         )
-        raise SystemExit(f"bench/network: no {pattern!r} in {timeout} s:\n{text[-2000:]}{logs}")
+        tables = "".join(
+            f"\n== {host.ns}: {' '.join(argv)}\n" + in_ns(host.ns, *argv)
+            for host in self.hosts.values()
+            for argv in (["bridge", "fdb", "show"], ["ip", "neigh", "show"], ["ip", "-br", "link"])
+        )
+        raise SystemExit(
+            f"bench/network: no {pattern!r} in {timeout} s:\n{text[-2000:]}{logs}{tables}"
+        )
 
     def seen_at(
         self, role: str, domain_id: uuid.UUID, pattern: str, timeout: float

@@ -4,7 +4,8 @@ other hosts' ports (l2population) pushed as VXLAN forwarding entries.
 A domain's `PortBinding`s (from the scheduler's DefineDomain) are kept with its definition
 in the node's store. From them and the node's own settings (uplink for `nat`, underlay for
 VXLAN, the data-plane namespace) follow the `NetworkPlumbing` and `PortPlumbing` the host
-must have: `attach` applies the networks and plugs the taps before the VMM starts, `detach`
+must have: `begin_attach` makes the taps for the VMM and applies the networks and plugs the
+taps while it starts (`attach`: all of it before returning), `detach`
 unplugs them on undefine and removes a network with its last port. A restarted node calls
 `reconcile` with every stored binding: `Plumber.reconcile` changes only what differs, so a
 guest's traffic does not stop for a node restart.
@@ -60,7 +61,7 @@ PLUMBED = "plumbed"
 
 
 # How long a guest's start waits for the other hosts' ports of a network new to this host.
-ANSWER_WAIT_S = 2.0
+ANSWER_WAIT_S = 5.0
 # (network ids, their bound ports, the tick when asked) or None: not answered in time.
 Answer = tuple[frozenset[str], list[PortBound], int]
 AnswerWait = Callable[[float], Answer | None]
@@ -176,6 +177,29 @@ class HostNetworks:
             return []
         return self._on_thread(self._attach, ports)
 
+    def begin_attach(self, ports: Sequence[PortBinding]) -> tuple[list[NicTap], Future[object]]:
+        """`attach` in two parts, so the VMM can start while the host is plumbed: the taps
+        are made now (down and on no bridge, so a guest's frames go nowhere yet) and
+        returned with the rest under way on the plumbing thread (networks applied, each
+        tap's anti-spoofing rules before it joins its bridge and comes up, DHCP). The
+        caller waits for the Future (NetworkRefused / PlumbingError) before it reports the
+        guest started."""
+        if not ports:
+            done: Future[object] = Future()
+            done.set_result(None)
+            return [], done
+        taps = self._on_thread(self._create_taps, ports)
+        return taps, self._thread.submit(self._attach, ports)
+
+    def _create_taps(self, ports: Sequence[PortBinding]) -> list[NicTap]:
+        plumber = self._open()
+        taps = []
+        for binding in ports:
+            _network, port = self.plumbing(binding)
+            plumber.create_tap(port)
+            taps.append(NicTap(port.tap, port.mac, self.settings.netns))
+        return taps
+
     def _attach(self, ports: Sequence[PortBinding]) -> list[NicTap]:
         taps = []
         plumber = self._open()
@@ -185,22 +209,34 @@ class HostNetworks:
         new = {network.network_id for network, _ in plumbing} - before
         # Other hosts' ports of a network new here are asked for now, while it is applied.
         answer = self.carried_changed(before | new) if new else _no_answer
+        took = {"apply": 0.0, "plug": 0.0, "answer": 0.0}
         for network, port in plumbing:
             desired = plumber.desired
+            start = time.perf_counter()
             if network not in desired.networks:
                 plumber.apply(network)
                 self._push_remotes(plumber, network)
+            applied = time.perf_counter()
             if port not in desired.ports:
                 plumber.plug(port)
+            took["apply"] += applied - start
+            took["plug"] += time.perf_counter() - applied
             taps.append(NicTap(port.tap, port.mac, self.settings.netns))
         if new:
             # Their forwarding entries before the guest runs, unless the network service is
             # slow to answer: then they follow (compute_node/remote_ports.py).
+            start = time.perf_counter()
             answered = answer(ANSWER_WAIT_S)
+            took["answer"] = time.perf_counter() - start
             if answered is None:
                 log.warning("remote ports not known yet", networks=sorted(new))
             else:
                 self._learn(*answered)
+        log.info(
+            "ports plumbed",
+            ports=len(ports),
+            **{f"{k}_ms": round(v * 1e3, 2) for k, v in took.items()},
+        )
         return taps
 
     def detach(self, ports: Sequence[PortBinding]) -> None:
@@ -308,8 +344,8 @@ class HostNetworks:
             known = self._remotes[key]
             self._remotes[key] = _Remote(known.seq, known.host, None, self._next_tick())
             assert known.vtep is not None
-            if self._plumber is not None and known.vtep.network_id in self._carried():
-                self._plumber.fdb_del(known.vtep)
+            if known.vtep.network_id in self._carried():
+                self._fdb_del(known.vtep)
             log.info("remote port gone", mac=known.vtep.mac, vtep=str(known.vtep.remote))
         if changed or gone:
             self._save_remotes()
@@ -336,7 +372,7 @@ class HostNetworks:
                 continue  # nothing plumbed yet: the entry is pushed when its network is
             old = known.vtep if known is not None else None
             if old is not None and old != remote and old.network_id in carried:
-                self._plumber.fdb_del(old)
+                self._fdb_del(old)
             network = carried.get(remote.network_id) if remote is not None else None
             if remote is not None and network is not None and network.vni is not None:
                 self._plumber.fdb_add(remote)
@@ -344,6 +380,21 @@ class HostNetworks:
         if changed and save:
             self._save_remotes()  # after the entries are pushed: they are what is waited for
         return changed
+
+    def _fdb_del(self, vtep: RemoteVtep) -> None:
+        """Remove a remote port's forwarding entry and neighbour unless a known port still
+        needs them: one deleted while this host did not hear it may share its MAC and
+        address with the port that took its place."""
+        if self._plumber is None or any(r.vtep == vtep for r in self._remotes.values()):
+            return
+        self._plumber.fdb_del(vtep)
+        for r in self._remotes.values():  # an address or MAC another port holds now
+            if (
+                r.vtep is not None
+                and r.vtep.network_id == vtep.network_id
+                and (r.vtep.ipv4 == vtep.ipv4 or r.vtep.mac == vtep.mac)
+            ):
+                self._plumber.fdb_add(r.vtep)
 
     def _next_tick(self) -> int:
         self._tick += 1
@@ -428,7 +479,10 @@ class HostNetworks:
                 device = self.settings.underlay_device or self._underlay_device()
                 underlay = Underlay(self.settings.underlay, device)
             self._dir.mkdir(parents=True, exist_ok=True)
-            self._plumber = Plumber(self._dir, netns=self.settings.netns, underlay=underlay)
+            # dnsmasq comes up while the guest starts (it asks for a lease only once booted).
+            self._plumber = Plumber(
+                self._dir, netns=self.settings.netns, underlay=underlay, dhcp_background=True
+            )
         return self._plumber
 
     def _underlay_device(self) -> str:

@@ -18,6 +18,7 @@ backoff, until it does, and its answer is pushed when it comes.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 
 import structlog
@@ -139,7 +140,9 @@ class RemotePorts:
 
     def _rebind(self, want: frozenset[str]) -> None:
         assert self.subscription is not None
+        start = time.perf_counter()
         self.subscription.rebind(patterns(want))
+        log.info("port queue rebound", ms=round((time.perf_counter() - start) * 1e3, 2))
         with self._cond:
             self._ask |= want - self._bound
             self._ask -= self._bound - want
@@ -152,6 +155,7 @@ class RemotePorts:
         if not ask:
             return
         tick = self._networks.tick
+        start = time.perf_counter()
         try:
             reply = self._bus.call(
                 routing.NETWORK_QUEUE,
@@ -171,4 +175,9 @@ class RemotePorts:
         # Not waited for: the plumbing thread may be waiting for this very answer.
         self._networks.learn(*answer)
         self.asked += 1
-        log.info("remote ports learned", networks=len(ask), ports=len(reply.ports))
+        log.info(
+            "remote ports learned",
+            networks=len(ask),
+            ports=len(reply.ports),
+            ask_ms=round((time.perf_counter() - start) * 1e3, 2),
+        )
