@@ -31,6 +31,7 @@ from compute_node.net.models import (
     RemoteVtep,
     check_port_address,
 )
+from compute_node.net.rtnl import Rtnl
 
 log = structlog.get_logger(__name__)
 IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
@@ -75,6 +76,7 @@ class Plumber:
         self._uid = os.geteuid() if tap_uid is None else tap_uid
         self._gid = os.getegid() if tap_gid is None else tap_gid
         self._links = Links(netns)
+        self._rtnl = Rtnl(netns)  # the plug's one request, without pyroute2's round trip
         self._nft = Nftables(netns)
         self._dnsmasq = Dnsmasq(state_dir, netns, background=dhcp_background)
         self._networks: dict[str, NetworkPlumbing] = {}
@@ -92,6 +94,7 @@ class Plumber:
     def close(self) -> None:
         self._dnsmasq.settle()
         self._links.close()
+        self._rtnl.close()
         self._nft.close()
 
     def __enter__(self) -> Plumber:
@@ -169,13 +172,13 @@ class Plumber:
         bridge = self._bridge_index.get(network.bridge)
         if bridge is not None:
             try:
-                self._links.set(index, master=bridge, mtu=network.mtu, state="up")
+                self._rtnl.enslave_up(index, bridge, network.mtu)
             except NetlinkError:  # a stale bridge index: look it up again
                 bridge = None
         if bridge is None:
             bridge = self._must(network.bridge).index
             self._bridge_index[network.bridge] = bridge
-            self._links.set(index, master=bridge, mtu=network.mtu, state="up")
+            self._rtnl.enslave_up(index, bridge, network.mtu)
         if network.dhcp:
             self._dhcp(network)
         return port.tap
