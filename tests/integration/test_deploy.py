@@ -22,7 +22,14 @@ from compute_node.node import ComputeNode
 from protos import routing
 from protos.commands import DefineDomain
 from protos.domain import BootSpec, DomainSpec, NicSpec
-from protos.network import AllocatePorts, CreateNetwork, NetworkInfo, PortBindings
+from protos.network import (
+    AllocatePorts,
+    BoundPorts,
+    CreateNetwork,
+    ListBoundPorts,
+    NetworkInfo,
+    PortBindings,
+)
 from protos.replies import DomainInfo
 from services.broker import PrivateBroker
 from services.bus import Bus
@@ -132,6 +139,15 @@ def test_network_service_runs_as_its_own_user(
                     timeout=10,
                 )
                 assert isinstance(reply, PortBindings)
+            # A compute node's user asks it for a network's bound ports (l2population).
+            with Bus(url(node, "flotilla-compute"), source="compute:h1") as compute:
+                bound = compute.call(
+                    routing.NETWORK_QUEUE,
+                    ListBoundPorts(network_ids=[created.network_id]),
+                    timeout=10,
+                )
+                assert isinstance(bound, BoundPorts)
+                assert bound.ports == []  # allocated, not bound yet
             deadline = time.monotonic() + 10
             while seen != ["network.created", "port.created"]:
                 assert time.monotonic() < deadline, seen
