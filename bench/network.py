@@ -6,14 +6,15 @@ packets lost across a compute node restart).
                                         figures KVM, rabbitmq-server (or FLOTILLA_AMQP_URL),
                                         dnsmasq and iperf3)
     python bench/network.py --plug     (only net.port_plug_p50)
+    python bench/network.py --ready    (net.port_plug_p50 and net.port_ready_p50 only)
 
 net.port_plug_p50: the steps that give one guest NIC its host side -- a persistent tap owned
 by the VMM user, attached to the network's bridge with the MTU set and up, and its
-anti-spoofing rules -- done by `Plumber.plug` in-process (the tap ioctls, one netlink
-request through pyroute2, one libnftables JSON batch adding the port's chain, rules and map
-entry) against the same steps as the `ip`/`nft` subprocesses libvirt and Neutron's
-linuxbridge agent run (`ip tuntap add`, `ip link set ... master ... mtu ... up`, `nft -f -`
-with the same rules and map entry). Both run in one network namespace the bench creates
+anti-spoofing rules -- done by `Plumber.plug` in-process (the tap ioctls, one libnftables
+JSON batch adding the port's chain, rules and map entry, one rtnetlink request packed by
+compute_node/net/rtnl.py) against the same steps as the `ip`/`nft` subprocesses libvirt and
+Neutron's linuxbridge agent run (`ip tuntap add`, `ip link set ... master ... mtu ... up`,
+`nft -f -` with the same rules and map entry). Both run in one network namespace the bench creates
 (the main thread enters it, so subprocesses start there too) and deletes; rounds are
 interleaved, and each path's port is removed again, untimed.
 
@@ -127,7 +128,7 @@ def guest_figures() -> list[dict[str, object]]:
     if reason is not None or shutil.which("iperf3") is None:
         say(f"bench/network: guest figures skipped: {reason or 'iperf3 is not installed'}")
         return []
-    return network_guests.measure(testguest.build())
+    return network_guests.measure(testguest.build(), ready_only="--ready" in sys.argv[1:])
 
 
 def measure(state: Path) -> dict[str, object]:
@@ -162,7 +163,7 @@ def measure(state: Path) -> dict[str, object]:
     ours_ms = statistics.median(ours) * 1e3
     theirs_ms = statistics.median(theirs) * 1e3
     say(f"net.port_plug ({ROUNDS} interleaved rounds, medians)")
-    say(f"  ours (pyroute2 + tap ioctls + libnftables JSON)  {ours_ms:7.3f} ms"
+    say(f"  ours (tap ioctls + rtnetlink + libnftables JSON) {ours_ms:7.3f} ms"
         f"  (min {min(ours) * 1e3:.3f}, max {max(ours) * 1e3:.3f})")  # fmt: skip
     say(f"  ip/nft subprocesses                             {theirs_ms:7.3f} ms"
         f"  (min {min(theirs) * 1e3:.3f}, max {max(theirs) * 1e3:.3f})")  # fmt: skip

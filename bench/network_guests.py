@@ -1,13 +1,16 @@
 """Guest networking end to end: two compute "hosts" whose data planes live in namespaces the
 bench makes, joined by a veth underlay (VXLAN between them), each a `flotilla-compute`
 process on a private broker running test guests on KVM. The bench plays the network
-service: it hand-makes the ports and publishes their `port.bound` / `port.deleted` events.
+service: it hand-makes the ports, publishes their `port.bound` / `port.deleted` events and
+answers the nodes' ListBoundPorts (tests/integration/port_announcer.py).
 
 - net.port_ready_p50: from the DefineDomain request for guest A on host a to the first ICMP
   echo reply guest B on host b gets from it (B pings A's address every millisecond from
   before A exists). Includes the define/start RPCs, network apply and port plug, the VMM
   process start, A's DHCP exchange, the `port.bound` l2population on host b and ARP.
-  Anchor: Neutron with OVN's published 5.8 s port binds.
+  Anchor: Neutron with OVN's published 5.8 s port binds. Printed beside it, per stage
+  (medians): the define RPC, the start RPC (network applied, port plugged, VMM spawned),
+  A's DHCP lease on its console, B's first reply.
 - net.guest_udp_pps: guest A sends 64-byte UDP datagrams (`netbench=`) across VXLAN to a bare
   namespace on host b's bridge; received packets are read from that namespace's interface
   counters. The floor is iperf3 (UDP, 64-byte payloads, unlimited rate) between two bare
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -31,6 +35,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
@@ -49,8 +54,8 @@ from protos.commands import (
     UndefineDomain,
 )
 from protos.domain import BootSpec, DomainSpec, NicSpec
-from protos.network import PortBound, PortDeleted
 from services.bus import Bus, RemoteError
+from tests.integration.port_announcer import PortAnnouncer
 
 UNDERLAY = {"a": "10.77.0.1", "b": "10.77.0.2"}
 READY_ROUNDS = 7
@@ -115,7 +120,10 @@ class Lab:
             ip("link", "set", "under0", "up", ns=host.ns)
             host.state.mkdir()
         self.bus = Bus(url, source="bench-network").start(30)
-        self.seq: dict[uuid.UUID, int] = {}
+        self.watcher = ThreadPoolExecutor(1, thread_name_prefix="console-watch")
+        self.announcer = PortAnnouncer(
+            Bus(url, source="bench-network-service").start(30), project="bench"
+        ).start()
 
     def ns(self, name: str) -> str:
         ip("netns", "add", name)
@@ -131,9 +139,13 @@ class Lab:
             "FLOTILLA_NET_UNDERLAY": UNDERLAY[host.role],
             "FLOTILLA_HEARTBEAT_INTERVAL_S": "1",
         }
+        # With FLOTILLA_BENCH_LOGS the nodes' logs are kept, at info: each start's
+        # "ports plumbed" line says how long the network's apply, the plug and the
+        # wait for the network service's answer took.
+        level = "info" if os.environ.get("FLOTILLA_BENCH_LOGS") else "warning"
         host.proc = subprocess.Popen(
             [sys.executable, "-m", "compute_node.main", "--host", host.name, "--state-dir",
-             str(host.state), "--amqp-url", self.url, "--log-level", "warning"],
+             str(host.state), "--amqp-url", self.url, "--log-level", level],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
         log.close()
@@ -155,6 +167,15 @@ class Lab:
         host.proc.wait(10)
 
     def close(self) -> None:
+        keep = os.environ.get("FLOTILLA_BENCH_LOGS")  # a directory for the nodes' logs
+        if keep:
+            for host in self.hosts.values():
+                log = host.state / "compute.log"
+                if log.exists():
+                    shutil.copy(log, Path(keep) / f"compute-{host.role}.log")
+        self.watcher.shutdown()
+        self.announcer.stop()
+        self.announcer.bus.close()
         self.bus.close()
         for host in self.hosts.values():
             if host.proc is not None and host.proc.poll() is None:
@@ -185,29 +206,17 @@ class Lab:
         )
 
     def bound(self, role: str, port: PortBinding) -> None:
-        self.seq[port.port_id] = self.seq.get(port.port_id, 0) + 1
-        self.bus.publish_event(
-            PortBound(
-                port_id=port.port_id, network_id=NET.network_id, project="bench", mac=port.mac,
-                ipv4=port.ipv4, vni=NET.vni, seq=self.seq[port.port_id],
-                host=self.hosts[role].name, vtep=IPv4Address(UNDERLAY[role]),
-            ),
-            timeout=10,
-        )  # fmt: skip
+        self.announcer.bound(port, self.hosts[role].name, UNDERLAY[role])
 
     def deleted(self, port: PortBinding) -> None:
-        self.seq[port.port_id] = self.seq.get(port.port_id, 0) + 1
-        self.bus.publish_event(
-            PortDeleted(
-                port_id=port.port_id, network_id=NET.network_id, project="bench", mac=port.mac,
-                ipv4=port.ipv4, seq=self.seq[port.port_id],
-            ),
-            timeout=10,
-        )  # fmt: skip
+        self.announcer.deleted(port)
 
     # ---- guests ------------------------------------------------------------------------------
 
-    def define(self, role: str, port: PortBinding, cmdline: str) -> uuid.UUID:
+    def define(
+        self, role: str, port: PortBinding, cmdline: str, marks: list[float] | None = None
+    ) -> uuid.UUID:
+        """Define and start; `marks` gets the time each RPC returned."""
         spec = DomainSpec(
             name=f"g-{uuid.uuid4().hex[:8]}",
             memory_mib=64,
@@ -216,7 +225,11 @@ class Lab:
         )
         queue = self.hosts[role].queue
         self.bus.call(queue, DefineDomain(spec=spec, ports=[port]), timeout=30)
+        if marks is not None:
+            marks.append(time.perf_counter())
         self.bus.call(queue, StartDomain(domain_id=spec.uuid), timeout=30)
+        if marks is not None:
+            marks.append(time.perf_counter())
         return spec.uuid
 
     def remove(self, role: str, domain_id: uuid.UUID) -> None:
@@ -245,11 +258,44 @@ class Lab:
                 return found
             time.sleep(0.001)
         logs = "".join(
-            f"\n== {log}\n{log.read_text(errors='replace')[-1500:]}"
+            f"\n== {log}\n{log.read_text(errors='replace')[-8000:]}"
             for host in self.hosts.values()
-            for log in (host.state / "net" / "dnsmasq").glob("*.log")
+            for log in [
+                *(host.state / "net" / "dnsmasq").glob("*.log"),
+                *(host.state / "domains").glob(f"*/{CONSOLE_LOG}"),
+                host.state / "compute.log",
+            ]
+            if log.exists()
         )
-        raise SystemExit(f"bench/network: no {pattern!r} in {timeout} s:\n{text[-2000:]}{logs}")
+        tables = "".join(
+            f"\n== {host.ns}: {' '.join(argv)}\n" + in_ns(host.ns, *argv)
+            for host in self.hosts.values()
+            for argv in (["bridge", "fdb", "show"], ["ip", "neigh", "show"], ["ip", "-br", "link"])
+        )
+        raise SystemExit(
+            f"bench/network: no {pattern!r} in {timeout} s:\n{text[-2000:]}{logs}{tables}"
+        )
+
+    def seen_at(
+        self, role: str, domain_id: uuid.UUID, pattern: str, timeout: float
+    ) -> Future[float]:
+        """When `pattern` first shows in the guest's console log, polled every millisecond
+        on a thread of its own."""
+        path = self.hosts[role].state / "domains" / str(domain_id) / CONSOLE_LOG
+        rx = re.compile(pattern)
+
+        def watch() -> float:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                try:
+                    if rx.search(path.read_text(errors="replace")):
+                        return time.perf_counter()
+                except OSError:
+                    pass
+                time.sleep(0.001)
+            return float("nan")
+
+        return self.watcher.submit(watch)
 
     def bare(self, role: str, n: int) -> tuple[str, PortBinding]:
         """A bare namespace on host `role`'s bridge (a veth, no port chain) at 10.66.0.n,
@@ -290,32 +336,43 @@ def lab(guest: Path) -> Iterator[Lab]:
             made.close()
 
 
-def port_ready(lab: Lab) -> list[float]:
+STAGES = ("define RPC", "start RPC", "A's DHCP lease", "B's first reply")
+
+
+def port_ready(lab: Lab) -> tuple[list[float], dict[str, list[float]]]:
     """Per round: B (host b) pings A's address every ms; A is created on host a; the time
-    from the define request to B's first reply."""
+    from the define request to B's first reply, and when each stage ended (from the start,
+    A's lease as its console shows it, polled every millisecond)."""
     times = []
+    stages: dict[str, list[float]] = {name: [] for name in STAGES}
     for _ in range(READY_ROUNDS):
         pa, pb = lab.port(10), lab.port(20)
         lab.bound("b", pb)
         b = lab.define("b", pb, "net=dhcp ping=10.66.0.10,60000,1")
         lab.console("b", b, r"NET up ", 30)
+        marks: list[float] = []
         start = time.perf_counter()
-        a = lab.define("a", pa, "net=dhcp")
+        a = lab.define("a", pa, "net=dhcp", marks)
+        leased = lab.seen_at("a", a, r"NET up ", 30)
         # The scheduler binds once the host took the domain: the network service announces.
         lab.bound("a", pa)
         lab.console("b", b, r"PING first reply .*\n", 30)
-        times.append(time.perf_counter() - start)
+        end = time.perf_counter()
+        times.append(end - start)
+        lease = leased.result()
+        for name, at in zip(STAGES, [*marks, lease, end], strict=True):
+            stages[name].append(at - start)
         lab.remove("b", b)
         lab.remove("a", a)
         lab.deleted(pa)
         lab.deleted(pb)
-    return times
+    return times, stages
 
 
-def start_without_nic(lab: Lab) -> list[float]:
+def start_without_nic(lab: Lab) -> tuple[list[float], list[float]]:
     """The same define and start RPCs for a guest without a NIC, to its `ready` line: what
     the host costs before any networking (this machine's load moves it a lot)."""
-    times = []
+    times, started = [], []
     for _ in range(3):
         spec = DomainSpec(
             name=f"g-{uuid.uuid4().hex[:8]}",
@@ -326,10 +383,11 @@ def start_without_nic(lab: Lab) -> list[float]:
         start = time.perf_counter()
         lab.bus.call(queue, DefineDomain(spec=spec), timeout=30)
         lab.bus.call(queue, StartDomain(domain_id=spec.uuid), timeout=30)
+        started.append(time.perf_counter() - start)
         lab.console("a", spec.uuid, r"READY .*\n", 30)
         times.append(time.perf_counter() - start)
         lab.remove("a", spec.uuid)
-    return times
+    return times, started
 
 
 def restart_lost(lab: Lab) -> tuple[int, int]:
@@ -397,31 +455,44 @@ def throughput(lab: Lab) -> dict[str, float]:
     return {"guest_pps": guest_pps, "floor_pps": floor_pps, "floor_gbps": floor_gbps}
 
 
-def measure(guest: Path) -> list[dict[str, object]]:
+def measure(guest: Path, ready_only: bool = False) -> list[dict[str, object]]:
     with lab(guest) as made:
-        bare_start = start_without_nic(made)
-        ready = port_ready(made)
-        lost, sent = restart_lost(made)
-        rates = throughput(made)
+        bare_start, bare_started = start_without_nic(made)
+        ready, stages = port_ready(made)
+        if ready_only:
+            lost, sent, rates = 0, 0, {}
+        else:
+            lost, sent = restart_lost(made)
+            rates = throughput(made)
     ready_ms = statistics.median(ready) * 1e3
     no_nic_ms = statistics.median(bare_start) * 1e3
     say(f"net.port_ready ({READY_ROUNDS} rounds): p50 {ready_ms:.1f} ms "
         f"(min {min(ready) * 1e3:.1f}, max {max(ready) * 1e3:.1f}); a guest without a NIC "
         f"from define to ready in the same run: p50 {no_nic_ms:.1f} ms")  # fmt: skip
+    ends = {name: statistics.median(v) * 1e3 for name, v in stages.items()}
+    say(
+        f"  without a NIC, the start RPC returned at {statistics.median(bare_started) * 1e3:.1f} ms"
+    )
+    say("  stage ends (medians, ms from the define request): "
+        + ", ".join(f"{name} {at:.1f}" for name, at in ends.items()))  # fmt: skip
+    ready_figure = figure(
+        "net.port_ready_p50",
+        ready_ms,
+        "ms",
+        anchor="Neutron+OVN published port bind",
+        anchor_value=5800.0,
+        target="<= 50 ms",
+        no_nic_define_to_ready_ms=round(no_nic_ms, 1),
+        stage_ends_ms={name: round(at, 1) for name, at in ends.items()},
+    )
+    if ready_only:
+        return [ready_figure]
     say(f"net.agent_restart_lost: {lost} of {sent} pings 10 ms apart across kill -9 + restart")
     say(f"net.guest_udp_pps: guest {rates['guest_pps']:.0f} pps, "
         f"bare namespaces (iperf3) {rates['floor_pps']:.0f} pps")  # fmt: skip
     say(f"net.guest_tcp_gbps: the test guest has no TCP; floor {rates['floor_gbps']:.2f} Gbit/s")
     return [
-        figure(
-            "net.port_ready_p50",
-            ready_ms,
-            "ms",
-            anchor="Neutron+OVN published port bind",
-            anchor_value=5800.0,
-            target="<= 50 ms",
-            no_nic_define_to_ready_ms=round(no_nic_ms, 1),
-        ),
+        ready_figure,
         figure(
             "net.guest_udp_pps",
             rates["guest_pps"],

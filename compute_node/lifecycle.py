@@ -13,6 +13,7 @@ import threading
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 
 import structlog
@@ -355,35 +356,47 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, Service):
             with files:
                 with _refused():
                     self.storage.open(record.spec, record.bindings, files)
-                nics = self._plug(record)
-                self.claims.claim(record.spec)
+                nics, plumbed = self._plug(record)
+                try:
+                    self.claims.claim(record.spec)
+                except BaseException:
+                    _quietly(plumbed)
+                    raise
                 try:
                     launch(files, nics)
                 except DriverError as exc:
                     self.claims.release(domain_id)
+                    _quietly(plumbed)
                     raise ServiceError(exc.code, exc.message, {"host": self.host}) from None
                 except BaseException:
                     self.claims.release(domain_id)
+                    _quietly(plumbed)
+                    raise
+                try:
+                    self._network_call(plumbed.result)
+                except ServiceError:
+                    # A guest without its network is no started guest.
+                    self.driver.destroy(domain_id)
                     raise
 
-    def _plug(self, record: DomainRecord) -> list[NicTap]:
-        """Plug the domain's ports (applying their networks) before its machine starts."""
+    def _plug(self, record: DomainRecord) -> tuple[list[NicTap], Future[object]]:
+        """The domain's taps for its machine, and the rest of its ports' plumbing (their
+        networks applied, rules, bridge, DHCP) under way while the machine starts: wait for
+        it before the start is reported."""
+        done: Future[object] = Future()
+        done.set_result(None)
         if not record.ports:
-            return []
+            return [], done
         if self.networks is None:
             # A host without plumbing (the fake driver's): the driver gets the taps' names.
-            return [NicTap(HostNetworks.tap_name(p), p.mac) for p in record.ports]
+            return [NicTap(HostNetworks.tap_name(p), p.mac) for p in record.ports], done
         networks = self.networks
-        taps: list[NicTap] = []
-
-        def plug() -> None:
-            taps.extend(networks.attach(record.ports))
-
-        self._network_call(plug)
-        return taps
+        found: list[tuple[list[NicTap], Future[object]]] = []
+        self._network_call(lambda: found.append(networks.begin_attach(record.ports)))
+        return found[0]
 
     @staticmethod
-    def _network_call(call: Callable[[], None]) -> None:
+    def _network_call(call: Callable[[], object]) -> None:
         try:
             call()
         except NetworkRefused as exc:
@@ -528,3 +541,11 @@ def _refused() -> Iterator[None]:
         yield
     except SourceRefused as exc:
         raise ServiceError(exc.code, exc.message, {"field": exc.field}) from None
+
+
+def _quietly(plumbed: Future[object]) -> None:
+    """Wait for plumbing whose guest did not start (its failure is not the one to report)."""
+    try:
+        plumbed.result()
+    except Exception as exc:
+        log.warning("plumbing of a guest that did not start failed", error=str(exc))

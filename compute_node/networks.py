@@ -4,15 +4,17 @@ other hosts' ports (l2population) pushed as VXLAN forwarding entries.
 A domain's `PortBinding`s (from the scheduler's DefineDomain) are kept with its definition
 in the node's store. From them and the node's own settings (uplink for `nat`, underlay for
 VXLAN, the data-plane namespace) follow the `NetworkPlumbing` and `PortPlumbing` the host
-must have: `attach` applies the networks and plugs the taps before the VMM starts, `detach`
+must have: `begin_attach` makes the taps for the VMM and applies the networks and plugs the
+taps while it starts (`attach`: all of it before returning), `detach`
 unplugs them on undefine and removes a network with its last port. A restarted node calls
 `reconcile` with every stored binding: `Plumber.reconcile` changes only what differs, so a
 guest's traffic does not stop for a node restart.
 
-l2population: the node consumes `port.bound.*` / `port.deleted.*` on a durable queue of its
-own (`compute.<host>.ports`), so events published while it was down wait for it (replay).
-Every remote port it hears of is kept in `<state>/net/remotes.json` whether or not this host
-carries its network yet, and pushed when a network is applied here.
+l2population: the node consumes the port events of the networks it carries on a durable
+queue of its own (`compute.<host>.ports`), so events published while it was down wait for it
+(replay), and asks the network service for the ports bound before it carried a network
+(compute_node/remote_ports.py); both are merged here by each port's `seq`. Every remote port
+it knows is kept in `<state>/net/remotes.json` and pushed when its network is applied here.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -50,11 +52,29 @@ from protos.network import PortBound, PortDeleted, PortEvent
 log = structlog.get_logger("flotilla.compute.networks")
 T = TypeVar("T")
 
-PORT_EVENT_PATTERNS = ("port.bound.*", "port.deleted.*")
+# What the port queue was bound by before it was bound per network: unbound at start.
+LEGACY_PORT_PATTERNS = ("port.bound.*", "port.deleted.*")
 WARNINGS_TTL_S = 30.0
 # Written at the first plug: from then on a restart reconciles even with no ports left (to
 # remove what the last ones left); a node that never plumbed leaves the host's links alone.
 PLUMBED = "plumbed"
+
+
+# How long a guest's start waits for the other hosts' ports of a network new to this host.
+ANSWER_WAIT_S = 5.0
+# (network ids, their bound ports, the tick when asked) or None: not answered in time.
+Answer = tuple[frozenset[str], list[PortBound], int]
+AnswerWait = Callable[[float], Answer | None]
+
+
+def _no_answer(_timeout: float) -> Answer | None:
+    return None
+
+
+def _log_failure(done: Future[None]) -> None:
+    exc = done.exception()
+    if exc is not None:
+        log.error("remote ports not pushed", error=str(exc))
 
 
 class NetworkRefused(Exception):
@@ -82,6 +102,7 @@ class _Remote:
     seq: int
     host: str | None
     vtep: RemoteVtep | None  # None: deleted (kept so an older `bound` is not replayed)
+    tick: int = 0  # `HostNetworks.tick` when recorded (0: loaded from disk)
 
 
 class HostNetworks:
@@ -98,6 +119,11 @@ class HostNetworks:
         self._plumber: Plumber | None = None
         self._remotes: dict[str, _Remote] = self._load_remotes()
         self._warnings: tuple[float, list[str]] = (0.0, [])
+        self._tick = 0
+        # Told the networks this host carries whenever they change (on the plumbing
+        # thread; compute_node/remote_ports.py binds the port queue by them and asks the
+        # network service about new ones). Returns a wait for that answer.
+        self.carried_changed: Callable[[frozenset[str]], AnswerWait] = lambda _ids: _no_answer
 
     # ---- translation -------------------------------------------------------------------------
 
@@ -151,19 +177,66 @@ class HostNetworks:
             return []
         return self._on_thread(self._attach, ports)
 
+    def begin_attach(self, ports: Sequence[PortBinding]) -> tuple[list[NicTap], Future[object]]:
+        """`attach` in two parts, so the VMM can start while the host is plumbed: the taps
+        are made now (down and on no bridge, so a guest's frames go nowhere yet) and
+        returned with the rest under way on the plumbing thread (networks applied, each
+        tap's anti-spoofing rules before it joins its bridge and comes up, DHCP). The
+        caller waits for the Future (NetworkRefused / PlumbingError) before it reports the
+        guest started."""
+        if not ports:
+            done: Future[object] = Future()
+            done.set_result(None)
+            return [], done
+        taps = self._on_thread(self._create_taps, ports)
+        return taps, self._thread.submit(self._attach, ports)
+
+    def _create_taps(self, ports: Sequence[PortBinding]) -> list[NicTap]:
+        plumber = self._open()
+        taps = []
+        for binding in ports:
+            _network, port = self.plumbing(binding)
+            plumber.create_tap(port)
+            taps.append(NicTap(port.tap, port.mac, self.settings.netns))
+        return taps
+
     def _attach(self, ports: Sequence[PortBinding]) -> list[NicTap]:
         taps = []
         plumber = self._open()
         (self._dir / PLUMBED).touch()
-        for binding in ports:
-            network, port = self.plumbing(binding)
+        plumbing = [self.plumbing(binding) for binding in ports]
+        before = self._carried()
+        new = {network.network_id for network, _ in plumbing} - before
+        # Other hosts' ports of a network new here are asked for now, while it is applied.
+        answer = self.carried_changed(before | new) if new else _no_answer
+        took = {"apply": 0.0, "plug": 0.0, "answer": 0.0}
+        for network, port in plumbing:
             desired = plumber.desired
+            start = time.perf_counter()
             if network not in desired.networks:
                 plumber.apply(network)
                 self._push_remotes(plumber, network)
+            applied = time.perf_counter()
             if port not in desired.ports:
                 plumber.plug(port)
+            took["apply"] += applied - start
+            took["plug"] += time.perf_counter() - applied
             taps.append(NicTap(port.tap, port.mac, self.settings.netns))
+        if new:
+            # Their forwarding entries before the guest runs, unless the network service is
+            # slow to answer: then they follow (compute_node/remote_ports.py).
+            start = time.perf_counter()
+            answered = answer(ANSWER_WAIT_S)
+            took["answer"] = time.perf_counter() - start
+            if answered is None:
+                log.warning("remote ports not known yet", networks=sorted(new))
+            else:
+                self._learn(*answered)
+        log.info(
+            "ports plumbed",
+            ports=len(ports),
+            **{f"{k}_ms": round(v * 1e3, 2) for k, v in took.items()},
+        )
         return taps
 
     def detach(self, ports: Sequence[PortBinding]) -> None:
@@ -177,10 +250,14 @@ class HostNetworks:
             plumber.unplug(str(binding.port_id))
         desired = plumber.desired
         used = {p.network_id for p in desired.ports}
+        removed = False
         for network in desired.networks:
             if network.network_id not in used:
                 plumber.remove(network.network_id)
                 log.info("network removed", network=network.network_id)
+                removed = True
+        if removed:
+            self.carried_changed(self._carried())
 
     def reconcile(self, ports: Iterable[PortBinding]) -> list[str]:
         """Make the host match every stored port (and the remote ports of their networks),
@@ -215,34 +292,113 @@ class HostNetworks:
             networks=tuple(networks.values()), ports=tuple(plumbed), remotes=tuple(remotes)
         )
         report = self._open().reconcile(desired)
+        self.carried_changed(self._carried())
         return report.changes
+
+    def carried(self) -> frozenset[str]:
+        """The ids of the networks applied on this host."""
+        return self._on_thread(self._carried)
+
+    def _carried(self) -> frozenset[str]:
+        if self._plumber is None:
+            return frozenset()
+        return frozenset(n.network_id for n in self._plumber.desired.networks)
 
     # ---- l2population ------------------------------------------------------------------------
 
     def on_port_event(self, _envelope: Envelope, event: Message) -> None:
-        """A port bound or deleted anywhere: keep it, and push or remove its forwarding
-        entries if this host carries its network (ports of this host are skipped)."""
+        """A port bound or deleted on a network this host carries: keep it, and push or
+        remove its forwarding entries (ports of this host are skipped)."""
         if isinstance(event, PortBound | PortDeleted):
-            self._on_thread(self._port_event, event)
+            self._on_thread(self._port_events, [event])
 
-    def _port_event(self, event: PortBound | PortDeleted) -> None:
-        key = str(event.port_id)
-        known = self._remotes.get(key)
-        if known is not None and known.seq >= event.seq:
-            return  # a replay or an older event
-        remote = self._remote_of(event)
-        self._remotes[key] = _Remote(event.seq, getattr(event, "host", None), remote)
-        self._save_remotes()
-        if self._plumber is None:
-            return  # nothing plumbed yet: the entry is pushed when its network is
-        carried = {n.network_id: n for n in self._plumber.desired.networks}
-        old = known.vtep if known is not None else None
-        if old is not None and old != remote and old.network_id in carried:
-            self._plumber.fdb_del(old)
-        network = carried.get(remote.network_id) if remote is not None else None
-        if remote is not None and network is not None and network.vni is not None:
-            self._plumber.fdb_add(remote)
-            log.info("remote port", mac=remote.mac, vtep=str(remote.remote))
+    @property
+    def tick(self) -> int:
+        """Grows with each remote port recorded: `learn` forgets only ports recorded before
+        the question it answers was asked."""
+        return self._tick
+
+    def learn(
+        self, network_ids: Iterable[str], bound: Sequence[PortBound], asked: int
+    ) -> Future[None]:
+        """The network service's answer (ListBoundPorts, asked at tick `asked`): the ports
+        bound on `network_ids`. Newer than what is known by `seq` is taken; a known port
+        of those networks missing from it and recorded before the question was released
+        meanwhile, so its entries go. Done on the plumbing thread; returns at once."""
+        done = self._thread.submit(self._learn, frozenset(network_ids), list(bound), asked)
+        done.add_done_callback(_log_failure)
+        return done
+
+    def _learn(self, network_ids: frozenset[str], bound: list[PortBound], asked: int) -> None:
+        answered = {str(event.port_id) for event in bound}
+        gone = [
+            key
+            for key, known in self._remotes.items()
+            if known.vtep is not None
+            and known.vtep.network_id in network_ids
+            and key not in answered
+            and known.tick <= asked
+        ]
+        changed = self._port_events(bound, save=False)
+        for key in gone:
+            known = self._remotes[key]
+            self._remotes[key] = _Remote(known.seq, known.host, None, self._next_tick())
+            assert known.vtep is not None
+            if known.vtep.network_id in self._carried():
+                self._fdb_del(known.vtep)
+            log.info("remote port gone", mac=known.vtep.mac, vtep=str(known.vtep.remote))
+        if changed or gone:
+            self._save_remotes()
+
+    def _port_events(self, events: Sequence[PortBound | PortDeleted], save: bool = True) -> bool:
+        """Record and push each event newer than what is known of its port; whether any."""
+        changed = False
+        carried = (
+            {n.network_id: n for n in self._plumber.desired.networks}
+            if self._plumber is not None
+            else {}
+        )
+        for event in events:
+            key = str(event.port_id)
+            known = self._remotes.get(key)
+            if known is not None and known.seq >= event.seq:
+                continue  # a replay or an older event
+            remote = self._remote_of(event)
+            self._remotes[key] = _Remote(
+                event.seq, getattr(event, "host", None), remote, self._next_tick()
+            )
+            changed = True
+            if self._plumber is None:
+                continue  # nothing plumbed yet: the entry is pushed when its network is
+            old = known.vtep if known is not None else None
+            if old is not None and old != remote and old.network_id in carried:
+                self._fdb_del(old)
+            network = carried.get(remote.network_id) if remote is not None else None
+            if remote is not None and network is not None and network.vni is not None:
+                self._plumber.fdb_add(remote)
+                log.info("remote port", mac=remote.mac, vtep=str(remote.remote))
+        if changed and save:
+            self._save_remotes()  # after the entries are pushed: they are what is waited for
+        return changed
+
+    def _fdb_del(self, vtep: RemoteVtep) -> None:
+        """Remove a remote port's forwarding entry and neighbour unless a known port still
+        needs them: one deleted while this host did not hear it may share its MAC and
+        address with the port that took its place."""
+        if self._plumber is None or any(r.vtep == vtep for r in self._remotes.values()):
+            return
+        self._plumber.fdb_del(vtep)
+        for r in self._remotes.values():  # an address or MAC another port holds now
+            if (
+                r.vtep is not None
+                and r.vtep.network_id == vtep.network_id
+                and (r.vtep.ipv4 == vtep.ipv4 or r.vtep.mac == vtep.mac)
+            ):
+                self._plumber.fdb_add(r.vtep)
+
+    def _next_tick(self) -> int:
+        self._tick += 1
+        return self._tick
 
     def _remote_of(self, event: PortEvent) -> RemoteVtep | None:
         if not isinstance(event, PortBound):
@@ -323,7 +479,10 @@ class HostNetworks:
                 device = self.settings.underlay_device or self._underlay_device()
                 underlay = Underlay(self.settings.underlay, device)
             self._dir.mkdir(parents=True, exist_ok=True)
-            self._plumber = Plumber(self._dir, netns=self.settings.netns, underlay=underlay)
+            # dnsmasq comes up while the guest starts (it asks for a lease only once booted).
+            self._plumber = Plumber(
+                self._dir, netns=self.settings.netns, underlay=underlay, dhcp_background=True
+            )
         return self._plumber
 
     def _underlay_device(self) -> str:

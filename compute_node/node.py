@@ -16,8 +16,9 @@ from compute_node.console import ConsoleRelay
 from compute_node.driver import Driver, GuestEvent, GuestEventKind
 from compute_node.heartbeat import Heartbeat
 from compute_node.lifecycle import Lifecycle
-from compute_node.networks import PORT_EVENT_PATTERNS, HostNetworks, NetSettings, ports_queue
+from compute_node.networks import HostNetworks, NetSettings
 from compute_node.outbox import OutboxPublisher
+from compute_node.remote_ports import RemotePorts
 from compute_node.resources import Claims
 from compute_node.storage_agent import StorageAgent
 from compute_node.storage_sources import StorageSources
@@ -25,7 +26,7 @@ from compute_node.store import Store
 from protos import routing
 from protos.domain import PowerState
 from protos.host import HostInventory
-from services.bus import Bus, ServiceRunner, Subscription
+from services.bus import Bus, ServiceRunner
 from services.bus.idempotency import SqliteIdempotencyStore
 
 log = structlog.get_logger("flotilla.compute")
@@ -97,7 +98,7 @@ class ComputeNode:
         self.heartbeat.enabled = lambda: self.lifecycle.enabled
         # Guest NICs: KVM hosts plumb ports (compute_node/networks.py); fake hosts have none.
         self.networks: HostNetworks | None = None
-        self.port_events: Subscription | None = None
+        self.remote_ports: RemotePorts | None = None
         if config.driver == "kvm":
             self.networks = HostNetworks(
                 config.host,
@@ -135,12 +136,9 @@ class ComputeNode:
         self.outbox.start()
         self.bus.start(timeout)
         if self.networks is not None:
-            # Durable: port events published while this node was down wait for it.
-            self.port_events = self.bus.subscribe(
-                PORT_EVENT_PATTERNS,
-                self.networks.on_port_event,
-                queue=ports_queue(self.config.host),
-            )
+            # Durable, bound by the networks this host carries: port events published while
+            # this node was down wait for it; what it could not have heard, it asks for.
+            self.remote_ports = RemotePorts(self.bus, self.config.host, self.networks).start()
         self.storage_runner.start()
         self.runner.start()
         self.heartbeat.start()
@@ -208,8 +206,8 @@ class ComputeNode:
         if self.relay is not None:
             self.relay.stop()
         self.heartbeat.stop()
-        if self.port_events is not None:
-            self.port_events.close()
+        if self.remote_ports is not None:
+            self.remote_ports.stop()
         self.runner.stop()
         self.storage_runner.stop()
         self.outbox.stop()

@@ -15,6 +15,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from protos import routing
 from protos.base import Message
 from protos.bindings import MAC_WIRE_PATTERN, NetworkModeName, PortBinding
 from protos.commands import Command
@@ -76,6 +77,12 @@ class PortEvent(Message):
     def routing_key(self) -> str:
         return f"port.{self.EVENT}.{self.port_id}"
 
+    def extra_routing_keys(self) -> list[str]:
+        """The keys the event is also routed by (RabbitMQ's BCC header; a queue matched by
+        several keys gets one copy): its network's, to which a compute node binds its port
+        queue for each network it carries (`routing.network_ports_pattern`)."""
+        return [routing.network_ports_key(self.EVENT, str(self.network_id))]
+
 
 class PortCreated(PortEvent):
     TYPE = "port.created"
@@ -98,6 +105,24 @@ class PortDeleted(PortEvent):
 
 
 PORT_EVENTS: tuple[type[PortEvent], ...] = (PortCreated, PortBound, PortDeleted)
+
+
+class BoundPorts(Message):
+    TYPE = "reply.bound_ports"
+    ports: list[PortBound]
+
+
+class ListBoundPorts(Command):
+    """The ports bound to a host on networks `network_ids`, each as its latest `port.bound`
+    event (same `seq`): what a compute node that starts, reconnects or first carries a
+    network needs for its forwarding entries (l2population), whatever events it missed."""
+
+    TYPE = "cmd.network.bound_ports"
+    RESULT = BoundPorts
+    network_ids: list[uuid.UUID] = Field(max_length=4096)
+
+
+HOST_NETWORK_COMMANDS: tuple[type[Command], ...] = (ListBoundPorts,)
 
 
 # ---- the tenant-facing commands (from the API) --------------------------------------------

@@ -53,6 +53,19 @@ def event_key(entity: str, event: str, entity_id: str) -> str:
     return f"{entity}.{event}.{entity_id}"
 
 
+def network_ports_key(event: str, network_id: str) -> str:
+    """`netport.<event>.<network_id>`: a port event as routed by its network (its second
+    routing key, beside `port.<event>.<port_id>`)."""
+    return event_key("netport", event, network_id)
+
+
+def network_ports_pattern(network_id: str) -> str:
+    """What a host's port queue is bound by for each network it carries: every port event
+    of that network."""
+    network_ports_key("bound", network_id)  # checks the id
+    return f"netport.*.{network_id}"
+
+
 def topic_matches(pattern: str, key: str) -> bool:
     """AMQP topic matching (`*` one word, `#` zero or more), for local filtering."""
     return _match(pattern.split("."), key.split("."))

@@ -14,14 +14,18 @@ import os
 import signal
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
+
+import structlog
 
 from compute_node.net import netns
 from compute_node.net.models import NetworkMode, NetworkPlumbing, PortPlumbing
 
 LEASE_TIME = "1h"
+log = structlog.get_logger(__name__)
 
 
 class DnsmasqError(RuntimeError):
@@ -69,9 +73,20 @@ def _alive(pid: int) -> bool:
 
 
 class Dnsmasq:
-    def __init__(self, state_dir: Path, netns_name: str | None = None) -> None:
+    """`background`: a start does not wait for dnsmasq to be up (it takes tens of ms, more
+    on a loaded host) but goes on on a thread of its own, which logs a failure
+    (`net.dnsmasq_failed`) rather than raising it; a hosts file rewritten meanwhile is
+    reloaded once it is up. A compute node starts guests while their dnsmasq comes up."""
+
+    def __init__(
+        self, state_dir: Path, netns_name: str | None = None, *, background: bool = False
+    ) -> None:
         self._dir = state_dir / "dnsmasq"
         self._netns = netns_name
+        self._background = background
+        self._lock = threading.Lock()
+        self._starting: dict[str, threading.Thread] = {}
+        self._reload: set[str] = set()
 
     def files(self, network_id_short: str) -> dict[str, Path]:
         base = self._dir / network_id_short
@@ -97,9 +112,15 @@ class Dnsmasq:
         self._dir.mkdir(parents=True, exist_ok=True)
         self._dir.chmod(0o755)
         _check_reachable(self._dir)
-        files = self.files(network.short_id)
+        short = network.short_id
+        files = self.files(short)
         hosts = hosts_text(ports)
         hosts_changed = _write_if_changed(files["hosts"], hosts)
+        with self._lock:
+            if short in self._starting:  # it reads the file once up, or is told to
+                if hosts_changed:
+                    self._reload.add(short)
+                return None
         cmd = argv(network, files)
         pid = self.pid(network.short_id)
         same = pid is not None and _read(files["argv"]) == json.dumps(cmd)
@@ -110,6 +131,26 @@ class Dnsmasq:
             return None
         if pid is not None:
             self._kill(pid)
+        change = "dnsmasq restarted" if pid is not None else "dnsmasq started"
+        if not self._background:
+            self._start(network.bridge, short, cmd)
+            return change
+        thread = threading.Thread(
+            target=self._start_logged, args=(network.bridge, short, cmd), daemon=True
+        )
+        with self._lock:
+            self._starting[short] = thread
+        thread.start()
+        return change
+
+    def settle(self) -> None:
+        """Wait for the starts under way (background mode)."""
+        with self._lock:
+            threads = list(self._starting.values())
+        for thread in threads:
+            thread.join()
+
+    def _start(self, bridge: str, short: str, cmd: list[str]) -> None:
         result = subprocess.run(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -119,12 +160,29 @@ class Dnsmasq:
             check=False,
         )
         if result.returncode != 0:
-            raise DnsmasqError(f"dnsmasq for {network.bridge}: {result.stderr.strip()}")
-        files["argv"].write_text(json.dumps(cmd))
-        return "dnsmasq restarted" if pid is not None else "dnsmasq started"
+            raise DnsmasqError(f"dnsmasq for {bridge}: {result.stderr.strip()}")
+        self.files(short)["argv"].write_text(json.dumps(cmd))
+
+    def _start_logged(self, bridge: str, short: str, cmd: list[str]) -> None:
+        try:
+            self._start(bridge, short, cmd)
+        except Exception as exc:
+            log.exception("net.dnsmasq_failed", bridge=bridge, error=str(exc))
+        finally:
+            with self._lock:
+                self._starting.pop(short, None)
+                reload = short in self._reload
+                self._reload.discard(short)
+        pid = self.pid(short)
+        if reload and pid is not None:
+            os.kill(pid, signal.SIGHUP)
 
     def stop(self, short: str) -> bool:
         """Stop this network's dnsmasq and remove its files; whether one was running."""
+        with self._lock:
+            starting = self._starting.get(short)
+        if starting is not None:
+            starting.join()
         pid = self.pid(short)
         if pid is not None:
             self._kill(pid)

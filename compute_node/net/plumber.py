@@ -31,6 +31,7 @@ from compute_node.net.models import (
     RemoteVtep,
     check_port_address,
 )
+from compute_node.net.rtnl import Rtnl
 
 log = structlog.get_logger(__name__)
 IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
@@ -68,26 +69,32 @@ class Plumber:
         underlay: Underlay | None = None,
         tap_uid: int | None = None,
         tap_gid: int | None = None,
+        dhcp_background: bool = False,
     ) -> None:
         self._netns = netns
         self._underlay = underlay
         self._uid = os.geteuid() if tap_uid is None else tap_uid
         self._gid = os.getegid() if tap_gid is None else tap_gid
         self._links = Links(netns)
+        self._rtnl = Rtnl(netns)  # the plug's one request, without pyroute2's round trip
         self._nft = Nftables(netns)
-        self._dnsmasq = Dnsmasq(state_dir, netns)
+        self._dnsmasq = Dnsmasq(state_dir, netns, background=dhcp_background)
         self._networks: dict[str, NetworkPlumbing] = {}
         self._ports: dict[str, PortPlumbing] = {}
         self._remotes: set[RemoteVtep] = set()
         self._chains: dict[str, list[str]] = {"inet": [], "bridge": []}
         # ifindex of each network's bridge as last seen, so plug needs no lookup
         self._bridge_index: dict[str, int] = {}
+        # ifindex of each tap `create_tap` made that `plug` has not taken up yet
+        self._made_taps: dict[str, int] = {}
         # Whether the kernel's bridge table was last written whole from this state, so a
         # port can be added or removed with a small batch instead of a rewrite.
         self._bridge_synced = False
 
     def close(self) -> None:
+        self._dnsmasq.settle()
         self._links.close()
+        self._rtnl.close()
         self._nft.close()
 
     def __enter__(self) -> Plumber:
@@ -149,29 +156,43 @@ class Plumber:
             raise PlumbingError(str(exc)) from exc
         previous = self._ports.get(port.port_id)
         self._ports[port.port_id] = port
-        # The hot path: the tap ioctls (idempotent), then one netlink request.
-        try:
-            index = tap.create(port.tap, uid=self._uid, gid=self._gid, netns_name=self._netns)
-        except OSError:  # the name is taken by a link that is not a tap
-            self._delete_link(port.tap)
-            index = tap.create(port.tap, uid=self._uid, gid=self._gid, netns_name=self._netns)
+        # The hot path: the tap ioctls (idempotent; skipped for a tap `create_tap` just made,
+        # which a VMM may hold open already: a second open of it would fail), its rules,
+        # then one netlink request.
+        index = self._made_taps.pop(port.tap, None)
+        if index is None:
+            index = self.create_tap(port)
+            self._made_taps.pop(port.tap, None)
+        # The tap's chain and map entry before it joins the bridge and comes up: a guest
+        # already running on it (started while this runs) never bypasses them.
+        if previous is None and self._bridge_synced:
+            self._nft_step(rules.port_added(port))
+        elif previous != port:
+            self._write_table("bridge")
         bridge = self._bridge_index.get(network.bridge)
         if bridge is not None:
             try:
-                self._links.set(index, master=bridge, mtu=network.mtu, state="up")
+                self._rtnl.enslave_up(index, bridge, network.mtu)
             except NetlinkError:  # a stale bridge index: look it up again
                 bridge = None
         if bridge is None:
             bridge = self._must(network.bridge).index
             self._bridge_index[network.bridge] = bridge
-            self._links.set(index, master=bridge, mtu=network.mtu, state="up")
-        if previous is None and self._bridge_synced:
-            self._nft_step(rules.port_added(port))
-        elif previous != port:
-            self._write_table("bridge")
+            self._rtnl.enslave_up(index, bridge, network.mtu)
         if network.dhcp:
             self._dhcp(network)
         return port.tap
+
+    def create_tap(self, port: PortPlumbing) -> int:
+        """The port's tap (persistent, owned by the VMM user; idempotent), down and on no
+        bridge until `plug`: what a VMM can be given before the rest is done. Its ifindex."""
+        try:
+            index = tap.create(port.tap, uid=self._uid, gid=self._gid, netns_name=self._netns)
+        except OSError:  # the name is taken by a link that is not a tap
+            self._delete_link(port.tap)
+            index = tap.create(port.tap, uid=self._uid, gid=self._gid, netns_name=self._netns)
+        self._made_taps[port.tap] = index
+        return index
 
     def unplug(self, port_id: str) -> None:
         """Remove the port's tap, rules and DHCP entry (nothing if unknown)."""
@@ -383,6 +404,7 @@ class Plumber:
             self._links.delete(link.index)
 
     def _delete_tap(self, name: str) -> None:
+        self._made_taps.pop(name, None)
         self._delete_link(name)
 
     def _vxlan_link(self, network_id: str) -> Link:

@@ -9,7 +9,8 @@ Two tables, both Flotilla's alone:
   bridge's prerouting hook through the verdict map `ports` (tap name -> jump to its
   chain): the port's MAC as source, ARP only for its address, IPv4 only from its address
   (0.0.0.0 only for a DHCP request), no DHCP or DHCPv6 server replies, no router
-  advertisements or redirects, no VLAN tags, no ethertype but IPv4, ARP and IPv6.
+  advertisements or redirects, no VLAN tags, no ethertype but IPv4, ARP and IPv6; and
+  no DHCP between hosts (from a VXLAN link).
 
 Expressions are written in the canonical form libnftables lists them in, so the rules read
 back from the kernel compare equal to these when nothing differs (`Plumber.reconcile`).
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from compute_node.net.models import NetworkMode, NetworkPlumbing, PortPlumbing
+from compute_node.net.names import VXLAN_PREFIX
 
 TABLE = "flotilla"
 Expr = list[dict[str, Any]]
@@ -111,12 +113,20 @@ def anti_spoofing(port: PortPlumbing) -> list[Expr]:
 
 PORTS_MAP = "ports"
 PREROUTING_DISPATCH: Expr = [{"vmap": {"key": _meta("iifname"), "data": "@" + PORTS_MAP}}]
+# DHCP stays on its host: every host's dnsmasq on a network has the same address (the
+# gateway), so one that does not know a port would answer another host's guest's REQUEST,
+# flooded over VXLAN, with a NAK (authoritative) that can beat the local ACK.
+VXLAN_LINKS = VXLAN_PREFIX + "*"
+LOCAL_DHCP: list[Expr] = [
+    [_match(_meta("iifname"), VXLAN_LINKS), _match(_payload("udp", "dport"), port), DROP]
+    for port in (67, 68)
+]
 
 
 def bridge_table(ports: Iterable[PortPlumbing]) -> Table:
     """The `bridge flotilla` table for these ports."""
     ordered = sorted(ports, key=lambda p: p.tap)
-    rules: dict[str, list[Expr]] = {"prerouting": [PREROUTING_DISPATCH]}
+    rules: dict[str, list[Expr]] = {"prerouting": [*LOCAL_DHCP, PREROUTING_DISPATCH]}
     for port in ordered:
         rules[port_chain(port)] = anti_spoofing(port)
     return Table("bridge", BRIDGE_BASE, rules, {PORTS_MAP: {p.tap: port_chain(p) for p in ordered}})

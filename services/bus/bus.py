@@ -16,6 +16,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
 import pika
@@ -33,7 +34,7 @@ from services.bus.errors import ConnectionLost, RemoteError, RpcTimeout
 from services.bus.inbound import LinkInbound, dead_letter
 from services.bus.link import Consumer, Delivery, Link
 from services.bus.rpc import RpcClient
-from services.bus.topology import QueueDecl, declare, delete_queue
+from services.bus.topology import QueueDecl, declare, delete_queue, rebind
 
 R = TypeVar("R", bound=Message)
 log = structlog.get_logger("flotilla.bus")
@@ -117,8 +118,12 @@ class Bus:
 
     def declare(self, decl: QueueDecl) -> None:
         """Make `decl` part of this process's topology, declared now and on every reconnect."""
-        self._queues[decl.name] = decl
+        self.declare_only(decl)
         declare(self.link.nodes.in_order(), [decl])
+
+    def declare_only(self, decl: QueueDecl) -> None:
+        """Make `decl` part of the topology declared on every reconnect, not now."""
+        self._queues[decl.name] = decl
 
     # ---- publishing ------------------------------------------------------------------------
 
@@ -186,7 +191,11 @@ class Bus:
             message_id=message_id,
         )
         future = self.publish_envelope(
-            routing.EVENTS_EXCHANGE, routing_key, envelope, mandatory=False
+            routing.EVENTS_EXCHANGE,
+            routing_key,
+            envelope,
+            mandatory=False,
+            headers=extra_routing_headers(event),
         )
         return future, envelope.id
 
@@ -314,6 +323,15 @@ class Subscription:
             log.warning("dead letter not confirmed; event requeued", error=str(exc))
             inbound.nack(requeue=True)
 
+    def rebind(self, patterns: Iterable[str], *, unbind: Iterable[str] = ()) -> None:
+        """Bind the queue by exactly `patterns` from now on (also after reconnections):
+        new ones are bound, dropped ones and `unbind` (say, an older release's) unbound."""
+        new = tuple(dict.fromkeys(patterns))
+        gone = [p for p in dict.fromkeys((*self.decl.patterns, *unbind)) if p not in new]
+        self.decl = replace(self.decl, patterns=new)
+        self.bus.declare_only(self.decl)
+        rebind(self.bus.link.nodes.in_order(), self.decl, gone)
+
     def close(self, timeout: float = 5.0) -> None:
         try:
             self.bus.link.remove_consumer(self._consumer).result(timeout)
@@ -336,6 +354,15 @@ def _wait(future: Confirmation, timeout: float) -> None:
         raise ConnectionLost(
             f"broker did not confirm within {timeout:g} s (connection down?)"
         ) from None
+
+
+def extra_routing_headers(event: Message) -> dict[str, Any] | None:
+    """The BCC header (RabbitMQ's sender-selected distribution, stripped before delivery)
+    for an event with `extra_routing_keys()`, else None."""
+    keys = getattr(event, "extra_routing_keys", None)
+    if not callable(keys):
+        return None
+    return {"BCC": list(keys())}
 
 
 def _routing_key(event: Message) -> str:

@@ -106,3 +106,17 @@ def delete_queue(params: Nodes, name: str) -> None:
     finally:
         if connection.is_open:
             connection.close()
+
+
+def rebind(params: Nodes, decl: QueueDecl, unbind: list[str]) -> None:
+    """Declare `decl` (binding its patterns) and unbind `unbind` from the events exchange, on
+    one connection (unbinding what is not bound is no error)."""
+    connection = pika.BlockingConnection(params)
+    try:
+        ch = connection.channel()
+        _declare_queue(ch, decl)
+        for pattern in unbind:
+            ch.queue_unbind(decl.name, routing.EVENTS_EXCHANGE, routing_key=pattern)
+    finally:
+        if connection.is_open:
+            connection.close()

@@ -14,15 +14,16 @@ import threading
 import time
 from dataclasses import dataclass
 
+import pika
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection
 
 from protos import routing
 from protos.base import Message
-from protos.codec import decode, envelope_for, pack
+from protos.codec import decode, envelope_for, pack, parse_body
 from services.bus import Bus, Cause
-from services.bus.bus import properties_for
+from services.bus.bus import extra_routing_headers, properties_for
 from services.db import Database, DatabaseUnavailable
 from services.network.tables import outbox
 
@@ -48,6 +49,11 @@ def emit(conn: Connection, event: Message, *, source: str, cause: Cause | None) 
             envelope=pack(envelope),
         )
     )
+
+
+def _properties(packed: bytes) -> pika.BasicProperties:
+    envelope = decode(packed)
+    return properties_for(envelope, headers=extra_routing_headers(parse_body(envelope)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +117,7 @@ class OutboxPublisher:
                     routing.EVENTS_EXCHANGE,
                     row.routing_key,
                     row.envelope,
-                    properties_for(decode(row.envelope)),
+                    _properties(row.envelope),
                 )
                 for row in rows
             ]

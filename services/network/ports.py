@@ -291,6 +291,42 @@ def bind(conn: Connection, cmd: BindPorts) -> list[PortEvent]:
     return events
 
 
+def bound_on(conn: Connection, network_ids: list[uuid.UUID]) -> list[PortBound]:
+    """The bound ports of `network_ids` (unknown ids: none), each as its latest `port.bound`
+    event, in one query."""
+    if not network_ids:
+        return []
+    rows = conn.execute(
+        sa.select(ports, networks.c.vni.label("network_vni"))
+        .join(networks, networks.c.id == ports.c.network_id)
+        .where(
+            ports.c.network_id.in_([str(n) for n in network_ids]),
+            ports.c.state == "bound",
+            ports.c.host.is_not(None),
+        )
+        .order_by(ports.c.network_id, ports.c.id)
+    )
+    found = []
+    for row in rows:
+        port = Port.of(row)
+        assert port.host is not None
+        found.append(
+            PortBound(
+                port_id=uuid.UUID(port.id),
+                network_id=uuid.UUID(port.network_id),
+                domain_id=None if port.domain_id is None else uuid.UUID(port.domain_id),
+                project=port.project,
+                mac=port.mac,
+                ipv4=port.ipv4,
+                vni=row._mapping["network_vni"],
+                seq=port.seq,
+                host=port.host,
+                vtep=None if port.vtep is None else IPv4Address(port.vtep),
+            )
+        )
+    return found
+
+
 def release(conn: Connection, domain_id: uuid.UUID, *, now: float) -> list[PortEvent]:
     """Delete the domain's ports (none: nothing to do) and quarantine their addresses."""
     events: list[PortEvent] = []

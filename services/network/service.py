@@ -26,11 +26,13 @@ from protos.codec import decode, envelope_for, pack, parse_body
 from protos.network import (
     AllocatePorts,
     BindPorts,
+    BoundPorts,
     CreateNetwork,
     DeleteNetwork,
     DhcpLeases,
     GetNetwork,
     GetPort,
+    ListBoundPorts,
     ListDhcpLeases,
     ListNetworks,
     ListPorts,
@@ -200,6 +202,12 @@ class NetworkService(Service):
         return self._change(
             ctx, lambda conn: (Done(), list(ports.release(conn, cmd.domain_id, now=time.time())))
         )
+
+    # ---- the compute nodes' query -------------------------------------------------------------
+
+    @handles(ListBoundPorts)
+    def bound_ports(self, cmd: ListBoundPorts, _ctx: Context | None) -> BoundPorts:
+        return self._read(lambda conn: BoundPorts(ports=ports.bound_on(conn, cmd.network_ids)))
 
     # ---- start-up ------------------------------------------------------------------------
 

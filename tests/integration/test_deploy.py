@@ -17,12 +17,19 @@ import pytest
 
 from compute_node.config import ComputeConfig
 from compute_node.fake import FakeDriver
-from compute_node.networks import PORT_EVENT_PATTERNS, ports_queue
+from compute_node.networks import LEGACY_PORT_PATTERNS, ports_queue
 from compute_node.node import ComputeNode
 from protos import routing
 from protos.commands import DefineDomain
 from protos.domain import BootSpec, DomainSpec, NicSpec
-from protos.network import AllocatePorts, CreateNetwork, NetworkInfo, PortBindings
+from protos.network import (
+    AllocatePorts,
+    BoundPorts,
+    CreateNetwork,
+    ListBoundPorts,
+    NetworkInfo,
+    PortBindings,
+)
 from protos.replies import DomainInfo
 from services.broker import PrivateBroker
 from services.bus import Bus
@@ -132,6 +139,15 @@ def test_network_service_runs_as_its_own_user(
                     timeout=10,
                 )
                 assert isinstance(reply, PortBindings)
+            # A compute node's user asks it for a network's bound ports (l2population).
+            with Bus(url(node, "flotilla-compute"), source="compute:h1") as compute:
+                bound = compute.call(
+                    routing.NETWORK_QUEUE,
+                    ListBoundPorts(network_ids=[created.network_id]),
+                    timeout=10,
+                )
+                assert isinstance(bound, BoundPorts)
+                assert bound.ports == []  # allocated, not bound yet
             deadline = time.monotonic() + 10
             while seen != ["network.created", "port.created"]:
                 assert time.monotonic() < deadline, seen
@@ -160,13 +176,17 @@ def test_compute_user_can_follow_port_events_on_its_own_queue(
     node_with_definitions: PrivateBroker,
 ) -> None:
     """l2population: a KVM compute node binds `compute.<host>.ports` to the events exchange
-    for `port.bound.*` / `port.deleted.*` (reading flotilla.events) and consumes it."""
+    by its networks' `netport.*.<network>` (reading flotilla.events), unbinds the older
+    catch-all patterns, and consumes it."""
     host = f"deploy-{uuid.uuid4().hex[:6]}"
     with Bus(url(node_with_definitions, "flotilla-compute"), source=f"compute:{host}") as bus:
         subscription = bus.subscribe(
-            PORT_EVENT_PATTERNS, lambda _e, _m: None, queue=ports_queue(host)
+            LEGACY_PORT_PATTERNS, lambda _e, _m: None, queue=ports_queue(host)
         )
         try:
+            subscription.rebind(
+                [routing.network_ports_pattern(str(uuid.uuid4()))], unbind=LEGACY_PORT_PATTERNS
+            )
             assert subscription.decl.name == f"compute.{host}.ports"
         finally:
             subscription.close()

@@ -1,10 +1,14 @@
 """NICs on domains through real compute nodes: two "hosts" whose data planes live in
 namespaces the test makes, joined by a veth underlay (AMQP stays on loopback), each a
-`flotilla-compute` process running test guests on KVM. The ports are hand-made PortBindings
-and the port events are published by the test, as the network service would.
+`flotilla-compute` process running test guests on KVM. The ports are hand-made PortBindings;
+the port events and the answers to the nodes' ListBoundPorts come from the test, as the
+network service would send them (tests/integration/port_announcer.py).
 
 - two guests on one network on the two hosts take their addresses by DHCP and ping each other
   over VXLAN (forwarding entries from `port.bound` events);
+- a host started after a port was bound elsewhere learns it (it asks the network service for
+  the bound ports of a network when it first carries it): its guest reaches the other;
+- a host hears port events only of the networks it carries;
 - a compute node killed with SIGKILL and restarted loses no packet of a 10 ms ping between
   them (the restart reconciles; nothing that matches is torn down);
 - a NAT guest reaches a server upstream of its host and an isolated one cannot;
@@ -23,6 +27,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
@@ -42,12 +47,12 @@ from protos.commands import (
 )
 from protos.domain import BootSpec, DomainSpec, NicSpec
 from protos.host import HostHeartbeat
-from protos.network import PortBound
 from protos.replies import ConsoleOutput
 from services.bus import Bus
 from tests.integration.compute_harness import ComputeProcess, call
 from tests.integration.conftest import MakeBus
 from tests.integration.netlab import Lab, ip, lab, run_in
+from tests.integration.port_announcer import PortAnnouncer
 
 pytestmark = [pytest.mark.integration, pytest.mark.kvm, pytest.mark.slow]
 
@@ -82,14 +87,29 @@ class Cloud:
     hosts: dict[str, Host]
     bus: Bus
     upstream: str
+    ports: PortAnnouncer
 
 
 @pytest.fixture
 def cloud(amqp_url: str, make_bus: MakeBus, guest: Path) -> Iterator[Cloud]:
     """Hosts `a` and `b` (namespaces joined by `under0`); `a` also has `uplink0` to an
     `upstream` namespace at 10.88.0.2."""
+    with _cloud(amqp_url, make_bus, start=("a", "b")) as made:
+        yield made
+
+
+@pytest.fixture
+def late_cloud(amqp_url: str, make_bus: MakeBus, guest: Path) -> Iterator[Cloud]:
+    """As `cloud`, with only `a`'s compute node started: the test starts `b` when it wants."""
+    with _cloud(amqp_url, make_bus, start=("a",)) as made:
+        yield made
+
+
+@contextmanager
+def _cloud(amqp_url: str, make_bus: MakeBus, start: tuple[str, ...]) -> Iterator[Cloud]:
     bus = make_bus("test-client")
     tag = uuid.uuid4().hex[:6]
+    announcer = PortAnnouncer(make_bus("network-standin"), project="p").start()
     with tempfile.TemporaryDirectory(prefix="flotilla-nics-") as tmp, lab() as made:
         root = Path(tmp)
         root.chmod(0o755)  # dnsmasq, running as nobody, re-reads its hosts file under it
@@ -106,9 +126,11 @@ def cloud(amqp_url: str, make_bus: MakeBus, guest: Path) -> Iterator[Cloud]:
                     env["FLOTILLA_NET_UPLINK"] = "uplink0"
                 compute = ComputeProcess(amqp_url, state, f"nic{role}-{tag}", env)
                 hosts[role] = Host(compute.host, ns[role], compute, state)
-                compute.start(bus)
-            yield Cloud(made, hosts, bus, ns["up"])
+                if role in start:
+                    compute.start(bus)
+            yield Cloud(made, hosts, bus, ns["up"], announcer)
         finally:
+            announcer.stop()
             for host in hosts.values():
                 host.compute.stop()
                 _end_guests(host.state)
@@ -185,22 +207,9 @@ def console(
     pytest.fail(f"no {pattern!r} within {timeout} s; console:\n{text}")
 
 
-def bound(cloud: Cloud, role: str, p: PortBinding, seq: int = 1) -> None:
+def bound(cloud: Cloud, role: str, p: PortBinding) -> None:
     """What the network service announces once a port's domain runs on `role`."""
-    cloud.bus.publish_event(
-        PortBound(
-            port_id=p.port_id,
-            network_id=p.network.network_id,
-            project="p",
-            mac=p.mac,
-            ipv4=p.ipv4,
-            vni=p.network.vni,
-            seq=seq,
-            host=cloud.hosts[role].name,
-            vtep=IPv4Address(UNDERLAY[role]),
-        ),
-        timeout=10,
-    )
+    cloud.ports.bound(p, cloud.hosts[role].name, UNDERLAY[role])
 
 
 def test_guests_on_two_hosts_ping_over_vxlan_and_a_compute_restart_loses_nothing(
@@ -327,3 +336,44 @@ def test_a_foreign_forward_drop_policy_is_in_the_hosts_heartbeat(
         (warning,) = heard.inventory.network_warnings
         assert warning.startswith("ip filter FORWARD: forward hook with policy drop"), warning
         assert heard.inventory.vtep is None  # no underlay configured
+
+
+def _remotes(host: Host) -> dict[str, dict[str, object]]:
+    path = host.state / "net" / "remotes.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def test_a_late_host_learns_earlier_ports_and_hears_only_its_networks(
+    late_cloud: Cloud, guest: Path
+) -> None:
+    cloud = late_cloud
+    net, other = network("isolated", 69, vni=6900), network("isolated", 70, vni=7000)
+    pa, pb, pc, po = port(net, 10), port(net, 20), port(net, 30), port(other, 40)
+    a = define(cloud, "a", [pa], "net=dhcp", guest)
+    bound(cloud, "a", pa)
+    console(cloud, "a", a, rf"{PREFIX}NET up .*ip=10\.69\.0\.10\n", 30)
+    # Host b starts only now: A's `port.bound` was published before its queue existed.
+    host_b = cloud.hosts["b"]
+    host_b.compute.start(cloud.bus)
+    b = define(cloud, "b", [pb], "net=dhcp ping=10.69.0.10,5,100 ping=10.69.0.10,20,20", guest)
+    bound(cloud, "b", pb)
+    warm = console(cloud, "b", b, rf"{PREFIX}(PING to=10\.69\.0\.10 sent=5 .*)\n", 30)
+    assert "received=0 " not in warm.group(1), warm.group(1)
+    reached = console(cloud, "b", b, rf"{PREFIX}(PING to=10\.69\.0\.10 sent=20 .*)\n", 30)
+    assert reached.group(1).endswith("received=20 lost=0"), reached.group(1)
+    assert any(str(net.network_id) in map(str, q.network_ids) for q in cloud.ports.asked)
+    # Events are routed by network: b carries `net`, not `other`. Port po's event goes
+    # out first, pc's after it on the same exchange; once b has pc, po would have come.
+    cloud.ports.bound(po, "elsewhere", "10.77.0.9")
+    cloud.ports.bound(pc, "elsewhere", "10.77.0.9")
+    deadline = time.monotonic() + 15
+    while str(pc.port_id) not in _remotes(host_b):
+        assert time.monotonic() < deadline, _remotes(host_b)
+        time.sleep(0.05)
+    remotes = _remotes(host_b)
+    assert str(pa.port_id) in remotes
+    assert str(po.port_id) not in remotes
+    vxlan = names.vxlan_name(str(net.network_id))
+    fdb = run_in(host_b.ns, "bridge", "fdb", "show", "dev", vxlan).stdout
+    assert f"{pa.mac} dst 10.77.0.1" in fdb, fdb
+    assert f"{pc.mac} dst 10.77.0.9" in fdb, fdb

@@ -346,6 +346,58 @@ def test_allocate_is_idempotent_by_domain_and_by_message_id(lab: Lab) -> None:
     assert (outside.value.code, outside.value.details["field"]) == ("invalid", "nics.0.ip")
 
 
+def test_port_events_reach_a_host_queue_only_for_the_networks_it_is_bound_to(
+    lab: Lab,
+) -> None:
+    """Port events carry their network's routing key (BCC) beside their own: a queue bound
+    by `netport.*.<network>` gets that network's events, once each even when a catch-all
+    pattern matches too, and none of another network's; unbound, none at all."""
+    mine = lab.post(name="mine", subnet="10.42.0.0/24").json()
+    lab.post(name="theirs", subnet="10.43.0.0/24")
+    got: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def heard(envelope: Envelope, event: object) -> None:
+        with lock:
+            got.append((envelope.type, str(getattr(event, "network_id", ""))))
+
+    sub = lab.bus.subscribe(
+        [routing.network_ports_pattern(mine["network_id"]), "port.bound.*"],
+        heard,
+    )
+    try:
+        for name in ("theirs", "mine"):
+            cmd, _ = lab.allocate(NicSpec(network=name))
+            bind = BindPorts(domain_id=cmd.domain_id, host="h1", vtep=IPv4Address("10.9.9.9"))
+            lab.bus.call(routing.NETWORK_QUEUE, bind, timeout=20)
+        deadline = time.monotonic() + 15
+        while len(got) < 2:  # mine's created and bound; theirs' bound via port.bound.*
+            assert time.monotonic() < deadline, got
+            time.sleep(0.05)
+        sub.rebind([routing.network_ports_pattern(mine["network_id"])])
+        cmd, _ = lab.allocate(NicSpec(network="theirs"))
+        lab.bus.call(routing.NETWORK_QUEUE, ReleasePorts(domain_id=cmd.domain_id), timeout=20)
+        cmd, _ = lab.allocate(NicSpec(network="mine"))
+        while len(got) < 4:
+            assert time.monotonic() < deadline, got
+            time.sleep(0.05)
+        time.sleep(0.3)
+        theirs = lab.get("/v1/networks").json()
+        theirs_id = next(n["network_id"] for n in theirs["networks"] if n["name"] == "theirs")
+        assert got == [
+            ("port.bound", theirs_id),  # by the catch-all pattern, before the rebind
+            ("port.created", mine["network_id"]),
+            ("port.bound", mine["network_id"]),  # matched twice, delivered once
+            ("port.created", mine["network_id"]),
+        ]
+        sub.rebind([])
+        lab.allocate(NicSpec(network="mine"))
+        time.sleep(0.5)
+        assert len(got) == 4
+    finally:
+        sub.close()
+
+
 @pytest.fixture
 def pg_url(pg_server: str) -> Iterator[str]:
     with fresh_database(pg_server) as url:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from compute_node.net import NetworkMode, RemoteVtep
+from compute_node.net import HostPlumbing, NetworkMode, NetworkPlumbing, RemoteVtep
 from compute_node.networks import HostNetworks, NetSettings, NetworkRefused
 from compute_node.store import Store
 from protos.bindings import NetworkBinding, PortBinding
@@ -164,3 +164,61 @@ def test_remote_ports_are_kept_across_restarts_and_replays_ignored(tmp_path: Pat
     again.on_port_event(ENV, deleted)
     again.on_port_event(ENV, bound(1, seq=2))  # a replayed `bound` after the delete
     assert again._remotes[str(port(1).port_id)].vtep is None
+
+
+def test_an_answer_of_the_network_service_merges_with_events_by_seq(tmp_path: Path) -> None:
+    """ListBoundPorts' answer: newer ports are taken, older ones ignored, a known port the
+    answer lacks is forgotten only if it was recorded before the question was asked."""
+    networks = HostNetworks("h1", tmp_path, NetSettings(underlay=IPv4Address("192.0.2.1")))
+    networks.on_port_event(ENV, bound(1, seq=3))  # known before the question
+    asked = networks.tick
+    networks.on_port_event(ENV, bound(2, seq=2))  # heard after it was asked
+    networks.learn([str(NET.network_id)], [bound(1, seq=2), bound(3, seq=2)], asked).result()
+    vteps = {k: r.vtep for k, r in networks._remotes.items()}
+    # port 1: the answer's seq 2 is older than the event's 3, and it was in the answer;
+    # port 3: learned from the answer alone; port 2: not in the answer, but newer than it.
+    assert vteps[str(port(1).port_id)] is not None
+    assert vteps[str(port(3).port_id)] is not None
+    assert vteps[str(port(2).port_id)] is not None
+    # Asked again later, the service knows port 3 only: 1 and 2 were released meanwhile.
+    networks.learn([str(NET.network_id)], [bound(3, seq=2)], networks.tick).result()
+    vteps = {k: r.vtep for k, r in networks._remotes.items()}
+    assert vteps[str(port(1).port_id)] is None
+    assert vteps[str(port(2).port_id)] is None
+    assert vteps[str(port(3).port_id)] is not None
+    # Another network's ports are not touched by an answer about this one.
+    networks.learn([str(uuid.uuid4())], [], networks.tick).result()
+    assert networks._remotes[str(port(3).port_id)].vtep is not None
+
+
+class _RecordingPlumber:
+    """What HostNetworks asks of the kernel's forwarding entries, recorded (the plumber
+    itself is tested against netlink in tests/integration/test_net_plumbing.py)."""
+
+    def __init__(self, network: NetworkPlumbing) -> None:
+        self.desired = HostPlumbing(networks=(network,), ports=(), remotes=())
+        self.calls: list[tuple[str, str]] = []
+
+    def fdb_add(self, remote: RemoteVtep) -> None:
+        self.calls.append(("add", remote.mac))
+
+    def fdb_del(self, remote: RemoteVtep) -> None:
+        self.calls.append(("del", remote.mac))
+
+
+def test_a_port_missed_as_deleted_does_not_take_its_successors_entries(tmp_path: Path) -> None:
+    """A port deleted while this host did not hear it, found gone by an answer, shares its
+    MAC and address with the port that took its place: the entries stay."""
+    settings = NetSettings(uplink="eth0", underlay=IPv4Address("192.0.2.1"))
+    networks = HostNetworks("h1", tmp_path, settings)
+    network, _ = networks.plumbing(port(1))
+    plumber = _RecordingPlumber(network)
+    networks._plumber = plumber  # type: ignore[assignment]
+    old = bound(1, seq=2)
+    networks.on_port_event(ENV, old)
+    successor = bound(1, seq=2).model_copy(update={"port_id": uuid.uuid4()})
+    networks.on_port_event(ENV, successor)
+    assert plumber.calls == [("add", old.mac), ("add", old.mac)]
+    networks.learn([str(NET.network_id)], [successor], networks.tick).result()
+    assert networks._remotes[str(old.port_id)].vtep is None
+    assert ("del", old.mac) not in plumber.calls

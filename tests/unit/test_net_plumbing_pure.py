@@ -105,8 +105,14 @@ def test_overlay_mtu_subtracts_vxlan_encapsulation() -> None:
 def test_anti_spoofing_chain_pins_mac_ip_and_blocks_servers() -> None:
     table = rules.bridge_table([PORT])
     chain = rules.port_chain(PORT)
+    iifname = {"meta": {"key": "iifname"}}
+    from_vxlan = {"match": {"op": "==", "left": iifname, "right": "flv-*"}}
+    udp_dport = {"payload": {"protocol": "udp", "field": "dport"}}
     assert table.rules["prerouting"] == [
-        [{"vmap": {"key": {"meta": {"key": "iifname"}}, "data": "@ports"}}]
+        # DHCP from another host (over VXLAN) is dropped: each host serves its own ports.
+        [from_vxlan, {"match": {"op": "==", "left": udp_dport, "right": 67}}, {"drop": None}],
+        [from_vxlan, {"match": {"op": "==", "left": udp_dport, "right": 68}}, {"drop": None}],
+        [{"vmap": {"key": iifname, "data": "@ports"}}],
     ]
     assert table.vmaps == {"ports": {PORT.tap: chain}}
     text = str(table.rules[chain])

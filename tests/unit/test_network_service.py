@@ -23,6 +23,7 @@ from protos.network import (
     DeleteNetwork,
     GetNetwork,
     GetPort,
+    ListBoundPorts,
     ListDhcpLeases,
     ListNetworks,
     ListPorts,
@@ -364,6 +365,25 @@ def test_bind_and_release_emit_events_with_a_growing_seq(net: Net) -> None:
     assert mine[3][1]["host"] == "node-2"
     with pytest.raises(ServiceError, match="no ports"):
         net.service.bind_ports(bind, None)
+
+
+def test_bound_ports_of_networks_are_their_latest_bound_events(net: Net) -> None:
+    """ListBoundPorts: what a compute node that missed events asks for, per network."""
+    n1, n2 = net.create(), net.create("n2", "10.1.0.0/24")
+    cmd, bindings = net.allocate(NicSpec(network="n1"))
+    net.allocate(NicSpec(network="n1"))  # allocated, never bound: not there
+    other, _ = net.allocate(NicSpec(network="n2"))
+    for domain, host in ((cmd.domain_id, "node-1"), (other.domain_id, "node-2")):
+        bind = BindPorts(domain_id=domain, host=host, vtep=IPv4Address("172.16.0.1"))
+        net.service.bind_ports(bind, ctx(bind))
+    ask = ListBoundPorts(network_ids=[n1.network_id, uuid.uuid4()])
+    (found,) = net.service.bound_ports(ask, ctx(ask)).ports
+    latest = [b for k, b in net.events() if k == f"port.bound.{bindings.ports[0].port_id}"]
+    assert found.model_dump(mode="json") == latest[-1]
+    assert (found.host, found.seq, found.vni) == ("node-1", 2, n1.vni)
+    both = ListBoundPorts(network_ids=[n1.network_id, n2.network_id])
+    assert len(net.service.bound_ports(both, None).ports) == 2
+    assert net.service.bound_ports(ListBoundPorts(network_ids=[]), None).ports == []
 
 
 def test_released_addresses_are_quarantined_then_reused_oldest_first(net: Net) -> None:
