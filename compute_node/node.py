@@ -21,6 +21,7 @@ from compute_node.outbox import OutboxPublisher
 from compute_node.resources import Claims
 from compute_node.storage_agent import StorageAgent
 from compute_node.storage_sources import StorageSources
+from compute_node.storage_transfer import TransferServer
 from compute_node.store import Store
 from protos import routing
 from protos.domain import PowerState
@@ -56,7 +57,12 @@ class ComputeNode:
             max_vcpus_per_domain=caps.max_vcpus,
         )
         self.claims = Claims(self.inventory, config.reserved_host_memory_mib)
-        self.storage = StorageAgent(config.host, self.store, config.storage_pools())
+        # Byte streams in and out of the pools (image imports, volume uploads/downloads)
+        # listen where the console relay does: the API reaches both.
+        self.transfers = TransferServer(
+            config.console_listen, advertise=config.console_advertise or None
+        )
+        self.storage = StorageAgent(config.host, self.store, config.storage_pools(), self.transfers)
         self.lifecycle = Lifecycle(
             config.host,
             self.store,
@@ -140,6 +146,7 @@ class ComputeNode:
                 self.networks.on_port_event,
                 queue=ports_queue(self.config.host),
             )
+        self.transfers.start()
         self.storage_runner.start()
         self.runner.start()
         self.heartbeat.start()
@@ -211,6 +218,7 @@ class ComputeNode:
             self.port_events.close()
         self.runner.stop()
         self.storage_runner.stop()
+        self.transfers.stop()
         self.outbox.stop()
         self.bus.close()
         self.driver.close()

@@ -31,7 +31,17 @@ from services.api.problems import install as install_problems
 from services.api.projection import Projection
 from services.api.registry import Registry
 from services.api.request_id import RequestIdMiddleware
-from services.api.routes import admin, console, disks, domains, events, hosts, networks, volumes
+from services.api.routes import (
+    admin,
+    console,
+    disks,
+    domains,
+    events,
+    hosts,
+    images,
+    networks,
+    volumes,
+)
 from services.bus import Bus, BusError
 from services.db import DatabaseUnavailable
 from services.version import package_version
@@ -82,7 +92,7 @@ def create_app(
     install_problems(app)
     app.add_exception_handler(DatabaseUnavailable, _database_unavailable)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
-    for module in (domains, console, hosts, events, admin):
+    for module in (domains, console, hosts, events, admin, images):
         app.include_router(module.router)
     app.include_router(networks.networks_router)
     app.include_router(networks.ports_router)

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from protos.codec import envelope_for, pack
+from protos.images import ImageEvent
 from protos.storage import PoolCapabilities, PoolInfo, VolumeAttached, VolumeDetached, VolumeEvent
 from protos.volumes import Attachment, Pool, Volume, VolumePage, VolumeQuota
 from services.bus import Cause, ServiceError
@@ -445,7 +446,15 @@ class Catalog:
 
     # ---- outbox ------------------------------------------------------------------------------
 
-    def _enqueue(self, conn: Connection, event: VolumeEvent, cause: Cause | None) -> None:
+    def enqueue(
+        self, conn: Connection, event: VolumeEvent | ImageEvent, cause: Cause | None
+    ) -> None:
+        """Put `event` in the outbox within `conn`'s transaction."""
+        self._enqueue(conn, event, cause)
+
+    def _enqueue(
+        self, conn: Connection, event: VolumeEvent | ImageEvent, cause: Cause | None
+    ) -> None:
         cause = cause or Cause()
         envelope = envelope_for(
             event,

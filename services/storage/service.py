@@ -40,6 +40,7 @@ from services.bus import Bus, Context, Service, ServiceError, handles, on_event
 from services.storage.backends import AgentBackend, LocalBackend, PoolBackend, Unreachable
 from services.storage.catalog import Catalog, event_fields
 from services.storage.config import StorageConfig
+from services.storage.images import ImageHandlers
 
 log = structlog.get_logger("flotilla.storage")
 _KEYS = uuid.UUID("6c1f0a4e-58a4-4d0b-9a43-2b7e3c5f1d20")
@@ -94,7 +95,7 @@ class Leases:
                 log.warning("leases not renewed", error=str(exc))
 
 
-class StorageService(Service):
+class StorageService(ImageHandlers, Service):
     name = "storage"
 
     def __init__(
@@ -412,6 +413,7 @@ class StorageService(Service):
                     )
         if done:
             log.info("volumes reconciled", settled={str(k): v for k, v in done.items()})
+        self.reconcile_images()
         return done
 
     def _settle(self, volume: Volume) -> str:

@@ -1,0 +1,197 @@
+"""/v1/images over HTTP, end to end: the API streams the request body to the storage agent of
+a compute node over its transfer port, the agent stores the image in its real pool, the
+storage service records it; bad input refused with nothing left; projects apart; the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration import test_storage_api
+from tests.integration.test_api import auth
+from tests.integration.test_storage_api import ADMIN, ALICE, BOB, MiB, StorageCloud
+
+pytestmark = pytest.mark.integration
+storage_cloud = test_storage_api.storage_cloud  # the API, storage service and a compute node
+
+
+def _images(c: StorageCloud) -> set[str]:
+    return {p.name for p in (c.pool / "images").iterdir()}
+
+
+def _temps(c: StorageCloud) -> list[str]:
+    return [p.name for p in (c.pool / ".tmp").iterdir()]
+
+
+def _upload(c: StorageCloud, data: bytes, token: str = ALICE, **params: str) -> object:
+    return c.http.post(
+        "/v1/images",
+        params=params,
+        content=data,
+        headers={**auth(token), "Content-Type": "application/octet-stream"},
+    )
+
+
+def _raw_post(
+    c: StorageCloud, target: str, length: int, body: bytes, *, hang_up: bool = False
+) -> bytes:
+    """A POST announcing `length` bytes and sending `body` (httpx refuses to lie)."""
+    host, port = c.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(
+            f"POST {target} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {ALICE}\r\n".encode()
+            + b"Content-Type: application/octet-stream\r\n"
+            + f"Content-Length: {length}\r\n\r\n".encode()
+            + body
+        )
+        if hang_up:
+            conn.shutdown(socket.SHUT_WR)
+        try:
+            return conn.recv(4096)
+        except OSError:
+            return b""
+
+
+def _chunks(data: bytes, size: int = 256 * 1024) -> Iterator[bytes]:
+    for pos in range(0, len(data), size):
+        yield data[pos : pos + size]
+
+
+def test_images_through_the_api(storage_cloud: StorageCloud, tmp_path: Path) -> None:
+    c = storage_cloud
+    data = os.urandom(3 * MiB + 17)
+    reply = c.http.post(
+        "/v1/images",
+        params={"name": "kern", "kind": "kernel"},
+        content=_chunks(data),  # chunked: no Content-Length, streamed as it comes
+        headers={**auth(ALICE), "Content-Type": "application/octet-stream"},
+    )
+    assert reply.status_code == 201, reply.text
+    image = reply.json()
+    sha = hashlib.sha256(data).hexdigest()
+    assert (image["state"], image["sha256"], image["size"], image["kind"]) == (
+        "available",
+        sha,
+        len(data),
+        "kernel",
+    )
+    assert reply.headers["location"] == f"/v1/images/{image['id']}"
+    assert (c.pool / "images" / sha).read_bytes() == data
+    again = _upload(c, data, name="kern2")
+    assert again.status_code == 201, again.text  # type: ignore[attr-defined]
+    assert _images(c) == {sha}  # the same bytes: a second name, one file
+
+    raw = tmp_path / "d.raw"
+    raw.write_bytes(b"disk" * 4096)
+    qcow2 = tmp_path / "d.qcow2"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)], check=True
+    )
+    q = _upload(c, qcow2.read_bytes(), name="disk", format="qcow2")
+    assert q.status_code == 201, q.text  # type: ignore[attr-defined]
+    assert q.json()["sha256"] == hashlib.sha256(raw.read_bytes()).hexdigest()  # type: ignore[attr-defined]
+
+    listed = c.get("/v1/images").json()["images"]
+    assert sorted(i["name"] for i in listed) == ["disk", "kern", "kern2"]
+    assert c.get(f"/v1/images/{image['id']}").json()["sha256"] == sha
+    assert c.delete(f"/v1/images/{image['id']}").status_code == 204
+    assert _images(c) >= {sha}  # kern2 still names it
+    assert c.delete(f"/v1/images/{again.json()['id']}").status_code == 204  # type: ignore[attr-defined]
+    assert sha not in _images(c)
+    assert _temps(c) == []
+
+
+def test_bad_image_input_is_refused_and_nothing_is_left(
+    storage_cloud: StorageCloud, tmp_path: Path
+) -> None:
+    c = storage_cloud
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s" * 4096)
+    overlay = tmp_path / "o.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-f", "qcow2", "-b", str(secret), "-F", "raw", str(overlay)],
+        check=True,
+        capture_output=True,
+    )
+    backing = _upload(c, overlay.read_bytes(), name="evil")
+    assert backing.status_code == 422, backing.text  # type: ignore[attr-defined]
+    assert "backing file" in backing.json()["detail"]  # type: ignore[attr-defined]
+    for name in ("a/b", "..", "a..b", "x" * 64, "nul\0"):
+        bad = _upload(c, b"x" * 512, name=name)
+        assert bad.status_code == 422, (name, bad.text)  # type: ignore[attr-defined]
+        assert bad.json()["errors"][0]["field"] == "name"  # type: ignore[attr-defined]
+    empty = _upload(c, b"", name="empty")
+    assert empty.status_code == 422, empty.text  # type: ignore[attr-defined]
+    liar = _upload(c, b"raw bytes" * 100, name="liar", format="qcow2")
+    assert liar.status_code == 422, liar.text  # type: ignore[attr-defined]
+    public = _upload(c, b"p" * 512, name="pub", visibility="public")
+    assert public.status_code == 403  # type: ignore[attr-defined]
+    huge = _raw_post(c, "/v1/images?name=huge", 1 << 60, b"")
+    assert huge.startswith(b"HTTP/1.1 413"), huge[:200]
+    assert (c.get("/v1/images").json()["images"], _images(c), _temps(c)) == ([], set(), [])
+
+
+def test_a_truncated_upload_leaves_nothing(storage_cloud: StorageCloud) -> None:
+    """The client announces 8 MiB, sends 1 MiB and hangs up: no image, no file, no temp."""
+    c = storage_cloud
+    _raw_post(c, "/v1/images?name=cut", 8 * MiB, b"y" * MiB, hang_up=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        images = c.get("/v1/images", ADMIN).json()["images"]
+        if not images and not _temps(c):
+            break
+        time.sleep(0.2)
+    assert (c.get("/v1/images", ADMIN).json()["images"], _images(c), _temps(c)) == ([], set(), [])
+
+
+def test_projects_apart(storage_cloud: StorageCloud) -> None:
+    c = storage_cloud
+    mine = _upload(c, b"m" * 4096, name="mine").json()  # type: ignore[attr-defined]
+    public = _upload(c, b"q" * 4096, ADMIN, name="base", visibility="public").json()  # type: ignore[attr-defined]
+    other = c.get(f"/v1/images/{mine['id']}", BOB)
+    assert other.status_code == 404
+    assert "alice" not in other.text
+    assert c.delete(f"/v1/images/{mine['id']}", BOB).status_code == 404
+    assert c.delete(f"/v1/images/{public['id']}", BOB).status_code == 404
+    assert [i["name"] for i in c.get("/v1/images", BOB).json()["images"]] == ["base"]
+    assert c.get(f"/v1/images/{public['id']}", BOB).status_code == 200
+
+
+def test_image_cli_verbs(storage_cloud: StorageCloud, tmp_path: Path) -> None:
+    c = storage_cloud
+    env = {**os.environ, "FLOTILLA_API_URL": c.url, "FLOTILLA_TOKEN": ALICE}
+    src = tmp_path / "vmlinuz"
+    src.write_bytes(os.urandom(2 * MiB))
+
+    def run(*args: str, token: str = ALICE) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "services.cli.main", *args],
+            env={**env, "FLOTILLA_TOKEN": token},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    done = run("image-import", str(src), "kern", "--kind", "kernel")
+    assert done.returncode == 0, done.stderr
+    sha = hashlib.sha256(src.read_bytes()).hexdigest()
+    assert sha in done.stdout
+    assert f"sha256 {sha}" in done.stderr
+    assert "\r" not in done.stderr  # no progress bar off a terminal
+    listed = json.loads(run("--json", "image-list").stdout)
+    assert [i["name"] for i in listed] == ["kern"]
+    host_file = run("image-import", str(src), "k2", "--from-host", token=ADMIN)
+    assert host_file.returncode == 0, host_file.stderr
+    assert run("image-import", str(src), "k3", "--from-host").returncode == 7  # admins only
+    assert run("image-delete", "kern").returncode == 0
+    assert run("image-delete", "kern").returncode == 3
