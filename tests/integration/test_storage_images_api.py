@@ -11,9 +11,11 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.integration import test_storage_api
@@ -195,3 +197,32 @@ def test_image_cli_verbs(storage_cloud: StorageCloud, tmp_path: Path) -> None:
     assert run("image-import", str(src), "k3", "--from-host").returncode == 7  # admins only
     assert run("image-delete", "kern").returncode == 0
     assert run("image-delete", "kern").returncode == 3
+
+
+def test_boot_image_resolution(storage_cloud: StorageCloud) -> None:
+    """`boot.image` names a kernel image of the project or a public one; anything else is
+    422 on `boot.image` with nothing left; a domain's image cannot be deleted under it."""
+    c = storage_cloud
+    kernel = _upload(c, b"K" * 8192, name="kern", kind="kernel").json()  # type: ignore[attr-defined]
+    _upload(c, b"D" * 8192, name="disky")
+    _upload(c, b"B" * 8192, BOB, name="bobs", kind="kernel")
+
+    def domain(image: str, token: str = ALICE) -> httpx.Response:
+        body = {"name": f"g-{uuid.uuid4().hex[:8]}", "boot": {"image": image}, "start": False}
+        return c.post("/v1/domains", body, token)
+
+    for image, why in (("nope", "no image"), ("disky", "disk image"), ("bobs", "no image")):
+        refused = domain(image)
+        assert (refused.status_code, refused.json()["field"]) == (422, "boot.image"), refused.text
+        assert why in refused.json()["detail"]
+    assert c.get("/v1/domains").json()["domains"] == []
+    made = domain("kern")
+    assert made.status_code == 201, made.text
+    in_use = c.delete(f"/v1/images/{kernel['id']}")
+    assert (in_use.status_code, in_use.json()["reason"]) == (409, "in_use")
+    assert c.delete(f"/v1/domains/{made.json()['id']}").status_code in (202, 204)
+    deadline = time.monotonic() + 20
+    while c.get(f"/v1/domains/{made.json()['id']}").status_code != 404:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert c.delete(f"/v1/images/{kernel['id']}").status_code == 204

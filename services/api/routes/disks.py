@@ -18,6 +18,7 @@ from protos.bindings import DiskBinding
 from protos.commands import DefineDomain
 from protos.domain import DiskSpec, DomainSpec, PowerState, TaskState
 from protos.volumes import Attachment, AttachVolume, DetachVolume, GetVolume, Volume
+from services.api import boot_images
 from services.api.context import ApiContext
 from services.api.models import DomainView
 from services.api.problems import Problem, responses
@@ -121,7 +122,12 @@ def _redefine(
             volume = call_storage(ctx, GetVolume(volume_id=disk.volume_id))
             assert isinstance(volume, Volume)
             bindings.append(binding(volume, disk.target, disk.readonly))
-    ctx.call_host(record.host, DefineDomain(spec=spec, privileged=caller.is_admin, disks=bindings))
+    # The boot image is resolved again by name, as at create.
+    kernel = boot_images.kernel_image(ctx, record.project, spec)
+    ctx.call_host(
+        record.host,
+        DefineDomain(spec=spec, privileged=caller.is_admin, disks=bindings, kernel_image=kernel),
+    )
     updated = ctx.registry.set_spec(record.id, spec)
     assert updated is not None
     return updated

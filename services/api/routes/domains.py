@@ -33,6 +33,7 @@ from protos.network import ReleasePorts
 from protos.replies import ConsoleOutput, DomainInfo
 from protos.scheduler import Attempt, Placement, ScheduleDomain
 from protos.states import Action, Verdict, decide
+from services.api import boot_images
 from services.api.context import ApiContext
 from services.api.models import (
     ActionName,
@@ -63,7 +64,8 @@ def create_domain(
 ) -> DomainView:
     """Define a domain on a host the scheduler picks, and start it unless `start` is false.
 
-    422 for a spec no host could run (relative path, NUL byte, `boot.image`) and for what
+    422 for a spec no host could run (relative path, NUL byte, a `boot.image` that is no
+    kernel image the project may use) and for what
     only the host finds (a file that is no kernel image), 403 `forbidden` for a host path a
     member may not use or for `placement.host` from a member (host names are admin-only), 403
     over quota, 409 if a domain of that name exists (names are unique across projects), 503
@@ -91,6 +93,7 @@ def create_domain(
         raise Problem(409, "name_in_use", str(exc), name=spec.name) from None
     project = None if caller.is_admin else caller.project
     try:
+        kernel = boot_images.kernel_image(ctx, caller.project, spec)
         bindings = disks.attach_disks(ctx, project, record.id, spec)
     except Problem:
         ctx.registry.remove_domain(record.id)
@@ -104,6 +107,7 @@ def create_domain(
         start=body.start,
         max_attempts=ctx.config.schedule_max_attempts,
         disks=bindings,
+        kernel_image=kernel,
     )
     try:
         placement = ctx.call(routing.SCHEDULER_QUEUE, command, ctx.config.schedule_timeout_s)
@@ -126,8 +130,6 @@ def create_domain(
 def _check_spec(spec: DomainSpec) -> None:
     """422 for what no host could run, before anything is stored."""
     problems = spec_problems(spec)
-    if spec.boot.image is not None:
-        problems.insert(0, ("boot.image", "booting from an image needs the storage service"))
     if problems:
         field, reason = problems[0]
         raise Problem(

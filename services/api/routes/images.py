@@ -32,7 +32,7 @@ from protos.images import (
     VisibilityName,
 )
 from protos.images import ImageList as ImageListReply
-from services.api import transfer
+from services.api import boot_images, transfer
 from services.api.auth import Principal, require_admin
 from services.api.image_models import IMAGE_NAME_PATTERN, ImageFromHost, ImageList, ImageView
 from services.api.problems import Problem, responses
@@ -180,6 +180,17 @@ def get_image(image_id: uuid.UUID, ctx: Ctx, caller: Caller, mask: Mask) -> Imag
 @router.delete("/{image_id}", status_code=204, responses=responses(401, 404, 409, 422, 503))
 def delete_image(image_id: uuid.UUID, ctx: Ctx, caller: Caller) -> Response:
     """Remove the image's name (the caller's project's own); its file goes with the last
-    name."""
+    name. 409 (reason `in_use`) while a domain definition boots from it."""
+    image = _image(call_storage(ctx, GetImage(image_id=image_id, project=_project(caller))))
+    if caller.is_admin or image.project == caller.project:
+        users = boot_images.domains_booting(ctx, image)
+        if users:
+            raise Problem(
+                409,
+                "conflict",
+                f"image {image.name!r} is the boot image of domain {users[0]!r}",
+                reason="in_use",
+                domains=users[:20],
+            )
     call_storage(ctx, DeleteImage(image_id=image_id, project=_project(caller)))
     return Response(status_code=204)

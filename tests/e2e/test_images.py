@@ -1,0 +1,39 @@
+"""Images end to end, through HTTP only: the test guest's kernel imported as an image (the
+bytes streamed API → the pool's host), a domain booted from it by name (`boot.image`), the
+image's delete refused while a definition boots from it."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+
+from tests.e2e.harness import E2E, ok, wait_console, wait_domain, wait_gone
+
+
+def test_a_guest_boots_from_an_imported_kernel_image(e2e: E2E) -> None:
+    c = e2e.client()
+    name = f"guest-{uuid.uuid4().hex[:6]}"
+    data = e2e.guest.read_bytes()
+    image = ok(
+        c.post(
+            "/v1/images",
+            params={"name": name, "kind": "kernel"},
+            content=data,
+            headers={"Content-Type": "application/octet-stream"},
+        ),
+        201,
+    )
+    assert image["sha256"] == hashlib.sha256(data).hexdigest()
+    spec = e2e.spec()
+    spec["boot"] = {"image": name, "cmdline": "ready"}
+    d = ok(c.post("/v1/domains", json=spec), 201)
+    wait_domain(c, d["id"], "running")
+    wait_console(c, d["id"], "READY vcpus=1 memory_mib=32")
+    refused = c.delete(f"/v1/images/{image['id']}")
+    assert (refused.status_code, refused.json().get("reason")) == (409, "in_use"), refused.text
+    # Another project cannot boot a private image it cannot see.
+    other = e2e.client("bob").post("/v1/domains", json={**e2e.spec(), "boot": spec["boot"]})
+    assert (other.status_code, other.json().get("field")) == (422, "boot.image"), other.text
+    ok(c.delete(f"/v1/domains/{d['id']}"), (202, 204))
+    wait_gone(c, d["id"])
+    ok(c.delete(f"/v1/images/{image['id']}"), 204)
