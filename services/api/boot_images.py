@@ -4,6 +4,8 @@ a domain definition boots from from being deleted."""
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 from protos.bindings import ImageRef
 from protos.domain import DomainSpec
 from protos.images import FindImage, Image
@@ -19,7 +21,15 @@ def kernel_image(ctx: ApiContext, project: str, spec: DomainSpec) -> ImageRef | 
     if name is None:
         return None
     try:
-        image = call_storage(ctx, FindImage(name=name, project=project))
+        image = call_storage(ctx, FindImage.model_validate({"name": name, "project": project}))
+    except ValidationError:
+        raise Problem(
+            422,
+            "invalid",
+            f"boot.image: {name!r} is not an image name",
+            title="Invalid request",
+            field="boot.image",
+        ) from None
     except Problem as problem:
         if problem.code in ("not_found", "invalid"):
             raise Problem(

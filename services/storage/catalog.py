@@ -93,6 +93,15 @@ class Catalog:
             raise ServiceError("not_found", f"no pool {name!r}", {"field": "pool"})
         return PoolRow(row.name, row.kind, row.host or None, row.available)
 
+    def pool_on(self, name: str, host: str | None) -> PoolRow:
+        """The pool `name` of `host` (None: the shared pool served by the service)."""
+        query = sa.select(pools).where(pools.c.name == name, pools.c.host == (host or ""))
+        with self.db.transaction() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            raise ServiceError("not_found", f"no pool {name!r} on {host or 'the service'}")
+        return PoolRow(row.name, row.kind, row.host or None, row.available)
+
     def pools(self) -> list[Pool]:
         host = sa.func.coalesce(volumes.c.host, "")
         counts = (
@@ -216,6 +225,7 @@ class Catalog:
         source_id: uuid.UUID | None,
         quota: VolumeQuota | None,
         lease_s: float,
+        image: str | None = None,
     ) -> tuple[Volume, bool]:
         """Insert the volume in `creating` under this replica's lease; (volume, True). A
         volume of that id already there (the command again) is returned with False.
@@ -230,6 +240,7 @@ class Catalog:
                 source_id=source_id,
                 quota=quota,
                 lease_s=lease_s,
+                image=image,
             )
         except sa.exc.IntegrityError:
             # Another replica inserted the same id or name between the checks and the insert.
@@ -254,6 +265,7 @@ class Catalog:
         source_id: uuid.UUID | None,
         quota: VolumeQuota | None,
         lease_s: float,
+        image: str | None,
     ) -> tuple[Volume, bool]:
         now = time.time()
         with self.db.transaction() as conn:
@@ -292,6 +304,7 @@ class Catalog:
                 "size": size,
                 "state": "creating",
                 "source_id": None if source_id is None else str(source_id),
+                "image": image,
                 "seq": 0,
                 "lease_owner": self.replica,
                 "lease_until": now + lease_s,

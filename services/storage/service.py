@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import structlog
 
 from protos.host import HostHeartbeat
-from protos.storage import VolumeCreated, VolumeDeleted, VolumeResized
+from protos.storage import SECTOR, VolumeCreated, VolumeDeleted, VolumeResized
 from protos.volumes import (
     AttachVolume,
     CreateVolume,
@@ -184,6 +184,8 @@ class StorageService(ImageHandlers, Service):
 
     @handles(CreateVolume)
     def volume_create(self, cmd: CreateVolume, ctx: Context) -> Volume:
+        if cmd.image_id is not None:
+            return self._volume_from_image(cmd, ctx)
         source: Volume | None = None
         pool_name = cmd.pool
         if cmd.source_id is not None:
@@ -229,11 +231,62 @@ class StorageService(ImageHandlers, Service):
         with self.leases.hold(volume.volume_id):
             return self._make_file(volume, size, ctx)
 
+    def _volume_from_image(self, cmd: CreateVolume, ctx: Context) -> Volume:
+        """A volume cloned from a disk image, in the image's pool (on its host)."""
+        assert cmd.image_id is not None
+        image = self.images.get(cmd.image_id, cmd.project)
+        if image.state != "available" or image.sha256 is None or image.size is None:
+            raise ServiceError(
+                "conflict", f"image {image.name!r} is {image.state}", {"field": "image_id"}
+            )
+        if image.kind != "disk":
+            raise ServiceError(
+                "invalid",
+                f"image {image.name!r} is a {image.kind} image, not a disk",
+                {"field": "image_id"},
+            )
+        if cmd.pool is not None and cmd.pool != image.pool:
+            raise ServiceError(
+                "invalid",
+                f"a volume from image {image.name!r} is made in its pool ({image.pool})",
+                {"field": "pool"},
+            )
+        least = -(-image.size // SECTOR) * SECTOR
+        size = cmd.size if cmd.size is not None else least
+        if size < least:
+            raise ServiceError(
+                "invalid",
+                f"size: image {image.name!r} is {image.size} bytes; the volume cannot be smaller",
+                {"field": "size"},
+            )
+        volume, new = self.catalog.begin_create(
+            volume_id=cmd.volume_id,
+            project=cmd.project,
+            name=cmd.name,
+            pool=self.catalog.pool_on(image.pool, image.host),
+            size=size,
+            source_id=None,
+            quota=cmd.quota,
+            lease_s=self.config.lease_s,
+            image=image.sha256,
+        )
+        if not new and (
+            volume.state != "creating"
+            or not self.catalog.take_lease(volume.volume_id, self.config.lease_s)
+        ):
+            return volume
+        with self.leases.hold(volume.volume_id):
+            return self._make_file(volume, size, ctx)
+
     def _make_file(self, volume: Volume, size: int, ctx: Context) -> Volume:
         backend = self.backend(volume.host)
         made = False
         try:
-            if volume.source_id is not None:
+            if volume.image is not None:
+                got = backend.from_image(
+                    volume.pool, volume.volume_id, volume.image, size, step_key(ctx, "image")
+                )
+            elif volume.source_id is not None:
                 got = backend.clone(
                     volume.pool, volume.volume_id, volume.source_id, step_key(ctx, "clone")
                 )

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.bootfiles import KERNEL
 from tests.integration import test_storage_api
 from tests.integration.test_api import auth
 from tests.integration.test_storage_api import ADMIN, ALICE, BOB, MiB, StorageCloud
@@ -226,3 +227,63 @@ def test_boot_image_resolution(storage_cloud: StorageCloud) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert c.delete(f"/v1/images/{kernel['id']}").status_code == 204
+
+
+def _gone(c: StorageCloud, domain_id: str) -> None:
+    assert c.delete(f"/v1/domains/{domain_id}").status_code in (202, 204)
+    deadline = time.monotonic() + 20
+    while c.get(f"/v1/domains/{domain_id}").status_code != 404:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_a_root_disk_from_an_image(storage_cloud: StorageCloud) -> None:
+    """A disk `{target, image, size_gib}` is a new volume cloned from the image, grown,
+    attached; deleted with the domain unless `keep`."""
+    c = storage_cloud
+    data = os.urandom(MiB) + b"\0" * MiB
+    _upload(c, data, name="rootfs")
+    _upload(c, b"K" * 4096, name="kern", kind="kernel")
+
+    def domain(disk: dict[str, object]) -> httpx.Response:
+        body = {
+            "name": f"g-{uuid.uuid4().hex[:8]}",
+            "boot": {"kernel": KERNEL},
+            "disks": [disk],
+            "start": False,
+        }
+        return c.post("/v1/domains", body)
+
+    made = domain({"target": "vda", "image": "rootfs", "size_gib": 1})
+    assert made.status_code == 201, made.text
+    volumes = c.get("/v1/volumes").json()["volumes"]
+    (volume,) = volumes
+    assert (volume["size"], volume["state"]) == (1 << 30, "attached")
+    assert volume["attachment"]["domain_id"] == made.json()["id"]
+    path = c.pool / "volumes" / volume["id"]
+    with path.open("rb") as f:
+        assert f.read(len(data)) == data
+    assert path.stat().st_size == 1 << 30
+    _gone(c, made.json()["id"])
+    assert c.get("/v1/volumes").json()["volumes"] == []
+    assert c.files() == set()
+
+    kept = domain({"target": "vda", "image": "rootfs", "keep": True})
+    assert kept.status_code == 201, kept.text
+    _gone(c, kept.json()["id"])
+    (volume,) = c.get("/v1/volumes").json()["volumes"]
+    assert (volume["state"], volume["size"]) == ("available", len(data))
+
+    bad: list[tuple[dict[str, object], str]] = [
+        ({"target": "vdb", "image": "kern"}, "kernel image"),
+        ({"target": "vdb", "image": "nope"}, "no image"),
+        ({"target": "vdb", "image": "a..b"}, ""),
+        ({"target": "vdb", "image": "rootfs", "size_gib": 0}, ""),
+        ({"target": "vdb", "path": "/x", "size_gib": 1}, ""),
+    ]
+    for disk, why in bad:
+        refused = domain(disk)
+        assert refused.status_code == 422, (disk, refused.text)
+        assert why in refused.json()["detail"], refused.text
+    assert len(c.get("/v1/volumes").json()["volumes"]) == 1
+    assert c.get("/v1/domains").json()["domains"] == []

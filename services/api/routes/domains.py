@@ -94,7 +94,7 @@ def create_domain(
     project = None if caller.is_admin else caller.project
     try:
         kernel = boot_images.kernel_image(ctx, caller.project, spec)
-        bindings = disks.attach_disks(ctx, project, record.id, spec)
+        bindings = disks.attach_disks(ctx, project, record.id, spec, owner=caller.project)
     except Problem:
         ctx.registry.remove_domain(record.id)
         raise
@@ -114,14 +114,14 @@ def create_domain(
     except Problem as problem:
         _schedule_failed(ctx, record, problem)
         if problem.code not in _OUTCOME_UNKNOWN:
-            disks.detach_disks(ctx, record.id, [b.volume_id for b in bindings])
+            disks.release_disks(ctx, record.id, spec)
         raise
     assert isinstance(placement, Placement)
     placed = ctx.registry.set_placement(record.id, placement.host, placement.info)
     if placed is None:
         # Deleted while the scheduler worked: do not leave the guest behind on its host.
         _remove_from_host(ctx, placement.host, record.id)
-        disks.detach_disks(ctx, record.id, [b.volume_id for b in bindings])
+        disks.release_disks(ctx, record.id, spec)
         raise Problem(409, "deleted", f"domain {record.id} was deleted while being scheduled")
     response.headers["Location"] = f"/v1/domains/{record.id}"
     return DomainView.of(placed, mask, placement.attempts)
@@ -237,11 +237,10 @@ def delete_domain(
     the record goes when the host's `domain.undefined` arrives. 204 when there was nothing
     on a host (never placed). Calling it again while `deleting` retries."""
     record = ctx.visible_domain(caller, domain_id)
-    attached = disks.volume_ids(record.spec)
     if record.host is None:
         _release_ports(ctx, record)
         ctx.registry.remove_domain(domain_id)
-        disks.detach_disks(ctx, domain_id, attached)
+        disks.release_disks(ctx, domain_id, record.spec)
         return Response(status_code=204)
     if record.task is not TaskState.DELETING:
         if record.power in ACTIVE_STATES:
@@ -255,11 +254,11 @@ def delete_domain(
             raise  # the record stays `deleting`: DELETE again to retry
         _release_ports(ctx, record)
         ctx.registry.remove_domain(domain_id)  # already gone from the host
-        disks.detach_disks(ctx, domain_id, attached)
+        disks.release_disks(ctx, domain_id, record.spec)
         return Response(status_code=204)
     _release_ports(ctx, record)
     # Undefined on its host: its volumes are free.
-    disks.detach_disks(ctx, domain_id, attached)
+    disks.release_disks(ctx, domain_id, record.spec)
     current = ctx.registry.get_domain(domain_id)
     if current is None:
         return Response(status_code=204)  # the undefined event beat us here
