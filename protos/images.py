@@ -25,7 +25,7 @@ from protos.commands import Command
 from protos.domain import NAME_PATTERN
 from protos.replies import Done
 from protos.storage import MAX_VOLUME_BYTES, SECTOR, PoolCommand, VolumeInfo
-from protos.volumes import CatalogCommand, VolumeName
+from protos.volumes import CatalogCommand, Volume, VolumeName, VolumeQuota
 
 ImageKindName = Literal["disk", "kernel", "initrd"]
 VisibilityName = Literal["private", "public"]
@@ -263,6 +263,61 @@ IMAGE_CATALOG_COMMANDS: tuple[type[Command], ...] = (
     ListImages,
     DeleteImage,
 )
+
+
+class VolumeUpload(Message):
+    """An upload begun: the volume (`creating`) and the ticket to stream its bytes with."""
+
+    TYPE = "reply.catalog_volume_upload"
+    volume: Volume
+    ticket: TransferTicket
+
+
+class UploadedVolume(Message):
+    """An upload recorded: the volume and the sha256 of its bytes (computed by its host)."""
+
+    TYPE = "reply.catalog_volume_uploaded"
+    volume: Volume
+    sha256: str = Field(pattern=SHA256_PATTERN)
+
+
+class VolumeDownload(Message):
+    TYPE = "reply.catalog_volume_download"
+    volume: Volume
+    ticket: TransferTicket
+
+
+class BeginVolumeUpload(CatalogCommand):
+    """A new volume `name` of exactly `size` bytes from a stream (`sha256` checked if
+    given); `EndVolumeUpload` records it. Nothing is visible until the whole stream is on
+    disk and synced."""
+
+    TYPE = "cmd.catalog.volume_upload_begin"
+    RESULT = VolumeUpload
+    volume_id: uuid.UUID
+    project: str = Field(pattern=NAME_PATTERN)
+    name: VolumeName
+    pool: str | None = Field(default=None, pattern=NAME_PATTERN)
+    size: int = Field(gt=0, le=MAX_VOLUME_BYTES, multiple_of=SECTOR)
+    sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)
+    quota: VolumeQuota | None = None
+
+
+class EndVolumeUpload(CatalogCommand):
+    """The stream of `volume_id` ended: the host's outcome is recorded (`available`, event
+    `volume.created`), or the volume forgotten and the host's refusal raised."""
+
+    TYPE = "cmd.catalog.volume_upload_end"
+    RESULT = UploadedVolume
+    volume_id: uuid.UUID
+
+
+class BeginVolumeDownload(CatalogCommand):
+    """A ticket to read volume `volume_id`'s bytes (refused while a guest writes it)."""
+
+    TYPE = "cmd.catalog.volume_download"
+    RESULT = VolumeDownload
+    volume_id: uuid.UUID
 
 
 # ---- events --------------------------------------------------------------------------------

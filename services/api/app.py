@@ -40,6 +40,7 @@ from services.api.routes import (
     hosts,
     images,
     networks,
+    volume_transfer,
     volumes,
 )
 from services.bus import Bus, BusError
@@ -92,7 +93,7 @@ def create_app(
     install_problems(app)
     app.add_exception_handler(DatabaseUnavailable, _database_unavailable)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
-    for module in (domains, console, hosts, events, admin, images):
+    for module in (domains, console, hosts, events, admin, images, volume_transfer):
         app.include_router(module.router)
     app.include_router(networks.networks_router)
     app.include_router(networks.ports_router)

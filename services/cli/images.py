@@ -180,3 +180,71 @@ def cmd_image_delete(s: Session, args: argparse.Namespace) -> int:
     if not s.json:
         print(f"Image {image['name']} deleted")
     return 0
+
+
+def cmd_vol_upload(s: Session, args: argparse.Namespace) -> int:
+    """A new volume from a local file (its size a multiple of 512), streamed."""
+    path = Path(args.file)
+    try:
+        source = path.open("rb")
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}", Exit.USAGE) from None
+    params: dict[str, Any] = {"name": args.name}
+    if args.pool:
+        params["pool"] = args.pool
+    with source:
+        size = os.fstat(source.fileno()).st_size
+        if size == 0 or size % 512:
+            raise CliError(f"{path}: {size} bytes; a volume is a multiple of 512", Exit.USAGE)
+        digest = hashlib.sha256()
+        bar = ByteBar(f"uploading {path.name}", size)
+        volume = s.api.request(
+            "POST",
+            "/v1/volumes/upload",
+            params=params,
+            content=stream_file(source, bar, digest),
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+            timeout=None,
+        )
+    if s.json:
+        emit_json({**volume, "sha256": digest.hexdigest()})
+    else:
+        print(f"Volume {volume['name']} uploaded: {human(size)}, sha256 {digest.hexdigest()}")
+    return 0
+
+
+def cmd_vol_download(s: Session, args: argparse.Namespace) -> int:
+    """A volume's bytes into a local file: written to FILE.part, renamed when whole."""
+    from services.cli.volumes import resolve_volume  # noqa: PLC0415
+
+    volume = resolve_volume(s, args.volume)
+    dest = Path(args.file)
+    part = dest.with_name(dest.name + ".part")
+    digest = hashlib.sha256()
+    bar = ByteBar(f"downloading {volume['name']}", volume["size"])
+    got = 0
+    try:
+        with (
+            s.api.http.stream("GET", f"/v1/volumes/{volume['id']}/content", timeout=None) as r,
+            part.open("wb") as out,
+        ):
+            if r.status_code >= 400:
+                r.read()
+                s.api.raise_for(r)
+            for chunk in r.iter_bytes(CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+                got += len(chunk)
+                bar.add(len(chunk))
+        bar.finish()
+        if got != volume["size"]:
+            raise CliError(f"the download ended after {got} of {volume['size']} bytes")
+        part.rename(dest)
+    finally:
+        part.unlink(missing_ok=True)
+    if s.json:
+        emit_json({"file": str(dest), "size": got, "sha256": digest.hexdigest()})
+    else:
+        sha = digest.hexdigest()
+        print(f"Volume {volume['name']} downloaded to {dest}: {human(got)}, sha256 {sha}")
+    return 0

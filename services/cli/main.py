@@ -2,10 +2,10 @@
 
 Verbs follow virsh (list, create, start, shutdown, destroy, reboot, suspend, resume, delete,
 dominfo, console; pool-list, pool-info, vol-create, vol-list, vol-info, vol-delete, vol-resize,
-vol-clone, vol-wipe, image-import, image-list, image-delete, attach-disk, detach-disk) plus
-events, hosts, up and version. The API and token come from --api/--token, else
-FLOTILLA_API_URL/FLOTILLA_TOKEN, else what `flotilla up` wrote to its state dir. Exit codes
-are listed in services.cli.client.Exit and docs/cli.md.
+vol-clone, vol-wipe, vol-upload, vol-download, image-import, image-list, image-delete,
+attach-disk, detach-disk) plus events, hosts, up and version. The API and token come from
+--api/--token, else FLOTILLA_API_URL/FLOTILLA_TOKEN, else what `flotilla up` wrote to its
+state dir. Exit codes are listed in services.cli.client.Exit and docs/cli.md.
 """
 
 from __future__ import annotations
@@ -244,6 +244,13 @@ def _image_verbs(verb: Verb) -> None:
         "--from-host", action="store_true", help="admins: FILE is on the pool's host, not here"
     )
     verb("image-list", "list the images the token may use", i.cmd_image_list)
+    p = verb("vol-upload", "a new volume from a local file (streamed)", i.cmd_vol_upload)
+    p.add_argument("file", help="its size is the volume's: a multiple of 512")
+    p.add_argument("name", help="the new volume's name")
+    p.add_argument("--pool", help="the pool (default: the storage service's default)")
+    p = verb("vol-download", "a volume's bytes into a local file", i.cmd_vol_download)
+    p.add_argument("volume", help="name or uuid")
+    p.add_argument("file", help="written as FILE.part, renamed when complete")
     p = verb(
         "image-delete", "delete an image's name (its file goes with the last)", i.cmd_image_delete
     )

@@ -315,6 +315,20 @@ class Catalog:
             row = _row(conn, volume_id, None)
         return _volume(row), True
 
+    def ticket_of(self, volume_id: uuid.UUID) -> str | None:
+        """The ticket of the volume's upload, if it is being created from one."""
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                sa.select(volumes.c.ticket).where(volumes.c.id == str(volume_id))
+            ).first()
+        return None if row is None else row.ticket
+
+    def set_ticket(self, volume_id: uuid.UUID, ticket: str) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                sa.update(volumes).where(volumes.c.id == str(volume_id)).values(ticket=ticket)
+            )
+
     def forget(self, volume_id: uuid.UUID) -> None:
         """Remove a volume that was never announced (its create was refused or undone)."""
         with self.db.transaction() as conn:

@@ -41,6 +41,7 @@ from services.storage.backends import AgentBackend, LocalBackend, PoolBackend, U
 from services.storage.catalog import Catalog, event_fields
 from services.storage.config import StorageConfig
 from services.storage.images import ImageHandlers
+from services.storage.uploads import UploadHandlers
 
 log = structlog.get_logger("flotilla.storage")
 _KEYS = uuid.UUID("6c1f0a4e-58a4-4d0b-9a43-2b7e3c5f1d20")
@@ -95,7 +96,7 @@ class Leases:
                 log.warning("leases not renewed", error=str(exc))
 
 
-class StorageService(ImageHandlers, Service):
+class StorageService(ImageHandlers, UploadHandlers, Service):
     name = "storage"
 
     def __init__(
@@ -475,11 +476,20 @@ class StorageService(ImageHandlers, Service):
             self._delete_file(volume, None)
             self._forget_deleted(volume.volume_id, None)
             return "deleted"
+        ticket = self.catalog.ticket_of(volume.volume_id)
+        if ticket is not None and backend.transfer_result(ticket).state == "running":
+            return "uploading"  # its stream still arrives: settled once it ended
         size = backend.size(volume.pool, volume.volume_id)
         if size is not None:
             self.catalog.change(
                 volume.volume_id,
-                {"state": "available", "size": size, "lease_owner": None, "lease_until": 0},
+                {
+                    "state": "available",
+                    "size": size,
+                    "ticket": None,
+                    "lease_owner": None,
+                    "lease_until": 0,
+                },
                 lambda v: VolumeCreated(**event_fields(v), source_id=v.source_id),
                 None,
             )

@@ -54,6 +54,8 @@ volumes = sa.Table(
     sa.Column("lease_until", sa.DOUBLE_PRECISION, nullable=False, server_default=sa.text("0")),
     sa.Column("created_at", sa.DOUBLE_PRECISION, nullable=False),
     sa.Column("updated_at", sa.DOUBLE_PRECISION, nullable=False),
+    # An upload's ticket on the pool's host, while the volume is `creating` from it.
+    sa.Column("ticket", sa.Text),
     sa.UniqueConstraint("project", "name", name="storage_volumes_project_name"),
 )
 sa.Index("storage_volumes_state", volumes.c.state)

@@ -6,6 +6,7 @@ leave nothing, projects kept apart, events in the outbox, reconcile of an abando
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import subprocess
 import time
@@ -23,8 +24,10 @@ from protos.base import Message
 from protos.codec import decode, envelope_for, parse_body
 from protos.images import (
     BeginImageImport,
+    BeginVolumeUpload,
     DeleteImage,
     EndImageImport,
+    EndVolumeUpload,
     FindImage,
     GetImage,
     Image,
@@ -33,6 +36,8 @@ from protos.images import (
     ImageList,
     ImportImageFromHost,
     ListImages,
+    UploadedVolume,
+    VolumeUpload,
 )
 from protos.replies import ErrorReply
 from services.bus import Context
@@ -41,14 +46,15 @@ from services.storage.backends import LocalBackend
 from services.storage.catalog import Catalog
 from services.storage.config import StorageConfig
 from services.storage.service import StorageService
-from services.storage.tables import images, outbox
+from services.storage.tables import images, outbox, volumes
+from tests.loopfs import small_tmpfs
 
 MiB = 1 << 20
 
 
 class Images:
-    def __init__(self, path: Path) -> None:
-        self.pool_dir = path / "shared"
+    def __init__(self, path: Path, pool_dir: Path | None = None) -> None:
+        self.pool_dir = pool_dir or path / "shared"
         self.pool_dir.mkdir(exist_ok=True)
         self.config = StorageConfig(
             database_url=f"sqlite:///{path / 'catalog.db'}",
@@ -322,3 +328,92 @@ def test_an_admin_imports_a_host_file(store: Images, tmp_path: Path) -> None:
     )
     assert isinstance(missing, ErrorReply)
     assert (missing.code, store.rows()) == ("invalid", 1)
+
+
+# ---- volume uploads --------------------------------------------------------------------------
+
+
+def _upload_volume(
+    store: Images, name: str, data: bytes, *, sha256: str | None = None, fill: Path | None = None
+) -> tuple[dict[str, object], Message]:
+    started = store.do(
+        BeginVolumeUpload(
+            volume_id=uuid.uuid4(), project="p1", name=name, size=len(data), sha256=sha256
+        )
+    )
+    assert isinstance(started, VolumeUpload), started
+    ticket = started.ticket
+    with socket.create_connection((ticket.address, ticket.port)) as conn:
+        conn.sendall(ticket.ticket.encode() + b"\n")
+        if fill is None:
+            send_frames(conn, iter([data]))
+            answer = read_line(conn)
+        else:
+            # Another writer takes the rest of the space after the first MiB.
+            conn.sendall(storage_transfer.FRAME.pack(MiB) + data[:MiB])
+            _fill(fill)
+            try:  # the host stops reading once it fails: the rest may be refused
+                send_frames(conn, iter([data[MiB:]]))
+                answer = read_line(conn)
+            except OSError:
+                answer = store.transfers.result(ticket.ticket).model_dump()
+    return answer, store.do(EndVolumeUpload(volume_id=started.volume.volume_id, project="p1"))
+
+
+def _fill(mnt: Path) -> None:
+    with (mnt / "filler").open("wb") as f:
+        try:
+            while True:
+                f.write(os.urandom(MiB))
+                f.flush()
+        except OSError:
+            pass
+
+
+def _volume_rows(store: Images) -> int:
+    with store.catalog.db.transaction() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(volumes)).scalar_one())
+
+
+def test_an_uploaded_volume_is_visible_whole_with_its_sha256(store: Images) -> None:
+    data = os.urandom(MiB) + bytes(2 * MiB) + os.urandom(MiB)
+    answer, reply = _upload_volume(store, "up", data, sha256=hashlib.sha256(data).hexdigest())
+    assert answer["state"] == "done"
+    assert isinstance(reply, UploadedVolume), reply
+    assert reply.sha256 == hashlib.sha256(data).hexdigest()
+    assert (reply.volume.state, reply.volume.size) == ("available", len(data))
+    path = store.pool_dir / "volumes" / str(reply.volume.volume_id)
+    assert path.read_bytes() == data
+    assert path.stat().st_blocks * 512 < 3 * MiB  # the zeros stay holes
+    with store.catalog.db.transaction() as conn:
+        (row,) = conn.execute(sa.select(outbox)).all()
+    assert row.routing_key == f"volume.created.{reply.volume.volume_id}"
+
+
+def test_a_wrong_sha256_leaves_no_volume(store: Images) -> None:
+    answer, reply = _upload_volume(store, "bad", os.urandom(4096), sha256="0" * 64)
+    assert answer["code"] == "checksum_mismatch"
+    assert isinstance(reply, ErrorReply), reply
+    assert (reply.code, reply.details.get("field")) == ("invalid", "sha256")
+    assert (_volume_rows(store), list((store.pool_dir / "volumes").iterdir()), store.temps()) == (
+        0,
+        [],
+        [],
+    )
+
+
+@pytest.mark.root
+def test_enospc_mid_upload_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
+    with small_tmpfs(32 * MiB) as mnt:
+        store = Images(tmp_path, pool_dir=mnt / "shared")
+        try:
+            answer, reply = _upload_volume(store, "big", os.urandom(24 * MiB), fill=mnt)
+            assert answer["code"] == "no_space", answer
+            assert isinstance(reply, ErrorReply), reply
+            assert (reply.code, reply.details.get("field")) == ("no_space", "size")
+            assert "uploading volume" in reply.message
+            assert _volume_rows(store) == 0
+            assert list((store.pool_dir / "volumes").iterdir()) == []
+            assert store.temps() == []
+        finally:
+            store.transfers.stop()

@@ -125,12 +125,14 @@ async def import_image(  # noqa: PLR0917  (FastAPI passes parameters by keyword)
         except Problem:
             pass
         raise Problem(400, "truncated", "the upload ended early: nothing was stored") from None
-    except Problem:
+    except Problem as problem:
+        # The host stopped reading (it refused: no space, a bad image...): its outcome,
+        # which `end` raises, says why better than the broken stream.
         try:
             await run_in_threadpool(call_storage, ctx, end)
-        except Problem:
-            pass
-        raise
+        except Problem as outcome:
+            raise outcome from None
+        raise problem from None
     log.info("image streamed", image_id=str(begin.image_id), state=answer.get("state"))
     image = _image(await run_in_threadpool(call_storage, ctx, end))
     response.headers["Location"] = f"/v1/images/{image.image_id}"
