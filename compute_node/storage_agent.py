@@ -24,7 +24,7 @@ import structlog
 
 from compute_node.config import PoolConfig
 from compute_node.storage import ImageStore, Pool, StorageError, VolumeStore
-from compute_node.storage_transfer import TransferServer, job_for
+from compute_node.storage_transfer import TransferServer, image_check, job_for
 from compute_node.store import Store
 from protos.images import (
     CreateVolumeFromImage,
@@ -438,7 +438,9 @@ def import_file(pool: Pool, cmd: ImportImageFile) -> TransferResult:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ServiceError("invalid", f"{cmd.path} is not a regular file", {"field": "path"})
         with _replies():
-            image = ImageStore(pool).import_image(source, format=cmd.format)
+            image = ImageStore(pool).import_image(
+                source, format=cmd.format, check=image_check(cmd.kind)
+            )
     return TransferResult(
         state="done",
         size=image.size,

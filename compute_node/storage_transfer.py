@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import os
 import secrets
 import socket
 import struct
@@ -31,6 +33,7 @@ from typing import Any, BinaryIO
 import structlog
 
 from compute_node.storage import ImageStore, Pool, StorageError, VolumeStore
+from compute_node.storage.errors import BadImage
 from protos.images import OpenTransfer, TransferResult, TransferTicket
 
 log = structlog.get_logger("flotilla.storage.transfer")
@@ -109,6 +112,28 @@ def failed(exc: StorageError | TransferError) -> TransferResult:
     return TransferResult(state="failed", code="truncated", message=str(exc))
 
 
+MAX_KERNEL_BYTES = 256 << 20
+
+
+def kernel_check(fd: int) -> None:
+    """BadImage unless the file open at `fd` is a kernel the VMM boots (bzImage, vmlinux,
+    PVH ELF: the VMM's own loader, native.parse_image, decides)."""
+    import native  # noqa: PLC0415  (the VMM's cffi module: loaded only for kernel imports)
+
+    size = os.fstat(fd).st_size
+    if size > MAX_KERNEL_BYTES:
+        raise BadImage(f"{size} bytes is not a kernel image (at most {MAX_KERNEL_BYTES})")
+    with mmap.mmap(fd, size, prot=mmap.PROT_READ) as data:
+        try:
+            native.parse_image(bytes(data))
+        except ValueError as exc:
+            raise BadImage(f"the image is of kind kernel but {exc}") from None
+
+
+def image_check(kind: str | None) -> Callable[[int], None] | None:
+    return kernel_check if kind == "kernel" else None
+
+
 def job_for(pool: Pool, cmd: OpenTransfer) -> Job:
     """The file work a ticket stands for (checked when the ticket is asked for)."""
     if cmd.op == "image_import":
@@ -123,7 +148,9 @@ def job_for(pool: Pool, cmd: OpenTransfer) -> Job:
 
 
 def _import(pool: Pool, cmd: OpenTransfer, conn: socket.socket) -> TransferResult:
-    image = ImageStore(pool).import_image(frames(conn), format=cmd.format, size=cmd.size)
+    image = ImageStore(pool).import_image(
+        frames(conn), format=cmd.format, size=cmd.size, check=image_check(cmd.kind)
+    )
     return TransferResult(
         state="done",
         size=image.size,

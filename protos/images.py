@@ -128,6 +128,7 @@ class OpenTransfer(PoolCommand):
     size: int | None = Field(default=None, gt=0, le=MAX_IMAGE_BYTES)
     sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)
     format: ImageFormatName | None = None
+    kind: ImageKindName | None = None  # an import's: a `kernel` is checked to be one
 
 
 class GetTransferResult(Command):
@@ -143,6 +144,7 @@ class ImportImageFile(PoolCommand):
     RESULT = TransferResult
     path: str = Field(min_length=2, max_length=4096, pattern=r"^/[^\x00]*$")
     format: ImageFormatName | None = None
+    kind: ImageKindName | None = None
 
 
 class GetImageFile(PoolCommand):

@@ -82,7 +82,13 @@ class ImageHandlers:
             raise ServiceError("conflict", f"image {image.image_id} is imported already")
         try:
             ticket = self.backend(image.host).open_transfer(
-                OpenTransfer(pool=image.pool, op="image_import", size=cmd.size, format=cmd.format)
+                OpenTransfer(
+                    pool=image.pool,
+                    op="image_import",
+                    size=cmd.size,
+                    format=cmd.format,
+                    kind=cmd.kind,
+                )
             )
         except ServiceError:
             self.images.forget(image.image_id)
@@ -123,7 +129,7 @@ class ImageHandlers:
             return image
         try:
             result = self.backend(image.host).import_file(
-                ImportImageFile(pool=image.pool, path=cmd.path, format=cmd.format)
+                ImportImageFile(pool=image.pool, path=cmd.path, format=cmd.format, kind=cmd.kind)
             )
         except Unreachable:
             raise  # the import row stays under its lease; reconcile forgets it

@@ -22,6 +22,7 @@ from tests.bootfiles import KERNEL
 from tests.integration import test_storage_api
 from tests.integration.test_api import auth
 from tests.integration.test_storage_api import ADMIN, ALICE, BOB, MiB, StorageCloud
+from tests.unit.test_storage_images import kernel
 
 pytestmark = pytest.mark.integration
 storage_cloud = test_storage_api.storage_cloud  # the API, storage service and a compute node
@@ -74,7 +75,7 @@ def test_images_through_the_api(storage_cloud: StorageCloud, tmp_path: Path) -> 
     data = os.urandom(3 * MiB + 17)
     reply = c.http.post(
         "/v1/images",
-        params={"name": "kern", "kind": "kernel"},
+        params={"name": "kern", "kind": "disk"},
         content=_chunks(data),  # chunked: no Content-Length, streamed as it comes
         headers={**auth(ALICE), "Content-Type": "application/octet-stream"},
     )
@@ -85,7 +86,7 @@ def test_images_through_the_api(storage_cloud: StorageCloud, tmp_path: Path) -> 
         "available",
         sha,
         len(data),
-        "kernel",
+        "disk",
     )
     assert reply.headers["location"] == f"/v1/images/{image['id']}"
     assert (c.pool / "images" / sha).read_bytes() == data
@@ -136,6 +137,9 @@ def test_bad_image_input_is_refused_and_nothing_is_left(
     assert empty.status_code == 422, empty.text  # type: ignore[attr-defined]
     liar = _upload(c, b"raw bytes" * 100, name="liar", format="qcow2")
     assert liar.status_code == 422, liar.text  # type: ignore[attr-defined]
+    junk = _upload(c, b"MZ" + bytes(4094), name="junk", kind="kernel")
+    assert junk.status_code == 422, junk.text  # type: ignore[attr-defined]
+    assert "not a kernel image" in junk.json()["detail"]  # type: ignore[attr-defined]
     public = _upload(c, b"p" * 512, name="pub", visibility="public")
     assert public.status_code == 403  # type: ignore[attr-defined]
     huge = _raw_post(c, "/v1/images?name=huge", 1 << 60, b"")
@@ -173,7 +177,7 @@ def test_image_cli_verbs(storage_cloud: StorageCloud, tmp_path: Path) -> None:
     c = storage_cloud
     env = {**os.environ, "FLOTILLA_API_URL": c.url, "FLOTILLA_TOKEN": ALICE}
     src = tmp_path / "vmlinuz"
-    src.write_bytes(os.urandom(2 * MiB))
+    src.write_bytes(kernel(b"cli"))
 
     def run(*args: str, token: str = ALICE) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -204,9 +208,9 @@ def test_boot_image_resolution(storage_cloud: StorageCloud) -> None:
     """`boot.image` names a kernel image of the project or a public one; anything else is
     422 on `boot.image` with nothing left; a domain's image cannot be deleted under it."""
     c = storage_cloud
-    kernel = _upload(c, b"K" * 8192, name="kern", kind="kernel").json()  # type: ignore[attr-defined]
+    kern = _upload(c, kernel(b"kern"), name="kern", kind="kernel").json()  # type: ignore[attr-defined]
     _upload(c, b"D" * 8192, name="disky")
-    _upload(c, b"B" * 8192, BOB, name="bobs", kind="kernel")
+    _upload(c, kernel(b"bobs"), BOB, name="bobs", kind="kernel")
 
     def domain(image: str, token: str = ALICE) -> httpx.Response:
         body = {"name": f"g-{uuid.uuid4().hex[:8]}", "boot": {"image": image}, "start": False}
@@ -219,14 +223,14 @@ def test_boot_image_resolution(storage_cloud: StorageCloud) -> None:
     assert c.get("/v1/domains").json()["domains"] == []
     made = domain("kern")
     assert made.status_code == 201, made.text
-    in_use = c.delete(f"/v1/images/{kernel['id']}")
+    in_use = c.delete(f"/v1/images/{kern['id']}")
     assert (in_use.status_code, in_use.json()["reason"]) == (409, "in_use")
     assert c.delete(f"/v1/domains/{made.json()['id']}").status_code in (202, 204)
     deadline = time.monotonic() + 20
     while c.get(f"/v1/domains/{made.json()['id']}").status_code != 404:
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    assert c.delete(f"/v1/images/{kernel['id']}").status_code == 204
+    assert c.delete(f"/v1/images/{kern['id']}").status_code == 204
 
 
 def _gone(c: StorageCloud, domain_id: str) -> None:
@@ -243,7 +247,7 @@ def test_a_root_disk_from_an_image(storage_cloud: StorageCloud) -> None:
     c = storage_cloud
     data = os.urandom(MiB) + b"\0" * MiB
     _upload(c, data, name="rootfs")
-    _upload(c, b"K" * 4096, name="kern", kind="kernel")
+    _upload(c, kernel(b"k2"), name="kern", kind="kernel")
 
     def domain(disk: dict[str, object]) -> httpx.Response:
         body = {

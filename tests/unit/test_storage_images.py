@@ -47,9 +47,15 @@ from services.storage.catalog import Catalog
 from services.storage.config import StorageConfig
 from services.storage.service import StorageService
 from services.storage.tables import images, outbox, volumes
+from tests.kvm.tinyguest import build_pvh_elf, code_print_and_exit
 from tests.loopfs import small_tmpfs
 
 MiB = 1 << 20
+
+
+def kernel(tag: bytes) -> bytes:
+    """A kernel image the VMM's loader accepts (a PVH ELF printing `tag`)."""
+    return build_pvh_elf(code_print_and_exit(tag, 0))
 
 
 class Images:
@@ -138,7 +144,7 @@ def _qcow2_of(raw: Path, out: Path, *extra: str) -> bytes:
 
 
 def test_a_raw_import_is_stored_by_its_sha256_with_an_event(store: Images) -> None:
-    data = b"\x7fELF" + bytes(range(256)) * 4096  # 1 MiB and 4 bytes
+    data = kernel(b"debian")
     image = store.image("debian", data, kind="kernel")
     sha = hashlib.sha256(data).hexdigest()
     assert (image.state, image.sha256, image.size, image.kind, image.source_format) == (
@@ -211,6 +217,14 @@ def test_a_qcow2_with_a_backing_file_is_refused_and_leaves_nothing(
     assert reply.code == "invalid"
     assert "backing file" in reply.message
     assert (store.rows(), store.files(), store.temps(), store.events()) == (0, set(), [], [])
+
+
+def test_a_kernel_image_that_is_no_kernel_is_refused(store: Images) -> None:
+    reply = store.upload("k", b"MZ" + bytes(8190), kind="kernel")
+    assert isinstance(reply, ErrorReply), reply
+    assert reply.code == "invalid"
+    assert "not a kernel image" in reply.message
+    assert (store.rows(), store.files(), store.temps()) == (0, set(), [])
 
 
 def test_a_declared_format_that_is_not_the_content_is_refused(store: Images) -> None:
@@ -315,7 +329,7 @@ def test_reconcile_forgets_an_import_never_streamed_and_sweeps_unnamed_files(
 
 def test_an_admin_imports_a_host_file(store: Images, tmp_path: Path) -> None:
     src = tmp_path / "kernel.bin"
-    src.write_bytes(b"K" * 5000)
+    src.write_bytes(kernel(b"host"))
     reply = store.do(
         ImportImageFromHost(
             image_id=uuid.uuid4(), project="ops", name="k", kind="kernel", path=str(src)
