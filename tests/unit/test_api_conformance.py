@@ -49,6 +49,10 @@ def test_a_body_that_is_not_text_is_400_saying_why(client: TestClient) -> None:
         ("PUT", "/v1/domains", "GET, POST"),
         ("PATCH", "/v1/domains/00000000-0000-0000-0000-000000000000", "DELETE, GET"),
         ("GET", "/v1/domains/00000000-0000-0000-0000-000000000000/actions", "POST"),
+        # A route of its own beside a template it also matches: only its own methods.
+        ("OPTIONS", "/v1/volumes/upload", "POST"),
+        ("OPTIONS", "/v1/images/from-host", "POST"),
+        ("PUT", "/v1/images/00000000-0000-0000-0000-000000000000", "DELETE, GET"),
     ],
 )
 def test_405_allows_every_method_of_the_path(
