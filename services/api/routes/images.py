@@ -173,13 +173,13 @@ def list_images(ctx: Ctx, caller: Caller, mask: Mask) -> ImageList:
     return ImageList(images=[ImageView.of(i, mask) for i in reply.images])
 
 
-@router.get("/{image_id}", response_model=ImageView, responses=responses(401, 404, 422, 503))
+@router.get("/{image_id:uuid}", response_model=ImageView, responses=responses(401, 404, 422, 503))
 def get_image(image_id: uuid.UUID, ctx: Ctx, caller: Caller, mask: Mask) -> ImageView:
     reply = call_storage(ctx, GetImage(image_id=image_id, project=_project(caller)))
     return ImageView.of(_image(reply), mask)
 
 
-@router.delete("/{image_id}", status_code=204, responses=responses(401, 404, 409, 422, 503))
+@router.delete("/{image_id:uuid}", status_code=204, responses=responses(401, 404, 409, 422, 503))
 def delete_image(image_id: uuid.UUID, ctx: Ctx, caller: Caller) -> Response:
     """Remove the image's name (the caller's project's own); its file goes with the last
     name. 409 (reason `in_use`) while a domain definition boots from it."""
