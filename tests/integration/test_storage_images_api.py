@@ -59,10 +59,30 @@ def _raw_post(
         )
         if hang_up:
             conn.shutdown(socket.SHUT_WR)
-        try:
-            return conn.recv(4096)
+        answer = b""
+        try:  # the head, then as much body as its Content-Length says (it may come apart)
+            while b"\r\n\r\n" not in answer:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return answer
+                answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            length = next(
+                (
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
+                0,
+            )
+            while len(body) < length:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                body += chunk
+            return head + b"\r\n\r\n" + body
         except OSError:
-            return b""
+            return answer
 
 
 def _chunks(data: bytes, size: int = 256 * 1024) -> Iterator[bytes]:
