@@ -21,6 +21,9 @@ Makes an XFS file system with reflink (`mkfs.xfs -m reflink=1`) on a loop device
   file then `sync` of the copy (equally durable; cp copies inside the kernel with
   copy_file_range), and beside it `dd bs=1M conv=fdatasync` (a user-space read/write loop
   like ours, without the hash).
+- storage.api_upload_mbps (bench/storage_upload.py, which runs it alone too): a volume
+  uploaded through the API (HTTP → API → the compute node's transfer port → the file
+  layer), against `cp --reflink=never` + `sync -f` of the same file; needs a broker.
 
 Rounds are interleaved (ours, anchor, copy, ...) so load from elsewhere hits all alike, and
 the file system is synced (`sync -f`) before each timed operation; medians are reported.
@@ -44,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from bench import storage_guest  # noqa: E402
 from bench.figures import emit, figure  # noqa: E402
 from bench.storage_list import measure as measure_list  # noqa: E402
+from bench.storage_upload import measure as measure_api_upload  # noqa: E402
 from compute_node.storage import Pool, VolumeStore  # noqa: E402
 from tests.loopfs import loop_fs, missing_for  # noqa: E402
 
@@ -181,7 +185,8 @@ def guest_randread() -> list[dict[str, object]]:
 def main() -> int:
     guest = guest_randread()
     listing = measure_list()
-    early = [*guest, *([listing] if listing is not None else [])]
+    api_upload = measure_api_upload()
+    early = [*guest, *(f for f in (listing, api_upload) if f is not None)]
     for kind in ("xfs",):
         reason = missing_for(kind)
         if reason is not None:
@@ -235,7 +240,7 @@ def main() -> int:
                 target="report",
                 dd_mibps=round(up["dd"], 1),
             ),
-            *([listing] if listing is not None else []),
+            *(f for f in (listing, api_upload) if f is not None),
         ]
     )
     return 0

@@ -22,6 +22,7 @@ from compute_node.remote_ports import RemotePorts
 from compute_node.resources import Claims
 from compute_node.storage_agent import StorageAgent
 from compute_node.storage_sources import StorageSources
+from compute_node.storage_transfer import TransferServer
 from compute_node.store import Store
 from protos import routing
 from protos.domain import PowerState
@@ -57,7 +58,12 @@ class ComputeNode:
             max_vcpus_per_domain=caps.max_vcpus,
         )
         self.claims = Claims(self.inventory, config.reserved_host_memory_mib)
-        self.storage = StorageAgent(config.host, self.store, config.storage_pools())
+        # Byte streams in and out of the pools (image imports, volume uploads/downloads)
+        # listen where the console relay does: the API reaches both.
+        self.transfers = TransferServer(
+            config.console_listen, advertise=config.console_advertise or None
+        )
+        self.storage = StorageAgent(config.host, self.store, config.storage_pools(), self.transfers)
         self.lifecycle = Lifecycle(
             config.host,
             self.store,
@@ -139,6 +145,7 @@ class ComputeNode:
             # Durable, bound by the networks this host carries: port events published while
             # this node was down wait for it; what it could not have heard, it asks for.
             self.remote_ports = RemotePorts(self.bus, self.config.host, self.networks).start()
+        self.transfers.start()
         self.storage_runner.start()
         self.runner.start()
         self.heartbeat.start()
@@ -210,6 +217,7 @@ class ComputeNode:
             self.remote_ports.stop()
         self.runner.stop()
         self.storage_runner.stop()
+        self.transfers.stop()
         self.outbox.stop()
         self.bus.close()
         self.driver.close()

@@ -13,6 +13,7 @@ broker delivers again after a kill finishes what its first copy did without anno
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import uuid
 from collections import defaultdict
@@ -22,8 +23,22 @@ from contextlib import contextmanager
 import structlog
 
 from compute_node.config import PoolConfig
-from compute_node.storage import Pool, StorageError, VolumeStore
+from compute_node.storage import ImageStore, Pool, StorageError, VolumeStore
+from compute_node.storage_transfer import TransferServer, image_check, job_for
 from compute_node.store import Store
+from protos.images import (
+    CreateVolumeFromImage,
+    DeleteImageFile,
+    GetImageFile,
+    GetTransferResult,
+    ImageFile,
+    ImageFiles,
+    ImportImageFile,
+    ListImageFiles,
+    OpenTransfer,
+    TransferResult,
+    TransferTicket,
+)
 from protos.storage import (
     CloneVolume,
     CreateVolume,
@@ -69,9 +84,16 @@ CONFLICT_REASONS = {"exists": "exists", "busy": "busy", "shrink_refused": "shrin
 class StorageAgent(Service):
     name = "storage-agent"
 
-    def __init__(self, host: str, store: Store, pools: list[PoolConfig]) -> None:
+    def __init__(
+        self,
+        host: str,
+        store: Store,
+        pools: list[PoolConfig],
+        transfers: TransferServer | None = None,
+    ) -> None:
         self.host = host
         self.store = store
+        self.transfers = transfers  # byte streams in and out (storage_transfer.py)
         self.pools: dict[str, Pool] = {}
         for config in pools:
             if config.kind == "dir" and not config.path.exists():
@@ -327,6 +349,105 @@ class StorageAgent(Service):
                     )
                 )
         return VolumeList(volumes=found)
+
+    # ---- images and transfers ------------------------------------------------------------------
+
+    @handles(OpenTransfer)
+    def transfer_open(self, cmd: OpenTransfer, _ctx: Context) -> TransferTicket:
+        return open_transfer(self.transfers, self._pool(cmd.pool), cmd, self.host)
+
+    @handles(GetTransferResult)
+    def transfer_result(self, cmd: GetTransferResult, _ctx: Context) -> TransferResult:
+        if self.transfers is None:
+            return TransferResult(state="unknown")
+        return self.transfers.result(cmd.ticket)
+
+    @handles(ImportImageFile)
+    def image_import_file(self, cmd: ImportImageFile, _ctx: Context) -> TransferResult:
+        return import_file(self._pool(cmd.pool), cmd)
+
+    @handles(GetImageFile)
+    def image_info(self, cmd: GetImageFile, _ctx: Context) -> ImageFile:
+        with _replies():
+            path = ImageStore(self._pool(cmd.pool)).path(cmd.sha256)
+            return ImageFile(pool=cmd.pool, sha256=cmd.sha256, size=path.lstat().st_size)
+
+    @handles(ListImageFiles)
+    def image_list(self, cmd: ListImageFiles, _ctx: Context) -> ImageFiles:
+        with _replies():
+            found = ImageStore(self._pool(cmd.pool)).list()
+        return ImageFiles(
+            images=[ImageFile(pool=cmd.pool, sha256=i.sha256, size=i.size) for i in found]
+        )
+
+    @handles(DeleteImageFile)
+    def image_delete(self, cmd: DeleteImageFile, _ctx: Context) -> None:
+        images = ImageStore(self._pool(cmd.pool))
+        try:
+            with _replies():
+                images.delete(cmd.sha256)
+        except ServiceError as exc:
+            if exc.code != "not_found":  # gone already: a delete again is done
+                raise
+
+    @handles(CreateVolumeFromImage)
+    def volume_from_image(self, cmd: CreateVolumeFromImage, ctx: Context) -> VolumeInfo:
+        with self._volume(cmd.pool, cmd.volume_id) as volumes:
+            finished = self._finish_create(cmd.pool, volumes, cmd.volume_id, ctx, announce=False)
+            if finished is not None:
+                return finished
+            cloned = volumes.create_from_image(str(cmd.volume_id), cmd.sha256, cmd.size)
+            log.info("volume from image", volume_id=str(cmd.volume_id), method=cloned.method)
+            return self._info(cmd.pool, volumes, cmd.volume_id)
+
+
+def open_transfer(
+    transfers: TransferServer | None, pool: Pool, cmd: OpenTransfer, host: str
+) -> TransferTicket:
+    """A ticket for `cmd`'s stream; refusals before any byte moves (no server, a volume
+    that exists for an upload or is missing for a download, no room for `size`)."""
+    if transfers is None:
+        raise ServiceError("unavailable", f"host {host} takes no transfers")
+    try:
+        job = job_for(pool, cmd)
+    except ValueError as exc:
+        raise ServiceError("invalid", str(exc)) from None
+    with _replies():
+        if cmd.volume_id is not None:
+            exists = os.path.lexists(pool.volume_path(str(cmd.volume_id)))
+            if cmd.op == "volume_upload" and exists:
+                raise ServiceError(
+                    "conflict", f"volume {cmd.volume_id} exists", {"reason": "exists"}
+                )
+            if cmd.op == "volume_download" and not exists:
+                raise ServiceError("not_found", f"no volume {cmd.volume_id}")
+        if cmd.size is not None and cmd.op != "volume_download":
+            pool.check_space(cmd.size, cmd.op.replace("_", " "))
+    return transfers.issue(job)
+
+
+def import_file(pool: Pool, cmd: ImportImageFile) -> TransferResult:
+    """Import the host file `cmd.path` into the pool's image store."""
+    try:
+        fd = os.open(cmd.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ServiceError(
+            "invalid", f"cannot open {cmd.path}: {exc.strerror}", {"field": "path"}
+        ) from None
+    with os.fdopen(fd, "rb") as source:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ServiceError("invalid", f"{cmd.path} is not a regular file", {"field": "path"})
+        with _replies():
+            image = ImageStore(pool).import_image(
+                source, format=cmd.format, check=image_check(cmd.kind)
+            )
+    return TransferResult(
+        state="done",
+        size=image.size,
+        sha256=image.sha256,
+        source_format=image.source_format,
+        deduplicated=image.deduplicated,
+    )
 
 
 @contextmanager

@@ -45,8 +45,9 @@ class DefineDomain(Command):
     `allowed_boot_dirs`. The node keeps it with the definition for every later start."""
 
     TYPE = "cmd.domain.define"
-    VERSION = "1.3"  # 1.1: `privileged`, bounded metadata and MAC; 1.2: bindings; 1.3: at most
+    VERSION = "1.4"  # 1.1: `privileged`, bounded metadata and MAC; 1.2: bindings; 1.3: at most
     # 4 disks (the runtime's virtio-blk slots: more were never runnable, so minor)
+    # 1.4: disks from images (`image`, `size_gib`, `keep`)
     RESULT = DomainInfo
     spec: DomainSpec
     privileged: bool = False

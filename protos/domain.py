@@ -32,6 +32,7 @@ MAX_CMDLINE = 2048
 # The native runtime's virtio-blk slots (FL_MAX_DISKS in native/include/flotilla.h): a
 # machine has 8 virtio-mmio slots on IOAPIC pins 16-23, 4 for disks and 4 for NICs.
 MAX_DISKS = 4
+MAX_DISK_GIB = 65536  # 64 TiB, the largest volume
 # Metadata: at most 64 pairs, keys of 1..255 and values of up to 4096 characters, and at most
 # 64 KiB (UTF-8) of keys and values together.
 MAX_METADATA_ITEMS = 64
@@ -135,19 +136,32 @@ class BootSpec(_Spec):
 
 
 class DiskSpec(_Spec):
-    """A virtio-blk disk backed by a host path or a storage volume."""
+    """A virtio-blk disk backed by a host path, a storage volume, or a new volume cloned
+    from image `image` at create (grown to `size_gib`; deleted with the domain unless
+    `keep`)."""
 
-    model_config = _one_of(_source("path", "volume_id"), _source("volume_id", "path"))
+    model_config = _one_of(
+        _source("path", "volume_id", "image"),
+        _source("volume_id", "path", "image"),
+        _source("image", "path", "volume_id"),
+    )
 
     target: str = Field(pattern=r"^vd[a-z]$")
     path: str | None = Field(default=None, min_length=1, max_length=4096)
     volume_id: UUID | None = None
     readonly: StrictBool = False
+    image: str | None = Field(
+        default=None, min_length=1, max_length=63, pattern=r"^[A-Za-z0-9](\.?[A-Za-z0-9_-])*\.?$"
+    )
+    size_gib: int | None = Field(default=None, ge=1, le=MAX_DISK_GIB)
+    keep: StrictBool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> Self:
-        if (self.path is None) == (self.volume_id is None):
-            raise ValueError("give exactly one of 'path' or 'volume_id'")
+        if sum(x is not None for x in (self.path, self.volume_id, self.image)) != 1:
+            raise ValueError("give exactly one of 'path', 'volume_id' or 'image'")
+        if self.image is None and (self.size_gib is not None or self.keep):
+            raise ValueError("'size_gib' and 'keep' go with 'image'")
         return self
 
 

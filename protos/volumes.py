@@ -150,16 +150,19 @@ class GetPool(CatalogCommand):
 
 class CreateVolume(VolumeCommand):
     """A new volume `volume_id` (chosen by the caller, so a retry finds its first attempt):
-    empty, or a clone of `source_id` (same pool; size at least the source's, grown to
-    `size`). `pool` None: the service's default pool (the source's for a clone)."""
+    empty, a clone of `source_id` (same pool; size at least the source's, grown to `size`),
+    or of disk image `image_id` (in the image's pool; at least the image's size). `pool`
+    None: the service's default pool (the source's or the image's for a clone)."""
 
     TYPE = "cmd.catalog.volume_create"
+    VERSION = "1.1"  # 1.1: image_id
     project: str = Field(pattern=NAME_PATTERN)
     name: VolumeName
     pool: str | None = Field(default=None, pattern=NAME_PATTERN)
     size: int | None = Field(default=None, gt=0, le=MAX_VOLUME_BYTES, multiple_of=SECTOR)
     source_id: uuid.UUID | None = None
     quota: VolumeQuota | None = None
+    image_id: uuid.UUID | None = None  # a clone of this disk image (in the image's pool)
 
 
 class DeleteVolume(VolumeCommand):

@@ -11,6 +11,7 @@ deleted whatever volumes were made from it.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -65,6 +66,7 @@ class ImageStore:
         format: ImportFormat | None = None,  # noqa: A002 - the word every image tool uses
         size: int | None = None,
         progress: extents.Progress | None = None,
+        check: Callable[[int], None] | None = None,
     ) -> Image:
         """Store the image read from `source`; returns it with the sha256 of its raw content.
 
@@ -72,7 +74,9 @@ class ImageStore:
         given, is the exact length of the stream. Raises BadImage (not raw or qcow2; qcow2
         with a backing file, an external data file or encryption — never followed, for
         safety; a declared format that differs; a virtual size past the largest volume),
-        Truncated, NoSpace. Nothing stays behind on failure.
+        Truncated, NoSpace. `check(fd)`, if given, vets the raw content before it is stored
+        (e.g. that a kernel image is a kernel) and raises BadImage to refuse it. Nothing stays
+        behind on failure.
         """
         if size is not None:
             self.pool.check_space(size, "image import")
@@ -82,6 +86,8 @@ class ImageStore:
                 raise BadImage("the image is empty")
             detected = _check_format(formats.sniff(upload.fd), format)
             if detected == "raw":
+                if check is not None:
+                    check(upload.fd)
                 return self._store(upload, digest.sha256, digest.size, detected)
             probed = _check_qcow2(qemu_img.info(upload.path, "qcow2"))
             if probed.virtual_size > MAX_VOLUME_BYTES:
@@ -93,6 +99,8 @@ class ImageStore:
                 os.ftruncate(raw.fd, probed.virtual_size)
                 qemu_img.convert_qcow2_to_raw(upload.path, raw.path)
                 sha256 = extents.sha256_of(raw.fd, probed.virtual_size)
+                if check is not None:
+                    check(raw.fd)
                 return self._store(raw, sha256, probed.virtual_size, detected)
 
     def _store(self, tmp: TempFile, sha256: str, size: int, fmt: ImportFormat) -> Image:

@@ -38,8 +38,10 @@ from services.api.routes import (
     domains,
     events,
     hosts,
+    images,
     networks,
     snapshots,
+    volume_transfer,
     volumes,
 )
 from services.bus import Bus, BusError
@@ -92,7 +94,7 @@ def create_app(
     install_problems(app)
     app.add_exception_handler(DatabaseUnavailable, _database_unavailable)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
-    for module in (domains, console, hosts, events, admin, snapshots):
+    for module in (domains, console, hosts, events, admin, snapshots, images, volume_transfer):
         app.include_router(module.router)
     app.include_router(networks.networks_router)
     app.include_router(networks.ports_router)

@@ -21,13 +21,18 @@ def too_large(limit: int) -> str:
     return f"the request body exceeds {limit} bytes"
 
 
+# Bodies streamed to a pool's host as they arrive, never held (services/api/transfer.py):
+# bounded by the image and volume size limits instead.
+STREAMED = {("POST", "/v1/images"), ("POST", "/v1/volumes/upload")}
+
+
 class BodyLimit:
     def __init__(self, app: ASGIApp, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (scope.get("method"), scope.get("path")) in STREAMED:
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)

@@ -100,17 +100,23 @@ def _malformed(detail: str) -> Problem:
 def _allowed_methods(request: Request) -> str:
     """Every method the path takes, from the OpenAPI document (Starlette names only the
     methods of the first route whose path matched)."""
-    index: list[tuple[re.Pattern[str], set[str]]] | None = getattr(
+    index: list[tuple[re.Pattern[str], set[str], bool]] | None = getattr(
         request.app.state, "methods_by_path", None
     )
     if index is None:
         index = []
         for template, operations in request.app.openapi().get("paths", {}).items():
             pattern = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
-            index.append((re.compile(pattern), {m.upper() for m in operations}))
+            literal = "{" not in template
+            index.append((re.compile(pattern), {m.upper() for m in operations}, literal))
         request.app.state.methods_by_path = index
     path = request.scope.get("path", "")
-    allowed = set().union(*(m for rx, m in index if rx.fullmatch(path)))
+    matches = [(m, literal) for rx, m, literal in index if rx.fullmatch(path)]
+    # A path that is a route of its own (/v1/volumes/upload) is not also the template's
+    # (/v1/volumes/{volume_id}): its literal route is what answers it.
+    if any(literal for _, literal in matches):
+        matches = [(m, literal) for m, literal in matches if literal]
+    allowed = set().union(*(m for m, _ in matches))
     return ", ".join(sorted(allowed))
 
 

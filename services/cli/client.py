@@ -124,12 +124,17 @@ class Api:
             raise ApiError(0, f"{self.base_url}: timed out ({exc})") from None
         except httpx.TransportError as exc:
             raise ApiError(0, f"cannot reach the API at {self.base_url}: {exc}") from None
-        if response.status_code >= 400:
-            message, problem = _problem_message(response)
-            raise ApiError(response.status_code, message, problem)
+        self.raise_for(response)
         if response.status_code == 204 or not response.content:
             return None
         return response.json()
+
+    @staticmethod
+    def raise_for(response: httpx.Response) -> None:
+        """ApiError for a non-2xx answer (its body read)."""
+        if response.status_code >= 400:
+            message, problem = _problem_message(response)
+            raise ApiError(response.status_code, message, problem)
 
     # Domains
     def list_domains(self, **filters: str) -> list[dict[str, Any]]:

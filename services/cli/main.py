@@ -2,10 +2,10 @@
 
 Verbs follow virsh (list, create, start, shutdown, destroy, reboot, suspend, resume, delete,
 dominfo, console; pool-list, pool-info, vol-create, vol-list, vol-info, vol-delete, vol-resize,
-vol-clone, vol-wipe, attach-disk, detach-disk) plus events, hosts, up and version. The API
-and token come from --api/--token, else FLOTILLA_API_URL/FLOTILLA_TOKEN, else what
-`flotilla up` wrote to its state dir. Exit codes are listed in services.cli.client.Exit and
-docs/cli.md.
+vol-clone, vol-wipe, vol-upload, vol-download, image-import, image-list, image-delete,
+attach-disk, detach-disk) plus events, hosts, up and version. The API and token come from
+--api/--token, else FLOTILLA_API_URL/FLOTILLA_TOKEN, else what `flotilla up` wrote to its
+state dir. Exit codes are listed in services.cli.client.Exit and docs/cli.md.
 """
 
 from __future__ import annotations
@@ -222,6 +222,7 @@ def _storage_verbs(verb: Verb) -> None:
     p.add_argument("volume", help="name or uuid")
     p.add_argument("name", help="the new volume's name")
     p.add_argument("--size", type=v.parse_size, help="grow the copy to this size")
+    _image_verbs(verb)
     p = verb("attach-disk", "attach a volume to a stopped domain", v.cmd_attach_disk)
     p.add_argument("domain", help="name or uuid")
     p.add_argument("volume", help="name or uuid")
@@ -230,6 +231,33 @@ def _storage_verbs(verb: Verb) -> None:
     p = verb("detach-disk", "detach a disk from a stopped domain", v.cmd_detach_disk)
     p.add_argument("domain", help="name or uuid")
     p.add_argument("target", help="vdb")
+
+
+def _image_verbs(verb: Verb) -> None:
+    from services.cli import images as i  # noqa: PLC0415
+
+    p = verb("image-import", "import a raw or qcow2 image (streamed)", i.cmd_image_import)
+    p.add_argument("file", help="the image file (with --from-host: a path on the pool's host)")
+    p.add_argument("name", help="the image's name in the project")
+    p.add_argument("--kind", choices=("disk", "kernel", "initrd"), default="disk")
+    p.add_argument("--public", action="store_true", help="every project may use it (admins)")
+    p.add_argument("--format", choices=("raw", "qcow2"), help="refuse anything else")
+    p.add_argument("--pool", help="the pool (default: the storage service's default)")
+    p.add_argument(
+        "--from-host", action="store_true", help="admins: FILE is on the pool's host, not here"
+    )
+    verb("image-list", "list the images the token may use", i.cmd_image_list)
+    p = verb("vol-upload", "a new volume from a local file (streamed)", i.cmd_vol_upload)
+    p.add_argument("file", help="its size is the volume's: a multiple of 512")
+    p.add_argument("name", help="the new volume's name")
+    p.add_argument("--pool", help="the pool (default: the storage service's default)")
+    p = verb("vol-download", "a volume's bytes into a local file", i.cmd_vol_download)
+    p.add_argument("volume", help="name or uuid")
+    p.add_argument("file", help="written as FILE.part, renamed when complete")
+    p = verb(
+        "image-delete", "delete an image's name (its file goes with the last)", i.cmd_image_delete
+    )
+    p.add_argument("image", help="name or uuid")
 
 
 def _other_verbs(verb: Verb) -> None:

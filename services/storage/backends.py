@@ -16,11 +16,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
-from compute_node.storage import Pool, StorageError, VolumeStore
-from compute_node.storage_agent import CONFLICT_REASONS, ERROR_CODES
+from compute_node.storage import ImageStore, Pool, StorageError, VolumeStore
+from compute_node.storage_agent import CONFLICT_REASONS, ERROR_CODES, import_file, open_transfer
+from compute_node.storage_transfer import TransferServer
 from protos import routing
 from protos.base import Message
 from protos.commands import Command
+from protos.images import (
+    CreateVolumeFromImage,
+    DeleteImageFile,
+    GetImageFile,
+    GetTransferResult,
+    ImageFile,
+    ImageFiles,
+    ImportImageFile,
+    ListImageFiles,
+    OpenTransfer,
+    TransferResult,
+    TransferTicket,
+)
 from protos.storage import (
     CloneVolume,
     CreateVolume,
@@ -60,6 +74,24 @@ class PoolBackend(Protocol):
     def size(self, pool: str, volume_id: uuid.UUID) -> int | None:
         """The volume's size, None if its file does not exist."""
         ...
+
+    def open_transfer(self, cmd: OpenTransfer) -> TransferTicket: ...
+
+    def transfer_result(self, ticket: str) -> TransferResult: ...
+
+    def import_file(self, cmd: ImportImageFile) -> TransferResult: ...
+
+    def image_size(self, pool: str, sha256: str) -> int | None:
+        """The image file's size, None if it does not exist."""
+        ...
+
+    def image_files(self, pool: str) -> list[str]: ...
+
+    def delete_image(self, pool: str, sha256: str) -> None: ...
+
+    def from_image(
+        self, pool: str, volume_id: uuid.UUID, sha256: str, size: int | None, key: str | None
+    ) -> int: ...
 
 
 class AgentBackend:
@@ -109,6 +141,45 @@ class AgentBackend:
                 return None
             raise
 
+    def open_transfer(self, cmd: OpenTransfer) -> TransferTicket:
+        reply = self._call(cmd, None)
+        assert isinstance(reply, TransferTicket)
+        return reply
+
+    def transfer_result(self, ticket: str) -> TransferResult:
+        reply = self._call(GetTransferResult(ticket=ticket), None)
+        assert isinstance(reply, TransferResult)
+        return reply
+
+    def import_file(self, cmd: ImportImageFile) -> TransferResult:
+        reply = self._call(cmd, None, long=True)
+        assert isinstance(reply, TransferResult)
+        return reply
+
+    def image_size(self, pool: str, sha256: str) -> int | None:
+        try:
+            reply = self._call(GetImageFile(pool=pool, sha256=sha256), None)
+        except ServiceError as exc:
+            if exc.code == "not_found" and not isinstance(exc, Unreachable):
+                return None
+            raise
+        assert isinstance(reply, ImageFile)
+        return reply.size
+
+    def image_files(self, pool: str) -> list[str]:
+        reply = self._call(ListImageFiles(pool=pool), None)
+        assert isinstance(reply, ImageFiles)
+        return [i.sha256 for i in reply.images]
+
+    def delete_image(self, pool: str, sha256: str) -> None:
+        self._call(DeleteImageFile(pool=pool, sha256=sha256), None)
+
+    def from_image(
+        self, pool: str, volume_id: uuid.UUID, sha256: str, size: int | None, key: str | None
+    ) -> int:
+        cmd = CreateVolumeFromImage(pool=pool, volume_id=volume_id, sha256=sha256, size=size)
+        return _size(self._call(cmd, key, long=True))
+
     def pools(self) -> list[PoolInfo]:
         reply = self._call(ListPools(), None)
         assert isinstance(reply, PoolList)
@@ -118,7 +189,8 @@ class AgentBackend:
 class LocalBackend:
     """`shared` pools this service works on itself (a directory every replica mounts)."""
 
-    def __init__(self, pools: dict[str, Path]) -> None:
+    def __init__(self, pools: dict[str, Path], transfers: TransferServer | None = None) -> None:
+        self.transfers = transfers
         self.pools: dict[str, Pool] = {}
         for name, path in pools.items():
             try:
@@ -164,6 +236,51 @@ class LocalBackend:
             if exc.code == "not_found":
                 return None
             raise
+
+    def _pool(self, pool: str) -> Pool:
+        found = self.pools.get(pool)
+        if found is None:
+            raise ServiceError("not_found", f"no shared pool {pool!r} served here")
+        return found
+
+    def open_transfer(self, cmd: OpenTransfer) -> TransferTicket:
+        return open_transfer(self.transfers, self._pool(cmd.pool), cmd, "storage service")
+
+    def transfer_result(self, ticket: str) -> TransferResult:
+        if self.transfers is None:
+            return TransferResult(state="unknown")
+        return self.transfers.result(ticket)
+
+    def import_file(self, cmd: ImportImageFile) -> TransferResult:
+        return import_file(self._pool(cmd.pool), cmd)
+
+    def image_size(self, pool: str, sha256: str) -> int | None:
+        try:
+            with _refusals():
+                return ImageStore(self._pool(pool)).path(sha256).lstat().st_size
+        except ServiceError as exc:
+            if exc.code == "not_found":
+                return None
+            raise
+
+    def image_files(self, pool: str) -> list[str]:
+        with _refusals():
+            return [i.sha256 for i in ImageStore(self._pool(pool)).list()]
+
+    def delete_image(self, pool: str, sha256: str) -> None:
+        try:
+            with _refusals():
+                ImageStore(self._pool(pool)).delete(sha256)
+        except ServiceError as exc:
+            if exc.code != "not_found":
+                raise
+
+    def from_image(
+        self, pool: str, volume_id: uuid.UUID, sha256: str, size: int | None, _key: str | None
+    ) -> int:
+        with _refusals():
+            made = self._volumes(pool).create_from_image(str(volume_id), sha256, size)
+            return made.volume.size
 
     def pool_infos(self) -> list[PoolInfo]:
         infos = []

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from protos.codec import envelope_for, pack
+from protos.images import ImageEvent
 from protos.storage import PoolCapabilities, PoolInfo, VolumeAttached, VolumeDetached, VolumeEvent
 from protos.volumes import Attachment, Pool, Volume, VolumePage, VolumeQuota
 from services.bus import Cause, ServiceError
@@ -90,6 +91,15 @@ class Catalog:
             row = conn.execute(query).first()
         if row is None:
             raise ServiceError("not_found", f"no pool {name!r}", {"field": "pool"})
+        return PoolRow(row.name, row.kind, row.host or None, row.available)
+
+    def pool_on(self, name: str, host: str | None) -> PoolRow:
+        """The pool `name` of `host` (None: the shared pool served by the service)."""
+        query = sa.select(pools).where(pools.c.name == name, pools.c.host == (host or ""))
+        with self.db.transaction() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            raise ServiceError("not_found", f"no pool {name!r} on {host or 'the service'}")
         return PoolRow(row.name, row.kind, row.host or None, row.available)
 
     def pools(self) -> list[Pool]:
@@ -215,6 +225,7 @@ class Catalog:
         source_id: uuid.UUID | None,
         quota: VolumeQuota | None,
         lease_s: float,
+        image: str | None = None,
     ) -> tuple[Volume, bool]:
         """Insert the volume in `creating` under this replica's lease; (volume, True). A
         volume of that id already there (the command again) is returned with False.
@@ -229,6 +240,7 @@ class Catalog:
                 source_id=source_id,
                 quota=quota,
                 lease_s=lease_s,
+                image=image,
             )
         except sa.exc.IntegrityError:
             # Another replica inserted the same id or name between the checks and the insert.
@@ -253,6 +265,7 @@ class Catalog:
         source_id: uuid.UUID | None,
         quota: VolumeQuota | None,
         lease_s: float,
+        image: str | None,
     ) -> tuple[Volume, bool]:
         now = time.time()
         with self.db.transaction() as conn:
@@ -291,6 +304,7 @@ class Catalog:
                 "size": size,
                 "state": "creating",
                 "source_id": None if source_id is None else str(source_id),
+                "image": image,
                 "seq": 0,
                 "lease_owner": self.replica,
                 "lease_until": now + lease_s,
@@ -300,6 +314,20 @@ class Catalog:
             conn.execute(sa.insert(volumes).values(**values))
             row = _row(conn, volume_id, None)
         return _volume(row), True
+
+    def ticket_of(self, volume_id: uuid.UUID) -> str | None:
+        """The ticket of the volume's upload, if it is being created from one."""
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                sa.select(volumes.c.ticket).where(volumes.c.id == str(volume_id))
+            ).first()
+        return None if row is None else row.ticket
+
+    def set_ticket(self, volume_id: uuid.UUID, ticket: str) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                sa.update(volumes).where(volumes.c.id == str(volume_id)).values(ticket=ticket)
+            )
 
     def forget(self, volume_id: uuid.UUID) -> None:
         """Remove a volume that was never announced (its create was refused or undone)."""
@@ -445,7 +473,15 @@ class Catalog:
 
     # ---- outbox ------------------------------------------------------------------------------
 
-    def _enqueue(self, conn: Connection, event: VolumeEvent, cause: Cause | None) -> None:
+    def enqueue(
+        self, conn: Connection, event: VolumeEvent | ImageEvent, cause: Cause | None
+    ) -> None:
+        """Put `event` in the outbox within `conn`'s transaction."""
+        self._enqueue(conn, event, cause)
+
+    def _enqueue(
+        self, conn: Connection, event: VolumeEvent | ImageEvent, cause: Cause | None
+    ) -> None:
         cause = cause or Cause()
         envelope = envelope_for(
             event,

@@ -7,6 +7,8 @@ flags.
 | database_url | FLOTILLA_STORAGE_DATABASE_URL | sqlite:////var/lib/flotilla/storage/catalog.db |
 | replica | FLOTILLA_STORAGE_REPLICA | `<host name>-<pid>` |
 | shared_pools | FLOTILLA_STORAGE_SHARED_POOLS | none (`name=/path,…`: shared pools served here) |
+| transfer_listen | FLOTILLA_STORAGE_TRANSFER_LISTEN | 127.0.0.1 (the shared pools' byte streams) |
+| transfer_advertise | FLOTILLA_STORAGE_TRANSFER_ADVERTISE | the bound address |
 | agent_hosts | FLOTILLA_STORAGE_AGENT_HOSTS | none (more are learned from heartbeats) |
 | default_pool | FLOTILLA_STORAGE_DEFAULT_POOL | `default` |
 | workers | FLOTILLA_STORAGE_WORKERS | 4 |
@@ -45,6 +47,10 @@ class StorageConfig(BaseModel):
     # Hosts whose storage agents are asked for their pools at start (heartbeats add more).
     agent_hosts: tuple[str, ...] = ()
     default_pool: str = Field(default="default", pattern=NAME_PATTERN)
+    # Where the shared pools' byte streams listen (compute_node/storage_transfer.py), and
+    # the address tickets name (default: the bound address).
+    transfer_listen: str = "127.0.0.1"
+    transfer_advertise: str = ""
     workers: int = Field(default=4, ge=1, le=64)
     rpc_timeout_s: float = Field(default=30.0, gt=0)
     long_timeout_s: float = Field(default=900.0, gt=0)

@@ -10,6 +10,7 @@ import threading
 
 import structlog
 
+from compute_node.storage_transfer import TransferServer
 from protos.routing import STORAGE_QUEUE
 from services.bus import Bus, ServiceError, ServiceRunner
 from services.storage.backends import LocalBackend
@@ -45,7 +46,13 @@ class StorageServer:
     def __init__(self, config: StorageConfig) -> None:
         self.config = config
         self.catalog = Catalog.open(config.database_url, config.replica)
-        self.local = LocalBackend(dict(config.shared_pools))
+        # Streams into and out of the shared pools served here (image imports, uploads).
+        self.transfers = (
+            TransferServer(config.transfer_listen, advertise=config.transfer_advertise or None)
+            if config.shared_pools
+            else None
+        )
+        self.local = LocalBackend(dict(config.shared_pools), self.transfers)
         self.bus = Bus(config.amqp_url, source=f"storage:{config.replica}")
         self.outbox = OutboxPublisher(self.catalog.db, self.bus)
         self.service = StorageService(
@@ -71,6 +78,8 @@ class StorageServer:
             if names:
                 log.info("pool reconciled", pool=pool, removed=names)
         self.service.refresh_local_pools()
+        if self.transfers is not None:
+            self.transfers.start()
         self.bus.start(timeout)
         self.outbox.start()
         self.service.leases.start()
@@ -101,6 +110,8 @@ class StorageServer:
     def stop(self) -> None:
         self._stopping.set()
         self.runner.stop()
+        if self.transfers is not None:
+            self.transfers.stop()
         self.service.leases.stop()
         self.outbox.stop()
         self.bus.close()

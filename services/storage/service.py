@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import structlog
 
 from protos.host import HostHeartbeat
-from protos.storage import VolumeCreated, VolumeDeleted, VolumeResized
+from protos.storage import SECTOR, VolumeCreated, VolumeDeleted, VolumeResized
 from protos.volumes import (
     AttachVolume,
     CreateVolume,
@@ -40,6 +40,8 @@ from services.bus import Bus, Context, Service, ServiceError, handles, on_event
 from services.storage.backends import AgentBackend, LocalBackend, PoolBackend, Unreachable
 from services.storage.catalog import Catalog, event_fields
 from services.storage.config import StorageConfig
+from services.storage.images import ImageHandlers
+from services.storage.uploads import UploadHandlers
 
 log = structlog.get_logger("flotilla.storage")
 _KEYS = uuid.UUID("6c1f0a4e-58a4-4d0b-9a43-2b7e3c5f1d20")
@@ -94,7 +96,7 @@ class Leases:
                 log.warning("leases not renewed", error=str(exc))
 
 
-class StorageService(Service):
+class StorageService(ImageHandlers, UploadHandlers, Service):
     name = "storage"
 
     def __init__(
@@ -183,6 +185,8 @@ class StorageService(Service):
 
     @handles(CreateVolume)
     def volume_create(self, cmd: CreateVolume, ctx: Context) -> Volume:
+        if cmd.image_id is not None:
+            return self._volume_from_image(cmd, ctx)
         source: Volume | None = None
         pool_name = cmd.pool
         if cmd.source_id is not None:
@@ -228,11 +232,62 @@ class StorageService(Service):
         with self.leases.hold(volume.volume_id):
             return self._make_file(volume, size, ctx)
 
+    def _volume_from_image(self, cmd: CreateVolume, ctx: Context) -> Volume:
+        """A volume cloned from a disk image, in the image's pool (on its host)."""
+        assert cmd.image_id is not None
+        image = self.images.get(cmd.image_id, cmd.project)
+        if image.state != "available" or image.sha256 is None or image.size is None:
+            raise ServiceError(
+                "conflict", f"image {image.name!r} is {image.state}", {"field": "image_id"}
+            )
+        if image.kind != "disk":
+            raise ServiceError(
+                "invalid",
+                f"image {image.name!r} is a {image.kind} image, not a disk",
+                {"field": "image_id"},
+            )
+        if cmd.pool is not None and cmd.pool != image.pool:
+            raise ServiceError(
+                "invalid",
+                f"a volume from image {image.name!r} is made in its pool ({image.pool})",
+                {"field": "pool"},
+            )
+        least = -(-image.size // SECTOR) * SECTOR
+        size = cmd.size if cmd.size is not None else least
+        if size < least:
+            raise ServiceError(
+                "invalid",
+                f"size: image {image.name!r} is {image.size} bytes; the volume cannot be smaller",
+                {"field": "size"},
+            )
+        volume, new = self.catalog.begin_create(
+            volume_id=cmd.volume_id,
+            project=cmd.project,
+            name=cmd.name,
+            pool=self.catalog.pool_on(image.pool, image.host),
+            size=size,
+            source_id=None,
+            quota=cmd.quota,
+            lease_s=self.config.lease_s,
+            image=image.sha256,
+        )
+        if not new and (
+            volume.state != "creating"
+            or not self.catalog.take_lease(volume.volume_id, self.config.lease_s)
+        ):
+            return volume
+        with self.leases.hold(volume.volume_id):
+            return self._make_file(volume, size, ctx)
+
     def _make_file(self, volume: Volume, size: int, ctx: Context) -> Volume:
         backend = self.backend(volume.host)
         made = False
         try:
-            if volume.source_id is not None:
+            if volume.image is not None:
+                got = backend.from_image(
+                    volume.pool, volume.volume_id, volume.image, size, step_key(ctx, "image")
+                )
+            elif volume.source_id is not None:
                 got = backend.clone(
                     volume.pool, volume.volume_id, volume.source_id, step_key(ctx, "clone")
                 )
@@ -412,6 +467,7 @@ class StorageService(Service):
                     )
         if done:
             log.info("volumes reconciled", settled={str(k): v for k, v in done.items()})
+        self.reconcile_images()
         return done
 
     def _settle(self, volume: Volume) -> str:
@@ -420,11 +476,20 @@ class StorageService(Service):
             self._delete_file(volume, None)
             self._forget_deleted(volume.volume_id, None)
             return "deleted"
+        ticket = self.catalog.ticket_of(volume.volume_id)
+        if ticket is not None and backend.transfer_result(ticket).state == "running":
+            return "uploading"  # its stream still arrives: settled once it ended
         size = backend.size(volume.pool, volume.volume_id)
         if size is not None:
             self.catalog.change(
                 volume.volume_id,
-                {"state": "available", "size": size, "lease_owner": None, "lease_until": 0},
+                {
+                    "state": "available",
+                    "size": size,
+                    "ticket": None,
+                    "lease_owner": None,
+                    "lease_until": 0,
+                },
                 lambda v: VolumeCreated(**event_fields(v), source_id=v.source_id),
                 None,
             )

@@ -54,10 +54,35 @@ volumes = sa.Table(
     sa.Column("lease_until", sa.DOUBLE_PRECISION, nullable=False, server_default=sa.text("0")),
     sa.Column("created_at", sa.DOUBLE_PRECISION, nullable=False),
     sa.Column("updated_at", sa.DOUBLE_PRECISION, nullable=False),
+    # An upload's ticket on the pool's host, while the volume is `creating` from it.
+    sa.Column("ticket", sa.Text),
     sa.UniqueConstraint("project", "name", name="storage_volumes_project_name"),
 )
 sa.Index("storage_volumes_state", volumes.c.state)
 sa.Index("storage_volumes_pool", volumes.c.pool)
+
+images = sa.Table(
+    "storage_images",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("project", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),  # disk | kernel | initrd
+    sa.Column("visibility", sa.Text, nullable=False),  # private | public
+    sa.Column("pool", sa.Text, nullable=False),
+    sa.Column("host", sa.Text),
+    sa.Column("state", sa.Text, nullable=False),  # importing | available
+    sa.Column("sha256", sa.Text),
+    sa.Column("size", sa.BigInteger),
+    sa.Column("source_format", sa.Text),
+    # The import's ticket on the pool's host: the service asks the host for its outcome.
+    sa.Column("ticket", sa.Text),
+    sa.Column("lease_owner", sa.Text),
+    sa.Column("lease_until", sa.DOUBLE_PRECISION, nullable=False, server_default=sa.text("0")),
+    sa.Column("created_at", sa.DOUBLE_PRECISION, nullable=False),
+    sa.UniqueConstraint("project", "name", name="storage_images_project_name"),
+)
+sa.Index("storage_images_sha256", images.c.sha256)
 
 outbox = sa.Table(
     "storage_outbox",

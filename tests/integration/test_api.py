@@ -402,6 +402,13 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "409",
 [[operations]]
 include-path-regex = "^/v1/volumes"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422"]
+
+# An image body the schema allows (any bytes) may not be what `kind` or `format` says (422
+# with the reason), an admin's host path may not exist (422 field `path`), a pool may not
+# exist (404).
+[[operations]]
+include-path-regex = "^/v1/images"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422"]
 """
 
 

@@ -85,7 +85,6 @@ SPEC_ERRORS = [
     ({"kernel": KERNEL, "initrd": "../../etc/shadow"}, "boot.initrd", "absolute path"),
     ({"kernel": f"{KERNEL}\u0000/etc/shadow"}, "boot.kernel", "NUL byte"),
     ({"kernel": KERNEL, "cmdline": "console=ttyS0\u0000x"}, "boot.cmdline", "NUL byte"),
-    ({"image": "debian-12"}, "boot.image", "needs the storage service"),
 ]
 
 

@@ -49,6 +49,12 @@ def test_a_body_that_is_not_text_is_400_saying_why(client: TestClient) -> None:
         ("PUT", "/v1/domains", "GET, POST"),
         ("PATCH", "/v1/domains/00000000-0000-0000-0000-000000000000", "DELETE, GET"),
         ("GET", "/v1/domains/00000000-0000-0000-0000-000000000000/actions", "POST"),
+        # A route of its own beside a template it also matches: only its own methods.
+        ("OPTIONS", "/v1/volumes/upload", "POST"),
+        ("OPTIONS", "/v1/images/from-host", "POST"),
+        ("GET", "/v1/volumes/upload", "POST"),
+        ("DELETE", "/v1/images/from-host", "POST"),
+        ("PUT", "/v1/images/00000000-0000-0000-0000-000000000000", "DELETE, GET"),
     ],
 )
 def test_405_allows_every_method_of_the_path(
@@ -95,3 +101,9 @@ def test_the_document_uses_json_schema_keywords_only(client: TestClient) -> None
 
     walk(client.get("/openapi.json").json()["components"], "components")
     assert found == []
+
+
+def test_a_volume_or_image_id_that_is_no_uuid_is_404(client: TestClient) -> None:
+    for path in ("/v1/volumes/not-a-uuid", "/v1/images/not-a-uuid"):
+        r = client.get(path, headers=auth(ALICE))
+        assert problem(r, 404)["code"] == "not_found", r.text

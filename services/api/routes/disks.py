@@ -17,13 +17,23 @@ from fastapi import APIRouter, Path
 from protos.bindings import DiskBinding
 from protos.commands import DefineDomain
 from protos.domain import DiskSpec, DomainSpec, PowerState, TaskState
-from protos.volumes import Attachment, AttachVolume, DetachVolume, GetVolume, Volume
+from protos.images import FindImage, Image
+from protos.volumes import (
+    Attachment,
+    AttachVolume,
+    CreateVolume,
+    DeleteVolume,
+    DetachVolume,
+    GetVolume,
+    Volume,
+)
+from services.api import boot_images
 from services.api.context import ApiContext
 from services.api.models import DomainView
 from services.api.problems import Problem, responses
 from services.api.registry import DomainRecord
 from services.api.routes.deps import Caller, Ctx, Mask
-from services.api.routes.volumes import call_storage
+from services.api.routes.volumes import call_storage, volume_quota
 from services.api.volume_models import DiskAttach
 
 log = structlog.get_logger("flotilla.api")
@@ -41,28 +51,83 @@ def binding(volume: Volume, target: str, readonly: bool) -> DiskBinding:
 
 
 def attach_disks(
-    ctx: ApiContext, project: str | None, domain_id: uuid.UUID, spec: DomainSpec
+    ctx: ApiContext,
+    project: str | None,
+    domain_id: uuid.UUID,
+    spec: DomainSpec,
+    *,
+    owner: str | None = None,
 ) -> list[DiskBinding]:
-    """Mark every volume disk of `spec` attached to the domain; their bindings. On a refusal
-    the ones already attached are detached again and the problem names the disk's field."""
+    """Mark every volume disk of `spec` attached to the domain, first making the volume of
+    each image disk (a clone of the image, in `owner`'s project); their bindings. On a
+    refusal what was attached is detached, what was made deleted, and the problem names the
+    disk's field."""
     bindings: list[DiskBinding] = []
+    made: list[uuid.UUID] = []
     for i, disk in enumerate(spec.disks):
-        if disk.volume_id is None:
+        if disk.volume_id is None and disk.image is None:
             continue
+        field = f"disks.{i}.volume_id" if disk.image is None else f"disks.{i}.image"
         try:
-            volume = _attach(ctx, project, domain_id, disk)
+            volume_id = disk.volume_id
+            if disk.image is not None:
+                volume_id = _volume_from_image(ctx, owner, domain_id, spec, disk)
+                made.append(volume_id)
+            assert volume_id is not None
+            volume = _attach(ctx, project, domain_id, disk, volume_id)
         except Problem as problem:
             detach_disks(ctx, domain_id, [b.volume_id for b in bindings])
-            raise _about_disk(problem, f"disks.{i}.volume_id") from None
+            _delete_volumes(ctx, made)
+            raise _about_disk(problem, field) from None
         bindings.append(binding(volume, disk.target, disk.readonly))
     return bindings
 
 
-def _attach(ctx: ApiContext, project: str | None, domain_id: uuid.UUID, disk: DiskSpec) -> Volume:
-    assert disk.volume_id is not None
+def image_volume_id(domain_id: uuid.UUID, target: str) -> uuid.UUID:
+    """The id of the volume an image disk `target` of the domain is made as: derived, so a
+    retry finds the first attempt's and the domain's delete finds it."""
+    return uuid.uuid5(domain_id, f"disk/{target}")
+
+
+def _volume_from_image(
+    ctx: ApiContext, owner: str | None, domain_id: uuid.UUID, spec: DomainSpec, disk: DiskSpec
+) -> uuid.UUID:
+    assert disk.image is not None
+    if owner is None:
+        raise Problem(422, "invalid", "an image disk is made at create only")
+    image = call_storage(ctx, FindImage(name=disk.image, project=owner))
+    assert isinstance(image, Image)
+    command = CreateVolume(
+        volume_id=image_volume_id(domain_id, disk.target),
+        project=owner,
+        name=f"{spec.name[:58]}-{disk.target}",
+        image_id=image.image_id,
+        size=None if disk.size_gib is None else disk.size_gib << 30,
+        quota=volume_quota(ctx, owner),
+    )
+    volume = call_storage(ctx, command)
+    assert isinstance(volume, Volume)
+    return volume.volume_id
+
+
+def _delete_volumes(ctx: ApiContext, volume_ids: list[uuid.UUID]) -> None:
+    for volume_id in volume_ids:
+        try:
+            call_storage(ctx, DeleteVolume(volume_id=volume_id))
+        except Problem as problem:
+            log.warning("volume not deleted", volume_id=str(volume_id), error=problem.detail)
+
+
+def _attach(
+    ctx: ApiContext,
+    project: str | None,
+    domain_id: uuid.UUID,
+    disk: DiskSpec,
+    volume_id: uuid.UUID,
+) -> Volume:
     attachment = Attachment(domain_id=domain_id, target=disk.target, readonly=disk.readonly)
     volume = call_storage(
-        ctx, AttachVolume(volume_id=disk.volume_id, project=project, attachment=attachment)
+        ctx, AttachVolume(volume_id=volume_id, project=project, attachment=attachment)
     )
     assert isinstance(volume, Volume)
     return volume
@@ -87,6 +152,14 @@ def detach_disks(ctx: ApiContext, domain_id: uuid.UUID, volume_ids: list[uuid.UU
 
 def volume_ids(spec: DomainSpec) -> list[uuid.UUID]:
     return [d.volume_id for d in spec.disks if d.volume_id is not None]
+
+
+def release_disks(ctx: ApiContext, domain_id: uuid.UUID, spec: DomainSpec) -> None:
+    """The domain is gone from its host: its volumes are detached, and the volumes made from
+    images for it deleted (unless the disk says `keep`)."""
+    made = {d.target: image_volume_id(domain_id, d.target) for d in spec.disks if d.image}
+    detach_disks(ctx, domain_id, volume_ids(spec) + list(made.values()))
+    _delete_volumes(ctx, [made[d.target] for d in spec.disks if d.image and not d.keep])
 
 
 def _stopped(ctx: ApiContext, caller: Caller, domain_id: uuid.UUID) -> DomainRecord:
@@ -117,11 +190,19 @@ def _redefine(
     assert record.host is not None
     bindings = []
     for disk in spec.disks:
-        if disk.volume_id is not None:
-            volume = call_storage(ctx, GetVolume(volume_id=disk.volume_id))
+        volume_id = disk.volume_id
+        if disk.image is not None:
+            volume_id = image_volume_id(record.id, disk.target)
+        if volume_id is not None:
+            volume = call_storage(ctx, GetVolume(volume_id=volume_id))
             assert isinstance(volume, Volume)
             bindings.append(binding(volume, disk.target, disk.readonly))
-    ctx.call_host(record.host, DefineDomain(spec=spec, privileged=caller.is_admin, disks=bindings))
+    # The boot image is resolved again by name, as at create.
+    kernel = boot_images.kernel_image(ctx, record.project, spec)
+    ctx.call_host(
+        record.host,
+        DefineDomain(spec=spec, privileged=caller.is_admin, disks=bindings, kernel_image=kernel),
+    )
     updated = ctx.registry.set_spec(record.id, spec)
     assert updated is not None
     return updated
@@ -147,7 +228,7 @@ def attach_disk(
         )
     project = None if caller.is_admin else caller.project
     try:
-        _attach(ctx, project, domain_id, body)
+        _attach(ctx, project, domain_id, body, body.volume_id)
     except Problem as problem:
         raise _about_disk(problem, "volume_id") from None
     spec = record.spec.model_copy(update={"disks": [*record.spec.disks, body]})
@@ -171,7 +252,8 @@ def detach_disk(
     caller: Caller,
     mask: Mask,
 ) -> DomainView:
-    """Detach disk `target` from a stopped domain; its volume is available again."""
+    """Detach disk `target` from a stopped domain; its volume (also one made from an
+    image) is available again."""
     record = _stopped(ctx, caller, domain_id)
     disk = next((d for d in record.spec.disks if d.target == target), None)
     if disk is None:
@@ -184,4 +266,6 @@ def detach_disk(
     updated = _redefine(ctx, caller, record, spec)
     if disk.volume_id is not None:
         detach_disks(ctx, domain_id, [disk.volume_id])
+    elif disk.image is not None:  # the volume made from the image stays, available
+        detach_disks(ctx, domain_id, [image_volume_id(domain_id, target)])
     return DomainView.of(updated, mask)

@@ -33,6 +33,7 @@ from protos.network import ReleasePorts
 from protos.replies import ConsoleOutput, DomainInfo
 from protos.scheduler import Attempt, Placement, ScheduleDomain
 from protos.states import Action, Verdict, decide
+from services.api import boot_images
 from services.api.context import ApiContext
 from services.api.models import (
     ActionName,
@@ -63,7 +64,8 @@ def create_domain(
 ) -> DomainView:
     """Define a domain on a host the scheduler picks, and start it unless `start` is false.
 
-    422 for a spec no host could run (relative path, NUL byte, `boot.image`) and for what
+    422 for a spec no host could run (relative path, NUL byte, a `boot.image` that is no
+    kernel image the project may use) and for what
     only the host finds (a file that is no kernel image), 403 `forbidden` for a host path a
     member may not use or for `placement.host` from a member (host names are admin-only), 403
     over quota, 409 if a domain of that name exists (names are unique across projects), 503
@@ -91,7 +93,8 @@ def create_domain(
         raise Problem(409, "name_in_use", str(exc), name=spec.name) from None
     project = None if caller.is_admin else caller.project
     try:
-        bindings = disks.attach_disks(ctx, project, record.id, spec)
+        kernel = boot_images.kernel_image(ctx, caller.project, spec)
+        bindings = disks.attach_disks(ctx, project, record.id, spec, owner=caller.project)
     except Problem:
         ctx.registry.remove_domain(record.id)
         raise
@@ -104,20 +107,21 @@ def create_domain(
         start=body.start,
         max_attempts=ctx.config.schedule_max_attempts,
         disks=bindings,
+        kernel_image=kernel,
     )
     try:
         placement = ctx.call(routing.SCHEDULER_QUEUE, command, ctx.config.schedule_timeout_s)
     except Problem as problem:
         _schedule_failed(ctx, record, problem)
         if problem.code not in _OUTCOME_UNKNOWN:
-            disks.detach_disks(ctx, record.id, [b.volume_id for b in bindings])
+            disks.release_disks(ctx, record.id, spec)
         raise
     assert isinstance(placement, Placement)
     placed = ctx.registry.set_placement(record.id, placement.host, placement.info)
     if placed is None:
         # Deleted while the scheduler worked: do not leave the guest behind on its host.
         _remove_from_host(ctx, placement.host, record.id)
-        disks.detach_disks(ctx, record.id, [b.volume_id for b in bindings])
+        disks.release_disks(ctx, record.id, spec)
         raise Problem(409, "deleted", f"domain {record.id} was deleted while being scheduled")
     response.headers["Location"] = f"/v1/domains/{record.id}"
     return DomainView.of(placed, mask, placement.attempts)
@@ -126,8 +130,6 @@ def create_domain(
 def _check_spec(spec: DomainSpec) -> None:
     """422 for what no host could run, before anything is stored."""
     problems = spec_problems(spec)
-    if spec.boot.image is not None:
-        problems.insert(0, ("boot.image", "booting from an image needs the storage service"))
     if problems:
         field, reason = problems[0]
         raise Problem(
@@ -235,11 +237,10 @@ def delete_domain(
     the record goes when the host's `domain.undefined` arrives. 204 when there was nothing
     on a host (never placed). Calling it again while `deleting` retries."""
     record = ctx.visible_domain(caller, domain_id)
-    attached = disks.volume_ids(record.spec)
     if record.host is None:
         _release_ports(ctx, record)
         ctx.registry.remove_domain(domain_id)
-        disks.detach_disks(ctx, domain_id, attached)
+        disks.release_disks(ctx, domain_id, record.spec)
         return Response(status_code=204)
     if record.task is not TaskState.DELETING:
         if record.power in ACTIVE_STATES:
@@ -254,11 +255,11 @@ def delete_domain(
             raise  # the record stays `deleting`: DELETE again to retry
         _release_ports(ctx, record)
         ctx.registry.remove_domain(domain_id)  # already gone from the host
-        disks.detach_disks(ctx, domain_id, attached)
+        disks.release_disks(ctx, domain_id, record.spec)
         return Response(status_code=204)
     _release_ports(ctx, record)
     # Undefined on its host: its volumes are free.
-    disks.detach_disks(ctx, domain_id, attached)
+    disks.release_disks(ctx, domain_id, record.spec)
     current = ctx.registry.get_domain(domain_id)
     if current is None:
         return Response(status_code=204)  # the undefined event beat us here

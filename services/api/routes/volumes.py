@@ -171,12 +171,16 @@ def list_volumes(
     return JSONResponse(body)
 
 
-@router.get("/{volume_id}", response_model=VolumeView, responses=responses(401, 404, 422, 503))
+# `:uuid`: /v1/volumes/upload (a route of its own) is no volume id, so a GET or DELETE of it
+# is 405, not a 422 about the id.
+@router.get("/{volume_id:uuid}", response_model=VolumeView, responses=responses(401, 404, 422, 503))
 def get_volume(volume_id: uuid.UUID, ctx: Ctx, caller: Caller, mask: Mask) -> VolumeView:
     return _view(_get(ctx, caller, volume_id), mask)
 
 
-@router.delete("/{volume_id}", status_code=204, responses=responses(401, 404, 409, 422, 503, 504))
+@router.delete(
+    "/{volume_id:uuid}", status_code=204, responses=responses(401, 404, 409, 422, 503, 504)
+)
 def delete_volume(volume_id: uuid.UUID, ctx: Ctx, caller: Caller) -> Response:
     """Delete the volume and its file; 409 `conflict` (reason `attached`) while attached."""
     call_storage(ctx, DeleteVolume(volume_id=volume_id, project=_project(caller)))
