@@ -29,7 +29,7 @@ from protos.commands import (
     UndefineDomain,
 )
 from protos.domain import BootSpec, DomainSpec, PowerState
-from protos.replies import ConsoleOutput, DomainInfo, SavedState
+from protos.replies import ConsoleOutput, SavedState
 from services.bus import Bus
 from tests.integration.compute_harness import ComputeProcess, EventLog, call
 from tests.integration.conftest import MakeBus
@@ -149,26 +149,28 @@ def test_save_restore_managed_save_and_snapshot_revert_on_kvm(
 
     # a snapshot while running leaves it running; destroy; revert brings that moment back.
     snap = StateRef(state_id=uuid.uuid4(), host=compute.host)
+    before_snapshot = _counters(_console(bus, q, d))[-1]
     taken = bus.call(q, CreateSnapshot(domain_id=d, state=snap), timeout=60)
     assert isinstance(taken, SavedState), taken
     assert taken.memory
     assert taken.domain.state is PowerState.RUNNING
-    at_snapshot = _counters(_console(bus, q, d))[-1]
-    _wait_counter(bus, q, d, at_snapshot + 5)
+    at_destroy = _wait_counter(bus, q, d, before_snapshot + 30)[-1]
     call(bus, q, DestroyDomain(domain_id=d))
     info = call(bus, q, RevertSnapshot(domain_id=d, state=snap), timeout=60)
     assert info.state is PowerState.RUNNING
-    _continues(bus, q, d, at_snapshot)
+    # Back to the snapshot's moment: counting from between the read before it and the
+    # destroy 30 counts later, not from where the destroyed machine was.
+    _continues(bus, q, d, before_snapshot)
+    first = _counters(_console(bus, q, d))[0]
+    assert first < at_destroy - 10, (first, at_destroy)
     call(bus, q, DestroyDomain(domain_id=d))
     bus.call(q, DeleteState(domain_id=d, state=snap), timeout=20)
     bus.call(q, UndefineDomain(domain_id=d), timeout=20)
 
     # What a subscriber saw: seq without gap, each restore said so.
     seen = _details(events, d)
-    seqs = [s for _, _, s in seen]
-    assert seqs == list(range(1, len(seqs) + 1)), seen
+    assert [s for _, _, s in seen] == list(range(1, len(seen) + 1)), seen
     kinds = [(t, detail) for t, detail, _ in seen]
     assert ("domain.stopped", "saved") in kinds
     assert kinds.count(("domain.started", "restored")) == 2, kinds
     assert ("domain.started", "from_snapshot") in kinds, kinds
-    assert isinstance(info, DomainInfo)
