@@ -29,6 +29,11 @@ uint64_t fl_mig_now(void)
 	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
+uint64_t fl_mig_deadline(uint64_t t0, uint64_t timeout_ns)
+{
+	return timeout_ns > UINT64_MAX - t0 ? UINT64_MAX : t0 + timeout_ns;
+}
+
 /* ---- the control handle ---- */
 
 struct fl_migration *fl_migration_new(void)

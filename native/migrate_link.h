@@ -32,6 +32,8 @@ struct fl_mig_link {
 };
 
 uint64_t fl_mig_now(void);
+/* t0 + timeout_ns, saturating: a huge timeout means none, not a deadline in the past. */
+uint64_t fl_mig_deadline(uint64_t t0, uint64_t timeout_ns);
 /* Sets m's error string; returns -e. */
 int fl_mig_fail(struct fl_migration *m, int e, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));

@@ -537,7 +537,7 @@ int fl_migrate_send(struct fl_vm *vm, struct fl_migration *m, int fd, const uint
 	s.vm = vm;
 	s.m = m;
 	s.debug = !!(flags & FL_MIGRATE_DEBUG);
-	s.l = (struct fl_mig_link){.fd = fd, .m = m, .deadline = t0 + timeout_ns, .cancellable = 1};
+	s.l = (struct fl_mig_link){.fd = fd, .m = m, .deadline = fl_mig_deadline(t0, timeout_ns), .cancellable = 1};
 	if (fl_vm_state(vm) != FL_STATE_RUNNING) {
 		rc = fl_mig_fail(m, EINVAL, "only a running machine migrates live");
 		goto out;

@@ -17,7 +17,10 @@
 #include "vmm.h"
 
 #define PAGE FL_MIG_PAGE
-
+/* How long a connection may take to present its hello: the listener serves one connection
+ * at a time, so a peer that connects and says nothing must not hold it for the whole
+ * timeout (the real source sends its hello right after connecting). */
+#define HELLO_NS 5000000000ULL
 
 struct target {
 	struct fl_vm *vm;
@@ -191,7 +194,8 @@ static int target_stream(struct target *t, struct fl_migrate_result *res)
 			struct fl_mig_paused p;
 			t->marker_ns = arrived;
 			rc = fl_mig_recv(&t->l, &p, sizeof(p));
-			res->source_pause_ns = p.source_pause_ns;
+			if (rc == 0)
+				res->source_pause_ns = p.source_pause_ns;
 			break;
 		}
 		case FL_MIG_STATE: {
@@ -277,7 +281,10 @@ int fl_migrate_receive(struct fl_vm *vm, struct fl_migration *m, const struct fl
 		return fl_mig_fail(m, ENOMEM, "migration target");
 	t->vm = vm;
 	t->m = m;
-	t->l = (struct fl_mig_link){.fd = fd, .m = m, .deadline = t0 + timeout_ns, .cancellable = 1};
+	t->l = (struct fl_mig_link){.fd = fd, .m = m, .deadline = fl_mig_deadline(t0, HELLO_NS),
+				    .cancellable = 1};
+	if (timeout_ns < HELLO_NS)
+		t->l.deadline = fl_mig_deadline(t0, timeout_ns);
 	pthread_mutex_lock(&vm->api_lock);
 	if (vm->state != FL_STATE_NEW) {
 		rc = fl_mig_fail(m, EBUSY, "a migration is received into a new machine only");
@@ -302,6 +309,7 @@ int fl_migrate_receive(struct fl_vm *vm, struct fl_migration *m, const struct fl
 		goto out;
 	}
 	res->token_accepted = 1;
+	t->l.deadline = fl_mig_deadline(t0, timeout_ns);
 	t->debug = !!(hello.flags & FL_MIG_HELLO_DEBUG);
 	rc = target_config(t, cfg);
 	if (rc < 0) {

@@ -318,7 +318,7 @@ static int read_state_file(const char *path, uint8_t **buf, size_t *len, char *e
 			   size_t errlen)
 {
 	struct stat sb;
-	int fd = open(path, O_RDONLY | O_CLOEXEC), rc;
+	int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC), rc; /* a FIFO: no wait */
 
 	*buf = NULL;
 	if (fd < 0)

@@ -357,7 +357,7 @@ int fl_snap_open_memory(const char *path, struct fl_snap_mem_trailer *t, struct 
 	const struct fl_snap_run *r;
 	uint8_t *buf = NULL;
 	uint64_t mem_size, tail;
-	int fd = open(path, O_RDONLY | O_CLOEXEC), rc;
+	int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC), rc; /* a FIFO: no wait */
 
 	if (runs)
 		*runs = NULL;

@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -31,9 +32,9 @@ def config(vcpus: int = 1, mem: int = 64 << 20) -> bytes:
     return head + bytes(CONFIG_SIZE - len(head))
 
 
-def answer(address: tuple[str, int], data: bytes) -> str:
+def answer(address: tuple[str, int], data: bytes, *, timeout: float = 5) -> str:
     """Sends `data` as the source and returns the target's ERROR text."""
-    with socket.create_connection(address, timeout=5) as sock:
+    with socket.create_connection(address, timeout=timeout) as sock:
         sock.sendall(data)
         head = b""
         while len(head) < 16:
@@ -132,3 +133,35 @@ def test_a_malformed_token_is_refused_before_anything_listens() -> None:
         migration.MigrationListener("abc")
     with pytest.raises(ValueError, match="hex digits"):
         migration.MigrationListener("00" * 31)
+
+
+def test_a_silent_peer_does_not_hold_the_listener(
+    listener: tuple[migration.MigrationListener, bytes],
+) -> None:
+    """A connection that never sends its hello is dropped after a few seconds, not held
+    for the whole accept timeout while the real source waits behind it."""
+    lis, token = listener
+    done = threading.Event()
+
+    def serve() -> None:
+        try:
+            lis.accept(timeout=60)
+        except migration.MigrationError:
+            pass
+        done.set()
+
+    server = threading.Thread(target=serve)
+    server.start()
+    silent = socket.create_connection(lis.address, timeout=5)
+    try:
+        start = time.monotonic()
+        # The next peer is served once the silent one has been given up on.
+        assert "wrong migration token" in answer(lis.address, hello(bytes(32)), timeout=30)
+        assert time.monotonic() - start < 15
+        assert lis.refused[0] == "reading the hello: timed out"
+        why = answer(lis.address, hello(token) + record(CONFIG, config(vcpus=0)))
+        assert "0 vCPUs" in why
+    finally:
+        silent.close()
+        server.join(10)
+    assert done.is_set()

@@ -3,7 +3,10 @@ written here byte by byte as docs/machine.md describes them."""
 
 from __future__ import annotations
 
+import os
 import struct
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -149,3 +152,45 @@ def test_every_byte_of_a_memory_trailer_is_checked(tmp_path: Path) -> None:
             f.flush()
     native.merge_snapshot(base, diff, tmp_path / "out")  # undamaged again: it merges
     assert (tmp_path / "out").stat().st_size == size
+
+
+def _refused_promptly(call: Callable[[], object], fifo: Path) -> str:
+    """Runs `call` (which opens `fifo` as a state or memory file) and returns its
+    SnapshotError's text; fails if it blocks waiting for a writer."""
+    out: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # handed to the test below
+            out.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(5)
+    if worker.is_alive():
+        # Free the blocked open (a writer arrives, then leaves) before failing.
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(5)
+        pytest.fail(f"opening the FIFO {fifo.name} blocked")
+    assert len(out) == 1
+    assert isinstance(out[0], native.SnapshotError), out[0]
+    return str(out[0])
+
+
+def test_a_fifo_for_a_state_or_memory_file_is_refused_without_blocking(tmp_path: Path) -> None:
+    """A hostile state directory's `state` or `memory` as a FIFO: refused at once, not an
+    open() that waits forever for a writer."""
+    hostile, base = tmp_path / "hostile", tmp_path / "base"
+    hostile.mkdir()
+    base.mkdir()
+    os.mkfifo(hostile / "state")
+    why = _refused_promptly(lambda: native.snapshot_info(hostile), hostile / "state")
+    assert "not a snapshot state file" in why
+    os.mkfifo(hostile / "memory")
+    memory_file(base / "memory", kind=1, sid=b"B" * 16, parent=bytes(16), pages={})
+    why = _refused_promptly(
+        lambda: native.merge_snapshot(base, hostile, tmp_path / "x"), hostile / "memory"
+    )
+    assert "not a snapshot memory file" in why
+    assert not (tmp_path / "x").exists()
