@@ -16,12 +16,12 @@ Makes an XFS file system with reflink (`mkfs.xfs -m reflink=1`) on a loop device
 - storage.list_10k (bench/storage_list.py, which runs it alone too): listing 10,000 volumes
   through the API, against the same rows selected from the catalog; needs a broker
   (FLOTILLA_AMQP_URL or rabbitmq-server), not root;
-- storage.upload_mbps: `VolumeStore.upload` of a 1 GiB file read in 1 MiB chunks (sha256 of
+- storage.file_upload_mbps: `VolumeStore.upload` of a 1 GiB file read in 1 MiB chunks (sha256 of
   every byte, zero chunks skipped, fdatasync, link), against `cp --reflink=never` of the same
   file then `sync` of the copy (equally durable; cp copies inside the kernel with
   copy_file_range), and beside it `dd bs=1M conv=fdatasync` (a user-space read/write loop
   like ours, without the hash).
-- storage.api_upload_mbps (bench/storage_upload.py, which runs it alone too): a volume
+- storage.upload_mbps (bench/storage_upload.py, which runs it alone too): a volume
   uploaded through the API (HTTP → API → the compute node's transfer port → the file
   layer), against `cp --reflink=never` + `sync -f` of the same file; needs a broker.
 
@@ -215,7 +215,7 @@ def main() -> int:
         lo, hi = min(values), max(values)
         say(f"  {name:10s} median {med[name]:9.2f} ms  min {lo:9.2f}  max {hi:9.2f}")
     up = {name: statistics.median(v) for name, v in upload.items()}
-    say(f"storage.upload_mbps (1 GiB file, 1 MiB chunks, sha256; {UPLOAD_ROUNDS} rounds)")
+    say(f"storage.file_upload_mbps (1 GiB file, 1 MiB chunks, sha256; {UPLOAD_ROUNDS} rounds)")
     for name, values in upload.items():
         lo, hi = min(values), max(values)
         say(f"  {name:10s} median {up[name]:7.1f} MiB/s  min {lo:7.1f}  max {hi:7.1f}")
@@ -232,7 +232,7 @@ def main() -> int:
                 full_copy_ms=round(med["full copy"], 1),
             ),
             figure(
-                "storage.upload_mbps",
+                "storage.file_upload_mbps",
                 up["ours"],
                 "MiB/s",
                 anchor="cp --reflink=never + sync",

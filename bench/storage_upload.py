@@ -1,4 +1,4 @@
-"""storage.api_upload_mbps: a volume uploaded through the API, against `cp` of the same file.
+"""storage.upload_mbps: a volume uploaded through the API, against `cp` of the same file.
 
     python bench/storage_upload.py
 
@@ -93,7 +93,7 @@ def main() -> int:
 
 
 def measure() -> dict[str, object] | None:
-    """The storage.api_upload_mbps figure (results on stderr); None without a broker."""
+    """The storage.upload_mbps figure (results on stderr); None without a broker."""
     if not os.environ.get("FLOTILLA_AMQP_URL") and not broker_available():
         say("no broker: set FLOTILLA_AMQP_URL or `apt-get install -y rabbitmq-server`")
         return None
@@ -135,12 +135,12 @@ def measure() -> dict[str, object] | None:
         finally:
             stack.stop()
     med = {k: statistics.median(v) for k, v in mibps.items()}
-    say(f"storage.api_upload_mbps ({SIZE // MiB} MiB of random data, {ROUNDS} rounds, medians)")
+    say(f"storage.upload_mbps ({SIZE // MiB} MiB of random data, {ROUNDS} rounds, medians)")
     for name, label in (("api", "POST /v1/volumes/upload"), ("cp", "cp --reflink=never + sync")):
         values = mibps[name]
         say(f"  {label:28s} {med[name]:8.1f} MiB/s  (min {min(values):.1f}, max {max(values):.1f})")
     return figure(
-        "storage.api_upload_mbps",
+        "storage.upload_mbps",
         med["api"],
         "MiB/s",
         anchor="cp --reflink=never + sync of the same file",
