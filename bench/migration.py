@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 import native  # noqa: E402
 from bench.figures import emit, figure  # noqa: E402
+from bench.qmp import Qmp  # noqa: E402
 from native import kvm_unavailable_reason, migration, testguest  # noqa: E402
 
 MEMORY_MIB = 256
@@ -171,41 +172,6 @@ def ours_round(guest: Path, budget_ms: float) -> dict[str, float]:
 # ---- QEMU ----
 
 
-class Qmp:
-    """Just enough QMP: commands in order, events skipped."""
-
-    def __init__(self, path: Path) -> None:
-        deadline = time.monotonic() + TIMEOUT
-        self._sock = socket.socket(socket.AF_UNIX)
-        while True:
-            try:
-                self._sock.connect(str(path))
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.005)
-        self._file = self._sock.makefile("rwb")
-        self._file.readline()  # greeting
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, name: str, **args: object) -> dict[str, object]:
-        self._file.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
-        self._file.flush()
-        while True:
-            reply = json.loads(self._file.readline())
-            if "event" in reply:
-                continue
-            if "error" in reply:
-                raise SystemExit(f"bench/migration: QMP {name}: {reply['error']}")
-            result: dict[str, object] = reply.get("return", {})
-            return result
-
-    def close(self) -> None:
-        self._file.close()
-        self._sock.close()
-
-
 def qemu(
     guest: Path, qmp: Path, incoming: int | None = None
 ) -> tuple[subprocess.Popen[bytes], Lines]:
@@ -231,7 +197,10 @@ def qemu_round(guest: Path, work: Path, budget_ms: float, *, converge: bool) -> 
     src, source_lines = qemu(guest, work / "src.qmp")
     dst, target_lines = qemu(guest, work / "dst.qmp", incoming=port)
     try:
-        qs, qd = Qmp(work / "src.qmp"), Qmp(work / "dst.qmp")
+        qs, qd = (
+            Qmp(work / "src.qmp", who="bench/migration", timeout=TIMEOUT),
+            Qmp(work / "dst.qmp", who="bench/migration", timeout=TIMEOUT),
+        )
         source_lines.wait_lines(WARM_LINES, written=True)
         qs.cmd(
             "migrate-set-capabilities",

@@ -25,11 +25,9 @@ Human-readable results go to stderr; stdout ends with one JSON object per figure
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import native  # noqa: E402
 from bench.figures import emit, figure  # noqa: E402
+from bench.qmp import Qmp  # noqa: E402
 from native import kvm_unavailable_reason, testguest  # noqa: E402
 
 ROUNDS = 5
@@ -99,41 +98,6 @@ class Console:
     def __len__(self) -> int:
         with self._cond:
             return len(self._buf)
-
-
-class Qmp:
-    """Just enough QMP: commands in order, events skipped."""
-
-    def __init__(self, path: Path) -> None:
-        deadline = time.monotonic() + TIMEOUT
-        self._sock = socket.socket(socket.AF_UNIX)
-        while True:
-            try:
-                self._sock.connect(str(path))
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.005)
-        self._file = self._sock.makefile("rwb")
-        self._file.readline()  # greeting
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, name: str, **args: object) -> dict[str, object]:
-        self._file.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
-        self._file.flush()
-        while True:
-            reply = json.loads(self._file.readline())
-            if "event" in reply:
-                continue
-            if "error" in reply:
-                raise SystemExit(f"bench/snapshot: QMP {name}: {reply['error']}")
-            result: dict[str, object] = reply.get("return", {})
-            return result
-
-    def close(self) -> None:
-        self._file.close()
-        self._sock.close()
 
 
 def qemu_argv(guest: Path, qmp: Path, incoming: Path | None = None) -> list[str]:
@@ -255,7 +219,7 @@ def qemu_round(guest: Path, shm: Path, n: int) -> dict[str, float]:
     qmp_path = shm / f"qmp{n}"
     proc, console = spawn(qemu_argv(guest, qmp_path))
     try:
-        qmp = Qmp(qmp_path)
+        qmp = Qmp(qmp_path, who="bench/snapshot", timeout=TIMEOUT)
 
         def migrate(file: Path) -> float:
             t = time.perf_counter()
@@ -284,7 +248,7 @@ def qemu_restore(guest: Path, shm: Path, n: int) -> float:
     t = time.perf_counter()
     proc, console = spawn(qemu_argv(guest, qmp_path, shm / f"qemu{n}.mig"))
     try:
-        qmp = Qmp(qmp_path)
+        qmp = Qmp(qmp_path, who="bench/snapshot", timeout=TIMEOUT)
         # The source was stopped for the migration, so the target loads it and stays paused.
         while qmp.cmd("query-status").get("status") == "inmigrate":
             time.sleep(0.0005)
