@@ -31,6 +31,8 @@ _REMOTE_STATUS = {
     "no_capacity": 503,
     "no_valid_host": 503,
     "unavailable": 503,
+    "no_space": 507,  # the host's disk filled while saving: the guest runs on
+    "unsupported": 501,  # the host's driver cannot do it (e.g. a driver without save)
 }
 
 

@@ -582,3 +582,16 @@ def test_serves_without_a_broker(tmp_path: Path) -> None:
         p = problem(c.post("/v1/domains", json=body(), headers=auth(ALICE)), 503)
         assert p["code"] == "broker_unavailable"
         assert c.get("/v1/domains", headers=auth(ALICE)).json()["domains"][0]["task"] == "error"
+
+
+def test_a_host_whose_disk_fills_mid_save_is_507_and_the_guest_runs_on(
+    client: TestClient, cloud: FakeCloud
+) -> None:
+    d = create(client)
+    driver = cloud.nodes["h1"].driver
+    assert isinstance(driver, FakeDriver)
+    driver.fail_next_save = "no_space"
+    p = problem(client.post(f"/v1/domains/{d['id']}/save", json={}, headers=auth(ALICE)), 507)
+    assert p["code"] == "no_space"
+    got = client.get(f"/v1/domains/{d['id']}", headers=auth(ALICE)).json()
+    assert got["state"] == "running"

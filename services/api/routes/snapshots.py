@@ -155,7 +155,7 @@ def _observed(ctx: ApiContext, info: object, record: DomainRecord, mask: Mask) -
 @router.post(
     "/{domain_id}/save",
     response_model=SavedView,
-    responses=responses(401, 403, 404, 409, 422, 503, 504),
+    responses=responses(401, 403, 404, 409, 422, 501, 503, 504, 507),
 )
 def save_domain(
     domain_id: uuid.UUID,
@@ -188,7 +188,7 @@ def save_domain(
 @router.post(
     "/{domain_id}/restore",
     response_model=DomainView,
-    responses=responses(401, 404, 409, 422, 503, 504),
+    responses=responses(401, 404, 409, 422, 501, 503, 504),
 )
 def restore_domain(
     domain_id: uuid.UUID,
@@ -217,7 +217,7 @@ def restore_domain(
 @router.post(
     "/{domain_id}/managedsave",
     response_model=SavedView,
-    responses=responses(401, 403, 404, 409, 503, 504),
+    responses=responses(401, 403, 404, 409, 501, 503, 504, 507),
 )
 def managed_save(domain_id: uuid.UUID, ctx: Ctx, caller: Caller, mask: Mask) -> SavedView:
     """Save the domain and stop it; its next start restores the save and deletes it (as
@@ -272,7 +272,7 @@ def _snapshot(ctx: ApiContext, domain_id: uuid.UUID, name: str) -> StateRecord:
     "/{domain_id}/snapshots",
     status_code=201,
     response_model=SnapshotView,
-    responses=responses(401, 403, 404, 409, 422, 503, 504),
+    responses=responses(401, 403, 404, 409, 422, 501, 503, 504, 507),
 )
 def create_snapshot(
     domain_id: uuid.UUID, body: SnapshotCreate, ctx: Ctx, caller: Caller, response: Response
@@ -332,7 +332,7 @@ def get_snapshot(
 @router.post(
     "/{domain_id}/snapshots/{name}/revert",
     response_model=DomainView,
-    responses=responses(401, 404, 409, 422, 503, 504),
+    responses=responses(401, 404, 409, 422, 501, 503, 504),
 )
 def revert_snapshot(
     domain_id: uuid.UUID,
