@@ -102,6 +102,11 @@ class SaveHandlers:
             if record.managed_save is not None:
                 # The machine now runs from another state: the managed one is stale.
                 self._drop_managed_save(record.id, record.managed_save)
+            if cmd.consume:
+                # The running machine maps its memory file copy-on-write: unlinking it is
+                # safe (the mapping keeps the pages), rewriting it would not be.
+                with _state_errors():
+                    self.states.delete(cmd.state)
         return self.info(domain_id)
 
     def _drop_managed_save(self, domain_id: uuid.UUID, ref: StateRef) -> None:

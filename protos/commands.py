@@ -162,12 +162,17 @@ class RestoreDomain(DomainCommand):
     """Start a shut-off domain from a saved state (a save's or a managed save's, taken on
     this host or, through a shared pool, on another host where the domain was defined):
     STARTED/RESTORED, or SUSPENDED/RESTORED with `paused`; seq continues. The state is kept
-    (delete it with DeleteState). Refused with a clear error, the domain left shut off, when
-    the state is missing, corrupt, of a newer format or of another machine config."""
+    (delete it with DeleteState, or ask with `consume`). Refused with a clear error, the
+    domain left shut off, when the state is missing, corrupt, of a newer format or of
+    another machine config."""
 
     TYPE = "cmd.domain.restore"
+    VERSION = "1.1"  # 1.1: consume
     state: StateRef
     paused: bool = False
+    # Delete the state once the machine runs from it (the API's restore of a save: one round
+    # trip instead of a restore and a DeleteState).
+    consume: bool = False
 
 
 class RemoveManagedSave(DomainCommand):

@@ -147,6 +147,19 @@ def test_save_then_restore_continues_seq_with_saved_and_restored(node: Node) -> 
         ("domain.started", "restored"),
     ]
     assert [q for *_, q in events] == [3, 4]  # defined 1, started 2: seq continues
+    assert directory.is_dir()  # kept: the contract's default
+
+
+def test_a_consuming_restore_deletes_the_state_once_running(node: Node) -> None:
+    s = spec()
+    node.ok(DefineDomain(spec=s))
+    node.ok(StartDomain(domain_id=s.uuid))
+    ref = local()
+    node.saved(SaveDomain(domain_id=s.uuid, state=ref))
+    directory = node.service.states.path(ref)
+    info = node.ok(RestoreDomain(domain_id=s.uuid, state=ref, consume=True))
+    assert info.state is PowerState.RUNNING
+    assert not directory.exists()
 
 
 def test_a_paused_save_restores_paused(node: Node) -> None:

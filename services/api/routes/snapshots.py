@@ -207,10 +207,12 @@ def restore_domain(
         raise Problem(409, "no_save", f"domain {domain_id} has no save to restore")
     save = saves[-1]
     paused = body.paused if body is not None else False
-    info = ctx.call_host(host, RestoreDomain(domain_id=domain_id, state=save.ref, paused=paused))
+    info = ctx.call_host(
+        host, RestoreDomain(domain_id=domain_id, state=save.ref, paused=paused, consume=True)
+    )
     assert isinstance(info, DomainInfo)
     forget_consumed_managed_save(ctx, info)  # the host drops a managed save a restore made stale
-    _forget(ctx, save)
+    ctx.registry.states.remove(save.id)  # the host deleted its files (`consume`)
     return _observed(ctx, info, record, mask)
 
 
