@@ -59,6 +59,7 @@ GUESTS = 15
 RAW = 100
 ROUNDS = 5
 ANCHOR_KEY = "bench.oneway.anchor"
+KEYS = ("domain.shutdown.*", "domain.stopped.*", ANCHOR_KEY)
 FSYNC_SAMPLES = 50
 TIMEOUT_S = 20.0
 
@@ -66,8 +67,9 @@ TIMEOUT_S = 20.0
 class Subscriber:
     """An outside pika consumer: receipt time (wall clock) of every message, by routing key."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, keys: tuple[str, ...] = KEYS) -> None:
         self._url = url
+        self._keys = keys
         self._cond = threading.Condition()
         self.got: list[tuple[str, float, bytes]] = []
         self._ready = threading.Event()
@@ -81,7 +83,7 @@ class Subscriber:
         conn = pika.BlockingConnection(pika.URLParameters(self._url))
         ch = conn.channel()
         queue = ch.queue_declare("", exclusive=True).method.queue
-        for key in ("domain.shutdown.*", "domain.stopped.*", ANCHOR_KEY):
+        for key in self._keys:
             ch.queue_bind(queue, routing.EVENTS_EXCHANGE, key)
 
         def on_message(

@@ -9,7 +9,8 @@ order (the later tests end guests the earlier ones use):
 - `shell4`: `python -m native.run` (a VMM process of its own, for kill -9), 4 vCPUs, a disk,
   a NIC;
 - `vmm_reboot`, `vmm_panic`: the per-guest VMM process the compute node runs
-  (`compute_node.vmm`), whose journal becomes domain.rebooted / .shutdown / .crashed.
+  (`compute_node.vmm`), whose journal becomes domain.rebooted / .shutdown / .crashed;
+  `vmm_panic` is saved and restored into a new VMM process before it panics.
 Each boots with `flotilla.shell`: init runs a shell on COM1, and the tests type commands into
 it (the UART's receive interrupt) and read their output (its THRE interrupt). The NICs are taps
 on a bridge with a veth into a namespace of the module's own (10.77.0.0/24).
@@ -36,7 +37,7 @@ from compute_node.vmm.frames import CONSOLE_LOG
 from native.images import QUICK_BOOT_ARGS, ImageError, LinuxImages, fetch_images
 from native.machine import Disk, Event, EventKind, Nic
 from tests.kvm.harness import Console
-from tests.kvm.test_vmm_process import Domain, write_config
+from tests.kvm.test_vmm_process import Domain, save_and_restore, write_config
 
 # One fleet boot and one more Linux boot: minutes each in the nested L1.
 pytestmark = [pytest.mark.hwvirt, pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -172,6 +173,7 @@ class Fleet:
     # Shared with the fixture, which stops and closes them all: a test may add a guest.
     machines: list[native.Machine] = field(default_factory=list)
     consoles: list[Console] = field(default_factory=list)
+    vmm_pids: list[int] = field(default_factory=list)  # every VMM process to reap at the end
     reboots: int = 0
 
 
@@ -287,7 +289,7 @@ def fleet(images: LinuxImages, tmp_path_factory: pytest.TempPathFactory) -> Iter
         shell2, shell4 = LinuxShell(console2, machine), LinuxShell(console4)
         fleet = Fleet(
             shell2, shell4, run4, domains[0], domains[1], net.netns, raw, ro, ro.read_bytes(),
-            ext4, flushed, machines, consoles,
+            ext4, flushed, machines, consoles, pids,
         )  # fmt: skip
         shell2.wait_shell()
         shell4.wait_shell()
@@ -405,6 +407,29 @@ def test_a_flushed_write_survives_kill_9_of_the_vmm(fleet: Fleet) -> None:
     assert fleet.run4.wait(10) == -signal.SIGKILL
     expected = (PATTERN * (262144 // len(PATTERN) + 1))[:262144]
     assert fleet.flushed.read_bytes()[:262144] == expected
+
+
+def test_a_saved_and_restored_linux_keeps_its_shell_and_file_system(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    # The compute node's save and restore (a new VMM process continues the machine);
+    # the panic test then runs on the restored guest.
+    d = fleet.vmm_panic
+    type_line(
+        d,
+        "echo kept-$((6 * 7)) > /tmp/kept && sha256sum /tmp/kept > /tmp/kept.sum"
+        " && echo saved-$((1 + 1))",
+    )
+    wait_log(d, r"^saved-2\r?$", timeout=COMMAND_TIMEOUT)
+    restored = save_and_restore(
+        d, tmp_path / "state", tmp_path / "restored", fleet.vmm_pids, SPAWN_TIMEOUT
+    )
+    fleet.vmm_panic = restored
+    type_line(restored, "sha256sum -c /tmp/kept.sum && cat /tmp/kept && echo restored-$((2 + 2))")
+    text = wait_log(restored, r"^restored-4\r?$", timeout=COMMAND_TIMEOUT)
+    assert re.search(r"^/tmp/kept: OK\r?$", text, re.MULTILINE), text
+    assert re.search(r"^kept-42\r?$", text, re.MULTILINE), text
+    assert "flotilla-linux: READY" not in text, text  # it went on; it did not boot again
 
 
 def test_kernel_panic_is_a_crash(fleet: Fleet) -> None:

@@ -101,6 +101,28 @@ def write_config(path: Path, kernel: Path, cmdline: str, **overrides: Any) -> No
     (path / "vmm.json").write_text(json.dumps(config))
 
 
+def save_and_restore(
+    d: Domain, state: Path, into: Path, pids: list[int], timeout: float = 10.0
+) -> Domain:
+    """The compute node's save and restore (KvmDriver.save, .restore) on a bare VMM: `d`
+    writes its machine into `state` and ends (exit 0), then a new VMM in the domain dir `into`
+    restores it with `d`'s vmm.json otherwise; its pid is added to `pids` (the caller reaps).
+    `timeout` bounds the old VMM's exit and the new one's spawn."""
+    d.client.save(state)
+    assert d.wait_exit(timeout) == 0
+    assert d.kinds()[-1][:2] == ("stopped", "saved")
+    config = json.loads((d.path / "vmm.json").read_text())
+    config["restore"] = {"directory": str(state), "paused": False, "detail": "restored"}
+    into.mkdir()
+    (into / "vmm.json").write_text(json.dumps(config))
+    pid = spawn(into, timeout=timeout)
+    pids.append(pid)
+    restored = Domain(into, pid)
+    assert restored.journal()[0]["kind"] == "started"
+    assert restored.journal()[0]["detail"] == "restored"
+    return restored
+
+
 @pytest.fixture
 def start_vmm(kvm: None, test_guest: Path, tmp_path: Path) -> Iterator[Callable[..., Domain]]:
     """Factory: start_vmm(cmdline, name="d", **vmm_json_overrides) -> a spawned VMM."""
@@ -369,6 +391,52 @@ def test_bad_frames_do_not_hurt_the_vmm(start_vmm: Callable[..., Domain]) -> Non
         s.sendall(struct.pack(">I", 100) + b"\x81")
     assert d.client.status().state == "running"
     assert reap(d.pid) is None
+
+
+def kill_vmms(pids: list[int]) -> None:
+    """Ends the VMMs a test spawned itself (by pid), reaping each."""
+    for pid in pids:
+        try:
+            if reap(pid) is None:
+                os.kill(pid, signal.SIGKILL)  # only the VMMs this test spawned
+                wait_exit(pid, 5.0)
+        except (ChildProcessError, ProcessLookupError):
+            pass
+
+
+def type_echoed(d: Domain, line: str, timeout: float = 5.0) -> None:
+    """Types `line` on the VMM's console; returns once the guest echoed it back."""
+    with d.client.attach() as stream:
+        stream.settimeout(timeout)
+        stream.sendall(line.encode() + b"\r")
+        got = b""
+        while f"flotilla-guest: {line}".encode() not in got:
+            chunk = stream.recv(4096)
+            assert chunk, f"attach stream closed; got {got!r}"
+            got += chunk
+
+
+def test_a_saved_vmm_restored_by_a_new_process_goes_on_with_its_console(
+    start_vmm: Callable[..., Domain], tmp_path: Path
+) -> None:
+    """What the hwvirt Linux check does (tests/hwvirt/test_linux_guest.py), on the test
+    guest: 256 MiB, 2 vCPUs, counting, its console input on (the shell's path)."""
+    d = start_vmm("ready echo counter", memory_mib=256, vcpus=2)
+    d.wait_console(r"COUNTER 5\b")
+    type_echoed(d, "before save")
+    pids: list[int] = []
+    try:
+        restored = save_and_restore(d, tmp_path / "state", tmp_path / "restored", pids)
+        assert restored.client.status().state == "running"
+        text = restored.wait_console(r"COUNTER \d+", count=3)
+        # It counts on from where it was saved: no boot, no READY, the counter past 5.
+        assert "READY" not in text, text
+        assert min(int(n) for n in re.findall(r"COUNTER (\d+)", text)) > 5, text
+        type_echoed(restored, "after restore")
+        restored.client.destroy()
+        assert restored.wait_exit() == 0
+    finally:
+        kill_vmms(pids)
 
 
 def test_console_attach_echoes_input(start_vmm: Callable[..., Domain]) -> None:
