@@ -150,11 +150,13 @@ class VolumeCommand(CatalogCommand):
 
 class ListPools(CatalogCommand):
     TYPE = "cmd.catalog.pool_list"
+    READ_ONLY = True
     RESULT = Pools
 
 
 class GetPool(CatalogCommand):
     TYPE = "cmd.catalog.pool_info"
+    READ_ONLY = True
     RESULT = Pool
     pool: str = Field(pattern=NAME_PATTERN)
 
@@ -198,12 +200,14 @@ class WipeVolume(VolumeCommand):
 
 class GetVolume(VolumeCommand):
     TYPE = "cmd.catalog.volume_info"
+    READ_ONLY = True
 
 
 class ListVolumes(CatalogCommand):
     """A page of at most `limit` volumes after cursor `after`, optionally of one pool."""
 
     TYPE = "cmd.catalog.volume_list"
+    READ_ONLY = True
     RESULT = VolumePage
     pool: str | None = Field(default=None, pattern=NAME_PATTERN)
     limit: int = Field(default=100, ge=1, le=MAX_PAGE)
