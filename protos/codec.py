@@ -34,7 +34,13 @@ def new_message_id() -> str:
 
 def body_of(message: Message) -> dict[str, Any]:
     """`message.model_dump(mode="json")`, through the model's serializer directly (the
-    method's own argument handling is a good share of its cost for a small model)."""
+    method's own argument handling is a good share of its cost for a small model); a
+    message built from wire data (a private `_wire`, e.g. VolumePage.of_wire) is that data."""
+    private = message.__pydantic_private__
+    if private:
+        wire: dict[str, Any] | None = private.get("_wire")
+        if wire is not None:
+            return wire
     body: dict[str, Any] = type(message).__pydantic_serializer__.to_python(message, mode="json")
     return body
 

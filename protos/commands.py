@@ -27,9 +27,12 @@ from protos.replies import (
 
 
 class Command(Message):
-    """A request to a service. `RESULT` is the model of its `ok` reply."""
+    """A request to a service. `RESULT` is the model of its `ok` reply. `READ_ONLY`: it
+    changes nothing, so a redelivered copy is simply run again and its reply is not
+    recorded for idempotency (a page of a listing written to the store for nothing)."""
 
     RESULT: ClassVar[type[Message]] = Done
+    READ_ONLY: ClassVar[bool] = False
 
 
 class DomainCommand(Command):

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr
 
 from protos.base import Message
 from protos.commands import Command
@@ -121,6 +121,17 @@ class VolumePage(Message):
     TYPE = "reply.catalog_volume_page"
     volumes: list[Volume]
     next: str | None = None
+    _wire: dict[str, Any] | None = PrivateAttr(default=None)
+
+    @classmethod
+    def of_wire(cls, volumes: list[dict[str, Any]], cursor: str | None) -> VolumePage:
+        """A page to send whose volumes are wire data already (each a Volume in its JSON
+        form, as the catalog builds them from its rows), `cursor` its `next`: it is encoded
+        as it is, without a model per volume, and its reader validates it as any reply. Only
+        for sending: its `volumes` hold those dicts, not models."""
+        page = cls.model_construct(volumes=volumes, next=cursor)  # type: ignore[arg-type]
+        page._wire = {"volumes": volumes, "next": cursor}
+        return page
 
 
 # ---- commands ----------------------------------------------------------------------------
@@ -139,11 +150,13 @@ class VolumeCommand(CatalogCommand):
 
 class ListPools(CatalogCommand):
     TYPE = "cmd.catalog.pool_list"
+    READ_ONLY = True
     RESULT = Pools
 
 
 class GetPool(CatalogCommand):
     TYPE = "cmd.catalog.pool_info"
+    READ_ONLY = True
     RESULT = Pool
     pool: str = Field(pattern=NAME_PATTERN)
 
@@ -187,12 +200,14 @@ class WipeVolume(VolumeCommand):
 
 class GetVolume(VolumeCommand):
     TYPE = "cmd.catalog.volume_info"
+    READ_ONLY = True
 
 
 class ListVolumes(CatalogCommand):
     """A page of at most `limit` volumes after cursor `after`, optionally of one pool."""
 
     TYPE = "cmd.catalog.volume_list"
+    READ_ONLY = True
     RESULT = VolumePage
     pool: str | None = Field(default=None, pattern=NAME_PATTERN)
     limit: int = Field(default=100, ge=1, le=MAX_PAGE)

@@ -34,7 +34,7 @@ import structlog
 from pika.adapters.blocking_connection import BlockingChannel
 
 from protos import routing
-from protos.base import Message
+from protos.base import Message, lookup
 from protos.codec import DecodeError, Envelope, decode, envelope_for, pack, parse_body
 from protos.commands import Command
 from protos.replies import Done, ErrorReply
@@ -357,6 +357,10 @@ class ServiceRunner:
             # own reply queue may be named, never a service's queue.
             self._dead_letter(delivery, f"reply_to {props.reply_to!r} is not a reply queue")
             return
+        model = lookup(envelope.type)
+        if model is not None and issubclass(model, Command) and model.READ_ONLY:
+            self._execute(delivery, envelope, record=False)  # nothing to run only once
+            return
         if self._answered(delivery, envelope):
             return
         # A copy of this command may be running on another worker: wait for it, then answer
@@ -376,7 +380,7 @@ class ServiceRunner:
         self._reply(delivery, decode(cached), envelope)
         return True
 
-    def _execute(self, delivery: Inbound, envelope: Envelope) -> None:
+    def _execute(self, delivery: Inbound, envelope: Envelope, *, record: bool = True) -> None:
         try:
             command = parse_body(envelope)
         except DecodeError as exc:
@@ -404,14 +408,20 @@ class ServiceRunner:
             self._answer(delivery, envelope, ErrorReply(code="internal", message=reason))
             self._dead_letter(delivery, reason)
             return
-        self._answer(delivery, envelope, reply, ack=True)
+        self._answer(delivery, envelope, reply, ack=True, record=record)
 
     def _reject(self, delivery: Inbound, envelope: Envelope, reason: str) -> None:
         self._answer(delivery, envelope, ErrorReply(code="invalid", message=reason))
         self._dead_letter(delivery, reason)
 
     def _answer(
-        self, delivery: Inbound, request: Envelope, reply: Message, *, ack: bool = False
+        self,
+        delivery: Inbound,
+        request: Envelope,
+        reply: Message,
+        *,
+        ack: bool = False,
+        record: bool = True,
     ) -> None:
         reply_env = envelope_for(
             reply,
@@ -419,7 +429,8 @@ class ServiceRunner:
             correlation_id=request.correlation_id,
             causation_id=request.id,
         )
-        self.idempotency.put(request.id, pack(reply_env))
+        if record:
+            self.idempotency.put(request.id, pack(reply_env))
         # Recorded, the command is done: ack it before replying. A reply to a caller whose
         # broker node died (a direct reply-to address there) makes RabbitMQ close this
         # connection; acked first, the copy is not redelivered to fail the same way forever,

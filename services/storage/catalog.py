@@ -145,9 +145,18 @@ class Catalog:
     def page(
         self, project: str | None, pool: str | None, limit: int, after: str | None
     ) -> VolumePage:
-        """Volumes by (project, name); the cursor is the last one's `project/name` (names
-        hold no `/`)."""
-        query = sa.select(volumes).order_by(volumes.c.project, volumes.c.name).limit(limit + 1)
+        """The page `page_wire` sends, validated (for reading in this process)."""
+        wire = self.page_wire(project, pool, limit, after)
+        return VolumePage.model_validate({"volumes": wire.volumes, "next": wire.next})
+
+    def page_wire(
+        self, project: str | None, pool: str | None, limit: int, after: str | None
+    ) -> VolumePage:
+        """Volumes by (project, name), ready to send: one keyset query over the (project,
+        name) index for the reply's columns only, rows straight to wire data (no model per
+        row: VolumePage.of_wire). The cursor is the last one's `project/name` (names hold no
+        `/`)."""
+        query = sa.select(*_PAGE_COLUMNS).order_by(volumes.c.project, volumes.c.name)
         if project is not None:
             query = query.where(volumes.c.project == project)
         if pool is not None:
@@ -158,15 +167,11 @@ class Catalog:
                 sa.tuple_(volumes.c.project, volumes.c.name) > (last_project, last_name)
             )
         with self.db.transaction() as conn:
-            rows = conn.execute(query).all()
+            rows = conn.execute(query.limit(limit + 1)).all()
         more = len(rows) > limit
-        rows = rows[:limit]
-        cursor = f"{rows[-1].project}/{rows[-1].name}" if more and rows else None
-        # One validation of the whole page (pydantic-core) costs a fraction of a
-        # model_construct per row.
-        return VolumePage.model_validate(
-            {"volumes": [_volume_data(r) for r in rows], "next": cursor}
-        )
+        page = [_wire_volume(r) for r in rows[:limit]]
+        cursor = f"{page[-1]['project']}/{page[-1]['name']}" if more and page else None
+        return VolumePage.of_wire(page, cursor)
 
     def stuck(self, now: float | None = None) -> list[Volume]:
         """Volumes in `creating` or `deleting` whose operation's lease has run out."""
@@ -571,24 +576,60 @@ def _row(
     return row
 
 
-def _volume_data(row: Any) -> dict[str, Any]:
-    r = row._asdict()  # one call; a Row's attribute access costs more per field
+_PAGE_COLUMNS = (
+    volumes.c.id,
+    volumes.c.project,
+    volumes.c.name,
+    volumes.c.pool,
+    volumes.c.host,
+    volumes.c.size,
+    volumes.c.state,
+    volumes.c.domain_id,
+    volumes.c.target,
+    volumes.c.readonly,
+    volumes.c.source_id,
+    volumes.c.image,
+    volumes.c.fault,
+    volumes.c.seq,
+    volumes.c.created_at,
+)
+
+
+def _wire_volume(row: Any) -> dict[str, Any]:
+    """A row of _PAGE_COLUMNS as a Volume's JSON form (`Volume.model_dump(mode="json")`)."""
+    (
+        volume_id,
+        project,
+        name,
+        pool,
+        host,
+        size,
+        state,
+        domain_id,
+        target,
+        readonly,
+        source_id,
+        image,
+        fault,
+        seq,
+        created_at,
+    ) = row
     return {
-        "volume_id": r["id"],
-        "project": r["project"],
-        "name": r["name"],
-        "pool": r["pool"],
-        "host": r["host"],
-        "size": r["size"],
-        "state": r["state"],
+        "volume_id": volume_id,
+        "project": project,
+        "name": name,
+        "pool": pool,
+        "host": host,
+        "size": size,
+        "state": state,
         "attachment": None
-        if r["domain_id"] is None
-        else {"domain_id": r["domain_id"], "target": r["target"], "readonly": r["readonly"]},
-        "source_id": r["source_id"],
-        "image": r["image"],
-        "fault": r["fault"],
-        "seq": r["seq"],
-        "created_at": r["created_at"],
+        if domain_id is None
+        else {"domain_id": domain_id, "target": target, "readonly": readonly},
+        "source_id": source_id,
+        "image": image,
+        "fault": fault,
+        "seq": seq,
+        "created_at": created_at,
     }
 
 

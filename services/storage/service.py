@@ -181,7 +181,7 @@ class StorageService(ImageHandlers, UploadHandlers, Service):
 
     @handles(ListVolumes)
     def volume_list(self, cmd: ListVolumes, _ctx: Context) -> VolumePage:
-        return self.catalog.page(cmd.project, cmd.pool, cmd.limit, cmd.after)
+        return self.catalog.page_wire(cmd.project, cmd.pool, cmd.limit, cmd.after)
 
     @handles(CreateVolume)
     def volume_create(self, cmd: CreateVolume, ctx: Context) -> Volume:

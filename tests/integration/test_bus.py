@@ -19,6 +19,7 @@ from protos.commands import DestroyDomain, GetDomainInfo
 from protos.domain import PowerState
 from protos.events import DomainStarted, DomainStopped, StartedDetail, StoppedDetail
 from protos.replies import DomainInfo
+from protos.volumes import ListVolumes, VolumePage
 from services.bus import (
     Bus,
     Cause,
@@ -33,6 +34,7 @@ from services.bus import (
     caused_by,
     handles,
 )
+from services.bus.idempotency import MemoryIdempotencyStore
 from services.bus.topology import declare
 from tests.brokers import BrokerHandle, find_dead_letter
 from tests.integration.conftest import MakeBus
@@ -597,3 +599,36 @@ def test_a_late_reply_to_an_earlier_call_of_the_chain_is_not_taken(
         reply = client.call(queue, GetDomainInfo(domain_id=wanted), timeout=10)
     assert isinstance(reply, DomainInfo)
     assert reply.domain_id == wanted
+
+
+class PageService(Service):
+    """Answers ListVolumes, a read-only command; counts executions per message id."""
+
+    name = "page-test"
+
+    def __init__(self) -> None:
+        self.executed: list[str] = []
+
+    @handles(ListVolumes)
+    def page(self, _cmd: ListVolumes, ctx: Context) -> VolumePage:
+        self.executed.append(ctx.envelope.id)
+        return VolumePage.of_wire([], None)
+
+
+def test_a_read_only_command_is_run_again_and_its_reply_not_recorded(make_bus: MakeBus) -> None:
+    """A listing changes nothing: a copy with the same id runs again rather than being
+    answered from a recorded reply, and its (possibly large) reply is never recorded."""
+    queue = routing.compute_queue(f"test-{uuid.uuid4().hex[:8]}")
+    store = MemoryIdempotencyStore()
+    service = PageService()
+    runner = ServiceRunner(make_bus("server"), service, queue=queue, idempotency=store).start()
+    try:
+        client = make_bus("client")
+        message_id = str(uuid.uuid4())
+        for _ in range(2):
+            reply = client.call(queue, ListVolumes(), message_id=message_id, timeout=10)
+            assert reply == VolumePage(volumes=[], next=None)
+        assert service.executed == [message_id, message_id]
+        assert store.get(message_id) is None
+    finally:
+        runner.stop()

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from pydantic import ValidationError
 
 from protos.base import Message
-from protos.codec import decode, envelope_for, parse_body
+from protos.codec import body_of, decode, envelope_for, pack, parse_body
 from protos.replies import ErrorReply
 from protos.storage import VolumeEvent
 from protos.volumes import (
@@ -62,8 +62,10 @@ class Storage:
         self.service.refresh_local_pools()
 
     def do(self, command: Message, message_id: str | None = None) -> Message:
+        """The reply as its caller receives it: through the codec, validated."""
         envelope = envelope_for(command, source="test", message_id=message_id)
-        return dispatch(self.service, command, Context(envelope))
+        reply = dispatch(self.service, command, Context(envelope))
+        return parse_body(decode(pack(envelope_for(reply, source="storage"))))
 
     def ok(self, command: Message) -> Volume:
         reply = self.do(command)
@@ -314,6 +316,34 @@ def test_pages_walk_every_volume_once(storage: Storage) -> None:
             break
         after = page.next
     assert seen == [f"v{i}" for i in range(7)]
+
+
+def test_a_page_on_the_wire_is_each_volume_as_its_model_sends_it(storage: Storage) -> None:
+    """The catalog builds a page's wire data from its rows without a model per volume: each
+    must be exactly what Volume itself sends, attachment and clone source included."""
+    source = storage.create("a-source")
+    storage.ok(
+        CreateVolume(
+            volume_id=uuid.uuid4(), project="p1", name="b-clone", source_id=source.volume_id
+        )
+    )
+    storage.ok(
+        AttachVolume(
+            volume_id=source.volume_id,
+            project="p1",
+            attachment=Attachment(domain_id=uuid.uuid4(), target="vdc", readonly=True),
+        )
+    )
+    storage.create("c-other", project="p2")
+    wire = storage.catalog.page_wire("p1", None, 10, None)
+    expected = [
+        storage.catalog.get(v.volume_id, "p1").model_dump(mode="json")
+        for v in storage.catalog.page("p1", None, 10, None).volumes
+    ]
+    assert [v["name"] for v in expected] == ["a-source", "b-clone"]  # p2's is not listed
+    assert expected[0]["attachment"]["readonly"] is True
+    assert expected[1]["source_id"] == str(source.volume_id)
+    assert body_of(wire) == {"volumes": expected, "next": None}
 
 
 def test_reconcile_settles_what_a_dead_replica_left(tmp_path: Path) -> None:
