@@ -32,11 +32,10 @@ lint: install
 # stream, a volume, the test guest defined with a NIC on the default network, the volume attached
 # as its disk, the guest booted (DHCP lease, pings to the gateway, a pattern written to the disk
 # and read back: on its console), a few actions, delete; then `flotilla up` is stopped by its
-# pid and everything it started ends with it. The state dir is o+x: dnsmasq (as nobody) reads
-# its host files there.
+# pid and everything it started ends with it.
 demo: install
 	@set -e; PATH="$(CURDIR)/.venv/bin:$$PATH"; \
-	state=$$(mktemp -d /tmp/flotilla-demo.XXXXXX); chmod 711 "$$state"; F="flotilla --state-dir $$state"; \
+	state=$$(mktemp -d /tmp/flotilla-demo.XXXXXX); F="flotilla --state-dir $$state"; \
 	flotilla up --state-dir "$$state" --listen 127.0.0.1:0 >"$$state/up.log" 2>&1 & up=$$!; \
 	trap 'kill -TERM $$up 2>/dev/null; wait $$up; tail -n 2 "$$state/up.log"; rm -rf "$$state"' EXIT; \
 	while [ ! -s "$$state/cli.json" ]; do \

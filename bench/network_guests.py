@@ -43,6 +43,7 @@ from pathlib import Path
 
 from bench.compute import broker
 from bench.figures import figure
+from compute_node.net.dnsmasq import RUN_DIR, Dnsmasq, node_dir
 from compute_node.vmm.frames import CONSOLE_LOG
 from protos import routing
 from protos.bindings import NetworkBinding, PortBinding
@@ -184,14 +185,12 @@ class Lab:
                     host.proc.wait(30)
                 except subprocess.TimeoutExpired:
                     host.proc.kill()
-            for pid_file in [
-                *(host.state / "domains").glob("*/vmm.pid"),
-                *(host.state / "net" / "dnsmasq").glob("*.pid"),
-            ]:
+            for pid_file in (host.state / "domains").glob("*/vmm.pid"):
                 try:
                     os.kill(int(pid_file.read_text()), signal.SIGKILL)
                 except (ValueError, OSError):
                     pass
+            Dnsmasq(host.state / "net", run_dir=node_dir(RUN_DIR, host.name, host.state)).stop_all()
         for name in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
 
@@ -326,7 +325,6 @@ def rx_packets(ns: str) -> int:
 @contextmanager
 def lab(guest: Path) -> Iterator[Lab]:
     with broker() as url, tempfile.TemporaryDirectory(prefix="flotilla-bench-nics-") as tmp:
-        Path(tmp).chmod(0o755)  # dnsmasq, running as nobody, re-reads its hosts file under it
         made = Lab(url, Path(tmp), guest)
         try:
             for host in made.hosts.values():

@@ -19,6 +19,7 @@
 | net_uplink | FLOTILLA_NET_UPLINK | none (a `nat` network needs it: the link masqueraded to) |
 | net_underlay | FLOTILLA_NET_UNDERLAY | none: this host's VXLAN address (its `vtep`) |
 | net_underlay_device | FLOTILLA_NET_UNDERLAY_DEVICE | the link that holds net_underlay |
+| net_dnsmasq_dir | FLOTILLA_NET_DNSMASQ_DIR | /run/flotilla/dnsmasq (files in <host>-<hash>/) |
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ class ComputeConfig(BaseModel):
     net_uplink: str | None = Field(default=None, pattern=r"^[^/:\s]{1,15}$")
     net_underlay: IPv4Address | None = None
     net_underlay_device: str | None = Field(default=None, pattern=r"^[^/:\s]{1,15}$")
+    # The files dnsmasq reads after dropping to nobody, out of the state dir (whose parents
+    # may be private): this node's are in <net_dnsmasq_dir>/<host>-<hash of state_dir>/.
+    net_dnsmasq_dir: Path = Path("/run/flotilla/dnsmasq")
 
     @field_validator("pools", mode="before")
     @classmethod
@@ -126,6 +130,13 @@ class ComputeConfig(BaseModel):
     def _dir_list(cls, value: object) -> object:
         # From the environment: colon-separated, like PATH.
         return [p for p in value.split(":") if p] if isinstance(value, str) else value
+
+    @field_validator("net_dnsmasq_dir")
+    @classmethod
+    def _absolute_dnsmasq_dir(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError(f"net_dnsmasq_dir: {value} is not an absolute path")
+        return value
 
     @field_validator("allowed_boot_dirs")
     @classmethod

@@ -43,6 +43,7 @@ from compute_node.net import (
     Underlay,
     names,
 )
+from compute_node.net.dnsmasq import RUN_DIR, node_dir
 from compute_node.net.links import Links
 from protos.base import Message
 from protos.bindings import PortBinding
@@ -95,6 +96,8 @@ class NetSettings:
     uplink: str | None = None
     underlay: IPv4Address | None = None
     underlay_device: str | None = None
+    # Where the node's dnsmasq run dir is made (compute_node/net/dnsmasq.py: node_dir).
+    dnsmasq_dir: Path = RUN_DIR
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,7 @@ class HostNetworks:
         self.host = host
         self.settings = settings
         self._dir = state_dir / "net"
+        self.dnsmasq_dir = node_dir(settings.dnsmasq_dir, host, state_dir)
         # Every plumber call runs on this one thread: pyroute2's netlink socket belongs to
         # the thread that first uses it (in the data-plane namespace), and the plumber's
         # calls must not interleave. It also orders port events with plugs.
@@ -481,7 +485,11 @@ class HostNetworks:
             self._dir.mkdir(parents=True, exist_ok=True)
             # dnsmasq comes up while the guest starts (it asks for a lease only once booted).
             self._plumber = Plumber(
-                self._dir, netns=self.settings.netns, underlay=underlay, dhcp_background=True
+                self._dir,
+                netns=self.settings.netns,
+                underlay=underlay,
+                dhcp_background=True,
+                dnsmasq_dir=self.dnsmasq_dir,
             )
         return self._plumber
 

@@ -114,6 +114,7 @@ class ComputeNode:
                     uplink=config.net_uplink,
                     underlay=config.net_underlay,
                     underlay_device=config.net_underlay_device,
+                    dnsmasq_dir=config.net_dnsmasq_dir,
                 ),
             )
             self.lifecycle.networks = self.networks

@@ -2,19 +2,24 @@
 
 Each service's config model names its file table (`[compute]`, `[scheduler]`, `[api]`) and
 which environment variable feeds which field; `load_layered` applies the layers in that order
-(a later layer wins; flags given as None are ignored) and validates once.
+(a later layer wins; flags given as None are ignored) and validates once. The replicated
+services (scheduler, network, storage) share `ReplicaConfig`: a broker, a replica name and
+the naming of their variables.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.bus import BrokerUrls
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -51,3 +56,41 @@ def load_layered(
             values[field] = value
     values.update({k: v for k, v in overrides.items() if v is not None})
     return model.model_validate(values)
+
+
+def default_replica() -> str:
+    """`<short host name>-<pid>`: distinct among the replicas of a service."""
+    return f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
+
+
+class ReplicaConfig(BaseModel):
+    """What every replicated service's settings have: its broker(s) and its replica name,
+    read from the file's `[TABLE]` table, then FLOTILLA_AMQP_URL and
+    FLOTILLA_<TABLE>_<FIELD> for each of `env_fields`, then flags."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    TABLE: ClassVar[str]
+
+    # One broker URL, or one per node of a cluster, comma-separated (tried in order).
+    amqp_url: BrokerUrls = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    replica: str = Field(default_factory=default_replica, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: Any) -> Self:
+        """File (if given), then environment, then `overrides` (None values are ignored)."""
+        return load_layered(cls, path, table=cls.TABLE, env=cls.environment(), overrides=overrides)
+
+    @classmethod
+    def env_fields(cls) -> tuple[str, ...]:
+        """The fields the environment may set (default: all of them)."""
+        return tuple(cls.model_fields)
+
+    @classmethod
+    def environment(cls) -> dict[str, str]:
+        """Field → the environment variable that sets it."""
+        prefix = f"FLOTILLA_{cls.TABLE.upper()}_"
+        return {
+            name: "FLOTILLA_AMQP_URL" if name == "amqp_url" else prefix + name.upper()
+            for name in cls.env_fields()
+        }

@@ -1,17 +1,33 @@
 """One dnsmasq per network per host: DHCP with static entries only, bound to the bridge.
 
-Files under `<state_dir>/dnsmasq/`, named by the network's short id: `<id>.hosts` (one
-`MAC,IP` line per port, the only addresses handed out), `<id>.pid`, `<id>.argv` (the command
-line it was started with) and `<id>.log`. Plugging or unplugging a port rewrites the hosts
-file and sends SIGHUP (dnsmasq re-reads it); dnsmasq is restarted only when its command line
-would change. DNS answers names of this network's hosts only: nothing is forwarded outside.
+dnsmasq drops to an unprivileged user and re-reads its hosts file as that user on SIGHUP, so
+the files it reads live where any user can reach them, whatever the state dir's mode (as
+libvirt keeps its own under /var/lib/libvirt/dnsmasq): in a run dir,
+`<net_dnsmasq_dir>/<host>-<8 hex of the state dir>/` (`node_dir`, default under
+/run/flotilla/dnsmasq), made 0755, files 0644, named by the network's short id:
+`<id>.hosts` (one `MAC,IP` line per port, the only addresses handed out), `<id>.pid` and
+`<id>.argv` (the command line it was started with). Its log, which it opens as root before
+dropping privileges, stays in the state dir: `<state_dir>/dnsmasq/<id>.log`. Stopping a
+network's dnsmasq removes its files, and the run dir once it is empty.
+
+Plugging or unplugging a port rewrites the hosts file and sends SIGHUP (dnsmasq re-reads
+it); dnsmasq is restarted only when its command line would change. DNS answers names of this
+network's hosts only: nothing is forwarded outside.
+
+Earlier versions kept `.hosts`, `.pid` and `.argv` beside the log in the state dir: a pid
+file found there is honoured once, so a node upgraded in place finds its running dnsmasqs
+(their command line names the old files, so `ensure` restarts them under the run dir and
+`stop` ends them) and the old files are removed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import threading
@@ -25,6 +41,10 @@ from compute_node.net import netns
 from compute_node.net.models import NetworkMode, NetworkPlumbing, PortPlumbing
 
 LEASE_TIME = "1h"
+# Where each node's run dir is made unless configured otherwise (compute setting
+# net_dnsmasq_dir): root's, on a tmpfs that is empty after a reboot, as dnsmasq is then too.
+RUN_DIR = Path("/run/flotilla/dnsmasq")
+RUN_FILES = ("hosts", "pid", "argv")
 log = structlog.get_logger(__name__)
 
 
@@ -64,6 +84,18 @@ def argv(network: NetworkPlumbing, files: dict[str, Path]) -> list[str]:
     ]
 
 
+def node_dir(base: Path, host: str, state_dir: Path) -> Path:
+    """A compute node's own run dir under `base`: its host name (to be read by a person) and
+    a hash of its resolved state dir, so nodes sharing a machine never share files."""
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
+    return base / f"{host}-{digest}"
+
+
+def default_node_dir(state_dir: Path) -> Path:
+    """The run dir of a plumber given no other: under RUN_DIR, named by the machine."""
+    return node_dir(RUN_DIR, socket.gethostname().split(".")[0], state_dir)
+
+
 def _alive(pid: int) -> bool:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -73,45 +105,69 @@ def _alive(pid: int) -> bool:
 
 
 class Dnsmasq:
-    """`background`: a start does not wait for dnsmasq to be up (it takes tens of ms, more
+    """The dnsmasqs of one state dir (`state_dir/dnsmasq/` keeps their logs), with their
+    hosts, pid and argv files in `run_dir` (default: `default_node_dir(state_dir)`).
+
+    `background`: a start does not wait for dnsmasq to be up (it takes tens of ms, more
     on a loaded host) but goes on on a thread of its own, which logs a failure
     (`net.dnsmasq_failed`) rather than raising it; a hosts file rewritten meanwhile is
     reloaded once it is up. A compute node starts guests while their dnsmasq comes up."""
 
     def __init__(
-        self, state_dir: Path, netns_name: str | None = None, *, background: bool = False
+        self,
+        state_dir: Path,
+        netns_name: str | None = None,
+        *,
+        run_dir: Path | None = None,
+        background: bool = False,
     ) -> None:
-        self._dir = state_dir / "dnsmasq"
+        self._log_dir = state_dir / "dnsmasq"  # also where earlier versions kept every file
+        self._dir = default_node_dir(state_dir) if run_dir is None else run_dir
         self._netns = netns_name
         self._background = background
         self._lock = threading.Lock()
         self._starting: dict[str, threading.Thread] = {}
         self._reload: set[str] = set()
 
+    @property
+    def run_dir(self) -> Path:
+        return self._dir
+
     def files(self, network_id_short: str) -> dict[str, Path]:
-        base = self._dir / network_id_short
-        return {k: base.with_suffix("." + k) for k in ("hosts", "pid", "argv", "log")}
+        """This network's files: hosts, pid and argv in the run dir, the log in the state dir."""
+        found = {k: self._dir / f"{network_id_short}.{k}" for k in RUN_FILES}
+        return found | {"log": self._log_dir / f"{network_id_short}.log"}
+
+    def _legacy_files(self, short: str) -> dict[str, Path]:
+        return {k: self._log_dir / f"{short}.{k}" for k in RUN_FILES}
+
+    def _found(self, short: str) -> tuple[int, dict[str, Path]] | None:
+        """This network's running dnsmasq and the files it was started with: the run dir's,
+        or else the ones an earlier version left in the state dir."""
+        for files in (self.files(short), self._legacy_files(short)):
+            try:
+                pid = int(files["pid"].read_text().strip())
+            except (OSError, ValueError):
+                continue
+            if _alive(pid):
+                return pid, files
+        return None
 
     def pid(self, short: str) -> int | None:
         """The pid of this network's dnsmasq if it is running."""
-        try:
-            pid = int(self.files(short)["pid"].read_text().strip())
-        except (OSError, ValueError):
-            return None
-        return pid if _alive(pid) else None
+        found = self._found(short)
+        return None if found is None else found[0]
 
     def running(self) -> set[str]:
         """Short ids of the networks whose dnsmasq is running here."""
-        if not self._dir.is_dir():
-            return set()
-        return {p.stem for p in self._dir.glob("*.pid") if self.pid(p.stem) is not None}
+        shorts = {p.stem for d in (self._dir, self._log_dir) for p in d.glob("*.pid")}
+        return {short for short in shorts if self.pid(short) is not None}
 
     def ensure(self, network: NetworkPlumbing, ports: Iterable[PortPlumbing]) -> str | None:
         """Make this network's dnsmasq serve exactly `ports`; says what it changed (None:
         nothing). Raises DnsmasqError when dnsmasq cannot start."""
-        self._dir.mkdir(parents=True, exist_ok=True)
-        self._dir.chmod(0o755)
-        _check_reachable(self._dir)
+        _make_dir(self._dir)
+        self._log_dir.mkdir(parents=True, exist_ok=True)
         short = network.short_id
         files = self.files(short)
         hosts = hosts_text(ports)
@@ -122,8 +178,9 @@ class Dnsmasq:
                     self._reload.add(short)
                 return None
         cmd = argv(network, files)
-        pid = self.pid(network.short_id)
-        same = pid is not None and _read(files["argv"]) == json.dumps(cmd)
+        found = self._found(short)
+        pid = None if found is None else found[0]
+        same = found is not None and _read(found[1]["argv"]) == json.dumps(cmd)
         if same and pid is not None:
             if hosts_changed:
                 os.kill(pid, signal.SIGHUP)
@@ -131,6 +188,8 @@ class Dnsmasq:
             return None
         if pid is not None:
             self._kill(pid)
+        for path in self._legacy_files(short).values():
+            path.unlink(missing_ok=True)
         change = "dnsmasq restarted" if pid is not None else "dnsmasq started"
         if not self._background:
             self._start(network.bridge, short, cmd)
@@ -161,7 +220,7 @@ class Dnsmasq:
         )
         if result.returncode != 0:
             raise DnsmasqError(f"dnsmasq for {bridge}: {result.stderr.strip()}")
-        self.files(short)["argv"].write_text(json.dumps(cmd))
+        _write_if_changed(self.files(short)["argv"], json.dumps(cmd))
 
     def _start_logged(self, bridge: str, short: str, cmd: list[str]) -> None:
         try:
@@ -178,7 +237,8 @@ class Dnsmasq:
             os.kill(pid, signal.SIGHUP)
 
     def stop(self, short: str) -> bool:
-        """Stop this network's dnsmasq and remove its files; whether one was running."""
+        """Stop this network's dnsmasq and remove its files (and the run dir once empty);
+        whether one was running."""
         with self._lock:
             starting = self._starting.get(short)
         if starting is not None:
@@ -186,9 +246,16 @@ class Dnsmasq:
         pid = self.pid(short)
         if pid is not None:
             self._kill(pid)
-        for path in self.files(short).values():
+        for path in [*self.files(short).values(), *self._legacy_files(short).values()]:
             path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty (other networks), or gone
+            self._dir.rmdir()
         return pid is not None
+
+    def stop_all(self) -> set[str]:
+        """`stop` every dnsmasq of this state dir (a node's teardown in tests and benches);
+        the short ids of those that were running."""
+        return {short for short in self.running() if self.stop(short)}
 
     @staticmethod
     def _kill(pid: int) -> None:
@@ -200,6 +267,23 @@ class Dnsmasq:
         os.kill(pid, signal.SIGKILL)
 
 
+def _make_dir(directory: Path) -> None:
+    """Make the run dir and the parents it lacks 0755, whatever the umask; DnsmasqError if
+    it cannot be made or dnsmasq could not reach it."""
+    missing = [d for d in [directory, *directory.parents] if not d.exists()]
+    try:
+        for made in reversed(missing):
+            made.mkdir(exist_ok=True)
+            made.chmod(0o755)
+        directory.chmod(0o755)
+    except OSError as exc:
+        raise DnsmasqError(
+            f"cannot make dnsmasq's run dir {directory} ({exc.strerror}): set net_dnsmasq_dir "
+            "to a directory this user may write"
+        ) from None
+    _check_reachable(directory)
+
+
 def _check_reachable(directory: Path) -> None:
     """dnsmasq drops to user nobody and re-reads the hosts file as nobody on SIGHUP: every
     directory above it must be searchable by others, or reloads silently serve nothing."""
@@ -207,7 +291,7 @@ def _check_reachable(directory: Path) -> None:
         if not parent.stat().st_mode & stat.S_IXOTH:
             raise DnsmasqError(
                 f"{parent} is not searchable by others (o+x): dnsmasq, running as nobody, "
-                f"could not re-read {directory}/*.hosts"
+                f"could not re-read {directory}/*.hosts; set net_dnsmasq_dir elsewhere"
             )
 
 
@@ -221,7 +305,7 @@ def _read(path: Path) -> str | None:
 def _write_if_changed(path: Path, text: str) -> bool:
     if _read(path) == text:
         return False
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.chmod(0o644)
     tmp.replace(path)

@@ -70,7 +70,10 @@ class Plumber:
         tap_uid: int | None = None,
         tap_gid: int | None = None,
         dhcp_background: bool = False,
+        dnsmasq_dir: Path | None = None,
     ) -> None:
+        """`state_dir` keeps dnsmasq's logs; `dnsmasq_dir` the files dnsmasq reads (default:
+        `dnsmasq.default_node_dir(state_dir)`, see compute_node/net/dnsmasq.py)."""
         self._netns = netns
         self._underlay = underlay
         self._uid = os.geteuid() if tap_uid is None else tap_uid
@@ -78,7 +81,7 @@ class Plumber:
         self._links = Links(netns)
         self._rtnl = Rtnl(netns)  # the plug's one request, without pyroute2's round trip
         self._nft = Nftables(netns)
-        self._dnsmasq = Dnsmasq(state_dir, netns, background=dhcp_background)
+        self._dnsmasq = Dnsmasq(state_dir, netns, run_dir=dnsmasq_dir, background=dhcp_background)
         self._networks: dict[str, NetworkPlumbing] = {}
         self._ports: dict[str, PortPlumbing] = {}
         self._remotes: set[RemoteVtep] = set()

@@ -16,21 +16,12 @@ Quotas per project (`[network.default_quota]`, `[network.quotas.<project>]`: `ne
 
 from __future__ import annotations
 
-import os
-import socket
 from ipaddress import IPv4Network
-from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from protos.domain import NAME_PATTERN
-from services.bus import BrokerUrls
-from services.settings import load_layered
-
-
-def _default_replica() -> str:
-    return f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
+from services.settings import ReplicaConfig
 
 
 class NetworkQuota(BaseModel):
@@ -50,12 +41,10 @@ class DefaultNetwork(BaseModel):
     project: str = Field(default="admin", pattern=NAME_PATTERN)
 
 
-class NetworkConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class NetworkConfig(ReplicaConfig):
+    TABLE = "network"
 
-    amqp_url: BrokerUrls = "amqp://guest:guest@127.0.0.1:5672/%2F"
     database_url: str = "sqlite:////var/lib/flotilla/network/catalog.db"
-    replica: str = Field(default_factory=_default_replica, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     # The hosts' underlay MTU; networks that span hosts (VXLAN) get 50 bytes less.
     underlay_mtu: int = Field(default=1500, ge=626, le=65535)
     # A released address is not handed out again for this long.
@@ -69,14 +58,6 @@ class NetworkConfig(BaseModel):
         return self.quotas.get(project, self.default_quota)
 
     @classmethod
-    def load(cls, path: Path | None = None, **overrides: Any) -> NetworkConfig:
-        """File (if given), then environment, then `overrides` (None values are ignored)."""
-        return load_layered(cls, path, table="network", env=cls.environment(), overrides=overrides)
-
-    @classmethod
-    def environment(cls) -> dict[str, str]:
-        """Field → the environment variable that sets it (the scalar settings)."""
-        scalars = ("database_url", "replica", "underlay_mtu", "quarantine_s", "workers")
-        return {"amqp_url": "FLOTILLA_AMQP_URL"} | {
-            name: f"FLOTILLA_NETWORK_{name.upper()}" for name in scalars
-        }
+    def env_fields(cls) -> tuple[str, ...]:
+        """The scalar settings (quotas and the default network are set in the file)."""
+        return ("amqp_url", "database_url", "replica", "underlay_mtu", "quarantine_s", "workers")

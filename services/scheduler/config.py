@@ -19,27 +19,16 @@
 
 from __future__ import annotations
 
-import os
-import socket
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from services.bus import BrokerUrls
-from services.settings import load_layered
+from services.settings import ReplicaConfig
 
 
-def _default_replica() -> str:
-    return f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
+class SchedulerConfig(ReplicaConfig):
+    TABLE = "scheduler"
 
-
-class SchedulerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # One broker URL, or one per node of a cluster, comma-separated (tried in order).
-    amqp_url: BrokerUrls = "amqp://guest:guest@127.0.0.1:5672/%2F"
-    replica: str = Field(default_factory=_default_replica, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     # spread: prefer the host with the most free RAM; pack: the one with the least.
     weigher: Literal["spread", "pack"] = "spread"
     ram_weight_multiplier: float = Field(default=1.0, ge=0)
@@ -64,20 +53,3 @@ class SchedulerConfig(BaseModel):
         if isinstance(value, str):
             return tuple(name.strip() for name in value.split(",") if name.strip())
         return value
-
-    @classmethod
-    def load(cls, path: Path | None = None, **overrides: Any) -> SchedulerConfig:
-        """File (if given), then environment, then `overrides` (None values are ignored)."""
-        return load_layered(
-            cls, path, table="scheduler", env=cls.environment(), overrides=overrides
-        )
-
-    @classmethod
-    def environment(cls) -> dict[str, str]:
-        """Field → the environment variable that sets it."""
-        return {
-            name: "FLOTILLA_AMQP_URL"
-            if name == "amqp_url"
-            else f"FLOTILLA_SCHEDULER_{name.upper()}"
-            for name in cls.model_fields
-        }

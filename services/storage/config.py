@@ -20,28 +20,18 @@ flags.
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
-from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from protos.domain import NAME_PATTERN
-from services.bus import BrokerUrls
-from services.settings import load_layered
+from services.settings import ReplicaConfig
 
 
-def _default_replica() -> str:
-    return f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
+class StorageConfig(ReplicaConfig):
+    TABLE = "storage"
 
-
-class StorageConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    amqp_url: BrokerUrls = "amqp://guest:guest@127.0.0.1:5672/%2F"
     database_url: str = "sqlite:////var/lib/flotilla/storage/catalog.db"
-    replica: str = Field(default_factory=_default_replica, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     # Shared pools (a directory every replica mounts) whose file work runs in this service.
     shared_pools: dict[str, Path] = {}
     # Hosts whose storage agents are asked for their pools at start (heartbeats add more).
@@ -79,15 +69,3 @@ class StorageConfig(BaseModel):
         if isinstance(value, str):
             return tuple(h.strip() for h in value.split(",") if h.strip())
         return value
-
-    @classmethod
-    def load(cls, path: Path | None = None, **overrides: Any) -> StorageConfig:
-        """File (if given), then environment, then `overrides` (None values are ignored)."""
-        return load_layered(cls, path, table="storage", env=cls.environment(), overrides=overrides)
-
-    @classmethod
-    def environment(cls) -> dict[str, str]:
-        return {
-            name: "FLOTILLA_AMQP_URL" if name == "amqp_url" else f"FLOTILLA_STORAGE_{name.upper()}"
-            for name in cls.model_fields
-        }

@@ -66,9 +66,8 @@ def host_ns() -> Iterator[str]:
 
 @pytest.fixture
 def state_dir() -> Iterator[Path]:
-    """Under /tmp, which dnsmasq running as nobody can search (unlike pytest's tmp_path)."""
+    """A private (0700) state dir: dnsmasq's files are kept outside it."""
     with tempfile.TemporaryDirectory(prefix="flotilla-lxdhcp-") as tmp:
-        Path(tmp).chmod(0o755)
         yield Path(tmp)
 
 

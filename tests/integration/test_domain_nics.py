@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 
 from compute_node.net import names
+from compute_node.net.dnsmasq import RUN_DIR, Dnsmasq, node_dir
 from protos import routing
 from protos.bindings import NetworkBinding, PortBinding
 from protos.commands import (
@@ -112,7 +113,6 @@ def _cloud(amqp_url: str, make_bus: MakeBus, start: tuple[str, ...]) -> Iterator
     announcer = PortAnnouncer(make_bus("network-standin"), project="p").start()
     with tempfile.TemporaryDirectory(prefix="flotilla-nics-") as tmp, lab() as made:
         root = Path(tmp)
-        root.chmod(0o755)  # dnsmasq, running as nobody, re-reads its hosts file under it
         ns = {role: made.ns(role) for role in ("a", "b", "up")}
         made.veth((ns["a"], "under0", "10.77.0.1/24"), (ns["b"], "under0", "10.77.0.2/24"))
         made.veth((ns["a"], "uplink0", "10.88.0.1/24"), (ns["up"], "wan0", "10.88.0.2/24"))
@@ -134,21 +134,15 @@ def _cloud(amqp_url: str, make_bus: MakeBus, start: tuple[str, ...]) -> Iterator
             for host in hosts.values():
                 host.compute.stop()
                 _end_guests(host.state)
-                _end_dnsmasqs(host.state)
+                Dnsmasq(
+                    host.state / "net", run_dir=node_dir(RUN_DIR, host.compute.host, host.state)
+                ).stop_all()
 
 
 def _end_guests(state: Path) -> None:
     for pid_file in (state / "domains").glob("*/vmm.pid"):
         try:
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
-        except (ValueError, ProcessLookupError):
-            pass
-
-
-def _end_dnsmasqs(state: Path) -> None:
-    for pid_file in (state / "net" / "dnsmasq").glob("*.pid"):
-        try:
-            os.kill(int(pid_file.read_text()), signal.SIGTERM)
         except (ValueError, ProcessLookupError):
             pass
 
@@ -318,7 +312,6 @@ def test_a_foreign_forward_drop_policy_is_in_the_hosts_heartbeat(
             "add chain ip filter FORWARD { type filter hook forward priority 0; policy drop; }",
         )
         state = Path(tmp)
-        state.chmod(0o755)
         compute = ComputeProcess(
             amqp_url, state, f"nicfw-{uuid.uuid4().hex[:6]}", {"FLOTILLA_NET_NETNS": ns}
         )

@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
@@ -27,11 +28,14 @@ from compute_node.net import (
     PortPlumbing,
     RemoteVtep,
     Underlay,
+    names,
     overlay_mtu,
 )
 from compute_node.net import netns as nsmod
-from compute_node.net.dnsmasq import Dnsmasq
+from compute_node.net.dnsmasq import Dnsmasq, default_node_dir
 from compute_node.net.libnft import Nftables
+from compute_node.networks import HostNetworks, NetSettings
+from protos.bindings import NetworkBinding, PortBinding
 from tests.integration.netlab import Lab, ip, lab, run_in
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
@@ -54,12 +58,11 @@ def _root_owned() -> tuple[set[str], set[str]]:
 @pytest.fixture
 def net_lab() -> Iterator[NetLab]:
     """A lab, the plumbers a test makes (closed and their dnsmasqs ended after), a state dir
-    (under /tmp, which dnsmasq running as nobody can search, unlike pytest's tmp_path)."""
+    (0700, as a state dir may well be: dnsmasq's files are kept outside it)."""
     before = _root_owned()
     plumbers: list[Plumber] = []
     with tempfile.TemporaryDirectory(prefix="flotilla-net-") as tmp, lab() as made:
         tmp_path = Path(tmp)
-        tmp_path.chmod(0o755)
         try:
             yield made, plumbers, tmp_path
         finally:
@@ -67,9 +70,7 @@ def net_lab() -> Iterator[NetLab]:
                 p.close()
             for host_dir in [tmp_path, *tmp_path.iterdir()]:
                 if host_dir.is_dir():
-                    dns = Dnsmasq(host_dir)
-                    for short in dns.running():
-                        dns.stop(short)
+                    Dnsmasq(host_dir).stop_all()
     assert _root_owned() == before, "the plumbing touched the root namespace"
 
 
@@ -264,6 +265,129 @@ def test_dhcp_gives_the_port_its_address_and_mtu(net_lab: NetLab, tmp_path: Path
     changes = plumber.apply(ISOLATED.model_copy(update={"dhcp": False}))
     assert f"dnsmasq stopped for {ISOLATED.bridge}" in changes
     assert Dnsmasq(state / "h").running() == set()
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` runs (an ended daemon may linger as a zombie, with no command line)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes() != b""
+    except FileNotFoundError:
+        return False
+
+
+def _lease(guest: str, script: Path) -> str:
+    out = run_in(
+        guest, "busybox", "udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", "5", "-T", "1",
+        "-O", "mtu", "-s", str(script),
+    )  # fmt: skip
+    return out.stdout + out.stderr
+
+
+def _binding(net: NetworkBinding, n: int) -> PortBinding:
+    assert net.gateway is not None
+    return PortBinding(
+        port_id=uuid.uuid4(),
+        network=net,
+        mac=f"52:54:00:3e:00:{n:02x}",
+        ipv4=IPv4Address(int(net.gateway.network.network_address) + n),
+    )
+
+
+def test_a_node_whose_state_dir_is_private_serves_dhcp_and_reloads_it(tmp_path: Path) -> None:
+    """A compute node's state dir under a 0700 directory (pytest's tmp_path is one): dnsmasq,
+    once it has dropped to nobody, re-reads its hosts file on SIGHUP, so the node keeps that
+    file in its run dir, which nobody can reach; removing the network removes the run dir."""
+    private = tmp_path / "private"
+    private.mkdir()
+    private.chmod(0o700)
+    script = tmp_path / "udhcpc.sh"
+    script.write_text('#!/bin/sh\necho "$1 ip=$ip mtu=$mtu"\n')
+    script.chmod(0o755)
+    net = NetworkBinding(
+        network_id=uuid.uuid4(),
+        name="private",
+        mode="isolated",
+        mtu=1400,
+        gateway=IPv4Interface("10.62.0.1/24"),
+    )
+    first, second = _binding(net, 10), _binding(net, 11)
+    with lab() as made:
+        host = made.ns("h")
+        networks = HostNetworks(
+            f"h-{uuid.uuid4().hex[:6]}", private / "compute", NetSettings(netns=host)
+        )
+        run_dir = networks.dnsmasq_dir
+        assert run_dir.parent == Path("/run/flotilla/dnsmasq")
+        try:
+            (tap,) = networks.attach([first])
+            guest = made.guest("g1", host, tap.tap, first.mac, mtu=1400)
+            assert "bound ip=10.62.0.10 mtu=1400" in _lease(guest, script)
+
+            # A second port: its line is added to the hosts file and dnsmasq told by SIGHUP.
+            short = names.short_id(str(net.network_id))
+            pid = Dnsmasq(private / "compute" / "net", run_dir=run_dir).pid(short)
+            (tap,) = networks.attach([second])
+            other = made.guest("g2", host, tap.tap, second.mac, mtu=1400)
+            assert "bound ip=10.62.0.11 mtu=1400" in _lease(other, script)
+
+            (hosts,) = run_dir.glob("*.hosts")
+            assert hosts.read_text().count("\n") == 2
+            assert [pid] == [int(p.read_text()) for p in run_dir.glob("*.pid")]  # reloaded
+            # (the pid file is dnsmasq's own: it gives it to the user it drops to)
+            for path in (run_dir, hosts, *run_dir.glob("*.argv")):
+                mode = 0o755 if path.is_dir() else 0o644
+                assert (path.stat().st_uid, path.stat().st_mode & 0o7777) == (0, mode), path
+
+            networks.detach([first, second])
+            assert not run_dir.exists()
+        finally:
+            networks.close()
+            Dnsmasq(private / "compute" / "net", run_dir=run_dir).stop_all()
+
+
+def test_a_dnsmasq_an_earlier_version_started_in_the_state_dir_is_found_once(
+    net_lab: NetLab,
+) -> None:
+    """Earlier versions kept dnsmasq's pid file in the state dir: a restarted node's
+    reconcile finds that dnsmasq, replaces it by one reading the run dir, and removes the old
+    files; a network no longer wanted has its old dnsmasq stopped."""
+    made, plumbers, state = net_lab
+    host = made.ns("h")
+    state.chmod(0o755)  # which the earlier version needed
+    old_dir = state / "h" / "dnsmasq"
+    old = Dnsmasq(state / "h", host, run_dir=old_dir)  # the earlier layout: all in one dir
+    gone = ISOLATED.model_copy(
+        update={"network_id": "net-gone", "gateway": IPv4Interface("10.63.0.1/24")}
+    )
+    with Plumber(state / "h", netns=host) as setup:
+        setup.apply(ISOLATED)
+        setup.apply(gone)
+    for network in (ISOLATED, gone):  # what the earlier version left running
+        Dnsmasq(state / "h", host).stop(network.short_id)
+        old.ensure(network, [GUEST])
+    old_pids = {n.short_id: old.pid(n.short_id) for n in (ISOLATED, gone)}
+    assert None not in old_pids.values()
+    assert {p.name for p in old_dir.glob("*.pid")} == {f"{s}.pid" for s in old_pids}
+
+    plumber = Plumber(state / "h", netns=host)
+    plumbers.append(plumber)
+    report = plumber.reconcile(HostPlumbing(networks=(ISOLATED,), ports=(GUEST,)))
+
+    assert f"dnsmasq {gone.short_id} stopped" in report.changes
+    assert f"dnsmasq restarted for {ISOLATED.bridge}" in report.changes
+    assert not any(old_dir.glob("*.pid"))
+    assert not any(old_dir.glob("*.hosts"))
+    for pid in old_pids.values():
+        assert pid is not None
+        assert not _running(pid)
+    now = Dnsmasq(state / "h")
+    assert now.running() == {ISOLATED.short_id}
+    assert (default_node_dir(state / "h") / f"{ISOLATED.short_id}.hosts").read_text() == (
+        f"{MAC_A},{GUEST.ipv4}\n"
+    )
+    guest = made.guest("g", host, plumber.plug(GUEST), MAC_A, mtu=1400)
+    out = run_in(guest, "busybox", "udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", "5", "-T", "1")
+    assert "10.61.0.10" in out.stdout + out.stderr
 
 
 def _tcp_server(ns: str, port: int) -> tuple[socket.socket, list[str]]:

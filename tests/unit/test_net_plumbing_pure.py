@@ -18,7 +18,7 @@ from compute_node.net import (
     names,
     rules,
 )
-from compute_node.net.dnsmasq import argv, hosts_text
+from compute_node.net.dnsmasq import Dnsmasq, DnsmasqError, argv, hosts_text, node_dir
 from compute_node.net.models import overlay_mtu
 
 NAT = NetworkPlumbing(
@@ -216,3 +216,25 @@ def test_dnsmasq_serves_static_entries_with_mtu_and_no_forwarding(tmp_path: Path
     assert "--no-resolv" in cmd
     assert "--dhcp-option=option:router" in argv(ISO, files)  # isolated: no default route
     assert hosts_text([PORT]) == "52:54:00:aa:00:01,10.0.0.5\n"
+
+
+def test_each_node_has_its_own_dnsmasq_run_dir(tmp_path: Path) -> None:
+    base = Path("/run/flotilla/dnsmasq")
+    mine = node_dir(base, "h1", tmp_path / "a")
+    assert mine.parent == base
+    assert mine.name.startswith("h1-")
+    assert node_dir(base, "h1", tmp_path / "x" / ".." / "a") == mine  # the resolved state dir
+    assert node_dir(base, "h1", tmp_path / "b") != mine  # two nodes of one machine
+
+
+def test_a_run_dir_dnsmasq_cannot_use_is_refused_before_dnsmasq_starts(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(DnsmasqError, match=r"cannot make dnsmasq's run dir .*net_dnsmasq_dir"):
+        Dnsmasq(tmp_path / "state", run_dir=blocker / "dnsmasq").ensure(ISO, [PORT])
+    private = tmp_path / "private"
+    private.mkdir()
+    private.chmod(0o700)
+    with pytest.raises(DnsmasqError, match="is not searchable by others"):
+        Dnsmasq(tmp_path / "state", run_dir=private / "dnsmasq").ensure(ISO, [PORT])
+    assert not list(tmp_path.rglob("*.hosts"))

@@ -52,3 +52,20 @@ def test_vmm_spawn_timeout_reaches_the_kvm_driver(
     monkeypatch.setenv("FLOTILLA_VMM_SPAWN_TIMEOUT_S", "0")
     with pytest.raises(ValueError, match="vmm_spawn_timeout_s"):
         ComputeConfig.load(None, state_dir=tmp_path)
+
+
+def test_dnsmasq_files_go_under_the_configured_run_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from compute_node.networks import HostNetworks, NetSettings
+
+    assert ComputeConfig.load(None).net_dnsmasq_dir == Path("/run/flotilla/dnsmasq")
+    monkeypatch.setenv("FLOTILLA_NET_DNSMASQ_DIR", str(tmp_path / "run"))
+    config = ComputeConfig.load(None, host="h1", state_dir=tmp_path / "state")
+    assert config.net_dnsmasq_dir == tmp_path / "run"
+    networks = HostNetworks("h1", tmp_path / "state", NetSettings(dnsmasq_dir=tmp_path / "run"))
+    assert networks.dnsmasq_dir.parent == tmp_path / "run"
+    assert networks.dnsmasq_dir.name.startswith("h1-")
+    monkeypatch.setenv("FLOTILLA_NET_DNSMASQ_DIR", "run/dnsmasq")
+    with pytest.raises(ValueError, match="net_dnsmasq_dir: run/dnsmasq is not an absolute path"):
+        ComputeConfig.load(None)
