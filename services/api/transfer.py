@@ -25,6 +25,13 @@ FRAME = struct.Struct(">I")
 MAX_FRAME = 1 << 20
 CONNECT_S = 5.0
 ANSWER_S = 900.0  # a qcow2 conversion after the last byte may take minutes
+# The OpenAPI request body of a streamed upload route (FastAPI cannot infer it from a raw body).
+OCTET_STREAM_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
 
 
 class ClientGone(Exception):

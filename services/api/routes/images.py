@@ -42,13 +42,6 @@ from services.api.routes.volumes import call_storage
 log = structlog.get_logger("flotilla.api.images")
 router = APIRouter(prefix="/v1/images", tags=["storage"])
 
-_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-    }
-}
-
 
 def _project(caller: Principal) -> str | None:
     return None if caller.is_admin else caller.project
@@ -81,7 +74,7 @@ def _content_length(request: Request) -> int | None:
     status_code=201,
     response_model=ImageView,
     responses=responses(400, 401, 403, 404, 409, 413, 422, 503, 504),
-    openapi_extra=_BODY,
+    openapi_extra=transfer.OCTET_STREAM_BODY,
 )
 async def import_image(  # noqa: PLR0917  (FastAPI passes parameters by keyword)
     request: Request,

@@ -39,13 +39,6 @@ from services.api.volume_models import VolumeView
 log = structlog.get_logger("flotilla.api.volumes")
 router = APIRouter(prefix="/v1/volumes", tags=["storage"])
 
-_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-    }
-}
-
 
 def _size(request: Request) -> int:
     raw = request.headers.get("content-length")
@@ -72,7 +65,7 @@ def _size(request: Request) -> int:
     status_code=201,
     response_model=VolumeView,
     responses=responses(400, 401, 403, 404, 409, 411, 413, 422, 503, 504),
-    openapi_extra=_BODY,
+    openapi_extra=transfer.OCTET_STREAM_BODY,
 )
 async def upload_volume(  # noqa: PLR0917  (FastAPI passes parameters by keyword)
     request: Request,
