@@ -5,12 +5,9 @@ kill -9 of the worker between a managed save and the start that restores it."""
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,41 +28,15 @@ from protos.commands import (
 from protos.domain import BootSpec, DomainSpec, PowerState
 from protos.replies import ConsoleOutput, SavedState
 from services.bus import Bus
+from tests.integration import test_compute
 from tests.integration.compute_harness import ComputeProcess, EventLog, call
-from tests.integration.conftest import MakeBus
 
 pytestmark = [pytest.mark.integration, pytest.mark.kvm, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def guest() -> Path:
-    import native
-    import native.testguest
-
-    reason = native.kvm_unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"KVM unavailable: {reason}")
-    return native.testguest.build()
-
-
-@pytest.fixture
-def node(
-    amqp_url: str, tmp_path: Path, make_bus: MakeBus, guest: Path
-) -> Iterator[tuple[ComputeProcess, Bus, EventLog]]:
-    host = f"sav-{uuid.uuid4().hex[:6]}"
-    bus = make_bus("test-client")
-    events = EventLog(make_bus("test-watcher"))
-    (tmp_path / "state").mkdir()
-    compute = ComputeProcess(amqp_url, tmp_path / "state", host)
-    compute.start(bus)
-    yield compute, bus, events
-    compute.stop()
-    events.subscription.close()
-    for pid_file in (tmp_path / "state" / "domains").glob("*/vmm.pid"):
-        try:
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
-        except (ValueError, ProcessLookupError):
-            pass
+# The KVM compute node, its client bus and an independent subscriber: test_compute.py's.
+guest = test_compute.guest
+node = test_compute.node
 
 
 def _console(bus: Bus, queue: str, domain_id: uuid.UUID) -> str:
