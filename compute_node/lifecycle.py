@@ -224,25 +224,15 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, Service):
             return self.info(spec.uuid)
 
     def _carry_bindings(self, cmd: DefineDomain) -> DefineDomain:
-        """A redefinition that brings no ports for unchanged NICs, or no images for an
-        unchanged image boot, keeps the definition's current ones: the API redefines a
-        domain to attach or detach a disk without going back to the network service or
-        resolving the boot image again."""
+        """A redefinition that brings no ports for unchanged NICs keeps the definition's
+        current ones: the API redefines a domain to attach or detach a disk without going
+        back to the network service (it resolves the boot image again itself)."""
         existing = self.store.get(cmd.spec.uuid)
         if existing is None:
             return cmd
-        update: dict[str, object] = {}
-        if not cmd.ports and cmd.spec.nics and existing.spec.nics == cmd.spec.nics:
-            update["ports"] = list(existing.ports)
-        if (
-            cmd.kernel_image is None
-            and cmd.initrd_image is None
-            and cmd.spec.boot.image is not None
-            and existing.spec.boot == cmd.spec.boot
-        ):
-            update["kernel_image"] = existing.bindings.kernel_image
-            update["initrd_image"] = existing.bindings.initrd_image
-        return cmd.model_copy(update=update) if update else cmd
+        if cmd.ports or not cmd.spec.nics or existing.spec.nics != cmd.spec.nics:
+            return cmd
+        return cmd.model_copy(update={"ports": list(existing.ports)})
 
     @staticmethod
     def _check_disk_change(

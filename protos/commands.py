@@ -56,8 +56,7 @@ class DefineDomain(Command):
     privileged: bool = False
     # What the services resolved (protos.bindings): the spec's volume disks, root disk and
     # boot image, and its NICs' ports, in the spec's order. A redefinition that leaves
-    # `ports` (or both images) empty while the NICs (or the image boot) are unchanged keeps
-    # the definition's current ones.
+    # `ports` empty while the NICs are unchanged keeps the definition's current ones.
     disks: list[DiskBinding] = Field(default=[], max_length=MAX_DISKS)
     kernel_image: ImageRef | None = None
     initrd_image: ImageRef | None = None
