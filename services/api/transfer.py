@@ -11,10 +11,11 @@ import asyncio
 import contextlib
 import json
 import struct
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import structlog
+from starlette.concurrency import run_in_threadpool
 
 from protos.images import TransferTicket
 from services.api.problems import Problem
@@ -25,6 +26,8 @@ FRAME = struct.Struct(">I")
 MAX_FRAME = 1 << 20
 CONNECT_S = 5.0
 ANSWER_S = 900.0  # a qcow2 conversion after the last byte may take minutes
+SETTLE_S = 10.0  # how long a cut stream may take the host to notice it
+T = TypeVar("T")
 # The OpenAPI request body of a streamed upload route (FastAPI cannot infer it from a raw body).
 OCTET_STREAM_BODY = {
     "requestBody": {
@@ -80,6 +83,43 @@ async def upload(ticket: TransferTicket, body: AsyncIterator[bytes]) -> dict[str
         writer.close()
         with contextlib.suppress(OSError, ConnectionError):
             await writer.wait_closed()
+
+
+async def upload_then_end(
+    body: AsyncIterator[bytes], ticket: TransferTicket, end: Callable[[], T]
+) -> T:
+    """Stream `body` to the host, then `end` (the storage service's End… command, which
+    records the host's outcome and raises it as a Problem if it failed). A body cut short is
+    400 `truncated`, and `end` then forgets what was begun; a host that stopped reading (it
+    refused: no space, a bad image...) answers with its reason, which `end` raises."""
+    try:
+        await upload(ticket, body)
+    except ClientGone:
+        log.info("upload cut short", ticket=ticket.ticket[:8])
+        with contextlib.suppress(Problem):
+            await _settle(end)
+        raise Problem(400, "truncated", "the upload ended early: nothing was stored") from None
+    except Problem as problem:
+        try:
+            await _settle(end)
+        except Problem as outcome:
+            raise outcome from None
+        raise problem from None
+    return await _settle(end)
+
+
+async def _settle(end: Callable[[], T]) -> T:
+    """`end`, again while the host says the stream still runs (a cut the API saw first
+    reaches the host a moment later): never a record left `creating` for reconcile."""
+    deadline = asyncio.get_running_loop().time() + SETTLE_S
+    while True:
+        try:
+            return await run_in_threadpool(end)
+        except Problem as problem:
+            busy = problem.status == 409 and problem.extras.get("reason") == "busy"
+            if not busy or asyncio.get_running_loop().time() > deadline:
+                raise
+        await asyncio.sleep(0.05)
 
 
 async def download(ticket: TransferTicket) -> tuple[int, AsyncIterator[bytes]]:

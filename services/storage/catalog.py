@@ -56,8 +56,10 @@ class Catalog:
 
     # ---- pools -----------------------------------------------------------------------------
 
-    def put_pool(self, info: PoolInfo, host: str | None) -> None:
-        """Record what a pool's host reported (`host` None: a shared pool served here)."""
+    def put_pool(self, info: PoolInfo, host: str | None, live_s: float = 0.0) -> None:
+        """Record what a pool's host reported (`host` None: a shared pool served here); the
+        host, which has just answered, is live for `live_s` more seconds."""
+        now = time.time()
         values = {
             "name": info.name,
             "kind": info.kind,
@@ -67,7 +69,8 @@ class Catalog:
             "available": info.available,
             "reflink": info.capabilities.reflink,
             "punch_hole": info.capabilities.punch_hole,
-            "updated_at": time.time(),
+            "updated_at": now,
+            "live_until": now + live_s,
         }
         with self.db.transaction() as conn:
             stmt = upsert(conn, pools).values(**values)
@@ -78,19 +81,35 @@ class Catalog:
                 )
             )
 
+    def host_live(self, host: str, live_s: float) -> None:
+        """`host` was heard from: its pools take new volumes for `live_s` more seconds."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                pools.update().where(pools.c.host == host).values(live_until=time.time() + live_s)
+            )
+
     def pool(self, name: str) -> PoolRow:
         """The pool `name`; of several hosts' pools of that name, the one with the most free
-        space (a `dir` pool's volumes live on its host: this is where a new one goes)."""
+        space whose host is live (a `dir` pool's volumes live on its host: this is where a new
+        one goes). A pool whose every host is silent is `unavailable`, not a wait on a host
+        that will not answer."""
+        live = sa.or_(pools.c.host == "", pools.c.live_until > time.time())
         query = (
-            sa.select(pools)
+            sa.select(pools, live.label("live"))
             .where(pools.c.name == name)
-            .order_by(pools.c.available.desc(), pools.c.host)
+            .order_by(live.desc(), pools.c.available.desc(), pools.c.host)
             .limit(1)
         )
         with self.db.transaction() as conn:
             row = conn.execute(query).first()
         if row is None:
             raise ServiceError("not_found", f"no pool {name!r}", {"field": "pool"})
+        if not row.live:
+            raise ServiceError(
+                "unavailable",
+                f"pool {name!r}: no host of it is up (last heard from {row.host})",
+                {"field": "pool"},
+            )
         return PoolRow(row.name, row.kind, row.host or None, row.available)
 
     def pool_on(self, name: str, host: str | None) -> PoolRow:

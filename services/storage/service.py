@@ -46,6 +46,8 @@ from services.storage.uploads import UploadHandlers
 log = structlog.get_logger("flotilla.storage")
 _KEYS = uuid.UUID("6c1f0a4e-58a4-4d0b-9a43-2b7e3c5f1d20")
 POOL_REFRESH_S = 30.0
+# How long an agent's answer about its pools vouches for its host (its heartbeats then do).
+POOL_LIVE_S = 15.0
 
 
 def step_key(ctx: Context, step: str) -> str:
@@ -136,15 +138,15 @@ class StorageService(ImageHandlers, UploadHandlers, Service):
         for info in self.local.pool_infos():
             self.catalog.put_pool(info, None)
 
-    def refresh_host_pools(self, host: str) -> None:
-        """Ask `host`'s storage agent for its pools and record them (a shared pool served
-        here keeps its own record)."""
+    def refresh_host_pools(self, host: str, live_s: float = POOL_LIVE_S) -> None:
+        """Ask `host`'s storage agent for its pools and record them, the host live for
+        `live_s` more seconds (a shared pool served here keeps its own record)."""
         backend = self.backend(host)
         assert isinstance(backend, AgentBackend)
         for info in backend.pools():
             if info.name in self.local.pools:
                 continue
-            self.catalog.put_pool(info, host)
+            self.catalog.put_pool(info, host, live_s)
 
     @on_event("host.heartbeat.*")
     def heartbeat(self, event: HostHeartbeat, _ctx: Context) -> None:
@@ -152,11 +154,16 @@ class StorageService(ImageHandlers, UploadHandlers, Service):
         whose agent did not answer is asked again at its next heartbeat."""
         now = time.monotonic()
         with self._refresh_lock:
-            if now - self._refreshed.get(event.host, -POOL_REFRESH_S) < POOL_REFRESH_S:
-                return
-            self._refreshed[event.host] = now
+            fresh = now - self._refreshed.get(event.host, -POOL_REFRESH_S) < POOL_REFRESH_S
+            if not fresh:
+                self._refreshed[event.host] = now
+        # Down after 3 missed heartbeats, as the scheduler counts: no new volume there then.
+        live_s = 3 * event.interval_s
+        if fresh:
+            self.catalog.host_live(event.host, live_s)
+            return
         try:
-            self.refresh_host_pools(event.host)
+            self.refresh_host_pools(event.host, live_s)
         except ServiceError as exc:
             with self._refresh_lock:
                 self._refreshed.pop(event.host, None)

@@ -29,6 +29,9 @@ pools = sa.Table(
     sa.Column("reflink", sa.Boolean, nullable=False),
     sa.Column("punch_hole", sa.Boolean, nullable=False),
     sa.Column("updated_at", sa.DOUBLE_PRECISION, nullable=False),
+    # A host's pool takes new volumes and images only until then (its agent's answers and its
+    # heartbeats push it on); a shared pool's is ignored.
+    sa.Column("live_until", sa.DOUBLE_PRECISION, nullable=False, server_default="0"),
 )
 
 volumes = sa.Table(

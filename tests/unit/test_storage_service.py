@@ -435,7 +435,7 @@ def test_every_host_may_have_a_pool_of_the_same_name(storage: Storage) -> None:
             available=free,
             capabilities=caps,
         )
-        storage.catalog.put_pool(info, host)
+        storage.catalog.put_pool(info, host, live_s=60)
     pools = storage.do(ListPools())
     assert isinstance(pools, Pools)
     assert [(p.name, p.host) for p in pools.pools] == [
@@ -445,6 +445,34 @@ def test_every_host_may_have_a_pool_of_the_same_name(storage: Storage) -> None:
     ]
     assert storage.catalog.pool("default").host == "h2"
     assert storage.catalog.pool("shared").host is None
+
+
+def test_a_silent_hosts_pool_takes_nothing_new(storage: Storage) -> None:
+    """Of two hosts' `default` pools, the one whose host stopped answering is passed over even
+    with more free space; with both silent the pool is `unavailable` (a 503), not a 30 s wait
+    on an agent that is gone. A heartbeat makes the host's pools placeable again."""
+    from protos.storage import PoolCapabilities, PoolInfo
+    from services.bus import ServiceError
+
+    caps = PoolCapabilities(reflink=False, punch_hole=True)
+    for host, free, live_s in (("h1", 10 * GiB, 60.0), ("h2", 20 * GiB, 0.0)):
+        info = PoolInfo(
+            name="default",
+            kind="dir",
+            host=host,
+            capacity=40 * GiB,
+            allocation=0,
+            available=free,
+            capabilities=caps,
+        )
+        storage.catalog.put_pool(info, host, live_s=live_s)
+    assert storage.catalog.pool("default").host == "h1"
+    storage.catalog.host_live("h1", 0.0)
+    with pytest.raises(ServiceError) as err:
+        storage.catalog.pool("default")
+    assert err.value.code == "unavailable", err.value
+    storage.catalog.host_live("h2", 30.0)
+    assert storage.catalog.pool("default").host == "h2"
 
 
 def test_a_create_whose_undo_fails_is_kept_in_error_until_deleted(storage: Storage) -> None:

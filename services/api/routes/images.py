@@ -12,7 +12,6 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-import structlog
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -39,7 +38,6 @@ from services.api.problems import Problem, responses
 from services.api.routes.deps import Admin, Caller, Ctx, Mask
 from services.api.routes.volumes import call_storage
 
-log = structlog.get_logger("flotilla.api.images")
 router = APIRouter(prefix="/v1/images", tags=["storage"])
 
 
@@ -108,26 +106,11 @@ async def import_image(  # noqa: PLR0917  (FastAPI passes parameters by keyword)
     started = await run_in_threadpool(call_storage, ctx, begin)
     assert isinstance(started, ImageImport)
     end = EndImageImport(image_id=begin.image_id, project=caller.project)
-    try:
-        answer = await transfer.upload(started.ticket, request.stream())
-    except transfer.ClientGone:
-        # The host was cut off mid-stream and stored nothing; the catalog forgets it.
-        log.info("image upload cut short", image_id=str(begin.image_id))
-        try:
-            await run_in_threadpool(call_storage, ctx, end)
-        except Problem:
-            pass
-        raise Problem(400, "truncated", "the upload ended early: nothing was stored") from None
-    except Problem as problem:
-        # The host stopped reading (it refused: no space, a bad image...): its outcome,
-        # which `end` raises, says why better than the broken stream.
-        try:
-            await run_in_threadpool(call_storage, ctx, end)
-        except Problem as outcome:
-            raise outcome from None
-        raise problem from None
-    log.info("image streamed", image_id=str(begin.image_id), state=answer.get("state"))
-    image = _image(await run_in_threadpool(call_storage, ctx, end))
+    image = _image(
+        await transfer.upload_then_end(
+            request.stream(), started.ticket, lambda: call_storage(ctx, end)
+        )
+    )
     response.headers["Location"] = f"/v1/images/{image.image_id}"
     return ImageView.of(image, mask)
 

@@ -13,7 +13,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-import structlog
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -36,7 +35,6 @@ from services.api.routes.deps import Caller, Ctx, Mask
 from services.api.routes.volumes import call_storage, volume_quota
 from services.api.volume_models import VolumeView
 
-log = structlog.get_logger("flotilla.api.volumes")
 router = APIRouter(prefix="/v1/volumes", tags=["storage"])
 
 
@@ -93,24 +91,9 @@ async def upload_volume(  # noqa: PLR0917  (FastAPI passes parameters by keyword
     started = await run_in_threadpool(call_storage, ctx, begin)
     assert isinstance(started, VolumeUpload)
     end = EndVolumeUpload(volume_id=begin.volume_id, project=caller.project)
-    try:
-        await transfer.upload(started.ticket, request.stream())
-    except transfer.ClientGone:
-        log.info("volume upload cut short", volume_id=str(begin.volume_id))
-        try:
-            await run_in_threadpool(call_storage, ctx, end)
-        except Problem:
-            pass
-        raise Problem(400, "truncated", "the upload ended early: nothing was stored") from None
-    except Problem as problem:
-        # The host stopped reading (it refused: no space, a bad image...): its outcome,
-        # which `end` raises, says why better than the broken stream.
-        try:
-            await run_in_threadpool(call_storage, ctx, end)
-        except Problem as outcome:
-            raise outcome from None
-        raise problem from None
-    done = await run_in_threadpool(call_storage, ctx, end)
+    done = await transfer.upload_then_end(
+        request.stream(), started.ticket, lambda: call_storage(ctx, end)
+    )
     assert isinstance(done, UploadedVolume)
     response.headers["Location"] = f"/v1/volumes/{done.volume.volume_id}"
     response.headers["X-Content-Sha256"] = done.sha256
