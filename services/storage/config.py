@@ -12,7 +12,7 @@ flags.
 | agent_hosts | FLOTILLA_STORAGE_AGENT_HOSTS | none (more are learned from heartbeats) |
 | default_pool | FLOTILLA_STORAGE_DEFAULT_POOL | `default` |
 | workers | FLOTILLA_STORAGE_WORKERS | 4 |
-| rpc_timeout_s | FLOTILLA_STORAGE_RPC_TIMEOUT_S | 10 (under the API's 30: a silent host is a clear 503, not the API's 504) |
+| rpc_timeout_s | FLOTILLA_STORAGE_RPC_TIMEOUT_S | 10 (below the API's 30: a silent host is a 503) |
 | long_timeout_s | FLOTILLA_STORAGE_LONG_TIMEOUT_S | 900 (clones, wipes) |
 | lease_s | FLOTILLA_STORAGE_LEASE_S | 30 |
 | reconcile_interval_s | FLOTILLA_STORAGE_RECONCILE_INTERVAL_S | 30 |
