@@ -22,6 +22,7 @@ from compute_node.boot_sources import BootFiles
 from protos.commands import RebootMode, ShutdownMode
 from protos.domain import DomainSpec, PowerState
 from protos.host import KvmKind, Resources
+from protos.migration import MigrationParams
 
 
 class DriverError(Exception):
@@ -84,6 +85,49 @@ class SavedMachine:
     memory: bool
     power: PowerState
     pause_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingMachine:
+    """A machine waiting for a live migration (`prepare_incoming`): the source streams to
+    `address:port` with the one-time `token` (64 hex digits)."""
+
+    address: str
+    port: int
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationStats:
+    """A running migration's figures (native.migration.MigrationProgress, by the names of
+    protos.migration.MigrationJob). `phase`: a protos.migration.MigrationPhase value."""
+
+    phase: str
+    iteration: int = 0
+    bytes_sent: int = 0
+    remaining_bytes: int = 0
+    memory_bytes: int = 0
+    dirty_rate: int = 0
+    bandwidth: int = 0
+    predicted_ms: float = 0.0
+    throttle_pct: int = 0
+    elapsed_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationOutcome:
+    """How `migrate_out` ended. `committed`: the target runs the guest and the source's
+    machine is gone (its `stopped` event, reason `migrated`, has reached the sink). Not
+    committed: the source runs on (or stays paused, if it was), `phase` is `failed` or
+    `cancelled` and `error` says why. `downtime_ms`: the pause as the target measured it;
+    `paused_ms`: as the source did (None if it never paused)."""
+
+    committed: bool
+    phase: str
+    stats: MigrationStats
+    downtime_ms: float | None = None
+    paused_ms: float | None = None
+    error: str | None = None
 
 
 class RuntimeInfo(BaseModel):
@@ -230,6 +274,69 @@ class Driver(abc.ABC):
         newer format or of another machine config."""
         del spec, files, directory, paused, nics, detail
         raise DriverError("this driver cannot restore machines", "unsupported")
+
+    # -- live migration (docs/migration.md, "The control plane") ------------------------------
+    # Optional: a driver without it keeps these defaults (`Capabilities.live_migration` False).
+
+    def prepare_incoming(
+        self,
+        spec: DomainSpec,
+        files: BootFiles,
+        *,
+        nics: Sequence[NicTap] = (),
+        listen: str = "127.0.0.1",
+        paused: bool = False,
+    ) -> IncomingMachine:
+        """Start a process for `spec` that waits on `listen` (any free port) for a migration
+        stream with a fresh one-time token, `files` and `nics` opened and plugged as for
+        `spawn`. No events while it waits. Once the source commits, the machine runs: its
+        `started` event, reason `migrated`, reaches the sink (then `paused`, reason
+        `migrated`, when `paused`: the guest was paused at the source and stays so). A stream
+        that fails before the commit ends the process with no event; so does
+        `cancel_incoming`. Raises DriverError (`spawn_failed`) if it could not start."""
+        del spec, files, nics, listen, paused
+        raise DriverError("this driver cannot migrate machines", "unsupported")
+
+    def cancel_incoming(self, domain_id: uuid.UUID) -> None:
+        """End a machine `prepare_incoming` started that has not run the guest (no event);
+        a no-op when there is none. A machine that already runs the guest is left alone
+        (DriverError `conflict`)."""
+        del domain_id
+
+    def migrate_out(
+        self,
+        domain_id: uuid.UUID,
+        target: IncomingMachine,
+        params: MigrationParams,
+        progress: Callable[[MigrationStats], None],
+    ) -> MigrationOutcome:
+        """Migrate the running or paused machine to `target` and return how it ended
+        (blocking; `progress` is called at most every MIGRATION_PROGRESS_S from another
+        thread). Events of the source's machine: `paused`, reason `migrating`, when it
+        pauses for the last pages (not if it was paused already), then `stopped`, reason
+        `migrated`, on the commit, or `resumed`, reason `migration_failed`, when a failure
+        after that pause resumes it. Anything failing before the commit leaves the source's
+        machine as it was; a failure after the commit (the target never confirmed) leaves it
+        paused and raises DriverError (`migration_unconfirmed`): only the target knows."""
+        del domain_id, target, params, progress
+        raise DriverError("this driver cannot migrate machines", "unsupported")
+
+    def migration_set(
+        self,
+        domain_id: uuid.UUID,
+        *,
+        max_downtime_ms: float | None = None,
+        bandwidth_mibps: int | None = None,
+    ) -> None:
+        """Change the budget or the cap of the domain's running `migrate_out`
+        (DriverError `conflict` when none runs)."""
+        del domain_id, max_downtime_ms, bandwidth_mibps
+        raise DriverError("no migration of this domain runs", "conflict")
+
+    def migration_cancel(self, domain_id: uuid.UUID) -> None:
+        """Ask the domain's running `migrate_out` to stop before its commit (it then returns
+        phase `cancelled`); a no-op when none runs or it is past its commit."""
+        del domain_id
 
     def process_stays(self, event: GuestEvent) -> bool:  # noqa: ARG002 (a default)
         """Whether the machine's process lives on after `event`: a `stopped` under a preserve

@@ -44,6 +44,7 @@ def message_types() -> dict[str, type[Message]]:
     import protos.events  # noqa: PLC0415
     import protos.host  # noqa: PLC0415
     import protos.images  # noqa: PLC0415
+    import protos.migration  # noqa: PLC0415
     import protos.network  # noqa: PLC0415
     import protos.replies  # noqa: PLC0415
     import protos.scheduler  # noqa: PLC0415

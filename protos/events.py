@@ -20,6 +20,7 @@ from protos.domain import PowerState
 class DefinedDetail(StrEnum):
     ADDED = "added"
     UPDATED = "updated"
+    MIGRATED = "migrated"  # a cold migration's target: the definition arrived from another host
 
 
 class UndefinedDetail(StrEnum):
@@ -84,6 +85,7 @@ class DomainEvent(Message):
 
 class DomainDefined(DomainEvent):
     TYPE = "domain.defined"
+    VERSION = "1.1"  # 1.1: detail migrated
     EVENT = "defined"
     detail: DefinedDetail
 
@@ -142,13 +144,28 @@ class DomainRebooted(DomainEvent):
 
 
 class DomainMigrationProgress(DomainEvent):
-    """Live-migration progress: bytes of memory sent so far and still dirty."""
+    """A migration's progress (protos.migration): bytes of memory sent so far and still
+    dirty, at most every MIGRATION_PROGRESS_S, and a final one (`phase` done, failed or
+    cancelled) with the pause the target measured. Published by the source; `seq` is that of
+    the domain's last lifecycle event (this is none: the registry projects nothing from it but
+    the end of the `migrating` task on the final one)."""
 
     TYPE = "domain.migration_progress"
+    VERSION = "1.1"  # 1.1: phase, target and the job's figures
     EVENT = "migration_progress"
     iteration: int = Field(ge=0)
     transferred_bytes: int = Field(ge=0)
     remaining_bytes: int = Field(ge=0)
+    phase: str = "precopy"  # protos.migration.MigrationPhase
+    target: str = ""
+    live: bool = True
+    dirty_rate: int = Field(default=0, ge=0)
+    bandwidth: int = Field(default=0, ge=0)
+    predicted_ms: float = Field(default=0.0, ge=0)
+    throttle_pct: int = Field(default=0, ge=0, le=100)
+    elapsed_ms: float = Field(default=0.0, ge=0)
+    downtime_ms: float | None = None
+    error: str | None = None
 
 
 DOMAIN_EVENTS: tuple[type[DomainEvent], ...] = (
