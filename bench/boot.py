@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.figures import emit, figure  # noqa: E402
+from bench.figures import emit, figure, say  # noqa: E402
 from native import kvm_unavailable_reason, testguest  # noqa: E402
 
 ROUNDS = 15
@@ -126,10 +126,6 @@ def flood_ns_per_byte(text: str) -> float:
     if not m:
         raise SystemExit(f"bench/boot: no SERIALFLOOD line in:\n{text[-500:]}")
     return int(m.group(2)) / int(m.group(1))
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr)
 
 
 def main() -> int:

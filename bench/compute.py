@@ -47,7 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.figures import emit, figure
+from bench.figures import emit, figure, say
 from compute_node.vmm import client as vmm_client
 from native import kvm_unavailable_reason, testguest
 from protos import routing
@@ -79,10 +79,6 @@ ANCHOR_CYCLES = FIRECRACKER_PER_CORE_PER_S * HOST_CORES
 FIRECRACKER_START_TO_INIT_MS = 125.0
 QEMU_MICROVM_RSS_MIB = 39.0
 DIRECT_SPAWNS = 15
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr)
 
 
 def percentile(samples: list[float], q: float) -> float:

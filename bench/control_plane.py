@@ -25,10 +25,8 @@ Ends with one JSON line per figure; the rest goes to stderr.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
-import os
 import socket
 import statistics
 import sys
@@ -36,7 +34,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -45,11 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
 
-from bench.figures import emit, figure
+from bench.brokers import broker_url, have_broker
+from bench.figures import emit, figure, say
 from native import kvm_unavailable_reason
 from native.testguest import build
-from services.broker import PrivateBroker
-from services.broker import available as broker_available
 from services.cli.stack import ComputeSpec, Stack, StackConfig, free_port
 
 GUESTS = 40
@@ -58,10 +54,6 @@ CYCLE_SECONDS = 8.0
 PARALLEL = 4
 RALLY_BOOT_MEDIAN_MS = 8600.0  # Nova's Rally boot_server median: a published constant
 SCHED_TARGET = 500.0
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -174,32 +166,18 @@ def scheduler_decisions_per_s() -> float:
     return value
 
 
-@contextlib.contextmanager
-def broker_url(tmp: Path) -> Iterator[str]:
-    url = os.environ.get("FLOTILLA_AMQP_URL")
-    if url:
-        yield url
-        return
-    node = PrivateBroker(tmp / "rabbitmq", name="flotilla-bench")
-    node.start()
-    try:
-        yield node.url
-    finally:
-        node.stop()
-
-
 def main() -> int:
     reason = kvm_unavailable_reason()
     if reason is not None:
         say(f"KVM cannot create a VM here: {reason}")
         return 2
-    if not os.environ.get("FLOTILLA_AMQP_URL") and not broker_available():
+    if not have_broker():
         say("no broker: set FLOTILLA_AMQP_URL or `apt-get install -y rabbitmq-server`")
         return 2
     guest = build()
     with (
         tempfile.TemporaryDirectory(prefix="flotilla-bench-") as tmp,
-        broker_url(Path(tmp)) as amqp_url,
+        broker_url(Path(tmp), "flotilla-bench") as amqp_url,
     ):
         # The scheduler holds each placement's claim until a heartbeat sent after it shows
         # the guest (deleted or not), so a 2-core host (8 vCPUs at the default 4x) would

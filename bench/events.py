@@ -45,8 +45,8 @@ import pika.spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.compute import Node, broker, call, make_spec, percentile, say
-from bench.figures import emit, figure
+from bench.compute import Node, broker, call, make_spec, percentile
+from bench.figures import emit, figure, say
 from compute_node.vmm import client as vmm_client
 from compute_node.vmm.frames import JOURNAL
 from native import kvm_unavailable_reason, testguest

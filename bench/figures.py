@@ -7,7 +7,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable
+
+
+def say(text: str) -> None:
+    """A human-readable line of a benchmark's progress or results (stderr: stdout is the
+    figures')."""
+    print(text, file=sys.stderr, flush=True)
 
 
 def figure(

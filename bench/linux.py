@@ -51,7 +51,7 @@ from types import ModuleType
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.figures import emit, figure  # noqa: E402
+from bench.figures import emit, figure, say  # noqa: E402
 from native.images import ImageError, fetch_images  # noqa: E402
 from tests.hwvirt.l1 import L1Error, run_in_l1, runs_directly  # noqa: E402
 
@@ -91,10 +91,6 @@ for arg in $(cat /proc/cmdline); do
 done
 poweroff -f
 """
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 class GuestRunFailed(Exception):

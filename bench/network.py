@@ -37,7 +37,7 @@ from tempfile import TemporaryDirectory
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.figures import emit, figure  # noqa: E402
+from bench.figures import emit, figure, say  # noqa: E402
 from compute_node.net import (  # noqa: E402
     NetworkMode,
     NetworkPlumbing,
@@ -50,10 +50,6 @@ ROUNDS = 40
 WARMUP = 3
 MTU = 1450
 RA_AND_REDIRECT = " nd-router-advert, nd-redirect "
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr)
 
 
 def nft_text(port: PortPlumbing, chain: str) -> str:

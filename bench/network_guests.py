@@ -42,7 +42,7 @@ from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
 from bench.compute import broker
-from bench.figures import figure
+from bench.figures import figure, say
 from compute_node.net.dnsmasq import RUN_DIR, Dnsmasq, node_dir
 from compute_node.vmm.frames import CONSOLE_LOG
 from protos import routing
@@ -68,10 +68,6 @@ NET = NetworkBinding(
     gateway=IPv4Interface("10.66.0.1/24"),
     vni=6600,
 )
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr)
 
 
 def ip(*args: str, ns: str | None = None) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.figures import emit, figure  # noqa: E402
+from bench.figures import emit, figure, say  # noqa: E402
 from protos import routing  # noqa: E402
 from protos.domain import NicSpec  # noqa: E402
 from protos.network import (  # noqa: E402
@@ -50,10 +50,6 @@ WARMUP = 20
 
 
 NOOP_QUEUE = "bench.noop"
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr)
 
 
 class Noop(Service):

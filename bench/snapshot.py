@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 import native  # noqa: E402
 from bench import snapshot_api  # noqa: E402
-from bench.figures import emit, figure  # noqa: E402
+from bench.figures import emit, figure, say  # noqa: E402
 from bench.qmp import Qmp  # noqa: E402
 from native import kvm_unavailable_reason, testguest  # noqa: E402
 from services.broker import available as broker_available  # noqa: E402
@@ -58,10 +58,6 @@ CMDLINE = "ready memtest=32 sleep=300 memtest=32 counter"
 QEMU = "qemu-system-x86_64"
 FIRECRACKER_RESTORE_MS = 8.0
 TIMEOUT = 30.0
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr)
 
 
 class Console:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.figures import emit, figure
+from bench.figures import emit, figure, say
 from compute_node.boot_sources import BootFiles, HostFile
 from compute_node.kvm import KvmDriver
 from native import kvm_unavailable_reason, testguest
@@ -33,10 +33,6 @@ from protos.domain import BootSpec, DomainSpec
 
 MEMORY_MIB = 256
 CMDLINE = "ready memtest=32 counter"
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def wait_console(driver: KvmDriver, domain_id: uuid.UUID, pattern: str, timeout: float) -> None:

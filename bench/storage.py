@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import storage_guest  # noqa: E402
-from bench.figures import emit, figure  # noqa: E402
+from bench.figures import emit, figure, say  # noqa: E402
 from bench.storage_list import measure as measure_list  # noqa: E402
 from bench.storage_upload import measure as measure_api_upload  # noqa: E402
 from compute_node.storage import Pool, VolumeStore  # noqa: E402
@@ -56,10 +56,6 @@ GiB = 1 << 30
 CLONE_ROUNDS = 9
 UPLOAD_ROUNDS = 5
 FS_BYTES = 6 * GiB  # sparse: holds the source, a full copy and the upload's file at once
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr)
 
 
 def timed(fn: Callable[..., object], *args: object) -> float:

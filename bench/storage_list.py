@@ -16,14 +16,11 @@ Medians of ROUNDS rounds; human-readable results on stderr, JSON figures last.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import statistics
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -32,9 +29,8 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.figures import emit, figure  # noqa: E402
-from services.broker import PrivateBroker  # noqa: E402
-from services.broker import available as broker_available  # noqa: E402
+from bench.brokers import broker_url, have_broker  # noqa: E402
+from bench.figures import emit, figure, say  # noqa: E402
 from services.cli.stack import Stack, StackConfig, free_port  # noqa: E402
 from services.db import Database  # noqa: E402
 from services.storage.tables import volumes  # noqa: E402
@@ -42,24 +38,6 @@ from services.storage.tables import volumes  # noqa: E402
 VOLUMES = 10_000
 ROUNDS = 15
 PAGE = 1000
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr)
-
-
-@contextlib.contextmanager
-def broker_url(tmp: Path) -> Iterator[str]:
-    url = os.environ.get("FLOTILLA_AMQP_URL")
-    if url:
-        yield url
-        return
-    node = PrivateBroker(tmp / "rabbitmq", name="flotilla-bench-storage")
-    node.start()
-    try:
-        yield node.url
-    finally:
-        node.stop()
 
 
 def fill(catalog: Path, host: str) -> None:
@@ -127,12 +105,12 @@ def main() -> int:
 
 def measure() -> dict[str, object] | None:
     """The storage.list_10k figure (results on stderr); None without a broker."""
-    if not os.environ.get("FLOTILLA_AMQP_URL") and not broker_available():
+    if not have_broker():
         say("no broker: set FLOTILLA_AMQP_URL or `apt-get install -y rabbitmq-server`")
         return None
     with (
         tempfile.TemporaryDirectory(prefix="flotilla-bench-") as tmp,
-        broker_url(Path(tmp)) as amqp_url,
+        broker_url(Path(tmp), "flotilla-bench-storage") as amqp_url,
     ):
         state = Path(tmp) / "state"
         stack = Stack(

@@ -17,7 +17,6 @@ Medians of ROUNDS rounds; human-readable results on stderr, JSON figures last.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import subprocess
@@ -32,32 +31,13 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.figures import emit, figure  # noqa: E402
-from services.broker import PrivateBroker  # noqa: E402
-from services.broker import available as broker_available  # noqa: E402
+from bench.brokers import broker_url, have_broker  # noqa: E402
+from bench.figures import emit, figure, say  # noqa: E402
 from services.cli.stack import Stack, StackConfig, free_port  # noqa: E402
 
 MiB = 1 << 20
 SIZE = 256 * MiB
 ROUNDS = 5
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr)
-
-
-@contextlib.contextmanager
-def broker_url(tmp: Path) -> Iterator[str]:
-    url = os.environ.get("FLOTILLA_AMQP_URL")
-    if url:
-        yield url
-        return
-    node = PrivateBroker(tmp / "rabbitmq", name="flotilla-bench-upload")
-    node.start(timeout=300)  # a loaded host boots RabbitMQ slowly
-    try:
-        yield node.url
-    finally:
-        node.stop()
 
 
 def chunks(path: Path) -> Iterator[bytes]:
@@ -94,12 +74,12 @@ def main() -> int:
 
 def measure() -> dict[str, object] | None:
     """The storage.upload_mbps figure (results on stderr); None without a broker."""
-    if not os.environ.get("FLOTILLA_AMQP_URL") and not broker_available():
+    if not have_broker():
         say("no broker: set FLOTILLA_AMQP_URL or `apt-get install -y rabbitmq-server`")
         return None
     with (
         tempfile.TemporaryDirectory(prefix="flotilla-bench-") as tmp,
-        broker_url(Path(tmp)) as amqp_url,
+        broker_url(Path(tmp), "flotilla-bench-upload", start_timeout=300) as amqp_url,
     ):
         state = Path(tmp) / "state"
         stack = Stack(

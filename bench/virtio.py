@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import native  # noqa: E402
-from bench.figures import emit, figure  # noqa: E402
+from bench.figures import emit, figure, say  # noqa: E402
 from native.testguest import build  # noqa: E402
 
 ROUNDS = 3
@@ -40,10 +40,6 @@ RAND_OPS = 50_000
 SEQ_MIB = 256
 NET_PACKETS = 50_000
 IMAGE_MIB = 64
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr)
 
 
 def result(
