@@ -119,14 +119,25 @@ class MigrationHandlers:
         # Where incoming streams are listened for, and this host's VXLAN address.
         self.migration_listen = "127.0.0.1"
         self.vtep: IPv4Address | None = None
-        # How long a machine that runs may wait for its FinishIncoming before it is adopted.
+        # How long a machine that runs may wait for its FinishIncoming before it is adopted,
+        # and how often a domain migrating in asks its source whether the job still runs.
         self.incoming_adopt_s = 30.0
+        self.incoming_check_s = 10.0
         self.jobs = Jobs()
         # Serialises the driver's events with an incoming domain's commit, so held events
         # are consumed before any later one.
         self._sink_lock = threading.RLock()
         self._held: dict[uuid.UUID, list[GuestEvent]] = {}
         self._adopt_timers: dict[uuid.UUID, threading.Timer] = {}
+        self._stopping = threading.Event()
+
+    def stop_migrations(self) -> None:
+        """Before the store closes: the watches of domains migrating in end (the adoption
+        timers with them); running jobs are the driver's to end."""
+        self._stopping.set()
+        with self._sink_lock:
+            for timer in self._adopt_timers.values():
+                timer.cancel()
 
     def _task(self, domain_id: uuid.UUID) -> TaskState:
         """The control plane's task on the domain here: `migrating` while a job runs."""
@@ -206,6 +217,7 @@ class MigrationHandlers:
                 raise ServiceError("conflict", str(exc), {"name": spec.name}) from None
             endpoint = IncomingEndpoint(domain_id=spec.uuid, host=self.host, vtep=self.vtep)
             if not cmd.live:
+                self._watch_incoming(spec.uuid, cmd.source)
                 return endpoint
             try:
                 machine = self._wait_for_stream(record, paused=cmd.paused)
@@ -213,12 +225,73 @@ class MigrationHandlers:
                 self.store.forget(spec.uuid)
                 raise
             log.info("migration incoming", domain_id=str(spec.uuid), source=cmd.source)
+            self._watch_incoming(spec.uuid, cmd.source)
             return endpoint.model_copy(
                 update={
                     "address": IPv4Address(machine.address),
                     "port": machine.port,
                     "token": machine.token,
                 }
+            )
+
+    def _watch_incoming(self, domain_id: uuid.UUID, source: str) -> None:
+        """Until the domain's machine runs here (then the adoption timer decides) or it is
+        finished, ask its source every `incoming_check_s` whether the job still runs: a
+        source that ended it (failed, cancelled) or knows of none (it restarted) will send
+        no FinishIncoming, so the domain is forgotten here."""
+        if self.peer_call is None:
+            return
+
+        def watch() -> None:
+            try:
+                check()
+            except Exception:
+                if not self._stopping.is_set():  # else: the store closed under it
+                    log.exception("watch of a domain migrating in failed", domain_id=str(domain_id))
+
+        def check() -> None:
+            while not self._stopping.wait(self.incoming_check_s):
+                if not self._waiting_for_stream(domain_id):
+                    return
+                try:
+                    job = self._peer(
+                        routing.compute_queue(source), GetMigrationJob(domain_id=domain_id)
+                    )
+                except RemoteError as exc:
+                    gone = exc.code == "not_found"
+                except BusError:
+                    continue  # the source is unreachable: it may come back
+                else:
+                    assert isinstance(job, MigrationJob)
+                    gone = job.phase in (MigrationPhase.FAILED, MigrationPhase.CANCELLED)
+                if gone:
+                    self._forget_orphan(domain_id, source)
+                    return
+
+        threading.Thread(target=watch, name=f"incoming-{domain_id}", daemon=True).start()
+
+    def _waiting_for_stream(self, domain_id: uuid.UUID) -> bool:
+        record = self.store.get(domain_id)
+        with self._sink_lock:
+            return (
+                record is not None
+                and record.incoming is not None
+                and domain_id not in self._adopt_timers
+            )
+
+    def _forget_orphan(self, domain_id: uuid.UUID, source: str) -> None:
+        with self._lock(domain_id):
+            record = self.store.get(domain_id)
+            if record is None or not self._waiting_for_stream(domain_id):
+                return
+            try:
+                self._abandon_incoming(record)
+            except ServiceError:
+                return  # it runs here after all: the adoption timer has it
+            log.warning(
+                "forgot a domain migrating in: its source runs no such migration",
+                domain_id=str(domain_id),
+                source=source,
             )
 
     def _wait_for_stream(self, record: DomainRecord, *, paused: bool) -> IncomingMachine:
@@ -351,9 +424,14 @@ class MigrationHandlers:
             self._check(record, Action.MIGRATE)
             self._check_migratable(record, cmd)
             job = Job(domain_id, record.spec.name, self.host, cmd.target, params)
-            endpoint = self._prepare_target(record, cmd)
+            # Known before the target is asked: the target asks back while it waits.
+            previous = self.jobs.add(job)
+            try:
+                endpoint = self._prepare_target(record, cmd)
+            except BaseException:
+                self.jobs.restore(job, previous)
+                raise
             job.target_vtep = endpoint.vtep
-            self.jobs.add(job)
             was_paused = record.state is P.PAUSED
         thread = threading.Thread(
             target=self._run_job,

@@ -130,9 +130,19 @@ class Jobs:
         job = self.get(domain_id)
         return None if job is None or job.final else job
 
-    def add(self, job: Job) -> None:
+    def add(self, job: Job) -> Job | None:
+        """Keep `job` as its domain's; return the one it replaces."""
         with self._lock:
-            self._jobs.pop(job.domain_id, None)
+            previous = self._jobs.pop(job.domain_id, None)
             self._jobs[job.domain_id] = job
             while len(self._jobs) > KEPT_JOBS:
                 self._jobs.popitem(last=False)
+            return previous
+
+    def restore(self, job: Job, previous: Job | None) -> None:
+        """Undo `add(job)`: a job that never started is no job."""
+        with self._lock:
+            if self._jobs.get(job.domain_id) is job:
+                del self._jobs[job.domain_id]
+                if previous is not None:
+                    self._jobs[job.domain_id] = previous

@@ -230,6 +230,7 @@ class ComputeNode:
         self.transfers.stop()
         self.outbox.stop()
         self.bus.close()
+        self.lifecycle.stop_migrations()
         self.driver.close()
         if self.networks is not None:
             self.networks.close()

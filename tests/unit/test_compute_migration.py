@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 
 from compute_node.boot_sources import BootSources
-from compute_node.driver import IncomingMachine, MigrationStats
+from compute_node.driver import GuestEvent, GuestEventKind, IncomingMachine, MigrationStats
 from compute_node.fake import FakeDriver
 from compute_node.fake_migration import read_line, send_line
 from compute_node.lifecycle import Lifecycle
 from compute_node.resources import Claims
 from compute_node.storage_sources import StorageBindings
 from compute_node.store import Store
+from compute_node.translate import translate
 from protos import routing
 from protos.base import Message
 from protos.bindings import DiskBinding
@@ -80,6 +81,7 @@ class Host:
         self.sent: list[Command] = []  # every call this host made to another
         self.unreachable: set[type[Command]] = set()  # calls that get no answer
         self.service.peer_call = self.call
+        self.service.incoming_check_s = 0.05  # the target asks its source often: races show
         cluster[name] = self
 
     def call(
@@ -118,8 +120,9 @@ def hosts(tmp_path: Path) -> Iterator[tuple[Host, Host]]:
     cluster: dict[str, Host] = {}
     a, b = Host(tmp_path, "node-a", cluster), Host(tmp_path, "node-b", cluster)
     yield a, b
-    a.store.close()
-    b.store.close()
+    for host in (a, b):
+        host.service.stop_migrations()
+        host.store.close()
 
 
 def spec(name: str = "web-1", memory_mib: int = 64) -> DomainSpec:
@@ -214,6 +217,7 @@ def test_a_paused_guest_arrives_paused(hosts: tuple[Host, Host]) -> None:
 
 def test_an_incoming_domain_is_hidden_until_it_is_finished(hosts: tuple[Host, Host]) -> None:
     a, b = hosts
+    b.service.incoming_check_s = 60  # no job on node-a: the target must not ask meanwhile
     s = spec()
     running(a, s)
     prepare = PrepareIncoming(spec=s, source="node-a", seq=2)
@@ -384,6 +388,7 @@ def test_the_fake_stream_refuses_a_wrong_token_and_takes_the_right_one(
     hosts: tuple[Host, Host],
 ) -> None:
     a, b = hosts
+    b.service.incoming_check_s = 60  # no job on node-a: the target must not ask meanwhile
     s = spec()
     running(a, s)
     endpoint = b.do(PrepareIncoming(spec=s, source="node-a", seq=2)).model_dump()
@@ -416,3 +421,45 @@ def test_ports_are_plugged_on_the_target_and_bound_to_its_vtep(hosts: tuple[Host
     info = b.do(GetDomainInfo(domain_id=s.uuid))
     assert isinstance(info, DomainInfo)
     assert [i.mac for i in info.interfaces] == [port(1).mac]
+
+
+K = GuestEventKind
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason", "before", "event", "after"),
+    [
+        (GuestEventKind.PAUSED, "migrating", PowerState.RUNNING, "suspended/migrated", "paused"),
+        (GuestEventKind.STOPPED, "migrated", PowerState.PAUSED, "stopped/migrated", "shutoff"),
+        (
+            GuestEventKind.RESUMED,
+            "migration_failed",
+            PowerState.PAUSED,
+            "resumed/migrated",
+            "running",
+        ),
+        (GuestEventKind.STARTED, "migrated", PowerState.SHUTOFF, "started/migrated", "running"),
+        (GuestEventKind.PAUSED, "migrated", PowerState.RUNNING, "suspended/migrated", "paused"),
+        (GuestEventKind.RESUMED, "", PowerState.PAUSED, "resumed/unpaused", "running"),
+    ],
+)
+def test_the_drivers_migration_events_translate(
+    kind: GuestEventKind, reason: str, before: PowerState, event: str, after: str
+) -> None:
+    drafts, state = translate(GuestEvent(uuid.uuid4(), 1, kind, reason), before)
+    assert [f"{d.cls.EVENT}/{d.detail}" for d in drafts] == [event]
+    assert state.value == after
+
+
+def test_the_target_forgets_a_domain_its_source_runs_no_migration_of(
+    hosts: tuple[Host, Host],
+) -> None:
+    a, b = hosts
+    s = spec()
+    running(a, s)
+    # As if the source had died before its commit and restarted: it knows of no job.
+    assert b.do(PrepareIncoming(spec=s, source="node-a", seq=2)).TYPE == "reply.incoming_endpoint"
+    assert b.claims.holds(s.uuid)
+    eventually(lambda: b.store.get(s.uuid) is None)
+    assert not b.claims.holds(s.uuid)
+    assert b.events() == []
