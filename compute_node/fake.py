@@ -72,6 +72,8 @@ class FakeDriver(Driver):
         # Migrations: machines waiting for their stream here, and streams going out.
         self._incoming: dict[uuid.UUID, Incoming] = {}
         self._outgoing: dict[uuid.UUID, Outgoing] = {}
+        # The next incoming migration runs the machine, then drops the connection unconfirmed.
+        self.drop_next_confirm = False
 
     def capabilities(self) -> Capabilities:
         return Capabilities(kvm=KvmKind.NONE, max_vcpus=64, save_restore=True, live_migration=True)
@@ -278,6 +280,7 @@ class FakeDriver(Driver):
                         del self._incoming[domain_id]
 
             incoming = self._incoming[domain_id] = listen_for(domain_id, listen, arrive, ended)
+            incoming.drop_before_done, self.drop_next_confirm = self.drop_next_confirm, False
             return incoming.endpoint()
 
     def _arrive(self, spec: DomainSpec, nics: list[NicTap], state: dict[str, Any]) -> None:
@@ -297,10 +300,13 @@ class FakeDriver(Driver):
     def cancel_incoming(self, domain_id: uuid.UUID) -> None:
         with self._lock:
             incoming = self._incoming.get(domain_id)
+            machine = self._machines.get(domain_id)
+            if (incoming is not None and incoming.running) or (
+                machine is not None and machine.state is not PowerState.SHUTOFF
+            ):
+                raise DriverError(f"domain {domain_id} already runs here", "conflict")
             if incoming is None:
                 return
-            if incoming.running:
-                raise DriverError(f"domain {domain_id} already runs here", "conflict")
             incoming.cancel()
             del self._incoming[domain_id]
 

@@ -90,6 +90,9 @@ class Incoming:
     cancelled: threading.Event = field(default_factory=threading.Event)
     running: bool = False
     thread: threading.Thread | None = None
+    # The machine runs but the connection drops before `done` (a test's fault): the source
+    # cannot know whether it committed.
+    drop_before_done: bool = False
 
     def endpoint(self) -> IncomingMachine:
         address, port = self.listener.getsockname()[:2]
@@ -188,6 +191,8 @@ def _receive(incoming: Incoming, conn: socket.socket) -> None:
                 raise StreamError("cancelled")
             incoming.running = True
             incoming.arrive(state)
+            if incoming.drop_before_done:
+                raise StreamError("dropped before confirming (as asked)")
             downtime_ms = (time.monotonic() - paused_at) * 1e3
             send_line(conn, {"done": True, "downtime_ms": downtime_ms})
             return

@@ -463,3 +463,26 @@ def test_the_target_forgets_a_domain_its_source_runs_no_migration_of(
     eventually(lambda: b.store.get(s.uuid) is None)
     assert not b.claims.holds(s.uuid)
     assert b.events() == []
+
+
+def test_an_unconfirmed_commit_ends_with_the_copy_the_target_runs(
+    hosts: tuple[Host, Host],
+) -> None:
+    a, b = hosts
+    s = spec()
+    running(a, s)
+    a.events()
+    b.driver.drop_next_confirm = True  # the target runs it, the source never hears so
+    start(a, s, MigrationParams())
+    job = wait_job(a, s.uuid)
+    assert job.phase is MigrationPhase.DONE, job
+    assert lifecycle(a.events()) == [
+        ("domain.suspended", "migrated", 3),
+        ("domain.stopped", "migrated", 4),
+    ]
+    assert b.events() == [("domain.started", "migrated", 5)]
+    assert a.store.get(s.uuid) is None
+    assert not a.driver.get_info(s.uuid).pid
+    assert b.driver.get_info(s.uuid).state is PowerState.RUNNING
+    finish = [(c.committed, c.seq) for c in a.sent if isinstance(c, FinishIncoming)]
+    assert finish == [(False, 0), (True, 4)]
