@@ -36,6 +36,7 @@ from typing import Protocol
 import structlog
 
 from compute_node.boot_sources import BootSources, SourceRefused
+from compute_node.causes import PendingCauses
 from compute_node.driver import (
     Driver,
     DriverError,
@@ -73,6 +74,7 @@ from protos.network import BindPorts
 from protos.replies import DomainInfo
 from protos.states import Action
 from services.bus import Cause, Context, ServiceError, handles
+from services.bus.cause import caused_by
 from services.bus.errors import BusError, RemoteError
 
 log = structlog.get_logger("flotilla.compute")
@@ -103,6 +105,7 @@ class MigrationHandlers:
     claims: Claims
     sources: BootSources
     storage: StorageSources
+    causes: PendingCauses
     networks: HostNetworks | None
     info: Callable[[uuid.UUID], DomainInfo]
     _lock: Callable[[uuid.UUID], threading.Lock]
@@ -359,6 +362,8 @@ class MigrationHandlers:
             )
             self.store.finish_incoming(domain_id, seq, drafts)
             self._disarm_adoption(domain_id)
+            if live:  # the machine's first events here are the migration's
+                self.causes.expect(domain_id, cause, {K.STARTED}, {K.PAUSED}, within_s=60.0)
             for event in self._held.pop(domain_id, []):
                 self._consume(event)
         log.info("migration committed here", domain_id=str(domain_id), seq=seq, live=live)
@@ -424,6 +429,7 @@ class MigrationHandlers:
             self._check(record, Action.MIGRATE)
             self._check_migratable(record, cmd)
             job = Job(domain_id, record.spec.name, self.host, cmd.target, params)
+            job.cause = ctx.cause
             # Known before the target is asked: the target asks back while it waits.
             previous = self.jobs.add(job)
             try:
@@ -462,22 +468,31 @@ class MigrationHandlers:
             )
         if cmd.params.live and not self.driver.capabilities().live_migration:
             raise ServiceError("unsupported", f"host {self.host} cannot live-migrate")
+        if record.managed_save is not None:
+            raise ServiceError(
+                "conflict",
+                "domain has a managed save on this host: start it, or remove the managed save",
+                state,
+            )
         local = [d.target for d in record.bindings.disks if d.host is not None]
+        # A writable host file (an admin's path disk) is this host's alone.
+        local += [d.target for d in record.spec.disks if d.path is not None and not d.readonly]
         images = [
             r for r in (record.bindings.kernel_image, record.bindings.initrd_image) if r is not None
         ]
         if cmd.params.live and local:
             raise ServiceError(
                 "invalid",
-                f"disk(s) {', '.join(local)} are host-local volumes: shut the domain off and "
-                "migrate it cold (live false)",
+                f"disk(s) {', '.join(local)} are host-local (a `dir` pool's volume or a writable "
+                "host file): shut the domain off and migrate it cold (live false)",
                 {"field": "disks"},
             )
         if local:
             raise ServiceError(
                 "invalid",
-                f"disk(s) {', '.join(local)} are host-local volumes, which do not move yet: "
-                "only domains on shared pools migrate",
+                f"disk(s) {', '.join(local)} are host-local (a `dir` pool's volume or a "
+                "writable host file), which do not move yet: only domains on shared pools "
+                "migrate",
                 {"field": "disks"},
             )
         if any(r.host is not None for r in images):
@@ -527,10 +542,12 @@ class MigrationHandlers:
         self, job: Job, endpoint: IncomingEndpoint, was_paused: bool, cause: Cause | None
     ) -> None:
         try:
-            if job.params.live:
-                self._run_live(job, endpoint, was_paused)
-            else:
-                self._run_cold(job, cause)
+            # Its calls and events carry the StartMigration's cause (one correlation id).
+            with caused_by(cause):
+                if job.params.live:
+                    self._run_live(job, endpoint, was_paused, cause)
+                else:
+                    self._run_cold(job)
         except Exception as exc:  # a bug must not leave the job running for ever
             log.exception("migration job failed", domain_id=str(job.domain_id))
             if not job.final:
@@ -538,8 +555,12 @@ class MigrationHandlers:
                 self._finish_later(job.target, forget)
                 self._ended(job, MigrationPhase.FAILED, f"internal error: {exc}")
 
-    def _run_live(self, job: Job, endpoint: IncomingEndpoint, was_paused: bool) -> None:
+    def _run_live(
+        self, job: Job, endpoint: IncomingEndpoint, was_paused: bool, cause: Cause | None
+    ) -> None:
         domain_id = job.domain_id
+        within_s = (job.params.timeout_s or 86_400.0) + 60.0
+        self.causes.expect(domain_id, cause, {K.PAUSED}, {K.STOPPED, K.RESUMED}, within_s=within_s)
         target = IncomingMachine(
             str(endpoint.address), int(endpoint.port or 0), str(endpoint.token)
         )
@@ -556,6 +577,7 @@ class MigrationHandlers:
         finally:
             if timer is not None:
                 timer.cancel()
+            self.causes.forget(domain_id)
         job.update(outcome.stats)
         job.downtime_ms, job.paused_ms = outcome.downtime_ms, outcome.paused_ms
         if outcome.committed:
@@ -570,8 +592,7 @@ class MigrationHandlers:
             error = f"timed out after {job.params.timeout_s:g} s ({error})"
         self._ended(job, phase, error)
 
-    def _run_cold(self, job: Job, cause: Cause | None) -> None:
-        del cause
+    def _run_cold(self, job: Job) -> None:
         with self._lock(job.domain_id):
             record = self.store.get(job.domain_id)
             if record is None or job.aborted:
@@ -631,7 +652,7 @@ class MigrationHandlers:
         if record is None:
             return
         event = job.progress_event(self.host, record.seq, record.state, final)
-        self.store.emit_unsequenced(event)
+        self.store.emit_unsequenced(event, job.cause)
 
     def _committed(self, job: Job, *, paused: bool) -> None:
         """The target runs the guest: tell it the last seq, move the ports, drop the record."""

@@ -15,6 +15,7 @@ from compute_node.driver import MigrationStats
 from protos.domain import PowerState
 from protos.events import DomainMigrationProgress
 from protos.migration import FINAL_PHASES, MigrationJob, MigrationParams, MigrationPhase
+from services.bus.cause import Cause
 
 KEPT_JOBS = 256  # the last jobs kept for GetMigrationJob, the oldest dropped first
 
@@ -38,6 +39,7 @@ class Job:
     paused_by_timeout: bool = False  # and the guest was paused for it (timeout_action pause)
     target_vtep: IPv4Address | None = None  # where the ports' VXLAN entries go at the commit
     published: float = float("-inf")  # when the last progress event went out (monotonic)
+    cause: Cause | None = None  # the StartMigration's: its events and calls carry it
     ended: threading.Event = field(default_factory=threading.Event)
 
     @property

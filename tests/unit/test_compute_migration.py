@@ -24,7 +24,7 @@ from compute_node.store import Store
 from compute_node.translate import translate
 from protos import routing
 from protos.base import Message
-from protos.bindings import DiskBinding
+from protos.bindings import DiskBinding, StateRef
 from protos.codec import Envelope, decode, parse_body
 from protos.commands import (
     Command,
@@ -51,7 +51,8 @@ from protos.migration import (
 )
 from protos.network import BindPorts
 from protos.replies import DomainInfo, Done, ErrorReply
-from services.bus import Context
+from services.bus import Cause, Context
+from services.bus.cause import current_cause
 from services.bus.errors import RemoteError, RpcTimeout
 from services.bus.service import dispatch
 from tests.bootfiles import BOOT_DIR, KERNEL
@@ -93,7 +94,16 @@ class Host:
             raise RpcTimeout(f"{command.TYPE} to {queue!r}: no reply")
         if queue == routing.NETWORK_QUEUE:
             return Done()  # the network service: what it was asked is in `sent`
-        reply = dispatch(self.cluster[queue.removeprefix("compute.")].service, command, CTX)
+        cause = current_cause() or Cause()  # as Bus.call sends it
+        envelope = Envelope(
+            type=command.TYPE,
+            body={},
+            source=f"compute:{self.name}",
+            correlation_id=cause.correlation_id,
+            causation_id=cause.causation_id,
+        )
+        target = self.cluster[queue.removeprefix("compute.")].service
+        reply = dispatch(target, command, Context(envelope))
         if isinstance(reply, ErrorReply):
             raise RemoteError(reply.code, reply.message, reply.details)
         return reply
@@ -486,3 +496,68 @@ def test_an_unconfirmed_commit_ends_with_the_copy_the_target_runs(
     assert b.driver.get_info(s.uuid).state is PowerState.RUNNING
     finish = [(c.committed, c.seq) for c in a.sent if isinstance(c, FinishIncoming)]
     assert finish == [(False, 0), (True, 4)]
+
+
+def test_a_managed_save_or_a_writable_host_file_stays(
+    hosts: tuple[Host, Host], tmp_path: Path
+) -> None:
+    a, _b = hosts
+    s = spec()
+    assert isinstance(a.do(DefineDomain(spec=s)), DomainInfo)
+    a.store.set_managed_save(s.uuid, StateRef(state_id=uuid.uuid4()))
+    cold = MigrationParams(live=False)
+    reply = a.do(StartMigration(domain_id=s.uuid, target="node-b", params=cold))
+    assert isinstance(reply, ErrorReply)
+    assert reply.code == "conflict"
+    assert "managed save" in reply.message
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    admin = DomainSpec(
+        name="admin-1", boot=BootSpec(kernel=KERNEL), disks=[DiskSpec(target="vda", path=str(disk))]
+    )
+    assert isinstance(a.do(DefineDomain(spec=admin, privileged=True)), DomainInfo)
+    assert isinstance(a.do(StartDomain(domain_id=admin.uuid)), DomainInfo)
+    reply = a.do(StartMigration(domain_id=admin.uuid, target="node-b"))
+    assert isinstance(reply, ErrorReply)
+    assert (reply.code, reply.details["field"]) == ("invalid", "disks")
+
+
+def test_the_migrations_events_carry_the_start_commands_correlation(
+    hosts: tuple[Host, Host],
+) -> None:
+    a, b = hosts
+    s = spec()
+    running(a, s)
+    a.store.outbox_done(a.store.outbox()[-1].row)
+    envelope = Envelope(type=StartMigration.TYPE, body={}, source="test", correlation_id="corr-7")
+    reply = dispatch(
+        a.service, StartMigration(domain_id=s.uuid, target="node-b"), Context(envelope)
+    )
+    assert isinstance(reply, MigrationJob)
+    assert wait_job(a, s.uuid).phase is MigrationPhase.DONE
+    for host, count in ((a, 2), (b, 1)):
+        items = [decode(i.body) for i in host.store.outbox()]
+        lifecycle_events = [e for e in items if e.type != DomainMigrationProgress.TYPE]
+        assert len(lifecycle_events) == count
+        assert {e.correlation_id for e in items} == {"corr-7"}, host.name
+
+
+def test_a_restarted_target_forgets_a_domain_whose_machine_is_gone(
+    hosts: tuple[Host, Host],
+) -> None:
+    a, b = hosts
+    b.service.incoming_check_s = 60
+    s = spec()
+    running(a, s)
+    assert b.do(PrepareIncoming(spec=s, source="node-a", seq=2)).TYPE == "reply.incoming_endpoint"
+    b.service.stop_migrations()
+    b.driver.cancel_incoming(s.uuid)  # the node's process ended: its fake machines with it
+    # The node comes back on the same state dir with a new driver.
+    b.driver = FakeDriver(8, 8192)
+    b.claims = Claims(b.claims.inventory, reserved_memory_mib=0)
+    b.service = Lifecycle("node-b", b.store, b.driver, b.claims, BootSources([BOOT_DIR]))
+    assert [r.id for r in b.store.incoming()] == [s.uuid]
+    b.service.recover_incoming()
+    assert b.store.get(s.uuid) is None
+    assert not b.claims.holds(s.uuid)
+    assert b.events() == []
