@@ -195,6 +195,10 @@ def test_live_migration_moves_the_guest_and_seq_continues(hosts: tuple[Host, Hos
     assert job.downtime_ms is not None
     assert job.paused_ms is not None
     assert job.bytes_sent >= 64 << 20
+    time.sleep(0.05)
+    again = a.do(GetMigrationJob(domain_id=s.uuid))
+    assert isinstance(again, MigrationJob)
+    assert again.elapsed_ms == job.elapsed_ms  # an ended job's time stands still
 
     source_events = a.events()
     assert lifecycle(source_events) == [
