@@ -232,6 +232,7 @@ int fl_snapshot_merge(const char *base_memory, const char *diff_memory, const ch
  * Any failure before the commit resumes the source. A handle steers a migration from another
  * thread (budget, bandwidth, cancel) and reports its progress. */
 #define FL_MIGRATE_DEBUG 1 /* a checksum of every page checked on arrival, and of all RAM */
+#define FL_MIGRATE_NO_THROTTLE 2 /* no auto-converge: the vCPUs are never throttled */
 #define FL_MIGRATE_TOKEN_LEN 32
 
 enum fl_migrate_phase {
@@ -289,9 +290,10 @@ void fl_migration_set_bandwidth(struct fl_migration *m, uint64_t bytes_per_s); /
 void fl_migration_cancel(struct fl_migration *m);
 void fl_migration_progress(struct fl_migration *m, struct fl_migrate_progress *out);
 
-/* Source: vm RUNNING, fd a connected stream socket (made non-blocking; the caller closes
- * it). Returns 0 once the target runs the guest (vm stays PAUSED); -errno otherwise, with
- * vm running again unless res->committed (then the outcome is unknown: vm stays paused). */
+/* Source: vm RUNNING or PAUSED, fd a connected stream socket (made non-blocking; the caller
+ * closes it). Returns 0 once the target runs the guest (vm stays PAUSED); -errno otherwise,
+ * with vm as it was (running again if it paused for the last pages) unless res->committed
+ * (then the outcome is unknown: vm stays paused). */
 int fl_migrate_send(struct fl_vm *vm, struct fl_migration *m, int fd, const uint8_t *token,
 		    uint32_t flags, uint64_t timeout_ns, struct fl_migrate_result *res);
 /* Target: vm NEW; cfg as for fl_snapshot_restore (console, disks, NICs; vcpus and
