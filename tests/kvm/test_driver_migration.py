@@ -24,7 +24,7 @@ from compute_node.driver import DriverError, IncomingMachine, MigrationStats
 from compute_node.kvm import KvmDriver
 from compute_node.vmm.client import VmmClient, VmmGone, end
 from protos.domain import DomainSpec, PowerState
-from protos.migration import MigrationParams
+from protos.migration import MigrationParams, TimeoutAction
 from tests.kvm.test_driver_save import Host, counters, hosts, make_spec
 
 __all__ = ["hosts"]  # the fixture, shared with test_driver_save
@@ -269,3 +269,34 @@ def test_a_budget_raised_on_the_fly_completes_a_migration_that_could_not_converg
     with pytest.raises(DriverError) as none:
         b.driver.migration_set(spec.uuid, max_downtime_ms=10)
     assert none.value.code == "conflict"
+
+
+@pytest.mark.parametrize("action", [TimeoutAction.ABORT, TimeoutAction.PAUSE])
+def test_the_timeout_aborts_or_pauses_to_complete(
+    two: tuple[Host, Host], test_guest: Path, action: TimeoutAction
+) -> None:
+    """A migration that cannot converge meets its timeout: `abort` leaves the source running
+    and the target gone; `pause` pauses the guest for the rest, and it completes."""
+    a, b = two
+    spec = make_spec(test_guest, "ready echo memtest=16 rewrite=8")
+    running(a, spec, "rewrite=8")
+    before = a.kinds(spec.uuid)
+    target = b.driver.prepare_incoming(spec, b.boot_files())
+    params = MigrationParams(
+        max_downtime_ms=0.001, auto_converge=False, timeout_s=1.0, timeout_action=action
+    )
+    t0 = time.monotonic()
+    outcome = a.driver.migrate_out(spec.uuid, target, params, lambda _s: None)
+    assert time.monotonic() - t0 < 10
+    if action is TimeoutAction.ABORT:
+        assert not outcome.committed
+        assert outcome.phase == "failed"
+        assert "timed out" in (outcome.error or "")
+        source_runs_on(a, spec, before)
+        assert gone(b, spec)
+        assert b.kinds(spec.uuid) == []
+    else:
+        assert outcome.committed
+        assert a.kinds(spec.uuid)[-2:] == [("paused", "migrating", ""), ("stopped", "migrated", "")]
+        assert events_at(b, spec, 1) == MIGRATED
+        counts_on(b, spec, counters(a.console(spec.uuid))[-1])
