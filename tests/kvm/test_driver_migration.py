@@ -26,6 +26,10 @@ from compute_node.vmm.client import VmmClient, VmmGone, end
 from protos.domain import DomainSpec, PowerState
 from protos.migration import MigrationParams, TimeoutAction
 from tests.kvm.test_driver_save import Host, counters, hosts, make_spec
+from tests.kvm.test_migration_native import Relay
+
+# The target's RESUMED record header on the wire (type 18, flags 0, 16 bytes; migrate.h).
+RESUMED = (18).to_bytes(4, "little") + bytes(4) + (16).to_bytes(8, "little")
 
 __all__ = ["hosts"]  # the fixture, shared with test_driver_save
 
@@ -300,3 +304,29 @@ def test_the_timeout_aborts_or_pauses_to_complete(
         assert a.kinds(spec.uuid)[-2:] == [("paused", "migrating", ""), ("stopped", "migrated", "")]
         assert events_at(b, spec, 1) == MIGRATED
         counts_on(b, spec, counters(a.console(spec.uuid))[-1])
+
+
+def test_a_commit_the_target_never_confirms_leaves_the_source_paused(
+    two: tuple[Host, Host], test_guest: Path
+) -> None:
+    """The connection drops as the target's RESUMED comes back: the target runs the guest,
+    the source cannot know it and stays paused (DriverError `migration_unconfirmed`); one
+    running copy still."""
+    a, b = two
+    spec = make_spec(test_guest, "ready echo memtest=16 counter")
+    running(a, spec, "counter")
+    target = b.driver.prepare_incoming(spec, b.boot_files())
+    relay = Relay((target.address, target.port), cut_at=RESUMED, downstream=False)
+    via = IncomingMachine(str(relay.address[0]), int(relay.address[1]), target.token)
+    with pytest.raises(DriverError) as unconfirmed:
+        a.driver.migrate_out(spec.uuid, via, MigrationParams(), lambda _s: None)
+    relay.join()
+    assert relay.cut.is_set()
+    assert unconfirmed.value.code == "migration_unconfirmed"
+    assert a.kinds(spec.uuid)[-1] == ("paused", "migrating", "")
+    assert a.driver.get_info(spec.uuid).state is PowerState.PAUSED
+    assert events_at(b, spec, 1) == MIGRATED
+    counts_on(b, spec, counters(a.console(spec.uuid))[-1])
+    # Whoever learns the target's fate decides: here it runs, so the source goes.
+    a.driver.destroy(spec.uuid)
+    assert a.kinds(spec.uuid)[-1] == ("stopped", "destroyed", "host")
