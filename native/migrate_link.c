@@ -73,6 +73,11 @@ void fl_migration_set_bandwidth(struct fl_migration *m, uint64_t bytes_per_s)
 	__atomic_store_n(&m->bandwidth, bytes_per_s, __ATOMIC_RELAXED);
 }
 
+void fl_migration_set_start_paused(struct fl_migration *m, int paused)
+{
+	__atomic_store_n(&m->start_paused, !!paused, __ATOMIC_RELAXED);
+}
+
 void fl_migration_cancel(struct fl_migration *m)
 {
 	__atomic_store_n(&m->cancel, 1, __ATOMIC_SEQ_CST);

@@ -324,9 +324,11 @@ class MigrationListener:
         vcpus: int = 0,
         timeout: float = 60.0,
         control: Migration | None = None,
+        paused: bool = False,
     ) -> tuple[Machine, MigrationResult]:
         """Waits up to `timeout` s for the source to come and the migration to finish, and
-        returns the machine, RUNNING, and what the target measured. `disks`/`nics` as for
+        returns the machine, RUNNING, and what the target measured (`paused`: the machine
+        has its state loaded but never ran here; `start()` runs it). `disks`/`nics` as for
         `Machine.restore`; `memory_mib`/`vcpus`: what the guest must have (0: whatever the
         source says), a source with another machine is refused. Raises MigrationError
         (nothing is left running) when the token was spent, when the stream failed after
@@ -335,6 +337,7 @@ class MigrationListener:
         deadline = time.monotonic() + timeout
         mod = _vmm()
         ffi = mod.ffi
+        mod.lib.fl_migration_set_start_paused(ctl._m, 1 if paused else 0)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -192,17 +192,19 @@ class Guest:
     # -- machine events and policies --------------------------------------------------------
 
     def migrated_in(self, machine: Machine, paused: bool) -> None:
-        """The machine an incoming migration made runs: journal it (`started`, reason
-        `migrated`), and pause it if the guest was paused at the source (`paused`, reason
-        `migrated`)."""
+        """The machine an incoming migration made runs (`started`, reason `migrated`), or,
+        for a guest paused at the source, is loaded and stays paused, never started here
+        until a resume (`started`, then `paused`, reason `migrated`)."""
         self._adopt_machine(machine)
+        if paused:
+            self.power = Power.PAUSED
+            self.record("started", "migrated")
+            self.record("paused", "migrated")
+            return
         self.machine_started = True
         self.started_at = time.time()
         self.power = Power.RUNNING
         self.record("started", "migrated")
-        if paused:
-            self.pause()
-            self.record("paused", "migrated")
 
     def migrated_out(self) -> None:
         """The target runs the guest (committed and confirmed): the machine goes,

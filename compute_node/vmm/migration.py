@@ -211,6 +211,7 @@ class Incoming:
                     vcpus=vcpus,
                     timeout=self.cfg.timeout_s,
                     control=self.control,
+                    paused=self.cfg.paused,
                 )
             except MigrationError as exc:
                 self.error = exc.message

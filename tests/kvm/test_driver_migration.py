@@ -168,6 +168,8 @@ def test_a_paused_guest_arrives_paused(two: tuple[Host, Host], test_guest: Path)
     ]
     assert events_at(b, spec, 2) == [*MIGRATED, ("paused", "migrated", "")]
     assert b.driver.get_info(spec.uuid).state is PowerState.PAUSED
+    time.sleep(0.1)
+    assert counters(b.console(spec.uuid)) == []  # it never ran here: not one line
     b.driver.resume(spec.uuid)
     counts_on(b, spec, frozen)
 
