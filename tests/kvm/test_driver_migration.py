@@ -332,3 +332,26 @@ def test_a_commit_the_target_never_confirms_leaves_the_source_paused(
     # Whoever learns the target's fate decides: here it runs, so the source goes.
     a.driver.destroy(spec.uuid)
     assert a.kinds(spec.uuid)[-1] == ("stopped", "destroyed", "host")
+
+
+def test_destroying_the_source_mid_precopy_ends_the_migration_first(
+    two: tuple[Host, Host], test_guest: Path
+) -> None:
+    """A destroy while the migration streams: the VMM cancels it (the engine holds the
+    machine), answers the migration (cancelled), then destroys; the target ends silently."""
+    a, b = two
+    spec = make_spec(test_guest, "ready echo memtest=16 rewrite=8")
+    running(a, spec, "rewrite=8")
+    target = b.driver.prepare_incoming(spec, b.boot_files())
+
+    def destroy(_stats: MigrationStats) -> None:
+        if a.driver.get_info(spec.uuid).state is PowerState.RUNNING:
+            a.driver.destroy(spec.uuid)
+
+    outcome = a.driver.migrate_out(spec.uuid, target, MigrationParams(bandwidth_mibps=4), destroy)
+    assert not outcome.committed
+    assert outcome.phase == "cancelled"
+    assert a.kinds(spec.uuid) == [("started", "", "booted"), ("stopped", "destroyed", "host")]
+    assert gone(a, spec)
+    assert gone(b, spec)
+    assert b.kinds(spec.uuid) == []
