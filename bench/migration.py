@@ -16,7 +16,11 @@ QEMU started with `-incoming tcp:127.0.0.1:PORT` (both with no bandwidth cap: QE
 - migration.guest_gap_ms: the longest gap between two COUNTER lines as this process reads
   them from both consoles, across the switch (the guest prints every 10 ms);
 - migration.reported_vs_measured_ms: ours, |the pause the target reported (timed from the
-  PAUSED marker) - the one measured on the shared clock|.
+  PAUSED marker) - the one measured on the shared clock|;
+- migration.vmm_downtime_ms: the same guest at a 300 ms budget migrated the way a compute
+  node does it, between two KvmDrivers (compute_node/kvm.py: each guest a VMM process, the
+  engine on a thread of the source's VMM, the target a VMM waiting with the listener),
+  anchored on the direct engine's pause in the same run: what the VMM processes add.
 Human-readable results go to stderr; stdout ends with one JSON object per figure. Needs
 /dev/kvm, gcc and qemu-system-x86_64; exits 2 without them. Figures from a loaded host say so.
 """
@@ -24,6 +28,7 @@ Human-readable results go to stderr; stdout ends with one JSON object per figure
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -44,7 +49,12 @@ sys.path.insert(0, str(ROOT))
 import native  # noqa: E402
 from bench.figures import emit, figure  # noqa: E402
 from bench.qmp import Qmp  # noqa: E402
+from compute_node.boot_sources import BootFiles, HostFile  # noqa: E402
+from compute_node.driver import GuestEvent  # noqa: E402
+from compute_node.kvm import KvmDriver  # noqa: E402
 from native import kvm_unavailable_reason, migration, testguest  # noqa: E402
+from protos.domain import BootSpec, DomainSpec  # noqa: E402
+from protos.migration import MigrationParams  # noqa: E402
 
 MEMORY_MIB = 256
 CMDLINE = "ready rewrite=32"
@@ -169,6 +179,59 @@ def ours_round(guest: Path, budget_ms: float) -> dict[str, float]:
     }
 
 
+# ---- ours, through two KvmDrivers (a VMM process at each end) ----
+
+
+def vmm_round(guest: Path, work: Path, budget_ms: float) -> dict[str, float]:
+    def sink(_event: GuestEvent) -> None:
+        pass
+
+    spec = DomainSpec.model_validate(
+        {
+            "name": f"bench-{time.monotonic_ns()}",
+            "boot": BootSpec(kernel=str(guest), cmdline=CMDLINE),
+            "memory_mib": MEMORY_MIB,
+            "vcpus": 1,
+        }
+    )
+    source = KvmDriver(work / f"{spec.name}-source")
+    target = KvmDriver(work / f"{spec.name}-target")
+    files = [
+        BootFiles([HostFile("boot.kernel", str(guest), os.open(guest, os.O_RDONLY))])
+        for _ in range(2)
+    ]
+    for driver in (source, target):
+        driver.set_event_sink(sink)
+    try:
+        source.spawn(spec, files[0])
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            text = source.console(spec.uuid, 1 << 20)[0]
+            if b"REWRITE pass=1 done" in text and len(LINE.findall(text)) >= WARM_LINES:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit("bench/migration: the guest stopped printing")
+            time.sleep(0.01)
+        incoming = target.prepare_incoming(spec, files[1])
+        params = MigrationParams(max_downtime_ms=budget_ms, timeout_s=TIMEOUT)
+        outcome = source.migrate_out(spec.uuid, incoming, params, lambda _s: None)
+        if not outcome.committed:
+            say(f"  vmm at {budget_ms:g} ms: failed: {outcome.error}")
+            return {"failed": 1.0}
+        return {
+            "paused_ms": outcome.paused_ms or float("nan"),
+            "reported_ms": outcome.downtime_ms or float("nan"),
+            "sent": float(outcome.stats.bytes_sent),
+        }
+    finally:
+        for driver in (source, target):
+            with contextlib.suppress(Exception):
+                driver.destroy(spec.uuid)
+            driver.close()
+        for f in files:
+            f.close()
+
+
 # ---- QEMU ----
 
 
@@ -268,18 +331,23 @@ def main() -> int:
     ours50: list[dict[str, float]] = []
     qemu300: list[dict[str, float]] = []
     qemu50: list[dict[str, float]] = []
+    vmm300: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="bench-migration-") as tmp:
         work = Path(tmp)
         for n in range(args.rounds):
+            vmm300.append(vmm_round(guest, work, 300))
             ours300.append(ours_round(guest, 300))
             qemu300.append(qemu_round(guest, work, 300, converge=False))
             ours50.append(ours_round(guest, 50))
             qemu50.append(qemu_round(guest, work, 50, converge=True))
             say(f"round {n}: ours300 {ours300[-1]}\n  qemu300 {qemu300[-1]}")
+            say(f"  vmm300 {vmm300[-1]}")
             say(f"  ours50 {ours50[-1]}\n  qemu50 {qemu50[-1]}")
     ram = MEMORY_MIB << 20
     failed300 = sum(1 for r in ours300 if r.get("failed"))
     failed50 = sum(1 for r in ours50 if r.get("failed"))
+    failed_vmm = sum(1 for r in vmm300 if r.get("failed"))
+    vmm300 = [r for r in vmm300 if not r.get("failed")] or vmm300
     all50 = ours50  # totals count a failed run as the timeout
     ours300 = [r for r in ours300 if not r.get("failed")] or ours300
     ours50 = [r for r in ours50 if not r.get("failed")] or ours50
@@ -349,6 +417,19 @@ def main() -> int:
                 target="value <= 1 ms",
                 note="ours: the target's pause (from the PAUSED marker) against the source "
                 "pause to target resume on the shared clock; " + note,
+            ),
+            figure(
+                "migration.vmm_downtime_ms",
+                med(vmm300, "paused_ms"),
+                "ms",
+                anchor="ours-direct-engine-300",
+                anchor_value=med(ours300, "paused_ms"),
+                target="report (little over the direct engine's)",
+                reported_ms=round(med(vmm300, "reported_ms"), 3),
+                sent_mib=round(med(vmm300, "sent") / (1 << 20), 1),
+                failed_runs=failed_vmm,
+                note="KvmDriver.migrate_out between two KvmDrivers (a VMM process at each "
+                "end), source pause to target resume on one clock; " + note,
             ),
         ]
     )

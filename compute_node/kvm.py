@@ -11,6 +11,7 @@ subscription and hands each record to the worker's sink. A VMM that dies without
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -32,6 +33,9 @@ from compute_node.driver import (
     EventSink,
     GuestEvent,
     GuestEventKind,
+    IncomingMachine,
+    MigrationOutcome,
+    MigrationStats,
     NicTap,
     RuntimeInfo,
     SavedMachine,
@@ -44,6 +48,7 @@ from compute_node.vmm import protocol
 from compute_node.vmm.config import (
     ConfigInvalid,
     DiskConfig,
+    IncomingConfig,
     LaunchConfig,
     RestoreConfig,
     load_config,
@@ -52,6 +57,7 @@ from compute_node.vmm.frames import CONFIG_FILE, CONSOLE_LOG, JOURNAL, Journal, 
 from protos.commands import RebootMode, ShutdownMode
 from protos.domain import DomainSpec, PowerState
 from protos.host import Resources
+from protos.migration import MIGRATION_PROGRESS_S, MigrationParams
 
 log = structlog.get_logger("flotilla.compute.kvm")
 
@@ -60,6 +66,8 @@ RECORD_TIMEOUT_S = 10.0
 # slow disk; a snapshot's disks are copied within this hold, else the VMM lets the guest go on.
 SAVE_TIMEOUT_S = 600.0
 SNAPSHOT_HOLD_S = 300.0
+# How long a VMM prepared for an incoming migration waits for its source and stream.
+INCOMING_TIMEOUT_S = 3600.0
 # cgroup v2 limits per VMM: at most its vCPU count of host CPU time, and its guest RAM plus
 # room for the VMM process itself (Python, cffi, the console ring: ~14 MiB measured).
 CPU_PERIOD_US = 100_000
@@ -77,13 +85,22 @@ class _Watch:
     """Follows one VMM's journal on a thread of its own."""
 
     def __init__(
-        self, driver: KvmDriver, domain_id: uuid.UUID, directory: Path, pid: int | None
+        self,
+        driver: KvmDriver,
+        domain_id: uuid.UUID,
+        directory: Path,
+        pid: int | None,
+        *,
+        incoming: bool = False,
     ) -> None:
         self.driver = driver
         self.domain_id = domain_id
         self.directory = directory
         self.pid = pid
+        # A VMM waiting for an incoming migration ends silently until its guest started.
+        self.incoming = incoming
         self.delivered = 0
+        self.started_n = 0
         self.finished = False
         self.closing = False
         self.cond = threading.Condition()
@@ -91,7 +108,7 @@ class _Watch:
         self._thread = threading.Thread(target=self._run, name=f"watch-{domain_id}", daemon=True)
 
     def start(self, after_n: int) -> None:
-        self.delivered = after_n
+        self.delivered = self.started_n = after_n
         self._sub = vmm_client.VmmClient(self.directory).subscribe(after_n)
         self._thread.start()
 
@@ -144,7 +161,8 @@ class _Watch:
         # Records written just before the end that the subscription did not carry.
         for record in vmm_client.read_journal(self.directory / JOURNAL, self.delivered):
             self._deliver(record)
-        if not self.driver.ended_cleanly(self.directory):
+        silent = self.incoming and self.delivered == self.started_n
+        if not silent and not self.driver.ended_cleanly(self.directory):
             journal = Journal(str(self.directory / JOURNAL))
             try:
                 record = journal.append("stopped", "failed", death)
@@ -195,7 +213,13 @@ class KvmDriver(Driver):
     # ---- plumbing ------------------------------------------------------------------------
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(kvm=self._kind, max_vcpus=64, console_attach=True, save_restore=True)
+        return Capabilities(
+            kvm=self._kind,
+            max_vcpus=64,
+            console_attach=True,
+            save_restore=True,
+            live_migration=True,
+        )
 
     def host_resources(self) -> Resources:
         return physical_resources()
@@ -292,6 +316,8 @@ class KvmDriver(Driver):
         paused: bool,
         nics: Sequence[NicTap],
         restore: RestoreConfig | None,
+        *,
+        incoming: IncomingConfig | None = None,
     ) -> RuntimeInfo:
         if files.kernel is None:
             raise DriverError("no kernel was opened for the domain", "invalid")
@@ -304,7 +330,9 @@ class KvmDriver(Driver):
         # lives (a data-plane namespace, if any), and keeps it for the machine's life.
         taps = self._open_taps(nics)
         try:
-            return self._spawn(spec, files, paused=paused, nics=nics, taps=taps, restore=restore)
+            return self._spawn(
+                spec, files, paused=paused, nics=nics, taps=taps, restore=restore, incoming=incoming
+            )
         finally:
             for fd in taps:
                 os.close(fd)
@@ -329,6 +357,7 @@ class KvmDriver(Driver):
         nics: Sequence[NicTap],
         taps: list[int],
         restore: RestoreConfig | None,
+        incoming: IncomingConfig | None,
     ) -> RuntimeInfo:
         assert files.kernel is not None  # checked by _launch
         directory = self.directory(spec.uuid)
@@ -360,6 +389,7 @@ class KvmDriver(Driver):
             },
             nics=tuple((fd, nic.mac) for fd, nic in zip(taps, nics, strict=True)),
             restore=restore,
+            incoming=incoming,
         )
         config.write(str(directory))
         before = _last_n(directory)
@@ -369,7 +399,7 @@ class KvmDriver(Driver):
             )
         except vmm_client.VmmSpawnError as exc:
             raise DriverError(_named(exc.reason, files), exc.code) from None
-        watch = _Watch(self, spec.uuid, directory, pid)
+        watch = _Watch(self, spec.uuid, directory, pid, incoming=incoming is not None)
         with self._lock:
             self._watches[spec.uuid] = watch
         try:
@@ -414,7 +444,7 @@ class KvmDriver(Driver):
             watch.delivered = after_n
             watch.ended("the VMM process died while the compute node was down")
             return RuntimeInfo(state=PowerState.SHUTOFF)
-        watch = _Watch(self, domain_id, directory, None)
+        watch = _Watch(self, domain_id, directory, None, incoming=status.incoming_port is not None)
         with self._lock:
             self._watches[domain_id] = watch
         watch.start(after_n)
@@ -525,6 +555,118 @@ class KvmDriver(Driver):
         with watch.cond:
             watch.cond.wait_for(lambda: watch.finished, RECORD_TIMEOUT_S)
 
+    # ---- live migration (docs/migration.md, "The control plane") ------------------------
+
+    def prepare_incoming(
+        self,
+        spec: DomainSpec,
+        files: BootFiles,
+        *,
+        nics: Sequence[NicTap] = (),
+        listen: str = "127.0.0.1",
+        paused: bool = False,
+    ) -> IncomingMachine:
+        token = secrets.token_hex(32)
+        incoming = IncomingConfig(listen, 0, token, paused, INCOMING_TIMEOUT_S)
+        self._launch(spec, files, False, nics, None, incoming=incoming)
+        try:
+            port = self._client(spec.uuid).status().incoming_port
+        except vmm_client.VmmClientError:
+            port = None
+        if port is None:
+            raise DriverError("the VMM for the incoming migration ended at once", "spawn_failed")
+        return IncomingMachine(listen, port, token)
+
+    def cancel_incoming(self, domain_id: uuid.UUID) -> None:
+        with self._lock:
+            watch = self._watches.get(domain_id)
+        if watch is None:
+            return
+        try:
+            self._client(domain_id).request(protocol.CancelIncoming())
+        except vmm_client.VmmGone:
+            pass
+        except vmm_client.VmmRequestError as exc:
+            raise DriverError(exc.message, "conflict") from None
+        except vmm_client.VmmClientError as exc:
+            raise DriverError(str(exc)) from None
+        self._wait_finished(watch)
+
+    def migrate_out(
+        self,
+        domain_id: uuid.UUID,
+        target: IncomingMachine,
+        params: MigrationParams,
+        progress: Callable[[MigrationStats], None],
+    ) -> MigrationOutcome:
+        watch = self._watch(domain_id)
+        client = self._client(domain_id)
+        request = protocol.MigrateOut(
+            address=target.address,
+            port=target.port,
+            token=target.token,
+            max_downtime_ms=params.max_downtime_ms,
+            bandwidth=params.bandwidth_mibps << 20,
+            auto_converge=params.auto_converge,
+            verify=params.verify,
+            timeout_s=params.timeout_s or 0.0,
+            timeout_action=params.timeout_action.value,
+        )
+        stop = threading.Event()
+        poller = threading.Thread(
+            target=_poll_progress, args=(client, progress, stop), name=f"migrate-{domain_id}"
+        )
+        poller.start()
+        try:
+            reply = client.migrate_out(request)
+        except vmm_client.VmmGone:
+            self._wait_finished(watch)  # its death is reported (stopped/failed)
+            raise DriverError("the VMM died during the migration", "internal") from None
+        except vmm_client.VmmRequestError as exc:
+            code = "conflict" if exc.code in ("state", "busy") else exc.code
+            raise DriverError(f"migrate: {exc.message}", code) from None
+        except vmm_client.VmmClientError as exc:
+            raise DriverError(f"migrate: {exc}") from None
+        finally:
+            stop.set()
+            poller.join()
+        stats = _stats(reply)
+        if reply.committed and reply.error is None:
+            self._wait_finished(watch)  # stopped/migrated delivered, the VMM gone
+            return MigrationOutcome(True, "done", stats, reply.downtime_ms, reply.paused_ms)
+        try:
+            watch.wait_for(int(client.status().journal_n))  # paused, resumed delivered
+        except vmm_client.VmmClientError:
+            self._wait_finished(watch)
+        if reply.committed:
+            raise DriverError(reply.error or "unconfirmed", "migration_unconfirmed")
+        return MigrationOutcome(False, reply.phase, stats, error=reply.error)
+
+    def migration_set(
+        self,
+        domain_id: uuid.UUID,
+        *,
+        max_downtime_ms: float | None = None,
+        bandwidth_mibps: int | None = None,
+    ) -> None:
+        self._watch(domain_id)
+        bandwidth = None if bandwidth_mibps is None else bandwidth_mibps << 20
+        try:
+            self._client(domain_id).request(protocol.MigrationSet(max_downtime_ms, bandwidth))
+        except vmm_client.VmmGone:
+            raise DomainNotRunning(domain_id) from None
+        except vmm_client.VmmRequestError as exc:
+            code = "conflict" if exc.code == "state" else exc.code
+            raise DriverError(exc.message, code) from None
+        except vmm_client.VmmClientError as exc:
+            raise DriverError(str(exc)) from None
+
+    def migration_cancel(self, domain_id: uuid.UUID) -> None:
+        try:
+            self._client(domain_id).request(protocol.MigrationCancel())
+        except vmm_client.VmmClientError:
+            pass  # none runs (or no VMM): nothing to cancel
+
     def get_info(self, domain_id: uuid.UUID) -> RuntimeInfo:
         try:
             status = self._client(domain_id).status()
@@ -569,6 +711,41 @@ def _save_error(exc: vmm_client.VmmClientError, what: str) -> DriverError:
     if isinstance(exc, vmm_client.VmmGone):
         return DriverError(f"{what}: the VMM died before it finished; nothing was kept")
     return DriverError(f"{what}: {exc}")
+
+
+def _stats(reply: protocol.MigrationReply) -> MigrationStats:
+    return MigrationStats(
+        phase=reply.phase,
+        iteration=reply.iteration,
+        bytes_sent=reply.bytes_sent,
+        remaining_bytes=reply.remaining_bytes,
+        memory_bytes=reply.memory_bytes,
+        dirty_rate=reply.dirty_rate,
+        bandwidth=reply.bandwidth,
+        predicted_ms=reply.predicted_ms,
+        throttle_pct=reply.throttle_pct,
+        elapsed_ms=reply.elapsed_ms,
+    )
+
+
+def _poll_progress(
+    client: vmm_client.VmmClient,
+    progress: Callable[[MigrationStats], None],
+    stop: threading.Event,
+) -> None:
+    """Hands the running migration's figures to `progress` every MIGRATION_PROGRESS_S until
+    `stop` (the outcome is migrate_out's to report)."""
+    while not stop.wait(MIGRATION_PROGRESS_S):
+        try:
+            reply = client.migration_status()
+        except vmm_client.VmmClientError:
+            return
+        if reply.ended:
+            return
+        try:
+            progress(_stats(reply))
+        except Exception:
+            log.exception("migration progress callback failed")
 
 
 def _named(reason: str, files: BootFiles) -> str:

@@ -73,6 +73,11 @@ void fl_migration_set_bandwidth(struct fl_migration *m, uint64_t bytes_per_s)
 	__atomic_store_n(&m->bandwidth, bytes_per_s, __ATOMIC_RELAXED);
 }
 
+void fl_migration_set_start_paused(struct fl_migration *m, int paused)
+{
+	__atomic_store_n(&m->start_paused, !!paused, __ATOMIC_RELAXED);
+}
+
 void fl_migration_cancel(struct fl_migration *m)
 {
 	__atomic_store_n(&m->cancel, 1, __ATOMIC_SEQ_CST);
@@ -168,21 +173,41 @@ int fl_mig_recv(struct fl_mig_link *l, void *buf, size_t len)
 	return 0;
 }
 
+static uint64_t realtime_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
 /* The kernel's receive time of an skb (SO_TIMESTAMPNS: CLOCK_REALTIME) on our monotonic
- * clock, or now when the message carries none. */
+ * clock, or now when the message carries none. The offset between the clocks is read with
+ * the monotonic read between two realtime ones (their midpoint): a preemption between two
+ * reads would shift the arrival by as much, so a pair further apart than 20 us is read
+ * again (a few tries; the closest pair is used). */
 static uint64_t arrival(struct msghdr *msg)
 {
 	for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c; c = CMSG_NXTHDR(msg, c)) {
 		if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_TIMESTAMPNS) {
-			struct timespec at, real;
-			uint64_t mono = fl_mig_now(), at_ns, real_ns;
+			struct timespec at;
+			uint64_t mono = 0, real = 0, best = UINT64_MAX, at_ns;
 
 			memcpy(&at, CMSG_DATA(c), sizeof(at));
-			clock_gettime(CLOCK_REALTIME, &real);
+			for (int i = 0; i < 4 && best > 20000; i++) {
+				uint64_t r0 = realtime_ns(), m = fl_mig_now(), r1 = realtime_ns();
+
+				if (r1 >= r0 && r1 - r0 < best) {
+					best = r1 - r0;
+					mono = m;
+					real = r0 + (r1 - r0) / 2;
+				}
+			}
+			if (best == UINT64_MAX)
+				return fl_mig_now(); /* the realtime clock stepped back meanwhile */
 			at_ns = (uint64_t)at.tv_sec * 1000000000ULL + (uint64_t)at.tv_nsec;
-			real_ns = (uint64_t)real.tv_sec * 1000000000ULL + (uint64_t)real.tv_nsec;
-			if (real_ns >= at_ns && real_ns - at_ns < mono)
-				return mono - (real_ns - at_ns);
+			if (real >= at_ns && real - at_ns < mono)
+				return mono - (real - at_ns);
 			return mono;
 		}
 	}

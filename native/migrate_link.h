@@ -20,6 +20,7 @@ struct fl_migration {
 	uint64_t budget_ns;		     /* atomic */
 	uint64_t bandwidth;		     /* atomic; 0: no cap */
 	int cancel;			     /* atomic */
+	int start_paused;		     /* atomic; target: loaded, not started, on the commit */
 	char err[256];
 };
 

@@ -113,6 +113,8 @@ struct source {
 	struct fl_migration *m;
 	struct fl_mig_link l;
 	int debug;
+	int was_paused;	  /* the machine was paused before: it stays so, and is never resumed */
+	int no_throttle;  /* auto-converge off: the vCPUs are never throttled */
 	uint64_t npages, words;
 	uint8_t *ram;
 	uint64_t *dirty; /* collected from the log, to send next */
@@ -414,7 +416,7 @@ static int precopy(struct source *s, struct throttle *t, struct plan *pl, uint64
 			return rc;
 		}
 		/* Does not fit and does not shrink: the guest dirties as fast as we send. */
-		if (predicted > budget && !shrinking) {
+		if (predicted > budget && !shrinking && !s->no_throttle) {
 			uint32_t pct = __atomic_load_n(&t->pct, __ATOMIC_RELAXED);
 			throttle_set(t, pct ? (pct + 10 > 99 ? 99 : pct + 10) : 20);
 		}
@@ -432,7 +434,7 @@ static int stopcopy(struct source *s, struct fl_migrate_result *res, uint64_t t0
 	uint64_t before;
 	int rc;
 
-	rc = fl_vm_pause_locked(s->vm);
+	rc = s->was_paused ? 0 : fl_vm_pause_locked(s->vm);
 	if (rc < 0)
 		return fl_mig_fail(s->m, -rc, "pausing the source: %s", s->vm->err);
 	res->source_pause_ns = paused.source_pause_ns = fl_mig_now();
@@ -531,15 +533,18 @@ int fl_migrate_send(struct fl_vm *vm, struct fl_migration *m, int fd, const uint
 	memset(&m->progress, 0, sizeof(m->progress));
 	m->progress.phase = FL_MIGRATE_SETUP;
 	pthread_mutex_unlock(&m->lock);
-	if (flags & ~(uint32_t)FL_MIGRATE_DEBUG)
+	if (flags & ~(uint32_t)(FL_MIGRATE_DEBUG | FL_MIGRATE_NO_THROTTLE))
 		return fl_mig_fail(m, EINVAL, "unknown migration flags 0x%x", flags);
 	pthread_mutex_lock(&vm->api_lock);
 	s.vm = vm;
 	s.m = m;
 	s.debug = !!(flags & FL_MIGRATE_DEBUG);
+	s.no_throttle = !!(flags & FL_MIGRATE_NO_THROTTLE);
 	s.l = (struct fl_mig_link){.fd = fd, .m = m, .deadline = fl_mig_deadline(t0, timeout_ns), .cancellable = 1};
-	if (fl_vm_state(vm) != FL_STATE_RUNNING) {
-		rc = fl_mig_fail(m, EINVAL, "only a running machine migrates live");
+	/* A paused machine migrates too (nothing dirties its RAM: one pass), and stays paused. */
+	s.was_paused = fl_vm_state(vm) == FL_STATE_PAUSED;
+	if (fl_vm_state(vm) != FL_STATE_RUNNING && !s.was_paused) {
+		rc = fl_mig_fail(m, EINVAL, "only a running or paused machine migrates");
 		goto out;
 	}
 	rc = fl_mig_nonblocking(fd);
@@ -565,7 +570,8 @@ int fl_migrate_send(struct fl_vm *vm, struct fl_migration *m, int fd, const uint
 		rc = fl_mig_fail(m, -rc, "dirty logging: %s", vm->err);
 		goto failed;
 	}
-	rc = throttle_start(&t, vm);
+	/* The throttle lets paused vCPUs run at the end of each nap: never for a paused one. */
+	rc = s.was_paused || s.no_throttle ? 0 : throttle_start(&t, vm);
 	if (rc < 0) {
 		rc = fl_mig_fail(m, -rc, "starting the throttle thread");
 		goto failed;
@@ -622,7 +628,7 @@ failed:
 		fl_mig_send_record(&quick, FL_MIG_ABORT, m->err, n);
 	}
 	throttle_stop(&t);
-	if (paused && fl_vm_state(vm) == FL_STATE_PAUSED)
+	if (paused && !s.was_paused && fl_vm_state(vm) == FL_STATE_PAUSED)
 		fl_vm_resume_locked(vm);
 	pthread_mutex_lock(&m->lock);
 	m->progress.phase = FL_MIGRATE_FAILED;

@@ -323,10 +323,13 @@ int fl_migrate_receive(struct fl_vm *vm, struct fl_migration *m, const struct fl
 		fl_mig_refuse_peer(&t->l, m->err);
 		goto out;
 	}
-	/* Committed: run. vCPUs start on the state loaded above. */
-	pthread_mutex_unlock(&vm->api_lock);
-	rc = fl_vm_start(vm);
-	pthread_mutex_lock(&vm->api_lock);
+	/* Committed: run. vCPUs start on the state loaded above (or later: start_paused). */
+	rc = 0;
+	if (!__atomic_load_n(&m->start_paused, __ATOMIC_RELAXED)) {
+		pthread_mutex_unlock(&vm->api_lock);
+		rc = fl_vm_start(vm);
+		pthread_mutex_lock(&vm->api_lock);
+	}
 	if (rc < 0) {
 		fl_mig_fail(m, -rc, "starting the migrated guest: %s", vm->err);
 		goto out;

@@ -30,6 +30,7 @@ else:
 
 TOKEN_BYTES = 32
 DEBUG = 1
+NO_THROTTLE = 2
 _PHASES = {1: "setup", 2: "precopy", 3: "stopcopy", 4: "commit", 5: "done", 6: "failed"}
 
 
@@ -79,7 +80,9 @@ class MigrationResult(NamedTuple):
     """What a migration did. `downtime_ms`: the pause as the target measured it (from the
     source's last-bytes marker arriving to its vCPUs running); `paused_ms`: from the source's
     pause to the target's resume, comparable only when both run on one host (one clock);
-    `ram_checksum`: in debug mode, the checksum of all RAM both sides agreed on."""
+    `ram_checksum`: in debug mode, the checksum of all RAM both sides agreed on;
+    `source_paused`: the source reached its paused phase, the last pages and the state (a
+    failure after that resumed a machine that had been running)."""
 
     downtime_ms: float
     paused_ms: float
@@ -93,6 +96,7 @@ class MigrationResult(NamedTuple):
     throttle_pct: int
     load_ms: float
     ram_checksum: str
+    source_paused: bool = False
 
 
 def new_token() -> str:
@@ -127,6 +131,7 @@ def _result(res: Any) -> MigrationResult:
         throttle_pct=int(res.throttle_pct),
         load_ms=res.load_ns / 1e6,
         ram_checksum=f"{int(res.ram_sum):016x}" if res.ram_sum else "",
+        source_paused=bool(res.source_pause_ns),
     )
 
 
@@ -193,16 +198,20 @@ def migrate(
     bandwidth: int = 0,
     timeout: float = 60.0,
     debug: bool = False,
+    auto_converge: bool = True,
     progress: Callable[[MigrationProgress], None] | None = None,
     progress_interval: float = 0.25,
 ) -> MigrationResult:
-    """Migrates running `machine` live to the listener at `address` that holds `token`.
+    """Migrates running (or paused) `machine` live to the listener at `address` that holds
+    `token`.
 
     Returns once the target runs the guest; `machine` is then PAUSED and never resumed by
-    this module (close it). `control` (else one made from max_downtime_ms and bandwidth)
-    steers it from other threads. `progress` is called on this thread at most every
-    `progress_interval` seconds, and once more at the end. `debug` checks a checksum of
-    every page on arrival and of all RAM before the commit. Raises MigrationError (see its
+    this module (close it). A paused machine streams in one pass and stays paused whatever
+    happens (the target still runs the guest on the commit). `control` (else one made from
+    max_downtime_ms and bandwidth) steers it from other threads. `progress` is called on this
+    thread at most every `progress_interval` seconds, and once more at the end. `debug`
+    checks a checksum of every page on arrival and of all RAM before the commit;
+    `auto_converge` False never throttles the vCPUs. Raises MigrationError (see its
     `committed`), ValueError for a malformed token.
     """
     raw = _token_bytes(token)
@@ -221,12 +230,13 @@ def migrate(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
     rc: list[int] = []
     vm = machine._handle()
+    flags = (DEBUG if debug else 0) | (0 if auto_converge else NO_THROTTLE)
 
     def run() -> None:
         rc.append(
             int(
                 mod.lib.fl_migrate_send(
-                    vm, ctl._m, sock.fileno(), raw, DEBUG if debug else 0, int(timeout * 1e9), res
+                    vm, ctl._m, sock.fileno(), raw, flags, int(timeout * 1e9), res
                 )
             )
         )
@@ -271,6 +281,12 @@ class MigrationListener:
         self.refused: list[str] = []
 
     def close(self) -> None:
+        """Closes the listener; a thread waiting in `accept` or `refuse_replays` wakes
+        (the shutdown does that on Linux; a close alone would leave it waiting)."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # closed already, or never listened
         self._sock.close()
 
     def __enter__(self) -> MigrationListener:
@@ -308,9 +324,11 @@ class MigrationListener:
         vcpus: int = 0,
         timeout: float = 60.0,
         control: Migration | None = None,
+        paused: bool = False,
     ) -> tuple[Machine, MigrationResult]:
         """Waits up to `timeout` s for the source to come and the migration to finish, and
-        returns the machine, RUNNING, and what the target measured. `disks`/`nics` as for
+        returns the machine, RUNNING, and what the target measured (`paused`: the machine
+        has its state loaded but never ran here; `start()` runs it). `disks`/`nics` as for
         `Machine.restore`; `memory_mib`/`vcpus`: what the guest must have (0: whatever the
         source says), a source with another machine is refused. Raises MigrationError
         (nothing is left running) when the token was spent, when the stream failed after
@@ -319,6 +337,7 @@ class MigrationListener:
         deadline = time.monotonic() + timeout
         mod = _vmm()
         ffi = mod.ffi
+        mod.lib.fl_migration_set_start_paused(ctl._m, 1 if paused else 0)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -338,6 +338,19 @@ class VmmClient:
             raise
         return HeldSnapshot(self, sock, held)
 
+    def migrate_out(self, request: p.MigrateOut) -> p.MigrationReply:
+        """Starts the live migration and waits for its outcome (`ended`), however long it
+        takes; a refusal (`busy`, `state`, `bad_request`) comes at once. VmmGone if the VMM
+        dies meanwhile."""
+        sock = _connect(self.domain_dir, self.timeout)
+        with sock:
+            sock.settimeout(None)
+            reply = self._turn(sock, FrameReader(MAX_REPLY), request)
+        return _expect(reply, p.MigrationReply)
+
+    def migration_status(self) -> p.MigrationReply:
+        return _expect(self.request(p.MigrationStatus()), p.MigrationReply)
+
     def subscribe(self, from_n: int = 0) -> VmmSubscription:
         """Every record with n > from_n: those on disk first, then live ones."""
         sock = _connect(self.domain_dir, self.timeout)

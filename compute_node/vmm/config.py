@@ -37,6 +37,20 @@ class RestoreConfig(NamedTuple):
     detail: str  # the `started` record's detail: restored | from_snapshot
 
 
+class IncomingConfig(NamedTuple):
+    """Receive the machine from a live migration instead of booting (docs/vmm.md, "Live
+    migration"): listen on `address:port` (0: any free port, reported in `status`) for the
+    source presenting `token` (64 hex digits); once it commits the guest runs (`started`,
+    reason `migrated`), and stays paused if `paused`. A stream that fails before the commit,
+    or `timeout_s` without one, ends the process with no lifecycle record."""
+
+    address: str
+    port: int
+    token: str
+    paused: bool
+    timeout_s: float
+
+
 class LaunchConfig(NamedTuple):
     domain_id: str
     name: str
@@ -56,15 +70,20 @@ class LaunchConfig(NamedTuple):
     # (inherited tap fd, guest MAC) per NIC, in order
     nics: tuple[tuple[int, str], ...] = ()
     restore: RestoreConfig | None = None
+    incoming: IncomingConfig | None = None
 
     def write(self, directory: str) -> None:
-        """Writes `<directory>/vmm.json` atomically (a temporary file renamed over it)."""
+        """Writes `<directory>/vmm.json` atomically (a temporary file renamed over it),
+        mode 0600: an incoming migration's token is in it."""
         doc = self._asdict()
         doc["disks"] = [d._asdict() for d in self.disks]
         doc["nics"] = [{"fd": fd, "mac": mac} for fd, mac in self.nics]
         doc["restore"] = None if self.restore is None else self.restore._asdict()
+        doc["incoming"] = None if self.incoming is None else self.incoming._asdict()
         path = os.path.join(directory, CONFIG_FILE)  # noqa: PTH118
-        with open(path + ".tmp", "w") as f:  # noqa: PTH123
+        _unlink(path + ".tmp")  # a leftover could have a wider mode
+        fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with open(fd, "w") as f:  # noqa: PTH123
             f.write(json.dumps(doc))
         os.replace(path + ".tmp", path)  # noqa: PTH105 (pathlib costs the VMM import time)
 
@@ -130,7 +149,40 @@ def load_config(path: str) -> LaunchConfig:
         cgroup=cgroup,
         nics=tuple(nics),
         restore=_restore(field("restore", (dict, type(None)), None)),
+        incoming=_incoming(field("incoming", (dict, type(None)), None)),
     )
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)  # noqa: PTH108
+    except OSError:
+        pass
+
+
+def _incoming(raw: dict[str, Any] | None) -> IncomingConfig | None:
+    if raw is None:
+        return None
+    address, port, token = raw.get("address"), raw.get("port"), raw.get("token")
+    paused, timeout_s = raw.get("paused"), raw.get("timeout_s")
+    if (
+        not isinstance(address, str)
+        or not isinstance(port, int)
+        or isinstance(port, bool)
+        or not 0 <= port <= 65535
+        or not isinstance(token, str)
+        or len(token) != 64
+        or any(c not in "0123456789abcdef" for c in token)
+        or not isinstance(paused, bool)
+        or not isinstance(timeout_s, (int, float))
+        or isinstance(timeout_s, bool)
+        or not timeout_s > 0
+    ):
+        raise ConfigInvalid(
+            f"{CONFIG_FILE}: incoming is {{address, port (0..65535), token (64 hex digits), "
+            "paused, timeout_s (> 0)}"
+        )
+    return IncomingConfig(address, port, token, paused, float(timeout_s))
 
 
 def _restore(raw: dict[str, Any] | None) -> RestoreConfig | None:

@@ -80,6 +80,9 @@ class Guest:
         self.shutdown_requested = False
         self.reboot_requested = False
         self.exit_code: int | None = None
+        # Called before a machine event is handled: an outgoing migration holds the machine
+        # (its control lock) and must end first (compute_node.vmm.operations).
+        self.before_event: Callable[[], None] = lambda: None
 
     # -- start ------------------------------------------------------------------------------
 
@@ -188,7 +191,31 @@ class Guest:
 
     # -- machine events and policies --------------------------------------------------------
 
+    def migrated_in(self, machine: Machine, paused: bool) -> None:
+        """The machine an incoming migration made runs (`started`, reason `migrated`), or,
+        for a guest paused at the source, is loaded and stays paused, never started here
+        until a resume (`started`, then `paused`, reason `migrated`)."""
+        self._adopt_machine(machine)
+        if paused:
+            self.power = Power.PAUSED
+            self.record("started", "migrated")
+            self.record("paused", "migrated")
+            return
+        self.machine_started = True
+        self.started_at = time.time()
+        self.power = Power.RUNNING
+        self.record("started", "migrated")
+
+    def migrated_out(self) -> None:
+        """The target runs the guest (committed and confirmed): the machine goes,
+        `stopped`/migrated first, then the VMM exits 0."""
+        self.record("stopped", "migrated")
+        self.end_machine()
+        self.power = Power.SHUTOFF
+        self.exit_code = EXIT_OK
+
     def _on_machine_event(self, _mask: int) -> None:
+        self.before_event()
         machine = self.machine
         while machine is not None and machine is self.machine:
             event = machine.read_event()

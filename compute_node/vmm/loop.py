@@ -5,6 +5,7 @@ live in the native runtime."""
 
 from __future__ import annotations
 
+import errno
 import os
 import selectors
 import signal
@@ -29,8 +30,9 @@ from compute_node.vmm.frames import (
     read_journal,
 )
 from compute_node.vmm.guest import EXIT_FAILED, Fatal, Guest, control_error
+from compute_node.vmm.migration import Incoming
 from compute_node.vmm.operations import Operations
-from native.machine import VmmError
+from native.machine import Disk, Nic, VmmError
 
 # A subscriber this far behind is cut off (it sees EOF, checks status and resubscribes).
 SUBSCRIBER_BACKLOG_MAX = 16 * 1024 * 1024
@@ -47,7 +49,7 @@ class Conn:
         self.sock = sock
         self.reader = FrameReader(MAX_REQUEST)
         self.out = bytearray()
-        self.mode = "request"  # | "subscribe" | "attach"
+        self.mode = "request"  # | "subscribe" | "attach" | "migrating" (awaits its outcome)
         self.from_n = 0  # a subscription's start
         self.closing = False  # close once `out` is sent
         self.closed = False
@@ -89,19 +91,57 @@ class Loop:
         self.input_pending = bytearray()
         self.input_waiting = False
         self._signal_r, self._signal_w = socket.socketpair()
+        # A migration's thread sends a byte here when it ends (compute_node.vmm.migration).
+        self._wake_r, self.wake_w = socket.socketpair()
+        self.config = config
 
     def boot(self) -> None:
         """Sets up the loop's sources and boots (or restores) the guest; VmmError propagates."""
         self.listener.setblocking(False)
         self.sel.register(self.listener, selectors.EVENT_READ, self._on_accept)
         self.sel.register(self.guest.console.out_r, selectors.EVENT_READ, self._on_console)
-        for s in (self._signal_r, self._signal_w):
+        for s in (self._signal_r, self._signal_w, self._wake_r):
             s.setblocking(False)
         self.sel.register(self._signal_r, selectors.EVENT_READ, self._on_signal)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_migration)
         signal.set_wakeup_fd(self._signal_w.fileno(), warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda _s, _f: None)  # the wake-up fd carries it to the loop
-        self.guest.boot()
+        incoming = self.config.incoming
+        if incoming is None:
+            self.guest.boot()
+            return
+        # No machine until the source commits: wait for it on a thread, answering meanwhile.
+        try:
+            inc = Incoming(incoming, self.wake_w)
+        except (OSError, ValueError) as exc:
+            raise VmmError(f"cannot listen for the migration: {exc}", errno.EINVAL) from exc
+        self.ops.incoming = inc
+        cfg = self.config
+        inc.start(
+            console_out=self.guest.console.out_w,
+            console_in=self.guest.console.in_r,
+            disks=[Disk(d.path, read_only=d.read_only, id=d.id) for d in cfg.disks],
+            nics=[Nic(fd, mac) for fd, mac in cfg.nics],
+            memory_mib=cfg.memory_mib,
+            vcpus=cfg.vcpus,
+        )
+
+    def _on_migration(self, _mask: int) -> None:
+        try:
+            self._wake_r.recv(64)
+        except BlockingIOError:
+            return
+        if self.ops.outgoing is not None and self.ops.outgoing.ended:
+            self.ops.outgoing_ended()
+        self.ops.incoming_ended()
+
+    def reply_frame(self, reply: p.Reply) -> bytes:
+        return pack_frame(p.encode_reply(reply))
+
+    def update(self, conn: Conn) -> None:
+        """Watches `conn` for what it needs now (after a reply was queued for it)."""
+        self._update(conn)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -159,6 +199,8 @@ class Loop:
         for signum in data:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self.ops.hold = None
+                self.ops.settle_outgoing()
+                self.ops.stop_incoming()
                 self.guest.destroy(f"signal {signal.Signals(signum).name}")
                 return
 
@@ -271,7 +313,8 @@ class Loop:
                     self._serve(conn)
                 elif conn.mode == "attach":
                     self._console_input(data)
-                # A subscriber's own bytes mean nothing; it is read only to notice EOF.
+                # A subscriber's (or a migration waiter's) own bytes mean nothing; it is
+                # read only to notice EOF.
         self._update(conn)
 
     def _serve(self, conn: Conn) -> None:
@@ -286,7 +329,8 @@ class Loop:
                 return
             try:
                 reply = self.ops.handle(conn, p.decode_request(frame))
-                conn.out += pack_frame(p.encode_reply(reply))
+                if reply is not None:  # None: it comes later (a migration's outcome)
+                    conn.out += pack_frame(p.encode_reply(reply))
             except Fatal:
                 raise
             except Exception as exc:

@@ -4,12 +4,14 @@ per record type, each returning one reply record or raising ControlError."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from compute_node.vmm import protocol as p
-from compute_node.vmm.guest import Power
+from compute_node.vmm.guest import EXIT_FAILED, EXIT_OK, Power
+from compute_node.vmm.migration import Incoming, Outgoing, check
 from native.machine import ShutdownMethod, SnapshotStats
 
 if TYPE_CHECKING:
@@ -43,7 +45,10 @@ class Operations:
         self.loop = loop
         self.guest = loop.guest
         self.hold: Hold | None = None
-        self._handlers: dict[type[Any], Callable[[Conn, Any], p.Reply]] = {
+        self.outgoing: Outgoing | None = None  # the running migration, or the last one
+        self.incoming: Incoming | None = None  # set by the loop for an incoming VMM
+        self.was = Power.RUNNING  # the machine's state when the outgoing migration began
+        self._handlers: dict[type[Any], Callable[[Conn, Any], p.Reply | None]] = {
             p.Status: self.status,
             p.Pause: self.pause,
             p.Resume: self.resume,
@@ -57,11 +62,23 @@ class Operations:
             p.Save: self.save,
             p.Snapshot: self.snapshot,
             p.Proceed: self.proceed,
+            p.MigrateOut: self.migrate_out,
+            p.MigrationStatus: self.migration_status,
+            p.MigrationSet: self.migration_set,
+            p.MigrationCancel: self.migration_cancel,
+            p.CancelIncoming: self.cancel_incoming,
         }
+        self.guest.before_event = self.settle_outgoing
 
-    def handle(self, conn: Conn, request: p.Request) -> p.Reply:
-        if self.hold is not None and type(request) in _CHANGES:
-            raise p.ControlError("busy", "a snapshot holds the machine paused")
+    def handle(self, conn: Conn, request: p.Request) -> p.Reply | None:
+        """The request's reply; None when it comes later on `conn` (MigrateOut)."""
+        if type(request) in _CHANGES:
+            if self.hold is not None:
+                raise p.ControlError("busy", "a snapshot holds the machine paused")
+            if self.migrating():
+                raise p.ControlError("busy", "a migration of the machine is under way")
+            if self.incoming is not None and self.guest.machine is None:
+                raise p.ControlError("state", "waiting for an incoming migration")
         return self._handlers[type(request)](conn, request)
 
     # -- power ------------------------------------------------------------------------------
@@ -76,6 +93,11 @@ class Operations:
             started_at=g.started_at,
             cgroup=self.loop.cgroup,
             cgroup_error=self.loop.cgroup_error,
+            incoming_port=(
+                self.incoming.port
+                if self.incoming is not None and g.machine is None and not self.incoming.ended
+                else None
+            ),
         )
 
     def pause(self, _conn: Conn, _req: p.Pause) -> p.Done:
@@ -113,6 +135,8 @@ class Operations:
 
     def destroy(self, _conn: Conn, _req: p.Destroy) -> p.Done:
         self.hold = None  # a hard stop ends a held snapshot too
+        self.settle_outgoing()
+        self.stop_incoming()
         self.guest.destroy("host")
         return p.Done()
 
@@ -219,6 +243,112 @@ class Operations:
     def deadline(self) -> float | None:
         return None if self.hold is None else self.hold.deadline
 
+    # -- live migration (docs/vmm.md, "Live migration") --------------------------------------
 
-# Requests that would change the machine while a snapshot holds it paused.
-_CHANGES = (p.Pause, p.Resume, p.Shutdown, p.Reboot, p.Save, p.Snapshot)
+    def migrating(self) -> bool:
+        return self.outgoing is not None and self.outgoing.conn is not None
+
+    def migrate_out(self, conn: Conn, req: p.MigrateOut) -> None:
+        check(req)
+        g = self.guest
+        if g.power not in (Power.RUNNING, Power.PAUSED) or not g.machine_started:
+            raise p.ControlError("state", f"cannot migrate a {g.power} domain that never ran")
+        out = Outgoing(g.need_machine(), req, g.config.memory_mib << 20, self.loop.wake_w)
+        out.conn = conn
+        self.was = g.power
+        self.outgoing = out
+        conn.mode = "migrating"  # its reply comes when the migration ends
+        out.start()
+
+    def _outgoing(self) -> Outgoing:
+        if self.outgoing is None:
+            raise p.ControlError("state", "no migration of the machine was started")
+        return self.outgoing
+
+    def migration_status(self, _conn: Conn, _req: p.MigrationStatus) -> p.MigrationReply:
+        return self._outgoing().reply()
+
+    def migration_set(self, _conn: Conn, req: p.MigrationSet) -> p.MigrationReply:
+        out = self._outgoing()
+        if not self.migrating():
+            raise p.ControlError("state", "no migration of the machine runs")
+        out.set(req.max_downtime_ms, req.bandwidth)
+        return out.reply()
+
+    def migration_cancel(self, _conn: Conn, _req: p.MigrationCancel) -> p.MigrationReply:
+        out = self._outgoing()
+        out.cancel()
+        return out.reply()
+
+    def outgoing_ended(self) -> None:
+        """The migration's thread ended: journal what happened to the machine, answer its
+        MigrateOut. Committed and confirmed: `stopped`/migrated and the VMM exits; paused
+        for the last pages and then failed: `resumed`/migration_failed (the engine resumed
+        it); committed but unconfirmed: it stays paused, only the target knows."""
+        out = self.outgoing
+        if out is None or out.conn is None:
+            return
+        out.join()
+        g = self.guest
+        reply = out.reply()
+        if out.machine is g.machine:
+            if reply.source_paused and self.was is Power.RUNNING:
+                g.record("paused", "migrating")
+                g.power = Power.PAUSED
+            if out.result is not None:
+                g.migrated_out()
+            elif reply.committed:
+                pass  # unconfirmed: stays paused until someone who knows the target decides
+            elif reply.source_paused and self.was is Power.RUNNING:
+                g.power = Power.RUNNING
+                g.record("resumed", "migration_failed")
+        conn, out.conn = out.conn, None
+        if not conn.closed:
+            conn.out += self.loop.reply_frame(reply)
+            conn.mode = "request"
+            self.loop.update(conn)
+
+    def settle_outgoing(self) -> None:
+        """Ends a running migration before the machine changes under it (a destroy, a
+        signal, a machine event): cancelled unless past its commit, waited for, journaled."""
+        if self.migrating():
+            assert self.outgoing is not None
+            self.outgoing.cancel()
+            self.outgoing_ended()
+
+    def incoming_ended(self) -> None:
+        """The incoming stream ended: the guest runs here now, or the process ends with
+        no lifecycle record (nothing ran)."""
+        inc = self.incoming
+        if inc is None or not inc.ended or self.guest.machine is not None:
+            return
+        if inc.machine is not None:  # (also when a cancel came as it committed)
+            self.guest.migrated_in(inc.machine, inc.cfg.paused)
+            return
+        print(f"compute_node.vmm: no incoming migration: {inc.error}", file=sys.stderr)
+        inc.close()
+        self.guest.exit_code = EXIT_OK if inc.cancelled else EXIT_FAILED
+
+    def stop_incoming(self) -> None:
+        """Stops waiting for an incoming migration (before a destroy); a stream that
+        committed meanwhile runs its guest (journaled), for the destroy to end."""
+        inc = self.incoming
+        if inc is not None and self.guest.machine is None:
+            inc.cancel()
+            self.incoming_ended()
+
+    def cancel_incoming(self, _conn: Conn, _req: p.CancelIncoming) -> p.Done:
+        inc = self.incoming
+        if inc is None:
+            raise p.ControlError("state", "this VMM waits for no incoming migration")
+        if self.guest.machine is None:
+            inc.cancel()
+            self.incoming_ended()
+        if self.guest.machine is not None:
+            raise p.ControlError("state", "the migrated guest runs here already")
+        return p.Done()
+
+
+# Requests that would change the machine while a snapshot holds it paused or a migration
+# streams it (the engine holds the machine's control lock).
+_CHANGES = (p.Pause, p.Resume, p.Shutdown, p.Reboot, p.Save, p.Snapshot, p.MigrateOut)

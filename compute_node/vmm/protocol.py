@@ -141,6 +141,44 @@ class Proceed(Record):
     """The client of a held snapshot is done (its disks are copied): let the machine go on."""
 
 
+class MigrateOut(Record):
+    """Migrate the running or paused machine live to the listener at `address:port` that
+    holds `token` (docs/vmm.md, "Live migration"). The reply comes on this connection when
+    the migration ends (a `MigrationReply`, `ended` true): meanwhile the VMM answers other
+    connections. `bandwidth`: bytes/s, 0 for no cap; `timeout_s` 0: none; `timeout_action`
+    `abort` (the source runs on) or `pause` (the pause budget is lifted: the guest pauses for
+    the rest and the migration completes)."""
+
+    address: str
+    port: int
+    token: str
+    max_downtime_ms: float = 300.0
+    bandwidth: int = 0
+    auto_converge: bool = True
+    verify: bool = False
+    timeout_s: float = 0.0
+    timeout_action: str = "abort"
+
+
+class MigrationStatus(Record):
+    """The outgoing migration's figures (the running one, or the last one)."""
+
+
+class MigrationSet(Record):
+    """Change the running migration's budget (ms) or cap (bytes/s, 0: none); None: keep."""
+
+    max_downtime_ms: float | None = None
+    bandwidth: int | None = None
+
+
+class MigrationCancel(Record):
+    """Stop the running migration before its commit (a no-op after it)."""
+
+
+class CancelIncoming(Record):
+    """End a VMM waiting for an incoming migration that has not run the guest."""
+
+
 Request = (
     Status
     | Pause
@@ -155,11 +193,17 @@ Request = (
     | Save
     | Snapshot
     | Proceed
+    | MigrateOut
+    | MigrationStatus
+    | MigrationSet
+    | MigrationCancel
+    | CancelIncoming
 )
 
 _INT = (int,)
 _STR = (str,)
 _NUM = (int, float)
+_BOOL = (bool,)
 # tag -> (record type, field -> accepted Python types); None is allowed where the default is.
 _REQUESTS: dict[str, tuple[type[Any], dict[str, tuple[type, ...]]]] = {
     "status": (Status, {}),
@@ -175,6 +219,24 @@ _REQUESTS: dict[str, tuple[type[Any], dict[str, tuple[type, ...]]]] = {
     "save": (Save, {"directory": _STR}),
     "snapshot": (Snapshot, {"directory": _STR, "hold_s": _NUM}),
     "proceed": (Proceed, {}),
+    "migrate_out": (
+        MigrateOut,
+        {
+            "address": _STR,
+            "port": _INT,
+            "token": _STR,
+            "max_downtime_ms": _NUM,
+            "bandwidth": _INT,
+            "auto_converge": _BOOL,
+            "verify": _BOOL,
+            "timeout_s": _NUM,
+            "timeout_action": _STR,
+        },
+    ),
+    "migration_status": (MigrationStatus, {}),
+    "migration_set": (MigrationSet, {"max_downtime_ms": _NUM, "bandwidth": _INT}),
+    "migration_cancel": (MigrationCancel, {}),
+    "cancel_incoming": (CancelIncoming, {}),
 }
 _TAGS: dict[type[Any], str] = {cls: tag for tag, (cls, _) in _REQUESTS.items()}
 
@@ -206,7 +268,8 @@ def decode_request(frame: dict[str, Any]) -> Request:
         if value is None and cls._field_defaults.get(name, ...) is None:
             values[name] = None
             continue
-        if not isinstance(value, kinds[name]) or isinstance(value, bool):
+        # bool is an int: refuse it where a number is meant, and take it only where meant.
+        if not isinstance(value, kinds[name]) or isinstance(value, bool) != (kinds[name] == _BOOL):
             raise ControlError("bad_request", f"{op}: {name!r} has the wrong type")
         values[name] = value
     request: Request = cls(**values)
@@ -228,6 +291,9 @@ class StatusReply(Record):
     started_at: float  # wall clock of the last machine start, 0 if none
     cgroup: str | None
     cgroup_error: str | None
+    # The port a VMM waiting for an incoming migration listens on (None otherwise): spawn()
+    # reads it with the readiness. Absent from an older VMM's reply.
+    incoming_port: int | None = None
 
 
 class StatsReply(Record):
@@ -257,7 +323,34 @@ class Held(Record):
     memory_pages: int
 
 
-Reply = Done | StatusReply | StatsReply | ConsoleReply | Saved | Held
+class MigrationReply(Record):
+    """An outgoing migration's figures. `phase`: setup, precopy, stopcopy, commit, done,
+    failed or cancelled (a `protos.migration.MigrationPhase` value); `ended` once it is over.
+    `committed`: the target was told to run the guest (with `error`: it never confirmed, the
+    source stays paused). `downtime_ms`: the pause the target measured; `paused_ms`: the
+    source's pause to the target's resume (one host's clock); `source_paused`: the source
+    paused a running guest for the last pages."""
+
+    phase: str
+    ended: bool = False
+    committed: bool = False
+    iteration: int = 0
+    bytes_sent: int = 0
+    remaining_bytes: int = 0
+    memory_bytes: int = 0
+    dirty_rate: int = 0
+    bandwidth: int = 0
+    predicted_ms: float = 0.0
+    budget_ms: float = 0.0
+    throttle_pct: int = 0
+    elapsed_ms: float = 0.0
+    downtime_ms: float | None = None
+    paused_ms: float | None = None
+    source_paused: bool = False
+    error: str | None = None
+
+
+Reply = Done | StatusReply | StatsReply | ConsoleReply | Saved | Held | MigrationReply
 
 _REPLIES: dict[str, type[Any]] = {
     "done": Done,
@@ -266,6 +359,7 @@ _REPLIES: dict[str, type[Any]] = {
     "console": ConsoleReply,
     "saved": Saved,
     "held": Held,
+    "migration": MigrationReply,
 }
 _REPLY_TAGS: dict[type[Any], str] = {cls: tag for tag, cls in _REPLIES.items()}
 
@@ -290,7 +384,10 @@ def decode_reply(frame: dict[str, Any]) -> Reply:
     if cls is None:
         raise ControlError("bad_frame", f"unknown reply {frame.get('reply')!r}")
     try:
-        reply: Reply = cls(**{name: frame[name] for name in cls._fields})
+        # A field with a default may be absent (a reply of an older VMM).
+        reply: Reply = cls(
+            **{n: frame[n] for n in cls._fields if n in frame or n not in cls._field_defaults}
+        )
     except KeyError as exc:
         raise ControlError("bad_frame", f"{frame['reply']} reply without {exc}") from None
     return reply

@@ -232,6 +232,7 @@ int fl_snapshot_merge(const char *base_memory, const char *diff_memory, const ch
  * Any failure before the commit resumes the source. A handle steers a migration from another
  * thread (budget, bandwidth, cancel) and reports its progress. */
 #define FL_MIGRATE_DEBUG 1 /* a checksum of every page checked on arrival, and of all RAM */
+#define FL_MIGRATE_NO_THROTTLE 2 /* no auto-converge: the vCPUs are never throttled */
 #define FL_MIGRATE_TOKEN_LEN 32
 
 enum fl_migrate_phase {
@@ -287,16 +288,21 @@ const char *fl_migration_error(const struct fl_migration *m);
 void fl_migration_set_budget(struct fl_migration *m, uint64_t downtime_ns);
 void fl_migration_set_bandwidth(struct fl_migration *m, uint64_t bytes_per_s); /* 0: no cap */
 void fl_migration_cancel(struct fl_migration *m);
+/* Target: on the commit leave the machine loaded but not started (a guest paused at the
+ * source stays paused: fl_vm_start runs it later) instead of running it. */
+void fl_migration_set_start_paused(struct fl_migration *m, int paused);
 void fl_migration_progress(struct fl_migration *m, struct fl_migrate_progress *out);
 
-/* Source: vm RUNNING, fd a connected stream socket (made non-blocking; the caller closes
- * it). Returns 0 once the target runs the guest (vm stays PAUSED); -errno otherwise, with
- * vm running again unless res->committed (then the outcome is unknown: vm stays paused). */
+/* Source: vm RUNNING or PAUSED, fd a connected stream socket (made non-blocking; the caller
+ * closes it). Returns 0 once the target runs the guest (vm stays PAUSED); -errno otherwise,
+ * with vm as it was (running again if it paused for the last pages) unless res->committed
+ * (then the outcome is unknown: vm stays paused). */
 int fl_migrate_send(struct fl_vm *vm, struct fl_migration *m, int fd, const uint8_t *token,
 		    uint32_t flags, uint64_t timeout_ns, struct fl_migrate_result *res);
 /* Target: vm NEW; cfg as for fl_snapshot_restore (console, disks, NICs; vcpus and
  * memory_mib 0 or the source's). Reads the hello and checks the token before anything
- * else. Returns 0 with vm RUNNING, or -errno with vm NEW again. */
+ * else. Returns 0 with vm RUNNING (CONFIGURED with the state loaded if the handle says
+ * start_paused), or -errno with vm NEW again. */
 int fl_migrate_receive(struct fl_vm *vm, struct fl_migration *m, const struct fl_config *cfg,
 		       int fd, const uint8_t *token, uint64_t timeout_ns,
 		       struct fl_migrate_result *res);

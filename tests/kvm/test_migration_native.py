@@ -492,3 +492,40 @@ def test_debug_mode_catches_a_damaged_page(
     assert relay.flipped
     assert exc.value.refused
     _fails_cleanly(g, base, digest, target, exc.value)
+
+
+def test_a_paused_machine_migrates_in_one_pass_and_stays_paused_on_a_failure(
+    boot: Callable[..., Booted], test_guest: Path, targets: Callable[[str], Target]
+) -> None:
+    g, base, digest = start_guest(boot, test_guest, "counter")
+    g.machine.pause()
+    frozen = last_counter(g.console.drain())
+    token = migration.new_token()
+    target = targets(token)
+    with pytest.raises(migration.MigrationError, match="wrong migration token") as exc:
+        migration.migrate(g.machine, target.address, migration.new_token())
+    assert not exc.value.committed
+    assert g.machine.state() is native.MachineState.PAUSED  # never resumed by the engine
+    assert last_counter(g.console.drain()) == frozen
+    result = migration.migrate(g.machine, target.address, token, debug=True)
+    assert result.iterations == 1  # nothing dirtied its RAM
+    assert result.throttle_pct == 0
+    assert region_digest(g.machine, base) == digest
+    assert target.line()["event"] == "resumed"
+    target.console.wait_for(rf"COUNTER {frozen + 3}\b")  # the target runs it on the commit
+
+
+def test_without_auto_converge_the_vcpus_are_never_throttled(
+    boot: Callable[..., Booted], test_guest: Path, targets: Callable[[str], Target]
+) -> None:
+    g, base, digest = start_guest(boot, test_guest, "rewrite=8")
+    token = migration.new_token()
+    target = targets(token)
+    with pytest.raises(migration.MigrationError, match="timed out") as exc:
+        migration.migrate(
+            g.machine, target.address, token, max_downtime_ms=0.001, auto_converge=False, timeout=2
+        )
+    assert exc.value.result is not None
+    assert exc.value.result.iterations > 2  # it kept trying
+    assert exc.value.result.throttle_pct == 0
+    _fails_cleanly(g, base, digest, target, exc.value)

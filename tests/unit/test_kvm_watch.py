@@ -1,5 +1,6 @@
 """The KVM driver's journal watch, without KVM: closing the driver while a watch's thread has
-just closed its subscription (the VMM ended) must not fail."""
+just closed its subscription (the VMM ended) must not fail; a VMM that waited for an incoming
+migration and ended before its guest started is no death."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import uuid
 from pathlib import Path
 
 from compute_node.kvm import KvmDriver, _Watch
-from compute_node.vmm.client import VmmSubscription
-from compute_node.vmm.frames import FrameReader
+from compute_node.vmm.client import VmmSubscription, read_journal
+from compute_node.vmm.frames import JOURNAL, FrameReader, Journal
 
 
 def test_stopping_a_watch_whose_subscription_is_closed_is_quiet(tmp_path: Path) -> None:
@@ -23,3 +24,26 @@ def test_stopping_a_watch_whose_subscription_is_closed_is_quiet(tmp_path: Path) 
         assert watch.closing
     finally:
         theirs.close()
+
+
+def test_a_vmm_that_ended_before_its_incoming_guest_started_reports_no_death(
+    tmp_path: Path,
+) -> None:
+    """A VMM waiting for an incoming migration ends with no record when the stream fails:
+    its watch adds none either. One that started its guest and then died is reported."""
+    driver = KvmDriver(tmp_path / "domains")
+    events: list[tuple[str, str]] = []
+    driver.set_event_sink(lambda e: events.append((e.kind.value, e.reason)))
+    domain = uuid.uuid4()
+    directory = driver.directory(domain)
+    directory.mkdir(parents=True)
+    silent = _Watch(driver, domain, directory, None, incoming=True)
+    silent.ended()
+    assert events == []
+    assert read_journal(str(directory / JOURNAL)) == []
+    journal = Journal(str(directory / JOURNAL))
+    journal.append("started", "migrated")
+    journal.close()
+    after = _Watch(driver, domain, directory, None, incoming=True)
+    after.ended()
+    assert events == [("started", "migrated"), ("stopped", "failed")]

@@ -12,6 +12,7 @@ import pytest
 from compute_node.vmm.config import (
     ConfigInvalid,
     DiskConfig,
+    IncomingConfig,
     LaunchConfig,
     RestoreConfig,
     load_config,
@@ -87,3 +88,47 @@ def test_the_writer_and_the_vmm_share_one_launch_config(tmp_path: Path) -> None:
 def test_a_malformed_restore_is_refused(tmp_path: Path, restore: Any) -> None:
     with pytest.raises(ConfigInvalid, match="restore"):
         load_config(write(tmp_path, restore=restore))
+
+
+def test_an_incoming_migration_config_round_trips_and_is_private(tmp_path: Path) -> None:
+    incoming = IncomingConfig("127.0.0.1", 0, "ab" * 32, True, 3600.0)
+    written = LaunchConfig(
+        domain_id="d1",
+        name="web",
+        kernel="/proc/self/fd/3",
+        initrd=None,
+        cmdline="",
+        disks=[],
+        memory_mib=64,
+        vcpus=1,
+        on_poweroff="destroy",
+        on_reboot="restart",
+        on_crash="destroy",
+        console_ring_bytes=65536,
+        console_log=True,
+        start_paused=False,
+        cgroup=None,
+        incoming=incoming,
+    )
+    written.write(str(tmp_path))
+    assert load_config(str(tmp_path / "vmm.json")) == written
+    # The token is a secret: the file is the owner's alone.
+    assert (tmp_path / "vmm.json").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize(
+    "incoming",
+    [
+        "127.0.0.1:0",
+        {"address": "127.0.0.1", "port": -1, "token": "ab" * 32, "paused": False, "timeout_s": 1},
+        {"address": "127.0.0.1", "port": True, "token": "ab" * 32, "paused": False, "timeout_s": 1},
+        {"address": "127.0.0.1", "port": 0, "token": "ab", "paused": False, "timeout_s": 1},
+        {"address": "127.0.0.1", "port": 0, "token": "zz" * 32, "paused": False, "timeout_s": 1},
+        {"address": "127.0.0.1", "port": 0, "token": "ab" * 32, "paused": 0, "timeout_s": 1},
+        {"address": "127.0.0.1", "port": 0, "token": "ab" * 32, "paused": False, "timeout_s": 0},
+        {"address": None, "port": 0, "token": "ab" * 32, "paused": False, "timeout_s": 1},
+    ],
+)
+def test_a_malformed_incoming_is_refused(tmp_path: Path, incoming: Any) -> None:
+    with pytest.raises(ConfigInvalid, match="incoming"):
+        load_config(write(tmp_path, incoming=incoming))

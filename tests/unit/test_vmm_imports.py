@@ -31,6 +31,7 @@ def test_the_vmm_process_imports_only_what_it_runs() -> None:
         "compute_node.vmm.frames",
         "compute_node.vmm.guest",
         "compute_node.vmm.loop",
+        "compute_node.vmm.migration",
         "compute_node.vmm.operations",
         "compute_node.vmm.protocol",
     }

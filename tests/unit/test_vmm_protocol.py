@@ -12,6 +12,7 @@ import pytest
 from compute_node.vmm import protocol as p
 from compute_node.vmm.frames import FrameReader, pack_frame
 from compute_node.vmm.guest import Power
+from compute_node.vmm.migration import check
 from protos.domain import PowerState
 
 REQUESTS: list[p.Request] = [
@@ -30,6 +31,13 @@ REQUESTS: list[p.Request] = [
     p.Snapshot(None, 1.5),
     p.Snapshot("/srv/state/s1"),
     p.Proceed(),
+    p.MigrateOut("127.0.0.1", 4444, "ab" * 32),
+    p.MigrateOut("10.0.0.2", 1, "0f" * 32, 0.5, 8 << 20, False, True, 30.0, "pause"),
+    p.MigrationStatus(),
+    p.MigrationSet(500.0, None),
+    p.MigrationSet(None, 0),
+    p.MigrationCancel(),
+    p.CancelIncoming(),
 ]
 REPLIES: list[p.Reply] = [
     p.Done(),
@@ -38,6 +46,12 @@ REPLIES: list[p.Reply] = [
     p.ConsoleReply(b"\x00hello", True),
     p.Saved("paused", 12.5, 4096, 100),
     p.Held("running", 4096, 100),
+    p.StatusReply("shutoff", 42, 1000, 0, 0.0, None, None, 40123),
+    p.MigrationReply("precopy", iteration=2, bytes_sent=1 << 20, budget_ms=300.0),
+    p.MigrationReply(
+        "done", ended=True, committed=True, downtime_ms=3.5, paused_ms=4.0, source_paused=True
+    ),
+    p.MigrationReply("failed", ended=True, error="the target refused: wrong migration token"),
 ]
 
 
@@ -78,6 +92,18 @@ def test_every_reply_survives_the_wire(reply: p.Reply) -> None:
         ({"op": "save"}, "bad_request"),
         ({"op": "save", "directory": None}, "bad_request"),
         ({"op": "snapshot", "hold_s": "long"}, "bad_request"),
+        ({"op": "migrate_out", "address": "127.0.0.1", "port": 1}, "bad_request"),
+        ({"op": "migrate_out", "address": "h", "port": True, "token": "t"}, "bad_request"),
+        (
+            {"op": "migrate_out", "address": "h", "port": 1, "token": "t", "verify": 1},
+            "bad_request",
+        ),
+        (
+            {"op": "migrate_out", "address": "h", "port": 1, "token": "t", "auto_converge": "no"},
+            "bad_request",
+        ),
+        ({"op": "migration_set", "max_downtime_ms": "fast"}, "bad_request"),
+        ({"op": "migration_set", "bandwidth": False}, "bad_request"),
     ],
 )
 def test_requests_outside_the_set_are_refused_with_a_code(frame: dict[str, Any], code: str) -> None:
@@ -123,3 +149,38 @@ def test_records_are_immutable_and_checked_when_made() -> None:
     assert p.Snapshot("/srv/s") == record
     assert hash(p.Snapshot("/srv/s")) == hash(record)
     assert p.Save("/srv/s") != p.Snapshot("/srv/s")
+
+
+def test_a_reply_of_an_older_vmm_without_new_fields_is_read_with_their_defaults() -> None:
+    frame = p.encode_reply(p.StatusReply("running", 42, 1000, 3, 1.5, None, None))
+    del frame["incoming_port"]
+    assert p.decode_reply(frame) == p.StatusReply("running", 42, 1000, 3, 1.5, None, None)
+    required = p.encode_reply(p.MigrationReply("setup"))
+    del required["phase"]
+    with pytest.raises(p.ControlError) as bad:
+        p.decode_reply(required)
+    assert bad.value.code == "bad_frame"
+
+
+@pytest.mark.parametrize(
+    ("changes", "why"),
+    [
+        ({"port": 0}, "port"),
+        ({"port": 70000}, "port"),
+        ({"token": "ab" * 31}, "token"),
+        ({"token": "AB" * 32}, "token"),
+        ({"max_downtime_ms": 0.0}, "max_downtime_ms"),
+        ({"max_downtime_ms": 61_000.0}, "max_downtime_ms"),
+        ({"bandwidth": -1}, "bandwidth"),
+        ({"timeout_s": -1.0}, "timeout_s"),
+        ({"timeout_action": "postcopy"}, "timeout_action"),
+    ],
+)
+def test_a_migration_the_engine_must_not_see_is_refused_by_the_vmm(
+    changes: dict[str, Any], why: str
+) -> None:
+    fields: dict[str, Any] = {"address": "127.0.0.1", "port": 4444, "token": "ab" * 32}
+    check(p.MigrateOut(**fields))
+    with pytest.raises(p.ControlError, match=why) as refused:
+        check(p.MigrateOut(**{**fields, **changes}))
+    assert refused.value.code == "bad_request"
