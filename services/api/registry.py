@@ -78,6 +78,9 @@ Row = Sequence[Any]  # a result row: the selected columns in order
 # Faults of a create whose outcome the API does not know: the scheduler may have placed the
 # domain, so a `domain.started` from a host (or the log, for an orphan) still places it.
 OUTCOME_UNKNOWN_FAULTS = frozenset({"schedule_timeout", "schedule_interrupted"})
+# Progress rows read back to find a migration's final one: a migration's own progress comes
+# at most every MIGRATION_PROGRESS_S, and its final one is its last.
+_PROGRESS_SCAN = 50
 
 
 class Outcome(StrEnum):
@@ -366,6 +369,36 @@ class Registry:
                 )
             )
         return self.get_domain(domain_id)
+
+    def swap_task(self, domain_id: uuid.UUID, expected: TaskState, task: TaskState) -> bool:
+        """Set the task to `task` only if it is `expected` (two requests racing to start a
+        migration: one wins); whether it was."""
+        with self.db.transaction() as cur:
+            changed = cur.execute(
+                domains.update()
+                .where(domains.c.id == str(domain_id), domains.c.task == expected.value)
+                .values(task=task.value, fault=None, updated_at=time.time())
+            ).rowcount
+        return bool(changed)
+
+    def last_migration(self, domain_id: uuid.UUID) -> EventRecord | None:
+        """The newest final `domain.migration_progress` logged for the domain, if any."""
+        query = (
+            sa.select(*_EVENT_COLUMNS)
+            .where(
+                events.c.domain_id == str(domain_id),
+                events.c.type == DomainMigrationProgress.TYPE,
+            )
+            .order_by(events.c.id.desc())
+            .limit(_PROGRESS_SCAN)
+        )
+        with self.db.transaction() as cur:
+            rows = cur.execute(query).all()
+        for row in rows:
+            record = _event(row)
+            if record.body.get("phase") in FINAL_PHASES:
+                return record
+        return None
 
     def set_spec(self, domain_id: uuid.UUID, spec: DomainSpec) -> DomainRecord | None:
         """Replace the domain's spec (a disk attached or detached while it is stopped)."""
