@@ -53,6 +53,7 @@ class MigratingCloud(FakeCloud):
         super().__init__(base, registry, hosts=("h1",))
         self.refuse: RemoteError | None = None
         self.jobs: dict[uuid.UUID, MigrationJob] = {}
+        self.done_after: int | None = None  # GetMigrationJob answers before a job is done
 
     def call(self, queue: str, command: Command, *, timeout: float = 30.0, **kw: Any) -> Message:
         if isinstance(command, MigrateDomain):
@@ -94,6 +95,16 @@ class MigratingCloud(FakeCloud):
                 job = job.model_copy(update={"params": params})
             if isinstance(command, AbortMigration):
                 job = job.model_copy(update={"phase": MigrationPhase.CANCELLED})
+            if isinstance(command, GetMigrationJob) and self.done_after is not None:
+                self.done_after -= 1
+                if self.done_after <= 0:
+                    job = job.model_copy(
+                        update={
+                            "phase": MigrationPhase.DONE,
+                            "downtime_ms": 2.5,
+                            "remaining_bytes": 0,
+                        }
+                    )
             self.jobs[command.domain_id] = job
             return job
         return super().call(queue, command, timeout=timeout, **kw)
