@@ -13,6 +13,7 @@
 | vmm_spawn_timeout_s | FLOTILLA_VMM_SPAWN_TIMEOUT_S | 10.0 (seconds a new VMM may take to answer) |
 | console_listen | FLOTILLA_CONSOLE_LISTEN | 127.0.0.1 (where the console relay listens) |
 | console_advertise | FLOTILLA_CONSOLE_ADVERTISE | the bound address (FQDN for 0.0.0.0) |
+| migration_listen | FLOTILLA_MIGRATION_LISTEN | the console address (migrations stream in) |
 | allowed_boot_dirs | FLOTILLA_ALLOWED_BOOT_DIRS (a:b:c) | test guest and image cache dirs |
 | pools | FLOTILLA_POOLS (JSON list) | one `dir` pool `default` at <state_dir>/pools/default |
 | net_netns | FLOTILLA_NET_NETNS | none: guests' networks live in the host's own namespace |
@@ -86,6 +87,9 @@ class ComputeConfig(BaseModel):
     # the address tickets name (default: the bound address, or the FQDN for a wildcard).
     console_listen: str = "127.0.0.1"
     console_advertise: str = ""
+    # Where this node listens for incoming live-migration streams (an IPv4 address other
+    # compute nodes reach; each stream gets a port of its own and a one-time token).
+    migration_listen: IPv4Address | None = None
     # Members may name host files as boot sources only under these (boot_sources.py);
     # admins may name any absolute path.
     allowed_boot_dirs: list[Path] = Field(default_factory=default_boot_dirs)
@@ -118,6 +122,19 @@ class ComputeConfig(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError(f"pools: names must be unique, got {names}")
         return value
+
+    def migration_address(self) -> str:
+        """`migration_listen`, or the address the node already advertises to the API."""
+        if self.migration_listen is not None:
+            return str(self.migration_listen)
+        for candidate in (self.console_advertise, self.console_listen):
+            try:
+                address = IPv4Address(candidate)
+            except ValueError:
+                continue
+            if not address.is_unspecified:
+                return str(address)
+        return "127.0.0.1"
 
     def storage_pools(self) -> list[PoolConfig]:
         """The configured pools, or the default one under the state dir."""

@@ -11,10 +11,12 @@ import hashlib
 import json
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from compute_node.boot_sources import BootFiles
 from compute_node.driver import (
@@ -25,13 +27,19 @@ from compute_node.driver import (
     EventSink,
     GuestEvent,
     GuestEventKind,
+    IncomingMachine,
+    MigrationOutcome,
+    MigrationStats,
     NicTap,
     RuntimeInfo,
     SavedMachine,
 )
+from compute_node.fake_migration import Incoming, Outgoing, Stream, StreamError, outcome
+from compute_node.fake_migration import listen as listen_for
 from protos.commands import RebootMode, ShutdownMode
 from protos.domain import DomainSpec, LifecycleAction, PowerState
 from protos.host import KvmKind, Resources
+from protos.migration import MigrationParams
 
 K = GuestEventKind
 STATE_FILE = "fake-machine.json"
@@ -43,6 +51,8 @@ class _Machine:
     spec: DomainSpec
     state: PowerState
     pid: int
+    # What the guest has counted (boots, resets): carried by a migration, as memory would be.
+    counters: dict[str, int] = field(default_factory=dict)
 
 
 class FakeDriver(Driver):
@@ -59,9 +69,14 @@ class FakeDriver(Driver):
         self.fail_next_save: str | None = None
         # The NICs each domain's last spawn was given (what a VMM would have opened).
         self.nics: dict[uuid.UUID, list[NicTap]] = {}
+        # Migrations: machines waiting for their stream here, and streams going out.
+        self._incoming: dict[uuid.UUID, Incoming] = {}
+        self._outgoing: dict[uuid.UUID, Outgoing] = {}
+        # The next incoming migration runs the machine, then drops the connection unconfirmed.
+        self.drop_next_confirm = False
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(kvm=KvmKind.NONE, max_vcpus=64, save_restore=True)
+        return Capabilities(kvm=KvmKind.NONE, max_vcpus=64, save_restore=True, live_migration=True)
 
     def host_resources(self) -> Resources:
         return self._resources
@@ -97,7 +112,7 @@ class FakeDriver(Driver):
                 self._emit(spec.uuid, K.FAILED, reason)
                 raise DriverError(reason, "spawn_failed")
             self._next_pid += 1
-            machine = _Machine(spec, PowerState.RUNNING, self._next_pid)
+            machine = _Machine(spec, PowerState.RUNNING, self._next_pid, {"boots": 1})
             self._machines[spec.uuid] = machine
             self._console[spec.uuid] = bytearray(b"flotilla-guest: READY\n")
             self._emit(spec.uuid, K.STARTED, detail="booted")
@@ -236,6 +251,154 @@ class FakeDriver(Driver):
         pid = None if machine.state is PowerState.SHUTOFF else machine.pid
         return RuntimeInfo(state=machine.state, pid=pid, cpu_time_ns=0)
 
+    # ---- live migration over loopback TCP (compute_node.fake_migration) -----------------
+
+    def prepare_incoming(
+        self,
+        spec: DomainSpec,
+        files: BootFiles,
+        *,
+        nics: Sequence[NicTap] = (),
+        listen: str = "127.0.0.1",
+        paused: bool = False,
+    ) -> IncomingMachine:
+        del files, paused  # the stream's state says whether the guest was paused
+        domain_id = spec.uuid
+        with self._lock:
+            machine = self._machines.get(domain_id)
+            if domain_id in self._incoming or (
+                machine is not None and machine.state is not PowerState.SHUTOFF
+            ):
+                raise DriverError(f"domain {domain_id} has a machine here", "spawn_failed")
+
+            def arrive(state: dict[str, Any]) -> None:
+                self._arrive(spec, list(nics), state)
+
+            def ended(incoming: Incoming) -> None:
+                with self._lock:
+                    if self._incoming.get(domain_id) is incoming:
+                        del self._incoming[domain_id]
+
+            incoming = self._incoming[domain_id] = listen_for(domain_id, listen, arrive, ended)
+            incoming.drop_before_done, self.drop_next_confirm = self.drop_next_confirm, False
+            return incoming.endpoint()
+
+    def _arrive(self, spec: DomainSpec, nics: list[NicTap], state: dict[str, Any]) -> None:
+        """The source committed: the machine runs here as it ran there."""
+        with self._lock:
+            self.nics[spec.uuid] = nics
+            self._next_pid += 1
+            counters = {str(k): int(v) for k, v in dict(state.get("counters", {})).items()}
+            machine = _Machine(spec, PowerState.RUNNING, self._next_pid, counters)
+            self._machines[spec.uuid] = machine
+            self._console[spec.uuid] = bytearray(str(state.get("console", "")).encode())
+            self._emit(spec.uuid, K.STARTED, "migrated")
+            if state.get("power") == PowerState.PAUSED.value:
+                machine.state = PowerState.PAUSED
+                self._emit(spec.uuid, K.PAUSED, "migrated")
+
+    def cancel_incoming(self, domain_id: uuid.UUID) -> None:
+        with self._lock:
+            incoming = self._incoming.get(domain_id)
+            machine = self._machines.get(domain_id)
+            if (incoming is not None and incoming.running) or (
+                machine is not None and machine.state is not PowerState.SHUTOFF
+            ):
+                raise DriverError(f"domain {domain_id} already runs here", "conflict")
+            if incoming is None:
+                return
+            incoming.cancel()
+            del self._incoming[domain_id]
+
+    def migrate_out(
+        self,
+        domain_id: uuid.UUID,
+        target: IncomingMachine,
+        params: MigrationParams,
+        progress: Callable[[MigrationStats], None],
+    ) -> MigrationOutcome:
+        with self._lock:
+            machine = self._machine(domain_id)
+            if domain_id in self._outgoing:
+                raise DriverError(f"domain {domain_id} is migrating already", "conflict")
+            job = self._outgoing[domain_id] = Outgoing(params)
+        stream = Stream(domain_id, target, job, machine.spec.memory_mib << 20, progress)
+        paused_at: float | None = None
+        try:
+            stream.open()
+            stream.report("setup", stream.memory_bytes)
+            stream.precopy()
+            with self._lock:
+                stream.check_cancelled()
+                machine = self._machine(domain_id)
+                state = {
+                    "power": machine.state.value,
+                    "console": bytes(self._console.get(domain_id, b"")).decode("utf-8", "replace"),
+                    "counters": machine.counters,
+                }
+                paused_at = time.monotonic()
+                if machine.state is not PowerState.PAUSED:
+                    machine.state = PowerState.PAUSED
+                    self._emit(domain_id, K.PAUSED, "migrating")
+            stream.report("stopcopy", 0)
+            stream.send_state(state)
+            stream.check_cancelled()
+            downtime_ms = stream.commit()
+            with self._lock:
+                machine.state = PowerState.SHUTOFF
+                self._machines.pop(domain_id, None)
+                self._emit(domain_id, K.STOPPED, "migrated")
+            paused_ms = (time.monotonic() - paused_at) * 1e3
+            return outcome(stream, True, "done", paused_ms, downtime_ms=downtime_ms)
+        except (StreamError, OSError) as exc:
+            if job.committed:
+                raise DriverError(
+                    f"the target never confirmed the commit: {exc}", "migration_unconfirmed"
+                ) from None
+            paused_ms = None
+            with self._lock:
+                if paused_at is not None:
+                    paused_ms = (time.monotonic() - paused_at) * 1e3
+                    if state["power"] != PowerState.PAUSED.value:
+                        machine.state = PowerState.RUNNING
+                        self._emit(domain_id, K.RESUMED, "migration_failed")
+            phase = "cancelled" if job.cancelled.is_set() else "failed"
+            return outcome(stream, False, phase, paused_ms, error=str(exc))
+        finally:
+            stream.close()
+            with self._lock:
+                self._outgoing.pop(domain_id, None)
+
+    def migration_set(
+        self,
+        domain_id: uuid.UUID,
+        *,
+        max_downtime_ms: float | None = None,
+        bandwidth_mibps: int | None = None,
+    ) -> None:
+        with self._lock:
+            job = self._outgoing.get(domain_id)
+            if job is None:
+                raise DriverError(f"no migration of domain {domain_id} runs", "conflict")
+            update: dict[str, object] = {}
+            if max_downtime_ms is not None:
+                update["max_downtime_ms"] = max_downtime_ms
+            if bandwidth_mibps is not None:
+                update["bandwidth_mibps"] = bandwidth_mibps
+            job.params = job.params.model_copy(update=update)
+
+    def migration_cancel(self, domain_id: uuid.UUID) -> None:
+        with self._lock:
+            job = self._outgoing.get(domain_id)
+            if job is not None and not job.committed:
+                job.cancelled.set()
+
+    def migration_params(self, domain_id: uuid.UUID) -> MigrationParams | None:
+        """The running migration's parameters as last set (tests look)."""
+        with self._lock:
+            job = self._outgoing.get(domain_id)
+            return None if job is None else job.params
+
     # ---- the guest's part ---------------------------------------------------------------
 
     def guest_poweroff(self, domain_id: uuid.UUID) -> None:
@@ -253,6 +416,7 @@ class FakeDriver(Driver):
             machine = self._machine(domain_id)
             if machine.spec.on_reboot is LifecycleAction.RESTART:
                 machine.state = PowerState.RUNNING
+                machine.counters["resets"] = machine.counters.get("resets", 0) + 1
                 self._emit(domain_id, K.REBOOTED, reason)
             else:
                 machine.state = PowerState.SHUTOFF

@@ -29,6 +29,7 @@ from compute_node.driver import (
     GuestEventKind,
     NicTap,
 )
+from compute_node.migrating import MigrationHandlers
 from compute_node.net import PlumbingError
 from compute_node.networks import HostNetworks, NetworkRefused, interface_of
 from compute_node.resources import Claims
@@ -51,7 +52,7 @@ from protos.commands import (
     StartDomain,
     UndefineDomain,
 )
-from protos.domain import DomainSpec, PowerState, TaskState
+from protos.domain import DomainSpec, PowerState
 from protos.events import DefinedDetail, DomainDefined, DomainUndefined, UndefinedDetail
 from protos.replies import ConsoleOutput, DomainInfo, DomainList, Interface
 from protos.scheduler import SetHostEnabled
@@ -62,7 +63,7 @@ log = structlog.get_logger("flotilla.compute")
 K = GuestEventKind
 
 
-class Lifecycle(ConsoleHandlers, SaveHandlers, Service):
+class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
     name = "compute"
 
     def __init__(
@@ -94,6 +95,7 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, Service):
         # Guest NICs' plumbing (None: a host without any, the fake driver's: ports are kept
         # and handed to the driver, nothing is plumbed).
         self.networks: HostNetworks | None = None
+        self._init_migrations()
         driver.set_event_sink(self.on_guest_event)
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -104,13 +106,13 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, Service):
 
     def _record(self, domain_id: uuid.UUID) -> DomainRecord:
         record = self.store.get(domain_id)
-        if record is None:
+        if record is None or record.incoming is not None:  # migrating in: not ours yet
             raise ServiceError("not_found", f"no domain {domain_id} on host {self.host}")
         return record
 
     def _check(self, record: DomainRecord, action: Action) -> bool:
         """True to go ahead, False for a no-op; raise ServiceError(conflict) for a refusal."""
-        decision = decide(record.state, TaskState.NONE, action)
+        decision = decide(record.state, self._task(record.id), action)
         if decision.verdict is Verdict.REFUSE:
             raise ServiceError(
                 "conflict", decision.reason, {"state": record.state.value, "action": action.value}
@@ -144,8 +146,9 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, Service):
 
     # ---- driver events ---------------------------------------------------------------------
 
-    def on_guest_event(self, event: GuestEvent) -> None:
-        """Persist what happened to a guest and the events it means, once per driver event."""
+    def _consume(self, event: GuestEvent) -> None:
+        """Persist what happened to a guest and the events it means, once per driver event
+        (called through `on_guest_event`, which holds back a domain migrating in)."""
         record = self.store.get(event.domain_id)
         if record is None:
             log.warning("event for an unknown domain", domain_id=str(event.domain_id))
@@ -189,6 +192,12 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, Service):
         self._check_ports(cmd)
         with self._lock(spec.uuid):
             existing = self.store.get(spec.uuid)
+            if existing is not None and existing.incoming is not None:
+                raise ServiceError(
+                    "conflict",
+                    f"domain {spec.uuid} is migrating to host {self.host}",
+                    {"action": Action.DEFINE.value},
+                )
             if existing is not None:
                 self._check(existing, Action.DEFINE)
                 if (

@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
             "variables (FLOTILLA_HOST, FLOTILLA_STATE_DIR, FLOTILLA_AMQP_URL, FLOTILLA_DRIVER, "
             "FLOTILLA_CPU_ALLOCATION_RATIO, FLOTILLA_RAM_ALLOCATION_RATIO, "
             "FLOTILLA_RESERVED_HOST_MEMORY_MIB, FLOTILLA_HEARTBEAT_INTERVAL_S, "
-            "FLOTILLA_CONSOLE_LISTEN, FLOTILLA_CONSOLE_ADVERTISE, FLOTILLA_ALLOWED_BOOT_DIRS, "
+            "FLOTILLA_CONSOLE_LISTEN, FLOTILLA_CONSOLE_ADVERTISE, FLOTILLA_MIGRATION_LISTEN, "
+            "FLOTILLA_ALLOWED_BOOT_DIRS, "
             "FLOTILLA_POOLS, FLOTILLA_NET_NETNS, FLOTILLA_NET_UPLINK, FLOTILLA_NET_UNDERLAY, "
             "FLOTILLA_NET_UNDERLAY_DEVICE, FLOTILLA_NET_DNSMASQ_DIR), "
             "then flags."
@@ -42,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--console-listen", help="console relay address; firewall its port (127.0.0.1)"
     )
     parser.add_argument("--console-advertise", help="address console tickets name")
+    parser.add_argument(
+        "--migration-listen", help="IPv4 address incoming migrations stream to (console's)"
+    )
     parser.add_argument(
         "--allowed-boot-dir",
         action="append",
@@ -68,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         vmm_spawn_timeout_s=args.vmm_spawn_timeout_s,
         console_listen=args.console_listen,
         console_advertise=args.console_advertise,
+        migration_listen=args.migration_listen,
         allowed_boot_dirs=args.allowed_boot_dir,
     )
     node = ComputeNode(config).start()

@@ -73,6 +73,14 @@ class ComputeNode:
             storage=StorageSources(config.host, self.storage.pools),
         )
         self.bus = Bus(config.amqp_url, source=source)
+        # Migrations: PrepareIncoming and FinishIncoming to other nodes, BindPorts to the
+        # network service, over this bus; streams come in on the migration address.
+        bus = self.bus
+        self.lifecycle.peer_call = lambda queue, command, timeout, message_id=None: bus.call(
+            queue, command, timeout=timeout, message_id=message_id
+        )
+        self.lifecycle.migration_listen = config.migration_address()
+        self.lifecycle.vtep = config.net_underlay
         self.queue = routing.compute_queue(config.host)
         self.runner = ServiceRunner(
             self.bus,
@@ -178,6 +186,7 @@ class ComputeNode:
 
     def adopt(self) -> None:
         """Re-attach machines left running and account for what changed while we were away."""
+        self.lifecycle.recover_incoming()
         for record in self.store.all():
             runtime = self.driver.adopt(record.id, record.driver_n)
             current = self.store.get(record.id)
@@ -221,6 +230,7 @@ class ComputeNode:
         self.transfers.stop()
         self.outbox.stop()
         self.bus.close()
+        self.lifecycle.stop_migrations()
         self.driver.close()
         if self.networks is not None:
             self.networks.close()

@@ -23,6 +23,7 @@ survives any crash of this process) but not yet on disk. Two kinds of transactio
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sqlite3
@@ -54,7 +55,8 @@ CREATE TABLE IF NOT EXISTS domains (
     privileged INTEGER NOT NULL DEFAULT 0,
     bindings TEXT NOT NULL DEFAULT '{}',
     ports TEXT NOT NULL DEFAULT '[]',
-    managed_save TEXT
+    managed_save TEXT,
+    incoming TEXT
 );
 CREATE TABLE IF NOT EXISTS volume_seqs (
     id TEXT PRIMARY KEY,
@@ -73,7 +75,8 @@ CREATE TABLE IF NOT EXISTS outbox (
 
 NO_BINDINGS = StorageBindings()
 _SELECT = (
-    "SELECT spec, state, seq, driver_n, privileged, bindings, ports, managed_save FROM domains"
+    "SELECT spec, state, seq, driver_n, privileged, bindings, ports, managed_save, incoming "
+    "FROM domains"
 )
 
 
@@ -91,10 +94,31 @@ class DomainRecord:
     ports: tuple[PortBinding, ...] = ()
     # The managed save the next start restores (compute_node.saving), if there is one.
     managed_save: StateRef | None = None
+    # Set while the domain is migrating in (compute_node.migrating): not listed, no events.
+    incoming: Incoming | None = None
 
     @property
     def id(self) -> uuid.UUID:
         return self.spec.uuid
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """What a domain migrating in was prepared with (PrepareIncoming): its source, whether
+    live and paused, and the source's seq when it asked."""
+
+    source: str
+    live: bool
+    paused: bool
+    seq: int
+
+    def dump(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def load(cls, text: str) -> Incoming:
+        body = json.loads(text)
+        return cls(str(body["source"]), bool(body["live"]), bool(body["paused"]), int(body["seq"]))
 
 
 @dataclass(frozen=True)
@@ -139,6 +163,8 @@ class Store:
             self._db.execute("ALTER TABLE domains ADD COLUMN ports TEXT NOT NULL DEFAULT '[]'")
         if "managed_save" not in columns:  # a state dir from before managed saves
             self._db.execute("ALTER TABLE domains ADD COLUMN managed_save TEXT")
+        if "incoming" not in columns:  # a state dir from before migrations
+            self._db.execute("ALTER TABLE domains ADD COLUMN incoming TEXT")
         self._lock = threading.RLock()
         self._wal = f"{path}-wal"
         self._sync_lock = threading.Lock()
@@ -198,9 +224,86 @@ class Store:
         return None if row is None else _record(row)
 
     def all(self) -> list[DomainRecord]:
+        """The domains of this host (not those migrating in: `incoming()`)."""
         with self._lock:
-            rows = self._db.execute(_SELECT + " ORDER BY name").fetchall()
+            rows = self._db.execute(_SELECT + " WHERE incoming IS NULL ORDER BY name").fetchall()
         return [_record(r) for r in rows]
+
+    def incoming(self) -> list[DomainRecord]:
+        """The domains migrating in, not yet this host's."""
+        with self._lock:
+            rows = self._db.execute(
+                _SELECT + " WHERE incoming IS NOT NULL ORDER BY name"
+            ).fetchall()
+        return [_record(r) for r in rows]
+
+    def define_incoming(
+        self,
+        spec: DomainSpec,
+        incoming: Incoming,
+        *,
+        privileged: bool,
+        bindings: StorageBindings,
+        ports: tuple[PortBinding, ...],
+    ) -> DomainRecord:
+        """Insert the definition of a domain migrating in (no event; shut off until its
+        machine runs), or raise NameTaken / KeyError (`spec.uuid` is defined here)."""
+        with self._tx() as db:
+            clash = db.execute(
+                "SELECT id FROM domains WHERE name = ? OR id = ?", (spec.name, str(spec.uuid))
+            ).fetchone()
+            if clash is not None and clash[0] == str(spec.uuid):
+                raise KeyError(str(spec.uuid))
+            if clash is not None:
+                raise NameTaken(f"name {spec.name!r} is taken by domain {clash[0]}")
+            db.execute(
+                "INSERT INTO domains (id, name, spec, state, seq, updated, privileged, bindings, "
+                "ports, incoming) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    str(spec.uuid),
+                    spec.name,
+                    spec.model_dump_json(),
+                    PowerState.SHUTOFF.value,
+                    incoming.seq,
+                    time.time(),
+                    int(privileged),
+                    bindings.model_dump_json(),
+                    json.dumps([p.model_dump(mode="json") for p in ports]),
+                    incoming.dump(),
+                ),
+            )
+        record = self.get(spec.uuid)
+        assert record is not None
+        return record
+
+    def finish_incoming(self, domain_id: uuid.UUID, seq: int, drafts: list[EventDraft]) -> None:
+        """Make a domain migrating in this host's: it takes `seq` (the last its source
+        emitted) and `drafts` follow it, in one transaction."""
+        record = self.get(domain_id)
+        if record is None:
+            return
+        with self._tx() as db:
+            db.execute(
+                "UPDATE domains SET incoming = NULL, seq = ?, updated = ? WHERE id = ?",
+                (seq, time.time(), str(domain_id)),
+            )
+            self._emit(db, record.spec, drafts)
+            if drafts:
+                db.execute(
+                    "UPDATE domains SET state = ? WHERE id = ?",
+                    (drafts[-1].state.value, str(domain_id)),
+                )
+
+    def forget(self, domain_id: uuid.UUID) -> None:
+        """Remove the definition with no event: it migrated away, or never arrived."""
+        with self._tx() as db:
+            db.execute("DELETE FROM domains WHERE id = ?", (str(domain_id),))
+
+    def emit_unsequenced(self, event: DomainEvent, cause: Cause | None = None) -> None:
+        """Put an event that is no lifecycle event (migration progress: it carries the
+        domain's current seq, not a new one) in the outbox, in order with the others."""
+        with self._tx(durable=False) as db:
+            self._enqueue(db, event, cause)
 
     def define(
         self,
@@ -438,7 +541,9 @@ def event_id(domain_id: uuid.UUID, journaled: str, index: int) -> str:
     return str(uuid.uuid5(domain_id, f"journal/{journaled}/{index}"))
 
 
-def _record(row: tuple[str, str, int, int, int, str, str, str | None]) -> DomainRecord:
+def _record(
+    row: tuple[str, str, int, int, int, str, str, str | None, str | None],
+) -> DomainRecord:
     return DomainRecord(
         spec=DomainSpec.model_validate(json.loads(row[0])),
         state=PowerState(row[1]),
@@ -448,4 +553,5 @@ def _record(row: tuple[str, str, int, int, int, str, str, str | None]) -> Domain
         bindings=StorageBindings.model_validate_json(row[5]),
         ports=tuple(PortBinding.model_validate(p) for p in json.loads(row[6])),
         managed_save=None if row[7] is None else StateRef.model_validate_json(row[7]),
+        incoming=None if row[8] is None else Incoming.load(row[8]),
     )

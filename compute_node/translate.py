@@ -37,6 +37,7 @@ _STOPPED_DETAIL = {
     "crashed": StoppedDetail.CRASHED,
     "failed": StoppedDetail.FAILED,
     "saved": StoppedDetail.SAVED,
+    "migrated": StoppedDetail.MIGRATED,
 }
 # A machine that continued from a saved state rather than booting (driver `detail`).
 _STARTED_DETAIL = {
@@ -52,9 +53,17 @@ _SUSPENDED_DETAIL = {
 Drafts = tuple[list[EventDraft], PowerState]
 
 
+# A machine's migration (compute_node.migrating) shows in the driver's event `reason`.
+MIGRATING = "migrating"  # paused for the last pages
+MIGRATED = "migrated"  # the machine moved: stopped here, started (or paused) there
+MIGRATION_FAILED = "migration_failed"  # resumed where it was after a failed stop-and-copy
+
+
 def _started(event: GuestEvent, before: PowerState) -> Drafts:
     if before in (P.RUNNING, P.BLOCKED, P.PAUSED):
         return [], before  # already known to run
+    if event.reason == MIGRATED:
+        return [EventDraft(DomainStarted, P.RUNNING, StartedDetail.MIGRATED)], P.RUNNING
     drafts = []
     if before is P.CRASHED:  # restarted by on_crash=restart: the crashed machine is gone
         drafts.append(EventDraft(DomainStopped, P.SHUTOFF, StoppedDetail.CRASHED, "restart"))
@@ -71,14 +80,17 @@ def _started(event: GuestEvent, before: PowerState) -> Drafts:
 def _paused(event: GuestEvent, before: PowerState) -> Drafts:
     if before is P.PAUSED:
         return [], before
+    if event.reason in (MIGRATING, MIGRATED):
+        return [EventDraft(DomainSuspended, P.PAUSED, SuspendedDetail.MIGRATED)], P.PAUSED
     detail = _SUSPENDED_DETAIL.get(event.detail, SuspendedDetail.PAUSED)
     return [EventDraft(DomainSuspended, P.PAUSED, detail)], P.PAUSED
 
 
-def _resumed(_event: GuestEvent, before: PowerState) -> Drafts:
+def _resumed(event: GuestEvent, before: PowerState) -> Drafts:
     if before in (P.RUNNING, P.BLOCKED):
         return [], before
-    return [EventDraft(DomainResumed, P.RUNNING, ResumedDetail.UNPAUSED)], P.RUNNING
+    detail = ResumedDetail.MIGRATED if event.reason == MIGRATION_FAILED else ResumedDetail.UNPAUSED
+    return [EventDraft(DomainResumed, P.RUNNING, detail)], P.RUNNING
 
 
 def _rebooted(event: GuestEvent, _before: PowerState) -> Drafts:

@@ -1,0 +1,837 @@
+"""The compute node's migration handlers (protos.migration, docs/migration.md "The control
+plane: the compute node").
+
+Mixed into the lifecycle service (compute_node.lifecycle), whose lock, transition check,
+plugging and event path they use.
+
+Target: `PrepareIncoming` stores the domain as `incoming` (compute_node.store: not listed, no
+events, refused by every other command as `not_found`), checks its boot files, storage and
+ports as DefineDomain does and, for a live migration, claims its resources, plugs its ports
+and has the driver wait for the stream. The driver's events of an incoming domain are held
+until `FinishIncoming`: committed, the record takes the source's last seq and the held events
+follow it (STARTED/MIGRATED, SUSPENDED/MIGRATED); not committed, everything is undone. A
+machine that runs without any FinishIncoming within `incoming_adopt_s` (its source died after
+the commit) is adopted with the prepare's seq + 2 (the source's SUSPENDED and STOPPED; + 1
+when the guest was paused already: no SUSPENDED).
+
+Source: `StartMigration` checks the state table (and refuses a second job), prepares the
+target, answers the job and runs it on a thread: the driver streams the machine; its events
+become SUSPENDED/MIGRATED, STOPPED/MIGRATED or RESUMED/MIGRATED; progress events go through
+the outbox with the domain's current seq. On the commit the target is told to finish with
+the last seq, the network service binds the ports to the target's vtep, the record goes
+without an UNDEFINED; on a failure the target is told to forget the domain.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from ipaddress import IPv4Address
+from typing import Protocol
+
+import structlog
+
+from compute_node.boot_sources import BootSources, SourceRefused
+from compute_node.causes import PendingCauses
+from compute_node.driver import (
+    Driver,
+    DriverError,
+    GuestEvent,
+    GuestEventKind,
+    IncomingMachine,
+    MigrationOutcome,
+    MigrationStats,
+    NicTap,
+)
+from compute_node.migration_jobs import Job, Jobs
+from compute_node.networks import HostNetworks
+from compute_node.resources import Claims
+from compute_node.storage_sources import StorageBindings, StorageSources
+from compute_node.store import DomainRecord, EventDraft, Incoming, NameTaken, Store
+from protos import routing
+from protos.base import Message
+from protos.commands import Command, DefineDomain
+from protos.domain import PowerState, TaskState
+from protos.events import DefinedDetail, DomainDefined
+from protos.migration import (
+    MIGRATION_PROGRESS_S,
+    AbortMigration,
+    FinishIncoming,
+    GetMigrationJob,
+    IncomingEndpoint,
+    MigrationJob,
+    MigrationPhase,
+    PrepareIncoming,
+    SetMigrationParams,
+    StartMigration,
+    TimeoutAction,
+)
+from protos.network import BindPorts
+from protos.replies import DomainInfo
+from protos.states import Action
+from services.bus import Cause, Context, ServiceError, handles
+from services.bus.cause import caused_by
+from services.bus.errors import BusError, RemoteError
+
+log = structlog.get_logger("flotilla.compute")
+K = GuestEventKind
+P = PowerState
+
+
+class PeerCall(Protocol):
+    """Another node or service, over the bus (Bus.call): its reply, or RemoteError, or
+    another BusError when none came."""
+
+    def __call__(
+        self, queue: str, command: Command, timeout: float, message_id: str | None = None
+    ) -> Message: ...
+
+
+PEER_TIMEOUT_S = 30.0
+FINISH_ATTEMPTS = 4  # FinishIncoming is idempotent by message id: resent on a lost answer
+ABORT_WAIT_S = 5.0  # AbortMigration waits this long for the job to end before answering
+
+
+class MigrationHandlers:
+    """Live and cold migration, both ends; the lifecycle service provides the rest."""
+
+    host: str
+    store: Store
+    driver: Driver
+    claims: Claims
+    sources: BootSources
+    storage: StorageSources
+    causes: PendingCauses
+    networks: HostNetworks | None
+    info: Callable[[uuid.UUID], DomainInfo]
+    _lock: Callable[[uuid.UUID], threading.Lock]
+    _record: Callable[[uuid.UUID], DomainRecord]
+    _check: Callable[[DomainRecord, Action], bool]
+    _check_ports: Callable[[DefineDomain], None]
+    _plug: Callable[[DomainRecord], tuple[list[NicTap], Future[object]]]
+    _network_call: Callable[[Callable[[], object]], None]
+    _consume: Callable[[GuestEvent], None]
+
+    def _init_migrations(self) -> None:
+        # How this node reaches the others (the node sets it: its bus); None: no migrations.
+        self.peer_call: PeerCall | None = None
+        # Where incoming streams are listened for, and this host's VXLAN address.
+        self.migration_listen = "127.0.0.1"
+        self.vtep: IPv4Address | None = None
+        # How long a machine that runs may wait for its FinishIncoming before it is adopted,
+        # and how often a domain migrating in asks its source whether the job still runs.
+        self.incoming_adopt_s = 30.0
+        self.incoming_check_s = 10.0
+        self.jobs = Jobs()
+        # Serialises the driver's events with an incoming domain's commit, so held events
+        # are consumed before any later one.
+        self._sink_lock = threading.RLock()
+        self._held: dict[uuid.UUID, list[GuestEvent]] = {}
+        self._adopt_timers: dict[uuid.UUID, threading.Timer] = {}
+        self._stopping = threading.Event()
+
+    def stop_migrations(self) -> None:
+        """Before the store closes: the watches of domains migrating in end (the adoption
+        timers with them); running jobs are the driver's to end."""
+        self._stopping.set()
+        with self._sink_lock:
+            for timer in self._adopt_timers.values():
+                timer.cancel()
+
+    def _task(self, domain_id: uuid.UUID) -> TaskState:
+        """The control plane's task on the domain here: `migrating` while a job runs."""
+        return TaskState.MIGRATING if self.jobs.running(domain_id) else TaskState.NONE
+
+    # ---- driver events -----------------------------------------------------------------------
+
+    def on_guest_event(self, event: GuestEvent) -> None:
+        """Persist what happened to a guest and the events it means (`_consume`), except for
+        a domain migrating in: its events wait for FinishIncoming."""
+        with self._sink_lock:
+            record = self.store.get(event.domain_id)
+            if record is not None and record.incoming is not None:
+                self._held.setdefault(event.domain_id, []).append(event)
+                if event.kind is K.STARTED:
+                    self._arm_adoption(event.domain_id)
+                return
+            self._consume(event)
+
+    def _arm_adoption(self, domain_id: uuid.UUID) -> None:
+        if domain_id in self._adopt_timers:
+            return
+        timer = threading.Timer(self.incoming_adopt_s, self._adopt_orphan, (domain_id,))
+        timer.daemon = True
+        self._adopt_timers[domain_id] = timer
+        timer.start()
+
+    def _disarm_adoption(self, domain_id: uuid.UUID) -> None:
+        timer = self._adopt_timers.pop(domain_id, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _adopt_orphan(self, domain_id: uuid.UUID) -> None:
+        """No FinishIncoming came for a machine that runs: its source committed and died."""
+        with self._lock(domain_id):
+            record = self.store.get(domain_id)
+            if record is None or record.incoming is None:
+                return
+            incoming = record.incoming
+            seq = incoming.seq + (1 if incoming.paused else 2)
+            log.warning(
+                "adopted a migrated domain whose source never finished the migration",
+                domain_id=str(domain_id),
+                source=incoming.source,
+                seq=seq,
+            )
+            self._commit_incoming(record, seq, None, None)
+
+    # ---- the target ------------------------------------------------------------------------
+
+    @handles(PrepareIncoming)
+    def prepare_incoming(self, cmd: PrepareIncoming, _ctx: Context) -> IncomingEndpoint:
+        spec = cmd.spec
+        bindings = StorageBindings(
+            disks=tuple(cmd.disks), kernel_image=cmd.kernel_image, initrd_image=cmd.initrd_image
+        )
+        ports = tuple(cmd.ports)
+        with _refused():
+            self.sources.check(spec, privileged=cmd.privileged)
+            self.storage.exist(spec, bindings)
+        self._check_ports(DefineDomain(spec=spec, ports=list(ports)))
+        if cmd.live and not self.driver.capabilities().live_migration:
+            raise ServiceError("unsupported", f"host {self.host} cannot take live migrations")
+        with self._lock(spec.uuid):
+            incoming = Incoming(cmd.source, cmd.live, cmd.paused, cmd.seq)
+            try:
+                record = self.store.define_incoming(
+                    spec, incoming, privileged=cmd.privileged, bindings=bindings, ports=ports
+                )
+            except KeyError:
+                raise ServiceError(
+                    "conflict",
+                    f"domain {spec.uuid} is defined on host {self.host} already",
+                    {"host": self.host},
+                ) from None
+            except NameTaken as exc:
+                raise ServiceError("conflict", str(exc), {"name": spec.name}) from None
+            endpoint = IncomingEndpoint(domain_id=spec.uuid, host=self.host, vtep=self.vtep)
+            if not cmd.live:
+                self._watch_incoming(spec.uuid, cmd.source)
+                return endpoint
+            try:
+                machine = self._wait_for_stream(record, paused=cmd.paused)
+            except BaseException:
+                self.store.forget(spec.uuid)
+                raise
+            log.info("migration incoming", domain_id=str(spec.uuid), source=cmd.source)
+            self._watch_incoming(spec.uuid, cmd.source)
+            return endpoint.model_copy(
+                update={
+                    "address": IPv4Address(machine.address),
+                    "port": machine.port,
+                    "token": machine.token,
+                }
+            )
+
+    def _watch_incoming(self, domain_id: uuid.UUID, source: str) -> None:
+        """Until the domain's machine runs here (then the adoption timer decides) or it is
+        finished, ask its source every `incoming_check_s` whether the job still runs: a
+        source that ended it (failed, cancelled) or knows of none (it restarted) will send
+        no FinishIncoming, so the domain is forgotten here."""
+        if self.peer_call is None:
+            return
+
+        def watch() -> None:
+            try:
+                check()
+            except Exception:
+                if not self._stopping.is_set():  # else: the store closed under it
+                    log.exception("watch of a domain migrating in failed", domain_id=str(domain_id))
+
+        def check() -> None:
+            while not self._stopping.wait(self.incoming_check_s):
+                if not self._waiting_for_stream(domain_id):
+                    return
+                try:
+                    job = self._peer(
+                        routing.compute_queue(source), GetMigrationJob(domain_id=domain_id)
+                    )
+                except RemoteError as exc:
+                    gone = exc.code == "not_found"
+                except BusError:
+                    continue  # the source is unreachable: it may come back
+                else:
+                    assert isinstance(job, MigrationJob)
+                    gone = job.phase in (MigrationPhase.FAILED, MigrationPhase.CANCELLED)
+                if gone:
+                    self._forget_orphan(domain_id, source)
+                    return
+
+        threading.Thread(target=watch, name=f"incoming-{domain_id}", daemon=True).start()
+
+    def _waiting_for_stream(self, domain_id: uuid.UUID) -> bool:
+        record = self.store.get(domain_id)
+        with self._sink_lock:
+            return (
+                record is not None
+                and record.incoming is not None
+                and domain_id not in self._adopt_timers
+            )
+
+    def _forget_orphan(self, domain_id: uuid.UUID, source: str) -> None:
+        with self._lock(domain_id):
+            record = self.store.get(domain_id)
+            if record is None or not self._waiting_for_stream(domain_id):
+                return
+            try:
+                self._abandon_incoming(record)
+            except ServiceError:
+                return  # it runs here after all: the adoption timer has it
+            log.warning(
+                "forgot a domain migrating in: its source runs no such migration",
+                domain_id=str(domain_id),
+                source=source,
+            )
+
+    def _wait_for_stream(self, record: DomainRecord, *, paused: bool) -> IncomingMachine:
+        """Open the domain's files, plug its ports, claim its resources and have the driver
+        wait for the stream; everything undone if any of it fails."""
+        domain_id = record.id
+        with _refused():
+            files = self.sources.open(record.spec, privileged=record.privileged)
+        with files:
+            with _refused():
+                self.storage.open(record.spec, record.bindings, files)
+            nics, plumbed = self._plug(record)
+            try:
+                self.claims.claim(record.spec)
+                machine = self.driver.prepare_incoming(
+                    record.spec, files, nics=nics, listen=self.migration_listen, paused=paused
+                )
+            except BaseException as exc:
+                self.claims.release(domain_id)
+                _quietly(plumbed)
+                self._unplug(record)
+                if isinstance(exc, DriverError):
+                    raise ServiceError(exc.code, exc.message, {"host": self.host}) from None
+                raise
+            try:
+                self._network_call(plumbed.result)
+            except ServiceError:
+                self.driver.cancel_incoming(domain_id)
+                self.claims.release(domain_id)
+                self._unplug(record)
+                raise
+            return machine
+
+    @handles(FinishIncoming)
+    def finish_incoming(self, cmd: FinishIncoming, ctx: Context) -> None:
+        with self._lock(cmd.domain_id):
+            record = self.store.get(cmd.domain_id)
+            if record is None:
+                return  # never prepared, or forgotten already
+            if record.incoming is None:
+                if cmd.committed:
+                    return  # finished already (or adopted)
+                raise ServiceError(
+                    "conflict",
+                    f"domain {cmd.domain_id} runs on host {self.host}: its migration committed",
+                    {"committed": True, "host": self.host},
+                )
+            if cmd.committed:
+                self._commit_incoming(record, cmd.seq, cmd.state, ctx.cause)
+            else:
+                self._abandon_incoming(record)
+
+    def _commit_incoming(
+        self, record: DomainRecord, seq: int, state: PowerState | None, cause: Cause | None
+    ) -> None:
+        """The domain is this host's from `seq` on: its held events follow (lock held)."""
+        assert record.incoming is not None
+        domain_id = record.id
+        live = record.incoming.live
+        with self._sink_lock:
+            drafts = (
+                []
+                if live
+                else [EventDraft(DomainDefined, P.SHUTOFF, DefinedDetail.MIGRATED, cause=cause)]
+            )
+            self.store.finish_incoming(domain_id, seq, drafts)
+            self._disarm_adoption(domain_id)
+            if live:  # the machine's first events here are the migration's
+                self.causes.expect(domain_id, cause, {K.STARTED}, {K.PAUSED}, within_s=60.0)
+            for event in self._held.pop(domain_id, []):
+                self._consume(event)
+        log.info("migration committed here", domain_id=str(domain_id), seq=seq, live=live)
+        current = self.store.get(domain_id)
+        if live and state is P.PAUSED and current is not None and current.state is P.RUNNING:
+            # Paused at the source after the stream had the machine's power state.
+            try:
+                self.driver.pause(domain_id)
+            except DriverError as exc:
+                log.warning("migrated guest not paused", domain_id=str(domain_id), error=str(exc))
+
+    def _abandon_incoming(self, record: DomainRecord) -> None:
+        """Undo a PrepareIncoming (lock held): end the waiting machine, unplug, release."""
+        domain_id = record.id
+        try:
+            self.driver.cancel_incoming(domain_id)
+        except DriverError as exc:
+            if exc.code == "conflict":
+                raise ServiceError(
+                    "conflict",
+                    f"domain {domain_id} already runs on host {self.host}",
+                    {"committed": True, "host": self.host},
+                ) from None
+            raise ServiceError(exc.code, exc.message) from None
+        self._unplug(record)
+        self.claims.release(domain_id)
+        with self._sink_lock:
+            self.store.forget(domain_id)
+            self._held.pop(domain_id, None)
+            self._disarm_adoption(domain_id)
+        log.info("migration abandoned here", domain_id=str(domain_id))
+
+    def recover_incoming(self) -> None:
+        """At start-up: a domain migrating in whose machine is gone is forgotten (its source
+        runs it on); one whose machine runs is held and adopted as the timer says, unless its
+        FinishIncoming arrives (it waits in this node's queue)."""
+        for record in self.store.incoming():
+            runtime = None
+            if record.incoming is not None and record.incoming.live:
+                runtime = self.driver.adopt(record.id, record.driver_n)
+            if runtime is not None and runtime.state is not P.SHUTOFF:
+                self.claims.hold(record.spec)
+                self._arm_adoption(record.id)
+                continue
+            with self._lock(record.id):
+                self._abandon_incoming(record)
+
+    def _unplug(self, record: DomainRecord) -> None:
+        if self.networks is None or not record.ports:
+            return
+        try:
+            self.networks.detach(list(record.ports))
+        except Exception as exc:
+            log.warning("ports not unplugged", domain_id=str(record.id), error=str(exc))
+
+    # ---- the source ----------------------------------------------------------------------------
+
+    @handles(StartMigration)
+    def migrate(self, cmd: StartMigration, ctx: Context) -> MigrationJob:
+        domain_id, params = cmd.domain_id, cmd.params
+        with self._lock(domain_id):
+            record = self._record(domain_id)
+            self._check(record, Action.MIGRATE)
+            self._check_migratable(record, cmd)
+            job = Job(domain_id, record.spec.name, self.host, cmd.target, params)
+            job.cause = ctx.cause
+            # Known before the target is asked: the target asks back while it waits.
+            previous = self.jobs.add(job)
+            try:
+                endpoint = self._prepare_target(record, cmd)
+            except BaseException:
+                self.jobs.restore(job, previous)
+                raise
+            job.target_vtep = endpoint.vtep
+            was_paused = record.state is P.PAUSED
+        thread = threading.Thread(
+            target=self._run_job,
+            args=(job, endpoint, was_paused, ctx.cause),
+            name=f"migrate-{domain_id}",
+            daemon=True,
+        )
+        thread.start()
+        log.info("migration started", domain_id=str(domain_id), target=cmd.target, live=params.live)
+        return job.snapshot()
+
+    def _check_migratable(self, record: DomainRecord, cmd: StartMigration) -> None:
+        if cmd.target == self.host:
+            raise ServiceError(
+                "invalid", "the target is the domain's own host", {"field": "target"}
+            )
+        if self.peer_call is None:
+            raise ServiceError("unsupported", f"host {self.host} reaches no other hosts")
+        active = record.state not in (P.SHUTOFF, P.NOSTATE)
+        state = {"state": record.state.value, "action": Action.MIGRATE.value}
+        if cmd.params.live and not active:
+            raise ServiceError(
+                "conflict", "domain is not running: migrate it with live false (cold)", state
+            )
+        if not cmd.params.live and active:
+            raise ServiceError(
+                "conflict", "domain is active: migrate it live, or shut it off first", state
+            )
+        if cmd.params.live and not self.driver.capabilities().live_migration:
+            raise ServiceError("unsupported", f"host {self.host} cannot live-migrate")
+        if record.managed_save is not None:
+            raise ServiceError(
+                "conflict",
+                "domain has a managed save on this host: start it, or remove the managed save",
+                state,
+            )
+        local = [d.target for d in record.bindings.disks if d.host is not None]
+        # A writable host file (an admin's path disk) is this host's alone.
+        local += [d.target for d in record.spec.disks if d.path is not None and not d.readonly]
+        images = [
+            r for r in (record.bindings.kernel_image, record.bindings.initrd_image) if r is not None
+        ]
+        if cmd.params.live and local:
+            raise ServiceError(
+                "invalid",
+                f"disk(s) {', '.join(local)} are host-local (a `dir` pool's volume or a writable "
+                "host file): shut the domain off and migrate it cold (live false)",
+                {"field": "disks"},
+            )
+        if local:
+            raise ServiceError(
+                "invalid",
+                f"disk(s) {', '.join(local)} are host-local (a `dir` pool's volume or a "
+                "writable host file), which do not move yet: only domains on shared pools "
+                "migrate",
+                {"field": "disks"},
+            )
+        if any(r.host is not None for r in images):
+            raise ServiceError(
+                "invalid",
+                "the boot image is in a host-local pool: import it to a shared pool first",
+                {"field": "boot.image"},
+            )
+
+    def _prepare_target(self, record: DomainRecord, cmd: StartMigration) -> IncomingEndpoint:
+        prepare = PrepareIncoming(
+            spec=record.spec,
+            source=self.host,
+            live=cmd.params.live,
+            paused=record.state is P.PAUSED,
+            privileged=record.privileged,
+            disks=list(record.bindings.disks),
+            kernel_image=record.bindings.kernel_image,
+            initrd_image=record.bindings.initrd_image,
+            ports=list(record.ports),
+            seq=record.seq,
+        )
+        try:
+            reply = self._peer(routing.compute_queue(cmd.target), prepare)
+        except RemoteError as exc:
+            details = {**exc.details, "target": cmd.target}
+            raise ServiceError(exc.code, f"target {cmd.target}: {exc.message}", details) from None
+        except BusError as exc:
+            # It may have prepared before the answer was lost: have it forget the domain.
+            forget = FinishIncoming(domain_id=record.id, committed=False, seq=record.seq)
+            self._finish_later(cmd.target, forget)
+            raise ServiceError(
+                "unavailable", f"target {cmd.target} did not answer: {exc}", {"target": cmd.target}
+            ) from None
+        assert isinstance(reply, IncomingEndpoint)
+        if cmd.params.live and (reply.address is None or reply.port is None or reply.token is None):
+            raise ServiceError("internal", f"target {cmd.target} gave no stream endpoint")
+        return reply
+
+    def _peer(self, queue: str, command: Command, timeout: float = PEER_TIMEOUT_S) -> Message:
+        assert self.peer_call is not None
+        return self.peer_call(queue, command, timeout)
+
+    # ---- the job thread ----------------------------------------------------------------------
+
+    def _run_job(
+        self, job: Job, endpoint: IncomingEndpoint, was_paused: bool, cause: Cause | None
+    ) -> None:
+        try:
+            # Its calls and events carry the StartMigration's cause (one correlation id).
+            with caused_by(cause):
+                if job.params.live:
+                    self._run_live(job, endpoint, was_paused, cause)
+                else:
+                    self._run_cold(job)
+        except Exception as exc:  # a bug must not leave the job running for ever
+            log.exception("migration job failed", domain_id=str(job.domain_id))
+            if not job.final:
+                forget = FinishIncoming(domain_id=job.domain_id, committed=False, seq=0)
+                self._finish_later(job.target, forget)
+                self._ended(job, MigrationPhase.FAILED, f"internal error: {exc}")
+
+    def _run_live(
+        self, job: Job, endpoint: IncomingEndpoint, was_paused: bool, cause: Cause | None
+    ) -> None:
+        domain_id = job.domain_id
+        within_s = (job.params.timeout_s or 86_400.0) + 60.0
+        self.causes.expect(domain_id, cause, {K.PAUSED}, {K.STOPPED, K.RESUMED}, within_s=within_s)
+        target = IncomingMachine(
+            str(endpoint.address), int(endpoint.port or 0), str(endpoint.token)
+        )
+        timer = self._timeout_timer(job)
+        try:
+            outcome = self.driver.migrate_out(domain_id, target, job.params, self._progress(job))
+        except DriverError as exc:
+            if exc.code == "migration_unconfirmed":
+                self._unconfirmed(job, exc.message, was_paused)
+                return
+            outcome = MigrationOutcome(
+                committed=False, phase="failed", stats=job.stats, error=exc.message
+            )
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self.causes.forget(domain_id)
+        job.update(outcome.stats)
+        job.downtime_ms, job.paused_ms = outcome.downtime_ms, outcome.paused_ms
+        if outcome.committed:
+            self._committed(job, paused=was_paused or job.paused_by_timeout)
+            return
+        # The source runs on: the target forgets the domain when it gets this (it waits in
+        # its queue if the target is down; a restarted target forgets it by itself too).
+        self._finish_later(job.target, FinishIncoming(domain_id=domain_id, committed=False, seq=0))
+        phase = MigrationPhase.CANCELLED if outcome.phase == "cancelled" else MigrationPhase.FAILED
+        error = outcome.error
+        if job.timed_out:
+            error = f"timed out after {job.params.timeout_s:g} s ({error})"
+        self._ended(job, phase, error)
+
+    def _run_cold(self, job: Job) -> None:
+        with self._lock(job.domain_id):
+            record = self.store.get(job.domain_id)
+            if record is None or job.aborted:
+                self._finish_target(job, committed=False, seq=0)
+                self._ended(
+                    job,
+                    MigrationPhase.CANCELLED if job.aborted else MigrationPhase.FAILED,
+                    None if job.aborted else "the domain is gone",
+                )
+                return
+            job.phase = MigrationPhase.COMMIT
+            if not self._finish_target(job, committed=True, seq=record.seq):
+                self._finish_target(job, committed=False, seq=0)
+                self._ended(job, MigrationPhase.FAILED, job.error or "the target did not commit")
+                return
+            self._ended(job, MigrationPhase.DONE)
+            self._drop(job)
+
+    def _timeout_timer(self, job: Job) -> threading.Timer | None:
+        if job.params.timeout_s is None:
+            return None
+
+        def expire() -> None:
+            if job.final:
+                return
+            job.timed_out = True
+            if job.params.timeout_action is TimeoutAction.PAUSE:
+                log.info("migration timed out: pausing the guest", domain_id=str(job.domain_id))
+                try:
+                    self.driver.pause(job.domain_id)
+                    job.paused_by_timeout = True
+                except DriverError as exc:
+                    log.warning("guest not paused", domain_id=str(job.domain_id), error=str(exc))
+            else:
+                log.info("migration timed out: aborting", domain_id=str(job.domain_id))
+                self.driver.migration_cancel(job.domain_id)
+
+        timer = threading.Timer(job.params.timeout_s, expire)
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    def _progress(self, job: Job) -> Callable[[MigrationStats], None]:
+        def report(stats: MigrationStats) -> None:
+            job.update(stats)
+            now = time.monotonic()
+            if now - job.published >= MIGRATION_PROGRESS_S:  # whatever the driver's pace
+                job.published = now
+                self._publish_progress(job)
+
+        return report
+
+    def _publish_progress(
+        self, job: Job, final: tuple[MigrationPhase, str | None] | None = None
+    ) -> None:
+        record = self.store.get(job.domain_id)
+        if record is None:
+            return
+        event = job.progress_event(self.host, record.seq, record.state, final)
+        self.store.emit_unsequenced(event, job.cause)
+
+    def _committed(self, job: Job, *, paused: bool) -> None:
+        """The target runs the guest: tell it the last seq, move the ports, drop the record."""
+        record = self.store.get(job.domain_id)
+        seq = record.seq if record is not None else 0
+        self._finish_target(job, committed=True, seq=seq, state=P.PAUSED if paused else P.RUNNING)
+        self._bind_ports(job, record)
+        self._ended(job, MigrationPhase.DONE)
+        with self._lock(job.domain_id):
+            self._drop(job)
+
+    def _unconfirmed(self, job: Job, error: str, was_paused: bool) -> None:
+        """The commit was sent and no answer came: the source's machine waits paused. The
+        target says whether it runs the guest (then the source's machine ends) or not (then
+        it runs on here)."""
+        domain_id = job.domain_id
+        runs_there = self._finish_target(job, committed=False, seq=0)
+        if runs_there is None:
+            self._ended(
+                job,
+                MigrationPhase.FAILED,
+                f"{error}; the target did not answer: the guest stays paused here, and the "
+                "target adopts it if it runs there",
+            )
+            return
+        record = self.store.get(domain_id)
+        if runs_there:
+            if record is not None:
+                stopped = GuestEvent(domain_id, record.driver_n + 1, K.STOPPED, "migrated")
+                self.on_guest_event(stopped)
+            try:
+                self.driver.destroy(domain_id)
+            except DriverError:
+                pass
+            self._committed(job, paused=was_paused)
+            return
+        if not was_paused:
+            try:
+                self.driver.resume(domain_id)
+            except DriverError as exc:
+                log.warning("guest not resumed", domain_id=str(domain_id), error=str(exc))
+        self._ended(job, MigrationPhase.FAILED, error)
+
+    def _finish_target(
+        self, job: Job, *, committed: bool, seq: int, state: PowerState | None = None
+    ) -> bool | None:
+        """Send FinishIncoming (resent with the same id while no answer comes). Returns True
+        when the domain runs (or is committed) on the target, False when the target forgot
+        it, None when the target never answered."""
+        command = FinishIncoming(domain_id=job.domain_id, committed=committed, seq=seq, state=state)
+        queue = routing.compute_queue(job.target)
+        message_id = str(uuid.uuid4())
+        for _ in range(FINISH_ATTEMPTS):
+            try:
+                assert self.peer_call is not None
+                self.peer_call(queue, command, PEER_TIMEOUT_S / 2, message_id)
+            except RemoteError as exc:
+                if exc.details.get("committed") is True:
+                    return True
+                job.error = f"target {job.target}: {exc.message}"
+                log.warning("finish refused", domain_id=str(job.domain_id), error=exc.message)
+                return False
+            except BusError as exc:
+                log.warning("finish unanswered", domain_id=str(job.domain_id), error=str(exc))
+                continue
+            return committed
+        return None
+
+    def _finish_later(self, target: str, command: FinishIncoming) -> None:
+        def send() -> None:
+            try:
+                self._peer(routing.compute_queue(target), command)
+            except BusError as exc:
+                log.warning("finish unanswered", domain_id=str(command.domain_id), error=str(exc))
+
+        threading.Thread(target=send, daemon=True).start()
+
+    def _bind_ports(self, job: Job, record: DomainRecord | None) -> None:
+        if record is None or not record.ports:
+            return
+        try:
+            self._peer(
+                routing.NETWORK_QUEUE,
+                BindPorts(domain_id=job.domain_id, host=job.target, vtep=job.target_vtep),
+            )
+        except BusError as exc:
+            log.warning(
+                "ports not bound to the target", domain_id=str(job.domain_id), error=str(exc)
+            )
+
+    def _ended(self, job: Job, phase: MigrationPhase, error: str | None = None) -> None:
+        """The final progress event, then the job's end (whoever waits for it sees both)."""
+        self._publish_progress(job, (phase, error))
+        job.end(phase, error)
+        log.info(
+            "migration ended",
+            domain_id=str(job.domain_id),
+            target=job.target,
+            phase=phase.value,
+            downtime_ms=job.downtime_ms,
+            error=error,
+        )
+
+    def _drop(self, job: Job) -> None:
+        """The domain lives on the target now: its record here goes, with no event."""
+        record = self.store.get(job.domain_id)
+        if record is None:
+            return
+        self._unplug(record)
+        self.claims.release(job.domain_id)
+        self.store.forget(job.domain_id)
+        try:
+            self.driver.remove(job.domain_id)
+        except DriverError as exc:
+            log.warning("driver leftovers kept", domain_id=str(job.domain_id), error=str(exc))
+
+    # ---- job commands ----------------------------------------------------------------------
+
+    def _job(self, domain_id: uuid.UUID) -> Job:
+        job = self.jobs.get(domain_id)
+        if job is None:
+            raise ServiceError(
+                "not_found", f"domain {domain_id} never migrated from host {self.host}"
+            )
+        return job
+
+    @handles(GetMigrationJob)
+    def migration_job(self, cmd: GetMigrationJob, _ctx: Context) -> MigrationJob:
+        return self._job(cmd.domain_id).snapshot()
+
+    @handles(AbortMigration)
+    def migration_abort(self, cmd: AbortMigration, _ctx: Context) -> MigrationJob:
+        job = self._job(cmd.domain_id)
+        if job.phase is MigrationPhase.DONE or job.phase is MigrationPhase.COMMIT:
+            raise ServiceError(
+                "conflict",
+                "the migration has committed: too late to abort it",
+                {"reason": "committed", "phase": job.phase.value},
+            )
+        if not job.final:
+            job.aborted = True
+            self.driver.migration_cancel(cmd.domain_id)
+            job.ended.wait(ABORT_WAIT_S)
+        return job.snapshot()
+
+    @handles(SetMigrationParams)
+    def migration_set(self, cmd: SetMigrationParams, _ctx: Context) -> MigrationJob:
+        job = self.jobs.running(cmd.domain_id)
+        if job is None or not job.params.live:
+            raise ServiceError(
+                "conflict", f"no live migration of domain {cmd.domain_id} runs on {self.host}"
+            )
+        try:
+            self.driver.migration_set(
+                cmd.domain_id,
+                max_downtime_ms=cmd.max_downtime_ms,
+                bandwidth_mibps=cmd.bandwidth_mibps,
+            )
+        except DriverError as exc:
+            raise ServiceError(exc.code, exc.message) from None
+        update: dict[str, object] = {}
+        if cmd.max_downtime_ms is not None:
+            update["max_downtime_ms"] = cmd.max_downtime_ms
+        if cmd.bandwidth_mibps is not None:
+            update["bandwidth_mibps"] = cmd.bandwidth_mibps
+        job.params = job.params.model_copy(update=update)
+        return job.snapshot()
+
+
+@contextmanager
+def _refused() -> Iterator[None]:
+    try:
+        yield
+    except SourceRefused as exc:
+        raise ServiceError(exc.code, exc.message, {"field": exc.field}) from None
+
+
+def _quietly(plumbed: Future[object]) -> None:
+    try:
+        plumbed.result()
+    except Exception as exc:
+        log.warning("plumbing of a guest that did not migrate in failed", error=str(exc))

@@ -1,0 +1,150 @@
+"""A migration job as the source node keeps it (compute_node.migrating): what it reports
+(protos.migration.MigrationJob, the `domain.migration_progress` events) and what asks it to
+stop. The node keeps each domain's current or last job in memory (`Jobs`)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+
+from compute_node.driver import MigrationStats
+from protos.domain import PowerState
+from protos.events import DomainMigrationProgress
+from protos.migration import FINAL_PHASES, MigrationJob, MigrationParams, MigrationPhase
+from services.bus.cause import Cause
+
+KEPT_JOBS = 256  # the last jobs kept for GetMigrationJob, the oldest dropped first
+
+
+@dataclass
+class Job:
+    domain_id: uuid.UUID
+    name: str
+    source: str
+    target: str
+    params: MigrationParams
+    started_at: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.monotonic)
+    phase: MigrationPhase = MigrationPhase.PREPARING
+    stats: MigrationStats = field(default_factory=lambda: MigrationStats(phase="preparing"))
+    downtime_ms: float | None = None
+    paused_ms: float | None = None
+    error: str | None = None
+    aborted: bool = False  # AbortMigration asked
+    timed_out: bool = False  # timeout_s passed
+    paused_by_timeout: bool = False  # and the guest was paused for it (timeout_action pause)
+    target_vtep: IPv4Address | None = None  # where the ports' VXLAN entries go at the commit
+    published: float = float("-inf")  # when the last progress event went out (monotonic)
+    cause: Cause | None = None  # the StartMigration's: its events and calls carry it
+    ended: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def final(self) -> bool:
+        return self.phase in FINAL_PHASES
+
+    def update(self, stats: MigrationStats) -> None:
+        self.stats = stats
+        try:
+            phase = MigrationPhase(stats.phase)
+        except ValueError:
+            return  # a driver's phase of its own: the figures still count
+        if phase not in FINAL_PHASES:  # the job ends by `end`, once its target knows
+            self.phase = phase
+
+    def end(self, phase: MigrationPhase, error: str | None = None) -> None:
+        self.phase = phase
+        self.error = error
+        self.ended.set()
+
+    def snapshot(self) -> MigrationJob:
+        s = self.stats
+        return MigrationJob(
+            domain_id=self.domain_id,
+            source=self.source,
+            target=self.target,
+            live=self.params.live,
+            phase=self.phase,
+            params=self.params,
+            started_at=self.started_at,
+            elapsed_ms=(time.monotonic() - self.started) * 1e3,
+            iteration=s.iteration,
+            bytes_sent=s.bytes_sent,
+            remaining_bytes=s.remaining_bytes,
+            memory_bytes=s.memory_bytes,
+            dirty_rate=s.dirty_rate,
+            bandwidth=s.bandwidth,
+            predicted_ms=s.predicted_ms,
+            throttle_pct=s.throttle_pct,
+            downtime_ms=self.downtime_ms,
+            paused_ms=self.paused_ms,
+            error=self.error,
+        )
+
+    def progress_event(
+        self,
+        host: str,
+        seq: int,
+        state: PowerState,
+        final: tuple[MigrationPhase, str | None] | None = None,
+    ) -> DomainMigrationProgress:
+        """The job's figures as a progress event carrying the domain's current `seq` (and
+        the phase and error it is about to end with, if `final`)."""
+        s = self.stats
+        phase, error = final or (self.phase, self.error)
+        return DomainMigrationProgress(
+            domain_id=self.domain_id,
+            name=self.name,
+            host=host,
+            seq=max(seq, 1),
+            state=state,
+            iteration=s.iteration,
+            transferred_bytes=s.bytes_sent,
+            remaining_bytes=s.remaining_bytes,
+            phase=phase.value,
+            target=self.target,
+            live=self.params.live,
+            dirty_rate=s.dirty_rate,
+            bandwidth=s.bandwidth,
+            predicted_ms=s.predicted_ms,
+            throttle_pct=s.throttle_pct,
+            elapsed_ms=(time.monotonic() - self.started) * 1e3,
+            downtime_ms=self.downtime_ms,
+            error=error,
+        )
+
+
+class Jobs:
+    """Each domain's current or last job on this node."""
+
+    def __init__(self) -> None:
+        self._jobs: OrderedDict[uuid.UUID, Job] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, domain_id: uuid.UUID) -> Job | None:
+        with self._lock:
+            return self._jobs.get(domain_id)
+
+    def running(self, domain_id: uuid.UUID) -> Job | None:
+        job = self.get(domain_id)
+        return None if job is None or job.final else job
+
+    def add(self, job: Job) -> Job | None:
+        """Keep `job` as its domain's; return the one it replaces."""
+        with self._lock:
+            previous = self._jobs.pop(job.domain_id, None)
+            self._jobs[job.domain_id] = job
+            while len(self._jobs) > KEPT_JOBS:
+                self._jobs.popitem(last=False)
+            return previous
+
+    def restore(self, job: Job, previous: Job | None) -> None:
+        """Undo `add(job)`: a job that never started is no job."""
+        with self._lock:
+            if self._jobs.get(job.domain_id) is job:
+                del self._jobs[job.domain_id]
+                if previous is not None:
+                    self._jobs[job.domain_id] = previous
