@@ -74,7 +74,8 @@ def migration_request(cmd: MigrateDomain, info: DomainInfo) -> PlacementRequest:
         vcpus=info.vcpus,
         memory_mib=info.memory_mib,
         forced_host=cmd.target,
-        # Host-local disks move with a cold migration, and the source refuses a live one.
+        # The source refuses a domain with host-local volumes (they do not move yet); shared
+        # pools' volumes are attached wherever the domain runs.
         volume_hosts=frozenset(),
     )
 
