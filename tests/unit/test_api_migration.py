@@ -160,26 +160,26 @@ def arrive(registry: Registry, d: dict[str, Any], host: str = "h2") -> None:
     )
 
 
-@pytest.mark.parametrize(
-    ("body", "field"),
-    [
-        ({"max_downtime_ms": 0}, "max_downtime_ms"),
-        ({"max_downtime_ms": 60_001}, "max_downtime_ms"),
-        ({"bandwidth_mibps": -1}, "bandwidth_mibps"),
-        ({"timeout_s": 0}, "timeout_s"),
-        ({"timeout_s": 5, "timeout_action": "postcopy"}, "timeout_action"),
-        ({"timeout_action": "pause"}, "body"),
-        ({"live": "yes"}, "live"),
-        ({"host": "no such/host"}, "host"),
-        ({"speed": 5}, "speed"),
-    ],
-)
+BAD_BODIES: list[tuple[dict[str, Any], str]] = [
+    ({"max_downtime_ms": 0}, "max_downtime_ms"),
+    ({"max_downtime_ms": 60_001}, "max_downtime_ms"),
+    ({"bandwidth_mibps": -1}, "bandwidth_mibps"),
+    ({"timeout_s": 0}, "timeout_s"),
+    ({"timeout_s": 5, "timeout_action": "postcopy"}, "timeout_action"),
+    ({"timeout_action": "pause"}, "body"),
+    ({"live": "yes"}, "live"),
+    ({"host": "no such/host"}, "host"),
+    ({"speed": 5}, "speed"),
+]
+
+
 def test_bad_migrate_bodies_are_422_naming_the_field_and_change_nothing(
-    client: TestClient, cloud: MigratingCloud, body: dict[str, Any], field: str
+    client: TestClient, cloud: MigratingCloud
 ) -> None:
     d = create(client)
-    r = client.post(f"/v1/domains/{d['id']}/migrate", json=body, headers=auth(ADMIN))
-    assert problem(r, 422)["field"] == field
+    for body, field in BAD_BODIES:
+        r = client.post(f"/v1/domains/{d['id']}/migrate", json=body, headers=auth(ADMIN))
+        assert problem(r, 422)["field"] == field, body
     assert cloud.sent(MigrateDomain) == []
     assert domain(client, d["id"])["task"] == "none"
 
