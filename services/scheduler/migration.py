@@ -10,8 +10,9 @@ filters' reasons, never an over-commit. The domain's size is what the source say
 
 The claim on the target is announced `claimed` before the source is asked, `placed` once the
 source has the job under way, `released` when the source refuses. Until the target's first
-event of the migration arrives (started or defined, detail `migrated`), the domain counts as
-living on its source for the group filters.
+event of the migration arrives (started or defined, detail `migrated`) or the final
+`domain.migration_progress` (done: the target; failed or cancelled: the source), the domain
+counts as living on its source for the group filters.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ import structlog
 from protos import routing
 from protos.base import Message
 from protos.commands import Command, GetDomainInfo
-from protos.migration import MigrateDomain, MigrationJob, StartMigration
+from protos.events import DomainMigrationProgress
+from protos.migration import (
+    FINAL_PHASES,
+    MigrateDomain,
+    MigrationJob,
+    MigrationPhase,
+    StartMigration,
+)
 from protos.replies import DomainInfo
 from protos.scheduler import Attempt, ClaimPhase
 from services.bus import (
@@ -189,6 +197,14 @@ class MigrationHandlers:
             raise ServiceError("unavailable", f"source {cmd.source}: {exc}") from None
         assert isinstance(reply, MigrationJob), reply
         return reply
+
+    def on_migration_progress(self, event: DomainMigrationProgress) -> None:
+        """A migration's final progress says where the domain lives now: the target when it
+        is done, the source otherwise (a peer's `placed` claim counted it on the target)."""
+        if event.phase not in FINAL_PHASES:
+            return
+        done = event.phase == MigrationPhase.DONE and event.target
+        self.state.on_domain_started(event.domain_id, event.target if done else event.host)
 
     def _migration_released(self, claim: Claim, source: str, group: GroupKey | None) -> None:
         self.state.release(claim.domain_id)

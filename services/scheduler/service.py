@@ -40,6 +40,7 @@ from protos.commands import (
 from protos.events import (
     DefinedDetail,
     DomainDefined,
+    DomainMigrationProgress,
     DomainStarted,
     DomainStopped,
     DomainUndefined,
@@ -87,6 +88,7 @@ SUBSCRIBED = (
     "host.heartbeat.*",
     "domain.started.*",
     "domain.defined.*",  # a cold migration's arrival (detail migrated)
+    "domain.migration_progress.*",  # a migration's end: where the domain lives now
     "domain.stopped.*",
     "domain.undefined.*",
     "placement.*.*",
@@ -416,6 +418,8 @@ class SchedulerService(MigrationHandlers, Service):
             self.state.on_domain_started(event.domain_id, event.host)
         elif isinstance(event, DomainDefined) and event.detail is DefinedDetail.MIGRATED:
             self.state.on_domain_started(event.domain_id, event.host)  # it lives there now
+        elif isinstance(event, DomainMigrationProgress):
+            self.on_migration_progress(event)
         elif isinstance(event, DomainUndefined):
             self.state.on_domain_undefined(event.domain_id, event.host)
         elif isinstance(event, DomainStopped):

@@ -12,7 +12,7 @@ from protos.base import Message
 from protos.codec import envelope_for
 from protos.commands import Command, GetDomainInfo
 from protos.domain import BootSpec, DomainSpec, PlacementHints, PlacementPolicy, PowerState
-from protos.events import DefinedDetail, DomainDefined
+from protos.events import DefinedDetail, DomainDefined, DomainMigrationProgress
 from protos.migration import (
     MigrateDomain,
     MigrationJob,
@@ -21,7 +21,7 @@ from protos.migration import (
     StartMigration,
 )
 from protos.replies import DomainInfo
-from protos.scheduler import PlacementClaim
+from protos.scheduler import ClaimPhase, PlacementClaim
 from services.bus import Context, RemoteError, RpcTimeout, ServiceError
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.service import SchedulerService
@@ -89,7 +89,7 @@ class Scheduler(SchedulerService):
     """The service with its claim announcements recorded instead of published."""
 
     def __init__(self) -> None:
-        super().__init__(SchedulerConfig(replica="r1"))
+        super().__init__(SchedulerConfig(replica="r1", top_n=1))  # the best host, always
         self.announced: list[PlacementClaim] = []
 
     def announce(self, event: PlacementClaim, *, confirm: bool) -> None:
@@ -239,3 +239,44 @@ def test_group_policies_see_the_moving_domain_as_no_other_member() -> None:
     with pytest.raises(ServiceError) as err:
         migrate(svc2, command(spec2, target="b"))
     assert err.value.details["filtered"]["group_policy"] == ["b"]
+
+
+def test_the_final_progress_says_where_the_domain_lives() -> None:
+    spec = domain()
+    svc = scheduler(Cluster(spec, "a"), {"a": {}, "b": {}})
+
+    def final(phase: str) -> DomainMigrationProgress:
+        return DomainMigrationProgress(
+            domain_id=spec.uuid,
+            name=spec.name,
+            host="a",
+            seq=4,
+            state=PowerState.RUNNING,
+            iteration=2,
+            transferred_bytes=1,
+            remaining_bytes=0,
+            phase=phase,
+            target="b",
+        )
+
+    envelope = envelope_for(command(spec), source="test")
+    # A peer's `placed` claim counted the domain on the target; the migration then failed.
+    svc.on_peer_claim(
+        PlacementClaim(
+            phase=ClaimPhase.PLACED,
+            replica="r2",
+            domain_id=spec.uuid,
+            host="b",
+            vcpus=2,
+            memory_mib=1024,
+        ),
+        sent_at=time.time(),
+        now=time.monotonic(),
+    )
+    assert svc.state.domain_host[spec.uuid] == "b"
+    svc.on_event(envelope, final("precopy"))
+    assert svc.state.domain_host[spec.uuid] == "b"  # not the end yet
+    svc.on_event(envelope, final("failed"))
+    assert svc.state.domain_host[spec.uuid] == "a"
+    svc.on_event(envelope, final("done"))
+    assert svc.state.domain_host[spec.uuid] == "b"
