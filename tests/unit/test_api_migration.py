@@ -371,3 +371,26 @@ def test_evacuate_migrates_every_domain_off_a_disabled_host(
     assert by_id[off["id"]]["job"]["target"] == "h2"
     assert (by_id[busy["id"]]["code"], by_id[busy["id"]]["job"]) == ("conflict", None)
     assert len(cloud.sent(MigrateDomain)) == 3
+
+
+def test_a_migrating_task_no_job_will_end_is_settled_by_reading_the_job(
+    tmp_path: Path, registry: Registry, cloud: MigratingCloud
+) -> None:
+    config = CONFIG.model_copy(update={"schedule_timeout_s": 1.0})
+    with TestClient(create_app(config, registry=registry, bus=cloud)) as client:
+        d = create(client)
+        assert client.post(f"/v1/domains/{d['id']}/migrate", headers=auth(ADMIN)).status_code == 202
+        url = f"/v1/domains/{d['id']}/job"
+        # While the job runs, nothing changes however old the task.
+        time.sleep(1.1)
+        assert client.get(url, headers=auth(ADMIN)).json()["running"] is True
+        assert domain(client, d["id"])["task"] == "migrating"
+        # The source restarted and forgot the job: no event will end the task; reading the
+        # job does (after the request's own wait, so a request in flight is left alone).
+        cloud.jobs.clear()
+        problem(client.get(url, headers=auth(ADMIN)), 404)
+        assert domain(client, d["id"])["task"] == "none"
+        assert client.post(f"/v1/domains/{d['id']}/migrate", headers=auth(ADMIN)).status_code == 202
+        cloud.jobs.clear()
+        problem(client.get(url, headers=auth(ADMIN)), 404)
+        assert domain(client, d["id"])["task"] == "migrating"  # too young to settle

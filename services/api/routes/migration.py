@@ -10,6 +10,7 @@ request that wins it, and puts it back when the scheduler refuses. The events en
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Annotated
 
@@ -135,11 +136,13 @@ def _job(ctx: ApiContext, record: DomainRecord) -> MigrationJob | None:
 def get_job(domain_id: uuid.UUID, ctx: Ctx, caller: Caller, mask: Mask) -> JobView:
     """The domain's migration job (virsh domjobinfo): the running one, from its source;
     when none runs, the last one that ended (with the measured `downtime_ms` when it was
-    done). 404 when the domain never migrated."""
+    done). 404 when the domain never migrated. A domain still `migrating` whose host runs
+    no job (and whose migrate request is over) gets its task back to none here."""
     record = ctx.visible_domain(caller, domain_id)
     job = _job(ctx, record)
     if job is not None and job.phase not in FINAL_PHASES:
         return JobView.of(job, mask)
+    _settle_task(ctx, record)
     logged = ctx.registry.last_migration(domain_id)
     if logged is not None and (job is None or logged.ts >= job.started_at):
         event = DomainMigrationProgress.model_validate(logged.body)
@@ -147,6 +150,19 @@ def get_job(domain_id: uuid.UUID, ctx: Ctx, caller: Caller, mask: Mask) -> JobVi
     if job is not None:
         return JobView.of(job, mask)
     raise not_found(f"a migration job of domain {domain_id}")
+
+
+def _settle_task(ctx: ApiContext, record: DomainRecord) -> None:
+    """The domain's host runs no migration job: a `migrating` task whose ending events will
+    never come (its source restarted mid-job and forgot it) ends here. Only once the task is
+    older than a migrate request can wait, so a request still waiting for its job is left
+    alone."""
+    if record.task is not TaskState.MIGRATING:
+        return
+    if time.time() - record.updated_at <= ctx.config.schedule_timeout_s:
+        return
+    if ctx.registry.swap_task(record.id, TaskState.MIGRATING, TaskState.NONE):
+        log.warning("migrating task ended: no job runs on the host", domain_id=str(record.id))
 
 
 def _running_job_host(record: DomainRecord, action: str) -> str:
