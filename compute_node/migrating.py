@@ -529,6 +529,8 @@ class MigrationHandlers:
             ) from None
         assert isinstance(reply, IncomingEndpoint)
         if cmd.params.live and (reply.address is None or reply.port is None or reply.token is None):
+            forget = FinishIncoming(domain_id=record.id, committed=False, seq=record.seq)
+            self._finish_later(cmd.target, forget)
             raise ServiceError("internal", f"target {cmd.target} gave no stream endpoint")
         return reply
 
@@ -604,8 +606,10 @@ class MigrationHandlers:
                 )
                 return
             job.phase = MigrationPhase.COMMIT
-            if not self._finish_target(job, committed=True, seq=record.seq):
-                self._finish_target(job, committed=False, seq=0)
+            committed = self._finish_target(job, committed=True, seq=record.seq)
+            # Not confirmed: undone, unless the target answers that it did commit after all
+            # (the answer to the commit was lost). Unanswered twice: the source keeps it.
+            if not committed and not self._finish_target(job, committed=False, seq=0):
                 self._ended(job, MigrationPhase.FAILED, job.error or "the target did not commit")
                 return
             self._ended(job, MigrationPhase.DONE)

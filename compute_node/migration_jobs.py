@@ -41,6 +41,7 @@ class Job:
     published: float = float("-inf")  # when the last progress event went out (monotonic)
     cause: Cause | None = None  # the StartMigration's: its events and calls carry it
     ended: threading.Event = field(default_factory=threading.Event)
+    finished: float | None = None  # when it ended (monotonic)
 
     @property
     def final(self) -> bool:
@@ -56,9 +57,14 @@ class Job:
             self.phase = phase
 
     def end(self, phase: MigrationPhase, error: str | None = None) -> None:
+        self.finished = time.monotonic()
         self.phase = phase
         self.error = error
         self.ended.set()
+
+    def elapsed_ms(self) -> float:
+        """How long it ran (so far, or in all once it ended)."""
+        return ((self.finished or time.monotonic()) - self.started) * 1e3
 
     def snapshot(self) -> MigrationJob:
         s = self.stats
@@ -70,7 +76,7 @@ class Job:
             phase=self.phase,
             params=self.params,
             started_at=self.started_at,
-            elapsed_ms=(time.monotonic() - self.started) * 1e3,
+            elapsed_ms=self.elapsed_ms(),
             iteration=s.iteration,
             bytes_sent=s.bytes_sent,
             remaining_bytes=s.remaining_bytes,
@@ -111,7 +117,7 @@ class Job:
             bandwidth=s.bandwidth,
             predicted_ms=s.predicted_ms,
             throttle_pct=s.throttle_pct,
-            elapsed_ms=(time.monotonic() - self.started) * 1e3,
+            elapsed_ms=self.elapsed_ms(),
             downtime_ms=self.downtime_ms,
             error=error,
         )

@@ -8,12 +8,18 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from protos.codec import Envelope
-from protos.commands import DefineDomain, GetDomainInfo, ListDomains, StartDomain
+from protos.commands import (
+    DefineDomain,
+    DestroyDomain,
+    GetDomainInfo,
+    ListDomains,
+    StartDomain,
+    UndefineDomain,
+)
 from protos.domain import BootSpec, DomainSpec, PowerState
 from protos.events import DomainEvent, DomainMigrationProgress
 from protos.host import HostHeartbeat
@@ -29,7 +35,6 @@ from protos.replies import DomainInfo, DomainList
 from services.bus import Bus, RemoteError
 from tests.bootfiles import BOOT_DIR, KERNEL
 from tests.integration.compute_harness import ComputeProcess, EventLog, call
-from tests.integration.conftest import MakeBus
 
 pytestmark = pytest.mark.integration
 
@@ -59,17 +64,21 @@ class Usage:
 Cluster = tuple[ComputeProcess, ComputeProcess, Bus, EventLog, Usage]
 
 
-@pytest.fixture
-def cluster(amqp_url: str, tmp_path: Path, make_bus: MakeBus) -> Iterator[Cluster]:
+@pytest.fixture(scope="module")
+def cluster(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Two nodes for the module (starting them is most of its time); each test migrates a
+    domain of its own. The test that kills the target starts it again."""
+    tmp_path = tmp_path_factory.mktemp("migration")
     tag = uuid.uuid4().hex[:6]
     env = {
         "FLOTILLA_DRIVER": "fake",
         "FLOTILLA_ALLOWED_BOOT_DIRS": str(BOOT_DIR),
         "FLOTILLA_RESERVED_HOST_MEMORY_MIB": "0",
     }
-    bus = make_bus("test-client")
-    events = EventLog(make_bus("test-watcher"))
-    usage = Usage(make_bus("test-beats"))
+    buses = [Bus(amqp_url, source=f"test-{name}-{tag}").start(timeout=30) for name in "abc"]
+    bus = buses[0]
+    events = EventLog(buses[1])
+    usage = Usage(buses[2])
     nodes = []
     for name in ("src", "dst"):
         (tmp_path / name).mkdir()
@@ -81,6 +90,8 @@ def cluster(amqp_url: str, tmp_path: Path, make_bus: MakeBus) -> Iterator[Cluste
         node.stop()
     events.subscription.close()
     usage.subscription.close()
+    for b in buses:
+        b.close()
 
 
 def running(bus: Bus, node: ComputeProcess, vcpus: int = 2) -> DomainSpec:
@@ -114,6 +125,14 @@ def ended(
             return job
         assert time.monotonic() < deadline, job
         time.sleep(0.1)
+
+
+def remove(bus: Bus, node: ComputeProcess, spec: DomainSpec) -> None:
+    """The test's domain goes, so the next test starts from empty hosts."""
+    call(bus, node.queue, DestroyDomain(domain_id=spec.uuid))
+    assert (
+        bus.call(node.queue, UndefineDomain(domain_id=spec.uuid), timeout=20).TYPE == "reply.done"
+    )
 
 
 def listed(bus: Bus, node: ComputeProcess) -> set[uuid.UUID]:
@@ -156,6 +175,7 @@ def test_live_migration_between_two_processes(cluster: Cluster) -> None:
     info = call(bus, dst.queue, GetDomainInfo(domain_id=spec.uuid))
     assert (info.state, info.seq) == (PowerState.RUNNING, 5)
     usage.wait({src.host: 0, dst.host: 2})  # the claim moved
+    remove(bus, dst, spec)
 
 
 def test_abort_keeps_the_guest_on_the_source(cluster: Cluster) -> None:
@@ -173,6 +193,7 @@ def test_abort_keeps_the_guest_on_the_source(cluster: Cluster) -> None:
     events.wait(spec.uuid, lambda evs: any(getattr(e, "phase", "") == "cancelled" for e in evs))
     assert lifecycle(events.of(spec.uuid))[-1][:2] == ("domain.started", "booted")
     usage.wait({src.host: 2, dst.host: 0})
+    remove(bus, src, spec)
 
 
 def test_a_target_killed_mid_way_leaves_the_source_running(cluster: Cluster) -> None:
@@ -195,6 +216,7 @@ def test_a_target_killed_mid_way_leaves_the_source_running(cluster: Cluster) -> 
         ("domain.started", "booted"),
     ]
     usage.wait({src.host: 2, dst.host: 0})
+    remove(bus, src, spec)
 
 
 def test_cold_migration_moves_the_definition(cluster: Cluster) -> None:
@@ -212,3 +234,4 @@ def test_cold_migration_moves_the_definition(cluster: Cluster) -> None:
     info = call(bus, dst.queue, StartDomain(domain_id=spec.uuid))
     assert isinstance(info, DomainInfo)
     assert (info.state, info.seq) == (PowerState.RUNNING, 3)
+    remove(bus, dst, spec)

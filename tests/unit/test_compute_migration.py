@@ -18,6 +18,7 @@ from compute_node.driver import GuestEvent, GuestEventKind, IncomingMachine, Mig
 from compute_node.fake import FakeDriver
 from compute_node.fake_migration import read_line, send_line
 from compute_node.lifecycle import Lifecycle
+from compute_node.migrating import FINISH_ATTEMPTS
 from compute_node.resources import Claims
 from compute_node.storage_sources import StorageBindings
 from compute_node.store import Store
@@ -81,6 +82,7 @@ class Host:
         self.cluster = cluster
         self.sent: list[Command] = []  # every call this host made to another
         self.unreachable: set[type[Command]] = set()  # calls that get no answer
+        self.answers_lost: dict[type[Command], int] = {}  # calls run, whose answer is lost
         self.service.peer_call = self.call
         self.service.incoming_check_s = 0.05  # the target asks its source often: races show
         cluster[name] = self
@@ -104,6 +106,9 @@ class Host:
         )
         target = self.cluster[queue.removeprefix("compute.")].service
         reply = dispatch(target, command, Context(envelope))
+        if self.answers_lost.get(type(command), 0) > 0:
+            self.answers_lost[type(command)] -= 1
+            raise RpcTimeout(f"{command.TYPE} to {queue!r}: no reply")
         if isinstance(reply, ErrorReply):
             raise RemoteError(reply.code, reply.message, reply.details)
         return reply
@@ -190,6 +195,10 @@ def test_live_migration_moves_the_guest_and_seq_continues(hosts: tuple[Host, Hos
     assert job.downtime_ms is not None
     assert job.paused_ms is not None
     assert job.bytes_sent >= 64 << 20
+    time.sleep(0.05)
+    again = a.do(GetMigrationJob(domain_id=s.uuid))
+    assert isinstance(again, MigrationJob)
+    assert again.elapsed_ms == job.elapsed_ms  # an ended job's time stands still
 
     source_events = a.events()
     assert lifecycle(source_events) == [
@@ -561,3 +570,17 @@ def test_a_restarted_target_forgets_a_domain_whose_machine_is_gone(
     assert b.store.get(s.uuid) is None
     assert not b.claims.holds(s.uuid)
     assert b.events() == []
+
+
+def test_a_cold_commit_whose_answer_was_lost_is_not_undone(hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    s = spec()
+    assert isinstance(a.do(DefineDomain(spec=s)), DomainInfo)
+    # The target commits; the source never hears so, however often it asks.
+    a.answers_lost[FinishIncoming] = FINISH_ATTEMPTS
+    start(a, s, MigrationParams(live=False))
+    assert wait_job(a, s.uuid).phase is MigrationPhase.DONE
+    assert a.store.get(s.uuid) is None
+    assert b.events() == [("domain.defined", "migrated", 2)]
+    finish = [c.committed for c in a.sent if isinstance(c, FinishIncoming)]
+    assert finish == [True] * FINISH_ATTEMPTS + [False]  # the undo, refused: it had committed
