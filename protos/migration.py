@@ -128,12 +128,16 @@ class MigrateDomain(Command):
     filters' reasons when no host qualifies; `conflict` from the source's state table."""
 
     TYPE = "cmd.scheduler.migrate"
+    VERSION = "1.1"  # 1.1: `spec`
     RESULT = MigrationJob
     domain_id: uuid.UUID
     source: str = Field(pattern=NAME_PATTERN)
     target: str | None = Field(default=None, pattern=NAME_PATTERN)
     project: str = Field(pattern=NAME_PATTERN)
     params: MigrationParams = MigrationParams()
+    # The registry's spec: the domain's server group and policy for the group filter (its
+    # size is read from the source, which runs it).
+    spec: DomainSpec | None = None
 
 
 # ---- scheduler → source compute node ------------------------------------------------------

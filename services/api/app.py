@@ -39,6 +39,7 @@ from services.api.routes import (
     events,
     hosts,
     images,
+    migration,
     networks,
     snapshots,
     volume_transfer,
@@ -94,7 +95,17 @@ def create_app(
     install_problems(app)
     app.add_exception_handler(DatabaseUnavailable, _database_unavailable)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
-    for module in (domains, console, hosts, events, admin, snapshots, images, volume_transfer):
+    for module in (
+        domains,
+        console,
+        hosts,
+        events,
+        admin,
+        snapshots,
+        images,
+        volume_transfer,
+        migration,
+    ):
         app.include_router(module.router)
     app.include_router(networks.networks_router)
     app.include_router(networks.ports_router)

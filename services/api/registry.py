@@ -13,6 +13,16 @@ Projection rules (`apply_event`), each in one transaction with the event's appen
 - a domain not yet placed (no host) is placed by a `domain.started` while it is `scheduling`
   or its create's outcome is unknown: the create's own API replica may be gone.
 
+Migration (protos.migration) adds, and changes nothing else:
+- an event from another host is projected when it is `domain.started` or `domain.defined`
+  with detail `migrated` and a seq above the stored one: the domain's host switches to it
+  (the target took over; a `migrating` task ends);
+- the source's `domain.stopped/migrated` advances seq but leaves the power state as it was
+  (the guest runs on, on the target);
+- a final `domain.migration_progress` (phase done, failed or cancelled) from the domain's
+  host or naming it as target ends a `migrating` task (nothing else of it is projected), and
+  so does `domain.resumed/migrated` (the source runs on after a failed attempt).
+
 Event-log ids only grow in commit order (appends are serialised: SQLite's write lock, an
 advisory lock on PostgreSQL), so a reader resuming "after id N" never misses a row that
 commits later with a smaller id.
@@ -33,8 +43,21 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from protos.domain import DomainSpec, Fault, PowerState, TaskState
-from protos.events import DomainEvent, DomainStarted, DomainUndefined
+from protos.events import (
+    DefinedDetail,
+    DomainDefined,
+    DomainEvent,
+    DomainMigrationProgress,
+    DomainResumed,
+    DomainStarted,
+    DomainStopped,
+    DomainUndefined,
+    ResumedDetail,
+    StartedDetail,
+    StoppedDetail,
+)
 from protos.host import HostHeartbeat, HostInventory, Resources
+from protos.migration import FINAL_PHASES
 from protos.replies import DomainInfo
 from services.api.config import Quota, Role
 from services.api.saved_states import SavedStates
@@ -55,6 +78,9 @@ Row = Sequence[Any]  # a result row: the selected columns in order
 # Faults of a create whose outcome the API does not know: the scheduler may have placed the
 # domain, so a `domain.started` from a host (or the log, for an orphan) still places it.
 OUTCOME_UNKNOWN_FAULTS = frozenset({"schedule_timeout", "schedule_interrupted"})
+# Progress rows read back to find a migration's final one: a migration's own progress comes
+# at most every MIGRATION_PROGRESS_S, and its final one is its last.
+_PROGRESS_SCAN = 50
 
 
 class Outcome(StrEnum):
@@ -167,7 +193,12 @@ _EVENT_COLUMNS = (
 # Built once: the hot paths (event projection, reads by id) only bind their parameters.
 _DOMAIN_BY_ID = sa.select(*_DOMAIN_COLUMNS).where(domains.c.id == sa.bindparam("b_id"))
 _PROJECTION_OF = sa.select(
-    domains.c.project, domains.c.host, domains.c.task, domains.c.seq, domains.c.fault
+    domains.c.project,
+    domains.c.host,
+    domains.c.task,
+    domains.c.seq,
+    domains.c.fault,
+    domains.c.power,
 ).where(domains.c.id == sa.bindparam("b_id"))
 _TAKEN = sa.select(sa.literal(1)).where(
     (domains.c.id == sa.bindparam("b_id")) | (domains.c.name == sa.bindparam("b_name"))
@@ -338,6 +369,36 @@ class Registry:
                 )
             )
         return self.get_domain(domain_id)
+
+    def swap_task(self, domain_id: uuid.UUID, expected: TaskState, task: TaskState) -> bool:
+        """Set the task to `task` only if it is `expected` (two requests racing to start a
+        migration: one wins); whether it was."""
+        with self.db.transaction() as cur:
+            changed = cur.execute(
+                domains.update()
+                .where(domains.c.id == str(domain_id), domains.c.task == expected.value)
+                .values(task=task.value, fault=None, updated_at=time.time())
+            ).rowcount
+        return bool(changed)
+
+    def last_migration(self, domain_id: uuid.UUID) -> EventRecord | None:
+        """The newest final `domain.migration_progress` logged for the domain, if any."""
+        query = (
+            sa.select(*_EVENT_COLUMNS)
+            .where(
+                events.c.domain_id == str(domain_id),
+                events.c.type == DomainMigrationProgress.TYPE,
+            )
+            .order_by(events.c.id.desc())
+            .limit(_PROGRESS_SCAN)
+        )
+        with self.db.transaction() as cur:
+            rows = cur.execute(query).all()
+        for row in rows:
+            record = _event(row)
+            if record.body.get("phase") in FINAL_PHASES:
+                return record
+        return None
 
     def set_spec(self, domain_id: uuid.UUID, spec: DomainSpec) -> DomainRecord | None:
         """Replace the domain's spec (a disk attached or detached while it is stopped)."""
@@ -518,6 +579,7 @@ class Registry:
             if row is None:
                 return Outcome.LOGGED
             _, host, task, seq, fault = row[0], row[1], TaskState(row[2]), int(row[3]), row[4]
+            row_power = row[5]
             if host is None:
                 # Not placed yet. A start on a host places it, as soon as it is seen: while
                 # the create waits for the scheduler (`scheduling`; the API replica waiting
@@ -531,10 +593,16 @@ class Registry:
                 if not (unknown and isinstance(event, DomainStarted)):
                     return Outcome.LOGGED
                 host, seq, task = event.host, 0, TaskState.NONE
+            if isinstance(event, DomainMigrationProgress):
+                return self._migration_ended(cur, domain_id, event, host=host, task=task, now=now)
             if event.host != host:
-                return Outcome.LOGGED
+                if not (_arrived_by_migration(event) and event.seq > seq):
+                    return Outcome.LOGGED
+                host = event.host  # the target took the domain over
             if event.seq <= seq:
                 return Outcome.STALE
+            if task is TaskState.MIGRATING and _ends_migration(event, host, row[1]):
+                task = TaskState.NONE
             if isinstance(event, DomainUndefined):
                 if task is TaskState.DELETING:
                     cur.execute(_DELETE_DOMAIN, {"b_id": domain_id})
@@ -554,12 +622,14 @@ class Registry:
                     },
                 )
                 return Outcome.APPLIED
+            # The source's machine ended because the target runs the guest: not shut off.
+            moved_away = isinstance(event, DomainStopped) and event.detail is StoppedDetail.MIGRATED
             cur.execute(
                 _UPDATE_DOMAIN,
                 {
                     "b_id": domain_id,
                     "host": host,
-                    "power": event.state.value,
+                    "power": row_power if moved_away else event.state.value,
                     "seq": event.seq,
                     "task": task.value,
                     "fault": fault if task is TaskState.ERROR else None,
@@ -567,6 +637,28 @@ class Registry:
                 },
             )
             return Outcome.APPLIED
+
+    @staticmethod
+    def _migration_ended(
+        cur: Connection,
+        domain_id: str,
+        event: DomainMigrationProgress,
+        *,
+        host: str,
+        task: TaskState,
+        now: float,
+    ) -> Outcome:
+        """Progress is logged; a final one about this domain's host (its source, or the
+        target it switched to) ends the `migrating` task."""
+        final = event.phase in FINAL_PHASES and host in (event.host, event.target)
+        if not (final and task is TaskState.MIGRATING):
+            return Outcome.LOGGED
+        cur.execute(
+            domains.update()
+            .where(domains.c.id == domain_id, domains.c.task == TaskState.MIGRATING.value)
+            .values(task=TaskState.NONE.value, updated_at=now)
+        )
+        return Outcome.APPLIED
 
     def events_after(
         self,
@@ -747,3 +839,19 @@ class Registry:
         if not row:
             return None
         return Quota(domains=row[0], vcpus=row[1], memory_mib=row[2], snapshot_bytes=row[3])
+
+
+def _arrived_by_migration(event: DomainEvent) -> bool:
+    """The target's first event of a migration: the guest runs there (live) or its
+    definition arrived there (cold)."""
+    if isinstance(event, DomainStarted):
+        return event.detail is StartedDetail.MIGRATED
+    return isinstance(event, DomainDefined) and event.detail is DefinedDetail.MIGRATED
+
+
+def _ends_migration(event: DomainEvent, host: str, stored_host: str) -> bool:
+    """Whether `event` (already projected onto `host`) ends a `migrating` task: the switch to
+    the target, or the source resuming after a failed attempt."""
+    if host != stored_host:
+        return True
+    return isinstance(event, DomainResumed) and event.detail is ResumedDetail.MIGRATED

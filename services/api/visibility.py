@@ -10,9 +10,10 @@ hashing them does not reverse it. Every body the API sends a member passes throu
     body = mask.body(problem.body())
 
 `body` rewrites, anywhere in a JSON-like value: a string under a key that names a host
-(`host`, `source_host`, …) into its alias; the host lists under `filtered` (the scheduler's
-filter → hosts); and known host names inside free text (`detail`, `message`, `reason`),
-because a scheduler or compute node may name a host in a sentence.
+(`host`, `source_host`, …, and a migration's `target`) into its alias; the host lists under
+`filtered` (the scheduler's filter → hosts); and known host names inside free text (`detail`,
+`message`, `reason`, `error`), because a scheduler or compute node may name a host in a
+sentence.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from typing import Any
 from services.api.auth import Principal
 
 ALIAS_PREFIX = "host-"
-_TEXT_KEYS = frozenset({"detail", "message", "reason"})
+_TEXT_KEYS = frozenset({"detail", "message", "reason", "error"})
+# Keys besides `host` and `*_host` whose string names a host: a migration's `target` (in
+# `domain.migration_progress` and job replies; no body masked here has a disk's `target`).
+_HOST_KEYS = frozenset({"host", "target"})
 
 
 HOST_ALIAS_KEY_NAME = "host_alias"  # the name of the key in the registry
@@ -40,7 +44,7 @@ def host_alias(key: str, project: str, host: str) -> str:
 
 
 def _is_host_key(key: object) -> bool:
-    return isinstance(key, str) and (key == "host" or key.endswith("_host"))
+    return isinstance(key, str) and (key in _HOST_KEYS or key.endswith("_host"))
 
 
 class HostMask:

@@ -3,7 +3,8 @@
 Verbs follow virsh (list, create, start, shutdown, destroy, reboot, suspend, resume, delete,
 dominfo, console; pool-list, pool-info, vol-create, vol-list, vol-info, vol-delete, vol-resize,
 vol-clone, vol-wipe, vol-upload, vol-download, image-import, image-list, image-delete,
-attach-disk, detach-disk) plus events, hosts, up and version. The API and token come from
+attach-disk, detach-disk; migrate, migrate-setmaxdowntime, migrate-setspeed, domjobinfo,
+domjobabort, evacuate) plus events, hosts, up and version. The API and token come from
 --api/--token, else FLOTILLA_API_URL/FLOTILLA_TOKEN, else what `flotilla up` wrote to its
 state dir. Exit codes are listed in services.cli.client.Exit and docs/cli.md.
 """
@@ -124,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     from services.cli import snapshots  # noqa: PLC0415
 
     snapshots.add_verbs(verb)
+    from services.cli import migration  # noqa: PLC0415
+
+    migration.add_verbs(verb)
     return parser
 
 

@@ -70,7 +70,8 @@ class Placer:
         with self.state.lock:
             request = dataclasses.replace(
                 request,
-                group_hosts=self.state.group_hosts(request.group),
+                # The domain's own host is no other member's (it may be moving away).
+                group_hosts=self.state.group_hosts(request.group, besides=request.domain_id),
                 now=time.monotonic() if now is None else now,
             )
             hosts, filtered = self.filter(request, exclude)

@@ -1,4 +1,5 @@
-"""The scheduler service: `ScheduleDomain` in, `Placement` (or `no_valid_host`) out.
+"""The scheduler service: `ScheduleDomain` in, `Placement` (or `no_valid_host`) out;
+`MigrateDomain` in, the source's `MigrationJob` out (services.scheduler.migration).
 
     scheduler = Scheduler(SchedulerConfig(amqp_url=url)).start()   # consumes `scheduler`
     ...
@@ -36,7 +37,14 @@ from protos.commands import (
     StartDomain,
     UndefineDomain,
 )
-from protos.events import DomainStarted, DomainStopped, DomainUndefined
+from protos.events import (
+    DefinedDetail,
+    DomainDefined,
+    DomainMigrationProgress,
+    DomainStarted,
+    DomainStopped,
+    DomainUndefined,
+)
 from protos.host import HostHeartbeat
 from protos.network import AllocatePorts, BindPorts, PortBindings, ReleasePorts
 from protos.replies import DomainInfo
@@ -64,6 +72,7 @@ from services.bus import (
 from services.scheduler.catch_up import CatchUp
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.filters import build_filters
+from services.scheduler.migration import MigrationHandlers
 from services.scheduler.placer import Decision, Filtered, Placer
 from services.scheduler.state import Claim, ClusterState, GroupKey, PlacementRequest
 from services.scheduler.weights import build_weighers
@@ -78,6 +87,8 @@ SPEC_REFUSALS = frozenset({"invalid", "forbidden"})
 SUBSCRIBED = (
     "host.heartbeat.*",
     "domain.started.*",
+    "domain.defined.*",  # a cold migration's arrival (detail migrated)
+    "domain.migration_progress.*",  # a migration's end: where the domain lives now
     "domain.stopped.*",
     "domain.undefined.*",
     "placement.*.*",
@@ -94,7 +105,7 @@ class HostRefused(Exception):
         self.message = message
 
 
-class SchedulerService(Service):
+class SchedulerService(MigrationHandlers, Service):
     """Handlers only; `Scheduler` wires them to a bus. Without a bus (unit tests) the compute
     node is reached through `call`, which tests replace."""
 
@@ -405,6 +416,10 @@ class SchedulerService(Service):
             self.state.on_heartbeat(event, sent_at=envelope.ts, now=now)
         elif isinstance(event, DomainStarted):
             self.state.on_domain_started(event.domain_id, event.host)
+        elif isinstance(event, DomainDefined) and event.detail is DefinedDetail.MIGRATED:
+            self.state.on_domain_started(event.domain_id, event.host)  # it lives there now
+        elif isinstance(event, DomainMigrationProgress):
+            self.on_migration_progress(event)
         elif isinstance(event, DomainUndefined):
             self.state.on_domain_undefined(event.domain_id, event.host)
         elif isinstance(event, DomainStopped):

@@ -238,12 +238,17 @@ class ClusterState:
         with self.lock:
             self._place(domain_id, host, group)
 
-    def group_hosts(self, group: GroupKey | None) -> frozenset[str]:
+    def group_hosts(
+        self, group: GroupKey | None, besides: uuid.UUID | None = None
+    ) -> frozenset[str]:
+        """The hosts of `group`'s members (other than `besides`)."""
         if group is None:
             return frozenset()
         with self.lock:
             members = self.group_members.get(group, ())
-            return frozenset(self.domain_host[d] for d in members if d in self.domain_host)
+            return frozenset(
+                self.domain_host[d] for d in members if d in self.domain_host and d != besides
+            )
 
     def _place(self, domain_id: uuid.UUID, host: str, group: GroupKey | None) -> None:
         self.domain_host[domain_id] = host

@@ -14,8 +14,12 @@ from protos.domain import BootSpec, DomainSpec, Fault, PowerState, TaskState
 from protos.events import (
     DefinedDetail,
     DomainDefined,
+    DomainEvent,
+    DomainMigrationProgress,
+    DomainResumed,
     DomainStarted,
     DomainStopped,
+    DomainSuspended,
     DomainUndefined,
     StartedDetail,
     StoppedDetail,
@@ -85,9 +89,7 @@ def stopped(s: DomainSpec, host: str, seq: int) -> DomainStopped:
     )
 
 
-def apply(
-    reg: Registry, event: DomainStarted | DomainStopped | DomainUndefined | DomainDefined
-) -> Outcome:
+def apply(reg: Registry, event: DomainEvent) -> Outcome:
     return reg.apply_event(uuid.uuid4().hex, event.routing_key(), event)
 
 
@@ -388,3 +390,152 @@ def test_an_orphaned_create_without_events_is_an_error_a_later_start_still_place
     record = registry.get_domain(s.uuid)
     assert record is not None
     assert (record.host, record.power, record.task) == ("h3", PowerState.RUNNING, TaskState.NONE)
+
+
+# ---- migration (protos.migration) -------------------------------------------------------------
+
+P = PowerState
+
+
+def migrating(
+    registry: Registry, seq: int = 2, state: PowerState = PowerState.RUNNING
+) -> DomainSpec:
+    """A domain placed on h1 at `seq`, in task `migrating`."""
+    s = spec()
+    registry.create_domain(s, "p", Quota())
+    assert registry.set_placement(s.uuid, "h1", info(s, "h1", state, seq)) is not None
+    assert registry.set_task(s.uuid, TaskState.MIGRATING) is not None
+    return s
+
+
+def event_of(
+    cls: type[DomainEvent], s: DomainSpec, host: str, seq: int, *, state: PowerState, detail: str
+) -> DomainEvent:
+    return cls.model_validate(
+        {
+            "domain_id": s.uuid,
+            "name": s.name,
+            "host": host,
+            "seq": seq,
+            "state": state,
+            "detail": detail,
+        }
+    )
+
+
+def progress(s: DomainSpec, host: str, seq: int, phase: str, target: str = "h2") -> DomainEvent:
+    return DomainMigrationProgress(
+        domain_id=s.uuid,
+        name=s.name,
+        host=host,
+        seq=seq,
+        state=PowerState.RUNNING,
+        iteration=3,
+        transferred_bytes=1 << 20,
+        remaining_bytes=0,
+        phase=phase,
+        target=target,
+        downtime_ms=4.5 if phase == "done" else None,
+    )
+
+
+def shown(registry: Registry, s: DomainSpec) -> tuple[str | None, PowerState, int, TaskState]:
+    record = registry.get_domain(s.uuid)
+    assert record is not None
+    return record.host, record.power, record.seq, record.task
+
+
+def test_a_live_migration_switches_the_host_and_ends_the_task(registry: Registry) -> None:
+    s = migrating(registry)
+    # The source pauses for the last pages, then its machine ends: seq moves on, the domain
+    # is not shown shut off.
+    assert apply(
+        registry, event_of(DomainSuspended, s, "h1", 3, state=P.PAUSED, detail="migrated")
+    ) is (Outcome.APPLIED)
+    stop = event_of(DomainStopped, s, "h1", 4, state=P.SHUTOFF, detail="migrated")
+    assert apply(registry, stop) is Outcome.APPLIED
+    assert shown(registry, s) == ("h1", P.PAUSED, 4, TaskState.MIGRATING)
+    # The target's start with the seq continuing: the host switches and the task ends.
+    assert apply(
+        registry, event_of(DomainStarted, s, "h2", 5, state=P.RUNNING, detail="migrated")
+    ) is (Outcome.APPLIED)
+    assert shown(registry, s) == ("h2", P.RUNNING, 5, TaskState.NONE)
+    # The source's final progress arrives after the switch: logged, nothing changes.
+    assert apply(registry, progress(s, "h1", 4, "done")) is Outcome.LOGGED
+    assert shown(registry, s) == ("h2", P.RUNNING, 5, TaskState.NONE)
+    # Its events keep flowing from the new host; the old host's are another host's.
+    assert apply(registry, stopped(s, "h1", 6)) is Outcome.LOGGED
+    assert apply(registry, stopped(s, "h2", 6)) is Outcome.APPLIED
+    assert shown(registry, s) == ("h2", P.SHUTOFF, 6, TaskState.NONE)
+
+
+def test_the_final_progress_ends_the_task_whichever_event_comes_first(
+    registry: Registry,
+) -> None:
+    s = migrating(registry)
+    # Progress carries the last lifecycle seq: it is never projected, but the final one
+    # ends the task (here before the target's start arrived).
+    assert apply(registry, progress(s, "h1", 2, "precopy")) is Outcome.LOGGED
+    assert shown(registry, s) == ("h1", P.RUNNING, 2, TaskState.MIGRATING)
+    assert apply(registry, progress(s, "h1", 2, "done")) is Outcome.APPLIED
+    assert shown(registry, s) == ("h1", P.RUNNING, 2, TaskState.NONE)
+    assert apply(
+        registry, event_of(DomainStarted, s, "h2", 3, state=P.RUNNING, detail="migrated")
+    ) is (Outcome.APPLIED)
+    assert shown(registry, s) == ("h2", P.RUNNING, 3, TaskState.NONE)
+
+
+def test_a_failed_migration_leaves_the_domain_on_its_source(registry: Registry) -> None:
+    s = migrating(registry)
+    assert apply(
+        registry, event_of(DomainSuspended, s, "h1", 3, state=P.PAUSED, detail="migrated")
+    ) is (Outcome.APPLIED)
+    # The source resumes: the task ends there.
+    assert apply(
+        registry, event_of(DomainResumed, s, "h1", 4, state=P.RUNNING, detail="migrated")
+    ) is (Outcome.APPLIED)
+    assert shown(registry, s) == ("h1", P.RUNNING, 4, TaskState.NONE)
+    # A cancelled or failed job's final progress from the source ends a task too.
+    assert registry.set_task(s.uuid, TaskState.MIGRATING) is not None
+    assert apply(registry, progress(s, "h1", 4, "cancelled")) is Outcome.APPLIED
+    assert shown(registry, s) == ("h1", P.RUNNING, 4, TaskState.NONE)
+    # ... but only about this domain's host: a third host's progress changes nothing.
+    assert registry.set_task(s.uuid, TaskState.MIGRATING) is not None
+    assert apply(registry, progress(s, "h3", 4, "failed", target="h4")) is Outcome.LOGGED
+    assert shown(registry, s)[3] is TaskState.MIGRATING
+
+
+def test_another_hosts_events_switch_nothing_unless_they_are_a_migrations_arrival(
+    registry: Registry,
+) -> None:
+    s = migrating(registry, seq=5)
+    # Not arrivals: a boot, a plain definition, a stop on the target.
+    for event in (
+        event_of(DomainStarted, s, "h2", 9, state=P.RUNNING, detail="booted"),
+        event_of(DomainDefined, s, "h2", 9, state=P.SHUTOFF, detail="added"),
+        event_of(DomainStopped, s, "h2", 9, state=P.SHUTOFF, detail="migrated"),
+        event_of(DomainResumed, s, "h2", 9, state=P.RUNNING, detail="migrated"),
+    ):
+        assert apply(registry, event) is Outcome.LOGGED
+    # An arrival whose seq is not above the stored one is an old migration's.
+    assert apply(
+        registry, event_of(DomainStarted, s, "h2", 5, state=P.RUNNING, detail="migrated")
+    ) is (Outcome.LOGGED)
+    assert shown(registry, s) == ("h1", P.RUNNING, 5, TaskState.MIGRATING)
+
+
+def test_a_cold_migration_switches_the_host_on_the_targets_definition(
+    registry: Registry,
+) -> None:
+    s = migrating(registry, seq=3, state=PowerState.SHUTOFF)
+    defined = event_of(DomainDefined, s, "h2", 4, state=P.SHUTOFF, detail="migrated")
+    assert apply(registry, defined) is Outcome.APPLIED
+    assert shown(registry, s) == ("h2", P.SHUTOFF, 4, TaskState.NONE)
+    # Without a `migrating` task (an evacuation the API did not see start) it switches too.
+    s2 = spec()
+    registry.create_domain(s2, "p", Quota())
+    assert registry.set_placement(s2.uuid, "h1", info(s2, "h1", P.SHUTOFF, 1)) is not None
+    assert apply(
+        registry, event_of(DomainDefined, s2, "h3", 2, state=P.SHUTOFF, detail="migrated")
+    ) is (Outcome.APPLIED)
+    assert shown(registry, s2) == ("h3", P.SHUTOFF, 2, TaskState.NONE)

@@ -1,0 +1,228 @@
+"""`MigrateDomain`: choose a migration's target, claim room there, start the job on the source
+(protos.migration has the whole flow).
+
+Mixed into the scheduler service (services.scheduler.service), whose placer, state, claim
+announcements and compute-node seam it uses. The decision is the placement loop's, with the
+source excluded and the caller's `target` (if any) as the only host considered: the filters
+still judge it, so a named target that is disabled, down or full is `no_valid_host` with the
+filters' reasons, never an over-commit. The domain's size is what the source says it runs
+(`GetDomainInfo`), its server group and policy those of the registry's spec.
+
+The claim on the target is announced `claimed` before the source is asked, `placed` once the
+source has the job under way, `released` when the source refuses. Until the target's first
+event of the migration arrives (started or defined, detail `migrated`) or the final
+`domain.migration_progress` (done: the target; failed or cancelled: the source), the domain
+counts as living on its source for the group filters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+
+import structlog
+
+from protos import routing
+from protos.base import Message
+from protos.commands import Command, GetDomainInfo
+from protos.events import DomainMigrationProgress
+from protos.migration import (
+    FINAL_PHASES,
+    MigrateDomain,
+    MigrationJob,
+    MigrationPhase,
+    StartMigration,
+)
+from protos.replies import DomainInfo
+from protos.scheduler import Attempt, ClaimPhase
+from services.bus import (
+    BusError,
+    Context,
+    NoRouteError,
+    RemoteError,
+    RpcTimeout,
+    ServiceError,
+    handles,
+)
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.placer import Decision, Filtered, Placer
+from services.scheduler.state import Claim, ClusterState, GroupKey, PlacementRequest
+
+log = structlog.get_logger("flotilla.scheduler")
+
+# Source answers that are about the target (it refused what the source prepared there): the
+# next best host may take the domain, unless the caller named this one.
+TARGET_REFUSALS = frozenset({"no_capacity", "unavailable", "spawn_failed"})
+_IDS = uuid.UUID("0c4d1a9e-2f43-4b8e-9d67-3b5f2e1a8c74")  # namespace of derived message ids
+
+
+class OutcomeUnknown(Exception):
+    """The source did not answer StartMigration: the job may be under way."""
+
+
+class TargetRefused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def migration_request(cmd: MigrateDomain, info: DomainInfo) -> PlacementRequest:
+    """The placement request for moving the domain `info` describes: its size as the source
+    runs it, its group and policy from `cmd.spec` (none without one), `cmd.target` as the only
+    host (None: any)."""
+    if cmd.spec is not None:
+        base = PlacementRequest.from_spec(cmd.spec, cmd.project)
+    else:
+        base = PlacementRequest(domain_id=cmd.domain_id, vcpus=info.vcpus, memory_mib=0)
+    return dataclasses.replace(
+        base,
+        domain_id=cmd.domain_id,
+        vcpus=info.vcpus,
+        memory_mib=info.memory_mib,
+        forced_host=cmd.target,
+        # The source refuses a domain with host-local volumes (they do not move yet); shared
+        # pools' volumes are attached wherever the domain runs.
+        volume_hosts=frozenset(),
+    )
+
+
+class MigrationHandlers:
+    """The scheduler's `MigrateDomain`; the scheduler service provides the rest."""
+
+    config: SchedulerConfig
+    state: ClusterState
+    placer: Placer
+    replica: str
+
+    def call(
+        self, queue: str, command: Command, *, timeout: float, message_id: str | None
+    ) -> Message:
+        raise NotImplementedError
+
+    def _announce(self, phase: ClaimPhase, claim: Claim) -> None:
+        raise NotImplementedError
+
+    @handles(MigrateDomain)
+    def migrate(self, cmd: MigrateDomain, ctx: Context) -> MigrationJob:
+        structlog.contextvars.bind_contextvars(domain_id=str(cmd.domain_id))
+        if cmd.target == cmd.source:
+            raise ServiceError(
+                "invalid", f"the domain is on {cmd.source} already", {"field": "host"}
+            )
+        info = self._source_info(cmd)
+        request = migration_request(cmd, info)
+        attempts: list[Attempt] = []
+        refused = {cmd.source}
+        filtered: Filtered = {}
+        tries = 1 if cmd.target is not None else self.config.max_attempts
+        for _ in range(tries):
+            decision = self.placer.decide(request, replica=self.replica, exclude=refused)
+            filtered = decision.filtered
+            if not isinstance(decision, Decision):
+                break
+            claim = decision.claim
+            # The claim counts the domain on the target; it lives on its source until the
+            # target's first event says otherwise.
+            self.state.learn(cmd.domain_id, cmd.source, request.group)
+            try:
+                job = self._start(cmd, claim, ctx.envelope.id)
+            except TargetRefused as exc:
+                self._migration_released(claim, cmd.source, request.group)
+                attempts.append(Attempt(host=claim.host, code=exc.code, message=exc.message))
+                refused.add(claim.host)
+                log.info("target refused", target=claim.host, code=exc.code, reason=exc.message)
+                continue
+            except OutcomeUnknown as exc:
+                # The claim stays (settling like a placed one): the target may be receiving.
+                self.state.settle(cmd.domain_id, settles_at=time.time())
+                raise ServiceError(
+                    "unavailable",
+                    f"source {cmd.source} did not answer in time ({exc}); the migration to "
+                    f"{claim.host} may be under way: its events will tell",
+                ) from None
+            except BaseException:
+                self._migration_released(claim, cmd.source, request.group)
+                raise
+            self.state.settle(cmd.domain_id, settles_at=job.started_at)
+            self._announce(ClaimPhase.PLACED, claim)
+            log.info("migration started", source=cmd.source, target=claim.host)
+            return job
+        raise ServiceError(
+            "no_valid_host",
+            _why(cmd, attempts, filtered),
+            {"attempts": [a.model_dump() for a in attempts], "filtered": filtered},
+        )
+
+    def _source_info(self, cmd: MigrateDomain) -> DomainInfo:
+        """What the source runs; its refusal (`not_found`: it does not hold the domain) is the
+        caller's answer as it is."""
+        try:
+            reply = self.call(
+                routing.compute_queue(cmd.source),
+                GetDomainInfo(domain_id=cmd.domain_id),
+                timeout=self.config.compute_timeout_s,
+                message_id=None,
+            )
+        except RemoteError as exc:
+            raise ServiceError(exc.code, f"source {cmd.source}: {exc.message}") from None
+        except (RpcTimeout, NoRouteError, BusError) as exc:
+            raise ServiceError("unavailable", f"source {cmd.source}: {exc}") from None
+        assert isinstance(reply, DomainInfo), reply
+        return reply
+
+    def _start(self, cmd: MigrateDomain, claim: Claim, request_id: str) -> MigrationJob:
+        """Announce the claim, then ask the source to migrate to its host: the job under way,
+        TargetRefused when the target (through the source) refused, ServiceError otherwise."""
+        self._announce(ClaimPhase.CLAIMED, claim)
+        command = StartMigration(domain_id=cmd.domain_id, target=claim.host, params=cmd.params)
+        # Derived ids: a redelivered MigrateDomain replays the same command, which the source
+        # answers from its idempotency record.
+        message_id = str(uuid.uuid5(_IDS, f"{request_id}:{claim.host}:migrate"))
+        try:
+            reply = self.call(
+                routing.compute_queue(cmd.source),
+                command,
+                timeout=self.config.compute_timeout_s,
+                message_id=message_id,
+            )
+        except RemoteError as exc:
+            if exc.code in TARGET_REFUSALS and cmd.target is None:
+                raise TargetRefused(exc.code, exc.message) from None
+            raise ServiceError(exc.code, exc.message, {**exc.details, "host": cmd.source}) from None
+        except RpcTimeout as exc:
+            raise OutcomeUnknown(str(exc)) from None
+        except (NoRouteError, BusError) as exc:
+            raise ServiceError("unavailable", f"source {cmd.source}: {exc}") from None
+        assert isinstance(reply, MigrationJob), reply
+        return reply
+
+    def on_migration_progress(self, event: DomainMigrationProgress) -> None:
+        """A migration's final progress says where the domain lives now: the target when it
+        is done, the source otherwise (a peer's `placed` claim counted it on the target)."""
+        if event.phase not in FINAL_PHASES:
+            return
+        done = event.phase == MigrationPhase.DONE and event.target
+        self.state.on_domain_started(event.domain_id, event.target if done else event.host)
+
+    def _migration_released(self, claim: Claim, source: str, group: GroupKey | None) -> None:
+        self.state.release(claim.domain_id)
+        self.state.learn(claim.domain_id, source, group)
+        self._announce(ClaimPhase.RELEASED, claim)
+
+
+def _why(cmd: MigrateDomain, attempts: list[Attempt], filtered: Filtered) -> str:
+    parts = []
+    if attempts:
+        tried = ", ".join(f"{a.host} ({a.code})" for a in attempts)
+        parts.append(f"{len(attempts)} target(s) refused: {tried}")
+    if filtered:
+        removed = ", ".join(f"{name} removed {', '.join(h)}" for name, h in filtered.items())
+        parts.append(f"filters: {removed}")
+    if not parts:
+        parts.append(f"no compute node but {cmd.source} has sent a heartbeat")
+    return f"no host can take domain {cmd.domain_id} from {cmd.source}: " + "; ".join(parts)
+
+
+__all__ = ["MigrationHandlers", "migration_request"]

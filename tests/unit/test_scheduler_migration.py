@@ -1,0 +1,282 @@
+"""The scheduler's `MigrateDomain` without a broker: the target's choice (never the source,
+a named target judged by the filters), the claim's announcements, refusals and retries."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from protos.base import Message
+from protos.codec import envelope_for
+from protos.commands import Command, GetDomainInfo
+from protos.domain import BootSpec, DomainSpec, PlacementHints, PlacementPolicy, PowerState
+from protos.events import DefinedDetail, DomainDefined, DomainMigrationProgress
+from protos.migration import (
+    MigrateDomain,
+    MigrationJob,
+    MigrationParams,
+    MigrationPhase,
+    StartMigration,
+)
+from protos.replies import DomainInfo
+from protos.scheduler import ClaimPhase, PlacementClaim
+from services.bus import Context, RemoteError, RpcTimeout, ServiceError
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.service import SchedulerService
+from services.scheduler.state import GroupKey
+from tests.unit.test_scheduler_filters import beat
+
+
+class Cluster:
+    """Compute nodes behind `SchedulerService.call`: the source answers GetDomainInfo and
+    StartMigration (or refuses it as told)."""
+
+    def __init__(self, spec: DomainSpec, source: str) -> None:
+        self.spec = spec
+        self.source = source
+        self.refuse: dict[str, str] = {}  # target → the code the source answers with
+        self.silent = False
+        self.started: list[StartMigration] = []
+
+    def __call__(
+        self, queue: str, command: Command, *, timeout: float, message_id: str | None
+    ) -> Message:
+        host = queue.removeprefix("compute.")
+        assert host == self.source, f"{command.TYPE} sent to {host}, not the source"
+        if isinstance(command, GetDomainInfo):
+            return DomainInfo(
+                domain_id=self.spec.uuid,
+                name=self.spec.name,
+                host=host,
+                state=PowerState.RUNNING,
+                vcpus=self.spec.vcpus,
+                memory_mib=self.spec.memory_mib,
+                seq=4,
+            )
+        assert isinstance(command, StartMigration)
+        assert message_id is not None
+        self.started.append(command)
+        if self.silent:
+            raise RpcTimeout("no reply")
+        code = self.refuse.get(command.target)
+        if code:
+            raise RemoteError(code, f"{command.target} says {code}")
+        return MigrationJob(
+            domain_id=command.domain_id,
+            source=host,
+            target=command.target,
+            live=command.params.live,
+            phase=MigrationPhase.PRECOPY,
+            params=command.params,
+            started_at=time.time(),
+            elapsed_ms=1.0,
+        )
+
+
+def domain(vcpus: int = 2, memory_mib: int = 1024, **placement: object) -> DomainSpec:
+    return DomainSpec(
+        name=f"d-{uuid.uuid4().hex[:8]}",
+        vcpus=vcpus,
+        memory_mib=memory_mib,
+        boot=BootSpec(kernel="/k"),
+        placement=PlacementHints(**placement),  # type: ignore[arg-type]
+    )
+
+
+class Scheduler(SchedulerService):
+    """The service with its claim announcements recorded instead of published."""
+
+    def __init__(self) -> None:
+        super().__init__(SchedulerConfig(replica="r1", top_n=1))  # the best host, always
+        self.announced: list[PlacementClaim] = []
+
+    def announce(self, event: PlacementClaim, *, confirm: bool) -> None:
+        self.announced.append(event)
+
+
+def scheduler(cluster: Cluster, hosts: dict[str, dict[str, object]]) -> Scheduler:
+    svc = Scheduler()
+    svc.call = cluster  # type: ignore[method-assign]
+    for name, kw in hosts.items():
+        svc.state.on_heartbeat(
+            beat(name, interval_s=60.0, **kw),  # type: ignore[arg-type]
+            sent_at=time.time(),
+            now=time.monotonic(),
+        )
+    svc.state.learn(cluster.spec.uuid, cluster.source, None)
+    return svc
+
+
+def migrate(svc: SchedulerService, cmd: MigrateDomain) -> MigrationJob:
+    return svc.migrate(cmd, Context(envelope_for(cmd, source="test")))
+
+
+def command(spec: DomainSpec, source: str = "a", target: str | None = None) -> MigrateDomain:
+    return MigrateDomain(
+        domain_id=spec.uuid,
+        source=source,
+        target=target,
+        project="p",
+        params=MigrationParams(max_downtime_ms=50),
+        spec=spec,
+    )
+
+
+def phases(svc: Scheduler) -> list[tuple[str, str]]:
+    return [(c.phase.value, c.host) for c in svc.announced]
+
+
+def test_the_target_is_never_the_source_and_is_claimed_then_placed() -> None:
+    spec = domain()
+    cluster = Cluster(spec, "a")
+    # The source has the most room: a placement would pick it, a migration cannot.
+    svc = scheduler(cluster, {"a": {"memory_mib": 65536}, "b": {}, "c": {"used_mib": 3500}})
+    job = migrate(svc, command(spec))
+    assert job.target == "b"  # c has no room for 1 GiB
+    assert [(s.target, s.params.max_downtime_ms) for s in cluster.started] == [("b", 50)]
+    assert phases(svc) == [("claimed", "b"), ("placed", "b")]
+    # The claim holds the room on the target; the domain still lives on its source.
+    assert svc.state.hosts["b"].claimed_memory_mib == 1024
+    assert svc.state.domain_host[spec.uuid] == "a"
+    # Its arrival there (here a cold migration's definition) moves it.
+    svc.on_event(
+        envelope_for(command(spec), source="test"),
+        DomainDefined(
+            domain_id=spec.uuid,
+            name=spec.name,
+            host="b",
+            seq=5,
+            state=PowerState.SHUTOFF,
+            detail=DefinedDetail.MIGRATED,
+        ),
+    )
+    assert svc.state.domain_host[spec.uuid] == "b"
+
+
+def test_a_named_target_must_pass_the_filters() -> None:
+    spec = domain(vcpus=2)
+    cluster = Cluster(spec, "a")
+    svc = scheduler(cluster, {"a": {}, "b": {"enabled": False}, "c": {"memory_mib": 512}, "d": {}})
+    for target, filter_name in (("b", "alive"), ("c", "memory")):
+        with pytest.raises(ServiceError) as err:
+            migrate(svc, command(spec, target=target))
+        assert err.value.code == "no_valid_host"
+        assert err.value.details["filtered"][filter_name] == [target]
+        assert target in err.value.message
+    assert cluster.started == []
+    with pytest.raises(ServiceError) as err:
+        migrate(svc, command(spec, target="a"))
+    assert (err.value.code, err.value.details["field"]) == ("invalid", "host")
+    assert migrate(svc, command(spec, target="d")).target == "d"
+
+
+def test_no_host_but_the_source_is_no_valid_host() -> None:
+    spec = domain()
+    svc = scheduler(Cluster(spec, "a"), {"a": {}})
+    with pytest.raises(ServiceError) as err:
+        migrate(svc, command(spec))
+    assert err.value.code == "no_valid_host"
+    assert "no compute node but a" in err.value.message
+
+
+def test_a_refusing_target_is_released_and_the_next_one_tried() -> None:
+    spec = domain()
+    cluster = Cluster(spec, "a")
+    svc = scheduler(cluster, {"a": {}, "b": {"memory_mib": 8192}, "c": {}})
+    cluster.refuse["b"] = "no_capacity"
+    job = migrate(svc, command(spec))
+    assert job.target == "c"
+    assert phases(svc) == [
+        ("claimed", "b"),
+        ("released", "b"),
+        ("claimed", "c"),
+        ("placed", "c"),
+    ]
+    assert svc.state.hosts["b"].claimed_memory_mib == 0
+    assert svc.state.domain_host[spec.uuid] == "a"
+    # A refusal of the migration itself (the state table on the source) is the answer.
+    cluster.refuse = {"b": "conflict", "c": "conflict"}
+    svc.announced.clear()
+    with pytest.raises(ServiceError) as err:
+        migrate(svc, command(spec, target="b"))
+    assert err.value.code == "conflict"
+    assert phases(svc) == [("claimed", "b"), ("released", "b")]
+    # A named target that refuses is not replaced by another.
+    cluster.refuse = {"b": "no_capacity"}
+    with pytest.raises(ServiceError) as err:
+        migrate(svc, command(spec, target="b"))
+    assert err.value.code == "no_capacity"
+
+
+def test_a_silent_source_keeps_the_claim() -> None:
+    spec = domain()
+    cluster = Cluster(spec, "a")
+    svc = scheduler(cluster, {"a": {}, "b": {}})
+    cluster.silent = True
+    with pytest.raises(ServiceError) as err:
+        migrate(svc, command(spec))
+    assert err.value.code == "unavailable"
+    assert "may be under way" in err.value.message
+    assert svc.state.hosts["b"].claimed_memory_mib == 1024  # until heartbeats settle it
+
+
+def test_group_policies_see_the_moving_domain_as_no_other_member() -> None:
+    # Affinity with no other member: any host will do (the domain's own host is not one).
+    spec = domain(group="g", policy=PlacementPolicy.AFFINITY)
+    cluster = Cluster(spec, "a")
+    svc = scheduler(cluster, {"a": {}, "b": {}})
+    svc.state.learn(spec.uuid, "a", GroupKey("p", "g"))
+    assert migrate(svc, command(spec)).target == "b"
+    # Anti-affinity: not onto the host of another member.
+    spec2 = domain(group="h", policy=PlacementPolicy.ANTI_AFFINITY)
+    cluster2 = Cluster(spec2, "a")
+    svc2 = scheduler(cluster2, {"a": {}, "b": {"memory_mib": 8192}, "c": {}})
+    svc2.state.learn(spec2.uuid, "a", GroupKey("p", "h"))
+    svc2.state.learn(uuid.uuid4(), "b", GroupKey("p", "h"))
+    assert migrate(svc2, command(spec2)).target == "c"
+    with pytest.raises(ServiceError) as err:
+        migrate(svc2, command(spec2, target="b"))
+    assert err.value.details["filtered"]["group_policy"] == ["b"]
+
+
+def test_the_final_progress_says_where_the_domain_lives() -> None:
+    spec = domain()
+    svc = scheduler(Cluster(spec, "a"), {"a": {}, "b": {}})
+
+    def final(phase: str) -> DomainMigrationProgress:
+        return DomainMigrationProgress(
+            domain_id=spec.uuid,
+            name=spec.name,
+            host="a",
+            seq=4,
+            state=PowerState.RUNNING,
+            iteration=2,
+            transferred_bytes=1,
+            remaining_bytes=0,
+            phase=phase,
+            target="b",
+        )
+
+    envelope = envelope_for(command(spec), source="test")
+    # A peer's `placed` claim counted the domain on the target; the migration then failed.
+    svc.on_peer_claim(
+        PlacementClaim(
+            phase=ClaimPhase.PLACED,
+            replica="r2",
+            domain_id=spec.uuid,
+            host="b",
+            vcpus=2,
+            memory_mib=1024,
+        ),
+        sent_at=time.time(),
+        now=time.monotonic(),
+    )
+    assert svc.state.domain_host[spec.uuid] == "b"
+    svc.on_event(envelope, final("precopy"))
+    assert svc.state.domain_host[spec.uuid] == "b"  # not the end yet
+    svc.on_event(envelope, final("failed"))
+    assert svc.state.domain_host[spec.uuid] == "a"
+    svc.on_event(envelope, final("done"))
+    assert svc.state.domain_host[spec.uuid] == "b"
