@@ -3,6 +3,7 @@ through two API replicas while broker connections are cut, a broker node, the co
 worker, VMMs, an API replica and a scheduler replica are killed (-9) and restarted. Then
 the invariants hold (tests/chaos/checks.py), or the test fails with the evidence.
 
+FLOTILLA_CHAOS_KEEP=1 keeps the run's logs (and says where) even when it passes.
 FLOTILLA_CHAOS_SECONDS sets the length of the faulted run: by default 30 s, one round of the
 twelve faults, which keeps the suite's share of `make test` near a minute and a half (`make
 test-chaos` runs 75 s, docs/testing.md); the services' start and the clients' wind-down come
@@ -47,6 +48,8 @@ def test_guests_cycle_through_faults_and_every_invariant_holds(
         print(f"faults injected: {[(i.at, i.fault, i.detail) for i in result.injected]}")
         print(f"figures: {report.figures}; seconds: {result.seconds}")
         print(f"refusals: {report.refusals}")
+        for line in report.waits:
+            print(f"waited: {line}")
         for line in report.known:
             print(line)
         for line in report.violations:
@@ -63,7 +66,7 @@ def test_guests_cycle_through_faults_and_every_invariant_holds(
         }, result.injected
         assert report.figures["accepted"] > 0, report.figures
         assert not report.violations, "\n".join(report.violations)
-        keep = False
+        keep = os.environ.get("FLOTILLA_CHAOS_KEEP") == "1"
     finally:
         if keep:
             print(f"logs kept under {base}")

@@ -48,6 +48,9 @@ class Workload:
     outcomes: list[Outcome] = field(default_factory=list)
     names: dict[str, str] = field(default_factory=dict)  # name → domain id, every one made
     errors: list[str] = field(default_factory=list)  # a client's own failure (a violation)
+    # A wait that ran out (a task under way for 60 s, a delete not done 30 s after its 202):
+    # not a violation by itself, but where a slow run's time went.
+    waits: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -162,9 +165,17 @@ class Workload:
             if r.status_code == 404:
                 return None
             d: dict[str, Any] = r.json()
-            if d["task"] in ("none", "error") or time.monotonic() > deadline:
+            if d["task"] in ("none", "error"):
+                return d
+            if time.monotonic() > deadline:
+                self._waited(f"{d['name']} ({domain_id}) still in task {d['task']} after 60 s", d)
                 return d
             time.sleep(0.1)
+
+    def _waited(self, what: str, d: dict[str, Any]) -> None:
+        detail = f"state {d['state']}, host {d['host']}, seq {d['seq']}, fault {d['fault']}"
+        with self._lock:
+            self.waits.append(f"{time.strftime('%H:%M:%S')} {what}: {detail}")
 
     def _guest(self, i: int, n: int, http: list[httpx.Client], turn: itertools.count[int]) -> None:
         name = f"chaos-{i}-{n}"
@@ -213,8 +224,9 @@ class Workload:
             self._record(Outcome(i, "delete", name, domain_id, 0), r)
             wait_until = time.monotonic() + 30
             while time.monotonic() < wait_until:
-                if self._read(http, turn, f"/v1/domains/{domain_id}").status_code == 404:
+                if (left := self._read(http, turn, f"/v1/domains/{domain_id}")).status_code == 404:
                     return
                 time.sleep(0.1)
+            self._waited(f"{name} ({domain_id}) still there 30 s after its delete", left.json())
         with self._lock:
             self.errors.append(f"client {i}: {name} ({domain_id}) not deleted within 120 s")
