@@ -44,6 +44,8 @@ def main() -> int:
         print(f"VIOLATION {line}", file=sys.stderr)
     for line in report.known:
         print(line, file=sys.stderr)
+    for line in report.waits:
+        print(f"waited: {line}", file=sys.stderr)
     for fault in result.injected:
         print(f"fault at {fault.at:.1f} s: {fault.fault} {fault.detail}", file=sys.stderr)
     for failure in result.fault_failures:

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import BrokerHandle, external_broker, private_broker, testcontainers_broker
+from services.broker import PrivateCluster
+from tests.brokers import (
+    BrokerHandle,
+    external_broker,
+    private_broker,
+    testcontainers_broker,
+    three_node_cluster,
+)
 
 # Tests marked `hwvirt` run in a nested L1 on hosts without vmx/svm (docs/testing.md).
 pytest_plugins = ("tests.hwvirt.plugin",)
@@ -47,6 +54,18 @@ def broker() -> Iterator[BrokerHandle]:
 @pytest.fixture(scope="session")
 def amqp_url(broker: BrokerHandle) -> str:
     return broker.url
+
+
+@pytest.fixture(scope="session")
+def broker_cluster() -> Iterator[PrivateCluster]:
+    """Three private RabbitMQ nodes clustered on loopback, formed once for the session and
+    shared by the cluster tests and the chaos suite (which works in a vhost of its own). A
+    user that kills a node restarts it and waits for it to rejoin before it returns."""
+    try:
+        with three_node_cluster() as cluster:
+            yield cluster
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture(scope="session")

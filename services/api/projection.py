@@ -1,25 +1,23 @@
 """Events into the registry: domain events from the shared durable queue `api.events` (several
 API replicas compete for it; seq makes the order they apply them in irrelevant), heartbeats
-from a private subscription per replica (every replica writes the same newest-wins row)."""
+from a private subscription per replica (every replica writes the same newest-wins row),
+coalesced newest per host into one write at a time (services.api.heartbeats)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 
-import structlog
-
 from protos.base import Message
 from protos.codec import Envelope
 from protos.events import DomainEvent
 from protos.host import HostHeartbeat
+from services.api.heartbeats import HeartbeatWriter
 from services.api.metrics import ApiMetrics
 from services.api.registry import Outcome, Registry
 from services.bus import Bus, Context, Service, ServiceRunner, Subscription, on_event
 from services.bus.service import Retry
 from services.db import DatabaseUnavailable
-
-log = structlog.get_logger("flotilla.api.projection")
 
 
 class EventProjector(Service):
@@ -64,20 +62,20 @@ class Projection:
         self.registry = registry
         self.runner = ServiceRunner(bus, EventProjector(registry, metrics, notify), prefetch=64)
         self.heartbeats: Subscription | None = None
+        self.writer = HeartbeatWriter(registry)
 
     def start(self) -> Projection:
         self.runner.start()
+        self.writer.start()
         self.heartbeats = self.bus.subscribe(["host.heartbeat.*"], self._heartbeat)
         return self
 
     def _heartbeat(self, _envelope: Envelope, beat: Message) -> None:
         if isinstance(beat, HostHeartbeat):
-            try:
-                self.registry.record_heartbeat(beat)
-            except DatabaseUnavailable as exc:  # the next heartbeat will do
-                log.warning("heartbeat not recorded", host=beat.host, error=str(exc))
+            self.writer.offer(beat)
 
     def stop(self) -> None:
         if self.heartbeats is not None:
             self.heartbeats.close()
+        self.writer.stop()
         self.runner.stop(timeout=10)

@@ -691,19 +691,37 @@ class Registry:
 
     def record_heartbeat(self, beat: HostHeartbeat, seen_at: float | None = None) -> None:
         """Store the host's latest heartbeat (an older one never replaces a newer one)."""
-        seen = time.time() if seen_at is None else seen_at
+        self.record_heartbeats([(beat, time.time() if seen_at is None else seen_at)])
+
+    def record_heartbeats(self, beats: Sequence[tuple[HostHeartbeat, float]]) -> None:
+        """Store each (heartbeat, seen at) as `record_heartbeat` does, all in one statement
+        and transaction (services.api.heartbeats coalesces a replica's beats into such
+        writes); of several beats of one host, the newest."""
+        newest: dict[str, tuple[HostHeartbeat, float]] = {}
+        for beat, seen in beats:
+            held = newest.get(beat.host)
+            if held is None or held[1] <= seen:
+                newest[beat.host] = (beat, seen)
+        if not newest:
+            return
+        rows = [
+            {
+                "name": beat.host,
+                "enabled": 1 if beat.enabled else 0,
+                "kvm": beat.inventory.kvm.value,
+                "version": beat.version,
+                "interval_s": beat.interval_s,
+                "last_seen": seen,
+                "inventory": beat.inventory.model_dump_json(),
+                "usage": beat.usage.model_dump_json(),
+                "domains_by_state": json.dumps(
+                    {k.value: v for k, v in beat.domains_by_state.items()}
+                ),
+            }
+            for beat, seen in newest.values()
+        ]
         with self.db.transaction() as cur:
-            insert = upsert(cur, hosts).values(
-                name=beat.host,
-                enabled=1 if beat.enabled else 0,
-                kvm=beat.inventory.kvm.value,
-                version=beat.version,
-                interval_s=beat.interval_s,
-                last_seen=seen,
-                inventory=beat.inventory.model_dump_json(),
-                usage=beat.usage.model_dump_json(),
-                domains_by_state=json.dumps({k.value: v for k, v in beat.domains_by_state.items()}),
-            )
+            insert = upsert(cur, hosts)
             cur.execute(
                 insert.on_conflict_do_update(
                     index_elements=[hosts.c.name],
@@ -713,7 +731,8 @@ class Registry:
                         if column is not hosts.c.name
                     },
                     where=hosts.c.last_seen <= insert.excluded.last_seen,
-                )
+                ),
+                rows,
             )
 
     def set_host_enabled(self, name: str, enabled: bool) -> None:

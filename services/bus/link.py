@@ -25,11 +25,12 @@ ConnectionLost (the caller resends), and publishes made meanwhile wait for the n
 from __future__ import annotations
 
 import collections
+import contextlib
 import random
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -130,6 +131,9 @@ class Link:
         self._held: list[_Publish] = []  # publishes waiting for the replacement channel
         self._consumers: list[Consumer] = []
         self._starting_consumers = 0
+        # remove_consumer Futures waiting for their channel to close, settled if the
+        # connection is lost first (guarded by _lock).
+        self._removals: set[Future[None]] = set()
         self.connections_made = 0
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -237,20 +241,37 @@ class Link:
         self._submit(op)
 
     def remove_consumer(self, consumer: Consumer) -> Future[None]:
-        """Cancel the consumer; the Future settles once its channel is closed."""
+        """Cancel the consumer; the Future settles once its channel is closed, or as soon as
+        no connection is open (now, or when the connection is lost first): the broker has
+        then ended the channel and requeued what it had not acked. The removal itself runs
+        once a connection is back (the consumer may take deliveries until then, which go back
+        to the broker when its channel closes) or when the link closes."""
         done: Future[None] = Future()
+
+        def settle() -> None:
+            with self._lock:
+                self._removals.discard(done)
+            if not done.done():
+                with contextlib.suppress(InvalidStateError):
+                    done.set_result(None)
 
         def op() -> None:
             if consumer in self._consumers:
                 self._consumers.remove(consumer)
             ch, consumer.channel = consumer.channel, None
             if ch is not None and ch.is_open:
-                ch.add_on_close_callback(lambda *_: done.set_result(None))
+                ch.add_on_close_callback(lambda *_: settle())
                 ch.close()
             else:
-                done.set_result(None)
+                settle()
 
+        with self._lock:
+            down = not self._ready.is_set()
+            if not down:
+                self._removals.add(done)
         self._submit(op)
+        if down:
+            settle()
         return done
 
     def ack(self, delivery: Delivery) -> None:
@@ -337,6 +358,11 @@ class Link:
                 self._ready.clear()
                 self._conn = None
                 self._wake_pending = False
+                removals, self._removals = self._removals, set()
+            for removal in removals:  # their channels went with the connection
+                if not removal.done():
+                    with contextlib.suppress(InvalidStateError):
+                        removal.set_result(None)
             self._fail_unconfirmed()
             # The next attempt goes to the next node: this one may well be gone.
             self.nodes.failed(params)

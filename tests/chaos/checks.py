@@ -115,6 +115,7 @@ class Report:
     known: list[str] = field(default_factory=list)  # each prefixed with the known bug
     figures: dict[str, int] = field(default_factory=dict)
     refusals: dict[str, int] = field(default_factory=dict)  # "op status code" → how many
+    waits: list[str] = field(default_factory=list)  # the clients' waits that ran out
 
     def fail(self, text: str) -> None:
         self.violations.append(text)
@@ -131,7 +132,7 @@ class Report:
 
 
 def check(rig: Rig, workload: Workload, watcher: Watcher, bus: Bus) -> Report:
-    report = Report()
+    report = Report(waits=list(workload.waits))
     for error in workload.errors:
         report.fail(error)
     watcher.quiet()

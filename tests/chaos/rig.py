@@ -88,14 +88,16 @@ class Rig:
     cluster: PrivateCluster
     pg_url: str
     kernel: str  # the boot file every guest names
+    # The services' broker URL list: the cluster's default vhost, or a vhost of the run's own
+    # on a cluster it shares (tests/brokers.py: cluster_vhost).
+    amqp_url: str = ""
     apis: list[Replica] = field(default_factory=list)
     api_urls: list[str] = field(default_factory=list)
     schedulers: list[Replica] = field(default_factory=list)
     computes: list[ComputeHost] = field(default_factory=list)
 
-    @property
-    def amqp_url(self) -> str:
-        return self.cluster.url
+    def __post_init__(self) -> None:
+        self.amqp_url = self.amqp_url or self.cluster.url
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLOTILLA_")}

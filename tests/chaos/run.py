@@ -50,21 +50,33 @@ def _kernel(kvm: bool) -> str:
     return KERNEL  # the FakeDriver never reads it; an admin's path needs no allowed dir
 
 
-def run(base: Path, duration: float, clients: int = 4, fake_hosts: int = 2) -> Result:
+def run(
+    base: Path,
+    duration: float,
+    clients: int = 4,
+    fake_hosts: int = 2,
+    *,
+    cluster: PrivateCluster | None = None,
+    amqp_url: str = "",
+    pg_url: str = "",
+) -> Result:
     """Everything under `base`; every process started is ended by its pid before this
-    returns."""
+    returns. `cluster` (with `amqp_url`, its URL list for a vhost of the run's own) and
+    `pg_url` (an empty database) are used as given, else formed here and ended after. A
+    cluster given is left as whole as it was given: a node the faults kill has rejoined."""
     why_no_kvm = kvm_reason()
     kvm = not why_no_kvm
     seconds: dict[str, float] = {}
     t0 = time.monotonic()
     with contextlib.ExitStack() as stack:
-        cluster = PrivateCluster(base / "rabbitmq", 3, name="flotilla-chaos")
-        stack.callback(cluster.stop)
-        pg_url = stack.enter_context(private_cluster())
-        cluster.start(timeout=300)
+        if cluster is None:
+            cluster = PrivateCluster(base / "rabbitmq", 3, name="flotilla-chaos")
+            stack.callback(cluster.stop)
+            cluster.start(timeout=300)
         seconds["cluster_start"] = time.monotonic() - t0
         print(f"chaos: broker cluster up in {seconds['cluster_start']:.0f} s", file=sys.stderr)
-        rig = Rig(base, cluster, pg_url, _kernel(kvm))
+        pg_url = pg_url or stack.enter_context(private_cluster())
+        rig = Rig(base, cluster, pg_url, _kernel(kvm), amqp_url)
         stack.callback(rig.stop)
         for i in range(2):
             rig.add_api(i)
@@ -76,7 +88,7 @@ def run(base: Path, duration: float, clients: int = 4, fake_hosts: int = 2) -> R
         rig.wait_ready(timeout=240)
         seconds["rig_ready"] = time.monotonic() - t0
         print(f"chaos: services ready at {seconds['rig_ready']:.0f} s", file=sys.stderr)
-        bus = stack.enter_context(Bus(cluster.url, source="chaos-checker"))
+        bus = stack.enter_context(Bus(rig.amqp_url, source="chaos-checker"))
         bus.start(timeout=60)
         watcher = Watcher(bus).start()
         stack.callback(watcher.close)
@@ -89,7 +101,9 @@ def run(base: Path, duration: float, clients: int = 4, fake_hosts: int = 2) -> R
         plan.stop.set()
         injector.join()
         workload.join()
+        seconds["clients_done"] = time.monotonic() - t0
         plan.finish()
+        seconds["faults_done"] = time.monotonic() - t0
         seconds["run"] = time.monotonic() - t0 - seconds["rig_ready"]
         report = check(rig, workload, watcher, bus)
         seconds["total"] = time.monotonic() - t0

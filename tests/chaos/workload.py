@@ -48,6 +48,9 @@ class Workload:
     outcomes: list[Outcome] = field(default_factory=list)
     names: dict[str, str] = field(default_factory=dict)  # name → domain id, every one made
     errors: list[str] = field(default_factory=list)  # a client's own failure (a violation)
+    # A wait that ran out (a task under way for 60 s, a delete not done 30 s after its 202):
+    # not a violation by itself, but where a slow run's time went.
+    waits: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -153,18 +156,30 @@ class Workload:
         return str(found[0]["id"]) if found else None
 
     def _settled(
-        self, http: list[httpx.Client], turn: itertools.count[int], domain_id: str
+        self,
+        http: list[httpx.Client],
+        turn: itertools.count[int],
+        domain_id: str,
+        settled: tuple[str, ...] = ("none", "error"),
     ) -> dict[str, Any] | None:
-        """The domain once no task is under way (None if gone); waits up to 60 s."""
+        """The domain once its task is one of `settled` (None if gone); waits up to 60 s."""
         deadline = time.monotonic() + 60
         while True:
             r = self._read(http, turn, f"/v1/domains/{domain_id}")
             if r.status_code == 404:
                 return None
             d: dict[str, Any] = r.json()
-            if d["task"] in ("none", "error") or time.monotonic() > deadline:
+            if d["task"] in settled:
+                return d
+            if time.monotonic() > deadline:
+                self._waited(f"{d['name']} ({domain_id}) still in task {d['task']} after 60 s", d)
                 return d
             time.sleep(0.1)
+
+    def _waited(self, what: str, d: dict[str, Any]) -> None:
+        detail = f"state {d['state']}, host {d['host']}, seq {d['seq']}, fault {d['fault']}"
+        with self._lock:
+            self.waits.append(f"{time.strftime('%H:%M:%S')} {what}: {detail}")
 
     def _guest(self, i: int, n: int, http: list[httpx.Client], turn: itertools.count[int]) -> None:
         name = f"chaos-{i}-{n}"
@@ -203,18 +218,29 @@ class Workload:
         http: list[httpx.Client],
         turn: itertools.count[int],
     ) -> None:
-        """DELETE until the domain is gone (a refusal or a cut-off request is retried)."""
+        """DELETE until the domain is gone (a refusal or a cut-off request is retried).
+
+        A domain left `deleting` by a DELETE that failed on the way (the API answers 503 or
+        504 and keeps the task: "DELETE again to retry") or was cut off (its replica died) is
+        deleted again at once; only an accepted DELETE (202) is waited for, its record going
+        when the host's `domain.undefined` arrives."""
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            d = self._settled(http, turn, domain_id)
+            d = self._settled(http, turn, domain_id, settled=("none", "error", "deleting"))
             if d is None:
                 return
             r = self._send(http, turn, "DELETE", f"/v1/domains/{domain_id}")
             self._record(Outcome(i, "delete", name, domain_id, 0), r)
+            if r is not None and r.status_code in (204, 404):
+                return
+            if r is None or r.status_code != 202:
+                time.sleep(0.5)  # refused or cut off: the fault behind it may be under way
+                continue
             wait_until = time.monotonic() + 30
             while time.monotonic() < wait_until:
-                if self._read(http, turn, f"/v1/domains/{domain_id}").status_code == 404:
+                if (left := self._read(http, turn, f"/v1/domains/{domain_id}")).status_code == 404:
                     return
                 time.sleep(0.1)
+            self._waited(f"{name} ({domain_id}) still there 30 s after its delete", left.json())
         with self._lock:
             self.errors.append(f"client {i}: {name} ({domain_id}) not deleted within 120 s")

@@ -5,13 +5,11 @@ services are back on a live node within 5 s; the node then rejoins and the queue
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ from protos.scheduler import Placement, ScheduleDomain
 from services.api import ApiConfig, TokenEntry
 from services.api.config import Role
 from services.api.registry import Registry
-from services.broker import BrokerError, PrivateCluster, available
+from services.broker import BrokerError, PrivateCluster
 from services.bus import Bus, ConnectionLost, PublishNacked
 from services.bus.topology import QueueDecl, declare
 from services.scheduler import Scheduler, SchedulerConfig
@@ -53,17 +51,9 @@ FAILOVER_LIMIT_S = 5.0
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[PrivateCluster]:
-    if not available():
-        pytest.fail("rabbitmq-server is not installed: `apt-get install -y rabbitmq-server`")
-    base = Path(tempfile.mkdtemp(prefix="flotilla-cluster-"))
-    cluster = PrivateCluster(base, 3, name="flotilla-ct")
-    try:
-        cluster.start(timeout=180)
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(base, ignore_errors=True)
+def cluster(broker_cluster: PrivateCluster) -> PrivateCluster:
+    """The session's three-node cluster (tests/conftest.py), its default vhost ours."""
+    return broker_cluster
 
 
 class CountingDriver(FakeDriver):
