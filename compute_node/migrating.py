@@ -566,6 +566,13 @@ class MigrationHandlers:
         target = IncomingMachine(
             str(endpoint.address), int(endpoint.port or 0), str(endpoint.token)
         )
+        if job.aborted:  # asked while the target was prepared: the driver had nothing yet
+            self.causes.forget(domain_id)
+            self._finish_later(
+                job.target, FinishIncoming(domain_id=domain_id, committed=False, seq=0)
+            )
+            self._ended(job, MigrationPhase.CANCELLED)
+            return
         timer = self._timeout_timer(job)
         try:
             outcome = self.driver.migrate_out(domain_id, target, job.params, self._progress(job))
@@ -642,6 +649,8 @@ class MigrationHandlers:
     def _progress(self, job: Job) -> Callable[[MigrationStats], None]:
         def report(stats: MigrationStats) -> None:
             job.update(stats)
+            if job.aborted:  # an abort that came before the driver's stream could take it
+                self.driver.migration_cancel(job.domain_id)
             now = time.monotonic()
             if now - job.published >= MIGRATION_PROGRESS_S:  # whatever the driver's pace
                 job.published = now

@@ -5,6 +5,7 @@ way the consumer runtime would)."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -584,3 +585,41 @@ def test_a_cold_commit_whose_answer_was_lost_is_not_undone(hosts: tuple[Host, Ho
     assert b.events() == [("domain.defined", "migrated", 2)]
     finish = [c.committed for c in a.sent if isinstance(c, FinishIncoming)]
     assert finish == [True] * FINISH_ATTEMPTS + [False]  # the undo, refused: it had committed
+
+
+def test_an_abort_while_the_target_is_prepared_is_not_lost(hosts: tuple[Host, Host]) -> None:
+    """domjobabort right after migrate: the source is still preparing the target (the job
+    exists, its stream does not yet), so the driver has nothing to cancel then. The job
+    must still end cancelled, never commit."""
+    a, b = hosts
+    s = spec()
+    running(a, s)
+    a.events()
+    aborted: list[Message] = []
+
+    def call(
+        queue: str, command: Command, timeout: float, message_id: str | None = None
+    ) -> Message:
+        reply = Host.call(a, queue, command, timeout, message_id)
+        if isinstance(command, PrepareIncoming):  # the abort comes as the target answers
+            abort = threading.Thread(
+                target=lambda: aborted.append(a.do(AbortMigration(domain_id=s.uuid)))
+            )
+            abort.start()
+            eventually(lambda: a.service.jobs.running(s.uuid) is not None)
+            eventually(lambda: a.service.jobs.running(s.uuid).aborted)  # type: ignore[union-attr]
+        return reply
+
+    a.service.peer_call = call
+    start(a, s, MigrationParams(bandwidth_mibps=256))
+    job = wait_job(a, s.uuid)
+    assert job.phase is MigrationPhase.CANCELLED, job
+    eventually(lambda: len(aborted) == 1)
+    assert isinstance(aborted[0], MigrationJob)
+    assert aborted[0].phase is MigrationPhase.CANCELLED
+    info = a.do(GetDomainInfo(domain_id=s.uuid))
+    assert isinstance(info, DomainInfo)
+    assert info.state is PowerState.RUNNING
+    assert lifecycle(a.events()) == []  # it never paused
+    eventually(lambda: b.store.get(s.uuid) is None)  # the target forgets it
+    assert not b.claims.holds(s.uuid)
