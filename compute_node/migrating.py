@@ -590,7 +590,10 @@ class MigrationHandlers:
         job.update(outcome.stats)
         job.downtime_ms, job.paused_ms = outcome.downtime_ms, outcome.paused_ms
         if outcome.committed:
-            self._committed(job, paused=was_paused or job.paused_by_timeout)
+            # A `pause` timeout leaves the guest paused at the target also where the driver
+            # met it by pausing for the last pages itself (it refuses a pause mid-stream).
+            pause_timeout = job.timed_out and job.params.timeout_action is TimeoutAction.PAUSE
+            self._committed(job, paused=was_paused or job.paused_by_timeout or pause_timeout)
             return
         # The source runs on: the target forgets the domain when it gets this (it waits in
         # its queue if the target is down; a restarted target forgets it by itself too).

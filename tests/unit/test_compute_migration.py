@@ -15,7 +15,13 @@ from pathlib import Path
 import pytest
 
 from compute_node.boot_sources import BootSources
-from compute_node.driver import GuestEvent, GuestEventKind, IncomingMachine, MigrationStats
+from compute_node.driver import (
+    DriverError,
+    GuestEvent,
+    GuestEventKind,
+    IncomingMachine,
+    MigrationStats,
+)
 from compute_node.fake import FakeDriver
 from compute_node.fake_migration import read_line, send_line
 from compute_node.lifecycle import Lifecycle
@@ -623,3 +629,34 @@ def test_an_abort_while_the_target_is_prepared_is_not_lost(hosts: tuple[Host, Ho
     assert lifecycle(a.events()) == []  # it never paused
     eventually(lambda: b.store.get(s.uuid) is None)  # the target forgets it
     assert not b.claims.holds(s.uuid)
+
+
+def test_timeout_pause_leaves_the_guest_paused_where_the_driver_pauses_itself(
+    hosts: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The KVM driver's VMM refuses a pause while it streams the machine (`busy`) and meets
+    `timeout_action` pause itself (the budget raised: the engine pauses for the last pages).
+    The guest must still arrive paused, as the action promises (virsh --timeout-suspend)."""
+    a, b = hosts
+    s = spec()
+    running(a, s)
+    a.events()
+    pause = a.driver.pause
+
+    def refuse_while_migrating(domain_id: uuid.UUID) -> None:
+        if domain_id in a.driver._outgoing:
+            raise DriverError("a migration of the machine is under way", "busy")
+        pause(domain_id)
+
+    monkeypatch.setattr(a.driver, "pause", refuse_while_migrating)
+    params = MigrationParams(bandwidth_mibps=96, timeout_s=0.2, timeout_action=TimeoutAction.PAUSE)
+    start(a, s, params)
+    assert wait_job(a, s.uuid).phase is MigrationPhase.DONE
+    assert lifecycle(a.events()) == [
+        ("domain.suspended", "migrated", 3),
+        ("domain.stopped", "migrated", 4),
+    ]
+    info = b.do(GetDomainInfo(domain_id=s.uuid))
+    assert isinstance(info, DomainInfo)
+    assert info.state is PowerState.PAUSED
+    assert b.events()[0] == ("domain.started", "migrated", 5)
