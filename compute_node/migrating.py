@@ -159,6 +159,36 @@ class MigrationHandlers:
                     self._arm_adoption(event.domain_id)
                 return
             self._consume(event)
+            if (
+                event.kind is K.STOPPED
+                and event.reason == "migrated"
+                and self.jobs.running(event.domain_id) is None
+            ):
+                self._moved_away(event.domain_id, event.n)
+
+    def _moved_away(self, domain_id: uuid.UUID, n: int) -> None:
+        """The driver's machine ended on a confirmed commit with no job here to finish it
+        (this node restarted while its VMM streamed on): the target runs the guest, so the
+        definition goes now (sink lock held), before anything can start it again here. The
+        target adopts the domain by itself (no FinishIncoming comes)."""
+        record = self.store.get(domain_id)
+        if record is None or record.driver_n != n or record.state is not P.SHUTOFF:
+            return  # not consumed just now (a replay), or not the machine's end
+        log.warning(
+            "the domain migrated away while no job knew of it: its definition here goes",
+            domain_id=str(domain_id),
+        )
+        self._unplug(record)
+        self.claims.release(domain_id)
+        self.store.forget(domain_id)
+
+        def remove() -> None:  # off the driver's delivery thread, which it may wait for
+            try:
+                self.driver.remove(domain_id)
+            except DriverError as exc:
+                log.warning("driver leftovers kept", domain_id=str(domain_id), error=str(exc))
+
+        threading.Thread(target=remove, name=f"moved-{domain_id}", daemon=True).start()
 
     def _arm_adoption(self, domain_id: uuid.UUID) -> None:
         if domain_id in self._adopt_timers:

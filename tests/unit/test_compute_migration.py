@@ -660,3 +660,27 @@ def test_timeout_pause_leaves_the_guest_paused_where_the_driver_pauses_itself(
     assert isinstance(info, DomainInfo)
     assert info.state is PowerState.PAUSED
     assert b.events()[0] == ("domain.started", "migrated", 5)
+
+
+def test_a_machine_that_migrated_away_unknown_to_the_node_leaves_no_definition(
+    hosts: tuple[Host, Host],
+) -> None:
+    """The source node restarted mid-job (the VMM streamed on and committed): its driver's
+    `stopped`/migrated comes with no job here. The domain lives on the target now; a
+    definition left here shut off would be started again (autostart, a start) beside the
+    target's copy: it goes, as after a job's commit."""
+    a, _b = hosts
+    s = spec()
+    running(a, s)
+    a.events()
+    record = a.store.get(s.uuid)
+    assert record is not None
+    assert a.service.jobs.get(s.uuid) is None  # the restarted node knows of no job
+    a.driver._machines.pop(s.uuid)  # the machine went with the commit
+    a.service.on_guest_event(GuestEvent(s.uuid, record.driver_n + 1, K.STOPPED, "migrated"))
+    assert lifecycle(a.events()) == [("domain.stopped", "migrated", 3)]
+    assert a.store.get(s.uuid) is None
+    assert not a.claims.holds(s.uuid)
+    refused = a.do(StartDomain(domain_id=s.uuid))
+    assert isinstance(refused, ErrorReply)
+    assert refused.code == "not_found"
