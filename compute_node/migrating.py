@@ -94,6 +94,7 @@ class PeerCall(Protocol):
 PEER_TIMEOUT_S = 30.0
 FINISH_ATTEMPTS = 4  # FinishIncoming is idempotent by message id: resent on a lost answer
 ABORT_WAIT_S = 5.0  # AbortMigration waits this long for the job to end before answering
+STARTED_WAIT_S = 10.0  # a commit that must pause the guest waits this long for its start
 
 
 class MigrationHandlers:
@@ -397,13 +398,28 @@ class MigrationHandlers:
             for event in self._held.pop(domain_id, []):
                 self._consume(event)
         log.info("migration committed here", domain_id=str(domain_id), seq=seq, live=live)
-        current = self.store.get(domain_id)
-        if live and state is P.PAUSED and current is not None and current.state is P.RUNNING:
+        current = self._reported_started(domain_id) if live and state is P.PAUSED else None
+        if current is not None and current.state is P.RUNNING:
             # Paused at the source after the stream had the machine's power state.
             try:
                 self.driver.pause(domain_id)
             except DriverError as exc:
                 log.warning("migrated guest not paused", domain_id=str(domain_id), error=str(exc))
+
+    def _reported_started(self, domain_id: uuid.UUID) -> DomainRecord | None:
+        """The record once the driver reported the migrated machine's start (its events may
+        come after the source's FinishIncoming); None if that takes over STARTED_WAIT_S."""
+        deadline = time.monotonic() + STARTED_WAIT_S
+        while True:
+            current = self.store.get(domain_id)
+            if current is None or current.state not in (P.SHUTOFF, P.NOSTATE):
+                return current
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "the migrated machine's start was not reported", domain_id=str(domain_id)
+                )
+                return None
+            time.sleep(0.01)
 
     def _abandon_incoming(self, record: DomainRecord) -> None:
         """Undo a PrepareIncoming (lock held): end the waiting machine, unplug, release."""

@@ -684,3 +684,42 @@ def test_a_machine_that_migrated_away_unknown_to_the_node_leaves_no_definition(
     refused = a.do(StartDomain(domain_id=s.uuid))
     assert isinstance(refused, ErrorReply)
     assert refused.code == "not_found"
+
+
+def test_a_guest_to_arrive_paused_is_paused_even_if_its_start_is_reported_late(
+    hosts: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The KVM driver reports a machine's events from a thread of its own: the source's
+    FinishIncoming(state paused) can come before the target's `started`. The guest must
+    still end paused there, its `suspended` after its `started`."""
+    a, b = hosts
+    s = spec()
+    running(a, s)
+    a.events()
+    pause = a.driver.pause
+
+    def refuse_while_migrating(domain_id: uuid.UUID) -> None:
+        if domain_id in a.driver._outgoing:
+            raise DriverError("a migration of the machine is under way", "busy")
+        pause(domain_id)
+
+    def late(event: GuestEvent) -> None:
+        if event.kind is K.STARTED:
+            timer = threading.Timer(0.5, b.service.on_guest_event, (event,))
+            timer.start()
+            return
+        b.service.on_guest_event(event)
+
+    monkeypatch.setattr(a.driver, "pause", refuse_while_migrating)
+    b.driver.set_event_sink(late)
+    params = MigrationParams(bandwidth_mibps=96, timeout_s=0.2, timeout_action=TimeoutAction.PAUSE)
+    start(a, s, params)
+    assert wait_job(a, s.uuid).phase is MigrationPhase.DONE
+    eventually(lambda: len(b.store.outbox()) >= 2)
+    info = b.do(GetDomainInfo(domain_id=s.uuid))
+    assert isinstance(info, DomainInfo)
+    assert info.state is PowerState.PAUSED
+    assert [e[:2] for e in b.events()] == [
+        ("domain.started", "migrated"),
+        ("domain.suspended", "paused"),
+    ]
