@@ -455,7 +455,20 @@ class MigrationHandlers:
                 self._arm_adoption(record.id)
                 continue
             with self._lock(record.id):
-                self._abandon_incoming(record)
+                try:
+                    self._abandon_incoming(record)
+                except ServiceError as exc:
+                    if exc.details.get("committed") is not True:
+                        log.warning(
+                            "a domain migrating in was not undone",
+                            domain_id=str(record.id),
+                            error=exc.message,
+                        )
+                        continue
+                    # The stream committed as this node came back: the guest runs here.
+                    self.claims.hold(record.spec)
+                    with self._sink_lock:
+                        self._arm_adoption(record.id)
 
     def _unplug(self, record: DomainRecord) -> None:
         if self.networks is None or not record.ports:

@@ -723,3 +723,34 @@ def test_a_guest_to_arrive_paused_is_paused_even_if_its_start_is_reported_late(
         ("domain.started", "migrated"),
         ("domain.suspended", "paused"),
     ]
+
+
+def test_a_restarted_target_whose_stream_commits_as_it_recovers_keeps_the_domain(
+    hosts: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At start-up the waiting machine had no guest yet, but the stream committed before the
+    node could end it (the driver refuses: `conflict`, it runs here now). The node must come
+    up (not fail its start-up on that refusal) and hold the domain for its FinishIncoming or
+    the adoption."""
+    a, b = hosts
+    b.service.incoming_check_s = 60
+    s = spec()
+    running(a, s)
+    assert b.do(PrepareIncoming(spec=s, source="node-a", seq=2)).TYPE == "reply.incoming_endpoint"
+    b.service.stop_migrations()
+    b.driver.cancel_incoming(s.uuid)
+    b.driver = FakeDriver(8, 8192)
+    b.claims = Claims(b.claims.inventory, reserved_memory_mib=0)
+    b.service = Lifecycle("node-b", b.store, b.driver, b.claims, BootSources([BOOT_DIR]))
+
+    def committed_meanwhile(domain_id: uuid.UUID) -> None:
+        raise DriverError(f"domain {domain_id} already runs here", "conflict")
+
+    monkeypatch.setattr(b.driver, "cancel_incoming", committed_meanwhile)
+    b.service.recover_incoming()
+    record = b.store.get(s.uuid)
+    assert record is not None
+    assert record.incoming is not None  # held: its FinishIncoming or the adoption decides
+    assert b.claims.holds(s.uuid)
+    assert s.uuid in b.service._adopt_timers
+    b.service.stop_migrations()
