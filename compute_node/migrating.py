@@ -491,11 +491,25 @@ class MigrationHandlers:
             job.cause = ctx.cause
             # Known before the target is asked: the target asks back while it waits.
             previous = self.jobs.add(job)
-            try:
-                endpoint = self._prepare_target(record, cmd)
-            except BaseException:
+        # The target is asked without the domain's lock (an RPC: a VMM starts there): the
+        # job's `migrating` task refuses what would change the domain meanwhile, except a
+        # destroy, which then leaves nothing to migrate.
+        try:
+            endpoint = self._prepare_target(record, cmd)
+        except BaseException:
+            self.jobs.restore(job, previous)
+            raise
+        with self._lock(domain_id):
+            current = self.store.get(domain_id)
+            if current is None or current.state is not record.state:
+                forget = FinishIncoming(domain_id=domain_id, committed=False, seq=record.seq)
+                self._finish_later(cmd.target, forget)
                 self.jobs.restore(job, previous)
-                raise
+                raise ServiceError(
+                    "conflict",
+                    "the domain changed while its target was prepared: nothing migrated",
+                    {"action": Action.MIGRATE.value},
+                )
             job.target_vtep = endpoint.vtep
             was_paused = record.state is P.PAUSED
         thread = threading.Thread(

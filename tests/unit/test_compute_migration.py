@@ -37,6 +37,7 @@ from protos.codec import Envelope, decode, parse_body
 from protos.commands import (
     Command,
     DefineDomain,
+    DestroyDomain,
     GetDomainInfo,
     ListDomains,
     PauseDomain,
@@ -754,3 +755,36 @@ def test_a_restarted_target_whose_stream_commits_as_it_recovers_keeps_the_domain
     assert b.claims.holds(s.uuid)
     assert s.uuid in b.service._adopt_timers
     b.service.stop_migrations()
+
+
+def test_the_domain_is_not_locked_while_the_target_is_prepared(hosts: tuple[Host, Host]) -> None:
+    """Preparing the target is an RPC (a VMM to spawn there: seconds): a destroy of the domain
+    meanwhile must not wait for it. The migration then has nothing to move: refused, and the
+    target forgets what it prepared."""
+    a, b = hosts
+    s = spec()
+    running(a, s)
+    destroyed: list[Message] = []
+
+    def call(
+        queue: str, command: Command, timeout: float, message_id: str | None = None
+    ) -> Message:
+        reply = Host.call(a, queue, command, timeout, message_id)
+        if isinstance(command, PrepareIncoming):
+            destroy = threading.Thread(
+                target=lambda: destroyed.append(a.do(DestroyDomain(domain_id=s.uuid)))
+            )
+            destroy.start()
+            destroy.join(2.0)
+        return reply
+
+    a.service.peer_call = call
+    refused = a.do(StartMigration(domain_id=s.uuid, target="node-b"))
+    assert destroyed, "the destroy waited for the target's preparation"
+    assert isinstance(destroyed[0], DomainInfo)
+    assert destroyed[0].state is PowerState.SHUTOFF
+    assert isinstance(refused, ErrorReply)
+    assert refused.code == "conflict"
+    assert a.service.jobs.running(s.uuid) is None
+    eventually(lambda: b.store.get(s.uuid) is None)  # the target forgets it
+    assert not b.claims.holds(s.uuid)
