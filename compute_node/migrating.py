@@ -271,8 +271,8 @@ class MigrationHandlers:
     def _watch_incoming(self, domain_id: uuid.UUID, source: str) -> None:
         """Until the domain's machine runs here (then the adoption timer decides) or it is
         finished, ask its source every `incoming_check_s` whether the job still runs: a
-        source that ended it (failed, cancelled) or knows of none (it restarted) will send
-        no FinishIncoming, so the domain is forgotten here."""
+        source that ended it (failed, cancelled), knows of none (it restarted) or whose job
+        goes to another host will send no FinishIncoming, so the domain is forgotten here."""
         if self.peer_call is None:
             return
 
@@ -297,7 +297,11 @@ class MigrationHandlers:
                     continue  # the source is unreachable: it may come back
                 else:
                     assert isinstance(job, MigrationJob)
-                    gone = job.phase in (MigrationPhase.FAILED, MigrationPhase.CANCELLED)
+                    # A job to another host is not this one: no FinishIncoming comes here.
+                    gone = job.target != self.host or job.phase in (
+                        MigrationPhase.FAILED,
+                        MigrationPhase.CANCELLED,
+                    )
                 if gone:
                     self._forget_orphan(domain_id, source)
                     return

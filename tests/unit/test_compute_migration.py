@@ -26,6 +26,7 @@ from compute_node.fake import FakeDriver
 from compute_node.fake_migration import read_line, send_line
 from compute_node.lifecycle import Lifecycle
 from compute_node.migrating import FINISH_ATTEMPTS
+from compute_node.migration_jobs import Job
 from compute_node.resources import Claims
 from compute_node.storage_sources import StorageBindings
 from compute_node.store import Store
@@ -788,3 +789,22 @@ def test_the_domain_is_not_locked_while_the_target_is_prepared(hosts: tuple[Host
     assert a.service.jobs.running(s.uuid) is None
     eventually(lambda: b.store.get(s.uuid) is None)  # the target forgets it
     assert not b.claims.holds(s.uuid)
+
+
+def test_the_target_forgets_a_domain_whose_source_job_goes_elsewhere(
+    hosts: tuple[Host, Host],
+) -> None:
+    """The source's job for the domain is another one, to another host (this attempt's
+    FinishIncoming was lost, and the domain was sent elsewhere since): however it ends, no
+    FinishIncoming comes here, so the domain is forgotten here rather than held for ever."""
+    a, b = hosts
+    s = spec()
+    running(a, s)
+    elsewhere = Job(s.uuid, s.name, "node-a", "node-c", MigrationParams())
+    elsewhere.end(MigrationPhase.DONE)
+    a.service.jobs.add(elsewhere)
+    assert b.do(PrepareIncoming(spec=s, source="node-a", seq=2)).TYPE == "reply.incoming_endpoint"
+    assert b.claims.holds(s.uuid)
+    eventually(lambda: b.store.get(s.uuid) is None)
+    assert not b.claims.holds(s.uuid)
+    assert b.events() == []
