@@ -109,6 +109,16 @@ class ComputeConfig(BaseModel):
     # may be private): this node's are in <net_dnsmasq_dir>/<host>-<hash of state_dir>/.
     net_dnsmasq_dir: Path = Path("/run/flotilla/dnsmasq")
 
+    @field_validator("migration_listen")
+    @classmethod
+    def _reachable_migration_address(cls, value: IPv4Address | None) -> IPv4Address | None:
+        # Sources connect to it (IncomingEndpoint names it): a wildcard names no host.
+        if value is not None and value.is_unspecified:
+            raise ValueError(
+                "migration_listen must be an address other compute nodes reach, not 0.0.0.0"
+            )
+        return value
+
     @field_validator("pools", mode="before")
     @classmethod
     def _pool_list(cls, value: object) -> object:

@@ -94,6 +94,7 @@ class PeerCall(Protocol):
 PEER_TIMEOUT_S = 30.0
 FINISH_ATTEMPTS = 4  # FinishIncoming is idempotent by message id: resent on a lost answer
 ABORT_WAIT_S = 5.0  # AbortMigration waits this long for the job to end before answering
+STARTED_WAIT_S = 10.0  # a commit that must pause the guest waits this long for its start
 
 
 class MigrationHandlers:
@@ -159,6 +160,36 @@ class MigrationHandlers:
                     self._arm_adoption(event.domain_id)
                 return
             self._consume(event)
+            if (
+                event.kind is K.STOPPED
+                and event.reason == "migrated"
+                and self.jobs.running(event.domain_id) is None
+            ):
+                self._moved_away(event.domain_id, event.n)
+
+    def _moved_away(self, domain_id: uuid.UUID, n: int) -> None:
+        """The driver's machine ended on a confirmed commit with no job here to finish it
+        (this node restarted while its VMM streamed on): the target runs the guest, so the
+        definition goes now (sink lock held), before anything can start it again here. The
+        target adopts the domain by itself (no FinishIncoming comes)."""
+        record = self.store.get(domain_id)
+        if record is None or record.driver_n != n or record.state is not P.SHUTOFF:
+            return  # not consumed just now (a replay), or not the machine's end
+        log.warning(
+            "the domain migrated away while no job knew of it: its definition here goes",
+            domain_id=str(domain_id),
+        )
+        self._unplug(record)
+        self.claims.release(domain_id)
+        self.store.forget(domain_id)
+
+        def remove() -> None:  # off the driver's delivery thread, which it may wait for
+            try:
+                self.driver.remove(domain_id)
+            except DriverError as exc:
+                log.warning("driver leftovers kept", domain_id=str(domain_id), error=str(exc))
+
+        threading.Thread(target=remove, name=f"moved-{domain_id}", daemon=True).start()
 
     def _arm_adoption(self, domain_id: uuid.UUID) -> None:
         if domain_id in self._adopt_timers:
@@ -240,8 +271,8 @@ class MigrationHandlers:
     def _watch_incoming(self, domain_id: uuid.UUID, source: str) -> None:
         """Until the domain's machine runs here (then the adoption timer decides) or it is
         finished, ask its source every `incoming_check_s` whether the job still runs: a
-        source that ended it (failed, cancelled) or knows of none (it restarted) will send
-        no FinishIncoming, so the domain is forgotten here."""
+        source that ended it (failed, cancelled), knows of none (it restarted) or whose job
+        goes to another host will send no FinishIncoming, so the domain is forgotten here."""
         if self.peer_call is None:
             return
 
@@ -266,7 +297,11 @@ class MigrationHandlers:
                     continue  # the source is unreachable: it may come back
                 else:
                     assert isinstance(job, MigrationJob)
-                    gone = job.phase in (MigrationPhase.FAILED, MigrationPhase.CANCELLED)
+                    # A job to another host is not this one: no FinishIncoming comes here.
+                    gone = job.target != self.host or job.phase in (
+                        MigrationPhase.FAILED,
+                        MigrationPhase.CANCELLED,
+                    )
                 if gone:
                     self._forget_orphan(domain_id, source)
                     return
@@ -367,13 +402,28 @@ class MigrationHandlers:
             for event in self._held.pop(domain_id, []):
                 self._consume(event)
         log.info("migration committed here", domain_id=str(domain_id), seq=seq, live=live)
-        current = self.store.get(domain_id)
-        if live and state is P.PAUSED and current is not None and current.state is P.RUNNING:
+        current = self._reported_started(domain_id) if live and state is P.PAUSED else None
+        if current is not None and current.state is P.RUNNING:
             # Paused at the source after the stream had the machine's power state.
             try:
                 self.driver.pause(domain_id)
             except DriverError as exc:
                 log.warning("migrated guest not paused", domain_id=str(domain_id), error=str(exc))
+
+    def _reported_started(self, domain_id: uuid.UUID) -> DomainRecord | None:
+        """The record once the driver reported the migrated machine's start (its events may
+        come after the source's FinishIncoming); None if that takes over STARTED_WAIT_S."""
+        deadline = time.monotonic() + STARTED_WAIT_S
+        while True:
+            current = self.store.get(domain_id)
+            if current is None or current.state not in (P.SHUTOFF, P.NOSTATE):
+                return current
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "the migrated machine's start was not reported", domain_id=str(domain_id)
+                )
+                return None
+            time.sleep(0.01)
 
     def _abandon_incoming(self, record: DomainRecord) -> None:
         """Undo a PrepareIncoming (lock held): end the waiting machine, unplug, release."""
@@ -409,7 +459,20 @@ class MigrationHandlers:
                 self._arm_adoption(record.id)
                 continue
             with self._lock(record.id):
-                self._abandon_incoming(record)
+                try:
+                    self._abandon_incoming(record)
+                except ServiceError as exc:
+                    if exc.details.get("committed") is not True:
+                        log.warning(
+                            "a domain migrating in was not undone",
+                            domain_id=str(record.id),
+                            error=exc.message,
+                        )
+                        continue
+                    # The stream committed as this node came back: the guest runs here.
+                    self.claims.hold(record.spec)
+                    with self._sink_lock:
+                        self._arm_adoption(record.id)
 
     def _unplug(self, record: DomainRecord) -> None:
         if self.networks is None or not record.ports:
@@ -432,11 +495,25 @@ class MigrationHandlers:
             job.cause = ctx.cause
             # Known before the target is asked: the target asks back while it waits.
             previous = self.jobs.add(job)
-            try:
-                endpoint = self._prepare_target(record, cmd)
-            except BaseException:
+        # The target is asked without the domain's lock (an RPC: a VMM starts there): the
+        # job's `migrating` task refuses what would change the domain meanwhile, except a
+        # destroy, which then leaves nothing to migrate.
+        try:
+            endpoint = self._prepare_target(record, cmd)
+        except BaseException:
+            self.jobs.restore(job, previous)
+            raise
+        with self._lock(domain_id):
+            current = self.store.get(domain_id)
+            if current is None or current.state is not record.state:
+                forget = FinishIncoming(domain_id=domain_id, committed=False, seq=record.seq)
+                self._finish_later(cmd.target, forget)
                 self.jobs.restore(job, previous)
-                raise
+                raise ServiceError(
+                    "conflict",
+                    "the domain changed while its target was prepared: nothing migrated",
+                    {"action": Action.MIGRATE.value},
+                )
             job.target_vtep = endpoint.vtep
             was_paused = record.state is P.PAUSED
         thread = threading.Thread(
@@ -566,6 +643,13 @@ class MigrationHandlers:
         target = IncomingMachine(
             str(endpoint.address), int(endpoint.port or 0), str(endpoint.token)
         )
+        if job.aborted:  # asked while the target was prepared: the driver had nothing yet
+            self.causes.forget(domain_id)
+            self._finish_later(
+                job.target, FinishIncoming(domain_id=domain_id, committed=False, seq=0)
+            )
+            self._ended(job, MigrationPhase.CANCELLED)
+            return
         timer = self._timeout_timer(job)
         try:
             outcome = self.driver.migrate_out(domain_id, target, job.params, self._progress(job))
@@ -583,7 +667,10 @@ class MigrationHandlers:
         job.update(outcome.stats)
         job.downtime_ms, job.paused_ms = outcome.downtime_ms, outcome.paused_ms
         if outcome.committed:
-            self._committed(job, paused=was_paused or job.paused_by_timeout)
+            # A `pause` timeout leaves the guest paused at the target also where the driver
+            # met it by pausing for the last pages itself (it refuses a pause mid-stream).
+            pause_timeout = job.timed_out and job.params.timeout_action is TimeoutAction.PAUSE
+            self._committed(job, paused=was_paused or job.paused_by_timeout or pause_timeout)
             return
         # The source runs on: the target forgets the domain when it gets this (it waits in
         # its queue if the target is down; a restarted target forgets it by itself too).
@@ -642,6 +729,8 @@ class MigrationHandlers:
     def _progress(self, job: Job) -> Callable[[MigrationStats], None]:
         def report(stats: MigrationStats) -> None:
             job.update(stats)
+            if job.aborted:  # an abort that came before the driver's stream could take it
+                self.driver.migration_cancel(job.domain_id)
             now = time.monotonic()
             if now - job.published >= MIGRATION_PROGRESS_S:  # whatever the driver's pace
                 job.published = now

@@ -17,7 +17,7 @@ from protos.events import DomainMigrationProgress
 from protos.migration import FINAL_PHASES, MigrationJob, MigrationParams, MigrationPhase
 from services.bus.cause import Cause
 
-KEPT_JOBS = 256  # the last jobs kept for GetMigrationJob, the oldest dropped first
+KEPT_JOBS = 256  # the last jobs kept for GetMigrationJob, the oldest ended ones dropped first
 
 
 @dataclass
@@ -139,12 +139,17 @@ class Jobs:
         return None if job is None or job.final else job
 
     def add(self, job: Job) -> Job | None:
-        """Keep `job` as its domain's; return the one it replaces."""
+        """Keep `job` as its domain's; return the one it replaces. Room is made by dropping
+        the oldest ended jobs only: a running job is its domain's `migrating` task, and is
+        kept however many others start meanwhile (an evacuation of a large host)."""
         with self._lock:
             previous = self._jobs.pop(job.domain_id, None)
             self._jobs[job.domain_id] = job
-            while len(self._jobs) > KEPT_JOBS:
-                self._jobs.popitem(last=False)
+            excess = len(self._jobs) - KEPT_JOBS
+            if excess > 0:
+                ended = [d for d, j in self._jobs.items() if j.final][:excess]
+                for domain_id in ended:
+                    del self._jobs[domain_id]
             return previous
 
     def restore(self, job: Job, previous: Job | None) -> None:

@@ -5,6 +5,7 @@ way the consumer runtime would)."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -14,11 +15,18 @@ from pathlib import Path
 import pytest
 
 from compute_node.boot_sources import BootSources
-from compute_node.driver import GuestEvent, GuestEventKind, IncomingMachine, MigrationStats
+from compute_node.driver import (
+    DriverError,
+    GuestEvent,
+    GuestEventKind,
+    IncomingMachine,
+    MigrationStats,
+)
 from compute_node.fake import FakeDriver
 from compute_node.fake_migration import read_line, send_line
 from compute_node.lifecycle import Lifecycle
 from compute_node.migrating import FINISH_ATTEMPTS
+from compute_node.migration_jobs import Job
 from compute_node.resources import Claims
 from compute_node.storage_sources import StorageBindings
 from compute_node.store import Store
@@ -30,6 +38,7 @@ from protos.codec import Envelope, decode, parse_body
 from protos.commands import (
     Command,
     DefineDomain,
+    DestroyDomain,
     GetDomainInfo,
     ListDomains,
     PauseDomain,
@@ -584,3 +593,218 @@ def test_a_cold_commit_whose_answer_was_lost_is_not_undone(hosts: tuple[Host, Ho
     assert b.events() == [("domain.defined", "migrated", 2)]
     finish = [c.committed for c in a.sent if isinstance(c, FinishIncoming)]
     assert finish == [True] * FINISH_ATTEMPTS + [False]  # the undo, refused: it had committed
+
+
+def test_an_abort_while_the_target_is_prepared_is_not_lost(hosts: tuple[Host, Host]) -> None:
+    """domjobabort right after migrate: the source is still preparing the target (the job
+    exists, its stream does not yet), so the driver has nothing to cancel then. The job
+    must still end cancelled, never commit."""
+    a, b = hosts
+    s = spec()
+    running(a, s)
+    a.events()
+    aborted: list[Message] = []
+
+    def call(
+        queue: str, command: Command, timeout: float, message_id: str | None = None
+    ) -> Message:
+        reply = Host.call(a, queue, command, timeout, message_id)
+        if isinstance(command, PrepareIncoming):  # the abort comes as the target answers
+            abort = threading.Thread(
+                target=lambda: aborted.append(a.do(AbortMigration(domain_id=s.uuid)))
+            )
+            abort.start()
+            eventually(lambda: a.service.jobs.running(s.uuid) is not None)
+            eventually(lambda: a.service.jobs.running(s.uuid).aborted)  # type: ignore[union-attr]
+        return reply
+
+    a.service.peer_call = call
+    start(a, s, MigrationParams(bandwidth_mibps=256))
+    job = wait_job(a, s.uuid)
+    assert job.phase is MigrationPhase.CANCELLED, job
+    eventually(lambda: len(aborted) == 1)
+    assert isinstance(aborted[0], MigrationJob)
+    assert aborted[0].phase is MigrationPhase.CANCELLED
+    info = a.do(GetDomainInfo(domain_id=s.uuid))
+    assert isinstance(info, DomainInfo)
+    assert info.state is PowerState.RUNNING
+    assert lifecycle(a.events()) == []  # it never paused
+    eventually(lambda: b.store.get(s.uuid) is None)  # the target forgets it
+    assert not b.claims.holds(s.uuid)
+
+
+def test_timeout_pause_leaves_the_guest_paused_where_the_driver_pauses_itself(
+    hosts: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The KVM driver's VMM refuses a pause while it streams the machine (`busy`) and meets
+    `timeout_action` pause itself (the budget raised: the engine pauses for the last pages).
+    The guest must still arrive paused, as the action promises (virsh --timeout-suspend)."""
+    a, b = hosts
+    s = spec()
+    running(a, s)
+    a.events()
+    pause = a.driver.pause
+
+    def refuse_while_migrating(domain_id: uuid.UUID) -> None:
+        if domain_id in a.driver._outgoing:
+            raise DriverError("a migration of the machine is under way", "busy")
+        pause(domain_id)
+
+    monkeypatch.setattr(a.driver, "pause", refuse_while_migrating)
+    params = MigrationParams(bandwidth_mibps=96, timeout_s=0.2, timeout_action=TimeoutAction.PAUSE)
+    start(a, s, params)
+    assert wait_job(a, s.uuid).phase is MigrationPhase.DONE
+    assert lifecycle(a.events()) == [
+        ("domain.suspended", "migrated", 3),
+        ("domain.stopped", "migrated", 4),
+    ]
+    info = b.do(GetDomainInfo(domain_id=s.uuid))
+    assert isinstance(info, DomainInfo)
+    assert info.state is PowerState.PAUSED
+    assert b.events()[0] == ("domain.started", "migrated", 5)
+
+
+def test_a_machine_that_migrated_away_unknown_to_the_node_leaves_no_definition(
+    hosts: tuple[Host, Host],
+) -> None:
+    """The source node restarted mid-job (the VMM streamed on and committed): its driver's
+    `stopped`/migrated comes with no job here. The domain lives on the target now; a
+    definition left here shut off would be started again (autostart, a start) beside the
+    target's copy: it goes, as after a job's commit."""
+    a, _b = hosts
+    s = spec()
+    running(a, s)
+    a.events()
+    record = a.store.get(s.uuid)
+    assert record is not None
+    assert a.service.jobs.get(s.uuid) is None  # the restarted node knows of no job
+    a.driver._machines.pop(s.uuid)  # the machine went with the commit
+    a.service.on_guest_event(GuestEvent(s.uuid, record.driver_n + 1, K.STOPPED, "migrated"))
+    assert lifecycle(a.events()) == [("domain.stopped", "migrated", 3)]
+    assert a.store.get(s.uuid) is None
+    assert not a.claims.holds(s.uuid)
+    refused = a.do(StartDomain(domain_id=s.uuid))
+    assert isinstance(refused, ErrorReply)
+    assert refused.code == "not_found"
+
+
+def test_a_guest_to_arrive_paused_is_paused_even_if_its_start_is_reported_late(
+    hosts: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The KVM driver reports a machine's events from a thread of its own: the source's
+    FinishIncoming(state paused) can come before the target's `started`. The guest must
+    still end paused there, its `suspended` after its `started`."""
+    a, b = hosts
+    s = spec()
+    running(a, s)
+    a.events()
+    pause = a.driver.pause
+
+    def refuse_while_migrating(domain_id: uuid.UUID) -> None:
+        if domain_id in a.driver._outgoing:
+            raise DriverError("a migration of the machine is under way", "busy")
+        pause(domain_id)
+
+    def late(event: GuestEvent) -> None:
+        if event.kind is K.STARTED:
+            timer = threading.Timer(0.5, b.service.on_guest_event, (event,))
+            timer.start()
+            return
+        b.service.on_guest_event(event)
+
+    monkeypatch.setattr(a.driver, "pause", refuse_while_migrating)
+    b.driver.set_event_sink(late)
+    params = MigrationParams(bandwidth_mibps=96, timeout_s=0.2, timeout_action=TimeoutAction.PAUSE)
+    start(a, s, params)
+    assert wait_job(a, s.uuid).phase is MigrationPhase.DONE
+    eventually(lambda: len(b.store.outbox()) >= 2)
+    info = b.do(GetDomainInfo(domain_id=s.uuid))
+    assert isinstance(info, DomainInfo)
+    assert info.state is PowerState.PAUSED
+    assert [e[:2] for e in b.events()] == [
+        ("domain.started", "migrated"),
+        ("domain.suspended", "paused"),
+    ]
+
+
+def test_a_restarted_target_whose_stream_commits_as_it_recovers_keeps_the_domain(
+    hosts: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At start-up the waiting machine had no guest yet, but the stream committed before the
+    node could end it (the driver refuses: `conflict`, it runs here now). The node must come
+    up (not fail its start-up on that refusal) and hold the domain for its FinishIncoming or
+    the adoption."""
+    a, b = hosts
+    b.service.incoming_check_s = 60
+    s = spec()
+    running(a, s)
+    assert b.do(PrepareIncoming(spec=s, source="node-a", seq=2)).TYPE == "reply.incoming_endpoint"
+    b.service.stop_migrations()
+    b.driver.cancel_incoming(s.uuid)
+    b.driver = FakeDriver(8, 8192)
+    b.claims = Claims(b.claims.inventory, reserved_memory_mib=0)
+    b.service = Lifecycle("node-b", b.store, b.driver, b.claims, BootSources([BOOT_DIR]))
+
+    def committed_meanwhile(domain_id: uuid.UUID) -> None:
+        raise DriverError(f"domain {domain_id} already runs here", "conflict")
+
+    monkeypatch.setattr(b.driver, "cancel_incoming", committed_meanwhile)
+    b.service.recover_incoming()
+    record = b.store.get(s.uuid)
+    assert record is not None
+    assert record.incoming is not None  # held: its FinishIncoming or the adoption decides
+    assert b.claims.holds(s.uuid)
+    assert s.uuid in b.service._adopt_timers
+    b.service.stop_migrations()
+
+
+def test_the_domain_is_not_locked_while_the_target_is_prepared(hosts: tuple[Host, Host]) -> None:
+    """Preparing the target is an RPC (a VMM to spawn there: seconds): a destroy of the domain
+    meanwhile must not wait for it. The migration then has nothing to move: refused, and the
+    target forgets what it prepared."""
+    a, b = hosts
+    s = spec()
+    running(a, s)
+    destroyed: list[Message] = []
+
+    def call(
+        queue: str, command: Command, timeout: float, message_id: str | None = None
+    ) -> Message:
+        reply = Host.call(a, queue, command, timeout, message_id)
+        if isinstance(command, PrepareIncoming):
+            destroy = threading.Thread(
+                target=lambda: destroyed.append(a.do(DestroyDomain(domain_id=s.uuid)))
+            )
+            destroy.start()
+            destroy.join(2.0)
+        return reply
+
+    a.service.peer_call = call
+    refused = a.do(StartMigration(domain_id=s.uuid, target="node-b"))
+    assert destroyed, "the destroy waited for the target's preparation"
+    assert isinstance(destroyed[0], DomainInfo)
+    assert destroyed[0].state is PowerState.SHUTOFF
+    assert isinstance(refused, ErrorReply)
+    assert refused.code == "conflict"
+    assert a.service.jobs.running(s.uuid) is None
+    eventually(lambda: b.store.get(s.uuid) is None)  # the target forgets it
+    assert not b.claims.holds(s.uuid)
+
+
+def test_the_target_forgets_a_domain_whose_source_job_goes_elsewhere(
+    hosts: tuple[Host, Host],
+) -> None:
+    """The source's job for the domain is another one, to another host (this attempt's
+    FinishIncoming was lost, and the domain was sent elsewhere since): however it ends, no
+    FinishIncoming comes here, so the domain is forgotten here rather than held for ever."""
+    a, b = hosts
+    s = spec()
+    running(a, s)
+    elsewhere = Job(s.uuid, s.name, "node-a", "node-c", MigrationParams())
+    elsewhere.end(MigrationPhase.DONE)
+    a.service.jobs.add(elsewhere)
+    assert b.do(PrepareIncoming(spec=s, source="node-a", seq=2)).TYPE == "reply.incoming_endpoint"
+    assert b.claims.holds(s.uuid)
+    eventually(lambda: b.store.get(s.uuid) is None)
+    assert not b.claims.holds(s.uuid)
+    assert b.events() == []

@@ -69,3 +69,12 @@ def test_dnsmasq_files_go_under_the_configured_run_dir(
     monkeypatch.setenv("FLOTILLA_NET_DNSMASQ_DIR", "run/dnsmasq")
     with pytest.raises(ValueError, match="net_dnsmasq_dir: run/dnsmasq is not an absolute path"):
         ComputeConfig.load(None)
+
+
+def test_a_wildcard_migration_listen_address_is_refused() -> None:
+    """The migration address is what the sources connect to (the endpoint names it): a
+    wildcard would send every source to its own host."""
+    with pytest.raises(ValueError, match="migration_listen"):
+        ComputeConfig.model_validate({"migration_listen": "0.0.0.0"})
+    config = ComputeConfig.model_validate({"migration_listen": "10.0.0.2"})
+    assert config.migration_address() == "10.0.0.2"
