@@ -11,6 +11,7 @@
 | max_attempts | FLOTILLA_SCHEDULER_MAX_ATTEMPTS | 5 |
 | down_after_intervals | FLOTILLA_SCHEDULER_DOWN_AFTER_INTERVALS | 3.0 |
 | compute_timeout_s | FLOTILLA_SCHEDULER_COMPUTE_TIMEOUT_S | 20.0 |
+| migration_start_timeout_s | FLOTILLA_SCHEDULER_MIGRATION_START_TIMEOUT_S | 45.0 |
 | peer_claim_timeout_s | FLOTILLA_SCHEDULER_PEER_CLAIM_TIMEOUT_S | 120.0 |
 | claim_sync_timeout_s | FLOTILLA_SCHEDULER_CLAIM_SYNC_TIMEOUT_S | 5.0 |
 | workers | FLOTILLA_SCHEDULER_WORKERS | 8 |
@@ -39,6 +40,9 @@ class SchedulerConfig(ReplicaConfig):
     max_attempts: int = Field(default=5, ge=1, le=20)
     down_after_intervals: float = Field(default=3.0, gt=0)
     compute_timeout_s: float = Field(default=20.0, gt=0)
+    # The source answers StartMigration once its target is prepared, which it waits for up to
+    # 30 s (compute_node.migrating.PEER_TIMEOUT_S): longer than that, shorter than the API's 60.
+    migration_start_timeout_s: float = Field(default=45.0, gt=0)
     # A peer replica's claim not followed by `placed`/`released` (the peer died) lapses.
     peer_claim_timeout_s: float = Field(default=120.0, gt=0)
     # How long a claim's confirm, and a redelivered request's wait for the claim stream to

@@ -184,7 +184,7 @@ class MigrationHandlers:
             reply = self.call(
                 routing.compute_queue(cmd.source),
                 command,
-                timeout=self.config.compute_timeout_s,
+                timeout=self.config.migration_start_timeout_s,
                 message_id=message_id,
             )
         except RemoteError as exc:

@@ -280,3 +280,15 @@ def test_the_final_progress_says_where_the_domain_lives() -> None:
     assert svc.state.domain_host[spec.uuid] == "a"
     svc.on_event(envelope, final("done"))
     assert svc.state.domain_host[spec.uuid] == "b"
+
+
+def test_the_wait_for_the_source_outlasts_its_wait_for_the_target() -> None:
+    """The source answers StartMigration only once its target is prepared (up to
+    PEER_TIMEOUT_S): a scheduler giving up first would answer 503 and free the task while the
+    migration goes on; the API's own wait must outlast the scheduler's."""
+    from compute_node.migrating import PEER_TIMEOUT_S
+    from services.api.config import ApiConfig
+    from services.scheduler.config import SchedulerConfig
+
+    waits = SchedulerConfig().migration_start_timeout_s
+    assert PEER_TIMEOUT_S < waits < ApiConfig().schedule_timeout_s
