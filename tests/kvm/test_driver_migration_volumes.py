@@ -144,7 +144,7 @@ def writer_lock_free(volume: Path) -> bool:
     try:
         arg = struct.pack("@hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0)
         got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, arg)
-        return struct.unpack("@hhqqi4x", got)[0] == fcntl.F_UNLCK
+        return bool(struct.unpack("@hhqqi4x", got)[0] == fcntl.F_UNLCK)
     finally:
         os.close(fd)
 
