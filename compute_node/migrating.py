@@ -52,8 +52,10 @@ from compute_node.networks import HostNetworks
 from compute_node.resources import Claims
 from compute_node.storage_sources import StorageBindings, StorageSources
 from compute_node.store import DomainRecord, EventDraft, Incoming, NameTaken, Store
+from compute_node.volume_moves import local_disks, move_back, move_disks
 from protos import routing
 from protos.base import Message
+from protos.bindings import DiskBinding
 from protos.commands import Command, DefineDomain
 from protos.domain import PowerState, TaskState
 from protos.events import DefinedDetail, DomainDefined
@@ -434,9 +436,15 @@ class MigrationHandlers:
             job.cause = ctx.cause
             # Known before the target is asked: the target asks back while it waits.
             previous = self.jobs.add(job)
+            # Cold: this host's volumes go first (the target's define finds them there).
+            disks = list(record.bindings.disks)
+            if not cmd.params.live:
+                disks = move_disks(self._peer, disks, self.host, cmd.target)
+            job.moved_disks = local_disks(record.bindings.disks, self.host)
             try:
-                endpoint = self._prepare_target(record, cmd)
+                endpoint = self._prepare_target(record, cmd, disks)
             except BaseException:
+                move_back(self._peer, job.moved_disks, self.host)
                 self.jobs.restore(job, previous)
                 raise
             job.target_vtep = endpoint.vtep
@@ -476,9 +484,10 @@ class MigrationHandlers:
                 "domain has a managed save on this host: start it, or remove the managed save",
                 state,
             )
-        local = [d.target for d in record.bindings.disks if d.host is not None]
+        volumes = [d.target for d in record.bindings.disks if d.host is not None]
         # A writable host file (an admin's path disk) is this host's alone.
-        local += [d.target for d in record.spec.disks if d.path is not None and not d.readonly]
+        files = [d.target for d in record.spec.disks if d.path is not None and not d.readonly]
+        local = volumes + files
         images = [
             r for r in (record.bindings.kernel_image, record.bindings.initrd_image) if r is not None
         ]
@@ -489,12 +498,11 @@ class MigrationHandlers:
                 "host file): shut the domain off and migrate it cold (live false)",
                 {"field": "disks"},
             )
-        if local:
+        if files:
             raise ServiceError(
                 "invalid",
-                f"disk(s) {', '.join(local)} are host-local (a `dir` pool's volume or a "
-                "writable host file), which do not move yet: only domains on shared pools "
-                "migrate",
+                f"disk(s) {', '.join(files)} are writable host files, which stay on this host: "
+                "only volumes move with a domain",
                 {"field": "disks"},
             )
         if any(r.host is not None for r in images):
@@ -504,14 +512,16 @@ class MigrationHandlers:
                 {"field": "boot.image"},
             )
 
-    def _prepare_target(self, record: DomainRecord, cmd: StartMigration) -> IncomingEndpoint:
+    def _prepare_target(
+        self, record: DomainRecord, cmd: StartMigration, disks: list[DiskBinding]
+    ) -> IncomingEndpoint:
         prepare = PrepareIncoming(
             spec=record.spec,
             source=self.host,
             live=cmd.params.live,
             paused=record.state is P.PAUSED,
             privileged=record.privileged,
-            disks=list(record.bindings.disks),
+            disks=disks,
             kernel_image=record.bindings.kernel_image,
             initrd_image=record.bindings.initrd_image,
             ports=list(record.ports),
@@ -601,6 +611,7 @@ class MigrationHandlers:
             record = self.store.get(job.domain_id)
             if record is None or job.aborted:
                 self._finish_target(job, committed=False, seq=0)
+                move_back(self._peer, job.moved_disks, self.host)
                 self._ended(
                     job,
                     MigrationPhase.CANCELLED if job.aborted else MigrationPhase.FAILED,
@@ -612,6 +623,7 @@ class MigrationHandlers:
             # Not confirmed: undone, unless the target answers that it did commit after all
             # (the answer to the commit was lost). Unanswered twice: the source keeps it.
             if not committed and not self._finish_target(job, committed=False, seq=0):
+                move_back(self._peer, job.moved_disks, self.host)
                 self._ended(job, MigrationPhase.FAILED, job.error or "the target did not commit")
                 return
             self._ended(job, MigrationPhase.DONE)

@@ -1,7 +1,8 @@
 """Moving a host-local volume between two compute nodes' `dir` pools through the storage
 service (`MoveVolume`): the bytes go host to host over the transfer ports, sparse and
 checked; the id, size and attachment stay; the source file goes only after the target's is
-verified; a repeat is answered as it is; a volume a guest writes is refused and stays."""
+verified; a repeat is answered as it is; a volume a guest writes is refused and stays. A
+shut-off domain with such a volume migrates cold: its volume moves first."""
 
 from __future__ import annotations
 
@@ -15,21 +16,29 @@ from pathlib import Path
 
 import pytest
 
+from protos.bindings import DiskBinding
+from protos.commands import DefineDomain, StartDomain
+from protos.domain import BootSpec, DiskSpec, DomainSpec, PowerState
+from protos.migration import MigrationParams, MigrationPhase
+from protos.replies import DomainInfo
 from protos.volumes import Attachment, AttachVolume, CreateVolume, GetVolume, MoveVolume, Volume
 from services.bus import Bus, RemoteError
+from tests.bootfiles import BOOT_DIR, KERNEL
 from tests.brokers import STORAGE_EVENTS, purge_queues
 from tests.integration.compute_harness import ComputeProcess
 from tests.integration.conftest import MakeBus
 from tests.integration.storage_harness import StorageProcess, call
+from tests.integration.test_compute_migration import ended, migrate
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20
 
 
 class TwoHosts:
-    def __init__(self, bus: Bus, hosts: list[str], pools: dict[str, Path]) -> None:
+    def __init__(self, bus: Bus, computes: list[ComputeProcess], pools: dict[str, Path]) -> None:
         self.bus = bus
-        self.hosts = hosts
+        self.computes = computes
+        self.hosts = [c.host for c in computes]
         self.pools = pools
 
     def volume(self, command: object) -> Volume:
@@ -47,6 +56,8 @@ def two_hosts(
     amqp_url: str, tmp_path: Path, make_bus: MakeBus, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[TwoHosts]:
     monkeypatch.setenv("FLOTILLA_DRIVER", "fake")
+    monkeypatch.setenv("FLOTILLA_ALLOWED_BOOT_DIRS", str(BOOT_DIR))
+    monkeypatch.setenv("FLOTILLA_RESERVED_HOST_MEMORY_MIB", "0")
     bus = make_bus("test-client")
     tag = uuid.uuid4().hex[:6]
     computes: list[ComputeProcess] = []
@@ -70,7 +81,7 @@ def two_hosts(
             pools[host] = pool
         purge_queues(amqp_url, STORAGE_EVENTS)
         storage.start(bus)
-        yield TwoHosts(bus, storage.agent_hosts, pools)
+        yield TwoHosts(bus, computes, pools)
     finally:
         storage.stop()
         for c in computes:
@@ -141,3 +152,36 @@ def test_a_volume_a_guest_writes_does_not_move(two_hosts: TwoHosts) -> None:
     with pytest.raises(RemoteError) as nowhere:
         call(t.bus, MoveVolume(volume_id=vid, project="p1", host="no-such-host"))
     assert nowhere.value.code == "not_found"
+
+
+def test_a_shut_off_domain_migrates_cold_with_its_host_local_volume(two_hosts: TwoHosts) -> None:
+    t = two_hosts
+    vid = uuid.uuid4()
+    made = t.volume(CreateVolume(volume_id=vid, project="p1", name="root", size=4 * MiB))
+    want = _pattern(t.file(made))
+    src = next(c for c in t.computes if c.host == made.host)
+    dst = next(c for c in t.computes if c.host != made.host)
+    spec = DomainSpec(
+        name=f"cold-{uuid.uuid4().hex[:6]}",
+        boot=BootSpec(kernel=KERNEL),
+        disks=[DiskSpec(target="vdb", volume_id=vid)],
+    )
+    t.volume(
+        AttachVolume(
+            volume_id=vid, project="p1", attachment=Attachment(domain_id=spec.uuid, target="vdb")
+        )
+    )
+    binding = DiskBinding(target="vdb", volume_id=vid, pool="local", host=src.host)
+    t.bus.call(src.queue, DefineDomain(spec=spec, disks=[binding]), timeout=20)
+    source_file = t.file(made)
+    migrate(t.bus, src, dst, spec, MigrationParams(live=False))
+    assert ended(t.bus, src, spec.uuid).phase is MigrationPhase.DONE
+    moved = t.volume(GetVolume(volume_id=vid, project="p1"))
+    assert (moved.host, moved.state) == (dst.host, "attached")
+    assert moved.attachment == Attachment(domain_id=spec.uuid, target="vdb")
+    assert t.file(moved).read_bytes() == want
+    assert not source_file.exists()
+    # It starts there: the target opens the volume from its own pool.
+    info = t.bus.call(dst.queue, StartDomain(domain_id=spec.uuid), timeout=20)
+    assert isinstance(info, DomainInfo)
+    assert info.state is PowerState.RUNNING
