@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from compute_node.boot_sources import BootFiles, HostFile
-from compute_node.driver import IncomingMachine
+from compute_node.driver import DriverError, IncomingMachine
 from compute_node.vmm.client import end
 from protos.domain import DomainSpec, PowerState
 from protos.migration import MigrationParams
@@ -217,3 +219,54 @@ def test_a_rollback_gives_the_lock_back_to_the_source(
     assert not writer_lock_free(volume)
     a.driver.destroy(spec.uuid)
     assert writer_lock_free(volume)
+
+
+def test_a_source_that_cannot_take_its_lock_back_stays_paused(
+    two: tuple[Host, Host], test_guest: Path, volume: Path
+) -> None:
+    """Rolled back after the hand-off, with another process holding part of the volume by
+    then: the source does not resume (two writers) but stays paused and says so; once the
+    other lets go, a resume takes the lock and the guest writes on."""
+    a, b = two
+    spec = make_spec(test_guest, WORK)
+    start_writing(a, spec, volume)
+    target = b.driver.prepare_incoming(spec, with_volume(b, volume))
+    pid = b.driver.get_info(spec.uuid).pid
+    assert pid is not None
+    intruder = os.open(volume, os.O_RDWR)
+    byte0 = struct.pack("@hhqqi4x", fcntl.F_WRLCK, 0, 0, 1, 0)
+
+    def intrude() -> None:
+        # As READY passes: the target dies (its part of the lock goes with it) and another
+        # process takes byte 0 before the source learns of any of it.
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                fcntl.fcntl(intruder, fcntl.F_OFD_SETLK, byte0)
+                return
+            except OSError:
+                assert time.monotonic() < deadline, "the dead target's lock stayed"
+                time.sleep(0.005)
+
+    try:
+        relay = Relay((target.address, target.port), cut_at=READY, downstream=False)
+        relay.on_cut = intrude
+        via = IncomingMachine(str(relay.address[0]), int(relay.address[1]), target.token)
+        outcome = a.driver.migrate_out(spec.uuid, via, MigrationParams(), lambda _s: None)
+        relay.join()
+        assert not outcome.committed
+        assert outcome.phase == "failed", outcome
+        assert "the source stays paused" in (outcome.error or ""), outcome.error
+        assert a.driver.get_info(spec.uuid).state is PowerState.PAUSED
+        assert a.kinds(spec.uuid)[-1] == ("paused", "migrating", "")
+        with pytest.raises(DriverError):
+            a.driver.resume(spec.uuid)  # still held by the other: no second writer
+        assert a.driver.get_info(spec.uuid).state is PowerState.PAUSED
+    finally:
+        os.close(intruder)
+    a.driver.resume(spec.uuid)
+    assert a.driver.get_info(spec.uuid).state is PowerState.RUNNING
+    a.wait_console(spec.uuid, rf"BLK verify sector={SECOND[0]} count={SECOND[1]} ok", 30)
+    assert not writer_lock_free(volume)
+    a.driver.destroy(spec.uuid)
