@@ -4,7 +4,8 @@
  * guest's buffers (preadv/pwritev on the chain's segments), and a request is completed only
  * after the kernel took or returned all of its data. The capacity is the file size in whole
  * 512-byte sectors; a trailing partial sector is not reachable. The open holds an OFD lock:
- * exclusive for a writable disk, shared for a read-only one.
+ * exclusive for a writable disk, shared for a read-only one; a live migration hands it over
+ * through a hand-off byte (fl_blk_set_lock, docs/storage.md "Locks").
  */
 #define _GNU_SOURCE
 #include <errno.h>
