@@ -436,12 +436,12 @@ class MigrationHandlers:
             job.cause = ctx.cause
             # Known before the target is asked: the target asks back while it waits.
             previous = self.jobs.add(job)
-            # Cold: this host's volumes go first (the target's define finds them there).
             disks = list(record.bindings.disks)
-            if not cmd.params.live:
-                disks = move_disks(self._peer, disks, self.host, cmd.target)
-            job.moved_disks = local_disks(record.bindings.disks, self.host)
             try:
+                if not cmd.params.live:
+                    # This host's volumes go first (the target's define finds them there).
+                    disks = move_disks(self._peer, disks, self.host, cmd.target)
+                    job.moved_disks = local_disks(record.bindings.disks, self.host)
                 endpoint = self._prepare_target(record, cmd, disks)
             except BaseException:
                 move_back(self._peer, job.moved_disks, self.host)

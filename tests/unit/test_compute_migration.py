@@ -295,6 +295,10 @@ def test_the_state_table_one_job_and_host_local_disks(hosts: tuple[Host, Host]) 
             assert (reply.code, reply.details["field"]) == ("unavailable", "disks")
             assert "vdb" in reply.message
     assert [type(c) for c in a.sent[-1:]] == [MoveVolume]  # asked, and nothing more
+    # No job was left behind: the domain may be migrated again.
+    never = a.do(GetMigrationJob(domain_id=local.uuid))
+    assert isinstance(never, ErrorReply)
+    assert never.code == "not_found"
     assert a.store.get(local.uuid) is not None
     assert b.store.get(local.uuid) is None
     # A writable host file stays on its host: refused either way.
