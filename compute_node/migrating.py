@@ -52,8 +52,10 @@ from compute_node.networks import HostNetworks
 from compute_node.resources import Claims
 from compute_node.storage_sources import StorageBindings, StorageSources
 from compute_node.store import DomainRecord, EventDraft, Incoming, NameTaken, Store
+from compute_node.volume_moves import local_disks, move_back, move_disks
 from protos import routing
 from protos.base import Message
+from protos.bindings import DiskBinding
 from protos.commands import Command, DefineDomain
 from protos.domain import PowerState, TaskState
 from protos.events import DefinedDetail, DomainDefined
@@ -340,7 +342,9 @@ class MigrationHandlers:
             files = self.sources.open(record.spec, privileged=record.privileged)
         with files:
             with _refused():
-                self.storage.open(record.spec, record.bindings, files)
+                # Not the volume locks: the source's VMM holds them until it is paused for
+                # the last pages, and the target's VMM takes them over then (docs/storage.md).
+                self.storage.open(record.spec, record.bindings, files, check_locks=False)
             nics, plumbed = self._plug(record)
             try:
                 self.claims.claim(record.spec)
@@ -495,12 +499,19 @@ class MigrationHandlers:
             job.cause = ctx.cause
             # Known before the target is asked: the target asks back while it waits.
             previous = self.jobs.add(job)
-        # The target is asked without the domain's lock (an RPC: a VMM starts there): the
-        # job's `migrating` task refuses what would change the domain meanwhile, except a
-        # destroy, which then leaves nothing to migrate.
+        # The target is asked without the domain's lock (an RPC: a VMM starts there; a cold
+        # migration's host-local volumes move first): the job's `migrating` task refuses what
+        # would change the domain meanwhile, except a destroy, which then leaves nothing to
+        # migrate.
+        disks = list(record.bindings.disks)
         try:
-            endpoint = self._prepare_target(record, cmd)
+            if not cmd.params.live:
+                # This host's volumes go first (the target's define finds them there).
+                disks = move_disks(self._peer, disks, self.host, cmd.target)
+                job.moved_disks = local_disks(record.bindings.disks, self.host)
+            endpoint = self._prepare_target(record, cmd, disks)
         except BaseException:
+            move_back(self._peer, job.moved_disks, self.host)
             self.jobs.restore(job, previous)
             raise
         with self._lock(domain_id):
@@ -508,6 +519,7 @@ class MigrationHandlers:
             if current is None or current.state is not record.state:
                 forget = FinishIncoming(domain_id=domain_id, committed=False, seq=record.seq)
                 self._finish_later(cmd.target, forget)
+                move_back(self._peer, job.moved_disks, self.host)
                 self.jobs.restore(job, previous)
                 raise ServiceError(
                     "conflict",
@@ -551,9 +563,10 @@ class MigrationHandlers:
                 "domain has a managed save on this host: start it, or remove the managed save",
                 state,
             )
-        local = [d.target for d in record.bindings.disks if d.host is not None]
+        volumes = [d.target for d in record.bindings.disks if d.host is not None]
         # A writable host file (an admin's path disk) is this host's alone.
-        local += [d.target for d in record.spec.disks if d.path is not None and not d.readonly]
+        files = [d.target for d in record.spec.disks if d.path is not None and not d.readonly]
+        local = volumes + files
         images = [
             r for r in (record.bindings.kernel_image, record.bindings.initrd_image) if r is not None
         ]
@@ -564,12 +577,11 @@ class MigrationHandlers:
                 "host file): shut the domain off and migrate it cold (live false)",
                 {"field": "disks"},
             )
-        if local:
+        if files:
             raise ServiceError(
                 "invalid",
-                f"disk(s) {', '.join(local)} are host-local (a `dir` pool's volume or a "
-                "writable host file), which do not move yet: only domains on shared pools "
-                "migrate",
+                f"disk(s) {', '.join(files)} are writable host files, which stay on this host: "
+                "only volumes move with a domain",
                 {"field": "disks"},
             )
         if any(r.host is not None for r in images):
@@ -579,14 +591,16 @@ class MigrationHandlers:
                 {"field": "boot.image"},
             )
 
-    def _prepare_target(self, record: DomainRecord, cmd: StartMigration) -> IncomingEndpoint:
+    def _prepare_target(
+        self, record: DomainRecord, cmd: StartMigration, disks: list[DiskBinding]
+    ) -> IncomingEndpoint:
         prepare = PrepareIncoming(
             spec=record.spec,
             source=self.host,
             live=cmd.params.live,
             paused=record.state is P.PAUSED,
             privileged=record.privileged,
-            disks=list(record.bindings.disks),
+            disks=disks,
             kernel_image=record.bindings.kernel_image,
             initrd_image=record.bindings.initrd_image,
             ports=list(record.ports),
@@ -686,6 +700,7 @@ class MigrationHandlers:
             record = self.store.get(job.domain_id)
             if record is None or job.aborted:
                 self._finish_target(job, committed=False, seq=0)
+                move_back(self._peer, job.moved_disks, self.host)
                 self._ended(
                     job,
                     MigrationPhase.CANCELLED if job.aborted else MigrationPhase.FAILED,
@@ -697,6 +712,7 @@ class MigrationHandlers:
             # Not confirmed: undone, unless the target answers that it did commit after all
             # (the answer to the commit was lost). Unanswered twice: the source keeps it.
             if not committed and not self._finish_target(job, committed=False, seq=0):
+                move_back(self._peer, job.moved_disks, self.host)
                 self._ended(job, MigrationPhase.FAILED, job.error or "the target did not commit")
                 return
             self._ended(job, MigrationPhase.DONE)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
 from compute_node.driver import MigrationStats
+from protos.bindings import DiskBinding
 from protos.domain import PowerState
 from protos.events import DomainMigrationProgress
 from protos.migration import FINAL_PHASES, MigrationJob, MigrationParams, MigrationPhase
@@ -42,6 +43,7 @@ class Job:
     cause: Cause | None = None  # the StartMigration's: its events and calls carry it
     ended: threading.Event = field(default_factory=threading.Event)
     finished: float | None = None  # when it ended (monotonic)
+    moved_disks: list[DiskBinding] = field(default_factory=list)  # cold: volumes moved
 
     @property
     def final(self) -> bool:

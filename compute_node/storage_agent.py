@@ -24,7 +24,7 @@ import structlog
 
 from compute_node.config import PoolConfig
 from compute_node.storage import ImageStore, Pool, StorageError, VolumeStore
-from compute_node.storage_transfer import TransferServer, image_check, job_for
+from compute_node.storage_transfer import TransferServer, image_check, job_for, push_volume
 from compute_node.store import Store
 from protos.images import (
     CreateVolumeFromImage,
@@ -36,6 +36,7 @@ from protos.images import (
     ImportImageFile,
     ListImageFiles,
     OpenTransfer,
+    PushVolume,
     TransferResult,
     TransferTicket,
 )
@@ -355,6 +356,11 @@ class StorageAgent(Service):
     @handles(OpenTransfer)
     def transfer_open(self, cmd: OpenTransfer, _ctx: Context) -> TransferTicket:
         return open_transfer(self.transfers, self._pool(cmd.pool), cmd, self.host)
+
+    @handles(PushVolume)
+    def volume_push(self, cmd: PushVolume, _ctx: Context) -> TransferResult:
+        with _replies():
+            return push_volume(self._pool(cmd.pool), cmd)
 
     @handles(GetTransferResult)
     def transfer_result(self, cmd: GetTransferResult, _ctx: Context) -> TransferResult:

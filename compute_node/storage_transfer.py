@@ -27,14 +27,14 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, BinaryIO
 
 import structlog
 
 from compute_node.storage import ImageStore, Pool, StorageError, VolumeStore
 from compute_node.storage.errors import BadImage
-from protos.images import OpenTransfer, TransferResult, TransferTicket
+from protos.images import OpenTransfer, PushVolume, TransferResult, TransferTicket
 
 log = structlog.get_logger("flotilla.storage.transfer")
 
@@ -290,3 +290,46 @@ class TransferServer:
             _line(conn, result.model_dump(mode="json"))
         except OSError:
             pass
+
+
+def push_volume(pool: Pool, cmd: PushVolume) -> TransferResult:
+    """The client side of a host-to-host volume move: volume `cmd.volume_id`'s bytes (under
+    its shared lock, holes read as zeros, which the receiver leaves as holes again) to the
+    ticket's port as an upload. `done` only when the receiver stored exactly what was sent:
+    its size and sha256 match ours. Raises StorageError (Busy, NotFound) before any byte
+    moves; a broken stream or a receiver's refusal is a `failed` result."""
+    volumes = VolumeStore(pool)
+    name = str(cmd.volume_id)
+    size = volumes.info(name).size
+    chunks = volumes.read(name)
+    h = hashlib.sha256()
+    first = next(chunks, None)  # the lock is taken here: Busy before we connect
+
+    def hashed() -> Iterator[bytes]:
+        chunk = first
+        while chunk is not None:
+            h.update(chunk)
+            yield bytes(chunk)
+            chunk = next(chunks, None)
+
+    try:
+        with socket.create_connection((cmd.address, cmd.port), timeout=IDLE_S) as conn:
+            conn.sendall(cmd.ticket.encode("ascii") + b"\n")
+            send_frames(conn, hashed())
+            answer = TransferResult.model_validate(read_line(conn))
+    except (OSError, TransferError, ValueError) as exc:
+        return TransferResult(state="failed", code="truncated", message=f"push: {exc}")
+    finally:
+        if isinstance(chunks, Generator):
+            chunks.close()  # the shared lock goes with it
+    sent = h.hexdigest()
+    if answer.state != "done":
+        return answer
+    if answer.size != size or answer.sha256 != sent:
+        return TransferResult(
+            state="failed",
+            code="checksum_mismatch",
+            message=f"the receiver stored {answer.size} bytes, sha256 {answer.sha256}; "
+            f"sent {size}, sha256 {sent}",
+        )
+    return TransferResult(state="done", size=size, sha256=sent)

@@ -19,11 +19,13 @@
 #include <unistd.h>
 
 #include "migrate_link.h"
+#include "virtio/blk.h"
 #include "vmm.h"
 
 #define PAGE FL_MIG_PAGE
 #define SLICE_NS 10000000ULL		   /* auto-converge's time slice */
 #define COMMIT_GRACE_NS 10000000000ULL /* after the commit: how long to wait for RESUMED */
+#define RELOCK_NS 5000000000ULL /* a rollback: how long the target may take to let go */
 #define FIXED_OTHER_NS 500000ULL	   /* vCPU state out and in, beyond what is measured */
 #define EXTRA_ROUNDS 3		   /* throttled rounds to bring a pause that fits down */
 #define MIN_SAMPLE (1ULL << 20)	   /* bytes an iteration sends to measure bandwidth */
@@ -466,6 +468,12 @@ static int stopcopy(struct source *s, struct fl_migrate_result *res, uint64_t t0
 	fl_snap_writer_fini(&w);
 	if (rc < 0)
 		return rc;
+	/* Paused, its devices still: flush the disks and let their locks go but for the
+	 * hand-off byte, so the target can take the rest before READY and no third process
+	 * finds a whole volume free in between. */
+	rc = fl_virtio_disks_lock(s->vm, FL_BLK_LOCK_HANDOFF);
+	if (rc < 0)
+		return fl_mig_fail(s->m, -rc, "handing the disks over: %s", s->vm->err);
 	end.pages = s->pages;
 	end.ram_sum = 0;
 	if (s->debug && fl_mig_vm_ram_sum(s->vm, &end.ram_sum, s->m->err, sizeof(s->m->err)) < 0)
@@ -483,6 +491,31 @@ static int stopcopy(struct source *s, struct fl_migrate_result *res, uint64_t t0
 			     (unsigned long long)ready.ram_sum, (unsigned long long)end.ram_sum);
 	res->ram_sum = end.ram_sum;
 	return 0;
+}
+
+/*
+ * A failure after the pause: take the disks' locks back (the target discards its machine
+ * and lets go of them in a moment), then resume if the guest ran before. If another process
+ * holds one, the machine stays paused and the error says so: never two writers.
+ */
+static void rollback_disks(struct source *s, int resume)
+{
+	uint64_t until = fl_mig_now() + RELOCK_NS;
+	int rc;
+
+	while ((rc = fl_virtio_disks_lock(s->vm, FL_BLK_LOCK_WHOLE)) == -EBUSY &&
+	       fl_mig_now() < until)
+		usleep(20000);
+	if (rc < 0) {
+		size_t n = strnlen(s->m->err, sizeof(s->m->err));
+		/* (cut to the buffer: the reason comes first) */
+		if (snprintf(s->m->err + n, sizeof(s->m->err) - n,
+			     "; the source stays paused: taking its disks back: %s", s->vm->err) < 0)
+			s->m->err[n] = 0;
+		return;
+	}
+	if (resume)
+		fl_vm_resume_locked(s->vm);
 }
 
 static int source_setup(struct source *s, const uint8_t *token, struct plan *pl)
@@ -586,7 +619,9 @@ int fl_migrate_send(struct fl_vm *vm, struct fl_migration *m, int fd, const uint
 	if (rc < 0)
 		goto failed;
 
-	/* The commit: from here the target owns the guest, whatever happens to this link. */
+	/* The commit: from here the target owns the guest, whatever happens to this link. It
+	 * holds all of each disk's lock but the hand-off byte, which goes with the COMMIT. */
+	fl_virtio_disks_lock(vm, FL_BLK_LOCK_NONE);
 	res->committed = 1;
 	progress_update(&s, FL_MIGRATE_COMMIT, t0);
 	s.l.cancellable = 0;
@@ -628,8 +663,8 @@ failed:
 		fl_mig_send_record(&quick, FL_MIG_ABORT, m->err, n);
 	}
 	throttle_stop(&t);
-	if (paused && !s.was_paused && fl_vm_state(vm) == FL_STATE_PAUSED)
-		fl_vm_resume_locked(vm);
+	if (paused && fl_vm_state(vm) == FL_STATE_PAUSED)
+		rollback_disks(&s, paused && !s.was_paused);
 	pthread_mutex_lock(&m->lock);
 	m->progress.phase = FL_MIGRATE_FAILED;
 	pthread_mutex_unlock(&m->lock);

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "migrate_link.h"
+#include "virtio/blk.h"
 #include "vmm.h"
 
 #define PAGE FL_MIG_PAGE
@@ -81,8 +82,11 @@ static int target_config(struct target *t, const struct fl_config *cfg)
 	t->build.vcpus = c.nvcpus;
 	t->build.memory_mib = c.mem_size / FL_MIB;
 	t->build.nics = t->nics;
-	/* Built as a restore is (no loader), its RAM a private mapping of an empty memfd. */
+	/* Built as a restore is (no loader), its RAM a private mapping of an empty memfd; its
+	 * disks unlocked: the source holds their locks until it is paused (target_stream). */
+	t->vm->disks_unlocked = 1;
 	rc = fl_vm_build(t->vm, &t->build, memfd);
+	t->vm->disks_unlocked = 0;
 	if (rc < 0)
 		return fl_mig_fail(t->m, -rc, "%s", t->vm->err);
 	t->built = 1;
@@ -229,6 +233,14 @@ static int target_stream(struct target *t, struct fl_migrate_result *res)
 					return -EIO;
 				}
 			}
+			/* The source, paused and flushed, kept only the hand-off byte of each
+			 * disk's lock: take the rest (someone else holding it: refused, the
+			 * source takes its disks back and runs on). */
+			if (fl_virtio_disks_lock(t->vm, FL_BLK_LOCK_REST) < 0) {
+				fl_mig_fail(t->m, EBUSY, "%s", t->vm->err);
+				fl_mig_refuse_peer(&t->l, t->m->err);
+				return -EBUSY;
+			}
 			rc = fl_mig_send_record(&t->l, FL_MIG_READY, &r, sizeof(r));
 			if (rc < 0)
 				return rc;
@@ -323,8 +335,15 @@ int fl_migrate_receive(struct fl_vm *vm, struct fl_migration *m, const struct fl
 		fl_mig_refuse_peer(&t->l, m->err);
 		goto out;
 	}
-	/* Committed: run. vCPUs start on the state loaded above (or later: start_paused). */
-	rc = 0;
+	/* Committed: the source let go of the hand-off byte before its COMMIT; take each whole
+	 * lock (a retry covers nothing but a slow peer), then run. vCPUs start on the state
+	 * loaded above (or later: start_paused). */
+	for (int i = 0; (rc = fl_virtio_disks_lock(vm, FL_BLK_LOCK_WHOLE)) == -EBUSY && i < 50; i++)
+		usleep(20000);
+	if (rc < 0) {
+		fl_mig_fail(m, -rc, "taking the disks over: %s", vm->err);
+		goto out;
+	}
 	if (!__atomic_load_n(&m->start_paused, __ATOMIC_RELAXED)) {
 		pthread_mutex_unlock(&vm->api_lock);
 		rc = fl_vm_start(vm);

@@ -119,8 +119,10 @@ int fl_virtio_slots_init(struct fl_vm *vm, const struct fl_config *cfg)
 			free(b);
 			return fl_fail(vm, EINVAL, "disk %u has no path", i);
 		}
-		rc = fl_blk_init(b, dc->path, !!(dc->flags & FL_DISK_READONLY), dc->id, &vm->gmem,
-				 err, sizeof(err));
+		rc = fl_blk_init(b, dc->path,
+				 (dc->flags & FL_DISK_READONLY ? FL_BLK_READ_ONLY : 0) |
+					 (vm->disks_unlocked ? FL_BLK_UNLOCKED : 0),
+				 dc->id, &vm->gmem, err, sizeof(err));
 		if (rc < 0) {
 			free(b);
 			return fl_fail(vm, -rc, "%s", err);
@@ -142,6 +144,21 @@ int fl_virtio_slots_init(struct fl_vm *vm, const struct fl_config *cfg)
 		rc = add_slot(vm, &n->vdev);
 		if (rc < 0)
 			return rc;
+	}
+	return 0;
+}
+
+int fl_virtio_disks_lock(struct fl_vm *vm, int want)
+{
+	char err[200];
+
+	for (uint32_t i = 0; i < vm->nvirtio; i++) {
+		struct fl_virtio_dev *dev = vm->virtio[i].dev;
+		if (dev->device_id != VIRTIO_ID_BLOCK)
+			continue;
+		int rc = fl_blk_set_lock((struct fl_blk *)dev, want, err, sizeof(err));
+		if (rc < 0)
+			return fl_fail(vm, -rc, "%s", err);
 	}
 	return 0;
 }

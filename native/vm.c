@@ -4,6 +4,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "virtio/blk.h"
 #include "vmm.h"
 
 #define FL_MIN_MEMORY_MIB 4
@@ -200,6 +201,10 @@ int fl_vm_start(struct fl_vm *vm)
 			     vm->state == FL_STATE_NEW ? "not configured" : "already started");
 		goto out;
 	}
+	/* No vCPU runs without its disks' locks (a migrated-in machine takes them last). */
+	rc = fl_virtio_disks_lock(vm, FL_BLK_LOCK_WHOLE);
+	if (rc < 0)
+		goto out;
 	set_state(vm, FL_STATE_RUNNING);
 	rc = fl_console_start(vm);
 	if (rc < 0)
@@ -256,6 +261,10 @@ int fl_vm_resume_locked(struct fl_vm *vm)
 {
 	int rc = require_live(vm, FL_STATE_PAUSED, "resume");
 
+	/* A source that handed its disks' locks to a migration target takes them back first:
+	 * if someone else holds one now, the machine stays paused (never two writers). */
+	if (rc == 0)
+		rc = fl_virtio_disks_lock(vm, FL_BLK_LOCK_WHOLE);
 	if (rc == 0) {
 		fl_virtio_slots_pause(vm, 0);
 		fl_vcpus_request(vm, FL_REQ_RUN, 1);

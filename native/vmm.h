@@ -115,6 +115,7 @@ struct fl_vm {
 		int irq_fd; /* eventfd bound to gsi with KVM_IRQFD */
 	} virtio[FL_VIRTIO_SLOTS];
 	uint32_t nvirtio;
+	int disks_unlocked; /* build opens the disks without their lock (a migration target) */
 
 	/* events */
 	pthread_mutex_t ev_lock;
@@ -181,6 +182,9 @@ void fl_console_wake(struct fl_vm *vm);
 /* virtio_slots.c */
 int fl_virtio_slots_init(struct fl_vm *vm, const struct fl_config *cfg);
 void fl_virtio_slots_fini(struct fl_vm *vm);
+/* Every disk's volume lock to `want` (FL_BLK_LOCK_*, virtio/blk.h); stops at the first
+ * refusal (-EBUSY, the error names the disk), the ones before it changed. */
+int fl_virtio_disks_lock(struct fl_vm *vm, int want);
 int fl_virtio_slots_start(struct fl_vm *vm);
 void fl_virtio_slots_pause(struct fl_vm *vm, int paused);
 void fl_virtio_slots_stop(struct fl_vm *vm);

@@ -175,8 +175,23 @@ class CreateVolumeFromImage(PoolCommand):
     size: int | None = Field(default=None, gt=0, le=MAX_VOLUME_BYTES, multiple_of=SECTOR)
 
 
+class PushVolume(PoolCommand):
+    """Stream volume `volume_id` of this host's pool to another host's transfer port (a
+    `volume_upload` ticket there, `TransferTicket`'s fields), under the volume's shared
+    lock. The reply: `done` with the size and sha256 of the bytes sent and the receiver's
+    answer checked against them; a refusal (`conflict` busy, `not_found`) before any byte."""
+
+    TYPE = "cmd.storage.volume_push"
+    RESULT = TransferResult
+    volume_id: uuid.UUID
+    address: str = Field(max_length=255)
+    port: int = Field(ge=1, le=65535)
+    ticket: str = Field(pattern=TICKET_PATTERN)
+
+
 IMAGE_AGENT_COMMANDS: tuple[type[Command], ...] = (
     OpenTransfer,
+    PushVolume,
     GetTransferResult,
     ImportImageFile,
     GetImageFile,

@@ -229,6 +229,17 @@ class DetachVolume(VolumeCommand):
     domain_id: uuid.UUID
 
 
+class MoveVolume(VolumeCommand):
+    """Move a `dir` pool's volume to the pool of the same name on `host` (a domain's cold
+    migration): its id, attachment and size kept; a sparse copy over the hosts' transfer
+    ports, checked by sha256 and synced on `host` before the source file goes. The reply is
+    the volume where it is now; one on `host` already is answered as it is. Refused while a
+    guest holds it open (`conflict`, busy); a failure leaves it where it was."""
+
+    TYPE = "cmd.catalog.volume_move"
+    host: str = Field(pattern=NAME_PATTERN)
+
+
 CATALOG_COMMANDS: tuple[type[Command], ...] = (
     ListPools,
     GetPool,
@@ -240,4 +251,5 @@ CATALOG_COMMANDS: tuple[type[Command], ...] = (
     ListVolumes,
     AttachVolume,
     DetachVolume,
+    MoveVolume,
 )

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from compute_node.vmm import protocol as p
 from compute_node.vmm.guest import EXIT_FAILED, EXIT_OK, Power
 from compute_node.vmm.migration import Incoming, Outgoing, check
-from native.machine import ShutdownMethod, SnapshotStats
+from native.machine import MachineState, ShutdownMethod, SnapshotStats
 
 if TYPE_CHECKING:
     from compute_node.vmm.loop import Conn, Loop
@@ -284,7 +284,8 @@ class Operations:
         """The migration's thread ended: journal what happened to the machine, answer its
         MigrateOut. Committed and confirmed: `stopped`/migrated and the VMM exits; paused
         for the last pages and then failed: `resumed`/migration_failed (the engine resumed
-        it); committed but unconfirmed: it stays paused, only the target knows."""
+        it, once it took its disks back: else it stays paused); committed but unconfirmed: it
+        stays paused, only the target knows."""
         out = self.outgoing
         if out is None or out.conn is None:
             return
@@ -299,9 +300,15 @@ class Operations:
                 g.migrated_out()
             elif reply.committed:
                 pass  # unconfirmed: stays paused until someone who knows the target decides
-            elif reply.source_paused and self.was is Power.RUNNING:
+            elif (
+                reply.source_paused
+                and self.was is Power.RUNNING
+                and out.machine.state() is MachineState.RUNNING
+            ):
                 g.power = Power.RUNNING
                 g.record("resumed", "migration_failed")
+            # else: paused still, its disks' locks taken by another process meanwhile (the
+            # error says so): it stays paused, never a second writer.
         conn, out.conn = out.conn, None
         if not conn.closed:
             conn.out += self.loop.reply_frame(reply)

@@ -4,7 +4,8 @@
  * guest's buffers (preadv/pwritev on the chain's segments), and a request is completed only
  * after the kernel took or returned all of its data. The capacity is the file size in whole
  * 512-byte sectors; a trailing partial sector is not reachable. The open holds an OFD lock:
- * exclusive for a writable disk, shared for a read-only one.
+ * exclusive for a writable disk, shared for a read-only one; a live migration hands it over
+ * through a hand-off byte (fl_blk_set_lock, docs/storage.md "Locks").
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -170,13 +171,73 @@ static void blk_process(struct fl_virtio_dev *d, uint32_t qi)
 
 static const struct fl_virtio_ops blk_ops = {.process = blk_process};
 
-int fl_blk_init(struct fl_blk *b, const char *path, int read_only, const char *id,
+/* One byte range of the lock: F_RDLCK/F_WRLCK/F_UNLCK on [start, start + len), len 0 to
+ * the end of any file. 0, or -errno (EAGAIN/EACCES: someone else holds a conflicting one). */
+static int range_lock(int fd, short type, uint64_t start, uint64_t len)
+{
+	struct flock lk = {.l_type = type, .l_whence = SEEK_SET, .l_start = (off_t)start,
+			   .l_len = (off_t)len};
+
+	return fcntl(fd, F_OFD_SETLK, &lk) < 0 ? -errno : 0;
+}
+
+int fl_blk_set_lock(struct fl_blk *b, int want, char *err, size_t errlen)
+{
+	const char *name = b->name;
+	short type = b->read_only ? F_RDLCK : F_WRLCK;
+	uint64_t hb = FL_BLK_HANDOFF_BYTE;
+	int rc = 0;
+
+	if (want == b->lock)
+		return 0;
+	switch (want) {
+	case FL_BLK_LOCK_WHOLE:
+		rc = range_lock(b->fd, type, 0, 0);
+		break;
+	case FL_BLK_LOCK_HANDOFF:
+		if (b->lock != FL_BLK_LOCK_WHOLE)
+			return fail(err, errlen, EINVAL, name, "hand-off of a lock it does not hold");
+		/* Everything the guest wrote is on the file (and the server) before we let go. */
+		if (!b->read_only && fdatasync(b->fd) < 0)
+			return fail(err, errlen, errno, name, NULL);
+		/* Unlocking parts of a held range cannot conflict; the byte stays held. */
+		rc = range_lock(b->fd, F_UNLCK, 0, hb);
+		if (rc == 0)
+			rc = range_lock(b->fd, F_UNLCK, hb + 1, 0);
+		break;
+	case FL_BLK_LOCK_REST:
+		if (b->lock != FL_BLK_LOCK_NONE)
+			return fail(err, errlen, EINVAL, name, "the rest of a lock it holds");
+		rc = range_lock(b->fd, type, 0, hb);
+		if (rc == 0) {
+			rc = range_lock(b->fd, type, hb + 1, 0);
+			if (rc < 0)
+				range_lock(b->fd, F_UNLCK, 0, hb);
+		}
+		break;
+	case FL_BLK_LOCK_NONE:
+		rc = range_lock(b->fd, F_UNLCK, 0, 0);
+		break;
+	default:
+		return fail(err, errlen, EINVAL, name, "unknown lock state");
+	}
+	if (rc == -EAGAIN || rc == -EACCES)
+		return fail(err, errlen, EBUSY, name, "in use: another process holds its lock");
+	if (rc < 0)
+		return fail(err, errlen, -rc, name, NULL);
+	b->lock = want;
+	return 0;
+}
+
+int fl_blk_init(struct fl_blk *b, const char *path, unsigned flags, const char *id,
 		const struct fl_guest_mem *mem, char *err, size_t errlen)
 {
 	struct stat st;
 	uint64_t size;
 	uint64_t features = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH;
 	int rc;
+
+	int read_only = !!(flags & FL_BLK_READ_ONLY);
 
 	memset(b, 0, sizeof(*b));
 	b->fd = open(path, (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
@@ -201,15 +262,15 @@ int fl_blk_init(struct fl_blk *b, const char *path, int read_only, const char *i
 	 * One writer per disk, readers may share (docs/storage.md): an OFD lock on the whole
 	 * file, held by this open file description until the device closes it. Whoever else
 	 * holds a conflicting lock (another VMM, the storage agent wiping or deleting it) makes
-	 * this open fail instead of two writers corrupting one volume.
+	 * this open fail instead of two writers corrupting one volume. A migration target opens
+	 * unlocked and takes the lock from the source (fl_blk_set_lock).
 	 */
-	struct flock lk = {.l_type = read_only ? F_RDLCK : F_WRLCK, .l_whence = SEEK_SET};
-	if (fcntl(b->fd, F_OFD_SETLK, &lk) < 0) {
-		int e = errno;
-		rc = fail(err, errlen, e == EAGAIN || e == EACCES ? EBUSY : e, path,
-			  e == EAGAIN || e == EACCES ? "in use: another process holds its lock"
-						     : NULL);
-		goto close_fd;
+	snprintf(b->name, sizeof(b->name), "%s", path);
+	b->read_only = read_only;
+	if (!(flags & FL_BLK_UNLOCKED)) {
+		rc = fl_blk_set_lock(b, FL_BLK_LOCK_WHOLE, err, errlen);
+		if (rc < 0)
+			goto close_fd;
 	}
 	b->capacity = size / SECTOR;
 	b->read_only = read_only;

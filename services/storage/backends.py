@@ -32,6 +32,7 @@ from protos.images import (
     ImportImageFile,
     ListImageFiles,
     OpenTransfer,
+    PushVolume,
     TransferResult,
     TransferTicket,
 )
@@ -144,6 +145,12 @@ class AgentBackend:
     def open_transfer(self, cmd: OpenTransfer) -> TransferTicket:
         reply = self._call(cmd, None)
         assert isinstance(reply, TransferTicket)
+        return reply
+
+    def push(self, cmd: PushVolume) -> TransferResult:
+        """This host's agent streams a volume to another host's ticket (a move)."""
+        reply = self._call(cmd, None, long=True)
+        assert isinstance(reply, TransferResult)
         return reply
 
     def transfer_result(self, ticket: str) -> TransferResult:

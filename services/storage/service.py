@@ -41,6 +41,7 @@ from services.storage.backends import AgentBackend, LocalBackend, PoolBackend, U
 from services.storage.catalog import Catalog, event_fields
 from services.storage.config import StorageConfig
 from services.storage.images import ImageHandlers
+from services.storage.moves import MoveHandlers
 from services.storage.uploads import UploadHandlers
 
 log = structlog.get_logger("flotilla.storage")
@@ -98,7 +99,7 @@ class Leases:
                 log.warning("leases not renewed", error=str(exc))
 
 
-class StorageService(ImageHandlers, UploadHandlers, Service):
+class StorageService(ImageHandlers, UploadHandlers, MoveHandlers, Service):
     name = "storage"
 
     def __init__(
@@ -133,6 +134,11 @@ class StorageService(ImageHandlers, UploadHandlers, Service):
             )
             self._agents[host] = agent
         return agent
+
+    def agent(self, host: str) -> AgentBackend:
+        backend = self.backend(host)
+        assert isinstance(backend, AgentBackend)
+        return backend
 
     def refresh_local_pools(self) -> None:
         for info in self.local.pool_infos():

@@ -61,6 +61,7 @@ from protos.migration import (
 )
 from protos.network import BindPorts
 from protos.replies import DomainInfo, Done, ErrorReply
+from protos.volumes import MoveVolume
 from services.bus import Cause, Context
 from services.bus.cause import current_cause
 from services.bus.errors import RemoteError, RpcTimeout
@@ -268,7 +269,7 @@ def test_an_incoming_domain_is_hidden_until_it_is_finished(hosts: tuple[Host, Ho
 
 
 def test_the_state_table_one_job_and_host_local_disks(hosts: tuple[Host, Host]) -> None:
-    a, _b = hosts
+    a, b = hosts
     s = spec()
     running(a, s)
     slow = MigrationParams(bandwidth_mibps=32)
@@ -291,6 +292,7 @@ def test_the_state_table_one_job_and_host_local_disks(hosts: tuple[Host, Host]) 
     )
     binding = DiskBinding(target="vdb", volume_id=volume, pool="default", host="node-a")
     a.store.define(local, [], bindings=StorageBindings(disks=(binding,)))
+    a.unreachable.add(MoveVolume)  # cold: the storage service moves the volume first
     for live in (True, False):
         reply = a.do(
             StartMigration(domain_id=local.uuid, target="node-b", params=MigrationParams(live=live))
@@ -299,7 +301,25 @@ def test_the_state_table_one_job_and_host_local_disks(hosts: tuple[Host, Host]) 
         if live:
             assert reply.code == "conflict"  # shut off: not live
         else:
-            assert (reply.code, reply.details["field"]) == ("invalid", "disks")
+            assert (reply.code, reply.details["field"]) == ("unavailable", "disks")
+            assert "vdb" in reply.message
+    assert [type(c) for c in a.sent[-1:]] == [MoveVolume]  # asked, and nothing more
+    # No job was left behind: the domain may be migrated again.
+    never = a.do(GetMigrationJob(domain_id=local.uuid))
+    assert isinstance(never, ErrorReply)
+    assert never.code == "not_found"
+    assert a.store.get(local.uuid) is not None
+    assert b.store.get(local.uuid) is None
+    # A writable host file stays on its host: refused either way.
+    path = DomainSpec(
+        name="db-2", boot=BootSpec(kernel=KERNEL), disks=[DiskSpec(target="vdb", path=KERNEL)]
+    )
+    a.store.define(path, [])
+    reply = a.do(
+        StartMigration(domain_id=path.uuid, target="node-b", params=MigrationParams(live=False))
+    )
+    assert isinstance(reply, ErrorReply)
+    assert (reply.code, reply.details["field"]) == ("invalid", "disks")
     assert a.do(StartMigration(domain_id=s.uuid, target="node-a")).model_dump()["code"] == "invalid"
 
 

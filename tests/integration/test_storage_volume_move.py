@@ -1,0 +1,187 @@
+"""Moving a host-local volume between two compute nodes' `dir` pools through the storage
+service (`MoveVolume`): the bytes go host to host over the transfer ports, sparse and
+checked; the id, size and attachment stay; the source file goes only after the target's is
+verified; a repeat is answered as it is; a volume a guest writes is refused and stays. A
+shut-off domain with such a volume migrates cold: its volume moves first."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import struct
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from protos.bindings import DiskBinding
+from protos.commands import DefineDomain, StartDomain
+from protos.domain import BootSpec, DiskSpec, DomainSpec, PowerState
+from protos.migration import MigrationParams, MigrationPhase
+from protos.replies import DomainInfo
+from protos.volumes import Attachment, AttachVolume, CreateVolume, GetVolume, MoveVolume, Volume
+from services.bus import Bus, RemoteError
+from tests.bootfiles import BOOT_DIR, KERNEL
+from tests.brokers import STORAGE_EVENTS, purge_queues
+from tests.integration.compute_harness import ComputeProcess
+from tests.integration.conftest import MakeBus
+from tests.integration.storage_harness import StorageProcess, call
+from tests.integration.test_compute_migration import ended, migrate
+
+pytestmark = pytest.mark.integration
+MiB = 1 << 20
+
+
+class TwoHosts:
+    def __init__(self, bus: Bus, computes: list[ComputeProcess], pools: dict[str, Path]) -> None:
+        self.bus = bus
+        self.computes = computes
+        self.hosts = [c.host for c in computes]
+        self.pools = pools
+
+    def volume(self, command: object) -> Volume:
+        reply = call(self.bus, command, timeout=90)  # type: ignore[arg-type]
+        assert isinstance(reply, Volume), reply
+        return reply
+
+    def file(self, volume: Volume) -> Path:
+        assert volume.host is not None
+        return self.pools[volume.host] / "volumes" / str(volume.volume_id)
+
+
+@pytest.fixture
+def two_hosts(
+    amqp_url: str, tmp_path: Path, make_bus: MakeBus, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[TwoHosts]:
+    monkeypatch.setenv("FLOTILLA_DRIVER", "fake")
+    monkeypatch.setenv("FLOTILLA_ALLOWED_BOOT_DIRS", str(BOOT_DIR))
+    monkeypatch.setenv("FLOTILLA_RESERVED_HOST_MEMORY_MIB", "0")
+    bus = make_bus("test-client")
+    tag = uuid.uuid4().hex[:6]
+    computes: list[ComputeProcess] = []
+    pools: dict[str, Path] = {}
+    storage = StorageProcess(
+        amqp_url,
+        f"sqlite:///{tmp_path}/cat.db",
+        tmp_path / "storage.log",
+        replica="r1",
+        agent_hosts=[f"mv{i}-{tag}" for i in range(2)],
+        default_pool="local",
+    )
+    try:
+        for host in storage.agent_hosts:
+            pool = tmp_path / host / "pool"
+            state = tmp_path / host / "state"
+            pool.mkdir(parents=True)
+            state.mkdir()
+            monkeypatch.setenv("FLOTILLA_POOLS", json.dumps([{"name": "local", "path": str(pool)}]))
+            computes.append(ComputeProcess(amqp_url, state, host).start(bus))
+            pools[host] = pool
+        purge_queues(amqp_url, STORAGE_EVENTS)
+        storage.start(bus)
+        yield TwoHosts(bus, computes, pools)
+    finally:
+        storage.stop()
+        for c in computes:
+            c.stop()
+
+
+def _pattern(path: Path) -> bytes:
+    """Data, a hole, data, a hole: what the volume should read as wherever it is."""
+    size = path.stat().st_size
+    head, tail = os.urandom(MiB // 2), os.urandom(MiB // 4)
+    with path.open("r+b") as f:
+        f.write(head)
+        f.seek(size - MiB // 2)
+        f.write(tail)
+    return head + bytes(size - MiB) + tail + bytes(MiB // 4)
+
+
+def test_a_volume_moves_to_the_other_host(two_hosts: TwoHosts) -> None:
+    t = two_hosts
+    vid = uuid.uuid4()
+    made = t.volume(CreateVolume(volume_id=vid, project="p1", name="data", size=9 * MiB))
+    source_file = t.file(made)
+    want = _pattern(source_file)
+    domain = uuid.uuid4()
+    t.volume(
+        AttachVolume(
+            volume_id=vid, project="p1", attachment=Attachment(domain_id=domain, target="vdb")
+        )
+    )
+    [other] = [h for h in t.hosts if h != made.host]
+    moved = t.volume(MoveVolume(volume_id=vid, project="p1", host=other))
+    assert moved.host == other
+    assert (moved.volume_id, moved.size, moved.state) == (vid, 9 * MiB, "attached")
+    assert moved.attachment == Attachment(domain_id=domain, target="vdb")
+    target_file = t.file(moved)
+    assert target_file.read_bytes() == want
+    assert target_file.stat().st_blocks * 512 < 4 * MiB  # the hole stayed a hole
+    assert not source_file.exists()
+    assert t.volume(GetVolume(volume_id=vid, project="p1")).host == other
+    # Again (a retry, a redelivery): answered as it is, nothing moves.
+    assert t.volume(MoveVolume(volume_id=vid, project="p1", host=other)).host == other
+    assert target_file.read_bytes() == want
+    # And back.
+    back = t.volume(MoveVolume(volume_id=vid, project="p1", host=made.host or ""))
+    assert t.file(back).read_bytes() == want
+    assert not target_file.exists()
+
+
+def test_a_volume_a_guest_writes_does_not_move(two_hosts: TwoHosts) -> None:
+    t = two_hosts
+    vid = uuid.uuid4()
+    made = t.volume(CreateVolume(volume_id=vid, project="p1", name="busy", size=2 * MiB))
+    source_file = t.file(made)
+    want = _pattern(source_file)
+    [other] = [h for h in t.hosts if h != made.host]
+    fd = os.open(source_file, os.O_RDWR)
+    try:  # the writer lock a running guest's VMM holds
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("@hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
+        with pytest.raises(RemoteError) as refused:
+            call(t.bus, MoveVolume(volume_id=vid, project="p1", host=other), timeout=60)
+    finally:
+        os.close(fd)
+    assert (refused.value.code, refused.value.details.get("reason")) == ("conflict", "busy")
+    assert t.volume(GetVolume(volume_id=vid, project="p1")).host == made.host
+    assert source_file.read_bytes() == want
+    assert not (t.pools[other] / "volumes" / str(vid)).exists()
+    assert not list((t.pools[other] / ".tmp").iterdir())
+    with pytest.raises(RemoteError) as nowhere:
+        call(t.bus, MoveVolume(volume_id=vid, project="p1", host="no-such-host"))
+    assert nowhere.value.code == "not_found"
+
+
+def test_a_shut_off_domain_migrates_cold_with_its_host_local_volume(two_hosts: TwoHosts) -> None:
+    t = two_hosts
+    vid = uuid.uuid4()
+    made = t.volume(CreateVolume(volume_id=vid, project="p1", name="root", size=4 * MiB))
+    want = _pattern(t.file(made))
+    src = next(c for c in t.computes if c.host == made.host)
+    dst = next(c for c in t.computes if c.host != made.host)
+    spec = DomainSpec(
+        name=f"cold-{uuid.uuid4().hex[:6]}",
+        boot=BootSpec(kernel=KERNEL),
+        disks=[DiskSpec(target="vdb", volume_id=vid)],
+    )
+    t.volume(
+        AttachVolume(
+            volume_id=vid, project="p1", attachment=Attachment(domain_id=spec.uuid, target="vdb")
+        )
+    )
+    binding = DiskBinding(target="vdb", volume_id=vid, pool="local", host=src.host)
+    t.bus.call(src.queue, DefineDomain(spec=spec, disks=[binding]), timeout=20)
+    source_file = t.file(made)
+    migrate(t.bus, src, dst, spec, MigrationParams(live=False))
+    assert ended(t.bus, src, spec.uuid).phase is MigrationPhase.DONE
+    moved = t.volume(GetVolume(volume_id=vid, project="p1"))
+    assert (moved.host, moved.state) == (dst.host, "attached")
+    assert moved.attachment == Attachment(domain_id=spec.uuid, target="vdb")
+    assert t.file(moved).read_bytes() == want
+    assert not source_file.exists()
+    # It starts there: the target opens the volume from its own pool.
+    info = t.bus.call(dst.queue, StartDomain(domain_id=spec.uuid), timeout=20)
+    assert isinstance(info, DomainInfo)
+    assert info.state is PowerState.RUNNING
