@@ -64,9 +64,7 @@ def migrate_live(e2e: E2E, domain_id: str, checksum: str) -> tuple[str, dict[str
     after_switch = wait_checks_after(c, domain_id, last)
     assert all(c == f"ok checksum=0x{checksum}" for c in after_switch.checks), after_switch
     assert after_switch.consecutive(), after_switch.counters[:30]
-    text = console(c, domain_id)
-    assert text.count("READY") <= 1, text[-600:]
-    assert len(MEMTEST.findall(text)) <= 1, text[-600:]
+    assert after_switch.boots == 0, after_switch
     return str(moved["host"]), job
 
 

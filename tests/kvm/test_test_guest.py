@@ -101,9 +101,7 @@ def test_memtest_checksum_matches_guest_memory(test_guest: Path, boot: Boot) -> 
     assert sum(words) % 2**64 == checksum
 
 
-def test_counter_reads_the_memtest_region_back_every_k_lines(
-    test_guest: Path, boot: Boot
-) -> None:
+def test_counter_reads_the_memtest_region_back_every_k_lines(test_guest: Path, boot: Boot) -> None:
     guest = boot(test_guest, "memtest=8 counter=5", memory_mib=64)
     m = guest.console.wait_for(r"MEMTEST mib=8 base=0x[0-9a-f]+ checksum=0x([0-9a-f]{16})")
     guest.console.wait_for(r"MEMCHECK n=1 ok checksum=0x[0-9a-f]{16}")
