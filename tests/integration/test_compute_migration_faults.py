@@ -2,13 +2,14 @@
 real broker (docs/migration.md, "Tests"; docs/testing.md says how to run the long one).
 
 One guest (`memtest=16 counter=20`: it reads its memtest region back every 20 lines) migrates
-back and forth. Each run picks, from a seeded random generator, a fault and a moment: none,
-kill -9 of the target's VMM, kill -9 of the target compute node (restarted after), the
-stream dropped (both ends' TCP sockets destroyed with `ss -K`), a cancel (AbortMigration), or
-a timeout (a tiny `timeout_s` under a bandwidth cap, either action). After each run: exactly
-one running copy (one node lists the domain, running; one live VMM process for it), its
-memory intact (a MEMCHECK after the run with the MEMTEST checksum), its counter going on
-with no reboot, and the domain's events forming one unbroken seq 1..N across both nodes.
+back and forth in verify mode. Each run picks, from a seeded random generator, a fault and a
+moment: none, kill -9 of the target's VMM, kill -9 of the target compute node (restarted
+after), the stream dropped (both ends' TCP sockets destroyed with `ss -K`), a cancel
+(AbortMigration), or a timeout (a tiny `timeout_s` under a bandwidth cap, either action).
+After each run: exactly one running copy (one node lists the domain, running; one live VMM
+process of it on the machine, found by its command line, and it is that node's), its memory
+intact (a MEMCHECK after the run with the MEMTEST checksum), its counter going on with no
+reboot, and the domain's events forming one unbroken seq 1..N across both nodes.
 
 FLOTILLA_MIGRATION_FAULT_RUNS sets the number of runs (default: 100 when pytest runs with
 `-m slow` alone, else one run of each fault); FLOTILLA_MIGRATION_FAULT_SEED replays a run
@@ -80,9 +81,10 @@ class Run:
 
     def __str__(self) -> str:
         p = self.params
+        timeout = "none" if p.timeout_s is None else f"{p.timeout_s:.3f} s {p.timeout_action.value}"
         return (
             f"run {self.n}: {self.fault} at +{self.delay_s:.3f} s (bandwidth "
-            f"{p.bandwidth_mibps} MiB/s, timeout {p.timeout_s} {p.timeout_action.value})"
+            f"{p.bandwidth_mibps} MiB/s, timeout {timeout})"
         )
 
 
@@ -92,13 +94,15 @@ def plan(rng: random.Random, n: int, fault: str) -> Run:
             bandwidth_mibps=rng.choice((4, 8)),
             timeout_s=rng.uniform(0.05, 0.6),
             timeout_action=rng.choice(list(TimeoutAction)),
+            verify=True,
         )
         return Run(n, fault, 0.0, params)
     # A cap stretches the pre-copy (16 MiB of memtest and the image) so a moment drawn in
     # its span can fall in any phase; without one the whole stream takes well under 1 s.
     bandwidth = rng.choice((0, 16, 32, 64))
     span = 0.6 if bandwidth == 0 else 20.0 / bandwidth
-    params = MigrationParams(bandwidth_mibps=bandwidth)
+    # Verify mode: every page checksummed on arrival, all of RAM compared before the commit.
+    params = MigrationParams(bandwidth_mibps=bandwidth, verify=True)
     return Run(n, fault, rng.uniform(0.0, span), params, rng.uniform(0.0, 3.0))
 
 
@@ -134,6 +138,23 @@ class Cloud:
         except (OSError, ValueError):
             return None
         return pid if alive(pid) else None
+
+
+def vmm_processes(domain_id: uuid.UUID) -> list[tuple[int, str]]:
+    """Every live VMM process of the domain on this machine, recorded or not: (pid, domain
+    dir) of each `python -m compute_node.vmm <dir>` whose dir names the domain."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        vmm = len(args) > 2 and b"compute_node.vmm" in args
+        if vmm and str(domain_id).encode() in args[-2] and alive(int(proc.name)):
+            found.append((int(proc.name), args[-2].decode()))
+    return found
 
 
 def alive(pid: int) -> bool:
@@ -274,9 +295,9 @@ def settle(cloud: Cloud) -> tuple[ComputeProcess, DomainInfo]:
     deadline = time.monotonic() + SETTLE_S
     while True:
         listed = {n.host: cloud.listed(n) for n in cloud.nodes}
-        pids = {n.host: cloud.vmm_pid(n) for n in cloud.nodes}
+        pids = vmm_processes(cloud.domain_id)
         owners = [n for n in cloud.nodes if listed[n.host]]
-        running = [h for h, p in pids.items() if p is not None]
+        running = [n.host for n in cloud.nodes for _, d in pids if d.startswith(str(n.state_dir))]
         if len(owners) == 1:
             info = listed[owners[0].host][0]
             if running == ([] if info.state is PowerState.SHUTOFF else [owners[0].host]):
@@ -378,6 +399,7 @@ def test_randomized_faults_leave_one_intact_copy_with_seq_unbroken(
             seq = info.seq
         except (AssertionError, BusError, RuntimeError) as exc:
             raise AssertionError(f"seed {seed}, {run} ({what}): {exc}") from exc
+        print(f"{run} ({what}): {job.phase.value} on {owner.host}, seq {seq}")
         tally = outcomes.setdefault(run.fault, {})
         tally[job.phase.value] = tally.get(job.phase.value, 0) + 1
     elapsed = time.monotonic() - started
