@@ -110,15 +110,18 @@ static void act_sleep(u64 ms)
 	say("SLEPT ms=%lu", ms);
 }
 
-static void act_counter(u64 v)
+/* `counter=K` also reads the memtest region back after every K-th line (a live check that
+ * memory survived whatever the host did meanwhile: a migration, a restore). */
+static void act_counter(u64 check_every)
 {
-	(void)v;
 	u64 period = time_us_to_tsc(COUNTER_PERIOD_US);
-	u64 n = 0, next = rdtsc();
+	u64 n = 0, checks = 0, next = rdtsc();
 	for (;;) {
 		u64 now = rdtsc();
 		if (now >= next) {
 			say("COUNTER %lu", n++);
+			if (check_every && n % check_every == 0)
+				mem_check(checks++);
 			next += period;
 			if (next < now) /* we were held up: don't burst to catch up */
 				next = now + period;
@@ -193,7 +196,7 @@ static const struct action actions[] = {
 	{"smp", NO_VALUE, act_smp, NULL},
 	{"memtest", NEEDS_VALUE, act_memtest, NULL},
 	{"sleep", NEEDS_VALUE, act_sleep, NULL},
-	{"counter", NO_VALUE, act_counter, NULL},
+	{"counter", OPTIONAL_VALUE, act_counter, NULL},
 	{"rewrite", NEEDS_VALUE, act_rewrite, NULL},
 	{"hostile", NO_VALUE, act_hostile, NULL},
 	{"serialflood", NEEDS_VALUE, act_serialflood, NULL},

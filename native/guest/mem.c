@@ -11,6 +11,8 @@
 
 extern u8 _end[];
 static u64 next_free;
+/* The last memtest region and its checksum, for mem_check(). */
+static u64 test_base, test_size, test_sum;
 
 void mem_init(void)
 {
@@ -56,7 +58,32 @@ void mem_test(u64 mib)
 	/* Kept: the region is not handed out again, so the host can check it any time later
 	 * (after a snapshot and restore, say). */
 	next_free = base + size;
+	test_base = base;
+	test_size = size;
+	test_sum = sum;
 	say("MEMTEST mib=%lu base=0x%lx checksum=0x%016lx", mib, base, sum);
+}
+
+void mem_check(u64 n)
+{
+	if (!test_size) {
+		say("MEMCHECK n=%lu error=no-memtest", n);
+		return;
+	}
+	volatile u64 *w = (volatile u64 *)test_base;
+	u64 words = test_size / 8, sum = 0;
+	for (u64 i = 0; i < words; i++) {
+		u64 v = w[i];
+		if (v != (test_base + i * 8) * MEMTEST_MUL) {
+			say("MEMCHECK n=%lu error=mismatch at=0x%lx read=0x%016lx", n, test_base + i * 8,
+			    v);
+			return;
+		}
+		sum += v;
+	}
+	say("MEMCHECK n=%lu ok checksum=0x%016lx", n, sum);
+	if (sum != test_sum) /* cannot happen when every word matched; kept as a guard */
+		say("MEMCHECK n=%lu error=checksum expected=0x%016lx", n, test_sum);
 }
 
 /* A region of `mib` MiB rewritten forever, one whole pass after another (each word gets its

@@ -13,6 +13,9 @@ u64 mem_free_base(void);
 /* Fill `mib` MiB from the first free MiB-aligned RAM with the address
  * pattern, verify it and print the MEMTEST line. */
 void mem_test(u64 mib);
+/* Read the last memtest region back against its pattern: `MEMCHECK n=<n> ok
+ * checksum=0x<16 hex>` (the MEMTEST line's checksum), or the first mismatch. */
+void mem_check(u64 n);
 /* Rewrite `mib` MiB (after any memtest region) forever, printing COUNTER lines every
  * period_us; never returns. */
 void mem_rewrite(u64 mib, u64 period_us);

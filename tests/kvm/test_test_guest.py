@@ -101,6 +101,25 @@ def test_memtest_checksum_matches_guest_memory(test_guest: Path, boot: Boot) -> 
     assert sum(words) % 2**64 == checksum
 
 
+def test_counter_reads_the_memtest_region_back_every_k_lines(test_guest: Path, boot: Boot) -> None:
+    guest = boot(test_guest, "memtest=8 counter=5", memory_mib=64)
+    m = guest.console.wait_for(r"MEMTEST mib=8 base=0x[0-9a-f]+ checksum=0x([0-9a-f]{16})")
+    guest.console.wait_for(r"MEMCHECK n=1 ok checksum=0x[0-9a-f]{16}")
+    lines = guest.console.text.splitlines()
+    checks = [i for i, line in enumerate(lines) if "MEMCHECK" in line][:2]
+    assert [lines[i].split("MEMCHECK ")[1] for i in checks] == [
+        f"n={n} ok checksum=0x{m[1]}" for n in (0, 1)
+    ]
+    # After COUNTER 4 and COUNTER 9: every fifth line.
+    assert lines[checks[0] - 1].endswith("COUNTER 4")
+    assert lines[checks[1] - 1].endswith("COUNTER 9")
+
+
+def test_counter_check_without_a_memtest_says_so(test_guest: Path, boot: Boot) -> None:
+    guest = boot(test_guest, "counter=2")
+    guest.console.wait_for(r"MEMCHECK n=0 error=no-memtest")
+
+
 def test_console_input_is_echoed(test_guest: Path, boot: Boot) -> None:
     guest = boot(test_guest, "ready echo")
     guest.console.wait_for(f"{PREFIX}READY")
