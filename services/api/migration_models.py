@@ -5,9 +5,10 @@
 from __future__ import annotations
 
 import uuid
-from typing import Self
+from typing import Annotated, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic.json_schema import WithJsonSchema
 
 from protos.domain import NAME_PATTERN
 from protos.events import DomainMigrationProgress
@@ -63,9 +64,23 @@ class JobUpdate(BaseModel):
     """A running job's new budget or cap (migrate-setmaxdowntime, migrate-setspeed); at least
     one of them. The pre-copy uses them from its next round."""
 
-    model_config = ConfigDict(extra="forbid")
-    max_downtime_ms: float | None = Field(default=None, gt=0, le=MAX_DOWNTIME_MS)
-    bandwidth_mibps: int | None = Field(default=None, ge=0, le=MAX_BANDWIDTH_MIBPS)
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})
+    # Absent or a number (an explicit null is refused below): the schema says so, not "or null".
+    max_downtime_ms: Annotated[
+        float | None,
+        WithJsonSchema({"type": "number", "exclusiveMinimum": 0, "maximum": MAX_DOWNTIME_MS}),
+    ] = Field(default=None, gt=0, le=MAX_DOWNTIME_MS)
+    bandwidth_mibps: Annotated[
+        int | None,
+        WithJsonSchema({"type": "integer", "minimum": 0, "maximum": MAX_BANDWIDTH_MIBPS}),
+    ] = Field(default=None, ge=0, le=MAX_BANDWIDTH_MIBPS)
+
+    @field_validator("max_downtime_ms", "bandwidth_mibps", mode="before")
+    @classmethod
+    def _not_null(cls, value: object) -> object:
+        if value is None:  # absent is fine; an explicit null is no number
+            raise ValueError("a number, or leave it out")
+        return value
 
     @model_validator(mode="after")
     def _something(self) -> Self:

@@ -394,3 +394,18 @@ def test_a_migrating_task_no_job_will_end_is_settled_by_reading_the_job(
         cloud.jobs.clear()
         problem(client.get(url, headers=auth(ADMIN)), 404)
         assert domain(client, d["id"])["task"] == "migrating"  # too young to settle
+
+
+def test_the_job_update_schema_says_what_the_api_refuses() -> None:
+    """`PATCH /job` refuses an empty body and an explicit null: its OpenAPI schema says so
+    (at least one property; numbers, never null), so clients and Schemathesis agree with it."""
+    from services.api.migration_models import JobUpdate
+
+    schema = JobUpdate.model_json_schema()
+    assert schema["minProperties"] == 1
+    for name in ("max_downtime_ms", "bandwidth_mibps"):
+        assert schema["properties"][name]["type"] in ("number", "integer")
+        assert "anyOf" not in schema["properties"][name]
+        with pytest.raises(ValueError, match=name):
+            JobUpdate.model_validate({name: None})
+    assert JobUpdate.model_validate({"bandwidth_mibps": 0}).bandwidth_mibps == 0
