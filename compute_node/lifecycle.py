@@ -12,13 +12,12 @@ import dataclasses
 import threading
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import contextmanager
 
 import structlog
 
-from compute_node.boot_sources import BootFiles, BootSources, SourceRefused
+from compute_node.boot_sources import BootFiles, BootSources
 from compute_node.causes import PendingCauses
 from compute_node.console import ConsoleHandlers
 from compute_node.driver import (
@@ -29,6 +28,7 @@ from compute_node.driver import (
     GuestEventKind,
     NicTap,
 )
+from compute_node.launching import refused, settle_quietly
 from compute_node.migrating import MigrationHandlers
 from compute_node.net import PlumbingError
 from compute_node.networks import HostNetworks, NetworkRefused, interface_of
@@ -186,7 +186,7 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
         spec = cmd.spec
         bindings = StorageBindings.of(cmd)
         ports = tuple(cmd.ports)
-        with _refused():
+        with refused():
             self.sources.check(spec, privileged=cmd.privileged)
             self.storage.exist(spec, bindings)
         self._check_ports(cmd)
@@ -350,26 +350,26 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
         domain_id = record.id
         steps = [{K.STARTED, K.FAILED}, *([{K.PAUSED}] if paused else [])]
         with self.causes.expecting(domain_id, cause, *steps):
-            with _refused():
+            with refused():
                 files = self.sources.open(record.spec, privileged=record.privileged)
             with files:
-                with _refused():
+                with refused():
                     self.storage.open(record.spec, record.bindings, files)
                 nics, plumbed = self._plug(record)
                 try:
                     self.claims.claim(record.spec)
                 except BaseException:
-                    _quietly(plumbed)
+                    settle_quietly(plumbed)
                     raise
                 try:
                     launch(files, nics)
                 except DriverError as exc:
                     self.claims.release(domain_id)
-                    _quietly(plumbed)
+                    settle_quietly(plumbed)
                     raise ServiceError(exc.code, exc.message, {"host": self.host}) from None
                 except BaseException:
                     self.claims.release(domain_id)
-                    _quietly(plumbed)
+                    settle_quietly(plumbed)
                     raise
                 try:
                     self._network_call(plumbed.result)
@@ -531,20 +531,3 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
             call()
         except DriverError as exc:
             raise ServiceError(exc.code, exc.message) from None
-
-
-@contextmanager
-def _refused() -> Iterator[None]:
-    """A spec path the rule refuses as the ServiceError the caller gets, naming the field."""
-    try:
-        yield
-    except SourceRefused as exc:
-        raise ServiceError(exc.code, exc.message, {"field": exc.field}) from None
-
-
-def _quietly(plumbed: Future[object]) -> None:
-    """Wait for plumbing whose guest did not start (its failure is not the one to report)."""
-    try:
-        plumbed.result()
-    except Exception as exc:
-        log.warning("plumbing of a guest that did not start failed", error=str(exc))

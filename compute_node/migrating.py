@@ -27,15 +27,14 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import contextmanager
 from ipaddress import IPv4Address
 from typing import Protocol
 
 import structlog
 
-from compute_node.boot_sources import BootSources, SourceRefused
+from compute_node.boot_sources import BootSources
 from compute_node.causes import PendingCauses
 from compute_node.driver import (
     Driver,
@@ -47,6 +46,7 @@ from compute_node.driver import (
     MigrationStats,
     NicTap,
 )
+from compute_node.launching import refused, settle_quietly
 from compute_node.migration_jobs import Job, Jobs
 from compute_node.networks import HostNetworks
 from compute_node.resources import Claims
@@ -231,7 +231,7 @@ class MigrationHandlers:
             disks=tuple(cmd.disks), kernel_image=cmd.kernel_image, initrd_image=cmd.initrd_image
         )
         ports = tuple(cmd.ports)
-        with _refused():
+        with refused():
             self.sources.check(spec, privileged=cmd.privileged)
             self.storage.exist(spec, bindings)
         self._check_ports(DefineDomain(spec=spec, ports=list(ports)))
@@ -338,10 +338,10 @@ class MigrationHandlers:
         """Open the domain's files, plug its ports, claim its resources and have the driver
         wait for the stream; everything undone if any of it fails."""
         domain_id = record.id
-        with _refused():
+        with refused():
             files = self.sources.open(record.spec, privileged=record.privileged)
         with files:
-            with _refused():
+            with refused():
                 # Not the volume locks: the source's VMM holds them until it is paused for
                 # the last pages, and the target's VMM takes them over then (docs/storage.md).
                 self.storage.open(record.spec, record.bindings, files, check_locks=False)
@@ -353,7 +353,7 @@ class MigrationHandlers:
                 )
             except BaseException as exc:
                 self.claims.release(domain_id)
-                _quietly(plumbed)
+                settle_quietly(plumbed)
                 self._unplug(record)
                 if isinstance(exc, DriverError):
                     raise ServiceError(exc.code, exc.message, {"host": self.host}) from None
@@ -929,18 +929,3 @@ class MigrationHandlers:
             update["bandwidth_mibps"] = cmd.bandwidth_mibps
         job.params = job.params.model_copy(update=update)
         return job.snapshot()
-
-
-@contextmanager
-def _refused() -> Iterator[None]:
-    try:
-        yield
-    except SourceRefused as exc:
-        raise ServiceError(exc.code, exc.message, {"field": exc.field}) from None
-
-
-def _quietly(plumbed: Future[object]) -> None:
-    try:
-        plumbed.result()
-    except Exception as exc:
-        log.warning("plumbing of a guest that did not migrate in failed", error=str(exc))
