@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import native  # noqa: E402
-from bench.figures import emit, figure  # noqa: E402
+from bench.figures import emit, figure, say  # noqa: E402
 from bench.qmp import Qmp  # noqa: E402
 from compute_node.boot_sources import BootFiles, HostFile  # noqa: E402
 from compute_node.driver import GuestEvent  # noqa: E402
@@ -63,10 +63,6 @@ TIMEOUT = 60.0
 QEMU_CONVERGE_TIMEOUT = 40.0
 WARM_LINES = 30  # COUNTER lines (and the region written whole) before migrating
 LINE = re.compile(rb"COUNTER (\d+)\n")
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr)
 
 
 class Lines:
