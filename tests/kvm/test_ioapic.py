@@ -46,9 +46,19 @@ def test_eventfd_edges_reach_an_unmasked_pin_and_are_dropped_while_masked(
     fd = os.eventfd(0)
     try:
         guest.machine.bind_irq_eventfd(9, fd)
-        os.eventfd_write(fd, 1)  # pin 9 is masked until the guest routes it
+        # Pin 9 is masked until the guest routes it. KVM has no route for a masked pin, so
+        # it hands the edge to a kernel worker (irqfd_inject), which looks the route up when
+        # it runs: normally at once, and the edge is dropped; on a loaded host that worker
+        # may run only after the guest has unmasked the pin, and the edge is delivered then,
+        # as an edge arriving at the unmask would be. Either is right; never more than one.
+        os.eventfd_write(fd, 1)
         guest.machine.start()
-        guest.console.wait_for(f"{PREFIX}IRQWAIT pin=9 armed pending=0")
+        armed = guest.console.wait_for(f"{PREFIX}IRQWAIT pin=9 armed pending=(\\d+)")
+        assert armed.group(1) in ("0", "1"), armed.group(0)
+        if armed.group(1) == "1":  # the late edge was taken at the unmask
+            guest.console.wait_for(f"{PREFIX}IRQWAIT pin=9 taken")
+            assert poweroff_reason(guest) == "acpi_s5"
+            return
         os.eventfd_write(fd, 1)
         guest.console.wait_for(f"{PREFIX}IRQWAIT pin=9 taken")
         assert poweroff_reason(guest) == "acpi_s5"
