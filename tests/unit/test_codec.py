@@ -21,9 +21,11 @@ ALL_TYPES = sorted(message_types().items())
 
 @pytest.mark.parametrize(("type_name", "model"), ALL_TYPES, ids=[t for t, _ in ALL_TYPES])
 def test_every_message_type_round_trips(type_name: str, model: type[Message]) -> None:
-    # A busy CI machine makes generation slow; speed is not what this test checks.
+    # A busy CI machine makes generation slow; speed is not what this test checks. 25
+    # examples a type (was 40): the big specs (DomainSpec inside define, schedule,
+    # prepare_incoming) took 8-9 s each to generate on a loaded host.
     @settings(
-        max_examples=40,
+        max_examples=25,
         deadline=None,
         suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
     )
