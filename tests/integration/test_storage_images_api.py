@@ -253,6 +253,64 @@ def test_boot_image_resolution(storage_cloud: StorageCloud) -> None:
     assert c.delete(f"/v1/images/{kern['id']}").status_code == 204
 
 
+def test_initrd_image_resolution(storage_cloud: StorageCloud) -> None:
+    """`boot.initrd_image` names an initrd image of the project or a public one, beside a
+    kernel image; it reaches the host's definition at create and at a disk attach's
+    redefinition; a wrong kind, a missing name or a path beside it is 422 on its field with
+    nothing left; the image cannot be deleted under the definition."""
+    c = storage_cloud
+    _upload(c, kernel(b"kern"), name="kern", kind="kernel")
+    initrd = _upload(c, b"cpio" * 4096, name="rd", kind="initrd").json()  # type: ignore[attr-defined]
+    public = _upload(c, b"pub!" * 4096, ADMIN, name="pubrd", kind="initrd", visibility="public")
+    _upload(c, b"D" * 8192, name="disky")
+    _upload(c, b"bobs" * 4096, BOB, name="bobrd", kind="initrd")
+
+    def domain(boot: dict[str, str]) -> httpx.Response:
+        body = {"name": f"g-{uuid.uuid4().hex[:8]}", "boot": boot, "start": False}
+        return c.post("/v1/domains", body)
+
+    for boot, field, why in (
+        ({"image": "kern", "initrd_image": "nope"}, "boot.initrd_image", "no image"),
+        ({"image": "kern", "initrd_image": "bobrd"}, "boot.initrd_image", "no image"),
+        ({"image": "kern", "initrd_image": "disky"}, "boot.initrd_image", "disk image"),
+        ({"image": "kern", "initrd_image": "kern"}, "boot.initrd_image", "kernel image"),
+        ({"image": "rd", "initrd_image": "rd"}, "boot.image", "initrd image"),
+        ({"kernel": KERNEL, "initrd_image": "rd"}, "boot.initrd_image", "goes with 'image'"),
+        ({"image": "kern", "initrd": KERNEL, "initrd_image": "rd"}, "boot.initrd_image", ""),
+    ):
+        refused = domain(boot)
+        assert (refused.status_code, refused.json()["field"]) == (422, field), refused.text
+        assert why in refused.json()["detail"], refused.text
+    assert c.get("/v1/domains").json()["domains"] == []
+
+    made = domain({"image": "kern", "initrd_image": "rd"})
+    assert made.status_code == 201, made.text
+    domain_id = uuid.UUID(made.json()["id"])
+    record = c.node.store.get(domain_id)
+    assert record is not None
+    assert record.bindings.initrd_image is not None
+    assert (record.bindings.initrd_image.kind, record.bindings.initrd_image.sha256) == (
+        "initrd",
+        initrd["sha256"],
+    )
+    spare = c.create("spare")
+    added = c.post(f"/v1/domains/{domain_id}/disks", {"target": "vdb", "volume_id": spare["id"]})
+    assert added.status_code == 200, added.text
+    record = c.node.store.get(domain_id)
+    assert record is not None
+    assert record.bindings.initrd_image is not None  # resolved again at the redefinition
+    assert record.bindings.initrd_image.sha256 == initrd["sha256"]
+    in_use = c.delete(f"/v1/images/{initrd['id']}")
+    assert (in_use.status_code, in_use.json()["reason"]) == (409, "in_use"), in_use.text
+    with_public = domain({"image": "kern", "initrd_image": "pubrd"})
+    assert with_public.status_code == 201, with_public.text
+    held = c.delete(f"/v1/images/{public.json()['id']}", ADMIN)  # type: ignore[attr-defined]
+    assert (held.status_code, held.json()["reason"]) == (409, "in_use"), held.text
+    _gone(c, str(domain_id))
+    _gone(c, with_public.json()["id"])
+    assert c.delete(f"/v1/images/{initrd['id']}").status_code == 204
+
+
 def _gone(c: StorageCloud, domain_id: str) -> None:
     assert c.delete(f"/v1/domains/{domain_id}").status_code in (202, 204)
     deadline = time.monotonic() + 20
