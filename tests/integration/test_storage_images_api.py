@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -369,3 +370,99 @@ def test_a_root_disk_from_an_image(storage_cloud: StorageCloud) -> None:
         assert why in refused.json()["detail"], refused.text
     assert len(c.get("/v1/volumes").json()["volumes"]) == 1
     assert c.get("/v1/domains").json()["domains"] == []
+
+
+def _quota(c: StorageCloud, project: str, **limits: int) -> None:
+    set_ = c.http.put(f"/v1/projects/{project}/quota", json=limits, headers=auth(ADMIN))
+    assert set_.status_code == 200, set_.text
+
+
+def _usage(c: StorageCloud, project: str = "alice") -> tuple[int, int]:
+    usage = c.get(f"/v1/projects/{project}", ADMIN).json()["usage"]
+    return usage["images"], usage["image_gib"]
+
+
+def test_image_quota_races_for_the_last_name(storage_cloud: StorageCloud) -> None:
+    """Two imports begun together for the project's last image name: one is imported, the
+    other refused (403 `over_quota`, resource `images`) with nothing left of it; the same
+    bytes under another name (a deduplicated import) count too."""
+    c = storage_cloud
+    _quota(c, "alice", images=2)
+    first = _upload(c, b"a" * 4096, name="first")
+    assert first.status_code == 201, first.text  # type: ignore[attr-defined]
+
+    def slow_body(fill: bytes) -> Iterator[bytes]:
+        yield fill * 4096  # the import begins when the request does
+        time.sleep(0.5)  # so both are under way before either ends
+        yield fill * 4096
+
+    def upload(name: str, fill: bytes) -> httpx.Response:
+        return c.http.post(
+            "/v1/images",
+            params={"name": name},
+            content=slow_body(fill),
+            headers={**auth(ALICE), "Content-Type": "application/octet-stream"},
+        )
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(upload, ("left", "right"), (b"L", b"R")))
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [201, 403], [a.text for a in answers]
+    refused = next(a.json() for a in answers if a.status_code == 403)
+    assert (refused["code"], refused["resource"], refused["limit"], refused["used"]) == (
+        "over_quota",
+        "images",
+        2,
+        2,
+    )
+    assert len(c.get("/v1/images").json()["images"]) == 2
+    assert len(_images(c)) == 2
+    assert _temps(c) == []
+    assert _usage(c) == (2, 1)
+    again = _upload(c, b"a" * 4096, name="again")  # the first's bytes: still a name
+    assert (again.status_code, again.json()["resource"]) == (403, "images"), again.text  # type: ignore[attr-defined]
+    project = c.get("/v1/projects/alice").json()
+    assert (project["quota"]["images"], project["usage"]["images"]) == (2, 2)
+    assert _usage(c, "bob") == (0, 0)
+
+
+def test_image_gib_quota_at_begin_and_at_end(storage_cloud: StorageCloud, tmp_path: Path) -> None:
+    """`image_gib` refuses an import whose Content-Length does not fit before a byte is
+    stored, and one whose stored (raw) size does not fit when it ends: that one's file is
+    removed, unless another name holds the same bytes (deduplicated, it counts again)."""
+    c = storage_cloud
+    _quota(c, "alice", image_gib=1)
+    small = os.urandom(MiB)
+    assert _upload(c, small, name="small").status_code == 201  # type: ignore[attr-defined]
+    before = _images(c)
+    answer = _raw_post(c, "/v1/images?name=huge", 2 << 30, b"x" * 4096)
+    assert b" 403 " in answer.split(b"\r\n", 1)[0], answer[:300]
+    assert b'"resource":"image_gib"' in answer, answer
+    # A qcow2 of a few KiB whose raw content is 1 GiB + 1 MiB: past the limit only at the end.
+    qcow2 = tmp_path / "big.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), str((1 << 30) + MiB)], check=True
+    )
+    big = _upload(c, qcow2.read_bytes(), name="big", format="qcow2")
+    assert big.status_code == 403, big.text  # type: ignore[attr-defined]
+    body = big.json()  # type: ignore[attr-defined]
+    assert (body["resource"], body["limit"], body["used"], body["requested"]) == (
+        "image_gib",
+        1,
+        1,
+        1,
+    )
+    assert _images(c) == before  # the converted file is gone
+    assert _temps(c) == []
+    assert [i["name"] for i in c.get("/v1/images").json()["images"]] == ["small"]
+    assert _usage(c) == (1, 1)
+    _quota(c, "alice", image_gib=2)
+    kept = _upload(c, qcow2.read_bytes(), name="big", format="qcow2")
+    assert kept.status_code == 201, kept.text  # type: ignore[attr-defined]
+    assert _usage(c) == (2, 2)
+    # The same content again: a name, no new file, but its size counts for the project.
+    _quota(c, "alice", image_gib=2)
+    twice = _upload(c, qcow2.read_bytes(), name="big2", format="qcow2")
+    assert (twice.status_code, twice.json()["resource"]) == (403, "image_gib")  # type: ignore[attr-defined]
+    assert kept.json()["sha256"] in _images(c)  # type: ignore[attr-defined]  # held by `big`
+    assert _usage(c) == (2, 2)
