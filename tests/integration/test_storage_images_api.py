@@ -221,6 +221,27 @@ def test_image_cli_verbs(storage_cloud: StorageCloud, tmp_path: Path) -> None:
     host_file = run("image-import", str(src), "k2", "--from-host", token=ADMIN)
     assert host_file.returncode == 0, host_file.stderr
     assert run("image-import", str(src), "k3", "--from-host").returncode == 7  # admins only
+    rd = tmp_path / "initrd.img"
+    rd.write_bytes(b"cpio" * 1024)
+    assert run("image-import", str(rd), "rd", "--kind", "initrd").returncode == 0
+    made = run(
+        "--json",
+        "create",
+        "--name",
+        "cli-rd",
+        "--image",
+        "kern",
+        "--initrd-image",
+        "rd",
+        "--no-start",
+    )
+    assert made.returncode == 0, made.stderr
+    boot = json.loads(made.stdout)["spec"]["boot"]
+    assert (boot["image"], boot["initrd_image"]) == ("kern", "rd")
+    shown = run("dominfo", "cli-rd")
+    assert "Initrd:" in shown.stdout, shown.stdout
+    assert "image rd" in shown.stdout, shown.stdout
+    assert run("--json", "delete", "cli-rd").returncode == 0
     assert run("image-delete", "kern").returncode == 0
     assert run("image-delete", "kern").returncode == 3
 
