@@ -114,6 +114,12 @@ class StorageSources:
                 "boot.image",
                 f"image {spec.boot.image!r} was not resolved by the storage service",
             )
+        if spec.boot.initrd_image is not None and initrd is None:
+            raise SourceRefused(
+                "invalid",
+                "boot.initrd_image",
+                f"image {spec.boot.initrd_image!r} was not resolved by the storage service",
+            )
         if kernel is not None and spec.boot.kernel is not None:
             raise SourceRefused(
                 "invalid", "boot.kernel", "give a kernel path or an image, not both"

@@ -48,9 +48,9 @@ class DefineDomain(Command):
     `allowed_boot_dirs`. The node keeps it with the definition for every later start."""
 
     TYPE = "cmd.domain.define"
-    VERSION = "1.4"  # 1.1: `privileged`, bounded metadata and MAC; 1.2: bindings; 1.3: at most
+    VERSION = "1.5"  # 1.1: `privileged`, bounded metadata and MAC; 1.2: bindings; 1.3: at most
     # 4 disks (the runtime's virtio-blk slots: more were never runnable, so minor)
-    # 1.4: disks from images (`image`, `size_gib`, `keep`)
+    # 1.4: disks from images (`image`, `size_gib`, `keep`); 1.5: `boot.initrd_image`
     RESULT = DomainInfo
     spec: DomainSpec
     privileged: bool = False

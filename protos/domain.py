@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     StrictBool,
     StringConstraints,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -117,14 +118,26 @@ def _source(given: str, *absent: str) -> dict[str, Any]:
 
 
 class BootSpec(_Spec):
-    """Direct kernel boot (`kernel`, optional `initrd`, `cmdline`) or an image reference."""
+    """Direct kernel boot from host paths (`kernel`, optional `initrd`, `cmdline`) or from
+    images by name (a `kernel` image `image`, optional `initrd` image `initrd_image`)."""
 
-    model_config = _one_of(_source("kernel", "image"), _source("image", "kernel", "initrd"))
+    model_config = _one_of(
+        _source("kernel", "image", "initrd_image"), _source("image", "kernel", "initrd")
+    )
 
     kernel: str | None = Field(default=None, min_length=1, max_length=4096)
     initrd: str | None = Field(default=None, min_length=1, max_length=4096)
     cmdline: str = Field(default="", max_length=MAX_CMDLINE)
     image: str | None = Field(default=None, min_length=1, max_length=255)
+    initrd_image: str | None = Field(default=None, min_length=1, max_length=255)
+
+    @field_validator("initrd_image")
+    @classmethod
+    def _initrd_image_with_image(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # A field's own check, so the refusal names `boot.initrd_image`.
+        if value is not None and (info.data.get("image") is None or info.data.get("initrd")):
+            raise ValueError("'initrd_image' goes with 'image' (a kernel image), not with paths")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> Self:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import uuid
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from protos.base import Message
 from protos.bindings import SHA256_PATTERN
@@ -34,6 +34,16 @@ ImageFormatName = Literal["raw", "qcow2"]
 TransferOpName = Literal["image_import", "volume_upload", "volume_download"]
 MAX_IMAGE_BYTES = MAX_VOLUME_BYTES
 TICKET_PATTERN = r"^[0-9a-f]{64}$"
+
+
+class ImageQuota(BaseModel):
+    """A project's image limits (None: unlimited), enforced by the catalog in the import's
+    transactions: how many image names (an import under way holds one), and the sum of
+    their raw sizes in GiB (rounded up; a deduplicated image counts its size too)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    images: int | None = Field(default=None, ge=0)
+    image_gib: int | None = Field(default=None, ge=0)
 
 
 # ---- replies -----------------------------------------------------------------------------
@@ -102,6 +112,16 @@ class ImageList(Message):
 
     TYPE = "reply.catalog_image_list"
     images: list[Image]
+
+
+class ImageUsage(Message):
+    """What a project's image names hold: how many (imports under way included), and the
+    sum of their raw sizes, in bytes and in GiB rounded up."""
+
+    TYPE = "reply.catalog_image_usage"
+    images: int = Field(ge=0)
+    image_bytes: int = Field(ge=0)
+    image_gib: int = Field(ge=0)
 
 
 class ImageImport(Message):
@@ -214,6 +234,7 @@ class BeginImageImport(ImageCommand):
     carries the ticket to stream the bytes with, then `EndImageImport` records the outcome."""
 
     TYPE = "cmd.catalog.image_import_begin"
+    VERSION = "1.1"  # 1.1: `quota`
     RESULT = ImageImport
     project: str = Field(pattern=NAME_PATTERN)
     name: VolumeName
@@ -222,6 +243,8 @@ class BeginImageImport(ImageCommand):
     pool: str | None = Field(default=None, pattern=NAME_PATTERN)
     format: ImageFormatName | None = None
     size: int | None = Field(default=None, gt=0, le=MAX_IMAGE_BYTES)
+    # Checked now (the count, and `size` if given) and again at the end with the real size.
+    quota: ImageQuota | None = None
 
 
 class EndImageImport(ImageCommand):
@@ -236,6 +259,7 @@ class ImportImageFromHost(ImageCommand):
     pool): begin, import and record in one command."""
 
     TYPE = "cmd.catalog.image_import_host"
+    VERSION = "1.1"  # 1.1: `quota`
     project: str = Field(pattern=NAME_PATTERN)
     name: VolumeName
     kind: ImageKindName = "disk"
@@ -243,6 +267,7 @@ class ImportImageFromHost(ImageCommand):
     pool: str | None = Field(default=None, pattern=NAME_PATTERN)
     format: ImageFormatName | None = None
     path: str = Field(min_length=2, max_length=4096, pattern=r"^/[^\x00]*$")
+    quota: ImageQuota | None = None
 
 
 class GetImage(ImageCommand):
@@ -264,6 +289,14 @@ class ListImages(CatalogCommand):
     RESULT = ImageList
 
 
+class GetImageUsage(CatalogCommand):
+    """What project `project`'s image names hold (for its quota's usage)."""
+
+    TYPE = "cmd.catalog.image_usage"
+    RESULT = ImageUsage
+    project: str = Field(pattern=NAME_PATTERN)
+
+
 class DeleteImage(ImageCommand):
     """Remove the image's name (its own project's only); the file goes with its last name.
     The reply is the image as it was."""
@@ -278,6 +311,7 @@ IMAGE_CATALOG_COMMANDS: tuple[type[Command], ...] = (
     GetImage,
     FindImage,
     ListImages,
+    GetImageUsage,
     DeleteImage,
 )
 

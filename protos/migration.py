@@ -128,7 +128,7 @@ class MigrateDomain(Command):
     filters' reasons when no host qualifies; `conflict` from the source's state table."""
 
     TYPE = "cmd.scheduler.migrate"
-    VERSION = "1.1"  # 1.1: `spec`
+    VERSION = "1.2"  # 1.1: `spec`; 1.2: `spec.boot.initrd_image`
     RESULT = MigrationJob
     domain_id: uuid.UUID
     source: str = Field(pattern=NAME_PATTERN)
@@ -208,6 +208,7 @@ class PrepareIncoming(Command):
     the boot and storage checks of DefineDomain."""
 
     TYPE = "cmd.domain.prepare_incoming"
+    VERSION = "1.1"  # 1.1: `spec.boot.initrd_image`
     RESULT = IncomingEndpoint
     spec: DomainSpec
     source: str = Field(pattern=NAME_PATTERN)

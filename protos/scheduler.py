@@ -46,9 +46,9 @@ class ScheduleDomain(Command):
     `privileged` (the requester is an admin) travels on to the compute node's DefineDomain."""
 
     TYPE = "cmd.scheduler.schedule"
-    VERSION = "1.4"  # 1.1: `privileged`, bounded metadata and MAC; 1.2: bindings; 1.3: at most
+    VERSION = "1.5"  # 1.1: `privileged`, bounded metadata and MAC; 1.2: bindings; 1.3: at most
     # 4 disks (the runtime's virtio-blk slots: more were never runnable, so minor)
-    # 1.4: disks from images (`image`, `size_gib`, `keep`)
+    # 1.4: disks from images (`image`, `size_gib`, `keep`); 1.5: `boot.initrd_image`
     RESULT = Placement
     spec: DomainSpec
     project: str = Field(pattern=NAME_PATTERN)

@@ -183,6 +183,27 @@ static void act_virtiohostile(u64 v)
 	virtio_hostile();
 }
 
+/* What the loader handed us as the first module (the initrd): where, how big, and
+ * an FNV-1a 64 of its bytes, so a test can tell that the VMM loaded the file it named. */
+static void act_initrd(u64 v)
+{
+	(void)v;
+	if (!boot.nr_modules) {
+		say("INITRD none");
+		return;
+	}
+	const struct mem_range *m = &boot.modules[0];
+	if (m->addr + m->size < m->addr || m->addr + m->size > boot.ram_top) {
+		say("INITRD addr=0x%lx size=%lu error=outside-ram", m->addr, m->size);
+		return;
+	}
+	const volatile u8 *p = (const volatile u8 *)m->addr;
+	u64 hash = 0xcbf29ce484222325ULL;
+	for (u64 i = 0; i < m->size; i++)
+		hash = (hash ^ p[i]) * 0x100000001b3ULL;
+	say("INITRD addr=0x%lx size=%lu fnv1a=0x%016lx", m->addr, m->size, hash);
+}
+
 /* The VMM's device list: read by virtio_scan() before any action runs. */
 static void act_virtio_device(const char *v) { (void)v; }
 
@@ -204,6 +225,7 @@ static const struct action actions[] = {
 	{"irqwait", NEEDS_VALUE, act_irqwait, NULL},
 	{"debugexit", OPTIONAL_VALUE, act_debugexit, NULL},
 	{"blkinfo", NO_VALUE, act_blkinfo, NULL},
+	{"initrd", NO_VALUE, act_initrd, NULL},
 	{"blkflush", NO_VALUE, act_blkflush, NULL},
 	{"blkwrite", TEXT_VALUE, NULL, blk_write},
 	{"blkread", TEXT_VALUE, NULL, blk_read},

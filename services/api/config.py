@@ -20,6 +20,8 @@ project = "alice"          # role defaults to member
 domains = 10
 vcpus = 20
 memory_mib = 16384
+images = 10                # image names, and image_gib their raw sizes (checked by storage)
+image_gib = 50
 
 [api.quotas.alice]
 domains = 2
@@ -83,6 +85,10 @@ class Quota(BaseModel):
     memory_mib: Limit | None = None
     # What the project's saves, managed saves and snapshots may occupy (allocated bytes).
     snapshot_bytes: ByteLimit | None = None
+    # Checked by the storage service: how many image names, and the sum of their raw sizes
+    # in GiB (rounded up).
+    images: Limit | None = None
+    image_gib: Limit | None = None
 
 
 class VolumeLimits(BaseModel):

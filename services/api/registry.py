@@ -820,6 +820,8 @@ class Registry:
                 vcpus=quota.vcpus,
                 memory_mib=quota.memory_mib,
                 snapshot_bytes=quota.snapshot_bytes,
+                images=quota.images,
+                image_gib=quota.image_gib,
             )
             cur.execute(
                 insert.on_conflict_do_update(
@@ -829,6 +831,8 @@ class Registry:
                         "vcpus": insert.excluded.vcpus,
                         "memory_mib": insert.excluded.memory_mib,
                         "snapshot_bytes": insert.excluded.snapshot_bytes,
+                        "images": insert.excluded.images,
+                        "image_gib": insert.excluded.image_gib,
                     },
                 )
             )
@@ -852,12 +856,24 @@ class Registry:
         with self.db.transaction() as cur:
             row = cur.execute(
                 sa.select(
-                    quotas.c.domains, quotas.c.vcpus, quotas.c.memory_mib, quotas.c.snapshot_bytes
+                    quotas.c.domains,
+                    quotas.c.vcpus,
+                    quotas.c.memory_mib,
+                    quotas.c.snapshot_bytes,
+                    quotas.c.images,
+                    quotas.c.image_gib,
                 ).where(quotas.c.project == project)
             ).first()
         if not row:
             return None
-        return Quota(domains=row[0], vcpus=row[1], memory_mib=row[2], snapshot_bytes=row[3])
+        return Quota(
+            domains=row[0],
+            vcpus=row[1],
+            memory_mib=row[2],
+            snapshot_bytes=row[3],
+            images=row[4],
+            image_gib=row[5],
+        )
 
 
 def _arrived_by_migration(event: DomainEvent) -> bool:

@@ -94,6 +94,8 @@ quotas = sa.Table(
     sa.Column("vcpus", sa.Integer),
     sa.Column("memory_mib", sa.Integer),
     sa.Column("snapshot_bytes", sa.BigInteger),  # saves and snapshots, allocated bytes
+    sa.Column("images", sa.Integer),  # image names (checked by the storage service)
+    sa.Column("image_gib", sa.Integer),
 )
 
 # Saves, managed saves and domain snapshots (docs/snapshots.md). Snapshots of a domain form

@@ -132,7 +132,8 @@ def show_domain(s: Session, d: dict[str, Any]) -> None:
         ("Host", d.get("host")),
         ("CPU(s)", d.get("vcpus", spec.get("vcpus"))),
         ("Memory", f"{d.get('memory_mib', spec.get('memory_mib'))} MiB"),
-        ("Kernel", (spec.get("boot") or {}).get("kernel")),
+        ("Kernel", _boot_source(spec, "kernel", "image")),
+        ("Initrd", _boot_source(spec, "initrd", "initrd_image")),
         ("Cmdline", (spec.get("boot") or {}).get("cmdline")),
         ("Group", placement.get("group")),
         ("Seq", d.get("seq")),
@@ -210,6 +211,39 @@ def load_spec_file(path: str) -> dict[str, Any]:
     return data
 
 
+def _boot_source(spec: dict[str, Any], path: str, image: str) -> str | None:
+    boot = spec.get("boot") or {}
+    if boot.get(image):
+        return f"image {boot[image]}"
+    return boot.get(path)
+
+
+def _boot_from_args(boot: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The spec's `boot` with the flags on top: a flag replaces the spec file's source of
+    the same role (a host path or an image)."""
+    if args.kernel:
+        boot.pop("image", None)
+        boot.pop("initrd_image", None)
+        boot["kernel"] = (
+            str(Path(args.kernel).resolve()) if Path(args.kernel).exists() else args.kernel
+        )
+    if args.image:
+        boot.pop("kernel", None)
+        boot.pop("initrd", None)
+        boot["image"] = args.image
+    if args.initrd:
+        boot.pop("initrd_image", None)
+        boot["initrd"] = (
+            str(Path(args.initrd).resolve()) if Path(args.initrd).exists() else args.initrd
+        )
+    if args.initrd_image:
+        boot.pop("initrd", None)
+        boot["initrd_image"] = args.initrd_image
+    if args.cmdline is not None:
+        boot["cmdline"] = args.cmdline
+    return boot
+
+
 def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The POST /v1/domains body: a spec file, then flags on top of it."""
     body: dict[str, Any] = load_spec_file(args.file) if args.file else {}
@@ -219,17 +253,7 @@ def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
         body["vcpus"] = args.vcpus
     if args.memory is not None:
         body["memory_mib"] = args.memory
-    boot = dict(body.get("boot") or {})
-    if args.kernel:
-        boot["kernel"] = (
-            str(Path(args.kernel).resolve()) if Path(args.kernel).exists() else args.kernel
-        )
-    if args.initrd:
-        boot["initrd"] = (
-            str(Path(args.initrd).resolve()) if Path(args.initrd).exists() else args.initrd
-        )
-    if args.cmdline is not None:
-        boot["cmdline"] = args.cmdline
+    boot = _boot_from_args(dict(body.get("boot") or {}), args)
     if boot:
         body["boot"] = boot
     if args.group or args.affinity:

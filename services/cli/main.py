@@ -155,8 +155,14 @@ def _domain_verbs(verb: Verb) -> None:
     p.add_argument("--name")
     p.add_argument("--vcpus", type=positive_int)
     p.add_argument("--memory", type=positive_int, metavar="MIB")
-    p.add_argument("--kernel", help="kernel path on the compute host (PVH ELF or bzImage)")
-    p.add_argument("--initrd")
+    kernel = p.add_mutually_exclusive_group()
+    kernel.add_argument("--kernel", help="kernel path on the compute host (PVH ELF or bzImage)")
+    kernel.add_argument("--image", help="boot the kernel image of this name (boot.image)")
+    initrd = p.add_mutually_exclusive_group()
+    initrd.add_argument("--initrd", help="initrd path on the compute host (with --kernel)")
+    initrd.add_argument(
+        "--initrd-image", help="the initrd image of this name (with --image; boot.initrd_image)"
+    )
     p.add_argument("--cmdline")
     p.add_argument("--group", help="server group for (anti-)affinity")
     pol = p.add_mutually_exclusive_group()

@@ -5,6 +5,11 @@ until the pool's host says what it stored, then `available` with its sha256 and 
 rows may name one file (the same bytes imported twice); `delete` says whether the row was
 the file's last name, for the caller to remove the file then. Events (`image.imported`,
 `image.deleted`) go to the catalog's outbox in the change's transaction.
+
+Quotas (`ImageQuota`) hold per project: the count of image names when an import begins (an
+import under way holds its name), the sum of raw sizes when it begins with a known size
+and again when it ends with the real one. Each check is in the transaction that inserts or
+finishes the row, under the project's lock, so two imports cannot pass a limit together.
 """
 
 from __future__ import annotations
@@ -16,11 +21,22 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from protos.images import Image, ImageDeleted, ImageImported
+from protos.images import Image, ImageDeleted, ImageImported, ImageQuota
 from services.bus import Cause, ServiceError
 from services.db import advisory_xact_lock
-from services.storage.catalog import Catalog, PoolRow
+from services.storage.catalog import Catalog, GiB, PoolRow
 from services.storage.tables import images
+
+
+class ImageOverQuota(ServiceError):
+    """An import refused at its end for the project's `image_gib`: its row is gone, and
+    `remove_file` says whether its file is the caller's to remove (no other name holds it
+    and no import into the pool is under way; otherwise the reconcile sweep removes it
+    once nothing names it)."""
+
+    def __init__(self, refused: ServiceError, *, remove_file: bool) -> None:
+        super().__init__(refused.code, refused.message, refused.details)
+        self.remove_file = remove_file
 
 
 class ImageCatalog:
@@ -61,6 +77,12 @@ class ImageCatalog:
         with self.db.transaction() as conn:
             return [_image(r) for r in conn.execute(query).all()]
 
+    def usage(self, project: str) -> tuple[int, int]:
+        """The number of the project's image names (imports under way included) and the
+        sum of their known raw sizes in bytes."""
+        with self.db.transaction() as conn:
+            return _usage(conn, project)
+
     def stuck(self, now: float | None = None) -> list[tuple[Image, str | None]]:
         """Imports whose lease ran out (their replica died), with their tickets."""
         now = time.time() if now is None else now
@@ -100,9 +122,13 @@ class ImageCatalog:
         visibility: str,
         pool: PoolRow,
         lease_s: float,
+        quota: ImageQuota | None = None,
+        size: int | None = None,
     ) -> tuple[Image, bool]:
         """Insert the image `importing` under this replica's lease; (image, True). The same
-        id again (the command redelivered) is (image, False); a name in use is refused."""
+        id again (the command redelivered) is (image, False); a name in use is refused, and
+        so (`over_quota`) is one name more than `quota.images` or, with `size`, more than
+        `quota.image_gib` GiB."""
         now = time.time()
         try:
             with self.db.transaction() as conn:
@@ -115,6 +141,8 @@ class ImageCatalog:
                         raise ServiceError("conflict", f"image id {image_id} is taken")
                     return _image(existing), False
                 _name_free(conn, project, name)
+                if quota is not None:
+                    _check_quota(conn, project, quota, count=1, size=size or 0)
                 conn.execute(
                     sa.insert(images).values(
                         id=str(image_id),
@@ -128,6 +156,7 @@ class ImageCatalog:
                         lease_owner=self.replica,
                         lease_until=now + lease_s,
                         created_at=now,
+                        quota_gib=None if quota is None else quota.image_gib,
                     )
                 )
                 return _image(_row(conn, image_id, None)), True
@@ -182,28 +211,39 @@ class ImageCatalog:
         deduplicated: bool,
         cause: Cause | None,
     ) -> Image:
-        """The import stored `sha256`: the image is available; event `image.imported`."""
+        """The import stored `sha256`: the image is available; event `image.imported`.
+        Past the `image_gib` limit the import began under, the row is removed instead and
+        `ImageOverQuota` raised."""
+        refused: ImageOverQuota | None = None
         with self.db.transaction() as conn:
+            project = _row(conn, image_id, None).project
+            # Under the project's lock, so a concurrent import's end counts this one's size.
+            advisory_xact_lock(conn, f"flotilla-storage-images:{project}")
             row = _row(conn, image_id, None)
             if row.state == "available":
                 return _image(row)
-            conn.execute(
-                sa.update(images)
-                .where(images.c.id == str(image_id))
-                .values(
-                    state="available",
-                    sha256=sha256,
-                    size=size,
-                    source_format=source_format,
-                    ticket=None,
-                    lease_owner=None,
-                    lease_until=0,
+            if row.quota_gib is not None:
+                refused = _refuse_past_quota(conn, row, sha256, size)
+            if refused is None:
+                conn.execute(
+                    sa.update(images)
+                    .where(images.c.id == str(image_id))
+                    .values(
+                        state="available",
+                        sha256=sha256,
+                        size=size,
+                        source_format=source_format,
+                        ticket=None,
+                        lease_owner=None,
+                        lease_until=0,
+                    )
                 )
-            )
-            after = _image(_row(conn, image_id, None))
-            self.catalog.enqueue(
-                conn, ImageImported(**event_fields(after), deduplicated=deduplicated), cause
-            )
+                after = _image(_row(conn, image_id, None))
+                self.catalog.enqueue(
+                    conn, ImageImported(**event_fields(after), deduplicated=deduplicated), cause
+                )
+        if refused is not None:
+            raise refused
         return after
 
     def forget(self, image_id: uuid.UUID) -> None:
@@ -256,6 +296,63 @@ def event_fields(image: Image) -> dict[str, Any]:
         "sha256": image.sha256,
         "size": image.size,
     }
+
+
+def _usage(conn: Connection, project: str) -> tuple[int, int]:
+    count, size = conn.execute(
+        sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(images.c.size), 0)).where(
+            images.c.project == project
+        )
+    ).one()
+    return int(count), int(size)
+
+
+def _gib(size: int) -> int:
+    return -(-size // GiB)
+
+
+def _check_quota(
+    conn: Connection, project: str, quota: ImageQuota, *, count: int, size: int
+) -> None:
+    used_count, used_bytes = _usage(conn, project)
+    if count and quota.images is not None and used_count + count > quota.images:
+        raise ServiceError(
+            "over_quota",
+            f"project {project} has {used_count} of {quota.images} images",
+            {"resource": "images", "limit": quota.images, "used": used_count, "requested": count},
+        )
+    used, wanted = _gib(used_bytes), _gib(used_bytes + size)
+    if size > 0 and quota.image_gib is not None and wanted > quota.image_gib:
+        raise ServiceError(
+            "over_quota",
+            f"project {project} uses {used} of {quota.image_gib} GiB of images",
+            {
+                "resource": "image_gib",
+                "limit": quota.image_gib,
+                "used": used,
+                "requested": wanted - used,
+            },
+        )
+
+
+def _refuse_past_quota(conn: Connection, row: Any, sha256: str, size: int) -> ImageOverQuota | None:
+    """None if the import's `size` fits the limit it began under (its own row's size is not
+    set yet, so it is not counted twice); else its row is deleted and the refusal returned."""
+    try:
+        _check_quota(conn, row.project, ImageQuota(image_gib=row.quota_gib), count=0, size=size)
+    except ServiceError as exc:
+        conn.execute(sa.delete(images).where(images.c.id == row.id))
+        on_host = (
+            images.c.pool == row.pool,
+            sa.func.coalesce(images.c.host, "") == (row.host or ""),
+        )
+        held = conn.execute(
+            sa.select(images.c.id)
+            .where(*on_host, sa.or_(images.c.sha256 == sha256, images.c.state == "importing"))
+            .limit(1)
+        ).first()
+        return ImageOverQuota(exc, remove_file=held is None)
+    return None
 
 
 def _name_free(conn: Connection, project: str, name: str) -> None:

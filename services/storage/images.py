@@ -23,9 +23,11 @@ from protos.images import (
     EndImageImport,
     FindImage,
     GetImage,
+    GetImageUsage,
     Image,
     ImageImport,
     ImageList,
+    ImageUsage,
     ImportImageFile,
     ImportImageFromHost,
     ListImages,
@@ -34,7 +36,8 @@ from protos.images import (
 )
 from services.bus import Context, ServiceError, handles
 from services.storage.backends import PoolBackend, Unreachable
-from services.storage.image_catalog import ImageCatalog
+from services.storage.catalog import GiB
+from services.storage.image_catalog import ImageCatalog, ImageOverQuota
 
 if TYPE_CHECKING:
     from services.storage.catalog import Catalog, PoolRow
@@ -77,6 +80,8 @@ class ImageHandlers:
             visibility=cmd.visibility,
             pool=pool,
             lease_s=self.config.lease_s,
+            quota=cmd.quota,
+            size=cmd.size,
         )
         if image.state != "importing":
             raise ServiceError("conflict", f"image {image.image_id} is imported already")
@@ -124,6 +129,7 @@ class ImageHandlers:
             visibility=cmd.visibility,
             pool=pool,
             lease_s=self.config.long_timeout_s,
+            quota=cmd.quota,
         )
         if image.state == "available":
             return image
@@ -147,14 +153,19 @@ class ImageHandlers:
             code = ERROR_CODES.get(result.code or "", "internal")
             details = {"field": "body"} if code == "invalid" else {}
             raise ServiceError(code, result.message or "import failed", details)
-        after = self.images.finish(
-            image.image_id,
-            sha256=result.sha256,
-            size=result.size,
-            source_format=result.source_format,
-            deduplicated=result.deduplicated,
-            cause=None if ctx is None else ctx.cause,
-        )
+        try:
+            after = self.images.finish(
+                image.image_id,
+                sha256=result.sha256,
+                size=result.size,
+                source_format=result.source_format,
+                deduplicated=result.deduplicated,
+                cause=None if ctx is None else ctx.cause,
+            )
+        except ImageOverQuota as refused:
+            if refused.remove_file:
+                self._remove_file(image.pool, image.host, result.sha256)
+            raise
         self.notify()
         log.info(
             "image imported",
@@ -163,6 +174,17 @@ class ImageHandlers:
             deduplicated=result.deduplicated,
         )
         return after
+
+    def _remove_file(self, pool: str, host: str | None, sha256: str) -> None:
+        try:
+            self.backend(host).delete_image(pool, sha256)
+        except ServiceError as exc:  # the next reconcile's sweep removes it
+            log.warning("image file not removed yet", sha256=sha256, error=exc.message)
+
+    @handles(GetImageUsage)
+    def image_usage(self, cmd: GetImageUsage, _ctx: Context) -> ImageUsage:
+        count, size = self.images.usage(cmd.project)
+        return ImageUsage(images=count, image_bytes=size, image_gib=-(-size // GiB))
 
     @handles(GetImage)
     def image_info(self, cmd: GetImage, _ctx: Context) -> Image:
@@ -181,10 +203,7 @@ class ImageHandlers:
         image, last = self.images.delete(cmd.image_id, cmd.project, ctx.cause)
         self.notify()
         if last and image.sha256 is not None:
-            try:
-                self.backend(image.host).delete_image(image.pool, image.sha256)
-            except ServiceError as exc:  # the next reconcile's sweep removes it
-                log.warning("image file not removed yet", sha256=image.sha256, error=exc.message)
+            self._remove_file(image.pool, image.host, image.sha256)
         return image
 
     def reconcile_images(self) -> dict[uuid.UUID, str]:

@@ -83,6 +83,9 @@ images = sa.Table(
     sa.Column("lease_owner", sa.Text),
     sa.Column("lease_until", sa.DOUBLE_PRECISION, nullable=False, server_default=sa.text("0")),
     sa.Column("created_at", sa.DOUBLE_PRECISION, nullable=False),
+    # The project's `image_gib` limit the import began under (None: unlimited): checked
+    # with the real size when it ends, by whichever replica records it.
+    sa.Column("quota_gib", sa.Integer),
     sa.UniqueConstraint("project", "name", name="storage_images_project_name"),
 )
 sa.Index("storage_images_sha256", images.c.sha256)

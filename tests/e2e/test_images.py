@@ -1,21 +1,26 @@
 """Images end to end, through HTTP only: the test guest's kernel imported as an image (the
 bytes streamed API → the pool's host), a domain booted from it by name (`boot.image`), the
-image's delete refused while a definition boots from it."""
+initrd image beside it (`boot.initrd_image`) received by the guest, the images' delete
+refused while a definition boots from them."""
 
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 import time
 import uuid
 
 from tests.e2e.harness import E2E, ok, wait_console, wait_domain, wait_gone
+from tests.guest_initrd import initrd_line
 from tests.kvm.test_virtio_blk import pattern
 
 MIB = 1 << 20
 
 
 def test_a_guest_boots_from_an_imported_kernel_image(e2e: E2E) -> None:
+    """...and receives the initrd image named beside it (`boot.initrd_image`): the guest
+    hashes the module the VMM loaded."""
     c = e2e.client()
     name = f"guest-{uuid.uuid4().hex[:6]}"
     data = e2e.guest.read_bytes()
@@ -29,19 +34,32 @@ def test_a_guest_boots_from_an_imported_kernel_image(e2e: E2E) -> None:
         201,
     )
     assert image["sha256"] == hashlib.sha256(data).hexdigest()
+    initrd_data = uuid.uuid4().bytes * 4096
+    initrd = ok(
+        c.post(
+            "/v1/images",
+            params={"name": f"{name}-initrd", "kind": "initrd"},
+            content=initrd_data,
+            headers={"Content-Type": "application/octet-stream"},
+        ),
+        201,
+    )
     spec = e2e.spec()
-    spec["boot"] = {"image": name, "cmdline": "ready"}
+    spec["boot"] = {"image": name, "initrd_image": initrd["name"], "cmdline": "initrd ready"}
     d = ok(c.post("/v1/domains", json=spec), 201)
     wait_domain(c, d["id"], "running")
-    wait_console(c, d["id"], "READY vcpus=1 memory_mib=32")
-    refused = c.delete(f"/v1/images/{image['id']}")
-    assert (refused.status_code, refused.json().get("reason")) == (409, "in_use"), refused.text
+    text = wait_console(c, d["id"], "READY vcpus=1 memory_mib=32")
+    assert re.search(initrd_line(initrd_data), text), text
+    for held in (image, initrd):
+        refused = c.delete(f"/v1/images/{held['id']}")
+        assert (refused.status_code, refused.json().get("reason")) == (409, "in_use"), refused.text
     # Another project cannot boot a private image it cannot see.
     other = e2e.client("bob").post("/v1/domains", json={**e2e.spec(), "boot": spec["boot"]})
     assert (other.status_code, other.json().get("field")) == (422, "boot.image"), other.text
     ok(c.delete(f"/v1/domains/{d['id']}"), (202, 204))
     wait_gone(c, d["id"])
     ok(c.delete(f"/v1/images/{image['id']}"), 204)
+    ok(c.delete(f"/v1/images/{initrd['id']}"), 204)
 
 
 def test_a_root_disk_from_an_image_is_read_by_the_guest(e2e: E2E) -> None:

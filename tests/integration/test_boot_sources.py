@@ -31,7 +31,14 @@ def nothing_left(c: Cloud, project: str = "alice") -> None:
     listed = c.http.get("/v1/domains", params={"project": project}, headers=auth(ADMIN)).json()
     assert listed["domains"] == []
     usage = c.http.get(f"/v1/projects/{project}", headers=auth(ADMIN)).json()["usage"]
-    assert usage == {"domains": 0, "vcpus": 0, "memory_mib": 0, "snapshot_bytes": 0}
+    assert usage == {
+        "domains": 0,
+        "vcpus": 0,
+        "memory_mib": 0,
+        "snapshot_bytes": 0,
+        "images": 0,
+        "image_gib": 0,
+    }
     for node in c.nodes.values():
         assert node.store.all() == []
 

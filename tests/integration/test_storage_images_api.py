@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -220,6 +221,27 @@ def test_image_cli_verbs(storage_cloud: StorageCloud, tmp_path: Path) -> None:
     host_file = run("image-import", str(src), "k2", "--from-host", token=ADMIN)
     assert host_file.returncode == 0, host_file.stderr
     assert run("image-import", str(src), "k3", "--from-host").returncode == 7  # admins only
+    rd = tmp_path / "initrd.img"
+    rd.write_bytes(b"cpio" * 1024)
+    assert run("image-import", str(rd), "rd", "--kind", "initrd").returncode == 0
+    made = run(
+        "--json",
+        "create",
+        "--name",
+        "cli-rd",
+        "--image",
+        "kern",
+        "--initrd-image",
+        "rd",
+        "--no-start",
+    )
+    assert made.returncode == 0, made.stderr
+    boot = json.loads(made.stdout)["spec"]["boot"]
+    assert (boot["image"], boot["initrd_image"]) == ("kern", "rd")
+    shown = run("dominfo", "cli-rd")
+    assert "Initrd:" in shown.stdout, shown.stdout
+    assert "image rd" in shown.stdout, shown.stdout
+    assert run("--json", "delete", "cli-rd").returncode == 0
     assert run("image-delete", "kern").returncode == 0
     assert run("image-delete", "kern").returncode == 3
 
@@ -251,6 +273,64 @@ def test_boot_image_resolution(storage_cloud: StorageCloud) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert c.delete(f"/v1/images/{kern['id']}").status_code == 204
+
+
+def test_initrd_image_resolution(storage_cloud: StorageCloud) -> None:
+    """`boot.initrd_image` names an initrd image of the project or a public one, beside a
+    kernel image; it reaches the host's definition at create and at a disk attach's
+    redefinition; a wrong kind, a missing name or a path beside it is 422 on its field with
+    nothing left; the image cannot be deleted under the definition."""
+    c = storage_cloud
+    _upload(c, kernel(b"kern"), name="kern", kind="kernel")
+    initrd = _upload(c, b"cpio" * 4096, name="rd", kind="initrd").json()  # type: ignore[attr-defined]
+    public = _upload(c, b"pub!" * 4096, ADMIN, name="pubrd", kind="initrd", visibility="public")
+    _upload(c, b"D" * 8192, name="disky")
+    _upload(c, b"bobs" * 4096, BOB, name="bobrd", kind="initrd")
+
+    def domain(boot: dict[str, str]) -> httpx.Response:
+        body = {"name": f"g-{uuid.uuid4().hex[:8]}", "boot": boot, "start": False}
+        return c.post("/v1/domains", body)
+
+    for boot, field, why in (
+        ({"image": "kern", "initrd_image": "nope"}, "boot.initrd_image", "no image"),
+        ({"image": "kern", "initrd_image": "bobrd"}, "boot.initrd_image", "no image"),
+        ({"image": "kern", "initrd_image": "disky"}, "boot.initrd_image", "disk image"),
+        ({"image": "kern", "initrd_image": "kern"}, "boot.initrd_image", "kernel image"),
+        ({"image": "rd", "initrd_image": "rd"}, "boot.image", "initrd image"),
+        ({"kernel": KERNEL, "initrd_image": "rd"}, "boot.initrd_image", "goes with 'image'"),
+        ({"image": "kern", "initrd": KERNEL, "initrd_image": "rd"}, "boot.initrd_image", ""),
+    ):
+        refused = domain(boot)
+        assert (refused.status_code, refused.json()["field"]) == (422, field), refused.text
+        assert why in refused.json()["detail"], refused.text
+    assert c.get("/v1/domains").json()["domains"] == []
+
+    made = domain({"image": "kern", "initrd_image": "rd"})
+    assert made.status_code == 201, made.text
+    domain_id = uuid.UUID(made.json()["id"])
+    record = c.node.store.get(domain_id)
+    assert record is not None
+    assert record.bindings.initrd_image is not None
+    assert (record.bindings.initrd_image.kind, record.bindings.initrd_image.sha256) == (
+        "initrd",
+        initrd["sha256"],
+    )
+    spare = c.create("spare")
+    added = c.post(f"/v1/domains/{domain_id}/disks", {"target": "vdb", "volume_id": spare["id"]})
+    assert added.status_code == 200, added.text
+    record = c.node.store.get(domain_id)
+    assert record is not None
+    assert record.bindings.initrd_image is not None  # resolved again at the redefinition
+    assert record.bindings.initrd_image.sha256 == initrd["sha256"]
+    in_use = c.delete(f"/v1/images/{initrd['id']}")
+    assert (in_use.status_code, in_use.json()["reason"]) == (409, "in_use"), in_use.text
+    with_public = domain({"image": "kern", "initrd_image": "pubrd"})
+    assert with_public.status_code == 201, with_public.text
+    held = c.delete(f"/v1/images/{public.json()['id']}", ADMIN)  # type: ignore[attr-defined]
+    assert (held.status_code, held.json()["reason"]) == (409, "in_use"), held.text
+    _gone(c, str(domain_id))
+    _gone(c, with_public.json()["id"])
+    assert c.delete(f"/v1/images/{initrd['id']}").status_code == 204
 
 
 def _gone(c: StorageCloud, domain_id: str) -> None:
@@ -311,3 +391,99 @@ def test_a_root_disk_from_an_image(storage_cloud: StorageCloud) -> None:
         assert why in refused.json()["detail"], refused.text
     assert len(c.get("/v1/volumes").json()["volumes"]) == 1
     assert c.get("/v1/domains").json()["domains"] == []
+
+
+def _quota(c: StorageCloud, project: str, **limits: int) -> None:
+    set_ = c.http.put(f"/v1/projects/{project}/quota", json=limits, headers=auth(ADMIN))
+    assert set_.status_code == 200, set_.text
+
+
+def _usage(c: StorageCloud, project: str = "alice") -> tuple[int, int]:
+    usage = c.get(f"/v1/projects/{project}", ADMIN).json()["usage"]
+    return usage["images"], usage["image_gib"]
+
+
+def test_image_quota_races_for_the_last_name(storage_cloud: StorageCloud) -> None:
+    """Two imports begun together for the project's last image name: one is imported, the
+    other refused (403 `over_quota`, resource `images`) with nothing left of it; the same
+    bytes under another name (a deduplicated import) count too."""
+    c = storage_cloud
+    _quota(c, "alice", images=2)
+    first = _upload(c, b"a" * 4096, name="first")
+    assert first.status_code == 201, first.text  # type: ignore[attr-defined]
+
+    def slow_body(fill: bytes) -> Iterator[bytes]:
+        yield fill * 4096  # the import begins when the request does
+        time.sleep(0.5)  # so both are under way before either ends
+        yield fill * 4096
+
+    def upload(name: str, fill: bytes) -> httpx.Response:
+        return c.http.post(
+            "/v1/images",
+            params={"name": name},
+            content=slow_body(fill),
+            headers={**auth(ALICE), "Content-Type": "application/octet-stream"},
+        )
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(upload, ("left", "right"), (b"L", b"R")))
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [201, 403], [a.text for a in answers]
+    refused = next(a.json() for a in answers if a.status_code == 403)
+    assert (refused["code"], refused["resource"], refused["limit"], refused["used"]) == (
+        "over_quota",
+        "images",
+        2,
+        2,
+    )
+    assert len(c.get("/v1/images").json()["images"]) == 2
+    assert len(_images(c)) == 2
+    assert _temps(c) == []
+    assert _usage(c) == (2, 1)
+    again = _upload(c, b"a" * 4096, name="again")  # the first's bytes: still a name
+    assert (again.status_code, again.json()["resource"]) == (403, "images"), again.text  # type: ignore[attr-defined]
+    project = c.get("/v1/projects/alice").json()
+    assert (project["quota"]["images"], project["usage"]["images"]) == (2, 2)
+    assert _usage(c, "bob") == (0, 0)
+
+
+def test_image_gib_quota_at_begin_and_at_end(storage_cloud: StorageCloud, tmp_path: Path) -> None:
+    """`image_gib` refuses an import whose Content-Length does not fit before a byte is
+    stored, and one whose stored (raw) size does not fit when it ends: that one's file is
+    removed, unless another name holds the same bytes (deduplicated, it counts again)."""
+    c = storage_cloud
+    _quota(c, "alice", image_gib=1)
+    small = os.urandom(MiB)
+    assert _upload(c, small, name="small").status_code == 201  # type: ignore[attr-defined]
+    before = _images(c)
+    answer = _raw_post(c, "/v1/images?name=huge", 2 << 30, b"x" * 4096)
+    assert b" 403 " in answer.split(b"\r\n", 1)[0], answer[:300]
+    assert b'"resource":"image_gib"' in answer, answer
+    # A qcow2 of a few KiB whose raw content is 1 GiB + 1 MiB: past the limit only at the end.
+    qcow2 = tmp_path / "big.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), str((1 << 30) + MiB)], check=True
+    )
+    big = _upload(c, qcow2.read_bytes(), name="big", format="qcow2")
+    assert big.status_code == 403, big.text  # type: ignore[attr-defined]
+    body = big.json()  # type: ignore[attr-defined]
+    assert (body["resource"], body["limit"], body["used"], body["requested"]) == (
+        "image_gib",
+        1,
+        1,
+        1,
+    )
+    assert _images(c) == before  # the converted file is gone
+    assert _temps(c) == []
+    assert [i["name"] for i in c.get("/v1/images").json()["images"]] == ["small"]
+    assert _usage(c) == (1, 1)
+    _quota(c, "alice", image_gib=2)
+    kept = _upload(c, qcow2.read_bytes(), name="big", format="qcow2")
+    assert kept.status_code == 201, kept.text  # type: ignore[attr-defined]
+    assert _usage(c) == (2, 2)
+    # The same content again: a name, no new file, but its size counts for the project.
+    _quota(c, "alice", image_gib=2)
+    twice = _upload(c, qcow2.read_bytes(), name="big2", format="qcow2")
+    assert (twice.status_code, twice.json()["resource"]) == (403, "image_gib")  # type: ignore[attr-defined]
+    assert kept.json()["sha256"] in _images(c)  # type: ignore[attr-defined]  # held by `big`
+    assert _usage(c) == (2, 2)

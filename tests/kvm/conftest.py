@@ -49,16 +49,24 @@ def test_guest() -> Path:
 
 @pytest.fixture
 def boot(kvm: None) -> Iterator[Callable[..., Booted]]:
-    """Factory: boot(kernel, cmdline, vcpus=1, memory_mib=64) -> a started machine."""
+    """Factory: boot(kernel, cmdline, vcpus=1, memory_mib=64, initrd=None) -> a started
+    machine."""
     started: list[Booted] = []
 
     def _boot(
-        kernel: Path, cmdline: str = "", *, vcpus: int = 1, memory_mib: int = 64, start: bool = True
+        kernel: Path,
+        cmdline: str = "",
+        *,
+        vcpus: int = 1,
+        memory_mib: int = 64,
+        start: bool = True,
+        initrd: Path | None = None,
     ) -> Booted:
         console = Console()
         try:
             machine = native.Machine(
                 kernel,
+                initrd=initrd,
                 cmdline=cmdline,
                 vcpus=vcpus,
                 memory_mib=memory_mib,

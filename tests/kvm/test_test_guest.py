@@ -11,6 +11,7 @@ import pytest
 
 import native
 from native import EventKind, MachineState
+from tests.guest_initrd import initrd_line
 from tests.kvm.harness import Booted
 
 Boot = Callable[..., Booted]
@@ -165,3 +166,16 @@ def test_vcpu_state_round_trips_while_paused(test_guest: Path, boot: Boot) -> No
     m.resume()
     frozen = counter_values(guest.console.text)[-1]
     guest.console.wait_for(rf"COUNTER {frozen + 3}$")
+
+
+def test_the_initrd_reaches_the_guest(test_guest: Path, boot: Boot, tmp_path: Path) -> None:
+    """The VMM loads the initrd file and names it as the first hvm_start_info module; the
+    guest hashes the module's bytes."""
+    data = bytes(range(256)) * 257 + b"tail"
+    initrd = tmp_path / "initrd.img"
+    initrd.write_bytes(data)
+    guest = boot(test_guest, "initrd poweroff", initrd=initrd)
+    guest.console.wait_for(f"^{PREFIX}{initrd_line(data)}$")
+    assert wait_end(guest, EventKind.POWEROFF) == "acpi_s5"
+    bare = boot(test_guest, "initrd poweroff")
+    bare.console.wait_for(f"^{PREFIX}INITRD none$")

@@ -37,7 +37,7 @@ from services.api.metrics import ApiMetrics
 from services.api.projection import EventProjector
 from services.api.registry import Registry
 from services.api.visibility import HOST_ALIAS_KEY_NAME, host_alias
-from services.bus import ConnectionLost, Context, RemoteError
+from services.bus import ConnectionLost, Context, NoRouteError, RemoteError
 from services.bus.service import dispatch
 from tests.bootfiles import BOOT_DIR, KERNEL
 
@@ -100,6 +100,8 @@ class FakeCloud:
         if queue == routing.NETWORK_QUEUE:
             assert isinstance(command, ReleasePorts)
             return Done()
+        if queue == routing.STORAGE_QUEUE:  # no storage service in this cloud
+            raise NoRouteError(routing.COMMANDS_EXCHANGE, queue)
         host = queue.removeprefix("compute.")
         return self._compute(host, command)
 
@@ -305,6 +307,12 @@ def test_quotas_are_403_and_count_resources(client: TestClient) -> None:
     # An admin raises bob's quota through the API.
     r = client.put("/v1/projects/bob/quota", json={"domains": 2}, headers=auth(ADMIN))
     assert r.status_code == 200, r.text
+    assert "images" not in r.json()["usage"]  # the storage service's part: none here
+    limits = {"domains": 2, "images": 3, "image_gib": 4}
+    r = client.put("/v1/projects/bob/quota", json=limits, headers=auth(ADMIN))
+    assert r.status_code == 200, r.text
+    quota = client.get("/v1/projects/bob", headers=auth(BOB)).json()["quota"]
+    assert {k: quota[k] for k in limits} == limits
     create(client, token=BOB)
     assert client.put("/v1/projects/bob/quota", json={}, headers=auth(BOB)).status_code == 403
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from services.cli.client import Exit
+from services.cli.domains import spec_from_args
 from services.cli.main import build_parser, main
 
 NOWHERE = ["--api", "http://127.0.0.1:9", "--token", "t"]
@@ -80,3 +81,21 @@ def test_sizes_take_binary_units() -> None:
     assert parse_size("10G") == 10 << 30
     assert parse_size("2GiB") == 2 << 30
     assert parse_size("1t") == 1 << 40
+
+
+def test_create_boots_by_image_names(tmp_path: Path) -> None:
+    """`--image`/`--initrd-image` name the boot images; a flag replaces the spec file's
+    source of the same role, a path or an image."""
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"name": "g", "boot": {"kernel": "/k", "initrd": "/i", "cmdline": "x"}}')
+    args = build_parser().parse_args(
+        ["create", "-f", str(spec), "--image", "kern", "--initrd-image", "rd"]
+    )
+    assert spec_from_args(args)["boot"] == {"image": "kern", "initrd_image": "rd", "cmdline": "x"}
+    again = build_parser().parse_args(["create", "-f", str(spec), "--initrd-image", "rd"])
+    assert spec_from_args(again)["boot"] == {"kernel": "/k", "initrd_image": "rd", "cmdline": "x"}
+
+
+def test_create_refuses_two_kernels(capsys: pytest.CaptureFixture[str]) -> None:
+    err = usage_error([*NOWHERE, "create", "--name", "g", "--kernel", "/k", "--image", "i"], capsys)
+    assert "not allowed with argument" in err

@@ -386,6 +386,18 @@ def test_a_volume_on_a_host_places_the_domain_there_and_its_bindings_travel() ->
     assert (
         schedule(svc, ScheduleDomain(spec=spec(), project="p", kernel_image=image_on_c)).host == "c"
     )
+    # An initrd image in a `dir` pool places the domain on its host and travels too; with
+    # its kernel image on another host no host has both.
+    initrd_on_a = ImageRef(sha256="c" * 64, pool="local", host="a", kind="initrd")
+    cmd = ScheduleDomain(spec=spec(), project="p", kernel_image=kernel, initrd_image=initrd_on_a)
+    assert schedule(svc, cmd).host == "a"
+    assert sent[-1].initrd_image == initrd_on_a
+    apart = ScheduleDomain(
+        spec=spec(), project="p", kernel_image=image_on_c, initrd_image=initrd_on_a
+    )
+    with pytest.raises(ServiceError) as raised:
+        schedule(svc, apart)
+    assert raised.value.code == "no_valid_host"
 
 
 def test_volumes_on_two_hosts_are_no_valid_host_naming_the_filter() -> None:

@@ -34,6 +34,7 @@ from protos.images import (
     ImageEvent,
     ImageImport,
     ImageList,
+    ImageQuota,
     ImportImageFromHost,
     ListImages,
     UploadedVolume,
@@ -325,6 +326,52 @@ def test_reconcile_forgets_an_import_never_streamed_and_sweeps_unnamed_files(
     done = store.service.reconcile_images()
     assert done[started.image.image_id].startswith("forgotten")
     assert (store.rows(), store.files()) == (0, set())
+
+
+def test_an_import_past_its_gib_quota_settled_by_reconcile_leaves_nothing(
+    store: Images, tmp_path: Path
+) -> None:
+    """The limit an import began under holds when reconcile records it (its caller went
+    away): past it the row goes, and the file too -- once no import into the pool is under
+    way, which may be storing the same bytes."""
+    qcow2 = tmp_path / "big.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), str((1 << 30) + 4096)], check=True
+    )
+    quota = ImageQuota(images=5, image_gib=1)
+    started = store.begin("big", format="qcow2", quota=quota)
+    store.stream(started, qcow2.read_bytes())
+    other = store.begin("other", quota=quota)  # under way: the file stays for now
+    with store.catalog.db.transaction() as conn:
+        conn.execute(
+            sa.update(images)
+            .where(images.c.id == str(started.image.image_id))
+            .values(lease_until=time.time() - 1)
+        )
+    done = store.service.reconcile_images()
+    assert "GiB of images" in done[started.image.image_id], done
+    assert store.rows() == 1  # only `other`, still importing
+    assert len(store.files()) == 1
+    store.stream(other, b"o" * 4096)
+    assert isinstance(store.do(EndImageImport(image_id=other.image.image_id, project="p1")), Image)
+    store.service.reconcile_images()  # the sweep: nothing names the big file
+    assert store.files() == {hashlib.sha256(b"o" * 4096).hexdigest()}
+    assert store.temps() == []
+
+
+def test_an_image_count_quota_counts_imports_under_way(store: Images) -> None:
+    quota = ImageQuota(images=1)
+    store.begin("first", quota=quota)
+    reply = store.do(
+        BeginImageImport(image_id=uuid.uuid4(), project="p1", name="second", quota=quota)
+    )
+    assert isinstance(reply, ErrorReply), reply
+    assert (reply.code, reply.details) == (
+        "over_quota",
+        {"resource": "images", "limit": 1, "used": 1, "requested": 1},
+    )
+    other_project = store.begin("second", project="p2", quota=quota)
+    assert other_project.image.state == "importing"
 
 
 def test_an_admin_imports_a_host_file(store: Images, tmp_path: Path) -> None:

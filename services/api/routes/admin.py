@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
+from pydantic import ValidationError
 
+from protos.images import GetImageUsage, ImageUsage
 from services.api.auth import digest, new_token
 from services.api.config import Quota
 from services.api.models import ProjectView, TokenCreate, TokenCreated, TokenList, TokenView
-from services.api.problems import not_found, responses
+from services.api.problems import Problem, not_found, responses
 from services.api.routes.deps import Admin, Caller, Ctx
+from services.api.routes.volumes import call_storage
 
 router = APIRouter(tags=["admin"])
 
@@ -54,15 +57,37 @@ def delete_token(token_id: str, ctx: Ctx, _admin: Admin) -> Response:
     return Response(status_code=204)
 
 
+def _image_usage(ctx: Ctx, project: str) -> dict[str, int]:
+    """The project's images (`images`, `image_gib`) as the storage service counts them;
+    nothing while it does not answer, so the registry's part is still shown."""
+    try:
+        command = GetImageUsage(project=project)
+    except ValidationError:  # no project of that name can hold an image
+        return {"images": 0, "image_gib": 0}
+    try:
+        reply = call_storage(ctx, command)
+    except Problem as problem:
+        if problem.status in (503, 504):
+            return {}
+        raise
+    assert isinstance(reply, ImageUsage)
+    return {"images": reply.images, "image_gib": reply.image_gib}
+
+
 def _project_view(ctx: Ctx, project: str) -> ProjectView:
     quota = ctx.registry.get_quota(project) or ctx.config.quota_for(project)
-    usage = {**ctx.registry.usage(project), "snapshot_bytes": ctx.registry.states.usage(project)}
+    usage = {
+        **ctx.registry.usage(project),
+        "snapshot_bytes": ctx.registry.states.usage(project),
+        **_image_usage(ctx, project),
+    }
     return ProjectView(project=project, quota=quota, usage=usage)
 
 
 @router.get("/v1/projects/{project}", response_model=ProjectView, responses=responses(401, 404))
 def get_project(project: str, ctx: Ctx, caller: Caller) -> ProjectView:
-    """A project's quota and what its domains hold (members: their own project only)."""
+    """A project's quota and what its domains, saved states and images hold (members: their
+    own project only; `images`, `image_gib` only while the storage service answers)."""
     if not caller.sees(project):
         raise not_found(f"project {project}")
     return _project_view(ctx, project)

@@ -197,11 +197,17 @@ def _redefine(
             volume = call_storage(ctx, GetVolume(volume_id=volume_id))
             assert isinstance(volume, Volume)
             bindings.append(binding(volume, disk.target, disk.readonly))
-    # The boot image is resolved again by name, as at create.
-    kernel = boot_images.kernel_image(ctx, record.project, spec)
+    # The boot images are resolved again by name, as at create.
+    boot = boot_images.boot_images(ctx, record.project, spec)
     ctx.call_host(
         record.host,
-        DefineDomain(spec=spec, privileged=caller.is_admin, disks=bindings, kernel_image=kernel),
+        DefineDomain(
+            spec=spec,
+            privileged=caller.is_admin,
+            disks=bindings,
+            kernel_image=boot.kernel,
+            initrd_image=boot.initrd,
+        ),
     )
     updated = ctx.registry.set_spec(record.id, spec)
     assert updated is not None

@@ -64,8 +64,8 @@ def create_domain(
 ) -> DomainView:
     """Define a domain on a host the scheduler picks, and start it unless `start` is false.
 
-    422 for a spec no host could run (relative path, NUL byte, a `boot.image` that is no
-    kernel image the project may use) and for what
+    422 for a spec no host could run (relative path, NUL byte, a `boot.image` or
+    `boot.initrd_image` that is no kernel or initrd image the project may use) and for what
     only the host finds (a file that is no kernel image), 403 `forbidden` for a host path a
     member may not use or for `placement.host` from a member (host names are admin-only), 403
     over quota, 409 if a domain of that name exists (names are unique across projects), 503
@@ -93,7 +93,7 @@ def create_domain(
         raise Problem(409, "name_in_use", str(exc), name=spec.name) from None
     project = None if caller.is_admin else caller.project
     try:
-        kernel = boot_images.kernel_image(ctx, caller.project, spec)
+        boot = boot_images.boot_images(ctx, caller.project, spec)
         bindings = disks.attach_disks(ctx, project, record.id, spec, owner=caller.project)
     except Problem:
         ctx.registry.remove_domain(record.id)
@@ -107,7 +107,8 @@ def create_domain(
         start=body.start,
         max_attempts=ctx.config.schedule_max_attempts,
         disks=bindings,
-        kernel_image=kernel,
+        kernel_image=boot.kernel,
+        initrd_image=boot.initrd,
     )
     try:
         placement = ctx.call(routing.SCHEDULER_QUEUE, command, ctx.config.schedule_timeout_s)

@@ -26,6 +26,7 @@ from protos.images import (
     ImageFormatName,
     ImageImport,
     ImageKindName,
+    ImageQuota,
     ImportImageFromHost,
     ListImages,
     VisibilityName,
@@ -33,6 +34,7 @@ from protos.images import (
 from protos.images import ImageList as ImageListReply
 from services.api import boot_images, transfer
 from services.api.auth import Principal, require_admin
+from services.api.context import ApiContext
 from services.api.image_models import IMAGE_NAME_PATTERN, ImageFromHost, ImageList, ImageView
 from services.api.problems import Problem, responses
 from services.api.routes.deps import Admin, Caller, Ctx, Mask
@@ -48,6 +50,15 @@ def _project(caller: Principal) -> str | None:
 def _check_public(caller: Principal, visibility: str) -> None:
     if visibility == "public" and not caller.is_admin:
         raise Problem(403, "forbidden", "only an admin makes an image public", field="visibility")
+
+
+def image_quota(ctx: ApiContext, project: str) -> ImageQuota | None:
+    """The project's image limits (the registry's quota, else the config's); None if
+    unlimited. They travel on the import commands: the catalog checks them."""
+    quota = ctx.registry.get_quota(project) or ctx.config.quota_for(project)
+    if quota.images is None and quota.image_gib is None:
+        return None
+    return ImageQuota(images=quota.images, image_gib=quota.image_gib)
 
 
 def _image(reply: Any) -> Image:
@@ -89,10 +100,14 @@ async def import_image(  # noqa: PLR0917  (FastAPI passes parameters by keyword)
     """Import the request body (raw or qcow2; a qcow2 is converted to raw, one with a
     backing or external data file is refused) as image `name` of the caller's project.
     `visibility=public` (admins only) lets every project use it. The same bytes imported
-    again add a name, not a file. 422 for an image that is not raw or qcow2, or not what
-    `format` says; 409 for a name in use; 422 `no_space` past the pool's free space."""
+    again add a name, not a file (and count its size for the project again). 422 for an
+    image that is not raw or qcow2, or not what `format` says; 409 for a name in use; 422
+    `no_space` past the pool's free space; 403 `over_quota` (`resource` `images` or
+    `image_gib`) past the project's limits, checked at the start (with Content-Length) and
+    again with the stored size, when nothing of the refused import is left."""
     _check_public(caller, visibility)
     size = _content_length(request)
+    quota = await run_in_threadpool(image_quota, ctx, caller.project)  # a registry read
     begin = BeginImageImport(
         image_id=uuid.uuid4(),
         project=caller.project,
@@ -102,6 +117,7 @@ async def import_image(  # noqa: PLR0917  (FastAPI passes parameters by keyword)
         pool=pool,
         format=format,
         size=size,
+        quota=quota,
     )
     started = await run_in_threadpool(call_storage, ctx, begin)
     assert isinstance(started, ImageImport)
@@ -135,6 +151,7 @@ def import_from_host(
         pool=body.pool,
         format=body.format,
         path=body.path,
+        quota=image_quota(ctx, caller.project),
     )
     image = _image(call_storage(ctx, command))
     response.headers["Location"] = f"/v1/images/{image.image_id}"
