@@ -270,7 +270,11 @@ static int target_stream(struct target *t, struct fl_migrate_result *res)
 			rc = target_block(t, &h);
 			break;
 		case FL_MIG_SYNC:
-			rc = fl_mig_send_record(&t->l, FL_MIG_SYNCED, NULL, 0);
+			/* The source pauses next: flush the copies now, so the flush at END (in
+			 * the pause) has only the last chunks left to write. */
+			rc = fl_mig_copy_flush(&t->copy, t->m->err, sizeof(t->m->err));
+			if (rc == 0)
+				rc = fl_mig_send_record(&t->l, FL_MIG_SYNCED, NULL, 0);
 			break;
 		case FL_MIG_PAUSED: {
 			struct fl_mig_paused p;

@@ -416,3 +416,27 @@ def test_a_cancel_mid_copy_resumes_the_source_with_its_disk_intact(
     assert again.error is None, again.error
     assert result.disk_bytes >= 32 * MIB
     assert digest(target_disk) == digest(source_disk) == before
+
+
+def test_the_copy_is_flushed_before_the_pause(
+    disk_boot: Boot, incoming: Callable[..., Incoming], tmp_path: Path
+) -> None:
+    """128 MiB of disk data cross during pre-copy; the target flushes them before the source
+    pauses (at the drain), so the pause does not wait for them to reach its disk (a flush of
+    that much took 80-110 ms in the pause on these hosts, 1-4 ms with it flushed before)."""
+    source_disk = tmp_path / "source.img"
+    with source_disk.open("wb") as f:
+        block = os.urandom(MIB)
+        for _ in range(128):
+            f.write(block)
+        os.fsync(f.fileno())
+    target_disk = sparse(tmp_path / "target.img", 128 * MIB)
+    g = disk_boot("blkinfo counter", source_disk)
+    g.console.wait_for(r"COUNTER 2\b", 30)
+    inc = incoming(target_disk)
+    result = migration.migrate(g.machine, inc.listener.address, inc.token, copy_disks=[0])
+    inc.join()
+    assert inc.error is None, inc.error
+    assert result.disk_bytes == 128 * MIB
+    assert result.downtime_ms < 40, result
+    assert digest(target_disk) == digest(source_disk)
