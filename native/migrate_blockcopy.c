@@ -212,6 +212,12 @@ int fl_mig_copy_accept(struct fl_mig_copy *c, struct fl_vm *vm, const struct fl_
 						"disk %u: read-only here, a copy cannot be written "
 						"into it",
 						i);
+		/* Its own file, not the source's: locked whole before anything is written into
+		 * it, so no one else (a VMM, the storage agent's wipe or delete) uses it
+		 * meanwhile. Someone holding it: refused. */
+		rc = fl_blk_set_lock(b, FL_BLK_LOCK_WHOLE, err, errlen);
+		if (rc < 0)
+			return rc;
 		/* What the source does not send (its holes) must read as zeros here: whatever
 		 * the file held before (an earlier attempt's copy) goes. */
 		if (b->size && fallocate(b->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0,

@@ -227,6 +227,9 @@ int fl_blk_set_lock(struct fl_blk *b, int want, char *err, size_t errlen)
 			rc = range_lock(b->fd, F_UNLCK, hb + 1, 0);
 		break;
 	case FL_BLK_LOCK_REST:
+		/* A copied disk's target holds its own file whole from the start: nothing to take. */
+		if (b->lock == FL_BLK_LOCK_WHOLE)
+			return 0;
 		if (b->lock != FL_BLK_LOCK_NONE)
 			return fail(err, errlen, EINVAL, name, "the rest of a lock it holds");
 		rc = range_lock(b->fd, type, 0, hb);

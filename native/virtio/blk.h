@@ -52,7 +52,7 @@ int fl_blk_init(struct fl_blk *b, const char *path, unsigned flags, const char *
 		const struct fl_guest_mem *mem, char *err, size_t errlen);
 /* Moves the volume lock to `want` (FL_BLK_LOCK_*): WHOLE takes the whole file, HANDOFF
  * flushes the file and keeps only the hand-off byte, REST takes all but that byte, NONE
- * lets it all go. -EBUSY (err says so) when another open file holds a conflicting lock;
+ * lets it all go (REST while holding WHOLE: nothing to do). -EBUSY (err says so) when another open file holds a conflicting lock;
  * then the lock is as it was. The device must not be serving requests (paused, or not
  * started). */
 int fl_blk_set_lock(struct fl_blk *b, int want, char *err, size_t errlen);

@@ -8,6 +8,7 @@ another host), started paused so the two files can be compared at the switch.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -448,3 +449,32 @@ def test_the_copy_is_flushed_before_the_pause(
     assert result.disk_bytes == 128 * MIB
     assert result.downtime_ms < 40, result
     assert digest(target_disk) == digest(source_disk)
+
+
+def test_the_target_locks_its_copy_before_writing_it(
+    disk_boot: Boot, incoming: Callable[..., Incoming], tmp_path: Path
+) -> None:
+    """The copy is the target's own file: it takes the volume lock on it at setup, so a file
+    someone else holds (another VMM, the storage agent wiping it) is refused untouched."""
+    source_disk = sparse(tmp_path / "source.img", 4 * MIB)
+    target_disk = sparse(tmp_path / "target.img", 4 * MIB)
+    with target_disk.open("r+b") as f:
+        f.write(b"theirs")
+    g = disk_boot("blkinfo blkwrite=0,64,3 counter", source_disk)
+    g.console.wait_for(r"COUNTER 2\b", 30)
+    holder = os.open(target_disk, os.O_RDWR)
+    try:
+        # Another open file description's shared lock (the storage agent reading it).
+        fcntl.fcntl(
+            holder, fcntl.F_OFD_SETLK, struct.pack("hhxxxxqqixxxx", fcntl.F_RDLCK, 0, 0, 0, 0)
+        )
+        inc = incoming(target_disk)
+        with pytest.raises(migration.MigrationError, match="in use") as exc:
+            migration.migrate(g.machine, inc.listener.address, inc.token, copy_disks=[0])
+        inc.join()
+    finally:
+        os.close(holder)
+    assert exc.value.refused
+    assert target_disk.read_bytes()[:6] == b"theirs"
+    c = last_counter(g.console.text)
+    g.console.wait_for(rf"COUNTER {c + 2}\b", 30)
