@@ -129,14 +129,24 @@ int fl_mig_copy_run(struct fl_mig_copy_disk *d, const uint64_t *bm, uint64_t *ch
 	return *count > 0;
 }
 
+void fl_mig_copy_range(struct fl_mig_copy *c, uint32_t disk, uint64_t first, uint64_t count,
+		       struct fl_mig_block *b)
+{
+	uint64_t size = c->d[disk].blk->size, off = first * FL_MIG_CHUNK, len = count * FL_MIG_CHUNK;
+
+	*b = (struct fl_mig_block){.disk = disk, .offset = off,
+				   .length = len > size - off ? size - off : len};
+}
+
 int fl_mig_copy_read(struct fl_mig_copy *c, uint32_t disk, uint64_t first, uint64_t count,
 		     struct fl_mig_block *b)
 {
 	struct fl_blk *blk = c->d[disk].blk;
-	uint64_t off = first * FL_MIG_CHUNK, len = count * FL_MIG_CHUNK;
+	uint64_t off, len;
 
-	if (len > blk->size - off)
-		len = blk->size - off;
+	fl_mig_copy_range(c, disk, first, count, b);
+	off = b->offset;
+	len = b->length;
 	for (uint64_t got = 0; got < len;) {
 		ssize_t r = pread(blk->fd, c->buf + got, len - got, (off_t)(off + got));
 		if (r < 0 && errno == EINTR)
@@ -150,7 +160,6 @@ int fl_mig_copy_read(struct fl_mig_copy *c, uint32_t disk, uint64_t first, uint6
 		}
 		got += (uint64_t)r;
 	}
-	*b = (struct fl_mig_block){.disk = disk, .offset = off, .length = len};
 	return 0;
 }
 

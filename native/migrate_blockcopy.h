@@ -52,6 +52,9 @@ uint64_t fl_mig_copy_collect(struct fl_mig_copy *c);
  * moved past it; 0 when none is left. */
 int fl_mig_copy_run(struct fl_mig_copy_disk *d, const uint64_t *bm, uint64_t *chunk,
 		    uint64_t *first, uint64_t *count);
+/* Source: the BLOCK record's range for chunks [first, first+count) (cut at the file's end). */
+void fl_mig_copy_range(struct fl_mig_copy *c, uint32_t disk, uint64_t first, uint64_t count,
+		       struct fl_mig_block *b);
 /* Source: reads chunks [first, first+count) of a disk into buf (cut at the file's end) and
  * fills the BLOCK record's range. 0 or -errno. */
 int fl_mig_copy_read(struct fl_mig_copy *c, uint32_t disk, uint64_t first, uint64_t count,

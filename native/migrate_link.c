@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -175,6 +176,40 @@ int fl_mig_recv(struct fl_mig_link *l, void *buf, size_t len)
 		}
 		p += r;
 		len -= (size_t)r;
+	}
+	return 0;
+}
+
+int fl_mig_sendfile(struct fl_mig_link *l, int fd, uint64_t off, uint64_t len)
+{
+	static const uint8_t zeros[4096];
+	off_t pos = (off_t)off;
+
+	while (len) {
+		ssize_t w = sendfile(l->fd, fd, &pos, len);
+		if (w > 0) {
+			len -= (uint64_t)w;
+			continue;
+		}
+		if (w == 0) {
+			/* Past the end of the file: zeros, as a read of a shrunk file would give. */
+			while (len) {
+				size_t n = len < sizeof(zeros) ? (size_t)len : sizeof(zeros);
+				struct iovec iov = {(void *)zeros, n};
+				int rc = fl_mig_sendv(l, &iov, 1); /* (consumes iov) */
+				if (rc < 0)
+					return rc;
+				len -= n;
+			}
+			return 0;
+		}
+		if (errno == EINTR)
+			continue;
+		if (errno != EAGAIN)
+			return -errno;
+		int rc = fl_mig_wait(l, POLLOUT);
+		if (rc < 0)
+			return rc;
 	}
 	return 0;
 }

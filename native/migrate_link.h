@@ -44,6 +44,9 @@ int fl_mig_nonblocking(int fd);
 int fl_mig_wait(struct fl_mig_link *l, short events);
 int fl_mig_sendv(struct fl_mig_link *l, struct iovec *iov, int n);
 int fl_mig_recv(struct fl_mig_link *l, void *buf, size_t len);
+/* Sends len bytes of file fd from off straight from the page cache (sendfile); bytes past
+ * the file's end (it shrank meanwhile) go as zeros, so exactly len bytes are sent. */
+int fl_mig_sendfile(struct fl_mig_link *l, int fd, uint64_t off, uint64_t len);
 /* fl_mig_recv that also says when the first of those bytes reached this host's kernel (with
  * SO_TIMESTAMPNS on the socket; else when they were read), on CLOCK_MONOTONIC: a busy
  * target's scheduling delay does not shorten the pause it measures. */

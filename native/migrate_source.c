@@ -317,7 +317,13 @@ static int send_disks(struct source *s, int last, int capped, uint64_t t0)
 		while (fl_mig_copy_run(d, last ? d->dirty : d->work, &chunk, &first, &count)) {
 			struct fl_mig_record_header h = {.type = FL_MIG_BLOCK};
 			struct iovec iov[4];
-			int n = 0, rc = fl_mig_copy_read(&s->copy, i, first, count, &b);
+			int n = 0, rc = 0;
+			/* Debug mode reads the bytes to checksum exactly what it sends; otherwise
+			 * they go from the page cache to the socket without a copy here. */
+			if (s->debug)
+				rc = fl_mig_copy_read(&s->copy, i, first, count, &b);
+			else
+				fl_mig_copy_range(&s->copy, i, first, count, &b);
 			if (rc < 0)
 				return fl_mig_fail(s->m, -rc, "disk %u: reading it: %s", i,
 						   strerror(-rc));
@@ -332,9 +338,11 @@ static int send_disks(struct source *s, int last, int capped, uint64_t t0)
 			if (s->debug) {
 				sum = fl_mig_data_sum(s->copy.buf, b.length);
 				iov[n++] = (struct iovec){&sum, sizeof(sum)};
+				iov[n++] = (struct iovec){s->copy.buf, b.length};
 			}
-			iov[n++] = (struct iovec){s->copy.buf, b.length};
 			rc = fl_mig_sendv(&s->l, iov, n);
+			if (rc == 0 && !s->debug)
+				rc = fl_mig_sendfile(&s->l, d->blk->fd, b.offset, b.length);
 			if (rc < 0)
 				return rc;
 			s->bytes += sizeof(h) + h.length;
