@@ -478,3 +478,37 @@ def test_the_target_locks_its_copy_before_writing_it(
     assert target_disk.read_bytes()[:6] == b"theirs"
     c = last_counter(g.console.text)
     g.console.wait_for(rf"COUNTER {c + 2}\b", 30)
+
+
+def test_progress_counts_the_disk_beside_the_ram(
+    disk_boot: Boot, incoming: Callable[..., Incoming], tmp_path: Path
+) -> None:
+    """A guest rewriting 1 MiB of its disk against a budget nothing meets: each round finds
+    chunks written since, and the remaining bytes (what the pause is predicted from) count
+    them beside the dirty pages; at the timeout the source runs on."""
+    source_disk = sparse(tmp_path / "source.img", 16 * MIB)
+    target_disk = sparse(tmp_path / "target.img", 16 * MIB)
+    g = disk_boot("blkinfo blkloop=0,2048,100000", source_disk)
+    g.console.wait_for(r"BLK loop pass=5\b", 30)
+    inc = incoming(target_disk)
+    seen: list[migration.MigrationProgress] = []
+    with pytest.raises(migration.MigrationError, match="timed out"):
+        migration.migrate(
+            g.machine,
+            inc.listener.address,
+            inc.token,
+            copy_disks=[0],
+            max_downtime_ms=0.001,
+            auto_converge=False,
+            timeout=1.5,
+            progress=seen.append,
+            progress_interval=0.02,
+        )
+    inc.join()
+    dirty = [p for p in seen if p.disk_remaining_bytes]
+    assert dirty, seen
+    assert all(p.remaining_bytes >= p.disk_remaining_bytes for p in dirty)
+    assert all(p.predicted_ms > 0 for p in dirty)
+    assert g.machine.state() is native.MachineState.RUNNING
+    n = int(re.findall(r"BLK loop pass=(\d+)", g.console.text)[-1])
+    g.console.wait_for(rf"BLK loop pass={n + 3}\b", 30)
