@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -20,6 +21,7 @@
 
 #define PAGE FL_MIG_PAGE
 #define POLL_MS 20 /* how often a blocked send or receive checks cancel */
+#define K_DISK 0x165667b19e3779f9ULL /* a disk checksum's start */
 
 uint64_t fl_mig_now(void)
 {
@@ -76,6 +78,11 @@ void fl_migration_set_bandwidth(struct fl_migration *m, uint64_t bytes_per_s)
 void fl_migration_set_start_paused(struct fl_migration *m, int paused)
 {
 	__atomic_store_n(&m->start_paused, !!paused, __ATOMIC_RELAXED);
+}
+
+void fl_migration_set_copy_disks(struct fl_migration *m, uint32_t mask)
+{
+	__atomic_store_n(&m->copy_disks, mask, __ATOMIC_RELAXED);
 }
 
 void fl_migration_cancel(struct fl_migration *m)
@@ -169,6 +176,40 @@ int fl_mig_recv(struct fl_mig_link *l, void *buf, size_t len)
 		}
 		p += r;
 		len -= (size_t)r;
+	}
+	return 0;
+}
+
+int fl_mig_sendfile(struct fl_mig_link *l, int fd, uint64_t off, uint64_t len)
+{
+	static const uint8_t zeros[4096];
+	off_t pos = (off_t)off;
+
+	while (len) {
+		ssize_t w = sendfile(l->fd, fd, &pos, len);
+		if (w > 0) {
+			len -= (uint64_t)w;
+			continue;
+		}
+		if (w == 0) {
+			/* Past the end of the file: zeros, as a read of a shrunk file would give. */
+			while (len) {
+				size_t n = len < sizeof(zeros) ? (size_t)len : sizeof(zeros);
+				struct iovec iov = {(void *)zeros, n};
+				int rc = fl_mig_sendv(l, &iov, 1); /* (consumes iov) */
+				if (rc < 0)
+					return rc;
+				len -= n;
+			}
+			return 0;
+		}
+		if (errno == EINTR)
+			continue;
+		if (errno != EAGAIN)
+			return -errno;
+		int rc = fl_mig_wait(l, POLLOUT);
+		if (rc < 0)
+			return rc;
 	}
 	return 0;
 }
@@ -314,6 +355,74 @@ int fl_mig_vm_ram_sum(struct fl_vm *vm, uint64_t *sum, char *err, size_t errlen)
 		*sum = h;
 	}
 	free(map);
+	return rc;
+}
+
+static void mark_chunks(uint64_t *bm, uint64_t from, uint64_t to)
+{
+	for (uint64_t c = from / FL_MIG_CHUNK; c < (to + FL_MIG_CHUNK - 1) / FL_MIG_CHUNK; c++)
+		bm[c / 64] |= 1ULL << (c % 64);
+}
+
+int fl_mig_disk_data_map(int fd, uint64_t size, uint64_t *bm)
+{
+	uint64_t at = 0;
+
+	while (at < size) {
+		off_t data = lseek(fd, (off_t)at, SEEK_DATA), hole;
+		if (data < 0 && errno == ENXIO)
+			return 0; /* only holes from here */
+		if (data < 0) {
+			mark_chunks(bm, at, size); /* the file system cannot say: all may be data */
+			return 0;
+		}
+		hole = lseek(fd, data, SEEK_HOLE);
+		if (hole < 0 || (uint64_t)hole > size)
+			hole = (off_t)size;
+		if ((uint64_t)data >= size)
+			return 0;
+		mark_chunks(bm, (uint64_t)data, (uint64_t)hole);
+		at = (uint64_t)hole;
+	}
+	return 0;
+}
+
+int fl_mig_disk_sum(int fd, uint64_t size, uint64_t *sum)
+{
+	uint64_t chunks = (size + FL_MIG_CHUNK - 1) / FL_MIG_CHUNK, words = (chunks + 63) / 64;
+	uint64_t *map = calloc(words + 1, 8), h = K_DISK;
+	uint8_t *buf = malloc(FL_MIG_CHUNK);
+	static const uint8_t zero[FL_MIG_CHUNK];
+	int rc = 0;
+
+	if (!map || !buf) {
+		rc = -ENOMEM;
+		goto out;
+	}
+	fl_mig_disk_data_map(fd, size, map);
+	for (uint64_t c = 0; c < chunks; c++) {
+		uint64_t off = c * FL_MIG_CHUNK, len = size - off < FL_MIG_CHUNK ? size - off
+									       : FL_MIG_CHUNK;
+		const uint8_t *data = zero;
+		if (map[c / 64] >> (c % 64) & 1) {
+			for (uint64_t got = 0; got < len;) {
+				ssize_t r = pread(fd, buf + got, len - got, (off_t)(off + got));
+				if (r < 0 && errno == EINTR)
+					continue;
+				if (r <= 0) {
+					rc = r < 0 ? -errno : -EIO;
+					goto out;
+				}
+				got += (uint64_t)r;
+			}
+			data = buf;
+		}
+		h = fl_mig_sum_step(h, fl_mig_data_sum(data, len));
+	}
+	*sum = h;
+out:
+	free(map);
+	free(buf);
 	return rc;
 }
 

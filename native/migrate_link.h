@@ -21,6 +21,7 @@ struct fl_migration {
 	uint64_t bandwidth;		     /* atomic; 0: no cap */
 	int cancel;			     /* atomic */
 	int start_paused;		     /* atomic; target: loaded, not started, on the commit */
+	uint32_t copy_disks;		     /* atomic; source: bit i, disk i is copied */
 	char err[256];
 };
 
@@ -43,6 +44,9 @@ int fl_mig_nonblocking(int fd);
 int fl_mig_wait(struct fl_mig_link *l, short events);
 int fl_mig_sendv(struct fl_mig_link *l, struct iovec *iov, int n);
 int fl_mig_recv(struct fl_mig_link *l, void *buf, size_t len);
+/* Sends len bytes of file fd from off straight from the page cache (sendfile); bytes past
+ * the file's end (it shrank meanwhile) go as zeros, so exactly len bytes are sent. */
+int fl_mig_sendfile(struct fl_mig_link *l, int fd, uint64_t off, uint64_t len);
 /* fl_mig_recv that also says when the first of those bytes reached this host's kernel (with
  * SO_TIMESTAMPNS on the socket; else when they were read), on CLOCK_MONOTONIC: a busy
  * target's scheduling delay does not shorten the pause it measures. */
@@ -54,5 +58,12 @@ void fl_mig_refuse_peer(struct fl_mig_link *l, const char *why);
 uint64_t fl_mig_popcount(const uint64_t *bm, uint64_t words);
 /* All RAM's checksum (debug mode), the same on both sides whatever backs their RAM. */
 int fl_mig_vm_ram_sum(struct fl_vm *vm, uint64_t *sum, char *err, size_t errlen);
+/* A disk file's checksum (debug mode): fl_mig_data_sum of each FL_MIG_CHUNK chained, a
+ * chunk that is a hole counted as zeros without being read: the same on both sides
+ * whatever their holes. */
+int fl_mig_disk_sum(int fd, uint64_t size, uint64_t *sum);
+/* Marks in bm (one bit per FL_MIG_CHUNK) every chunk of the file that may hold data
+ * (SEEK_DATA/SEEK_HOLE; all of it where the file system cannot say). */
+int fl_mig_disk_data_map(int fd, uint64_t size, uint64_t *bm);
 
 #endif

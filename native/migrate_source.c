@@ -18,6 +18,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "migrate_blockcopy.h"
 #include "migrate_link.h"
 #include "virtio/blk.h"
 #include "vmm.h"
@@ -126,6 +127,7 @@ struct source {
 	uint8_t *bounce; /* debug: pages copied so their checksum matches what is sent */
 	uint64_t sums[FL_MIG_MAX_BATCH];
 	uint64_t last_progress;
+	struct fl_mig_copy copy; /* the disks copied through the stream */
 };
 
 static void progress_update(struct source *s, uint32_t phase, uint64_t t0)
@@ -138,6 +140,7 @@ static void progress_update(struct source *s, uint32_t phase, uint64_t t0)
 	p->bytes_sent = s->bytes;
 	p->pages_sent = s->pages;
 	p->zero_pages = s->zero_pages;
+	p->disk_bytes_sent = s->copy.bytes;
 	p->elapsed_ns = fl_mig_now() - t0;
 	pthread_mutex_unlock(&s->m->lock);
 }
@@ -300,6 +303,61 @@ static int send_bitmap(struct source *s, const uint64_t *bm, int first_pass, int
 	return 0;
 }
 
+/* Sends every chunk of the copied disks set in their work bitmaps (dirty: `last`, the ones
+ * collected while paused), as BLOCK records of up to FL_MIG_MAX_BLOCK bytes. */
+static int send_disks(struct source *s, int last, int capped, uint64_t t0)
+{
+	for (uint32_t i = 0; i < s->copy.disks.count; i++) {
+		struct fl_mig_copy_disk *d = &s->copy.d[i];
+		uint64_t chunk = 0, first, count, sum;
+		struct fl_mig_block b;
+
+		if (!d->dirty)
+			continue;
+		while (fl_mig_copy_run(d, last ? d->dirty : d->work, &chunk, &first, &count)) {
+			struct fl_mig_record_header h = {.type = FL_MIG_BLOCK};
+			struct iovec iov[4];
+			int n = 0, rc = 0;
+			/* Debug mode reads the bytes to checksum exactly what it sends; otherwise
+			 * they go from the page cache to the socket without a copy here. */
+			if (s->debug)
+				rc = fl_mig_copy_read(&s->copy, i, first, count, &b);
+			else
+				fl_mig_copy_range(&s->copy, i, first, count, &b);
+			if (rc < 0)
+				return fl_mig_fail(s->m, -rc, "disk %u: reading it: %s", i,
+						   strerror(-rc));
+			h.length = sizeof(b) + (s->debug ? 8 : 0) + b.length;
+			if (capped) {
+				rc = cap_wait(s, sizeof(h) + h.length);
+				if (rc < 0)
+					return rc;
+			}
+			iov[n++] = (struct iovec){&h, sizeof(h)};
+			iov[n++] = (struct iovec){&b, sizeof(b)};
+			if (s->debug) {
+				sum = fl_mig_data_sum(s->copy.buf, b.length);
+				iov[n++] = (struct iovec){&sum, sizeof(sum)};
+				iov[n++] = (struct iovec){s->copy.buf, b.length};
+			}
+			rc = fl_mig_sendv(&s->l, iov, n);
+			if (rc == 0 && !s->debug)
+				rc = fl_mig_sendfile(&s->l, d->blk->fd, b.offset, b.length);
+			if (rc < 0)
+				return rc;
+			s->bytes += sizeof(h) + h.length;
+			s->copy.bytes += b.length;
+			s->copy.chunks += count;
+			rc = target_spoke(s);
+			if (rc == 0)
+				rc = source_check(s);
+			if (rc < 0)
+				return rc;
+			progress_update(s, 0, t0);
+		}
+	}
+	return 0;
+}
 
 static int recv_reply(struct source *s, struct fl_mig_record_header *h, void *payload,
 		      size_t len)
@@ -357,6 +415,8 @@ static int precopy(struct source *s, struct throttle *t, struct plan *pl, uint64
 	uint32_t extra = 0;
 	int rc;
 
+	/* Bytes, not pages, from here: copied disks' chunks count beside RAM's pages. */
+
 	/* The first pass: every page that may hold data (the target's RAM starts zero). */
 	rc = fl_snap_data_map(s->vm, s->dirty, s->m->err, sizeof(s->m->err));
 	if (rc < 0)
@@ -364,21 +424,26 @@ static int precopy(struct source *s, struct throttle *t, struct plan *pl, uint64
 	s->zero_pages = s->npages - fl_mig_popcount(s->dirty, s->words);
 	for (uint32_t iter = 1;; iter++) {
 		uint64_t *tmp = s->work, t1, t2, tc, sent, busy, n, predicted, budget, wait0;
+		uint64_t disk, dirty;
 		int shrinking;
 
 		s->work = s->dirty;
 		s->dirty = tmp;
 		memset(s->dirty, 0, s->words * 8);
+		fl_mig_copy_next(&s->copy);
 		t1 = fl_mig_now();
 		sent = s->bytes;
 		wait0 = s->cap_wait_ns;
 		rc = send_bitmap(s, s->work, iter == 1, 1, t0);
+		if (rc == 0)
+			rc = send_disks(s, 0, 1, t0);
 		if (rc < 0)
 			return rc;
 		tc = fl_mig_now();
 		rc = fl_snap_log_collect(s->vm, s->dirty);
 		if (rc < 0)
 			return fl_mig_fail(s->m, -rc, "dirty log: %s", s->vm->err);
+		disk = fl_mig_copy_collect(&s->copy);
 		t2 = fl_mig_now();
 		pl->collect_ns = t2 - tc;
 		sent = s->bytes - sent;
@@ -386,30 +451,32 @@ static int precopy(struct source *s, struct throttle *t, struct plan *pl, uint64
 		if (sent >= MIN_SAMPLE && busy)
 			pl->bandwidth = (uint64_t)((double)sent * 1e9 / (double)busy);
 		n = fl_mig_popcount(s->dirty, s->words);
-		predicted = predict(pl, n * PAGE);
+		dirty = n * PAGE + disk;
+		predicted = predict(pl, dirty);
 		budget = __atomic_load_n(&s->m->budget_ns, __ATOMIC_RELAXED);
 		*iterations = iter;
 		pthread_mutex_lock(&s->m->lock);
 		s->m->progress.iteration = iter;
-		s->m->progress.remaining_bytes = n * PAGE;
-		s->m->progress.dirty_rate = (uint64_t)((double)(n * PAGE) * 1e9 / (double)(t2 - t1));
+		s->m->progress.remaining_bytes = dirty;
+		s->m->progress.disk_remaining_bytes = disk;
+		s->m->progress.dirty_rate = (uint64_t)((double)dirty * 1e9 / (double)(t2 - t1));
 		s->m->progress.bandwidth = pl->bandwidth;
 		s->m->progress.predicted_ns = predicted;
 		s->m->progress.throttle_pct = __atomic_load_n(&t->pct, __ATOMIC_RELAXED);
 		pthread_mutex_unlock(&s->m->lock);
 		progress_update(s, 0, t0);
-		shrinking = iter == 1 || n * 4 < prev * 3;
+		shrinking = iter == 1 || dirty * 4 < prev * 3;
 		/* Fits: stop once more rounds stop paying (the dirty set no longer shrinks by a
 		 * quarter) or there is next to nothing left. A pause that fits but would take
 		 * over a quarter of the budget gets up to EXTRA_ROUNDS more rounds with the
 		 * vCPUs throttled first: the budget is a ceiling, not a goal. */
-		if (predicted <= budget && n > 64 && !shrinking && predicted > budget / 4 &&
+		if (predicted <= budget && dirty > 64 * PAGE && !shrinking && predicted > budget / 4 &&
 		    extra < EXTRA_ROUNDS) {
 			extra++;
 			shrinking = 0;
 			predicted = budget + 1; /* throttle as below */
 		}
-		if (predicted <= budget && (n <= 64 || !shrinking)) {
+		if (predicted <= budget && (dirty <= 64 * PAGE || !shrinking)) {
 			/* Drain what is still queued before the pause, so the last bytes (and
 			 * the PAUSED marker the target times the pause from) go straight through. */
 			rc = fl_mig_send_record(&s->l, FL_MIG_SYNC, NULL, 0);
@@ -422,7 +489,7 @@ static int precopy(struct source *s, struct throttle *t, struct plan *pl, uint64
 			uint32_t pct = __atomic_load_n(&t->pct, __ATOMIC_RELAXED);
 			throttle_set(t, pct ? (pct + 10 > 99 ? 99 : pct + 10) : 20);
 		}
-		prev = n;
+		prev = dirty;
 	}
 }
 
@@ -451,6 +518,11 @@ static int stopcopy(struct source *s, struct fl_migrate_result *res, uint64_t t0
 	rc = send_bitmap(s, s->dirty, 0, 0, t0);
 	if (rc < 0)
 		return rc;
+	/* The devices are paused: what the disks' tracking holds now is all that is left. */
+	fl_mig_copy_collect(&s->copy);
+	rc = send_disks(s, 1, 0, t0);
+	if (rc < 0)
+		return rc;
 	res->final_pages = s->pages + s->zero_pages - before;
 	fl_snap_writer_init(&w);
 	if (getrandom(id, sizeof(id), 0) != (ssize_t)sizeof(id))
@@ -474,10 +546,16 @@ static int stopcopy(struct source *s, struct fl_migrate_result *res, uint64_t t0
 	rc = fl_virtio_disks_lock(s->vm, FL_BLK_LOCK_HANDOFF);
 	if (rc < 0)
 		return fl_mig_fail(s->m, -rc, "handing the disks over: %s", s->vm->err);
+	memset(&end, 0, sizeof(end));
 	end.pages = s->pages;
-	end.ram_sum = 0;
+	end.disk_bytes = s->copy.bytes;
 	if (s->debug && fl_mig_vm_ram_sum(s->vm, &end.ram_sum, s->m->err, sizeof(s->m->err)) < 0)
 		return -EIO;
+	if (s->debug && s->copy.disks.copy) {
+		rc = fl_mig_copy_sums(&s->copy, end.disk_sum);
+		if (rc < 0)
+			return fl_mig_fail(s->m, -rc, "checksumming the disks: %s", strerror(-rc));
+	}
 	rc = fl_mig_send_record(&s->l, FL_MIG_END, &end, sizeof(end));
 	if (rc < 0)
 		return rc;
@@ -537,6 +615,10 @@ static int source_setup(struct source *s, const uint8_t *token, struct plan *pl)
 		t = fl_mig_now();
 		rc = fl_mig_send_record(&s->l, FL_MIG_CONFIG, &cfg, sizeof(cfg));
 	}
+	/* Which disks are copied, and every disk's size: the target checks both. */
+	if (rc == 0 && s->copy.disks.count)
+		rc = fl_mig_send_record(&s->l, FL_MIG_DISKS, &s->copy.disks,
+					sizeof(s->copy.disks));
 	/* A refusing target may close before taking it all: read its reason then. */
 	if (rc == 0 || rc == -EPIPE || rc == -ECONNRESET)
 		rc = expect_reply(s, FL_MIG_ACK, &ack, sizeof(ack));
@@ -595,6 +677,10 @@ int fl_migrate_send(struct fl_vm *vm, struct fl_migration *m, int fd, const uint
 		rc = fl_mig_fail(m, ENOMEM, "migration bitmaps");
 		goto out;
 	}
+	rc = fl_mig_copy_init(&s.copy, vm, __atomic_load_n(&m->copy_disks, __ATOMIC_RELAXED),
+			      m->err, sizeof(m->err));
+	if (rc < 0)
+		goto out;
 	rc = source_setup(&s, token, &pl);
 	if (rc < 0)
 		goto failed;
@@ -603,6 +689,9 @@ int fl_migrate_send(struct fl_vm *vm, struct fl_migration *m, int fd, const uint
 		rc = fl_mig_fail(m, -rc, "dirty logging: %s", vm->err);
 		goto failed;
 	}
+	rc = fl_mig_copy_start(&s.copy, m->err, sizeof(m->err));
+	if (rc < 0)
+		goto failed;
 	/* The throttle lets paused vCPUs run at the end of each nap: never for a paused one. */
 	rc = s.was_paused || s.no_throttle ? 0 : throttle_start(&t, vm);
 	if (rc < 0) {
@@ -674,11 +763,14 @@ out:
 	res->pages_sent = s.pages;
 	res->zero_pages = s.zero_pages;
 	res->throttle_pct = t.max_pct;
+	res->disk_bytes = s.copy.bytes;
+	res->disk_chunks = s.copy.chunks;
 	if (rc < 0 && !res->committed)
 		res->total_ns = fl_mig_now() - t0;
 	pthread_mutex_unlock(&vm->api_lock);
 	free(s.dirty);
 	free(s.work);
 	free(s.bounce);
+	fl_mig_copy_fini(&s.copy);
 	return rc;
 }

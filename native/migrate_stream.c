@@ -57,6 +57,20 @@ uint64_t fl_mig_ram_sum(const uint8_t *ram, uint64_t npages)
 	return h;
 }
 
+uint64_t fl_mig_data_sum(const uint8_t *buf, uint64_t len)
+{
+	uint64_t page[FL_MIG_PAGE / 8], h = K2, whole = len / FL_MIG_PAGE * FL_MIG_PAGE;
+
+	for (uint64_t at = 0; at < whole; at += FL_MIG_PAGE)
+		h = fl_mig_sum_step(h, fl_mig_page_sum(buf + at));
+	if (whole < len) {
+		memset(page, 0, sizeof(page));
+		memcpy(page, buf + whole, len - whole);
+		h = fl_mig_sum_step(h, fl_mig_page_sum(page));
+	}
+	return h;
+}
+
 int fl_mig_hello_check(const struct fl_mig_hello *h, const uint8_t *token, char *err,
 		       size_t errlen)
 {
@@ -113,6 +127,16 @@ int fl_mig_record_check(const struct fl_mig_record_header *r, uint64_t npages, i
 	case FL_MIG_COMMIT:
 	case FL_MIG_SYNC:
 		want = 0;
+		break;
+	case FL_MIG_DISKS:
+		want = sizeof(struct fl_mig_disks);
+		break;
+	case FL_MIG_BLOCK:
+		/* The exact length follows from the range (fl_mig_block_check). */
+		if (r->length <= sizeof(struct fl_mig_block) + (debug ? 8 : 0))
+			return fail(err, errlen, EPROTO, "BLOCK record of %llu bytes is too short",
+				    (unsigned long long)r->length);
+		max = sizeof(struct fl_mig_block) + 8 + FL_MIG_MAX_BLOCK;
 		break;
 	case FL_MIG_ABORT:
 		max = FL_MIG_MAX_ERROR;
@@ -173,5 +197,56 @@ int fl_mig_reply_check(const struct fl_mig_record_header *r, char *err, size_t e
 	if (r->length != want || r->flags)
 		return fail(err, errlen, EPROTO, "the target sent record type %u of %llu bytes",
 			    r->type, (unsigned long long)r->length);
+	return 0;
+}
+
+int fl_mig_disks_check(const struct fl_mig_disks *d, uint32_t count, const uint64_t *size,
+		       uint32_t copy, char *err, size_t errlen)
+{
+	if (d->count != count || count > FL_MIG_MAX_DISKS)
+		return fail(err, errlen, EPROTO, "the source has %u disks, this side %u", d->count,
+			    count);
+	for (uint32_t i = 0; i < FL_MIG_MAX_DISKS; i++) {
+		uint32_t bit = 1u << i;
+		if (i >= count) {
+			if (d->size[i] || d->copy & bit)
+				return fail(err, errlen, EPROTO, "disk %u: beyond the %u disks", i,
+					    count);
+			continue;
+		}
+		if ((d->copy & bit) != (copy & bit))
+			return fail(err, errlen, EINVAL,
+				    d->copy & bit ? "disk %u: the source copies it, this side was "
+						    "not given it to copy (shared storage?)"
+						  : "disk %u: this side was given it to copy, the "
+						    "source does not copy it",
+				    i);
+		if (d->size[i] != size[i])
+			return fail(err, errlen, EINVAL,
+				    "disk %u: %llu bytes at the source, %llu bytes here (sizes "
+				    "must match)",
+				    i, (unsigned long long)d->size[i], (unsigned long long)size[i]);
+	}
+	return 0;
+}
+
+int fl_mig_block_check(const struct fl_mig_record_header *r, const struct fl_mig_block *b,
+		       const struct fl_mig_disks *disks, int debug, char *err, size_t errlen)
+{
+	uint64_t size;
+
+	if (b->disk >= disks->count || b->disk >= FL_MIG_MAX_DISKS ||
+	    !(disks->copy >> b->disk & 1))
+		return fail(err, errlen, EPROTO, "BLOCK for disk %u, which is not copied", b->disk);
+	size = disks->size[b->disk];
+	if (b->reserved || b->length == 0 || b->length > FL_MIG_MAX_BLOCK ||
+	    b->offset % FL_MIG_CHUNK || b->offset > size || b->length > size - b->offset)
+		return fail(err, errlen, EPROTO,
+			    "disk %u: block %llu+%llu lies outside its %llu bytes", b->disk,
+			    (unsigned long long)b->offset, (unsigned long long)b->length,
+			    (unsigned long long)size);
+	if (r->length != sizeof(*b) + (debug ? 8 : 0) + b->length)
+		return fail(err, errlen, EPROTO, "BLOCK record of %llu bytes for %llu bytes of disk",
+			    (unsigned long long)r->length, (unsigned long long)b->length);
 	return 0;
 }

@@ -13,6 +13,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "migrate_blockcopy.h"
 #include "migrate_link.h"
 #include "virtio/blk.h"
 #include "vmm.h"
@@ -34,7 +35,78 @@ struct target {
 	int built, have_state;
 	struct fl_config build;
 	struct fl_nic_config nics[FL_MAX_NICS];
+	struct fl_mig_copy copy; /* the disks the source copies into ours */
 };
+
+/* The DISKS record (after CONFIG when the machine has disks): the two sides agree on each
+ * disk's size and on which ones the stream copies; the copies start empty. */
+static int target_disks(struct target *t, const struct fl_config *cfg)
+{
+	struct fl_mig_record_header h;
+	struct fl_mig_disks d;
+	int rc;
+
+	if (!cfg->ndisks)
+		return 0;
+	rc = fl_mig_recv(&t->l, &h, sizeof(h));
+	if (rc < 0)
+		return fl_mig_fail(t->m, -rc, "reading the disks: %s", fl_mig_why(rc));
+	if (h.type != FL_MIG_DISKS)
+		return fl_mig_fail(t->m, EPROTO, "the machine config is not followed by its disks");
+	rc = fl_mig_record_check(&h, t->npages, 0, t->m->err, sizeof(t->m->err));
+	if (rc == 0)
+		rc = fl_mig_recv(&t->l, &d, sizeof(d));
+	if (rc < 0)
+		return rc;
+	return fl_mig_copy_accept(&t->copy, t->vm, cfg, &d, t->m->err, sizeof(t->m->err));
+}
+
+/* A BLOCK record: checked against the disks agreed on, written at its offset. */
+static int target_block(struct target *t, const struct fl_mig_record_header *h)
+{
+	struct fl_mig_block b;
+	uint64_t sum = 0;
+	int rc = fl_mig_recv(&t->l, &b, sizeof(b));
+
+	if (rc < 0)
+		return rc;
+	rc = fl_mig_block_check(h, &b, &t->copy.disks, t->debug, t->m->err, sizeof(t->m->err));
+	if (rc < 0)
+		return rc;
+	if (t->debug)
+		rc = fl_mig_recv(&t->l, &sum, sizeof(sum));
+	if (rc == 0)
+		rc = fl_mig_recv(&t->l, t->copy.buf, b.length);
+	if (rc < 0)
+		return rc;
+	if (t->debug && fl_mig_data_sum(t->copy.buf, b.length) != sum)
+		return fl_mig_fail(t->m, EIO, "disk %u: block at %llu arrived damaged (checksum)",
+				   b.disk, (unsigned long long)b.offset);
+	return fl_mig_copy_write(&t->copy, &b, t->m->err, sizeof(t->m->err));
+}
+
+/* At END: the copies complete (as many bytes as the source sent), on stable storage, and
+ * in debug mode the same as the source's. */
+static int target_disks_end(struct target *t, const struct fl_mig_end *e)
+{
+	uint64_t sums[FL_MIG_MAX_DISKS] = {0};
+	int rc;
+
+	if (e->disk_bytes != t->copy.bytes)
+		return fl_mig_fail(t->m, EPROTO, "%llu bytes of disk arrived, the source sent %llu",
+				   (unsigned long long)t->copy.bytes,
+				   (unsigned long long)e->disk_bytes);
+	rc = fl_mig_copy_flush(&t->copy, t->m->err, sizeof(t->m->err));
+	if (rc < 0 || !t->debug || !t->copy.disks.copy)
+		return rc;
+	rc = fl_mig_copy_sums(&t->copy, sums);
+	if (rc < 0)
+		return fl_mig_fail(t->m, -rc, "checksumming the disks: %s", strerror(-rc));
+	for (uint32_t i = 0; i < t->copy.disks.count; i++)
+		if (sums[i] != e->disk_sum[i])
+			return fl_mig_fail(t->m, EIO, "disk %u differs from the source's (checksum)", i);
+	return 0;
+}
 
 static int target_config(struct target *t, const struct fl_config *cfg)
 {
@@ -99,6 +171,9 @@ static int target_config(struct target *t, const struct fl_config *cfg)
 	if (t->vm->mem.size != c.mem_size)
 		return fl_mig_fail(t->m, EINVAL, "guest RAM layout differs");
 	t->npages = c.mem_size / PAGE;
+	rc = target_disks(t, cfg);
+	if (rc < 0)
+		return rc;
 	ack.build_ns = fl_mig_now() - t0;
 	rc = fl_mig_send_record(&t->l, FL_MIG_ACK, &ack, sizeof(ack));
 	return rc < 0 ? fl_mig_fail(t->m, -rc, "sending ACK: %s", fl_mig_why(rc)) : 0;
@@ -191,8 +266,15 @@ static int target_stream(struct target *t, struct fl_migrate_result *res)
 		case FL_MIG_ZERO:
 			rc = target_pages(t, &h);
 			break;
+		case FL_MIG_BLOCK:
+			rc = target_block(t, &h);
+			break;
 		case FL_MIG_SYNC:
-			rc = fl_mig_send_record(&t->l, FL_MIG_SYNCED, NULL, 0);
+			/* The source pauses next: flush the copies now, so the flush at END (in
+			 * the pause) has only the last chunks left to write. */
+			rc = fl_mig_copy_flush(&t->copy, t->m->err, sizeof(t->m->err));
+			if (rc == 0)
+				rc = fl_mig_send_record(&t->l, FL_MIG_SYNCED, NULL, 0);
 			break;
 		case FL_MIG_PAUSED: {
 			struct fl_mig_paused p;
@@ -223,6 +305,11 @@ static int target_stream(struct target *t, struct fl_migrate_result *res)
 				return fl_mig_fail(t->m, EPROTO, "%llu pages arrived, the source sent %llu",
 					     (unsigned long long)t->pages,
 					     (unsigned long long)e.pages);
+			rc = target_disks_end(t, &e);
+			if (rc < 0) {
+				fl_mig_refuse_peer(&t->l, t->m->err);
+				return rc;
+			}
 			if (t->debug) {
 				if (fl_mig_vm_ram_sum(t->vm, &r.ram_sum, t->m->err, sizeof(t->m->err)) < 0)
 					return -EIO;
@@ -357,6 +444,8 @@ int fl_migrate_receive(struct fl_vm *vm, struct fl_migration *m, const struct fl
 	res->downtime_ns = resumed.downtime_ns = resumed.resume_ns - t->marker_ns;
 	res->committed = 1;
 	res->pages_sent = t->pages;
+	res->disk_bytes = t->copy.bytes;
+	res->disk_chunks = t->copy.chunks;
 	res->vcpus = vm->nvcpus;
 	res->memory_mib = vm->mem.size / FL_MIB;
 	for (uint32_t i = 0; i < t->build.nnics && i < 4; i++)
@@ -375,6 +464,7 @@ out:
 		memcpy(vm->err, why, sizeof(why));
 	}
 	pthread_mutex_unlock(&vm->api_lock);
+	fl_mig_copy_fini(&t->copy);
 	free(t);
 	return rc;
 }

@@ -31,6 +31,8 @@ else:
 TOKEN_BYTES = 32
 DEBUG = 1
 NO_THROTTLE = 2
+DISK_COPY = 2  # FL_DISK_COPY
+MAX_DISKS = 4
 _PHASES = {1: "setup", 2: "precopy", 3: "stopcopy", 4: "commit", 5: "done", 6: "failed"}
 
 
@@ -60,7 +62,9 @@ class MigrationProgress(NamedTuple):
     """A migration's progress. `phase`: setup, precopy, stopcopy (source paused), commit,
     done, failed. `remaining_bytes`: dirty at the last collection; `dirty_rate` and
     `bandwidth` in bytes/s (bandwidth without the cap's waits); `predicted_ms`: the pause the
-    last check predicted; `throttle_pct`: the share of each 10 ms the vCPUs sleep."""
+    last check predicted; `throttle_pct`: the share of each 10 ms the vCPUs sleep.
+    Copied disks (a block copy): `disk_bytes_sent` of them so far (in `bytes_sent` too),
+    `disk_remaining_bytes` written since they were last sent (in `remaining_bytes` too)."""
 
     phase: str
     iteration: int
@@ -74,6 +78,8 @@ class MigrationProgress(NamedTuple):
     budget_ms: float
     throttle_pct: int
     elapsed_ms: float
+    disk_bytes_sent: int = 0
+    disk_remaining_bytes: int = 0
 
 
 class MigrationResult(NamedTuple):
@@ -82,7 +88,9 @@ class MigrationResult(NamedTuple):
     pause to the target's resume, comparable only when both run on one host (one clock);
     `ram_checksum`: in debug mode, the checksum of all RAM both sides agreed on;
     `source_paused`: the source reached its paused phase, the last pages and the state (a
-    failure after that resumed a machine that had been running)."""
+    failure after that resumed a machine that had been running). `disk_bytes`,
+    `disk_chunks`: what the block copy sent (the target: received) of the copied disks, in
+    64 KiB chunks (a chunk the guest wrote again is sent and counted again)."""
 
     downtime_ms: float
     paused_ms: float
@@ -97,6 +105,8 @@ class MigrationResult(NamedTuple):
     load_ms: float
     ram_checksum: str
     source_paused: bool = False
+    disk_bytes: int = 0
+    disk_chunks: int = 0
 
 
 def new_token() -> str:
@@ -132,7 +142,18 @@ def _result(res: Any) -> MigrationResult:
         load_ms=res.load_ns / 1e6,
         ram_checksum=f"{int(res.ram_sum):016x}" if res.ram_sum else "",
         source_paused=bool(res.source_pause_ns),
+        disk_bytes=int(res.disk_bytes),
+        disk_chunks=int(res.disk_chunks),
     )
+
+
+def _disk_mask(copy_disks: Sequence[int]) -> int:
+    mask = 0
+    for index in copy_disks:
+        if not 0 <= index < MAX_DISKS:
+            raise ValueError(f"copy_disks: no disk {index} (a machine has at most {MAX_DISKS})")
+        mask |= 1 << index
+    return mask
 
 
 class Migration:
@@ -182,6 +203,8 @@ class Migration:
             budget_ms=p.budget_ns / 1e6,
             throttle_pct=int(p.throttle_pct),
             elapsed_ms=p.elapsed_ns / 1e6,
+            disk_bytes_sent=int(p.disk_bytes_sent),
+            disk_remaining_bytes=int(p.disk_remaining_bytes),
         )
 
     def _error(self) -> str:
@@ -201,6 +224,7 @@ def migrate(
     auto_converge: bool = True,
     progress: Callable[[MigrationProgress], None] | None = None,
     progress_interval: float = 0.25,
+    copy_disks: Sequence[int] = (),
 ) -> MigrationResult:
     """Migrates running (or paused) `machine` live to the listener at `address` that holds
     `token`.
@@ -211,16 +235,21 @@ def migrate(
     max_downtime_ms and bandwidth) steers it from other threads. `progress` is called on this
     thread at most every `progress_interval` seconds, and once more at the end. `debug`
     checks a checksum of every page on arrival and of all RAM before the commit;
-    `auto_converge` False never throttles the vCPUs. Raises MigrationError (see its
-    `committed`), ValueError for a malformed token.
+    `auto_converge` False never throttles the vCPUs. `copy_disks`: the indices of the disks
+    whose contents go through the stream (a live block copy, for storage the target's host
+    does not share; the target must be given the same ones to copy, each the same size);
+    the others are shared. Raises MigrationError (see its `committed`), ValueError for a
+    malformed token or a disk index out of range.
     """
     raw = _token_bytes(token)
+    mask = _disk_mask(copy_disks)
     ctl = (
         control
         if control is not None
         else Migration(max_downtime_ms=max_downtime_ms, bandwidth=bandwidth)
     )
     mod = _vmm()
+    mod.lib.fl_migration_set_copy_disks(ctl._m, mask)
     res = mod.ffi.new("struct fl_migrate_result *")
     try:
         sock = socket.create_connection(address, timeout=min(timeout, 10.0))
@@ -325,14 +354,23 @@ class MigrationListener:
         timeout: float = 60.0,
         control: Migration | None = None,
         paused: bool = False,
+        copy_disks: Sequence[int] = (),
     ) -> tuple[Machine, MigrationResult]:
         """Waits up to `timeout` s for the source to come and the migration to finish, and
         returns the machine, RUNNING, and what the target measured (`paused`: the machine
         has its state loaded but never ran here; `start()` runs it). `disks`/`nics` as for
         `Machine.restore`; `memory_mib`/`vcpus`: what the guest must have (0: whatever the
-        source says), a source with another machine is refused. Raises MigrationError
-        (nothing is left running) when the token was spent, when the stream failed after
-        the token, or on the timeout."""
+        source says), a source with another machine is refused. `copy_disks`: the indices
+        of `disks` the source copies into (as its `migrate(copy_disks=...)`; each must be
+        writable and the size of the source's): each is emptied (hole-punched) once the
+        source is accepted and then receives the source's data. A failed or cancelled
+        migration leaves such a file partly written: it is the caller's to delete. Raises
+        MigrationError (nothing is left running) when the token was spent, when the stream
+        failed after the token, or on the timeout; ValueError for a disk index out of
+        range."""
+        mask = _disk_mask(copy_disks)
+        if mask >> len(disks):
+            raise ValueError(f"copy_disks: {list(copy_disks)} for {len(disks)} disks")
         ctl = control if control is not None else Migration()
         deadline = time.monotonic() + timeout
         mod = _vmm()
@@ -356,6 +394,9 @@ class MigrationListener:
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 devices = _Devices(ffi, disks, nics, random_macs=False)
+                for i in range(len(disks)):
+                    if mask >> i & 1:
+                        devices.disks_c[i].flags |= DISK_COPY
                 cfg = devices.config(
                     console_out_fd=-1 if console_out is None else console_out,
                     console_in_fd=-1 if console_in is None else console_in,

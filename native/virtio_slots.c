@@ -163,6 +163,16 @@ int fl_virtio_disks_lock(struct fl_vm *vm, int want)
 	return 0;
 }
 
+struct fl_blk *fl_virtio_disk(struct fl_vm *vm, uint32_t index)
+{
+	for (uint32_t i = 0; i < vm->nvirtio; i++) {
+		struct fl_virtio_dev *dev = vm->virtio[i].dev;
+		if (dev->device_id == VIRTIO_ID_BLOCK && index-- == 0)
+			return (struct fl_blk *)dev;
+	}
+	return NULL;
+}
+
 void fl_virtio_slots_fini(struct fl_vm *vm)
 {
 	fl_virtio_slots_stop(vm);

@@ -185,6 +185,9 @@ void fl_virtio_slots_fini(struct fl_vm *vm);
 /* Every disk's volume lock to `want` (FL_BLK_LOCK_*, virtio/blk.h); stops at the first
  * refusal (-EBUSY, the error names the disk), the ones before it changed. */
 int fl_virtio_disks_lock(struct fl_vm *vm, int want);
+struct fl_blk;
+/* The index-th disk (the order of fl_config.disks), or NULL past the last. */
+struct fl_blk *fl_virtio_disk(struct fl_vm *vm, uint32_t index);
 int fl_virtio_slots_start(struct fl_vm *vm);
 void fl_virtio_slots_pause(struct fl_vm *vm, int paused);
 void fl_virtio_slots_stop(struct fl_vm *vm);

@@ -3,7 +3,10 @@
  * reads it from an untrusted source: the hello with its token, then records. Whatever the
  * checks accept is used as migrate.c uses it: a PAGES record's pages are copied into a
  * 64-page guest RAM (ASan sees any byte outside it), its debug checksums compared, a ZERO
- * range cleared, a CONFIG or STATE parsed by the snapshot format's checks.
+ * range cleared, a CONFIG or STATE parsed by the snapshot format's checks. The target has
+ * two disks, 0 copied (DISK0 bytes) and 1 shared: a DISKS record is checked against them
+ * and, once accepted, a BLOCK record's data is copied into disk 0's buffer (ASan sees any
+ * byte outside it) and its debug checksum compared.
  *
  * Input: a mode byte, then the stream's bytes.
  *   bit 0: put the right token into the hello, so the fuzzer gets past it
@@ -16,6 +19,8 @@
 #include "../migrate.h"
 
 #define NPAGES 64
+#define DISK0 ((1u << 20) + 100) /* seeds.py's MIG_DISK0: a partial last chunk */
+#define DISK1 (1u << 20)
 
 static const uint8_t token[FL_MIG_TOKEN_LEN] = "flotilla-fuzz-token-0123456789ab";
 
@@ -39,7 +44,9 @@ static void replies(const uint8_t *p, size_t len)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-	static uint8_t *ram;
+	static uint8_t *ram, *disk;
+	static const uint64_t sizes[FL_MIG_MAX_DISKS] = {DISK0, DISK1};
+	struct fl_mig_disks disks = {.count = 0};
 	struct fl_mig_hello hello;
 	char err[256];
 	uint64_t sums[FL_MIG_MAX_BATCH];
@@ -48,6 +55,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	int debug;
 
 	if (!ram && !(ram = malloc((size_t)NPAGES * FL_MIG_PAGE)))
+		abort();
+	if (!disk && !(disk = malloc(DISK0)))
 		abort();
 	if (size < 1)
 		return 0;
@@ -94,6 +103,28 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 					if (fl_mig_page_sum(ram + (pg.first + i) * FL_MIG_PAGE) != sums[i])
 						return 0; /* refused: damaged page */
 			}
+		} else if (h.type == FL_MIG_DISKS) {
+			struct fl_mig_disks d;
+			memcpy(&d, p, sizeof(d));
+			if (fl_mig_disks_check(&d, 2, sizes, 1, err, sizeof(err)) < 0)
+				return 0;
+			disks = d;
+		} else if (h.type == FL_MIG_BLOCK) {
+			struct fl_mig_block b;
+			uint64_t sum = 0;
+			if (h.length < sizeof(b))
+				__builtin_trap(); /* the record check lets no short one through */
+			memcpy(&b, p, sizeof(b));
+			/* Before DISKS, no disk is copied: refused like any other. */
+			if (fl_mig_block_check(&h, &b, &disks, debug, err, sizeof(err)) < 0)
+				return 0;
+			if (b.disk != 0)
+				__builtin_trap(); /* only disk 0 is copied */
+			if (debug)
+				memcpy(&sum, p + sizeof(b), 8);
+			memcpy(disk + b.offset, p + sizeof(b) + (debug ? 8 : 0), b.length);
+			if (debug && fl_mig_data_sum(disk + b.offset, b.length) != sum)
+				return 0; /* refused: damaged block */
 		} else if (h.type == FL_MIG_CONFIG) {
 			struct fl_snap_config c;
 			memcpy(&c, p, sizeof(c));

@@ -345,6 +345,8 @@ def snapshot_seeds() -> Iterable[tuple[str, bytes]]:
 # ---- the live-migration stream (migrate) ----
 
 MIG_TOKEN = b"flotilla-fuzz-token-0123456789ab"
+MIG_DISK0 = (1 << 20) + 100  # migrate.c's DISK0 and DISK1
+MIG_DISK1 = 1 << 20
 
 
 def mig_record(kind: int, payload: bytes) -> bytes:
@@ -352,21 +354,30 @@ def mig_record(kind: int, payload: bytes) -> bytes:
 
 
 def mig_stream(*, debug: bool) -> bytes:
-    """A whole migration as the target reads it: hello, config, pages, the pause, state."""
+    """A whole migration as the target reads it: hello, config, its disks, pages, blocks of a
+    copied disk, the pause, state."""
     mib = 1 << 20
-    hello = struct.pack("<QII", 0x5247494D4C544C46, 1, 1 if debug else 0) + MIG_TOKEN
+    hello = struct.pack("<QII", 0x5247494D4C544C46, 2, 1 if debug else 0) + MIG_TOKEN
     config = struct.pack("<IIQQII", 1, 0, 64 * mib, 64 * mib, 4096, 0) + bytes(24 * 8)
     page = bytes(range(256)) * 16
     pages = struct.pack("<QII", 3, 2, 0) + (bytes(16) if debug else b"") + page * 2
+    # The harness's disks: 0 copied (MIG_DISK0 bytes), 1 shared (MIG_DISK1 bytes).
+    disks = struct.pack("<II4Q", 2, 1, MIG_DISK0, MIG_DISK1, 0, 0)
+    block = struct.pack("<IIQQ", 0, 0, 65536, 4096) + (bytes(8) if debug else b"") + page
+    tail = struct.pack("<IIQQ", 0, 0, MIG_DISK0 // 65536 * 65536, MIG_DISK0 % 65536)
+    tail += (bytes(8) if debug else b"") + bytes(MIG_DISK0 % 65536)
     return (
         hello
         + mig_record(1, config)
+        + mig_record(10, disks)
         + mig_record(2, pages)
+        + mig_record(11, block)
+        + mig_record(11, tail)
         + mig_record(3, struct.pack("<QII", 10, 5, 0))
         + mig_record(9, b"")
         + mig_record(4, struct.pack("<Q", 12345))
         + mig_record(5, snap_state(nvcpus=1))
-        + mig_record(6, struct.pack("<QQ", 2, 0))
+        + mig_record(6, struct.pack("<QQQ4Q", 2, 0, 4096 + MIG_DISK0 % 65536, 0, 0, 0, 0))
         + mig_record(7, b"")
     )
 

@@ -2,7 +2,10 @@
  * libFuzzer target for virtio-blk request handling (native/virtio/blk.c) behind the real
  * transport and virtqueue code: the guest's RAM (descriptor chains, request headers, data
  * buffers, all attacker-chosen) is served by the device against a real backing file (a
- * memfd), twice, since what a read request writes into RAM may be the ring itself.
+ * memfd), twice, since what a read request writes into RAM may be the ring itself. Writes
+ * are tracked as during a live block copy (bit 3 of the flags: not), so each one's chunk
+ * index, from guest-chosen sectors, lands in a bitmap sized from the disk (ASan sees any
+ * bit outside it); every chunk a write reached must be marked.
  *
  * Input: flags (bit 0: read-only disk; bits 1-2: disk of 0, 4 KiB, 64 KiB or 64 KiB + 300
  * bytes), the low feature bits to accept, the queue (see fz_driver_up), then guest RAM.
@@ -46,6 +49,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (b.capacity != disk / 512)
 		__builtin_trap();
 
+	if (!(flags & 8) && fl_blk_track_start(&b) < 0)
+		abort();
 	fz_driver_up(&b.vdev, features, &in);
 	fz_ram_fill(&in);
 	for (int round = 0; round < 2; round++) {
@@ -56,6 +61,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (b.read_bytes % 512 || b.write_bytes % 512 || b.read_bytes > 2u * FL_VQ_MAX_SIZE * disk ||
 	    (b.read_only && b.writes))
 		__builtin_trap();
+	if (!(flags & 8)) {
+		uint64_t dirty[2] = {0, 0}; /* the 64 KiB + 300 disk has 2 chunks */
+		fl_blk_track_collect(&b, dirty);
+		if (dirty[0] >> fl_blk_chunks(&b) || dirty[1])
+			__builtin_trap(); /* a chunk beyond the disk */
+		if (b.write_bytes && !dirty[0])
+			__builtin_trap(); /* data that reached the file, not marked */
+		if (!b.writes && !b.errors && dirty[0])
+			__builtin_trap();
+	}
 	fl_blk_fini(&b);
 	return 0;
 }

@@ -230,6 +230,7 @@ static const struct action actions[] = {
 	{"blkwrite", TEXT_VALUE, NULL, blk_write},
 	{"blkread", TEXT_VALUE, NULL, blk_read},
 	{"blkverify", TEXT_VALUE, NULL, blk_verify},
+	{"blkloop", TEXT_VALUE, NULL, blk_loop},
 	{"blkbench", TEXT_VALUE, NULL, blk_bench},
 	{"net", TEXT_VALUE, NULL, net_start},
 	{"udp", TEXT_VALUE, NULL, net_udp},

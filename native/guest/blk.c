@@ -178,11 +178,8 @@ static bool range_args(const char *args, u64 *sector, u64 *count, u64 *seed)
 	return blk_up();
 }
 
-void blk_write(const char *args)
+static int write_range(u64 sector, u64 count, u64 seed)
 {
-	u64 sector, count, seed;
-	if (!range_args(args, &sector, &count, &seed))
-		return;
 	int s = 0;
 	for (u64 done = 0; done < count && s == 0;) {
 		u64 n = count - done < MAX_REQ / SECTOR ? count - done : MAX_REQ / SECTOR;
@@ -193,7 +190,32 @@ void blk_write(const char *args)
 		s = request(T_OUT, sector + done, (u64)blk.buf, (u32)(n * SECTOR), NULL);
 		done += n;
 	}
+	return s;
+}
+
+void blk_write(const char *args)
+{
+	u64 sector, count, seed;
+	if (!range_args(args, &sector, &count, &seed))
+		return;
+	int s = write_range(sector, count, seed);
 	say("BLK write sector=%lu count=%lu status=%s", sector, count, status_name(s));
+}
+
+/* A guest that keeps writing: the range again and again, each pass with the next seed (so
+ * a pass lost on the way shows as the previous seed's pattern). */
+void blk_loop(const char *args)
+{
+	u64 sector, count, passes, pass;
+	int s = 0;
+	if (!range_args(args, &sector, &count, &passes))
+		return;
+	for (pass = 1; pass <= passes && s == 0; pass++) {
+		s = write_range(sector, count, pass);
+		say("BLK loop pass=%lu", pass);
+	}
+	say("BLK loop sector=%lu count=%lu passes=%lu status=%s", sector, count, passes,
+	    status_name(s));
 }
 
 /* Reads the range; calls back per chunk. Returns the status. */

@@ -22,6 +22,7 @@
 #define FL_MAX_DISKS 4
 #define FL_MAX_NICS 4
 #define FL_DISK_READONLY 1
+#define FL_DISK_COPY 2 /* a migration target: the source copies this disk into it (block copy) */
 
 /* fl_config.flags */
 #define FL_CONFIG_MEMFD 1 /* back guest RAM with a memfd (shareable, snapshot-friendly) */
@@ -258,6 +259,8 @@ struct fl_migrate_progress {
 	uint64_t predicted_ns;	  /* predicted pause at the last check */
 	uint64_t budget_ns;
 	uint64_t elapsed_ns;
+	uint64_t disk_bytes_sent;	/* of copied disks (included in bytes_sent's count) */
+	uint64_t disk_remaining_bytes; /* copied disks' chunks to send (in remaining_bytes) */
 };
 
 struct fl_migrate_result {
@@ -279,6 +282,8 @@ struct fl_migrate_result {
 	uint32_t vcpus;		 /* target: the machine received */
 	uint64_t memory_mib;
 	uint8_t macs[4][6];
+	uint64_t disk_bytes;  /* bytes of copied disks sent (target: received) */
+	uint64_t disk_chunks; /* chunks of them (a chunk sent twice counts twice) */
 };
 
 struct fl_migration;
@@ -292,6 +297,10 @@ void fl_migration_cancel(struct fl_migration *m);
  * source stays paused: fl_vm_start runs it later) instead of running it. */
 void fl_migration_set_start_paused(struct fl_migration *m, int paused);
 void fl_migration_progress(struct fl_migration *m, struct fl_migrate_progress *out);
+/* Source: the disks (bit i: disk i) whose contents go through the stream (a live block
+ * copy: host-local storage); the others are on storage both hosts share. Read when the
+ * migration starts; the target's disks say it with FL_DISK_COPY. */
+void fl_migration_set_copy_disks(struct fl_migration *m, uint32_t mask);
 
 /* Source: vm RUNNING or PAUSED, fd a connected stream socket (made non-blocking; the caller
  * closes it). Returns 0 once the target runs the guest (vm stays PAUSED); -errno otherwise,

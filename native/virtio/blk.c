@@ -82,6 +82,22 @@ static int in_range(const struct fl_blk *b, uint64_t sector, uint32_t len)
 	return len % SECTOR == 0 && sector <= b->capacity && n <= b->capacity - sector;
 }
 
+/* A write to [sector, +len) reached the file (or may have, partly): its chunks are dirty.
+ * Only with in_range's checked values, so the chunks lie inside the bitmap (the capacity
+ * is the file size in whole sectors, the bitmap covers the file). Device thread, under
+ * vdev.lock. */
+static void mark_written(struct fl_blk *b, uint64_t sector, uint32_t len)
+{
+	uint64_t first, last;
+
+	if (!b->dirty || !len)
+		return;
+	first = sector * SECTOR / FL_BLK_CHUNK;
+	last = (sector * SECTOR + len - 1) / FL_BLK_CHUNK;
+	for (uint64_t c = first; c <= last; c++)
+		b->dirty[c / 64] |= 1ULL << (c % 64);
+}
+
 /* One request; returns the bytes written into the chain's device-writable part, or -1 when
  * the chain has no room for a status byte or header (malformed). */
 static int64_t handle(struct fl_blk *b, struct fl_vq_chain *c)
@@ -114,11 +130,16 @@ static int64_t handle(struct fl_blk *b, struct fl_vq_chain *c)
 		break;
 	case VIRTIO_BLK_T_OUT:
 		data_len = c->out_len - HEADER;
-		if (b->read_only || !in_range(b, sector, data_len) ||
-		    transfer(b->fd, c->iov, c->nout, HEADER, sector * SECTOR, data_len, 1) < 0) {
+		if (b->read_only || !in_range(b, sector, data_len)) {
+			status = VIRTIO_BLK_S_IOERR;
+			b->errors++;
+		} else if (transfer(b->fd, c->iov, c->nout, HEADER, sector * SECTOR, data_len,
+				    1) < 0) {
+			mark_written(b, sector, data_len); /* part of it may have landed */
 			status = VIRTIO_BLK_S_IOERR;
 			b->errors++;
 		} else {
+			mark_written(b, sector, data_len);
 			b->write_bytes += data_len;
 			b->writes++;
 		}
@@ -206,6 +227,9 @@ int fl_blk_set_lock(struct fl_blk *b, int want, char *err, size_t errlen)
 			rc = range_lock(b->fd, F_UNLCK, hb + 1, 0);
 		break;
 	case FL_BLK_LOCK_REST:
+		/* A copied disk's target holds its own file whole from the start: nothing to take. */
+		if (b->lock == FL_BLK_LOCK_WHOLE)
+			return 0;
 		if (b->lock != FL_BLK_LOCK_NONE)
 			return fail(err, errlen, EINVAL, name, "the rest of a lock it holds");
 		rc = range_lock(b->fd, type, 0, hb);
@@ -273,6 +297,7 @@ int fl_blk_init(struct fl_blk *b, const char *path, unsigned flags, const char *
 			goto close_fd;
 	}
 	b->capacity = size / SECTOR;
+	b->size = size;
 	b->read_only = read_only;
 	if (read_only)
 		features |= VIRTIO_BLK_F_RO;
@@ -297,8 +322,51 @@ close_fd:
 	return rc;
 }
 
+uint64_t fl_blk_chunks(const struct fl_blk *b)
+{
+	return (b->size + FL_BLK_CHUNK - 1) / FL_BLK_CHUNK;
+}
+
+int fl_blk_track_start(struct fl_blk *b)
+{
+	uint64_t *bm = calloc((fl_blk_chunks(b) + 63) / 64 + 1, 8);
+
+	if (!bm)
+		return -ENOMEM;
+	pthread_mutex_lock(&b->vdev.lock);
+	free(b->dirty);
+	b->dirty = bm;
+	pthread_mutex_unlock(&b->vdev.lock);
+	return 0;
+}
+
+void fl_blk_track_collect(struct fl_blk *b, uint64_t *out)
+{
+	uint64_t words = (fl_blk_chunks(b) + 63) / 64;
+
+	pthread_mutex_lock(&b->vdev.lock);
+	if (b->dirty)
+		for (uint64_t w = 0; w < words; w++) {
+			out[w] |= b->dirty[w];
+			b->dirty[w] = 0;
+		}
+	pthread_mutex_unlock(&b->vdev.lock);
+}
+
+void fl_blk_track_stop(struct fl_blk *b)
+{
+	uint64_t *bm;
+
+	pthread_mutex_lock(&b->vdev.lock);
+	bm = b->dirty;
+	b->dirty = NULL;
+	pthread_mutex_unlock(&b->vdev.lock);
+	free(bm);
+}
+
 void fl_blk_fini(struct fl_blk *b)
 {
+	fl_blk_track_stop(b);
 	fl_virtio_fini(&b->vdev);
 	if (b->fd >= 0)
 		close(b->fd);

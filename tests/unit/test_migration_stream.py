@@ -19,7 +19,7 @@ CONFIG, ERROR = 1, 19
 CONFIG_SIZE = 32 + 8 * 24  # struct fl_snap_config
 
 
-def hello(token: bytes, *, magic: int = MAGIC, version: int = 1, flags: int = 0) -> bytes:
+def hello(token: bytes, *, magic: int = MAGIC, version: int = 2, flags: int = 0) -> bytes:
     return struct.pack("<QII", magic, version, flags) + token
 
 
@@ -71,7 +71,8 @@ def test_nothing_before_the_token_is_trusted(
     server = threading.Thread(target=serve)
     server.start()
     assert "bad magic" in answer(lis.address, b"GET / HTTP/1.0\r\n\r\n" + bytes(30))
-    assert "version 2" in answer(lis.address, hello(token, version=2))
+    # An old peer (version 1: no block copy) is refused with both versions named.
+    assert "version 1" in answer(lis.address, hello(token, version=1))
     assert "wrong migration token" in answer(lis.address, hello(bytes(32)))
     assert "unknown migration flags" in answer(lis.address, hello(token, flags=0x80))
     assert not lis.spent
@@ -85,7 +86,7 @@ def test_nothing_before_the_token_is_trusted(
     assert "record type 1" in str(failures[0])
     assert lis.refused == [
         "not a migration stream (bad magic)",
-        "migration stream version 2, this VMM speaks version 1",
+        "migration stream version 1, this VMM speaks version 2",
         "wrong migration token",
         "unknown migration flags 0x80",
     ]

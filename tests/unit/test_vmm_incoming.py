@@ -68,7 +68,7 @@ def test_a_waiting_vmm_reports_its_port_and_ends_silently_when_cancelled(domain:
     # The port is its listener's: a hello with another token is refused with the reason (the
     # token is checked before anything is built), and the listener waits on.
     with socket.create_connection(("127.0.0.1", status.incoming_port), timeout=5) as conn:
-        conn.sendall(b"FLTLMIGR" + struct.pack("<II", 1, 0) + bytes.fromhex("a5" * 32))
+        conn.sendall(b"FLTLMIGR" + struct.pack("<II", 2, 0) + bytes.fromhex("a5" * 32))
         header = conn.recv(16, socket.MSG_WAITALL)
         kind, _, length = struct.unpack("<IIQ", header)
         assert kind == 19  # ERROR
