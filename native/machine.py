@@ -679,8 +679,9 @@ class Machine:
         KVM delivers it without a VMM thread while the guest has the pin unmasked; while the
         pin is masked the edge is dropped (KVM looks the route up in a kernel worker, so an
         edge written just before the guest unmasks the pin may still land after it). The
-        caller keeps `fd` open or closes it; the binding lasts as long as the machine. Raises ValueError for a pin out of range and
-        MachineStateError once the machine has stopped.
+        caller keeps `fd` open or closes it; the binding lasts as long as the machine.
+        Raises ValueError for a pin out of range and MachineStateError once the machine has
+        stopped.
         """
         if not 0 <= gsi < IOAPIC_PINS:
             raise ValueError(f"GSI must be 0..{IOAPIC_PINS - 1}, not {gsi}")
