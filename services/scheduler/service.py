@@ -353,15 +353,33 @@ class SchedulerService(MigrationHandlers, Service):
                 log.warning("clean-up failed", host=host, command=command.TYPE, error=str(exc))
 
     def _call(self, host: str, command: Command, key: str) -> DomainInfo:
-        # Derived ids make a redelivered ScheduleDomain replay the same commands, which the
-        # compute node answers from its idempotency record.
+        """Send `command` to `host` and wait for its answer. Derived ids make a redelivered
+        ScheduleDomain replay the same commands, which the compute node answers from its
+        idempotency record.
+
+        A host that does not answer within `compute_timeout_s` because it went silent meanwhile
+        (its worker restarting: the command waits in its durable queue, or is redelivered to
+        it if it was under way) is asked again with the same id, up to `restart_wait_s` in
+        all: it runs the command once when it is back and answers every copy. Giving up on it
+        then would leave the command to run after the clean-up sent in its place, or beside
+        it (a restarted worker takes all of them at once). Raises RpcTimeout when the host is
+        not restarting or the wait is over."""
         message_id = str(uuid.uuid5(_IDS, key))
-        reply = self.call(
-            routing.compute_queue(host),
-            command,
-            timeout=self.config.compute_timeout_s,
-            message_id=message_id,
-        )
+        sent_at = time.monotonic()
+        give_up_at = sent_at + max(self.config.compute_timeout_s, self.config.restart_wait_s)
+        timeout = self.config.compute_timeout_s
+        while True:
+            try:
+                reply = self.call(
+                    routing.compute_queue(host), command, timeout=timeout, message_id=message_id
+                )
+                break
+            except RpcTimeout:
+                now = time.monotonic()
+                if now >= give_up_at or not self.state.restarting(host, sent_at, now):
+                    raise
+                timeout = min(self.config.compute_timeout_s, give_up_at - now)
+                log.info("host restarting: asking again", host=host, command=command.TYPE)
         assert isinstance(reply, DomainInfo), reply
         return reply
 
