@@ -220,6 +220,7 @@ def _answers(workload: Workload, watcher: Watcher) -> list[str]:
         elif (
             o.op == "delete"
             and o.status == 202
+            and per_host  # a domain deleted before it reached any host has no events
             and not any(e.type == "domain.undefined" for evs in per_host.values() for e in evs)
         ):
             found.append(f"answer: {what}, but no domain.undefined")
