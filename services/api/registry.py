@@ -472,7 +472,12 @@ class Registry:
             advisory_xact_lock(cur, EVENT_LOG_LOCK)
             cur.execute(
                 domains.update()
-                .where(domains.c.id == str(domain_id), domains.c.host.is_(None))
+                .where(
+                    domains.c.id == str(domain_id),
+                    domains.c.host.is_(None),
+                    # Once: a DELETE again must not put off the sweep that settles it.
+                    domains.c.task != TaskState.DELETING.value,
+                )
                 .values(task=TaskState.DELETING.value, fault=None, updated_at=time.time())
             )
         return self.get_domain(domain_id)

@@ -461,6 +461,11 @@ def test_the_sweep_settles_tombstones_and_retries_deletes_left_on_a_host(
     registry.set_task(placed.uuid, TaskState.DELETING)
 
     assert registry.settle_deletes(older_than_s=60) == ([], [])  # their creates may be live
+    before = registry.get_domain(nowhere.uuid)
+    again = registry.tombstone(nowhere.uuid)  # a DELETE again does not put the sweep off
+    assert before is not None
+    assert again is not None
+    assert again.updated_at == before.updated_at
     to_reap, removed = registry.settle_deletes(older_than_s=0)
     assert sorted(r.id for r in removed) == sorted([nowhere.uuid, gone.uuid])
     assert {(r.id, host) for r, host in to_reap} == {(left.uuid, "h2"), (placed.uuid, "h3")}
