@@ -128,10 +128,10 @@ def test_a_create_whose_api_replica_dies_mid_placement_ends_placed_on_the_other(
     children: list[Child] = []
     try:
         scheduler.wait_for_hosts(1)
-        (doomed, doomed_url), (other, other_url) = (
-            _api(tmp_path, i, amqp_url, db_url) for i in range(2)
-        )
-        children += [doomed, other]
+        doomed, doomed_url = _api(tmp_path, 0, amqp_url, db_url)
+        children.append(doomed)  # stopped even if the other one fails to start
+        other, other_url = _api(tmp_path, 1, amqp_url, db_url)
+        children.append(other)
         name = f"rd-{uuid.uuid4().hex[:8]}"
         body = {"name": name, "memory_mib": 32, "boot": {"kernel": KERNEL}}
 
@@ -184,10 +184,10 @@ def test_a_delete_before_the_dead_replicas_create_is_placed_removes_the_guest(
     children: list[Child] = []
     try:
         scheduler.wait_for_hosts(1)
-        (doomed, doomed_url), (other, other_url) = (
-            _api(tmp_path, i, amqp_url, db_url) for i in range(2)
-        )
-        children += [doomed, other]
+        doomed, doomed_url = _api(tmp_path, 0, amqp_url, db_url)
+        children.append(doomed)  # stopped even if the other one fails to start
+        other, other_url = _api(tmp_path, 1, amqp_url, db_url)
+        children.append(other)
         name = f"rd-{uuid.uuid4().hex[:8]}"
         body = {"name": name, "memory_mib": 32, "boot": {"kernel": KERNEL}}
 
