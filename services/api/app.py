@@ -11,6 +11,7 @@ fake `bus` and a `registry` of their own.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
+from services.api import reaping
 from services.api.config import ApiConfig
 from services.api.context import ApiContext, CommandBus
 from services.api.limits import BodyLimit
@@ -29,6 +31,7 @@ from services.api.orphans import OrphanSweeper
 from services.api.problems import Problem
 from services.api.problems import install as install_problems
 from services.api.projection import Projection
+from services.api.reaping import Reaper
 from services.api.registry import Registry
 from services.api.request_id import RequestIdMiddleware
 from services.api.routes import (
@@ -52,7 +55,7 @@ from services.version import package_version
 log = structlog.get_logger("flotilla.api")
 
 
-def create_app(
+def create_app(  # noqa: PLR0915  (the app and its lifespan read best in one place)
     config: ApiConfig,
     *,
     registry: Registry | None = None,
@@ -70,17 +73,19 @@ def create_app(
             ctx.registry = await run_in_threadpool(Registry.open, config.database_url)
             ctx.auth.registry = ctx.registry
         connector: _BrokerConnector | None = None
+        reaper = Reaper(ctx)
         if bus is None:
-            connector = _BrokerConnector(config, ctx)
+            connector = _BrokerConnector(config, ctx, reaper)
             await run_in_threadpool(connector.first_attempt)
             connector.start()
-        sweeper = OrphanSweeper(ctx.registry, config.schedule_timeout_s).start()
+        sweeper = _sweeper(config, ctx, reaper).start()
         try:
             yield
         finally:
             await run_in_threadpool(sweeper.stop)
             if connector is not None:
                 await run_in_threadpool(connector.stop)
+            await run_in_threadpool(reaper.stop)
             if own_registry:
                 ctx.registry.close()
 
@@ -152,13 +157,24 @@ async def _database_unavailable(_request: Request, exc: Exception) -> Response:
     ).response()
 
 
+def _sweeper(config: ApiConfig, ctx: ApiContext, reaper: Reaper) -> OrphanSweeper:
+    """The orphan sweep, settling dead replicas' creates and unfinished deletes."""
+    return OrphanSweeper(
+        ctx.registry,
+        config.schedule_timeout_s,
+        reap=reaper.submit,
+        release=functools.partial(reaping.release, ctx),
+    )
+
+
 class _BrokerConnector:
     """Connects the app to the broker, retrying in the background while it is unreachable;
     once connected, RPCs go through it and (unless disabled) events are consumed."""
 
-    def __init__(self, config: ApiConfig, ctx: ApiContext) -> None:
+    def __init__(self, config: ApiConfig, ctx: ApiContext, reaper: Reaper) -> None:
         self.config = config
         self.ctx = ctx
+        self.reaper = reaper
         self.bus: Bus | None = None
         self.projection: Projection | None = None
         self._stopping = threading.Event()
@@ -184,7 +200,7 @@ class _BrokerConnector:
             return
         if self.config.consume_events:
             self.projection = Projection(
-                bus, self.ctx.registry, self.ctx.metrics, self.ctx.wakeup.notify
+                bus, self.ctx.registry, self.ctx.metrics, self.ctx.wakeup.notify, self.reaper.submit
             ).start()
         self.bus = bus
         self.ctx.bus = bus

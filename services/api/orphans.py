@@ -5,15 +5,22 @@ placement. If the replica handling it is killed in between, the domain's start o
 places it (services.api.registry.apply_event); one that never starts (`start: false`,
 nothing placed) no other replica would ever touch. Every replica runs this sweep: a record
 still in `scheduling` well after the longest a live create waits is settled from the event log.
+
+It settles deletes too (services.api.reaping): a tombstone (a domain deleted before it was
+placed) whose create is over is removed, or put on the host its events name and removed
+from there; a domain left `deleting` on a host (its DELETE's calls cut short) is destroyed
+and undefined there again, every `older_than_s`, until its host's `domain.undefined` ends it.
 """
 
 from __future__ import annotations
 
 import threading
+import uuid
+from collections.abc import Callable
 
 import structlog
 
-from services.api.registry import Registry
+from services.api.registry import DomainRecord, Registry
 from services.db import DatabaseUnavailable
 
 log = structlog.get_logger("flotilla.api.orphans")
@@ -28,9 +35,17 @@ class OrphanSweeper:
     """A daemon thread settling orphaned creates every `interval_s`."""
 
     def __init__(
-        self, registry: Registry, schedule_timeout_s: float, interval_s: float = SWEEP_INTERVAL_S
+        self,
+        registry: Registry,
+        schedule_timeout_s: float,
+        interval_s: float = SWEEP_INTERVAL_S,
+        *,
+        reap: Callable[[uuid.UUID, str], None] | None = None,
+        release: Callable[[DomainRecord], None] | None = None,
     ) -> None:
         self.registry = registry
+        self.reap = reap
+        self.release = release
         self.older_than_s = schedule_timeout_s + GRACE_S
         self.interval_s = interval_s
         self._stopping = threading.Event()
@@ -54,6 +69,22 @@ class OrphanSweeper:
                 task=record.task.value,
                 fault=record.fault.code if record.fault else None,
             )
+        self.settle_deletes()
+
+    def settle_deletes(self) -> None:
+        """Tombstones whose domain never reached a host go (their ports and volumes are
+        released); a deleted domain still on a host is destroyed and undefined there again."""
+        to_reap, removed = self.registry.settle_deletes(self.older_than_s)
+        for record, host in to_reap:
+            log.warning(
+                "delete not done yet: asking its host again", domain_id=str(record.id), host=host
+            )
+            if self.reap is not None:
+                self.reap(record.id, host)
+        for record in removed:
+            log.info("deleted domain that never reached a host removed", domain_id=str(record.id))
+            if self.release is not None:
+                self.release(record)
 
     def _run(self) -> None:
         while not self._stopping.wait(self.interval_s):

@@ -6,6 +6,7 @@ coalesced newest per host into one write at a time (services.api.heartbeats)."""
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 
 from protos.base import Message
@@ -19,16 +20,26 @@ from services.bus import Bus, Context, Service, ServiceRunner, Subscription, on_
 from services.bus.service import Retry
 from services.db import DatabaseUnavailable
 
+# Destroy and undefine a domain on a host, off the caller's thread (services.api.reaping).
+Reap = Callable[[uuid.UUID, str], None]
+
 
 class EventProjector(Service):
     """Consumes `api.events`; a handler that returns has made the event durable."""
 
     name = "api"
 
-    def __init__(self, registry: Registry, metrics: ApiMetrics, notify: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        metrics: ApiMetrics,
+        notify: Callable[[], None],
+        reap: Reap | None = None,
+    ) -> None:
         self.registry = registry
         self.metrics = metrics
         self.notify = notify
+        self.reap = reap
 
     @on_event("domain.#")
     def domain_event(self, event: Message, ctx: Context) -> Outcome | None:
@@ -47,6 +58,9 @@ class EventProjector(Service):
             time.sleep(0.5)  # the database is away: let the broker hand it back later
             raise Retry(f"registry unavailable: {exc}") from None
         self.metrics.events.labels(event.TYPE, outcome.value).inc()
+        if outcome is Outcome.REAP and self.reap is not None:
+            # Deleted before it was placed: off that host again (services.api.reaping).
+            self.reap(event.domain_id, event.host)
         if outcome is not Outcome.DUPLICATE:
             self.notify()
         return outcome
@@ -56,11 +70,17 @@ class Projection:
     """The running consumers of one API process."""
 
     def __init__(
-        self, bus: Bus, registry: Registry, metrics: ApiMetrics, notify: Callable[[], None]
+        self,
+        bus: Bus,
+        registry: Registry,
+        metrics: ApiMetrics,
+        notify: Callable[[], None],
+        reap: Reap | None = None,
     ) -> None:
         self.bus = bus
         self.registry = registry
-        self.runner = ServiceRunner(bus, EventProjector(registry, metrics, notify), prefetch=64)
+        projector = EventProjector(registry, metrics, notify, reap)
+        self.runner = ServiceRunner(bus, projector, prefetch=64)
         self.heartbeats: Subscription | None = None
         self.writer = HeartbeatWriter(registry)
 

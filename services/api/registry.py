@@ -11,7 +11,10 @@ Projection rules (`apply_event`), each in one transaction with the event's appen
 - an event whose `seq` is not above the stored seq is stale: logged, not projected;
 - `domain.undefined` while the task is `deleting` removes the record;
 - a domain not yet placed (no host) is placed by a `domain.started` while it is `scheduling`
-  or its create's outcome is unknown: the create's own API replica may be gone.
+  or its create's outcome is unknown: the create's own API replica may be gone;
+- a domain deleted before it was placed (task `deleting`, no host: a tombstone) is not placed
+  by its events: a `domain.started` from a host records that host (task still `deleting`)
+  and, like a `domain.defined`, answers `REAP`: the caller destroys and undefines it there.
 
 Migration (protos.migration) adds, and changes nothing else:
 - an event from another host is projected when it is `domain.started` or `domain.defined`
@@ -90,6 +93,7 @@ class Outcome(StrEnum):
     REMOVED = "removed"  # logged; the record was removed (undefined during delete)
     LOGGED = "logged"  # logged only: no record, another host's, or placement pending
     STALE = "stale"  # logged; seq not above the stored one, so not projected
+    REAP = "reap"  # logged; a domain deleted before it was placed is on this event's host
     DUPLICATE = "duplicate"  # seen before: nothing changed
 
 
@@ -355,14 +359,21 @@ class Registry:
         return [_domain(r) for r in rows]
 
     def set_task(
-        self, domain_id: uuid.UUID, task: TaskState, fault: Fault | None = None
+        self,
+        domain_id: uuid.UUID,
+        task: TaskState,
+        fault: Fault | None = None,
+        *,
+        unless: TaskState | None = None,
     ) -> DomainRecord | None:
-        """Set the task (and the fault, which only `error` keeps)."""
+        """Set the task (and the fault, which only `error` keeps); not if the task is
+        `unless` (a create's failure does not undo a DELETE that came meanwhile)."""
+        query = domains.update().where(domains.c.id == str(domain_id))
+        if unless is not None:
+            query = query.where(domains.c.task != unless.value)
         with self.db.transaction() as cur:
             cur.execute(
-                domains.update()
-                .where(domains.c.id == str(domain_id))
-                .values(
+                query.values(
                     task=task.value,
                     fault=fault.model_dump_json() if fault and task is TaskState.ERROR else None,
                     updated_at=time.time(),
@@ -413,10 +424,22 @@ class Registry:
     def set_placement(
         self, domain_id: uuid.UUID, host: str, info: DomainInfo
     ) -> DomainRecord | None:
-        """Record where the scheduler put the domain; None if the record is gone (deleted
-        while it was being scheduled). Events from `host` that arrived before the placement
-        and are newer than `info` win."""
+        """Record where the scheduler put the domain; None if the record is gone. A domain
+        deleted while it was being scheduled (a tombstone) keeps its task `deleting` and gets
+        the host, for the caller to destroy and undefine it there (its `domain.undefined`
+        then removes the record). Events from `host` that arrived before the placement and
+        are newer than `info` win."""
         with self.db.transaction() as cur:
+            advisory_xact_lock(cur, EVENT_LOG_LOCK)  # not beside a tombstone's own start
+            current = cur.execute(
+                sa.select(domains.c.task, domains.c.host).where(domains.c.id == str(domain_id))
+            ).first()
+            if current is None:
+                return None
+            if current[0] == TaskState.DELETING.value and current[1] is not None:
+                return self.get_domain(domain_id)  # its start placed it already
+            task = TaskState(current[0])
+            task = task if task is TaskState.DELETING else TaskState.NONE
             power, seq = info.state.value, info.seq
             newest = cur.execute(
                 sa.select(events.c.seq, events.c.state)
@@ -433,12 +456,120 @@ class Registry:
                     host=host,
                     power=power,
                     seq=seq,
-                    task=TaskState.NONE.value,
+                    task=task.value,
                     fault=None,
                     updated_at=time.time(),
                 )
             ).rowcount
         return self.get_domain(domain_id) if changed else None
+
+    def tombstone(self, domain_id: uuid.UUID) -> DomainRecord | None:
+        """Delete a domain not placed yet: task `deleting` with no host, until the host it
+        appears on (if any) undefined it or the orphan sweep settles it (`settle_deletes`).
+        It keeps counting against the quota meanwhile. Returns the record as it is now (None
+        if gone): a tombstone, or placed meanwhile (then delete it on its host as usual)."""
+        with self.db.transaction() as cur:
+            advisory_xact_lock(cur, EVENT_LOG_LOCK)
+            cur.execute(
+                domains.update()
+                .where(
+                    domains.c.id == str(domain_id),
+                    domains.c.host.is_(None),
+                    # Once: a DELETE again must not put off the sweep that settles it.
+                    domains.c.task != TaskState.DELETING.value,
+                )
+                .values(task=TaskState.DELETING.value, fault=None, updated_at=time.time())
+            )
+        return self.get_domain(domain_id)
+
+    def remove_deleted(self, domain_id: uuid.UUID, host: str) -> bool:
+        """Remove the record of a domain being deleted from `host` (the host has it no more)."""
+        with self.db.transaction() as cur:
+            return (
+                cur.execute(
+                    domains.delete().where(
+                        domains.c.id == str(domain_id),
+                        domains.c.task == TaskState.DELETING.value,
+                        domains.c.host == host,
+                    )
+                ).rowcount
+                > 0
+            )
+
+    def settle_deletes(
+        self, older_than_s: float
+    ) -> tuple[list[tuple[DomainRecord, str]], list[DomainRecord]]:
+        """Deletes not done `older_than_s` after their record last changed: the domain's
+        create is over by then, and so is any DELETE's own call to the host.
+
+        A tombstone (no host) is put on the host of its newest logged event, unless that
+        event is `domain.undefined` or there is none: then the record is removed. A record
+        `deleting` on a host is touched (the next try comes `older_than_s` later). Returns
+        (record, host) pairs to destroy and undefine the domain on, and the records removed."""
+        cutoff = time.time() - older_than_s
+        with self.db.transaction() as cur:
+            ids = [
+                str(i)
+                for i in cur.execute(
+                    sa.select(domains.c.id).where(
+                        domains.c.task == TaskState.DELETING.value,
+                        domains.c.updated_at < cutoff,
+                    )
+                ).scalars()
+            ]
+        to_reap: list[tuple[DomainRecord, str]] = []
+        removed: list[DomainRecord] = []
+        for domain_id in ids:
+            record = self.get_domain(uuid.UUID(domain_id))
+            with self.db.transaction() as cur:
+                advisory_xact_lock(cur, EVENT_LOG_LOCK)
+                due, host = self._settle_delete(cur, domain_id, cutoff)
+            if record is None or not due:
+                continue
+            if host is None:
+                removed.append(record)
+            else:
+                to_reap.append((record, host))
+        return to_reap, removed
+
+    @staticmethod
+    def _settle_delete(cur: Connection, domain_id: str, cutoff: float) -> tuple[bool, str | None]:
+        """(whether it was still due, the host to clean up or None if the record went)."""
+        row = cur.execute(
+            sa.select(domains.c.host).where(
+                domains.c.id == domain_id,
+                domains.c.task == TaskState.DELETING.value,
+                domains.c.updated_at < cutoff,
+            )
+        ).first()
+        if row is None:
+            return False, None  # done meanwhile
+        now = time.time()
+        if row[0] is not None:
+            cur.execute(_UPDATE_DOMAIN, {"b_id": domain_id, "updated_at": now})
+            return True, str(row[0])
+        newest = cur.execute(
+            sa.select(events.c.host, events.c.type)
+            .where(events.c.domain_id == domain_id)
+            .order_by(events.c.id.desc())
+            .limit(1)
+        ).first()
+        if newest is None or newest[1] == DomainUndefined.TYPE:
+            cur.execute(_DELETE_DOMAIN, {"b_id": domain_id})
+            return True, None
+        host = str(newest[0])
+        seq, state = cur.execute(
+            sa.select(events.c.seq, events.c.state)
+            .where(events.c.domain_id == domain_id, events.c.host == host)
+            .order_by(events.c.seq.desc())
+            .limit(1)
+        ).one()
+        cur.execute(
+            domains.update()
+            .where(domains.c.id == domain_id)
+            .values(host=host, power=state, seq=int(seq), updated_at=now)
+        )
+        return True, host
 
     def observe_info(self, info: DomainInfo) -> DomainRecord | None:
         """Project a compute node's answer (`DomainInfo`) like an event: only if it comes from
@@ -580,6 +711,8 @@ class Registry:
                 return Outcome.LOGGED
             _, host, task, seq, fault = row[0], row[1], TaskState(row[2]), int(row[3]), row[4]
             row_power = row[5]
+            if host is None and task is TaskState.DELETING:
+                return self._tombstone_event(cur, domain_id, event, now)
             if host is None:
                 # Not placed yet. A start on a host places it, as soon as it is seen: while
                 # the create waits for the scheduler (`scheduling`; the API replica waiting
@@ -637,6 +770,28 @@ class Registry:
                 },
             )
             return Outcome.APPLIED
+
+    @staticmethod
+    def _tombstone_event(
+        cur: Connection, domain_id: str, event: DomainEvent, now: float
+    ) -> Outcome:
+        """A domain deleted before it was placed appeared on a host: it is removed again from
+        wherever it appears. A start is where the scheduler put it (that becomes its host, so
+        the record goes with its `domain.undefined` there); a definition may be a refused
+        attempt's, which the scheduler removes itself before trying elsewhere."""
+        if isinstance(event, DomainStarted):
+            cur.execute(
+                _UPDATE_DOMAIN,
+                {
+                    "b_id": domain_id,
+                    "host": event.host,
+                    "power": event.state.value,
+                    "seq": event.seq,
+                    "updated_at": now,
+                },
+            )
+            return Outcome.REAP
+        return Outcome.REAP if isinstance(event, DomainDefined) else Outcome.LOGGED
 
     @staticmethod
     def _migration_ended(

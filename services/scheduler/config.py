@@ -11,6 +11,7 @@
 | max_attempts | FLOTILLA_SCHEDULER_MAX_ATTEMPTS | 5 |
 | down_after_intervals | FLOTILLA_SCHEDULER_DOWN_AFTER_INTERVALS | 3.0 |
 | compute_timeout_s | FLOTILLA_SCHEDULER_COMPUTE_TIMEOUT_S | 20.0 |
+| restart_wait_s | FLOTILLA_SCHEDULER_RESTART_WAIT_S | 40.0 |
 | migration_start_timeout_s | FLOTILLA_SCHEDULER_MIGRATION_START_TIMEOUT_S | 45.0 |
 | peer_claim_timeout_s | FLOTILLA_SCHEDULER_PEER_CLAIM_TIMEOUT_S | 120.0 |
 | claim_sync_timeout_s | FLOTILLA_SCHEDULER_CLAIM_SYNC_TIMEOUT_S | 5.0 |
@@ -40,6 +41,10 @@ class SchedulerConfig(ReplicaConfig):
     max_attempts: int = Field(default=5, ge=1, le=20)
     down_after_intervals: float = Field(default=3.0, gt=0)
     compute_timeout_s: float = Field(default=20.0, gt=0)
+    # A host that did not answer within compute_timeout_s and is silent (restarting: its
+    # durable queue keeps the command) or came back meanwhile is waited for, with the same
+    # command, up to this long in all; then it is given up like a refusing host.
+    restart_wait_s: float = Field(default=40.0, gt=0)
     # The source answers StartMigration once its target is prepared, which it waits for up to
     # 30 s (compute_node.migrating.PEER_TIMEOUT_S): longer than that, shorter than the API's 60.
     migration_start_timeout_s: float = Field(default=45.0, gt=0)

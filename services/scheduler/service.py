@@ -93,6 +93,8 @@ SUBSCRIBED = (
     "domain.undefined.*",
     "placement.*.*",
 )
+# How often a redelivered command with no host looks again for hosts not heard from yet.
+LATE_HOST_POLL_S = 0.5
 _IDS = uuid.UUID("6b1e0f8e-5c1d-4f0a-9a51-0c9b8f3c2d10")  # namespace of derived message ids
 
 
@@ -130,12 +132,16 @@ class SchedulerService(MigrationHandlers, Service):
         request = PlacementRequest.of(cmd)
         # A redelivered command looks for an earlier copy's claim once, before its first try:
         # after a refusal that host is released, and there is nothing new to find.
-        earlier = self._earlier_claim(request, set(), ctx.envelope.ts) if ctx.redelivered else None
+        earlier, covered = (
+            self._earlier_claim(request, set(), ctx.envelope.ts)
+            if ctx.redelivered
+            else (None, True)
+        )
         # Before any host is asked: a retry elsewhere (or a redelivered command) gets the
         # same ports, as AllocatePorts is idempotent by domain.
         ports = self._allocate_ports(cmd, ctx.envelope.id) if spec.nics else []
         try:
-            placement = self._place(cmd, ctx, request, earlier, ports)
+            placement = self._place(cmd, ctx, request, earlier, ports, patient=not covered)
         except ServiceError:
             # No host took it (or the spec was refused): the ports go back. Anything else
             # (a lost connection) leaves them to the redelivered command, which gets the same.
@@ -153,7 +159,12 @@ class SchedulerService(MigrationHandlers, Service):
         request: PlacementRequest,
         earlier: Claim | None,
         ports: list[PortBinding],
+        *,
+        patient: bool = False,
     ) -> Placement:
+        """Try hosts until one takes the domain. `patient`: a redelivered command whose
+        earlier copy's claim this replica could not see; if nothing fits at first, it waits
+        for hosts it has not heard from (`_late_holder`) before answering `no_valid_host`."""
         attempts: list[Attempt] = []
         refused: set[str] = set()
         filtered: Filtered = {}
@@ -162,9 +173,13 @@ class SchedulerService(MigrationHandlers, Service):
             if claim is None:
                 decision = self.placer.decide(request, replica=self.replica, exclude=refused)
                 filtered = decision.filtered
-                if not isinstance(decision, Decision):
+                if isinstance(decision, Decision):
+                    claim = decision.claim
+                elif patient and not attempts:
+                    claim = self._late_holder(request)
+                if claim is None:
                     break
-                claim = decision.claim
+            patient = False
             try:
                 info = self._spawn(claim, cmd, ctx.envelope.id, ports)
             except HostRefused as exc:
@@ -183,12 +198,13 @@ class SchedulerService(MigrationHandlers, Service):
 
     def _earlier_claim(
         self, request: PlacementRequest, refused: set[str], sent_at: float
-    ) -> Claim | None:
+    ) -> tuple[Claim | None, bool]:
         """For a redelivered command: the claim an earlier copy of it (a peer replica that died
         or lost its connection, or this one) holds on a host not yet refused, now taken over by
-        this replica; None if there is none. Asking that host again replays the same message
-        ids, which the compute node answers from its idempotency record, so the domain is not
-        defined on a second host.
+        this replica, or None if there is none; and whether the claim stream covered the
+        command (False: an earlier claim may exist that this replica never saw). Asking that
+        host again replays the same message ids, which the compute node answers from its
+        idempotency record, so the domain is not defined on a second host.
 
         The earlier copy's `claimed` was confirmed by the broker before it called the host, so
         once the claim stream has caught up the state holds it. When that cannot be shown (the
@@ -201,7 +217,10 @@ class SchedulerService(MigrationHandlers, Service):
             log.warning("claim stream not caught up: asking the hosts")
             host = self._holder(request.domain_id, refused)
         if host is None or host in refused:
-            return None
+            return None, covered
+        return self._take_over(request, host), covered
+
+    def _take_over(self, request: PlacementRequest, host: str) -> Claim:
         claim = Claim(
             domain_id=request.domain_id,
             host=host,
@@ -214,27 +233,54 @@ class SchedulerService(MigrationHandlers, Service):
         log.info("redelivered: taking over the earlier claim", host=host)
         return claim
 
-    def _holder(self, domain_id: uuid.UUID, refused: set[str]) -> str | None:
-        """The first alive host (not refused) that says it holds `domain_id`, if any."""
+    def _late_holder(self, request: PlacementRequest) -> Claim | None:
+        """A redelivered command this replica could not show an earlier claim for, and finds
+        no host for: its earlier copy may have asked a host this replica has not heard from
+        (it started after the command was sent, while that host's worker was restarting; the
+        host's durable queue keeps the define, which runs when it is back). Until
+        `restart_wait_s`, each host heard from anew is asked whether it holds the domain, and
+        the decision is tried again; the claim to go on with, or None."""
+        deadline = time.monotonic() + self.config.restart_wait_s
+        asked = self._alive_hosts(set())  # `_holder` asked these already
+        log.warning("no host for a redelivered command: waiting for hosts not heard from")
+        while time.monotonic() < deadline:
+            time.sleep(LATE_HOST_POLL_S)
+            for host in sorted(self._alive_hosts(asked)):
+                asked.add(host)
+                if self._holds(host, request.domain_id):
+                    return self._take_over(request, host)
+            decision = self.placer.decide(request, replica=self.replica, exclude=set())
+            if isinstance(decision, Decision):
+                return decision.claim
+        return None
+
+    def _alive_hosts(self, besides: set[str]) -> set[str]:
         now = time.monotonic()
         with self.state.lock:
-            hosts = [
+            return {
                 h.name
                 for h in self.state.hosts.values()
-                if h.name not in refused and self.state.is_alive(h, now)
-            ]
-        for host in sorted(hosts):
-            try:
-                self.call(
-                    routing.compute_queue(host),
-                    GetDomainInfo(domain_id=domain_id),
-                    timeout=min(5.0, self.config.compute_timeout_s),
-                    message_id=None,
-                )
-            except (RemoteError, BusError):
-                continue  # not there, or no answer: nothing to reuse
-            return host
+                if h.name not in besides and self.state.is_alive(h, now)
+            }
+
+    def _holder(self, domain_id: uuid.UUID, refused: set[str]) -> str | None:
+        """The first alive host (not refused) that says it holds `domain_id`, if any."""
+        for host in sorted(self._alive_hosts(refused)):
+            if self._holds(host, domain_id):
+                return host
         return None
+
+    def _holds(self, host: str, domain_id: uuid.UUID) -> bool:
+        try:
+            self.call(
+                routing.compute_queue(host),
+                GetDomainInfo(domain_id=domain_id),
+                timeout=min(5.0, self.config.compute_timeout_s),
+                message_id=None,
+            )
+        except (RemoteError, BusError):
+            return False  # not there, or no answer: nothing to reuse
+        return True
 
     def catch_up(self, sent_at: float, timeout: float) -> bool:
         """Block until this replica's state holds every event the broker queued for it before
@@ -353,15 +399,33 @@ class SchedulerService(MigrationHandlers, Service):
                 log.warning("clean-up failed", host=host, command=command.TYPE, error=str(exc))
 
     def _call(self, host: str, command: Command, key: str) -> DomainInfo:
-        # Derived ids make a redelivered ScheduleDomain replay the same commands, which the
-        # compute node answers from its idempotency record.
+        """Send `command` to `host` and wait for its answer. Derived ids make a redelivered
+        ScheduleDomain replay the same commands, which the compute node answers from its
+        idempotency record.
+
+        A host that does not answer within `compute_timeout_s` because it went silent meanwhile
+        (its worker restarting: the command waits in its durable queue, or is redelivered to
+        it if it was under way) is asked again with the same id, up to `restart_wait_s` in
+        all: it runs the command once when it is back and answers every copy. Giving up on it
+        then would leave the command to run after the clean-up sent in its place, or beside
+        it (a restarted worker takes all of them at once). Raises RpcTimeout when the host is
+        not restarting or the wait is over."""
         message_id = str(uuid.uuid5(_IDS, key))
-        reply = self.call(
-            routing.compute_queue(host),
-            command,
-            timeout=self.config.compute_timeout_s,
-            message_id=message_id,
-        )
+        sent_at = time.monotonic()
+        give_up_at = sent_at + max(self.config.compute_timeout_s, self.config.restart_wait_s)
+        timeout = self.config.compute_timeout_s
+        while True:
+            try:
+                reply = self.call(
+                    routing.compute_queue(host), command, timeout=timeout, message_id=message_id
+                )
+                break
+            except RpcTimeout:
+                now = time.monotonic()
+                if now >= give_up_at or not self.state.restarting(host, sent_at, now):
+                    raise
+                timeout = min(self.config.compute_timeout_s, give_up_at - now)
+                log.info("host restarting: asking again", host=host, command=command.TYPE)
         assert isinstance(reply, DomainInfo), reply
         return reply
 

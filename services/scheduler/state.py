@@ -19,6 +19,8 @@ from protos.host import HostHeartbeat, HostInventory, Resources
 from protos.scheduler import ScheduleDomain
 
 SETTLE_BEATS = 3
+# A host whose heartbeat is this many intervals late has missed one: it may be restarting.
+SILENT_INTERVALS = 1.5
 
 
 @dataclass(slots=True)
@@ -40,6 +42,8 @@ class HostState:
     free_vcpus: float = 0.0
     free_memory_mib: float = 0.0
     claims: dict[uuid.UUID, Claim] = field(default_factory=dict)
+    # Monotonic time of its first heartbeat after a silence (a restart); -inf if none yet.
+    back_at: float = float("-inf")
 
     def refresh(self) -> None:
         self.free_vcpus = self.vcpu_limit - self.usage.vcpus - self.claimed_vcpus
@@ -148,6 +152,8 @@ class ClusterState:
                     memory_limit_mib=0.0,
                 )
                 self.hosts[beat.host] = host
+            elif self._silent(host, now):
+                host.back_at = now  # heard from again after a silence (a restart)
             host.inventory = inv
             host.usage = beat.usage
             host.enabled = beat.enabled
@@ -170,6 +176,20 @@ class ClusterState:
 
     def is_alive(self, host: HostState, now: float) -> bool:
         return now - host.seen_at <= self.down_after_intervals * host.interval_s
+
+    def restarting(self, name: str, since: float, now: float) -> bool:
+        """Whether host `name` went silent after monotonic `since`: it missed a heartbeat
+        and is silent now (down, or restarting: its durable queue keeps what it was sent), or
+        it came back after `since` (it may be running what it was sent before it went away)."""
+        with self.lock:
+            host = self.hosts.get(name)
+            if host is None:
+                return False
+            return self._silent(host, now) or host.back_at >= since
+
+    @staticmethod
+    def _silent(host: HostState, now: float) -> bool:
+        return now - host.seen_at > SILENT_INTERVALS * host.interval_s
 
     # ---- claims ------------------------------------------------------------------------------
 

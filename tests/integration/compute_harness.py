@@ -27,9 +27,15 @@ class ComputeProcess:
     """`flotilla-compute` for one host name and state dir, started and ended by its pid."""
 
     def __init__(
-        self, amqp_url: str, state_dir: Path, host: str, env: dict[str, str] | None = None
+        self,
+        amqp_url: str,
+        state_dir: Path,
+        host: str,
+        env: dict[str, str] | None = None,
+        module: str = "compute_node.main",
     ) -> None:
         self.amqp_url = amqp_url
+        self.module = module
         self.env = env or {}
         self.state_dir = state_dir
         self.host = host
@@ -42,7 +48,7 @@ class ComputeProcess:
             [
                 sys.executable,
                 "-m",
-                "compute_node.main",
+                self.module,
                 "--host",
                 self.host,
                 "--state-dir",

@@ -61,6 +61,28 @@ class SlowSpawn(FakeDriver):
         return super().spawn(spec, files, paused=paused, nics=nics)
 
 
+class HeldSpawn(FakeDriver):
+    """Spawning waits for `go`: the test kills the create's API replica and deletes the
+    domain in between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawning = threading.Event()
+        self.go = threading.Event()
+
+    def spawn(
+        self,
+        spec: DomainSpec,
+        files: BootFiles,
+        *,
+        paused: bool = False,
+        nics: Sequence[NicTap] = (),
+    ) -> RuntimeInfo:
+        self.spawning.set()
+        assert self.go.wait(60)
+        return super().spawn(spec, files, paused=paused, nics=nics)
+
+
 def _api(tmp: Path, i: int, amqp_url: str, db_url: str) -> tuple[Child, str]:
     port = free_port()
     path = tmp / f"api{i}.toml"
@@ -106,10 +128,10 @@ def test_a_create_whose_api_replica_dies_mid_placement_ends_placed_on_the_other(
     children: list[Child] = []
     try:
         scheduler.wait_for_hosts(1)
-        (doomed, doomed_url), (other, other_url) = (
-            _api(tmp_path, i, amqp_url, db_url) for i in range(2)
-        )
-        children += [doomed, other]
+        doomed, doomed_url = _api(tmp_path, 0, amqp_url, db_url)
+        children.append(doomed)  # stopped even if the other one fails to start
+        other, other_url = _api(tmp_path, 1, amqp_url, db_url)
+        children.append(other)
         name = f"rd-{uuid.uuid4().hex[:8]}"
         body = {"name": name, "memory_mib": 32, "boot": {"kernel": KERNEL}}
 
@@ -134,6 +156,70 @@ def test_a_create_whose_api_replica_dies_mid_placement_ends_placed_on_the_other(
             time.sleep(0.2)
         assert (d.get("host"), d.get("state"), d.get("task")) == (host, "running", "none"), d
     finally:
+        for child in children:
+            child.stop()
+        scheduler.stop()
+        node.stop()
+
+
+@pytest.mark.slow  # two API replicas on PostgreSQL: ~80 s on a loaded 2-core machine
+def test_a_delete_before_the_dead_replicas_create_is_placed_removes_the_guest(
+    amqp_url: str, db_url: str, tmp_path: Path
+) -> None:
+    """The create's replica dies while the host starts the domain; a DELETE on the other
+    replica finds no host yet. It must still win: the guest that then starts is destroyed
+    and undefined there, and the record goes once the host confirms (it counts until then)."""
+    host = f"rd-{uuid.uuid4().hex[:6]}"
+    driver = HeldSpawn()
+    config = ComputeConfig(
+        host=host,
+        state_dir=tmp_path / host,
+        amqp_url=amqp_url,
+        driver="fake",
+        allowed_boot_dirs=[BOOT_DIR],
+        heartbeat_interval_s=0.5,
+    )
+    node = ComputeNode(config, driver).start()
+    scheduler = Scheduler(SchedulerConfig(amqp_url=amqp_url, replica="rd-sched")).start()
+    children: list[Child] = []
+    try:
+        scheduler.wait_for_hosts(1)
+        doomed, doomed_url = _api(tmp_path, 0, amqp_url, db_url)
+        children.append(doomed)  # stopped even if the other one fails to start
+        other, other_url = _api(tmp_path, 1, amqp_url, db_url)
+        children.append(other)
+        name = f"rd-{uuid.uuid4().hex[:8]}"
+        body = {"name": name, "memory_mib": 32, "boot": {"kernel": KERNEL}}
+
+        def create() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.post(f"{doomed_url}/v1/domains", json=body, headers=HEADERS, timeout=30)
+
+        client = threading.Thread(target=create)
+        client.start()
+        assert driver.spawning.wait(30), "the scheduler never asked the host to start it"
+        os.kill(doomed.pid, signal.SIGKILL)
+        client.join(30)
+
+        r = httpx.get(f"{other_url}/v1/domains", params={"name": name}, headers=HEADERS)
+        (d,) = r.json()["domains"]
+        assert (d["host"], d["task"]) == (None, "scheduling"), d
+        r = httpx.delete(f"{other_url}/v1/domains/{d['id']}", headers=HEADERS, timeout=30)
+        assert r.status_code == 202, r.text
+        assert (r.json()["host"], r.json()["task"]) == (None, "deleting")
+        driver.go.set()  # the host starts it now
+
+        domain_id = uuid.UUID(d["id"])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            r = httpx.get(f"{other_url}/v1/domains/{domain_id}", headers=HEADERS)
+            if r.status_code == 404 and node.store.get(domain_id) is None:
+                break
+            time.sleep(0.2)
+        assert node.store.get(domain_id) is None, "the guest was left on its host"
+        assert r.status_code == 404, r.text
+    finally:
+        driver.go.set()
         for child in children:
             child.stop()
         scheduler.stop()

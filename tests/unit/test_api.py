@@ -5,6 +5,7 @@ tests/integration/test_api.py."""
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import Iterator
@@ -25,15 +26,16 @@ from protos.base import Message
 from protos.bindings import NetworkBinding, PortBinding
 from protos.codec import decode, envelope_for, parse_body
 from protos.commands import Command, DefineDomain, StartDomain
-from protos.domain import DomainSpec
+from protos.domain import DomainSpec, TaskState
 from protos.events import DomainEvent
 from protos.host import HostHeartbeat, HostInventory
 from protos.network import ReleasePorts
 from protos.replies import DomainInfo, Done, ErrorReply
 from protos.scheduler import Attempt, Placement, ScheduleDomain
-from services.api import ApiConfig, Quota, TokenEntry, create_app
+from services.api import ApiConfig, Quota, TokenEntry, create_app, reaping
 from services.api.config import Role
 from services.api.metrics import ApiMetrics
+from services.api.orphans import GRACE_S, OrphanSweeper
 from services.api.projection import EventProjector
 from services.api.registry import Registry
 from services.api.visibility import HOST_ALIAS_KEY_NAME, host_alias
@@ -393,6 +395,35 @@ def test_delete_releases_the_ports_of_a_domain_with_nics(
     # After the host undefined it, never before.
     kinds = [type(c).__name__ for _, c in cloud.calls]
     assert kinds.index("ReleasePorts") > kinds.index("UndefineDomain")
+
+
+def test_a_delete_before_placement_removes_the_domain_wherever_it_appears(
+    client: TestClient, cloud: FakeCloud, registry: Registry
+) -> None:
+    """The create's API replica is gone (its record stays `scheduling`, no host) and the
+    scheduler defines the domain later (`start: false`): the DELETE answered 202 must still
+    hold. The definition gets it undefined on its host; the sweep then ends the tombstone."""
+    ctx = client.app.state.ctx  # type: ignore[attr-defined]
+    cloud.projector.reap = functools.partial(reaping.reap, ctx)
+    s = DomainSpec.model_validate(body(memory_mib=64))
+    registry.create_domain(s, "alice", Quota())
+    r = client.delete(f"/v1/domains/{s.uuid}", headers=auth(ALICE))
+    assert r.status_code == 202, r.text
+    assert (r.json()["task"], r.json()["host"]) == ("deleting", None)
+    assert registry.usage("alice")["domains"] == 1  # counts until a host confirms
+
+    cloud._compute("h1", DefineDomain(spec=s, privileged=True))  # the late placement
+    assert cloud.nodes["h1"].store.get(s.uuid) is None  # undefined there again
+    record = registry.get_domain(s.uuid)
+    assert record is not None
+    assert (record.task, record.host) == (TaskState.DELETING, None)  # a refusal may follow
+    sweeper = OrphanSweeper(
+        registry, -GRACE_S, reap=functools.partial(reaping.reap, ctx),
+        release=functools.partial(reaping.release, ctx),
+    )  # fmt: skip
+    sweeper.sweep()
+    assert registry.get_domain(s.uuid) is None
+    assert client.get(f"/v1/domains/{s.uuid}", headers=auth(ALICE)).status_code == 404
 
 
 def test_delete_when_the_registry_lags_the_host(client: TestClient, cloud: FakeCloud) -> None:

@@ -392,6 +392,98 @@ def test_an_orphaned_create_without_events_is_an_error_a_later_start_still_place
     assert (record.host, record.power, record.task) == ("h3", PowerState.RUNNING, TaskState.NONE)
 
 
+# ---- deletes of domains not placed yet (services.api.reaping) ---------------------------------
+
+
+def defined(s: DomainSpec, host: str, seq: int) -> DomainDefined:
+    return DomainDefined(
+        domain_id=s.uuid,
+        name=s.name,
+        host=host,
+        seq=seq,
+        state=PowerState.SHUTOFF,
+        detail=DefinedDetail.ADDED,
+    )
+
+
+def tombstone(registry: Registry) -> DomainSpec:
+    s = spec()
+    registry.create_domain(s, "p", Quota())
+    record = registry.tombstone(s.uuid)
+    assert record is not None
+    assert (record.host, record.task) == (None, TaskState.DELETING)
+    return s
+
+
+def test_a_deleted_domain_that_starts_is_reaped_there_and_goes_with_its_undefine(
+    registry: Registry,
+) -> None:
+    s = tombstone(registry)
+    assert registry.usage("p")["domains"] == 1  # counts until its host confirms
+    assert apply(registry, started(s, "h1", 2)) is Outcome.REAP
+    record = registry.get_domain(s.uuid)
+    assert record is not None
+    assert (record.host, record.task, record.seq) == ("h1", TaskState.DELETING, 2)
+    assert apply(registry, undefined(s, "h1", 4)) is Outcome.REMOVED
+    assert registry.get_domain(s.uuid) is None
+
+
+def test_a_deleted_domain_defined_somewhere_is_reaped_but_stays_a_tombstone(
+    registry: Registry,
+) -> None:
+    """A definition may be a refused attempt's (the scheduler then tries elsewhere): the
+    record waits for a start, the create's answer or the sweep."""
+    s = tombstone(registry)
+    assert apply(registry, defined(s, "h1", 1)) is Outcome.REAP
+    assert apply(registry, undefined(s, "h1", 2)) is Outcome.LOGGED
+    record = registry.get_domain(s.uuid)
+    assert record is not None
+    assert (record.host, record.task) == (None, TaskState.DELETING)
+    # The scheduler's answer reaches the create's replica: the domain is reaped there.
+    placed = registry.set_placement(s.uuid, "h2", info(s, "h2", PowerState.RUNNING, 2))
+    assert placed is not None
+    assert (placed.host, placed.task) == ("h2", TaskState.DELETING)
+    assert registry.remove_deleted(s.uuid, "h2")
+
+
+def test_the_sweep_settles_tombstones_and_retries_deletes_left_on_a_host(
+    registry: Registry,
+) -> None:
+    nowhere = tombstone(registry)  # never reached a host
+    gone = tombstone(registry)  # defined on h1, removed from there again
+    for event in (defined(gone, "h1", 1), undefined(gone, "h1", 2)):
+        apply(registry, event)
+    left = tombstone(registry)  # defined on h2 (start: false), not removed yet
+    apply(registry, defined(left, "h2", 1))
+    placed = spec()  # deleting on its host, its DELETE's calls cut short
+    registry.create_domain(placed, "p", Quota())
+    registry.set_placement(placed.uuid, "h3", info(placed, "h3", PowerState.RUNNING, 2))
+    registry.set_task(placed.uuid, TaskState.DELETING)
+
+    assert registry.settle_deletes(older_than_s=60) == ([], [])  # their creates may be live
+    before = registry.get_domain(nowhere.uuid)
+    again = registry.tombstone(nowhere.uuid)  # a DELETE again does not put the sweep off
+    assert before is not None
+    assert again is not None
+    assert again.updated_at == before.updated_at
+    to_reap, removed = registry.settle_deletes(older_than_s=0)
+    assert sorted(r.id for r in removed) == sorted([nowhere.uuid, gone.uuid])
+    assert {(r.id, host) for r, host in to_reap} == {(left.uuid, "h2"), (placed.uuid, "h3")}
+    record = registry.get_domain(left.uuid)
+    assert record is not None
+    assert (record.host, record.task) == ("h2", TaskState.DELETING)
+    assert registry.settle_deletes(older_than_s=60) == ([], [])  # touched: next try later
+
+
+def test_a_create_that_times_out_does_not_undo_a_delete(registry: Registry) -> None:
+    s = tombstone(registry)
+    fault = Fault(code="schedule_timeout", message="late")
+    registry.set_task(s.uuid, TaskState.ERROR, fault, unless=TaskState.DELETING)
+    record = registry.get_domain(s.uuid)
+    assert record is not None
+    assert record.task is TaskState.DELETING
+
+
 # ---- migration (protos.migration) -------------------------------------------------------------
 
 P = PowerState

@@ -315,6 +315,41 @@ def test_a_silent_host_is_an_unavailable_attempt_and_destroyed_best_effort() -> 
     assert placement.attempts[0].code == "unavailable"
 
 
+def test_a_host_that_went_silent_is_waited_for_with_the_same_command() -> None:
+    """Its worker restarting: the start waits in its queue, and a clean-up sent in its place
+    would run beside it once the worker is back. So the same command (same id) is sent again,
+    and nothing is cleaned up or tried elsewhere."""
+    computes = FakeComputes({"a": (4, 8192), "b": (4, 2048)})
+    svc = service(computes, top_n=1, compute_timeout_s=0.1, restart_wait_s=30.0)
+    sent: list[tuple[str, str | None]] = []
+
+    def call(queue: str, command: Command, *, timeout: float, message_id: str | None) -> Message:
+        sent.append((command.TYPE, message_id))
+        if isinstance(command, StartDomain) and len(sent) == 2:
+            svc.state.hosts["a"].seen_at -= 1000.0  # its heartbeats stopped meanwhile
+            raise RpcTimeout("no reply")
+        return computes(queue, command, timeout=timeout, message_id=message_id)
+
+    svc.call = call  # type: ignore[method-assign]
+    placement = schedule(svc, ScheduleDomain(spec=spec(), project="p"))
+    assert (placement.host, placement.attempts) == ("a", [])
+    _, start, again = sent
+    assert start == again
+    assert start[0] == StartDomain.TYPE
+    assert [c for c in computes.calls if c[1] != StartDomain.TYPE] == [("a", DefineDomain.TYPE)]
+
+
+def test_a_host_silent_past_the_restart_wait_is_given_up() -> None:
+    computes = FakeComputes({"a": (4, 8192), "b": (4, 2048)})
+    computes.silent = {"a"}
+    svc = service(computes, top_n=1, compute_timeout_s=0.05, restart_wait_s=0.2)
+    svc.state.hosts["a"].seen_at -= 100.0  # missed a heartbeat (its interval is 60 s)
+    placement = schedule(svc, ScheduleDomain(spec=spec(), project="p"))
+    assert placement.host == "b"
+    assert placement.attempts[0].code == "unavailable"
+    assert computes.calls.count(("a", DefineDomain.TYPE)) >= 2  # asked again meanwhile
+
+
 def test_a_conflict_is_not_retried() -> None:
     computes = FakeComputes({"a": (4, 8192), "b": (4, 2048)})
     computes.refuse = {"a": "conflict"}

@@ -4,8 +4,10 @@ out: the placement is claimed once, on the first replica's host, whoever gets th
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
+from protos import routing
 from protos.base import Message
 from protos.codec import envelope_for
 from protos.commands import Command, DefineDomain, GetDomainInfo
@@ -170,6 +172,33 @@ def test_a_replica_that_never_saw_the_claim_asks_the_hosts() -> None:
     except SystemExit:
         pass
     assert computes.hosts_defining(cmd) == ["h1"]
+    placement = b.schedule(cmd, Context(envelope, redelivered=True))
+    assert placement.host == "h1"
+    assert computes.hosts_defining(cmd) == ["h1"]
+    assert cmd.spec.uuid in computes.running["h1"]
+
+
+def test_a_young_replica_waits_for_the_restarting_host_that_holds_the_domain() -> None:
+    """`b` started after the command was sent and while `h1`'s worker was restarting, so it
+    has not heard from `h1` at all; the earlier copy's define waited in `h1`'s queue. Finding
+    no host (the command names `h1`), `b` must wait for `h1` to be back and go on there, not
+    answer `no_valid_host` and leave the domain defined but never started."""
+    computes = RecordingComputes(LIMITS)
+    b = service(computes, replica="b", top_n=1, restart_wait_s=10.0)
+    b.catch_up = lambda sent_at, timeout: False  # type: ignore[method-assign]
+    known = b.state.hosts.pop("h1")
+    cmd = ScheduleDomain(spec=spec(memory_mib=1024, host="h1"), project="p")
+    envelope = envelope_for(cmd, source="api")
+    # The earlier copy's define ran once the worker was back.
+    computes(routing.compute_queue("h1"), DefineDomain(spec=cmd.spec), timeout=1, message_id="x")
+
+    def back() -> None:
+        time.sleep(0.3)
+        with b.state.lock:
+            known.seen_at = time.monotonic()
+            b.state.hosts["h1"] = known  # its first heartbeat after the restart
+
+    threading.Thread(target=back).start()
     placement = b.schedule(cmd, Context(envelope, redelivered=True))
     assert placement.host == "h1"
     assert computes.hosts_defining(cmd) == ["h1"]

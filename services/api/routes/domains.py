@@ -29,11 +29,10 @@ from protos.domain import (
     TaskState,
     spec_problems,
 )
-from protos.network import ReleasePorts
 from protos.replies import ConsoleOutput, DomainInfo
 from protos.scheduler import Attempt, Placement, ScheduleDomain
 from protos.states import Action, Verdict, decide
-from services.api import boot_images
+from services.api import boot_images, reaping
 from services.api.context import ApiContext
 from services.api.models import (
     ActionName,
@@ -119,10 +118,13 @@ def create_domain(
         raise
     assert isinstance(placement, Placement)
     placed = ctx.registry.set_placement(record.id, placement.host, placement.info)
-    if placed is None:
+    if placed is None or placed.task is TaskState.DELETING:
         # Deleted while the scheduler worked: do not leave the guest behind on its host.
-        _remove_from_host(ctx, placement.host, record.id)
-        disks.release_disks(ctx, record.id, spec)
+        if placed is None:
+            _remove_from_host(ctx, placement.host, record.id)
+            disks.release_disks(ctx, record.id, spec)
+        else:
+            reaping.reap(ctx, record.id, placement.host)
         raise Problem(409, "deleted", f"domain {record.id} was deleted while being scheduled")
     response.headers["Location"] = f"/v1/domains/{record.id}"
     return DomainView.of(placed, mask, placement.attempts)
@@ -154,7 +156,8 @@ def _schedule_failed(ctx: ApiContext, record: DomainRecord, problem: Problem) ->
     code = "schedule_timeout" if problem.code == "timeout" else problem.code
     fault = Fault(code=code, message=problem.detail)
     if problem.code in _OUTCOME_UNKNOWN:
-        ctx.registry.set_task(record.id, TaskState.ERROR, fault)
+        # Unless deleted meanwhile: the tombstone stays for wherever the domain appears.
+        ctx.registry.set_task(record.id, TaskState.ERROR, fault, unless=TaskState.DELETING)
     else:
         ctx.registry.remove_domain(record.id)
     problem.extras.setdefault("domain_id", str(record.id))
@@ -235,47 +238,40 @@ def delete_domain(
     domain_id: uuid.UUID, ctx: Ctx, caller: Caller, mask: Mask
 ) -> Response | DomainView:
     """Destroy the domain if active and undefine it on its host: 202 with task `deleting`;
-    the record goes when the host's `domain.undefined` arrives. 204 when there was nothing
-    on a host (never placed). Calling it again while `deleting` retries."""
+    the record goes when the host's `domain.undefined` arrives. Calling it again while
+    `deleting` retries. A domain not placed yet (its create still with the scheduler, or
+    its outcome unknown) is deleted wherever it appears: 202 with task `deleting` and no
+    host; the record goes once its host undefined it, or when it never reaches one."""
     record = ctx.visible_domain(caller, domain_id)
     if record.host is None:
-        _release_ports(ctx, record)
-        ctx.registry.remove_domain(domain_id)
-        disks.release_disks(ctx, domain_id, record.spec)
-        return Response(status_code=204)
+        current = ctx.registry.tombstone(domain_id)
+        if current is None:
+            return Response(status_code=204)  # removed meanwhile (its create was refused)
+        if current.host is None:
+            return DomainView.of(current, mask)
+        record = current  # placed meanwhile: delete it on its host
     if record.task is not TaskState.DELETING:
         if record.power in ACTIVE_STATES:
             _check(record, Action.DESTROY)
         _check_gate(record, Action.UNDEFINE)
+    host = record.host
+    assert host is not None
     ctx.registry.set_task(domain_id, TaskState.DELETING)
     snapshots.drop_states(ctx, domain_id)
     try:
-        _destroy_and_undefine(ctx, record.host, domain_id, record.power in ACTIVE_STATES)
+        reaping.destroy_and_undefine(ctx, host, domain_id, record.power in ACTIVE_STATES)
     except Problem as problem:
         if problem.code != "not_found":
-            raise  # the record stays `deleting`: DELETE again to retry
-        _release_ports(ctx, record)
+            raise  # the record stays `deleting`: DELETE again to retry (or the sweep does)
         ctx.registry.remove_domain(domain_id)  # already gone from the host
-        disks.release_disks(ctx, domain_id, record.spec)
+        reaping.release(ctx, record)
         return Response(status_code=204)
-    _release_ports(ctx, record)
-    # Undefined on its host: its volumes are free.
-    disks.release_disks(ctx, domain_id, record.spec)
+    # Undefined on its host: its ports and volumes are free.
+    reaping.release(ctx, record)
     current = ctx.registry.get_domain(domain_id)
     if current is None:
         return Response(status_code=204)  # the undefined event beat us here
     return DomainView.of(current, mask)
-
-
-def _release_ports(ctx: ApiContext, record: DomainRecord) -> None:
-    """The domain is off its host: its NICs' ports (and addresses) go back to the network
-    service. Idempotent there; a failure is logged (DELETE again releases again)."""
-    if not record.spec.nics:
-        return
-    try:
-        ctx.call(routing.NETWORK_QUEUE, ReleasePorts(domain_id=record.id))
-    except Problem as problem:
-        log.warning("ports not released", domain_id=str(record.id), error=problem.detail)
 
 
 def _check_gate(record: DomainRecord, action: Action) -> None:
@@ -283,24 +279,6 @@ def _check_gate(record: DomainRecord, action: Action) -> None:
     decision = decide(PowerState.SHUTOFF, record.task, action)
     if decision.verdict is Verdict.REFUSE:
         raise _refuse(record, action.value, decision.reason)
-
-
-def _destroy_and_undefine(ctx: ApiContext, host: str, domain_id: uuid.UUID, active: bool) -> None:
-    """The registry's view may lag the host's: a `conflict` from either step means the host
-    saw the other state, so the other order is tried once."""
-    if active:
-        try:
-            ctx.call_host(host, DestroyDomain(domain_id=domain_id))
-        except Problem as problem:
-            if problem.code != "conflict":
-                raise
-    try:
-        ctx.call_host(host, UndefineDomain(domain_id=domain_id))
-    except Problem as problem:
-        if problem.code != "conflict":
-            raise
-        ctx.call_host(host, DestroyDomain(domain_id=domain_id))
-        ctx.call_host(host, UndefineDomain(domain_id=domain_id))
 
 
 def _action(request: ActionRequest) -> Action:
