@@ -124,12 +124,13 @@ class VolumePage(Message):
     _wire: dict[str, Any] | None = PrivateAttr(default=None)
 
     @classmethod
-    def of_wire(cls, volumes: list[dict[str, Any]], cursor: str | None) -> VolumePage:
+    def of_wire(cls, volumes: list[Any], cursor: str | None) -> VolumePage:
         """A page to send whose volumes are wire data already (each a Volume in its JSON
-        form, as the catalog builds them from its rows), `cursor` its `next`: it is encoded
-        as it is, without a model per volume, and its reader validates it as any reply. Only
-        for sending: its `volumes` hold those dicts, not models."""
-        page = cls.model_construct(volumes=volumes, next=cursor)  # type: ignore[arg-type]
+        form, as the catalog builds them from its rows: protos.volume_wire.VolumeRow),
+        `cursor` its `next`: it is encoded as it is, without a model per volume, and its
+        reader validates it as any reply. Only for sending: its `volumes` hold those rows,
+        not models."""
+        page = cls.model_construct(volumes=volumes, next=cursor)
         page._wire = {"volumes": volumes, "next": cursor}
         return page
 
