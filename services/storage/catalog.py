@@ -175,8 +175,9 @@ class Catalog:
     def page_wire(
         self, project: str | None, pool: str | None, limit: int, after: str | None
     ) -> VolumePage:
-        """Volumes by (project, name), ready to send (services.storage.listing)."""
-        with self.db.transaction() as conn:
+        """Volumes by (project, name), ready to send (services.storage.listing); read
+        without the write lock, which a page of 10,000 would hold up writers with."""
+        with self.db.transaction(read_only=True) as conn:
             return volume_page(conn, project, pool, limit, after)
 
     def stuck(self, now: float | None = None) -> list[Volume]:
