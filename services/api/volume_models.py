@@ -121,9 +121,10 @@ class VolumeList(BaseModel):
 
 
 class _VolumeViewRecord(msgspec.Struct, gc=False):
-    """VolumeView's JSON, field for field, for msgspec's encoder."""
+    """VolumeView's JSON, field for field, for msgspec's encoder (ids are the canonical
+    UUID strings protos.volume_wire checked)."""
 
-    id: uuid.UUID
+    id: str
     name: str
     project: str
     pool: str
@@ -131,7 +132,7 @@ class _VolumeViewRecord(msgspec.Struct, gc=False):
     size: int
     state: str
     attachment: AttachmentRecord | None
-    source_id: uuid.UUID | None
+    source_id: str | None
     seq: int
     created_at: float
 

@@ -81,10 +81,11 @@ def test_a_page_reads_as_the_model_reads_it() -> None:
     read = read_volume_page(_body(wire))
     assert msgspec.to_builtins(read) == wire
     assert read.volumes[1].attachment == AttachmentRecord(
-        domain_id=model.volumes[1].attachment.domain_id,  # type: ignore[union-attr]
+        domain_id=str(model.volumes[1].attachment.domain_id),  # type: ignore[union-attr]
         target="vdc",
         readonly=True,
     )
+    assert read.volumes[1].source_id == str(model.volumes[1].source_id)
     assert read.next == "p1/d"
 
 
@@ -159,12 +160,22 @@ def test_missing_required_fields_are_refused_and_defaults_kept() -> None:
             read_volume_page(_body(broken))
 
 
-def test_the_reader_is_no_looser_than_the_model() -> None:
-    """pydantic's lax mode turns "5" into 5; the reader takes only what a writer sends."""
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("size", "5"),
+        ("volume_id", "12345678123456781234567812345678"),
+        ("volume_id", "12345678-1234-5678-1234-56781234567A"),
+        ("source_id", "{12345678-1234-5678-1234-567812345678}"),
+    ],
+)
+def test_the_reader_is_no_looser_than_the_model(field: str, value: str) -> None:
+    """pydantic's lax mode turns "5" into 5 and reads a UUID in several spellings; the
+    reader takes only what the catalog writes (and the API then sends on as it is)."""
     wire = _page().model_dump(mode="json")
-    wire["volumes"][0]["size"] = "5"
-    assert VolumePage.model_validate(wire).volumes[0].size == 5
-    with pytest.raises(ValueError, match="size"):
+    wire["volumes"][0][field] = value
+    VolumePage.model_validate(wire)
+    with pytest.raises(ValueError, match=field):
         read_volume_page(_body(wire))
 
 
