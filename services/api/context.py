@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-import msgpack
+import msgspec
 from fastapi import Request
 
 from protos.base import Message
@@ -141,7 +141,7 @@ class ApiContext:
                 return bus.call_read(queue, command, read, timeout=timeout)
             # A bus that returns only models (a unit test's fake): its reply goes through
             # `read` in its wire form all the same.
-            return read(msgpack.packb(body_of(bus.call(queue, command, timeout=timeout))))
+            return read(msgspec.msgpack.encode(body_of(bus.call(queue, command, timeout=timeout))))
 
     def _bus(self) -> CommandBus:
         if self.bus is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -17,7 +18,9 @@ import msgspec
 import pytest
 from pydantic import ValidationError
 
+from protos.base import Message
 from protos.codec import Envelope, pack
+from protos.commands import Command
 from protos.volume_wire import (
     AttachmentRecord,
     VolumePageRecord,
@@ -25,7 +28,10 @@ from protos.volume_wire import (
     VolumeRow,
     read_volume_page,
 )
-from protos.volumes import Attachment, Volume, VolumePage
+from protos.volumes import Attachment, ListVolumes, Volume, VolumePage
+from services.api.config import ApiConfig
+from services.api.context import ApiContext
+from services.api.registry import Registry
 from services.api.visibility import HostMask
 from services.api.volume_models import VolumeList, VolumeView, volume_list_json
 
@@ -237,3 +243,24 @@ def test_pack_writes_rows_as_their_maps() -> None:
     body = msgpack.unpackb(pack(envelope))["body"]
     assert body["volumes"] == [msgspec.to_builtins(row)]
     assert Volume.model_validate(body["volumes"][0]).name == "a"
+
+
+class _ModelsOnlyBus:
+    """A bus that returns only models, like the API unit tests' fakes."""
+
+    def __init__(self, page: VolumePage) -> None:
+        self.page = page
+
+    def call(self, queue: str, command: Command, *, timeout: float = 30.0, **_: Any) -> Message:
+        return self.page
+
+
+def test_a_bus_without_readers_has_its_reply_read_all_the_same(tmp_path: Path) -> None:
+    model = _page()
+    registry = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}")
+    try:
+        ctx = ApiContext(config=ApiConfig(), registry=registry, bus=_ModelsOnlyBus(model))
+        page = ctx.call_read("storage", ListVolumes(), read_volume_page)
+    finally:
+        registry.close()
+    assert msgspec.to_builtins(page) == model.model_dump(mode="json")
