@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from services.db.engine import create_engine
+from services.db.engine import READ_ONLY, create_engine
 
 
 class DatabaseUnavailable(Exception):
@@ -37,15 +37,21 @@ class Database:
         self.dialect: str = self.engine.dialect.name  # "sqlite" or "postgresql"
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Connection]:
+    def transaction(self, *, read_only: bool = False) -> Iterator[Connection]:
         """A connection in a transaction: committed when the block ends, rolled back when it
-        raises. On SQLite the write lock is taken at once (see services.db.engine).
+        raises. On SQLite the write lock is taken at once (see services.db.engine), except
+        for a `read_only` transaction: that one reads one snapshot (WAL) without the lock, so
+        a long read (a page of 10,000 volumes) neither waits for a writer nor holds one up.
+        Writing in a `read_only` transaction is a bug (SQLite may refuse it as busy).
 
         Raises DatabaseUnavailable (chained to the driver's error) when the database is
         away; every other exception propagates unchanged."""
         try:
-            with self.engine.begin() as conn:
-                yield conn
+            with self.engine.connect() as conn:
+                if read_only:
+                    conn.execution_options(**{READ_ONLY: True})
+                with conn.begin():
+                    yield conn
         except sa.exc.SQLAlchemyError as exc:
             if is_unavailable(exc):
                 raise DatabaseUnavailable(f"database unavailable: {_reason(exc)}") from exc

@@ -22,6 +22,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 # One connection per worker thread at most: FastAPI's thread pool has 40 threads.
 _POOL = {"pool_size": 5, "max_overflow": 35, "pool_timeout": 30}
 _SQLITE_BUSY_TIMEOUT_S = 30
+READ_ONLY = "flotilla_read_only"  # the execution option of a read-only transaction
 _PG_CONNECT_TIMEOUT_S = 10
 
 
@@ -79,7 +80,9 @@ def _sqlite_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None
 
 
 def _sqlite_begin(connection: Connection) -> None:
-    # Straight to the driver: this runs for every transaction.
+    # Straight to the driver: this runs for every transaction. A read-only one (Database.
+    # transaction(read_only=True)) begins deferred: it takes no lock.
     driver = connection.connection.driver_connection
     assert driver is not None
-    driver.execute("BEGIN IMMEDIATE")
+    read_only = connection.get_execution_options().get(READ_ONLY, False)
+    driver.execute("BEGIN" if read_only else "BEGIN IMMEDIATE")

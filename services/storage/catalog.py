@@ -18,12 +18,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from protos.codec import envelope_for, pack
+from protos.codec import decode, envelope_for, pack, parse_body
 from protos.images import ImageEvent
 from protos.storage import PoolCapabilities, PoolInfo, VolumeAttached, VolumeDetached, VolumeEvent
 from protos.volumes import Attachment, Pool, Volume, VolumePage, VolumeQuota
 from services.bus import Cause, ServiceError
 from services.db import Database, advisory_xact_lock, upgrade, upsert
+from services.storage.listing import volume_page
 from services.storage.tables import CATALOG, outbox, pools, replies, volumes
 
 GiB = 1 << 30
@@ -164,33 +165,20 @@ class Catalog:
     def page(
         self, project: str | None, pool: str | None, limit: int, after: str | None
     ) -> VolumePage:
-        """The page `page_wire` sends, validated (for reading in this process)."""
+        """The page `page_wire` sends, as its reader validates it (for reading in this
+        process)."""
         wire = self.page_wire(project, pool, limit, after)
-        return VolumePage.model_validate({"volumes": wire.volumes, "next": wire.next})
+        page = parse_body(decode(pack(envelope_for(wire, source=self.replica))))
+        assert isinstance(page, VolumePage)
+        return page
 
     def page_wire(
         self, project: str | None, pool: str | None, limit: int, after: str | None
     ) -> VolumePage:
-        """Volumes by (project, name), ready to send: one keyset query over the (project,
-        name) index for the reply's columns only, rows straight to wire data (no model per
-        row: VolumePage.of_wire). The cursor is the last one's `project/name` (names hold no
-        `/`)."""
-        query = sa.select(*_PAGE_COLUMNS).order_by(volumes.c.project, volumes.c.name)
-        if project is not None:
-            query = query.where(volumes.c.project == project)
-        if pool is not None:
-            query = query.where(volumes.c.pool == pool)
-        if after:
-            last_project, _, last_name = after.partition("/")
-            query = query.where(
-                sa.tuple_(volumes.c.project, volumes.c.name) > (last_project, last_name)
-            )
-        with self.db.transaction() as conn:
-            rows = conn.execute(query.limit(limit + 1)).all()
-        more = len(rows) > limit
-        page = [_wire_volume(r) for r in rows[:limit]]
-        cursor = f"{page[-1]['project']}/{page[-1]['name']}" if more and page else None
-        return VolumePage.of_wire(page, cursor)
+        """Volumes by (project, name), ready to send (services.storage.listing); read
+        without the write lock, which a page of 10,000 would hold up writers with."""
+        with self.db.transaction(read_only=True) as conn:
+            return volume_page(conn, project, pool, limit, after)
 
     def stuck(self, now: float | None = None) -> list[Volume]:
         """Volumes in `creating` or `deleting` whose operation's lease has run out."""
@@ -593,63 +581,6 @@ def _row(
     if row is None or (project is not None and row.project != project):
         raise ServiceError("not_found", f"no volume {volume_id}")
     return row
-
-
-_PAGE_COLUMNS = (
-    volumes.c.id,
-    volumes.c.project,
-    volumes.c.name,
-    volumes.c.pool,
-    volumes.c.host,
-    volumes.c.size,
-    volumes.c.state,
-    volumes.c.domain_id,
-    volumes.c.target,
-    volumes.c.readonly,
-    volumes.c.source_id,
-    volumes.c.image,
-    volumes.c.fault,
-    volumes.c.seq,
-    volumes.c.created_at,
-)
-
-
-def _wire_volume(row: Any) -> dict[str, Any]:
-    """A row of _PAGE_COLUMNS as a Volume's JSON form (`Volume.model_dump(mode="json")`)."""
-    (
-        volume_id,
-        project,
-        name,
-        pool,
-        host,
-        size,
-        state,
-        domain_id,
-        target,
-        readonly,
-        source_id,
-        image,
-        fault,
-        seq,
-        created_at,
-    ) = row
-    return {
-        "volume_id": volume_id,
-        "project": project,
-        "name": name,
-        "pool": pool,
-        "host": host,
-        "size": size,
-        "state": state,
-        "attachment": None
-        if domain_id is None
-        else {"domain_id": domain_id, "target": target, "readonly": readonly},
-        "source_id": source_id,
-        "image": image,
-        "fault": fault,
-        "seq": seq,
-        "created_at": created_at,
-    }
 
 
 def _volume(row: Any) -> Volume:

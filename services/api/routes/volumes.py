@@ -8,16 +8,17 @@ project's volume: that answers 404 exactly as a volume that does not exist.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from http import HTTPStatus
-from typing import Annotated, Any
+from typing import Annotated, TypeVar, overload
 
 from fastapi import APIRouter, Query, Response
-from pydantic_core import to_json
 
 from protos import routing
 from protos.base import Message
 from protos.commands import Command
 from protos.domain import NAME_PATTERN
+from protos.volume_wire import read_volume_page
 from protos.volumes import (
     MAX_PAGE,
     CreateVolume,
@@ -30,7 +31,6 @@ from protos.volumes import (
     Pools,
     ResizeVolume,
     Volume,
-    VolumePage,
     VolumeQuota,
     WipeVolume,
 )
@@ -47,6 +47,7 @@ from services.api.volume_models import (
     VolumeList,
     VolumeResize,
     VolumeView,
+    volume_list_json,
 )
 
 pools_router = APIRouter(prefix="/v1/pools", tags=["storage"])
@@ -54,11 +55,21 @@ router = APIRouter(prefix="/v1/volumes", tags=["storage"])
 
 # The storage service's refusals → HTTP (the rest as ApiContext.call maps them).
 _STATUS = {"not_found": 404, "no_space": 422, "over_quota": 403, "invalid": 422}
+T = TypeVar("T")
 
 
-def call_storage(ctx: ApiContext, command: Command) -> Message:
-    """RPC to the storage service; its refusals become problems with their `field`."""
+@overload
+def call_storage(ctx: ApiContext, command: Command) -> Message: ...
+@overload
+def call_storage(ctx: ApiContext, command: Command, read: Callable[[bytes], T]) -> T: ...
+def call_storage(
+    ctx: ApiContext, command: Command, read: Callable[[bytes], T] | None = None
+) -> Message | T:
+    """RPC to the storage service; its refusals become problems with their `field`. With
+    `read`, the reply is read from its bytes by it (ApiContext.call_read)."""
     try:
+        if read is not None:
+            return ctx.call_read(routing.STORAGE_QUEUE, command, read)
         return ctx.call(routing.STORAGE_QUEUE, command)
     except Problem as problem:
         status = _STATUS.get(problem.code)
@@ -159,22 +170,9 @@ def list_volumes(
 ) -> Response:
     """A page of the caller's volumes (an admin's: every project's) by name; `next` is the
     cursor of the next page (absent after the last)."""
-    reply = call_storage(
-        ctx, ListVolumes(project=_project(caller), pool=pool, limit=limit, after=after)
-    )
-    assert isinstance(reply, VolumePage)
-    return page_response(reply, mask)
-
-
-def page_response(reply: VolumePage, mask: HostMask) -> Response:
-    """The page as the API's JSON (VolumeList), from the reply validated once on receipt:
-    built by hand and rendered by pydantic-core in one call, since a page of 1000 through
-    response-model validation, or the standard library's encoder, costs more than the RPC
-    and the query together."""
-    body: dict[str, Any] = {"volumes": [VolumeView.json_of(v, mask) for v in reply.volumes]}
-    if reply.next is not None:
-        body["next"] = reply.next
-    return Response(to_json(body), media_type="application/json")
+    command = ListVolumes(project=_project(caller), pool=pool, limit=limit, after=after)
+    page = call_storage(ctx, command, read_volume_page)
+    return Response(volume_list_json(page, mask), media_type="application/json")
 
 
 # `:uuid`: /v1/volumes/upload (a route of its own) is no volume id, so a GET or DELETE of it
