@@ -2,8 +2,9 @@
 Python's start and the VMM's imports (docs/compute.md, "Warm VMMs").
 
 `WarmVmms(spares_dir, count)` first ends what a previous node left in `spares_dir`, then keeps
-`count` spares (compute_node/vmm/warm.py) ready on a thread of its own. `launch()` starts a
-domain's VMM: on a ready spare when there is one, else cold (`client.spawn`), and cold too
+`count` spares (compute_node/vmm/warm.py) on a thread of its own. `launch()` starts a
+domain's VMM: on a spare when there is one (one still importing is put back to full priority
+and waited for: it is further on than a cold start), else cold (`client.spawn`), and cold too
 whenever the spare fails to take it (it died, answered wrongly or not in time; it is ended
 and has taken nothing), so no start is lost to a spare. The next spare is made
 `refill_delay` seconds after the caller's `reporting()` block (the start and its report)
@@ -21,6 +22,7 @@ from pathlib import Path
 import structlog
 
 from compute_node.vmm import client
+from compute_node.vmm.spare import MAX_FDS
 from compute_node.vmm.warm import ASSIGN_TIMEOUT_S, Spare, SpareUnusable, end_leftovers
 
 log = structlog.get_logger("flotilla.compute.warm")
@@ -65,7 +67,7 @@ class WarmVmms:
     def pids(self) -> list[int]:
         """The ready spares' pids."""
         with self._cond:
-            return [s.pid for s in self._spares]
+            return [s.pid for s in self._spares if s.ready]
 
     @contextlib.contextmanager
     def reporting(self) -> Iterator[None]:
@@ -82,7 +84,8 @@ class WarmVmms:
     def launch(self, directory: Path, pass_fds: Sequence[int], timeout: float) -> int:
         """Starts the VMM of `directory` (its vmm.json written) inheriting `pass_fds`, as
         `client.spawn` does and with its result: the pid once it answers, or VmmSpawnError."""
-        spare = self._take()
+        # More descriptors than one message carries: cold (the spare stays for another).
+        spare = self._take() if len(pass_fds) <= MAX_FDS else None
         if spare is not None:
             before = client.journal_tail(directory)
             try:
@@ -95,9 +98,11 @@ class WarmVmms:
                 except client.VmmVanished as exc:
                     log.warning("assigned spare VMM ended; starting cold", reason=exc.reason)
                 else:
-                    self.warm_starts += 1
+                    with self._cond:
+                        self.warm_starts += 1
                     return pid
-        self.cold_starts += 1
+        with self._cond:
+            self.cold_starts += 1
         return client.spawn(directory, pass_fds=pass_fds, timeout=timeout)
 
     def _take(self) -> Spare | None:
@@ -128,19 +133,24 @@ class WarmVmms:
                 log.warning("cannot start a spare VMM", error=str(exc))
                 self._pause(RETRY_S)
                 continue
-            try:
-                spare.wait_ready()
-            except SpareUnusable as exc:
-                log.warning("spare VMM did not get ready", pid=spare.pid, reason=str(exc))
-                spare.end()
-                self._pause(RETRY_S)
-                continue
             with self._cond:
-                if not self._closed:
-                    self._spares.append(spare)
-                    continue
-            spare.end()
-            return
+                if self._closed:
+                    spare.end()
+                    return
+                # Takeable at once: one still importing beats a cold start.
+                self._spares.append(spare)
+            try:
+                spare.wait_readable()
+                spare.wait_ready(self.assign_timeout)
+            except SpareUnusable as exc:
+                with self._cond:
+                    ours = spare in self._spares  # else a launch took it: its business
+                    if ours:
+                        self._spares.remove(spare)
+                if ours:
+                    log.warning("spare VMM did not get ready", pid=spare.pid, reason=str(exc))
+                    spare.end()
+                    self._pause(RETRY_S)
 
     def _wanted(self) -> bool:
         return self._closed or (self._busy == 0 and len(self._spares) < self.count)

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,6 +47,7 @@ class Spare:
         self.sock = sock
         self.pid_file = pid_file
         self.ready = False
+        self._lock = threading.Lock()  # one reader of its socket at a time
 
     @property
     def pid(self) -> int:
@@ -83,16 +85,37 @@ class Spare:
             raise
         return spare
 
+    def wait_readable(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Until it said something (or ended, or was closed here); SpareUnusable on timeout.
+        Reads nothing: a caller that wants the spare as it is then calls `wait_ready`."""
+        try:
+            if select.select([self.sock], [], [], timeout)[0]:
+                return
+        except (OSError, ValueError) as exc:  # closed meanwhile by `assign` or `end`
+            raise SpareUnusable(f"the spare's socket is closed: {exc}") from None
+        raise SpareUnusable(f"the spare did not get ready within {timeout} s")
+
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
-        """Until it said `ready` (its imports done); then it runs at the node's priority
-        again. SpareUnusable if it died, said something else or did not in time."""
-        reply = self._receive(timeout)
-        if reply.get("ready") != self.pid:
-            raise SpareUnusable(f"the spare said {reply!r:.200} instead of ready")
+        """Until it said `ready` (its imports done), once (any thread may ask); then it runs at
+        the node's priority again. SpareUnusable if it died, said something else or did not
+        in time."""
+        if not self._lock.acquire(timeout=timeout):
+            raise SpareUnusable(f"the spare did not get ready within {timeout} s")
+        try:
+            if self.ready:
+                return
+            reply = self._receive(timeout)
+            if reply.get("ready") != self.pid:
+                raise SpareUnusable(f"the spare said {reply!r:.200} instead of ready")
+            self._renice()
+            self.ready = True
+        finally:
+            self._lock.release()
+
+    def _renice(self) -> None:
         if os.geteuid() == 0:
             with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, self.pid, os.getpriority(os.PRIO_PROCESS, 0))
-        self.ready = True
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -101,43 +124,49 @@ class Spare:
         self, directory: Path, pass_fds: Sequence[int], timeout: float = ASSIGN_TIMEOUT_S
     ) -> int:
         """Hands the spare `directory` (its vmm.json written) and `pass_fds`, to be inherited
-        under the same numbers; returns its pid once it has them, registered with
-        `client.track` (then wait for it with `client.wait_ready`). SpareUnusable (the spare
-        ended, having taken nothing) if it cannot."""
+        under the same numbers (once it is ready, if it is still importing); returns its pid
+        once it has them, registered with `client.track` (then wait for it with
+        `client.wait_ready`). SpareUnusable (the spare ended at once, having taken nothing)
+        if it cannot."""
         if len(pass_fds) > MAX_FDS:
-            self.end()
+            self.end(0)
             raise SpareUnusable(f"{len(pass_fds)} descriptors: more than {MAX_FDS} to pass")
         try:
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
             log = os.open(directory / PROCESS_LOG, flags, 0o666)
         except OSError as exc:
-            self.end()
+            self.end(0)
             raise SpareUnusable(f"cannot open {PROCESS_LOG}: {exc}") from None
         message = pack({"v": VERSION, "dir": str(directory.absolute()), "fds": list(pass_fds)})
         try:
-            socket.send_fds(self.sock, [message], [log, *pass_fds])
-            reply = self._receive(timeout)
+            if not self.ready:
+                self._renice()  # still importing: it is on the critical path now
+                self.wait_ready(timeout)
+            with self._lock:
+                socket.send_fds(self.sock, [message], [log, *pass_fds])
+                reply = self._receive(timeout)
         except OSError as exc:
-            self.end()
+            self.end(0)
             raise SpareUnusable(f"the spare is gone: {exc}") from None
         except SpareUnusable:
-            self.end()
+            # Killed at once: an answer late by a hair must not leave it running the domain.
+            self.end(0)
             raise
         finally:
             os.close(log)
         if reply.get("ok") is not True or reply.get("pid") != self.pid:
-            self.end()
+            self.end(0)
             raise SpareUnusable(f"the spare refused the assignment: {reply!r:.200}")
         self.sock.close()
         client.track(self.proc)
         return self.pid
 
     def _receive(self, timeout: float) -> dict[str, object]:
-        if not select.select([self.sock], [], [], timeout)[0]:
-            raise SpareUnusable(f"the spare did not answer within {timeout} s")
         try:
+            if not select.select([self.sock], [], [], timeout)[0]:
+                raise SpareUnusable(f"the spare did not answer within {timeout} s")
             data = self.sock.recv(MAX_MESSAGE)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise SpareUnusable(f"the spare is gone: {exc}") from None
         if not data:
             raise SpareUnusable(f"the spare exited (status {self.proc.poll()})")
@@ -147,8 +176,8 @@ class Spare:
             raise SpareUnusable(f"the spare's answer is unreadable: {exc}") from None
 
     def end(self, timeout: float = 1.0) -> None:
-        """Ends it (EOF on its socket, SIGKILL after `timeout`), reaps it, removes its pid
-        file. Only for a spare that was not assigned."""
+        """Ends it (EOF on its socket, SIGKILL after `timeout`: at once for 0), reaps it,
+        removes its pid file. Only for a spare that was not assigned."""
         self.sock.close()
         try:
             self.proc.wait(timeout)

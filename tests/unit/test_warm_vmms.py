@@ -206,8 +206,9 @@ def test_a_wrong_answer_ends_the_spare(tmp_path: Path) -> None:
     # A process on the spare's socket that answers the assignment with something else.
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     script = (
-        "import socket,sys; s=socket.socket(fileno=int(sys.argv[1])); "
-        "socket.recv_fds(s, 65536, 8); s.send(b'\\x81\\xa2ok\\xc3'); s.recv(1)"
+        "import os,socket,sys,msgpack; s=socket.socket(fileno=int(sys.argv[1])); "
+        "s.send(msgpack.packb({'ready': os.getpid()})); "
+        "socket.recv_fds(s, 65536, 8); s.send(msgpack.packb({'ok': True})); s.recv(1)"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", script, str(theirs.fileno())], pass_fds=(theirs.fileno(),)
@@ -219,6 +220,18 @@ def test_a_wrong_answer_ends_the_spare(tmp_path: Path) -> None:
     with pytest.raises(SpareUnusable, match="refused the assignment"):
         spare.assign(domain, [])
     assert proc.poll() is not None
+
+
+def test_a_spare_still_importing_is_taken_and_waited_for(
+    pool: Callable[..., WarmVmms], tmp_path: Path
+) -> None:
+    warm = pool(refill_delay=0.0)
+    wait_until(lambda: any((tmp_path / "spares").glob("*.pid")), timeout=5)
+    domain = tmp_path / "d"
+    write_config(domain)
+    pid = warm.launch(domain, [], timeout=10.0)
+    assert (warm.warm_starts, warm.cold_starts) == (1, 0)
+    assert VmmClient(domain).status().pid == pid
 
 
 def test_a_bad_assignment_is_refused_and_the_spare_takes_nothing(tmp_path: Path) -> None:
