@@ -27,7 +27,7 @@ from compute_node.vmm.warm import ASSIGN_TIMEOUT_S, Spare, SpareUnusable, end_le
 
 log = structlog.get_logger("flotilla.compute.warm")
 
-REFILL_DELAY_S = 0.1
+REFILL_DELAY_S = 0.01
 # After a spare that could not start or get ready: try again this much later.
 RETRY_S = 5.0
 # How often an idle pool looks for a spare that died meanwhile.
