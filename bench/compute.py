@@ -14,7 +14,9 @@ event subscriber.
   both over GUESTS guests, one at a time (each destroyed after it was measured);
 - cycles/s: define + start + destroy + undefine, each an AMQP RPC waited for, sequentially and
   from PARALLEL client threads at once; the better of the two is the figure;
-- VMM RSS: VmRSS of each measured guest's VMM process once it printed READY (median).
+- VMM RSS: VmRSS of each measured guest's VMM process once it printed READY (median); also
+  the idle warm spare's (docs/compute.md "Warm VMMs"; FLOTILLA_WARM_VMMS=0 runs every VMM
+  cold) and how many measured starts ran on it.
 
 Anchors:
 - cycles/s: Firecracker's published creation rate, 5 microVMs per host core per second, i.e.
@@ -30,6 +32,7 @@ Ends with one JSON line per figure; p99s and the rest go to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -201,11 +204,35 @@ def wait_ready(console_log: Path, timeout: float = 20.0) -> float:
     raise SystemExit(f"bench/compute: no READY in {console_log}")
 
 
+def began_warm(pid: int) -> bool:
+    """Whether VMM `pid` started as the node's warm spare (its command line says so)."""
+    return b"--spare" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+
+
+def spare_rss_mib(state_dir: Path, timeout: float = 20.0) -> float | None:
+    """The idle warm spare's VmRSS once it settled (imports done: asleep, the same twice
+    0.3 s apart); None when the node keeps none."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        for pid_file in (state_dir / "vmm-spares").glob("*.pid"):
+            with contextlib.suppress(OSError, ValueError, SystemExit):
+                pid = int(pid_file.read_text().split()[0])
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                now = (pid, rss_mib(pid))
+                if now == last and stat.rsplit(")", 1)[1].split()[0] == "S":
+                    return now[1]
+                last = now
+        time.sleep(0.3)
+    return None
+
+
 def latencies(
     bus: Bus, node: Node, arrivals: Arrivals, guest: Path
 ) -> tuple[list[float], list[float], list[float]]:
     """start → STARTED and start → READY (ms), and VMM RSS (MiB), one guest at a time."""
     started, ready, rss, replied = [], [], [], []
+    warm = 0
     for _ in range(GUESTS):
         spec = make_spec(guest)
         call(bus, node.queue, DefineDomain(spec=spec))
@@ -218,11 +245,12 @@ def latencies(
         ready.append((ready_at - sent) * 1e3)
         assert info.pid is not None
         rss.append(rss_mib(info.pid))
+        warm += began_warm(info.pid)
         call(bus, node.queue, DestroyDomain(domain_id=spec.uuid))
         bus.call(node.queue, UndefineDomain(domain_id=spec.uuid), timeout=30)
     say(
         f"  start RPC reply: p50 {percentile(replied, 0.5):.1f} ms, "
-        f"p99 {percentile(replied, 0.99):.1f} ms"
+        f"p99 {percentile(replied, 0.99):.1f} ms; {warm}/{GUESTS} started on the warm spare"
     )
     return started, ready, rss
 
@@ -314,6 +342,7 @@ def main() -> int:
             node.wait_serving(bus)
             arrivals = Arrivals(watcher)
             cycle(bus, node.queue, guest)  # warm-up: page cache, first imports
+            spare_rss = spare_rss_mib(state_dir)
             started, ready, rss = latencies(bus, node, arrivals, guest)
             direct = direct_spawn_ms(guest, Path(tmp))
             sequential, parallel = [], []
@@ -347,6 +376,8 @@ def main() -> int:
         f"{statistics.median(direct):.1f} ms"
     )
     say(f"  VMM RSS after READY: median {statistics.median(rss):.1f} MiB")
+    if spare_rss is not None:
+        say(f"  the idle warm spare VMM's RSS: {spare_rss:.1f} MiB")
     say(
         f"  define+start+destroy+undefine cycles/s (median of {ROUNDS} rounds of {CYCLES}): "
         f"sequential {seq_med:.1f}, {PARALLEL} in parallel {par_med:.1f}; reported: {how}"
@@ -387,6 +418,7 @@ def main() -> int:
             anchor="qemu-microvm-peak-rss (FACTS.md, constant)",
             anchor_value=QEMU_MICROVM_RSS_MIB,
             target="none (reported)",
+            spare_rss_mib=spare_rss,
         ),
     ]
     emit(figures)

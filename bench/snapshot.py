@@ -379,6 +379,7 @@ def api_figure(api: snapshot_api.Samples) -> dict[str, object]:
             f"→envelope ts {m[verb + '_made']:.1f} ms; →200 {m[verb + '_answer']:.1f} ms"
         )
     say(f"  api restore / resume: {m['restore'] / m['resume']:.2f}")
+    say(f"  restores whose VMM began as the warm spare: {api.warm}/{len(api.ms['restore'])}")
     return figure(
         "snapshot.api_restore_to_event_p50",
         m["restore"],
@@ -388,6 +389,7 @@ def api_figure(api: snapshot_api.Samples) -> dict[str, object]:
         target="value <= 60 ms",
         hops_ms={k: round(v, 3) for k, v in m.items()},
         rounds=len(api.ms["restore"]),
+        warm_restores=api.warm,
         note="POST /restore to an outside subscriber's domain.started (restored); anchor: "
         "POST /actions resume of the paused domain to domain.resumed, same rounds",
     )

@@ -49,6 +49,7 @@ class Samples:
     (request to the API's 200), `*_made` (request to the envelope's ts)."""
 
     ms: dict[str, list[float]] = field(default_factory=dict)
+    warm: int = 0  # restores whose VMM began as a warm spare
 
     def add(self, name: str, value: float) -> None:
         self.ms.setdefault(name, []).append(value)
@@ -101,6 +102,15 @@ def _sample(out: Samples, verb: str, times: tuple[float, float, float, float], v
     out.add(f"{verb}_made", (made - t0) * 1e3)
 
 
+def _began_warm(domain_dir: Path) -> bool:
+    """Whether the domain's VMM started as a warm spare (its command line says `--spare`)."""
+    try:
+        pid = int((domain_dir / "vmm.pid").read_text())
+        return b"--spare" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return False
+
+
 def _round(
     client: httpx.Client, sub: Subscriber, domain_id: str, journal: Path, out: Samples
 ) -> None:
@@ -109,6 +119,7 @@ def _round(
     key = routing.event_key("domain", "started", domain_id)
     times = _timed(client, sub, f"{base}/restore", body=None, key=key, detail="restored")
     _sample(out, "restore", times, _stamp(journal, "started"))
+    out.warm += _began_warm(journal.parent)
     time.sleep(0.05)  # the guest counts again
     _post(client, f"{base}/actions", {"action": "pause"})
     key = routing.event_key("domain", "resumed", domain_id)
@@ -118,14 +129,16 @@ def _round(
     time.sleep(0.05)
 
 
-def measure(guest: Path, rounds: int = ROUNDS) -> Samples:
-    """`rounds` interleaved restore and resume samples on a stack of its own."""
+def measure(guest: Path, rounds: int = ROUNDS, warm_vmms: int | None = None) -> Samples:
+    """`rounds` interleaved restore and resume samples on a stack of its own (its compute
+    node's `warm_vmms` if given, else its default)."""
+    settings = {} if warm_vmms is None else {"warm_vmms": warm_vmms}
     with tempfile.TemporaryDirectory(prefix="bench-snapshot-api-") as tmp:
         stack = Stack(
             StackConfig(
                 state_dir=Path(tmp) / "state",
                 listen_port=free_port(),
-                computes=[ComputeSpec(socket.gethostname().split(".")[0])],
+                computes=[ComputeSpec(socket.gethostname().split(".")[0], settings)],
             )
         )
         stack.start(timeout=120)
@@ -157,3 +170,28 @@ def measure(guest: Path, rounds: int = ROUNDS) -> Samples:
         finally:
             stack.stop()
     return out
+
+
+def compare(runs: int) -> None:
+    """`runs` stacks alternating warm_vmms 0 and 1; each run's medians."""
+    from bench.figures import say
+    from native import testguest
+
+    guest = testguest.build()
+    for n in range(runs):
+        warm = n % 2
+        with open("/proc/loadavg") as f:  # noqa: PTH123
+            load = f.read().split()[0]
+        out = measure(guest, warm_vmms=warm)
+        say(
+            f"warm_vmms={warm} (load {load}): restore {out.median('restore'):.1f} ms "
+            f"(→VMM stamp {out.median('restore_vmm'):.1f}), resume {out.median('resume'):.1f} ms, "
+            f"ratio {out.median('restore') / out.median('resume'):.2f}, "
+            f"{out.warm}/{len(out.ms['restore'])} restores on a spare"
+        )
+
+
+if __name__ == "__main__":
+    import sys
+
+    compare(int(sys.argv[1]) if len(sys.argv) > 1 else 4)

@@ -11,6 +11,7 @@
 | reserved_host_memory_mib | FLOTILLA_RESERVED_HOST_MEMORY_MIB | 512 |
 | heartbeat_interval_s | FLOTILLA_HEARTBEAT_INTERVAL_S | 2.0 |
 | vmm_spawn_timeout_s | FLOTILLA_VMM_SPAWN_TIMEOUT_S | 10.0 (seconds a new VMM may take to answer) |
+| warm_vmms | FLOTILLA_WARM_VMMS | 1 (spare VMM processes kept ready; 0: every VMM starts cold) |
 | console_listen | FLOTILLA_CONSOLE_LISTEN | 127.0.0.1 (where the console relay listens) |
 | console_advertise | FLOTILLA_CONSOLE_ADVERTISE | the bound address (FQDN for 0.0.0.0) |
 | migration_listen | FLOTILLA_MIGRATION_LISTEN | the console address (migrations stream in) |
@@ -83,6 +84,9 @@ class ComputeConfig(BaseModel):
     # A VMM process that has not answered its control socket by then is killed and the spawn
     # refused; emulated hosts (the hwvirt tier's nested L1) need far longer than hardware.
     vmm_spawn_timeout_s: float = Field(default=10.0, gt=0)
+    # Spare VMM processes the KVM driver keeps started, imports done, so a start or a restore
+    # skips Python's start (compute_node/warm_vmms.py); each costs one idle VMM's memory.
+    warm_vmms: int = Field(default=1, ge=0, le=8)
     # Where the console relay listens (the API connects here for interactive consoles), and
     # the address tickets name (default: the bound address, or the FQDN for a wildcard).
     console_listen: str = "127.0.0.1"

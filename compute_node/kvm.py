@@ -54,6 +54,7 @@ from compute_node.vmm.config import (
     load_config,
 )
 from compute_node.vmm.frames import CONFIG_FILE, CONSOLE_LOG, JOURNAL, Journal, JournalRecord
+from compute_node.warm_vmms import WarmVmms
 from protos.commands import RebootMode, ShutdownMode
 from protos.domain import DomainSpec, PowerState
 from protos.host import Resources
@@ -73,6 +74,7 @@ INCOMING_TIMEOUT_S = 3600.0
 CPU_PERIOD_US = 100_000
 VMM_OVERHEAD_MIB = 64
 CGROUP_PARENT = Path("/sys/fs/cgroup/flotilla")
+SPARES_DIR = "vmm-spares"
 _STATES = {
     "running": PowerState.RUNNING,
     "paused": PowerState.PAUSED,
@@ -201,10 +203,20 @@ class _Watch:
 
 
 class KvmDriver(Driver):
-    def __init__(self, domains_dir: Path, spawn_timeout: float = vmm_client.SPAWN_TIMEOUT) -> None:
+    def __init__(
+        self,
+        domains_dir: Path,
+        spawn_timeout: float = vmm_client.SPAWN_TIMEOUT,
+        *,
+        warm_vmms: int = 0,
+    ) -> None:
+        """`warm_vmms`: spare VMM processes kept ready (compute_node/warm_vmms.py), in
+        `<domains_dir>/../vmm-spares`; leftovers of an earlier driver there are ended even
+        with 0 (the node's setting `warm_vmms` defaults to 1)."""
         self.domains_dir = domains_dir
         self.spawn_timeout = spawn_timeout
         domains_dir.mkdir(parents=True, exist_ok=True)
+        self.warm = WarmVmms(domains_dir.parent / SPARES_DIR, warm_vmms)
         self._sink: EventSink | None = None
         self._watches: dict[uuid.UUID, _Watch] = {}
         self._lock = threading.Lock()
@@ -330,9 +342,16 @@ class KvmDriver(Driver):
         # lives (a data-plane namespace, if any), and keeps it for the machine's life.
         taps = self._open_taps(nics)
         try:
-            return self._spawn(
-                spec, files, paused=paused, nics=nics, taps=taps, restore=restore, incoming=incoming
-            )
+            with self.warm.reporting():  # the next spare is made after this start
+                return self._spawn(
+                    spec,
+                    files,
+                    paused=paused,
+                    nics=nics,
+                    taps=taps,
+                    restore=restore,
+                    incoming=incoming,
+                )
         finally:
             for fd in taps:
                 os.close(fd)
@@ -394,9 +413,8 @@ class KvmDriver(Driver):
         config.write(str(directory))
         before = _last_n(directory)
         try:
-            pid = vmm_client.spawn(
-                directory, pass_fds=[*files.fds(), *taps], timeout=self.spawn_timeout
-            )
+            # On a warm VMM when one is ready, else cold: the same process either way.
+            pid = self.warm.launch(directory, [*files.fds(), *taps], self.spawn_timeout)
         except vmm_client.VmmSpawnError as exc:
             raise DriverError(_named(exc.reason, files), exc.code) from None
         watch = _Watch(self, spec.uuid, directory, pid, incoming=incoming is not None)
@@ -703,6 +721,7 @@ class KvmDriver(Driver):
             self._watches.clear()
         for watch in watches:
             watch.stop()
+        self.warm.close()
 
 
 def _save_error(exc: vmm_client.VmmClientError, what: str) -> DriverError:

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--vmm-spawn-timeout-s", type=float, help="seconds a new VMM may take to answer (10.0)"
     )
     parser.add_argument(
+        "--warm-vmms", type=int, help="spare VMM processes kept ready, 0 for none (1)"
+    )
+    parser.add_argument(
         "--console-listen", help="console relay address; firewall its port (127.0.0.1)"
     )
     parser.add_argument("--console-advertise", help="address console tickets name")
@@ -70,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         reserved_host_memory_mib=args.reserved_host_memory_mib,
         heartbeat_interval_s=args.heartbeat_interval_s,
         vmm_spawn_timeout_s=args.vmm_spawn_timeout_s,
+        warm_vmms=args.warm_vmms,
         console_listen=args.console_listen,
         console_advertise=args.console_advertise,
         migration_listen=args.migration_listen,

@@ -40,7 +40,11 @@ def make_driver(config: ComputeConfig) -> Driver:
         return FakeDriver(config.fake_vcpus, config.fake_memory_mib)
     from compute_node.kvm import KvmDriver  # noqa: PLC0415
 
-    return KvmDriver(config.state_dir / "domains", spawn_timeout=config.vmm_spawn_timeout_s)
+    return KvmDriver(
+        config.state_dir / "domains",
+        spawn_timeout=config.vmm_spawn_timeout_s,
+        warm_vmms=config.warm_vmms,
+    )
 
 
 class ComputeNode:

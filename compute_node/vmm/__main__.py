@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import importlib
 import os
 import socket
 import sys
@@ -35,6 +36,7 @@ if sys.flags.no_site:
 from compute_node.vmm.config import ConfigInvalid, join_cgroup, load_config
 from compute_node.vmm.frames import CONFIG_FILE, CONTROL_SOCKET, JOURNAL, PID_FILE, Journal
 from compute_node.vmm.loop import Loop
+from compute_node.vmm.spare import wait_for_assignment
 from native.machine import ConfigError, SnapshotError, VmmError
 
 EXIT_FAILED = 1
@@ -103,6 +105,24 @@ def main(argv: list[str]) -> int:
     return loop.run()
 
 
+def spare_main(argv: list[str]) -> int:
+    """`--spare <fd> <pid-file>`: a warm VMM (compute_node/vmm/spare.py): everything a VMM
+    imports loaded, it waits for its domain dir and then is that domain's VMM."""
+    try:
+        fd, pid_file = int(argv[0]), argv[1]
+    except (IndexError, ValueError):
+        print("usage: python -m compute_node.vmm --spare <fd> <pid-file>", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        importlib.import_module("native._vmm")  # a cold VMM loads it at its first machine
+    except ImportError:
+        pass  # not built: the machine will say so, as a cold VMM's does
+    directory = wait_for_assignment(fd, pid_file)
+    if directory is None:
+        return 0
+    return main([directory])
+
+
 def _failure_code(exc: VmmError) -> str:
     # A kernel or initrd that is no bootable image, or a saved state that is missing, damaged,
     # newer or of another machine, is the request's fault, the same on any host: `invalid`
@@ -116,7 +136,8 @@ def _failure_code(exc: VmmError) -> str:
 
 
 if __name__ == "__main__":
-    status = main(sys.argv[1:])
+    spare = sys.argv[1:2] == ["--spare"]
+    status = spare_main(sys.argv[2:]) if spare else main(sys.argv[1:])
     sys.stdout.flush()
     sys.stderr.flush()
     # Everything is closed; skip interpreter teardown (it only costs exit time).

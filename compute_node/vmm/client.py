@@ -52,16 +52,20 @@ __all__ = [
     "VmmRequestError",
     "VmmSpawnError",
     "VmmSubscription",
+    "VmmVanished",
     "end",
+    "journal_tail",
     "read_journal",
     "reap",
     "spawn",
+    "track",
     "wait_exit",
+    "wait_ready",
 ]
 
 SPAWN_TIMEOUT = 10.0
 # The package's parent directory: `-m compute_node.vmm` run from there finds it under -S.
-_PACKAGE_ROOT = os.path.dirname(  # noqa: PTH120
+PACKAGE_ROOT = os.path.dirname(  # noqa: PTH120
     os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # noqa: PTH100, PTH120
 )
 
@@ -98,6 +102,10 @@ class VmmSpawnError(VmmClientError):
         super().__init__(reason)
         self.reason = reason
         self.code = code
+
+
+class VmmVanished(VmmSpawnError):
+    """The VMM exited before it was ready and journaled nothing: nothing of the domain ran."""
 
 
 def _connect(domain_dir: str, timeout: float) -> socket.socket:
@@ -418,16 +426,35 @@ def spawn(
         proc = subprocess.Popen(
             [python, "-S", "-E", "-m", "compute_node.vmm", domain_dir],
             # -m looks in the current directory under -S: run from the package's parent.
-            cwd=_PACKAGE_ROOT,
+            cwd=PACKAGE_ROOT,
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
             pass_fds=tuple(pass_fds),
         )
-    pid = proc.pid
+    track(proc)
+    return wait_ready(domain_dir, proc.pid, before, timeout)
+
+
+def track(proc: subprocess.Popen[bytes]) -> None:
+    """Makes a child VMM started elsewhere (a warm one) reapable by `reap()`/`wait_exit()`."""
     # Kept so the Popen object never reaps it behind reap()'s back.
-    _children[pid] = proc
+    with _reap_lock:
+        _children[proc.pid] = proc
+
+
+def journal_tail(domain_dir: str | os.PathLike[str]) -> int:
+    """The last record's `n` in the domain's journal (0 if none): `wait_ready`'s `before`."""
+    return _journal_tail(os.fspath(domain_dir))
+
+
+def wait_ready(domain_dir: str | os.PathLike[str], pid: int, before: int, timeout: float) -> int:
+    """Waits until our child VMM `pid`, running for `domain_dir`, answers `status` (`spawn`
+    and a warm VMM's assignment end here); `before` is the journal's last `n` before it
+    started. Returns `pid`, or raises VmmSpawnError as `spawn` says (VmmVanished when it
+    exited having journaled nothing)."""
+    domain_dir = os.path.abspath(os.fspath(domain_dir))  # noqa: PTH100
     client = VmmClient(domain_dir, timeout=1.0)
     deadline = time.monotonic() + timeout
     delay = 0.002
@@ -447,7 +474,7 @@ def spawn(
                 with _reap_lock:
                     _exited[pid] = status
                 return pid
-            raise VmmSpawnError(
+            raise VmmVanished(
                 f"the VMM exited with status {status} before it was ready: "
                 f"{_log_tail(domain_dir) or 'no log'}"
             )

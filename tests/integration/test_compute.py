@@ -443,18 +443,21 @@ def test_flotilla_compute_help_names_its_settings() -> None:
 
 
 def children_of(pid: int) -> dict[int, str]:
-    """pid → state letter of every process whose parent is `pid` (from /proc)."""
+    """pid → state letter of every process whose parent is `pid` (from /proc), but the
+    node's idle warm spare VMM (docs/compute.md "Warm VMMs": its pid file still there)."""
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue  # gone meanwhile
         # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
         fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[1]) == pid:
+        spare = b"--spare" in argv and Path(os.fsdecode(argv[-2])).exists()
+        if int(fields[1]) == pid and not spare:
             found[int(entry.name)] = fields[0]
     return found
 

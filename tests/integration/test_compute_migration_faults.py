@@ -142,18 +142,20 @@ class Cloud:
 
 def vmm_processes(domain_id: uuid.UUID) -> list[tuple[int, str]]:
     """Every live VMM process of the domain on this machine, recorded or not: (pid, domain
-    dir) of each `python -m compute_node.vmm <dir>` whose dir names the domain."""
+    dir) of each `python -m compute_node.vmm` (begun cold or as a warm spare) whose working
+    dir, its domain dir, names the domain."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             args = (proc / "cmdline").read_bytes().split(b"\0")
+            cwd = str((proc / "cwd").readlink())
         except OSError:
             continue
-        vmm = len(args) > 2 and b"compute_node.vmm" in args
-        if vmm and str(domain_id).encode() in args[-2] and alive(int(proc.name)):
-            found.append((int(proc.name), args[-2].decode()))
+        vmm = b"compute_node.vmm" in args
+        if vmm and Path(cwd).name == str(domain_id) and alive(int(proc.name)):
+            found.append((int(proc.name), cwd))
     return found
 
 

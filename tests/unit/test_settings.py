@@ -49,8 +49,26 @@ def test_vmm_spawn_timeout_reaches_the_kvm_driver(
     driver = make_driver(config)
     assert isinstance(driver, KvmDriver)
     assert driver.spawn_timeout == 240
+    driver.close()
     monkeypatch.setenv("FLOTILLA_VMM_SPAWN_TIMEOUT_S", "0")
     with pytest.raises(ValueError, match="vmm_spawn_timeout_s"):
+        ComputeConfig.load(None, state_dir=tmp_path)
+
+
+def test_warm_vmms_reach_the_kvm_driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from compute_node.kvm import KvmDriver
+    from compute_node.node import make_driver
+
+    assert ComputeConfig.load(None, state_dir=tmp_path).warm_vmms == 1
+    monkeypatch.setenv("FLOTILLA_WARM_VMMS", "0")
+    config = ComputeConfig.load(None, state_dir=tmp_path)
+    driver = make_driver(config)
+    assert isinstance(driver, KvmDriver)
+    assert driver.warm.count == 0
+    driver.close()
+    assert ComputeConfig.load(None, state_dir=tmp_path, warm_vmms=2).warm_vmms == 2
+    monkeypatch.setenv("FLOTILLA_WARM_VMMS", "-1")
+    with pytest.raises(ValueError, match="warm_vmms"):
         ComputeConfig.load(None, state_dir=tmp_path)
 
 

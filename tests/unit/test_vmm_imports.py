@@ -34,6 +34,7 @@ def test_the_vmm_process_imports_only_what_it_runs() -> None:
         "compute_node.vmm.migration",
         "compute_node.vmm.operations",
         "compute_node.vmm.protocol",
+        "compute_node.vmm.spare",
     }
     heavy = {"pydantic", "structlog", "pika", "pathlib", "inspect", "dataclasses", "asyncio"}
     assert not heavy & {m.split(".")[0] for m in modules}
