@@ -71,7 +71,9 @@ def prepare_copies(
         try:
             _step(peer, binding, target, "prepare")
         except ServiceError as exc:
-            abort_copies(peer, done, target)
+            # Unanswered, it may have been prepared: undone too (an abort of none is a no-op).
+            unknown = [binding] if exc.code == "unavailable" else []
+            abort_copies(peer, [*done, *unknown], target)
             raise ServiceError(
                 exc.code,
                 f"preparing disk {binding.target} (volume {binding.volume_id}) on {target}: "

@@ -5,16 +5,18 @@ owns the files and the catalog around it, in three steps the source's compute no
 (docs/storage.md, "Moving a volume live"):
 
 - `prepare`: the volume (a `dir` pool's, available or attached, no other operation under
-  way) takes this replica's lease, which stays renewed until the commit or abort; an empty
-  sparse file of its size is made on the target host's pool of the same name (one an
-  earlier attempt left is made anew). The catalog still names the source.
+  way, no move prepared) takes a lease this replica renews until the commit or abort, owned
+  as the move's (`Catalog.move_owner`) so every other operation is busy meanwhile, this
+  replica's too; an empty sparse file of its size is made on the target host's pool of the
+  same name (one an earlier attempt left is made anew). The catalog still names the source.
 - `commit` (the target runs the guest, the source's VMM is gone): the catalog names the
   target, the lease goes, then the source's file is removed.
 - `abort` (the migration did not commit): the target's file is removed, the lease goes,
   the volume stays on the source.
 
 Paths never travel: the target file is named by the volume's pool and id on the host the
-catalog knows the pool on. Each step is idempotent, so a compute node may resend it.
+catalog knows the pool on. Commit and abort are idempotent, so a compute node may resend
+them; a second prepare is busy (the compute node aborts a prepare whose answer it lost).
 """
 
 from __future__ import annotations
@@ -92,6 +94,8 @@ class LiveMoveHandlers:
             self.leases.drop(volume.volume_id)
             self.catalog.release(volume.volume_id)
             raise
+        # Held as the move's from now on: this replica's own other operations are busy too.
+        self.catalog.hand_lease(volume.volume_id, self.catalog.move_owner)
         log.info(
             "live move prepared",
             volume_id=str(volume.volume_id),
@@ -151,6 +155,6 @@ class LiveMoveHandlers:
             if exc.code != "not_found":
                 raise
         self.leases.drop(volume.volume_id)
-        self.catalog.release(volume.volume_id)
+        self.catalog.release(volume.volume_id, self.catalog.move_owner)
         log.info("live move aborted", volume_id=str(volume.volume_id), target=cmd.host)
         return self.catalog.get(volume.volume_id, None)

@@ -104,9 +104,10 @@ class Leases:
     def _run(self) -> None:
         while not self._stopping.wait(self.lease_s / 3):
             with self._lock:
-                held = list(set(self._held) | self._kept)
+                held, kept = list(self._held), list(self._kept)
             try:
                 self.catalog.renew(held, self.lease_s)
+                self.catalog.renew(kept, self.lease_s, self.catalog.move_owner)
             except Exception as exc:  # the database is away: the next round retries
                 log.warning("leases not renewed", error=str(exc))
 
