@@ -118,6 +118,7 @@ def _running(
     return spec, volume, src
 
 
+@pytest.mark.slow
 def test_a_guest_writing_a_host_local_volume_migrates_live(hosts: Hosts, guest: Path) -> None:
     h = hosts
     spec, volume, src = _running(
