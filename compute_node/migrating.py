@@ -228,6 +228,24 @@ class MigrationHandlers:
                 seq=seq,
             )
             self._commit_incoming(record, seq, None, None)
+        self._settle_copies(record, commit=True)
+
+    def _settle_copies(self, record: DomainRecord, *, commit: bool) -> None:
+        """A live migration in whose source will not settle its copied volumes (it died, or
+        restarted and knows no job): this node commits them (it runs the guest) or aborts
+        them (forgotten, its VMM gone), on another thread. Resent by both ends, a step is
+        answered as it is."""
+        incoming = record.incoming
+        copies = [d for d in record.bindings.disks if d.host == self.host]
+        if incoming is None or not incoming.live or not copies or self.peer_call is None:
+            return
+        settle = commit_copies if commit else abort_copies
+        threading.Thread(
+            target=settle,
+            args=(self._peer, copies, self.host),
+            name=f"settle-{record.id}",
+            daemon=True,
+        ).start()
 
     # ---- the target ------------------------------------------------------------------------
 
@@ -335,6 +353,7 @@ class MigrationHandlers:
                 self._abandon_incoming(record)
             except ServiceError:
                 return  # it runs here after all: the adoption timer has it
+            self._settle_copies(record, commit=False)
             log.warning(
                 "forgot a domain migrating in: its source runs no such migration",
                 domain_id=str(domain_id),
@@ -480,6 +499,7 @@ class MigrationHandlers:
             with self._lock(record.id):
                 try:
                     self._abandon_incoming(record)
+                    self._settle_copies(record, commit=False)
                 except ServiceError as exc:
                     if exc.details.get("committed") is not True:
                         log.warning(
