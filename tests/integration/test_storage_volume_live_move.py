@@ -198,3 +198,35 @@ def test_a_cancelled_live_move_leaves_the_volume_on_the_source(hosts: Hosts, gue
 def counters_now(h: Hosts, node: ComputeProcess, domain_id: uuid.UUID) -> int:
     found = counters(console(h.bus, node, domain_id))
     return found[-1] if found else 0
+
+
+@pytest.mark.slow
+def test_a_target_vmm_killed_mid_copy_leaves_the_volume_on_the_source(
+    hosts: Hosts, guest: Path
+) -> None:
+    h = hosts
+    spec, volume, src = _running(h, guest, "ready blkwrite=0,8,3 blkflush counter", 16 * MiB)
+    dst = next(c for c in h.computes if c is not src)
+    wait_counter(h.bus, src, spec.uuid, 0)
+    source_file = h.file(src.host, volume.volume_id)
+    with source_file.open("r+b") as f:
+        f.seek(8 * MiB)
+        f.write(os.urandom(8 * MiB))
+    migrate(h.bus, src, dst, spec, MigrationParams(bandwidth_mibps=1))
+    pid_file = dst.state_dir / "domains" / str(spec.uuid) / "vmm.pid"
+    deadline = time.monotonic() + 10
+    while not pid_file.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1.0)
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)  # the VMM the target started for it
+    job = ended(h.bus, src, spec.uuid)
+    assert job.phase is MigrationPhase.FAILED, job
+    wait_counter(h.bus, src, spec.uuid, counters_now(h, src, spec.uuid))  # runs on here
+    deadline = time.monotonic() + 15
+    while h.file(dst.host, volume.volume_id).exists():
+        assert time.monotonic() < deadline, "the target's copy stayed"
+        time.sleep(0.1)
+    after = h.volume(GetVolume(volume_id=volume.volume_id, project="p1"))
+    assert (after.host, after.state) == (src.host, "attached")
+    call(h.bus, src.queue, DestroyDomain(domain_id=spec.uuid))
