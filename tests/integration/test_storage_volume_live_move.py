@@ -102,7 +102,9 @@ def _running(
 ) -> tuple[DomainSpec, Volume, ComputeProcess]:
     """A guest running `cmdline` on the host of a fresh `size` volume it has as vda."""
     vid = uuid.uuid4()
-    made = h.volume(CreateVolume(volume_id=vid, project="p1", name="data", size=size))
+    made = h.volume(
+        CreateVolume(volume_id=vid, project="p1", name=f"data-{vid.hex[:8]}", size=size)
+    )
     src = next(c for c in h.computes if c.host == made.host)
     spec = DomainSpec(
         name=f"lv-{uuid.uuid4().hex[:6]}",
