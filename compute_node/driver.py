@@ -286,6 +286,7 @@ class Driver(abc.ABC):
         nics: Sequence[NicTap] = (),
         listen: str = "127.0.0.1",
         paused: bool = False,
+        copy_disks: Sequence[int] = (),
     ) -> IncomingMachine:
         """Start a process for `spec` that waits on `listen` (any free port) for a migration
         stream with a fresh one-time token, `files` and `nics` opened and plugged as for
@@ -293,8 +294,10 @@ class Driver(abc.ABC):
         `started` event, reason `migrated`, reaches the sink (then `paused`, reason
         `migrated`, when `paused`: the guest was paused at the source and stays so). A stream
         that fails before the commit ends the process with no event; so does
-        `cancel_incoming`. Raises DriverError (`spawn_failed`) if it could not start."""
-        del spec, files, nics, listen, paused
+        `cancel_incoming`. Raises DriverError (`spawn_failed`) if it could not start.
+        `copy_disks`: the indices (in target order) of the disks the source copies into
+        `files`' own (a block copy of host-local volumes; each file the source's size)."""
+        del spec, files, nics, listen, paused, copy_disks
         raise DriverError("this driver cannot migrate machines", "unsupported")
 
     def cancel_incoming(self, domain_id: uuid.UUID) -> None:
@@ -309,6 +312,7 @@ class Driver(abc.ABC):
         target: IncomingMachine,
         params: MigrationParams,
         progress: Callable[[MigrationStats], None],
+        copy_disks: Sequence[int] = (),
     ) -> MigrationOutcome:
         """Migrate the running or paused machine to `target` and return how it ended
         (blocking; `progress` is called at most every MIGRATION_PROGRESS_S from another
@@ -317,8 +321,10 @@ class Driver(abc.ABC):
         `migrated`, on the commit, or `resumed`, reason `migration_failed`, when a failure
         after that pause resumes it. Anything failing before the commit leaves the source's
         machine as it was; a failure after the commit (the target never confirmed) leaves it
-        paused and raises DriverError (`migration_unconfirmed`): only the target knows."""
-        del domain_id, target, params, progress
+        paused and raises DriverError (`migration_unconfirmed`): only the target knows.
+        `copy_disks`: the disk slots (target order) the stream copies into the target's own
+        files (host-local volumes; the target's `prepare_incoming` names the same ones)."""
+        del domain_id, target, params, progress, copy_disks
         raise DriverError("this driver cannot migrate machines", "unsupported")
 
     def migration_set(

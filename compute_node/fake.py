@@ -261,8 +261,13 @@ class FakeDriver(Driver):
         nics: Sequence[NicTap] = (),
         listen: str = "127.0.0.1",
         paused: bool = False,
+        copy_disks: Sequence[int] = (),
     ) -> IncomingMachine:
-        del files, paused  # the stream's state says whether the guest was paused
+        del (
+            files,
+            paused,
+            copy_disks,
+        )  # no disks: nothing to copy  # the stream's state says whether the guest was paused
         domain_id = spec.uuid
         with self._lock:
             machine = self._machines.get(domain_id)
@@ -316,7 +321,9 @@ class FakeDriver(Driver):
         target: IncomingMachine,
         params: MigrationParams,
         progress: Callable[[MigrationStats], None],
+        copy_disks: Sequence[int] = (),
     ) -> MigrationOutcome:
+        del copy_disks  # no disks: nothing to copy
         with self._lock:
             machine = self._machine(domain_id)
             if domain_id in self._outgoing:

@@ -583,9 +583,12 @@ class KvmDriver(Driver):
         nics: Sequence[NicTap] = (),
         listen: str = "127.0.0.1",
         paused: bool = False,
+        copy_disks: Sequence[int] = (),
     ) -> IncomingMachine:
         token = secrets.token_hex(32)
-        incoming = IncomingConfig(listen, 0, token, paused, INCOMING_TIMEOUT_S)
+        incoming = IncomingConfig(
+            listen, 0, token, paused, INCOMING_TIMEOUT_S, tuple(sorted(set(copy_disks)))
+        )
         self._launch(spec, files, False, nics, None, incoming=incoming)
         try:
             port = self._client(spec.uuid).status().incoming_port
@@ -616,6 +619,7 @@ class KvmDriver(Driver):
         target: IncomingMachine,
         params: MigrationParams,
         progress: Callable[[MigrationStats], None],
+        copy_disks: Sequence[int] = (),
     ) -> MigrationOutcome:
         watch = self._watch(domain_id)
         client = self._client(domain_id)
@@ -629,6 +633,7 @@ class KvmDriver(Driver):
             verify=params.verify,
             timeout_s=params.timeout_s or 0.0,
             timeout_action=params.timeout_action.value,
+            copy_disks=tuple(sorted(set(copy_disks))),
         )
         stop = threading.Event()
         poller = threading.Thread(

@@ -52,6 +52,13 @@ from compute_node.networks import HostNetworks
 from compute_node.resources import Claims
 from compute_node.storage_sources import StorageBindings, StorageSources
 from compute_node.store import DomainRecord, EventDraft, Incoming, NameTaken, Store
+from compute_node.volume_copies import (
+    abort_copies,
+    commit_copies,
+    copied_disks,
+    disk_indices,
+    prepare_copies,
+)
 from compute_node.volume_moves import local_disks, move_back, move_disks
 from protos import routing
 from protos.base import Message
@@ -221,6 +228,24 @@ class MigrationHandlers:
                 seq=seq,
             )
             self._commit_incoming(record, seq, None, None)
+        self._settle_copies(record, commit=True)
+
+    def _settle_copies(self, record: DomainRecord, *, commit: bool) -> None:
+        """A live migration in whose source will not settle its copied volumes (it died, or
+        restarted and knows no job): this node commits them (it runs the guest) or aborts
+        them (forgotten, its VMM gone), on another thread. Resent by both ends, a step is
+        answered as it is."""
+        incoming = record.incoming
+        copies = [d for d in record.bindings.disks if d.host == self.host]
+        if incoming is None or not incoming.live or not copies or self.peer_call is None:
+            return
+        settle = commit_copies if commit else abort_copies
+        threading.Thread(
+            target=settle,
+            args=(self._peer, copies, self.host),
+            name=f"settle-{record.id}",
+            daemon=True,
+        ).start()
 
     # ---- the target ------------------------------------------------------------------------
 
@@ -328,6 +353,7 @@ class MigrationHandlers:
                 self._abandon_incoming(record)
             except ServiceError:
                 return  # it runs here after all: the adoption timer has it
+            self._settle_copies(record, commit=False)
             log.warning(
                 "forgot a domain migrating in: its source runs no such migration",
                 domain_id=str(domain_id),
@@ -348,8 +374,16 @@ class MigrationHandlers:
             nics, plumbed = self._plug(record)
             try:
                 self.claims.claim(record.spec)
+                # A live migration's volumes on this host's pools are copies the stream
+                # fills (the source's pools are not shared with this host).
+                copies = [d for d in record.bindings.disks if d.host == self.host]
                 machine = self.driver.prepare_incoming(
-                    record.spec, files, nics=nics, listen=self.migration_listen, paused=paused
+                    record.spec,
+                    files,
+                    nics=nics,
+                    listen=self.migration_listen,
+                    paused=paused,
+                    copy_disks=disk_indices(record.spec, copies),
                 )
             except BaseException as exc:
                 self.claims.release(domain_id)
@@ -465,6 +499,7 @@ class MigrationHandlers:
             with self._lock(record.id):
                 try:
                     self._abandon_incoming(record)
+                    self._settle_copies(record, commit=False)
                 except ServiceError as exc:
                     if exc.details.get("committed") is not True:
                         log.warning(
@@ -509,16 +544,26 @@ class MigrationHandlers:
                 # This host's volumes go first (the target's define finds them there).
                 disks = move_disks(self._peer, disks, self.host, cmd.target)
                 job.moved_disks = local_disks(record.bindings.disks, self.host)
+            else:
+                # This host's volumes get empty files there, which the stream fills.
+                copies = copied_disks(record.spec, disks, self.host)
+                disks = prepare_copies(self._peer, disks, copies, cmd.target)
+                job.copied_disks = copies
+                job.copy_indices = disk_indices(record.spec, copies)
             endpoint = self._prepare_target(record, cmd, disks)
         except BaseException:
             move_back(self._peer, job.moved_disks, self.host)
+            self._abort_copies(job, forgotten=False)
             self.jobs.restore(job, previous)
             raise
         with self._lock(domain_id):
             current = self.store.get(domain_id)
             if current is None or current.state is not record.state:
                 forget = FinishIncoming(domain_id=domain_id, committed=False, seq=record.seq)
-                self._finish_later(cmd.target, forget)
+                if job.copied_disks:
+                    self._abort_copies(job, forgotten=False)
+                else:
+                    self._finish_later(cmd.target, forget)
                 move_back(self._peer, job.moved_disks, self.host)
                 self.jobs.restore(job, previous)
                 raise ServiceError(
@@ -563,20 +608,12 @@ class MigrationHandlers:
                 "domain has a managed save on this host: start it, or remove the managed save",
                 state,
             )
-        volumes = [d.target for d in record.bindings.disks if d.host is not None]
-        # A writable host file (an admin's path disk) is this host's alone.
+        # A writable host file (an admin's path disk) is this host's alone. (A `dir` pool's
+        # volume moves: copied by a live migration's stream, moved first by a cold one.)
         files = [d.target for d in record.spec.disks if d.path is not None and not d.readonly]
-        local = volumes + files
         images = [
             r for r in (record.bindings.kernel_image, record.bindings.initrd_image) if r is not None
         ]
-        if cmd.params.live and local:
-            raise ServiceError(
-                "invalid",
-                f"disk(s) {', '.join(local)} are host-local (a `dir` pool's volume or a writable "
-                "host file): shut the domain off and migrate it cold (live false)",
-                {"field": "disks"},
-            )
         if files:
             raise ServiceError(
                 "invalid",
@@ -644,8 +681,7 @@ class MigrationHandlers:
         except Exception as exc:  # a bug must not leave the job running for ever
             log.exception("migration job failed", domain_id=str(job.domain_id))
             if not job.final:
-                forget = FinishIncoming(domain_id=job.domain_id, committed=False, seq=0)
-                self._finish_later(job.target, forget)
+                self._forget_target(job)
                 self._ended(job, MigrationPhase.FAILED, f"internal error: {exc}")
 
     def _run_live(
@@ -659,14 +695,18 @@ class MigrationHandlers:
         )
         if job.aborted:  # asked while the target was prepared: the driver had nothing yet
             self.causes.forget(domain_id)
-            self._finish_later(
-                job.target, FinishIncoming(domain_id=domain_id, committed=False, seq=0)
-            )
+            self._forget_target(job)
             self._ended(job, MigrationPhase.CANCELLED)
             return
         timer = self._timeout_timer(job)
         try:
-            outcome = self.driver.migrate_out(domain_id, target, job.params, self._progress(job))
+            outcome = self.driver.migrate_out(
+                domain_id,
+                target,
+                job.params,
+                self._progress(job),
+                copy_disks=job.copy_indices,
+            )
         except DriverError as exc:
             if exc.code == "migration_unconfirmed":
                 self._unconfirmed(job, exc.message, was_paused)
@@ -688,7 +728,7 @@ class MigrationHandlers:
             return
         # The source runs on: the target forgets the domain when it gets this (it waits in
         # its queue if the target is down; a restarted target forgets it by itself too).
-        self._finish_later(job.target, FinishIncoming(domain_id=domain_id, committed=False, seq=0))
+        self._forget_target(job)
         phase = MigrationPhase.CANCELLED if outcome.phase == "cancelled" else MigrationPhase.FAILED
         error = outcome.error
         if job.timed_out:
@@ -769,6 +809,9 @@ class MigrationHandlers:
         seq = record.seq if record is not None else 0
         self._finish_target(job, committed=True, seq=seq, state=P.PAUSED if paused else P.RUNNING)
         self._bind_ports(job, record)
+        # The source's machine ended with the commit (its VMM is gone): the catalog names
+        # the target for the copied volumes, and their files here go.
+        commit_copies(self._peer, job.copied_disks, job.target)
         self._ended(job, MigrationPhase.DONE)
         with self._lock(job.domain_id):
             self._drop(job)
@@ -803,6 +846,7 @@ class MigrationHandlers:
                 self.driver.resume(domain_id)
             except DriverError as exc:
                 log.warning("guest not resumed", domain_id=str(domain_id), error=str(exc))
+        self._abort_copies(job, forgotten=True)
         self._ended(job, MigrationPhase.FAILED, error)
 
     def _finish_target(
@@ -829,6 +873,34 @@ class MigrationHandlers:
                 continue
             return committed
         return None
+
+    def _forget_target(self, job: Job) -> None:
+        """The target forgets the domain; copied volumes' files there go once it has (its
+        VMM closed them). Without copies the FinishIncoming is sent on another thread."""
+        if not job.copied_disks:
+            forget = FinishIncoming(domain_id=job.domain_id, committed=False, seq=0)
+            self._finish_later(job.target, forget)
+            return
+        self._abort_copies(job, forgotten=False)
+
+    def _abort_copies(self, job: Job, *, forgotten: bool) -> None:
+        """The target's files of the copied volumes go (the volumes stay here), once the
+        target has forgotten the domain (`forgotten`: it has); kept if it runs the guest
+        after all or never answered (the volume's lease keeps it from other operations)."""
+        if not job.copied_disks:
+            return
+        if not forgotten:
+            runs_there = self._finish_target(job, committed=False, seq=0)
+            if runs_there is not False:
+                log.warning(
+                    "copied volumes kept on the target",
+                    domain_id=str(job.domain_id),
+                    target=job.target,
+                    runs_there=runs_there,
+                )
+                return
+        abort_copies(self._peer, job.copied_disks, job.target)
+        job.copied_disks = []
 
     def _finish_later(self, target: str, command: FinishIncoming) -> None:
         def send() -> None:

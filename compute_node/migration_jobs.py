@@ -44,6 +44,8 @@ class Job:
     ended: threading.Event = field(default_factory=threading.Event)
     finished: float | None = None  # when it ended (monotonic)
     moved_disks: list[DiskBinding] = field(default_factory=list)  # cold: volumes moved
+    copied_disks: list[DiskBinding] = field(default_factory=list)  # live: volumes copied
+    copy_indices: list[int] = field(default_factory=list)  # ... their machine disk slots
 
     @property
     def final(self) -> bool:

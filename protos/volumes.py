@@ -245,6 +245,21 @@ class MoveVolume(VolumeCommand):
     host: str = Field(pattern=NAME_PATTERN)
 
 
+class LiveMoveVolume(VolumeCommand):
+    """A step of moving a `dir` pool's volume to the pool of the same name on `host` inside
+    a domain's live migration (the stream copies the data; docs/storage.md, "Moving a volume
+    live"). `prepare`: an empty sparse file of the volume's size there, the pending move held
+    under the volume's lease (refused for a shared pool's volume, or one busy with another
+    operation); `commit`: the catalog names `host`, then the source's file goes; `abort`:
+    the file on `host` goes and the volume stays where it is. Each step is idempotent: a
+    commit of a volume on `host` already, or an abort of one with no file there, is answered
+    as it is. The reply is the volume where the catalog has it."""
+
+    TYPE = "cmd.catalog.volume_live_move"
+    host: str = Field(pattern=NAME_PATTERN)
+    step: Literal["prepare", "commit", "abort"]
+
+
 CATALOG_COMMANDS: tuple[type[Command], ...] = (
     ListPools,
     GetPool,
@@ -257,4 +272,5 @@ CATALOG_COMMANDS: tuple[type[Command], ...] = (
     AttachVolume,
     DetachVolume,
     MoveVolume,
+    LiveMoveVolume,
 )

@@ -16,6 +16,7 @@ from compute_node.vmm.frames import CONFIG_FILE
 POLICIES = ("destroy", "restart", "preserve")
 RING_MIN = 4 * 1024
 RING_MAX = 64 * 1024 * 1024
+MAX_COPY_DISK = 64  # past any machine's disks: the engine refuses an index it does not have
 CGROUP_ROOT = "/sys/fs/cgroup"
 
 
@@ -49,6 +50,9 @@ class IncomingConfig(NamedTuple):
     token: str
     paused: bool
     timeout_s: float
+    # The indices of the disks the source copies into this machine's files (a block copy of
+    # host-local volumes, docs/migration.md "Block copy"): each file the size of the source's.
+    copy_disks: tuple[int, ...] = ()
 
 
 class LaunchConfig(NamedTuple):
@@ -180,9 +184,14 @@ def _incoming(raw: dict[str, Any] | None) -> IncomingConfig | None:
     ):
         raise ConfigInvalid(
             f"{CONFIG_FILE}: incoming is {{address, port (0..65535), token (64 hex digits), "
-            "paused, timeout_s (> 0)}"
+            "paused, timeout_s (> 0), copy_disks (disk indices, optional)}"
         )
-    return IncomingConfig(address, port, token, paused, float(timeout_s))
+    copy = raw.get("copy_disks", [])
+    if not isinstance(copy, list) or any(
+        not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < MAX_COPY_DISK for i in copy
+    ):
+        raise ConfigInvalid(f"{CONFIG_FILE}: incoming copy_disks is a list of disk indices")
+    return IncomingConfig(address, port, token, paused, float(timeout_s), tuple(copy))
 
 
 def _restore(raw: dict[str, Any] | None) -> RestoreConfig | None:

@@ -50,10 +50,18 @@ def check(req: p.MigrateOut) -> None:
         if req.timeout_s < 0
         else f"timeout_action must be one of {', '.join(ACTIONS)}"
         if req.timeout_action not in ACTIONS
+        else "copy_disks must be a list of disk indices"
+        if not _indices(req.copy_disks)
         else None
     )
     if why is not None:
         raise p.ControlError("bad_request", f"migrate_out: {why}")
+
+
+def _indices(value: object) -> bool:
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 64 for i in value
+    )
 
 
 class Outgoing:
@@ -93,6 +101,7 @@ class Outgoing:
                 auto_converge=req.auto_converge,
                 progress=self._tick,
                 progress_interval=TICK_S,
+                copy_disks=list(req.copy_disks),
             )
         except MigrationError as exc:
             self.error = exc
@@ -212,6 +221,7 @@ class Incoming:
                     timeout=self.cfg.timeout_s,
                     control=self.control,
                     paused=self.cfg.paused,
+                    copy_disks=list(self.cfg.copy_disks),
                 )
             except MigrationError as exc:
                 self.error = exc.message

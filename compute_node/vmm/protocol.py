@@ -147,7 +147,7 @@ class MigrateOut(Record):
     the migration ends (a `MigrationReply`, `ended` true): meanwhile the VMM answers other
     connections. `bandwidth`: bytes/s, 0 for no cap; `timeout_s` 0: none; `timeout_action`
     `abort` (the source runs on) or `pause` (the pause budget is lifted: the guest pauses for
-    the rest and the migration completes)."""
+    the rest and the migration completes). `copy_disks`: the disks the stream carries too."""
 
     address: str
     port: int
@@ -158,6 +158,9 @@ class MigrateOut(Record):
     verify: bool = False
     timeout_s: float = 0.0
     timeout_action: str = "abort"
+    # The indices of the disks copied into the target's own files (docs/migration.md "Block
+    # copy"): the target's machine must accept the same ones.
+    copy_disks: tuple[int, ...] = ()
 
 
 class MigrationStatus(Record):
@@ -231,6 +234,7 @@ _REQUESTS: dict[str, tuple[type[Any], dict[str, tuple[type, ...]]]] = {
             "verify": _BOOL,
             "timeout_s": _NUM,
             "timeout_action": _STR,
+            "copy_disks": (list, tuple),
         },
     ),
     "migration_status": (MigrationStatus, {}),
@@ -271,7 +275,7 @@ def decode_request(frame: dict[str, Any]) -> Request:
         # bool is an int: refuse it where a number is meant, and take it only where meant.
         if not isinstance(value, kinds[name]) or isinstance(value, bool) != (kinds[name] == _BOOL):
             raise ControlError("bad_request", f"{op}: {name!r} has the wrong type")
-        values[name] = value
+        values[name] = tuple(value) if isinstance(value, list) else value  # msgpack: a list
     request: Request = cls(**values)
     return request
 

@@ -82,8 +82,9 @@ def migration_request(cmd: MigrateDomain, info: DomainInfo) -> PlacementRequest:
         vcpus=info.vcpus,
         memory_mib=info.memory_mib,
         forced_host=cmd.target,
-        # The source refuses a domain with host-local volumes (they do not move yet); shared
-        # pools' volumes are attached wherever the domain runs.
+        # Host-local volumes move with the domain (copied by a live migration, moved first
+        # by a cold one) to the target's pool of the same name, a target without one is
+        # refused by the storage service; shared pools' volumes are attached anywhere.
         volume_hosts=frozenset(),
     )
 

@@ -205,23 +205,42 @@ class Catalog:
             )
         return done.rowcount == 1
 
-    def renew(self, volume_ids: Iterable[uuid.UUID], lease_s: float) -> None:
+    @property
+    def move_owner(self) -> str:
+        """The owner of the leases of this replica's prepared live moves: another owner than
+        the replica's, so its own other operations on the volume are refused (busy) too."""
+        return f"{self.replica}/live-move"
+
+    def renew(
+        self, volume_ids: Iterable[uuid.UUID], lease_s: float, owner: str | None = None
+    ) -> None:
         ids = [str(v) for v in volume_ids]
         if not ids:
             return
         with self.db.transaction() as conn:
             conn.execute(
                 sa.update(volumes)
-                .where(volumes.c.id.in_(ids), volumes.c.lease_owner == self.replica)
+                .where(volumes.c.id.in_(ids), volumes.c.lease_owner == (owner or self.replica))
                 .values(lease_until=time.time() + lease_s)
             )
 
-    def release(self, volume_id: uuid.UUID) -> None:
+    def release(self, volume_id: uuid.UUID, owner: str | None = None) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                sa.update(volumes)
+                .where(
+                    volumes.c.id == str(volume_id), volumes.c.lease_owner == (owner or self.replica)
+                )
+                .values(lease_owner=None, lease_until=0)
+            )
+
+    def hand_lease(self, volume_id: uuid.UUID, owner: str) -> None:
+        """This replica's lease on the volume goes to `owner` (same term)."""
         with self.db.transaction() as conn:
             conn.execute(
                 sa.update(volumes)
                 .where(volumes.c.id == str(volume_id), volumes.c.lease_owner == self.replica)
-                .values(lease_owner=None, lease_until=0)
+                .values(lease_owner=owner)
             )
 
     # ---- volumes: changes --------------------------------------------------------------------

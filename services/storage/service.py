@@ -41,6 +41,7 @@ from services.storage.backends import AgentBackend, LocalBackend, PoolBackend, U
 from services.storage.catalog import Catalog, event_fields
 from services.storage.config import StorageConfig
 from services.storage.images import ImageHandlers
+from services.storage.live_moves import LiveMoveHandlers
 from services.storage.moves import MoveHandlers
 from services.storage.uploads import UploadHandlers
 
@@ -65,6 +66,7 @@ class Leases:
         self.catalog = catalog
         self.lease_s = lease_s
         self._held: Counter[uuid.UUID] = Counter()
+        self._kept: set[uuid.UUID] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="storage-leases", daemon=True)
@@ -89,17 +91,28 @@ class Leases:
                 if self._held[volume_id] <= 0:
                     del self._held[volume_id]
 
+    def keep(self, volume_id: uuid.UUID) -> None:
+        """Renew the volume's lease from now on, past this call (a live migration's move,
+        until its commit or abort): once however often it is asked."""
+        with self._lock:
+            self._kept.add(volume_id)
+
+    def drop(self, volume_id: uuid.UUID) -> None:
+        with self._lock:
+            self._kept.discard(volume_id)
+
     def _run(self) -> None:
         while not self._stopping.wait(self.lease_s / 3):
             with self._lock:
-                held = list(self._held)
+                held, kept = list(self._held), list(self._kept)
             try:
                 self.catalog.renew(held, self.lease_s)
+                self.catalog.renew(kept, self.lease_s, self.catalog.move_owner)
             except Exception as exc:  # the database is away: the next round retries
                 log.warning("leases not renewed", error=str(exc))
 
 
-class StorageService(ImageHandlers, UploadHandlers, MoveHandlers, Service):
+class StorageService(ImageHandlers, UploadHandlers, MoveHandlers, LiveMoveHandlers, Service):
     name = "storage"
 
     def __init__(

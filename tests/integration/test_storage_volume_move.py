@@ -13,6 +13,7 @@ import struct
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -21,7 +22,16 @@ from protos.commands import DefineDomain, StartDomain
 from protos.domain import BootSpec, DiskSpec, DomainSpec, PowerState
 from protos.migration import MigrationParams, MigrationPhase
 from protos.replies import DomainInfo
-from protos.volumes import Attachment, AttachVolume, CreateVolume, GetVolume, MoveVolume, Volume
+from protos.volumes import (
+    Attachment,
+    AttachVolume,
+    CreateVolume,
+    GetVolume,
+    LiveMoveVolume,
+    MoveVolume,
+    ResizeVolume,
+    Volume,
+)
 from services.bus import Bus, RemoteError
 from tests.bootfiles import BOOT_DIR, KERNEL
 from tests.brokers import STORAGE_EVENTS, purge_queues
@@ -185,3 +195,48 @@ def test_a_shut_off_domain_migrates_cold_with_its_host_local_volume(two_hosts: T
     info = t.bus.call(dst.queue, StartDomain(domain_id=spec.uuid), timeout=20)
     assert isinstance(info, DomainInfo)
     assert info.state is PowerState.RUNNING
+
+
+def test_a_live_move_is_prepared_then_aborted_or_committed(two_hosts: TwoHosts) -> None:
+    """`cmd.catalog.volume_live_move`: an empty sparse file on the target under the lease;
+    abort removes it and frees the volume; commit names the target and removes the source's
+    file (docs/storage.md, "Moving a volume live")."""
+    t = two_hosts
+    vid = uuid.uuid4()
+    made = t.volume(CreateVolume(volume_id=vid, project="p1", name="live", size=8 * MiB))
+    source_file = t.file(made)
+    want = _pattern(source_file)
+    [other] = [h for h in t.hosts if h != made.host]
+    target_file = t.pools[other] / "volumes" / str(vid)
+
+    def step(name: Literal["prepare", "commit", "abort"]) -> Volume:
+        return t.volume(LiveMoveVolume(volume_id=vid, project="p1", host=other, step=name))
+
+    assert step("prepare").host == made.host
+    with pytest.raises(RemoteError) as again:  # prepared already
+        step("prepare")
+    assert (again.value.code, again.value.details.get("reason")) == ("conflict", "busy")
+    assert target_file.stat().st_size == 8 * MiB
+    assert target_file.stat().st_blocks == 0  # sparse: the stream fills it
+    with pytest.raises(RemoteError) as busy:  # the move holds the volume
+        call(t.bus, ResizeVolume(volume_id=vid, project="p1", size=16 * MiB))
+    assert (busy.value.code, busy.value.details.get("reason")) == ("conflict", "busy")
+    for _ in range(2):
+        assert step("abort").host == made.host
+    assert not target_file.exists()
+    assert source_file.read_bytes() == want
+    assert t.volume(ResizeVolume(volume_id=vid, project="p1", size=12 * MiB)).size == 12 * MiB
+
+    step("prepare")
+    for _ in range(2):  # a resent commit is answered as it is
+        assert step("commit").host == other
+    assert t.volume(GetVolume(volume_id=vid, project="p1")).host == other
+    assert not source_file.exists()
+    assert target_file.stat().st_size == 12 * MiB
+    with pytest.raises(RemoteError) as late:
+        call(t.bus, LiveMoveVolume(volume_id=vid, project="p1", host=other, step="abort"))
+    assert (late.value.code, late.value.details.get("reason")) == ("conflict", "committed")
+    assert target_file.exists()
+    with pytest.raises(RemoteError) as nowhere:
+        call(t.bus, LiveMoveVolume(volume_id=vid, project="p1", host="no-such", step="prepare"))
+    assert nowhere.value.code == "not_found"

@@ -28,7 +28,8 @@ from compute_node.lifecycle import Lifecycle
 from compute_node.migrating import FINISH_ATTEMPTS
 from compute_node.migration_jobs import Job
 from compute_node.resources import Claims
-from compute_node.storage_sources import StorageBindings
+from compute_node.storage.pool import Pool
+from compute_node.storage_sources import StorageBindings, StorageSources
 from compute_node.store import Store
 from compute_node.translate import translate
 from protos import routing
@@ -61,7 +62,7 @@ from protos.migration import (
 )
 from protos.network import BindPorts
 from protos.replies import DomainInfo, Done, ErrorReply
-from protos.volumes import MoveVolume
+from protos.volumes import LiveMoveVolume, MoveVolume
 from services.bus import Cause, Context
 from services.bus.cause import current_cause
 from services.bus.errors import RemoteError, RpcTimeout
@@ -106,6 +107,8 @@ class Host:
             raise RpcTimeout(f"{command.TYPE} to {queue!r}: no reply")
         if queue == routing.NETWORK_QUEUE:
             return Done()  # the network service: what it was asked is in `sent`
+        if queue == routing.STORAGE_QUEUE:  # none here: what it was asked is in `sent`
+            raise RemoteError("not_found", "no storage service in this test")
         cause = current_cause() or Cause()  # as Bus.call sends it
         envelope = Envelope(
             type=command.TYPE,
@@ -430,6 +433,34 @@ def test_the_target_adopts_a_guest_whose_source_died_after_the_commit(
         ("domain.suspended", "migrated", 3),
         ("domain.stopped", "migrated", 4),
     ]
+
+
+def test_a_target_that_forgets_an_orphan_live_migration_aborts_its_copies(
+    hosts: tuple[Host, Host], tmp_path: Path
+) -> None:
+    """A domain migrating in live with a copied host-local volume whose source runs no such
+    migration (it restarted): the target forgets it and has the storage service remove its
+    copy, as the source would have (docs/migration.md, "Host-local volumes")."""
+    _a, b = hosts
+    (tmp_path / "pool-b").mkdir()
+    pool = Pool(tmp_path / "pool-b")
+    b.service.storage = StorageSources("node-b", {"local": pool})
+    vid = uuid.uuid4()
+    with pool.volume_path(str(vid)).open("wb") as f:
+        f.truncate(1 << 20)
+    s = DomainSpec(
+        name="db-1", boot=BootSpec(kernel=KERNEL), disks=[DiskSpec(target="vda", volume_id=vid)]
+    )
+    binding = DiskBinding(target="vda", volume_id=vid, pool="local", host="node-b")
+    prepare = PrepareIncoming(spec=s, source="node-a", seq=2, disks=[binding])
+    assert b.do(prepare).model_dump()["token"] is not None
+    deadline = time.monotonic() + 5
+    while not any(isinstance(c, LiveMoveVolume) for c in b.sent):
+        assert time.monotonic() < deadline, b.sent
+        time.sleep(0.05)
+    assert b.store.get(s.uuid) is None
+    [abort] = [c for c in b.sent if isinstance(c, LiveMoveVolume)]
+    assert (abort.volume_id, abort.host, abort.step) == (vid, "node-b", "abort")
 
 
 def test_the_fake_stream_refuses_a_wrong_token_and_takes_the_right_one(

@@ -91,7 +91,7 @@ def test_a_malformed_restore_is_refused(tmp_path: Path, restore: Any) -> None:
 
 
 def test_an_incoming_migration_config_round_trips_and_is_private(tmp_path: Path) -> None:
-    incoming = IncomingConfig("127.0.0.1", 0, "ab" * 32, True, 3600.0)
+    incoming = IncomingConfig("127.0.0.1", 0, "ab" * 32, True, 3600.0, (0, 2))
     written = LaunchConfig(
         domain_id="d1",
         name="web",
@@ -127,6 +127,17 @@ def test_an_incoming_migration_config_round_trips_and_is_private(tmp_path: Path)
         {"address": "127.0.0.1", "port": 0, "token": "ab" * 32, "paused": 0, "timeout_s": 1},
         {"address": "127.0.0.1", "port": 0, "token": "ab" * 32, "paused": False, "timeout_s": 0},
         {"address": None, "port": 0, "token": "ab" * 32, "paused": False, "timeout_s": 1},
+        *(
+            {
+                "address": "::",
+                "port": 0,
+                "token": "ab" * 32,
+                "paused": False,
+                "timeout_s": 1,
+                "copy_disks": bad,
+            }
+            for bad in ([-1], ["0"], [True], 0, [64])
+        ),
     ],
 )
 def test_a_malformed_incoming_is_refused(tmp_path: Path, incoming: Any) -> None:
