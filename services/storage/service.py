@@ -50,6 +50,9 @@ _KEYS = uuid.UUID("6c1f0a4e-58a4-4d0b-9a43-2b7e3c5f1d20")
 POOL_REFRESH_S = 30.0
 # How long an agent's answer about its pools vouches for its host (its heartbeats then do).
 POOL_LIVE_S = 15.0
+# The least a heartbeat keeps its host's pools up: three intervals of a fast heartbeat
+# (tests beat every 0.3 s) are shorter than a busy host's scheduling stalls.
+POOL_LIVE_MIN_S = 3.0
 
 
 def step_key(ctx: Context, step: str) -> str:
@@ -176,8 +179,9 @@ class StorageService(ImageHandlers, UploadHandlers, MoveHandlers, LiveMoveHandle
             fresh = now - self._refreshed.get(event.host, -POOL_REFRESH_S) < POOL_REFRESH_S
             if not fresh:
                 self._refreshed[event.host] = now
-        # Down after 3 missed heartbeats, as the scheduler counts: no new volume there then.
-        live_s = 3 * event.interval_s
+        # Down after 3 missed heartbeats, as the scheduler counts (and never sooner than
+        # POOL_LIVE_MIN_S): no new volume there then.
+        live_s = max(3 * event.interval_s, POOL_LIVE_MIN_S)
         if fresh:
             self.catalog.host_live(event.host, live_s)
             return

@@ -478,6 +478,39 @@ def test_a_silent_hosts_pool_takes_nothing_new(storage: Storage) -> None:
     assert storage.catalog.pool("default").host == "h2"
 
 
+def test_a_fast_heartbeat_keeps_its_pools_up_for_a_few_seconds(storage: Storage) -> None:
+    """Three intervals of a 0.3 s heartbeat (0.9 s) are shorter than a busy host's stalls: a
+    heartbeat keeps its host's pools up for at least POOL_LIVE_MIN_S."""
+    from protos.host import HostHeartbeat, HostInventory, KvmKind, Resources
+    from protos.storage import PoolCapabilities, PoolInfo
+    from services.storage.service import POOL_LIVE_MIN_S
+
+    caps = PoolCapabilities(reflink=False, punch_hole=True)
+    info = PoolInfo(
+        name="default",
+        kind="dir",
+        host="h1",
+        capacity=40 * GiB,
+        allocation=0,
+        available=10 * GiB,
+        capabilities=caps,
+    )
+    storage.catalog.put_pool(info, "h1", live_s=0.0)
+    storage.service._refreshed["h1"] = time.monotonic()  # its pools were just learned
+    beat = HostHeartbeat(
+        host="h1",
+        version="0.1.0",
+        interval_s=0.3,
+        enabled=True,
+        inventory=HostInventory(capacity=Resources(vcpus=8, memory_mib=4096), kvm=KvmKind.NONE),
+        usage=Resources(vcpus=0, memory_mib=0),
+    )
+    storage.service.heartbeat(beat, None)  # type: ignore[arg-type]
+    time.sleep(1.0)  # past three of its intervals
+    assert POOL_LIVE_MIN_S > 1.0
+    assert storage.catalog.pool("default").host == "h1"
+
+
 def test_a_create_whose_undo_fails_is_kept_in_error_until_deleted(storage: Storage) -> None:
     """A clone made but not grown (the host refused the grow), whose removal then found the
     host away: the volume stays in the catalog in `error` (its file may be there), never
