@@ -356,6 +356,11 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
                 with refused():
                     self.storage.open(record.spec, record.bindings, files)
                 nics, plumbed = self._plug(record)
+                # The guest runs only once its ports are plumbed (networks applied, taps on
+                # their bridges with their rules, remote ports' forwarding entries in): a
+                # frame it sent before would be lost, as Nova waits for vif-plugged. The taps
+                # exist already; a warm VMM starts in milliseconds after this.
+                self._network_call(plumbed.result)
                 try:
                     self.claims.claim(record.spec)
                 except BaseException:
@@ -371,17 +376,11 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
                     self.claims.release(domain_id)
                     settle_quietly(plumbed)
                     raise
-                try:
-                    self._network_call(plumbed.result)
-                except ServiceError:
-                    # A guest without its network is no started guest.
-                    self.driver.destroy(domain_id)
-                    raise
 
     def _plug(self, record: DomainRecord) -> tuple[list[NicTap], Future[object]]:
         """The domain's taps for its machine, and the rest of its ports' plumbing (their
-        networks applied, rules, bridge, DHCP) under way while the machine starts: wait for
-        it before the start is reported."""
+        networks applied, rules, bridge, DHCP) under way: wait for it before the machine
+        runs."""
         done: Future[object] = Future()
         done.set_result(None)
         if not record.ports:
