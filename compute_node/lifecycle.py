@@ -28,7 +28,7 @@ from compute_node.driver import (
     GuestEventKind,
     NicTap,
 )
-from compute_node.launching import refused, settle_quietly
+from compute_node.launching import refused
 from compute_node.migrating import MigrationHandlers
 from compute_node.net import PlumbingError
 from compute_node.networks import HostNetworks, NetworkRefused, interface_of
@@ -361,20 +361,14 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
                 # frame it sent before would be lost, as Nova waits for vif-plugged. The taps
                 # exist already; a warm VMM starts in milliseconds after this.
                 self._network_call(plumbed.result)
-                try:
-                    self.claims.claim(record.spec)
-                except BaseException:
-                    settle_quietly(plumbed)
-                    raise
+                self.claims.claim(record.spec)
                 try:
                     launch(files, nics)
                 except DriverError as exc:
                     self.claims.release(domain_id)
-                    settle_quietly(plumbed)
                     raise ServiceError(exc.code, exc.message, {"host": self.host}) from None
                 except BaseException:
                     self.claims.release(domain_id)
-                    settle_quietly(plumbed)
                     raise
 
     def _plug(self, record: DomainRecord) -> tuple[list[NicTap], Future[object]]:
