@@ -38,17 +38,20 @@ class Heartbeat:
         self._interval = interval_s
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
-        self.enabled: Callable[[], bool] = lambda: True
+        # Whether the host takes new guests, and the SetHostEnabled generation that said so.
+        self.enabled: Callable[[], tuple[bool, int]] = lambda: (True, 0)
         # Inventory fields known only at run time (the VXLAN address, network warnings).
         self.inventory_extra: Callable[[], dict[str, Any]] = dict
 
     def beat(self) -> HostHeartbeat:
         by_state: Counter[PowerState] = Counter(r.state for r in self._store.all())
+        enabled, generation = self.enabled()
         return HostHeartbeat(
             host=self._host,
             version=package_version(),
             interval_s=self._interval,
-            enabled=self.enabled(),
+            enabled=enabled,
+            enabled_generation=generation,
             inventory=self._inventory.model_copy(update=self.inventory_extra()),
             usage=self._claims.usage(),
             domains_by_state=dict(by_state),

@@ -9,6 +9,7 @@ announced that did not happen.
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import uuid
 from collections import defaultdict
@@ -61,6 +62,8 @@ from services.bus import Cause, Context, Service, ServiceError, handles
 
 log = structlog.get_logger("flotilla.compute")
 K = GuestEventKind
+# The store's host setting for SetHostEnabled: {"enabled", "reason", "generation"}.
+ENABLED_KEY = "enabled"
 
 
 class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
@@ -81,10 +84,16 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
         self.sources = sources
         # The node's pools, where the volumes and images of bindings are found.
         self.storage = storage or StorageSources(host, {})
-        # Whether the scheduler may place new guests here (heartbeat `enabled`).
-        self.enabled = True
-        self.disabled_reason = ""
         self.store = store
+        # Whether the scheduler may place new guests here (heartbeat `enabled`), kept in the
+        # store across restarts, and the generation of the SetHostEnabled that said so.
+        self.enabled, self.disabled_reason, self.enabled_generation = True, "", 0
+        if (kept := store.setting(ENABLED_KEY)) is not None:
+            switch = json.loads(kept)
+            self.enabled = bool(switch["enabled"])
+            self.disabled_reason = str(switch["reason"])
+            self.enabled_generation = int(switch["generation"])
+        self._switch_lock = threading.Lock()
         # Where saves and snapshots go (compute_node.saved_states).
         self.states = states or StateAreas(host, store.directory / "states", self.storage.pools)
         self.driver = driver
@@ -512,10 +521,30 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
             truncated=truncated,
         )
 
+    def host_switch(self) -> tuple[bool, int]:
+        """(enabled, generation), read together for a heartbeat."""
+        with self._switch_lock:
+            return self.enabled, self.enabled_generation
+
     @handles(SetHostEnabled)
     def set_enabled(self, cmd: SetHostEnabled, _ctx: Context) -> None:
-        self.enabled = cmd.enabled
-        self.disabled_reason = "" if cmd.enabled else cmd.reason
+        with self._switch_lock:
+            if cmd.generation and cmd.generation < self.enabled_generation:
+                # A switch asked before the one taken last, delivered late: it lost.
+                log.info(
+                    "stale host switch ignored",
+                    generation=cmd.generation,
+                    taken=self.enabled_generation,
+                )
+                return
+            generation = cmd.generation or self.enabled_generation + 1
+            reason = "" if cmd.enabled else cmd.reason
+            self.store.set_setting(
+                ENABLED_KEY,
+                json.dumps({"enabled": cmd.enabled, "reason": reason, "generation": generation}),
+            )
+            self.enabled, self.disabled_reason = cmd.enabled, reason
+            self.enabled_generation = generation
         log.info("host enabled" if cmd.enabled else "host disabled", reason=cmd.reason)
 
     @staticmethod

@@ -113,7 +113,7 @@ class ComputeNode:
             store=self.store,
             interval_s=config.heartbeat_interval_s,
         )
-        self.heartbeat.enabled = lambda: self.lifecycle.enabled
+        self.heartbeat.enabled = self.lifecycle.host_switch
         # Guest NICs: KVM hosts plumb ports (compute_node/networks.py); fake hosts have none.
         self.networks: HostNetworks | None = None
         self.remote_ports: RemotePorts | None = None

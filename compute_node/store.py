@@ -64,6 +64,10 @@ CREATE TABLE IF NOT EXISTS volume_seqs (
     last_event TEXT NOT NULL DEFAULT '',
     size INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS host_settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     message_id TEXT NOT NULL,
@@ -214,6 +218,22 @@ class Store:
         return self._commits - self._synced
 
     # ---- domains ----------------------------------------------------------------------------
+
+    def setting(self, key: str) -> str | None:
+        """A host-wide value kept across restarts (e.g. whether the host is enabled)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT value FROM host_settings WHERE key = ?", (key,)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO host_settings (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
 
     def get(self, domain_id: uuid.UUID) -> DomainRecord | None:
         with self._lock:

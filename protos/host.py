@@ -46,11 +46,14 @@ class HostHeartbeat(Message):
     """Published on `host.heartbeat.<host>`; a host silent for several intervals is down."""
 
     TYPE = "host.heartbeat"
-    VERSION = "1.1"  # 1.1: inventory.vtep, inventory.network_warnings
+    VERSION = "1.2"  # 1.1: inventory.vtep, inventory.network_warnings; 1.2: enabled_generation
     host: str
     version: str
     interval_s: float = Field(gt=0)
     enabled: bool = True
+    # The generation of the last SetHostEnabled the host took (0: none). A reader keeps the
+    # `enabled` it set with a newer generation over a beat sent before the host took it.
+    enabled_generation: int = Field(default=0, ge=0)
     inventory: HostInventory
     usage: Resources
     domains_by_state: dict[PowerState, int] = {}

@@ -65,12 +65,17 @@ class ScheduleDomain(Command):
 
 class SetHostEnabled(Command):
     """Sent to `compute.<host>`: a disabled host keeps its guests but gets no new ones (its
-    heartbeat says `enabled: false`, and the scheduler's filter skips it)."""
+    heartbeat says `enabled: false`, and the scheduler's filter skips it). The host keeps it
+    across restarts. `generation` (1.1) orders the switches: the host ignores one older than
+    the last it took and puts the one it took in its heartbeats (`enabled_generation`); 0
+    (a 1.0 sender) takes the next after the host's own."""
 
     TYPE = "cmd.host.set_enabled"
+    VERSION = "1.1"
     RESULT = Done
     enabled: bool
     reason: str = Field(default="", max_length=255)
+    generation: int = Field(default=0, ge=0)
 
 
 class ClaimPhase(StrEnum):

@@ -863,6 +863,7 @@ class Registry:
             {
                 "name": beat.host,
                 "enabled": 1 if beat.enabled else 0,
+                "enabled_generation": beat.enabled_generation,
                 "kvm": beat.inventory.kvm.value,
                 "version": beat.version,
                 "interval_s": beat.interval_s,
@@ -877,11 +878,23 @@ class Registry:
         ]
         with self.db.transaction() as cur:
             insert = upsert(cur, hosts)
+            # A beat sent before the host took the last switch the API wrote down (an older
+            # generation) still says how loaded the host is, not whether it is enabled.
+            newer = insert.excluded.enabled_generation >= hosts.c.enabled_generation
+            switched = {
+                hosts.c.enabled.name: sa.case(
+                    (newer, insert.excluded.enabled), else_=hosts.c.enabled
+                ),
+                hosts.c.enabled_generation.name: sa.case(
+                    (newer, insert.excluded.enabled_generation),
+                    else_=hosts.c.enabled_generation,
+                ),
+            }
             cur.execute(
                 insert.on_conflict_do_update(
                     index_elements=[hosts.c.name],
                     set_={
-                        column.name: insert.excluded[column.name]
+                        column.name: switched.get(column.name, insert.excluded[column.name])
                         for column in hosts.c
                         if column is not hosts.c.name
                     },
@@ -890,10 +903,23 @@ class Registry:
                 rows,
             )
 
-    def set_host_enabled(self, name: str, enabled: bool) -> None:
+    def next_enabled_generation(self, name: str) -> int:
+        """A SetHostEnabled generation newer than any `name` took: the microseconds since the
+        epoch, so switches from several API replicas order by when they were asked, and one
+        past the stored one should a clock lag."""
+        with self.db.transaction() as cur:
+            stored = cur.execute(
+                sa.select(hosts.c.enabled_generation).where(hosts.c.name == name)
+            ).scalar()
+        return max(int(stored or 0) + 1, time.time_ns() // 1000)
+
+    def set_host_enabled(self, name: str, enabled: bool, generation: int) -> None:
+        """Write down the switch the host took with `generation`, unless a newer one was."""
         with self.db.transaction() as cur:
             cur.execute(
-                hosts.update().where(hosts.c.name == name).values(enabled=1 if enabled else 0)
+                hosts.update()
+                .where(hosts.c.name == name, hosts.c.enabled_generation <= generation)
+                .values(enabled=1 if enabled else 0, enabled_generation=generation)
             )
 
     def host_names(self) -> list[str]:

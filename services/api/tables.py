@@ -73,6 +73,9 @@ hosts = sa.Table(
     sa.Column("inventory", sa.Text, nullable=False),  # HostInventory JSON
     sa.Column("usage", sa.Text, nullable=False),  # Resources JSON
     sa.Column("domains_by_state", sa.Text, nullable=False),  # {state: count} JSON
+    # The SetHostEnabled generation `enabled` comes from (0005): a heartbeat of an older one
+    # does not change `enabled`.
+    sa.Column("enabled_generation", sa.BigInteger, nullable=False, server_default=sa.text("0")),
 )
 
 tokens = sa.Table(

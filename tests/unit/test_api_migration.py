@@ -359,7 +359,7 @@ def test_evacuate_migrates_every_domain_off_a_disabled_host(
     problem(client.post(url, headers=auth(ALICE)), 403)
     problem(client.post("/v1/hosts/h7/evacuate", headers=auth(ADMIN)), 404)
     assert "disable it first" in problem(client.post(url, headers=auth(ADMIN)), 409)["detail"]
-    registry.set_host_enabled("h1", False)
+    registry.set_host_enabled("h1", False, registry.next_enabled_generation("h1"))
     r = client.post(url, headers=auth(ADMIN))
     assert r.status_code == 202, r.text
     result = r.json()

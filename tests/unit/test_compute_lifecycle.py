@@ -325,8 +325,22 @@ def test_a_disabled_host_says_so(node: Node) -> None:
     assert node.do(SetHostEnabled(enabled=False, reason="maintenance")) == Done()
     assert node.service.enabled is False
     assert node.service.disabled_reason == "maintenance"
-    node.do(SetHostEnabled(enabled=True))
-    assert node.service.enabled is True
+    assert node.service.host_switch() == (False, 1)  # a 1.0 sender: the next generation
+    node.do(SetHostEnabled(enabled=True, generation=50))
+    assert node.service.host_switch() == (True, 50)
+    # One asked before the last taken, delivered late, changes nothing.
+    assert node.do(SetHostEnabled(enabled=False, generation=40)) == Done()
+    assert node.service.host_switch() == (True, 50)
+    node.do(SetHostEnabled(enabled=False, reason="disk swap", generation=60))
+    # A restart keeps the switch (Nova keeps a disabled service in its database).
+    again = Lifecycle(
+        "h1", node.service.store, node.service.driver, node.service.claims, node.service.sources
+    )
+    assert (again.enabled, again.disabled_reason, again.enabled_generation) == (
+        False,
+        "disk swap",
+        60,
+    )
 
 
 def test_events_carry_the_cause_of_the_command_that_made_them(node: Node) -> None:

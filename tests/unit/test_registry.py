@@ -283,12 +283,15 @@ def test_event_log_is_scoped_by_project_and_resumable(registry: Registry) -> Non
     assert registry.last_event_id() == everything[-1].id
 
 
-def heartbeat(host: str, enabled: bool = True, used_vcpus: int = 0) -> HostHeartbeat:
+def heartbeat(
+    host: str, enabled: bool = True, used_vcpus: int = 0, generation: int = 0
+) -> HostHeartbeat:
     return HostHeartbeat(
         host=host,
         version="0.1.0",
         interval_s=2.0,
         enabled=enabled,
+        enabled_generation=generation,
         inventory=HostInventory(capacity=Resources(vcpus=8, memory_mib=4096), kvm=KvmKind.NONE),
         usage=Resources(vcpus=used_vcpus, memory_mib=0),
         domains_by_state={PowerState.RUNNING: used_vcpus},
@@ -306,6 +309,35 @@ def test_heartbeats_keep_the_newest(registry: Registry) -> None:
     assert hosts["h2"].enabled is False
     registry.record_heartbeat(heartbeat("h1", used_vcpus=3), seen_at=110.0)
     assert registry.hosts("h1")[0].usage.vcpus == 3
+
+
+def test_a_heartbeat_sent_before_a_disable_does_not_enable_the_host_again(
+    registry: Registry,
+) -> None:
+    registry.record_heartbeat(heartbeat("h1"), seen_at=100.0)
+    # The API disables h1 (the host took the command's generation) and writes it down...
+    generation = registry.next_enabled_generation("h1")
+    assert generation > 0
+    registry.set_host_enabled("h1", False, generation)
+    # ...then a beat the host published before the command arrives: it is newer by arrival
+    # but says nothing about the switch, so its usage counts and its `enabled` does not.
+    registry.record_heartbeat(heartbeat("h1", used_vcpus=1), seen_at=101.0)
+    h1 = registry.hosts("h1")[0]
+    assert (h1.enabled, h1.usage.vcpus, h1.last_seen) == (False, 1, 101.0)
+    # The host's beats after the command carry its generation and agree.
+    registry.record_heartbeat(heartbeat("h1", False, 2, generation), seen_at=102.0)
+    assert registry.hosts("h1")[0].enabled is False
+    # A later enable elsewhere (a newer generation) wins over an older set that lands late.
+    newer = registry.next_enabled_generation("h1")
+    assert newer > generation
+    registry.set_host_enabled("h1", True, newer)
+    registry.set_host_enabled("h1", False, generation)
+    assert registry.hosts("h1")[0].enabled is True
+    registry.record_heartbeat(heartbeat("h1", True, 2, newer), seen_at=103.0)
+    assert registry.hosts("h1")[0].enabled is True
+    # A host disabled from its own side (a newer generation in its beat) is believed.
+    registry.record_heartbeat(heartbeat("h1", False, 2, newer + 1), seen_at=104.0)
+    assert registry.hosts("h1")[0].enabled is False
 
 
 def test_tokens_and_quotas(registry: Registry) -> None:

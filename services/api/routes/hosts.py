@@ -62,9 +62,12 @@ def _set_enabled(host: str, enabled: bool, body: HostEnable | None, ctx: Ctx) ->
         queue = compute_queue(host)
     except ValueError:
         raise not_found(f"host {host}") from None
-    ctx.call(queue, SetHostEnabled(enabled=enabled, reason=body.reason if body else ""))
-    # The host's next heartbeat says the same; until then the view shows what was asked.
-    ctx.registry.set_host_enabled(host, enabled)
+    generation = ctx.registry.next_enabled_generation(host)
+    reason = body.reason if body else ""
+    ctx.call(queue, SetHostEnabled(enabled=enabled, reason=reason, generation=generation))
+    # The host's heartbeats say the same from now on; one it sent before taking the switch
+    # (an older generation) does not undo it here.
+    ctx.registry.set_host_enabled(host, enabled, generation)
     found = ctx.registry.hosts(host)
     return _view(found[0], ctx.config.host_down_after_intervals, time.time())
 
