@@ -46,6 +46,7 @@ class Heartbeat:
     def beat(self) -> HostHeartbeat:
         by_state: Counter[PowerState] = Counter(r.state for r in self._store.all())
         enabled, generation = self.enabled()
+        usage, claims_seq = self._claims.usage_at()
         return HostHeartbeat(
             host=self._host,
             version=package_version(),
@@ -53,7 +54,8 @@ class Heartbeat:
             enabled=enabled,
             enabled_generation=generation,
             inventory=self._inventory.model_copy(update=self.inventory_extra()),
-            usage=self._claims.usage(),
+            usage=usage,
+            claims_seq=claims_seq,
             domains_by_state=dict(by_state),
         )
 

@@ -151,6 +151,7 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
             cpu_time_ns=cpu,
             interfaces=[Interface.model_validate(interface_of(p)) for p in record.ports],
             managed_save=record.managed_save is not None,
+            claim_seq=self.claims.claimed_at(spec.uuid),
         )
 
     # ---- driver events ---------------------------------------------------------------------

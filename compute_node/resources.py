@@ -4,6 +4,7 @@ exceed capacity * allocation ratio (minus the host's reserve) is refused with `n
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 
 from protos.domain import ACTIVE_STATES, DomainSpec
@@ -18,6 +19,12 @@ class Claims:
         self.inventory = inventory
         self.reserved_memory_mib = reserved_memory_mib
         self._held: dict[uuid.UUID, Resources] = {}
+        # Counts every change of what is held, from a start value past any earlier process's
+        # (microseconds at start-up), so it only grows across restarts. A heartbeat carries
+        # the count its usage was read at, and a reply the count at which the domain's claim
+        # was taken: the scheduler drops its own claim exactly when a beat counts the domain.
+        self._seq = time.time_ns() // 1000
+        self._claimed_at: dict[uuid.UUID, int] = {}
         self._lock = threading.Lock()
 
     def limits(self) -> Resources:
@@ -34,11 +41,26 @@ class Claims:
         )
 
     def usage(self) -> Resources:
+        return self.usage_at()[0]
+
+    def usage_at(self) -> tuple[Resources, int]:
+        """What is held, and the change count it was read at (both read together)."""
         with self._lock:
             held = list(self._held.values())
+            seq = self._seq
         return Resources(
             vcpus=sum(r.vcpus for r in held), memory_mib=sum(r.memory_mib for r in held)
-        )
+        ), seq
+
+    def claimed_at(self, domain_id: uuid.UUID) -> int | None:
+        """The change count at which `domain_id`'s resources were taken; None if not held."""
+        with self._lock:
+            return self._claimed_at.get(domain_id)
+
+    def _took(self, domain_id: uuid.UUID, resources: Resources) -> None:
+        self._seq += 1
+        self._held[domain_id] = resources
+        self._claimed_at[domain_id] = self._seq
 
     def claim(self, spec: DomainSpec) -> None:
         """Hold `spec`'s resources, or raise ServiceError(no_capacity) saying what is short."""
@@ -68,16 +90,19 @@ class Claims:
                         },
                     },
                 )
-            self._held[spec.uuid] = want
+            self._took(spec.uuid, want)
 
     def hold(self, spec: DomainSpec) -> None:
         """Record resources already in use (adopted machines), even beyond the limits."""
         with self._lock:
-            self._held[spec.uuid] = Resources(vcpus=spec.vcpus, memory_mib=spec.memory_mib)
+            if spec.uuid not in self._held:
+                self._took(spec.uuid, Resources(vcpus=spec.vcpus, memory_mib=spec.memory_mib))
 
     def release(self, domain_id: uuid.UUID) -> None:
         with self._lock:
-            self._held.pop(domain_id, None)
+            if self._held.pop(domain_id, None) is not None:
+                self._seq += 1
+                self._claimed_at.pop(domain_id, None)
 
     def holds(self, domain_id: uuid.UUID) -> bool:
         with self._lock:

@@ -46,7 +46,8 @@ class HostHeartbeat(Message):
     """Published on `host.heartbeat.<host>`; a host silent for several intervals is down."""
 
     TYPE = "host.heartbeat"
-    VERSION = "1.2"  # 1.1: inventory.vtep, inventory.network_warnings; 1.2: enabled_generation
+    # 1.1: inventory.vtep, inventory.network_warnings; 1.2: enabled_generation, claims_seq
+    VERSION = "1.2"
     host: str
     version: str
     interval_s: float = Field(gt=0)
@@ -56,6 +57,9 @@ class HostHeartbeat(Message):
     enabled_generation: int = Field(default=0, ge=0)
     inventory: HostInventory
     usage: Resources
+    # The host's count of claim changes `usage` was read at (0: not said, a 1.1 host): a
+    # domain whose claim was taken at a count (DomainInfo.claim_seq) up to it is in `usage`.
+    claims_seq: int = Field(default=0, ge=0)
     domains_by_state: dict[PowerState, int] = {}
 
     def routing_key(self) -> str:

@@ -46,7 +46,7 @@ class DomainInfo(Message):
     """A domain as its compute node sees it (virsh dominfo)."""
 
     TYPE = "reply.domain_info"
-    VERSION = "1.2"  # 1.1: interfaces; 1.2: managed_save
+    VERSION = "1.3"  # 1.1: interfaces; 1.2: managed_save; 1.3: claim_seq
     domain_id: uuid.UUID
     name: str
     host: str
@@ -63,6 +63,9 @@ class DomainInfo(Message):
     interfaces: list[Interface] = []
     # A managed save is kept for this shut-off domain: the next start restores it.
     managed_save: bool = False
+    # The host's claim count at which this domain's resources were taken (None: it holds
+    # none): every heartbeat with `claims_seq` at or past it counts them in its usage.
+    claim_seq: int | None = Field(default=None, ge=0)
 
 
 class SavedState(Message):

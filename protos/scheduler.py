@@ -89,10 +89,12 @@ class PlacementClaim(Message):
     replicas count claims in flight and learn group membership (domain events carry the host,
     not the group). A group is `group` within `project` (1.1; a 1.0 claim names no project).
     The compute node stays the final arbiter; this only narrows the window in which two
-    replicas can pick the same room."""
+    replicas can pick the same room. `claim_seq` (1.2, `placed` only): the host's claim count
+    at which it took the domain (DomainInfo.claim_seq), so peers drop the claim exactly when
+    the host's heartbeat counts it."""
 
     TYPE = "placement.claim"
-    VERSION = "1.1"
+    VERSION = "1.2"
     phase: ClaimPhase
     replica: str
     domain_id: uuid.UUID
@@ -101,6 +103,7 @@ class PlacementClaim(Message):
     memory_mib: int = Field(ge=0)
     group: str | None = None
     project: str | None = None
+    claim_seq: int | None = Field(default=None, ge=0)
 
     def routing_key(self) -> str:
         return event_key("placement", self.phase.value, str(self.domain_id))

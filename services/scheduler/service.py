@@ -191,7 +191,7 @@ class SchedulerService(MigrationHandlers, Service):
             except BaseException:
                 self._release(claim)
                 raise
-            self._placed(claim)
+            self._placed(claim, info.claim_seq)
             log.info("placed", host=claim.host, attempts=len(attempts))
             return Placement(host=claim.host, info=info, attempts=attempts)
         raise ServiceError("no_valid_host", _why(attempts, filtered), _details(attempts, filtered))
@@ -437,8 +437,8 @@ class SchedulerService(MigrationHandlers, Service):
             raise RuntimeError("SchedulerService has no bus")
         return self.bus.call(queue, command, timeout=timeout, message_id=message_id)
 
-    def _placed(self, claim: Claim) -> None:
-        self.state.settle(claim.domain_id, settles_at=time.time())
+    def _placed(self, claim: Claim, claim_seq: int | None = None) -> None:
+        self.state.settle(claim.domain_id, settles_at=time.time(), claim_seq=claim_seq)
         self._announce(ClaimPhase.PLACED, claim)
 
     def _release(self, claim: Claim) -> None:
@@ -507,7 +507,7 @@ class SchedulerService(MigrationHandlers, Service):
             self.state.add_claim(claim)
         elif event.phase is ClaimPhase.PLACED:
             self.state.learn(event.domain_id, event.host, _group_of(event))
-            self.state.settle(event.domain_id, settles_at=sent_at)
+            self.state.settle(event.domain_id, settles_at=sent_at, claim_seq=event.claim_seq)
         else:
             self.state.release(event.domain_id)
 
@@ -523,6 +523,7 @@ def claim_event(phase: ClaimPhase, replica: str, claim: Claim) -> PlacementClaim
         memory_mib=claim.memory_mib,
         group=claim.group.name if claim.group is not None else None,
         project=claim.group.project if claim.group is not None else None,
+        claim_seq=claim.claim_seq if phase is ClaimPhase.PLACED else None,
     )
 
 

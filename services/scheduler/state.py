@@ -65,11 +65,17 @@ class Claim:
     """Resources held on `host` for a domain whose usage the host's heartbeat does not show yet.
 
     In flight while the compute node is being asked; once it took the domain, the claim
-    `settles_at` a wall-clock time: the first heartbeat sent at or after it counts the domain,
-    and the claim is dropped. Whatever the timestamps say (clocks differ between machines), it
-    is dropped at the latest when `SETTLE_BEATS` heartbeats have arrived since (a heartbeat is
-    sent every interval, so the last of them was sent after the answer). `lapses_at`
-    (monotonic) drops a claim still in flight (a peer replica that died mid-request)."""
+    is settled. When the host said at which count of its claim changes it took the domain
+    (`claim_seq`), the claim is dropped by the first heartbeat whose usage was read at that
+    count or later (`claims_seq`): exactly when the usage counts the domain, never twice and
+    never not at all. Otherwise (a host that does not say) it `settles_at` a wall-clock time:
+    the first heartbeat sent at or after it counts the domain, and the claim is dropped;
+    whatever the timestamps say (clocks differ between machines), it is dropped at the latest
+    when `SETTLE_BEATS` heartbeats have arrived since (a heartbeat is sent every interval, so
+    the last of them was sent after the answer). A beat read between the host's claim and the
+    answer counted the domain while the claim still stood: the domain counted twice until the
+    next beat, and a host with room for it was filtered out. `lapses_at` (monotonic) drops a
+    claim still in flight (a peer replica that died mid-request)."""
 
     domain_id: uuid.UUID
     host: str
@@ -80,6 +86,7 @@ class Claim:
     settles_at: float | None = None
     beats_left: int = 0
     lapses_at: float | None = None
+    claim_seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +170,10 @@ class ClusterState:
             host.memory_limit_mib = inv.capacity.memory_mib * inv.ram_allocation_ratio
             done = []
             for c in host.claims.values():
-                if c.settles_at is not None:
+                if c.settles_at is not None and c.claim_seq is not None and beat.claims_seq:
+                    if beat.claims_seq >= c.claim_seq:
+                        done.append(c.domain_id)
+                elif c.settles_at is not None:
                     c.beats_left -= 1
                     if c.settles_at <= sent_at or c.beats_left <= 0:
                         done.append(c.domain_id)
@@ -214,14 +224,17 @@ class ClusterState:
                 self._forget(domain_id)
             return claim
 
-    def settle(self, domain_id: uuid.UUID, *, settles_at: float) -> None:
-        """The host took the domain: keep the claim until a heartbeat sent after `settles_at`
-        shows it (see `Claim`)."""
+    def settle(
+        self, domain_id: uuid.UUID, *, settles_at: float, claim_seq: int | None = None
+    ) -> None:
+        """The host took the domain (at its claim count `claim_seq`, if it said): keep the
+        claim until a heartbeat shows it (see `Claim`)."""
         with self.lock:
             claim = self.claims.get(domain_id)
             if claim is None:
                 return
             claim.settles_at = settles_at
+            claim.claim_seq = claim_seq
             claim.beats_left = SETTLE_BEATS
             claim.lapses_at = None
 

@@ -305,6 +305,22 @@ def test_console_and_list(node: Node) -> None:
     assert node.do(ListDomains(states=[PowerState.PAUSED])).model_dump()["domains"] == []
 
 
+def test_a_started_domain_says_at_which_claim_count_its_host_took_it(node: Node) -> None:
+    s = spec()
+    assert node.ok(DefineDomain(spec=s)).claim_seq is None  # defined: holds nothing yet
+    before = node.service.claims.usage_at()[1]
+    started = node.ok(StartDomain(domain_id=s.uuid))
+    usage, count = node.service.claims.usage_at()
+    assert started.claim_seq == count == before + 1
+    assert usage.vcpus == s.vcpus
+    node.ok(DestroyDomain(domain_id=s.uuid))
+    usage, after = node.service.claims.usage_at()
+    assert (usage.vcpus, after) == (0, count + 1)  # a release counts too
+    # Counts start past any earlier process's (time-based), so they grow across restarts.
+    again = Claims(node.service.claims.inventory, reserved_memory_mib=0)
+    assert again.usage_at()[1] > after
+
+
 def test_claims_limits_apply_overcommit_and_reserve() -> None:
     inventory = HostInventory(
         capacity=Resources(vcpus=4, memory_mib=4096),

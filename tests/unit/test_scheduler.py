@@ -201,6 +201,37 @@ def test_a_settled_claim_lasts_until_a_heartbeat_sent_after_it() -> None:
     assert state.claims == {}
 
 
+def test_a_claim_ends_exactly_when_a_heartbeat_counts_the_domain() -> None:
+    """The host says at which of its claim counts it took the domain; a beat read at that
+    count or later has it in its usage, whatever its clock says. A beat read between the
+    host's claim and its answer used to leave the claim standing beside the usage that
+    counted the domain: a host with room for one more was filtered out."""
+    state = ClusterState()
+    state.on_heartbeat(
+        beat("a", memory_mib=2048, claims_seq=100), sent_at=time.time(), now=time.monotonic()
+    )
+    placer = Placer(state, build_filters(SchedulerConfig(replica="t")), [], top_n=1)
+    first = placer.decide(request(memory_mib=1000), replica="t")
+    assert isinstance(first, Decision)
+    placed_at = time.time()
+    state.settle(first.claim.domain_id, settles_at=placed_at, claim_seq=101)
+    # Read before the host took it (count 100), though sent after the answer by its clock.
+    state.on_heartbeat(
+        beat("a", memory_mib=2048, claims_seq=100), sent_at=placed_at + 5, now=time.monotonic()
+    )
+    assert state.hosts["a"].free_memory_mib == 1048
+    # Read after the host took it (count 101), sent before the answer by its clock: the
+    # usage counts it once, the claim is gone, and the room left takes a second domain.
+    state.on_heartbeat(
+        beat("a", memory_mib=2048, used_mib=1000, claims_seq=101),
+        sent_at=placed_at - 0.05,
+        now=time.monotonic(),
+    )
+    assert state.claims == {}
+    assert state.hosts["a"].free_memory_mib == 1048
+    assert isinstance(placer.decide(request(memory_mib=1000), replica="t"), Decision)
+
+
 def test_a_deleted_domain_frees_its_claim_before_the_next_heartbeat() -> None:
     state = ClusterState()
     state.on_heartbeat(beat("a", memory_mib=1024), sent_at=time.time(), now=time.monotonic())

@@ -41,12 +41,14 @@ def beat(
     enabled: bool = True,
     interval_s: float = 1.0,
     max_vcpus: int = 64,
+    claims_seq: int = 0,
 ) -> HostHeartbeat:
     return HostHeartbeat(
         host=name,
         version="test",
         interval_s=interval_s,
         enabled=enabled,
+        claims_seq=claims_seq,
         inventory=HostInventory(
             capacity=Resources(vcpus=vcpus, memory_mib=memory_mib),
             cpu_allocation_ratio=cpu_ratio,
