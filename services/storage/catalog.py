@@ -377,11 +377,20 @@ class Catalog:
         cause: Cause | None,
         *,
         remove: bool = False,
+        expect: tuple[str, ...] | None = None,
     ) -> Volume:
         """Apply `values` to the volume and put `event(volume after)` in the outbox with the
-        volume's next seq, in one transaction; `remove` deletes the row after its event."""
+        volume's next seq, in one transaction; `remove` deletes the row after its event.
+        With `expect`, only while the volume is in one of those states (read in the same
+        transaction): else ServiceError(conflict), nothing changed and nothing announced."""
         with self.db.transaction() as conn:
             row = _row(conn, volume_id, None, for_update=True)
+            if expect is not None and row.state not in expect:
+                raise ServiceError(
+                    "conflict",
+                    f"volume {volume_id} is {row.state} now",
+                    {"reason": "state", "state": row.state},
+                )
             seq = row.seq + (1 if event is not None else 0)
             values = {**values, "seq": seq, "updated_at": time.time()}
             conn.execute(sa.update(volumes).where(volumes.c.id == str(volume_id)).values(values))

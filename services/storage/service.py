@@ -522,6 +522,7 @@ class StorageService(ImageHandlers, UploadHandlers, MoveHandlers, LiveMoveHandle
                 },
                 lambda v: VolumeCreated(**event_fields(v), source_id=v.source_id),
                 None,
+                expect=("creating",),  # an upload's end may have recorded it meanwhile
             )
             self.notify()
             return "created"

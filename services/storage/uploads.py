@@ -115,6 +115,7 @@ class UploadHandlers:
             },
             lambda v: VolumeCreated(**event_fields(v)),
             ctx.cause,
+            expect=("creating",),  # reconcile may have recorded it meanwhile
         )
         self.notify()
         log.info("volume uploaded", volume_id=str(volume.volume_id), sha256=result.sha256)

@@ -451,6 +451,42 @@ def test_an_uploaded_volume_is_visible_whole_with_its_sha256(store: Images) -> N
     assert row.routing_key == f"volume.created.{reply.volume.volume_id}"
 
 
+def test_an_upload_ended_while_reconcile_settles_it_is_announced_once(
+    store: Images, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restarted service's reconcile and the client's `end` both find the upload done on
+    its host: whichever records it first announces it, the other changes nothing (the end
+    answers conflict). Both used to record it, and `volume.created` went out twice."""
+    data = os.urandom(MiB)
+    started = store.do(BeginVolumeUpload(volume_id=uuid.uuid4(), project="p1", name="up", size=MiB))
+    assert isinstance(started, VolumeUpload), started
+    ticket = started.ticket
+    with socket.create_connection((ticket.address, ticket.port)) as conn:
+        conn.sendall(ticket.ticket.encode() + b"\n")
+        send_frames(conn, iter([data]))
+        assert read_line(conn)["state"] == "done"
+    real = store.local.transfer_result
+    raced = []
+
+    def result_then_reconcile(ticket_: str) -> object:
+        answer = real(ticket_)
+        if not raced:  # the end handler asked; reconcile settles the volume meanwhile
+            raced.append("")
+            volume = store.catalog.get(started.volume.volume_id, None)
+            raced[0] = store.service._settle(volume)
+        return answer
+
+    monkeypatch.setattr(store.local, "transfer_result", result_then_reconcile)
+    reply = store.do(EndVolumeUpload(volume_id=started.volume.volume_id, project="p1"))
+    assert raced == ["created"]
+    assert isinstance(reply, ErrorReply), reply
+    assert reply.code == "conflict"
+    with store.catalog.db.transaction() as conn:
+        keys = [r.routing_key for r in conn.execute(sa.select(outbox)).all()]
+    assert keys == [f"volume.created.{started.volume.volume_id}"]
+    assert store.catalog.get(started.volume.volume_id, "p1").state == "available"
+
+
 def test_a_wrong_sha256_leaves_no_volume(store: Images) -> None:
     answer, reply = _upload_volume(store, "bad", os.urandom(4096), sha256="0" * 64)
     assert answer["code"] == "checksum_mismatch"
