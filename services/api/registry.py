@@ -22,9 +22,10 @@ Migration (protos.migration) adds, and changes nothing else:
   (the target took over; a `migrating` task ends);
 - the source's `domain.stopped/migrated` advances seq but leaves the power state as it was
   (the guest runs on, on the target);
-- a final `domain.migration_progress` (phase done, failed or cancelled) from the domain's
-  host or naming it as target ends a `migrating` task (nothing else of it is projected), and
-  so does `domain.resumed/migrated` (the source runs on after a failed attempt).
+- a final `domain.migration_progress` (phase failed or cancelled) from the domain's host or
+  naming it as target ends a `migrating` task, and `done` once the host switched to its
+  target (nothing else of it is projected); so does `domain.resumed/migrated` (the source
+  runs on after a failed attempt).
 
 Event-log ids only grow in commit order (appends are serialised: SQLite's write lock, an
 advisory lock on PostgreSQL), so a reader resuming "after id N" never misses a row that
@@ -60,7 +61,7 @@ from protos.events import (
     StoppedDetail,
 )
 from protos.host import HostHeartbeat, HostInventory, Resources
-from protos.migration import FINAL_PHASES
+from protos.migration import FINAL_PHASES, MigrationPhase
 from protos.replies import DomainInfo
 from services.api.config import Quota, Role
 from services.api.saved_states import SavedStates
@@ -804,8 +805,14 @@ class Registry:
         now: float,
     ) -> Outcome:
         """Progress is logged; a final one about this domain's host (its source, or the
-        target it switched to) ends the `migrating` task."""
-        final = event.phase in FINAL_PHASES and host in (event.host, event.target)
+        target it switched to) ends the `migrating` task, except a `done` that arrives
+        before the target's arrival event: that event switches the host and ends the task,
+        so the domain never shows no task under way on the host it left (a migrate asked in
+        that window would go to the source, which no longer has it)."""
+        if event.phase == MigrationPhase.DONE:
+            final = host == event.target
+        else:
+            final = event.phase in FINAL_PHASES and host in (event.host, event.target)
         if not (final and task is TaskState.MIGRATING):
             return Outcome.LOGGED
         cur.execute(
