@@ -466,7 +466,7 @@ def test_an_upload_ended_while_reconcile_settles_it_is_announced_once(
         send_frames(conn, iter([data]))
         assert read_line(conn)["state"] == "done"
     real = store.local.transfer_result
-    raced = []
+    raced: list[str] = []
 
     def result_then_reconcile(ticket_: str) -> object:
         answer = real(ticket_)
@@ -481,8 +481,8 @@ def test_an_upload_ended_while_reconcile_settles_it_is_announced_once(
     assert raced == ["created"]
     assert isinstance(reply, ErrorReply), reply
     assert reply.code == "conflict"
-    with store.catalog.db.transaction() as conn:
-        keys = [r.routing_key for r in conn.execute(sa.select(outbox)).all()]
+    with store.catalog.db.transaction() as db:
+        keys = [r.routing_key for r in db.execute(sa.select(outbox)).all()]
     assert keys == [f"volume.created.{started.volume.volume_id}"]
     assert store.catalog.get(started.volume.volume_id, "p1").state == "available"
 
