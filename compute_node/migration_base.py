@@ -9,11 +9,11 @@ import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import structlog
 
-from compute_node.boot_sources import BootSources
+from compute_node.boot_sources import BootFiles, BootSources
 from compute_node.causes import PendingCauses
 from compute_node.driver import Driver, DriverError, GuestEvent, NicTap
 from compute_node.networks import HostNetworks
@@ -28,6 +28,7 @@ from protos.states import Action
 log = structlog.get_logger("flotilla.compute")
 
 PEER_TIMEOUT_S = 30.0
+T = TypeVar("T")
 
 
 class PeerCall(Protocol):
@@ -59,6 +60,16 @@ class MigrationBase:
     _network_call: Callable[[Callable[[], object]], None]
     _consume: Callable[[GuestEvent], None]
     on_guest_event: Callable[[GuestEvent], None]
+
+    def _run_plumbed(
+        self,
+        record: DomainRecord,
+        launch: Callable[[BootFiles, list[NicTap]], T],
+        *,
+        check_locks: bool = True,
+    ) -> T:
+        """The start path's (compute_node.lifecycle): files, plumbing, claim, then `launch`."""
+        raise NotImplementedError
 
     def _init_peers(self) -> None:
         # How this node reaches the others (the node sets it: its bus); None: no migrations.

@@ -21,13 +21,15 @@ from ipaddress import IPv4Address
 
 import structlog
 
+from compute_node.boot_sources import BootFiles
 from compute_node.driver import (
     DriverError,
     GuestEvent,
     GuestEventKind,
     IncomingMachine,
+    NicTap,
 )
-from compute_node.launching import refused, settle_quietly
+from compute_node.launching import refused
 from compute_node.migration_base import MigrationBase
 from compute_node.storage_sources import StorageBindings
 from compute_node.store import DomainRecord, EventDraft, Incoming, NameTaken
@@ -247,45 +249,30 @@ class MigrationTarget(MigrationBase):
             )
 
     def _wait_for_stream(self, record: DomainRecord, *, paused: bool) -> IncomingMachine:
-        """Open the domain's files, plug its ports, claim its resources and have the driver
-        wait for the stream; everything undone if any of it fails."""
-        domain_id = record.id
-        with refused():
-            files = self.sources.open(record.spec, privileged=record.privileged)
-        with files:
-            with refused():
-                # Not the volume locks: the source's VMM holds them until it is paused for
-                # the last pages, and the target's VMM takes them over then (docs/storage.md).
-                self.storage.open(record.spec, record.bindings, files, check_locks=False)
-            nics, plumbed = self._plug(record)
-            try:
-                self.claims.claim(record.spec)
-                # A live migration's volumes on this host's pools are copies the stream
-                # fills (the source's pools are not shared with this host).
-                copies = [d for d in record.bindings.disks if d.host == self.host]
-                machine = self.driver.prepare_incoming(
-                    record.spec,
-                    files,
-                    nics=nics,
-                    listen=self.migration_listen,
-                    paused=paused,
-                    copy_disks=disk_indices(record.spec, copies),
-                )
-            except BaseException as exc:
-                self.claims.release(domain_id)
-                settle_quietly(plumbed)
-                self._unplug(record)
-                if isinstance(exc, DriverError):
-                    raise ServiceError(exc.code, exc.message, {"host": self.host}) from None
-                raise
-            try:
-                self._network_call(plumbed.result)
-            except ServiceError:
-                self.driver.cancel_incoming(domain_id)
-                self.claims.release(domain_id)
-                self._unplug(record)
-                raise
-            return machine
+        """Open the domain's files, plug its ports and wait for their plumbing, claim its
+        resources and only then have the driver wait for the stream (its VMM starts), as a
+        start does (`_run_plumbed`); everything undone if any of it fails."""
+        # Not the volume locks: the source's VMM holds them until it is paused for the last
+        # pages, and the target's VMM takes them over then (docs/storage.md). A live
+        # migration's volumes on this host's pools are copies the stream fills (the
+        # source's pools are not shared with this host).
+        copies = [d for d in record.bindings.disks if d.host == self.host]
+
+        def listen(files: BootFiles, nics: list[NicTap]) -> IncomingMachine:
+            return self.driver.prepare_incoming(
+                record.spec,
+                files,
+                nics=nics,
+                listen=self.migration_listen,
+                paused=paused,
+                copy_disks=disk_indices(record.spec, copies),
+            )
+
+        try:
+            return self._run_plumbed(record, listen, check_locks=False)
+        except BaseException:
+            self._unplug(record)
+            raise
 
     @handles(FinishIncoming)
     def finish_incoming(self, cmd: FinishIncoming, ctx: Context) -> None:
