@@ -1,7 +1,8 @@
 """Events into the registry: domain events from the shared durable queue `api.events` (several
-API replicas compete for it; seq makes the order they apply them in irrelevant), heartbeats
-from a private subscription per replica (every replica writes the same newest-wins row),
-coalesced newest per host into one write at a time (services.api.heartbeats)."""
+API replicas compete for it; seq makes the order they apply them in irrelevant) and volume
+events from it into the event log only, heartbeats from a private subscription per replica
+(every replica writes the same newest-wins row), coalesced newest per host into one write at
+a time (services.api.heartbeats)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from protos.base import Message
 from protos.codec import Envelope
 from protos.events import DomainEvent
 from protos.host import HostHeartbeat
+from protos.storage import VolumeEvent
 from services.api.heartbeats import HeartbeatWriter
 from services.api.metrics import ApiMetrics
 from services.api.registry import Outcome, Registry
@@ -45,8 +47,8 @@ class EventProjector(Service):
     def domain_event(self, event: Message, ctx: Context) -> Outcome | None:
         if not isinstance(event, DomainEvent):
             return None
-        try:
-            outcome = self.registry.apply_event(
+        outcome = self._durably(
+            lambda: self.registry.apply_event(
                 ctx.envelope.id,
                 ctx.routing_key or event.routing_key(),
                 event,
@@ -54,9 +56,7 @@ class EventProjector(Service):
                 correlation_id=ctx.envelope.correlation_id,
                 causation_id=ctx.envelope.causation_id,
             )
-        except DatabaseUnavailable as exc:
-            time.sleep(0.5)  # the database is away: let the broker hand it back later
-            raise Retry(f"registry unavailable: {exc}") from None
+        )
         self.metrics.events.labels(event.TYPE, outcome.value).inc()
         if outcome is Outcome.REAP and self.reap is not None:
             # Deleted before it was placed: off that host again (services.api.reaping).
@@ -64,6 +64,34 @@ class EventProjector(Service):
         if outcome is not Outcome.DUPLICATE:
             self.notify()
         return outcome
+
+    @on_event("volume.#")
+    def volume_event(self, event: Message, ctx: Context) -> Outcome | None:
+        """Into the event log, for `/v1/events` (the volume's project sees it)."""
+        if not isinstance(event, VolumeEvent):
+            return None
+        outcome = self._durably(
+            lambda: self.registry.log_volume_event(
+                ctx.envelope.id,
+                ctx.routing_key or event.routing_key(),
+                event,
+                ctx.envelope.ts,
+                correlation_id=ctx.envelope.correlation_id,
+                causation_id=ctx.envelope.causation_id,
+            )
+        )
+        self.metrics.events.labels(event.TYPE, outcome.value).inc()
+        if outcome is not Outcome.DUPLICATE:
+            self.notify()
+        return outcome
+
+    @staticmethod
+    def _durably(write: Callable[[], Outcome]) -> Outcome:
+        try:
+            return write()
+        except DatabaseUnavailable as exc:
+            time.sleep(0.5)  # the database is away: let the broker hand it back later
+            raise Retry(f"registry unavailable: {exc}") from None
 
 
 class Projection:
