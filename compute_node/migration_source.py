@@ -71,7 +71,7 @@ class MigrationSource(MigrationBase):
     """Domains migrating away from this host: one job per domain."""
 
     def _init_source(self) -> None:
-        self.jobs = Jobs()
+        self.jobs = Jobs(self.store)
 
     def _task(self, domain_id: uuid.UUID) -> TaskState:
         """The control plane's task on the domain here: `migrating` while a job runs."""
@@ -502,7 +502,7 @@ class MigrationSource(MigrationBase):
     def _ended(self, job: Job, phase: MigrationPhase, error: str | None = None) -> None:
         """The final progress event, then the job's end (whoever waits for it sees both)."""
         self._publish_progress(job, (phase, error))
-        job.end(phase, error)
+        job.end(phase, error, keep=self.jobs.keep)
         log.info(
             "migration ended",
             domain_id=str(job.domain_id),
@@ -522,31 +522,33 @@ class MigrationSource(MigrationBase):
 
     # ---- job commands ----------------------------------------------------------------------
 
-    def _job(self, domain_id: uuid.UUID) -> Job:
-        job = self.jobs.get(domain_id)
-        if job is None:
-            raise ServiceError(
-                "not_found", f"domain {domain_id} never migrated from host {self.host}"
-            )
-        return job
+    def _not_found(self, domain_id: uuid.UUID) -> ServiceError:
+        return ServiceError("not_found", f"domain {domain_id} never migrated from host {self.host}")
 
     @handles(GetMigrationJob)
     def migration_job(self, cmd: GetMigrationJob, _ctx: Context) -> MigrationJob:
-        return self._job(cmd.domain_id).snapshot()
+        last = self.jobs.last(cmd.domain_id)
+        if last is None:
+            raise self._not_found(cmd.domain_id)
+        return last
 
     @handles(AbortMigration)
     def migration_abort(self, cmd: AbortMigration, _ctx: Context) -> MigrationJob:
-        job = self._job(cmd.domain_id)
-        if job.phase is MigrationPhase.DONE or job.phase is MigrationPhase.COMMIT:
+        job = self.jobs.get(cmd.domain_id)
+        last = job.snapshot() if job is not None else self.jobs.last(cmd.domain_id)
+        if last is None:
+            raise self._not_found(cmd.domain_id)
+        if last.phase is MigrationPhase.DONE or last.phase is MigrationPhase.COMMIT:
             raise ServiceError(
                 "conflict",
                 "the migration has committed: too late to abort it",
-                {"reason": "committed", "phase": job.phase.value},
+                {"reason": "committed", "phase": last.phase.value},
             )
-        if not job.final:
-            job.aborted = True
-            self.driver.migration_cancel(cmd.domain_id)
-            job.ended.wait(ABORT_WAIT_S)
+        if job is None or job.final:
+            return last
+        job.aborted = True
+        self.driver.migration_cancel(cmd.domain_id)
+        job.ended.wait(ABORT_WAIT_S)
         return job.snapshot()
 
     @handles(SetMigrationParams)
