@@ -197,3 +197,20 @@ def test_a_plumbing_failure_refuses_and_leaves_nothing(target: Target) -> None:
     target.service.finish_incoming(
         FinishIncoming(domain_id=cmd.spec.uuid, committed=False, seq=0), CTX
     )
+
+
+def test_a_failure_before_the_tap_is_plugged_leaves_no_tap(target: Target) -> None:
+    """The network cannot be applied here (a bridge-mode network whose host bridge this host
+    lacks): the tap made for the VMM before the rest of the plumbing goes too."""
+    net = NetworkBinding(network_id=uuid.uuid4(), name="blue", mode="bridge", mtu=1500, dhcp=False)
+    net = net.model_copy(update={"host_bridge": "nobr0"})
+    port = PortBinding(port_id=uuid.uuid4(), network=net, mac=PORT.mac, ipv4=PORT.ipv4)
+    cmd = prepare().model_copy(update={"ports": [port]})
+    with pytest.raises(ServiceError) as refused:
+        target.service.prepare_incoming(cmd, CTX)
+    assert refused.value.code == "spawn_failed"
+    assert "nobr0" in refused.value.message
+    assert target.driver.asked == []
+    assert tap_link(target.ns, HostNetworks.tap_name(port)) is None
+    assert target.claims.usage().memory_mib == 0
+    assert target.service.store.get(cmd.spec.uuid) is None
