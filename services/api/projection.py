@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from typing import TypeVar
 
 from protos.base import Message
 from protos.codec import Envelope
@@ -24,6 +25,8 @@ from services.db import DatabaseUnavailable
 
 # Destroy and undefine a domain on a host, off the caller's thread (services.api.reaping).
 Reap = Callable[[uuid.UUID, str], None]
+# What the event log takes.
+E = TypeVar("E", DomainEvent, VolumeEvent)
 
 
 class EventProjector(Service):
@@ -47,22 +50,10 @@ class EventProjector(Service):
     def domain_event(self, event: Message, ctx: Context) -> Outcome | None:
         if not isinstance(event, DomainEvent):
             return None
-        outcome = self._durably(
-            lambda: self.registry.apply_event(
-                ctx.envelope.id,
-                ctx.routing_key or event.routing_key(),
-                event,
-                ctx.envelope.ts,
-                correlation_id=ctx.envelope.correlation_id,
-                causation_id=ctx.envelope.causation_id,
-            )
-        )
-        self.metrics.events.labels(event.TYPE, outcome.value).inc()
+        outcome = self._log(self.registry.apply_event, event, ctx)
         if outcome is Outcome.REAP and self.reap is not None:
             # Deleted before it was placed: off that host again (services.api.reaping).
             self.reap(event.domain_id, event.host)
-        if outcome is not Outcome.DUPLICATE:
-            self.notify()
         return outcome
 
     @on_event("volume.#")
@@ -70,8 +61,13 @@ class EventProjector(Service):
         """Into the event log, for `/v1/events` (the volume's project sees it)."""
         if not isinstance(event, VolumeEvent):
             return None
-        outcome = self._durably(
-            lambda: self.registry.log_volume_event(
+        return self._log(self.registry.log_volume_event, event, ctx)
+
+    def _log(self, write: Callable[..., Outcome], event: E, ctx: Context) -> Outcome:
+        """`write` (the registry's) the delivered `event` with its envelope's id, time and
+        cause; the database away is a Retry (the broker hands it back later)."""
+        try:
+            outcome = write(
                 ctx.envelope.id,
                 ctx.routing_key or event.routing_key(),
                 event,
@@ -79,19 +75,13 @@ class EventProjector(Service):
                 correlation_id=ctx.envelope.correlation_id,
                 causation_id=ctx.envelope.causation_id,
             )
-        )
+        except DatabaseUnavailable as exc:
+            time.sleep(0.5)
+            raise Retry(f"registry unavailable: {exc}") from None
         self.metrics.events.labels(event.TYPE, outcome.value).inc()
         if outcome is not Outcome.DUPLICATE:
             self.notify()
         return outcome
-
-    @staticmethod
-    def _durably(write: Callable[[], Outcome]) -> Outcome:
-        try:
-            return write()
-        except DatabaseUnavailable as exc:
-            time.sleep(0.5)  # the database is away: let the broker hand it back later
-            raise Retry(f"registry unavailable: {exc}") from None
 
 
 class Projection:
