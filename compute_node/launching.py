@@ -1,18 +1,13 @@
-"""What the start path and the incoming-migration path share: a boot source's refusal as the
-caller's error, and the wait for the plumbing of a guest that did not run."""
+"""What the start path and the incoming-migration path share besides `Lifecycle._run_plumbed`:
+a boot source's refusal as the caller's error."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import Future
 from contextlib import contextmanager
-
-import structlog
 
 from compute_node.boot_sources import SourceRefused
 from services.bus import ServiceError
-
-log = structlog.get_logger("flotilla.compute")
 
 
 @contextmanager
@@ -22,11 +17,3 @@ def refused() -> Iterator[None]:
         yield
     except SourceRefused as exc:
         raise ServiceError(exc.code, exc.message, {"field": exc.field}) from None
-
-
-def settle_quietly(plumbed: Future[object]) -> None:
-    """Wait for plumbing whose guest did not run (its failure is not the one to report)."""
-    try:
-        plumbed.result()
-    except Exception as exc:
-        log.warning("plumbing of a guest that did not run failed", error=str(exc))

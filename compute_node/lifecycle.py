@@ -15,6 +15,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import TypeVar
 
 import structlog
 
@@ -62,6 +63,7 @@ from services.bus import Cause, Context, Service, ServiceError, handles
 
 log = structlog.get_logger("flotilla.compute")
 K = GuestEventKind
+T = TypeVar("T")
 # The store's host setting for SetHostEnabled: {"enabled", "reason", "generation"}.
 ENABLED_KEY = "enabled"
 
@@ -354,32 +356,46 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
         *,
         paused: bool,
     ) -> None:
-        """Open the domain's boot files and volumes, plug its ports, claim its resources and
-        call `launch` (the driver's spawn or restore) with them; the claim is released if it
-        fails. The caller holds the domain's lock and has checked the transition."""
-        domain_id = record.id
+        """Start the domain's machine through `launch` (the driver's spawn or restore) as
+        `_run_plumbed` says, its events caused by `cause`. The caller holds the domain's lock
+        and has checked the transition."""
         steps = [{K.STARTED, K.FAILED}, *([{K.PAUSED}] if paused else [])]
-        with self.causes.expecting(domain_id, cause, *steps):
+        with self.causes.expecting(record.id, cause, *steps):
+            self._run_plumbed(record, launch)
+
+    def _run_plumbed(
+        self,
+        record: DomainRecord,
+        launch: Callable[[BootFiles, list[NicTap]], T],
+        *,
+        check_locks: bool = True,
+    ) -> T:
+        """Open the domain's boot files and volumes (their locks checked unless
+        `check_locks` is false), plug its ports and wait for their plumbing, claim its
+        resources, and only then call `launch` with the files and taps (a VMM starts); its
+        result. The claim is released if `launch` fails; the ports stay plugged (the
+        caller's to unplug). ServiceError: the boot files' refusal, the plumbing's
+        (`invalid`, `spawn_failed`), `no_capacity`, or the driver's code."""
+        with refused():
+            files = self.sources.open(record.spec, privileged=record.privileged)
+        with files:
             with refused():
-                files = self.sources.open(record.spec, privileged=record.privileged)
-            with files:
-                with refused():
-                    self.storage.open(record.spec, record.bindings, files)
-                nics, plumbed = self._plug(record)
-                # The guest runs only once its ports are plumbed (networks applied, taps on
-                # their bridges with their rules, remote ports' forwarding entries in): a
-                # frame it sent before would be lost, as Nova waits for vif-plugged. The taps
-                # exist already; a warm VMM starts in milliseconds after this.
-                self._network_call(plumbed.result)
-                self.claims.claim(record.spec)
-                try:
-                    launch(files, nics)
-                except DriverError as exc:
-                    self.claims.release(domain_id)
-                    raise ServiceError(exc.code, exc.message, {"host": self.host}) from None
-                except BaseException:
-                    self.claims.release(domain_id)
-                    raise
+                self.storage.open(record.spec, record.bindings, files, check_locks=check_locks)
+            nics, plumbed = self._plug(record)
+            # The guest runs only once its ports are plumbed (networks applied, taps on
+            # their bridges with their rules, remote ports' forwarding entries in): a frame
+            # it sent before would be lost, as Nova waits for vif-plugged. The taps exist
+            # already; a warm VMM starts in milliseconds after this.
+            self._network_call(plumbed.result)
+            self.claims.claim(record.spec)
+            try:
+                return launch(files, nics)
+            except DriverError as exc:
+                self.claims.release(record.id)
+                raise ServiceError(exc.code, exc.message, {"host": self.host}) from None
+            except BaseException:
+                self.claims.release(record.id)
+                raise
 
     def _plug(self, record: DomainRecord) -> tuple[list[NicTap], Future[object]]:
         """The domain's taps for its machine, and the rest of its ports' plumbing (their

@@ -1,6 +1,7 @@
-"""A migration job as the source node keeps it (compute_node.migrating): what it reports
-(protos.migration.MigrationJob, the `domain.migration_progress` events) and what asks it to
-stop. The node keeps each domain's current or last job in memory (`Jobs`)."""
+"""A migration job as the source node keeps it (compute_node.migration_source): what it
+reports (protos.migration.MigrationJob, the `domain.migration_progress` events) and what asks
+it to stop. The node keeps each domain's current or last job in memory (`Jobs`), and the last
+ended one in its store too, so that it is still answered after a restart."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
+from typing import TYPE_CHECKING
 
 from compute_node.driver import MigrationStats
 from protos.bindings import DiskBinding
@@ -17,6 +20,9 @@ from protos.domain import PowerState
 from protos.events import DomainMigrationProgress
 from protos.migration import FINAL_PHASES, MigrationJob, MigrationParams, MigrationPhase
 from services.bus.cause import Cause
+
+if TYPE_CHECKING:
+    from compute_node.store import Store
 
 KEPT_JOBS = 256  # the last jobs kept for GetMigrationJob, the oldest ended ones dropped first
 
@@ -60,8 +66,16 @@ class Job:
         if phase not in FINAL_PHASES:  # the job ends by `end`, once its target knows
             self.phase = phase
 
-    def end(self, phase: MigrationPhase, error: str | None = None) -> None:
+    def end(
+        self,
+        phase: MigrationPhase,
+        error: str | None = None,
+        keep: Callable[[MigrationJob], None] | None = None,
+    ) -> None:
+        """End the job; `keep` gets its final view before anyone can see it ended."""
         self.finished = time.monotonic()
+        if keep is not None:
+            keep(self._view(phase, error))
         self.phase = phase
         self.error = error
         self.ended.set()
@@ -71,13 +85,16 @@ class Job:
         return ((self.finished or time.monotonic()) - self.started) * 1e3
 
     def snapshot(self) -> MigrationJob:
+        return self._view(self.phase, self.error)
+
+    def _view(self, phase: MigrationPhase, error: str | None) -> MigrationJob:
         s = self.stats
         return MigrationJob(
             domain_id=self.domain_id,
             source=self.source,
             target=self.target,
             live=self.params.live,
-            phase=self.phase,
+            phase=phase,
             params=self.params,
             started_at=self.started_at,
             elapsed_ms=self.elapsed_ms(),
@@ -91,7 +108,7 @@ class Job:
             throttle_pct=s.throttle_pct,
             downtime_ms=self.downtime_ms,
             paused_ms=self.paused_ms,
-            error=self.error,
+            error=error,
         )
 
     def progress_event(
@@ -128,15 +145,32 @@ class Job:
 
 
 class Jobs:
-    """Each domain's current or last job on this node."""
+    """Each domain's current or last job on this node; the last ended ones kept in `store`
+    as well (a job that ran when the node stopped is not: it is no job after a restart)."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: Store) -> None:
         self._jobs: OrderedDict[uuid.UUID, Job] = OrderedDict()
         self._lock = threading.Lock()
+        self._store = store
+        # The kept job a new one of the domain displaced from the store, until it starts.
+        self._displaced: dict[uuid.UUID, MigrationJob] = {}
 
     def get(self, domain_id: uuid.UUID) -> Job | None:
         with self._lock:
             return self._jobs.get(domain_id)
+
+    def last(self, domain_id: uuid.UUID) -> MigrationJob | None:
+        """The domain's current or last job as reported, from memory or, for one that ended
+        before this node restarted, from the store."""
+        job = self.get(domain_id)
+        return job.snapshot() if job is not None else self._store.kept_job(domain_id)
+
+    def keep(self, view: MigrationJob) -> None:
+        """A job ended as `view` says (`Job.end`'s `keep`): its domain's last, across
+        restarts too."""
+        with self._lock:
+            self._displaced.pop(view.domain_id, None)
+        self._store.keep_job(view, limit=KEPT_JOBS)
 
     def running(self, domain_id: uuid.UUID) -> Job | None:
         job = self.get(domain_id)
@@ -146,7 +180,13 @@ class Jobs:
         """Keep `job` as its domain's; return the one it replaces. Room is made by dropping
         the oldest ended jobs only: a running job is its domain's `migrating` task, and is
         kept however many others start meanwhile (an evacuation of a large host)."""
+        # A restart mid-job knows no job of the domain (the kept one is back if it never
+        # starts: `restore`).
+        kept = self._store.kept_job(job.domain_id)
+        self._store.drop_job(job.domain_id)
         with self._lock:
+            if kept is not None:
+                self._displaced[job.domain_id] = kept
             previous = self._jobs.pop(job.domain_id, None)
             self._jobs[job.domain_id] = job
             excess = len(self._jobs) - KEPT_JOBS
@@ -159,7 +199,13 @@ class Jobs:
     def restore(self, job: Job, previous: Job | None) -> None:
         """Undo `add(job)`: a job that never started is no job."""
         with self._lock:
-            if self._jobs.get(job.domain_id) is job:
-                del self._jobs[job.domain_id]
-                if previous is not None:
-                    self._jobs[job.domain_id] = previous
+            if self._jobs.get(job.domain_id) is not job:
+                return
+            del self._jobs[job.domain_id]
+            if previous is not None:
+                self._jobs[job.domain_id] = previous
+            kept = self._displaced.pop(job.domain_id, None)
+        if previous is not None and previous.final:
+            self.keep(previous.snapshot())
+        elif kept is not None:
+            self._store.keep_job(kept, limit=KEPT_JOBS)

@@ -252,6 +252,7 @@ class HostNetworks:
         plumber = self._open()
         for binding in ports:
             plumber.unplug(str(binding.port_id))
+            plumber.discard_tap(self.tap_name(binding))  # made, then the plumbing failed
         desired = plumber.desired
         used = {p.network_id for p in desired.ports}
         removed = False

@@ -40,6 +40,7 @@ from protos.bindings import PortBinding, StateRef
 from protos.codec import envelope_for, pack
 from protos.domain import DomainSpec, PowerState
 from protos.events import DomainEvent
+from protos.migration import MigrationJob
 from protos.storage import VolumeEvent
 from services.bus import Cause
 
@@ -63,6 +64,11 @@ CREATE TABLE IF NOT EXISTS volume_seqs (
     seq INTEGER NOT NULL,
     last_event TEXT NOT NULL DEFAULT '',
     size INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS migration_jobs (
+    domain_id TEXT PRIMARY KEY,
+    job TEXT NOT NULL,
+    ended REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS host_settings (
     key TEXT PRIMARY KEY,
@@ -234,6 +240,34 @@ class Store:
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (key, value),
             )
+
+    def keep_job(self, job: MigrationJob, *, limit: int) -> None:
+        """Keep the ended migration job as its domain's last (across restarts); the oldest
+        beyond `limit` domains go."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO migration_jobs (domain_id, job, ended) VALUES (?, ?, ?) "
+                "ON CONFLICT (domain_id) DO UPDATE SET job = excluded.job, ended = excluded.ended",
+                (str(job.domain_id), job.model_dump_json(), time.time()),
+            )
+            db.execute(
+                "DELETE FROM migration_jobs WHERE domain_id NOT IN "
+                "(SELECT domain_id FROM migration_jobs ORDER BY ended DESC LIMIT ?)",
+                (limit,),
+            )
+
+    def kept_job(self, domain_id: uuid.UUID) -> MigrationJob | None:
+        """The domain's last ended migration job from this host, if one is kept."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT job FROM migration_jobs WHERE domain_id = ?", (str(domain_id),)
+            ).fetchone()
+        return None if row is None else MigrationJob.model_validate_json(row[0])
+
+    def drop_job(self, domain_id: uuid.UUID) -> None:
+        """A new job of the domain runs: the last one kept is no longer its last."""
+        with self._tx() as db:
+            db.execute("DELETE FROM migration_jobs WHERE domain_id = ?", (str(domain_id),))
 
     def get(self, domain_id: uuid.UUID) -> DomainRecord | None:
         with self._lock:

@@ -15,22 +15,19 @@ read-only volume may be shared by other domains of this host, which would lose i
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import structlog
 
-from protos import routing
-from protos.base import Message
+from compute_node.volume_moves import Peer, ask_storage
 from protos.bindings import DiskBinding
-from protos.commands import Command
 from protos.domain import DomainSpec
 from protos.volumes import LiveMoveVolume, Volume
-from services.bus import BusError, RemoteError, ServiceError
+from services.bus import ServiceError
 
 log = structlog.get_logger("flotilla.compute.volume_copies")
 
-Peer = Callable[[str, Command, float], Message]
 STEP_TIMEOUT_S = 60.0
 # A commit or abort the storage service did not answer (or refused as busy: a VMM still
 # closing the file) is resent this many times, RETRY_S apart.
@@ -122,12 +119,4 @@ def _step(
     peer: Peer, binding: DiskBinding, host: str, step: Literal["prepare", "commit", "abort"]
 ) -> Volume:
     command = LiveMoveVolume(volume_id=binding.volume_id, host=host, step=step)
-    try:
-        reply = peer(routing.STORAGE_QUEUE, command, STEP_TIMEOUT_S)
-    except RemoteError as exc:
-        raise ServiceError(exc.code, exc.message, exc.details) from None
-    except BusError as exc:
-        raise ServiceError("unavailable", f"the storage service did not answer: {exc}") from None
-    if not isinstance(reply, Volume):
-        raise ServiceError("internal", f"the storage service answered {type(reply).__name__}")
-    return reply
+    return ask_storage(peer, command, STEP_TIMEOUT_S)

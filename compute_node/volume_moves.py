@@ -75,18 +75,23 @@ def move_back(peer: Peer, disks: Sequence[DiskBinding], source: str) -> None:
 
 
 def _move(peer: Peer, binding: DiskBinding, host: str) -> None:
-    try:
-        reply = peer(
-            routing.STORAGE_QUEUE,
-            MoveVolume(volume_id=binding.volume_id, host=host),
-            MOVE_TIMEOUT_S,
+    command = MoveVolume(volume_id=binding.volume_id, host=host)
+    reply = ask_storage(peer, command, MOVE_TIMEOUT_S)
+    if reply.host != host:
+        raise ServiceError(
+            "internal", f"the storage service left volume {binding.volume_id} on {reply.host}"
         )
+
+
+def ask_storage(peer: Peer, command: Command, timeout: float) -> Volume:
+    """The storage service's answer to a volume command: the volume, or ServiceError with
+    its refusal's code (`unavailable` when it did not answer)."""
+    try:
+        reply = peer(routing.STORAGE_QUEUE, command, timeout)
     except RemoteError as exc:
         raise ServiceError(exc.code, exc.message, exc.details) from None
     except BusError as exc:
         raise ServiceError("unavailable", f"the storage service did not answer: {exc}") from None
-    if not isinstance(reply, Volume) or reply.host != host:
-        raise ServiceError(
-            "internal",
-            f"the storage service left volume {binding.volume_id} on {getattr(reply, 'host', '?')}",
-        )
+    if not isinstance(reply, Volume):
+        raise ServiceError("internal", f"the storage service answered {type(reply).__name__}")
+    return reply

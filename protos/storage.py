@@ -228,10 +228,21 @@ class VolumeDetached(VolumeEvent):
     target: str
 
 
+class VolumeMoved(VolumeEvent):
+    """A host-local volume changed hosts (a domain's cold migration moved it, or a live
+    migration's block copy committed): `host` is where it is now, `from_host` where it was.
+    Its id, size, attachment and name stay; `seq` goes on from the last event's."""
+
+    TYPE = "volume.moved"
+    EVENT = "moved"
+    from_host: str
+
+
 VOLUME_EVENTS: tuple[type[VolumeEvent], ...] = (
     VolumeCreated,
     VolumeDeleted,
     VolumeResized,
     VolumeAttached,
     VolumeDetached,
+    VolumeMoved,
 )

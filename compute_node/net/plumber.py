@@ -197,6 +197,12 @@ class Plumber:
         self._made_taps[port.tap] = index
         return index
 
+    def discard_tap(self, name: str) -> None:
+        """Remove a tap `create_tap` made that was never plugged (its plumbing failed before
+        `plug`); nothing for any other link."""
+        if name in self._made_taps:
+            self._delete_tap(name)
+
     def unplug(self, port_id: str) -> None:
         """Remove the port's tap, rules and DHCP entry (nothing if unknown)."""
         port = self._ports.pop(port_id, None)

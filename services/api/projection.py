@@ -1,18 +1,21 @@
 """Events into the registry: domain events from the shared durable queue `api.events` (several
-API replicas compete for it; seq makes the order they apply them in irrelevant), heartbeats
-from a private subscription per replica (every replica writes the same newest-wins row),
-coalesced newest per host into one write at a time (services.api.heartbeats)."""
+API replicas compete for it; seq makes the order they apply them in irrelevant) and volume
+events from it into the event log only, heartbeats from a private subscription per replica
+(every replica writes the same newest-wins row), coalesced newest per host into one write at
+a time (services.api.heartbeats)."""
 
 from __future__ import annotations
 
 import time
 import uuid
 from collections.abc import Callable
+from typing import TypeVar
 
 from protos.base import Message
 from protos.codec import Envelope
 from protos.events import DomainEvent
 from protos.host import HostHeartbeat
+from protos.storage import VolumeEvent
 from services.api.heartbeats import HeartbeatWriter
 from services.api.metrics import ApiMetrics
 from services.api.registry import Outcome, Registry
@@ -22,6 +25,8 @@ from services.db import DatabaseUnavailable
 
 # Destroy and undefine a domain on a host, off the caller's thread (services.api.reaping).
 Reap = Callable[[uuid.UUID, str], None]
+# What the event log takes.
+E = TypeVar("E", DomainEvent, VolumeEvent)
 
 
 class EventProjector(Service):
@@ -45,8 +50,24 @@ class EventProjector(Service):
     def domain_event(self, event: Message, ctx: Context) -> Outcome | None:
         if not isinstance(event, DomainEvent):
             return None
+        outcome = self._log(self.registry.apply_event, event, ctx)
+        if outcome is Outcome.REAP and self.reap is not None:
+            # Deleted before it was placed: off that host again (services.api.reaping).
+            self.reap(event.domain_id, event.host)
+        return outcome
+
+    @on_event("volume.#")
+    def volume_event(self, event: Message, ctx: Context) -> Outcome | None:
+        """Into the event log, for `/v1/events` (the volume's project sees it)."""
+        if not isinstance(event, VolumeEvent):
+            return None
+        return self._log(self.registry.log_volume_event, event, ctx)
+
+    def _log(self, write: Callable[..., Outcome], event: E, ctx: Context) -> Outcome:
+        """`write` (the registry's) the delivered `event` with its envelope's id, time and
+        cause; the database away is a Retry (the broker hands it back later)."""
         try:
-            outcome = self.registry.apply_event(
+            outcome = write(
                 ctx.envelope.id,
                 ctx.routing_key or event.routing_key(),
                 event,
@@ -55,12 +76,9 @@ class EventProjector(Service):
                 causation_id=ctx.envelope.causation_id,
             )
         except DatabaseUnavailable as exc:
-            time.sleep(0.5)  # the database is away: let the broker hand it back later
+            time.sleep(0.5)
             raise Retry(f"registry unavailable: {exc}") from None
         self.metrics.events.labels(event.TYPE, outcome.value).inc()
-        if outcome is Outcome.REAP and self.reap is not None:
-            # Deleted before it was placed: off that host again (services.api.reaping).
-            self.reap(event.domain_id, event.host)
         if outcome is not Outcome.DUPLICATE:
             self.notify()
         return outcome

@@ -27,6 +27,10 @@ Migration (protos.migration) adds, and changes nothing else:
   target (nothing else of it is projected); so does `domain.resumed/migrated` (the source
   runs on after a failed attempt).
 
+Volume events (`log_volume_event`, from the storage service) are logged under the volume's
+project and keyed by the volume's id, with no power state; nothing is projected from them (the
+storage catalog owns volumes).
+
 Event-log ids only grow in commit order (appends are serialised: SQLite's write lock, an
 advisory lock on PostgreSQL), so a reader resuming "after id N" never misses a row that
 commits later with a smaller id.
@@ -63,6 +67,7 @@ from protos.events import (
 from protos.host import HostHeartbeat, HostInventory, Resources
 from protos.migration import FINAL_PHASES, MigrationPhase
 from protos.replies import DomainInfo
+from protos.storage import VolumeEvent
 from services.api.config import Quota, Role
 from services.api.saved_states import SavedStates
 from services.api.tables import (
@@ -129,6 +134,9 @@ class DomainRecord:
 
 @dataclass(frozen=True, slots=True)
 class EventRecord:
+    """A row of the event log. A volume event's `domain_id` is its volume's id (the entity
+    its routing key names) and its `state` None."""
+
     id: int
     message_id: str
     project: str | None
@@ -137,7 +145,7 @@ class EventRecord:
     seq: int
     type: str
     routing_key: str
-    state: PowerState
+    state: PowerState | None
     ts: float
     body: dict[str, Any]
     correlation_id: str | None = None  # the request (or first command) behind it
@@ -251,12 +259,24 @@ def _event(row: Row) -> EventRecord:
         seq=int(row[5]),
         type=row[6],
         routing_key=row[7],
-        state=PowerState(row[8]),
+        state=PowerState(row[8]) if row[8] else None,
         ts=float(row[9]),
         body=json.loads(row[10]),
         correlation_id=row[11],
         causation_id=row[12],
     )
+
+
+def _append(cur: Connection, values: dict[str, Any]) -> bool:
+    """Append a row to the event log (the caller holds EVENT_LOG_LOCK); False when its
+    message id is logged already."""
+    inserted = cur.execute(
+        upsert(cur, events)
+        .on_conflict_do_nothing(index_elements=[events.c.message_id])
+        .returning(events.c.id),
+        values,
+    ).first()
+    return inserted is not None
 
 
 class Registry:
@@ -687,10 +707,8 @@ class Registry:
         with self.db.transaction() as cur:
             advisory_xact_lock(cur, EVENT_LOG_LOCK)
             row = cur.execute(_PROJECTION_OF, {"b_id": domain_id}).first()
-            inserted = cur.execute(
-                upsert(cur, events)
-                .on_conflict_do_nothing(index_elements=[events.c.message_id])
-                .returning(events.c.id),
+            appended = _append(
+                cur,
                 {
                     "message_id": message_id,
                     "project": row[0] if row else None,
@@ -705,8 +723,8 @@ class Registry:
                     "correlation_id": correlation_id,
                     "causation_id": causation_id,
                 },
-            ).first()
-            if inserted is None:
+            )
+            if not appended:
                 return Outcome.DUPLICATE
             if row is None:
                 return Outcome.LOGGED
@@ -821,6 +839,39 @@ class Registry:
             .values(task=TaskState.NONE.value, updated_at=now)
         )
         return Outcome.APPLIED
+
+    def log_volume_event(
+        self,
+        message_id: str,
+        routing_key: str,
+        event: VolumeEvent,
+        ts: float | None = None,
+        *,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Outcome:
+        """Append a volume event to the log under its project (LOGGED, or DUPLICATE for a
+        message id logged already); nothing is projected."""
+        with self.db.transaction() as cur:
+            advisory_xact_lock(cur, EVENT_LOG_LOCK)
+            appended = _append(
+                cur,
+                {
+                    "message_id": message_id,
+                    "project": event.project,
+                    "domain_id": str(event.volume_id),
+                    "host": event.host,
+                    "seq": event.seq,
+                    "type": event.TYPE,
+                    "routing_key": routing_key,
+                    "state": "",
+                    "ts": ts if ts is not None else time.time(),
+                    "body": event.model_dump_json(),
+                    "correlation_id": correlation_id,
+                    "causation_id": causation_id,
+                },
+            )
+        return Outcome.LOGGED if appended else Outcome.DUPLICATE
 
     def events_after(
         self,

@@ -76,8 +76,8 @@ class HostMask:
 
     def name(self, host: str | None) -> str | None:
         """What the caller sees for `host`."""
-        if host is None or self.project is None:
-            return host
+        if not host or self.project is None:
+            return host  # "": no host (a shared pool's volume)
         if host not in self._seen:
             self._seen.add(host)
             self._pattern = None

@@ -20,7 +20,14 @@ from sqlalchemy.engine import Connection
 
 from protos.codec import decode, envelope_for, pack, parse_body
 from protos.images import ImageEvent
-from protos.storage import PoolCapabilities, PoolInfo, VolumeAttached, VolumeDetached, VolumeEvent
+from protos.storage import (
+    PoolCapabilities,
+    PoolInfo,
+    VolumeAttached,
+    VolumeDetached,
+    VolumeEvent,
+    VolumeMoved,
+)
 from protos.volumes import Attachment, Pool, Volume, VolumePage, VolumeQuota
 from services.bus import Cause, ServiceError
 from services.db import Database, advisory_xact_lock, upgrade, upsert
@@ -568,6 +575,11 @@ def event_fields(volume: Volume) -> dict[str, Any]:
         "project": volume.project,
         "name": volume.name,
     }
+
+
+def moved_from(source: str) -> Callable[[Volume], VolumeEvent]:
+    """The event of a volume the catalog now names another host for (`Catalog.change`)."""
+    return lambda after: VolumeMoved(**event_fields(after), from_host=source)
 
 
 def _check_quota(

@@ -10,7 +10,7 @@ owns the files and the catalog around it, in three steps the source's compute no
   replica's too; an empty sparse file of its size is made on the target host's pool of the
   same name (one an earlier attempt left is made anew). The catalog still names the source.
 - `commit` (the target runs the guest, the source's VMM is gone): the catalog names the
-  target, the lease goes, then the source's file is removed.
+  target (with its event, `volume.moved`), the lease goes, then the source's file is removed.
 - `abort` (the migration did not commit): the target's file is removed, the lease goes,
   the volume stays on the source.
 
@@ -28,6 +28,7 @@ import structlog
 
 from protos.volumes import LiveMoveVolume, Volume
 from services.bus import Context, ServiceError, handles
+from services.storage.catalog import moved_from
 
 if TYPE_CHECKING:
     from services.storage.backends import PoolBackend
@@ -122,7 +123,7 @@ class LiveMoveHandlers:
         after = self.catalog.change(
             volume.volume_id,
             {"host": cmd.host, "lease_owner": None, "lease_until": 0},
-            None,
+            moved_from(source),
             ctx.cause,
         )
         self.leases.drop(volume.volume_id)

@@ -4,10 +4,11 @@ One command reads top to bottom: check the volume (a `dir` pool's, not busy) and
 lease; a `volume_upload` ticket on the target host's pool of the same name; the source host's
 agent pushes the file there (under its shared lock, so a guest writing it refuses the move;
 the receiver keeps holes as holes, syncs and names the file only once all of it arrived);
-both ends' sizes and sha256 must agree; then the catalog names the new host, and only then
-the source file goes. Any failure before the switch removes the target's copy and leaves the
-volume where it was. A redelivered command finds the volume moved (answered as it is) or
-not (its target's leftover copy is removed and the move runs again).
+both ends' sizes and sha256 must agree; then the catalog names the new host (with its event,
+`volume.moved`), and only then the source file goes. Any failure before the switch removes
+the target's copy and leaves the volume where it was. A redelivered command finds the volume
+moved (answered as it is) or not (its target's leftover copy is removed and the move runs
+again).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from compute_node.storage_agent import ERROR_CODES
 from protos.images import OpenTransfer, PushVolume, TransferResult
 from protos.volumes import MoveVolume, Volume
 from services.bus import Context, ServiceError, handles
+from services.storage.catalog import moved_from
 
 if TYPE_CHECKING:
     from services.storage.backends import AgentBackend, PoolBackend
@@ -74,7 +76,7 @@ class MoveHandlers:
                 after = self.catalog.change(
                     volume.volume_id,
                     {"host": target, "lease_owner": None, "lease_until": 0},
-                    None,
+                    moved_from(source),
                     ctx.cause,
                 )
             finally:

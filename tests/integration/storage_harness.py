@@ -18,7 +18,7 @@ from protos.base import Message
 from protos.codec import Envelope
 from protos.commands import Command
 from protos.storage import VolumeEvent
-from protos.volumes import ListPools, Pools
+from protos.volumes import CreateVolume, ListPools, Pools
 from services.bus import Bus
 
 
@@ -135,6 +135,16 @@ class VolumeWatcher:
             found = mine()
         assert len(found) >= count, [(e.TYPE, e.seq) for e in found]
         return found
+
+    def all_of(self, bus: Bus, volume_id: uuid.UUID) -> list[tuple[Envelope, VolumeEvent]]:
+        """Every event of the volume published so far: a marker volume is created, and once
+        its event arrived so did every one before it (one storage replica's outbox publishes
+        in order)."""
+        marker = uuid.uuid4()
+        call(bus, CreateVolume(volume_id=marker, project="marker", name=marker.hex, size=1 << 20))
+        self.of(marker, 1)
+        with self._cond:
+            return [(env, e) for env, e in self.events if e.volume_id == volume_id]
 
 
 def call(bus: Bus, command: Command, timeout: float = 60.0) -> Message:

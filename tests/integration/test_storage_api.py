@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from services.storage.server import StorageServer
 from tests.bootfiles import BOOT_DIR, KERNEL
 from tests.brokers import API_EVENTS, STORAGE_EVENTS, purge_queues
 from tests.integration.test_api import ApiServer, auth
+from tests.unit.test_api import sse
 
 pytestmark = pytest.mark.integration
 ADMIN, ALICE, BOB = "admin-token-1", "alice-token-1", "bob-token-12"
@@ -158,6 +160,32 @@ def test_volumes_through_the_api_to_the_agents_files(storage_cloud: StorageCloud
     assert c.delete(f"/v1/volumes/{copy['id']}").status_code == 204
     assert c.files() == {data["id"]}
     assert c.get(f"/v1/volumes/{copy['id']}").status_code == 404
+
+
+def test_volume_events_reach_the_event_stream_of_their_project(
+    storage_cloud: StorageCloud,
+) -> None:
+    """What the storage service publishes comes through the broker into the API's event log:
+    `/v1/events` with pattern `volume.#` shows a project its volumes' events."""
+    c = storage_cloud
+    data = c.create("evented", 2 * MiB)
+    assert c.post(f"/v1/volumes/{data['id']}/resize", {"size": 4 * MiB}).status_code == 200
+    assert c.delete(f"/v1/volumes/{data['id']}").status_code == 204
+    params: dict[str, Any] = {"since": 0, "follow": "false", "pattern": "volume.#"}
+    deadline = time.monotonic() + 15
+    while True:
+        mine = [e for e in sse(c.get("/v1/events", **params).text) if e["volume_id"] == data["id"]]
+        if len(mine) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert [(e["type"], e["seq"]) for e in mine] == [
+        ("volume.created", 1),
+        ("volume.resized", 2),
+        ("volume.deleted", 3),
+    ]
+    assert {e["project"] for e in mine} == {"alice"}
+    assert mine[0]["host"] != c.node.config.host  # a member sees an alias
+    assert sse(c.get("/v1/events", BOB, **params).text) == []
 
 
 BAD_BODIES: list[tuple[dict[str, Any], str, int]] = [

@@ -27,7 +27,7 @@ from services.bus import Bus
 from tests.brokers import STORAGE_EVENTS, purge_queues
 from tests.integration.compute_harness import ComputeProcess, EventLog, call
 from tests.integration.conftest import MakeBus
-from tests.integration.storage_harness import StorageProcess
+from tests.integration.storage_harness import StorageProcess, VolumeWatcher
 from tests.integration.storage_harness import call as storage_call
 from tests.integration.test_compute_migration import ended, migrate
 from tests.integration.test_compute_migration_kvm import console, counters, guest, wait_counter
@@ -39,12 +39,25 @@ MiB = 1 << 20
 
 class Hosts:
     def __init__(
-        self, bus: Bus, computes: list[ComputeProcess], pools: dict[str, Path], events: EventLog
+        self,
+        bus: Bus,
+        computes: list[ComputeProcess],
+        pools: dict[str, Path],
+        events: EventLog,
+        volume_events: VolumeWatcher,
     ) -> None:
         self.bus = bus
         self.computes = computes
         self.pools = pools
         self.events = events
+        self.volume_events = volume_events
+
+    def volume_log(self, volume_id: uuid.UUID) -> list[tuple[str, int, str, str]]:
+        """(type, seq, host, from_host) of the volume's events published so far."""
+        return [
+            (e.TYPE, e.seq, e.host, getattr(e, "from_host", ""))
+            for _, e in self.volume_events.all_of(self.bus, volume_id)
+        ]
 
     def volume(self, command: object) -> Volume:
         reply = storage_call(self.bus, command, timeout=60)  # type: ignore[arg-type]
@@ -60,6 +73,7 @@ def hosts(amqp_url: str, tmp_path: Path, make_bus: MakeBus, guest: Path) -> Iter
     tag = uuid.uuid4().hex[:6]
     bus = make_bus("test-client")
     events = EventLog(make_bus("test-watcher"))
+    volume_events = VolumeWatcher(make_bus("test-volume-watcher"))
     storage = StorageProcess(
         amqp_url,
         f"sqlite:///{tmp_path}/cat.db",
@@ -83,12 +97,13 @@ def hosts(amqp_url: str, tmp_path: Path, make_bus: MakeBus, guest: Path) -> Iter
             pools[host] = pool
         purge_queues(amqp_url, STORAGE_EVENTS)
         storage.start(bus)
-        yield Hosts(bus, computes, pools, events)
+        yield Hosts(bus, computes, pools, events, volume_events)
     finally:
         storage.stop()
         for c in computes:
             c.stop()
         events.subscription.close()
+        volume_events.subscription.close()
         for c in computes:  # guests a failed test left behind, by their VMMs' recorded pids
             for pid_file in (c.state_dir / "domains").glob("*/vmm.pid"):
                 try:
@@ -151,6 +166,12 @@ def test_a_guest_writing_a_host_local_volume_migrates_live(hosts: Hosts, guest: 
     moved = h.volume(GetVolume(volume_id=volume.volume_id, project="p1"))
     assert (moved.host, moved.state, moved.pool) == (dst.host, "attached", "local")
     assert not source_file.exists()
+    # The block copy's commit is announced once, its seq going on from the volume's.
+    assert h.volume_log(volume.volume_id) == [
+        ("volume.created", 1, src.host, ""),
+        ("volume.attached", 2, src.host, ""),
+        ("volume.moved", 3, dst.host, src.host),
+    ]
     # The domain's events run on unbroken from the source's to the target's.
     seen = h.events.wait(
         spec.uuid, lambda evs: any(e.TYPE == "domain.started" and e.host == dst.host for e in evs)
@@ -194,6 +215,8 @@ def test_a_cancelled_live_move_leaves_the_volume_on_the_source(hosts: Hosts, gue
     after = h.volume(GetVolume(volume_id=volume.volume_id, project="p1"))
     assert (after.host, after.state) == (src.host, "attached")
     assert source_file.stat().st_size == 16 * MiB
+    # The aborted move announced nothing.
+    assert [e[0] for e in h.volume_log(volume.volume_id)] == ["volume.created", "volume.attached"]
     call(h.bus, src.queue, DestroyDomain(domain_id=spec.uuid))
 
 

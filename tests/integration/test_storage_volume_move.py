@@ -37,7 +37,7 @@ from tests.bootfiles import BOOT_DIR, KERNEL
 from tests.brokers import STORAGE_EVENTS, purge_queues
 from tests.integration.compute_harness import ComputeProcess
 from tests.integration.conftest import MakeBus
-from tests.integration.storage_harness import StorageProcess, call
+from tests.integration.storage_harness import StorageProcess, VolumeWatcher, call
 from tests.integration.test_compute_migration import ended, migrate
 
 pytestmark = pytest.mark.integration
@@ -45,11 +45,25 @@ MiB = 1 << 20
 
 
 class TwoHosts:
-    def __init__(self, bus: Bus, computes: list[ComputeProcess], pools: dict[str, Path]) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        computes: list[ComputeProcess],
+        pools: dict[str, Path],
+        watcher: VolumeWatcher,
+    ) -> None:
         self.bus = bus
         self.computes = computes
         self.hosts = [c.host for c in computes]
         self.pools = pools
+        self.watcher = watcher
+
+    def events(self, volume_id: uuid.UUID) -> list[tuple[str, int, str, str]]:
+        """(type, seq, host, from_host) of the volume's events published so far."""
+        return [
+            (e.TYPE, e.seq, e.host, getattr(e, "from_host", ""))
+            for _, e in self.watcher.all_of(self.bus, volume_id)
+        ]
 
     def volume(self, command: object) -> Volume:
         reply = call(self.bus, command, timeout=90)  # type: ignore[arg-type]
@@ -69,6 +83,7 @@ def two_hosts(
     monkeypatch.setenv("FLOTILLA_ALLOWED_BOOT_DIRS", str(BOOT_DIR))
     monkeypatch.setenv("FLOTILLA_RESERVED_HOST_MEMORY_MIB", "0")
     bus = make_bus("test-client")
+    watcher = VolumeWatcher(make_bus("test-watcher"))
     tag = uuid.uuid4().hex[:6]
     computes: list[ComputeProcess] = []
     pools: dict[str, Path] = {}
@@ -91,11 +106,12 @@ def two_hosts(
             pools[host] = pool
         purge_queues(amqp_url, STORAGE_EVENTS)
         storage.start(bus)
-        yield TwoHosts(bus, computes, pools)
+        yield TwoHosts(bus, computes, pools, watcher)
     finally:
         storage.stop()
         for c in computes:
             c.stop()
+        watcher.subscription.close()
 
 
 def _pattern(path: Path) -> bytes:
@@ -138,6 +154,14 @@ def test_a_volume_moves_to_the_other_host(two_hosts: TwoHosts) -> None:
     back = t.volume(MoveVolume(volume_id=vid, project="p1", host=made.host or ""))
     assert t.file(back).read_bytes() == want
     assert not target_file.exists()
+    # Each move is announced once, its seq going on from the volume's last event.
+    source = made.host or ""
+    assert t.events(vid) == [
+        ("volume.created", 1, source, ""),
+        ("volume.attached", 2, source, ""),
+        ("volume.moved", 3, other, source),
+        ("volume.moved", 4, source, other),
+    ]
 
 
 def test_a_volume_a_guest_writes_does_not_move(two_hosts: TwoHosts) -> None:
@@ -162,6 +186,7 @@ def test_a_volume_a_guest_writes_does_not_move(two_hosts: TwoHosts) -> None:
     with pytest.raises(RemoteError) as nowhere:
         call(t.bus, MoveVolume(volume_id=vid, project="p1", host="no-such-host"))
     assert nowhere.value.code == "not_found"
+    assert [e[0] for e in t.events(vid)] == ["volume.created"]  # refused: nothing announced
 
 
 def test_a_shut_off_domain_migrates_cold_with_its_host_local_volume(two_hosts: TwoHosts) -> None:
@@ -191,6 +216,17 @@ def test_a_shut_off_domain_migrates_cold_with_its_host_local_volume(two_hosts: T
     assert moved.attachment == Attachment(domain_id=spec.uuid, target="vdb")
     assert t.file(moved).read_bytes() == want
     assert not source_file.exists()
+    # Subscribers learn it once, as every other change of the volume, from the catalog's
+    # outbox, under the migration's correlation id.
+    assert t.events(vid) == [
+        ("volume.created", 1, src.host, ""),
+        ("volume.attached", 2, src.host, ""),
+        ("volume.moved", 3, dst.host, src.host),
+    ]
+    envelope, event = t.watcher.all_of(t.bus, vid)[-1]
+    assert (envelope.type, envelope.source) == ("volume.moved", "storage:r1")
+    assert envelope.correlation_id is not None
+    assert (event.project, event.name, event.size) == ("p1", "root", 4 * MiB)
     # It starts there: the target opens the volume from its own pool.
     info = t.bus.call(dst.queue, StartDomain(domain_id=spec.uuid), timeout=20)
     assert isinstance(info, DomainInfo)
@@ -237,6 +273,13 @@ def test_a_live_move_is_prepared_then_aborted_or_committed(two_hosts: TwoHosts) 
         call(t.bus, LiveMoveVolume(volume_id=vid, project="p1", host=other, step="abort"))
     assert (late.value.code, late.value.details.get("reason")) == ("conflict", "committed")
     assert target_file.exists()
+    # The aborts announced nothing; the commit (resent) once.
+    source = made.host or ""
+    assert t.events(vid) == [
+        ("volume.created", 1, source, ""),
+        ("volume.resized", 2, source, ""),
+        ("volume.moved", 3, other, source),
+    ]
     with pytest.raises(RemoteError) as nowhere:
         call(t.bus, LiveMoveVolume(volume_id=vid, project="p1", host="no-such", step="prepare"))
     assert nowhere.value.code == "not_found"

@@ -859,3 +859,27 @@ def test_the_target_forgets_a_domain_whose_source_job_goes_elsewhere(
     eventually(lambda: b.store.get(s.uuid) is None)
     assert not b.claims.holds(s.uuid)
     assert b.events() == []
+
+
+def test_the_sources_last_job_is_answered_after_it_restarts(hosts: tuple[Host, Host]) -> None:
+    """domjobinfo after the source node restarted: GetMigrationJob answers the job that ended
+    before, as it did (kept in compute.db); AbortMigration of it is too late."""
+    a, _ = hosts
+    s = spec()
+    running(a, s)
+    start(a, s, MigrationParams())
+    before = wait_job(a, s.uuid)
+    assert before.phase is MigrationPhase.DONE
+    a.service.stop_migrations()
+    # The node comes back on the same state dir with a new driver and lifecycle.
+    a.driver = FakeDriver(8, 8192)
+    a.service = Lifecycle("node-a", a.store, a.driver, a.claims, BootSources([BOOT_DIR]))
+    a.service.peer_call = a.call
+    after = a.do(GetMigrationJob(domain_id=s.uuid))
+    assert after == before
+    late = a.do(AbortMigration(domain_id=s.uuid))
+    assert isinstance(late, ErrorReply)
+    assert (late.code, late.details["reason"]) == ("conflict", "committed")
+    unknown = a.do(GetMigrationJob(domain_id=uuid.uuid4()))
+    assert isinstance(unknown, ErrorReply)
+    assert unknown.code == "not_found"

@@ -29,14 +29,16 @@ _BATCH = 500
 def frame(record: EventRecord, mask: HostMask) -> str:
     """One SSE message: `id` is the log row id (what Last-Event-ID resumes from); host names
     as `mask` lets the caller see them."""
+    volume = record.state is None  # a volume event's row is keyed by its volume
     data: dict[str, Any] = {
         "id": record.id,
         "type": record.type,
         "routing_key": record.routing_key,
-        "domain_id": str(record.domain_id),
+        "domain_id": None if volume else str(record.domain_id),
+        **({"volume_id": str(record.domain_id)} if volume else {}),
         "host": record.host,
         "seq": record.seq,
-        "state": record.state.value,
+        "state": None if record.state is None else record.state.value,
         "ts": record.ts,
         "project": record.project,
         "correlation_id": record.correlation_id,
@@ -65,15 +67,18 @@ async def stream_events(
         list[str], Query(description="routing-key patterns (`*` one word, `#` any)")
     ] = ["domain.#"],  # noqa: B006  (FastAPI copies query defaults)
     since: Annotated[int | None, Query(ge=0, description="resume after this event id")] = None,
-    domain: Annotated[uuid.UUID | None, Query(description="only this domain's events")] = None,
+    domain: Annotated[
+        uuid.UUID | None, Query(description="only this domain's (or volume's) events")
+    ] = None,
     since_seq: Annotated[
         int | None, Query(ge=0, description="with `domain`: events with a higher seq")
     ] = None,
     follow: Annotated[bool, Query(description="false: send what is logged, then end")] = True,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
-    """Domain events of the caller's project (an admin's: all), oldest first. Without
-    `since`, `Last-Event-ID` or `since_seq` the stream starts with events logged from now on."""
+    """Domain events (and, with a `volume.*` pattern, volume events) of the caller's project
+    (an admin's: all), oldest first. Without `since`, `Last-Event-ID` or `since_seq` the
+    stream starts with events logged from now on."""
     for p in pattern:
         if not _PATTERN.match(p):
             raise Problem(
