@@ -416,8 +416,14 @@ class SchedulerService(MigrationHandlers, Service):
         timeout = self.config.compute_timeout_s
         while True:
             try:
+                # It expires when this wait ends: a host that takes it later does not run
+                # it (a copy sent again carries a fresh expiry).
                 reply = self.call(
-                    routing.compute_queue(host), command, timeout=timeout, message_id=message_id
+                    routing.compute_queue(host),
+                    command,
+                    timeout=timeout,
+                    message_id=message_id,
+                    expires=True,
                 )
                 break
             except RpcTimeout:
@@ -430,12 +436,20 @@ class SchedulerService(MigrationHandlers, Service):
         return reply
 
     def call(
-        self, queue: str, command: Command, *, timeout: float, message_id: str | None
+        self,
+        queue: str,
+        command: Command,
+        *,
+        timeout: float,
+        message_id: str | None,
+        expires: bool = False,
     ) -> Message:
-        """RPC to a compute node (the seam unit tests replace)."""
+        """RPC to a compute node (the seam unit tests replace); `expires` as Bus.call's."""
         if self.bus is None:
             raise RuntimeError("SchedulerService has no bus")
-        return self.bus.call(queue, command, timeout=timeout, message_id=message_id)
+        return self.bus.call(
+            queue, command, timeout=timeout, message_id=message_id, expires=expires
+        )
 
     def _placed(self, claim: Claim) -> None:
         self.state.settle(claim.domain_id, settles_at=time.time())

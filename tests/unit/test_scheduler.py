@@ -75,7 +75,13 @@ class FakeComputes:
         self.delay = 0.0
 
     def __call__(
-        self, queue: str, command: Command, *, timeout: float, message_id: str | None
+        self,
+        queue: str,
+        command: Command,
+        *,
+        timeout: float,
+        message_id: str | None,
+        expires: bool = False,
     ) -> Message:
         host = queue.removeprefix("compute.")
         with self.lock:
@@ -323,7 +329,14 @@ def test_a_host_that_went_silent_is_waited_for_with_the_same_command() -> None:
     svc = service(computes, top_n=1, compute_timeout_s=0.1, restart_wait_s=30.0)
     sent: list[tuple[str, str | None]] = []
 
-    def call(queue: str, command: Command, *, timeout: float, message_id: str | None) -> Message:
+    def call(
+        queue: str,
+        command: Command,
+        *,
+        timeout: float,
+        message_id: str | None,
+        expires: bool = False,
+    ) -> Message:
         sent.append((command.TYPE, message_id))
         if isinstance(command, StartDomain) and len(sent) == 2:
             svc.state.hosts["a"].seen_at -= 1000.0  # its heartbeats stopped meanwhile
@@ -382,7 +395,14 @@ def test_the_requesters_role_travels_to_the_compute_node() -> None:
     sent: list[DefineDomain] = []
     svc = service(computes)
 
-    def call(queue: str, command: Command, *, timeout: float, message_id: str | None) -> Message:
+    def call(
+        queue: str,
+        command: Command,
+        *,
+        timeout: float,
+        message_id: str | None,
+        expires: bool = False,
+    ) -> Message:
         if isinstance(command, DefineDomain):
             sent.append(command)
         return computes(queue, command, timeout=timeout, message_id=message_id)
@@ -403,7 +423,14 @@ def test_a_volume_on_a_host_places_the_domain_there_and_its_bindings_travel() ->
     sent: list[DefineDomain] = []
     svc = service(computes)
 
-    def call(queue: str, command: Command, *, timeout: float, message_id: str | None) -> Message:
+    def call(
+        queue: str,
+        command: Command,
+        *,
+        timeout: float,
+        message_id: str | None,
+        expires: bool = False,
+    ) -> Message:
         if isinstance(command, DefineDomain):
             sent.append(command)
         return computes(queue, command, timeout=timeout, message_id=message_id)
