@@ -200,6 +200,7 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
             self.storage.exist(spec, bindings)
         self._check_ports(cmd)
         with self._lock(spec.uuid):
+            ctx.check_expiry()  # the sender gave up while it waited: its clean-up may follow
             existing = self.store.get(spec.uuid)
             if existing is not None and existing.incoming is not None:
                 raise ServiceError(
@@ -320,19 +321,29 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
 
     @handles(StartDomain)
     def start(self, cmd: StartDomain, ctx: Context) -> DomainInfo:
-        self.start_domain(cmd.domain_id, paused=cmd.paused, cause=ctx.cause)
+        # Its expiry is checked once the domain's lock is held: a start whose sender gave up
+        # while it waited there (or in the queue) does not run, so the clean-up the sender
+        # sends then comes after a start that did begin, and no start can follow it.
+        self.start_domain(cmd.domain_id, paused=cmd.paused, cause=ctx.cause, ctx=ctx)
         return self.info(cmd.domain_id)
 
     def start_domain(
-        self, domain_id: uuid.UUID, *, paused: bool = False, cause: Cause | None = None
+        self,
+        domain_id: uuid.UUID,
+        *,
+        paused: bool = False,
+        cause: Cause | None = None,
+        ctx: Context | None = None,
     ) -> None:
         """Start the domain's machine unless it runs already (the transition table decides),
         claiming its resources first and opening its boot files under the node's rule (the
         definer's role is kept with the definition) and its bound volumes and images in the
         node's pools. Used by `start` and by autostart at node
         start-up. Raises ServiceError: not_found, conflict, forbidden, invalid, no_capacity,
-        or the driver's code."""
+        or the driver's code; Expired if `ctx`'s command expired before the lock was held."""
         with self._lock(domain_id):
+            if ctx is not None:
+                ctx.check_expiry()
             record = self._record(domain_id)
             if not self._check(record, Action.START):
                 return

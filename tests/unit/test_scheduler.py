@@ -312,13 +312,48 @@ def test_no_host_fits_answers_at_once_with_the_filters() -> None:
     assert computes.calls == []
 
 
-def test_a_silent_host_is_an_unavailable_attempt_and_destroyed_best_effort() -> None:
+def test_a_beating_host_silent_to_the_start_and_its_clean_up_is_not_left_for_another() -> None:
+    """Still heartbeating, it may yet start the domain: trying another host could run two
+    copies. So without its clean-up confirmed the answer is no_valid_host, naming it."""
     computes = FakeComputes({"a": (4, 8192), "b": (4, 2048)})
     computes.silent = {"a"}
     svc = service(computes, top_n=1)
+    with pytest.raises(ServiceError) as raised:
+        schedule(svc, ScheduleDomain(spec=spec(), project="p"))
+    assert raised.value.code == "no_valid_host"
+    assert [(a["host"], a["code"]) for a in raised.value.details["attempts"]] == [
+        ("a", "unavailable")
+    ]
+    assert "may still start it" in raised.value.message
+    assert not any(host == "b" for host, _ in computes.calls)
+    assert svc.state.claims == {}
+
+
+def test_a_beating_host_whose_start_timed_out_is_cleaned_up_before_the_next_host() -> None:
+    computes = FakeComputes({"a": (4, 8192), "b": (4, 2048)})
+    svc = service(computes, top_n=1, compute_timeout_s=0.1)
+
+    def call(
+        queue: str,
+        command: Command,
+        *,
+        timeout: float,
+        message_id: str | None,
+        expires: bool = False,
+    ) -> Message:
+        if queue == "compute.a" and isinstance(command, StartDomain):
+            assert expires, "the start must expire when the scheduler stops waiting"
+            raise RpcTimeout("no reply")
+        return computes(queue, command, timeout=timeout, message_id=message_id)
+
+    svc.call = call  # type: ignore[method-assign]
     placement = schedule(svc, ScheduleDomain(spec=spec(), project="p"))
     assert placement.host == "b"
-    assert placement.attempts[0].code == "unavailable"
+    assert placement.attempts[0].host == "a"
+    calls = computes.calls
+    first_b = calls.index(("b", DefineDomain.TYPE))
+    assert calls.index(("a", DestroyDomain.TYPE)) < calls.index(("a", UndefineDomain.TYPE))
+    assert calls.index(("a", UndefineDomain.TYPE)) < first_b
 
 
 def test_a_host_that_went_silent_is_waited_for_with_the_same_command() -> None:
