@@ -373,6 +373,7 @@ class SchedulerService(MigrationHandlers, Service):
                 kernel_image=cmd.kernel_image,
                 initrd_image=cmd.initrd_image,
                 ports=ports,
+                start=cmd.start,  # kept there: a create cut off before its start is finished
             )
             info = self._call(host, define, f"{request_id}:{host}:define")
             defined = True

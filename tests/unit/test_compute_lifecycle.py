@@ -503,3 +503,34 @@ def test_a_start_that_expires_while_it_waits_for_the_domains_lock_does_not_run(
     reply = dispatch(node.service, StartDomain(domain_id=defined.domain_id), fresh)
     assert isinstance(reply, DomainInfo)
     assert reply.state is PowerState.RUNNING
+
+
+def test_a_requested_start_is_kept_with_the_definition_until_the_domain_runs(
+    tmp_path: Path,
+) -> None:
+    """DefineDomain.start is kept (across a restart) and StartDomain(if_pending) starts only
+    a domain whose requested start has not happened; older senders (None) change nothing."""
+    node = Node(tmp_path)
+    asked = node.ok(DefineDomain(spec=spec("asked"), privileged=True, start=True))
+    plain = node.ok(DefineDomain(spec=spec("plain"), privileged=True))
+    not_asked = node.ok(DefineDomain(spec=spec("no"), privileged=True, start=False))
+    node.store.close()
+    node = Node(tmp_path)  # the worker restarted meanwhile
+    try:
+        assert node.store.get(asked.domain_id).start_pending  # type: ignore[union-attr]
+        # A redefinition that does not say keeps it.
+        kept = node.store.get(asked.domain_id).spec  # type: ignore[union-attr]
+        node.ok(DefineDomain(spec=kept.model_copy(update={"vcpus": 2}), privileged=True))
+        assert node.store.get(asked.domain_id).start_pending  # type: ignore[union-attr]
+        for info in (plain, not_asked):
+            reply = node.ok(StartDomain(domain_id=info.domain_id, if_pending=True))
+            assert reply.state is PowerState.SHUTOFF
+        reply = node.ok(StartDomain(domain_id=asked.domain_id, if_pending=True))
+        assert reply.state is PowerState.RUNNING
+        assert not node.store.get(asked.domain_id).start_pending  # type: ignore[union-attr]
+        # Once it ran, a later finishing start does nothing: the user's stop stands.
+        node.ok(DestroyDomain(domain_id=asked.domain_id))
+        reply = node.ok(StartDomain(domain_id=asked.domain_id, if_pending=True))
+        assert reply.state is PowerState.SHUTOFF
+    finally:
+        node.store.close()
