@@ -203,6 +203,7 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
             self.storage.exist(spec, bindings)
         self._check_ports(cmd)
         with self._lock(spec.uuid):
+            ctx.check_expiry()  # the sender gave up while it waited: its clean-up may follow
             existing = self.store.get(spec.uuid)
             if existing is not None and existing.incoming is not None:
                 raise ServiceError(
@@ -210,6 +211,9 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
                     f"domain {spec.uuid} is migrating to host {self.host}",
                     {"action": Action.DEFINE.value},
                 )
+            state = existing.state if existing else PowerState.SHUTOFF
+            # A start asked for is pending until the machine runs (None: as it was).
+            pending = None if cmd.start is None else cmd.start and state is PowerState.SHUTOFF
             if existing is not None:
                 self._check(existing, Action.DEFINE)
                 if (
@@ -218,12 +222,13 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
                     and existing.bindings == bindings
                     and existing.ports == ports
                 ):
+                    if pending is not None and pending != existing.start_pending:
+                        self.store.set_start_pending(spec.uuid, pending)
                     return self.info(spec.uuid)  # nothing changed: no event
                 self._check_disk_change(existing, spec, bindings)
                 detail = DefinedDetail.UPDATED
             else:
                 detail = DefinedDetail.ADDED
-            state = existing.state if existing else PowerState.SHUTOFF
             try:
                 self.store.define(
                     spec,
@@ -231,6 +236,7 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
                     privileged=cmd.privileged,
                     bindings=bindings,
                     ports=ports,
+                    start_pending=pending,
                 )
             except NameTaken as exc:
                 raise ServiceError("conflict", str(exc), {"name": spec.name}) from None
@@ -323,20 +329,37 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
 
     @handles(StartDomain)
     def start(self, cmd: StartDomain, ctx: Context) -> DomainInfo:
-        self.start_domain(cmd.domain_id, paused=cmd.paused, cause=ctx.cause)
+        # Its expiry is checked once the domain's lock is held: a start whose sender gave up
+        # while it waited there (or in the queue) does not run, so the clean-up the sender
+        # sends then comes after a start that did begin, and no start can follow it.
+        self.start_domain(
+            cmd.domain_id, paused=cmd.paused, cause=ctx.cause, ctx=ctx, if_pending=cmd.if_pending
+        )
         return self.info(cmd.domain_id)
 
     def start_domain(
-        self, domain_id: uuid.UUID, *, paused: bool = False, cause: Cause | None = None
+        self,
+        domain_id: uuid.UUID,
+        *,
+        paused: bool = False,
+        cause: Cause | None = None,
+        ctx: Context | None = None,
+        if_pending: bool = False,
     ) -> None:
         """Start the domain's machine unless it runs already (the transition table decides),
         claiming its resources first and opening its boot files under the node's rule (the
         definer's role is kept with the definition) and its bound volumes and images in the
         node's pools. Used by `start` and by autostart at node
         start-up. Raises ServiceError: not_found, conflict, forbidden, invalid, no_capacity,
-        or the driver's code."""
+        or the driver's code; Expired if `ctx`'s command expired before the lock was held.
+        `if_pending`: nothing is done unless the definition's create asked for a start that
+        has not happened (StartDomain.if_pending)."""
         with self._lock(domain_id):
+            if ctx is not None:
+                ctx.check_expiry()
             record = self._record(domain_id)
+            if if_pending and not record.start_pending:
+                return
             if not self._check(record, Action.START):
                 return
             if record.managed_save is not None:

@@ -57,7 +57,8 @@ CREATE TABLE IF NOT EXISTS domains (
     bindings TEXT NOT NULL DEFAULT '{}',
     ports TEXT NOT NULL DEFAULT '[]',
     managed_save TEXT,
-    incoming TEXT
+    incoming TEXT,
+    start_pending INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS volume_seqs (
     id TEXT PRIMARY KEY,
@@ -84,9 +85,11 @@ CREATE TABLE IF NOT EXISTS outbox (
 
 
 NO_BINDINGS = StorageBindings()
+# States a machine is only in once it ran: reaching one ends a pending start.
+_RAN = frozenset({PowerState.RUNNING, PowerState.PAUSED, PowerState.BLOCKED})
 _SELECT = (
-    "SELECT spec, state, seq, driver_n, privileged, bindings, ports, managed_save, incoming "
-    "FROM domains"
+    "SELECT spec, state, seq, driver_n, privileged, bindings, ports, managed_save, incoming, "
+    "start_pending FROM domains"
 )
 
 
@@ -106,6 +109,8 @@ class DomainRecord:
     managed_save: StateRef | None = None
     # Set while the domain is migrating in (compute_node.migrating): not listed, no events.
     incoming: Incoming | None = None
+    # Its create asked to start it (DefineDomain.start) and it has not run since.
+    start_pending: bool = False
 
     @property
     def id(self) -> uuid.UUID:
@@ -175,6 +180,10 @@ class Store:
             self._db.execute("ALTER TABLE domains ADD COLUMN managed_save TEXT")
         if "incoming" not in columns:  # a state dir from before migrations
             self._db.execute("ALTER TABLE domains ADD COLUMN incoming TEXT")
+        if "start_pending" not in columns:  # from before DefineDomain.start: none pending
+            self._db.execute(
+                "ALTER TABLE domains ADD COLUMN start_pending INTEGER NOT NULL DEFAULT 0"
+            )
         self._lock = threading.RLock()
         self._wal = f"{path}-wal"
         self._sync_lock = threading.Lock()
@@ -367,9 +376,11 @@ class Store:
         privileged: bool = False,
         bindings: StorageBindings | None = None,
         ports: tuple[PortBinding, ...] = (),
+        start_pending: bool | None = None,
     ) -> DomainRecord:
         """Insert or replace the definition of `spec.uuid` (whether an admin made it, what
-        storage it is bound to, its NICs' ports) and emit `drafts`."""
+        storage it is bound to, its NICs' ports, whether a start is pending: None keeps
+        what a definition had) and emit `drafts`."""
         with self._tx() as db:
             clash = db.execute(
                 "SELECT id FROM domains WHERE name = ? AND id != ?", (spec.name, str(spec.uuid))
@@ -379,11 +390,12 @@ class Store:
             row = db.execute("SELECT state FROM domains WHERE id = ?", (str(spec.uuid),)).fetchone()
             state = PowerState.SHUTOFF if row is None else PowerState(row[0])
             db.execute(
-                "INSERT INTO domains (id, name, spec, state, updated, privileged, bindings, ports) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "INSERT INTO domains (id, name, spec, state, updated, privileged, bindings, ports, "
+                "start_pending) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(id) DO UPDATE SET name = excluded.name, spec = excluded.spec, "
                 "updated = excluded.updated, privileged = excluded.privileged, "
-                "bindings = excluded.bindings, ports = excluded.ports",
+                "bindings = excluded.bindings, ports = excluded.ports, "
+                "start_pending = coalesce(?, start_pending)",
                 (
                     str(spec.uuid),
                     spec.name,
@@ -393,6 +405,8 @@ class Store:
                     int(privileged),
                     (bindings or StorageBindings()).model_dump_json(),
                     json.dumps([p.model_dump(mode="json") for p in ports]),
+                    int(bool(start_pending)),
+                    None if start_pending is None else int(start_pending),
                 ),
             )
             self._emit(db, spec, drafts)
@@ -408,6 +422,13 @@ class Store:
         with self._tx() as db:
             self._emit(db, record.spec, drafts)
             db.execute("DELETE FROM domains WHERE id = ?", (str(domain_id),))
+
+    def set_start_pending(self, domain_id: uuid.UUID, pending: bool) -> None:
+        """Record whether the domain's create still wants it started (no event)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE domains SET start_pending = ? WHERE id = ?", (int(pending), str(domain_id))
+            )
 
     def set_managed_save(self, domain_id: uuid.UUID, ref: StateRef | None) -> None:
         """Keep `ref` as the domain's managed save (None: it has none)."""
@@ -443,9 +464,15 @@ class Store:
             events = self._emit(db, record.spec, drafts, journaled)
             new_state = state or (drafts[-1].state if drafts else record.state)
             db.execute(
-                "UPDATE domains SET state = ?, driver_n = max(driver_n, ?), updated = ? "
-                "WHERE id = ?",
-                (new_state.value, driver_n or 0, time.time(), str(domain_id)),
+                "UPDATE domains SET state = ?, driver_n = max(driver_n, ?), updated = ?, "
+                "start_pending = start_pending AND ? WHERE id = ?",
+                (
+                    new_state.value,
+                    driver_n or 0,
+                    time.time(),
+                    new_state not in _RAN,  # a pending start is done once the machine ran
+                    str(domain_id),
+                ),
             )
         return events
 
@@ -596,7 +623,7 @@ def event_id(domain_id: uuid.UUID, journaled: str, index: int) -> str:
 
 
 def _record(
-    row: tuple[str, str, int, int, int, str, str, str | None, str | None],
+    row: tuple[str, str, int, int, int, str, str, str | None, str | None, int],
 ) -> DomainRecord:
     return DomainRecord(
         spec=DomainSpec.model_validate(json.loads(row[0])),
@@ -608,4 +635,5 @@ def _record(
         ports=tuple(PortBinding.model_validate(p) for p in json.loads(row[6])),
         managed_save=None if row[7] is None else StateRef.model_validate_json(row[7]),
         incoming=None if row[8] is None else Incoming.load(row[8]),
+        start_pending=bool(row[9]),
     )

@@ -1,6 +1,7 @@
 """The envelope and its msgpack codec: the only way messages are turned into bytes and back.
 
-An envelope is a msgpack map `{v, type, id, ts, source, correlation_id, causation_id, body}`.
+An envelope is a msgpack map `{v, type, id, ts, source, correlation_id, causation_id, body}`,
+and `expires_at` on a command its sender stops waiting for (envelope 1.1; absent otherwise).
 `decode` checks the framing and `parse_body` validates the body against its registered model;
 both raise `DecodeError` with a reason a human can act on, never anything else.
 """
@@ -68,9 +69,12 @@ class Envelope:
     source: str = ""
     correlation_id: str | None = None
     causation_id: str | None = None
+    # Wall-clock seconds after which the command must not run (its sender gave up): the
+    # receiving worker dead-letters it with reason `expired` (services.bus.service).
+    expires_at: float | None = None
 
     def to_map(self) -> dict[str, Any]:
-        return {
+        raw = {
             "v": self.v,
             "type": self.type,
             "id": self.id,
@@ -80,6 +84,15 @@ class Envelope:
             "causation_id": self.causation_id,
             "body": self.body,
         }
+        if self.expires_at is not None:  # only commands with a deadline carry the key
+            raw["expires_at"] = self.expires_at
+        return raw
+
+    def expired(self, now: float | None = None) -> bool:
+        """Whether the sender's deadline (`expires_at`) has passed by this host's clock."""
+        if self.expires_at is None:
+            return False
+        return (time.time() if now is None else now) > self.expires_at
 
 
 def envelope_for(
@@ -89,18 +102,23 @@ def envelope_for(
     correlation_id: str | None = None,
     causation_id: str | None = None,
     message_id: str | None = None,
+    expires_in: float | None = None,
 ) -> Envelope:
-    """Wrap `message` in a fresh envelope (new id and timestamp unless `message_id` is given)."""
+    """Wrap `message` in a fresh envelope (new id and timestamp unless `message_id` is given);
+    with `expires_in`, it expires that many seconds after its timestamp."""
     if not message.TYPE:
         raise TypeError(f"{type(message).__name__} has no TYPE: it cannot go on the wire")
+    ts = time.time()
     return Envelope(
         type=message.TYPE,
         body=body_of(message),
         v=message.VERSION,
         id=message_id or new_message_id(),
+        ts=ts,
         source=source,
         correlation_id=correlation_id,
         causation_id=causation_id,
+        expires_at=None if expires_in is None else ts + expires_in,
     )
 
 
@@ -181,6 +199,11 @@ def decode(data: bytes, content_type: str | None = CONTENT_TYPE) -> Envelope:
     body = raw.get("body")
     if not isinstance(body, dict):
         raise DecodeError("envelope field 'body' missing or not a map")
+    expires_at = raw.get("expires_at")
+    if expires_at is not None and (
+        not isinstance(expires_at, int | float) or isinstance(expires_at, bool)
+    ):
+        raise DecodeError("envelope field 'expires_at' is not a number")
     return Envelope(
         type=raw["type"],
         body=body,
@@ -190,6 +213,7 @@ def decode(data: bytes, content_type: str | None = CONTENT_TYPE) -> Envelope:
         source=raw["source"],
         correlation_id=raw.get("correlation_id"),
         causation_id=raw.get("causation_id"),
+        expires_at=None if expires_at is None else float(expires_at),
     )
 
 

@@ -48,12 +48,18 @@ class DefineDomain(Command):
     `allowed_boot_dirs`. The node keeps it with the definition for every later start."""
 
     TYPE = "cmd.domain.define"
-    VERSION = "1.5"  # 1.1: `privileged`, bounded metadata and MAC; 1.2: bindings; 1.3: at most
+    VERSION = "1.6"  # 1.1: `privileged`, bounded metadata and MAC; 1.2: bindings; 1.3: at most
     # 4 disks (the runtime's virtio-blk slots: more were never runnable, so minor)
-    # 1.4: disks from images (`image`, `size_gib`, `keep`); 1.5: `boot.initrd_image`
+    # 1.4: disks from images (`image`, `size_gib`, `keep`); 1.5: `boot.initrd_image`;
+    # 1.6: `start`
     RESULT = DomainInfo
     spec: DomainSpec
     privileged: bool = False
+    # The create asked for a running guest (True) or a defined one (False); None: not said
+    # (an older sender, a redefinition). The node keeps a requested start with the
+    # definition until the domain first runs and reports it (DomainInfo.start_pending), so
+    # whoever settles a create cut off between define and start can finish it.
+    start: bool | None = None
     # What the services resolved (protos.bindings): the spec's volume disks, root disk and
     # boot image, and its NICs' ports, in the spec's order. A redefinition that leaves
     # `ports` empty while the NICs are unchanged keeps the definition's current ones.
@@ -71,8 +77,14 @@ class UndefineDomain(DomainCommand):
 
 
 class StartDomain(DomainCommand):
+    """Start the domain. `if_pending`: only if the create that defined it asked to start it
+    (DefineDomain.start) and it has not run since; otherwise the answer is the domain as it
+    is (what the API's orphan sweep sends to finish a create cut off before its start)."""
+
     TYPE = "cmd.domain.start"
+    VERSION = "1.1"  # 1.1: `if_pending`
     paused: bool = False
+    if_pending: bool = False
 
 
 class ShutdownMode(StrEnum):

@@ -19,7 +19,7 @@ from protos.codec import CONTENT_TYPE, MAX_MESSAGE_BYTES
 SCHEMA_DIR = Path(__file__).resolve().parent / "schema"
 ENVELOPE_FILE = "envelope.json"
 # The envelope's own format; a change to ENVELOPE_SCHEMA needs a bump here (the pin test).
-ENVELOPE_VERSION = "1.0"
+ENVELOPE_VERSION = "1.1"  # 1.1: `expires_at`
 
 
 def envelope_schema() -> dict[str, Any]:
@@ -76,6 +76,14 @@ def envelope_schema() -> dict[str, Any]:
                 "description": "the id of the message that caused it, or null",
             },
             "body": {"type": "object", "description": "the message, per its type's schema"},
+            "expires_at": {
+                "anyOf": [{"type": "number"}, {"type": "null"}],
+                "description": (
+                    "on a command its sender stops waiting for: seconds since the Unix epoch "
+                    "after which it must not run (the worker dead-letters it, reason "
+                    "`expired`); absent: no expiry"
+                ),
+            },
         },
         "x-flotilla-type": "envelope",
         "x-flotilla-version": ENVELOPE_VERSION,

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
-from services.api import reaping
+from services.api import finishing, reaping
 from services.api.config import ApiConfig
 from services.api.context import ApiContext, CommandBus
 from services.api.limits import BodyLimit
@@ -164,6 +164,7 @@ def _sweeper(config: ApiConfig, ctx: ApiContext, reaper: Reaper) -> OrphanSweepe
         config.schedule_timeout_s,
         reap=reaper.submit,
         release=functools.partial(reaping.release, ctx),
+        finish=functools.partial(finishing.finish_start, ctx),
     )
 
 

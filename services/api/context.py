@@ -52,6 +52,7 @@ class CommandBus(Protocol):
         timeout: float = 30.0,
         message_id: str | None = None,
         causation_id: str | None = None,
+        expires: bool = False,
     ) -> Message: ...
 
 
@@ -127,10 +128,15 @@ class ApiContext:
             raise not_found(f"domain {domain_id}")
         return record
 
-    def call(self, queue: str, command: Command, timeout: float | None = None) -> Message:
-        """RPC through the bus; failures become Problems (and are counted)."""
+    def call(
+        self, queue: str, command: Command, timeout: float | None = None, *, expires: bool = False
+    ) -> Message:
+        """RPC through the bus; failures become Problems (and are counted). `expires`: the
+        command is not run by a worker that takes it after this call gave up (Bus.call)."""
         with self._problems(queue, command):
-            return self._bus().call(queue, command, timeout=timeout or self.config.rpc_timeout_s)
+            return self._bus().call(
+                queue, command, timeout=timeout or self.config.rpc_timeout_s, expires=expires
+            )
 
     def call_read(self, queue: str, command: Command, read: Callable[[bytes], T]) -> T:
         """`call` for a long reply checked by `read` from its bytes (services.bus.Bus.call_read)."""
@@ -178,7 +184,10 @@ class ApiContext:
             raise Problem(503, "broker_unavailable", f"broker unreachable: {exc}") from None
 
     def call_host(self, host: str, command: Command, timeout: float | None = None) -> Message:
-        return self.call(compute_queue(host), command, timeout)
+        """A command to a compute node. It expires when this call gives up: a host that
+        takes it later (its worker was down, or busy) does not run it, as the caller has
+        answered its client by then (504) and the client may have done something else."""
+        return self.call(compute_queue(host), command, timeout, expires=True)
 
     def _count(self, command: Command, code: str) -> None:
         self.metrics.rpc_errors.labels(command.TYPE, code).inc()

@@ -4,7 +4,9 @@ A create stores its record (task `scheduling`), waits for the scheduler, then re
 placement. If the replica handling it is killed in between, the domain's start on a host
 places it (services.api.registry.apply_event); one that never starts (`start: false`,
 nothing placed) no other replica would ever touch. Every replica runs this sweep: a record
-still in `scheduling` well after the longest a live create waits is settled from the event log.
+still in `scheduling` well after the longest a live create waits is settled from the event log,
+and one left defined but not started although its create asked to start it is started there
+(services.api.finishing).
 
 It settles deletes too (services.api.reaping): a tombstone (a domain deleted before it was
 placed) whose create is over is removed, or put on the host its events name and removed
@@ -42,10 +44,14 @@ class OrphanSweeper:
         *,
         reap: Callable[[uuid.UUID, str], None] | None = None,
         release: Callable[[DomainRecord], None] | None = None,
+        finish: Callable[[DomainRecord], None] | None = None,
     ) -> None:
         self.registry = registry
         self.reap = reap
         self.release = release
+        # Starts a settled create whose start never came, if it asked for one
+        # (services.api.finishing).
+        self.finish = finish
         self.older_than_s = schedule_timeout_s + GRACE_S
         self.interval_s = interval_s
         self._stopping = threading.Event()
@@ -69,6 +75,8 @@ class OrphanSweeper:
                 task=record.task.value,
                 fault=record.fault.code if record.fault else None,
             )
+            if self.finish is not None and record.host is not None:
+                self.finish(record)
         self.settle_deletes()
 
     def settle_deletes(self) -> None:

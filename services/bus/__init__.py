@@ -12,7 +12,7 @@ from services.bus.errors import (
     ServiceError,
 )
 from services.bus.nodes import BrokerUrls
-from services.bus.service import Context, Service, ServiceRunner, handles, on_event
+from services.bus.service import Context, Expired, Service, ServiceRunner, handles, on_event
 
 __all__ = [
     "BrokerUrls",
@@ -21,6 +21,7 @@ __all__ = [
     "Cause",
     "ConnectionLost",
     "Context",
+    "Expired",
     "NoRouteError",
     "PublishNacked",
     "RemoteError",

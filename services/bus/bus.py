@@ -161,8 +161,11 @@ class Bus:
         causation_id: str | None = None,
         message_id: str | None = None,
         timeout: float = 30.0,
+        expires_in: float | None = None,
     ) -> str:
-        """Cast `command` to `queue` (no reply) and wait for the broker's confirm.
+        """Cast `command` to `queue` (no reply) and wait for the broker's confirm. With
+        `expires_in`, a worker that takes it more than that many seconds later does not run
+        it (it is dead-lettered, reason `expired`).
 
         Returns the message id. Raises NoRouteError for an unknown queue and ConnectionLost if
         no confirm came within `timeout`.
@@ -174,6 +177,7 @@ class Bus:
             correlation_id=correlation_id or cause.correlation_id or str(uuid.uuid4()),
             causation_id=causation_id or cause.causation_id,
             message_id=message_id,
+            expires_in=expires_in,
         )
         future = self.publish_envelope(routing.COMMANDS_EXCHANGE, queue, envelope, mandatory=True)
         _wait(future, timeout)
@@ -221,8 +225,14 @@ class Bus:
         message_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        expires: bool = False,
     ) -> Message:
         """Send `command` to `queue` and return its reply (a `command.RESULT`).
+
+        `expires`: the command expires when this call gives up (its envelope's `expires_at`
+        is its time plus `timeout`): a worker that takes it later dead-letters it (reason
+        `expired`) instead of running it, for a caller that will have done something else
+        by then. A call again with the same `message_id` sends a fresh expiry.
 
         The command carries `correlation_id` and `causation_id`, by default the current cause's
         (services.bus.cause); a call outside any cause starts a new chain with a fresh
@@ -238,7 +248,7 @@ class Bus:
         RpcTimeout is raised, and it is safe to call again with the same `message_id`).
         """
         props, data = self._request(
-            queue, command, timeout, message_id, correlation_id, causation_id
+            queue, command, timeout, message_id, correlation_id, causation_id, expires=expires
         )
         return _result(command, decode(data, props.content_type))
 
@@ -269,6 +279,8 @@ class Bus:
         message_id: str | None,
         correlation_id: str | None,
         causation_id: str | None,
+        *,
+        expires: bool = False,
     ) -> tuple[pika.spec.BasicProperties, bytes]:
         cause = current_cause() or Cause()
         envelope = envelope_for(
@@ -277,6 +289,7 @@ class Bus:
             correlation_id=correlation_id or cause.correlation_id or str(uuid.uuid4()),
             causation_id=causation_id or cause.causation_id,
             message_id=message_id,
+            expires_in=timeout if expires else None,
         )
         try:
             return self._rpc.call(

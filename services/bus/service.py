@@ -14,6 +14,9 @@ method a unit test calls directly (or through `dispatch`). `ServiceRunner` consu
 decodes, dispatches, replies, records idempotency and acks after the handler succeeded.
 Undecodable or invalid messages, and commands whose handler failed unexpectedly, go to the
 dead-letter exchange with the reason in the `x-flotilla-reason` header; the runner keeps going.
+A command whose envelope's `expires_at` has passed when a worker takes it (its sender gave up
+on it) is not run: it is dead-lettered with reason `expired`, unanswered and unrecorded, so a
+resend with the same id and a fresh expiry still runs.
 """
 
 from __future__ import annotations
@@ -86,6 +89,14 @@ class Retry(Exception):
     """Raised by a handler for a transient failure: the message is requeued, not answered."""
 
 
+EXPIRED = "expired"  # the dead-letter reason of a command taken after its expiry
+
+
+class Expired(Exception):
+    """Raised by a handler (`Context.check_expiry`) that finds its command expired before it
+    acted: the command is dead-lettered with reason `expired`, not answered nor recorded."""
+
+
 Handler = Callable[[Any, "Context"], Message | None]
 
 
@@ -101,6 +112,13 @@ class Context:
     def cause(self) -> Cause:
         """What this message causes: its correlation id, and itself as the causation."""
         return Cause.of(self.envelope)
+
+    def check_expiry(self) -> None:
+        """Raise Expired if the command's sender has given up on it (`expires_at` passed).
+        A handler calls it under the lock that orders it with what the sender does next
+        (e.g. the domain's lock, before a start), so that comes after it or not at all."""
+        if self.envelope.expired():
+            raise Expired(f"{self.envelope.type} {self.envelope.id}")
 
 
 class Service:
@@ -359,7 +377,8 @@ class ServiceRunner:
             return
         model = lookup(envelope.type)
         if model is not None and issubclass(model, Command) and model.READ_ONLY:
-            self._execute(delivery, envelope, record=False)  # nothing to run only once
+            if not self._expired(delivery, envelope):
+                self._execute(delivery, envelope, record=False)  # nothing to run only once
             return
         if self._answered(delivery, envelope):
             return
@@ -368,7 +387,17 @@ class ServiceRunner:
         with self._in_flight.claim(envelope.id) as waited:
             if waited and self._answered(delivery, envelope):
                 return
-            self._execute(delivery, envelope)
+            if not self._expired(delivery, envelope):
+                self._execute(delivery, envelope)
+
+    def _expired(self, delivery: Inbound, envelope: Envelope) -> bool:
+        """Dead-letter a command its sender gave up on; True if it was one. Not answered (a
+        resend with the same id may be waiting for the real answer) and not recorded."""
+        if not envelope.expired():
+            return False
+        log.warning("expired command not run", expires_at=envelope.expires_at)
+        self._dead_letter(delivery, EXPIRED)
+        return True
 
     def _answered(self, delivery: Inbound, envelope: Envelope) -> bool:
         """Answer a command already executed from its record; False if there is none."""
@@ -401,6 +430,10 @@ class ServiceRunner:
         except Retry as exc:
             log.warning("command requeued", reason=str(exc))
             delivery.nack(requeue=True)
+            return
+        except Expired:
+            log.warning("command expired before it acted", expires_at=envelope.expires_at)
+            self._dead_letter(delivery, EXPIRED)
             return
         except Exception as exc:
             log.exception("command handler failed")

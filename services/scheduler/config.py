@@ -12,6 +12,7 @@
 | down_after_intervals | FLOTILLA_SCHEDULER_DOWN_AFTER_INTERVALS | 3.0 |
 | compute_timeout_s | FLOTILLA_SCHEDULER_COMPUTE_TIMEOUT_S | 20.0 |
 | restart_wait_s | FLOTILLA_SCHEDULER_RESTART_WAIT_S | 40.0 |
+| cleanup_timeout_s | FLOTILLA_SCHEDULER_CLEANUP_TIMEOUT_S | 60.0 |
 | migration_start_timeout_s | FLOTILLA_SCHEDULER_MIGRATION_START_TIMEOUT_S | 45.0 |
 | peer_claim_timeout_s | FLOTILLA_SCHEDULER_PEER_CLAIM_TIMEOUT_S | 120.0 |
 | claim_sync_timeout_s | FLOTILLA_SCHEDULER_CLAIM_SYNC_TIMEOUT_S | 5.0 |
@@ -45,6 +46,10 @@ class SchedulerConfig(ReplicaConfig):
     # durable queue keeps the command) or came back meanwhile is waited for, with the same
     # command, up to this long in all; then it is given up like a refusing host.
     restart_wait_s: float = Field(default=40.0, gt=0)
+    # A host still beating that did not answer a define or start in time may yet run it: its
+    # clean-up (destroy, undefine; ordered after the start by the host's domain lock) is
+    # waited for up to this long before another host is tried; unconfirmed, none is.
+    cleanup_timeout_s: float = Field(default=60.0, gt=0)
     # The source answers StartMigration once its target is prepared, which it waits for up to
     # 30 s (compute_node.migrating.PEER_TIMEOUT_S): longer than that, shorter than the API's 60.
     migration_start_timeout_s: float = Field(default=45.0, gt=0)

@@ -107,6 +107,11 @@ class HostRefused(Exception):
         self.message = message
 
 
+class HostInDoubt(Exception):
+    """A host still beating did not answer a define or start, nor confirm its clean-up: it
+    may yet run the domain, so no other host may be asked (two copies could run)."""
+
+
 class SchedulerService(MigrationHandlers, Service):
     """Handlers only; `Scheduler` wires them to a bus. Without a bus (unit tests) the compute
     node is reached through `call`, which tests replace."""
@@ -188,6 +193,12 @@ class SchedulerService(MigrationHandlers, Service):
                 refused.add(claim.host)
                 log.info("host refused", host=claim.host, code=exc.code, reason=exc.message)
                 continue
+            except HostInDoubt as exc:
+                self._release(claim)
+                attempts.append(Attempt(host=claim.host, code="unavailable", message=str(exc)))
+                log.warning("host in doubt: no other host tried", host=claim.host)
+                why = f"{_why(attempts, filtered)}; {claim.host} may still start it: not retried"
+                raise ServiceError("no_valid_host", why, _details(attempts, filtered)) from None
             except BaseException:
                 self._release(claim)
                 raise
@@ -362,6 +373,7 @@ class SchedulerService(MigrationHandlers, Service):
                 kernel_image=cmd.kernel_image,
                 initrd_image=cmd.initrd_image,
                 ports=ports,
+                start=cmd.start,  # kept there: a create cut off before its start is finished
             )
             info = self._call(host, define, f"{request_id}:{host}:define")
             defined = True
@@ -381,8 +393,16 @@ class SchedulerService(MigrationHandlers, Service):
                 exc.code, f"host {host}: {exc.message}", {**exc.details, "host": host}
             ) from None
         except (RpcTimeout, NoRouteError, BusError) as exc:
-            # It may have run anyway: stop and remove whatever it made, best effort.
-            if not isinstance(exc, NoRouteError):
+            if isinstance(exc, NoRouteError):
+                raise HostRefused("unavailable", str(exc)) from None
+            if self.state.beating(host, time.monotonic()):
+                # Alive, it may still run what it was sent (taken before its expiry, slow).
+                # Another host is asked only once this one confirms the domain is gone.
+                if not self._cleaned_up(host, cmd.spec.uuid):
+                    raise HostInDoubt(f"{exc}; its clean-up was not confirmed") from None
+            else:
+                # Silent: what waits in its queue has expired by the time it is back (it
+                # will not run); the clean-up removes the definition then, best effort.
                 self._clean_up(host, cmd.spec.uuid, destroy=True)
             raise HostRefused("unavailable", str(exc)) from None
 
@@ -397,6 +417,44 @@ class SchedulerService(MigrationHandlers, Service):
                 self.call(routing.compute_queue(host), command, timeout=5.0, message_id=None)
             except Exception as exc:
                 log.warning("clean-up failed", host=host, command=command.TYPE, error=str(exc))
+
+    def _cleaned_up(self, host: str, domain_id: uuid.UUID) -> bool:
+        """Destroy and undefine the domain on a live host that did not answer its define or
+        start in time; True once the host confirmed it is gone (undefined, or not there).
+
+        No expiry on these: they wait for the host's domain lock, so a start under way ends
+        first and is undone, and a start taken after them finds no domain (or is expired,
+        as the define and start expire when the scheduler stops waiting). A start that slips
+        in between the two (a clock behind the scheduler's) makes the undefine a `conflict`:
+        both are sent again. Waited for up to `cleanup_timeout_s` in all."""
+        queue = routing.compute_queue(host)
+        deadline = time.monotonic() + self.config.cleanup_timeout_s
+        for _ in range(3):
+            for command in (
+                DestroyDomain(domain_id=domain_id),
+                UndefineDomain(domain_id=domain_id),
+            ):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                try:
+                    self.call(queue, command, timeout=remaining, message_id=None)
+                except RemoteError as exc:
+                    if exc.code == "not_found":
+                        return True
+                    if exc.code == "conflict":
+                        continue  # a destroy of a stopped domain; an undefine of a running one
+                    log.warning("clean-up refused", host=host, command=command.TYPE, error=str(exc))
+                    return False
+                except BusError as exc:
+                    log.warning(
+                        "clean-up not confirmed", host=host, command=command.TYPE, error=str(exc)
+                    )
+                    return False
+                else:
+                    if isinstance(command, UndefineDomain):
+                        return True
+        return False
 
     def _call(self, host: str, command: Command, key: str) -> DomainInfo:
         """Send `command` to `host` and wait for its answer. Derived ids make a redelivered
@@ -416,8 +474,14 @@ class SchedulerService(MigrationHandlers, Service):
         timeout = self.config.compute_timeout_s
         while True:
             try:
+                # It expires when this wait ends: a host that takes it later does not run
+                # it (a copy sent again carries a fresh expiry).
                 reply = self.call(
-                    routing.compute_queue(host), command, timeout=timeout, message_id=message_id
+                    routing.compute_queue(host),
+                    command,
+                    timeout=timeout,
+                    message_id=message_id,
+                    expires=True,
                 )
                 break
             except RpcTimeout:
@@ -430,12 +494,20 @@ class SchedulerService(MigrationHandlers, Service):
         return reply
 
     def call(
-        self, queue: str, command: Command, *, timeout: float, message_id: str | None
+        self,
+        queue: str,
+        command: Command,
+        *,
+        timeout: float,
+        message_id: str | None,
+        expires: bool = False,
     ) -> Message:
-        """RPC to a compute node (the seam unit tests replace)."""
+        """RPC to a compute node (the seam unit tests replace); `expires` as Bus.call's."""
         if self.bus is None:
             raise RuntimeError("SchedulerService has no bus")
-        return self.bus.call(queue, command, timeout=timeout, message_id=message_id)
+        return self.bus.call(
+            queue, command, timeout=timeout, message_id=message_id, expires=expires
+        )
 
     def _placed(self, claim: Claim, claim_seq: int | None = None) -> None:
         self.state.settle(claim.domain_id, settles_at=time.time(), claim_seq=claim_seq)

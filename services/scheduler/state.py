@@ -197,6 +197,13 @@ class ClusterState:
                 return False
             return self._silent(host, now) or host.back_at >= since
 
+    def beating(self, name: str, now: float) -> bool:
+        """Whether host `name` is heard from now (not silent for 1.5 intervals): its worker
+        may still act on what it was sent, late."""
+        with self.lock:
+            host = self.hosts.get(name)
+            return host is not None and not self._silent(host, now)
+
     @staticmethod
     def _silent(host: HostState, now: float) -> bool:
         return now - host.seen_at > SILENT_INTERVALS * host.interval_s

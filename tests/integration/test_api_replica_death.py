@@ -1,7 +1,9 @@
 """An API replica killed (-9) while the scheduler places the domain it asked for: the other
 replica, on the same PostgreSQL registry, must end up with the domain placed (its host,
 running, no task), as the compute node and the events say, as soon as the domain starts,
-not only once the orphan sweep settles it after the schedule timeout. Found by the chaos
+not only once the orphan sweep settles it after the schedule timeout; and when the start
+never comes (the scheduler stopped between define and start), the sweep must finish the
+create as asked: running, not shut off. Found by the chaos
 suite (tests/chaos): the record stayed in task `scheduling`, and a DELETE of it then dropped
 the record at once (no host known) while the guest kept running on its host.
 """
@@ -27,7 +29,9 @@ from compute_node.config import ComputeConfig
 from compute_node.driver import NicTap, RuntimeInfo
 from compute_node.fake import FakeDriver
 from compute_node.node import ComputeNode
-from protos.domain import DomainSpec
+from protos.base import Message
+from protos.commands import Command, StartDomain
+from protos.domain import DomainSpec, PowerState
 from services.broker import free_port
 from services.cli.stack import Child
 from services.files import write_private
@@ -83,10 +87,14 @@ class HeldSpawn(FakeDriver):
         return super().spawn(spec, files, paused=paused, nics=nics)
 
 
-def _api(tmp: Path, i: int, amqp_url: str, db_url: str) -> tuple[Child, str]:
+class ReplicaStopped(Exception):
+    """What the stalled scheduler's start raises once the test is over."""
+
+
+def _api(tmp: Path, i: int, amqp_url: str, db_url: str, **settings: object) -> tuple[Child, str]:
     port = free_port()
     path = tmp / f"api{i}.toml"
-    values = {"listen_port": port, "database_url": db_url, "amqp_url": amqp_url}
+    values = {"listen_port": port, "database_url": db_url, "amqp_url": amqp_url, **settings}
     text = "[api]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
     text += f'\n[[api.tokens]]\ntoken = "{TOKEN}"\nproject = "p"\nrole = "admin"\n'
     write_private(path, text)
@@ -220,6 +228,85 @@ def test_a_delete_before_the_dead_replicas_create_is_placed_removes_the_guest(
         assert r.status_code == 404, r.text
     finally:
         driver.go.set()
+        for child in children:
+            child.stop()
+        scheduler.stop()
+        node.stop()
+
+
+@pytest.mark.slow  # the sweep settles it schedule_timeout_s + 10 s after the create: ~35 s
+def test_a_create_cut_off_between_define_and_start_ends_running_not_shut_off(
+    amqp_url: str, db_url: str, tmp_path: Path
+) -> None:
+    """The scheduler defines the domain and stops before its start goes out (as a replica
+    killed there, with no peer to take the request over); the create's API replica is
+    killed too. The other replica's orphan sweep settles the record on the host, and, as
+    the host kept the create's `start` with the definition, starts it there. Before, it was
+    settled shut off although the user had asked for a running guest."""
+    host = f"rd-{uuid.uuid4().hex[:6]}"
+    config = ComputeConfig(
+        host=host,
+        state_dir=tmp_path / host,
+        amqp_url=amqp_url,
+        driver="fake",
+        allowed_boot_dirs=[BOOT_DIR],
+        heartbeat_interval_s=0.5,
+    )
+    node = ComputeNode(config, FakeDriver()).start()
+    scheduler = Scheduler(SchedulerConfig(amqp_url=amqp_url, replica="rd-stall")).start()
+    stalled, release = threading.Event(), threading.Event()
+    real_call = scheduler.service.call
+
+    def call(
+        queue: str,
+        command: Command,
+        *,
+        timeout: float,
+        message_id: str | None,
+        expires: bool = False,
+    ) -> Message:
+        if isinstance(command, StartDomain):
+            stalled.set()
+            release.wait(120)
+            raise ReplicaStopped("the scheduler replica stopped before its start went out")
+        return real_call(queue, command, timeout=timeout, message_id=message_id, expires=expires)
+
+    scheduler.service.call = call  # type: ignore[method-assign]
+    children: list[Child] = []
+    try:
+        scheduler.wait_for_hosts(1)
+        doomed, doomed_url = _api(tmp_path, 0, amqp_url, db_url, schedule_timeout_s=8.0)
+        children.append(doomed)
+        other, other_url = _api(tmp_path, 1, amqp_url, db_url, schedule_timeout_s=8.0)
+        children.append(other)
+        name = f"rd-{uuid.uuid4().hex[:8]}"
+        body = {"name": name, "memory_mib": 32, "boot": {"kernel": KERNEL}}
+
+        def create() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.post(f"{doomed_url}/v1/domains", json=body, headers=HEADERS, timeout=30)
+
+        client = threading.Thread(target=create)
+        client.start()
+        assert stalled.wait(30), "the scheduler never got as far as the start"
+        os.kill(doomed.pid, signal.SIGKILL)
+        client.join(30)
+
+        d: dict[str, object] = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            r = httpx.get(f"{other_url}/v1/domains", params={"name": name}, headers=HEADERS)
+            found = r.json()["domains"]
+            d = found[0] if found else {}
+            if d.get("task") != "scheduling" and d.get("state") != "shutoff":
+                break
+            time.sleep(0.5)
+        assert (d.get("host"), d.get("state"), d.get("task")) == (host, "running", "none"), d
+        record = node.store.get(uuid.UUID(str(d["id"])))
+        assert record is not None
+        assert record.state is PowerState.RUNNING
+    finally:
+        release.set()
         for child in children:
             child.stop()
         scheduler.stop()

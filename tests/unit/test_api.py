@@ -26,13 +26,13 @@ from protos.base import Message
 from protos.bindings import NetworkBinding, PortBinding
 from protos.codec import decode, envelope_for, parse_body
 from protos.commands import Command, DefineDomain, StartDomain
-from protos.domain import DomainSpec, TaskState
+from protos.domain import DomainSpec, PowerState, TaskState
 from protos.events import DomainEvent
 from protos.host import HostHeartbeat, HostInventory
 from protos.network import ReleasePorts
 from protos.replies import DomainInfo, Done, ErrorReply
 from protos.scheduler import Attempt, Placement, ScheduleDomain
-from services.api import ApiConfig, Quota, TokenEntry, create_app, reaping
+from services.api import ApiConfig, Quota, TokenEntry, create_app, finishing, reaping
 from services.api.config import Role
 from services.api.metrics import ApiMetrics
 from services.api.orphans import GRACE_S, OrphanSweeper
@@ -634,3 +634,32 @@ def test_a_host_whose_disk_fills_mid_save_is_507_and_the_guest_runs_on(
     assert p["code"] == "no_space"
     got = client.get(f"/v1/domains/{d['id']}", headers=auth(ALICE)).json()
     assert got["state"] == "running"
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_the_sweep_finishes_a_create_cut_off_between_define_and_start(
+    client: TestClient, cloud: FakeCloud, registry: Registry, refused: bool
+) -> None:
+    """The create's replica is gone and its start never reached the host: the sweep settles
+    it there and starts it, as its create asked (the host kept `start`); a host that refuses
+    leaves it in `error` with the reason, never silently shut off."""
+    ctx = client.app.state.ctx  # type: ignore[attr-defined]
+    s = DomainSpec.model_validate(body(memory_mib=64))
+    registry.create_domain(s, "alice", Quota())
+    cloud._compute("h1", DefineDomain(spec=s, privileged=True, start=True))  # no start follows
+    if refused:
+        cloud.nodes["h1"].driver.fail_next_spawn = "no such kernel"  # type: ignore[attr-defined]
+    sweeper = OrphanSweeper(
+        registry, -GRACE_S, finish=functools.partial(finishing.finish_start, ctx)
+    )
+    sweeper.sweep()
+    record = registry.get_domain(s.uuid)
+    assert record is not None
+    assert record.host == "h1"
+    if refused:
+        assert (record.task, record.power) == (TaskState.ERROR, PowerState.SHUTOFF)
+        assert record.fault is not None
+        assert record.fault.code == "start_failed"
+        assert "no such kernel" in record.fault.message
+    else:
+        assert (record.task, record.power) == (TaskState.NONE, PowerState.RUNNING)

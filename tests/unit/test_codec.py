@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protos import DecodeError, Message, decode, encode, message_types, parse_body
-from protos.codec import EncodeError, Envelope, body_of, new_message_id, pack
+from protos.codec import EncodeError, Envelope, body_of, envelope_for, new_message_id, pack
 from protos.domain import BootSpec, DomainSpec, PowerState
 from protos.events import DomainStarted, StartedDetail
 from protos.replies import Done, ErrorReply
@@ -138,3 +138,23 @@ def test_message_ids_are_distinct_version_4_uuids() -> None:
     for text in ids:
         parsed = uuid.UUID(text)
         assert (str(parsed), parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)
+
+
+def test_an_expiry_travels_only_when_set_and_is_checked_against_the_clock() -> None:
+    command = Done()
+    data, sent = encode(command, source="api")
+    assert "expires_at" not in msgpack.unpackb(data)
+    assert decode(data).expires_at is None
+    assert not decode(data).expired(now=sent.ts + 1e9)
+    envelope = envelope_for(command, source="scheduler:r1", expires_in=20.0)
+    got = decode(pack(envelope))
+    assert got.expires_at == pytest.approx(envelope.ts + 20.0)
+    assert not got.expired(now=envelope.ts + 19.9)
+    assert got.expired(now=envelope.ts + 20.1)
+
+
+def test_an_expiry_that_is_not_a_number_is_refused() -> None:
+    raw = msgpack.unpackb(pack(envelope_for(Done(), source="api")))
+    for bad in ("soon", True, [1]):
+        with pytest.raises(DecodeError, match="expires_at"):
+            decode(msgpack.packb({**raw, "expires_at": bad}))

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ from compute_node.lifecycle import Lifecycle
 from compute_node.resources import Claims
 from compute_node.store import Store
 from protos.base import Message
-from protos.codec import Envelope, decode, parse_body
+from protos.codec import Envelope, decode, envelope_for, parse_body
 from protos.commands import (
     DefineDomain,
     DestroyDomain,
@@ -35,7 +37,7 @@ from protos.domain import BootSpec, DomainSpec, LifecycleAction, PowerState
 from protos.events import DomainEvent
 from protos.host import HostInventory, KvmKind, Resources
 from protos.replies import DomainInfo, ErrorReply
-from services.bus import Cause, Context, ServiceError
+from services.bus import Cause, Context, Expired, ServiceError
 from services.bus.service import dispatch
 from tests.bootfiles import BOOT_DIR, KERNEL
 
@@ -483,3 +485,68 @@ def test_a_command_that_failed_leaves_no_cause_for_later_events() -> None:
     with causes.expecting(domain, cause, {GuestEventKind.PAUSED}):
         pass
     assert causes.take(domain, GuestEventKind.PAUSED) == cause
+
+
+def test_a_start_that_expires_while_it_waits_for_the_domains_lock_does_not_run(
+    node: Node,
+) -> None:
+    """The lock orders a start with the clean-up its sender sends once it gives up: a start
+    that gets the lock only after its expiry is dropped (Expired: the runner dead-letters it),
+    so it cannot run after that clean-up."""
+    defined = node.ok(DefineDomain(spec=spec(), privileged=True))
+    envelope = envelope_for(StartDomain(domain_id=defined.domain_id), source="s", expires_in=0.2)
+    ctx = Context(envelope)
+    outcome: list[object] = []
+
+    def start() -> None:
+        try:
+            outcome.append(dispatch(node.service, StartDomain(domain_id=defined.domain_id), ctx))
+        except Expired as exc:
+            outcome.append(exc)
+
+    with node.service._lock(defined.domain_id):  # a command under way holds it
+        worker = threading.Thread(target=start)
+        worker.start()
+        time.sleep(0.4)
+    worker.join(10)
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], Expired)
+    assert node.store.get(defined.domain_id).state is PowerState.SHUTOFF  # type: ignore[union-attr]
+    # Taken in time, the same start runs.
+    fresh = Context(
+        envelope_for(StartDomain(domain_id=defined.domain_id), source="s", expires_in=30)
+    )
+    reply = dispatch(node.service, StartDomain(domain_id=defined.domain_id), fresh)
+    assert isinstance(reply, DomainInfo)
+    assert reply.state is PowerState.RUNNING
+
+
+def test_a_requested_start_is_kept_with_the_definition_until_the_domain_runs(
+    tmp_path: Path,
+) -> None:
+    """DefineDomain.start is kept (across a restart) and StartDomain(if_pending) starts only
+    a domain whose requested start has not happened; older senders (None) change nothing."""
+    node = Node(tmp_path)
+    asked = node.ok(DefineDomain(spec=spec("asked"), privileged=True, start=True))
+    plain = node.ok(DefineDomain(spec=spec("plain"), privileged=True))
+    not_asked = node.ok(DefineDomain(spec=spec("no"), privileged=True, start=False))
+    node.store.close()
+    node = Node(tmp_path)  # the worker restarted meanwhile
+    try:
+        assert node.store.get(asked.domain_id).start_pending  # type: ignore[union-attr]
+        # A redefinition that does not say keeps it.
+        kept = node.store.get(asked.domain_id).spec  # type: ignore[union-attr]
+        node.ok(DefineDomain(spec=kept.model_copy(update={"vcpus": 2}), privileged=True))
+        assert node.store.get(asked.domain_id).start_pending  # type: ignore[union-attr]
+        for info in (plain, not_asked):
+            reply = node.ok(StartDomain(domain_id=info.domain_id, if_pending=True))
+            assert reply.state is PowerState.SHUTOFF
+        reply = node.ok(StartDomain(domain_id=asked.domain_id, if_pending=True))
+        assert reply.state is PowerState.RUNNING
+        assert not node.store.get(asked.domain_id).start_pending  # type: ignore[union-attr]
+        # Once it ran, a later finishing start does nothing: the user's stop stands.
+        node.ok(DestroyDomain(domain_id=asked.domain_id))
+        reply = node.ok(StartDomain(domain_id=asked.domain_id, if_pending=True))
+        assert reply.state is PowerState.SHUTOFF
+    finally:
+        node.store.close()

@@ -75,7 +75,13 @@ class FakeComputes:
         self.delay = 0.0
 
     def __call__(
-        self, queue: str, command: Command, *, timeout: float, message_id: str | None
+        self,
+        queue: str,
+        command: Command,
+        *,
+        timeout: float,
+        message_id: str | None,
+        expires: bool = False,
     ) -> Message:
         host = queue.removeprefix("compute.")
         with self.lock:
@@ -337,13 +343,48 @@ def test_no_host_fits_answers_at_once_with_the_filters() -> None:
     assert computes.calls == []
 
 
-def test_a_silent_host_is_an_unavailable_attempt_and_destroyed_best_effort() -> None:
+def test_a_beating_host_silent_to_the_start_and_its_clean_up_is_not_left_for_another() -> None:
+    """Still heartbeating, it may yet start the domain: trying another host could run two
+    copies. So without its clean-up confirmed the answer is no_valid_host, naming it."""
     computes = FakeComputes({"a": (4, 8192), "b": (4, 2048)})
     computes.silent = {"a"}
     svc = service(computes, top_n=1)
+    with pytest.raises(ServiceError) as raised:
+        schedule(svc, ScheduleDomain(spec=spec(), project="p"))
+    assert raised.value.code == "no_valid_host"
+    assert [(a["host"], a["code"]) for a in raised.value.details["attempts"]] == [
+        ("a", "unavailable")
+    ]
+    assert "may still start it" in raised.value.message
+    assert not any(host == "b" for host, _ in computes.calls)
+    assert svc.state.claims == {}
+
+
+def test_a_beating_host_whose_start_timed_out_is_cleaned_up_before_the_next_host() -> None:
+    computes = FakeComputes({"a": (4, 8192), "b": (4, 2048)})
+    svc = service(computes, top_n=1, compute_timeout_s=0.1)
+
+    def call(
+        queue: str,
+        command: Command,
+        *,
+        timeout: float,
+        message_id: str | None,
+        expires: bool = False,
+    ) -> Message:
+        if queue == "compute.a" and isinstance(command, StartDomain):
+            assert expires, "the start must expire when the scheduler stops waiting"
+            raise RpcTimeout("no reply")
+        return computes(queue, command, timeout=timeout, message_id=message_id)
+
+    svc.call = call  # type: ignore[method-assign]
     placement = schedule(svc, ScheduleDomain(spec=spec(), project="p"))
     assert placement.host == "b"
-    assert placement.attempts[0].code == "unavailable"
+    assert placement.attempts[0].host == "a"
+    calls = computes.calls
+    first_b = calls.index(("b", DefineDomain.TYPE))
+    assert calls.index(("a", DestroyDomain.TYPE)) < calls.index(("a", UndefineDomain.TYPE))
+    assert calls.index(("a", UndefineDomain.TYPE)) < first_b
 
 
 def test_a_host_that_went_silent_is_waited_for_with_the_same_command() -> None:
@@ -354,7 +395,14 @@ def test_a_host_that_went_silent_is_waited_for_with_the_same_command() -> None:
     svc = service(computes, top_n=1, compute_timeout_s=0.1, restart_wait_s=30.0)
     sent: list[tuple[str, str | None]] = []
 
-    def call(queue: str, command: Command, *, timeout: float, message_id: str | None) -> Message:
+    def call(
+        queue: str,
+        command: Command,
+        *,
+        timeout: float,
+        message_id: str | None,
+        expires: bool = False,
+    ) -> Message:
         sent.append((command.TYPE, message_id))
         if isinstance(command, StartDomain) and len(sent) == 2:
             svc.state.hosts["a"].seen_at -= 1000.0  # its heartbeats stopped meanwhile
@@ -413,7 +461,14 @@ def test_the_requesters_role_travels_to_the_compute_node() -> None:
     sent: list[DefineDomain] = []
     svc = service(computes)
 
-    def call(queue: str, command: Command, *, timeout: float, message_id: str | None) -> Message:
+    def call(
+        queue: str,
+        command: Command,
+        *,
+        timeout: float,
+        message_id: str | None,
+        expires: bool = False,
+    ) -> Message:
         if isinstance(command, DefineDomain):
             sent.append(command)
         return computes(queue, command, timeout=timeout, message_id=message_id)
@@ -434,7 +489,14 @@ def test_a_volume_on_a_host_places_the_domain_there_and_its_bindings_travel() ->
     sent: list[DefineDomain] = []
     svc = service(computes)
 
-    def call(queue: str, command: Command, *, timeout: float, message_id: str | None) -> Message:
+    def call(
+        queue: str,
+        command: Command,
+        *,
+        timeout: float,
+        message_id: str | None,
+        expires: bool = False,
+    ) -> Message:
         if isinstance(command, DefineDomain):
             sent.append(command)
         return computes(queue, command, timeout=timeout, message_id=message_id)

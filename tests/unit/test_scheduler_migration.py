@@ -41,7 +41,13 @@ class Cluster:
         self.started: list[StartMigration] = []
 
     def __call__(
-        self, queue: str, command: Command, *, timeout: float, message_id: str | None
+        self,
+        queue: str,
+        command: Command,
+        *,
+        timeout: float,
+        message_id: str | None,
+        expires: bool = False,
     ) -> Message:
         host = queue.removeprefix("compute.")
         assert host == self.source, f"{command.TYPE} sent to {host}, not the source"

@@ -70,7 +70,14 @@ class FakeNetwork:
 def wired(computes: FakeComputes, network: FakeNetwork, **config: object) -> SchedulerService:
     svc = service(computes, **config)
 
-    def call(queue: str, command: Command, *, timeout: float, message_id: str | None) -> Message:
+    def call(
+        queue: str,
+        command: Command,
+        *,
+        timeout: float,
+        message_id: str | None,
+        expires: bool = False,
+    ) -> Message:
         if queue == "network":
             return network(command)
         return computes(queue, command, timeout=timeout, message_id=message_id)

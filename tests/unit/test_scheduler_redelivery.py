@@ -37,7 +37,13 @@ class RecordingComputes(FakeComputes):
         self._hold.set()
 
     def __call__(
-        self, queue: str, command: Command, *, timeout: float, message_id: str | None
+        self,
+        queue: str,
+        command: Command,
+        *,
+        timeout: float,
+        message_id: str | None,
+        expires: bool = False,
     ) -> Message:
         host = queue.removeprefix("compute.")
         if isinstance(command, GetDomainInfo):
@@ -159,7 +165,12 @@ def test_a_replica_that_never_saw_the_claim_asks_the_hosts() -> None:
     envelope = envelope_for(cmd, source="api")
 
     def define_then_die(
-        queue: str, command: Command, *, timeout: float, message_id: str | None
+        queue: str,
+        command: Command,
+        *,
+        timeout: float,
+        message_id: str | None,
+        expires: bool = False,
     ) -> Message:
         if not isinstance(command, DefineDomain):
             raise SystemExit  # the replica dies between its define and its start
