@@ -9,12 +9,15 @@ buffers. One `Nftables` is not thread-safe; use one per thread or guard it.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
+import socket
 from typing import Any
 
 from compute_node.net import netns
 
 LIBRARY = "libnftables.so.1"
+NETLINK_NETFILTER = 12
 _OUTPUT_JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON
 _OUTPUT_HANDLE = 1 << 3  # NFT_CTX_OUTPUT_HANDLE
 
@@ -24,7 +27,20 @@ class NftError(RuntimeError):
 
 
 class NftUnavailable(RuntimeError):
-    """libnftables.so.1 cannot be loaded (Debian: apt-get install libnftables1)."""
+    """libnftables.so.1 cannot be loaded (Debian: apt-get install libnftables1), or the
+    kernel has no nf_tables netlink (the nfnetlink and nf_tables modules)."""
+
+
+def _check_netlink() -> None:
+    """Raise NftUnavailable unless a netfilter netlink socket opens here. libnftables does
+    not report that failure: it prints "Unable to initialize Netlink socket" and calls
+    exit(3), ending the whole process (a compute node, a test run) with buffered output
+    lost, so it is checked before libnftables is asked to open one."""
+    try:
+        socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER).close()
+    except OSError as exc:
+        hint = " (load nfnetlink and nf_tables)" if exc.errno == errno.EPROTONOSUPPORT else ""
+        raise NftUnavailable(f"no nf_tables netlink in this kernel: {exc}{hint}") from exc
 
 
 def _load() -> ctypes.CDLL:
@@ -63,6 +79,7 @@ class Nftables:
             _lib = _load()
         self._lib = _lib
         with netns.inside(netns_name):
+            _check_netlink()
             ctx = self._lib.nft_ctx_new(0)
         if not ctx:
             raise NftError("nft_ctx_new failed")
