@@ -18,15 +18,22 @@ import msgpack
 import msgspec
 import pytest
 import sqlalchemy as sa
+from fastapi.testclient import TestClient
 
+from protos import routing
+from protos.base import Message
 from protos.codec import decode_head, envelope_for, pack
+from protos.commands import Command
 from protos.volume_wire import VolumeViewRow, read_volume_listing, read_volume_page
-from protos.volumes import VolumeListing
+from protos.volumes import ListVolumeListing, VolumeListing
+from services.api import create_app
+from services.api.registry import Registry
 from services.api.visibility import HostMask, host_alias
 from services.api.volume_models import VolumeView, volume_list_json, volume_listing_json
-from services.bus import ServiceError
+from services.bus import RemoteError, ServiceError
 from services.storage.catalog import Catalog
 from services.storage.tables import volumes
+from tests.unit.test_api import ADMIN, ALICE, CONFIG, auth, problem
 
 KEY = "k" * 32
 # Names the API would refuse, put in the catalog directly: the rendering must not depend on
@@ -234,3 +241,64 @@ def test_an_empty_last_page_has_no_next() -> None:
     cursor = 'p1/a"b\\c'
     listing = read_volume_listing(_listing_body(b"[]", 0, cursor))
     assert json.loads(volume_listing_json(listing)) == {"volumes": [], "next": cursor}
+
+
+class _StorageBus:
+    """The storage service's listing answered in-process from a real catalog, as the bus
+    would (a refusal as a RemoteError); `count_off` breaks the reply's count."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.commands: list[ListVolumeListing] = []
+        self.count_off = 0
+
+    def call(self, queue: str, command: Command, *, timeout: float = 30.0, **_: Any) -> Message:
+        assert queue == routing.STORAGE_QUEUE
+        assert isinstance(command, ListVolumeListing)
+        self.commands.append(command)
+        c = command
+        try:
+            listing = self.catalog.listing(c.project, c.pool, c.limit, c.after, c.hosts)
+        except ServiceError as exc:
+            raise RemoteError(exc.code, exc.message, exc.details) from None
+        return VolumeListing.of_json(listing.volumes, listing.count + self.count_off, listing.next)
+
+
+@pytest.fixture
+def api(catalog: Catalog, tmp_path: Path) -> Iterator[tuple[TestClient, _StorageBus]]:
+    with catalog.db.transaction() as conn:
+        conn.execute(sa.insert(volumes), [_row("alice", f"a{i}") for i in range(3)])
+    registry = Registry.open(f"sqlite:///{tmp_path}/registry.db")
+    bus = _StorageBus(catalog)
+    try:
+        with TestClient(create_app(CONFIG, registry=registry, bus=bus)) as client:
+            yield client, bus
+    finally:
+        registry.close()
+
+
+def test_through_the_api_a_member_gets_aliases_for_hosts_it_had_to_learn(
+    api: tuple[TestClient, _StorageBus],
+) -> None:
+    client, bus = api
+    reply = client.get("/v1/volumes", headers=auth(ALICE), params={"limit": 2})
+    assert reply.status_code == 200, reply.text
+    # The registry knows no host: the first ask named the page's hosts, the second had them.
+    assert len(bus.commands) == 2
+    assert bus.commands[0].hosts == {}
+    assert bus.commands[-1].hosts is not None
+    assert set(bus.commands[-1].hosts) == {"node-1"}
+    assert b"node-" not in reply.content
+    assert reply.json()["next"] is not None
+    admin = client.get("/v1/volumes", headers=auth(ADMIN), params={"limit": 10_000})
+    assert bus.commands[-1].hosts is None
+    assert {v["host"] for v in admin.json()["volumes"]} == {"node-1", "node-2", "node-3", None}
+
+
+def test_a_listing_reply_of_the_wrong_shape_is_a_bad_gateway(
+    api: tuple[TestClient, _StorageBus],
+) -> None:
+    client, bus = api
+    bus.count_off = 1
+    reply = client.get("/v1/volumes", headers=auth(ADMIN))
+    assert problem(reply, 502)["code"] == "bad_reply"

@@ -161,7 +161,7 @@ def create_volume(
     return view
 
 
-@router.get("", response_model=VolumeList, responses=responses(401, 422, 503))
+@router.get("", response_model=VolumeList, responses=responses(401, 422, 502, 503))
 def list_volumes(
     *,
     ctx: Ctx,
