@@ -16,7 +16,7 @@ tests/unit/test_volume_wire.py holds the records and the models to the same answ
 A listing (`reply.catalog_volume_listing`, protos.volumes.VolumeListing) goes further: the
 storage service writes the page as the JSON the API sends (`VolumeViewRow`, one call of
 msgspec's JSON encoder), and the API reads it with `read_volume_listing`, which checks its
-structure only (a JSON array of `count` items: msgspec's C parser, without building the
+structure only (a JSON array of `count` objects: msgspec's C parser, without building the
 volumes) and passes the bytes on. docs/storage.md says why that is the trust boundary.
 """
 
@@ -134,14 +134,19 @@ class VolumeListingRecord(msgspec.Struct, frozen=True):
     next: str | None = None
 
 
+class _AnyObject(msgspec.Struct, gc=False):
+    """Any JSON object: its members are skipped (parsed, not built)."""
+
+
 _LISTING_READER = msgspec.msgpack.Decoder(VolumeListingRecord)
-_JSON_ITEMS = msgspec.json.Decoder(list[msgspec.Raw])
+# As cheap as counting raw items (~3.5 ms for 10,000 here) and says each is an object.
+_JSON_ITEMS = msgspec.json.Decoder(list[_AnyObject])
 
 
 def read_volume_listing(body: bytes) -> VolumeListingRecord:
     """The listing whose msgpack body is `body`, its structure checked: `volumes` is UTF-8
-    and one well-formed JSON array (nothing after it) of exactly `count` items. The items
-    themselves are not read (see the module doc). ValueError saying what is wrong."""
+    and one well-formed JSON array (nothing after it) of exactly `count` objects. Their
+    members are not read (see the module doc). ValueError saying what is wrong."""
     listing = _LISTING_READER.decode(body)
     if not listing.volumes.isascii():  # the JSON parser skips strings without checking them
         listing.volumes.decode()

@@ -215,6 +215,8 @@ def _listing_body(volumes: bytes, count: int, cursor: str | None = None) -> byte
         (b'[{"id":1},{"id":2}', 2),  # not closed
         (b'[{"id":1}] {"id":2}', 1),  # something after the array
         (b'{"id":1}', 1),  # not an array
+        (b'[{"id":1},2]', 2),  # an item that is no object
+        (b'[{"id":1},"x"]', 2),
         (b'[{"id":"\xff"}]', 1),  # not UTF-8
         (b'[{"id":1,}]', 1),  # not JSON
         (b"", 0),
