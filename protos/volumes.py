@@ -141,24 +141,22 @@ class VolumePage(Message):
 
 class VolumeListing(Message):
     """A page of volumes already in the form the API's listing shows (rendered by the storage
-    service, which the API passes on without parsing each volume): `volumes` is a UTF-8 JSON
-    array of `count` objects, each with exactly the keys `id`, `name`, `project`, `pool`,
+    service, which the API passes on without parsing each volume): `volumes` is the text of
+    a JSON array of `count` objects, each with exactly the keys `id`, `name`, `project`, `pool`,
     `host`, `size`, `state`, `attachment` (null or `domain_id`, `target`, `readonly`),
     `source_id`, `seq`, `created_at`, in that order (the API's `VolumeView`); `host` is as
     the command's `hosts` maps it. `next` is the cursor of the next page, None after the
-    last. Build one to send with `of_json` (the body is sent as it is: msgpack `bin`)."""
+    last. The storage service builds one with `of_json` (no validation of the long text:
+    its reader checks it, protos.volume_wire.read_volume_listing)."""
 
     TYPE = "reply.catalog_volume_listing"
-    volumes: bytes
+    volumes: str
     count: int = Field(ge=0)
     next: str | None = None
-    _wire: dict[str, Any] | None = PrivateAttr(default=None)
 
     @classmethod
-    def of_json(cls, volumes: bytes, count: int, cursor: str | None) -> VolumeListing:
-        page = cls.model_construct(volumes=volumes, count=count, next=cursor)
-        page._wire = {"volumes": volumes, "count": count, "next": cursor}
-        return page
+    def of_json(cls, volumes: str, count: int, cursor: str | None) -> VolumeListing:
+        return cls.model_construct(volumes=volumes, count=count, next=cursor)
 
 
 # ---- commands ----------------------------------------------------------------------------

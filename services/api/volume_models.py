@@ -174,7 +174,7 @@ def volume_listing_json(listing: VolumeListingRecord) -> bytes:
     by protos.volume_wire.read_volume_listing) spliced in as it is.
     tests/unit/test_volume_wire.py holds it to volume_list_json's output."""
     tail = b"}" if listing.next is None else b',"next":' + _JSON.encode(listing.next) + b"}"
-    return b"".join((b'{"volumes":', listing.volumes, tail))
+    return b"".join((b'{"volumes":', listing.volumes.encode(), tail))
 
 
 class PoolView(BaseModel):

@@ -162,7 +162,9 @@ def volume_listing(  # noqa: PLR0917  (the command's fields)
             created_at,
         ) in rows
     ]
-    return VolumeListing.of_json(_JSON.encode(views), len(views), cursor)
+    # msgspec writes UTF-8 bytes; as text the reply carries it as a msgpack str (for ASCII
+    # text the decode is a copy).
+    return VolumeListing.of_json(_JSON.encode(views).decode(), len(views), cursor)
 
 
 def _page(  # noqa: PLR0917  (the query's parts)
