@@ -13,6 +13,13 @@ page, as storage.list_10k now asks; `python bench/storage_list_stages.py 1000` f
 - `model`: the same bytes validated as the VolumePage model instead (what every other reply
   goes through; for comparison, not on the listing's path);
 - `render`: the page to the JSON bytes the API sends.
+The API's listing now takes the storage service's rendering instead (cmd.catalog.volume_listing):
+- `listing`: the storage service's handler for it (Catalog.listing: the query, the JSON);
+- `l_encode`: that reply into its envelope and msgpack bytes;
+- `l_read`: the API's read of it (the envelope, then protos.volume_wire.read_volume_listing's
+  structural check) and the splice into the response body (volume_listing_json).
+The stages above it (`page` … `render`) are the path before, kept for comparison; the two give
+the same bytes (checked every round).
 Medians on stderr, then the same as JSON on stdout.
 """
 
@@ -34,10 +41,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from protos.codec import decode, decode_head, encode, parse_body  # noqa: E402
-from protos.volume_wire import read_volume_page  # noqa: E402
+from protos.volume_wire import read_volume_listing, read_volume_page  # noqa: E402
 from protos.volumes import VolumePage  # noqa: E402
 from services.api.visibility import HostMask  # noqa: E402
-from services.api.volume_models import volume_list_json  # noqa: E402
+from services.api.volume_models import volume_list_json, volume_listing_json  # noqa: E402
 from services.storage.catalog import Catalog  # noqa: E402
 from services.storage.tables import volumes  # noqa: E402
 
@@ -80,7 +87,18 @@ def main() -> int:
         mask = HostMask(None, list)
         query = sa.select(volumes).order_by(volumes.c.project, volumes.c.name).limit(PAGE + 1)
         times: dict[str, list[float]] = {
-            k: [] for k in ("sql", "page", "encode", "decode", "model", "render")
+            k: []
+            for k in (
+                "sql",
+                "page",
+                "encode",
+                "decode",
+                "model",
+                "render",
+                "listing",
+                "l_encode",
+                "l_read",
+            )
         }
         for _ in range(ROUNDS):
             with catalog.db.transaction() as conn:
@@ -96,8 +114,18 @@ def main() -> int:
             times["model"].append(t)
             assert isinstance(model, VolumePage)
             assert len(model.volumes) == len(page.volumes)
-            t, _ = timed(lambda p=page: volume_list_json(p, mask))  # type: ignore[misc]
+            t, before = timed(lambda p=page: volume_list_json(p, mask))  # type: ignore[misc]
             times["render"].append(t)
+            del model, page
+            t, reply = timed(lambda: catalog.listing("bench", None, PAGE, None, None))
+            times["listing"].append(t)
+            t, (data, _env) = timed(lambda r=reply: encode(r, source="bench"))  # type: ignore[misc]
+            times["l_encode"].append(t)
+            t, body = timed(
+                lambda d=data: volume_listing_json(read_volume_listing(decode_head(d)[1]))  # type: ignore[misc]
+            )
+            times["l_read"].append(t)
+            assert body == before
         catalog.close()
     med = {k: round(statistics.median(v), 2) for k, v in times.items()}
     print(f"a page of {PAGE} of {VOLUMES} volumes, {ROUNDS} rounds, medians (ms):", file=sys.stderr)

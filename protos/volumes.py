@@ -9,7 +9,8 @@ Every command names the caller's `project`; a volume of another project is `not_
 one that does not exist (None: an admin, who sees every project). Refusals are `ErrorReply`s:
 `invalid` (with `details.field`), `not_found`, `conflict` (`details.reason`: `name_in_use`,
 `attached`, `state`, `shrink`), `no_space`, `over_quota` (`details`: resource, limit, used,
-requested), `unavailable` (the pool's host does not answer).
+requested), `unavailable` (the pool's host does not answer), `unmapped_host` (a listing's
+`hosts` lacks a host of the page: `details.hosts` names them).
 """
 
 from __future__ import annotations
@@ -138,6 +139,26 @@ class VolumePage(Message):
         return page
 
 
+class VolumeListing(Message):
+    """A page of volumes already in the form the API's listing shows (rendered by the storage
+    service, which the API passes on without parsing each volume): `volumes` is the text of
+    a JSON array of `count` objects, each with exactly the keys `id`, `name`, `project`, `pool`,
+    `host`, `size`, `state`, `attachment` (null or `domain_id`, `target`, `readonly`),
+    `source_id`, `seq`, `created_at`, in that order (the API's `VolumeView`); `host` is as
+    the command's `hosts` maps it. `next` is the cursor of the next page, None after the
+    last. The storage service builds one with `of_json` (no validation of the long text:
+    its reader checks it, protos.volume_wire.read_volume_listing)."""
+
+    TYPE = "reply.catalog_volume_listing"
+    volumes: str
+    count: int = Field(ge=0)
+    next: str | None = None
+
+    @classmethod
+    def of_json(cls, volumes: str, count: int, cursor: str | None) -> VolumeListing:
+        return cls.model_construct(volumes=volumes, count=count, next=cursor)
+
+
 # ---- commands ----------------------------------------------------------------------------
 
 
@@ -219,6 +240,22 @@ class ListVolumes(CatalogCommand):
     after: str | None = Field(default=None, max_length=200)
 
 
+class ListVolumeListing(CatalogCommand):
+    """ListVolumes, answered as the API shows it (VolumeListing): the same page, order and
+    cursor. With `hosts` (a member's listing: each host name to the alias the member sees)
+    every volume's host is rendered through it, and a page with a host it lacks is refused
+    (`unmapped_host`, `details.hosts`: those hosts), so no real name is ever rendered; None
+    renders the host names themselves (an admin's listing)."""
+
+    TYPE = "cmd.catalog.volume_listing"
+    READ_ONLY = True
+    RESULT = VolumeListing
+    pool: str | None = Field(default=None, pattern=NAME_PATTERN)
+    limit: int = Field(default=100, ge=1, le=MAX_PAGE)
+    after: str | None = Field(default=None, max_length=200)
+    hosts: dict[str, str] | None = None
+
+
 class AttachVolume(VolumeCommand):
     """Mark the volume attached to `attachment.domain_id` (refused when attached elsewhere;
     the same attachment again is answered as it is)."""
@@ -269,6 +306,7 @@ CATALOG_COMMANDS: tuple[type[Command], ...] = (
     WipeVolume,
     GetVolume,
     ListVolumes,
+    ListVolumeListing,
     AttachVolume,
     DetachVolume,
     MoveVolume,

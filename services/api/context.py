@@ -14,7 +14,7 @@ import msgspec
 from fastapi import Request
 
 from protos.base import Message
-from protos.codec import EncodeError, body_of
+from protos.codec import DecodeError, EncodeError, body_of
 from protos.commands import Command
 from protos.routing import compute_queue
 from services.api.auth import Authenticator, Principal
@@ -146,8 +146,12 @@ class ApiContext:
             if isinstance(bus, ReadingBus):
                 return bus.call_read(queue, command, read, timeout=timeout)
             # A bus that returns only models (a unit test's fake): its reply goes through
-            # `read` in its wire form all the same.
-            return read(msgspec.msgpack.encode(body_of(bus.call(queue, command, timeout=timeout))))
+            # `read` in its wire form all the same, refused as Bus.call_read refuses it.
+            reply = bus.call(queue, command, timeout=timeout)
+            try:
+                return read(msgspec.msgpack.encode(body_of(reply)))
+            except ValueError as exc:
+                raise DecodeError(f"invalid {reply.TYPE}: {exc}") from None
 
     def _bus(self) -> CommandBus:
         if self.bus is None:
@@ -176,6 +180,11 @@ class ApiContext:
         except RpcTimeout as exc:
             self._count(command, "timeout")
             raise Problem(504, "timeout", str(exc)) from None
+        except DecodeError as exc:  # a reply the service should not have sent
+            self._count(command, "bad_reply")
+            raise Problem(
+                502, "bad_reply", f"{command.TYPE}: the service's reply is invalid: {exc.reason}"
+            ) from None
         except EncodeError as exc:  # unreachable through the models' bounds; never a 500
             self._count(command, "too_large")
             raise Problem(413, "too_large", str(exc)) from None

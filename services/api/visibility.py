@@ -83,6 +83,17 @@ class HostMask:
             self._pattern = None
         return host_alias(self.key, self.project, host)
 
+    def aliases(self, extra: Iterable[str] = ()) -> dict[str, str] | None:
+        """What the caller sees for every known host and each of `extra`, by name; None for
+        an admin, who sees the names themselves (a listing rendered elsewhere takes it)."""
+        if self.project is None:
+            return None
+        self.load()
+        return {
+            host: host_alias(self.key, self.project, host)
+            for host in {*(self._known or ()), *extra}
+        }
+
     def matches(self, host: str | None, wanted: str) -> bool:
         """Whether `wanted` (a name an admin gives, an alias a member gives) is `host`."""
         return host is not None and self.name(host) == wanted

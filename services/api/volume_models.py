@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema
 
 from protos.domain import NAME_PATTERN
 from protos.storage import MAX_VOLUME_BYTES, SECTOR, PoolCapabilities, PoolKindName
-from protos.volume_wire import AttachmentRecord, VolumePageRecord
+from protos.volume_wire import AttachmentRecord, VolumeListingRecord, VolumePageRecord
 from protos.volumes import Attachment, Pool, Volume, VolumeName, VolumeStateName
 from services.api.visibility import HostMask
 
@@ -166,6 +166,15 @@ def volume_list_json(page: VolumePageRecord, mask: HostMask) -> bytes:
     if page.next is not None:
         body["next"] = page.next
     return _JSON.encode(body)
+
+
+def volume_listing_json(listing: VolumeListingRecord) -> bytes:
+    """The listing as VolumeList's JSON (`next` left out after the last page): the storage
+    service's rendering of the volumes (protos.volumes.VolumeListing, its structure checked
+    by protos.volume_wire.read_volume_listing) spliced in as it is.
+    tests/unit/test_volume_wire.py holds it to volume_list_json's output."""
+    tail = b"}" if listing.next is None else b',"next":' + _JSON.encode(listing.next) + b"}"
+    return b"".join((b'{"volumes":', listing.volumes.encode(), tail))
 
 
 class PoolView(BaseModel):

@@ -28,10 +28,10 @@ from protos.storage import (
     VolumeEvent,
     VolumeMoved,
 )
-from protos.volumes import Attachment, Pool, Volume, VolumePage, VolumeQuota
+from protos.volumes import Attachment, Pool, Volume, VolumeListing, VolumePage, VolumeQuota
 from services.bus import Cause, ServiceError
 from services.db import Database, advisory_xact_lock, upgrade, upsert
-from services.storage.listing import volume_page
+from services.storage.listing import volume_listing, volume_page
 from services.storage.tables import CATALOG, outbox, pools, replies, volumes
 
 GiB = 1 << 30
@@ -186,6 +186,19 @@ class Catalog:
         without the write lock, which a page of 10,000 would hold up writers with."""
         with self.db.transaction(read_only=True) as conn:
             return volume_page(conn, project, pool, limit, after)
+
+    def listing(
+        self,
+        project: str | None,
+        pool: str | None,
+        limit: int,
+        after: str | None,
+        hosts: dict[str, str] | None,
+    ) -> VolumeListing:
+        """`page_wire`'s page as the API's listing JSON (services.storage.listing), read the
+        same way."""
+        with self.db.transaction(read_only=True) as conn:
+            return volume_listing(conn, project, pool, limit, after, hosts)
 
     def stuck(self, now: float | None = None) -> list[Volume]:
         """Volumes in `creating` or `deleting` whose operation's lease has run out."""

@@ -5,17 +5,26 @@ that need not be: one keyset query over the `(project, name)` index for the repl
 only, read through the driver's own cursor as plain tuples (SQLAlchemy's Row objects and
 their result processing cost more than the query), and each tuple made into the record the
 encoder writes as Volume's JSON form (protos.volume_wire.VolumeRow).
+
+`volume_listing` answers the API's listing (cmd.catalog.volume_listing): the same query,
+each tuple made into the API's view of a volume (protos.volume_wire.VolumeViewRow) and the
+page written as its JSON in one call of msgspec's encoder, so the API sends it on without
+reading each volume. Rendering the rows' JSON in SQLite instead (`json_object`,
+`json_quote` and `||` per row, `printf('%!.17g')` for `created_at`, whose `json_object`
+rendering keeps only 15 digits) was measured and cost more than this (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from protos.volume_wire import AttachmentRow, VolumeRow
-from protos.volumes import VolumePage
+from protos.volume_wire import AttachmentRow, VolumeRow, VolumeViewRow
+from protos.volumes import VolumeListing, VolumePage
+from services.bus import ServiceError
 from services.storage.tables import volumes
 
 # The reply's columns, in VolumeRow's order (the attachment is its three columns).
@@ -38,27 +47,32 @@ _COLUMNS = (
 )
 
 
+# The listing's columns, in VolumeViewRow's order (no `image`, no `fault`: the view has none).
+_VIEW_COLUMNS = (
+    volumes.c.id,
+    volumes.c.name,
+    volumes.c.project,
+    volumes.c.pool,
+    volumes.c.host,
+    volumes.c.size,
+    volumes.c.state,
+    volumes.c.domain_id,
+    volumes.c.target,
+    volumes.c.readonly,
+    volumes.c.source_id,
+    volumes.c.seq,
+    volumes.c.created_at,
+)
+_JSON = msgspec.json.Encoder()
+
+
 def volume_page(
     conn: Connection, project: str | None, pool: str | None, limit: int, after: str | None
 ) -> VolumePage:
     """Volumes by (project, name) after cursor `after` (the last one's `project/name`:
     names hold no `/`), at most `limit`, only `project`'s unless None, only `pool`'s if
     given; `next` is the cursor when there are more."""
-    query = sa.select(*_COLUMNS).order_by(volumes.c.project, volumes.c.name)
-    if project is not None:
-        query = query.where(volumes.c.project == project)
-    if pool is not None:
-        query = query.where(volumes.c.pool == pool)
-    if after:
-        last_project, _, last_name = after.partition("/")
-        query = query.where(
-            sa.tuple_(volumes.c.project, volumes.c.name) > (last_project, last_name)
-        )
-    rows = _tuples(conn, query.limit(limit + 1))
-    cursor = None
-    if len(rows) > limit:
-        del rows[limit:]
-        cursor = f"{rows[-1][1]}/{rows[-1][2]}"
+    rows, cursor = _page(conn, _COLUMNS, (1, 2), project, pool, limit, after)
     return VolumePage.of_wire(
         [
             VolumeRow(
@@ -96,6 +110,90 @@ def volume_page(
         ],
         cursor,
     )
+
+
+def volume_listing(  # noqa: PLR0917  (the command's fields)
+    conn: Connection,
+    project: str | None,
+    pool: str | None,
+    limit: int,
+    after: str | None,
+    hosts: dict[str, str] | None,
+) -> VolumeListing:
+    """`volume_page`'s page as the API's listing JSON (protos.volumes.VolumeListing), each
+    host through `hosts` unless None; ServiceError `unmapped_host` (`details.hosts`) when
+    `hosts` lacks a host of the page."""
+    rows, cursor = _page(conn, _VIEW_COLUMNS, (2, 1), project, pool, limit, after)
+    if hosts is not None:
+        unmapped = {r[4] for r in rows if r[4] is not None and r[4] not in hosts}
+        if unmapped:
+            raise ServiceError(
+                "unmapped_host",
+                f"{len(unmapped)} host(s) of the page are not in the listing's hosts",
+                {"hosts": sorted(unmapped)},
+            )
+    views = [
+        VolumeViewRow(
+            volume_id,
+            name,
+            project_,
+            pool_,
+            host if hosts is None or host is None else hosts[host],
+            size,
+            state,
+            None if domain_id is None else AttachmentRow(domain_id, target, bool(readonly)),
+            source_id,
+            seq,
+            created_at,
+        )
+        for (
+            volume_id,
+            name,
+            project_,
+            pool_,
+            host,
+            size,
+            state,
+            domain_id,
+            target,
+            readonly,
+            source_id,
+            seq,
+            created_at,
+        ) in rows
+    ]
+    # msgspec writes UTF-8 bytes; as text the reply carries it as a msgpack str (for ASCII
+    # text the decode is a copy).
+    return VolumeListing.of_json(_JSON.encode(views).decode(), len(views), cursor)
+
+
+def _page(  # noqa: PLR0917  (the query's parts)
+    conn: Connection,
+    columns: tuple[sa.ColumnElement[Any], ...],
+    key: tuple[int, int],
+    project: str | None,
+    pool: str | None,
+    limit: int,
+    after: str | None,
+) -> tuple[list[tuple[Any, ...]], str | None]:
+    """The page's rows of `columns` and the next page's cursor (None after the last);
+    `key` is where the project and the name are in a row."""
+    query = sa.select(*columns).order_by(volumes.c.project, volumes.c.name)
+    if project is not None:
+        query = query.where(volumes.c.project == project)
+    if pool is not None:
+        query = query.where(volumes.c.pool == pool)
+    if after:
+        last_project, _, last_name = after.partition("/")
+        query = query.where(
+            sa.tuple_(volumes.c.project, volumes.c.name) > (last_project, last_name)
+        )
+    rows = _tuples(conn, query.limit(limit + 1))
+    cursor = None
+    if len(rows) > limit:
+        del rows[limit:]
+        cursor = f"{rows[-1][key[0]]}/{rows[-1][key[1]]}"
+    return rows, cursor
 
 
 def _tuples(conn: Connection, query: sa.Select[Any]) -> list[tuple[Any, ...]]:

@@ -28,11 +28,13 @@ from protos.volumes import (
     GetPool,
     GetVolume,
     ListPools,
+    ListVolumeListing,
     ListVolumes,
     Pool,
     Pools,
     ResizeVolume,
     Volume,
+    VolumeListing,
     VolumePage,
     WipeVolume,
 )
@@ -212,6 +214,10 @@ class StorageService(ImageHandlers, UploadHandlers, MoveHandlers, LiveMoveHandle
     @handles(ListVolumes)
     def volume_list(self, cmd: ListVolumes, _ctx: Context) -> VolumePage:
         return self.catalog.page_wire(cmd.project, cmd.pool, cmd.limit, cmd.after)
+
+    @handles(ListVolumeListing)
+    def volume_listing(self, cmd: ListVolumeListing, _ctx: Context) -> VolumeListing:
+        return self.catalog.listing(cmd.project, cmd.pool, cmd.limit, cmd.after, cmd.hosts)
 
     @handles(CreateVolume)
     def volume_create(self, cmd: CreateVolume, ctx: Context) -> Volume:

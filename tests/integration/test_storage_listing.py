@@ -105,3 +105,53 @@ def test_pages_of_ten_thousand_list_the_catalog(cloud: StorageCloud, tmp_path: P
     too_many = c.get("/v1/volumes", ALICE, limit=10_001)
     assert too_many.status_code == 422
     assert too_many.json()["field"] == "limit"
+
+
+def test_the_listing_shows_each_volume_as_its_own_view(cloud: StorageCloud, tmp_path: Path) -> None:
+    """Rendered by the storage service and passed on by the API: every volume exactly as
+    GET /v1/volumes/{id} shows it, names the API would refuse (quotes, backslashes,
+    non-ASCII) included; a member sees only its project, and an alias even for a host the
+    registry has never heard of, never its name."""
+    c = cloud
+    odd = ['quo"te', "back\\slash", "caf\u00e9-\u4e2d-\U0001f600", '","host":"x']
+    _fill(tmp_path / "catalog.db", {"alice": 3, "bob": 2}, c.node.config.host)
+    ghost = f"ghost-{uuid.uuid4().hex[:6]}"  # a host no heartbeat has named
+    now = time.time()
+    db = Database(f"sqlite:///{tmp_path / 'catalog.db'}")
+    try:
+        with db.transaction() as conn:
+            conn.execute(
+                sa.insert(volumes),
+                [
+                    {
+                        "id": str(uuid.uuid4()),
+                        "project": "alice",
+                        "name": name,
+                        "pool": "local",
+                        "host": ghost if i == 0 else c.node.config.host,
+                        "size": 512,
+                        "state": "available",
+                        "seq": 1,
+                        "created_at": now + i / 3,
+                        "updated_at": now,
+                    }
+                    for i, name in enumerate(odd)
+                ],
+            )
+    finally:
+        db.close()
+
+    for token, project in ((ADMIN, None), (ALICE, "alice"), (BOB, "bob")):
+        reply = c.get("/v1/volumes", token, limit=10_000)
+        assert reply.status_code == 200, reply.text
+        listed = reply.json()["volumes"]
+        assert listed == [c.get(f"/v1/volumes/{v['id']}", token).json() for v in listed]
+        if project is not None:
+            assert {v["project"] for v in listed} == {project}
+            assert ghost.encode() not in reply.content
+            assert c.node.config.host.encode() not in reply.content
+    alice = c.get("/v1/volumes", ALICE, limit=10_000).json()["volumes"]
+    assert sorted(v["name"] for v in alice if v["name"] in odd) == sorted(odd)
+    assert all(v["host"].startswith("host-") for v in alice)
+    admin = c.get("/v1/volumes", ADMIN, limit=10_000).json()["volumes"]
+    assert {v["host"] for v in admin} == {ghost, c.node.config.host}

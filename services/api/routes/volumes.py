@@ -18,7 +18,7 @@ from protos import routing
 from protos.base import Message
 from protos.commands import Command
 from protos.domain import NAME_PATTERN
-from protos.volume_wire import read_volume_page
+from protos.volume_wire import read_volume_listing
 from protos.volumes import (
     MAX_PAGE,
     CreateVolume,
@@ -26,7 +26,7 @@ from protos.volumes import (
     GetPool,
     GetVolume,
     ListPools,
-    ListVolumes,
+    ListVolumeListing,
     Pool,
     Pools,
     ResizeVolume,
@@ -47,7 +47,7 @@ from services.api.volume_models import (
     VolumeList,
     VolumeResize,
     VolumeView,
-    volume_list_json,
+    volume_listing_json,
 )
 
 pools_router = APIRouter(prefix="/v1/pools", tags=["storage"])
@@ -56,6 +56,9 @@ router = APIRouter(prefix="/v1/volumes", tags=["storage"])
 # The storage service's refusals → HTTP (the rest as ApiContext.call maps them).
 _STATUS = {"not_found": 404, "no_space": 422, "over_quota": 403, "invalid": 422}
 T = TypeVar("T")
+# A member's listing asked again for hosts its aliases lacked (each try learns the hosts of
+# the page; only volumes moving to unknown hosts meanwhile need another).
+_LISTING_TRIES = 3
 
 
 @overload
@@ -158,7 +161,7 @@ def create_volume(
     return view
 
 
-@router.get("", response_model=VolumeList, responses=responses(401, 422, 503))
+@router.get("", response_model=VolumeList, responses=responses(401, 422, 502, 503))
 def list_volumes(
     *,
     ctx: Ctx,
@@ -170,9 +173,23 @@ def list_volumes(
 ) -> Response:
     """A page of the caller's volumes (an admin's: every project's) by name; `next` is the
     cursor of the next page (absent after the last)."""
-    command = ListVolumes(project=_project(caller), pool=pool, limit=limit, after=after)
-    page = call_storage(ctx, command, read_volume_page)
-    return Response(volume_list_json(page, mask), media_type="application/json")
+    # The storage service renders the page's JSON, hosts through the member's aliases; a
+    # host the registry does not know (yet) is named back and aliased here, then asked again.
+    hosts = mask.aliases()
+    for _ in range(_LISTING_TRIES):
+        command = ListVolumeListing(
+            project=_project(caller), pool=pool, limit=limit, after=after, hosts=hosts
+        )
+        try:
+            listing = call_storage(ctx, command, read_volume_listing)
+        except Problem as problem:
+            unmapped = problem.extras.get("hosts")
+            if problem.code != "unmapped_host" or hosts is None or not isinstance(unmapped, list):
+                raise
+            hosts = mask.aliases([*hosts, *(str(h) for h in unmapped)])
+            continue
+        return Response(volume_listing_json(listing), media_type="application/json")
+    raise Problem(503, "unavailable", "the volume listing's hosts kept changing: try again")
 
 
 # `:uuid`: /v1/volumes/upload (a route of its own) is no volume id, so a GET or DELETE of it
