@@ -71,7 +71,9 @@ def argv(network: NetworkPlumbing, files: dict[str, Path]) -> list[str]:
         "--except-interface=lo",
         f"--dhcp-range={gw.network.network_address},static,{gw.netmask},{LEASE_TIME}",
         f"--dhcp-hostsfile={files['hosts']}",
-        f"--dhcp-option=option:mtu,{network.mtu}",
+        # Forced: sent whether or not the client asks for option 26 (busybox's udhcpc and
+        # others do not ask, and would keep 1500 on a VXLAN network), as Neutron does.
+        f"--dhcp-option-force=option:mtu,{network.mtu}",
         f"--dhcp-option={router}",
         f"--dhcp-option=option:dns-server,{gw.ip}",
         "--dhcp-authoritative",

@@ -211,7 +211,7 @@ def test_dnsmasq_serves_static_entries_with_mtu_and_no_forwarding(tmp_path: Path
     assert f"--interface={NAT.bridge}" in cmd
     assert "--bind-interfaces" in cmd
     assert "--dhcp-range=10.0.0.0,static,255.255.255.0,1h" in cmd
-    assert "--dhcp-option=option:mtu,1450" in cmd
+    assert "--dhcp-option-force=option:mtu,1450" in cmd
     assert "--dhcp-option=option:router,10.0.0.1" in cmd
     assert "--no-resolv" in cmd
     assert "--dhcp-option=option:router" in argv(ISO, files)  # isolated: no default route
