@@ -7,7 +7,8 @@ API replica is gone too, or has answered 504 (`schedule_timeout`), the orphan sw
 shut off. The host keeps what the create asked for
 with the definition (DefineDomain.start), so the sweep then asks it to start the domain if,
 and only if, that start is still pending (StartDomain.if_pending): the user asked for a
-running guest and gets one, or the record says why not (task `error`, fault `start_failed`).
+running guest and gets one, or the record says why not (task `error`, fault `start_failed`,
+which a later `domain.started` from the host ends).
 """
 
 from __future__ import annotations

@@ -87,6 +87,8 @@ Row = Sequence[Any]  # a result row: the selected columns in order
 # Faults of a create whose outcome the API does not know: the scheduler may have placed the
 # domain, so a `domain.started` from a host (or the log, for an orphan) still places it.
 OUTCOME_UNKNOWN_FAULTS = frozenset({"schedule_timeout", "schedule_interrupted"})
+# Faults a `domain.started` from the domain's host ends: it did start.
+START_FAULTS = frozenset({"start_failed"})
 # Progress rows read back to find a migration's final one: a migration's own progress comes
 # at most every MIGRATION_PROGRESS_S, and its final one is its last.
 _PROGRESS_SCAN = 50
@@ -768,8 +770,7 @@ class Registry:
                 host = event.host  # the target took the domain over
             if event.seq <= seq:
                 return Outcome.STALE
-            if task is TaskState.MIGRATING and _ends_migration(event, host, row[1]):
-                task = TaskState.NONE
+            task = _task_after(event, task, fault, host=host, stored_host=row[1])
             if isinstance(event, DomainUndefined):
                 if task is TaskState.DELETING:
                     cur.execute(_DELETE_DOMAIN, {"b_id": domain_id})
@@ -1128,6 +1129,21 @@ class Registry:
             images=row[4],
             image_gib=row[5],
         )
+
+
+def _task_after(
+    event: DomainEvent, task: TaskState, fault: str | None, *, host: str, stored_host: str
+) -> TaskState:
+    """The task once `event` from the domain's host is applied: a migration's end ends
+    `migrating`; a start ends an `error` whose fault was about starting (a start that failed,
+    or whose answer never came, for the sweep finishing an interrupted create, happened after
+    all); anything else leaves the task as it is."""
+    if task is TaskState.MIGRATING and _ends_migration(event, host, stored_host):
+        return TaskState.NONE
+    started = task is TaskState.ERROR and isinstance(event, DomainStarted)
+    if started and fault is not None and Fault.model_validate_json(fault).code in START_FAULTS:
+        return TaskState.NONE
+    return task
 
 
 def _arrived_by_migration(event: DomainEvent) -> bool:

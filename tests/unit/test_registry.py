@@ -465,6 +465,31 @@ def test_a_create_that_timed_out_is_settled_like_an_orphan(registry: Registry) -
     assert (record.host, record.task, record.fault) == ("h3", TaskState.NONE, None)
 
 
+def test_a_start_clears_a_start_failed_fault(registry: Registry) -> None:
+    """The sweep's start of an interrupted create failed or got no answer (task `error`,
+    fault `start_failed`), then the domain started after all (the late start, or the
+    user's): the record says it runs, with no task and no fault."""
+    s = spec()
+    registry.create_domain(s, "p", Quota())
+    assert apply(registry, defined(s, "h1", 1)) is Outcome.LOGGED
+    [settled] = registry.resolve_orphans(older_than_s=0)
+    assert settled.host == "h1"
+    failed = Fault(code="start_failed", message="host h1 answered timeout", host="h1")
+    registry.set_task(s.uuid, TaskState.ERROR, failed)
+    assert apply(registry, started(s, "h1", 2)) is Outcome.APPLIED
+    record = registry.get_domain(s.uuid)
+    assert record is not None
+    assert (record.power, record.task, record.fault) == (PowerState.RUNNING, TaskState.NONE, None)
+    # Another fault is not the start's to clear: a domain lost on its host stays in error.
+    registry.set_task(s.uuid, TaskState.ERROR, Fault(code="other", message="x"))
+    assert apply(registry, started(s, "h1", 3)) is Outcome.APPLIED
+    record = registry.get_domain(s.uuid)
+    assert record is not None
+    assert record.task is TaskState.ERROR
+    assert record.fault is not None
+    assert record.fault.code == "other"
+
+
 # ---- deletes of domains not placed yet (services.api.reaping) ---------------------------------
 
 
