@@ -60,6 +60,7 @@ class ComputeNode:
             ram_allocation_ratio=config.ram_allocation_ratio,
             kvm=caps.kvm,
             max_vcpus_per_domain=caps.max_vcpus,
+            pools=[p.name for p in config.storage_pools() if p.kind == "dir"],
         )
         self.claims = Claims(self.inventory, config.reserved_host_memory_mib)
         # Byte streams in and out of the pools (image imports, volume uploads/downloads)

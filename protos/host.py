@@ -40,14 +40,18 @@ class HostInventory(BaseModel):
     # What on this host would break guest networking, e.g. another firewall manager's
     # forward chain with policy drop (Docker's) in front of NAT.
     network_warnings: list[str] = Field(default=[], max_length=16)
+    # The names of the host's `dir` (host-local) pools: a migration of a domain with a
+    # volume in pool P needs a target that has a pool P. None: the host does not say (1.2).
+    pools: list[str] | None = Field(default=None, max_length=256)
 
 
 class HostHeartbeat(Message):
     """Published on `host.heartbeat.<host>`; a host silent for several intervals is down."""
 
     TYPE = "host.heartbeat"
-    # 1.1: inventory.vtep, inventory.network_warnings; 1.2: enabled_generation, claims_seq
-    VERSION = "1.2"
+    # 1.1: inventory.vtep, inventory.network_warnings; 1.2: enabled_generation, claims_seq;
+    # 1.3: inventory.pools
+    VERSION = "1.3"
     host: str
     version: str
     interval_s: float = Field(gt=0)

@@ -128,7 +128,7 @@ class MigrateDomain(Command):
     filters' reasons when no host qualifies; `conflict` from the source's state table."""
 
     TYPE = "cmd.scheduler.migrate"
-    VERSION = "1.2"  # 1.1: `spec`; 1.2: `spec.boot.initrd_image`
+    VERSION = "1.3"  # 1.1: `spec`; 1.2: `spec.boot.initrd_image`; 1.3: `pools`
     RESULT = MigrationJob
     domain_id: uuid.UUID
     source: str = Field(pattern=NAME_PATTERN)
@@ -138,6 +138,9 @@ class MigrateDomain(Command):
     # The registry's spec: the domain's server group and policy for the group filter (its
     # size is read from the source, which runs it).
     spec: DomainSpec | None = None
+    # The host-local (`dir`) pools of the domain's volumes (the storage catalog's): their
+    # volumes move to the target's pool of the same name, so the target must have each.
+    pools: list[str] = Field(default=[], max_length=MAX_DISKS)
 
 
 # ---- scheduler → source compute node ------------------------------------------------------

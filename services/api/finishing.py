@@ -2,11 +2,13 @@
 
 The scheduler defines a domain on a host, then starts it. If the scheduler replica stops in
 between (killed, or its redelivered request finds nobody to take it over) while the create's
-API replica is gone too, the orphan sweep (services.api.orphans) settles the record from the
-event log: on the host that defined it, shut off. The host keeps what the create asked for
+API replica is gone too, or has answered 504 (`schedule_timeout`), the orphan sweep
+(services.api.orphans) settles the record from the event log: on the host that defined it,
+shut off. The host keeps what the create asked for
 with the definition (DefineDomain.start), so the sweep then asks it to start the domain if,
 and only if, that start is still pending (StartDomain.if_pending): the user asked for a
-running guest and gets one, or the record says why not (task `error`, fault `start_failed`).
+running guest and gets one, or the record says why not (task `error`, fault `start_failed`,
+which a later `domain.started` from the host ends).
 """
 
 from __future__ import annotations

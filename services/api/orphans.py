@@ -3,8 +3,10 @@
 A create stores its record (task `scheduling`), waits for the scheduler, then records the
 placement. If the replica handling it is killed in between, the domain's start on a host
 places it (services.api.registry.apply_event); one that never starts (`start: false`,
-nothing placed) no other replica would ever touch. Every replica runs this sweep: a record
-still in `scheduling` well after the longest a live create waits is settled from the event log,
+nothing placed) no other replica would ever touch; nor would any touch a create answered 504
+(the scheduler did not answer in time: `error`, fault `schedule_timeout`) whose start never
+came. Every replica runs this sweep: a record still in `scheduling`, or in `error` with
+`schedule_timeout`, well after the longest a live create waits is settled from the event log,
 and one left defined but not started although its create asked to start it is started there
 (services.api.finishing).
 

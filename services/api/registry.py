@@ -87,6 +87,8 @@ Row = Sequence[Any]  # a result row: the selected columns in order
 # Faults of a create whose outcome the API does not know: the scheduler may have placed the
 # domain, so a `domain.started` from a host (or the log, for an orphan) still places it.
 OUTCOME_UNKNOWN_FAULTS = frozenset({"schedule_timeout", "schedule_interrupted"})
+# Faults a `domain.started` from the domain's host ends: it did start.
+START_FAULTS = frozenset({"start_failed"})
 # Progress rows read back to find a migration's final one: a migration's own progress comes
 # at most every MIGRATION_PROGRESS_S, and its final one is its last.
 _PROGRESS_SCAN = 50
@@ -264,6 +266,23 @@ def _event(row: Row) -> EventRecord:
         body=json.loads(row[10]),
         correlation_id=row[11],
         causation_id=row[12],
+    )
+
+
+def _unsettled_create(cutoff: float) -> sa.ColumnElement[bool]:
+    """A create not placed whose outcome no request will record, unchanged since `cutoff`:
+    still `scheduling` (its API replica stopped), or in `error` after the scheduler did not
+    answer in time (fault `schedule_timeout`; the fault is stored as compact JSON)."""
+    return sa.and_(
+        domains.c.host.is_(None),
+        domains.c.updated_at < cutoff,
+        sa.or_(
+            domains.c.task == TaskState.SCHEDULING.value,
+            sa.and_(
+                domains.c.task == TaskState.ERROR.value,
+                domains.c.fault.like('%"code":"schedule_timeout"%'),
+            ),
+        ),
     )
 
 
@@ -608,23 +627,21 @@ class Registry:
         return self.get_domain(info.domain_id)
 
     def resolve_orphans(self, older_than_s: float) -> list[DomainRecord]:
-        """Settle domains left in task `scheduling` by a create whose API replica stopped (was
-        killed, lost its host) before it recorded the scheduler's answer: those whose record
-        has not changed for `older_than_s` (longer than any live create waits).
+        """Settle creates whose outcome no request will record, once their record has not
+        changed for `older_than_s` (longer than any live create waits): those left in task
+        `scheduling` by a create whose API replica stopped (was killed, lost its host)
+        before it recorded the scheduler's answer, and those in `error` with fault
+        `schedule_timeout` (the scheduler did not answer in time: a 504) and no host.
 
         Each is placed where the event log says it went (the host of its newest logged
         event, unless that event is `domain.undefined`: a refused attempt), with that host's
-        newest seq and state; a domain with no such event goes to task `error` with fault
-        `schedule_interrupted`, and a later `domain.started` from a host still places it.
-        Returns the records as settled."""
+        newest seq and state, task none and no fault; a domain with no such event goes to
+        (or stays in) task `error` with fault `schedule_interrupted`, and a later
+        `domain.started` from a host still places it. Returns the records as settled."""
         cutoff = time.time() - older_than_s
         with self.db.transaction() as cur:
             candidates = cur.execute(
-                sa.select(domains.c.id).where(
-                    domains.c.task == TaskState.SCHEDULING.value,
-                    domains.c.host.is_(None),
-                    domains.c.updated_at < cutoff,
-                )
+                sa.select(domains.c.id).where(_unsettled_create(cutoff))
             ).scalars()
             ids = [str(i) for i in candidates]
         settled = []
@@ -639,15 +656,11 @@ class Registry:
     @staticmethod
     def _settle_orphan(cur: Connection, domain_id: str, cutoff: float) -> bool:
         still = cur.execute(
-            sa.select(domains.c.id).where(
-                domains.c.id == domain_id,
-                domains.c.task == TaskState.SCHEDULING.value,
-                domains.c.host.is_(None),
-                domains.c.updated_at < cutoff,
-            )
+            sa.select(domains.c.task).where(domains.c.id == domain_id, _unsettled_create(cutoff))
         ).first()
         if still is None:  # settled by its request or by another replica meanwhile
             return False
+        timed_out = still[0] == TaskState.ERROR.value
         newest = cur.execute(
             sa.select(events.c.host, events.c.type)
             .where(events.c.domain_id == domain_id)
@@ -656,10 +669,14 @@ class Registry:
         ).first()
         now = time.time()
         if newest is None or newest[1] == DomainUndefined.TYPE:
+            cause = (
+                "the scheduler did not answer the create in time"
+                if timed_out
+                else "the API replica handling the create stopped before the scheduler answered"
+            )
             fault = Fault(
                 code="schedule_interrupted",
-                message="the API replica handling the create stopped before the scheduler "
-                "answered; nothing was placed as far as the event log shows",
+                message=f"{cause}; nothing was placed as far as the event log shows",
             )
             values: dict[str, Any] = {
                 "task": TaskState.ERROR.value,
@@ -753,8 +770,7 @@ class Registry:
                 host = event.host  # the target took the domain over
             if event.seq <= seq:
                 return Outcome.STALE
-            if task is TaskState.MIGRATING and _ends_migration(event, host, row[1]):
-                task = TaskState.NONE
+            task = _task_after(event, task, fault, host=host, stored_host=row[1])
             if isinstance(event, DomainUndefined):
                 if task is TaskState.DELETING:
                     cur.execute(_DELETE_DOMAIN, {"b_id": domain_id})
@@ -1113,6 +1129,21 @@ class Registry:
             images=row[4],
             image_gib=row[5],
         )
+
+
+def _task_after(
+    event: DomainEvent, task: TaskState, fault: str | None, *, host: str, stored_host: str
+) -> TaskState:
+    """The task once `event` from the domain's host is applied: a migration's end ends
+    `migrating`; a start ends an `error` whose fault was about starting (a start that failed,
+    or whose answer never came, for the sweep finishing an interrupted create, happened after
+    all); anything else leaves the task as it is."""
+    if task is TaskState.MIGRATING and _ends_migration(event, host, stored_host):
+        return TaskState.NONE
+    started = task is TaskState.ERROR and isinstance(event, DomainStarted)
+    if started and fault is not None and Fault.model_validate_json(fault).code in START_FAULTS:
+        return TaskState.NONE
+    return task
 
 
 def _arrived_by_migration(event: DomainEvent) -> bool:

@@ -6,7 +6,8 @@ announcements and compute-node seam it uses. The decision is the placement loop'
 source excluded and the caller's `target` (if any) as the only host considered: the filters
 still judge it, so a named target that is disabled, down or full is `no_valid_host` with the
 filters' reasons, never an over-commit. The domain's size is what the source says it runs
-(`GetDomainInfo`), its server group and policy those of the registry's spec.
+(`GetDomainInfo`), its server group and policy those of the registry's spec; the target must
+have a pool named like each host-local pool its volumes are on (`cmd.pools`, from the API).
 
 The claim on the target is announced `claimed` before the source is asked, `placed` once the
 source has the job under way, `released` when the source refuses. Until the target's first
@@ -83,9 +84,10 @@ def migration_request(cmd: MigrateDomain, info: DomainInfo) -> PlacementRequest:
         memory_mib=info.memory_mib,
         forced_host=cmd.target,
         # Host-local volumes move with the domain (copied by a live migration, moved first
-        # by a cold one) to the target's pool of the same name, a target without one is
-        # refused by the storage service; shared pools' volumes are attached anywhere.
+        # by a cold one) to the target's pool of the same name: the target must have each
+        # (the `pools` filter); shared pools' volumes are attached anywhere.
         volume_hosts=frozenset(),
+        pools=frozenset(cmd.pools),
     )
 
 

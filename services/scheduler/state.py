@@ -103,6 +103,8 @@ class PlacementRequest:
     now: float = 0.0  # monotonic time of the decision
     # Hosts named by the disks' and images' bindings (host-local pools): it must run there.
     volume_hosts: frozenset[str] = frozenset()
+    # Host-local pools the host must have (a migration's volumes move to their namesakes).
+    pools: frozenset[str] = frozenset()
 
     @classmethod
     def from_spec(

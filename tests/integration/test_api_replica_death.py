@@ -311,3 +311,75 @@ def test_a_create_cut_off_between_define_and_start_ends_running_not_shut_off(
             child.stop()
         scheduler.stop()
         node.stop()
+
+
+@pytest.mark.slow  # the 504 after 3 s, the sweep schedule_timeout_s + 10 s later: ~20 s
+def test_a_create_answered_504_whose_start_never_came_ends_running(
+    amqp_url: str, tmp_path: Path
+) -> None:
+    """The scheduler defines the domain and stops before its start goes out; the create's
+    API replica stays alive, waits its schedule timeout and answers 504 (fault
+    `schedule_timeout`: the outcome unknown). The create asked for a running guest: the
+    replica's orphan sweep settles the record on the host that defined it and starts it
+    there. Before, it stayed in `error` with no host while the host kept it shut off."""
+    host = f"rt-{uuid.uuid4().hex[:6]}"
+    config = ComputeConfig(
+        host=host,
+        state_dir=tmp_path / host,
+        amqp_url=amqp_url,
+        driver="fake",
+        allowed_boot_dirs=[BOOT_DIR],
+        heartbeat_interval_s=0.5,
+    )
+    node = ComputeNode(config, FakeDriver()).start()
+    scheduler = Scheduler(SchedulerConfig(amqp_url=amqp_url, replica="rt-stall")).start()
+    release = threading.Event()
+    real_call = scheduler.service.call
+
+    def call(
+        queue: str,
+        command: Command,
+        *,
+        timeout: float,
+        message_id: str | None,
+        expires: bool = False,
+    ) -> Message:
+        if isinstance(command, StartDomain):
+            release.wait(120)
+            raise ReplicaStopped("the scheduler replica stopped before its start went out")
+        return real_call(queue, command, timeout=timeout, message_id=message_id, expires=expires)
+
+    scheduler.service.call = call  # type: ignore[method-assign]
+    api: Child | None = None
+    try:
+        scheduler.wait_for_hosts(1)
+        db_url = f"sqlite:///{tmp_path}/registry.db"
+        api, url = _api(tmp_path, 0, amqp_url, db_url, schedule_timeout_s=3.0)
+        name = f"rt-{uuid.uuid4().hex[:8]}"
+        body = {"name": name, "memory_mib": 32, "boot": {"kernel": KERNEL}}
+        r = httpx.post(f"{url}/v1/domains", json=body, headers=HEADERS, timeout=30)
+        assert r.status_code == 504, r.text
+        assert r.json()["fault"]["code"] == "schedule_timeout"
+        domain_id = r.json()["domain_id"]
+        d: dict[str, object] = {}
+        deadline = time.monotonic() + 45
+        while time.monotonic() < deadline:
+            d = httpx.get(f"{url}/v1/domains/{domain_id}", headers=HEADERS, timeout=10).json()
+            if d.get("state") == "running":
+                break
+            time.sleep(0.5)
+        assert (d.get("host"), d.get("state"), d.get("task"), d.get("fault")) == (
+            host,
+            "running",
+            "none",
+            None,
+        ), d
+        record = node.store.get(uuid.UUID(domain_id))
+        assert record is not None
+        assert record.state is PowerState.RUNNING
+    finally:
+        release.set()
+        if api is not None:
+            api.stop()
+        scheduler.stop()
+        node.stop()

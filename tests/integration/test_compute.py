@@ -383,6 +383,7 @@ def test_heartbeat_carries_capacity_usage_domains_by_state_and_kvm_kind(
         assert beat.inventory.capacity.vcpus == os.cpu_count()
         assert beat.inventory.capacity.memory_mib > 0
         assert beat.inventory.cpu_allocation_ratio == 4.0
+        assert beat.inventory.pools == ["default"]  # its one `dir` pool, unconfigured
         assert beat.usage == Resources(vcpus=1, memory_mib=32)
         assert beat.domains_by_state == {PowerState.RUNNING: 1}
         call(bus, compute.queue, DestroyDomain(domain_id=s.uuid))

@@ -39,7 +39,7 @@ from services.api.orphans import GRACE_S, OrphanSweeper
 from services.api.projection import EventProjector
 from services.api.registry import Registry
 from services.api.visibility import HOST_ALIAS_KEY_NAME, host_alias
-from services.bus import ConnectionLost, Context, NoRouteError, RemoteError
+from services.bus import ConnectionLost, Context, NoRouteError, RemoteError, RpcTimeout
 from services.bus.service import dispatch
 from tests.bootfiles import BOOT_DIR, KERNEL
 
@@ -663,3 +663,42 @@ def test_the_sweep_finishes_a_create_cut_off_between_define_and_start(
         assert "no such kernel" in record.fault.message
     else:
         assert (record.task, record.power) == (TaskState.NONE, PowerState.RUNNING)
+
+
+def test_a_create_answered_504_whose_start_never_came_is_finished_running(
+    client: TestClient, cloud: FakeCloud, registry: Registry
+) -> None:
+    """The scheduler defined the domain, then stopped before its start: the create's replica
+    waited its schedule timeout and answered 504 (task `error`, fault `schedule_timeout`,
+    the outcome unknown). The create asked for a running guest: the sweep places it on the
+    host that defined it and starts it there, and the fault is gone."""
+    ctx = client.app.state.ctx  # type: ignore[attr-defined]
+
+    def define_then_stop(command: ScheduleDomain) -> Placement:
+        define = DefineDomain(spec=command.spec, privileged=command.privileged, start=True)
+        cloud._compute("h1", define)
+        raise RpcTimeout("no reply from the scheduler in 60 s")
+
+    cloud._schedule = define_then_stop  # type: ignore[method-assign]
+    p = problem(client.post("/v1/domains", json=body(), headers=auth(ALICE)), 504)
+    assert p["fault"]["code"] == "schedule_timeout"
+    domain_id = uuid.UUID(p["domain_id"])
+    record = registry.get_domain(domain_id)
+    assert record is not None
+    assert (record.host, record.task) == (None, TaskState.ERROR)
+    sweeper = OrphanSweeper(
+        registry, -GRACE_S, finish=functools.partial(finishing.finish_start, ctx)
+    )
+    OrphanSweeper(registry, 60.0).sweep()  # a record younger than the wait is left alone
+    assert registry.get_domain(domain_id) == record
+    sweeper.sweep()
+    cloud.pump()
+    record = registry.get_domain(domain_id)
+    assert record is not None
+    assert (record.host, record.power, record.task, record.fault) == (
+        "h1",
+        PowerState.RUNNING,
+        TaskState.NONE,
+        None,
+    )
+    assert [c for _, c in cloud.calls if isinstance(c, StartDomain)][-1].if_pending

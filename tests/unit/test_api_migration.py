@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from protos.base import Message
 from protos.commands import Command
-from protos.domain import PowerState, TaskState
+from protos.domain import DiskSpec, PowerState, TaskState
 from protos.events import DomainEvent, DomainMigrationProgress, DomainStarted, StartedDetail
 from protos.migration import (
     AbortMigration,
@@ -28,8 +28,10 @@ from protos.migration import (
     MigrationPhase,
     SetMigrationParams,
 )
+from protos.volumes import GetVolume, Volume
 from services.api import create_app
 from services.api.registry import Registry
+from services.api.routes.disks import image_volume_id
 from services.bus import RemoteError
 from tests.unit.test_api import (
     ADMIN,
@@ -54,8 +56,14 @@ class MigratingCloud(FakeCloud):
         self.refuse: RemoteError | None = None
         self.jobs: dict[uuid.UUID, MigrationJob] = {}
         self.done_after: int | None = None  # GetMigrationJob answers before a job is done
+        self.volumes: dict[uuid.UUID, Volume] = {}  # what the storage catalog answers
 
     def call(self, queue: str, command: Command, *, timeout: float = 30.0, **kw: Any) -> Message:
+        if isinstance(command, GetVolume):
+            self.calls.append((queue, command))
+            if command.volume_id not in self.volumes:
+                raise RemoteError("not_found", f"no volume {command.volume_id}")
+            return self.volumes[command.volume_id]
         if isinstance(command, MigrateDomain):
             self.calls.append((queue, command))
             if self.refuse is not None:
@@ -182,6 +190,52 @@ def test_bad_migrate_bodies_are_422_naming_the_field_and_change_nothing(
         assert problem(r, 422)["field"] == field, body
     assert cloud.sent(MigrateDomain) == []
     assert domain(client, d["id"])["task"] == "none"
+
+
+def volume(pool: str, host: str | None) -> Volume:
+    return Volume(
+        volume_id=uuid.uuid4(),
+        project="alice",
+        name=f"v-{pool}",
+        pool=pool,
+        host=host,
+        size=1 << 30,
+        state="attached",
+        seq=1,
+        created_at=time.time(),
+    )
+
+
+def test_migrate_names_the_host_local_pools_of_the_domains_volumes(
+    client: TestClient, cloud: MigratingCloud, registry: Registry
+) -> None:
+    d = create(client)
+    record = registry.get_domain(uuid.UUID(d["id"]))
+    assert record is not None
+    local, shared, image = volume("fast", "h1"), volume("nfs", None), volume("default", "h1")
+    # The image disk's volume is the one the create made for it (a derived id).
+    image = image.model_copy(update={"volume_id": image_volume_id(record.id, "vdc")})
+    gone = uuid.uuid4()  # not in the catalog (any more): left to the storage service's checks
+    cloud.volumes = {v.volume_id: v for v in (local, shared, image)}
+    disks = [
+        DiskSpec(target="vda", volume_id=local.volume_id),
+        DiskSpec(target="vdb", volume_id=shared.volume_id),
+        DiskSpec(target="vdc", image="debian"),
+        DiskSpec(target="vdd", volume_id=gone),
+    ]
+    registry.set_spec(record.id, record.spec.model_copy(update={"disks": disks}))
+    r = client.post(f"/v1/domains/{d['id']}/migrate", headers=auth(ADMIN))
+    assert r.status_code == 202, r.text
+    [(_, sent)] = cloud.sent(MigrateDomain)
+    assert isinstance(sent, MigrateDomain)
+    assert sent.pools == ["default", "fast"]
+    # A domain without volumes names none, and the catalog is not asked.
+    e = create(client, name="plain")
+    asked = len(cloud.sent(GetVolume))
+    r = client.post(f"/v1/domains/{e['id']}/migrate", headers=auth(ADMIN))
+    assert r.status_code == 202, r.text
+    assert cloud.sent(MigrateDomain)[-1][1].pools == []  # type: ignore[attr-defined]
+    assert len(cloud.sent(GetVolume)) == asked
 
 
 def test_migrate_starts_the_job_and_the_targets_arrival_ends_the_task(

@@ -424,6 +424,72 @@ def test_an_orphaned_create_without_events_is_an_error_a_later_start_still_place
     assert (record.host, record.power, record.task) == ("h3", PowerState.RUNNING, TaskState.NONE)
 
 
+def test_a_create_that_timed_out_is_settled_like_an_orphan(registry: Registry) -> None:
+    """The scheduler did not answer in time (a 504: task `error`, fault `schedule_timeout`)
+    and the domain was defined but its start never came: once the record is old, the log
+    places it (shut off, task none, no fault) for the sweep to finish; one without events
+    gets `schedule_interrupted` and is not taken again."""
+    s, t = spec(), spec()
+    timeout = Fault(code="schedule_timeout", message="no answer in 60 s")
+    for x in (s, t):
+        registry.create_domain(x, "p", Quota())
+        registry.set_task(x.uuid, TaskState.ERROR, timeout)
+    assert apply(registry, defined(s, "h2", 1)) is Outcome.LOGGED
+    assert registry.resolve_orphans(older_than_s=60) == []  # only once no request waits
+    settled = {r.id: r for r in registry.resolve_orphans(older_than_s=0)}
+    assert settled.keys() == {s.uuid, t.uuid}
+    placed = settled[s.uuid]
+    assert (placed.host, placed.power, placed.seq, placed.task, placed.fault) == (
+        "h2",
+        PowerState.SHUTOFF,
+        1,
+        TaskState.NONE,
+        None,
+    )
+    lost = settled[t.uuid]
+    assert (lost.host, lost.task) == (None, TaskState.ERROR)
+    assert lost.fault is not None
+    assert lost.fault.code == "schedule_interrupted"
+    assert "did not answer the create in time" in lost.fault.message
+    assert registry.resolve_orphans(older_than_s=0) == []  # settled once
+    # Other errors of records without a host (a definite refusal is removed; an unreachable
+    # broker's) are not the sweep's.
+    u = spec()
+    registry.create_domain(u, "p", Quota())
+    registry.set_task(u.uuid, TaskState.ERROR, Fault(code="broker_unavailable", message="x"))
+    assert registry.resolve_orphans(older_than_s=0) == []
+    # A later start still places the one without events.
+    assert apply(registry, started(t, "h3", 2)) is Outcome.APPLIED
+    record = registry.get_domain(t.uuid)
+    assert record is not None
+    assert (record.host, record.task, record.fault) == ("h3", TaskState.NONE, None)
+
+
+def test_a_start_clears_a_start_failed_fault(registry: Registry) -> None:
+    """The sweep's start of an interrupted create failed or got no answer (task `error`,
+    fault `start_failed`), then the domain started after all (the late start, or the
+    user's): the record says it runs, with no task and no fault."""
+    s = spec()
+    registry.create_domain(s, "p", Quota())
+    assert apply(registry, defined(s, "h1", 1)) is Outcome.LOGGED
+    [settled] = registry.resolve_orphans(older_than_s=0)
+    assert settled.host == "h1"
+    failed = Fault(code="start_failed", message="host h1 answered timeout", host="h1")
+    registry.set_task(s.uuid, TaskState.ERROR, failed)
+    assert apply(registry, started(s, "h1", 2)) is Outcome.APPLIED
+    record = registry.get_domain(s.uuid)
+    assert record is not None
+    assert (record.power, record.task, record.fault) == (PowerState.RUNNING, TaskState.NONE, None)
+    # Another fault is not the start's to clear: a domain lost on its host stays in error.
+    registry.set_task(s.uuid, TaskState.ERROR, Fault(code="other", message="x"))
+    assert apply(registry, started(s, "h1", 3)) is Outcome.APPLIED
+    record = registry.get_domain(s.uuid)
+    assert record is not None
+    assert record.task is TaskState.ERROR
+    assert record.fault is not None
+    assert record.fault.code == "other"
+
+
 # ---- deletes of domains not placed yet (services.api.reaping) ---------------------------------
 
 

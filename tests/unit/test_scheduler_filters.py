@@ -17,6 +17,7 @@ from services.scheduler.filters import (
     ForcedHostFilter,
     GroupPolicyFilter,
     MaxVcpusFilter,
+    PoolsFilter,
     RamFilter,
     VolumeLocalityFilter,
     build_filters,
@@ -42,6 +43,7 @@ def beat(
     interval_s: float = 1.0,
     max_vcpus: int = 64,
     claims_seq: int = 0,
+    pools: list[str] | None = None,
 ) -> HostHeartbeat:
     return HostHeartbeat(
         host=name,
@@ -55,6 +57,7 @@ def beat(
             ram_allocation_ratio=ram_ratio,
             kvm=KvmKind.NONE,
             max_vcpus_per_domain=max_vcpus,
+            pools=pools,
         ),
         usage=Resources(vcpus=used_vcpus, memory_mib=used_mib),
     )
@@ -150,11 +153,23 @@ def test_volume_locality_filter() -> None:
         assert not flt.host_passes(host(name=name), request(volume_hosts=frozenset("ab")))
 
 
+def test_pools_filter() -> None:
+    flt = PoolsFilter(CONFIG)
+    both = frozenset({"fast", "default"})
+    assert flt.host_passes(host(pools=[]), request())  # no host-local volume: anywhere
+    assert flt.host_passes(host(pools=["default", "fast", "x"]), request(pools=both))
+    assert not flt.host_passes(host(pools=["default"]), request(pools=both))
+    assert not flt.host_passes(host(pools=[]), request(pools=frozenset({"fast"})))
+    # A host whose heartbeat does not list its pools (an older node) is not removed.
+    assert flt.host_passes(host(pools=None), request(pools=both))
+
+
 def test_filters_are_registered_explicitly_and_selectable() -> None:
     names = [f.name for f in build_filters(CONFIG)]
     assert names == [
         "forced_host",
         "volume_locality",
+        "pools",
         "alive",
         "max_vcpus",
         "vcpus",

@@ -178,6 +178,33 @@ def test_a_named_target_must_pass_the_filters() -> None:
     assert migrate(svc, command(spec, target="d")).target == "d"
 
 
+def test_the_target_has_the_pools_of_the_domains_host_local_volumes() -> None:
+    spec = domain()
+    cluster = Cluster(spec, "a")
+    hosts: dict[str, dict[str, object]] = {
+        "a": {"pools": ["default", "fast"]},
+        # b has the most room but no pool `fast`; c says nothing of its pools (older node).
+        "b": {"pools": ["default"], "memory_mib": 65536},
+        "c": {"pools": ["default", "fast"]},
+    }
+    svc = scheduler(cluster, hosts)
+    cmd = command(spec).model_copy(update={"pools": ["fast"]})
+    assert migrate(svc, cmd).target == "c"
+    assert [s.target for s in cluster.started] == ["c"]
+    # Named, b is refused by the filter, with its name where the others report theirs.
+    with pytest.raises(ServiceError) as err:
+        migrate(svc, cmd.model_copy(update={"target": "b"}))
+    assert err.value.code == "no_valid_host"
+    assert err.value.details["filtered"] == {"forced_host": ["c"], "pools": ["b"]}
+    assert "pools removed b" in err.value.message
+    # An older host that does not list its pools is not removed for that reason.
+    svc = scheduler(Cluster(spec, "a"), {**hosts, "c": {"pools": None}})
+    assert migrate(svc, cmd).target == "c"
+    # Without host-local volumes, the roomiest host it is.
+    svc = scheduler(Cluster(spec, "a"), hosts)
+    assert migrate(svc, command(spec)).target == "b"
+
+
 def test_no_host_but_the_source_is_no_valid_host() -> None:
     spec = domain()
     svc = scheduler(Cluster(spec, "a"), {"a": {}})

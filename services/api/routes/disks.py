@@ -83,6 +83,26 @@ def attach_disks(
     return bindings
 
 
+def local_pools(ctx: ApiContext, domain_id: uuid.UUID, spec: DomainSpec) -> list[str]:
+    """The host-local (`dir`) pools the domain's volumes are on, as the storage catalog says
+    (a migration's target must have each). A volume the catalog does not answer for is left
+    out: the storage service's own checks still stop a move it cannot make."""
+    pools: set[str] = set()
+    for disk in spec.disks:
+        if disk.volume_id is None and disk.image is None:
+            continue
+        volume_id = disk.volume_id or image_volume_id(domain_id, disk.target)
+        try:
+            volume = call_storage(ctx, GetVolume(volume_id=volume_id))
+        except Problem as problem:
+            log.warning("volume pool unknown", volume_id=str(volume_id), error=problem.detail)
+            continue
+        assert isinstance(volume, Volume)
+        if volume.host is not None:
+            pools.add(volume.pool)
+    return sorted(pools)
+
+
 def image_volume_id(domain_id: uuid.UUID, target: str) -> uuid.UUID:
     """The id of the volume an image disk `target` of the domain is made as: derived, so a
     retry finds the first attempt's and the domain's delete finds it."""

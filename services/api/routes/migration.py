@@ -40,6 +40,7 @@ from services.api.migration_models import (
 from services.api.problems import Problem, not_found, responses
 from services.api.registry import DomainRecord
 from services.api.routes.deps import Admin, Caller, Ctx, Mask
+from services.api.routes.disks import local_pools
 from services.api.visibility import HostMask
 
 log = structlog.get_logger("flotilla.api")
@@ -66,6 +67,7 @@ def start_migration(ctx: ApiContext, record: DomainRecord, body: MigrateRequest)
         raise _conflict(record, "domain is not running: migrate it offline (live false)")
     if not live and active:
         raise _conflict(record, "domain is active: migrate it live, or shut it down first")
+    pools = local_pools(ctx, record.id, record.spec)
     if not ctx.registry.swap_task(record.id, TaskState.NONE, TaskState.MIGRATING):
         raise _conflict(record, "another task started meanwhile")
     command = MigrateDomain(
@@ -75,6 +77,7 @@ def start_migration(ctx: ApiContext, record: DomainRecord, body: MigrateRequest)
         project=record.project,
         params=body.params(live),
         spec=record.spec,
+        pools=pools,
     )
     try:
         job = ctx.call(routing.SCHEDULER_QUEUE, command, ctx.config.schedule_timeout_s)

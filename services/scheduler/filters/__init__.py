@@ -10,12 +10,14 @@ from services.scheduler.filters.base import Filter
 from services.scheduler.filters.cpu import CpuFilter
 from services.scheduler.filters.forced_host import ForcedHostFilter
 from services.scheduler.filters.max_vcpus import MaxVcpusFilter
+from services.scheduler.filters.pools import PoolsFilter
 from services.scheduler.filters.ram import RamFilter
 from services.scheduler.filters.volume_locality import VolumeLocalityFilter
 
 REGISTERED: tuple[type[Filter], ...] = (
     ForcedHostFilter,
     VolumeLocalityFilter,
+    PoolsFilter,
     AliveFilter,
     MaxVcpusFilter,
     CpuFilter,
@@ -42,6 +44,7 @@ __all__ = [
     "ForcedHostFilter",
     "GroupPolicyFilter",
     "MaxVcpusFilter",
+    "PoolsFilter",
     "RamFilter",
     "VolumeLocalityFilter",
     "build_filters",
