@@ -14,6 +14,7 @@ import structlog
 from pika.adapters.blocking_connection import BlockingChannel
 
 from protos import routing
+from services.bus.errors import NoRouteError
 from services.bus.link import Delivery, Link
 
 log = structlog.get_logger("flotilla.bus")
@@ -84,7 +85,11 @@ class LinkInbound:
         self.link.publish_unconfirmed("", routing_key, body, props)
 
     def dead_letter(self, body: bytes, props: pika.spec.BasicProperties) -> None:
-        self.link.publish(routing.DEAD_EXCHANGE, self.queue, body, props).result(30.0)
+        # Mandatory: a dead letter no queue takes (the dead-letter queue unbound) is
+        # NoRouteError, and the caller requeues the message, instead of a confirmed loss.
+        self.link.publish(routing.DEAD_EXCHANGE, self.queue, body, props, mandatory=True).result(
+            30.0
+        )
 
 
 # What a publish on a channel the broker refused or closed raises; the connection is fine.
@@ -112,13 +117,19 @@ class DeadLetterChannel:
         self.opened = 0  # channels opened so far
 
     def publish(self, routing_key: str, body: bytes, props: pika.spec.BasicProperties) -> None:
-        """Publish to the dead-letter exchange; return once the broker confirmed it."""
+        """Publish to the dead-letter exchange; return once the broker confirmed it and a
+        queue took it. NoRouteError when none did (mandatory: the broker would otherwise
+        confirm a dead letter it dropped, e.g. with the dead-letter queue unbound)."""
         for attempt in (1, 2):
             channel = self._open()
             try:
                 # A confirm-mode BlockingChannel returns only once the broker confirmed.
-                channel.basic_publish(routing.DEAD_EXCHANGE, routing_key, body, props)
+                channel.basic_publish(
+                    routing.DEAD_EXCHANGE, routing_key, body, props, mandatory=True
+                )
                 return
+            except pika.exceptions.UnroutableError:
+                raise NoRouteError(routing.DEAD_EXCHANGE, routing_key) from None
             except _CHANNEL_REFUSED as exc:
                 self._discard(channel)
                 if attempt == 2:
@@ -172,12 +183,13 @@ class ChannelInbound:
 
 def dead_letter(inbound: Inbound, reason: str) -> None:
     """Move the message to the dead-letter exchange with `reason` in its headers (and the
-    queue it came from), then ack it: nothing is lost, and the consumer goes on."""
-    log.warning("message dead-lettered", reason=reason, queue=inbound.queue)
+    queue it came from), then ack it: nothing is lost, and the consumer goes on. Raises
+    (the message not acked) when the broker did not confirm it or no queue took it."""
     props = inbound.properties
     headers = dict(props.headers or {})
     headers[routing.REASON_HEADER] = reason[:1000]
     headers[routing.QUEUE_HEADER] = inbound.queue
     props.headers = headers
     inbound.dead_letter(inbound.body, props)  # returns once the broker confirmed it
+    log.warning("message dead-lettered", reason=reason, queue=inbound.queue)
     inbound.ack()

@@ -168,6 +168,36 @@ def test_poison_message_is_dead_lettered_and_next_is_served(
     assert body == b"\xc1" + marker
 
 
+def test_a_dead_letter_no_queue_takes_is_requeued_not_lost(
+    served: tuple[Bus, InfoService, str], amqp_url: str
+) -> None:
+    """With the dead-letter queue unbound, the broker confirms a dead letter it drops: the
+    worker publishes it mandatory, gets it back, and requeues the message until a queue
+    takes it (it was acked and lost before)."""
+    client, _, queue = served
+    marker = f"poison-{uuid.uuid4()}".encode()
+    params = pika.URLParameters(amqp_url)
+    conn = pika.BlockingConnection(params)
+    try:
+        ch = conn.channel()
+        ch.queue_unbind(routing.DEAD_QUEUE, routing.DEAD_EXCHANGE, routing_key="")
+        ch.basic_publish(
+            routing.COMMANDS_EXCHANGE,
+            queue,
+            b"\xc1" + marker,
+            pika.BasicProperties(content_type="application/msgpack"),
+        )
+        time.sleep(1.5)  # the worker tries while nothing takes its dead letters
+    finally:
+        declare(params, [])  # the binding, back
+        conn.close()
+    props, body = find_dead_letter(amqp_url, lambda _p, b: b.endswith(marker))
+    assert "not msgpack" in props.headers["x-flotilla-reason"]
+    assert body == b"\xc1" + marker
+    reply = client.call(queue, GetDomainInfo(domain_id=uuid.uuid4()), timeout=15)
+    assert isinstance(reply, DomainInfo)
+
+
 def test_a_dead_letter_channel_the_broker_closed_is_replaced_and_the_worker_goes_on(
     served: tuple[Bus, InfoService, str], amqp_url: str
 ) -> None:
