@@ -86,7 +86,9 @@ Row = Sequence[Any]  # a result row: the selected columns in order
 
 # Faults of a create whose outcome the API does not know: the scheduler may have placed the
 # domain, so a `domain.started` from a host (or the log, for an orphan) still places it.
-OUTCOME_UNKNOWN_FAULTS = frozenset({"schedule_timeout", "schedule_interrupted"})
+OUTCOME_UNKNOWN_FAULTS = frozenset(
+    {"schedule_timeout", "broker_unavailable", "schedule_interrupted"}
+)
 # Faults a `domain.started` from the domain's host ends: it did start.
 START_FAULTS = frozenset({"start_failed"})
 # Progress rows read back to find a migration's final one: a migration's own progress comes
@@ -271,8 +273,10 @@ def _event(row: Row) -> EventRecord:
 
 def _unsettled_create(cutoff: float) -> sa.ColumnElement[bool]:
     """A create not placed whose outcome no request will record, unchanged since `cutoff`:
-    still `scheduling` (its API replica stopped), or in `error` after the scheduler did not
-    answer in time (fault `schedule_timeout`; the fault is stored as compact JSON)."""
+    still `scheduling` (its API replica stopped), or in `error` after the scheduler's answer
+    was lost (fault `schedule_timeout`: it did not answer in time; `broker_unavailable`: the
+    broker went away mid-call, so the request may have reached it; the fault is stored as
+    compact JSON)."""
     return sa.and_(
         domains.c.host.is_(None),
         domains.c.updated_at < cutoff,
@@ -280,7 +284,10 @@ def _unsettled_create(cutoff: float) -> sa.ColumnElement[bool]:
             domains.c.task == TaskState.SCHEDULING.value,
             sa.and_(
                 domains.c.task == TaskState.ERROR.value,
-                domains.c.fault.like('%"code":"schedule_timeout"%'),
+                sa.or_(
+                    domains.c.fault.like('%"code":"schedule_timeout"%'),
+                    domains.c.fault.like('%"code":"broker_unavailable"%'),
+                ),
             ),
         ),
     )
@@ -631,7 +638,8 @@ class Registry:
         changed for `older_than_s` (longer than any live create waits): those left in task
         `scheduling` by a create whose API replica stopped (was killed, lost its host)
         before it recorded the scheduler's answer, and those in `error` with fault
-        `schedule_timeout` (the scheduler did not answer in time: a 504) and no host.
+        `schedule_timeout` (the scheduler did not answer in time: a 504) or
+        `broker_unavailable` (a 503 after the request may have gone out) and no host.
 
         Each is placed where the event log says it went (the host of its newest logged
         event, unless that event is `domain.undefined`: a refused attempt), with that host's
@@ -670,7 +678,8 @@ class Registry:
         now = time.time()
         if newest is None or newest[1] == DomainUndefined.TYPE:
             cause = (
-                "the scheduler did not answer the create in time"
+                "the scheduler's answer to the create was lost (it did not answer in time, "
+                "or the broker went away)"
                 if timed_out
                 else "the API replica handling the create stopped before the scheduler answered"
             )

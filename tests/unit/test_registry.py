@@ -450,13 +450,30 @@ def test_a_create_that_timed_out_is_settled_like_an_orphan(registry: Registry) -
     assert (lost.host, lost.task) == (None, TaskState.ERROR)
     assert lost.fault is not None
     assert lost.fault.code == "schedule_interrupted"
-    assert "did not answer the create in time" in lost.fault.message
+    assert "answer to the create was lost" in lost.fault.message
     assert registry.resolve_orphans(older_than_s=0) == []  # settled once
-    # Other errors of records without a host (a definite refusal is removed; an unreachable
-    # broker's) are not the sweep's.
-    u = spec()
-    registry.create_domain(u, "p", Quota())
-    registry.set_task(u.uuid, TaskState.ERROR, Fault(code="broker_unavailable", message="x"))
+    # A broker that went away mid-call (503 broker_unavailable) left the outcome unknown as
+    # well: its create is the sweep's too, and a start places it.
+    u, v = spec(), spec()
+    for x in (u, v):
+        registry.create_domain(x, "p", Quota())
+        registry.set_task(x.uuid, TaskState.ERROR, Fault(code="broker_unavailable", message="x"))
+    assert apply(registry, defined(u, "h4", 1)) is Outcome.LOGGED
+    assert apply(registry, started(v, "h5", 1)) is Outcome.APPLIED
+    swept = {r.id: r for r in registry.resolve_orphans(older_than_s=0)}
+    assert swept.keys() == {u.uuid}
+    assert (swept[u.uuid].host, swept[u.uuid].task, swept[u.uuid].fault) == (
+        "h4",
+        TaskState.NONE,
+        None,
+    )
+    record = registry.get_domain(v.uuid)
+    assert record is not None
+    assert (record.host, record.task, record.fault) == ("h5", TaskState.NONE, None)
+    # Another error of a record without a host is not the sweep's.
+    w = spec()
+    registry.create_domain(w, "p", Quota())
+    registry.set_task(w.uuid, TaskState.ERROR, Fault(code="internal", message="x"))
     assert registry.resolve_orphans(older_than_s=0) == []
     # A later start still places the one without events.
     assert apply(registry, started(t, "h3", 2)) is Outcome.APPLIED
