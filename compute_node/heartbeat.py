@@ -39,13 +39,13 @@ class Heartbeat:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
         # Whether the host takes new guests, and the SetHostEnabled generation that said so.
-        self.enabled: Callable[[], tuple[bool, int]] = lambda: (True, 0)
+        self.host_switch: Callable[[], tuple[bool, int]] = lambda: (True, 0)
         # Inventory fields known only at run time (the VXLAN address, network warnings).
         self.inventory_extra: Callable[[], dict[str, Any]] = dict
 
     def beat(self) -> HostHeartbeat:
         by_state: Counter[PowerState] = Counter(r.state for r in self._store.all())
-        enabled, generation = self.enabled()
+        enabled, generation = self.host_switch()
         usage, claims_seq = self._claims.usage_at()
         return HostHeartbeat(
             host=self._host,

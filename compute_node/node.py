@@ -114,7 +114,7 @@ class ComputeNode:
             store=self.store,
             interval_s=config.heartbeat_interval_s,
         )
-        self.heartbeat.enabled = self.lifecycle.host_switch
+        self.heartbeat.host_switch = self.lifecycle.host_switch
         # Guest NICs: KVM hosts plumb ports (compute_node/networks.py); fake hosts have none.
         self.networks: HostNetworks | None = None
         self.remote_ports: RemotePorts | None = None
