@@ -273,6 +273,13 @@ class Store:
             ).fetchone()
         return None if row is None else MigrationJob.model_validate_json(row[0])
 
+    def queued_jobs(self) -> list[MigrationJob]:
+        """The jobs kept while they waited in the migration queue (phase `queued`)."""
+        with self._lock:
+            rows = self._db.execute("SELECT job FROM migration_jobs").fetchall()
+        jobs = [MigrationJob.model_validate_json(r[0]) for r in rows]
+        return [j for j in jobs if j.phase == "queued"]
+
     def drop_job(self, domain_id: uuid.UUID) -> None:
         """A new job of the domain runs: the last one kept is no longer its last."""
         with self._tx() as db:
