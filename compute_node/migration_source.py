@@ -32,7 +32,7 @@ from compute_node.migration_queue import MigrationQueue
 from compute_node.store import DomainRecord
 from compute_node.volume_copies import (
     abort_copies,
-    commit_copies,
+    commit_steps,
     copied_disks,
     disk_indices,
     prepare_copies,
@@ -462,8 +462,12 @@ class MigrationSource(MigrationBase):
         self._finish_target(job, committed=True, seq=seq, state=P.PAUSED if paused else P.RUNNING)
         self._bind_ports(job, record)
         # The source's machine ended with the commit (its VMM is gone): the catalog names
-        # the target for the copied volumes, and their files here go.
-        commit_copies(self._peer, job.copied_disks, job.target)
+        # the target for the copied volumes, and their files here go. The steps are on disk
+        # before the job is done, and resent until the catalog answers, however long the
+        # storage service is away; the job waits for one short attempt only.
+        if job.copied_disks:
+            rows = self.storage_steps.add(commit_steps(job.copied_disks, job.target))
+            self.storage_steps.send_now(rows)
         self._ended(job, MigrationPhase.DONE)
         with self._lock(job.domain_id):
             self._drop(job)

@@ -162,6 +162,7 @@ class ComputeNode:
             # this node was down wait for it; what it could not have heard, it asks for.
             self.remote_ports = RemotePorts(self.bus, self.config.host, self.networks).start()
         self.transfers.start()
+        self.lifecycle.storage_steps.start()  # catalog steps left from before a restart
         self.storage_runner.start()
         self.runner.start()
         self.heartbeat.start()
@@ -237,6 +238,7 @@ class ComputeNode:
         self.storage_runner.stop()
         self.transfers.stop()
         self.outbox.stop()
+        self.lifecycle.storage_steps.stop()
         self.bus.close()
         self.lifecycle.stop_migrations()
         self.driver.close()
