@@ -4,7 +4,9 @@ The flow, each arrow an RPC on the bus:
 
     API --MigrateDomain--> scheduler: picks the target through its filters (never the source;
         the caller may name it), claims room there, then
-    scheduler --StartMigration--> source compute node: checks the state table, then
+    scheduler --StartMigration--> source compute node: checks the state table; over the
+        source's limit of concurrent migrations it answers the job `queued` at once and goes
+        on from here only when a slot frees (compute_node.migration_queue), then
     source --PrepareIncoming--> target compute node: defines the domain there, `incoming`
         (not listed, no events yet), claims its resources, plugs its ports, and (live) starts a
         VMM waiting on a TCP port with a one-time token; answers with where to stream
