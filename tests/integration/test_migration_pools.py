@@ -146,6 +146,7 @@ def shut_off_with(cloud: Cloud, vol: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
+@pytest.mark.slow  # its stack of three nodes and every service takes ~15 s to start
 def test_a_cold_migration_goes_only_where_the_volumes_pool_is(cloud: Cloud) -> None:
     first, second, roomy = sorted(cloud.nodes)
     fast = volume(cloud, "fast")

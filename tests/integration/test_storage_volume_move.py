@@ -300,6 +300,7 @@ def _drop_queue(amqp_url: str, queue: str) -> None:
         conn.close()
 
 
+@pytest.mark.slow  # a 15 s outage, past the old code's ~10 s of resends
 def test_a_live_moves_commit_outlives_a_storage_outage(two_hosts: TwoHosts) -> None:
     """The catalog cannot be reached from the source's commit until well after the old ~10 s
     of resends (the storage service stopped and its queue gone: every request refused at
