@@ -106,8 +106,8 @@ def two_hosts(
             state = tmp_path / host / "state"
             pool.mkdir(parents=True)
             state.mkdir()
-            monkeypatch.setenv("FLOTILLA_POOLS", json.dumps([{"name": "local", "path": str(pool)}]))
-            computes.append(ComputeProcess(amqp_url, state, host).start(bus))
+            own_pool = {"FLOTILLA_POOLS": json.dumps([{"name": "local", "path": str(pool)}])}
+            computes.append(ComputeProcess(amqp_url, state, host, env=own_pool).start(bus))
             pools[host] = pool
         purge_queues(amqp_url, STORAGE_EVENTS)
         storage.start(bus)
@@ -336,9 +336,7 @@ def test_a_live_moves_commit_outlives_a_storage_outage(two_hosts: TwoHosts) -> N
     info = t.bus.call(dst.queue, GetDomainInfo(domain_id=spec.uuid), timeout=20)
     assert isinstance(info, DomainInfo)
     assert info.state is PowerState.RUNNING
-    src.kill()  # a restart, mid-outage (its pool named as the fixture named it)
-    pools = [{"name": "local", "path": str(t.pools[src.host])}]
-    src.env = {**src.env, "FLOTILLA_POOLS": json.dumps(pools)}
+    src.kill()  # a restart, mid-outage, with the same settings (its own pool)
     src.start(t.bus)
     time.sleep(max(0.0, 15 - (time.monotonic() - down)))  # past the old code's 10 resends
     t.storage.start(t.bus)
