@@ -13,7 +13,7 @@ from protos.domain import NAME_PATTERN, DomainSpec, Fault, PowerState, TaskState
 from protos.host import KvmKind, Resources
 from protos.scheduler import Attempt
 from services.api.config import Quota, Role
-from services.api.registry import DomainRecord
+from services.api.registry.domains import DomainRecord
 from services.api.visibility import HostMask
 
 

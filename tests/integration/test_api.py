@@ -76,7 +76,7 @@ class Cloud:
         """A member's alias of `host`, with the key the API keeps in its registry."""
         registry = Registry.open(self.database_url)
         try:
-            return host_alias(registry.secret(HOST_ALIAS_KEY_NAME), project, host)
+            return host_alias(registry.access.secret(HOST_ALIAS_KEY_NAME), project, host)
         finally:
             registry.close()
 
