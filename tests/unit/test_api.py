@@ -536,6 +536,20 @@ def test_a_hosts_vtep_and_network_warnings_are_shown(
     assert (h1["vtep"], h1["network_warnings"]) == ("192.0.2.7", [warning])
 
 
+def test_a_hosts_pools_are_shown_as_its_heartbeat_says(
+    client: TestClient, cloud: FakeCloud, registry: Registry
+) -> None:
+    heard = beat(cloud, "h1")
+    pooled = heard.inventory.model_copy(update={"pools": ["default", "fast"]})
+    registry.hosts.record(heard.model_copy(update={"inventory": pooled}))
+    # A host whose heartbeat names no pools (HostHeartbeat 1.2) shows none, not an empty list.
+    registry.hosts.record(heard.model_copy(update={"host": "h2"}))
+    hosts = {h["name"]: h for h in client.get("/v1/hosts", headers=auth(ADMIN)).json()["hosts"]}
+    assert hosts["h1"]["pools"] == ["default", "fast"]
+    assert hosts["h2"]["pools"] is None
+    assert client.get("/v1/hosts/h1", headers=auth(ADMIN)).json()["pools"] == ["default", "fast"]
+
+
 def sse(text: str) -> list[dict[str, Any]]:
     """The data of each SSE message, with its id checked against the data's."""
     out = []

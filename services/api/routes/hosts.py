@@ -35,6 +35,7 @@ def _view(record: HostRecord, down_after: float, now: float) -> HostView:
         seconds_since_heartbeat=round(age, 3),
         vtep=None if inv.vtep is None else str(inv.vtep),
         network_warnings=inv.network_warnings,
+        pools=inv.pools,
     )
 
 
