@@ -87,14 +87,9 @@ class Settling:
         if still is None:  # settled by its request or by another replica meanwhile
             return False
         timed_out = still[0] == TaskState.ERROR.value
-        newest = cur.execute(
-            sa.select(events.c.host, events.c.type)
-            .where(events.c.domain_id == domain_id)
-            .order_by(events.c.id.desc())
-            .limit(1)
-        ).first()
+        host = _logged_host(cur, domain_id)
         now = time.time()
-        if newest is None or newest[1] == DomainUndefined.TYPE:
+        if host is None:
             cause = (
                 "the scheduler's answer to the create was lost (it did not answer in time, "
                 "or the broker went away)"
@@ -111,17 +106,11 @@ class Settling:
                 "updated_at": now,
             }
         else:
-            host = newest[0]
-            seq, state = cur.execute(
-                sa.select(events.c.seq, events.c.state)
-                .where(events.c.domain_id == domain_id, events.c.host == host)
-                .order_by(events.c.seq.desc())
-                .limit(1)
-            ).one()
+            seq, state = _newest_from(cur, domain_id, host)
             values = {
                 "host": host,
                 "power": state,
-                "seq": int(seq),
+                "seq": seq,
                 "task": TaskState.NONE.value,
                 "fault": None,
                 "updated_at": now,
@@ -181,25 +170,39 @@ class Settling:
         if row[0] is not None:
             cur.execute(UPDATE_DOMAIN, {"b_id": domain_id, "updated_at": now})
             return True, str(row[0])
-        newest = cur.execute(
-            sa.select(events.c.host, events.c.type)
-            .where(events.c.domain_id == domain_id)
-            .order_by(events.c.id.desc())
-            .limit(1)
-        ).first()
-        if newest is None or newest[1] == DomainUndefined.TYPE:
+        host = _logged_host(cur, domain_id)
+        if host is None:
             cur.execute(DELETE_DOMAIN, {"b_id": domain_id})
             return True, None
-        host = str(newest[0])
-        seq, state = cur.execute(
-            sa.select(events.c.seq, events.c.state)
-            .where(events.c.domain_id == domain_id, events.c.host == host)
-            .order_by(events.c.seq.desc())
-            .limit(1)
-        ).one()
+        seq, state = _newest_from(cur, domain_id, host)
         cur.execute(
             domains.update()
             .where(domains.c.id == domain_id)
-            .values(host=host, power=state, seq=int(seq), updated_at=now)
+            .values(host=host, power=state, seq=seq, updated_at=now)
         )
         return True, host
+
+
+def _logged_host(cur: Connection, domain_id: str) -> str | None:
+    """The host of the domain's newest logged event; None when there is none or it is
+    `domain.undefined` (a refused attempt's, or the domain is gone from there)."""
+    newest = cur.execute(
+        sa.select(events.c.host, events.c.type)
+        .where(events.c.domain_id == domain_id)
+        .order_by(events.c.id.desc())
+        .limit(1)
+    ).first()
+    if newest is None or newest[1] == DomainUndefined.TYPE:
+        return None
+    return str(newest[0])
+
+
+def _newest_from(cur: Connection, domain_id: str, host: str) -> tuple[int, str]:
+    """The seq and power state of the domain's newest event from `host` (one is logged)."""
+    seq, state = cur.execute(
+        sa.select(events.c.seq, events.c.state)
+        .where(events.c.domain_id == domain_id, events.c.host == host)
+        .order_by(events.c.seq.desc())
+        .limit(1)
+    ).one()
+    return int(seq), str(state)
