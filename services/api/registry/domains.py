@@ -271,9 +271,10 @@ class Domains:
 
     def tombstone(self, domain_id: uuid.UUID) -> DomainRecord | None:
         """Delete a domain not placed yet: task `deleting` with no host, until the host it
-        appears on (if any) undefined it or the orphan sweep settles it (`settle_deletes`).
-        It keeps counting against the quota meanwhile. Returns the record as it is now (None
-        if gone): a tombstone, or placed meanwhile (then delete it on its host as usual)."""
+        appears on (if any) undefined it or the orphan sweep settles it
+        (services.api.registry.settling). It keeps counting against the quota meanwhile.
+        Returns the record as it is now (None if gone): a tombstone, or placed meanwhile
+        (then delete it on its host as usual)."""
         with self.db.transaction() as cur:
             advisory_xact_lock(cur, EVENT_LOG_LOCK)
             cur.execute(
