@@ -15,6 +15,7 @@
 | console_listen | FLOTILLA_CONSOLE_LISTEN | 127.0.0.1 (where the console relay listens) |
 | console_advertise | FLOTILLA_CONSOLE_ADVERTISE | the bound address (FQDN for 0.0.0.0) |
 | migration_listen | FLOTILLA_MIGRATION_LISTEN | the console address (migrations stream in) |
+| max_concurrent_migrations | FLOTILLA_MAX_CONCURRENT_MIGRATIONS | 1 (0: no limit) |
 | allowed_boot_dirs | FLOTILLA_ALLOWED_BOOT_DIRS (a:b:c) | test guest and image cache dirs |
 | pools | FLOTILLA_POOLS (JSON list) | one `dir` pool `default` at <state_dir>/pools/default |
 | net_netns | FLOTILLA_NET_NETNS | none: guests' networks live in the host's own namespace |
@@ -94,6 +95,9 @@ class ComputeConfig(BaseModel):
     # Where this node listens for incoming live-migration streams (an IPv4 address other
     # compute nodes reach; each stream gets a port of its own and a one-time token).
     migration_listen: IPv4Address | None = None
+    # Migrations leaving this host at once (Nova's max_concurrent_live_migrations); more
+    # wait queued on this host (compute_node/migration_queue.py). 0: no limit.
+    max_concurrent_migrations: int = Field(default=1, ge=0)
     # Members may name host files as boot sources only under these (boot_sources.py);
     # admins may name any absolute path.
     allowed_boot_dirs: list[Path] = Field(default_factory=default_boot_dirs)

@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--migration-listen", help="IPv4 address incoming migrations stream to (console's)"
     )
     parser.add_argument(
+        "--max-concurrent-migrations",
+        type=int,
+        help="migrations leaving this host at once, more wait queued; 0 for no limit (1)",
+    )
+    parser.add_argument(
         "--allowed-boot-dir",
         action="append",
         type=Path,
@@ -77,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         console_listen=args.console_listen,
         console_advertise=args.console_advertise,
         migration_listen=args.migration_listen,
+        max_concurrent_migrations=args.max_concurrent_migrations,
         allowed_boot_dirs=args.allowed_boot_dir,
     )
     node = ComputeNode(config).start()

@@ -19,6 +19,7 @@ from compute_node.driver import Driver, DriverError, GuestEvent, NicTap
 from compute_node.networks import HostNetworks
 from compute_node.resources import Claims
 from compute_node.storage_sources import StorageSources
+from compute_node.storage_steps import PendingSteps
 from compute_node.store import DomainRecord, Store
 from protos.base import Message
 from protos.commands import Command, DefineDomain
@@ -74,6 +75,9 @@ class MigrationBase:
     def _init_peers(self) -> None:
         # How this node reaches the others (the node sets it: its bus); None: no migrations.
         self.peer_call: PeerCall | None = None
+        # Catalog steps that must not be lost (a live move's commit), kept in the store until
+        # the storage service answers; the node starts its sender.
+        self.storage_steps = PendingSteps(self.store, lambda: self.peer_call)
         # Serialises the driver's events with an incoming domain's commit, so held events
         # are consumed before any later one.
         self._sink_lock = threading.RLock()

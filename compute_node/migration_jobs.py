@@ -22,6 +22,7 @@ from protos.migration import FINAL_PHASES, MigrationJob, MigrationParams, Migrat
 from services.bus.cause import Cause
 
 if TYPE_CHECKING:
+    from compute_node.migration_queue import MigrationQueue
     from compute_node.store import Store
 
 KEPT_JOBS = 256  # the last jobs kept for GetMigrationJob, the oldest ended ones dropped first
@@ -52,6 +53,8 @@ class Job:
     moved_disks: list[DiskBinding] = field(default_factory=list)  # cold: volumes moved
     copied_disks: list[DiskBinding] = field(default_factory=list)  # live: volumes copied
     copy_indices: list[int] = field(default_factory=list)  # ... their machine disk slots
+    # The source's queue while the job waits in it (phase QUEUED): its place is read there.
+    queue: MigrationQueue[Job] | None = None
 
     @property
     def final(self) -> bool:
@@ -79,6 +82,19 @@ class Job:
         self.phase = phase
         self.error = error
         self.ended.set()
+
+    def leave_queue(self) -> None:
+        """The job got its slot: it is PREPARING from now on, and its figures (`started_at`,
+        `elapsed_ms`, the timeout) count from now, not from when it was queued."""
+        self.queue = None
+        self.phase = MigrationPhase.PREPARING
+        self.started_at = time.time()
+        self.started = time.monotonic()
+
+    def queue_position(self) -> int | None:
+        if self.phase is not MigrationPhase.QUEUED or self.queue is None:
+            return None
+        return self.queue.position(self.domain_id)
 
     def elapsed_ms(self) -> float:
         """How long it ran (so far, or in all once it ended)."""
@@ -109,6 +125,7 @@ class Job:
             downtime_ms=self.downtime_ms,
             paused_ms=self.paused_ms,
             error=error,
+            queue_position=self.queue_position() if phase is MigrationPhase.QUEUED else None,
         )
 
     def progress_event(
@@ -141,6 +158,7 @@ class Job:
             elapsed_ms=self.elapsed_ms(),
             downtime_ms=self.downtime_ms,
             error=error,
+            queue_position=self.queue_position() if phase is MigrationPhase.QUEUED else None,
         )
 
 

@@ -27,11 +27,12 @@ from compute_node.driver import (
     MigrationStats,
 )
 from compute_node.migration_base import PEER_TIMEOUT_S, MigrationBase
-from compute_node.migration_jobs import Job, Jobs
+from compute_node.migration_jobs import KEPT_JOBS, Job, Jobs
+from compute_node.migration_queue import MigrationQueue
 from compute_node.store import DomainRecord
 from compute_node.volume_copies import (
     abort_copies,
-    commit_copies,
+    commit_steps,
     copied_disks,
     disk_indices,
     prepare_copies,
@@ -72,6 +73,8 @@ class MigrationSource(MigrationBase):
 
     def _init_source(self) -> None:
         self.jobs = Jobs(self.store)
+        # At most this many jobs run at once (the node sets its max_concurrent_migrations).
+        self.migration_queue: MigrationQueue[Job] = MigrationQueue(1)
 
     def _task(self, domain_id: uuid.UUID) -> TaskState:
         """The control plane's task on the domain here: `migrating` while a job runs."""
@@ -111,39 +114,65 @@ class MigrationSource(MigrationBase):
         with self._lock(domain_id):
             record = self._record(domain_id)
             self._check(record, Action.MIGRATE)
-            self._check_migratable(record, cmd)
+            self._check_migratable(record, cmd.target, params.live)
             job = Job(domain_id, record.spec.name, self.host, cmd.target, params)
             job.cause = ctx.cause
             # Known before the target is asked: the target asks back while it waits.
             previous = self.jobs.add(job)
+            if not self.migration_queue.admit(domain_id, job):
+                # Over the limit: it waits here, holding nothing on the target, and says so
+                # (kept in the store too, so a restart ends it rather than losing it).
+                job.phase = MigrationPhase.QUEUED
+                job.queue = self.migration_queue
+                self.store.keep_job(job.snapshot(), limit=KEPT_JOBS)
+                self._publish_progress(job)
+                log.info(
+                    "migration queued",
+                    domain_id=str(domain_id),
+                    target=cmd.target,
+                    position=job.queue_position(),
+                )
+                return job.snapshot()
+        try:
+            self._launch_job(job, record)
+        except BaseException:
+            self.jobs.restore(job, previous)
+            self._release_slot(domain_id)
+            raise
+        return job.snapshot()
+
+    def _launch_job(self, job: Job, record: DomainRecord) -> None:
+        """Prepare the target (a cold migration's host-local volumes moved there first, a
+        live one's given empty files there) and start the job's thread; ServiceError with
+        everything undone when the target or the storage service refuses, or the domain
+        changed meanwhile."""
+        domain_id, params = job.domain_id, job.params
         # The target is asked without the domain's lock (an RPC: a VMM starts there; a cold
         # migration's host-local volumes move first): the job's `migrating` task refuses what
         # would change the domain meanwhile, except a destroy, which then leaves nothing to
         # migrate.
         disks = list(record.bindings.disks)
         try:
-            if not cmd.params.live:
+            if not params.live:
                 # This host's volumes go first (the target's define finds them there).
-                disks = move_disks(self._peer, disks, self.host, cmd.target)
+                disks = move_disks(self._peer, disks, self.host, job.target)
                 job.moved_disks = local_disks(record.bindings.disks, self.host)
             else:
                 # This host's volumes get empty files there, which the stream fills.
                 copies = copied_disks(record.spec, disks, self.host)
-                disks = prepare_copies(self._peer, disks, copies, cmd.target)
+                disks = prepare_copies(self._peer, disks, copies, job.target)
                 job.copied_disks = copies
                 job.copy_indices = disk_indices(record.spec, copies)
-            endpoint = self._prepare_target(record, cmd, disks)
+            endpoint = self._prepare_target(record, job.target, params.live, disks)
         except BaseException:
             move_back(self._peer, job.moved_disks, self.host)
             self._abort_copies(job, forgotten=False)
-            self.jobs.restore(job, previous)
             raise
         with self._lock(domain_id):
             current = self.store.get(domain_id)
             if current is None or current.state is not record.state:
                 self._forget_target(job)
                 move_back(self._peer, job.moved_disks, self.host)
-                self.jobs.restore(job, previous)
                 raise ServiceError(
                     "conflict",
                     "the domain changed while its target was prepared: nothing migrated",
@@ -153,16 +182,67 @@ class MigrationSource(MigrationBase):
             was_paused = record.state is P.PAUSED
         thread = threading.Thread(
             target=self._run_job,
-            args=(job, endpoint, was_paused, ctx.cause),
+            args=(job, endpoint, was_paused, job.cause),
             name=f"migrate-{domain_id}",
             daemon=True,
         )
         thread.start()
-        log.info("migration started", domain_id=str(domain_id), target=cmd.target, live=params.live)
-        return job.snapshot()
+        log.info("migration started", domain_id=str(domain_id), target=job.target, live=params.live)
 
-    def _check_migratable(self, record: DomainRecord, cmd: StartMigration) -> None:
-        if cmd.target == self.host:
+    def _release_slot(self, domain_id: uuid.UUID) -> None:
+        """The domain's job ended or never ran: the jobs its slot goes to start, each on a
+        thread of its own."""
+        for next_id, job in self.migration_queue.release(domain_id):
+            threading.Thread(
+                target=self._start_queued, args=(job,), name=f"migrate-{next_id}", daemon=True
+            ).start()
+
+    def _start_queued(self, job: Job) -> None:
+        """A queued job got its slot: checked again as a new one would be (the domain may
+        have changed while it waited), then launched; a refusal now ends it `failed`
+        with the reason (the scheduler's claim on the target goes with the final event)."""
+        with caused_by(job.cause):
+            try:
+                self.store.drop_job(job.domain_id)  # running now: no job after a restart
+                job.leave_queue()
+                self._publish_progress(job)
+                log.info("migration leaves the queue", domain_id=str(job.domain_id))
+                with self._lock(job.domain_id):
+                    record = self._record(job.domain_id)
+                    self._check_migratable(record, job.target, job.params.live)
+                self._launch_job(job, record)
+            except ServiceError as exc:
+                self._ended(job, MigrationPhase.FAILED, exc.message)
+            except Exception as exc:  # a bug must not leave the job queued for ever
+                log.exception("queued migration not started", domain_id=str(job.domain_id))
+                if not job.final:
+                    self._ended(job, MigrationPhase.FAILED, f"internal error: {exc}")
+
+    def end_queued_jobs(self) -> None:
+        """At start-up: jobs that waited in the queue when this node stopped never ran; each
+        ends `cancelled`, saying so (domjobinfo, and the final progress event that ends the
+        domain's `migrating` task and releases the scheduler's claim on its target)."""
+        for view in self.store.queued_jobs():
+            error = (
+                f"host {self.host} restarted while the migration waited in its queue: "
+                "it never started (nothing moved)"
+            )
+            ended = view.model_copy(
+                update={"phase": MigrationPhase.CANCELLED, "error": error, "queue_position": None}
+            )
+            self.jobs.keep(ended)
+            record = self.store.get(view.domain_id)
+            if record is not None:
+                job = Job(view.domain_id, record.spec.name, self.host, view.target, view.params)
+                job.started_at = view.started_at
+                event = job.progress_event(
+                    self.host, record.seq, record.state, (MigrationPhase.CANCELLED, error)
+                )
+                self.store.emit_unsequenced(event)
+            log.warning("queued migration ended by the restart", domain_id=str(view.domain_id))
+
+    def _check_migratable(self, record: DomainRecord, target: str, live: bool) -> None:
+        if target == self.host:
             raise ServiceError(
                 "invalid", "the target is the domain's own host", {"field": "target"}
             )
@@ -170,15 +250,15 @@ class MigrationSource(MigrationBase):
             raise ServiceError("unsupported", f"host {self.host} reaches no other hosts")
         active = record.state not in (P.SHUTOFF, P.NOSTATE)
         state = {"state": record.state.value, "action": Action.MIGRATE.value}
-        if cmd.params.live and not active:
+        if live and not active:
             raise ServiceError(
                 "conflict", "domain is not running: migrate it with live false (cold)", state
             )
-        if not cmd.params.live and active:
+        if not live and active:
             raise ServiceError(
                 "conflict", "domain is active: migrate it live, or shut it off first", state
             )
-        if cmd.params.live and not self.driver.capabilities().live_migration:
+        if live and not self.driver.capabilities().live_migration:
             raise ServiceError("unsupported", f"host {self.host} cannot live-migrate")
         if record.managed_save is not None:
             raise ServiceError(
@@ -207,12 +287,12 @@ class MigrationSource(MigrationBase):
             )
 
     def _prepare_target(
-        self, record: DomainRecord, cmd: StartMigration, disks: list[DiskBinding]
+        self, record: DomainRecord, target: str, live: bool, disks: list[DiskBinding]
     ) -> IncomingEndpoint:
         prepare = PrepareIncoming(
             spec=record.spec,
             source=self.host,
-            live=cmd.params.live,
+            live=live,
             paused=record.state is P.PAUSED,
             privileged=record.privileged,
             disks=disks,
@@ -222,20 +302,20 @@ class MigrationSource(MigrationBase):
             seq=record.seq,
         )
         try:
-            reply = self._peer(routing.compute_queue(cmd.target), prepare)
+            reply = self._peer(routing.compute_queue(target), prepare)
         except RemoteError as exc:
-            details = {**exc.details, "target": cmd.target}
-            raise ServiceError(exc.code, f"target {cmd.target}: {exc.message}", details) from None
+            details = {**exc.details, "target": target}
+            raise ServiceError(exc.code, f"target {target}: {exc.message}", details) from None
         except BusError as exc:
             # It may have prepared before the answer was lost: have it forget the domain.
-            self._forget_later(cmd.target, record.id)
+            self._forget_later(target, record.id)
             raise ServiceError(
-                "unavailable", f"target {cmd.target} did not answer: {exc}", {"target": cmd.target}
+                "unavailable", f"target {target} did not answer: {exc}", {"target": target}
             ) from None
         assert isinstance(reply, IncomingEndpoint)
-        if cmd.params.live and (reply.address is None or reply.port is None or reply.token is None):
-            self._forget_later(cmd.target, record.id)
-            raise ServiceError("internal", f"target {cmd.target} gave no stream endpoint")
+        if live and (reply.address is None or reply.port is None or reply.token is None):
+            self._forget_later(target, record.id)
+            raise ServiceError("internal", f"target {target} gave no stream endpoint")
         return reply
 
     # ---- the job thread ----------------------------------------------------------------------
@@ -382,8 +462,12 @@ class MigrationSource(MigrationBase):
         self._finish_target(job, committed=True, seq=seq, state=P.PAUSED if paused else P.RUNNING)
         self._bind_ports(job, record)
         # The source's machine ended with the commit (its VMM is gone): the catalog names
-        # the target for the copied volumes, and their files here go.
-        commit_copies(self._peer, job.copied_disks, job.target)
+        # the target for the copied volumes, and their files here go. The steps are on disk
+        # before the job is done, and resent until the catalog answers, however long the
+        # storage service is away; the job waits for one short attempt only.
+        if job.copied_disks:
+            rows = self.storage_steps.add(commit_steps(job.copied_disks, job.target))
+            self.storage_steps.send_now(rows)
         self._ended(job, MigrationPhase.DONE)
         with self._lock(job.domain_id):
             self._drop(job)
@@ -503,6 +587,7 @@ class MigrationSource(MigrationBase):
         """The final progress event, then the job's end (whoever waits for it sees both)."""
         self._publish_progress(job, (phase, error))
         job.end(phase, error, keep=self.jobs.keep)
+        self._release_slot(job.domain_id)
         log.info(
             "migration ended",
             domain_id=str(job.domain_id),
@@ -546,6 +631,10 @@ class MigrationSource(MigrationBase):
             )
         if job is None or job.final:
             return last
+        if job.phase is MigrationPhase.QUEUED and self.migration_queue.withdraw(job.domain_id):
+            # It never ran: nothing to undo, no target prepared.
+            self._ended(job, MigrationPhase.CANCELLED, "cancelled while queued: it never ran")
+            return job.snapshot()
         job.aborted = True
         self.driver.migration_cancel(cmd.domain_id)
         job.ended.wait(ABORT_WAIT_S)

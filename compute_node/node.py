@@ -16,6 +16,7 @@ from compute_node.console import ConsoleRelay
 from compute_node.driver import Driver, GuestEvent, GuestEventKind
 from compute_node.heartbeat import Heartbeat
 from compute_node.lifecycle import Lifecycle
+from compute_node.migration_queue import MigrationQueue
 from compute_node.networks import HostNetworks, NetSettings
 from compute_node.outbox import OutboxPublisher
 from compute_node.remote_ports import RemotePorts
@@ -85,6 +86,7 @@ class ComputeNode:
             queue, command, timeout=timeout, message_id=message_id
         )
         self.lifecycle.migration_listen = config.migration_address()
+        self.lifecycle.migration_queue = MigrationQueue(config.max_concurrent_migrations)
         self.lifecycle.vtep = config.net_underlay
         self.queue = routing.compute_queue(config.host)
         self.runner = ServiceRunner(
@@ -160,6 +162,7 @@ class ComputeNode:
             # this node was down wait for it; what it could not have heard, it asks for.
             self.remote_ports = RemotePorts(self.bus, self.config.host, self.networks).start()
         self.transfers.start()
+        self.lifecycle.storage_steps.start()  # catalog steps left from before a restart
         self.storage_runner.start()
         self.runner.start()
         self.heartbeat.start()
@@ -192,6 +195,7 @@ class ComputeNode:
     def adopt(self) -> None:
         """Re-attach machines left running and account for what changed while we were away."""
         self.lifecycle.recover_incoming()
+        self.lifecycle.end_queued_jobs()
         for record in self.store.all():
             runtime = self.driver.adopt(record.id, record.driver_n)
             current = self.store.get(record.id)
@@ -234,6 +238,7 @@ class ComputeNode:
         self.storage_runner.stop()
         self.transfers.stop()
         self.outbox.stop()
+        self.lifecycle.storage_steps.stop()
         self.bus.close()
         self.lifecycle.stop_migrations()
         self.driver.close()

@@ -42,6 +42,7 @@ from protos.domain import DomainSpec, PowerState
 from protos.events import DomainEvent
 from protos.migration import MigrationJob
 from protos.storage import VolumeEvent
+from protos.volumes import LiveMoveVolume
 from services.bus import Cause
 
 SCHEMA = """
@@ -70,6 +71,11 @@ CREATE TABLE IF NOT EXISTS migration_jobs (
     domain_id TEXT PRIMARY KEY,
     job TEXT NOT NULL,
     ended REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS storage_steps (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL,
+    step TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS host_settings (
     key TEXT PRIMARY KEY,
@@ -272,6 +278,38 @@ class Store:
                 "SELECT job FROM migration_jobs WHERE domain_id = ?", (str(domain_id),)
             ).fetchone()
         return None if row is None else MigrationJob.model_validate_json(row[0])
+
+    def add_storage_steps(self, steps: list[tuple[str, LiveMoveVolume]]) -> list[int]:
+        """Keep catalog steps to send (each with its message id) until `storage_step_done`:
+        on disk when this returns (compute_node.storage_steps). Their rows, in order."""
+        rows = []
+        with self._tx() as db:
+            for message_id, step in steps:
+                cursor = db.execute(
+                    "INSERT INTO storage_steps (message_id, step) VALUES (?, ?)",
+                    (message_id, step.model_dump_json()),
+                )
+                rows.append(int(cursor.lastrowid or 0))
+        return rows
+
+    def storage_steps(self) -> list[tuple[int, str, LiveMoveVolume]]:
+        """The catalog steps not yet answered, oldest first: (row, message id, step)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, message_id, step FROM storage_steps ORDER BY id"
+            ).fetchall()
+        return [(int(r[0]), str(r[1]), LiveMoveVolume.model_validate_json(r[2])) for r in rows]
+
+    def storage_step_done(self, row: int) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM storage_steps WHERE id = ?", (row,))
+
+    def queued_jobs(self) -> list[MigrationJob]:
+        """The jobs kept while they waited in the migration queue (phase `queued`)."""
+        with self._lock:
+            rows = self._db.execute("SELECT job FROM migration_jobs").fetchall()
+        jobs = [MigrationJob.model_validate_json(r[0]) for r in rows]
+        return [j for j in jobs if j.phase == "queued"]
 
     def drop_job(self, domain_id: uuid.UUID) -> None:
         """A new job of the domain runs: the last one kept is no longer its last."""

@@ -5,7 +5,8 @@ with them: before the target is prepared, the storage service makes an empty spa
 each on the target's pool of the same name (`LiveMoveVolume` step `prepare`, the move held
 under the volume's lease); the target's VMM opens those files and the stream copies into them
 (docs/migration.md, "Block copy"). Committed, and once the source's VMM is gone, the catalog
-names the target and the source's file goes (`commit`); not committed, once the target has
+names the target and the source's file goes (`commit`, kept in the node's store and resent
+until the catalog answers: compute_node.storage_steps); not committed, once the target has
 forgotten the domain, the target's file goes and the volume stays here (`abort`).
 
 Read-only host-local volumes are refused: the engine copies only into a writable disk, and a
@@ -29,8 +30,9 @@ from services.bus import ServiceError
 log = structlog.get_logger("flotilla.compute.volume_copies")
 
 STEP_TIMEOUT_S = 60.0
-# A commit or abort the storage service did not answer (or refused as busy: a VMM still
-# closing the file) is resent this many times, RETRY_S apart.
+# An abort the storage service did not answer (or refused as busy: a VMM still closing the
+# file) is resent this many times, RETRY_S apart. (A commit is kept until it is answered:
+# compute_node.storage_steps.)
 ATTEMPTS = 10
 RETRY_S = 1.0
 
@@ -82,10 +84,10 @@ def prepare_copies(
     return [b.model_copy(update={"host": target}) if b.target in moved else b for b in disks]
 
 
-def commit_copies(peer: Peer, copies: Sequence[DiskBinding], target: str) -> None:
-    """The catalog names `target` for each of `copies` (the guest runs there)."""
-    for binding in copies:
-        _retried(peer, binding, target, "commit")
+def commit_steps(copies: Sequence[DiskBinding], target: str) -> list[LiveMoveVolume]:
+    """The steps that make the catalog name `target` for each of `copies` (the guest runs
+    there): kept and sent by compute_node.storage_steps until the catalog answers."""
+    return [LiveMoveVolume(volume_id=b.volume_id, host=target, step="commit") for b in copies]
 
 
 def abort_copies(peer: Peer, copies: Sequence[DiskBinding], target: str) -> None:
@@ -94,9 +96,7 @@ def abort_copies(peer: Peer, copies: Sequence[DiskBinding], target: str) -> None
         _retried(peer, binding, target, "abort")
 
 
-def _retried(
-    peer: Peer, binding: DiskBinding, target: str, step: Literal["commit", "abort"]
-) -> None:
+def _retried(peer: Peer, binding: DiskBinding, target: str, step: Literal["abort"]) -> None:
     for attempt in range(ATTEMPTS):
         try:
             _step(peer, binding, target, step)

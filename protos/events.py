@@ -148,10 +148,12 @@ class DomainMigrationProgress(DomainEvent):
     dirty, at most every MIGRATION_PROGRESS_S, and a final one (`phase` done, failed or
     cancelled) with the pause the target measured. Published by the source; `seq` is that of
     the domain's last lifecycle event (this is none: the registry projects nothing from it but
-    the end of the `migrating` task on the final one)."""
+    the end of the `migrating` task on the final one). A job over its source's limit of
+    concurrent migrations is announced `queued` with its `queue_position`, then `preparing`
+    when it leaves the queue."""
 
     TYPE = "domain.migration_progress"
-    VERSION = "1.1"  # 1.1: phase, target and the job's figures
+    VERSION = "1.2"  # 1.1: phase, target and the job's figures; 1.2: `queue_position`
     EVENT = "migration_progress"
     iteration: int = Field(ge=0)
     transferred_bytes: int = Field(ge=0)
@@ -166,6 +168,7 @@ class DomainMigrationProgress(DomainEvent):
     elapsed_ms: float = Field(default=0.0, ge=0)
     downtime_ms: float | None = None
     error: str | None = None
+    queue_position: int | None = Field(default=None, ge=1)  # phase `queued`: 1 is next
 
 
 DOMAIN_EVENTS: tuple[type[DomainEvent], ...] = (

@@ -4,7 +4,9 @@ The flow, each arrow an RPC on the bus:
 
     API --MigrateDomain--> scheduler: picks the target through its filters (never the source;
         the caller may name it), claims room there, then
-    scheduler --StartMigration--> source compute node: checks the state table, then
+    scheduler --StartMigration--> source compute node: checks the state table; over the
+        source's limit of concurrent migrations it answers the job `queued` at once and goes
+        on from here only when a slot frees (compute_node.migration_queue), then
     source --PrepareIncoming--> target compute node: defines the domain there, `incoming`
         (not listed, no events yet), claims its resources, plugs its ports, and (live) starts a
         VMM waiting on a TCP port with a one-time token; answers with where to stream
@@ -77,6 +79,7 @@ class MigrationParams(BaseModel):
 
 
 class MigrationPhase(StrEnum):
+    QUEUED = "queued"  # waits on its source for a slot (max_concurrent_migrations)
     PREPARING = "preparing"  # the target is being prepared
     SETUP = "setup"  # the stream is open, the config sent
     PRECOPY = "precopy"  # memory streams while the guest runs
@@ -93,9 +96,11 @@ FINAL_PHASES = frozenset({MigrationPhase.DONE, MigrationPhase.FAILED, MigrationP
 class MigrationJob(Message):
     """A domain's migration job as its source sees it (virsh domjobinfo). Figures are of
     the memory stream; `downtime_ms` is the pause the target measured (set once DONE),
-    `paused_ms` the source's own measure of it. `error` says why a FAILED job failed."""
+    `paused_ms` the source's own measure of it. `error` says why a FAILED job failed.
+    `queue_position` is the job's place in its source's queue while QUEUED (1: next)."""
 
     TYPE = "reply.migration_job"
+    VERSION = "1.1"  # 1.1: phase `queued`, `queue_position`
     domain_id: uuid.UUID
     source: str
     target: str
@@ -115,6 +120,7 @@ class MigrationJob(Message):
     downtime_ms: float | None = None
     paused_ms: float | None = None
     error: str | None = None
+    queue_position: int | None = Field(default=None, ge=1)
 
 
 # ---- API → scheduler ---------------------------------------------------------------------

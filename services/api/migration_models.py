@@ -95,8 +95,10 @@ class JobView(BaseModel):
     from the source or, once the domain left it, from the event log's final
     `domain.migration_progress` (`params` is then unknown). Figures are of the memory
     stream; `downtime_ms` is the pause the target measured (set once `done`), `paused_ms`
-    the source's own measure; `error` says why a `failed` job failed. `source` and
-    `target` are host names for an admin and aliases for a member."""
+    the source's own measure; `error` says why a `failed` job failed. A job over its
+    source's limit of concurrent migrations is `queued` (still `running`) with its
+    `queue_position` (1: the next to run). `source` and `target` are host names for an admin
+    and aliases for a member."""
 
     domain_id: uuid.UUID
     source: str
@@ -118,6 +120,7 @@ class JobView(BaseModel):
     paused_ms: float | None = None
     error: str | None = None
     params: MigrationParams | None = None
+    queue_position: int | None = None
 
     @classmethod
     def of(cls, job: MigrationJob, mask: HostMask) -> JobView:

@@ -53,6 +53,10 @@ class JobBar:
         if total:
             pct = 100 * max(0, total - int(job.get("remaining_bytes") or 0)) // total
             copied = f" {pct}% {human(sent)} of {human(total)},"
+        if job.get("phase") == "queued":
+            sys.stderr.write(f"\r\x1b[K{self.what}: queued, place {job.get('queue_position')}")
+            sys.stderr.flush()
+            return
         sys.stderr.write(
             f"\r\x1b[K{self.what}: {job.get('phase')}{copied} "
             f"iteration {job.get('iteration', 0)}, {human(int(job.get('bandwidth') or 0))}/s"
@@ -114,7 +118,13 @@ def cmd_migrate(s: Session, args: argparse.Namespace) -> int:
         emit_json(job)
     elif job.get("running"):
         how = "live" if job.get("live") else "offline"
-        print(f"Migration of '{d['name']}' to {job['target']} started ({how})")
+        if job.get("phase") == "queued":
+            print(
+                f"Migration of '{d['name']}' to {job['target']} queued ({how}): place "
+                f"{job.get('queue_position')} behind its host's running migrations"
+            )
+        else:
+            print(f"Migration of '{d['name']}' to {job['target']} started ({how})")
     else:
         print(ended_text(d["name"], job))
     if job.get("running") or job.get("phase") == "done":
@@ -158,6 +168,7 @@ def cmd_domjobinfo(s: Session, args: argparse.Namespace) -> int:
                 ("Source", job.get("source")),
                 ("Target", job.get("target")),
                 ("Phase", job.get("phase")),
+                ("Queue position", job.get("queue_position")),
                 ("Time elapsed", _ms(job.get("elapsed_ms"))),
                 ("Iteration", job.get("iteration")),
                 ("Data processed", human(int(job.get("bytes_sent") or 0))),

@@ -148,6 +148,11 @@ class MigrationHandlers:
             except BaseException:
                 self._migration_released(claim, cmd.source, request.group)
                 raise
+            if job.phase is MigrationPhase.QUEUED:
+                # It waits on its source, the target not yet prepared: the claim stands
+                # (held, not settling) until the source says the job left its queue.
+                log.info("migration queued", source=cmd.source, target=claim.host)
+                return job
             self.state.settle(cmd.domain_id, settles_at=job.started_at)
             self._announce(ClaimPhase.PLACED, claim)
             log.info("migration started", source=cmd.source, target=claim.host)
@@ -203,10 +208,28 @@ class MigrationHandlers:
 
     def on_migration_progress(self, event: DomainMigrationProgress) -> None:
         """A migration's final progress says where the domain lives now: the target when it
-        is done, the source otherwise (a peer's `placed` claim counted it on the target)."""
+        is done, the source otherwise (a peer's `placed` claim counted it on the target), and
+        a claim still held on the target for a job that did not get there goes. A queued job
+        that leaves its source's queue (`preparing`) settles the claim held for it."""
+        claim = self.state.claims.get(event.domain_id)
+        mine = claim is not None and claim.host == event.target and claim.replica == self.replica
         if event.phase not in FINAL_PHASES:
+            # Only a job that waited announces `preparing` (one that starts at once is
+            # answered started, and its claim settled by `migrate`).
+            if (
+                mine
+                and claim is not None
+                and claim.settles_at is None
+                and event.phase == MigrationPhase.PREPARING
+            ):
+                self.state.settle(event.domain_id, settles_at=time.time())
+                self._announce(ClaimPhase.PLACED, claim)
             return
         done = event.phase == MigrationPhase.DONE and event.target
+        if not done and claim is not None and claim.host == event.target:
+            self.state.release(event.domain_id)
+            if mine:
+                self._announce(ClaimPhase.RELEASED, claim)
         self.state.on_domain_started(event.domain_id, event.target if done else event.host)
 
     def _migration_released(self, claim: Claim, source: str, group: GroupKey | None) -> None:

@@ -6,15 +6,22 @@ verbs do the same against the same stack."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
+from protos.base import Message
+from protos.codec import Envelope
+from protos.events import DomainMigrationProgress
 from services.api.registry import Registry
+from services.bus import Bus
 from services.cli.main import main as cli_main
+from tests.integration.conftest import MakeBus
 from tests.integration.test_api import ADMIN, ALICE, Cloud, auth
 from tests.integration.test_api import cloud as cloud_fixture  # noqa: F401  (a fixture)
 
@@ -133,7 +140,12 @@ def test_domjobabort_leaves_the_domain_where_it_was(
     assert cli(cloud, "domjobabort", d["name"]) == 4
 
 
-def test_evacuate_and_the_cli_verbs(cloud: Cloud, capsys: pytest.CaptureFixture[str]) -> None:
+def test_evacuate_and_the_cli_verbs(
+    cloud: Cloud, make_bus: MakeBus, capsys: pytest.CaptureFixture[str]
+) -> None:
+    progress = Progress(make_bus())
+    migrations_wait_their_turn(cloud, progress)  # on this test's stack (it is the costly part)
+    progress.subscription.close()
     running = cloud.create(memory_mib=64).json()
     off = cloud.create(memory_mib=64, start=False).json()
     cloud.wait(running["id"], lambda r: r.json()["state"] == "running")
@@ -162,3 +174,116 @@ def test_evacuate_and_the_cli_verbs(cloud: Cloud, capsys: pytest.CaptureFixture[
     # Nothing is left to migrate off it.
     r = cloud.http.post(f"/v1/hosts/{host}/evacuate", headers=auth(ADMIN))
     assert (r.status_code, r.json()["started"], r.json()["domains"]) == (202, 0, [])
+
+
+class Progress:
+    """Every `domain.migration_progress` on the bus, in arrival order (one source's events
+    leave its outbox in the order it wrote them)."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.events: list[DomainMigrationProgress] = []
+        self._cond = threading.Condition()
+        self.subscription = bus.subscribe(["domain.migration_progress.#"], self._on)
+
+    def _on(self, _envelope: Envelope, event: Message) -> None:
+        if isinstance(event, DomainMigrationProgress):
+            with self._cond:
+                self.events.append(event)
+                self._cond.notify_all()
+
+    def of(self, host: str) -> list[tuple[str, str]]:
+        """(domain id, phase) of the jobs leaving `host`."""
+        with self._cond:
+            return [(str(e.domain_id), e.phase) for e in self.events if e.host == host]
+
+    def most_at_once(self, host: str) -> int:
+        """The most jobs leaving `host` that ran at one time: from the first event that is
+        not `queued` to the final one."""
+        running: set[str] = set()
+        most = 0
+        for domain_id, phase in self.of(host):
+            if phase in ("done", "failed", "cancelled"):
+                running.discard(domain_id)
+            elif phase != "queued":
+                running.add(domain_id)
+                most = max(most, len(running))
+        return most
+
+
+def admin_wait(
+    cloud: Cloud, domain_id: str, check: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """The domain as an admin sees it, once `check` holds (15 s at most)."""
+    deadline = time.monotonic() + 15
+    while True:
+        view: dict[str, Any] = cloud.get(domain_id, token=ADMIN).json()
+        if check(view):
+            return view
+        assert time.monotonic() < deadline, view
+        time.sleep(0.05)
+
+
+def on_host(cloud: Cloud, host: str, n: int) -> list[str]:
+    """`n` running domains that an admin placed on `host`."""
+    ids = [
+        cloud.create(token=ADMIN, memory_mib=64, placement={"host": host}).json()["id"]
+        for _ in range(n)
+    ]
+    for domain_id in ids:
+        admin_wait(cloud, domain_id, lambda v: v.get("state") == "running")
+    return ids
+
+
+def moved(cloud: Cloud, domain_id: str, to: str) -> None:
+    admin_wait(cloud, domain_id, lambda v: v["task"] == "none" and v["host"] == to)
+
+
+def migrations_wait_their_turn(cloud: Cloud, progress: Progress) -> None:
+    """The nodes' max_concurrent_migrations is 1 (the default): a second migration from a
+    host waits `queued` and runs once the first ended; a queued one is cancelled at once; an
+    evacuation of three domains runs them one at a time. Its domains go at the end, and
+    both hosts are enabled again."""
+    here, there = sorted(cloud.nodes)
+    a, b, c = on_host(cloud, here, 3)
+    # 32 MiB/s: the fake's 64 MiB stream takes seconds, time enough for the others to queue.
+    first = migrate(cloud, a, ADMIN, host=there, bandwidth_mibps=32)
+    assert first.status_code == 202, first.text
+    assert first.json()["phase"] != "queued"
+    second = migrate(cloud, b, ADMIN, host=there)
+    third = migrate(cloud, c, ADMIN, host=there)
+    assert (second.status_code, third.status_code) == (202, 202), (second.text, third.text)
+    assert (second.json()["phase"], second.json()["queue_position"]) == ("queued", 1)
+    assert (third.json()["phase"], third.json()["queue_position"]) == ("queued", 2)
+    waiting = job(cloud, c).json()
+    assert (waiting["running"], waiting["phase"], waiting["queue_position"]) == (True, "queued", 2)
+    # domjobabort of a queued one: cancelled at once, the domain where it was, its task none.
+    r = cloud.http.delete(f"/v1/domains/{c}/job", headers=auth(ADMIN))
+    assert r.status_code == 200, r.text
+    assert (r.json()["phase"], r.json()["running"]) == ("cancelled", False)
+    view = admin_wait(cloud, c, lambda v: v["task"] == "none")
+    assert (view["state"], view["host"]) == ("running", here)
+    # The two others run one after the other.
+    for domain_id in (a, b):
+        moved(cloud, domain_id, there)
+    phases = progress.of(here)
+    assert (b, "queued") in phases
+    assert phases.index((a, "done")) < phases.index((b, "preparing")), phases
+    assert (c, "preparing") not in phases  # the cancelled one never ran
+    assert progress.most_at_once(here) == 1
+
+    # Evacuate three domains off `there` (a, b and one more): one at a time.
+    d = on_host(cloud, there, 1)[0]
+    assert cloud.http.post(f"/v1/hosts/{there}/disable", headers=auth(ADMIN)).status_code == 200
+    r = cloud.http.post(f"/v1/hosts/{there}/evacuate", headers=auth(ADMIN))
+    assert (r.status_code, r.json()["started"]) == (202, 3), r.text
+    assert [e["job"]["phase"] for e in r.json()["domains"]].count("queued") == 2
+    for domain_id in (a, b, d):
+        moved(cloud, domain_id, here)
+    assert [p for _, p in progress.of(there)].count("done") == 3
+    assert progress.most_at_once(there) == 1
+    assert cloud.http.post(f"/v1/hosts/{there}/enable", headers=auth(ADMIN)).status_code == 200
+    for domain_id in (a, b, c, d):
+        r = cloud.http.delete(f"/v1/domains/{domain_id}", headers=auth(ADMIN))
+        assert r.status_code in (202, 204), r.text
+    for domain_id in (a, b, c, d):
+        admin_wait(cloud, domain_id, lambda v: v.get("status") == 404 or "id" not in v)

@@ -10,15 +10,18 @@ import fcntl
 import json
 import os
 import struct
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
+import pika
 import pytest
 
+from protos import routing
 from protos.bindings import DiskBinding
-from protos.commands import DefineDomain, StartDomain
+from protos.commands import DefineDomain, GetDomainInfo, StartDomain
 from protos.domain import BootSpec, DiskSpec, DomainSpec, PowerState
 from protos.migration import MigrationParams, MigrationPhase
 from protos.replies import DomainInfo
@@ -51,7 +54,9 @@ class TwoHosts:
         computes: list[ComputeProcess],
         pools: dict[str, Path],
         watcher: VolumeWatcher,
+        storage: StorageProcess,
     ) -> None:
+        self.storage = storage
         self.bus = bus
         self.computes = computes
         self.hosts = [c.host for c in computes]
@@ -106,7 +111,7 @@ def two_hosts(
             pools[host] = pool
         purge_queues(amqp_url, STORAGE_EVENTS)
         storage.start(bus)
-        yield TwoHosts(bus, computes, pools, watcher)
+        yield TwoHosts(bus, computes, pools, watcher, storage)
     finally:
         storage.stop()
         for c in computes:
@@ -283,3 +288,69 @@ def test_a_live_move_is_prepared_then_aborted_or_committed(two_hosts: TwoHosts) 
     with pytest.raises(RemoteError) as nowhere:
         call(t.bus, LiveMoveVolume(volume_id=vid, project="p1", host="no-such", step="prepare"))
     assert nowhere.value.code == "not_found"
+
+
+def _drop_queue(amqp_url: str, queue: str) -> None:
+    """Delete `queue` on the broker: requests to it are refused at once (no route) until a
+    process declares it again, as a storage service does when it starts."""
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url.split(",", maxsplit=1)[0]))
+    try:
+        conn.channel().queue_delete(queue)
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow  # a 15 s outage, past the old code's ~10 s of resends
+def test_a_live_moves_commit_outlives_a_storage_outage(two_hosts: TwoHosts) -> None:
+    """The catalog cannot be reached from the source's commit until well after the old ~10 s
+    of resends (the storage service stopped and its queue gone: every request refused at
+    once), and the source node restarts meanwhile: the commit, kept in the node's store,
+    lands once the service is back; the volume is on the target, announced once."""
+    t = two_hosts
+    vid = uuid.uuid4()
+    made = t.volume(CreateVolume(volume_id=vid, project="p1", name="live", size=4 * MiB))
+    src = next(c for c in t.computes if c.host == made.host)
+    dst = next(c for c in t.computes if c.host != made.host)
+    spec = DomainSpec(
+        name=f"lv-{uuid.uuid4().hex[:6]}",
+        boot=BootSpec(kernel=KERNEL),
+        memory_mib=16,
+        disks=[DiskSpec(target="vdb", volume_id=vid)],
+    )
+    t.volume(
+        AttachVolume(
+            volume_id=vid, project="p1", attachment=Attachment(domain_id=spec.uuid, target="vdb")
+        )
+    )
+    binding = DiskBinding(target="vdb", volume_id=vid, pool="local", host=src.host)
+    t.bus.call(src.queue, DefineDomain(spec=spec, disks=[binding]), timeout=20)
+    t.bus.call(src.queue, StartDomain(domain_id=spec.uuid), timeout=20)
+    # The target's file is prepared before the job is answered; the stream then takes ~2 s.
+    migrate(t.bus, src, dst, spec, MigrationParams(bandwidth_mibps=16))
+    t.storage.stop()
+    _drop_queue(src.amqp_url, routing.STORAGE_QUEUE)
+    down = time.monotonic()
+    # The job is done while the catalog is unreachable: the commit waits in the node's store.
+    assert ended(t.bus, src, spec.uuid, timeout=20).phase is MigrationPhase.DONE
+    assert time.monotonic() - down < 15
+    info = t.bus.call(dst.queue, GetDomainInfo(domain_id=spec.uuid), timeout=20)
+    assert isinstance(info, DomainInfo)
+    assert info.state is PowerState.RUNNING
+    src.kill()  # a restart, mid-outage (its pool named as the fixture named it)
+    pools = [{"name": "local", "path": str(t.pools[src.host])}]
+    src.env = {**src.env, "FLOTILLA_POOLS": json.dumps(pools)}
+    src.start(t.bus)
+    time.sleep(max(0.0, 15 - (time.monotonic() - down)))  # past the old code's 10 resends
+    t.storage.start(t.bus)
+    deadline = time.monotonic() + 30
+    source_file = t.pools[src.host] / "volumes" / str(vid)
+    # The catalog names the target, then the source's file goes.
+    while t.volume(GetVolume(volume_id=vid, project="p1")).host != dst.host or source_file.exists():
+        assert time.monotonic() < deadline, "the commit was lost"
+        time.sleep(0.2)
+    assert (t.pools[dst.host] / "volumes" / str(vid)).exists()
+    assert t.events(vid) == [
+        ("volume.created", 1, src.host, ""),
+        ("volume.attached", 2, src.host, ""),
+        ("volume.moved", 3, dst.host, src.host),
+    ]

@@ -57,6 +57,7 @@ class MigratingCloud(FakeCloud):
         self.jobs: dict[uuid.UUID, MigrationJob] = {}
         self.done_after: int | None = None  # GetMigrationJob answers before a job is done
         self.volumes: dict[uuid.UUID, Volume] = {}  # what the storage catalog answers
+        self.queued = 0  # a new job is answered `queued` at this place (0: running)
 
     def call(self, queue: str, command: Command, *, timeout: float = 30.0, **kw: Any) -> Message:
         if isinstance(command, GetVolume):
@@ -73,13 +74,14 @@ class MigratingCloud(FakeCloud):
                 source=command.source,
                 target=command.target or "h2",
                 live=command.params.live,
-                phase=MigrationPhase.PRECOPY,
+                phase=MigrationPhase.QUEUED if self.queued else MigrationPhase.PRECOPY,
                 params=command.params,
                 started_at=time.time(),
                 elapsed_ms=12.0,
                 memory_bytes=64 << 20,
                 bytes_sent=8 << 20,
                 remaining_bytes=56 << 20,
+                queue_position=self.queued or None,
             )
             self.jobs[command.domain_id] = job
             return job

@@ -122,6 +122,27 @@ def test_migrate_and_the_job_verbs(
     assert len(cloud.sent(AbortMigration)) == 1
 
 
+def test_a_queued_migration_says_its_place(
+    stack: tuple[Registry, MigratingCloud, TestClient], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _registry, cloud, client = stack
+    d = create(client)
+    cloud.queued = 2
+    capsys.readouterr()
+    assert run(client, ["migrate", d["name"]]) == 0
+    assert f"Migration of '{d['name']}' to h2 queued (live): place 2" in capsys.readouterr().out
+    assert run(client, ["domjobinfo", d["name"]]) == 0
+    info = capsys.readouterr().out
+    assert "queued" in info
+    assert [line.split()[-1] for line in info.splitlines() if "Queue position" in line] == ["2"]
+    r = client.get(f"/v1/domains/{d['id']}/job", headers=auth(ADMIN))
+    assert (r.json()["phase"], r.json()["queue_position"], r.json()["running"]) == (
+        "queued",
+        2,
+        True,
+    )
+
+
 def test_migrate_wait_follows_the_job_to_its_end(
     stack: tuple[Registry, MigratingCloud, TestClient], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -38,6 +38,7 @@ class Cluster:
         self.source = source
         self.refuse: dict[str, str] = {}  # target → the code the source answers with
         self.silent = False
+        self.queued = False  # the source answers the job `queued` (over its limit)
         self.started: list[StartMigration] = []
 
     def __call__(
@@ -74,10 +75,11 @@ class Cluster:
             source=host,
             target=command.target,
             live=command.params.live,
-            phase=MigrationPhase.PRECOPY,
+            phase=MigrationPhase.QUEUED if self.queued else MigrationPhase.PRECOPY,
             params=command.params,
             started_at=time.time(),
             elapsed_ms=1.0,
+            queue_position=1 if self.queued else None,
         )
 
 
@@ -313,6 +315,56 @@ def test_the_final_progress_says_where_the_domain_lives() -> None:
     assert svc.state.domain_host[spec.uuid] == "a"
     svc.on_event(envelope, final("done"))
     assert svc.state.domain_host[spec.uuid] == "b"
+
+
+def progress(spec: DomainSpec, phase: str) -> DomainMigrationProgress:
+    return DomainMigrationProgress(
+        domain_id=spec.uuid,
+        name=spec.name,
+        host="a",
+        seq=4,
+        state=PowerState.RUNNING,
+        iteration=0,
+        transferred_bytes=0,
+        remaining_bytes=0,
+        phase=phase,
+        target="b",
+    )
+
+
+@pytest.mark.parametrize("end", ["cancelled", "failed"])
+def test_a_queued_jobs_claim_holds_until_it_runs_and_goes_when_it_does_not(end: str) -> None:
+    spec = domain()
+    cluster = Cluster(spec, "a")
+    cluster.queued = True
+    svc = scheduler(cluster, {"a": {}, "b": {}})
+    envelope = envelope_for(command(spec), source="test")
+    assert migrate(svc, command(spec)).phase is MigrationPhase.QUEUED
+    assert phases(svc) == [("claimed", "b")]
+    claim = svc.state.claims[spec.uuid]
+    assert claim.settles_at is None  # held while queued: heartbeats do not drop it
+    for _ in range(5):
+        svc.state.on_heartbeat(beat("b", interval_s=60.0), sent_at=time.time() + 10, now=0.0)
+    assert svc.state.hosts["b"].claimed_memory_mib == 1024
+    svc.on_event(envelope, progress(spec, "queued"))
+    assert svc.state.claims[spec.uuid].settles_at is None
+    # Cancelled (or failed) before it ran: the room on the target goes at once.
+    svc.on_event(envelope, progress(spec, end))
+    assert spec.uuid not in svc.state.claims
+    assert svc.state.hosts["b"].claimed_memory_mib == 0
+    assert svc.state.domain_host[spec.uuid] == "a"
+    assert phases(svc) == [("claimed", "b"), ("released", "b")]
+
+
+def test_a_queued_jobs_claim_settles_once_it_leaves_the_queue() -> None:
+    spec = domain()
+    cluster = Cluster(spec, "a")
+    cluster.queued = True
+    svc = scheduler(cluster, {"a": {}, "b": {}})
+    migrate(svc, command(spec))
+    svc.on_event(envelope_for(command(spec), source="test"), progress(spec, "preparing"))
+    assert svc.state.claims[spec.uuid].settles_at is not None
+    assert phases(svc) == [("claimed", "b"), ("placed", "b")]
 
 
 def test_the_wait_for_the_source_outlasts_its_wait_for_the_target() -> None:
