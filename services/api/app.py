@@ -126,7 +126,7 @@ def create_app(  # noqa: PLR0915  (the app and its lifespan read best in one pla
         ctx: ApiContext = app.state.ctx
         details: dict[str, str] = {}
         try:
-            ctx.registry.last_event_id()
+            ctx.registry.events.last_id()
             database = True
         except Exception as exc:
             database, details["database"] = False, str(exc)

@@ -49,7 +49,7 @@ class Authenticator:
         found = self._static.get(key)
         if found is not None:
             return found
-        record = self.registry.find_token(key)
+        record = self.registry.access.find_token(key)
         if record is None:
             raise _unauthorized("unknown token")
         return Principal(record.project, record.role)

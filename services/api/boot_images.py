@@ -80,4 +80,4 @@ def domains_booting(ctx: ApiContext, image: Image) -> list[str]:
             return spec.boot.image == image.name
         return image.kind == "initrd" and spec.boot.initrd_image == image.name
 
-    return [r.spec.name for r in ctx.registry.list_domains(project=project) if boots(r.spec)]
+    return [r.spec.name for r in ctx.registry.domains.matching(project=project) if boots(r.spec)]

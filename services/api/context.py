@@ -21,7 +21,8 @@ from services.api.auth import Authenticator, Principal
 from services.api.config import ApiConfig
 from services.api.metrics import ApiMetrics
 from services.api.problems import Problem, not_found
-from services.api.registry import DomainRecord, Registry
+from services.api.registry import Registry
+from services.api.registry.domains import DomainRecord
 from services.api.visibility import HOST_ALIAS_KEY_NAME, HostMask
 from services.bus import BusError, NoRouteError, RemoteError, RpcTimeout
 
@@ -112,18 +113,18 @@ class ApiContext:
     def host_alias_key(self) -> str:
         """The key of members' host aliases (services.api.visibility), read once."""
         if self._host_alias_key is None:
-            self._host_alias_key = self.registry.secret(HOST_ALIAS_KEY_NAME)
+            self._host_alias_key = self.registry.access.secret(HOST_ALIAS_KEY_NAME)
         return self._host_alias_key
 
     def host_mask(self, caller: Principal) -> HostMask:
-        return HostMask.for_caller(caller, self.registry.host_names, self.host_alias_key)
+        return HostMask.for_caller(caller, self.registry.hosts.names, self.host_alias_key)
 
     def principal(self, request: Request) -> Principal:
         return self.auth.principal(request.headers.get("authorization"))
 
     def visible_domain(self, principal: Principal, domain_id: uuid.UUID) -> DomainRecord:
         """The domain if the caller may see it; 404 otherwise (whether or not it exists)."""
-        record = self.registry.get_domain(domain_id)
+        record = self.registry.domains.get(domain_id)
         if record is None or not principal.sees(record.project):
             raise not_found(f"domain {domain_id}")
         return record

@@ -20,7 +20,7 @@ from protos.domain import Fault, PowerState, TaskState
 from protos.replies import DomainInfo
 from services.api.context import ApiContext
 from services.api.problems import Problem
-from services.api.registry import DomainRecord
+from services.api.registry.domains import DomainRecord
 
 log = structlog.get_logger("flotilla.api.finishing")
 
@@ -41,7 +41,7 @@ def finish_start(ctx: ApiContext, record: DomainRecord) -> None:
             f"{problem.code}: {problem.detail}",
             host=host,
         )
-        ctx.registry.set_task(record.id, TaskState.ERROR, fault, unless=TaskState.DELETING)
+        ctx.registry.domains.set_task(record.id, TaskState.ERROR, fault, unless=TaskState.DELETING)
         log.warning(
             "interrupted create not started",
             domain_id=str(record.id),
@@ -50,6 +50,6 @@ def finish_start(ctx: ApiContext, record: DomainRecord) -> None:
         )
         return
     if isinstance(info, DomainInfo):
-        ctx.registry.observe_info(info)
+        ctx.registry.domains.observe_info(info)
         if info.state is not PowerState.SHUTOFF:
             log.info("interrupted create started", domain_id=str(record.id), host=host)

@@ -60,7 +60,7 @@ class HeartbeatWriter:
         if not batch:
             return 0
         try:
-            self.registry.record_heartbeats(list(batch.values()))
+            self.registry.hosts.record_many(list(batch.values()))
             self.transactions += 1
         except DatabaseUnavailable as exc:
             log.warning("heartbeats not recorded", hosts=len(batch), error=str(exc))

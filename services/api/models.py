@@ -13,7 +13,7 @@ from protos.domain import NAME_PATTERN, DomainSpec, Fault, PowerState, TaskState
 from protos.host import KvmKind, Resources
 from protos.scheduler import Attempt
 from services.api.config import Quota, Role
-from services.api.registry import DomainRecord
+from services.api.registry.domains import DomainRecord
 from services.api.visibility import HostMask
 
 
@@ -153,6 +153,9 @@ class HostView(BaseModel):
     # another firewall manager's forward chain with policy drop in front of NAT).
     vtep: str | None = None
     network_warnings: list[str] = []
+    # The names of the host's `dir` (host-local) pools, as its heartbeat says; None from a host
+    # whose heartbeat does not say (HostHeartbeat before 1.3).
+    pools: list[str] | None = None
 
 
 class HostList(BaseModel):

@@ -1,8 +1,8 @@
-"""Settles creates whose API replica died mid-request (services.api.registry.resolve_orphans).
+"""Settles creates whose API replica died mid-request (services.api.registry.settling).
 
 A create stores its record (task `scheduling`), waits for the scheduler, then records the
 placement. If the replica handling it is killed in between, the domain's start on a host
-places it (services.api.registry.apply_event); one that never starts (`start: false`,
+places it (services.api.registry.events.apply); one that never starts (`start: false`,
 nothing placed) no other replica would ever touch; nor would any touch a create answered 504
 (the scheduler did not answer in time: `error`, fault `schedule_timeout`) whose start never
 came. Every replica runs this sweep: a record still in `scheduling`, or in `error` with
@@ -24,7 +24,8 @@ from collections.abc import Callable
 
 import structlog
 
-from services.api.registry import DomainRecord, Registry
+from services.api.registry import Registry
+from services.api.registry.domains import DomainRecord
 from services.db import DatabaseUnavailable
 
 log = structlog.get_logger("flotilla.api.orphans")
@@ -69,7 +70,7 @@ class OrphanSweeper:
             self._thread.join(timeout)
 
     def sweep(self) -> None:
-        for record in self.registry.resolve_orphans(self.older_than_s):
+        for record in self.registry.settling.resolve_orphans(self.older_than_s):
             log.warning(
                 "create settled after its API replica stopped",
                 domain_id=str(record.id),
@@ -84,7 +85,7 @@ class OrphanSweeper:
     def settle_deletes(self) -> None:
         """Tombstones whose domain never reached a host go (their ports and volumes are
         released); a deleted domain still on a host is destroyed and undefined there again."""
-        to_reap, removed = self.registry.settle_deletes(self.older_than_s)
+        to_reap, removed = self.registry.settling.settle_deletes(self.older_than_s)
         for record, host in to_reap:
             log.warning(
                 "delete not done yet: asking its host again", domain_id=str(record.id), host=host

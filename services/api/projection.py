@@ -18,7 +18,8 @@ from protos.host import HostHeartbeat
 from protos.storage import VolumeEvent
 from services.api.heartbeats import HeartbeatWriter
 from services.api.metrics import ApiMetrics
-from services.api.registry import Outcome, Registry
+from services.api.registry import Registry
+from services.api.registry.projection import Outcome
 from services.bus import Bus, Context, Service, ServiceRunner, Subscription, on_event
 from services.bus.service import Retry
 from services.db import DatabaseUnavailable
@@ -50,7 +51,7 @@ class EventProjector(Service):
     def domain_event(self, event: Message, ctx: Context) -> Outcome | None:
         if not isinstance(event, DomainEvent):
             return None
-        outcome = self._log(self.registry.apply_event, event, ctx)
+        outcome = self._log(self.registry.events.apply, event, ctx)
         if outcome is Outcome.REAP and self.reap is not None:
             # Deleted before it was placed: off that host again (services.api.reaping).
             self.reap(event.domain_id, event.host)
@@ -61,7 +62,7 @@ class EventProjector(Service):
         """Into the event log, for `/v1/events` (the volume's project sees it)."""
         if not isinstance(event, VolumeEvent):
             return None
-        return self._log(self.registry.log_volume_event, event, ctx)
+        return self._log(self.registry.events.log_volume, event, ctx)
 
     def _log(self, write: Callable[..., Outcome], event: E, ctx: Context) -> Outcome:
         """`write` (the registry's) the delivered `event` with its envelope's id, time and

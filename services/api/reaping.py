@@ -1,8 +1,8 @@
 """Removing a deleted domain from the host it is on, after its DELETE answered.
 
 A DELETE of a domain not placed yet leaves a tombstone (task `deleting`, no host,
-services.api.registry.Registry.tombstone): the create's scheduler may still define and start
-it somewhere, and its create's API replica may be gone. Wherever it then appears (its
+services.api.registry.domains's `tombstone`): the create's scheduler may still define and
+start it somewhere, and its create's API replica may be gone. Wherever it then appears (its
 `domain.defined` or `domain.started`, projected by any replica), it is destroyed and undefined
 there; the record goes with that host's `domain.undefined`, and its ports and volumes are
 released. The orphan sweep (services.api.orphans) settles the tombstones of domains that never
@@ -22,7 +22,7 @@ from protos.domain import TaskState
 from protos.network import ReleasePorts
 from services.api.context import ApiContext
 from services.api.problems import Problem
-from services.api.registry import DomainRecord
+from services.api.registry.domains import DomainRecord
 from services.api.routes import disks
 
 log = structlog.get_logger("flotilla.api.reaping")
@@ -69,7 +69,7 @@ def reap(ctx: ApiContext, domain_id: uuid.UUID, host: str) -> None:
     DELETE (or where a DELETE's own calls were cut short). Once that is its host and the host
     has it no more, its ports and volumes are released; a host that never had it removes the
     record then. A failure is logged: the orphan sweep tries again."""
-    record = ctx.registry.get_domain(domain_id)
+    record = ctx.registry.domains.get(domain_id)
     if record is None or record.task is not TaskState.DELETING:
         return  # deleted meanwhile, or not deleted at all
     try:
@@ -78,7 +78,7 @@ def reap(ctx: ApiContext, domain_id: uuid.UUID, host: str) -> None:
         if problem.code != "not_found":
             log.warning("deleted domain left on its host", domain_id=str(domain_id), host=host)
             return
-        ctx.registry.remove_deleted(domain_id, host)  # already gone from the host
+        ctx.registry.domains.remove_deleted(domain_id, host)  # already gone from the host
     log.info("deleted domain removed from the host it appeared on", domain_id=str(domain_id))
     if record.host == host:
         release(ctx, record)

@@ -2,11 +2,11 @@
 
 A member's alias for a host is stable within its project (so it can tell whether two of its
 domains share a host, which anti-affinity is about) and says nothing across projects. It is
-an HMAC under a key the registry keeps (`Registry.secret`), so guessing host names and
-hashing them does not reverse it. Every body the API sends a member passes through one
-`HostMask`: domain views, problem documents and the SSE stream.
+an HMAC under a key the registry keeps (services.api.registry.access's `secret`), so
+guessing host names and hashing them does not reverse it. Every body the API sends a member
+passes through one `HostMask`: domain views, problem documents and the SSE stream.
 
-    mask = HostMask.for_caller(caller, registry.host_names, key)
+    mask = HostMask.for_caller(caller, registry.hosts.names, key)
     body = mask.body(problem.body())
 
 `body` rewrites, anywhere in a JSON-like value: a string under a key that names a host

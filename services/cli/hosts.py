@@ -43,6 +43,8 @@ def cmd_hosts(s: Session, args: argparse.Namespace) -> int:
     for h in sorted(hosts, key=lambda h: str(h.get("name"))):
         if h.get("vtep"):
             print(f"{h.get('name')}: VXLAN underlay (vtep) {h['vtep']}")
+        if h.get("pools"):
+            print(f"{h.get('name')}: pools {', '.join(h['pools'])}")
         for warning in h.get("network_warnings") or []:
             print(f"{h.get('name')}: warning: {warning}")
     return 0

@@ -27,42 +27,27 @@ from protos.volumes import VolumeListing, VolumePage
 from services.bus import ServiceError
 from services.storage.tables import volumes
 
-# The reply's columns, in VolumeRow's order (the attachment is its three columns).
-_COLUMNS = (
-    volumes.c.id,
-    volumes.c.project,
-    volumes.c.name,
-    volumes.c.pool,
-    volumes.c.host,
-    volumes.c.size,
-    volumes.c.state,
-    volumes.c.domain_id,
-    volumes.c.target,
-    volumes.c.readonly,
-    volumes.c.source_id,
-    volumes.c.image,
-    volumes.c.fault,
-    volumes.c.seq,
-    volumes.c.created_at,
-)
+# Where a row's field is not the column of its name: VolumeRow's `volume_id` is `id`, and an
+# attachment is its three columns.
+_FIELD_COLUMNS: dict[str, tuple[sa.Column[Any], ...]] = {
+    "volume_id": (volumes.c.id,),
+    "attachment": (volumes.c.domain_id, volumes.c.target, volumes.c.readonly),
+}
 
 
-# The listing's columns, in VolumeViewRow's order (no `image`, no `fault`: the view has none).
-_VIEW_COLUMNS = (
-    volumes.c.id,
-    volumes.c.name,
-    volumes.c.project,
-    volumes.c.pool,
-    volumes.c.host,
-    volumes.c.size,
-    volumes.c.state,
-    volumes.c.domain_id,
-    volumes.c.target,
-    volumes.c.readonly,
-    volumes.c.source_id,
-    volumes.c.seq,
-    volumes.c.created_at,
-)
+def _columns(row: type[msgspec.Struct]) -> tuple[sa.Column[Any], ...]:
+    """The columns that fill `row`'s fields, in the row's order."""
+    return tuple(
+        column
+        for field in row.__struct_fields__
+        for column in _FIELD_COLUMNS.get(field) or (volumes.c[field],)
+    )
+
+
+# The reply's columns (VolumeRow) and the listing's (VolumeViewRow: the name before the
+# project, no `image`, no `fault`), each in its row's order.
+_COLUMNS = _columns(VolumeRow)
+_VIEW_COLUMNS = _columns(VolumeViewRow)
 _JSON = msgspec.json.Encoder()
 
 

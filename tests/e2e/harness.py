@@ -44,7 +44,7 @@ class E2E:
         key the stack's API keeps in its registry."""
         registry = Registry.open(f"sqlite:///{self.stack.state_dir / 'api' / 'registry.db'}")
         try:
-            return host_alias(registry.secret(HOST_ALIAS_KEY_NAME), project, host)
+            return host_alias(registry.access.secret(HOST_ALIAS_KEY_NAME), project, host)
         finally:
             registry.close()
 

@@ -76,7 +76,7 @@ class Cloud:
         """A member's alias of `host`, with the key the API keeps in its registry."""
         registry = Registry.open(self.database_url)
         try:
-            return host_alias(registry.secret(HOST_ALIAS_KEY_NAME), project, host)
+            return host_alias(registry.access.secret(HOST_ALIAS_KEY_NAME), project, host)
         finally:
             registry.close()
 
@@ -330,6 +330,8 @@ def test_quota_scope_and_hosts(cloud: Cloud) -> None:
             break
         assert time.monotonic() < deadline, hosts
         time.sleep(0.1)
+    # Each node's `dir` pools, from its heartbeat (the default pool under its state dir).
+    assert all(h["pools"] == ["default"] for h in ours.values()), ours
     first, second = sorted(cloud.nodes)
     r = cloud.http.post(f"/v1/hosts/{first}/disable", headers=auth(ADMIN))
     assert r.status_code == 200, r.text

@@ -58,7 +58,7 @@ def lifecycle_seqs(cloud: Cloud, domain_id: str) -> list[tuple[str, str, int]]:
     """(host, type/detail, seq) of the domain's lifecycle events, in seq order."""
     registry = Registry.open(cloud.database_url)
     try:
-        rows = registry.events_after(domain_id=uuid.UUID(domain_id), limit=1000)
+        rows = registry.events.after(domain_id=uuid.UUID(domain_id), limit=1000)
     finally:
         registry.close()
     kept = [

@@ -6,6 +6,12 @@ never comes (the scheduler stopped between define and start), the sweep must fin
 create as asked: running, not shut off. Found by the chaos
 suite (tests/chaos): the record stayed in task `scheduling`, and a DELETE of it then dropped
 the record at once (no host known) while the guest kept running on its host.
+
+The four tests share one compute node, one scheduler and one surviving API replica on one
+PostgreSQL database (a replica on a database of its own would take a share of the events:
+the API replicas compete for `api.events`); the first three each start a replica to kill.
+The node's spawns and the scheduler's starts are held only while a test asks
+(`Stack.spawns`, `Stack.starts`), and released when it ends.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -32,6 +39,7 @@ from compute_node.node import ComputeNode
 from protos.base import Message
 from protos.commands import Command, StartDomain
 from protos.domain import DomainSpec, PowerState
+from services.api.orphans import GRACE_S
 from services.broker import free_port
 from services.cli.stack import Child
 from services.files import write_private
@@ -43,36 +51,29 @@ pytestmark = pytest.mark.integration
 
 TOKEN = "replica-death-admin"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
+# The replicas on PostgreSQL answer a create after 8 s at the latest; their orphan sweep
+# settles a record GRACE_S later than that after it last changed. A test that must see the
+# domain settled by its own events, not by the sweep, gives up before then.
+SCHEDULE_TIMEOUT_S = 8.0
+BEFORE_THE_SWEEP_S = SCHEDULE_TIMEOUT_S + GRACE_S - 1.0
 
 
-class SlowSpawn(FakeDriver):
-    """Spawning takes 3 s, long enough to kill the API replica waiting for the placement."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.spawning = threading.Event()
-
-    def spawn(
-        self,
-        spec: DomainSpec,
-        files: BootFiles,
-        *,
-        paused: bool = False,
-        nics: Sequence[NicTap] = (),
-    ) -> RuntimeInfo:
-        self.spawning.set()
-        time.sleep(3)
-        return super().spawn(spec, files, paused=paused, nics=nics)
-
-
-class HeldSpawn(FakeDriver):
-    """Spawning waits for `go`: the test kills the create's API replica and deletes the
-    domain in between."""
+class HeldSpawns(FakeDriver):
+    """Spawning sets `spawning`, then takes `delay` seconds and waits for `go` (set unless a
+    test holds it): long enough for the test to kill the API replica waiting for the
+    placement, or to delete the domain in between."""
 
     def __init__(self) -> None:
         super().__init__()
         self.spawning = threading.Event()
         self.go = threading.Event()
+        self.delay = 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        self.spawning.clear()
+        self.go.set()
+        self.delay = 0.0
 
     def spawn(
         self,
@@ -83,12 +84,57 @@ class HeldSpawn(FakeDriver):
         nics: Sequence[NicTap] = (),
     ) -> RuntimeInfo:
         self.spawning.set()
+        time.sleep(self.delay)
         assert self.go.wait(60)
         return super().spawn(spec, files, paused=paused, nics=nics)
 
 
 class ReplicaStopped(Exception):
     """What the stalled scheduler's start raises once the test is over."""
+
+
+class StalledStarts:
+    """The scheduler's calls to the compute node, where a test can have every StartDomain
+    stall until it ends and then fail, as if the scheduler replica had stopped before its
+    start went out (`hold`)."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.real = scheduler.service.call
+        self.stalled = threading.Event()
+        self.released = threading.Event()
+        self.released.set()
+        scheduler.service.call = self.call  # type: ignore[method-assign]
+
+    def hold(self) -> None:
+        self.stalled, self.released = threading.Event(), threading.Event()
+
+    def release(self) -> None:
+        self.released.set()
+
+    def call(
+        self,
+        queue: str,
+        command: Command,
+        *,
+        timeout: float,
+        message_id: str | None,
+        expires: bool = False,
+    ) -> Message:
+        released = self.released
+        if isinstance(command, StartDomain) and not released.is_set():
+            self.stalled.set()
+            released.wait(120)
+            raise ReplicaStopped("the scheduler replica stopped before its start went out")
+        return self.real(queue, command, timeout=timeout, message_id=message_id, expires=expires)
+
+
+@dataclass
+class Stack:
+    host: str
+    node: ComputeNode
+    spawns: HeldSpawns
+    starts: StalledStarts
+    tmp: Path
 
 
 def _api(tmp: Path, i: int, amqp_url: str, db_url: str, **settings: object) -> tuple[Child, str]:
@@ -112,274 +158,199 @@ def _api(tmp: Path, i: int, amqp_url: str, db_url: str, **settings: object) -> t
         time.sleep(0.2)
 
 
+@pytest.fixture(scope="module")
+def shared(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("replica-death")
+    host = f"rd-{uuid.uuid4().hex[:6]}"
+    config = ComputeConfig(
+        host=host,
+        state_dir=tmp / host,
+        amqp_url=amqp_url,
+        driver="fake",
+        allowed_boot_dirs=[BOOT_DIR],
+        heartbeat_interval_s=0.5,
+    )
+    spawns = HeldSpawns()
+    node = ComputeNode(config, spawns).start()
+    scheduler = Scheduler(SchedulerConfig(amqp_url=amqp_url, replica="rd-sched")).start()
+    starts = StalledStarts(scheduler)
+    try:
+        scheduler.wait_for_hosts(1)
+        yield Stack(host, node, spawns, starts, tmp)
+    finally:
+        starts.release()
+        spawns.go.set()
+        scheduler.stop()
+        node.stop()
+
+
 @pytest.fixture
+def stack(shared: Stack, tmp_path: Path) -> Iterator[Stack]:
+    """The shared stack, nothing held, with this test's own temp dir."""
+    shared.spawns.reset()
+    shared.starts.release()
+    yield Stack(shared.host, shared.node, shared.spawns, shared.starts, tmp_path)
+    shared.starts.release()
+    shared.spawns.go.set()
+
+
+@pytest.fixture(scope="module")
 def db_url(pg_server: str) -> Iterator[str]:
     with fresh_database(pg_server) as url:
         yield url
 
 
-def test_a_create_whose_api_replica_dies_mid_placement_ends_placed_on_the_other(
-    amqp_url: str, db_url: str, tmp_path: Path
-) -> None:
-    host = f"rd-{uuid.uuid4().hex[:6]}"
-    driver = SlowSpawn()
-    config = ComputeConfig(
-        host=host,
-        state_dir=tmp_path / host,
-        amqp_url=amqp_url,
-        driver="fake",
-        allowed_boot_dirs=[BOOT_DIR],
-        heartbeat_interval_s=0.5,
+@pytest.fixture(scope="module")
+def other(amqp_url: str, db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The replica that survives: its URL."""
+    child, url = _api(
+        tmp_path_factory.mktemp("other"), 1, amqp_url, db_url, schedule_timeout_s=SCHEDULE_TIMEOUT_S
     )
-    node = ComputeNode(config, driver).start()
-    scheduler = Scheduler(SchedulerConfig(amqp_url=amqp_url, replica="rd-sched")).start()
-    children: list[Child] = []
     try:
-        scheduler.wait_for_hosts(1)
-        doomed, doomed_url = _api(tmp_path, 0, amqp_url, db_url)
-        children.append(doomed)  # stopped even if the other one fails to start
-        other, other_url = _api(tmp_path, 1, amqp_url, db_url)
-        children.append(other)
-        name = f"rd-{uuid.uuid4().hex[:8]}"
-        body = {"name": name, "memory_mib": 32, "boot": {"kernel": KERNEL}}
-
-        def create() -> None:
-            with contextlib.suppress(httpx.HTTPError):
-                httpx.post(f"{doomed_url}/v1/domains", json=body, headers=HEADERS, timeout=30)
-
-        client = threading.Thread(target=create)
-        client.start()
-        assert driver.spawning.wait(30), "the scheduler never asked the host to start it"
-        os.kill(doomed.pid, signal.SIGKILL)
-        client.join(30)
-
-        d: dict[str, object] = {}
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            r = httpx.get(f"{other_url}/v1/domains", params={"name": name}, headers=HEADERS)
-            found = r.json()["domains"]
-            d = found[0] if found else {}
-            if d.get("task") == "none":
-                break
-            time.sleep(0.2)
-        assert (d.get("host"), d.get("state"), d.get("task")) == (host, "running", "none"), d
+        yield url
     finally:
-        for child in children:
-            child.stop()
-        scheduler.stop()
-        node.stop()
+        child.stop()
 
 
-@pytest.mark.slow  # two API replicas on PostgreSQL: ~80 s on a loaded 2-core machine
+@contextlib.contextmanager
+def doomed_replica(stack: Stack, amqp_url: str, db_url: str) -> Iterator[tuple[Child, str]]:
+    """A replica for the test to kill (stopped after it if it is still alive)."""
+    child, url = _api(stack.tmp, 0, amqp_url, db_url, schedule_timeout_s=SCHEDULE_TIMEOUT_S)
+    try:
+        yield child, url
+    finally:
+        child.stop()
+
+
+def create_and_kill(url: str, child: Child, started: threading.Event, what: str) -> str:
+    """POST a create to the replica at `url`, kill it (-9) once `started` is set while it
+    waits for the placement; the domain's name."""
+    name = f"rd-{uuid.uuid4().hex[:8]}"
+    body = {"name": name, "memory_mib": 32, "boot": {"kernel": KERNEL}}
+
+    def create() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(f"{url}/v1/domains", json=body, headers=HEADERS, timeout=30)
+
+    client = threading.Thread(target=create)
+    client.start()
+    assert started.wait(30), what
+    os.kill(child.pid, signal.SIGKILL)
+    client.join(30)
+    return name
+
+
+def domain_named(url: str, name: str) -> dict[str, object]:
+    r = httpx.get(f"{url}/v1/domains", params={"name": name}, headers=HEADERS)
+    found = r.json()["domains"]
+    return found[0] if found else {}
+
+
+def test_a_create_whose_api_replica_dies_mid_placement_ends_placed_on_the_other(
+    stack: Stack, amqp_url: str, db_url: str, other: str
+) -> None:
+    stack.spawns.delay = 3.0
+    created = time.monotonic()  # the record's last change is after this
+    with doomed_replica(stack, amqp_url, db_url) as (doomed, doomed_url):
+        name = create_and_kill(
+            doomed_url, doomed, stack.spawns.spawning, "the scheduler never asked the host"
+        )
+    d: dict[str, object] = {}
+    deadline = created + BEFORE_THE_SWEEP_S
+    while time.monotonic() < deadline:
+        d = domain_named(other, name)
+        if d.get("task") == "none":
+            break
+        time.sleep(0.2)
+    assert (d.get("host"), d.get("state"), d.get("task")) == (stack.host, "running", "none"), d
+
+
 def test_a_delete_before_the_dead_replicas_create_is_placed_removes_the_guest(
-    amqp_url: str, db_url: str, tmp_path: Path
+    stack: Stack, amqp_url: str, db_url: str, other: str
 ) -> None:
     """The create's replica dies while the host starts the domain; a DELETE on the other
     replica finds no host yet. It must still win: the guest that then starts is destroyed
     and undefined there, and the record goes once the host confirms (it counts until then)."""
-    host = f"rd-{uuid.uuid4().hex[:6]}"
-    driver = HeldSpawn()
-    config = ComputeConfig(
-        host=host,
-        state_dir=tmp_path / host,
-        amqp_url=amqp_url,
-        driver="fake",
-        allowed_boot_dirs=[BOOT_DIR],
-        heartbeat_interval_s=0.5,
-    )
-    node = ComputeNode(config, driver).start()
-    scheduler = Scheduler(SchedulerConfig(amqp_url=amqp_url, replica="rd-sched")).start()
-    children: list[Child] = []
-    try:
-        scheduler.wait_for_hosts(1)
-        doomed, doomed_url = _api(tmp_path, 0, amqp_url, db_url)
-        children.append(doomed)  # stopped even if the other one fails to start
-        other, other_url = _api(tmp_path, 1, amqp_url, db_url)
-        children.append(other)
-        name = f"rd-{uuid.uuid4().hex[:8]}"
-        body = {"name": name, "memory_mib": 32, "boot": {"kernel": KERNEL}}
+    stack.spawns.go.clear()
+    with doomed_replica(stack, amqp_url, db_url) as (doomed, doomed_url):
+        name = create_and_kill(
+            doomed_url, doomed, stack.spawns.spawning, "the scheduler never asked the host"
+        )
+    d = domain_named(other, name)
+    assert (d["host"], d["task"]) == (None, "scheduling"), d
+    deleted = time.monotonic()  # the tombstone's last change is after this
+    r = httpx.delete(f"{other}/v1/domains/{d['id']}", headers=HEADERS, timeout=30)
+    assert r.status_code == 202, r.text
+    assert (r.json()["host"], r.json()["task"]) == (None, "deleting")
+    stack.spawns.go.set()  # the host starts it now
 
-        def create() -> None:
-            with contextlib.suppress(httpx.HTTPError):
-                httpx.post(f"{doomed_url}/v1/domains", json=body, headers=HEADERS, timeout=30)
-
-        client = threading.Thread(target=create)
-        client.start()
-        assert driver.spawning.wait(30), "the scheduler never asked the host to start it"
-        os.kill(doomed.pid, signal.SIGKILL)
-        client.join(30)
-
-        r = httpx.get(f"{other_url}/v1/domains", params={"name": name}, headers=HEADERS)
-        (d,) = r.json()["domains"]
-        assert (d["host"], d["task"]) == (None, "scheduling"), d
-        r = httpx.delete(f"{other_url}/v1/domains/{d['id']}", headers=HEADERS, timeout=30)
-        assert r.status_code == 202, r.text
-        assert (r.json()["host"], r.json()["task"]) == (None, "deleting")
-        driver.go.set()  # the host starts it now
-
-        domain_id = uuid.UUID(d["id"])
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            r = httpx.get(f"{other_url}/v1/domains/{domain_id}", headers=HEADERS)
-            if r.status_code == 404 and node.store.get(domain_id) is None:
-                break
-            time.sleep(0.2)
-        assert node.store.get(domain_id) is None, "the guest was left on its host"
-        assert r.status_code == 404, r.text
-    finally:
-        driver.go.set()
-        for child in children:
-            child.stop()
-        scheduler.stop()
-        node.stop()
+    domain_id = uuid.UUID(str(d["id"]))
+    deadline = deleted + BEFORE_THE_SWEEP_S
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{other}/v1/domains/{domain_id}", headers=HEADERS)
+        if r.status_code == 404 and stack.node.store.get(domain_id) is None:
+            break
+        time.sleep(0.2)
+    assert stack.node.store.get(domain_id) is None, "the guest was left on its host"
+    assert r.status_code == 404, r.text
 
 
-@pytest.mark.slow  # the sweep settles it schedule_timeout_s + 10 s after the create: ~35 s
+@pytest.mark.slow  # the sweep settles it schedule_timeout_s + 10 s after the create: ~25 s
 def test_a_create_cut_off_between_define_and_start_ends_running_not_shut_off(
-    amqp_url: str, db_url: str, tmp_path: Path
+    stack: Stack, amqp_url: str, db_url: str, other: str
 ) -> None:
     """The scheduler defines the domain and stops before its start goes out (as a replica
     killed there, with no peer to take the request over); the create's API replica is
     killed too. The other replica's orphan sweep settles the record on the host, and, as
     the host kept the create's `start` with the definition, starts it there. Before, it was
     settled shut off although the user had asked for a running guest."""
-    host = f"rd-{uuid.uuid4().hex[:6]}"
-    config = ComputeConfig(
-        host=host,
-        state_dir=tmp_path / host,
-        amqp_url=amqp_url,
-        driver="fake",
-        allowed_boot_dirs=[BOOT_DIR],
-        heartbeat_interval_s=0.5,
-    )
-    node = ComputeNode(config, FakeDriver()).start()
-    scheduler = Scheduler(SchedulerConfig(amqp_url=amqp_url, replica="rd-stall")).start()
-    stalled, release = threading.Event(), threading.Event()
-    real_call = scheduler.service.call
-
-    def call(
-        queue: str,
-        command: Command,
-        *,
-        timeout: float,
-        message_id: str | None,
-        expires: bool = False,
-    ) -> Message:
-        if isinstance(command, StartDomain):
-            stalled.set()
-            release.wait(120)
-            raise ReplicaStopped("the scheduler replica stopped before its start went out")
-        return real_call(queue, command, timeout=timeout, message_id=message_id, expires=expires)
-
-    scheduler.service.call = call  # type: ignore[method-assign]
-    children: list[Child] = []
-    try:
-        scheduler.wait_for_hosts(1)
-        doomed, doomed_url = _api(tmp_path, 0, amqp_url, db_url, schedule_timeout_s=8.0)
-        children.append(doomed)
-        other, other_url = _api(tmp_path, 1, amqp_url, db_url, schedule_timeout_s=8.0)
-        children.append(other)
-        name = f"rd-{uuid.uuid4().hex[:8]}"
-        body = {"name": name, "memory_mib": 32, "boot": {"kernel": KERNEL}}
-
-        def create() -> None:
-            with contextlib.suppress(httpx.HTTPError):
-                httpx.post(f"{doomed_url}/v1/domains", json=body, headers=HEADERS, timeout=30)
-
-        client = threading.Thread(target=create)
-        client.start()
-        assert stalled.wait(30), "the scheduler never got as far as the start"
-        os.kill(doomed.pid, signal.SIGKILL)
-        client.join(30)
-
-        d: dict[str, object] = {}
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            r = httpx.get(f"{other_url}/v1/domains", params={"name": name}, headers=HEADERS)
-            found = r.json()["domains"]
-            d = found[0] if found else {}
-            if d.get("task") != "scheduling" and d.get("state") != "shutoff":
-                break
-            time.sleep(0.5)
-        assert (d.get("host"), d.get("state"), d.get("task")) == (host, "running", "none"), d
-        record = node.store.get(uuid.UUID(str(d["id"])))
-        assert record is not None
-        assert record.state is PowerState.RUNNING
-    finally:
-        release.set()
-        for child in children:
-            child.stop()
-        scheduler.stop()
-        node.stop()
+    stack.starts.hold()
+    with doomed_replica(stack, amqp_url, db_url) as (doomed, doomed_url):
+        name = create_and_kill(
+            doomed_url, doomed, stack.starts.stalled, "the scheduler never got to the start"
+        )
+    d: dict[str, object] = {}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        d = domain_named(other, name)
+        if d.get("task") != "scheduling" and d.get("state") != "shutoff":
+            break
+        time.sleep(0.5)
+    assert (d.get("host"), d.get("state"), d.get("task")) == (stack.host, "running", "none"), d
+    record = stack.node.store.get(uuid.UUID(str(d["id"])))
+    assert record is not None
+    assert record.state is PowerState.RUNNING
 
 
-@pytest.mark.slow  # the 504 after 3 s, the sweep schedule_timeout_s + 10 s later: ~20 s
+@pytest.mark.slow  # the 504 after schedule_timeout_s, the sweep 10 s after that: ~20 s
 def test_a_create_answered_504_whose_start_never_came_ends_running(
-    amqp_url: str, tmp_path: Path
+    stack: Stack, other: str
 ) -> None:
     """The scheduler defines the domain and stops before its start goes out; the create's
     API replica stays alive, waits its schedule timeout and answers 504 (fault
     `schedule_timeout`: the outcome unknown). The create asked for a running guest: the
     replica's orphan sweep settles the record on the host that defined it and starts it
     there. Before, it stayed in `error` with no host while the host kept it shut off."""
-    host = f"rt-{uuid.uuid4().hex[:6]}"
-    config = ComputeConfig(
-        host=host,
-        state_dir=tmp_path / host,
-        amqp_url=amqp_url,
-        driver="fake",
-        allowed_boot_dirs=[BOOT_DIR],
-        heartbeat_interval_s=0.5,
-    )
-    node = ComputeNode(config, FakeDriver()).start()
-    scheduler = Scheduler(SchedulerConfig(amqp_url=amqp_url, replica="rt-stall")).start()
-    release = threading.Event()
-    real_call = scheduler.service.call
-
-    def call(
-        queue: str,
-        command: Command,
-        *,
-        timeout: float,
-        message_id: str | None,
-        expires: bool = False,
-    ) -> Message:
-        if isinstance(command, StartDomain):
-            release.wait(120)
-            raise ReplicaStopped("the scheduler replica stopped before its start went out")
-        return real_call(queue, command, timeout=timeout, message_id=message_id, expires=expires)
-
-    scheduler.service.call = call  # type: ignore[method-assign]
-    api: Child | None = None
-    try:
-        scheduler.wait_for_hosts(1)
-        db_url = f"sqlite:///{tmp_path}/registry.db"
-        api, url = _api(tmp_path, 0, amqp_url, db_url, schedule_timeout_s=3.0)
-        name = f"rt-{uuid.uuid4().hex[:8]}"
-        body = {"name": name, "memory_mib": 32, "boot": {"kernel": KERNEL}}
-        r = httpx.post(f"{url}/v1/domains", json=body, headers=HEADERS, timeout=30)
-        assert r.status_code == 504, r.text
-        assert r.json()["fault"]["code"] == "schedule_timeout"
-        domain_id = r.json()["domain_id"]
-        d: dict[str, object] = {}
-        deadline = time.monotonic() + 45
-        while time.monotonic() < deadline:
-            d = httpx.get(f"{url}/v1/domains/{domain_id}", headers=HEADERS, timeout=10).json()
-            if d.get("state") == "running":
-                break
-            time.sleep(0.5)
-        assert (d.get("host"), d.get("state"), d.get("task"), d.get("fault")) == (
-            host,
-            "running",
-            "none",
-            None,
-        ), d
-        record = node.store.get(uuid.UUID(domain_id))
-        assert record is not None
-        assert record.state is PowerState.RUNNING
-    finally:
-        release.set()
-        if api is not None:
-            api.stop()
-        scheduler.stop()
-        node.stop()
+    stack.starts.hold()
+    name = f"rt-{uuid.uuid4().hex[:8]}"
+    body = {"name": name, "memory_mib": 32, "boot": {"kernel": KERNEL}}
+    r = httpx.post(f"{other}/v1/domains", json=body, headers=HEADERS, timeout=30)
+    assert r.status_code == 504, r.text
+    assert r.json()["fault"]["code"] == "schedule_timeout"
+    domain_id = r.json()["domain_id"]
+    d: dict[str, object] = {}
+    deadline = time.monotonic() + 45
+    while time.monotonic() < deadline:
+        d = httpx.get(f"{other}/v1/domains/{domain_id}", headers=HEADERS, timeout=10).json()
+        if d.get("state") == "running":
+            break
+        time.sleep(0.5)
+    assert (d.get("host"), d.get("state"), d.get("task"), d.get("fault")) == (
+        stack.host,
+        "running",
+        "none",
+        None,
+    ), d
+    record = stack.node.store.get(uuid.UUID(domain_id))
+    assert record is not None
+    assert record.state is PowerState.RUNNING

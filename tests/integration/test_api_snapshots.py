@@ -41,7 +41,7 @@ def events(cloud: Cloud, domain_id: str, after_seq: int, count: int) -> list[tup
     registry = Registry.open(cloud.database_url)
     try:
         while True:
-            rows = registry.events_after(domain_id=uuid.UUID(domain_id), since_seq=after_seq)
+            rows = registry.events.after(domain_id=uuid.UUID(domain_id), since_seq=after_seq)
             if len(rows) >= count or time.monotonic() > deadline:
                 return [(f"{r.type}/{r.body.get('detail', '')}", r.seq) for r in rows]
             time.sleep(0.05)

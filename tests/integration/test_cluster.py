@@ -233,7 +233,7 @@ class Api:
         return time.monotonic() - t0
 
     def logged_seqs(self, domain_id: uuid.UUID) -> list[int]:
-        return sorted(e.seq for e in self.registry.events_after(0, domain_id=domain_id))
+        return sorted(e.seq for e in self.registry.events.after(0, domain_id=domain_id))
 
     def check_after_failover(self, before: str, host: str, events: dict[uuid.UUID, int]) -> None:
         """Both replicas healthy again; an action through one seen by the other, a create

@@ -196,7 +196,7 @@ def test_a_domain_shows_its_nics_from_its_ports(lab: Lab) -> None:
     )
     registry = Registry.open(lab.registry)
     try:
-        registry.create_domain(spec, "alice", Quota())
+        registry.domains.create(spec, "alice", Quota())
     finally:
         registry.close()
     _, bindings = lab.allocate(*spec.nics, domain=spec.uuid)
@@ -246,7 +246,7 @@ def test_the_cli_verbs(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
     spec = DomainSpec(name="web-1", boot=BootSpec(kernel="/boot/k"), nics=[NicSpec(network="lan")])
     registry = Registry.open(lab.registry)
     try:
-        registry.create_domain(spec, "alice", Quota())
+        registry.domains.create(spec, "alice", Quota())
     finally:
         registry.close()
     _, bindings = lab.allocate(*spec.nics, domain=spec.uuid)

@@ -207,7 +207,7 @@ def problem(r: Any, status: int) -> dict[str, Any]:
 
 
 def alias(registry: Registry, project: str, host: str) -> str:
-    return host_alias(registry.secret(HOST_ALIAS_KEY_NAME), project, host)
+    return host_alias(registry.access.secret(HOST_ALIAS_KEY_NAME), project, host)
 
 
 def test_create_places_and_starts(client: TestClient, registry: Registry) -> None:
@@ -406,15 +406,15 @@ def test_a_delete_before_placement_removes_the_domain_wherever_it_appears(
     ctx = client.app.state.ctx  # type: ignore[attr-defined]
     cloud.projector.reap = functools.partial(reaping.reap, ctx)
     s = DomainSpec.model_validate(body(memory_mib=64))
-    registry.create_domain(s, "alice", Quota())
+    registry.domains.create(s, "alice", Quota())
     r = client.delete(f"/v1/domains/{s.uuid}", headers=auth(ALICE))
     assert r.status_code == 202, r.text
     assert (r.json()["task"], r.json()["host"]) == ("deleting", None)
-    assert registry.usage("alice")["domains"] == 1  # counts until a host confirms
+    assert registry.domains.usage("alice")["domains"] == 1  # counts until a host confirms
 
     cloud._compute("h1", DefineDomain(spec=s, privileged=True))  # the late placement
     assert cloud.nodes["h1"].store.get(s.uuid) is None  # undefined there again
-    record = registry.get_domain(s.uuid)
+    record = registry.domains.get(s.uuid)
     assert record is not None
     assert (record.task, record.host) == (TaskState.DELETING, None)  # a refusal may follow
     sweeper = OrphanSweeper(
@@ -422,7 +422,7 @@ def test_a_delete_before_placement_removes_the_domain_wherever_it_appears(
         release=functools.partial(reaping.release, ctx),
     )  # fmt: skip
     sweeper.sweep()
-    assert registry.get_domain(s.uuid) is None
+    assert registry.domains.get(s.uuid) is None
     assert client.get(f"/v1/domains/{s.uuid}", headers=auth(ALICE)).status_code == 404
 
 
@@ -440,7 +440,7 @@ def test_delete_when_the_registry_lags_the_host(client: TestClient, cloud: FakeC
 def test_no_valid_host_is_503_with_the_fault(
     client: TestClient, cloud: FakeCloud, registry: Registry
 ) -> None:
-    registry.record_heartbeat(beat(cloud, "h1"))  # the API knows the host by its heartbeats
+    registry.hosts.record(beat(cloud, "h1"))  # the API knows the host by its heartbeats
     cloud.no_valid_host = True
     p = problem(client.post("/v1/domains", json=body("big"), headers=auth(ALICE)), 503)
     assert p["code"] == "no_valid_host"
@@ -504,8 +504,8 @@ def test_hosts_view_and_enable_disable(
     client: TestClient, cloud: FakeCloud, registry: Registry
 ) -> None:
     create(client, vcpus=2)
-    registry.record_heartbeat(beat(cloud, "h1"))
-    registry.record_heartbeat(beat(cloud, "h1").model_copy(update={"host": "h9"}), seen_at=1.0)
+    registry.hosts.record(beat(cloud, "h1"))
+    registry.hosts.record(beat(cloud, "h1").model_copy(update={"host": "h9"}), seen_at=1.0)
     hosts = {h["name"]: h for h in client.get("/v1/hosts", headers=auth(ADMIN)).json()["hosts"]}
     assert hosts["h1"]["state"] == "up"
     assert hosts["h9"]["state"] == "down"
@@ -531,9 +531,23 @@ def test_a_hosts_vtep_and_network_warnings_are_shown(
     inventory = heard.inventory.model_copy(
         update={"vtep": IPv4Address("192.0.2.7"), "network_warnings": [warning]}
     )
-    registry.record_heartbeat(heard.model_copy(update={"inventory": inventory}))
+    registry.hosts.record(heard.model_copy(update={"inventory": inventory}))
     h1 = client.get("/v1/hosts/h1", headers=auth(ADMIN)).json()
     assert (h1["vtep"], h1["network_warnings"]) == ("192.0.2.7", [warning])
+
+
+def test_a_hosts_pools_are_shown_as_its_heartbeat_says(
+    client: TestClient, cloud: FakeCloud, registry: Registry
+) -> None:
+    heard = beat(cloud, "h1")
+    pooled = heard.inventory.model_copy(update={"pools": ["default", "fast"]})
+    registry.hosts.record(heard.model_copy(update={"inventory": pooled}))
+    # A host whose heartbeat names no pools (HostHeartbeat 1.2) shows none, not an empty list.
+    registry.hosts.record(heard.model_copy(update={"host": "h2"}))
+    hosts = {h["name"]: h for h in client.get("/v1/hosts", headers=auth(ADMIN)).json()["hosts"]}
+    assert hosts["h1"]["pools"] == ["default", "fast"]
+    assert hosts["h2"]["pools"] is None
+    assert client.get("/v1/hosts/h1", headers=auth(ADMIN)).json()["pools"] == ["default", "fast"]
 
 
 def sse(text: str) -> list[dict[str, Any]]:
@@ -645,7 +659,7 @@ def test_the_sweep_finishes_a_create_cut_off_between_define_and_start(
     leaves it in `error` with the reason, never silently shut off."""
     ctx = client.app.state.ctx  # type: ignore[attr-defined]
     s = DomainSpec.model_validate(body(memory_mib=64))
-    registry.create_domain(s, "alice", Quota())
+    registry.domains.create(s, "alice", Quota())
     cloud._compute("h1", DefineDomain(spec=s, privileged=True, start=True))  # no start follows
     if refused:
         cloud.nodes["h1"].driver.fail_next_spawn = "no such kernel"  # type: ignore[attr-defined]
@@ -653,7 +667,7 @@ def test_the_sweep_finishes_a_create_cut_off_between_define_and_start(
         registry, -GRACE_S, finish=functools.partial(finishing.finish_start, ctx)
     )
     sweeper.sweep()
-    record = registry.get_domain(s.uuid)
+    record = registry.domains.get(s.uuid)
     assert record is not None
     assert record.host == "h1"
     if refused:
@@ -683,17 +697,17 @@ def test_a_create_answered_504_whose_start_never_came_is_finished_running(
     p = problem(client.post("/v1/domains", json=body(), headers=auth(ALICE)), 504)
     assert p["fault"]["code"] == "schedule_timeout"
     domain_id = uuid.UUID(p["domain_id"])
-    record = registry.get_domain(domain_id)
+    record = registry.domains.get(domain_id)
     assert record is not None
     assert (record.host, record.task) == (None, TaskState.ERROR)
     sweeper = OrphanSweeper(
         registry, -GRACE_S, finish=functools.partial(finishing.finish_start, ctx)
     )
     OrphanSweeper(registry, 60.0).sweep()  # a record younger than the wait is left alone
-    assert registry.get_domain(domain_id) == record
+    assert registry.domains.get(domain_id) == record
     sweeper.sweep()
     cloud.pump()
-    record = registry.get_domain(domain_id)
+    record = registry.domains.get(domain_id)
     assert record is not None
     assert (record.host, record.power, record.task, record.fault) == (
         "h1",

@@ -36,15 +36,15 @@ def beat(host: str, used_vcpus: int = 0) -> HostHeartbeat:
 
 
 def count_writes(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The size of each record_heartbeats call, which still writes to the database."""
+    """The size of each record_many call, which still writes to the database."""
     sizes: list[int] = []
-    write = registry.record_heartbeats
+    write = registry.hosts.record_many
 
     def counted(beats: Sequence[tuple[HostHeartbeat, float]]) -> None:
         sizes.append(len(beats))
         write(beats)
 
-    monkeypatch.setattr(registry, "record_heartbeats", counted)
+    monkeypatch.setattr(registry.hosts, "record_many", counted)
     return sizes
 
 
@@ -58,7 +58,7 @@ def test_held_beats_are_recorded_newest_per_host_in_one_transaction(
     writer.offer(beat("h0", used_vcpus=1), seen_at=10.0)  # a late delivery of an old beat
     assert writer.flush() == 5
     assert writes == [5]
-    hosts = {h.name: h for h in registry.hosts()}
+    hosts = {h.name: h for h in registry.hosts.records()}
     assert {name: h.last_seen for name, h in hosts.items()} == {
         f"h{k}": 1095.0 + k for k in range(5)
     }
@@ -75,13 +75,13 @@ def test_a_running_writer_records_promptly_coalesces_a_burst_and_flushes_on_stop
     try:
         writer.offer(beat("h1"))
         deadline = time.monotonic() + 2
-        while not registry.hosts("h1"):
+        while not registry.hosts.records("h1"):
             assert time.monotonic() < deadline, "the beat was not recorded within 2 s"
             time.sleep(0.01)
         for i in range(300):  # a burst: 300 hosts beating at once
             writer.offer(beat(f"burst{i}"))
         deadline = time.monotonic() + 2
-        while len(registry.hosts()) < 301:
+        while len(registry.hosts.records()) < 301:
             assert time.monotonic() < deadline, "the burst was not recorded within 2 s"
             time.sleep(0.01)
         assert sum(writes) == 301
@@ -89,11 +89,11 @@ def test_a_running_writer_records_promptly_coalesces_a_burst_and_flushes_on_stop
         writer.offer(beat("last"))
     finally:
         writer.stop()
-    assert registry.hosts("last"), "stop() records what it holds"
+    assert registry.hosts.records("last"), "stop() records what it holds"
 
 
 def test_one_write_of_several_beats_of_a_host_keeps_the_newest(registry: Registry) -> None:
-    registry.record_heartbeats([(beat("d", used_vcpus=1), 200.0), (beat("d", used_vcpus=2), 100.0)])
-    registry.record_heartbeats([(beat("d", used_vcpus=3), 150.0)])  # older than the stored one
-    [host] = registry.hosts("d")
+    registry.hosts.record_many([(beat("d", used_vcpus=1), 200.0), (beat("d", used_vcpus=2), 100.0)])
+    registry.hosts.record_many([(beat("d", used_vcpus=3), 150.0)])  # older than the stored one
+    [host] = registry.hosts.records("d")
     assert (host.last_seen, host.usage.vcpus) == (200.0, 1)

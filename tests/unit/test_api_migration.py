@@ -145,7 +145,7 @@ def client(registry: Registry, cloud: MigratingCloud) -> Iterator[TestClient]:
 
 
 def apply(registry: Registry, event: DomainEvent) -> None:
-    registry.apply_event(uuid.uuid4().hex, event.routing_key(), event)
+    registry.events.apply(uuid.uuid4().hex, event.routing_key(), event)
 
 
 def domain(client: TestClient, domain_id: str) -> dict[str, Any]:
@@ -155,7 +155,7 @@ def domain(client: TestClient, domain_id: str) -> dict[str, Any]:
 
 def arrive(registry: Registry, d: dict[str, Any], host: str = "h2") -> None:
     """The target's first event: the guest runs there, seq continuing."""
-    record = registry.get_domain(uuid.UUID(d["id"]))
+    record = registry.domains.get(uuid.UUID(d["id"]))
     assert record is not None
     apply(
         registry,
@@ -212,7 +212,7 @@ def test_migrate_names_the_host_local_pools_of_the_domains_volumes(
     client: TestClient, cloud: MigratingCloud, registry: Registry
 ) -> None:
     d = create(client)
-    record = registry.get_domain(uuid.UUID(d["id"]))
+    record = registry.domains.get(uuid.UUID(d["id"]))
     assert record is not None
     local, shared, image = volume("fast", "h1"), volume("nfs", None), volume("default", "h1")
     # The image disk's volume is the one the create made for it (a derived id).
@@ -225,7 +225,7 @@ def test_migrate_names_the_host_local_pools_of_the_domains_volumes(
         DiskSpec(target="vdc", image="debian"),
         DiskSpec(target="vdd", volume_id=gone),
     ]
-    registry.set_spec(record.id, record.spec.model_copy(update={"disks": disks}))
+    registry.domains.set_spec(record.id, record.spec.model_copy(update={"disks": disks}))
     r = client.post(f"/v1/domains/{d['id']}/migrate", headers=auth(ADMIN))
     assert r.status_code == 202, r.text
     [(_, sent)] = cloud.sent(MigrateDomain)
@@ -352,7 +352,7 @@ def test_the_job_is_the_sources_then_the_logs_and_members_see_aliases(
     assert isinstance(command, SetMigrationParams)
     assert (command.max_downtime_ms, command.bandwidth_mibps) == (20, 64)
     # The source's final progress and the target's arrival: the job is the log's now.
-    record = registry.get_domain(uuid.UUID(d["id"]))
+    record = registry.domains.get(uuid.UUID(d["id"]))
     assert record is not None
     apply(
         registry,
@@ -409,13 +409,13 @@ def test_evacuate_migrates_every_domain_off_a_disabled_host(
         == 200
     )
     busy = create(client)
-    registry.set_task(uuid.UUID(busy["id"]), TaskState.DELETING)
-    registry.record_heartbeat(beat(cloud, "h1"))
+    registry.domains.set_task(uuid.UUID(busy["id"]), TaskState.DELETING)
+    registry.hosts.record(beat(cloud, "h1"))
     url = "/v1/hosts/h1/evacuate"
     problem(client.post(url, headers=auth(ALICE)), 403)
     problem(client.post("/v1/hosts/h7/evacuate", headers=auth(ADMIN)), 404)
     assert "disable it first" in problem(client.post(url, headers=auth(ADMIN)), 409)["detail"]
-    registry.set_host_enabled("h1", False, registry.next_enabled_generation("h1"))
+    registry.hosts.set_enabled("h1", False, registry.hosts.next_generation("h1"))
     r = client.post(url, headers=auth(ADMIN))
     assert r.status_code == 202, r.text
     result = r.json()

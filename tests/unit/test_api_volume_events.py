@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 from protos.codec import envelope_for
 from protos.storage import VolumeAttached, VolumeCreated, VolumeEvent, VolumeMoved
 from services.api import create_app
-from services.api.registry import Outcome, Registry
+from services.api.registry import Registry
+from services.api.registry.projection import Outcome
 from services.bus import Context
 from tests.unit.test_api import ADMIN, ALICE, BOB, CONFIG, FakeCloud, alias, auth, sse
 
@@ -110,4 +111,4 @@ def test_a_volume_move_reaches_the_volumes_project(
         "",
     )
     # Nothing of it was projected onto the domain it is attached to.
-    assert registry.get_domain(domain) is None
+    assert registry.domains.get(domain) is None

@@ -173,9 +173,9 @@ def test_evacuate_prints_each_domains_outcome(
     registry, cloud, client = stack
     on = create(client)
     off = create(client, start=False)
-    registry.record_heartbeat(beat(cloud, "h1"))
+    registry.hosts.record(beat(cloud, "h1"))
     assert run_exit(client, ["evacuate", "h1"]) == Exit.CONFLICT  # enabled: disable it first
-    registry.set_host_enabled("h1", False, registry.next_enabled_generation("h1"))
+    registry.hosts.set_enabled("h1", False, registry.hosts.next_generation("h1"))
     capsys.readouterr()
     assert run(client, ["evacuate", "h1"]) == 0
     out = capsys.readouterr().out

@@ -90,7 +90,7 @@ def test_a_database_that_is_away_is_unavailable(tmp_path: Path) -> None:
         db = Database(url)
         try:
             with pytest.raises(DatabaseUnavailable, match=r"database unavailable: .+"):
-                Registry(db).last_event_id()
+                Registry(db).events.last_id()
         finally:
             db.close()
 

@@ -18,7 +18,8 @@ from protos.domain import BootSpec, DomainSpec, PowerState
 from protos.events import DomainStarted, StartedDetail
 from protos.replies import DomainInfo
 from services.api.config import Quota
-from services.api.registry import Outcome, Registry
+from services.api.registry import Registry
+from services.api.registry.projection import Outcome
 from services.api.tables import REGISTRY
 from services.db import Database, MigrationError, current_revision, schema_drift, upgrade
 from tests.pg import fresh_database
@@ -197,13 +198,13 @@ def test_a_fresh_database_migrates_to_head(url: str) -> None:
             assert sa.inspect(conn).has_table("alembic_version_registry")
             # The tables the code queries are the tables the migrations made.
             assert schema_drift(conn, REGISTRY) == []
-        registry.create_domain(
+        registry.domains.create(
             DomainSpec(name="new", vcpus=1, memory_mib=64, boot=BootSpec(kernel="/k")),
             "p",
             Quota(),
         )
         registry.migrate()  # again: nothing to do, nothing lost
-        assert [d.name for d in registry.list_domains()] == ["new"]
+        assert [d.name for d in registry.domains.matching()] == ["new"]
     finally:
         registry.close()
 
@@ -232,10 +233,10 @@ def test_a_legacy_database_is_stamped_and_keeps_working(url: str, secrets: bool)
     try:
         with registry.db.transaction() as conn:
             assert current_revision(conn, REGISTRY) == REGISTRY.head()
-        old = registry.get_domain(OLD.uuid)
+        old = registry.domains.get(OLD.uuid)
         assert old is not None
         assert (old.name, old.host, old.power, old.seq) == ("old", "h1", PowerState.RUNNING, 4)
-        [logged] = registry.events_after(0)
+        [logged] = registry.events.after(0)
         assert logged.message_id == "m-old"
         event = DomainStarted(
             domain_id=OLD.uuid,
@@ -245,11 +246,11 @@ def test_a_legacy_database_is_stamped_and_keeps_working(url: str, secrets: bool)
             state=PowerState.RUNNING,
             detail=StartedDetail.BOOTED,
         )
-        assert registry.apply_event("m-new", event.routing_key(), event) is Outcome.APPLIED
-        assert [e.id for e in registry.events_after(logged.id)] == [logged.id + 1]
+        assert registry.events.apply("m-new", event.routing_key(), event) is Outcome.APPLIED
+        assert [e.id for e in registry.events.after(logged.id)] == [logged.id + 1]
         new = DomainSpec(name="new", vcpus=1, memory_mib=64, boot=BootSpec(kernel="/k"))
-        registry.create_domain(new, "p", Quota(domains=2))
-        placed = registry.set_placement(
+        registry.domains.create(new, "p", Quota(domains=2))
+        placed = registry.domains.set_placement(
             new.uuid,
             "h2",
             DomainInfo(
@@ -263,10 +264,10 @@ def test_a_legacy_database_is_stamped_and_keeps_working(url: str, secrets: bool)
             ),
         )
         assert placed is not None
-        assert registry.usage("p") == {"domains": 2, "vcpus": 2, "memory_mib": 128}
-        key = registry.secret("host-alias")
+        assert registry.domains.usage("p") == {"domains": 2, "vcpus": 2, "memory_mib": 128}
+        key = registry.access.secret("host-alias")
         assert len(key) == 64
-        assert registry.secret("host-alias") == key
+        assert registry.access.secret("host-alias") == key
     finally:
         registry.close()
 
@@ -332,11 +333,11 @@ def test_replicas_migrating_at_once_all_succeed(url: str) -> None:
     assert results == [(0, REGISTRY.head(), "")] * 3
     registry = Registry.open(url)
     try:
-        registry.create_domain(
+        registry.domains.create(
             DomainSpec(name="after", vcpus=1, memory_mib=64, boot=BootSpec(kernel="/k")),
             "p",
             Quota(),
         )
-        assert [d.name for d in registry.list_domains()] == ["after"]
+        assert [d.name for d in registry.domains.matching()] == ["after"]
     finally:
         registry.close()

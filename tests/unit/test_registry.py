@@ -28,7 +28,9 @@ from protos.events import (
 from protos.host import HostHeartbeat, HostInventory, KvmKind, Resources
 from protos.replies import DomainInfo
 from services.api.config import Quota, Role
-from services.api.registry import NameInUse, Outcome, QuotaExceeded, Registry
+from services.api.registry import Registry
+from services.api.registry.domains import NameInUse, QuotaExceeded
+from services.api.registry.projection import Outcome
 from tests.pg import fresh_database
 
 
@@ -90,31 +92,31 @@ def stopped(s: DomainSpec, host: str, seq: int) -> DomainStopped:
 
 
 def apply(reg: Registry, event: DomainEvent) -> Outcome:
-    return reg.apply_event(uuid.uuid4().hex, event.routing_key(), event)
+    return reg.events.apply(uuid.uuid4().hex, event.routing_key(), event)
 
 
 def test_create_counts_against_the_quota(registry: Registry) -> None:
     quota = Quota(domains=2, vcpus=3)
-    a = registry.create_domain(spec(vcpus=2), "p", quota)
+    a = registry.domains.create(spec(vcpus=2), "p", quota)
     assert a.task is TaskState.SCHEDULING
     assert a.power is PowerState.NOSTATE
     with pytest.raises(QuotaExceeded) as exc:
-        registry.create_domain(spec(vcpus=2), "p", quota)
+        registry.domains.create(spec(vcpus=2), "p", quota)
     assert (exc.value.resource, exc.value.limit, exc.value.used) == ("vcpus", 3, 2)
-    registry.create_domain(spec(vcpus=1), "p", quota)
+    registry.domains.create(spec(vcpus=1), "p", quota)
     with pytest.raises(QuotaExceeded) as exc:
-        registry.create_domain(spec(vcpus=1), "p", quota)
+        registry.domains.create(spec(vcpus=1), "p", quota)
     assert exc.value.resource == "domains"
     # Another project has its own count.
-    registry.create_domain(spec(vcpus=3), "q", quota)
-    assert registry.usage("p") == {"domains": 2, "vcpus": 3, "memory_mib": 128}
+    registry.domains.create(spec(vcpus=3), "q", quota)
+    assert registry.domains.usage("p") == {"domains": 2, "vcpus": 3, "memory_mib": 128}
 
 
 def test_names_are_unique(registry: Registry) -> None:
-    registry.create_domain(spec("web"), "p", Quota())
+    registry.domains.create(spec("web"), "p", Quota())
     for project in ("p", "q"):  # hosts key domains by name, whatever the project
         with pytest.raises(NameInUse):
-            registry.create_domain(spec("web"), project, Quota())
+            registry.domains.create(spec("web"), project, Quota())
 
 
 def test_concurrent_creates_never_exceed_the_quota(registry: Registry) -> None:
@@ -123,7 +125,7 @@ def test_concurrent_creates_never_exceed_the_quota(registry: Registry) -> None:
 
     def create() -> None:
         try:
-            registry.create_domain(spec(), "p", quota)
+            registry.domains.create(spec(), "p", quota)
             results.append("ok")
         except QuotaExceeded:
             results.append("over")
@@ -134,13 +136,13 @@ def test_concurrent_creates_never_exceed_the_quota(registry: Registry) -> None:
     for t in threads:
         t.join()
     assert results.count("ok") == 3
-    assert registry.usage("p")["domains"] == 3
+    assert registry.domains.usage("p")["domains"] == 3
 
 
 def test_projection_ignores_duplicates_stale_and_other_hosts(registry: Registry) -> None:
     s = spec()
-    registry.create_domain(s, "p", Quota())
-    placed = registry.set_placement(s.uuid, "h1", info(s, "h1", PowerState.RUNNING, 2))
+    registry.domains.create(s, "p", Quota())
+    placed = registry.domains.set_placement(s.uuid, "h1", info(s, "h1", PowerState.RUNNING, 2))
     assert placed is not None
     assert (placed.host, placed.power, placed.seq, placed.task) == (
         "h1",
@@ -149,26 +151,26 @@ def test_projection_ignores_duplicates_stale_and_other_hosts(registry: Registry)
         TaskState.NONE,
     )
     event = stopped(s, "h1", 3)
-    assert registry.apply_event("m-3", event.routing_key(), event) is Outcome.APPLIED
-    assert registry.apply_event("m-3", event.routing_key(), event) is Outcome.DUPLICATE
+    assert registry.events.apply("m-3", event.routing_key(), event) is Outcome.APPLIED
+    assert registry.events.apply("m-3", event.routing_key(), event) is Outcome.DUPLICATE
     assert apply(registry, started(s, "h1", 2)) is Outcome.STALE  # late and out of order
     assert apply(registry, started(s, "h2", 9)) is Outcome.LOGGED  # another host's
-    record = registry.get_domain(s.uuid)
+    record = registry.domains.get(s.uuid)
     assert record is not None
     assert (record.power, record.seq) == (PowerState.SHUTOFF, 3)
     # Every non-duplicate event is in the log, in arrival order.
-    rows = registry.events_after(0, domain_id=s.uuid)
+    rows = registry.events.after(0, domain_id=s.uuid)
     assert [(r.host, r.seq) for r in rows] == [("h1", 3), ("h1", 2), ("h2", 9)]
 
 
 def test_events_before_placement_are_caught_up(registry: Registry) -> None:
     s = spec()
-    registry.create_domain(s, "p", Quota())
+    registry.domains.create(s, "p", Quota())
     # The host's events overtake the scheduler's reply: the start places the domain at once
     # (its API replica may be gone), and the reply, older than the stop, changes nothing.
     assert apply(registry, started(s, "h1", 2)) is Outcome.APPLIED
     assert apply(registry, stopped(s, "h1", 3)) is Outcome.APPLIED
-    placed = registry.set_placement(s.uuid, "h1", info(s, "h1", PowerState.RUNNING, 2))
+    placed = registry.domains.set_placement(s.uuid, "h1", info(s, "h1", PowerState.RUNNING, 2))
     assert placed is not None
     assert (placed.host, placed.power, placed.seq) == ("h1", PowerState.SHUTOFF, 3)
     assert placed.task is TaskState.NONE
@@ -176,7 +178,7 @@ def test_events_before_placement_are_caught_up(registry: Registry) -> None:
 
 def test_a_start_places_a_scheduling_domain_other_events_do_not(registry: Registry) -> None:
     s = spec()
-    registry.create_domain(s, "p", Quota())
+    registry.domains.create(s, "p", Quota())
     defined = DomainDefined(
         domain_id=s.uuid,
         name=s.name,
@@ -187,11 +189,11 @@ def test_a_start_places_a_scheduling_domain_other_events_do_not(registry: Regist
     )
     # A definition may be an attempt the host then refuses: only logged.
     assert apply(registry, defined) is Outcome.LOGGED
-    record = registry.get_domain(s.uuid)
+    record = registry.domains.get(s.uuid)
     assert record is not None
     assert (record.host, record.task) == (None, TaskState.SCHEDULING)
     assert apply(registry, started(s, "h2", 2)) is Outcome.APPLIED
-    record = registry.get_domain(s.uuid)
+    record = registry.domains.get(s.uuid)
     assert record is not None
     assert (record.host, record.power, record.seq) == ("h2", PowerState.RUNNING, 2)
     assert (record.task, record.fault) == (TaskState.NONE, None)
@@ -199,8 +201,8 @@ def test_a_start_places_a_scheduling_domain_other_events_do_not(registry: Regist
 
 def test_undefined_removes_the_record_only_while_deleting(registry: Registry) -> None:
     s = spec()
-    registry.create_domain(s, "p", Quota())
-    registry.set_placement(s.uuid, "h1", info(s, "h1", PowerState.SHUTOFF, 1))
+    registry.domains.create(s, "p", Quota())
+    registry.domains.set_placement(s.uuid, "h1", info(s, "h1", PowerState.SHUTOFF, 1))
     gone = DomainUndefined(
         domain_id=s.uuid,
         name=s.name,
@@ -210,25 +212,27 @@ def test_undefined_removes_the_record_only_while_deleting(registry: Registry) ->
         detail=UndefinedDetail.REMOVED,
     )
     assert apply(registry, gone) is Outcome.APPLIED
-    record = registry.get_domain(s.uuid)
+    record = registry.domains.get(s.uuid)
     assert record is not None
     assert record.task is TaskState.ERROR
     assert record.fault is not None
     assert record.fault.code == "undefined_on_host"
 
     t = spec()
-    registry.create_domain(t, "p", Quota())
-    registry.set_placement(t.uuid, "h1", info(t, "h1", PowerState.SHUTOFF, 1))
-    registry.set_task(t.uuid, TaskState.DELETING)
+    registry.domains.create(t, "p", Quota())
+    registry.domains.set_placement(t.uuid, "h1", info(t, "h1", PowerState.SHUTOFF, 1))
+    registry.domains.set_task(t.uuid, TaskState.DELETING)
     gone = gone.model_copy(update={"domain_id": t.uuid, "name": t.name})
     assert apply(registry, gone) is Outcome.REMOVED
-    assert registry.get_domain(t.uuid) is None
+    assert registry.domains.get(t.uuid) is None
 
 
 def test_a_start_seen_after_a_scheduler_timeout_places_the_domain(registry: Registry) -> None:
     s = spec()
-    registry.create_domain(s, "p", Quota())
-    registry.set_task(s.uuid, TaskState.ERROR, Fault(code="schedule_timeout", message="late"))
+    registry.domains.create(s, "p", Quota())
+    registry.domains.set_task(
+        s.uuid, TaskState.ERROR, Fault(code="schedule_timeout", message="late")
+    )
     defined = DomainDefined(
         domain_id=s.uuid,
         name=s.name,
@@ -239,7 +243,7 @@ def test_a_start_seen_after_a_scheduler_timeout_places_the_domain(registry: Regi
     )
     assert apply(registry, defined) is Outcome.LOGGED
     assert apply(registry, started(s, "h1", 2)) is Outcome.APPLIED
-    record = registry.get_domain(s.uuid)
+    record = registry.domains.get(s.uuid)
     assert record is not None
     assert (record.host, record.power, record.task, record.fault) == (
         "h1",
@@ -251,36 +255,36 @@ def test_a_start_seen_after_a_scheduler_timeout_places_the_domain(registry: Regi
 
 def test_observe_info_follows_the_seq_rule(registry: Registry) -> None:
     s = spec()
-    registry.create_domain(s, "p", Quota())
-    registry.set_placement(s.uuid, "h1", info(s, "h1", PowerState.RUNNING, 2))
-    registry.observe_info(info(s, "h1", PowerState.PAUSED, 3))
-    registry.observe_info(info(s, "h1", PowerState.RUNNING, 2))
-    registry.observe_info(info(s, "h2", PowerState.SHUTOFF, 7))
-    record = registry.get_domain(s.uuid)
+    registry.domains.create(s, "p", Quota())
+    registry.domains.set_placement(s.uuid, "h1", info(s, "h1", PowerState.RUNNING, 2))
+    registry.domains.observe_info(info(s, "h1", PowerState.PAUSED, 3))
+    registry.domains.observe_info(info(s, "h1", PowerState.RUNNING, 2))
+    registry.domains.observe_info(info(s, "h2", PowerState.SHUTOFF, 7))
+    record = registry.domains.get(s.uuid)
     assert record is not None
     assert (record.power, record.seq) == (PowerState.PAUSED, 3)
 
 
 def test_event_log_is_scoped_by_project_and_resumable(registry: Registry) -> None:
     mine, theirs = spec(), spec()
-    registry.create_domain(mine, "p", Quota())
-    registry.create_domain(theirs, "q", Quota())
+    registry.domains.create(mine, "p", Quota())
+    registry.domains.create(theirs, "q", Quota())
     for n in (1, 2, 3):
         apply(registry, started(mine, "h1", n))
         apply(registry, started(theirs, "h1", n))
     unknown = spec()
     apply(registry, started(unknown, "h1", 1))  # a domain the registry does not know
-    everything = registry.events_after(0)
+    everything = registry.events.after(0)
     assert len(everything) == 7
     assert [r.id for r in everything] == sorted(r.id for r in everything)
-    only_p = registry.events_after(0, project="p")
+    only_p = registry.events.after(0, project="p")
     assert [r.seq for r in only_p] == [1, 2, 3]
     assert {r.project for r in only_p} == {"p"}
-    resumed = registry.events_after(only_p[0].id, project="p")
+    resumed = registry.events.after(only_p[0].id, project="p")
     assert [r.seq for r in resumed] == [2, 3]
-    by_seq = registry.events_after(0, domain_id=mine.uuid, since_seq=2)
+    by_seq = registry.events.after(0, domain_id=mine.uuid, since_seq=2)
     assert [r.seq for r in by_seq] == [3]
-    assert registry.last_event_id() == everything[-1].id
+    assert registry.events.last_id() == everything[-1].id
 
 
 def heartbeat(
@@ -299,72 +303,72 @@ def heartbeat(
 
 
 def test_heartbeats_keep_the_newest(registry: Registry) -> None:
-    registry.record_heartbeat(heartbeat("h1", used_vcpus=2), seen_at=100.0)
-    registry.record_heartbeat(heartbeat("h1", used_vcpus=1), seen_at=90.0)  # late delivery
-    registry.record_heartbeat(heartbeat("h2", enabled=False), seen_at=100.0)
-    hosts = {h.name: h for h in registry.hosts()}
+    registry.hosts.record(heartbeat("h1", used_vcpus=2), seen_at=100.0)
+    registry.hosts.record(heartbeat("h1", used_vcpus=1), seen_at=90.0)  # late delivery
+    registry.hosts.record(heartbeat("h2", enabled=False), seen_at=100.0)
+    hosts = {h.name: h for h in registry.hosts.records()}
     assert hosts["h1"].usage.vcpus == 2
     assert hosts["h1"].last_seen == 100.0
     assert hosts["h1"].domains_by_state == {"running": 2}
     assert hosts["h2"].enabled is False
-    registry.record_heartbeat(heartbeat("h1", used_vcpus=3), seen_at=110.0)
-    assert registry.hosts("h1")[0].usage.vcpus == 3
+    registry.hosts.record(heartbeat("h1", used_vcpus=3), seen_at=110.0)
+    assert registry.hosts.records("h1")[0].usage.vcpus == 3
 
 
 def test_a_heartbeat_sent_before_a_disable_does_not_enable_the_host_again(
     registry: Registry,
 ) -> None:
-    registry.record_heartbeat(heartbeat("h1"), seen_at=100.0)
+    registry.hosts.record(heartbeat("h1"), seen_at=100.0)
     # The API disables h1 (the host took the command's generation) and writes it down...
-    generation = registry.next_enabled_generation("h1")
+    generation = registry.hosts.next_generation("h1")
     assert generation > 0
-    registry.set_host_enabled("h1", False, generation)
+    registry.hosts.set_enabled("h1", False, generation)
     # ...then a beat the host published before the command arrives: it is newer by arrival
     # but says nothing about the switch, so its usage counts and its `enabled` does not.
-    registry.record_heartbeat(heartbeat("h1", used_vcpus=1), seen_at=101.0)
-    h1 = registry.hosts("h1")[0]
+    registry.hosts.record(heartbeat("h1", used_vcpus=1), seen_at=101.0)
+    h1 = registry.hosts.records("h1")[0]
     assert (h1.enabled, h1.usage.vcpus, h1.last_seen) == (False, 1, 101.0)
     # The host's beats after the command carry its generation and agree.
-    registry.record_heartbeat(heartbeat("h1", False, 2, generation), seen_at=102.0)
-    assert registry.hosts("h1")[0].enabled is False
+    registry.hosts.record(heartbeat("h1", False, 2, generation), seen_at=102.0)
+    assert registry.hosts.records("h1")[0].enabled is False
     # A later enable elsewhere (a newer generation) wins over an older set that lands late.
-    newer = registry.next_enabled_generation("h1")
+    newer = registry.hosts.next_generation("h1")
     assert newer > generation
-    registry.set_host_enabled("h1", True, newer)
-    registry.set_host_enabled("h1", False, generation)
-    assert registry.hosts("h1")[0].enabled is True
-    registry.record_heartbeat(heartbeat("h1", True, 2, newer), seen_at=103.0)
-    assert registry.hosts("h1")[0].enabled is True
+    registry.hosts.set_enabled("h1", True, newer)
+    registry.hosts.set_enabled("h1", False, generation)
+    assert registry.hosts.records("h1")[0].enabled is True
+    registry.hosts.record(heartbeat("h1", True, 2, newer), seen_at=103.0)
+    assert registry.hosts.records("h1")[0].enabled is True
     # A host disabled from its own side (a newer generation in its beat) is believed.
-    registry.record_heartbeat(heartbeat("h1", False, 2, newer + 1), seen_at=104.0)
-    assert registry.hosts("h1")[0].enabled is False
+    registry.hosts.record(heartbeat("h1", False, 2, newer + 1), seen_at=104.0)
+    assert registry.hosts.records("h1")[0].enabled is False
 
 
 def test_tokens_and_quotas(registry: Registry) -> None:
-    token = registry.add_token("d" * 64, "p", Role.MEMBER, "ci")
-    found = registry.find_token("d" * 64)
+    token = registry.access.add_token("d" * 64, "p", Role.MEMBER, "ci")
+    found = registry.access.find_token("d" * 64)
     assert found is not None
     assert (found.project, found.role, found.description) == ("p", Role.MEMBER, "ci")
-    assert [t.id for t in registry.list_tokens()] == [token.id]
-    assert registry.delete_token(token.id)
-    assert registry.find_token("d" * 64) is None
-    assert registry.get_quota("p") is None
-    registry.set_quota("p", Quota(domains=1))
-    registry.set_quota("p", Quota(domains=2, memory_mib=512))
-    assert registry.get_quota("p") == Quota(domains=2, memory_mib=512)
+    assert [t.id for t in registry.access.list_tokens()] == [token.id]
+    assert registry.access.delete_token(token.id)
+    assert registry.access.find_token("d" * 64) is None
+    assert registry.access.get_quota("p") is None
+    registry.access.set_quota("p", Quota(domains=1))
+    registry.access.set_quota("p", Quota(domains=2, memory_mib=512))
+    assert registry.access.get_quota("p") == Quota(domains=2, memory_mib=512)
 
 
 def test_migrate_is_idempotent(registry: Registry) -> None:
     registry.migrate()
     registry.migrate()
-    assert registry.list_domains() == []
+    assert registry.domains.matching() == []
 
 
 def test_a_secret_is_made_once_and_kept(registry: Registry) -> None:
-    key = registry.secret("host_alias")
+    key = registry.access.secret("host_alias")
     assert len(key) == 64
-    assert registry.secret("host_alias") == key
-    assert registry.secret("other") != key
+    assert registry.access.secret("host_alias") == key
+    assert registry.access.secret("other") != key
 
 
 def undefined(s: DomainSpec, host: str, seq: int) -> DomainUndefined:
@@ -383,7 +387,7 @@ def test_an_orphaned_create_is_placed_where_its_events_say(registry: Registry) -
     but not started (`start: false`; a start would have placed it at once): the events from
     the host that holds it (only logged while `scheduling`) place it once the record is old."""
     s = spec()
-    registry.create_domain(s, "p", Quota())
+    registry.domains.create(s, "p", Quota())
     # A refused attempt on h1, then h2 defines it.
     for event in (
         DomainDefined(
@@ -397,15 +401,17 @@ def test_an_orphaned_create_is_placed_where_its_events_say(registry: Registry) -
         ),
     ):  # fmt: skip
         assert apply(registry, event) is Outcome.LOGGED
-    assert registry.resolve_orphans(older_than_s=60) == []  # a live create may still answer
-    [settled] = registry.resolve_orphans(older_than_s=0)
+    assert (
+        registry.settling.resolve_orphans(older_than_s=60) == []
+    )  # a live create may still answer
+    [settled] = registry.settling.resolve_orphans(older_than_s=0)
     assert (settled.host, settled.power, settled.seq, settled.task) == (
         "h2",
         PowerState.SHUTOFF,
         1,
         TaskState.NONE,
     )
-    assert registry.resolve_orphans(older_than_s=0) == []  # settled once
+    assert registry.settling.resolve_orphans(older_than_s=0) == []  # settled once
     assert apply(registry, started(s, "h2", 2)) is Outcome.APPLIED
 
 
@@ -413,13 +419,13 @@ def test_an_orphaned_create_without_events_is_an_error_a_later_start_still_place
     registry: Registry,
 ) -> None:
     s = spec()
-    registry.create_domain(s, "p", Quota())
-    [settled] = registry.resolve_orphans(older_than_s=0)
+    registry.domains.create(s, "p", Quota())
+    [settled] = registry.settling.resolve_orphans(older_than_s=0)
     assert settled.task is TaskState.ERROR
     assert settled.fault is not None
     assert settled.fault.code == "schedule_interrupted"
     assert apply(registry, started(s, "h3", 2)) is Outcome.APPLIED
-    record = registry.get_domain(s.uuid)
+    record = registry.domains.get(s.uuid)
     assert record is not None
     assert (record.host, record.power, record.task) == ("h3", PowerState.RUNNING, TaskState.NONE)
 
@@ -432,11 +438,11 @@ def test_a_create_that_timed_out_is_settled_like_an_orphan(registry: Registry) -
     s, t = spec(), spec()
     timeout = Fault(code="schedule_timeout", message="no answer in 60 s")
     for x in (s, t):
-        registry.create_domain(x, "p", Quota())
-        registry.set_task(x.uuid, TaskState.ERROR, timeout)
+        registry.domains.create(x, "p", Quota())
+        registry.domains.set_task(x.uuid, TaskState.ERROR, timeout)
     assert apply(registry, defined(s, "h2", 1)) is Outcome.LOGGED
-    assert registry.resolve_orphans(older_than_s=60) == []  # only once no request waits
-    settled = {r.id: r for r in registry.resolve_orphans(older_than_s=0)}
+    assert registry.settling.resolve_orphans(older_than_s=60) == []  # only once no request waits
+    settled = {r.id: r for r in registry.settling.resolve_orphans(older_than_s=0)}
     assert settled.keys() == {s.uuid, t.uuid}
     placed = settled[s.uuid]
     assert (placed.host, placed.power, placed.seq, placed.task, placed.fault) == (
@@ -451,33 +457,35 @@ def test_a_create_that_timed_out_is_settled_like_an_orphan(registry: Registry) -
     assert lost.fault is not None
     assert lost.fault.code == "schedule_interrupted"
     assert "answer to the create was lost" in lost.fault.message
-    assert registry.resolve_orphans(older_than_s=0) == []  # settled once
+    assert registry.settling.resolve_orphans(older_than_s=0) == []  # settled once
     # A broker that went away mid-call (503 broker_unavailable) left the outcome unknown as
     # well: its create is the sweep's too, and a start places it.
     u, v = spec(), spec()
     for x in (u, v):
-        registry.create_domain(x, "p", Quota())
-        registry.set_task(x.uuid, TaskState.ERROR, Fault(code="broker_unavailable", message="x"))
+        registry.domains.create(x, "p", Quota())
+        registry.domains.set_task(
+            x.uuid, TaskState.ERROR, Fault(code="broker_unavailable", message="x")
+        )
     assert apply(registry, defined(u, "h4", 1)) is Outcome.LOGGED
     assert apply(registry, started(v, "h5", 1)) is Outcome.APPLIED
-    swept = {r.id: r for r in registry.resolve_orphans(older_than_s=0)}
+    swept = {r.id: r for r in registry.settling.resolve_orphans(older_than_s=0)}
     assert swept.keys() == {u.uuid}
     assert (swept[u.uuid].host, swept[u.uuid].task, swept[u.uuid].fault) == (
         "h4",
         TaskState.NONE,
         None,
     )
-    record = registry.get_domain(v.uuid)
+    record = registry.domains.get(v.uuid)
     assert record is not None
     assert (record.host, record.task, record.fault) == ("h5", TaskState.NONE, None)
     # Another error of a record without a host is not the sweep's.
     w = spec()
-    registry.create_domain(w, "p", Quota())
-    registry.set_task(w.uuid, TaskState.ERROR, Fault(code="internal", message="x"))
-    assert registry.resolve_orphans(older_than_s=0) == []
+    registry.domains.create(w, "p", Quota())
+    registry.domains.set_task(w.uuid, TaskState.ERROR, Fault(code="internal", message="x"))
+    assert registry.settling.resolve_orphans(older_than_s=0) == []
     # A later start still places the one without events.
     assert apply(registry, started(t, "h3", 2)) is Outcome.APPLIED
-    record = registry.get_domain(t.uuid)
+    record = registry.domains.get(t.uuid)
     assert record is not None
     assert (record.host, record.task, record.fault) == ("h3", TaskState.NONE, None)
 
@@ -487,20 +495,20 @@ def test_a_start_clears_a_start_failed_fault(registry: Registry) -> None:
     fault `start_failed`), then the domain started after all (the late start, or the
     user's): the record says it runs, with no task and no fault."""
     s = spec()
-    registry.create_domain(s, "p", Quota())
+    registry.domains.create(s, "p", Quota())
     assert apply(registry, defined(s, "h1", 1)) is Outcome.LOGGED
-    [settled] = registry.resolve_orphans(older_than_s=0)
+    [settled] = registry.settling.resolve_orphans(older_than_s=0)
     assert settled.host == "h1"
     failed = Fault(code="start_failed", message="host h1 answered timeout", host="h1")
-    registry.set_task(s.uuid, TaskState.ERROR, failed)
+    registry.domains.set_task(s.uuid, TaskState.ERROR, failed)
     assert apply(registry, started(s, "h1", 2)) is Outcome.APPLIED
-    record = registry.get_domain(s.uuid)
+    record = registry.domains.get(s.uuid)
     assert record is not None
     assert (record.power, record.task, record.fault) == (PowerState.RUNNING, TaskState.NONE, None)
     # Another fault is not the start's to clear: a domain lost on its host stays in error.
-    registry.set_task(s.uuid, TaskState.ERROR, Fault(code="other", message="x"))
+    registry.domains.set_task(s.uuid, TaskState.ERROR, Fault(code="other", message="x"))
     assert apply(registry, started(s, "h1", 3)) is Outcome.APPLIED
-    record = registry.get_domain(s.uuid)
+    record = registry.domains.get(s.uuid)
     assert record is not None
     assert record.task is TaskState.ERROR
     assert record.fault is not None
@@ -523,8 +531,8 @@ def defined(s: DomainSpec, host: str, seq: int) -> DomainDefined:
 
 def tombstone(registry: Registry) -> DomainSpec:
     s = spec()
-    registry.create_domain(s, "p", Quota())
-    record = registry.tombstone(s.uuid)
+    registry.domains.create(s, "p", Quota())
+    record = registry.domains.tombstone(s.uuid)
     assert record is not None
     assert (record.host, record.task) == (None, TaskState.DELETING)
     return s
@@ -534,13 +542,13 @@ def test_a_deleted_domain_that_starts_is_reaped_there_and_goes_with_its_undefine
     registry: Registry,
 ) -> None:
     s = tombstone(registry)
-    assert registry.usage("p")["domains"] == 1  # counts until its host confirms
+    assert registry.domains.usage("p")["domains"] == 1  # counts until its host confirms
     assert apply(registry, started(s, "h1", 2)) is Outcome.REAP
-    record = registry.get_domain(s.uuid)
+    record = registry.domains.get(s.uuid)
     assert record is not None
     assert (record.host, record.task, record.seq) == ("h1", TaskState.DELETING, 2)
     assert apply(registry, undefined(s, "h1", 4)) is Outcome.REMOVED
-    assert registry.get_domain(s.uuid) is None
+    assert registry.domains.get(s.uuid) is None
 
 
 def test_a_deleted_domain_defined_somewhere_is_reaped_but_stays_a_tombstone(
@@ -551,14 +559,14 @@ def test_a_deleted_domain_defined_somewhere_is_reaped_but_stays_a_tombstone(
     s = tombstone(registry)
     assert apply(registry, defined(s, "h1", 1)) is Outcome.REAP
     assert apply(registry, undefined(s, "h1", 2)) is Outcome.LOGGED
-    record = registry.get_domain(s.uuid)
+    record = registry.domains.get(s.uuid)
     assert record is not None
     assert (record.host, record.task) == (None, TaskState.DELETING)
     # The scheduler's answer reaches the create's replica: the domain is reaped there.
-    placed = registry.set_placement(s.uuid, "h2", info(s, "h2", PowerState.RUNNING, 2))
+    placed = registry.domains.set_placement(s.uuid, "h2", info(s, "h2", PowerState.RUNNING, 2))
     assert placed is not None
     assert (placed.host, placed.task) == ("h2", TaskState.DELETING)
-    assert registry.remove_deleted(s.uuid, "h2")
+    assert registry.domains.remove_deleted(s.uuid, "h2")
 
 
 def test_the_sweep_settles_tombstones_and_retries_deletes_left_on_a_host(
@@ -571,30 +579,33 @@ def test_the_sweep_settles_tombstones_and_retries_deletes_left_on_a_host(
     left = tombstone(registry)  # defined on h2 (start: false), not removed yet
     apply(registry, defined(left, "h2", 1))
     placed = spec()  # deleting on its host, its DELETE's calls cut short
-    registry.create_domain(placed, "p", Quota())
-    registry.set_placement(placed.uuid, "h3", info(placed, "h3", PowerState.RUNNING, 2))
-    registry.set_task(placed.uuid, TaskState.DELETING)
+    registry.domains.create(placed, "p", Quota())
+    registry.domains.set_placement(placed.uuid, "h3", info(placed, "h3", PowerState.RUNNING, 2))
+    registry.domains.set_task(placed.uuid, TaskState.DELETING)
 
-    assert registry.settle_deletes(older_than_s=60) == ([], [])  # their creates may be live
-    before = registry.get_domain(nowhere.uuid)
-    again = registry.tombstone(nowhere.uuid)  # a DELETE again does not put the sweep off
+    assert registry.settling.settle_deletes(older_than_s=60) == (
+        [],
+        [],
+    )  # their creates may be live
+    before = registry.domains.get(nowhere.uuid)
+    again = registry.domains.tombstone(nowhere.uuid)  # a DELETE again does not put the sweep off
     assert before is not None
     assert again is not None
     assert again.updated_at == before.updated_at
-    to_reap, removed = registry.settle_deletes(older_than_s=0)
+    to_reap, removed = registry.settling.settle_deletes(older_than_s=0)
     assert sorted(r.id for r in removed) == sorted([nowhere.uuid, gone.uuid])
     assert {(r.id, host) for r, host in to_reap} == {(left.uuid, "h2"), (placed.uuid, "h3")}
-    record = registry.get_domain(left.uuid)
+    record = registry.domains.get(left.uuid)
     assert record is not None
     assert (record.host, record.task) == ("h2", TaskState.DELETING)
-    assert registry.settle_deletes(older_than_s=60) == ([], [])  # touched: next try later
+    assert registry.settling.settle_deletes(older_than_s=60) == ([], [])  # touched: next try later
 
 
 def test_a_create_that_times_out_does_not_undo_a_delete(registry: Registry) -> None:
     s = tombstone(registry)
     fault = Fault(code="schedule_timeout", message="late")
-    registry.set_task(s.uuid, TaskState.ERROR, fault, unless=TaskState.DELETING)
-    record = registry.get_domain(s.uuid)
+    registry.domains.set_task(s.uuid, TaskState.ERROR, fault, unless=TaskState.DELETING)
+    record = registry.domains.get(s.uuid)
     assert record is not None
     assert record.task is TaskState.DELETING
 
@@ -609,9 +620,9 @@ def migrating(
 ) -> DomainSpec:
     """A domain placed on h1 at `seq`, in task `migrating`."""
     s = spec()
-    registry.create_domain(s, "p", Quota())
-    assert registry.set_placement(s.uuid, "h1", info(s, "h1", state, seq)) is not None
-    assert registry.set_task(s.uuid, TaskState.MIGRATING) is not None
+    registry.domains.create(s, "p", Quota())
+    assert registry.domains.set_placement(s.uuid, "h1", info(s, "h1", state, seq)) is not None
+    assert registry.domains.set_task(s.uuid, TaskState.MIGRATING) is not None
     return s
 
 
@@ -647,7 +658,7 @@ def progress(s: DomainSpec, host: str, seq: int, phase: str, target: str = "h2")
 
 
 def shown(registry: Registry, s: DomainSpec) -> tuple[str | None, PowerState, int, TaskState]:
-    record = registry.get_domain(s.uuid)
+    record = registry.domains.get(s.uuid)
     assert record is not None
     return record.host, record.power, record.seq, record.task
 
@@ -693,7 +704,7 @@ def test_a_done_that_comes_before_the_targets_start_leaves_the_task_to_the_switc
     ) is (Outcome.APPLIED)
     assert shown(registry, s) == ("h2", P.RUNNING, 3, TaskState.NONE)
     # A `done` naming the host it switched to ends a task still set then.
-    assert registry.set_task(s.uuid, TaskState.MIGRATING) is not None
+    assert registry.domains.set_task(s.uuid, TaskState.MIGRATING) is not None
     assert apply(registry, progress(s, "h1", 2, "done")) is Outcome.APPLIED
     assert shown(registry, s) == ("h2", P.RUNNING, 3, TaskState.NONE)
 
@@ -709,11 +720,11 @@ def test_a_failed_migration_leaves_the_domain_on_its_source(registry: Registry) 
     ) is (Outcome.APPLIED)
     assert shown(registry, s) == ("h1", P.RUNNING, 4, TaskState.NONE)
     # A cancelled or failed job's final progress from the source ends a task too.
-    assert registry.set_task(s.uuid, TaskState.MIGRATING) is not None
+    assert registry.domains.set_task(s.uuid, TaskState.MIGRATING) is not None
     assert apply(registry, progress(s, "h1", 4, "cancelled")) is Outcome.APPLIED
     assert shown(registry, s) == ("h1", P.RUNNING, 4, TaskState.NONE)
     # ... but only about this domain's host: a third host's progress changes nothing.
-    assert registry.set_task(s.uuid, TaskState.MIGRATING) is not None
+    assert registry.domains.set_task(s.uuid, TaskState.MIGRATING) is not None
     assert apply(registry, progress(s, "h3", 4, "failed", target="h4")) is Outcome.LOGGED
     assert shown(registry, s)[3] is TaskState.MIGRATING
 
@@ -746,8 +757,8 @@ def test_a_cold_migration_switches_the_host_on_the_targets_definition(
     assert shown(registry, s) == ("h2", P.SHUTOFF, 4, TaskState.NONE)
     # Without a `migrating` task (an evacuation the API did not see start) it switches too.
     s2 = spec()
-    registry.create_domain(s2, "p", Quota())
-    assert registry.set_placement(s2.uuid, "h1", info(s2, "h1", P.SHUTOFF, 1)) is not None
+    registry.domains.create(s2, "p", Quota())
+    assert registry.domains.set_placement(s2.uuid, "h1", info(s2, "h1", P.SHUTOFF, 1)) is not None
     assert apply(
         registry, event_of(DomainDefined, s2, "h3", 2, state=P.SHUTOFF, detail="migrated")
     ) is (Outcome.APPLIED)

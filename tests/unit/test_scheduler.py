@@ -15,140 +15,27 @@ import pytest
 from protos.base import Message
 from protos.bindings import DiskBinding, ImageRef
 from protos.codec import envelope_for
-from protos.commands import Command, DefineDomain, DestroyDomain, StartDomain, UndefineDomain
-from protos.domain import BootSpec, DomainSpec, PlacementHints, PowerState
+from protos.commands import DefineDomain, DestroyDomain, StartDomain, UndefineDomain
+from protos.domain import PowerState
 from protos.events import DomainStarted, DomainUndefined, StartedDetail, UndefinedDetail
-from protos.host import HostHeartbeat
-from protos.replies import DomainInfo
-from protos.scheduler import ClaimPhase, Placement, PlacementClaim, ScheduleDomain
-from services.bus import Context, RemoteError, RpcTimeout, ServiceError
+from protos.scheduler import ClaimPhase, PlacementClaim, ScheduleDomain
+from services.bus import RpcTimeout, ServiceError
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.filters import build_filters
 from services.scheduler.placer import Decision, NoValidHost, Placer
 from services.scheduler.service import SchedulerService
 from services.scheduler.state import ClusterState, GroupKey
 from services.scheduler.weights import build_weighers
+from tests.unit.scheduler_fakes import (
+    FakeComputes,
+    Sent,
+    feed,
+    route,
+    schedule,
+    service,
+    spec,
+)
 from tests.unit.test_scheduler_filters import beat, request
-
-
-def spec(vcpus: int = 1, memory_mib: int = 512, **placement: object) -> DomainSpec:
-    return DomainSpec(
-        name=f"d-{uuid.uuid4().hex[:8]}",
-        vcpus=vcpus,
-        memory_mib=memory_mib,
-        boot=BootSpec(kernel="/k"),
-        placement=PlacementHints(**placement),  # type: ignore[arg-type]
-    )
-
-
-def ctx(command: Message) -> Context:
-    return Context(envelope_for(command, source="test"))
-
-
-def info(spec_: DomainSpec, host: str, state: PowerState = PowerState.RUNNING) -> DomainInfo:
-    return DomainInfo(
-        domain_id=spec_.uuid,
-        name=spec_.name,
-        host=host,
-        state=state,
-        vcpus=spec_.vcpus,
-        memory_mib=spec_.memory_mib,
-        seq=1,
-    )
-
-
-class FakeComputes:
-    """Compute nodes behind `SchedulerService.call`: each holds claims atomically against its
-    limits, as the real one does, and can be told to refuse or to stay silent."""
-
-    def __init__(self, limits: dict[str, tuple[int, int]]) -> None:
-        self.limits = limits
-        self.used: dict[str, Counter[str]] = {h: Counter() for h in limits}
-        self.defined: dict[str, dict[uuid.UUID, DomainSpec]] = {h: {} for h in limits}
-        self.running: dict[str, set[uuid.UUID]] = {h: set() for h in limits}
-        self.calls: list[tuple[str, str]] = []
-        self.commands: list[Command] = []
-        self.refuse: dict[str, str] = {}  # host → error code for StartDomain
-        self.silent: set[str] = set()
-        self.refusals = 0
-        self.lock = threading.Lock()
-        self.delay = 0.0
-
-    def __call__(
-        self,
-        queue: str,
-        command: Command,
-        *,
-        timeout: float,
-        message_id: str | None,
-        expires: bool = False,
-    ) -> Message:
-        host = queue.removeprefix("compute.")
-        with self.lock:
-            self.calls.append((host, command.TYPE))
-            self.commands.append(command)
-        if host in self.silent:
-            raise RpcTimeout(f"{command.TYPE} to {queue!r}: no reply")
-        if isinstance(command, DefineDomain):
-            with self.lock:
-                self.defined[host][command.spec.uuid] = command.spec
-            return info(command.spec, host, PowerState.SHUTOFF)
-        if isinstance(command, StartDomain):
-            time.sleep(self.delay)
-            code = self.refuse.get(host)
-            if code:
-                raise RemoteError(code, f"{host} says {code}")
-            with self.lock:
-                s = self.defined[host][command.domain_id]
-                vcpus, mib = self.limits[host]
-                used = self.used[host]
-                if used["vcpus"] + s.vcpus > vcpus or used["mib"] + s.memory_mib > mib:
-                    self.refusals += 1
-                    raise RemoteError("no_capacity", f"{host} is full")
-                used["vcpus"] += s.vcpus
-                used["mib"] += s.memory_mib
-                self.running[host].add(s.uuid)
-            return info(s, host)
-        if isinstance(command, UndefineDomain):
-            with self.lock:
-                self.defined[host].pop(command.domain_id, None)
-            return info(spec(), host)
-        if isinstance(command, DestroyDomain):
-            return info(spec(), host)
-        raise AssertionError(command)
-
-    def heartbeats(self, interval_s: float = 60.0) -> list[HostHeartbeat]:
-        with self.lock:
-            return [
-                beat(
-                    h,
-                    vcpus=v,
-                    memory_mib=m,
-                    used_vcpus=self.used[h]["vcpus"],
-                    used_mib=self.used[h]["mib"],
-                    interval_s=interval_s,
-                )
-                for h, (v, m) in self.limits.items()
-            ]
-
-
-def service(computes: FakeComputes, **config: object) -> SchedulerService:
-    config.setdefault("replica", "r1")
-    svc = SchedulerService(SchedulerConfig(**config))  # type: ignore[arg-type]
-    svc.call = computes  # type: ignore[method-assign]
-    feed(svc, computes)
-    return svc
-
-
-def feed(svc: SchedulerService, computes: FakeComputes) -> None:
-    sent_at = time.time()  # before usage is read: a beat sent at t shows all taken before t
-    for hb in computes.heartbeats():
-        svc.state.on_heartbeat(hb, sent_at=sent_at, now=time.monotonic())
-
-
-def schedule(svc: SchedulerService, cmd: ScheduleDomain) -> Placement:
-    return svc.schedule(cmd, ctx(cmd))
-
 
 # ---- the loop ---------------------------------------------------------------------------------
 
@@ -364,20 +251,13 @@ def test_a_beating_host_whose_start_timed_out_is_cleaned_up_before_the_next_host
     computes = FakeComputes({"a": (4, 8192), "b": (4, 2048)})
     svc = service(computes, top_n=1, compute_timeout_s=0.1)
 
-    def call(
-        queue: str,
-        command: Command,
-        *,
-        timeout: float,
-        message_id: str | None,
-        expires: bool = False,
-    ) -> Message:
-        if queue == "compute.a" and isinstance(command, StartDomain):
-            assert expires, "the start must expire when the scheduler stops waiting"
+    def start_times_out_on_a(sent: Sent) -> Message | None:
+        if sent.queue == "compute.a" and isinstance(sent.command, StartDomain):
+            assert sent.expires, "the start must expire when the scheduler stops waiting"
             raise RpcTimeout("no reply")
-        return computes(queue, command, timeout=timeout, message_id=message_id)
+        return None
 
-    svc.call = call  # type: ignore[method-assign]
+    route(svc, computes, start_times_out_on_a)
     placement = schedule(svc, ScheduleDomain(spec=spec(), project="p"))
     assert placement.host == "b"
     assert placement.attempts[0].host == "a"
@@ -395,21 +275,14 @@ def test_a_host_that_went_silent_is_waited_for_with_the_same_command() -> None:
     svc = service(computes, top_n=1, compute_timeout_s=0.1, restart_wait_s=30.0)
     sent: list[tuple[str, str | None]] = []
 
-    def call(
-        queue: str,
-        command: Command,
-        *,
-        timeout: float,
-        message_id: str | None,
-        expires: bool = False,
-    ) -> Message:
-        sent.append((command.TYPE, message_id))
-        if isinstance(command, StartDomain) and len(sent) == 2:
+    def first_start_unanswered(call: Sent) -> Message | None:
+        sent.append((call.command.TYPE, call.message_id))
+        if isinstance(call.command, StartDomain) and len(sent) == 2:
             svc.state.hosts["a"].seen_at -= 1000.0  # its heartbeats stopped meanwhile
             raise RpcTimeout("no reply")
-        return computes(queue, command, timeout=timeout, message_id=message_id)
+        return None
 
-    svc.call = call  # type: ignore[method-assign]
+    route(svc, computes, first_start_unanswered)
     placement = schedule(svc, ScheduleDomain(spec=spec(), project="p"))
     assert (placement.host, placement.attempts) == ("a", [])
     _, start, again = sent
@@ -461,19 +334,11 @@ def test_the_requesters_role_travels_to_the_compute_node() -> None:
     sent: list[DefineDomain] = []
     svc = service(computes)
 
-    def call(
-        queue: str,
-        command: Command,
-        *,
-        timeout: float,
-        message_id: str | None,
-        expires: bool = False,
-    ) -> Message:
-        if isinstance(command, DefineDomain):
-            sent.append(command)
-        return computes(queue, command, timeout=timeout, message_id=message_id)
+    def record_defines(call: Sent) -> None:
+        if isinstance(call.command, DefineDomain):
+            sent.append(call.command)
 
-    svc.call = call  # type: ignore[method-assign]
+    route(svc, computes, record_defines)
     schedule(svc, ScheduleDomain(spec=spec(), project="p", privileged=True))
     schedule(svc, ScheduleDomain(spec=spec(), project="p"))
     assert [c.privileged for c in sent] == [True, False]
@@ -489,19 +354,11 @@ def test_a_volume_on_a_host_places_the_domain_there_and_its_bindings_travel() ->
     sent: list[DefineDomain] = []
     svc = service(computes)
 
-    def call(
-        queue: str,
-        command: Command,
-        *,
-        timeout: float,
-        message_id: str | None,
-        expires: bool = False,
-    ) -> Message:
-        if isinstance(command, DefineDomain):
-            sent.append(command)
-        return computes(queue, command, timeout=timeout, message_id=message_id)
+    def record_defines(call: Sent) -> None:
+        if isinstance(call.command, DefineDomain):
+            sent.append(call.command)
 
-    svc.call = call  # type: ignore[method-assign]
+    route(svc, computes, record_defines)
     kernel = ImageRef(sha256="a" * 64, pool="nfs", kind="kernel")
     for _ in range(5):
         disks = [disk_on("b"), disk_on(None, "vdb")]

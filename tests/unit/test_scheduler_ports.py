@@ -20,7 +20,7 @@ from protos.replies import Done
 from protos.scheduler import ScheduleDomain
 from services.bus import NoRouteError, RemoteError, ServiceError
 from services.scheduler.service import SchedulerService
-from tests.unit.test_scheduler import FakeComputes, schedule, service, spec
+from tests.unit.scheduler_fakes import FakeComputes, route, schedule, service, spec
 
 NET = NetworkBinding(
     network_id=uuid.UUID(int=1),
@@ -70,19 +70,7 @@ class FakeNetwork:
 def wired(computes: FakeComputes, network: FakeNetwork, **config: object) -> SchedulerService:
     svc = service(computes, **config)
 
-    def call(
-        queue: str,
-        command: Command,
-        *,
-        timeout: float,
-        message_id: str | None,
-        expires: bool = False,
-    ) -> Message:
-        if queue == "network":
-            return network(command)
-        return computes(queue, command, timeout=timeout, message_id=message_id)
-
-    svc.call = call  # type: ignore[method-assign]
+    route(svc, computes, lambda sent: network(sent.command) if sent.queue == "network" else None)
     # Each host says where its VXLAN endpoint is.
     for beat in computes.heartbeats():
         vtep = IPv4Address(f"192.0.2.{ord(beat.host[0]) - ord('a') + 1}")

@@ -14,7 +14,7 @@ from protos.commands import Command, DefineDomain, GetDomainInfo
 from protos.scheduler import Placement, PlacementClaim, ScheduleDomain
 from services.bus import Context, RemoteError
 from services.scheduler.service import SchedulerService
-from tests.unit.test_scheduler import FakeComputes, info, service, spec
+from tests.unit.scheduler_fakes import FakeComputes, Sent, info, route, service, spec
 
 
 class RecordingComputes(FakeComputes):
@@ -164,19 +164,11 @@ def test_a_replica_that_never_saw_the_claim_asks_the_hosts() -> None:
     cmd = ScheduleDomain(spec=spec(memory_mib=1024), project="p")
     envelope = envelope_for(cmd, source="api")
 
-    def define_then_die(
-        queue: str,
-        command: Command,
-        *,
-        timeout: float,
-        message_id: str | None,
-        expires: bool = False,
-    ) -> Message:
-        if not isinstance(command, DefineDomain):
+    def define_then_die(sent: Sent) -> None:
+        if not isinstance(sent.command, DefineDomain):
             raise SystemExit  # the replica dies between its define and its start
-        return computes(queue, command, timeout=timeout, message_id=message_id)
 
-    a.call = define_then_die  # type: ignore[method-assign]
+    route(a, computes, define_then_die)
     a.announce = lambda event, *, confirm: None  # type: ignore[method-assign]
     try:
         a.schedule(cmd, Context(envelope))

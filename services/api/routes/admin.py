@@ -22,7 +22,9 @@ router = APIRouter(tags=["admin"])
 def create_token(body: TokenCreate, ctx: Ctx, _admin: Admin) -> TokenCreated:
     """A new bearer token for `project` with `role`; the secret is in this answer only."""
     secret = new_token()
-    record = ctx.registry.add_token(digest(secret), body.project, body.role, body.description)
+    record = ctx.registry.access.add_token(
+        digest(secret), body.project, body.role, body.description
+    )
     return TokenCreated(
         id=record.id,
         project=record.project,
@@ -45,14 +47,14 @@ def list_tokens(ctx: Ctx, _admin: Admin) -> TokenList:
                 description=t.description,
                 created_at=t.created_at,
             )
-            for t in ctx.registry.list_tokens()
+            for t in ctx.registry.access.list_tokens()
         ]
     )
 
 
 @router.delete("/v1/tokens/{token_id}", status_code=204, responses=responses(401, 403, 404))
 def delete_token(token_id: str, ctx: Ctx, _admin: Admin) -> Response:
-    if not ctx.registry.delete_token(token_id):
+    if not ctx.registry.access.delete_token(token_id):
         raise not_found(f"token {token_id}")
     return Response(status_code=204)
 
@@ -75,9 +77,9 @@ def _image_usage(ctx: Ctx, project: str) -> dict[str, int]:
 
 
 def _project_view(ctx: Ctx, project: str) -> ProjectView:
-    quota = ctx.registry.get_quota(project) or ctx.config.quota_for(project)
+    quota = ctx.registry.access.get_quota(project) or ctx.config.quota_for(project)
     usage = {
-        **ctx.registry.usage(project),
+        **ctx.registry.domains.usage(project),
         "snapshot_bytes": ctx.registry.states.usage(project),
         **_image_usage(ctx, project),
     }
@@ -100,5 +102,5 @@ def get_project(project: str, ctx: Ctx, caller: Caller) -> ProjectView:
 )
 def set_quota(project: str, body: Quota, ctx: Ctx, _admin: Admin) -> ProjectView:
     """Set the project's quota (overrides the config file's)."""
-    ctx.registry.set_quota(project, body)
+    ctx.registry.access.set_quota(project, body)
     return _project_view(ctx, project)

@@ -31,7 +31,7 @@ from services.api import boot_images
 from services.api.context import ApiContext
 from services.api.models import DomainView
 from services.api.problems import Problem, responses
-from services.api.registry import DomainRecord
+from services.api.registry.domains import DomainRecord
 from services.api.routes.deps import Caller, Ctx, Mask
 from services.api.routes.volumes import call_storage, volume_quota
 from services.api.volume_models import DiskAttach
@@ -229,7 +229,7 @@ def _redefine(
             initrd_image=boot.initrd,
         ),
     )
-    updated = ctx.registry.set_spec(record.id, spec)
+    updated = ctx.registry.domains.set_spec(record.id, spec)
     assert updated is not None
     return updated
 

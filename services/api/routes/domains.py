@@ -43,7 +43,7 @@ from services.api.models import (
     DomainView,
 )
 from services.api.problems import Problem, responses
-from services.api.registry import DomainRecord, NameInUse, QuotaExceeded
+from services.api.registry.domains import DomainRecord, NameInUse, QuotaExceeded
 from services.api.routes import disks, snapshots
 from services.api.routes.deps import Caller, Ctx, Mask
 from services.api.routes.networks import domain_interfaces
@@ -75,9 +75,9 @@ def create_domain(
         raise Problem(403, "forbidden", "placement.host: only an admin may choose the host")
     spec = DomainSpec.model_validate(body.model_dump(exclude={"start"}))
     _check_spec(spec)
-    quota = ctx.registry.get_quota(caller.project) or ctx.config.quota_for(caller.project)
+    quota = ctx.registry.access.get_quota(caller.project) or ctx.config.quota_for(caller.project)
     try:
-        record = ctx.registry.create_domain(spec, caller.project, quota)
+        record = ctx.registry.domains.create(spec, caller.project, quota)
     except QuotaExceeded as exc:
         raise Problem(
             403,
@@ -95,7 +95,7 @@ def create_domain(
         boot = boot_images.boot_images(ctx, caller.project, spec)
         bindings = disks.attach_disks(ctx, project, record.id, spec, owner=caller.project)
     except Problem:
-        ctx.registry.remove_domain(record.id)
+        ctx.registry.domains.remove(record.id)
         raise
     command = ScheduleDomain(
         spec=spec,
@@ -117,7 +117,7 @@ def create_domain(
             disks.release_disks(ctx, record.id, spec)
         raise
     assert isinstance(placement, Placement)
-    placed = ctx.registry.set_placement(record.id, placement.host, placement.info)
+    placed = ctx.registry.domains.set_placement(record.id, placement.host, placement.info)
     if placed is None or placed.task is TaskState.DELETING:
         # Deleted while the scheduler worked: do not leave the guest behind on its host.
         if placed is None:
@@ -157,9 +157,9 @@ def _schedule_failed(ctx: ApiContext, record: DomainRecord, problem: Problem) ->
     fault = Fault(code=code, message=problem.detail)
     if problem.code in _OUTCOME_UNKNOWN:
         # Unless deleted meanwhile: the tombstone stays for wherever the domain appears.
-        ctx.registry.set_task(record.id, TaskState.ERROR, fault, unless=TaskState.DELETING)
+        ctx.registry.domains.set_task(record.id, TaskState.ERROR, fault, unless=TaskState.DELETING)
     else:
-        ctx.registry.remove_domain(record.id)
+        ctx.registry.domains.remove(record.id)
     problem.extras.setdefault("domain_id", str(record.id))
     problem.extras["fault"] = fault.model_dump(mode="json")
     attempts = problem.extras.get("attempts")
@@ -192,7 +192,7 @@ def list_domains(
     """The caller's domains (an admin's: every project's, or `project`'s)."""
     if not caller.is_admin:
         project = caller.project
-    records = ctx.registry.list_domains(
+    records = ctx.registry.domains.matching(
         project=project, power=state, task=task, host=host if caller.is_admin else None, name=name
     )
     if host is not None and not caller.is_admin:
@@ -244,7 +244,7 @@ def delete_domain(
     host; the record goes once its host undefined it, or when it never reaches one."""
     record = ctx.visible_domain(caller, domain_id)
     if record.host is None:
-        current = ctx.registry.tombstone(domain_id)
+        current = ctx.registry.domains.tombstone(domain_id)
         if current is None:
             return Response(status_code=204)  # removed meanwhile (its create was refused)
         if current.host is None:
@@ -256,19 +256,19 @@ def delete_domain(
         _check_gate(record, Action.UNDEFINE)
     host = record.host
     assert host is not None
-    ctx.registry.set_task(domain_id, TaskState.DELETING)
+    ctx.registry.domains.set_task(domain_id, TaskState.DELETING)
     snapshots.drop_states(ctx, domain_id)
     try:
         reaping.destroy_and_undefine(ctx, host, domain_id, record.power in ACTIVE_STATES)
     except Problem as problem:
         if problem.code != "not_found":
             raise  # the record stays `deleting`: DELETE again to retry (or the sweep does)
-        ctx.registry.remove_domain(domain_id)  # already gone from the host
+        ctx.registry.domains.remove(domain_id)  # already gone from the host
         reaping.release(ctx, record)
         return Response(status_code=204)
     # Undefined on its host: its ports and volumes are free.
     reaping.release(ctx, record)
-    current = ctx.registry.get_domain(domain_id)
+    current = ctx.registry.domains.get(domain_id)
     if current is None:
         return Response(status_code=204)  # the undefined event beat us here
     return DomainView.of(current, mask)
@@ -333,7 +333,7 @@ def domain_action(
     assert isinstance(info, DomainInfo)
     if body.action is ActionName.START:
         snapshots.forget_consumed_managed_save(ctx, info)
-    updated = ctx.registry.observe_info(info)
+    updated = ctx.registry.domains.observe_info(info)
     return DomainView.of(updated or record, mask)
 
 

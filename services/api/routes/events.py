@@ -17,7 +17,7 @@ from protos.routing import topic_matches
 from services.api.auth import Principal
 from services.api.context import ApiContext
 from services.api.problems import Problem, responses
-from services.api.registry import EventRecord
+from services.api.registry.events import EventRecord
 from services.api.routes.deps import Caller, Ctx, Mask
 from services.api.visibility import HostMask
 
@@ -91,7 +91,7 @@ async def stream_events(
             raise Problem(422, "invalid", "Last-Event-ID: not an event id", field="Last-Event-ID")
         since = int(last_event_id)
     if since is None:
-        since = 0 if since_seq is not None else await run_in_threadpool(ctx.registry.last_event_id)
+        since = 0 if since_seq is not None else await run_in_threadpool(ctx.registry.events.last_id)
     body = _events(
         request=request,
         ctx=ctx,
@@ -128,7 +128,7 @@ async def _events(
     quiet_since = time.monotonic()
     while True:
         rows = await run_in_threadpool(
-            ctx.registry.events_after,
+            ctx.registry.events.after,
             cursor,
             project=project,
             domain_id=domain,

@@ -10,7 +10,7 @@ from protos.routing import compute_queue
 from protos.scheduler import SetHostEnabled
 from services.api.models import HostEnable, HostList, HostView
 from services.api.problems import not_found, responses
-from services.api.registry import HostRecord
+from services.api.registry.hosts import HostRecord
 from services.api.routes.deps import Admin, Ctx
 
 router = APIRouter(prefix="/v1/hosts", tags=["hosts"])
@@ -35,6 +35,7 @@ def _view(record: HostRecord, down_after: float, now: float) -> HostView:
         seconds_since_heartbeat=round(age, 3),
         vtep=None if inv.vtep is None else str(inv.vtep),
         network_warnings=inv.network_warnings,
+        pools=inv.pools,
     )
 
 
@@ -44,31 +45,31 @@ def list_hosts(ctx: Ctx, _admin: Admin) -> HostList:
     its heartbeat interval without one."""
     now = time.time()
     down_after = ctx.config.host_down_after_intervals
-    return HostList(hosts=[_view(h, down_after, now) for h in ctx.registry.hosts()])
+    return HostList(hosts=[_view(h, down_after, now) for h in ctx.registry.hosts.records()])
 
 
 @router.get("/{host}", response_model=HostView, responses=responses(401, 403, 404))
 def get_host(host: str, ctx: Ctx, _admin: Admin) -> HostView:
-    found = ctx.registry.hosts(host)
+    found = ctx.registry.hosts.records(host)
     if not found:
         raise not_found(f"host {host}")
     return _view(found[0], ctx.config.host_down_after_intervals, time.time())
 
 
 def _set_enabled(host: str, enabled: bool, body: HostEnable | None, ctx: Ctx) -> HostView:
-    if not ctx.registry.hosts(host):
+    if not ctx.registry.hosts.records(host):
         raise not_found(f"host {host}")
     try:
         queue = compute_queue(host)
     except ValueError:
         raise not_found(f"host {host}") from None
-    generation = ctx.registry.next_enabled_generation(host)
+    generation = ctx.registry.hosts.next_generation(host)
     reason = body.reason if body else ""
     ctx.call(queue, SetHostEnabled(enabled=enabled, reason=reason, generation=generation))
     # The host's heartbeats say the same from now on; one it sent before taking the switch
     # (an older generation) does not undo it here.
-    ctx.registry.set_host_enabled(host, enabled, generation)
-    found = ctx.registry.hosts(host)
+    ctx.registry.hosts.set_enabled(host, enabled, generation)
+    found = ctx.registry.hosts.records(host)
     return _view(found[0], ctx.config.host_down_after_intervals, time.time())
 
 

@@ -55,7 +55,7 @@ def _check_public(caller: Principal, visibility: str) -> None:
 def image_quota(ctx: ApiContext, project: str) -> ImageQuota | None:
     """The project's image limits (the registry's quota, else the config's); None if
     unlimited. They travel on the import commands: the catalog checks them."""
-    quota = ctx.registry.get_quota(project) or ctx.config.quota_for(project)
+    quota = ctx.registry.access.get_quota(project) or ctx.config.quota_for(project)
     if quota.images is None and quota.image_gib is None:
         return None
     return ImageQuota(images=quota.images, image_gib=quota.image_gib)

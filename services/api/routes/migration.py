@@ -38,7 +38,7 @@ from services.api.migration_models import (
     MigrateRequest,
 )
 from services.api.problems import Problem, not_found, responses
-from services.api.registry import DomainRecord
+from services.api.registry.domains import DomainRecord
 from services.api.routes.deps import Admin, Caller, Ctx, Mask
 from services.api.routes.disks import local_pools
 from services.api.visibility import HostMask
@@ -68,7 +68,7 @@ def start_migration(ctx: ApiContext, record: DomainRecord, body: MigrateRequest)
     if not live and active:
         raise _conflict(record, "domain is active: migrate it live, or shut it down first")
     pools = local_pools(ctx, record.id, record.spec)
-    if not ctx.registry.swap_task(record.id, TaskState.NONE, TaskState.MIGRATING):
+    if not ctx.registry.domains.swap_task(record.id, TaskState.NONE, TaskState.MIGRATING):
         raise _conflict(record, "another task started meanwhile")
     command = MigrateDomain(
         domain_id=record.id,
@@ -84,7 +84,7 @@ def start_migration(ctx: ApiContext, record: DomainRecord, body: MigrateRequest)
     except Problem:
         # Nothing started (or, after a timeout, nothing we can know of: the events will
         # move the domain if it did).
-        ctx.registry.swap_task(record.id, TaskState.MIGRATING, TaskState.NONE)
+        ctx.registry.domains.swap_task(record.id, TaskState.MIGRATING, TaskState.NONE)
         raise
     assert isinstance(job, MigrationJob)
     log.info("migration started", domain_id=str(record.id), target=job.target, live=live)
@@ -146,7 +146,7 @@ def get_job(domain_id: uuid.UUID, ctx: Ctx, caller: Caller, mask: Mask) -> JobVi
     if job is not None and job.phase not in FINAL_PHASES:
         return JobView.of(job, mask)
     _settle_task(ctx, record)
-    logged = ctx.registry.last_migration(domain_id)
+    logged = ctx.registry.events.last_migration(domain_id)
     if logged is not None and (job is None or logged.ts >= job.started_at):
         event = DomainMigrationProgress.model_validate(logged.body)
         return JobView.of_event(event, logged.ts, mask)
@@ -164,7 +164,7 @@ def _settle_task(ctx: ApiContext, record: DomainRecord) -> None:
         return
     if time.time() - record.updated_at <= ctx.config.schedule_timeout_s:
         return
-    if ctx.registry.swap_task(record.id, TaskState.MIGRATING, TaskState.NONE):
+    if ctx.registry.domains.swap_task(record.id, TaskState.MIGRATING, TaskState.NONE):
         log.warning("migrating task ended: no job runs on the host", domain_id=str(record.id))
 
 
@@ -225,13 +225,13 @@ def evacuate_host(host: str, ctx: Ctx, _admin: Admin) -> Evacuation:
     was started, or why not (the same refusals as `migrate`); call it again for those
     that could not go. 409 while the host is enabled (disable it first, so nothing new
     lands on it)."""
-    found = ctx.registry.hosts(host)
+    found = ctx.registry.hosts.records(host)
     if not found:
         raise not_found(f"host {host}")
     if found[0].enabled:
         raise Problem(409, "conflict", f"host {host} is enabled: disable it first", host=host)
-    admin_mask = HostMask(None, ctx.registry.host_names)
-    outcomes = [_evacuate(ctx, admin_mask, r) for r in ctx.registry.list_domains(host=host)]
+    admin_mask = HostMask(None, ctx.registry.hosts.names)
+    outcomes = [_evacuate(ctx, admin_mask, r) for r in ctx.registry.domains.matching(host=host)]
     started = sum(1 for o in outcomes if o.job is not None)
     return Evacuation(host=host, started=started, refused=len(outcomes) - started, domains=outcomes)
 

@@ -30,7 +30,7 @@ from protos.states import Action, Verdict, decide
 from services.api.context import ApiContext
 from services.api.models import DomainView
 from services.api.problems import Problem, not_found, responses
-from services.api.registry import DomainRecord
+from services.api.registry.domains import DomainRecord
 from services.api.routes.deps import Caller, Ctx, Mask
 from services.api.saved_states import (
     Kind,
@@ -70,7 +70,7 @@ def _placed(record: DomainRecord, action: Action) -> str:
 
 
 def _limit(ctx: ApiContext, project: str) -> int | None:
-    quota = ctx.registry.get_quota(project) or ctx.config.quota_for(project)
+    quota = ctx.registry.access.get_quota(project) or ctx.config.quota_for(project)
     return quota.snapshot_bytes
 
 
@@ -105,7 +105,7 @@ def _take(
         raise _over_quota(exc) from None
     saved = ctx.call_host(host, command)
     assert isinstance(saved, SavedState)
-    ctx.registry.observe_info(saved.domain)
+    ctx.registry.domains.observe_info(saved.domain)
     try:
         return ctx.registry.states.add(
             saved,
@@ -138,14 +138,14 @@ def _forget(ctx: ApiContext, record: StateRecord) -> None:
 
 
 def _view(ctx: ApiContext, domain_id: uuid.UUID, mask: Mask) -> DomainView:
-    record = ctx.registry.get_domain(domain_id)
+    record = ctx.registry.domains.get(domain_id)
     assert record is not None
     return DomainView.of(record, mask)
 
 
 def _observed(ctx: ApiContext, info: object, record: DomainRecord, mask: Mask) -> DomainView:
     assert isinstance(info, DomainInfo)
-    updated = ctx.registry.observe_info(info)
+    updated = ctx.registry.domains.observe_info(info)
     return DomainView.of(updated or record, mask)
 
 
