@@ -7,9 +7,12 @@ install:
 # Every tier but hwvirt (docs/testing.md): on hosts without vmx/svm it boots Linux in a nested
 # L1 under QEMU TCG, which takes 30-60 minutes here, so it is a target of its own. The chaos
 # suite is in, with its short default run (FLOTILLA_CHAOS_SECONDS=30, 1-2 minutes on the
-# session's broker cluster).
+# session's broker cluster). Two pytest-xdist workers, each given whole test files (module
+# fixtures stay shared) and its own private broker: most tests wait on processes, brokers and
+# guests rather than on the CPU, so two at a time halve the wall time on 2 cores.
+TEST_WORKERS ?= 2
 test: install
-	.venv/bin/pytest -m "not hwvirt"
+	.venv/bin/pytest -m "not hwvirt" -n $(TEST_WORKERS) --dist loadfile
 
 # Only the broker-cluster tests (also part of `make test`).
 test-cluster: install

@@ -194,7 +194,20 @@ class Progress:
     def of(self, host: str) -> list[tuple[str, str]]:
         """(domain id, phase) of the jobs leaving `host`."""
         with self._cond:
-            return [(str(e.domain_id), e.phase) for e in self.events if e.host == host]
+            return self.of_locked(host)
+
+    def wait_for(self, host: str, phase: str, count: int, timeout: float = 15) -> None:
+        """Until `count` jobs leaving `host` reported `phase`: a job's final progress event
+        may come after the registry has switched its domain's host."""
+
+        def enough() -> bool:
+            return [p for _, p in self.of_locked(host)].count(phase) >= count
+
+        with self._cond:
+            assert self._cond.wait_for(enough, timeout), self.of_locked(host)
+
+    def of_locked(self, host: str) -> list[tuple[str, str]]:
+        return [(str(e.domain_id), e.phase) for e in self.events if e.host == host]
 
     def most_at_once(self, host: str) -> int:
         """The most jobs leaving `host` that ran at one time: from the first event that is
@@ -265,6 +278,7 @@ def migrations_wait_their_turn(cloud: Cloud, progress: Progress) -> None:
     # The two others run one after the other.
     for domain_id in (a, b):
         moved(cloud, domain_id, there)
+    progress.wait_for(here, "done", 2)
     phases = progress.of(here)
     assert (b, "queued") in phases
     assert phases.index((a, "done")) < phases.index((b, "preparing")), phases
@@ -279,7 +293,7 @@ def migrations_wait_their_turn(cloud: Cloud, progress: Progress) -> None:
     assert [e["job"]["phase"] for e in r.json()["domains"]].count("queued") == 2
     for domain_id in (a, b, d):
         moved(cloud, domain_id, here)
-    assert [p for _, p in progress.of(there)].count("done") == 3
+    progress.wait_for(there, "done", 3)
     assert progress.most_at_once(there) == 1
     assert cloud.http.post(f"/v1/hosts/{there}/enable", headers=auth(ADMIN)).status_code == 200
     for domain_id in (a, b, c, d):

@@ -115,10 +115,13 @@ BROKEN: list[tuple[str, Any]] = [
     ("created_at", "yesterday"),
     ("created_at", None),
     ("source_id", "nope"),
-    ("attachment", {"domain_id": str(uuid.uuid4()), "target": "sda"}),
+    ("attachment", {"domain_id": "5d113fd6-2c13-4526-b6cc-d91cc08a6ab1", "target": "sda"}),
     ("attachment", {"domain_id": "x", "target": "vdb"}),
     ("attachment", {"target": "vdb"}),
-    ("attachment", {"domain_id": str(uuid.uuid4()), "target": "vdb", "extra": 1}),
+    (
+        "attachment",
+        {"domain_id": "0d1ffaf9-ca2d-4b7f-b5af-9f0c92f0c368", "target": "vdb", "extra": 1},
+    ),
     ("attachment", "vdb"),
 ]
 
