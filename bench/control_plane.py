@@ -46,7 +46,8 @@ from bench.brokers import broker_url, have_broker
 from bench.figures import emit, figure, say
 from native import kvm_unavailable_reason
 from native.testguest import build
-from services.cli.stack import ComputeSpec, Stack, StackConfig, free_port
+from services.broker import free_port
+from services.cli.stack import ComputeSpec, Stack, StackConfig
 
 GUESTS = 40
 WARMUP = 3

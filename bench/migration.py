@@ -40,7 +40,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -61,6 +60,7 @@ from compute_node.kvm import KvmDriver  # noqa: E402
 from native import kvm_unavailable_reason, migration, testguest  # noqa: E402
 from protos.domain import BootSpec, DomainSpec  # noqa: E402
 from protos.migration import MigrationParams  # noqa: E402
+from services.broker import free_port  # noqa: E402
 
 MEMORY_MIB = 256
 CMDLINE = "ready rewrite=32"
@@ -114,12 +114,6 @@ def longest_gap(*consoles: Lines, start: float, end: float) -> float:
     """The longest time between two COUNTER lines read within [start, end] (ms)."""
     times = sorted(t for c in consoles for t in c.times if start <= t <= end)
     return max((b - a for a, b in itertools.pairwise(times)), default=0.0) * 1e3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---- ours ----

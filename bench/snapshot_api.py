@@ -33,7 +33,8 @@ from compute_node.vmm.client import read_journal
 from compute_node.vmm.frames import JOURNAL
 from protos import routing
 from protos.codec import decode
-from services.cli.stack import ComputeSpec, Stack, StackConfig, free_port
+from services.broker import free_port
+from services.cli.stack import ComputeSpec, Stack, StackConfig
 
 ROUNDS = 15
 WARMUP = 2

@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.brokers import broker_url, have_broker  # noqa: E402
 from bench.figures import emit, figure, say  # noqa: E402
-from services.cli.stack import Stack, StackConfig, free_port  # noqa: E402
+from services.broker import free_port  # noqa: E402
+from services.cli.stack import Stack, StackConfig  # noqa: E402
 
 MiB = 1 << 20
 SIZE = 256 * MiB

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -32,11 +33,36 @@ class BrokerError(RuntimeError):
     """The private node could not be started or queried."""
 
 
+_PICK = random.SystemRandom()  # not the global generator: test runs seed that one alike
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (outgoing connections' local ports)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a server started next to listen on. Picked at
+    random below the ephemeral range: bind(0) would hand out a port from that range, which
+    any outgoing connection (a test run makes thousands, two workers at once) may take
+    before the server gets to listen (a broker node then fails with `nodistribution`)."""
+    low = _ephemeral_low()
+    if low > 11024:
+        for _ in range(100):
+            port = _PICK.randrange(10000, low)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        found: int = s.getsockname()[1]
+        return found
 
 
 def available() -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import psycopg
 
+from services.broker import free_port
+
 
 def _bindir() -> Path:
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
@@ -28,13 +29,6 @@ def _bindir() -> Path:
             "no PostgreSQL binaries: `apt-get install -y postgresql` or set FLOTILLA_TEST_PG_URL"
         )
     return found[-1].parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _as_owner(argv: list[str], user: str | None) -> list[str]:
@@ -48,7 +42,7 @@ def private_cluster() -> Iterator[str]:
     user = "postgres" if os.geteuid() == 0 else None
     base = Path(tempfile.mkdtemp(prefix="flotilla-pg-"))
     data = base / "data"
-    port = _free_port()
+    port = free_port()
     if user:
         shutil.chown(base, user)
     started = False

@@ -37,7 +37,7 @@ import httpx
 
 from compute_node.vmm import client as vmm_client
 from protos import routing
-from services.broker import PrivateBroker, PrivateCluster
+from services.broker import PrivateBroker, PrivateCluster, free_port
 from services.bus.nodes import blocking_nodes
 from services.cli import default_network
 from services.files import write_private
@@ -95,13 +95,6 @@ def read_cli_state(state_dir: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def default_route_device(route_table: Path = Path("/proc/net/route")) -> str | None:

@@ -19,7 +19,8 @@ import pytest
 
 import native
 from native.testguest import build
-from services.cli.stack import ComputeSpec, Stack, StackConfig, TokenSpec, free_port
+from services.broker import free_port
+from services.cli.stack import ComputeSpec, Stack, StackConfig, TokenSpec
 from tests.brokers import BrokerHandle
 from tests.e2e.harness import E2E
 
