@@ -1,6 +1,6 @@
 """Linux guest benchmark: Debian's cloud kernel on our VMM against QEMU microvm, same files.
 
-    python bench/linux.py [--rounds N]
+    python bench/linux.py [--rounds N] [--no-anchor-offloads]
 
 A full Linux boot needs hardware virtualization: where the host has no vmx/svm this re-runs
 itself in the hwvirt tier's nested L1 (tests/hwvirt/l1.py, QEMU TCG), with the output streamed
@@ -17,7 +17,9 @@ Each round boots each VMM once, with the disk and the NIC, and runs both workloa
 - linux.blk_randread_iops: Linux in the guest reading 4 KiB blocks at random offsets, one in
   flight, O_DIRECT, from a virtio-blk disk (ours: virtio-mmio; QEMU: virtio-blk-device).
 - linux.net_tcp_mbps: Linux in the guest sending 16 MiB over TCP through virtio-net to a
-  receiver on the L1's side of a tap (ours: virtio-mmio; QEMU: virtio-net-device).
+  receiver on the L1's side of a tap (ours: virtio-mmio; QEMU: virtio-net-device). QEMU's tap
+  has a vnet header, so its guest gets checksum and TSO offloads, which ours does not offer;
+  `--no-anchor-offloads` runs QEMU without (anchor `qemu-microvm-no-offloads`).
 
 The guest's /init is the test initramfs (deploy/images/build-initramfs) with an overlay
 archive appended: a static workload program (bench/guest/linux_bench.c) and an /init that
@@ -56,6 +58,7 @@ from native.images import ImageError, fetch_images  # noqa: E402
 from tests.hwvirt.l1 import L1Error, run_in_l1, runs_directly  # noqa: E402
 
 QEMU = "qemu-system-x86_64"
+ANCHOR, ANCHOR_NO_OFFLOADS = "qemu-microvm", "qemu-microvm-no-offloads"
 MEMORY_MIB = 256
 RUN_TIMEOUT = 900.0  # one guest boot with both workloads, emulated in a busy L1
 L1_TIMEOUT = 3000.0
@@ -148,6 +151,20 @@ def ours(kernel: Path, initrd: Path, cmdline: str, disk: Path | None, tap: bool)
 
 
 def qemu(kernel: Path, initrd: Path, cmdline: str, disk: Path | None, tap: bool) -> list[str]:
+    return qemu_argv(kernel, initrd, cmdline, disk, tap, offloads=True)
+
+
+def qemu_no_offloads(
+    kernel: Path, initrd: Path, cmdline: str, disk: Path | None, tap: bool
+) -> list[str]:
+    return qemu_argv(kernel, initrd, cmdline, disk, tap, offloads=False)
+
+
+def qemu_argv(
+    kernel: Path, initrd: Path, cmdline: str, disk: Path | None, tap: bool, *, offloads: bool
+) -> list[str]:
+    """QEMU microvm; without `offloads` its tap has no vnet header, so its virtio-net offers
+    the guest no checksum or segmentation offload (as ours): one frame per packet."""
     argv = [
         QEMU, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off", "-accel", "kvm",
         "-cpu", "host", "-m", str(MEMORY_MIB), "-smp", "1", "-nodefaults", "-no-user-config",
@@ -158,7 +175,8 @@ def qemu(kernel: Path, initrd: Path, cmdline: str, disk: Path | None, tap: bool)
         argv += ["-drive", f"file={disk},if=none,id=d0,format=raw"]
         argv += ["-device", "virtio-blk-device,drive=d0"]
     if tap:
-        argv += ["-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no"]
+        vnet_hdr = "" if offloads else ",vnet_hdr=off"
+        argv += ["-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no{vnet_hdr}"]
         argv += ["-device", "virtio-net-device,netdev=n0"]
     return argv
 
@@ -240,9 +258,11 @@ def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
-def in_l1(rounds: int) -> int:
+def in_l1(rounds: int, anchor_offloads: bool) -> int:
     """Re-runs this benchmark in the nested L1 and relays its figures."""
     argv = [sys.executable, str(Path(__file__).resolve()), "--rounds", str(rounds)]
+    if not anchor_offloads:
+        argv.append("--no-anchor-offloads")
     try:
         with tempfile.TemporaryDirectory(prefix="flotilla-hwvirt-") as tmp:
             result = run_in_l1(argv, Path(tmp), cwd=ROOT, timeout=L1_TIMEOUT, echo=sys.stderr)
@@ -293,7 +313,7 @@ def one_round(vmm: Vmm, kernel: Path, initrd: Path, disk: Path, into: Results) -
     return "  ".join(done)
 
 
-def measure(rounds: int) -> int:
+def measure(rounds: int, anchor_offloads: bool) -> int:
     missing = [t for t in (QEMU, "gcc", "ip") if shutil.which(t) is None]
     if missing or os.geteuid() != 0:
         say(f"bench/linux: needs root and {', '.join((QEMU, 'gcc', 'ip'))}; missing: {missing}")
@@ -304,7 +324,8 @@ def measure(rounds: int) -> int:
         say(f"bench/linux: {exc}")
         return 2
     assert images.initramfs is not None
-    vmms: dict[str, Vmm] = {"ours": ours, "qemu-microvm": qemu}
+    anchor = ANCHOR if anchor_offloads else ANCHOR_NO_OFFLOADS
+    vmms: dict[str, Vmm] = {"ours": ours, anchor: qemu if anchor_offloads else qemu_no_offloads}
     results = {name: Results() for name in vmms}
     with tempfile.TemporaryDirectory(prefix="bench-linux-") as tmp:
         out_dir = Path(tmp)
@@ -327,7 +348,7 @@ def measure(rounds: int) -> int:
             if receiver is not None:
                 receiver.close()
             subprocess.run(["ip", "link", "del", TAP], check=False, capture_output=True)
-    return report(rounds, results)
+    return report(rounds, results, anchor)
 
 
 def median_or_none(values: list[float]) -> float | None:
@@ -338,7 +359,7 @@ def fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
-def report(rounds: int, results: dict[str, Results]) -> int:
+def report(rounds: int, results: dict[str, Results], a: str) -> int:
     """Prints the medians and the figures both VMMs produced; 1 when any run failed."""
     ready = {n: median_or_none([r.ready_s * 1000 for r in res.boot]) for n, res in results.items()}
     off = {n: median_or_none([r.exit_s * 1000 for r in res.boot]) for n, res in results.items()}
@@ -352,7 +373,6 @@ def report(rounds: int, results: dict[str, Results]) -> int:
         )
         for failure in res.failures:
             say(f"  {name} failed: {failure}")
-    a = "qemu-microvm"
     figures = []
     for metric, values, unit, target in (
         ("linux.boot_to_ready", ready, "ms", "ratio <= 0.6"),
@@ -385,12 +405,19 @@ def report(rounds: int, results: dict[str, Results]) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument(
+        "--anchor-offloads",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="QEMU's tap with a vnet header, so its virtio-net offers checksum and TSO "
+        f"offloads (default); without: anchor {ANCHOR_NO_OFFLOADS}, one frame per packet as ours",
+    )
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if not runs_directly():
-        return in_l1(args.rounds)
-    return measure(args.rounds)
+        return in_l1(args.rounds, args.anchor_offloads)
+    return measure(args.rounds, args.anchor_offloads)
 
 
 if __name__ == "__main__":

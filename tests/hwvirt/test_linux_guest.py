@@ -10,7 +10,9 @@ order (the later tests end guests the earlier ones use):
   a NIC;
 - `vmm_reboot`, `vmm_panic`: the per-guest VMM process the compute node runs
   (`compute_node.vmm`), whose journal becomes domain.rebooted / .shutdown / .crashed;
-  `vmm_panic` is saved and restored into a new VMM process before it panics.
+  `vmm_panic` is saved and restored into a new VMM process before it panics; `vmm_reboot`
+  has a NIC and migrates live into a new VMM process (its NIC re-plugged on a new tap)
+  before it reboots.
 Each boots with `flotilla.shell`: init runs a shell on COM1, and the tests type commands into
 it (the UART's receive interrupt) and read their output (its THRE interrupt). The NICs are taps
 on a bridge with a veth into a namespace of the module's own (10.77.0.0/24).
@@ -19,8 +21,10 @@ on a bridge with a veth into a namespace of the module's own (10.77.0.0/24).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -32,8 +36,9 @@ from pathlib import Path
 import pytest
 
 import native
-from compute_node.vmm.client import reap, spawn, wait_exit
-from compute_node.vmm.frames import CONSOLE_LOG
+from compute_node.vmm import protocol
+from compute_node.vmm.client import VmmClient, VmmGone, reap, spawn, wait_exit
+from compute_node.vmm.frames import CONFIG_FILE, CONSOLE_LOG
 from native.images import QUICK_BOOT_ARGS, ImageError, LinuxImages, fetch_images
 from native.machine import Disk, Event, EventKind, Nic
 from tests.kvm.harness import Console
@@ -53,6 +58,8 @@ PROMPT = "flotilla-linux# "
 BASE_CMDLINE = f"console=ttyS0 quiet flotilla.shell {QUICK_BOOT_ARGS}"
 PATTERN = b"flotilla-pattern\n"
 SUBNET = "10.77.0"
+REBOOT_MAC = "52:54:00:77:00:05"
+PINGS = 300  # at 0.2 s: a minute of pings, the migration in the L1 well within it
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +183,11 @@ class Fleet:
     machines: list[native.Machine] = field(default_factory=list)
     consoles: list[Console] = field(default_factory=list)
     vmm_pids: list[int] = field(default_factory=list)  # every VMM process to reap at the end
+    net: Network | None = None
     reboots: int = 0
+    # Linux boots in vmm_reboot's current console log before the reboot test (0 once it
+    # migrated: the target's log starts after the switch).
+    reboot_boots: int = 1
 
 
 class Network:
@@ -205,10 +216,20 @@ class Network:
 
     def tap_fd(self, name: str) -> int:
         """A tap opened here (for a Machine in this process), on the bridge."""
-        fd = native.open_tap(name)
+        fd = self.vmm_tap(name)
         self.fds.append(fd)
+        return fd
+
+    def vmm_tap(self, name: str) -> int:
+        """A tap on the bridge for a VMM process to inherit; the caller closes its fd once
+        the VMM has it, so the tap goes when that VMM exits (as the compute node's port)."""
+        fd = native.open_tap(name)
         self.links.append(name)
-        ip("link", "set", name, "master", self.bridge, "up")
+        try:
+            ip("link", "set", name, "master", self.bridge, "up")
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def adopt_tap(self, name: str, timeout: float) -> None:
@@ -230,6 +251,27 @@ class Network:
         subprocess.run(["ip", "netns", "del", self.netns], check=False, capture_output=True)
 
 
+def vmm_domain(path: Path, images: LinuxImages, net: Network, pids: list[int]) -> Domain:
+    """A compute node VMM process booting Linux in `path` (`reboot`: restarted on reboot,
+    with a NIC; `panic`: no NIC); its pid is added to `pids`."""
+    path.mkdir()
+    policy = {"on_reboot": "restart"} if path.name == "reboot" else {}
+    tap = net.vmm_tap(f"{net.bridge}r") if path.name == "reboot" else None
+    nics = [] if tap is None else [{"fd": tap, "mac": REBOOT_MAC}]
+    try:
+        write_config(
+            path, images.vmlinuz, BASE_CMDLINE, initrd=str(images.initramfs),
+            memory_mib=MEMORY_MIB, console_ring_bytes=1 << 20, nics=nics,
+            on_poweroff="destroy", on_crash="preserve", **policy,
+        )  # fmt: skip
+        pid = spawn(path, timeout=SPAWN_TIMEOUT, pass_fds=[] if tap is None else [tap])
+    finally:
+        if tap is not None:
+            os.close(tap)  # the VMM has its own
+    pids.append(pid)
+    return Domain(path, pid)
+
+
 @pytest.fixture(scope="module")
 def fleet(images: LinuxImages, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     """Four Linux guests booted at once, each at its shell prompt."""
@@ -245,18 +287,7 @@ def fleet(images: LinuxImages, tmp_path_factory: pytest.TempPathFactory) -> Iter
     run4: subprocess.Popen[bytes] | None = None
     try:
         # The VMM processes first: their Python start-up overlaps the other boots.
-        domains = []
-        for name, policy in (("reboot", {"on_reboot": "restart"}), ("panic", {})):
-            path = tmp / name
-            path.mkdir()
-            write_config(
-                path, images.vmlinuz, BASE_CMDLINE, initrd=str(images.initramfs),
-                memory_mib=MEMORY_MIB, console_ring_bytes=1 << 20,
-                on_poweroff="destroy", on_crash="preserve", **policy,
-            )  # fmt: skip
-            pid = spawn(path, timeout=SPAWN_TIMEOUT)
-            pids.append(pid)
-            domains.append(Domain(path, pid))
+        domains = [vmm_domain(tmp / n, images, net, pids) for n in ("reboot", "panic")]
         console4 = Console()
         consoles.append(console4)
         run4 = subprocess.Popen(
@@ -291,7 +322,7 @@ def fleet(images: LinuxImages, tmp_path_factory: pytest.TempPathFactory) -> Iter
         shell2, shell4 = LinuxShell(console2, machine), LinuxShell(console4)
         fleet = Fleet(
             shell2, shell4, run4, domains[0], domains[1], net.netns, raw, ro, ro.read_bytes(),
-            ext4, flushed, machines, consoles, pids,
+            ext4, flushed, machines, consoles, pids, net,
         )  # fmt: skip
         shell2.wait_shell()
         shell4.wait_shell()
@@ -447,6 +478,106 @@ def test_kernel_panic_is_a_crash(fleet: Fleet) -> None:
     assert d.wait_exit() == 0
 
 
+def uptime(d: Domain, tag: str) -> float:
+    """The guest's /proc/uptime, printed by its shell after `tag-` (computed: the typed line
+    has the command, not the number)."""
+    type_line(d, f"echo {tag}-$(cut -d' ' -f1 /proc/uptime)")
+    text = wait_log(d, rf"^{tag}-\d+\.\d+\r?$", timeout=COMMAND_TIMEOUT)
+    found = re.search(rf"^{tag}-(\d+\.\d+)\r?$", text, re.MULTILINE)
+    assert found is not None, text
+    return float(found.group(1))
+
+
+def incoming_vmm(d: Domain, into: Path, net: Network, pids: list[int]) -> tuple[Domain, int, str]:
+    """The target of a live migration as the compute node prepares it (KvmDriver.
+    prepare_incoming): a new VMM process with `d`'s vmm.json, its NIC re-plugged on a new
+    tap on the same bridge with the same MAC, waiting with a one-time token on loopback.
+    Returns it, its port and the token."""
+    config = json.loads((d.path / CONFIG_FILE).read_text())
+    token = secrets.token_hex(32)
+    config["incoming"] = {
+        "address": "127.0.0.1", "port": 0, "token": token, "paused": False, "timeout_s": 900.0,
+    }  # fmt: skip
+    into.mkdir()
+    tap = net.vmm_tap(f"{net.bridge}m")
+    try:
+        config["nics"] = [{"fd": tap, "mac": nic["mac"]} for nic in config["nics"]]
+        (into / CONFIG_FILE).write_text(json.dumps(config))
+        pid = spawn(into, timeout=SPAWN_TIMEOUT, pass_fds=[tap])
+    finally:
+        os.close(tap)
+    pids.append(pid)
+    target = Domain(into, pid)
+    port = target.client.status().incoming_port
+    assert port is not None, target.kinds()
+    assert target.kinds() == []  # nothing is journaled while it waits
+    return target, port, token
+
+
+def test_a_linux_guest_migrates_live_with_its_shell_and_a_running_ping(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    # The compute node's live migration between two VMM processes (docs/migration.md, "The
+    # control plane: the VMM and the driver"), over loopback: the reboot and power-button
+    # tests then run on the target.
+    d, net = fleet.vmm_reboot, fleet.net
+    assert net is not None
+    # The target first (a Python start in the L1): the ping need only span the migration.
+    target, port, token = incoming_vmm(d, tmp_path / "target", net, fleet.vmm_pids)
+    type_line(d, f"ip addr add {SUBNET}.5/24 dev eth0")
+    type_line(d, "ip link set eth0 up")
+    type_line(d, f"ping -c {PINGS} -i 0.2 {SUBNET}.1 > /tmp/p 2>&1 &")
+    type_line(d, "sleep 3; echo replies-$(grep -c ttl= /tmp/p)")
+    text = wait_log(d, r"^replies-\d+\r?$", timeout=COMMAND_TIMEOUT)
+    found = re.search(r"^replies-(\d+)\r?$", text, re.MULTILINE)
+    assert found is not None
+    assert int(found.group(1)) > 0, text  # the ping runs before the switch
+    before = uptime(d, "before")
+    started = time.monotonic()
+    reply = d.client.migrate_out(
+        protocol.MigrateOut(
+            address="127.0.0.1", port=port, token=token, timeout_s=600.0, timeout_action="pause"
+        )
+    )
+    took = time.monotonic() - started
+    assert reply.committed, reply
+    assert reply.phase == "done", reply
+    assert reply.error is None, reply
+    print(
+        f"migrated in {took:.1f} s: {reply.bytes_sent >> 20} MiB sent, "
+        f"{reply.iteration} iterations, downtime {reply.downtime_ms} ms"
+    )
+    # The source VMM is gone; the target runs the guest on.
+    assert d.wait_exit(COMMAND_TIMEOUT) == 0
+    assert d.kinds()[-2:] == [("paused", "migrating", ""), ("stopped", "migrated", "")]
+    with pytest.raises(VmmGone):
+        VmmClient(d.path, timeout=1.0).status()
+    fleet.vmm_reboot, fleet.reboot_boots = target, 0
+    assert target.kinds() == [("started", "migrated", "")]
+    # The same shell answers, computed there, and the guest's clock did not go back.
+    type_line(target, "echo moved-$((6 * 7))")
+    wait_log(target, r"^moved-42\r?$", timeout=COMMAND_TIMEOUT)
+    after = uptime(target, "after")
+    assert after >= before, (before, after)
+    # The ping still runs after the switch (else it would not have crossed it).
+    type_line(target, "echo running-$(grep -c ttl= /tmp/p)")
+    text = wait_log(target, r"^running-\d+\r?$", timeout=COMMAND_TIMEOUT)
+    found = re.search(r"^running-(\d+)\r?$", text, re.MULTILINE)
+    assert found is not None
+    assert int(found.group(1)) < PINGS, text
+    # The ping that ran across the switch ends with at most a few replies lost.
+    type_line(target, "wait; tail -n 2 /tmp/p")
+    pattern = r"^(\d+) packets transmitted, (\d+) packets received"
+    text = wait_log(target, pattern, timeout=COMMAND_TIMEOUT)
+    found = re.search(pattern, text, re.MULTILINE)
+    assert found is not None
+    sent, received = int(found.group(1)), int(found.group(2))
+    print(f"ping across the migration: {sent} sent, {sent - received} lost")
+    assert sent == PINGS, text
+    assert sent - received <= 5, text
+    assert "flotilla-linux: READY" not in console_log(target), console_log(target)
+
+
 def test_reboot_inside_linux_is_a_reboot(fleet: Fleet) -> None:
     # Linux's default path ends at the reset vector (docs/machine.md). The second boot runs
     # while the next test restarts another guest; the power-button test waits for it.
@@ -498,9 +629,11 @@ def test_ext4_file_survives_a_restart(fleet: Fleet, images: LinuxImages) -> None
 
 def test_acpi_power_button_powers_linux_off(fleet: Fleet) -> None:
     d = fleet.vmm_reboot
-    # After the reboot test, this is Linux's second boot on the same VMM.
-    wait_log(d, r"^flotilla-linux: READY", count=1 + fleet.reboots)
-    wait_log(d, re.escape(PROMPT), count=1 + fleet.reboots, timeout=COMMAND_TIMEOUT)
+    # After the reboot test, this is Linux's second boot on the same VMM (the migration's
+    # target: its console log has only the second).
+    boots = fleet.reboot_boots + fleet.reboots
+    wait_log(d, r"^flotilla-linux: READY", count=boots)
+    wait_log(d, re.escape(PROMPT), count=boots, timeout=COMMAND_TIMEOUT)
     d.client.shutdown("acpi")
     assert d.wait_exit(COMMAND_TIMEOUT) == 0
     assert "flotilla-linux: power button" in console_log(d)
