@@ -96,6 +96,7 @@ class OrphanSweeper:
             log.info("deleted domain that never reached a host removed", domain_id=str(record.id))
             if self.release is not None:
                 self.release(record)
+        self.registry.domains.forget_removed()
 
     def _run(self) -> None:
         while not self._stopping.wait(self.interval_s):

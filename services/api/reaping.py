@@ -70,8 +70,12 @@ def reap(ctx: ApiContext, domain_id: uuid.UUID, host: str) -> None:
     has it no more, its ports and volumes are released; a host that never had it removes the
     record then. A failure is logged: the orphan sweep tries again."""
     record = ctx.registry.domains.get(domain_id)
-    if record is None or record.task is not TaskState.DELETING:
-        return  # deleted meanwhile, or not deleted at all
+    if record is None:
+        if ctx.registry.domains.was_removed(domain_id):
+            _reap_removed(ctx, domain_id, host)
+        return
+    if record.task is not TaskState.DELETING:
+        return  # not deleted at all
     try:
         destroy_and_undefine(ctx, host, domain_id, active=True)
     except Problem as problem:
@@ -82,6 +86,19 @@ def reap(ctx: ApiContext, domain_id: uuid.UUID, host: str) -> None:
     log.info("deleted domain removed from the host it appeared on", domain_id=str(domain_id))
     if record.host == host:
         release(ctx, record)
+
+
+def _reap_removed(ctx: ApiContext, domain_id: uuid.UUID, host: str) -> None:
+    """A domain whose record was removed (its delete done, or its tombstone settled) came up
+    on `host` afterwards, e.g. a create's retry there after the first host's clean-up: no
+    record, no ports or volumes held for it any more, so it only goes from the host."""
+    try:
+        destroy_and_undefine(ctx, host, domain_id, active=True)
+    except Problem as problem:
+        if problem.code != "not_found":
+            log.warning("removed domain left on a host", domain_id=str(domain_id), host=host)
+            return
+    log.info("removed domain taken off the host it appeared on", domain_id=str(domain_id))
 
 
 class Reaper:

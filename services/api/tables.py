@@ -61,6 +61,17 @@ events = sa.Table(
 sa.Index("events_domain", events.c.domain_id, events.c.host, events.c.seq)
 sa.Index("events_project", events.c.project, events.c.id)
 
+# Domains whose record was removed (0006), kept `REMOVED_KEEP_S` (services.api.registry.
+# domains): a definition or start of one that a host reports later (a create's retry that
+# outlived its settled tombstone) is reaped there instead of running unknown.
+removed_domains = sa.Table(
+    "removed_domains",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("removed_at", sa.DOUBLE_PRECISION, nullable=False),
+)
+sa.Index("removed_domains_at", removed_domains.c.removed_at)
+
 hosts = sa.Table(
     "hosts",
     metadata,

@@ -601,6 +601,42 @@ def test_the_sweep_settles_tombstones_and_retries_deletes_left_on_a_host(
     assert registry.settling.settle_deletes(older_than_s=60) == ([], [])  # touched: next try later
 
 
+def test_a_settled_tombstones_domain_appearing_later_elsewhere_is_reaped(
+    registry: Registry,
+) -> None:
+    """The gap a settled tombstone left: a start timed out on a stuck host (h1), which
+    cleaned up; the sweep removed the record; the scheduler's retry then defined and started
+    the domain on h2. Its events there find no record: they are reaped, not left running."""
+    gone = tombstone(registry)
+    for event in (defined(gone, "h1", 1), undefined(gone, "h1", 2)):
+        apply(registry, event)
+    never = tombstone(registry)  # the stuck host never even defined it
+    _, removed = registry.settling.settle_deletes(older_than_s=0)
+    assert sorted(r.id for r in removed) == sorted([gone.uuid, never.uuid])
+    for s in (gone, never):
+        assert registry.domains.get(s.uuid) is None
+        assert registry.domains.was_removed(s.uuid)
+        assert apply(registry, defined(s, "h2", 1)) is Outcome.REAP
+        assert apply(registry, started(s, "h2", 2)) is Outcome.REAP
+        assert apply(registry, undefined(s, "h2", 3)) is Outcome.LOGGED
+
+
+def test_a_deleted_domains_id_is_remembered_and_forgotten_after_its_time(
+    registry: Registry,
+) -> None:
+    s = spec()  # a domain the API never knew (defined on a host directly): only logged
+    assert apply(registry, started(s, "h1", 1)) is Outcome.LOGGED
+    assert not registry.domains.was_removed(s.uuid)
+    registry.domains.create(s, "p", Quota())
+    assert not registry.domains.was_removed(s.uuid)
+    assert registry.domains.remove(s.uuid)
+    assert registry.domains.was_removed(s.uuid)
+    assert registry.domains.forget_removed(older_than_s=3600) == 0
+    assert registry.domains.forget_removed(older_than_s=-1) == 1
+    assert not registry.domains.was_removed(s.uuid)
+    assert apply(registry, started(s, "h1", 2)) is Outcome.LOGGED
+
+
 def test_a_create_that_times_out_does_not_undo_a_delete(registry: Registry) -> None:
     s = tombstone(registry)
     fault = Fault(code="schedule_timeout", message="late")

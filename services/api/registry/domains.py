@@ -20,8 +20,8 @@ from sqlalchemy.engine import Connection
 from protos.domain import DomainSpec, Fault, PowerState, TaskState
 from protos.replies import DomainInfo
 from services.api.config import Quota
-from services.api.tables import EVENT_LOG_LOCK, domains, events
-from services.db import Database, advisory_xact_lock
+from services.api.tables import EVENT_LOG_LOCK, domains, events, removed_domains
+from services.db import Database, advisory_xact_lock, upsert
 
 Row = Sequence[Any]  # a result row: the selected columns in order
 
@@ -79,8 +79,33 @@ _USAGE = sa.select(
     sa.func.coalesce(sa.func.sum(domains.c.vcpus), 0),
     sa.func.coalesce(sa.func.sum(domains.c.memory_mib), 0),
 ).where(domains.c.project == sa.bindparam("b_project"))
+PROJECTION_ID = sa.select(domains.c.id).where(domains.c.id == sa.bindparam("b_id"))
 UPDATE_DOMAIN = domains.update().where(domains.c.id == sa.bindparam("b_id"))
-DELETE_DOMAIN = domains.delete().where(domains.c.id == sa.bindparam("b_id"))
+_DELETE_DOMAIN = domains.delete().where(domains.c.id == sa.bindparam("b_id"))
+# How long a removed domain's id is remembered: far past any create's retries (schedule and
+# clean-up timeouts are minutes), so a late arrival anywhere is known for what it is.
+REMOVED_KEEP_S = 7 * 24 * 3600.0
+
+
+def delete_domain(cur: Connection, domain_id: str, *, where: Any = None) -> bool:
+    """Remove a domain's record (if `where` holds too) and remember its id as removed."""
+    stmt = _DELETE_DOMAIN if where is None else _DELETE_DOMAIN.where(where)
+    if cur.execute(stmt, {"b_id": domain_id}).rowcount == 0:
+        return False
+    cur.execute(
+        upsert(cur, removed_domains)
+        .values(id=domain_id, removed_at=time.time())
+        .on_conflict_do_nothing(index_elements=[removed_domains.c.id])
+    )
+    return True
+
+
+def was_removed(cur: Connection, domain_id: str) -> bool:
+    """Whether the domain had a record that was removed (within `REMOVED_KEEP_S`)."""
+    found = cur.execute(
+        sa.select(removed_domains.c.id).where(removed_domains.c.id == domain_id)
+    ).first()
+    return found is not None
 
 
 def _domain(row: Row) -> DomainRecord:
@@ -292,15 +317,10 @@ class Domains:
     def remove_deleted(self, domain_id: uuid.UUID, host: str) -> bool:
         """Remove the record of a domain being deleted from `host` (the host has it no more)."""
         with self.db.transaction() as cur:
-            return (
-                cur.execute(
-                    domains.delete().where(
-                        domains.c.id == str(domain_id),
-                        domains.c.task == TaskState.DELETING.value,
-                        domains.c.host == host,
-                    )
-                ).rowcount
-                > 0
+            return delete_domain(
+                cur,
+                str(domain_id),
+                where=(domains.c.task == TaskState.DELETING.value) & (domains.c.host == host),
             )
 
     def observe_info(self, info: DomainInfo) -> DomainRecord | None:
@@ -320,4 +340,18 @@ class Domains:
 
     def remove(self, domain_id: uuid.UUID) -> bool:
         with self.db.transaction() as cur:
-            return cur.execute(domains.delete().where(domains.c.id == str(domain_id))).rowcount > 0
+            return delete_domain(cur, str(domain_id))
+
+    def was_removed(self, domain_id: uuid.UUID) -> bool:
+        """Whether this domain had a record, removed (and not made again) since."""
+        with self.db.transaction() as cur:
+            return was_removed(cur, str(domain_id)) and (
+                cur.execute(PROJECTION_ID, {"b_id": str(domain_id)}).first() is None
+            )
+
+    def forget_removed(self, older_than_s: float = REMOVED_KEEP_S) -> int:
+        """Forget the ids of domains removed more than `older_than_s` ago."""
+        cutoff = time.time() - older_than_s
+        with self.db.transaction() as cur:
+            stmt = removed_domains.delete().where(removed_domains.c.removed_at < cutoff)
+            return int(cur.execute(stmt).rowcount)

@@ -24,9 +24,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from protos.domain import PowerState
-from protos.events import DomainEvent, DomainMigrationProgress
+from protos.events import DomainDefined, DomainEvent, DomainMigrationProgress, DomainStarted
 from protos.migration import FINAL_PHASES
 from protos.storage import VolumeEvent
+from services.api.registry.domains import was_removed
 from services.api.registry.projection import PROJECTION_OF, Outcome, project
 from services.api.tables import EVENT_LOG_LOCK, events
 from services.db import Database, advisory_xact_lock, upsert
@@ -104,6 +105,15 @@ def _append(cur: Connection, values: dict[str, Any]) -> bool:
     return inserted is not None
 
 
+def _unrecorded(cur: Connection, domain_id: str, event: DomainEvent) -> Outcome:
+    """An event of a domain with no record: logged only, unless it defines or starts a
+    domain whose record was removed (deleted, or its tombstone settled before a create's
+    retry placed it elsewhere): that host has a guest nobody asked for, reaped there."""
+    if isinstance(event, DomainDefined | DomainStarted) and was_removed(cur, domain_id):
+        return Outcome.REAP
+    return Outcome.LOGGED
+
+
 class EventLog:
     """The event log (one table, `events`); appending a domain event projects it."""
 
@@ -147,7 +157,7 @@ class EventLog:
             if not appended:
                 return Outcome.DUPLICATE
             if row is None:
-                return Outcome.LOGGED
+                return _unrecorded(cur, domain_id, event)
             return project(cur, event, row, now)
 
     def log_volume(

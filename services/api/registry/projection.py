@@ -50,7 +50,7 @@ from protos.events import (
     StoppedDetail,
 )
 from protos.migration import FINAL_PHASES, MigrationPhase
-from services.api.registry.domains import DELETE_DOMAIN, UPDATE_DOMAIN
+from services.api.registry.domains import UPDATE_DOMAIN, delete_domain
 from services.api.tables import domains
 
 # Faults of a create whose outcome the API does not know: the scheduler may have placed the
@@ -69,7 +69,9 @@ class Outcome(StrEnum):
     REMOVED = "removed"  # logged; the record was removed (undefined during delete)
     LOGGED = "logged"  # logged only: no record, another host's, or placement pending
     STALE = "stale"  # logged; seq not above the stored one, so not projected
-    REAP = "reap"  # logged; a domain deleted before it was placed is on this event's host
+    # logged; a domain deleted before it was placed (or whose record is gone: removed after
+    # its delete) is on this event's host
+    REAP = "reap"
     DUPLICATE = "duplicate"  # seen before: nothing changed
 
 
@@ -117,7 +119,7 @@ def project(  # noqa: PLR0911  (one return per outcome reads best)
     task = _task_after(event, task, fault, host=host, stored_host=row[1])
     if isinstance(event, DomainUndefined):
         if task is TaskState.DELETING:
-            cur.execute(DELETE_DOMAIN, {"b_id": domain_id})
+            delete_domain(cur, domain_id)
             return Outcome.REMOVED
         lost = Fault(code="undefined_on_host", message=event.reason or "undefined", host=host)
         cur.execute(

@@ -16,7 +16,7 @@ from sqlalchemy.engine import Connection
 
 from protos.domain import Fault, TaskState
 from protos.events import DomainUndefined
-from services.api.registry.domains import DELETE_DOMAIN, UPDATE_DOMAIN, DomainRecord, Domains
+from services.api.registry.domains import UPDATE_DOMAIN, DomainRecord, Domains, delete_domain
 from services.api.tables import EVENT_LOG_LOCK, domains, events
 from services.db import Database, advisory_xact_lock
 
@@ -172,7 +172,7 @@ class Settling:
             return True, str(row[0])
         host = _logged_host(cur, domain_id)
         if host is None:
-            cur.execute(DELETE_DOMAIN, {"b_id": domain_id})
+            delete_domain(cur, domain_id)
             return True, None
         seq, state = _newest_from(cur, domain_id, host)
         cur.execute(
