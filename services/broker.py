@@ -133,6 +133,9 @@ class PrivateBroker:
             RABBITMQ_ENABLED_PLUGINS_FILE=str(self.base / "enabled_plugins"),
             RABBITMQ_PID_FILE=str(self.pid_file),
             RABBITMQ_CONFIG_FILE=str(self.base / "rabbitmq"),
+            # A node that cannot start writes its crash dump here, not into the caller's
+            # working directory.
+            ERL_CRASH_DUMP=str(self.base / "erl_crash.dump"),
         )
         return env
 

@@ -13,6 +13,7 @@ the L1 could not be started (the message says why).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -34,8 +35,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--junitxml",
         type=Path,
-        default=Path(tempfile.gettempdir()) / "flotilla-hwvirt-junit.xml",
-        help="where the pytest run's JUnit XML is copied (default: %(default)s)",
+        default=Path(tempfile.gettempdir()) / f"flotilla-hwvirt-junit-{os.getpid()}.xml",
+        help="where the pytest run's JUnit XML is copied (default: a file of this run's own "
+        "under TMPDIR, so runs side by side do not overwrite each other's)",
     )
     parser.add_argument(
         "--exec", action="store_true", help="ARGS are a command, not pytest arguments"
