@@ -44,6 +44,8 @@ class HostState:
     claims: dict[uuid.UUID, Claim] = field(default_factory=dict)
     # Monotonic time of its first heartbeat after a silence (a restart); -inf if none yet.
     back_at: float = float("-inf")
+    # The claim count its last heartbeat's usage was read at (0: the host does not say).
+    claims_seq: int = 0
 
     def refresh(self) -> None:
         self.free_vcpus = self.vcpu_limit - self.usage.vcpus - self.claimed_vcpus
@@ -168,6 +170,7 @@ class ClusterState:
             host.enabled = beat.enabled
             host.interval_s = beat.interval_s
             host.seen_at = now
+            host.claims_seq = beat.claims_seq or 0
             host.vcpu_limit = inv.capacity.vcpus * inv.cpu_allocation_ratio
             host.memory_limit_mib = inv.capacity.memory_mib * inv.ram_allocation_ratio
             done = []
@@ -246,6 +249,12 @@ class ClusterState:
             claim.claim_seq = claim_seq
             claim.beats_left = SETTLE_BEATS
             claim.lapses_at = None
+            # A beat read at that count or later came while the claim was in flight: its
+            # usage counts the domain already, so the claim goes now (kept, it counted the
+            # domain twice until the next beat, and a host with room was filtered out).
+            host = self.hosts.get(claim.host)
+            if claim_seq is not None and host is not None and host.claims_seq >= claim_seq:
+                self._drop_claim(domain_id)
 
     def _drop_claim(self, domain_id: uuid.UUID) -> Claim | None:
         claim = self.claims.pop(domain_id, None)

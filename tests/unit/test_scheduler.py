@@ -125,6 +125,30 @@ def test_a_claim_ends_exactly_when_a_heartbeat_counts_the_domain() -> None:
     assert isinstance(placer.decide(request(memory_mib=1000), replica="t"), Decision)
 
 
+def test_a_beat_that_came_while_the_claim_was_in_flight_ends_it_at_the_answer() -> None:
+    """The host took the domain (count 101) and beat (its usage read at 101) before the
+    scheduler had its answer: that beat came while the claim was still in flight. At the
+    answer the usage counts the domain already, so the claim goes then, not at the next
+    beat: placed right after, a domain that fits is not refused for a double count."""
+    state = ClusterState()
+    state.on_heartbeat(
+        beat("a", memory_mib=2048, claims_seq=100), sent_at=time.time(), now=time.monotonic()
+    )
+    placer = Placer(state, build_filters(SchedulerConfig(replica="t")), [], top_n=1)
+    first = placer.decide(request(memory_mib=1000), replica="t")
+    assert isinstance(first, Decision)
+    state.on_heartbeat(
+        beat("a", memory_mib=2048, used_mib=1000, claims_seq=101),
+        sent_at=time.time(),
+        now=time.monotonic(),
+    )
+    assert state.hosts["a"].free_memory_mib == 48  # in flight: counted twice for now
+    state.settle(first.claim.domain_id, settles_at=time.time(), claim_seq=101)
+    assert state.claims == {}
+    assert state.hosts["a"].free_memory_mib == 1048
+    assert isinstance(placer.decide(request(memory_mib=1000), replica="t"), Decision)
+
+
 def test_a_deleted_domain_frees_its_claim_before_the_next_heartbeat() -> None:
     state = ClusterState()
     state.on_heartbeat(beat("a", memory_mib=1024), sent_at=time.time(), now=time.monotonic())
