@@ -76,12 +76,10 @@ def reap(ctx: ApiContext, domain_id: uuid.UUID, host: str) -> None:
         return
     if record.task is not TaskState.DELETING:
         return  # not deleted at all
-    try:
-        destroy_and_undefine(ctx, host, domain_id, active=True)
-    except Problem as problem:
-        if problem.code != "not_found":
-            log.warning("deleted domain left on its host", domain_id=str(domain_id), host=host)
-            return
+    taken = _take_off(ctx, domain_id, host)
+    if taken is None:
+        return
+    if not taken:
         ctx.registry.domains.remove_deleted(domain_id, host)  # already gone from the host
     log.info("deleted domain removed from the host it appeared on", domain_id=str(domain_id))
     if record.host == host:
@@ -92,13 +90,21 @@ def _reap_removed(ctx: ApiContext, domain_id: uuid.UUID, host: str) -> None:
     """A domain whose record was removed (its delete done, or its tombstone settled) came up
     on `host` afterwards, e.g. a create's retry there after the first host's clean-up: no
     record, no ports or volumes held for it any more, so it only goes from the host."""
+    if _take_off(ctx, domain_id, host) is not None:
+        log.info("removed domain taken off the host it appeared on", domain_id=str(domain_id))
+
+
+def _take_off(ctx: ApiContext, domain_id: uuid.UUID, host: str) -> bool | None:
+    """Destroy and undefine a deleted domain on `host`: True when done, False when the host
+    has no such domain, None when the host failed (logged: the orphan sweep tries again)."""
     try:
         destroy_and_undefine(ctx, host, domain_id, active=True)
     except Problem as problem:
         if problem.code != "not_found":
-            log.warning("removed domain left on a host", domain_id=str(domain_id), host=host)
-            return
-    log.info("removed domain taken off the host it appeared on", domain_id=str(domain_id))
+            log.warning("deleted domain left on its host", domain_id=str(domain_id), host=host)
+            return None
+        return False
+    return True
 
 
 class Reaper:
