@@ -25,8 +25,7 @@ import uuid
 import structlog
 
 from protos import routing
-from protos.base import Message
-from protos.commands import Command, GetDomainInfo
+from protos.commands import GetDomainInfo
 from protos.events import DomainMigrationProgress
 from protos.migration import (
     FINAL_PHASES,
@@ -46,9 +45,9 @@ from services.bus import (
     ServiceError,
     handles,
 )
-from services.scheduler.config import SchedulerConfig
-from services.scheduler.placer import Decision, Filtered, Placer
-from services.scheduler.state import Claim, ClusterState, GroupKey, PlacementRequest
+from services.scheduler.core import SchedulerCore
+from services.scheduler.placer import Decision, Filtered
+from services.scheduler.state import Claim, GroupKey, PlacementRequest
 
 log = structlog.get_logger("flotilla.scheduler")
 
@@ -91,21 +90,8 @@ def migration_request(cmd: MigrateDomain, info: DomainInfo) -> PlacementRequest:
     )
 
 
-class MigrationHandlers:
+class MigrationHandlers(SchedulerCore):
     """The scheduler's `MigrateDomain`; the scheduler service provides the rest."""
-
-    config: SchedulerConfig
-    state: ClusterState
-    placer: Placer
-    replica: str
-
-    def call(
-        self, queue: str, command: Command, *, timeout: float, message_id: str | None
-    ) -> Message:
-        raise NotImplementedError
-
-    def _announce(self, phase: ClaimPhase, claim: Claim) -> None:
-        raise NotImplementedError
 
     @handles(MigrateDomain)
     def migrate(self, cmd: MigrateDomain, ctx: Context) -> MigrationJob:

@@ -75,8 +75,6 @@ SUBSCRIBED = (
 )
 
 
-# The mixins come before MigrationHandlers, whose stand-ins for what they provide (`_announce`)
-# they must override.
 class SchedulerService(Redelivery, Claims, Ports, Spawning, MigrationHandlers, Service):
     """Handlers only; `Scheduler` wires them to a bus. Without a bus (unit tests) the compute
     node is reached through `call`, which tests replace."""
