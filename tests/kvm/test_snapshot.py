@@ -371,7 +371,15 @@ def test_kill_during_save_leaves_no_valid_looking_snapshot(
         for line in proc.stdout:
             if line.startswith("saving 2"):
                 break
-        time.sleep(0.005 + 0.02 * attempt)
+        # Into the third save's writing (its temporaries are there; 200 MiB take far longer
+        # than the wait), a little further each attempt. A fixed sleep after the line could
+        # land between two saves on a loaded host.
+        third, deadline = out / "s2", time.monotonic() + 30
+        while not (third.is_dir() and any(".tmp-" in p.name for p in third.iterdir())):
+            assert proc.poll() is None, "the saver ended before its third save"
+            assert time.monotonic() < deadline, "the third save never began"
+            time.sleep(0.0005)
+        time.sleep(0.01 * attempt)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         dirs = sorted(out.iterdir())
