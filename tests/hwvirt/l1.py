@@ -255,9 +255,7 @@ def qemu_argv(
         "-initrd",
         str(initrd),
         "-append",
-        # No transparent huge pages: an L1's khugepaged was seen in a soft lockup for 800 s
-        # under TCG while the host was loaded, and never recovered.
-        f"console=ttyS0 panic=-1 quiet transparent_hugepage=never flotilla.run={run_dir}",
+        f"console=ttyS0 panic=-1 quiet flotilla.run={run_dir}",
         *user_network(forwards),
     ]
 
