@@ -7,8 +7,9 @@ table `storage_steps`) before the job reports `done`, with the message id it is 
 `PendingSteps` sends it at once and then, from a thread of its own, again and again (the
 same message id each time: the storage service runs a message id once and answers a repeat
 from its record, and the step itself answers a repeat as it is) until the catalog answers.
-A refusal that is not about the moment (`unavailable`, `busy`) is final: logged, and the step
-is dropped. Steps left in the store when the node stopped are sent when it starts again.
+`unavailable` and `busy` are about the moment and tried again; any other refusal is final:
+logged, and the step is dropped. Steps left in the store when the node stopped are sent when
+it starts again.
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ class PendingSteps:
     def _run(self) -> None:
         wait = RETRY_MIN_S
         while not self._stop.is_set():
+            # Cleared before the pass, never after its wait: a wake that comes while the
+            # pass runs (a step added, a job's attempt failed) brings one more pass.
+            self._wake.clear()
             left = 0
             for row, message_id, step in self._store.storage_steps():
                 if self._stop.is_set():
@@ -107,7 +111,6 @@ class PendingSteps:
             else:
                 self._wake.wait()
                 wait = RETRY_MIN_S
-            self._wake.clear()
 
     def _try(self, row: int, message_id: str, step: LiveMoveVolume, timeout: float) -> bool:
         """Send the step once: True when it is settled (answered, or refused for good)."""
