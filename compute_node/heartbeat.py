@@ -59,6 +59,15 @@ class Heartbeat:
             domains_by_state=dict(by_state),
         )
 
+    def send_now(self) -> None:
+        """A heartbeat now, between the regular ones (the host's switch changed): published
+        before the caller answers, so what it says reaches the schedulers first."""
+        try:
+            if self._bus.link.connected:
+                self._bus.publish_event_async(self.beat())
+        except Exception:
+            log.exception("heartbeat failed")
+
     def start(self) -> Heartbeat:
         self._thread.start()
         return self

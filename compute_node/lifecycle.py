@@ -96,6 +96,9 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
             self.disabled_reason = str(switch["reason"])
             self.enabled_generation = int(switch["generation"])
         self._switch_lock = threading.Lock()
+        # Says a switch taken at once (a heartbeat now, not at the next interval: the
+        # schedulers learn the host's switch from its heartbeats).
+        self.switched: Callable[[], None] = lambda: None
         # Where saves and snapshots go (compute_node.saved_states).
         self.states = states or StateAreas(host, store.directory / "states", self.storage.pools)
         self.driver = driver
@@ -171,6 +174,11 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
         cause = self.causes.take(event.domain_id, event.kind)
         if cause is not None:
             drafts = [dataclasses.replace(d, cause=cause) for d in drafts]
+        if after is PowerState.SHUTOFF and not self.driver.process_stays(event):
+            # A process kept by a preserve policy holds its claim until start, destroy or
+            # undefine ends it (host usage counts it while it lives). Released before the
+            # events are stored: the heartbeat that shows the room goes out before them.
+            self.claims.release(event.domain_id)
         self.store.transition(
             event.domain_id,
             drafts,
@@ -178,10 +186,6 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
             driver_n=event.n,
             journaled=None if event.ts is None else f"{event.n}/{event.ts!r}",
         )
-        if after is PowerState.SHUTOFF and not self.driver.process_stays(event):
-            # A process kept by a preserve policy holds its claim until start, destroy or
-            # undefine ends it (host usage counts it while it lives).
-            self.claims.release(event.domain_id)
         log.info(
             "guest event",
             domain_id=str(event.domain_id),
@@ -585,6 +589,7 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
             )
             self.enabled, self.disabled_reason = cmd.enabled, reason
             self.enabled_generation = generation
+        self.switched()  # before the answer, so the schedulers hear it first
         log.info("host enabled" if cmd.enabled else "host disabled", reason=cmd.reason)
 
     @staticmethod

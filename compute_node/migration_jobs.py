@@ -46,6 +46,8 @@ class Job:
     timed_out: bool = False  # timeout_s passed
     paused_by_timeout: bool = False  # and the guest was paused for it (timeout_action pause)
     target_vtep: IPv4Address | None = None  # where the ports' VXLAN entries go at the commit
+    # The target's claim count at which it took the domain (IncomingEndpoint.claim_seq).
+    target_claim_seq: int | None = None
     published: float = float("-inf")  # when the last progress event went out (monotonic)
     cause: Cause | None = None  # the StartMigration's: its events and calls carry it
     ended: threading.Event = field(default_factory=threading.Event)
@@ -126,6 +128,7 @@ class Job:
             paused_ms=self.paused_ms,
             error=error,
             queue_position=self.queue_position() if phase is MigrationPhase.QUEUED else None,
+            target_claim_seq=self.target_claim_seq,
         )
 
     def progress_event(
@@ -159,6 +162,7 @@ class Job:
             downtime_ms=self.downtime_ms,
             error=error,
             queue_position=self.queue_position() if phase is MigrationPhase.QUEUED else None,
+            target_claim_seq=self.target_claim_seq,
         )
 
 

@@ -141,11 +141,13 @@ class MigrationSource(MigrationBase):
             raise
         return job.snapshot()
 
-    def _launch_job(self, job: Job, record: DomainRecord) -> None:
+    def _launch_job(self, job: Job, record: DomainRecord, *, announce: bool = False) -> None:
         """Prepare the target (a cold migration's host-local volumes moved there first, a
         live one's given empty files there) and start the job's thread; ServiceError with
         everything undone when the target or the storage service refuses, or the domain
-        changed meanwhile."""
+        changed meanwhile. `announce` (a job that waited in the queue, whose StartMigration
+        was answered long ago): a progress event says at which claim count the target took
+        the domain, for the scheduler's claim there."""
         domain_id, params = job.domain_id, job.params
         # The target is asked without the domain's lock (an RPC: a VMM starts there; a cold
         # migration's host-local volumes move first): the job's `migrating` task refuses what
@@ -179,7 +181,10 @@ class MigrationSource(MigrationBase):
                     {"action": Action.MIGRATE.value},
                 )
             job.target_vtep = endpoint.vtep
+            job.target_claim_seq = endpoint.claim_seq
             was_paused = record.state is P.PAUSED
+            if announce and job.target_claim_seq is not None:
+                self._publish_progress(job)  # before the job's thread publishes any
         thread = threading.Thread(
             target=self._run_job,
             args=(job, endpoint, was_paused, job.cause),
@@ -210,7 +215,7 @@ class MigrationSource(MigrationBase):
                 with self._lock(job.domain_id):
                     record = self._record(job.domain_id)
                     self._check_migratable(record, job.target, job.params.live)
-                self._launch_job(job, record)
+                self._launch_job(job, record, announce=True)
             except ServiceError as exc:
                 self._ended(job, MigrationPhase.FAILED, exc.message)
             except Exception as exc:  # a bug must not leave the job queued for ever
@@ -468,6 +473,9 @@ class MigrationSource(MigrationBase):
         if job.copied_disks:
             rows = self.storage_steps.add(commit_steps(job.copied_disks, job.target))
             self.storage_steps.send_now(rows)
+        # The machine here ended with the commit: its room is free before the job is done
+        # (the heartbeat saying so goes out ahead of the final progress event).
+        self.claims.release(job.domain_id)
         self._ended(job, MigrationPhase.DONE)
         with self._lock(job.domain_id):
             self._drop(job)

@@ -184,6 +184,7 @@ class MigrationTarget(MigrationBase):
                     "address": IPv4Address(machine.address),
                     "port": machine.port,
                     "token": machine.token,
+                    "claim_seq": self.claims.claimed_at(spec.uuid),
                 }
             )
 

@@ -117,6 +117,8 @@ class ComputeNode:
             interval_s=config.heartbeat_interval_s,
         )
         self.heartbeat.host_switch = self.lifecycle.host_switch
+        self.lifecycle.switched = self.heartbeat.send_now
+        self.claims.released = self.heartbeat.send_now
         # Guest NICs: KVM hosts plumb ports (compute_node/networks.py); fake hosts have none.
         self.networks: HostNetworks | None = None
         self.remote_ports: RemotePorts | None = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 from protos.domain import ACTIVE_STATES, DomainSpec
 from protos.host import HostInventory, Resources
@@ -26,6 +27,9 @@ class Claims:
         self._seq = time.time_ns() // 1000
         self._claimed_at: dict[uuid.UUID, int] = {}
         self._lock = threading.Lock()
+        # Called after a release (a heartbeat now: the schedulers count the room freed
+        # before the event that frees it reaches them, not an interval later).
+        self.released: Callable[[], None] = lambda: None
 
     def limits(self) -> Resources:
         cap = self.inventory.capacity
@@ -100,9 +104,11 @@ class Claims:
 
     def release(self, domain_id: uuid.UUID) -> None:
         with self._lock:
-            if self._held.pop(domain_id, None) is not None:
-                self._seq += 1
-                self._claimed_at.pop(domain_id, None)
+            if self._held.pop(domain_id, None) is None:
+                return
+            self._seq += 1
+            self._claimed_at.pop(domain_id, None)
+        self.released()
 
     def holds(self, domain_id: uuid.UUID) -> bool:
         with self._lock:

@@ -150,10 +150,11 @@ class DomainMigrationProgress(DomainEvent):
     the domain's last lifecycle event (this is none: the registry projects nothing from it but
     the end of the `migrating` task on the final one). A job over its source's limit of
     concurrent migrations is announced `queued` with its `queue_position`, then `preparing`
-    when it leaves the queue."""
+    when it leaves the queue. `target_claim_seq` (1.3): the target's claim count at which it
+    took the domain's resources (MigrationJob.target_claim_seq), once it did."""
 
     TYPE = "domain.migration_progress"
-    VERSION = "1.2"  # 1.1: phase, target and the job's figures; 1.2: `queue_position`
+    VERSION = "1.3"  # 1.1: phase, target and figures; 1.2: queue_position; 1.3: claim seq
     EVENT = "migration_progress"
     iteration: int = Field(ge=0)
     transferred_bytes: int = Field(ge=0)
@@ -169,6 +170,7 @@ class DomainMigrationProgress(DomainEvent):
     downtime_ms: float | None = None
     error: str | None = None
     queue_position: int | None = Field(default=None, ge=1)  # phase `queued`: 1 is next
+    target_claim_seq: int | None = Field(default=None, ge=0)
 
 
 DOMAIN_EVENTS: tuple[type[DomainEvent], ...] = (

@@ -97,10 +97,12 @@ class MigrationJob(Message):
     """A domain's migration job as its source sees it (virsh domjobinfo). Figures are of
     the memory stream; `downtime_ms` is the pause the target measured (set once DONE),
     `paused_ms` the source's own measure of it. `error` says why a FAILED job failed.
-    `queue_position` is the job's place in its source's queue while QUEUED (1: next)."""
+    `queue_position` is the job's place in its source's queue while QUEUED (1: next).
+    `target_claim_seq` (1.2): the target's claim count at which it took the domain's
+    resources (IncomingEndpoint.claim_seq; None until it did, and for a cold migration)."""
 
     TYPE = "reply.migration_job"
-    VERSION = "1.1"  # 1.1: phase `queued`, `queue_position`
+    VERSION = "1.2"  # 1.1: phase `queued`, `queue_position`; 1.2: `target_claim_seq`
     domain_id: uuid.UUID
     source: str
     target: str
@@ -121,6 +123,7 @@ class MigrationJob(Message):
     paused_ms: float | None = None
     error: str | None = None
     queue_position: int | None = Field(default=None, ge=1)
+    target_claim_seq: int | None = Field(default=None, ge=0)
 
 
 # ---- API → scheduler ---------------------------------------------------------------------
@@ -200,12 +203,16 @@ class IncomingEndpoint(Message):
     migration: nothing streams)."""
 
     TYPE = "reply.incoming_endpoint"
+    VERSION = "1.1"  # 1.1: claim_seq
     domain_id: uuid.UUID
     host: str
     address: IPv4Address | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
     token: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     vtep: IPv4Address | None = None  # the target's VXLAN underlay address, for BindPorts
+    # The target's claim count at which it took the domain's resources (a live migration;
+    # 1.1): every heartbeat of the target with `claims_seq` at or past it counts them.
+    claim_seq: int | None = Field(default=None, ge=0)
 
 
 class PrepareIncoming(Command):

@@ -139,7 +139,11 @@ class MigrationHandlers(SchedulerCore):
                 # (held, not settling) until the source says the job left its queue.
                 log.info("migration queued", source=cmd.source, target=claim.host)
                 return job
-            self.state.settle(cmd.domain_id, settles_at=job.started_at)
+            # The target took the domain at its claim count `target_claim_seq` (a live
+            # migration): its first heartbeat read at that count drops the claim.
+            self.state.settle(
+                cmd.domain_id, settles_at=job.started_at, claim_seq=job.target_claim_seq
+            )
             self._announce(ClaimPhase.PLACED, claim)
             log.info("migration started", source=cmd.source, target=claim.host)
             return job
@@ -196,18 +200,22 @@ class MigrationHandlers(SchedulerCore):
         """A migration's final progress says where the domain lives now: the target when it
         is done, the source otherwise (a peer's `placed` claim counted it on the target), and
         a claim still held on the target for a job that did not get there goes. A queued job
-        that leaves its source's queue (`preparing`) settles the claim held for it."""
+        that leaves its source's queue (`preparing`) settles the claim held for it, and the
+        event that says at which claim count the target took the domain settles it on that."""
         claim = self.state.claims.get(event.domain_id)
         mine = claim is not None and claim.host == event.target and claim.replica == self.replica
         if event.phase not in FINAL_PHASES:
             # Only a job that waited announces `preparing` (one that starts at once is
-            # answered started, and its claim settled by `migrate`).
-            if (
-                mine
-                and claim is not None
-                and claim.settles_at is None
-                and event.phase == MigrationPhase.PREPARING
-            ):
+            # answered started, and its claim settled by `migrate`), twice: on leaving the
+            # queue, and once its target took the domain (`target_claim_seq`).
+            if not mine or claim is None:
+                return
+            if event.target_claim_seq is not None and claim.claim_seq is None:
+                self.state.settle(
+                    event.domain_id, settles_at=time.time(), claim_seq=event.target_claim_seq
+                )
+                self._announce(ClaimPhase.PLACED, claim)
+            elif claim.settles_at is None and event.phase == MigrationPhase.PREPARING:
                 self.state.settle(event.domain_id, settles_at=time.time())
                 self._announce(ClaimPhase.PLACED, claim)
             return

@@ -146,7 +146,9 @@ def test_evacuate_and_the_cli_verbs(
     progress = Progress(make_bus())
     migrations_wait_their_turn(cloud, progress)  # on this test's stack (it is the costly part)
     progress.subscription.close()
-    running = cloud.create(memory_mib=64).json()
+    r = cloud.create(memory_mib=64)
+    assert r.status_code == 201, r.text
+    running = r.json()
     off = cloud.create(memory_mib=64, start=False).json()
     cloud.wait(running["id"], lambda r: r.json()["state"] == "running")
     start_host = cloud.get(running["id"], token=ADMIN).json()["host"]

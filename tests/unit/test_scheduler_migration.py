@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,7 @@ from protos.codec import envelope_for
 from protos.commands import Command, GetDomainInfo
 from protos.domain import BootSpec, DomainSpec, PlacementHints, PlacementPolicy, PowerState
 from protos.events import DefinedDetail, DomainDefined, DomainMigrationProgress
+from protos.host import HostHeartbeat
 from protos.migration import (
     MigrateDomain,
     MigrationJob,
@@ -39,6 +41,7 @@ class Cluster:
         self.refuse: dict[str, str] = {}  # target → the code the source answers with
         self.silent = False
         self.queued = False  # the source answers the job `queued` (over its limit)
+        self.target_claim_seq: int | None = None  # the target's claim count, when it says
         self.started: list[StartMigration] = []
 
     def __call__(
@@ -80,6 +83,7 @@ class Cluster:
             started_at=time.time(),
             elapsed_ms=1.0,
             queue_position=1 if self.queued else None,
+            target_claim_seq=None if self.queued else self.target_claim_seq,
         )
 
 
@@ -365,6 +369,67 @@ def test_a_queued_jobs_claim_settles_once_it_leaves_the_queue() -> None:
     svc.on_event(envelope_for(command(spec), source="test"), progress(spec, "preparing"))
     assert svc.state.claims[spec.uuid].settles_at is not None
     assert phases(svc) == [("claimed", "b"), ("placed", "b")]
+
+
+def test_the_claim_goes_with_the_targets_heartbeat_read_at_its_claim_count() -> None:
+    """The target said at which claim count it took the domain: its first heartbeat read at
+    that count drops the claim, and one read there before the answer came drops it at once
+    (kept, the domain counted twice: a target with room for one more refused it)."""
+    spec = domain(vcpus=2, memory_mib=1024)
+    cluster = Cluster(spec, "a")
+    cluster.target_claim_seq = 7
+    svc = scheduler(cluster, {"a": {}, "b": {"claims_seq": 5}})
+    migrate(svc, command(spec, target="b"))
+    claim = svc.state.claims[spec.uuid]
+    assert claim.claim_seq == 7
+    assert svc.announced[-1].claim_seq == 7  # the peers drop theirs on the same beat
+    svc.state.on_heartbeat(beat("b", claims_seq=6), sent_at=time.time() + 10, now=0.0)
+    assert spec.uuid in svc.state.claims  # a beat read before the claim, sent late
+    svc.state.on_heartbeat(
+        beat("b", claims_seq=7, used_vcpus=2, used_mib=1024), sent_at=0.0, now=0.0
+    )
+    assert spec.uuid not in svc.state.claims
+    assert svc.state.hosts["b"].free_vcpus == 2  # counted once
+    # The beat came first (the target took the domain, beat, then the source answered).
+    other = domain(vcpus=2, memory_mib=1024)
+    cluster2 = Cluster(other, "a")
+    cluster2.target_claim_seq = 9
+    svc2 = scheduler(cluster2, {"a": {}, "b": {}})
+    late = beat("b", claims_seq=9, used_vcpus=2, used_mib=1024)
+    svc2.call = _beat_first(svc2, cluster2, late)  # type: ignore[method-assign]
+    migrate(svc2, command(other, target="b"))
+    assert other.uuid not in svc2.state.claims
+    assert svc2.state.hosts["b"].free_vcpus == 2
+
+
+def _beat_first(svc: SchedulerService, cluster: Cluster, target_beat: HostHeartbeat) -> Cluster:
+    """`cluster`, with the target's heartbeat arriving while StartMigration is in flight."""
+
+    class BeatFirst(Cluster):
+        def __call__(self, queue: str, command: Command, **kw: Any) -> Message:
+            if isinstance(command, StartMigration):
+                svc.state.on_heartbeat(target_beat, sent_at=time.time(), now=time.monotonic())
+            return cluster(queue, command, **kw)
+
+    return BeatFirst(cluster.spec, cluster.source)
+
+
+def test_a_queued_jobs_claim_takes_the_targets_claim_count_once_it_is_prepared() -> None:
+    spec = domain()
+    cluster = Cluster(spec, "a")
+    cluster.queued = True
+    svc = scheduler(cluster, {"a": {}, "b": {}})
+    migrate(svc, command(spec))
+    envelope = envelope_for(command(spec), source="test")
+    svc.on_event(envelope, progress(spec, "preparing"))  # it left the queue
+    assert svc.state.claims[spec.uuid].claim_seq is None
+    prepared = progress(spec, "preparing").model_copy(update={"target_claim_seq": 12})
+    svc.on_event(envelope, prepared)
+    assert svc.state.claims[spec.uuid].claim_seq == 12
+    assert phases(svc) == [("claimed", "b"), ("placed", "b"), ("placed", "b")]
+    assert svc.announced[-1].claim_seq == 12
+    svc.state.on_heartbeat(beat("b", claims_seq=12), sent_at=0.0, now=0.0)
+    assert spec.uuid not in svc.state.claims
 
 
 def test_the_wait_for_the_source_outlasts_its_wait_for_the_target() -> None:
