@@ -14,6 +14,8 @@ It settles deletes too (services.api.reaping): a tombstone (a domain deleted bef
 placed) whose create is over is removed, or put on the host its events name and removed
 from there; a domain left `deleting` on a host (its DELETE's calls cut short) is destroyed
 and undefined there again, every `older_than_s`, until its host's `domain.undefined` ends it.
+A removed domain's reap still pending `REAP_RETRY_S` after it was asked (its replica died, its
+host did not answer) is run again, every `REAP_RETRY_S`, until the host no longer has it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ SWEEP_INTERVAL_S = 5.0
 # Beyond the scheduler's timeout, what a live create may still spend (an RPC resent after a
 # lost broker connection, storing the placement) before its record counts as orphaned.
 GRACE_S = 10.0
+# How long a removed domain's reap may be pending before a sweep runs it again: the replica
+# that projected its event runs it at once, and its calls to the host last seconds.
+REAP_RETRY_S = 15.0
 
 
 class OrphanSweeper:
@@ -48,6 +53,7 @@ class OrphanSweeper:
         reap: Callable[[uuid.UUID, str], None] | None = None,
         release: Callable[[DomainRecord], None] | None = None,
         finish: Callable[[DomainRecord], None] | None = None,
+        reap_retry_s: float = REAP_RETRY_S,
     ) -> None:
         self.registry = registry
         self.reap = reap
@@ -56,6 +62,7 @@ class OrphanSweeper:
         # (services.api.finishing).
         self.finish = finish
         self.older_than_s = schedule_timeout_s + GRACE_S
+        self.reap_retry_s = reap_retry_s
         self.interval_s = interval_s
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="api-orphans", daemon=True)
@@ -96,6 +103,14 @@ class OrphanSweeper:
             log.info("deleted domain that never reached a host removed", domain_id=str(record.id))
             if self.release is not None:
                 self.release(record)
+        for domain_id, host in self.registry.domains.due_reaps(self.reap_retry_s):
+            log.warning(
+                "removed domain still on a host: asking it again",
+                domain_id=str(domain_id),
+                host=host,
+            )
+            if self.reap is not None:
+                self.reap(domain_id, host)
         self.registry.domains.forget_removed()
 
     def _run(self) -> None:

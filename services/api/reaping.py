@@ -7,6 +7,11 @@ start it somewhere, and its create's API replica may be gone. Wherever it then a
 there; the record goes with that host's `domain.undefined`, and its ports and volumes are
 released. The orphan sweep (services.api.orphans) settles the tombstones of domains that never
 reached a host, and tries again where a host did not answer.
+
+A domain whose record is gone altogether (its delete done) that a host reports defined or
+started afterwards is taken off that host too: the reap is remembered with the event's
+projection (`pending_reaps`) until it is done, so neither a replica killed before it ran it
+nor a host that did not answer leaves the guest running unknown.
 """
 
 from __future__ import annotations
@@ -73,6 +78,8 @@ def reap(ctx: ApiContext, domain_id: uuid.UUID, host: str) -> None:
     if record is None:
         if ctx.registry.domains.was_removed(domain_id):
             _reap_removed(ctx, domain_id, host)
+        else:
+            ctx.registry.domains.reaped(domain_id, host)  # forgotten: nothing to do
         return
     if record.task is not TaskState.DELETING:
         return  # not deleted at all
@@ -89,8 +96,11 @@ def reap(ctx: ApiContext, domain_id: uuid.UUID, host: str) -> None:
 def _reap_removed(ctx: ApiContext, domain_id: uuid.UUID, host: str) -> None:
     """A domain whose record was removed (its delete done, or its tombstone settled) came up
     on `host` afterwards, e.g. a create's retry there after the first host's clean-up: no
-    record, no ports or volumes held for it any more, so it only goes from the host."""
+    record, no ports or volumes held for it any more, so it only goes from the host. Done
+    (or the host has no such domain), its pending reap goes; a host that failed keeps it,
+    for the orphan sweep to try again."""
     if _take_off(ctx, domain_id, host) is not None:
+        ctx.registry.domains.reaped(domain_id, host)
         log.info("removed domain taken off the host it appeared on", domain_id=str(domain_id))
 
 

@@ -72,6 +72,18 @@ removed_domains = sa.Table(
 )
 sa.Index("removed_domains_at", removed_domains.c.removed_at)
 
+# A removed domain's reaps not done yet (0007): the host a definition or start of it came
+# from, written with the event's projection, so a reap that its replica did not live to run,
+# or that its host did not answer, is run again by the orphan sweep (services.api.orphans)
+# until the host no longer has the domain.
+pending_reaps = sa.Table(
+    "pending_reaps",
+    metadata,
+    sa.Column("domain_id", sa.Text, primary_key=True),
+    sa.Column("host", sa.Text, primary_key=True),
+    sa.Column("since", sa.DOUBLE_PRECISION, nullable=False),  # asked (or last tried) at
+)
+
 hosts = sa.Table(
     "hosts",
     metadata,

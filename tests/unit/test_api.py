@@ -433,6 +433,31 @@ def test_a_delete_before_placement_removes_the_domain_wherever_it_appears(
     assert registry.domains.get(s.uuid) is None
 
 
+def test_a_removed_domains_reap_its_host_did_not_answer_is_run_again_by_the_sweep(
+    client: TestClient, cloud: FakeCloud, registry: Registry
+) -> None:
+    """A deleted domain (record removed) comes up on a host afterwards; the reap's calls to
+    that host fail (the broker is away): the guest must not be left running unknown. The
+    reap stays pending, and the sweep runs it again once the host answers."""
+    ctx = client.app.state.ctx  # type: ignore[attr-defined]
+    cloud.projector.reap = functools.partial(reaping.reap, ctx)
+    s = DomainSpec.model_validate(body(memory_mib=64))
+    registry.domains.create(s, "alice", Quota())
+    assert registry.domains.remove(s.uuid)
+    cloud.broken = True  # the reap's calls fail; the late create's own calls are direct
+    cloud._compute("h1", DefineDomain(spec=s, privileged=True))
+    cloud._compute("h1", StartDomain(domain_id=s.uuid))
+    assert cloud.nodes["h1"].store.get(s.uuid) is not None  # left there, for now
+    sweeper = OrphanSweeper(registry, -GRACE_S, reap=cloud.projector.reap, reap_retry_s=-1)
+    sweeper.sweep()  # still broken: tried, and still pending
+    assert cloud.nodes["h1"].store.get(s.uuid) is not None
+    cloud.broken = False
+    sweeper.sweep()
+    assert cloud.nodes["h1"].store.get(s.uuid) is None  # destroyed and undefined there
+    assert registry.domains.due_reaps(older_than_s=-1) == []  # done: nothing pending
+    assert registry.domains.get(s.uuid) is None
+
+
 def test_delete_when_the_registry_lags_the_host(client: TestClient, cloud: FakeCloud) -> None:
     d = create(client)
     domain_id = uuid.UUID(d["id"])

@@ -799,3 +799,31 @@ def test_a_cold_migration_switches_the_host_on_the_targets_definition(
         registry, event_of(DomainDefined, s2, "h3", 2, state=P.SHUTOFF, detail="migrated")
     ) is (Outcome.APPLIED)
     assert shown(registry, s2) == ("h3", P.SHUTOFF, 2, TaskState.NONE)
+
+
+def test_a_removed_domains_reap_stays_pending_until_it_is_done(registry: Registry) -> None:
+    """A REAP of a removed domain is remembered with the event that asked for it: a replica
+    killed before it ran the reap, or a host that did not answer, leaves it to the sweep,
+    which takes each due one once (marked tried) until the host no longer has the domain."""
+    s = spec()
+    registry.domains.create(s, "p", Quota())
+    assert registry.domains.remove(s.uuid)
+    assert apply(registry, defined(s, "h1", 1)) is Outcome.REAP
+    assert apply(registry, started(s, "h2", 1)) is Outcome.REAP
+    assert registry.domains.due_reaps(older_than_s=3600) == []  # just asked: its replica runs it
+    due = registry.domains.due_reaps(older_than_s=-1)
+    assert sorted(due) == sorted([(s.uuid, "h1"), (s.uuid, "h2")])
+    assert registry.domains.due_reaps(older_than_s=1) == []  # tried just now: not again yet
+    registry.domains.reaped(s.uuid, "h1")
+    assert registry.domains.due_reaps(older_than_s=-1) == [(s.uuid, "h2")]
+    # Done on h2: a redelivered copy of its event is a duplicate, asking nothing again.
+    registry.domains.reaped(s.uuid, "h2")
+    event = started(s, "h2", 1)
+    assert registry.events.apply("m-1", event.routing_key(), event) is Outcome.REAP
+    registry.domains.reaped(s.uuid, "h2")
+    assert registry.events.apply("m-1", event.routing_key(), event) is Outcome.DUPLICATE
+    assert registry.domains.due_reaps(older_than_s=-1) == []
+    # Pending reaps of a domain forgotten (removed long ago) go with it.
+    assert apply(registry, started(s, "h3", 2)) is Outcome.REAP
+    assert registry.domains.forget_removed(older_than_s=-1) == 1
+    assert registry.domains.due_reaps(older_than_s=-1) == []

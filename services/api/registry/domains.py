@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 from protos.domain import DomainSpec, Fault, PowerState, TaskState
 from protos.replies import DomainInfo
 from services.api.config import Quota
-from services.api.tables import EVENT_LOG_LOCK, domains, events, removed_domains
+from services.api.tables import EVENT_LOG_LOCK, domains, events, pending_reaps, removed_domains
 from services.db import Database, advisory_xact_lock, upsert
 
 Row = Sequence[Any]  # a result row: the selected columns in order
@@ -106,6 +106,15 @@ def was_removed(cur: Connection, domain_id: str) -> bool:
         sa.select(removed_domains.c.id).where(removed_domains.c.id == domain_id)
     ).first()
     return found is not None
+
+
+def reap_pending(cur: Connection, domain_id: str, host: str) -> None:
+    """Remember that the removed domain is to be reaped on `host` (until `reaped`)."""
+    cur.execute(
+        upsert(cur, pending_reaps)
+        .values(domain_id=domain_id, host=host, since=time.time())
+        .on_conflict_do_nothing(index_elements=[pending_reaps.c.domain_id, pending_reaps.c.host])
+    )
 
 
 def _domain(row: Row) -> DomainRecord:
@@ -350,8 +359,51 @@ class Domains:
             )
 
     def forget_removed(self, older_than_s: float = REMOVED_KEEP_S) -> int:
-        """Forget the ids of domains removed more than `older_than_s` ago."""
+        """Forget the ids of domains removed more than `older_than_s` ago (and the reaps
+        of them still pending: a host that never answered in that long is gone)."""
         cutoff = time.time() - older_than_s
         with self.db.transaction() as cur:
             stmt = removed_domains.delete().where(removed_domains.c.removed_at < cutoff)
-            return int(cur.execute(stmt).rowcount)
+            forgotten = int(cur.execute(stmt).rowcount)
+            cur.execute(
+                pending_reaps.delete().where(
+                    pending_reaps.c.domain_id.not_in(sa.select(removed_domains.c.id))
+                )
+            )
+            return forgotten
+
+    def reaped(self, domain_id: uuid.UUID, host: str) -> None:
+        """The removed domain is off `host` (or it never had it): no reap is pending there."""
+        with self.db.transaction() as cur:
+            cur.execute(
+                pending_reaps.delete().where(
+                    pending_reaps.c.domain_id == str(domain_id), pending_reaps.c.host == host
+                )
+            )
+
+    def due_reaps(self, older_than_s: float) -> list[tuple[uuid.UUID, str]]:
+        """The reaps pending for `older_than_s` or more (their replica died, or their host
+        did not answer), each marked tried now: (domain id, host) pairs to reap again.
+        Another replica's sweep meanwhile finds them tried and leaves them."""
+        now = time.time()
+        cutoff = now - older_than_s
+        with self.db.transaction() as cur:
+            rows = cur.execute(
+                sa.select(pending_reaps.c.domain_id, pending_reaps.c.host).where(
+                    pending_reaps.c.since < cutoff
+                )
+            ).all()
+            due = []
+            for domain_id, host in rows:
+                taken = cur.execute(
+                    pending_reaps.update()
+                    .where(
+                        pending_reaps.c.domain_id == domain_id,
+                        pending_reaps.c.host == host,
+                        pending_reaps.c.since < cutoff,
+                    )
+                    .values(since=now)
+                ).rowcount
+                if taken:
+                    due.append((uuid.UUID(domain_id), str(host)))
+            return due

@@ -27,7 +27,7 @@ from protos.domain import PowerState
 from protos.events import DomainDefined, DomainEvent, DomainMigrationProgress, DomainStarted
 from protos.migration import FINAL_PHASES
 from protos.storage import VolumeEvent
-from services.api.registry.domains import was_removed
+from services.api.registry.domains import reap_pending, was_removed
 from services.api.registry.projection import PROJECTION_OF, Outcome, project
 from services.api.tables import EVENT_LOG_LOCK, events
 from services.db import Database, advisory_xact_lock, upsert
@@ -108,8 +108,11 @@ def _append(cur: Connection, values: dict[str, Any]) -> bool:
 def _unrecorded(cur: Connection, domain_id: str, event: DomainEvent) -> Outcome:
     """An event of a domain with no record: logged only, unless it defines or starts a
     domain whose record was removed (deleted, or its tombstone settled before a create's
-    retry placed it elsewhere): that host has a guest nobody asked for, reaped there."""
+    retry placed it elsewhere): that host has a guest nobody asked for, reaped there. The
+    reap is remembered with the event, so the orphan sweep runs it again if this replica
+    does not live to, or the host does not answer (a redelivered event is a duplicate)."""
     if isinstance(event, DomainDefined | DomainStarted) and was_removed(cur, domain_id):
+        reap_pending(cur, domain_id, event.host)
         return Outcome.REAP
     return Outcome.LOGGED
 
