@@ -136,7 +136,10 @@ class MigrationHandlers(SchedulerCore):
                 raise
             if job.phase is MigrationPhase.QUEUED:
                 # It waits on its source, the target not yet prepared: the claim stands
-                # (held, not settling) until the source says the job left its queue.
+                # (held, not settling) until the source says the job left its queue, or
+                # goes down (state.Claim's `waits_on`).
+                with self.state.lock:
+                    claim.waits_on = cmd.source
                 log.info("migration queued", source=cmd.source, target=claim.host)
                 return job
             # The target took the domain at its claim count `target_claim_seq` (a live

@@ -77,7 +77,9 @@ class Claim:
     the last of them was sent after the answer). A beat read between the host's claim and the
     answer counted the domain while the claim still stood: the domain counted twice until the
     next beat, and a host with room for it was filtered out. `lapses_at` (monotonic) drops a
-    claim still in flight (a peer replica that died mid-request)."""
+    claim still in flight (a peer replica that died mid-request). `waits_on`: the source of a
+    migration queued there (held, not settling): the claim goes once that host is down (a
+    source that restarts cancels its queued jobs, and one that never comes back runs none)."""
 
     domain_id: uuid.UUID
     host: str
@@ -89,6 +91,7 @@ class Claim:
     beats_left: int = 0
     lapses_at: float | None = None
     claim_seq: int | None = None
+    waits_on: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +187,10 @@ class ClusterState:
                         done.append(c.domain_id)
                 elif c.lapses_at is not None and c.lapses_at <= now:
                     done.append(c.domain_id)
+                elif c.settles_at is None and c.waits_on is not None:
+                    source = self.hosts.get(c.waits_on)
+                    if source is None or not self.is_alive(source, now):
+                        done.append(c.domain_id)
             for domain_id in done:
                 self._drop_claim(domain_id)
             host.refresh()
@@ -247,6 +254,7 @@ class ClusterState:
                 return
             claim.settles_at = settles_at
             claim.claim_seq = claim_seq
+            claim.waits_on = None
             claim.beats_left = SETTLE_BEATS
             claim.lapses_at = None
             # A beat read at that count or later came while the claim was in flight: its

@@ -371,6 +371,33 @@ def test_a_queued_jobs_claim_settles_once_it_leaves_the_queue() -> None:
     assert phases(svc) == [("claimed", "b"), ("placed", "b")]
 
 
+def test_a_queued_jobs_claim_goes_when_its_source_is_down() -> None:
+    """A source that restarts cancels its queued jobs (whose final event releases the claim);
+    one that never comes back sends nothing: its queued job's claim on the target goes once
+    the source is down, not never."""
+    spec = domain()
+    cluster = Cluster(spec, "a")
+    cluster.queued = True
+    svc = scheduler(cluster, {"a": {}, "b": {}})  # beating every 60 s
+    migrate(svc, command(spec))
+    assert svc.state.claims[spec.uuid].waits_on == "a"
+    later = time.monotonic() + 120  # a missed one: silent, not yet down (3 intervals)
+    svc.state.on_heartbeat(beat("b", interval_s=60.0), sent_at=time.time(), now=later)
+    assert svc.state.hosts["b"].claimed_memory_mib == 1024
+    down = time.monotonic() + 200
+    svc.state.on_heartbeat(beat("b", interval_s=60.0), sent_at=time.time(), now=down)
+    assert spec.uuid not in svc.state.claims
+    assert svc.state.hosts["b"].claimed_memory_mib == 0
+    # One that left the queue settles as any other, and is no longer tied to its source.
+    other = domain()
+    cluster2 = Cluster(other, "a")
+    cluster2.queued = True
+    svc2 = scheduler(cluster2, {"a": {}, "b": {}})
+    migrate(svc2, command(other))
+    svc2.on_event(envelope_for(command(other), source="test"), progress(other, "preparing"))
+    assert svc2.state.claims[other.uuid].waits_on is None
+
+
 def test_the_claim_goes_with_the_targets_heartbeat_read_at_its_claim_count() -> None:
     """The target said at which claim count it took the domain: its first heartbeat read at
     that count drops the claim, and one read there before the answer came drops it at once
