@@ -16,6 +16,7 @@
 | migration_start_timeout_s | FLOTILLA_SCHEDULER_MIGRATION_START_TIMEOUT_S | 45.0 |
 | peer_claim_timeout_s | FLOTILLA_SCHEDULER_PEER_CLAIM_TIMEOUT_S | 120.0 |
 | claim_sync_timeout_s | FLOTILLA_SCHEDULER_CLAIM_SYNC_TIMEOUT_S | 5.0 |
+| unanswered_retry_s | FLOTILLA_SCHEDULER_UNANSWERED_RETRY_S | 120.0 |
 | workers | FLOTILLA_SCHEDULER_WORKERS | 8 |
 | filters | FLOTILLA_SCHEDULER_FILTERS | every registered filter (comma-separated names) |
 """
@@ -58,6 +59,9 @@ class SchedulerConfig(ReplicaConfig):
     # How long a claim's confirm, and a redelivered request's wait for the claim stream to
     # catch up, may take before the replica stops trusting its own view.
     claim_sync_timeout_s: float = Field(default=5.0, gt=0)
+    # A host that beats but left a define or start unanswered (its clean-up unconfirmed) is
+    # passed by this long, unless it answers or restarts first; then it is tried again.
+    unanswered_retry_s: float = Field(default=120.0, gt=0)
     workers: int = Field(default=8, ge=1, le=256)
     filters: tuple[str, ...] | None = None
 

@@ -104,6 +104,10 @@ class Spawning(SchedulerCore):
                 # Alive, it may still run what it was sent (taken before its expiry, slow).
                 # Another host is asked only once this one confirms the domain is gone.
                 if not self._cleaned_up(host, cmd.spec.uuid):
+                    # Beating but not answering (its worker stuck): the next requests pass
+                    # it by until it answers again (the `responsive` filter).
+                    self.state.unanswered(host, time.monotonic())
+                    log.warning("host beats but does not answer: passed by", host=host)
                     raise HostInDoubt(f"{exc}; its clean-up was not confirmed") from None
             else:
                 # Silent: what waits in its queue has expired by the time it is back (it
@@ -146,6 +150,7 @@ class Spawning(SchedulerCore):
                     self.call(queue, command, timeout=remaining, message_id=None)
                 except RemoteError as exc:
                     if exc.code == "not_found":
+                        self.state.answered(host)
                         return True
                     if exc.code == "conflict":
                         continue  # a destroy of a stopped domain; an undefine of a running one
@@ -158,6 +163,7 @@ class Spawning(SchedulerCore):
                     return False
                 else:
                     if isinstance(command, UndefineDomain):
+                        self.state.answered(host)
                         return True
         return False
 
@@ -189,11 +195,15 @@ class Spawning(SchedulerCore):
                     expires=True,
                 )
                 break
+            except RemoteError:
+                self.state.answered(host)  # a refusal is an answer
+                raise
             except RpcTimeout:
                 now = time.monotonic()
                 if now >= give_up_at or not self.state.restarting(host, sent_at, now):
                     raise
                 timeout = min(self.config.compute_timeout_s, give_up_at - now)
                 log.info("host restarting: asking again", host=host, command=command.TYPE)
+        self.state.answered(host)
         assert isinstance(reply, DomainInfo), reply
         return reply

@@ -44,6 +44,10 @@ class HostState:
     claims: dict[uuid.UUID, Claim] = field(default_factory=dict)
     # Monotonic time of its first heartbeat after a silence (a restart); -inf if none yet.
     back_at: float = float("-inf")
+    # Monotonic time it last left a define or start unanswered, its clean-up unconfirmed,
+    # while it beat on (a worker stuck behind its heartbeat); None once it answers again or
+    # restarts. The `responsive` filter passes it by for `unanswered_retry_s`.
+    unanswered_at: float | None = None
     # The claim count its last heartbeat's usage was read at (0: the host does not say).
     claims_seq: int = 0
 
@@ -168,6 +172,7 @@ class ClusterState:
                 self.hosts[beat.host] = host
             elif self._silent(host, now):
                 host.back_at = now  # heard from again after a silence (a restart)
+                host.unanswered_at = None
             host.inventory = inv
             host.usage = beat.usage
             host.enabled = beat.enabled
@@ -215,6 +220,20 @@ class ClusterState:
         with self.lock:
             host = self.hosts.get(name)
             return host is not None and not self._silent(host, now)
+
+    def unanswered(self, name: str, now: float) -> None:
+        """Host `name` left a command unanswered while it beat on: pass it by for a while."""
+        with self.lock:
+            host = self.hosts.get(name)
+            if host is not None:
+                host.unanswered_at = now
+
+    def answered(self, name: str) -> None:
+        """Host `name` answered a command: it takes requests again."""
+        with self.lock:
+            host = self.hosts.get(name)
+            if host is not None:
+                host.unanswered_at = None
 
     @staticmethod
     def _silent(host: HostState, now: float) -> bool:

@@ -271,6 +271,31 @@ def test_a_beating_host_silent_to_the_start_and_its_clean_up_is_not_left_for_ano
     assert svc.state.claims == {}
 
 
+def test_a_host_that_beats_but_does_not_answer_is_passed_by_until_it_answers() -> None:
+    """Its heartbeat thread runs, its worker is stuck: the create placed there fails (it may
+    yet start there), but the next ones go elsewhere at once, not to it again and again; once
+    the wait is over it is tried again, and answering makes it a host like any other."""
+    computes = FakeComputes({"a": (4, 8192), "b": (4, 2048)})
+    computes.silent = {"a"}
+    svc = service(computes, top_n=1, unanswered_retry_s=3600.0)  # `a` has more room: first
+    with pytest.raises(ServiceError) as raised:
+        schedule(svc, ScheduleDomain(spec=spec(), project="p"))
+    assert "may still start it" in raised.value.message
+    asked = len(computes.calls)
+    placement = schedule(svc, ScheduleDomain(spec=spec(), project="p"))
+    assert (placement.host, placement.attempts) == ("b", [])
+    assert all(host == "b" for host, _ in computes.calls[asked:])
+    # The filters say why, when no other host will do.
+    with pytest.raises(ServiceError) as raised:
+        schedule(svc, ScheduleDomain(spec=spec(memory_mib=4096), project="p"))
+    assert raised.value.details["filtered"]["responsive"] == ["a"]
+    # Past the wait it is asked again; it answers now, and takes requests as before.
+    computes.silent = set()
+    svc.state.hosts["a"].unanswered_at = time.monotonic() - 3601.0
+    assert schedule(svc, ScheduleDomain(spec=spec(memory_mib=4096), project="p")).host == "a"
+    assert svc.state.hosts["a"].unanswered_at is None
+
+
 def test_a_beating_host_whose_start_timed_out_is_cleaned_up_before_the_next_host() -> None:
     computes = FakeComputes({"a": (4, 8192), "b": (4, 2048)})
     svc = service(computes, top_n=1, compute_timeout_s=0.1)

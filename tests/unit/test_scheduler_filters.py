@@ -171,6 +171,7 @@ def test_filters_are_registered_explicitly_and_selectable() -> None:
         "volume_locality",
         "pools",
         "alive",
+        "responsive",
         "max_vcpus",
         "vcpus",
         "memory",

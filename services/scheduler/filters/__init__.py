@@ -12,6 +12,7 @@ from services.scheduler.filters.forced_host import ForcedHostFilter
 from services.scheduler.filters.max_vcpus import MaxVcpusFilter
 from services.scheduler.filters.pools import PoolsFilter
 from services.scheduler.filters.ram import RamFilter
+from services.scheduler.filters.responsive import ResponsiveFilter
 from services.scheduler.filters.volume_locality import VolumeLocalityFilter
 
 REGISTERED: tuple[type[Filter], ...] = (
@@ -19,6 +20,7 @@ REGISTERED: tuple[type[Filter], ...] = (
     VolumeLocalityFilter,
     PoolsFilter,
     AliveFilter,
+    ResponsiveFilter,
     MaxVcpusFilter,
     CpuFilter,
     RamFilter,
@@ -46,6 +48,7 @@ __all__ = [
     "MaxVcpusFilter",
     "PoolsFilter",
     "RamFilter",
+    "ResponsiveFilter",
     "VolumeLocalityFilter",
     "build_filters",
 ]
