@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -31,7 +31,7 @@ from compute_node.migration_jobs import KEPT_JOBS, Job, Jobs
 from compute_node.migration_queue import MigrationQueue
 from compute_node.store import DomainRecord
 from compute_node.volume_copies import (
-    abort_copies,
+    abort_steps,
     commit_steps,
     copied_disks,
     disk_indices,
@@ -162,7 +162,9 @@ class MigrationSource(MigrationBase):
             else:
                 # This host's volumes get empty files there, which the stream fills.
                 copies = copied_disks(record.spec, disks, self.host)
-                disks = prepare_copies(self._peer, disks, copies, job.target)
+                disks = prepare_copies(
+                    self._peer, disks, copies, job.target, self._abort_files(job.target)
+                )
                 job.copied_disks = copies
                 job.copy_indices = disk_indices(record.spec, copies)
             endpoint = self._prepare_target(record, job.target, params.live, disks)
@@ -562,8 +564,18 @@ class MigrationSource(MigrationBase):
                     runs_there=runs_there,
                 )
                 return
-        abort_copies(self._peer, job.copied_disks, job.target)
+        self._abort_files(job.target)(job.copied_disks)
         job.copied_disks = []
+
+    def _abort_files(self, target: str) -> Callable[[Sequence[DiskBinding]], None]:
+        """Removes the target's files of the given copies: the steps are on disk first, then
+        tried once now; what is left is resent until the catalog answers."""
+
+        def abort(copies: Sequence[DiskBinding]) -> None:
+            if copies:
+                self.storage_steps.send_now(self.storage_steps.add(abort_steps(copies, target)))
+
+        return abort
 
     def _forget_later(self, target: str, domain_id: uuid.UUID) -> None:
         """FinishIncoming(committed=false) to `target` on another thread: if the target is

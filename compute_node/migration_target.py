@@ -33,7 +33,7 @@ from compute_node.launching import refused
 from compute_node.migration_base import MigrationBase
 from compute_node.storage_sources import StorageBindings
 from compute_node.store import DomainRecord, EventDraft, Incoming, NameTaken
-from compute_node.volume_copies import abort_copies, commit_steps, disk_indices
+from compute_node.volume_copies import abort_steps, commit_steps, disk_indices
 from protos import routing
 from protos.commands import DefineDomain
 from protos.domain import PowerState
@@ -129,17 +129,10 @@ class MigrationTarget(MigrationBase):
         copies = [d for d in record.bindings.disks if d.host == self.host]
         if incoming is None or not incoming.live or not copies or self.peer_call is None:
             return
-        if commit:  # kept until the catalog answers, across restarts too
-            self.storage_steps.add(commit_steps(copies, self.host))
-            self.storage_steps.wake()
-            return
-        settle = abort_copies
-        threading.Thread(
-            target=settle,
-            args=(self._peer, copies, self.host),
-            name=f"settle-{record.id}",
-            daemon=True,
-        ).start()
+        # Kept until the catalog answers, across restarts too; sent by the steps' thread.
+        steps = commit_steps if commit else abort_steps
+        self.storage_steps.add(steps(copies, self.host))
+        self.storage_steps.wake()
 
     @handles(PrepareIncoming)
     def prepare_incoming(self, cmd: PrepareIncoming, _ctx: Context) -> IncomingEndpoint:

@@ -1,5 +1,5 @@
 """Storage catalog steps that must not be lost: a live migration's `commit` of the volumes
-its stream copied (compute_node.volume_copies).
+its stream copied, or its `abort` (compute_node.volume_copies).
 
 Once the target runs the guest on its copy, the catalog must come to name the target, however
 long the storage service is away. The step is written to the node's store (`compute.db`,
@@ -7,7 +7,8 @@ table `storage_steps`) before the job reports `done`, with the message id it is 
 `PendingSteps` sends it at once and then, from a thread of its own, again and again (the
 same message id each time: the storage service runs a message id once and answers a repeat
 from its record, and the step itself answers a repeat as it is) until the catalog answers.
-`unavailable` and `busy` are about the moment and tried again; any other refusal is final:
+`unavailable` and `busy` are about the moment and tried again, under a new message id (the
+refusal is recorded under the old one); any other refusal is final:
 logged, and the step is dropped. Steps left in the store when the node stopped are sent when
 it starts again.
 """
@@ -47,6 +48,8 @@ class StepStore(Protocol):
     def storage_steps(self) -> list[tuple[int, str, LiveMoveVolume]]: ...
 
     def storage_step_done(self, row: int) -> None: ...
+
+    def storage_step_renamed(self, row: int, message_id: str) -> None: ...
 
 
 class PendingSteps:
@@ -121,6 +124,9 @@ class PendingSteps:
             send(routing.STORAGE_QUEUE, step, timeout, message_id)
         except RemoteError as exc:
             if exc.code == "unavailable" or exc.details.get("reason") == "busy":
+                # Not done, and that answer is recorded under this message id: the next
+                # try goes under a new one (a step answers a repeat as it is).
+                self._store.storage_step_renamed(row, str(uuid.uuid4()))
                 return False
             log.warning(
                 "storage step refused",

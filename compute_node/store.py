@@ -304,6 +304,12 @@ class Store:
         with self._tx() as db:
             db.execute("DELETE FROM storage_steps WHERE id = ?", (row,))
 
+    def storage_step_renamed(self, row: int, message_id: str) -> None:
+        """The step is sent under `message_id` from now on (an answer recorded under the
+        old one said to try again)."""
+        with self._tx() as db:
+            db.execute("UPDATE storage_steps SET message_id = ? WHERE id = ?", (message_id, row))
+
     def queued_jobs(self) -> list[MigrationJob]:
         """The jobs kept while they waited in the migration queue (phase `queued`)."""
         with self._lock:

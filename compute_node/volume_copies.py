@@ -7,7 +7,8 @@ under the volume's lease); the target's VMM opens those files and the stream cop
 (docs/migration.md, "Block copy"). Committed, and once the source's VMM is gone, the catalog
 names the target and the source's file goes (`commit`, kept in the node's store and resent
 until the catalog answers: compute_node.storage_steps); not committed, once the target has
-forgotten the domain, the target's file goes and the volume stays here (`abort`).
+forgotten the domain, the target's file goes and the volume stays here (`abort`, kept and
+resent the same way: a VMM still closing the file makes it `busy` for a moment).
 
 Read-only host-local volumes are refused: the engine copies only into a writable disk, and a
 read-only volume may be shared by other domains of this host, which would lose it.
@@ -15,11 +16,8 @@ read-only volume may be shared by other domains of this host, which would lose i
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
-
-import structlog
 
 from compute_node.volume_moves import Peer, ask_storage
 from protos.bindings import DiskBinding
@@ -27,14 +25,7 @@ from protos.domain import DomainSpec
 from protos.volumes import LiveMoveVolume, Volume
 from services.bus import ServiceError
 
-log = structlog.get_logger("flotilla.compute.volume_copies")
-
 STEP_TIMEOUT_S = 60.0
-# An abort the storage service did not answer (or refused as busy: a VMM still closing the
-# file) is resent this many times, RETRY_S apart. (A commit is kept until it is answered:
-# compute_node.storage_steps.)
-ATTEMPTS = 10
-RETRY_S = 1.0
 
 
 def copied_disks(spec: DomainSpec, disks: Sequence[DiskBinding], host: str) -> list[DiskBinding]:
@@ -61,10 +52,15 @@ def disk_indices(spec: DomainSpec, disks: Sequence[DiskBinding]) -> list[int]:
 
 
 def prepare_copies(
-    peer: Peer, disks: Sequence[DiskBinding], copies: Sequence[DiskBinding], target: str
+    peer: Peer,
+    disks: Sequence[DiskBinding],
+    copies: Sequence[DiskBinding],
+    target: str,
+    abort: Callable[[Sequence[DiskBinding]], None],
 ) -> list[DiskBinding]:
     """An empty file on `target` for each of `copies`; returns `disks` with those naming
-    `target`. On a failure the files made so far go and ServiceError says which disk."""
+    `target`. On a failure the files made so far go (`abort`: kept until the catalog
+    answers) and ServiceError says which disk."""
     done: list[DiskBinding] = []
     for binding in copies:
         try:
@@ -72,7 +68,7 @@ def prepare_copies(
         except ServiceError as exc:
             # Unanswered, it may have been prepared: undone too (an abort of none is a no-op).
             unknown = [binding] if exc.code == "unavailable" else []
-            abort_copies(peer, [*done, *unknown], target)
+            abort([*done, *unknown])
             raise ServiceError(
                 exc.code,
                 f"preparing disk {binding.target} (volume {binding.volume_id}) on {target}: "
@@ -90,29 +86,10 @@ def commit_steps(copies: Sequence[DiskBinding], target: str) -> list[LiveMoveVol
     return [LiveMoveVolume(volume_id=b.volume_id, host=target, step="commit") for b in copies]
 
 
-def abort_copies(peer: Peer, copies: Sequence[DiskBinding], target: str) -> None:
-    """The target's file of each of `copies` goes; the volumes stay here."""
-    for binding in copies:
-        _retried(peer, binding, target, "abort")
-
-
-def _retried(peer: Peer, binding: DiskBinding, target: str, step: Literal["abort"]) -> None:
-    for attempt in range(ATTEMPTS):
-        try:
-            _step(peer, binding, target, step)
-            return
-        except ServiceError as exc:
-            again = exc.code == "unavailable" or exc.details.get("reason") == "busy"
-            if not again or attempt == ATTEMPTS - 1:
-                log.warning(
-                    "live move step failed",
-                    step=step,
-                    volume_id=str(binding.volume_id),
-                    target=target,
-                    error=exc.message,
-                )
-                return
-        time.sleep(RETRY_S)
+def abort_steps(copies: Sequence[DiskBinding], target: str) -> list[LiveMoveVolume]:
+    """The steps that remove the target's file of each of `copies` (the volumes stay here):
+    kept and sent by compute_node.storage_steps until the catalog answers, as commits are."""
+    return [LiveMoveVolume(volume_id=b.volume_id, host=target, step="abort") for b in copies]
 
 
 def _step(

@@ -150,6 +150,7 @@ def hosts(tmp_path: Path) -> Iterator[tuple[Host, Host]]:
     yield a, b
     for host in (a, b):
         host.service.stop_migrations()
+        host.service.storage_steps.stop()
         host.store.close()
 
 
@@ -453,6 +454,7 @@ def test_a_target_that_forgets_an_orphan_live_migration_aborts_its_copies(
     )
     binding = DiskBinding(target="vda", volume_id=vid, pool="local", host="node-b")
     prepare = PrepareIncoming(spec=s, source="node-a", seq=2, disks=[binding])
+    b.service.storage_steps.start()  # as the node does: its kept steps' sender
     assert b.do(prepare).model_dump()["token"] is not None
     deadline = time.monotonic() + 5
     while not any(isinstance(c, LiveMoveVolume) for c in b.sent):

@@ -1,6 +1,6 @@
-"""A live move's catalog commit kept in the node's store and resent until the catalog answers
-(compute_node/storage_steps.py), on a real store; the storage service is a function here (the
-broker and the service: tests/integration/test_storage_volume_move.py)."""
+"""A live move's catalog commit (or abort) kept in the node's store and resent until the
+catalog answers (compute_node/storage_steps.py), on a real store; the storage service is a
+function here (the broker and the service: tests/integration/test_storage_volume_move.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ from services.bus.errors import RemoteError, RpcTimeout
 
 def commit(host: str = "node-b") -> LiveMoveVolume:
     return LiveMoveVolume(volume_id=uuid.uuid4(), host=host, step="commit")
+
+
+def abort(host: str = "node-b") -> LiveMoveVolume:
+    return LiveMoveVolume(volume_id=uuid.uuid4(), host=host, step="abort")
 
 
 class Catalog:
@@ -120,6 +124,12 @@ def test_busy_is_resent_and_a_final_refusal_is_dropped(tmp_path: Path) -> None:
         rows = steps.add([commit()])
         assert not steps.send_now(rows)
         assert steps.pending() == 1
+        # The busy answer is recorded under that message id: the next try has a new one.
+        catalog.refuse = None
+        assert steps.send_now(rows)
+        first, second = (mid for _, _, mid in catalog.calls)
+        assert first != second
+        rows = steps.add([abort()])
         catalog.refuse = RemoteError("conflict", "nothing to commit", {"reason": "state"})
         assert steps.send_now(rows)
         assert steps.pending() == 0
