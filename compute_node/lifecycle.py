@@ -174,18 +174,21 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
         cause = self.causes.take(event.domain_id, event.kind)
         if cause is not None:
             drafts = [dataclasses.replace(d, cause=cause) for d in drafts]
-        if after is PowerState.SHUTOFF and not self.driver.process_stays(event):
-            # A process kept by a preserve policy holds its claim until start, destroy or
-            # undefine ends it (host usage counts it while it lives). Released before the
-            # events are stored: the heartbeat that shows the room goes out before them.
-            self.claims.release(event.domain_id)
-        self.store.transition(
-            event.domain_id,
-            drafts,
-            state=after,
-            driver_n=event.n,
-            journaled=None if event.ts is None else f"{event.n}/{event.ts!r}",
-        )
+        # A process kept by a preserve policy holds its claim until start, destroy or
+        # undefine ends it (host usage counts it while it lives).
+        release = after is PowerState.SHUTOFF and not self.driver.process_stays(event)
+        with self.store.exclusive():
+            self.store.transition(
+                event.domain_id,
+                drafts,
+                state=after,
+                driver_n=event.n,
+                journaled=None if event.ts is None else f"{event.n}/{event.ts!r}",
+            )
+            if release:
+                # Stored, not yet published (the outbox waits for the store's lock): the
+                # heartbeat that shows the room, and the domain shut off, goes out first.
+                self.claims.release(event.domain_id)
         log.info(
             "guest event",
             domain_id=str(event.domain_id),

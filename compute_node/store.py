@@ -215,6 +215,11 @@ class Store:
                 self.sync()
             self.changed.notify_all()
 
+    def exclusive(self) -> threading.RLock:
+        """The store's lock, for a `with`: no other thread reads or writes the store until it
+        ends, so what is committed inside reaches the outbox publisher only then."""
+        return self._lock
+
     def sync(self) -> None:
         """Put every transaction committed so far on disk (fsync of the WAL file; checkpoints
         fsync it before copying it into the database)."""
