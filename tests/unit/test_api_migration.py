@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from protos.migration import (
     GetMigrationJob,
     MigrateDomain,
     MigrationJob,
+    MigrationParams,
     MigrationPhase,
     SetMigrationParams,
 )
@@ -58,6 +59,8 @@ class MigratingCloud(FakeCloud):
         self.done_after: int | None = None  # GetMigrationJob answers before a job is done
         self.volumes: dict[uuid.UUID, Volume] = {}  # what the storage catalog answers
         self.queued = 0  # a new job is answered `queued` at this place (0: running)
+        # Answers GetMigrationJob in place of the one job kept per domain, if set.
+        self.job_answers: Callable[..., Message] | None = None
 
     def call(self, queue: str, command: Command, *, timeout: float = 30.0, **kw: Any) -> Message:
         if isinstance(command, GetVolume):
@@ -85,6 +88,8 @@ class MigratingCloud(FakeCloud):
             )
             self.jobs[command.domain_id] = job
             return job
+        if isinstance(command, GetMigrationJob) and self.job_answers is not None:
+            return self.job_answers(queue, command)
         if isinstance(command, (GetMigrationJob, SetMigrationParams, AbortMigration)):
             self.calls.append((queue, command))
             held = self.jobs.get(command.domain_id)
@@ -384,6 +389,64 @@ def test_the_job_is_the_sources_then_the_logs_and_members_see_aliases(
     text = client.get(f"/v1/events?since=0&follow=false&{pattern}", headers=auth(ALICE)).text
     assert '"target": "h2"' not in text
     assert f'"target": "{alias_of(client, "h2")}"' in text
+
+
+def test_the_job_of_a_domain_back_on_its_first_host_is_the_newest_one(
+    client: TestClient, cloud: MigratingCloud, registry: Registry
+) -> None:
+    """h1 → h2, then back h2 → h1: the registry has the domain on h1 again (the arrival came)
+    while the second job's final event is not logged yet. h1's own last job is the first
+    (done, to h2), and so is the last final event logged: the job shown is the second,
+    from h2, the host it came back from, not the first."""
+    d = create(client)
+    url = f"/v1/domains/{d['id']}/job"
+    record = registry.domains.get(uuid.UUID(d["id"]))
+    assert record is not None
+    first = MigrationJob(
+        domain_id=record.id,
+        source="h1",
+        target="h2",
+        live=True,
+        phase=MigrationPhase.DONE,
+        params=MigrationParams(),
+        started_at=time.time() - 10,
+        elapsed_ms=200.0,
+        downtime_ms=4.0,
+    )
+    second = first.model_copy(
+        update={"source": "h2", "target": "h1", "started_at": time.time() - 1, "downtime_ms": 2.0}
+    )
+    logged = DomainMigrationProgress(
+        domain_id=record.id,
+        name=record.name,
+        host="h1",
+        seq=record.seq,
+        state=PowerState.RUNNING,
+        iteration=3,
+        transferred_bytes=1 << 20,
+        remaining_bytes=0,
+        phase="done",
+        target="h2",
+        elapsed_ms=200.0,
+        downtime_ms=4.0,
+    )
+    ended = first.started_at + 0.2  # the first job's end, logged long before the second
+    registry.events.apply(uuid.uuid4().hex, logged.routing_key(), logged, ended)
+    arrive(registry, d, "h2")
+    arrive(registry, d, "h1")  # back: the second job's `done` is still on its way
+    assert domain(client, d["id"])["host"] == "h1"
+    held = {"compute.h1": first, "compute.h2": second}
+
+    def jobs(queue: str, command: Command, **_: Any) -> Message:
+        assert isinstance(command, GetMigrationJob)
+        return held[queue]
+
+    cloud.job_answers = jobs
+    shown = client.get(url, headers=auth(ADMIN)).json()
+    assert (shown["source"], shown["target"], shown["downtime_ms"]) == ("h2", "h1", 2.0)
+    # While h2 still finishes the second job (its commit under way), that one is shown.
+    held["compute.h2"] = second.model_copy(update={"phase": MigrationPhase.PRECOPY})
+    assert client.get(url, headers=auth(ADMIN)).json()["running"] is True
 
 
 def test_domjobabort_goes_to_the_source(client: TestClient, cloud: MigratingCloud) -> None:

@@ -223,6 +223,19 @@ class EventLog:
             last = cur.execute(sa.select(sa.func.coalesce(sa.func.max(events.c.id), 0))).scalar()
         return int(last or 0)
 
+    def last_host_besides(self, domain_id: uuid.UUID, host: str) -> str | None:
+        """The host of the newest event logged for the domain from a host other than
+        `host`: where it lived (or migrated from) last before it came to `host`."""
+        query = (
+            sa.select(events.c.host)
+            .where(events.c.domain_id == str(domain_id), events.c.host != host)
+            .order_by(events.c.id.desc())
+            .limit(1)
+        )
+        with self.db.transaction() as cur:
+            found = cur.execute(query).scalar()
+        return None if found is None else str(found)
+
     def last_migration(self, domain_id: uuid.UUID) -> EventRecord | None:
         """The newest final `domain.migration_progress` logged for the domain, if any."""
         query = (

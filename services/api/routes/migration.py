@@ -26,6 +26,7 @@ from protos.migration import (
     GetMigrationJob,
     MigrateDomain,
     MigrationJob,
+    MigrationPhase,
     SetMigrationParams,
 )
 from protos.states import Action, Verdict, decide
@@ -117,12 +118,12 @@ def migrate_domain(
     return JobView.of(start_migration(ctx, record, request), mask)
 
 
-def _job(ctx: ApiContext, record: DomainRecord) -> MigrationJob | None:
-    """The job the domain's host holds (running, or the last one it ran), if any."""
-    if record.host is None:
+def _job(ctx: ApiContext, host: str | None, domain_id: uuid.UUID) -> MigrationJob | None:
+    """The job `host` holds for the domain (running, or the last one it ran), if any."""
+    if host is None:
         return None
     try:
-        job = ctx.call_host(record.host, GetMigrationJob(domain_id=record.id))
+        job = ctx.call_host(host, GetMigrationJob(domain_id=domain_id))
     except Problem as problem:
         if problem.code == "not_found":
             return None
@@ -142,17 +143,32 @@ def get_job(domain_id: uuid.UUID, ctx: Ctx, caller: Caller, mask: Mask) -> JobVi
     done). 404 when the domain never migrated. A domain still `migrating` whose host runs
     no job (and whose migrate request is over) gets its task back to none here."""
     record = ctx.visible_domain(caller, domain_id)
-    job = _job(ctx, record)
+    job = _job(ctx, record.host, domain_id)
     if job is not None and job.phase not in FINAL_PHASES:
         return JobView.of(job, mask)
     _settle_task(ctx, record)
+    # The newest job known wins: the host's last one, the last final progress logged, and,
+    # when the host's last job took the domain away from it, the job of the host it came
+    # back from (the domain migrated back since, and that job's end may not be logged yet;
+    # or the registry has not seen the move away yet: then the host's own job is newest).
+    found: list[tuple[float, JobView]] = []
+    if job is not None and record.host is not None:
+        found.append((job.started_at, JobView.of(job, mask)))
+        if job.phase is MigrationPhase.DONE and job.target != record.host:
+            came_from = ctx.registry.events.last_host_besides(domain_id, record.host)
+            other = _job(ctx, came_from, domain_id)
+            if other is not None and other.phase not in FINAL_PHASES:
+                return JobView.of(other, mask)
+            if other is not None:
+                found.append((other.started_at, JobView.of(other, mask)))
     logged = ctx.registry.events.last_migration(domain_id)
-    if logged is not None and (job is None or logged.ts >= job.started_at):
+    if logged is not None:
         event = DomainMigrationProgress.model_validate(logged.body)
-        return JobView.of_event(event, logged.ts, mask)
-    if job is not None:
-        return JobView.of(job, mask)
-    raise not_found(f"a migration job of domain {domain_id}")
+        view = JobView.of_event(event, logged.ts, mask)
+        found.append((view.started_at, view))
+    if not found:
+        raise not_found(f"a migration job of domain {domain_id}")
+    return max(found, key=lambda f: f[0])[1]
 
 
 def _settle_task(ctx: ApiContext, record: DomainRecord) -> None:
