@@ -90,11 +90,13 @@ class SavedMachine:
 @dataclass(frozen=True, slots=True)
 class IncomingMachine:
     """A machine waiting for a live migration (`prepare_incoming`): the source streams to
-    `address:port` with the one-time `token` (64 hex digits)."""
+    `address:port` with the one-time `token` (64 hex digits), in the newest migration
+    stream version the target's VMM speaks (native/migrate.h; 1: an older release's)."""
 
     address: str
     port: int
     token: str
+    stream_version: int = 2
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,7 @@ from compute_node.vmm.config import (
 )
 from compute_node.vmm.frames import CONFIG_FILE, CONSOLE_LOG, JOURNAL, Journal, JournalRecord
 from compute_node.warm_vmms import WarmVmms
+from native.migration import STREAM_VERSION
 from protos.commands import RebootMode, ShutdownMode
 from protos.domain import DomainSpec, PowerState
 from protos.host import Resources
@@ -596,7 +597,7 @@ class KvmDriver(Driver):
             port = None
         if port is None:
             raise DriverError("the VMM for the incoming migration ended at once", "spawn_failed")
-        return IncomingMachine(listen, port, token)
+        return IncomingMachine(listen, port, token, STREAM_VERSION)
 
     def cancel_incoming(self, domain_id: uuid.UUID) -> None:
         with self._lock:
@@ -634,6 +635,7 @@ class KvmDriver(Driver):
             timeout_s=params.timeout_s or 0.0,
             timeout_action=params.timeout_action.value,
             copy_disks=tuple(sorted(set(copy_disks))),
+            stream_version=target.stream_version,
         )
         stop = threading.Event()
         poller = threading.Thread(

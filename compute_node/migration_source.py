@@ -349,8 +349,12 @@ class MigrationSource(MigrationBase):
         domain_id = job.domain_id
         within_s = (job.params.timeout_s or 86_400.0) + 60.0
         self.causes.expect(domain_id, cause, {K.PAUSED}, {K.STOPPED, K.RESUMED}, within_s=within_s)
+        # A target of an older release names no stream version: it speaks version 1.
         target = IncomingMachine(
-            str(endpoint.address), int(endpoint.port or 0), str(endpoint.token)
+            str(endpoint.address),
+            int(endpoint.port or 0),
+            str(endpoint.token),
+            endpoint.stream_version or 1,
         )
         if job.aborted:  # asked while the target was prepared: the driver had nothing yet
             self.causes.forget(domain_id)

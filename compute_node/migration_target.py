@@ -177,6 +177,7 @@ class MigrationTarget(MigrationBase):
                     "address": IPv4Address(machine.address),
                     "port": machine.port,
                     "token": machine.token,
+                    "stream_version": machine.stream_version,
                     "claim_seq": self.claims.claimed_at(spec.uuid),
                 }
             )

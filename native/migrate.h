@@ -18,6 +18,7 @@
 
 #define FL_MIG_MAGIC 0x5247494d4c544c46ULL /* "FLTLMIGR" */
 #define FL_MIG_VERSION 2	       /* 2: DISKS and BLOCK records, END with the disks */
+#define FL_MIG_VERSION_MIN 1	       /* a version-1 peer (an older release, no block copy) */
 #define FL_MIG_TOKEN_LEN 32
 #define FL_MIG_PAGE 4096u
 #define FL_MIG_MAX_BATCH 256u	       /* pages in one PAGES record (1 MiB) */
@@ -91,6 +92,12 @@ struct fl_mig_end {
 	uint64_t disk_sum[FL_MIG_MAX_DISKS]; /* debug: each copied disk's checksum, else 0 */
 };
 
+/* Version 1's END: the first two fields of version 2's. */
+struct fl_mig_end_v1 {
+	uint64_t pages;
+	uint64_t ram_sum;
+};
+
 struct fl_mig_ack {
 	uint64_t build_ns; /* time the target took to build the machine (not network time) */
 };
@@ -114,14 +121,15 @@ uint64_t fl_mig_ram_sum(const uint8_t *ram, uint64_t npages);
  * record's checksum, and one chunk's step in a disk's. */
 uint64_t fl_mig_data_sum(const uint8_t *buf, uint64_t len);
 
-/* Checks a hello: magic, version, flags, then the token in constant time. 0, or -EPROTO (not
- * a migration stream or another version) / -EACCES (wrong token) with the reason. */
+/* Checks a hello: magic, version (FL_MIG_VERSION_MIN to FL_MIG_VERSION: h->version is the
+ * stream's from then on), flags, then the token in constant time. 0, or -EPROTO (not a
+ * migration stream or another version) / -EACCES (wrong token) with the reason. */
 int fl_mig_hello_check(const struct fl_mig_hello *h, const uint8_t *token, char *err,
 		       size_t errlen);
-/* Checks a record header the source sent: a known type and a length its type allows, for
- * a guest of npages pages (debug: PAGES carry checksums). */
+/* Checks a record header the source sent: a known type of the stream's `version` and a
+ * length its type allows, for a guest of npages pages (debug: PAGES carry checksums). */
 int fl_mig_record_check(const struct fl_mig_record_header *r, uint64_t npages, int debug,
-			char *err, size_t errlen);
+			uint32_t version, char *err, size_t errlen);
 /* Checks a record header the target sent (the source's side): a known type, its size. */
 int fl_mig_reply_check(const struct fl_mig_record_header *r, char *err, size_t errlen);
 /* Checks a PAGES or ZERO record's page range against the header and the guest's size. */

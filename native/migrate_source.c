@@ -118,6 +118,7 @@ struct source {
 	int debug;
 	int was_paused;	  /* the machine was paused before: it stays so, and is never resumed */
 	int no_throttle;  /* auto-converge off: the vCPUs are never throttled */
+	uint32_t version; /* the stream's: FL_MIG_VERSION, or 1 for a target of an older release */
 	uint64_t npages, words;
 	uint8_t *ram;
 	uint64_t *dirty; /* collected from the log, to send next */
@@ -556,7 +557,9 @@ static int stopcopy(struct source *s, struct fl_migrate_result *res, uint64_t t0
 		if (rc < 0)
 			return fl_mig_fail(s->m, -rc, "checksumming the disks: %s", strerror(-rc));
 	}
-	rc = fl_mig_send_record(&s->l, FL_MIG_END, &end, sizeof(end));
+	/* Version 1's END is version 2's first fields. */
+	rc = fl_mig_send_record(&s->l, FL_MIG_END, &end,
+				s->version < 2 ? sizeof(struct fl_mig_end_v1) : sizeof(end));
 	if (rc < 0)
 		return rc;
 	rc = expect_reply(s, FL_MIG_READY, &ready, sizeof(ready));
@@ -598,7 +601,7 @@ static void rollback_disks(struct source *s, int resume)
 
 static int source_setup(struct source *s, const uint8_t *token, struct plan *pl)
 {
-	struct fl_mig_hello hello = {.magic = FL_MIG_MAGIC, .version = FL_MIG_VERSION};
+	struct fl_mig_hello hello = {.magic = FL_MIG_MAGIC, .version = s->version};
 	struct fl_snap_config cfg;
 	struct fl_mig_ack ack;
 	struct iovec iov[1] = {{&hello, sizeof(hello)}};
@@ -615,8 +618,9 @@ static int source_setup(struct source *s, const uint8_t *token, struct plan *pl)
 		t = fl_mig_now();
 		rc = fl_mig_send_record(&s->l, FL_MIG_CONFIG, &cfg, sizeof(cfg));
 	}
-	/* Which disks are copied, and every disk's size: the target checks both. */
-	if (rc == 0 && s->copy.disks.count)
+	/* Which disks are copied, and every disk's size: the target checks both (a version-1
+	 * target knows no DISKS record: its disks are shared storage). */
+	if (rc == 0 && s->copy.disks.count && s->version >= 2)
 		rc = fl_mig_send_record(&s->l, FL_MIG_DISKS, &s->copy.disks,
 					sizeof(s->copy.disks));
 	/* A refusing target may close before taking it all: read its reason then. */
@@ -648,13 +652,14 @@ int fl_migrate_send(struct fl_vm *vm, struct fl_migration *m, int fd, const uint
 	memset(&m->progress, 0, sizeof(m->progress));
 	m->progress.phase = FL_MIGRATE_SETUP;
 	pthread_mutex_unlock(&m->lock);
-	if (flags & ~(uint32_t)(FL_MIGRATE_DEBUG | FL_MIGRATE_NO_THROTTLE))
+	if (flags & ~(uint32_t)(FL_MIGRATE_DEBUG | FL_MIGRATE_NO_THROTTLE | FL_MIGRATE_STREAM_V1))
 		return fl_mig_fail(m, EINVAL, "unknown migration flags 0x%x", flags);
 	pthread_mutex_lock(&vm->api_lock);
 	s.vm = vm;
 	s.m = m;
 	s.debug = !!(flags & FL_MIGRATE_DEBUG);
 	s.no_throttle = !!(flags & FL_MIGRATE_NO_THROTTLE);
+	s.version = flags & FL_MIGRATE_STREAM_V1 ? 1 : FL_MIG_VERSION;
 	s.l = (struct fl_mig_link){.fd = fd, .m = m, .deadline = fl_mig_deadline(t0, timeout_ns), .cancellable = 1};
 	/* A paused machine migrates too (nothing dirties its RAM: one pass), and stays paused. */
 	s.was_paused = fl_vm_state(vm) == FL_STATE_PAUSED;
@@ -681,6 +686,12 @@ int fl_migrate_send(struct fl_vm *vm, struct fl_migration *m, int fd, const uint
 			      m->err, sizeof(m->err));
 	if (rc < 0)
 		goto out;
+	if (s.version < 2 && s.copy.disks.copy) {
+		rc = fl_mig_fail(m, EPROTO,
+				 "the target speaks migration stream version 1, which copies no "
+				 "disks: upgrade it, or migrate the domain cold");
+		goto out;
+	}
 	rc = source_setup(&s, token, &pl);
 	if (rc < 0)
 		goto failed;

@@ -78,10 +78,10 @@ int fl_mig_hello_check(const struct fl_mig_hello *h, const uint8_t *token, char 
 
 	if (h->magic != FL_MIG_MAGIC)
 		return fail(err, errlen, EPROTO, "not a migration stream (bad magic)");
-	if (h->version != FL_MIG_VERSION)
+	if (h->version < FL_MIG_VERSION_MIN || h->version > FL_MIG_VERSION)
 		return fail(err, errlen, EPROTO,
-			    "migration stream version %u, this VMM speaks version %d", h->version,
-			    FL_MIG_VERSION);
+			    "migration stream version %u, this VMM speaks versions %d to %d",
+			    h->version, FL_MIG_VERSION_MIN, FL_MIG_VERSION);
 	/* Constant time: how many bytes matched says nothing to a peer guessing the token. */
 	for (uint32_t i = 0; i < FL_MIG_TOKEN_LEN; i++)
 		diff |= (uint8_t)(h->token[i] ^ token[i]);
@@ -93,8 +93,11 @@ int fl_mig_hello_check(const struct fl_mig_hello *h, const uint8_t *token, char 
 }
 
 int fl_mig_record_check(const struct fl_mig_record_header *r, uint64_t npages, int debug,
-			char *err, size_t errlen)
+			uint32_t version, char *err, size_t errlen)
 {
+	if (version < 2 && (r->type == FL_MIG_DISKS || r->type == FL_MIG_BLOCK))
+		return fail(err, errlen, EPROTO, "record type %u in a version %u stream", r->type,
+			    version);
 	uint64_t per_page = FL_MIG_PAGE + (debug ? 8 : 0), want = 0, max = 0;
 
 	switch (r->type) {
@@ -122,7 +125,7 @@ int fl_mig_record_check(const struct fl_mig_record_header *r, uint64_t npages, i
 			return fail(err, errlen, EPROTO, "empty STATE record");
 		break;
 	case FL_MIG_END:
-		want = sizeof(struct fl_mig_end);
+		want = version < 2 ? sizeof(struct fl_mig_end_v1) : sizeof(struct fl_mig_end);
 		break;
 	case FL_MIG_COMMIT:
 	case FL_MIG_SYNC:

@@ -29,6 +29,7 @@ struct target {
 	struct fl_migration *m;
 	struct fl_mig_link l;
 	int debug;
+	uint32_t version; /* the stream's (the hello's) */
 	uint64_t npages, pages;
 	uint64_t sums[FL_MIG_MAX_BATCH];
 	uint64_t marker_ns;
@@ -48,12 +49,22 @@ static int target_disks(struct target *t, const struct fl_config *cfg)
 
 	if (!cfg->ndisks)
 		return 0;
+	if (t->version < 2) {
+		/* A version-1 source sends no DISKS: its disks are shared storage, none copied
+		 * (a disk this side was given to copy is refused by the check). */
+		memset(&d, 0, sizeof(d));
+		while (d.count < FL_MIG_MAX_DISKS && fl_virtio_disk(t->vm, d.count)) {
+			d.size[d.count] = fl_virtio_disk(t->vm, d.count)->size;
+			d.count++;
+		}
+		return fl_mig_copy_accept(&t->copy, t->vm, cfg, &d, t->m->err, sizeof(t->m->err));
+	}
 	rc = fl_mig_recv(&t->l, &h, sizeof(h));
 	if (rc < 0)
 		return fl_mig_fail(t->m, -rc, "reading the disks: %s", fl_mig_why(rc));
 	if (h.type != FL_MIG_DISKS)
 		return fl_mig_fail(t->m, EPROTO, "the machine config is not followed by its disks");
-	rc = fl_mig_record_check(&h, t->npages, 0, t->m->err, sizeof(t->m->err));
+	rc = fl_mig_record_check(&h, t->npages, 0, t->version, t->m->err, sizeof(t->m->err));
 	if (rc == 0)
 		rc = fl_mig_recv(&t->l, &d, sizeof(d));
 	if (rc < 0)
@@ -122,7 +133,7 @@ static int target_config(struct target *t, const struct fl_config *cfg)
 		return fl_mig_fail(t->m, -rc, "reading the machine config: %s", fl_mig_why(rc));
 	if (h.type != FL_MIG_CONFIG)
 		return fl_mig_fail(t->m, EPROTO, "the stream does not start with the machine config");
-	rc = fl_mig_record_check(&h, 0, 0, t->m->err, sizeof(t->m->err));
+	rc = fl_mig_record_check(&h, 0, 0, t->version, t->m->err, sizeof(t->m->err));
 	if (rc < 0)
 		return rc;
 	rc = fl_mig_recv(&t->l, &c, sizeof(c));
@@ -258,7 +269,8 @@ static int target_stream(struct target *t, struct fl_migrate_result *res)
 		rc = fl_mig_recv_stamped(&t->l, &h, sizeof(h), &arrived);
 		if (rc < 0)
 			return rc;
-		rc = fl_mig_record_check(&h, t->npages, t->debug, t->m->err, sizeof(t->m->err));
+		rc = fl_mig_record_check(&h, t->npages, t->debug, t->version, t->m->err,
+					 sizeof(t->m->err));
 		if (rc < 0)
 			return rc;
 		switch (h.type) {
@@ -294,9 +306,11 @@ static int target_stream(struct target *t, struct fl_migrate_result *res)
 			break;
 		}
 		case FL_MIG_END: {
-			struct fl_mig_end e;
+			struct fl_mig_end e = {0};
 			struct fl_mig_ready r = {.load_ns = res->load_ns};
-			rc = fl_mig_recv(&t->l, &e, sizeof(e));
+			/* Version 1's END is version 2's first fields (no disk bytes, no sums). */
+			rc = fl_mig_recv(&t->l, &e,
+					 t->version < 2 ? sizeof(struct fl_mig_end_v1) : sizeof(e));
 			if (rc < 0)
 				return rc;
 			if (!t->have_state)
@@ -334,7 +348,7 @@ static int target_stream(struct target *t, struct fl_migrate_result *res)
 			rc = fl_mig_recv(&t->l, &h, sizeof(h));
 			if (rc < 0)
 				return rc;
-			rc = fl_mig_record_check(&h, t->npages, t->debug, t->m->err,
+			rc = fl_mig_record_check(&h, t->npages, t->debug, t->version, t->m->err,
 						 sizeof(t->m->err));
 			if (rc < 0)
 				return rc;
@@ -408,6 +422,7 @@ int fl_migrate_receive(struct fl_vm *vm, struct fl_migration *m, const struct fl
 		goto out;
 	}
 	res->token_accepted = 1;
+	t->version = hello.version;
 	t->l.deadline = fl_mig_deadline(t0, timeout_ns);
 	t->debug = !!(hello.flags & FL_MIG_HELLO_DEBUG);
 	rc = target_config(t, cfg);

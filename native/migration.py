@@ -31,6 +31,11 @@ else:
 TOKEN_BYTES = 32
 DEBUG = 1
 NO_THROTTLE = 2
+STREAM_V1 = 4
+# The stream versions this VMM speaks (native/migrate.h): a target says its newest
+# (IncomingEndpoint.stream_version), and a source speaks that one to it.
+STREAM_VERSION = 2
+STREAM_VERSION_MIN = 1
 DISK_COPY = 2  # FL_DISK_COPY
 MAX_DISKS = 4
 _PHASES = {1: "setup", 2: "precopy", 3: "stopcopy", 4: "commit", 5: "done", 6: "failed"}
@@ -225,6 +230,7 @@ def migrate(
     progress: Callable[[MigrationProgress], None] | None = None,
     progress_interval: float = 0.25,
     copy_disks: Sequence[int] = (),
+    stream_version: int = STREAM_VERSION,
 ) -> MigrationResult:
     """Migrates running (or paused) `machine` live to the listener at `address` that holds
     `token`.
@@ -238,9 +244,16 @@ def migrate(
     `auto_converge` False never throttles the vCPUs. `copy_disks`: the indices of the disks
     whose contents go through the stream (a live block copy, for storage the target's host
     does not share; the target must be given the same ones to copy, each the same size);
-    the others are shared. Raises MigrationError (see its `committed`), ValueError for a
-    malformed token or a disk index out of range.
+    the others are shared. `stream_version`: the stream's version, the target's newest (1
+    for a target of an older release, which knows no block copy: refused with
+    `copy_disks`). Raises MigrationError (see its `committed`), ValueError for a malformed
+    token, a disk index out of range or a version this VMM does not speak.
     """
+    if not STREAM_VERSION_MIN <= stream_version <= STREAM_VERSION:
+        raise ValueError(
+            f"migration stream version {stream_version}: this VMM speaks versions "
+            f"{STREAM_VERSION_MIN} to {STREAM_VERSION}"
+        )
     raw = _token_bytes(token)
     mask = _disk_mask(copy_disks)
     ctl = (
@@ -260,6 +273,7 @@ def migrate(
     rc: list[int] = []
     vm = machine._handle()
     flags = (DEBUG if debug else 0) | (0 if auto_converge else NO_THROTTLE)
+    flags |= STREAM_V1 if stream_version < 2 else 0
 
     def run() -> None:
         rc.append(

@@ -203,7 +203,7 @@ class IncomingEndpoint(Message):
     migration: nothing streams)."""
 
     TYPE = "reply.incoming_endpoint"
-    VERSION = "1.1"  # 1.1: claim_seq
+    VERSION = "1.1"  # 1.1: claim_seq, stream_version
     domain_id: uuid.UUID
     host: str
     address: IPv4Address | None = None
@@ -213,6 +213,9 @@ class IncomingEndpoint(Message):
     # The target's claim count at which it took the domain's resources (a live migration;
     # 1.1): every heartbeat of the target with `claims_seq` at or past it counts them.
     claim_seq: int | None = Field(default=None, ge=0)
+    # The newest migration stream version the target's VMM speaks (1.1; native/migrate.h):
+    # the source speaks it. None (a target of an older release): version 1.
+    stream_version: int | None = Field(default=None, ge=1)
 
 
 class PrepareIncoming(Command):

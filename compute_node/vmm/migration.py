@@ -17,6 +17,8 @@ from compute_node.vmm import protocol as p
 from compute_node.vmm.config import IncomingConfig
 from native.machine import Disk, Machine, Nic
 from native.migration import (
+    STREAM_VERSION,
+    STREAM_VERSION_MIN,
     Migration,
     MigrationError,
     MigrationListener,
@@ -52,6 +54,8 @@ def check(req: p.MigrateOut) -> None:
         if req.timeout_action not in ACTIONS
         else "copy_disks must be a list of disk indices"
         if not _indices(req.copy_disks)
+        else f"stream_version must be {STREAM_VERSION_MIN}..{STREAM_VERSION}"
+        if not STREAM_VERSION_MIN <= req.stream_version <= STREAM_VERSION
         else None
     )
     if why is not None:
@@ -102,6 +106,7 @@ class Outgoing:
                 progress=self._tick,
                 progress_interval=TICK_S,
                 copy_disks=list(req.copy_disks),
+                stream_version=req.stream_version,
             )
         except MigrationError as exc:
             self.error = exc

@@ -161,6 +161,9 @@ class MigrateOut(Record):
     # The indices of the disks copied into the target's own files (docs/migration.md "Block
     # copy"): the target's machine must accept the same ones.
     copy_disks: tuple[int, ...] = ()
+    # The stream version the target speaks (its newest; 1: a target of an older release,
+    # which copies no disks). A VMM of an older release ignores it and speaks its own.
+    stream_version: int = 2
 
 
 class MigrationStatus(Record):
@@ -235,6 +238,7 @@ _REQUESTS: dict[str, tuple[type[Any], dict[str, tuple[type, ...]]]] = {
             "timeout_s": _NUM,
             "timeout_action": _STR,
             "copy_disks": (list, tuple),
+            "stream_version": _INT,
         },
     ),
     "migration_status": (MigrationStatus, {}),

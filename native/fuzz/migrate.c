@@ -79,7 +79,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		memcpy(&h, p, sizeof(h));
 		p += sizeof(h);
 		len -= sizeof(h);
-		if (fl_mig_record_check(&h, NPAGES, debug, err, sizeof(err)) < 0)
+		if (fl_mig_record_check(&h, NPAGES, debug, hello.version, err, sizeof(err)) < 0)
 			return 0;
 		if (h.length > len)
 			return 0; /* a real target would wait for the rest */

@@ -382,8 +382,25 @@ def mig_stream(*, debug: bool) -> bytes:
     )
 
 
+def mig_stream_v1() -> bytes:
+    """A version-1 stream (an older release's source): no DISKS or BLOCK, a 16-byte END."""
+    hello = struct.pack("<QII", 0x5247494D4C544C46, 1, 0) + MIG_TOKEN
+    config = struct.pack("<IIQQII", 1, 0, 64 << 20, 64 << 20, 4096, 0) + bytes(24 * 8)
+    pages = struct.pack("<QII", 3, 1, 0) + bytes(range(256)) * 16
+    return (
+        hello
+        + mig_record(1, config)
+        + mig_record(2, pages)
+        + mig_record(4, struct.pack("<Q", 12345))
+        + mig_record(5, snap_state(nvcpus=1))
+        + mig_record(6, struct.pack("<QQ", 1, 0))
+        + mig_record(7, b"")
+    )
+
+
 def migrate_seeds() -> Iterable[tuple[str, bytes]]:
     yield "stream", b"\x00" + mig_stream(debug=False)
+    yield "stream-v1", b"\x00" + mig_stream_v1()
     yield "stream-debug", b"\x00" + mig_stream(debug=True)
     yield (
         "stream-any-token",

@@ -234,6 +234,9 @@ int fl_snapshot_merge(const char *base_memory, const char *diff_memory, const ch
  * thread (budget, bandwidth, cancel) and reports its progress. */
 #define FL_MIGRATE_DEBUG 1 /* a checksum of every page checked on arrival, and of all RAM */
 #define FL_MIGRATE_NO_THROTTLE 2 /* no auto-converge: the vCPUs are never throttled */
+/* Speak stream version 1, for a target of an older release (no block copy: refused when
+ * disks are to be copied). */
+#define FL_MIGRATE_STREAM_V1 4
 #define FL_MIGRATE_TOKEN_LEN 32
 
 enum fl_migrate_phase {

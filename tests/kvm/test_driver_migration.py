@@ -9,6 +9,7 @@ the guest, and the events at both sinks exactly as compute_node/driver.py says.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -355,3 +356,22 @@ def test_destroying_the_source_mid_precopy_ends_the_migration_first(
     assert gone(a, spec)
     assert gone(b, spec)
     assert b.kinds(spec.uuid) == []
+
+
+def test_a_target_of_an_older_release_is_spoken_to_in_stream_version_1(
+    two: tuple[Host, Host], test_guest: Path
+) -> None:
+    """The target says the newest stream version its VMM speaks; one that names none (its
+    IncomingEndpoint predates the field) gets version 1, through the VMM process too."""
+    a, b = two
+    spec = make_spec(test_guest, "ready echo memtest=16 counter")
+    running(a, spec, "counter")
+    target = b.driver.prepare_incoming(spec, b.boot_files())
+    assert target.stream_version == 2
+    newer = dataclasses.replace(target, stream_version=3)  # the VMM gets the version: refused
+    with pytest.raises(DriverError, match=r"stream_version must be 1\.\.2"):
+        a.driver.migrate_out(spec.uuid, newer, MigrationParams(), lambda _s: None)
+    older = dataclasses.replace(target, stream_version=1)
+    outcome = a.driver.migrate_out(spec.uuid, older, MigrationParams(verify=True), lambda _s: None)
+    assert outcome.committed, outcome
+    counts_on(b, spec, counters(a.console(spec.uuid))[-1])

@@ -512,3 +512,57 @@ def test_progress_counts_the_disk_beside_the_ram(
     assert g.machine.state() is native.MachineState.RUNNING
     n = int(re.findall(r"BLK loop pass=(\d+)", g.console.text)[-1])
     g.console.wait_for(rf"BLK loop pass={n + 3}\b", 30)
+
+
+def test_a_version_1_stream_still_migrates_a_guest_on_shared_storage(
+    disk_boot: Boot, incoming: Callable[..., Incoming], tmp_path: Path
+) -> None:
+    """A rolling upgrade: a source of the release before block copy speaks stream version 1
+    (no DISKS record, a shorter END), and a target of this release takes it; this source
+    speaks version 1 to such a target (`stream_version=1`). The disk is shared (the target
+    opens the same file), so nothing is copied, and the guest runs on at the target."""
+    disk = sparse(tmp_path / "shared.img", 16 * MIB)
+    g = disk_boot("blkinfo blkwrite=0,64,5 counter", disk)
+    g.console.wait_for(r"COUNTER 2\b", 30)
+    inc = incoming(disk, copy=False)
+    result = migration.migrate(
+        g.machine, inc.listener.address, inc.token, debug=True, stream_version=1
+    )
+    inc.join()
+    assert inc.error is None, inc.error
+    assert inc.machine is not None
+    assert inc.result is not None
+    assert result.disk_bytes == inc.result.disk_bytes == 0
+    assert result.ram_checksum == inc.result.ram_checksum  # debug: END's RAM sum checked
+    source_text = g.console.drain()
+    inc.machine.start()
+    inc.console.wait_for(rf"COUNTER {last_counter(source_text) + 2}\b", 30)
+    assert "BLK capacity" not in inc.console.text  # no second boot
+
+
+def test_a_version_1_stream_copies_no_disks(
+    disk_boot: Boot, incoming: Callable[..., Incoming], tmp_path: Path
+) -> None:
+    """Block copy needs version 2 at both ends: this source refuses to copy to a version-1
+    target before it sends anything, and this target, given a disk to copy, refuses a
+    version-1 source; the source runs on either way."""
+    source_disk = sparse(tmp_path / "source.img", 16 * MIB)
+    target_disk = sparse(tmp_path / "target.img", 16 * MIB)
+    g = disk_boot("blkinfo blkwrite=0,64,3 counter", source_disk)
+    g.console.wait_for(r"COUNTER 2\b", 30)
+    inc = incoming(target_disk, copy=True)
+    with pytest.raises(migration.MigrationError, match="copies no disks") as exc:
+        migration.migrate(
+            g.machine, inc.listener.address, inc.token, copy_disks=[0], stream_version=1
+        )
+    assert not exc.value.committed
+    with pytest.raises(migration.MigrationError, match="source does not copy it") as exc:
+        migration.migrate(g.machine, inc.listener.address, inc.token, stream_version=1)
+    inc.join()
+    assert exc.value.refused
+    assert not exc.value.committed
+    assert inc.error is not None
+    before = last_counter(g.console.text)
+    g.console.wait_for(rf"COUNTER {before + 2}\b", 30)
+    with pytest.raises(ValueError, match="speaks versions 1 to 2"):
+        migration.migrate(g.machine, inc.listener.address, inc.token, stream_version=3)

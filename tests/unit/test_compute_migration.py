@@ -455,7 +455,9 @@ def test_a_target_that_forgets_an_orphan_live_migration_aborts_its_copies(
     binding = DiskBinding(target="vda", volume_id=vid, pool="local", host="node-b")
     prepare = PrepareIncoming(spec=s, source="node-a", seq=2, disks=[binding])
     b.service.storage_steps.start()  # as the node does: its kept steps' sender
-    assert b.do(prepare).model_dump()["token"] is not None
+    endpoint = b.do(prepare).model_dump()
+    assert endpoint["token"] is not None
+    assert endpoint["stream_version"] == 2  # the source speaks the target's newest
     deadline = time.monotonic() + 5
     while not any(isinstance(c, LiveMoveVolume) for c in b.sent):
         assert time.monotonic() < deadline, b.sent
