@@ -34,6 +34,7 @@ import argparse
 import gzip
 import importlib.machinery
 import importlib.util
+import io
 import os
 import re
 import select
@@ -49,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import TextIO, cast
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -258,6 +260,23 @@ def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
+class _Progress(io.TextIOBase):
+    """The L1's output, live on stderr but for its figure lines: those are relayed to stdout
+    at the end, once (so stdout and stderr captured together hold each figure once)."""
+
+    def __init__(self) -> None:
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            if not line.startswith('{"metric"'):
+                sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        return len(text)
+
+
 def in_l1(rounds: int, anchor_offloads: bool) -> int:
     """Re-runs this benchmark in the nested L1 and relays its figures."""
     argv = [sys.executable, str(Path(__file__).resolve()), "--rounds", str(rounds)]
@@ -265,7 +284,9 @@ def in_l1(rounds: int, anchor_offloads: bool) -> int:
         argv.append("--no-anchor-offloads")
     try:
         with tempfile.TemporaryDirectory(prefix="flotilla-hwvirt-") as tmp:
-            result = run_in_l1(argv, Path(tmp), cwd=ROOT, timeout=L1_TIMEOUT, echo=sys.stderr)
+            result = run_in_l1(
+                argv, Path(tmp), cwd=ROOT, timeout=L1_TIMEOUT, echo=cast(TextIO, _Progress())
+            )
     except L1Error as exc:
         say(f"bench/linux: {exc}")
         return 2
