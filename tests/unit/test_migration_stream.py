@@ -71,8 +71,9 @@ def test_nothing_before_the_token_is_trusted(
     server = threading.Thread(target=serve)
     server.start()
     assert "bad magic" in answer(lis.address, b"GET / HTTP/1.0\r\n\r\n" + bytes(30))
-    # An old peer (version 1: no block copy) is refused with both versions named.
-    assert "version 1" in answer(lis.address, hello(token, version=1))
+    # A version this VMM does not speak (a newer release's) is refused, the range named.
+    assert "version 3" in answer(lis.address, hello(token, version=3))
+    assert "version 0" in answer(lis.address, hello(token, version=0))
     assert "wrong migration token" in answer(lis.address, hello(bytes(32)))
     assert "unknown migration flags" in answer(lis.address, hello(token, flags=0x80))
     assert not lis.spent
@@ -86,7 +87,8 @@ def test_nothing_before_the_token_is_trusted(
     assert "record type 1" in str(failures[0])
     assert lis.refused == [
         "not a migration stream (bad magic)",
-        "migration stream version 1, this VMM speaks version 2",
+        "migration stream version 3, this VMM speaks versions 1 to 2",
+        "migration stream version 0, this VMM speaks versions 1 to 2",
         "wrong migration token",
         "unknown migration flags 0x80",
     ]
