@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     tap_fds: list[int] = []
     try:
         for name in args.taps:
-            fd = open_tap(name)
+            fd = open_tap(name, vnet_hdr=True)  # the offloads (native/virtio/net.c)
             tap_fds.append(fd)
         console_in = relay.read_fd if relay else 0
         if args.restore:

@@ -1,10 +1,22 @@
 /*
  * virtio-net on a tap file descriptor the caller opened (the runtime never configures host
- * networking). No offloads are offered: every frame is a plain Ethernet frame, the guest's
- * virtio header is dropped on transmit and written as zeros (num_buffers 1) on receive.
- * If the tap was opened with IFF_VNET_HDR, a zeroed header of its size is added on
- * transmit and the one it adds on receive is discarded. The receive path reads the tap only
- * while the guest has posted buffers; frames larger than a buffer are cut to it.
+ * networking).
+ *
+ * A tap opened with IFF_VNET_HDR (its header set to virtio 1.x's 12 bytes here) carries the
+ * offloads: the device offers checksum offload and TSO both ways (CSUM, HOST_TSO4/6,
+ * HOST_ECN; GUEST_CSUM, GUEST_TSO4/6, GUEST_ECN). On transmit the guest's header goes to the
+ * tap as it is when the guest took CSUM (the kernel checks it: a malformed one is refused
+ * and the frame dropped), zeros otherwise; on receive the tap writes its header into the
+ * guest's buffer (num_buffers set to 1 after it; flags and GSO fields zeroed when the guest
+ * did not take GUEST_CSUM), and TUNSETOFFLOAD lets it pass partial checksums and large
+ * segments only as far as the guest took them.
+ *
+ * Without IFF_VNET_HDR no offloads are offered: every frame is a plain Ethernet frame, the
+ * guest's virtio header is dropped on transmit and written as zeros (num_buffers 1) on
+ * receive. A tap whose header size cannot be set to 12 is used the same way, a zeroed
+ * header of its size added on transmit and the one it adds on receive discarded. The
+ * receive path reads the tap only while the guest has posted buffers; frames larger than a
+ * buffer are cut to it.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -19,8 +31,20 @@
 
 #include "net.h"
 
+#define VIRTIO_NET_F_CSUM (1ULL << 0)
+#define VIRTIO_NET_F_GUEST_CSUM (1ULL << 1)
 #define VIRTIO_NET_F_MAC (1ULL << 5)
+#define VIRTIO_NET_F_GUEST_TSO4 (1ULL << 7)
+#define VIRTIO_NET_F_GUEST_TSO6 (1ULL << 8)
+#define VIRTIO_NET_F_GUEST_ECN (1ULL << 9)
+#define VIRTIO_NET_F_HOST_TSO4 (1ULL << 11)
+#define VIRTIO_NET_F_HOST_TSO6 (1ULL << 12)
+#define VIRTIO_NET_F_HOST_ECN (1ULL << 13)
 #define VIRTIO_NET_F_STATUS (1ULL << 16)
+#define OFFLOADS                                                                          \
+	(VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4 |              \
+	 VIRTIO_NET_F_GUEST_TSO6 | VIRTIO_NET_F_GUEST_ECN | VIRTIO_NET_F_HOST_TSO4 |           \
+	 VIRTIO_NET_F_HOST_TSO6 | VIRTIO_NET_F_HOST_ECN)
 #define VIRTIO_NET_S_LINK_UP 1
 #define MAX_HOST_HDR 32
 #define MIN_FRAME 14 /* an Ethernet header: a shorter frame or receive buffer is useless */
@@ -28,6 +52,13 @@
 static struct fl_net *net_of(struct fl_virtio_dev *d)
 {
 	return (struct fl_net *)d;
+}
+
+/* Whether the tap carries the guest's own header (a 12-byte vnet header) and the guest took
+ * `feature` of the offloads. */
+static int took(const struct fl_net *n, uint64_t feature)
+{
+	return n->host_hdr == FL_NET_HDR && (n->vdev.s.driver_features & feature);
 }
 
 static void tx_process(struct fl_net *n)
@@ -47,9 +78,16 @@ static void tx_process(struct fl_net *n)
 			return;
 		}
 		uint32_t k = 0, len = n->tx.out_len - FL_NET_HDR;
-		if (n->host_hdr)
-			out[k++] = (struct iovec){(void *)zero_hdr, n->host_hdr};
-		k += fl_iov_slice(n->tx.iov, n->tx.nout, FL_NET_HDR, len, out + k, FL_VQ_MAX_SEGS);
+		if (took(n, VIRTIO_NET_F_CSUM)) {
+			/* Its header as it is: the tap checks it (csum_start/offset within the
+			 * frame, a GSO type and size it supports) before it builds the packet. */
+			k = fl_iov_slice(n->tx.iov, n->tx.nout, 0, n->tx.out_len, out, FL_VQ_MAX_SEGS);
+		} else {
+			if (n->host_hdr)
+				out[k++] = (struct iovec){(void *)zero_hdr, n->host_hdr};
+			k += fl_iov_slice(n->tx.iov, n->tx.nout, FL_NET_HDR, len, out + k,
+					  FL_VQ_MAX_SEGS);
+		}
 		ssize_t w = -1;
 		/* Shorter than an Ethernet header is no frame: a tap refuses it, and an empty
 		 * writev returns 0 without sending anything. Dropped, and counted as such. */
@@ -97,11 +135,16 @@ static void rx_process(struct fl_net *n)
 			}
 			n->rx_have = 1;
 		}
-		uint32_t k = 0;
-		if (n->host_hdr)
-			in[k++] = (struct iovec){host_hdr, n->host_hdr};
-		k += fl_iov_slice(n->rx.iov, n->rx.nin, FL_NET_HDR, n->rx.in_len - FL_NET_HDR,
-				  in + k, FL_VQ_MAX_SEGS);
+		uint32_t k = 0, direct = n->host_hdr == FL_NET_HDR;
+		if (direct) {
+			/* The tap's header straight into the guest's (the same layout). */
+			k = fl_iov_slice(n->rx.iov, n->rx.nin, 0, n->rx.in_len, in, FL_VQ_MAX_SEGS);
+		} else {
+			if (n->host_hdr)
+				in[k++] = (struct iovec){host_hdr, n->host_hdr};
+			k += fl_iov_slice(n->rx.iov, n->rx.nin, FL_NET_HDR,
+					  n->rx.in_len - FL_NET_HDR, in + k, FL_VQ_MAX_SEGS);
+		}
 		ssize_t r;
 		do
 			r = readv(n->tap_fd, in, (int)k);
@@ -111,8 +154,18 @@ static void rx_process(struct fl_net *n)
 				n->rx_dropped++;
 			break; /* EAGAIN: nothing more; the chain waits for the next frame */
 		}
-		fl_iov_to(n->rx.iov, n->rx.nin, 0, guest_hdr, FL_NET_HDR);
-		fl_vq_push(vq, n->rx.head, FL_NET_HDR + (uint32_t)r - n->host_hdr);
+		if (direct) {
+			/* The tap leaves num_buffers as it was; a guest that took no checksum
+			 * offload must see no flags (nor GSO fields: the tap sends it none). */
+			if (!took(n, VIRTIO_NET_F_GUEST_CSUM))
+				fl_iov_to(n->rx.iov, n->rx.nin, 0, guest_hdr, FL_NET_HDR);
+			else
+				fl_iov_to(n->rx.iov, n->rx.nin, 10, guest_hdr + 10, 2);
+			fl_vq_push(vq, n->rx.head, (uint32_t)r);
+		} else {
+			fl_iov_to(n->rx.iov, n->rx.nin, 0, guest_hdr, FL_NET_HDR);
+			fl_vq_push(vq, n->rx.head, FL_NET_HDR + (uint32_t)r - n->host_hdr);
+		}
 		n->rx_have = 0;
 		n->rx_frames++;
 		pushed = 1;
@@ -138,14 +191,42 @@ static void net_extra(struct fl_virtio_dev *d)
 	rx_process(net_of(d));
 }
 
+static void tap_offloads_set(struct fl_net *n, unsigned int flags)
+{
+	if (n->host_hdr == FL_NET_HDR && ioctl(n->tap_fd, TUNSETOFFLOAD, flags) < 0)
+		n->offload_errors++;
+}
+
+/* What the tap may hand the guest: partial checksums and large segments only as far as
+ * the guest took them. */
+static void tap_offloads(struct fl_net *n)
+{
+	unsigned int flags = 0;
+
+	if (took(n, VIRTIO_NET_F_GUEST_CSUM)) {
+		flags |= TUN_F_CSUM;
+		if (took(n, VIRTIO_NET_F_GUEST_TSO4))
+			flags |= TUN_F_TSO4;
+		if (took(n, VIRTIO_NET_F_GUEST_TSO6))
+			flags |= TUN_F_TSO6;
+		if ((flags & (TUN_F_TSO4 | TUN_F_TSO6)) && took(n, VIRTIO_NET_F_GUEST_ECN))
+			flags |= TUN_F_TSO_ECN;
+	}
+	tap_offloads_set(n, flags);
+}
+
 static void net_reset(struct fl_virtio_dev *d)
 {
-	net_of(d)->rx_have = 0;
+	struct fl_net *n = net_of(d);
+
+	n->rx_have = 0;
 	d->worker.extra_wanted = 0;
+	tap_offloads_set(n, 0); /* (the features are cleared after this) */
 }
 
 static void net_activate(struct fl_virtio_dev *d)
 {
+	tap_offloads(net_of(d));
 	d->worker.extra_wanted = 1;
 	fl_virtio_worker_kick(d);
 }
@@ -184,7 +265,10 @@ int fl_net_init(struct fl_net *n, int tap_fd, const uint8_t mac[6],
 	}
 	memset(&ifr, 0, sizeof(ifr));
 	if (ioctl(tap_fd, TUNGETIFF, &ifr) == 0 && (ifr.ifr_flags & IFF_VNET_HDR)) {
-		if (ioctl(tap_fd, TUNGETVNETHDRSZ, &hdr) < 0 || hdr < 0 || hdr > MAX_HOST_HDR) {
+		/* virtio 1.x's header, so the guest's and the tap's are one: the offloads. */
+		hdr = FL_NET_HDR;
+		if (ioctl(tap_fd, TUNSETVNETHDRSZ, &hdr) < 0 &&
+		    (ioctl(tap_fd, TUNGETVNETHDRSZ, &hdr) < 0 || hdr < 0 || hdr > MAX_HOST_HDR)) {
 			snprintf(err, errlen, "tap fd %d: unusable vnet header size", tap_fd);
 			return -EINVAL;
 		}
@@ -192,8 +276,16 @@ int fl_net_init(struct fl_net *n, int tap_fd, const uint8_t mac[6],
 	n->host_hdr = (uint32_t)hdr;
 	n->tap_fd = tap_fd;
 	memcpy(n->mac, mac, 6);
+	/* Nothing offloaded until the guest says what it takes (a tap kept from an earlier
+	 * guest may still have them on). */
+	if (n->host_hdr == FL_NET_HDR && ioctl(tap_fd, TUNSETOFFLOAD, 0) < 0) {
+		snprintf(err, errlen, "tap fd %d: TUNSETOFFLOAD: %s", tap_fd, strerror(errno));
+		return -errno;
+	}
 	rc = fl_virtio_init(&n->vdev, "virtio_net", VIRTIO_ID_NET,
-			    VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS, 2, mem, &net_ops);
+			    VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS |
+				    (n->host_hdr == FL_NET_HDR ? OFFLOADS : 0),
+			    2, mem, &net_ops);
 	if (rc < 0) {
 		snprintf(err, errlen, "virtio-net: %s", strerror(-rc));
 		return rc;

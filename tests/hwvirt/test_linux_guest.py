@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,7 +195,7 @@ class Network:
     """A bridge with a veth into a fresh namespace at SUBNET.1, and taps on the bridge."""
 
     def __init__(self) -> None:
-        tag = f"{os.getpid() % 100000}"
+        tag = f"{os.getpid() % 100000}-{uuid.uuid4().hex[:4]}"  # pids repeat from L1 to L1
         self.bridge, self.netns, self.veth = f"flbr{tag}", f"flns{tag}", f"flv{tag}"
         self.links: list[str] = []
         self.fds: list[int] = []
@@ -223,7 +224,7 @@ class Network:
     def vmm_tap(self, name: str) -> int:
         """A tap on the bridge for a VMM process to inherit; the caller closes its fd once
         the VMM has it, so the tap goes when that VMM exits (as the compute node's port)."""
-        fd = native.open_tap(name)
+        fd = native.open_tap(name, vnet_hdr=True)  # checksum offload and TSO, as a node's
         self.links.append(name)
         try:
             ip("link", "set", name, "master", self.bridge, "up")
@@ -429,6 +430,38 @@ def test_virtio_net_ping_and_a_checksummed_tcp_transfer(fleet: Fleet) -> None:
     a.check("wait")
     got = a.check("sha256sum /tmp/rx")
     assert got.split()[0] == hashlib.sha256(data).hexdigest(), got
+    # 2 MiB from guest B to the namespace over TCP: the guest's own segments (TSO and
+    # checksum offload taken, its header passed to the tap), checksummed on both ends.
+    receiver = (
+        "import hashlib, socket\n"
+        "srv = socket.create_server(('0.0.0.0', 5001))\n"
+        "srv.settimeout(240)\n"
+        "conn, _ = srv.accept()\n"
+        "conn.settimeout(120)\n"
+        "h, left = hashlib.sha256(), 2 << 20\n"
+        "while left:\n"
+        "    chunk = conn.recv(min(left, 1 << 16))\n"
+        "    if not chunk:\n"
+        "        break\n"
+        "    h.update(chunk)\n"
+        "    left -= len(chunk)\n"
+        "conn.close()\n"
+        "print(h.hexdigest(), left)\n"
+    )
+    listening = subprocess.Popen(
+        ["ip", "netns", "exec", fleet.netns, sys.executable, "-c", receiver],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        b.check("dd if=/dev/urandom of=/tmp/tx bs=64k count=32 2>/dev/null && sync")
+        sent_sum = b.check("sha256sum /tmp/tx").split()[0]
+        b.check(f"sleep 1; nc {SUBNET}.1 5001 < /tmp/tx")
+        out, _ = listening.communicate(timeout=COMMAND_TIMEOUT)
+    finally:
+        if listening.poll() is None:
+            listening.kill()
+            listening.wait()
+    assert out.split() == [sent_sum, "0"], (out, sent_sum)
 
 
 def test_a_flushed_write_survives_kill_9_of_the_vmm(fleet: Fleet) -> None:
