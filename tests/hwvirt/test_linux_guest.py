@@ -195,7 +195,7 @@ class Network:
     """A bridge with a veth into a fresh namespace at SUBNET.1, and taps on the bridge."""
 
     def __init__(self) -> None:
-        tag = f"{os.getpid() % 100000}-{uuid.uuid4().hex[:4]}"  # pids repeat from L1 to L1
+        tag = uuid.uuid4().hex[:6]  # not the pid: pids repeat from L1 to L1 (names <= 12)
         self.bridge, self.netns, self.veth = f"flbr{tag}", f"flns{tag}", f"flv{tag}"
         self.links: list[str] = []
         self.fds: list[int] = []
