@@ -60,8 +60,10 @@ class Heartbeat:
         )
 
     def send_now(self) -> None:
-        """A heartbeat now, between the regular ones (the host's switch changed): published
-        before the caller answers, so what it says reaches the schedulers first."""
+        """A heartbeat now: the regular ones, and one between them (room released, the
+        host's switch turned) published before the caller goes on, so what it says reaches
+        the schedulers first. Not waited for: one lost in a reconnect is replaced by the
+        next."""
         try:
             if self._bus.link.connected:
                 self._bus.publish_event_async(self.beat())
@@ -78,10 +80,5 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            try:
-                if self._bus.link.connected:
-                    # Not waited for: a heartbeat lost in a reconnect is replaced by the next.
-                    self._bus.publish_event_async(self.beat())
-            except Exception:
-                log.exception("heartbeat failed")
+            self.send_now()
             self._stopping.wait(self._interval)
