@@ -20,7 +20,6 @@ struct fl_net {
 	int rx_have;
 	struct fl_vq_chain tx;
 	uint64_t rx_frames, tx_frames, rx_dropped, tx_dropped;
-	uint64_t offload_errors; /* TUNSETOFFLOAD refused (the tap then sends plain frames) */
 };
 
 /* Sets the device up on tap_fd (made non-blocking); on failure -errno and err. */
