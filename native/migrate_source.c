@@ -29,7 +29,10 @@
 #define RELOCK_NS 5000000000ULL /* a rollback: how long the target may take to let go */
 #define FIXED_OTHER_NS 500000ULL	   /* vCPU state out and in, beyond what is measured */
 #define EXTRA_ROUNDS 3		   /* throttled rounds to bring a pause that fits down */
+#define EXTRA_PCT 50		   /* an extra round's throttle, +20 a round */
+#define GOAL_NS 2000000ULL	   /* a pause this short ends pre-copy, whatever the budget */
 #define MIN_SAMPLE (1ULL << 20)	   /* bytes an iteration sends to measure bandwidth */
+#define RECOLLECT_BYTES (4ULL << 20) /* sent between a round's looks at the dirty log */
 
 /* ---- auto-converge: the vCPUs sleep a share of each slice ---- */
 
@@ -37,21 +40,31 @@ struct throttle {
 	struct fl_vm *vm;
 	pthread_t thread;
 	int started;
-	int stop_fd; /* eventfd-like pipe: readable once stop is asked */
 	int wake[2];
 	uint32_t pct; /* atomic */
 	uint32_t max_pct;
 };
 
+enum { NAPPED, NAP_STOP, NAP_CHANGED };
+
+/* Sleeps `ns` unless woken: NAP_STOP when the throttle ends, NAP_CHANGED when its share
+ * changed (throttle_set). */
 static int nap(struct throttle *t, uint64_t ns)
 {
 	struct timespec ts = {.tv_sec = (time_t)(ns / 1000000000ULL),
 			      .tv_nsec = (long)(ns % 1000000000ULL)};
 	struct pollfd p = {.fd = t->wake[0], .events = POLLIN};
+	char why[16];
+	ssize_t n;
 
-	return ppoll(&p, 1, &ts, NULL) > 0; /* 1: asked to stop */
+	if (ppoll(&p, 1, &ts, NULL) <= 0)
+		return NAPPED;
+	n = read(t->wake[0], why, sizeof(why));
+	return n > 0 && memchr(why, 'x', (size_t)n) ? NAP_STOP : NAP_CHANGED;
 }
 
+/* Each slice the vCPUs sleep their share first, then run: a share set (or raised) takes
+ * effect at once, not after the slice under way. */
 static void *throttle_thread(void *arg)
 {
 	struct throttle *t = arg;
@@ -61,14 +74,19 @@ static void *throttle_thread(void *arg)
 	pthread_sigmask(SIG_SETMASK, &set, NULL);
 	for (;;) {
 		uint32_t pct = __atomic_load_n(&t->pct, __ATOMIC_RELAXED);
-		if (nap(t, pct ? SLICE_NS * (100 - pct) / 100 : SLICE_NS))
-			break;
-		if (!pct)
+		int r;
+
+		if (!pct) {
+			if (nap(t, SLICE_NS) == NAP_STOP)
+				break;
 			continue;
+		}
 		fl_vcpus_request(t->vm, FL_REQ_PAUSE, 1);
-		int stop = nap(t, SLICE_NS * pct / 100);
+		r = nap(t, SLICE_NS * pct / 100);
 		fl_vcpus_request(t->vm, FL_REQ_RUN, 0);
-		if (stop)
+		if (r != NAP_STOP)
+			r = nap(t, SLICE_NS * (100 - pct) / 100);
+		if (r == NAP_STOP)
 			break;
 	}
 	return NULL;
@@ -78,7 +96,7 @@ static int throttle_start(struct throttle *t, struct fl_vm *vm)
 {
 	memset(t, 0, sizeof(*t));
 	t->vm = vm;
-	if (pipe2(t->wake, O_CLOEXEC) < 0)
+	if (pipe2(t->wake, O_CLOEXEC | O_NONBLOCK) < 0)
 		return -errno;
 	if (pthread_create(&t->thread, NULL, throttle_thread, t) != 0) {
 		close(t->wake[0]);
@@ -108,6 +126,9 @@ static void throttle_set(struct throttle *t, uint32_t pct)
 	__atomic_store_n(&t->pct, pct, __ATOMIC_RELAXED);
 	if (pct > t->max_pct)
 		t->max_pct = pct;
+	if (t->started && write(t->wake[1], "p", 1) < 0) {
+		/* a full pipe already wakes the thread */
+	}
 }
 
 
@@ -274,11 +295,27 @@ static int target_spoke(struct source *s)
 		"the target sent record type %u mid-stream", h.type);
 }
 
-/* Sends every page set in bm, clearing nothing (the caller owns bm). */
-static int send_bitmap(struct source *s, const uint64_t *bm, int first_pass, int capped,
-		       uint64_t t0)
+/* A pre-copy round's pages not yet sent that the guest wrote again since the round began
+ * would be sent twice: every RECOLLECT_BYTES the round collects the dirty log into the next
+ * round's set (`s->dirty`, where they stay) and drops them from what is left of this one,
+ * from `page` on. A page is never lost: what leaves `bm` is in `s->dirty`, and the pause
+ * collects the rest. */
+static int recollect(struct source *s, uint64_t *bm, uint64_t page)
 {
-	uint64_t page = 0;
+	int rc = fl_snap_log_collect(s->vm, s->dirty);
+
+	if (rc < 0)
+		return fl_mig_fail(s->m, -rc, "dirty log: %s", s->vm->err);
+	for (uint64_t w = page / 64; w < s->words; w++)
+		bm[w] &= ~s->dirty[w]; /* the bits below `page` are behind the round already */
+	return 0;
+}
+
+/* Sends every page set in bm; a pre-copy round (`capped`) drops from it the pages written
+ * again before it reached them (recollect). */
+static int send_bitmap(struct source *s, uint64_t *bm, int first_pass, int capped, uint64_t t0)
+{
+	uint64_t page = 0, mark = s->bytes;
 
 	while (page < s->npages) {
 		uint64_t w = page / 64, bits = bm[w] & (~0ULL << (page % 64)), start;
@@ -294,6 +331,10 @@ static int send_bitmap(struct source *s, const uint64_t *bm, int first_pass, int
 		int rc = send_range(s, start, page - start, first_pass, capped);
 		if (rc == 0)
 			rc = target_spoke(s);
+		if (rc == 0 && capped && s->bytes - mark >= RECOLLECT_BYTES) {
+			mark = s->bytes;
+			rc = recollect(s, bm, page);
+		}
 		if (rc < 0)
 			return rc;
 		rc = source_check(s);
@@ -466,16 +507,26 @@ static int precopy(struct source *s, struct throttle *t, struct plan *pl, uint64
 		s->m->progress.throttle_pct = __atomic_load_n(&t->pct, __ATOMIC_RELAXED);
 		pthread_mutex_unlock(&s->m->lock);
 		progress_update(s, 0, t0);
-		shrinking = iter == 1 || dirty * 4 < prev * 3;
-		/* Fits: stop once more rounds stop paying (the dirty set no longer shrinks by a
-		 * quarter) or there is next to nothing left. A pause that fits but would take
-		 * over a quarter of the budget gets up to EXTRA_ROUNDS more rounds with the
-		 * vCPUs throttled first: the budget is a ceiling, not a goal. */
-		if (predicted <= budget && dirty > 64 * PAGE && !shrinking && predicted > budget / 4 &&
-		    extra < EXTRA_ROUNDS) {
-			extra++;
+		/* The first pass shrinks what is left unless the guest wrote as much as it sent. */
+		shrinking = dirty * 4 < (iter == 1 ? sent : prev) * 3;
+		/* Fits: stop at a pause of GOAL_NS or less, or once more rounds stop paying (the
+		 * dirty set no longer shrinks by a quarter), or with next to nothing left. A pause
+		 * that fits but would take over GOAL_NS (or a quarter of a budget under 4 ×
+		 * GOAL_NS) first gets up to EXTRA_ROUNDS more rounds with the vCPUs throttled
+		 * (EXTRA_PCT, +20 a round): the budget is a ceiling, not a goal, and a guest that
+		 * writes as fast as the stream sends is slowed for a few rounds rather than
+		 * paused for a budget's worth. Not with auto-converge off. */
+		if (predicted <= budget && predicted <= GOAL_NS) {
 			shrinking = 0;
-			predicted = budget + 1; /* throttle as below */
+		} else if (predicted <= budget && dirty > 64 * PAGE && !shrinking &&
+			   predicted > (budget / 4 < GOAL_NS ? budget / 4 : GOAL_NS) &&
+			   extra < EXTRA_ROUNDS && !s->no_throttle) {
+			uint32_t pct = __atomic_load_n(&t->pct, __ATOMIC_RELAXED);
+
+			extra++;
+			throttle_set(t, pct < EXTRA_PCT ? EXTRA_PCT : (pct + 20 > 99 ? 99 : pct + 20));
+			prev = dirty;
+			continue;
 		}
 		if (predicted <= budget && (dirty <= 64 * PAGE || !shrinking)) {
 			/* Drain what is still queued before the pause, so the last bytes (and

@@ -529,3 +529,21 @@ def test_without_auto_converge_the_vcpus_are_never_throttled(
     assert exc.value.result.iterations > 2  # it kept trying
     assert exc.value.result.throttle_pct == 0
     _fails_cleanly(g, base, digest, target, exc.value)
+
+
+def test_without_auto_converge_a_budget_that_fits_never_throttles_either(
+    boot: Callable[..., Booted], test_guest: Path, targets: Callable[[str], Target]
+) -> None:
+    """At a budget the pause fits, a guest writing as fast as the stream sends gets extra
+    rounds with its vCPUs throttled to shorten the pause; with auto-converge off it gets
+    none, and the migration completes with its memory intact."""
+    g, base, digest = start_guest(boot, test_guest, "rewrite=8")
+    token = migration.new_token()
+    target = targets(token)
+    result = migration.migrate(
+        g.machine, target.address, token, max_downtime_ms=300, auto_converge=False, debug=True
+    )
+    assert result.throttle_pct == 0
+    assert target.line()["event"] == "resumed"
+    assert region_digest(g.machine, base) == digest
+    target.console.wait_for(r"COUNTER \d+")
