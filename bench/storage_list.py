@@ -6,7 +6,8 @@ straight from the catalog.
 Starts the stack on one host (`flotilla up`'s Stack: a private broker, the API, the
 scheduler, the storage service, one compute node on the fake driver), puts 10,000 volume rows
 in the storage service's SQLite catalog (rows only: listing reads the catalog, never the
-pool, so the 10,000 files are not needed), then times, in interleaved rounds:
+pool, so the 10,000 files are not needed) with each one's listing JSON (as the service
+stores it for a volume it creates), then times, in interleaved rounds:
 - the full listing through the API: `GET /v1/volumes?limit=10000` page after page (one page:
   HTTP, the API, an RPC to the storage service, its SQL query, the JSON, and the client's
   parse of that JSON) — the figure;
@@ -39,6 +40,7 @@ from bench.figures import emit, figure, say  # noqa: E402
 from services.broker import free_port  # noqa: E402
 from services.cli.stack import Stack, StackConfig  # noqa: E402
 from services.db import Database  # noqa: E402
+from services.storage.listing import fill_listings  # noqa: E402
 from services.storage.tables import volumes  # noqa: E402
 
 VOLUMES = 10_000
@@ -67,6 +69,11 @@ def fill(catalog: Path, host: str) -> None:
     try:
         with db.transaction() as conn:
             conn.execute(sa.insert(volumes), rows)
+        # Each volume's listing JSON, as a volume created through the service has it.
+        while True:
+            with db.transaction() as conn:
+                if not fill_listings(conn):
+                    break
     finally:
         db.close()
 

@@ -1,5 +1,6 @@
 """AMQP transport on pika: confirmed publishing, RPC, events and the consumer runtime."""
 
+import services.bus.batching  # noqa: F401  (pika's read size, for every connection: see there)
 from services.bus.bus import Bus, Subscription
 from services.bus.cause import Cause, caused_by, current_cause
 from services.bus.errors import (

@@ -31,7 +31,7 @@ from protos.storage import (
 from protos.volumes import Attachment, Pool, Volume, VolumeListing, VolumePage, VolumeQuota
 from services.bus import Cause, ServiceError
 from services.db import Database, advisory_xact_lock, upgrade, upsert
-from services.storage.listing import volume_listing, volume_page
+from services.storage.listing import fill_listings, refresh_listing, volume_listing, volume_page
 from services.storage.tables import CATALOG, outbox, pools, replies, volumes
 
 GiB = 1 << 30
@@ -200,6 +200,17 @@ class Catalog:
         with self.db.transaction(read_only=True) as conn:
             return volume_listing(conn, project, pool, limit, after, hosts)
 
+    def fill_listings(self) -> int:
+        """Store the listing JSON of every volume without it (rows from before the
+        `listing` column), a thousand a transaction; how many were filled."""
+        filled = 0
+        while True:
+            with self.db.transaction() as conn:
+                n = fill_listings(conn)
+            filled += n
+            if n == 0:
+                return filled
+
     def stuck(self, now: float | None = None) -> list[Volume]:
         """Volumes in `creating` or `deleting` whose operation's lease has run out."""
         now = time.time() if now is None else now
@@ -363,6 +374,7 @@ class Catalog:
                 "updated_at": now,
             }
             conn.execute(sa.insert(volumes).values(**values))
+            refresh_listing(conn, str(volume_id))
             row = _row(conn, volume_id, None)
         return _volume(row), True
 
@@ -414,6 +426,7 @@ class Catalog:
             seq = row.seq + (1 if event is not None else 0)
             values = {**values, "seq": seq, "updated_at": time.time()}
             conn.execute(sa.update(volumes).where(volumes.c.id == str(volume_id)).values(values))
+            refresh_listing(conn, str(volume_id))
             after = _volume(_row(conn, volume_id, None))
             if event is not None:
                 self._enqueue(conn, event(after), cause)
@@ -457,6 +470,8 @@ class Catalog:
             if to_state is not None:
                 values["state"] = to_state
             conn.execute(sa.update(volumes).where(volumes.c.id == str(volume_id)).values(values))
+            if to_state is not None:
+                refresh_listing(conn, str(volume_id))
             return _volume(_row(conn, volume_id, None))
 
     def attach(
@@ -486,6 +501,7 @@ class Catalog:
                 "updated_at": time.time(),
             }
             conn.execute(sa.update(volumes).where(volumes.c.id == str(volume_id)).values(values))
+            refresh_listing(conn, str(volume_id))
             after = _volume(_row(conn, volume_id, None))
             self._enqueue(
                 conn,
@@ -523,6 +539,7 @@ class Catalog:
                 "updated_at": time.time(),
             }
             conn.execute(sa.update(volumes).where(volumes.c.id == str(volume_id)).values(values))
+            refresh_listing(conn, str(volume_id))
             after = _volume(_row(conn, volume_id, None))
             self._enqueue(
                 conn,

@@ -78,6 +78,9 @@ class StorageServer:
             if names:
                 log.info("pool reconciled", pool=pool, removed=names)
         self.service.refresh_local_pools()
+        filled = self.catalog.fill_listings()
+        if filled:
+            log.info("volume listings filled", volumes=filled)
         if self.transfers is not None:
             self.transfers.start()
         self.bus.start(timeout)

@@ -59,6 +59,9 @@ volumes = sa.Table(
     sa.Column("updated_at", sa.DOUBLE_PRECISION, nullable=False),
     # An upload's ticket on the pool's host, while the volume is `creating` from it.
     sa.Column("ticket", sa.Text),
+    # The volume as the API's listing shows it, its JSON (services/storage/listing.py,
+    # refresh_listing): written with every change of what it shows, sent as it is.
+    sa.Column("listing", sa.Text),
     sa.UniqueConstraint("project", "name", name="storage_volumes_project_name"),
 )
 sa.Index("storage_volumes_state", volumes.c.state)

@@ -25,13 +25,13 @@ from protos.base import Message
 from protos.codec import decode_head, envelope_for, pack
 from protos.commands import Command
 from protos.volume_wire import VolumeViewRow, read_volume_listing, read_volume_page
-from protos.volumes import ListVolumeListing, VolumeListing
+from protos.volumes import Attachment, ListVolumeListing, VolumeListing
 from services.api import create_app
 from services.api.registry import Registry
 from services.api.visibility import HostMask, host_alias
 from services.api.volume_models import VolumeView, volume_list_json, volume_listing_json
 from services.bus import RemoteError, ServiceError
-from services.storage.catalog import Catalog
+from services.storage.catalog import Catalog, PoolRow
 from services.storage.tables import volumes
 from tests.unit.test_api import ADMIN, ALICE, CONFIG, auth, problem
 
@@ -72,8 +72,11 @@ def _row(project: str, name: str, **changes: Any) -> dict[str, Any]:
     return {**row, **changes}  # every row every key: an executemany takes the first's
 
 
-@pytest.fixture
-def catalog(tmp_path: Path) -> Iterator[Catalog]:
+@pytest.fixture(params=["stored", "built"])
+def catalog(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Catalog]:
+    """The rows put in directly; `stored`: their listing JSON then filled, as the service does
+    at start (the listing sends it); `built`: left without it (rows from before the column:
+    the listing builds the page from the columns)."""
     catalog = Catalog.open(f"sqlite:///{tmp_path / 'catalog.db'}", "r1")
     rows = [
         _row("p1", name, created_at=1764500000.123456789 + i / 7)
@@ -100,6 +103,8 @@ def catalog(tmp_path: Path) -> Iterator[Catalog]:
     ]
     with catalog.db.transaction() as conn:
         conn.execute(sa.insert(volumes), rows)
+    if request.param == "stored":
+        assert catalog.fill_listings() == len(rows)
     try:
         yield catalog
     finally:
@@ -194,6 +199,57 @@ def test_a_host_the_aliases_lack_is_named_and_nothing_rendered(catalog: Catalog)
     extended = _mask("p1").aliases(["node-2"])
     assert extended is not None
     assert catalog.listing("p1", None, 100, None, extended).count == len(ODD_NAMES) + 2
+
+
+def _stored(catalog: Catalog) -> dict[str, str | None]:
+    with catalog.db.transaction() as conn:
+        return {r.id: r.listing for r in conn.execute(sa.select(volumes.c.id, volumes.c.listing))}
+
+
+def test_every_change_of_a_volume_keeps_its_stored_listing_what_its_columns_show(
+    catalog: Catalog,
+) -> None:
+    """Create, guard into another state, change, attach, detach, remove: after each, the
+    listing sent from the stored JSON is the page built anew from the columns, for the admin
+    and for a member, and no row is left without its JSON."""
+    catalog.fill_listings()  # the `built` rows too
+    pool = PoolRow("default", "dir", "node-1", 1 << 40)
+    volume_id = uuid.uuid4()
+    domain_id = uuid.uuid4()
+
+    def same() -> None:
+        assert None not in _stored(catalog).values()
+        for project in (None, "p1"):
+            mask = _mask(project)
+            sent = _sent(catalog.listing(project, None, 100, None, mask.aliases()))
+            assert sent == _before(catalog, mask, project, None, 100, None)
+
+    _volume, created = catalog.begin_create(
+        volume_id=volume_id,
+        project="p1",
+        name="fresh",
+        pool=pool,
+        size=1 << 20,
+        source_id=None,
+        quota=None,
+        lease_s=30.0,
+    )
+    assert created
+    same()
+    catalog.change(volume_id, {"state": "available", "size": 2 << 20}, None, None)
+    same()
+    catalog.guard(volume_id, "p1", states=("available",), action="wipe", to_state="deleting")
+    same()
+    catalog.change(volume_id, {"state": "available", "host": "node-2"}, None, None)
+    catalog.release(volume_id)
+    same()
+    catalog.attach(volume_id, "p1", Attachment(domain_id=domain_id, target="vdb"), None)
+    same()
+    catalog.detach(volume_id, "p1", domain_id, None)
+    same()
+    catalog.change(volume_id, {}, None, None, remove=True)
+    same()
+    assert str(volume_id) not in _stored(catalog)
 
 
 def test_the_rows_are_the_views_fields_in_order() -> None:
