@@ -38,3 +38,47 @@ def test_the_vmm_process_imports_only_what_it_runs() -> None:
     }
     heavy = {"pydantic", "structlog", "pika", "pathlib", "inspect", "dataclasses", "asyncio"}
     assert not heavy & {m.split(".")[0] for m in modules}
+
+
+def test_the_lean_native_run_imports_no_enum_and_no_typing() -> None:
+    # `python -S -E -m native.run`: its records and enums are made without `typing` and
+    # `enum` (bench/boot.py's start_to_exit: ~2 ms of ~20 on this host).
+    code = "import sys, native.run; print(' '.join(sorted(sys.modules)))"
+    done = subprocess.run(
+        [sys.executable, "-S", "-E", "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    modules = set(done.stdout.split())
+    assert not {"enum", "typing", "signal", "contextlib", "dataclasses", "pathlib"} & modules
+
+
+def test_the_run_time_int_enums_behave_as_intenum() -> None:
+    code = """
+import json
+from native.machine import EventKind, MachineState
+k = EventKind(1)
+assert k is EventKind.POWEROFF and k == 1 and isinstance(k, int)
+assert (k.name, k.value, str(k), f"{k}", json.dumps(k)) == ("POWEROFF", 1, "1", "1", "1")
+assert repr(MachineState.PAUSED) == "<MachineState.PAUSED: 3>"
+assert MachineState(3) is MachineState.PAUSED and MachineState(3) == 3  # ints, as IntEnum
+assert {EventKind.REBOOT: "r"}[2] == "r"
+for bad in (9, "1", None):
+    try:
+        EventKind(bad)
+    except ValueError as exc:
+        assert "is not a valid EventKind" in str(exc)
+    else:
+        raise AssertionError(bad)
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-S", "-E", "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.stdout.strip() == "ok", done.stderr
