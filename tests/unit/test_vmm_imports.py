@@ -10,17 +10,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_vmm_process_imports_only_what_it_runs() -> None:
-    # As spawn() runs it: no site set-up (the module adds the site-packages it needs).
-    code = "import sys, compute_node.vmm.__main__; print(' '.join(sorted(sys.modules)))"
-    done = subprocess.run(
+def lean(code: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`code` run as the VMMs start: `python -S -E`, no site set-up (the modules add the
+    site-packages they need)."""
+    return subprocess.run(
         [sys.executable, "-S", "-E", "-c", code],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        check=True,
+        check=check,
     )
-    modules = set(done.stdout.split())
+
+
+def modules_after(module: str) -> set[str]:
+    return set(lean(f"import sys, {module}; print(' '.join(sorted(sys.modules)))").stdout.split())
+
+
+def test_the_vmm_process_imports_only_what_it_runs() -> None:
+    modules = modules_after("compute_node.vmm.__main__")
     ours = {m for m in modules if m.split(".")[0] in ("compute_node", "protos", "services")}
     assert ours == {
         "compute_node",
@@ -43,15 +50,7 @@ def test_the_vmm_process_imports_only_what_it_runs() -> None:
 def test_the_lean_native_run_imports_no_enum_and_no_typing() -> None:
     # `python -S -E -m native.run`: its records and enums are made without `typing` and
     # `enum` (bench/boot.py's start_to_exit: ~2 ms of ~20 on this host).
-    code = "import sys, native.run; print(' '.join(sorted(sys.modules)))"
-    done = subprocess.run(
-        [sys.executable, "-S", "-E", "-c", code],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    modules = set(done.stdout.split())
+    modules = modules_after("native.run")
     assert not {"enum", "typing", "signal", "contextlib", "dataclasses", "pathlib"} & modules
 
 
@@ -74,11 +73,5 @@ for bad in (9, "1", None):
         raise AssertionError(bad)
 print("ok")
 """
-    done = subprocess.run(
-        [sys.executable, "-S", "-E", "-c", code],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    done = lean(code, check=False)
     assert done.stdout.strip() == "ok", done.stderr
