@@ -303,3 +303,26 @@ def migrations_wait_their_turn(cloud: Cloud, progress: Progress) -> None:
         assert r.status_code in (202, 204), r.text
     for domain_id in (a, b, c, d):
         admin_wait(cloud, domain_id, lambda v: v.get("status") == 404 or "id" not in v)
+
+
+def test_the_job_of_a_cold_migration_back_is_found_once_it_is_over(cloud: Cloud) -> None:
+    """A shut-off domain migrated away and back: once the second migration is over (the
+    domain on its first host again), GET /job answers that migration's job, which the host
+    it came back from holds, not 404 (the CLI's `--wait` polled into that and failed)."""
+    off = cloud.create(memory_mib=64, start=False).json()
+    first = cloud.get(off["id"], token=ADMIN).json()["host"]
+    assert migrate(cloud, off["id"], token=ADMIN, live=False).status_code == 202
+    other = settled(cloud, off["id"], first)["host"]
+    assert other != first
+    r = migrate(cloud, off["id"], token=ADMIN, live=False, host=first)
+    assert r.status_code == 202, r.text
+    assert settled(cloud, off["id"], other)["host"] == first
+    done = job(cloud, off["id"])
+    assert done.status_code == 200, done.text
+    body = done.json()
+    assert (body["phase"], body["live"], body["source"], body["target"]) == (
+        "done",
+        False,
+        other,
+        first,
+    )

@@ -449,6 +449,47 @@ def test_the_job_of_a_domain_back_on_its_first_host_is_the_newest_one(
     assert client.get(url, headers=auth(ADMIN)).json()["running"] is True
 
 
+def test_the_job_of_a_domain_just_arrived_is_its_sources(
+    client: TestClient, cloud: MigratingCloud, registry: Registry
+) -> None:
+    """h1 → h2, over: the registry has the domain on h2 (its arrival came) while the job's
+    final event is not logged yet, and h2 holds no job for it (the source holds the job):
+    the job shown is h1's, not a 404 (`migrate --wait` polled into that window)."""
+    d = create(client)
+    url = f"/v1/domains/{d['id']}/job"
+    record = registry.domains.get(uuid.UUID(d["id"]))
+    assert record is not None
+    ran = MigrationJob(
+        domain_id=record.id,
+        source="h1",
+        target="h2",
+        live=False,
+        phase=MigrationPhase.DONE,
+        params=MigrationParams(),
+        started_at=time.time() - 1,
+        elapsed_ms=20.0,
+    )
+    arrive(registry, d, "h1")
+    arrive(registry, d, "h2")
+    assert domain(client, d["id"])["host"] == "h2"
+    held: dict[str, Message] = {"compute.h1": ran}
+
+    def jobs(queue: str, command: Command, **_: Any) -> Message:
+        assert isinstance(command, GetMigrationJob)
+        if queue not in held:
+            raise RemoteError("not_found", f"no migration job of domain {command.domain_id}")
+        return held[queue]
+
+    cloud.job_answers = jobs
+    shown = client.get(url, headers=auth(ADMIN))
+    assert shown.status_code == 200, shown.text
+    assert (shown.json()["source"], shown.json()["target"], shown.json()["phase"]) == (
+        "h1",
+        "h2",
+        "done",
+    )
+
+
 def test_domjobabort_goes_to_the_source(client: TestClient, cloud: MigratingCloud) -> None:
     d = create(client)
     assert client.post(f"/v1/domains/{d['id']}/migrate", headers=auth(ALICE)).status_code == 202

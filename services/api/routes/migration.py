@@ -151,16 +151,21 @@ def get_job(domain_id: uuid.UUID, ctx: Ctx, caller: Caller, mask: Mask) -> JobVi
     # when the host's last job took the domain away from it, the job of the host it came
     # back from (the domain migrated back since, and that job's end may not be logged yet;
     # or the registry has not seen the move away yet: then the host's own job is newest).
+    # A host with no job at all may be the target of one that just ended: the registry has
+    # the domain there already while the job's final progress is not logged yet, so the job
+    # is the source's, the host it came from.
     found: list[tuple[float, JobView]] = []
-    if job is not None and record.host is not None:
+    if job is not None:
         found.append((job.started_at, JobView.of(job, mask)))
-        if job.phase is MigrationPhase.DONE and job.target != record.host:
-            came_from = ctx.registry.events.last_host_besides(domain_id, record.host)
-            other = _job(ctx, came_from, domain_id)
-            if other is not None and other.phase not in FINAL_PHASES:
-                return JobView.of(other, mask)
-            if other is not None:
-                found.append((other.started_at, JobView.of(other, mask)))
+    if record.host is not None and (
+        job is None or (job.phase is MigrationPhase.DONE and job.target != record.host)
+    ):
+        came_from = ctx.registry.events.last_host_besides(domain_id, record.host)
+        other = _job(ctx, came_from, domain_id)
+        if other is not None and other.phase not in FINAL_PHASES:
+            return JobView.of(other, mask)
+        if other is not None:
+            found.append((other.started_at, JobView.of(other, mask)))
     logged = ctx.registry.events.last_migration(domain_id)
     if logged is not None:
         event = DomainMigrationProgress.model_validate(logged.body)
