@@ -84,6 +84,8 @@ static void *throttle_thread(void *arg)
 		fl_vcpus_request(t->vm, FL_REQ_PAUSE, 1);
 		r = nap(t, SLICE_NS * pct / 100);
 		fl_vcpus_request(t->vm, FL_REQ_RUN, 0);
+		if (r == NAP_CHANGED)
+			continue; /* a new share: a new slice, its sleep first */
 		if (r != NAP_STOP)
 			r = nap(t, SLICE_NS * (100 - pct) / 100);
 		if (r == NAP_STOP)
@@ -129,6 +131,15 @@ static void throttle_set(struct throttle *t, uint32_t pct)
 	if (t->started && write(t->wake[1], "p", 1) < 0) {
 		/* a full pipe already wakes the thread */
 	}
+}
+
+/* Throttles the vCPUs `first` %, or `step` % more than now once at or past it (at most 99). */
+static void throttle_ramp(struct throttle *t, uint32_t first, uint32_t step)
+{
+	uint32_t pct = __atomic_load_n(&t->pct, __ATOMIC_RELAXED);
+	uint32_t next = pct < first ? first : pct + step;
+
+	throttle_set(t, next > 99 ? 99 : next);
 }
 
 
@@ -521,10 +532,8 @@ static int precopy(struct source *s, struct throttle *t, struct plan *pl, uint64
 		} else if (predicted <= budget && dirty > 64 * PAGE && !shrinking &&
 			   predicted > (budget / 4 < GOAL_NS ? budget / 4 : GOAL_NS) &&
 			   extra < EXTRA_ROUNDS && !s->no_throttle) {
-			uint32_t pct = __atomic_load_n(&t->pct, __ATOMIC_RELAXED);
-
 			extra++;
-			throttle_set(t, pct < EXTRA_PCT ? EXTRA_PCT : (pct + 20 > 99 ? 99 : pct + 20));
+			throttle_ramp(t, EXTRA_PCT, 20);
 			prev = dirty;
 			continue;
 		}
@@ -537,10 +546,8 @@ static int precopy(struct source *s, struct throttle *t, struct plan *pl, uint64
 			return rc;
 		}
 		/* Does not fit and does not shrink: the guest dirties as fast as we send. */
-		if (predicted > budget && !shrinking && !s->no_throttle) {
-			uint32_t pct = __atomic_load_n(&t->pct, __ATOMIC_RELAXED);
-			throttle_set(t, pct ? (pct + 10 > 99 ? 99 : pct + 10) : 20);
-		}
+		if (predicted > budget && !shrinking && !s->no_throttle)
+			throttle_ramp(t, 20, 10);
 		prev = dirty;
 	}
 }
