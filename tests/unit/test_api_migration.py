@@ -391,6 +391,29 @@ def test_the_job_is_the_sources_then_the_logs_and_members_see_aliases(
     assert f'"target": "{alias_of(client, "h2")}"' in text
 
 
+def done_job(
+    domain_id: uuid.UUID,
+    source: str,
+    target: str,
+    *,
+    started_at: float,
+    live: bool = True,
+    downtime_ms: float | None = None,
+) -> MigrationJob:
+    """A migration job that ended (`done`), as its source answers GetMigrationJob."""
+    return MigrationJob(
+        domain_id=domain_id,
+        source=source,
+        target=target,
+        live=live,
+        phase=MigrationPhase.DONE,
+        params=MigrationParams(),
+        started_at=started_at,
+        elapsed_ms=200.0,
+        downtime_ms=downtime_ms,
+    )
+
+
 def test_the_job_of_a_domain_back_on_its_first_host_is_the_newest_one(
     client: TestClient, cloud: MigratingCloud, registry: Registry
 ) -> None:
@@ -402,17 +425,7 @@ def test_the_job_of_a_domain_back_on_its_first_host_is_the_newest_one(
     url = f"/v1/domains/{d['id']}/job"
     record = registry.domains.get(uuid.UUID(d["id"]))
     assert record is not None
-    first = MigrationJob(
-        domain_id=record.id,
-        source="h1",
-        target="h2",
-        live=True,
-        phase=MigrationPhase.DONE,
-        params=MigrationParams(),
-        started_at=time.time() - 10,
-        elapsed_ms=200.0,
-        downtime_ms=4.0,
-    )
+    first = done_job(record.id, "h1", "h2", started_at=time.time() - 10, downtime_ms=4.0)
     second = first.model_copy(
         update={"source": "h2", "target": "h1", "started_at": time.time() - 1, "downtime_ms": 2.0}
     )
@@ -459,16 +472,7 @@ def test_the_job_of_a_domain_just_arrived_is_its_sources(
     url = f"/v1/domains/{d['id']}/job"
     record = registry.domains.get(uuid.UUID(d["id"]))
     assert record is not None
-    ran = MigrationJob(
-        domain_id=record.id,
-        source="h1",
-        target="h2",
-        live=False,
-        phase=MigrationPhase.DONE,
-        params=MigrationParams(),
-        started_at=time.time() - 1,
-        elapsed_ms=20.0,
-    )
+    ran = done_job(record.id, "h1", "h2", live=False, started_at=time.time() - 1)
     arrive(registry, d, "h1")
     arrive(registry, d, "h2")
     assert domain(client, d["id"])["host"] == "h2"
