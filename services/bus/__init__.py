@@ -13,7 +13,15 @@ from services.bus.errors import (
     ServiceError,
 )
 from services.bus.nodes import BrokerUrls
-from services.bus.service import Context, Expired, Service, ServiceRunner, handles, on_event
+from services.bus.service import (
+    Context,
+    Expired,
+    Retry,
+    Service,
+    ServiceRunner,
+    handles,
+    on_event,
+)
 
 __all__ = [
     "BrokerUrls",
@@ -26,6 +34,7 @@ __all__ = [
     "NoRouteError",
     "PublishNacked",
     "RemoteError",
+    "Retry",
     "RpcTimeout",
     "Service",
     "ServiceError",

@@ -38,6 +38,7 @@ from protos.replies import DomainInfo
 from protos.scheduler import Attempt, ClaimPhase
 from services.bus import (
     BusError,
+    ConnectionLost,
     Context,
     NoRouteError,
     RemoteError,
@@ -58,7 +59,8 @@ _IDS = uuid.UUID("0c4d1a9e-2f43-4b8e-9d67-3b5f2e1a8c74")  # namespace of derived
 
 
 class OutcomeUnknown(Exception):
-    """The source did not answer StartMigration: the job may be under way."""
+    """No answer to StartMigration (the source silent, or this replica's connection lost
+    while waiting): the job may be under way."""
 
 
 class TargetRefused(Exception):
@@ -192,7 +194,9 @@ class MigrationHandlers(SchedulerCore):
             if exc.code in TARGET_REFUSALS and cmd.target is None:
                 raise TargetRefused(exc.code, exc.message) from None
             raise ServiceError(exc.code, exc.message, {**exc.details, "host": cmd.source}) from None
-        except RpcTimeout as exc:
+        except (RpcTimeout, ConnectionLost) as exc:
+            # No answer, or this replica's own connection lost while waiting: the source may
+            # have taken the command either way.
             raise OutcomeUnknown(str(exc)) from None
         except (NoRouteError, BusError) as exc:
             raise ServiceError("unavailable", f"source {cmd.source}: {exc}") from None

@@ -44,6 +44,7 @@ from protos.scheduler import Attempt, Placement, PlacementClaim, PlacementSync, 
 from services.bus import (
     Bus,
     Context,
+    Retry,
     Service,
     ServiceError,
     ServiceRunner,
@@ -58,11 +59,15 @@ from services.scheduler.migration import MigrationHandlers
 from services.scheduler.placer import Decision, Filtered, Placer
 from services.scheduler.ports import Ports
 from services.scheduler.redelivery import Redelivery
-from services.scheduler.spawning import HostInDoubt, HostRefused, Spawning
+from services.scheduler.spawning import HostInDoubt, HostRefused, LinkLost, Spawning
 from services.scheduler.state import Claim, ClusterState, PlacementRequest
 from services.scheduler.weights import build_weighers
 
 log = structlog.get_logger("flotilla.scheduler")
+
+# The pause before a command whose host call this replica's own lost connection cut short is
+# handed back to the broker: a link still down is not asked again in a tight loop.
+LINK_LOST_PAUSE_S = 0.5
 
 SUBSCRIBED = (
     "host.heartbeat.*",
@@ -162,6 +167,13 @@ class SchedulerService(Redelivery, Claims, Ports, Spawning, MigrationHandlers, S
                 log.warning("host in doubt: no other host tried", host=claim.host)
                 why = f"{_why(attempts, filtered)}; {claim.host} may still start it: not retried"
                 raise ServiceError("no_valid_host", why, _details(attempts, filtered)) from None
+            except LinkLost as exc:
+                # Not the host's answer: it may have defined and started the domain. The claim
+                # stays (announced: a peer that gets the command finds it) and the command
+                # goes back to the broker; its next copy replays the same ids to this host.
+                log.warning("connection lost while placing: left for redelivery", host=claim.host)
+                time.sleep(LINK_LOST_PAUSE_S)
+                raise Retry(f"connection lost while asking {claim.host}: {exc}") from None
             except BaseException:
                 self._release(claim)
                 raise

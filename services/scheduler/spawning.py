@@ -24,7 +24,14 @@ from protos.commands import (
 )
 from protos.replies import DomainInfo
 from protos.scheduler import ClaimPhase, ScheduleDomain
-from services.bus import BusError, NoRouteError, RemoteError, RpcTimeout, ServiceError
+from services.bus import (
+    BusError,
+    ConnectionLost,
+    NoRouteError,
+    RemoteError,
+    RpcTimeout,
+    ServiceError,
+)
 from services.scheduler.core import SchedulerCore
 from services.scheduler.state import Claim
 
@@ -56,6 +63,14 @@ class HostRefused(Exception):
 class HostInDoubt(Exception):
     """A host still beating did not answer a define or start, nor confirm its clean-up: it
     may yet run the domain, so no other host may be asked (two copies could run)."""
+
+
+class LinkLost(Exception):
+    """This replica lost its own broker connection while asking the host (or cleaning up
+    there): that says nothing about the host, which may have taken the command. The claim
+    stays and the command is left to be delivered again (to this replica or a peer), which
+    replays the same message ids to the same host; nothing is destroyed there and no other
+    host is asked."""
 
 
 class Spawning(SchedulerCore):
@@ -97,6 +112,8 @@ class Spawning(SchedulerCore):
             raise ServiceError(
                 exc.code, f"host {host}: {exc.message}", {**exc.details, "host": host}
             ) from None
+        except ConnectionLost as exc:
+            raise LinkLost(str(exc)) from None
         except (RpcTimeout, NoRouteError, BusError) as exc:
             if isinstance(exc, NoRouteError):
                 raise HostRefused("unavailable", str(exc)) from None

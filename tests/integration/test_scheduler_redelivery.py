@@ -28,6 +28,7 @@ from services.bus import Bus
 from services.scheduler import Scheduler, SchedulerConfig
 from tests.bootfiles import BOOT_DIR
 from tests.integration.test_scheduler import spec
+from tests.tcp_relay import TcpRelay
 
 pytestmark = pytest.mark.integration
 
@@ -41,6 +42,7 @@ class HeldDriver(FakeDriver):
         super().__init__(vcpus, memory_mib)
         self.entered = threading.Event()
         self.go = threading.Event()
+        self.spawned: list[uuid.UUID] = []
 
     def spawn(
         self,
@@ -52,6 +54,7 @@ class HeldDriver(FakeDriver):
     ) -> RuntimeInfo:
         self.entered.set()
         assert self.go.wait(30)
+        self.spawned.append(spec.uuid)
         return super().spawn(spec, files, paused=paused, nics=nics)
 
 
@@ -167,3 +170,61 @@ def test_a_redelivered_request_is_placed_on_the_dead_replicas_host(
         assert holding == [first_host]
     finally:
         second.stop()
+
+
+def test_a_replica_cut_off_from_the_broker_mid_call_leaves_the_request_for_redelivery(
+    amqp_url: str,
+    make_bus: Callable[..., Bus],
+    nodes: dict[str, ComputeNode],
+) -> None:
+    """The only replica reaches the broker through a relay, which is cut while the chosen
+    host is still starting the domain: the replica's call fails on its own lost connection.
+    That is no answer from the host: nothing is destroyed there and no other host is asked;
+    the request goes back to the broker, and once the replica is back its redelivered copy
+    replays the same commands to the same host and answers with that host's placement."""
+    first_host, other_host = list(nodes)
+    relay, relayed_url = TcpRelay.for_url(amqp_url)
+    replica = Scheduler(SchedulerConfig(amqp_url=relayed_url, replica="relayed", top_n=1))
+    try:
+        replica.start()
+        replica.wait_for_hosts(2)
+        time.sleep(4 * HEARTBEAT_S)  # it has heard from both hosts
+        bus = make_bus()
+        domain = spec(memory_mib=1024)
+        replies: list[Placement | BaseException] = []
+
+        def request() -> None:
+            cmd = ScheduleDomain(spec=domain, project="p")
+            try:
+                reply = bus.call(routing.SCHEDULER_QUEUE, cmd, timeout=60)
+                assert isinstance(reply, Placement)
+                replies.append(reply)
+            except BaseException as exc:
+                replies.append(exc)
+
+        caller = threading.Thread(target=request)
+        caller.start()
+        held = nodes[first_host].driver
+        assert isinstance(held, HeldDriver)
+        assert held.entered.wait(30), "the replica did not start the domain"
+        relay.cut()  # while it waits for the start's answer
+        time.sleep(1.5)  # its resend finds no broker: the call fails on the replica's side
+        for node in nodes.values():
+            assert isinstance(node.driver, HeldDriver)
+            node.driver.go.set()
+        relay.restore()
+        caller.join(60)
+
+        (reply,) = replies
+        assert isinstance(reply, Placement), reply
+        assert reply.host == first_host
+        assert reply.info.state.value == "running"
+        holding = [host for host, node in nodes.items() if node.store.get(domain.uuid)]
+        assert holding == [first_host]
+        assert held.spawned == [domain.uuid]  # started once
+        other = nodes[other_host].driver
+        assert isinstance(other, HeldDriver)
+        assert other.spawned == []
+    finally:
+        replica.stop()
+        relay.close()

@@ -24,7 +24,7 @@ from protos.migration import (
 )
 from protos.replies import DomainInfo
 from protos.scheduler import ClaimPhase, PlacementClaim
-from services.bus import Context, RemoteError, RpcTimeout, ServiceError
+from services.bus import BusError, ConnectionLost, Context, RemoteError, RpcTimeout, ServiceError
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.service import SchedulerService
 from services.scheduler.state import GroupKey
@@ -39,7 +39,7 @@ class Cluster:
         self.spec = spec
         self.source = source
         self.refuse: dict[str, str] = {}  # target → the code the source answers with
-        self.silent = False
+        self.silent: BusError | None = None  # what the call raises instead of an answer
         self.queued = False  # the source answers the job `queued` (over its limit)
         self.target_claim_seq: int | None = None  # the target's claim count, when it says
         self.started: list[StartMigration] = []
@@ -68,8 +68,8 @@ class Cluster:
         assert isinstance(command, StartMigration)
         assert message_id is not None
         self.started.append(command)
-        if self.silent:
-            raise RpcTimeout("no reply")
+        if self.silent is not None:
+            raise self.silent
         code = self.refuse.get(command.target)
         if code:
             raise RemoteError(code, f"{command.target} says {code}")
@@ -249,11 +249,18 @@ def test_a_refusing_target_is_released_and_the_next_one_tried() -> None:
     assert err.value.code == "no_capacity"
 
 
-def test_a_silent_source_keeps_the_claim() -> None:
+@pytest.mark.parametrize(
+    "failure",
+    [RpcTimeout("no reply"), ConnectionLost("broker connection lost while waiting for the reply")],
+    ids=["source-silent", "own-connection-lost"],
+)
+def test_a_silent_source_keeps_the_claim(failure: BusError) -> None:
+    """No answer, or this replica's own connection lost while it waited: the source may have
+    started the job either way, so the target's claim stays."""
     spec = domain()
     cluster = Cluster(spec, "a")
     svc = scheduler(cluster, {"a": {}, "b": {}})
-    cluster.silent = True
+    cluster.silent = failure
     with pytest.raises(ServiceError) as err:
         migrate(svc, command(spec))
     assert err.value.code == "unavailable"

@@ -7,12 +7,14 @@ import threading
 import time
 from collections.abc import Callable
 
+import pytest
+
 from protos import routing
 from protos.base import Message
 from protos.codec import envelope_for
 from protos.commands import Command, DefineDomain, GetDomainInfo
 from protos.scheduler import Placement, PlacementClaim, ScheduleDomain
-from services.bus import Context, RemoteError
+from services.bus import ConnectionLost, Context, RemoteError, Retry
 from services.scheduler.service import SchedulerService
 from tests.unit.scheduler_fakes import FakeComputes, Sent, info, route, service, spec
 
@@ -206,3 +208,52 @@ def test_a_young_replica_waits_for_the_restarting_host_that_holds_the_domain() -
     assert placement.host == "h1"
     assert computes.hosts_defining(cmd) == ["h1"]
     assert cmd.spec.uuid in computes.running["h1"]
+
+
+@pytest.mark.parametrize("h1_heard", [True, False], ids=["h1-beating", "h1-silent-to-b"])
+def test_a_call_cut_by_the_replicas_own_lost_connection_is_left_for_redelivery(
+    h1_heard: bool,
+) -> None:
+    """`a` placed the domain on h1; a broker cut redelivered the command to `b`, which takes
+    over `a`'s claim, but its replayed define fails on *b's own* lost connection. That says
+    nothing about h1: b destroys nothing there, asks no other host, keeps the claim and
+    hands the command back (Retry); its next copy replays the same ids and gets h1's answer.
+    Whether b still hears h1's heartbeats (its subscription may be cut as well) changes
+    nothing. Taken as h1 not answering, this once destroyed a's copy and started the domain
+    on h2."""
+    computes = RecordingComputes(LIMITS)
+    a, b, sent = replicas(computes)
+    b.catch_up = lambda sent_at, timeout: True  # type: ignore[method-assign]
+    cmd = ScheduleDomain(spec=spec(memory_mib=1024), project="p")
+    envelope = envelope_for(cmd, source="api")
+    first = a.schedule(cmd, Context(envelope))
+    assert first.host == "h1"
+    deliver(sent, b)
+    if not h1_heard:
+        b.state.hosts["h1"].seen_at -= 1000.0
+    link = {"up": False}
+    asked: list[tuple[str, str, str | None]] = []
+
+    def own_link(call: Sent) -> Message | None:
+        asked.append((call.queue, call.command.TYPE, call.message_id))
+        if not link["up"]:
+            raise ConnectionLost("cannot reach the broker: StreamLostError")
+        return None
+
+    route(b, computes, own_link)
+    with pytest.raises(Retry):
+        b.schedule(cmd, Context(envelope, redelivered=True))
+    assert asked == [(routing.compute_queue("h1"), DefineDomain.TYPE, asked[0][2])]
+    assert b.state.claims[cmd.spec.uuid].host == "h1"
+    assert computes.hosts_defining(cmd) == ["h1"]
+    assert cmd.spec.uuid in computes.running["h1"]
+    # The link is back: the next copy replays the same define (and start) on h1.
+    link["up"] = True
+    b.state.hosts["h1"].seen_at = time.monotonic()
+    second = b.schedule(cmd, Context(envelope, redelivered=True))
+    assert second.host == "h1"
+    assert second.info == first.info
+    assert asked[1][2] == asked[0][2]  # the same message id
+    assert {queue for queue, _, _ in asked} == {routing.compute_queue("h1")}
+    assert computes.hosts_defining(cmd) == ["h1"]
+    assert cmd.spec.uuid not in computes.running["h2"]
