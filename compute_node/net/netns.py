@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -53,17 +53,3 @@ def inside(name: str | None) -> Iterator[None]:
     finally:
         os.close(target)
         os.close(own)
-
-
-def preexec(name: str | None) -> Callable[[], None] | None:
-    """A subprocess `preexec_fn` that moves the child into `name` before exec (None: none)."""
-    if name is None:
-        return None
-    path = path_of(name)
-
-    def enter() -> None:
-        fd = os.open(path, os.O_RDONLY)
-        _setns(fd)
-        os.close(fd)
-
-    return enter

@@ -318,13 +318,15 @@ class Plumber:
             if bridge is not None and bridge.kind != "bridge":
                 self._links.delete(bridge.index)
                 bridge = None
+            created = bridge is None
             if bridge is None:
-                self._links.add_bridge(network.bridge, network.mtu)
+                self._links.add_bridge(network.bridge, network.mtu)  # up, with its MTU
                 bridge = self._must(network.bridge)
                 changes.append(f"created {network.bridge}")
             changes += self._set(bridge, None, network.mtu)
             assert network.gateway is not None
-            have = self._links.addresses(bridge.index)
+            # A bridge just made has no address yet: no need to ask.
+            have = set() if created else self._links.addresses(bridge.index)
             for extra in have - {network.gateway}:
                 self._links.del_address(bridge.index, extra)
                 changes.append(f"removed {extra} from {network.bridge}")
@@ -366,11 +368,16 @@ class Plumber:
             changes.append(f"deleted {network.vxlan} (settings differ)")
             vx = None
         if vx is None:
+            # On the bridge, with its MTU and up, in the one request that makes it.
             self._links.add_vxlan(
-                network.vxlan, network.vni, self._underlay.address, underlay.index
+                network.vxlan,
+                network.vni,
+                self._underlay.address,
+                underlay.index,
+                master=bridge.index,
+                mtu=network.mtu,
             )
-            vx = self._must(network.vxlan)
-            changes.append(f"created {network.vxlan}")
+            return [*changes, f"created {network.vxlan}"]
         return changes + self._set(vx, bridge.index, network.mtu)
 
     def _port_link(
@@ -389,17 +396,17 @@ class Plumber:
 
     def _set(self, link: Link, master: int | None, mtu: int) -> list[str]:
         """One netlink request for whatever of master, MTU and up differs."""
-        changes: dict[str, object] = {}
-        if master is not None and link.master != master:
-            changes["master"] = master
-        if link.mtu != mtu:
-            changes["mtu"] = mtu
-        if not link.up:
-            changes["state"] = "up"
-        if not changes:
+        new_master = master if master is not None and link.master != master else None
+        new_mtu = mtu if link.mtu != mtu else None
+        if new_master is None and new_mtu is None and link.up:
             return []
-        self._links.set(link.index, **changes)
-        return [f"set {link.name} " + " ".join(sorted(changes))]
+        self._links.set(link.index, master=new_master, mtu=new_mtu, up=not link.up)
+        changed = [
+            name
+            for name, differs in (("master", new_master), ("mtu", new_mtu), ("state", not link.up))
+            if differs
+        ]
+        return [f"set {link.name} " + " ".join(sorted(changed))]
 
     def _must(self, name: str) -> Link:
         link = self._links.get(name)

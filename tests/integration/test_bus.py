@@ -38,6 +38,7 @@ from services.bus.idempotency import MemoryIdempotencyStore
 from services.bus.topology import declare
 from tests.brokers import BrokerHandle, find_dead_letter
 from tests.integration.conftest import MakeBus
+from tests.tcp_relay import TcpRelay
 
 pytestmark = pytest.mark.integration
 
@@ -662,3 +663,70 @@ def test_a_read_only_command_is_run_again_and_its_reply_not_recorded(make_bus: M
         assert store.get(message_id) is None
     finally:
         runner.stop()
+
+
+def test_a_rebind_keeps_its_connection_and_replaces_one_that_was_cut(
+    amqp_url: str, make_bus: MakeBus
+) -> None:
+    """`Subscription.rebind` declares and binds on a connection kept between calls (a new one
+    each time cost 10-30 ms); one that was cut meanwhile is replaced and the rebind made, and
+    events follow the newest patterns."""
+    relay, relayed_url = TcpRelay.for_url(amqp_url)
+    publisher = make_bus("compute:n1")
+    got: list[uuid.UUID] = []
+    arrived = threading.Condition()
+
+    def handler(_env: Envelope, event: Message) -> None:
+        assert isinstance(event, DomainStarted)
+        with arrived:
+            got.append(event.domain_id)
+            arrived.notify_all()
+
+    def started(domain_id: uuid.UUID) -> DomainStarted:
+        return DomainStarted(
+            domain_id=domain_id,
+            name="d",
+            host="n1",
+            seq=1,
+            state=PowerState.RUNNING,
+            detail=StartedDetail.BOOTED,
+        )
+
+    def heard(domain_id: uuid.UUID) -> bool:
+        # Published until heard: after a cut the consumer comes back on its own time.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            publisher.publish_event(started(domain_id))
+            with arrived:
+                if arrived.wait_for(lambda: domain_id in got, 0.5):
+                    return True
+        return False
+
+    with Bus(relayed_url, source="rebinding") as bus:
+        sub = bus.subscribe([], handler, queue=f"rebind-{uuid.uuid4().hex[:8]}")
+        try:
+            first, second, third = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+            sub.rebind([f"domain.started.{first}"])
+            kept = sub._rebinder._connection
+            assert kept is not None
+            assert kept.is_open
+            assert heard(first)
+            sub.rebind([f"domain.started.{second}"])
+            assert sub._rebinder._connection is kept  # the same connection
+            assert heard(second)
+            relay.cut()
+            relay.restore()
+            sub.rebind([f"domain.started.{third}"])  # on a new connection
+            assert sub._rebinder._connection is not kept
+            assert heard(third)
+            # Unbound: what the older patterns match no longer arrives (what one publisher
+            # sends is queued in order: the later `third` arriving shows `first` was not).
+            firsts, thirds = got.count(first), got.count(third)
+            publisher.publish_event(started(first))
+            publisher.publish_event(started(third))
+            with arrived:
+                assert arrived.wait_for(lambda: got.count(third) > thirds, 10)
+            assert got.count(first) == firsts
+        finally:
+            sub.close()
+            relay.close()
