@@ -23,6 +23,7 @@
 | net_underlay | FLOTILLA_NET_UNDERLAY | none: this host's VXLAN address (its `vtep`) |
 | net_underlay_device | FLOTILLA_NET_UNDERLAY_DEVICE | the link that holds net_underlay |
 | net_dnsmasq_dir | FLOTILLA_NET_DNSMASQ_DIR | /run/flotilla/dnsmasq (files in <host>-<hash>/) |
+| net_linger_s | FLOTILLA_NET_LINGER_S | 60 (s a network stays after its last port here) |
 """
 
 from __future__ import annotations
@@ -116,6 +117,9 @@ class ComputeConfig(BaseModel):
     # The files dnsmasq reads after dropping to nobody, out of the state dir (whose parents
     # may be private): this node's are in <net_dnsmasq_dir>/<host>-<hash of state_dir>/.
     net_dnsmasq_dir: Path = Path("/run/flotilla/dnsmasq")
+    # A network's plumbing here outlives its last port by this long (a guest made on it
+    # again meanwhile finds it ready); 0: removed with its last port.
+    net_linger_s: float = Field(default=60.0, ge=0.0, le=86400.0)
 
     @field_validator("migration_listen")
     @classmethod

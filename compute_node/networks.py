@@ -6,7 +6,8 @@ in the node's store. From them and the node's own settings (uplink for `nat`, un
 VXLAN, the data-plane namespace) follow the `NetworkPlumbing` and `PortPlumbing` the host
 must have: `begin_attach` makes the taps for the VMM and applies the networks and plugs the
 taps while it starts (`attach`: all of it before returning), `detach`
-unplugs them on undefine and removes a network with its last port. A restarted node calls
+unplugs them on undefine, and a network left without ports is removed once it has lingered
+`NetSettings.linger_s` (a guest made on it meanwhile finds it ready). A restarted node calls
 `reconcile` with every stored binding: `Plumber.reconcile` changes only what differs, so a
 guest's traffic does not stop for a node restart.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -98,6 +100,8 @@ class NetSettings:
     underlay_device: str | None = None
     # Where the node's dnsmasq run dir is made (compute_node/net/dnsmasq.py: node_dir).
     dnsmasq_dir: Path = RUN_DIR
+    # How long a network stays plumbed here after its last port went (0: removed at once).
+    linger_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -116,14 +120,17 @@ class HostNetworks:
         self.settings = settings
         self._dir = state_dir / "net"
         self.dnsmasq_dir = node_dir(settings.dnsmasq_dir, host, state_dir)
-        # Every plumber call runs on this one thread: pyroute2's netlink socket belongs to
-        # the thread that first uses it (in the data-plane namespace), and the plumber's
-        # calls must not interleave. It also orders port events with plugs.
+        # Every plumber call runs on this one thread: its netlink and libnftables sockets
+        # are not thread-safe, and its calls must not interleave. It also orders port
+        # events with plugs.
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="plumbing")
         self._plumber: Plumber | None = None
         self._remotes: dict[str, _Remote] = self._load_remotes()
         self._warnings: tuple[float, list[str]] = (0.0, [])
         self._tick = 0
+        # Networks without ports here, kept until their time (monotonic) is up (`_detach`).
+        self._lingering: dict[str, float] = {}
+        self._closed = False
         # Told the networks this host carries whenever they change (on the plumbing
         # thread; compute_node/remote_ports.py binds the port queue by them and asks the
         # network service about new ones). Returns a wait for that answer.
@@ -215,6 +222,7 @@ class HostNetworks:
         answer = self.carried_changed(before | new) if new else _no_answer
         took = {"apply": 0.0, "plug": 0.0, "answer": 0.0}
         for network, port in plumbing:
+            self._lingering.pop(network.network_id, None)  # in use again
             desired = plumber.desired
             start = time.perf_counter()
             if network not in desired.networks:
@@ -244,7 +252,8 @@ class HostNetworks:
         return taps
 
     def detach(self, ports: Sequence[PortBinding]) -> None:
-        """Unplug the ports; a network left without ports on this host is removed."""
+        """Unplug the ports; a network left without ports on this host is removed, at once
+        or once its linger is over (`NetSettings.linger_s`)."""
         if ports:
             self._on_thread(self._detach, ports)
 
@@ -253,14 +262,50 @@ class HostNetworks:
         for binding in ports:
             plumber.unplug(str(binding.port_id))
             plumber.discard_tap(self.tap_name(binding))  # made, then the plumbing failed
+        if self.settings.linger_s <= 0:
+            self._remove_unused()
+            return
+        # Kept for a while: a guest created on it again meanwhile (delete and create, a
+        # restart elsewhere and back) finds it applied, its remote ports known and their
+        # queue bound, instead of building it all again; and no port is ever plugged into
+        # a bridge being torn down (linuxbridge agents race there).
+        used = {p.network_id for p in plumber.desired.ports}
+        until = time.monotonic() + self.settings.linger_s
+        for network in plumber.desired.networks:
+            if network.network_id not in used and network.network_id not in self._lingering:
+                self._lingering[network.network_id] = until
+                log.info("network lingers", network=network.network_id, s=self.settings.linger_s)
+                timer = threading.Timer(self.settings.linger_s, self._linger_over)
+                timer.daemon = True
+                timer.start()
+
+    def _linger_over(self) -> None:
+        if self._closed:
+            return
+        try:
+            self._thread.submit(self._remove_unused, time.monotonic())
+        except RuntimeError:  # shut down meanwhile
+            pass
+
+    def _remove_unused(self, now: float | None = None) -> None:
+        """Remove the networks without ports here: all of them (`now` None), or those whose
+        linger is over by `now`."""
+        if self._closed:
+            return
+        plumber = self._open()
         desired = plumber.desired
         used = {p.network_id for p in desired.ports}
         removed = False
         for network in desired.networks:
-            if network.network_id not in used:
-                plumber.remove(network.network_id)
-                log.info("network removed", network=network.network_id)
-                removed = True
+            network_id = network.network_id
+            if network_id in used:
+                continue
+            if now is not None and self._lingering.get(network_id, now) > now:
+                continue
+            self._lingering.pop(network_id, None)
+            plumber.remove(network_id)
+            log.info("network removed", network=network_id)
+            removed = True
         if removed:
             self.carried_changed(self._carried())
 
@@ -510,6 +555,8 @@ class HostNetworks:
         return self._thread.submit(fn, *args).result()
 
     def close(self) -> None:
+        self._closed = True  # a linger that ends now removes nothing: the plumbing stays
+
         def close() -> None:
             if self._plumber is not None:
                 self._plumber.close()

@@ -132,6 +132,7 @@ class ComputeNode:
                     underlay=config.net_underlay,
                     underlay_device=config.net_underlay_device,
                     dnsmasq_dir=config.net_dnsmasq_dir,
+                    linger_s=config.net_linger_s,
                 ),
             )
             self.lifecycle.networks = self.networks

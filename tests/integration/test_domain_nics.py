@@ -12,8 +12,8 @@ network service would send them (tests/integration/port_announcer.py).
 - a compute node killed with SIGKILL and restarted loses no packet of a 10 ms ping between
   them (the restart reconciles; nothing that matches is torn down);
 - a NAT guest reaches a server upstream of its host and an isolated one cannot;
-- MAC and address are in the domain's info; undefine removes the tap and, with its last port,
-  the network.
+- MAC and address are in the domain's info; undefine removes the tap at once and, its last
+  port gone, the network once its linger (`net_linger_s`) is over.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ from tests.integration.port_announcer import PortAnnouncer
 pytestmark = [pytest.mark.integration, pytest.mark.kvm, pytest.mark.slow]
 
 UNDERLAY = {"a": "10.77.0.1", "b": "10.77.0.2"}
+LINGER_S = 2.0  # a network's plumbing outlives its last port on a host by this long
 PREFIX = "flotilla-guest: "
 
 
@@ -121,7 +122,11 @@ def _cloud(amqp_url: str, make_bus: MakeBus, start: tuple[str, ...]) -> Iterator
             for role in ("a", "b"):
                 state = root / role
                 state.mkdir()
-                env = {"FLOTILLA_NET_NETNS": ns[role], "FLOTILLA_NET_UNDERLAY": UNDERLAY[role]}
+                env = {
+                    "FLOTILLA_NET_NETNS": ns[role],
+                    "FLOTILLA_NET_UNDERLAY": UNDERLAY[role],
+                    "FLOTILLA_NET_LINGER_S": str(LINGER_S),
+                }
                 if role == "a":
                     env["FLOTILLA_NET_UPLINK"] = "uplink0"
                 compute = ComputeProcess(amqp_url, state, f"nic{role}-{tag}", env)
@@ -256,13 +261,17 @@ def test_guests_on_two_hosts_ping_over_vxlan_and_a_compute_restart_loses_nothing
     ]
     assert reconciled[-1]["ports"] == 1
     assert reconciled[-1]["changes"] == 0, host_a.compute.log()
-    # Undefine: the tap goes, and the network with its last port.
+    # Undefine: the tap goes at once; the network, its last port gone, lingers, then goes.
     queue = routing.compute_queue(host_a.name)
     cloud.bus.call(queue, DestroyDomain(domain_id=a), timeout=20)
     cloud.bus.call(queue, UndefineDomain(domain_id=a), timeout=20)
     left = ip("-o", "link", "show", ns=host_a.ns)
     assert names.tap_name(str(pa.port_id)) not in left
-    assert names.bridge_name(str(net.network_id)) not in left
+    assert names.bridge_name(str(net.network_id)) in left
+    deadline = time.monotonic() + LINGER_S + 10
+    while names.bridge_name(str(net.network_id)) in ip("-o", "link", "show", ns=host_a.ns):
+        assert time.monotonic() < deadline, "the network outlived its linger"
+        time.sleep(0.2)
 
 
 def _indexes(links: str) -> dict[str, str]:

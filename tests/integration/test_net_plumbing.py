@@ -633,3 +633,67 @@ def test_bridge_mode_uses_the_host_bridge_and_remove_leaves_nothing_of_ours(
     ruleset = run_in(host, "nft", "list", "ruleset").stdout
     assert "port-" not in ruleset
     assert "flb-" not in ruleset
+
+
+def test_a_network_lingers_after_its_last_port_and_a_new_port_finds_it_ready(
+    tmp_path: Path,
+) -> None:
+    """`linger_s`: the last port's detach leaves the network's bridge and dnsmasq; a port
+    attached meanwhile finds them as they were (same bridge, same dnsmasq, nothing applied
+    again); once the linger is over with no port, the network goes. With `linger_s` 0 it goes
+    with its last port (the test above)."""
+    net = NetworkBinding(
+        network_id=uuid.uuid4(),
+        name="lingering",
+        mode="isolated",
+        mtu=1400,
+        gateway=IPv4Interface("10.64.0.1/24"),
+    )
+    first, second = _binding(net, 10), _binding(net, 11)
+    bridge = names.bridge_name(str(net.network_id))
+    short = names.short_id(str(net.network_id))
+    with lab() as made:
+        host = made.ns("h")
+        networks = HostNetworks(
+            f"h-{uuid.uuid4().hex[:6]}",
+            tmp_path / "compute",
+            NetSettings(netns=host, linger_s=1.0),
+        )
+        dnsmasq = Dnsmasq(tmp_path / "compute" / "net", run_dir=networks.dnsmasq_dir)
+        try:
+            networks.attach([first])
+            index = _links(host)[bridge]
+            pid = dnsmasq.pid(short)
+            assert pid is not None
+            networks.detach([first])
+            links = _links(host)
+            assert names.tap_name(str(first.port_id)) not in links
+            assert links[bridge] == index  # lingering
+            assert networks.carried() == {str(net.network_id)}
+
+            time.sleep(0.5)
+            networks.attach([second])  # within the linger: found ready
+            assert _links(host)[bridge] == index
+            assert dnsmasq.pid(short) == pid
+            time.sleep(1.0)  # the first linger's time is up, but the network has a port
+            assert bridge in _links(host)
+
+            networks.detach([second])
+            deadline = time.monotonic() + 10
+            while bridge in _links(host):
+                assert time.monotonic() < deadline, "the network outlived its linger"
+                time.sleep(0.1)
+            assert networks.carried() == frozenset()
+            assert dnsmasq.pid(short) is None
+        finally:
+            networks.close()
+            dnsmasq.stop_all()
+
+
+def _links(ns: str) -> dict[str, int]:
+    """Link name -> ifindex in namespace `ns`."""
+    found = {}
+    for line in ip("-o", "link", "show", ns=ns).splitlines():
+        index, name = line.split(":")[0:2]
+        found[name.strip().split("@")[0]] = int(index)
+    return found
