@@ -663,8 +663,10 @@ def test_a_network_lingers_after_its_last_port_and_a_new_port_finds_it_ready(
         try:
             networks.attach([first])
             index = _links(host)[bridge]
-            pid = dnsmasq.pid(short)
-            assert pid is not None
+            deadline = time.monotonic() + 10
+            while (pid := dnsmasq.pid(short)) is None:  # started in the background
+                assert time.monotonic() < deadline, "dnsmasq did not start"
+                time.sleep(0.05)
             networks.detach([first])
             links = _links(host)
             assert names.tap_name(str(first.port_id)) not in links
