@@ -107,6 +107,27 @@ def replica_process(
         proc.wait(10)
 
 
+def schedule_in_background(
+    bus: Bus, domain: DomainSpec
+) -> tuple[threading.Thread, list[Placement | BaseException]]:
+    """A ScheduleDomain for `domain` on a thread of its own; its reply (or error) lands in
+    the list once the thread ends."""
+    replies: list[Placement | BaseException] = []
+
+    def request() -> None:
+        cmd = ScheduleDomain(spec=domain, project="p")
+        try:
+            reply = bus.call(routing.SCHEDULER_QUEUE, cmd, timeout=60)
+            assert isinstance(reply, Placement)
+            replies.append(reply)
+        except BaseException as exc:
+            replies.append(exc)
+
+    caller = threading.Thread(target=request)
+    caller.start()
+    return caller, replies
+
+
 def consumers(amqp_url: str) -> int:
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     try:
@@ -135,21 +156,8 @@ def test_a_redelivered_request_is_placed_on_the_dead_replicas_host(
             time.sleep(0.1)
         time.sleep(4 * HEARTBEAT_S)  # it has heard from both hosts
 
-        bus = make_bus()
         domain = spec(memory_mib=1024)
-        replies: list[Placement | BaseException] = []
-
-        def request() -> None:
-            cmd = ScheduleDomain(spec=domain, project="p")
-            try:
-                reply = bus.call(routing.SCHEDULER_QUEUE, cmd, timeout=60)
-                assert isinstance(reply, Placement)
-                replies.append(reply)
-            except BaseException as exc:
-                replies.append(exc)
-
-        caller = threading.Thread(target=request)
-        caller.start()
+        caller, replies = schedule_in_background(make_bus(), domain)
         held = nodes[first_host].driver
         assert isinstance(held, HeldDriver)
         assert held.entered.wait(30), "the first replica did not start the domain"
@@ -189,21 +197,8 @@ def test_a_replica_cut_off_from_the_broker_mid_call_leaves_the_request_for_redel
         replica.start()
         replica.wait_for_hosts(2)
         time.sleep(4 * HEARTBEAT_S)  # it has heard from both hosts
-        bus = make_bus()
         domain = spec(memory_mib=1024)
-        replies: list[Placement | BaseException] = []
-
-        def request() -> None:
-            cmd = ScheduleDomain(spec=domain, project="p")
-            try:
-                reply = bus.call(routing.SCHEDULER_QUEUE, cmd, timeout=60)
-                assert isinstance(reply, Placement)
-                replies.append(reply)
-            except BaseException as exc:
-                replies.append(exc)
-
-        caller = threading.Thread(target=request)
-        caller.start()
+        caller, replies = schedule_in_background(make_bus(), domain)
         held = nodes[first_host].driver
         assert isinstance(held, HeldDriver)
         assert held.entered.wait(30), "the replica did not start the domain"
