@@ -85,6 +85,13 @@ class NodeList:
                 error = exc
                 self.failed(params)
                 continue
+            except (OSError, ValueError) as exc:
+                # A connection reset right after the TCP accept (a node going down, a cut)
+                # reaches pika's set-up as "Expected connected socket" (ValueError): a node
+                # that did not answer, like any other.
+                error = pika.exceptions.AMQPConnectionError(repr(exc))
+                self.failed(params)
+                continue
             self.current = next(i for i, known in enumerate(self.params) if known is params)
             return connection, params
         assert error is not None

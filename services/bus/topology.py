@@ -131,7 +131,7 @@ class Rebinder:
                 for pattern in unbind:
                     ch.queue_unbind(decl.name, routing.EVENTS_EXCHANGE, routing_key=pattern)
                 return
-            except (pika.exceptions.AMQPError, OSError):
+            except (pika.exceptions.AMQPError, OSError, ValueError):  # ValueError: nodes.connect
                 self.close()
                 if attempt:
                     raise

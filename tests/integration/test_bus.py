@@ -35,6 +35,7 @@ from services.bus import (
     handles,
 )
 from services.bus.idempotency import MemoryIdempotencyStore
+from services.bus.nodes import blocking_nodes
 from services.bus.topology import declare
 from tests.brokers import BrokerHandle, find_dead_letter
 from tests.integration.conftest import MakeBus
@@ -730,3 +731,21 @@ def test_a_rebind_keeps_its_connection_and_replaces_one_that_was_cut(
         finally:
             sub.close()
             relay.close()
+
+
+def test_a_node_that_resets_connections_at_accept_is_a_node_that_did_not_answer(
+    amqp_url: str,
+) -> None:
+    """A node going down may accept a TCP connection and reset it at once; pika's set-up then
+    raises ValueError ("Expected connected socket") at times instead of a connection error.
+    The bus takes it as a node that did not answer: AMQPConnectionError (ConnectionLost to
+    a caller), never a ValueError out of a command handler."""
+    relay, relayed_url = TcpRelay.for_url(amqp_url)
+    relay.cut()  # accepts, then resets
+    try:
+        nodes = blocking_nodes(relayed_url, "reset-at-accept")
+        for _ in range(150):  # the ValueError came in ~1 of 100 attempts here
+            with pytest.raises(pika.exceptions.AMQPConnectionError):
+                nodes.connect()
+    finally:
+        relay.close()
