@@ -164,9 +164,15 @@ class FaultPlan:
         pids = sorted(vmm_pids(self.rig.base))
         if not pids:
             return ""
-        pid = pids[self._next("vmm", len(pids))]
-        os.kill(pid, signal.SIGKILL)
-        return f"vmm pid {pid}"
+        first = self._next("vmm", len(pids))
+        # The workload stops guests all the time: one listed a moment ago may be gone.
+        for pid in pids[first:] + pids[:first]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            return f"vmm pid {pid}"
+        return ""
 
     def _kill_replica(self, kind: str) -> str:
         replicas = self.rig.apis if kind == "api" else self.rig.schedulers
