@@ -279,6 +279,13 @@ class HostNetworks:
                 timer.daemon = True
                 timer.start()
 
+    def end_lingering(self) -> None:
+        """Remove now the networks lingering without ports (a node stopping: its linger is a
+        cache for guests made here while it runs, and nothing of a network without ports
+        is to be kept for a restart, unlike the plumbing of guests that run on)."""
+        if self._lingering and not self._closed:
+            self._on_thread(self._remove_unused)
+
     def _linger_over(self) -> None:
         if self._closed:
             return
@@ -555,7 +562,10 @@ class HostNetworks:
         return self._thread.submit(fn, *args).result()
 
     def close(self) -> None:
-        self._closed = True  # a linger that ends now removes nothing: the plumbing stays
+        if self._closed:
+            return
+        self.end_lingering()
+        self._closed = True  # a linger timer that fires now removes nothing
 
         def close() -> None:
             if self._plumber is not None:

@@ -235,6 +235,9 @@ class ComputeNode:
         if self.relay is not None:
             self.relay.stop()
         self.heartbeat.stop()
+        if self.networks is not None:
+            # Before the port queue's binder stops, so their bindings go too.
+            self.networks.end_lingering()
         if self.remote_ports is not None:
             self.remote_ports.stop()
         self.runner.stop()

@@ -692,6 +692,43 @@ def test_a_network_lingers_after_its_last_port_and_a_new_port_finds_it_ready(
             dnsmasq.stop_all()
 
 
+def test_a_node_that_stops_removes_the_networks_lingering_without_ports(tmp_path: Path) -> None:
+    """The linger is a cache for guests made while the node runs: a node that stops leaves
+    no port-less network behind (no bridge, no dnsmasq), while a network with a port stays
+    for the guest that runs on (a restart reconciles it)."""
+    nets = [
+        NetworkBinding(
+            network_id=uuid.uuid4(),
+            name=name,
+            mode="isolated",
+            mtu=1400,
+            gateway=IPv4Interface(f"10.{subnet}.0.1/24"),
+        )
+        for name, subnet in (("idle", 65), ("used", 66))
+    ]
+    idle, used = (_binding(net, 10) for net in nets)
+    with lab() as made:
+        host = made.ns("h")
+        networks = HostNetworks(
+            f"h-{uuid.uuid4().hex[:6]}", tmp_path / "compute", NetSettings(netns=host, linger_s=600)
+        )
+        dnsmasq = Dnsmasq(tmp_path / "compute" / "net", run_dir=networks.dnsmasq_dir)
+        try:
+            networks.attach([idle])
+            networks.attach([used])
+            networks.detach([idle])
+            bridges = {names.bridge_name(str(n.network_id)) for n in nets}
+            assert bridges <= _links(host).keys()
+            networks.close()
+            left = _links(host)
+            assert names.bridge_name(str(nets[0].network_id)) not in left
+            assert names.bridge_name(str(nets[1].network_id)) in left
+            assert dnsmasq.pid(names.short_id(str(nets[0].network_id))) is None
+        finally:
+            networks.close()
+            dnsmasq.stop_all()
+
+
 def _links(ns: str) -> dict[str, int]:
     """Link name -> ifindex in namespace `ns`."""
     found = {}
