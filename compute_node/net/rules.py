@@ -163,63 +163,133 @@ def port_removed(port: PortPlumbing) -> list[Command]:
     ]
 
 
-def inet_table(networks: Iterable[NetworkPlumbing]) -> Table:
-    """The `inet flotilla` table for these networks (bridge-mode ones have no rules here:
-    their bridge and its routing are the host's)."""
-    own = sorted((n for n in networks if n.owns_bridge), key=lambda n: n.bridge)
-    post: list[Expr] = []
-    forward: list[Expr] = []
-    inp: list[Expr] = []
-    established = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
-    for net in own:
-        br = _match(_meta("iifname"), net.bridge)
+# The inet table's dispatch: each network's bridge -> its own chains, through verdict maps
+# (one lookup a packet, and a network added or removed by one small batch, whatever the
+# number of networks on the host).
+FROM_BRIDGE_MAP = "from-bridge"  # forward, by iifname
+TO_BRIDGE_MAP = "to-bridge"  # forward, by oifname
+INPUT_MAP = "input-bridge"  # input, by iifname
+INET_DISPATCH: dict[str, list[Expr]] = {
+    "forward": [
+        [{"vmap": {"key": _meta("iifname"), "data": "@" + FROM_BRIDGE_MAP}}],
+        [{"vmap": {"key": _meta("oifname"), "data": "@" + TO_BRIDGE_MAP}}],
+    ],
+    "input": [[{"vmap": {"key": _meta("iifname"), "data": "@" + INPUT_MAP}}]],
+}
+ESTABLISHED = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
+
+
+def network_chains(net: NetworkPlumbing) -> dict[str, list[Expr]]:
+    """A network's own chains in the inet table (one that owns its bridge): what its bridge
+    may forward (out of it, into it) and what the host accepts from it."""
+    short = net.short_id
+    out_of: list[Expr] = [
         # With br_netfilter (bridge-nf-call-iptables), frames bridged between two ports of
         # one bridge pass this hook too, as iif = oif = the bridge: they are not routed.
-        forward.append([br, _match(_meta("oifname"), net.bridge), ACCEPT])
-        if net.mode is NetworkMode.NAT:
-            assert net.uplink is not None
-            subnet = _prefix(net)
-            post.append(
-                [
-                    _match(_payload("ip", "saddr"), subnet),
-                    _match(_payload("ip", "daddr"), subnet, "!="),
-                    _match(_meta("oifname"), net.uplink),
-                    {"masquerade": None},
-                ]
-            )
-            forward.append(
-                [
-                    br,
-                    _match(_meta("oifname"), net.uplink),
-                    _match(_payload("ip", "saddr"), subnet),
-                    ACCEPT,
-                ]
-            )
-            forward.append(
-                [
-                    _match(_meta("iifname"), net.uplink),
-                    _match(_meta("oifname"), net.bridge),
-                    established,
-                    ACCEPT,
-                ]
-            )
-        forward.append([br, DROP])
-        forward.append([_match(_meta("oifname"), net.bridge), DROP])
-        inp.extend(
+        [_match(_meta("oifname"), net.bridge), ACCEPT],
+    ]
+    into: list[Expr] = []
+    if net.mode is NetworkMode.NAT:
+        assert net.uplink is not None
+        out_of.append(
             [
-                [br, _match(_payload("udp", "dport"), 67), ACCEPT],
-                [
-                    br,
-                    _match(_meta("l4proto"), {"set": ["tcp", "udp"]}),
-                    _match(_payload("th", "dport"), 53),
-                    ACCEPT,
-                ],
-                [br, _match(_payload("icmp", "type"), "echo-request"), ACCEPT],
-                [br, established, ACCEPT],
-                [br, DROP],
+                _match(_meta("oifname"), net.uplink),
+                _match(_payload("ip", "saddr"), _prefix(net)),
+                ACCEPT,
             ]
         )
-    return Table("inet", INET_BASE, {"postrouting": post, "forward": forward, "input": inp})
+        into.append([_match(_meta("iifname"), net.uplink), ESTABLISHED, ACCEPT])
+    out_of.append([DROP])
+    into.append([DROP])
+    host: list[Expr] = [
+        [_match(_payload("udp", "dport"), 67), ACCEPT],
+        [
+            _match(_meta("l4proto"), {"set": ["tcp", "udp"]}),
+            _match(_payload("th", "dport"), 53),
+            ACCEPT,
+        ],
+        [_match(_payload("icmp", "type"), "echo-request"), ACCEPT],
+        [ESTABLISHED, ACCEPT],
+        [DROP],
+    ]
+    return {f"fwd-from-{short}": out_of, f"fwd-to-{short}": into, f"in-{short}": host}
+
+
+def _masquerade(net: NetworkPlumbing) -> Expr:
+    assert net.uplink is not None
+    subnet = _prefix(net)
+    return [
+        _match(_payload("ip", "saddr"), subnet),
+        _match(_payload("ip", "daddr"), subnet, "!="),
+        _match(_meta("oifname"), net.uplink),
+        {"masquerade": None},
+    ]
+
+
+def _dispatch(net: NetworkPlumbing) -> dict[str, tuple[str, str]]:
+    """Verdict map -> (the network's bridge, the chain it jumps to)."""
+    short = net.short_id
+    return {
+        FROM_BRIDGE_MAP: (net.bridge, f"fwd-from-{short}"),
+        TO_BRIDGE_MAP: (net.bridge, f"fwd-to-{short}"),
+        INPUT_MAP: (net.bridge, f"in-{short}"),
+    }
+
+
+def inet_table(networks: Iterable[NetworkPlumbing]) -> Table:
+    """The `inet flotilla` table for these networks (bridge-mode ones have no rules here:
+    their bridge and its routing are the host's): masquerade per nat network in
+    postrouting; forward and input dispatched by bridge to each network's chains
+    (`network_chains`), where a bridge forwards within itself and, for nat, to and (replies)
+    from the uplink, and the host accepts from it DHCP, DNS, ping and replies only."""
+    own = sorted((n for n in networks if n.owns_bridge), key=lambda n: n.bridge)
+    rules: dict[str, list[Expr]] = {
+        "postrouting": [_masquerade(n) for n in own if n.mode is NetworkMode.NAT],
+        **{chain: list(exprs) for chain, exprs in INET_DISPATCH.items()},
+    }
+    vmaps: dict[str, dict[str, str]] = {m: {} for m in (FROM_BRIDGE_MAP, TO_BRIDGE_MAP, INPUT_MAP)}
+    for net in own:
+        rules.update(network_chains(net))
+        for vmap, (bridge, chain) in _dispatch(net).items():
+            vmaps[vmap][bridge] = chain
+    return Table("inet", INET_BASE, rules, vmaps)
+
+
+def network_added(net: NetworkPlumbing) -> list[Command]:
+    """One batch adding an isolated network (no postrouting rule) to an up-to-date inet
+    table: its chains and rules, then the map entries that send its bridge's packets there
+    (so no packet meets a half-built chain)."""
+    assert net.owns_bridge
+    assert net.mode is not NetworkMode.NAT
+    cmds: list[Command] = []
+    for chain, exprs in network_chains(net).items():
+        ref = {"family": "inet", "table": TABLE, "name": chain}
+        cmds += [{"add": {"chain": ref}}, {"flush": {"chain": ref}}]
+        cmds += [
+            {"add": {"rule": {"family": "inet", "table": TABLE, "chain": chain, "expr": e}}}
+            for e in exprs
+        ]
+    for vmap, (bridge, chain) in _dispatch(net).items():
+        elem: list[Any] = [[bridge, {"jump": {"target": chain}}]]
+        cmds.append(
+            {"add": {"element": {"family": "inet", "table": TABLE, "name": vmap, "elem": elem}}}
+        )
+    return cmds
+
+
+def network_removed(net: NetworkPlumbing) -> list[Command]:
+    """One batch removing an isolated network from an up-to-date inet table: its map
+    entries first, then its chains."""
+    assert net.owns_bridge
+    assert net.mode is not NetworkMode.NAT
+    cmds: list[Command] = [
+        {"delete": {"element": {"family": "inet", "table": TABLE, "name": vmap, "elem": [bridge]}}}
+        for vmap, (bridge, _chain) in _dispatch(net).items()
+    ]
+    for chain in network_chains(net):
+        ref = {"family": "inet", "table": TABLE, "name": chain}
+        cmds += [{"flush": {"chain": ref}}, {"delete": {"chain": ref}}]
+    return cmds
 
 
 def replace(table: Table, existing_chains: Sequence[str]) -> list[Command]:

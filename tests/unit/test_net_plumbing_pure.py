@@ -129,10 +129,44 @@ def test_inet_table_masquerades_nat_and_drops_isolated_forwarding() -> None:
     assert len(post) == 1
     assert {"masquerade": None} in post[0]
     assert {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "eth0"}} in post[0]
-    forward = [str(r) for r in table.rules["forward"]]
-    iso_rules = [r for r in forward if ISO.bridge in r]
-    assert all("eth0" not in r for r in iso_rules)
-    assert iso_rules[-1].endswith("{'drop': None}]")
+    # forward and input: one lookup by bridge, to the network's own chains.
+    assert table.rules["forward"] == rules.INET_DISPATCH["forward"]
+    assert table.rules["input"] == rules.INET_DISPATCH["input"]
+    for net in (NAT, ISO):
+        short = net.short_id
+        assert table.vmaps[rules.FROM_BRIDGE_MAP][net.bridge] == f"fwd-from-{short}"
+        assert table.vmaps[rules.TO_BRIDGE_MAP][net.bridge] == f"fwd-to-{short}"
+        assert table.vmaps[rules.INPUT_MAP][net.bridge] == f"in-{short}"
+        for chain in (f"fwd-from-{short}", f"fwd-to-{short}", f"in-{short}"):
+            assert table.rules[chain][-1] == [{"drop": None}]  # nothing else passes
+    iso = str([table.rules[f"fwd-from-{ISO.short_id}"], table.rules[f"fwd-to-{ISO.short_id}"]])
+    assert "eth0" not in iso  # an isolated bridge forwards only within itself
+    nat_out = str(table.rules[f"fwd-from-{NAT.short_id}"])
+    assert "eth0" in nat_out
+    assert "10.0.0.0" in nat_out
+
+
+def test_a_network_added_alone_makes_the_same_table() -> None:
+    """`network_added` on the table of the other networks gives what `inet_table` gives for
+    them all: its chains, rules and map entries, nothing of the others touched."""
+    before = rules.inet_table([NAT])
+    after = rules.inet_table([NAT, ISO])
+    cmds = rules.network_added(ISO)
+    added: dict[str, list[rules.Expr]] = {}
+    elements: dict[str, dict[str, str]] = {}
+    for cmd in cmds:
+        ((verb, body),) = cmd.items()
+        if verb == "add" and "rule" in body:
+            added.setdefault(body["rule"]["chain"], []).append(body["rule"]["expr"])
+        elif verb == "add" and "element" in body:
+            ((key, verdict),) = body["element"]["elem"]
+            elements.setdefault(body["element"]["name"], {})[key] = verdict["jump"]["target"]
+    assert {**before.rules, **added} == after.rules
+    assert {m: {**before.vmaps[m], **elements.get(m, {})} for m in before.vmaps} == after.vmaps
+    # Chains and rules before the map entries that lead to them.
+    kinds = ["element" if "element" in next(iter(c.values())) else "other" for c in cmds]
+    assert kinds[-3:] == ["element"] * 3
+    assert "element" not in kinds[:-3]
 
 
 def test_replace_is_one_batch_that_keeps_base_chains_and_deletes_stale_ones() -> None:
@@ -238,3 +272,18 @@ def test_a_run_dir_dnsmasq_cannot_use_is_refused_before_dnsmasq_starts(tmp_path:
     with pytest.raises(DnsmasqError, match="is not searchable by others"):
         Dnsmasq(tmp_path / "state", run_dir=private / "dnsmasq").ensure(ISO, [PORT])
     assert not list(tmp_path.rglob("*.hosts"))
+
+
+def test_a_network_removed_alone_takes_its_chains_and_entries_only() -> None:
+    cmds = rules.network_removed(ISO)
+    deleted_elements = [c["delete"]["element"] for c in cmds if "element" in c.get("delete", {})]
+    assert {e["name"]: e["elem"] for e in deleted_elements} == {
+        rules.FROM_BRIDGE_MAP: [ISO.bridge],
+        rules.TO_BRIDGE_MAP: [ISO.bridge],
+        rules.INPUT_MAP: [ISO.bridge],
+    }
+    deleted_chains = [c["delete"]["chain"]["name"] for c in cmds if "chain" in c.get("delete", {})]
+    assert deleted_chains == list(rules.network_chains(ISO))
+    # The entries that lead to the chains go first.
+    first_chain = next(i for i, c in enumerate(cmds) if "chain" in next(iter(c.values())))
+    assert all("element" in next(iter(c.values())) for c in cmds[:first_chain])
