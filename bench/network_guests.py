@@ -174,8 +174,10 @@ class Lab:
         if keep:
             for host in self.hosts.values():
                 log = host.state / "compute.log"
-                if log.exists():
+                try:
                     shutil.copy(log, Path(keep) / f"compute-{host.role}.log")
+                except OSError as exc:  # the nodes and namespaces are ended all the same
+                    say(f"bench/network: {host.role}'s log not kept: {exc}")
         self.watcher.shutdown()
         self.announcer.stop()
         self.announcer.bus.close()
