@@ -46,6 +46,7 @@ _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _U32_ATTR = struct.Struct("=HHI")  # len, type, value
 _NLMSGERR = struct.Struct("=i")
 _DECODERS: dict[int, type[Any]] = {RTM_NEWADDR: ifaddrmsg, RTM_NEWNEIGH: ndmsg}
+REPLY_TIMEOUT_S = 10.0
 _NLA = struct.Struct("=HH")  # len, type
 _NLA_F_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 IFLA_IFNAME = 3
@@ -134,6 +135,9 @@ class Rtnl:
         with netns.inside(netns_name):
             self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        # The kernel answers at once; a reply that never comes is an error (OSError), not a
+        # plumbing thread stuck for good.
+        self._sock.settimeout(REPLY_TIMEOUT_S)
         self._sock.bind((0, 0))
         self._seq = 0
 
