@@ -43,6 +43,7 @@ from services.bus.confirm import Confirmation
 from services.bus.errors import ConnectionLost, RemoteError, RpcTimeout
 from services.bus.inbound import LinkInbound, dead_letter
 from services.bus.link import Consumer, Delivery, Link
+from services.bus.nodes import blocking_nodes
 from services.bus.rpc import RpcClient
 from services.bus.topology import QueueDecl, Rebinder, declare, delete_queue
 
@@ -349,7 +350,8 @@ class Subscription:
         self._inbox: queue_mod.SimpleQueue[Delivery | None] = queue_mod.SimpleQueue()
         self._consumer = Consumer(decl.name, self._inbox.put, prefetch=prefetch)
         self._thread = threading.Thread(target=self._loop, name=f"sub-{decl.name}", daemon=True)
-        self._rebinder = Rebinder()  # its connection opened at the first `rebind`
+        # Its connection opened at the first `rebind`.
+        self._rebinder = Rebinder(blocking_nodes(bus.url, f"{bus.source}-rebind"))
 
     def start(self) -> None:
         self._thread.start()
@@ -387,7 +389,7 @@ class Subscription:
         gone = [p for p in dict.fromkeys((*self.decl.patterns, *unbind)) if p not in new]
         self.decl = replace(self.decl, patterns=new)
         self.bus.declare_only(self.decl)
-        self._rebinder.rebind(self.bus.link.nodes.in_order(), self.decl, gone)
+        self._rebinder.rebind(self.decl, gone)
 
     def close(self, timeout: float = 5.0) -> None:
         self._rebinder.close()

@@ -6,8 +6,6 @@ BlockingConnection instead of threading callbacks through the I/O loop.
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -16,6 +14,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from protos import routing
+from services.bus.nodes import NodeList
 
 QUORUM_ARGS: dict[str, Any] = {
     "x-queue-type": "quorum",
@@ -115,35 +114,33 @@ class Rebinder:
     (unbinding what is not bound is no error), on one connection kept between calls: a new
     one each time cost 10-30 ms on a busy host (TCP, the AMQP handshake, a channel), which a
     compute node paid on the start of every guest whose network was new on the host. The
-    connection sends no heartbeats (it is idle between calls; nothing reads it then), and
-    one the broker or the network closed meanwhile is replaced and the call made again.
-    Not thread-safe: one caller at a time."""
+    connection is one of `nodes` (services.bus.nodes.blocking_nodes: no heartbeats, as it is
+    idle between calls), and one the broker or the network closed meanwhile is replaced and
+    the call made again. Not thread-safe: one caller at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, nodes: NodeList) -> None:
+        self._nodes = nodes
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
 
-    def rebind(self, params: Nodes, decl: QueueDecl, unbind: list[str]) -> None:
+    def rebind(self, decl: QueueDecl, unbind: list[str]) -> None:
         for attempt in range(2):
             try:
-                ch = self._open(params)
+                ch = self._open()
                 _declare_queue(ch, decl)
                 for pattern in unbind:
                     ch.queue_unbind(decl.name, routing.EVENTS_EXCHANGE, routing_key=pattern)
                 return
-            except (pika.exceptions.AMQPError, OSError, ValueError):  # ValueError: nodes.connect
+            except (pika.exceptions.AMQPError, OSError):
                 self.close()
                 if attempt:
                     raise
 
-    def _open(self, params: Nodes) -> BlockingChannel:
+    def _open(self) -> BlockingChannel:
         if self._channel is not None and self._channel.is_open:
             return self._channel
         self.close()
-        quiet = [copy.copy(p) for p in (params if isinstance(params, Sequence) else [params])]
-        for p in quiet:
-            p.heartbeat = 0
-        self._connection = pika.BlockingConnection(quiet)
+        self._connection, _params = self._nodes.connect()
         self._channel = self._connection.channel()
         return self._channel
 
