@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
 import structlog
 from pyroute2.netlink.exceptions import NetlinkError
@@ -121,18 +122,13 @@ class Plumber:
         old = self._networks.get(network.network_id)
         self._networks[network.network_id] = network
         changes = self._network_links(network, old)
-        if (
-            old is None
-            and "inet" in self._synced
-            and network.owns_bridge
-            and network.mode is not NetworkMode.NAT
-        ):
+        if old is None and "inet" in self._synced and rules.stepwise(network):
             # Its own chains and map entries, one small batch whatever the number of
             # networks here (a rewrite costs ~0.2 ms a network).
             self._nft_step(rules.network_added(network), "inet")
-            changes.append("nft inet flotilla")
-        elif self._write_table("inet"):
-            changes.append("nft inet flotilla")
+        else:
+            self._write_table("inet")
+        changes.append("nft inet flotilla")
         changes.extend(self._dhcp(network))
         if network.mode is NetworkMode.NAT:
             changes.extend(self._forwarding())
@@ -158,7 +154,7 @@ class Plumber:
             self._delete_link(network.bridge)
         if ports or "bridge" not in self._synced:
             self._write_table("bridge")
-        if "inet" in self._synced and network.owns_bridge and network.mode is not NetworkMode.NAT:
+        if "inet" in self._synced and rules.stepwise(network):
             self._nft_step(rules.network_removed(network), "inet")
         else:
             self._write_table("inet")
@@ -412,17 +408,17 @@ class Plumber:
 
     def _set(self, link: Link, master: int | None, mtu: int) -> list[str]:
         """One netlink request for whatever of master, MTU and up differs."""
-        new_master = master if master is not None and link.master != master else None
-        new_mtu = mtu if link.mtu != mtu else None
-        if new_master is None and new_mtu is None and link.up:
+        changes: dict[str, Any] = {}
+        if master is not None and link.master != master:
+            changes["master"] = master
+        if link.mtu != mtu:
+            changes["mtu"] = mtu
+        if not link.up:
+            changes["up"] = True
+        if not changes:
             return []
-        self._links.set(link.index, master=new_master, mtu=new_mtu, up=not link.up)
-        changed = [
-            name
-            for name, differs in (("master", new_master), ("mtu", new_mtu), ("state", not link.up))
-            if differs
-        ]
-        return [f"set {link.name} " + " ".join(sorted(changed))]
+        self._links.set(link.index, **changes)
+        return [f"set {link.name} " + " ".join(sorted(changes))]
 
     def _must(self, name: str) -> Link:
         link = self._links.get(name)
@@ -477,12 +473,11 @@ class Plumber:
             return rules.bridge_table(self._ports.values())
         return rules.inet_table(self._networks.values())
 
-    def _write_table(self, family: str) -> bool:
+    def _write_table(self, family: str) -> None:
         table = self._table(family)
         self._nft.batch(rules.replace(table, self._chains[family]))
         self._chains[family] = table.chains()
         self._synced.add(family)
-        return True
 
     def _nft_step(self, batch: list[rules.Command], family: str = "bridge") -> None:
         """An incremental change to a table known to match the state; if the kernel refuses

@@ -132,34 +132,45 @@ def bridge_table(ports: Iterable[PortPlumbing]) -> Table:
     return Table("bridge", BRIDGE_BASE, rules, {PORTS_MAP: {p.tap: port_chain(p) for p in ordered}})
 
 
-def _element(tap: str, chain: str | None) -> dict[str, Any]:
-    elem: list[Any] = [[tap, {"jump": {"target": chain}}]] if chain is not None else [tap]
-    return {"family": "bridge", "table": TABLE, "name": PORTS_MAP, "elem": elem}
+def _element(family: str, vmap: str, key: str, chain: str | None) -> dict[str, Any]:
+    """`key`'s entry in verdict map `vmap` (jumping to `chain`; None: the key alone, to
+    delete it)."""
+    elem: list[Any] = [[key, {"jump": {"target": chain}}]] if chain is not None else [key]
+    return {"family": family, "table": TABLE, "name": vmap, "elem": elem}
+
+
+def _chain_added(family: str, chain: str, exprs: list[Expr]) -> list[Command]:
+    ref = {"family": family, "table": TABLE, "name": chain}
+    return [
+        {"add": {"chain": ref}},
+        {"flush": {"chain": ref}},
+        *(
+            {"add": {"rule": {"family": family, "table": TABLE, "chain": chain, "expr": e}}}
+            for e in exprs
+        ),
+    ]
+
+
+def _chain_removed(family: str, chain: str) -> list[Command]:
+    ref = {"family": family, "table": TABLE, "name": chain}
+    return [{"flush": {"chain": ref}}, {"delete": {"chain": ref}}]
 
 
 def port_added(port: PortPlumbing) -> list[Command]:
     """One batch adding a port to an up-to-date bridge table: its chain and rules, then the
     map entry that sends its frames there (so no frame meets a half-built chain)."""
     chain = port_chain(port)
-    ref = {"family": "bridge", "table": TABLE, "name": chain}
     return [
-        {"add": {"chain": ref}},
-        {"flush": {"chain": ref}},
-        *(
-            {"add": {"rule": {"family": "bridge", "table": TABLE, "chain": chain, "expr": e}}}
-            for e in anti_spoofing(port)
-        ),
-        {"add": {"element": _element(port.tap, chain)}},
+        *_chain_added("bridge", chain, anti_spoofing(port)),
+        {"add": {"element": _element("bridge", PORTS_MAP, port.tap, chain)}},
     ]
 
 
 def port_removed(port: PortPlumbing) -> list[Command]:
     """One batch removing a port from an up-to-date bridge table."""
-    ref = {"family": "bridge", "table": TABLE, "name": port_chain(port)}
     return [
-        {"delete": {"element": _element(port.tap, None)}},
-        {"flush": {"chain": ref}},
-        {"delete": {"chain": ref}},
+        {"delete": {"element": _element("bridge", PORTS_MAP, port.tap, None)}},
+        *_chain_removed("bridge", port_chain(port)),
     ]
 
 
@@ -182,7 +193,6 @@ ESTABLISHED = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
 def network_chains(net: NetworkPlumbing) -> dict[str, list[Expr]]:
     """A network's own chains in the inet table (one that owns its bridge): what its bridge
     may forward (out of it, into it) and what the host accepts from it."""
-    short = net.short_id
     out_of: list[Expr] = [
         # With br_netfilter (bridge-nf-call-iptables), frames bridged between two ports of
         # one bridge pass this hook too, as iif = oif = the bridge: they are not routed.
@@ -212,7 +222,8 @@ def network_chains(net: NetworkPlumbing) -> dict[str, list[Expr]]:
         [ESTABLISHED, ACCEPT],
         [DROP],
     ]
-    return {f"fwd-from-{short}": out_of, f"fwd-to-{short}": into, f"in-{short}": host}
+    chain = _dispatch(net)
+    return {chain[FROM_BRIDGE_MAP]: out_of, chain[TO_BRIDGE_MAP]: into, chain[INPUT_MAP]: host}
 
 
 def _masquerade(net: NetworkPlumbing) -> Expr:
@@ -226,14 +237,21 @@ def _masquerade(net: NetworkPlumbing) -> Expr:
     ]
 
 
-def _dispatch(net: NetworkPlumbing) -> dict[str, tuple[str, str]]:
-    """Verdict map -> (the network's bridge, the chain it jumps to)."""
+def _dispatch(net: NetworkPlumbing) -> dict[str, str]:
+    """Verdict map -> the network's chain its bridge's entry there jumps to."""
     short = net.short_id
     return {
-        FROM_BRIDGE_MAP: (net.bridge, f"fwd-from-{short}"),
-        TO_BRIDGE_MAP: (net.bridge, f"fwd-to-{short}"),
-        INPUT_MAP: (net.bridge, f"in-{short}"),
+        FROM_BRIDGE_MAP: f"fwd-from-{short}",
+        TO_BRIDGE_MAP: f"fwd-to-{short}",
+        INPUT_MAP: f"in-{short}",
     }
+
+
+def stepwise(net: NetworkPlumbing) -> bool:
+    """Whether all the network has in the inet table is its own chains and map entries (one
+    that owns its bridge and is not nat: no postrouting rule), so `network_added` and
+    `network_removed` can change it alone."""
+    return net.owns_bridge and net.mode is not NetworkMode.NAT
 
 
 def inet_table(networks: Iterable[NetworkPlumbing]) -> Table:
@@ -250,46 +268,35 @@ def inet_table(networks: Iterable[NetworkPlumbing]) -> Table:
     vmaps: dict[str, dict[str, str]] = {m: {} for m in (FROM_BRIDGE_MAP, TO_BRIDGE_MAP, INPUT_MAP)}
     for net in own:
         rules.update(network_chains(net))
-        for vmap, (bridge, chain) in _dispatch(net).items():
-            vmaps[vmap][bridge] = chain
+        for vmap, chain in _dispatch(net).items():
+            vmaps[vmap][net.bridge] = chain
     return Table("inet", INET_BASE, rules, vmaps)
 
 
 def network_added(net: NetworkPlumbing) -> list[Command]:
-    """One batch adding an isolated network (no postrouting rule) to an up-to-date inet
-    table: its chains and rules, then the map entries that send its bridge's packets there
-    (so no packet meets a half-built chain)."""
-    assert net.owns_bridge
-    assert net.mode is not NetworkMode.NAT
-    cmds: list[Command] = []
-    for chain, exprs in network_chains(net).items():
-        ref = {"family": "inet", "table": TABLE, "name": chain}
-        cmds += [{"add": {"chain": ref}}, {"flush": {"chain": ref}}]
-        cmds += [
-            {"add": {"rule": {"family": "inet", "table": TABLE, "chain": chain, "expr": e}}}
-            for e in exprs
-        ]
-    for vmap, (bridge, chain) in _dispatch(net).items():
-        elem: list[Any] = [[bridge, {"jump": {"target": chain}}]]
-        cmds.append(
-            {"add": {"element": {"family": "inet", "table": TABLE, "name": vmap, "elem": elem}}}
-        )
-    return cmds
+    """One batch adding a `stepwise` network to an up-to-date inet table: its chains and
+    rules, then the map entries that send its bridge's packets there (so no packet meets a
+    half-built chain)."""
+    assert stepwise(net)
+    cmds = [
+        c
+        for chain, exprs in network_chains(net).items()
+        for c in _chain_added("inet", chain, exprs)
+    ]
+    return cmds + [
+        {"add": {"element": _element("inet", vmap, net.bridge, chain)}}
+        for vmap, chain in _dispatch(net).items()
+    ]
 
 
 def network_removed(net: NetworkPlumbing) -> list[Command]:
-    """One batch removing an isolated network from an up-to-date inet table: its map
+    """One batch removing a `stepwise` network from an up-to-date inet table: its map
     entries first, then its chains."""
-    assert net.owns_bridge
-    assert net.mode is not NetworkMode.NAT
+    assert stepwise(net)
     cmds: list[Command] = [
-        {"delete": {"element": {"family": "inet", "table": TABLE, "name": vmap, "elem": [bridge]}}}
-        for vmap, (bridge, _chain) in _dispatch(net).items()
+        {"delete": {"element": _element("inet", vmap, net.bridge, None)}} for vmap in _dispatch(net)
     ]
-    for chain in network_chains(net):
-        ref = {"family": "inet", "table": TABLE, "name": chain}
-        cmds += [{"flush": {"chain": ref}}, {"delete": {"chain": ref}}]
-    return cmds
+    return cmds + [c for chain in network_chains(net) for c in _chain_removed("inet", chain)]
 
 
 def replace(table: Table, existing_chains: Sequence[str]) -> list[Command]:

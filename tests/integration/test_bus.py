@@ -317,6 +317,17 @@ def test_consumer_survives_forced_close_and_no_confirmed_command_is_lost(
     assert client.link.connections_made >= 2
 
 
+def _started(domain_id: uuid.UUID) -> DomainStarted:
+    return DomainStarted(
+        domain_id=domain_id,
+        name="d",
+        host="n1",
+        seq=1,
+        state=PowerState.RUNNING,
+        detail=StartedDetail.BOOTED,
+    )
+
+
 def test_one_event_fans_out_to_subscribers_with_different_patterns(make_bus: MakeBus) -> None:
     publisher, subscriber = make_bus("compute:n1"), make_bus("watcher")
     domain_id = uuid.uuid4()
@@ -338,16 +349,7 @@ def test_one_event_fans_out_to_subscribers_with_different_patterns(make_bus: Mak
         subscriber.subscribe(["domain.started.*"], collect(got_all)),
         subscriber.subscribe([f"domain.*.{domain_id}"], collect(got_one)),
     ]
-    publisher.publish_event(
-        DomainStarted(
-            domain_id=domain_id,
-            name="d",
-            host="n1",
-            seq=1,
-            state=PowerState.RUNNING,
-            detail=StartedDetail.BOOTED,
-        )
-    )
+    publisher.publish_event(_started(domain_id))
     publisher.publish_event(
         DomainStopped(
             domain_id=domain_id,
@@ -427,14 +429,7 @@ def test_a_connection_cut_mid_setup_is_an_ordinary_cut(make_bus: MakeBus) -> Non
     while link.connections_made == made and time.monotonic() < deadline:
         time.sleep(0.05)
     assert link.connections_made > made, "the link did not reconnect"
-    event = DomainStarted(
-        domain_id=uuid.uuid4(),
-        name="d",
-        host="n1",
-        seq=1,
-        state=PowerState.RUNNING,
-        detail=StartedDetail.BOOTED,
-    )
+    event = _started(uuid.uuid4())
     bus.publish_event(event, timeout=20)
 
 
@@ -501,16 +496,7 @@ def test_subscription_dead_letters_undecodable_events_and_goes_on(
             )
         finally:
             conn.close()
-        publisher.publish_event(
-            DomainStarted(
-                domain_id=domain_id,
-                name="d",
-                host="n1",
-                seq=1,
-                state=PowerState.RUNNING,
-                detail=StartedDetail.BOOTED,
-            )
-        )
+        publisher.publish_event(_started(domain_id))
         assert done.wait(10)
         assert got == [1]
         props, body = find_dead_letter(amqp_url, lambda _p, b: b.endswith(marker))
@@ -683,21 +669,11 @@ def test_a_rebind_keeps_its_connection_and_replaces_one_that_was_cut(
             got.append(event.domain_id)
             arrived.notify_all()
 
-    def started(domain_id: uuid.UUID) -> DomainStarted:
-        return DomainStarted(
-            domain_id=domain_id,
-            name="d",
-            host="n1",
-            seq=1,
-            state=PowerState.RUNNING,
-            detail=StartedDetail.BOOTED,
-        )
-
     def heard(domain_id: uuid.UUID) -> bool:
         # Published until heard: after a cut the consumer comes back on its own time.
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            publisher.publish_event(started(domain_id))
+            publisher.publish_event(_started(domain_id))
             with arrived:
                 if arrived.wait_for(lambda: domain_id in got, 0.5):
                     return True
@@ -723,8 +699,8 @@ def test_a_rebind_keeps_its_connection_and_replaces_one_that_was_cut(
             # Unbound: what the older patterns match no longer arrives (what one publisher
             # sends is queued in order: the later `third` arriving shows `first` was not).
             firsts, thirds = got.count(first), got.count(third)
-            publisher.publish_event(started(first))
-            publisher.publish_event(started(third))
+            publisher.publish_event(_started(first))
+            publisher.publish_event(_started(third))
             with arrived:
                 assert arrived.wait_for(lambda: got.count(third) > thirds, 10)
             assert got.count(first) == firsts

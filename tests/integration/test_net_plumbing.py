@@ -283,6 +283,17 @@ def _lease(guest: str, script: Path) -> str:
     return out.stdout + out.stderr
 
 
+def _isolated(name: str, subnet: int) -> NetworkBinding:
+    """A new isolated network (MTU 1400) on 10.<subnet>.0.0/24."""
+    return NetworkBinding(
+        network_id=uuid.uuid4(),
+        name=name,
+        mode="isolated",
+        mtu=1400,
+        gateway=IPv4Interface(f"10.{subnet}.0.1/24"),
+    )
+
+
 def _binding(net: NetworkBinding, n: int) -> PortBinding:
     assert net.gateway is not None
     return PortBinding(
@@ -303,13 +314,7 @@ def test_a_node_whose_state_dir_is_private_serves_dhcp_and_reloads_it(tmp_path: 
     script = tmp_path / "udhcpc.sh"
     script.write_text('#!/bin/sh\necho "$1 ip=$ip mtu=$mtu"\n')
     script.chmod(0o755)
-    net = NetworkBinding(
-        network_id=uuid.uuid4(),
-        name="private",
-        mode="isolated",
-        mtu=1400,
-        gateway=IPv4Interface("10.62.0.1/24"),
-    )
+    net = _isolated("private", 62)
     first, second = _binding(net, 10), _binding(net, 11)
     with lab() as made:
         host = made.ns("h")
@@ -642,13 +647,7 @@ def test_a_network_lingers_after_its_last_port_and_a_new_port_finds_it_ready(
     attached meanwhile finds them as they were (same bridge, same dnsmasq, nothing applied
     again); once the linger is over with no port, the network goes. With `linger_s` 0 it goes
     with its last port (the test above)."""
-    net = NetworkBinding(
-        network_id=uuid.uuid4(),
-        name="lingering",
-        mode="isolated",
-        mtu=1400,
-        gateway=IPv4Interface("10.64.0.1/24"),
-    )
+    net = _isolated("lingering", 64)
     first, second = _binding(net, 10), _binding(net, 11)
     bridge = names.bridge_name(str(net.network_id))
     short = names.short_id(str(net.network_id))
@@ -696,16 +695,7 @@ def test_a_node_that_stops_removes_the_networks_lingering_without_ports(tmp_path
     """The linger is a cache for guests made while the node runs: a node that stops leaves
     no port-less network behind (no bridge, no dnsmasq), while a network with a port stays
     for the guest that runs on (a restart reconciles it)."""
-    nets = [
-        NetworkBinding(
-            network_id=uuid.uuid4(),
-            name=name,
-            mode="isolated",
-            mtu=1400,
-            gateway=IPv4Interface(f"10.{subnet}.0.1/24"),
-        )
-        for name, subnet in (("idle", 65), ("used", 66))
-    ]
+    nets = [_isolated("idle", 65), _isolated("used", 66)]
     idle, used = (_binding(net, 10) for net in nets)
     with lab() as made:
         host = made.ns("h")

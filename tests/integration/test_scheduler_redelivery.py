@@ -58,6 +58,13 @@ class HeldDriver(FakeDriver):
         return super().spawn(spec, files, paused=paused, nics=nics)
 
 
+def let_go(nodes: dict[str, ComputeNode]) -> None:
+    """Every held spawn goes on."""
+    for node in nodes.values():
+        assert isinstance(node.driver, HeldDriver)
+        node.driver.go.set()
+
+
 @pytest.fixture
 def nodes(amqp_url: str, tmp_path: Path) -> Iterator[dict[str, ComputeNode]]:
     """Two compute nodes: spread prefers the roomier first; with the first replica's claim
@@ -78,9 +85,8 @@ def nodes(amqp_url: str, tmp_path: Path) -> Iterator[dict[str, ComputeNode]]:
         )
         made[host] = ComputeNode(config, HeldDriver(4, memory_mib)).start()
     yield made
+    let_go(made)
     for node in made.values():
-        assert isinstance(node.driver, HeldDriver)
-        node.driver.go.set()
         node.stop()
 
 
@@ -166,9 +172,7 @@ def test_a_redelivered_request_is_placed_on_the_dead_replicas_host(
         first.wait(10)
         second.serve()  # the broker redelivers the unacked request to it
         time.sleep(1.0)
-        for node in nodes.values():
-            assert isinstance(node.driver, HeldDriver)
-            node.driver.go.set()
+        let_go(nodes)
         caller.join(60)
 
         (reply,) = replies
@@ -204,9 +208,7 @@ def test_a_replica_cut_off_from_the_broker_mid_call_leaves_the_request_for_redel
         assert held.entered.wait(30), "the replica did not start the domain"
         relay.cut()  # while it waits for the start's answer
         time.sleep(1.5)  # its resend finds no broker: the call fails on the replica's side
-        for node in nodes.values():
-            assert isinstance(node.driver, HeldDriver)
-            node.driver.go.set()
+        let_go(nodes)
         relay.restore()
         caller.join(60)
 
