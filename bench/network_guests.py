@@ -66,6 +66,7 @@ from tests.integration.port_announcer import PortAnnouncer
 
 UNDERLAY = {"a": "10.77.0.1", "b": "10.77.0.2"}
 READY_ROUNDS = 7
+LINGER_S = 60  # the nodes' net_linger_s: longer than port_ready's rounds take
 NET = NetworkBinding(
     network_id=uuid.UUID("5e1f0000-0000-4000-8000-000000000bec"),
     name="benchnet",
@@ -141,6 +142,9 @@ class Lab:
             "FLOTILLA_NET_NETNS": host.ns,
             "FLOTILLA_NET_UNDERLAY": UNDERLAY[host.role],
             "FLOTILLA_HEARTBEAT_INTERVAL_S": "1",
+            # port_ready's rounds on NET find it plumbed only while it lingers: pinned, so
+            # an operator's setting cannot turn them into new-network rounds unseen.
+            "FLOTILLA_NET_LINGER_S": str(LINGER_S),
         }
         # With FLOTILLA_BENCH_LOGS the nodes' logs are kept, at info: each start's
         # "ports plumbed" line says how long the network's apply, the plug and the
@@ -357,14 +361,17 @@ def fresh_network(n: int) -> NetworkBinding:
 Rounds = tuple[list[float], dict[str, list[float]]]
 
 
+def _rounds() -> Rounds:
+    return [], {name: [] for name in STAGES}
+
+
 def port_ready(lab: Lab) -> tuple[Rounds, Rounds]:
     """READY_ROUNDS rounds on NET, which both hosts keep plumbed between rounds (each round
     removes its guests; the network lingers, `net_linger_s`), interleaved with as many on a
     network new to both hosts each round (its first port on host a: the network applied
     from nothing, its remote ports asked for). After one round on NET to plumb it."""
-    ready: Rounds = ([], {name: [] for name in STAGES})
-    new: Rounds = ([], {name: [] for name in STAGES})
-    ready_round(lab, NET, ([], {name: [] for name in STAGES}))  # NET plumbed on both hosts
+    ready, new = _rounds(), _rounds()
+    ready_round(lab, NET, _rounds())  # NET plumbed on both hosts
     for n in range(READY_ROUNDS):
         ready_round(lab, NET, ready)
         ready_round(lab, fresh_network(n), new)

@@ -66,8 +66,8 @@ class HostInDoubt(Exception):
 
 
 class LinkLost(Exception):
-    """This replica lost its own broker connection while asking the host (or cleaning up
-    there): that says nothing about the host, which may have taken the command. The claim
+    """This replica lost its own broker connection while asking the host to define or start
+    the domain: that says nothing about the host, which may have taken the command. The claim
     stays and the command is left to be delivered again (to this replica or a peer), which
     replays the same message ids to the same host; nothing is destroyed there and no other
     host is asked."""
