@@ -14,7 +14,7 @@ import structlog
 
 from protos.scheduler import ClaimPhase, PlacementClaim
 from services.scheduler.core import SchedulerCore
-from services.scheduler.spawning import HostRefused
+from services.scheduler.spawning import ClaimUnconfirmed
 from services.scheduler.state import Claim, GroupKey
 
 log = structlog.get_logger("flotilla.scheduler")
@@ -40,7 +40,7 @@ class Claims(SchedulerCore):
             try:
                 self.announce(event, confirm=True)
             except Exception as exc:
-                raise HostRefused("unavailable", f"claim not confirmed: {exc}") from None
+                raise ClaimUnconfirmed(f"claim on {claim.host} not confirmed: {exc}") from None
             return
         try:
             # Not waited for: peers only narrow their window with it; the compute decides.

@@ -42,12 +42,14 @@ from services.bus import (
     Context,
     NoRouteError,
     RemoteError,
+    Retry,
     RpcTimeout,
     ServiceError,
     handles,
 )
 from services.scheduler.core import SchedulerCore
 from services.scheduler.placer import Decision, Filtered
+from services.scheduler.spawning import LINK_LOST_PAUSE_S, ClaimUnconfirmed
 from services.scheduler.state import Claim, GroupKey, PlacementRequest
 
 log = structlog.get_logger("flotilla.scheduler")
@@ -125,6 +127,12 @@ class MigrationHandlers(SchedulerCore):
                 refused.add(claim.host)
                 log.info("target refused", target=claim.host, code=exc.code, reason=exc.message)
                 continue
+            except ClaimUnconfirmed as exc:
+                # The source was not asked: as for a placement (service._place).
+                self._migration_released(claim, cmd.source, request.group)
+                log.warning("claim not confirmed: left for redelivery", target=claim.host)
+                time.sleep(LINK_LOST_PAUSE_S)
+                raise Retry(str(exc)) from None
             except OutcomeUnknown as exc:
                 # The claim stays (settling like a placed one): the target may be receiving.
                 self.state.settle(cmd.domain_id, settles_at=time.time())

@@ -59,15 +59,18 @@ from services.scheduler.migration import MigrationHandlers
 from services.scheduler.placer import Decision, Filtered, Placer
 from services.scheduler.ports import Ports
 from services.scheduler.redelivery import Redelivery
-from services.scheduler.spawning import HostInDoubt, HostRefused, LinkLost, Spawning
+from services.scheduler.spawning import (
+    LINK_LOST_PAUSE_S,
+    ClaimUnconfirmed,
+    HostInDoubt,
+    HostRefused,
+    LinkLost,
+    Spawning,
+)
 from services.scheduler.state import Claim, ClusterState, PlacementRequest
 from services.scheduler.weights import build_weighers
 
 log = structlog.get_logger("flotilla.scheduler")
-
-# The pause before a command whose host call this replica's own lost connection cut short is
-# handed back to the broker: a link still down is not asked again in a tight loop.
-LINK_LOST_PAUSE_S = 0.5
 
 SUBSCRIBED = (
     "host.heartbeat.*",
@@ -167,6 +170,15 @@ class SchedulerService(Redelivery, Claims, Ports, Spawning, MigrationHandlers, S
                 log.warning("host in doubt: no other host tried", host=claim.host)
                 why = f"{_why(attempts, filtered)}; {claim.host} may still start it: not retried"
                 raise ServiceError("no_valid_host", why, _details(attempts, filtered)) from None
+            except ClaimUnconfirmed as exc:
+                # Nothing was sent to the host: the claim goes (a peer that saw it drops it
+                # on `released`) and the command goes back to the broker, no attempt spent.
+                # Counted as the host's refusal, a link down for a moment burnt every attempt
+                # at once and answered `no_valid_host` with room to spare.
+                self._release(claim)
+                log.warning("claim not confirmed: left for redelivery", host=claim.host)
+                time.sleep(LINK_LOST_PAUSE_S)
+                raise Retry(str(exc)) from None
             except LinkLost as exc:
                 # Not the host's answer: it may have defined and started the domain. The claim
                 # stays (announced: a peer that gets the command finds it) and the command

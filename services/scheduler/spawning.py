@@ -51,6 +51,12 @@ def derived_id(key: str) -> str:
     return str(uuid.uuid5(_IDS, key))
 
 
+# The pause before a command cut short by this replica's own link (LinkLost,
+# ClaimUnconfirmed) is handed back to the broker: a link still down is not tried again in a
+# tight loop.
+LINK_LOST_PAUSE_S = 0.5
+
+
 class HostRefused(Exception):
     """The chosen host did not take the domain; another may."""
 
@@ -63,6 +69,12 @@ class HostRefused(Exception):
 class HostInDoubt(Exception):
     """A host still beating did not answer a define or start, nor confirm its clean-up: it
     may yet run the domain, so no other host may be asked (two copies could run)."""
+
+
+class ClaimUnconfirmed(Exception):
+    """The broker did not confirm this replica's `claimed` announcement (its own connection
+    down or the broker slow): the host was not asked, so it refused nothing. The claim is
+    released and the command is left to be delivered again; no attempt is spent on it."""
 
 
 class LinkLost(Exception):

@@ -24,7 +24,15 @@ from protos.migration import (
 )
 from protos.replies import DomainInfo
 from protos.scheduler import ClaimPhase, PlacementClaim
-from services.bus import BusError, ConnectionLost, Context, RemoteError, RpcTimeout, ServiceError
+from services.bus import (
+    BusError,
+    ConnectionLost,
+    Context,
+    RemoteError,
+    Retry,
+    RpcTimeout,
+    ServiceError,
+)
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.service import SchedulerService
 from services.scheduler.state import GroupKey
@@ -266,6 +274,28 @@ def test_a_silent_source_keeps_the_claim(failure: BusError) -> None:
     assert err.value.code == "unavailable"
     assert "may be under way" in err.value.message
     assert svc.state.hosts["b"].claimed_memory_mib == 1024  # until heartbeats settle it
+
+
+def test_an_unconfirmed_claim_asks_no_source_and_hands_the_command_back() -> None:
+    """The target's `claimed` announcement not confirmed (this replica's own link): the
+    source was not asked, the claim goes and the command is requeued, no target counted as
+    refusing."""
+    spec = domain()
+    cluster = Cluster(spec, "a")
+    svc = scheduler(cluster, {"a": {}, "b": {}})
+
+    def announce(event: PlacementClaim, *, confirm: bool) -> None:
+        if confirm:
+            raise ConnectionLost("broker did not confirm within 5 s (connection down?)")
+        svc.announced.append(event)
+
+    svc.announce = announce  # type: ignore[method-assign]
+    with pytest.raises(Retry, match="not confirmed"):
+        migrate(svc, command(spec))
+    assert cluster.started == []
+    assert phases(svc) == [("released", "b")]
+    assert svc.state.hosts["b"].claimed_memory_mib == 0
+    assert svc.state.domain_host[spec.uuid] == "a"
 
 
 def test_group_policies_see_the_moving_domain_as_no_other_member() -> None:

@@ -257,3 +257,34 @@ def test_a_call_cut_by_the_replicas_own_lost_connection_is_left_for_redelivery(
     assert {queue for queue, _, _ in asked} == {routing.compute_queue("h1")}
     assert computes.hosts_defining(cmd) == ["h1"]
     assert cmd.spec.uuid not in computes.running["h2"]
+
+
+def test_a_claim_the_broker_did_not_confirm_spends_no_attempt_and_is_left_for_redelivery() -> None:
+    """The `claimed` announcement is confirmed before any host is asked; when this replica's
+    own link cannot get it confirmed, no host was asked and none refused. The claim goes
+    (`released` told to the peers) and the command goes back to the broker. Taken as the
+    host's refusal, a link down for a moment burnt all five attempts at once and answered
+    `no_valid_host` with room to spare on every host."""
+    computes = RecordingComputes(LIMITS)
+    svc = service(computes, replica="a")
+    announced: list[PlacementClaim] = []
+    link = {"up": False}
+
+    def announce(event: PlacementClaim, *, confirm: bool) -> None:
+        if confirm and not link["up"]:
+            raise ConnectionLost("broker did not confirm within 5 s (connection down?)")
+        announced.append(event)
+
+    svc.announce = announce  # type: ignore[method-assign]
+    cmd = ScheduleDomain(spec=spec(memory_mib=1024), project="p", max_attempts=5)
+    envelope = envelope_for(cmd, source="api")
+    for _ in range(3):
+        with pytest.raises(Retry, match="not confirmed"):
+            svc.schedule(cmd, Context(envelope))
+    assert computes.calls == []  # no host was asked
+    assert svc.state.claims == {}
+    assert [(e.phase.value, e.domain_id) for e in announced] == [("released", cmd.spec.uuid)] * 3
+    link["up"] = True
+    placed = svc.schedule(cmd, Context(envelope, redelivered=True))
+    assert placed.attempts == []
+    assert computes.hosts_defining(cmd) == [placed.host]
