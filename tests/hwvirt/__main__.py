@@ -20,7 +20,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.hwvirt.l1 import LEAN_PLUGINS, L1Error, default_timeout, run_in_l1, runs_directly
+from tests.hwvirt.l1 import (
+    L1_CRASH_RETRIES,
+    LEAN_PLUGINS,
+    L1Error,
+    default_timeout,
+    run_in_l1,
+    runs_directly,
+)
 
 TIMED_OUT = 124
 L1_DIED = 125
@@ -53,6 +60,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="run a RabbitMQ node on the host for the L1 (FLOTILLA_AMQP_URL there); "
         "default: on for pytest, off with --exec",
     )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=L1_CRASH_RETRIES,
+        help="run the command again in a fresh L1 when the L1's own kernel crashes under it, "
+        f"up to this many times within --timeout (default {L1_CRASH_RETRIES})",
+    )
     parser.add_argument("args", nargs=argparse.REMAINDER, help="pytest arguments (after --)")
     ns = parser.parse_args(argv)
     if ns.args[:1] == ["--"]:
@@ -61,6 +75,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         parser.error("--exec needs a command")
     if ns.timeout is not None and ns.timeout <= 0:
         parser.error("--timeout must be positive")
+    if ns.retries < 0:
+        parser.error("--retries cannot be negative")
     return ns
 
 
@@ -89,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 timeout=timeout,
                 echo=sys.stdout,
                 broker=not ns.exec if ns.broker is None else ns.broker,
+                retries=ns.retries,
             )
             if junit is not None and inner_junit is not None and inner_junit.is_file():
                 shutil.copyfile(inner_junit, junit)
@@ -96,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     except L1Error as exc:
         print(f"hwvirt: {exc}", file=sys.stderr)
         return NOT_STARTED
-    print(f"hwvirt: L1 run took {result.seconds:.1f} s")
+    crashed = f" (after {len(result.crashes)} L1 crash(es))" if result.crashes else ""
+    print(f"hwvirt: L1 run took {result.seconds:.1f} s{crashed}")
     if result.status is not None:
         return result.status
     why = f"timed out after {timeout:.0f} s" if result.timed_out else "ended early"

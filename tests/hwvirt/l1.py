@@ -13,6 +13,7 @@ console tail; it never leaves a process running, whatever happens.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shlex
 import shutil
@@ -34,7 +35,7 @@ from services.broker import BrokerError, PrivateBroker
 INSIDE_ENV = "FLOTILLA_HWVIRT_L1"
 TIMEOUT_ENV = "FLOTILLA_HWVIRT_TIMEOUT"
 DEFAULT_TIMEOUT = 3000.0  # the whole tier at TCG speed on a 2-core host (docs/testing.md)
-QEMU = "qemu-system-x86_64"
+QEMU = os.environ.get("FLOTILLA_HWVIRT_QEMU", "qemu-system-x86_64")
 VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")  # Debian 12's qemu-system-x86 ships it here
 BUILD_INITRAMFS = Path(__file__).resolve().parents[2] / "deploy" / "images" / "build-initramfs"
 # Host settings that mean nothing in an L1 without a network (a broker or database URL would
@@ -61,12 +62,26 @@ class L1Error(Exception):
     """The L1 could not be started (tools or images missing); the message says what to do."""
 
 
+# What the L1's own kernel prints when it panics (`panic=-1` and `-no-reboot` then end QEMU).
+# Seen on these hosts in runs that boot several Linux guests at once: a stack overflow in
+# the L1's KVM (`shutdown_interception` -> `kvm_vcpu_reset`, `error_entry`) under QEMU's
+# emulated SVM, whatever the test did; the L1 also resets without a word at times (QEMU
+# ends, `-no-reboot`). docs/testing.md, "The hwvirt tier".
+L1_CRASH_SIGNS = ("Kernel panic - not syncing", "corrupted stack end detected")
+# The L1's init (deploy/images/build-initramfs --hwvirt-l1) says this before the command.
+L1_RUNNING = "flotilla-l1: running "
+# How many times the test tier runs a command again after such a crash (within its timeout).
+L1_CRASH_RETRIES = 2
+
+
 @dataclass(frozen=True)
 class L1Result:
     """How one command in the L1 ended.
 
     `status` is the command's exit status, None when it never finished (timeout, or the L1
     died first: `console` then says why). `output` is its stdout and stderr together.
+    `crashes` holds the console tails of earlier runs of the same command whose L1 kernel
+    crashed under it (`retries`): this result is the run after them.
     """
 
     status: int | None
@@ -74,6 +89,20 @@ class L1Result:
     seconds: float
     output: str
     console: str
+    crashes: tuple[str, ...] = ()
+
+    @property
+    def l1_crashed(self) -> bool:
+        """The L1 died under the command: its init started the command, and QEMU ended
+        before the command's status was written, within the time bound (its kernel
+        panicked, or the machine reset). The rig failed, not the command: a command that
+        fails still writes its status, and an L2 guest's crash is on that guest's own
+        console. An L1 whose init gave up before the command is no crash."""
+        return self.status is None and not self.timed_out and L1_RUNNING in self.console
+
+    @property
+    def l1_panicked(self) -> bool:
+        return any(sign in self.console for sign in L1_CRASH_SIGNS)
 
     def console_tail(self, lines: int = CONSOLE_TAIL_LINES) -> str:
         return "\n".join(self.console.replace("\r", "").splitlines()[-lines:])
@@ -320,6 +349,7 @@ def run_in_l1(
     memory_mib: int = 4096,
     cpus: int = 2,
     broker: bool = False,
+    retries: int = 0,
 ) -> L1Result:
     """Runs `argv` in a fresh L1 and returns how it ended.
 
@@ -329,22 +359,47 @@ def run_in_l1(
     With `broker`, a private RabbitMQ node runs on the host for the run, and the command
     finds it through FLOTILLA_AMQP_URL (a port forwarded to HOST_ALIAS).
     Raises L1Error when the L1 cannot be started; a command that fails is a result, not an
-    error.
+    error. When the L1 dies under the command (`L1Result.l1_crashed`), the command runs
+    again in a fresh L1, up to `retries` more times within the same `timeout` (`run_dir`
+    emptied first); the result says how many died before it (`crashes`).
     """
-    common: dict[str, Any] = {
-        "cwd": cwd,
-        "timeout": timeout,
-        "echo": echo,
-        "memory_mib": memory_mib,
-        "cpus": cpus,
-    }
-    if broker:
-        with (
-            tempfile.TemporaryDirectory(prefix="flotilla-hwvirt-rmq-") as rmq,
-            forwarded_broker(Path(rmq)) as (port, url),
-        ):
-            return _run(argv, run_dir, **common, forwards=(port,), amqp_url=url)
-    return _run(argv, run_dir, **common, forwards=(), amqp_url=None)
+    timeout = default_timeout() if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    common: dict[str, Any] = {"cwd": cwd, "echo": echo, "memory_mib": memory_mib, "cpus": cpus}
+    crashes: list[str] = []
+    with contextlib.ExitStack() as stack:
+        forwards: tuple[int, ...] = ()
+        amqp_url = None
+        if broker:
+            rmq = stack.enter_context(tempfile.TemporaryDirectory(prefix="flotilla-hwvirt-rmq-"))
+            port, amqp_url = stack.enter_context(forwarded_broker(Path(rmq)))
+            forwards = (port,)
+        while True:
+            remaining = deadline - time.monotonic()
+            result = _run(
+                argv,
+                run_dir,
+                **common,
+                timeout=remaining,
+                forwards=forwards,
+                amqp_url=amqp_url,
+            )
+            if not result.l1_crashed or len(crashes) >= retries or remaining < 60:
+                return dataclasses.replace(result, crashes=tuple(crashes))
+            crashes.append(result.console_tail())
+            if echo is not None:
+                how = "its kernel panicked" if result.l1_panicked else "it reset"
+                echo.write(
+                    f"\nhwvirt: the L1 died under the command after {result.seconds:.0f} s "
+                    f"({how}); running it again in a fresh L1 ({len(crashes)} of {retries}). "
+                    f"Its console ended with:\n{result.console_tail()}\n"
+                )
+                echo.flush()
+            for child in run_dir.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
 
 
 def _run(
@@ -352,14 +407,13 @@ def _run(
     run_dir: Path,
     *,
     cwd: Path | None,
-    timeout: float | None,
+    timeout: float,
     echo: TextIO | None,
     memory_mib: int,
     cpus: int,
     forwards: Sequence[int],
     amqp_url: str | None,
 ) -> L1Result:
-    timeout = default_timeout() if timeout is None else timeout
     ensure_tools()
     kernel, initrd = l1_images()
     cwd = Path.cwd() if cwd is None else cwd

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.hwvirt.l1 import (
+    L1_CRASH_RETRIES,
     LEAN_PLUGINS,
     L1Error,
     L1Result,
@@ -115,7 +116,14 @@ class L1Session:
                     *self.nodeids,
                 ]
                 cwd = Path(str(self.config.rootpath))
-                self.result = run_in_l1(argv, run_dir, cwd=cwd, timeout=timeout, broker=self.broker)
+                self.result = run_in_l1(
+                    argv,
+                    run_dir,
+                    cwd=cwd,
+                    timeout=timeout,
+                    broker=self.broker,
+                    retries=L1_CRASH_RETRIES,
+                )
                 if junit.is_file():
                     self.outcomes = parse_junit(junit.read_text())
         except (L1Error, ET.ParseError) as exc:
@@ -123,9 +131,11 @@ class L1Session:
             say(f"hwvirt: {self.error}")
             return
         r = self.result
+        for n, tail in enumerate(r.crashes, 1):
+            say(f"hwvirt: the L1 of run {n} died under pytest; its console ended with:\n{tail}")
         say(
-            f"hwvirt: L1 run ended in {r.seconds:.0f} s, pytest status {r.status}"
-            + (" (timed out)" if r.timed_out else "")
+            f"hwvirt: L1 run {len(r.crashes) + 1} ended in {r.seconds:.0f} s, pytest status "
+            f"{r.status}" + (" (timed out)" if r.timed_out else "")
         )
 
     def outcome(self, nodeid: str) -> Outcome:

@@ -39,6 +39,7 @@ DISK_ID_LEN = 20  # a volume's virtio-blk serial: its uuid's first 20 characters
 # (Erlang does not start in the L1 in useful time).
 pytestmark = [
     pytest.mark.hwvirt,
+    pytest.mark.hwvirt_stack,
     pytest.mark.slow,
     pytest.mark.integration,
     pytest.mark.timeout(UP_TIMEOUT + 2 * BOOT_TIMEOUT + 3 * COMMAND_TIMEOUT + 120),

@@ -17,6 +17,7 @@ from tests.hwvirt.l1 import (
     INSIDE_ENV,
     RELAY,
     L1Error,
+    L1Result,
     default_timeout,
     host_has_hardware_virtualization,
     l1_amqp_url,
@@ -161,6 +162,32 @@ def test_run_script_records_output_and_status(tmp_path: Path) -> None:
         str(tmp_path),
     ]
     assert (tmp_path / "tmp" / "home").is_dir()
+
+
+def test_only_the_l1_dying_under_the_command_counts_as_an_l1_crash() -> None:
+    running = "flotilla-l1: running /tmp/flotilla-hwvirt-x/run.sh\n"
+    panic = "[  91.2] Kernel panic - not syncing: corrupted stack end detected inside scheduler"
+
+    def result(status: int | None, console: str, *, timed_out: bool = False) -> L1Result:
+        return L1Result(status, timed_out, 1.0, output="", console=console)
+
+    panicked = result(None, f"{running}{panic}\n")
+    assert panicked.l1_crashed
+    assert panicked.l1_panicked
+    # A reset without a word (QEMU's -no-reboot ends it): a crash, not a panic.
+    silent = result(None, f"{running}[ 69.1] kvm [201]: vcpu0, Unhandled WRMSR(0xc0010007)\n")
+    assert silent.l1_crashed
+    assert not silent.l1_panicked
+    # The command finished (its status written): whatever the console says after it.
+    assert not result(1, f"{running}{panic}\n").l1_crashed
+    # Timed out: the bound, not a crash.
+    assert not result(None, f"{running}{panic}", timed_out=True).l1_crashed
+    # The L1's init gave up before the command: the rig's set-up, not worth running again.
+    assert not result(None, "flotilla-l1: cannot mount the virtiofs tag host\n").l1_crashed
+    # An L2 guest's panic is in the command's output, never on the L1's console; and a
+    # command that fails has a status.
+    l2 = L1Result(1, False, 1.0, output=panic, console=f"{running}flotilla-l1: done: 1\n")
+    assert not l2.l1_crashed
 
 
 def test_qemu_command_names_the_run_dir_and_bounds_nothing_else(tmp_path: Path) -> None:
