@@ -237,6 +237,8 @@ static const struct action actions[] = {
 	{"ping", TEXT_VALUE, NULL, net_ping},
 	{"gw", TEXT_VALUE, NULL, net_gateway},
 	{"netbench", TEXT_VALUE, NULL, net_bench},
+	{"tcpsink", TEXT_VALUE, NULL, net_tcp_sink},
+	{"tcpsend", TEXT_VALUE, NULL, net_tcp_send},
 	{"virtiohostile", NO_VALUE, act_virtiohostile, NULL},
 	{"virtio_mmio.device", TEXT_VALUE, NULL, act_virtio_device},
 };

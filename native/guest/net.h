@@ -11,6 +11,8 @@ void net_ping(const char *args);
 void net_gateway(const char *ip);  /* gw=<a.b.c.d> */   /* ping=<a.b.c.d>,<count>,<interval ms> */
 void net_udp(const char *dest);    /* udp=<a.b.c.d>:<port> */
 void net_bench(const char *args);  /* netbench=<a.b.c.d>:<port>,<count> */
+void net_tcp_sink(const char *port);   /* tcpsink=<port> */
+void net_tcp_send(const char *args);   /* tcpsend=<a.b.c.d>:<port>,<bytes> */
 /* Serve what came in; returns the frames taken (0 when the NIC is down). */
 unsigned net_poll(void);
 

@@ -178,6 +178,53 @@ def test_two_guests_on_one_bridge_exchange_udp(
     assert event.kind is native.EventKind.POWEROFF
 
 
+def test_two_guests_on_one_bridge_move_a_tcp_stream_every_byte_checked(
+    netns: Netns, nic_boot: Callable[..., Booted]
+) -> None:
+    """The test guest's TCP (`tcpsink`, `tcpsend`): 8 MiB in MSS-sized, checksummed
+    segments, every byte checked against its stream offset by the receiver."""
+    sink_ip, sender_ip = f"{netns.subnet}.2", f"{netns.subnet}.3"
+    size = 8 << 20
+    sink = nic_boot(f"net={sink_ip} tcpsink=5001", netns.tap(), "52:54:00:aa:00:02")
+    sink.console.wait_for(rf"{PREFIX}TCP listening port=5001\n")
+    sender = nic_boot(
+        f"net={sender_ip} tcpsend={sink_ip}:5001,{size}", netns.tap(), "52:54:00:aa:00:03"
+    )
+    sent = sender.console.wait_for(rf"{PREFIX}TCP (sent|FAILED) bytes=(\d+) .*\n", 60)
+    assert sent.group(1) == "sent", sender.console.text
+    assert int(sent.group(2)) == size
+    got = sink.console.wait_for(rf"{PREFIX}TCP received bytes=(\d+) bad=(\d+) .*\n", 30)
+    assert int(got.group(1)) == size, sink.console.text
+    assert got.group(2) == "0"
+
+
+def test_a_linux_tcp_client_in_the_namespace_is_read_whole(
+    netns: Netns, nic_boot: Callable[..., Booted]
+) -> None:
+    """Linux's TCP (window scaling, SACK, timestamps offered: the guest takes none) sends
+    to the guest's sink: the handshake, the MSS, the checksums and the pattern hold against
+    another stack."""
+    sink_ip = f"{netns.subnet}.2"
+    size = 1 << 20
+    sink = nic_boot(f"net={sink_ip} tcpsink=5001", netns.tap(), "52:54:00:aa:00:02")
+    sink.console.wait_for(rf"{PREFIX}TCP listening port=5001\n")
+    client = (
+        "import socket, sys\n"
+        "n = int(sys.argv[2])\n"
+        "data = bytes((k ^ (k >> 8) ^ (k >> 16) ^ 0x5A) & 0xFF for k in range(n))\n"
+        "s = socket.create_connection((sys.argv[1], 5001), timeout=20)\n"
+        "s.sendall(data)\n"
+        "s.shutdown(socket.SHUT_WR)\n"
+        "s.settimeout(20)\n"
+        "print('closed' if s.recv(1) == b'' else 'data?')\n"
+    )
+    out = netns.exec(sys.executable, "-c", client, sink_ip, str(size), timeout=60).stdout
+    assert out.strip() == "closed"
+    got = sink.console.wait_for(rf"{PREFIX}TCP received bytes=(\d+) bad=(\d+) .*\n", 30)
+    assert int(got.group(1)) == size, sink.console.text
+    assert got.group(2) == "0"
+
+
 def test_a_malformed_mac_is_refused_before_the_machine_starts(
     netns: Netns, nic_boot: Callable[..., Booted]
 ) -> None:
