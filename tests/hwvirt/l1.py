@@ -80,8 +80,8 @@ class L1Result:
 
     `status` is the command's exit status, None when it never finished (timeout, or the L1
     died first: `console` then says why). `output` is its stdout and stderr together.
-    `crashes` holds the console tails of earlier runs of the same command whose L1 kernel
-    crashed under it (`retries`): this result is the run after them.
+    `crashes` says, for each earlier run of the same command whose L1 died under it
+    (`retries`), how it died and how its console ended: this result is the run after them.
     """
 
     status: int | None
@@ -386,13 +386,15 @@ def run_in_l1(
             )
             if not result.l1_crashed or len(crashes) >= retries or remaining < 60:
                 return dataclasses.replace(result, crashes=tuple(crashes))
-            crashes.append(result.console_tail())
+            how = "its kernel panicked" if result.l1_panicked else "it reset"
+            crashes.append(
+                f"the L1 died under the command after {result.seconds:.0f} s ({how}); "
+                f"its console ended with:\n{result.console_tail()}"
+            )
             if echo is not None:
-                how = "its kernel panicked" if result.l1_panicked else "it reset"
                 echo.write(
-                    f"\nhwvirt: the L1 died under the command after {result.seconds:.0f} s "
-                    f"({how}); running it again in a fresh L1 ({len(crashes)} of {retries}). "
-                    f"Its console ended with:\n{result.console_tail()}\n"
+                    f"\nhwvirt: {crashes[-1]}\nhwvirt: running the command again in a fresh "
+                    f"L1 ({len(crashes)} of {retries})\n"
                 )
                 echo.flush()
             for child in run_dir.iterdir():

@@ -131,8 +131,8 @@ class L1Session:
             say(f"hwvirt: {self.error}")
             return
         r = self.result
-        for n, tail in enumerate(r.crashes, 1):
-            say(f"hwvirt: the L1 of run {n} died under pytest; its console ended with:\n{tail}")
+        for n, crash in enumerate(r.crashes, 1):
+            say(f"hwvirt: run {n}: {crash}")
         say(
             f"hwvirt: L1 run {len(r.crashes) + 1} ended in {r.seconds:.0f} s, pytest status "
             f"{r.status}" + (" (timed out)" if r.timed_out else "")
