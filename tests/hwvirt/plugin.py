@@ -112,7 +112,7 @@ class L1Session:
                     f"--junitxml={junit}",
                     "-o",
                     "junit_logging=all",
-                    "-q",
+                    "-v",  # each test named as it ends: a stuck one is the next
                     *self.nodeids,
                 ]
                 cwd = Path(str(self.config.rootpath))
