@@ -6,11 +6,12 @@ answers the nodes' ListBoundPorts (tests/integration/port_announcer.py).
 
 - net.port_ready_p50: from the DefineDomain request for guest A on host a to the first ICMP
   echo reply guest B on host b gets from it (B pings A's address every millisecond from
-  before A exists). Includes the define/start RPCs, network apply and port plug, the VMM
-  process start, A's DHCP exchange, the `port.bound` l2population on host b and ARP.
-  Anchor: Neutron with OVN's published 5.8 s port binds. Printed beside it, per stage
-  (medians): the define RPC, the start RPC (network applied, port plugged, VMM spawned),
-  A's DHCP lease on its console, B's first reply. The network is plumbed on both hosts
+  before A exists). Includes the define-and-start RPC (DefineDomain `and_start`, as the
+  scheduler sends it: network applied, port plugged, VMM spawned) with the ports' binding
+  beside it (as the scheduler's BindPorts: the `port.bound` l2population on host b), A's
+  DHCP exchange and ARP. Anchor: Neutron with OVN's published 5.8 s port binds. Printed
+  beside it, per stage (medians): the RPC's answer, A's DHCP lease on its console, B's
+  first reply. The network is plumbed on both hosts
   already (as for every guest but the first of its network on a host: each round removes
   its guests, and the network lingers, `net_linger_s`).
 - net.port_ready_new_network_p50: the same on a network new to both hosts each round (A's
@@ -40,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -225,10 +227,20 @@ class Lab:
 
     # ---- guests ------------------------------------------------------------------------------
 
-    def define(
-        self, role: str, port: PortBinding, cmdline: str, marks: list[float] | None = None
-    ) -> uuid.UUID:
-        """Define and start; `marks` gets the time each RPC returned."""
+    def define(self, role: str, port: PortBinding, cmdline: str) -> uuid.UUID:
+        """Define and start in one command, as the scheduler does (DefineDomain `and_start`)."""
+        spec = DomainSpec(
+            name=f"g-{uuid.uuid4().hex[:8]}",
+            memory_mib=64,
+            boot=BootSpec(kernel=str(self.guest), cmdline=cmdline),
+            nics=[NicSpec(network=port.network.name, mac=port.mac)],
+        )
+        define = DefineDomain(spec=spec, ports=[port], start=True, and_start=True)
+        self.bus.call(self.hosts[role].queue, define, timeout=30)
+        return spec.uuid
+
+    def define_then_start(self, role: str, port: PortBinding, cmdline: str) -> uuid.UUID:
+        """The two commands a scheduler older than DefineDomain 1.7 sent (BENCH_AB=1)."""
         spec = DomainSpec(
             name=f"g-{uuid.uuid4().hex[:8]}",
             memory_mib=64,
@@ -237,11 +249,7 @@ class Lab:
         )
         queue = self.hosts[role].queue
         self.bus.call(queue, DefineDomain(spec=spec, ports=[port]), timeout=30)
-        if marks is not None:
-            marks.append(time.perf_counter())
         self.bus.call(queue, StartDomain(domain_id=spec.uuid), timeout=30)
-        if marks is not None:
-            marks.append(time.perf_counter())
         return spec.uuid
 
     def remove(self, role: str, domain_id: uuid.UUID) -> None:
@@ -364,7 +372,7 @@ def lab(guest: Path) -> Iterator[Lab]:
             made.close()
 
 
-STAGES = ("define RPC", "start RPC", "A's DHCP lease", "B's first reply")
+STAGES = ("define-and-start RPC", "A's DHCP lease", "B's first reply")
 
 
 def fresh_network(n: int) -> NetworkBinding:
@@ -399,6 +407,19 @@ def port_ready(lab: Lab) -> tuple[Rounds, Rounds]:
     return ready, new
 
 
+# BENCH_AB=1: every other round of each kind with the flow older than DefineDomain 1.7
+# (define, then start, then the ports bound), the medians of both printed (not a figure).
+AB = os.environ.get("BENCH_AB") == "1"
+AB_TIMES: dict[tuple[bool, bool], list[float]] = {}
+_AB_COUNT: dict[str, int] = {}
+
+
+def _flip(net: NetworkBinding) -> bool:
+    kind = "plumbed" if net.name == NET.name else "new"
+    _AB_COUNT[kind] = _AB_COUNT.get(kind, 0) + 1
+    return _AB_COUNT[kind] % 2 == 1
+
+
 def ready_round(lab: Lab, net: NetworkBinding, into: Rounds) -> None:
     """B (host b) pings A's address every ms; A is created on host a; the time from the
     define request to B's first reply, and when each stage ended (from the start, A's lease
@@ -408,17 +429,28 @@ def ready_round(lab: Lab, net: NetworkBinding, into: Rounds) -> None:
     lab.bound("b", pb)
     b = lab.define("b", pb, f"net=dhcp ping={pa.ipv4},60000,1")
     lab.console("b", b, r"NET up ", 30)
-    marks: list[float] = []
+    old = AB and _flip(net)
     start = time.perf_counter()
-    a = lab.define("a", pa, "net=dhcp", marks)
+    if old:
+        a = lab.define_then_start("a", pa, "net=dhcp")
+        started = time.perf_counter()
+        lab.bound("a", pa)  # the older scheduler bound once the host took the domain
+    else:
+        # The scheduler binds the ports to the host beside its define and start (the
+        # network service announces `port.bound`), and waits for both.
+        binding = threading.Thread(target=lab.bound, args=("a", pa))
+        binding.start()
+        a = lab.define("a", pa, "net=dhcp")
+        started = time.perf_counter()
+        binding.join()
     leased = lab.seen_at("a", a, r"NET up ", 30)
-    # The scheduler binds once the host took the domain: the network service announces.
-    lab.bound("a", pa)
     lab.console("b", b, r"PING first reply .*\n", 30)
     end = time.perf_counter()
+    if AB:
+        AB_TIMES.setdefault((net.name == NET.name, old), []).append(end - start)
     times.append(end - start)
     lease = leased.result()
-    for name, at in zip(STAGES, [*marks, lease, end], strict=True):
+    for name, at in zip(STAGES, [started, lease, end], strict=True):
         stages[name].append(at - start)
     lab.remove("b", b)
     lab.remove("a", a)
@@ -438,8 +470,7 @@ def start_without_nic(lab: Lab) -> tuple[list[float], list[float]]:
         )
         queue = lab.hosts["a"].queue
         start = time.perf_counter()
-        lab.bus.call(queue, DefineDomain(spec=spec), timeout=30)
-        lab.bus.call(queue, StartDomain(domain_id=spec.uuid), timeout=30)
+        lab.bus.call(queue, DefineDomain(spec=spec, start=True, and_start=True), timeout=30)
         started.append(time.perf_counter() - start)
         lab.console("a", spec.uuid, r"READY .*\n", 30)
         times.append(time.perf_counter() - start)
@@ -560,6 +591,10 @@ def measure(guest: Path, ready_only: bool = False) -> list[dict[str, object]]:
         else:
             lost, sent = restart_lost(made)
             rates = throughput(made)
+    for (plumbed, old), values in sorted(AB_TIMES.items()):
+        say(f"BENCH_AB {'plumbed' if plumbed else 'new network'}, "
+            f"{'define then start, bound after' if old else 'one command, bound beside'}: "
+            f"p50 {statistics.median(values) * 1e3:.1f} ms over {len(values)}")  # fmt: skip
     no_nic_ms = statistics.median(bare_start) * 1e3
     say(f"a guest without a NIC from define to ready: p50 {no_nic_ms:.1f} ms; the start RPC "
         f"returned at {statistics.median(bare_started) * 1e3:.1f} ms")  # fmt: skip

@@ -201,6 +201,17 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
 
     @handles(DefineDomain)
     def define(self, cmd: DefineDomain, ctx: Context) -> DomainInfo:
+        info = self._define(cmd, ctx)
+        if not (cmd.start and cmd.and_start):
+            return info
+        # Out of the definition's lock (start_domain takes it), and only while the start is
+        # still pending: a domain that ran since (a start that came between) is not started
+        # again. A refusal is this command's answer; the definition stays (its sender's to
+        # undefine, as after a StartDomain's refusal).
+        self.start_domain(cmd.spec.uuid, cause=ctx.cause, ctx=ctx, if_pending=True)
+        return self.info(cmd.spec.uuid)
+
+    def _define(self, cmd: DefineDomain, ctx: Context) -> DomainInfo:
         cmd = self._carry_bindings(cmd)
         spec = cmd.spec
         bindings = StorageBindings.of(cmd)

@@ -48,10 +48,10 @@ class DefineDomain(Command):
     `allowed_boot_dirs`. The node keeps it with the definition for every later start."""
 
     TYPE = "cmd.domain.define"
-    VERSION = "1.6"  # 1.1: `privileged`, bounded metadata and MAC; 1.2: bindings; 1.3: at most
+    VERSION = "1.7"  # 1.1: `privileged`, bounded metadata and MAC; 1.2: bindings; 1.3: at most
     # 4 disks (the runtime's virtio-blk slots: more were never runnable, so minor)
     # 1.4: disks from images (`image`, `size_gib`, `keep`); 1.5: `boot.initrd_image`;
-    # 1.6: `start`
+    # 1.6: `start`; 1.7: `and_start`
     RESULT = DomainInfo
     spec: DomainSpec
     privileged: bool = False
@@ -60,6 +60,11 @@ class DefineDomain(Command):
     # definition until the domain first runs and reports it (DomainInfo.start_pending), so
     # whoever settles a create cut off between define and start can finish it.
     start: bool | None = None
+    # With `start`: start the domain in this same command once it is defined (the answer is
+    # the running domain, or the start's refusal with the definition kept); a node older
+    # than 1.7 ignores it and answers the defined domain, to be started with StartDomain.
+    # One round trip and one recorded answer fewer for a create (the scheduler's).
+    and_start: bool = False
     # What the services resolved (protos.bindings): the spec's volume disks, root disk and
     # boot image, and its NICs' ports, in the spec's order. A redefinition that leaves
     # `ports` empty while the NICs are unchanged keeps the definition's current ones.

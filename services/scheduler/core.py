@@ -5,6 +5,7 @@ and its claims (services.scheduler.claims) provide."""
 
 from __future__ import annotations
 
+import uuid
 from typing import TYPE_CHECKING
 
 from protos.base import Message
@@ -40,3 +41,5 @@ class SchedulerCore:
         ) -> Message: ...
 
         def _announce(self, phase: ClaimPhase, claim: Claim) -> None: ...
+
+        def _bind_ports(self, domain_id: uuid.UUID, host: str, request_id: str) -> None: ...

@@ -1,6 +1,8 @@
 """The domain's ports from the network service (services.network): allocated before any host
 is asked (a retry elsewhere, or a redelivered command, gets the same ones: AllocatePorts is
-idempotent by domain), bound to the host that took the domain, released when none did.
+idempotent by domain), bound to each host as it is asked (beside its define and start:
+services.scheduler.spawning), so the last one's binding is the domain's, released when no
+host took the domain.
 
 Mixed into the scheduler service (services.scheduler.service), whose state and bus seam
 (`call`) it uses.
@@ -40,8 +42,9 @@ class Ports(SchedulerCore):
 
     def _bind_ports(self, domain_id: uuid.UUID, host: str, request_id: str) -> None:
         """Tell the network service where the ports live (it announces `port.bound`, from
-        which the other hosts learn this host's VXLAN address for them). The domain runs
-        already: a failure is logged, not the caller's."""
+        which the other hosts learn this host's VXLAN address for them). Run beside the
+        host's define and start: a failure is logged, not the caller's (the ports work on
+        the host; only its peers on other hosts lack their entries until a rebinding)."""
         with self.state.lock:
             known = self.state.hosts.get(host)
             vtep = known.inventory.vtep if known is not None else None

@@ -124,8 +124,6 @@ class SchedulerService(Redelivery, Claims, Ports, Spawning, MigrationHandlers, S
             if ports:
                 self._release_ports(spec.uuid)
             raise
-        if ports:
-            self._bind_ports(spec.uuid, placement.host, ctx.envelope.id)
         return placement
 
     def _place(

@@ -8,6 +8,7 @@ announcements and compute-node seam (`call`) it uses.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -22,6 +23,7 @@ from protos.commands import (
     StartDomain,
     UndefineDomain,
 )
+from protos.domain import PowerState
 from protos.replies import DomainInfo
 from protos.scheduler import ClaimPhase, ScheduleDomain
 from services.bus import (
@@ -96,6 +98,35 @@ class Spawning(SchedulerCore):
         having removed what was left there; a non-retryable answer is raised as ServiceError."""
         host = claim.host
         self._announce(ClaimPhase.CLAIMED, claim)
+        # The ports are bound to this host while it defines and starts the domain: the other
+        # hosts get their forwarding entries for them from `port.bound` meanwhile, so a peer
+        # reaches the guest as soon as it runs (Nova sets binding:host_id before the spawn
+        # too). A refusal moves them with the next host's binding, a failure releases them.
+        binding = self._binding(cmd.spec.uuid, host, request_id) if ports else None
+        try:
+            return self._define_and_start(host, cmd, request_id, ports)
+        finally:
+            if binding is not None:
+                binding.join()
+
+    def _binding(self, domain_id: uuid.UUID, host: str, request_id: str) -> threading.Thread:
+        thread = threading.Thread(
+            target=self._bind_ports,
+            args=(domain_id, host, request_id),
+            name=f"bind-{domain_id}",
+            daemon=True,
+        )
+        thread.start()
+        return thread
+
+    def _define_and_start(
+        self, host: str, cmd: ScheduleDomain, request_id: str, ports: list[PortBinding]
+    ) -> DomainInfo:
+        # Defined and started in one command (`and_start`): a refusal of its start part
+        # leaves the definition, so any refusal is cleaned up after (an undefine of a domain
+        # the define part refused finds nothing). A node older than DefineDomain 1.7 answers
+        # the domain shut off: it is started with StartDomain, which only starts a domain
+        # whose create's start is pending (so a guest that ended at once is not started twice).
         defined = False
         try:
             define = DefineDomain(
@@ -106,13 +137,14 @@ class Spawning(SchedulerCore):
                 initrd_image=cmd.initrd_image,
                 ports=ports,
                 start=cmd.start,  # kept there: a create cut off before its start is finished
+                and_start=cmd.start,
             )
+            defined = cmd.start
             info = self._call(host, define, f"{request_id}:{host}:define")
             defined = True
-            if cmd.start:
-                info = self._call(
-                    host, StartDomain(domain_id=cmd.spec.uuid), f"{request_id}:{host}:start"
-                )
+            if cmd.start and info.state is PowerState.SHUTOFF:
+                start = StartDomain(domain_id=cmd.spec.uuid, if_pending=True)
+                info = self._call(host, start, f"{request_id}:{host}:start")
             return info
         except RemoteError as exc:
             if defined:
@@ -153,6 +185,9 @@ class Spawning(SchedulerCore):
         for command in commands:
             try:
                 self.call(routing.compute_queue(host), command, timeout=5.0, message_id=None)
+            except RemoteError as exc:
+                if exc.code != "not_found":  # not there (anymore): nothing to clean
+                    log.warning("clean-up refused", host=host, command=command.TYPE, error=str(exc))
             except Exception as exc:
                 log.warning("clean-up failed", host=host, command=command.TYPE, error=str(exc))
 

@@ -37,7 +37,7 @@ from compute_node.driver import NicTap, RuntimeInfo
 from compute_node.fake import FakeDriver
 from compute_node.node import ComputeNode
 from protos.base import Message
-from protos.commands import Command, StartDomain
+from protos.commands import Command, DefineDomain, StartDomain
 from protos.domain import DomainSpec, PowerState
 from services.api.orphans import GRACE_S
 from services.broker import free_port
@@ -96,7 +96,9 @@ class ReplicaStopped(Exception):
 class StalledStarts:
     """The scheduler's calls to the compute node, where a test can have every StartDomain
     stall until it ends and then fail, as if the scheduler replica had stopped before its
-    start went out (`hold`)."""
+    start went out (`hold`). While held, the scheduler defines as one older than
+    DefineDomain 1.7 did (no `and_start`: the start a command of its own), the only way a
+    create can be cut off between its define and its start."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.real = scheduler.service.call
@@ -121,6 +123,8 @@ class StalledStarts:
         expires: bool = False,
     ) -> Message:
         released = self.released
+        if isinstance(command, DefineDomain) and not released.is_set():
+            command = command.model_copy(update={"and_start": False})
         if isinstance(command, StartDomain) and not released.is_set():
             self.stalled.set()
             released.wait(120)

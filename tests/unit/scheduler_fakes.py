@@ -66,6 +66,9 @@ class FakeComputes:
         self.refusals = 0
         self.lock = threading.Lock()
         self.delay = 0.0
+        # Nodes of DefineDomain 1.7 start a domain defined with `and_start` in the same
+        # command; False: older nodes, which leave that to StartDomain.
+        self.and_start = True
 
     def __call__(
         self,
@@ -85,23 +88,11 @@ class FakeComputes:
         if isinstance(command, DefineDomain):
             with self.lock:
                 self.defined[host][command.spec.uuid] = command.spec
+            if command.start and command.and_start and self.and_start:
+                return self._start(host, command.spec.uuid)
             return info(command.spec, host, PowerState.SHUTOFF)
         if isinstance(command, StartDomain):
-            time.sleep(self.delay)
-            code = self.refuse.get(host)
-            if code:
-                raise RemoteError(code, f"{host} says {code}")
-            with self.lock:
-                s = self.defined[host][command.domain_id]
-                vcpus, mib = self.limits[host]
-                used = self.used[host]
-                if used["vcpus"] + s.vcpus > vcpus or used["mib"] + s.memory_mib > mib:
-                    self.refusals += 1
-                    raise RemoteError("no_capacity", f"{host} is full")
-                used["vcpus"] += s.vcpus
-                used["mib"] += s.memory_mib
-                self.running[host].add(s.uuid)
-            return info(s, host)
+            return self._start(host, command.domain_id)
         if isinstance(command, UndefineDomain):
             with self.lock:
                 self.defined[host].pop(command.domain_id, None)
@@ -109,6 +100,25 @@ class FakeComputes:
         if isinstance(command, DestroyDomain):
             return info(spec(), host)
         raise AssertionError(command)
+
+    def _start(self, host: str, domain_id: uuid.UUID) -> Message:
+        time.sleep(self.delay)
+        code = self.refuse.get(host)
+        if code:
+            raise RemoteError(code, f"{host} says {code}")
+        with self.lock:
+            s = self.defined[host][domain_id]
+            if s.uuid in self.running[host]:
+                return info(s, host)
+            vcpus, mib = self.limits[host]
+            used = self.used[host]
+            if used["vcpus"] + s.vcpus > vcpus or used["mib"] + s.memory_mib > mib:
+                self.refusals += 1
+                raise RemoteError("no_capacity", f"{host} is full")
+            used["vcpus"] += s.vcpus
+            used["mib"] += s.memory_mib
+            self.running[host].add(s.uuid)
+        return info(s, host)
 
     def heartbeats(self, interval_s: float = 60.0) -> list[HostHeartbeat]:
         with self.lock:

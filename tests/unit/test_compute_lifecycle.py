@@ -521,6 +521,36 @@ def test_a_start_that_expires_while_it_waits_for_the_domains_lock_does_not_run(
     assert reply.state is PowerState.RUNNING
 
 
+def test_define_and_start_in_one_command(tmp_path: Path) -> None:
+    """DefineDomain(start, and_start) defines and starts (defined/added, then started/booted,
+    seq in order) and answers the running domain; a start refused for room answers the
+    refusal and keeps the definition, shut off, its start still pending; a redefinition of a
+    domain that runs starts nothing more."""
+    node = Node(tmp_path, vcpus=2, memory_mib=1024)
+    first = spec("first", memory_mib=768)
+    info = node.ok(DefineDomain(spec=first, start=True, and_start=True))
+    assert info.state is PowerState.RUNNING
+    assert [(t, d) for t, d, _ in node.events()] == [
+        ("domain.defined", "added"),
+        ("domain.started", "booted"),
+    ]
+    assert not node.store.get(first.uuid).start_pending  # type: ignore[union-attr]
+    again = node.ok(DefineDomain(spec=first, start=True, and_start=True))
+    assert again.state is PowerState.RUNNING
+    assert node.events() == []  # nothing changed, nothing started twice
+    second = spec("second", memory_mib=768)
+    refused = node.do(DefineDomain(spec=second, start=True, and_start=True)).model_dump()
+    assert refused["code"] == "no_capacity"
+    kept = node.store.get(second.uuid)
+    assert kept is not None
+    assert kept.state is PowerState.SHUTOFF
+    assert kept.start_pending
+    # Without `and_start` (a sender older than 1.7's): defined only, as before.
+    third = spec("third", memory_mib=128)
+    assert node.ok(DefineDomain(spec=third, start=True)).state is PowerState.SHUTOFF
+    node.store.close()
+
+
 def test_a_requested_start_is_kept_with_the_definition_until_the_domain_runs(
     tmp_path: Path,
 ) -> None:

@@ -194,15 +194,28 @@ def test_domain_events_move_group_membership() -> None:
 # ---- the service ------------------------------------------------------------------------------
 
 
-def test_schedule_defines_and_starts_on_the_chosen_host() -> None:
+@pytest.mark.parametrize("node", ["1.7", "older"])
+def test_schedule_defines_and_starts_on_the_chosen_host(node: str) -> None:
+    """One DefineDomain that starts the domain too (`and_start`); a node older than
+    DefineDomain 1.7 answers it shut off, and StartDomain (only if still pending) follows."""
     computes = FakeComputes({"a": (4, 4096), "b": (4, 2048)})
+    computes.and_start = node == "1.7"
     svc = service(computes, top_n=1)
     s = spec()
     placement = schedule(svc, ScheduleDomain(spec=s, project="p"))
     assert placement.host == "a"
     assert placement.attempts == []
     assert placement.info.state is PowerState.RUNNING
-    assert computes.calls == [("a", DefineDomain.TYPE), ("a", StartDomain.TYPE)]
+    define = computes.commands[0]
+    assert isinstance(define, DefineDomain)
+    assert (define.start, define.and_start) == (True, True)
+    if node == "1.7":
+        assert computes.calls == [("a", DefineDomain.TYPE)]
+    else:
+        assert computes.calls == [("a", DefineDomain.TYPE), ("a", StartDomain.TYPE)]
+        start = computes.commands[1]
+        assert isinstance(start, StartDomain)
+        assert start.if_pending
     assert svc.state.domain_host[s.uuid] == "a"
 
 
@@ -296,12 +309,17 @@ def test_a_host_that_beats_but_does_not_answer_is_passed_by_until_it_answers() -
     assert svc.state.hosts["a"].unanswered_at is None
 
 
-def test_a_beating_host_whose_start_timed_out_is_cleaned_up_before_the_next_host() -> None:
+@pytest.mark.parametrize("node", ["1.7", "older"])
+def test_a_beating_host_whose_start_timed_out_is_cleaned_up_before_the_next_host(
+    node: str,
+) -> None:
     computes = FakeComputes({"a": (4, 8192), "b": (4, 2048)})
+    computes.and_start = node == "1.7"
     svc = service(computes, top_n=1, compute_timeout_s=0.1)
+    starting = DefineDomain if node == "1.7" else StartDomain
 
     def start_times_out_on_a(sent: Sent) -> Message | None:
-        if sent.queue == "compute.a" and isinstance(sent.command, StartDomain):
+        if sent.queue == "compute.a" and isinstance(sent.command, starting):
             assert sent.expires, "the start must expire when the scheduler stops waiting"
             raise RpcTimeout("no reply")
         return None
@@ -321,6 +339,7 @@ def test_a_host_that_went_silent_is_waited_for_with_the_same_command() -> None:
     would run beside it once the worker is back. So the same command (same id) is sent again,
     and nothing is cleaned up or tried elsewhere."""
     computes = FakeComputes({"a": (4, 8192), "b": (4, 2048)})
+    computes.and_start = False  # the start a command of its own (a node older than 1.7)
     svc = service(computes, top_n=1, compute_timeout_s=0.1, restart_wait_s=30.0)
     sent: list[tuple[str, str | None]] = []
 
@@ -373,7 +392,8 @@ def test_a_refusal_of_the_spec_itself_is_the_answer_at_once(code: str) -> None:
         schedule(svc, ScheduleDomain(spec=s, project="p"))
     assert (raised.value.code, raised.value.message) == (code, f"a says {code}")
     assert raised.value.details["host"] == "a"
-    assert [h for h, _ in computes.calls] == ["a", "a", "a"]  # define, start, undefine
+    # define (and start), undefine: the definition the refused start left is removed
+    assert computes.calls == [("a", DefineDomain.TYPE), ("a", UndefineDomain.TYPE)]
     assert s.uuid not in computes.defined["a"]
     assert svc.state.claims == {}
 

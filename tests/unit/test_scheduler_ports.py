@@ -1,10 +1,12 @@
 """The scheduler's side of ports, without a broker: AllocatePorts before any host is asked,
-the ports in DefineDomain (the same ones on a retry elsewhere), BindPorts with the chosen
-host's VXLAN address from its heartbeat, ReleasePorts when placement fails, and the network
-service's refusals or absence as the caller's answer with no host asked."""
+the ports in DefineDomain (the same ones on a retry elsewhere), BindPorts with each asked
+host's VXLAN address from its heartbeat beside its define and start, ReleasePorts when
+placement fails, and the network service's refusals or absence as the caller's answer with
+no host asked."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from ipaddress import IPv4Address, IPv4Interface
@@ -20,7 +22,7 @@ from protos.replies import Done
 from protos.scheduler import ScheduleDomain
 from services.bus import NoRouteError, RemoteError, ServiceError
 from services.scheduler.service import SchedulerService
-from tests.unit.scheduler_fakes import FakeComputes, route, schedule, service, spec
+from tests.unit.scheduler_fakes import FakeComputes, Sent, route, schedule, service, spec
 
 NET = NetworkBinding(
     network_id=uuid.UUID(int=1),
@@ -116,10 +118,11 @@ def test_a_retry_on_another_host_gets_the_same_ports() -> None:
     defines = [c for c in computes.commands if isinstance(c, DefineDomain)]
     assert len(defines) == 2
     assert defines[0].ports == defines[1].ports == network.allocated[cmd.spec.uuid]
-    assert [type(c) for c in network.calls] == [AllocatePorts, BindPorts]
-    assert network.calls[1] == BindPorts(
-        domain_id=cmd.spec.uuid, host="b", vtep=IPv4Address("192.0.2.2")
-    )
+    # Bound to each host as it was asked: the last binding, b's, is where they live.
+    assert network.calls[1:] == [
+        BindPorts(domain_id=cmd.spec.uuid, host="a", vtep=IPv4Address("192.0.2.1")),
+        BindPorts(domain_id=cmd.spec.uuid, host="b", vtep=IPv4Address("192.0.2.2")),
+    ]
 
 
 def test_ports_are_released_when_no_host_takes_the_domain() -> None:
@@ -130,7 +133,7 @@ def test_ports_are_released_when_no_host_takes_the_domain() -> None:
     with pytest.raises(ServiceError) as raised:
         schedule(svc, cmd)
     assert raised.value.code == "no_valid_host"
-    assert [type(c) for c in network.calls] == [AllocatePorts, ReleasePorts]
+    assert [type(c) for c in network.calls] == [AllocatePorts, BindPorts, ReleasePorts]
     assert network.allocated == {}
 
 
@@ -159,3 +162,23 @@ def test_a_domain_without_nics_never_asks_the_network_service() -> None:
     network.absent = True
     placement = schedule(wired(computes, network), ScheduleDomain(spec=spec(), project="p"))
     assert placement.host == "a"
+
+
+def test_the_ports_are_bound_while_the_host_defines_and_starts_the_domain() -> None:
+    """BindPorts goes out beside the define (its `port.bound` gives the other hosts their
+    forwarding entries while the guest starts), and the placement waits for its answer."""
+    computes, network = FakeComputes({"a": (4, 8192)}), FakeNetwork()
+    svc = wired(computes, network)
+    seen: list[str] = []
+    both = threading.Barrier(2, timeout=5)
+
+    def hook(sent: Sent) -> Message | None:
+        if isinstance(sent.command, (BindPorts, DefineDomain)):
+            seen.append(type(sent.command).__name__)
+            both.wait()  # each waits for the other: they run at once, or this breaks
+        return network(sent.command) if sent.queue == "network" else None
+
+    route(svc, computes, hook)
+    placement = schedule(svc, with_nics())
+    assert placement.host == "a"
+    assert sorted(seen) == ["BindPorts", "DefineDomain"]
