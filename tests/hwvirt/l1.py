@@ -72,6 +72,13 @@ L1_CRASH_SIGNS = ("Kernel panic - not syncing", "corrupted stack end detected")
 L1_RUNNING = "flotilla-l1: running "
 # How many times the test tier runs a command again after such a crash (within its timeout).
 L1_CRASH_RETRIES = 2
+# The L1's init writes its uptime to <run>/alive every 5 s of its time. No pulse for this
+# long and the L1 is stopped (seen: its clock stopped, every L2 guest and the command with
+# it, QEMU idle): it is ended and counts as dead, as a panic does.
+L1_PULSE_FILE = "alive"
+L1_SILENT_S = 120.0
+SILENT_ENV = "FLOTILLA_HWVIRT_SILENT_S"  # another bound (the harness's own test)
+STOPPED_SIGN = "[harness] the L1 stopped:"
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,14 @@ class L1Result:
     @property
     def l1_panicked(self) -> bool:
         return any(sign in self.console for sign in L1_CRASH_SIGNS)
+
+    @property
+    def how_the_l1_died(self) -> str:
+        if self.l1_panicked:
+            return "its kernel panicked"
+        if STOPPED_SIGN in self.console:
+            return "it stopped: no pulse"
+        return "it reset"
 
     def console_tail(self, lines: int = CONSOLE_TAIL_LINES) -> str:
         return "\n".join(self.console.replace("\r", "").splitlines()[-lines:])
@@ -329,6 +344,37 @@ class _Follower:
             self.stream.flush()
 
 
+def _watch(
+    qemu: subprocess.Popen[bytes], run_dir: Path, follower: _Follower, deadline: float
+) -> tuple[bool, str]:
+    """Follow the L1 until QEMU ends; (timed out, why the L1 was taken for stopped) when it
+    had to be ended: the deadline passed, or the L1's pulse stopped (`L1_SILENT_S`)."""
+    status_file = run_dir / "status"
+    pulse = run_dir / L1_PULSE_FILE
+    finished_at: float | None = None
+    while qemu.poll() is None:
+        follower.pump()
+        now = time.monotonic()
+        if finished_at is None and status_file.exists():
+            finished_at = now
+        # A finished command whose L1 does not power off is not worth waiting long for.
+        if now > deadline or (finished_at is not None and now > finished_at + 30):
+            return finished_at is None, ""
+        silent = _silent_for(pulse)
+        if finished_at is None and silent > float(os.environ.get(SILENT_ENV, L1_SILENT_S)):
+            return False, f"{STOPPED_SIGN} no pulse for {silent:.0f} s; ended by the harness"
+        time.sleep(0.1)
+    return False, ""
+
+
+def _silent_for(pulse: Path) -> float:
+    """Seconds since the L1 last wrote its pulse (host time); 0 before its first."""
+    try:
+        return max(0.0, time.time() - pulse.stat().st_mtime)
+    except OSError:
+        return 0.0
+
+
 def _wait_for_socket(path: Path, daemon: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 10
     while not path.exists():
@@ -386,7 +432,7 @@ def run_in_l1(
             )
             if not result.l1_crashed or len(crashes) >= retries or remaining < 60:
                 return dataclasses.replace(result, crashes=tuple(crashes))
-            how = "its kernel panicked" if result.l1_panicked else "it reset"
+            how = result.how_the_l1_died
             crashes.append(
                 f"the L1 died under the command after {result.seconds:.0f} s ({how}); "
                 f"its console ended with:\n{result.console_tail()}"
@@ -429,7 +475,7 @@ def _run(
     daemon: subprocess.Popen[bytes] | None = None
     qemu: subprocess.Popen[bytes] | None = None
     started = time.monotonic()
-    timed_out = False
+    timed_out, stopped = False, ""
     try:
         with (run_dir / "virtiofsd.log").open("wb") as log:
             daemon = subprocess.Popen(
@@ -459,19 +505,7 @@ def _run(
                 stderr=log,
                 start_new_session=True,
             )
-        deadline = started + timeout
-        status_file = run_dir / "status"
-        finished_at: float | None = None
-        while qemu.poll() is None:
-            follower.pump()
-            now = time.monotonic()
-            if finished_at is None and status_file.exists():
-                finished_at = now
-            # A finished command whose L1 does not power off is not worth waiting long for.
-            if now > deadline or (finished_at is not None and now > finished_at + 30):
-                timed_out = finished_at is None
-                break
-            time.sleep(0.1)
+        timed_out, stopped = _watch(qemu, run_dir, follower, started + timeout)
     finally:
         _kill(qemu)
         if daemon is not None:
@@ -489,6 +523,8 @@ def _run(
     console_text = _read(console)
     if qemu_log:
         console_text += f"\n[qemu] {qemu_log}"
+    if stopped:
+        console_text += f"\n{stopped}"
     return L1Result(
         status=int(raw_status) if raw_status.lstrip("-").isdigit() else None,
         timed_out=timed_out,

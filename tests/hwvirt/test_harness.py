@@ -7,11 +7,16 @@ host, where it starts the L1s itself. Inside an L1 it does not run (no L1 in an 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.hwvirt.l1 import L1Result, inside_l1, run_in_l1
+from tests.hwvirt.l1 import L1_PULSE_FILE, SILENT_ENV, L1Result, inside_l1, run_in_l1
 
 pytestmark = [
     pytest.mark.slow,
@@ -53,3 +58,46 @@ def test_without_retries_the_crash_is_the_result(tmp_path: Path) -> None:
     assert result.status is None
     assert result.l1_crashed
     assert result.crashes == ()
+
+
+@pytest.mark.timeout(700)
+def test_an_l1_whose_pulse_stopped_is_ended_and_started_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first L1 is frozen for real (SIGSTOP to its QEMU once it has a pulse): nothing in
+    it runs any more, as when its clock stopped. The harness ends it after the silence
+    bound and runs the command again in a fresh L1, which is left alone."""
+    monkeypatch.setenv(SILENT_ENV, "15")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    frozen: list[int] = []
+
+    def freeze_the_first_l1() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not frozen:
+            if (run_dir / L1_PULSE_FILE).exists():
+                for proc in Path("/proc").iterdir():
+                    try:
+                        argv = (proc / "cmdline").read_bytes().split(b"\0")
+                    except OSError:
+                        continue
+                    if argv[0].endswith(b"qemu-system-x86_64") and any(
+                        f"flotilla.run={run_dir}".encode() in a for a in argv
+                    ):
+                        os.kill(int(proc.name), signal.SIGSTOP)
+                        frozen.append(int(proc.name))
+                        return
+            time.sleep(0.2)
+
+    freezer = threading.Thread(target=freeze_the_first_l1, daemon=True)
+    freezer.start()
+    argv = ["sh", "-c", "sleep 30; echo done"]
+    result = run_in_l1(argv, run_dir, cwd=tmp_path, timeout=600, retries=1)
+    freezer.join(5)
+    assert frozen, "the first L1 was never frozen"
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(frozen[0], signal.SIGCONT)  # ended by the harness already: nothing to resume
+    assert result.status == 0, (result.output, result.console_tail())
+    assert result.output.strip().endswith("done")
+    assert len(result.crashes) == 1
+    assert "(it stopped: no pulse)" in result.crashes[0]

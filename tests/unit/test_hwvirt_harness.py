@@ -178,6 +178,10 @@ def test_only_the_l1_dying_under_the_command_counts_as_an_l1_crash() -> None:
     silent = result(None, f"{running}[ 69.1] kvm [201]: vcpu0, Unhandled WRMSR(0xc0010007)\n")
     assert silent.l1_crashed
     assert not silent.l1_panicked
+    # Frozen (no pulse): ended by the harness, and dead as a panicked one is.
+    frozen = result(None, f"{running}[harness] the L1 stopped: no pulse for 121 s; ended\n")
+    assert frozen.l1_crashed
+    assert frozen.how_the_l1_died == "it stopped: no pulse"
     # The command finished (its status written): whatever the console says after it.
     assert not result(1, f"{running}{panic}\n").l1_crashed
     # Timed out: the bound, not a crash.
