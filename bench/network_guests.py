@@ -527,12 +527,6 @@ def throughput(lab: Lab) -> dict[str, float]:
     udp = json.loads(in_ns(floor_a, "iperf3", "-c", "10.66.0.99", "-u", "-l", "64", "-b", "0",
                            "-t", "3", "-J"))  # fmt: skip
     server.wait(10)
-    server = subprocess.Popen(
-        ["ip", "netns", "exec", sink, "iperf3", "-s", "-1", "-B", "10.66.0.99"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    time.sleep(0.5)
-    server.wait(10)
     end = udp["end"]["sum"]
     floor_pps = (end["packets"] - end["lost_packets"]) / end["seconds"]
     for domain_id in (g, a):
