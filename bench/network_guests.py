@@ -227,26 +227,24 @@ class Lab:
 
     # ---- guests ------------------------------------------------------------------------------
 
-    def define(self, role: str, port: PortBinding, cmdline: str) -> uuid.UUID:
-        """Define and start in one command, as the scheduler does (DefineDomain `and_start`)."""
-        spec = DomainSpec(
+    def _spec(self, port: PortBinding, cmdline: str) -> DomainSpec:
+        return DomainSpec(
             name=f"g-{uuid.uuid4().hex[:8]}",
             memory_mib=64,
             boot=BootSpec(kernel=str(self.guest), cmdline=cmdline),
             nics=[NicSpec(network=port.network.name, mac=port.mac)],
         )
+
+    def define(self, role: str, port: PortBinding, cmdline: str) -> uuid.UUID:
+        """Define and start in one command, as the scheduler does (DefineDomain `and_start`)."""
+        spec = self._spec(port, cmdline)
         define = DefineDomain(spec=spec, ports=[port], start=True, and_start=True)
         self.bus.call(self.hosts[role].queue, define, timeout=30)
         return spec.uuid
 
     def define_then_start(self, role: str, port: PortBinding, cmdline: str) -> uuid.UUID:
         """The two commands a scheduler older than DefineDomain 1.7 sent (BENCH_AB=1)."""
-        spec = DomainSpec(
-            name=f"g-{uuid.uuid4().hex[:8]}",
-            memory_mib=64,
-            boot=BootSpec(kernel=str(self.guest), cmdline=cmdline),
-            nics=[NicSpec(network=port.network.name, mac=port.mac)],
-        )
+        spec = self._spec(port, cmdline)
         queue = self.hosts[role].queue
         self.bus.call(queue, DefineDomain(spec=spec, ports=[port]), timeout=30)
         self.bus.call(queue, StartDomain(domain_id=spec.uuid), timeout=30)
