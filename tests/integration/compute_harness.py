@@ -102,6 +102,7 @@ class EventLog:
         self._events: defaultdict[uuid.UUID, list[DomainEvent]] = defaultdict(list)
         self._ids: set[str] = set()
         self.duplicates: list[str] = []
+        self.by_id: dict[str, DomainEvent] = {}  # every event seen, by message id
         self._cond = threading.Condition()
         self.subscription = bus.subscribe(["domain.#"], self._on_event)
 
@@ -113,6 +114,7 @@ class EventLog:
                 self.duplicates.append(envelope.id)
                 return
             self._ids.add(envelope.id)
+            self.by_id[envelope.id] = event
             self._events[event.domain_id].append(event)
             self._cond.notify_all()
 

@@ -85,7 +85,11 @@ def test_a_start_cut_off_by_a_worker_restart_completes_once_the_worker_is_back(
         time.sleep(2.0)  # a late clean-up would show here
         seen = [(e.TYPE, e.seq) for e in events.of(spec.uuid)]
         assert seen == [("domain.defined", 1), ("domain.started", 2)], seen
-        assert not events.duplicates
+        # Nothing ran twice. A copy of an event already seen (its message id) may come: the
+        # worker was killed before its outbox dropped the published row, and sends it again
+        # at its restart (at least once; subscribers deduplicate by id, docs/events.md).
+        copies = [(events.by_id[i].TYPE, events.by_id[i].seq) for i in events.duplicates]
+        assert set(copies) <= {("domain.defined", 1)}, copies
         info = bus.call(node.queue, GetDomainInfo(domain_id=spec.uuid), timeout=10)
         assert isinstance(info, DomainInfo)
         assert info.state is PowerState.RUNNING
