@@ -42,14 +42,13 @@ from services.bus import (
     Context,
     NoRouteError,
     RemoteError,
-    Retry,
     RpcTimeout,
     ServiceError,
     handles,
 )
 from services.scheduler.core import SchedulerCore
 from services.scheduler.placer import Decision, Filtered
-from services.scheduler.spawning import LINK_LOST_PAUSE_S, ClaimUnconfirmed
+from services.scheduler.spawning import ClaimUnconfirmed, handed_back
 from services.scheduler.state import Claim, GroupKey, PlacementRequest
 
 log = structlog.get_logger("flotilla.scheduler")
@@ -131,8 +130,7 @@ class MigrationHandlers(SchedulerCore):
                 # The source was not asked: as for a placement (service._place).
                 self._migration_released(claim, cmd.source, request.group)
                 log.warning("claim not confirmed: left for redelivery", target=claim.host)
-                time.sleep(LINK_LOST_PAUSE_S)
-                raise Retry(str(exc)) from None
+                raise handed_back(str(exc)) from None
             except OutcomeUnknown as exc:
                 # The claim stays (settling like a placed one): the target may be receiving.
                 self.state.settle(cmd.domain_id, settles_at=time.time())

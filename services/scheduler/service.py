@@ -44,7 +44,6 @@ from protos.scheduler import Attempt, Placement, PlacementClaim, PlacementSync, 
 from services.bus import (
     Bus,
     Context,
-    Retry,
     Service,
     ServiceError,
     ServiceRunner,
@@ -60,12 +59,12 @@ from services.scheduler.placer import Decision, Filtered, Placer
 from services.scheduler.ports import Ports
 from services.scheduler.redelivery import Redelivery
 from services.scheduler.spawning import (
-    LINK_LOST_PAUSE_S,
     ClaimUnconfirmed,
     HostInDoubt,
     HostRefused,
     LinkLost,
     Spawning,
+    handed_back,
 )
 from services.scheduler.state import Claim, ClusterState, PlacementRequest
 from services.scheduler.weights import build_weighers
@@ -175,15 +174,13 @@ class SchedulerService(Redelivery, Claims, Ports, Spawning, MigrationHandlers, S
                 # at once and answered `no_valid_host` with room to spare.
                 self._release(claim)
                 log.warning("claim not confirmed: left for redelivery", host=claim.host)
-                time.sleep(LINK_LOST_PAUSE_S)
-                raise Retry(str(exc)) from None
+                raise handed_back(str(exc)) from None
             except LinkLost as exc:
                 # Not the host's answer: it may have defined and started the domain. The claim
                 # stays (announced: a peer that gets the command finds it) and the command
                 # goes back to the broker; its next copy replays the same ids to this host.
                 log.warning("connection lost while placing: left for redelivery", host=claim.host)
-                time.sleep(LINK_LOST_PAUSE_S)
-                raise Retry(f"connection lost while asking {claim.host}: {exc}") from None
+                raise handed_back(f"connection lost while asking {claim.host}: {exc}") from None
             except BaseException:
                 self._release(claim)
                 raise

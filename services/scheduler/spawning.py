@@ -31,6 +31,7 @@ from services.bus import (
     ConnectionLost,
     NoRouteError,
     RemoteError,
+    Retry,
     RpcTimeout,
     ServiceError,
 )
@@ -57,6 +58,13 @@ def derived_id(key: str) -> str:
 # ClaimUnconfirmed) is handed back to the broker: a link still down is not tried again in a
 # tight loop.
 LINK_LOST_PAUSE_S = 0.5
+
+
+def handed_back(reason: str) -> Retry:
+    """The Retry that requeues a command this replica's own link cut short, after the
+    pause (`LINK_LOST_PAUSE_S`): raise it."""
+    time.sleep(LINK_LOST_PAUSE_S)
+    return Retry(reason)
 
 
 class HostRefused(Exception):
@@ -127,7 +135,7 @@ class Spawning(SchedulerCore):
         # the define part refused finds nothing). A node older than DefineDomain 1.7 answers
         # the domain shut off: it is started with StartDomain, which only starts a domain
         # whose create's start is pending (so a guest that ended at once is not started twice).
-        defined = False
+        maybe_defined = False
         try:
             define = DefineDomain(
                 spec=cmd.spec,
@@ -139,15 +147,15 @@ class Spawning(SchedulerCore):
                 start=cmd.start,  # kept there: a create cut off before its start is finished
                 and_start=cmd.start,
             )
-            defined = cmd.start
+            maybe_defined = cmd.start  # its start part refused: the definition is left
             info = self._call(host, define, f"{request_id}:{host}:define")
-            defined = True
+            maybe_defined = True
             if cmd.start and info.state is PowerState.SHUTOFF:
                 start = StartDomain(domain_id=cmd.spec.uuid, if_pending=True)
                 info = self._call(host, start, f"{request_id}:{host}:start")
             return info
         except RemoteError as exc:
-            if defined:
+            if maybe_defined:
                 self._clean_up(host, cmd.spec.uuid, destroy=False)
             if exc.code in RETRYABLE:
                 raise HostRefused(exc.code, exc.message) from None
