@@ -64,8 +64,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--retries",
         type=int,
         default=L1_CRASH_RETRIES,
-        help="run the command again in a fresh L1 when the L1's own kernel crashes under it, "
-        f"up to this many times within --timeout (default {L1_CRASH_RETRIES})",
+        help="run the command again in a fresh L1 when the L1 dies under it (its kernel "
+        "panics, it resets, or its pulse stops), up to this many times within --timeout "
+        f"(default {L1_CRASH_RETRIES})",
     )
     parser.add_argument("args", nargs=argparse.REMAINDER, help="pytest arguments (after --)")
     ns = parser.parse_args(argv)
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     except L1Error as exc:
         print(f"hwvirt: {exc}", file=sys.stderr)
         return NOT_STARTED
-    crashed = f" (after {len(result.crashes)} L1 crash(es))" if result.crashes else ""
+    crashed = f" (after {len(result.crashes)} L1 death(s))" if result.crashes else ""
     print(f"hwvirt: L1 run took {result.seconds:.1f} s{crashed}")
     if result.status is not None:
         return result.status

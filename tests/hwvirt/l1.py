@@ -351,6 +351,7 @@ def _watch(
     had to be ended: the deadline passed, or the L1's pulse stopped (`L1_SILENT_S`)."""
     status_file = run_dir / "status"
     pulse = run_dir / L1_PULSE_FILE
+    silent_bound = float(os.environ.get(SILENT_ENV, L1_SILENT_S))
     finished_at: float | None = None
     while qemu.poll() is None:
         follower.pump()
@@ -361,7 +362,7 @@ def _watch(
         if now > deadline or (finished_at is not None and now > finished_at + 30):
             return finished_at is None, ""
         silent = _silent_for(pulse)
-        if finished_at is None and silent > float(os.environ.get(SILENT_ENV, L1_SILENT_S)):
+        if finished_at is None and silent > silent_bound:
             return False, f"{STOPPED_SIGN} no pulse for {silent:.0f} s; ended by the harness"
         time.sleep(0.1)
     return False, ""
@@ -443,11 +444,15 @@ def run_in_l1(
                     f"L1 ({len(crashes)} of {retries})\n"
                 )
                 echo.flush()
-            for child in run_dir.iterdir():
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
+            _empty(run_dir)
+
+
+def _empty(directory: Path) -> None:
+    for child in directory.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def _run(

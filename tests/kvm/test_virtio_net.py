@@ -178,6 +178,20 @@ def test_two_guests_on_one_bridge_exchange_udp(
     assert event.kind is native.EventKind.POWEROFF
 
 
+def tcp_sink(netns: Netns, nic_boot: Callable[..., Booted], ip: str) -> Booted:
+    """A test guest at `ip` taking one TCP connection on port 5001 (`tcpsink`)."""
+    sink = nic_boot(f"net={ip} tcpsink=5001", netns.tap(), "52:54:00:aa:00:02")
+    sink.console.wait_for(rf"{PREFIX}TCP listening port=5001\n")
+    return sink
+
+
+def assert_read_whole(sink: Booted, size: int) -> None:
+    """The sink read `size` bytes to the FIN, none of them off the pattern."""
+    got = sink.console.wait_for(rf"{PREFIX}TCP received bytes=(\d+) bad=(\d+) .*\n", 30)
+    assert int(got.group(1)) == size, sink.console.text
+    assert got.group(2) == "0"
+
+
 def test_two_guests_on_one_bridge_move_a_tcp_stream_every_byte_checked(
     netns: Netns, nic_boot: Callable[..., Booted]
 ) -> None:
@@ -185,17 +199,14 @@ def test_two_guests_on_one_bridge_move_a_tcp_stream_every_byte_checked(
     segments, every byte checked against its stream offset by the receiver."""
     sink_ip, sender_ip = f"{netns.subnet}.2", f"{netns.subnet}.3"
     size = 8 << 20
-    sink = nic_boot(f"net={sink_ip} tcpsink=5001", netns.tap(), "52:54:00:aa:00:02")
-    sink.console.wait_for(rf"{PREFIX}TCP listening port=5001\n")
+    sink = tcp_sink(netns, nic_boot, sink_ip)
     sender = nic_boot(
         f"net={sender_ip} tcpsend={sink_ip}:5001,{size}", netns.tap(), "52:54:00:aa:00:03"
     )
     sent = sender.console.wait_for(rf"{PREFIX}TCP (sent|FAILED) bytes=(\d+) .*\n", 60)
     assert sent.group(1) == "sent", sender.console.text
     assert int(sent.group(2)) == size
-    got = sink.console.wait_for(rf"{PREFIX}TCP received bytes=(\d+) bad=(\d+) .*\n", 30)
-    assert int(got.group(1)) == size, sink.console.text
-    assert got.group(2) == "0"
+    assert_read_whole(sink, size)
 
 
 def test_a_linux_tcp_client_in_the_namespace_is_read_whole(
@@ -206,8 +217,7 @@ def test_a_linux_tcp_client_in_the_namespace_is_read_whole(
     another stack."""
     sink_ip = f"{netns.subnet}.2"
     size = 1 << 20
-    sink = nic_boot(f"net={sink_ip} tcpsink=5001", netns.tap(), "52:54:00:aa:00:02")
-    sink.console.wait_for(rf"{PREFIX}TCP listening port=5001\n")
+    sink = tcp_sink(netns, nic_boot, sink_ip)
     client = (
         "import socket, sys\n"
         "n = int(sys.argv[2])\n"
@@ -220,9 +230,7 @@ def test_a_linux_tcp_client_in_the_namespace_is_read_whole(
     )
     out = netns.exec(sys.executable, "-c", client, sink_ip, str(size), timeout=60).stdout
     assert out.strip() == "closed"
-    got = sink.console.wait_for(rf"{PREFIX}TCP received bytes=(\d+) bad=(\d+) .*\n", 30)
-    assert int(got.group(1)) == size, sink.console.text
-    assert got.group(2) == "0"
+    assert_read_whole(sink, size)
 
 
 def test_a_malformed_mac_is_refused_before_the_machine_starts(
