@@ -313,9 +313,14 @@ int fl_ioapic_restore(struct fl_ioapic *io, const struct fl_ioapic_state *in)
 	}
 	io->routes_sent = 0;
 	sync_routes(io);
+	/* Every line that is up interrupts again, an edge pin's too. A save takes the vCPUs
+	 * before this IOAPIC, so a line raised in between is up here while no local APIC in
+	 * the snapshot holds its vector: without a new edge that pin would never fire again.
+	 * If a local APIC does hold it, the second delivery merges into its IRR or finds the
+	 * device with nothing to say, which drivers of edge devices (8250, i8042, virtio-mmio)
+	 * take as a spurious interrupt. */
 	for (uint32_t p = 0; p < FL_IOAPIC_PINS; p++)
-		if (is_level(io->s.redir[p]))
-			service(io, p);
+		service(io, p);
 	pthread_mutex_unlock(&io->lock);
 	return 0;
 }

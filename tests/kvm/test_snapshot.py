@@ -152,6 +152,57 @@ def test_restore_continues_the_guest(
     original.console.wait_for(rf"COUNTER {before + 3}\b")
 
 
+def resealed(state: bytearray, off: int, length: int) -> None:
+    """Writes the CRC of the section at `off` again after its payload was edited."""
+    end = off + SECTION + ((length + 7) & ~7)
+    struct.pack_into("<I", state, off + 16, 0)
+    struct.pack_into("<I", state, off + 16, crc32c(bytes(state[off:end])))
+
+
+def test_console_input_that_came_between_the_vcpus_and_the_uart_still_interrupts(
+    boot: Callable[..., Booted],
+    test_guest: Path,
+    restored: Callable[..., Booted],
+    tmp_path: Path,
+) -> None:
+    """A save takes the vCPUs (their local APICs) before the IOAPIC and the UART. Input that
+    reaches the UART in between is in the snapshot with COM1's line up, but the local APIC
+    in it never heard of the interrupt. COM1 is an edge pin: unless the restore gives the
+    pin its edge again, the guest never reads that input, nor any after it (the line stays
+    up). Made here without a race: the saved UART's FIFO is given five bytes and its line
+    raised in the IOAPIC section, the vCPUs left as saved. The guest counts nothing: it
+    sleeps until an interrupt wakes it, so only COM1's interrupt can bring it the input."""
+    g = boot(test_guest, "ready echo", vcpus=2)
+    g.console.wait_for(r"flotilla-guest: READY")
+    time.sleep(0.2)  # into its idle loop's wait
+    g.machine.pause()
+    snap = tmp_path / "snap"
+    g.machine.save(snap)
+    state = bytearray((snap / "state").read_bytes())
+    by_kind = {kind: (off, length) for kind, _, off, length in sections(bytes(state))}
+    off, length = by_kind[4]  # the UART
+    assert length == 84, length  # struct fl_serial_state
+    payload = off + SECTION
+    assert state[payload] & 0x01, "the guest has not enabled COM1's receive interrupt"
+    assert struct.unpack_from("<I", state, payload + 80) == (0,)  # rx_count: nothing typed
+    state[payload + 10 : payload + 15] = b"late\r"
+    struct.pack_into("<II", state, payload + 76, 0, 5)  # rx_head, rx_count
+    resealed(state, off, length)
+    off, length = by_kind[3]  # the IOAPIC: COM1's line (pin 4) up
+    assert length == 208, length  # struct fl_ioapic_state
+    (lines,) = struct.unpack_from("<I", state, off + SECTION + 200)
+    struct.pack_into("<I", state, off + SECTION + 200, lines | 1 << 4)
+    resealed(state, off, length)
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    os.link(snap / "memory", edited / "memory")
+    (edited / "state").write_bytes(state)
+    new = restored(edited)
+    new.console.wait_for(r"flotilla-guest: late", timeout=10)
+    new.console.send(b"and more\r")
+    new.console.wait_for(r"flotilla-guest: and more")
+
+
 def test_a_restored_machine_saves_whole_again(
     saved: tuple[Booted, Path, int, int], restored: Callable[..., Booted], tmp_path: Path
 ) -> None:
