@@ -44,6 +44,11 @@ NOT_PASSED = frozenset({"FLOTILLA_AMQP_URL", "FLOTILLA_AMQP_MGMT_URL", "FLOTILLA
 PASSED_PREFIXES = ("FLOTILLA_", "PYTEST_", "LC_")
 PASSED_NAMES = frozenset({"LANG", "TERM", "TZ", "HYPOTHESIS_PROFILE"})
 CONSOLE_TAIL_LINES = 40
+# The first line of a kernel's report of trouble (the L1's console shows warnings: loglevel=5).
+L1_TROUBLE_SIGNS = (
+    "BUG:", "Oops", "WARNING:", "general protection fault", "Kernel panic", "soft lockup",
+    "hung_task", "rcu_sched detected stall", "rcu: INFO", "clocksource: Marking",
+)  # fmt: skip
 # The host as the L1 sees it through QEMU's user-mode network: only the ports forwarded to
 # the host's loopback answer there (tests/hwvirt/relay.py), nothing else leaves the L1.
 HOST_ALIAS = "10.0.2.100"
@@ -120,7 +125,16 @@ class L1Result:
         return "it reset"
 
     def console_tail(self, lines: int = CONSOLE_TAIL_LINES) -> str:
-        return "\n".join(self.console.replace("\r", "").splitlines()[-lines:])
+        """The console's last lines; when the L1's kernel reported trouble (an oops, a
+        warning, a lockup, a panic) before them, its first report's head too: a panic's
+        stack fills the tail and hides what went wrong."""
+        text = self.console.replace("\r", "").splitlines()
+        tail = text[-lines:]
+        for i, line in enumerate(text[: len(text) - lines]):
+            if any(sign in line for sign in L1_TROUBLE_SIGNS):
+                head = text[max(i - 2, 0) : i + lines // 2]
+                return "\n".join([*head, "[...]", *tail])
+        return "\n".join(tail)
 
 
 def inside_l1() -> bool:
@@ -299,7 +313,7 @@ def qemu_argv(
         "-initrd",
         str(initrd),
         "-append",
-        f"console=ttyS0 panic=-1 quiet flotilla.run={run_dir}",
+        f"console=ttyS0 panic=-1 loglevel=5 flotilla.run={run_dir}",
         *user_network(forwards),
     ]
 

@@ -42,6 +42,7 @@ from compute_node.vmm.client import VmmClient, VmmGone, reap, spawn, wait_exit
 from compute_node.vmm.frames import CONFIG_FILE, CONSOLE_LOG
 from native.images import QUICK_BOOT_ARGS, ImageError, LinuxImages, fetch_images
 from native.machine import Disk, Event, EventKind, Nic
+from tests.hwvirt import stall
 from tests.kvm.harness import Console
 from tests.kvm.test_vmm_process import Domain, save_and_restore, write_config
 
@@ -51,6 +52,9 @@ pytestmark = [pytest.mark.hwvirt, pytest.mark.slow, pytest.mark.timeout(1800)]
 MIB = 1 << 20
 MEMORY_MIB = 256
 BOOT_TIMEOUT = 900.0  # four guests booting at once in the L1, on a busy host
+# The fleet boots in 22-27 s in the L1 (62 s on a busy host): one that has not reached its
+# shells in this long stands still, and the failure says where (stall.py).
+STALL_S = 240.0
 # A command that has not answered in this long is stuck, not slow (they take seconds on a
 # quiet host): failing it with its console leaves the rest of the tier its time.
 COMMAND_TIMEOUT = 150.0
@@ -83,8 +87,8 @@ class LinuxShell:
         self.console = console
         self.commands = 0
 
-    def wait_shell(self) -> None:
-        self.console.wait_for(r"^flotilla-linux: READY", BOOT_TIMEOUT)
+    def wait_shell(self, timeout: float = BOOT_TIMEOUT) -> None:
+        self.console.wait_for(r"^flotilla-linux: READY", timeout)
         self.console.wait_for(re.escape(PROMPT), COMMAND_TIMEOUT)
 
     def run(self, command: str, timeout: float = COMMAND_TIMEOUT) -> tuple[int, str]:
@@ -130,6 +134,19 @@ def device_of(shell: LinuxShell, serial: str) -> str:
     out = found.removeprefix("/sys/block/").removesuffix("/serial")
     assert re.fullmatch(r"vd[a-z]", out), found
     return f"/dev/{out}"
+
+
+def stalled_fleet(images: LinuxImages, machine: native.Machine, pids: list[int]) -> str:
+    """Where the fleet's guests stand: the in-process machine's vCPUs, every VMM process's
+    threads, and the L1's counters and log (tests/hwvirt/stall.py)."""
+    system_map = images.vmlinuz.resolve().parent / images.vmlinuz.resolve().name.replace(
+        "vmlinuz", "System.map"
+    )
+    symbols = stall.Symbols(system_map) if system_map.exists() else None
+    parts = ["the 2-vCPU guest:", stall.describe_machine(machine, symbols)]
+    parts += [stall.describe_process(pid) for pid in pids]
+    parts.append(stall.describe_l1())
+    return "\n".join(parts)
 
 
 def ip(*args: str) -> None:
@@ -330,10 +347,13 @@ def fleet(images: LinuxImages, tmp_path_factory: pytest.TempPathFactory) -> Iter
             shell2, shell4, run4, domains[0], domains[1], net.netns, raw, ro, ro.read_bytes(),
             ext4, flushed, machines, consoles, pids, net,
         )  # fmt: skip
-        shell2.wait_shell()
-        shell4.wait_shell()
-        for d in domains:
-            wait_log(d, re.escape(PROMPT))
+        try:
+            shell2.wait_shell(STALL_S)
+            shell4.wait_shell(STALL_S)
+            for d in domains:
+                wait_log(d, re.escape(PROMPT), timeout=STALL_S)
+        except pytest.fail.Exception as exc:
+            pytest.fail(f"{exc}\n{stalled_fleet(images, machine, [run4.pid, *pids])}")
         yield fleet
     finally:
         for m in machines:

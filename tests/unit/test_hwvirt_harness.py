@@ -194,6 +194,21 @@ def test_only_the_l1_dying_under_the_command_counts_as_an_l1_crash() -> None:
     assert not l2.l1_crashed
 
 
+def test_a_console_tail_keeps_the_head_of_the_l1_kernels_first_report() -> None:
+    stack = [f"[ 70.1]  frame{i}+0x1/0x2" for i in range(60)]
+    console = "\n".join(
+        ["flotilla-l1: running /x/run.sh", "[ 69.9] BUG: scheduling while atomic", *stack]
+    )
+    tail = L1Result(None, False, 1.0, output="", console=console).console_tail(10)
+    lines = tail.splitlines()
+    assert lines[1] == "[ 69.9] BUG: scheduling while atomic"
+    assert "[...]" in lines
+    assert lines[-1] == stack[-1]
+    # Nothing reported: the tail alone.
+    quiet = L1Result(None, False, 1.0, output="", console="\n".join(stack)).console_tail(10)
+    assert quiet.splitlines() == stack[-10:]
+
+
 def test_qemu_command_names_the_run_dir_and_bounds_nothing_else(tmp_path: Path) -> None:
     argv = qemu_argv(Path("/k"), Path("/i"), tmp_path, 4096, 2)
     assert argv[argv.index("-cpu") + 1] == "EPYC"

@@ -1,0 +1,154 @@
+"""What a Linux guest that stopped making progress in the L1 was doing: its vCPUs (where each
+stands, its local APIC's timer and pending interrupts), its VMM's threads (in the guest,
+halted, or waiting in the VMM) and the L1's view (interrupt counts, KVM's exit counters,
+the kernel log). Read when a boot or a command stands still, and printed with the failure.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import native
+
+# struct vcpu_state (native/x86/vcpu_state.c): the KVM structures in order, each at its
+# natural alignment on x86-64.
+_HEADER = "<IIII"  # magic, version, size, nmsrs
+_MP = 16
+_REGS = 24  # struct kvm_regs: rax..r15, rip, rflags
+_SREGS = _REGS + 144
+_FPU = _SREGS + 312
+_XSAVE = _FPU + 416
+_XCRS = _XSAVE + 4096
+_LAPIC = _XCRS + 392
+_EVENTS = _LAPIC + 1024
+_MSRS = _EVENTS + 64
+_MAGIC = 0x464C5643
+MP_STATES = {0: "runnable", 1: "uninitialized", 2: "init-received", 3: "halted", 4: "sipi"}
+MSR_TSC, MSR_TSC_DEADLINE, MSR_LSTAR = 0x10, 0x6E0, 0xC0000082
+
+
+def _apic(lapic: bytes, reg: int) -> int:
+    return int(struct.unpack_from("<I", lapic, reg)[0])
+
+
+def _bits(lapic: bytes, base: int) -> list[int]:
+    """Vectors set in a 256-bit local APIC register group (ISR, TMR, IRR)."""
+    out = []
+    for i in range(8):
+        word = _apic(lapic, base + 0x10 * i)
+        out += [32 * i + b for b in range(32) if word >> b & 1]
+    return out
+
+
+class Symbols:
+    """A System.map, moved by the guest's KASLR offset (found from its LSTAR)."""
+
+    def __init__(self, system_map: Path) -> None:
+        pairs = []
+        for line in system_map.read_text().splitlines():
+            addr, kind, name = line.split()[:3]
+            if kind.lower() in "tw":
+                pairs.append((int(addr, 16), name))
+        pairs.sort()
+        self.addrs = [a for a, _ in pairs]
+        self.names = [n for _, n in pairs]
+        self.by_name = {n: a for a, n in pairs}
+
+    def name(self, rip: int, lstar: int) -> str:
+        base = self.by_name.get("entry_SYSCALL_64")
+        if base is None or not lstar:
+            return "?"
+        addr = rip - (lstar - base)
+        i = bisect.bisect_right(self.addrs, addr) - 1
+        if i < 0:
+            return "?"
+        return f"{self.names[i]}+{addr - self.addrs[i]:#x}"
+
+
+def describe_vcpu(index: int, blob: bytes, symbols: Symbols | None) -> str:
+    magic, _version, _size, nmsrs = struct.unpack_from(_HEADER, blob, 0)
+    if magic != _MAGIC:
+        return f"vCPU {index}: not a vCPU state blob"
+    (mp,) = struct.unpack_from("<I", blob, _MP)
+    rip, rflags = struct.unpack_from("<QQ", blob, _REGS + 16 * 8)
+    msrs = {}
+    for i in range(min(nmsrs, 32)):
+        idx, _, data = struct.unpack_from("<IIQ", blob, _MSRS + 16 * i)
+        msrs[idx] = data
+    lapic = blob[_LAPIC : _LAPIC + 1024]
+    where = symbols.name(rip, msrs.get(MSR_LSTAR, 0)) if symbols else "?"
+    lvtt = _apic(lapic, 0x320)
+    mode = ("one-shot", "periodic", "tsc-deadline", "reserved")[lvtt >> 17 & 3]
+    deadline = msrs.get(MSR_TSC_DEADLINE, 0)
+    tsc = msrs.get(MSR_TSC, 0)
+    return (
+        f"vCPU {index}: {MP_STATES.get(mp, mp)} rip={rip:#x} ({where}) "
+        f"if={rflags >> 9 & 1} apic_id={_apic(lapic, 0x20) >> 24} tpr={_apic(lapic, 0x80)} "
+        f"irr={_bits(lapic, 0x200)} isr={_bits(lapic, 0x100)} "
+        f"timer: lvtt={lvtt:#x} ({mode}{', masked' if lvtt >> 16 & 1 else ''}) "
+        f"tmict={_apic(lapic, 0x380)} tmcct={_apic(lapic, 0x390)} "
+        f"deadline={'tsc+' + str(deadline - tsc) if deadline else 0}"
+    )
+
+
+def describe_machine(machine: native.Machine, symbols: Symbols | None) -> str:
+    """Pauses the machine for a moment to read every vCPU; resumes it."""
+    try:
+        machine.pause()
+    except native.VmmError as exc:
+        return f"cannot pause it: {exc}"
+    try:
+        return "\n".join(
+            describe_vcpu(i, machine.save_vcpu(i), symbols) for i in range(machine.vcpus)
+        )
+    finally:
+        machine.resume()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace").strip()
+    except OSError as exc:
+        return f"({exc.strerror})"
+
+
+def describe_process(pid: int) -> str:
+    """Each thread of a VMM process: its name, state, and where its kernel stack is."""
+    lines = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        stat = _read(task / "stat")
+        state = stat.rsplit(")", 1)[-1].split()[0] if ")" in stat else "?"
+        stack = [f.split()[-1] for f in _read(task / "stack").splitlines()[:6]]
+        lines.append(f"  {task.name} {_read(task / 'comm')} {state} {' < '.join(stack)}")
+    return f"pid {pid}:\n" + "\n".join(lines) if lines else f"pid {pid}: gone"
+
+
+def _kvm_counters() -> dict[str, int]:
+    root = Path("/sys/kernel/debug/kvm")
+    if not root.is_dir():
+        Path("/sys/kernel/debug").mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "debugfs", "none", "/sys/kernel/debug"], check=False)
+    out = {}
+    for name in ("exits", "halt_exits", "irq_injections", "irq_exits", "halt_wakeup"):
+        text = _read(root / name)
+        if text.isdigit():
+            out[name] = int(text)
+    return out
+
+
+def describe_l1(seconds: float = 5.0) -> str:
+    """The L1 as a whole: load, KVM's exit counters over `seconds`, interrupts, dmesg."""
+    before = _kvm_counters()
+    time.sleep(seconds)
+    after = _kvm_counters()
+    moved = {k: after[k] - before.get(k, 0) for k in after}
+    dmesg = subprocess.run(["dmesg"], capture_output=True, text=True, check=False).stdout
+    return (
+        f"loadavg {_read(Path('/proc/loadavg'))}; KVM counters over {seconds:.0f} s: {moved}\n"
+        f"/proc/interrupts:\n{_read(Path('/proc/interrupts'))}\n"
+        f"dmesg (last 30 lines):\n" + "\n".join(dmesg.splitlines()[-30:])
+    )
