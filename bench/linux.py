@@ -70,6 +70,7 @@ NET_MIB = 16
 TAP = "flbench0"
 HOST_ADDR, GUEST_ADDR, PORT = "10.77.0.1", "10.77.0.2", 5001
 READY = "flotilla-bench: READY"
+SLOWEST = 15  # --initcalls: the slowest initcalls listed per VMM
 WORKLOAD_SOURCE = ROOT / "bench" / "guest" / "linux_bench.c"
 BUILD_INITRAMFS = ROOT / "deploy" / "images" / "build-initramfs"
 
@@ -92,6 +93,12 @@ for arg in $(cat /proc/cmdline); do
     flotilla.bench=tcp)
         ifconfig eth0 {GUEST_ADDR} netmask 255.255.255.0 up
         say "$(/bin/linux_bench tcpsend {HOST_ADDR} {PORT} {NET_MIB} 2>&1)" ;;
+    flotilla.bench=initcalls)
+        dmesg | awk '/initcall .* returned .* after/ {{print $(NF-1), $0}}' | sort -n |
+            tail -{SLOWEST} | while read -r us line; do say "slow $line"; done
+        dmesg | grep -e 'Run /init' -e 'Freeing unused kernel' -e 'smpboot: Total' \
+            -e 'tsc: Refined' -e 'Unpacking initramfs' -e 'Trying to unpack' |
+            while read -r line; do say "mark $line"; done ;;
     esac
 done
 poweroff -f
@@ -284,11 +291,13 @@ class _Progress(io.TextIOBase):
         return len(text)
 
 
-def in_l1(rounds: int, anchor_offloads: bool) -> int:
+def in_l1(rounds: int, anchor_offloads: bool, initcalls: bool = False) -> int:
     """Re-runs this benchmark in the nested L1 and relays its figures."""
     argv = [sys.executable, str(Path(__file__).resolve()), "--rounds", str(rounds)]
     if not anchor_offloads:
         argv.append("--no-anchor-offloads")
+    if initcalls:
+        argv.append("--initcalls")
     try:
         with tempfile.TemporaryDirectory(prefix="flotilla-hwvirt-") as tmp:
             result = run_in_l1(
@@ -436,6 +445,24 @@ def report(rounds: int, results: dict[str, Results], a: str) -> int:
     return 1 if any(res.failures for res in results.values()) else 0
 
 
+def initcalls() -> int:
+    """One boot per VMM with `initcall_debug`: the slowest initcalls and the boot's marks,
+    by the guest kernel's clock, to say where one VMM's boot spends time the other's does
+    not. No figures."""
+    images = fetch_images(initramfs=True)
+    assert images.initramfs is not None
+    cmdline = "console=ttyS0 panic=-1 quiet initcall_debug flotilla.bench=initcalls"
+    with tempfile.TemporaryDirectory(prefix="bench-linux-") as tmp:
+        initrd = bench_initramfs(images.initramfs, Path(tmp))
+        for name, vmm in (("ours", ours), (ANCHOR, qemu)):
+            run = run_guest(vmm(images.vmlinuz, initrd, cmdline, None, False))
+            say(f"{name}: READY {run.ready_s:.2f} s (in the kernel {run.kernel_ready_s} s)")
+            for line in run.console.splitlines():
+                if "flotilla-bench: slow " in line or "flotilla-bench: mark " in line:
+                    say(f"  {name}: {line.split('flotilla-bench: ', 1)[1]}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
@@ -446,11 +473,18 @@ def main() -> int:
         help="QEMU's tap with a vnet header, so its virtio-net offers checksum and TSO "
         f"offloads (default); without: anchor {ANCHOR_NO_OFFLOADS}, one frame per packet as ours",
     )
+    parser.add_argument(
+        "--initcalls",
+        action="store_true",
+        help="no figures: one boot per VMM with initcall_debug, its slowest initcalls listed",
+    )
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if not runs_directly():
-        return in_l1(args.rounds, args.anchor_offloads)
+        return in_l1(args.rounds, args.anchor_offloads, args.initcalls)
+    if args.initcalls:
+        return initcalls()
     return measure(args.rounds, args.anchor_offloads)
 
 

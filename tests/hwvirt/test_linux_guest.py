@@ -101,7 +101,16 @@ class LinuxShell:
         self.console.send(
             f"echo \"<$(({n}))<\"; {command}; printf '\\n>%s> rc=%s\\n' $(({n})) $?\n".encode()
         )
-        end = self.console.wait_for(rf"^>{n}> rc=(\d+)\r?$", timeout)
+        try:
+            end = self.console.wait_for(rf"^>{n}> rc=(\d+)\r?$", timeout)
+        except pytest.fail.Exception as exc:
+            if self.machine is None:
+                raise
+            c = self.machine.counters()
+            pytest.fail(
+                f"{exc}\nconsole bytes in {c.console_in_bytes} out {c.console_out_bytes}, "
+                f"exits {c.exits}\n{stall.describe_machine(self.machine, None)}"
+            )
         text = self.console.text
         begin = re.compile(rf"^<{n}<\r?$", re.MULTILINE).search(text)
         assert begin is not None, text
@@ -175,6 +184,7 @@ def type_line(d: Domain, line: str, *, echoed: bool = True) -> None:
     `echoed`). The line and the prompt must fit in 80 columns (the shell wraps a longer one
     as it echoes it)."""
     assert len(line) <= 60, f"{line!r} is too long to come back as typed"
+    before = console_counters(d)
     with d.client.attach() as stream:
         stream.settimeout(COMMAND_TIMEOUT)
         stream.sendall(line.encode() + b"\n")
@@ -182,9 +192,22 @@ def type_line(d: Domain, line: str, *, echoed: bool = True) -> None:
             return
         got = b""
         while line.encode() not in got:
-            chunk = stream.recv(4096)
+            try:
+                chunk = stream.recv(4096)
+            except TimeoutError:
+                pytest.fail(
+                    f"{line!r} not echoed in {COMMAND_TIMEOUT:.0f} s; got {got!r}; console "
+                    f"bytes in/out and exits before {before}, now {console_counters(d)}\n"
+                    f"{stall.describe_process(d.pid)}\n{stall.describe_l1()}"
+                )
             assert chunk, f"attach stream closed; got {got!r}"
             got += chunk
+
+
+def console_counters(d: Domain) -> tuple[int, int, int]:
+    """The VMM's console bytes in (taken by the UART), out, and the guest's exits so far."""
+    c = d.client.stats()
+    return c["console_in_bytes"], c["console_out_bytes"], c["exits"]
 
 
 @dataclass
