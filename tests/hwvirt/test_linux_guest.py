@@ -82,13 +82,26 @@ def images() -> LinuxImages:
 class LinuxShell:
     """A Linux guest's initramfs shell, driven through its console."""
 
-    def __init__(self, console: Console, machine: native.Machine | None = None) -> None:
+    def __init__(
+        self,
+        console: Console,
+        machine: native.Machine | None = None,
+        symbols: stall.Symbols | None = None,
+    ) -> None:
         self.machine = machine
         self.console = console
+        self.symbols = symbols
         self.commands = 0
 
-    def wait_shell(self, timeout: float = BOOT_TIMEOUT) -> None:
-        self.console.wait_for(r"^flotilla-linux: READY", timeout)
+    def wait_shell(self, timeout: float = STALL_S) -> None:
+        """Waits for the shell's prompt; a boot that stands still fails after `timeout`,
+        with where its vCPUs are when this is an in-process machine."""
+        try:
+            self.console.wait_for(r"^flotilla-linux: READY", timeout)
+        except pytest.fail.Exception as exc:
+            if self.machine is None:
+                raise
+            pytest.fail(f"{exc}\n{stall.describe_machine(self.machine, self.symbols)}")
         self.console.wait_for(re.escape(PROMPT), COMMAND_TIMEOUT)
 
     def run(self, command: str, timeout: float = COMMAND_TIMEOUT) -> tuple[int, str]:
@@ -109,7 +122,7 @@ class LinuxShell:
             c = self.machine.counters()
             pytest.fail(
                 f"{exc}\nconsole bytes in {c.console_in_bytes} out {c.console_out_bytes}, "
-                f"exits {c.exits}\n{stall.describe_machine(self.machine, None)}"
+                f"exits {c.exits}\n{stall.describe_machine(self.machine, self.symbols)}"
             )
         text = self.console.text
         begin = re.compile(rf"^<{n}<\r?$", re.MULTILINE).search(text)
@@ -145,14 +158,17 @@ def device_of(shell: LinuxShell, serial: str) -> str:
     return f"/dev/{out}"
 
 
+def kernel_symbols(images: LinuxImages) -> stall.Symbols | None:
+    """The guest kernel's System.map, beside its bzImage in the image cache."""
+    kernel = images.vmlinuz.resolve()
+    system_map = kernel.parent / kernel.name.replace("vmlinuz", "System.map")
+    return stall.Symbols(system_map) if system_map.exists() else None
+
+
 def stalled_fleet(images: LinuxImages, machine: native.Machine, pids: list[int]) -> str:
     """Where the fleet's guests stand: the in-process machine's vCPUs, every VMM process's
     threads, and the L1's counters and log (tests/hwvirt/stall.py)."""
-    system_map = images.vmlinuz.resolve().parent / images.vmlinuz.resolve().name.replace(
-        "vmlinuz", "System.map"
-    )
-    symbols = stall.Symbols(system_map) if system_map.exists() else None
-    parts = ["the 2-vCPU guest:", stall.describe_machine(machine, symbols)]
+    parts = ["the 2-vCPU guest:", stall.describe_machine(machine, kernel_symbols(images))]
     parts += [stall.describe_process(pid) for pid in pids]
     parts.append(stall.describe_l1())
     return "\n".join(parts)
@@ -365,7 +381,8 @@ def fleet(images: LinuxImages, tmp_path_factory: pytest.TempPathFactory) -> Iter
         machines.append(machine)
         machine.start()
         net.adopt_tap(f"{net.bridge}t4", SPAWN_TIMEOUT)
-        shell2, shell4 = LinuxShell(console2, machine), LinuxShell(console4)
+        symbols = kernel_symbols(images)
+        shell2, shell4 = LinuxShell(console2, machine, symbols), LinuxShell(console4)
         fleet = Fleet(
             shell2, shell4, run4, domains[0], domains[1], net.netns, raw, ro, ro.read_bytes(),
             ext4, flushed, machines, consoles, pids, net,
@@ -702,7 +719,7 @@ def test_ext4_file_survives_a_restart(fleet: Fleet, images: LinuxImages) -> None
     )
     fleet.machines.append(machine)
     machine.start()
-    shell = LinuxShell(console, machine)
+    shell = LinuxShell(console, machine, kernel_symbols(images))
     shell.wait_shell()
     dev = device_of(shell, "fs")
     assert shell.check(f"mount -t ext4 {dev} /mnt && cat /mnt/file") == "kept-42"
