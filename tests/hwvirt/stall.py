@@ -47,6 +47,15 @@ def _bits(lapic: bytes, base: int) -> list[int]:
 class Symbols:
     """A System.map, moved by the guest's KASLR offset (found from its LSTAR)."""
 
+    @classmethod
+    def load(cls, system_map: Path) -> Symbols | None:
+        """None unless the map is a real one (Debian ships a placeholder in the image)."""
+        try:
+            symbols = cls(system_map)
+        except (OSError, ValueError):
+            return None
+        return symbols if "entry_SYSCALL_64" in symbols.by_name else None
+
     def __init__(self, system_map: Path) -> None:
         pairs = []
         for line in system_map.read_text().splitlines():
@@ -80,7 +89,15 @@ def describe_vcpu(index: int, blob: bytes, symbols: Symbols | None) -> str:
         idx, _, data = struct.unpack_from("<IIQ", blob, _MSRS + 16 * i)
         msrs[idx] = data
     lapic = blob[_LAPIC : _LAPIC + 1024]
-    where = symbols.name(rip, msrs.get(MSR_LSTAR, 0)) if symbols else "?"
+    lstar = msrs.get(MSR_LSTAR, 0)
+    if symbols:
+        where = symbols.name(rip, lstar)
+    elif lstar and rip >> 47:
+        # KASLR moves the kernel as a whole: against LSTAR (entry_SYSCALL_64) a place can
+        # be looked up later in the kernel's real System.map (Debian's -dbg package).
+        where = f"entry_SYSCALL_64{rip - lstar:+#x}"
+    else:
+        where = "?"
     lvtt = _apic(lapic, 0x320)
     mode = ("one-shot", "periodic", "tsc-deadline", "reserved")[lvtt >> 17 & 3]
     deadline = msrs.get(MSR_TSC_DEADLINE, 0)

@@ -162,7 +162,7 @@ def kernel_symbols(images: LinuxImages) -> stall.Symbols | None:
     """The guest kernel's System.map, beside its bzImage in the image cache."""
     kernel = images.vmlinuz.resolve()
     system_map = kernel.parent / kernel.name.replace("vmlinuz", "System.map")
-    return stall.Symbols(system_map) if system_map.exists() else None
+    return stall.Symbols.load(system_map)
 
 
 def stalled_fleet(images: LinuxImages, machine: native.Machine, pids: list[int]) -> str:
