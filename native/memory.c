@@ -10,6 +10,37 @@
 
 #include "vmm.h"
 
+#define HUGE_ALIGN (2ull << 20)
+
+/*
+ * mmap at a 2 MiB-aligned address. KVM maps guest RAM with 2 MiB pages only where the host
+ * address and the guest-physical one agree modulo 2 MiB (and the host page is huge); RAM
+ * at any other address costs a nested page fault and a TLB entry per 4 KiB even where the
+ * kernel backs it with transparent huge pages. Guest-physical 0 and 4 GiB are aligned, so
+ * an aligned start aligns both slots. QEMU aligns its RAM the same way.
+ */
+static void *map_aligned(uint64_t size, int prot, int flags, int fd)
+{
+	uint64_t span = size + HUGE_ALIGN;
+	uint8_t *base, *start;
+
+	base = mmap(NULL, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (base == MAP_FAILED)
+		return MAP_FAILED;
+	start = (uint8_t *)(((uintptr_t)base + HUGE_ALIGN - 1) & ~(uintptr_t)(HUGE_ALIGN - 1));
+	if (mmap(start, size, prot, flags | MAP_FIXED, fd, 0) == MAP_FAILED) {
+		int e = errno;
+		munmap(base, span);
+		errno = e;
+		return MAP_FAILED;
+	}
+	if (start > base)
+		munmap(base, (size_t)(start - base));
+	if (base + span > start + size)
+		munmap(start + size, (size_t)(base + span - (start + size)));
+	return start;
+}
+
 int fl_mem_init(struct fl_mem *mem, uint64_t size, int use_memfd, char *err, size_t errlen)
 {
 	int fd = -1;
@@ -27,10 +58,10 @@ int fl_mem_init(struct fl_mem *mem, uint64_t size, int use_memfd, char *err, siz
 			close(fd);
 			return fl_errf(err, errlen, e, "sizing guest RAM memfd: %s", strerror(e));
 		}
-		p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+		p = map_aligned(size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd);
 	} else {
-		p = mmap(NULL, size, PROT_READ | PROT_WRITE,
-			 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+		p = map_aligned(size, PROT_READ | PROT_WRITE,
+				MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1);
 	}
 	if (p == MAP_FAILED) {
 		int e = errno;
@@ -54,7 +85,7 @@ int fl_mem_init_file(struct fl_mem *mem, uint64_t size, int fd, char *err, size_
 	mem->memfd = -1;
 	mem->file_fd = -1;
 	/* MAP_PRIVATE: the guest's writes stay in this process, the file is never changed. */
-	p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd, 0);
+	p = map_aligned(size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd);
 	if (p == MAP_FAILED) {
 		int e = errno;
 		close(fd);

@@ -313,7 +313,11 @@ def qemu_argv(
         "-initrd",
         str(initrd),
         "-append",
-        f"console=ttyS0 panic=-1 loglevel=5 flotilla.run={run_dir}",
+        # tsc=reliable: TCG's TSC is one host clock for every vCPU, but an AMD CPU without
+        # invariant TSC (TCG offers none) and with two CPUs is taken as unsynchronized; the
+        # L1's KVM then adjusts each L2 vCPU's TSC whenever its thread moves ("SMP vm
+        # created on host with unstable TSC"), and its guests' clocks stumble.
+        f"console=ttyS0 panic=-1 loglevel=5 tsc=reliable flotilla.run={run_dir}",
         *user_network(forwards),
     ]
 

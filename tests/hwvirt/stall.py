@@ -7,6 +7,7 @@ the kernel log). Read when a boot or a command stands still, and printed with th
 from __future__ import annotations
 
 import bisect
+import re
 import struct
 import subprocess
 import time
@@ -157,6 +158,34 @@ def _kvm_counters() -> dict[str, int]:
     return out
 
 
+TRACING = Path("/sys/kernel/tracing")
+
+
+def kvm_exits(seconds: float = 1.0, top: int = 12) -> str:
+    """The L1 KVM's exits for `seconds` (its kvm_exit tracepoint), most frequent first:
+    which VMM thread, why, and where in its guest."""
+    if not (TRACING / "events").is_dir():
+        subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACING)], check=False)
+    enable = TRACING / "events" / "kvm" / "kvm_exit" / "enable"
+    if not enable.exists():
+        return "kvm_exit: no tracepoint here"
+    (TRACING / "trace").write_text("")
+    enable.write_text("1")
+    time.sleep(seconds)
+    enable.write_text("0")
+    counts: dict[str, int] = {}
+    for line in _read(TRACING / "trace").splitlines():
+        m = re.search(
+            r"^\s*(\S+)\s.*kvm_exit: vcpu (\d+) reason (\S+).*?rip (0x[0-9a-f]+) info1 (\S+)", line
+        )
+        if m:
+            key = f"{m.group(1)} vcpu{m.group(2)} {m.group(3)} rip={m.group(4)} info1={m.group(5)}"
+            counts[key] = counts.get(key, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+    body = "\n".join(f"  {n:6d} {key}" for key, n in ranked) or "  none"
+    return f"kvm_exit over {seconds:.0f} s ({sum(counts.values())} in all):\n{body}"
+
+
 def describe_l1(seconds: float = 5.0) -> str:
     """The L1 as a whole: load, KVM's exit counters over `seconds`, interrupts, dmesg."""
     before = _kvm_counters()
@@ -166,6 +195,7 @@ def describe_l1(seconds: float = 5.0) -> str:
     dmesg = subprocess.run(["dmesg"], capture_output=True, text=True, check=False).stdout
     return (
         f"loadavg {_read(Path('/proc/loadavg'))}; KVM counters over {seconds:.0f} s: {moved}\n"
+        f"{kvm_exits()}\n"
         f"/proc/interrupts:\n{_read(Path('/proc/interrupts'))}\n"
         f"dmesg (last 30 lines):\n" + "\n".join(dmesg.splitlines()[-30:])
     )
