@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -529,12 +530,21 @@ def _run(
             )
         timed_out, stopped = _watch(qemu, run_dir, follower, started + timeout)
     finally:
-        _kill(qemu)
-        if daemon is not None:
-            try:
-                daemon.wait(timeout=5)  # it ends by itself once QEMU has gone
-            except subprocess.TimeoutExpired:
-                _kill(daemon)
+        # A second Ctrl-C (or `timeout` passing one on) must not cut this short and leave
+        # QEMU running: SIGINT waits until both are gone.
+        blocked = threading.current_thread() is threading.main_thread()
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            _kill(qemu)
+            if daemon is not None:
+                try:
+                    daemon.wait(timeout=5)  # it ends by itself once QEMU has gone
+                except subprocess.TimeoutExpired:
+                    _kill(daemon)
+        finally:
+            if blocked:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     follower.pump()
     raw_status = _read(run_dir / "status").strip()
     qemu_log = "\n".join(
