@@ -118,7 +118,11 @@ def describe_machine(machine: native.Machine, symbols: Symbols | None) -> str:
     try:
         machine.pause()
     except native.VmmError as exc:
-        return f"cannot pause it: {exc}"
+        # It ended: how (an internal error names KVM's exit reason and its data words).
+        events = []
+        while (event := machine.wait_event(0)) is not None:
+            events.append(repr(event))
+        return f"cannot pause it: {exc}; its events: {events or 'none left'}"
     try:
         return "\n".join(
             describe_vcpu(i, machine.save_vcpu(i), symbols) for i in range(machine.vcpus)

@@ -165,11 +165,20 @@ def kernel_symbols(images: LinuxImages) -> stall.Symbols | None:
     return stall.Symbols.load(system_map)
 
 
-def stalled_fleet(images: LinuxImages, machine: native.Machine, pids: list[int]) -> str:
-    """Where the fleet's guests stand: the in-process machine's vCPUs, every VMM process's
-    threads, and the L1's counters and log (tests/hwvirt/stall.py)."""
+def stalled_fleet(
+    images: LinuxImages,
+    machine: native.Machine,
+    run4: subprocess.Popen[bytes],
+    console4: Console,
+    pids: list[int],
+) -> str:
+    """Where the fleet's guests stand: the in-process machine's vCPUs (or how it ended),
+    `native.run`'s status and last words, every VMM process's threads, and the L1's
+    counters and log (tests/hwvirt/stall.py)."""
     parts = ["the 2-vCPU guest:", stall.describe_machine(machine, kernel_symbols(images))]
-    parts += [stall.describe_process(pid) for pid in pids]
+    parts.append(f"the 4-vCPU guest (native.run): exit status {run4.poll()}")
+    parts.append(console4.text[-600:])
+    parts += [stall.describe_process(pid) for pid in [run4.pid, *pids]]
     parts.append(stall.describe_l1())
     return "\n".join(parts)
 
@@ -393,7 +402,7 @@ def fleet(images: LinuxImages, tmp_path_factory: pytest.TempPathFactory) -> Iter
             for d in domains:
                 wait_log(d, re.escape(PROMPT), timeout=STALL_S)
         except pytest.fail.Exception as exc:
-            pytest.fail(f"{exc}\n{stalled_fleet(images, machine, [run4.pid, *pids])}")
+            pytest.fail(f"{exc}\n{stalled_fleet(images, machine, run4, console4, pids)}")
         yield fleet
     finally:
         for m in machines:
