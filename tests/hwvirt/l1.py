@@ -84,6 +84,16 @@ L1_CRASH_RETRIES = 2
 L1_PULSE_FILE = "alive"
 L1_SILENT_S = 120.0
 SILENT_ENV = "FLOTILLA_HWVIRT_SILENT_S"  # another bound (the harness's own test)
+CPUS_ENV = "FLOTILLA_HWVIRT_CPUS"  # the L1's vCPUs (2: one TCG thread per host core)
+
+
+def default_cpus() -> int:
+    raw = os.environ.get(CPUS_ENV, "2")
+    if not raw.isdigit() or not 1 <= int(raw) <= 8:
+        raise L1Error(f"{CPUS_ENV} must be 1..8, not {raw!r}")
+    return int(raw)
+
+
 STOPPED_SIGN = "[harness] the L1 stopped:"
 
 
@@ -412,7 +422,7 @@ def run_in_l1(
     timeout: float | None = None,
     echo: TextIO | None = None,
     memory_mib: int = 4096,
-    cpus: int = 2,
+    cpus: int | None = None,
     broker: bool = False,
     retries: int = 0,
 ) -> L1Result:
@@ -429,6 +439,7 @@ def run_in_l1(
     emptied first); the result says how many died before it (`crashes`).
     """
     timeout = default_timeout() if timeout is None else timeout
+    cpus = default_cpus() if cpus is None else cpus
     deadline = time.monotonic() + timeout
     common: dict[str, Any] = {"cwd": cwd, "echo": echo, "memory_mib": memory_mib, "cpus": cpus}
     crashes: list[str] = []

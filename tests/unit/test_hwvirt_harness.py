@@ -13,11 +13,13 @@ import pytest
 
 from tests.hwvirt.__main__ import parse
 from tests.hwvirt.l1 import (
+    CPUS_ENV,
     HOST_ALIAS,
     INSIDE_ENV,
     RELAY,
     L1Error,
     L1Result,
+    default_cpus,
     default_timeout,
     host_has_hardware_virtualization,
     l1_amqp_url,
@@ -207,6 +209,17 @@ def test_a_console_tail_keeps_the_head_of_the_l1_kernels_first_report() -> None:
     # Nothing reported: the tail alone.
     quiet = L1Result(None, False, 1.0, output="", console="\n".join(stack)).console_tail(10)
     assert quiet.splitlines() == stack[-10:]
+
+
+def test_the_l1_cpu_count_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(CPUS_ENV, raising=False)
+    assert default_cpus() == 2
+    monkeypatch.setenv(CPUS_ENV, "1")
+    assert default_cpus() == 1
+    for bad in ("0", "9", "two", ""):
+        monkeypatch.setenv(CPUS_ENV, bad)
+        with pytest.raises(L1Error, match=CPUS_ENV):
+            default_cpus()
 
 
 def test_qemu_command_names_the_run_dir_and_bounds_nothing_else(tmp_path: Path) -> None:
