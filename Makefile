@@ -6,9 +6,10 @@ install:
 
 # Every tier but hwvirt (docs/testing.md): on hosts without vmx/svm it boots Linux in a nested
 # L1 under QEMU TCG. Without its control-plane module (`hwvirt_stack`, 20-35 minutes) the tier
-# takes 2-4 minutes here when it runs through, but about one L1 run in three still fails (the
-# L1's kernel dying under QEMU TCG's emulated SVM, a fleet of Linux guests standing still or
-# ending together; docs/testing.md), so it is a target of its own until that stops. The chaos suite is in, with its
+# takes 4-5 minutes here when it runs through. With a two-vCPU L1 about one run in three
+# failed (the L1's kernel dying under QEMU TCG's emulated SVM, a fleet of Linux guests
+# standing still or ending together; docs/testing.md); with the one-vCPU L1 of now, three
+# runs passed. It stays a target of its own until more runs say the same. The chaos suite is in, with its
 # short default run (FLOTILLA_CHAOS_SECONDS=30, 1-2 minutes on the session's broker cluster).
 # Two pytest-xdist workers, each given whole test files (module fixtures stay shared) and its
 # own private broker: most tests wait on processes, brokers and guests rather than on the

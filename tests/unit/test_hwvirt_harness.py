@@ -213,9 +213,9 @@ def test_a_console_tail_keeps_the_head_of_the_l1_kernels_first_report() -> None:
 
 def test_the_l1_cpu_count_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(CPUS_ENV, raising=False)
-    assert default_cpus() == 2
-    monkeypatch.setenv(CPUS_ENV, "1")
     assert default_cpus() == 1
+    monkeypatch.setenv(CPUS_ENV, "2")
+    assert default_cpus() == 2
     for bad in ("0", "9", "two", ""):
         monkeypatch.setenv(CPUS_ENV, bad)
         with pytest.raises(L1Error, match=CPUS_ENV):
