@@ -6,7 +6,6 @@ the kernel log). Read when a boot or a command stands still, and printed with th
 
 from __future__ import annotations
 
-import bisect
 import re
 import struct
 import subprocess
@@ -45,41 +44,7 @@ def _bits(lapic: bytes, base: int) -> list[int]:
     return out
 
 
-class Symbols:
-    """A System.map, moved by the guest's KASLR offset (found from its LSTAR)."""
-
-    @classmethod
-    def load(cls, system_map: Path) -> Symbols | None:
-        """None unless the map is a real one (Debian ships a placeholder in the image)."""
-        try:
-            symbols = cls(system_map)
-        except (OSError, ValueError):
-            return None
-        return symbols if "entry_SYSCALL_64" in symbols.by_name else None
-
-    def __init__(self, system_map: Path) -> None:
-        pairs = []
-        for line in system_map.read_text().splitlines():
-            addr, kind, name = line.split()[:3]
-            if kind.lower() in "tw":
-                pairs.append((int(addr, 16), name))
-        pairs.sort()
-        self.addrs = [a for a, _ in pairs]
-        self.names = [n for _, n in pairs]
-        self.by_name = {n: a for a, n in pairs}
-
-    def name(self, rip: int, lstar: int) -> str:
-        base = self.by_name.get("entry_SYSCALL_64")
-        if base is None or not lstar:
-            return "?"
-        addr = rip - (lstar - base)
-        i = bisect.bisect_right(self.addrs, addr) - 1
-        if i < 0:
-            return "?"
-        return f"{self.names[i]}+{addr - self.addrs[i]:#x}"
-
-
-def describe_vcpu(index: int, blob: bytes, symbols: Symbols | None) -> str:
+def describe_vcpu(index: int, blob: bytes) -> str:
     magic, _version, _size, nmsrs = struct.unpack_from(_HEADER, blob, 0)
     if magic != _MAGIC:
         return f"vCPU {index}: not a vCPU state blob"
@@ -90,15 +55,11 @@ def describe_vcpu(index: int, blob: bytes, symbols: Symbols | None) -> str:
         idx, _, data = struct.unpack_from("<IIQ", blob, _MSRS + 16 * i)
         msrs[idx] = data
     lapic = blob[_LAPIC : _LAPIC + 1024]
+    # KASLR moves the kernel as a whole: given against LSTAR (entry_SYSCALL_64), a kernel
+    # place can be looked up in the kernel's real System.map (Debian's image carries only a
+    # placeholder; the -dbg package has it).
     lstar = msrs.get(MSR_LSTAR, 0)
-    if symbols:
-        where = symbols.name(rip, lstar)
-    elif lstar and rip >> 47:
-        # KASLR moves the kernel as a whole: against LSTAR (entry_SYSCALL_64) a place can
-        # be looked up later in the kernel's real System.map (Debian's -dbg package).
-        where = f"entry_SYSCALL_64{rip - lstar:+#x}"
-    else:
-        where = "?"
+    where = f"entry_SYSCALL_64{rip - lstar:+#x}" if lstar and rip >> 47 else "?"
     lvtt = _apic(lapic, 0x320)
     mode = ("one-shot", "periodic", "tsc-deadline", "reserved")[lvtt >> 17 & 3]
     deadline = msrs.get(MSR_TSC_DEADLINE, 0)
@@ -113,7 +74,7 @@ def describe_vcpu(index: int, blob: bytes, symbols: Symbols | None) -> str:
     )
 
 
-def describe_machine(machine: native.Machine, symbols: Symbols | None) -> str:
+def describe_machine(machine: native.Machine) -> str:
     """Pauses the machine for a moment to read every vCPU; resumes it."""
     try:
         machine.pause()
@@ -124,9 +85,7 @@ def describe_machine(machine: native.Machine, symbols: Symbols | None) -> str:
             events.append(repr(event))
         return f"cannot pause it: {exc}; its events: {events or 'none left'}"
     try:
-        return "\n".join(
-            describe_vcpu(i, machine.save_vcpu(i), symbols) for i in range(machine.vcpus)
-        )
+        return "\n".join(describe_vcpu(i, machine.save_vcpu(i)) for i in range(machine.vcpus))
     finally:
         machine.resume()
 

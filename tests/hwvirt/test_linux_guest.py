@@ -82,15 +82,9 @@ def images() -> LinuxImages:
 class LinuxShell:
     """A Linux guest's initramfs shell, driven through its console."""
 
-    def __init__(
-        self,
-        console: Console,
-        machine: native.Machine | None = None,
-        symbols: stall.Symbols | None = None,
-    ) -> None:
+    def __init__(self, console: Console, machine: native.Machine | None = None) -> None:
         self.machine = machine
         self.console = console
-        self.symbols = symbols
         self.commands = 0
 
     def wait_shell(self, timeout: float = STALL_S) -> None:
@@ -101,7 +95,7 @@ class LinuxShell:
         except pytest.fail.Exception as exc:
             if self.machine is None:
                 raise
-            pytest.fail(f"{exc}\n{stall.describe_machine(self.machine, self.symbols)}")
+            pytest.fail(f"{exc}\n{stall.describe_machine(self.machine)}")
         self.console.wait_for(re.escape(PROMPT), COMMAND_TIMEOUT)
 
     def run(self, command: str, timeout: float = COMMAND_TIMEOUT) -> tuple[int, str]:
@@ -122,7 +116,7 @@ class LinuxShell:
             c = self.machine.counters()
             pytest.fail(
                 f"{exc}\nconsole bytes in {c.console_in_bytes} out {c.console_out_bytes}, "
-                f"exits {c.exits}\n{stall.describe_machine(self.machine, self.symbols)}"
+                f"exits {c.exits}\n{stall.describe_machine(self.machine)}"
             )
         text = self.console.text
         begin = re.compile(rf"^<{n}<\r?$", re.MULTILINE).search(text)
@@ -158,15 +152,7 @@ def device_of(shell: LinuxShell, serial: str) -> str:
     return f"/dev/{out}"
 
 
-def kernel_symbols(images: LinuxImages) -> stall.Symbols | None:
-    """The guest kernel's System.map, beside its bzImage in the image cache."""
-    kernel = images.vmlinuz.resolve()
-    system_map = kernel.parent / kernel.name.replace("vmlinuz", "System.map")
-    return stall.Symbols.load(system_map)
-
-
 def stalled_fleet(
-    images: LinuxImages,
     machine: native.Machine,
     run4: subprocess.Popen[bytes],
     console4: Console,
@@ -175,7 +161,7 @@ def stalled_fleet(
     """Where the fleet's guests stand: the in-process machine's vCPUs (or how it ended),
     `native.run`'s status and last words, every VMM process's threads, and the L1's
     counters and log (tests/hwvirt/stall.py)."""
-    parts = ["the 2-vCPU guest:", stall.describe_machine(machine, kernel_symbols(images))]
+    parts = ["the 2-vCPU guest:", stall.describe_machine(machine)]
     parts.append(f"the 4-vCPU guest (native.run): exit status {run4.poll()}")
     parts.append(console4.text[-600:])
     parts += [stall.describe_process(pid) for pid in [run4.pid, *pids]]
@@ -390,8 +376,7 @@ def fleet(images: LinuxImages, tmp_path_factory: pytest.TempPathFactory) -> Iter
         machines.append(machine)
         machine.start()
         net.adopt_tap(f"{net.bridge}t4", SPAWN_TIMEOUT)
-        symbols = kernel_symbols(images)
-        shell2, shell4 = LinuxShell(console2, machine, symbols), LinuxShell(console4)
+        shell2, shell4 = LinuxShell(console2, machine), LinuxShell(console4)
         fleet = Fleet(
             shell2, shell4, run4, domains[0], domains[1], net.netns, raw, ro, ro.read_bytes(),
             ext4, flushed, machines, consoles, pids, net,
@@ -402,7 +387,7 @@ def fleet(images: LinuxImages, tmp_path_factory: pytest.TempPathFactory) -> Iter
             for d in domains:
                 wait_log(d, re.escape(PROMPT), timeout=STALL_S)
         except pytest.fail.Exception as exc:
-            pytest.fail(f"{exc}\n{stalled_fleet(images, machine, run4, console4, pids)}")
+            pytest.fail(f"{exc}\n{stalled_fleet(machine, run4, console4, pids)}")
         yield fleet
     finally:
         for m in machines:
@@ -728,7 +713,7 @@ def test_ext4_file_survives_a_restart(fleet: Fleet, images: LinuxImages) -> None
     )
     fleet.machines.append(machine)
     machine.start()
-    shell = LinuxShell(console, machine, kernel_symbols(images))
+    shell = LinuxShell(console, machine)
     shell.wait_shell()
     dev = device_of(shell, "fs")
     assert shell.check(f"mount -t ext4 {dev} /mnt && cat /mnt/file") == "kept-42"

@@ -18,7 +18,7 @@ def test_the_report_reads_each_vcpus_place_and_local_apic(
 ) -> None:
     guest = boot(test_guest, "ready", vcpus=2)
     guest.console.wait_for("flotilla-guest: READY")
-    report = stall.describe_machine(guest.machine, None)
+    report = stall.describe_machine(guest.machine)
     lines = report.splitlines()
     assert len(lines) == 2, report
     # The boot CPU is in the guest's code; the AP was never started by this guest.
