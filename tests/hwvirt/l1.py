@@ -46,8 +46,10 @@ PASSED_PREFIXES = ("FLOTILLA_", "PYTEST_", "LC_")
 PASSED_NAMES = frozenset({"LANG", "TERM", "TZ", "HYPOTHESIS_PROFILE"})
 CONSOLE_TAIL_LINES = 40
 # The first line of a kernel's report of trouble (the L1's console shows warnings: loglevel=5).
+# A WARN() report starts "WARNING: CPU: n PID: ..."; a bare "WARNING:" also starts boot lines
+# every L1 prints (Speculative Return Stack Overflow's), which are no trouble.
 L1_TROUBLE_SIGNS = (
-    "BUG:", "Oops", "WARNING:", "general protection fault", "Kernel panic", "soft lockup",
+    "BUG:", "Oops", "WARNING: CPU:", "general protection fault", "Kernel panic", "soft lockup",
     "hung_task", "rcu_sched detected stall", "rcu: INFO", "clocksource: Marking",
 )  # fmt: skip
 # The host as the L1 sees it through QEMU's user-mode network: only the ports forwarded to
@@ -145,12 +147,12 @@ class L1Result:
         warning, a lockup, a panic) before them, its first report's head too: a panic's
         stack fills the tail and hides what went wrong."""
         text = self.console.replace("\r", "").splitlines()
-        tail = text[-lines:]
-        for i, line in enumerate(text[: len(text) - lines]):
+        tail_from = max(len(text) - lines, 0)
+        for i, line in enumerate(text[:tail_from]):
             if any(sign in line for sign in L1_TROUBLE_SIGNS):
-                head = text[max(i - 2, 0) : i + lines // 2]
-                return "\n".join([*head, "[...]", *tail])
-        return "\n".join(tail)
+                head = text[max(i - 2, 0) : min(i + lines // 2, tail_from)]
+                return "\n".join([*head, "[...]", *text[tail_from:]])
+        return "\n".join(text[tail_from:])
 
 
 def inside_l1() -> bool:

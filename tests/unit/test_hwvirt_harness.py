@@ -206,9 +206,16 @@ def test_a_console_tail_keeps_the_head_of_the_l1_kernels_first_report() -> None:
     assert lines[1] == "[ 69.9] BUG: scheduling while atomic"
     assert "[...]" in lines
     assert lines[-1] == stack[-1]
-    # Nothing reported: the tail alone.
-    quiet = L1Result(None, False, 1.0, output="", console="\n".join(stack)).console_tail(10)
+    # Nothing reported: the tail alone. The boot line every L1 prints is no report.
+    srso = "[ 0.6] Speculative Return Stack Overflow: WARNING: See https://kernel.org/doc/"
+    booted = "\n".join([srso, *stack])
+    quiet = L1Result(None, False, 1.0, output="", console=booted).console_tail(10)
     assert quiet.splitlines() == stack[-10:]
+    # A report just before the tail: its head stops where the tail begins (no line twice).
+    late = "\n".join([*stack[:49], "[ 70.0] WARNING: CPU: 1 PID: 7 at x", *stack[49:]])
+    reported = L1Result(None, False, 1.0, output="", console=late).console_tail(10).splitlines()
+    assert len(reported) == len(set(reported))
+    assert "[ 70.0] WARNING: CPU: 1 PID: 7 at x" in reported
 
 
 def test_the_l1_cpu_count_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
