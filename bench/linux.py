@@ -59,7 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.figures import emit, figure, say  # noqa: E402
-from native.images import ImageError, fetch_images  # noqa: E402
+from native.images import ImageError, LinuxImages, fetch_images  # noqa: E402
 from tests.hwvirt.l1 import L1Error, run_in_l1, runs_directly  # noqa: E402
 
 QEMU = "qemu-system-x86_64"
@@ -341,8 +341,8 @@ def one_round(vmm: Vmm, kernel: Path, initrd: Path, disk: Path, into: Results) -
         into.failures.append(f"boot: {exc}")
         return "nothing measured"
     into.boot.append(run)
-    in_kernel = run.kernel_ready_s
-    done = [f"READY {run.ready_s:6.2f} s (in the kernel {in_kernel or 0:5.2f} s)"]
+    in_kernel = "?" if run.kernel_ready_s is None else f"{run.kernel_ready_s:5.2f}"
+    done = [f"READY {run.ready_s:6.2f} s (in the kernel {in_kernel} s)"]
     try:
         ops, ns = parse(r"RANDREAD ops=(\d+) ns=(\d+)", run.console, "randread")
         into.iops.append(ops / (ns / 1e9))
@@ -358,15 +358,24 @@ def one_round(vmm: Vmm, kernel: Path, initrd: Path, disk: Path, into: Results) -
     return "  ".join(done)
 
 
-def measure(rounds: int, anchor_offloads: bool) -> int:
+def preflight() -> LinuxImages | None:
+    """The kernel and initramfs, once root and the tools are there; None (said why) if not."""
     missing = [t for t in (QEMU, "gcc", "ip") if shutil.which(t) is None]
     if missing or os.geteuid() != 0:
         say(f"bench/linux: needs root and {', '.join((QEMU, 'gcc', 'ip'))}; missing: {missing}")
-        return 2
+        return None
     try:
         images = fetch_images(initramfs=True)
     except ImageError as exc:
         say(f"bench/linux: {exc}")
+        return None
+    assert images.initramfs is not None
+    return images
+
+
+def measure(rounds: int, anchor_offloads: bool) -> int:
+    images = preflight()
+    if images is None:
         return 2
     assert images.initramfs is not None
     anchor = ANCHOR if anchor_offloads else ANCHOR_NO_OFFLOADS
@@ -409,7 +418,7 @@ def report(rounds: int, results: dict[str, Results], a: str) -> int:
     ready = {n: median_or_none([r.ready_s * 1000 for r in res.boot]) for n, res in results.items()}
     off = {n: median_or_none([r.exit_s * 1000 for r in res.boot]) for n, res in results.items()}
     kernel = {
-        n: median_or_none([r.kernel_ready_s * 1000 for r in res.boot if r.kernel_ready_s])
+        n: median_or_none([s * 1000 for r in res.boot if (s := r.kernel_ready_s) is not None])
         for n, res in results.items()
     }
     iops = {n: median_or_none(res.iops) for n, res in results.items()}
@@ -456,14 +465,17 @@ def initcalls() -> int:
     """One boot per VMM with `initcall_debug`: the slowest initcalls and the boot's marks,
     by the guest kernel's clock, to say where one VMM's boot spends time the other's does
     not. No figures."""
-    images = fetch_images(initramfs=True)
+    images = preflight()
+    if images is None:
+        return 2
     assert images.initramfs is not None
     cmdline = "console=ttyS0 panic=-1 quiet initcall_debug flotilla.bench=initcalls"
     with tempfile.TemporaryDirectory(prefix="bench-linux-") as tmp:
         initrd = bench_initramfs(images.initramfs, Path(tmp))
         for name, vmm in (("ours", ours), (ANCHOR, qemu)):
             run = run_guest(vmm(images.vmlinuz, initrd, cmdline, None, False))
-            say(f"{name}: READY {run.ready_s:.2f} s (in the kernel {run.kernel_ready_s} s)")
+            in_kernel = "?" if run.kernel_ready_s is None else f"{run.kernel_ready_s:.2f}"
+            say(f"{name}: READY {run.ready_s:.2f} s (in the kernel {in_kernel} s)")
             for line in run.console.splitlines():
                 if "flotilla-bench: slow " in line or "flotilla-bench: mark " in line:
                     say(f"  {name}: {line.split('flotilla-bench: ', 1)[1]}")
