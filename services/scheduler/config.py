@@ -10,6 +10,7 @@
 | top_n | FLOTILLA_SCHEDULER_TOP_N | 2 |
 | max_attempts | FLOTILLA_SCHEDULER_MAX_ATTEMPTS | 5 |
 | down_after_intervals | FLOTILLA_SCHEDULER_DOWN_AFTER_INTERVALS | 3.0 |
+| silence_grace_intervals | FLOTILLA_SCHEDULER_SILENCE_GRACE_INTERVALS | 10.0 |
 | compute_timeout_s | FLOTILLA_SCHEDULER_COMPUTE_TIMEOUT_S | 20.0 |
 | restart_wait_s | FLOTILLA_SCHEDULER_RESTART_WAIT_S | 40.0 |
 | cleanup_timeout_s | FLOTILLA_SCHEDULER_CLEANUP_TIMEOUT_S | 60.0 |
@@ -41,7 +42,11 @@ class SchedulerConfig(ReplicaConfig):
     top_n: int = Field(default=2, ge=1, le=100)
     # A ceiling on ScheduleDomain.max_attempts (the command's own value applies below it).
     max_attempts: int = Field(default=5, ge=1, le=20)
+    # A host silent this many of its heartbeat intervals is down, unless the silence is the
+    # replica's own (state.Hearing): it heard no host at all, for up to
+    # `silence_grace_intervals` more, or it is taking the heartbeats late but in order.
     down_after_intervals: float = Field(default=3.0, gt=0)
+    silence_grace_intervals: float = Field(default=10.0, ge=0)
     compute_timeout_s: float = Field(default=20.0, gt=0)
     # A host that did not answer within compute_timeout_s and is silent (restarting: its
     # durable queue keeps the command) or came back meanwhile is waited for, with the same

@@ -67,12 +67,14 @@ class Placer:
     ) -> Decision | NoValidHost:
         """Choose a host for `request` among the known hosts not in `exclude` and claim its
         room. Hosts in `exclude` (refused earlier for this request) are not reported."""
+        now = time.monotonic() if now is None else now
         with self.state.lock:
             request = dataclasses.replace(
                 request,
                 # The domain's own host is no other member's (it may be moving away).
                 group_hosts=self.state.group_hosts(request.group, besides=request.domain_id),
-                now=time.monotonic() if now is None else now,
+                now=now,
+                hearing=self.state.hearing(now),
             )
             hosts, filtered = self.filter(request, exclude)
             if not hosts:

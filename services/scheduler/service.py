@@ -92,7 +92,7 @@ class SchedulerService(Redelivery, Claims, Ports, Spawning, MigrationHandlers, S
         self.config = config
         self.bus = bus
         self.replica = config.replica
-        self.state = ClusterState(config.down_after_intervals)
+        self.state = ClusterState(config.down_after_intervals, config.silence_grace_intervals)
         self.placer = Placer(
             self.state, build_filters(config), build_weighers(config), top_n=config.top_n
         )

@@ -35,6 +35,7 @@ class HostState:
     seen_at: float  # monotonic time the last heartbeat arrived
     vcpu_limit: float  # capacity x allocation ratio
     memory_limit_mib: float
+    sent_at: float = float("-inf")  # wall-clock time the last heartbeat was sent (host's clock)
     claimed_vcpus: int = 0
     claimed_memory_mib: int = 0
     # limit - usage - claims, kept up to date by `refresh()` (plain fields: filters and weighers
@@ -56,6 +57,34 @@ class HostState:
         self.free_memory_mib = (
             self.memory_limit_mib - self.usage.memory_mib - self.claimed_memory_mib
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Hearing:
+    """How current a replica's picture of the hosts is, at monotonic `now`: what silence is
+    judged by (`host_down`).
+
+    A replica that falls behind its event stream (a busy process, a broker that stalled)
+    takes heartbeats late but in order: by its own clock every host goes silent at once, while
+    by the stream (the heartbeats' sending times) none missed a beat. And one that hears no
+    host at all cannot tell whether they all stopped or it stopped hearing; for a while it
+    assumes the latter, as Kubernetes' node controller does when a whole zone goes quiet."""
+
+    now: float
+    newest_sent: float = float("inf")  # sending time (wall clock) of the newest heartbeat taken
+    heard_at: float = float("inf")  # monotonic time a heartbeat (any host's) was last taken
+
+    def host_down(self, host: HostState, down_after: float, grace: float) -> bool:
+        """Whether `host` has been silent for `down_after` of its intervals by the replica's
+        clock and by the stream: other hosts' heartbeats sent that much later were taken since
+        (sender clocks, kept by NTP; a host whose clock is off but that beats on is never
+        down), or no host at all was heard from for `grace` of its intervals more."""
+        limit = down_after * host.interval_s
+        if self.now - host.seen_at <= limit:
+            return False
+        if self.newest_sent - host.sent_at > limit:
+            return True
+        return self.now - self.heard_at > grace * host.interval_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +139,7 @@ class PlacementRequest:
     forced_host: str | None = None
     group_hosts: frozenset[str] = frozenset()  # hosts holding members of `group`
     now: float = 0.0  # monotonic time of the decision
+    hearing: Hearing | None = None  # None: the stream is taken as current (`Hearing(now)`)
     # Hosts named by the disks' and images' bindings (host-local pools): it must run there.
     volume_hosts: frozenset[str] = frozenset()
     # Host-local pools the host must have (a migration's volumes move to their namesakes).
@@ -141,9 +171,15 @@ class PlacementRequest:
 
 
 class ClusterState:
-    def __init__(self, down_after_intervals: float = 3.0) -> None:
+    def __init__(
+        self, down_after_intervals: float = 3.0, silence_grace_intervals: float = 10.0
+    ) -> None:
         self.lock = threading.RLock()
         self.down_after_intervals = down_after_intervals
+        self.silence_grace_intervals = silence_grace_intervals
+        # The newest heartbeat taken from any host: its sending time and when it was taken.
+        self.newest_sent = float("-inf")
+        self.heard_at = float("-inf")
         self.hosts: dict[str, HostState] = {}
         self.claims: dict[uuid.UUID, Claim] = {}
         self.domain_host: dict[uuid.UUID, str] = {}
@@ -178,6 +214,9 @@ class ClusterState:
             host.enabled = beat.enabled
             host.interval_s = beat.interval_s
             host.seen_at = now
+            host.sent_at = max(host.sent_at, sent_at)
+            self.newest_sent = max(self.newest_sent, sent_at)
+            self.heard_at = now
             host.claims_seq = beat.claims_seq or 0
             host.vcpu_limit = inv.capacity.vcpus * inv.cpu_allocation_ratio
             host.memory_limit_mib = inv.capacity.memory_mib * inv.ram_allocation_ratio
@@ -201,8 +240,15 @@ class ClusterState:
             host.refresh()
             return host
 
+    def hearing(self, now: float) -> Hearing:
+        return Hearing(now, self.newest_sent, self.heard_at)
+
     def is_alive(self, host: HostState, now: float) -> bool:
-        return now - host.seen_at <= self.down_after_intervals * host.interval_s
+        """Not down by `Hearing.host_down` (enabled or not)."""
+        down = self.hearing(now).host_down(
+            host, self.down_after_intervals, self.silence_grace_intervals
+        )
+        return not down
 
     def restarting(self, name: str, since: float, now: float) -> bool:
         """Whether host `name` went silent after monotonic `since`: it missed a heartbeat

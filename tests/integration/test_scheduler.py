@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -15,7 +16,9 @@ from compute_node.config import ComputeConfig
 from compute_node.fake import FakeDriver
 from compute_node.node import ComputeNode
 from protos import routing
+from protos.base import Message
 from protos.bindings import DiskBinding
+from protos.codec import Envelope
 from protos.commands import GetDomainInfo
 from protos.domain import BootSpec, DiskSpec, DomainSpec, PlacementHints, PowerState
 from protos.replies import DomainInfo
@@ -140,6 +143,47 @@ def test_a_spec_no_host_fits_is_no_valid_host_with_reasons(
     assert err.details["attempts"] == []
     assert sorted(err.details["filtered"]["memory"]) == sorted(nodes)
     assert "memory removed 2" in err.message
+
+
+def test_a_replica_that_stops_taking_events_for_a_while_still_places(
+    make_bus: Callable[..., Bus], start_nodes: StartNodes, start_scheduler: StartScheduler
+) -> None:
+    """A replica's event thread held for 2 s (a busy process, a broker that stalled): by its
+    own clock both hosts are 6 intervals silent, but it heard no host at all, so it is its own
+    deafness, not two hosts dead at once. Once it takes events again, a host that really
+    stopped is down while the other beats on."""
+    nodes = start_nodes(2)  # beating every 0.3 s: down after 0.9 s of silence
+    scheduler = start_scheduler(2)
+    assert scheduler.subscription is not None
+    handler = scheduler.subscription._handler
+    release, held = threading.Event(), threading.Event()
+
+    def hold(envelope: Envelope, event: Message) -> None:
+        if not release.is_set():
+            held.set()
+            release.wait(30)
+        handler(envelope, event)
+
+    scheduler.subscription._handler = hold
+    bus = make_bus()
+    try:
+        assert held.wait(5)
+        time.sleep(2.0)
+        placement = place(bus, spec())
+        assert placement.info.state is PowerState.RUNNING
+        assert placement.attempts == []
+    finally:
+        release.set()
+    # Stop the host not running it (nodes can stop twice: the fixture's stop is a no-op then).
+    (gone,) = set(nodes) - {placement.host}
+    nodes[gone].stop()
+    stopped = time.monotonic()
+    state = scheduler.state
+    while state.is_alive(state.hosts[gone], time.monotonic()):
+        assert time.monotonic() - stopped < 5, "a stopped host was never down"
+        time.sleep(0.05)
+    assert state.is_alive(state.hosts[placement.host], time.monotonic())
+    assert place(bus, spec()).host == placement.host
 
 
 def test_a_refusing_compute_node_is_retried_on_another_host(

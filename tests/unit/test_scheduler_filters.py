@@ -90,6 +90,49 @@ def test_alive_filter_removes_silent_and_disabled_hosts() -> None:
     assert lenient.host_passes(host(seen_at=NOW - 9.0, interval_s=1.0), request())
 
 
+def alive(state: ClusterState, now: float) -> set[str]:
+    """The hosts the placer's alive filter passes at `now`, checked against `is_alive`."""
+    placer = Placer(state, [AliveFilter(CONFIG)], [])
+    passed, _ = placer.filter(request(now=now, hearing=state.hearing(now)))
+    names = {h.name for h in passed}
+    assert names == {h.name for h in state.hosts.values() if state.is_alive(h, now)}
+    return names
+
+
+def test_a_replica_that_fell_behind_judges_silence_by_the_stream_of_heartbeats() -> None:
+    """By the replica's own clock every host goes silent at once when it stops taking events
+    (a busy process, a stalled broker): no host is down for that, for a grace. Taken late but
+    in order, heartbeats show by their sending times who missed beats and who did not."""
+    state = ClusterState(down_after_intervals=3.0, silence_grace_intervals=10.0)
+    wall, mono = 5000.0, 100.0  # a beat sent at wall + k is taken at mono + k when on time
+    for k in range(5):
+        for name in ("a", "b"):
+            state.on_heartbeat(beat(name), sent_at=wall + k, now=mono + k)
+    assert alive(state, mono + 4 + 3.0) == {"a", "b"}
+    # The replica hears nothing from 4 s on: at 10 s of silence, 3 intervals late by its
+    # clock, nobody is down (it heard nobody at all); past the grace, everybody is.
+    assert alive(state, mono + 4 + 10) == {"a", "b"}
+    assert alive(state, mono + 4 + 13.5) == set()
+    # It takes the backlog at last, fast and in order: b stopped at sent time 8, a beat on.
+    now = mono + 4 + 14
+    for k in range(5, 19):
+        now += 0.05
+        for name in ("a", "b") if k <= 8 else ("a",):
+            state.on_heartbeat(beat(name), sent_at=wall + k, now=now)
+        assert alive(state, now) == {"a", "b"}, k  # b's last beat was taken just now
+    # b is down 3 intervals after its last beat was taken (the stream shows it silent since).
+    b_taken = state.hosts["b"].seen_at
+    assert alive(state, b_taken + 2.9) == {"a", "b"}
+    assert alive(state, b_taken + 3.1) == {"a"}
+    # A host whose clock is off by minutes but that beats on is never down.
+    state.on_heartbeat(beat("c"), sent_at=wall - 600, now=now)
+    assert alive(state, now + 2.9) == {"a", "c"}
+    # In real time with a taken on time, c's silence is c's own: down after 3 intervals.
+    for k in range(19, 25):
+        state.on_heartbeat(beat("a"), sent_at=wall + k, now=now + k - 18)
+    assert alive(state, now + 6) == {"a"}
+
+
 def test_cpu_filter_applies_the_allocation_ratio_usage_and_claims() -> None:
     flt = CpuFilter(CONFIG)
     state = ClusterState()

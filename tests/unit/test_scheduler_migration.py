@@ -419,10 +419,10 @@ def test_a_queued_jobs_claim_goes_when_its_source_is_down() -> None:
     migrate(svc, command(spec))
     assert svc.state.claims[spec.uuid].waits_on == "a"
     later = time.monotonic() + 120  # a missed one: silent, not yet down (3 intervals)
-    svc.state.on_heartbeat(beat("b", interval_s=60.0), sent_at=time.time(), now=later)
+    svc.state.on_heartbeat(beat("b", interval_s=60.0), sent_at=time.time() + 120, now=later)
     assert svc.state.hosts["b"].claimed_memory_mib == 1024
-    down = time.monotonic() + 200
-    svc.state.on_heartbeat(beat("b", interval_s=60.0), sent_at=time.time(), now=down)
+    down = time.monotonic() + 200  # b beat on meanwhile: a's silence is a's
+    svc.state.on_heartbeat(beat("b", interval_s=60.0), sent_at=time.time() + 200, now=down)
     assert spec.uuid not in svc.state.claims
     assert svc.state.hosts["b"].claimed_memory_mib == 0
     # One that left the queue settles as any other, and is no longer tied to its source.
