@@ -140,11 +140,18 @@ static void *console_thread(void *arg)
 			}
 		}
 		if (p[1].fd >= 0 && (p[1].revents & (POLLIN | POLLHUP | POLLERR))) {
-			ssize_t n = read(in_fd, buf, room < sizeof(buf) ? room : sizeof(buf));
-			if (n > 0)
-				fl_serial_input(&vm->serial, buf, (uint32_t)n);
-			else if (n == 0 || (errno != EINTR && errno != EAGAIN))
-				in_fd = -1; /* EOF or a dead fd: no more input */
+			/* The machine may have paused since `running` was read (a save capturing the
+			 * UART): read and feed only if it still runs, under the gate a pause takes. */
+			ssize_t n = 0;
+			pthread_mutex_lock(&vm->io_gate);
+			if (fl_vm_state(vm) == FL_STATE_RUNNING) {
+				n = read(in_fd, buf, room < sizeof(buf) ? room : sizeof(buf));
+				if (n > 0)
+					fl_serial_input(&vm->serial, buf, (uint32_t)n);
+				else if (n == 0 || (errno != EINTR && errno != EAGAIN))
+					in_fd = -1; /* EOF or a dead fd: no more input */
+			}
+			pthread_mutex_unlock(&vm->io_gate);
 		}
 	}
 	return NULL;

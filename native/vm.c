@@ -25,10 +25,14 @@ struct fl_vm *fl_vm_new(void)
 		goto lock;
 	if (pthread_mutex_init(&vm->api_lock, NULL) != 0)
 		goto cond;
+	if (pthread_mutex_init(&vm->io_gate, NULL) != 0)
+		goto api_lock;
 	vm->lock_ready = 1;
 	vm->state = FL_STATE_NEW;
 	return vm;
 
+api_lock:
+	pthread_mutex_destroy(&vm->api_lock);
 cond:
 	pthread_cond_destroy(&vm->cond);
 lock:
@@ -247,7 +251,11 @@ int fl_vm_pause_locked(struct fl_vm *vm)
 	int rc = require_live(vm, FL_STATE_RUNNING, "pause");
 
 	if (rc == 0) {
+		/* Under the console's gate: input read before it is in the UART (and in a snapshot
+		 * taken now); none is read after it until the machine runs again. */
+		pthread_mutex_lock(&vm->io_gate);
 		set_state(vm, FL_STATE_PAUSED);
+		pthread_mutex_unlock(&vm->io_gate);
 		fl_vcpus_request(vm, FL_REQ_PAUSE, 1);
 		/* After the vCPUs: no new notifications come, and guest memory stays still. */
 		fl_virtio_slots_pause(vm, 1);
@@ -370,6 +378,7 @@ void fl_vm_destroy(struct fl_vm *vm)
 	pthread_mutex_lock(&vm->api_lock);
 	fl_vm_unbuild(vm);
 	pthread_mutex_unlock(&vm->api_lock);
+	pthread_mutex_destroy(&vm->io_gate);
 	pthread_mutex_destroy(&vm->api_lock);
 	pthread_cond_destroy(&vm->cond);
 	pthread_mutex_destroy(&vm->lock);

@@ -134,7 +134,9 @@ struct fl_vm {
 		uint64_t npages;
 	} snap;
 
-	/* console input thread */
+	/* console input thread; io_gate is held across its read and feed, and by a pause around
+	 * the state change, so no input reaches the UART once a pause has returned */
+	pthread_mutex_t io_gate;
 	int console_in_fd;
 	int io_wake_fd;
 	int io_stop;

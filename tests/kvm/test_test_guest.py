@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -129,6 +130,45 @@ def test_console_input_is_echoed(test_guest: Path, boot: Boot) -> None:
     guest.console.send(line + b"\n")
     guest.console.wait_for(line.decode().strip())
     assert guest.machine.counters().console_in_bytes == len(line) + 1
+
+
+def test_no_console_input_reaches_a_paused_machine(test_guest: Path, boot: Boot) -> None:
+    """Input typed without pause: once `pause` returns, the UART takes none of it (a save
+    captures the UART then, and what it took later would be lost with the machine) until
+    `resume`, and then all of it, in order. The console thread reads and feeds under the gate
+    a pause takes around its state change (docs/machine.md, Console)."""
+    guest = boot(test_guest, "ready echo")
+    guest.console.wait_for(f"{PREFIX}READY")
+    stop = threading.Event()
+    sent = bytearray()
+
+    def type_on() -> None:  # lines of digits, as fast as the pipe takes them
+        n = 0
+        while not stop.is_set() and len(sent) < 20_000:
+            line = f"{n:06d}\n".encode()
+            guest.console.send(line)
+            sent.extend(line)
+            n += 1
+
+    typist = threading.Thread(target=type_on, daemon=True)
+    typist.start()
+    try:
+        for _ in range(40):
+            time.sleep(0.005)
+            guest.machine.pause()
+            before = guest.machine.counters().console_in_bytes
+            time.sleep(0.01)
+            after = guest.machine.counters().console_in_bytes
+            assert after == before, (before, after, guest.machine.state)
+            guest.machine.resume()
+    finally:
+        stop.set()
+        typist.join(10)
+    last = sent[-7:-1].decode()
+    guest.console.wait_for(f"^{PREFIX}{last}$", timeout=30)
+    lines = guest.console.drain().splitlines()
+    echoed = [ln.removeprefix(PREFIX) for ln in lines if ln.removeprefix(PREFIX).isdigit()]
+    assert echoed == [f"{n:06d}" for n in range(int(last) + 1)]  # none lost, none twice
 
 
 def test_smp_brings_up_every_vcpu(test_guest: Path, boot: Boot) -> None:
