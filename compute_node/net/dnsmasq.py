@@ -77,6 +77,10 @@ def argv(network: NetworkPlumbing, files: dict[str, Path]) -> list[str]:
         f"--dhcp-option={router}",
         f"--dhcp-option=option:dns-server,{gw.ip}",
         "--dhcp-authoritative",
+        # A client that asks for Rapid Commit (RFC 4039: our guests, systemd-networkd) gets
+        # its ACK in answer to the DISCOVER: one exchange instead of two. Safe with one
+        # server on the segment, as every network here has.
+        "--dhcp-rapid-commit",
         "--leasefile-ro",
         "--no-resolv",
         "--no-hosts",

@@ -42,6 +42,7 @@ static struct {
 	/* DHCP exchange in progress: the last OFFER/ACK/NAK seen for our xid */
 	u32 xid;
 	u8 dhcp_type; /* 0 none, 2 OFFER, 5 ACK, 6 NAK */
+	bool dhcp_rapid; /* the reply carried Rapid Commit (RFC 4039) */
 	u32 dhcp_yiaddr, dhcp_server, dhcp_mask, dhcp_router;
 	u16 dhcp_mtu;
 	/* ICMP echo client: replies seen, by sequence number */
@@ -280,6 +281,7 @@ static void dhcp_input(const u8 *p, usize n)
 	u8 type = 0;
 	u32 server = 0, mask = 0, router = 0;
 	u16 mtu = 0;
+	bool rapid = false;
 	for (usize i = DHCP_FIXED; i < n;) {
 		u8 code = p[i];
 		if (code == 0) { /* pad */
@@ -302,11 +304,14 @@ static void dhcp_input(const u8 *p, usize n)
 			router = get32(v);
 		else if (code == 26 && len == 2)
 			mtu = get16(v);
+		else if (code == 80 && len == 0)
+			rapid = true;
 		i += 2 + len;
 	}
 	if (type != 2 && type != 5 && type != 6)
 		return;
 	net.dhcp_type = type;
+	net.dhcp_rapid = rapid;
 	net.dhcp_yiaddr = get32(p + 16);
 	net.dhcp_server = server;
 	net.dhcp_mask = mask;
@@ -471,6 +476,8 @@ static void dhcp_send(u8 type, u32 requested, u32 server)
 	usize i = DHCP_FIXED;
 	m[i++] = 53, m[i++] = 1, m[i++] = type;
 	m[i++] = 55, m[i++] = 3, m[i++] = 1, m[i++] = 3, m[i++] = 26; /* mask, router, MTU */
+	if (type == 1)
+		m[i++] = 80, m[i++] = 0; /* Rapid Commit: a server that does it ACKs at once */
 	if (requested) {
 		m[i++] = 50, m[i++] = 4;
 		put32(m + i, requested);
@@ -490,7 +497,18 @@ static void dhcp_send(u8 type, u32 requested, u32 server)
 
 static bool have_dhcp(u32 want) { return net.dhcp_type == want || net.dhcp_type == 6; }
 
-/* DISCOVER, OFFER, REQUEST, ACK, each step retried; false if no lease came. */
+/* An answer to a DISCOVER: an OFFER, a NAK, or an ACK with Rapid Commit (RFC 4039; an ACK
+ * without it is ignored there, as the RFC asks). */
+static bool have_offer(u32 unused)
+{
+	(void)unused;
+	if (net.dhcp_type == 5 && !net.dhcp_rapid)
+		net.dhcp_type = 0;
+	return net.dhcp_type == 2 || net.dhcp_type == 5 || net.dhcp_type == 6;
+}
+
+/* DISCOVER, then OFFER, REQUEST, ACK or (Rapid Commit) the ACK at once, each step retried;
+ * false if no lease came. */
 static bool dhcp_lease(void)
 {
 	net.xid = (u32)rdtsc() ^ get32(net.mac + 2);
@@ -499,11 +517,13 @@ static bool dhcp_lease(void)
 		bool offered = false;
 		for (int tries = 0; tries < 20 && !offered; tries++) {
 			dhcp_send(1, 0, 0); /* DISCOVER */
-			offered = serve_until(have_dhcp, 2, rdtsc() + time_us_to_tsc(tries < 5 ? 20000 : 250000)) &&
-			          net.dhcp_type == 2;
+			offered = serve_until(have_offer, 0, rdtsc() + time_us_to_tsc(tries < 5 ? 20000 : 250000)) &&
+			          (net.dhcp_type == 2 || net.dhcp_type == 5);
 		}
 		if (!offered)
 			return false;
+		if (net.dhcp_type == 5)
+			return true; /* the server committed at once: the lease is ours */
 		u32 offer = net.dhcp_yiaddr, server = net.dhcp_server;
 		for (int tries = 0; tries < 10; tries++) {
 			net.dhcp_type = 0;

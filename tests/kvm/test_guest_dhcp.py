@@ -83,6 +83,9 @@ def test_the_guest_takes_its_lease_by_dhcp_and_pings_its_gateway(
                 ), console.text
                 done = console.wait_for(rf"{PREFIX}PING to=10.61.0.1 .*\n", 20)
                 assert "sent=5 received=5 lost=0" in done.group(0), console.text
+                # One exchange: the ACK answered the DISCOVER (Rapid Commit), no REQUEST.
+                log = "".join(f.read_text() for f in (state_dir / "dnsmasq").glob("*.log"))
+                assert "DHCPDISCOVER" in log and "DHCPREQUEST" not in log, log
             finally:
                 machine.close()
         finally:
@@ -129,7 +132,8 @@ def test_hostile_dhcp_replies_are_refused_whole_and_a_good_one_is_taken(
 ) -> None:
     """Replies with the guest's xid but an option running past the datagram, a UDP length
     beyond the IP payload, an IP length beyond the frame, or a BOOTP message cut short give
-    no lease (the guest reads only what it was given); the well-formed offer after them does."""
+    no lease (the guest reads only what it was given), nor does an ACK to its DISCOVER without
+    Rapid Commit; the well-formed offer after them does, through REQUEST and ACK."""
     mac = bytes.fromhex("525400090907")
     tap.create("fldh0", uid=os.getuid(), gid=os.getgid(), netns_name=host_ns)
     subprocess.run(["ip", "-n", host_ns, "link", "set", "fldh0", "up"], check=True)
@@ -163,6 +167,8 @@ def test_hostile_dhcp_replies_are_refused_whole_and_a_good_one_is_taken(
                 _frame(_bootp(xid, mac, 2, "10.6.6.8", good), bcast, ip_len=3000),
                 # a BOOTP message cut short (no cookie, no options)
                 _frame(_bootp(xid, mac, 2, "10.6.6.9", good)[:200], bcast),
+                # an ACK to the DISCOVER without Rapid Commit (RFC 4039: ignored)
+                _frame(_bootp(xid, mac, 5, "10.6.6.10", good), bcast),
             ]
             for frame in hostile:
                 sock.send(frame)
