@@ -110,10 +110,13 @@ class _Watch:
         self._sub: vmm_client.VmmSubscription | None = None
         self._thread = threading.Thread(target=self._run, name=f"watch-{domain_id}", daemon=True)
 
-    def start(self, after_n: int) -> None:
+    def start(self, after_n: int) -> int | None:
+        """Follow from record `after_n` on; the last record journaled as it began (None from
+        an older VMM that does not say)."""
         self.delivered = self.started_n = after_n
         self._sub = vmm_client.VmmClient(self.directory).subscribe(after_n)
         self._thread.start()
+        return self._sub.journal_n
 
     def _run(self) -> None:
         while True:
@@ -422,15 +425,16 @@ class KvmDriver(Driver):
         with self._lock:
             self._watches[spec.uuid] = watch
         try:
-            watch.start(before)
+            until = watch.start(before)
         except vmm_client.VmmClientError:
             # Gone already (a guest that powered off at once): its journal says how.
             watch.ended()
             return self.get_info(spec.uuid)
-        try:
-            until = int(self._client(spec.uuid).status().journal_n)
-        except vmm_client.VmmClientError:
-            until = sys.maxsize  # ended meanwhile: wait for the watch to see its end
+        if until is None:  # an older VMM: ask
+            try:
+                until = int(self._client(spec.uuid).status().journal_n)
+            except vmm_client.VmmClientError:
+                until = sys.maxsize  # ended meanwhile: wait for the watch to see its end
         if not watch.wait_for(until):
             # Not left running behind a failure the caller will act on (retry elsewhere).
             self._kill(spec.uuid, pid, watch)

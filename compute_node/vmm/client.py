@@ -165,9 +165,13 @@ class VmmSubscription:
     record, None on timeout, and raises VmmGone at EOF (the VMM exited or was killed).
     """
 
-    def __init__(self, sock: socket.socket, reader: FrameReader) -> None:
+    def __init__(
+        self, sock: socket.socket, reader: FrameReader, journal_n: int | None = None
+    ) -> None:
         self._sock = sock
         self._reader = reader
+        # The last record journaled when it began (None: an older VMM that does not say).
+        self.journal_n = journal_n
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -364,12 +368,12 @@ class VmmClient:
         sock = _connect(self.domain_dir, self.timeout)
         reader = FrameReader(MAX_REPLY)
         try:
-            self._turn(sock, reader, p.Subscribe(from_n))
+            reply = _expect(self._turn(sock, reader, p.Subscribe(from_n)), p.Done)
         except BaseException:
             sock.close()
             raise
         sock.settimeout(None)
-        return VmmSubscription(sock, reader)
+        return VmmSubscription(sock, reader, reply.journal_n)
 
     def attach(self) -> socket.socket:
         """A raw byte stream to the guest console (input in, output out); close to detach.

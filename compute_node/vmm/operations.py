@@ -186,7 +186,7 @@ class Operations:
             raise p.ControlError("bad_request", "from_n must be a non-negative integer")
         conn.mode = "subscribe"
         conn.from_n = req.from_n
-        return p.Done()
+        return p.Done(journal_n=self.guest.journal.n)
 
     def attach(self, conn: Conn, _req: p.Attach) -> p.Done:
         if self.loop.attached is not None:

@@ -288,7 +288,11 @@ def decode_request(frame: dict[str, Any]) -> Request:
 
 
 class Done(Record):
-    """The request was carried out; nothing to tell."""
+    """The request was carried out. `journal_n`, in the reply to `subscribe` only: the last
+    record journaled when the subscription began (the client waits for the stream to reach
+    it instead of asking `status`); absent from an older VMM's reply."""
+
+    journal_n: int | None = None
 
 
 class StatusReply(Record):
