@@ -468,7 +468,9 @@ def test_virtio_net_ping_and_a_checksummed_tcp_transfer(fleet: Fleet) -> None:
     b.check(f"ping -c 3 -W 10 {SUBNET}.2")
     # 1 MiB from the namespace to guest A over TCP, checksummed on both ends.
     data = b"".join(hashlib.sha256(b"%d" % i).digest() for i in range(MIB // 32))
-    a.check("nc -l -p 5000 > /tmp/rx & echo listening")
+    # Its stdin not the tty: a background job reading the terminal (nc polls its stdin) is
+    # stopped by SIGTTIN when the next typed line reaches the tty before the shell reads it.
+    a.check("nc -l -p 5000 < /dev/null > /tmp/rx & echo listening")
     sender = (
         "import socket, sys, time\n"
         "data = sys.stdin.buffer.read()\n"
@@ -487,8 +489,8 @@ def test_virtio_net_ping_and_a_checksummed_tcp_transfer(fleet: Fleet) -> None:
     )  # fmt: skip
     assert sent.returncode == 0, sent.stderr.decode(errors="replace")
     a.check("wait")
-    got = a.check("sha256sum /tmp/rx")
-    assert got.split()[0] == hashlib.sha256(data).hexdigest(), got
+    got = a.check("sha256sum /tmp/rx; wc -c < /tmp/rx; jobs")
+    assert got.split()[0] == hashlib.sha256(data).hexdigest(), (got, len(data))
     # 2 MiB from guest B to the namespace over TCP: the guest's own segments (TSO and
     # checksum offload taken, its header passed to the tap), checksummed on both ends.
     receiver = (
