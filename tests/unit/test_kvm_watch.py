@@ -5,12 +5,13 @@ migration and ended before its guest started is no death."""
 from __future__ import annotations
 
 import socket
+import threading
 import uuid
 from pathlib import Path
 
 from compute_node.kvm import KvmDriver, _Watch
-from compute_node.vmm.client import VmmSubscription, read_journal
-from compute_node.vmm.frames import JOURNAL, FrameReader, Journal
+from compute_node.vmm.client import VmmClient, VmmSubscription, read_journal
+from compute_node.vmm.frames import CONTROL_SOCKET, JOURNAL, FrameReader, Journal, pack_frame
 
 
 def test_stopping_a_watch_whose_subscription_is_closed_is_quiet(tmp_path: Path) -> None:
@@ -47,3 +48,40 @@ def test_a_vmm_that_ended_before_its_incoming_guest_started_reports_no_death(
     after = _Watch(driver, domain, directory, None, incoming=True)
     after.ended()
     assert events == [("started", "migrated"), ("stopped", "failed")]
+
+
+def _answer_subscribe(path: Path, reply: dict[str, object]) -> threading.Thread:
+    """A control socket at `path` that answers one request with `reply`, then closes."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn, server:
+            conn.recv(4096)  # the Subscribe frame
+            conn.sendall(pack_frame(reply))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_subscription_says_where_the_journal_stood_or_none_from_an_older_vmm(
+    tmp_path: Path,
+) -> None:
+    """The start waits for the stream to reach the journal's last record as the subscription
+    began (`Done.journal_n`); a VMM that does not say gets a `Status` instead (None here)."""
+    for reply, expected in (
+        ({"ok": True, "reply": "done", "journal_n": 7}, 7),
+        ({"ok": True, "reply": "done"}, None),
+    ):
+        directory = tmp_path / f"d{expected}"
+        directory.mkdir()
+        server = _answer_subscribe(directory / CONTROL_SOCKET, reply)
+        sub = VmmClient(directory).subscribe(3)
+        try:
+            assert sub.journal_n == expected
+        finally:
+            sub.close()
+            server.join(5)
