@@ -496,6 +496,7 @@ def test_virtio_net_ping_and_a_checksummed_tcp_transfer(fleet: Fleet) -> None:
     receiver = (
         "import hashlib, socket\n"
         "srv = socket.create_server(('0.0.0.0', 5001))\n"
+        "print('listening', flush=True)\n"
         "srv.settimeout(240)\n"
         "conn, _ = srv.accept()\n"
         "conn.settimeout(120)\n"
@@ -516,7 +517,10 @@ def test_virtio_net_ping_and_a_checksummed_tcp_transfer(fleet: Fleet) -> None:
     try:
         b.check("dd if=/dev/urandom of=/tmp/tx bs=64k count=32 2>/dev/null && sync")
         sent_sum = b.check("sha256sum /tmp/tx").split()[0]
-        b.check(f"sleep 1; nc {SUBNET}.1 5001 < /tmp/tx")
+        # Not before the receiver listens: a Python start in the L1 can take seconds.
+        assert listening.stdout is not None
+        assert listening.stdout.readline().strip() == "listening", listening.poll()
+        b.check(f"nc {SUBNET}.1 5001 < /tmp/tx")
         out, _ = listening.communicate(timeout=COMMAND_TIMEOUT)
     finally:
         if listening.poll() is None:
