@@ -498,13 +498,11 @@ static void dhcp_send(u8 type, u32 requested, u32 server)
 static bool have_dhcp(u32 want) { return net.dhcp_type == want || net.dhcp_type == 6; }
 
 /* An answer to a DISCOVER: an OFFER, a NAK, or an ACK with Rapid Commit (RFC 4039; an ACK
- * without it is ignored there, as the RFC asks). */
+ * without it is ignored there, as the RFC asks: an OFFER after it is still taken). */
 static bool have_offer(u32 unused)
 {
 	(void)unused;
-	if (net.dhcp_type == 5 && !net.dhcp_rapid)
-		net.dhcp_type = 0;
-	return net.dhcp_type == 2 || net.dhcp_type == 5 || net.dhcp_type == 6;
+	return net.dhcp_type == 2 || net.dhcp_type == 6 || (net.dhcp_type == 5 && net.dhcp_rapid);
 }
 
 /* DISCOVER, then OFFER, REQUEST, ACK or (Rapid Commit) the ACK at once, each step retried;
@@ -518,7 +516,7 @@ static bool dhcp_lease(void)
 		for (int tries = 0; tries < 20 && !offered; tries++) {
 			dhcp_send(1, 0, 0); /* DISCOVER */
 			offered = serve_until(have_offer, 0, rdtsc() + time_us_to_tsc(tries < 5 ? 20000 : 250000)) &&
-			          (net.dhcp_type == 2 || net.dhcp_type == 5);
+			          net.dhcp_type != 6;
 		}
 		if (!offered)
 			return false;
