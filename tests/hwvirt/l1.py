@@ -89,8 +89,7 @@ SILENT_ENV = "FLOTILLA_HWVIRT_SILENT_S"  # another bound (the harness's own test
 # The L1's vCPUs. One by default: with two, TCG's vCPUs disagree on the TSC (the L1 takes it as
 # unsynchronized and its KVM re-offsets each guest's), and in the runs of December 1 one L1
 # run in three failed (its kernel dying under the emulated SVM, or its Linux guests standing
-# still); with one, three runs of the tier passed (one after an L1 that froze and was run
-# again) in 4.4-4.8 minutes (docs/testing.md).
+# still); with one, the tier passes run after run (docs/testing.md, what still fails).
 CPUS_ENV = "FLOTILLA_HWVIRT_CPUS"
 
 
