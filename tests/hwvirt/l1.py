@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -85,6 +87,11 @@ L1_CRASH_RETRIES = 2
 # it, QEMU idle): it is ended and counts as dead, as a panic does.
 L1_PULSE_FILE = "alive"
 L1_SILENT_S = 120.0
+MONITOR_SOCKET = "monitor.sock"
+# What the harness asks QEMU's monitor about a silent L1 (each vCPU: halted or not, in an L2
+# guest or not, its flags and its local APIC's timer), once before an NMI and once after.
+EXAMINE_COMMANDS = ("info cpus", "info registers -a", "info lapic", "info irq")
+NMI_WAIT_S = 10.0
 SILENT_ENV = "FLOTILLA_HWVIRT_SILENT_S"  # another bound (the harness's own test)
 # The L1's vCPUs. One by default: with two, TCG's vCPUs disagree on the TSC (the L1 takes it as
 # unsynchronized and its KVM re-offsets each guest's), and in the runs of December 1 one L1
@@ -324,6 +331,9 @@ def qemu_argv(
         "none",
         "-serial",
         f"file:{run_dir / 'console.log'}",
+        # The harness asks it how a silent L1's vCPUs stand before ending it (`_examine`).
+        "-monitor",
+        f"unix:{run_dir / MONITOR_SOCKET},server=on,wait=off",
         "-no-reboot",
         "-kernel",
         str(kernel),
@@ -397,9 +407,90 @@ def _watch(
             return finished_at is None, ""
         silent = _silent_for(pulse)
         if finished_at is None and silent > silent_bound:
-            return False, f"{STOPPED_SIGN} no pulse for {silent:.0f} s; ended by the harness"
+            report = _examine(run_dir, pulse)
+            if follower.stream is not None:
+                follower.stream.write(f"\nhwvirt: the L1 is silent; {report}\n")
+                follower.stream.flush()
+            return False, (
+                f"{STOPPED_SIGN} no pulse for {silent:.0f} s; ended by the harness\n{report}"
+            )
         time.sleep(0.1)
     return False, ""
+
+
+def _examine(run_dir: Path, pulse: Path) -> str:
+    """What QEMU's monitor says of a silent L1's vCPUs, before and after an NMI, and whether
+    the NMI brought its pulse back (within `NMI_WAIT_S`): the freezes seen so far left no
+    word on the L1's console, so this is what tells a lost wake-up from a lost device."""
+    before = _monitor(run_dir / MONITOR_SOCKET, EXAMINE_COMMANDS)
+    if before.startswith(_NO_ANSWER):
+        return f"QEMU's monitor did not answer either.\n{before}"
+    beat = _beat(pulse)
+    _monitor(run_dir / MONITOR_SOCKET, ("nmi",))
+    deadline = time.monotonic() + NMI_WAIT_S
+    while time.monotonic() < deadline and _beat(pulse) == beat:
+        time.sleep(0.1)
+    woke = _beat(pulse) != beat
+    after = _monitor(run_dir / MONITOR_SOCKET, EXAMINE_COMMANDS[:2])
+    pulse_now = "came back" if woke else f"stayed silent for {NMI_WAIT_S:.0f} s"
+    return (
+        f"after an NMI its pulse {pulse_now}."
+        f"\n[monitor, before the NMI]\n{before}\n[monitor, after]\n{after}"
+    )
+
+
+def _beat(pulse: Path) -> float | None:
+    try:
+        return pulse.stat().st_mtime
+    except OSError:
+        return None
+
+
+def _monitor(path: Path, commands: Sequence[str], timeout: float = 5.0) -> str:
+    """Runs HMP commands on QEMU's monitor socket; their output, or why there is none."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            reply = _HmpReader(sock)
+            reply.next()  # the banner
+            out = []
+            for command in commands:
+                sock.sendall(command.encode() + b"\n")
+                text = _ANSI.sub("", reply.next()).replace("\r", "").partition("\n")[2]
+                if command.startswith("info registers"):  # [2]: past the command's echo
+                    text = "\n".join(
+                        line for line in text.splitlines() if line.startswith(_REGISTER_LINES)
+                    )
+                out.append(f"(qemu) {command}\n{text.rstrip()}")
+            return "\n".join(out)
+    except OSError as exc:
+        return f"{_NO_ANSWER}{exc})"
+
+
+class _HmpReader:
+    """Splits what the monitor says at its prompts."""
+
+    PROMPT = b"(qemu) "
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def next(self) -> str:
+        while self.PROMPT not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionResetError("the monitor closed")
+            self.buf += chunk
+        head, _, self.buf = self.buf.partition(self.PROMPT)
+        return head.decode(errors="replace")
+
+
+# General registers, RIP and flags (HLT=), control registers, EFER: no FPU or vector state.
+_REGISTER_LINES = ("CPU#", "RAX", "RSI", "R8 ", "R12", "RIP", "CS ", "CR0", "EFER")
+_NO_ANSWER = "(the monitor did not answer: "
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def _silent_for(pulse: Path) -> float:

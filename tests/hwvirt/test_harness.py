@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.hwvirt.l1 import L1_PULSE_FILE, SILENT_ENV, L1Result, inside_l1, run_in_l1
+from tests.hwvirt.l1 import (
+    L1_PULSE_FILE,
+    SILENT_ENV,
+    STOPPED_SIGN,
+    L1Result,
+    inside_l1,
+    run_in_l1,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -101,3 +108,24 @@ def test_an_l1_whose_pulse_stopped_is_ended_and_started_again(
     assert result.output.strip().endswith("done")
     assert len(result.crashes) == 1
     assert "(it stopped: no pulse)" in result.crashes[0]
+    assert "QEMU's monitor did not answer either" in result.crashes[0]  # QEMU itself stopped
+
+
+@pytest.mark.timeout(300)
+def test_a_silent_l1_is_examined_through_qemus_monitor_before_it_is_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A silence bound shorter than the pulse's period makes a healthy L1 look silent: the
+    report has each vCPU's registers and local APIC as QEMU's monitor gives them, and says
+    that an NMI brought the pulse back (the next beat comes within the wait)."""
+    monkeypatch.setenv(SILENT_ENV, "3")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    result = run_in_l1(["sleep", "60"], run_dir, cwd=tmp_path, timeout=240)
+    assert result.l1_crashed
+    assert result.how_the_l1_died == "it stopped: no pulse"
+    report = result.console[result.console.index(STOPPED_SIGN) :]
+    assert "after an NMI its pulse came back" in report, report
+    for shown in ("(qemu) info registers -a", "RIP=", "HLT=", "(qemu) info lapic", "LVTT"):
+        assert shown in report, report
+    assert "YMM00" not in report  # vector state is left out
