@@ -2,10 +2,8 @@
 
 Each domain has a directory `<state>/domains/<uuid>/` with `vmm.json` (the launch config), the
 VMM's control socket, its journal and console log. The VMM applies the lifecycle policies
-itself and journals every change; a watcher thread per machine follows the journal through a
-subscription and hands each record to the worker's sink. A VMM that dies without a final
-`stopped` record is noticed at once (the subscription hits EOF) and journaled here as
-`stopped`/`failed`, so the numbering stays continuous for the next machine.
+itself and journals every change; a watcher thread per machine (compute_node.vmm_watch)
+follows the journal and hands each record to the worker's sink.
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
@@ -53,7 +50,8 @@ from compute_node.vmm.config import (
     RestoreConfig,
     load_config,
 )
-from compute_node.vmm.frames import CONFIG_FILE, CONSOLE_LOG, JOURNAL, Journal, JournalRecord
+from compute_node.vmm.frames import CONFIG_FILE, CONSOLE_LOG, JOURNAL, JournalRecord
+from compute_node.vmm_watch import RECORD_TIMEOUT_S, Watch
 from compute_node.warm_vmms import WarmVmms
 from native.migration import STREAM_VERSION
 from protos.commands import RebootMode, ShutdownMode
@@ -63,7 +61,6 @@ from protos.migration import MIGRATION_PROGRESS_S, MigrationParams
 
 log = structlog.get_logger("flotilla.compute.kvm")
 
-RECORD_TIMEOUT_S = 10.0
 # A save writes guest RAM (dirty pages only) at disk speed: minutes for a large guest on a
 # slow disk; a snapshot's disks are copied within this hold, else the VMM lets the guest go on.
 SAVE_TIMEOUT_S = 600.0
@@ -74,7 +71,6 @@ INCOMING_TIMEOUT_S = 3600.0
 # room for the VMM process itself (Python, cffi, the console ring: ~14 MiB measured).
 CPU_PERIOD_US = 100_000
 VMM_OVERHEAD_MIB = 64
-CGROUP_PARENT = Path("/sys/fs/cgroup/flotilla")
 SPARES_DIR = "vmm-spares"
 _STATES = {
     "running": PowerState.RUNNING,
@@ -82,128 +78,6 @@ _STATES = {
     "shutoff": PowerState.SHUTOFF,
     "crashed": PowerState.CRASHED,
 }
-
-
-class _Watch:
-    """Follows one VMM's journal on a thread of its own."""
-
-    def __init__(
-        self,
-        driver: KvmDriver,
-        domain_id: uuid.UUID,
-        directory: Path,
-        pid: int | None,
-        *,
-        incoming: bool = False,
-    ) -> None:
-        self.driver = driver
-        self.domain_id = domain_id
-        self.directory = directory
-        self.pid = pid
-        # A VMM waiting for an incoming migration ends silently until its guest started.
-        self.incoming = incoming
-        self.delivered = 0
-        self.started_n = 0
-        self.finished = False
-        self.closing = False
-        self.cond = threading.Condition()
-        self._sub: vmm_client.VmmSubscription | None = None
-        self._thread = threading.Thread(target=self._run, name=f"watch-{domain_id}", daemon=True)
-
-    def start(self, after_n: int) -> int | None:
-        """Follow from record `after_n` on; the last record journaled as it began (None from
-        an older VMM that does not say)."""
-        self.delivered = self.started_n = after_n
-        self._sub = vmm_client.VmmClient(self.directory).subscribe(after_n)
-        self._thread.start()
-        return self._sub.journal_n
-
-    def _run(self) -> None:
-        while True:
-            assert self._sub is not None
-            try:
-                while True:
-                    record = self._sub.next_record(None)
-                    if record is not None:
-                        self._deliver(record)
-            except vmm_client.VmmClientError:
-                pass  # EOF: the VMM exited or died, or cut off a subscriber that fell behind
-            except OSError:
-                pass  # closed by stop(): the worker is going away, the VMM stays
-            finally:
-                self._sub.close()
-            if self.closing:
-                return
-            if not self._resubscribe():
-                break
-        self.ended()
-
-    def _resubscribe(self) -> bool:
-        """After an EOF: if the VMM still answers, follow it again from the last record."""
-        try:
-            vmm_client.VmmClient(self.directory).status()
-            self._sub = vmm_client.VmmClient(self.directory).subscribe(self.delivered)
-        except vmm_client.VmmClientError:
-            return False
-        return True
-
-    def _deliver(self, record: JournalRecord) -> None:
-        if record["n"] <= self.delivered:
-            return
-        self.driver.deliver(self.domain_id, record)
-        with self.cond:
-            self.delivered = record["n"]
-            self.cond.notify_all()
-
-    def ended(self, death: str = "the VMM process died") -> None:
-        """The VMM is gone: reap it if it is ours, deliver what it journaled that was not
-        delivered, journal its death (`stopped`/failed, reason `death`) if it left no final
-        record, then stop watching."""
-        if self.pid is not None:
-            try:
-                vmm_client.wait_exit(self.pid, 2.0)
-            except ChildProcessError:
-                pass  # adopted: not our child
-        # Records written just before the end that the subscription did not carry.
-        for record in vmm_client.read_journal(self.directory / JOURNAL, self.delivered):
-            self._deliver(record)
-        silent = self.incoming and self.delivered == self.started_n
-        if not silent and not self.driver.ended_cleanly(self.directory):
-            journal = Journal(str(self.directory / JOURNAL))
-            try:
-                record = journal.append("stopped", "failed", death)
-            finally:
-                journal.close()
-            self._deliver(record)
-        try:
-            # The VMM cannot leave its own cgroup; an empty one is removed here (best effort).
-            (CGROUP_PARENT / str(self.domain_id)).rmdir()
-        except OSError:
-            pass  # none (no cgroup v2 here), or a process still in it
-        with self.cond:
-            self.finished = True
-            self.cond.notify_all()
-        self.driver.forget_watch(self.domain_id, self)
-
-    def wait_for(self, n: int, timeout: float = RECORD_TIMEOUT_S) -> bool:
-        """Wait until records up to `n` were delivered (or the machine ended)."""
-        with self.cond:
-            return self.cond.wait_for(lambda: self.delivered >= n or self.finished, timeout)
-
-    def stop(self) -> None:
-        self.closing = True
-        if self._sub is not None:
-            # shutdown() wakes the thread blocked reading it; close() alone would not.
-            try:
-                sock = socket.socket(fileno=os.dup(self._sub.fileno()))
-            except OSError:
-                return  # the thread closed it already (the VMM ended): nothing to wake
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            finally:
-                sock.close()
 
 
 class KvmDriver(Driver):
@@ -222,7 +96,7 @@ class KvmDriver(Driver):
         domains_dir.mkdir(parents=True, exist_ok=True)
         self.warm = WarmVmms(domains_dir.parent / SPARES_DIR, warm_vmms)
         self._sink: EventSink | None = None
-        self._watches: dict[uuid.UUID, _Watch] = {}
+        self._watches: dict[uuid.UUID, Watch] = {}
         self._lock = threading.Lock()
         self._kind = kvm_kind()
 
@@ -264,7 +138,7 @@ class KvmDriver(Driver):
         records = vmm_client.read_journal(directory / JOURNAL)
         return bool(records) and records[-1]["kind"] in ("stopped", "failed")
 
-    def forget_watch(self, domain_id: uuid.UUID, watch: _Watch) -> None:
+    def forget_watch(self, domain_id: uuid.UUID, watch: Watch) -> None:
         with self._lock:
             if self._watches.get(domain_id) is watch:
                 del self._watches[domain_id]
@@ -272,7 +146,7 @@ class KvmDriver(Driver):
     def _client(self, domain_id: uuid.UUID) -> vmm_client.VmmClient:
         return vmm_client.VmmClient(self.directory(domain_id))
 
-    def _watch(self, domain_id: uuid.UUID) -> _Watch:
+    def _watch(self, domain_id: uuid.UUID) -> Watch:
         with self._lock:
             watch = self._watches.get(domain_id)
         if watch is None:
@@ -421,7 +295,7 @@ class KvmDriver(Driver):
             pid = self.warm.launch(directory, [*files.fds(), *taps], self.spawn_timeout)
         except vmm_client.VmmSpawnError as exc:
             raise DriverError(_named(exc.reason, files), exc.code) from None
-        watch = _Watch(self, spec.uuid, directory, pid, incoming=incoming is not None)
+        watch = Watch(self, spec.uuid, directory, pid, incoming=incoming is not None)
         with self._lock:
             self._watches[spec.uuid] = watch
         try:
@@ -441,7 +315,7 @@ class KvmDriver(Driver):
             raise DriverError("the VMM started but reported nothing in time", "spawn_failed")
         return self.get_info(spec.uuid)
 
-    def _kill(self, domain_id: uuid.UUID, pid: int, watch: _Watch) -> None:
+    def _kill(self, domain_id: uuid.UUID, pid: int, watch: Watch) -> None:
         try:
             self._client(domain_id).destroy()
         except vmm_client.VmmClientError:
@@ -463,11 +337,11 @@ class KvmDriver(Driver):
             status = None
         if status is None:
             # Gone while we were away: account for what it journaled, and for its death.
-            watch = _Watch(self, domain_id, directory, None)
+            watch = Watch(self, domain_id, directory, None)
             watch.delivered = after_n
             watch.ended("the VMM process died while the compute node was down")
             return RuntimeInfo(state=PowerState.SHUTOFF)
-        watch = _Watch(self, domain_id, directory, None, incoming=status.incoming_port is not None)
+        watch = Watch(self, domain_id, directory, None, incoming=status.incoming_port is not None)
         with self._lock:
             self._watches[domain_id] = watch
         watch.start(after_n)
@@ -574,7 +448,7 @@ class KvmDriver(Driver):
         return machine
 
     @staticmethod
-    def _wait_finished(watch: _Watch) -> None:
+    def _wait_finished(watch: Watch) -> None:
         with watch.cond:
             watch.cond.wait_for(lambda: watch.finished, RECORD_TIMEOUT_S)
 

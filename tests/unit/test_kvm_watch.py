@@ -9,14 +9,15 @@ import threading
 import uuid
 from pathlib import Path
 
-from compute_node.kvm import KvmDriver, _Watch
+from compute_node.kvm import KvmDriver
 from compute_node.vmm.client import VmmClient, VmmSubscription, read_journal
 from compute_node.vmm.frames import CONTROL_SOCKET, JOURNAL, FrameReader, Journal, pack_frame
+from compute_node.vmm_watch import Watch
 
 
 def test_stopping_a_watch_whose_subscription_is_closed_is_quiet(tmp_path: Path) -> None:
     driver = KvmDriver(tmp_path / "domains")
-    watch = _Watch(driver, uuid.uuid4(), tmp_path, None)
+    watch = Watch(driver, uuid.uuid4(), tmp_path, None)
     ours, theirs = socket.socketpair()
     watch._sub = VmmSubscription(ours, FrameReader(1024))
     ours.close()  # as the watch thread does when the VMM's journal ends
@@ -38,14 +39,14 @@ def test_a_vmm_that_ended_before_its_incoming_guest_started_reports_no_death(
     domain = uuid.uuid4()
     directory = driver.directory(domain)
     directory.mkdir(parents=True)
-    silent = _Watch(driver, domain, directory, None, incoming=True)
+    silent = Watch(driver, domain, directory, None, incoming=True)
     silent.ended()
     assert events == []
     assert read_journal(str(directory / JOURNAL)) == []
     journal = Journal(str(directory / JOURNAL))
     journal.append("started", "migrated")
     journal.close()
-    after = _Watch(driver, domain, directory, None, incoming=True)
+    after = Watch(driver, domain, directory, None, incoming=True)
     after.ended()
     assert events == [("started", "migrated"), ("stopped", "failed")]
 
