@@ -541,6 +541,7 @@ def run_in_l1(
     common: dict[str, Any] = {"cwd": cwd, "echo": echo, "memory_mib": memory_mib, "cpus": cpus}
     crashes: list[str] = []
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_terminate_as_interrupt())
         forwards: tuple[int, ...] = ()
         amqp_url = None
         if broker:
@@ -571,6 +572,25 @@ def run_in_l1(
                 )
                 echo.flush()
             _empty(run_dir)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a CI job's timeout, `timeout`, `kill`) ends the run as Ctrl-C does: through
+    the `finally`s that end QEMU, virtiofsd and the broker by pid. By default it would end
+    this process at once and leave them running."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _empty(directory: Path) -> None:
@@ -638,11 +658,11 @@ def _run(
             )
         timed_out, stopped = _watch(qemu, run_dir, follower, started + timeout)
     finally:
-        # A second Ctrl-C (or `timeout` passing one on) must not cut this short and leave
-        # QEMU running: SIGINT waits until both are gone.
+        # A second Ctrl-C or SIGTERM (or `timeout` passing one on) must not cut this short
+        # and leave QEMU running: they wait until both are gone.
         blocked = threading.current_thread() is threading.main_thread()
         if blocked:
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             _kill(qemu)
             if daemon is not None:
@@ -652,7 +672,7 @@ def _run(
                     _kill(daemon)
         finally:
             if blocked:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     follower.pump()
     raw_status = _read(run_dir / "status").strip()
     qemu_log = "\n".join(

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -129,3 +131,52 @@ def test_a_silent_l1_is_examined_through_qemus_monitor_before_it_is_ended(
     for shown in ("(qemu) info registers -a", "RIP=", "HLT=", "(qemu) info lapic", "LVTT"):
         assert shown in report, report
     assert "YMM00" not in report  # vector state is left out
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_the_harness_leaves_no_qemu_or_virtiofsd_running(tmp_path: Path) -> None:
+    """A CI job's timeout sends SIGTERM: the harness ends its L1's QEMU and virtiofsd before
+    it goes, as it does on Ctrl-C (by default SIGTERM would end it at once and leave them)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    script = (
+        "import sys; from pathlib import Path; from tests.hwvirt.l1 import run_in_l1; "
+        "run_in_l1(['sleep', '120'], Path(sys.argv[1]), timeout=240)"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    harness = subprocess.Popen([sys.executable, "-c", script, str(run_dir)], cwd=repo)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / L1_PULSE_FILE).exists():
+            assert harness.poll() is None, "the harness ended before its L1 ran"
+            assert time.monotonic() < deadline, "the L1 never beat"
+            time.sleep(0.2)
+        assert _processes_of(run_dir), "no QEMU or virtiofsd found for the run"
+        harness.send_signal(signal.SIGTERM)
+        harness.wait(60)
+    finally:
+        if harness.poll() is None:
+            harness.kill()
+            harness.wait()
+    left = _processes_of(run_dir)
+    for pid, _name in left:
+        os.kill(pid, signal.SIGKILL)  # the harness's, left behind: not for the next test
+    assert left == []
+
+
+def _processes_of(run_dir: Path) -> list[tuple[int, str]]:
+    """QEMU and virtiofsd processes (not zombies) whose command line names `run_dir`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(run_dir).encode() in argv and state != "Z":
+            name = argv.split(b"\0")[0].decode(errors="replace")
+            if name.endswith(("qemu-system-x86_64", "virtiofsd")):
+                found.append((int(proc.name), name))
+    return found
