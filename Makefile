@@ -12,7 +12,7 @@ install:
 # vmx/svm (docs/testing.md): the Linux guests, their console, SMP, disks, NICs, DHCP,
 # save/restore and migration, 4-7 minutes, bounded by FLOTILLA_HWVIRT_TIMEOUT (an L1 whose
 # own kernel dies is started again within it). Left out: `hwvirt_stack`, the whole control
-# plane started in the L1 (20-35 minutes; make test-hwvirt). Both runs always run; the first
+# plane started in the L1 (6-7 minutes more; make test-hwvirt). Both runs always run; the first
 # failure's status is make's.
 TEST_WORKERS ?= 2
 FLOTILLA_HWVIRT_TIMEOUT ?= 1200
