@@ -8,6 +8,16 @@ work, bounds the rate. Between `begin_batch()` and `flush_batch()` (the Link bra
 run of queued operations with them) frames are collected and written as one buffer; outside
 a batch a message's frames still go out together. Bytes and their order are unchanged.
 
+pika also never writes as it is asked to: it buffers the data, turns on a writability watch
+(`epoll_ctl`), returns to its poll, and writes when the poll says the socket is writable, then
+turns the watch off again — two more system calls and a turn of the loop, each giving up the
+GIL, between a publish and its bytes leaving. Here a write with nothing buffered before it
+goes to the socket at once (as asyncio's transports do); what the socket does not take goes
+to pika's buffer and out by its watch, after which writes queue behind it, so the order
+holds. Measured with a second thread busy in the process (as in a compute node), a
+persistent publish to a subscriber's receipt: p50 0.58-0.80 against 0.62-0.90 ms, p90 ~0.1 ms
+lower, in three runs of 600 interleaved publishes; plain TCP only (TLS keeps pika's path).
+
 Reading, pika takes at most 4096 bytes a `recv()` (`_AsyncTransportBase._MAX_RECV_BYTES`, for
 every adapter, the blocking one too) and appends each read to the frame it is assembling by
 copying it whole: a 2 MB reply (a page of 10,000 volumes) is ~550 reads through the I/O loop
@@ -25,6 +35,7 @@ from collections.abc import Sequence
 import pika
 from pika.adapters.utils import io_services_utils
 
+_PLAINTEXT = io_services_utils._AsyncPlaintextTransport
 RECV_BYTES = 1 << 16
 if getattr(io_services_utils._AsyncTransportBase, "_MAX_RECV_BYTES", RECV_BYTES) < RECV_BYTES:
     io_services_utils._AsyncTransportBase._MAX_RECV_BYTES = RECV_BYTES
@@ -34,6 +45,8 @@ class BatchingConnection(pika.SelectConnection):  # type: ignore[misc]  # pika i
     """See the module docstring. Only the I/O thread calls the batch methods."""
 
     _batch: list[bytes] | None = None
+    sent_at_once = 0  # writes the socket took whole as they were made
+    sent_in_part = 0  # writes it took in part, their rest left to pika's buffer
 
     def begin_batch(self) -> None:
         if self._batch is None:
@@ -54,4 +67,28 @@ class BatchingConnection(pika.SelectConnection):  # type: ignore[misc]  # pika i
         data = frames[0] if len(frames) == 1 else b"".join(frames)
         self.bytes_sent += len(data)
         self.frames_sent += len(frames)
-        self._adapter_emit_data(data)
+        data = self._send_now(data)
+        if data:
+            self._adapter_emit_data(data)
+
+    def _send_now(self, data: bytes) -> bytes:
+        """Writes what the socket takes at once when nothing waits before it; returns the
+        rest, which pika buffers and sends when the socket is writable again."""
+        transport = self._transport
+        if (
+            type(transport) is not _PLAINTEXT
+            or transport._state != _PLAINTEXT._STATE_ACTIVE
+            or transport.get_write_buffer_size()
+        ):
+            return data
+        try:
+            sent = transport._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return data
+        except OSError:
+            return data  # pika's own write meets the error and closes the connection
+        if sent == len(data):
+            self.sent_at_once += 1
+            return b""
+        self.sent_in_part += 1
+        return data[sent:]

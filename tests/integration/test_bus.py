@@ -402,6 +402,50 @@ def test_a_burst_of_async_publishes_arrives_whole_and_in_order(make_bus: MakeBus
     sub.close()
 
 
+def test_writes_larger_than_the_socket_takes_arrive_whole_and_in_order(
+    make_bus: MakeBus, amqp_url: str
+) -> None:
+    # A write with nothing buffered before it goes to the socket at once; what the socket
+    # does not take waits in pika's buffer, and later writes queue behind it
+    # (services.bus.batching). 32 MiB in 1 MiB messages overflows any loopback socket buffer.
+    publisher = make_bus("compute:big-writes")
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    ch = conn.channel()
+    ch.exchange_declare(routing.EVENTS_EXCHANGE, "topic", durable=True)
+    queue = ch.queue_declare("", exclusive=True).method.queue
+    key = f"domain.started.{uuid.uuid4()}"
+    ch.queue_bind(queue, routing.EVENTS_EXCHANGE, routing_key=key)
+    props = pika.BasicProperties(delivery_mode=2, content_type="application/octet-stream")
+    bodies = [bytes([i]) * (1 << 20) + i.to_bytes(4, "big") for i in range(32)]
+    link = publisher.link
+    wire = link._conn
+    assert wire is not None
+    before = (wire.sent_at_once, wire.sent_in_part)
+    small = b"first"
+    link.publish(routing.EVENTS_EXCHANGE, key, small, props).result(30)  # one write, whole
+    bodies.insert(0, small)
+    futures = []
+    for i in range(1, len(bodies), 4):  # batches the socket takes in part, queued one behind
+        futures += [link.publish(routing.EVENTS_EXCHANGE, key, b, props) for b in bodies[i : i + 4]]
+        time.sleep(0.001)
+    for future in futures:
+        future.result(60)
+    got: list[bytes] = []
+    deadline = time.monotonic() + 60
+    while len(got) < len(bodies) and time.monotonic() < deadline:
+        _method, _props, body = ch.basic_get(queue, auto_ack=True)
+        if body is None:
+            time.sleep(0.01)
+            continue
+        got.append(body)
+    conn.close()
+    assert [len(b) for b in got] == [len(b) for b in bodies]
+    assert got == bodies
+    at_once, in_part = wire.sent_at_once - before[0], wire.sent_in_part - before[1]
+    assert at_once > 0, (at_once, in_part)  # a write the socket took whole
+    assert in_part > 0, (at_once, in_part)  # and writes whose rest pika sent
+
+
 def test_a_connection_cut_mid_setup_is_an_ordinary_cut(make_bus: MakeBus) -> None:
     # The publish channel's confirm mode comes back while the connection is going: the next
     # set-up step (opening the plain channel) must see a cut, not raise.
