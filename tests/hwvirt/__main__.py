@@ -115,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hwvirt: {exc}", file=sys.stderr)
         return NOT_STARTED
     crashed = f" (after {len(result.crashes)} L1 death(s))" if result.crashes else ""
-    print(f"hwvirt: L1 run took {result.seconds:.1f} s{crashed}")
+    print(
+        f"hwvirt: L1 run took {result.seconds:.1f} s{crashed}; its pulse's longest silence "
+        f"{result.longest_silence:.1f} s"
+    )
     if result.status is not None:
         return result.status
     why = f"timed out after {timeout:.0f} s" if result.timed_out else "ended early"

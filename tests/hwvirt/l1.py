@@ -126,6 +126,9 @@ class L1Result:
     output: str
     console: str
     crashes: tuple[str, ...] = ()
+    # The longest the L1's pulse was silent while the command ran (it beats every 5 s of the
+    # L1's time): how near a healthy run comes to `L1_SILENT_S`.
+    longest_silence: float = 0.0
 
     @property
     def l1_crashed(self) -> bool:
@@ -388,15 +391,23 @@ class _Follower:
             self.stream.flush()
 
 
+@dataclass
+class _Watched:
+    timed_out: bool = False
+    stopped: str = ""  # why the L1 was taken for stopped, when it was
+    longest_silence: float = 0.0  # seconds, while the command ran
+
+
 def _watch(
     qemu: subprocess.Popen[bytes], run_dir: Path, follower: _Follower, deadline: float
-) -> tuple[bool, str]:
-    """Follow the L1 until QEMU ends; (timed out, why the L1 was taken for stopped) when it
-    had to be ended: the deadline passed, or the L1's pulse stopped (`L1_SILENT_S`)."""
+) -> _Watched:
+    """Follow the L1 until QEMU ends, or end it: the deadline passed, or the L1's pulse
+    stopped (`L1_SILENT_S`)."""
     status_file = run_dir / "status"
     pulse = run_dir / L1_PULSE_FILE
     silent_bound = float(os.environ.get(SILENT_ENV, L1_SILENT_S))
     finished_at: float | None = None
+    watched = _Watched()
     while qemu.poll() is None:
         follower.pump()
         now = time.monotonic()
@@ -404,18 +415,22 @@ def _watch(
             finished_at = now
         # A finished command whose L1 does not power off is not worth waiting long for.
         if now > deadline or (finished_at is not None and now > finished_at + 30):
-            return finished_at is None, ""
+            watched.timed_out = finished_at is None
+            return watched
         silent = _silent_for(pulse)
+        if finished_at is None:
+            watched.longest_silence = max(watched.longest_silence, silent)
         if finished_at is None and silent > silent_bound:
             report = _examine(run_dir, pulse)
             if follower.stream is not None:
                 follower.stream.write(f"\nhwvirt: the L1 is silent; {report}\n")
                 follower.stream.flush()
-            return False, (
+            watched.stopped = (
                 f"{STOPPED_SIGN} no pulse for {silent:.0f} s; ended by the harness\n{report}"
             )
+            return watched
         time.sleep(0.1)
-    return False, ""
+    return watched
 
 
 def _examine(run_dir: Path, pulse: Path) -> str:
@@ -626,7 +641,7 @@ def _run(
     daemon: subprocess.Popen[bytes] | None = None
     qemu: subprocess.Popen[bytes] | None = None
     started = time.monotonic()
-    timed_out, stopped = False, ""
+    watched = _Watched()
     try:
         with (run_dir / "virtiofsd.log").open("wb") as log:
             daemon = subprocess.Popen(
@@ -656,7 +671,7 @@ def _run(
                 stderr=log,
                 start_new_session=True,
             )
-        timed_out, stopped = _watch(qemu, run_dir, follower, started + timeout)
+        watched = _watch(qemu, run_dir, follower, started + timeout)
     finally:
         # A second Ctrl-C or SIGTERM (or `timeout` passing one on) must not cut this short
         # and leave QEMU running: they wait until both are gone.
@@ -683,14 +698,15 @@ def _run(
     console_text = _read(console)
     if qemu_log:
         console_text += f"\n[qemu] {qemu_log}"
-    if stopped:
-        console_text += f"\n{stopped}"
+    if watched.stopped:
+        console_text += f"\n{watched.stopped}"
     return L1Result(
         status=int(raw_status) if raw_status.lstrip("-").isdigit() else None,
-        timed_out=timed_out,
+        timed_out=watched.timed_out,
         seconds=time.monotonic() - started,
         output=_read(run_dir / "output"),
         console=console_text,
+        longest_silence=watched.longest_silence,
     )
 
 

@@ -22,6 +22,7 @@ import pytest
 
 from tests.hwvirt.l1 import (
     L1_CRASH_RETRIES,
+    L1_SILENT_S,
     LEAN_PLUGINS,
     L1Error,
     L1Result,
@@ -135,7 +136,8 @@ class L1Session:
             say(f"hwvirt: run {n}: {crash}")
         say(
             f"hwvirt: L1 run {len(r.crashes) + 1} ended in {r.seconds:.0f} s, pytest status "
-            f"{r.status}" + (" (timed out)" if r.timed_out else "")
+            f"{r.status}" + (" (timed out)" if r.timed_out else "") + f"; its pulse's longest "
+            f"silence {r.longest_silence:.1f} s (the bound: {L1_SILENT_S:.0f} s)"
         )
 
     def outcome(self, nodeid: str) -> Outcome:

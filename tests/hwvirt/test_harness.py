@@ -108,6 +108,8 @@ def test_an_l1_whose_pulse_stopped_is_ended_and_started_again(
         os.kill(frozen[0], signal.SIGCONT)  # ended by the harness already: nothing to resume
     assert result.status == 0, (result.output, result.console_tail())
     assert result.output.strip().endswith("done")
+    # The run that counts beat every 5 s of its 30: a silence near that, far from the bound.
+    assert 0 < result.longest_silence < 15, result.longest_silence
     assert len(result.crashes) == 1
     assert "(it stopped: no pulse)" in result.crashes[0]
     assert "QEMU's monitor did not answer either" in result.crashes[0]  # QEMU itself stopped
@@ -126,6 +128,7 @@ def test_a_silent_l1_is_examined_through_qemus_monitor_before_it_is_ended(
     result = run_in_l1(["sleep", "60"], run_dir, cwd=tmp_path, timeout=240)
     assert result.l1_crashed
     assert result.how_the_l1_died == "it stopped: no pulse"
+    assert result.longest_silence > 3
     report = result.console[result.console.index(STOPPED_SIGN) :]
     assert "after an NMI its pulse came back" in report, report
     for shown in ("(qemu) info registers -a", "RIP=", "HLT=", "(qemu) info lapic", "LVTT"):
