@@ -94,7 +94,9 @@ class KvmDriver(Driver):
         self.domains_dir = domains_dir
         self.spawn_timeout = spawn_timeout
         domains_dir.mkdir(parents=True, exist_ok=True)
-        self.warm = WarmVmms(domains_dir.parent / SPARES_DIR, warm_vmms)
+        self.warm = WarmVmms(
+            domains_dir.parent / SPARES_DIR, warm_vmms, ready_timeout=spawn_timeout
+        )
         self._sink: EventSink | None = None
         self._watches: dict[uuid.UUID, Watch] = {}
         self._lock = threading.Lock()

@@ -8,13 +8,17 @@ and waited for: it is further on than a cold start), else cold (`client.spawn`),
 whenever the spare fails to take it (it died, answered wrongly or not in time; it is ended
 and has taken nothing), so no start is lost to a spare. The next spare is made
 `refill_delay` seconds after the caller's `reporting()` block (the start and its report)
-ended, at a lower priority while it imports. Spares are no domains: nothing lists or
-adopts them, and `close()` ends them.
+ended, at a lower priority while it imports. A spare that does not get ready within
+`ready_timeout` (the node's VMM spawn timeout) is ended, and the next is tried `RETRY_S` later,
+twice as long after each failure in a row up to `RETRY_MAX_S`: on a host too loaded to start
+one in time, spares started and ended every few seconds would only load it more. Spares are
+no domains: nothing lists or adopts them, and `close()` ends them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,13 +27,21 @@ import structlog
 
 from compute_node.vmm import client
 from compute_node.vmm.spare import MAX_FDS
-from compute_node.vmm.warm import ASSIGN_TIMEOUT_S, Spare, SpareUnusable, end_leftovers
+from compute_node.vmm.warm import (
+    ASSIGN_TIMEOUT_S,
+    READY_TIMEOUT_S,
+    Spare,
+    SpareUnusable,
+    end_leftovers,
+)
 
 log = structlog.get_logger("flotilla.compute.warm")
 
 REFILL_DELAY_S = 0.01
-# After a spare that could not start or get ready: try again this much later.
+# After a spare that could not start or get ready: try again this much later, doubled after
+# each failure in a row up to RETRY_MAX_S.
 RETRY_S = 5.0
+RETRY_MAX_S = 300.0
 # How often an idle pool looks for a spare that died meanwhile.
 CHECK_S = 2.0
 # A spare being made when the node stops: its thread ends it once it is ready or not.
@@ -44,11 +56,20 @@ class WarmVmms:
         *,
         refill_delay: float = REFILL_DELAY_S,
         assign_timeout: float = ASSIGN_TIMEOUT_S,
+        ready_timeout: float = READY_TIMEOUT_S,
+        retry: float = RETRY_S,
+        retry_max: float = RETRY_MAX_S,
+        python: str = sys.executable,
     ) -> None:
         self.spares_dir = spares_dir
         self.count = count
         self.refill_delay = refill_delay
         self.assign_timeout = assign_timeout
+        self.ready_timeout = ready_timeout
+        self.retry = retry
+        self.retry_max = retry_max
+        self.python = python
+        self.failures = 0  # spares in a row that could not start or get ready
         spares_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         ended = end_leftovers(spares_dir)
         if ended:
@@ -128,10 +149,10 @@ class WarmVmms:
                 if self._cond.wait_for(lambda: self._closed or self._busy > 0, self.refill_delay):
                     continue
             try:
-                spare = Spare.start(self.spares_dir)
+                spare = Spare.start(self.spares_dir, self.python)
             except OSError as exc:
                 log.warning("cannot start a spare VMM", error=str(exc))
-                self._pause(RETRY_S)
+                self._failed()
                 continue
             with self._cond:
                 if self._closed:
@@ -140,7 +161,7 @@ class WarmVmms:
                 # Takeable at once: one still importing beats a cold start.
                 self._spares.append(spare)
             try:
-                spare.wait_readable()
+                spare.wait_readable(self.ready_timeout)
                 spare.wait_ready(self.assign_timeout)
             except SpareUnusable as exc:
                 with self._cond:
@@ -150,7 +171,9 @@ class WarmVmms:
                 if ours:
                     log.warning("spare VMM did not get ready", pid=spare.pid, reason=str(exc))
                     spare.end()
-                    self._pause(RETRY_S)
+                    self._failed()
+            else:
+                self.failures = 0
 
     def _wanted(self) -> bool:
         return self._closed or (self._busy == 0 and len(self._spares) < self.count)
@@ -160,6 +183,10 @@ class WarmVmms:
             log.warning("spare VMM died", pid=spare.pid, status=spare.proc.poll())
             self._spares.remove(spare)
             spare.end()
+
+    def _failed(self) -> None:
+        self.failures += 1
+        self._pause(min(self.retry * 2 ** (self.failures - 1), self.retry_max))
 
     def _pause(self, seconds: float) -> None:
         with self._cond:

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,7 +69,7 @@ def gone(pid: int) -> bool:
 def pool(tmp_path: Path) -> Iterator[Callable[..., WarmVmms]]:
     made: list[WarmVmms] = []
 
-    def make(count: int = 1, **kwargs: float) -> WarmVmms:
+    def make(count: int = 1, **kwargs: Any) -> WarmVmms:
         warm = WarmVmms(tmp_path / "spares", count, **kwargs)
         made.append(warm)
         return warm
@@ -342,3 +343,34 @@ def test_with_none_every_start_is_cold(pool: Callable[..., WarmVmms], tmp_path: 
     assert warm.launch(domain, [], timeout=10.0) > 0
     assert (warm.warm_starts, warm.cold_starts) == (0, 1)
     assert warm.pids() == []
+
+
+def test_spares_that_never_get_ready_are_tried_less_and_less_often(
+    tmp_path: Path, pool: Callable[..., WarmVmms]
+) -> None:
+    """On a host too loaded to start a spare in time, each one is ended and the next tried
+    twice as long after the one before (up to a bound), not every few seconds: a "Python"
+    that dies without a word 0.15 s after it starts, counted at each start."""
+    starts = tmp_path / "starts"
+    silent = tmp_path / "silent-python"
+    silent.write_text(f"#!/bin/sh\necho >> {starts}\nexec sleep 0.15\n")
+    silent.chmod(0o755)
+    warm = pool(1, python=str(silent), ready_timeout=5.0, retry=0.1, retry_max=30.0)
+    time.sleep(3.0)
+    tried = len(starts.read_text().splitlines())
+    # ~0.2 s a try, then 0.1, 0.2, 0.4, 0.8, 1.6 s: five tries in 3 s, where a fixed 0.1 s
+    # would have made ten.
+    assert 3 <= tried <= 6, tried
+    assert warm.failures >= tried - 1
+    assert warm.pids() == []
+
+
+def test_the_wait_after_failures_doubles_up_to_its_bound(
+    pool: Callable[..., WarmVmms], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    warm = pool(0, retry=0.05, retry_max=0.4)  # no thread: the schedule alone
+    waits: list[float] = []
+    monkeypatch.setattr(warm, "_pause", waits.append)
+    for _ in range(6):
+        warm._failed()
+    assert waits == [0.05, 0.1, 0.2, 0.4, 0.4, 0.4]
