@@ -89,8 +89,9 @@ L1_CRASH_RETRIES = 2
 L1_PULSE_FILE = "alive"
 L1_SILENT_S = 60.0
 MONITOR_SOCKET = "monitor.sock"
-# What the harness asks QEMU's monitor about a silent L1 (each vCPU: halted or not, in an L2
-# guest or not, its flags and its local APIC's timer), once before an NMI and once after.
+# What the harness asks QEMU's monitor about a silent L1 (each vCPU: halted or not, where it
+# stands — its RIP and CR3 tell the L1's kernel from an L2 guest's code — its flags and its
+# local APIC's timer), once before an NMI and once after.
 EXAMINE_COMMANDS = ("info cpus", "info registers -a", "info lapic", "info irq")
 NMI_WAIT_S = 10.0
 SILENT_ENV = "FLOTILLA_HWVIRT_SILENT_S"  # another bound (the harness's own test)
@@ -473,8 +474,9 @@ def _monitor(path: Path, commands: Sequence[str], timeout: float = 5.0) -> str:
             out = []
             for command in commands:
                 sock.sendall(command.encode() + b"\n")
+                # The monitor echoes the command line first: what follows it is the answer.
                 text = _ANSI.sub("", reply.next()).replace("\r", "").partition("\n")[2]
-                if command.startswith("info registers"):  # [2]: past the command's echo
+                if command.startswith("info registers"):
                     text = "\n".join(
                         line for line in text.splitlines() if line.startswith(_REGISTER_LINES)
                     )
