@@ -156,14 +156,19 @@ class L1Result:
     def console_tail(self, lines: int = CONSOLE_TAIL_LINES) -> str:
         """The console's last lines; when the L1's kernel reported trouble (an oops, a
         warning, a lockup, a panic) before them, its first report's head too: a panic's
-        stack fills the tail and hides what went wrong."""
-        text = self.console.replace("\r", "").splitlines()
+        stack fills the tail and hides what went wrong. The harness's report on an L1 it
+        took for stopped (QEMU's monitor: `_examine`) follows whole, never cut."""
+        console, sign, report = self.console.partition(STOPPED_SIGN)
+        text = console.replace("\r", "").splitlines()
         tail_from = max(len(text) - lines, 0)
         for i, line in enumerate(text[:tail_from]):
             if any(sign in line for sign in L1_TROUBLE_SIGNS):
                 head = text[max(i - 2, 0) : min(i + lines // 2, tail_from)]
-                return "\n".join([*head, "[...]", *text[tail_from:]])
-        return "\n".join(text[tail_from:])
+                text = [*head, "[...]", *text[tail_from:]]
+                break
+        else:
+            text = text[tail_from:]
+        return "\n".join([*text, sign + report] if sign else text)
 
 
 def inside_l1() -> bool:
@@ -448,7 +453,7 @@ def _examine(run_dir: Path, pulse: Path) -> str:
     while time.monotonic() < deadline and _beat(pulse) == beat:
         time.sleep(0.1)
     woke = _beat(pulse) != beat
-    after = _monitor(run_dir / MONITOR_SOCKET, EXAMINE_COMMANDS[:2])
+    after = _monitor(run_dir / MONITOR_SOCKET, EXAMINE_COMMANDS)
     pulse_now = "came back" if woke else f"stayed silent for {NMI_WAIT_S:.0f} s"
     return (
         f"after an NMI its pulse {pulse_now}."

@@ -131,6 +131,7 @@ def test_a_silent_l1_is_examined_through_qemus_monitor_before_it_is_ended(
     assert result.longest_silence > 3
     report = result.console[result.console.index(STOPPED_SIGN) :]
     assert "after an NMI its pulse came back" in report, report
+    assert report in result.console_tail()  # whole, however long, after the console's tail
     for shown in ("(qemu) info registers -a", "RIP=", "HLT=", "(qemu) info lapic", "LVTT"):
         assert shown in report, report
     assert "YMM00" not in report  # vector state is left out
