@@ -85,16 +85,10 @@ def test_an_l1_whose_pulse_stopped_is_ended_and_started_again(
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not frozen:
             if (run_dir / L1_PULSE_FILE).exists():
-                for proc in Path("/proc").iterdir():
-                    try:
-                        argv = (proc / "cmdline").read_bytes().split(b"\0")
-                    except OSError:
-                        continue
-                    if argv[0].endswith(b"qemu-system-x86_64") and any(
-                        f"flotilla.run={run_dir}".encode() in a for a in argv
-                    ):
-                        os.kill(int(proc.name), signal.SIGSTOP)
-                        frozen.append(int(proc.name))
+                for pid, name in _processes_of(run_dir):
+                    if name.endswith("qemu-system-x86_64"):
+                        os.kill(pid, signal.SIGSTOP)
+                        frozen.append(pid)
                         return
             time.sleep(0.2)
 
