@@ -240,7 +240,10 @@ class SnapshotInfo(NamedTuple):
 
 
 class SnapshotStats(NamedTuple):
-    """What a save wrote and how long each part took (milliseconds)."""
+    """What a save wrote and how long each part took (milliseconds). `paused_ms`: how long
+    the save held the machine paused (a live save: its last pass and the state; else all
+    of it); `pages_paused` and `passes`: a live save's pages written paused (counted in
+    `memory_pages` too, as are pages written twice) and its passes while the guest ran."""
 
     state_bytes: int
     memory_pages: int
@@ -248,6 +251,9 @@ class SnapshotStats(NamedTuple):
     state_ms: float
     memory_ms: float
     sync_ms: float
+    paused_ms: float = 0.0
+    pages_paused: int = 0
+    passes: int = 0
 
 
 def _snapshot_paths(
@@ -794,6 +800,8 @@ class Machine:
         snapshot: str | os.PathLike[str] | tuple[str | os.PathLike[str], str | os.PathLike[str]],
         *,
         diff: bool = False,
+        live: bool = False,
+        keep_paused: bool = False,
     ) -> SnapshotStats:
         """Writes the paused machine to a snapshot: a directory (created if needed) that gets
         `state` and `memory`, or a (state, memory) pair of paths (docs/machine.md).
@@ -804,11 +812,23 @@ class Machine:
         interrupted save never leaves a pair that passes as valid. The machine stays
         paused. Raises MachineStateError when it is not paused (or `diff` has no base),
         VmmError on I/O errors (ENOSPC...), with nothing left under the final names.
+
+        `live`: a running machine is saved while it runs. Its RAM is written in passes
+        while the guest goes on, each rewriting what the guest wrote during the one
+        before; the machine is paused for the last pass and its state only, and runs again
+        (unless `keep_paused`) before the files are fsync'd. The snapshot is the machine
+        at that pause. A live save that fails leaves a running machine running. A paused
+        machine is saved as without `live`.
         """
         state, memory = _snapshot_paths(snapshot, create=True)
         _remove_stale_temporaries(state, memory)
         stats = self._ffi.new("struct fl_snapshot_stats *")
-        self._call(self._lib.fl_snapshot_save(self._handle(), state, memory, int(diff), stats))
+        flags = (
+            (self._lib.FL_SNAPSHOT_DIFF if diff else 0)
+            | (self._lib.FL_SNAPSHOT_LIVE if live else 0)
+            | (self._lib.FL_SNAPSHOT_KEEP_PAUSED if keep_paused else 0)
+        )
+        self._call(self._lib.fl_snapshot_save(self._handle(), state, memory, flags, stats))
         return SnapshotStats(
             state_bytes=int(stats.state_bytes),
             memory_pages=int(stats.memory_pages),
@@ -816,6 +836,9 @@ class Machine:
             state_ms=stats.ns_state / 1e6,
             memory_ms=stats.ns_memory / 1e6,
             sync_ms=stats.ns_sync / 1e6,
+            paused_ms=stats.ns_paused / 1e6,
+            pages_paused=int(stats.pages_paused),
+            passes=int(stats.passes),
         )
 
     # -- introspection ----------------------------------------------------------------------

@@ -210,6 +210,68 @@ out:
 	return rc;
 }
 
+/*
+ * A live save writes while the guest runs what it can: every page of RAM that holds data (a
+ * full snapshot) or every page written since the base (a diff), then what the guest wrote
+ * meanwhile, pass after pass, until a pass is small or stops shrinking. Only the last
+ * pass, the state and the pages written during it are taken paused; the fsync and renames
+ * come after the guest runs again. The snapshot is the machine at that pause, as a live
+ * migration's target gets it.
+ */
+#define LIVE_PASSES 5	      /* running passes at most, the first included */
+#define LIVE_SMALL_PAGES 256u /* a pass this small (1 MiB) is left to the pause */
+
+static uint64_t bits_set(const uint64_t *bm, uint64_t words)
+{
+	uint64_t n = 0;
+
+	for (uint64_t w = 0; w < words; w++)
+		n += (uint64_t)__builtin_popcountll(bm[w]);
+	return n;
+}
+
+/* The running passes; on return `left` holds what the last collect found and no pass wrote
+ * (written paused with what the pause's collect adds). */
+static int live_passes(struct fl_vm *vm, int fd, int diff, uint64_t *left,
+		       struct fl_snapshot_stats *s)
+{
+	uint64_t words = (vm->snap.npages + 63) / 64, prev = UINT64_MAX, n;
+	struct fl_snap_runs rs = {0};
+	int rc;
+
+	/* What was logged until now is in the first pass: the diff's pending pages, or all. */
+	memset(left, 0, words * sizeof(uint64_t));
+	rc = fl_snap_log_collect(vm, left);
+	if (rc < 0)
+		return rc;
+	memset(left, 0, words * sizeof(uint64_t));
+	if (diff) {
+		rc = fl_snap_write_bitmap(vm, fd, vm->snap.pending, NULL, &s->memory_pages,
+					  vm->err, sizeof(vm->err));
+	} else {
+		rc = fl_snap_write_full(vm, fd, &rs, vm->err, sizeof(vm->err));
+		s->memory_pages += rs.pages;
+		free(rs.r);
+	}
+	if (rc < 0)
+		return rc;
+	for (uint32_t pass = 1;; pass++) {
+		rc = fl_snap_log_collect(vm, left);
+		if (rc < 0)
+			return rc;
+		n = bits_set(left, words);
+		s->passes = pass;
+		if (n <= LIVE_SMALL_PAGES || n >= prev || pass == LIVE_PASSES)
+			return 0;
+		rc = fl_snap_write_bitmap(vm, fd, left, NULL, &s->memory_pages, vm->err,
+					  sizeof(vm->err));
+		if (rc < 0)
+			return rc;
+		memset(left, 0, words * sizeof(uint64_t));
+		prev = n;
+	}
+}
+
 int fl_snapshot_save(struct fl_vm *vm, const char *state_path, const char *memory_path,
 		     uint32_t flags, struct fl_snapshot_stats *stats)
 {
@@ -218,9 +280,10 @@ int fl_snapshot_save(struct fl_vm *vm, const char *state_path, const char *memor
 	struct fl_snapshot_stats s;
 	struct fl_snap_runs rs = {0};
 	uint8_t id[FL_SNAP_ID_LEN];
-	int diff = !!(flags & FL_SNAPSHOT_DIFF);
+	uint64_t *left = NULL;
+	int diff = !!(flags & FL_SNAPSHOT_DIFF), live = 0, was_tracking = 0, paused_here = 0;
 	uint32_t kind = diff ? FL_SNAP_DIFF : FL_SNAP_FULL;
-	uint64_t t0 = now_ns(), t1, t2;
+	uint64_t t0 = now_ns(), t1, t2, tp = 0;
 	int rc;
 
 	if (!vm || !state_path || !memory_path)
@@ -229,12 +292,17 @@ int fl_snapshot_save(struct fl_vm *vm, const char *state_path, const char *memor
 	fl_snap_writer_init(&w);
 	pthread_mutex_lock(&vm->api_lock);
 	vm->err[0] = 0;
-	if (fl_vm_state(vm) != FL_STATE_PAUSED) {
-		rc = fl_fail(vm, EINVAL, "a snapshot is taken only while the machine is paused");
+	if (flags & ~(uint32_t)(FL_SNAPSHOT_DIFF | FL_SNAPSHOT_LIVE | FL_SNAPSHOT_KEEP_PAUSED)) {
+		rc = fl_fail(vm, EINVAL, "unknown snapshot flags 0x%x", flags);
 		goto out;
 	}
-	if (flags & ~(uint32_t)FL_SNAPSHOT_DIFF) {
-		rc = fl_fail(vm, EINVAL, "unknown snapshot flags 0x%x", flags);
+	if (fl_vm_state(vm) == FL_STATE_RUNNING && (flags & FL_SNAPSHOT_LIVE)) {
+		live = 1;
+	} else if (fl_vm_state(vm) != FL_STATE_PAUSED) {
+		rc = fl_fail(vm, EINVAL,
+			     (flags & FL_SNAPSHOT_LIVE)
+				     ? "a live snapshot is taken of a running or paused machine"
+				     : "a snapshot is taken only while the machine is paused");
 		goto out;
 	}
 	if (diff && !vm->snap.tracking) {
@@ -250,6 +318,44 @@ int fl_snapshot_save(struct fl_vm *vm, const char *state_path, const char *memor
 		rc = fl_fail(vm, errno ? errno : EIO, "getrandom: %s", strerror(errno));
 		goto out;
 	}
+	rc = fl_snap_tmp_open(&mem, memory_path, vm->err, sizeof(vm->err));
+	if (rc < 0)
+		goto out;
+	rc = fl_snap_tmp_open(&st, state_path, vm->err, sizeof(vm->err));
+	if (rc < 0)
+		goto out;
+	was_tracking = vm->snap.tracking;
+	if (live) {
+		/* Logging from here on (a first full snapshot starts it; it stays on). */
+		rc = fl_snap_log_start(vm);
+		if (rc < 0)
+			goto out;
+		left = calloc((vm->snap.npages + 63) / 64, sizeof(uint64_t));
+		if (!left) {
+			rc = fl_fail(vm, ENOMEM, "dirty page bitmap");
+			goto out;
+		}
+		rc = live_passes(vm, mem.fd, diff, left, &s);
+		if (rc < 0)
+			goto out;
+		tp = now_ns(); /* the guest's stop starts with the vCPUs' kick */
+		rc = fl_vm_pause_locked(vm);
+		if (rc < 0)
+			goto out;
+		paused_here = 1;
+		rc = fl_snap_log_collect(vm, left);
+		if (rc == 0)
+			rc = fl_snap_write_bitmap(vm, mem.fd, left, NULL, &s.pages_paused, vm->err,
+						  sizeof(vm->err));
+		if (rc < 0)
+			goto out;
+		s.memory_pages += s.pages_paused;
+	} else if (vm->snap.tracking) {
+		rc = track_collect(vm);
+		if (rc < 0)
+			goto out;
+	}
+	t1 = now_ns();
 	rc = fl_snap_collect_state(vm, &w);
 	if (rc < 0)
 		goto out;
@@ -257,23 +363,29 @@ int fl_snapshot_save(struct fl_vm *vm, const char *state_path, const char *memor
 		rc = fl_fail(vm, ENOMEM, "building the state file");
 		goto out;
 	}
-	if (vm->snap.tracking) {
-		rc = track_collect(vm);
+	if (live) {
+		if (!(flags & FL_SNAPSHOT_KEEP_PAUSED)) {
+			rc = fl_vm_resume_locked(vm);
+			if (rc < 0)
+				goto out;
+			paused_here = 0;
+		}
+		s.ns_paused = now_ns() - tp;
+		s.ns_state = now_ns() - t1;
+		/* A diff holds every page pending since its base: each was written in a pass. */
+		if (diff && fl_snap_runs_from_bitmap(vm->snap.pending, vm->snap.npages, &rs) < 0) {
+			rc = fl_fail(vm, ENOMEM, "the diff's runs");
+			goto out;
+		}
+	} else {
+		s.ns_state = now_ns() - t1;
+		rc = diff ? fl_snap_write_diff(vm, mem.fd, &rs, vm->err, sizeof(vm->err))
+			  : fl_snap_write_full(vm, mem.fd, &rs, vm->err, sizeof(vm->err));
 		if (rc < 0)
 			goto out;
+		s.memory_pages = rs.pages;
 	}
-	t1 = now_ns();
-
-	rc = fl_snap_tmp_open(&mem, memory_path, vm->err, sizeof(vm->err));
-	if (rc < 0)
-		goto out;
-	rc = fl_snap_tmp_open(&st, state_path, vm->err, sizeof(vm->err));
-	if (rc < 0)
-		goto out;
-	rc = diff ? fl_snap_write_diff(vm, mem.fd, &rs, vm->err, sizeof(vm->err))
-		  : fl_snap_write_full(vm, mem.fd, &rs, vm->err, sizeof(vm->err));
-	if (rc < 0)
-		goto out;
+	t2 = now_ns();
 	rc = fl_snap_write_trailer(mem.fd, vm->mem.size, kind, id, diff ? vm->snap.base : NULL, &rs);
 	if (rc == 0)
 		rc = fl_snap_write_all(st.fd, w.buf, w.len, 0);
@@ -281,34 +393,42 @@ int fl_snapshot_save(struct fl_vm *vm, const char *state_path, const char *memor
 		rc = fl_fail(vm, -rc, "writing the snapshot: %s", strerror(-rc));
 		goto out;
 	}
-	t2 = now_ns();
 	rc = fl_snap_tmp_commit(&mem, &st, vm->err, sizeof(vm->err));
 	if (rc < 0)
 		goto out;
 
 	/* Committed: the next diff starts here. */
-	if (vm->snap.tracking) {
+	if (vm->snap.tracking || live) {
 		memset(vm->snap.pending, 0, (vm->snap.npages + 63) / 64 * sizeof(uint64_t));
 		memcpy(vm->snap.base, id, FL_SNAP_ID_LEN);
+		vm->snap.tracking = 1;
 	} else if (track_start(vm, id) < 0) {
 		/* The snapshot stands; only diffs against it are unavailable. */
 		vm->snap.tracking = 0;
 	}
 	s.state_bytes = w.len;
-	s.memory_pages = rs.pages;
 	s.memory_runs = rs.n;
-	s.ns_state = t1 - t0;
-	s.ns_memory = t2 - t1;
+	s.ns_memory = live ? t1 - t0 : t2 - t1 - s.ns_state;
 	s.ns_sync = now_ns() - t2;
+	if (!live)
+		s.ns_paused = now_ns() - t0;
 	if (stats)
 		*stats = s;
 	rc = 0;
 out:
+	if (rc < 0 && live) {
+		/* What was collected stays pending for the next diff; a machine this save paused
+		 * runs again. Logging started here for a first snapshot gives no diff base. */
+		vm->snap.tracking = was_tracking;
+		if (paused_here)
+			fl_vm_resume_locked(vm);
+	}
 	fl_snap_tmp_discard(&mem);
 	fl_snap_tmp_discard(&st);
 	pthread_mutex_unlock(&vm->api_lock);
 	fl_snap_writer_fini(&w);
 	free(rs.r);
+	free(left);
 	return rc;
 }
 

@@ -184,6 +184,12 @@ int fl_snap_write_full(struct fl_vm *vm, int fd, struct fl_snap_runs *rs, char *
 		       size_t errlen);
 int fl_snap_write_diff(struct fl_vm *vm, int fd, struct fl_snap_runs *rs, char *err,
 		       size_t errlen);
+/* Every page set in bm, at its own offset; its runs appended to rs and its count added to
+ * *pages where those are not NULL. */
+int fl_snap_write_bitmap(struct fl_vm *vm, int fd, const uint64_t *bm, struct fl_snap_runs *rs,
+			 uint64_t *pages, char *err, size_t errlen);
+/* The runs of pages set in bm (npages bits), appended to rs in order; 0 or -ENOMEM. */
+int fl_snap_runs_from_bitmap(const uint64_t *bm, uint64_t npages, struct fl_snap_runs *rs);
 /* Sizes the file to mem_size plus the trailer and writes the trailer (a diff's runs). */
 int fl_snap_write_trailer(int fd, uint64_t mem_size, uint32_t kind, const uint8_t *id,
 			  const uint8_t *parent, const struct fl_snap_runs *rs);

@@ -291,29 +291,64 @@ int fl_snap_data_map(struct fl_vm *vm, uint64_t *bitmap, char *err, size_t errle
 	return rc;
 }
 
+/* The runs of set bits of bm (npages bits), in order: [start, end) of each in *first, *count. */
+static int next_run(const uint64_t *bm, uint64_t npages, uint64_t *page, uint64_t *first,
+		    uint64_t *count)
+{
+	uint64_t p = *page, w = p / 64, bits;
+
+	if (p >= npages)
+		return 0;
+	bits = bm[w] & (~0ULL << (p % 64));
+	while (!bits && ++w < (npages + 63) / 64)
+		bits = bm[w];
+	if (!bits)
+		return 0;
+	p = w * 64 + (uint64_t)__builtin_ctzll(bits);
+	if (p >= npages)
+		return 0;
+	*first = p;
+	while (p < npages && (bm[p / 64] >> (p % 64) & 1))
+		p++;
+	*count = p - *first;
+	*page = p;
+	return 1;
+}
+
+int fl_snap_write_bitmap(struct fl_vm *vm, int fd, const uint64_t *bm, struct fl_snap_runs *rs,
+			 uint64_t *pages, char *err, size_t errlen)
+{
+	uint64_t npages = vm->mem.size / PAGE, page = 0, first, count;
+	int rc;
+
+	while (next_run(bm, npages, &page, &first, &count)) {
+		rc = fl_snap_write_all(fd, vm->mem.host + first * PAGE, count * PAGE,
+				       (off_t)(first * PAGE));
+		if (rc == 0 && rs)
+			rc = runs_add(rs, first, count);
+		if (rc < 0)
+			return fl_errf(err, errlen, -rc, "writing guest memory: %s", strerror(-rc));
+		if (pages)
+			*pages += count;
+	}
+	return 0;
+}
+
+int fl_snap_runs_from_bitmap(const uint64_t *bm, uint64_t npages, struct fl_snap_runs *rs)
+{
+	uint64_t page = 0, first, count;
+	int rc;
+
+	while (next_run(bm, npages, &page, &first, &count))
+		if ((rc = runs_add(rs, first, count)) < 0)
+			return rc;
+	return 0;
+}
+
 /* A diff: every page in the dirty bitmap, zero or not (it overwrites the base's page). */
 int fl_snap_write_diff(struct fl_vm *vm, int fd, struct fl_snap_runs *rs, char *err, size_t errlen)
 {
-	uint64_t npages = vm->mem.size / PAGE, page = 0;
-	const uint64_t *bm = vm->snap.pending;
-	int rc;
-
-	while (page < npages) {
-		uint64_t start, w = page / 64, bits = bm[w] & (~0ULL << (page % 64));
-
-		while (!bits && ++w < (npages + 63) / 64)
-			bits = bm[w];
-		if (!bits)
-			break;
-		start = w * 64 + (uint64_t)__builtin_ctzll(bits);
-		page = start;
-		while (page < npages && (bm[page / 64] >> (page % 64) & 1))
-			page++;
-		rc = write_pages(vm, fd, rs, start, page - start);
-		if (rc < 0)
-			return fl_errf(err, errlen, -rc, "writing guest memory: %s", strerror(-rc));
-	}
-	return 0;
+	return fl_snap_write_bitmap(vm, fd, vm->snap.pending, rs, NULL, err, errlen);
 }
 
 int fl_snap_write_trailer(int fd, uint64_t mem_size, uint32_t kind, const uint8_t *id,

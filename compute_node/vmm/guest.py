@@ -19,6 +19,7 @@ from native.machine import (
     Event,
     EventKind,
     Machine,
+    MachineState,
     MachineStateError,
     Nic,
     SnapshotError,
@@ -312,18 +313,31 @@ class Guest:
             self.pause()
         return was
 
-    def write_state(self, directory: str, was: Power) -> SnapshotStats:
-        """Machine.save of the paused machine into `directory`; on failure the machine goes
-        back to `was` and ControlError says why (`no_space` for a full disk)."""
+    def write_state(self, directory: str, was: Power, *, live: bool = False) -> SnapshotStats:
+        """Machine.save of the paused machine into `directory`, or (`live`) of the running
+        one while it runs: paused only for the last pass and the state, and left paused for
+        the caller. On failure the machine goes back to `was` and ControlError says why
+        (`no_space` for a full disk)."""
+        machine = self.need_machine()
         try:
-            return self.need_machine().save(directory)
+            if not live:
+                return machine.save(directory)
+            stats = machine.save(directory, live=True, keep_paused=True)
+            self.power = Power.PAUSED
+            return stats
         except VmmError as exc:
-            self.release(was)
+            self._failed_save(machine, was, live)
             raise control_error(exc) from None
         except OSError as exc:  # creating the directory, clearing old temporaries
-            self.release(was)
+            self._failed_save(machine, was, live)
             code = "no_space" if exc.errno == errno.ENOSPC else "vmm"
             raise ControlError(code, f"{directory}: {exc.strerror or exc}") from None
+
+    def _failed_save(self, machine: Machine, was: Power, live: bool) -> None:
+        # A live save that failed has let its machine run again, unless resuming failed too.
+        if live and machine.state() is MachineState.PAUSED:
+            self.power = Power.PAUSED
+        self.release(was)
 
     def release(self, was: Power) -> None:
         """Back to `was` after a save's pause (nothing is journaled: nothing changed)."""

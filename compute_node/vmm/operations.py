@@ -210,9 +210,17 @@ class Operations:
         if not 0 < req.hold_s <= HOLD_MAX_S:
             raise p.ControlError("bad_request", f"hold_s must be in (0, {HOLD_MAX_S:g}]")
         g = self.guest
-        was = g.hold_for_save()
-        paused_at = time.monotonic()
-        stats = None if req.directory is None else g.write_state(req.directory, was)
+        if req.directory is not None and g.power is Power.RUNNING and g.machine_started:
+            # Memory is written while the guest runs; it is paused for the last pass and
+            # its state only, and stays paused while the client copies its disks.
+            was: Power = g.power
+            written = g.write_state(req.directory, was, live=True)
+            paused_at = time.monotonic() - written.paused_ms / 1000
+            stats: SnapshotStats | None = written
+        else:
+            was = g.hold_for_save()
+            paused_at = time.monotonic()
+            stats = None if req.directory is None else g.write_state(req.directory, was)
         self.hold = Hold(conn, was, paused_at, time.monotonic() + req.hold_s, stats)
         return p.Held(
             str(was),

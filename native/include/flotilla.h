@@ -192,6 +192,14 @@ int fl_device_restore(struct fl_vm *vm, uint32_t slot, const void *buf, size_t l
  * NIC MAC of zeros takes the saved one), vcpus/memory_mib 0 or equal to the snapshot's.
  * Anything invalid refuses before KVM is touched and leaves the handle NEW. */
 #define FL_SNAPSHOT_DIFF 1
+/* FL_SNAPSHOT_LIVE: a running machine is saved while it runs (a paused one as without the
+ * flag): RAM is written in passes while the guest runs, each rewriting what the guest wrote
+ * during the one before, until a pass is small or stops shrinking; then the machine is
+ * paused for the last pages and the state only, and runs again before the files are
+ * fsync'd and renamed (FL_SNAPSHOT_KEEP_PAUSED: it stays paused). The snapshot is the
+ * machine at that pause. */
+#define FL_SNAPSHOT_LIVE 2
+#define FL_SNAPSHOT_KEEP_PAUSED 4
 
 struct fl_snapshot_info {
 	uint32_t version;
@@ -213,6 +221,10 @@ struct fl_snapshot_stats {
 	uint64_t ns_state;     /* collecting device and vCPU state */
 	uint64_t ns_memory;    /* finding and writing pages */
 	uint64_t ns_sync;      /* fsync and rename */
+	uint64_t ns_paused;    /* the machine held paused by the save (without LIVE: all of it) */
+	uint64_t pages_paused; /* LIVE: pages written while paused (in memory_pages too) */
+	uint32_t passes;       /* LIVE: passes over RAM while the guest ran */
+	uint32_t reserved;
 };
 
 int fl_snapshot_save(struct fl_vm *vm, const char *state_path, const char *memory_path,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -379,25 +378,6 @@ def test_kill_9_of_the_vmm_mid_save_leaves_the_domain_recoverable(
     assert host.driver.get_info(spec.uuid).state is PowerState.SHUTOFF
     host.driver.spawn(spec, host.boot_files())  # and it starts again
     host.wait_console(spec.uuid, r"READY")
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs of this test's own (root only)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "flotilla-test", str(mount)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_a_full_disk_mid_save_keeps_the_guest_running(

@@ -518,3 +518,83 @@ def test_diff_carries_what_a_disk_wrote_into_guest_memory(
     disk.write_bytes(b"\0" * (2 * MIB))
     with pytest.raises(native.SnapshotError, match="sectors"):
         native.Machine.restore(tmp_path / "diff", disks=[native.Disk(str(disk))])
+
+
+# ---- live saves: written while the guest runs, paused only for the last pass ----
+
+
+def test_a_live_save_of_a_guest_rewriting_memory_is_the_machine_at_its_pause(
+    boot: Callable[..., Booted], restored: Callable[..., Booted], test_guest: Path, tmp_path: Path
+) -> None:
+    """The guest rewrites 8 MiB without end, so every pass finds pages the one before wrote
+    stale: what restores must still be RAM exactly as it was when the save paused."""
+    g = boot(test_guest, "ready memtest=16 rewrite=8", vcpus=2, memory_mib=128)
+    g.console.wait_for("REWRITE pass=1 done")
+    full = g.machine.save(tmp_path / "full", live=True, keep_paused=True)
+    assert g.machine.state() is native.MachineState.PAUSED
+    digest = ram_digest(g.machine)
+    # Passes ran while the guest wrote, and the pause wrote only what the last one left
+    # (how much depends on how much CPU the guest got), not the 16 + 8 MiB the guest holds.
+    assert full.passes >= 1, full
+    assert full.memory_pages >= (16 + 8) * 256, full
+    assert full.pages_paused < (16 + 8) * 256 // 2, full
+    assert full.paused_ms < full.memory_ms, full
+    new = restored(tmp_path / "full", start=False)
+    assert ram_digest(new.machine) == digest
+
+    # A live diff on top, of the same running guest: merged, it is the machine at its pause.
+    g.machine.resume()
+    g.console.wait_for(r"COUNTER \d+")
+    diff = g.machine.save(tmp_path / "diff", diff=True, live=True, keep_paused=True)
+    digest = ram_digest(g.machine)
+    assert (
+        native.snapshot_info(tmp_path / "diff").parent == native.snapshot_info(tmp_path / "full").id
+    )
+    assert 0 < diff.memory_pages < full.memory_pages, diff  # what the guest rewrote since
+    native.merge_snapshot(tmp_path / "full", tmp_path / "diff")
+    again = restored(tmp_path / "diff", start=False)
+    assert ram_digest(again.machine) == digest
+    again.machine.start()
+    again.console.wait_for(r"COUNTER \d+")  # the rewriting goes on where it was
+
+
+def test_a_live_save_leaves_the_guest_running_and_its_restore_counts_on(
+    boot: Callable[..., Booted], restored: Callable[..., Booted], test_guest: Path, tmp_path: Path
+) -> None:
+    g = boot(test_guest, "ready memtest=16 counter=2", vcpus=2, memory_mib=128)
+    g.console.wait_for(r"COUNTER 2\b")
+    stats = g.machine.save(tmp_path / "snap", live=True)
+    assert g.machine.state() is native.MachineState.RUNNING
+    assert stats.passes >= 1
+    assert stats.paused_ms <= stats.state_ms + stats.memory_ms
+    at = last_counter(g.console.drain())
+    g.console.wait_for(rf"COUNTER {at + 2}\b")  # it never stopped counting
+    new = restored(tmp_path / "snap")
+    new.console.wait_for(r"MEMCHECK n=\d+ ok")  # the memtest region came back whole
+    assert "READY" not in new.console.text
+    # A live diff right after: the base is the live snapshot.
+    g.machine.save(tmp_path / "diff", diff=True, live=True)
+    assert (
+        native.snapshot_info(tmp_path / "diff").parent == native.snapshot_info(tmp_path / "snap").id
+    )
+    # Live on a paused machine is the plain save.
+    g.machine.pause()
+    paused = g.machine.save(tmp_path / "paused", live=True)
+    assert paused.passes == 0
+    assert g.machine.state() is native.MachineState.PAUSED
+
+
+def test_a_live_save_that_runs_out_of_space_leaves_the_guest_running_and_no_snapshot(
+    boot: Callable[..., Booted], test_guest: Path, small_fs: Path
+) -> None:
+    g = boot(test_guest, "ready memtest=16 counter", vcpus=1, memory_mib=64)
+    g.console.wait_for(r"COUNTER 1\b")
+    with pytest.raises(native.VmmError, match="No space left"):
+        g.machine.save(small_fs / "snap", live=True)
+    assert g.machine.state() is native.MachineState.RUNNING
+    at = last_counter(g.console.drain())
+    g.console.wait_for(rf"COUNTER {at + 1}\b")
+    assert [p.name for p in (small_fs / "snap").iterdir()] == []  # no temporary left
+    # It has no base for a diff (the first snapshot failed)...
+    with pytest.raises(native.MachineStateError, match="diff against"):
+        g.machine.save(small_fs / "diff", diff=True, live=True)
