@@ -195,7 +195,7 @@ def ours_round(guest: Path, shm: Path, disk: Path, n: int) -> dict[str, list[flo
             out["diff_paused"].append((time.perf_counter() - t) * 1e3)
         say(
             f"  ours diff: {stats.memory_pages * 4 // 1024} MiB in {stats.memory_runs} runs, "
-            f"{stats.passes} passes running, {stats.pages_paused} pages paused, "
+            f"passes while running {stats.passes}, pages written paused {stats.pages_paused}, "
             f"paused {stats.paused_ms:.2f} ms"
         )
         m.save(shm / f"count{n}")  # while counting: what the restores start from
