@@ -37,7 +37,7 @@ from pathlib import Path
 
 from compute_node.storage_sources import StorageBindings
 from protos.bindings import PortBinding, StateRef
-from protos.codec import envelope_for, pack
+from protos.codec import Envelope, envelope_for, pack
 from protos.domain import DomainSpec, PowerState
 from protos.events import DomainEvent
 from protos.migration import MigrationJob
@@ -159,6 +159,7 @@ class OutboxItem:
     message_id: str
     routing_key: str
     body: bytes
+    envelope: Envelope | None = None  # the unpacked body, when the row was made here
 
 
 class NameTaken(ValueError):
@@ -199,6 +200,12 @@ class Store:
         self.source = source
         # Notified on every state change and outbox insert.
         self.changed = threading.Condition(self._lock)
+        # Rows committed and not yet offered to the outbox hook, and how deep `exclusive()`
+        # is held (rows are offered when the outermost one ends).
+        self._committed: list[OutboxItem] = []
+        self._inserted: list[OutboxItem] = []
+        self._exclusive = 0
+        self._outbox_hook: Callable[[list[OutboxItem]], None] | None = None
 
     @contextmanager
     def _tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
@@ -207,18 +214,46 @@ class Store:
             try:
                 yield self._db
             except BaseException:
+                self._inserted.clear()
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
             self._commits += 1
             if durable:
                 self.sync()
+            self._committed.extend(self._inserted)
+            self._inserted.clear()
+            if not self._exclusive:
+                self._offer()
             self.changed.notify_all()
 
-    def exclusive(self) -> threading.RLock:
+    def on_outbox(self, hook: Callable[[list[OutboxItem]], None] | None) -> None:
+        """`hook(rows)` is called with the outbox rows of each transaction once it is
+        committed (and fsynced, if durable), in row order, by the committing thread under the
+        store's lock: the publisher sends them from there without waking a thread of its own.
+        The rows stay in the table all the same; a hook that does not send them leaves them
+        to `outbox()`. The hook must not block."""
+        with self._lock:
+            self._outbox_hook = hook
+
+    def _offer(self) -> None:
+        rows, self._committed = self._committed, []
+        if rows and self._outbox_hook is not None:
+            self._outbox_hook(rows)
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
         """The store's lock, for a `with`: no other thread reads or writes the store until it
-        ends, so what is committed inside reaches the outbox publisher only then."""
-        return self._lock
+        ends, so what is committed inside reaches the outbox publisher only then (after
+        whatever the caller sent meanwhile, e.g. a heartbeat)."""
+        with self._lock:
+            self._exclusive += 1
+            try:
+                yield
+            finally:
+                self._exclusive -= 1
+                if not self._exclusive:
+                    self._offer()
 
     def sync(self) -> None:
         """Put every transaction committed so far on disk (fsync of the WAL file; checkpoints
@@ -579,10 +614,14 @@ class Store:
             causation_id=cause.causation_id,
             message_id=message_id,
         )
-        db.execute(
+        body = pack(envelope)
+        cursor = db.execute(
             "INSERT INTO outbox (message_id, routing_key, body) VALUES (?, ?, ?)",
-            (envelope.id, event.routing_key(), pack(envelope)),
+            (envelope.id, event.routing_key(), body),
         )
+        row = cursor.lastrowid
+        assert row is not None
+        self._inserted.append(OutboxItem(row, envelope.id, event.routing_key(), body, envelope))
 
     # ---- volumes -----------------------------------------------------------------------------
 

@@ -30,9 +30,13 @@ process.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import select
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pika
+from pika.adapters import select_connection
 from pika.adapters.utils import io_services_utils
 
 _PLAINTEXT = io_services_utils._AsyncPlaintextTransport
@@ -92,3 +96,50 @@ class BatchingConnection(pika.SelectConnection):  # type: ignore[misc]  # pika i
             return b""
         self.sent_in_part += 1
         return data[sent:]
+
+
+class _ReleasingEpoll:
+    """An epoll object whose `poll` lets go of `lock` while it waits (and only then)."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._epoll = select.epoll()
+        self._lock = lock
+
+    def poll(self, timeout: float = -1, maxevents: int = -1) -> list[tuple[int, int]]:
+        self._lock.release()
+        try:
+            return self._epoll.poll(timeout, maxevents)
+        finally:
+            self._lock.acquire()
+
+    def __getattr__(self, name: str) -> Any:  # register, modify, unregister, close, fileno
+        return getattr(self._epoll, name)
+
+
+class _LockedPoller(select_connection.EPollPoller):  # type: ignore[misc]
+    def __init__(self, lock: threading.Lock, **kwargs: Any) -> None:
+        self._io_lock = lock
+        super().__init__(**kwargs)
+
+    def _create_poller(self) -> _ReleasingEpoll:
+        return _ReleasingEpoll(self._io_lock)
+
+
+class LockedIOLoop(select_connection.IOLoop):  # type: ignore[misc]
+    """pika's I/O loop on epoll, run by a thread that holds `lock` whenever it is not waiting
+    in epoll: another thread that takes the lock meanwhile may drive the connection (send a
+    frame) as the loop's own thread would, the loop's thread waiting for it to finish before
+    it dispatches what the poll returned. Linux only (epoll)."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._io_lock = lock
+        super().__init__()
+
+    def _get_poller(
+        self,
+        get_wait_seconds: Callable[[], float | None],
+        process_timeouts: Callable[[], None],
+    ) -> _LockedPoller:
+        return _LockedPoller(
+            self._io_lock, get_wait_seconds=get_wait_seconds, process_timeouts=process_timeouts
+        )

@@ -1,7 +1,11 @@
 """One AMQP connection driven by pika's SelectConnection on a dedicated I/O thread.
 
-Everything pika is touched only from that thread; other threads hand it operations through a
-queue and one coalesced wake-up (`add_callback_threadsafe`). Publishing is pipelined with
+pika is touched only under the I/O lock, which that thread holds whenever it is not waiting
+in epoll (services.bus.batching.LockedIOLoop). Other threads hand it operations through a
+queue and one coalesced wake-up (`add_callback_threadsafe`); a publish that finds the thread
+waiting (the lock free) and nothing queued before it is sent by its own thread instead, under
+the lock, so its bytes leave without a thread wake-up on the way (one costs ~0.3-1 ms on a
+busy two-core host). Publishing is pipelined with
 publisher confirms: `publish` returns a Future settled by the broker's ack (or nack, or the
 basic.return of an unroutable mandatory message). Consumers get their own channel and prefetch.
 
@@ -42,12 +46,15 @@ import pika.frame
 import pika.spec
 import structlog
 
-from services.bus.batching import BatchingConnection
+from services.bus.batching import BatchingConnection, LockedIOLoop
 from services.bus.confirm import Confirmation
 from services.bus.errors import ConnectionLost, NoRouteError, PublishNacked
 from services.bus.nodes import NodeList
 from services.bus.topology import QueueDecl, declare
 
+# A publish goes out on its caller's thread only while the link is nearly idle: with more
+# unconfirmed than this, publishes are a stream, which the I/O thread writes in batches.
+DIRECT_MAX_UNCONFIRMED = 16
 log = structlog.get_logger("flotilla.bus")
 
 MAX_BACKOFF_S = 5.0
@@ -110,6 +117,9 @@ class Link:
         self.name = name
 
         self._lock = threading.Lock()
+        # Held by the I/O thread but while it waits in epoll; guards everything pika.
+        self._io_lock = threading.Lock()
+        self.sent_directly = 0  # publishes sent by their caller's thread
         self._ops: collections.deque[Callable[[], None]] = collections.deque()
         self._wake_pending = False
         self._ready = threading.Event()
@@ -189,8 +199,28 @@ class Link:
             if future.set_running_or_notify_cancel():
                 self._send(publish)
 
-        self._submit(op)
+        if not self._direct(op):
+            self._submit(op)
         return future
+
+    def _direct(self, op: Callable[[], None]) -> bool:
+        """Runs `op` on this thread if the I/O thread is waiting in epoll (its lock free) on
+        an open connection with nothing queued before it; False if it must be queued."""
+        if not self._io_lock.acquire(blocking=False):
+            return False
+        try:
+            with self._lock:
+                if self._ops or self._wake_pending or self._conn is None:
+                    return False
+                if not self._ready.is_set():
+                    return False
+            if len(self._unconfirmed) > DIRECT_MAX_UNCONFIRMED:
+                return False  # a stream of publishes: the I/O thread batches them better
+            op()
+            self.sent_directly += 1
+            return True
+        finally:
+            self._io_lock.release()
 
     def _send(self, publish: _Publish) -> None:
         if self._renewing:
@@ -227,7 +257,8 @@ class Link:
             self._plain.basic_publish(exchange, routing_key, body, properties)
             future.set_result(None)
 
-        self._submit(op)
+        if not self._direct(op):
+            self._submit(op)
         return future
 
     def add_consumer(self, consumer: Consumer) -> None:
@@ -327,6 +358,10 @@ class Link:
     # ---- the I/O thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        with self._io_lock:  # let go of only while waiting in epoll (LockedIOLoop)
+            self._run_locked()
+
+    def _run_locked(self) -> None:
         backoff = 0.1
         failures = 0  # in a row; a full round of nodes failing backs off
         while not self._stopping.is_set():
@@ -349,6 +384,7 @@ class Link:
                 on_open_callback=self._on_open,
                 on_open_error_callback=self._on_open_error,
                 on_close_callback=self._on_close,
+                custom_ioloop=LockedIOLoop(self._io_lock),
             )
             with self._lock:
                 self._conn = conn

@@ -446,6 +446,61 @@ def test_writes_larger_than_the_socket_takes_arrive_whole_and_in_order(
     assert in_part > 0, (at_once, in_part)  # and writes whose rest pika sent
 
 
+def test_publishes_from_many_threads_go_direct_or_queued_and_keep_each_threads_order(
+    make_bus: MakeBus, amqp_url: str
+) -> None:
+    # A publish that finds the I/O thread waiting in epoll and nothing queued goes out on its
+    # caller's thread; one that finds it busy, or a stream with many unconfirmed, is queued.
+    # Whichever way each goes, every one is confirmed and each thread's stay in its order.
+    publisher = make_bus("compute:threads")
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    ch = conn.channel()
+    ch.exchange_declare(routing.EVENTS_EXCHANGE, "topic", durable=True)
+    queue = ch.queue_declare("", exclusive=True).method.queue
+    key = f"domain.started.{uuid.uuid4()}"
+    ch.queue_bind(queue, routing.EVENTS_EXCHANGE, routing_key=key)
+    props = pika.BasicProperties(delivery_mode=2, content_type="application/octet-stream")
+    link = publisher.link
+    before = link.sent_directly
+    threads, per_thread = 4, 150
+    errors: list[BaseException] = []
+
+    def publish_from(t: int) -> None:
+        try:
+            futures = []
+            for i in range(per_thread):
+                body = f"{t}:{i}".encode()
+                futures.append(link.publish(routing.EVENTS_EXCHANGE, key, body, props))
+                if i % 50 < 10:
+                    futures.pop().result(30)  # spaced out: the link idle between them
+            for future in futures:
+                future.result(30)
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=publish_from, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert errors == []
+    got: list[bytes] = []
+    deadline = time.monotonic() + 30
+    while len(got) < threads * per_thread and time.monotonic() < deadline:
+        _method, _props, body = ch.basic_get(queue, auto_ack=True)
+        if body is None:
+            time.sleep(0.01)
+            continue
+        got.append(body)
+    conn.close()
+    assert len(got) == threads * per_thread
+    for t in range(threads):
+        mine = [int(b.split(b":")[1]) for b in got if b.startswith(f"{t}:".encode())]
+        assert mine == list(range(per_thread)), t
+    direct = link.sent_directly - before
+    assert 0 < direct < threads * per_thread, direct  # both ways were taken
+
+
 def test_a_connection_cut_mid_setup_is_an_ordinary_cut(make_bus: MakeBus) -> None:
     # The publish channel's confirm mode comes back while the connection is going: the next
     # set-up step (opening the plain channel) must see a cut, not raise.
