@@ -183,8 +183,21 @@ class PrivateBroker:
                 raise BrokerError(f"no pid file after {timeout:.0f} s; see {self.base / 'log'}")
             time.sleep(0.05)
         self._pid = int(self.pid_file.read_text().strip() or 0) or None
-        self.ctl("wait", "--timeout", str(int(timeout)), str(self.pid_file), timeout=timeout + 5)
+        wait = ("wait", "--timeout", str(int(timeout)), str(self.pid_file))
+        try:
+            self.ctl(*wait, timeout=timeout + 5)
+        except BrokerError as exc:  # why the node did not boot is in its own log
+            raise BrokerError(f"{exc}\n{self.log_tail()}") from None
         return self
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of the node's log files (where a failed boot says why)."""
+        out = []
+        for log in sorted((self.base / "log").glob("*.log")):
+            with contextlib.suppress(OSError):
+                tail = log.read_text(errors="replace").splitlines()[-lines:]
+                out.append(f"--- {log.name} ---\n" + "\n".join(tail))
+        return "\n".join(out) or f"(no log under {self.base / 'log'})"
 
     def ctl(self, *args: str, timeout: float = 30.0) -> str:
         """Run rabbitmqctl against this node; raise BrokerError if it fails."""

@@ -1,4 +1,5 @@
-"""A SelectConnection that hands the socket one buffer per batch of frames.
+"""A SelectConnection that hands the socket one buffer per batch of frames, and the I/O loop
+(`LockedIOLoop`) that lets another thread write a frame while the loop's thread waits in epoll.
 
 pika queues every frame as a buffer of its own and sends each with its own `send()`: three
 system calls per published message (method, header, body). Each releases the GIL, and with a

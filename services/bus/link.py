@@ -216,8 +216,11 @@ class Link:
                     return False
             if len(self._unconfirmed) > DIRECT_MAX_UNCONFIRMED:
                 return False  # a stream of publishes: the I/O thread batches them better
-            op()
             self.sent_directly += 1
+            try:
+                op()
+            except Exception:  # as the I/O thread's `_drain` treats a failing operation
+                log.exception("bus operation failed")
             return True
         finally:
             self._io_lock.release()
