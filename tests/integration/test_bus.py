@@ -402,6 +402,32 @@ def test_a_burst_of_async_publishes_arrives_whole_and_in_order(make_bus: MakeBus
     sub.close()
 
 
+class _Tap:
+    """A plain pika queue bound to one fresh routing key on the events exchange."""
+
+    def __init__(self, amqp_url: str) -> None:
+        self._conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        self._ch = self._conn.channel()
+        self._ch.exchange_declare(routing.EVENTS_EXCHANGE, "topic", durable=True)
+        self._queue = self._ch.queue_declare("", exclusive=True).method.queue
+        self.key = f"domain.started.{uuid.uuid4()}"
+        self._ch.queue_bind(self._queue, routing.EVENTS_EXCHANGE, routing_key=self.key)
+        self.props = pika.BasicProperties(delivery_mode=2, content_type="application/octet-stream")
+
+    def take(self, count: int, timeout: float) -> list[bytes]:
+        """Up to `count` bodies, in arrival order, within `timeout`; then closes."""
+        got: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < count and time.monotonic() < deadline:
+            _method, _props, body = self._ch.basic_get(self._queue, auto_ack=True)
+            if body is None:
+                time.sleep(0.01)
+                continue
+            got.append(body)
+        self._conn.close()
+        return got
+
+
 def test_writes_larger_than_the_socket_takes_arrive_whole_and_in_order(
     make_bus: MakeBus, amqp_url: str
 ) -> None:
@@ -409,13 +435,8 @@ def test_writes_larger_than_the_socket_takes_arrive_whole_and_in_order(
     # does not take waits in pika's buffer, and later writes queue behind it
     # (services.bus.batching). 32 MiB in 1 MiB messages overflows any loopback socket buffer.
     publisher = make_bus("compute:big-writes")
-    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    ch = conn.channel()
-    ch.exchange_declare(routing.EVENTS_EXCHANGE, "topic", durable=True)
-    queue = ch.queue_declare("", exclusive=True).method.queue
-    key = f"domain.started.{uuid.uuid4()}"
-    ch.queue_bind(queue, routing.EVENTS_EXCHANGE, routing_key=key)
-    props = pika.BasicProperties(delivery_mode=2, content_type="application/octet-stream")
+    tap = _Tap(amqp_url)
+    key, props = tap.key, tap.props
     bodies = [bytes([i]) * (1 << 20) + i.to_bytes(4, "big") for i in range(32)]
     link = publisher.link
     wire = link._conn
@@ -430,15 +451,7 @@ def test_writes_larger_than_the_socket_takes_arrive_whole_and_in_order(
         time.sleep(0.001)
     for future in futures:
         future.result(60)
-    got: list[bytes] = []
-    deadline = time.monotonic() + 60
-    while len(got) < len(bodies) and time.monotonic() < deadline:
-        _method, _props, body = ch.basic_get(queue, auto_ack=True)
-        if body is None:
-            time.sleep(0.01)
-            continue
-        got.append(body)
-    conn.close()
+    got = tap.take(len(bodies), 60)
     assert [len(b) for b in got] == [len(b) for b in bodies]
     assert got == bodies
     at_once, in_part = wire.sent_at_once - before[0], wire.sent_in_part - before[1]
@@ -453,13 +466,8 @@ def test_publishes_from_many_threads_go_direct_or_queued_and_keep_each_threads_o
     # caller's thread; one that finds it busy, or a stream with many unconfirmed, is queued.
     # Whichever way each goes, every one is confirmed and each thread's stay in its order.
     publisher = make_bus("compute:threads")
-    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    ch = conn.channel()
-    ch.exchange_declare(routing.EVENTS_EXCHANGE, "topic", durable=True)
-    queue = ch.queue_declare("", exclusive=True).method.queue
-    key = f"domain.started.{uuid.uuid4()}"
-    ch.queue_bind(queue, routing.EVENTS_EXCHANGE, routing_key=key)
-    props = pika.BasicProperties(delivery_mode=2, content_type="application/octet-stream")
+    tap = _Tap(amqp_url)
+    key, props = tap.key, tap.props
     link = publisher.link
     before = link.sent_directly
     threads, per_thread = 4, 150
@@ -484,15 +492,7 @@ def test_publishes_from_many_threads_go_direct_or_queued_and_keep_each_threads_o
     for w in workers:
         w.join(60)
     assert errors == []
-    got: list[bytes] = []
-    deadline = time.monotonic() + 30
-    while len(got) < threads * per_thread and time.monotonic() < deadline:
-        _method, _props, body = ch.basic_get(queue, auto_ack=True)
-        if body is None:
-            time.sleep(0.01)
-            continue
-        got.append(body)
-    conn.close()
+    got = tap.take(threads * per_thread, 30)
     assert len(got) == threads * per_thread
     for t in range(threads):
         mine = [int(b.split(b":")[1]) for b in got if b.startswith(f"{t}:".encode())]
