@@ -398,6 +398,8 @@ class Link:
                 self._conn = None
                 self._wake_pending = False
                 removals, self._removals = self._removals, set()
+            # Its epoll and wake-up socketpair go now, not when the collector finds the loop.
+            conn.ioloop.close()
             for removal in removals:  # their channels went with the connection
                 if not removal.done():
                     with contextlib.suppress(InvalidStateError):

@@ -3,10 +3,12 @@ fan-out."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pika
@@ -824,3 +826,25 @@ def test_a_node_that_resets_connections_at_accept_is_a_node_that_did_not_answer(
                 nodes.connect()
     finally:
         relay.close()
+
+
+def test_a_closed_bus_leaves_no_fd_behind(amqp_url: str) -> None:
+    # Each connection's I/O loop (its epoll and wake-up socketpair) is closed with it, not
+    # whenever the collector gets to it.
+    def fds() -> set[tuple[int, str]]:
+        out = set()
+        for fd in Path("/proc/self/fd").iterdir():
+            with contextlib.suppress(OSError):
+                out.add((int(fd.name), str(fd.readlink())))
+        return out
+
+    Bus(amqp_url, source="test-fds").start(timeout=30).close()  # imports, pools: warmed up
+    before = fds()
+    bus = Bus(amqp_url, source="test-fds").start(timeout=30)
+    bus.link._submit(lambda: bus.link._conn.close() if bus.link._conn else None)  # one cut
+    deadline = time.monotonic() + 20
+    while bus.link.connections_made < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert bus.link.wait_connected(20)
+    bus.close()
+    assert fds() - before == set()
