@@ -3,12 +3,10 @@ fan-out."""
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pika
@@ -40,6 +38,7 @@ from services.bus.idempotency import MemoryIdempotencyStore
 from services.bus.nodes import blocking_nodes
 from services.bus.topology import declare
 from tests.brokers import BrokerHandle, find_dead_letter
+from tests.fds import open_fds
 from tests.integration.conftest import MakeBus
 from tests.tcp_relay import TcpRelay
 
@@ -831,15 +830,8 @@ def test_a_node_that_resets_connections_at_accept_is_a_node_that_did_not_answer(
 def test_a_closed_bus_leaves_no_fd_behind(amqp_url: str) -> None:
     # Each connection's I/O loop (its epoll and wake-up socketpair) is closed with it, not
     # whenever the collector gets to it.
-    def fds() -> set[tuple[int, str]]:
-        out = set()
-        for fd in Path("/proc/self/fd").iterdir():
-            with contextlib.suppress(OSError):
-                out.add((int(fd.name), str(fd.readlink())))
-        return out
-
     Bus(amqp_url, source="test-fds").start(timeout=30).close()  # imports, pools: warmed up
-    before = fds()
+    before = open_fds()
     bus = Bus(amqp_url, source="test-fds").start(timeout=30)
     bus.link._submit(lambda: bus.link._conn.close() if bus.link._conn else None)  # one cut
     deadline = time.monotonic() + 20
@@ -847,4 +839,4 @@ def test_a_closed_bus_leaves_no_fd_behind(amqp_url: str) -> None:
         time.sleep(0.05)
     assert bus.link.wait_connected(20)
     bus.close()
-    assert fds() - before == set()
+    assert open_fds() - before == set()

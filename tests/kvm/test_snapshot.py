@@ -3,8 +3,6 @@ into a new one, and refuse every damaged or foreign snapshot without changing an
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import hashlib
 import os
 import re
@@ -20,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import native
+from tests.fds import open_fds
 from tests.kvm.harness import Booted, Console
 
 HEADER = 72  # struct fl_snap_header
@@ -74,18 +73,6 @@ def ram_digest(machine: native.Machine) -> str:
     for off in range(0, machine.memory_mib * MIB, 8 * MIB):
         h.update(machine.read_memory(off, 8 * MIB))
     return h.hexdigest()
-
-
-def open_fds() -> set[tuple[int, str]]:
-    """This process's open fds and what each names. Other tests' garbage (a pika I/O loop's
-    epoll and socketpair, say) may be collected, closing fds, at any time: compare what is
-    new, not how many there are."""
-    gc.collect()
-    out = set()
-    for fd in Path("/proc/self/fd").iterdir():
-        with contextlib.suppress(OSError):  # the directory's own fd, gone once listed
-            out.add((int(fd.name), str(fd.readlink())))
-    return out
 
 
 def last_counter(text: str) -> int:
