@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pika
 
 from compute_node.vmm import client as vmm_client
 from protos import routing
@@ -41,6 +43,10 @@ from services.broker import PrivateBroker, PrivateCluster, free_port
 from services.bus.nodes import blocking_nodes
 from services.cli import default_network
 from services.files import write_private
+from services.launcher import Launcher, LauncherError
+
+POLL_FIRST_S = 0.05
+POLL_MAX_S = 0.25
 
 
 class StackError(RuntimeError):
@@ -78,6 +84,9 @@ class StackConfig:
     admin_token: str | None = None  # None: a new random one
     keep_guests: bool = False  # stop() leaves guests for the next start to re-adopt
     broker_nodes: int = 1  # > 1: a private cluster of that many nodes, every URL to each child
+    # Services forked from one process that imported them all (services/launcher.py), not
+    # each started as `python -m`: their start-up imports are paid once.
+    preload: bool = True
 
 
 def default_state_dir() -> Path:
@@ -133,8 +142,54 @@ def _toml_table(name: str, values: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-class Child:
+class ServiceChild:
     """A service process with its log file, ended by its pid."""
+
+    name: str
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def returncode(self) -> int | None:
+        """Its exit status once it ended and that is known (-N: killed by signal N)."""
+        raise NotImplementedError
+
+    def alive(self) -> bool:
+        raise NotImplementedError
+
+    def _wait(self, timeout: float) -> bool:
+        """Whether it ended within `timeout` seconds."""
+        raise NotImplementedError
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def died(self) -> StackError:
+        return StackError(
+            f"{self.name} exited with status {self.returncode}; its log "
+            f"({self.log_path}) ends:\n{self.log_tail()}"
+        )
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout`."""
+        if not self.alive():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        if not self._wait(timeout):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self._wait(5)
+
+
+class Child(ServiceChild):
+    """A service started as `argv`, a child of this process."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
         self.name = name
@@ -153,33 +208,66 @@ class Child:
     def pid(self) -> int:
         return self.proc.pid
 
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def died(self) -> StackError:
-        return StackError(
-            f"{self.name} exited with status {self.proc.returncode}; its log "
-            f"({self.log_path}) ends:\n{self.log_tail()}"
-        )
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM, then SIGKILL after `timeout`."""
-        if not self.alive():
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc.pid, signal.SIGTERM)
+    def _wait(self, timeout: float) -> bool:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
+            return False
+        return True
+
+
+class ForkedChild(ServiceChild):
+    """A service forked by the stack's fork server (services/launcher.py) from its
+    preloaded imports: `module.main(args)`. Followed through a pidfd (it is the server's
+    child, not ours); its exit status is the server's report."""
+
+    def __init__(
+        self,
+        name: str,
+        launcher: Launcher,
+        *,
+        module: str,
+        args: list[str],
+        env: dict[str, str],
+        log_path: Path,
+    ) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._launcher = launcher
+        title = "flotilla-" + name.split(maxsplit=1)[0]  # flotilla-api, flotilla-compute, …
+        self._pid = launcher.spawn(module, args, env, log_path, name=title)
+        self._pidfd: int | None
+        try:
+            self._pidfd = os.pidfd_open(self._pid)
+        except ProcessLookupError:
+            self._pidfd = None  # already ended (and reaped by the server)
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._launcher.status(self._pid)
+
+    def alive(self) -> bool:
+        return not self._wait(0)
+
+    def _wait(self, timeout: float) -> bool:
+        if self._pidfd is None:
+            return True
+        ended = bool(select.select([self._pidfd], [], [], timeout)[0])
+        if ended:
+            os.close(self._pidfd)
+            self._pidfd = None
+        return ended
 
 
 class Stack:
@@ -195,13 +283,20 @@ class Stack:
         port = config.listen_port or free_port()
         self.api_url = f"http://{config.listen_host}:{port}"
         self._port = port
-        self.api: Child | None = None
-        self.scheduler: Child | None = None
-        self.network: Child | None = None
+        self.api: ServiceChild | None = None
+        self.scheduler: ServiceChild | None = None
+        self.network: ServiceChild | None = None
         self.default_subnet: str | None = None
-        self.storage: Child | None = None
-        self.computes: dict[str, Child] = {}
+        self.storage: ServiceChild | None = None
+        self.computes: dict[str, ServiceChild] = {}
         self.computes_spec = config.computes or [ComputeSpec(socket.gethostname().split(".")[0])]
+        # What start() polls with, ten times a second: one HTTP client and one broker
+        # connection, kept. A new client per request builds a TLS context (~25 ms of CPU
+        # here, seconds in an emulated L1), a new connection per check a whole AMQP
+        # handshake; both took the CPU the starting services needed.
+        self._http: httpx.Client | None = None
+        self._launcher: Launcher | None = None
+        self._amqp: pika.BlockingConnection | None = None
 
     # Start
     def start(
@@ -263,6 +358,8 @@ class Stack:
         except BaseException:
             self.stop()
             raise
+        finally:
+            self._close_pollers()
         return self
 
     def _start_broker(self, timeout: float) -> None:
@@ -288,6 +385,31 @@ class Stack:
             env.pop(name, None)
         return env
 
+    def _spawn(
+        self,
+        name: str,
+        module: str,
+        args: list[str],
+        env: dict[str, str],
+        log_name: str | None = None,
+    ) -> ServiceChild:
+        """`python -m module args`, or (`preload`) the same forked from the stack's fork
+        server, which imported every service once."""
+        log_path = self.state_dir / "logs" / f"{log_name or name}.log"
+        if not self.config.preload:
+            return Child(name, [sys.executable, "-m", module, *args], env, log_path)
+        if self._launcher is None:
+            try:
+                self._launcher = Launcher(self._env(), self.state_dir / "logs" / "launcher.log")
+            except LauncherError as exc:
+                raise StackError(f"the fork server did not start: {exc}") from None
+        try:
+            return ForkedChild(
+                name, self._launcher, module=module, args=args, env=env, log_path=log_path
+            )
+        except LauncherError as exc:
+            raise StackError(f"{name} could not be started: {exc}") from None
+
     def _start_api(self) -> None:
         api_dir = self.state_dir / "api"
         settings: dict[str, Any] = {
@@ -307,12 +429,7 @@ class Stack:
             text += "\n" + _toml_table(f"api.quotas.{project}", quota)
         path = api_dir / "api.toml"
         write_private(path, text)  # tokens and the broker's credentials
-        self.api = Child(
-            "api",
-            [sys.executable, "-m", "services.api.main", "--config", str(path)],
-            self._env(),
-            self.state_dir / "logs" / "api.log",
-        )
+        self.api = self._spawn("api", "services.api.main", ["--config", str(path)], self._env())
 
     def _start_network(self) -> str:
         """Start the network service with the shared `default` NAT network; returns why its
@@ -334,23 +451,15 @@ class Stack:
         )
         path = network_dir / "network.toml"
         write_private(path, text)  # the broker's credentials
-        self.network = Child(
-            "network",
-            [sys.executable, "-m", "services.network.main", "--config", str(path)],
-            self._env(),
-            self.state_dir / "logs" / "network.log",
+        self.network = self._spawn(
+            "network", "services.network.main", ["--config", str(path)], self._env()
         )
         return f": {why}" if why else ""
 
     def _start_scheduler(self) -> None:
         env = self._env()
         env.update(self.config.scheduler_settings)
-        self.scheduler = Child(
-            "scheduler",
-            [sys.executable, "-m", "services.scheduler.main"],
-            env,
-            self.state_dir / "logs" / "scheduler.log",
-        )
+        self.scheduler = self._spawn("scheduler", "services.scheduler.main", [], env)
 
     def _start_storage(self) -> None:
         env = self._env()
@@ -360,20 +469,20 @@ class Stack:
         env["FLOTILLA_STORAGE_REPLICA"] = "up"
         env["FLOTILLA_STORAGE_DEFAULT_POOL"] = "default"
         env["FLOTILLA_STORAGE_AGENT_HOSTS"] = ",".join(s.host for s in self.computes_spec)
-        self.storage = Child(
-            "storage",
-            [sys.executable, "-m", "services.storage.main"],
-            env,
-            self.state_dir / "logs" / "storage.log",
-        )
+        self.storage = self._spawn("storage", "services.storage.main", [], env)
 
-    def _pools_known(self) -> bool:
-        try:
-            r = httpx.get(
-                f"{self.api_url}/v1/pools",
+    def _poller(self) -> httpx.Client:
+        if self._http is None:
+            self._http = httpx.Client(
+                base_url=self.api_url,
                 headers={"Authorization": f"Bearer {self.admin_token}"},
                 timeout=5,
             )
+        return self._http
+
+    def _pools_known(self) -> bool:
+        try:
+            r = self._poller().get("/v1/pools")
         except httpx.HTTPError:
             return False
         hosts = (
@@ -381,7 +490,7 @@ class Stack:
         )
         return all(spec.host in hosts for spec in self.computes_spec)
 
-    def start_compute(self, spec: ComputeSpec) -> Child:
+    def start_compute(self, spec: ComputeSpec) -> ServiceChild:
         """Start one compute node (also after start(), e.g. a second host in a test)."""
         state = self.state_dir / "compute" / spec.host
         state.mkdir(parents=True, exist_ok=True)
@@ -398,11 +507,12 @@ class Stack:
         settings.update(spec.settings)
         path = state / "compute.toml"
         write_private(path, _toml_table("compute", settings))  # the broker's credentials
-        child = Child(
+        child = self._spawn(
             f"compute {spec.host}",
-            [sys.executable, "-m", "compute_node.main", "--config", str(path)],
+            "compute_node.main",
+            ["--config", str(path)],
             self._env(),
-            self.state_dir / "logs" / f"compute-{spec.host}.log",
+            log_name=f"compute-{spec.host}",
         )
         self.computes[spec.host] = child
         return child
@@ -418,11 +528,7 @@ class Stack:
 
     def host_state(self, host: str) -> str | None:
         try:
-            r = httpx.get(
-                f"{self.api_url}/v1/hosts",
-                headers={"Authorization": f"Bearer {self.admin_token}"},
-                timeout=5,
-            )
+            r = self._poller().get("/v1/hosts")
         except httpx.HTTPError:
             return None
         if r.status_code != 200:
@@ -437,35 +543,57 @@ class Stack:
 
     def _api_ready(self) -> bool:
         try:
-            return httpx.get(f"{self.api_url}/healthz", timeout=2).status_code == 200
+            return self._poller().get("/healthz", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
     def _consumers(self, queue: str) -> int:
+        """The queue's consumer count (0 while it does not exist), on one kept connection;
+        a passive declare of a missing queue closes only its channel."""
+        if self._amqp is None or not self._amqp.is_open:
+            try:
+                self._amqp, _params = blocking_nodes(self.amqp_url, "flotilla-up").connect()
+            except Exception:
+                self._amqp = None
+                return 0
         try:
-            conn, _params = blocking_nodes(self.amqp_url, "flotilla-up").connect()
+            ch = self._amqp.channel()
         except Exception:
+            self._close_pollers()
             return 0
         try:
-            ch = conn.channel()
             ok = ch.queue_declare(queue, passive=True)
             return int(ok.method.consumer_count)
         except Exception:
             return 0
         finally:
             with contextlib.suppress(Exception):
+                if ch.is_open:
+                    ch.close()
+
+    def _close_pollers(self) -> None:
+        http, self._http = self._http, None
+        if http is not None:
+            http.close()
+        conn, self._amqp = self._amqp, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
                 conn.close()
 
     def _wait(
-        self, deadline: float, what: str, ready: Callable[[], bool], child: Child | None
+        self, deadline: float, what: str, ready: Callable[[], bool], child: ServiceChild | None
     ) -> None:
+        # Quick first looks, then one every POLL_MAX_S: a check costs the CPU the services
+        # are starting on (much of it on a one-vCPU host), and a long wait needs few.
+        interval = POLL_FIRST_S
         while not ready():
             if child is not None and not child.alive():
                 raise child.died()
             if time.monotonic() > deadline:
                 where = f"; see {child.log_path}:\n{child.log_tail()}" if child is not None else ""
                 raise StackError(f"timed out waiting for {what}{where}")
-            time.sleep(0.1)
+            time.sleep(interval)
+            interval = min(interval * 1.5, POLL_MAX_S)
 
     def _write_cli_state(self) -> None:
         path = self.state_dir / "cli.json"
@@ -479,11 +607,11 @@ class Stack:
         )
 
     # Health and stop
-    def children(self) -> list[Child]:
+    def children(self) -> list[ServiceChild]:
         found = [*self.computes.values(), self.storage, self.scheduler, self.network, self.api]
         return [c for c in found if c is not None]
 
-    def dead_child(self) -> Child | None:
+    def dead_child(self) -> ServiceChild | None:
         for child in self.children():
             if not child.alive():
                 return child
@@ -537,9 +665,13 @@ class Stack:
             self.network.stop()
         if self.api is not None:
             self.api.stop()
+        if self._launcher is not None:
+            self._launcher.close()
+            self._launcher = None
         if self.broker is not None:
             self.broker.stop()
             self.broker = None
+        self._close_pollers()
         with contextlib.suppress(OSError):
             state = read_cli_state(self.state_dir)
             if state.get("pid") == os.getpid():
