@@ -316,14 +316,6 @@ def _other_verbs(verb: Verb) -> None:
         default=argparse.SUPPRESS,
         help="seconds to wait for readiness (default 120)",
     )
-    p.add_argument(
-        "--heartbeat-interval",
-        type=positive_seconds,
-        default=1.0,
-        metavar="SECONDS",
-        help="how often the compute node reports to the services (default 1; a host is down "
-        "after 3 missed); longer costs the services less CPU when idle",
-    )
 
 
 def _broker_nodes(value: str) -> int:

@@ -95,7 +95,6 @@ def cmd_up(args: argparse.Namespace) -> int:
         driver=args.driver,
         keep_guests=args.keep_guests,
         broker_nodes=args.broker_nodes,
-        heartbeat_interval_s=args.heartbeat_interval,
     )
     stop = threading.Event()
 
