@@ -8,19 +8,19 @@ install:
 # test files (module fixtures stay shared) and its own private broker: most tests wait on
 # processes, brokers and guests rather than on the CPU, so two at a time halve the wall time
 # on 2 cores. The chaos suite is in, with its short default run (FLOTILLA_CHAOS_SECONDS=30).
-# Then the hwvirt tier, as one pytest run in one nested L1 under QEMU TCG on hosts without
-# vmx/svm (docs/testing.md): the Linux guests, their console, SMP, disks, NICs, DHCP,
-# save/restore and migration, 4-7 minutes, bounded by FLOTILLA_HWVIRT_TIMEOUT (an L1 whose
-# own kernel dies is started again within it). Left out: `hwvirt_stack`, the whole control
-# plane started in the L1 (6-7 minutes more; make test-hwvirt). Both runs always run; the first
-# failure's status is make's.
+# Then the hwvirt tier, in nested L1s under QEMU TCG on hosts without vmx/svm
+# (docs/testing.md): the Linux guests (their console, SMP, disks, NICs, DHCP, save/restore and
+# migration) in one L1 and the whole control plane started inside another (`hwvirt_stack`:
+# flotilla up, create, console, a volume), side by side, one per host CPU, bounded by
+# FLOTILLA_HWVIRT_TIMEOUT (an L1 whose own kernel dies is started again within it). Both runs
+# always run; the first failure's status is make's.
 TEST_WORKERS ?= 2
 FLOTILLA_HWVIRT_TIMEOUT ?= 1200
 test: install
 	@status=0; \
 	.venv/bin/pytest -m "not hwvirt" -n $(TEST_WORKERS) --dist loadfile || status=$$?; \
 	FLOTILLA_HWVIRT_TIMEOUT=$(FLOTILLA_HWVIRT_TIMEOUT) \
-		.venv/bin/pytest -m "hwvirt and not hwvirt_stack" || { rc=$$?; [ $$status -ne 0 ] || status=$$rc; }; \
+		.venv/bin/pytest -m hwvirt || { rc=$$?; [ $$status -ne 0 ] || status=$$rc; }; \
 	exit $$status
 
 # Only the broker-cluster tests (also part of `make test`).
@@ -33,9 +33,8 @@ FLOTILLA_CHAOS_SECONDS ?= 75
 test-chaos: install
 	FLOTILLA_CHAOS_SECONDS=$(FLOTILLA_CHAOS_SECONDS) .venv/bin/pytest -m chaos -s
 
-# The hwvirt tier (docs/testing.md): `make test-hwvirt` all of it, the control plane in the L1
-# included (30-60 minutes here); FLOTILLA_HWVIRT_MARKERS="hwvirt and not hwvirt_stack" for the
-# Linux guests alone (as `make test` runs them, 4-7 minutes).
+# The hwvirt tier alone (docs/testing.md), as `make test` runs it;
+# FLOTILLA_HWVIRT_MARKERS="hwvirt and not hwvirt_stack" for the Linux guests alone.
 FLOTILLA_HWVIRT_MARKERS ?= hwvirt
 test-hwvirt: install
 	.venv/bin/pytest -m "$(FLOTILLA_HWVIRT_MARKERS)"

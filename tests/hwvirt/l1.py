@@ -406,10 +406,14 @@ class _Watched:
 
 
 def _watch(
-    qemu: subprocess.Popen[bytes], run_dir: Path, follower: _Follower, deadline: float
+    qemu: subprocess.Popen[bytes],
+    run_dir: Path,
+    follower: _Follower,
+    deadline: float,
+    cancel: threading.Event | None = None,
 ) -> _Watched:
-    """Follow the L1 until QEMU ends, or end it: the deadline passed, or the L1's pulse
-    stopped (`L1_SILENT_S`)."""
+    """Follow the L1 until QEMU ends, or end it: the deadline passed, `cancel` was set, or
+    the L1's pulse stopped (`L1_SILENT_S`)."""
     status_file = run_dir / "status"
     pulse = run_dir / L1_PULSE_FILE
     silent_bound = float(os.environ.get(SILENT_ENV, L1_SILENT_S))
@@ -420,6 +424,10 @@ def _watch(
         now = time.monotonic()
         if finished_at is None and status_file.exists():
             finished_at = now
+        if cancel is not None and cancel.is_set():
+            watched.timed_out = finished_at is None
+            watched.stopped = f"{STOPPED_SIGN} its run was cancelled; ended by the harness"
+            return watched
         # A finished command whose L1 does not power off is not worth waiting long for.
         if now > deadline or (finished_at is not None and now > finished_at + 30):
             watched.timed_out = finished_at is None
@@ -545,6 +553,7 @@ def run_in_l1(
     cpus: int | None = None,
     broker: bool = False,
     retries: int = 0,
+    cancel: threading.Event | None = None,
 ) -> L1Result:
     """Runs `argv` in a fresh L1 and returns how it ended.
 
@@ -557,14 +566,22 @@ def run_in_l1(
     error. When the L1 dies under the command (`L1Result.l1_crashed`), the command runs
     again in a fresh L1, up to `retries` more times within the same `timeout` (`run_dir`
     emptied first); the result says how many died before it (`crashes`).
+    `cancel`, when set, ends the L1 as a timeout does (a run on another thread whose caller
+    was interrupted: only the main thread gets signals).
     """
     timeout = default_timeout() if timeout is None else timeout
     cpus = default_cpus() if cpus is None else cpus
     deadline = time.monotonic() + timeout
-    common: dict[str, Any] = {"cwd": cwd, "echo": echo, "memory_mib": memory_mib, "cpus": cpus}
+    common: dict[str, Any] = {
+        "cwd": cwd,
+        "echo": echo,
+        "memory_mib": memory_mib,
+        "cpus": cpus,
+        "cancel": cancel,
+    }
     crashes: list[str] = []
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_terminate_as_interrupt())
+        stack.enter_context(terminate_as_interrupt())
         forwards: tuple[int, ...] = ()
         amqp_url = None
         if broker:
@@ -581,7 +598,8 @@ def run_in_l1(
                 forwards=forwards,
                 amqp_url=amqp_url,
             )
-            if not result.l1_crashed or len(crashes) >= retries or remaining < 60:
+            cancelled = cancel is not None and cancel.is_set()
+            if not result.l1_crashed or len(crashes) >= retries or remaining < 60 or cancelled:
                 return dataclasses.replace(result, crashes=tuple(crashes))
             how = result.how_the_l1_died
             crashes.append(
@@ -598,7 +616,7 @@ def run_in_l1(
 
 
 @contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
+def terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM (a CI job's timeout, `timeout`, `kill`) ends the run as Ctrl-C does: through
     the `finally`s that end QEMU, virtiofsd and the broker by pid. By default it would end
     this process at once and leave them running."""
@@ -635,6 +653,7 @@ def _run(
     cpus: int,
     forwards: Sequence[int],
     amqp_url: str | None,
+    cancel: threading.Event | None = None,
 ) -> L1Result:
     ensure_tools()
     kernel, initrd = l1_images()
@@ -679,7 +698,7 @@ def _run(
                 stderr=log,
                 start_new_session=True,
             )
-        watched = _watch(qemu, run_dir, follower, started + timeout)
+        watched = _watch(qemu, run_dir, follower, started + timeout, cancel)
     finally:
         # A second Ctrl-C or SIGTERM (or `timeout` passing one on) must not cut this short
         # and leave QEMU running: they wait until both are gone.

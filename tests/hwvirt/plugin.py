@@ -10,9 +10,12 @@ starts nothing.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +29,16 @@ from tests.hwvirt.l1 import (
     LEAN_PLUGINS,
     L1Error,
     L1Result,
+    default_cpus,
     default_timeout,
     run_in_l1,
     runs_directly,
+    terminate_as_interrupt,
 )
 
 MARKER = "hwvirt"
+STACK_MARKER = "hwvirt_stack"
+PARALLEL_ENV = "FLOTILLA_HWVIRT_L1S"
 OUTPUT_TAIL_LINES = 60
 
 
@@ -76,7 +83,7 @@ def parse_junit(xml_text: str) -> dict[tuple[str, str], Outcome]:
 
 
 class L1Session:
-    """The one L1 run for all of a session's hwvirt items, started on first use."""
+    """One L1 run for a group of the session's hwvirt items."""
 
     def __init__(self, config: pytest.Config, nodeids: list[str], *, broker: bool) -> None:
         self.config = config
@@ -85,21 +92,10 @@ class L1Session:
         self.result: L1Result | None = None
         self.error: str | None = None
         self.outcomes: dict[tuple[str, str], Outcome] = {}
+        self.report: list[str] = []  # lines for the terminal once the run ended
 
-    def run(self) -> None:
-        if self.result is not None or self.error is not None:
-            return
-        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
-        capture = self.config.pluginmanager.get_plugin("capturemanager")
-
-        def say(line: str) -> None:  # to the terminal, past the item's output capture
-            if reporter is None or capture is None:
-                print(line)
-                return
-            with capture.global_and_fixture_disabled():
-                reporter.write_line(line)
-
-        say(f"\nhwvirt: running {len(self.nodeids)} test(s) in a nested L1 (QEMU TCG)")
+    def run(self, cancel: threading.Event | None = None) -> None:
+        """The run, on whichever thread; what it has to say goes to `report`."""
         try:
             timeout = default_timeout()
             with tempfile.TemporaryDirectory(prefix="flotilla-hwvirt-") as tmp:
@@ -124,31 +120,37 @@ class L1Session:
                     timeout=timeout,
                     broker=self.broker,
                     retries=L1_CRASH_RETRIES,
+                    cancel=cancel,
                 )
                 if junit.is_file():
                     self.outcomes = parse_junit(junit.read_text())
         except (L1Error, ET.ParseError) as exc:
             self.error = f"the hwvirt L1 could not run: {exc}"
-            say(f"hwvirt: {self.error}")
+            self.report.append(f"hwvirt: {self.error}")
+            return
+        except Exception as exc:  # a bug here must fail these tests, not hang the others
+            self.error = f"the hwvirt L1 run failed: {exc!r}"
+            self.report.append(f"hwvirt: {self.error}")
             return
         r = self.result
+        label = f"{len(self.nodeids)} test(s)"
         for n, crash in enumerate(r.crashes, 1):
-            say(f"hwvirt: run {n}: {crash}")
-        say(
-            f"hwvirt: L1 run {len(r.crashes) + 1} ended in {r.seconds:.0f} s, pytest status "
-            f"{r.status}" + (" (timed out)" if r.timed_out else "") + f"; its pulse's longest "
-            f"silence {r.longest_silence:.1f} s (the bound: {L1_SILENT_S:.0f} s)"
+            self.report.append(f"hwvirt: {label}, run {n}: {crash}")
+        self.report.append(
+            f"hwvirt: {label}: L1 run {len(r.crashes) + 1} ended in {r.seconds:.0f} s, pytest "
+            f"status {r.status}" + (" (timed out)" if r.timed_out else "") + f"; its pulse's "
+            f"longest silence {r.longest_silence:.1f} s (the bound: {L1_SILENT_S:.0f} s)"
         )
 
     def outcome(self, nodeid: str) -> Outcome:
-        self.run()
         if self.error is not None:
             return Outcome("failed", self.error, self.error)
         found = self.outcomes.get(junit_key(nodeid))
         if found is not None:
             return found
         r = self.result
-        assert r is not None
+        if r is None:
+            return Outcome("failed", "the L1 run never ended", "the L1 run never ended")
         why = "timed out" if r.timed_out else f"ended with status {r.status}"
         output = "\n".join(r.output.splitlines()[-OUTPUT_TAIL_LINES:])
         text = (
@@ -159,6 +161,93 @@ class L1Session:
         return Outcome("failed", f"no result from the L1 ({why})", text)
 
 
+def l1_groups(items: list[pytest.Item]) -> list[list[pytest.Item]]:
+    """The hwvirt items in the L1 runs they share: the control plane (`hwvirt_stack`, most
+    of its time spent starting services on the L1's one vCPU) apart from the Linux guests,
+    so the two can run side by side; each group in collection order."""
+    stack = [item for item in items if item.get_closest_marker(STACK_MARKER) is not None]
+    guests = [item for item in items if item.get_closest_marker(STACK_MARKER) is None]
+    return [group for group in (guests, stack) if group]
+
+
+def parallel_l1s() -> int:
+    """How many L1s run at once: one per host CPU their vCPUs take (FLOTILLA_HWVIRT_L1S
+    overrides; 1 runs them one after another)."""
+    raw = os.environ.get(PARALLEL_ENV)
+    if raw is not None:
+        if not raw.isdigit() or int(raw) < 1:
+            raise pytest.UsageError(f"{PARALLEL_ENV} must be a positive integer, not {raw!r}")
+        return int(raw)
+    return max(1, (os.cpu_count() or 1) // default_cpus())
+
+
+class L1Tier:
+    """The session's L1 runs, started together when the first hwvirt item runs: each on a
+    thread of its own, at most `parallel_l1s()` at a time. A Ctrl-C or SIGTERM cancels them
+    all, and returns once every QEMU, virtiofsd and broker they started has ended."""
+
+    def __init__(self, config: pytest.Config, sessions: list[L1Session]) -> None:
+        self.config = config
+        self.sessions = sessions
+        self.done = False
+
+    def _say(self, line: str) -> None:  # to the terminal, past the item's output capture
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        capture = self.config.pluginmanager.get_plugin("capturemanager")
+        if reporter is None or capture is None:
+            print(line)
+            return
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(line)
+
+    def run(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        width = min(parallel_l1s(), len(self.sessions))
+        tests = sum(len(s.nodeids) for s in self.sessions)
+        self._say(
+            f"\nhwvirt: running {tests} test(s) in {len(self.sessions)} nested L1 run(s) "
+            f"(QEMU TCG), {width} at a time"
+        )
+        cancel = threading.Event()
+        slots = threading.Semaphore(width)
+
+        def one(session: L1Session) -> None:
+            with slots:
+                if not cancel.is_set():
+                    session.run(cancel)
+
+        threads = [
+            threading.Thread(target=one, args=(s,), name=f"hwvirt-l1-{n}", daemon=True)
+            for n, s in enumerate(self.sessions)
+        ]
+        with terminate_as_interrupt():
+            try:
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    while thread.is_alive():
+                        thread.join(0.5)
+            except BaseException:
+                cancel.set()
+                # A second Ctrl-C must not leave an L1 running: wait for them all.
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+                try:
+                    for thread in threads:
+                        thread.join()
+                finally:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+                raise
+        for session in self.sessions:
+            for line in session.report:
+                self._say(line)
+
+    def outcome(self, session: L1Session, nodeid: str) -> Outcome:
+        self.run()
+        return session.outcome(nodeid)
+
+
 class HwvirtFailure(Exception):
     """A test failed in the L1; the message is the L1's report of it."""
 
@@ -166,16 +255,19 @@ class HwvirtFailure(Exception):
 class L1Item(pytest.Item):
     """Stands in on the host for a hwvirt test and reports its outcome from the L1."""
 
-    def __init__(self, *, original: pytest.Item, l1: L1Session, **kwargs: Any) -> None:
+    def __init__(
+        self, *, original: pytest.Item, tier: L1Tier, l1: L1Session, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.original = original
+        self.tier = tier
         self.l1 = l1
         self.own_markers.extend(original.own_markers)
         # Only the first item waits for the L1; let it.
         self.add_marker(pytest.mark.timeout(default_timeout() + 120))
 
     def runtest(self) -> None:
-        outcome = self.l1.outcome(self.original.nodeid)
+        outcome = self.tier.outcome(self.l1, self.original.nodeid)
         if outcome.kind == "skipped":
             pytest.skip(f"in the L1: {outcome.message}")
         if outcome.kind == "xfailed":
@@ -203,9 +295,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     hwvirt = [item for item in items if item.get_closest_marker(MARKER) is not None]
     if not hwvirt:
         return
-    # Tests that need a broker (marked integration) get one on the host, forwarded.
-    broker = any(item.get_closest_marker("integration") is not None for item in hwvirt)
-    l1 = L1Session(config, [item.nodeid for item in hwvirt], broker=broker)
+    session_of: dict[str, L1Session] = {}
+    sessions = []
+    for group in l1_groups(hwvirt):
+        # Tests that need a broker (marked integration) get one on the host, forwarded.
+        broker = any(item.get_closest_marker("integration") is not None for item in group)
+        session = L1Session(config, [item.nodeid for item in group], broker=broker)
+        sessions.append(session)
+        session_of.update((item.nodeid, session) for item in group)
+    tier = L1Tier(config, sessions)
     for i, item in enumerate(items):
         if item.get_closest_marker(MARKER) is not None and item.parent is not None:
-            items[i] = L1Item.from_parent(item.parent, name=item.name, original=item, l1=l1)
+            items[i] = L1Item.from_parent(
+                item.parent, name=item.name, original=item, tier=tier, l1=session_of[item.nodeid]
+            )

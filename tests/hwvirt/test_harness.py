@@ -178,3 +178,46 @@ def _processes_of(run_dir: Path) -> list[tuple[int, str]]:
             if name.endswith(("qemu-system-x86_64", "virtiofsd")):
                 found.append((int(proc.name), name))
     return found
+
+
+@pytest.mark.timeout(400)
+def test_sigterm_to_a_tier_of_two_l1s_side_by_side_ends_both(tmp_path: Path) -> None:
+    """The plugin's tier runs its groups (the Linux guests, the control plane) in L1s side
+    by side, on threads: a SIGTERM to pytest reaches only its main thread, which must end
+    both L1s' QEMU and virtiofsd before it goes."""
+    for name in ("a", "b"):
+        (tmp_path / f"test_{name}.py").write_text(
+            f"import time\n\n\ndef test_{name}():\n    time.sleep(200)\n"
+        )
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    script = (
+        "import sys, types; from pathlib import Path; "
+        "from tests.hwvirt.plugin import L1Session, L1Tier; "
+        "root = Path(sys.argv[1]); "
+        "config = types.SimpleNamespace(rootpath=root, "
+        "pluginmanager=types.SimpleNamespace(get_plugin=lambda name: None)); "
+        "sessions = [L1Session(config, [f'test_{n}.py'], broker=False) for n in 'ab']; "
+        "L1Tier(config, sessions).run()"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TMPDIR": str(tmp), "FLOTILLA_HWVIRT_L1S": "2"}
+    tier = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=repo, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while len(list(tmp.glob(f"flotilla-hwvirt-*/{L1_PULSE_FILE}"))) < 2:
+            assert tier.poll() is None, "the tier ended before both L1s ran"
+            assert time.monotonic() < deadline, "the two L1s never beat at once"
+            time.sleep(0.2)
+        assert len(_processes_of(tmp)) >= 4, "not two QEMUs and two virtiofsds"
+        tier.send_signal(signal.SIGTERM)
+        tier.wait(90)
+    finally:
+        if tier.poll() is None:
+            tier.kill()
+            tier.wait()
+    left = _processes_of(tmp)
+    for pid, _name in left:
+        os.kill(pid, signal.SIGKILL)  # the tier's, left behind: not for the next test
+    assert left == []
+    assert tier.returncode != 0  # interrupted, not passed

@@ -27,7 +27,7 @@ from tests.hwvirt.l1 import (
     qemu_argv,
     run_script,
 )
-from tests.hwvirt.plugin import junit_key, parse_junit
+from tests.hwvirt.plugin import PARALLEL_ENV, junit_key, l1_groups, parallel_l1s, parse_junit
 
 SAMPLE = """
 import pytest
@@ -298,3 +298,43 @@ def test_the_l1_reaches_the_host_broker_with_long_amqp_timeouts() -> None:
     params = pika.URLParameters(l1_amqp_url("amqp://u:p@127.0.0.1:5672/%2F"))
     assert (params.host, params.port, params.virtual_host) == (HOST_ALIAS, 5672, "/")
     assert (params.heartbeat, params.socket_timeout, params.stack_timeout) == (600, 120, 300)
+
+
+class _Item:
+    def __init__(self, name: str, *markers: str) -> None:
+        self.name = name
+        self.markers = markers
+
+    def get_closest_marker(self, name: str) -> object | None:
+        return name if name in self.markers else None
+
+
+def test_the_control_plane_runs_in_an_l1_apart_from_the_linux_guests() -> None:
+    items = [
+        _Item("a", "hwvirt"),
+        _Item("up1", "hwvirt", "hwvirt_stack"),
+        _Item("b", "hwvirt"),
+        _Item("up2", "hwvirt", "hwvirt_stack"),
+    ]
+    groups = l1_groups(items)  # type: ignore[arg-type]
+    assert [[i.name for i in g] for g in groups] == [["a", "b"], ["up1", "up2"]]
+    assert len(l1_groups(items[:1])) == 1  # type: ignore[arg-type]
+    assert len(l1_groups(items[1:2])) == 1  # type: ignore[arg-type]
+
+
+def test_how_many_l1s_run_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.delenv(PARALLEL_ENV, raising=False)
+    monkeypatch.delenv(CPUS_ENV, raising=False)
+    assert parallel_l1s() == 2  # one vCPU each on two CPUs
+    monkeypatch.setenv(CPUS_ENV, "2")
+    assert parallel_l1s() == 1
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    monkeypatch.delenv(CPUS_ENV)
+    assert parallel_l1s() == 1
+    monkeypatch.setenv(PARALLEL_ENV, "3")
+    assert parallel_l1s() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv(PARALLEL_ENV, bad)
+        with pytest.raises(pytest.UsageError, match=PARALLEL_ENV):
+            parallel_l1s()
