@@ -110,16 +110,23 @@ int fl_mig_fail(struct fl_migration *m, int e, const char *fmt, ...)
 
 /* ---- the socket: every wait checks cancel and the deadline ---- */
 
+int fl_mig_check(const struct fl_mig_link *l)
+{
+	if (l->cancellable && __atomic_load_n(&l->m->cancel, __ATOMIC_SEQ_CST))
+		return -ECANCELED;
+	if (fl_mig_now() >= l->deadline)
+		return -ETIMEDOUT;
+	return 0;
+}
+
 int fl_mig_wait(struct fl_mig_link *l, short events)
 {
 	for (;;) {
 		struct pollfd p = {.fd = l->fd, .events = events};
-		int n;
+		int n = fl_mig_check(l);
 
-		if (l->cancellable && __atomic_load_n(&l->m->cancel, __ATOMIC_SEQ_CST))
-			return -ECANCELED;
-		if (fl_mig_now() >= l->deadline)
-			return -ETIMEDOUT;
+		if (n < 0)
+			return n;
 		n = poll(&p, 1, POLL_MS);
 		if (n < 0 && errno != EINTR)
 			return -errno;

@@ -40,6 +40,10 @@ uint64_t fl_mig_deadline(uint64_t t0, uint64_t timeout_ns);
 int fl_mig_fail(struct fl_migration *m, int e, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 int fl_mig_nonblocking(int fd);
+/* -ECANCELED (cancelled, while cancellable), -ETIMEDOUT (past the deadline), else 0. Every
+ * wait checks it; so must every loop that may never wait, each batch or round: a peer that
+ * keeps up never fills (or empties) the socket, a pre-copy round may have nothing to send. */
+int fl_mig_check(const struct fl_mig_link *l);
 /* 0, -ECANCELED, -ETIMEDOUT, -ECONNRESET (peer closed) or -errno. */
 int fl_mig_wait(struct fl_mig_link *l, short events);
 int fl_mig_sendv(struct fl_mig_link *l, struct iovec *iov, int n);

@@ -342,6 +342,8 @@ static int send_bitmap(struct source *s, uint64_t *bm, int first_pass, int cappe
 		int rc = send_range(s, start, page - start, first_pass, capped);
 		if (rc == 0)
 			rc = target_spoke(s);
+		if (rc == 0)
+			rc = fl_mig_check(&s->l); /* sends that never wait see no deadline */
 		if (rc == 0 && capped && s->bytes - mark >= RECOLLECT_BYTES) {
 			mark = s->bytes;
 			rc = recollect(s, bm, page);
@@ -402,6 +404,8 @@ static int send_disks(struct source *s, int last, int capped, uint64_t t0)
 			s->copy.bytes += b.length;
 			s->copy.chunks += count;
 			rc = target_spoke(s);
+			if (rc == 0)
+				rc = fl_mig_check(&s->l);
 			if (rc == 0)
 				rc = source_check(s);
 			if (rc < 0)
@@ -480,6 +484,11 @@ static int precopy(struct source *s, struct throttle *t, struct plan *pl, uint64
 		uint64_t disk, dirty;
 		int shrinking;
 
+		/* A round may send nothing (the guest dirtied nothing): it never waits on the
+		 * socket, where the deadline and cancel are otherwise seen. */
+		rc = fl_mig_check(&s->l);
+		if (rc < 0)
+			return rc;
 		s->work = s->dirty;
 		s->dirty = tmp;
 		memset(s->dirty, 0, s->words * 8);

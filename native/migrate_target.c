@@ -266,6 +266,10 @@ static int target_stream(struct target *t, struct fl_migrate_result *res)
 	int rc;
 
 	for (;;) {
+		/* A stream that always has the next record queued never waits for it. */
+		rc = fl_mig_check(&t->l);
+		if (rc < 0)
+			return rc;
 		rc = fl_mig_recv_stamped(&t->l, &h, sizeof(h), &arrived);
 		if (rc < 0)
 			return rc;

@@ -485,28 +485,35 @@ def test_progress_counts_the_disk_beside_the_ram(
 ) -> None:
     """A guest rewriting 1 MiB of its disk against a budget nothing meets: each round finds
     chunks written since, and the remaining bytes (what the pause is predicted from) count
-    them beside the dirty pages; at the timeout the source runs on."""
+    them beside the dirty pages; at the timeout the source runs on. A round that found
+    chunks is followed at once by one that sends them: a sample catches the figures between
+    the two only now and then (a few times a second), so the progress is sampled often, and
+    an attempt whose samples all missed is made again."""
     source_disk = sparse(tmp_path / "source.img", 16 * MIB)
     target_disk = sparse(tmp_path / "target.img", 16 * MIB)
     g = disk_boot("blkinfo blkloop=0,2048,100000", source_disk)
     g.console.wait_for(r"BLK loop pass=5\b", 30)
-    inc = incoming(target_disk)
     seen: list[migration.MigrationProgress] = []
-    with pytest.raises(migration.MigrationError, match="timed out"):
-        migration.migrate(
-            g.machine,
-            inc.listener.address,
-            inc.token,
-            copy_disks=[0],
-            max_downtime_ms=0.001,
-            auto_converge=False,
-            timeout=1.5,
-            progress=seen.append,
-            progress_interval=0.02,
-        )
-    inc.join()
+    for _attempt in range(3):
+        inc = incoming(target_disk)
+        with pytest.raises(migration.MigrationError, match="timed out"):
+            migration.migrate(
+                g.machine,
+                inc.listener.address,
+                inc.token,
+                copy_disks=[0],
+                max_downtime_ms=0.001,
+                auto_converge=False,
+                timeout=1.5,
+                progress=seen.append,
+                progress_interval=0.002,
+            )
+        inc.join()
+        assert g.machine.state() is native.MachineState.RUNNING
+        if any(p.disk_remaining_bytes for p in seen):
+            break
     dirty = [p for p in seen if p.disk_remaining_bytes]
-    assert dirty, seen
+    assert dirty, seen[-5:]
     assert all(p.remaining_bytes >= p.disk_remaining_bytes for p in dirty)
     assert all(p.predicted_ms > 0 for p in dirty)
     assert g.machine.state() is native.MachineState.RUNNING

@@ -400,6 +400,42 @@ def test_a_timeout_resumes_the_source(
     _fails_cleanly(g, base, digest, target, exc.value)
 
 
+@pytest.mark.parametrize("end", ["timeout", "cancel"])
+def test_a_precopy_that_never_waits_still_meets_its_timeout_and_its_cancel(
+    boot: Callable[..., Booted], test_guest: Path, targets: Callable[[str], Target], end: str
+) -> None:
+    """A guest that dirties next to nothing and a budget no pause fits: each pre-copy round
+    sends a few pages or none, the socket never fills and no send ever waits. The deadline
+    and a cancel are still seen within a round, not at the next send that happens to wait
+    (there may be none)."""
+    g, base, digest = start_guest(boot, test_guest, "counter")
+    token = migration.new_token()
+    target = targets(token)
+    control = migration.Migration(max_downtime_ms=0.001)
+    t = time.monotonic()
+
+    def cancel_late(_p: migration.MigrationProgress) -> None:
+        if end == "cancel" and time.monotonic() - t >= 1.0:
+            control.cancel()
+
+    with pytest.raises(migration.MigrationError, match=end.replace("timeout", "timed out")) as exc:
+        migration.migrate(
+            g.machine,
+            target.address,
+            token,
+            control=control,
+            auto_converge=False,
+            timeout=1.0 if end == "timeout" else 60.0,
+            progress=cancel_late,
+            progress_interval=0.02,
+        )
+    # Before, it ran on until the target gave up (30 s), however idle the host.
+    assert time.monotonic() - t < 10.0
+    assert exc.value.result is not None
+    assert exc.value.result.iterations > 2  # it kept trying
+    _fails_cleanly(g, base, digest, target, exc.value)
+
+
 def test_budget_and_bandwidth_change_while_running(
     boot: Callable[..., Booted], test_guest: Path, targets: Callable[[str], Target]
 ) -> None:
