@@ -45,6 +45,14 @@ from services.cli import default_network
 from services.files import write_private
 from services.launcher import Launcher, LauncherError
 
+# What ps and top show for a forked service (a comm holds 15 bytes).
+PROCESS_NAMES = {
+    "api": "flotilla-api",
+    "network": "flotilla-net",
+    "scheduler": "flotilla-sched",
+    "storage": "flotilla-store",
+    "compute": "flotilla-comp",
+}
 POLL_FIRST_S = 0.05
 POLL_MAX_S = 0.25
 
@@ -241,7 +249,8 @@ class ForkedChild(ServiceChild):
         self.name = name
         self.log_path = log_path
         self._launcher = launcher
-        title = "flotilla-" + name.split(maxsplit=1)[0]  # flotilla-api, flotilla-compute, …
+        kind = name.split(maxsplit=1)[0]  # "compute <host>": compute
+        title = PROCESS_NAMES.get(kind, f"flotilla-{kind}")
         self._pid = launcher.spawn(module, args, env, log_path, name=title)
         self._pidfd: int | None
         try:
