@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -189,8 +191,9 @@ def test_sigterm_to_a_tier_of_two_l1s_side_by_side_ends_both(tmp_path: Path) -> 
         (tmp_path / f"test_{name}.py").write_text(
             f"import time\n\n\ndef test_{name}():\n    time.sleep(200)\n"
         )
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
+    # A short TMPDIR: the run dirs' sockets must fit a unix socket's 108 bytes, which
+    # tmp_path under pytest-xdist (…/popen-gw0/test_sigterm_to_a_tier_…) does not leave.
+    tmp = Path(tempfile.mkdtemp(prefix="fl-tier-", dir="/tmp"))
     script = (
         "import sys, types; from pathlib import Path; "
         "from tests.hwvirt.plugin import L1Session, L1Tier; "
@@ -216,8 +219,9 @@ def test_sigterm_to_a_tier_of_two_l1s_side_by_side_ends_both(tmp_path: Path) -> 
         if tier.poll() is None:
             tier.kill()
             tier.wait()
-    left = _processes_of(tmp)
-    for pid, _name in left:
-        os.kill(pid, signal.SIGKILL)  # the tier's, left behind: not for the next test
+        left = _processes_of(tmp)
+        for pid, _name in left:
+            os.kill(pid, signal.SIGKILL)  # the tier's, left behind: not for the next test
+        shutil.rmtree(tmp, ignore_errors=True)
     assert left == []
     assert tier.returncode != 0  # interrupted, not passed
