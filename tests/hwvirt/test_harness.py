@@ -145,23 +145,32 @@ def test_sigterm_to_the_harness_leaves_no_qemu_or_virtiofsd_running(tmp_path: Pa
     )
     repo = Path(__file__).resolve().parents[2]
     harness = subprocess.Popen([sys.executable, "-c", script, str(run_dir)], cwd=repo)
-    try:
-        deadline = time.monotonic() + 120
-        while not (run_dir / L1_PULSE_FILE).exists():
-            assert harness.poll() is None, "the harness ended before its L1 ran"
-            assert time.monotonic() < deadline, "the L1 never beat"
-            time.sleep(0.2)
-        assert _processes_of(run_dir), "no QEMU or virtiofsd found for the run"
-        harness.send_signal(signal.SIGTERM)
-        harness.wait(60)
-    finally:
-        if harness.poll() is None:
-            harness.kill()
-            harness.wait()
-    left = _processes_of(run_dir)
-    for pid, _name in left:
-        os.kill(pid, signal.SIGKILL)  # the harness's, left behind: not for the next test
+    left = _sigterm_once_beating(harness, run_dir, l1s=1, bound=120, wait=60)
     assert left == []
+
+
+def _sigterm_once_beating(
+    proc: subprocess.Popen[bytes], where: Path, *, l1s: int, bound: float, wait: float
+) -> list[tuple[int, str]]:
+    """Once `l1s` L1s under `where` beat (within `bound` s), SIGTERM to `proc`, which has
+    `wait` s to end; returns the QEMUs and virtiofsds it left (killed here, by pid)."""
+    try:
+        deadline = time.monotonic() + bound
+        while len(list(where.glob(f"**/{L1_PULSE_FILE}"))) < l1s:
+            assert proc.poll() is None, "it ended before its L1s ran"
+            assert time.monotonic() < deadline, f"{l1s} L1(s) never beat at once"
+            time.sleep(0.2)
+        assert len(_processes_of(where)) >= 2 * l1s, "not a QEMU and a virtiofsd per L1"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(wait)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        left = _processes_of(where)
+        for pid, _name in left:
+            os.kill(pid, signal.SIGKILL)  # left behind: not for the next test
+    return left
 
 
 def _processes_of(run_dir: Path) -> list[tuple[int, str]]:
@@ -207,21 +216,8 @@ def test_sigterm_to_a_tier_of_two_l1s_side_by_side_ends_both(tmp_path: Path) -> 
     env = {**os.environ, "TMPDIR": str(tmp), "FLOTILLA_HWVIRT_L1S": "2"}
     tier = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=repo, env=env)
     try:
-        deadline = time.monotonic() + 180
-        while len(list(tmp.glob(f"flotilla-hwvirt-*/{L1_PULSE_FILE}"))) < 2:
-            assert tier.poll() is None, "the tier ended before both L1s ran"
-            assert time.monotonic() < deadline, "the two L1s never beat at once"
-            time.sleep(0.2)
-        assert len(_processes_of(tmp)) >= 4, "not two QEMUs and two virtiofsds"
-        tier.send_signal(signal.SIGTERM)
-        tier.wait(90)
+        left = _sigterm_once_beating(tier, tmp, l1s=2, bound=180, wait=90)
     finally:
-        if tier.poll() is None:
-            tier.kill()
-            tier.wait()
-        left = _processes_of(tmp)
-        for pid, _name in left:
-            os.kill(pid, signal.SIGKILL)  # the tier's, left behind: not for the next test
         shutil.rmtree(tmp, ignore_errors=True)
     assert left == []
     assert tier.returncode != 0  # interrupted, not passed
