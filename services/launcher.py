@@ -103,7 +103,9 @@ def _child(req: Request) -> int:
     os.setsid()
     _set_name(req.name)
     signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+    # As a fresh interpreter has them: SIGINT raises KeyboardInterrupt, the rest default.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGTERM, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     log_fd = os.open(req.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     null_fd = os.open(os.devnull, os.O_RDONLY)

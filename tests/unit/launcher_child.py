@@ -26,6 +26,7 @@ def main(argv: list[str]) -> int:
                 "stdin": str(Path("/proc/self/fd/0").readlink()),
                 "comm": Path("/proc/self/comm").read_text().strip(),
                 "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
+                "sigint_python": signal.getsignal(signal.SIGINT) == signal.default_int_handler,
             }
         )
     )

@@ -63,6 +63,7 @@ def test_a_child_runs_main_with_its_argv_env_cwd_log_and_session(
     assert got["stdin"] == "/dev/null"
     assert got["comm"] == "flotilla-test"
     assert got["sigterm_default"]
+    assert got["sigint_python"]  # not the server's SIG_IGN: as `python -m` would have it
     # 0-2, and the one fd listing /proc/self/fd: none of the server's pipes or epoll.
     assert len(got["fds"]) == 4, got["fds"]
     assert got["fds"][:3] == [0, 1, 2]
