@@ -2,10 +2,11 @@
 
 Inside the L1 (FLOTILLA_HWVIRT_L1=1) and on hosts with vmx/svm it does nothing: the tests run
 as usual. Elsewhere every selected `hwvirt` item is replaced by a stand-in that reports the
-outcome of the real test from ONE pytest run in ONE nested L1 (tests/hwvirt/l1.py), started
-when the first of them is reached: passed, skipped (with the L1's reason), failed or errored
-(with the L1's failure text and captured output). `-m "not hwvirt"` deselects the tier and
-starts nothing.
+outcome of the real test from the pytest run of its group in a nested L1 (tests/hwvirt/l1.py):
+the Linux guests in one, the control plane (`hwvirt_stack`) in another, the L1s side by side
+(one per host CPU), all started when the first item is reached: passed, skipped (with the
+L1's reason), failed or errored (with the L1's failure text and captured output).
+`-m "not hwvirt"` deselects the tier and starts nothing.
 """
 
 from __future__ import annotations
