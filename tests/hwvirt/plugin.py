@@ -3,9 +3,9 @@
 Inside the L1 (FLOTILLA_HWVIRT_L1=1) and on hosts with vmx/svm it does nothing: the tests run
 as usual. Elsewhere every selected `hwvirt` item is replaced by a stand-in that reports the
 outcome of the real test from the pytest run of its group in a nested L1 (tests/hwvirt/l1.py):
-the Linux guests in one, the control plane (`hwvirt_stack`) in another, the L1s side by side
-(one per host CPU), all started when the first item is reached: passed, skipped (with the
-L1's reason), failed or errored (with the L1's failure text and captured output).
+the Linux guests in one, the control plane (`hwvirt_stack`) in another (FLOTILLA_HWVIRT_L1S
+at a time, one by default), started when the first item is reached: passed, skipped (with
+the L1's reason), failed or errored (with the L1's failure text and captured output).
 `-m "not hwvirt"` deselects the tier and starts nothing.
 """
 
@@ -30,7 +30,6 @@ from tests.hwvirt.l1 import (
     LEAN_PLUGINS,
     L1Error,
     L1Result,
-    default_cpus,
     default_timeout,
     run_in_l1,
     runs_directly,
@@ -172,14 +171,15 @@ def l1_groups(items: list[pytest.Item]) -> list[list[pytest.Item]]:
 
 
 def parallel_l1s() -> int:
-    """How many L1s run at once: one per host CPU their vCPUs take (FLOTILLA_HWVIRT_L1S
-    overrides; 1 runs them one after another)."""
-    raw = os.environ.get(PARALLEL_ENV)
-    if raw is not None:
-        if not raw.isdigit() or int(raw) < 1:
-            raise pytest.UsageError(f"{PARALLEL_ENV} must be a positive integer, not {raw!r}")
-        return int(raw)
-    return max(1, (os.cpu_count() or 1) // default_cpus())
+    """How many L1s run at once: one by default, the groups one after the other
+    (FLOTILLA_HWVIRT_L1S=2 runs them side by side). Side by side on a 2-core host the tier
+    took 3.6-5.5 minutes where one after the other takes ~8, but the Linux guests' fleet
+    stood still in two of three clean-clone CI runs so (its 4-vCPU guest silent, every vCPU
+    halted: docs/testing.md), and in none of the runs with one L1 at a time before."""
+    raw = os.environ.get(PARALLEL_ENV, "1")
+    if not raw.isdigit() or int(raw) < 1:
+        raise pytest.UsageError(f"{PARALLEL_ENV} must be a positive integer, not {raw!r}")
+    return int(raw)
 
 
 class L1Tier:
@@ -213,30 +213,43 @@ class L1Tier:
         )
         cancel = threading.Event()
         slots = threading.Semaphore(width)
+        # Each run's own "ended", not Thread.join: a join that a KeyboardInterrupt (a
+        # SIGTERM, here) cuts short may mark a live thread stopped (CPython 3.11's
+        # _wait_for_tstate_lock releases the lock the thread holds), and every later join
+        # then returns at once, while its L1 still runs.
+        runs: list[tuple[threading.Thread, threading.Event]] = []
 
-        def one(session: L1Session) -> None:
-            with slots:
-                if not cancel.is_set():
-                    session.run(cancel)
+        def one(session: L1Session, done: threading.Event) -> None:
+            try:
+                with slots:
+                    if not cancel.is_set():
+                        session.run(cancel)
+            finally:
+                done.set()
 
-        threads = [
-            threading.Thread(target=one, args=(s,), name=f"hwvirt-l1-{n}", daemon=True)
-            for n, s in enumerate(self.sessions)
-        ]
+        for n, session in enumerate(self.sessions):
+            done = threading.Event()
+            thread = threading.Thread(
+                target=one, args=(session, done), name=f"hwvirt-l1-{n}", daemon=True
+            )
+            runs.append((thread, done))
         with terminate_as_interrupt():
             try:
-                for thread in threads:
+                for thread, _ in runs:
                     thread.start()
-                for thread in threads:
-                    while thread.is_alive():
-                        thread.join(0.5)
+                for _, done in runs:
+                    while not done.wait(0.5):
+                        pass
             except BaseException:
                 cancel.set()
                 # A second Ctrl-C must not leave an L1 running: wait for them all.
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
                 try:
-                    for thread in threads:
-                        thread.join()
+                    for thread, done in runs:
+                        # Not yet in `one` (never started, or only now starting): the
+                        # cancel keeps it off its L1.
+                        while not done.wait(0.5) and thread.is_alive():
+                            pass
                 finally:
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
                 raise
