@@ -35,6 +35,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -142,6 +143,9 @@ def _fork(req: Request) -> int:
         code = 1
         try:
             code = _child(req)
+            # As an interpreter's exit would: wait for the service's non-daemon threads (as
+            # multiprocessing's forked children do), then flush.
+            threading._shutdown()  # type: ignore[attr-defined]
         except BaseException:
             traceback.print_exc()
         finally:

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +35,13 @@ def main(argv: list[str]) -> int:
     print("to stderr", file=sys.stderr, flush=True)
     if action == "sleep":
         time.sleep(60)
+    if action == "thread":
+        # A non-daemon thread still working when main returns: the exit waits for it.
+        def late() -> None:
+            time.sleep(0.3)
+            (report.parent / "late").write_text("done")
+
+        threading.Thread(target=late).start()
     if action == "raise":
         raise RuntimeError("the child's own error")
     if action == "exit":

@@ -85,6 +85,14 @@ def test_exit_statuses_as_the_server_reports_them(launcher: Launcher, tmp_path: 
     assert "the child's own error" in (tmp_path / "x.log").read_text()
 
 
+def test_a_child_ends_as_an_interpreter_does_its_threads_first(
+    launcher: Launcher, tmp_path: Path
+) -> None:
+    pid = launcher.spawn(CHILD, [str(tmp_path / "r.json"), "thread", "5"], {}, tmp_path / "x.log")
+    assert _status(launcher, pid) == 5
+    assert (tmp_path / "late").read_text() == "done"
+
+
 def test_a_bad_request_is_refused_and_the_server_serves_on(
     launcher: Launcher, tmp_path: Path
 ) -> None:
