@@ -177,7 +177,7 @@ class Deployment:
 
     def start(self) -> None:
         from services.broker import free_port
-        from services.cli.stack import Child
+        from services.cli.children import Child
         from services.files import write_private
 
         t0 = time.monotonic()

@@ -6,16 +6,20 @@ here against ~3.6 s apart, and ~20x that on an emulated CPU).
     python -m services.launcher           # read requests on stdin, answer on stdout
 
 Requests and answers are JSON lines. A request names a module with a `main(argv)`, its argv,
-its whole environment, its working directory and its log file:
+its whole environment, its working directory, its log file and its process name:
 
-    {"module": "services.api.main", "argv": [...], "env": {...}, "cwd": "/", "log": "/x.log"}
+    {"module": "services.api.main", "argv": [...], "env": {...}, "cwd": "/", "log": "/x.log",
+     "name": "flotilla-api"}
 
-and is answered `{"pid": N}`, or `{"error": "..."}` when the fork failed. When a child ends the
-server writes `{"exited": N, "status": S}` (S: its exit code, or -signal). Each child starts a
-session of its own (a Ctrl-C on the terminal reaches only `flotilla up`), with the
-environment it was given, stdin from /dev/null, stdout and stderr to its log, default signal
-dispositions, and none of the server's descriptors; then runs `main(argv)` and exits with
-its result.
+and is answered `{"pid": N}`, or `{"error": "..."}` when it was refused or the fork failed.
+When a child ends the server writes `{"exited": N, "status": S}` (S: its exit code, or
+-signal). Answers go to the descriptor that was stdout when the server started; its own
+stdout is its stderr from then on, so nothing an import prints can break the protocol. Each
+child starts a session of its own (a Ctrl-C on the terminal reaches only `flotilla up`),
+with the environment it was given, stdin from /dev/null, stdout and stderr to its log, a
+fresh interpreter's signal dispositions, its name as comm, and none of the server's
+descriptors; then runs `main(argv)` and exits with its result once its non-daemon threads
+ended, as an interpreter's exit would.
 
 The server imports, and never starts a thread, a connection or an event loop itself: a fork
 copies no lock held by another thread. It ends when its stdin closes (its children run on,
@@ -303,15 +307,17 @@ class Launcher:
         cwd: str = "/",
         name: str | None = None,
     ) -> int:
-        """Forks a child running `module.main(argv)`; returns its pid."""
-        request = {
+        """Forks a child running `module.main(argv)`; returns its pid. `name`: its comm (the
+        server's default: the module's package)."""
+        request: dict[str, Any] = {
             "module": module,
             "argv": argv,
             "env": env,
             "cwd": cwd,
             "log": str(log_path),
-            "name": name or module.rsplit(".", 1)[0],
         }
+        if name is not None:
+            request["name"] = name
         assert self.proc.stdin is not None
         try:
             self.proc.stdin.write(json.dumps(request).encode() + b"\n")
@@ -347,7 +353,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="modules to import before serving, comma-separated (default: every service)",
     )
     args = parser.parse_args(argv)
-    serve(sys.stdin.fileno(), sys.stdout, [m for m in args.preload.split(",") if m])
+    # The answers get stdout's pipe to themselves; print() and the like go to stderr.
+    sys.stdout.flush()
+    answers = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.set_inheritable(answers.fileno(), False)
+    os.dup2(2, 1)
+    serve(sys.stdin.fileno(), answers, [m for m in args.preload.split(",") if m])
     return 0
 
 

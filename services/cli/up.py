@@ -22,12 +22,12 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+from services.cli.children import StackError
 from services.cli.client import Exit
 from services.cli.stack import (
     ComputeSpec,
     Stack,
     StackConfig,
-    StackError,
     default_state_dir,
     read_cli_state,
 )

@@ -24,7 +24,7 @@ import httpx
 from protos import routing
 from services.broker import PrivateCluster, free_port
 from services.bus.nodes import blocking_nodes
-from services.cli.stack import Child
+from services.cli.children import Child
 from services.files import write_private
 
 ADMIN_TOKEN = "chaos-admin-token"

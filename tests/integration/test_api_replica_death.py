@@ -41,7 +41,7 @@ from protos.commands import Command, DefineDomain, StartDomain
 from protos.domain import DomainSpec, PowerState
 from services.api.orphans import GRACE_S
 from services.broker import free_port
-from services.cli.stack import Child
+from services.cli.children import Child
 from services.files import write_private
 from services.scheduler import Scheduler, SchedulerConfig
 from tests.bootfiles import BOOT_DIR, KERNEL

@@ -93,6 +93,18 @@ def test_a_child_ends_as_an_interpreter_does_its_threads_first(
     assert (tmp_path / "late").read_text() == "done"
 
 
+def test_what_an_import_prints_does_not_break_the_answers(tmp_path: Path) -> None:
+    server = Launcher(
+        dict(os.environ), tmp_path / "launcher.log", preload=["tests.unit.launcher_noisy", CHILD]
+    )
+    try:
+        pid = server.spawn(CHILD, [str(tmp_path / "r.json"), "return"], {}, tmp_path / "x.log")
+        assert _status(server, pid) == 0
+    finally:
+        server.close()
+    assert "a word on stdout at import" in (tmp_path / "launcher.log").read_text()
+
+
 def test_a_bad_request_is_refused_and_the_server_serves_on(
     launcher: Launcher, tmp_path: Path
 ) -> None:
