@@ -8,6 +8,8 @@ node.stop()                          # guests keep running; a new node re-adopts
 
 from __future__ import annotations
 
+from uuid import UUID
+
 import structlog
 
 from compute_node.boot_sources import BootSources
@@ -166,12 +168,15 @@ class ComputeNode:
             self.remote_ports = RemotePorts(self.bus, self.config.host, self.networks).start()
         self.transfers.start()
         self.lifecycle.storage_steps.start()  # catalog steps left from before a restart
+        # Autostart is for what was defined before this start (as libvirtd's): listed
+        # before commands are served, so a domain defined meanwhile is not started.
+        autostart = self.autostart_candidates()
         self.storage_runner.start()
         self.runner.start()
         self.heartbeat.start()
         if self.relay is not None:
             self.relay.start()
-        self.autostart()
+        self.autostart(autostart)
         log.info(
             "compute node serving",
             host=self.config.host,
@@ -220,16 +225,29 @@ class ComputeNode:
                 continue
             log.info("adopted", domain_id=str(record.id), state=runtime.state.value)
 
-    def autostart(self) -> None:
-        """Start the shut-off domains marked autostart, as a `start` command would (same
-        lock, transition check and capacity claim); one that cannot start is logged."""
-        for record in self.store.all():
-            if record.spec.autostart and record.state is PowerState.SHUTOFF:
-                try:
-                    self.lifecycle.start_domain(record.id)
-                    log.info("autostarted", domain_id=str(record.id), name=record.spec.name)
-                except Exception as exc:
-                    log.warning("autostart failed", domain_id=str(record.id), error=str(exc))
+    def autostart_candidates(self) -> list[UUID]:
+        """The shut-off domains marked autostart, now."""
+        return [
+            record.id
+            for record in self.store.all()
+            if record.spec.autostart and record.state is PowerState.SHUTOFF
+        ]
+
+    def autostart(self, domain_ids: list[UUID]) -> None:
+        """Start these domains, as a `start` command would (same lock, transition check
+        and capacity claim); one that cannot start is logged, one no longer shut off or
+        no longer marked autostart (a command came first) is left alone."""
+        for domain_id in domain_ids:
+            record = self.store.get(domain_id)
+            if record is None or not record.spec.autostart:
+                continue
+            if record.state is not PowerState.SHUTOFF:
+                continue
+            try:
+                self.lifecycle.start_domain(domain_id)
+                log.info("autostarted", domain_id=str(domain_id), name=record.spec.name)
+            except Exception as exc:
+                log.warning("autostart failed", domain_id=str(domain_id), error=str(exc))
 
     def stop(self) -> None:
         if self.relay is not None:
