@@ -763,6 +763,16 @@ class Machine:
             )
         return out
 
+    def describe_devices(self) -> str:
+        """The IOAPIC's lines and live entries, the UART's registers and every virtio
+        queue's indexes (ours and the guest's) as text: where an interrupt or a
+        notification went missing in a guest that stands still. Paused or running."""
+        size = 16384
+        buf = self._ffi.new("char[]", size)
+        n = int(self._lib.fl_vm_describe(self._handle(), buf, size))
+        self._call(n)
+        return bytes(self._ffi.buffer(buf, n)).decode(errors="replace")
+
     def save_device(self, slot: int) -> bytes:
         """Virtio slot `slot`'s transport and queue state as an opaque blob (magic, version,
         checksum). Only while paused (MachineStateError otherwise)."""

@@ -14,6 +14,10 @@ on tap interface NAME, opened or created here but configured by the caller; repe
 --restore DIR (run on from a snapshot that `Machine.save` wrote to DIR instead of booting a
 kernel: --kernel, --initrd, --cmdline, --memory and --vcpus do not apply; give the same
 --disk/--tap devices as when it was saved).
+
+SIGUSR1 prints where the guest stands to stderr, as QEMU's monitor would: every vCPU (run
+state, rip, local APIC: pending and in-service vectors, timer) and the IOAPIC, UART and virtio
+queues (native/vcpu_dump.py, Machine.describe_devices); the guest runs on.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ def exit_status(event: Event) -> int:
     return EXIT_INTERNAL_ERROR
 
 
-class StopFlag:
+class Flag:
     """Set from a signal handler or the input thread, polled by the main loop."""
 
     def __init__(self) -> None:
@@ -75,6 +79,27 @@ class StopFlag:
 
     def is_set(self) -> bool:
         return self._set
+
+    def clear(self) -> None:
+        self._set = False
+
+
+def dump(machine: Machine) -> str:
+    """Every vCPU (paused for a moment to read them) and the devices' interrupt state."""
+    from native.vcpu_dump import describe_vcpu  # noqa: PLC0415 - only a dump needs it
+
+    lines = []
+    try:
+        machine.pause()
+    except VmmError as exc:
+        lines.append(f"cannot pause it: {exc}")
+    else:
+        try:
+            lines += [describe_vcpu(i, machine.save_vcpu(i)) for i in range(machine.vcpus)]
+        finally:
+            machine.resume()
+    lines.append(machine.describe_devices().rstrip("\n"))
+    return "\n".join(lines)
 
 
 class UsageError(Exception):
@@ -175,7 +200,7 @@ class RawTerminal:
 class InputRelay:
     """Copies terminal input to the guest; Ctrl-] ends the session."""
 
-    def __init__(self, stop: StopFlag) -> None:
+    def __init__(self, stop: Flag) -> None:
         import threading  # noqa: PLC0415 - only a terminal session needs a thread
 
         self.read_fd, self._write_fd = os.pipe()
@@ -208,15 +233,21 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"native.run: {exc} (see --help)", file=sys.stderr)
         return EXIT_USAGE
-    stop = StopFlag()
+    stop = Flag()
     interactive = os.isatty(0)
     relay = InputRelay(stop) if interactive else None
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:
         stop.set()
 
+    dump_asked = Flag()
+
+    def on_dump(_signum: int, _frame: FrameType | None) -> None:
+        dump_asked.set()
+
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGUSR1, on_dump)
     tap_fds: list[int] = []
     try:
         for name in args.taps:
@@ -253,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     with machine, RawTerminal(0, interactive):
         machine.start()
         while not stop.is_set():
+            if dump_asked.is_set():
+                dump_asked.clear()
+                print(f"\nnative.run: where the guest stands\n{dump(machine)}", file=sys.stderr)
             event = machine.wait_event(0.2)
             if event is None:
                 continue

@@ -158,12 +158,15 @@ def stalled_fleet(
     console4: Console,
     pids: list[int],
 ) -> str:
-    """Where the fleet's guests stand: the in-process machine's vCPUs (or how it ended),
-    `native.run`'s status and last words, every VMM process's threads, and the L1's
-    counters and log (tests/hwvirt/stall.py)."""
+    """Where the fleet's guests stand: the in-process machine's vCPUs and devices (or how
+    it ended), `native.run`'s status and last words (its vCPUs and devices too: SIGUSR1),
+    every VMM process's threads, and the L1's counters and log (tests/hwvirt/stall.py)."""
     parts = ["the 2-vCPU guest:", stall.describe_machine(machine)]
     parts.append(f"the 4-vCPU guest (native.run): exit status {run4.poll()}")
-    parts.append(console4.text[-600:])
+    if run4.poll() is None:
+        os.kill(run4.pid, signal.SIGUSR1)  # native.run prints its vCPUs and devices
+        time.sleep(2.0)
+    parts.append(console4.text[-4000:])
     parts += [stall.describe_process(pid) for pid in [run4.pid, *pids]]
     parts.append(stall.describe_l1())
     return "\n".join(parts)

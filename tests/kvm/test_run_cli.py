@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,29 @@ def test_bad_kernel_is_a_usage_error(tmp_path: Path) -> None:
     proc = run(tmp_path / "missing.elf", "")
     assert proc.returncode == 64
     assert "is not a file" in proc.stderr
+
+
+def test_sigusr1_prints_where_the_guest_stands_and_it_runs_on(kvm: None, test_guest: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "native.run", "--kernel", str(test_guest), "--vcpus", "2",
+         "--cmdline", "ready", "--memory", "32"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert "flotilla-guest: READY" in proc.stdout.readline()
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        assert proc.poll() is None  # it runs on
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # the VMM this test started
+            proc.wait(10)
+    assert proc.returncode == 130, err
+    assert "native.run: where the guest stands" in err
+    assert re.search(r"^vCPU 0: (halted|runnable) rip=0x", err, re.M), err
+    assert re.search(r"^vCPU 1: uninitialized ", err, re.M), err
+    assert re.search(r"^ioapic: lines=", err, re.M), err
+    assert "native.run: stopped from the host" in err
