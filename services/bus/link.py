@@ -145,6 +145,8 @@ class Link:
         # connection is lost first (guarded by _lock).
         self._removals: set[Future[None]] = set()
         self.connections_made = 0
+        # Wall clock of the last (re)declaration of this link's queues (0 before the first).
+        self.declared_at = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -364,14 +366,20 @@ class Link:
         with self._io_lock:  # let go of only while waiting in epoll (LockedIOLoop)
             self._run_locked()
 
+    def _declare(self, params: pika.URLParameters) -> None:
+        # On the node the connection goes to, so a classic queue is made there.
+        declare(params, self._declarations())
+        # A transient queue whose node died is made anew, empty: what was published to it
+        # before this moment never reaches its subscriber.
+        self.declared_at = time.time()
+
     def _run_locked(self) -> None:
         backoff = 0.1
         failures = 0  # in a row; a full round of nodes failing backs off
         while not self._stopping.is_set():
             params = self.nodes.first
             try:
-                # On the node the connection goes to, so a classic queue is made there.
-                declare(params, self._declarations())
+                self._declare(params)
             except Exception as exc:  # node down, refused, or a declaration conflict
                 self.nodes.failed(params)
                 failures += 1

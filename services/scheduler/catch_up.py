@@ -45,8 +45,15 @@ class CatchUp:
         the subscription already existed at wall-clock `since` (less `CLOCK_SKEW_S`, as the
         time may come from another machine); False if that could not be shown within
         `timeout` (no subscription, a younger one, no confirm, the marker not back in time).
-        Never raises for the broker's sake."""
-        if self.queue is None or since < self.attached_at + CLOCK_SKEW_S:
+        Never raises for the broker's sake.
+
+        The subscription counts as younger again after each reconnection of the bus: a
+        private queue is transient, so one whose broker node died was made anew, empty, when
+        the link declared it on another node, and a peer's claim confirmed before then is
+        not in it (a replica that took it as covered placed a redelivered command afresh,
+        on a second host)."""
+        attached = max(self.attached_at, self.bus.link.declared_at)
+        if self.queue is None or since < attached + CLOCK_SKEW_S:
             return False
         deadline = time.monotonic() + timeout
         token = uuid.uuid4().hex
