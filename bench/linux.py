@@ -11,9 +11,11 @@ count (docs/benchmarks.md).
 Each round boots each VMM once, with the disk and the NIC, and runs both workloads in that boot
 (a Linux boot costs minutes in the L1):
 - linux.boot_to_ready: process start -> `flotilla-bench: READY` (printed by the guest's /init
-  once its modules are loaded) for our lean start (`python -S -E -m native.run`) and
-  `qemu-system-x86_64 -M microvm -accel kvm`; median of the rounds; also start -> power-off
-  (after the workloads).
+  once its modules are loaded) for our runtime's own executable (`flotilla-vmm`,
+  native/vmm_binary.py, built before the L1 starts) and `qemu-system-x86_64 -M microvm -accel
+  kvm`; median of the rounds; also start -> power-off (after the workloads). The same runtime
+  behind Python's lean start (`python -S -E -m native.run`, `ours-python`) boots in each round
+  too: `linux.boot_to_ready_python`, reported without a target.
 - linux.blk_randread_iops: Linux in the guest reading 4 KiB blocks at random offsets, one in
   flight, O_DIRECT, from a virtio-blk disk (ours: virtio-mmio; QEMU: virtio-blk-device).
 - linux.net_tcp_mbps: Linux in the guest sending 16 MiB over TCP through virtio-net to a
@@ -59,10 +61,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.figures import emit, figure, say  # noqa: E402
+from native import vmm_binary  # noqa: E402
 from native.images import ImageError, LinuxImages, fetch_images  # noqa: E402
 from tests.hwvirt.l1 import L1Error, run_in_l1, runs_directly  # noqa: E402
 
 QEMU = "qemu-system-x86_64"
+OURS_PYTHON = "ours-python"
 ANCHOR, ANCHOR_NO_OFFLOADS = "qemu-microvm", "qemu-microvm-no-offloads"
 MEMORY_MIB = 256
 RUN_TIMEOUT = 900.0  # one guest boot with both workloads, emulated in a busy L1
@@ -160,7 +164,22 @@ Vmm = Callable[[Path, Path, str, Path | None, bool], list[str]]
 
 
 def ours(kernel: Path, initrd: Path, cmdline: str, disk: Path | None, tap: bool) -> list[str]:
-    argv = [sys.executable, "-S", "-E", "-m", "native.run", "--kernel", str(kernel)]
+    """flotilla-vmm: the runtime with no interpreter in front of it (native/vmm_binary.py)."""
+    return _our_args([str(vmm_binary.OUTPUT)], kernel, initrd, cmdline, disk, tap=tap)
+
+
+def ours_python(
+    kernel: Path, initrd: Path, cmdline: str, disk: Path | None, tap: bool
+) -> list[str]:
+    """The same runtime behind Python's lean start (`python -S -E -m native.run`)."""
+    argv = [sys.executable, "-S", "-E", "-m", "native.run"]
+    return _our_args(argv, kernel, initrd, cmdline, disk, tap=tap)
+
+
+def _our_args(
+    argv: list[str], kernel: Path, initrd: Path, cmdline: str, disk: Path | None, *, tap: bool
+) -> list[str]:
+    argv = [*argv, "--kernel", str(kernel)]
     argv += ["--initrd", str(initrd), "--memory", str(MEMORY_MIB), "--cmdline", cmdline]
     if disk is not None:
         argv += ["--disk", str(disk)]
@@ -300,6 +319,11 @@ class _Progress(io.TextIOBase):
 
 def in_l1(rounds: int, anchor_offloads: bool, initcalls: bool = False) -> int:
     """Re-runs this benchmark in the nested L1 and relays its figures."""
+    try:
+        vmm_binary.build()  # here, not under the L1's TCG
+    except vmm_binary.VmmBuildError as exc:
+        say(f"bench/linux: {exc}")
+        return 2
     argv = [sys.executable, str(Path(__file__).resolve()), "--rounds", str(rounds)]
     if not anchor_offloads:
         argv.append("--no-anchor-offloads")
@@ -365,6 +389,11 @@ def preflight() -> LinuxImages | None:
         say(f"bench/linux: needs root and {', '.join((QEMU, 'gcc', 'ip'))}; missing: {missing}")
         return None
     try:
+        vmm_binary.build()  # done before the L1 already: compiling under TCG takes minutes
+    except vmm_binary.VmmBuildError as exc:
+        say(f"bench/linux: {exc}")
+        return None
+    try:
         images = fetch_images(initramfs=True)
     except ImageError as exc:
         say(f"bench/linux: {exc}")
@@ -379,7 +408,11 @@ def measure(rounds: int, anchor_offloads: bool) -> int:
         return 2
     assert images.initramfs is not None
     anchor = ANCHOR if anchor_offloads else ANCHOR_NO_OFFLOADS
-    vmms: dict[str, Vmm] = {"ours": ours, anchor: qemu if anchor_offloads else qemu_no_offloads}
+    vmms: dict[str, Vmm] = {
+        "ours": ours,
+        anchor: qemu if anchor_offloads else qemu_no_offloads,
+        OURS_PYTHON: ours_python,
+    }
     results = {name: Results() for name in vmms}
     with tempfile.TemporaryDirectory(prefix="bench-linux-") as tmp:
         out_dir = Path(tmp)
@@ -455,6 +488,19 @@ def report(rounds: int, results: dict[str, Results], a: str) -> int:
                 anchor_value=anchor_value,
                 target=target,
                 **extra,
+            )
+        )
+    python, anchor_ready = ready.get(OURS_PYTHON), ready[a]
+    if python is not None and anchor_ready is not None:
+        # The same runtime behind the interpreter's start: reported, no target.
+        figures.append(
+            figure(
+                "linux.boot_to_ready_python",
+                python,
+                "ms",
+                anchor=a,
+                anchor_value=anchor_ready,
+                target="report",
             )
         )
     emit(figures)
