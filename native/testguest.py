@@ -9,10 +9,11 @@ temporary directory and renames the result into place (atomic within one file sy
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from native import _artifacts
+from native._artifacts import build_atomically, up_to_date
 
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
 OUTPUT = GUEST_DIR / "build" / "guest.elf"
@@ -30,21 +31,13 @@ def _sources() -> list[Path]:
     return files
 
 
-def _up_to_date() -> bool:
-    try:
-        built = OUTPUT.stat().st_mtime_ns
-    except FileNotFoundError:
-        return False
-    return all(src.stat().st_mtime_ns <= built for src in _sources())
-
-
 def build() -> Path:
     """Return the path of guest.elf, building it first when it is missing or stale.
 
     Raises GuestBuildError when gcc, ld or make is not installed, or when make fails
     (the message carries make's output).
     """
-    if _up_to_date():
+    if up_to_date(OUTPUT, _sources()):
         return OUTPUT
     missing = [tool for tool in ("make", "gcc", "ld") if shutil.which(tool) is None]
     if missing:
@@ -52,32 +45,16 @@ def build() -> Path:
             f"cannot build the test guest: {', '.join(missing)} not found on PATH "
             "(install build-essential)"
         )
-    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".build-", dir=OUTPUT.parent) as tmp:
-        result = subprocess.run(
-            ["make", "-s", "-C", str(GUEST_DIR), f"BUILD={tmp}", f"{tmp}/guest.elf"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise GuestBuildError(
-                f"make failed for the test guest ({result.returncode}):\n"
-                f"{result.stdout}{result.stderr}"
-            )
-        # Atomic on one file system: a concurrent reader sees the old file or the new.
-        (Path(tmp) / "guest.elf").replace(OUTPUT)
-    return OUTPUT
+    return build_atomically(
+        OUTPUT,
+        lambda tmp: ["make", "-s", "-C", str(GUEST_DIR), f"BUILD={tmp}", f"{tmp}/guest.elf"],
+        "make failed for the test guest",
+        GuestBuildError,
+    )
 
 
 def main() -> int:
-    try:
-        path = build()
-    except GuestBuildError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    print(path)
-    return 0
+    return _artifacts.main(build, GuestBuildError)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ path.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from native import _artifacts
+from native._artifacts import build_atomically, up_to_date
 
 HERE = Path(__file__).resolve().parent
 MAIN = HERE / "cmd" / "flotilla-vmm.c"
@@ -39,43 +40,22 @@ def _inputs() -> list[Path]:
     return [*sources(), *headers]
 
 
-def _up_to_date() -> bool:
-    try:
-        built = OUTPUT.stat().st_mtime_ns
-    except FileNotFoundError:
-        return False
-    return all(src.stat().st_mtime_ns <= built for src in _inputs())
-
-
 def build() -> Path:
     """The path of flotilla-vmm, built first when it is missing or stale. Raises
     VmmBuildError when gcc is missing or fails (with its output)."""
-    if _up_to_date():
+    if up_to_date(OUTPUT, _inputs()):
         return OUTPUT
     if shutil.which("gcc") is None:
         raise VmmBuildError("cannot build flotilla-vmm: gcc not found (install build-essential)")
-    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".build-", dir=OUTPUT.parent) as tmp:
-        out = Path(tmp) / "flotilla-vmm"
-        argv = ["gcc", *CFLAGS, f"-I{HERE}", "-o", str(out), *map(str, sources())]
-        result = subprocess.run(argv, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise VmmBuildError(
-                f"gcc failed for flotilla-vmm ({result.returncode}):\n"
-                f"{result.stdout}{result.stderr}"
-            )
-        out.replace(OUTPUT)
-    return OUTPUT
+
+    def gcc(tmp: Path) -> list[str]:
+        return ["gcc", *CFLAGS, f"-I{HERE}", "-o", str(tmp / OUTPUT.name), *map(str, sources())]
+
+    return build_atomically(OUTPUT, gcc, "gcc failed for flotilla-vmm", VmmBuildError)
 
 
 def main() -> int:
-    try:
-        path = build()
-    except VmmBuildError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    print(path)
-    return 0
+    return _artifacts.main(build, VmmBuildError)
 
 
 if __name__ == "__main__":
