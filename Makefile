@@ -10,11 +10,11 @@ install:
 # on 2 cores. The chaos suite is in, with its short default run (FLOTILLA_CHAOS_SECONDS=30).
 # Then the hwvirt tier, in nested L1s under QEMU TCG on hosts without vmx/svm
 # (docs/testing.md): the Linux guests (their console, SMP, disks, NICs, DHCP, save/restore and
-# migration) in one L1, then the whole control plane started inside another (`hwvirt_stack`:
-# flotilla up, create, console, a volume), ~8 minutes, bounded by FLOTILLA_HWVIRT_TIMEOUT (an
-# L1 whose own kernel dies is started again within it); FLOTILLA_HWVIRT_L1S=2 runs the two
-# side by side (~4-5 minutes, less reliable on 2 cores). Both runs always run; the first
-# failure's status is make's.
+# migration) in one L1, the whole control plane started inside another (`hwvirt_stack`:
+# flotilla up, create, console, a volume), side by side (~4 minutes; FLOTILLA_HWVIRT_L1S=1
+# runs them one after the other, ~8), bounded by FLOTILLA_HWVIRT_TIMEOUT (an L1 whose own
+# kernel dies is started again within it). Both runs always run; the first failure's status
+# is make's.
 TEST_WORKERS ?= 2
 FLOTILLA_HWVIRT_TIMEOUT ?= 1200
 test: install

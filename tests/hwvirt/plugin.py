@@ -4,8 +4,9 @@ Inside the L1 (FLOTILLA_HWVIRT_L1=1) and on hosts with vmx/svm it does nothing: 
 as usual. Elsewhere every selected `hwvirt` item is replaced by a stand-in that reports the
 outcome of the real test from the pytest run of its group in a nested L1 (tests/hwvirt/l1.py):
 the Linux guests in one, the control plane (`hwvirt_stack`) in another (FLOTILLA_HWVIRT_L1S
-at a time, one by default), started when the first item is reached: passed, skipped (with
-the L1's reason), failed or errored (with the L1's failure text and captured output).
+at a time, two by default: side by side), started when the first item is reached: passed,
+skipped (with the L1's reason), failed or errored (with the L1's failure text and captured
+output).
 `-m "not hwvirt"` deselects the tier and starts nothing.
 """
 
@@ -171,12 +172,13 @@ def l1_groups(items: list[pytest.Item]) -> list[list[pytest.Item]]:
 
 
 def parallel_l1s() -> int:
-    """How many L1s run at once: one by default, the groups one after the other
-    (FLOTILLA_HWVIRT_L1S=2 runs them side by side). Side by side on a 2-core host the tier
-    took 3.6-5.5 minutes where one after the other takes ~8, but the Linux guests' fleet
-    stood still in two of three clean-clone CI runs so (its 4-vCPU guest silent, every vCPU
-    halted: docs/testing.md), and in none of the runs with one L1 at a time before."""
-    raw = os.environ.get(PARALLEL_ENV, "1")
+    """How many L1s run at once: two by default, the groups side by side (3.4-5.7 minutes
+    on the 2-core host), FLOTILLA_HWVIRT_L1S=1 one after the other (7-8). In December the
+    Linux guests' fleet stood still in two of three clean-clone CI runs side by side (its
+    4-vCPU guest silent, every vCPU halted: docs/testing.md) and the default was one; in the
+    seven runs side by side since, a clean-clone CI among them, none did, and a fleet that
+    stands still now reports its guests' vCPUs and devices (tests/hwvirt/stall.py)."""
+    raw = os.environ.get(PARALLEL_ENV, "2")
     if not raw.isdigit() or int(raw) < 1:
         raise pytest.UsageError(f"{PARALLEL_ENV} must be a positive integer, not {raw!r}")
     return int(raw)

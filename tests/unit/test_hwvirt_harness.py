@@ -324,9 +324,9 @@ def test_the_control_plane_runs_in_an_l1_apart_from_the_linux_guests() -> None:
 
 def test_how_many_l1s_run_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(PARALLEL_ENV, raising=False)
-    assert parallel_l1s() == 1  # one after the other unless asked
-    monkeypatch.setenv(PARALLEL_ENV, "2")
-    assert parallel_l1s() == 2
+    assert parallel_l1s() == 2  # side by side unless asked
+    monkeypatch.setenv(PARALLEL_ENV, "1")
+    assert parallel_l1s() == 1
     for bad in ("0", "two", "-1"):
         monkeypatch.setenv(PARALLEL_ENV, bad)
         with pytest.raises(pytest.UsageError, match=PARALLEL_ENV):
