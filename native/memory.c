@@ -70,6 +70,10 @@ int fl_mem_init(struct fl_mem *mem, uint64_t size, int use_memfd, char *err, siz
 		return fl_errf(err, errlen, e, "mapping %llu MiB of guest RAM: %s",
 			       (unsigned long long)(size >> 20), strerror(e));
 	}
+	/* Huge pages even where the host's policy gives them only on request (THP `madvise`)
+	 * and with compaction at the fault where none is free, as QEMU asks for its RAM;
+	 * best effort (a kernel without THP refuses, and 4 KiB pages work). */
+	(void)madvise(p, size, MADV_HUGEPAGE);
 	mem->host = p;
 	mem->size = size;
 	mem->low_size = size < FL_LOW_RAM_MAX ? size : FL_LOW_RAM_MAX;
