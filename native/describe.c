@@ -13,12 +13,7 @@
 #include "virtio/virtio.h"
 #include "vmm.h"
 
-struct text {
-	char *buf;
-	size_t len, used;
-};
-
-__attribute__((format(printf, 2, 3))) static void put(struct text *t, const char *fmt, ...)
+void fl_text_put(struct fl_text *t, const char *fmt, ...)
 {
 	va_list ap;
 	int n;
@@ -32,19 +27,19 @@ __attribute__((format(printf, 2, 3))) static void put(struct text *t, const char
 		t->used += (size_t)n < t->len - t->used ? (size_t)n : t->len - t->used - 1;
 }
 
-static void describe_ioapic(struct fl_vm *vm, struct text *t)
+static void describe_ioapic(struct fl_vm *vm, struct fl_text *t)
 {
 	struct fl_ioapic *io = &vm->ioapic;
 
 	pthread_mutex_lock(&io->lock);
-	put(t, "ioapic: lines=0x%x dropped=%llu irq_errors=%llu\n", io->s.lines,
+	fl_text_put(t, "ioapic: lines=0x%x dropped=%llu irq_errors=%llu\n", io->s.lines,
 	    (unsigned long long)io->dropped, (unsigned long long)vm->irq_errors);
 	for (uint32_t p = 0; p < FL_IOAPIC_PINS; p++) {
 		uint64_t e = io->s.redir[p];
 		int masked = (e >> 16) & 1, line = (io->s.lines >> p) & 1;
 		if (masked && !line && !(e & (1ULL << 14)))
 			continue;
-		put(t,
+		fl_text_put(t,
 		    "  pin %u: vector %llu mode %llu dest %llu%s %s%s%s line=%d route=%s "
 		    "irqfd=%s\n",
 		    p, (unsigned long long)(e & 0xff), (unsigned long long)((e >> 8) & 7),
@@ -56,12 +51,12 @@ static void describe_ioapic(struct fl_vm *vm, struct text *t)
 	pthread_mutex_unlock(&io->lock);
 }
 
-static void describe_serial(struct fl_vm *vm, struct text *t)
+static void describe_serial(struct fl_vm *vm, struct fl_text *t)
 {
 	struct fl_serial *u = &vm->serial;
 
 	pthread_mutex_lock(&u->lock);
-	put(t, "serial: ier=0x%x lcr=0x%x mcr=0x%x lsr=0x%x fcr=0x%x thr_ipending=%u rx_count=%u "
+	fl_text_put(t, "serial: ier=0x%x lcr=0x%x mcr=0x%x lsr=0x%x fcr=0x%x thr_ipending=%u rx_count=%u "
 	       "irq_level=%d\n",
 	    u->s.ier, u->s.lcr, u->s.mcr, u->s.lsr, u->s.fcr, u->s.thr_ipending, u->s.rx_count,
 	    u->irq_level);
@@ -73,22 +68,22 @@ static uint16_t guest16(const uint8_t *p)
 	return p ? __atomic_load_n((const uint16_t *)(const void *)p, __ATOMIC_RELAXED) : 0;
 }
 
-static void describe_virtio(struct fl_vm *vm, struct text *t)
+static void describe_virtio(struct fl_vm *vm, struct fl_text *t)
 {
 	for (uint32_t slot = 0; slot < vm->nvirtio; slot++) {
 		struct fl_virtio_dev *d = vm->virtio[slot].dev;
 		pthread_mutex_lock(&d->lock);
-		put(t, "virtio %u (%s, pin %u): status=0x%x interrupt_status=0x%x interrupts=%llu%s\n",
+		fl_text_put(t, "virtio %u (%s, pin %u): status=0x%x interrupt_status=0x%x interrupts=%llu%s\n",
 		    slot, d->name, vm->virtio[slot].gsi, d->s.status, d->s.interrupt_status,
 		    (unsigned long long)d->interrupts, d->s.broken ? " broken" : "");
 		for (uint32_t q = 0; q < d->nqueues; q++) {
 			struct fl_vq *vq = &d->vq[q];
 			if (!vq->enabled) {
-				put(t, "  queue %u: not enabled\n", q);
+				fl_text_put(t, "  queue %u: not enabled\n", q);
 				continue;
 			}
 			/* The guest's side, read as it stands: avail flags and idx, used idx. */
-			put(t,
+			fl_text_put(t,
 			    "  queue %u: size %u; ours: last_avail %u used_idx %u; guest's: "
 			    "avail.idx %u avail.flags 0x%x used.idx %u\n",
 			    q, vq->cfg.size, vq->last_avail, vq->used_idx, guest16(vq->avail + 2),
@@ -100,7 +95,7 @@ static void describe_virtio(struct fl_vm *vm, struct text *t)
 
 int fl_vm_describe(struct fl_vm *vm, char *buf, size_t len)
 {
-	struct text t = {.buf = buf, .len = len, .used = 0};
+	struct fl_text t = {.buf = buf, .len = len, .used = 0};
 
 	if (!vm || !buf || len == 0)
 		return -EINVAL;

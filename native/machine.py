@@ -763,6 +763,15 @@ class Machine:
             )
         return out
 
+    def describe_vcpus(self) -> str:
+        """One line per vCPU (run state, RIP, IF, the local APIC's IRR, ISR and timer), as
+        QEMU's `info registers` and `info lapic` would tell; only while paused."""
+        size = 256 * max(self.vcpus, 1)
+        buf = self._ffi.new("char[]", size)
+        n = int(self._lib.fl_vm_describe_vcpus(self._handle(), buf, size))
+        self._call(n)
+        return bytes(self._ffi.buffer(buf, n)).decode(errors="replace")
+
     def describe_devices(self) -> str:
         """The IOAPIC's lines and live entries, the UART's registers and every virtio
         queue's indexes (ours and the guest's) as text: where an interrupt or a

@@ -17,7 +17,7 @@ kernel: --kernel, --initrd, --cmdline, --memory and --vcpus do not apply; give t
 
 SIGUSR1 prints where the guest stands to stderr, as QEMU's monitor would: every vCPU (run
 state, rip, local APIC: pending and in-service vectors, timer) and the IOAPIC, UART and virtio
-queues (native/vcpu_dump.py, Machine.describe_devices); the guest runs on.
+queues (Machine.describe_vcpus, Machine.describe_devices); the guest runs on.
 """
 
 from __future__ import annotations
@@ -86,20 +86,16 @@ class Flag:
 
 def dump(machine: Machine) -> str:
     """Every vCPU (paused for a moment to read them) and the devices' interrupt state."""
-    from native.vcpu_dump import describe_vcpu  # noqa: PLC0415 - only a dump needs it
-
-    lines = []
     try:
         machine.pause()
     except VmmError as exc:
-        lines.append(f"cannot pause it: {exc}")
+        vcpus = f"cannot pause it: {exc}\n"
     else:
         try:
-            lines += [describe_vcpu(i, machine.save_vcpu(i)) for i in range(machine.vcpus)]
+            vcpus = machine.describe_vcpus()
         finally:
             machine.resume()
-    lines.append(machine.describe_devices().rstrip("\n"))
-    return "\n".join(lines)
+    return vcpus + machine.describe_devices().rstrip("\n")
 
 
 class UsageError(Exception):

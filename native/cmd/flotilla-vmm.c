@@ -12,7 +12,8 @@
  * Exit status as native.run's: POWEROFF through ACPI 0, through the debug-exit port its
  * status, REBOOT 2, CRASHED 4, INTERNAL_ERROR 6, stopped from the host (Ctrl-] on a
  * terminal, SIGINT, SIGTERM) 130, a bad command line or configuration 64. SIGUSR1 prints the
- * devices' interrupt state (fl_vm_describe) to stderr; the guest runs on.
+ * vCPUs and the devices' interrupt state (fl_vm_describe_vcpus, fl_vm_describe) to stderr;
+ * the guest runs on.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -146,15 +147,22 @@ static const char *kind_name(uint32_t kind)
 	return kind < sizeof(names) / sizeof(names[0]) ? names[kind] : "UNKNOWN";
 }
 
+/* Every vCPU (the machine paused for a moment to read them), then the devices. */
 static void dump(struct fl_vm *vm)
 {
-	char text[16384];
-	int n = fl_vm_describe(vm, text, sizeof(text));
+	static char vcpus[256 * FL_MAX_VCPUS], devices[16384];
+	int n;
 
-	if (n < 0)
-		fprintf(stderr, "\nflotilla-vmm: %s\n", fl_vm_error(vm));
-	else
-		fprintf(stderr, "\nflotilla-vmm: where the guest stands\n%s", text);
+	fprintf(stderr, "\nflotilla-vmm: where the guest stands\n");
+	if (fl_vm_pause(vm) < 0) {
+		fprintf(stderr, "cannot pause it: %s\n", fl_vm_error(vm));
+	} else {
+		n = fl_vm_describe_vcpus(vm, vcpus, sizeof(vcpus));
+		fl_vm_resume(vm);
+		fprintf(stderr, "%s", n < 0 ? fl_vm_error(vm) : vcpus);
+	}
+	n = fl_vm_describe(vm, devices, sizeof(devices));
+	fprintf(stderr, "%s", n < 0 ? fl_vm_error(vm) : devices);
 }
 
 int main(int argc, char **argv)

@@ -177,6 +177,9 @@ int fl_virtio_info(struct fl_vm *vm, uint32_t slot, struct fl_virtio_info *out);
 /* The IOAPIC's, UART's and virtio queues' state as text (native/describe.c), for a guest
  * that stands still; returns its length (cut to fit len - 1), or a negative errno. */
 int fl_vm_describe(struct fl_vm *vm, char *buf, size_t len);
+/* One line per vCPU, only while paused: run state, RIP (against LSTAR for a kernel place),
+ * IF, the local APIC's id, TPR, IRR and ISR vectors and its timer (x86/vcpu_state.c). */
+int fl_vm_describe_vcpus(struct fl_vm *vm, char *buf, size_t len);
 /* A device's state (transport and queues) as an opaque blob with magic, version and
  * checksum; only while paused. Restore validates it (untrusted input). */
 int fl_device_state_size(void);

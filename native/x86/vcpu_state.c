@@ -240,3 +240,99 @@ out:
 	free(st);
 	return rc;
 }
+
+/* ---- the vCPUs as text (fl_vm_describe_vcpus) ---- */
+
+static uint32_t apic_reg(const struct kvm_lapic_state *l, uint32_t reg)
+{
+	uint32_t v;
+
+	memcpy(&v, l->regs + reg, sizeof(v));
+	return v;
+}
+
+/* The vectors set in a 256-bit local APIC register group (ISR 0x100, IRR 0x200). */
+static void apic_vectors(struct fl_text *t, const struct kvm_lapic_state *l, uint32_t base)
+{
+	int first = 1;
+
+	fl_text_put(t, "[");
+	for (uint32_t i = 0; i < 8; i++) {
+		uint32_t word = apic_reg(l, base + 0x10 * i);
+		for (uint32_t b = 0; b < 32; b++)
+			if (word >> b & 1) {
+				fl_text_put(t, first ? "%u" : ", %u", 32 * i + b);
+				first = 0;
+			}
+	}
+	fl_text_put(t, "]");
+}
+
+static uint64_t saved_msr(const struct vcpu_state *st, uint32_t index)
+{
+	for (uint32_t i = 0; i < st->nmsrs && i < MAX_SAVED_MSRS; i++)
+		if (st->msrs[i].index == index)
+			return st->msrs[i].data;
+	return 0;
+}
+
+static void describe_vcpu(struct fl_text *t, uint32_t index, const struct vcpu_state *st)
+{
+	static const char *mp[] = {"runnable", "uninitialized", "init-received", "halted", "sipi"};
+	static const char *modes[] = {"one-shot", "periodic", "tsc-deadline", "reserved"};
+	const struct kvm_lapic_state *l = &st->lapic;
+	uint64_t rip = st->regs.rip, lstar = saved_msr(st, 0xc0000082);
+	uint64_t deadline = saved_msr(st, 0x6e0), tsc = saved_msr(st, 0x10);
+	uint32_t lvtt = apic_reg(l, 0x320);
+
+	if (st->mp.mp_state < sizeof(mp) / sizeof(mp[0]))
+		fl_text_put(t, "vCPU %u: %s rip=0x%llx ", index, mp[st->mp.mp_state],
+			    (unsigned long long)rip);
+	else
+		fl_text_put(t, "vCPU %u: %u rip=0x%llx ", index, st->mp.mp_state,
+			    (unsigned long long)rip);
+	/* KASLR moves a kernel as a whole: against LSTAR (entry_SYSCALL_64) a kernel place can
+	 * be looked up in the kernel's System.map. */
+	if (lstar && rip >> 47)
+		fl_text_put(t, "(entry_SYSCALL_64%c0x%llx) ", rip >= lstar ? '+' : '-',
+			    (unsigned long long)(rip >= lstar ? rip - lstar : lstar - rip));
+	else
+		fl_text_put(t, "(?) ");
+	fl_text_put(t, "if=%llu apic_id=%u tpr=%u irr=", (unsigned long long)(st->regs.rflags >> 9 & 1),
+		    apic_reg(l, 0x20) >> 24, apic_reg(l, 0x80));
+	apic_vectors(t, l, 0x200);
+	fl_text_put(t, " isr=");
+	apic_vectors(t, l, 0x100);
+	fl_text_put(t, " timer: lvtt=0x%x (%s%s) tmict=%u tmcct=%u deadline=", lvtt,
+		    modes[lvtt >> 17 & 3], lvtt >> 16 & 1 ? ", masked" : "", apic_reg(l, 0x380),
+		    apic_reg(l, 0x390));
+	if (deadline)
+		fl_text_put(t, "tsc%+lld\n", (long long)(deadline - tsc));
+	else
+		fl_text_put(t, "0\n");
+}
+
+int fl_vm_describe_vcpus(struct fl_vm *vm, char *buf, size_t len)
+{
+	struct fl_text t = {.buf = buf, .len = len, .used = 0};
+	struct vcpu_state *st;
+	int rc;
+
+	if (!vm || !buf || len == 0)
+		return -EINVAL;
+	buf[0] = '\0';
+	if (fl_vm_state(vm) != FL_STATE_PAUSED)
+		return fl_fail(vm, EINVAL, "vCPUs are described only while paused");
+	st = malloc(sizeof(*st));
+	if (!st)
+		return fl_fail(vm, ENOMEM, "vCPU state");
+	for (uint32_t i = 0; i < vm->nvcpus; i++) {
+		if ((rc = fl_vcpu_state_get(vm, i, st)) < 0) {
+			free(st);
+			return rc;
+		}
+		describe_vcpu(&t, i, st);
+	}
+	free(st);
+	return (int)t.used;
+}

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import native
-from native.vcpu_dump import describe_vcpu
 
 
 def describe_machine(machine: native.Machine) -> str:
@@ -27,10 +26,10 @@ def describe_machine(machine: native.Machine) -> str:
             events.append(repr(event))
         return f"cannot pause it: {exc}; its events: {events or 'none left'}"
     try:
-        vcpus = [describe_vcpu(i, machine.save_vcpu(i)) for i in range(machine.vcpus)]
+        vcpus = machine.describe_vcpus()
     finally:
         machine.resume()
-    return "\n".join([*vcpus, machine.describe_devices().rstrip("\n")])
+    return vcpus + machine.describe_devices().rstrip("\n")
 
 
 def _read(path: Path) -> str:
