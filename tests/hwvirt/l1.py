@@ -95,6 +95,11 @@ MONITOR_SOCKET = "monitor.sock"
 # local APIC's timer), once before an NMI and once after.
 EXAMINE_COMMANDS = ("info cpus", "info registers -a", "info lapic", "info irq")
 NMI_WAIT_S = 10.0
+# The freezes (QEMU TCG: the L1's vCPU halted with its timer's vector waiting in the IRR) end
+# when another interrupt reaches its local APIC: a key press through QEMU's monitor woke
+# every one it was tried on. A pulse silent this long (over twice a healthy run's longest)
+# gets one, and the run goes on instead of being ended and run again in a fresh L1.
+NUDGE_AFTER_S = 12.0
 SILENT_ENV = "FLOTILLA_HWVIRT_SILENT_S"  # another bound (the harness's own test)
 # The L1's vCPUs. One by default: with two, TCG's vCPUs disagree on the TSC (the L1 takes it as
 # unsynchronized and its KVM re-offsets each guest's), and in the runs of December 1 one L1
@@ -132,6 +137,8 @@ class L1Result:
     # The longest the L1's pulse was silent while the command ran (it beats every 5 s of the
     # L1's time): how near a healthy run comes to `L1_SILENT_S`.
     longest_silence: float = 0.0
+    # How many silences a key press ended (`NUDGE_AFTER_S`): freezes the run went on after.
+    woken: int = 0
 
     @property
     def l1_crashed(self) -> bool:
@@ -404,6 +411,7 @@ class _Watched:
     timed_out: bool = False
     stopped: str = ""  # why the L1 was taken for stopped, when it was
     longest_silence: float = 0.0  # seconds, while the command ran
+    woken: int = 0  # silences a key press ended (NUDGE_AFTER_S)
 
 
 def _watch(
@@ -418,6 +426,8 @@ def _watch(
     status_file = run_dir / "status"
     pulse = run_dir / L1_PULSE_FILE
     silent_bound = float(os.environ.get(SILENT_ENV, L1_SILENT_S))
+    nudge_after = min(NUDGE_AFTER_S, silent_bound / 2)
+    nudged: float | None = None  # the beat (pulse mtime) a key press was sent after
     finished_at: float | None = None
     watched = _Watched()
     while qemu.poll() is None:
@@ -436,6 +446,13 @@ def _watch(
         silent = _silent_for(pulse)
         if finished_at is None:
             watched.longest_silence = max(watched.longest_silence, silent)
+        beat = _beat(pulse)
+        if nudged is not None and beat != nudged:
+            watched.woken += 1  # it beat again after the key press
+            nudged = None
+        if finished_at is None and beat is not None and nudged is None and silent > nudge_after:
+            _monitor(run_dir / MONITOR_SOCKET, ("sendkey shift",))
+            nudged = beat
         if finished_at is None and silent > silent_bound:
             report = _examine(run_dir, pulse)
             if follower.stream is not None:
@@ -745,6 +762,7 @@ def _run(
         output=_read(run_dir / "output"),
         console=console_text,
         longest_silence=watched.longest_silence,
+        woken=watched.woken,
     )
 
 

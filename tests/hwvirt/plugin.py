@@ -141,6 +141,7 @@ class L1Session:
             f"hwvirt: {label}: L1 run {len(r.crashes) + 1} ended in {r.seconds:.0f} s, pytest "
             f"status {r.status}" + (" (timed out)" if r.timed_out else "") + f"; its pulse's "
             f"longest silence {r.longest_silence:.1f} s (the bound: {L1_SILENT_S:.0f} s)"
+            + (f"; woken by a key press {r.woken} time(s)" if r.woken else "")
         )
 
     def outcome(self, nodeid: str) -> Outcome:
