@@ -56,10 +56,12 @@ static void describe_serial(struct fl_vm *vm, struct fl_text *t)
 	struct fl_serial *u = &vm->serial;
 
 	pthread_mutex_lock(&u->lock);
-	fl_text_put(t, "serial: ier=0x%x lcr=0x%x mcr=0x%x lsr=0x%x fcr=0x%x thr_ipending=%u rx_count=%u "
-	       "irq_level=%d\n",
-	    u->s.ier, u->s.lcr, u->s.mcr, u->s.lsr, u->s.fcr, u->s.thr_ipending, u->s.rx_count,
-	    u->irq_level);
+	/* No LSR: it is computed on each read (THR always empty, DR from rx_count). */
+	fl_text_put(t,
+		    "serial: ier=0x%x lcr=0x%x mcr=0x%x fcr=0x%x thr_ipending=%u rx_count=%u "
+		    "irq_level=%d\n",
+		    u->s.ier, u->s.lcr, u->s.mcr, u->s.fcr, u->s.thr_ipending, u->s.rx_count,
+		    u->irq_level);
 	pthread_mutex_unlock(&u->lock);
 }
 

@@ -772,6 +772,16 @@ class Machine:
         self._call(n)
         return bytes(self._ffi.buffer(buf, n)).decode(errors="replace")
 
+    def describe(self) -> str:
+        """`describe_vcpus` (the running machine paused for a moment to read them) then
+        `describe_devices`. Raises what `pause` raises (a machine that ended)."""
+        self.pause()
+        try:
+            vcpus = self.describe_vcpus()
+        finally:
+            self.resume()
+        return vcpus + self.describe_devices().rstrip("\n")
+
     def describe_devices(self) -> str:
         """The IOAPIC's lines and live entries, the UART's registers and every virtio
         queue's indexes (ours and the guest's) as text: where an interrupt or a

@@ -455,6 +455,9 @@ def _watch(
             nudged = beat
         if finished_at is None and silent > silent_bound:
             report = _examine(run_dir, pulse)
+            if nudged is not None:  # the key press above came and went, the pulse silent
+                woke = f"a key press at {nudge_after:.0f} s of silence did not wake it"
+                report = f"{woke}; {report}"
             if follower.stream is not None:
                 follower.stream.write(f"\nhwvirt: the L1 is silent; {report}\n")
                 follower.stream.flush()
@@ -473,28 +476,18 @@ def _examine(run_dir: Path, pulse: Path) -> str:
     before = _monitor(run_dir / MONITOR_SOCKET, EXAMINE_COMMANDS)
     if before.startswith(_NO_ANSWER):
         return f"QEMU's monitor did not answer either.\n{before}"
-    woke = _poke(run_dir, pulse, "nmi")
-    after = _monitor(run_dir / MONITOR_SOCKET, EXAMINE_COMMANDS)
-    pulse_now = "came back" if woke else f"stayed silent for {NMI_WAIT_S:.0f} s"
-    said = f"after an NMI its pulse {pulse_now}."
-    if not woke:
-        # The freezes so far: the vCPU halted with its timer's vector waiting in the IRR,
-        # which an NMI does not deliver. A key press is an interrupt through the IOAPIC and
-        # the local APIC, which makes QEMU look at the IRR again: whether that wakes it
-        # tells a lost wake-up in QEMU's APIC from a vCPU that cannot run.
-        key = _poke(run_dir, pulse, "sendkey shift")
-        said += f" After a key press (IRQ 1) it {'came back' if key else 'stayed silent'}."
-    return f"{said}\n[monitor, before the NMI]\n{before}\n[monitor, after]\n{after}"
-
-
-def _poke(run_dir: Path, pulse: Path, command: str) -> bool:
-    """Sends one monitor command; whether the pulse beat within `NMI_WAIT_S` after it."""
     beat = _beat(pulse)
-    _monitor(run_dir / MONITOR_SOCKET, (command,))
+    _monitor(run_dir / MONITOR_SOCKET, ("nmi",))
     deadline = time.monotonic() + NMI_WAIT_S
     while time.monotonic() < deadline and _beat(pulse) == beat:
         time.sleep(0.1)
-    return _beat(pulse) != beat
+    woke = _beat(pulse) != beat
+    after = _monitor(run_dir / MONITOR_SOCKET, EXAMINE_COMMANDS)
+    pulse_now = "came back" if woke else f"stayed silent for {NMI_WAIT_S:.0f} s"
+    return (
+        f"after an NMI its pulse {pulse_now}."
+        f"\n[monitor, before the NMI]\n{before}\n[monitor, after]\n{after}"
+    )
 
 
 def _beat(pulse: Path) -> float | None:

@@ -18,18 +18,13 @@ def describe_machine(machine: native.Machine) -> str:
     """Pauses the machine for a moment to read every vCPU; resumes it. Then its devices'
     interrupt state (the IOAPIC, the UART, each virtio queue's indexes)."""
     try:
-        machine.pause()
+        return machine.describe()
     except native.VmmError as exc:
         # It ended: how (an internal error names KVM's exit reason and its data words).
         events = []
         while (event := machine.wait_event(0)) is not None:
             events.append(repr(event))
         return f"cannot pause it: {exc}; its events: {events or 'none left'}"
-    try:
-        vcpus = machine.describe_vcpus()
-    finally:
-        machine.resume()
-    return vcpus + machine.describe_devices().rstrip("\n")
 
 
 def _read(path: Path) -> str:
