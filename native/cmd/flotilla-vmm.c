@@ -29,6 +29,7 @@
 #include <sys/ioctl.h>
 #include <sys/random.h>
 #include <termios.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "include/flotilla.h"
@@ -127,6 +128,14 @@ static void *relay_main(void *arg)
 	}
 }
 
+/* Seconds on the monotonic clock, for the timings in the summary line. */
+static double now_s(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
 static int exit_status(const struct fl_event *ev)
 {
 	switch (ev->kind) {
@@ -177,6 +186,7 @@ int main(int argc, char **argv)
 	int relay_pipe[2] = {-1, -1};
 	char summary[96] = "stopped from the host";
 	struct fl_vm *vm;
+	double started = now_s(), running = -1;
 
 	memset(&cfg, 0, sizeof(cfg));
 	memset(disks, 0, sizeof(disks));
@@ -307,6 +317,8 @@ int main(int argc, char **argv)
 		status = EXIT_INTERNAL_ERROR;
 		stop_asked = 1;
 		snprintf(summary, sizeof(summary), "could not start");
+	} else {
+		running = now_s() - started;
 	}
 	while (!stop_asked) {
 		struct pollfd p = {.fd = fl_event_fd(vm), .events = POLLIN};
@@ -335,6 +347,10 @@ int main(int argc, char **argv)
 	fl_vm_destroy(vm);
 	if (interactive)
 		tcsetattr(0, TCSADRAIN, &saved);
-	fprintf(stderr, "\nflotilla-vmm: %s\n", summary);
+	if (running >= 0)
+		fprintf(stderr, "\nflotilla-vmm: %s; vCPUs running %.3f s after the start, stopped at "
+			"%.3f s\n", summary, running, now_s() - started);
+	else
+		fprintf(stderr, "\nflotilla-vmm: %s\n", summary);
 	return status;
 }

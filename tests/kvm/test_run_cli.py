@@ -63,6 +63,12 @@ def test_exit_status_maps_the_event(
     proc = run(front_end, test_guest, cmdline)
     assert proc.returncode == status, proc.stderr
     assert said in proc.stderr
+    # The summary says when the guest began to run and when it stopped, from the start.
+    times = re.search(
+        r"; vCPUs running (\d+\.\d+) s after the start, stopped at (\d+\.\d+) s", proc.stderr
+    )
+    assert times, proc.stderr
+    assert 0 < float(times[1]) <= float(times[2]) < 30
     if cmdline.startswith("ready"):
         assert "flotilla-guest: READY vcpus=1 memory_mib=32" in proc.stdout
 
