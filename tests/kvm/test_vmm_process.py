@@ -33,6 +33,7 @@ from compute_node.vmm.client import (
     spawn,
     wait_exit,
 )
+from compute_node.vmm.guest import END_AFTER_ANNOUNCING_S
 from compute_node.vmm.protocol import StatusReply
 
 READY = "flotilla-guest: READY vcpus=1 memory_mib=32"
@@ -197,6 +198,18 @@ def test_guest_poweroff_with_destroy_policy_ends_the_vmm(
         ("shutdown", "acpi_s5", "guest"),
         ("stopped", "shutdown", "poweroff"),
     ]
+
+
+def test_a_power_off_is_announced_before_the_machine_ends(
+    start_vmm: Callable[..., Domain],
+) -> None:
+    # The `shutdown` record goes out and the machine is ended only a moment later, so its
+    # teardown does not compete with the event on its way (guest.END_AFTER_ANNOUNCING_S).
+    d = start_vmm("ready poweroff", on_poweroff="destroy", memory_mib=16)
+    assert d.wait_exit() == 0
+    records = {r["kind"]: r for r in d.journal()}
+    gap = records["stopped"]["ts"] - records["shutdown"]["ts"]
+    assert gap >= END_AFTER_ANNOUNCING_S, d.kinds()
 
 
 def test_host_shutdown_with_preserve_keeps_the_vmm(start_vmm: Callable[..., Domain]) -> None:
