@@ -104,6 +104,15 @@ static void act_rewrite(u64 mib) { mem_rewrite(mib, COUNTER_PERIOD_US); }
 
 /* Waits (as the idle loop, taking no CPU) before the next word: a window for the host, e.g.
  * to take a snapshot before the words after it write memory. */
+/* `clock`: the rates the guest's timekeeping runs on and where it found them. */
+static void act_clock(u64 v)
+{
+	(void)v;
+	u64 apic = time_apic_hz();
+	say("CLOCK tsc_hz=%lu tsc_from=%s apic_hz=%lu apic_from=%s", time_tsc_hz(), time_tsc_source(),
+	    apic, apic ? "cpuid-0x40000010" : "calibrated");
+}
+
 static void act_sleep(u64 ms)
 {
 	sleep_us(ms * 1000);
@@ -217,6 +226,7 @@ static const struct action actions[] = {
 	{"smp", NO_VALUE, act_smp, NULL},
 	{"memtest", NEEDS_VALUE, act_memtest, NULL},
 	{"sleep", NEEDS_VALUE, act_sleep, NULL},
+	{"clock", NO_VALUE, act_clock, NULL},
 	{"counter", OPTIONAL_VALUE, act_counter, NULL},
 	{"rewrite", NEEDS_VALUE, act_rewrite, NULL},
 	{"hostile", NO_VALUE, act_hostile, NULL},

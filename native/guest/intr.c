@@ -60,9 +60,15 @@ static u32 sample(u64 *tsc)
 
 static void calibrate(void)
 {
-	u64 t0, t1;
+	u64 t0, t1, apic_hz = time_apic_hz();
 	lapic_write(LAPIC_TDCR, TDCR_DIV1);
 	lapic_write(LAPIC_LVT_TIMER, LVT_MASKED | VEC_TIMER);
+	if (apic_hz && apic_hz < (1ULL << 32)) {
+		/* The hypervisor said both rates (CPUID 0x40000010): no 2 ms loop. */
+		ticks_per_tsc = (apic_hz << 32) / time_tsc_hz();
+		if (ticks_per_tsc)
+			return;
+	}
 	lapic_write(LAPIC_TMICT, 0xffffffffu);
 	u32 c0 = sample(&t0);
 	delay_us(CALIBRATE_US);

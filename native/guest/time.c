@@ -19,6 +19,8 @@ struct pvclock_vcpu_time_info {
 static struct pvclock_vcpu_time_info pvclock __attribute__((aligned(64)));
 static u64 tsc_hz = 2000000000UL;
 static u64 tsc_per_us = 2000;
+static u64 apic_hz; /* 0: unknown, calibrate */
+static const char *tsc_source = "assumed";
 
 static bool is_kvm(u32 *max_leaf)
 {
@@ -65,6 +67,7 @@ const char *time_init(void)
 		if (max_hv >= 0x40000010) {
 			cpuid(0x40000010, 0, &a, &b, &c, &d);
 			hz = (u64)a * 1000;
+			apic_hz = (u64)b * 1000; /* the local APIC timer's rate: no calibration */
 			src = "cpuid-0x40000010";
 		}
 		if (!hz) {
@@ -92,10 +95,15 @@ const char *time_init(void)
 	}
 	tsc_hz = hz;
 	tsc_per_us = hz / 1000000 ? hz / 1000000 : 1;
+	tsc_source = src;
 	return src;
 }
 
 u64 time_tsc_hz(void) { return tsc_hz; }
+
+u64 time_apic_hz(void) { return apic_hz; }
+
+const char *time_tsc_source(void) { return tsc_source; }
 
 u64 time_now_us(void) { return rdtsc() / tsc_per_us; }
 

@@ -82,17 +82,52 @@ static int xcr0_init(struct fl_vm *vm, struct fl_vcpu *vcpu, const struct kvm_cp
 	return 0;
 }
 
+/*
+ * The hypervisor timing leaf (0x40000010, as QEMU and VMware give it): EAX the TSC's
+ * frequency in kHz, EBX the local APIC timer's (KVM's counts at 1 GHz), so a guest needs
+ * no calibration loop (our test guest's took 2 ms of every boot that uses interrupts).
+ * Added to the vCPU's copy only: the CPUID a snapshot's checksum covers is KVM's, as
+ * before, and a saved guest restores onto a host whose TSC runs at another rate as it did.
+ */
+#define KVM_CPUID_SIGNATURE 0x40000000u
+#define CPUID_TIMING_LEAF 0x40000010u
+#define KVM_APIC_BUS_KHZ 1000000u
+
+static void add_timing_leaf(struct fl_vcpu *vcpu, struct kvm_cpuid2 *c)
+{
+	struct kvm_cpuid_entry2 *sig = NULL;
+	int khz = ioctl(vcpu->fd, KVM_GET_TSC_KHZ, 0);
+
+	for (uint32_t i = 0; i < c->nent; i++) {
+		if (c->entries[i].function == CPUID_TIMING_LEAF)
+			return; /* KVM gives it already */
+		if (c->entries[i].function == KVM_CPUID_SIGNATURE)
+			sig = &c->entries[i];
+	}
+	if (!sig || khz <= 0)
+		return; /* not KVM's leaves, or a TSC rate KVM does not know: calibrate */
+	if (sig->eax < CPUID_TIMING_LEAF)
+		sig->eax = CPUID_TIMING_LEAF;
+	c->entries[c->nent++] = (struct kvm_cpuid_entry2){
+		.function = CPUID_TIMING_LEAF,
+		.eax = (uint32_t)khz,
+		.ebx = KVM_APIC_BUS_KHZ,
+	};
+}
+
 int fl_cpuid_apply(struct fl_vm *vm, struct fl_vcpu *vcpu)
 {
 	const struct kvm_cpuid2 *src = vm->cpuid;
 	size_t bytes = sizeof(*src) + src->nent * sizeof(struct kvm_cpuid_entry2);
-	struct kvm_cpuid2 *c = malloc(bytes);
+	/* Room for the timing leaf. */
+	struct kvm_cpuid2 *c = malloc(bytes + sizeof(struct kvm_cpuid_entry2));
 	uint32_t apic_id = vcpu->id, n = vm->nvcpus, shift = ceil_log2(vm->nvcpus);
 	int rc = 0;
 
 	if (!c)
 		return fl_fail(vm, ENOMEM, "allocating CPUID entries");
 	memcpy(c, src, bytes);
+	add_timing_leaf(vcpu, c);
 	/* One package, one core per vCPU, no SMT. */
 	for (uint32_t i = 0; i < c->nent; i++) {
 		struct kvm_cpuid_entry2 *e = &c->entries[i];

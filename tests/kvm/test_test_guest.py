@@ -32,6 +32,23 @@ def test_ready_reports_vcpus_and_memory(
     assert wait_end(guest, EventKind.POWEROFF) == "acpi_s5"
 
 
+def test_the_guest_takes_its_clock_rates_from_the_timing_leaf(test_guest: Path, boot: Boot) -> None:
+    # CPUID 0x40000010 (fl_cpuid_apply): the TSC's rate as KVM knows it and the local APIC
+    # timer's 1 GHz, so the guest runs no calibration loop; its timer still paces sleeps.
+    guest = boot(test_guest, "clock ready sleep=300 poweroff")
+    m = guest.console.wait_for(
+        rf"^{PREFIX}CLOCK tsc_hz=(\d+) tsc_from=(\S+) apic_hz=(\d+) apic_from=(\S+)\r?\n"
+    )
+    assert (m[2], m[4]) == ("cpuid-0x40000010", "cpuid-0x40000010"), m[0]
+    assert int(m[3]) == 1_000_000_000
+    assert int(m[1]) > 100_000_000, m[0]
+    guest.console.wait_for(f"^{PREFIX}READY")
+    ready = time.monotonic()
+    guest.console.wait_for(f"^{PREFIX}SLEPT ms=300$")
+    assert 0.28 < time.monotonic() - ready < 0.6  # neither early nor held by a slow timer
+    assert wait_end(guest, EventKind.POWEROFF) == "acpi_s5"
+
+
 def test_poweroff_through_acpi(test_guest: Path, boot: Boot) -> None:
     guest = boot(test_guest, "poweroff")
     assert wait_end(guest, EventKind.POWEROFF) == "acpi_s5"
