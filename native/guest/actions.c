@@ -104,6 +104,14 @@ static void act_rewrite(u64 mib) { mem_rewrite(mib, COUNTER_PERIOD_US); }
 
 /* Waits (as the idle loop, taking no CPU) before the next word: a window for the host, e.g.
  * to take a snapshot before the words after it write memory. */
+/* `lines=N`: N lines back to back through the UART (a console kept busy). */
+static void act_lines(u64 n)
+{
+	for (u64 i = 1; i <= n; i++)
+		say("LINE %lu of %lu: a line printed to keep the console busy", i, n);
+	say("LINES done n=%lu", n);
+}
+
 /* `clock`: the rates the guest's timekeeping runs on and where it found them. */
 static void act_clock(u64 v)
 {
@@ -227,6 +235,7 @@ static const struct action actions[] = {
 	{"memtest", NEEDS_VALUE, act_memtest, NULL},
 	{"sleep", NEEDS_VALUE, act_sleep, NULL},
 	{"clock", NO_VALUE, act_clock, NULL},
+	{"lines", NEEDS_VALUE, act_lines, NULL},
 	{"counter", OPTIONAL_VALUE, act_counter, NULL},
 	{"rewrite", NEEDS_VALUE, act_rewrite, NULL},
 	{"hostile", NO_VALUE, act_hostile, NULL},

@@ -5,6 +5,7 @@
 #include "lib.h"
 #include "mem.h"
 #include "print.h"
+#include "uart.h"
 #include "time.h"
 #include "virtio.h"
 
@@ -99,6 +100,14 @@ static void post_rx(u16 i)
 	vq_post(&net.rx, i);
 }
 
+/* Between the bursts of a printed line: frames that came meanwhile are answered (an echo
+ * request, an ARP query) rather than after the line; nothing here prints. */
+static void poll_while_printing(void)
+{
+	if (net.up && vq_pending(&net.rx))
+		net_poll();
+}
+
 bool net_up(void)
 {
 	if (net.up)
@@ -133,6 +142,7 @@ bool net_up(void)
 	}
 	vq_notify(net.dev, &net.rx);
 	net.up = true;
+	uart_set_tx_hook(poll_while_printing);
 	return true;
 }
 

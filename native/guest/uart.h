@@ -8,6 +8,9 @@
 
 void uart_init(void);
 void uart_write(const char *s, usize n);
+/* Called between the FIFO-sized bursts of a write: what a kernel's interrupts would do
+ * meanwhile (the network answers while a line is printed). NULL: nothing. */
+void uart_set_tx_hook(void (*hook)(void));
 /* Next received byte, or -1 when none is waiting. */
 int uart_poll_rx(void);
 /* Raise IRQ 4 while received bytes wait (IER bit 0); off at boot. */

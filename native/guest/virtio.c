@@ -188,7 +188,9 @@ void vq_notify(struct vdev *d, struct vq *q)
 	wr(d, REG_QUEUE_NOTIFY, q->index);
 }
 
-static u16 used_idx(struct vq *q) { return *(volatile u16 *)(q->used + 2); }
+static u16 used_idx(const struct vq *q) { return *(volatile u16 *)(q->used + 2); }
+
+bool vq_pending(const struct vq *q) { return used_idx(q) != q->last_used; }
 
 bool vq_take(struct vq *q, u32 *id, u32 *len)
 {

@@ -61,6 +61,8 @@ void vq_post(struct vq *q, u16 head);
 void vq_notify(struct vdev *d, struct vq *q);
 /* Take one used entry: true with the id and length set, false when none. */
 bool vq_take(struct vq *q, u32 *id, u32 *len);
+/* True when the device has used buffers not taken yet (a memory read: no exit). */
+bool vq_pending(const struct vq *q);
 /* Wait until the queue has a used entry or the TSC passes deadline; spins
  * natively for a while, then sleeps with the device's interrupt enabled.
  * false on timeout. */

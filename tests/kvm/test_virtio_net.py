@@ -161,6 +161,18 @@ def test_ping_from_the_namespace_gets_replies(
     assert dev.ops[1] >= 3  # sent: ARP and echo replies
 
 
+def test_the_guest_answers_while_it_prints(netns: Netns, nic_boot: Callable[..., Booted]) -> None:
+    """Between the FIFO-sized bursts of a printed line the guest serves its network (as a
+    kernel's interrupts would): pings are answered while it prints 600 lines, not after."""
+    guest_ip = f"{netns.subnet}.2"
+    guest = nic_boot(f"net={guest_ip} lines=600", netns.tap(), "52:54:00:aa:00:05")
+    guest.console.wait_for(rf"{PREFIX}LINE 1 of 600")
+    out = netns.exec(sys.executable, "-c", PING, guest_ip, "3", timeout=30).stdout
+    assert "3 received" in out, out
+    assert "LINES done" not in guest.console.text  # still printing
+    guest.console.wait_for(rf"{PREFIX}LINES done n=600", timeout=120)
+
+
 def test_two_guests_on_one_bridge_exchange_udp(
     netns: Netns, nic_boot: Callable[..., Booted]
 ) -> None:
