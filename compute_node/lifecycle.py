@@ -164,7 +164,7 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
     def _consume(self, event: GuestEvent) -> None:
         """Persist what happened to a guest and the events it means, once per driver event
         (called through `on_guest_event`, which holds back a domain migrating in)."""
-        record = self.store.get(event.domain_id)
+        record = self.store.progress(event.domain_id)
         if record is None:
             log.warning("event for an unknown domain", domain_id=str(event.domain_id))
             return

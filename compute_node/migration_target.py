@@ -82,8 +82,8 @@ class MigrationTarget(MigrationBase):
     def _hold(self, event: GuestEvent) -> bool:
         """Hold the event of a domain migrating in until its FinishIncoming (sink lock
         held); False for any other domain's."""
-        record = self.store.get(event.domain_id)
-        if record is None or record.incoming is None:
+        progress = self.store.progress(event.domain_id)
+        if progress is None or not progress.migrating_in:
             return False
         self._held.setdefault(event.domain_id, []).append(event)
         if event.kind is K.STARTED:

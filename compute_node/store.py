@@ -124,6 +124,15 @@ class DomainRecord:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """A domain's state as a guest event finds it (Store.progress)."""
+
+    state: PowerState
+    driver_n: int
+    migrating_in: bool
+
+
+@dataclass(frozen=True)
 class Incoming:
     """What a domain migrating in was prepared with (PrepareIncoming): its source, whether
     live and paused, and the source's seq when it asked."""
@@ -370,6 +379,17 @@ class Store:
             ).fetchone()
         return None if row is None else _record(row)
 
+    def progress(self, domain_id: uuid.UUID) -> Progress | None:
+        """What consuming a guest event needs of the domain (its state, the last driver event
+        consumed, whether it is migrating in), without parsing its spec: the record read on
+        every guest event's path."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT state, driver_n, incoming IS NOT NULL FROM domains WHERE id = ?",
+                (str(domain_id),),
+            ).fetchone()
+        return None if row is None else Progress(PowerState(row[0]), int(row[1]), bool(row[2]))
+
     def all(self) -> list[DomainRecord]:
         """The domains of this host (not those migrating in: `incoming()`)."""
         with self._lock:
@@ -538,15 +558,14 @@ class Store:
         transaction then commits without an fsync (the record can be replayed) and the
         events' message ids derive from it (`event_id`). Without it the commit is fsynced."""
         with self._tx(durable=journaled is None) as db:
+            # The name and state only: parsing the spec is most of a guest event's cost here.
             row = db.execute(
-                _SELECT + " WHERE id = ?",
-                (str(domain_id),),
+                "SELECT name, state FROM domains WHERE id = ?", (str(domain_id),)
             ).fetchone()
             if row is None:
                 return []
-            record = _record(row)
-            events = self._emit(db, record.spec, drafts, journaled)
-            new_state = state or (drafts[-1].state if drafts else record.state)
+            events = self._emit_named(db, domain_id, row[0], drafts, journaled)
+            new_state = state or (drafts[-1].state if drafts else PowerState(row[1]))
             db.execute(
                 "UPDATE domains SET state = ?, driver_n = max(driver_n, ?), updated = ?, "
                 "start_pending = start_pending AND ? WHERE id = ?",
@@ -567,17 +586,27 @@ class Store:
         drafts: list[EventDraft],
         journaled: str | None = None,
     ) -> list[DomainEvent]:
+        return self._emit_named(db, spec.uuid, spec.name, drafts, journaled)
+
+    def _emit_named(
+        self,
+        db: sqlite3.Connection,
+        domain_id: uuid.UUID,
+        name: str,
+        drafts: list[EventDraft],
+        journaled: str | None = None,
+    ) -> list[DomainEvent]:
         if not drafts:
             return []
         (seq,) = db.execute(
-            "SELECT seq FROM domains WHERE id = ?", (str(spec.uuid),)
+            "SELECT seq FROM domains WHERE id = ?", (str(domain_id),)
         ).fetchone() or (0,)
         events = []
         for i, draft in enumerate(drafts):
             seq += 1
             fields: dict[str, object] = {
-                "domain_id": spec.uuid,
-                "name": spec.name,
+                "domain_id": domain_id,
+                "name": name,
                 "host": self.host,
                 "seq": seq,
                 "state": draft.state,
@@ -590,10 +619,10 @@ class Store:
                 db,
                 event,
                 draft.cause,
-                message_id=None if journaled is None else event_id(spec.uuid, journaled, i),
+                message_id=None if journaled is None else event_id(domain_id, journaled, i),
             )
             events.append(event)
-        db.execute("UPDATE domains SET seq = ? WHERE id = ?", (seq, str(spec.uuid)))
+        db.execute("UPDATE domains SET seq = ? WHERE id = ?", (seq, str(domain_id)))
         return events
 
     def _enqueue(
