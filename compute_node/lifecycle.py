@@ -164,13 +164,13 @@ class Lifecycle(ConsoleHandlers, SaveHandlers, MigrationHandlers, Service):
     def _consume(self, event: GuestEvent) -> None:
         """Persist what happened to a guest and the events it means, once per driver event
         (called through `on_guest_event`, which holds back a domain migrating in)."""
-        record = self.store.progress(event.domain_id)
-        if record is None:
+        progress = self.store.progress(event.domain_id)
+        if progress is None:
             log.warning("event for an unknown domain", domain_id=str(event.domain_id))
             return
-        if event.n <= record.driver_n:
+        if event.n <= progress.driver_n:
             return  # already consumed before a restart
-        drafts, after = translate(event, record.state)
+        drafts, after = translate(event, progress.state)
         cause = self.causes.take(event.domain_id, event.kind)
         if cause is not None:
             drafts = [dataclasses.replace(d, cause=cause) for d in drafts]

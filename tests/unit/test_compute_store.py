@@ -10,7 +10,7 @@ import textwrap
 import uuid
 from pathlib import Path
 
-from compute_node.store import EventDraft, Store, event_id
+from compute_node.store import NO_BINDINGS, EventDraft, Incoming, Progress, Store, event_id
 from protos.codec import decode
 from protos.domain import BootSpec, DomainSpec, PowerState
 from protos.events import DomainShutdown, DomainStopped, ShutdownDetail, StoppedDetail
@@ -102,3 +102,27 @@ def test_an_unsynced_commit_survives_a_kill_9_of_the_worker(tmp_path: Path) -> N
     assert record is not None
     assert (record.state, record.seq, record.driver_n) == (PowerState.SHUTOFF, 2, 7)
     assert ids(after) == [event_id(s.uuid, "7/9.5", i) for i in (0, 1)]
+
+
+def test_progress_is_what_a_guest_event_needs_of_the_record(tmp_path: Path) -> None:
+    # Store.progress: the state, the last driver event consumed and whether the domain is
+    # migrating in, read without its spec; the same as the whole record says.
+    store = store_at(tmp_path)
+    here, arriving = spec(), spec()
+    assert store.progress(here.uuid) is None
+    store.define(here, [])
+    store.define_incoming(
+        arriving,
+        Incoming("node-2", live=True, paused=False, seq=7),
+        privileged=False,
+        bindings=NO_BINDINGS,
+        ports=(),
+    )
+    assert store.progress(here.uuid) == Progress(PowerState.SHUTOFF, 0, False)
+    assert store.progress(arriving.uuid) == Progress(PowerState.SHUTOFF, 0, True)
+    events = store.transition(here.uuid, DRAFTS[:1], driver_n=5, journaled="5/1764480000.5")
+    assert [(e.name, e.seq) for e in events] == [(here.name, 1)]
+    record = store.get(here.uuid)
+    assert record is not None
+    assert store.progress(here.uuid) == Progress(record.state, record.driver_n, False)
+    assert (record.state, record.driver_n) == (PowerState.SHUTOFF, 5)
