@@ -390,10 +390,23 @@ static void handle_ip(const u8 *f, usize len)
 	}
 }
 
+static unsigned net_poll_rings(void);
+
+/* Held while a CPU polls: a line printed from inside the poll (a fault's report) or by an
+ * AP meanwhile must not walk the rings a second time (poll_while_printing). */
+static bool polling;
+
 unsigned net_poll(void)
 {
-	if (!net.up)
+	if (!net.up || __atomic_exchange_n(&polling, true, __ATOMIC_ACQUIRE))
 		return 0;
+	unsigned n = net_poll_rings();
+	__atomic_store_n(&polling, false, __ATOMIC_RELEASE);
+	return n;
+}
+
+static unsigned net_poll_rings(void)
+{
 	unsigned n = 0;
 	u32 id, len;
 	virtio_ack(net.dev);
