@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +10,6 @@ import structlog
 
 from compute_node.resources import Claims
 from compute_node.store import Store
-from protos.domain import PowerState
 from protos.host import HostHeartbeat, HostInventory
 from services.bus import Bus
 from services.version import package_version
@@ -44,7 +42,7 @@ class Heartbeat:
         self.inventory_extra: Callable[[], dict[str, Any]] = dict
 
     def beat(self) -> HostHeartbeat:
-        by_state: Counter[PowerState] = Counter(r.state for r in self._store.all())
+        by_state = self._store.count_by_state()
         enabled, generation = self.host_switch()
         usage, claims_seq = self._claims.usage_at()
         return HostHeartbeat(
@@ -56,7 +54,7 @@ class Heartbeat:
             inventory=self._inventory.model_copy(update=self.inventory_extra()),
             usage=usage,
             claims_seq=claims_seq,
-            domains_by_state=dict(by_state),
+            domains_by_state=by_state,
         )
 
     def send_now(self) -> None:

@@ -509,7 +509,12 @@ class HostNetworks:
 
     def warnings(self) -> list[str]:
         """What would break guest networking here (another firewall manager's forward drop
-        policy in front of NAT), read at most every WARNINGS_TTL_S."""
+        policy in front of NAT), read at most every WARNINGS_TTL_S: a fresh reading is
+        returned at once, without the hop to the plumbing thread (a heartbeat sent when a
+        guest shuts off asks, on the way of that guest's event)."""
+        at, cached = self._warnings
+        if at and time.monotonic() - at < WARNINGS_TTL_S:
+            return cached
         return self._on_thread(self._read_warnings)
 
     def _read_warnings(self) -> list[str]:

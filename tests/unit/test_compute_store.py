@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from collections import Counter
 from pathlib import Path
 
 from compute_node.store import NO_BINDINGS, EventDraft, Incoming, Progress, Store, event_id
@@ -126,3 +127,21 @@ def test_progress_is_what_a_guest_event_needs_of_the_record(tmp_path: Path) -> N
     assert record is not None
     assert store.progress(here.uuid) == Progress(record.state, record.driver_n, False)
     assert (record.state, record.driver_n) == (PowerState.SHUTOFF, 5)
+
+
+def test_count_by_state_counts_this_hosts_domains_without_reading_them(tmp_path: Path) -> None:
+    store = store_at(tmp_path)
+    assert store.count_by_state() == {}
+    first, second, arriving = spec(), spec(), spec()
+    store.define(first, [])
+    store.define(second, [])
+    store.define_incoming(
+        arriving,
+        Incoming("node-2", live=False, paused=False, seq=1),
+        privileged=False,
+        bindings=NO_BINDINGS,
+        ports=(),
+    )
+    store.transition(first.uuid, [], state=PowerState.RUNNING, driver_n=1)
+    assert store.count_by_state() == {PowerState.RUNNING: 1, PowerState.SHUTOFF: 1}
+    assert store.count_by_state() == Counter(r.state for r in store.all())
