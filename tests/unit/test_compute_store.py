@@ -31,6 +31,17 @@ def store_at(path: Path) -> Store:
     return Store(path / "compute.db", host="node-1", source="compute:node-1")
 
 
+def define_arriving(store: Store, s: DomainSpec) -> None:
+    """`s` defined as a domain migrating in from node-2."""
+    store.define_incoming(
+        s,
+        Incoming("node-2", live=True, paused=False, seq=1),
+        privileged=False,
+        bindings=NO_BINDINGS,
+        ports=(),
+    )
+
+
 def ids(store: Store) -> list[str]:
     return [item.message_id for item in store.outbox()]
 
@@ -112,13 +123,7 @@ def test_progress_is_what_a_guest_event_needs_of_the_record(tmp_path: Path) -> N
     here, arriving = spec(), spec()
     assert store.progress(here.uuid) is None
     store.define(here, [])
-    store.define_incoming(
-        arriving,
-        Incoming("node-2", live=True, paused=False, seq=7),
-        privileged=False,
-        bindings=NO_BINDINGS,
-        ports=(),
-    )
+    define_arriving(store, arriving)
     assert store.progress(here.uuid) == Progress(PowerState.SHUTOFF, 0, False)
     assert store.progress(arriving.uuid) == Progress(PowerState.SHUTOFF, 0, True)
     events = store.transition(here.uuid, DRAFTS[:1], driver_n=5, journaled="5/1764480000.5")
@@ -135,13 +140,7 @@ def test_count_by_state_counts_this_hosts_domains_without_reading_them(tmp_path:
     first, second, arriving = spec(), spec(), spec()
     store.define(first, [])
     store.define(second, [])
-    store.define_incoming(
-        arriving,
-        Incoming("node-2", live=False, paused=False, seq=1),
-        privileged=False,
-        bindings=NO_BINDINGS,
-        ports=(),
-    )
+    define_arriving(store, arriving)
     store.transition(first.uuid, [], state=PowerState.RUNNING, driver_n=1)
     assert store.count_by_state() == {PowerState.RUNNING: 1, PowerState.SHUTOFF: 1}
     assert store.count_by_state() == Counter(r.state for r in store.all())
