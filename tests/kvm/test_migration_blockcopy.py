@@ -169,6 +169,9 @@ def test_a_writing_guest_moves_with_its_disk(
         inc.listener.address,
         inc.token,
         copy_disks=[0],
+        # At 8 MiB/s the copy takes ~0.5 s, so the loop surely rewrites chunks already sent
+        # (unbounded, a quick copy on a loaded host could end before the guest wrote again).
+        bandwidth=8 * MIB,
         debug=True,
         progress=seen.append,
         progress_interval=0.02,
