@@ -497,7 +497,7 @@ def test_progress_counts_the_disk_beside_the_ram(
     g = disk_boot("blkinfo blkloop=0,2048,100000", source_disk)
     g.console.wait_for(r"BLK loop pass=5\b", 30)
     seen: list[migration.MigrationProgress] = []
-    for _attempt in range(3):
+    for _attempt in range(6):
         inc = incoming(target_disk)
         with pytest.raises(migration.MigrationError, match="timed out"):
             migration.migrate(
@@ -509,7 +509,7 @@ def test_progress_counts_the_disk_beside_the_ram(
                 auto_converge=False,
                 timeout=1.5,
                 progress=seen.append,
-                progress_interval=0.002,
+                progress_interval=0.0005,
             )
         inc.join()
         assert g.machine.state() is native.MachineState.RUNNING
