@@ -3,6 +3,7 @@ fan-out."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import uuid
@@ -442,6 +443,9 @@ def test_writes_larger_than_the_socket_takes_arrive_whole_and_in_order(
     link = publisher.link
     wire = link._conn
     assert wire is not None
+    # A small send buffer, so a 1 MiB write is taken in part whatever the broker's pace (with
+    # the default one, a broker draining fast on a busy CI host took every write whole).
+    wire._transport._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
     before = (wire.sent_at_once, wire.sent_in_part)
     small = b"first"
     link.publish(routing.EVENTS_EXCHANGE, key, small, props).result(30)  # one write, whole
