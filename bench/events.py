@@ -42,6 +42,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
@@ -165,11 +166,10 @@ def power_offs(
     sub: Subscriber,
     guest: Path,
     *,
-    raw: pika.adapters.blocking_connection.BlockingChannel | None = None,
-    raw_samples: list[float] | None = None,
+    each_cycle: Callable[[], None] | None = None,
 ) -> list[tuple[float, float]]:
     """GUESTS starts and guest power-offs of one domain: (stamp→receipt, envelope ts→receipt);
-    with `raw`, one raw message's one-way latency in each cycle, into `raw_samples`."""
+    `each_cycle` is called once the guest is up, 20 ms before its power-off is asked."""
     spec = make_spec(guest)
     spec = spec.model_copy(update={"boot": spec.boot.model_copy(update={"cmdline": "ready echo"})})
     call(bus, node.queue, DefineDomain(spec=spec))
@@ -181,8 +181,8 @@ def power_offs(
         for _ in range(GUESTS):
             call(bus, node.queue, StartDomain(domain_id=spec.uuid))
             time.sleep(0.02)  # the guest reaches its input loop
-            if raw is not None and raw_samples is not None:
-                raw_samples.append(raw_once(raw, sub))
+            if each_cycle is not None:
+                each_cycle()
                 time.sleep(0.02)  # as idle again as the power-off's cycle was before
             mark = len(sub.got)
             # wait=False: nothing but the guest's own power-off runs in the worker meanwhile.
@@ -245,25 +245,28 @@ def main() -> int:
             node.wait_serving(bus)
             power_offs(bus, node, sub, guest)  # warm-up: page cache, first imports
             ours, to_env, from_env, raw, back_to_back = [], [], [], [], []
-            raw_conn = pika.BlockingConnection(pika.URLParameters(url))
-            raw_ch = raw_conn.channel()
-            for round_no in range(ROUNDS):
-                same_cadence: list[float] = []
-                got = power_offs(bus, node, sub, guest, raw=raw_ch, raw_samples=same_cadence)
-                ours.append(percentile([g[0] for g in got], 0.5))
-                from_env.append(percentile([g[1] for g in got], 0.5))
-                to_env.append(percentile([g[0] - g[1] for g in got], 0.5))
-                raw.append(percentile(same_cadence, 0.5))
-                back_to_back.append(percentile(raw_one_way(url, sub), 0.5))
-                say(
-                    f"round {round_no + 1}: guest->subscriber p50 {ours[-1] * 1e3:.2f} ms "
-                    f"(stamp->envelope {to_env[-1] * 1e3:.2f}, envelope->receipt "
-                    f"{from_env[-1] * 1e3:.2f}), p99 "
-                    f"{percentile([g[0] for g in got], 0.99) * 1e3:.2f} ms; raw one-way p50 "
-                    f"{raw[-1] * 1e3:.2f} ms at the events' cadence, "
-                    f"{back_to_back[-1] * 1e3:.2f} ms back to back"
-                )
-            raw_conn.close()
+            with pika.BlockingConnection(pika.URLParameters(url)) as raw_conn:
+                raw_ch = raw_conn.channel()
+                for round_no in range(ROUNDS):
+                    same_cadence: list[float] = []
+
+                    def raw_in_cycle(into: list[float] = same_cadence) -> None:
+                        into.append(raw_once(raw_ch, sub))
+
+                    got = power_offs(bus, node, sub, guest, each_cycle=raw_in_cycle)
+                    ours.append(percentile([g[0] for g in got], 0.5))
+                    from_env.append(percentile([g[1] for g in got], 0.5))
+                    to_env.append(percentile([g[0] - g[1] for g in got], 0.5))
+                    raw.append(percentile(same_cadence, 0.5))
+                    back_to_back.append(percentile(raw_one_way(url, sub), 0.5))
+                    say(
+                        f"round {round_no + 1}: guest->subscriber p50 {ours[-1] * 1e3:.2f} ms "
+                        f"(stamp->envelope {to_env[-1] * 1e3:.2f}, envelope->receipt "
+                        f"{from_env[-1] * 1e3:.2f}), p99 "
+                        f"{percentile([g[0] for g in got], 0.99) * 1e3:.2f} ms; raw one-way p50 "
+                        f"{raw[-1] * 1e3:.2f} ms at the events' cadence, "
+                        f"{back_to_back[-1] * 1e3:.2f} ms back to back"
+                    )
             costs = fsync_costs(Path(tmp))
             say("fsync costs here: " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()))
         finally:

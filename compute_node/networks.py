@@ -512,16 +512,18 @@ class HostNetworks:
         policy in front of NAT), read at most every WARNINGS_TTL_S: a fresh reading is
         returned at once, without the hop to the plumbing thread (a heartbeat sent when a
         guest shuts off asks, on the way of that guest's event)."""
+        fresh = self._fresh_warnings()
+        return self._on_thread(self._read_warnings) if fresh is None else fresh
+
+    def _fresh_warnings(self) -> list[str] | None:
         at, cached = self._warnings
-        if at and time.monotonic() - at < WARNINGS_TTL_S:
-            return cached
-        return self._on_thread(self._read_warnings)
+        return cached if at and time.monotonic() - at < WARNINGS_TTL_S else None
 
     def _read_warnings(self) -> list[str]:
+        fresh = self._fresh_warnings()  # another caller's reading came first
+        if fresh is not None:
+            return fresh
         now = time.monotonic()
-        at, cached = self._warnings
-        if at and now - at < WARNINGS_TTL_S:
-            return cached
         try:
             found = [
                 f"{c}: NAT'd guest traffic is dropped there"

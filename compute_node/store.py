@@ -463,7 +463,7 @@ class Store:
                 "UPDATE domains SET incoming = NULL, seq = ?, updated = ? WHERE id = ?",
                 (seq, time.time(), str(domain_id)),
             )
-            self._emit(db, record.spec, drafts)
+            self._emit(db, record.spec.uuid, record.spec.name, drafts)
             if drafts:
                 db.execute(
                     "UPDATE domains SET state = ? WHERE id = ?",
@@ -522,7 +522,7 @@ class Store:
                     None if start_pending is None else int(start_pending),
                 ),
             )
-            self._emit(db, spec, drafts)
+            self._emit(db, spec.uuid, spec.name, drafts)
         record = self.get(spec.uuid)
         assert record is not None
         return record
@@ -533,7 +533,7 @@ class Store:
         if record is None:
             return
         with self._tx() as db:
-            self._emit(db, record.spec, drafts)
+            self._emit(db, record.spec.uuid, record.spec.name, drafts)
             db.execute("DELETE FROM domains WHERE id = ?", (str(domain_id),))
 
     def set_start_pending(self, domain_id: uuid.UUID, pending: bool) -> None:
@@ -573,7 +573,7 @@ class Store:
             ).fetchone()
             if row is None:
                 return []
-            events = self._emit_named(db, domain_id, row[0], drafts, journaled)
+            events = self._emit(db, domain_id, row[0], drafts, journaled)
             new_state = state or (drafts[-1].state if drafts else PowerState(row[1]))
             db.execute(
                 "UPDATE domains SET state = ?, driver_n = max(driver_n, ?), updated = ?, "
@@ -589,15 +589,6 @@ class Store:
         return events
 
     def _emit(
-        self,
-        db: sqlite3.Connection,
-        spec: DomainSpec,
-        drafts: list[EventDraft],
-        journaled: str | None = None,
-    ) -> list[DomainEvent]:
-        return self._emit_named(db, spec.uuid, spec.name, drafts, journaled)
-
-    def _emit_named(
         self,
         db: sqlite3.Connection,
         domain_id: uuid.UUID,

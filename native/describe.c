@@ -33,20 +33,21 @@ static void describe_ioapic(struct fl_vm *vm, struct fl_text *t)
 
 	pthread_mutex_lock(&io->lock);
 	fl_text_put(t, "ioapic: lines=0x%x dropped=%llu irq_errors=%llu\n", io->s.lines,
-	    (unsigned long long)io->dropped, (unsigned long long)vm->irq_errors);
+		    (unsigned long long)io->dropped, (unsigned long long)vm->irq_errors);
 	for (uint32_t p = 0; p < FL_IOAPIC_PINS; p++) {
 		uint64_t e = io->s.redir[p];
 		int masked = (e >> 16) & 1, line = (io->s.lines >> p) & 1;
 		if (masked && !line && !(e & (1ULL << 14)))
 			continue;
 		fl_text_put(t,
-		    "  pin %u: vector %llu mode %llu dest %llu%s %s%s%s line=%d route=%s "
-		    "irqfd=%s\n",
-		    p, (unsigned long long)(e & 0xff), (unsigned long long)((e >> 8) & 7),
-		    (unsigned long long)(e >> 56), (e >> 11) & 1 ? " logical" : "",
-		    (e >> 15) & 1 ? "level" : "edge", masked ? " masked" : "",
-		    (e >> 14) & 1 ? " remote-irr" : "", line,
-		    io->routed_present[p] ? "yes" : "no", (io->want_route >> p) & 1 ? "yes" : "no");
+			    "  pin %u: vector %llu mode %llu dest %llu%s %s%s%s line=%d route=%s "
+			    "irqfd=%s\n",
+			    p, (unsigned long long)(e & 0xff), (unsigned long long)((e >> 8) & 7),
+			    (unsigned long long)(e >> 56), (e >> 11) & 1 ? " logical" : "",
+			    (e >> 15) & 1 ? "level" : "edge", masked ? " masked" : "",
+			    (e >> 14) & 1 ? " remote-irr" : "", line,
+			    io->routed_present[p] ? "yes" : "no",
+			    (io->want_route >> p) & 1 ? "yes" : "no");
 	}
 	pthread_mutex_unlock(&io->lock);
 }
@@ -75,9 +76,11 @@ static void describe_virtio(struct fl_vm *vm, struct fl_text *t)
 	for (uint32_t slot = 0; slot < vm->nvirtio; slot++) {
 		struct fl_virtio_dev *d = vm->virtio[slot].dev;
 		pthread_mutex_lock(&d->lock);
-		fl_text_put(t, "virtio %u (%s, pin %u): status=0x%x interrupt_status=0x%x interrupts=%llu%s\n",
-		    slot, d->name, vm->virtio[slot].gsi, d->s.status, d->s.interrupt_status,
-		    (unsigned long long)d->interrupts, d->s.broken ? " broken" : "");
+		fl_text_put(t,
+			    "virtio %u (%s, pin %u): status=0x%x interrupt_status=0x%x "
+			    "interrupts=%llu%s\n",
+			    slot, d->name, vm->virtio[slot].gsi, d->s.status, d->s.interrupt_status,
+			    (unsigned long long)d->interrupts, d->s.broken ? " broken" : "");
 		for (uint32_t q = 0; q < d->nqueues; q++) {
 			struct fl_vq *vq = &d->vq[q];
 			if (!vq->enabled) {
@@ -86,10 +89,10 @@ static void describe_virtio(struct fl_vm *vm, struct fl_text *t)
 			}
 			/* The guest's side, read as it stands: avail flags and idx, used idx. */
 			fl_text_put(t,
-			    "  queue %u: size %u; ours: last_avail %u used_idx %u; guest's: "
-			    "avail.idx %u avail.flags 0x%x used.idx %u\n",
-			    q, vq->cfg.size, vq->last_avail, vq->used_idx, guest16(vq->avail + 2),
-			    guest16(vq->avail), guest16(vq->used + 2));
+				    "  queue %u: size %u; ours: last_avail %u used_idx %u; guest's: "
+				    "avail.idx %u avail.flags 0x%x used.idx %u\n",
+				    q, vq->cfg.size, vq->last_avail, vq->used_idx,
+				    guest16(vq->avail + 2), guest16(vq->avail), guest16(vq->used + 2));
 		}
 		pthread_mutex_unlock(&d->lock);
 	}

@@ -201,6 +201,8 @@ int fl_kvm_ioeventfd(struct fl_vm *vm, uint64_t addr, uint32_t datamatch, int fd
 /* vcpu_state.c: a vCPU's state blob without the paused check (the caller holds the
  * machine still) and the check of a blob's framing (untrusted input). */
 int fl_vcpu_state_get(struct fl_vm *vm, uint32_t index, void *buf);
+int fl_vcpu_state_put(struct fl_vm *vm, uint32_t index, const void *buf);
+int fl_vcpu_blob_check(const void *buf, size_t len);
 
 /* Text built up in a caller's buffer, cut to fit (describe.c). */
 struct fl_text {
@@ -208,8 +210,6 @@ struct fl_text {
 	size_t len, used;
 };
 __attribute__((format(printf, 2, 3))) void fl_text_put(struct fl_text *t, const char *fmt, ...);
-int fl_vcpu_state_put(struct fl_vm *vm, uint32_t index, const void *buf);
-int fl_vcpu_blob_check(const void *buf, size_t len);
 
 /* virtio_slots.c: the same for a device blob. */
 int fl_device_blob_get(struct fl_vm *vm, uint32_t slot, void *buf);

@@ -298,8 +298,9 @@ static void describe_vcpu(struct fl_text *t, uint32_t index, const struct vcpu_s
 			    (unsigned long long)(rip >= lstar ? rip - lstar : lstar - rip));
 	else
 		fl_text_put(t, "(?) ");
-	fl_text_put(t, "if=%llu apic_id=%u tpr=%u irr=", (unsigned long long)(st->regs.rflags >> 9 & 1),
-		    apic_reg(l, 0x20) >> 24, apic_reg(l, 0x80));
+	fl_text_put(t, "if=%llu apic_id=%u tpr=%u irr=",
+		    (unsigned long long)(st->regs.rflags >> 9 & 1), apic_reg(l, 0x20) >> 24,
+		    apic_reg(l, 0x80));
 	apic_vectors(t, l, 0x200);
 	fl_text_put(t, " isr=");
 	apic_vectors(t, l, 0x100);
